@@ -1,0 +1,44 @@
+# biomask — the two set-up commands are `make run` (main job) and `make test` (tests).
+# Both create or update the virtualenv in $(VENV) themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.biomask-installed
+# torch is pinned (constraints.txt) and installed first: an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN := $(shell grep -E '^torch==' constraints.txt)
+
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv run test lint bench clean help
+
+help:
+	@echo "make run    - set up the venv, then run the main job on the built-in real data"
+	@echo "make test   - set up the venv, then lint (ruff) and run the test suite"
+	@echo "make bench  - benchmarks (ratios against peer implementations, one run)"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m biomask main $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check biomask data_prep pipelines tests benchmarks
+	$(BIN)/ruff format --check biomask data_prep pipelines tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from biomask.cli import main
+
+raise SystemExit(main())

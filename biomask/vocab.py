@@ -1,0 +1,8 @@
+"""Special tokens shared by every biomask vocabulary (DNA tokenizers and gene vocabularies).
+
+Their ids are fixed so that masking, padding and pooling code never has to look them up.
+"""
+
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
+PAD_ID, CLS_ID, SEP_ID, MASK_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL = len(SPECIAL_TOKENS)

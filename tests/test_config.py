@@ -1,0 +1,75 @@
+"""Config files: strict schemas, errors naming key and file, command-line overrides, resolved output."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from biomask.config import dump_config, load_config
+from biomask.dna.config import DNAPrepConfig
+from biomask.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "inputs:\n  - dataset: uci-splice\noutput: out\n"
+
+
+def test_defaults_fill_the_resolved_config(tmp_path):
+    cfg = load_config(DNAPrepConfig, write(tmp_path, BASE))
+    resolved = yaml.safe_load(dump_config(cfg))
+    assert resolved["tokenizer"]["kind"] == "char"
+    assert resolved["split"]["seed"] == 0
+    assert resolved["cleaning"]["ambiguous"] == "n_token"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, BASE + "tokenizer:\n  knd: kmer\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DNAPrepConfig, path)
+    message = str(err.value)
+    assert str(path) in message and "tokenizer.knd" in message
+    assert "kind" in message  # the allowed keys are listed
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = write(tmp_path, BASE + "windows:\n  length: long\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DNAPrepConfig, path)
+    assert "windows.length" in str(err.value) and str(path) in str(err.value)
+    # strings are not silently coerced to numbers
+    with pytest.raises(ConfigError, match="split.seed"):
+        load_config(DNAPrepConfig, write(tmp_path, BASE + "split:\n  seed: '3'\n"))
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(DNAPrepConfig, path, ["tokenizer.kind=kmer", "tokenizer.k=4", "split.val=1e-1"])
+    assert (cfg.tokenizer.kind, cfg.tokenizer.k, cfg.split.val) == ("kmer", 4, 0.1)
+    with pytest.raises(ConfigError) as err:
+        load_config(DNAPrepConfig, path, ["tokenizer.kk=4"])
+    assert "tokenizer.kk" in str(err.value) and "command line" in str(err.value)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(DNAPrepConfig, path, ["tokenizer.kind"])
+    with pytest.raises(ConfigError, match="tokenizer.kind"):
+        load_config(DNAPrepConfig, path, ["tokenizer.kind=word"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DNAPrepConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DNAPrepConfig, write(tmp_path, "inputs: [\n"))
+    with pytest.raises(ConfigError, match="missing required key 'output'"):
+        load_config(DNAPrepConfig, write(tmp_path, "inputs:\n  - dataset: x\n"))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(DNAPrepConfig, write(tmp_path, "inputs:\n  - {dataset: x, path: y}\noutput: o\n"))
+
+
+def test_every_shipped_dna_config_is_valid(repo):
+    for path in sorted((repo / "configs" / "dna").glob("*.yaml")):
+        load_config(DNAPrepConfig, path)

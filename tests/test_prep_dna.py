@@ -1,0 +1,258 @@
+"""`biomask prep dna` end to end on real registry data, and its behaviour on bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from biomask.dna.tokenizers import load_tokenizer
+from biomask.store import TokenStore
+from tests.conftest import leftovers
+
+pytestmark = pytest.mark.network
+
+
+def decoded(store: TokenStore, split: str) -> list[str]:
+    tok = load_tokenizer(store.root)
+    return [tok.decode(rec["tokens"]) for rec in store.split(split)]
+
+
+def test_splice_store_end_to_end(splice_store):
+    store = TokenStore(splice_store)
+    assert store.verify() > 0
+    assert store.label_names == ["EI", "IE", "N"]
+    sizes = {s: len(store.split(s)) for s in store.splits}
+    assert sum(sizes.values()) == 3003  # 3,190 rows - 184 duplicates - 2 conflicting - 1 mostly ambiguous
+    assert store.manifest["stats"]["dropped_duplicate"] == 184
+    assert store.split("train").fixed_length == 60
+    # the biology survives tokenization: donors (EI) carry GT right after the junction (positions 31-32)
+    seqs, labels = decoded(store, "train"), store.split("train").record_field("labels")
+    donors = [s for s, y in zip(seqs, labels) if store.label_names[y] == "EI"]
+    assert np.mean([s[30:32] == "GT" for s in donors]) > 0.95
+    # every split keeps the class balance (stratified)
+    for split in ("val", "test"):
+        fractions = np.bincount(store.split(split).record_field("labels"), minlength=3) / len(
+            store.split(split)
+        )
+        assert abs(fractions[2] - 0.52) < 0.05
+    # provenance beside the outputs
+    run = json.loads((splice_store / "run.json").read_text())
+    assert run["inputs"][0]["sha256"] == store.manifest["sources"][0]["sha256"]
+    assert run["code"]["biomask"] and run["seeds"] == {"split": 0}
+    assert yaml.safe_load((splice_store / "config.yaml").read_text())["tokenizer"]["kind"] == "char"
+
+
+def test_no_sequence_is_in_two_splits(splice_store, genome_store):
+    for root in (splice_store, genome_store):
+        store = TokenStore(root)
+        sets = {split: set(decoded(store, split)) for split in store.splits}
+        assert (
+            not sets["train"] & sets["val"]
+            and not sets["train"] & sets["test"]
+            and not sets["val"] & sets["test"]
+        )
+
+
+def test_genome_windows_split_by_region(genome_store):
+    store = TokenStore(genome_store)
+    block = store.manifest["config"]["split"]["block_size"]
+    blocks = {}
+    for split in store.splits:
+        meta = store.split(split).meta()
+        assert len(meta) > 0, split
+        assert (meta["end"] - meta["start"] == 512).all()
+        # windows never cross a block boundary, so each window lies in exactly one block
+        assert ((meta["start"] // block) == ((meta["end"] - 1) // block)).all()
+        blocks[split] = set(meta["start"] // block)
+    assert not blocks["train"] & blocks["test"] and not blocks["train"] & blocks["val"]
+    # soft-masked repeats were uppercased, and no window spans records
+    assert store.manifest["stats"]["records"] == 1
+    assert all(set(s) <= set("ACGTN") for s in decoded(store, "val")[:50])
+
+
+def test_same_seed_same_store_different_seed_different_split(tmp_path, cli, repo):
+    args = [
+        "prep",
+        "dna",
+        "-c",
+        repo / "configs/dna/ce2-chrX.yaml",
+        "windows.max_bases=1500000",
+        "windows.length=256",
+    ]
+    assert cli(*args, f"output={tmp_path / 'a'}")[0] == 0
+    assert cli(*args, f"output={tmp_path / 'b'}")[0] == 0
+    assert cli(*args, f"output={tmp_path / 'c'}", "split.seed=1")[0] == 0
+    shards = {n: json.loads((tmp_path / n / "manifest.json").read_text())["splits"] for n in "abc"}
+    checks = {
+        n: [sh["files"]["tokens"]["sha256"] for s in v.values() for sh in s["shards"]]
+        for n, v in shards.items()
+    }
+    assert checks["a"] == checks["b"]
+    assert checks["a"] != checks["c"]
+
+
+def test_rerun_reuses_refuses_or_overwrites(tmp_path, cli, repo):
+    out = tmp_path / "out"
+    base = ["prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}"]
+    assert cli(*base)[0] == 0
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    code, _, err = cli(*base)
+    assert code == 0 and "up to date" in err and (out / "manifest.json").stat().st_mtime_ns == stamp
+    code, _, err = cli(*base, "tokenizer.kind=kmer")
+    assert code == 2 and "--overwrite" in err and "tokenizer.kind: 'char' -> 'kmer'" in err
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["kind"] == "char"  # untouched
+    code, _, _ = cli(*base, "tokenizer.kind=kmer", "tokenizer.k=3", "--overwrite")
+    assert code == 0 and json.loads((out / "manifest.json").read_text())["tokenizer"]["kind"] == "kmer"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["kmer", "overlapping_kmer", "bpe"])
+def test_other_tokenizers_and_reuse_of_a_saved_one(tmp_path, cli, repo, kind):
+    genome = tmp_path / "genome"
+    args = [
+        "prep",
+        "dna",
+        "-c",
+        repo / "configs/dna/ce2-chrX.yaml",
+        f"output={genome}",
+        f"tokenizer.kind={kind}",
+    ]
+    args += ["windows.max_bases=400000", "windows.length=300", "tokenizer.k=3", "tokenizer.vocab_size=256"]
+    assert cli(*args)[0] == 0
+    # a labelled set for fine-tuning must use the pretraining tokenizer: reuse it by path
+    splice = tmp_path / "splice"
+    code, _, _ = cli(
+        "prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={splice}", f"tokenizer.path={genome}"
+    )
+    assert code == 0
+    a, b = TokenStore(genome), TokenStore(splice)
+    assert a.manifest["tokenizer"]["sha256"] == b.manifest["tokenizer"]["sha256"]
+    tok = load_tokenizer(splice)
+    for rec, row in zip(b.split("test"), b.split("test").meta().itertuples()):
+        assert len(tok.decode(rec["tokens"])) >= 58, (
+            row
+        )  # 60 nt (up to an N-covered edge for overlapping k-mers)
+        break
+
+
+def test_reverse_complement_and_ambiguous_policies(tmp_path, cli):
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(">chr1 test\nACGTACGTAAnnnnnnnnnnCCGGTTAACCGGATATATGC\n>chr2\nRRACGTTTGCAAGGCCTTAA\n")
+
+    def prep(name, *overrides):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(
+            f"inputs: [{{path: {fasta}}}]\noutput: {tmp_path / name}\nwindows: {{length: 10}}\n"
+            "split: {val: 0.0, test: 0.0, block_size: 100}\n"
+        )
+        assert cli("prep", "dna", "-c", cfg, *overrides)[0] == 0
+        store = TokenStore(tmp_path / name)
+        return decoded(store, "train"), store.split("train").meta()
+
+    seqs, _ = prep("split", "cleaning.ambiguous=split", "cleaning.lowercase=ambiguous")
+    assert "ACGTACGTAA" in seqs and not any("N" in s for s in seqs)
+    seqs, _ = prep("drop", "cleaning.ambiguous=drop")
+    assert not any("N" in s for s in seqs)
+    seqs, _ = prep("ntok", "cleaning.ambiguous=n_token", "cleaning.max_ambiguous_fraction=1.0")
+    assert any(s.startswith("NN") for s in seqs)  # IUPAC R became N
+    seqs, meta = prep("rc", "windows.reverse_complement=true")
+    assert set(meta["strand"]) == {"+", "-"}
+    assert "TTACGTACGT" in seqs  # reverse complement of ACGTACGTAA
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _prep_file(cli, tmp_path, content: bytes | str, name: str, extra: str = ""):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = tmp_path / "cfg.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(f"inputs:\n  - path: {path}\n{extra}output: {out}\nwindows: {{length: 4}}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert not out.exists(), "a failed prep must leave no output"
+    assert leftovers(tmp_path) == []
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "expected"),
+    [
+        ("", "empty.fa", "is empty"),
+        (gzip.compress(b""), "empty.fa.gz", "is empty"),
+        ("this is a README\nnot a genome\n", "notes.fa", "is not FASTA"),
+        (">ok\nACGTACGT\n>hollow\n>next\nACGT\n", "hollow.fa", "record 2 ('hollow') has no sequence"),
+        (">good\nACGTACGT\n>bad\nACGTXACGT\n", "letters.fa", "record 'bad': letter 'X' at position 5"),
+        (b"\x1f\x8b\x08\x00garbage", "broken.fa.gz", "corrupt or truncated gzip"),
+    ],
+)
+def test_bad_fasta_inputs(tmp_path, cli, content, name, expected):
+    code, err = _prep_file(cli, tmp_path, content, name)
+    assert code == 2
+    assert name in err and expected in err
+
+
+def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):
+    code, err = _prep_file(cli, tmp_path, ">r\nACGTRACGT\n", "amb.fa", "cleaning:\n  ambiguous: error\n")
+    assert code == 2 and "amb.fa, record 'r': ambiguous letter 'R' at position 5" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("sequence,class\nACGT,a\n", "no label column 'label' in the header (columns: sequence, class)"),
+        ("sequence,label\nACGT,a\n,b\n", "line 3: empty sequence"),
+        ("sequence,label\nACGT,a\nAC1T,b\n", "line 3: letter '1' at position 3"),
+        ("sequence,label\n", "has a header but no rows"),
+    ],
+)
+def test_bad_tables(tmp_path, cli, content, expected):
+    code, err = _prep_file(cli, tmp_path, content, "set.csv")
+    assert code == 2 and "set.csv" in err and expected in err
+
+
+def test_split_column_is_used_and_checked(tmp_path, cli):
+    table = "sequence\tlabel\tfold\n" + "".join(
+        f"{s}\t{y}\t{f}\n"
+        for s, y, f in [("ACGTAC", "a", "train"), ("TTGACA", "b", "test"), ("GGGCCC", "a", "valid")]
+    )
+    path = tmp_path / "t.tsv"
+    path.write_text(table)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs:\n  - {{path: {path}, split_column: fold}}\noutput: {tmp_path / 'o'}\n")
+    assert cli("prep", "dna", "-c", cfg)[0] == 0
+    store = TokenStore(tmp_path / "o")
+    assert [len(store.split(s)) for s in ("train", "val", "test")] == [1, 1, 1]
+    path.write_text(table + "AAAACC\tb\tholdout\n")
+    code, _, err = cli("prep", "dna", "-c", cfg, "--overwrite")
+    assert code == 2 and "line 5: split value 'holdout'" in err
+
+
+def test_script_in_data_prep_runs_the_stage(tmp_path, repo):
+    import subprocess
+    import sys
+
+    out = tmp_path / "script-out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            repo / "data_prep/prep_dna.py",
+            "-c",
+            repo / "configs/dna/splice.yaml",
+            f"output={out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert TokenStore(out).split("train").fixed_length == 60
+    bad = subprocess.run(
+        [sys.executable, "-m", "biomask", "prep", "dna", "-c", tmp_path / "missing.yaml"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "missing.yaml does not exist" in bad.stderr

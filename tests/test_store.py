@@ -1,0 +1,111 @@
+"""The token store: ragged and fixed-length records, memory-mapped reading, checksums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from biomask.errors import InputError, IntegrityError
+from biomask.store import TokenStore, TokenStoreWriter
+
+
+def build(tmp_path, lengths, shard_tokens=50, fields=None):
+    rng = np.random.default_rng(0)
+    writer = TokenStoreWriter(
+        tmp_path / "store",
+        token_fields={"tokens": np.uint16, "values": np.float32},
+        record_fields={"labels": np.int64},
+        meta_columns=["id"],
+        shard_tokens=shard_tokens,
+    )
+    records = []
+    for i, n in enumerate(lengths):
+        tokens = rng.integers(5, 1000, n)
+        values = rng.random(n).astype(np.float32)
+        records.append((tokens, values, i % 3))
+        writer.split("train").add(tokens=tokens, values=values, labels=i % 3, meta={"id": f"r{i}"})
+    writer.finish(modality="test")
+    return TokenStore(tmp_path / "store"), records
+
+
+def test_random_access_and_streaming_agree(tmp_path):
+    lengths = [3, 0, 17, 40, 1, 25, 25, 9]
+    store, records = build(tmp_path, lengths)
+    split = store.split("train")
+    assert len(split) == len(lengths) and split.num_tokens == sum(lengths)
+    assert len(split.shards) > 1  # small shards force several files
+    for i, (tokens, values, label) in enumerate(records):
+        rec = split[i]
+        assert rec["tokens"].tolist() == tokens.tolist()
+        np.testing.assert_array_equal(rec["values"], values)
+        assert rec["labels"] == label
+    streamed = [rec["tokens"].tolist() for rec in split]
+    assert streamed == [r[0].tolist() for r in records]
+    assert split.lengths().tolist() == lengths
+    assert split.meta()["id"].tolist() == [f"r{i}" for i in range(len(lengths))]
+    assert split.record_field("labels").tolist() == [i % 3 for i in range(len(lengths))]
+    assert split[-1]["tokens"].tolist() == records[-1][0].tolist()
+    with pytest.raises(IndexError):
+        split[len(lengths)]
+
+
+def test_arrays_are_memory_mapped_not_loaded(tmp_path):
+    store, _ = build(tmp_path, [10] * 20, shard_tokens=1000)
+    shard = store.split("train").shards[0]
+    assert isinstance(shard.array("tokens"), np.memmap)
+    assert store.split("train").fixed_length == 10
+    matrix = shard.matrix()
+    assert matrix.shape == (20, 10) and np.shares_memory(matrix, shard.array("tokens"))
+
+
+def test_one_flipped_byte_is_caught(tmp_path):
+    store, _ = build(tmp_path, [30, 30, 30])
+    assert store.verify() > 0
+    shard_file = next((tmp_path / "store" / "train").glob("shard-00000.tokens.npy"))
+    data = bytearray(shard_file.read_bytes())
+    data[-5] ^= 0x01
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="shard-00000.tokens.npy"):
+        TokenStore(tmp_path / "store").verify()
+
+
+def test_truncated_or_missing_files_are_caught_on_open(tmp_path):
+    build(tmp_path, [30, 30])
+    shard_file = next((tmp_path / "store" / "train").glob("*.tokens.npy"))
+    shard_file.write_bytes(shard_file.read_bytes()[:-10])
+    with pytest.raises(IntegrityError, match="truncated"):
+        TokenStore(tmp_path / "store")
+    shard_file.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        TokenStore(tmp_path / "store")
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        TokenStore(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no manifest.json"):
+        TokenStore(tmp_path / "empty")
+    store, _ = build(tmp_path, [4])
+    with pytest.raises(InputError, match="no split 'test'"):
+        store.split("test")
+
+
+def test_batch_and_single_appends_give_the_same_store(tmp_path):
+    lengths = np.array([2, 5, 3])
+    tokens = np.arange(10, dtype=np.uint16) + 5
+    a = TokenStoreWriter(tmp_path / "a", token_fields={"tokens": np.uint16})
+    a.split("train").add_batch(lengths, tokens=tokens, meta=pd.DataFrame({"id": ["x", "y", "z"]}))
+    a.finish()
+    b = TokenStoreWriter(tmp_path / "b", token_fields={"tokens": np.uint16})
+    for rid, chunk in zip("xyz", np.split(tokens, np.cumsum(lengths)[:-1])):
+        b.split("train").add(tokens=chunk, meta={"id": rid})
+    b.finish()
+    sa, sb = TokenStore(tmp_path / "a"), TokenStore(tmp_path / "b")
+    shard_a, shard_b = (
+        sa.manifest["splits"]["train"]["shards"][0],
+        sb.manifest["splits"]["train"]["shards"][0],
+    )
+    assert shard_a["files"]["tokens"]["sha256"] == shard_b["files"]["tokens"]["sha256"]
+    assert shard_a["files"]["offsets"]["sha256"] == shard_b["files"]["offsets"]["sha256"]
