@@ -1,13 +1,15 @@
 """The `biomask` command line. Each subcommand imports its stage lazily so `--help` stays fast.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (a file, record, line or config key the
-message names); 3 a data source could not be reached; 130 interrupted.
+message names); 3 a data source could not be reached; 75 training checkpointed on SIGTERM/SIGUSR1
+(requeue and rerun to resume); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -77,6 +79,22 @@ def cmd_prep_dna(args: argparse.Namespace) -> int:
     cfg = load_config(DNAPrepConfig, args.config, args.overrides)
     path = prep_dna(cfg, overwrite=args.overwrite)
     print(path)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.trainer import Requeue, pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    try:
+        path = pretrain(cfg, overwrite=args.overwrite, local_rank=args.local_rank)
+    except Requeue as exc:
+        print(f"biomask: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
     return 0
 
 
@@ -159,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_arguments(
         command(prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store")
     )
+
+    p = command(
+        sub,
+        "pretrain",
+        cmd_pretrain,
+        "masked pretraining with DeepSpeed ZeRO (resumes automatically; exit 75 = checkpointed on a signal)",
+    )
+    _add_stage_arguments(p)
+    # The deepspeed launcher appends --local_rank=N to the command line.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
         dest="store_command", metavar="ACTION", required=True

@@ -1,0 +1,68 @@
+"""Mask-ratio samplers: fixed, uniform (R²MAE), beta, a discrete set, and a linear schedule.
+
+The ratios are a handful of numbers per step, so they are drawn with a numpy `Generator` whose state
+is a plain dict (checkpointed with the run). The positions themselves are drawn in torch, on the
+training device (see `positions.py`).
+
+Granularity `batch` draws one ratio per batch; every rank seeds this generator identically, so the
+ranks of one step agree on it and a global batch has a single ratio (R²MAE's setting).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from biomask.masking.config import RatioConfig
+
+
+class RatioSampler:
+    """Draws mask ratios for a step; `state_dict()` / `load_state_dict()` make it resumable."""
+
+    def __init__(self, cfg: RatioConfig, *, total_steps: int, seed: int) -> None:
+        self.cfg = cfg
+        self.total_steps = max(int(total_steps), 1)
+        self.rng = np.random.Generator(np.random.PCG64([int(seed), 0x6D61736B]))  # "mask"
+
+    def scheduled(self, step: int) -> float:
+        """The linear schedule's ratio at `step` (start at step 0, end at the last step)."""
+        frac = min(max(step, 0) / max(self.total_steps - 1, 1), 1.0)
+        return self.cfg.start + (self.cfg.end - self.cfg.start) * frac
+
+    def _draw(self, n: int) -> np.ndarray:
+        cfg = self.cfg
+        if cfg.kind == "fixed":
+            return np.full(n, cfg.value)
+        if cfg.kind == "uniform":
+            return self.rng.uniform(cfg.low, cfg.high, size=n)
+        if cfg.kind == "beta":
+            return cfg.low + (cfg.high - cfg.low) * self.rng.beta(cfg.a, cfg.b, size=n)
+        if cfg.kind == "discrete":
+            return self.rng.choice(np.asarray(cfg.values, dtype=np.float64), size=n)
+        raise AssertionError(cfg.kind)
+
+    def sample(self, step: int, batch_size: int) -> np.ndarray:
+        """One ratio per record of a batch (all equal when the granularity is `batch`)."""
+        if self.cfg.kind == "linear":
+            return np.full(batch_size, self.scheduled(step))
+        if self.cfg.granularity == "batch":
+            return np.repeat(self._draw(1), batch_size)
+        return self._draw(batch_size)
+
+    def expected(self, step: int = 0) -> float:
+        """The mean ratio the sampler draws (at `step` for the schedule)."""
+        cfg = self.cfg
+        return {
+            "fixed": cfg.value,
+            "uniform": (cfg.low + cfg.high) / 2,
+            "beta": cfg.low + (cfg.high - cfg.low) * cfg.a / (cfg.a + cfg.b),
+            "discrete": float(np.mean(cfg.values)),
+            "linear": self.scheduled(step),
+        }[cfg.kind]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]

@@ -1,0 +1,25 @@
+"""The encoder: one pre-LN transformer with modality embedders, prediction heads and an MAE decoder.
+
+from biomask.models import load_pretrained
+model = load_pretrained("runs/pretrain/dna-tiny/model")
+vectors = model.embed(batch, pooling="cls", layer=-1)
+"""
+
+from biomask.models.config import PRESETS, EncoderConfig
+from biomask.models.model import MaskedEncoder
+from biomask.models.pretrained import (
+    check_tokenizer,
+    load_pretrained,
+    read_checkpoint_config,
+    save_pretrained,
+)
+
+__all__ = [
+    "PRESETS",
+    "EncoderConfig",
+    "MaskedEncoder",
+    "check_tokenizer",
+    "load_pretrained",
+    "read_checkpoint_config",
+    "save_pretrained",
+]

@@ -1,0 +1,67 @@
+"""The encoder's architecture: what `config.json` of a checkpoint carries so it can be rebuilt anywhere.
+
+`EncoderConfig` is complete (vocabulary, modality, value embedding, target, sizes); `PRESETS` name the
+sizes from `tiny` (tests, CPU) to `1b`. Parameter counts (DNA char vocabulary, 1,026 positions):
+tiny ≈ 0.17 M, small ≈ 3.5 M, base ≈ 86 M, large ≈ 304 M, 1b ≈ 1.01 B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},
+    "base": {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},  # BERT-base size
+    "large": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "d_ff": 4096},  # BERT-large size
+    "1b": {"d_model": 2048, "n_layers": 20, "n_heads": 16, "d_ff": 8192},
+}
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild the model (saved as `architecture` in a checkpoint's config.json)."""
+
+    vocab_size: int
+    modality: Literal["dna", "cells"] = "dna"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    max_len: int = 1026  # positions, [CLS] and [SEP] included
+    norm_eps: float = 1e-5
+    # Learned absolute positions: DNA and rank-encoded cells. Binned and panel cells are order-free.
+    positions: bool = True
+    # Cells: how a gene's value enters: none (rank), bins (embedding of 0..n_bins; 0 = masked), mlp.
+    value_embedding: Literal["none", "bins", "mlp"] = "none"
+    n_bins: int = 0
+    scheme: str | None = None  # cells: binned | rank | panel
+    target: Literal["tokens", "bins", "values"] = "tokens"
+    decoder_layers: int = 0  # > 0: an MAE decoder of this depth (masked tokens leave the encoder input)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.value_embedding == "bins" and self.n_bins < 1:
+            raise ValueError("value_embedding 'bins' needs n_bins >= 1")
+        if self.target == "bins" and self.n_bins < 1:
+            raise ValueError("target 'bins' needs n_bins >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown architecture keys {unknown} (written by a newer biomask?)")
+        return cls(**data)

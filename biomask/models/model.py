@@ -1,0 +1,171 @@
+"""The masked encoder: modality embedder -> transformer encoder (-> MAE decoder) -> prediction head.
+
+    model = MaskedEncoder(EncoderConfig(vocab_size=10))
+    out = model(masked_batch)                      # {"loss", "n_masked", "n_correct"}: training
+    vectors = model.embed(batch, pooling="cls")    # (B, d_model): one vector per record
+
+Inputs are the dicts of `biomask.training.data.collate` (after `biomask.masking.Masker` for training):
+`input_ids` and `attention_mask` (B, L), plus `values` / `bins` for cells.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biomask.models.config import EncoderConfig
+from biomask.models.transformer import Encoder
+from biomask.vocab import CLS_ID, SEP_ID
+
+
+class Embedder(nn.Module):
+    """Token (or gene) embedding + learned positions (DNA, rank cells) + a value embedding (cells)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions else None
+        if cfg.value_embedding == "bins":
+            self.bins = nn.Embedding(cfg.n_bins + 1, cfg.d_model)  # bin 0: masked (or no value)
+        elif cfg.value_embedding == "mlp":
+            self.value_mlp = nn.Sequential(
+                nn.Linear(1, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model)
+            )
+            self.value_mask = nn.Parameter(torch.zeros(cfg.d_model))  # stands in for a hidden value
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"]
+        x = self.tokens(ids)
+        if self.positions is not None:
+            if ids.shape[1] > self.cfg.max_len:
+                raise ValueError(
+                    f"sequence of {ids.shape[1]} tokens exceeds the model's max_len {self.cfg.max_len}"
+                )
+            x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        if self.cfg.value_embedding == "bins":
+            x = x + self.bins(batch["bins"])
+        elif self.cfg.value_embedding == "mlp":
+            v = self.value_mlp(batch["values"].to(x.dtype)[..., None])
+            hidden = batch.get("value_hidden")
+            if hidden is not None:
+                v = torch.where(hidden[..., None], self.value_mask.to(v.dtype), v)
+            x = x + v
+        return self.drop(x)
+
+
+class Head(nn.Module):
+    """BERT's prediction head: dense -> GELU -> LayerNorm -> output (applied to masked positions only)."""
+
+    def __init__(self, cfg: EncoderConfig, n_out: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.out = nn.Linear(cfg.d_model, n_out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(F.gelu(self.dense(h))))
+
+
+class MaskedEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embedder = Embedder(cfg)
+        self.encoder = Encoder(cfg)
+        # MAE: a light decoder that sees the encoder's states at kept positions and the mask elsewhere.
+        self.decoder = Encoder(cfg, n_layers=cfg.decoder_layers) if cfg.decoder_layers > 0 else None
+        n_out = {"tokens": cfg.vocab_size, "bins": cfg.n_bins + 1, "values": 1}[cfg.target]
+        self.head = Head(cfg, n_out)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by depth so the residual stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, *, embeddings: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            total -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return total
+
+    # -------------------------------------------------------------------------------------- training
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Masked-prediction loss on the positions `batch["masked"]` (a batch from the Masker)."""
+        x = self.embedder(batch)
+        attention_mask, masked = batch["attention_mask"], batch["masked"]
+        if self.decoder is None:
+            h = self.encoder(x, attention_mask)
+        else:
+            h = self._mae(x, attention_mask, masked)
+        pred = self.head(h[masked])  # only masked positions reach the head: (n_masked, n_out)
+        if self.config.target == "values":
+            target = batch["target_values"][masked].to(pred.dtype)
+            loss = F.mse_loss(pred.squeeze(-1), target)
+            n_correct = torch.zeros((), dtype=torch.long, device=pred.device)
+        else:
+            target = batch["target_ids"][masked]
+            loss = F.cross_entropy(pred.float(), target)
+            n_correct = (pred.argmax(-1) == target).sum()
+        return {
+            "loss": loss,
+            "n_masked": torch.tensor(target.numel(), device=pred.device),
+            "n_correct": n_correct,
+        }
+
+    def _mae(self, x: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Encode only the kept tokens, then decode the full sequence (mask embeddings at masked spots)."""
+        keep = attention_mask & ~masked
+        n_keep = keep.sum(1)
+        width = int(n_keep.max())
+        # Kept positions first, in order (a stable sort of "not kept"); rows padded to the longest.
+        index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
+        keep_mask = torch.arange(width, device=x.device)[None, :] < n_keep[:, None]
+        gather = index[..., None].expand(-1, -1, x.shape[-1])
+        encoded = self.encoder(x.gather(1, gather), keep_mask)
+        # Columns past a row's kept count point at distinct non-kept positions: `where` discards them.
+        scattered = torch.zeros_like(x).scatter(1, gather, encoded)
+        assert self.decoder is not None
+        return self.decoder(torch.where(keep[..., None], scattered, x), attention_mask)
+
+    # -------------------------------------------------------------------------------------- embeddings
+
+    @torch.no_grad()
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
+        """One vector per record, (B, d_model), independent of the other records in the batch.
+
+        `layer` indexes [embeddings, block 1, ..., block n (final LayerNorm applied)] like a Python
+        list: -1 (default) is the last layer, 0 the embeddings. `pooling`: "cls" (the [CLS] position)
+        or "mean" (over the record's content tokens: padding, [CLS] and [SEP] excluded). With MAE
+        training, the encoder sees the whole record (nothing is dropped at embedding time).
+        """
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+        n = self.config.n_layers + 1
+        if not -n <= layer < n:
+            raise ValueError(
+                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
+            )
+        attention_mask = batch["attention_mask"]
+        hidden = self.encoder(self.embedder(batch), attention_mask, all_layers=True)
+        h = hidden[layer]
+        if pooling == "cls":
+            return h[:, 0]
+        ids = batch["input_ids"]
+        content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
+        weights = content.to(h.dtype)[..., None]
+        return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)

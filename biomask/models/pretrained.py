@@ -1,0 +1,135 @@
+"""The portable checkpoint: `model.safetensors` + `config.json` + `tokenizer/`, loadable without DeepSpeed.
+
+    model = load_pretrained("runs/pretrain/dna-tiny/model")     # eval mode, on CPU by default
+    check_tokenizer(model, "runs/prep/ce2-chrX-char")            # exit 2 if the store's tokenizer differs
+
+`config.json` holds `architecture` (an `EncoderConfig`), the modality and scheme, the masking config,
+the tokenizer's sha256, training facts (steps, tokens, seed), the data checksum and the code version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from biomask.errors import InputError
+from biomask.models.config import EncoderConfig
+from biomask.models.model import MaskedEncoder
+from biomask.provenance import sha256_file
+
+CHECKPOINT_FORMAT = "biomask-pretrained"
+CHECKPOINT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def save_pretrained(
+    state_dict: dict[str, torch.Tensor],
+    architecture: EncoderConfig,
+    directory: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike,
+    info: dict[str, Any],
+) -> Path:
+    """Write a portable checkpoint into `directory` (which must not exist yet: write to a temp dir)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
+    shutil.copytree(tokenizer_dir, directory / "tokenizer")
+    tokenizer_json = directory / "tokenizer" / "tokenizer.json"
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "architecture": architecture.to_dict(),
+        **info,
+        "tokenizer": {**info.get("tokenizer", {}), "sha256": sha256_file(tokenizer_json)},
+        "weights_sha256": sha256_file(directory / WEIGHTS),
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return directory
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a portable checkpoint, with errors that say what is wrong."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise InputError(
+            f"checkpoint {directory} does not exist; give the `model/` directory of a pretrain run"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{directory} is not a biomask checkpoint: it has no config.json") from None
+    except ValueError as exc:
+        raise InputError(f"{path} is corrupt ({exc}); export the checkpoint again") from None
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a biomask checkpoint config (format {config.get('format')!r})")
+    if config.get("version", 0) > CHECKPOINT_VERSION:
+        raise InputError(
+            f"{directory} was written by a newer biomask (checkpoint version {config['version']})"
+        )
+    return config
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaskedEncoder:
+    """The encoder of a portable checkpoint, in eval mode; `model.checkpoint_info` holds config.json."""
+    directory = Path(directory)
+    config = read_checkpoint_config(directory)
+    tokenizer_json = directory / "tokenizer" / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise InputError(f"{directory}: tokenizer/tokenizer.json is missing; export the checkpoint again")
+    expected = config.get("tokenizer", {}).get("sha256")
+    if expected and sha256_file(tokenizer_json) != expected:
+        raise InputError(
+            f"{tokenizer_json} does not match the tokenizer this model was trained with "
+            f"(sha256 {expected[:12]}… in config.json); restore the checkpoint's own tokenizer/"
+        )
+    try:
+        architecture = EncoderConfig.from_dict(config["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
+    model = MaskedEncoder(architecture)
+    try:
+        state = load_file(str(directory / WEIGHTS), device="cpu")
+    except FileNotFoundError:
+        raise InputError(f"{directory / WEIGHTS} is missing") from None
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise InputError(
+            f"{directory / WEIGHTS} is unreadable ({exc}); export the checkpoint again"
+        ) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"{directory / WEIGHTS} does not fit its config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.checkpoint_info = config  # type: ignore[assignment]
+    model.checkpoint_dir = directory  # type: ignore[assignment]
+    return model.to(device).eval()
+
+
+def check_tokenizer(model_or_dir: MaskedEncoder | str | os.PathLike, store: str | os.PathLike) -> None:
+    """Raise InputError (exit 2) when a token store was tokenized differently from the checkpoint."""
+    from biomask.store import TokenStore
+
+    if isinstance(model_or_dir, MaskedEncoder):
+        config = getattr(model_or_dir, "checkpoint_info", None)
+        where = str(getattr(model_or_dir, "checkpoint_dir", "the model"))
+        if config is None:
+            raise ValueError("check_tokenizer needs a model from load_pretrained (it carries its config)")
+    else:
+        config, where = read_checkpoint_config(model_or_dir), str(model_or_dir)
+    token_store = TokenStore(store)
+    theirs = (token_store.manifest.get("tokenizer") or {}).get("sha256")
+    ours = config.get("tokenizer", {}).get("sha256")
+    if theirs != ours:
+        raise InputError(
+            f"token store {store} was tokenized with a different tokenizer (sha256 {str(theirs)[:12]}…) than "
+            f"checkpoint {where} ({str(ours)[:12]}…); prepare the data with `tokenizer.path={where}/tokenizer`"
+        )

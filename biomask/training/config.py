@@ -1,0 +1,127 @@
+"""The schema of `biomask pretrain` configs (annotated examples: configs/pretrain/*.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from biomask.config import Config
+from biomask.masking.config import MaskingConfig
+from biomask.models.config import PRESETS
+
+
+class DataConfig(Config):
+    store: str  # a token store written by `biomask prep dna` or `biomask prep cells`
+    train_split: str = "train"
+    eval_split: str = "val"
+    # Longest input, specials included; longer records are cropped. None: the model's max_len.
+    max_length: int | None = Field(None, ge=3)
+    # Training crops of longer records: a random window (DNA, rank: a random start; binned / panel
+    # cells: a random subset of genes) drawn from (seed, epoch, record), or the first tokens.
+    crop: Literal["random", "start"] = "random"
+    verify: bool = True  # check every shard's sha256 before training (cheap next to training)
+
+
+class ModelConfig(Config):
+    preset: Literal["tiny", "small", "base", "large", "1b", "custom"] = "tiny"
+    # Sizes; None: the preset's. With preset custom, all four must be given.
+    d_model: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    max_len: int = Field(1026, ge=3)  # learned positions (DNA, rank cells), [CLS] and [SEP] included
+    # Cells: how a gene's value enters the model. auto: bins for binned, mlp for panel, none for rank.
+    value_embedding: Literal["auto", "none", "bins", "mlp"] = "auto"
+    decoder_layers: int = Field(1, ge=1)  # MAE corruption only: depth of the light decoder
+    activation_checkpointing: bool = False
+    # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
+    init_from: str | None = None
+
+    def sizes(self) -> dict[str, int]:
+        base = dict(PRESETS.get(self.preset, {}))
+        given = {
+            k: v
+            for k, v in {
+                "d_model": self.d_model,
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "d_ff": self.d_ff,
+            }.items()
+            if v is not None
+        }
+        return {**base, **given}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        sizes = self.sizes()
+        missing = [k for k in ("d_model", "n_layers", "n_heads", "d_ff") if k not in sizes]
+        if missing:
+            raise ValueError(f"model.preset custom needs {', '.join('model.' + k for k in missing)}")
+        if sizes["d_model"] % sizes["n_heads"]:
+            raise ValueError(f"model.d_model ({sizes['d_model']}) must be a multiple of model.n_heads")
+        return self
+
+
+class OptimConfig(Config):
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0: no clipping
+
+
+class TrainConfig(Config):
+    steps: int = Field(1000, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(16, ge=1)  # per rank and forward pass
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    # Held-out masked loss on a grid of ratios and its mean (the R²MAE study's quality score).
+    eval_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    eval_batches: int = Field(8, ge=1)  # per rank and ratio
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    progress: bool = True  # tqdm bar on rank 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if any(not 0.0 < r < 1.0 for r in self.eval_ratios):
+            raise ValueError(f"train.eval_ratios must lie strictly between 0 and 1 (got {self.eval_ratios})")
+        return self
+
+
+class DeepSpeedConfig(Config):
+    stage: Literal[0, 1, 2, 3] = 2  # picks configs/deepspeed/zero<stage>.json
+    config: str | None = None  # your own DeepSpeed JSON instead ("auto" values are filled from here)
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state in CPU memory
+    # Deep-merged into the JSON, e.g. deepspeed.overrides.zero_optimization.reduce_bucket_size=1e7
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class PretrainConfig(Config):
+    data: DataConfig
+    output: str
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+# Keys that change no weight: they may differ between an interrupted run and its resumption.
+NON_SEMANTIC = (
+    "output",
+    "data.store",  # the store enters the fingerprint by its manifest's sha256, not its path
+    "data.verify",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.progress",
+)

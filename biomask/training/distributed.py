@@ -1,0 +1,144 @@
+"""The rank environment, whatever started us: plain `biomask pretrain`, `torchrun`, the `deepspeed`
+launcher, or SLURM's `srun`.
+
+torch.distributed (and DeepSpeed) read five variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT. torchrun and the deepspeed launcher set them; srun sets SLURM_* instead, which DeepSpeed
+does not read, so they are mapped here; a plain single process sets all five itself (with one
+missing, DeepSpeed falls into MPI discovery and fails asking for mpi4py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # plain | torchrun | deepspeed | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def variables(self) -> dict[str, str]:
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login1") as host names, without scontrol."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+            else:
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a job (`scontrol show hostnames` when available: it knows every syntax)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+            )
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def resolve_env(env: Mapping[str, str], local_rank_arg: int | None = None) -> DistEnv:
+    """Work out the rank environment from the process environment (pure: does not modify it)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if local_rank_arg is not None or "CROSS_RANK" in env else "torchrun"
+        local = env.get("LOCAL_RANK", str(local_rank_arg) if local_rank_arg is not None else "0")
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(local),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher=launcher,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        )
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1"),
+            # Every task derives the same port from the job id (no communication needed).
+            master_port=int(env.get("MASTER_PORT") or 15000 + job % 20000),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "plain")
+
+
+def setup_env(local_rank_arg: int | None = None) -> DistEnv:
+    """Resolve the rank environment and export the five variables torch.distributed reads."""
+    dist_env = resolve_env(os.environ, local_rank_arg)
+    os.environ.update(dist_env.variables())
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    return dist_env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def init_process_group(dist_env: DistEnv) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process."""
+    import deepspeed
+    import torch
+
+    # The shared-memory comm op serves CPU inference only, and would JIT-compile (~1 min) at init.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        verbose=False,
+        rank=dist_env.rank,
+        world_size=dist_env.world_size,
+    )

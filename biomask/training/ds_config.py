@@ -1,0 +1,100 @@
+"""The DeepSpeed config of a run: a ZeRO preset (configs/deepspeed/zero<stage>.json) or the user's JSON,
+with its "auto" values filled from the pretrain config, optimizer offload, and `deepspeed.overrides`.
+
+Batch sizes always come from the pretrain config (`train.micro_batch_size`, `train.grad_accum`): the
+data loader is driven by them, so a JSON that sets them differently is an error, not a silent mismatch.
+The optimizer (torch AdamW, nothing JIT-compiled) and the warm-up + cosine schedule are built in
+Python by the trainer and handed to `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from biomask.errors import ConfigError
+from biomask.training.config import PretrainConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "deepspeed"
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_ds_json(cfg: PretrainConfig) -> tuple[dict[str, Any], Path]:
+    path = (
+        Path(cfg.deepspeed.config)
+        if cfg.deepspeed.config
+        else PRESETS_DIR / f"zero{cfg.deepspeed.stage}.json"
+    )
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"deepspeed config {path} does not exist (key deepspeed.config / deepspeed.stage)"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"deepspeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed config {path} must be a JSON object")
+    return data, path
+
+
+def build_ds_config(cfg: PretrainConfig, *, precision: str) -> dict[str, Any]:
+    data, path = read_ds_json(cfg)
+    data = _merge(data, cfg.deepspeed.overrides)
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+    }
+    for key, value in ours.items():
+        given = data.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"deepspeed config {path}: {key} is {given}, but the pretrain config says {value}; "
+                f'set it to "auto" there (batch sizes come from train.micro_batch_size and train.grad_accum)'
+            )
+        data[key] = value
+    data.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    if data.get("gradient_clipping", "auto") == "auto":
+        data["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = data.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = precision == "bf16"
+    if precision == "fp32" and bf16.get("enabled"):
+        raise ConfigError(f"deepspeed config {path} enables bf16, but train.precision is fp32")
+    if data.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"deepspeed config {path}: fp16 is not supported by biomask (use bf16 or fp32)")
+    zero = data.setdefault("zero_optimization", {"stage": 0})
+    stage = int(zero.get("stage", 0))
+    if cfg.deepspeed.config is None and stage != cfg.deepspeed.stage:
+        raise ConfigError(
+            f"deepspeed.overrides set zero_optimization.stage={stage}; use deepspeed.stage instead"
+        )
+    if cfg.deepspeed.offload_optimizer:
+        if stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (deepspeed.stage)")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    # A client torch optimizer: DeepSpeed must not insist on its own (JIT-compiled) CPU Adam.
+    data.setdefault("zero_force_ds_cpu_optimizer", False)
+    data.setdefault("zero_allow_untested_optimizer", True)
+    for key in ("optimizer", "scheduler"):
+        if key in data:
+            raise ConfigError(
+                f"deepspeed config {path} defines '{key}'; biomask builds AdamW and the warm-up + cosine "
+                "schedule from the optim section of the pretrain config — remove it there"
+            )
+    return data
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

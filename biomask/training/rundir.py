@@ -1,0 +1,116 @@
+"""The output directory of a pretraining run, and how a new invocation treats what it finds there.
+
+A training run is long and is interrupted (preemption, time limits, crashes), so unlike the other
+stages it works inside its output directory and marks it as unfinished with `in_progress.json`
+(fingerprint, world size). `run.json` is written last, when the portable checkpoint is in place:
+only then is the directory a finished output.
+
+| found at `output`                              | what happens                                        |
+|------------------------------------------------|-----------------------------------------------------|
+| nothing, or an empty directory                 | fresh run                                           |
+| run.json, same fingerprint                     | reuse: nothing to do                                |
+| run.json, other fingerprint                    | refused (exit 2, changed keys listed) unless --overwrite |
+| in_progress.json, same fingerprint and world size | resume from the latest valid checkpoint          |
+| in_progress.json, other fingerprint            | refused (exit 2): an incompatible config on resume  |
+| in_progress.json, other world size             | refused (exit 2): DeepSpeed cannot re-partition optimizer state |
+| anything else                                  | refused (exit 2) unless --overwrite                 |
+
+Keys in `NON_SEMANTIC` (logging and checkpoint cadence, the output path) may change between an
+interrupted run and its resumption.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biomask.config import config_diff
+from biomask.errors import InputError, OutputExistsError
+from biomask.outputs import atomic_write_text
+from biomask.provenance import read_run_info
+
+IN_PROGRESS = "in_progress.json"
+
+
+def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
+    try:
+        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    changes = config_diff(old, new_config)
+    if not changes:
+        return " (same config keys; the input data or format version differ)"
+    return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
+
+
+def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any], *, overwrite: bool) -> str:
+    """'fresh', 'resume' or 'done' for the run at `path` (raises when it must be refused)."""
+    if not path.exists():
+        return "fresh"
+    if not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
+    if overwrite:
+        return "fresh"
+    info = read_run_info(path)
+    if info is not None:
+        if info.get("fingerprint") == fingerprint:
+            return "done"
+        raise OutputExistsError(
+            f"output directory {path} holds a finished run of a different config or input"
+            f"{_changed_keys(path, config)}\nPass --overwrite to replace it, or choose another output path."
+        )
+    marker = path / IN_PROGRESS
+    if marker.is_file():
+        try:
+            state = json.loads(marker.read_text())
+        except ValueError:
+            state = {}
+        if state.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"output directory {path} holds an interrupted run of a different config or input, which "
+                f"cannot be resumed with this one{_changed_keys(path, config)}\nResume it with its own config "
+                f"({path / 'config.yaml'}), pass --overwrite to discard it, or choose another output path."
+            )
+        if int(state.get("world_size", world_size)) != world_size:
+            raise InputError(
+                f"output directory {path} holds an interrupted run started with {state['world_size']} processes; "
+                f"resume it with the same number (this launch has {world_size}), or pass --overwrite to start over"
+            )
+        return "resume"
+    if any(path.iterdir()):
+        raise OutputExistsError(
+            f"output directory {path} is not empty and was not written by biomask pretrain; "
+            "choose another output path, or pass --overwrite to replace its contents"
+        )
+    return "fresh"
+
+
+def start_fresh(path: Path, fingerprint: str, world_size: int, config_yaml: str) -> None:
+    """Clear `path` (moving any old content aside first) and mark it as an unfinished run."""
+    if path.exists():
+        aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        path.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    path.mkdir(parents=True)
+    atomic_write_text(path / "config.yaml", config_yaml)
+    mark_in_progress(path, fingerprint, world_size)
+
+
+def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
+    state = {
+        "fingerprint": fingerprint,
+        "world_size": world_size,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
+
+
+def finish(path: Path) -> None:
+    """After run.json is written: the directory is a finished output."""
+    (path / IN_PROGRESS).unlink(missing_ok=True)

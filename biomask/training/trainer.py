@@ -1,0 +1,577 @@
+"""`biomask pretrain`: masked pretraining with the DeepSpeed engine, read top to bottom.
+
+1. inputs       the token store (verified), what it holds, the model architecture it implies
+2. output dir   fresh, resume (an interrupted run of the same config) or done (reuse)
+3. engine       model, AdamW, warm-up + cosine schedule, `deepspeed.initialize` (ZeRO 0-3)
+4. data         seeded, rank-sharded, step-indexed order; the masker on the training device
+5. resume       model, optimizer, schedule, step (= data position) and every RNG from a checkpoint
+6. the loop     mask -> forward -> backward -> step; metrics; held-out eval on a ratio grid;
+                checkpoints; SIGTERM / SIGUSR1 -> checkpoint and exit 75 (requeue)
+7. the end      final eval and checkpoint, the portable checkpoint (model/), run.json last
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from biomask.config import dump_config
+from biomask.errors import BiomaskError, InputError
+from biomask.masking import Masker, MaskingConfig
+from biomask.models import EncoderConfig, MaskedEncoder, read_checkpoint_config, save_pretrained
+from biomask.provenance import code_version, sha256_file, write_run_info
+from biomask.stage import StageOutput
+from biomask.store import TokenStore
+from biomask.training import checkpoint, rundir
+from biomask.training.config import NON_SEMANTIC, PretrainConfig
+from biomask.training.data import DataSpec, TrainingData, eval_batches
+from biomask.training.distributed import DistEnv, init_process_group, setup_env
+from biomask.training.ds_config import build_ds_config, zero_stage
+from biomask.training.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75
+
+
+class Requeue(BiomaskError):
+    """Training was checkpointed after SIGTERM / SIGUSR1; rerun the same command to resume."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+
+# ------------------------------------------------------------------------------------------- 1. inputs
+
+
+def open_store(path: str, *, verify: bool) -> TokenStore:
+    store = TokenStore(path)  # missing directory, manifest or shard, wrong sizes: InputError
+    if verify:
+        store.verify()  # every shard's sha256 against the manifest
+    return store
+
+
+def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
+    auto = {"dna": "tokens", "binned": "bins", "rank": "tokens", "panel": "values"}
+    target = cfg.masking.target if cfg.masking.target != "auto" else auto[spec.scheme or "dna"]
+    if spec.modality == "dna" and target != "tokens":
+        raise InputError(f"masking.target={target} needs a cells store; DNA stores predict tokens")
+    if target == "bins" and spec.scheme != "binned":
+        raise InputError(f"masking.target=bins needs a binned cells store; {cfg.data.store} is {spec.scheme}")
+    return target
+
+
+def build_architecture(cfg: PretrainConfig, spec: DataSpec) -> EncoderConfig:
+    """The encoder a pretrain config and a token store imply."""
+    auto_value = {"dna": "none", "binned": "bins", "rank": "none", "panel": "mlp"}
+    value_embedding = cfg.model.value_embedding
+    if value_embedding == "auto":
+        value_embedding = auto_value[spec.scheme or "dna"]
+    if spec.modality == "dna" and value_embedding != "none":
+        raise InputError(f"model.value_embedding={value_embedding} needs a cells store")
+    if value_embedding == "bins" and spec.scheme != "binned":
+        raise InputError("model.value_embedding=bins needs a binned cells store (use mlp or none)")
+    target = resolve_target(cfg, spec)
+    if target == "bins" and value_embedding == "mlp":
+        raise InputError("masking.target=bins with model.value_embedding=mlp would show the masked values")
+    positions = spec.modality == "dna" or spec.scheme == "rank"
+    max_length = cfg.data.max_length or cfg.model.max_len
+    if positions and max_length > cfg.model.max_len:
+        raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality=spec.modality,  # type: ignore[arg-type]
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=cfg.model.max_len,
+        positions=positions,
+        value_embedding=value_embedding,  # type: ignore[arg-type]
+        n_bins=spec.n_bins,
+        scheme=spec.scheme,
+        target=target,  # type: ignore[arg-type]
+        decoder_layers=cfg.model.decoder_layers if cfg.masking.corruption.kind == "mae" else 0,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
+
+
+def init_checkpoint(
+    cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
+) -> tuple[EncoderConfig, dict[str, Any]]:
+    """`model.init_from`: the checkpoint's architecture (same tokenizer as the store, or exit 2)."""
+    path = Path(str(cfg.model.init_from))
+    info = read_checkpoint_config(path)
+    theirs = info.get("tokenizer", {}).get("sha256")
+    if theirs != spec.tokenizer_sha256:
+        raise InputError(
+            f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
+            f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
+        )
+    base = EncoderConfig.from_dict(info["architecture"])
+    arch = dataclasses.replace(
+        base,
+        dropout=arch.dropout,
+        activation_checkpointing=arch.activation_checkpointing,
+        decoder_layers=arch.decoder_layers,
+        target=arch.target,
+    )
+    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}
+
+
+# ------------------------------------------------------------------------------------------- 3. engine
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights); none on biases, norms, vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the current step and exits 75."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, world_size: int, device: torch.device) -> bool:
+        """True on every rank if any rank got a signal (ranks must checkpoint together)."""
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        if world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def all_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors the model reads (DeepSpeed gets tensors only)."""
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "values",
+        "bins",
+        "value_hidden",
+        "masked",
+        "target_ids",
+        "target_values",
+    )
+    return {k: masked[k] for k in keys if k in masked}
+
+
+def eval_masking(cfg: MaskingConfig) -> MaskingConfig:
+    """One protocol for every scheme, so grid losses compare across runs: uniform positions, every
+    masked token shown as the mask (MAE models keep their MAE path)."""
+    return cfg.model_copy(
+        update={
+            "positions": cfg.positions.model_copy(update={"kind": "uniform"}),
+            "corruption": cfg.corruption.model_copy(update={"mask_token": 1.0, "random_token": 0.0}),
+        }
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    batches: list[dict[str, torch.Tensor]],
+    cfg: PretrainConfig,
+    arch: EncoderConfig,
+    dist_env: DistEnv,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Held-out masked loss and accuracy at every ratio of `train.eval_ratios`, and the mean loss.
+
+    Each ratio has its own fixed seed, so every evaluation masks the same tokens; the training RNGs
+    are untouched (no dropout in eval mode; the masker here has its own generators).
+    """
+    engine.eval()
+    masking = eval_masking(cfg.masking)
+    losses, accuracies = {}, {}
+    for i, ratio in enumerate(cfg.train.eval_ratios):
+        masker = Masker(
+            masking,
+            target=arch.target,
+            vocab_size=arch.vocab_size,
+            n_bins=arch.n_bins,
+            seed=cfg.train.seed + 1_000 + i,
+            rank=dist_env.rank,
+            device=device,
+        )
+        loss_sum = n_masked = n_correct = 0.0
+        for batch in batches:
+            batch = to_device(batch, device)
+            ratios = torch.full((batch["input_ids"].shape[0],), ratio, device=device)
+            out = engine(model_inputs(masker.apply(batch, ratios)))
+            n = float(out["n_masked"])
+            loss_sum += out["loss"].item() * n
+            n_masked += n
+            n_correct += float(out["n_correct"])
+        loss_sum, n_masked, n_correct = all_sum([loss_sum, n_masked, n_correct], dist_env.world_size, device)
+        key = f"{ratio:g}"
+        losses[key] = loss_sum / max(n_masked, 1.0)
+        accuracies[key] = n_correct / max(n_masked, 1.0)
+    engine.train()
+    result: dict[str, Any] = {"loss": losses, "mean_loss": sum(losses.values()) / len(losses)}
+    if arch.target != "values":
+        result["accuracy"] = accuracies
+        result["mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
+    return result
+
+
+def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO checkpoint."""
+    if stage == 0:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is the stage's result
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def _decide(cfg: PretrainConfig, stage: StageOutput, dist_env: DistEnv, overwrite: bool) -> str:
+    """Rank 0 inspects the output directory; every rank gets its decision (or its error)."""
+    out = Path(cfg.output)
+    result: list[Any] = [None]
+    if dist_env.is_main:
+        try:
+            decision = rundir.decide(
+                out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
+            )
+            if decision == "fresh":
+                rundir.start_fresh(out, stage.fingerprint, dist_env.world_size, dump_config(cfg))
+            elif decision == "resume":
+                (out / "config.yaml").write_text(dump_config(cfg))  # non-semantic keys may have changed
+            result = [decision]
+        except BiomaskError as exc:
+            result = [exc]
+    if dist_env.world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return str(result[0])
+
+
+def _quiet_libraries() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # torch 2.13 deprecation warnings from c10d on every ZeRO-3 step
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | None = None) -> Path:
+    """Run (or resume, or reuse) a pretraining run; returns the output directory.
+
+    Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1.
+    """
+    dist_env = setup_env(local_rank)
+    if not dist_env.is_main:
+        logging.getLogger("biomask").setLevel(logging.WARNING)
+    out = Path(cfg.output)
+
+    # 1. Inputs: the token store (verified against its manifest) and the model it implies.
+    store = open_store(cfg.data.store, verify=cfg.data.verify and dist_env.is_main)
+    spec = DataSpec.from_store(store)
+    arch = build_architecture(cfg, spec)
+    train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
+    manifest_sha = sha256_file(store.root / "manifest.json")
+    inputs = [{"name": "token-store", "path": str(store.root), "sha256": manifest_sha}]
+    if cfg.model.init_from:
+        arch, init_input = init_checkpoint(cfg, spec, arch)
+        inputs.append(init_input)
+    max_length = cfg.data.max_length or cfg.model.max_len
+    stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
+
+    # 2. The output directory: fresh, resume, or already done.
+    _quiet_libraries()
+    init_process_group(dist_env)
+    decision = _decide(cfg, stage, dist_env, overwrite)
+    if decision == "done":
+        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+        return out
+    device = torch.device("cuda", dist_env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    precision = (
+        cfg.train.precision
+        if cfg.train.precision != "auto"
+        else ("bf16" if device.type == "cuda" else "fp32")
+    )
+
+    # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = MaskedEncoder(arch)
+    if cfg.model.init_from:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(cfg.model.init_from) / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if [k for k in missing + unexpected if not k.startswith("decoder.")]:
+            raise InputError(
+                f"model.init_from: weights do not fit the architecture ({missing[:3]} {unexpected[:3]})"
+            )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(
+            warmup_cosine,
+            warmup=cfg.optim.warmup_steps,
+            total=cfg.train.steps,
+            min_ratio=cfg.optim.min_lr_ratio,
+        ),
+    )
+    ds_config = build_ds_config(cfg, precision=precision)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    stage_n = zero_stage(ds_config)
+    log.info(
+        "pretrain: %s encoder, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
+        cfg.model.preset,
+        model.num_parameters() / 1e6,
+        stage_n,
+        precision,
+        dist_env.world_size,
+        dist_env.launcher,
+        cfg.masking.scheme,
+    )
+
+    # 4. Data in a seeded, rank-sharded order indexed by step; masking on the training device.
+    train_data = TrainingData(
+        train_split,
+        spec,
+        max_length=max_length,
+        crop=cfg.data.crop,
+        seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
+        world_size=dist_env.world_size,
+        rank=dist_env.rank,
+        where=f"{store.root}: split {cfg.data.train_split!r}",
+    )
+    held_out = eval_batches(
+        eval_split,
+        spec,
+        max_length=max_length,
+        batch_size=cfg.train.micro_batch_size,
+        n_batches=cfg.train.eval_batches,
+        world_size=dist_env.world_size,
+        rank=dist_env.rank,
+    )
+    masker = Masker(
+        cfg.masking,
+        target=arch.target,
+        vocab_size=arch.vocab_size,
+        n_bins=arch.n_bins,
+        total_steps=cfg.train.steps,
+        seed=cfg.train.seed,
+        rank=dist_env.rank,
+        device=device,
+    )
+
+    # 5. Resume: model, optimizer, schedule, step (the data position) and every RNG.
+    ckpt_root = out / "checkpoints"
+    step = 0
+    window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
+    latest = checkpoint.latest(ckpt_root) if decision == "resume" else None
+    if latest is not None:
+        rng = checkpoint.load(engine, latest, rank=dist_env.rank)
+        masker.load_state_dict(checkpoint.restore_rng_state(rng))
+        window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
+        step = int(checkpoint.read_meta(latest)["step"])
+        log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
+    else:
+        torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
+    if dist_env.is_main and ckpt_root.exists():
+        checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
+
+    def save_checkpoint() -> Path:
+        meta = {
+            "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
+            "world_size": dist_env.world_size,
+        }
+        rng = {**checkpoint.rng_state(masker.state_dict()), "metrics_window": dict(window)}
+        path = checkpoint.save(engine, ckpt_root, step, rank=dist_env.rank, rng=rng, meta=meta)
+        if dist_env.is_main:
+            checkpoint.prune(ckpt_root, cfg.train.keep_last)
+        return path
+
+    # 6. The loop.
+    metrics = MetricsLogger(
+        out,
+        total_steps=cfg.train.steps,
+        start_step=step,
+        enabled=dist_env.is_main,
+        progress=cfg.train.progress,
+    )
+    stop = StopSignal()
+    stop.install()
+    window_start = time.perf_counter()
+    try:
+        while step < cfg.train.steps:
+            for micro in range(cfg.train.grad_accum):
+                batch = to_device(train_data.batch(step, micro), device)
+                masked = masker(batch, step)
+                out_ = engine(model_inputs(masked))
+                engine.backward(out_["loss"])
+                engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
+                n = float(out_["n_masked"])
+                window["loss"] += out_["loss"].item() * n
+                window["masked"] += n
+                window["correct"] += float(out_["n_correct"])
+                window["ratio"] += masked["realised_ratio"]
+                window["micro"] += 1
+                window["tokens"] += float(batch["attention_mask"].sum())
+            step += 1
+            metrics.advance()
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                keys = list(window)
+                totals = dict(zip(keys, all_sum([window[k] for k in keys], dist_env.world_size, device)))
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "loss": totals["loss"] / max(totals["masked"], 1.0),
+                    "ratio": totals["ratio"] / max(totals["micro"], 1.0),  # realised: masked / maskable
+                    "lr": schedule.get_last_lr()[0],
+                    "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
+                    "tokens": totals["tokens"],
+                    "epoch": train_data.epoch_of(step - 1),
+                }
+                if arch.target != "values":
+                    record["accuracy"] = totals["correct"] / max(totals["masked"], 1.0)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                metrics.log(step, "train", record)
+                window = dict.fromkeys(window, 0.0)
+                window_start = time.perf_counter()
+
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                metrics.log(step, "eval", evaluate(engine, held_out, cfg, arch, dist_env, device))
+
+            stopping = stop.agreed(dist_env.world_size, device)
+            if stopping or (step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps):
+                path = save_checkpoint()
+                if stopping:
+                    raise Requeue(
+                        f"received signal {stop.received or 'on another rank'}: checkpointed step {step} of "
+                        f"{cfg.train.steps} to {path}; exiting with code {REQUEUE_EXIT_CODE} so the job can be "
+                        "requeued — rerun the same command to resume"
+                    )
+
+        # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
+        final_eval = evaluate(engine, held_out, cfg, arch, dist_env, device)
+        metrics.log(step, "eval", final_eval)
+        final = save_checkpoint()
+        if dist_env.is_main:
+            state = consolidated_state_dict(engine, final, stage_n)
+            info = {
+                "modality": spec.modality,
+                "scheme": spec.scheme,
+                "n_bins": spec.n_bins,
+                "masking": cfg.masking.model_dump(mode="json"),
+                "tokenizer": {k: v for k, v in (store.manifest.get("tokenizer") or {}).items() if k != "dir"},
+                "training": {
+                    "steps": step,
+                    "seed": cfg.train.seed,
+                    "zero_stage": stage_n,
+                    "precision": precision,
+                    "world_size": dist_env.world_size,
+                    "global_batch": train_data.global_batch,
+                    "max_length": max_length,
+                },
+                "data": {"store": str(store.root), "manifest_sha256": manifest_sha},
+                "eval": final_eval,
+                "code": code_version(),
+            }
+            tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
+            tmp.rmdir()
+            save_pretrained(state, arch, tmp, tokenizer_dir=store.root / "tokenizer", info=info)
+            if (out / "model").exists():
+                shutil.rmtree(out / "model")
+            tmp.rename(out / "model")
+            # run.json last: from now on the directory is a finished output.
+            run_tmp = Path(tempfile.mkdtemp(prefix=".run.tmp-", dir=out))
+            write_run_info(
+                run_tmp,
+                stage="pretrain",
+                fingerprint=stage.fingerprint,
+                inputs=inputs,
+                seeds={"train": cfg.train.seed},
+                extra={
+                    "world_size": dist_env.world_size,
+                    "launcher": dist_env.launcher,
+                    "precision": precision,
+                    "deepspeed": ds_config,
+                    "architecture": arch.to_dict(),
+                    "parameters": model.num_parameters(),
+                    "final_eval": final_eval,
+                },
+            )
+            (run_tmp / "run.json").rename(out / "run.json")
+            run_tmp.rmdir()
+            rundir.finish(out)
+            log.info(
+                "pretrain: done — portable checkpoint %s (eval mean loss %.4f)",
+                out / "model",
+                final_eval["mean_loss"],
+            )
+        if dist_env.world_size > 1:
+            dist.barrier()
+    finally:
+        stop.restore()
+        metrics.close()
+    return out

@@ -1,0 +1,173 @@
+"""The encoder without DeepSpeed: embeddings independent of the batch, the MAE path's compute, the
+cells embedders on a real expression matrix, the portable checkpoint round trip, the size presets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from biomask.errors import InputError
+from biomask.masking import Masker, MaskingConfig
+from biomask.models import PRESETS, EncoderConfig, MaskedEncoder, check_tokenizer, load_pretrained, save_pretrained
+from biomask.store import TokenStore
+from biomask.training.data import DataSpec, collate
+from biomask.vocab import MASK_ID
+from tests.cells_store import write_pbmc_store
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: threads only wait for each other
+    yield
+    torch.set_num_threads(before)
+
+
+def masking(**data) -> MaskingConfig:
+    return MaskingConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def splice_records(splice_store):
+    split = TokenStore(splice_store).split("train")
+    return [split[i] for i in range(12)]
+
+
+@pytest.fixture(scope="module", params=["binned", "rank", "panel"])
+def cells_store(request, tmp_path_factory):
+    return write_pbmc_store(tmp_path_factory.mktemp("cells") / request.param, request.param)
+
+
+@pytest.fixture(scope="module")
+def binned_store(tmp_path_factory):
+    return write_pbmc_store(tmp_path_factory.mktemp("cells") / "binned", "binned")
+
+
+def tiny(**kw) -> EncoderConfig:
+    return EncoderConfig(**{"vocab_size": 10, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 80, **kw})
+
+
+def test_embeddings_do_not_depend_on_the_rest_of_the_batch(splice_records):
+    torch.manual_seed(0)
+    model = MaskedEncoder(tiny()).eval()
+    records = [dict(r, tokens=r["tokens"][: 10 + 4 * i]) for i, r in enumerate(splice_records)]  # padding
+    batch = collate(records, modality="dna")
+    for pooling in ("cls", "mean"):
+        for layer in (-1, 0, 1):
+            together = model.embed(batch, pooling=pooling, layer=layer)
+            alone = torch.cat([model.embed(collate([r], modality="dna"), pooling=pooling, layer=layer) for r in records])
+            assert together.shape == (len(records), 32)
+            torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_rejects_bad_arguments(splice_records):
+    model = MaskedEncoder(tiny()).eval()
+    batch = collate(splice_records[:2], modality="dna")
+    with pytest.raises(ValueError, match="pooling"):
+        model.embed(batch, pooling="max")
+    with pytest.raises(ValueError, match="layer"):
+        model.embed(batch, layer=3)
+
+
+def test_mae_encoder_sees_only_the_kept_tokens(splice_records):
+    """MAE: the encoder input shrinks with the ratio (compute falls); masked content never enters it."""
+    torch.manual_seed(0)
+    model = MaskedEncoder(tiny(decoder_layers=1))
+    widths = []
+    model.encoder.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    batch = collate(splice_records, modality="dna")  # all 60 bases: no padding
+    for ratio in (0.25, 0.5, 0.75):
+        masker = Masker(masking(scheme="mae75"), target="tokens", vocab_size=10, seed=0)
+        out = masker.apply(batch, torch.full((len(splice_records),), ratio))
+        assert (out["input_ids"][out["masked"]] == MASK_ID).all()  # MAE: no 80/10/10
+        loss = model(out)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert widths == [62 - round(60 * r) for r in (0.25, 0.5, 0.75)]  # [CLS] [SEP] + kept tokens
+
+
+def test_mae_handles_records_of_different_lengths(splice_records):
+    torch.manual_seed(0)
+    model = MaskedEncoder(tiny(decoder_layers=1))
+    records = [dict(r, tokens=r["tokens"][: 15 + 3 * i]) for i, r in enumerate(splice_records)]
+    batch = collate(records, modality="dna")
+    masker = Masker(masking(scheme="mae75", ratio={"granularity": "sample"}), target="tokens", vocab_size=10, seed=1)
+    out = model(masker(batch, 0))
+    assert torch.isfinite(out["loss"]) and int(out["n_masked"]) > 0
+
+
+def test_cells_models_train_on_a_real_matrix(cells_store):
+    """Each scheme's default target and value embedding; masked values never reach the input."""
+    store = TokenStore(cells_store)
+    spec = DataSpec.from_store(store)
+    split = store.split("train")
+    batch = collate([split[i] for i in range(16)], modality="cells", max_length=200)
+    target = {"binned": "bins", "rank": "tokens", "panel": "values"}[spec.scheme]
+    value_embedding = {"binned": "bins", "rank": "none", "panel": "mlp"}[spec.scheme]
+    cfg = tiny(
+        vocab_size=spec.vocab_size,
+        modality="cells",
+        positions=spec.scheme == "rank",
+        value_embedding=value_embedding,
+        n_bins=spec.n_bins,
+        scheme=spec.scheme,
+        target=target,
+        max_len=200,
+    )
+    torch.manual_seed(0)
+    model = MaskedEncoder(cfg)
+    masker = Masker(masking(scheme="r2mae"), target=target, vocab_size=spec.vocab_size, n_bins=spec.n_bins, seed=0)
+    out = masker(batch, 0)
+    if target == "bins":
+        assert (out["bins"][out["masked"]] != batch["bins"][out["masked"]]).float().mean() > 0.75
+    if target == "values":
+        assert out["value_hidden"].equal(out["masked"])
+        assert not torch.equal(model.embedder(out), model.embedder(batch))
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(out)["loss"]
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first  # it can fit a real batch
+    emb = model.eval().embed(batch)
+    assert emb.shape == (16, 32) and torch.isfinite(emb).all()
+
+
+def test_portable_checkpoint_round_trip_and_tokenizer_checks(tmp_path, splice_store, genome_store, binned_store):
+    torch.manual_seed(0)
+    model = MaskedEncoder(tiny()).eval()
+    out = save_pretrained(
+        model.state_dict(), model.config, tmp_path / "model", tokenizer_dir=splice_store / "tokenizer", info={}
+    )
+    loaded = load_pretrained(out)
+    batch = collate([TokenStore(splice_store).split("val")[i] for i in range(4)], modality="dna")
+    assert torch.equal(loaded.embed(batch), model.embed(batch))
+    assert not loaded.training
+    check_tokenizer(loaded, genome_store)  # both char tokenizers: the same vocabulary
+    with pytest.raises(InputError, match="different tokenizer"):
+        check_tokenizer(out, binned_store)
+    # a tokenizer swapped inside the checkpoint is refused
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shutil.copy(binned_store / "tokenizer" / "tokenizer.json", broken / "tokenizer" / "tokenizer.json")
+    with pytest.raises(InputError, match="does not match the tokenizer"):
+        load_pretrained(broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="corrupt"):
+        load_pretrained(broken)
+    with pytest.raises(InputError, match="does not exist"):
+        load_pretrained(tmp_path / "nowhere")
+    assert json.loads((out / "config.json").read_text())["architecture"]["d_model"] == 32
+
+
+@pytest.mark.parametrize(("preset", "millions"), [("tiny", 0.17), ("small", 3.5), ("base", 86), ("large", 304), ("1b", 1014)])
+def test_size_presets(preset, millions):
+    with torch.device("meta"):
+        model = MaskedEncoder(EncoderConfig(vocab_size=10, **PRESETS[preset]))
+    assert model.num_parameters() / 1e6 == pytest.approx(millions, rel=0.02)

@@ -1,0 +1,289 @@
+"""`biomask pretrain` with the real DeepSpeed engine on CPU (gloo), on real prepared DNA (C. elegans
+chrX) and a real expression matrix: every ZeRO stage learns, two processes under torchrun, resume
+after SIGKILL ends with bit-identical weights, SIGUSR1 checkpoints and exits 75, the portable
+checkpoint reproduces the engine's numbers without DeepSpeed, and bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from biomask.config import load_config
+from biomask.models import load_pretrained
+from biomask.store import TokenStore
+from biomask.training.config import PretrainConfig
+from biomask.training.data import DataSpec, eval_batches
+from biomask.training.distributed import RANK_VARS
+from biomask.training.trainer import evaluate
+from tests.cells_store import write_pbmc_store
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "pretrain" / "dna-tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads waiting for descheduled
+    siblings slow tiny models down by orders of magnitude (torchrun sets the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def overrides(store: Path, output: Path, **extra) -> list[str]:
+    """A tiny, quick run: 128-base crops of the 512-base windows, small batches, few steps."""
+    keys = {
+        "data.store": store,
+        "output": output,
+        "data.max_length": 130,
+        "model.max_len": 130,
+        "model.d_model": 32,
+        "model.d_ff": 64,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "train.steps": 24,
+        "train.micro_batch_size": 8,
+        "train.log_every": 4,
+        "train.eval_batches": 2,
+        "train.eval_ratios": "[0.15,0.5]",
+        "train.checkpoint_every": 8,
+        "train.progress": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def config(store: Path, output: Path, **extra) -> PretrainConfig:
+    return load_config(PretrainConfig, CONFIG, overrides(store, output, **extra))
+
+
+def train_losses(output: Path) -> list[float]:
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child run: without the rank variables an in-process run left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def biomask_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "biomask", *args]
+
+
+def reloaded_eval_matches(output: Path, store: Path, cfg: PretrainConfig) -> None:
+    """The portable checkpoint, without DeepSpeed, reproduces the engine's final held-out losses."""
+    from biomask.training.distributed import DistEnv
+
+    model = load_pretrained(output / "model")
+    info = json.loads((output / "model" / "config.json").read_text())
+    token_store = TokenStore(store)
+    batches = eval_batches(
+        token_store.split("val"),
+        DataSpec.from_store(token_store),
+        max_length=cfg.data.max_length,
+        batch_size=cfg.train.micro_batch_size,
+        n_batches=cfg.train.eval_batches,
+        world_size=1,
+        rank=0,
+    )
+    again = evaluate(model, batches, cfg, model.config, DistEnv(0, 1, 0, "", 0, "plain"), torch.device("cpu"))
+    for ratio, loss in info["eval"]["loss"].items():
+        assert again["loss"][ratio] == pytest.approx(loss, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_learns_and_exports(stage, genome_store, tmp_path):
+    from biomask.training.trainer import pretrain
+
+    extra = {"deepspeed.stage": stage}
+    if stage == 3:  # partition even the tiny test parameters
+        extra["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold"] = 0
+    cfg = config(genome_store, tmp_path / "run", **extra)
+    out = pretrain(cfg)
+    losses = train_losses(out)
+    assert losses[-1] < losses[0] - 0.4, losses  # from ~ln(10) toward the base composition
+    run = json.loads((out / "run.json").read_text())
+    assert run["deepspeed"]["zero_optimization"]["stage"] == stage
+    assert run["inputs"][0]["sha256"]  # the store's manifest checksum
+    assert not (out / "in_progress.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000016", "step00000024"]
+    reloaded_eval_matches(out, genome_store, cfg)
+
+
+def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli):
+    args = ["pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "run", **{"train.steps": 4})]
+    code, out, _ = cli(*args)
+    assert code == 0
+    before = (tmp_path / "run" / "run.json").read_text()
+    code, out, err = cli(*args, "train.log_every=1")  # a non-semantic key: still the same result
+    assert code == 0 and "reusing" in err
+    assert (tmp_path / "run" / "run.json").read_text() == before
+    code, _, err = cli(*args, "optim.lr=0.01")
+    assert code == 2 and "optim.lr" in err and "--overwrite" in err
+
+
+def test_two_processes_under_torchrun(genome_store, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    from biomask.training.distributed import free_port
+
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "biomask"]
+    cmd += ["pretrain", "-c", str(CONFIG)]
+    cmd += overrides(genome_store, out, **{"train.steps": 6, "deepspeed.stage": 2})
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["launcher"] == "torchrun"
+    model = json.loads((out / "model" / "config.json").read_text())
+    assert model["training"]["global_batch"] == 16
+    assert len(train_losses(out)) == 2
+    load_pretrained(out / "model")
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path):
+    extra = {"train.steps": 30, "train.checkpoint_every": 5, "model.dropout": 0.1, "masking.positions.kind": "span"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    env = subprocess_env()
+    first = subprocess.run(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, straight, **extra)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, resumed, **extra))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (resumed / "checkpoints" / "step00000010").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (resumed / "run.json").exists() and (resumed / "in_progress.json").exists()
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bit-identical
+    # the metrics read as one run: every step logged once
+    lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if x["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps)) == list(range(4, 29, 4)) + [30]
+    assert train_losses(straight) == pytest.approx(train_losses(resumed), rel=1e-12)
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, cli):
+    out = tmp_path / "run"
+    args = overrides(genome_store, out, **{"train.steps": 150, "train.checkpoint_every": 1000})
+    proc = subprocess.Popen(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *args),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "requeued" in err
+    (ckpt,) = list((out / "checkpoints").glob("step*"))
+    step = int(ckpt.name[4:])
+    assert 4 <= step < 150
+    assert not (out / "run.json").exists()
+
+    # an incompatible config cannot resume it ...
+    code, _, err = cli("pretrain", "-c", CONFIG, *args, "masking.scheme=bert15")
+    assert code == 2 and "interrupted run" in err and "masking.ratio.kind" in err
+    # ... the same one does, in-process and to the end
+    code, _, err = cli("pretrain", "-c", CONFIG, *args[:-2], "train.steps=150", f"train.checkpoint_every={step + 2}")
+    assert code == 0, err
+    assert (out / "run.json").exists()
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["training"]["steps"] == 150
+
+
+def test_bad_inputs_exit_2_and_write_nothing(genome_store, tmp_path, cli):
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(tmp_path / "missing", tmp_path / "a"))
+    assert code == 2 and "does not exist" in err and not (tmp_path / "a").exists()
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(genome_store, corrupt)
+    shard = next((corrupt / "train").glob("*.tokens.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # same size, different content
+    shard.write_bytes(bytes(data))
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(corrupt, tmp_path / "b"))
+    assert code == 2 and "corrupted" in err and str(shard) in err and not (tmp_path / "b").exists()
+
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "c"), "masking.ratio.kind=gaussian")
+    assert code == 2 and "masking.ratio.kind" in err
+
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "d"), "masking.target=values")
+    assert code == 2 and "cells" in err
+
+
+def test_cells_store_pretrains_and_tokenizer_mismatch_is_refused(genome_store, tmp_path, cli):
+    """Binned cells (a real matrix written per the contract): bins target, order-free genes."""
+    cells = write_pbmc_store(tmp_path / "pbmc", "binned")
+    cfg = REPO / "configs" / "pretrain" / "cells-tiny.yaml"
+    args = [f"data.store={cells}", f"output={tmp_path / 'cells'}", "data.max_length=129", "train.steps=12"]
+    args += ["train.micro_batch_size=8", "train.eval_batches=2", "train.progress=false", "train.log_every=3"]
+    code, _, err = cli("pretrain", "-c", cfg, *args)
+    assert code == 0, err
+    losses = train_losses(tmp_path / "cells")
+    assert losses[-1] < losses[0]
+    model = load_pretrained(tmp_path / "cells" / "model")
+    assert model.config.target == "bins" and model.config.positions is False
+
+    # continuing from the cells checkpoint on a DNA store: a tokenizer mismatch, exit 2
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "x"), f"model.init_from={tmp_path / 'cells' / 'model'}"
+    )
+    assert code == 2 and "tokenizer" in err and not (tmp_path / "x").exists()
+
+
+def test_slurm_variables_map_to_the_rank_environment():
+    from biomask.training.distributed import expand_nodelist, resolve_env
+
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456"}
+    env["SLURM_JOB_NODELIST"] = "gpu[07-08,10],login1"
+    d = resolve_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (5, 8, 1, "slurm")
+    assert d.master_port == 15000 + 123456 % 20000
+    assert expand_nodelist("gpu[07-08,10],login1") == ["gpu07", "gpu08", "gpu10", "login1"]
+    assert d.master_addr == "gpu07" or os.environ.get("PATH", "").count("slurm")
+    plain = resolve_env({})
+    assert (plain.rank, plain.world_size, plain.launcher) == (0, 1, "plain")
+    ds = resolve_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}, local_rank_arg=1)
+    assert (ds.local_rank, ds.launcher) == (1, "deepspeed")
+    assert np.all([v in plain.variables() for v in RANK_VARS])
