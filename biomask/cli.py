@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"biomask {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher inserts --local_rank=N right after the program name.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -185,8 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
         "masked pretraining with DeepSpeed ZeRO (resumes automatically; exit 75 = checkpointed on a signal)",
     )
     _add_stage_arguments(p)
-    # The deepspeed launcher appends --local_rank=N to the command line.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
         dest="store_command", metavar="ACTION", required=True

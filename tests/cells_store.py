@@ -88,7 +88,12 @@ def write_pbmc_store(root: Path, scheme: str = "binned", n_bins: int = 51, seed:
         kind="expression",
         scheme=scheme,
         n_bins=n_bins if scheme == "binned" else None,
-        tokenizer={"kind": "genes", "vocab_size": len(genes) + NUM_SPECIAL, "dir": "tokenizer", "sha256": sha256_file(tok_json)},
+        tokenizer={
+            "kind": "genes",
+            "vocab_size": len(genes) + NUM_SPECIAL,
+            "dir": "tokenizer",
+            "sha256": sha256_file(tok_json),
+        },
         label_names=label_names,
         gene_id_column=None,
         source="scanpy.datasets.pbmc68k_reduced (raw.X, log1p-normalised)",

@@ -153,7 +153,9 @@ def test_mlm_corruption_80_10_10_and_targets(dna_batch):
 
 
 def test_realised_ratio_tracks_the_drawn_ratio(dna_batch):
-    masker = Masker(masking(scheme="r2mae", ratio={"low": 0.2, "high": 0.6}), target="tokens", vocab_size=10, seed=0)
+    masker = Masker(
+        masking(scheme="r2mae", ratio={"low": 0.2, "high": 0.6}), target="tokens", vocab_size=10, seed=0
+    )
     for step in range(20):
         out = masker(dna_batch, step)
         assert out["realised_ratio"] == pytest.approx(float(out["ratio"][0]), abs=0.02)

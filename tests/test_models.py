@@ -11,7 +11,14 @@ import torch
 
 from biomask.errors import InputError
 from biomask.masking import Masker, MaskingConfig
-from biomask.models import PRESETS, EncoderConfig, MaskedEncoder, check_tokenizer, load_pretrained, save_pretrained
+from biomask.models import (
+    PRESETS,
+    EncoderConfig,
+    MaskedEncoder,
+    check_tokenizer,
+    load_pretrained,
+    save_pretrained,
+)
 from biomask.store import TokenStore
 from biomask.training.data import DataSpec, collate
 from biomask.vocab import MASK_ID
@@ -47,7 +54,9 @@ def binned_store(tmp_path_factory):
 
 
 def tiny(**kw) -> EncoderConfig:
-    return EncoderConfig(**{"vocab_size": 10, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 80, **kw})
+    return EncoderConfig(
+        **{"vocab_size": 10, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_len": 80, **kw}
+    )
 
 
 def test_embeddings_do_not_depend_on_the_rest_of_the_batch(splice_records):
@@ -58,7 +67,9 @@ def test_embeddings_do_not_depend_on_the_rest_of_the_batch(splice_records):
     for pooling in ("cls", "mean"):
         for layer in (-1, 0, 1):
             together = model.embed(batch, pooling=pooling, layer=layer)
-            alone = torch.cat([model.embed(collate([r], modality="dna"), pooling=pooling, layer=layer) for r in records])
+            alone = torch.cat(
+                [model.embed(collate([r], modality="dna"), pooling=pooling, layer=layer) for r in records]
+            )
             assert together.shape == (len(records), 32)
             torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
@@ -94,7 +105,9 @@ def test_mae_handles_records_of_different_lengths(splice_records):
     model = MaskedEncoder(tiny(decoder_layers=1))
     records = [dict(r, tokens=r["tokens"][: 15 + 3 * i]) for i, r in enumerate(splice_records)]
     batch = collate(records, modality="dna")
-    masker = Masker(masking(scheme="mae75", ratio={"granularity": "sample"}), target="tokens", vocab_size=10, seed=1)
+    masker = Masker(
+        masking(scheme="mae75", ratio={"granularity": "sample"}), target="tokens", vocab_size=10, seed=1
+    )
     out = model(masker(batch, 0))
     assert torch.isfinite(out["loss"]) and int(out["n_masked"]) > 0
 
@@ -119,7 +132,9 @@ def test_cells_models_train_on_a_real_matrix(cells_store):
     )
     torch.manual_seed(0)
     model = MaskedEncoder(cfg)
-    masker = Masker(masking(scheme="r2mae"), target=target, vocab_size=spec.vocab_size, n_bins=spec.n_bins, seed=0)
+    masker = Masker(
+        masking(scheme="r2mae"), target=target, vocab_size=spec.vocab_size, n_bins=spec.n_bins, seed=0
+    )
     out = masker(batch, 0)
     if target == "bins":
         assert (out["bins"][out["masked"]] != batch["bins"][out["masked"]]).float().mean() > 0.75
@@ -139,11 +154,17 @@ def test_cells_models_train_on_a_real_matrix(cells_store):
     assert emb.shape == (16, 32) and torch.isfinite(emb).all()
 
 
-def test_portable_checkpoint_round_trip_and_tokenizer_checks(tmp_path, splice_store, genome_store, binned_store):
+def test_portable_checkpoint_round_trip_and_tokenizer_checks(
+    tmp_path, splice_store, genome_store, binned_store
+):
     torch.manual_seed(0)
     model = MaskedEncoder(tiny()).eval()
     out = save_pretrained(
-        model.state_dict(), model.config, tmp_path / "model", tokenizer_dir=splice_store / "tokenizer", info={}
+        model.state_dict(),
+        model.config,
+        tmp_path / "model",
+        tokenizer_dir=splice_store / "tokenizer",
+        info={},
     )
     loaded = load_pretrained(out)
     batch = collate([TokenStore(splice_store).split("val")[i] for i in range(4)], modality="dna")
@@ -166,7 +187,9 @@ def test_portable_checkpoint_round_trip_and_tokenizer_checks(tmp_path, splice_st
     assert json.loads((out / "config.json").read_text())["architecture"]["d_model"] == 32
 
 
-@pytest.mark.parametrize(("preset", "millions"), [("tiny", 0.17), ("small", 3.5), ("base", 86), ("large", 304), ("1b", 1014)])
+@pytest.mark.parametrize(
+    ("preset", "millions"), [("tiny", 0.17), ("small", 3.5), ("base", 86), ("large", 304), ("1b", 1014)]
+)
 def test_size_presets(preset, millions):
     with torch.device("meta"):
         model = MaskedEncoder(EncoderConfig(vocab_size=10, **PRESETS[preset]))

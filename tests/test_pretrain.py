@@ -103,7 +103,7 @@ def reloaded_eval_matches(output: Path, store: Path, cfg: PretrainConfig) -> Non
     )
     again = evaluate(model, batches, cfg, model.config, DistEnv(0, 1, 0, "", 0, "plain"), torch.device("cpu"))
     for ratio, loss in info["eval"]["loss"].items():
-        assert again["loss"][ratio] == pytest.approx(loss, rel=1e-6, abs=1e-6)
+        assert again["loss"][ratio] == loss  # bit-identical: same fp32 weights, same kernels
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -127,10 +127,10 @@ def test_every_zero_stage_learns_and_exports(stage, genome_store, tmp_path):
 
 def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli):
     args = ["pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "run", **{"train.steps": 4})]
-    code, out, _ = cli(*args)
+    code, _, _ = cli(*args)
     assert code == 0
     before = (tmp_path / "run" / "run.json").read_text()
-    code, out, err = cli(*args, "train.log_every=1")  # a non-semantic key: still the same result
+    code, _, err = cli(*args, "train.log_every=1")  # a non-semantic key: still the same result
     assert code == 0 and "reusing" in err
     assert (tmp_path / "run" / "run.json").read_text() == before
     code, _, err = cli(*args, "optim.lr=0.01")
@@ -155,6 +155,60 @@ def test_two_processes_under_torchrun(genome_store, tmp_path):
     load_pretrained(out / "model")
 
 
+def test_deepspeed_launcher_and_zero3_with_activation_checkpointing(genome_store, tmp_path):
+    from biomask.training.distributed import free_port
+
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    script = Path(sys.executable).parent / "biomask"  # the console script, as the README shows
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(script)]
+    cmd += [
+        "pretrain",
+        "-c",
+        str(CONFIG),
+        *overrides(genome_store, out, **{"train.steps": 4, "deepspeed.stage": 3}),
+    ]
+    cmd += ["model.activation_checkpointing=true"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["launcher"], run["deepspeed"]["zero_optimization"]["stage"]) == (
+        2,
+        "deepspeed",
+        3,
+    )
+    assert run["parameters"] > 20_000  # counted before ZeRO-3 partitioned them
+    load_pretrained(out / "model")
+
+
+def test_srun_style_launch_maps_slurm_variables(genome_store, tmp_path):
+    """Two tasks started the way srun starts them: only SLURM_* variables (and a port) set."""
+    from biomask.training.distributed import free_port
+
+    out = tmp_path / "run"
+    cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, out, **{"train.steps": 4}))
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = subprocess_env()
+        env.update(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_ID="4242",
+            SLURM_JOB_NODELIST="localhost",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["launcher"]) == (2, "slurm")
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -167,7 +221,12 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None
 
 
 def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path):
-    extra = {"train.steps": 30, "train.checkpoint_every": 5, "model.dropout": 0.1, "masking.positions.kind": "span"}
+    extra = {
+        "train.steps": 30,
+        "train.checkpoint_every": 5,
+        "model.dropout": 0.1,
+        "masking.positions.kind": "span",
+    }
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     env = subprocess_env()
     first = subprocess.run(
@@ -190,14 +249,17 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(straight / "model" / "model.safetensors")),
+        load_file(str(resumed / "model" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name  # bit-identical
     # the metrics read as one run: every step logged once
     lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x["step"] for x in lines if x["kind"] == "train"]
-    assert train_steps == sorted(set(train_steps)) == list(range(4, 29, 4)) + [30]
+    assert train_steps == sorted(set(train_steps)) == [*range(4, 29, 4), 30]
     assert train_losses(straight) == pytest.approx(train_losses(resumed), rel=1e-12)
 
 
@@ -225,7 +287,9 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, c
     code, _, err = cli("pretrain", "-c", CONFIG, *args, "masking.scheme=bert15")
     assert code == 2 and "interrupted run" in err and "masking.ratio.kind" in err
     # ... the same one does, in-process and to the end
-    code, _, err = cli("pretrain", "-c", CONFIG, *args[:-2], "train.steps=150", f"train.checkpoint_every={step + 2}")
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *args[:-2], "train.steps=150", f"train.checkpoint_every={step + 2}"
+    )
     assert code == 0, err
     assert (out / "run.json").exists()
     meta = json.loads((out / "model" / "config.json").read_text())
@@ -245,10 +309,14 @@ def test_bad_inputs_exit_2_and_write_nothing(genome_store, tmp_path, cli):
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(corrupt, tmp_path / "b"))
     assert code == 2 and "corrupted" in err and str(shard) in err and not (tmp_path / "b").exists()
 
-    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "c"), "masking.ratio.kind=gaussian")
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "c"), "masking.ratio.kind=gaussian"
+    )
     assert code == 2 and "masking.ratio.kind" in err
 
-    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "d"), "masking.target=values")
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "d"), "masking.target=values"
+    )
     assert code == 2 and "cells" in err
 
 
@@ -267,7 +335,11 @@ def test_cells_store_pretrains_and_tokenizer_mismatch_is_refused(genome_store, t
 
     # continuing from the cells checkpoint on a DNA store: a tokenizer mismatch, exit 2
     code, _, err = cli(
-        "pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "x"), f"model.init_from={tmp_path / 'cells' / 'model'}"
+        "pretrain",
+        "-c",
+        CONFIG,
+        *overrides(genome_store, tmp_path / "x"),
+        f"model.init_from={tmp_path / 'cells' / 'model'}",
     )
     assert code == 2 and "tokenizer" in err and not (tmp_path / "x").exists()
 
@@ -284,6 +356,8 @@ def test_slurm_variables_map_to_the_rank_environment():
     assert d.master_addr == "gpu07" or os.environ.get("PATH", "").count("slurm")
     plain = resolve_env({})
     assert (plain.rank, plain.world_size, plain.launcher) == (0, 1, "plain")
-    ds = resolve_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}, local_rank_arg=1)
+    ds = resolve_env(
+        {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}, local_rank_arg=1
+    )
     assert (ds.local_rank, ds.launcher) == (1, "deepspeed")
     assert np.all([v in plain.variables() for v in RANK_VARS])

@@ -114,8 +114,8 @@ class MaskedEncoder(nn.Module):
             h = self._mae(x, attention_mask, masked)
         pred = self.head(h[masked])  # only masked positions reach the head: (n_masked, n_out)
         if self.config.target == "values":
-            target = batch["target_values"][masked].to(pred.dtype)
-            loss = F.mse_loss(pred.squeeze(-1), target)
+            target = batch["target_values"][masked].float()
+            loss = F.mse_loss(pred.squeeze(-1).float(), target)
             n_correct = torch.zeros((), dtype=torch.long, device=pred.device)
         else:
             target = batch["target_ids"][masked]

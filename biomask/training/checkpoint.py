@@ -81,9 +81,11 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
         atomic_write_text(
             tmp / "meta.json", json.dumps({**meta, "step": step, "files": files}, indent=2) + "\n"
         )
-        if final.exists():  # a re-save of the same step (e.g. the end after a periodic one)
-            shutil.rmtree(final)
+        old = root / f".old-{tag}"
+        if final.exists():  # a re-save of the same step (a run resumed at its last step): swap
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -131,7 +133,7 @@ def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; remove older ones and leftovers of killed saves."""
-    for leftover in root.glob(".tmp-step*"):
+    for leftover in [*root.glob(".tmp-step*"), *root.glob(".old-step*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     for old in valid_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

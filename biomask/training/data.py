@@ -206,6 +206,7 @@ def eval_batches(
     n_batches: int,
     world_size: int,
     rank: int,
+    where: str = "the evaluation split",
 ) -> list[dict[str, torch.Tensor]]:
     """A fixed held-out set: the split's first records (first tokens of each), sharded over ranks.
 
@@ -214,7 +215,10 @@ def eval_batches(
     if rounds == 0:  # a small split: one round of smaller batches
         batch_size, rounds = len(split) // world_size, 1
     if batch_size == 0:
-        raise InputError(f"the evaluation split has {len(split)} records, fewer than the {world_size} ranks")
+        raise InputError(
+            f"{where} has {len(split)} records, fewer than the {world_size} process(es); "
+            "choose another data.eval_split (e.g. test) or prepare the store with a validation split"
+        )
     batches = []
     for b in range(rounds):
         start = (b * world_size + rank) * batch_size

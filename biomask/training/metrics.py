@@ -26,7 +26,7 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        self._truncate(start_step)
+        self._truncate(start_step, total_steps)
         self.file = self.path.open("a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -38,13 +38,15 @@ class MetricsLogger:
                 total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True
             )
 
-    def _truncate(self, step: int) -> None:
+    def _truncate(self, step: int, total_steps: int) -> None:
         if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                record = json.loads(line)
+                final_eval = record.get("kind") == "eval" and record.get("step", 0) >= total_steps
+                if record.get("step", 0) <= step and not final_eval:  # the final eval is redone
                     kept.append(line)
             except ValueError:
                 continue  # a line cut short by a kill

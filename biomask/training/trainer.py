@@ -32,7 +32,7 @@ import torch.distributed as dist
 from biomask.config import dump_config
 from biomask.errors import BiomaskError, InputError
 from biomask.masking import Masker, MaskingConfig
-from biomask.models import EncoderConfig, MaskedEncoder, read_checkpoint_config, save_pretrained
+from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained, save_pretrained
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
 from biomask.store import TokenStore
@@ -109,25 +109,26 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec) -> EncoderConfig:
 
 def init_checkpoint(
     cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
-) -> tuple[EncoderConfig, dict[str, Any]]:
-    """`model.init_from`: the checkpoint's architecture (same tokenizer as the store, or exit 2)."""
+) -> tuple[EncoderConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """`model.init_from`: the checkpoint's architecture and weights (its tokenizer must be the store's)."""
     path = Path(str(cfg.model.init_from))
-    info = read_checkpoint_config(path)
+    pretrained = load_pretrained(path)  # a missing or corrupt checkpoint: InputError
+    info = pretrained.checkpoint_info
     theirs = info.get("tokenizer", {}).get("sha256")
     if theirs != spec.tokenizer_sha256:
         raise InputError(
             f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
             f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
         )
-    base = EncoderConfig.from_dict(info["architecture"])
     arch = dataclasses.replace(
-        base,
+        pretrained.config,
         dropout=arch.dropout,
         activation_checkpointing=arch.activation_checkpointing,
         decoder_layers=arch.decoder_layers,
         target=arch.target,
     )
-    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}
+    weights = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("decoder.")}
+    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
 
 
 # ------------------------------------------------------------------------------------------- 3. engine
@@ -317,7 +318,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         logging.getLogger("biomask").setLevel(logging.WARNING)
     out = Path(cfg.output)
 
-    # 1. Inputs: the token store (verified against its manifest) and the model it implies.
+    # 1. Inputs: the token store (verified against its manifest), the model it implies, the data
+    #    order and the DeepSpeed config — every input error surfaces before anything is written.
     store = open_store(cfg.data.store, verify=cfg.data.verify and dist_env.is_main)
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec)
@@ -325,71 +327,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     manifest_sha = sha256_file(store.root / "manifest.json")
     inputs = [{"name": "token-store", "path": str(store.root), "sha256": manifest_sha}]
     if cfg.model.init_from:
-        arch, init_input = init_checkpoint(cfg, spec, arch)
+        arch, init_input, init_weights = init_checkpoint(cfg, spec, arch)
         inputs.append(init_input)
     max_length = cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
-
-    # 2. The output directory: fresh, resume, or already done.
-    _quiet_libraries()
-    init_process_group(dist_env)
-    decision = _decide(cfg, stage, dist_env, overwrite)
-    if decision == "done":
-        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
-        return out
-    device = torch.device("cuda", dist_env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    precision = (
-        cfg.train.precision
-        if cfg.train.precision != "auto"
-        else ("bf16" if device.type == "cuda" else "fp32")
-    )
-
-    # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
-    import deepspeed
-
-    torch.manual_seed(cfg.train.seed)
-    model = MaskedEncoder(arch)
-    if cfg.model.init_from:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(Path(cfg.model.init_from) / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if [k for k in missing + unexpected if not k.startswith("decoder.")]:
-            raise InputError(
-                f"model.init_from: weights do not fit the architecture ({missing[:3]} {unexpected[:3]})"
-            )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        functools.partial(
-            warmup_cosine,
-            warmup=cfg.optim.warmup_steps,
-            total=cfg.train.steps,
-            min_ratio=cfg.optim.min_lr_ratio,
-        ),
-    )
-    ds_config = build_ds_config(cfg, precision=precision)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-    )
-    stage_n = zero_stage(ds_config)
-    log.info(
-        "pretrain: %s encoder, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
-        cfg.model.preset,
-        model.num_parameters() / 1e6,
-        stage_n,
-        precision,
-        dist_env.world_size,
-        dist_env.launcher,
-        cfg.masking.scheme,
-    )
-
-    # 4. Data in a seeded, rank-sharded order indexed by step; masking on the training device.
+    # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
     train_data = TrainingData(
         train_split,
         spec,
@@ -410,7 +352,63 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         n_batches=cfg.train.eval_batches,
         world_size=dist_env.world_size,
         rank=dist_env.rank,
+        where=f"{store.root}: split {cfg.data.eval_split!r} (data.eval_split)",
     )
+    device = torch.device("cuda", dist_env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    precision = (
+        cfg.train.precision
+        if cfg.train.precision != "auto"
+        else ("bf16" if device.type == "cuda" else "fp32")
+    )
+    ds_config = build_ds_config(cfg, precision=precision)  # config errors before anything is written
+
+    # 2. The output directory: fresh, resume, or already done.
+    _quiet_libraries()
+    init_process_group(dist_env)
+    decision = _decide(cfg, stage, dist_env, overwrite)
+    if decision == "done":
+        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+        return out
+
+    # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = MaskedEncoder(arch)
+    if cfg.model.init_from:  # a decoder is new when MAE training starts from an MLM checkpoint
+        model.load_state_dict(init_weights, strict=arch.decoder_layers == 0)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(
+            warmup_cosine,
+            warmup=cfg.optim.warmup_steps,
+            total=cfg.train.steps,
+            min_ratio=cfg.optim.min_lr_ratio,
+        ),
+    )
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters away
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    stage_n = zero_stage(ds_config)
+    log.info(
+        "pretrain: %s encoder, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
+        cfg.model.preset,
+        n_params / 1e6,
+        stage_n,
+        precision,
+        dist_env.world_size,
+        dist_env.launcher,
+        cfg.masking.scheme,
+    )
+
+    # 4. Masking on the training device (its generators are checkpointed).
     masker = Masker(
         cfg.masking,
         target=arch.target,
@@ -557,7 +555,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "precision": precision,
                     "deepspeed": ds_config,
                     "architecture": arch.to_dict(),
-                    "parameters": model.num_parameters(),
+                    "parameters": n_params,
                     "final_eval": final_eval,
                 },
             )
