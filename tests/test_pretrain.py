@@ -361,3 +361,21 @@ def test_slurm_variables_map_to_the_rank_environment():
     )
     assert (ds.local_rank, ds.launcher) == (1, "deepspeed")
     assert np.all([v in plain.variables() for v in RANK_VARS])
+
+
+def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
+    """A save cut short (.tmp-), or a checkpoint whose file was truncated, is never resumed from."""
+    from biomask.training import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        d = root / checkpoint.tag_of(step)
+        d.mkdir(parents=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+        (d / "meta.json").write_text(json.dumps({"step": step, "files": {"mp_rank_00_model_states.pt": 100}}))
+    (root / ".tmp-step00000040").mkdir()  # killed while saving
+    assert checkpoint.latest(root).name == "step00000030"
+    (root / "step00000030" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 50)  # truncated
+    assert checkpoint.latest(root).name == "step00000020"
+    checkpoint.prune(root, keep=1)  # keeps the newest valid one; never deletes an invalid one (evidence)
+    assert sorted(p.name for p in root.iterdir()) == ["step00000020", "step00000030"]
