@@ -114,6 +114,17 @@ def cmd_store_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_theory(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.theory import TheoryConfig, run_theory
+
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    cfg = load_config(TheoryConfig, args.config, overrides)
+    path = run_theory(cfg, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
 def cmd_main(args: argparse.Namespace) -> int:
     from biomask.main_job import run_main_job
 
@@ -167,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stores", nargs="+", metavar="STORE")
     p = command(store, "info", cmd_store_info, "summarise a token store")
     p.add_argument("store", metavar="STORE")
+
+    p = command(
+        sub,
+        "theory",
+        cmd_theory,
+        "linear-model simulation of mask pretraining: risk against mask ratio, R²MAE vs best fixed ratio",
+    )
+    p.add_argument(
+        "-c", "--config", help="YAML config (default: the built-in defaults, see configs/theory.yaml)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. repetitions=50"
+    )
+    p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
 
     p = command(sub, "main", cmd_main, "the main job: the built-in study on real data (see README)")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
