@@ -80,6 +80,16 @@ def cmd_prep_dna(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.evaluation.evaluate import evaluate
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    print(evaluate(cfg, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -160,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         command(prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store")
     )
 
+    _add_stage_arguments(
+        command(
+            sub,
+            "evaluate",
+            cmd_evaluate,
+            "downstream classification: baselines and pretrained models over seeds",
+        )
+    )
+
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
         dest="store_command", metavar="ACTION", required=True
     )
@@ -185,7 +204,13 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow flags (`--overwrite tokenizer.k=4`), which argparse cannot interleave
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet, args.verbose)
     try:
         return int(args.func(args) or 0)
