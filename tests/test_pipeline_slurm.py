@@ -19,7 +19,7 @@ from biomask.cli import main
 from biomask.pipelines.plan import load_plan
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.pipelines.schema import SlurmSpec
-from biomask.pipelines.slurm import job_states, wait
+from biomask.pipelines.slurm import job_states, sacct_states, wait
 from biomask.provenance import read_run_info
 from biomask.store import TokenStore
 from tests.conftest import DNA_PIPELINE, REPO, leftovers
@@ -106,6 +106,11 @@ def test_status_shows_each_stage_job(submitted, cli):
     ]
     code, out, _ = cli("pipeline", "status", run_dir)
     assert code == 0 and "prep_genome" in out and "COMPLETED" in out
+    # once slurmctld forgets a job (MinJobAge), sacct answers; without accounting storage, from the jobcomp file
+    genome_id = rows[0]["job_id"]
+    assert [(s.job_id, s.state, s.exit_code) for s in sacct_states("prep_genome", genome_id)] == [
+        (genome_id, "COMPLETED", "0:0")
+    ]
 
 
 def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):

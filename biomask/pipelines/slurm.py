@@ -204,7 +204,7 @@ def job_states(run_dir: Path) -> list[JobState]:
     record = read_jobs(run_dir)
     rows: list[JobState] = []
     for stage, job in record["stages"].items():
-        found = _scontrol(stage, job["job_id"]) or _sacct(stage, job["job_id"])
+        found = _scontrol(stage, job["job_id"]) or sacct_states(stage, job["job_id"])
         if not found:
             found = [_from_output(stage, job, task) for task in job["tasks"]]
         rows += sorted(found, key=lambda r: int(r.task) if r.task.isdigit() else -1)
@@ -242,7 +242,7 @@ def _scontrol(stage: str, job_id: str) -> list[JobState]:
     return rows
 
 
-def _sacct(stage: str, job_id: str) -> list[JobState]:
+def sacct_states(stage: str, job_id: str) -> list[JobState]:
     """From accounting storage, or else the jobcomp file (`sacct -c`, one line per run of the job)."""
     if not shutil.which("sacct"):
         return []
