@@ -11,8 +11,9 @@ import yaml
 
 from biomask.config import apply_overrides
 from biomask.errors import ConfigError
-from biomask.pipelines.plan import command_line_value, load_plan
+from biomask.pipelines.plan import build_plan, command_line_value, load_plan
 from biomask.pipelines.sbatch import render
+from biomask.pipelines.schema import SlurmSpec
 from biomask.pipelines.slurm import job_script
 from biomask.pipelines.templates import render_templates
 from tests.conftest import REPO
@@ -210,8 +211,34 @@ def test_training_scripts_checkpoint_and_requeue():
     text = render_templates()["pretrain.sbatch"]
     assert "#SBATCH --signal=B:USR1@600\n#SBATCH --requeue\n" in text
     assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --ntasks-per-node=4\n" in text
-    assert "srun --nodes=1 --ntasks-per-node=4" in text
+    assert "srun --nodes=1 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1" in text
     assert "trap on_usr1 USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+
+
+@pytest.mark.parametrize(
+    ("limit", "seconds"),
+    [
+        ("30", 1800),
+        ("1:30", 90),
+        ("01:00:00", 3600),
+        ("2-0", 172800),
+        ("1-02:03", 93780),
+        ("1-00:00:01", 86401),
+    ],
+)
+def test_slurm_time_limits_in_seconds(limit, seconds):
+    assert SlurmSpec(time=limit).time_seconds == seconds
+
+
+def test_training_signal_must_come_before_the_time_limit(tmp_path):
+    stage = {"command": "pretrain", "config": "configs/pretrain/dna.yaml", "slurm": {"time": "00:05:00"}}
+    with pytest.raises(ConfigError, match=r"signal_margin \(300 s\) must be shorter than the time limit"):
+        build_plan({"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path)
+    stage["slurm"]["signal_margin"] = 120
+    plan = build_plan(
+        {"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path
+    )
+    assert "#SBATCH --signal=B:USR1@120\n" in render(job_script(plan, plan.stages["train"]))
 
 
 def test_templates_match_what_submit_renders():

@@ -204,6 +204,11 @@ def _plan_stage(
             f"slurm: only training stages run as several tasks; {command.name!r} runs one "
             f"(nodes: {slurm.nodes}, tasks_per_node: {slurm.tasks})"
         )
+    if command.training and slurm.signal_margin >= slurm.time_seconds:
+        raise ConfigError(
+            f"slurm: signal_margin ({slurm.signal_margin} s) must be shorter than the time limit "
+            f"({slurm.time}), or the checkpoint signal arrives as soon as the job starts"
+        )
     overrides = flatten(spec.overrides) if spec.overrides else {}
     if "output" in overrides:
         raise ConfigError("overrides: `output` is set by the pipeline (run_dir/<stage>); remove it")

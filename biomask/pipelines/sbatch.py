@@ -75,9 +75,6 @@ def sbatch_options(job: JobScript) -> list[str]:
     if job.training:
         # append: a requeued job keeps the log of its earlier runs
         opts += [f"--signal=B:USR1@{s.signal_margin}", "--requeue", "--open-mode=append"]
-    else:
-        # Requeueing a half-done prep stage gains nothing: it restarts from scratch anyway.
-        opts.append("--no-requeue")
     opts.append(
         "--kill-on-invalid-dep=yes"
     )  # a failed upstream stage cancels this job instead of leaving it pending
@@ -137,7 +134,8 @@ def _training_body(job: JobScript) -> list[str]:
         "",
         "# One srun task per GPU (per CPU slot without GPUs). biomask maps SLURM_PROCID, SLURM_NTASKS,",
         "# SLURM_LOCALID and the first host of SLURM_JOB_NODELIST to RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR.",
-        f"STEP=(srun --nodes={s.nodes} --ntasks-per-node={s.tasks} --kill-on-bad-exit=1 {job.program})",
+        "# (srun does not inherit --cpus-per-task from the allocation in SLURM 22.05+: it is passed again.)",
+        f"STEP=(srun --nodes={s.nodes} --ntasks-per-node={s.tasks} --cpus-per-task={s.cpus_per_task} --kill-on-bad-exit=1 {job.program})",
         "",
         f"# Checkpoint and requeue: SLURM sends USR1 to this script {s.signal_margin} s before the time limit",
         f"# (--signal=B:USR1@{s.signal_margin}). The trap passes it to the step (srun forwards it to every task);",

@@ -86,6 +86,17 @@ class SlurmSpec(Config):
         return value
 
     @property
+    def time_seconds(self) -> int:
+        """The time limit in seconds (SLURM reads "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS")."""
+        days, _, clock = self.time.rpartition("-")
+        parts = [int(p) for p in clock.split(":")]
+        if days:
+            hours, minutes, seconds = [*parts, 0, 0][:3]
+        else:
+            hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+    @property
     def tasks(self) -> int:
         """srun tasks per node: as many as GPUs when GPUs are requested."""
         return self.tasks_per_node or self.gpus_per_node or 1
