@@ -10,7 +10,7 @@ import yaml
 
 from biomask.errors import InputError
 from biomask.outputs import atomic_write_text
-from biomask.pipelines.plan import Plan
+from biomask.pipelines.plan import Plan, load_plan
 from biomask.provenance import read_run_info
 
 
@@ -56,7 +56,5 @@ def find_run_dir(target: str | os.PathLike | None) -> Path:
     if path.is_dir():
         return path.resolve()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from biomask.pipelines.plan import load_plan
-
         return load_plan(path, check_commands=False).run_dir
     raise InputError(f"{path} is neither a run directory nor a pipeline file")

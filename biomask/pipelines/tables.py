@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -31,13 +32,21 @@ def _styled(text: str) -> str:
     return f"[{style}]{text}[/]" if style else text
 
 
+def _short(path: str) -> str:
+    """A path relative to the working directory when it lies below it (narrower tables)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def local_table(title: str, results: Sequence[TaskResult]) -> Table:
     table = Table(title=title)
     for column in ("stage", "status", "exit", "time", "output / detail"):
         table.add_column(column, overflow="fold")
     for r in results:
         exit_code = "" if r.exit_code is None else str(r.exit_code)
-        detail = r.output if r.ok else (r.detail or r.log or r.output)
+        detail = _short(r.output) if r.ok else (r.detail or _short(r.log or r.output))
         table.add_row(r.task, _styled(r.status), exit_code, f"{r.seconds:.1f} s", detail)
     return table
 
