@@ -59,7 +59,7 @@ COMMANDS: dict[str, StageCommand] = {
     "prep dna": StageCommand("prep dna", schema="biomask.dna.config:DNAPrepConfig"),
     "prep cells": StageCommand("prep cells"),  # issue 3: set schema= when it lands
     "pretrain": StageCommand("pretrain", schema="biomask.training.config:PretrainConfig", training=True),
-    "evaluate": StageCommand("evaluate"),  # issue 5: set schema=
+    "evaluate": StageCommand("evaluate", schema="biomask.evaluation.config:EvaluateConfig"),
     "embed": StageCommand("embed"),  # issue 5: set schema=
     "report": StageCommand("report"),  # issue 7: set schema=
 }
