@@ -21,6 +21,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import matthews_corrcoef
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -39,6 +40,13 @@ class Split:
 
 def tuned_logistic(data: Split, seed: int, c_grid: Sequence[float] = C_GRID) -> np.ndarray:
     """Fit a logistic regression per C on train, keep the best on val (MCC), predict test."""
+    # These fits are small: OpenBLAS's spinning worker threads make them up to 100x slower when the
+    # cores are busy (seen on a loaded 2-core machine), so BLAS runs single-threaded here.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _tuned_logistic(data, seed, c_grid)
+
+
+def _tuned_logistic(data: Split, seed: int, c_grid: Sequence[float]) -> np.ndarray:
     best: tuple[float, LogisticRegression] | None = None
     for c in c_grid:
         model = LogisticRegression(C=c, max_iter=3000, random_state=seed)
@@ -51,15 +59,14 @@ def tuned_logistic(data: Split, seed: int, c_grid: Sequence[float] = C_GRID) -> 
 
 
 def kmer_frequencies(train: list[str], others: list[list[str]], k: int) -> list[sp.csr_matrix]:
-    """Bag-of-k-mer frequencies (counts / sequence length); the vocabulary is fitted on train only."""
+    """Bag-of-k-mer frequencies on the scale of counts (counts / length × mean training length, so
+    raw counts for fixed-length sets and the regularisation grid fits); vocabulary fitted on train only."""
     vectorizer = CountVectorizer(analyzer="char", ngram_range=(k, k), lowercase=False, dtype=np.float32)
     out = [vectorizer.fit_transform(train)]
     out += [vectorizer.transform(seqs) for seqs in others]
-    scaled = []
-    for matrix, seqs in zip(out, [train, *others]):
-        lengths = np.array([max(len(s) - k + 1, 1) for s in seqs], dtype=np.float32)
-        scaled.append(sp.diags(1.0 / lengths) @ matrix)
-    return scaled
+    windows = lambda seqs: np.array([max(len(s) - k + 1, 1) for s in seqs], dtype=np.float32)  # noqa: E731
+    typical = float(windows(train).mean())
+    return [sp.diags(typical / windows(seqs)) @ matrix for matrix, seqs in zip(out, [train, *others])]
 
 
 _ONE_HOT = np.zeros((256, 4), dtype=np.float32)
