@@ -62,6 +62,7 @@ COMMANDS: dict[str, StageCommand] = {
     "evaluate": StageCommand("evaluate", schema="biomask.evaluation.config:EvaluateConfig"),
     "embed": StageCommand("embed"),  # issue 5: set schema=
     "report": StageCommand("report"),  # issue 7: set schema=
+    "theory": StageCommand("theory", schema="biomask.theory.config:TheoryConfig"),
 }
 
 # Exit code of a training stage that checkpointed on SIGUSR1/SIGTERM and asks to be requeued.
