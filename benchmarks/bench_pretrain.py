@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import save_result
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="intra-op threads per arm (default 1: a shared machine)"
     )
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "bench_pretrain.json"))
+    parser.add_argument("--out", help="also write the results here (always: bench-results/pretrain.json)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arm:  # child process: run one arm, print its JSON
@@ -407,17 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         mae[f"{ratio:g}"] = row
         print(f"{ratio:6.2f} {row['mlm']:10.0f} {row['mae']:10.0f} {row['saving']:6.1%}", flush=True)
     results["mae"] = mae
-    results["machine"] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_start_end": [load_start, os.getloadavg()[0]],
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results["load_average_start_end"] = [load_start, os.getloadavg()[0]]
+    results["quick"] = args.quick
+    path = save_result("pretrain", results)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(path.read_text())
     print(
         f"\nload average {load_start:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine: compare arms, not runs)"
     )
-    print(f"results: {args.out}")
+    print(f"results: {path}")
     return 0
 
 
