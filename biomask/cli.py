@@ -101,7 +101,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from biomask.config import load_config
     from biomask.evaluation.config import EvaluateConfig
