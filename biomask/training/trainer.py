@@ -1,7 +1,8 @@
 """`biomask pretrain`: masked pretraining with the DeepSpeed engine, read top to bottom.
 
-1. inputs       the token store (verified), what it holds, the model architecture it implies
-2. output dir   fresh, resume (an interrupted run of the same config) or done (reuse)
+1. inputs       the token store, what it holds, the model it implies, data order, DeepSpeed config
+2. output dir   done (reuse), fresh or resume (an interrupted run of the same config); the store's
+                checksums verified before anything is written
 3. engine       model, AdamW, warm-up + cosine schedule, `deepspeed.initialize` (ZeRO 0-3)
 4. data         seeded, rank-sharded, step-indexed order; the masker on the training device
 5. resume       model, optimizer, schedule, step (= data position) and every RNG from a checkpoint
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from biomask.config import dump_config
 from biomask.errors import BiomaskError, InputError
 from biomask.masking import Masker, MaskingConfig
 from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained, save_pretrained
+from biomask.outputs import atomic_write_text
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
 from biomask.store import TokenStore
@@ -57,11 +60,9 @@ class Requeue(BiomaskError):
 # ------------------------------------------------------------------------------------------- 1. inputs
 
 
-def open_store(path: str, *, verify: bool) -> TokenStore:
-    store = TokenStore(path)  # missing directory, manifest or shard, wrong sizes: InputError
-    if verify:
-        store.verify()  # every shard's sha256 against the manifest
-    return store
+def open_store(path: str) -> TokenStore:
+    """Open a token store (a missing directory, manifest or shard, or a wrong size: InputError)."""
+    return TokenStore(path)
 
 
 def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
@@ -273,27 +274,29 @@ def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, to
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
-def _decide(cfg: PretrainConfig, stage: StageOutput, dist_env: DistEnv, overwrite: bool) -> str:
-    """Rank 0 inspects the output directory; every rank gets its decision (or its error)."""
-    out = Path(cfg.output)
+def on_rank0(fn: Callable[[], Any], dist_env: DistEnv) -> Any:
+    """Run `fn` on rank 0 only; every rank gets its result, or raises its error (so no rank is left
+    waiting in a collective while rank 0 reports bad input)."""
     result: list[Any] = [None]
     if dist_env.is_main:
         try:
-            decision = rundir.decide(
-                out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
-            )
-            if decision == "fresh":
-                rundir.start_fresh(out, stage.fingerprint, dist_env.world_size, dump_config(cfg))
-            elif decision == "resume":
-                (out / "config.yaml").write_text(dump_config(cfg))  # non-semantic keys may have changed
-            result = [decision]
+            result = [fn()]
         except BiomaskError as exc:
             result = [exc]
     if dist_env.world_size > 1:
         dist.broadcast_object_list(result, src=0)
     if isinstance(result[0], BaseException):
         raise result[0]
-    return str(result[0])
+    return result[0]
+
+
+def prepare_output(cfg: PretrainConfig, stage: StageOutput, world_size: int, decision: str) -> None:
+    """Mark a fresh output directory as an unfinished run, or record a resumed run's config."""
+    out = Path(cfg.output)
+    if decision == "fresh":
+        rundir.start_fresh(out, stage.fingerprint, world_size, dump_config(cfg))
+    else:  # resume: the non-semantic keys (logging, checkpoint cadence) may have changed
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
 
 
 def _quiet_libraries() -> None:
@@ -318,9 +321,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         logging.getLogger("biomask").setLevel(logging.WARNING)
     out = Path(cfg.output)
 
-    # 1. Inputs: the token store (verified against its manifest), the model it implies, the data
-    #    order and the DeepSpeed config — every input error surfaces before anything is written.
-    store = open_store(cfg.data.store, verify=cfg.data.verify and dist_env.is_main)
+    # 1. Inputs: the token store, the model it implies, the data order and the DeepSpeed config —
+    #    every input error surfaces before anything is written.
+    store = open_store(cfg.data.store)
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec)
     train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
@@ -365,10 +368,18 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     # 2. The output directory: fresh, resume, or already done.
     _quiet_libraries()
     init_process_group(dist_env)
-    decision = _decide(cfg, stage, dist_env, overwrite)
+    decision = on_rank0(
+        lambda: rundir.decide(
+            out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
+        ),
+        dist_env,
+    )
     if decision == "done":
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
         return out
+    if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
+        on_rank0(store.verify, dist_env)
+    on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
 
     # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
     import deepspeed
