@@ -17,13 +17,17 @@ from safetensors.torch import load_file
 
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.pipelines.schema import SlurmSpec
-from biomask.training.distributed import free_port
+from biomask.training.distributed import RANK_VARS, free_port
 from tests.test_pretrain import CONFIG, REPO, overrides, subprocess_env
 
 pytestmark = [pytest.mark.network, pytest.mark.slurm, pytest.mark.timeout(400)]
 
 
-def test_srun_usr1_checkpoint_requeue_resume_gives_the_same_weights(slurm_cluster, genome_store, tmp_path):
+def test_srun_usr1_checkpoint_requeue_resume_gives_the_same_weights(
+    slurm_cluster, genome_store, tmp_path, monkeypatch
+):
+    for name in RANK_VARS:  # jobs inherit the submitter's environment: no port taken by this process
+        monkeypatch.delenv(name, raising=False)
     extra = {"train.steps": 120, "train.checkpoint_every": 1000, "model.dropout": 0.1}
     out = tmp_path / "slurm"
     job = JobScript(

@@ -27,7 +27,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # plain | torchrun | deepspeed | slurm
+    launcher: str  # plain | torchrun | deepspeed | slurm | env (RANK and WORLD_SIZE set by hand)
 
     @property
     def is_main(self) -> bool:
@@ -81,19 +81,18 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def resolve_env(env: Mapping[str, str], local_rank_arg: int | None = None) -> DistEnv:
-    """Work out the rank environment from the process environment (pure: does not modify it)."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "deepspeed" if local_rank_arg is not None or "CROSS_RANK" in env else "torchrun"
-        local = env.get("LOCAL_RANK", str(local_rank_arg) if local_rank_arg is not None else "0")
-        return DistEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(local),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-            launcher=launcher,
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    """Work out the rank environment from the process environment (pure: does not modify it).
+
+    Precedence: a launcher that set the variables itself (torchrun: TORCHELASTIC_RUN_ID; the deepspeed
+    launcher: CROSS_RANK or --local_rank) > an srun task (SLURM_PROCID, SLURM_NTASKS: rank variables
+    inherited from the submitting shell are stale there) > RANK and WORLD_SIZE set by hand > one process.
+    """
+    launcher = None
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif local_rank_arg is not None or "CROSS_RANK" in env:
+        launcher = "deepspeed"
+    if launcher is None and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         nodelist = (
             env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -106,6 +105,16 @@ def resolve_env(env: Mapping[str, str], local_rank_arg: int | None = None) -> Di
             # Every task derives the same port from the job id (no communication needed).
             master_port=int(env.get("MASTER_PORT") or 15000 + job % 20000),
             launcher="slurm",
+        )
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = env.get("LOCAL_RANK", str(local_rank_arg) if local_rank_arg is not None else "0")
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(local),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher=launcher or "env",
         )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "plain")
 

@@ -171,6 +171,14 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def ignore_from_now(self) -> None:
+        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM — e.g.
+        srun terminating the step because another rank exited first — must not turn that into
+        "killed by a signal", which would keep the job script from requeueing."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous = {}
+
     def agreed(self, world_size: int, device: torch.device) -> bool:
         """True on every rank if any rank got a signal (ranks must checkpoint together)."""
         flag = torch.tensor([1 if self.received is not None else 0], device=device)
@@ -515,6 +523,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             if stopping or (step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps):
                 path = save_checkpoint()
                 if stopping:
+                    stop.ignore_from_now()
                     raise Requeue(
                         f"received signal {stop.received or 'on another rank'}: checkpointed step {step} of "
                         f"{cfg.train.steps} to {path}; exiting with code {REQUEUE_EXIT_CODE} so the job can be "
