@@ -7,9 +7,13 @@ message names); 3 a data source could not be reached; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from biomask import __version__
 from biomask.errors import BiomaskError
@@ -92,6 +96,16 @@ def cmd_prep_cells(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.evaluation.evaluate import evaluate
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    print(evaluate(cfg, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -123,6 +137,78 @@ def cmd_store_info(args: argparse.Namespace) -> int:
         "sources": m.get("sources"),
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from biomask.pipelines.local import exit_code, run_pipeline
+    from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.tables import local_table, show
+
+    plan = load_plan(args.pipeline, args.overrides)
+    results = run_pipeline(plan, only=args.only or (), start=args.start, echo=not args.quiet)
+    show(local_table(f"pipeline {plan.pipeline.name} ({plan.run_dir})", results))
+    for r in results:
+        if r.status == "failed":
+            print(f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr)
+            print(f"  log: {r.log}", file=sys.stderr)
+    return exit_code(results)
+
+
+def cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.slurm import render_scripts, submit
+
+    plan = load_plan(args.pipeline, args.overrides)
+    if args.dry_run:
+        for path in render_scripts(
+            plan, only=args.only or (), start=args.start, overwrite=args.overwrite
+        ).values():
+            print(path)
+        return 0
+    record = submit(plan, only=args.only or (), start=args.start, overwrite=args.overwrite)
+    for name, job in record["stages"].items():
+        after = f" after {','.join(job['after'])}" if job["after"] else ""
+        print(f"{name}\t{job['job_id']}{after}\t{job['script']}")
+    log.info("submitted; follow with: biomask pipeline status %s", plan.run_dir)
+    return 0
+
+
+def cmd_pipeline_status(args: argparse.Namespace) -> int:
+    import json
+
+    from biomask.pipelines.rundir import find_run_dir
+    from biomask.pipelines.slurm import job_states
+    from biomask.pipelines.tables import local_table, show, slurm_table
+
+    run_dir = find_run_dir(args.target)
+    if (run_dir / "jobs.json").exists():
+        states = job_states(run_dir)
+        if args.json:
+            print(json.dumps([s.as_dict() for s in states], indent=2))
+        else:
+            show(slurm_table(f"SLURM jobs of {run_dir}", states))
+        return 0
+    if (run_dir / "local-run.json").exists():
+        from biomask.pipelines.local import TaskResult
+
+        data = json.loads((run_dir / "local-run.json").read_text())
+        if args.json:
+            print(json.dumps(data["results"], indent=2))
+        else:
+            results = [TaskResult(**r) for r in data["results"]]
+            show(local_table(f"last local run of {run_dir} ({data['finished']})", results))
+        return 0
+    raise BiomaskError(f"{run_dir}: neither jobs.json nor local-run.json; run or submit the pipeline first")
+
+
+def cmd_pipeline_templates(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from biomask.pipelines.templates import write_templates
+
+    for path in write_templates(Path(args.out)):
+        print(path)
     return 0
 
 
@@ -180,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
+    _add_stage_arguments(
+        command(
+            sub,
+            "evaluate",
+            cmd_evaluate,
+            "downstream classification: baselines and pretrained models over seeds",
+        )
+    )
+
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
         dest="store_command", metavar="ACTION", required=True
     )
@@ -187,6 +282,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stores", nargs="+", metavar="STORE")
     p = command(store, "info", cmd_store_info, "summarise a token store")
     p.add_argument("store", metavar="STORE")
+
+    pipe = sub.add_parser("pipeline", help="stage graphs: run here, or submit to SLURM").add_subparsers(
+        dest="pipeline_command", metavar="ACTION", required=True
+    )
+
+    def pipeline_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "pipeline", metavar="PIPELINE", help="a pipeline file, e.g. configs/pipelines/dna-prep.yaml"
+        )
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="override pipeline keys, e.g. run_dir=/scratch/run1",
+        )
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--only", action="append", metavar="STAGE", help="only this stage (repeatable)")
+        which.add_argument(
+            "--from", dest="start", metavar="STAGE", help="this stage and every stage after it"
+        )
+
+    p = command(
+        pipe, "run", cmd_pipeline_run, "run the stages here in dependency order, reusing current outputs"
+    )
+    pipeline_arguments(p)
+    p = command(
+        pipe, "submit", cmd_pipeline_submit, "render one sbatch script per stage and submit the chain"
+    )
+    pipeline_arguments(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="stages replace outputs written with another config"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="render the scripts into the run directory, submit nothing"
+    )
+    p = command(
+        pipe, "status", cmd_pipeline_status, "the state of each stage's job (or of the last local run)"
+    )
+    p.add_argument(
+        "target", nargs="?", metavar="RUN_DIR", help="run directory or pipeline file (default: latest)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command(
+        pipe, "templates", cmd_pipeline_templates, "write the plain sbatch templates (pipelines/slurm/)"
+    )
+    p.add_argument("--out", default="pipelines/slurm", help="directory (default: pipelines/slurm)")
 
     p = command(sub, "main", cmd_main, "the main job: the built-in study on real data (see README)")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
@@ -204,13 +345,29 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     root.propagate = False
 
 
+def _report_error(exc: BiomaskError) -> None:
+    """Tell a pipeline runner which error ended a stage (it re-runs one whose output went stale)."""
+    path = os.environ.get("BIOMASK_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            payload = {"error": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}
+            Path(path).write_text(json.dumps(payload))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow flags (`--overwrite tokenizer.k=4`), which argparse cannot interleave
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet, args.verbose)
     try:
         return int(args.func(args) or 0)
     except BiomaskError as exc:
         print(f"biomask: error: {exc}", file=sys.stderr)
+        _report_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("biomask: interrupted", file=sys.stderr)

@@ -59,3 +59,58 @@ def genome_store(tmp_path_factory) -> Path:
 def leftovers(directory: Path) -> list[str]:
     """Temporary or partial outputs left in a directory (there must be none after a failure)."""
     return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# ----------------------------------------------------------------------------------------- pipelines
+
+# A small real pipeline: 200 kb of C. elegans chrX, then the UCI splice set tokenized with the genome's
+# tokenizer, swept over two split seeds. Stage configs are the repository's; overrides keep it fast.
+DNA_PIPELINE = """\
+name: dna-test
+run_dir: {run_dir}
+slurm: {{time: "00:05:00", mem: 1G}}
+stages:
+  prep_genome:
+    command: prep dna
+    config: {repo}/configs/dna/ce2-chrX.yaml
+    overrides:
+      windows: {{length: 512, stride: 512, max_bases: 200000}}
+      split.block_size: 10000
+  prep_splice:
+    command: prep dna
+    config: {repo}/configs/dna/splice.yaml
+    overrides:
+      tokenizer.path: ${{stages.prep_genome.output}}
+    sweep:
+      split.seed: [0, 1]
+"""
+
+
+@pytest.fixture
+def dna_pipeline(tmp_path) -> Path:
+    """The small DNA pipeline file; its run directory is tmp_path/run."""
+    path = tmp_path / "dna-test.yaml"
+    path.write_text(DNA_PIPELINE.format(run_dir=tmp_path / "run", repo=REPO))
+    return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM cluster (Debian slurm-wlm + munge, installed when missing), with
+    SLURM_CONF exported for the session; stopped at the end by the PIDs it recorded."""
+    from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
+
+    try:
+        cluster = SlurmCluster.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no SLURM cluster: {exc}")
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env)  # sbatch, scontrol, squeue here and in the jobs (--export=ALL)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved

@@ -49,22 +49,24 @@ class Cleaner:
             for base in "acgt":
                 self.to_char[ord(base)] = ord("N")
 
-    def clean(self, seq: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ASCII A/C/G/T/N array, ambiguous mask) of a sequence; `where` names it in error messages."""
-        raw = np.frombuffer(seq.encode("latin-1", errors="replace"), dtype=np.uint8)
+    def clean(self, seq: str | bytes, where: str, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(ASCII A/C/G/T/N array, ambiguous mask) of a sequence; `where` names it in error messages
+        and `offset` is the sequence's position in its record (for the reported position)."""
+        data = seq if isinstance(seq, bytes) else seq.encode("latin-1", errors="replace")
+        raw = np.frombuffer(data, dtype=np.uint8)
         chars = self.to_char[raw]
         bad = chars == 0
         if bad.any():
             pos = int(np.argmax(bad))
             raise InputError(
-                f"{where}: letter {chr(raw[pos])!r} at position {pos + 1:,} is not a nucleotide "
+                f"{where}: letter {chr(raw[pos])!r} at position {offset + pos + 1:,} is not a nucleotide "
                 f"(allowed: ACGT, lowercase, N and IUPAC codes {IUPAC_AMBIGUOUS[1:]})"
             )
         amb = self.is_ambiguous[raw]
         if self.ambiguous_policy == "error" and amb.any():
             pos = int(np.argmax(amb))
             raise InputError(
-                f"{where}: ambiguous letter {chr(raw[pos])!r} at position {pos + 1:,}, and cleaning.ambiguous "
+                f"{where}: ambiguous letter {chr(raw[pos])!r} at position {offset + pos + 1:,}, and cleaning.ambiguous "
                 "is 'error'; choose n_token, drop or split to accept ambiguous bases"
             )
         return chars, amb

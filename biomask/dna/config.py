@@ -15,9 +15,9 @@ class InputSpec(Config):
 
     dataset: str | None = None
     path: str | None = None
-    # fasta: genome records to cut into windows; table: CSV/TSV with sequence and label columns;
-    # keel: KEEL data file (comma-separated bases, label last); auto: from the registry or file name.
-    format: Literal["auto", "fasta", "table", "keel"] = "auto"
+    # fasta / genbank: genome records to cut into windows; table: CSV/TSV with sequence and label
+    # columns; keel: KEEL data file (comma-separated bases, label last); auto: registry or file name.
+    format: Literal["auto", "fasta", "genbank", "table", "keel"] = "auto"
     sequence_column: str = "sequence"
     label_column: str = "label"
     split_column: str | None = None  # values train / val / test; without it splits are drawn by seed

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from biomask import datasets
 from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
-from biomask.dna.readers import LabelledSequence, read_fasta, read_keel, read_table
+from biomask.dna.readers import (
+    LabelledSequence,
+    read_fasta_blocks,
+    read_genbank_blocks,
+    read_keel,
+    read_table,
+)
 from biomask.dna.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -38,7 +44,7 @@ from biomask.dna.tokenizers import (
     load_tokenizer,
     tokenizer_dir,
 )
-from biomask.dna.windows import SPLITS, WindowBatch, record_windows
+from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
@@ -49,7 +55,9 @@ log = logging.getLogger(__name__)
 GENOME_META = ("id", "source", "record", "start", "end", "strand")
 LABELLED_META = ("id", "source", "line", "label")
 _FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas", ".ffn", ".seq")
+_GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank")
 _TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+GENOME_FORMATS = ("fasta", "genbank")
 
 
 @dataclass
@@ -70,12 +78,14 @@ def _guess_format(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(_FASTA_SUFFIXES):
         return "fasta"
+    if name.endswith(_GENBANK_SUFFIXES):
+        return "genbank"
     if name.endswith(_TABLE_SUFFIXES):
         return "table"
     if name.endswith(".dat"):
         return "keel"
     raise InputError(
-        f"cannot tell the format of {path} from its name; set `format: fasta`, `table` or `keel` on this input"
+        f"cannot tell the format of {path} from its name; set `format: fasta`, `genbank`, `table` or `keel` on this input"
     )
 
 
@@ -100,9 +110,11 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
                 raise InputError(f"input file {path} is empty")
             fmt = _guess_format(path) if spec.format == "auto" else spec.format
             resolved.append(ResolvedInput(path.name, path, fmt, spec, sha256_file(path)))
-    kinds = {"genome" if r.format == "fasta" else "labelled" for r in resolved}
+    kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
-        raise InputError("inputs mix genomes (FASTA) and labelled tables; prepare them as separate stores")
+        raise InputError(
+            "inputs mix genomes (FASTA/GenBank) and labelled tables; prepare them as separate stores"
+        )
     return resolved
 
 
@@ -176,42 +188,53 @@ class _Deduplicator:
 def _genome_windows(
     cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, counts: collections.Counter, desc: str
 ) -> Iterator[tuple[ResolvedInput, WindowBatch]]:
+    """Every window of every input, streamed block by block (memory bounded by the block size)."""
     stride = cfg.windows.stride or cfg.windows.length
-    budget = cfg.windows.max_bases
+    budget = cfg.windows.max_bases if cfg.windows.max_bases is not None else float("inf")
+    last_record = None
     for inp in inputs:
-        with tqdm(
-            total=inp.path.stat().st_size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False
-        ) as bar:
-            for record, seq in read_fasta(inp.path, on_read=bar.update):
-                if budget is not None:
-                    if budget <= 0:
-                        break
-                    seq, budget = seq[:budget], budget - len(seq[:budget])
-                counts["records"] += 1
-                counts["bases"] += len(seq)
-                chars, ambiguous = cleaner.clean(seq, where=f"{inp.path}, record '{record}'")
+        size = inp.path.stat().st_size
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False) as bar:
+            if inp.format == "genbank":
+                blocks = read_genbank_blocks(inp.path, cfg.split.block_size)
+            else:
+                blocks = read_fasta_blocks(inp.path, cfg.split.block_size, on_read=bar.update)
+            for record, offset, bases in blocks:
+                if budget <= 0:
+                    break
+                bases = bases[: int(min(len(bases), budget))]
+                budget -= len(bases)
+                if (inp.name, record) != last_record:
+                    counts["records"] += 1
+                    last_record = (inp.name, record)
+                counts["bases"] += len(bases)
+                where = f"{inp.path}, record '{record}'"
+                chars, ambiguous = cleaner.clean(bases, where=where, offset=offset)
                 counts["ambiguous_bases"] += int(ambiguous.sum())
-                yield from (
-                    (inp, batch)
-                    for batch in record_windows(
-                        f"{inp.name}/{record}",
-                        chars,
-                        ambiguous,
-                        length=cfg.windows.length,
-                        stride=stride,
-                        keep_tail=cfg.windows.keep_tail,
-                        min_length=cfg.cleaning.min_length,
-                        policy=cfg.cleaning.ambiguous,
-                        max_ambiguous_fraction=cfg.cleaning.max_ambiguous_fraction,
-                        block_size=cfg.split.block_size,
-                        val=cfg.split.val,
-                        test=cfg.split.test,
-                        seed=cfg.split.seed,
-                        counts=counts,
-                    )
+                split = block_split(
+                    f"{inp.name}/{record}",
+                    offset // cfg.split.block_size,
+                    cfg.split.val,
+                    cfg.split.test,
+                    cfg.split.seed,
                 )
-            if budget is not None and budget <= 0:
-                break
+                for batch in block_windows(
+                    f"{inp.name}/{record}",
+                    offset,
+                    chars,
+                    ambiguous,
+                    split=split,
+                    length=cfg.windows.length,
+                    stride=stride,
+                    keep_tail=cfg.windows.keep_tail,
+                    min_length=cfg.cleaning.min_length,
+                    policy=cfg.cleaning.ambiguous,
+                    max_ambiguous_fraction=cfg.cleaning.max_ambiguous_fraction,
+                    counts=counts,
+                ):
+                    yield inp, batch
+        if budget <= 0:
+            break
 
 
 def _window_meta(inp: ResolvedInput, batch: WindowBatch, strand: str) -> pd.DataFrame:
@@ -459,7 +482,7 @@ def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
     cleaner = Cleaner(cfg.cleaning.lowercase, cfg.cleaning.ambiguous)
     if cfg.num_workers > 1:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.num_workers)
-    genome = inputs[0].format == "fasta"
+    genome = inputs[0].format in GENOME_FORMATS
     with stage.writing(seeds={"split": cfg.split.seed}) as tmp:
         manifest = (_prep_genome if genome else _prep_labelled)(cfg, inputs, cleaner, tmp)
     _log_summary(Path(cfg.output), manifest)

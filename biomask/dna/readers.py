@@ -1,4 +1,5 @@
-"""Reading DNA inputs: FASTA / FASTA.gz genomes (Biopython), labelled CSV/TSV tables, KEEL files.
+"""Reading DNA inputs: FASTA / FASTA.gz genomes (streamed block by block), GenBank genomes (Biopython),
+labelled CSV/TSV tables, KEEL files.
 
 Readers check the shape of their input and raise `InputError` naming the file and the record or line
 (an empty file, text that is not FASTA, a record without sequence, a missing column). Letters are
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from Bio.SeqIO.FastaIO import SimpleFastaParser
+from Bio import SeqIO
+from Bio.Seq import UndefinedSequenceError
 
 from biomask.errors import InputError
 
@@ -45,8 +47,9 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def open_text(path: str | os.PathLike, on_read: Callable[[int], None] | None = None) -> IO[str]:
-    """Open a text file, decompressing gzip when the file starts with the gzip magic bytes."""
+def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None = None) -> IO[bytes]:
+    """Open a file for reading bytes, decompressing gzip when it starts with the gzip magic bytes.
+    `on_read` is called with the number of (compressed) bytes read, to drive a progress bar."""
     path = Path(path)
     try:
         raw = open(path, "rb")
@@ -59,7 +62,12 @@ def open_text(path: str | os.PathLike, on_read: Callable[[int], None] | None = N
     stream: IO[bytes] = io.BufferedReader(_CountingReader(raw, on_read), 1 << 20)
     if head == _GZIP_MAGIC:
         stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
-    return io.TextIOWrapper(stream, encoding="ascii", errors="replace", newline=None)
+    return stream
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """Open a text file (gzip or plain) for reading; undecodable bytes become U+FFFD."""
+    return io.TextIOWrapper(open_binary(path), encoding="ascii", errors="replace", newline=None)
 
 
 @contextlib.contextmanager
@@ -71,34 +79,118 @@ def _decompression_errors(path: Path) -> Iterator[None]:
         raise InputError(f"{path}: corrupt or truncated gzip file ({exc})") from None
 
 
-def read_fasta(
-    path: str | os.PathLike, on_read: Callable[[int], None] | None = None
-) -> Iterator[tuple[str, str]]:
-    """Yield (record id, sequence) of a FASTA or FASTA.gz file, one record at a time."""
+_WHITESPACE = b" \t\r\n\v\f"
+_READ_CHUNK = 1 << 22
+
+
+def read_fasta_blocks(
+    path: str | os.PathLike, block_size: int, on_read: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, int, bytes]]:
+    """Yield (record id, block start, bases) for consecutive blocks of `block_size` bases of every
+    record of a FASTA or FASTA.gz file (the last block of a record may be shorter).
+
+    Biopython's parsers (whose reading of the format we follow: '>' header lines, sequence lines
+    joined, whitespace ignored) return whole records, and one chromosome can be 250 Mb; reading
+    4 MiB chunks and emitting blocks keeps memory bounded by the block size whatever the record or
+    corpus size, and strips line breaks at C speed.
+    """
     path = Path(path)
-    count = 0
-    with open_text(path, on_read) as handle, _decompression_errors(path):
-        first = ""
-        for line in handle:
-            if line.strip():
-                first = line
-                break
-        if not first:
-            raise InputError(f"{path} is empty: expected FASTA records ('>name' lines followed by sequence)")
-        if not first.startswith(">"):
-            shown = first.strip()[:60]
+    state = _FastaState(path, block_size)
+    with open_binary(path, on_read) as handle, _decompression_errors(path):
+        head = b""
+        while not head.strip():
+            chunk = handle.read(_READ_CHUNK)
+            if not chunk:
+                raise InputError(
+                    f"{path} is empty: expected FASTA records ('>name' lines followed by sequence)"
+                )
+            head += chunk
+        text = head.lstrip()
+        if not text.startswith(b">"):
+            shown = text.split(b"\n", 1)[0][:60].decode("ascii", errors="replace")
             raise InputError(
                 f"{path} is not FASTA: its first line is {shown!r}, a FASTA file starts with '>'"
             )
-        # Hand Biopython the header line we consumed, then the rest of the stream.
-        for title, seq in SimpleFastaParser(_chain(first, handle)):
-            count += 1
-            name = title.split(None, 1)[0] if title.strip() else f"record{count}"
-            if not seq:
-                raise InputError(f"{path}: record {count} ('{name}') has no sequence")
-            yield name, seq
+        carry = b""
+        while text:
+            data = carry + text
+            cut = data.rfind(b"\n") + 1
+            carry, data = data[cut:], data[:cut]  # keep a partial last line: it may be a header
+            yield from state.feed(data)
+            text = handle.read(_READ_CHUNK)
+        yield from state.feed(carry + b"\n")
+        yield from state.finish()
+
+
+class _FastaState:
+    """Line-aligned FASTA text in, blocks of bases out (see `read_fasta_blocks`)."""
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.path, self.block_size = path, block_size
+        self.count, self.name, self.start = 0, "", 0
+        self.pending = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
+        pos = 0
+        while pos < len(data):
+            if data.startswith(b">", pos):
+                end = data.find(b"\n", pos)
+                yield from self.finish()
+                self.count += 1
+                title = data[pos + 1 : end].decode("ascii", errors="replace").strip()
+                self.name = title.split(None, 1)[0] if title else f"record{self.count}"
+                self.start = 0
+                pos = end + 1
+                continue
+            header = data.find(b"\n>", pos)
+            stop = header + 1 if header >= 0 else len(data)
+            self.pending += data[pos:stop].translate(None, _WHITESPACE)
+            pos = stop
+            while len(self.pending) >= self.block_size:
+                yield self.name, self.start, bytes(self.pending[: self.block_size])
+                del self.pending[: self.block_size]
+                self.start += self.block_size
+
+    def finish(self) -> Iterator[tuple[str, int, bytes]]:
+        """Close the current record: emit its last block, or complain if it had no bases."""
+        if self.count == 0:
+            return
+        if self.start == 0 and not self.pending:
+            raise InputError(f"{self.path}: record {self.count} ('{self.name}') has no sequence")
+        if self.pending:
+            yield self.name, self.start, bytes(self.pending)
+            self.start += len(self.pending)
+            self.pending.clear()
+
+
+def read_genbank_blocks(path: str | os.PathLike, block_size: int) -> Iterator[tuple[str, int, bytes]]:
+    """The same blocks as `read_fasta_blocks`, from an annotated GenBank file (read with Biopython).
+
+    GenBank files hold whole annotated genomes (prokaryotes: a few Mb per record), so each record
+    is read whole by Biopython, then cut into blocks.
+    """
+    path = Path(path)
+    count = 0
+    with open_text(path) as handle, _decompression_errors(path):
+        head = handle.read(1 << 12)
+    if not head.lstrip().startswith("LOCUS"):
+        raise InputError(f"{path} is not GenBank: a GenBank file starts with a LOCUS line")
+    with open_text(path) as handle, _decompression_errors(path):
+        try:
+            for record in SeqIO.parse(handle, "genbank"):
+                count += 1
+                try:
+                    bases = bytes(record.seq)
+                except UndefinedSequenceError:
+                    raise InputError(f"{path}: record {count} ('{record.id}') has no sequence") from None
+                if not bases:
+                    raise InputError(f"{path}: record {count} ('{record.id}') has no sequence")
+                for start in range(0, len(bases), block_size):
+                    yield record.id, start, bases[start : start + block_size]
+        except ValueError as exc:
+            raise InputError(f"{path}: malformed GenBank record after record {count}: {exc}") from None
     if count == 0:
-        raise InputError(f"{path} holds no FASTA records")
+        raise InputError(f"{path} holds no GenBank records")
 
 
 def _chain(first: str, rest: IO[str]) -> Iterator[str]:

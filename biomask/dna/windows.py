@@ -27,24 +27,12 @@ class WindowBatch:
     strand: str = "+"
 
 
-def assign_blocks(record: str, num_blocks: int, val: float, test: float, seed: int) -> list[str]:
-    """The split of every block of a record: a seeded permutation, with stochastic rounding of counts
-    so that small records still contribute their expected share."""
-    key = int.from_bytes(hashlib.blake2b(record.encode(), digest_size=8).digest(), "little")
-    rng = np.random.default_rng([seed, key])
-    counts = []
-    for fraction in (val, test):
-        expected = fraction * num_blocks
-        counts.append(int(np.floor(expected + rng.random())))
-    n_val, n_test = counts
-    n_test = min(n_test, num_blocks - n_val)
-    order = rng.permutation(num_blocks)
-    splits = ["train"] * num_blocks
-    for i in order[:n_val]:
-        splits[i] = "val"
-    for i in order[n_val : n_val + n_test]:
-        splits[i] = "test"
-    return splits
+def block_split(record: str, block: int, val: float, test: float, seed: int) -> str:
+    """The split of one block of a record: a seeded hash of (seed, record, block) compared with the
+    split fractions — deterministic, and decidable while streaming (no need to know the record length)."""
+    digest = hashlib.blake2b(f"{seed}\0{record}\0{block}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    return "val" if u < val else "test" if u < val + test else "train"
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -54,57 +42,41 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
-def record_windows(
+def block_windows(
     record: str,
+    offset: int,
     chars: np.ndarray,
     ambiguous: np.ndarray,
     *,
+    split: str,
     length: int,
     stride: int,
     keep_tail: bool,
     min_length: int,
     policy: str,
     max_ambiguous_fraction: float,
-    block_size: int,
-    val: float,
-    test: float,
-    seed: int,
     counts: dict[str, int],
 ) -> Iterator[WindowBatch]:
-    """Windows of one cleaned record, block by block. `counts` collects why windows were dropped."""
-    size = chars.size
-    num_blocks = max(1, -(-size // block_size))
-    block_split = assign_blocks(record, num_blocks, val, test, seed)
+    """Windows of one cleaned block that starts at `offset` in its record. `counts` collects why
+    windows were dropped."""
     cumulative = np.concatenate([[0], np.cumsum(ambiguous, dtype=np.int64)])
-    for block, split in enumerate(block_split):
-        lo, hi = block * block_size, min(size, (block + 1) * block_size)
-        if policy == "split":
-            segments = [(lo + s, lo + e) for s, e in _runs(~ambiguous[lo:hi])]
-        else:
-            segments = [(lo, hi)]
-        for seg_start, seg_end in segments:
-            seg_len = seg_end - seg_start
-            if seg_len < max(min_length, 1):
-                counts["segments_below_min_length"] += 1
-                continue
-            widths_and_starts = []
-            if seg_len >= length:
-                widths_and_starts.append((length, seg_start + np.arange(0, seg_len - length + 1, stride)))
-            last_end = widths_and_starts[0][1][-1] + length if widths_and_starts else seg_start
-            tail = seg_end - last_end
-            if keep_tail and tail > 0:
-                tail_start = last_end if widths_and_starts else seg_start
-                if seg_end - tail_start >= min_length:
-                    widths_and_starts.append((seg_end - tail_start, np.array([tail_start])))
-            for width, starts in widths_and_starts:
-                n_amb = cumulative[starts + width] - cumulative[starts]
-                if policy == "drop":
-                    keep = n_amb == 0
-                else:
-                    keep = n_amb <= max_ambiguous_fraction * width
-                counts["windows_dropped_ambiguous"] += int((~keep).sum())
-                starts = starts[keep]
-                if starts.size == 0:
-                    continue
+    segments = _runs(~ambiguous) if policy == "split" else [(0, chars.size)]
+    for seg_start, seg_end in segments:
+        seg_len = seg_end - seg_start
+        if seg_len < max(min_length, 1):
+            counts["segments_below_min_length"] += 1
+            continue
+        widths_and_starts = []
+        if seg_len >= length:
+            widths_and_starts.append((length, seg_start + np.arange(0, seg_len - length + 1, stride)))
+        last_end = int(widths_and_starts[0][1][-1]) + length if widths_and_starts else seg_start
+        if keep_tail and seg_end - last_end >= min_length and seg_end > last_end:
+            widths_and_starts.append((seg_end - last_end, np.array([last_end])))
+        for width, starts in widths_and_starts:
+            n_amb = cumulative[starts + width] - cumulative[starts]
+            keep = n_amb == 0 if policy == "drop" else n_amb <= max_ambiguous_fraction * width
+            counts["windows_dropped_ambiguous"] += int((~keep).sum())
+            starts = starts[keep]
+            if starts.size:
                 windows = chars[starts[:, None] + np.arange(width)]
-                yield WindowBatch(split, record, windows, starts)
+                yield WindowBatch(split, record, windows, starts + offset)

@@ -1,0 +1,106 @@
+"""A labelled token store, seen the way evaluation needs it: every record with its label, the
+original split it came from, and (for baselines) its sequence or expression vector."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.model_selection import train_test_split
+
+from biomask.errors import InputError
+from biomask.evaluation.config import SplitSpec
+from biomask.store import TokenStore
+
+
+@dataclass
+class LabelledRecords:
+    """All labelled records of a store, in a fixed order (split by split, then record by record)."""
+
+    store: TokenStore
+    labels: np.ndarray  # int64, one per record
+    origin: np.ndarray  # the prep split each record came from ("train" / "val" / "test")
+    locations: list[tuple[str, int]]  # (split, index) of each record in the store
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.store.label_names or [])
+
+    @property
+    def modality(self) -> str:
+        return self.store.modality
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def record(self, i: int) -> dict:
+        split, index = self.locations[i]
+        return self.store.split(split)[index]
+
+    @cached_property
+    def sequences(self) -> list[str]:
+        """DNA records decoded back to bases (for the k-mer and one-hot baselines)."""
+        from biomask.dna.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(self.store.root)
+        return [tokenizer.decode(self.record(i)["tokens"]) for i in range(len(self))]
+
+    @cached_property
+    def expression(self) -> sp.csr_matrix:
+        """Cells × genes matrix of the stored values (log-normalised expression), for the PCA baseline."""
+        vocab = int(self.store.manifest["tokenizer"]["vocab_size"])
+        rows, cols, vals = [], [], []
+        for i in range(len(self)):
+            rec = self.record(i)
+            rows.append(np.full(rec["tokens"].size, i))
+            cols.append(np.asarray(rec["tokens"], dtype=np.int64))
+            vals.append(np.asarray(rec["values"], dtype=np.float32))
+        matrix = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(self), vocab)
+        )
+        used = np.unique(matrix.indices)
+        return matrix[:, used]
+
+
+def load_labelled(root: str | os.PathLike) -> LabelledRecords:
+    """Open a labelled token store; a store without labels is a clear error."""
+    store = TokenStore(root)
+    if not store.label_names or "labels" not in store.manifest.get("record_fields", {}):
+        raise InputError(
+            f"token store {Path(root)} has no labels: prepare a labelled set (a label column / labelled table) "
+            "to evaluate on"
+        )
+    labels, origin, locations = [], [], []
+    for name in store.splits:
+        split = store.split(name)
+        values = split.record_field("labels")
+        labels.append(values)
+        origin += [name] * len(values)
+        locations += [(name, i) for i in range(len(values))]
+    if not locations:
+        raise InputError(f"token store {Path(root)} holds no records")
+    return LabelledRecords(store, np.concatenate(labels).astype(np.int64), np.array(origin), locations)
+
+
+def seed_split(
+    data: LabelledRecords, spec: SplitSpec, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) record indices for one seed: the store's splits, or a stratified resample."""
+    if spec.mode == "store":
+        return tuple(np.flatnonzero(data.origin == s) for s in ("train", "val", "test"))  # type: ignore[return-value]
+    everything = np.arange(len(data))
+    counts = np.bincount(data.labels)
+    stratify = data.labels if counts[counts > 0].min() >= 3 else None  # classes too small to stratify
+    rest, test = train_test_split(everything, test_size=spec.test, stratify=stratify, random_state=seed)
+    val_fraction = spec.val / (1.0 - spec.test)
+    train, val = train_test_split(
+        rest,
+        test_size=val_fraction,
+        stratify=None if stratify is None else data.labels[rest],
+        random_state=seed,
+    )
+    return np.sort(train), np.sort(val), np.sort(test)

@@ -1,0 +1,252 @@
+"""`biomask evaluate`: every method on the same per-seed splits, baselines in the same table.
+
+For each seed the labelled records are split (resampled, or the store's splits), and every method —
+baselines, and each pretrained checkpoint under each protocol, and the same architecture randomly
+initialised — is trained on train, selected on val, and scored on test. Outputs: `metrics.json`
+(per seed, summaries, paired comparisons), `report.md`, and a confusion matrix per method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biomask.evaluation import baselines
+from biomask.evaluation.config import EvaluateConfig
+from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
+from biomask.evaluation.metrics import (
+    METRICS,
+    classification_metrics,
+    format_summary,
+    paired_comparison,
+    summarize,
+)
+from biomask.provenance import sha256_file
+from biomask.stage import StageOutput
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[LabelledRecords, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+@dataclass
+class Method:
+    """One row of the results table: how to predict test labels from a seed's split."""
+
+    name: str
+    group: str  # "baseline", or the checkpoint name ("random-init" for the untrained architecture)
+    protocol: str
+    predict: Predict
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def _kmer_lr(k: int) -> Predict:
+    def predict(
+        data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
+    ) -> np.ndarray:
+        seqs = data.sequences
+        parts = [[seqs[i] for i in idx] for idx in (train, val, test)]
+        x_train, x_val, x_test = baselines.kmer_frequencies(parts[0], parts[1:], k)
+        y = data.labels
+        return baselines.tuned_logistic(
+            baselines.Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed
+        )
+
+    return predict
+
+
+def _onehot_lr(
+    data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
+) -> np.ndarray:
+    x = baselines.one_hot(data.sequences)
+    y = data.labels
+    return baselines.tuned_logistic(
+        baselines.Split(x[train], y[train], x[val], y[val], x[test], y[test]), seed
+    )
+
+
+def _pca_lr(components: int) -> Predict:
+    def predict(
+        data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
+    ) -> np.ndarray:
+        x = data.expression
+        x_train, x_val, x_test = baselines.pca_features(x[train], [x[val], x[test]], components, seed)
+        y = data.labels
+        return baselines.tuned_logistic(
+            baselines.Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed
+        )
+
+    return predict
+
+
+def baseline_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
+    methods = []
+    for name in cfg.baselines:
+        if name in ("kmer_lr", "onehot_lr") and data.modality != "dna":
+            log.warning("baseline %s needs DNA; skipped for a %s store", name, data.modality)
+        elif name == "pca_lr" and data.modality != "cells":
+            log.warning("baseline pca_lr needs expression; skipped for a %s store", data.modality)
+        elif name == "kmer_lr":
+            methods.append(
+                Method(
+                    f"{cfg.baseline.kmer_k}-mer counts + LR", "baseline", name, _kmer_lr(cfg.baseline.kmer_k)
+                )
+            )
+        elif name == "onehot_lr":
+            if len({len(s) for s in data.sequences}) != 1:
+                log.warning("one-hot baseline needs fixed-length sequences; skipped")
+                continue
+            methods.append(Method("one-hot + LR", "baseline", name, _onehot_lr))
+        else:
+            methods.append(
+                Method(
+                    f"PCA({cfg.baseline.pca_components}) + LR",
+                    "baseline",
+                    name,
+                    _pca_lr(cfg.baseline.pca_components),
+                )
+            )
+    return methods
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def _inputs(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    inputs = [{"name": "store", "path": cfg.store, "sha256": sha256_file(Path(cfg.store) / "manifest.json")}]
+    for name, path in cfg.checkpoints.items():
+        weights = Path(path) / "model.safetensors"
+        inputs.append(
+            {"name": name, "path": str(path), "sha256": sha256_file(weights) if weights.exists() else None}
+        )
+    return inputs
+
+
+def evaluate(
+    cfg: EvaluateConfig, *, overwrite: bool = False, extra_methods: list[Method] | None = None
+) -> Path:
+    """Run every method on every seed; write metrics.json, report.md and confusion matrices."""
+    data = load_labelled(cfg.store)
+    stage = StageOutput(
+        "evaluate", cfg, cfg.output, inputs=_inputs(cfg), non_semantic=("output", "num_workers", "batch_size")
+    )
+    if stage.is_current(overwrite=overwrite):
+        return Path(cfg.output)
+    methods = baseline_methods(cfg, data)
+    if cfg.checkpoints:
+        from biomask.evaluation.protocols import model_methods
+
+        methods += model_methods(cfg, data)
+    methods += extra_methods or []
+    per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    for seed in cfg.seeds:
+        train, val, test = seed_split(data, cfg.splits, seed)
+        for method in methods:
+            log.info("seed %d: %s", seed, method.name)
+            pred = method.predict(data, train, val, test, seed)
+            per_seed[method.name].append(
+                {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names)}
+            )
+    with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
+        results = _summarise(cfg, methods, per_seed, data)
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "report.md").write_text(render_report(results))
+        for method in methods:
+            total = np.sum([np.array(r["confusion_matrix"]) for r in per_seed[method.name]], axis=0)
+            frame = pd.DataFrame(total, index=data.label_names, columns=data.label_names)
+            frame.to_csv(tmp / f"confusion-{_slug(method.name)}.csv")
+    log.info("evaluation written to %s", cfg.output)
+    return Path(cfg.output)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _summarise(
+    cfg: EvaluateConfig, methods: list[Method], per_seed: dict, data: LabelledRecords
+) -> dict[str, Any]:
+    summary = {
+        m.name: {metric: summarize([r[metric] for r in per_seed[m.name]]) for metric in METRICS}
+        for m in methods
+    }
+    comparisons = []
+    by_key = {(m.group, m.protocol): m.name for m in methods}
+    for a, b in cfg.compare:
+        for protocol in cfg.protocols:
+            if (a, protocol) in by_key and (b, protocol) in by_key:
+                comparisons.append(_compare(by_key[(a, protocol)], by_key[(b, protocol)], per_seed))
+    strongest = max(
+        (m for m in methods if m.group == "baseline"),
+        key=lambda m: summary[m.name]["mcc"]["mean"],
+        default=None,
+    )
+    if strongest is not None:
+        for m in methods:
+            if m.group != "baseline":
+                comparisons.append(_compare(m.name, strongest.name, per_seed))
+    return {
+        "store": cfg.store,
+        "label_names": data.label_names,
+        "seeds": cfg.seeds,
+        "splits": cfg.splits.model_dump(),
+        "methods": [{"name": m.name, "group": m.group, "protocol": m.protocol} for m in methods],
+        "summary": summary,
+        "per_seed": per_seed,
+        "comparisons": comparisons,
+        "strongest_baseline": strongest.name if strongest else None,
+    }
+
+
+def _compare(a: str, b: str, per_seed: dict) -> dict[str, Any]:
+    return {
+        "a": a,
+        "b": b,
+        **{
+            metric: paired_comparison([r[metric] for r in per_seed[a]], [r[metric] for r in per_seed[b]])
+            for metric in METRICS
+        },
+    }
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
+    seeds = results["seeds"]
+    lines = [
+        f"# Evaluation: {results['store']}",
+        "",
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {results['splits']['mode']} "
+        f"(val {results['splits']['val']}, test {results['splits']['test']}). Values: mean ± sd [95 % CI].",
+        "",
+        "| method | protocol | accuracy | macro-F1 | MCC |",
+        "|---|---|---|---|---|",
+    ]
+    for m in results["methods"]:
+        s = results["summary"][m["name"]]
+        cells = " | ".join(format_summary(s[metric]) for metric in METRICS)
+        lines.append(f"| {m['name']} | {m['protocol']} | {cells} |")
+    if results["comparisons"]:
+        lines += [
+            "",
+            "## Paired comparisons (same splits per seed)",
+            "",
+            "| a | b | Δ MCC [95 % CI] | p (paired t) | a wins |",
+            "|---|---|---|---|---|",
+        ]
+        for c in results["comparisons"]:
+            m = c["mcc"]
+            lines.append(
+                f"| {c['a']} | {c['b']} | {m['mean_difference']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}] "
+                f"| {m['p_value']:.3g} | {m['wins']}/{m['n']} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""`biomask pipeline run`: run a pipeline's stages on this machine, in dependency order, as subprocesses.
+
+Reuse is decided by each stage, not by the runner: a stage reuses its output when the fingerprint in
+its run.json matches its config and input checksums (only the stage knows its inputs: fetched datasets,
+tokenizers, checkpoints). The runner tells the outcomes apart without parsing messages:
+
+- run.json unchanged by the run (same fingerprint and creation time) -> "reused";
+- the stage refused because its output holds a different config or input (`OutputExistsError`,
+  reported through BIOMASK_ERROR_FILE) -> the output belongs to this pipeline's run directory, so the
+  runner runs the stage again with --overwrite -> "ran (changed)";
+- otherwise "ran", or "failed" with the stage's exit code; stages that need a failed one are not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from biomask.outputs import atomic_write_text
+from biomask.pipelines.plan import Plan, PlannedStage, Task
+from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
+from biomask.provenance import read_run_info
+
+ERROR_FILE_ENV = "BIOMASK_ERROR_FILE"
+
+
+@dataclass
+class TaskResult:
+    stage: str
+    task: str
+    status: str  # ran | ran (changed) | reused | failed | not run
+    exit_code: int | None
+    seconds: float
+    output: str
+    log: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ran", "ran (changed)", "reused")
+
+
+def stage_argv(stage: PlannedStage, task: Task, *, overwrite: bool = False) -> list[str]:
+    """The command line of one task: `python -m biomask <command> --config FILE key=value ...`."""
+    argv = [
+        sys.executable,
+        "-m",
+        "biomask",
+        *stage.command.argv,
+        "--config",
+        str(stage.config),
+        *task.overrides,
+    ]
+    return [*argv, "--overwrite"] if overwrite else argv
+
+
+def run_pipeline(
+    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, echo: bool = True
+) -> list[TaskResult]:
+    """Run the selected stages; return one result per task (failures included, nothing raised)."""
+    selected = plan.select(only, start)
+    check_upstream_outputs(plan, selected)
+    write_resolved(plan)
+    (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    results: list[TaskResult] = []
+    failed: set[str] = set()
+    for name in selected:
+        stage = plan.stages[name]
+        blocked = [n for n in stage.needs if n in failed]
+        for task in stage.tasks:
+            if blocked:
+                results.append(
+                    TaskResult(
+                        name, task.name, "not run", None, 0.0, str(task.output), "", f"{blocked[0]} failed"
+                    )
+                )
+                continue
+            result = _run_task(plan, stage, task, echo=echo)
+            results.append(result)
+            if not result.ok:
+                failed.add(name)
+        if blocked:
+            failed.add(name)
+    _record(plan, results)
+    return results
+
+
+def _run_task(plan: Plan, stage: PlannedStage, task: Task, *, echo: bool) -> TaskResult:
+    log = plan.run_dir / "logs" / (f"{stage.name}-{task.index}.log" if task.point else f"{stage.name}.log")
+    before = _identity(task.output)
+    started = time.monotonic()
+    code, error = _spawn(plan, stage_argv(stage, task), log, echo=echo, label=task.name)
+    status = "ran"
+    if code != 0 and error.get("error") == "OutputExistsError":
+        # Changed config or inputs since the output was written: it is this pipeline's, replace it.
+        _say(f"{task.name}: config or inputs changed since {task.output} was written; running it again", echo)
+        code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, echo=echo, label=task.name)
+        status = "ran (changed)"
+    seconds = time.monotonic() - started
+    if code != 0:
+        return TaskResult(
+            stage.name,
+            task.name,
+            "failed",
+            code,
+            seconds,
+            str(task.output),
+            str(log),
+            error.get("message", ""),
+        )
+    if status == "ran" and before is not None and before == _identity(task.output):
+        status = "reused"
+    return TaskResult(stage.name, task.name, status, code, seconds, str(task.output), str(log))
+
+
+def _identity(output: Path) -> tuple[Any, Any] | None:
+    """What changes whenever a stage writes its output: run.json's fingerprint and creation time."""
+    info = read_run_info(output)
+    return (info.get("fingerprint"), info.get("created")) if info else None
+
+
+def _spawn(plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str) -> tuple[int, dict[str, Any]]:
+    """Run one stage process, its output appended to `log` (and echoed); return its exit code and error."""
+    with tempfile.TemporaryDirectory(prefix="biomask-stage-") as tmp:
+        error_file = Path(tmp) / "error.json"
+        env = {**os.environ, **plan.pipeline.env, ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
+        _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
+        with open(log, "a") as sink:
+            sink.write(f"$ {' '.join(argv)}\n")
+            sink.flush()
+            proc = subprocess.Popen(
+                argv, cwd=plan.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(line)
+                if echo:
+                    sys.stderr.write(f"  [{label}] {line}")
+            code = proc.wait()
+        try:
+            error = json.loads(error_file.read_text())
+        except (OSError, ValueError):
+            error = {}
+    return code, error
+
+
+def _say(message: str, echo: bool) -> None:
+    if echo:
+        print(f"biomask: {message}", file=sys.stderr, flush=True)
+
+
+def _record(plan: Plan, results: list[TaskResult]) -> None:
+    data = {
+        "pipeline": plan.pipeline.name,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": [asdict(r) for r in results],
+    }
+    atomic_write_text(plan.run_dir / "local-run.json", json.dumps(data, indent=2) + "\n")
+
+
+def exit_code(results: list[TaskResult]) -> int:
+    """0 if every task succeeded, else the first failing task's exit code (1 if it had none)."""
+    for r in results:
+        if r.status == "failed":
+            return r.exit_code or 1
+    return 0

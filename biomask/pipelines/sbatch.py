@@ -1,0 +1,168 @@
+"""Render one readable sbatch script per stage. A swept stage becomes a job array: one `case` line per task.
+
+Training stages (see commands.py) differ in three ways:
+- the command runs under `srun`, one task per GPU (per CPU slot on CPU-only nodes); biomask maps the
+  rank variables from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST itself;
+- `--signal=B:USR1@<margin>` and `--requeue`: SLURM signals the *batch script* before the time limit;
+  its trap forwards USR1 to the srun step (srun passes it on to every task), the trainer checkpoints
+  and exits with 75, and the script runs `scontrol requeue $SLURM_JOB_ID`. The requeued job resumes
+  from the latest checkpoint in its output directory; `afterok` dependents wait for its final end.
+- a preemption (SIGTERM to every process) reaches the trainer directly; with PreemptMode=REQUEUE
+  SLURM requeues the job itself.
+
+The plain templates in pipelines/slurm/ are rendered by this module too (templates.py); a test keeps
+them in sync.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from biomask.pipelines.commands import EXIT_REQUEUE
+from biomask.pipelines.schema import SlurmSpec
+
+
+@dataclass
+class JobScript:
+    """Everything one job script holds. Paths are strings so templates can use relative ones."""
+
+    pipeline: str
+    stage: str
+    summary: str  # what the stage runs, for the header comment
+    workdir: str  # shell word: an absolute path, or "$SLURM_SUBMIT_DIR" in templates
+    python: str  # shell word for the interpreter
+    program: str  # shell words run for each task, before the task's arguments
+    log_dir: str
+    slurm: SlurmSpec
+    training: bool = False
+    config: str | None = None  # exported as $CONFIG for `program`
+    tasks: list[list[str]] = field(default_factory=lambda: [[]])  # arguments of each task (array index order)
+    needs: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)  # extra comment lines (how it was rendered)
+
+    @property
+    def is_array(self) -> bool:
+        return len(self.tasks) > 1
+
+    @property
+    def job_name(self) -> str:
+        return f"{self.pipeline}.{self.stage}"
+
+
+def _q(word: str) -> str:
+    return shlex.quote(word)
+
+
+def sbatch_options(job: JobScript) -> list[str]:
+    """The #SBATCH options, one per line, in a fixed order."""
+    s = job.slurm
+    log = f"{job.log_dir}/{job.stage}-" + ("%A_%a.out" if job.is_array else "%j.out")
+    opts = [f"--job-name={job.job_name}", f"--output={log}", f"--nodes={s.nodes}"]
+    opts.append(f"--ntasks-per-node={s.tasks if job.training else 1}")
+    if s.gpus_per_node:
+        opts.append(f"--gpus-per-node={s.gpus_per_node}")
+    opts.append(f"--cpus-per-task={s.cpus_per_task}")
+    if s.mem:
+        opts.append(f"--mem={s.mem}")
+    opts.append(f"--time={s.time}")
+    opts += [f"--{key}={value}" for key in ("partition", "account", "qos") if (value := getattr(s, key))]
+    if job.is_array:
+        throttle = f"%{s.array_parallelism}" if s.array_parallelism else ""
+        opts.append(f"--array=0-{len(job.tasks) - 1}{throttle}")
+    if job.training:
+        # append: a requeued job keeps the log of its earlier runs
+        opts += [f"--signal=B:USR1@{s.signal_margin}", "--requeue", "--open-mode=append"]
+    opts.append(
+        "--kill-on-invalid-dep=yes"
+    )  # a failed upstream stage cancels this job instead of leaving it pending
+    return opts + list(s.extra)
+
+
+def _common_prefix(lists: list[list[str]]) -> list[str]:
+    prefix: list[str] = []
+    for items in zip(*lists):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return prefix
+
+
+def render(job: JobScript) -> str:
+    """The script's text."""
+    lines = ["#!/bin/bash"]
+    count = f"{len(job.tasks)} tasks (a job array)" if job.is_array else "one task"
+    lines.append(f"# biomask pipeline {job.pipeline!r}, stage {job.stage!r}: {job.summary}; {count}.")
+    lines += [f"# {line}" for line in job.header]
+    if job.needs:
+        ids = ":".join(f"<{n} job id>" for n in job.needs)
+        lines.append(
+            f"# Runs after {', '.join(job.needs)}; by hand: sbatch --dependency=afterok:{ids} THIS_SCRIPT"
+        )
+    lines += [f"#SBATCH {opt}" for opt in sbatch_options(job)]
+    lines += ["set -euo pipefail", ""]
+    lines.append(f"cd {job.workdir}")
+    lines += [f"export {key}={_q(value)}" for key, value in job.env.items()]
+    lines += job.setup
+    lines.append(f"PYTHON={job.python}")
+    if job.config is not None:
+        lines.append(f"CONFIG={_q(job.config)}")
+
+    common = _common_prefix(job.tasks) if job.is_array else job.tasks[0]
+    lines.append("ARGS=(" + " ".join(_q(a) for a in common) + ")")
+    if job.is_array:
+        lines.append("# One line per array task: its sweep point and its output directory.")
+        lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+        for index, task in enumerate(job.tasks):
+            lines.append(f"  {index}) ARGS+=(" + " ".join(_q(a) for a in task[len(common) :]) + ") ;;")
+        lines.append('  *) echo "biomask: no task $SLURM_ARRAY_TASK_ID in this array" >&2; exit 2 ;;')
+        lines.append("esac")
+    lines.append("")
+    lines.append(
+        'echo "biomask: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): '
+        f'{job.stage} ${{ARGS[*]}}"'
+    )
+    lines += _training_body(job) if job.training else [f'exec {job.program} "${{ARGS[@]}}"']
+    return "\n".join(lines) + "\n"
+
+
+def _training_body(job: JobScript) -> list[str]:
+    s = job.slurm
+    return [
+        "",
+        "# One srun task per GPU (per CPU slot without GPUs). biomask maps SLURM_PROCID, SLURM_NTASKS,",
+        "# SLURM_LOCALID and the first host of SLURM_JOB_NODELIST to RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR.",
+        "# (srun does not inherit --cpus-per-task from the allocation in SLURM 22.05+: it is passed again.)",
+        f"STEP=(srun --nodes={s.nodes} --ntasks-per-node={s.tasks} --cpus-per-task={s.cpus_per_task} --kill-on-bad-exit=1 {job.program})",
+        "",
+        f"# Checkpoint and requeue: SLURM sends USR1 to this script {s.signal_margin} s before the time limit",
+        f"# (--signal=B:USR1@{s.signal_margin}). The trap passes it to the step (srun forwards it to every task);",
+        f"# the trainer checkpoints and exits with {EXIT_REQUEUE}; then this script requeues the job, which resumes",
+        "# from the latest checkpoint in its output directory.",
+        'step=""',
+        "usr1=0",
+        "on_usr1() {",
+        "  usr1=1",
+        '  echo "biomask: USR1: asking the training step to checkpoint" >&2',
+        '  if [ -n "$step" ]; then kill -USR1 "$step" 2>/dev/null || true; fi',
+        "}",
+        "trap on_usr1 USR1",
+        "",
+        '"${STEP[@]}" "${ARGS[@]}" &',
+        "step=$!",
+        "# A USR1 that came before the step started is passed on now.",
+        'if [ "$usr1" = 1 ]; then kill -USR1 "$step" 2>/dev/null || true; fi',
+        "# A trapped signal cuts `wait` short: wait until the step has ended, then read its exit status.",
+        'while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done',
+        "status=0",
+        'wait "$step" || status=$?',
+        "",
+        f'if [ "$status" -eq {EXIT_REQUEUE} ]; then',
+        f'  echo "biomask: the step checkpointed (exit {EXIT_REQUEUE}); requeueing job $SLURM_JOB_ID" >&2',
+        f'  scontrol requeue "$SLURM_JOB_ID" || exit {EXIT_REQUEUE}',
+        "  exit 0",
+        "fi",
+        'exit "$status"',
+    ]

@@ -1,0 +1,150 @@
+"""The schema of pipeline files (`configs/pipelines/*.yaml`): stages, their configs, dependencies,
+sweeps and SLURM resources. See configs/pipelines/dna-prep.yaml for an annotated example.
+
+    name: dna-prep
+    slurm: {time: "00:30:00", mem: 4G}         # defaults for every stage's job
+    stages:
+      prep_genome:
+        command: prep dna
+        config: configs/dna/ce2-chrX.yaml
+        overrides: {windows.max_bases: 3000000}
+      prep_splice:
+        command: prep dna
+        config: configs/dna/splice.yaml
+        overrides: {tokenizer.path: "${stages.prep_genome.output}"}   # implies needs: [prep_genome]
+        sweep: {split.seed: [0, 1, 2]}                                # three tasks, a SLURM job array
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from biomask.config import Config
+
+# Stage names become file names, SLURM job names and `${stages.NAME...}` references.
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# SLURM's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_MEMORY = re.compile(r"^\d+[KMGT]?$")
+
+
+class SlurmSpec(Config):
+    """Resources of one stage's job. Pipeline-level `slurm:` gives defaults; a stage's `slurm:` overrides
+    them key by key."""
+
+    nodes: int = Field(1, ge=1)
+    # Training stages run one srun task per GPU (per CPU slot on CPU-only nodes); other stages run one task.
+    tasks_per_node: int | None = Field(None, ge=1)  # default: gpus_per_node, or 1
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem: str | None = "4G"  # per node, SLURM units (K/M/G/T); null: the partition's default
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    array_parallelism: int | None = Field(
+        None, ge=1
+    )  # sweeps: at most this many tasks at once (--array=...%N)
+    signal_margin: int = Field(
+        300, ge=60
+    )  # training: seconds before the limit when USR1 asks for a checkpoint
+    extra: list[str] = []  # further sbatch options, one per item, e.g. "--constraint=a100"
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _quoted_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 01:00:00 as the number 3600.
+            raise ValueError(
+                f'put the time limit in quotes, e.g. "01:00:00" (YAML read it as the number {value})'
+            )
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        if not _TIME.match(value):
+            raise ValueError("use a SLURM time limit: MM, HH:MM:SS or D-HH:MM:SS")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _slurm_memory(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.match(value):
+            raise ValueError("use a SLURM memory size such as 4000M or 16G")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _options(cls, value: list[str]) -> list[str]:
+        for option in value:
+            if not option.startswith("--") or "\n" in option:
+                raise ValueError(f"{option!r}: give one long sbatch option per item, e.g. --constraint=a100")
+        return value
+
+    @property
+    def time_seconds(self) -> int:
+        """The time limit in seconds (SLURM reads "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS")."""
+        days, _, clock = self.time.rpartition("-")
+        parts = [int(p) for p in clock.split(":")]
+        if days:
+            hours, minutes, seconds = [*parts, 0, 0][:3]
+        else:
+            hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+    @property
+    def tasks(self) -> int:
+        """srun tasks per node: as many as GPUs when GPUs are requested."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+class StageSpec(Config):
+    """One stage: a biomask command run on a config file with overrides, after the stages it needs."""
+
+    command: str  # a stage command: prep dna, prep cells, pretrain, evaluate, embed, report
+    config: str  # the stage's YAML config (relative paths: from the working directory)
+    # Config keys to set (`key.sub: value`, or nested mappings). Strings may refer to other stages:
+    # ${stages.NAME.output} (its output directory), ${stages.NAME.dir} (a sweep's parent directory)
+    # and ${run_dir}. `output` is set by the pipeline and cannot be overridden.
+    overrides: dict[str, Any] = {}
+    needs: list[str] = []  # stages that must finish first (references add theirs automatically)
+    # Config keys to sweep: every combination becomes one task (one element of a SLURM job array).
+    sweep: dict[str, list[Any]] = {}
+    slurm: dict[str, Any] = {}  # per-stage resources; validated as SlurmSpec over the pipeline's defaults
+
+    @field_validator("sweep")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"sweep key {key!r} has no values")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"sweep key {key!r} repeats a value")
+        return value
+
+
+class Pipeline(Config):
+    """A pipeline file."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    # Where stage outputs, logs, rendered scripts and the resolved pipeline go.
+    # Default: runs/pipelines/<name> (relative paths: from the working directory).
+    run_dir: str | None = None
+    env: dict[str, str] = {}  # environment variables for every stage (local runs and SLURM jobs)
+    setup: list[str] = []  # shell lines run at the start of every SLURM job (module load, source venv)
+    slurm: SlurmSpec = SlurmSpec()  # defaults for every stage's job
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_names(self) -> Pipeline:
+        bad = [name for name in self.stages if not re.match(NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(
+                f"stage names {bad} must start with a letter and hold only letters, digits, '_' and '-'"
+            )
+        return self

@@ -1,0 +1,309 @@
+"""`biomask pipeline submit` and `biomask pipeline status`: a pipeline as chained SLURM jobs.
+
+submit: validate the pipeline and find `sbatch` (nothing is written or submitted otherwise), render one
+script per stage into run_dir/slurm/ (written under temporary names, then renamed), submit them in
+dependency order with `--dependency=afterok:<upstream ids>` (the scripts carry --kill-on-invalid-dep=yes,
+so a failed stage cancels its dependents), and record the job ids in run_dir/jobs.json. If sbatch
+refuses a script, the jobs already submitted by this call are cancelled.
+
+status: each recorded job's state from `scontrol show job -o` (one line per array task); once SLURM has
+forgotten a job (MinJobAge), from `sacct` (accounting storage or, failing that, the jobcomp file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from biomask.errors import BiomaskError, InputError
+from biomask.outputs import atomic_write_text
+from biomask.pipelines.plan import Plan, PlannedStage
+from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
+from biomask.pipelines.sbatch import JobScript, render
+from biomask.provenance import read_run_info
+
+_FIELD = re.compile(r"(\S+?)=(\S*)")
+
+
+def job_script(
+    plan: Plan, stage: PlannedStage, *, overwrite: bool = False, portable: bool = False
+) -> JobScript:
+    """The job script of one stage. `portable`: paths relative to the submit directory (templates)."""
+
+    def path(p: Path) -> str:
+        if portable:
+            try:
+                return str(p.relative_to(plan.workdir))
+            except ValueError:
+                return str(p)
+        return str(p)
+
+    tasks = [[_relative_overrides(o, plan) if portable else o for o in t.overrides] for t in stage.tasks]
+    program = f'"$PYTHON" -m biomask {stage.command.name} --config "$CONFIG"' + (
+        " --overwrite" if overwrite else ""
+    )
+    return JobScript(
+        pipeline=plan.pipeline.name,
+        stage=stage.name,
+        summary=f"biomask {stage.command.name} --config {path(stage.config)}",
+        workdir='"$SLURM_SUBMIT_DIR"' if portable else shlex.quote(str(plan.workdir)),
+        python="${BIOMASK_PYTHON:-.venv/bin/python}" if portable else shlex.quote(sys.executable),
+        program=program,
+        log_dir=path(plan.run_dir / "logs"),
+        slurm=stage.slurm,
+        training=stage.command.training,
+        config=path(stage.config),
+        tasks=tasks,
+        needs=stage.needs,
+        env=plan.pipeline.env,
+        setup=plan.pipeline.setup,
+        header=[
+            f"Rendered from {path(plan.source)} by `biomask pipeline submit` (run directory: {path(plan.run_dir)})."
+        ],
+    )
+
+
+def _relative_overrides(item: str, plan: Plan) -> str:
+    return item.replace(str(plan.workdir) + "/", "")
+
+
+def write_scripts(plan: Plan, scripts: dict[str, JobScript]) -> dict[str, Path]:
+    """Write every script under a temporary name first, then rename them all: never a partial set."""
+    directory = plan.run_dir / "slurm"
+    directory.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "logs").mkdir(exist_ok=True)
+    staged = {}
+    try:
+        for name, job in scripts.items():
+            tmp = directory / f".{name}.sbatch.tmp"
+            tmp.write_text(render(job))
+            tmp.chmod(0o755)
+            staged[name] = tmp
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    final = {}
+    for name, tmp in staged.items():
+        final[name] = directory / f"{name}.sbatch"
+        tmp.replace(final[name])
+    return final
+
+
+def require_sbatch() -> str:
+    found = shutil.which("sbatch")
+    if found is None:
+        raise InputError(
+            "`sbatch` is not on PATH: `biomask pipeline submit` needs a SLURM client on this machine "
+            "(use `biomask pipeline run` to run the pipeline here instead)"
+        )
+    return found
+
+
+def render_scripts(
+    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write the resolved pipeline and the selected stages' scripts into the run directory."""
+    selected = plan.select(only, start)
+    write_resolved(plan)
+    return write_scripts(plan, {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected})
+
+
+def submit(
+    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted."""
+    sbatch = require_sbatch()
+    selected = plan.select(only, start)
+    check_upstream_outputs(plan, selected)
+    write_resolved(plan)
+    scripts = write_scripts(
+        plan, {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
+    )
+
+    submitted: dict[str, dict[str, Any]] = {}
+    for name in selected:
+        stage = plan.stages[name]
+        upstream = [submitted[n]["job_id"] for n in stage.needs if n in submitted]
+        argv = [sbatch, "--parsable"]
+        if upstream:
+            argv.append("--dependency=afterok:" + ":".join(upstream))
+        argv.append(str(scripts[name]))
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=plan.workdir)
+        if result.returncode != 0:
+            _cancel([s["job_id"] for s in submitted.values()])
+            raise InputError(
+                f"sbatch refused stage {name} ({scripts[name]}): {result.stderr.strip() or result.stdout.strip()}"
+                + ("\nthe jobs submitted before it were cancelled" if submitted else "")
+            )
+        job_id = result.stdout.strip().split(";")[0]
+        submitted[name] = {
+            "job_id": job_id,
+            "script": str(scripts[name]),
+            "array": len(stage.tasks) > 1,
+            "tasks": [{"index": t.index, "name": t.name, "output": str(t.output)} for t in stage.tasks],
+            "after": upstream,
+            "sbatch": argv,
+        }
+    record = {
+        "pipeline": plan.pipeline.name,
+        "source": str(plan.source),
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stages": submitted,
+    }
+    atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _cancel(job_ids: list[str]) -> None:
+    if job_ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *job_ids], capture_output=True, text=True)
+
+
+# ----------------------------------------------------------------------------------------- status
+
+
+@dataclass
+class JobState:
+    stage: str
+    task: str  # array index, or "" for a single job
+    job_id: str
+    state: str  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ... or UNKNOWN
+    reason: str = ""
+    exit_code: str = ""
+    restarts: int = 0
+    start: str = ""
+    end: str = ""
+    source: str = ""  # scontrol | sacct | output
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_jobs(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "jobs.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{run_dir}: no jobs.json (nothing was submitted from this run directory)") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def job_states(run_dir: Path) -> list[JobState]:
+    """The state of every submitted stage (one row per array task), in submission order."""
+    record = read_jobs(run_dir)
+    rows: list[JobState] = []
+    for stage, job in record["stages"].items():
+        found = _scontrol(stage, job["job_id"]) or sacct_states(stage, job["job_id"])
+        if not found:
+            found = [_from_output(stage, job, task) for task in job["tasks"]]
+        rows += sorted(found, key=lambda r: int(r.task) if r.task.isdigit() else -1)
+    return rows
+
+
+def _scontrol(stage: str, job_id: str) -> list[JobState]:
+    if not shutil.which("scontrol"):
+        return []
+    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return []  # unknown to slurmctld: finished longer ago than MinJobAge
+    rows = []
+    for line in result.stdout.splitlines():
+        fields = dict(_FIELD.findall(line))
+        if "JobState" not in fields:
+            continue
+        rows.append(
+            JobState(
+                stage=stage,
+                task=fields.get("ArrayTaskId", ""),
+                # an array task as SLURM shows it in squeue: <array job id>_<index>
+                job_id=f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
+                if "ArrayJobId" in fields
+                else fields.get("JobId", job_id),
+                state=fields["JobState"],
+                reason="" if fields.get("Reason") in (None, "None") else fields["Reason"],
+                exit_code=fields.get("ExitCode", ""),
+                restarts=int(fields.get("Restarts", "0") or 0),
+                start=_time(fields.get("StartTime")),
+                end=_time(fields.get("EndTime")),
+                source="scontrol",
+            )
+        )
+    return rows
+
+
+def sacct_states(stage: str, job_id: str) -> list[JobState]:
+    """From accounting storage, or else the jobcomp file (`sacct -c`, one line per run of the job)."""
+    if not shutil.which("sacct"):
+        return []
+    fmt = ["--noheader", "--parsable2", "--format=JobID,State,ExitCode,Start,End"]
+    for extra in ([], ["-c"]):
+        result = subprocess.run(["sacct", *extra, "-X", "-j", job_id, *fmt], capture_output=True, text=True)
+        lines = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 4]
+        if result.returncode == 0 and lines:
+            latest: dict[str, list[str]] = {}
+            for parts in lines:  # later lines are later runs (requeues)
+                latest[parts[0]] = parts
+            return [
+                JobState(
+                    stage,
+                    jid.partition("_")[2],
+                    jid,
+                    state.split()[0],
+                    "",
+                    code,
+                    0,
+                    _time(s),
+                    _time(e),
+                    "sacct",
+                )
+                for jid, (_, state, code, s, e) in latest.items()
+            ]
+    return []
+
+
+def _from_output(stage: str, job: dict[str, Any], task: dict[str, Any]) -> JobState:
+    """No scheduler knows the job any more: say whether its output was written."""
+    done = read_run_info(task["output"]) is not None
+    index = str(task["index"]) if job.get("array") else ""
+    return JobState(
+        stage, index, job["job_id"], "COMPLETED" if done else "UNKNOWN", "", "", 0, "", "", "output"
+    )
+
+
+def _time(value: str | None) -> str:
+    return "" if value in (None, "Unknown", "None", "N/A") else str(value)
+
+
+def wait(run_dir: Path, *, timeout: float, poll: float = 1.0) -> list[JobState]:
+    """Poll until no job of the run is pending, running or being requeued; return the final states."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = job_states(run_dir)
+        if all(s.state in FINAL_STATES for s in states) or time.monotonic() > deadline:
+            return states
+        time.sleep(poll)
+
+
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+)
+
+
+def cancel(run_dir: Path) -> list[str]:
+    """scancel every job of a run (used by tests and by users who want to stop a run)."""
+    ids = [job["job_id"] for job in read_jobs(run_dir)["stages"].values()]
+    if not shutil.which("scancel"):
+        raise BiomaskError("scancel is not on PATH")
+    _cancel(ids)
+    return ids

@@ -1,0 +1,78 @@
+"""The plain sbatch templates in pipelines/slurm/, rendered by the code `biomask pipeline submit` uses,
+with paths relative to the repository root (submit them from there). tests/test_pipeline_render.py
+checks that the files match; `biomask pipeline templates --out pipelines/slurm` rewrites them.
+
+- stage.sbatch     one stage, one task          (configs/pipelines/dna-prep.yaml, prep_genome)
+- sweep.sbatch     a sweep as a job array       (configs/pipelines/dna-prep.yaml, prep_splice)
+- pretrain.sbatch  a training sweep: srun with one task per GPU, USR1 -> checkpoint -> requeue
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from biomask.pipelines.plan import Plan, build_plan, load_plan
+from biomask.pipelines.sbatch import render
+from biomask.pipelines.slurm import job_script
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DNA_PREP = "configs/pipelines/dna-prep.yaml"
+
+# The study's training stage, for the template (the pretrain stage lands with issue 4).
+TRAINING_EXAMPLE: dict[str, Any] = {
+    "name": "dna-study",
+    "stages": {
+        "prep_genome": {"command": "prep dna", "config": "configs/dna/ce2-chrX.yaml"},
+        "pretrain": {
+            "command": "pretrain",
+            "config": "configs/pretrain/dna.yaml",
+            "overrides": {"data.store": "${stages.prep_genome.output}"},
+            "sweep": {"masking.scheme": ["r2mae", "bert15"], "train.seed": [0, 1, 2]},
+            "slurm": {
+                "nodes": 1,
+                "gpus_per_node": 4,
+                "cpus_per_task": 8,
+                "mem": "64G",
+                "time": "12:00:00",
+                "partition": "gpu",
+                "signal_margin": 600,
+            },
+        },
+    },
+}
+
+
+def _header(name: str, log_dir: str) -> list[str]:
+    return [
+        f"Template: edit it, then submit from the repository root: mkdir -p {log_dir} && sbatch pipelines/slurm/{name}",
+        "Rendered by the same code as `biomask pipeline submit`; regenerate: biomask pipeline templates --out pipelines/slurm",
+    ]
+
+
+def _script(plan: Plan, stage: str, name: str) -> str:
+    job = job_script(plan, plan.stages[stage], portable=True)
+    job.header = _header(name, job.log_dir)
+    return render(job)
+
+
+def render_templates(repo: Path = REPO) -> dict[str, str]:
+    """File name -> text of every template."""
+    prep = load_plan(repo / DNA_PREP, check_commands=False, workdir=repo)
+    study = build_plan(TRAINING_EXAMPLE, "templates.TRAINING_EXAMPLE", repo / DNA_PREP, False, repo)
+    return {
+        "stage.sbatch": _script(prep, "prep_genome", "stage.sbatch"),
+        "sweep.sbatch": _script(prep, "prep_splice", "sweep.sbatch"),
+        "pretrain.sbatch": _script(study, "pretrain", "pretrain.sbatch"),
+    }
+
+
+def write_templates(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_templates().items():
+        path = directory / name
+        path.write_text(text)
+        path.chmod(0o755)
+        written.append(path)
+    return written

@@ -1,0 +1,71 @@
+"""Metrics, seed statistics and the DNA baselines (on the real splice set)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.model_selection import train_test_split
+
+from biomask.dna.tokenizers import load_tokenizer
+from biomask.evaluation.baselines import Split, kmer_frequencies, one_hot, tuned_logistic
+from biomask.evaluation.metrics import classification_metrics, format_summary, paired_comparison, summarize
+from biomask.store import TokenStore
+
+
+def test_metrics_match_hand_computation():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    f1 = [0.5, 0.8, 2 / 3]  # per class, from tp/fp/fn by hand
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # Gorodkin's multi-class MCC from the confusion matrix
+    c = np.array(m["confusion_matrix"], dtype=float)
+    t, p, n, s = c.sum(1), c.sum(0), np.trace(c), c.sum()
+    expected = (n * s - t @ p) / math.sqrt((s**2 - p @ p) * (s**2 - t @ t))
+    assert m["mcc"] == pytest.approx(expected)
+
+
+def test_seed_summary_and_paired_comparison():
+    s = summarize([1, 2, 3, 4, 5])
+    assert s["mean"] == 3 and s["sd"] == pytest.approx(math.sqrt(2.5))
+    half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4)
+    assert (s["ci_low"], s["ci_high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
+    assert format_summary(s).startswith("3.000 ± 1.581 [")
+    cmp = paired_comparison([0.9, 0.8, 0.85, 0.95], [0.8, 0.75, 0.8, 0.9])
+    assert cmp["mean_difference"] == pytest.approx(0.0625)
+    # differences 0.1, 0.05, 0.05, 0.05: t = mean / (sd / sqrt(4)) = 5.0 with 3 df -> p = 0.01539
+    assert cmp["wins"] == 4 and cmp["p_value"] == pytest.approx(0.015392, abs=1e-5)
+    with pytest.raises(ValueError):
+        paired_comparison([1, 2], [1])
+
+
+@pytest.mark.network
+def test_position_aware_one_hot_is_the_strong_dna_baseline(splice_store):
+    """On splice junctions, one-hot + logistic regression far outperforms a bag of k-mers."""
+    store = TokenStore(splice_store)
+    tok = load_tokenizer(splice_store)
+    seqs, labels = [], []
+    for name in store.splits:
+        split = store.split(name)
+        seqs += [tok.decode(r["tokens"]) for r in split]
+        labels += split.record_field("labels").tolist()
+    y = np.array(labels)
+    onehot_mcc, kmer_mcc = [], []
+    for seed in range(3):
+        rest, test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=seed)
+        train, val = train_test_split(rest, test_size=0.15, stratify=y[rest], random_state=seed)
+        pick = lambda idx: [seqs[i] for i in idx]  # noqa: E731
+        x = one_hot(seqs)
+        pred = tuned_logistic(Split(x[train], y[train], x[val], y[val], x[test], y[test]), seed)
+        onehot_mcc.append(classification_metrics(y[test], pred, store.label_names)["mcc"])
+        xs = kmer_frequencies(pick(train), [pick(val), pick(test)], k=6)
+        pred = tuned_logistic(Split(xs[0], y[train], xs[1], y[val], xs[2], y[test]), seed)
+        kmer_mcc.append(classification_metrics(y[test], pred, store.label_names)["mcc"])
+    assert np.mean(onehot_mcc) > 0.88
+    assert np.mean(kmer_mcc) < 0.65
+    assert paired_comparison(onehot_mcc, kmer_mcc)["wins"] == 3

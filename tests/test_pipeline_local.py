@@ -1,0 +1,118 @@
+"""`biomask pipeline run` on a real two-stage DNA pipeline (genome -> splice set with the genome's tokenizer,
+swept over two split seeds): order, reuse when nothing changed, re-runs when config or inputs change,
+--only / --from, failures, and the status table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from biomask.provenance import read_run_info
+from biomask.store import TokenStore
+from tests.conftest import leftovers
+
+pytestmark = pytest.mark.network
+
+TASKS = ["prep_genome", "prep_splice/split.seed=0", "prep_splice/split.seed=1"]
+
+
+def statuses(run_dir) -> dict[str, str]:
+    data = json.loads((run_dir / "local-run.json").read_text())
+    return {r["task"]: r["status"] for r in data["results"]}
+
+
+def created(path) -> str:
+    return read_run_info(path)["created"]
+
+
+def test_runs_in_order_then_reuses_then_reruns_what_changed(dna_pipeline, tmp_path, cli):
+    run = tmp_path / "run"
+    code, out, err = cli("-q", "pipeline", "run", dna_pipeline)
+    assert code == 0, err
+    assert statuses(run) == dict.fromkeys(TASKS, "ran")
+    for task in TASKS:
+        assert task.split("/")[0] in out  # the status table
+    genome, splice0 = run / "prep_genome", run / "prep_splice" / "split.seed=0"
+    assert created(genome) <= created(splice0)
+    # the splice set really was tokenized with the genome's tokenizer (an input of its fingerprint)
+    tokenizer = read_run_info(genome)
+    splice_inputs = {i["name"]: i for i in read_run_info(splice0)["inputs"]}
+    assert splice_inputs["tokenizer"]["path"].startswith(str(genome))
+    assert tokenizer is not None and TokenStore(splice0).verify() > 0
+    # the split seeds differ between the two tasks
+    seeds = [
+        yaml.safe_load((run / "prep_splice" / s / "config.yaml").read_text())["split"]["seed"]
+        for s in ("split.seed=0", "split.seed=1")
+    ]
+    assert seeds == [0, 1]
+    # reproducibility: the resolved pipeline and each stage's config + run.json are in the run directory
+    resolved = yaml.safe_load((run / "pipeline.yaml").read_text())
+    assert resolved["stages"]["prep_splice"]["tasks"][1]["output"] == str(
+        run / "prep_splice" / "split.seed=1"
+    )
+    assert (genome / "config.yaml").exists() and (run / "logs" / "prep_genome.log").exists()
+
+    # unchanged: every stage reuses its output (run.json untouched)
+    before = {t: created(run / t) for t in TASKS}
+    code, out, _ = cli("-q", "pipeline", "run", dna_pipeline)
+    assert code == 0 and statuses(run) == dict.fromkeys(TASKS, "reused")
+    assert "reused" in out
+    assert {t: created(run / t) for t in TASKS} == before
+
+    # a downstream config change re-runs only the downstream stage
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "stages.prep_splice.overrides.split.test=0.25")
+    assert code == 0, err
+    assert statuses(run) == {
+        "prep_genome": "reused",
+        "prep_splice/split.seed=0": "ran (changed)",
+        "prep_splice/split.seed=1": "ran (changed)",
+    }
+
+    # an upstream change re-runs it, and the splice set whose input (the tokenizer) changed with it
+    kmer = ["stages.prep_genome.overrides.tokenizer.kind=kmer", "stages.prep_genome.overrides.tokenizer.k=3"]
+    code, _, err = cli(
+        "-q", "pipeline", "run", dna_pipeline, "stages.prep_splice.overrides.split.test=0.25", *kmer
+    )
+    assert code == 0, err
+    assert set(statuses(run).values()) == {"ran (changed)"}
+    assert TokenStore(splice0).manifest["tokenizer"]["kind"] == "kmer"
+    assert leftovers(run) == [] and leftovers(run / "prep_splice") == []
+
+
+def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
+    run = tmp_path / "run"
+    # --only a stage whose upstream output does not exist yet: refused before anything runs
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_splice")
+    assert code == 2 and "prep_splice needs prep_genome, whose output" in err
+    assert not (run / "prep_splice").exists()
+
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
+    assert code == 0, err
+    assert statuses(run) == {"prep_genome": "ran"} and not (run / "prep_splice").exists()
+
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--from", "prep_splice")
+    assert code == 0, err
+    assert statuses(run) == {"prep_splice/split.seed=0": "ran", "prep_splice/split.seed=1": "ran"}
+
+    # `pipeline status` shows the last local run
+    code, out, _ = cli("pipeline", "status", run)
+    assert code == 0 and "prep_splice/split.seed=1" in out and "ran" in out
+
+
+def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):
+    run = tmp_path / "run"
+    missing = tmp_path / "no-such-genome.fa"
+    code, out, err = cli(
+        "-q", "pipeline", "run", dna_pipeline, f"stages.prep_genome.overrides.inputs=[{{path: {missing}}}]"
+    )
+    assert code == 2  # the stage's own exit code: bad input
+    assert statuses(run) == {
+        "prep_genome": "failed",
+        "prep_splice/split.seed=0": "not run",
+        "prep_splice/split.seed=1": "not run",
+    }
+    assert "failed" in out and "prep_genome" in out  # the status table
+    assert "stage prep_genome failed (exit 2)" in err and str(missing) in err  # and the stage's own message
+    assert not (run / "prep_genome").exists() and leftovers(run) == []

@@ -1,0 +1,252 @@
+"""Pipeline files: validation before anything runs, task expansion, references, rendered sbatch scripts,
+and the templates in pipelines/slurm/ staying in sync with what `submit` renders."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomask.config import apply_overrides
+from biomask.errors import ConfigError
+from biomask.pipelines.plan import build_plan, command_line_value, load_plan
+from biomask.pipelines.sbatch import render
+from biomask.pipelines.schema import SlurmSpec
+from biomask.pipelines.slurm import job_script
+from biomask.pipelines.templates import render_templates
+from tests.conftest import REPO
+
+GENOME = f"{REPO}/configs/dna/ce2-chrX.yaml"
+SPLICE = f"{REPO}/configs/dna/splice.yaml"
+
+
+def pipeline(tmp_path: Path, stages: dict, **top) -> Path:
+    path = tmp_path / "p.yaml"
+    data = {"name": "t", "run_dir": str(tmp_path / "run"), **top, "stages": stages}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def error_of(path: Path, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_plan(path, overrides)
+    return str(err.value)
+
+
+def test_plan_orders_stages_and_places_outputs(dna_pipeline, tmp_path):
+    plan = load_plan(dna_pipeline)
+    assert list(plan.stages) == ["prep_genome", "prep_splice"]
+    genome, splice = plan.stages.values()
+    assert splice.needs == ["prep_genome"]  # implied by the reference
+    assert genome.tasks[0].output == tmp_path / "run" / "prep_genome"
+    assert [t.output.name for t in splice.tasks] == ["split.seed=0", "split.seed=1"]
+    first = splice.tasks[0].overrides
+    assert f"tokenizer.path={tmp_path / 'run' / 'prep_genome'}" in first
+    assert first[-2:] == ["split.seed=0", f"output={tmp_path / 'run' / 'prep_splice' / 'split.seed=0'}"]
+    # nested override mappings become dotted keys
+    assert "windows.max_bases=200000" in genome.tasks[0].overrides
+
+
+def test_sweeps_expand_to_every_combination(tmp_path):
+    stages = {
+        "prep": {
+            "command": "prep dna",
+            "config": SPLICE,
+            "sweep": {"tokenizer.kind": ["char", "kmer"], "split.seed": [0, 1, 2]},
+        }
+    }
+    plan = load_plan(pipeline(tmp_path, stages))
+    tasks = plan.stages["prep"].tasks
+    assert [t.index for t in tasks] == list(range(6))
+    assert tasks[4].point == {"tokenizer.kind": "kmer", "split.seed": 1}
+    assert tasks[4].output.name == "tokenizer.kind=kmer,split.seed=1"
+
+
+def test_swept_stages_read_their_counterpart(tmp_path):
+    stages = {
+        "a": {"command": "prep dna", "config": GENOME, "sweep": {"split.seed": [0, 1]}},
+        "b": {
+            "command": "prep dna",
+            "config": SPLICE,
+            "overrides": {"tokenizer.path": "${stages.a.output}"},
+            "sweep": {"split.seed": [0, 1], "tokenizer.k": [3, 4]},
+        },
+        "c": {"command": "prep dna", "config": SPLICE, "overrides": {"tokenizer.path": "${stages.a.dir}/x"}},
+    }
+    plan = load_plan(pipeline(tmp_path, stages))
+    b = plan.stages["b"].tasks[3]  # split.seed=1, tokenizer.k=4
+    assert f"tokenizer.path={plan.run_dir / 'a' / 'split.seed=1'}" in b.overrides
+    assert f"tokenizer.path={plan.run_dir / 'a' / 'x'}" in plan.stages["c"].tasks[0].overrides
+    # an unswept stage cannot pick one task of a sweep
+    stages["c"]["overrides"] = {"tokenizer.path": "${stages.a.output}"}
+    message = error_of(pipeline(tmp_path, stages))
+    assert "stage c" in message and "ambiguous" in message and "${stages.a.dir}" in message
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        (
+            {
+                "a": {"command": "prep dna", "config": GENOME, "needs": ["c"]},
+                "b": {"command": "prep dna", "config": GENOME, "needs": ["a"]},
+                "c": {"command": "prep dna", "config": GENOME, "needs": ["b"]},
+            },
+            "dependency cycle: a -> c -> b -> a",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": GENOME, "needs": ["prep"]}},
+            "stage a needs 'prep', which is not a stage of this pipeline",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stages.nope.output}"}}},
+            "stage a needs 'nope'",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": "configs/dna/missing.yaml"}},
+            "stage a: config file configs/dna/missing.yaml does not exist",
+        ),
+        ({"a": {"command": "prep rna", "config": GENOME}}, "stage a: unknown command 'prep rna'"),
+        (
+            {"a": {"command": "prep dna", "config": GENOME, "overrides": {"tokenizer.kind": "bytes"}}},
+            "tokenizer.kind",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": GENOME, "overrides": {"output": "/x"}}},
+            "`output` is set by the pipeline",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": GENOME, "slurm": {"tasks_per_node": 2}}},
+            "only training stages run as several tasks",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": GENOME, "slurm": {"time": 3600}}},
+            "put the time limit in quotes",
+        ),
+        (
+            {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stage.a.output}"}}},
+            "unknown reference ${stage.a.output}",
+        ),
+    ],
+    ids=[
+        "cycle",
+        "unknown-need",
+        "unknown-reference-stage",
+        "missing-config",
+        "unknown-command",
+        "bad-stage-config",
+        "output-override",
+        "tasks-outside-training",
+        "unquoted-time",
+        "bad-reference",
+    ],
+)
+def test_bad_pipelines_are_reported_before_anything_runs(tmp_path, cli, stages, expected):
+    path = pipeline(tmp_path, stages)
+    assert expected in error_of(path)
+    for action in ("run", "submit"):
+        code, _, err = cli("pipeline", action, path)
+        assert code == 2, err
+        assert expected in err and str(path) in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_command_biomask_does_not_have_yet_is_reported(tmp_path, cli):
+    from biomask.pipelines.commands import cli_commands
+
+    if "embed" in cli_commands():
+        pytest.skip("`biomask embed` exists now; this check needs a command that does not")
+    path = pipeline(tmp_path, {"e": {"command": "embed", "config": GENOME}})
+    code, _, err = cli("pipeline", "run", path)
+    assert code == 2 and "'embed' is not available in this version of biomask" in err
+
+
+def test_unknown_pipeline_keys_name_the_file(tmp_path, cli):
+    path = pipeline(tmp_path, {"a": {"command": "prep dna", "config": GENOME, "after": ["b"]}})
+    code, _, err = cli("pipeline", "run", path)
+    assert code == 2 and str(path) in err and "stages.a.after" in err
+
+
+def test_submit_without_sbatch_fails_before_writing(dna_pipeline, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no SLURM client anywhere on PATH
+    code, _, err = cli("pipeline", "submit", dna_pipeline)
+    assert code == 2 and "`sbatch` is not on PATH" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_and_from_name_existing_stages(dna_pipeline, cli):
+    code, _, err = cli("pipeline", "run", dna_pipeline, "--only", "prep_gnome")
+    assert code == 2 and "no stage named 'prep_gnome'" in err
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "0.1", "true", "a: b", "with space", 3, 0.5, None, [1, "x"], {"k": 1}]
+)
+def test_override_values_survive_the_command_line(value):
+    data: dict = {}
+    apply_overrides(data, [f"key={command_line_value(value)}"])
+    assert data["key"] == value
+
+
+def test_rendered_scripts_are_readable_and_valid_bash(dna_pipeline, tmp_path):
+    plan = load_plan(dna_pipeline)
+    splice = render(job_script(plan, plan.stages["prep_splice"]))
+    assert "#SBATCH --array=0-1\n" in splice
+    assert "#SBATCH --kill-on-invalid-dep=yes\n" in splice
+    assert "#SBATCH --time=00:05:00\n" in splice
+    assert "#SBATCH --mem=1G\n" in splice
+    assert (
+        f"  1) ARGS+=(split.seed=1 output={tmp_path / 'run' / 'prep_splice' / 'split.seed=1'}) ;;" in splice
+    )
+    assert "--signal" not in splice and "srun" not in splice  # not a training stage
+    for name, stage in plan.stages.items():
+        script = tmp_path / f"{name}.sbatch"
+        script.write_text(render(job_script(plan, stage)))
+        subprocess.run(["bash", "-n", str(script)], check=True)  # parses
+
+
+def test_training_scripts_checkpoint_and_requeue():
+    text = render_templates()["pretrain.sbatch"]
+    assert "#SBATCH --signal=B:USR1@600\n#SBATCH --requeue\n" in text
+    assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --ntasks-per-node=4\n" in text
+    assert "srun --nodes=1 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1" in text
+    assert "trap on_usr1 USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+
+
+@pytest.mark.parametrize(
+    ("limit", "seconds"),
+    [
+        ("30", 1800),
+        ("1:30", 90),
+        ("01:00:00", 3600),
+        ("2-0", 172800),
+        ("1-02:03", 93780),
+        ("1-00:00:01", 86401),
+    ],
+)
+def test_slurm_time_limits_in_seconds(limit, seconds):
+    assert SlurmSpec(time=limit).time_seconds == seconds
+
+
+def test_training_signal_must_come_before_the_time_limit(tmp_path):
+    stage = {"command": "pretrain", "config": "configs/pretrain/dna.yaml", "slurm": {"time": "00:05:00"}}
+    with pytest.raises(ConfigError, match=r"signal_margin \(300 s\) must be shorter than the time limit"):
+        build_plan({"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path)
+    stage["slurm"]["signal_margin"] = 120
+    plan = build_plan(
+        {"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path
+    )
+    assert "#SBATCH --signal=B:USR1@120\n" in render(job_script(plan, plan.stages["train"]))
+
+
+def test_templates_match_what_submit_renders():
+    """pipelines/slurm/*.sbatch are what `biomask pipeline submit` renders (paths relative to the repo)."""
+    rendered = render_templates()
+    on_disk = {p.name: p.read_text() for p in (REPO / "pipelines" / "slurm").glob("*.sbatch")}
+    assert set(on_disk) == set(rendered)
+    for name, text in rendered.items():
+        assert on_disk[name] == text, (
+            f"pipelines/slurm/{name} is out of date: biomask pipeline templates --out pipelines/slurm"
+        )

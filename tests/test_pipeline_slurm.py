@@ -1,0 +1,205 @@
+"""`biomask pipeline submit` / `status` against a real single-node SLURM cluster (tests/slurm_cluster.py):
+afterok chains, a sweep as a job array, a failing stage cancelling its dependents, and the training
+scripts' USR1 -> checkpoint (exit 75) -> requeue mechanics.
+
+The training-specific end-to-end check (a real `biomask pretrain` under srun with 2 DeepSpeed tasks,
+signalled with USR1, resuming to the same final weights) joins these when the pretrain stage lands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomask.cli import main
+from biomask.pipelines.plan import load_plan
+from biomask.pipelines.sbatch import JobScript, render
+from biomask.pipelines.schema import SlurmSpec
+from biomask.pipelines.slurm import job_states, sacct_states, wait
+from biomask.provenance import read_run_info
+from biomask.store import TokenStore
+from tests.conftest import DNA_PIPELINE, REPO, leftovers
+
+pytestmark = [pytest.mark.network, pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def write_pipeline(directory: Path) -> Path:
+    path = directory / "dna-test.yaml"
+    path.write_text(DNA_PIPELINE.format(run_dir=directory / "run", repo=REPO))
+    return path
+
+
+def finished(run_dir: Path, cluster, timeout: float = 150) -> dict[str, list]:
+    """Wait for every job of the run to end; its final states by stage."""
+    states = wait(run_dir, timeout=timeout)
+    by_stage: dict[str, list] = {}
+    for s in states:
+        by_stage.setdefault(s.stage, []).append(s)
+    pending = [s for s in states if s.state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")]
+    assert not pending, (
+        f"jobs did not finish: {pending}\nslurmctld log:\n{cluster.log('slurmctld.log')[-3000:]}"
+    )
+    return by_stage
+
+
+@pytest.fixture(scope="module")
+def submitted(slurm_cluster, tmp_path_factory):
+    """The DNA pipeline submitted once and waited for: (run dir, final states by stage)."""
+    directory = tmp_path_factory.mktemp("slurm-dna")
+    assert main(["-q", "pipeline", "submit", str(write_pipeline(directory))]) == 0
+    run_dir = directory / "run"
+    return run_dir, finished(run_dir, slurm_cluster)
+
+
+def test_a_pipeline_runs_as_an_afterok_chain(submitted):
+    run_dir, states = submitted
+    jobs = json.loads((run_dir / "jobs.json").read_text())["stages"]
+    assert jobs["prep_splice"]["after"] == [jobs["prep_genome"]["job_id"]]
+    assert f"--dependency=afterok:{jobs['prep_genome']['job_id']}" in jobs["prep_splice"]["sbatch"]
+    (genome,) = states["prep_genome"]
+    assert genome.state == "COMPLETED" and genome.exit_code == "0:0"
+    for task in states["prep_splice"]:
+        assert task.state == "COMPLETED"
+        assert task.start >= genome.end  # started only after the genome stage had ended
+    # real outputs, and the splice set read the genome's tokenizer
+    genome_out = run_dir / "prep_genome"
+    assert TokenStore(genome_out).verify() > 0
+    inputs = {i["name"]: i["path"] for i in read_run_info(run_dir / "prep_splice" / "split.seed=0")["inputs"]}
+    assert inputs["tokenizer"].startswith(str(genome_out))
+    # reproducibility: resolved pipeline, the rendered scripts, each stage's config and run.json
+    assert (run_dir / "pipeline.yaml").exists()
+    assert sorted(p.name for p in (run_dir / "slurm").iterdir()) == [
+        "prep_genome.sbatch",
+        "prep_splice.sbatch",
+    ]
+    assert "biomask: wrote" in (run_dir / "logs" / f"prep_genome-{genome.job_id}.out").read_text()
+
+
+def test_a_sweep_runs_every_task_of_its_job_array(submitted):
+    run_dir, states = submitted
+    tasks = states["prep_splice"]
+    array_id = json.loads((run_dir / "jobs.json").read_text())["stages"]["prep_splice"]["job_id"]
+    assert [(t.task, t.job_id, t.state) for t in tasks] == [
+        ("0", f"{array_id}_0", "COMPLETED"),
+        ("1", f"{array_id}_1", "COMPLETED"),
+    ]
+    for seed in (0, 1):
+        out = run_dir / "prep_splice" / f"split.seed={seed}"
+        assert yaml.safe_load((out / "config.yaml").read_text())["split"]["seed"] == seed
+        assert TokenStore(out).verify() > 0
+        assert (run_dir / "logs" / f"prep_splice-{array_id}_{seed}.out").exists()
+
+
+def test_status_shows_each_stage_job(submitted, cli):
+    run_dir, _ = submitted
+    code, out, _ = cli("pipeline", "status", run_dir, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [(r["stage"], r["task"], r["state"], r["source"]) for r in rows] == [
+        ("prep_genome", "", "COMPLETED", "scontrol"),
+        ("prep_splice", "0", "COMPLETED", "scontrol"),
+        ("prep_splice", "1", "COMPLETED", "scontrol"),
+    ]
+    code, out, _ = cli("pipeline", "status", run_dir)
+    assert code == 0 and "prep_genome" in out and "COMPLETED" in out
+    # once slurmctld forgets a job (MinJobAge), sacct answers; without accounting storage, from the jobcomp file
+    genome_id = rows[0]["job_id"]
+    assert [(s.job_id, s.state, s.exit_code) for s in sacct_states("prep_genome", genome_id)] == [
+        (genome_id, "COMPLETED", "0:0")
+    ]
+
+
+def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
+    missing = tmp_path / "no-such-genome.fa"
+    path = write_pipeline(tmp_path)
+    code, _, err = cli(
+        "-q", "pipeline", "submit", path, f"stages.prep_genome.overrides.inputs=[{{path: {missing}}}]"
+    )
+    assert code == 0, err
+    states = finished(tmp_path / "run", slurm_cluster)
+    (genome,) = states["prep_genome"]
+    assert (genome.state, genome.exit_code) == ("FAILED", "2:0")  # bad input: exit 2
+    assert states["prep_splice"] and {s.state for s in states["prep_splice"]} == {"CANCELLED"}
+    log = (tmp_path / "run" / "logs" / f"prep_genome-{genome.job_id}.out").read_text()
+    assert str(missing) in log
+    assert not (tmp_path / "run" / "prep_genome").exists() and leftovers(tmp_path / "run") == []
+
+
+# A stand-in for a training step, to check the job script's mechanics (not training): each srun task
+# records its start, and on USR1 "checkpoints" and exits 75; after the requeue it finds its checkpoint,
+# "resumes" and exits 0 (ignoring any further USR1: the requeued job's time limit starts again).
+STAND_IN = """\
+#!/bin/bash
+trap '' USR1
+out=$1
+echo "task $SLURM_PROCID of $SLURM_NTASKS restart ${SLURM_RESTART_COUNT:-0}" >> "$out/task$SLURM_PROCID.log"
+if [ -f "$out/checkpoint$SLURM_PROCID" ]; then echo resumed >> "$out/task$SLURM_PROCID.log"; exit 0; fi
+trap 'echo step > "$out/checkpoint$SLURM_PROCID"; exit 75' USR1
+touch "$out/started$SLURM_PROCID"
+for _ in $(seq 3000); do sleep 0.1; done
+exit 1
+"""
+
+
+def test_requeue_mechanics_with_a_stand_in_step(slurm_cluster, tmp_path):
+    """The rendered training script under SLURM's own near-the-limit signal: a 2-minute job with
+    --signal=B:USR1@60 gets USR1 in the batch script 60-90 s before its limit -> forwarded to both srun
+    tasks -> exit 75 -> `scontrol requeue` -> the job reruns (SLURM_RESTART_COUNT=1) and completes; an
+    afterok dependent runs only after that final completion."""
+    (tmp_path / "stand_in.sh").write_text(STAND_IN)
+    job = JobScript(
+        pipeline="mechanics",
+        stage="train",
+        summary="stand-in training step (mechanics test)",
+        workdir=str(tmp_path),
+        python="python3",
+        program=f"bash {tmp_path / 'stand_in.sh'}",
+        log_dir=str(tmp_path),
+        slurm=SlurmSpec(tasks_per_node=2, time="2", signal_margin=60, mem="100M"),
+        training=True,
+        tasks=[[str(tmp_path)]],
+    )
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(job))
+    job_id = slurm_cluster.command("sbatch", "--parsable", str(script)).stdout.strip()
+    after = slurm_cluster.command(
+        "sbatch", "--parsable", f"--dependency=afterok:{job_id}", "--kill-on-invalid-dep=yes",
+        f"--output={tmp_path}/after.out", "--wrap", f"date +%s.%N > {tmp_path}/after",
+    ).stdout.strip()  # fmt: skip
+    assert job_id.isdigit() and after.isdigit()
+
+    deadline = time.monotonic() + 170
+    while not (tmp_path / "after").exists():
+        assert time.monotonic() < deadline, slurm_cluster.command(
+            "scontrol", "show", "job", "-o", job_id
+        ).stdout
+        time.sleep(0.5)
+    show = slurm_cluster.command("scontrol", "show", "job", "-o", job_id).stdout
+    fields = dict(f.split("=", 1) for f in show.split() if "=" in f)
+    assert (fields["JobState"], fields["Restarts"], fields["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    for rank in (0, 1):
+        assert (tmp_path / f"checkpoint{rank}").exists()  # USR1 reached both srun tasks
+        assert (tmp_path / f"task{rank}.log").read_text().splitlines() == [
+            f"task {rank} of 2 restart 0",
+            f"task {rank} of 2 restart 1",
+            "resumed",
+        ]
+    log = (tmp_path / f"train-{job_id}.out").read_text()
+    assert "USR1: asking the training step to checkpoint" in log
+    assert "requeueing job" in log and "(restart 1)" in log  # --open-mode=append keeps both runs
+    end = time.mktime(time.strptime(fields["EndTime"], "%Y-%m-%dT%H:%M:%S"))
+    assert float((tmp_path / "after").read_text()) >= end  # the dependent waited for the final run
+
+
+def test_status_of_a_run_directory_loaded_from_the_pipeline_file(submitted, cli, monkeypatch):
+    run_dir, _ = submitted
+    monkeypatch.chdir(run_dir.parent)
+    plan = load_plan(run_dir.parent / "dna-test.yaml")
+    assert plan.run_dir == run_dir
+    code, out, _ = cli("pipeline", "status", run_dir.parent / "dna-test.yaml", "--json")
+    assert code == 0 and len(json.loads(out)) == 3
+    assert [s.state for s in job_states(run_dir)] == ["COMPLETED"] * 3
