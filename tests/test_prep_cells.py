@@ -447,6 +447,18 @@ def _write_10x(tmp_path, pbmc3k):
         feats["feature_type"] = np.full(symbols.size, b"Gene Expression")
         feats["genome"] = np.full(symbols.size, b"GRCh38")
         feats["_all_tag_keys"] = np.array([b"genome"])
+    v2 = tmp_path / "cellranger2.h5"  # Cell Ranger 2: one group per genome, genes / gene_names
+    with h5py.File(v2, "w") as f:
+        g = f.create_group("hg19")
+        g["data"], g["indices"], g["indptr"] = (
+            csc.data,
+            csc.indices.astype(np.int64),
+            csc.indptr.astype(np.int64),
+        )
+        g["shape"] = np.array(csc.shape, dtype=np.int32)
+        g["barcodes"] = sub.obs_names.to_numpy().astype("S")
+        g["genes"] = sub.var["gene_ids"].to_numpy().astype("S")
+        g["gene_names"] = symbols.astype("S")
     loom = tmp_path / "cells.loom"
     with h5py.File(loom, "w") as f:
         f["matrix"] = counts.T.toarray().astype(np.float32)
@@ -457,7 +469,7 @@ def _write_10x(tmp_path, pbmc3k):
         f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
     h5ad = tmp_path / "cells.h5ad"
     sub.write_h5ad(h5ad)
-    return {"10x_mtx": directory, "10x_h5": h5, "loom": loom, "h5ad": h5ad}, sub, symbols
+    return {"10x_mtx": directory, "10x_h5": h5, "10x_h5_v2": v2, "loom": loom, "h5ad": h5ad}, sub, symbols
 
 
 def test_10x_and_loom_readers_give_the_same_cells_as_scanpy(tmp_path, pbmc3k):
@@ -467,6 +479,7 @@ def test_10x_and_loom_readers_give_the_same_cells_as_scanpy(tmp_path, pbmc3k):
     expected = {
         "10x_mtx": sc.read_10x_mtx(files["10x_mtx"], make_unique=False),
         "10x_h5": sc.read_10x_h5(files["10x_h5"]),
+        "10x_h5_v2": sc.read_10x_h5(files["10x_h5_v2"], genome="hg19"),
     }
     for fmt, path in files.items():
         source = open_matrix(path)
@@ -514,7 +527,8 @@ def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, re
 def test_every_format_gives_the_same_tokens(tmp_path, cli, repo, pbmc3k):
     files, _, _ = _write_10x(tmp_path, pbmc3k)
     # Ensembl IDs are unique in every format (the symbols are not, in the 10x ones); loom calls them Accession
-    id_column = {"h5ad": "gene_ids", "10x_mtx": "gene_ids", "10x_h5": "gene_ids", "loom": "Accession"}
+    id_column = {"h5ad": "gene_ids", "10x_mtx": "gene_ids", "10x_h5": "gene_ids", "10x_h5_v2": "gene_ids",
+                 "loom": "Accession"}  # fmt: skip
     stores = {}
     for fmt, path in files.items():
         out = tmp_path / f"store-{fmt}"
@@ -522,11 +536,11 @@ def test_every_format_gives_the_same_tokens(tmp_path, cli, repo, pbmc3k):
                             f"genes.column={id_column[fmt]}")  # fmt: skip
         assert code == 0, err
         store = TokenStore(out)
-        assert store.manifest["sources"][0]["format"] == fmt
+        assert store.manifest["sources"][0]["format"] == fmt.removesuffix("_v2")
         stores[fmt] = {
             s: [r["tokens"].tolist() + r["values"].tolist() for r in store.split(s)] for s in store.splits
         }
-    assert stores["10x_mtx"] == stores["h5ad"] == stores["10x_h5"] == stores["loom"]
+    assert stores["10x_mtx"] == stores["h5ad"] == stores["10x_h5"] == stores["10x_h5_v2"] == stores["loom"]
     assert sum(len(v) for v in stores["h5ad"].values()) > 250
 
 
@@ -605,14 +619,30 @@ def test_empty_matrix_and_zero_count_cells(tmp_path, cli, repo, pbmc3k):
 
 
 def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_store):
+    import anndata
+
     out = tmp_path / "out"
-    code, _, err = prep(
-        cli, repo / CFG_68K, f"output={out}", f"tokenizer.path={pbmc3k_store}", "labels.column=cell_type"
-    )
+    args = [f"output={out}", f"tokenizer.path={pbmc3k_store}"]
+    code, _, err = prep(cli, repo / CFG_68K, *args, "labels.column=cell_type")
     assert (
         code == 2 and "[raw]: obs has no column 'cell_type' (labels.column); obs columns: bulk_labels" in err
     )
     assert not out.exists() and leftovers(tmp_path) == []
+    # cells without a label: refused by default, left out on request
+    adata = anndata.read_h5ad(datasets.fetch("pbmc68k_reduced"))
+    adata.obs["bulk_labels"] = adata.obs["bulk_labels"].astype(object)
+    adata.obs.iloc[[5, 9, 300], adata.obs.columns.get_loc("bulk_labels")] = None
+    path = tmp_path / "unlabelled.h5ad"
+    adata.write_h5ad(path)
+    code, _, err = prep(cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]")
+    assert code == 2 and f"3 cells have no 'bulk_labels' label (first: '{adata.obs_names[5]}')" in err
+    assert "labels.missing: drop" in err and not out.exists()
+    code, _, _ = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.missing=drop"
+    )
+    store = TokenStore(out)
+    assert code == 0 and store.manifest["stats"]["cells_dropped_missing_label"] == 3
+    assert sum(len(store.split(s)) for s in store.splits) == 697
 
 
 def test_vocabulary_loaded_back_is_the_saved_one(pbmc3k_store):

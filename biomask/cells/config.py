@@ -105,7 +105,7 @@ class TokenizerConfig(Config):
     n_bins: int = Field(51, ge=2, le=255)  # binned: expressed genes get bins 1..n_bins
     max_length: int = Field(1200, ge=1)  # binned and rank: at most this many genes per cell
     truncate: Literal["top", "sample"] = "top"  # binned beyond max_length: top-expressed, or a seeded sample
-    seed: int = 0  # binned with truncate=sample
+    seed: int = Field(0, ge=0)  # binned with truncate=sample, and the cell subset for medians
     min_coverage: float = Field(0.5, ge=0, le=1)  # warn when less of a dataset's genes are in the vocabulary
     # medians of a corpus storing more values than this come from a seeded subset of its cells
     median_max_values: int = Field(10_000_000, ge=1)
@@ -117,7 +117,7 @@ class LabelsConfig(Config):
 
 
 class SplitConfig(Config):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     val: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     column: str | None = None  # obs column with train/val/test; without it splits are drawn by seed

@@ -170,19 +170,26 @@ class BinnedScheme(Scheme):
         # key = cell * SMALL_COUNT + count: the element's cell in the (cells x SMALL_COUNT) tables
         key = np.repeat(np.arange(0, n * SMALL_COUNT, SMALL_COUNT, dtype=np.int32), lengths)
         key += counts if all_small else np.minimum(counts, SMALL_COUNT - 1)
-        # at_most[cell, c]: how many of the cell's counts are <= c (counts >= SMALL_COUNT excluded)
-        hist = np.bincount(key if all_small else key[small], minlength=n * SMALL_COUNT)
-        at_most = np.cumsum(hist.reshape(n, SMALL_COUNT), axis=1)
+        # at_most[cell, c]: how many of the cell's counts are <= c (counts >= SMALL_COUNT excluded: they
+        # were clipped into the last column, and are taken out of it again)
+        hist = np.bincount(key, minlength=n * SMALL_COUNT).reshape(n, SMALL_COUNT)
+        large = None if all_small else np.flatnonzero(~small)
+        if large is not None:
+            large_rows = np.searchsorted(indptr, large, side="right") - 1
+            hist[:, -1] -= np.bincount(large_rows, minlength=n)
+        at_most = np.cumsum(hist, axis=1)
         m = np.maximum(lengths, 1)[:, None]
         bin_table = ((self.n_bins * at_most + m - 1) // m).astype(np.uint8)  # exact integer ceil
         value_table = np.log1p(_COUNT_GRID[None, :] * scale.astype(np.float32)[:, None])
         bins = bin_table.reshape(-1)[key]
         values = value_table.reshape(-1)[key]
-        if not all_small:
-            self._large_counts(indptr, counts, scale, at_most[:, -1], ~small, bins, values)
+        if large is not None:
+            self._large_counts(indptr, large, large_rows, counts, scale, at_most[:, -1], bins, values)
         tokens = block.indices
         if lengths.size and lengths.max() > self.max_length:
-            if self.truncate == "top" and all_small:
+            # the table knows every count below SMALL_COUNT; larger ones are all above the threshold
+            # unless a cell has more than max_length of them (then sort)
+            if self.truncate == "top" and (lengths - at_most[:, -1]).max() <= self.max_length:
                 keep = self._top_by_table(indptr, counts, at_most)
             else:
                 keep = self._truncate(indptr, values, tokens, cells)
@@ -191,16 +198,19 @@ class BinnedScheme(Scheme):
         return Encoded(lengths, tokens, values, bins)
 
     def _top_by_table(self, indptr: np.ndarray, counts: np.ndarray, at_most: np.ndarray) -> np.ndarray:
-        """Top-expressed truncation without sorting: in each long cell, find the count t such that fewer
-        than max_length genes have more; keep those, then the genes with count t in token order."""
+        """Top-expressed truncation without sorting: in each long cell, find the count t such that at most
+        max_length genes have more; keep those, then the genes with count t in token order. (Values order
+        like counts within a cell, so this is the top by value.)"""
         limit = self.max_length
         lengths = np.diff(indptr)
         long = np.flatnonzero(lengths > limit)
         above = lengths[long, None] - at_most[long]  # genes with a count > c, for every c
         threshold = np.argmax(above <= limit, axis=1)  # the first c leaving at most `limit` above it
         ties_kept = limit - above[np.arange(long.size), threshold]
-        elements = np.flatnonzero(np.repeat(lengths > limit, lengths))  # the long cells' genes
-        cell = np.repeat(np.arange(long.size), lengths[long])
+        # the long cells' elements: consecutive ranges of the CSR arrays
+        sizes = lengths[long]
+        cell = np.repeat(np.arange(long.size), sizes)
+        elements = np.arange(cell.size) + np.repeat(indptr[long] - np.cumsum(sizes) + sizes, sizes)
         c = counts[elements]
         t = threshold[cell]
         tie = c == t
@@ -214,16 +224,16 @@ class BinnedScheme(Scheme):
     def _large_counts(
         self,
         indptr: np.ndarray,
+        where: np.ndarray,
+        sub_rows: np.ndarray,
         counts: np.ndarray,
         scale: np.ndarray,
         n_small: np.ndarray,
-        large: np.ndarray,
         bins: np.ndarray,
         values: np.ndarray,
     ) -> None:
-        """Bins and values of counts >= SMALL_COUNT: above every small count of their cell, ranked by sorting."""
-        where = np.flatnonzero(large)
-        sub_rows = row_ids(indptr)[where]
+        """Bins and values of counts >= SMALL_COUNT (at `where`, in cells `sub_rows`): above every small
+        count of their cell, ranked among themselves by sorting."""
         sub_counts = counts[where]
         values[where] = np.log1p(sub_counts.astype(np.float32) * scale.astype(np.float32)[sub_rows])
         order = np.lexsort((sub_counts, sub_rows))
