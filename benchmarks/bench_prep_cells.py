@@ -10,9 +10,10 @@ Each measurement runs in a fresh process pinned to one CPU core (BLAS, OpenMP an
 thread), reading the same h5ad from disk; imports happen before the clock starts.
 
 - ours: the whole stage, `prep_cells()` -> a verified token store: input checksum, two streamed passes
-  (counts checks, QC, corpus statistics; tokenize), binned scheme (51 bins, at most 1,200 genes per cell,
-  sampled beyond), shards written with sha256. Twice: building the gene vocabulary from the matrix (a
-  pretraining corpus) and with a frozen vocabulary (a dataset tokenized for a trained model).
+  (counts checks, QC, corpus statistics; tokenize), binned scheme with its defaults (51 bins, at most
+  1,200 genes per cell: the top-expressed), shards written with sha256. Twice: building the gene
+  vocabulary from the matrix (a pretraining corpus) and with a frozen vocabulary (a dataset tokenized
+  for a trained model).
 - peer (scGPT-style): what scGPT's preprocessing does -- `sc.read_h5ad`, `sc.pp.filter_cells` /
   `filter_genes`, `sc.pp.normalize_total(1e4)`, `sc.pp.log1p`, then its per-cell loops as written in
   scGPT (Preprocessor binning: quantile edges of the cell's non-zero values, `_digitize` with random
@@ -67,7 +68,7 @@ def child_ours(path: Path, out: Path, scheme: str, vocab: str | None) -> dict:
     from biomask.cells.prep import prep_cells
     from biomask.store import TokenStore
 
-    tokenizer = {"scheme": scheme, "n_bins": N_BINS, "path": vocab, "truncate": "sample"}
+    tokenizer = {"scheme": scheme, "n_bins": N_BINS, "path": vocab}  # default truncation: top-expressed
     tokenizer["max_length"] = MAX_LENGTH if scheme == "binned" else RANK_LENGTH
     cfg = CellsPrepConfig(
         inputs=[{"path": str(path)}],
@@ -152,7 +153,7 @@ def child_core(path: Path, who: str) -> dict:
     np.random.seed(0)
     start = time.perf_counter()
     if who == "ours":
-        scheme = BinnedScheme(N_BINS, MAX_LENGTH, truncate="sample")
+        scheme = BinnedScheme(N_BINS, MAX_LENGTH)
         tokens = 0
         for lo in range(0, matrix.shape[0], 8192):
             block = matrix[lo : lo + 8192]

@@ -448,13 +448,17 @@ def write_store(
             obs = inp.source.obs
             counts_in_vocab = counts_total = 0.0
             for start, raw in inp.source.blocks(cfg.block_size):
-                stop = start + raw.shape[0]
-                local = np.flatnonzero(inp.splits[start:stop] != NOT_KEPT)
+                codes = inp.splits[start : start + raw.shape[0]]
+                local = np.flatnonzero(codes != NOT_KEPT)
                 if local.size == 0:
                     continue
+                # Kept cells grouped by split (stable: file order within a split), so that one row
+                # selection, one encode call and then plain slices give every split its records.
+                local = local[np.argsort(codes[local], kind="stable")]
                 counts = inp.converter(start, raw)
                 lib = inp.libsize(start, row_sums(counts))[local]
-                counts = counts[local] if local.size < raw.shape[0] else counts
+                in_place = local.size == raw.shape[0] and bool((local == np.arange(local.size)).all())
+                counts = counts if in_place else counts[local]
                 tokens = remap_columns(counts, inp.token_map)
                 counts_total += float(counts.data.sum(dtype=np.float64))
                 counts_in_vocab += float(tokens.data.sum(dtype=np.float64))
@@ -465,33 +469,28 @@ def write_store(
                 if local.size == 0:
                     continue
                 cells = start + local
-                scale = (target / lib).astype(np.float32)
+                encoded = scheme.encode(tokens, (target / lib).astype(np.float32), inp.offset + cells)
                 meta = pd.DataFrame({"id": obs.index[cells], "source": inp.name})
                 for column in meta_columns[2:]:
                     meta[column] = obs[column].to_numpy()[cells]
-                codes = inp.splits[cells]
                 labels = (
                     np.array([label_index[v] for v in inp.labels[cells]], dtype=np.int64)
                     if label_names is not None
                     else None
                 )
-                # Each split's cells are picked from the CSR block before encoding (a cheap row
-                # selection), rather than picking their tokens out of the encoded arrays afterwards.
+                bounds = np.searchsorted(inp.splits[cells], np.arange(len(SPLITS) + 1))
                 for code, split in enumerate(SPLITS):
-                    rows = np.flatnonzero(codes == code)
-                    if rows.size == 0:
+                    lo, hi = int(bounds[code]), int(bounds[code + 1])
+                    if lo == hi:
                         continue
-                    whole = rows.size == codes.size
-                    encoded = scheme.encode(
-                        tokens if whole else tokens[rows], scale[rows], inp.offset + cells[rows]
-                    )
-                    extra = {"labels": labels[rows]} if labels is not None else {}
+                    part = encoded.rows(lo, hi)
+                    extra = {"labels": labels[lo:hi]} if labels is not None else {}
                     writer.split(split).add_batch(
-                        encoded.lengths, meta=meta.iloc[rows], **encoded.fields(), **extra
+                        part.lengths, meta=meta.iloc[lo:hi], **part.fields(), **extra
                     )
-                    stats[f"cells_{split}"] += int(rows.size)
+                    stats[f"cells_{split}"] += hi - lo
                     if labels is not None:
-                        class_counts[split].update(inp.labels[cells[rows]].tolist())
+                        class_counts[split].update(inp.labels[cells[lo:hi]].tolist())
                 bar.update(local.size)
             inp.coverage["fraction_of_counts"] = counts_in_vocab / counts_total if counts_total else 0.0
     written = sum(stats[f"cells_{s}"] for s in SPLITS)
@@ -595,6 +594,10 @@ def _log_summary(path: Path, manifest: dict[str, Any]) -> None:
         manifest["tokenizer"]["vocab_size"] - 5,
         "; ".join(parts),
     )
-    dropped = {k: v for k, v in manifest["stats"].items() if "dropped" in k and v}
+    dropped = {
+        k.removeprefix("cells_dropped_"): v for k, v in manifest["stats"].items() if "dropped" in k and v
+    }
     if dropped:
-        log.info("dropped: %s", ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(dropped.items())))
+        log.info(
+            "cells dropped: %s", ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(dropped.items()))
+        )

@@ -3,7 +3,8 @@
 Every scheme takes a block of counts whose columns are token ids (`GeneVocabulary` order, canonical
 CSR: each row's columns sorted and unique) and each cell's scale factor `target_sum / library_size`,
 and returns flat token-aligned arrays plus one length per cell (`Encoded`). No Python loop runs per
-cell: per-cell orderings come from one sort of 64-bit keys packing (cell, value, position).
+cell: orderings within cells (ranks, sampled truncation) come from one sort of 64-bit keys packing
+(cell, value, position); binning needs no sort at all (below).
 
 | scheme   | a cell's tokens                                    | `values` (float32)                  | order      |
 |----------|----------------------------------------------------|-------------------------------------|------------|
@@ -55,14 +56,21 @@ class Encoded:
             out["bins"] = self.bins
         return out
 
-    def select(self, cells: np.ndarray) -> Encoded:
-        """The records of the cells where the boolean mask `cells` is true."""
-        element = np.repeat(cells, self.lengths)
+    def rows(self, lo: int, hi: int) -> Encoded:
+        """The records of cells lo..hi-1: views when they are most of the block, else copies -- a small
+        view kept in a writer's buffer would keep the whole block's arrays alive."""
+        first = int(self.lengths[:lo].sum())
+        last = first + int(self.lengths[lo:hi].sum())
+        copy = 2 * (last - first) < self.tokens.size
+
+        def part(array: np.ndarray) -> np.ndarray:
+            return array[first:last].copy() if copy else array[first:last]
+
         return Encoded(
-            self.lengths[cells],
-            self.tokens[element],
-            self.values[element],
-            None if self.bins is None else self.bins[element],
+            self.lengths[lo:hi],
+            part(self.tokens),
+            part(self.values),
+            None if self.bins is None else part(self.bins),
         )
 
 
