@@ -53,7 +53,8 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"biomask datasets (cache: {datasets.data_dir()})")
     for column in ("name", "modality", "kind", "size", "source", "licence", "cached"):
-        table.add_column(column, overflow="fold")
+        # names stay whole (they are what users type); the long columns fold
+        table.add_column(column, overflow="fold", no_wrap=column == "name")
     for name, e in sorted(entries.items()):
         size = f"{e.size / 1e6:.1f} MB" if e.size else "?"
         cached = "yes" if datasets.is_cached(name) else ""
@@ -98,6 +99,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
+    return 0
+
+
+def cmd_prep_cells(args: argparse.Namespace) -> int:
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+
+    cfg = load_config(CellsPrepConfig, args.config, args.overrides)
+    path = prep_cells(cfg, overwrite=args.overwrite)
+    print(path)
     return 0
 
 
@@ -273,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stage_arguments(
         command(prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store")
+    )
+    _add_stage_arguments(
+        command(
+            prep,
+            "cells",
+            cmd_prep_cells,
+            "tokenize single-cell expression (h5ad, 10x, loom) into a token store of cells",
+        )
     )
 
     p = command(

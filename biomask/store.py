@@ -136,7 +136,10 @@ class SplitWriter:
             np.save(path, arr)
             files[name] = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
         meta_path = self.directory / f"{stem}.meta.csv.gz"
-        pd.concat(self._buf_meta, ignore_index=True).to_csv(meta_path, index=False)
+        # mtime=0: the gzip header carries no timestamp, so equal metadata gives byte-equal files (and sha256)
+        pd.concat(self._buf_meta, ignore_index=True).to_csv(
+            meta_path, index=False, compression={"method": "gzip", "mtime": 0}
+        )
         files["meta"] = {
             "name": meta_path.name,
             "sha256": sha256_file(meta_path),

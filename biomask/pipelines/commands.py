@@ -57,7 +57,7 @@ class StageCommand:
 # The stage commands of the contract. Checkpointing stages exit 75 on SIGUSR1/SIGTERM.
 COMMANDS: dict[str, StageCommand] = {
     "prep dna": StageCommand("prep dna", schema="biomask.dna.config:DNAPrepConfig"),
-    "prep cells": StageCommand("prep cells"),  # issue 3: set schema= when it lands
+    "prep cells": StageCommand("prep cells", schema="biomask.cells.config:CellsPrepConfig"),
     "pretrain": StageCommand("pretrain", schema="biomask.training.config:PretrainConfig", training=True),
     "evaluate": StageCommand("evaluate", schema="biomask.evaluation.config:EvaluateConfig"),
     "embed": StageCommand("embed"),  # issue 5: set schema=

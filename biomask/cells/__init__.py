@@ -1,0 +1,1 @@
+"""Single-cell prep: expression matrices (h5ad, 10x, loom) -> a token store of cells (`biomask prep cells`)."""

@@ -1,0 +1,147 @@
+"""The schema of `biomask prep cells` configs (see configs/cells/*.yaml for annotated examples)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from biomask.config import Config
+from biomask.store import DEFAULT_SHARD_TOKENS
+
+# `matrix:` values: the main matrix, the frozen raw matrix, or a named layer.
+_MATRIX = re.compile(r"^(X|raw|layers/[^/]+)$")
+
+
+class InputSpec(Config):
+    """One expression matrix: a registered dataset (`dataset`) or a file or 10x directory (`path`)."""
+
+    dataset: str | None = None
+    path: str | None = None
+    # h5ad; 10x_h5 (Cell Ranger .h5); 10x_mtx (directory with matrix.mtx[.gz], features/genes, barcodes);
+    # loom; auto: from the registry or the file name.
+    format: Literal["auto", "h5ad", "10x_h5", "10x_mtx", "loom"] = "auto"
+    # Which matrix holds the expression: X, raw (h5ad `.raw`), or layers/NAME (h5ad and loom layers).
+    matrix: str = "X"
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, value: str) -> str:
+        if not _MATRIX.match(value):
+            raise ValueError("must be X, raw, or layers/NAME")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError(
+                "give exactly one of `dataset` (a registry name) or `path` (a file or directory)"
+            )
+        return self
+
+
+class CountsConfig(Config):
+    """What the matrix must hold. Tokenization starts from UMI counts; anything else is refused unless
+    `mode: from_log1p` rebuilds counts from log1p(counts / total * scale) and a total-counts column."""
+
+    mode: Literal["require", "from_log1p"] = "require"
+    total_counts_column: str | None = None  # obs column with each cell's total counts (from_log1p: required)
+    scale: float = Field(10_000.0, gt=0)  # from_log1p: the per-cell target sum the values were normalised to
+    # require: a float within this of an integer is an integer (some writers store 0.99999999).
+    integer_tolerance: float = Field(0.01, ge=0, lt=0.5)
+    # from_log1p: |count - round(count)| <= reconstruct_rtol * max(1, round(count)) for every value
+    # (stored log values are often rounded to ~3 decimals, which costs ~5e-4 relative).
+    reconstruct_rtol: float = Field(0.01, ge=0, lt=0.5)
+    detect_cells: int = Field(2000, ge=1)  # cells read to tell what the matrix holds
+
+    @model_validator(mode="after")
+    def _total_column(self) -> CountsConfig:
+        if self.mode == "from_log1p" and not self.total_counts_column:
+            raise ValueError("counts.mode=from_log1p needs counts.total_counts_column (an obs column)")
+        return self
+
+
+class GenesConfig(Config):
+    # var column holding the gene identifiers (e.g. gene_ids for Ensembl IDs); null: the var index.
+    column: str | None = None
+    strip_version: bool = False  # ENSG00000141510.17 -> ENSG00000141510 (match across annotations)
+    # Several columns with the same gene: sum their counts (one token), keep the first, or refuse.
+    duplicates: Literal["sum", "first", "error"] = "sum"
+
+
+class QCConfig(Config):
+    min_genes: int = Field(200, ge=0)  # cells expressing fewer genes are dropped
+    max_genes: int | None = Field(None, ge=1)
+    min_counts: int = Field(0, ge=0)
+    max_counts: int | None = Field(None, ge=1)
+    max_mito_fraction: float | None = Field(
+        None, gt=0, le=1
+    )  # of a cell's counts in genes named mito_prefix*
+    mito_prefix: str = "MT-"
+    min_cells: int = Field(3, ge=1)  # building a vocabulary: genes detected in fewer cells are left out
+    zero_count_cells: Literal["error", "drop"] = "error"  # cells whose counts are all zero
+
+
+class HVGConfig(Config):
+    """Optional highly-variable-gene selection (scanpy) for the vocabulary built from the corpus."""
+
+    n_top_genes: int | None = Field(None, ge=1)  # null: no HVG selection
+    flavor: Literal["seurat", "cell_ranger"] = "seurat"  # both work on log-normalised values
+    max_cells: int = Field(50_000, ge=100)  # a seeded sample of this many cells is loaded for scanpy
+
+
+class NormaliseConfig(Config):
+    target_sum: float = Field(10_000.0, gt=0)  # library-size normalisation, then log1p
+
+
+class TokenizerConfig(Config):
+    # binned: expressed genes + per-cell value bins (scGPT); rank: genes ranked by their expression over the
+    # corpus median (Geneformer); panel: every vocabulary gene with its continuous value.
+    scheme: Literal["binned", "rank", "panel"] = "binned"
+    path: str | None = (
+        None  # reuse a frozen gene vocabulary (its directory, tokenizer.json, or a token store)
+    )
+    n_bins: int = Field(51, ge=2, le=255)  # binned: expressed genes get bins 1..n_bins
+    max_length: int = Field(1200, ge=1)  # binned and rank: at most this many genes per cell
+    truncate: Literal["top", "sample"] = "top"  # binned beyond max_length: top-expressed, or a seeded sample
+    seed: int = Field(0, ge=0)  # binned with truncate=sample, and the cell subset for medians
+    min_coverage: float = Field(0.5, ge=0, le=1)  # warn when less of a dataset's genes are in the vocabulary
+    # medians of a corpus storing more values than this come from a seeded subset of its cells
+    median_max_values: int = Field(10_000_000, ge=1)
+
+
+class LabelsConfig(Config):
+    column: str | None = None  # obs column with the label (cell type) of each cell
+    missing: Literal["error", "drop"] = "error"  # cells without a label
+
+
+class SplitConfig(Config):
+    seed: int = Field(0, ge=0)
+    val: float = Field(0.05, ge=0.0, lt=1.0)
+    test: float = Field(0.05, ge=0.0, lt=1.0)
+    column: str | None = None  # obs column with train/val/test; without it splits are drawn by seed
+    # Draw splits per value of this obs column (default: the label column, when there is one).
+    stratify_by: str | None = None
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave something for train")
+        return self
+
+
+class CellsPrepConfig(Config):
+    inputs: list[InputSpec] = Field(min_length=1)
+    output: str
+    counts: CountsConfig = CountsConfig()
+    genes: GenesConfig = GenesConfig()
+    qc: QCConfig = QCConfig()
+    hvg: HVGConfig = HVGConfig()
+    normalise: NormaliseConfig = NormaliseConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    labels: LabelsConfig = LabelsConfig()
+    obs_columns: list[str] = []  # obs columns copied into the per-cell metadata (with id and source)
+    split: SplitConfig = SplitConfig()
+    block_size: int = Field(8192, ge=1, le=65_536)  # cells read and tokenized at a time (memory, not results)
+    shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)

@@ -1,0 +1,335 @@
+"""What an expression matrix holds, and turning it into UMI counts -- or refusing to.
+
+Tokenization starts from counts, so the stage first looks at a sample of cells and names what it
+finds (`detect`):
+
+| kind             | evidence                                                                      |
+|------------------|-------------------------------------------------------------------------------|
+| `counts`         | an integer dtype                                                              |
+| `integer_floats` | a float dtype whose non-zero values all lie within `integer_tolerance` of one |
+| `scaled`         | negative values (centred or z-scored expression, e.g. pbmc68k_reduced's `X`)  |
+| `log_normalised` | non-integral, small (max <= 30), e.g. log1p(counts / total * 1e4)             |
+| `tpm_like`       | non-integral on a linear scale (TPM, FPKM, library-size normalised)           |
+
+The policy (`counts.mode`) then either accepts counts (`require`), or rebuilds them from
+log1p(CP10k)-style values with a total-counts column (`from_log1p`: counts = rint(expm1(x) *
+total / scale), every value checked to be integral). Anything else is an `InputError` that says what
+was found and which option to use. `CountConverter` applies the policy block by block and checks every
+value (NaN, infinities, negatives, non-integers) on the way, naming the cell of the first bad one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from biomask.cells.config import CountsConfig
+from biomask.cells.readers import MatrixSource
+from biomask.errors import InputError
+
+_LOG_SCALE_MAX = 30.0  # log1p(1e6) ~ 13.8, log2(1e6) ~ 20: larger values are not log-scale
+_CONSTANT_CV = 0.01  # row sums this close to constant mean "normalised to a fixed total"
+_TOTALS_NAME = re.compile(r"(^n_?counts$|total_?counts|^ncount|n_?umi|^nUMI$|library_?size)", re.I)
+
+
+@dataclass
+class ValueSummary:
+    """What a sample of a matrix holds (recorded in the manifest)."""
+
+    kind: str
+    dtype: str
+    cells: int  # cells looked at
+    nonzero: int  # non-zero values looked at
+    min: float
+    max: float
+    integral_fraction: float  # non-zero values within the integer tolerance of an integer
+    row_sum_median: float | None = None  # per-cell sums of the values ...
+    row_sum_cv: float | None = None  # ... and their coefficient of variation
+    expm1_row_sum_median: float | None = None  # the same for expm1(values): constant for log1p(CP10k)
+    expm1_row_sum_cv: float | None = None
+
+    @property
+    def is_counts(self) -> bool:
+        return self.kind in ("counts", "integer_floats")
+
+    def describe(self) -> str:
+        """The finding in words, for messages and the log."""
+        top = f"max {self.max:,.4g}"
+        if self.kind == "counts":
+            return f"integer counts ({self.dtype}, {top})"
+        if self.kind == "integer_floats":
+            return (
+                f"counts stored as floats ({self.dtype}, every value within tolerance of an integer, {top})"
+            )
+        if self.kind == "scaled":
+            return f"scaled values (negative values down to {self.min:.4g}: centred or z-scored expression)"
+        share = f"{1 - self.integral_fraction:.0%} of non-zero values non-integral"
+        if self.kind == "log_normalised":
+            if self.expm1_row_sum_cv is not None and self.expm1_row_sum_cv < _CONSTANT_CV:
+                return (
+                    f"log-normalised values: log1p of counts per {self.expm1_row_sum_median:,.0f} "
+                    f"(expm1 row sums constant; {share}, {top})"
+                )
+            spread = (
+                f"expm1 row sums vary (CV {self.expm1_row_sum_cv:.2f}), so not every gene is present"
+                if self.expm1_row_sum_cv is not None
+                else ""
+            )
+            return f"log-transformed values ({share}, {top}; {spread})"
+        if self.row_sum_cv is not None and self.row_sum_cv < _CONSTANT_CV:
+            return f"TPM-like values normalised to {self.row_sum_median:,.0f} per cell ({share}, {top})"
+        return f"TPM/FPKM-like non-integer values on a linear scale ({share}, {top})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "description": self.describe()}
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_numeric(source: MatrixSource) -> None:
+    """Refuse matrices whose stored type is not a number (strings, booleans, records)."""
+    if source.dtype.kind not in "iuf":
+        raise InputError(
+            f"{source.where}: the values are not numbers (stored as {source.dtype}); "
+            "point `matrix:` at the expression values"
+        )
+
+
+def _row_of(block: sp.csr_matrix, position: int) -> int:
+    return int(np.searchsorted(block.indptr, position, side="right") - 1)
+
+
+def _cell(source: MatrixSource, start: int, block: sp.csr_matrix, position: int) -> str:
+    row = start + _row_of(block, position)
+    return f"cell {source.obs.index[row]!r} (row {row})"
+
+
+def check_finite(source: MatrixSource, start: int, block: sp.csr_matrix) -> None:
+    bad = ~np.isfinite(block.data)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{source.where}: {_cell(source, start, block, first)} has a value {block.data[first]} "
+            f"({int(bad.sum()):,} NaN or infinite values in cells {start}-{start + block.shape[0] - 1}); "
+            "fix or remove those cells"
+        )
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+
+def _cv(values: np.ndarray) -> float | None:
+    values = values[values > 0]
+    if values.size < 2:
+        return None
+    return float(values.std() / values.mean())
+
+
+def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -> ValueSummary:
+    """Name what a block of cells holds (see the module docstring for the rules)."""
+    data = block.data[block.data != 0].astype(np.float64)
+    cells = block.shape[0]
+    if data.size == 0:
+        return ValueSummary("empty", str(dtype), cells, 0, 0.0, 0.0, 1.0)
+    integral = float(np.mean(np.abs(data - np.rint(data)) <= integer_tolerance))
+    common = dict(
+        dtype=str(dtype),
+        cells=cells,
+        nonzero=int(data.size),
+        min=float(data.min()),
+        max=float(data.max()),
+        integral_fraction=integral,
+    )
+    if common["min"] < 0:
+        return ValueSummary("scaled", **common)
+    if integral == 1.0:
+        return ValueSummary("counts" if dtype.kind in "iu" else "integer_floats", **common)
+    values = sp.csr_matrix(block, dtype=np.float64)
+    sums = np.asarray(values.sum(axis=1)).ravel()
+    values.data = np.expm1(np.minimum(values.data, 700))
+    expm1_sums = np.asarray(values.sum(axis=1)).ravel()
+    common.update(
+        row_sum_median=float(np.median(sums[sums > 0])),
+        row_sum_cv=_cv(sums),
+        expm1_row_sum_median=float(np.median(expm1_sums[expm1_sums > 0])),
+        expm1_row_sum_cv=_cv(expm1_sums),
+    )
+    if common["max"] <= _LOG_SCALE_MAX and not (
+        common["row_sum_cv"] is not None and common["row_sum_cv"] < _CONSTANT_CV
+    ):
+        return ValueSummary("log_normalised", **common)
+    return ValueSummary("tpm_like", **common)
+
+
+def detect(source: MatrixSource, cfg: CountsConfig, block_size: int) -> ValueSummary:
+    """Read the first `cfg.detect_cells` cells (more while all are zero) and name what they hold."""
+    check_numeric(source)
+    if source.n_obs == 0 or source.n_vars == 0:
+        raise InputError(
+            f"{source.where}: the matrix is empty ({source.n_obs} cells x {source.n_vars} genes)"
+        )
+    blocks = []
+    read = 0
+    for start, block in source.blocks(block_size):
+        check_finite(source, start, block)
+        blocks.append(block)
+        read += block.shape[0]
+        if read >= cfg.detect_cells and any(b.count_nonzero() for b in blocks):
+            break
+    sample = sp.vstack(blocks, format="csr")[: max(cfg.detect_cells, 1)]
+    if sample.count_nonzero() == 0:
+        sample = sp.vstack(blocks, format="csr")
+    summary = summarise(sample, source.dtype, cfg.integer_tolerance)
+    if summary.kind == "empty":
+        raise InputError(f"{source.where}: every value of the matrix is zero ({source.n_obs:,} cells)")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- policy
+
+
+def _totals_candidates(obs: pd.DataFrame) -> list[str]:
+    return [c for c in obs.columns if _TOTALS_NAME.search(str(c)) and pd.api.types.is_numeric_dtype(obs[c])]
+
+
+def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig) -> None:
+    """Refuse a matrix the configured policy cannot use, saying what was found and what to set."""
+    found = summary.describe()
+    others = [m for m in source.alternatives if m != source.key]
+    look_elsewhere = (
+        f" This file also has {', '.join(others)}: if one holds counts, set `matrix:` to it on this input."
+        if others
+        else ""
+    )
+    if cfg.mode == "require":
+        if summary.is_counts:
+            return
+        if summary.kind == "log_normalised":
+            candidates = _totals_candidates(source.obs)
+            column = candidates[0] if candidates else "<obs column with total counts>"
+            hint = (
+                " If the values are log1p(counts / total * 10,000), rebuild the counts with "
+                f"`counts.mode: from_log1p` and `counts.total_counts_column: {column}`"
+                + (f" (obs columns that look like totals: {', '.join(candidates)})." if candidates else ".")
+            )
+        else:
+            hint = " Scaled or TPM-like values cannot be turned back into counts: use the raw count matrix."
+        raise InputError(f"{source.where}: expected raw counts, found {found}.{look_elsewhere}{hint}")
+    # from_log1p
+    if summary.is_counts:
+        raise InputError(
+            f"{source.where}: counts.mode=from_log1p, but the matrix already holds {found}; "
+            "set counts.mode: require"
+        )
+    if summary.kind != "log_normalised":
+        raise InputError(
+            f"{source.where}: counts.mode=from_log1p needs log1p-normalised values, found {found}.{look_elsewhere}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+class CountConverter:
+    """Turns each block of a source into float32 counts (explicit zeros removed), checking every value."""
+
+    def __init__(self, source: MatrixSource, cfg: CountsConfig) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.totals: np.ndarray | None = None
+        if cfg.total_counts_column is not None:
+            self.totals = total_counts(source, cfg.total_counts_column)
+
+    def __call__(self, start: int, block: sp.csr_matrix) -> sp.csr_matrix:
+        src = self.source
+        data = block.data
+        if data.dtype.kind == "f":
+            check_finite(src, start, block)
+        if data.dtype.kind != "u" and data.size and data.min() < 0:
+            first = int(np.argmin(data))
+            raise InputError(
+                f"{src.where}: {_cell(src, start, block, first)} has a negative value ({data[first]:.4g}); "
+                "counts cannot be negative — is this scaled data? Use the raw counts"
+            )
+        if self.cfg.mode == "from_log1p":
+            counts = self._from_log1p(start, block)
+        elif data.dtype.kind == "f":
+            counts = self._integral(start, block)
+        else:
+            counts = data.astype(np.float32)
+        out = sp.csr_matrix((counts, block.indices, block.indptr), shape=block.shape)
+        out.eliminate_zeros()
+        return out
+
+    def _integral(self, start: int, block: sp.csr_matrix) -> np.ndarray:
+        """Float values that must be integers: exact ones pass untouched (the common case, checked fast)."""
+        data = block.data
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            bad = np.abs(data - rounded) > self.cfg.integer_tolerance
+            if bad.any():
+                self._non_integral(
+                    start,
+                    block,
+                    bad,
+                    data,
+                    "value",
+                    "biomask needs UMI counts (integers); use the raw count matrix",
+                )
+        return rounded.astype(np.float32, copy=False)
+
+    def _from_log1p(self, start: int, block: sp.csr_matrix) -> np.ndarray:
+        """counts = rint(expm1(x) * total / scale), each checked to be an integer up to the stored precision."""
+        assert self.totals is not None
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        values = np.expm1(block.data.astype(np.float64)) * self.totals[start + rows] / self.cfg.scale
+        rounded = np.rint(values)
+        bad = np.abs(values - rounded) > self.cfg.reconstruct_rtol * np.maximum(rounded, 1.0)
+        if bad.any():
+            self._non_integral(
+                start,
+                block,
+                bad,
+                values,
+                "rebuilt count",
+                f"check that `{self.cfg.total_counts_column}` holds the totals the values were normalised by, "
+                f"and counts.scale ({self.cfg.scale:g})",
+            )
+        return rounded.astype(np.float32)
+
+    def _non_integral(
+        self, start: int, block: sp.csr_matrix, bad: np.ndarray, values: np.ndarray, what: str, hint: str
+    ) -> None:
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{self.source.where}: {_cell(self.source, start, block, first)} has the non-integral {what} "
+            f"{values[first]:.6g} ({int(bad.sum()):,} such values in cells {start}-{start + block.shape[0] - 1}); "
+            f"{hint}"
+        )
+
+
+def total_counts(source: MatrixSource, column: str) -> np.ndarray:
+    """A per-cell total-counts column of obs, checked to be finite and positive."""
+    if column not in source.obs.columns:
+        raise InputError(
+            f"{source.where}: obs has no column {column!r} (counts.total_counts_column); "
+            f"obs columns: {', '.join(map(str, source.obs.columns)) or 'none'}"
+        )
+    try:
+        totals = source.obs[column].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{source.where}: obs column {column!r} is not numeric") from None
+    bad = ~np.isfinite(totals) | (totals <= 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{source.where}: obs column {column!r} is {totals[first]} for cell {source.obs.index[first]!r}; "
+            "total counts must be positive"
+        )
+    return totals

@@ -1,0 +1,276 @@
+"""Genes: identifiers, duplicates, the corpus gene space, and the frozen gene vocabulary.
+
+- `gene_names` reads a source's gene identifiers (the var index or a var column such as Ensembl
+  `gene_ids`), optionally without Ensembl version suffixes.
+- `GeneSpace` gives every distinct gene of the corpus an index and maps each input's columns onto it;
+  several columns with one name are summed, reduced to the first, or refused (`genes.duplicates`).
+- `GeneVocabulary` is the frozen token vocabulary: specials at ids 0-4, then genes. It is saved as a
+  Hugging Face WordLevel `tokenizer.json` (+ `tokenizer_config.json`) and `genes.tsv` (id, gene,
+  corpus non-zero median of the normalised expression -- what rank encoding divides by -- and the
+  number of corpus cells expressing the gene). Later datasets reuse it through `tokenizer.path`.
+- `remap_columns` moves a CSR block from one column space to another (dropping unmapped columns and
+  summing columns that land on the same target), which is how blocks reach gene and token space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from biomask.cells.readers import MatrixSource
+from biomask.errors import InputError
+from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS
+
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
+
+
+def gene_names(source: MatrixSource, column: str | None, strip_version: bool = False) -> np.ndarray:
+    """The source's gene identifiers, one per column ("" where a gene has none)."""
+    if column is None:
+        values = source.var.index.to_numpy(dtype=object)
+    else:
+        if column not in source.var.columns:
+            raise InputError(
+                f"{source.where}: var has no column {column!r} (genes.column); var columns: "
+                f"{', '.join(map(str, source.var.columns)) or 'none'} (null uses the var index)"
+            )
+        values = source.var[column].to_numpy(dtype=object)
+    names = np.array(["" if pd.isna(v) else str(v).strip() for v in values], dtype=object)
+    names[names == "nan"] = ""
+    if strip_version:
+        names = np.array([_ENSEMBL_VERSION.sub(r"\1", n) for n in names], dtype=object)
+    return names
+
+
+@dataclass
+class ColumnMap:
+    """Where each input column goes in a target space (-1: nowhere), and how the mapping behaves."""
+
+    targets: np.ndarray  # one per input column
+    size: int  # number of target columns
+    _identity: bool | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # int32 halves the memory traffic of the per-block gather (every vocabulary fits easily)
+        self.targets = np.asarray(self.targets, dtype=np.int32 if self.size < 2**31 else np.int64)
+
+    @property
+    def identity(self) -> bool:
+        if self._identity is None:
+            self._identity = self.targets.size == self.size and bool(
+                (self.targets == np.arange(self.size)).all()
+            )
+        return self._identity
+
+
+def remap_columns(block: sp.csr_matrix, mapping: ColumnMap) -> sp.csr_matrix:
+    """The block with its columns moved to the target space (duplicate targets summed, order sorted)."""
+    if mapping.identity:
+        out = block
+    else:
+        targets = mapping.targets[block.indices]
+        dropped = targets < 0
+        data = block.data
+        if dropped.any():
+            # unmapped entries become explicit zeros, which scipy's eliminate_zeros removes in one C pass
+            data = np.where(dropped, 0, data)
+            targets[dropped] = 0
+        out = sp.csr_matrix((data, targets, block.indptr.copy()), shape=(block.shape[0], mapping.size))
+        if dropped.any():
+            out.eliminate_zeros()
+    if not out.has_canonical_format:
+        out = out.copy() if out is block else out
+        out.sum_duplicates()  # sorts each row's columns and adds up columns that share a target
+    return out
+
+
+@dataclass
+class GeneSpace:
+    """Every distinct gene name of the corpus, indexed in first-seen order."""
+
+    names: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(
+        self, source: MatrixSource, names: np.ndarray, duplicates: str
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Register a source's genes; return where each of its columns goes in this space (-1: left out)
+        and counts of what was left out. Build the `ColumnMap` once every input is registered."""
+        unnamed = names == ""
+        seen = pd.Series(names).duplicated(keep="first").to_numpy() & ~unnamed
+        if seen.any() and duplicates == "error":
+            dups = pd.unique(names[seen])
+            shown = ", ".join(map(str, dups[:10])) + (" ..." if dups.size > 10 else "")
+            raise InputError(
+                f"{source.where}: {dups.size:,} gene names occur more than once ({shown}); set "
+                "genes.duplicates: sum (add their counts) or first (keep the first column), or choose a "
+                "unique identifier with genes.column (e.g. gene_ids)"
+            )
+        targets = np.full(names.size, -1, dtype=np.int64)
+        for i, name in enumerate(names):
+            if unnamed[i] or (duplicates == "first" and seen[i]):
+                continue
+            j = self.index.get(name)
+            if j is None:
+                j = self.index[name] = len(self.names)
+                self.names.append(name)
+            targets[i] = j
+        stats = {
+            "columns": int(names.size),
+            "genes": int(np.unique(names[~unnamed]).size),
+            "unnamed_columns": int(unnamed.sum()),
+            "duplicate_columns": int(seen.sum()),
+        }
+        return targets, stats
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+
+
+@dataclass
+class GeneVocabulary:
+    """Gene tokens after the specials: gene i has token id NUM_SPECIAL + i."""
+
+    genes: list[str]
+    medians: np.ndarray  # float32: corpus median of each gene's non-zero normalised values
+    n_cells: np.ndarray  # int64: corpus cells expressing each gene
+    gene_id_column: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # how it was built (recorded in tokenizer_config)
+
+    def __post_init__(self) -> None:
+        self.medians = np.asarray(self.medians, dtype=np.float32)
+        self.n_cells = np.asarray(self.n_cells, dtype=np.int64)
+        self._ids = {g: NUM_SPECIAL + i for i, g in enumerate(self.genes)}
+        if len(self._ids) != len(self.genes):
+            raise InputError("a gene vocabulary cannot hold the same gene twice")
+
+    @property
+    def vocab_size(self) -> int:
+        return NUM_SPECIAL + len(self.genes)
+
+    def token_map(self, names: list[str] | np.ndarray) -> ColumnMap:
+        """Column map from a list of gene names to token ids (-1 for genes outside the vocabulary)."""
+        targets = np.fromiter((self._ids.get(str(n), -1) for n in names), dtype=np.int64, count=len(names))
+        return ColumnMap(targets, self.vocab_size)
+
+    def token_medians(self) -> np.ndarray:
+        """Medians indexed by token id (specials get 1 so that nothing divides by zero)."""
+        return np.concatenate([np.ones(NUM_SPECIAL, dtype=np.float32), self.medians])
+
+    # ----------------------------------------------------------------------------------- saving
+    def hf_tokenizer(self) -> Tokenizer:
+        vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *self.genes])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        # Cells get [CLS] only (DEVELOPERS.md: the collator adds [CLS] for cells, no [SEP]).
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", special_tokens=[("[CLS]", CLS_ID)]
+        )
+        return tok
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and genes.tsv; return tokenizer.json's path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "tokenizer.json"
+        self.hf_tokenizer().save(str(path))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+            "unk_token": "[UNK]",
+            "biomask": {
+                "modality": "cells",
+                "kind": "genes",
+                "gene_id_column": self.gene_id_column,
+                "vocab_size": self.vocab_size,
+                **self.settings,
+            },
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        table = pd.DataFrame(
+            {
+                "id": np.arange(NUM_SPECIAL, self.vocab_size),
+                "gene": self.genes,
+                # %.9g round-trips float32 exactly, so a reloaded vocabulary gives identical values
+                "median": [f"{m:.9g}" for m in self.medians.tolist()],
+                "n_cells": self.n_cells,
+            }
+        )
+        table.to_csv(directory / "genes.tsv", sep="\t", index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GeneVocabulary:
+        """Reload a saved vocabulary from its directory, its tokenizer.json, or a token store."""
+        directory = vocabulary_dir(path)
+        config_path, table_path = directory / "tokenizer_config.json", directory / "genes.tsv"
+        if not table_path.is_file():
+            raise InputError(
+                f"tokenizer.path {path}: no genes.tsv in {directory}; give a gene vocabulary written by "
+                "`biomask prep cells` (its tokenizer/ directory, or the token store)"
+            )
+        try:
+            settings = json.loads(config_path.read_text())["biomask"]
+        except (OSError, ValueError, KeyError):
+            raise InputError(f"{config_path} is missing or has no biomask section") from None
+        if settings.get("modality") != "cells" or settings.get("kind") != "genes":
+            raise InputError(
+                f"{directory} holds a {settings.get('modality')} tokenizer, not a gene vocabulary"
+            )
+        table = pd.read_csv(table_path, sep="\t", keep_default_na=False, dtype={"gene": str})
+        expected = np.arange(NUM_SPECIAL, NUM_SPECIAL + len(table))
+        if list(table.columns[:3]) != ["id", "gene", "median"] or not np.array_equal(table["id"], expected):
+            raise InputError(
+                f"{table_path}: expected columns id, gene, median with ids {NUM_SPECIAL}, {NUM_SPECIAL + 1}, ..."
+            )
+        hf = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        if hf.get_vocab_size(with_added_tokens=True) != NUM_SPECIAL + len(table):
+            raise InputError(f"{directory}: tokenizer.json and genes.tsv list different numbers of genes")
+        extra = {
+            k: v for k, v in settings.items() if k not in ("modality", "kind", "gene_id_column", "vocab_size")
+        }
+        return cls(
+            genes=table["gene"].astype(str).tolist(),
+            medians=pd.to_numeric(table["median"], errors="coerce").to_numpy(dtype=np.float32),
+            n_cells=table["n_cells"].to_numpy() if "n_cells" in table else np.zeros(len(table), np.int64),
+            gene_id_column=settings.get("gene_id_column"),
+            settings=extra,
+        )
+
+
+def vocabulary_dir(path: str | os.PathLike) -> Path:
+    """Accept a vocabulary directory, its tokenizer.json, or a token store (its `tokenizer/`)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path.parent
+    if (path / "tokenizer" / "genes.tsv").is_file():
+        return path / "tokenizer"
+    return path
+
+
+def coverage(vocab: GeneVocabulary, names: np.ndarray) -> dict[str, Any]:
+    """How much of a dataset the vocabulary sees: its genes found, and the vocabulary genes present."""
+    genes = {str(n) for n in names if n != ""}
+    known = sum(1 for g in genes if g in vocab._ids)
+    return {
+        "dataset_genes": len(genes),
+        "dataset_genes_in_vocab": known,
+        "fraction_of_dataset_genes": known / len(genes) if genes else 0.0,
+        "fraction_of_vocab_present": known / len(vocab.genes) if vocab.genes else 0.0,
+    }

@@ -1,0 +1,603 @@
+"""`biomask prep cells`: expression matrices in, a token store of cells out.
+
+The stage streams every input twice, one block of cells at a time, and never holds a whole matrix:
+
+1. **open**: fetch registered datasets, open each matrix, refuse non-numeric values, detect what the
+   matrix holds and apply the counts policy (`counts.py`) -- all before any long pass; read the gene
+   identifiers into one gene space; with a frozen vocabulary, report coverage (and refuse zero
+   overlap); check the label, split and metadata columns exist.
+2. **scan**: convert each block to counts (checking every value), decide which cells pass QC and --
+   when this corpus builds the vocabulary -- gather its statistics: cells per gene, per-gene medians
+   of the normalised expression, and a seeded cell sample for HVG selection.
+3. **vocabulary and splits**: build and freeze the gene vocabulary (or use the frozen one given by
+   `tokenizer.path`), then draw the deterministic (stratified) splits of the kept cells.
+4. **write**: read again, tokenize each block with the configured scheme (`tokenize.py`) and append
+   the records, their labels and metadata to their split of the token store.
+
+The output directory is written atomically with its manifest, gene vocabulary, resolved config and
+run.json (inputs with checksums, seeds, code version); a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from biomask import datasets
+from biomask.cells.config import CellsPrepConfig, InputSpec, TokenizerConfig
+from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
+from biomask.cells.genes import (
+    ColumnMap,
+    GeneSpace,
+    GeneVocabulary,
+    coverage,
+    gene_names,
+    remap_columns,
+    vocabulary_dir,
+)
+from biomask.cells.medians import MedianAccumulator
+from biomask.cells.qc import CellQC, row_sums, select_hvg
+from biomask.cells.readers import MatrixSource, guess_format, input_checksum, open_matrix
+from biomask.cells.splits import SPLITS, split_from_column, stratified_split
+from biomask.cells.tokenize import BinnedScheme, PanelScheme, RankScheme, Scheme
+from biomask.errors import InputError
+from biomask.provenance import code_version, sha256_file
+from biomask.stage import StageOutput
+from biomask.store import TokenStoreWriter, token_dtype
+
+log = logging.getLogger(__name__)
+
+NOT_KEPT = 255  # split code of a cell that is not written
+
+
+@dataclass
+class CellInput:
+    """One opened input and everything the passes learn about it."""
+
+    spec: InputSpec
+    name: str
+    format: str
+    sha256: str
+    source: MatrixSource
+    names: np.ndarray  # gene identifier of each column
+    gene_targets: np.ndarray  # column -> gene-space index (-1: unnamed or a dropped duplicate)
+    gene_stats: dict[str, int]
+    offset: int = 0  # global index of this input's first cell
+    summary: ValueSummary | None = None
+    converter: CountConverter | None = None
+    qc: CellQC | None = None
+    exclude: np.ndarray | None = None  # cells left out before QC (missing label)
+    keep: np.ndarray | None = None  # cells that pass QC (after the scan)
+    splits: np.ndarray | None = None  # split code per cell (NOT_KEPT for cells not written)
+    labels: np.ndarray | None = None  # label string per cell
+    token_map: ColumnMap | None = None
+    coverage: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.source.path),
+            "format": self.format,
+            "matrix": self.spec.matrix,
+            "sha256": self.sha256,
+            "cells": self.source.n_obs,
+            "genes": self.source.n_vars,
+        }
+
+    def libsize(self, start: int, observed: np.ndarray) -> np.ndarray:
+        """Each cell's library size: the total-counts column when configured, else its summed counts."""
+        assert self.converter is not None
+        if self.converter.totals is not None:
+            return self.converter.totals[start : start + observed.size]
+        return observed
+
+
+# --------------------------------------------------------------------------------------------- open
+
+
+def _resolve(spec: InputSpec) -> tuple[str, Path, str, str]:
+    """(name, path, format, sha256) of an input; registry entries are fetched and verified."""
+    if spec.dataset is not None:
+        entry = datasets.get(spec.dataset)
+        if entry.modality != "cells":
+            raise InputError(
+                f"dataset {spec.dataset!r} holds {entry.modality} data; `biomask prep cells` needs expression"
+            )
+        path = datasets.fetch(spec.dataset)
+        return spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256
+    path = Path(str(spec.path)).expanduser()
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    fmt = guess_format(path) if spec.format == "auto" else spec.format
+    return path.name, path, fmt, input_checksum(path)
+
+
+def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
+    """Open every input and register its genes in `space` (closing what was opened if one fails)."""
+    inputs: list[CellInput] = []
+    offset = 0
+    try:
+        for spec in cfg.inputs:
+            name, path, fmt, digest = _resolve(spec)
+            source = open_matrix(path, fmt, spec.matrix, name=name)
+            try:
+                names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
+                targets, stats = space.add(source, names, cfg.genes.duplicates)
+            except BaseException:
+                source.close()
+                raise
+            inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
+            offset += source.n_obs
+    except BaseException:
+        close_inputs(inputs)
+        raise
+    return inputs
+
+
+def close_inputs(inputs: list[CellInput]) -> None:
+    for inp in inputs:
+        inp.source.close()
+
+
+def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
+    """Every configured obs column must exist in every input (and a label must be there for each cell)."""
+    obs = inp.source.obs
+    wanted = {
+        "labels.column": cfg.labels.column,
+        "split.column": cfg.split.column,
+        "split.stratify_by": cfg.split.stratify_by,
+        "counts.total_counts_column": cfg.counts.total_counts_column,
+        **{f"obs_columns[{i}]": c for i, c in enumerate(cfg.obs_columns)},
+    }
+    for key, column in wanted.items():
+        if column is not None and column not in obs.columns:
+            raise InputError(
+                f"{inp.source.where}: obs has no column {column!r} ({key}); obs columns: "
+                f"{', '.join(map(str, obs.columns)) or 'none'}"
+            )
+    inp.exclude = np.zeros(inp.source.n_obs, dtype=bool)
+    if cfg.labels.column is not None:
+        labels = obs[cfg.labels.column]
+        missing = (labels.isna() | (labels.astype(str).str.strip() == "")).to_numpy()
+        if missing.any() and cfg.labels.missing == "error":
+            first = int(np.flatnonzero(missing)[0])
+            raise InputError(
+                f"{inp.source.where}: {int(missing.sum()):,} cells have no {cfg.labels.column!r} label (first: "
+                f"{obs.index[first]!r}); set labels.missing: drop to leave them out"
+            )
+        inp.exclude = missing
+        inp.labels = labels.astype(str).to_numpy(dtype=object)
+
+
+def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
+    """Detect each matrix's values and apply the counts policy: fails fast, before the long passes."""
+    for inp in inputs:
+        _check_columns(cfg, inp)
+        inp.summary = detect(inp.source, cfg.counts, cfg.block_size)
+        log.info("%s: %s", inp.source.where, inp.summary.describe())
+        check_policy(inp.source, inp.summary, cfg.counts)
+        inp.converter = CountConverter(inp.source, cfg.counts)
+        inp.qc = CellQC(cfg.qc, inp.source, inp.names)
+
+
+# --------------------------------------------------------------------------------------------- scan
+
+
+@dataclass
+class CorpusStats:
+    """What the scan learns about the corpus when it builds the vocabulary."""
+
+    n_cells: np.ndarray  # cells expressing each gene of the gene space
+    medians: MedianAccumulator
+    sample: list[sp.csr_matrix] = field(default_factory=list)  # HVG sample, gene space
+    sample_scale: list[np.ndarray] = field(default_factory=list)
+
+
+def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build: bool) -> CorpusStats | None:
+    total = sum(inp.source.n_obs for inp in inputs)
+    stored = sum(inp.source.stored_values for inp in inputs)
+    stats = (
+        CorpusStats(
+            np.zeros(len(space), dtype=np.int64),
+            MedianAccumulator(
+                len(space), cfg.tokenizer.median_max_values / max(stored, 1), cfg.tokenizer.seed
+            ),
+        )
+        if build
+        else None
+    )
+    sampled = np.zeros(total, dtype=bool)
+    if build and cfg.hvg.n_top_genes is not None:
+        rng = np.random.default_rng(cfg.split.seed)
+        sampled[rng.choice(total, size=min(cfg.hvg.max_cells, total), replace=False)] = True
+    target = cfg.normalise.target_sum
+    with tqdm(total=total, unit="cells", desc="scan", leave=False) as bar:
+        for inp in inputs:
+            assert inp.converter is not None and inp.qc is not None and inp.exclude is not None
+            inp.keep = np.zeros(inp.source.n_obs, dtype=bool)
+            gene_map = ColumnMap(inp.gene_targets, len(space))
+            for start, raw in inp.source.blocks(cfg.block_size):
+                stop = start + raw.shape[0]
+                counts = inp.converter(start, raw)
+                observed = row_sums(counts)
+                lib = inp.libsize(start, observed)
+                keep = inp.qc.keep(start, counts, observed, lib) & ~inp.exclude[start:stop]
+                inp.keep[start:stop] = keep
+                bar.update(raw.shape[0])
+                if stats is None or not keep.any():
+                    continue
+                genes = remap_columns(counts[keep] if not keep.all() else counts, gene_map)
+                scale = target / lib[keep]
+                stats.n_cells += np.bincount(genes.indices, minlength=len(space))
+                stats.medians.add(genes, scale, inp.offset + start + np.flatnonzero(keep))
+                chosen = sampled[inp.offset + start : inp.offset + stop][keep]
+                if chosen.any():
+                    stats.sample.append(genes[chosen])
+                    stats.sample_scale.append(scale[chosen])
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+
+
+def build_vocabulary(
+    cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, stats: CorpusStats
+) -> GeneVocabulary:
+    """Genes detected in at least qc.min_cells kept cells (then the HVGs among them), in corpus order."""
+    names = [inp.name for inp in inputs]
+    chosen = stats.n_cells >= cfg.qc.min_cells
+    if not chosen.any():
+        raise InputError(
+            f"no gene is detected in at least qc.min_cells={cfg.qc.min_cells} kept cells of "
+            f"{', '.join(names)}; lower qc.min_cells or relax the cell filters"
+        )
+    hvg = None
+    if cfg.hvg.n_top_genes is not None and stats.sample:
+        sample = sp.vstack(stats.sample, format="csr")[:, np.flatnonzero(chosen)]
+        hvg = select_hvg(sample, np.concatenate(stats.sample_scale), cfg.hvg)
+        chosen[np.flatnonzero(chosen)] = hvg
+        log.info("HVG: %d genes selected from a sample of %d cells", int(chosen.sum()), sample.shape[0])
+    index = np.flatnonzero(chosen)
+    medians = stats.medians.medians()[index]
+    missing = np.isnan(medians)
+    if missing.any():
+        # genes the subset of cells missed (rare ones): their medians come from all their values
+        log.info("medians: one more pass for %d rare genes the cell subset missed", int(missing.sum()))
+        medians[missing] = exact_medians(cfg, inputs, space, index[missing])
+    settings = {
+        "built_from": names,
+        "min_cells": cfg.qc.min_cells,
+        "hvg": cfg.hvg.model_dump(mode="json") if hvg is not None else None,
+        "target_sum": cfg.normalise.target_sum,
+        "medians": stats.medians.describe(),
+    }
+    return GeneVocabulary(
+        [space.names[i] for i in index], medians, stats.n_cells[index], cfg.genes.column, settings
+    )
+
+
+def exact_medians(
+    cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, genes: np.ndarray
+) -> np.ndarray:
+    """Exact medians of a few genes (gene-space indices) over every kept cell: one more streamed pass."""
+    accumulator = MedianAccumulator(genes.size)
+    position = np.full(len(space), -1, dtype=np.int64)
+    position[genes] = np.arange(genes.size)
+    for inp in inputs:
+        assert inp.converter is not None and inp.keep is not None
+        to_subset = ColumnMap(
+            np.where(inp.gene_targets >= 0, position[np.maximum(inp.gene_targets, 0)], -1), genes.size
+        )
+        for start, raw in inp.source.blocks(cfg.block_size):
+            keep = inp.keep[start : start + raw.shape[0]]
+            if not keep.any():
+                continue
+            counts = inp.converter(start, raw)
+            lib = inp.libsize(start, row_sums(counts))[keep]
+            block = remap_columns(counts[keep], to_subset)
+            accumulator.add(block, cfg.normalise.target_sum / lib, np.zeros(lib.size, dtype=np.int64))
+    return accumulator.medians()
+
+
+def load_frozen(cfg: TokenizerConfig) -> GeneVocabulary | None:
+    if cfg.path is None:
+        return None
+    return GeneVocabulary.load(cfg.path)
+
+
+def vocabulary_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
+    """A frozen vocabulary is an input: its files' checksums enter the fingerprint."""
+    if cfg.path is None:
+        return []
+    directory = vocabulary_dir(cfg.path)
+    files = [directory / "tokenizer.json", directory / "genes.tsv"]
+    for path in files:
+        if not path.is_file():
+            raise InputError(f"tokenizer.path {cfg.path}: no {path.name} in {directory}")
+    return [{"name": f"vocabulary/{p.name}", "path": str(p), "sha256": sha256_file(p)} for p in files]
+
+
+def check_coverage(
+    cfg: CellsPrepConfig, inputs: list[CellInput], vocab: GeneVocabulary, frozen: bool
+) -> None:
+    """Report how much of each dataset the vocabulary covers; refuse a dataset it does not cover at all."""
+    for inp in inputs:
+        inp.coverage = coverage(vocab, inp.names)
+        if not frozen:
+            continue
+        share = inp.coverage["fraction_of_dataset_genes"]
+        if inp.coverage["dataset_genes_in_vocab"] == 0:
+            ours = ", ".join(str(n) for n in pd.unique(inp.names[inp.names != ""])[:3])
+            theirs = ", ".join(vocab.genes[:3])
+            raise InputError(
+                f"{inp.source.where}: none of its {inp.coverage['dataset_genes']:,} genes (e.g. {ours}) is in the "
+                f"frozen vocabulary {cfg.tokenizer.path} (e.g. {theirs}); the identifiers differ -- check "
+                f"genes.column (symbols or Ensembl IDs; the vocabulary uses {vocab.gene_id_column or 'the var index'}) "
+                "and genes.strip_version"
+            )
+        if share < cfg.tokenizer.min_coverage:
+            log.warning(
+                "%s: only %.1f%% of its %d genes are in the frozen vocabulary (tokenizer.min_coverage=%.0f%%); "
+                "the others are left out",
+                inp.source.where,
+                100 * share,
+                inp.coverage["dataset_genes"],
+                100 * cfg.tokenizer.min_coverage,
+            )
+        else:
+            log.info("%s: %.1f%% of its genes are in the frozen vocabulary", inp.source.where, 100 * share)
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def assign_splits(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
+    """Split code for every kept cell (NOT_KEPT elsewhere): a split column, or a seeded stratified draw."""
+    kept = [np.flatnonzero(inp.keep) for inp in inputs]
+    if sum(k.size for k in kept) == 0:
+        dropped = collections.Counter()
+        for inp in inputs:
+            dropped.update(inp.qc.dropped)
+        reasons = ", ".join(f"{k.removeprefix('cells_dropped_')}: {v:,}" for k, v in dropped.items() if v)
+        raise InputError(f"no cell passes quality control ({reasons}); relax the qc settings")
+    if cfg.split.column is not None:
+        codes = [
+            split_from_column(inp.source.obs[cfg.split.column].iloc[k], inp.source.where, cfg.split.column)
+            for inp, k in zip(inputs, kept)
+        ]
+    else:
+        column = cfg.split.stratify_by or cfg.labels.column
+        groups = (
+            np.concatenate([inp.source.obs[column].astype(str).to_numpy()[k] for inp, k in zip(inputs, kept)])
+            if column is not None
+            else None
+        )
+        drawn = stratified_split(
+            groups, sum(k.size for k in kept), cfg.split.val, cfg.split.test, cfg.split.seed
+        )
+        codes = np.split(drawn, np.cumsum([k.size for k in kept])[:-1])
+    for inp, k, c in zip(inputs, kept, codes):
+        inp.splits = np.full(inp.source.n_obs, NOT_KEPT, dtype=np.uint8)
+        inp.splits[k] = c
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+def make_scheme(cfg: TokenizerConfig, vocab: GeneVocabulary) -> Scheme:
+    if cfg.scheme == "binned":
+        return BinnedScheme(cfg.n_bins, cfg.max_length, cfg.truncate, cfg.seed)
+    if cfg.scheme == "rank":
+        medians = vocab.token_medians()
+        if not np.isfinite(medians).all() or (medians <= 0).any():
+            raise InputError(
+                "the vocabulary has genes without a corpus median, which rank encoding needs; "
+                "rebuild it from a corpus in which every vocabulary gene is expressed"
+            )
+        return RankScheme(medians, cfg.max_length)
+    if vocab.vocab_size - 5 > 4096:
+        log.warning(
+            "panel scheme over %d genes: every record holds all of them; set hvg.n_top_genes for a smaller panel",
+            vocab.vocab_size - 5,
+        )
+    return PanelScheme(vocab.vocab_size)
+
+
+def _meta_columns(cfg: CellsPrepConfig) -> list[str]:
+    extra = [cfg.labels.column] if cfg.labels.column else []
+    extra += [c for c in cfg.obs_columns if c not in extra]
+    return ["id", "source", *extra]
+
+
+def write_store(
+    cfg: CellsPrepConfig, inputs: list[CellInput], vocab: GeneVocabulary, out: Path
+) -> dict[str, Any]:
+    scheme = make_scheme(cfg.tokenizer, vocab)
+    label_names = (
+        sorted({str(v) for inp in inputs for v in inp.labels[inp.splits != NOT_KEPT]})
+        if cfg.labels.column
+        else None
+    )
+    label_index = {name: i for i, name in enumerate(label_names or [])}
+    meta_columns = _meta_columns(cfg)
+    writer = TokenStoreWriter(
+        out,
+        token_fields=scheme.token_fields(token_dtype(vocab.vocab_size)),
+        record_fields={"labels": np.int64} if label_names is not None else {},
+        meta_columns=meta_columns,
+        shard_tokens=cfg.shard_tokens,
+    )
+    for split in SPLITS:
+        writer.split(split)  # every split exists, even when empty
+    vocab_path = vocab.save(out / "tokenizer")
+    stats: collections.Counter = collections.Counter()
+    class_counts = {s: collections.Counter() for s in SPLITS}
+    target = cfg.normalise.target_sum
+    total = sum(int((inp.splits != NOT_KEPT).sum()) for inp in inputs)
+    with tqdm(total=total, unit="cells", desc="tokenize", leave=False) as bar:
+        for inp in inputs:
+            assert inp.converter is not None and inp.token_map is not None and inp.splits is not None
+            obs = inp.source.obs
+            counts_in_vocab = counts_total = 0.0
+            for start, raw in inp.source.blocks(cfg.block_size):
+                codes = inp.splits[start : start + raw.shape[0]]
+                local = np.flatnonzero(codes != NOT_KEPT)
+                if local.size == 0:
+                    continue
+                # Kept cells grouped by split (stable: file order within a split), so that one row
+                # selection, one encode call and then plain slices give every split its records.
+                local = local[np.argsort(codes[local], kind="stable")]
+                counts = inp.converter(start, raw)
+                lib = inp.libsize(start, row_sums(counts))[local]
+                in_place = local.size == raw.shape[0] and bool((local == np.arange(local.size)).all())
+                counts = counts if in_place else counts[local]
+                tokens = remap_columns(counts, inp.token_map)
+                counts_total += float(counts.data.sum(dtype=np.float64))
+                counts_in_vocab += float(tokens.data.sum(dtype=np.float64))
+                expressed = np.diff(tokens.indptr) > 0
+                if not expressed.all():
+                    stats["cells_dropped_no_vocabulary_gene"] += int((~expressed).sum())
+                    tokens, lib, local = tokens[expressed], lib[expressed], local[expressed]
+                if local.size == 0:
+                    continue
+                cells = start + local
+                encoded = scheme.encode(tokens, (target / lib).astype(np.float32), inp.offset + cells)
+                meta = pd.DataFrame({"id": obs.index[cells], "source": inp.name})
+                for column in meta_columns[2:]:
+                    meta[column] = obs[column].to_numpy()[cells]
+                labels = (
+                    np.array([label_index[v] for v in inp.labels[cells]], dtype=np.int64)
+                    if label_names is not None
+                    else None
+                )
+                bounds = np.searchsorted(inp.splits[cells], np.arange(len(SPLITS) + 1))
+                for code, split in enumerate(SPLITS):
+                    lo, hi = int(bounds[code]), int(bounds[code + 1])
+                    if lo == hi:
+                        continue
+                    part = encoded.rows(lo, hi)
+                    extra = {"labels": labels[lo:hi]} if labels is not None else {}
+                    writer.split(split).add_batch(
+                        part.lengths, meta=meta.iloc[lo:hi], **part.fields(), **extra
+                    )
+                    stats[f"cells_{split}"] += hi - lo
+                    if labels is not None:
+                        class_counts[split].update(inp.labels[cells[lo:hi]].tolist())
+                bar.update(local.size)
+            inp.coverage["fraction_of_counts"] = counts_in_vocab / counts_total if counts_total else 0.0
+    written = sum(stats[f"cells_{s}"] for s in SPLITS)
+    if written == 0:
+        raise InputError(
+            "no cell expresses any vocabulary gene: nothing to write (check genes.column and the vocabulary)"
+        )
+    for inp in inputs:
+        for reason, n in inp.qc.dropped.items():
+            stats[reason] += n
+        stats["cells_dropped_missing_label"] += int(inp.exclude.sum())
+        stats["cells_read"] += inp.source.n_obs
+    return writer.finish(
+        modality="cells",
+        kind="expression",
+        scheme=scheme.name,
+        n_bins=cfg.tokenizer.n_bins if scheme.name == "binned" else None,
+        max_length=cfg.tokenizer.max_length if scheme.name != "panel" else vocab.vocab_size - 5,
+        values=_values_description(scheme.name, cfg),
+        tokenizer={
+            "kind": "genes",
+            "vocab_size": vocab.vocab_size,
+            "dir": "tokenizer",
+            "sha256": sha256_file(vocab_path),
+            "frozen_from": cfg.tokenizer.path,
+            "medians": vocab.settings.get("medians"),
+        },
+        label_names=label_names,
+        label_column=cfg.labels.column,
+        class_counts={s: dict(sorted(c.items())) for s, c in class_counts.items()} if label_names else None,
+        gene_id_column=cfg.genes.column,
+        coverage={inp.name: inp.coverage for inp in inputs},
+        counts={inp.name: {"mode": cfg.counts.mode, **inp.summary.as_dict()} for inp in inputs},
+        genes={inp.name: inp.gene_stats for inp in inputs},
+        sources=[inp.describe() for inp in inputs],
+        stats=dict(stats),
+        config=cfg.model_dump(mode="json"),
+        code=code_version(),
+    )
+
+
+def _values_description(scheme: str, cfg: CellsPrepConfig) -> str:
+    library = (
+        f"obs[{cfg.counts.total_counts_column!r}]"
+        if cfg.counts.total_counts_column
+        else "the cell's total counts"
+    )
+    normalised = f"count / library_size * {cfg.normalise.target_sum:g} (library_size: {library})"
+    if scheme == "rank":
+        return f"{normalised} / corpus non-zero median of the gene"
+    return f"log1p({normalised})"
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
+    """Run the single-cell prep stage; return the token store's directory (reused when already current)."""
+    space = GeneSpace()
+    inputs = open_inputs(cfg, space)
+    try:
+        stage = StageOutput(
+            "prep-cells",
+            cfg,
+            cfg.output,
+            inputs=[inp.describe() for inp in inputs] + vocabulary_inputs(cfg.tokenizer),
+            non_semantic=("output", "block_size"),
+        )
+        if stage.is_current(overwrite=overwrite):
+            return Path(cfg.output)
+        frozen = load_frozen(cfg.tokenizer)
+        if frozen is not None:
+            check_coverage(cfg, inputs, frozen, frozen=True)  # zero overlap fails before reading values
+        prepare_inputs(cfg, inputs)
+        stats = scan(cfg, inputs, space, build=frozen is None)
+        assign_splits(cfg, inputs)
+        if frozen is None:
+            assert stats is not None
+            vocab = build_vocabulary(cfg, inputs, space, stats)
+            check_coverage(cfg, inputs, vocab, frozen=False)
+        else:
+            vocab = frozen
+        to_token = vocab.token_map(space.names).targets  # gene space -> token id
+        for inp in inputs:
+            targets = np.where(inp.gene_targets >= 0, to_token[np.maximum(inp.gene_targets, 0)], -1)
+            inp.token_map = ColumnMap(targets, vocab.vocab_size)
+        with stage.writing(seeds={"split": cfg.split.seed, "tokenizer": cfg.tokenizer.seed}) as tmp:
+            manifest = write_store(cfg, inputs, vocab, tmp)
+    finally:
+        close_inputs(inputs)
+    _log_summary(Path(cfg.output), manifest)
+    return Path(cfg.output)
+
+
+def _log_summary(path: Path, manifest: dict[str, Any]) -> None:
+    parts = [f"{name}: {s['num_records']:,} cells" for name, s in manifest["splits"].items()]
+    log.info(
+        "wrote %s (%s scheme, %d genes) -- %s",
+        path,
+        manifest["scheme"],
+        manifest["tokenizer"]["vocab_size"] - 5,
+        "; ".join(parts),
+    )
+    dropped = {
+        k.removeprefix("cells_dropped_"): v for k, v in manifest["stats"].items() if "dropped" in k and v
+    }
+    if dropped:
+        log.info(
+            "cells dropped: %s", ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(dropped.items()))
+        )

@@ -1,0 +1,503 @@
+"""Expression matrices opened for reading in blocks of cells, sparse throughout.
+
+Every reader gives a `MatrixSource`: the cells' metadata (`obs`, index = cell ids), the genes'
+metadata (`var`, index = the file's gene names), and `rows(start, stop)`, a CSR block of cells x genes.
+Only one block is ever in memory:
+
+| format    | how a block is read                                                                    |
+|-----------|----------------------------------------------------------------------------------------|
+| `h5ad`    | `X`, `raw` or `layers/NAME` through anndata's on-disk sparse datasets (backed, CSR rows) |
+|           | or an h5py slice of a dense matrix; obs/var with anndata                                |
+| `10x_h5`  | Cell Ranger .h5 (v2 and v3): cells are columns of its CSC matrix, so a block of cells is |
+|           | one contiguous slice of data/indices (v3: Gene Expression features only, like scanpy)  |
+| `loom`    | a column slice of the genes x cells matrix (or a layer), densified one block at a time  |
+| `10x_mtx` | scanpy.read_10x_mtx: Matrix Market text is not row-addressable, so it is read whole --   |
+|           | as a sparse matrix -- and then served in blocks (convert very large ones to h5ad)       |
+
+Gene names are kept as the file has them (no `-1` suffixes): duplicates are handled on purpose later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from biomask.errors import InputError
+from biomask.provenance import sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("h5ad", "10x_h5", "10x_mtx", "loom")
+
+
+class MatrixSource(ABC):
+    """A cells x genes matrix read in row blocks; `obs` and `var` are in memory, the values are not."""
+
+    def __init__(
+        self, name: str, path: Path, key: str, obs: pd.DataFrame, var: pd.DataFrame, alternatives: list[str]
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.key = key  # which matrix inside the file, for messages
+        self.obs = obs
+        self.var = var
+        self.alternatives = alternatives  # every matrix the file offers (for hints in error messages)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var)
+
+    @property
+    def where(self) -> str:
+        """`file [matrix]`, the way error messages name a matrix."""
+        return f"{self.path} [{self.key}]"
+
+    @property
+    @abstractmethod
+    def dtype(self) -> np.dtype:
+        """The stored value type (checked before anything is read)."""
+
+    @property
+    def stored_values(self) -> int:
+        """An upper bound on the non-zero values, known without reading them (dense: every entry)."""
+        return self.n_obs * self.n_vars
+
+    @abstractmethod
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells [start, stop) as CSR."""
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        block = self._read(start, stop)
+        if block.shape != (stop - start, self.n_vars):
+            raise InputError(
+                f"{self.where}: a block of cells has shape {block.shape}, expected {(stop - start, self.n_vars)}; "
+                "the file is inconsistent (matrix and obs/var sizes differ)"
+            )
+        return block
+
+    def blocks(self, block_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first cell index, CSR block) for consecutive blocks of at most `block_size` cells."""
+        for start in range(0, self.n_obs, block_size):
+            yield start, self.rows(start, min(start + block_size, self.n_obs))
+
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
+        pass
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """HDF5 string arrays come back as bytes: decode them to str."""
+    values = np.asarray(values)
+    if values.dtype.kind == "S" or (
+        values.dtype.kind == "O" and values.size and isinstance(values[0], bytes)
+    ):
+        return np.array([v.decode("utf-8", "replace") for v in values], dtype=object)
+    return values.astype(object)
+
+
+def _check_sizes(where: str, n_obs: int, n_vars: int, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != (n_obs, n_vars):
+        raise InputError(
+            f"{where}: the matrix is {shape[0]} x {shape[1]} but obs has {n_obs} cells and var {n_vars} genes"
+        )
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path} is not a readable HDF5 file ({exc}); is it really this format?") from None
+
+
+class _CSRSource(MatrixSource):
+    """A matrix already in memory as CSR (10x mtx, an AnnData, a CSC file converted once)."""
+
+    def __init__(self, matrix: sp.spmatrix | np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.matrix = sp.csr_matrix(matrix)
+        _check_sizes(self.where, self.n_obs, self.n_vars, self.matrix.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.matrix.dtype
+
+    @property
+    def stored_values(self) -> int:
+        return int(self.matrix.nnz)
+
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.matrix[start:stop]
+
+
+# --------------------------------------------------------------------------------------------- h5ad
+
+
+class _H5ADSource(MatrixSource):
+    """A sparse (CSR) or dense matrix inside an open h5ad file, read block by block."""
+
+    def __init__(self, handle: h5py.File, element: h5py.Group | h5py.Dataset, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.handle = handle
+        if isinstance(element, h5py.Group):
+            from anndata.io import sparse_dataset
+
+            self.sparse = sparse_dataset(element)
+            self.dense = None
+            shape, self._dtype = self.sparse.shape, self.sparse.dtype
+            self._stored = int(element["data"].shape[0])
+        else:
+            self.sparse, self.dense = None, element
+            shape, self._dtype = element.shape, element.dtype
+            if len(shape) != 2:
+                raise InputError(f"{self.where}: expected a 2-D matrix, found shape {shape}")
+        _check_sizes(self.where, self.n_obs, self.n_vars, shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._dtype)
+
+    @property
+    def stored_values(self) -> int:
+        return self._stored if self.sparse is not None else self.n_obs * self.n_vars
+
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        if self.sparse is not None:
+            return sp.csr_matrix(self.sparse[start:stop])
+        return sp.csr_matrix(self.dense[start:stop])
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _h5ad_frames(path: Path, handle: h5py.File) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """obs, var and raw's var. Files written by anndata < 0.7 store them differently: let anndata read those
+    (backed, so the matrices stay on disk)."""
+    if "encoding-type" in handle.attrs:
+        from anndata.io import read_elem
+
+        raw_var = read_elem(handle["raw/var"]) if "raw" in handle and "var" in handle["raw"] else None
+        return read_elem(handle["obs"]), read_elem(handle["var"]), raw_var
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes about converting the old layout
+        adata = anndata.read_h5ad(path, backed="r")
+    try:
+        raw_var = adata.raw.var.copy() if adata.raw is not None else None
+        return adata.obs.copy(), adata.var.copy(), raw_var
+    finally:
+        adata.file.close()
+
+
+def _h5ad_alternatives(handle: h5py.File) -> list[str]:
+    found = ["X"] if "X" in handle else []
+    if "raw" in handle or "raw.X" in handle:
+        found.append("raw")
+    if "layers" in handle:
+        found += [f"layers/{name}" for name in handle["layers"]]
+    return found
+
+
+def open_h5ad(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
+    handle = _open_h5(path)
+    try:
+        alternatives = _h5ad_alternatives(handle)
+        if matrix not in alternatives:
+            raise InputError(
+                f"{path} has no matrix {matrix!r}; it has: {', '.join(alternatives) or 'none'} "
+                "(set `matrix:` on this input)"
+            )
+        obs, var, raw_var = _h5ad_frames(path, handle)
+        if matrix == "X":
+            element = handle["X"]
+        elif matrix == "raw":
+            element = handle["raw/X"] if "raw" in handle else handle["raw.X"]
+            if raw_var is None:
+                raise InputError(f"{path}: .raw has a matrix but no var table")
+            var = raw_var
+        else:
+            element = handle["layers"][matrix.split("/", 1)[1]]
+        kwargs = dict(
+            name=name or path.name, path=path, key=matrix, obs=obs, var=var, alternatives=alternatives
+        )
+        if isinstance(element, h5py.Group):
+            from anndata.io import sparse_dataset
+
+            stored = sparse_dataset(element)
+            if stored.format == "csc":
+                # Rows of a CSC matrix are scattered over the whole file: read it once, as CSR.
+                log.warning("%s [%s] is stored by column (CSC): reading it whole into memory", path, matrix)
+                csr = stored.to_memory().tocsr()
+                handle.close()
+                return _CSRSource(csr, **kwargs)
+        return _H5ADSource(handle, element, **kwargs)
+    except BaseException:
+        if handle.id.valid:
+            handle.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------- 10x .h5
+
+
+class _TenxH5Source(MatrixSource):
+    """Cell Ranger's genes x cells CSC matrix: cell i's values are data[indptr[i]:indptr[i+1]]."""
+
+    def __init__(self, handle: h5py.File, group: h5py.Group, keep: np.ndarray | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.handle, self.group = handle, group
+        self.indptr = group["indptr"][:].astype(np.int64)  # one integer per cell: small
+        self.n_features = int(group["shape"][0])
+        self.keep = keep  # feature columns kept (v3: Gene Expression), or None for all
+        if self.indptr.size != self.n_obs + 1:
+            raise InputError(f"{self.where}: indptr has {self.indptr.size} entries for {self.n_obs} barcodes")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.group["data"].dtype
+
+    @property
+    def stored_values(self) -> int:
+        return int(self.indptr[-1])
+
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = self.indptr[start], self.indptr[stop]
+        block = sp.csr_matrix(
+            (self.group["data"][lo:hi], self.group["indices"][lo:hi], self.indptr[start : stop + 1] - lo),
+            shape=(stop - start, self.n_features),
+        )
+        return block[:, self.keep] if self.keep is not None else block
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def open_10x_h5(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
+    if matrix != "X":
+        raise InputError(
+            f"{path}: a 10x .h5 file holds one matrix; remove `matrix: {matrix}` from this input"
+        )
+    handle = _open_h5(path)
+    try:
+        if "matrix" in handle:  # Cell Ranger >= 3
+            group = handle["matrix"]
+            features = group["features"]
+            names, ids = _strings(features["name"][:]), _strings(features["id"][:])
+            types = _strings(features["feature_type"][:])
+            keep = np.flatnonzero(types == "Gene Expression")
+            var = pd.DataFrame({"gene_ids": ids[keep], "feature_types": types[keep]}, index=names[keep])
+            keep_cols = None if keep.size == names.size else keep
+        else:  # Cell Ranger 2: one group per genome
+            genomes = list(handle.keys())
+            if len(genomes) != 1:
+                raise InputError(
+                    f"{path}: expected one genome group in a Cell Ranger 2 file, found {genomes or 'none'}"
+                )
+            group = handle[genomes[0]]
+            if "gene_names" not in group:
+                raise InputError(f"{path}: not a 10x .h5 file (no matrix/features or <genome>/gene_names)")
+            names, ids = _strings(group["gene_names"][:]), _strings(group["genes"][:])
+            var = pd.DataFrame({"gene_ids": ids}, index=names)
+            keep_cols = None
+        obs = pd.DataFrame(index=pd.Index(_strings(group["barcodes"][:]), name=None))
+        var.index.name = None
+        return _TenxH5Source(
+            handle,
+            group,
+            keep_cols,
+            name=name or path.name,
+            path=path,
+            key="matrix",
+            obs=obs,
+            var=var,
+            alternatives=["X"],
+        )
+    except KeyError as exc:
+        handle.close()
+        raise InputError(f"{path}: not a 10x .h5 file (missing {exc})") from None
+    except BaseException:
+        handle.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------- loom
+
+
+class _LoomSource(MatrixSource):
+    """A loom matrix is genes x cells (dense, chunked): a block of cells is a column slice."""
+
+    def __init__(self, handle: h5py.File, dataset: h5py.Dataset, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.handle, self.dataset = handle, dataset
+        _check_sizes(self.where, self.n_obs, self.n_vars, dataset.shape[::-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.dataset.dtype
+
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(self.dataset[:, start:stop].T)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _attrs_frame(group: h5py.Group, index_key: str, where: str) -> pd.DataFrame:
+    if index_key not in group:
+        raise InputError(
+            f"{where}: no {group.name}/{index_key} (loom files name genes Gene and cells CellID)"
+        )
+    columns = {
+        key: _strings(ds[:]) if ds.dtype.kind in "SO" else ds[:]
+        for key, ds in group.items()
+        if isinstance(ds, h5py.Dataset) and ds.ndim == 1 and key != index_key
+    }
+    return pd.DataFrame(columns, index=pd.Index(_strings(group[index_key][:])))
+
+
+def open_loom(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
+    handle = _open_h5(path)
+    try:
+        layers = list(handle["layers"]) if "layers" in handle else []
+        alternatives = ["X", *(f"layers/{n}" for n in layers if n)]
+        if matrix == "X":
+            dataset = handle.get("matrix")
+        elif matrix.startswith("layers/") and matrix.split("/", 1)[1] in layers:
+            dataset = handle["layers"][matrix.split("/", 1)[1]]
+        else:
+            dataset = None
+        if dataset is None:
+            raise InputError(f"{path} has no matrix {matrix!r}; it has: {', '.join(alternatives)}")
+        var = _attrs_frame(handle["row_attrs"], "Gene", str(path))
+        obs = _attrs_frame(handle["col_attrs"], "CellID", str(path))
+        return _LoomSource(
+            handle,
+            dataset,
+            name=name or path.name,
+            path=path,
+            key=matrix,
+            obs=obs,
+            var=var,
+            alternatives=alternatives,
+        )
+    except BaseException:
+        handle.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------- 10x mtx
+
+
+def _mtx_files(directory: Path) -> list[Path]:
+    names = [("matrix.mtx.gz", "matrix.mtx"), ("features.tsv.gz", "genes.tsv", "features.tsv"),
+             ("barcodes.tsv.gz", "barcodes.tsv")]  # fmt: skip
+    found = []
+    for options in names:
+        hit = next((directory / n for n in options if (directory / n).is_file()), None)
+        if hit is None:
+            raise InputError(f"{directory}: a 10x matrix directory needs one of {', '.join(options)}")
+        found.append(hit)
+    return found
+
+
+def open_10x_mtx(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
+    if matrix != "X":
+        raise InputError(
+            f"{path}: a 10x directory holds one matrix; remove `matrix: {matrix}` from this input"
+        )
+    _mtx_files(path)
+    import scanpy as sc
+
+    log.info("%s: Matrix Market text is read whole (as a sparse matrix)", path)
+    try:
+        adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False, gex_only=True)
+    except (ValueError, OSError, IndexError) as exc:
+        raise InputError(f"{path}: cannot read the 10x matrix ({exc})") from None
+    return _CSRSource(
+        adata.X,
+        name=name or path.name,
+        path=path,
+        key="matrix.mtx",
+        obs=adata.obs,
+        var=adata.var,
+        alternatives=["X"],
+    )
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+
+def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSource:
+    """An in-memory AnnData (e.g. from a notebook) as a source; `matrix` as in the config."""
+    if matrix == "X":
+        values, var = adata.X, adata.var
+    elif matrix == "raw":
+        if adata.raw is None:
+            raise InputError(f"{name}: the AnnData has no .raw")
+        values, var = adata.raw.X, adata.raw.var
+    else:
+        layer = matrix.split("/", 1)[1]
+        if layer not in adata.layers:
+            raise InputError(f"{name}: no layer {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
+        values, var = adata.layers[layer], adata.var
+    return _CSRSource(values, name=name, path=Path(name), key=matrix, obs=adata.obs, var=var, alternatives=[])
+
+
+def guess_format(path: Path) -> str:
+    if path.is_dir():
+        return "10x_mtx"
+    suffix = path.name.lower()
+    for ending, fmt in ((".h5ad", "h5ad"), (".loom", "loom"), (".h5", "10x_h5"), (".hdf5", "10x_h5")):
+        if suffix.endswith(ending):
+            return fmt
+    raise InputError(
+        f"cannot tell the format of {path} from its name; set `format:` to one of {', '.join(FORMATS)}"
+    )
+
+
+_OPENERS = {"h5ad": open_h5ad, "10x_h5": open_10x_h5, "10x_mtx": open_10x_mtx, "loom": open_loom}
+
+
+def open_matrix(
+    path: str | os.PathLike, fmt: str = "auto", matrix: str = "X", name: str | None = None
+) -> MatrixSource:
+    """Open an expression matrix for block reading (see the module docstring for the formats)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"input file {path} is empty")
+    fmt = guess_format(path) if fmt == "auto" else fmt
+    if fmt not in _OPENERS:
+        raise InputError(f"unknown format {fmt!r} for {path}; known: {', '.join(FORMATS)}")
+    source = _OPENERS[fmt](path, matrix, name)
+    source.obs.index = source.obs.index.astype(str)
+    source.var.index = source.var.index.astype(str)
+    return source
+
+
+def input_checksum(path: str | os.PathLike) -> str:
+    """sha256 of an input file; for a 10x directory, of its three files' checksums together."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in _mtx_files(path):
+            digest.update(f"{item.name}:{sha256_file(item)}\n".encode())
+        return digest.hexdigest()
+    return sha256_file(path)

@@ -1,0 +1,671 @@
+"""`biomask prep cells`: tokenization schemes checked by hand, then the stage on real registry data
+(pbmc3k raw counts, pbmc68k_reduced, the scvelo pancreas subset) and its behaviour on bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+import yaml
+
+from biomask import datasets
+from biomask.cells.config import CountsConfig
+from biomask.cells.counts import CountConverter, detect
+from biomask.cells.genes import ColumnMap, GeneSpace, GeneVocabulary, gene_names, remap_columns
+from biomask.cells.readers import open_matrix
+from biomask.cells.tokenize import BinnedScheme, PanelScheme, RankScheme
+from biomask.store import TokenStore
+from tests.conftest import leftovers
+
+CFG_3K = "configs/cells/pbmc3k.yaml"
+CFG_68K = "configs/cells/pbmc68k_reduced.yaml"
+
+
+def csr(rows: list[list[tuple[int, int]]], n_cols: int = 20) -> sp.csr_matrix:
+    """A tiny counts matrix from [(token id, count), ...] per cell."""
+    data, indices, indptr = [], [], [0]
+    for row in rows:
+        for token, count in sorted(row):
+            indices.append(token)
+            data.append(count)
+        indptr.append(len(indices))
+    return sp.csr_matrix(
+        (np.array(data, np.float32), np.array(indices), np.array(indptr)), shape=(len(rows), n_cols)
+    )
+
+
+def records(encoded) -> list[dict[str, list]]:
+    out, start = [], 0
+    for n in encoded.lengths:
+        stop = start + n
+        rec = {"tokens": encoded.tokens[start:stop].tolist(), "values": encoded.values[start:stop].tolist()}
+        if encoded.bins is not None:
+            rec["bins"] = encoded.bins[start:stop].tolist()
+        out.append(rec)
+        start = stop
+    return out
+
+
+# ------------------------------------------------------------------------------------------ schemes by hand
+
+
+def test_binned_scheme_by_hand():
+    # cell 0: counts 1, 3, 1, 2 (library 7). F(1) = 2/4, F(2) = 3/4, F(3) = 4/4 -> with 4 bins: 2, 3, 4.
+    # cell 1: one gene -> the top bin. cell 2: counts above the table size (64) take the sorted path:
+    # 100, 1, 70, 100 -> F = 4/4, 1/4, 2/4, 4/4 -> bins 4, 1, 2, 4 (ties share a bin).
+    block = csr([[(5, 1), (7, 3), (9, 1), (12, 2)], [(6, 4)], [(5, 100), (8, 1), (10, 70), (11, 100)]])
+    scale = np.array([1e4 / 7, 1e4 / 4, 1e4 / 271], dtype=np.float32)
+    got = records(BinnedScheme(n_bins=4, max_length=10).encode(block, scale, np.arange(3)))
+    assert [r["tokens"] for r in got] == [[5, 7, 9, 12], [6], [5, 8, 10, 11]]
+    assert [r["bins"] for r in got] == [[2, 4, 2, 3], [4], [4, 1, 2, 4]]
+    expected = np.log1p(np.array([1, 3, 1, 2]) * 1e4 / 7)
+    np.testing.assert_allclose(got[0]["values"], expected, rtol=1e-6)
+    np.testing.assert_allclose(got[2]["values"], np.log1p(np.array([100, 1, 70, 100]) * 1e4 / 271), rtol=1e-6)
+
+
+def test_binned_truncation_keeps_top_expressed_or_a_seeded_sample():
+    # counts 2, 2, 2, 1, 5 -> top 3: the 5 (token 9) and two of the three 2s, ties to the lower token ids
+    # (5, 6); the record stays in token order, bins are those of the whole cell (computed before truncation)
+    block = csr([[(5, 2), (6, 2), (7, 2), (8, 1), (9, 5)]])
+    scale = np.array([1e4 / 12], dtype=np.float32)
+    top = records(BinnedScheme(n_bins=5, max_length=3).encode(block, scale, np.array([0])))[0]
+    assert top["tokens"] == [5, 6, 9]
+    assert top["bins"] == [4, 4, 5]  # F(2) = 4/5 -> ceil(4) = 4; F(5) = 1 -> 5
+    # the table path (small counts) and the sorting path (a count >= 64 forces it) choose alike
+    big = csr([[(5, 2), (6, 2), (7, 2), (8, 1), (9, 500)]])
+    assert records(BinnedScheme(5, 3).encode(big, scale, np.array([0])))[0]["tokens"] == [5, 6, 9]
+    # a seeded sample: max_length genes of the cell, the same whatever block the cell is read in
+    scheme = BinnedScheme(n_bins=5, max_length=3, truncate="sample", seed=7)
+    wide = csr([[(t, 1 + t % 3) for t in range(5, 15)], [(t, 1) for t in range(5, 10)]])
+    both = records(scheme.encode(wide, np.ones(2, np.float32), np.array([41, 42])))
+    alone = records(scheme.encode(wide[:1], np.ones(1, np.float32), np.array([41])))
+    assert both[0]["tokens"] == alone[0]["tokens"] and len(alone[0]["tokens"]) == 3
+    assert set(alone[0]["tokens"]) <= set(range(5, 15)) and alone[0]["tokens"] == sorted(alone[0]["tokens"])
+    other_seed = records(
+        BinnedScheme(5, 3, "sample", seed=8).encode(wide[:1], np.ones(1, np.float32), np.array([41]))
+    )
+    other_cell = records(scheme.encode(wide[:1], np.ones(1, np.float32), np.array([40])))
+    assert alone[0]["tokens"] != other_seed[0]["tokens"] or alone[0]["tokens"] != other_cell[0]["tokens"]
+
+
+def test_rank_scheme_by_hand():
+    # medians by token id (ids 0-4 are specials): token 5 -> 2.0, 6 -> 0.5, 7 -> 1.0, 8 -> 4.0
+    medians = np.array([1, 1, 1, 1, 1, 2.0, 0.5, 1.0, 4.0], dtype=np.float32)
+    # counts 4, 1, 2, 4 with scale 0.5: normalised 2, 0.5, 1, 2 -> / median: 1, 1, 1, 0.5
+    block = csr([[(5, 4), (6, 1), (7, 2), (8, 4)]], n_cols=9)
+    got = records(
+        RankScheme(medians, max_length=10).encode(block, np.array([0.5], np.float32), np.array([0]))
+    )
+    assert got[0]["tokens"] == [5, 6, 7, 8]  # three-way tie at 1.0 broken by token id, then 0.5
+    np.testing.assert_allclose(got[0]["values"], [1.0, 1.0, 1.0, 0.5])
+    block = csr([[(5, 1), (6, 3), (7, 8), (8, 4)]], n_cols=9)  # / median: 0.5 6 8 1 -> order 7, 6, 8, 5
+    got = records(RankScheme(medians, max_length=2).encode(block, np.array([1.0], np.float32), np.array([0])))
+    assert got[0]["tokens"] == [7, 6] and got[0]["values"] == [8.0, 6.0]
+
+
+def test_panel_scheme_by_hand():
+    block = csr([[(6, 3), (8, 1)], [(5, 2)]], n_cols=9)
+    got = records(PanelScheme(vocab_size=9).encode(block, np.array([1.0, 0.5], np.float32), np.arange(2)))
+    assert [r["tokens"] for r in got] == [[5, 6, 7, 8], [5, 6, 7, 8]]  # every panel gene, in id order
+    np.testing.assert_allclose(got[0]["values"], [0, np.log1p(3), 0, np.log1p(1)], rtol=1e-6)
+    np.testing.assert_allclose(got[1]["values"], [np.log1p(1), 0, 0, 0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+
+def prep(cli, config, *overrides):
+    return cli("prep", "cells", "-c", config, *overrides)
+
+
+@pytest.fixture(scope="session")
+def pbmc3k_store(tmp_path_factory, repo):
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+
+    out = tmp_path_factory.mktemp("cells") / "pbmc3k"
+    return prep_cells(load_config(CellsPrepConfig, repo / CFG_3K, [f"output={out}"]))
+
+
+@pytest.fixture(scope="session")
+def pbmc68k_store(tmp_path_factory, repo, pbmc3k_store):
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+
+    out = tmp_path_factory.mktemp("cells") / "pbmc68k"
+    overrides = [f"output={out}", f"tokenizer.path={pbmc3k_store}"]
+    return prep_cells(load_config(CellsPrepConfig, repo / CFG_68K, overrides))
+
+
+@pytest.fixture(scope="session")
+def pbmc3k():
+    import anndata
+
+    return anndata.read_h5ad(datasets.fetch("pbmc3k"))
+
+
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.filterwarnings(
+        "ignore::anndata.OldFormatWarning",
+        "ignore::FutureWarning:anndata",
+        "ignore:Variable names are not unique",
+    ),
+]
+
+
+def test_count_detection_on_the_real_sets():
+    cfg = CountsConfig()
+    found = {}
+    for name, matrix in [
+        ("pbmc3k", "X"),
+        ("pbmc68k_reduced", "X"),
+        ("pbmc68k_reduced", "raw"),
+        ("pancreas-100", "layers/spliced"),
+    ]:
+        source = open_matrix(datasets.fetch(name), "h5ad", matrix)
+        try:
+            found[(name, matrix)] = detect(source, cfg, block_size=512)
+        finally:
+            source.close()
+    assert found[("pbmc3k", "X")].kind == "integer_floats"
+    assert found[("pbmc68k_reduced", "X")].kind == "scaled" and found[("pbmc68k_reduced", "X")].min < 0
+    raw = found[("pbmc68k_reduced", "raw")]
+    assert raw.kind == "log_normalised" and raw.max < 10 and raw.integral_fraction < 0.1
+    assert found[("pancreas-100", "layers/spliced")].kind == "integer_floats"
+
+
+def test_non_counts_are_refused_with_what_was_found_and_what_to_set(tmp_path, cli, repo, pbmc3k_store):
+    out = tmp_path / "out"
+    args = [f"output={out}", f"tokenizer.path={pbmc3k_store}"]
+    code, _, err = prep(cli, repo / CFG_68K, *args, "inputs=[{dataset: pbmc68k_reduced}]")
+    assert code == 2 and "10x_pbmc68k_reduced.h5ad [X]" in err
+    assert "scaled values (negative values" in err and "set `matrix:`" in err and "raw" in err
+    code, _, err = prep(cli, repo / CFG_68K, *args, "counts.mode=require", "counts.total_counts_column=null")
+    assert code == 2 and "[raw]: expected raw counts, found log-transformed values" in err
+    assert "counts.mode: from_log1p" in err and "counts.total_counts_column: n_counts" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_pbmc68k_counts_are_rebuilt_from_log1p_and_checked():
+    import anndata
+
+    path = datasets.fetch("pbmc68k_reduced")
+    source = open_matrix(path, "h5ad", "raw")
+    try:
+        cfg = CountsConfig(mode="from_log1p", total_counts_column="n_counts")
+        counts = CountConverter(source, cfg)(0, source.rows(0, source.n_obs))
+        raw = anndata.read_h5ad(path).raw.X.toarray()
+        n_counts = source.obs["n_counts"].to_numpy()
+        rebuilt = counts.toarray()
+        assert (
+            rebuilt.dtype == np.float32 and np.array_equal(rebuilt, np.rint(rebuilt)) and rebuilt.max() > 50
+        )
+        assert ((rebuilt > 0) == (raw > 0)).all()  # every stored value became a count >= 1
+        # round trip: the counts, normalised the way the file was, give back its values (stored to 3 decimals)
+        again = np.log1p(rebuilt / n_counts[:, None] * 1e4)
+        assert np.abs(again - raw).max() < 6e-4
+        assert (rebuilt.sum(axis=1) < n_counts).all()  # 765 of the genes: part of each cell's total
+        # the wrong totals column gives non-integers: refused, naming the cell
+        with pytest.raises(
+            Exception, match=r"cell 'AAAGCCTGGCTAAC-1' \(row 0\) has the non-integral rebuilt count"
+        ):
+            wrong = CountsConfig(mode="from_log1p", total_counts_column="n_genes")
+            CountConverter(source, wrong)(0, source.rows(0, 10))
+    finally:
+        source.close()
+
+
+def test_pbmc3k_store_end_to_end(pbmc3k_store, pbmc3k):
+    import scanpy as sc
+
+    store = TokenStore(pbmc3k_store)
+    m = store.manifest
+    assert store.verify() > 0
+    assert m["modality"] == "cells" and m["kind"] == "expression" and m["scheme"] == "binned"
+    assert m["n_bins"] == 51 and m["label_names"] is None and m["gene_id_column"] is None
+    assert m["token_fields"] == {"tokens": "uint16", "values": "float32", "bins": "uint8"}
+    # QC keeps exactly the cells scanpy's tutorial filters keep (min 200 genes, < 2500 genes, < 5 % MT)
+    ref = pbmc3k.copy()
+    ref.var["mt"] = ref.var_names.str.startswith("MT-")
+    sc.pp.calculate_qc_metrics(ref, qc_vars=["mt"], inplace=True, percent_top=None)
+    passing = ref.obs_names[
+        (ref.obs.n_genes_by_counts >= 200)
+        & (ref.obs.n_genes_by_counts <= 2500)
+        & (ref.obs.pct_counts_mt <= 5)
+    ]
+    ids = pd.concat([store.split(s).meta() for s in store.splits])["id"]
+    assert len(passing) == 2638 and sorted(ids) == sorted(passing)
+    assert {s: len(store.split(s)) for s in store.splits} == {"train": 2374, "val": 132, "test": 132}
+    # the vocabulary: genes detected in >= 3 kept cells, saved for the trainer (HF tokenizer + genes.tsv)
+    genes = pd.read_csv(pbmc3k_store / "tokenizer" / "genes.tsv", sep="\t", keep_default_na=False)
+    assert (genes["n_cells"] >= 3).all() and genes["id"].iloc[0] == 5
+    config = json.loads((pbmc3k_store / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["biomask"]["modality"] == "cells" and config["biomask"]["kind"] == "genes"
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(pbmc3k_store / "tokenizer" / "tokenizer.json"))
+    assert hf.encode("CD3D MS4A1 NOT-A-GENE").ids == [1, int(genes.id[genes.gene == "CD3D"].iloc[0]),
+                                                     int(genes.id[genes.gene == "MS4A1"].iloc[0]), 4]  # fmt: skip
+    # exact medians: numpy's median of each gene's non-zero normalised values over the kept cells
+    kept = pbmc3k[passing]
+    lib = np.asarray(kept.X.sum(axis=1)).ravel()
+    for gene in ("CD3D", "LYZ", "MS4A1"):
+        column = kept[:, gene].X.toarray().ravel()
+        expressed = column > 0
+        expected = np.median(column[expressed].astype(np.float32) * (1e4 / lib[expressed]).astype(np.float32))
+        assert genes.set_index("gene").loc[gene, "median"] == pytest.approx(expected, rel=1e-6)
+    # provenance beside the outputs
+    run = json.loads((pbmc3k_store / "run.json").read_text())
+    assert run["inputs"][0]["sha256"] == datasets.get("pbmc3k").sha256 and run["seeds"]["split"] == 0
+    assert yaml.safe_load((pbmc3k_store / "config.yaml").read_text())["tokenizer"]["scheme"] == "binned"
+
+
+def test_binned_tokens_match_a_per_cell_reference(pbmc3k_store, pbmc3k):
+    """Every token, value and bin of 150 cells against the definition written as a plain per-cell loop."""
+    store = TokenStore(pbmc3k_store)
+    genes = pd.read_csv(pbmc3k_store / "tokenizer" / "genes.tsv", sep="\t", keep_default_na=False)
+    token_of = dict(zip(genes.gene, genes.id))
+    train = store.split("train")
+    meta = train.meta()
+    names = pbmc3k.var_names.to_numpy()
+    truncated = 0
+    for i in range(0, len(train), len(train) // 150):
+        row = pbmc3k[meta.id[i]].X
+        lib = row.data.sum()
+        tokens = np.array([token_of.get(n, -1) for n in names[row.indices]])
+        counts = row.data[tokens >= 0]
+        tokens = tokens[tokens >= 0]
+        order = np.argsort(tokens)
+        tokens, counts = tokens[order], counts[order]
+        values = np.log1p(counts * np.float32(1e4 / lib))
+        bins = np.array([int(np.ceil(51 * (counts <= c).sum() / counts.size)) for c in counts])
+        if tokens.size > 1200:  # top-expressed 1200, ties to the lower token id, kept in token order
+            truncated += 1
+            chosen = np.sort(np.lexsort((tokens, -counts))[:1200])
+            tokens, values, bins = tokens[chosen], values[chosen], bins[chosen]
+        record = train[i]
+        assert record["tokens"].tolist() == tokens.tolist()
+        assert record["bins"].tolist() == bins.tolist()
+        np.testing.assert_allclose(record["values"], values, rtol=2e-6)
+    assert truncated > 0  # the check covered truncated cells too
+
+
+def test_evaluation_set_with_the_frozen_vocabulary(pbmc68k_store, pbmc3k_store):
+    import anndata
+
+    store = TokenStore(pbmc68k_store)
+    m = store.manifest
+    # the pretraining corpus's vocabulary, byte for byte
+    assert m["tokenizer"]["sha256"] == TokenStore(pbmc3k_store).manifest["tokenizer"]["sha256"]
+    assert m["tokenizer"]["frozen_from"] == str(pbmc3k_store)
+    assert m["coverage"]["pbmc68k_reduced"]["fraction_of_dataset_genes"] > 0.99
+    assert len(m["label_names"]) == 10 and m["label_names"][0] == "CD14+ Monocyte"
+    assert sum(len(store.split(s)) for s in store.splits) == 700
+    # stratified: every cell type is in train, and its share in test follows its share overall
+    adata = anndata.read_h5ad(datasets.fetch("pbmc68k_reduced"))
+    overall = adata.obs.bulk_labels.value_counts(normalize=True)
+    for split in ("val", "test"):
+        labels = store.split(split).record_field("labels")
+        shares = pd.Series(np.array(m["label_names"])[labels]).value_counts(normalize=True)
+        assert (shares.reindex(overall.index).fillna(0) - overall).abs().max() < 0.03
+    assert set(store.split("train").record_field("labels")) == set(range(10))
+    # evaluation joins labels on the cell id: meta and labels agree with the file's obs
+    meta = pd.concat([store.split(s).meta() for s in store.splits])
+    labels = np.concatenate([store.split(s).record_field("labels") for s in store.splits])
+    assert set(meta.columns) == {"id", "source", "bulk_labels", "louvain", "phase"}
+    assert (np.array(m["label_names"])[labels] == adata.obs.loc[meta.id, "bulk_labels"].to_numpy()).all()
+    assert not (set(store.split("train").meta().id) & set(store.split("test").meta().id))
+
+
+def test_coverage_warning_and_zero_overlap(tmp_path, cli, repo, pbmc3k_store):
+    out = tmp_path / "out"
+    code, _, err = prep(cli, repo / CFG_68K, f"output={out}", f"tokenizer.path={pbmc3k_store}",
+                        "tokenizer.min_coverage=1.0")  # fmt: skip
+    assert code == 0 and "only 99.9% of its 765 genes are in the frozen vocabulary" in err
+    # Ensembl IDs against a vocabulary of symbols: nothing in common -> refused before reading values
+    code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / 'ens'}", f"tokenizer.path={pbmc3k_store}",
+                        "genes.column=gene_ids")  # fmt: skip
+    assert code == 2 and "none of its 32,738 genes (e.g. ENSG00000243485" in err and "genes.column" in err
+    assert not (tmp_path / "ens").exists() and leftovers(tmp_path) == []
+
+
+def test_chunked_output_is_identical_to_in_memory_output(tmp_path, cli, repo):
+    def checksums(root):
+        m = json.loads((root / "manifest.json").read_text())
+        files = {
+            (split, f["name"]): f["sha256"]
+            for split, entry in m["splits"].items()
+            for shard in entry["shards"]
+            for f in shard["files"].values()
+        }
+        return files, m["tokenizer"]["sha256"]
+
+    for scheme in ("binned", "rank"):
+        common = [f"tokenizer.scheme={scheme}", "tokenizer.truncate=sample", "tokenizer.max_length=600",
+                  "hvg.n_top_genes=2000", "hvg.max_cells=1000", "tokenizer.median_max_values=1000000"]  # fmt: skip
+        whole = tmp_path / f"{scheme}-whole"
+        assert prep(cli, repo / CFG_3K, f"output={whole}", "block_size=65536", *common)[0] == 0
+        blocks = tmp_path / f"{scheme}-blocks"
+        assert prep(cli, repo / CFG_3K, f"output={blocks}", "block_size=97", *common)[0] == 0
+        assert checksums(whole) == checksums(blocks)
+        m = json.loads((whole / "manifest.json").read_text())
+        assert m["tokenizer"]["vocab_size"] == 2005  # the HVGs
+        assert m["tokenizer"]["medians"]["method"].startswith("exact over a seeded subset")
+    # block size does not change results, so a rerun with another one reuses the output
+    code, _, err = prep(cli, repo / CFG_3K, f"output={whole}", "block_size=500", *common)
+    assert code == 0 and "up to date" in err
+
+
+def test_medians_from_a_subset_of_cells_track_the_exact_ones(tmp_path, repo):
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+
+    medians = {}
+    for name, budget in (("exact", 10_000_000), ("subset", 1_000_000)):
+        cfg = load_config(
+            CellsPrepConfig,
+            repo / CFG_3K,
+            [f"output={tmp_path / name}", f"tokenizer.median_max_values={budget}"],
+        )
+        genes = pd.read_csv(prep_cells(cfg) / "tokenizer" / "genes.tsv", sep="\t", keep_default_na=False)
+        medians[name] = genes.set_index("gene")
+    exact, subset = medians["exact"], medians["subset"]
+    assert list(exact.index) == list(subset.index) and subset["median"].notna().all()
+    common = exact.n_cells >= 500  # well-observed genes: ~250 values behind each subset median
+    ratio = subset.loc[common, "median"] / exact.loc[common, "median"]
+    assert common.sum() > 500 and ratio.between(0.9, 1.1).mean() > 0.97
+
+
+def test_a_named_layer_and_obs_columns(tmp_path, cli, repo):
+    out = tmp_path / "spliced"
+    code, _, _ = prep(cli, repo / CFG_3K, f"output={out}", "inputs=[{dataset: pancreas-100, matrix: layers/spliced}]",
+                      "qc.max_mito_fraction=null", "qc.max_genes=null", "qc.min_genes=100")  # fmt: skip
+    assert code == 0
+    store = TokenStore(out)
+    assert store.manifest["sources"][0]["matrix"] == "layers/spliced"
+    assert sum(len(store.split(s)) for s in store.splits) > 50
+    code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / 'x'}",
+                        "inputs=[{dataset: pancreas-100, matrix: layers/ambiguous}]")  # fmt: skip
+    assert (
+        code == 2 and "has no matrix 'layers/ambiguous'; it has: X, layers/spliced, layers/unspliced" in err
+    )
+
+
+# ------------------------------------------------------------------------------------------ other formats
+
+
+def _pbmc3k_cells(pbmc3k, n=300):
+    """The first n cells of pbmc3k, with the gene symbols as 10x wrote them: anndata made 95 of them
+    unique by adding -1 (EFNA3 and EFNA3-1); the 10x files below get the original, duplicated names."""
+    sub = pbmc3k[:n].copy()
+    names = sub.var_names.to_numpy()
+    present = set(names)
+    suffixed = re.compile(r"^(.+)-(\d+)$")
+
+    def original(name: str) -> str:
+        match = suffixed.match(name)
+        return match.group(1) if match and match.group(1) in present else name
+
+    return sub, np.array([original(n) for n in names])
+
+
+def _write_10x(tmp_path, pbmc3k):
+    sub, symbols = _pbmc3k_cells(pbmc3k)
+    counts = sp.csr_matrix(sub.X, dtype=np.int32)
+    directory = tmp_path / "filtered_feature_bc_matrix"
+    directory.mkdir()
+    with gzip.open(directory / "matrix.mtx.gz", "wb") as handle:
+        scipy.io.mmwrite(handle, counts.T.tocoo(), field="integer")
+    features = pd.DataFrame({"id": sub.var["gene_ids"], "name": symbols, "type": "Gene Expression"})
+    features.to_csv(directory / "features.tsv.gz", sep="\t", header=False, index=False)
+    pd.Series(sub.obs_names).to_csv(directory / "barcodes.tsv.gz", header=False, index=False)
+    h5 = tmp_path / "filtered_feature_bc_matrix.h5"
+    csc = counts.T.tocsc()  # genes x cells, one column per cell
+    with h5py.File(h5, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = (
+            csc.data,
+            csc.indices.astype(np.int64),
+            csc.indptr.astype(np.int64),
+        )
+        g["shape"] = np.array(csc.shape, dtype=np.int32)
+        g["barcodes"] = sub.obs_names.to_numpy().astype("S")
+        feats = g.create_group("features")
+        feats["id"] = sub.var["gene_ids"].to_numpy().astype("S")
+        feats["name"] = symbols.astype("S")
+        feats["feature_type"] = np.full(symbols.size, b"Gene Expression")
+        feats["genome"] = np.full(symbols.size, b"GRCh38")
+        feats["_all_tag_keys"] = np.array([b"genome"])
+    v2 = tmp_path / "cellranger2.h5"  # Cell Ranger 2: one group per genome, genes / gene_names
+    with h5py.File(v2, "w") as f:
+        g = f.create_group("hg19")
+        g["data"], g["indices"], g["indptr"] = (
+            csc.data,
+            csc.indices.astype(np.int64),
+            csc.indptr.astype(np.int64),
+        )
+        g["shape"] = np.array(csc.shape, dtype=np.int32)
+        g["barcodes"] = sub.obs_names.to_numpy().astype("S")
+        g["genes"] = sub.var["gene_ids"].to_numpy().astype("S")
+        g["gene_names"] = symbols.astype("S")
+    loom = tmp_path / "cells.loom"
+    with h5py.File(loom, "w") as f:
+        f["matrix"] = counts.T.toarray().astype(np.float32)
+        f.create_group("layers")
+        f["row_attrs/Gene"] = symbols.astype("S")
+        f["row_attrs/Accession"] = sub.var["gene_ids"].to_numpy().astype("S")
+        f["col_attrs/CellID"] = sub.obs_names.to_numpy().astype("S")
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+    h5ad = tmp_path / "cells.h5ad"
+    sub.write_h5ad(h5ad)
+    return {"10x_mtx": directory, "10x_h5": h5, "10x_h5_v2": v2, "loom": loom, "h5ad": h5ad}, sub, symbols
+
+
+def test_10x_and_loom_readers_give_the_same_cells_as_scanpy(tmp_path, pbmc3k):
+    import scanpy as sc
+
+    files, sub, symbols = _write_10x(tmp_path, pbmc3k)
+    expected = {
+        "10x_mtx": sc.read_10x_mtx(files["10x_mtx"], make_unique=False),
+        "10x_h5": sc.read_10x_h5(files["10x_h5"]),
+        "10x_h5_v2": sc.read_10x_h5(files["10x_h5_v2"], genome="hg19"),
+    }
+    for fmt, path in files.items():
+        source = open_matrix(path)
+        try:
+            blocks = sp.vstack([b for _, b in source.blocks(128)], format="csr")
+            assert (blocks != sp.csr_matrix(sub.X)).nnz == 0, fmt
+            assert list(source.obs.index) == list(sub.obs_names), fmt
+            names = source.var.index.to_numpy()
+            assert list(names) == (list(sub.var_names) if fmt == "h5ad" else list(symbols)), fmt
+            if fmt in expected:
+                assert (sp.csr_matrix(expected[fmt].X) != blocks).nnz == 0, fmt
+                assert list(expected[fmt].var["gene_ids"]) == list(source.var["gene_ids"]), fmt
+        finally:
+            source.close()
+
+
+def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, repo, pbmc3k):
+    files, sub, _ = _write_10x(tmp_path, pbmc3k)
+    source = open_matrix(files["10x_h5"])
+    try:
+        names = gene_names(source, None)
+        n_dups = int(pd.Series(names).duplicated().sum())
+        assert n_dups == int((names != sub.var_names.to_numpy()).sum()) > 50
+        counts = sp.csr_matrix(sub.X)
+        for policy in ("sum", "first"):
+            space = GeneSpace()
+            targets, stats = space.add(source, names, policy)
+            assert stats["duplicate_columns"] == n_dups and len(space) == names.size - n_dups
+            merged = remap_columns(
+                source.rows(0, source.n_obs).astype(np.float32), ColumnMap(targets, len(space))
+            )
+            for gene in ("EFNA3", "PSMA2", "CFB"):
+                columns = np.flatnonzero(names == gene)
+                assert columns.size == 2
+                want = counts[:, columns].sum(axis=1) if policy == "sum" else counts[:, columns[0]].toarray()
+                got = merged[:, space.index[gene]].toarray()
+                assert np.array_equal(np.asarray(want).ravel(), got.ravel()), (policy, gene)
+    finally:
+        source.close()
+    code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / 'dup'}", f"inputs=[{{path: {files['10x_h5']}}}]",
+                        "genes.duplicates=error")  # fmt: skip
+    assert code == 2 and "gene names occur more than once (" in err and "genes.duplicates: sum" in err
+
+
+def test_every_format_gives_the_same_tokens(tmp_path, cli, repo, pbmc3k):
+    files, _, _ = _write_10x(tmp_path, pbmc3k)
+    # Ensembl IDs are unique in every format (the symbols are not, in the 10x ones); loom calls them Accession
+    id_column = {"h5ad": "gene_ids", "10x_mtx": "gene_ids", "10x_h5": "gene_ids", "10x_h5_v2": "gene_ids",
+                 "loom": "Accession"}  # fmt: skip
+    stores = {}
+    for fmt, path in files.items():
+        out = tmp_path / f"store-{fmt}"
+        code, _, err = prep(cli, repo / CFG_3K, f"output={out}", f"inputs=[{{path: {path}}}]",
+                            f"genes.column={id_column[fmt]}")  # fmt: skip
+        assert code == 0, err
+        store = TokenStore(out)
+        assert store.manifest["sources"][0]["format"] == fmt.removesuffix("_v2")
+        stores[fmt] = {
+            s: [r["tokens"].tolist() + r["values"].tolist() for r in store.split(s)] for s in store.splits
+        }
+    assert stores["10x_mtx"] == stores["h5ad"] == stores["10x_h5"] == stores["10x_h5_v2"] == stores["loom"]
+    assert sum(len(v) for v in stores["h5ad"].values()) > 250
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _broken_h5ad(tmp_path, pbmc3k, name, change):
+    sub = pbmc3k[:60].copy()
+    sub.X = sp.csr_matrix(sub.X)
+    change(sub)
+    path = tmp_path / name
+    sub.write_h5ad(path)
+    return path
+
+
+def _fails(cli, repo, tmp_path, path, *overrides):
+    out = tmp_path / "out"
+    code, _, err = prep(cli, repo / CFG_3K, f"output={out}", f"inputs=[{{path: {path}}}]", *overrides)
+    assert code == 2, err
+    assert not out.exists() and leftovers(tmp_path) == [], "a failed prep must leave nothing behind"
+    return err
+
+
+def _set_value(value, row=7):
+    def change(adata):
+        X = adata.X.tolil()
+        X[row, int(adata.X[row].indices[0])] = value
+        adata.X = sp.csr_matrix(X)
+
+    return change
+
+
+def test_nan_and_negative_values_are_refused_naming_the_cell(tmp_path, cli, repo, pbmc3k):
+    path = _broken_h5ad(tmp_path, pbmc3k, "nan.h5ad", _set_value(np.nan))
+    err = _fails(cli, repo, tmp_path, path)
+    assert f"nan.h5ad [X]: cell '{pbmc3k.obs_names[7]}' (row 7) has a value nan" in err
+    path = _broken_h5ad(tmp_path, pbmc3k, "negative.h5ad", _set_value(-3.0, row=40))
+    err = _fails(
+        cli, repo, tmp_path, path, "counts.detect_cells=20"
+    )  # found after detection, while streaming
+    assert f"negative.h5ad [X]: cell '{pbmc3k.obs_names[40]}' (row 40) has a negative value (-3)" in err
+
+
+def test_non_numeric_values_are_refused(tmp_path, cli, repo, pbmc3k):
+    path = _broken_h5ad(tmp_path, pbmc3k, "text.h5ad", lambda a: None)
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        f["X"] = np.full((60, pbmc3k.n_vars), b"1", dtype="S1")
+    err = _fails(cli, repo, tmp_path, path)
+    assert "text.h5ad [X]: the values are not numbers (stored as |S1)" in err
+
+
+def test_empty_matrix_and_zero_count_cells(tmp_path, cli, repo, pbmc3k):
+    path = _broken_h5ad(tmp_path, pbmc3k, "empty.h5ad", lambda a: None)
+    empty = pbmc3k[:0].copy()
+    empty.write_h5ad(path)
+    assert "empty.h5ad [X]: the matrix is empty (0 cells x 32738 genes)" in _fails(cli, repo, tmp_path, path)
+
+    def zero_cells(adata):
+        X = adata.X.tolil()
+        X[[3, 11], :] = 0
+        adata.X = sp.csr_matrix(X)
+
+    path = _broken_h5ad(tmp_path, pbmc3k, "zeros.h5ad", zero_cells)
+    err = _fails(cli, repo, tmp_path, path)
+    assert (
+        f"zeros.h5ad [X]: 2 cells in rows 0-59 have zero counts (first: '{pbmc3k.obs_names[3]}', row 3)"
+        in err
+    )
+    assert "qc.zero_count_cells: drop" in err
+    out = tmp_path / "dropped"
+    code, _, _ = prep(
+        cli, repo / CFG_3K, f"output={out}", f"inputs=[{{path: {path}}}]", "qc.zero_count_cells=drop"
+    )
+    assert code == 0 and TokenStore(out).manifest["stats"]["cells_dropped_zero_counts"] == 2
+
+
+def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_store):
+    import anndata
+
+    out = tmp_path / "out"
+    args = [f"output={out}", f"tokenizer.path={pbmc3k_store}"]
+    code, _, err = prep(cli, repo / CFG_68K, *args, "labels.column=cell_type")
+    assert (
+        code == 2 and "[raw]: obs has no column 'cell_type' (labels.column); obs columns: bulk_labels" in err
+    )
+    assert not out.exists() and leftovers(tmp_path) == []
+    # cells without a label: refused by default, left out on request
+    adata = anndata.read_h5ad(datasets.fetch("pbmc68k_reduced"))
+    adata.obs["bulk_labels"] = adata.obs["bulk_labels"].astype(object)
+    adata.obs.iloc[[5, 9, 300], adata.obs.columns.get_loc("bulk_labels")] = None
+    path = tmp_path / "unlabelled.h5ad"
+    adata.write_h5ad(path)
+    code, _, err = prep(cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]")
+    assert code == 2 and f"3 cells have no 'bulk_labels' label (first: '{adata.obs_names[5]}')" in err
+    assert "labels.missing: drop" in err and not out.exists()
+    code, _, _ = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.missing=drop"
+    )
+    store = TokenStore(out)
+    assert code == 0 and store.manifest["stats"]["cells_dropped_missing_label"] == 3
+    assert sum(len(store.split(s)) for s in store.splits) == 697
+
+
+def test_vocabulary_loaded_back_is_the_saved_one(pbmc3k_store):
+    vocab = GeneVocabulary.load(pbmc3k_store)
+    again = GeneVocabulary.load(pbmc3k_store / "tokenizer" / "tokenizer.json")
+    assert (
+        vocab.genes == again.genes
+        and vocab.vocab_size == TokenStore(pbmc3k_store).manifest["tokenizer"]["vocab_size"]
+    )
+    table = pd.read_csv(pbmc3k_store / "tokenizer" / "genes.tsv", sep="\t", keep_default_na=False)
+    assert np.array_equal(vocab.medians, table["median"].to_numpy(np.float32))
+
+
+def test_the_script_runs_the_stage(tmp_path, repo, pbmc3k_store):
+    import subprocess
+    import sys
+
+    out = tmp_path / "script"
+    run = subprocess.run(
+        [sys.executable, repo / "data_prep/prep_cells.py", "-c", repo / CFG_68K, f"output={out}",
+         f"tokenizer.path={pbmc3k_store}", "tokenizer.scheme=panel"],
+        capture_output=True, text=True, cwd=repo,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    store = TokenStore(out)
+    assert store.manifest["scheme"] == "panel" and store.split("train").fixed_length == 13656
