@@ -22,7 +22,7 @@ from biomask.models import (
 from biomask.store import TokenStore
 from biomask.training.data import DataSpec, collate
 from biomask.vocab import MASK_ID
-from tests.cells_store import write_pbmc_store
+from tests.cells_store import prep_pbmc
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,12 +45,12 @@ def splice_records(splice_store):
 
 @pytest.fixture(scope="module", params=["binned", "rank", "panel"])
 def cells_store(request, tmp_path_factory):
-    return write_pbmc_store(tmp_path_factory.mktemp("cells") / request.param, request.param)
+    return prep_pbmc(tmp_path_factory.mktemp("cells") / request.param, request.param)
 
 
 @pytest.fixture(scope="module")
 def binned_store(tmp_path_factory):
-    return write_pbmc_store(tmp_path_factory.mktemp("cells") / "binned", "binned")
+    return prep_pbmc(tmp_path_factory.mktemp("cells") / "binned", "binned")
 
 
 def tiny(**kw) -> EncoderConfig:

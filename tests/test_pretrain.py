@@ -25,7 +25,7 @@ from biomask.training.config import PretrainConfig
 from biomask.training.data import DataSpec, eval_batches
 from biomask.training.distributed import RANK_VARS
 from biomask.training.trainer import evaluate
-from tests.cells_store import write_pbmc_store
+from tests.cells_store import prep_pbmc
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "pretrain" / "dna-tiny.yaml"
@@ -320,8 +320,8 @@ def test_bad_inputs_exit_2_and_write_nothing(genome_store, tmp_path, cli):
 
 
 def test_cells_store_pretrains_and_tokenizer_mismatch_is_refused(genome_store, tmp_path, cli):
-    """Binned cells (a real matrix written per the contract): bins target, order-free genes."""
-    cells = write_pbmc_store(tmp_path / "pbmc", "binned")
+    """Binned cells from the real `prep cells` stage: bins target, order-free genes."""
+    cells = prep_pbmc(tmp_path / "pbmc", "binned")
     cfg = REPO / "configs" / "pretrain" / "cells-tiny.yaml"
     args = [f"data.store={cells}", f"output={tmp_path / 'cells'}", "data.max_length=129", "train.steps=12"]
     args += ["train.micro_batch_size=8", "train.eval_batches=2", "train.progress=false", "train.log_every=3"]
