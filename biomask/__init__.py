@@ -5,3 +5,12 @@ with embeddings that drop into scanpy. See README.md for the stages and DEVELOPE
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`biomask.embed` is imported on first use, so `import biomask` stays light (no torch, no anndata)."""
+    if name == "embed":
+        from biomask.embedding.api import embed
+
+        return embed
+    raise AttributeError(f"module 'biomask' has no attribute {name!r}")

@@ -123,6 +123,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.embedding.config import EmbedConfig
+    from biomask.embedding.stage import run_embed
+
+    shortcuts = {
+        "checkpoint": args.checkpoint,
+        "input": args.input,
+        "output": args.output,
+        "pooling": args.pooling,
+        "layer": args.layer,
+        "batch_size": args.batch_size,
+        "umap.color": args.umap_color,
+    }
+    # The flags are overrides like any key=value; a value that YAML would read as another type
+    # (a path named 'true', say) is quoted.
+    flags = [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
+    cfg = load_config(EmbedConfig, args.config, [*flags, *args.overrides])
+    print(run_embed(cfg, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -310,6 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_evaluate,
             "downstream classification: baselines and pretrained models over seeds",
         )
+    )
+
+    p = command(
+        sub,
+        "embed",
+        cmd_embed,
+        "embeddings of cells (h5ad) or DNA sequences from a pretrained checkpoint, into AnnData for scanpy",
+    )
+    p.add_argument(
+        "-c", "--config", help="the stage's YAML config (the flags below are shortcuts for its keys)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. matrix=raw")
+    p.add_argument("--checkpoint", help="a portable checkpoint (the model/ directory of a pretrain run)")
+    p.add_argument("--input", help="an .h5ad of cells, or DNA: FASTA, CSV/TSV table, token store")
+    p.add_argument("--output", help="an .h5ad file, or a directory (embeddings.h5ad, umap.png, provenance)")
+    p.add_argument("--pooling", choices=("cls", "mean"), help="[CLS] vector or mean over content tokens")
+    p.add_argument("--layer", type=int, help="-1 (last, default) ... 0 (the embeddings)")
+    p.add_argument("--batch-size", type=int, help="records per forward pass (results do not depend on it)")
+    p.add_argument(
+        "--umap-color", metavar="OBS_COLUMN", help="also save a UMAP PNG coloured by this obs column"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )
 
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(

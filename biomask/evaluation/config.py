@@ -44,6 +44,10 @@ class FinetuneSpec(Config):
     eval_every: int = Field(25, ge=1)
     patience: int = Field(4, ge=1)  # early stopping: evaluations without validation improvement
     zero_stage: int = Field(0, ge=0, le=3)
+    # Longest input (specials included) while fine-tuning: longer records are cut as for embeddings
+    # (cells: their top genes). None: what the checkpoint was pretrained on. Lower it to fine-tune
+    # long-record models quickly on a CPU.
+    max_length: int | None = Field(None, ge=3)
 
 
 class EvaluateConfig(Config):

@@ -37,9 +37,14 @@ class LabelledRecords:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @cached_property
+    def _splits(self) -> dict:
+        """The store's splits opened once (their shards keep their memory maps between reads)."""
+        return {name: self.store.split(name) for name in self.store.splits}
+
     def record(self, i: int) -> dict:
         split, index = self.locations[i]
-        return self.store.split(split)[index]
+        return self._splits[split][index]
 
     @cached_property
     def sequences(self) -> list[str]:

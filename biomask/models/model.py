@@ -144,9 +144,9 @@ class MaskedEncoder(nn.Module):
 
     # -------------------------------------------------------------------------------------- embeddings
 
-    @torch.no_grad()
-    def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
-        """One vector per record, (B, d_model), independent of the other records in the batch.
+    def features(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
+        """One vector per record, (B, d_model), with gradients (fine-tuning); `embed` is the same
+        under `no_grad`.
 
         `layer` indexes [embeddings, block 1, ..., block n (final LayerNorm applied)] like a Python
         list: -1 (default) is the last layer, 0 the embeddings. `pooling`: "cls" (the [CLS] position)
@@ -161,11 +161,20 @@ class MaskedEncoder(nn.Module):
                 f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
             )
         attention_mask = batch["attention_mask"]
-        hidden = self.encoder(self.embedder(batch), attention_mask, all_layers=True)
-        h = hidden[layer]
+        x = self.embedder(batch)
+        if layer in (-1, n - 1):  # the common case: no need to keep every layer's states
+            h = self.encoder(x, attention_mask)
+        else:
+            h = self.encoder(x, attention_mask, all_layers=True)[layer]
         if pooling == "cls":
             return h[:, 0]
         ids = batch["input_ids"]
         content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
         weights = content.to(h.dtype)[..., None]
         return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    @torch.no_grad()
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
+        """`features` without gradients: one vector per record, independent of the other records in
+        the batch (padding is masked out)."""
+        return self.features(batch, pooling, layer)

@@ -60,7 +60,7 @@ COMMANDS: dict[str, StageCommand] = {
     "prep cells": StageCommand("prep cells", schema="biomask.cells.config:CellsPrepConfig"),
     "pretrain": StageCommand("pretrain", schema="biomask.training.config:PretrainConfig", training=True),
     "evaluate": StageCommand("evaluate", schema="biomask.evaluation.config:EvaluateConfig"),
-    "embed": StageCommand("embed"),  # issue 5: set schema=
+    "embed": StageCommand("embed", schema="biomask.embedding.config:EmbedConfig"),
     "report": StageCommand("report"),  # issue 7: set schema=
     "theory": StageCommand("theory", schema="biomask.theory.config:TheoryConfig"),
 }

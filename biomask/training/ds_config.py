@@ -98,3 +98,22 @@ def build_ds_config(cfg: PretrainConfig, *, precision: str) -> dict[str, Any]:
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def preset_config(
+    stage: int, *, micro_batch_size: int, grad_accum: int = 1, grad_clip: float = 1.0, precision: str = "fp32"
+) -> dict[str, Any]:
+    """A ZeRO preset (configs/deepspeed/zero<stage>.json) with its "auto" values filled, for engines
+    built outside `biomask pretrain` (fine-tuning in `biomask evaluate`)."""
+    path = PRESETS_DIR / f"zero{stage}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no DeepSpeed preset for ZeRO stage {stage} ({path})") from None
+    data["train_micro_batch_size_per_gpu"] = micro_batch_size
+    data["gradient_accumulation_steps"] = grad_accum
+    data.pop("train_batch_size", None)
+    if data.get("gradient_clipping", "auto") == "auto":
+        data["gradient_clipping"] = grad_clip
+    data.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    return data

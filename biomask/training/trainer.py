@@ -132,6 +132,13 @@ def init_checkpoint(
     return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
 
 
+def prep_settings(store: TokenStore) -> dict[str, Any]:
+    """How the store's data was turned into tokens (the prep config's normalisation, tokenizer, gene
+    and cleaning sections), so `biomask embed` can tokenize new data the same way without the store."""
+    config = store.manifest.get("config") or {}
+    return {k: config[k] for k in ("normalise", "tokenizer", "genes", "cleaning") if k in config}
+
+
 # ------------------------------------------------------------------------------------------- 3. engine
 
 
@@ -552,6 +559,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "max_length": max_length,
                 },
                 "data": {"store": str(store.root), "manifest_sha256": manifest_sha},
+                "prep": prep_settings(store),
                 "eval": final_eval,
                 "code": code_version(),
             }

@@ -1,0 +1,149 @@
+"""Writing embeddings into h5ad files: the rest of the file stays as it was, and the output appears
+whole or not at all.
+
+A file in anndata's current layout (≥ 0.8: the root says `encoding-type: anndata`) is copied byte
+for byte to a temporary name beside the output; `obsm/<key>` is then filled one chunk of cells at a
+time and `uns/biomask` added, through h5py and anndata's own element writer, and the copy is renamed
+into place. Nothing else in the file is rewritten, so X, layers, raw, obs, var and every other
+obsm/uns entry are exactly the input's, and memory stays bounded by the chunk.
+
+Files in the legacy layout (anndata < 0.8, no root encoding attributes — e.g. the registry's
+pbmc3k and pbmc68k_reduced) cannot take new-layout elements safely; they are read into memory with
+anndata, given the new entries and written again in the current layout (a warning says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def is_current_layout(path: str | os.PathLike) -> bool:
+    with h5py.File(path, "r") as handle:
+        return handle.attrs.get("encoding-type") == "anndata"
+
+
+def h5_safe(value: Any) -> Any:
+    """A value anndata can store in `uns`: None becomes "none", nested dicts and lists are cleaned, and
+    lists of mixed types become strings."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return {str(k): h5_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [h5_safe(v) for v in value]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items) and items:
+            return np.asarray(items)
+        return np.asarray([str(v) for v in items], dtype=object) if items else np.zeros(0)
+    if isinstance(value, (bool, int, float, str, np.ndarray, np.generic)):
+        return value
+    return str(value)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it on success and is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class EmbeddingWriter:
+    """Fills `obsm[key]` of a copy of `source` chunk by chunk, then adds `uns["biomask"]`.
+
+    with EmbeddingWriter(source_h5ad, tmp_path, n_obs, dim, key="X_biomask") as writer:
+        writer.write(start, vectors)          # rows start .. start + len(vectors)
+        writer.finish(uns={...})
+    """
+
+    def __init__(self, source: Path, target: Path, n_obs: int, dim: int, *, key: str) -> None:
+        self.source, self.target, self.key = source, target, key
+        self.n_obs, self.dim = n_obs, dim
+        self.streaming = is_current_layout(source)
+        self.handle: h5py.File | None = None
+        self.buffer: np.ndarray | None = None
+        self.filled = 0
+
+    def __enter__(self) -> EmbeddingWriter:
+        if self.streaming:
+            shutil.copyfile(self.source, self.target)
+            self.handle = h5py.File(self.target, "r+")
+            obsm = self._group(self.handle, "obsm")
+            if self.key in obsm:
+                del obsm[self.key]  # embedding again under the same key replaces the old one
+            dataset = obsm.create_dataset(
+                self.key,
+                shape=(self.n_obs, self.dim),
+                dtype=np.float32,
+                chunks=(max(1, min(self.n_obs, 4096)), self.dim) if self.n_obs else None,
+            )
+            dataset.attrs["encoding-type"] = "array"
+            dataset.attrs["encoding-version"] = "0.2.0"
+        else:
+            log.warning(
+                "%s uses anndata's legacy (< 0.8) layout: it is read into memory and written again in the "
+                "current layout (re-save it with a recent anndata to stream large files)",
+                self.source,
+            )
+            self.buffer = np.empty((self.n_obs, self.dim), dtype=np.float32)
+        return self
+
+    @staticmethod
+    def _group(handle: h5py.File, name: str) -> h5py.Group:
+        if name not in handle:
+            group = handle.create_group(name)
+            group.attrs["encoding-type"] = "dict"
+            group.attrs["encoding-version"] = "0.1.0"
+        return handle[name]
+
+    def write(self, start: int, vectors: np.ndarray) -> None:
+        stop = start + vectors.shape[0]
+        if self.handle is not None:
+            self.handle["obsm"][self.key][start:stop] = vectors
+        else:
+            assert self.buffer is not None
+            self.buffer[start:stop] = vectors
+        self.filled = max(self.filled, stop)
+
+    def finish(self, uns: dict[str, Any]) -> None:
+        if self.filled != self.n_obs:
+            raise RuntimeError(f"embedded {self.filled} of {self.n_obs} cells")
+        if self.handle is not None:
+            from anndata.io import write_elem
+
+            group = self._group(self.handle, "uns")
+            if "biomask" in group:
+                del group["biomask"]
+            write_elem(group, "biomask", h5_safe(uns))
+            self.handle.close()
+            self.handle = None
+            return
+        import anndata
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's notes about converting the legacy layout
+            adata = anndata.read_h5ad(self.source)
+        adata.obsm[self.key] = self.buffer
+        adata.uns["biomask"] = h5_safe(uns)
+        adata.write_h5ad(self.target)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None

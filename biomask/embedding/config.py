@@ -1,0 +1,70 @@
+"""The schema of `biomask embed` configs (see configs/embed/*.yaml).
+
+    biomask embed --checkpoint runs/pretrain/cells-tiny/model --input pbmc.h5ad --output pbmc.emb.h5ad
+    biomask embed --config configs/embed/pbmc68k_reduced.yaml [key=value ...] [--overwrite]
+
+The flags are shortcuts for `checkpoint=`, `input=`, `output=`, `pooling=`, `layer=`, `batch_size=`
+and `umap.color=`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from biomask.cells.config import CountsConfig
+from biomask.config import Config
+
+
+class GenesSpec(Config):
+    """How the input's genes are matched to the checkpoint's vocabulary."""
+
+    # A var column with the identifiers; null: the var index; auto: the vocabulary's own identifier
+    # column when the file has it (e.g. gene_ids for Ensembl IDs), else the var index.
+    column: str | None = "auto"
+    strip_version: bool = False  # ENSG00000141510.17 -> ENSG00000141510
+    duplicates: Literal["sum", "first", "error"] = "sum"
+    # Below this share of the input's genes in the vocabulary: a warning (zero overlap is an error).
+    min_coverage: float = Field(0.5, ge=0, le=1)
+
+
+class DNASpec(Config):
+    """DNA inputs: FASTA records (whole, or windows), a CSV/TSV table, or a DNA token store."""
+
+    window: int | None = Field(None, ge=1)  # FASTA: cut records into windows of this many bases
+    stride: int | None = Field(None, ge=1)  # default: the window (no overlap)
+    sequence_column: str = "sequence"  # tables
+    label_column: str | None = "label"  # tables: copied into obs when present
+    id_column: str | None = None  # tables: obs names (default: file:line)
+
+
+class UmapSpec(Config):
+    color: str | None = None  # obs column the UMAP PNG is coloured by; null: no plot
+    max_cells: int = Field(50_000, ge=10)  # a seeded sample of this many cells is plotted
+    seed: int = 0
+
+
+class EmbedConfig(Config):
+    checkpoint: str  # a portable checkpoint: the `model/` directory of a pretrain run
+    input: str  # h5ad (cells), or FASTA / CSV / TSV / a DNA token store
+    # A .h5ad file, or a directory (the pipeline's way): <output>/embeddings.h5ad, umap.png,
+    # config.yaml and run.json.
+    output: str
+    format: Literal["auto", "h5ad", "fasta", "table", "store"] = "auto"
+    matrix: str = "X"  # h5ad: X, raw or layers/NAME (the counts, as for `biomask prep cells`)
+    counts: CountsConfig = CountsConfig()
+    genes: GenesSpec = GenesSpec()
+    dna: DNASpec = DNASpec()
+    pooling: Literal["cls", "mean"] = "mean"
+    layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
+    key: str = Field("X_biomask", min_length=1)  # obsm key
+    batch_size: int = Field(64, ge=1)  # results do not depend on it
+    chunk_size: int = Field(8192, ge=1)  # cells read, tokenized and embedded at a time (memory only)
+    umap: UmapSpec = UmapSpec()
+    device: str = "auto"  # auto: a GPU when there is one
+    overwrite_input: bool = False  # output == input is refused unless this is set
+
+
+# Keys that change no embedding: they may differ between runs that reuse an output.
+NON_SEMANTIC = ("output", "batch_size", "chunk_size", "device", "overwrite_input")

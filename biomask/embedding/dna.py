@@ -1,0 +1,185 @@
+"""DNA inputs for `biomask embed`: FASTA (whole records or windows), a labelled table, or a token store.
+
+Each yields chunks of (obs rows, records); records are token ids from the checkpoint's own tokenizer
+(a token store must have been tokenized with it: checked). Sequences are cleaned as the pretraining
+corpus was (`cleaning.lowercase` from the checkpoint; N and IUPAC codes become the N token; any other
+letter is an error naming file, record and position).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biomask.dna.cleaning import Cleaner
+from biomask.dna.readers import _chain, _decompression_errors, open_text, read_fasta_blocks
+from biomask.dna.tokenizers import DNATokenizer
+from biomask.errors import InputError
+
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fa.gz", ".fasta.gz", ".fna.gz")
+TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
+
+Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
+
+
+def guess_dna_format(path: Path) -> str | None:
+    """fasta, table or store from the name (None: not a DNA input)."""
+    name = path.name.lower()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "store"
+    if name.endswith(FASTA_SUFFIXES):
+        return "fasta"
+    if name.endswith(TABLE_SUFFIXES):
+        return "table"
+    return None
+
+
+def _record(tokenizer: DNATokenizer, chars: np.ndarray) -> dict[str, Any]:
+    return {"tokens": tokenizer.encode_windows(chars[None, :]).values}
+
+
+def read_fasta(
+    path: Path,
+    tokenizer: DNATokenizer,
+    cleaner: Cleaner,
+    *,
+    window: int | None,
+    stride: int | None,
+    chunk_size: int,
+) -> Iterator[Chunk]:
+    """Whole records (window None) or windows of `window` bases every `stride` (default: `window`);
+    windows never cross records, a record's last partial window is kept when it is its only one."""
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    step = stride or window
+
+    def emit(name: str, start: int, chars: np.ndarray) -> None:
+        rows.append(
+            {
+                "id": f"{name}:{start}-{start + chars.size}",
+                "record": name,
+                "start": start,
+                "end": start + chars.size,
+            }
+        )
+        records.append(_record(tokenizer, chars))
+
+    current, buffer, buffer_start = None, np.zeros(0, dtype=np.uint8), 0
+    emitted_in_record = 0
+
+    def flush_record() -> None:
+        nonlocal emitted_in_record
+        if current is None:
+            return
+        if window is None:
+            if buffer.size:
+                rows.append({"id": current, "record": current, "start": 0, "end": int(buffer.size)})
+                records.append(_record(tokenizer, buffer))
+        elif emitted_in_record == 0 and buffer.size:
+            emit(current, buffer_start, buffer)  # a record shorter than one window: embed it whole
+
+    for name, offset, bases in read_fasta_blocks(path, block_size=max(1 << 20, window or 0)):
+        if name != current:
+            flush_record()
+            current, buffer, buffer_start, emitted_in_record = name, np.zeros(0, dtype=np.uint8), offset, 0
+        chars, _ = cleaner.clean(bases, where=f"{path}, record {name}", offset=offset)
+        buffer = np.concatenate([buffer, chars])
+        if window is not None:
+            # every window that fits; keep the rest (from the next window's start) for the next block
+            n = (buffer.size - window) // step + 1 if buffer.size >= window else 0
+            for i in range(n):
+                emit(name, buffer_start + i * step, buffer[i * step : i * step + window])
+            emitted_in_record += n
+            if n:
+                buffer, buffer_start = buffer[n * step :], buffer_start + n * step
+        if len(records) >= chunk_size:
+            yield pd.DataFrame(rows), records
+            rows, records = [], []
+    flush_record()
+    if current is None:
+        raise InputError(f"{path} holds no FASTA records")
+    if records:
+        yield pd.DataFrame(rows), records
+
+
+def read_sequence_table(
+    path: Path,
+    tokenizer: DNATokenizer,
+    cleaner: Cleaner,
+    *,
+    sequence_column: str,
+    label_column: str | None,
+    id_column: str | None,
+    chunk_size: int,
+) -> Iterator[Chunk]:
+    """Rows of a CSV/TSV: a sequence column, optionally a label and an id column."""
+    with open_text(path) as handle, _decompression_errors(path):
+        first = handle.readline()
+        if not first.strip():
+            raise InputError(f"{path} is empty: expected a table with a header row")
+        delimiter = "\t" if first.count("\t") > first.count(",") else ","
+        reader = csv.DictReader(_chain(first, handle), delimiter=delimiter)
+        header = reader.fieldnames or []
+        for role, column in (("sequence", sequence_column), ("id", id_column)):
+            if column is not None and column not in header:
+                raise InputError(
+                    f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
+                    f"set dna.{role}_column"
+                )
+        with_labels = label_column is not None and label_column in header
+        rows: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        n_rows = 0
+        for line, row in enumerate(reader, start=2):
+            sequence = (row.get(sequence_column) or "").strip()
+            if not sequence:
+                raise InputError(f"{path}, line {line}: empty sequence in column {sequence_column!r}")
+            chars, _ = cleaner.clean(sequence, where=f"{path}, line {line}")
+            entry = {"id": (row.get(id_column) or "").strip() if id_column else f"{path.name}:{line}"}
+            if with_labels:
+                entry["label"] = (row.get(label_column) or "").strip()
+            entry["line"] = line
+            rows.append(entry)
+            records.append(_record(tokenizer, chars))
+            n_rows += 1
+            if len(records) >= chunk_size:
+                yield pd.DataFrame(rows), records
+                rows, records = [], []
+        if n_rows == 0:
+            raise InputError(f"{path} has a header but no rows")
+        if records:
+            yield pd.DataFrame(rows), records
+
+
+def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
+    """Every record of a token store (DNA, or cells), split by split, with its id, label and split."""
+    from biomask.store import TokenStore
+
+    store = TokenStore(root)
+    names = store.label_names or []
+    for split_name in store.splits:
+        split = store.split(split_name)
+        if len(split) == 0:
+            continue
+        meta = split.meta()
+        labels = split.record_field("labels") if "labels" in store.manifest.get("record_fields", {}) else None
+        for start in range(0, len(split), chunk_size):
+            stop = min(start + chunk_size, len(split))
+            frame = pd.DataFrame(
+                {
+                    "id": meta["id"].astype(str).to_numpy()[start:stop]
+                    if "id" in meta
+                    else [f"{split_name}:{i}" for i in range(start, stop)],
+                    "split": split_name,
+                }
+            )
+            if labels is not None:
+                frame["label"] = [names[int(v)] for v in labels[start:stop]]
+            # every token field travels (cells stores: values and bins); labels are obs, not model input
+            records = [{k: v for k, v in split[i].items() if k != "labels"} for i in range(start, stop)]
+            yield frame, records
