@@ -114,3 +114,69 @@ def slurm_cluster():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _pretrain(config: str, output: Path, **keys) -> Path:
+    """A tiny, briefly pretrained portable checkpoint (in-process, one thread, ZeRO-0)."""
+    import torch
+
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.trainer import pretrain
+
+    defaults = {
+        "output": output,
+        "model.d_model": 32,
+        "model.d_ff": 64,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "train.micro_batch_size": 16,
+        "train.log_every": 10,
+        "train.eval_batches": 2,
+        "train.eval_ratios": "[0.15,0.5]",
+        "train.checkpoint_every": 1000,
+        "train.progress": "false",
+        "deepspeed.stage": 0,
+        **keys,
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(load_config(PretrainConfig, REPO / config, [f"{k}={v}" for k, v in defaults.items()]))
+    finally:
+        torch.set_num_threads(before)
+    return output / "model"
+
+
+@pytest.fixture(scope="session")
+def dna_checkpoint(genome_store, tmp_path_factory) -> Path:
+    """A tiny DNA encoder pretrained for 60 steps on 128-base crops of C. elegans chrX (char tokens,
+    the same tokenizer as the splice store)."""
+    out = tmp_path_factory.mktemp("checkpoints") / "dna"
+    return _pretrain(
+        "configs/pretrain/dna-tiny.yaml",
+        out,
+        **{"data.store": genome_store, "data.max_length": 130, "model.max_len": 130, "train.steps": 60},
+    )
+
+
+@pytest.fixture(scope="session")
+def pbmc_store(tmp_path_factory) -> Path:
+    """pbmc68k_reduced (700 labelled PBMCs) as a binned cells store with its own gene vocabulary."""
+    from tests.cells_store import prep_pbmc
+
+    return prep_pbmc(tmp_path_factory.mktemp("stores") / "pbmc68k-binned")
+
+
+@pytest.fixture(scope="session")
+def cells_checkpoint(pbmc_store, tmp_path_factory) -> Path:
+    """A tiny binned-cells encoder pretrained for 40 steps on pbmc68k_reduced (up to 128 genes per cell)."""
+    out = tmp_path_factory.mktemp("checkpoints") / "cells"
+    return _pretrain(
+        "configs/pretrain/cells-tiny.yaml",
+        out,
+        **{"data.store": pbmc_store, "data.max_length": 129, "model.max_len": 129, "train.steps": 40},
+    )

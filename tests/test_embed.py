@@ -1,0 +1,288 @@
+"""`biomask embed` and `biomask.embed` on real data (pbmc68k_reduced, the UCI splice set) with briefly
+pretrained tiny checkpoints: obsm/uns written and the rest of the file untouched, tokenization
+identical to the prep stage, vectors independent of batch and chunk sizes, scanpy neighbors / UMAP /
+Leiden on the result, DNA sequences and windows, and bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import biomask
+from biomask import datasets
+from biomask.cells.config import CountsConfig
+from biomask.cells.encode import CellEncoder, checkpoint_prep
+from biomask.cells.readers import open_matrix
+from biomask.dna.tokenizers import load_tokenizer
+from biomask.embedding.inference import embed_records
+from biomask.models import load_pretrained, read_checkpoint_config
+from biomask.store import TokenStore
+from tests.conftest import leftovers
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+# pbmc68k_reduced's .raw holds log1p(counts / n_counts * 1e4): counts are rebuilt as in its prep config.
+COUNTS = ["matrix=raw", "counts.mode=from_log1p", "counts.total_counts_column=n_counts"]
+
+
+@pytest.fixture(scope="module")
+def pbmc_h5ad():
+    return datasets.fetch("pbmc68k_reduced")
+
+
+def read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-layout notes
+        return anndata.read_h5ad(path)
+
+
+def dense(m):
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+@pytest.fixture(scope="module")
+def embedded(pbmc_h5ad, cells_checkpoint, tmp_path_factory):
+    """pbmc68k_reduced embedded by the CLI, with a UMAP coloured by cell type."""
+    from biomask.cli import main
+
+    out = tmp_path_factory.mktemp("embed") / "pbmc.emb.h5ad"
+    args = ["-q", "embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, "--output", out]
+    assert main([str(a) for a in [*args, "--umap-color", "bulk_labels", *COUNTS]]) == 0
+    return out
+
+
+def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
+    embedded, pbmc_h5ad, cells_checkpoint, cli
+):
+    before, after = read(pbmc_h5ad), read(embedded)
+    vectors = after.obsm["X_biomask"]
+    assert vectors.shape == (700, 32) and vectors.dtype == np.float32 and np.isfinite(vectors).all()
+    assert len(np.unique(vectors.round(5), axis=0)) > 650  # one vector per cell, not a collapse
+    # everything else as it was
+    assert np.array_equal(dense(before.X), dense(after.X))
+    pd.testing.assert_frame_equal(before.obs, after.obs)
+    pd.testing.assert_frame_equal(before.var, after.var)
+    assert np.array_equal(dense(before.raw.X), dense(after.raw.X))
+    pd.testing.assert_frame_equal(before.raw.var, after.raw.var)
+    assert set(after.obsm) == set(before.obsm) | {"X_biomask"}
+    for key in before.obsm:
+        assert np.array_equal(before.obsm[key], after.obsm[key], equal_nan=True), key
+    for key in before.varm:
+        assert np.array_equal(before.varm[key], after.varm[key], equal_nan=True), key
+    assert set(after.uns) == set(before.uns) | {"biomask"}
+    assert list(after.uns["bulk_labels_colors"]) == list(before.uns["bulk_labels_colors"])
+    # provenance
+    info = after.uns["biomask"]
+    ckpt = read_checkpoint_config(cells_checkpoint)
+    assert info["checkpoint_weights_sha256"] == ckpt["weights_sha256"]
+    assert (info["layer"], info["pooling"], info["key"]) == (-1, "mean", "X_biomask")
+    assert info["masking_scheme"] == "r2mae" and json.loads(info["masking"])["scheme"] == "r2mae"
+    assert info["code"]["biomask"] == biomask.__version__
+    assert info["gene_coverage"]["fraction_of_dataset_genes"] == pytest.approx(1.0)
+    assert info["tokenization"]["scheme"] == "binned" and info["tokenization"]["n_bins"] == 51
+    assert info["cells_without_vocabulary_genes"] == 0
+    # the UMAP PNG beside it
+    png = embedded.with_name("pbmc.emb.umap.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # rerun with the same inputs: reused
+    code, _, err = cli("embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, "--output", embedded,
+                       "--umap-color", "bulk_labels", *COUNTS)  # fmt: skip
+    assert code == 0 and "up to date" in err
+
+
+def test_scanpy_neighbors_umap_and_leiden_run_on_the_embedding(embedded):
+    import scanpy as sc
+
+    adata = read(embedded)
+    sc.pp.neighbors(adata, use_rep="X_biomask", random_state=0)
+    sc.tl.umap(adata, random_state=0)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    assert adata.obsm["X_umap"].shape == (700, 2) and np.isfinite(adata.obsm["X_umap"]).all()
+    assert adata.obs["leiden"].nunique() > 1
+
+
+def test_current_layout_file_only_gains_the_embedding(pbmc_h5ad, cells_checkpoint, tmp_path, cli):
+    """A file in anndata's current layout is copied: every other HDF5 object is byte-for-byte the input's."""
+    adata = read(pbmc_h5ad)
+    adata.layers["scaled"] = np.asarray(adata.X)
+    source = tmp_path / "modern.h5ad"
+    adata.write_h5ad(source)
+    out = tmp_path / "out" / "modern.emb.h5ad"
+    code, _, err = cli("embed", "--checkpoint", cells_checkpoint, "--input", source, "--output", out, *COUNTS)
+    assert code == 0, err
+
+    def objects(path):
+        """Every group's attributes and every dataset's values and attributes."""
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(
+                lambda name, obj: found.__setitem__(
+                    name,
+                    (obj[()], dict(obj.attrs)) if isinstance(obj, h5py.Dataset) else (None, dict(obj.attrs)),
+                )
+            )
+        return found
+
+    a, b = objects(source), objects(out)
+    added = {k for k in b if k not in a}
+    assert {"obsm/X_biomask", "uns/biomask"} <= added
+    assert all(k.startswith(("obsm/X_biomask", "uns/biomask")) for k in added)
+    for name, (values, attrs) in a.items():
+        theirs = b[name][0]
+        if values is not None:
+            floats = getattr(values, "dtype", np.dtype(object)).kind == "f"
+            assert np.array_equal(values, theirs, equal_nan=floats), name
+        assert str(attrs) == str(b[name][1]), name
+    assert np.array_equal(read(out).layers["scaled"], adata.layers["scaled"])
+
+
+def test_cells_are_tokenized_exactly_as_the_prep_stage_did(pbmc_h5ad, pbmc_store, cells_checkpoint):
+    """The checkpoint carries its corpus's tokenization: a new file's cells become the same records."""
+    info = read_checkpoint_config(cells_checkpoint)
+    assert (
+        info["prep"]["tokenizer"]["scheme"] == "binned" and info["prep"]["normalise"]["target_sum"] == 10000
+    )
+    encoder = CellEncoder(
+        checkpoint_prep(cells_checkpoint, info),
+        counts=CountsConfig(mode="from_log1p", total_counts_column="n_counts"),
+    )
+    source = open_matrix(pbmc_h5ad, "h5ad", "raw")
+    try:
+        opened = encoder.open(source)
+        records = [r for _, block, _ in encoder.blocks(opened, 256) for r in block]
+        position = {cell: i for i, cell in enumerate(source.obs.index)}
+    finally:
+        source.close()
+    store = TokenStore(pbmc_store)
+    compared = 0
+    for name in store.splits:
+        split = store.split(name)
+        for i, cell in enumerate(split.meta()["id"].astype(str)):
+            ours, theirs = records[position[cell]], split[i]
+            for field in ("tokens", "values", "bins"):
+                assert np.array_equal(ours[field], np.asarray(theirs[field])), (cell, field)
+            compared += 1
+    assert compared == 700
+
+
+def test_api_fills_the_anndata_in_place_independent_of_batch_and_chunk_sizes(
+    pbmc_h5ad, pbmc_store, cells_checkpoint, embedded
+):
+    import scanpy as sc
+
+    adata = read(pbmc_h5ad)
+    counts = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+    returned = biomask.embed(
+        adata, cells_checkpoint, matrix="raw", counts=counts, batch_size=5, chunk_size=97
+    )
+    assert returned is adata and adata.uns["biomask"]["pooling"] == "mean"
+    reference = read(embedded).obsm["X_biomask"]  # the CLI: batch 64, one chunk
+    np.testing.assert_allclose(adata.obsm["X_biomask"], reference, rtol=0, atol=2e-5)
+    sc.pp.neighbors(adata, use_rep="X_biomask")
+    sc.tl.umap(adata)
+    assert adata.obsm["X_umap"].shape == (700, 2)
+    # and at the level of records: batch sizes 1, 7, 700 give the same vector to every cell
+    model = load_pretrained(cells_checkpoint)
+    records = [r for r in TokenStore(pbmc_store).split("train")][:60]
+    vectors = [
+        embed_records(model, records, pooling=p, batch_size=b) for p in ("cls", "mean") for b in (1, 7, 60)
+    ]
+    for a in vectors[1:3]:
+        np.testing.assert_allclose(a, vectors[0], rtol=0, atol=2e-5)
+    for a in vectors[4:]:
+        np.testing.assert_allclose(a, vectors[3], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["dna_checkpoint", "zero_overlap", "missing_obs_column", "output_is_input"])
+def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(
+    case, pbmc_h5ad, cells_checkpoint, dna_checkpoint, tmp_path, cli
+):
+    source, checkpoint, extra = pbmc_h5ad, cells_checkpoint, []
+    out = tmp_path / "out" / "x.h5ad"
+    if case == "dna_checkpoint":
+        checkpoint, expected = dna_checkpoint, "is a dna model"
+    elif case == "zero_overlap":
+        adata = read(pbmc_h5ad)
+        adata.raw = anndata.AnnData(
+            adata.raw.X, var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(adata.raw.n_vars)])
+        )
+        source = tmp_path / "ensembl.h5ad"
+        adata.write_h5ad(source)
+        expected = "none of its 765 genes"
+    elif case == "missing_obs_column":
+        extra, expected = ["--umap-color", "cell_type"], "obs has no column 'cell_type'"
+    else:
+        source = tmp_path / "copy.h5ad"
+        source.write_bytes(pbmc_h5ad.read_bytes())
+        out, expected = source, "is the input file"
+    before = source.read_bytes()
+    code, _, err = cli(
+        "embed", "--checkpoint", checkpoint, "--input", source, "--output", out, *COUNTS, *extra
+    )
+    assert code == 2, err
+    assert expected in err and str(source if case != "dna_checkpoint" else checkpoint) in err
+    assert source.read_bytes() == before
+    if case != "output_is_input":
+        assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert not leftovers(tmp_path)
+
+
+def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
+    splice_store, dna_checkpoint, cells_checkpoint, tmp_path, cli
+):
+    """A table of splice sequences gets the vectors of the same records read from the token store; a
+    FASTA is cut into windows that never cross records."""
+    tokenizer = load_tokenizer(splice_store)
+    split = TokenStore(splice_store).split("test")
+    meta, names = split.meta(), TokenStore(splice_store).label_names
+    labels = split.record_field("labels")
+    table = pd.DataFrame(
+        {
+            "id": meta["id"],
+            "sequence": [tokenizer.decode(r["tokens"]) for r in split],
+            "label": [names[i] for i in labels],
+        }
+    )
+    table.to_csv(tmp_path / "splice.csv", index=False)
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "splice.csv",
+                       "--output", tmp_path / "table.h5ad", "dna.id_column=id", "--umap-color", "label")  # fmt: skip
+    assert code == 0, err
+    from_table = read(tmp_path / "table.h5ad")
+    assert list(from_table.obs["label"]) == list(table["label"]) and list(from_table.obs_names) == list(
+        table["id"]
+    )
+    assert from_table.uns["biomask"]["modality"] == "dna" and (tmp_path / "table.umap.png").exists()
+    code, _, err = cli(
+        "embed", "--checkpoint", dna_checkpoint, "--input", splice_store, "--output", tmp_path / "store.h5ad"
+    )
+    assert code == 0, err
+    from_store = read(tmp_path / "store.h5ad")
+    test_rows = from_store[from_store.obs["split"] == "test"]
+    assert list(test_rows.obs_names) == list(table["id"])
+    np.testing.assert_allclose(test_rows.obsm["X_biomask"], from_table.obsm["X_biomask"], rtol=0, atol=2e-5)
+
+    seqs = list(table["sequence"][:5])
+    (tmp_path / "two.fa").write_text(f">a\n{''.join(seqs[:3])}\n>b\n{seqs[3][:40]}\n")  # 180 and 40 bases
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fa",
+                       "--output", tmp_path / "fasta.h5ad", "dna.window=60", "dna.stride=30")  # fmt: skip
+    assert code == 0, err
+    windows = read(tmp_path / "fasta.h5ad").obs
+    assert list(windows.index) == ["a:0-60", "a:30-90", "a:60-120", "a:90-150", "a:120-180", "b:0-40"]
+    # a cells checkpoint refuses sequences
+    code, _, err = cli(
+        "embed",
+        "--checkpoint",
+        cells_checkpoint,
+        "--input",
+        tmp_path / "two.fa",
+        "--output",
+        tmp_path / "n.h5ad",
+    )
+    assert code == 2 and "is a cells model" in err and not (tmp_path / "n.h5ad").exists()
