@@ -1,0 +1,160 @@
+"""`biomask evaluate` with pretrained checkpoints: probes on frozen embeddings beat chance on real data,
+fine-tuning through the DeepSpeed engine improves over the untrained head and is reproducible, every
+checkpoint × protocol (and the random init) lands in the table, and mismatched checkpoints exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import matthews_corrcoef
+
+from biomask.evaluation.config import SplitSpec
+from biomask.evaluation.data import load_labelled, seed_split
+from biomask.models import load_pretrained
+from biomask.training.finetune import FinetuneSettings, finetune
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+
+def test_probes_beat_chance_on_splice_next_to_the_baselines(
+    splice_store, dna_checkpoint, tmp_path, cli, repo
+):
+    out = tmp_path / "eval"
+    code, _, err = cli(
+        "evaluate",
+        "-c",
+        repo / "configs/evaluate/splice.yaml",
+        f"store={splice_store}",
+        f"output={out}",
+        f"checkpoints.tiny={dna_checkpoint}",
+        "protocols=[linear_probe,mlp_probe]",
+        "seeds=[0,1]",
+        "baselines=[onehot_lr]",
+    )
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    rows = [(m["name"], m["group"], m["protocol"]) for m in results["methods"]]
+    assert rows == [
+        ("one-hot + LR", "baseline", "onehot_lr"),
+        ("tiny (linear probe)", "tiny", "linear_probe"),
+        ("tiny (MLP probe)", "tiny", "mlp_probe"),
+        ("random-init (linear probe)", "random-init", "linear_probe"),
+        ("random-init (MLP probe)", "random-init", "mlp_probe"),
+    ]
+    summary = results["summary"]
+    # three classes, the largest half of the records: chance is MCC 0, accuracy ~0.52
+    majority = max(np.bincount(load_labelled(splice_store).labels)) / len(load_labelled(splice_store))
+    for name in ("tiny (linear probe)", "random-init (linear probe)"):
+        assert summary[name]["mcc"]["mean"] > 0.25, summary[name]["mcc"]
+        assert summary[name]["accuracy"]["mean"] > majority + 0.08
+    assert all(r["mcc"] > 0.15 for r in results["per_seed"]["tiny (linear probe)"])
+    # every model row is compared with the strongest baseline on the same seeds
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert ("tiny (linear probe)", "one-hot + LR") in pairs and len(pairs) == 4
+    report = (out / "report.md").read_text()
+    assert "| tiny (linear probe) | linear_probe |" in report and "random-init (MLP probe)" in report
+
+
+@pytest.fixture(scope="module")
+def splice_split(splice_store):
+    data = load_labelled(splice_store)
+    train, val, test = seed_split(data, SplitSpec(mode="resample", val=0.1, test=0.3), 0)
+    records = [data.record(i) for i in range(len(data))]
+    return data, records, (train, val, test)
+
+
+def run_finetune(checkpoint, splice_split, *, stage: int, seed: int = 0):
+    data, records, split = splice_split
+    settings = FinetuneSettings(
+        max_steps=80, batch_size=32, lr=1e-3, head_lr=3e-3, eval_every=20, patience=3, zero_stage=stage
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return finetune(
+            load_pretrained(checkpoint),
+            records,
+            data.labels,
+            split,
+            n_classes=3,
+            settings=settings,
+            seed=seed,
+            max_length=62,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_finetuning_through_deepspeed_improves_over_the_untrained_head(dna_checkpoint, splice_split):
+    """Several engines in one process (ZeRO-2, ZeRO-0); the same seed gives the same predictions."""
+    data, _, (_, _, test) = splice_split
+    zero2 = run_finetune(dna_checkpoint, splice_split, stage=2)
+    untrained = zero2.history[0]
+    assert untrained["step"] == 0
+    assert zero2.best_val_mcc > untrained["val_mcc"] + 0.2 and zero2.best_step > 0
+    assert matthews_corrcoef(data.labels[test], zero2.test_predictions) > 0.3
+    assert zero2.steps <= 80 and [h["step"] for h in zero2.history][:2] == [0, 20]
+    again = run_finetune(dna_checkpoint, splice_split, stage=2)
+    assert np.array_equal(again.test_predictions, zero2.test_predictions)
+    assert [h["val_mcc"] for h in again.history] == [h["val_mcc"] for h in zero2.history]
+    zero0 = run_finetune(dna_checkpoint, splice_split, stage=0)
+    assert zero0.best_val_mcc > untrained["val_mcc"] + 0.2
+
+
+def test_cells_checkpoint_fine_tunes_through_evaluate(pbmc_store, cells_checkpoint, tmp_path, cli, repo):
+    out = tmp_path / "eval"
+    code, _, err = cli(
+        "evaluate",
+        "-c",
+        repo / "configs/evaluate/splice.yaml",
+        f"store={pbmc_store}",
+        f"output={out}",
+        f"checkpoints.cells={cells_checkpoint}",
+        "protocols=[linear_probe,finetune]",
+        "seeds=[0]",
+        "baselines=[pca_lr]",
+        "random_init=false",
+        "finetune.max_steps=30",
+        "finetune.eval_every=10",
+        "finetune.max_length=33",
+        "finetune.zero_stage=1",
+    )
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    assert [m["name"] for m in results["methods"]] == [
+        "PCA(50) + LR",
+        "cells (linear probe)",
+        "cells (fine-tune)",
+    ]
+    for name in ("cells (linear probe)", "cells (fine-tune)"):
+        assert np.array(results["per_seed"][name][0]["confusion_matrix"]).sum() == round(0.3 * 700)
+    assert (out / "confusion-cells-fine-tune.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["modality", "tokenizer"])
+def test_a_checkpoint_that_does_not_fit_the_store_exits_2(
+    case, splice_store, dna_checkpoint, cells_checkpoint, tmp_path, cli, repo
+):
+    if case == "modality":
+        store, checkpoint, expected = splice_store, cells_checkpoint, "is a cells model"
+    else:
+        from biomask.config import load_config
+        from biomask.dna.config import DNAPrepConfig
+        from biomask.dna.prep import prep_dna
+
+        cfg = load_config(
+            DNAPrepConfig,
+            repo / "configs/dna/splice.yaml",
+            [f"output={tmp_path / 'kmer'}", "tokenizer.kind=kmer", "tokenizer.k=3"],
+        )
+        store, checkpoint, expected = prep_dna(cfg), dna_checkpoint, "different tokenizer"
+    out = tmp_path / "eval"
+    code, _, err = cli(
+        "evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={store}", f"output={out}",
+        f"checkpoints.m={checkpoint}", "seeds=[0]",
+    )  # fmt: skip
+    assert code == 2 and expected in err and str(checkpoint) in err
+    assert not out.exists()
