@@ -1,9 +1,10 @@
 """`biomask pipeline submit` / `status` against a real single-node SLURM cluster (tests/slurm_cluster.py):
-afterok chains, a sweep as a job array, a failing stage cancelling its dependents, and the training
-scripts' USR1 -> checkpoint (exit 75) -> requeue mechanics.
+afterok chains, a sweep as a job array, a failing stage cancelling its dependents, the training
+scripts' USR1 -> checkpoint (exit 75) -> requeue mechanics, and a small real pipeline — prep → pretrain
+as 2 srun tasks running DeepSpeed over gloo → evaluate of the pretrained checkpoint — completing in order.
 
-The training-specific end-to-end check (a real `biomask pretrain` under srun with 2 DeepSpeed tasks,
-signalled with USR1, resuming to the same final weights) joins these when the pretrain stage lands.
+A real `biomask pretrain` under srun signalled with USR1, requeued and resuming to the same final
+weights as an uninterrupted run is tested in tests/test_pretrain_slurm.py.
 """
 
 from __future__ import annotations
@@ -203,3 +204,79 @@ def test_status_of_a_run_directory_loaded_from_the_pipeline_file(submitted, cli,
     code, out, _ = cli("pipeline", "status", run_dir.parent / "dna-test.yaml", "--json")
     assert code == 0 and len(json.loads(out)) == 3
     assert [s.state for s in job_states(run_dir)] == ["COMPLETED"] * 3
+
+
+# prep (genome, then the splice set with its tokenizer) -> pretrain (2 srun tasks, real DeepSpeed over
+# gloo) -> evaluate (the pretrain stage's model/ against the one-hot baseline on splice).
+TRAIN_EVAL_PIPELINE = """\
+name: train-eval-test
+run_dir: {run_dir}
+env: {{OMP_NUM_THREADS: "1", DS_ACCELERATOR: cpu, PYTHONPATH: {repo}}}
+slurm: {{time: "00:10:00", mem: 2G}}
+stages:
+  prep_genome:
+    command: prep dna
+    config: {repo}/configs/dna/ce2-chrX.yaml
+    overrides:
+      windows: {{length: 512, stride: 512, max_bases: 300000}}
+      split.block_size: 10000
+  prep_splice:
+    command: prep dna
+    config: {repo}/configs/dna/splice.yaml
+    overrides:
+      tokenizer.path: ${{stages.prep_genome.output}}
+  pretrain:
+    command: pretrain
+    config: {repo}/configs/pretrain/dna-tiny.yaml
+    overrides:
+      data: {{store: "${{stages.prep_genome.output}}", max_length: 130}}
+      model: {{max_len: 130, d_model: 32, d_ff: 64}}
+      train: {{steps: 20, micro_batch_size: 8, eval_batches: 2, eval_ratios: [0.15, 0.5], checkpoint_every: 1000, progress: false}}
+    slurm: {{tasks_per_node: 2, mem: 4G}}
+  evaluate:
+    command: evaluate
+    config: {repo}/configs/evaluate/splice.yaml
+    overrides:
+      store: ${{stages.prep_splice.output}}
+      checkpoints: {{tiny: "${{stages.pretrain.output}}/model"}}
+      protocols: [linear_probe]
+      seeds: [0, 1]
+      baselines: [onehot_lr]
+      random_init: false
+"""
+
+
+def test_prep_pretrain_on_two_srun_tasks_then_evaluate_completes_in_order(
+    slurm_cluster, tmp_path, monkeypatch
+):
+    from biomask.training.distributed import RANK_VARS
+
+    for name in RANK_VARS:  # jobs inherit the submitter's environment: no stale rank variables
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "train-eval.yaml"
+    path.write_text(TRAIN_EVAL_PIPELINE.format(run_dir=tmp_path / "run", repo=REPO))
+    assert main(["-q", "pipeline", "submit", str(path)]) == 0
+    run_dir = tmp_path / "run"
+    states = finished(run_dir, slurm_cluster, timeout=240)
+    jobs = json.loads((run_dir / "jobs.json").read_text())["stages"]
+    assert sorted(jobs["evaluate"]["after"]) == sorted(
+        [jobs["prep_splice"]["job_id"], jobs["pretrain"]["job_id"]]
+    )
+    assert jobs["pretrain"]["after"] == [jobs["prep_genome"]["job_id"]]
+    final = {name: s for name, (s,) in states.items()}
+    logs = {name: (run_dir / "logs" / f"{name}-{s.job_id}.out") for name, s in final.items()}
+    for name, s in final.items():
+        assert (s.state, s.exit_code) == ("COMPLETED", "0:0"), logs[name].read_text()[-3000:]
+    assert final["pretrain"].start >= final["prep_genome"].end
+    assert final["evaluate"].start >= max(final["pretrain"].end, final["prep_splice"].end)
+    # the training stage really ran as two srun tasks of one DeepSpeed job
+    run = json.loads((run_dir / "pretrain" / "run.json").read_text())
+    assert (run["world_size"], run["launcher"]) == (2, "slurm")
+    # the evaluate stage read the pretrain stage's portable checkpoint
+    model = run_dir / "pretrain" / "model"
+    inputs = {i["name"]: i for i in read_run_info(run_dir / "evaluate")["inputs"]}
+    assert inputs["tiny"]["path"] == str(model)
+    assert inputs["tiny"]["sha256"] == json.loads((model / "config.json").read_text())["weights_sha256"]
+    results = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["one-hot + LR", "tiny (linear probe)"]
+    assert results["summary"]["tiny (linear probe)"]["mcc"]["n"] == 2
