@@ -286,3 +286,29 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         tmp_path / "n.h5ad",
     )
     assert code == 2 and "is a cells model" in err and not (tmp_path / "n.h5ad").exists()
+
+
+def test_a_config_file_and_a_directory_output_as_the_pipeline_runs_it(
+    pbmc_h5ad, cells_checkpoint, embedded, tmp_path, cli, repo
+):
+    out = tmp_path / "stage"
+    args = [
+        "embed",
+        "--config",
+        repo / "configs/embed/pbmc68k_reduced.yaml",
+        f"checkpoint={cells_checkpoint}",
+    ]
+    args += [f"input={pbmc_h5ad}", f"output={out}", "batch_size=17"]
+    code, printed, err = cli(*args)
+    assert code == 0, err
+    assert printed.strip() == str(out / "embeddings.h5ad")
+    assert {p.name for p in out.iterdir()} == {"embeddings.h5ad", "umap.png", "config.yaml", "run.json"}
+    inputs = {i["name"]: i for i in json.loads((out / "run.json").read_text())["inputs"]}
+    assert inputs["checkpoint"]["sha256"] == read_checkpoint_config(cells_checkpoint)["weights_sha256"]
+    np.testing.assert_allclose(
+        read(out / "embeddings.h5ad").obsm["X_biomask"], read(embedded).obsm["X_biomask"], rtol=0, atol=2e-5
+    )
+    code, _, err = cli(*args[:-1], "batch_size=64")  # batch size is not part of the result: reused
+    assert code == 0 and "up to date" in err
+    code, _, err = cli(*args, "pooling=cls")  # another result in the same place: refused
+    assert code == 2 and "--overwrite" in err
