@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if quiet or not sys.stderr.isatty():
+        # progress bars only on a terminal: in logs (pipelines, SLURM) every refresh would be a line
+        os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("biomask: %(message)s"))
     root = logging.getLogger("biomask")
