@@ -123,6 +123,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.report.config import ReportConfig
+    from biomask.report.report import make_report
+
+    cfg = load_config(ReportConfig, args.config, args.overrides)
+    print(make_report(cfg, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -309,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate",
             cmd_evaluate,
             "downstream classification: baselines and pretrained models over seeds",
+        )
+    )
+
+    _add_stage_arguments(
+        command(
+            sub,
+            "report",
+            cmd_report,
+            "the study report: tables, paired tests, curves, ratios, UMAP, provenance",
         )
     )
 
