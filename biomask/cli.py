@@ -145,6 +145,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
+    from biomask.report.config import ReportConfig
+    from biomask.report.report import make_report
+
+    cfg = load_config(ReportConfig, args.config, args.overrides)
+    print(make_report(cfg, overwrite=args.overwrite))
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -357,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )
 
+    _add_stage_arguments(
+        command(
+            sub,
+            "report",
+            cmd_report,
+            "the study report: tables, paired tests, curves, ratios, UMAP, provenance",
+        )
+    )
+
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
         dest="store_command", metavar="ACTION", required=True
     )
@@ -434,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if quiet or not sys.stderr.isatty():
+        # progress bars only on a terminal: in logs (pipelines, SLURM) every refresh would be a line
+        os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("biomask: %(message)s"))
     root = logging.getLogger("biomask")

@@ -260,6 +260,14 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     train_steps = [x["step"] for x in lines if x["kind"] == "train"]
     assert train_steps == sorted(set(train_steps)) == [*range(4, 29, 4), 30]
     assert train_losses(straight) == pytest.approx(train_losses(resumed), rel=1e-12)
+    # every step's realised mask ratio is logged, once, across the kill and the resume
+    step_ratios = [
+        json.loads(x).get("step_ratios") for x in (straight / "metrics.jsonl").read_text().splitlines()
+    ]
+    again_ratios = [x.get("step_ratios") for x in lines]
+    assert step_ratios == again_ratios
+    flat = [r for window in step_ratios if window for r in window]
+    assert len(flat) == 30 and all(0.0 < r < 1.0 for r in flat)
 
 
 def test_sigusr1_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, cli):

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
-from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS
+from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
 
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 
@@ -187,21 +187,15 @@ class GeneVocabulary:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
         self.hf_tokenizer().save(str(path))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "pad_token": "[PAD]",
-            "cls_token": "[CLS]",
-            "sep_token": "[SEP]",
-            "mask_token": "[MASK]",
-            "unk_token": "[UNK]",
-            "biomask": {
+        config = tokenizer_config(
+            {
                 "modality": "cells",
                 "kind": "genes",
                 "gene_id_column": self.gene_id_column,
                 "vocab_size": self.vocab_size,
                 **self.settings,
-            },
-        }
+            }
+        )
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         table = pd.DataFrame(
             {

@@ -32,7 +32,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from biomask.errors import InputError
-from biomask.vocab import CLS_ID, NUM_SPECIAL, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from biomask.vocab import CLS_ID, NUM_SPECIAL, SEP_ID, SPECIAL_TOKENS, UNK_ID, tokenizer_config
 
 # Base codes used by the vectorised paths: 0-3 = A C G T, 4 = N, 5 = anything else.
 _BASE_CODE = np.full(256, 5, dtype=np.uint8)
@@ -150,15 +150,7 @@ class DNATokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "pad_token": "[PAD]",
-            "cls_token": "[CLS]",
-            "sep_token": "[SEP]",
-            "mask_token": "[MASK]",
-            "unk_token": "[UNK]",
-            "biomask": {"modality": "dna", **self.settings()},
-        }
+        config = tokenizer_config({"modality": "dna", **self.settings()})
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory / "tokenizer.json"
 

@@ -61,7 +61,7 @@ COMMANDS: dict[str, StageCommand] = {
     "pretrain": StageCommand("pretrain", schema="biomask.training.config:PretrainConfig", training=True),
     "evaluate": StageCommand("evaluate", schema="biomask.evaluation.config:EvaluateConfig"),
     "embed": StageCommand("embed", schema="biomask.embedding.config:EmbedConfig"),
-    "report": StageCommand("report"),  # issue 7: set schema=
+    "report": StageCommand("report", schema="biomask.report.config:ReportConfig"),
     "theory": StageCommand("theory", schema="biomask.theory.config:TheoryConfig"),
 }
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from biomask.outputs import atomic_write_text
@@ -60,6 +61,8 @@ class MetricsLogger:
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
+            elif isinstance(value, list) and value:
+                self.tb.add_histogram(f"{kind}/{key}", torch.tensor(value), step)
             elif isinstance(value, dict):
                 for sub, v in value.items():
                     if isinstance(v, (int, float)):

@@ -450,11 +450,13 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     ckpt_root = out / "checkpoints"
     step = 0
     window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
+    step_ratios: list[float] = []  # the realised ratio of every step of the window (rank 0's batches)
     latest = checkpoint.latest(ckpt_root) if decision == "resume" else None
     if latest is not None:
         rng = checkpoint.load(engine, latest, rank=dist_env.rank)
         masker.load_state_dict(checkpoint.restore_rng_state(rng))
         window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
+        step_ratios = list(rng.get("metrics_step_ratios", []))
         step = int(checkpoint.read_meta(latest)["step"])
         log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
     else:
@@ -467,7 +469,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
             "world_size": dist_env.world_size,
         }
-        rng = {**checkpoint.rng_state(masker.state_dict()), "metrics_window": dict(window)}
+        rng = {
+            **checkpoint.rng_state(masker.state_dict()),
+            "metrics_window": dict(window),
+            "metrics_step_ratios": list(step_ratios),
+        }
         path = checkpoint.save(engine, ckpt_root, step, rank=dist_env.rank, rng=rng, meta=meta)
         if dist_env.is_main:
             checkpoint.prune(ckpt_root, cfg.train.keep_last)
@@ -486,6 +492,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     window_start = time.perf_counter()
     try:
         while step < cfg.train.steps:
+            step_ratio = 0.0
             for micro in range(cfg.train.grad_accum):
                 batch = to_device(train_data.batch(step, micro), device)
                 masked = masker(batch, step)
@@ -497,9 +504,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 window["masked"] += n
                 window["correct"] += float(out_["n_correct"])
                 window["ratio"] += masked["realised_ratio"]
+                step_ratio += masked["realised_ratio"] / cfg.train.grad_accum
                 window["micro"] += 1
                 window["tokens"] += float(batch["attention_mask"].sum())
             step += 1
+            step_ratios.append(step_ratio)
             metrics.advance()
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -509,6 +518,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 record = {
                     "loss": totals["loss"] / max(totals["masked"], 1.0),
                     "ratio": totals["ratio"] / max(totals["micro"], 1.0),  # realised: masked / maskable
+                    "step_ratios": [round(r, 5) for r in step_ratios],  # each step's, for histograms
                     "lr": schedule.get_last_lr()[0],
                     "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
                     "tokens": totals["tokens"],
@@ -521,6 +531,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     record["grad_norm"] = float(grad_norm)
                 metrics.log(step, "train", record)
                 window = dict.fromkeys(window, 0.0)
+                step_ratios = []
                 window_start = time.perf_counter()
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:

@@ -1,0 +1,197 @@
+"""Reading what the study's stages left behind: pretraining runs, evaluations, stage provenance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from biomask.errors import InputError
+from biomask.provenance import read_run_info
+
+
+def describe_masking(masking: dict[str, Any]) -> str:
+    """A short human-readable name of a masking config: `U(0.15, 0.45)`, `15 %`, `30 %→15 %`, ..."""
+    ratio = masking.get("ratio", {})
+    kind = ratio.get("kind")
+    if kind == "fixed":
+        text = f"{ratio['value']:.0%}"
+    elif kind == "uniform":
+        text = f"U({ratio['low']:g}, {ratio['high']:g})"
+    elif kind == "beta":
+        text = f"Beta({ratio['a']:g}, {ratio['b']:g}) on [{ratio['low']:g}, {ratio['high']:g}]"
+    elif kind == "discrete":
+        text = "{" + ", ".join(f"{v:g}" for v in ratio["values"]) + "}"
+    elif kind == "linear":
+        text = f"{ratio['start']:.0%}→{ratio['end']:.0%}"
+    else:
+        text = str(kind)
+    if masking.get("ratio", {}).get("granularity") == "sample":
+        text += " per sample"
+    if masking.get("positions", {}).get("kind") == "span":
+        text += ", spans"
+    if masking.get("corruption", {}).get("kind") == "mae":
+        text += ", MAE"
+    return text
+
+
+def is_fixed_ratio(masking: dict[str, Any]) -> bool:
+    return masking.get("ratio", {}).get("kind") == "fixed"
+
+
+@dataclass
+class PretrainRun:
+    """One finished pretraining run: its masking, its logged curves and its final held-out losses."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    info: dict[str, Any]
+    train: pd.DataFrame
+    evals: pd.DataFrame
+    step_ratios: np.ndarray
+    final_eval: dict[str, Any]
+
+    @property
+    def masking(self) -> dict[str, Any]:
+        return self.config.get("masking", {})
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} — {describe_masking(self.masking)}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: is {path.parent} a finished biomask stage output?") from None
+
+
+def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
+    info = read_run_info(path)
+    if info is None or info.get("stage") != "pretrain":
+        raise InputError(f"{path} is not a finished pretraining run (no run.json of stage pretrain)")
+    config = _read_yaml(path / "config.yaml")
+    lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = pd.DataFrame([x for x in lines if x["kind"] == "train"])
+    evals = pd.DataFrame(
+        [
+            {"step": x["step"], "mean_loss": x["mean_loss"], **{f"loss@{k}": v for k, v in x["loss"].items()}}
+            for x in lines
+            if x["kind"] == "eval"
+        ]
+    )
+    ratios = np.array(
+        [r for x in lines if x["kind"] == "train" for r in x.get("step_ratios", [])], dtype=float
+    )
+    return PretrainRun(
+        path=path,
+        name=name or config.get("masking", {}).get("scheme", path.name),
+        config=config,
+        info=info,
+        train=train,
+        evals=evals,
+        step_ratios=ratios,
+        final_eval=info.get("final_eval", {}),
+    )
+
+
+def find_pretrain_runs(paths: list[str]) -> list[PretrainRun]:
+    """Every finished run in the given directories (a run directory, or a sweep's parent directory)."""
+    found: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if (path / "run.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.iterdir() if (p / "run.json").is_file())
+        else:
+            raise InputError(f"pretraining output {path} does not exist")
+    runs = [load_pretrain_run(p) for p in found]
+    # several runs of one scheme (a ratio-range sweep, several seeds): name them by what differs
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            seed = run.config.get("train", {}).get("seed")
+            run.name = f"{run.name} {describe_masking(run.masking)} seed {seed}"
+    return runs
+
+
+@dataclass
+class Evaluation:
+    """An evaluate stage's results, with the masking of each pretrained checkpoint it scored."""
+
+    key: str
+    path: Path
+    metric: str
+    title: str
+    results: dict[str, Any]
+    checkpoints: dict[str, str]
+    masking: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def methods(self, protocol: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+        return [
+            m
+            for m in self.results["methods"]
+            if (protocol is None or m["protocol"] == protocol) and (group is None or m["group"] == group)
+        ]
+
+    def scores(self, method: str, metric: str | None = None) -> list[float]:
+        return [r[metric or self.metric] for r in self.results["per_seed"][method]]
+
+    def mean(self, method: str, metric: str | None = None) -> float:
+        return float(self.results["summary"][method][metric or self.metric]["mean"])
+
+
+def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Evaluation:
+    root = Path(path)
+    try:
+        results = json.loads((root / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise InputError(
+            f"evaluation {key!r}: {root} has no metrics.json; run `biomask evaluate` first"
+        ) from None
+    config = _read_yaml(root / "config.yaml")
+    checkpoints = dict(config.get("checkpoints") or {})
+    masking = {}
+    for name, ckpt in checkpoints.items():
+        try:
+            masking[name] = json.loads((Path(ckpt) / "config.json").read_text()).get("masking", {})
+        except (OSError, ValueError):
+            masking[name] = {}
+    return Evaluation(key, root, metric, title or key, results, checkpoints, masking)
+
+
+@dataclass
+class StageRecord:
+    """What the report lists for reproducibility: a stage output, its config and checksums."""
+
+    path: Path
+    stage: str
+    fingerprint: str
+    code: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    seeds: dict[str, Any]
+    config_text: str
+
+
+def stage_record(path: Path) -> StageRecord | None:
+    info = read_run_info(path)
+    if info is None:
+        return None
+    config = path / "config.yaml"
+    return StageRecord(
+        path=path,
+        stage=info.get("stage", "?"),
+        fingerprint=info.get("fingerprint", ""),
+        code=info.get("code", {}),
+        inputs=info.get("inputs", []),
+        seeds=info.get("seeds", {}),
+        config_text=config.read_text() if config.exists() else "",
+    )

@@ -1,0 +1,47 @@
+"""The schema of `biomask report` configs (the study pipelines in configs/pipelines/ fill them in)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from biomask.config import Config
+
+Metric = Literal["accuracy", "macro_f1", "mcc"]
+
+
+class EvaluationSpec(Config):
+    """An evaluate stage's output, and the metric its comparisons are judged on."""
+
+    path: str
+    metric: Metric = "mcc"
+    title: str | None = None
+
+
+class TargetSpec(Config):
+    """A claim the report checks: a protocol's score on an evaluation at least the strongest baseline's."""
+
+    evaluation: str  # a key of `evaluations`
+    protocol: Literal["linear_probe", "mlp_probe", "finetune"]
+    metric: Metric
+    reference: str | None = None  # the published figure of the strongest baseline, quoted beside ours
+
+
+class EmbeddingSpec(Config):
+    path: str  # an h5ad written by `biomask embed` (obsm["X_biomask"])
+    color: str  # the obs column the UMAP is coloured by
+    title: str | None = None
+
+
+class ReportConfig(Config):
+    output: str
+    title: str = "biomask study: R²MAE against fixed-ratio masking"
+    # modality label -> pretrain run directories, or directories holding several runs (a sweep)
+    pretrain: dict[str, list[str]] = Field(default_factory=dict)
+    evaluations: dict[str, EvaluationSpec] = Field(default_factory=dict)
+    embedding: EmbeddingSpec | None = None
+    r2mae: str = "r2mae"  # the checkpoint name (in the evaluate configs) of the R²MAE model
+    targets: list[TargetSpec] = Field(default_factory=list)
+    # further stage outputs whose configs and checksums the report lists (e.g. the token stores)
+    provenance: list[str] = Field(default_factory=list)

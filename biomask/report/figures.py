@@ -1,0 +1,128 @@
+"""The report's figures (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters and CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from biomask.evaluation.metrics import METRICS
+from biomask.report.collect import Evaluation, PretrainRun
+
+_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC"}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
+    """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        if not run.train.empty:
+            left.plot(run.train["step"], run.train["loss"], label=run.label, lw=1.2)
+        if not run.evals.empty:
+            right.plot(run.evals["step"], run.evals["mean_loss"], marker="o", ms=3, label=run.label, lw=1.2)
+    left.set(
+        title=f"{title}: training loss (each at its own mask ratios)", xlabel="step", ylabel="masked loss"
+    )
+    right.set(title="held-out masked loss, mean over the ratio grid", xlabel="step", ylabel="mean loss")
+    right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
+    """The realised mask ratio of every training step, one histogram per run."""
+    n = len(runs)
+    fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 2.8), sharey=True, squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, run in zip(axes[0], runs):
+        ax.hist(run.step_ratios, bins=bins, color="tab:blue")
+        ax.set_title(run.label, fontsize=8)
+        ax.set_xlabel("realised ratio")
+    axes[0][0].set_ylabel("steps")
+    fig.suptitle(f"{title}: realised mask ratio per step", fontsize=10)
+    return _save(fig, path)
+
+
+def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
+    """Each model's final held-out masked loss at every ratio of the evaluation grid."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        losses = run.final_eval.get("loss", {})
+        if losses:
+            ratios = sorted(losses, key=float)
+            ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], marker="o", label=run.label)
+    ax.set(
+        title=f"{title}: held-out masked loss by evaluation ratio",
+        xlabel="mask ratio at evaluation",
+        ylabel="loss",
+    )
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
+    """Mean and 95 % CI over seeds of each method, per metric."""
+    methods = evaluation.results["methods"]
+    fig, axes = plt.subplots(
+        1, len(METRICS), figsize=(4.2 * len(METRICS), 0.35 * len(methods) + 1.4), sharey=True
+    )
+    labels = [m["name"] if m["group"] == "baseline" else f"{m['group']} / {m['protocol']}" for m in methods]
+    y = np.arange(len(methods))
+    for ax, metric in zip(axes, METRICS):
+        summary = [evaluation.results["summary"][m["name"]][metric] for m in methods]
+        mean = np.array([s["mean"] for s in summary])
+        low = np.array([s["ci_low"] if s["n"] > 1 else s["mean"] for s in summary])
+        high = np.array([s["ci_high"] if s["n"] > 1 else s["mean"] for s in summary])
+        colors = ["tab:gray" if m["group"] == "baseline" else "tab:blue" for m in methods]
+        ax.errorbar(
+            mean, y, xerr=[mean - low, high - mean], fmt="none", ecolor="black", elinewidth=1, capsize=2
+        )
+        ax.scatter(mean, y, c=colors, zorder=3)
+        ax.set_title(_NAMES[metric])
+    axes[0].set_yticks(y, labels, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle(
+        f"{evaluation.title}: mean and 95 % CI over {len(evaluation.results['seeds'])} seeds (grey: baselines)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def umap(h5ad: str, color: str, title: str, path: Path) -> Path:
+    """UMAP of the biomask embeddings (neighbours on obsm["X_biomask"]), coloured by an obs column."""
+    import anndata
+    import scanpy as sc
+
+    from biomask.errors import InputError
+
+    adata = anndata.read_h5ad(h5ad)
+    if "X_biomask" not in adata.obsm:
+        raise InputError(f"{h5ad} has no obsm['X_biomask']; run `biomask embed` on it first")
+    if color not in adata.obs:
+        raise InputError(
+            f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"
+        )
+    if "X_umap" not in adata.obsm:
+        sc.pp.neighbors(adata, use_rep="X_biomask", random_state=0)
+        sc.tl.umap(adata, random_state=0)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    codes = adata.obs[color].astype("category")
+    cmap = plt.get_cmap("tab20")
+    for i, cat in enumerate(codes.cat.categories):
+        xy = adata.obsm["X_umap"][(codes == cat).to_numpy()]
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, color=cmap(i % 20), label=str(cat))
+    ax.set(title=title, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
+    ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, path)

@@ -1,0 +1,353 @@
+"""`biomask report`: the study's results in one Markdown file with figures.
+
+What it shows, and how it decides what to say:
+- per task, every method (baselines included) as mean ± sd [95 % CI] over seeds;
+- R²MAE against the **best fixed ratio** (the fixed-ratio checkpoint with the highest mean on that task
+  and protocol, chosen after the fact — which favours the fixed ratio) with a paired test over seeds;
+  the verdict is "better" or "worse" only when the paired 95 % CI excludes zero;
+- the targets (a pretrained model at least the strongest baseline), met or not, with their numbers;
+- pretraining: training curves, every step's realised mask ratio, held-out loss across a grid of
+  ratios (and its mean, the ratio-averaged score); a UMAP of the embeddings; every stage's config and
+  checksums.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from biomask import __version__
+from biomask.evaluation.metrics import METRICS, format_summary, paired_comparison
+from biomask.provenance import code_version
+from biomask.report import figures
+from biomask.report.collect import (
+    Evaluation,
+    PretrainRun,
+    StageRecord,
+    describe_masking,
+    find_pretrain_runs,
+    is_fixed_ratio,
+    load_evaluation,
+    stage_record,
+)
+from biomask.report.config import ReportConfig
+from biomask.stage import StageOutput
+
+log = logging.getLogger(__name__)
+
+_METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC"}
+
+
+def verdict(cmp: dict[str, float], better: str, worse: str) -> str:
+    """'better' / 'worse' only when the paired 95 % CI excludes zero; otherwise no significant difference."""
+    if cmp["n"] < 2:
+        return "a single seed: no interval, no verdict"
+    if cmp["ci_low"] > 0:
+        return better
+    if cmp["ci_high"] < 0:
+        return worse
+    return "no significant difference"
+
+
+def _cmp_text(cmp: dict[str, float], metric: str) -> str:
+    return (
+        f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
+        f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} seeds"
+    )
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def r2mae_vs_fixed(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
+    """Per protocol: R²MAE against the best fixed-ratio checkpoint, paired over seeds."""
+    rows = []
+    protocols = sorted(
+        {
+            m["protocol"]
+            for m in evaluation.results["methods"]
+            if m["group"] not in ("baseline", "random-init")
+        }
+    )
+    for protocol in protocols:
+        ours = evaluation.methods(protocol, r2mae)
+        fixed = [
+            m
+            for m in evaluation.methods(protocol)
+            if m["group"] in evaluation.masking and is_fixed_ratio(evaluation.masking[m["group"]])
+        ]
+        if not ours or not fixed:
+            continue
+        best = max(fixed, key=lambda m: evaluation.mean(m["name"]))
+        cmp = paired_comparison(evaluation.scores(ours[0]["name"]), evaluation.scores(best["name"]))
+        rows.append(
+            {
+                "protocol": protocol,
+                "r2mae": ours[0]["name"],
+                "best_fixed": best["name"],
+                "group": best["group"],
+                "cmp": cmp,
+            }
+        )
+    return rows
+
+
+def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[dict[str, Any]]:
+    rows = []
+    for target in cfg.targets:
+        ev = evaluations.get(target.evaluation)
+        if ev is None:
+            rows.append({"target": target, "missing": f"no evaluation named {target.evaluation!r}"})
+            continue
+        baseline = ev.results.get("strongest_baseline")
+        candidates = [m for m in ev.methods(target.protocol) if m["group"] not in ("baseline", "random-init")]
+        if baseline is None or not candidates:
+            rows.append(
+                {"target": target, "missing": "no baseline or no pretrained model under this protocol"}
+            )
+            continue
+        # the strongest baseline is the one with the best mean on this target's metric
+        baselines = [m for m in ev.results["methods"] if m["group"] == "baseline"]
+        baseline = max(baselines, key=lambda m: ev.mean(m["name"], target.metric))["name"]
+        r2 = next((m for m in candidates if m["group"] == cfg.r2mae), None)
+        best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
+        entries = []
+        for label, method in (("R²MAE", r2), ("best pretrained", best)):
+            if method is None:
+                continue
+            cmp = paired_comparison(
+                ev.scores(method["name"], target.metric), ev.scores(baseline, target.metric)
+            )
+            entries.append(
+                {
+                    "label": label,
+                    "method": method["name"],
+                    "cmp": cmp,
+                    "met": ev.mean(method["name"], target.metric) >= ev.mean(baseline, target.metric),
+                }
+            )
+        rows.append({"target": target, "evaluation": ev, "baseline": baseline, "entries": entries})
+    return rows
+
+
+def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
+    grid = sorted({r for run in runs for r in run.final_eval.get("loss", {})}, key=float)
+    head = (
+        "| run | masking | steps | tokens/s | "
+        + " | ".join(f"loss @ {r}" for r in grid)
+        + " | mean over grid |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(grid))]
+    for run in runs:
+        losses = run.final_eval.get("loss", {})
+        tps = run.train["tokens_per_s"].median() if "tokens_per_s" in run.train else float("nan")
+        steps = run.config.get("train", {}).get("steps", "?")
+        cells = " | ".join(f"{losses[r]:.4f}" if r in losses else "" for r in grid)
+        lines.append(
+            f"| {run.name} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{run.final_eval.get('mean_loss', float('nan')):.4f}** |"
+        )
+    return lines
+
+
+def _evaluation_table(ev: Evaluation) -> list[str]:
+    lines = [
+        "| method | protocol | " + " | ".join(_METRIC_NAMES[m] for m in METRICS) + " |",
+        "|---|---|---|---|---|",
+    ]
+    for m in ev.results["methods"]:
+        name = m["name"] if m["group"] == "baseline" else m["group"]
+        masking = f" ({describe_masking(ev.masking[m['group']])})" if m["group"] in ev.masking else ""
+        cells = " | ".join(format_summary(ev.results["summary"][m["name"]][metric]) for metric in METRICS)
+        lines.append(f"| {name}{masking} | {m['protocol']} | {cells} |")
+    return lines
+
+
+def _provenance(records: list[StageRecord]) -> list[str]:
+    lines = ["| stage | output | fingerprint | code | inputs (sha256) | seeds |", "|---|---|---|---|---|---|"]
+    for r in records:
+        commit = (r.code.get("git_commit") or "")[:10] + (" (dirty)" if r.code.get("git_dirty") else "")
+        inputs = "<br>".join(f"{i.get('name')}: `{str(i.get('sha256'))[:12]}`" for i in r.inputs)
+        seeds = ", ".join(f"{k}={v}" for k, v in r.seeds.items())
+        lines.append(
+            f"| {r.stage} | `{r.path}` | `{r.fingerprint[:12]}` | biomask {r.code.get('biomask', '?')} {commit} | {inputs} | {seeds} |"
+        )
+    lines.append("")
+    for r in records:
+        lines += [
+            f"<details><summary>resolved config: {r.path}</summary>",
+            "",
+            "```yaml",
+            r.config_text.rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def render(cfg: ReportConfig, out: Path) -> str:
+    """Collect every input, draw the figures into `out/figures`, return the Markdown."""
+    fig_dir = out / "figures"
+    runs = {modality: find_pretrain_runs(paths) for modality, paths in cfg.pretrain.items()}
+    evaluations = {
+        key: load_evaluation(key, spec.path, spec.metric, spec.title) for key, spec in cfg.evaluations.items()
+    }
+    code = code_version()
+    lines = [
+        f"# {cfg.title}",
+        "",
+        f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by biomask {__version__}"
+        + (
+            f" (commit {code['git_commit'][:10]}{', dirty' if code.get('git_dirty') else ''})"
+            if code.get("git_commit")
+            else ""
+        )
+        + ". Intervals are 95 % confidence intervals over seeds (Student t); comparisons are paired over seeds "
+        "(the same splits). A difference is called significant only when its paired interval excludes zero.",
+        "",
+        "## Summary",
+        "",
+    ]
+    for row in target_rows(cfg, evaluations):
+        t = row["target"]
+        if "missing" in row:
+            lines.append(
+                f"- **Target** {t.evaluation} / {t.protocol} / {_METRIC_NAMES[t.metric]}: not assessed ({row['missing']})."
+            )
+            continue
+        ev = row["evaluation"]
+        base = format_summary(ev.results["summary"][row["baseline"]][t.metric])
+        ref = f" (published figure for this baseline: ≈ {t.reference})" if t.reference else ""
+        lines.append(
+            f"- **Target: {ev.title}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} ≥ the strongest baseline** — {row['baseline']}: {base}{ref}."
+        )
+        for e in row["entries"]:
+            ours = format_summary(ev.results["summary"][e["method"]][t.metric])
+            status = "**met**" if e["met"] else "**not met**"
+            lines.append(
+                f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric)}."
+            )
+    for ev in evaluations.values():
+        for row in r2mae_vs_fixed(ev, cfg.r2mae):
+            text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
+            lines.append(
+                f"- **R²MAE vs the best fixed ratio**, {ev.title}, {row['protocol'].replace('_', ' ')}: {row['group']} "
+                f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio; {text} "
+                f"({_cmp_text(row['cmp'], ev.metric)})."
+            )
+    for modality, mruns in runs.items():
+        r2 = [r for r in mruns if r.name == cfg.r2mae]
+        fixed = [r for r in mruns if is_fixed_ratio(r.masking)]
+        if r2 and fixed:
+            best = min(fixed, key=lambda r: r.final_eval.get("mean_loss", float("inf")))
+            a, b = r2[0].final_eval.get("mean_loss"), best.final_eval.get("mean_loss")
+            word = "lower (better)" if a < b else "higher (worse)"
+            lines.append(
+                f"- **Pretraining ({modality})**: R²MAE's held-out masked loss averaged over the ratio grid is {a:.4f}, "
+                f"{word} than the best fixed ratio ({best.name}, {b:.4f}) — one pretraining seed per scheme, so no interval."
+            )
+    lines.append("")
+
+    lines += ["## Pretraining", ""]
+    for modality, mruns in runs.items():
+        if not mruns:
+            continue
+        slug = re.sub(r"[^a-z0-9]+", "-", modality.lower()).strip("-")
+        curves = figures.training_curves(mruns, modality, fig_dir / f"pretrain-{slug}-curves.png")
+        hist = figures.ratio_histograms(mruns, modality, fig_dir / f"pretrain-{slug}-ratios.png")
+        grid = figures.loss_by_ratio(mruns, modality, fig_dir / f"pretrain-{slug}-loss-by-ratio.png")
+        lines += [f"### {modality}", "", *_pretrain_table(mruns), ""]
+        for fig in (curves, hist, grid):
+            lines += [f"![{fig.stem}](figures/{fig.name})", ""]
+
+    lines += ["## Downstream tasks", ""]
+    for ev in evaluations.values():
+        seeds = ev.results["seeds"]
+        lines += [
+            f"### {ev.title}",
+            "",
+            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {ev.results['splits']['mode']}; "
+            f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
+            "",
+            *_evaluation_table(ev),
+            "",
+        ]
+        rows = r2mae_vs_fixed(ev, cfg.r2mae)
+        if rows:
+            lines += [
+                "| protocol | R²MAE vs best fixed ratio | "
+                + _METRIC_NAMES[ev.metric]
+                + " difference [95 % CI] | p (paired t) | R²MAE better in | verdict |",
+                "|---|---|---|---|---|---|",
+            ]
+            for row in rows:
+                c = row["cmp"]
+                lines.append(
+                    f"| {row['protocol']} | vs {row['group']} | {c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+                    f"{c['p_value']:.2g} | {c['wins']}/{c['n']} | {verdict(c, 'better', 'worse')} |"
+                )
+            lines.append("")
+        fig = figures.metric_intervals(ev, fig_dir / f"eval-{ev.key}.png")
+        lines += [f"![{fig.stem}](figures/{fig.name})", ""]
+
+    if cfg.embedding is not None:
+        title = cfg.embedding.title or f"biomask embeddings, coloured by {cfg.embedding.color}"
+        fig = figures.umap(cfg.embedding.path, cfg.embedding.color, title, fig_dir / "umap.png")
+        lines += [
+            "## Embeddings",
+            "",
+            f"`{cfg.embedding.path}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy.",
+            "",
+            f"![umap](figures/{fig.name})",
+            "",
+        ]
+
+    paths = [run.path for mruns in runs.values() for run in mruns] + [ev.path for ev in evaluations.values()]
+    if cfg.embedding is not None:
+        paths.append(Path(cfg.embedding.path).parent)
+    paths += [Path(p) for p in cfg.provenance]
+    records = [r for r in (stage_record(p) for p in dict.fromkeys(paths)) if r is not None]
+    lines += ["## Configs, seeds and data checksums", "", *_provenance(records)]
+    return "\n".join(lines) + "\n"
+
+
+def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
+    """Write `report.md` and `figures/` into the output directory; return the report's path."""
+    stage = StageOutput("report", cfg, cfg.output, inputs=_inputs(cfg))
+    if stage.is_current(overwrite=overwrite):
+        return Path(cfg.output) / "report.md"
+    with stage.writing() as tmp:
+        (tmp / "report.md").write_text(render(cfg, tmp))
+    log.info("report written to %s", Path(cfg.output) / "report.md")
+    return Path(cfg.output) / "report.md"
+
+
+def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
+    """Each input stage's fingerprint: the report is rebuilt when any of them changes."""
+    from biomask.provenance import read_run_info
+
+    paths = [p for ps in cfg.pretrain.values() for p in ps] + [e.path for e in cfg.evaluations.values()]
+    inputs = []
+    for p in paths:
+        root = Path(p)
+        runs = (
+            [root]
+            if (root / "run.json").exists()
+            else sorted(x for x in root.glob("*") if (x / "run.json").exists())
+        )
+        for run in runs:
+            info = read_run_info(run) or {}
+            inputs.append({"name": str(run), "sha256": info.get("fingerprint", "") + info.get("created", "")})
+    if cfg.embedding is not None:
+        from biomask.provenance import sha256_file
+
+        if Path(cfg.embedding.path).exists():
+            inputs.append({"name": cfg.embedding.path, "sha256": sha256_file(cfg.embedding.path)})
+    return inputs
