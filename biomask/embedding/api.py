@@ -48,13 +48,14 @@ def embed(
     from biomask.cells.encode import CellEncoder, checkpoint_prep
     from biomask.cells.readers import from_anndata
     from biomask.embedding.anndata_io import h5_safe
-    from biomask.embedding.inference import embed_records, inference_max_length, pick_device
+    from biomask.embedding.inference import check_layer, embed_records, inference_max_length, pick_device
     from biomask.embedding.stage import provenance
     from biomask.models import load_pretrained
 
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
     model = load_pretrained(checkpoint, device=pick_device(device))
+    check_layer(model, layer)
     if model.config.modality != "cells":
         raise InputError(
             f"checkpoint {checkpoint} is a {model.config.modality} model; an AnnData of cells needs a cells checkpoint"

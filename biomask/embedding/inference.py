@@ -45,6 +45,18 @@ def inference_max_length(model: MaskedEncoder, default: int | None = None) -> in
     return int(model.config.max_len)
 
 
+def check_layer(model: MaskedEncoder, layer: int) -> None:
+    """A layer the model has (as a Python list index over [embeddings, block 1, ..., block n])."""
+    from biomask.errors import InputError
+
+    n = model.config.n_layers + 1
+    if not -n <= layer < n:
+        raise InputError(
+            f"layer {layer} does not exist: the model has {model.config.n_layers} blocks, so layer is "
+            f"-{n}..{n - 1} (-1: the last block, 0: the embeddings)"
+        )
+
+
 def order_free(model: MaskedEncoder) -> bool:
     """Binned and panel cells: gene order carries no meaning."""
     return model.config.modality == "cells" and model.config.scheme in ("binned", "panel")

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from biomask.embedding.config import NON_SEMANTIC, EmbedConfig
-from biomask.embedding.inference import embed_records, inference_max_length, pick_device
+from biomask.embedding.inference import check_layer, embed_records, inference_max_length, pick_device
 from biomask.errors import InputError, OutputExistsError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
@@ -281,9 +281,10 @@ def embed_dna(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: 
     from biomask.embedding.anndata_io import h5_safe
 
     max_length = inference_max_length(model)
+    room = max_length - (2 if model.config.modality == "dna" else 1)  # minus [CLS] (and [SEP])
     frames, parts, cropped = [], [], 0
     for frame, records in _dna_chunks(cfg, path, kind, model):
-        cropped += sum(len(r["tokens"]) > max_length - 2 for r in records)
+        cropped += sum(len(r["tokens"]) > room for r in records)
         parts.append(
             embed_records(
                 model,
@@ -300,10 +301,10 @@ def embed_dna(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: 
     obs = pd.concat(frames, ignore_index=True)
     if cropped:
         log.warning(
-            "%d sequences are longer than the model's %d tokens: their first tokens are embedded "
-            "(set dna.window to embed windows instead)",
+            "%d records are longer than the model's %d tokens: they are cut as for evaluation "
+            "(DNA: the first tokens; set dna.window to embed windows instead)",
             cropped,
-            max_length - 2,
+            room,
         )
     if cfg.umap.color is not None and cfg.umap.color not in obs.columns:
         raise InputError(
@@ -325,7 +326,7 @@ def embed_dna(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: 
             "input": str(path),
             "input_format": kind,
             "sequences": len(obs),
-            "sequences_cropped": int(cropped),
+            "records_cut": int(cropped),
             "window": cfg.dna.window,
             "stride": cfg.dna.stride or cfg.dna.window,
             "fingerprint": fingerprint,
@@ -391,6 +392,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         return h5ad
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))
+    check_layer(model, cfg.layer)
     log.info(
         "embed: %s (%s, %d layers, d %d) on %s, %s pooling, layer %d",
         cfg.checkpoint,
