@@ -69,3 +69,31 @@ def test_position_aware_one_hot_is_the_strong_dna_baseline(splice_store):
     assert np.mean(onehot_mcc) > 0.88
     assert np.mean(kmer_mcc) < 0.65
     assert paired_comparison(onehot_mcc, kmer_mcc)["wins"] == 3
+
+
+def test_metrics_agree_with_scikit_learn_on_known_predictions():
+    """Imbalanced labels, a class never predicted and one never present: every number is scikit-learn's."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y_true = rng.choice(4, size=500, p=[0.6, 0.3, 0.1, 0.0])
+    y_pred = np.where(rng.random(500) < 0.7, y_true, rng.choice([0, 1, 3], size=500))
+    names = ["a", "b", "c", "d"]
+    m = classification_metrics(y_true, y_pred, names)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    labels = [0, 1, 2, 3]
+    assert m["macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    )
+    from sklearn.metrics import matthews_corrcoef
+
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    for i, name in enumerate(names):
+        assert m["per_class"][name]["precision"] == pytest.approx(precision[i])
+        assert m["per_class"][name]["recall"] == pytest.approx(recall[i])
+        assert m["per_class"][name]["f1-score"] == pytest.approx(f1[i])
+        assert m["per_class"][name]["support"] == support[i]
