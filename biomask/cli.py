@@ -75,15 +75,38 @@ def cmd_datasets_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prep_dna(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.dna.config import DNAPrepConfig
-    from biomask.dna.prep import prep_dna
+def _run_stage(schema: str, runner: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    """A config-driven stage: load `module:Schema` from --config and key=value overrides, run
+    `module:function(cfg, overwrite=...)`, print the output path it returns (stdout: the result only)."""
+    from importlib import import_module
 
-    cfg = load_config(DNAPrepConfig, args.config, args.overrides)
-    path = prep_dna(cfg, overwrite=args.overwrite)
-    print(path)
+    from biomask.config import load_config
+
+    def load(ref: str):
+        module, _, name = ref.partition(":")
+        return getattr(import_module(module), name)
+
+    cfg = load_config(load(schema), args.config, args.overrides if overrides is None else overrides)
+    print(load(runner)(cfg, overwrite=args.overwrite))
     return 0
+
+
+def cmd_prep_dna(args: argparse.Namespace) -> int:
+    return _run_stage("biomask.dna.config:DNAPrepConfig", "biomask.dna.prep:prep_dna", args)
+
+
+def cmd_prep_cells(args: argparse.Namespace) -> int:
+    return _run_stage("biomask.cells.config:CellsPrepConfig", "biomask.cells.prep:prep_cells", args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_stage(
+        "biomask.evaluation.config:EvaluateConfig", "biomask.evaluation.evaluate:evaluate", args
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return _run_stage("biomask.report.config:ReportConfig", "biomask.report.report:make_report", args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -102,32 +125,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prep_cells(args: argparse.Namespace) -> int:
-    from biomask.cells.config import CellsPrepConfig
-    from biomask.cells.prep import prep_cells
-    from biomask.config import load_config
-
-    cfg = load_config(CellsPrepConfig, args.config, args.overrides)
-    path = prep_cells(cfg, overwrite=args.overwrite)
-    print(path)
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.evaluation.config import EvaluateConfig
-    from biomask.evaluation.evaluate import evaluate
-
-    cfg = load_config(EvaluateConfig, args.config, args.overrides)
-    print(evaluate(cfg, overwrite=args.overwrite))
-    return 0
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.embedding.config import EmbedConfig
-    from biomask.embedding.stage import run_embed
-
     shortcuts = {
         "checkpoint": args.checkpoint,
         "input": args.input,
@@ -140,19 +138,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # The flags are overrides like any key=value; a value that YAML would read as another type
     # (a path named 'true', say) is quoted.
     flags = [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
-    cfg = load_config(EmbedConfig, args.config, [*flags, *args.overrides])
-    print(run_embed(cfg, overwrite=args.overwrite))
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.report.config import ReportConfig
-    from biomask.report.report import make_report
-
-    cfg = load_config(ReportConfig, args.config, args.overrides)
-    print(make_report(cfg, overwrite=args.overwrite))
-    return 0
+    return _run_stage(
+        "biomask.embedding.config:EmbedConfig",
+        "biomask.embedding.stage:run_embed",
+        args,
+        [*flags, *args.overrides],
+    )
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
@@ -261,14 +252,8 @@ def cmd_pipeline_templates(args: argparse.Namespace) -> int:
 
 
 def cmd_theory(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.theory import TheoryConfig, run_theory
-
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
-    cfg = load_config(TheoryConfig, args.config, overrides)
-    path = run_theory(cfg, overwrite=args.overwrite)
-    print(path)
-    return 0
+    return _run_stage("biomask.theory:TheoryConfig", "biomask.theory:run_theory", args, overrides)
 
 
 def cmd_main(args: argparse.Namespace) -> int:
