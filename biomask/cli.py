@@ -430,9 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
 
-    p = command(sub, "main", cmd_main, "the main job: the built-in study on real data (see README)")
+    p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
-    p.add_argument("--overwrite", action="store_true", help="recompute outputs written with another config")
+    p.add_argument(
+        "--pipeline",
+        help="the study pipeline (default: configs/pipelines/study-quick.yaml; see study-full.yaml)",
+    )
     return parser
 
 

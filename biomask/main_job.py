@@ -1,49 +1,47 @@
-"""The main job (`make run`, `biomask main`): the built-in study on real data.
+"""The main job (`make run`, `biomask main`): the R²MAE vs fixed-ratio study end to end on real data.
 
-Today it runs the stages that exist — DNA prep of the UCI splice junctions and the C. elegans chrX
-genome, single-cell prep of pbmc3k (which builds the gene vocabulary) and of pbmc68k_reduced (with
-that vocabulary) — and says which stages are still to come.
+It runs the pipeline `configs/pipelines/study-quick.yaml` (or `--pipeline study-full.yaml`) with the
+local runner: fetch and prepare the built-in data (C. elegans chrX and the UCI splice junctions;
+pbmc3k and pbmc68k_reduced), pretrain one tiny DNA and one tiny single-cell encoder per masking scheme
+(R²MAE, fixed 15 %, fixed 40 %, the dynamic 30→15 % schedule), evaluate them next to the baselines and
+the random init over 3 seeds (linear probe and fine-tuning), embed pbmc68k_reduced, and write the
+report. Stages whose outputs are current are reused, so a second run only redoes what changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-from biomask.cells.config import CellsPrepConfig
-from biomask.cells.prep import prep_cells
-from biomask.config import load_config
-from biomask.dna.config import DNAPrepConfig
-from biomask.dna.prep import prep_dna
-from biomask.store import TokenStore
+from biomask.pipelines.local import exit_code, run_pipeline
+from biomask.pipelines.plan import load_plan
+from biomask.pipelines.tables import local_table, show
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-STEPS = {
-    "splice": CONFIGS / "dna" / "splice.yaml",
-    "ce2-chrX": CONFIGS / "dna" / "ce2-chrX.yaml",
-}
+PIPELINES = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
+DEFAULT_PIPELINE = PIPELINES / "study-quick.yaml"
 
 
 def run_main_job(args: argparse.Namespace) -> int:
-    root = Path(args.output)
-    for name, config in STEPS.items():
-        cfg = load_config(DNAPrepConfig, config, [f"output={root / 'prep' / name}"])
-        path = prep_dna(cfg, overwrite=args.overwrite)
-        checked = TokenStore(path).verify()
-        log.info("%s: token store %s verified (%d files)", name, path, checked)
-    cells = root / "prep" / "pbmc3k"
-    for name, config, extra in (
-        ("pbmc3k", CONFIGS / "cells" / "pbmc3k.yaml", []),
-        ("pbmc68k_reduced", CONFIGS / "cells" / "pbmc68k_reduced.yaml", [f"tokenizer.path={cells}"]),
-    ):
-        cfg = load_config(CellsPrepConfig, config, [f"output={root / 'prep' / name}", *extra])
-        path = prep_cells(cfg, overwrite=args.overwrite)
-        log.info("%s: token store %s verified (%d files)", name, path, TokenStore(path).verify())
-    log.info(
-        "main job: DNA and single-cell prep done. Pretraining, evaluation, embedding and the report are not implemented yet "
-        "(issues 3-7); this command will run them as they land."
-    )
+    pipeline = Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE
+    plan = load_plan(pipeline, [f"run_dir={args.output}"])
+    log.info("main job: %s -> %s (%d stages)", pipeline, plan.run_dir, len(plan.stages))
+    results = run_pipeline(plan, echo=not args.quiet)
+    show(local_table(f"main job ({plan.run_dir})", results))
+    code = exit_code(results)
+    if code != 0:
+        for r in results:
+            if r.status == "failed":
+                print(
+                    f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr
+                )
+                print(f"  log: {r.log}", file=sys.stderr)
+        return code
+    report = plan.stages["report"].tasks[0].output / "report.md" if "report" in plan.stages else None
+    if report is not None and report.exists():
+        summary = report.read_text().split("## Summary", 1)[-1].split("\n## ", 1)[0].strip()
+        print(f"\nReport: {report}\n\nSummary\n{summary}\n")
     return 0

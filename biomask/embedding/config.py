@@ -47,7 +47,7 @@ class UmapSpec(Config):
 
 class EmbedConfig(Config):
     checkpoint: str  # a portable checkpoint: the `model/` directory of a pretrain run
-    input: str  # h5ad (cells), or FASTA / CSV / TSV / a DNA token store
+    input: str  # h5ad (cells), or FASTA / CSV / TSV / a DNA token store, or a registered dataset name
     # A .h5ad file, or a directory (the pipeline's way): <output>/embeddings.h5ad, umap.png,
     # config.yaml and run.json.
     output: str

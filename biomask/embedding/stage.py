@@ -366,13 +366,25 @@ def _file_is_current(path: Path, fingerprint: str, overwrite: bool) -> bool:
     )
 
 
+def resolve_input(value: str) -> Path:
+    """A file or directory, or the name of a registered dataset (fetched and verified)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    from biomask import datasets
+
+    if value in datasets.registry():
+        return datasets.fetch(value)
+    raise InputError(
+        f"input {path} does not exist, and it is not a registered dataset name (see `biomask datasets list`)"
+    )
+
+
 def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     """Run (or reuse) an embedding; returns the written .h5ad (inside the output directory, if one)."""
     from biomask.models import load_pretrained, read_checkpoint_config
 
-    path = Path(cfg.input).expanduser()
-    if not path.exists():
-        raise InputError(f"input {path} does not exist")
+    path = resolve_input(cfg.input)
     info = read_checkpoint_config(cfg.checkpoint)
     kind = input_kind(path, cfg.format)
     modality = info.get("modality") or (info.get("architecture") or {}).get("modality")

@@ -1,0 +1,182 @@
+"""The study report: how it picks the best fixed ratio, when it calls a difference, and (end to end) a
+miniature of the main job's study pipeline on real data producing every section of the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomask.evaluation.metrics import METRICS, summarize
+from biomask.report.collect import Evaluation, describe_masking
+from biomask.report.config import ReportConfig, TargetSpec
+from biomask.report.report import r2mae_vs_fixed, target_rows, verdict
+
+FIXED15 = {"ratio": {"kind": "fixed", "value": 0.15}}
+FIXED40 = {"ratio": {"kind": "fixed", "value": 0.40}}
+R2MAE = {"ratio": {"kind": "uniform", "low": 0.15, "high": 0.45}}
+DYNAMIC = {"ratio": {"kind": "linear", "start": 0.30, "end": 0.15}}
+
+
+def _evaluation(scores: dict[tuple[str, str], list[float]], masking: dict[str, dict]) -> Evaluation:
+    """An Evaluation as `biomask evaluate` writes it; every metric gets the same per-seed scores."""
+    methods, per_seed, summary = [], {}, {}
+    for (group, protocol), values in scores.items():
+        name = group if group == "baseline" else f"{group}/{protocol}"
+        methods.append({"name": name, "group": group, "protocol": protocol})
+        per_seed[name] = [{m: v for m in METRICS} for v in values]
+        summary[name] = {m: summarize(values) for m in METRICS}
+    results = {
+        "methods": methods,
+        "per_seed": per_seed,
+        "summary": summary,
+        "seeds": list(range(len(next(iter(scores.values()))))),
+        "splits": {"mode": "stored"},
+        "strongest_baseline": "baseline" if ("baseline", "linear_probe") in scores else None,
+    }
+    return Evaluation("task", Path("."), "mcc", "a task", results, {k: "" for k in masking}, masking)
+
+
+def test_r2mae_is_compared_with_the_best_fixed_ratio_never_the_schedule_or_a_baseline():
+    ev = _evaluation(
+        {
+            ("baseline", "linear_probe"): [0.99, 0.99, 0.99],  # stronger than all, but not a masking scheme
+            ("r2mae", "linear_probe"): [0.60, 0.62, 0.61],
+            ("bert15", "linear_probe"): [0.50, 0.52, 0.51],
+            ("fixed40", "linear_probe"): [0.70, 0.71, 0.69],  # the best fixed ratio
+            ("dynamic", "linear_probe"): [0.90, 0.91, 0.92],  # a schedule, not a fixed ratio
+        },
+        {"r2mae": R2MAE, "bert15": FIXED15, "fixed40": FIXED40, "dynamic": DYNAMIC},
+    )
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["group"] == "fixed40"
+    assert row["cmp"]["mean_difference"] == pytest.approx(-0.09)
+    assert row["cmp"]["wins"] == 0 and row["cmp"]["n"] == 3
+    assert verdict(row["cmp"], "better", "worse") == "worse"
+
+
+def test_a_difference_is_called_only_when_its_paired_interval_excludes_zero():
+    ev = _evaluation(
+        {
+            ("r2mae", "finetune"): [0.80, 0.70, 0.75],
+            ("bert15", "finetune"): [0.78, 0.74, 0.74],  # differences +0.02, -0.04, +0.01
+        },
+        {"r2mae": R2MAE, "bert15": FIXED15},
+    )
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["cmp"]["ci_low"] < 0 < row["cmp"]["ci_high"]
+    assert verdict(row["cmp"], "better", "worse") == "no significant difference"
+    one_seed = {"mean_difference": 0.1, "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}
+    assert "no verdict" in verdict(one_seed, "better", "worse")
+
+
+def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
+    ev = _evaluation(
+        {
+            ("baseline", "linear_probe"): [0.80, 0.81, 0.82],
+            ("r2mae", "linear_probe"): [0.70, 0.72, 0.71],
+            ("bert15", "linear_probe"): [0.85, 0.86, 0.84],
+            ("random-init", "linear_probe"): [0.95, 0.95, 0.95],  # not a pretrained model
+        },
+        {"r2mae": R2MAE, "bert15": FIXED15},
+    )
+    cfg = ReportConfig(
+        output="unused", targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")]
+    )
+    (row,) = target_rows(cfg, {"task": ev})
+    entries = {e["label"]: e for e in row["entries"]}
+    assert entries["R²MAE"]["method"] == "r2mae/linear_probe" and not entries["R²MAE"]["met"]
+    assert entries["best pretrained"]["method"] == "bert15/linear_probe" and entries["best pretrained"]["met"]
+
+
+def test_masking_names_are_readable():
+    assert describe_masking(R2MAE) == "U(0.15, 0.45)"
+    assert describe_masking(FIXED15) == "15%"
+    assert describe_masking(DYNAMIC) == "30%→15%"
+    assert describe_masking({**FIXED40, "corruption": {"kind": "mae"}}) == "40%, MAE"
+
+
+# ------------------------------------------------------------------------------ the study, in miniature
+
+
+def _miniature_study(repo: Path, run_dir: Path) -> Path:
+    """configs/pipelines/study-quick.yaml — the main job's pipeline — cut down to seconds per stage:
+    two masking schemes, two seeds, a few training steps, and 200 kb of genome."""
+    study = yaml.safe_load((repo / "configs/pipelines/study-quick.yaml").read_text())
+    study["run_dir"] = str(run_dir)
+    stages = study["stages"]
+    for stage in stages.values():
+        stage["config"] = str(repo / stage["config"])
+    stages["prep_genome"]["overrides"].update({"windows.max_bases": 200_000, "split.block_size": 10_000})
+    schemes = ["r2mae", "bert15"]
+    for name in ("pretrain_dna", "pretrain_cells"):
+        stages[name]["sweep"] = {"masking.scheme": schemes}
+        stages[name]["overrides"].update(
+            {
+                "train.steps": 6,
+                "train.log_every": 2,
+                "train.eval_every": 6,
+                "train.eval_batches": 1,
+                "train.checkpoint_every": 6,
+                "optim.warmup_steps": 0,
+            }
+        )
+    for name in ("evaluate_splice", "evaluate_pbmc68k"):
+        over = stages[name]["overrides"]
+        over["seeds"] = [0, 1]
+        over["checkpoints"] = {k: v for k, v in over["checkpoints"].items() if k in schemes}
+        over["compare"] = [["r2mae", "bert15"]]
+        over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
+    path = run_dir.parent / "study-mini.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path, cli):
+    pipeline = _miniature_study(repo, tmp_path / "study")
+    code, out, err = cli("pipeline", "run", pipeline)
+    assert code == 0, out + err
+    report_dir = tmp_path / "study" / "report"
+    text = (report_dir / "report.md").read_text()
+
+    # every section the study promises, with figures that exist
+    for heading in (
+        "## Summary",
+        "## Pretraining",
+        "## Downstream tasks",
+        "## Embeddings",
+        "## Configs, seeds",
+    ):
+        assert heading in text
+    for figure in (
+        "pretrain-dna-curves.png",
+        "pretrain-dna-ratios.png",
+        "pretrain-dna-loss-by-ratio.png",
+        "pretrain-single-cell-ratios.png",
+        "eval-splice.png",
+        "eval-pbmc68k.png",
+        "umap.png",
+    ):
+        assert f"figures/{figure}" in text
+        assert (report_dir / "figures" / figure).stat().st_size > 1000
+
+    # the comparison tables: baselines, the random init and both schemes, per protocol, with intervals
+    assert "| one-hot + LR | onehot_lr |" in text and "| PCA(50) + LR | pca_lr |" in text
+    assert "| r2mae (U(" in text and "| bert15 (15%) | finetune |" in text
+    assert "random-init" in text
+    # R²MAE is judged against the best fixed ratio with a verdict, and each target says met or not met
+    assert text.count("R²MAE vs the best fixed ratio") >= 4  # 2 tasks × 2 protocols
+    assert text.count("→ **met**") + text.count("→ **not met**") >= 4
+    # provenance: the configs and the data checksums of the inputs
+    pbmc3k_run = json.loads((tmp_path / "study" / "prep_pbmc3k" / "run.json").read_text())
+    checksum = pbmc3k_run["inputs"][0]["sha256"]
+    assert checksum[:12] in text
+    assert "resolved config" in text
+
+    # the main job's pipeline re-run with nothing changed reuses every stage, the report included
+    mtime = (report_dir / "report.md").stat().st_mtime_ns
+    code, out, err = cli("pipeline", "run", pipeline)
+    assert code == 0, out + err
+    assert (report_dir / "report.md").stat().st_mtime_ns == mtime
