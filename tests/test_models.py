@@ -74,6 +74,25 @@ def test_embeddings_do_not_depend_on_the_rest_of_the_batch(splice_records):
             torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_concat_pooling_keeps_every_position_in_order(splice_records):
+    torch.manual_seed(0)
+    model = MaskedEncoder(tiny()).eval()
+    batch = collate(splice_records[:3], modality="dna")  # the splice set: one length (60 bases)
+    length = len(splice_records[0]["tokens"])
+    concat = model.embed(batch, pooling="concat")
+    with torch.no_grad():
+        states = model.encoder(model.embedder(batch), batch["attention_mask"])
+    assert concat.shape == (3, length * 32)
+    torch.testing.assert_close(concat, states[:, 1 : 1 + length].reshape(3, -1))  # [CLS], [SEP] left out
+    mean = model.embed(batch, pooling="mean")
+    torch.testing.assert_close(concat.view(3, length, 32).mean(1), mean, atol=1e-6, rtol=1e-5)
+    ragged = collate(
+        [dict(splice_records[0], tokens=splice_records[0]["tokens"][:20]), splice_records[1]], modality="dna"
+    )
+    with pytest.raises(ValueError, match="one length"):
+        model.embed(ragged, pooling="concat")
+
+
 def test_embed_rejects_bad_arguments(splice_records):
     model = MaskedEncoder(tiny()).eval()
     batch = collate(splice_records[:2], modality="dna")

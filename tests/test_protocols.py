@@ -117,6 +117,7 @@ def test_cells_checkpoint_fine_tunes_through_evaluate(pbmc_store, cells_checkpoi
         "seeds=[0]",
         "baselines=[pca_lr]",
         "random_init=false",
+        "pooling=mean",
         "finetune.max_steps=30",
         "finetune.eval_every=10",
         "finetune.max_length=33",
@@ -134,12 +135,20 @@ def test_cells_checkpoint_fine_tunes_through_evaluate(pbmc_store, cells_checkpoi
     assert (out / "confusion-cells-fine-tune.csv").exists()
 
 
-@pytest.mark.parametrize("case", ["modality", "tokenizer"])
+@pytest.mark.parametrize("case", ["modality", "tokenizer", "pooling"])
 def test_a_checkpoint_that_does_not_fit_the_store_exits_2(
-    case, splice_store, dna_checkpoint, cells_checkpoint, tmp_path, cli, repo
+    case, splice_store, pbmc_store, dna_checkpoint, cells_checkpoint, tmp_path, cli, repo
 ):
+    extra = []
     if case == "modality":
         store, checkpoint, expected = splice_store, cells_checkpoint, "is a cells model"
+    elif case == "pooling":  # cells have as many tokens as expressed genes: no position-aware pooling
+        store, checkpoint, expected = (
+            pbmc_store,
+            cells_checkpoint,
+            "pooling concat needs records of one length",
+        )
+        extra = ["pooling=concat", "baselines=[pca_lr]"]
     else:
         from biomask.config import load_config
         from biomask.dna.config import DNAPrepConfig
@@ -154,7 +163,7 @@ def test_a_checkpoint_that_does_not_fit_the_store_exits_2(
     out = tmp_path / "eval"
     code, _, err = cli(
         "evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={store}", f"output={out}",
-        f"checkpoints.m={checkpoint}", "seeds=[0]",
+        f"checkpoints.m={checkpoint}", "seeds=[0]", *extra,
     )  # fmt: skip
-    assert code == 2 and expected in err and str(checkpoint) in err
+    assert code == 2 and expected in err and (str(checkpoint) in err or str(store) in err)
     assert not out.exists()

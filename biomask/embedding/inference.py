@@ -90,7 +90,8 @@ def embed_records(
     batch_size: int = 64,
     max_length: int | None = None,
 ) -> np.ndarray:
-    """(len(records), d_model) float32: each record's vector, in the order given."""
+    """(len(records), dim) float32: each record's vector, in the order given (dim is d_model, or
+    length * d_model with concat pooling)."""
     limit_total = max_length or inference_max_length(model)
     modality = model.config.modality
     specials = 2 if modality == "dna" else 1
@@ -99,7 +100,7 @@ def embed_records(
     lengths = np.fromiter((len(r["tokens"]) for r in fitted), dtype=np.int64, count=len(fitted))
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
     device = next(model.parameters()).device
-    out = np.empty((len(fitted), model.config.d_model), dtype=np.float32)
+    out: np.ndarray | None = None
     was_training = model.training
     model.eval()
     try:
@@ -107,10 +108,18 @@ def embed_records(
             index = order[start : start + batch_size]
             batch = collate([_strip(fitted[i]) for i in index], modality=modality)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-            vectors = model.embed(batch, pooling=pooling, layer=layer)
-            out[index] = vectors.float().cpu().numpy()
+            vectors = model.embed(batch, pooling=pooling, layer=layer).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(fitted), vectors.shape[1]), dtype=np.float32)
+            elif vectors.shape[1] != out.shape[1]:
+                raise ValueError(
+                    f"{pooling} pooling needs records of one length: vectors of {out.shape[1]} and {vectors.shape[1]} values"
+                )
+            out[index] = vectors
     finally:
         model.train(was_training)
+    if out is None:  # no records
+        out = np.empty((0, model.config.d_model), dtype=np.float32)
     return out
 
 

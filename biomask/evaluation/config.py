@@ -63,7 +63,8 @@ class EvaluateConfig(Config):
         default_factory=lambda: ["linear_probe"]
     )
     random_init: bool = True  # also evaluate the same architecture randomly initialised
-    pooling: Literal["cls", "mean"] = "mean"
+    # concat: every content token's vector in order (position-aware; fixed-length records only)
+    pooling: Literal["cls", "mean", "concat"] = "mean"
     finetune: FinetuneSpec = FinetuneSpec()
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
     compare: list[list[str]] = Field(default_factory=list)

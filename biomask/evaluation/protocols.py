@@ -105,6 +105,13 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     from biomask.training.finetune import FinetuneSettings, finetune
 
     models = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
+    if cfg.pooling == "concat":
+        lengths = {len(data.record(i)["tokens"]) for i in range(len(data))}
+        if len(lengths) > 1:
+            raise InputError(
+                f"pooling concat needs records of one length (fixed-length sequences), but store "
+                f"{data.store.root} has {min(lengths)} to {max(lengths)} tokens per record; use pooling=mean"
+            )
     if RANDOM_INIT in models:
         raise InputError(f"checkpoint name {RANDOM_INIT!r} is reserved for the randomly initialised model")
     cache: list[list[dict]] = []

@@ -20,6 +20,8 @@ from biomask.models.config import EncoderConfig
 from biomask.models.transformer import Encoder
 from biomask.vocab import CLS_ID, SEP_ID
 
+POOLINGS = ("cls", "mean", "concat")
+
 
 class Embedder(nn.Module):
     """Token (or gene) embedding + learned positions (DNA, rank cells) + a value embedding (cells)."""
@@ -149,12 +151,14 @@ class MaskedEncoder(nn.Module):
         under `no_grad`.
 
         `layer` indexes [embeddings, block 1, ..., block n (final LayerNorm applied)] like a Python
-        list: -1 (default) is the last layer, 0 the embeddings. `pooling`: "cls" (the [CLS] position)
-        or "mean" (over the record's content tokens: padding, [CLS] and [SEP] excluded). With MAE
-        training, the encoder sees the whole record (nothing is dropped at embedding time).
+        list: -1 (default) is the last layer, 0 the embeddings. `pooling`: "cls" (the [CLS] position),
+        "mean" (over the record's content tokens: padding, [CLS] and [SEP] excluded) or "concat" (the
+        content tokens' vectors concatenated in order, (B, length * d_model): position-aware, for
+        fixed-length records such as splice sites, where a mean would discard where a motif sits).
+        With MAE training, the encoder sees the whole record (nothing is dropped at embedding time).
         """
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         n = self.config.n_layers + 1
         if not -n <= layer < n:
             raise ValueError(
@@ -170,6 +174,14 @@ class MaskedEncoder(nn.Module):
             return h[:, 0]
         ids = batch["input_ids"]
         content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
+        if pooling == "concat":
+            counts = content.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(
+                    f"concat pooling needs records of one length; this batch has {int(counts.min())} to "
+                    f"{int(counts.max())} content tokens (use mean or cls pooling for variable lengths)"
+                )
+            return h[content].reshape(h.shape[0], -1)
         weights = content.to(h.dtype)[..., None]
         return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

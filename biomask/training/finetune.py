@@ -62,7 +62,15 @@ class FinetuneResult:
 class Classifier(nn.Module):
     """Encoder features (pooled) -> linear head -> logits."""
 
-    def __init__(self, encoder: MaskedEncoder, n_classes: int, *, pooling: str, layer: int = -1) -> None:
+    def __init__(
+        self,
+        encoder: MaskedEncoder,
+        n_classes: int,
+        *,
+        pooling: str,
+        layer: int = -1,
+        feature_dim: int | None = None,  # concat pooling: length * d_model
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling, self.layer = pooling, layer
@@ -71,7 +79,7 @@ class Classifier(nn.Module):
         for module in (encoder.head, encoder.decoder):
             if module is not None:
                 module.requires_grad_(False)
-        self.head = nn.Linear(encoder.config.d_model, n_classes)
+        self.head = nn.Linear(feature_dim or encoder.config.d_model, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -150,11 +158,16 @@ def finetune(
     precision = "bf16" if device.type == "cuda" else "fp32"
 
     # 1. The model: the encoder and a head initialised from the seed.
-    torch.manual_seed(seed)
-    model = Classifier(encoder.float(), n_classes, pooling=pooling, layer=layer)
+    encoder = encoder.float()
     modality = encoder.config.modality
     limit = max_length - (2 if modality == "dna" else 1)
     batches = Batches(records, modality=modality, limit=limit, free=order_free(encoder))
+    feature_dim = None
+    if pooling == "concat":  # the head's width follows the records' length
+        with torch.no_grad():
+            feature_dim = encoder.eval().features(batches.collate(train[:1]), pooling, layer).shape[1]
+    torch.manual_seed(seed)
+    model = Classifier(encoder, n_classes, pooling=pooling, layer=layer, feature_dim=feature_dim)
 
     # 2. The engine: AdamW with separate encoder / head learning rates, the ZeRO preset.
     def group(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
