@@ -12,7 +12,7 @@ import yaml
 from biomask.evaluation.metrics import METRICS, summarize
 from biomask.report.collect import Evaluation, describe_masking
 from biomask.report.config import ReportConfig, TargetSpec
-from biomask.report.report import r2mae_vs_fixed, target_rows, verdict
+from biomask.report.report import r2mae_vs_fixed, r2mae_vs_random_init, target_rows, verdict
 
 FIXED15 = {"ratio": {"kind": "fixed", "value": 0.15}}
 FIXED40 = {"ratio": {"kind": "fixed", "value": 0.40}}
@@ -72,6 +72,21 @@ def test_a_difference_is_called_only_when_its_paired_interval_excludes_zero():
     assert "no verdict" in verdict(one_seed, "better", "worse")
 
 
+def test_pretraining_is_judged_against_the_random_init_per_protocol():
+    ev = _evaluation(
+        {
+            ("r2mae", "linear_probe"): [0.50, 0.52, 0.51],
+            ("r2mae", "finetune"): [0.90, 0.91, 0.92],
+            ("random-init", "linear_probe"): [0.70, 0.71, 0.69],
+            ("random-init", "finetune"): [0.80, 0.82, 0.81],
+        },
+        {"r2mae": R2MAE},
+    )
+    rows = {r["protocol"]: r["cmp"] for r in r2mae_vs_random_init(ev, "r2mae")}
+    assert verdict(rows["linear_probe"], "helps", "hurts") == "hurts"
+    assert verdict(rows["finetune"], "helps", "hurts") == "helps"
+
+
 def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     ev = _evaluation(
         {
@@ -89,6 +104,11 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     entries = {e["label"]: e for e in row["entries"]}
     assert entries["R²MAE"]["method"] == "r2mae/linear_probe" and not entries["R²MAE"]["met"]
     assert entries["best pretrained"]["method"] == "bert15/linear_probe" and entries["best pretrained"]["met"]
+    cfg.targets[0].metric = "mcc"
+    ev.results["per_seed"]["r2mae/linear_probe"] = [{m: 0.9 for m in METRICS}] * 3
+    ev.results["summary"]["r2mae/linear_probe"] = {m: summarize([0.9] * 3) for m in METRICS}
+    (row,) = target_rows(cfg, {"task": ev})
+    assert [e["label"] for e in row["entries"]] == ["R²MAE, the best pretrained model"]
 
 
 def test_masking_names_are_readable():
@@ -168,6 +188,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     assert "random-init" in text
     # R²MAE is judged against the best fixed ratio with a verdict, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") >= 4  # 2 tasks × 2 protocols
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 4
     assert text.count("→ **met**") + text.count("→ **not met**") >= 4
     # provenance: the configs and the data checksums of the inputs
     pbmc3k_run = json.loads((tmp_path / "study" / "prep_pbmc3k" / "run.json").read_text())

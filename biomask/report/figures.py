@@ -101,28 +101,20 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
 
 
 def umap(h5ad: str, color: str, title: str, path: Path) -> Path:
-    """UMAP of the biomask embeddings (neighbours on obsm["X_biomask"]), coloured by an obs column."""
+    """UMAP of the biomask embeddings (neighbours on obsm["X_biomask"] only — never a UMAP the file
+    already carries, which would be of its expression), coloured by an obs column."""
     import anndata
-    import scanpy as sc
 
+    from biomask.embedding.plots import umap_png
     from biomask.errors import InputError
 
-    adata = anndata.read_h5ad(h5ad)
+    adata = anndata.read_h5ad(h5ad, backed="r")
     if "X_biomask" not in adata.obsm:
         raise InputError(f"{h5ad} has no obsm['X_biomask']; run `biomask embed` on it first")
     if color not in adata.obs:
         raise InputError(
             f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"
         )
-    if "X_umap" not in adata.obsm:
-        sc.pp.neighbors(adata, use_rep="X_biomask", random_state=0)
-        sc.tl.umap(adata, random_state=0)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    codes = adata.obs[color].astype("category")
-    cmap = plt.get_cmap("tab20")
-    for i, cat in enumerate(codes.cat.categories):
-        xy = adata.obsm["X_umap"][(codes == cat).to_numpy()]
-        ax.scatter(xy[:, 0], xy[:, 1], s=6, color=cmap(i % 20), label=str(cat))
-    ax.set(title=title, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
-    ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _save(fig, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    umap_png(np.asarray(adata.obsm["X_biomask"]), adata.obs[color].reset_index(drop=True), path, title=title)
+    return path

@@ -95,6 +95,17 @@ def r2mae_vs_fixed(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
     return rows
 
 
+def r2mae_vs_random_init(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
+    """Per protocol: does pretraining beat the untrained architecture (paired over seeds)?"""
+    rows = []
+    for m in evaluation.methods(group=r2mae):
+        random = evaluation.methods(m["protocol"], "random-init")
+        if random:
+            cmp = paired_comparison(evaluation.scores(m["name"]), evaluation.scores(random[0]["name"]))
+            rows.append({"protocol": m["protocol"], "cmp": cmp})
+    return rows
+
+
 def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[dict[str, Any]]:
     rows = []
     for target in cfg.targets:
@@ -115,7 +126,11 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         r2 = next((m for m in candidates if m["group"] == cfg.r2mae), None)
         best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
         entries = []
-        for label, method in (("R²MAE", r2), ("best pretrained", best)):
+        same = r2 is not None and r2["name"] == best["name"]
+        pairs = (
+            [("R²MAE, the best pretrained model", r2)] if same else [("R²MAE", r2), ("best pretrained", best)]
+        )
+        for label, method in pairs:
             if method is None:
                 continue
             cmp = paired_comparison(
@@ -242,6 +257,13 @@ def render(cfg: ReportConfig, out: Path) -> str:
                 f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio; {text} "
                 f"({_cmp_text(row['cmp'], ev.metric)})."
             )
+    for ev in evaluations.values():
+        for row in r2mae_vs_random_init(ev, cfg.r2mae):
+            text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
+            lines.append(
+                f"- **R²MAE vs the same architecture randomly initialised**, {ev.title}, "
+                f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric)})."
+            )
     for modality, mruns in runs.items():
         r2 = [r for r in mruns if r.name == cfg.r2mae]
         fixed = [r for r in mruns if is_fixed_ratio(r.masking)]
@@ -298,7 +320,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [f"![{fig.stem}](figures/{fig.name})", ""]
 
     if cfg.embedding is not None:
-        title = cfg.embedding.title or f"biomask embeddings, coloured by {cfg.embedding.color}"
+        title = cfg.embedding.title or f"X_biomask, by {cfg.embedding.color}"
         fig = figures.umap(cfg.embedding.path, cfg.embedding.color, title, fig_dir / "umap.png")
         lines += [
             "## Embeddings",
