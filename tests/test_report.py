@@ -4,6 +4,7 @@ miniature of the main job's study pipeline on real data producing every section 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -154,9 +155,22 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
     return path
 
 
-def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path, cli):
+def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path, cli, monkeypatch):
     pipeline = _miniature_study(repo, tmp_path / "study")
-    code, out, err = cli("pipeline", "run", pipeline)
+    # The runner's own process may hold a process group (a fine-tune ran in it, or it runs under
+    # torchrun): its rank variables must not reach the stages, whose trainers start their own.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        for key, value in {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+        code, out, err = cli("pipeline", "run", pipeline)
     assert code == 0, out + err
     report_dir = tmp_path / "study" / "report"
     text = (report_dir / "report.md").read_text()
@@ -189,7 +203,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     # R²MAE is judged against the best fixed ratio with a verdict, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") >= 4  # 2 tasks × 2 protocols
     assert text.count("R²MAE vs the same architecture randomly initialised") == 4
-    assert text.count("→ **met**") + text.count("→ **not met**") >= 4
+    assert text.count("→ **met**") + text.count("→ **not met**") >= 2  # each target, R²MAE at least
     # provenance: the configs and the data checksums of the inputs
     pbmc3k_run = json.loads((tmp_path / "study" / "prep_pbmc3k" / "run.json").read_text())
     checksum = pbmc3k_run["inputs"][0]["sha256"]

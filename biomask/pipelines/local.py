@@ -29,6 +29,10 @@ from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
 from biomask.provenance import read_run_info
 
+# The rank variables torch.distributed reads (biomask.training.distributed.RANK_VARS, not imported
+# here: that would load torch into the runner).
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 ERROR_FILE_ENV = "BIOMASK_ERROR_FILE"
 
 
@@ -132,7 +136,11 @@ def _spawn(plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str) ->
     """Run one stage process, its output appended to `log` (and echoed); return its exit code and error."""
     with tempfile.TemporaryDirectory(prefix="biomask-stage-") as tmp:
         error_file = Path(tmp) / "error.json"
-        env = {**os.environ, **plan.pipeline.env, ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
+        # Each stage is one process of its own: rank variables of the runner's process (set when it
+        # ran under torchrun, or once it created a process group itself) would make a training
+        # stage join that group's address instead of starting its own.
+        inherited = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+        env = {**inherited, **plan.pipeline.env, ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
         _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
         with open(log, "a") as sink:
             sink.write(f"$ {' '.join(argv)}\n")
