@@ -210,8 +210,11 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     assert checksum[:12] in text
     assert "resolved config" in text
 
-    # the main job's pipeline re-run with nothing changed reuses every stage, the report included
+    # `biomask main` (what `make run` runs) with nothing changed reuses every stage, the report
+    # included, and ends with the report's summary
     mtime = (report_dir / "report.md").stat().st_mtime_ns
-    code, out, err = cli("pipeline", "run", pipeline)
+    code, out, err = cli("main", "--pipeline", pipeline, "--output", tmp_path / "study")
     assert code == 0, out + err
     assert (report_dir / "report.md").stat().st_mtime_ns == mtime
+    assert "│ reused" in out and "│ ran" not in out  # the status table
+    assert f"Report: {report_dir / 'report.md'}" in out and "R²MAE vs the best fixed ratio" in out
