@@ -105,13 +105,6 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     from biomask.training.finetune import FinetuneSettings, finetune
 
     models = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
-    if cfg.pooling == "concat":
-        lengths = {len(data.record(i)["tokens"]) for i in range(len(data))}
-        if len(lengths) > 1:
-            raise InputError(
-                f"pooling concat needs records of one length (fixed-length sequences), but store "
-                f"{data.store.root} has {min(lengths)} to {max(lengths)} tokens per record; use pooling=mean"
-            )
     if RANDOM_INIT in models:
         raise InputError(f"checkpoint name {RANDOM_INIT!r} is reserved for the randomly initialised model")
     cache: list[list[dict]] = []
@@ -120,6 +113,14 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
         if not cache:
             cache.append([data.record(i) for i in range(len(data))])
         return cache[0]
+
+    if cfg.pooling == "concat":
+        lengths = {len(r["tokens"]) for r in records()}
+        if len(lengths) > 1:
+            raise InputError(
+                f"pooling concat needs records of one length (fixed-length sequences), but store "
+                f"{data.store.root} has {min(lengths)} to {max(lengths)} tokens per record; use pooling=mean"
+            )
 
     n_classes = len(data.label_names)
     settings = FinetuneSettings(**cfg.finetune.model_dump(exclude={"max_length"}))

@@ -257,7 +257,6 @@ def render(cfg: ReportConfig, out: Path) -> str:
                 f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio; {text} "
                 f"({_cmp_text(row['cmp'], ev.metric)})."
             )
-    for ev in evaluations.values():
         for row in r2mae_vs_random_init(ev, cfg.r2mae):
             text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
             lines.append(
