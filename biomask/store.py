@@ -19,6 +19,8 @@ store: memory is bounded by what a caller touches, and by one shard while writin
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +45,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # --------------------------------------------------------------------------------------------- writing
+
+
+def write_npy(path: Path, parts: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Write 1-D arrays of one dtype as a single .npy file -- the bytes `np.save` would write for their
+    concatenation -- hashing them on the way out; return its sha256 and size. Writing the parts in turn
+    skips the concatenated copy and a second read of the file for its checksum."""
+    dtype = parts[0].dtype
+    header = io.BytesIO()
+    total = sum(part.size for part in parts)
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}
+    )
+    digest = hashlib.sha256(header.getvalue())
+    with open(path, "wb") as handle:
+        handle.write(header.getvalue())
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype=dtype)
+            digest.update(part.data)
+            part.tofile(handle)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
 class SplitWriter:
@@ -127,14 +149,11 @@ class SplitWriter:
         lengths = np.concatenate(self._buf_lengths)
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        arrays = {"offsets": offsets}
-        arrays.update({k: np.concatenate(v) for k, v in self._buf_tokens.items()})
-        arrays.update({k: np.concatenate(v) for k, v in self._buf_records.items()})
+        pieces = {"offsets": [offsets], **self._buf_tokens, **self._buf_records}
         files = {}
-        for name, arr in arrays.items():
+        for name, parts in pieces.items():
             path = self.directory / f"{stem}.{name}.npy"
-            np.save(path, arr)
-            files[name] = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+            files[name] = {"name": path.name, **write_npy(path, parts)}
         meta_path = self.directory / f"{stem}.meta.csv.gz"
         # mtime=0: the gzip header carries no timestamp, so equal metadata gives byte-equal files (and sha256)
         pd.concat(self._buf_meta, ignore_index=True).to_csv(

@@ -372,16 +372,30 @@ def test_medians_from_a_subset_of_cells_track_the_exact_ones(tmp_path, repo):
     from biomask.config import load_config
 
     medians = {}
-    for name, budget in (("exact", 10_000_000), ("subset", 1_000_000)):
+    runs = (
+        ("exact", 10_000_000, "binned"),
+        ("subset", 1_000_000, "binned"),
+        ("subset-rank", 1_000_000, "rank"),
+    )
+    for name, budget, scheme in runs:
         cfg = load_config(
             CellsPrepConfig,
             repo / CFG_3K,
-            [f"output={tmp_path / name}", f"tokenizer.median_max_values={budget}"],
+            [
+                f"output={tmp_path / name}",
+                f"tokenizer.median_max_values={budget}",
+                f"tokenizer.scheme={scheme}",
+            ],
         )
         genes = pd.read_csv(prep_cells(cfg) / "tokenizer" / "genes.tsv", sep="\t", keep_default_na=False)
         medians[name] = genes.set_index("gene")
     exact, subset = medians["exact"], medians["subset"]
     assert list(exact.index) == list(subset.index) and subset["median"].notna().all()
+    # genes with few values (which the subset may miss) get exact medians from all of them
+    settings = json.loads((tmp_path / "subset" / "manifest.json").read_text())["tokenizer"]["medians"]
+    few = exact.n_cells <= settings["exact_for_genes_with_at_most"]
+    assert few.sum() > 1000 and np.array_equal(subset.loc[few, "median"], exact.loc[few, "median"])
+    assert medians["subset-rank"]["median"].equals(subset["median"])  # whatever the scheme
     common = exact.n_cells >= 500  # well-observed genes: ~250 values behind each subset median
     ratio = subset.loc[common, "median"] / exact.loc[common, "median"]
     assert common.sum() > 500 and ratio.between(0.9, 1.1).mean() > 0.97
@@ -494,6 +508,63 @@ def test_10x_and_loom_readers_give_the_same_cells_as_scanpy(tmp_path, pbmc3k):
                 assert list(expected[fmt].var["gene_ids"]) == list(source.var["gene_ids"]), fmt
         finally:
             source.close()
+
+
+def test_h5ad_read_directly_from_the_file_whatever_its_layout(tmp_path, pbmc3k):
+    """Blocks read by mapping the file's bytes equal anndata's, for contiguous, chunked and appended
+    (interleaved) storage; compressed storage falls back to h5py."""
+    from anndata.io import sparse_dataset, write_elem
+
+    matrix = sp.csr_matrix(pbmc3k.X, dtype=np.float32)
+    layouts = {"contiguous": {}, "chunked": {"chunks": (1000,)}, "gzip": {"compression": "gzip"}}
+    paths = {}
+    for name, options in layouts.items():
+        paths[name] = tmp_path / f"{name}.h5ad"
+        pbmc3k.write_h5ad(paths[name])
+        with h5py.File(paths[name], "r+") as f:
+            del f["X"]
+            group = f.create_group("X")
+            group.attrs.update(
+                {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": matrix.shape}
+            )
+            for key in ("data", "indices", "indptr"):
+                group.create_dataset(key, data=getattr(matrix, key), **options)
+    paths["appended"] = tmp_path / "appended.h5ad"
+    pbmc3k.write_h5ad(paths["appended"])
+    with h5py.File(paths["appended"], "r+") as f:
+        del f["X"]
+        write_elem(f, "X", matrix[:500])
+        stored = sparse_dataset(f["X"])
+        for lo in range(500, matrix.shape[0], 500):  # data and indices chunks interleave in the file
+            stored.append(matrix[lo : lo + 500])
+    for name, path in paths.items():
+        source = open_matrix(path)
+        try:
+            assert (source._data._fd is None) == (name == "gzip"), name
+            if name == "appended":
+                assert len(source._data._starts) > 1  # blocks cross from one run of chunks to the next
+            blocks = [b for _, b in source.blocks(97)]
+            assert (sp.vstack(blocks, format="csr") != matrix).nnz == 0, name
+        finally:
+            source.close()
+
+
+def test_remapping_columns_in_order_equals_selecting_them():
+    rng = np.random.default_rng(0)
+    block = sp.random(300, 1000, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    kept = np.sort(rng.choice(1000, 600, replace=False))
+    targets = np.full(1000, -1)
+    targets[kept] = np.arange(kept.size)
+    mapping = ColumnMap(targets, kept.size)
+    assert mapping.increasing and not mapping.identity
+    got = remap_columns(block, mapping)
+    assert got.has_canonical_format and (got != block[:, kept]).nnz == 0
+    swapped = targets.copy()
+    swapped[kept[:2]] = [1, 0]  # out of order: the general path, same result
+    assert not ColumnMap(swapped, kept.size).increasing
+    assert (
+        remap_columns(block, ColumnMap(swapped, kept.size)) != block[:, kept[[1, 0, *range(2, 600)]]]
+    ).nnz == 0
 
 
 def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, repo, pbmc3k):

@@ -237,21 +237,26 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
 
 
 class CountConverter:
-    """Turns each block of a source into float32 counts (explicit zeros removed), checking every value."""
+    """Turns each block of a source into float32 counts (explicit zeros removed), checking every value.
+
+    The first pass over a source checks everything; later passes (`check=False`) read the same file
+    through the same handle, so they skip the checks and, when every value was an exact integer, the
+    rounding too."""
 
     def __init__(self, source: MatrixSource, cfg: CountsConfig) -> None:
         self.source = source
         self.cfg = cfg
         self.totals: np.ndarray | None = None
+        self.exact = True  # every float value checked so far was an exact integer
         if cfg.total_counts_column is not None:
             self.totals = total_counts(source, cfg.total_counts_column)
 
-    def __call__(self, start: int, block: sp.csr_matrix) -> sp.csr_matrix:
+    def __call__(self, start: int, block: sp.csr_matrix, check: bool = True) -> sp.csr_matrix:
         src = self.source
         data = block.data
-        if data.dtype.kind == "f":
+        if check and data.dtype.kind == "f":
             check_finite(src, start, block)
-        if data.dtype.kind != "u" and data.size and data.min() < 0:
+        if check and data.dtype.kind != "u" and data.size and data.min() < 0:
             first = int(np.argmin(data))
             raise InputError(
                 f"{src.where}: {_cell(src, start, block, first)} has a negative value ({data[first]:.4g}); "
@@ -259,12 +264,14 @@ class CountConverter:
             )
         if self.cfg.mode == "from_log1p":
             counts = self._from_log1p(start, block)
-        elif data.dtype.kind == "f":
+        elif data.dtype.kind == "f" and (check or not self.exact):
             counts = self._integral(start, block)
         else:
-            counts = data.astype(np.float32)
+            counts = data.astype(np.float32, copy=False)
         out = sp.csr_matrix((counts, block.indices, block.indptr), shape=block.shape)
-        out.eliminate_zeros()
+        if not counts.all():  # explicit zeros (stored, or rounded to): gone, so every entry is expressed
+            out = out.copy()  # the block's arrays may be read-only views of the file
+            out.eliminate_zeros()
         return out
 
     def _integral(self, start: int, block: sp.csr_matrix) -> np.ndarray:
@@ -272,6 +279,7 @@ class CountConverter:
         data = block.data
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
+            self.exact = False
             bad = np.abs(data - rounded) > self.cfg.integer_tolerance
             if bad.any():
                 self._non_integral(

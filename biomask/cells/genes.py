@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -58,6 +59,7 @@ class ColumnMap:
     targets: np.ndarray  # one per input column
     size: int  # number of target columns
     _identity: bool | None = field(default=None, repr=False, compare=False)
+    _increasing: bool | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # int32 halves the memory traffic of the per-block gather (every vocabulary fits easily)
@@ -71,11 +73,28 @@ class ColumnMap:
             )
         return self._identity
 
+    @property
+    def increasing(self) -> bool:
+        """Mapped columns keep their order and never share a target (the usual case: a vocabulary in
+        corpus order): then a sorted row stays sorted, and remapping is one compiled pass."""
+        if self._increasing is None:
+            mapped = self.targets[self.targets >= 0]
+            self._increasing = bool((np.diff(mapped) > 0).all())
+        return self._increasing
+
 
 def remap_columns(block: sp.csr_matrix, mapping: ColumnMap) -> sp.csr_matrix:
     """The block with its columns moved to the target space (duplicate targets summed, order sorted)."""
     if mapping.identity:
         out = block
+    elif mapping.increasing and block.has_canonical_format:
+        indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+        indices = np.empty(block.nnz, dtype=mapping.targets.dtype)
+        data = np.empty(block.nnz, dtype=block.data.dtype)
+        kept = _keep_mapped(block.indptr, block.indices, block.data, mapping.targets, indptr, indices, data)
+        out = sp.csr_matrix((data[:kept], indices[:kept], indptr), shape=(block.shape[0], mapping.size))
+        out.has_canonical_format = True
+        return out
     else:
         targets = mapping.targets[block.indices]
         dropped = targets < 0
@@ -91,6 +110,21 @@ def remap_columns(block: sp.csr_matrix, mapping: ColumnMap) -> sp.csr_matrix:
         out = out.copy() if out is block else out
         out.sum_duplicates()  # sorts each row's columns and adds up columns that share a target
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_mapped(indptr, indices, data, targets, out_indptr, out_indices, out_data):
+    """Entries whose column maps somewhere, relabelled, in order; returns how many."""
+    kept = 0
+    for row in range(indptr.size - 1):
+        for j in range(indptr[row], indptr[row + 1]):
+            target = targets[indices[j]]
+            if target >= 0:
+                out_indices[kept] = target
+                out_data[kept] = data[j]
+                kept += 1
+        out_indptr[row + 1] = kept
+    return kept
 
 
 @dataclass

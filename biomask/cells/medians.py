@@ -10,16 +10,23 @@ a seeded random subset of cells expected to hold that many values. Whether a cel
 depends only on the seed and its index in the corpus, so the result does not depend on block size.
 With the default (10 M values, ~12k PBMC-like cells) a gene detected in 1 % of cells still has ~120
 values behind its median; the manifest records the fraction used.
+
+A subset misses rare genes. `GeneCounts` therefore also keeps each gene's first values (enough that a
+gene the subset misses almost surely has no more than that): genes with that few values get their
+exact median from all of them, with no further pass over the corpus.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
 from biomask.cells.tokenize import mix_hash
+
+FIRST_VALUES_BUDGET = 8 << 20  # float32 values kept for rare genes: 32 MiB whatever the corpus size
 
 
 class MedianAccumulator:
@@ -46,6 +53,11 @@ class MedianAccumulator:
             block.data.astype(np.float32) * np.repeat(scale.astype(np.float32), np.diff(block.indptr))
         )
 
+    def add_values(self, genes: np.ndarray, values: np.ndarray) -> None:
+        """Record values (already normalised, float32) of the given genes, every one of them."""
+        self._genes.append(genes.astype(np.int32))
+        self._values.append(values.astype(np.float32))
+
     def medians(self) -> np.ndarray:
         """float32 median per gene (NaN for a gene without any non-zero value)."""
         out = np.full(self.n_genes, np.nan, dtype=np.float32)
@@ -64,13 +76,71 @@ class MedianAccumulator:
         out[genes[starts]] = ((low.astype(np.float64) + high) / 2).astype(np.float32)
         return out
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, exact_up_to: int = 0) -> dict[str, Any]:
+        """How the medians were computed; `exact_up_to`: genes with at most this many values are exact."""
         if self.fraction >= 1.0:
             return {"method": "exact", "cells": self.cells}
         return {
             "method": "exact over a seeded subset of cells",
+            "exact_for_genes_with_at_most": exact_up_to,
             "fraction": round(self.fraction, 6),
             "cells": self.cells,
             "seed": self.seed,
             "reason": "the corpus stores more values than tokenizer.median_max_values",
         }
+
+
+class GeneCounts:
+    """Cells expressing each gene, and the first `per_gene` normalised values of each (one compiled pass
+    per block). Genes with at most `per_gene` values have exact medians from these alone."""
+
+    def __init__(self, n_genes: int, per_gene: int) -> None:
+        self.n_cells = np.zeros(n_genes, dtype=np.int64)
+        self.first_values = np.empty((n_genes, per_gene), dtype=np.float32)
+
+    @classmethod
+    def for_subset(cls, n_genes: int, fraction: float) -> GeneCounts:
+        """Keep enough values that a gene the subset misses entirely has more only with odds ~e^-12."""
+        wanted = 0 if fraction >= 1.0 else int(np.ceil(12 / max(fraction, 1e-9)))
+        return cls(n_genes, min(wanted, FIRST_VALUES_BUDGET // max(n_genes, 1)))
+
+    @property
+    def per_gene(self) -> int:
+        return self.first_values.shape[1]
+
+    def add(self, block: sp.csr_matrix, scale: np.ndarray) -> None:
+        """A block of counts (columns = genes, canonical CSR: one entry per cell and gene) of kept cells."""
+        _count_and_keep(
+            block.indptr,
+            block.indices,
+            block.data.astype(np.float32, copy=False),
+            scale.astype(np.float32),
+            self.n_cells,
+            self.first_values,
+        )
+
+    def exact_medians(self, genes: np.ndarray) -> np.ndarray:
+        """Medians of the given genes from every one of their values (NaN where more were seen than kept)."""
+        out = np.full(genes.size, np.nan, dtype=np.float32)
+        known = np.flatnonzero((self.n_cells[genes] <= self.per_gene) & (self.n_cells[genes] > 0))
+        if known.size:
+            counts = self.n_cells[genes[known]]
+            accumulator = MedianAccumulator(known.size)
+            accumulator.add_values(
+                np.repeat(np.arange(known.size), counts),
+                self.first_values[genes[known]][np.arange(self.per_gene) < counts[:, None]],
+            )
+            out[known] = accumulator.medians()
+        return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_and_keep(indptr, indices, data, scale, n_cells, first_values):
+    per_gene = first_values.shape[1]
+    for row in range(indptr.size - 1):
+        for j in range(indptr[row], indptr[row + 1]):
+            gene = indices[j]
+            seen = n_cells[gene]
+            if seen < per_gene:
+                first_values[gene, seen] = data[j] * scale[row]
+            n_cells[gene] = seen + 1

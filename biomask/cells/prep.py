@@ -43,7 +43,7 @@ from biomask.cells.genes import (
     remap_columns,
     vocabulary_dir,
 )
-from biomask.cells.medians import MedianAccumulator
+from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import MatrixSource, guess_format, input_checksum, open_matrix
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
@@ -195,7 +195,7 @@ def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
 class CorpusStats:
     """What the scan learns about the corpus when it builds the vocabulary."""
 
-    n_cells: np.ndarray  # cells expressing each gene of the gene space
+    genes: GeneCounts  # cells expressing each gene of the gene space, and rare genes' values
     medians: MedianAccumulator
     sample: list[sp.csr_matrix] = field(default_factory=list)  # HVG sample, gene space
     sample_scale: list[np.ndarray] = field(default_factory=list)
@@ -204,12 +204,11 @@ class CorpusStats:
 def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build: bool) -> CorpusStats | None:
     total = sum(inp.source.n_obs for inp in inputs)
     stored = sum(inp.source.stored_values for inp in inputs)
+    fraction = cfg.tokenizer.median_max_values / max(stored, 1)
     stats = (
         CorpusStats(
-            np.zeros(len(space), dtype=np.int64),
-            MedianAccumulator(
-                len(space), cfg.tokenizer.median_max_values / max(stored, 1), cfg.tokenizer.seed
-            ),
+            GeneCounts.for_subset(len(space), fraction),
+            MedianAccumulator(len(space), fraction, cfg.tokenizer.seed),
         )
         if build
         else None
@@ -236,7 +235,7 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
                     continue
                 genes = remap_columns(counts[keep] if not keep.all() else counts, gene_map)
                 scale = target / lib[keep]
-                stats.n_cells += np.bincount(genes.indices, minlength=len(space))
+                stats.genes.add(genes, scale)
                 stats.medians.add(genes, scale, inp.offset + start + np.flatnonzero(keep))
                 chosen = sampled[inp.offset + start : inp.offset + stop][keep]
                 if chosen.any():
@@ -253,7 +252,8 @@ def build_vocabulary(
 ) -> GeneVocabulary:
     """Genes detected in at least qc.min_cells kept cells (then the HVGs among them), in corpus order."""
     names = [inp.name for inp in inputs]
-    chosen = stats.n_cells >= cfg.qc.min_cells
+    n_cells = stats.genes.n_cells
+    chosen = n_cells >= cfg.qc.min_cells
     if not chosen.any():
         raise InputError(
             f"no gene is detected in at least qc.min_cells={cfg.qc.min_cells} kept cells of "
@@ -267,20 +267,23 @@ def build_vocabulary(
         log.info("HVG: %d genes selected from a sample of %d cells", int(chosen.sum()), sample.shape[0])
     index = np.flatnonzero(chosen)
     medians = stats.medians.medians()[index]
+    # rare genes (the subset may miss them, or hold only a few of their values): exact, from all values
+    exact = stats.genes.exact_medians(index)
+    medians = np.where(np.isnan(exact), medians, exact)
     missing = np.isnan(medians)
     if missing.any():
-        # genes the subset of cells missed (rare ones): their medians come from all their values
-        log.info("medians: one more pass for %d rare genes the cell subset missed", int(missing.sum()))
+        # the subset missed genes with more values than were kept for them: rare, so one more pass
+        log.info("medians: one more pass for %d genes the cell subset missed", int(missing.sum()))
         medians[missing] = exact_medians(cfg, inputs, space, index[missing])
     settings = {
         "built_from": names,
         "min_cells": cfg.qc.min_cells,
         "hvg": cfg.hvg.model_dump(mode="json") if hvg is not None else None,
         "target_sum": cfg.normalise.target_sum,
-        "medians": stats.medians.describe(),
+        "medians": stats.medians.describe(stats.genes.per_gene),
     }
     return GeneVocabulary(
-        [space.names[i] for i in index], medians, stats.n_cells[index], cfg.genes.column, settings
+        [space.names[i] for i in index], medians, n_cells[index], cfg.genes.column, settings
     )
 
 
@@ -300,7 +303,7 @@ def exact_medians(
             keep = inp.keep[start : start + raw.shape[0]]
             if not keep.any():
                 continue
-            counts = inp.converter(start, raw)
+            counts = inp.converter(start, raw, check=False)
             lib = inp.libsize(start, row_sums(counts))[keep]
             block = remap_columns(counts[keep], to_subset)
             accumulator.add(block, cfg.normalise.target_sum / lib, np.zeros(lib.size, dtype=np.int64))
@@ -394,7 +397,7 @@ def assign_splits(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
 
 def make_scheme(cfg: TokenizerConfig, vocab: GeneVocabulary) -> Scheme:
     if cfg.scheme == "binned":
-        return BinnedScheme(cfg.n_bins, cfg.max_length, cfg.truncate, cfg.seed)
+        return BinnedScheme(cfg.n_bins, cfg.max_length, cfg.truncate, cfg.seed, token_dtype(vocab.vocab_size))
     if cfg.scheme == "rank":
         medians = vocab.token_medians()
         if not np.isfinite(medians).all() or (medians <= 0).any():
@@ -437,7 +440,6 @@ def write_store(
     )
     for split in SPLITS:
         writer.split(split)  # every split exists, even when empty
-    vocab_path = vocab.save(out / "tokenizer")
     stats: collections.Counter = collections.Counter()
     class_counts = {s: collections.Counter() for s in SPLITS}
     target = cfg.normalise.target_sum
@@ -455,7 +457,7 @@ def write_store(
                 # Kept cells grouped by split (stable: file order within a split), so that one row
                 # selection, one encode call and then plain slices give every split its records.
                 local = local[np.argsort(codes[local], kind="stable")]
-                counts = inp.converter(start, raw)
+                counts = inp.converter(start, raw, check=False)
                 lib = inp.libsize(start, row_sums(counts))[local]
                 in_place = local.size == raw.shape[0] and bool((local == np.arange(local.size)).all())
                 counts = counts if in_place else counts[local]
@@ -469,7 +471,8 @@ def write_store(
                 if local.size == 0:
                     continue
                 cells = start + local
-                encoded = scheme.encode(tokens, (target / lib).astype(np.float32), inp.offset + cells)
+                scale = (target / lib).astype(np.float32)
+                encoded = scheme.encode(tokens, scale, inp.offset + cells)
                 meta = pd.DataFrame({"id": obs.index[cells], "source": inp.name})
                 for column in meta_columns[2:]:
                     meta[column] = obs[column].to_numpy()[cells]
@@ -498,6 +501,7 @@ def write_store(
         raise InputError(
             "no cell expresses any vocabulary gene: nothing to write (check genes.column and the vocabulary)"
         )
+    vocab_path = vocab.save(out / "tokenizer")
     for inp in inputs:
         for reason, n in inp.qc.dropped.items():
             stats[reason] += n

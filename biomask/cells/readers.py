@@ -6,7 +6,7 @@ Only one block is ever in memory:
 
 | format    | how a block is read                                                                    |
 |-----------|----------------------------------------------------------------------------------------|
-| `h5ad`    | `X`, `raw` or `layers/NAME` through anndata's on-disk sparse datasets (backed, CSR rows) |
+| `h5ad`    | `X`, `raw` or `layers/NAME`: CSR rows as slices of data/indices (`h5slices.py`)         |
 |           | or an h5py slice of a dense matrix; obs/var with anndata                                |
 | `10x_h5`  | Cell Ranger .h5 (v2 and v3): cells are columns of its CSC matrix, so a block of cells is |
 |           | one contiguous slice of data/indices (v3: Gene Expression features only, like scanpy)  |
@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from biomask.cells.h5slices import SliceReader
 from biomask.errors import InputError
 from biomask.provenance import sha256_file
 
@@ -157,10 +158,12 @@ class _H5ADSource(MatrixSource):
         if isinstance(element, h5py.Group):
             from anndata.io import sparse_dataset
 
-            self.sparse = sparse_dataset(element)
+            self.sparse = sparse_dataset(element)  # checks the encoding; blocks are read directly (below)
             self.dense = None
             shape, self._dtype = self.sparse.shape, self.sparse.dtype
             self._stored = int(element["data"].shape[0])
+            self._indptr = element["indptr"]
+            self._data, self._indices = SliceReader(element["data"]), SliceReader(element["indices"])
         else:
             self.sparse, self.dense = None, element
             shape, self._dtype = element.shape, element.dtype
@@ -178,10 +181,17 @@ class _H5ADSource(MatrixSource):
 
     def _read(self, start: int, stop: int) -> sp.csr_matrix:
         if self.sparse is not None:
-            return sp.csr_matrix(self.sparse[start:stop])
+            indptr = self._indptr[start : stop + 1].astype(np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            return sp.csr_matrix(
+                (self._data[lo:hi], self._indices[lo:hi], indptr - lo), shape=(stop - start, self.n_vars)
+            )
         return sp.csr_matrix(self.dense[start:stop])
 
     def close(self) -> None:
+        if self.sparse is not None:
+            self._data.close()
+            self._indices.close()
         self.handle.close()
 
 
@@ -263,6 +273,7 @@ class _TenxH5Source(MatrixSource):
         super().__init__(**kwargs)
         self.handle, self.group = handle, group
         self.indptr = group["indptr"][:].astype(np.int64)  # one integer per cell: small
+        self._data, self._indices = SliceReader(group["data"]), SliceReader(group["indices"])
         self.n_features = int(group["shape"][0])
         self.keep = keep  # feature columns kept (v3: Gene Expression), or None for all
         if self.indptr.size != self.n_obs + 1:
@@ -279,12 +290,14 @@ class _TenxH5Source(MatrixSource):
     def _read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = self.indptr[start], self.indptr[stop]
         block = sp.csr_matrix(
-            (self.group["data"][lo:hi], self.group["indices"][lo:hi], self.indptr[start : stop + 1] - lo),
+            (self._data[lo:hi], self._indices[lo:hi], self.indptr[start : stop + 1] - lo),
             shape=(stop - start, self.n_features),
         )
         return block[:, self.keep] if self.keep is not None else block
 
     def close(self) -> None:
+        self._data.close()
+        self._indices.close()
         self.handle.close()
 
 

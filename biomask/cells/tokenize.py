@@ -19,10 +19,11 @@ Binning (scGPT-style, per cell): with m expressed genes and F(v) the fraction of
 value always gets n_bins. Bins are computed over all of the cell's expressed genes, before
 truncation. Ties in ranks and in top-expressed truncation go to the lower token id.
 
-Why the binned scheme is fast: within a cell, values order like counts, and counts are small
-integers. So F comes from a per-cell histogram of counts below `SMALL_COUNT` (one bincount for the
-whole block), and both bins and values are looked up in (cells x SMALL_COUNT) tables; only the rare
-larger counts are sorted.
+Why the binned scheme is fast: its per-cell work is one compiled kernel (numba) that reads each cell's
+counts twice -- once for a histogram, once to write the kept tokens -- with no temporary arrays. Within
+a cell, values order like counts, and counts are mostly small integers: F comes from a histogram of
+counts below `SMALL_COUNT`; only the rare larger counts are sorted. The kernel is compiled on first
+use and cached beside this module (numba `cache=True`), so later processes load it in milliseconds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -38,7 +40,6 @@ from biomask.vocab import NUM_SPECIAL
 
 _U16 = 1 << 16
 SMALL_COUNT = 64  # counts below this are binned through per-cell tables (larger ones are sorted)
-_COUNT_GRID = np.arange(SMALL_COUNT, dtype=np.float32)
 
 
 @dataclass
@@ -143,6 +144,79 @@ def _normalised(block: sp.csr_matrix, scale: np.ndarray) -> np.ndarray:
     )
 
 
+@numba.njit(cache=True, nogil=True)
+def _bin_cells(indptr, counts, indices, scale, n_bins, max_length, tokens, values, bins, lengths):
+    """The binned scheme's per-cell work, compiled: bins over all expressed genes, then the top
+    `max_length` by count (ties to the lower token id), written in token order into the output arrays.
+
+    Counts below SMALL_COUNT are binned through a per-cell histogram (no sort); the rare larger ones
+    are sorted. Values order like counts within a cell, so "top by count" is "top by value"."""
+    hist = np.zeros(SMALL_COUNT, dtype=np.int64)  # then: how many of the cell's small counts are <= c
+    bin_of = np.zeros(SMALL_COUNT, dtype=np.uint8)
+    value_of = np.zeros(SMALL_COUNT, dtype=np.float32)
+    cursor = 0
+    for cell in range(indptr.size - 1):
+        start, end = indptr[cell], indptr[cell + 1]
+        m = end - start
+        hist[:] = 0
+        n_large = 0
+        for j in range(start, end):
+            c = np.int64(counts[j])  # integral counts, possibly stored as floats
+            if c < SMALL_COUNT:
+                hist[c] += 1
+            else:
+                n_large += 1
+        large = np.empty(n_large, dtype=np.int64)
+        if n_large:
+            k = 0
+            for j in range(start, end):
+                c = np.int64(counts[j])
+                if c >= SMALL_COUNT:
+                    large[k] = c
+                    k += 1
+            large.sort()
+        s = scale[cell]
+        below = 0
+        for c in range(SMALL_COUNT):
+            present = hist[c] > 0
+            below += hist[c]
+            hist[c] = below
+            if present:  # F(c) * n_bins, rounded up: equal-frequency bins, ties share one
+                bin_of[c] = (n_bins * below + m - 1) // m
+                value_of[c] = np.log1p(np.float32(c) * s)
+        # truncation: keep counts above a threshold t and the first `ties` genes whose count is t
+        threshold, ties = -1, m
+        if m > max_length:
+            if n_large >= max_length:
+                threshold = large[n_large - max_length]
+                above = n_large - np.searchsorted(large, threshold, side="right")
+            else:
+                threshold = 0
+                while m - hist[threshold] > max_length:
+                    threshold += 1
+                above = m - hist[threshold]
+            ties = max_length - above
+        n_small = hist[SMALL_COUNT - 1]
+        length = 0
+        for j in range(start, end):
+            c = np.int64(counts[j])
+            if c <= threshold:
+                if c < threshold or ties == 0:
+                    continue
+                ties -= 1
+            if c < SMALL_COUNT:
+                bins[cursor] = bin_of[c]
+                values[cursor] = value_of[c]
+            else:
+                at_most = n_small + np.searchsorted(large, c, side="right")
+                bins[cursor] = (n_bins * at_most + m - 1) // m
+                values[cursor] = np.log1p(np.float32(c) * s)
+            tokens[cursor] = indices[j]
+            cursor += 1
+            length += 1
+        lengths[cell] = length
+
+
 # --------------------------------------------------------------------------------------------- schemes
 
 
@@ -163,96 +237,39 @@ class Scheme(ABC):
 class BinnedScheme(Scheme):
     name = "binned"
 
-    def __init__(self, n_bins: int, max_length: int, truncate: str = "top", seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_bins: int,
+        max_length: int,
+        truncate: str = "top",
+        seed: int = 0,
+        token_dtype: type | None = None,
+    ) -> None:
         self.n_bins, self.max_length, self.truncate, self.seed = n_bins, max_length, truncate, seed
+        self.token_dtype = token_dtype  # tokens written in the store's dtype save a conversion (None: int64)
 
     def token_fields(self, token_dtype: np.dtype) -> dict[str, np.dtype]:
         return {**super().token_fields(token_dtype), "bins": np.dtype(np.uint8)}
 
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
         indptr = block.indptr.astype(np.int64, copy=False)
-        n, lengths = block.shape[0], np.diff(indptr)
-        counts = block.data.astype(np.int32)  # integral counts; int32 keeps the passes over them cheap
-        small = counts < SMALL_COUNT
-        all_small = bool(small.all())
-        # key = cell * SMALL_COUNT + count: the element's cell in the (cells x SMALL_COUNT) tables
-        key = np.repeat(np.arange(0, n * SMALL_COUNT, SMALL_COUNT, dtype=np.int32), lengths)
-        key += counts if all_small else np.minimum(counts, SMALL_COUNT - 1)
-        # at_most[cell, c]: how many of the cell's counts are <= c (counts >= SMALL_COUNT excluded: they
-        # were clipped into the last column, and are taken out of it again)
-        hist = np.bincount(key, minlength=n * SMALL_COUNT).reshape(n, SMALL_COUNT)
-        large = None if all_small else np.flatnonzero(~small)
-        if large is not None:
-            large_rows = np.searchsorted(indptr, large, side="right") - 1
-            hist[:, -1] -= np.bincount(large_rows, minlength=n)
-        at_most = np.cumsum(hist, axis=1)
-        m = np.maximum(lengths, 1)[:, None]
-        bin_table = ((self.n_bins * at_most + m - 1) // m).astype(np.uint8)  # exact integer ceil
-        value_table = np.log1p(_COUNT_GRID[None, :] * scale.astype(np.float32)[:, None])
-        bins = bin_table.reshape(-1)[key]
-        values = value_table.reshape(-1)[key]
-        if large is not None:
-            self._large_counts(indptr, large, large_rows, counts, scale, at_most[:, -1], bins, values)
-        tokens = block.indices
-        if lengths.size and lengths.max() > self.max_length:
-            # the table knows every count below SMALL_COUNT; larger ones are all above the threshold
-            # unless a cell has more than max_length of them (then sort)
-            if self.truncate == "top" and (lengths - at_most[:, -1]).max() <= self.max_length:
-                keep = self._top_by_table(indptr, counts, at_most)
-            else:
-                keep = self._truncate(indptr, values, tokens, cells)
-            tokens, values, bins = tokens[keep], values[keep], bins[keep]
-            lengths = np.minimum(lengths, self.max_length)
-        return Encoded(lengths, tokens, values, bins)
-
-    def _top_by_table(self, indptr: np.ndarray, counts: np.ndarray, at_most: np.ndarray) -> np.ndarray:
-        """Top-expressed truncation without sorting: in each long cell, find the count t such that at most
-        max_length genes have more; keep those, then the genes with count t in token order. (Values order
-        like counts within a cell, so this is the top by value.)"""
-        limit = self.max_length
         lengths = np.diff(indptr)
-        long = np.flatnonzero(lengths > limit)
-        above = lengths[long, None] - at_most[long]  # genes with a count > c, for every c
-        threshold = np.argmax(above <= limit, axis=1)  # the first c leaving at most `limit` above it
-        ties_kept = limit - above[np.arange(long.size), threshold]
-        # the long cells' elements: consecutive ranges of the CSR arrays
-        sizes = lengths[long]
-        cell = np.repeat(np.arange(long.size), sizes)
-        elements = np.arange(cell.size) + np.repeat(indptr[long] - np.cumsum(sizes) + sizes, sizes)
-        c = counts[elements]
-        t = threshold[cell]
-        tie = c == t
-        # position of each tie among its cell's ties, in token order (CSR rows are sorted by token)
-        tie_rank = np.cumsum(tie) - 1
-        first_tie = np.concatenate([[0], np.cumsum(np.bincount(cell[tie], minlength=long.size))[:-1]])
-        keep = np.ones(counts.size, dtype=bool)
-        keep[elements] = (c > t) | (tie & (tie_rank - first_tie[cell] < ties_kept[cell]))
-        return keep
-
-    def _large_counts(
-        self,
-        indptr: np.ndarray,
-        where: np.ndarray,
-        sub_rows: np.ndarray,
-        counts: np.ndarray,
-        scale: np.ndarray,
-        n_small: np.ndarray,
-        bins: np.ndarray,
-        values: np.ndarray,
-    ) -> None:
-        """Bins and values of counts >= SMALL_COUNT (at `where`, in cells `sub_rows`): above every small
-        count of their cell, ranked among themselves by sorting."""
-        sub_counts = counts[where]
-        values[where] = np.log1p(sub_counts.astype(np.float32) * scale.astype(np.float32)[sub_rows])
-        order = np.lexsort((sub_counts, sub_rows))
-        r, c = sub_rows[order], sub_counts[order]
-        last = np.ones(order.size, dtype=bool)  # last element of each run of equal (cell, count)
-        last[:-1] = (r[1:] != r[:-1]) | (c[1:] != c[:-1])
-        run_end = np.minimum.accumulate(np.where(last, np.arange(order.size), order.size)[::-1])[::-1]
-        first_of_row = np.searchsorted(r, r, side="left")
-        at_most = n_small[r] + run_end - first_of_row + 1
-        m = np.diff(indptr)[r]
-        bins[where[order]] = (self.n_bins * at_most + m - 1) // m
+        sample = self.truncate != "top" and lengths.size > 0 and lengths.max() > self.max_length
+        limit = int(lengths.max(initial=0)) if sample else self.max_length  # sampling happens below
+        kept = int(np.minimum(lengths, limit).sum())
+        tokens = np.empty(kept, dtype=self.token_dtype or np.int64)
+        values = np.empty(kept, dtype=np.float32)
+        bins = np.empty(kept, dtype=np.uint8)
+        out_lengths = np.empty(lengths.size, dtype=np.int64)
+        _bin_cells(
+            indptr, block.data, block.indices, scale.astype(np.float32), self.n_bins, limit,
+            tokens, values, bins, out_lengths,
+        )  # fmt: skip
+        if sample:
+            keep = self._truncate(indptr, values, tokens, cells)
+            tokens, values, bins = tokens[keep], values[keep], bins[keep]
+            out_lengths = np.minimum(lengths, self.max_length)
+        return Encoded(out_lengths, tokens, values, bins)
 
     def _truncate(
         self, indptr: np.ndarray, values: np.ndarray, tokens: np.ndarray, cells: np.ndarray
