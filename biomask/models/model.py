@@ -60,6 +60,16 @@ class Embedder(nn.Module):
         return self.drop(x)
 
 
+def _first_positions(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool -> each row's chosen positions, in order, padded to the longest row: (B, W) indices
+    (padding columns point at unchosen positions) and (B, W) bool saying which columns are real.
+    `states[valid]` then lists the chosen positions in the order `states_full[chosen]` would."""
+    n = chosen.sum(1)
+    width = max(int(n.max()), 1) if n.numel() else 1
+    index = (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # a stable sort: chosen first
+    return index, torch.arange(width, device=chosen.device)[None, :] < n[:, None]
+
+
 class Head(nn.Module):
     """BERT's prediction head: dense -> GELU -> LayerNorm -> output (applied to masked positions only)."""
 
@@ -111,10 +121,12 @@ class MaskedEncoder(nn.Module):
         x = self.embedder(batch)
         attention_mask, masked = batch["attention_mask"], batch["masked"]
         if self.decoder is None:
-            h = self.encoder(x, attention_mask)
+            # only the masked positions' final states are needed: the last block computes just those
+            positions, valid = _first_positions(masked)
+            states = self.encoder(x, attention_mask, outputs=positions)[valid]
         else:
-            h = self._mae(x, attention_mask, masked)
-        pred = self.head(h[masked])  # only masked positions reach the head: (n_masked, n_out)
+            states = self._mae(x, attention_mask, masked)[masked]
+        pred = self.head(states)  # only masked positions reach the head: (n_masked, n_out)
         if self.config.target == "values":
             target = batch["target_values"][masked].float()
             loss = F.mse_loss(pred.squeeze(-1).float(), target)
@@ -132,11 +144,7 @@ class MaskedEncoder(nn.Module):
     def _mae(self, x: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Encode only the kept tokens, then decode the full sequence (mask embeddings at masked spots)."""
         keep = attention_mask & ~masked
-        n_keep = keep.sum(1)
-        width = int(n_keep.max())
-        # Kept positions first, in order (a stable sort of "not kept"); rows padded to the longest.
-        index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
-        keep_mask = torch.arange(width, device=x.device)[None, :] < n_keep[:, None]
+        index, keep_mask = _first_positions(keep)
         gather = index[..., None].expand(-1, -1, x.shape[-1])
         encoded = self.encoder(x.gather(1, gather), keep_mask)
         # Columns past a row's kept count point at distinct non-kept positions: `where` discards them.

@@ -21,13 +21,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # one matmul for q, k and v
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); with `queries` (B, Lq) positions, only those rows: (B, Lq, D)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if queries is not None:
+            q = q.gather(2, queries[:, None, :, None].expand(-1, self.n_heads, -1, D // self.n_heads))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 class MLP(nn.Module):
@@ -51,8 +56,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`queries` (B, Lq): compute only those positions' outputs (keys and values still see every
+        position), (B, Lq, D)."""
+        attended = self.attn(self.ln1(x), attn_mask, queries)
+        if queries is not None:
+            x = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+        x = x + self.drop(attended)
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -74,17 +86,29 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, attention_mask: torch.Tensor, *, all_layers: bool = False
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        all_layers: bool = False,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
-        """The final normalised states, or (all_layers) [input, block 1, ..., normalised last block]."""
+        """The final normalised states, or (all_layers) [input, block 1, ..., normalised last block].
+
+        `outputs` (B, Lq) positions: only their final states are wanted -- (B, Lq, D). A training loss
+        reads the masked positions only, so the last block computes just those rows (its keys and
+        values still come from every position): the same loss and gradients, for a fraction of the
+        last block's cost."""
         mask = sdpa_mask(attention_mask)
         hidden = [x]
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            queries = outputs if i == last else None
             if self.checkpointing and self.training:
                 # Recompute activations in backward; must happen inside forward (ZeRO-3 gathers here).
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, queries, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, queries)
             hidden.append(x)
         x = self.norm(x)
         if not all_layers:
