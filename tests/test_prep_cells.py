@@ -559,6 +559,8 @@ def test_remapping_columns_in_order_equals_selecting_them():
     assert mapping.increasing and not mapping.identity
     got = remap_columns(block, mapping)
     assert got.has_canonical_format and (got != block[:, kept]).nnz == 0
+    rows = rng.permutation(300)[:200]  # a selection of rows, in any order, in the same pass
+    assert (remap_columns(block, mapping, rows=rows) != block[rows][:, kept]).nnz == 0
     swapped = targets.copy()
     swapped[kept[:2]] = [1, 0]  # out of order: the general path, same result
     assert not ColumnMap(swapped, kept.size).increasing

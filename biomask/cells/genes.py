@@ -83,18 +83,25 @@ class ColumnMap:
         return self._increasing
 
 
-def remap_columns(block: sp.csr_matrix, mapping: ColumnMap) -> sp.csr_matrix:
-    """The block with its columns moved to the target space (duplicate targets summed, order sorted)."""
-    if mapping.identity:
-        out = block
-    elif mapping.increasing and block.has_canonical_format:
-        indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
-        indices = np.empty(block.nnz, dtype=mapping.targets.dtype)
-        data = np.empty(block.nnz, dtype=block.data.dtype)
-        kept = _keep_mapped(block.indptr, block.indices, block.data, mapping.targets, indptr, indices, data)
-        out = sp.csr_matrix((data[:kept], indices[:kept], indptr), shape=(block.shape[0], mapping.size))
+def remap_columns(block: sp.csr_matrix, mapping: ColumnMap, rows: np.ndarray | None = None) -> sp.csr_matrix:
+    """The block with its columns moved to the target space (duplicate targets summed, order sorted);
+    with `rows`, only those rows, in that order (selected in the same pass when it can be)."""
+    if not mapping.identity and mapping.increasing and block.has_canonical_format:
+        rows = np.arange(block.shape[0]) if rows is None else rows
+        lengths = np.diff(block.indptr)[rows]
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        indices = np.empty(int(lengths.sum()), dtype=mapping.targets.dtype)
+        data = np.empty(indices.size, dtype=block.data.dtype)
+        kept = _keep_mapped(
+            block.indptr, block.indices, block.data, rows, mapping.targets, indptr, indices, data
+        )
+        out = sp.csr_matrix((data[:kept], indices[:kept], indptr), shape=(rows.size, mapping.size))
         out.has_canonical_format = True
         return out
+    if rows is not None:
+        block = block[rows]
+    if mapping.identity:
+        out = block
     else:
         targets = mapping.targets[block.indices]
         dropped = targets < 0
@@ -113,17 +120,18 @@ def remap_columns(block: sp.csr_matrix, mapping: ColumnMap) -> sp.csr_matrix:
 
 
 @numba.njit(cache=True, nogil=True)
-def _keep_mapped(indptr, indices, data, targets, out_indptr, out_indices, out_data):
-    """Entries whose column maps somewhere, relabelled, in order; returns how many."""
+def _keep_mapped(indptr, indices, data, rows, targets, out_indptr, out_indices, out_data):
+    """The given rows' entries whose column maps somewhere, relabelled, in order; returns how many."""
     kept = 0
-    for row in range(indptr.size - 1):
+    for i in range(rows.size):
+        row = rows[i]
         for j in range(indptr[row], indptr[row + 1]):
             target = targets[indices[j]]
             if target >= 0:
                 out_indices[kept] = target
                 out_data[kept] = data[j]
                 kept += 1
-        out_indptr[row + 1] = kept
+        out_indptr[i + 1] = kept
     return kept
 
 

@@ -458,11 +458,11 @@ def write_store(
                 # selection, one encode call and then plain slices give every split its records.
                 local = local[np.argsort(codes[local], kind="stable")]
                 counts = inp.converter(start, raw, check=False)
-                lib = inp.libsize(start, row_sums(counts))[local]
+                sums = row_sums(counts)
+                lib, observed = inp.libsize(start, sums)[local], sums[local]
                 in_place = local.size == raw.shape[0] and bool((local == np.arange(local.size)).all())
-                counts = counts if in_place else counts[local]
-                tokens = remap_columns(counts, inp.token_map)
-                counts_total += float(counts.data.sum(dtype=np.float64))
+                tokens = remap_columns(counts, inp.token_map, rows=None if in_place else local)
+                counts_total += float(observed.sum())
                 counts_in_vocab += float(tokens.data.sum(dtype=np.float64))
                 expressed = np.diff(tokens.indptr) > 0
                 if not expressed.all():
