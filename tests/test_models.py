@@ -102,13 +102,17 @@ def test_embed_rejects_bad_arguments(splice_records):
         model.embed(batch, layer=3)
 
 
-def test_last_block_computes_only_masked_positions_with_the_same_loss_and_gradients(splice_records):
-    """Training asks the last block for the masked positions' states only; loss and gradients equal
-    those of the whole encoder's output read at the masked positions."""
+@pytest.mark.parametrize("decoder_layers", [0, 1])
+def test_last_block_computes_only_masked_positions_with_the_same_loss_and_gradients(
+    splice_records, decoder_layers
+):
+    """Training asks the last block (of the encoder, or of the MAE decoder) for the masked positions'
+    states only; loss and gradients equal those of the whole output read at the masked positions."""
     torch.manual_seed(0)
-    model = MaskedEncoder(tiny(n_layers=3))
+    model = MaskedEncoder(tiny(n_layers=3, decoder_layers=decoder_layers))
+    last = model.decoder if decoder_layers else model.encoder
     rows = []
-    model.encoder.blocks[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[:2]))
+    last.blocks[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[:2]))
     records = [{**r, "tokens": r["tokens"][: 20 + 3 * i]} for i, r in enumerate(splice_records)]  # padding
     batch = Masker(masking(scheme="bert15"), target="tokens", vocab_size=10, seed=0)(
         collate(records, modality="dna"), 0
@@ -118,7 +122,11 @@ def test_last_block_computes_only_masked_positions_with_the_same_loss_and_gradie
     fast.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    states = model.encoder(model.embedder(batch), batch["attention_mask"])[masked]
+    x, attention_mask = model.embedder(batch), batch["attention_mask"]
+    if decoder_layers:
+        states = model._mae(x, attention_mask, masked, outputs=None)[masked]
+    else:
+        states = model.encoder(x, attention_mask)[masked]
     full = torch.nn.functional.cross_entropy(model.head(states), batch["target_ids"][masked])
     full.backward()
     assert rows[0] == (masked.shape[0], int(masked.sum(1).max())) and rows[1] == masked.shape

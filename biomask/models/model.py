@@ -120,12 +120,12 @@ class MaskedEncoder(nn.Module):
         """Masked-prediction loss on the positions `batch["masked"]` (a batch from the Masker)."""
         x = self.embedder(batch)
         attention_mask, masked = batch["attention_mask"], batch["masked"]
+        # only the masked positions' final states are needed: the last block computes just those
+        positions, valid = _first_positions(masked)
         if self.decoder is None:
-            # only the masked positions' final states are needed: the last block computes just those
-            positions, valid = _first_positions(masked)
             states = self.encoder(x, attention_mask, outputs=positions)[valid]
         else:
-            states = self._mae(x, attention_mask, masked)[masked]
+            states = self._mae(x, attention_mask, masked, positions)[valid]
         pred = self.head(states)  # only masked positions reach the head: (n_masked, n_out)
         if self.config.target == "values":
             target = batch["target_values"][masked].float()
@@ -141,8 +141,15 @@ class MaskedEncoder(nn.Module):
             "n_correct": n_correct,
         }
 
-    def _mae(self, x: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Encode only the kept tokens, then decode the full sequence (mask embeddings at masked spots)."""
+    def _mae(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked: torch.Tensor,
+        outputs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Encode only the kept tokens, then decode the full sequence (mask embeddings at masked spots);
+        the decoder's last block computes only the `outputs` positions."""
         keep = attention_mask & ~masked
         index, keep_mask = _first_positions(keep)
         gather = index[..., None].expand(-1, -1, x.shape[-1])
@@ -150,7 +157,7 @@ class MaskedEncoder(nn.Module):
         # Columns past a row's kept count point at distinct non-kept positions: `where` discards them.
         scattered = torch.zeros_like(x).scatter(1, gather, encoded)
         assert self.decoder is not None
-        return self.decoder(torch.where(keep[..., None], scattered, x), attention_mask)
+        return self.decoder(torch.where(keep[..., None], scattered, x), attention_mask, outputs=outputs)
 
     # -------------------------------------------------------------------------------------- embeddings
 
