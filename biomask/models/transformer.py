@@ -26,7 +26,9 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """(B, L, D) -> (B, L, D); with `queries` (B, Lq) positions, only those rows: (B, Lq, D)."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
+        )
         if queries is not None:
             q = q.gather(2, queries[:, None, :, None].expand(-1, self.n_heads, -1, D // self.n_heads))
         y = F.scaled_dot_product_attention(
