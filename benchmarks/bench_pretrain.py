@@ -41,6 +41,8 @@ CACHE = REPO / ".cache" / "bench"
 
 FULL = {"preset": "small", "seq": 512, "batch": 16, "warmup": 2, "steps": 5, "repeats": 3}
 QUICK = {"preset": "tiny", "seq": 256, "batch": 8, "warmup": 2, "steps": 5, "repeats": 1}
+# GPU (bf16): BERT-base size, where a GPU's matmul units are the bottleneck rather than Python.
+GPU = {"preset": "base", "seq": 512, "batch": 32, "warmup": 5, "steps": 20, "repeats": 2}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -121,14 +123,22 @@ def _sizes(preset: str) -> dict[str, int]:
     return PRESETS[preset]
 
 
+def _device(spec: dict[str, Any]):
+    """The arm's device and whether it computes in bf16 (GPU arms) or fp32 (CPU arms)."""
+    import torch
+
+    return torch.device(spec.get("device", "cpu")), spec.get("precision", "fp32") == "bf16"
+
+
 def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from biomask.masking import Masker, MaskingConfig
     from biomask.models import EncoderConfig, MaskedEncoder
     from biomask.training.distributed import init_process_group, setup_env
-    from biomask.training.trainer import model_inputs, param_groups
+    from biomask.training.trainer import model_inputs, param_groups, to_device
 
+    device, bf16 = _device(spec)
     data, dspec = _records(Path(spec["store"]), spec)
     sizes = _sizes(spec["preset"])
     mae = spec.get("corruption") == "mae"
@@ -136,7 +146,7 @@ def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
         vocab_size=dspec.vocab_size, **sizes, max_len=spec["seq"], decoder_layers=1 if mae else 0
     )
     torch.manual_seed(0)
-    model = MaskedEncoder(arch)
+    model = MaskedEncoder(arch).to(device)
     masking = MaskingConfig.model_validate(
         {
             "scheme": "custom",
@@ -144,13 +154,14 @@ def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
             "corruption": {"kind": spec.get("corruption", "mlm")},
         }
     )
-    masker = Masker(masking, target="tokens", vocab_size=dspec.vocab_size, seed=0)
+    masker = Masker(masking, target="tokens", vocab_size=dspec.vocab_size, seed=0, device=device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
     if spec["engine"] == "plain":
         engine = model
 
         def step(batch: dict[str, torch.Tensor]) -> None:
-            out = model(batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(batch)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -163,7 +174,7 @@ def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
         ds.update(
             train_micro_batch_size_per_gpu=spec["batch"], gradient_accumulation_steps=1, gradient_clipping=1.0
         )
-        ds["bf16"] = {"enabled": False}
+        ds["bf16"] = {"enabled": bf16}  # DeepSpeed's bf16: bf16 weights, fp32 master copy in the optimizer
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
         def step(batch: dict[str, torch.Tensor]) -> None:
@@ -171,13 +182,10 @@ def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
             engine.backward(out["loss"])
             engine.step()
 
-    def one(i: int) -> float:
-        t0 = time.perf_counter()
-        batch = data.batch(i, 0)  # collate + mask are part of the step, as the HF collator is
-        step(model_inputs(masker(batch, i)))
-        return time.perf_counter() - t0
+    def make_batch(i: int) -> dict[str, torch.Tensor]:
+        return model_inputs(masker(to_device(data.batch(i, 0), device), i))
 
-    return _time_steps(one, spec, model.num_parameters())
+    return _time_steps(make_batch, step, spec, model.num_parameters())
 
 
 def arm_hf(spec: dict[str, Any]) -> dict[str, Any]:
@@ -212,32 +220,52 @@ def arm_hf(spec: dict[str, Any]) -> dict[str, Any]:
         attention_probs_dropout_prob=0.0,
         attn_implementation="sdpa",
     )
+    device, bf16 = _device(spec)
     torch.manual_seed(0)
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
-    def one(i: int) -> float:
-        t0 = time.perf_counter()
+    def make_batch(i: int) -> dict[str, torch.Tensor]:
         # The same records as the biomask arm, framed [CLS] ... [SEP] as its collator does.
         ids = [
             [1, *data.split[j]["tokens"][: spec["seq"] - 2].tolist(), 2] for j in data.indices(i, 0).tolist()
         ]
-        batch = collator([{"input_ids": x} for x in ids])
-        out = model(**batch)
+        return {k: v.to(device) for k, v in collator([{"input_ids": x} for x in ids]).items()}
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        # bf16 as the HF Trainer does it (`bf16=True`): autocast over fp32 weights.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
 
-    return _time_steps(one, spec, sum(p.numel() for p in model.parameters()))
+    return _time_steps(make_batch, step, spec, sum(p.numel() for p in model.parameters()))
 
 
-def _time_steps(one, spec: dict[str, Any], n_params: int) -> dict[str, Any]:
+def _time_steps(make_batch, step, spec: dict[str, Any], n_params: int) -> dict[str, Any]:
+    """Time `step` on successive batches. On CPU the batch is built (collated, masked) inside the timed
+    step, as a collator does; on a GPU batches are built beforehand -- in training, data workers and
+    asynchronous kernels hide that host work, and timing it would measure Python, not the model."""
     import torch
+
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    n = spec["warmup"] + spec["steps"]
+    prebuilt = [make_batch(i) for i in range(n)] if cuda else None
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        step(prebuilt[i] if prebuilt else make_batch(i))
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
     rss_before = _rss_mb()  # model, optimizer and data opened; nothing trained yet
     _reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(spec["warmup"]):
         one(i)
     times = [one(spec["warmup"] + i) for i in range(spec["steps"])]
@@ -246,23 +274,43 @@ def _time_steps(one, spec: dict[str, Any], n_params: int) -> dict[str, Any]:
         "tokens_per_step": spec["batch"] * spec["seq"],
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_training_mb": rss_before,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "parameters": n_params,
         "threads": torch.get_num_threads(),
     }
 
 
 def arm_peak(spec: dict[str, Any]) -> dict[str, Any]:
+    """The machine's measured matmul peak: fp32 on CPU, bf16 on a GPU."""
     import torch
 
-    n = 1024 if spec.get("quick") else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    device, bf16 = _device(spec)
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024 if spec.get("quick") else 2048
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(20 if cuda else 5):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return {"gflops": 2 * n**3 / best / 1e9, "n": n}
+    name = torch.cuda.get_device_name(device) if cuda else None
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "dtype": str(dtype), "device_name": name}
+
+
+def cuda_available() -> bool:
+    """Asked in a child process, so the parent never initialises CUDA or DeepSpeed's accelerator."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+    )
+    return probe.stdout.strip().endswith("True")
 
 
 ARMS = {"biomask": arm_biomask, "hf": arm_hf, "peak": arm_peak}
@@ -275,7 +323,11 @@ def run_arm(spec: dict[str, Any], threads: int) -> dict[str, Any]:
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+    if spec.get("device") == "cuda":
+        env.update(DS_ACCELERATOR="cuda")
+    else:  # CPU arms see no GPU (the process group would otherwise pick NCCL)
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_pretrain", "--arm", json.dumps(spec)],
@@ -299,49 +351,79 @@ def encoder_flops_per_token(sizes: dict[str, int], seq: int) -> float:
     return 6 * layers * layer_params + 12 * layers * seq * d
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny preset, short sequences, one repeat (~1-2 min)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads per arm (default 1: a shared machine)"
-    )
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
-        "--tokens",
-        nargs="+",
-        choices=["char", "bpe4096"],
-        default=["char", "bpe4096"],
-        help="which token stores",
-    )
-    parser.add_argument("--out", help="also write the results here (always: bench-results/pretrain.json)")
-    parser.add_argument("--arm", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.arm:  # child process: run one arm, print its JSON
-        spec = json.loads(args.arm)
-        print(json.dumps(ARMS[spec["kind"]](spec)))
-        return 0
+def compare(
+    stores: dict[str, Path],
+    setting: dict[str, Any],
+    arms: dict[str, dict[str, Any]],
+    peak: float,
+    threads: int,
+) -> dict[str, Any]:
+    """Every arm on every token store, interleaved and repeated; tokens/s relative to the HF arm."""
+    base = {k: setting[k] for k in ("preset", "seq", "batch", "warmup", "steps")}
+    flops = encoder_flops_per_token(_sizes(setting["preset"]), setting["seq"])
+    results: dict[str, Any] = {}
+    for data_name, store in stores.items():
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+        for _ in range(setting["repeats"]):  # interleaved: noise hits every arm alike
+            for name, arm in arms.items():
+                runs[name].append(run_arm({**base, **arm, "store": str(store)}, threads))
+        table = {}
+        for name, rs in runs.items():
+            times = [t for r in rs for t in r["step_times_s"]]
+            tps = rs[0]["tokens_per_step"] / min(times)
+            gpu_mb = [r["peak_gpu_mb"] for r in rs if r.get("peak_gpu_mb") is not None]
+            table[name] = {
+                "tokens_per_s": tps,
+                "median_tokens_per_s": rs[0]["tokens_per_step"] / statistics.median(times),
+                "step_s": min(times),
+                "step_times_s": times,
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                "training_rss_mb": max(r["peak_rss_mb"] - r["rss_before_training_mb"] for r in rs),
+                "peak_gpu_mb": max(gpu_mb) if gpu_mb else None,
+                "mfu": tps * flops / (peak * 1e9),
+                "parameters": rs[0]["parameters"],
+            }
+        hf = table[HF_ARM]["tokens_per_s"]
+        hf_median = table[HF_ARM]["median_tokens_per_s"]
+        for row in table.values():
+            row["vs_hf"] = row["tokens_per_s"] / hf
+            row["vs_hf_median"] = row["median_tokens_per_s"] / hf_median
+        results[data_name] = table
+        vocab = json.loads((store / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        print(f"\n[{data_name} tokens, vocab {vocab}]")
+        memory = "peak GPU" if any(row["peak_gpu_mb"] for row in table.values()) else "train RSS"
+        print(
+            f"{'arm':34s} {'tokens/s':>10s} {'vs HF':>7s} {'(median)':>9s} {'MFU':>6s} {'peak RSS':>9s} {memory:>9s}"
+        )
+        for name, row in table.items():
+            mem = row["peak_gpu_mb"] if row["peak_gpu_mb"] else row["training_rss_mb"]
+            print(
+                f"{name:34s} {row['tokens_per_s']:10.0f} {row['vs_hf']:6.2f}x {row['vs_hf_median']:8.2f}x "
+                f"{row['mfu']:6.1%} {row['peak_rss_mb']:7.0f}MB {mem:7.0f}MB",
+                flush=True,
+            )
+    return results
 
+
+HF_ARM = "hf BertForMaskedLM + collator"
+
+
+def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 on the CPU: tokens/s against HF, MFU, and the MAE saving as the ratio grows."""
     setting = dict(QUICK if args.quick else FULL)
     if args.repeats:
         setting["repeats"] = args.repeats
     sizes = _sizes(setting["preset"])
     print(
-        f"bench_pretrain: preset {setting['preset']} {sizes}, seq {setting['seq']}, batch {setting['batch']}, "
-        f"{args.threads} thread(s), median of {setting['steps']} steps x {setting['repeats']} repeat(s)",
+        f"bench_pretrain (CPU, fp32): preset {setting['preset']} {sizes}, seq {setting['seq']}, "
+        f"batch {setting['batch']}, {args.threads} thread(s), {setting['steps']} steps x {setting['repeats']} repeat(s)",
         flush=True,
     )
     stores = {name: path for name, path in prepare_stores(args.quick).items() if name in args.tokens}
-    load_start = os.getloadavg()[0]
     peak = max(run_arm({"kind": "peak", "quick": args.quick}, args.threads)["gflops"] for _ in range(2))
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
-
-    base = {k: setting[k] for k in ("preset", "seq", "batch", "warmup", "steps")}
     arms = {
-        "hf BertForMaskedLM + collator": {"kind": "hf"},
+        HF_ARM: {"kind": "hf"},
         "biomask ZeRO-0 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 0},
         "biomask ZeRO-2 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 2},
         "biomask plain PyTorch": {"kind": "biomask", "engine": "plain"},
@@ -353,47 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes,
         "peak_gflops": peak,
         "threads": args.threads,
+        **compare(stores, setting, arms, peak, args.threads),
     }
-    flops = encoder_flops_per_token(sizes, setting["seq"])
-    for data_name, store in stores.items():
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
-        for _ in range(setting["repeats"]):  # interleaved: noise hits every arm alike
-            for name, arm in arms.items():
-                runs[name].append(run_arm({**base, **arm, "store": str(store)}, args.threads))
-        table = {}
-        for name, rs in runs.items():
-            times = [t for r in rs for t in r["step_times_s"]]
-            tps = rs[0]["tokens_per_step"] / min(times)
-            table[name] = {
-                "tokens_per_s": tps,
-                "median_tokens_per_s": rs[0]["tokens_per_step"] / statistics.median(times),
-                "step_s": min(times),
-                "step_times_s": times,
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                "training_rss_mb": max(r["peak_rss_mb"] - r["rss_before_training_mb"] for r in rs),
-                "mfu": tps * flops / (peak * 1e9),
-                "parameters": rs[0]["parameters"],
-            }
-        hf = table["hf BertForMaskedLM + collator"]["tokens_per_s"]
-        hf_median = table["hf BertForMaskedLM + collator"]["median_tokens_per_s"]
-        for row in table.values():
-            row["vs_hf"] = row["tokens_per_s"] / hf
-            row["vs_hf_median"] = row["median_tokens_per_s"] / hf_median
-        results[data_name] = table
-        print(
-            f"\n[{data_name} tokens, vocab {json.loads((store / 'manifest.json').read_text())['tokenizer']['vocab_size']}]"
-        )
-        print(
-            f"{'arm':34s} {'tokens/s':>10s} {'vs HF':>7s} {'(median)':>9s} {'MFU':>6s} {'peak RSS':>9s} {'train RSS':>9s}"
-        )
-        for name, row in table.items():
-            print(
-                f"{name:34s} {row['tokens_per_s']:10.0f} {row['vs_hf']:6.2f}x {row['vs_hf_median']:8.2f}x "
-                f"{row['mfu']:6.1%} {row['peak_rss_mb']:7.0f}MB {row['training_rss_mb']:7.0f}MB",
-                flush=True,
-            )
 
     # MAE: masked tokens leave the encoder input, so its cost falls as the ratio rises.
+    base = {k: setting[k] for k in ("preset", "seq", "batch", "warmup", "steps")}
     ratios = ([0.15, 0.75] if args.quick else [0.15, 0.3, 0.5, 0.75]) if "char" in stores else []
     mae: dict[str, Any] = {}
     print(
@@ -417,9 +463,88 @@ def main(argv: list[str] | None = None) -> int:
         mae[f"{ratio:g}"] = row
         print(f"{ratio:6.2f} {row['mlm']:10.0f} {row['mae']:10.0f} {row['saving']:6.1%}", flush=True)
     results["mae"] = mae
+    return results
+
+
+def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
+    """bf16 on one GPU (`base` preset): tokens/s against HF with autocast, MFU against the measured
+    bf16 matmul peak, peak GPU memory."""
+    setting = dict(GPU)
+    if args.quick:
+        setting.update(preset="small", steps=10, repeats=1)
+    if args.repeats:
+        setting["repeats"] = args.repeats
+    threads = max(args.threads, min(8, os.cpu_count() or 1))  # host side: collation, launches
+    gpu = {"device": "cuda", "precision": "bf16"}
+    peak_run = max((run_arm({"kind": "peak", **gpu}, threads) for _ in range(2)), key=lambda r: r["gflops"])
+    peak = peak_run["gflops"]
+    print(
+        f"\nbench_pretrain (GPU, bf16): {peak_run['device_name']}, preset {setting['preset']} "
+        f"{_sizes(setting['preset'])}, seq {setting['seq']}, batch {setting['batch']}; "
+        f"measured bf16 matmul peak {peak / 1000:.0f} TFLOP/s",
+        flush=True,
+    )
+    stores = {name: path for name, path in prepare_stores(False).items() if name in args.tokens}
+    arms = {
+        HF_ARM: {"kind": "hf", **gpu},
+        "biomask ZeRO-0 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 0, **gpu},
+        "biomask ZeRO-2 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 2, **gpu},
+        "biomask plain PyTorch": {"kind": "biomask", "engine": "plain", **gpu},
+    }
+    return {
+        "setting": setting,
+        "sizes": _sizes(setting["preset"]),
+        "peak_gflops": peak,
+        "device_name": peak_run["device_name"],
+        **compare(stores, setting, arms, peak, threads),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny preset, short sequences, one repeat (~1-2 min)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per CPU arm (default 1: a shared machine)"
+    )
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        choices=["char", "bpe4096"],
+        default=["char", "bpe4096"],
+        help="which token stores",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="cpu: the fp32 CPU section; cuda: the bf16 GPU section; auto (default): CPU, and GPU where there is one",
+    )
+    parser.add_argument("--out", help="also write the results here (always: bench-results/pretrain.json)")
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.arm:  # child process: run one arm, print its JSON
+        spec = json.loads(args.arm)
+        print(json.dumps(ARMS[spec["kind"]](spec)))
+        return 0
+
+    has_gpu = cuda_available()
+    if args.device == "cuda" and not has_gpu:
+        print("bench_pretrain: --device cuda, but torch sees no GPU", file=sys.stderr)
+        return 2
+    load_start = os.getloadavg()[0]
+    results: dict[str, Any] = {"threads": args.threads, "quick": args.quick}
+    if args.device in ("auto", "cpu"):
+        results.update(cpu_section(args))  # the CPU results stay at the top level, as before
+    if args.device == "cuda" or (args.device == "auto" and has_gpu):
+        results["gpu"] = gpu_section(args)
     results["load_average_start_end"] = [load_start, os.getloadavg()[0]]
-    results["quick"] = args.quick
-    path = save_result("pretrain", results)
+    name = "pretrain" if args.device != "cuda" else "pretrain-gpu"
+    path = save_result(name, results)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(path.read_text())
