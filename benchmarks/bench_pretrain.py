@@ -5,6 +5,11 @@ measured fp32 matmul peak; and the MAE corruption's saving as the mask ratio gro
 
     python -m benchmarks.bench_pretrain            # full: `small` preset (d 256, 4 layers), then `tiny`, 512 tokens
     python -m benchmarks.bench_pretrain --quick    # a minute: `tiny` preset, 256 tokens
+    python -m benchmarks.bench_pretrain --device cuda   # only the GPU section: bf16, `base` preset
+
+Where torch sees a GPU, the default run adds a bf16 section on it (`base` preset, seq 512, batch 32):
+HF with autocast (the HF Trainer's `bf16=True`) against biomask under DeepSpeed bf16, MFU against the
+GPU's measured bf16 matmul peak, peak GPU memory.
 
 Data: real C. elegans chrX (registry `ce2-chrX`), prepared twice — one token per base (char) and
 DNABERT-2-style BPE with 4,096 tokens (the vocabulary size decides how much an MLM head costs).
