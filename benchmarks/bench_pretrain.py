@@ -356,6 +356,20 @@ def encoder_flops_per_token(sizes: dict[str, int], seq: int) -> float:
     return 6 * layers * layer_params + 12 * layers * seq * d
 
 
+HF_ARM = "hf BertForMaskedLM + collator"
+ZERO2_ARM = "biomask ZeRO-2 (DeepSpeed)"
+
+
+def compared_arms(**extra: Any) -> dict[str, dict[str, Any]]:
+    """The peer and biomask's three ways to train, each spec extended by `extra` (e.g. the device)."""
+    return {
+        HF_ARM: {"kind": "hf", **extra},
+        "biomask ZeRO-0 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 0, **extra},
+        ZERO2_ARM: {"kind": "biomask", "engine": "deepspeed", "zero": 2, **extra},
+        "biomask plain PyTorch": {"kind": "biomask", "engine": "plain", **extra},
+    }
+
+
 def compare(
     stores: dict[str, Path],
     setting: dict[str, Any],
@@ -410,9 +424,6 @@ def compare(
     return results
 
 
-HF_ARM = "hf BertForMaskedLM + collator"
-
-
 def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     """fp32 on the CPU: tokens/s against HF, MFU, and the MAE saving as the ratio grows."""
     setting = dict(QUICK if args.quick else FULL)
@@ -427,14 +438,9 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     stores = {name: path for name, path in prepare_stores(args.quick).items() if name in args.tokens}
     peak = max(run_arm({"kind": "peak", "quick": args.quick}, args.threads)["gflops"] for _ in range(2))
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
-    arms = {
-        HF_ARM: {"kind": "hf"},
-        "biomask ZeRO-0 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 0},
-        "biomask ZeRO-2 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 2},
-        "biomask plain PyTorch": {"kind": "biomask", "engine": "plain"},
-    }
+    arms = compared_arms()
     if args.quick:
-        arms.pop("biomask ZeRO-2 (DeepSpeed)")
+        arms.pop(ZERO2_ARM)
     results: dict[str, Any] = {
         "setting": setting,
         "sizes": sizes,
@@ -500,12 +506,7 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     stores = {name: path for name, path in prepare_stores(False).items() if name in args.tokens}
-    arms = {
-        HF_ARM: {"kind": "hf", **gpu},
-        "biomask ZeRO-0 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 0, **gpu},
-        "biomask ZeRO-2 (DeepSpeed)": {"kind": "biomask", "engine": "deepspeed", "zero": 2, **gpu},
-        "biomask plain PyTorch": {"kind": "biomask", "engine": "plain", **gpu},
-    }
+    arms = compared_arms(**gpu)
     return {
         "setting": setting,
         "sizes": _sizes(setting["preset"]),
