@@ -8,7 +8,8 @@ measured fp32 matmul peak; and the MAE corruption's saving as the mask ratio gro
     python -m benchmarks.bench_pretrain --device cuda   # only the GPU section: bf16, `base` preset
 
 Where torch sees a GPU, the default run adds a bf16 section on it (`base` preset, seq 512, batch 32):
-HF with autocast (the HF Trainer's `bf16=True`) against biomask under DeepSpeed bf16, MFU against the
+HF with autocast (the HF Trainer's `bf16=True`) against biomask's trainer setting (`train.precision`
+bf16: DeepSpeed's torch_autocast over fp32 weights) and DeepSpeed's bf16-weights mode, MFU against the
 GPU's measured bf16 matmul peak, peak GPU memory.
 
 Data: real C. elegans chrX (registry `ce2-chrX`), prepared twice — one token per base (char) and
@@ -129,10 +130,11 @@ def _sizes(preset: str) -> dict[str, int]:
 
 
 def _device(spec: dict[str, Any]):
-    """The arm's device and whether it computes in bf16 (GPU arms) or fp32 (CPU arms)."""
+    """The arm's device and whether it computes in bf16 (GPU arms) or fp32 (CPU arms). `precision` takes
+    train.precision's values: fp32, bf16 (autocast over fp32 weights), bf16-weights (DeepSpeed's bf16)."""
     import torch
 
-    return torch.device(spec.get("device", "cpu")), spec.get("precision", "fp32") == "bf16"
+    return torch.device(spec.get("device", "cpu")), spec.get("precision", "fp32") != "fp32"
 
 
 def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
@@ -174,12 +176,13 @@ def arm_biomask(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         import deepspeed
 
+        from biomask.training.ds_config import preset_config
+
         init_process_group(setup_env())
-        ds = json.loads((REPO / "configs" / "deepspeed" / f"zero{spec['zero']}.json").read_text())
-        ds.update(
-            train_micro_batch_size_per_gpu=spec["batch"], gradient_accumulation_steps=1, gradient_clipping=1.0
+        # The trainer's own DeepSpeed config for this ZeRO stage and train.precision.
+        ds = preset_config(
+            spec["zero"], micro_batch_size=spec["batch"], precision=spec.get("precision", "fp32")
         )
-        ds["bf16"] = {"enabled": bf16}  # DeepSpeed's bf16: bf16 weights, fp32 master copy in the optimizer
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
         def step(batch: dict[str, torch.Tensor]) -> None:
@@ -507,6 +510,8 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
     )
     stores = {name: path for name, path in prepare_stores(False).items() if name in args.tokens}
     arms = compared_arms(**gpu)
+    # DeepSpeed's own bf16 mode (train.precision=bf16-weights): the memory it saves, the speed it costs.
+    arms["biomask ZeRO-2, bf16 weights"] = {**arms[ZERO2_ARM], "precision": "bf16-weights"}
     return {
         "setting": setting,
         "sizes": _sizes(setting["preset"]),

@@ -73,3 +73,32 @@ def test_missing_and_malformed_files(tmp_path):
 def test_every_shipped_dna_config_is_valid(repo):
     for path in sorted((repo / "configs" / "dna").glob("*.yaml")):
         load_config(DNAPrepConfig, path)
+
+
+@pytest.mark.parametrize(
+    "precision, bf16, autocast",
+    [("fp32", False, False), ("bf16", False, True), ("bf16-weights", True, False)],
+)
+def test_precision_picks_one_deepspeed_bf16_mode(precision, bf16, autocast):
+    """train.precision bf16 is torch autocast over fp32 weights; bf16-weights is DeepSpeed's bf16."""
+    from biomask.training.ds_config import preset_config
+
+    ds = preset_config(2, micro_batch_size=4, precision=precision)
+    assert ds["bf16"]["enabled"] is bf16
+    assert ds["torch_autocast"]["enabled"] is autocast
+    assert ds["torch_autocast"].get("dtype") == ("bfloat16" if autocast else None)
+
+
+def test_deepspeed_json_contradicting_precision_is_refused(tmp_path):
+    from biomask.training.config import PretrainConfig
+    from biomask.training.ds_config import build_ds_config
+
+    user = tmp_path / "ds.json"
+    user.write_text('{"torch_autocast": {"enabled": true}, "zero_optimization": {"stage": 1}}')
+    cfg = PretrainConfig.model_validate(
+        {"data": {"store": "x"}, "output": "y", "deepspeed": {"config": str(user)}}
+    )
+    assert build_ds_config(cfg, precision="bf16")["torch_autocast"]["enabled"] is True
+    for precision in ("fp32", "bf16-weights"):
+        with pytest.raises(ConfigError, match=r"ds\.json: torch_autocast\.enabled is True.*" + precision):
+            build_ds_config(cfg, precision=precision)

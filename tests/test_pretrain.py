@@ -84,8 +84,8 @@ def biomask_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "biomask", *args]
 
 
-def reloaded_eval_matches(output: Path, store: Path, cfg: PretrainConfig) -> None:
-    """The portable checkpoint, without DeepSpeed, reproduces the engine's final held-out losses."""
+def reloaded_eval(output: Path, store: Path, cfg: PretrainConfig) -> tuple[dict, dict]:
+    """Held-out losses of the portable checkpoint, loaded without DeepSpeed, beside the engine's own."""
     from biomask.training.distributed import DistEnv
 
     model = load_pretrained(output / "model")
@@ -101,8 +101,13 @@ def reloaded_eval_matches(output: Path, store: Path, cfg: PretrainConfig) -> Non
         rank=0,
     )
     again = evaluate(model, batches, cfg, model.config, DistEnv(0, 1, 0, "", 0, "plain"), torch.device("cpu"))
-    for ratio, loss in info["eval"]["loss"].items():
-        assert again["loss"][ratio] == loss  # bit-identical: same fp32 weights, same kernels
+    return again["loss"], info["eval"]["loss"]
+
+
+def reloaded_eval_matches(output: Path, store: Path, cfg: PretrainConfig) -> None:
+    """The portable checkpoint reproduces the engine's final held-out losses."""
+    again, engine = reloaded_eval(output, store, cfg)
+    assert again == engine  # bit-identical: same fp32 weights, same kernels
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -122,6 +127,28 @@ def test_every_zero_stage_learns_and_exports(stage, genome_store, tmp_path):
     assert not (out / "in_progress.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000016", "step00000024"]
     reloaded_eval_matches(out, genome_store, cfg)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-weights"])
+def test_both_bf16_modes_learn_and_export_fp32(precision, genome_store, tmp_path):
+    """The GPU default (bf16: DeepSpeed's torch_autocast) and DeepSpeed's bf16 weights, run on the CPU's
+    bf16 kernels: the loss falls, and the portable checkpoint holds fp32 weights that reproduce the
+    engine's held-out losses up to bf16 rounding."""
+    from biomask.training.trainer import pretrain
+
+    cfg = config(genome_store, tmp_path / "run", **{"deepspeed.stage": 2, "train.precision": precision})
+    out = pretrain(cfg)
+    losses = train_losses(out)
+    assert losses[-1] < losses[0] - 0.4, losses
+    run = json.loads((out / "run.json").read_text())
+    assert run["deepspeed"]["torch_autocast"]["enabled"] is (precision == "bf16")
+    assert run["deepspeed"]["bf16"]["enabled"] is (precision == "bf16-weights")
+    weights = load_file(out / "model" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    info = json.loads((out / "model" / "config.json").read_text())
+    assert info["training"]["precision"] == precision
+    again, engine = reloaded_eval(out, genome_store, cfg)
+    assert again == pytest.approx(engine, abs=0.05)
 
 
 def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli):
