@@ -13,28 +13,48 @@ from torch.utils.checkpoint import checkpoint
 from biomask.models.config import EncoderConfig
 
 
+class QKVProjection(nn.Linear):
+    """Queries, keys and values in one matmul, each returned as (B, heads, L, head_dim).
+
+    With `rows` (B, Lq), queries only for those positions: the last block needs every position's keys
+    and values but only the output rows' queries. The rows path still runs in this module's forward,
+    so ZeRO-3 gathers the weight here as it does for any Linear; the state-dict keys are a Linear's."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__(d_model, 3 * d_model)
+        self.n_heads = n_heads
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, D = x.shape
+        heads = (self.n_heads, D // self.n_heads)
+        if rows is None:
+            q, k, v = super().forward(x).view(B, L, 3, *heads).unbind(2)
+        else:
+            k, v = F.linear(x, self.weight[D:], self.bias[D:]).view(B, L, 2, *heads).unbind(2)
+            x_rows = x.gather(1, rows[..., None].expand(-1, -1, D))
+            q = F.linear(x_rows, self.weight[:D], self.bias[:D]).view(B, rows.shape[1], *heads)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # one matmul for q, k and v
+        self.qkv = QKVProjection(cfg.d_model, cfg.n_heads)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, L, D) -> (B, L, D); with `queries` (B, Lq) positions, only those rows: (B, Lq, D)."""
-        B, L, D = x.shape
-        q, k, v = (
-            t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
-        )
-        if queries is not None:
-            q = q.gather(2, queries[:, None, :, None].expand(-1, self.n_heads, -1, D // self.n_heads))
+        q, k, v = self.qkv(x, queries)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], D))
+        B, H, Lq, hd = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, Lq, H * hd))
 
 
 class MLP(nn.Module):
