@@ -111,8 +111,12 @@ def test_last_block_computes_only_masked_positions_with_the_same_loss_and_gradie
     torch.manual_seed(0)
     model = MaskedEncoder(tiny(n_layers=3, decoder_layers=decoder_layers))
     last = model.decoder if decoder_layers else model.encoder
-    rows = []
+    rows, query_rows = [], []
     last.blocks[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[:2]))
+    # QKVProjection returns (q, k, v), each (B, heads, positions, head_dim): queries of masked rows only
+    last.blocks[-1].attn.qkv.register_forward_hook(
+        lambda m, args, out: query_rows.append((out[0].shape[2], out[1].shape[2]))
+    )
     records = [{**r, "tokens": r["tokens"][: 20 + 3 * i]} for i, r in enumerate(splice_records)]  # padding
     batch = Masker(masking(scheme="bert15"), target="tokens", vocab_size=10, seed=0)(
         collate(records, modality="dna"), 0
@@ -130,6 +134,8 @@ def test_last_block_computes_only_masked_positions_with_the_same_loss_and_gradie
     full = torch.nn.functional.cross_entropy(model.head(states), batch["target_ids"][masked])
     full.backward()
     assert rows[0] == (masked.shape[0], int(masked.sum(1).max())) and rows[1] == masked.shape
+    assert query_rows[0] == (int(masked.sum(1).max()), masked.shape[1])  # keys, values: every position
+    assert query_rows[1] == (masked.shape[1], masked.shape[1])
     assert torch.allclose(fast, full, atol=1e-6)
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-6), name
