@@ -102,3 +102,6 @@ def test_deepspeed_json_contradicting_precision_is_refused(tmp_path):
     for precision in ("fp32", "bf16-weights"):
         with pytest.raises(ConfigError, match=r"ds\.json: torch_autocast\.enabled is True.*" + precision):
             build_ds_config(cfg, precision=precision)
+    user.write_text('{"bf16": true}')  # DeepSpeed wants an object there
+    with pytest.raises(ConfigError, match=r"ds\.json: bf16 must be an object"):
+        build_ds_config(cfg, precision="bf16")

@@ -104,18 +104,20 @@ def apply_precision(data: dict[str, Any], precision: str, *, where: str) -> None
       the optimizer: less GPU memory (weights and their gradients at half size), for the largest presets.
     - `fp32`: neither.
     """
-    bf16 = data.setdefault("bf16", {})
-    autocast = data.setdefault("torch_autocast", {})
     wanted = {"bf16": precision == "bf16-weights", "torch_autocast": precision == "bf16"}
-    for key, section in (("bf16", bf16), ("torch_autocast", autocast)):
+    for key, on in wanted.items():
+        section = data.setdefault(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f'{where}: {key} must be an object, e.g. {{"enabled": "auto"}}')
         given = section.get("enabled", "auto")
         if given == "auto":
-            section["enabled"] = wanted[key]
-        elif bool(given) != wanted[key]:
+            section["enabled"] = on
+        elif bool(given) != on:
             raise ConfigError(
                 f"{where}: {key}.enabled is {given}, but train.precision is {precision} "
                 f'(bf16 is torch_autocast, bf16-weights is DeepSpeed\'s bf16); set it to "auto" there'
             )
+    autocast = data["torch_autocast"]
     if autocast["enabled"]:
         autocast.setdefault("dtype", "bfloat16")
     else:
