@@ -1,34 +1,52 @@
-"""Training checkpoints: written atomically, found by validity, pruned to the last k.
+"""Training checkpoints: written atomically, verified before they are resumed, pruned to the last k.
 
     <output>/checkpoints/step00000200/      one DeepSpeed checkpoint (model, optimizer, schedule)
-        rng-rank0.pt ...                    every RNG of every rank, incl. the masker's generators
-        meta.json                           step, data position, files and their sizes (written last)
+        rng-rank0.json, rng-rank0.safetensors   every RNG of every rank, incl. the masker's generators
+        meta.json                           step, data position, files with their sizes and sha256 (last)
 
 A checkpoint is saved under `.tmp-stepN`, and renamed to `stepN` only when every rank has finished
 writing and meta.json lists every file: a process killed while saving leaves a `.tmp-` directory
-that resume ignores (and removes). A checkpoint is valid when its meta.json exists and every file it
-lists has the recorded size.
+that resume ignores (and removes). A checkpoint is complete when its meta.json exists and every file
+it lists has the recorded size (cheap: pruning uses it); it is resumed from only when, in addition,
+every file matches its recorded sha256 and the directory holds no file meta.json does not list.
+When the newest checkpoint fails that check, resume warns, moves it to `corrupt-stepN` (kept as
+evidence, never pruned) and falls back to the previous good one; when none passes, it refuses (exit 2).
+
+Nothing in a run folder can run code: the RNG state is JSON plus safetensors (no pickle), and
+DeepSpeed's own files are unpickled with `weights_only=True` (tensors, plain data and the few
+DeepSpeed classes in `ALLOWED_GLOBALS`), see `weights_only_loads`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
+from biomask.errors import InputError
 from biomask.outputs import atomic_write_text
+from biomask.provenance import sha256_file
+from biomask.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(InputError):
+    """A training checkpoint that cannot be trusted (corrupt, or holding more than tensors and data)."""
 
 
 def tag_of(step: int) -> str:
@@ -38,6 +56,9 @@ def tag_of(step: int) -> str:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------ RNG state, no pickle
 
 
 def rng_state(masker_state: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +84,125 @@ def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
     return state["masker"]
 
 
+_TENSOR, _TUPLE, _ARRAY = "__tensor__", "__tuple__", "__ndarray__"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Plain JSON for `obj`; its tensors go to `tensors` (saved as safetensors) under a reference."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # safetensors refuses shared storage
+        return {_TENSOR: key}
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: obj.tolist(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"checkpoint state: dict keys must be strings, not {list(obj)[:3]}")
+        return {k: _encode(v, tensors) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state: cannot store a {type(obj).__name__} without pickle")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x, tensors) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if set(obj) == {_TENSOR}:
+        return tensors[obj[_TENSOR]]
+    if set(obj) == {_TUPLE}:
+        return tuple(_decode(x, tensors) for x in obj[_TUPLE])
+    if set(obj) == {_ARRAY, "dtype", "shape"}:
+        dtype = np.dtype(obj["dtype"])
+        if dtype.hasobject:
+            raise ValueError(f"an array of dtype {dtype} (objects are never stored)")
+        return np.asarray(obj[_ARRAY], dtype=dtype).reshape(obj["shape"])
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def write_state(state: dict[str, Any], directory: Path, name: str) -> None:
+    """`state` (nested dicts, lists, tuples, numbers, strings, numpy arrays, tensors) as `name.json`
+    plus `name.safetensors`: nothing that needs pickle to read back."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _encode(state, tensors)
+    save_tensors(tensors, directory / f"{name}.safetensors")
+    atomic_write_text(directory / f"{name}.json", json.dumps(plain) + "\n")
+
+
+def read_state(directory: Path, name: str) -> dict[str, Any]:
+    """What `write_state` wrote; a missing or corrupt file: CheckpointError naming it."""
+    for path in (directory / f"{name}.json", directory / f"{name}.safetensors"):
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint {directory} cannot be resumed from")
+    try:
+        tensors = load_file(str(directory / f"{name}.safetensors"), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise CheckpointError(f"{directory / name}.safetensors is unreadable ({exc})") from None
+    try:
+        return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / name}.json is corrupt ({exc})") from None
+
+
+# ------------------------------------------------------------------ DeepSpeed's files, weights only
+
+
+def allowed_globals() -> list[Any]:
+    """The only classes DeepSpeed's checkpoint files may name besides tensors and plain containers:
+    plain data holders of its optimizers (loss scaler settings, the ZeRO stage, fragment offsets)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every `torch.load` unpickles with `weights_only=True` and the `allowed_globals`.
+
+    DeepSpeed's TorchCheckpointEngine and `zero_to_fp32` unpickle everything themselves (they turn
+    `weights_only` off); `torch.load` is the one point both go through. A file naming anything else
+    (a pickle payload) raises CheckpointError and nothing in it runs.
+    """
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)|WeightsUnpickler error: ([^\n]+)", str(exc))
+            detail = next((g for g in found.groups() if g), "") if found else str(exc)[:200]
+            raise CheckpointError(
+                f"{f}: refusing to load it — it holds objects other than tensors and plain data, which "
+                f"could run code when unpickled ({detail}); biomask never unpickles them. If the run folder "
+                "came from someone else, do not resume it; pass --overwrite to start the run again"
+            ) from None
+
+    with torch.serialization.safe_globals(allowed_globals()):
+        torch.load = load  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load = original  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------- save and load
+
+
+def _file_names(directory: Path) -> list[str]:
+    return [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file()]
+
+
 def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Save a checkpoint of every rank (a collective call); returns its final directory."""
     tag = tag_of(step)
@@ -73,14 +213,15 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save(rng, root / tmp_tag / f"rng-rank{rank}.pt")
+    write_state(rng, root / tmp_tag, f"rng-rank{rank}")
     _barrier()  # every rank's files are on disk
     if rank == 0:
         tmp = root / tmp_tag
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(
-            tmp / "meta.json", json.dumps({**meta, "step": step, "files": files}, indent=2) + "\n"
-        )
+        names = _file_names(tmp)
+        files = {name: (tmp / name).stat().st_size for name in names}
+        hashes = {name: sha256_file(tmp / name) for name in names}
+        record = {**meta, "step": step, "files": files, "sha256": hashes}
+        atomic_write_text(tmp / "meta.json", json.dumps(record, indent=2) + "\n")
         old = root / f".old-{tag}"
         if final.exists():  # a re-save of the same step (a run resumed at its last step): swap
             final.rename(old)
@@ -91,21 +232,58 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
 
 
 def is_valid(directory: Path) -> bool:
+    """Complete: meta.json exists and every file it lists has the recorded size (no hashing)."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
         return all((directory / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
-def valid_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def verify(directory: Path) -> str | None:
+    """Why `directory` cannot be resumed from, or None when every file matches meta.json (sizes and
+    sha256, streamed) and it holds no file meta.json does not list."""
+    try:
+        meta = read_meta(directory)
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as exc:
+        return f"meta.json is unreadable ({exc})"
+    if not isinstance(meta, dict):
+        return "meta.json is not an object"
+    files, hashes = meta.get("files"), meta.get("sha256")
+    if not isinstance(files, dict) or not isinstance(hashes, dict) or set(files) != set(hashes):
+        return "meta.json records no checksums (written by an older biomask)"
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"meta.json lists {name!r}, outside the checkpoint"
+    unlisted = sorted(set(_file_names(directory)) - set(files) - {"meta.json"})
+    if unlisted:
+        return f"it holds files meta.json does not list ({', '.join(unlisted[:3])})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, not the {size} recorded"
+        if sha256_file(path) != hashes[name]:
+            return f"{path} does not match the sha256 recorded in meta.json"
+    return None
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Every `stepN` directory, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)]
     found.sort(key=lambda p: int(_TAG.match(p.name).group(1)))  # type: ignore[union-attr]
+    return found
+
+
+def valid_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
     good = []
-    for path in found:
+    for path in _checkpoints(root):
         if is_valid(path):
             good.append(path)
         else:
@@ -118,17 +296,50 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(root: Path) -> Path | None:
+    """The newest checkpoint that passes `verify` (None when there is none at all).
+
+    Newer checkpoints that fail are moved to `corrupt-stepN` with a warning, so pruning never keeps them
+    in place of the good one; when every checkpoint fails, CheckpointError (exit 2) and nothing moves.
+    """
+    failed: list[tuple[Path, str]] = []
+    for path in reversed(_checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            for bad, why in failed:
+                aside = root / f"corrupt-{bad.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                bad.rename(aside)
+                log.warning(
+                    "pretrain: checkpoint %s fails verification (%s); moved it to %s and falling back to "
+                    "the previous complete checkpoint %s",
+                    bad,
+                    why,
+                    aside,
+                    path,
+                )
+            return path
+        failed.append((path, problem))
+    if failed:
+        details = "; ".join(f"{path.name}: {why}" for path, why in failed)
+        raise CheckpointError(
+            f"no checkpoint in {root} can be resumed from ({details}). Restore the checkpoints, or pass "
+            "--overwrite to start the run again"
+        )
+    return None
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     return json.loads((directory / "meta.json").read_text())
 
 
 def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:
-    """Load model, optimizer and schedule into the engine; return this rank's RNG state."""
-    load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    """Load model, optimizer and schedule into the engine (weights only); return this rank's RNG state."""
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}")
-    rng_file = directory / f"rng-rank{rank}.pt"
-    return torch.load(rng_file, weights_only=False)
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {directory}")
+    return read_state(directory, f"rng-rank{rank}")
 
 
 def prune(root: Path, keep: int) -> None:

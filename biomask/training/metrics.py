@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from biomask.outputs import atomic_write_text
+from biomask.training.finite import DivergedError
 
 
 class MetricsLogger:
@@ -56,7 +57,11 @@ class MetricsLogger:
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        try:  # strict JSON: NaN / Infinity would make the file unreadable (finite.py stops the run first)
+            line = json.dumps({"step": step, "kind": kind, **values}, allow_nan=False)
+        except ValueError:
+            raise DivergedError(f"pretrain: a non-finite {kind} metric at step {step}: {values}") from None
+        self.file.write(line + "\n")
         assert self.tb is not None
         for key, value in values.items():
             if isinstance(value, (int, float)):
