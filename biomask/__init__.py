@@ -8,9 +8,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """`biomask.embed` is imported on first use, so `import biomask` stays light (no torch, no anndata)."""
+    """`biomask.embed` and `biomask.fit_cells` are imported on first use, so `import biomask` stays light (no torch, no anndata)."""
     if name == "embed":
         from biomask.embedding.api import embed
 
         return embed
+    if name == "fit_cells":
+        from biomask.embedding.fit import fit_cells
+
+        return fit_cells
     raise AttributeError(f"module 'biomask' has no attribute {name!r}")

@@ -146,6 +146,35 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_fit_cells(args: argparse.Namespace) -> int:
+    from biomask.config import apply_overrides
+    from biomask.embedding.fit import fit_cells_file
+
+    counts: dict = {}
+    apply_overrides(counts, [o.removeprefix("counts.") for o in args.overrides if o.startswith("counts.")])
+    overrides = dict(o.split("=", 1) for o in args.overrides if not o.startswith("counts.") and "=" in o)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise BiomaskError(f"fit-cells: {bad[0]!r} is not of the form key.sub=value")
+    print(
+        fit_cells_file(
+            args.input,
+            args.output,
+            matrix=args.matrix,
+            counts=counts,
+            gene_column=args.gene_column,
+            n_top_genes=args.n_top_genes,
+            masking=args.masking,
+            seed=args.seed,
+            init_from=args.init_from,
+            overrides=overrides,
+            umap_color=args.umap_color,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
@@ -328,6 +357,35 @@ def build_parser() -> argparse.ArgumentParser:
             "downstream classification: baselines and pretrained models over seeds",
         )
     )
+
+    p = command(
+        sub,
+        "fit-cells",
+        cmd_fit_cells,
+        "pretrain the cell model on your own cells (labels unused) and embed them: prep, pretrain, embed",
+    )
+    p.add_argument("--input", required=True, help="the .h5ad of your cells (counts, or see counts.mode)")
+    p.add_argument(
+        "--output", required=True, help="a directory: store/, pretrain/model/, embed/embeddings.h5ad"
+    )
+    p.add_argument("--matrix", default="X", help="where the expression is: X, raw or layers/NAME")
+    p.add_argument(
+        "--gene-column", default=None, help="var column with gene identifiers (default: var index)"
+    )
+    p.add_argument("--n-top-genes", type=int, default=2000, help="the panel: this many most variable genes")
+    p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument(
+        "--init-from", help="continue this cells checkpoint on your cells (its gene panel is kept)"
+    )
+    p.add_argument("--umap-color", metavar="OBS_COLUMN", help="also save a UMAP PNG coloured by this column")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="counts.mode=log1p (log-normalised input), or pretrain keys, e.g. train.steps=3000",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace outputs written with other settings")
 
     p = command(
         sub,

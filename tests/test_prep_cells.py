@@ -116,6 +116,11 @@ def test_panel_scheme_by_hand():
     assert [r["tokens"] for r in got] == [[5, 6, 7, 8], [5, 6, 7, 8]]  # every panel gene, in id order
     np.testing.assert_allclose(got[0]["values"], [0, np.log1p(3), 0, np.log1p(1)], rtol=1e-6)
     np.testing.assert_allclose(got[1]["values"], [np.log1p(1), 0, 0, 0], rtol=1e-6)
+    # an input that lacks gene 7: its records leave it out (unmeasured is not unexpressed)
+    scheme = PanelScheme(vocab_size=9).for_input(np.array([5, 6, -1, 8]))
+    got = records(scheme.encode(block, np.array([1.0, 0.5], np.float32), np.arange(2)))
+    assert [r["tokens"] for r in got] == [[5, 6, 8], [5, 6, 8]]
+    np.testing.assert_allclose(got[0]["values"], [0, np.log1p(3), np.log1p(1)], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ real data
@@ -741,4 +746,6 @@ def test_the_script_runs_the_stage(tmp_path, repo, pbmc3k_store):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     store = TokenStore(out)
-    assert store.manifest["scheme"] == "panel" and store.split("train").fixed_length == 13656
+    # a panel record lists every vocabulary gene the data measures (zeros included), not the others
+    found = store.manifest["coverage"]["pbmc68k_reduced"]["dataset_genes_in_vocab"]
+    assert store.manifest["scheme"] == "panel" and store.split("train").fixed_length == found < 13656

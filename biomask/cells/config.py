@@ -43,11 +43,18 @@ class InputSpec(Config):
 
 class CountsConfig(Config):
     """What the matrix must hold. Tokenization starts from UMI counts; anything else is refused unless
-    `mode: from_log1p` rebuilds counts from log1p(counts / total * scale) and a total-counts column."""
+    `mode: from_log1p` rebuilds counts from log1p(counts / total * scale) and a total-counts column.
 
-    mode: Literal["require", "from_log1p"] = "require"
+    Many public h5ads carry no counts at all. For them (and for the profile autoencoder, which reads
+    normalised values anyway): `mode: log1p` takes log1p-normalised values as they are (normalised to
+    `scale` per cell), `mode: normalised` takes linear-scale normalised values (TPM, FPKM, CP10k) and
+    applies log1p. Neither rebuilds counts, so nothing that needs counts (a count likelihood) can use them."""
+
+    mode: Literal["require", "from_log1p", "log1p", "normalised"] = "require"
     total_counts_column: str | None = None  # obs column with each cell's total counts (from_log1p: required)
-    scale: float = Field(10_000.0, gt=0)  # from_log1p: the per-cell target sum the values were normalised to
+    # from_log1p, log1p, normalised: the per-cell target sum the values were normalised to (with
+    # normalise.target_sum equal to it, log1p and normalised values pass through unchanged)
+    scale: float = Field(10_000.0, gt=0)
     # require: a float within this of an integer is an integer (some writers store 0.99999999).
     integer_tolerance: float = Field(0.01, ge=0, lt=0.5)
     # from_log1p: |count - round(count)| <= reconstruct_rtol * max(1, round(count)) for every value

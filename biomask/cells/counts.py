@@ -13,7 +13,8 @@ finds (`detect`):
 
 The policy (`counts.mode`) then either accepts counts (`require`), or rebuilds them from
 log1p(CP10k)-style values with a total-counts column (`from_log1p`: counts = rint(expm1(x) *
-total / scale), every value checked to be integral). Anything else is an `InputError` that says what
+total / scale), every value checked to be integral), or takes normalised values as they are
+(`log1p`, `normalised`: for files without counts). Anything else is an `InputError` that says what
 was found and which option to use. `CountConverter` applies the policy block by block and checks every
 value (NaN, infinities, negatives, non-integers) on the way, naming the cell of the first bad one.
 """
@@ -217,10 +218,33 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
                 " If the values are log1p(counts / total * 10,000), rebuild the counts with "
                 f"`counts.mode: from_log1p` and `counts.total_counts_column: {column}`"
                 + (f" (obs columns that look like totals: {', '.join(candidates)})." if candidates else ".")
+                + " Without totals, `counts.mode: log1p` takes the values as they are (no counts are rebuilt)."
+            )
+        elif summary.kind == "tpm_like":
+            hint = (
+                " TPM-like values cannot be turned back into counts: use the raw count matrix, or take them as "
+                "normalised expression with `counts.mode: normalised` (log1p is applied)."
             )
         else:
-            hint = " Scaled or TPM-like values cannot be turned back into counts: use the raw count matrix."
+            hint = " Scaled values cannot be turned back into counts: use the raw count matrix."
         raise InputError(f"{source.where}: expected raw counts, found {found}.{look_elsewhere}{hint}")
+    if cfg.mode in ("log1p", "normalised"):  # taken as they are; only what contradicts the mode is refused
+        if summary.is_counts:
+            raise InputError(
+                f"{source.where}: counts.mode={cfg.mode}, but the matrix holds {found}; "
+                "set counts.mode: require (biomask normalises counts itself)"
+            )
+        if summary.kind == "scaled":
+            raise InputError(
+                f"{source.where}: counts.mode={cfg.mode} needs non-negative normalised values, found {found}."
+                f"{look_elsewhere}"
+            )
+        if cfg.mode == "log1p" and summary.kind == "tpm_like":
+            raise InputError(
+                f"{source.where}: counts.mode=log1p, but the values look linear-scale ({found}); "
+                "for TPM / FPKM / CP10k values set counts.mode: normalised"
+            )
+        return
     # from_log1p
     if summary.is_counts:
         raise InputError(
@@ -250,6 +274,8 @@ class CountConverter:
         self.exact = True  # every float value checked so far was an exact integer
         if cfg.total_counts_column is not None:
             self.totals = total_counts(source, cfg.total_counts_column)
+        if cfg.mode in ("log1p", "normalised"):  # already normalised to `scale`: the library is `scale`
+            self.totals = np.full(source.n_obs, cfg.scale, dtype=np.float64)
 
     def __call__(self, start: int, block: sp.csr_matrix, check: bool = True) -> sp.csr_matrix:
         src = self.source
@@ -267,6 +293,10 @@ class CountConverter:
             )
         if self.cfg.mode == "from_log1p":
             counts = self._from_log1p(start, block)
+        elif self.cfg.mode == "log1p":  # expression on the normalised scale, not counts
+            counts = np.expm1(data.astype(np.float64)).astype(np.float32)
+        elif self.cfg.mode == "normalised":
+            counts = data.astype(np.float32, copy=False)
         elif data.dtype.kind == "f" and (check or not self.exact):
             counts = self._integral(start, block)
         else:

@@ -198,7 +198,7 @@ class CellEncoder:
         # A cell with no counts at all has no library size; its record is empty either way.
         scale = (self.prep.normalise.target_sum / np.where(lib > 0, lib, 1.0)).astype(np.float32)
         cells = np.arange(start, start + raw.shape[0])
-        encoded = self.scheme.encode(tokens, scale, cells)
+        encoded = self.scheme.for_input(opened.token_map.targets).encode(tokens, scale, cells)
         fields = encoded.fields()
         bounds = np.concatenate([[0], np.cumsum(encoded.lengths)])
         records = [

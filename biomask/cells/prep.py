@@ -472,7 +472,7 @@ def write_store(
                     continue
                 cells = start + local
                 scale = (target / lib).astype(np.float32)
-                encoded = scheme.encode(tokens, scale, inp.offset + cells)
+                encoded = scheme.for_input(inp.token_map.targets).encode(tokens, scale, inp.offset + cells)
                 meta = pd.DataFrame({"id": obs.index[cells], "source": inp.name})
                 for column in meta_columns[2:]:
                     meta[column] = obs[column].to_numpy()[cells]

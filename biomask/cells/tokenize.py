@@ -233,6 +233,11 @@ class Scheme(ABC):
     def token_fields(self, token_dtype: np.dtype) -> dict[str, np.dtype]:
         return {"tokens": token_dtype, "values": np.dtype(np.float32)}
 
+    def for_input(self, targets: np.ndarray) -> Scheme:
+        """The scheme for one input whose columns map to token ids `targets` (-1: not in the
+        vocabulary). Only the panel depends on it: see `PanelScheme`."""
+        return self
+
 
 class BinnedScheme(Scheme):
     name = "binned"
@@ -308,14 +313,25 @@ class RankScheme(Scheme):
 
 
 class PanelScheme(Scheme):
+    """Every panel gene the input measures, zeros included. A panel gene the input lacks is left out
+    of its records (not written as 0): a model can tell "not measured" from "not expressed" (the
+    profile autoencoder hides such genes like masked ones)."""
+
     name = "panel"
 
-    def __init__(self, vocab_size: int) -> None:
-        self.panel = np.arange(NUM_SPECIAL, vocab_size, dtype=np.int64)
+    def __init__(self, vocab_size: int, panel: np.ndarray | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.panel = np.arange(NUM_SPECIAL, vocab_size, dtype=np.int64) if panel is None else panel
+        self.column = np.full(vocab_size, -1, dtype=np.int64)  # token id -> column of the dense block
+        self.column[self.panel] = np.arange(self.panel.size)
+
+    def for_input(self, targets: np.ndarray) -> PanelScheme:
+        present = np.unique(np.asarray(targets, dtype=np.int64))
+        return PanelScheme(self.vocab_size, present[present >= NUM_SPECIAL])
 
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
         n = block.shape[0]
         dense = np.zeros((n, self.panel.size), dtype=np.float32)
-        dense[row_ids(block.indptr), block.indices - NUM_SPECIAL] = np.log1p(_normalised(block, scale))
+        dense[row_ids(block.indptr), self.column[block.indices]] = np.log1p(_normalised(block, scale))
         lengths = np.full(n, self.panel.size, dtype=np.int64)
         return Encoded(lengths, np.tile(self.panel, n), dense.reshape(-1))

@@ -11,6 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+# The profile autoencoder (kind mlp): d_model is the latent (the cell embedding), d_ff the hidden
+# width, n_layers the encoder's linear layers; n_heads is unused (1).
+MLP_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 1, "d_ff": 256},  # cell-models.md's prototype
+    "small": {"d_model": 128, "n_layers": 3, "n_heads": 1, "d_ff": 512},
+    "base": {"d_model": 256, "n_layers": 3, "n_heads": 1, "d_ff": 1024},
+}
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
     "small": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},
@@ -26,6 +34,9 @@ class EncoderConfig:
 
     vocab_size: int
     modality: Literal["dna", "cells"] = "dna"
+    # transformer: tokens through a transformer (DNA, cells); mlp: the expression-profile masked
+    # autoencoder (cells; biomask.models.profile). One class per kind in `biomask.models.MODEL_KINDS`.
+    kind: Literal["transformer", "mlp"] = "transformer"
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
+from biomask.models.kinds import build_model
 from biomask.models.model import MaskedEncoder
 from biomask.provenance import sha256_file
+from biomask.tensor_files import save_tensors
 
 CHECKPOINT_FORMAT = "biomask-pretrained"
 CHECKPOINT_VERSION = 1
@@ -40,7 +42,7 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
+    save_tensors(tensors, directory / WEIGHTS, metadata={"format": CHECKPOINT_FORMAT})  # the umask's mode
     shutil.copytree(tokenizer_dir, directory / "tokenizer")
     tokenizer_json = directory / "tokenizer" / "tokenizer.json"
     config = {
@@ -95,7 +97,8 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         architecture = EncoderConfig.from_dict(config["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
-    model = MaskedEncoder(architecture)
+    model = build_model(architecture)
+    verify_weights(directory, config)
     try:
         state = load_file(str(directory / WEIGHTS), device="cpu")
     except FileNotFoundError:
@@ -114,11 +117,26 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     return model.to(device).eval()
 
 
+def verify_weights(directory: Path, config: dict[str, Any]) -> None:
+    """`model.safetensors` must match the `weights_sha256` in config.json (streamed; InputError naming it)."""
+    weights, expected = directory / WEIGHTS, config.get("weights_sha256")
+    if not weights.is_file():
+        return  # reported as missing by the loader
+    if not isinstance(expected, str):
+        raise InputError(f"{directory / 'config.json'} records no weights_sha256; export the model again")
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise InputError(
+            f"{weights} is corrupt or was changed: its sha256 {actual[:12]}… differs from the weights_sha256 "
+            f"{expected[:12]}… in {directory / 'config.json'}; restore the file or export the model again"
+        )
+
+
 def check_tokenizer(model_or_dir: MaskedEncoder | str | os.PathLike, store: str | os.PathLike) -> None:
     """Raise InputError (exit 2) when a token store was tokenized differently from the checkpoint."""
     from biomask.store import TokenStore
 
-    if isinstance(model_or_dir, MaskedEncoder):
+    if isinstance(model_or_dir, torch.nn.Module):
         config = getattr(model_or_dir, "checkpoint_info", None)
         where = str(getattr(model_or_dir, "checkpoint_dir", "the model"))
         if config is None:

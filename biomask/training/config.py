@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from biomask.config import Config
 from biomask.masking.config import MaskingConfig
-from biomask.models.config import PRESETS
+from biomask.models.config import MLP_PRESETS, PRESETS
 
 
 class DataConfig(Config):
@@ -24,6 +24,10 @@ class DataConfig(Config):
 
 
 class ModelConfig(Config):
+    # transformer: tokens through a transformer (DNA; cells as gene tokens). mlp: the expression-profile
+    # masked autoencoder (cells only; a panel store: every gene, zeros included) — the cell model whose
+    # embeddings carry cell identity (README: "Single-cell models").
+    kind: Literal["transformer", "mlp"] = "transformer"
     preset: Literal["tiny", "small", "base", "large", "1b", "custom"] = "tiny"
     # Sizes; None: the preset's. With preset custom, all four must be given.
     d_model: int | None = Field(None, ge=8)
@@ -40,7 +44,10 @@ class ModelConfig(Config):
     init_from: str | None = None
 
     def sizes(self) -> dict[str, int]:
-        base = dict(PRESETS.get(self.preset, {}))
+        presets = MLP_PRESETS if self.kind == "mlp" else PRESETS
+        base = dict(presets.get(self.preset, {}))
+        if self.kind == "mlp":
+            base.setdefault("n_heads", 1)  # unused by the profile autoencoder
         given = {
             k: v
             for k, v in {
@@ -57,6 +64,10 @@ class ModelConfig(Config):
     def _check(self) -> ModelConfig:
         sizes = self.sizes()
         missing = [k for k in ("d_model", "n_layers", "n_heads", "d_ff") if k not in sizes]
+        if self.kind == "mlp" and self.preset not in (*MLP_PRESETS, "custom"):
+            raise ValueError(
+                f"model.kind mlp has presets {', '.join(MLP_PRESETS)} (or custom), not {self.preset}"
+            )
         if missing:
             raise ValueError(f"model.preset custom needs {', '.join('model.' + k for k in missing)}")
         if sizes["d_model"] % sizes["n_heads"]:

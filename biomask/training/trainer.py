@@ -34,12 +34,13 @@ import torch.distributed as dist
 from biomask.config import dump_config
 from biomask.errors import BiomaskError, InputError
 from biomask.masking import Masker, MaskingConfig
-from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained, save_pretrained
+from biomask.models import EncoderConfig, ProfileAutoencoder, build_model, load_pretrained, save_pretrained
+from biomask.models.profile import gene_statistics
 from biomask.outputs import atomic_write_text
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
 from biomask.store import TokenStore
-from biomask.training import checkpoint, rundir
+from biomask.training import checkpoint, finite, rundir
 from biomask.training.config import NON_SEMANTIC, PretrainConfig
 from biomask.training.data import DataSpec, TrainingData, eval_batches
 from biomask.training.distributed import DistEnv, init_process_group, setup_env
@@ -75,8 +76,10 @@ def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
     return target
 
 
-def build_architecture(cfg: PretrainConfig, spec: DataSpec) -> EncoderConfig:
-    """The encoder a pretrain config and a token store imply."""
+def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
+    """The model a pretrain config and a token store imply."""
+    if cfg.model.kind == "mlp":
+        return profile_architecture(cfg, spec, store)
     auto_value = {"dna": "none", "binned": "bins", "rank": "none", "panel": "mlp"}
     value_embedding = cfg.model.value_embedding
     if value_embedding == "auto":
@@ -108,6 +111,39 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec) -> EncoderConfig:
     )
 
 
+def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """`model.kind: mlp`: the profile autoencoder reads a cell's whole profile (never cropped), so its
+    input length is the store's longest record; it reconstructs values."""
+    where = store.root if store is not None else cfg.data.store
+    if spec.modality != "cells":
+        raise InputError(f"model.kind=mlp reads expression profiles; {where} is a {spec.modality} store")
+    if cfg.masking.target not in ("auto", "values"):
+        raise InputError(
+            f"model.kind=mlp reconstructs values; masking.target={cfg.masking.target} is not possible"
+        )
+    if spec.scheme != "panel":
+        log.warning(
+            "pretrain: model.kind=mlp on a %s store sees only the genes each record lists (a panel store "
+            "— tokenizer.scheme=panel — holds every gene, zeros included)",
+            spec.scheme,
+        )
+    longest = int((store.manifest.get("max_length") if store is not None else None) or spec.vocab_size)
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality="cells",
+        kind="mlp",
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=longest + spec.n_specials,
+        positions=False,
+        value_embedding="none",
+        n_bins=spec.n_bins,
+        scheme=spec.scheme,
+        target="values",
+        decoder_layers=0,
+    )
+
+
 def init_checkpoint(
     cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
 ) -> tuple[EncoderConfig, dict[str, Any], dict[str, torch.Tensor]]:
@@ -128,7 +164,9 @@ def init_checkpoint(
         decoder_layers=arch.decoder_layers,
         target=arch.target,
     )
-    weights = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("decoder.")}
+    # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective
+    drop = "decoder." if arch.kind == "transformer" else None
+    weights = {k: v for k, v in pretrained.state_dict().items() if not drop or not k.startswith(drop)}
     return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
 
 
@@ -285,7 +323,8 @@ def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, to
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is the stage's result
+    # it prints progress (stdout is the stage's result); its torch.load calls unpickle weights only
+    with contextlib.redirect_stdout(sys.stderr), checkpoint.weights_only_loads():
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
@@ -340,14 +379,14 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     #    every input error surfaces before anything is written.
     store = open_store(cfg.data.store)
     spec = DataSpec.from_store(store)
-    arch = build_architecture(cfg, spec)
+    arch = build_architecture(cfg, spec, store)
     train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
     manifest_sha = sha256_file(store.root / "manifest.json")
     inputs = [{"name": "token-store", "path": str(store.root), "sha256": manifest_sha}]
     if cfg.model.init_from:
         arch, init_input, init_weights = init_checkpoint(cfg, spec, arch)
         inputs.append(init_input)
-    max_length = cfg.data.max_length or cfg.model.max_len
+    max_length = arch.max_len if arch.kind == "mlp" else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
     train_data = TrainingData(
@@ -379,6 +418,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         else ("bf16" if device.type == "cuda" else "fp32")
     )
     ds_config = build_ds_config(cfg, precision=precision)  # config errors before anything is written
+    finite.check_optim(cfg)
 
     # 2. The output directory: fresh, resume, or already done.
     _quiet_libraries()
@@ -400,9 +440,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
-    model = MaskedEncoder(arch)
+    model = build_model(arch)
     if cfg.model.init_from:  # a decoder is new when MAE training starts from an MLM checkpoint
         model.load_state_dict(init_weights, strict=arch.decoder_layers == 0)
+    elif isinstance(model, ProfileAutoencoder):  # standardise with the training split's statistics
+        model.set_gene_stats(*gene_statistics(train_split, arch.vocab_size, panel=spec.scheme == "panel"))
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -424,8 +466,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     )
     stage_n = zero_stage(ds_config)
     log.info(
-        "pretrain: %s encoder, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
+        "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
         cfg.model.preset,
+        "profile autoencoder" if arch.kind == "mlp" else "encoder",
         n_params / 1e6,
         stage_n,
         precision,
@@ -451,7 +494,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     step = 0
     window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
     step_ratios: list[float] = []  # the realised ratio of every step of the window (rank 0's batches)
-    latest = checkpoint.latest(ckpt_root) if decision == "resume" else None
+    # the newest checkpoint whose files match their sha256 (a corrupt one: warning, the previous one)
+    latest = on_rank0(lambda: checkpoint.resume_point(ckpt_root), dist_env) if decision == "resume" else None
     if latest is not None:
         rng = checkpoint.load(engine, latest, rank=dist_env.rank)
         masker.load_state_dict(checkpoint.restore_rng_state(rng))
@@ -465,6 +509,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
 
     def save_checkpoint() -> Path:
+        finite.check_weights(engine, step, cfg, dist_env.world_size, device)  # never save NaN weights
         meta = {
             "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
             "world_size": dist_env.world_size,
@@ -510,6 +555,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             step += 1
             step_ratios.append(step_ratio)
             metrics.advance()
+            # a NaN / infinite loss or gradient norm stops the run (exit 2) before anything saves it
+            finite.check_step(
+                step, cfg, window["loss"], engine.get_global_grad_norm(), dist_env.world_size, device
+            )
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 keys = list(window)
@@ -535,7 +584,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 window_start = time.perf_counter()
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                metrics.log(step, "eval", evaluate(engine, held_out, cfg, arch, dist_env, device))
+                result = finite.check_eval(evaluate(engine, held_out, cfg, arch, dist_env, device), step, cfg)
+                metrics.log(step, "eval", result)
 
             stopping = stop.agreed(dist_env.world_size, device)
             if stopping or (step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps):
@@ -549,7 +599,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     )
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
-        final_eval = evaluate(engine, held_out, cfg, arch, dist_env, device)
+        final_eval = finite.check_eval(evaluate(engine, held_out, cfg, arch, dist_env, device), step, cfg)
         metrics.log(step, "eval", final_eval)
         final = save_checkpoint()
         if dist_env.is_main:

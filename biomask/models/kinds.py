@@ -1,0 +1,22 @@
+"""The model kinds: `EncoderConfig.kind` -> the class that builds it. Adding a kind is one class in
+one module (the interface: `forward(masked_batch)` -> {"loss", "n_masked", "n_correct"},
+`features(batch, pooling, layer)` / `embed(...)` -> (B, d_model), `num_parameters()`, a `config`
+attribute) plus its line here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from biomask.models.config import EncoderConfig
+from biomask.models.model import MaskedEncoder
+from biomask.models.profile import ProfileAutoencoder
+
+MODEL_KINDS: dict[str, type[nn.Module]] = {
+    "transformer": MaskedEncoder,
+    "mlp": ProfileAutoencoder,
+}
+
+
+def build_model(cfg: EncoderConfig) -> nn.Module:
+    """A freshly initialised model of the kind `cfg` names."""
+    return MODEL_KINDS[cfg.kind](cfg)

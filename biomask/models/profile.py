@@ -1,0 +1,171 @@
+"""The expression-profile masked autoencoder (scMAE-like): a cell is its whole expression vector.
+
+    model = ProfileAutoencoder(EncoderConfig(vocab_size=2005, modality="cells", kind="mlp", ...))
+    out = model(masked_batch)                 # {"loss", "n_masked", "n_correct"}: MSE on the masked genes
+    vectors = model.embed(batch)              # (B, d_model): the encoder's latent on the full profile
+
+Why this and not the gene-token transformer for cell embeddings: a masked gene's expression bin is
+largely predictable from the gene's identity, so token models learn little about the cell, and a mean
+over gene tokens mostly says which genes are expressed. Here the masked profile goes through one
+bottleneck vector, and every masked gene must be reconstructed from it: the bottleneck has to carry
+what makes this cell differ from others (measured: `shared/reference/cell-models.md`).
+
+The input is a dense vector over the vocabulary (gene id = column; the specials' columns stay zero),
+built from the collated batch by scatter, so gene order in a record and padding do not matter. Values
+are the store's log1p(CP10k) values, standardised per gene with statistics of the training split
+(buffers `gene_mean` / `gene_std`, saved in the checkpoint) and clipped to ±10 like `sc.pp.scale`.
+A masked gene enters as 0 (the gene's mean) and its mask indicator as 1, so the model knows what is
+hidden — the masking schemes (R²MAE, fixed, schedules, discrete sets) choose which genes.
+
+`config.n_layers` counts the encoder's linear layers (the last one projects to the latent,
+`d_model`); the hidden ones are `d_ff` wide with GELU. The decoder mirrors it. `layer` in `features`
+indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the latent).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biomask.models.config import EncoderConfig
+from biomask.vocab import NUM_SPECIAL
+
+CLIP = 10.0  # standardised values beyond ±10 sd are clipped (scanpy's sc.pp.scale(max_value=10))
+
+
+def _stack(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+class ProfileAutoencoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if cfg.modality != "cells":
+            raise ValueError("the profile autoencoder (kind 'mlp') reads expression: cells stores only")
+        self.config = cfg
+        n_genes = cfg.vocab_size
+        hidden = [cfg.d_ff] * (cfg.n_layers - 1)
+        self.encoder = _stack([2 * n_genes, *hidden, cfg.d_model])
+        self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
+        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("gene_mean", torch.zeros(n_genes))
+        self.register_buffer("gene_std", torch.ones(n_genes))
+
+    def num_parameters(self, *, embeddings: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def set_gene_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Per-gene standardisation (of the training split; see `gene_statistics`)."""
+        self.gene_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.gene_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-3))
+
+    # ------------------------------------------------------------------------------------------ input
+
+    def _dense(self, batch: dict[str, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
+        """A token-aligned field (B, L) scattered to gene columns (B, vocab_size); padding -> column 0."""
+        ids = batch["input_ids"]
+        keep = batch["attention_mask"]
+        out = torch.zeros(ids.shape[0], self.config.vocab_size, dtype=torch.float32, device=ids.device)
+        return out.scatter_(1, ids, torch.where(keep, field.float(), 0.0))
+
+    def _missing(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, vocab_size) bool: genes the input did not measure. A panel record lists every panel
+        gene its data has, zeros included, so a gene it leaves out is unknown and hidden like a masked
+        one; other stores list expressed genes only, so there a gene left out is a zero."""
+        if self.config.scheme != "panel":
+            return torch.zeros(
+                batch["input_ids"].shape[0],
+                self.config.vocab_size,
+                dtype=torch.bool,
+                device=batch["input_ids"].device,
+            )
+        listed = self._dense(batch, torch.ones_like(batch["values"])) > 0
+        listed[:, :NUM_SPECIAL] = True  # the specials' columns are constant zeros, not missing genes
+        return ~listed
+
+    def _standardised(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self._dense(batch, batch["values"])
+        return ((x - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
+
+    def _encode(self, z: torch.Tensor, hidden: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
+        h = torch.cat([torch.where(hidden, 0.0, z), hidden.to(z.dtype)], dim=1)
+        states = [z]
+        for module in self.encoder:
+            h = module(self.drop(h) if isinstance(module, nn.Linear) else h)
+            if isinstance(module, nn.Linear):
+                states.append(h)
+                if upto is not None and len(states) > upto:
+                    break
+        return states
+
+    # --------------------------------------------------------------------------------------- training
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MSE of the reconstructed standardised values on the masked genes (`batch["masked"]`)."""
+        z = self._standardised(batch)
+        hidden = self._dense(batch, batch["masked"]) > 0
+        latent = self._encode(z, hidden | self._missing(batch))[-1]
+        pred = self.decoder(latent)
+        loss = F.mse_loss(pred[hidden], z[hidden])
+        return {
+            "loss": loss,
+            "n_masked": hidden.sum(),
+            "n_correct": torch.zeros((), dtype=torch.long, device=z.device),
+        }
+
+    # ------------------------------------------------------------------------------------- embeddings
+
+    def features(
+        self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1
+    ) -> torch.Tensor:
+        """One vector per cell from the full (unmasked) profile, with gradients (fine-tuning).
+
+        A profile model has one vector per cell already: `pooling` "cls" and "mean" give the same
+        vector; "concat" (per-token vectors) does not exist here."""
+        if pooling == "concat":
+            raise ValueError("concat pooling needs per-token vectors; a profile model has one per cell")
+        n = self.config.n_layers + 1
+        if not -n <= layer < n:
+            raise ValueError(
+                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
+            )
+        z = self._standardised(batch)
+        index = layer % n
+        return self._encode(z, self._missing(batch), upto=index)[index]
+
+    @torch.no_grad()
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
+        return self.features(batch, pooling, layer)
+
+
+def gene_statistics(records, vocab_size: int, *, panel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and standard deviation of the values over `records`, streamed one record at a
+    time: (vocab_size,) float64 each. `panel`: a gene a record leaves out is unmeasured (else: 0)."""
+    total = np.zeros(vocab_size, dtype=np.float64)
+    square = np.zeros(vocab_size, dtype=np.float64)
+    listed = np.zeros(vocab_size, dtype=np.float64)
+    n = 0
+    for record in records:
+        tokens = np.asarray(record["tokens"], dtype=np.int64)
+        values = np.asarray(record["values"], dtype=np.float64)
+        np.add.at(total, tokens, values)
+        np.add.at(square, tokens, values * values)
+        np.add.at(listed, tokens, 1.0)
+        n += 1
+    # panel records: over the records that measure the gene; others: a gene left out is a zero
+    n = np.maximum(listed if panel else float(max(n, 1)), 1.0)
+    mean = total / n
+    std = np.sqrt(np.maximum(square / n - mean * mean, 0.0))
+    std[std == 0] = 1.0
+    return mean, std

@@ -1,0 +1,241 @@
+"""Nothing in a run folder runs code, and nothing corrupt is used: pickle payloads in a checkpoint's
+RNG, model-state or optimizer file never execute (resume exits 2 naming the file); a changed
+`model.safetensors` is refused by embed and evaluate; a corrupt latest training checkpoint is set aside
+and the run resumes from the previous one, ending at the same weights; outputs follow the umask; a
+diverging run stops (exit 2) before a checkpoint with non-finite weights or a NaN metric is written.
+
+Real DeepSpeed (ZeRO-2, CPU) on the C. elegans chrX store, a few steps per run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from biomask.provenance import sha256_file
+from biomask.training import checkpoint, rundir
+from tests.test_pretrain import CONFIG, overrides
+
+REPO = Path(__file__).resolve().parent.parent
+UMASK = 0o027  # the run fixture's umask: files must come out 0640, not safetensors' private 0600
+RUN = {"train.steps": 12, "train.checkpoint_every": 4, "train.keep_last": 3, "deepspeed.stage": 2}
+MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def finished(genome_store, tmp_path_factory) -> Path:
+    """A finished 12-step ZeRO-2 run with checkpoints at steps 4, 8 and 12, written under umask 027."""
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.trainer import pretrain
+
+    out = tmp_path_factory.mktemp("security") / "run"
+    before = os.umask(UMASK)
+    try:
+        pretrain(load_config(PretrainConfig, CONFIG, overrides(genome_store, out, **RUN)))
+    finally:
+        os.umask(before)
+    return out
+
+
+def interrupted(finished: Path, where: Path) -> Path:
+    """A copy of the run as if killed after its last checkpoint: no model/, no run.json, in progress."""
+    out = shutil.copytree(finished, where)
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").unlink()
+    shutil.rmtree(out / "model")
+    rundir.mark_in_progress(out, info["fingerprint"], info["world_size"])
+    return out
+
+
+def reseal(ckpt: Path) -> None:
+    """Record the files' current sizes and sha256 in meta.json, as a careful forger would."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    names = [p.name for p in ckpt.iterdir() if p.is_file() and p.name != "meta.json"]
+    meta["files"] = {n: (ckpt / n).stat().st_size for n in names}
+    meta["sha256"] = {n: sha256_file(ckpt / n) for n in names}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def flip(path: Path, n: int, offset: int | None = None) -> None:
+    """Flip `n` bytes in the middle of a file (same size, different content)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 if offset is None else offset
+    for i in range(start, start + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def load_state(path: Path) -> dict:
+    """A DeepSpeed file of our own run, read (weights only) to be re-written with a payload."""
+    with torch.serialization.safe_globals(checkpoint.allowed_globals()):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def resume(cli, genome_store, out: Path) -> tuple[int, str]:
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **RUN))
+    return code, err
+
+
+def test_no_pickle_load_in_biomask():
+    offenders = [
+        f"{path}:{i}"
+        for path in (REPO / "biomask").rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "weights_only=False" in line or "pickle.load" in line or "allow_pickle=True" in line
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["rng-rank0.safetensors", MODEL_STATES, OPTIM_STATES])
+def test_a_pickle_payload_in_a_checkpoint_never_runs(name, finished, genome_store, tmp_path, cli):
+    out = interrupted(finished, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step00000012"
+    marker = tmp_path / "payload-ran"
+    target = ckpt / name
+    if name.endswith(".pt"):  # the real state with one more entry, as an attacker would keep it loadable
+        state = load_state(target)
+        state["extra"] = Payload(marker)
+        torch.save(state, target)
+    else:
+        torch.save({"torch": Payload(marker)}, target)
+    # an RNG file in the old pickle format, listed in meta.json, is never opened either
+    torch.save({"python": Payload(marker)}, ckpt / "rng-rank0.pt")
+    reseal(ckpt)  # the checksums match: only the loader stands between the payload and the user
+
+    code, err = resume(cli, genome_store, out)
+    assert code == 2, err
+    assert not marker.exists()
+    assert str(target) in err and "Traceback" not in err
+    assert not (out / "run.json").exists() and not (out / "model").exists()
+
+
+def test_zero_to_fp32_consolidation_loads_weights_only(finished, tmp_path):
+    from biomask.training.trainer import consolidated_state_dict
+
+    ckpt = shutil.copytree(finished / "checkpoints" / "step00000012", tmp_path / "ckpts" / "step00000012")
+    state = consolidated_state_dict(None, ckpt, 2)
+    assert state.keys() == load_file(finished / "model" / "model.safetensors").keys()
+    marker = tmp_path / "payload-ran"
+    optim = load_state(ckpt / OPTIM_STATES)
+    optim["extra"] = Payload(marker)
+    torch.save(optim, ckpt / OPTIM_STATES)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
+        consolidated_state_dict(None, ckpt, 2)
+    assert not marker.exists()
+
+
+def test_changed_portable_weights_are_refused_by_embed_and_evaluate(finished, splice_store, tmp_path, cli):
+    model = shutil.copytree(finished / "model", tmp_path / "model")
+    weights = model / "model.safetensors"
+    flip(weights, 16)
+    (tmp_path / "two.fa").write_text(">a\nACGTACGTACGTACGTACGTAAAACCCGGT\n>b\nTTTTGGGGCCCCAAAA\n")
+    code, _, err = cli(
+        "embed", "--checkpoint", model, "--input", tmp_path / "two.fa", "--output", tmp_path / "e.h5ad"
+    )
+    assert code == 2 and str(weights) in err and "sha256" in err, err
+    assert not (tmp_path / "e.h5ad").exists()
+
+    args = ["evaluate", "-c", REPO / "configs/evaluate/splice.yaml", f"store={splice_store}"]
+    args += [f"output={tmp_path / 'eval'}", f"checkpoints.tiny={model}", "seeds=[0]"]
+    code, _, err = cli(*args)
+    assert code == 2 and str(weights) in err and "sha256" in err, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, genome_store, tmp_path, cli):
+    out = interrupted(finished, tmp_path / "run")
+    ckpts = out / "checkpoints"
+    flip(ckpts / "step00000012" / MODEL_STATES, 64)  # same size: only the sha256 tells
+
+    code, err = resume(cli, genome_store, out)
+    assert code == 0, err
+    assert "fails verification" in err and "falling back" in err and "step00000008" in err
+    assert "resumed from" in err and "step 8 of 12" in err
+    assert (ckpts / "corrupt-step00000012").is_dir()  # kept as evidence, out of the way
+    a = load_file(finished / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # the same run, resumed exactly from step 8
+
+    # every checkpoint corrupt: refused, nothing moved, nothing trained
+    out = interrupted(finished, tmp_path / "all-bad")
+    for ckpt in (out / "checkpoints").glob("step*"):
+        flip(ckpt / OPTIM_STATES, 4096, offset=1024)
+    code, err = resume(cli, genome_store, out)
+    assert code == 2 and "no checkpoint" in err and "--overwrite" in err and OPTIM_STATES in err, err
+    assert sorted(p.name for p in (out / "checkpoints").glob("*step*")) == [
+        "step00000004",
+        "step00000008",
+        "step00000012",
+    ]
+
+
+def test_outputs_follow_the_umask(finished):
+    expected = 0o666 & ~UMASK
+    for path in [
+        finished / "model" / "model.safetensors",
+        finished / "model" / "config.json",
+        finished / "checkpoints" / "step00000012" / "rng-rank0.safetensors",
+        finished / "checkpoints" / "step00000012" / "meta.json",
+        finished / "checkpoints" / "step00000012" / MODEL_STATES,
+    ]:
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_before_a_nan_checkpoint(genome_store, tmp_path, cli):
+    out = tmp_path / "run"
+    extra = {
+        "optim.lr": 1e30,
+        "optim.grad_clip": 0,
+        "train.steps": 12,
+        "train.log_every": 1,
+        "train.checkpoint_every": 1,
+        "train.eval_every": 1,
+    }
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **extra))
+    assert code == 2, err
+    assert "not finite at step" in err and "optim.lr" in err and "optim.grad_clip" in err
+    assert "Traceback" not in err
+    assert not (out / "model").exists() and not (out / "run.json").exists()
+    records = [strict_json(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    for ckpt in (out / "checkpoints").glob("step*"):  # whatever was saved holds finite weights only
+        state = load_state(ckpt / MODEL_STATES)
+        assert all(torch.isfinite(v).all() for v in state["module"].values()), ckpt
+
+    # an infinite learning rate is a config error: exit 2, nothing written
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "inf"), "optim.lr=.inf")
+    assert code == 2 and "optim.lr" in err and not (tmp_path / "inf").exists()
