@@ -1,23 +1,24 @@
-"""`biomask theory`: the linear-model simulation of mask pretraining (Dong, Wang & Kluger 2025).
+"""`biomask theory`: when can a random mask ratio (R²MAE, Dong, Wang & Kluger 2025) beat the best
+fixed one? A linear-model study.
 
-Formulation. A linear masked autoencoder with per-feature weights and the loss on masked entries
-only, Σ_i Σ_{j masked in i} (x_ij − w_jᵀ(x_i ⊙ (1 − m_i)))², splits into one regression per
-reconstructed feature, so we study one target y and its d context features x (y = βᵀx + ε,
-Var(y) = 1, diag Σ = 1; Σ isotropic, or spiked by k latent factors that all features share).
-With mask ratio p every entry is masked independently with probability p; the target enters the
-loss in the ≈ pn samples where it is masked, with the other features zero-filled where masked —
-so p sets both the effective sample size (pn) and the sparsity of the covariates (1 − p visible).
-The pretraining estimator is the minimum-norm least-squares fit on those samples (the ridgeless
-limit, and what gradient descent from zero finds). R²MAE draws p_i ~ U(a, b) for every sample.
-The test risk is that of the pretrained predictor on a fresh sample with its full context (how a
-pretrained model is used downstream, and the same task for every masking scheme), with the
-dropout rescaling by the training inputs' visible fraction, divided by Var(y): 1 is the null
-predictor, σ² the Bayes risk. It is computed exactly given ŵ; the training randomness (data and
-masks) is simulated over repetitions that all schemes share, so comparisons are paired. Model size
-is γ = d/n: over-parameterised (γ > 1) means more weights per feature than pretraining samples, so
-the per-feature regression interpolates for every p; for γ < 1 it crosses the interpolation
-threshold pn = d at p = γ. A deterministic-equivalent formula (`asymptotics`) gives the fixed-p
-curves without sampling noise and is checked against the simulation.
+Model. A linear masked autoencoder with the loss on masked entries only splits into one regression
+per reconstructed feature, so one target y is studied with its d context features (`population`:
+isotropic, k equal spikes, multi-scale spikes, a global factor plus local blocks). Every entry is
+masked with probability p (R²MAE: p ~ U(a, b), drawn per sample or per batch); the target enters the
+loss where it is masked, the context is zero-filled where masked. Training makes K passes over the
+n samples with fresh masks and fits by minimum-norm least squares (`fit`); K = ∞ is the expected
+loss, solved in closed form: the generalised ridge (A XᵀX + B diag XᵀX) w = C Xᵀy with
+A = E[p(1−p)²], B = E[p²(1−p)], C = E[p(1−p)] — so U(a, b) is the fixed ratio p′ = B/C up to the
+scale c* = A/C (`ratios`). Two models: zero-fill ŷ = wᵀz, and mask-aware ŷ = f·aᵀz + (1 − f)·bᵀz
+with f the visible fraction it was masked to.
+
+Metrics (`metrics`, exact given the weights): best-scalar full-context risk (primary), full-context
+risk with c*, risk averaged over test ratios (plain model + dropout rescaling; mask-aware model),
+held-out pretraining loss at matched ratios, and a few-label probe of each latent factor (`probe`).
+
+Fair selection (`study`): the fixed grid (step 0.05) and every U(a, b) on it are run on selection
+repetitions; the best fixed ratio and the best range per metric are compared paired on independent
+test repetitions, and each chosen range against its own p′.
 
     from biomask.theory import TheoryConfig, run_theory
     run_theory(TheoryConfig(output="runs/theory"))
@@ -39,22 +40,21 @@ log = logging.getLogger(__name__)
 def run_theory(cfg: TheoryConfig, *, overwrite: bool = False) -> Path:
     """Run the study and write its tables, figures and summary into `cfg.output`."""
     from biomask.stage import StageOutput
-    from biomask.theory import findings, plots, report
+    from biomask.theory import plots, report
     from biomask.theory.study import run_study
 
     stage = StageOutput("theory", cfg, cfg.output)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
     start = time.perf_counter()
-    settings = run_study(cfg)
-    step = min(b - a for a, b in zip(cfg.mask_ratios, cfg.mask_ratios[1:]))
-    checked = findings.all_findings([s.analysis for s in settings], step)
+    blocks, extras = run_study(cfg)
+    ans = report.answer(blocks, extras)
     with stage.writing(seeds={"theory": cfg.seed}) as tmp:
-        report.write_tables(settings, tmp)
-        plots.all_figures(settings, tmp)
+        report.write_tables(blocks, extras, tmp)
+        plots.all_figures(blocks, extras, tmp)
         runtime = time.perf_counter() - start
-        report.write_results(settings, checked, runtime, tmp)
-        (tmp / "summary.md").write_text(report.summary_markdown(cfg, settings, checked, runtime))
-    for f in checked:
-        log.info("theory: %s: %s", f["claim"], f["verdict"])
+        report.write_results(blocks, extras, ans, runtime, tmp)
+        (tmp / "summary.md").write_text(report.summary_markdown(cfg, blocks, extras, ans, runtime))
+    for m, per_k in ans["counts"].items():
+        log.info("theory: %s: range vs best fixed: %s", m, per_k)
     return Path(cfg.output)
