@@ -46,7 +46,9 @@ def test_loss_is_on_the_masked_genes_only():
     changed = batch["values"].clone()
     changed[:, 2] += 5.0
     assert not torch.allclose(model({**batch, "values": changed, "masked": masked})["loss"], out["loss"])
-    hidden_input = model._encode(model._standardised({**batch, "values": changed}), masked[:, :0].new_zeros(6, 12))
+    hidden_input = model._encode(
+        model._standardised({**batch, "values": changed}), masked[:, :0].new_zeros(6, 12)
+    )
     assert hidden_input[0].shape == (6, 12)
     masked_dense = model._dense(batch, masked) > 0
     latent_a = model._encode(model._standardised(batch), masked_dense)[-1]
@@ -57,7 +59,9 @@ def test_loss_is_on_the_masked_genes_only():
 def test_a_gene_the_data_lacks_is_hidden_not_zero():
     model = _model()
     full = _records()[:1]
-    listed_zero = [{"tokens": full[0]["tokens"], "values": np.where(full[0]["tokens"] == 7, 0.0, full[0]["values"])}]
+    listed_zero = [
+        {"tokens": full[0]["tokens"], "values": np.where(full[0]["tokens"] == 7, 0.0, full[0]["values"])}
+    ]
     lacking = [{k: v[full[0]["tokens"] != 7] for k, v in full[0].items()}]
     a = model.embed(collate(listed_zero, modality="cells"))
     b = model.embed(collate(lacking, modality="cells"))
@@ -66,7 +70,9 @@ def test_a_gene_the_data_lacks_is_hidden_not_zero():
     binned = _model(scheme="binned")
     binned.set_gene_stats(np.zeros(12), np.ones(12))
     np.testing.assert_allclose(
-        binned.embed(collate(listed_zero, modality="cells")), binned.embed(collate(lacking, modality="cells")), atol=1e-6
+        binned.embed(collate(listed_zero, modality="cells")),
+        binned.embed(collate(lacking, modality="cells")),
+        atol=1e-6,
     )
 
 
@@ -132,8 +138,10 @@ def test_checkpoint_round_trips_with_its_standardisation(profile_checkpoint, pan
 
 
 @pytest.mark.network
-def test_pretrained_profile_embedding_beats_the_random_network(profile_checkpoint, panel_store, tmp_path, cli):
-    code, out, err = cli(
+def test_pretrained_profile_embedding_beats_the_random_network(
+    profile_checkpoint, panel_store, tmp_path, cli
+):
+    code, _out, err = cli(
         "evaluate", "-c", "configs/evaluate/pbmc68k_reduced.yaml", f"store={panel_store}",
         f"output={tmp_path / 'eval'}", f"checkpoints.mlp={profile_checkpoint}", "seeds=[0,1,2]",
         "protocols=[linear_probe,knn]", "baselines=[pca_lr,hvg_lr]",
@@ -150,3 +158,85 @@ def test_pretrained_profile_embedding_beats_the_random_network(profile_checkpoin
     assert "all genes + LR" in summary
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Leiden clusters" in report and "all genes + kNN" in report
+
+
+# ------------------------------------------------------------------------------- the user's own cells
+
+
+@pytest.fixture(scope="module")
+def pbmc68k_adata():
+    import anndata as ad
+
+    from biomask.datasets import fetch
+
+    return ad.read_h5ad(fetch("pbmc68k_reduced"))
+
+
+@pytest.mark.network
+def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_adata, tmp_path):
+    import biomask
+
+    adata = pbmc68k_adata.copy()
+    before = set(adata.obsm)
+    checkpoint = biomask.fit_cells(
+        adata,
+        tmp_path / "mine",
+        matrix="raw",
+        counts={"mode": "log1p"},  # the file's raw holds log1p(CP10k) values and no counts
+        overrides={"train.steps": 60, "train.checkpoint_every": 60},
+    )
+    assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
+    assert set(adata.obsm) - before == {"X_biomask"}
+    assert np.isfinite(adata.obsm["X_biomask"]).all()
+    info = json.loads((checkpoint / "config.json").read_text())
+    assert info["architecture"]["kind"] == "mlp" and info["training"]["steps"] == 60
+    # labels were not used: the store has no label column
+    store = json.loads((tmp_path / "mine" / "store" / "manifest.json").read_text())
+    assert store["label_names"] is None and store["scheme"] == "panel"
+    # the same call again reuses every stage (nothing retrained) and gives the same embedding
+    weights = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    again = pbmc68k_adata.copy()
+    biomask.fit_cells(
+        again, tmp_path / "mine", matrix="raw", counts={"mode": "log1p"},
+        overrides={"train.steps": 60, "train.checkpoint_every": 60},
+    )  # fmt: skip
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == weights
+    np.testing.assert_array_equal(again.obsm["X_biomask"], adata.obsm["X_biomask"])
+
+
+@pytest.mark.network
+def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata, tmp_path, cli):
+    import biomask
+    from biomask.errors import InputError
+
+    with pytest.raises(InputError, match="at least 20"):
+        biomask.fit_cells(pbmc68k_adata[:10].copy(), tmp_path / "few", matrix="raw", counts={"mode": "log1p"})
+    path = tmp_path / "cells.h5ad"
+    pbmc68k_adata.write_h5ad(path)
+    code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit", "--matrix", "raw")
+    assert code == 2
+    assert "cells.h5ad" in err and "counts.mode" in err  # says what the file holds and what to set
+    assert not (tmp_path / "fit" / "pretrain").exists()
+
+
+@pytest.mark.network
+def test_log_normalised_values_are_taken_as_they_are(pbmc68k_adata, tmp_path):
+    """counts.mode=log1p (no totals needed) gives the values that rebuilding the counts gives."""
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+    from biomask.store import TokenStore
+    from tests.cells_store import REPO
+
+    stores = {}
+    for mode, extra in (("from_log1p", []), ("log1p", ["counts.total_counts_column=null"])):
+        cfg = load_config(
+            CellsPrepConfig,
+            REPO / "configs/cells/pbmc68k_reduced-panel.yaml",
+            [f"output={tmp_path / mode}", f"counts.mode={mode}", *extra],
+        )
+        stores[mode] = TokenStore(prep_cells(cfg)).split("train")
+    a, b = stores["from_log1p"], stores["log1p"]
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a[0]["tokens"], b[0]["tokens"])
+    np.testing.assert_allclose(a[0]["values"], b[0]["values"], atol=2e-3)

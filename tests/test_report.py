@@ -112,6 +112,32 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     assert [e["label"] for e in row["entries"]] == ["R²MAE, the best pretrained model"]
 
 
+def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():
+    from biomask.report.collect import by_pretraining_seed
+
+    scores = {
+        ("baseline", "linear_probe"): [0.70, 0.72, 0.71],
+        ("r2mae@0", "linear_probe"): [0.80, 0.82, 0.81],  # pretraining seed 0: mean 0.81 over 3 splits
+        ("r2mae@1", "linear_probe"): [0.60, 0.62, 0.61],  # seed 1: 0.61 — a bad seed
+        ("fixed40@0", "linear_probe"): [0.70, 0.70, 0.70],
+        ("fixed40@1", "linear_probe"): [0.71, 0.71, 0.71],
+        ("random-init", "linear_probe"): [0.50, 0.55, 0.60],
+    }
+    ev = _evaluation(scores, {"r2mae@0": R2MAE, "r2mae@1": R2MAE, "fixed40@0": FIXED40, "fixed40@1": FIXED40})
+    results, masking = by_pretraining_seed(ev.results, dict(ev.masking))
+    ev = Evaluation("task", Path("."), "mcc", "a task", results, ev.checkpoints, masking)
+    (r2,) = ev.methods("linear_probe", "r2mae")
+    assert [round(r["mcc"], 6) for r in results["per_seed"][r2["name"]]] == [0.81, 0.61]
+    assert "2 pretraining seeds" in results["unit"]
+    # one unit per pretraining seed: the split-level agreement of each seed does not make an interval
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["group"] == "fixed40" and row["cmp"]["n"] == 2
+    assert verdict(row["cmp"], "better", "worse") == "no significant difference"
+    (versus_random,) = r2mae_vs_random_init(ev, "r2mae")
+    assert versus_random["cmp"]["n"] == 2 and versus_random["cmp"]["mean_difference"] == pytest.approx(0.16)
+    assert results["summary"]["baseline"]["mcc"]["n"] == 3  # baselines keep their summary over splits
+
+
 def test_masking_names_are_readable():
     assert describe_masking(R2MAE) == "U(0.15, 0.45)"
     assert describe_masking(FIXED15) == "15%"
@@ -132,8 +158,10 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
         stage["config"] = str(repo / stage["config"])
     stages["prep_genome"]["overrides"].update({"windows.max_bases": 200_000, "split.block_size": 10_000})
     schemes = ["r2mae", "bert15"]
-    for name in ("pretrain_dna", "pretrain_cells"):
-        stages[name]["sweep"] = {"masking.scheme": schemes}
+    stages["pretrain_dna"]["sweep"] = {"masking.scheme": schemes}
+    stages["pretrain_cells"]["sweep"] = {"masking.scheme": schemes, "train.seed": [0, 1]}
+    stages["pretrain_cells_corpus"]["sweep"] = {"masking.scheme": ["r2mae"], "train.seed": [0, 1]}
+    for name in ("pretrain_dna", "pretrain_cells", "pretrain_cells_corpus"):
         stages[name]["overrides"].update(
             {
                 "train.steps": 6,
@@ -144,10 +172,13 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
                 "optim.warmup_steps": 0,
             }
         )
-    for name in ("evaluate_splice", "evaluate_pbmc68k"):
+    for name in ("evaluate_splice", "evaluate_pbmc68k", "evaluate_pbmc68k_transfer"):
         over = stages[name]["overrides"]
         over["seeds"] = [0, 1]
-        over["checkpoints"] = {k: v for k, v in over["checkpoints"].items() if k in schemes}
+        # DNA checkpoints are named by scheme; cells ones scheme@seed (verdicts over pretraining seeds)
+        over["checkpoints"] = {
+            k: v for k, v in over["checkpoints"].items() if k.split("@")[0] in schemes and not k.endswith("@2")
+        }
         over["compare"] = [["r2mae", "bert15"]]
         over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
     path = run_dir.parent / "study-mini.yaml"
@@ -202,7 +233,10 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     assert "random-init" in text
     # R²MAE is judged against the best fixed ratio with a verdict, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") >= 4  # 2 tasks × 2 protocols
-    assert text.count("R²MAE vs the same architecture randomly initialised") == 4
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 6  # 3 tasks × 2 protocols
+    # cells verdicts rest on pretraining seeds, and the profile models' loss is set against the gene mean
+    assert "better in" in text and "pretraining seeds" in text
+    assert "reference: gene mean" in text and "| all genes + LR | hvg_lr |" in text
     assert text.count("→ **met**") + text.count("→ **not met**") >= 2  # each target, R²MAE at least
     # provenance: the configs and the data checksums of the inputs
     pbmc3k_run = json.loads((tmp_path / "study" / "prep_pbmc3k" / "run.json").read_text())

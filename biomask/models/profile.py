@@ -120,6 +120,8 @@ class ProfileAutoencoder(nn.Module):
         loss = F.mse_loss(pred[hidden], z[hidden])
         return {
             "loss": loss,
+            # predicting each masked gene by its training mean (0 once standardised): the reference
+            "reference_loss": z[hidden].detach().float().pow(2).mean(),
             "n_masked": hidden.sum(),
             "n_correct": torch.zeros((), dtype=torch.long, device=z.device),
         }

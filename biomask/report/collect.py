@@ -12,6 +12,7 @@ import pandas as pd
 import yaml
 
 from biomask.errors import InputError
+from biomask.evaluation.metrics import summarize
 from biomask.provenance import read_run_info
 
 
@@ -165,7 +166,63 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
             masking[name] = json.loads((Path(ckpt) / "config.json").read_text()).get("masking", {})
         except (OSError, ValueError):
             masking[name] = {}
+    results, masking = by_pretraining_seed(results, masking)
     return Evaluation(key, root, metric, title or key, results, checkpoints, masking)
+
+
+SEED_MARK = "@"  # checkpoint names `scheme@seed`: one scheme pretrained with several seeds
+
+
+def by_pretraining_seed(
+    results: dict[str, Any], masking: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Results whose unit is the pretraining seed, when checkpoints are named `scheme@seed`.
+
+    A verdict about a masking scheme must cover the variance of pretraining, not only of the probe's
+    splits. Each `scheme@seed` checkpoint's score is first averaged over the evaluation splits (the
+    same splits for every method); the scheme then gets one row per protocol whose per-seed values
+    are those averages, one per pretraining seed. Methods without a pretraining seed (baselines, the
+    random init) enter comparisons as their mean over the same splits, so a paired comparison's
+    interval is over pretraining seeds. Their own rows keep their summary over splits. Without `@`
+    names the results are returned unchanged (the unit stays the split)."""
+    groups: dict[str, dict[str, str]] = {}  # scheme -> {seed: checkpoint name}
+    for m in results["methods"]:
+        scheme, mark, seed = m["group"].rpartition(SEED_MARK)
+        if mark and scheme:
+            groups.setdefault(scheme, {})[seed] = m["group"]
+    if not groups:
+        return results, masking
+    n = min(len(seeds) for seeds in groups.values())
+    metrics = [k for k in ("accuracy", "macro_f1", "mcc", "cluster_ari", "cluster_nmi")]
+
+    def split_mean(name: str) -> dict[str, float]:
+        rows = results["per_seed"][name]
+        return {k: float(np.mean([r[k] for r in rows])) for k in metrics if rows and k in rows[0]}
+
+    methods, per_seed, summary = [], {}, {}
+    done: set[tuple[str, str]] = set()
+    for m in results["methods"]:
+        scheme, mark, _ = m["group"].rpartition(SEED_MARK)
+        if mark and scheme in groups:
+            if (scheme, m["protocol"]) in done:
+                continue
+            done.add((scheme, m["protocol"]))
+            seeds = sorted(groups[scheme], key=lambda v: (len(v), v))[:n]
+            names = [next(x["name"] for x in results["methods"] if x["group"] == groups[scheme][seed]
+                          and x["protocol"] == m["protocol"]) for seed in seeds]  # fmt: skip
+            name = f"{scheme} ({len(seeds)} pretraining seeds, {m['protocol']})"
+            per_seed[name] = [{"pretraining_seed": seed, **split_mean(x)} for seed, x in zip(seeds, names)]
+            summary[name] = {
+                k: summarize([r[k] for r in per_seed[name]]) for k in metrics if k in per_seed[name][0]
+            }
+            methods.append({"name": name, "group": scheme, "protocol": m["protocol"], "members": names})
+            masking.setdefault(scheme, masking.get(groups[scheme][seeds[0]], {}))
+        else:
+            per_seed[m["name"]] = [split_mean(m["name"])] * n
+            summary[m["name"]] = results["summary"][m["name"]]
+            methods.append(m)
+    unit = f"{n} pretraining seeds (each the mean over {len(results['seeds'])} evaluation splits)"
+    return {**results, "methods": methods, "per_seed": per_seed, "summary": summary, "unit": unit}, masking
 
 
 @dataclass

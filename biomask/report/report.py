@@ -52,11 +52,16 @@ def verdict(cmp: dict[str, float], better: str, worse: str) -> str:
     return "no significant difference"
 
 
-def _cmp_text(cmp: dict[str, float], metric: str) -> str:
+def _cmp_text(cmp: dict[str, float], metric: str, unit: str = "seeds") -> str:
     return (
         f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
-        f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} seeds"
+        f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} {unit}"
     )
+
+
+def _unit(ev: Evaluation) -> str:
+    """What a comparison's n counts: pretraining seeds (checkpoints named scheme@seed) or splits."""
+    return "pretraining seeds" if "unit" in ev.results else "evaluation splits (one pretraining seed)"
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -148,6 +153,39 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
     return rows
 
 
+def _pretraining_verdict(modality: str, runs: list[PretrainRun], r2mae: str) -> list[str]:
+    """R²MAE's ratio-averaged held-out loss against the best fixed ratio's, over pretraining seeds."""
+    by_scheme: dict[str, dict[Any, float]] = {}
+    masking: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        scheme = run.config.get("masking", {}).get("scheme", run.name)
+        seed = run.config.get("train", {}).get("seed")
+        if "mean_loss" in run.final_eval:
+            by_scheme.setdefault(scheme, {})[seed] = run.final_eval["mean_loss"]
+            masking[scheme] = run.masking
+    fixed = [s for s in by_scheme if is_fixed_ratio(masking[s])]
+    if r2mae not in by_scheme or not fixed:
+        return []
+    best = min(fixed, key=lambda s: sum(by_scheme[s].values()) / len(by_scheme[s]))
+    seeds = sorted(set(by_scheme[r2mae]) & set(by_scheme[best]), key=str)
+    a = [by_scheme[r2mae][s] for s in seeds]
+    b = [by_scheme[best][s] for s in seeds]
+    if len(seeds) < 2:
+        word = "lower (better)" if a[0] < b[0] else "higher (worse)"
+        return [
+            f"- **Pretraining ({modality})**: R²MAE's held-out masked loss averaged over the ratio grid is {a[0]:.4f}, "
+            f"{word} than the best fixed ratio ({best}, {b[0]:.4f}) — one pretraining seed per scheme, so no interval."
+        ]
+    cmp = paired_comparison(b, a)  # positive: R²MAE's loss is lower
+    text = verdict(cmp, "R²MAE's is **lower** (better)", "R²MAE's is **higher** (worse)")
+    return [
+        f"- **Pretraining ({modality})**: held-out masked loss averaged over the ratio grid, R²MAE "
+        f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f}: {text} "
+        f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
+        f"{len(seeds)} pretraining seeds paired by seed)."
+    ]
+
+
 def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
     grid = sorted({r for run in runs for r in run.final_eval.get("loss", {})}, key=float)
     head = (
@@ -155,15 +193,21 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
         + " | ".join(f"loss @ {r}" for r in grid)
         + " | mean over grid |"
     )
-    lines = [head, "|" + "---|" * (5 + len(grid))]
+    reference = any("mean_reference_loss" in run.final_eval for run in runs)
+    if reference:  # profile models: the same masked genes predicted by each gene's training mean
+        head += " reference: gene mean | below the reference |"
+    lines = [head, "|" + "---|" * (5 + len(grid) + 2 * reference)]
     for run in runs:
         losses = run.final_eval.get("loss", {})
         tps = run.train["tokens_per_s"].median() if "tokens_per_s" in run.train else float("nan")
         steps = run.config.get("train", {}).get("steps", "?")
         cells = " | ".join(f"{losses[r]:.4f}" if r in losses else "" for r in grid)
-        lines.append(
-            f"| {run.name} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{run.final_eval.get('mean_loss', float('nan')):.4f}** |"
-        )
+        mean = run.final_eval.get("mean_loss", float("nan"))
+        line = f"| {run.name} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{mean:.4f}** |"
+        if reference:
+            ref = run.final_eval.get("mean_reference_loss", float("nan"))
+            line += f" {ref:.4f} | {ref - mean:+.4f} ({1 - mean / ref:.0%}) |"
+        lines.append(line)
     return lines
 
 
@@ -247,33 +291,24 @@ def render(cfg: ReportConfig, out: Path) -> str:
             ours = format_summary(ev.results["summary"][e["method"]][t.metric])
             status = "**met**" if e["met"] else "**not met**"
             lines.append(
-                f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric)}."
+                f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric, _unit(ev))}."
             )
     for ev in evaluations.values():
         for row in r2mae_vs_fixed(ev, cfg.r2mae):
             text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
             lines.append(
                 f"- **R²MAE vs the best fixed ratio**, {ev.title}, {row['protocol'].replace('_', ' ')}: {row['group']} "
-                f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio; {text} "
-                f"({_cmp_text(row['cmp'], ev.metric)})."
+                f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio (chosen on the test "
+                f"metric, which favours it); {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
             )
         for row in r2mae_vs_random_init(ev, cfg.r2mae):
             text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
             lines.append(
                 f"- **R²MAE vs the same architecture randomly initialised**, {ev.title}, "
-                f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric)})."
+                f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
             )
     for modality, mruns in runs.items():
-        r2 = [r for r in mruns if r.name == cfg.r2mae]
-        fixed = [r for r in mruns if is_fixed_ratio(r.masking)]
-        if r2 and fixed:
-            best = min(fixed, key=lambda r: r.final_eval.get("mean_loss", float("inf")))
-            a, b = r2[0].final_eval.get("mean_loss"), best.final_eval.get("mean_loss")
-            word = "lower (better)" if a < b else "higher (worse)"
-            lines.append(
-                f"- **Pretraining ({modality})**: R²MAE's held-out masked loss averaged over the ratio grid is {a:.4f}, "
-                f"{word} than the best fixed ratio ({best.name}, {b:.4f}) — one pretraining seed per scheme, so no interval."
-            )
+        lines += _pretraining_verdict(modality, mruns, cfg.r2mae)
     lines.append("")
 
     lines += ["## Pretraining", ""]
@@ -294,7 +329,9 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [
             f"### {ev.title}",
             "",
-            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {ev.results['splits']['mode']}; "
+            f"{len(seeds)} evaluation splits ({', '.join(map(str, seeds))}; {ev.results['splits']['mode']})"
+            + (f"; pretrained models summarised over {ev.results['unit']}" if "unit" in ev.results else "")
+            + "; "
             f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
             "",
             *_evaluation_table(ev),

@@ -285,7 +285,7 @@ def evaluate(
     """
     engine.eval()
     masking = eval_masking(cfg.masking)
-    losses, accuracies = {}, {}
+    losses, accuracies, references = {}, {}, {}
     for i, ratio in enumerate(cfg.train.eval_ratios):
         masker = Masker(
             masking,
@@ -296,7 +296,7 @@ def evaluate(
             rank=dist_env.rank,
             device=device,
         )
-        loss_sum = n_masked = n_correct = 0.0
+        loss_sum = n_masked = n_correct = reference_sum = 0.0
         for batch in batches:
             batch = to_device(batch, device)
             ratios = torch.full((batch["input_ids"].shape[0],), ratio, device=device)
@@ -305,12 +305,20 @@ def evaluate(
             loss_sum += out["loss"].item() * n
             n_masked += n
             n_correct += float(out["n_correct"])
-        loss_sum, n_masked, n_correct = all_sum([loss_sum, n_masked, n_correct], dist_env.world_size, device)
+            if "reference_loss" in out:  # a model that knows its trivial predictor's loss reports it
+                reference_sum += out["reference_loss"].item() * n
+        loss_sum, n_masked, n_correct, reference_sum = all_sum(
+            [loss_sum, n_masked, n_correct, reference_sum], dist_env.world_size, device
+        )
         key = f"{ratio:g}"
         losses[key] = loss_sum / max(n_masked, 1.0)
         accuracies[key] = n_correct / max(n_masked, 1.0)
+        references[key] = reference_sum / max(n_masked, 1.0)
     engine.train()
     result: dict[str, Any] = {"loss": losses, "mean_loss": sum(losses.values()) / len(losses)}
+    if arch.kind == "mlp":  # the same masked genes predicted by each gene's training mean
+        result["reference_loss"] = references
+        result["mean_reference_loss"] = sum(references.values()) / len(references)
     if arch.target != "values":
         result["accuracy"] = accuracies
         result["mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
