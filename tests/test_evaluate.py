@@ -64,3 +64,65 @@ def test_store_without_labels_is_refused(genome_store, tmp_path, cli, repo):
     )
     assert code == 2 and "has no labels" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_kmer_baseline_chooses_k_on_validation_per_seed(splice_store, tmp_path, cli, repo):
+    out = tmp_path / "eval"
+    args = ["evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={splice_store}", f"output={out}"]
+    code, _, err = cli(*args, "seeds=[0,1]", "baselines=[kmer_lr]", "baseline.kmer_k=[1,2]")
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["k-mer counts + LR"] and results["kmer_k"] == [1, 2]
+    assert all(r["kmer_k"] in (1, 2) for r in results["per_seed"]["k-mer counts + LR"])
+    report = (out / "report.md").read_text()
+    assert "k chosen on val per seed" in report and "long_records=window" in report
+    code, _, err = cli(*args, "baseline.kmer_k=[0,3]")
+    assert code == 2 and "kmer_k" in err
+
+
+def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_path, cli, repo):
+    """Fine-tuning on a 30-base input: 60-base records are refused (exit 2), or windowed and reported."""
+    out = tmp_path / "eval"
+    args = ["evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={splice_store}", f"output={out}"]
+    args += [f"checkpoints.tiny={dna_checkpoint}", "seeds=[0]", "baselines=[]", "random_init=false"]
+    args += ["protocols=[finetune]", "finetune.max_length=32", "finetune.max_steps=10", "finetune.lr=1.0e-3"]
+    code, _, err = cli(*args, "long_records=refuse")
+    assert code == 2 and "longer than the model's input of 30 tokens" in err and "long_records=window" in err
+    assert not out.exists()
+    code, _, err = cli(*args)  # the default: windows
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["long_records"] == "window"
+    (method,) = results["methods"]
+    assert method["inputs"] == {
+        "max_tokens": 128,
+        "long_records": "window",
+        "n_long": 0,
+        "n_long_finetune": 3003,
+    }
+    (row,) = results["per_seed"]["tiny (fine-tune)"]
+    assert row["finetune_source"] in ("finetune", "probe") and row["best_val_mcc"] >= row["start_val_mcc"]
+    assert row["lr"] == 1e-3 and [g["lr"] for g in row["grid"]] == [1e-3]
+    assert "long_records=window" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("template", "pooling", "first_baseline"),
+    [("motif-task", "mean", "kmer_lr"), ("position-task", "concat", "onehot_lr")],
+)
+def test_copyable_templates_are_valid_and_choose_on_validation(template, pooling, first_baseline, repo):
+    """The templates in configs/evaluate/ load as they are (a user sets store, output and checkpoints)."""
+    from biomask.config import load_config
+    from biomask.evaluation.config import EvaluateConfig
+
+    cfg = load_config(
+        EvaluateConfig, repo / f"configs/evaluate/{template}.yaml", ["checkpoints.m=some/model"]
+    )
+    assert cfg.pooling == pooling and cfg.baselines[0] == first_baseline and cfg.long_records == "window"
+    assert isinstance(cfg.baseline.kmer_k, list) and len(cfg.baseline.kmer_k) > 1
+    assert (
+        isinstance(cfg.finetune.lr, list)
+        and cfg.finetune.init_head == "probe"
+        and cfg.finetune.min_epochs >= 1
+    )
+    assert cfg.protocols == ["linear_probe", "finetune"] and cfg.random_init

@@ -2,10 +2,15 @@
 
 What a record becomes before it reaches the model is decided per record, never per batch:
 
-- records longer than the model's input (`inference_max_length`: what it was trained on) are cut
-  deterministically — DNA and rank-encoded cells keep their first tokens (the start of the sequence,
-  the top-ranked genes); binned and panel cells, whose genes are order-free, keep their
-  highest-valued genes (ties: the lower token id), in stored order;
+- records longer than the model's input (`inference_max_length`: what it was trained on) follow a
+  policy (`long_records`, see `LONG_RECORDS`). `first` (what `biomask embed` does, with a warning):
+  DNA and rank-encoded cells keep their first tokens (the start of the sequence, the top-ranked
+  genes); binned and panel cells, whose genes are order-free, keep their highest-valued genes (ties:
+  the lower token id), in stored order. For DNA, `biomask evaluate` also offers `window` (the whole
+  record in evenly spaced windows of the model's length — the first starts at the record's start,
+  the last ends at its end, neighbours overlap as little as possible — embedded one by one and pooled:
+  the mean of the window vectors, or for concat pooling their concatenation in order), `centre` (the
+  middle tokens) and `refuse` (an error naming the record). Cells always use `first`;
 - records are sorted by length and batched, so padding is small (faster), and padding is masked in
   attention and pooling, so a record's vector does not depend on its batch-mates (equal up to
   float rounding, ~1e-6, whatever the batch size).
@@ -24,6 +29,9 @@ from biomask.models import MaskedEncoder
 from biomask.training.data import TOKEN_FIELDS, collate
 
 log = logging.getLogger(__name__)
+
+# What happens to a record longer than the model's input (DNA; cells always keep their top genes).
+LONG_RECORDS = ("first", "window", "centre", "refuse")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -80,6 +88,80 @@ def fit_record(record: Mapping[str, Any], limit: int, *, order_free: bool) -> Ma
     return out
 
 
+def record_policy(model: MaskedEncoder, long_records: str) -> str:
+    """The policy that applies to this model's records: cells always keep their top genes (`first`)."""
+    if long_records not in LONG_RECORDS:
+        raise ValueError(f"long_records must be one of {', '.join(LONG_RECORDS)}, not {long_records!r}")
+    return long_records if model.config.modality == "dna" else "first"
+
+
+def window_starts(n: int, limit: int) -> np.ndarray:
+    """Starts of the fewest windows of `limit` tokens that cover `n` tokens, evenly spaced (the first
+    at 0, the last ending at n)."""
+    if n <= limit:
+        return np.zeros(1, dtype=np.int64)
+    count = -(-n // limit)
+    return np.round(np.linspace(0, n - limit, count)).astype(np.int64)
+
+
+def record_pieces(
+    record: Mapping[str, Any], limit: int, *, policy: str, order_free: bool
+) -> list[Mapping[str, Any]]:
+    """What the model sees of one record: the record itself when it fits, else per `policy` (one piece
+    for first / centre, several for window). `refuse` is the caller's check (`check_long_records`)."""
+    n = len(record["tokens"])
+    if n <= limit or policy == "first":
+        return [fit_record(record, limit, order_free=order_free)]
+    if policy == "centre":
+        start = (n - limit) // 2
+        return [_slice(record, start, limit)]
+    if policy == "window":
+        return [_slice(record, int(s), limit) for s in window_starts(n, limit)]
+    raise ValueError(f"a record of {n} tokens exceeds the model's {limit} (long_records={policy!r})")
+
+
+def _slice(record: Mapping[str, Any], start: int, length: int) -> dict[str, Any]:
+    out = dict(record)
+    for name in ("tokens", *TOKEN_FIELDS):
+        if name in record:
+            out[name] = np.asarray(record[name])[start : start + length]
+    return out
+
+
+def check_long_records(
+    records: Sequence[Mapping[str, Any]], limit: int, policy: str, *, where: str = "the input"
+) -> int:
+    """How many records are longer than `limit` content tokens; with `refuse`, any is an InputError."""
+    lengths = np.fromiter((len(r["tokens"]) for r in records), dtype=np.int64, count=len(records))
+    long = int((lengths > limit).sum())
+    if long and policy == "refuse":
+        from biomask.errors import InputError
+
+        first = int(np.flatnonzero(lengths > limit)[0])
+        raise InputError(
+            f"{where}: {long} of {len(records)} records are longer than the model's input of {limit} "
+            f"tokens (record {first} has {int(lengths[first])}; long_records=refuse); set "
+            "long_records=window (embed windows and pool them) or long_records=centre (the middle tokens)"
+        )
+    return long
+
+
+def pool_pieces(vectors: np.ndarray, owners: np.ndarray, n: int, pooling: str) -> np.ndarray:
+    """Piece vectors -> one vector per record: the mean over a record's pieces, or (concat) their
+    concatenation in order (every record must then have as many pieces)."""
+    counts = np.bincount(owners, minlength=n)
+    if len(vectors) == n and bool((counts == 1).all()):
+        return vectors[np.argsort(owners, kind="stable")]
+    if pooling == "concat":
+        if len(set(counts.tolist())) != 1:
+            raise ValueError("concat pooling needs records of one length (as many windows each)")
+        order = np.argsort(owners, kind="stable")  # pieces are listed in order within a record
+        return vectors[order].reshape(n, -1)
+    out = np.zeros((n, vectors.shape[1]), dtype=np.float64)
+    np.add.at(out, owners, vectors)
+    return (out / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
 @torch.no_grad()
 def embed_records(
     model: MaskedEncoder,
@@ -89,14 +171,23 @@ def embed_records(
     layer: int = -1,
     batch_size: int = 64,
     max_length: int | None = None,
+    long_records: str = "first",
 ) -> np.ndarray:
     """(len(records), dim) float32: each record's vector, in the order given (dim is d_model, or
-    length * d_model with concat pooling)."""
+    length * d_model with concat pooling). Records longer than the model's input: see the module."""
     limit_total = max_length or inference_max_length(model)
     modality = model.config.modality
     specials = 2 if modality == "dna" else 1
     free = order_free(model)
-    fitted = [fit_record(r, limit_total - specials, order_free=free) for r in records]
+    policy = record_policy(model, long_records)
+    check_long_records(records, limit_total - specials, policy)
+    fitted: list[Mapping[str, Any]] = []
+    owners_list: list[int] = []
+    for i, r in enumerate(records):
+        pieces = record_pieces(r, limit_total - specials, policy=policy, order_free=free)
+        fitted += pieces
+        owners_list += [i] * len(pieces)
+    owners = np.asarray(owners_list, dtype=np.int64)
     lengths = np.fromiter((len(r["tokens"]) for r in fitted), dtype=np.int64, count=len(fitted))
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
     device = next(model.parameters()).device
@@ -119,8 +210,8 @@ def embed_records(
     finally:
         model.train(was_training)
     if out is None:  # no records
-        out = np.empty((0, model.config.d_model), dtype=np.float32)
-    return out
+        return np.empty((0, model.config.d_model), dtype=np.float32)
+    return pool_pieces(out, owners, len(records), pooling)
 
 
 def _strip(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config
-
-BASELINES = ("kmer_lr", "onehot_lr", "pca_lr")
-MODEL_PROTOCOLS = ("linear_probe", "mlp_probe", "finetune")
 
 
 class SplitSpec(Config):
@@ -29,25 +26,58 @@ class SplitSpec(Config):
 
 
 class BaselineSpec(Config):
-    kmer_k: int = Field(6, ge=1, le=8)  # kmer_lr: k-mer length
+    # kmer_lr: the k-mer length, or several: each seed keeps the k with the best validation MCC
+    kmer_k: int | list[int] = Field(default_factory=lambda: [3, 4, 5, 6])
     pca_components: int = Field(50, ge=1)  # pca_lr
+
+    @field_validator("kmer_k")
+    @classmethod
+    def _kmer_k(cls, value: int | list[int]) -> int | list[int]:
+        ks = [value] if isinstance(value, int) else value
+        if not ks or any(not 1 <= k <= 8 for k in ks):
+            raise ValueError("kmer_k: k-mer lengths from 1 to 8 (an integer or a non-empty list)")
+        return value
 
 
 class FinetuneSpec(Config):
-    """Full fine-tuning with a classification head (through the DeepSpeed trainer)."""
+    """Linear-probe-then-fine-tune through the DeepSpeed trainer (biomask.training.finetune).
 
-    max_steps: int = Field(300, ge=1)
+    The head starts as the fitted linear probe on the frozen features (`init_head: probe`), so
+    fine-tuning starts where the probe ends; each learning rate of the grid trains for `epochs`,
+    keeps its best-on-validation weights, and the grid point with the best validation MCC wins. When
+    no grid point beats the probe on validation, the probe's predictions are the result (and the
+    report says so)."""
+
+    # the budget per learning rate: passes over the training split and/or optimizer steps (whichever
+    # ends first); neither set: 3 epochs
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    head_lr: float = Field(1e-3, gt=0)
+    # encoder learning rate(s): a list is a grid, chosen on the validation split
+    lr: float | list[float] = Field(default_factory=lambda: [1.0e-4, 3.0e-4])
+    head_lr: float | None = Field(None, gt=0)  # None: the encoder's lr (the head starts trained)
+    # layer-wise lr decay: block i of n trains at lr * decay^(n - i), the embeddings at lr * decay^n;
+    # None: one lr. Models without transformer blocks (e.g. the MLP kind) use one lr.
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    warmup: float = Field(0.1, ge=0, lt=1)  # share of the steps with a linear warm-up; then constant
     weight_decay: float = Field(0.01, ge=0)
-    eval_every: int = Field(25, ge=1)
-    patience: int = Field(4, ge=1)  # early stopping: evaluations without validation improvement
+    eval_every: int | None = Field(None, ge=1)  # steps between validation passes; None: every epoch
+    patience: int = Field(3, ge=1)  # early stopping: validation passes without a new best MCC ...
+    min_epochs: float = Field(1.0, ge=0)  # ... counted only after this many epochs
+    init_head: Literal["probe", "random"] = "probe"  # random: the plain protocol (no probe start)
     zero_stage: int = Field(0, ge=0, le=3)
-    # Longest input (specials included) while fine-tuning: longer records are cut as for embeddings
-    # (cells: their top genes). None: what the checkpoint was pretrained on. Lower it to fine-tune
-    # long-record models quickly on a CPU.
+    # Longest input (specials included) while fine-tuning: longer records follow `long_records` (DNA)
+    # or keep their top genes (cells). None: what the checkpoint was pretrained on. Lower it to
+    # fine-tune long-record models quickly on a CPU.
     max_length: int | None = Field(None, ge=3)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, value: float | list[float]) -> float | list[float]:
+        grid = [value] if isinstance(value, float | int) else value
+        if not grid or any(v <= 0 for v in grid):
+            raise ValueError("lr: a positive learning rate or a non-empty list of them")
+        return value
 
 
 class EvaluateConfig(Config):
@@ -55,16 +85,24 @@ class EvaluateConfig(Config):
     output: str
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     splits: SplitSpec = SplitSpec()
-    baselines: list[Literal["kmer_lr", "onehot_lr", "pca_lr"]] = Field(default_factory=list)
+    # kmer_lr, onehot_lr: DNA. pca_lr: PCA of the log-normalised expression + LR; hvg_lr: LR on every gene
+    # of the store (its panel or vocabulary: the HVGs when prep selected them) — often the strongest.
+    baselines: list[Literal["kmer_lr", "onehot_lr", "pca_lr", "hvg_lr"]] = Field(default_factory=list)
     baseline: BaselineSpec = BaselineSpec()
     # pretrained portable checkpoints to evaluate, by the name they get in the tables
     checkpoints: dict[str, str] = Field(default_factory=dict)
-    protocols: list[Literal["linear_probe", "mlp_probe", "finetune"]] = Field(
+    # knn: a 15-nearest-neighbour vote on the frozen representation, plus Leiden clusters of it
+    # scored against the labels (ARI, NMI) — for every model and the expression baselines (cells).
+    protocols: list[Literal["linear_probe", "mlp_probe", "finetune", "knn"]] = Field(
         default_factory=lambda: ["linear_probe"]
     )
     random_init: bool = True  # also evaluate the same architecture randomly initialised
     # concat: every content token's vector in order (position-aware; fixed-length records only)
     pooling: Literal["cls", "mean", "concat"] = "mean"
+    # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:
+    # window: embedded in windows of the model's length, pooled (mean of the window vectors; concat:
+    # their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
+    long_records: Literal["window", "centre", "refuse"] = "window"
     finetune: FinetuneSpec = FinetuneSpec()
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
     compare: list[list[str]] = Field(default_factory=list)

@@ -12,14 +12,17 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
 
-from biomask.evaluation import baselines
+from biomask.evaluation import baselines, clustering
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
 from biomask.evaluation.metrics import (
@@ -34,7 +37,10 @@ from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
 
-Predict = Callable[[LabelledRecords, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+# Test predictions, or (test predictions, details for that seed's row: e.g. the chosen k or lr)
+Predict = Callable[
+    [LabelledRecords, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray | tuple[np.ndarray, dict]
+]
 
 
 @dataclass
@@ -45,22 +51,20 @@ class Method:
     group: str  # "baseline", or the checkpoint name ("random-init" for the untrained architecture)
     protocol: str
     predict: Predict
+    info: dict[str, Any] = field(default_factory=dict)  # reported with the method (e.g. its inputs)
 
 
 # ------------------------------------------------------------------------------------------- baselines
 
 
-def _kmer_lr(k: int) -> Predict:
+def _kmer_lr(ks: list[int]) -> Predict:
     def predict(
         data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
-    ) -> np.ndarray:
-        seqs = data.sequences
+    ) -> tuple[np.ndarray, dict]:
+        seqs, y = data.sequences, data.labels
         parts = [[seqs[i] for i in idx] for idx in (train, val, test)]
-        x_train, x_val, x_test = baselines.kmer_frequencies(parts[0], parts[1:], k)
-        y = data.labels
-        return baselines.tuned_logistic(
-            baselines.Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed
-        )
+        pred, k = baselines.kmer_lr(*parts, (y[train], y[val], y[test]), ks, seed)
+        return pred, {"kmer_k": k}
 
     return predict
 
@@ -89,33 +93,90 @@ def _pca_lr(components: int) -> Predict:
     return predict
 
 
+def _hvg_lr(
+    data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
+) -> np.ndarray:
+    x = data.expression
+    scaler = StandardScaler(with_mean=False).fit(x[train])  # sparse stays sparse; scale per gene
+    y = data.labels
+    parts = [scaler.transform(x[idx]) for idx in (train, val, test)]
+    return baselines.tuned_logistic(
+        baselines.Split(parts[0], y[train], parts[1], y[val], parts[2], y[test]), seed
+    )
+
+
+def _representation_knn(represent: Callable[[LabelledRecords, int], np.ndarray]) -> Predict:
+    """The `knn` protocol on an expression representation: kNN predictions + Leiden scores."""
+
+    def predict(
+        data: LabelledRecords, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, dict]:
+        x = represent(data, seed)
+        return clustering.knn_predict(x, data.labels, train, test), clustering.cluster_scores(
+            x, data.labels, seed
+        )
+
+    return predict
+
+
+def _pca_coordinates(components: int) -> Callable[[LabelledRecords, int], np.ndarray]:
+    def represent(data: LabelledRecords, seed: int) -> np.ndarray:
+        """scanpy's X_pca: PCA of the log-normalised expression of every record (no labels used)."""
+        x = data.expression
+        n = min(components, x.shape[0] - 1, x.shape[1] - 1)
+        solver = "arpack" if sp.issparse(x) else "auto"
+        return PCA(n_components=n, svd_solver=solver, random_state=seed).fit_transform(x)
+
+    return represent
+
+
+def _all_genes(data: LabelledRecords, seed: int) -> np.ndarray:
+    """The log-normalised expression of every gene of the store, dense (for the kNN graph)."""
+    x = data.expression
+    return np.asarray(x.todense()) if sp.issparse(x) else np.asarray(x)
+
+
+def _expression_methods(cfg: EvaluateConfig, name: str) -> list[Method]:
+    """pca_lr / hvg_lr, and with the knn protocol their representations under kNN and Leiden."""
+    pca = f"PCA({cfg.baseline.pca_components})"
+    methods = [
+        Method(f"{pca} + LR", "baseline", name, _pca_lr(cfg.baseline.pca_components))
+        if name == "pca_lr"
+        else Method("all genes + LR", "baseline", name, _hvg_lr)
+    ]
+    if "knn" in cfg.protocols:
+        if name == "pca_lr":
+            methods.append(
+                Method(
+                    f"{pca} + kNN",
+                    "baseline",
+                    "pca_knn",
+                    _representation_knn(_pca_coordinates(cfg.baseline.pca_components)),
+                )
+            )
+        else:
+            methods.append(Method("all genes + kNN", "baseline", "hvg_knn", _representation_knn(_all_genes)))
+    return methods
+
+
 def baseline_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     methods = []
     for name in cfg.baselines:
         if name in ("kmer_lr", "onehot_lr") and data.modality != "dna":
             log.warning("baseline %s needs DNA; skipped for a %s store", name, data.modality)
-        elif name == "pca_lr" and data.modality != "cells":
-            log.warning("baseline pca_lr needs expression; skipped for a %s store", data.modality)
+        elif name in ("pca_lr", "hvg_lr") and data.modality != "cells":
+            log.warning("baseline %s needs expression; skipped for a %s store", name, data.modality)
+        elif name in ("pca_lr", "hvg_lr"):
+            methods += _expression_methods(cfg, name)
         elif name == "kmer_lr":
-            methods.append(
-                Method(
-                    f"{cfg.baseline.kmer_k}-mer counts + LR", "baseline", name, _kmer_lr(cfg.baseline.kmer_k)
-                )
-            )
+            ks = cfg.baseline.kmer_k if isinstance(cfg.baseline.kmer_k, list) else [cfg.baseline.kmer_k]
+            label = f"{ks[0]}-mer" if len(ks) == 1 else "k-mer"  # several k: chosen per seed on val
+            methods.append(Method(f"{label} counts + LR", "baseline", name, _kmer_lr(ks)))
         elif name == "onehot_lr":
             if len({len(s) for s in data.sequences}) != 1:
                 log.warning("one-hot baseline needs fixed-length sequences; skipped")
                 continue
             methods.append(Method("one-hot + LR", "baseline", name, _onehot_lr))
-        else:
-            methods.append(
-                Method(
-                    f"PCA({cfg.baseline.pca_components}) + LR",
-                    "baseline",
-                    name,
-                    _pca_lr(cfg.baseline.pca_components),
-                )
-            )
     return methods
 
 
@@ -153,9 +214,10 @@ def evaluate(
         train, val, test = seed_split(data, cfg.splits, seed)
         for method in methods:
             log.info("seed %d: %s", seed, method.name)
-            pred = method.predict(data, train, val, test, seed)
+            out = method.predict(data, train, val, test, seed)
+            pred, details = out if isinstance(out, tuple) else (out, {})
             per_seed[method.name].append(
-                {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names)}
+                {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names), **details}
             )
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
@@ -177,7 +239,11 @@ def _summarise(
     cfg: EvaluateConfig, methods: list[Method], per_seed: dict, data: LabelledRecords
 ) -> dict[str, Any]:
     summary = {
-        m.name: {metric: summarize([r[metric] for r in per_seed[m.name]]) for metric in METRICS}
+        m.name: {
+            metric: summarize([r[metric] for r in per_seed[m.name]])
+            for metric in (*METRICS, *clustering.METRICS)
+            if per_seed[m.name] and metric in per_seed[m.name][0]
+        }
         for m in methods
     }
     comparisons = []
@@ -200,7 +266,11 @@ def _summarise(
         "label_names": data.label_names,
         "seeds": cfg.seeds,
         "splits": cfg.splits.model_dump(),
-        "methods": [{"name": m.name, "group": m.group, "protocol": m.protocol} for m in methods],
+        # DNA records longer than a model's input: how they were embedded and fine-tuned
+        "long_records": cfg.long_records,
+        "kmer_k": cfg.baseline.kmer_k,
+        "finetune": cfg.finetune.model_dump() if "finetune" in cfg.protocols else None,
+        "methods": [{"name": m.name, "group": m.group, "protocol": m.protocol, **m.info} for m in methods],
         "summary": summary,
         "per_seed": per_seed,
         "comparisons": comparisons,
@@ -219,6 +289,38 @@ def _compare(a: str, b: str, per_seed: dict) -> dict[str, Any]:
     }
 
 
+def _details(results: dict[str, Any]) -> list[str]:
+    """Per-seed choices made on validation (k-mer k; fine-tuning lr, best epoch, probe kept)."""
+    lines: list[str] = []
+    for m in results["methods"]:
+        rows = results["per_seed"][m["name"]]
+        if rows and "kmer_k" in rows[0]:
+            lines.append(
+                f"- {m['name']}: k chosen on val per seed: " + ", ".join(str(r["kmer_k"]) for r in rows)
+            )
+        elif rows and "finetune_source" in rows[0]:
+            kept = sum(r["finetune_source"] == "probe" for r in rows)
+            seeds = "; ".join(
+                f"seed {r['seed']}: "
+                + (
+                    "probe kept"
+                    if r["finetune_source"] == "probe"
+                    else f"lr {r['lr']:g}, epoch {r['best_epoch']:.1f}"
+                )
+                + f" (val MCC {r['start_val_mcc']:.3f} -> {r['best_val_mcc']:.3f})"
+                for r in rows
+            )
+            note = (
+                f" — fine-tuning never beat the probe on val in {kept} of {len(rows)} seeds: the probe's predictions"
+                if kept
+                else ""
+            )
+            lines.append(f"- {m['name']}: {seeds}{note}")
+    if lines:
+        lines = ["", "Chosen on the validation split (per seed):", "", *lines]
+    return lines
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
     seeds = results["seeds"]
@@ -227,6 +329,8 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {results['splits']['mode']} "
         f"(val {results['splits']['val']}, test {results['splits']['test']}). Values: mean ± sd [95 % CI].",
+        f"DNA records longer than a model's input: long_records={results.get('long_records', 'first')} "
+        "(window: embedded in windows of the model's length, pooled; centre: the middle; refuse: none allowed).",
         "",
         "| method | protocol | accuracy | macro-F1 | MCC |",
         "|---|---|---|---|---|",
@@ -235,6 +339,24 @@ def render_report(results: dict[str, Any]) -> str:
         s = results["summary"][m["name"]]
         cells = " | ".join(format_summary(s[metric]) for metric in METRICS)
         lines.append(f"| {m['name']} | {m['protocol']} | {cells} |")
+    lines += _details(results)
+    clustered = [m for m in results["methods"] if "cluster_ari" in results["summary"][m["name"]]]
+    if clustered:
+        lines += [
+            "",
+            "## Leiden clusters of each representation against the labels (knn protocol)",
+            "",
+            f"`sc.pp.neighbors` (k = {clustering.N_NEIGHBORS}) + `sc.tl.leiden` (resolution "
+            f"{clustering.RESOLUTION:g}) on every labelled record; the labels are not used to cluster.",
+            "",
+            "| representation | ARI | NMI |",
+            "|---|---|---|",
+        ]
+        for m in clustered:
+            s = results["summary"][m["name"]]
+            lines.append(
+                f"| {m['name']} | {format_summary(s['cluster_ari'])} | {format_summary(s['cluster_nmi'])} |"
+            )
     if results["comparisons"]:
         lines += [
             "",

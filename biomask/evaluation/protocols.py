@@ -4,10 +4,17 @@ and the same architecture randomly initialised (seeded per evaluation seed) unde
 | protocol       | features                                     | classifier                                   |
 |----------------|----------------------------------------------|----------------------------------------------|
 | `linear_probe` | frozen embeddings, computed once per model   | standardised + the baselines' tuned logistic |
-|                | (random init: once per seed)                 | regression (C chosen on val)                 |
+|                | (random init: once per seed)                 | regression (C chosen on val; see WIDE)       |
 | `mlp_probe`    | the same embeddings                          | one-hidden-layer MLP, early stopping on val  |
-| `finetune`     | the whole encoder, trained                   | a linear head, through the DeepSpeed engine  |
-|                |                                              | (biomask.training.finetune)                  |
+| `finetune`     | the whole encoder, trained                   | a linear head started as the fitted linear   |
+|                |                                              | probe (LP-FT), through the DeepSpeed engine  |
+|                |                                              | (biomask.training.finetune); lr chosen on    |
+|                |                                              | val from a grid; the probe when no run beats |
+|                |                                              | it on val                                    |
+
+Equal inputs: a DNA record longer than a model's input (what it was trained on) is never cut silently.
+`long_records` (window | centre | refuse) decides for the probes and fine-tuning alike, and the number
+of such records per model is logged and written to metrics.json (each method's `inputs`).
 
 Every checkpoint is loaded and checked before any method runs: its modality, tokenizer and (cells)
 scheme must be the store's — otherwise a clear error and exit 2, nothing written.
@@ -16,7 +23,6 @@ scheme must be the store's — otherwise a clear error and exit 2, nothing writt
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,19 +30,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.preprocessing import StandardScaler
 
-from biomask.embedding.inference import embed_records, inference_max_length
+from biomask.embedding.inference import (
+    check_long_records,
+    embed_records,
+    inference_max_length,
+    record_policy,
+    window_starts,
+)
 from biomask.errors import InputError
+from biomask.evaluation import clustering
+from biomask.evaluation.baselines import Split, fit_tuned_logistic
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords
 from biomask.evaluation.evaluate import Method
-from biomask.evaluation.probes import linear_probe, mlp_probe
-from biomask.models import MaskedEncoder, check_tokenizer, load_pretrained
+from biomask.evaluation.probes import mlp_probe
+from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
-LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune"}
+LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 
 @contextlib.contextmanager
@@ -79,30 +94,72 @@ class Features:
     def of(
         self, model_for_seed: Callable[[int], MaskedEncoder], seed: int | None, max_length: int
     ) -> np.ndarray:
-        if seed not in self.cache:
+        if (seed, max_length) not in self.cache:
             model = model_for_seed(seed if seed is not None else 0)
             with torch_threads(self.cfg.num_workers):
-                self.cache[seed] = embed_records(
+                self.cache[(seed, max_length)] = embed_records(
                     model,
                     self.records(),
                     pooling=self.cfg.pooling,
                     batch_size=self.cfg.batch_size,
                     max_length=max_length,
+                    long_records=self.cfg.long_records,
                 )
-        return self.cache[seed]
+        return self.cache[(seed, max_length)]
+
+
+# On wide features (concat pooling: length × d_model, more than WIDE of them) the probe walks the
+# baselines' ascending C grid only until a C scores below the best on val: there the weakly
+# regularised fits are the slow ones (hundreds of L-BFGS iterations on thousands of features) and
+# they lose. Narrower features (mean / cls pooling) try every C.
+WIDE, PROBE_PATIENCE = 1024, 1
+
+
+class Probes:
+    """The linear probe of one model: standardised frozen features + the baselines' tuned logistic
+    regression (C on val), fitted once per seed and input length and shared by `linear_probe` (its
+    test predictions) and `finetune` (the head it starts from)."""
+
+    def __init__(self, features: Features, n_classes: int) -> None:
+        self.features, self.n_classes = features, n_classes
+        self.cache: dict[Any, Any] = {}
+
+    def fit(self, model_for_seed, feature_seed, max_length, data, train, val, test, seed):
+        from biomask.training.finetune import ProbeHead
+
+        key = (feature_seed, max_length, seed)
+        if key not in self.cache:
+            x = self.features.of(model_for_seed, feature_seed, max_length)
+            y = data.labels
+            with torch_threads(1):
+                scaler = StandardScaler().fit(x[train])
+                patience = PROBE_PATIENCE if x.shape[1] > WIDE else None
+                x_train, x_val, x_test = (
+                    scaler.transform(x[i]).astype(np.float32) for i in (train, val, test)
+                )
+                model, val_mcc = fit_tuned_logistic(
+                    Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed, patience=patience
+                )
+            pred = model.predict(x_test)
+            self.cache[key] = ProbeHead.from_sklearn(scaler, model, self.n_classes, val_mcc, pred)
+        return self.cache[key]
 
 
 def random_init(template: MaskedEncoder, seed: int) -> MaskedEncoder:
     """The template's architecture with fresh weights drawn from `seed` (its RNG only)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MaskedEncoder(template.config)
+        model = build_model(template.config)
+    # Data statistics are not learned weights: a random profile model keeps the checkpoint's input
+    # standardisation, so it differs from the pretrained one in its learned weights only.
+    for name, buffer in template.named_buffers():
+        dict(model.named_buffers())[name].copy_(buffer)
     return model.eval()
 
 
 def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     """Methods for every checkpoint × protocol (+ random-init × protocol); see the module docstring."""
-    from biomask.training.finetune import FinetuneSettings, finetune
+    from biomask.training.finetune import FinetuneSettings, finetune_grid
 
     models = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
     if RANDOM_INIT in models:
@@ -123,42 +180,103 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
             )
 
     n_classes = len(data.label_names)
-    settings = FinetuneSettings(**cfg.finetune.model_dump(exclude={"max_length"}))
+    spec = cfg.finetune
+    settings = FinetuneSettings(**spec.model_dump(exclude={"max_length", "lr", "init_head"}))
+    lrs = spec.lr if isinstance(spec.lr, list) else [spec.lr]
     methods: list[Method] = []
+
+    def inputs(name: str, model: MaskedEncoder, max_length: int) -> dict[str, Any]:
+        """How the records meet this model's input (checked, logged and reported)."""
+        specials = 2 if model.config.modality == "dna" else 1
+        policy = record_policy(model, cfg.long_records)
+        lengths = [max_length]
+        if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length:
+            lengths.append(spec.max_length)
+        out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
+        for limit in lengths:
+            n_long = check_long_records(
+                records(), limit - specials, policy, where=f"store {data.store.root}, model {name}"
+            )
+            key = "n_long" if limit == max_length else "n_long_finetune"
+            out[key] = n_long
+            if n_long:
+                most = max(len(r["tokens"]) for r in records())
+                log.warning(
+                    "%s: %d of %d records are longer than its input of %d tokens (up to %d): long_records=%s%s",
+                    name,
+                    n_long,
+                    len(data),
+                    limit - specials,
+                    most,
+                    policy,
+                    f" (up to {len(window_starts(most, limit - specials))} windows, pooled)"
+                    if policy == "window"
+                    else "",
+                )
+        return out
 
     def add(
         name: str, model_for_seed: Callable[[int], MaskedEncoder], per_seed: bool, max_length: int
     ) -> None:
         features = Features(cfg, data, records)
+        probes = Probes(features, n_classes)
+        info = {"inputs": inputs(name, model_for_seed(0), max_length)}
+        # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
+        whole = getattr(model_for_seed(0).config, "kind", "transformer") == "mlp"
+        ft_length = max_length if whole else min(max_length, spec.max_length or max_length)
         for protocol in cfg.protocols:
-            if protocol in ("linear_probe", "mlp_probe"):
+            if protocol == "knn":
+
+                def predict(data, train, val, test, seed):
+                    x = features.of(model_for_seed, seed if per_seed else None, max_length)
+                    scores = clustering.cluster_scores(x, data.labels, seed)
+                    return clustering.knn_predict(x, data.labels, train, test), scores
+
+            elif protocol in ("linear_probe", "mlp_probe"):
 
                 def predict(data, train, val, test, seed, protocol=protocol):
-                    x = features.of(model_for_seed, seed if per_seed else None, max_length)
+                    key = seed if per_seed else None
+                    if protocol == "linear_probe":
+                        fit = probes.fit(model_for_seed, key, max_length, data, train, val, test, seed)
+                        return fit.test_predictions
+                    x = features.of(model_for_seed, key, max_length)
                     with torch_threads(1):
-                        if protocol == "linear_probe":
-                            return linear_probe(x, data.labels, train, val, test, seed)
                         return mlp_probe(x, data.labels, train, val, test, seed, n_classes=n_classes)
 
             else:
 
                 def predict(data, train, val, test, seed):
-                    encoder = copy.deepcopy(model_for_seed(seed))  # every seed starts from the same weights
+                    probe = None
+                    if spec.init_head == "probe":  # the probe on the features fine-tuning starts from
+                        key = seed if per_seed else None
+                        probe = probes.fit(model_for_seed, key, ft_length, data, train, val, test, seed)
                     with torch_threads(cfg.num_workers):
-                        result = finetune(
-                            encoder,
+                        # every lr (and seed) starts from the same weights: finetune_grid copies them
+                        result = finetune_grid(
+                            model_for_seed(seed),
                             records(),
                             data.labels,
                             (train, val, test),
-                            n_classes=n_classes,
+                            lrs=lrs,
                             settings=settings,
+                            n_classes=n_classes,
                             seed=seed,
-                            max_length=min(max_length, cfg.finetune.max_length or max_length),
+                            max_length=ft_length,
                             pooling=cfg.pooling,
+                            long_records=cfg.long_records,
+                            probe=probe,
                         )
-                    return result.test_predictions
+                    return result.test_predictions, {
+                        "finetune_source": result.source,
+                        "lr": result.lr,
+                        "best_epoch": round(result.best_epoch, 2),
+                        "start_val_mcc": result.start_val_mcc,
+                        "best_val_mcc": result.best_val_mcc,
+                        "steps": result.steps,
+                        "grid": result.grid,
+                    }
 
-            methods.append(Method(f"{name} ({LABELS[protocol]})", name, protocol, predict))
+            methods.append(Method(f"{name} ({LABELS[protocol]})", name, protocol, predict, info))
 
     for name, model in models.items():
         add(name, lambda seed, model=model: model, False, inference_max_length(model))

@@ -1,26 +1,41 @@
-"""Fine-tuning an encoder with a classification head through the DeepSpeed engine, read top to bottom.
+"""Linear-probe-then-fine-tune (LP-FT) through the DeepSpeed engine, read top to bottom.
 
 1. model    the encoder (pretrained weights, or a seeded random initialisation) and a linear head on its
-            pooled features; the masked-prediction head and MAE decoder are frozen (not used here)
-2. engine   torch AdamW with two parameter groups — encoder at `lr`, head at `head_lr` — handed to
-            `deepspeed.initialize` with the ZeRO preset `zero_stage` (fp32 on CPU, bf16 on GPU); one
-            process, so several engines (one per seed and method) run one after another in one process
-3. loop     seeded batches of the training records; every `eval_every` steps the validation MCC; the
-            test predictions of the best validation step so far are kept (so the reported test score
-            is that of the best-on-validation weights, under every ZeRO stage, without copying
-            partitioned weights); stop after `patience` evaluations without improvement, or `max_steps`
+            pooled features. With a fitted linear probe (`ProbeHead`: logistic regression on the frozen,
+            standardised features) the head *is* the probe — its standardisation as fixed buffers, its
+            coefficients as the head's weights — so step 0 predicts what the probe predicts and
+            fine-tuning starts where the probe ends (and cannot distort the features with a random
+            head's gradients); without one the head starts random (the plain protocol). The
+            masked-prediction head and MAE decoder are frozen (not used here)
+2. engine   torch AdamW — the encoder at `lr` (optionally decayed layer by layer: `layer_decay`), the
+            head at `head_lr` (default: `lr`) — with a linear warm-up, then constant, over the budget
+            (`epochs`, capped by `max_steps`), handed to `deepspeed.initialize` with the ZeRO preset
+            `zero_stage` (fp32 on CPU, bf16 on GPU); one process, so several engines (one per seed,
+            method and learning rate) run one after another in one process
+3. loop     seeded batches of the training records; every `eval_every` steps (default: every epoch) the
+            validation MCC; the test predictions of the best validation step so far are kept (so the
+            reported test score is that of the best-on-validation weights, under every ZeRO stage,
+            without copying partitioned weights). The bar to beat is the start: the probe's validation
+            MCC (or the untrained head's). Early stopping after `patience` passes without a new best,
+            counted only once `min_epochs` are done — a model is never stopped before it has trained
+4. grid     `finetune_grid` runs 1-3 once per learning rate, each from the same weights, and keeps the run
+            with the best validation MCC; when no run beats the probe on validation, the result is the
+            probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on val
 
-Step 0 is evaluated too: the untrained head is the baseline the fine-tuning must beat on validation.
-Records longer than the model's input are cut as for embeddings (`biomask.embedding.inference.fit_record`).
+Records longer than the model's input follow `long_records` (`biomask.embedding.inference`): windows of
+the model's length pooled like the probe's features (mean of the window vectors, or their
+concatenation for concat pooling), the centre, or the first tokens; cells keep their top genes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,8 +44,7 @@ import torch.nn.functional as F
 from sklearn.metrics import matthews_corrcoef
 from torch import nn
 
-from biomask.embedding.inference import fit_record, order_free
-from biomask.models import MaskedEncoder
+from biomask.embedding.inference import order_free, record_pieces, record_policy
 from biomask.training.data import TOKEN_FIELDS, collate
 
 log = logging.getLogger(__name__)
@@ -38,16 +52,56 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneSettings:
-    """What `biomask evaluate`'s `finetune:` section sets (see biomask.evaluation.config.FinetuneSpec)."""
+    """One fine-tuning run (see biomask.evaluation.config.FinetuneSpec; the lr grid is finetune_grid's)."""
 
-    max_steps: int = 300
+    epochs: float | None = None  # the budget: epochs and/or steps, whichever ends first; neither: 3 epochs
+    max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-3
+    lr: float = 3e-4
+    head_lr: float | None = None  # None: lr
+    layer_decay: float | None = None
+    warmup: float = 0.0  # `biomask evaluate` passes its config's (0.1); none here, as before LP-FT
     weight_decay: float = 0.01
-    eval_every: int = 25
-    patience: int = 4
+    eval_every: int | None = None  # None: once per epoch
+    patience: int = 3
+    min_epochs: float = 1.0
     zero_stage: int = 0
+
+
+@dataclass
+class ProbeHead:
+    """A linear probe fitted on frozen features: logits = weight @ ((x - mean) / scale) + bias."""
+
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    weight: np.ndarray  # (n_classes, D)
+    bias: np.ndarray  # (n_classes,)
+    val_mcc: float
+    test_predictions: np.ndarray
+
+    @classmethod
+    def from_sklearn(
+        cls, scaler: Any, model: Any, n_classes: int, val_mcc: float, test_predictions: np.ndarray
+    ) -> ProbeHead:
+        """From a fitted StandardScaler and LogisticRegression (binary or multinomial; classes the
+        training split lacks get a bias that never wins)."""
+        coef = np.asarray(model.coef_, dtype=np.float64)
+        intercept = np.asarray(model.intercept_, dtype=np.float64)
+        classes = np.asarray(model.classes_)
+        if len(classes) == 2 and coef.shape[0] == 1:  # sigmoid(z) == softmax([-z/2, z/2])
+            coef = np.concatenate([-coef / 2, coef / 2])
+            intercept = np.concatenate([-intercept / 2, intercept / 2])
+        weight = np.zeros((n_classes, coef.shape[1]))
+        bias = np.full(n_classes, intercept.min() - 30.0 if len(intercept) else 0.0)
+        weight[classes], bias[classes] = coef, intercept
+        return cls(
+            np.asarray(scaler.mean_, dtype=np.float32),
+            np.asarray(scaler.scale_, dtype=np.float32),
+            weight.astype(np.float32),
+            bias.astype(np.float32),
+            float(val_mcc),
+            np.asarray(test_predictions),
+        )
 
 
 @dataclass
@@ -57,34 +111,78 @@ class FinetuneResult:
     best_val_mcc: float
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_mcc", "train_loss"}
+    lr: float = 0.0
+    start_val_mcc: float = 0.0  # the bar: the probe's (or the untrained head's) validation MCC
+    source: str = "finetune"  # "probe": no run beat the probe on validation; its predictions are kept
+    steps_per_epoch: int = 1
+    grid: list[dict[str, float]] = field(default_factory=list)  # finetune_grid: one entry per lr
+
+    @property
+    def best_epoch(self) -> float:
+        return self.best_step / self.steps_per_epoch
 
 
 class Classifier(nn.Module):
-    """Encoder features (pooled) -> linear head -> logits."""
+    """Encoder features (pooled, windows pooled per record) -> fixed standardisation -> linear head."""
 
     def __init__(
         self,
-        encoder: MaskedEncoder,
+        encoder: nn.Module,
         n_classes: int,
         *,
         pooling: str,
         layer: int = -1,
-        feature_dim: int | None = None,  # concat pooling: length * d_model
+        feature_dim: int | None = None,  # concat pooling: length * d_model (× windows)
+        probe: ProbeHead | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling, self.layer = pooling, layer
         # The pretraining head and decoder take no part in classification: frozen, so the optimizer
-        # and ZeRO leave them alone.
-        for module in (encoder.head, encoder.decoder):
-            if module is not None:
+        # and ZeRO leave them alone (a model kind may have neither).
+        for name in ("head", "decoder"):
+            module = getattr(encoder, name, None)
+            if isinstance(module, nn.Module):
                 module.requires_grad_(False)
-        self.head = nn.Linear(feature_dim or encoder.config.d_model, n_classes)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        dim = feature_dim or encoder.config.d_model
+        self.head = nn.Linear(dim, n_classes)
+        if probe is None:
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            shift, inv_scale = torch.zeros(dim), torch.ones(dim)
+        else:
+            if probe.weight.shape != (n_classes, dim):
+                raise ValueError(
+                    f"probe of shape {probe.weight.shape} for {n_classes} classes × {dim} features"
+                )
+            with torch.no_grad():
+                self.head.weight.copy_(torch.from_numpy(probe.weight))
+                self.head.bias.copy_(torch.from_numpy(probe.bias))
+            shift = torch.from_numpy(probe.mean)
+            inv_scale = 1.0 / torch.from_numpy(probe.scale).clamp(min=1e-12)
+        # the probe's standardisation, fixed: the head's weights keep the probe's scale under Adam
+        self.register_buffer("shift", shift.float())
+        self.register_buffer("inv_scale", inv_scale.float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.encoder.features(batch, self.pooling, self.layer))
+        owners = batch.get("owners")  # windowed records: piece -> row of the batch (in order)
+        inputs = {k: v for k, v in batch.items() if k != "owners"}
+        h = self.encoder.features(inputs, self.pooling, self.layer)
+        if owners is not None:
+            h = _pool_pieces(h, owners, self.pooling)
+        return self.head((h - self.shift) * self.inv_scale)
+
+
+def _pool_pieces(h: torch.Tensor, owners: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Piece vectors -> record vectors: the mean over a record's windows, or (concat) their concatenation
+    in order, as `biomask.embedding.inference.pool_pieces` does for the probe's features."""
+    n = int(owners.max()) + 1
+    if pooling == "concat":
+        return h.reshape(n, -1)  # pieces are collated record by record, as many per record
+    counts = torch.bincount(owners, minlength=n).clamp(min=1).to(h.dtype)
+    return (
+        torch.zeros(n, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, owners, h) / counts[:, None]
+    )
 
 
 def _model_input(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,16 +190,35 @@ def _model_input(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Batches:
-    """Records cut to the model's input once; batches collated on demand (eval: once, sorted by length)."""
+    """Records turned into model inputs once (pieces: one, or a long DNA record's windows); batches
+    collated on demand (eval: once, sorted by length)."""
 
     def __init__(
-        self, records: Sequence[Mapping[str, Any]], *, modality: str, limit: int, free: bool
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        modality: str,
+        limit: int,
+        free: bool,
+        policy: str = "first",
     ) -> None:
         self.modality = modality
-        self.records = [_model_input(fit_record(r, limit, order_free=free)) for r in records]
+        self.pieces = [
+            [_model_input(p) for p in record_pieces(r, limit, policy=policy, order_free=free)]
+            for r in records
+        ]
+        self.windowed = any(len(p) > 1 for p in self.pieces)
+
+    def length(self, i: int) -> int:
+        return sum(len(p["tokens"]) for p in self.pieces[i])
 
     def collate(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return collate([self.records[i] for i in index], modality=self.modality)
+        flat = [p for i in index for p in self.pieces[i]]
+        batch = collate(flat, modality=self.modality)
+        if self.windowed:
+            owners = [row for row, i in enumerate(index) for _ in self.pieces[i]]
+            batch["owners"] = torch.as_tensor(owners, dtype=torch.int64)
+        return batch
 
 
 @torch.no_grad()
@@ -134,8 +251,58 @@ def _engine_environment() -> None:
     init_process_group(dist_env)
 
 
+def _param_group(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices, none on biases, norms and vectors; frozen parameters left out."""
+    trainable = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+    ]
+
+
+def encoder_param_groups(
+    encoder: nn.Module, lr: float, weight_decay: float, layer_decay: float | None
+) -> list[dict[str, Any]]:
+    """The encoder's parameter groups: one lr, or with `layer_decay` block i of n at lr * decay^(n - i)
+    and the embeddings at lr * decay^n. A model without transformer blocks (`encoder.encoder.blocks`)
+    gets one lr."""
+    blocks = getattr(getattr(encoder, "encoder", None), "blocks", None)
+    if layer_decay is None or layer_decay == 1.0:
+        return _param_group(list(encoder.parameters()), lr, weight_decay)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        log.info(
+            "layer_decay %.2f ignored: %s has no transformer blocks", layer_decay, type(encoder).__name__
+        )
+        return _param_group(list(encoder.parameters()), lr, weight_decay)
+    n = len(blocks)
+    depth: dict[int, int] = {}
+    embedder = getattr(encoder, "embedder", None)
+    if isinstance(embedder, nn.Module):
+        depth.update({id(p): n for p in embedder.parameters()})
+    for i, block in enumerate(blocks, start=1):
+        depth.update({id(p): n - i for p in block.parameters()})
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for p in encoder.parameters():
+        by_depth.setdefault(depth.get(id(p), 0), []).append(p)  # the final norm etc.: the top's lr
+    groups: list[dict[str, Any]] = []
+    for d, params in sorted(by_depth.items()):
+        groups += _param_group(params, lr * layer_decay**d, weight_decay)
+    return groups
+
+
+def _schedule(warmup: int) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps (Adam's first updates are full-size whatever the gradient: a
+    warm-up keeps them from knocking the probe's features about), then constant — the best validation
+    pass, not a decay, decides where training ends."""
+
+    def factor(step: int) -> float:
+        return (step + 1) / warmup if step < warmup else 1.0
+
+    return factor
+
+
 def finetune(
-    encoder: MaskedEncoder,
+    encoder: nn.Module,
     records: Sequence[Mapping[str, Any]],
     labels: np.ndarray,
     split: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -146,8 +313,12 @@ def finetune(
     max_length: int,
     pooling: str = "mean",
     layer: int = -1,
+    long_records: str = "first",
+    probe: ProbeHead | None = None,
 ) -> FinetuneResult:
-    """Fine-tune `encoder` (modified in place: pass a copy) on records[train]; see the module docstring."""
+    """Fine-tune `encoder` (modified in place: pass a copy) on records[train]; see the module docstring.
+    With `probe`, the head starts as the probe and the probe's validation MCC is the bar to beat (its
+    test predictions are the result until a validation pass beats it)."""
     import deepspeed
 
     from biomask.training.ds_config import preset_config
@@ -157,38 +328,45 @@ def finetune(
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = "bf16" if device.type == "cuda" else "fp32"
 
-    # 1. The model: the encoder and a head initialised from the seed.
+    # 1. The model: the encoder and a head (the probe, or initialised from the seed).
     encoder = encoder.float()
     modality = encoder.config.modality
     limit = max_length - (2 if modality == "dna" else 1)
-    batches = Batches(records, modality=modality, limit=limit, free=order_free(encoder))
+    batches = Batches(
+        records,
+        modality=modality,
+        limit=limit,
+        free=order_free(encoder),
+        policy=record_policy(encoder, long_records),
+    )
     feature_dim = None
     if pooling == "concat":  # the head's width follows the records' length
-        with torch.no_grad():
-            feature_dim = encoder.eval().features(batches.collate(train[:1]), pooling, layer).shape[1]
+        with torch.no_grad():  # one record's pieces, concatenated
+            one = {k: v for k, v in batches.collate(train[:1]).items() if k != "owners"}
+            feature_dim = encoder.eval().features(one, pooling, layer).numel()
     torch.manual_seed(seed)
-    model = Classifier(encoder, n_classes, pooling=pooling, layer=layer, feature_dim=feature_dim)
+    model = Classifier(encoder, n_classes, pooling=pooling, layer=layer, feature_dim=feature_dim, probe=probe)
 
-    # 2. The engine: AdamW with separate encoder / head learning rates, the ZeRO preset.
-    def group(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
-        trainable = [p for p in params if p.requires_grad]
-        return [
-            {
-                "params": [p for p in trainable if p.dim() >= 2],
-                "lr": lr,
-                "weight_decay": settings.weight_decay,
-            },
-            {"params": [p for p in trainable if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
-        ]
-
-    groups = group(list(model.encoder.parameters()), settings.lr) + group(
-        list(model.head.parameters()), settings.head_lr
+    # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
+    steps_per_epoch = max(len(train) // settings.batch_size, 1)
+    epochs = settings.epochs if settings.epochs is not None or settings.max_steps is not None else 3.0
+    total = max(math.ceil(epochs * steps_per_epoch), 1) if epochs is not None else settings.max_steps
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
+    min_steps = math.ceil(settings.min_epochs * steps_per_epoch)
+    eval_every = settings.eval_every or steps_per_epoch
+    groups = encoder_param_groups(model.encoder, settings.lr, settings.weight_decay, settings.layer_decay)
+    groups += _param_group(
+        list(model.head.parameters()), settings.head_lr or settings.lr, settings.weight_decay
     )
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
     ds_config = preset_config(settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
     val_batches = list(_subset(batches, val, max(settings.batch_size, 64)))
     test_batches = list(_subset(batches, test, max(settings.batch_size, 64)))
     y = torch.as_tensor(labels, dtype=torch.int64)
@@ -204,11 +382,15 @@ def finetune(
         history.append({"step": step, "val_mcc": mcc, "train_loss": loss})
         return mcc
 
-    best_mcc = evaluate(0, float("nan"))
-    best_step, best_test = 0, _predict(engine, test_batches, len(test), device)
+    start_mcc = evaluate(0, float("nan"))
+    if probe is not None:  # the probe's own score and predictions are the start (and the fallback)
+        best_mcc, best_test = probe.val_mcc, probe.test_predictions
+    else:
+        best_mcc, best_test = start_mcc, _predict(engine, test_batches, len(test), device)
+    start_mcc, best_step = best_mcc, 0
     waited, step, window = 0, 0, []
     engine.train()
-    while step < settings.max_steps:
+    while step < total:
         if position + settings.batch_size > len(order):  # a new epoch: a new permutation
             order, position = rng.permutation(train), 0
         index = order[position : position + min(settings.batch_size, len(order))]
@@ -220,33 +402,78 @@ def finetune(
         engine.step()
         step += 1
         window.append(loss.item())
-        if step % settings.eval_every == 0 or step == settings.max_steps:
+        if step % eval_every == 0 or step == total:
             mcc = evaluate(step, float(np.mean(window)))
             window = []
             if mcc > best_mcc:
                 best_mcc, best_step, waited = mcc, step, 0
                 best_test = _predict(engine, test_batches, len(test), device)
-            else:
+            elif step >= min_steps:  # early stopping counts only once the minimum training is done
                 waited += 1
                 if waited >= settings.patience:
                     break
     log.info(
-        "fine-tune (seed %d, ZeRO-%d): best val MCC %.3f at step %d of %d (untrained head: %.3f)",
+        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val MCC %.3f at step %d of %d (%d per epoch; start %.3f)",
         seed,
+        settings.lr,
         settings.zero_stage,
         best_mcc,
         best_step,
         step,
-        history[0]["val_mcc"],
+        steps_per_epoch,
+        start_mcc,
     )
     with contextlib.suppress(Exception):  # release the engine's buffers before the next one
         engine.destroy()
-    return FinetuneResult(best_test, best_step, best_mcc, step, history)
+    return FinetuneResult(
+        best_test,
+        best_step,
+        best_mcc,
+        step,
+        history,
+        lr=settings.lr,
+        start_val_mcc=start_mcc,
+        source="finetune" if best_step > 0 else ("probe" if probe is not None else "untrained"),
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def finetune_grid(
+    encoder: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    labels: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    lrs: Sequence[float],
+    settings: FinetuneSettings,
+    **kwargs: Any,
+) -> FinetuneResult:
+    """`finetune` once per learning rate, each from a copy of `encoder`; the run with the best validation
+    MCC wins (ties: the earlier lr). With a probe, a grid where no run beats it returns the probe."""
+    best: FinetuneResult | None = None
+    grid: list[dict[str, float]] = []
+    for lr in lrs:
+        result = finetune(
+            copy.deepcopy(encoder), records, labels, split, settings=replace(settings, lr=lr), **kwargs
+        )
+        grid.append(
+            {
+                "lr": lr,
+                "best_val_mcc": result.best_val_mcc,
+                "best_step": result.best_step,
+                "steps": result.steps,
+            }
+        )
+        if best is None or result.best_val_mcc > best.best_val_mcc:
+            best = result
+    assert best is not None
+    best.grid = grid
+    return best
 
 
 def _subset(batches: Batches, index: np.ndarray, batch_size: int):
     """Fixed, length-sorted batches of some records: (positions within `index`, batch)."""
-    lengths = np.array([len(batches.records[i]["tokens"]) for i in index])
+    lengths = np.array([batches.length(i) for i in index])
     order = np.argsort(-lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]

@@ -1,0 +1,185 @@
+"""Linear-probe-then-fine-tune on the real splice task: the head starts as the fitted probe, fine-tuning
+never ends below that probe on validation, early stopping waits for the minimum training, the lr grid
+is chosen on validation, and layer-wise lr decay degrades gracefully on models without blocks; long
+DNA records are windowed, centred or refused, never cut silently."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import matthews_corrcoef
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from biomask.embedding.inference import embed_records, window_starts
+from biomask.errors import InputError
+from biomask.evaluation.baselines import Split, fit_tuned_logistic, one_hot
+from biomask.evaluation.config import SplitSpec
+from biomask.evaluation.data import load_labelled, seed_split
+from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained
+from biomask.training.finetune import (
+    FinetuneSettings,
+    ProbeHead,
+    encoder_param_groups,
+    finetune,
+    finetune_grid,
+)
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def splice(splice_store, dna_checkpoint):
+    data = load_labelled(splice_store)
+    split = seed_split(data, SplitSpec(mode="resample", val=0.1, test=0.3), 1)
+    records = [data.record(i) for i in range(len(data))]
+    model = load_pretrained(dna_checkpoint)
+    return data, records, split, model
+
+
+@pytest.fixture(scope="module")
+def probe(splice):
+    """The linear probe on the checkpoint's frozen concat features (as `biomask evaluate` fits it)."""
+    data, records, (train, val, test), model = splice
+    with one_thread():
+        x = embed_records(model, records, pooling="concat", max_length=62)
+    scaler = StandardScaler().fit(x[train])
+    xs = [scaler.transform(x[i]) for i in (train, val, test)]
+    y = data.labels
+    fitted, val_mcc = fit_tuned_logistic(Split(xs[0], y[train], xs[1], y[val], xs[2], y[test]), 0, patience=2)
+    return ProbeHead.from_sklearn(scaler, fitted, 3, val_mcc, fitted.predict(xs[2]))
+
+
+class one_thread:
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def run(splice, probe, *, lrs, **settings):
+    data, records, split, model = splice
+    with one_thread():
+        return finetune_grid(
+            model,
+            records,
+            data.labels,
+            split,
+            lrs=lrs,
+            settings=FinetuneSettings(batch_size=64, **settings),
+            n_classes=3,
+            seed=0,
+            max_length=62,
+            pooling="concat",
+            probe=probe,
+        )
+
+
+def test_lp_ft_starts_at_the_probe_and_ends_at_or_above_it_on_validation(splice, probe):
+    data, _, (_, _, test), _ = splice
+    result = run(splice, probe, lrs=[1e-4, 3e-4], epochs=2, eval_every=8, min_epochs=1, patience=2)
+    # step 0: the head is the probe (its standardisation and coefficients), so it scores what the probe does
+    assert result.history[0]["step"] == 0
+    assert abs(result.history[0]["val_mcc"] - probe.val_mcc) < 0.02
+    assert result.start_val_mcc == probe.val_mcc
+    # the best validation checkpoint of the best lr: never below the probe it started from
+    assert result.best_val_mcc >= probe.val_mcc
+    assert [g["lr"] for g in result.grid] == [1e-4, 3e-4]
+    assert result.best_val_mcc == max(g["best_val_mcc"] for g in result.grid)
+    assert all(g["best_val_mcc"] >= probe.val_mcc for g in result.grid)
+    if result.source == "probe":
+        assert np.array_equal(result.test_predictions, probe.test_predictions)
+    else:
+        assert result.best_step > 0 and result.best_val_mcc > probe.val_mcc
+    assert matthews_corrcoef(data.labels[test], result.test_predictions) > 0.5
+
+
+def test_a_run_that_only_gets_worse_trains_the_minimum_and_returns_the_probe(splice, probe):
+    """lr 0.1 wrecks the encoder: early stopping (patience 1, a pass every 5 steps) must still wait for
+    the minimum epoch, and the result is then the probe's own predictions."""
+    result = run(splice, probe, lrs=[0.1], epochs=3, eval_every=5, min_epochs=1, patience=1)
+    assert result.steps >= result.steps_per_epoch and result.steps < 3 * result.steps_per_epoch
+    assert result.source == "probe" and result.best_step == 0
+    assert np.array_equal(result.test_predictions, probe.test_predictions)
+    assert result.best_val_mcc == probe.val_mcc
+
+
+def test_probe_head_reproduces_a_binary_logistic_regression(splice):
+    """Two classes: sklearn fits one coefficient row; the head's two logits give the same predictions."""
+    data, _, (train, _, test), _ = splice
+    keep = data.labels != 2
+    x = one_hot(data.sequences)
+    tr, te = train[keep[train]], test[keep[test]]
+    scaler = StandardScaler().fit(x[tr])
+    lr = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x[tr]), data.labels[tr])
+    head = ProbeHead.from_sklearn(scaler, lr, 3, 0.0, np.empty(0))
+    logits = ((x[te] - head.mean) / head.scale) @ head.weight.T + head.bias
+    assert np.array_equal(logits.argmax(1), lr.predict(scaler.transform(x[te])))
+
+
+def test_layer_wise_lr_decay_and_models_without_blocks():
+    cfg = EncoderConfig(vocab_size=10, modality="dna", d_model=16, n_layers=3, n_heads=2, d_ff=32, max_len=20)
+    model = MaskedEncoder(cfg)
+    groups = encoder_param_groups(model, 1e-3, 0.01, 0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.encoder.blocks[2].mlp.proj.weight)] == pytest.approx(1e-3)  # the top block
+    assert lr_of[id(model.encoder.blocks[0].mlp.proj.weight)] == pytest.approx(1e-3 * 0.5**2)
+    assert lr_of[id(model.embedder.tokens.weight)] == pytest.approx(1e-3 * 0.5**3)
+    assert lr_of[id(model.encoder.norm.weight)] == pytest.approx(1e-3)
+    assert {id(p) for p in model.parameters()} == set(lr_of)  # every parameter exactly once
+    decays = {g["lr"]: g["weight_decay"] for g in groups if g["params"] and g["params"][0].dim() < 2}
+    assert set(decays.values()) == {0.0}  # no weight decay on biases and norms
+
+    class Profile(nn.Module):  # another model kind: no transformer blocks
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+    flat = encoder_param_groups(Profile(), 1e-3, 0.01, 0.5)
+    assert {g["lr"] for g in flat} == {1e-3} and sum(len(g["params"]) for g in flat) == 4
+
+
+def test_long_records_are_windowed_centred_or_refused(splice):
+    """60-base records into a 30-base input: windows [0, 30) and [30, 60), mean-pooled (concat: both in
+    order); centre: bases 15-45; refuse: an error that names the options."""
+    _, records, _, model = splice
+    few = records[:5]
+    cut = lambda r, a, b: {**r, "tokens": np.asarray(r["tokens"])[a:b]}  # noqa: E731
+    with one_thread():
+        halves = [embed_records(model, [cut(r, a, a + 30) for r in few], pooling="mean") for a in (0, 30)]
+        windowed = embed_records(model, few, pooling="mean", max_length=32, long_records="window")
+        np.testing.assert_allclose(windowed, (halves[0] + halves[1]) / 2, atol=1e-5)
+        concat = embed_records(model, few, pooling="concat", max_length=32, long_records="window")
+        assert concat.shape == (5, 60 * model.config.d_model)
+        centre = embed_records(model, few, pooling="mean", max_length=32, long_records="centre")
+        expected = embed_records(model, [cut(r, 15, 45) for r in few], pooling="mean")
+        np.testing.assert_allclose(centre, expected, atol=1e-5)
+        with pytest.raises(InputError, match="long_records=window"):
+            embed_records(model, few, pooling="mean", max_length=32, long_records="refuse")
+    assert window_starts(200, 128).tolist() == [0, 72] and window_starts(60, 60).tolist() == [0]
+
+
+def test_finetuning_windows_long_records_like_the_probe(splice, probe):
+    """Fine-tuning on a 30-base input sees every base (two windows per record), from a random head."""
+    data, records, (train, val, test), model = splice
+    with one_thread():
+        result = finetune(
+            copy.deepcopy(model),  # finetune trains the encoder in place
+            records,
+            data.labels,
+            (train[:256], val, test),
+            n_classes=3,
+            settings=FinetuneSettings(batch_size=32, lr=1e-3, epochs=2, min_epochs=1),
+            seed=0,
+            max_length=32,
+            pooling="concat",
+            long_records="window",
+        )
+    assert result.source in ("finetune", "untrained") and result.steps == 16
+    assert result.best_val_mcc >= result.history[0]["val_mcc"]
