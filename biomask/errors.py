@@ -35,3 +35,47 @@ class FetchError(BiomaskError):
     """A data source could not be reached (network, mirror, missing tool). Exit code 3."""
 
     exit_code = 3
+
+
+# errno values that mean "the file system refused": the user fixes them (space, permissions, path),
+# so they are reported like bad input (exit 2) with the path, never as a traceback.
+_ENVIRONMENT_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EBUSY", "EXDEV", "EISDIR", "ENOTDIR"}
+_ENVIRONMENT_ERRNOS |= {"ENOENT", "ENAMETOOLONG", "EFBIG", "EMFILE", "ENFILE", "EIO"}
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """An OSError the file system raised (disk full, read-only, permission denied, no such path), or
+    numpy's short write on a full disk ("N requested and M written"), as opposed to a bug."""
+    import errno
+
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno is not None:
+        return errno.errorcode.get(exc.errno, "") in _ENVIRONMENT_ERRNOS
+    return "requested and" in str(exc) and "written" in str(exc)
+
+
+def describe_os_error(exc: OSError, where: str | None = None) -> str:
+    """`cannot write PATH: No space left on device` with a hint; `where` names the path when the
+    exception does not (numpy's short writes carry no file name)."""
+    import errno
+
+    path = exc.filename if exc.filename is not None else where
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or -1, "")
+    if code in ("ENOSPC", "EDQUOT", "EFBIG") or exc.errno is None:
+        hint = "free some space (or choose an output on another file system) and run again"
+        reason = reason if exc.errno is not None else f"short write ({reason}): the disk is probably full"
+    elif code in ("EROFS", "EACCES", "EPERM"):
+        hint = "check the permissions (or choose another path) and run again"
+    elif code == "EBUSY":
+        hint = "a mount point or a busy file cannot be replaced; choose a folder inside it"
+    else:
+        hint = "check the path and run again"
+    target = f" {path}" if path is not None else ""
+    extra = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return f"cannot use{target}{extra}: {reason}; {hint}"
+
+
+class EnvironmentIOError(InputError):
+    """The file system refused a read or write (disk full, read-only, permission denied). Exit code 2."""

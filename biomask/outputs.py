@@ -6,12 +6,19 @@ crash, a bad input or Ctrl-C leaves nothing half-written. Before writing, `check
 - the directory does not exist                         -> run;
 - it exists and its run.json has the same fingerprint -> reuse it (nothing to do);
 - it exists with another fingerprint, or is not ours  -> refuse, unless `overwrite=True`.
+
+`--overwrite` never deletes what biomask did not write: an output that contains (or lies inside) one
+of the run's inputs is always refused, and so is a directory without biomask's run.json or one that
+holds files its run.json does not list. A mount point cannot be an output (it cannot be renamed).
+Stale temporaries of the same output (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`, left by a killed
+run) are removed by the next successful write; nothing else beside the output is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,23 +27,62 @@ from pathlib import Path
 import yaml
 
 from biomask.config import config_diff
-from biomask.errors import OutputExistsError
+from biomask.errors import (
+    EnvironmentIOError,
+    InputError,
+    OutputExistsError,
+    describe_os_error,
+    is_environment_error,
+)
 from biomask.provenance import read_run_info
+
+# What run.json lists as the files a stage wrote (top-level names), so --overwrite can tell them apart.
+FILES_KEY = "files"
+
+
+def check_inputs_outside(path: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    """Refuse an output that is, contains, or lies inside one of the run's inputs."""
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    for item in inputs:
+        inp = Path(os.path.abspath(Path(item).expanduser()))
+        if out == inp or out in inp.parents:
+            raise InputError(
+                f"output {out} contains the run's input {inp}; writing (or --overwrite) would replace it. "
+                "Choose an output path that does not hold the input"
+            )
+        if inp in out.parents and inp.is_dir():
+            raise InputError(
+                f"output {out} lies inside the run's input directory {inp}; choose an output path outside it"
+            )
 
 
 def check_output(
-    path: str | os.PathLike, fingerprint: str, *, overwrite: bool = False, config: dict | None = None
+    path: str | os.PathLike,
+    fingerprint: str,
+    *,
+    overwrite: bool = False,
+    config: dict | None = None,
+    inputs: list[str | os.PathLike] = (),  # type: ignore[assignment]
 ) -> bool:
     """True if `path` already holds this exact result (same fingerprint) and can be reused.
 
     Raises `OutputExistsError` if `path` holds something else and `overwrite` is false.
-    With `overwrite=True` it returns False, so the caller recomputes and replaces the output.
-    `config` (the new resolved config) lets a refusal list the keys that changed.
+    With `overwrite=True` it returns False, so the caller recomputes and replaces the output --
+    unless the output holds files biomask did not write (then it refuses, naming them).
+    `config` (the new resolved config) lets a refusal list the keys that changed; `inputs` are the
+    paths the run reads (an output that contains one is refused).
     """
     path = Path(path)
+    check_inputs_outside(path, list(inputs))
+    if os.path.ismount(path):
+        raise InputError(
+            f"output {path} is a mount point: biomask writes an output beside it and renames it into "
+            "place, which a mount point does not allow; choose a folder inside it"
+        )
     if not path.exists():
         return False
     if overwrite:
+        _check_overwritable(path)
         return False
     if not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
@@ -57,6 +103,31 @@ def check_output(
     )
 
 
+def _check_overwritable(path: Path) -> None:
+    """--overwrite replaces only what biomask wrote: refuse a directory with anything else in it."""
+    if not path.is_dir():
+        return  # a file output (e.g. an .h5ad) is replaced as a whole by the stage that writes it
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    info = read_run_info(path)
+    if info is None:
+        raise OutputExistsError(
+            f"output directory {path} is not empty and was not written by biomask (no run.json); "
+            "--overwrite only replaces biomask's own outputs. Move its contents away or choose another path"
+        )
+    written = info.get(FILES_KEY)
+    if written is None:
+        return  # written before biomask listed its files (or by a stage that does not): trust run.json
+    foreign = [name for name in entries if name not in set(written) | {"config.yaml", "run.json"}]
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise OutputExistsError(
+            f"output directory {path} holds files biomask did not write ({shown}); --overwrite would "
+            "delete them. Move them away or choose another output path"
+        )
+
+
 def _describe_difference(path: Path, new: dict | None) -> str:
     """The config keys that changed, when the old resolved config can be compared with the new one."""
     old_file = path / "config.yaml"
@@ -74,25 +145,67 @@ def _describe_difference(path: Path, new: dict | None) -> str:
     return f"; changed keys:\n  {shown}{more}"
 
 
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporaries of `path` that a killed run left beside it: `.NAME.tmp-XXXXXXXX` and
+    `.NAME.old-XXXXXXXX` (biomask's own naming, 8 hex digits) -- never anything else."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-[0-9a-f]{{8}}$")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in siblings if pattern.match(p.name))
+
+
+def _remove(item: Path) -> None:
+    if item.is_dir() and not item.is_symlink():
+        shutil.rmtree(item, ignore_errors=True)
+    else:
+        item.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary directory beside `path`; on success it replaces `path`, on failure it is removed.
+
+    A file-system refusal (disk full, read-only, permission denied) becomes an `EnvironmentIOError`
+    naming the path (exit 2); the temporary is removed either way, so nothing half-written remains.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise EnvironmentIOError(f"cannot create the output {path}: " + describe_os_error(exc)) from None
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_environment_error(exc):
+            raise EnvironmentIOError(
+                f"writing the output {path} failed, nothing was written: " + describe_os_error(exc, str(tmp))
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.parent / f".{path.name}.old-{token}"
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    except OSError as exc:
+        if old.exists() and not path.exists():
+            old.rename(path)  # put the previous output back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EnvironmentIOError(
+            f"cannot move the new output into {path}: " + describe_os_error(exc)
+        ) from None
+    for stale in stale_temporaries(path):  # ours (old), and leftovers of killed runs of this output
+        if stale != tmp:
+            _remove(stale)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

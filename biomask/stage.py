@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask.config import Config, config_fingerprint, write_config
-from biomask.outputs import atomic_output_dir, check_output
+from biomask.outputs import FILES_KEY, atomic_output_dir, check_output
 from biomask.provenance import sha256_json, write_run_info
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,13 @@ class StageOutput:
 
     def is_current(self, *, overwrite: bool = False) -> bool:
         """True if the output already holds this result; raises if it holds another one (unless overwrite)."""
+        paths = [i["path"] for i in self.inputs if i.get("path")]
         current = check_output(
-            self.path, self.fingerprint, overwrite=overwrite, config=self.config.model_dump(mode="json")
+            self.path,
+            self.fingerprint,
+            overwrite=overwrite,
+            config=self.config.model_dump(mode="json"),
+            inputs=paths,
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
@@ -70,11 +75,13 @@ class StageOutput:
         with atomic_output_dir(self.path) as tmp:
             yield tmp
             write_config(self.config, tmp)
+            # the top-level names this stage wrote: --overwrite refuses to delete anything else
+            written = sorted({p.name for p in tmp.iterdir()} | {"config.yaml", "run.json"})
             write_run_info(
                 tmp,
                 stage=self.stage,
                 fingerprint=self.fingerprint,
                 inputs=self.inputs,
                 seeds=seeds,
-                extra=extra,
+                extra={**(extra or {}), FILES_KEY: written},
             )

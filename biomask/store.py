@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ import pandas as pd
 
 from biomask.errors import InputError, IntegrityError
 from biomask.provenance import sha256_file
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = "biomask-token-store"
 STORE_VERSION = 1
@@ -92,6 +96,7 @@ class SplitWriter:
         self.shard_tokens = int(shard_tokens)
         self._shards: list[dict[str, Any]] = []
         self._lengths: set[int] = set()
+        self.labels_seen: set[int] = set()  # which classes this split holds (for the warnings at finish)
         self._reset_buffer()
 
     def _reset_buffer(self) -> None:
@@ -130,6 +135,8 @@ class SplitWriter:
             if arr.size != lengths.size:
                 raise ValueError(f"record field {name!r} has {arr.size} values for {lengths.size} records")
             self._buf_records[name].append(arr.astype(dtype, copy=False))
+            if name == "labels":
+                self.labels_seen.update(np.unique(arr).tolist())
         if meta is None:
             meta = pd.DataFrame(index=range(lengths.size), columns=self.meta_columns)
         if len(meta) != lengths.size:
@@ -223,7 +230,32 @@ class TokenStoreWriter:
             "splits": splits,
         }
         (self.root / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        self._warn_thin(splits, manifest.get("label_names"))
         return full
+
+    def _warn_thin(self, splits: dict[str, dict[str, Any]], label_names: list[str] | None) -> None:
+        """Warn about a store evaluation cannot use as it stands: empty val/test splits, one class."""
+        # the writer's root is the temporary beside the output: name the output itself
+        where = self.root.parent / re.sub(r"^\.(.+)\.tmp-[0-9a-f]{8}$", r"\1", self.root.name)
+        empty = [name for name in ("val", "test") if name in splits and splits[name]["num_records"] == 0]
+        if empty:
+            log.warning(
+                "%s: the %s split%s empty (too few records for the configured fractions?); "
+                "pretraining can still use the store, but `evaluate` with splits.mode=store cannot",
+                where,
+                " and ".join(empty),
+                " is" if len(empty) == 1 else "s are",
+            )
+        if label_names is not None and "labels" in self.record_fields:
+            present = set().union(*(w.labels_seen for w in self._splits.values()))
+            if len(present) < 2:
+                shown = [label_names[i] for i in sorted(present) if 0 <= i < len(label_names)]
+                log.warning(
+                    "%s: every labelled record has the same class (%s); a classifier cannot be "
+                    "evaluated on it -- check the label column",
+                    where,
+                    ", ".join(map(str, shown)) or "none",
+                )
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -153,14 +153,16 @@ def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -
         return ValueSummary("counts" if dtype.kind in "iu" else "integer_floats", **common)
     values = sp.csr_matrix(block, dtype=np.float64)
     sums = np.asarray(values.sum(axis=1)).ravel()
-    values.data = np.expm1(np.minimum(values.data, 700))
-    expm1_sums = np.asarray(values.sum(axis=1)).ravel()
-    common.update(
-        row_sum_median=float(np.median(sums[sums > 0])),
-        row_sum_cv=_cv(sums),
-        expm1_row_sum_median=float(np.median(expm1_sums[expm1_sums > 0])),
-        expm1_row_sum_cv=_cv(expm1_sums),
-    )
+    # TPM-scale values overflow expm1's sums to inf: expected (they are not log values), not worth a warning
+    with np.errstate(over="ignore", invalid="ignore"):
+        values.data = np.expm1(np.minimum(values.data, 700))
+        expm1_sums = np.asarray(values.sum(axis=1)).ravel()
+        common.update(
+            row_sum_median=float(np.median(sums[sums > 0])),
+            row_sum_cv=_cv(sums),
+            expm1_row_sum_median=float(np.median(expm1_sums[expm1_sums > 0])),
+            expm1_row_sum_cv=_cv(expm1_sums),
+        )
     if common["max"] <= _LOG_SCALE_MAX and not (
         common["row_sum_cv"] is not None and common["row_sum_cv"] < _CONSTANT_CV
     ):

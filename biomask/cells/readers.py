@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,6 +398,12 @@ def open_loom(path: Path, matrix: str = "X", name: str | None = None) -> MatrixS
             dataset = None
         if dataset is None:
             raise InputError(f"{path} has no matrix {matrix!r}; it has: {', '.join(alternatives)}")
+        for group in ("row_attrs", "col_attrs"):
+            if not isinstance(handle.get(group), h5py.Group):
+                raise InputError(
+                    f"{path}: no /{group} group; a loom file keeps gene names in /row_attrs/Gene and "
+                    "cell ids in /col_attrs/CellID"
+                )
         var = _attrs_frame(handle["row_attrs"], "Gene", str(path))
         obs = _attrs_frame(handle["col_attrs"], "CellID", str(path))
         return _LoomSource(
@@ -434,23 +441,54 @@ def open_10x_mtx(path: Path, matrix: str = "X", name: str | None = None) -> Matr
         raise InputError(
             f"{path}: a 10x directory holds one matrix; remove `matrix: {matrix}` from this input"
         )
-    _mtx_files(path)
+    files = _mtx_files(path)
     import scanpy as sc
 
     log.info("%s: Matrix Market text is read whole (as a sparse matrix)", path)
+    legacy = files[1].name == "genes.tsv"
     try:
-        adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False, gex_only=True)
-    except (ValueError, OSError, IndexError) as exc:
-        raise InputError(f"{path}: cannot read the 10x matrix ({exc})") from None
+        if legacy or all(f.name.endswith(".gz") for f in files):
+            adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False, gex_only=True)
+            matrix, obs, var = adata.X, adata.obs, adata.var
+        else:  # Cell Ranger >= 3 files stored uncompressed, which scanpy does not look for
+            matrix, obs, var = _read_v3_mtx(*files)
+    except (ValueError, OSError, IndexError, EOFError, zlib.error, pd.errors.ParserError) as exc:
+        raise InputError(
+            f"{path}: cannot read the 10x matrix ({type(exc).__name__}: {exc}); "
+            "is a file truncated or damaged?"
+        ) from None
     return _CSRSource(
-        adata.X,
+        matrix,
         name=name or path.name,
         path=path,
-        key="matrix.mtx",
-        obs=adata.obs,
-        var=adata.var,
+        key=files[0].name,
+        obs=obs,
+        var=var,
         alternatives=["X"],
     )
+
+
+def _read_v3_mtx(
+    matrix: Path, features: Path, barcodes: Path
+) -> tuple[sp.csr_matrix, pd.DataFrame, pd.DataFrame]:
+    """matrix.mtx / features.tsv / barcodes.tsv (each plain or gzipped) the way scanpy reads the
+    gzipped trio: float32 cells x genes, Gene Expression features only, symbols as var names."""
+    from scipy.io import mmread
+
+    values = sp.csr_matrix(mmread(str(matrix)).T, dtype=np.float32)
+    table = pd.read_csv(features, sep="\t", header=None, dtype=str, keep_default_na=False)
+    if table.shape[1] < 2:
+        raise ValueError(f"{features.name} has {table.shape[1]} column(s); expected id, name and type")
+    types = table[2] if table.shape[1] > 2 else pd.Series("Gene Expression", index=table.index)
+    cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str, keep_default_na=False)[0]
+    keep = np.flatnonzero(types.to_numpy() == "Gene Expression")
+    var = pd.DataFrame(
+        {"gene_ids": table[0].to_numpy()[keep], "feature_types": types.to_numpy()[keep]},
+        index=pd.Index(table[1].to_numpy()[keep]),
+    )
+    if values.shape[1] != len(table):
+        raise ValueError(f"{matrix.name} has {values.shape[1]} features, {features.name} lists {len(table)}")
+    return values[:, keep], pd.DataFrame(index=pd.Index(cells.to_numpy())), var
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -502,15 +540,27 @@ def open_matrix(
     source = _OPENERS[fmt](path, matrix, name)
     source.obs.index = source.obs.index.astype(str)
     source.var.index = source.var.index.astype(str)
+    repeated = source.obs.index[source.obs.index.duplicated()].unique()
+    if len(repeated):
+        shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        log.warning(
+            "%s: duplicate cell ids (%d): %s; every cell is kept, but their ids in the store are not unique",
+            source.where,
+            len(repeated),
+            shown,
+        )
     return source
 
 
 def input_checksum(path: str | os.PathLike) -> str:
     """sha256 of an input file; for a 10x directory, of its three files' checksums together."""
     path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for item in _mtx_files(path):
-            digest.update(f"{item.name}:{sha256_file(item)}\n".encode())
-        return digest.hexdigest()
-    return sha256_file(path)
+    try:
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for item in _mtx_files(path):
+                digest.update(f"{item.name}:{sha256_file(item)}\n".encode())
+            return digest.hexdigest()
+        return sha256_file(path)
+    except OSError as exc:
+        raise InputError(f"cannot read input {exc.filename or path}: {exc.strerror or exc}") from None

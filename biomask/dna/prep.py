@@ -104,12 +104,20 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
             resolved.append(ResolvedInput(spec.dataset, path, fmt, spec, entry.sha256))
         else:
             path = Path(str(spec.path)).expanduser()
+            if path.is_dir():
+                raise InputError(
+                    f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`"
+                )
             if not path.is_file():
                 raise InputError(f"input file {path} does not exist")
             if path.stat().st_size == 0:
                 raise InputError(f"input file {path} is empty")
             fmt = _guess_format(path) if spec.format == "auto" else spec.format
-            resolved.append(ResolvedInput(path.name, path, fmt, spec, sha256_file(path)))
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+            resolved.append(ResolvedInput(path.name, path, fmt, spec, digest))
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
         raise InputError(
@@ -192,6 +200,8 @@ def _genome_windows(
     stride = cfg.windows.stride or cfg.windows.length
     budget = cfg.windows.max_bases if cfg.windows.max_bases is not None else float("inf")
     last_record = None
+    seen: set[tuple[str, str]] = set()
+    repeated: list[str] = []  # record names that occur twice in one input
     for inp in inputs:
         size = inp.path.stat().st_size
         with tqdm(total=size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False) as bar:
@@ -204,9 +214,12 @@ def _genome_windows(
                     break
                 bases = bases[: int(min(len(bases), budget))]
                 budget -= len(bases)
-                if (inp.name, record) != last_record:
+                if offset == 0 or (inp.name, record) != last_record:  # blocks of a record start at 0
                     counts["records"] += 1
                     last_record = (inp.name, record)
+                    if last_record in seen:
+                        repeated.append(f"{inp.path}: '{record}'")
+                    seen.add(last_record)
                 counts["bases"] += len(bases)
                 where = f"{inp.path}, record '{record}'"
                 chars, ambiguous = cleaner.clean(bases, where=where, offset=offset)
@@ -235,6 +248,19 @@ def _genome_windows(
                     yield inp, batch
         if budget <= 0:
             break
+    if repeated and desc == "prep":
+        _warn_duplicates("record names", repeated)
+
+
+def _warn_duplicates(what: str, names: list[str]) -> None:
+    """Duplicate ids do not stop prep (window ids and split draws stay defined), but are reported."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    log.warning(
+        "duplicate %s (%d): %s; their records are kept, under the same id -- rename them if they differ",
+        what,
+        len(names),
+        shown,
+    )
 
 
 def _window_meta(inp: ResolvedInput, batch: WindowBatch, strand: str) -> pd.DataFrame:
@@ -374,6 +400,11 @@ def _prep_labelled(
             "cleaning.ambiguous=split applies to genome records; use n_token, drop or error for labelled sequences"
         )
     rows = _read_labelled(inputs)
+    if any(inp.spec.id_column for inp in inputs):
+        id_counts = collections.Counter(row.id for row in rows)
+        repeated = [f"'{name}' ({n}x)" for name, n in id_counts.items() if n > 1]
+        if repeated:
+            _warn_duplicates("ids", repeated)
     counts: collections.Counter = collections.Counter(rows_read=len(rows))
     kept: list[tuple[LabelledSequence, str]] = []
     for row in rows:

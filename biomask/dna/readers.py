@@ -12,17 +12,21 @@ import contextlib
 import csv
 import gzip
 import io
+import logging
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from Bio import SeqIO
+from Bio import BiopythonParserWarning, SeqIO
 from Bio.Seq import UndefinedSequenceError
 
 from biomask.errors import InputError
+
+log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -51,6 +55,8 @@ def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None =
     """Open a file for reading bytes, decompressing gzip when it starts with the gzip magic bytes.
     `on_read` is called with the number of (compressed) bytes read, to drive a progress bar."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL)")
     try:
         raw = open(path, "rb")
     except FileNotFoundError:
@@ -66,8 +72,9 @@ def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None =
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a text file (gzip or plain) for reading; undecodable bytes become U+FFFD."""
-    return io.TextIOWrapper(open_binary(path), encoding="ascii", errors="replace", newline=None)
+    """Open a text file (gzip or plain) for reading; a UTF-8 byte-order mark (spreadsheet exports) is
+    skipped, undecodable bytes become U+FFFD."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors="replace", newline=None)
 
 
 @contextlib.contextmanager
@@ -176,21 +183,48 @@ def read_genbank_blocks(path: str | os.PathLike, block_size: int) -> Iterator[tu
     if not head.lstrip().startswith("LOCUS"):
         raise InputError(f"{path} is not GenBank: a GenBank file starts with a LOCUS line")
     with open_text(path) as handle, _decompression_errors(path):
-        try:
-            for record in SeqIO.parse(handle, "genbank"):
-                count += 1
-                try:
-                    bases = bytes(record.seq)
-                except UndefinedSequenceError:
-                    raise InputError(f"{path}: record {count} ('{record.id}') has no sequence") from None
-                if not bases:
-                    raise InputError(f"{path}: record {count} ('{record.id}') has no sequence")
-                for start in range(0, len(bases), block_size):
-                    yield record.id, start, bases[start : start + block_size]
-        except ValueError as exc:
-            raise InputError(f"{path}: malformed GenBank record after record {count}: {exc}") from None
+        records = SeqIO.parse(handle, "genbank")
+        while True:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", BiopythonParserWarning)
+                    record = next(records, None)
+            except ValueError as exc:
+                raise InputError(f"{path}: malformed GenBank record after record {count}: {exc}") from None
+            if record is None:
+                break
+            count += 1
+            _check_genbank_warnings(path, count, record.id, caught)
+            try:
+                bases = bytes(record.seq)
+            except UndefinedSequenceError:
+                raise InputError(f"{path}: record {count} ('{record.id}') has no sequence") from None
+            if not bases:
+                raise InputError(f"{path}: record {count} ('{record.id}') has no sequence")
+            for start in range(0, len(bases), block_size):
+                yield record.id, start, bases[start : start + block_size]
     if count == 0:
         raise InputError(f"{path} holds no GenBank records")
+
+
+# Biopython's warnings that mean bases are missing: a truncated or cut file, never to be used silently.
+_GENBANK_FATAL = ("Premature end of file", "Expected sequence length")
+
+
+def _check_genbank_warnings(path: Path, count: int, record_id: str, caught: list) -> None:
+    """A truncated record is an error naming the file and record; other parser notes are logged."""
+    for item in caught:
+        text = str(item.message)
+        if any(key in text for key in _GENBANK_FATAL):
+            raise InputError(
+                f"{path}: record {count} ('{record_id}') is truncated ({text.rstrip('.')}); "
+                "the file is cut short or damaged -- download it again"
+            )
+    for item in caught:
+        if issubclass(item.category, BiopythonParserWarning):
+            log.warning("%s: record %d ('%s'): %s", path, count, record_id, item.message)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 def _chain(first: str, rest: IO[str]) -> Iterator[str]:
@@ -239,8 +273,14 @@ def read_table(
                     f"set input.{role}_column in the config"
                 )
         rows = 0
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the physical line (blank lines and quoted line breaks counted)
             rows += 1
+            if None in row:  # DictReader files the fields beyond the header under the key None
+                raise InputError(
+                    f"{path}, line {line}: {len(header) + len(row[None])} fields, the header has "
+                    f"{len(header)}; a field holds an unquoted {delimiter!r}, or the row is damaged"
+                )
             sequence = (row.get(sequence_column) or "").strip()
             label = (row.get(label_column) or "").strip()
             if not sequence:

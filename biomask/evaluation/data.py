@@ -88,7 +88,16 @@ def load_labelled(root: str | os.PathLike) -> LabelledRecords:
         locations += [(name, i) for i in range(len(values))]
     if not locations:
         raise InputError(f"token store {Path(root)} holds no records")
-    return LabelledRecords(store, np.concatenate(labels).astype(np.int64), np.array(origin), locations)
+    labels_all = np.concatenate(labels).astype(np.int64)
+    present = np.unique(labels_all)
+    if present.size < 2:
+        names = [store.label_names[i] for i in present if 0 <= i < len(store.label_names)]
+        raise InputError(
+            f"token store {Path(root)} has one class only ({', '.join(map(str, names))}, "
+            f"{labels_all.size} records): a classifier cannot be evaluated on it; check the label column "
+            "the store was prepared with"
+        )
+    return LabelledRecords(store, labels_all, np.array(origin), locations)
 
 
 def seed_split(
@@ -96,16 +105,36 @@ def seed_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) record indices for one seed: the store's splits, or a stratified resample."""
     if spec.mode == "store":
-        return tuple(np.flatnonzero(data.origin == s) for s in ("train", "val", "test"))  # type: ignore[return-value]
+        parts = tuple(np.flatnonzero(data.origin == s) for s in ("train", "val", "test"))
+        empty = [s for s, part in zip(("train", "val", "test"), parts) if part.size == 0]
+        if empty:
+            raise InputError(
+                f"token store {data.store.root}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                "empty, and splits.mode=store evaluates on the store's own splits; use splits.mode=resample "
+                "(fresh stratified splits of all records) or prepare the store with larger split fractions"
+            )
+        return parts  # type: ignore[return-value]
     everything = np.arange(len(data))
     counts = np.bincount(data.labels)
     stratify = data.labels if counts[counts > 0].min() >= 3 else None  # classes too small to stratify
-    rest, test = train_test_split(everything, test_size=spec.test, stratify=stratify, random_state=seed)
-    val_fraction = spec.val / (1.0 - spec.test)
-    train, val = train_test_split(
-        rest,
-        test_size=val_fraction,
-        stratify=None if stratify is None else data.labels[rest],
-        random_state=seed,
-    )
+    try:
+        rest, test = train_test_split(everything, test_size=spec.test, stratify=stratify, random_state=seed)
+        val_fraction = spec.val / (1.0 - spec.test)
+        train, val = train_test_split(
+            rest,
+            test_size=val_fraction,
+            stratify=None if stratify is None else data.labels[rest],
+            random_state=seed,
+        )
+    except ValueError as exc:  # too few records for the fractions
+        raise InputError(
+            f"token store {data.store.root}: cannot split {len(data)} records into splits.val={spec.val} "
+            f"and splits.test={spec.test} ({exc})"
+        ) from None
+    if min(train.size, val.size, test.size) == 0 or np.unique(data.labels[train]).size < 2:
+        raise InputError(
+            f"token store {data.store.root}: {len(data)} records are too few for splits.val={spec.val} and "
+            f"splits.test={spec.test} (train {train.size}, val {val.size}, test {test.size}, training classes "
+            f"{np.unique(data.labels[train]).size}); use a larger labelled set"
+        )
     return np.sort(train), np.sort(val), np.sort(test)

@@ -212,8 +212,11 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    write_state(rng, root / tmp_tag, f"rng-rank{rank}")
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        write_state(rng, root / tmp_tag, f"rng-rank{rank}")
+    except (OSError, RuntimeError) as exc:
+        _save_failed(root / tmp_tag, exc)
     _barrier()  # every rank's files are on disk
     if rank == 0:
         tmp = root / tmp_tag
@@ -229,6 +232,29 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _save_failed(tmp: Path, exc: BaseException) -> None:
+    """A save the file system refused (disk full, read-only): remove the partial `.tmp-` checkpoint and
+    say so (exit 2), naming it; the previous complete checkpoint stays the one a rerun resumes from.
+    torch.save reports a full disk as a RuntimeError ("... file write failed")."""
+    from biomask.errors import EnvironmentIOError, describe_os_error, is_environment_error
+
+    refused = is_environment_error(exc) or (
+        isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "inline_container" in str(exc))
+    )
+    if not refused:
+        raise exc
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = (
+        describe_os_error(exc, str(tmp)) if isinstance(exc, OSError) else str(exc).strip().splitlines()[-1]
+    )
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else None
+    space = f" ({free:,} bytes free there)" if free is not None else ""
+    raise EnvironmentIOError(
+        f"saving checkpoint {tmp} failed{space}: {reason}; the partial checkpoint was removed and a "
+        "rerun resumes from the previous complete one -- free some space and run the same command again"
+    ) from None
 
 
 def is_valid(directory: Path) -> bool:

@@ -112,5 +112,10 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
 
 
 def finish(path: Path) -> None:
-    """After run.json is written: the directory is a finished output."""
+    """After run.json is written: the directory is a finished output. Temporaries of an export cut short
+    by a kill (`.model.tmp-*`, `.run.tmp-*`: tempfile's names under biomask's prefixes) are removed."""
     (path / IN_PROGRESS).unlink(missing_ok=True)
+    for prefix in (".model.tmp-", ".run.tmp-"):
+        for stale in path.glob(f"{prefix}*"):
+            if stale.is_dir() and not stale.is_symlink() and len(stale.name) == len(prefix) + 8:
+                shutil.rmtree(stale, ignore_errors=True)

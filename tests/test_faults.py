@@ -1,0 +1,428 @@
+"""Faults and bad input through the CLI (issue 18): every case asserts the exit code, that the message
+names the file, line, record or key, and that nothing half-written is left beside the output.
+
+Inputs are small cuts of real registry data (the UCI splice set, C. elegans chrX, pbmc68k_reduced),
+damaged the way users' files get damaged. Disk full, read-only outputs and mount points use small
+tmpfs mounts (root only; skipped with the reason otherwise); an unreadable input drops the effective
+uid to nobody for the read (root ignores permission bits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import subprocess
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from biomask import datasets
+from tests.conftest import leftovers
+
+pytestmark = pytest.mark.network  # the inputs are cut from registry data (cached after the first fetch)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@pytest.fixture(scope="module")
+def splice_rows() -> list[tuple[str, str]]:
+    """(sequence, label) of 160 rows of the UCI splice set, every 20th (the file is sorted by class)."""
+    rows = []
+    for line in datasets.fetch("uci-splice").read_text().splitlines():
+        if line.strip() and not line.startswith(("@", "%")):
+            fields = [f.strip() for f in line.split(",")]
+            rows.append(("".join(fields[:-1]), fields[-1]))
+    return rows[::20][:160]
+
+
+def write_table(path: Path, rows: list[tuple[str, str]], *, bom: bool = False, header="id,sequence,label"):
+    lines = [header] + [f"r{i},{seq},{label}" for i, (seq, label) in enumerate(rows)]
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + ("\n".join(lines) + "\n").encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def chrx_bases() -> bytes:
+    """The first 30 kb of C. elegans chrX (soft-masking uppercased)."""
+    with gzip.open(datasets.fetch("ce2-chrX"), "rb") as handle:
+        text = handle.read(40_000).split(b"\n", 1)[1]
+    return text.replace(b"\n", b"").upper()[:30_000]
+
+
+def dna(tmp_path: Path, cli, input_path: Path, *extra: str, output: Path | None = None):
+    out = output or tmp_path / "store"
+    return cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {input_path}}}]",
+               f"output={out}", "tokenizer.kind=char", *extra)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small tmpfs at `path` (root only); skips the test with the reason when it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_ro(path: Path) -> None:
+    done = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount {path} read-only ({done.stderr.strip()})")
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def test_overwrite_refuses_an_output_that_holds_the_input(tmp_path, cli, splice_rows):
+    out = tmp_path / "store"
+    out.mkdir()
+    table = write_table(out / "mine.csv", splice_rows)
+    (out / "notes.txt").write_text("not biomask's")
+    code, _, err = dna(tmp_path, cli, table, "--overwrite", output=out)
+    assert code == 2 and str(table) in err and "contains the run's input" in err
+    assert table.exists() and (out / "notes.txt").exists()  # nothing deleted
+    # an output inside the input's directory is refused the same way (embed/prep inputs can be folders)
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {table}}}]",
+                       f"output={table}", "tokenizer.kind=char")  # fmt: skip
+    assert code == 2 and str(table) in err
+
+
+def test_overwrite_never_deletes_files_biomask_did_not_write(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    out = tmp_path / "store"
+    assert dna(tmp_path, cli, table)[0] == 0
+    (out / "my-notes.txt").write_text("keep me")
+    code, _, err = dna(tmp_path, cli, table, "split.seed=3", "--overwrite")
+    assert code == 2 and "my-notes.txt" in err and (out / "my-notes.txt").read_text() == "keep me"
+    (out / "my-notes.txt").unlink()
+    assert dna(tmp_path, cli, table, "split.seed=3", "--overwrite")[0] == 0  # only ours: replaced
+    # a folder biomask never wrote is not replaced by --overwrite either
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("...")
+    code, _, err = dna(tmp_path, cli, table, "--overwrite", output=foreign)
+    assert code == 2 and "not written by biomask" in err and (foreign / "thesis.tex").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_temporaries_of_the_same_output_are_cleaned_and_nothing_else(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    ours = [tmp_path / ".store.tmp-0123abcd", tmp_path / ".store.old-89abcdef"]
+    for stale in ours:  # what a kill during `prep dna` leaves
+        stale.mkdir()
+        (stale / "shard-00000.tokens.npy").write_bytes(b"\0" * 1024)
+    others = [
+        tmp_path / ".store.tmp-notours",
+        tmp_path / ".other.tmp-0123abcd",
+        tmp_path / "store.tmp-0123abcd",
+    ]
+    for item in others:
+        item.write_text("someone else's")
+    code, _, err = dna(tmp_path, cli, table)
+    assert code == 0, err
+    assert not any(p.exists() for p in ours)
+    assert all(p.exists() for p in others)
+
+
+def test_pretrain_export_temporaries_are_cleaned_on_finish(tmp_path):
+    from biomask.training import rundir
+
+    (tmp_path / ".model.tmp-ab12cd34").mkdir()  # a kill during the final export
+    (tmp_path / ".run.tmp-zz99yy88").mkdir()
+    (tmp_path / ".model.tmp-keep").mkdir()  # not tempfile's naming: not ours to delete
+    rundir.finish(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-keep"]
+
+
+def test_output_on_a_mount_point_is_refused(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
+        code, _, err = dna(tmp_path, cli, table, output=mnt)
+        assert code == 2 and str(mnt) in err and "mount point" in err
+        no_traceback(err)
+
+
+def test_disk_full_during_prep(tmp_path, cli, chrx_bases):
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+    with tmpfs(tmp_path / "small", "64k") as small:
+        code, _, err = dna(tmp_path, cli, fasta, "windows.length=64", "windows.stride=8",
+                           output=small / "store")  # fmt: skip
+        assert code == 2, err
+        assert str(small / "store") in err and ("space" in err or "disk" in err)
+        no_traceback(err)
+        assert list(small.iterdir()) == []  # nothing half-written
+
+
+def test_read_only_output_folder(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    with tmpfs(tmp_path / "ro", "1m") as ro:
+        remount_ro(ro)
+        code, _, err = dna(tmp_path, cli, table, output=ro / "store")
+        assert code == 2 and str(ro / "store") in err and "Read-only" in err
+        no_traceback(err)
+
+
+def test_unreadable_input(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    table.chmod(0)
+    import biomask.dna.prep  # noqa: F401 -- imported before the uid drops (the venv stays readable anyway)
+
+    tmp_path.chmod(0o755)
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() == 0:  # root reads anything: read as nobody
+            os.seteuid(65534)
+            stack.callback(os.seteuid, 0)
+        code, _, err = dna(tmp_path, cli, table)
+    assert code == 2 and str(table) in err and "ermission denied" in err
+    no_traceback(err)
+
+
+# ------------------------------------------------------------------------------------------ DNA inputs
+
+
+def test_directory_given_as_a_fasta_file(tmp_path, cli):
+    folder = tmp_path / "genome.fa"
+    folder.mkdir()
+    code, _, err = dna(tmp_path, cli, folder)
+    assert code == 2 and f"{folder} is a directory" in err
+
+
+def test_truncated_genbank_is_an_error_naming_the_record(tmp_path, cli, chrx_bases):
+    from Bio import SeqIO
+    from Bio.Seq import Seq
+    from Bio.SeqRecord import SeqRecord
+
+    records = [
+        SeqRecord(Seq(chrx_bases[:12_000].decode()), id="chrXa", name="chrXa", annotations={"molecule_type": "DNA"}),
+        SeqRecord(Seq(chrx_bases[12_000:].decode()), id="chrXb", name="chrXb", annotations={"molecule_type": "DNA"}),
+    ]  # fmt: skip
+    buffer = io.StringIO()
+    SeqIO.write(records, buffer, "genbank")
+    text = buffer.getvalue()
+    whole = tmp_path / "whole.gb"
+    whole.write_text(text)
+    assert (
+        dna(tmp_path, cli, whole, "windows.length=512", "split.block_size=2000", output=tmp_path / "ok")[0]
+        == 0
+    )
+    cut = tmp_path / "cut.gb"
+    cut.write_text(text[: int(len(text) * 0.75)])  # the second record loses its tail
+    code, _, err = dna(tmp_path, cli, cut, "windows.length=512", "split.block_size=2000")
+    assert code == 2 and str(cut) in err and "chrXb" in err and "truncated" in err
+    assert leftovers(tmp_path) == [] and not (tmp_path / "store").exists()
+
+
+def test_duplicate_record_names_are_reported(tmp_path, cli, chrx_bases):
+    fasta = tmp_path / "dup.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases[:10_000] + b"\n>chrX\n" + chrx_bases[10_000:20_000] + b"\n")
+    code, _, err = dna(tmp_path, cli, fasta, "windows.length=512", "split.block_size=2000")
+    assert code == 0, err
+    assert "duplicate record names" in err and "'chrX'" in err
+
+
+def test_duplicate_table_ids_are_reported(tmp_path, cli, splice_rows):
+    table = tmp_path / "dup.csv"
+    rows = [
+        f"same,{seq},{label}" if i < 2 else f"r{i},{seq},{label}"
+        for i, (seq, label) in enumerate(splice_rows)
+    ]
+    table.write_text("id,sequence,label\n" + "\n".join(rows) + "\n")
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 's2'}",
+                     f"inputs=[{{path: {table}, id_column: id}}]", "tokenizer.kind=char")  # fmt: skip
+    assert code == 0 and "duplicate ids" in err and "'same' (2x)" in err
+
+
+def test_csv_row_with_extra_fields_names_the_line(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "bad.csv", splice_rows)
+    lines = table.read_text().splitlines()
+    lines[7] += ",EXTRA"
+    table.write_text("\n".join(lines) + "\n")
+    code, _, err = dna(tmp_path, cli, table)
+    assert code == 2 and f"{table}, line 8" in err and "4 fields" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_csv_with_a_byte_order_mark(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "excel.csv", splice_rows, bom=True)
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'bom'}",
+                       f"inputs=[{{path: {table}, id_column: id}}]", "tokenizer.kind=char")  # fmt: skip
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------ labelled sets
+
+
+def evaluate_config(tmp_path: Path, store: Path, **splits) -> Path:
+    path = tmp_path / f"eval-{uuid.uuid4().hex[:6]}.yaml"
+    cfg = {"store": str(store), "output": str(tmp_path / "eval"), "seeds": [0], "baselines": ["kmer_lr"],
+           "baseline": {"kmer_k": [3]}, "splits": {"mode": "resample", "val": 0.2, "test": 0.2, **splits}}  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_single_class_set_warns_at_prep_and_evaluate_refuses(tmp_path, cli, splice_rows):
+    rows = [(seq, "N") for seq, _ in splice_rows]
+    table = write_table(tmp_path / "one-class.csv", rows)
+    code, _, err = dna(tmp_path, cli, table)
+    assert code == 0 and "same class (N)" in err
+    code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "store"))
+    assert code == 2 and "one class only" in err and str(tmp_path / "store") in err
+    no_traceback(err)
+    assert not (tmp_path / "eval").exists() and leftovers(tmp_path) == []
+
+
+def test_empty_validation_split_warns_and_store_mode_evaluate_says_so(tmp_path, cli, splice_rows):
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    code, _, err = dna(tmp_path, cli, table, "split.val=0")
+    assert code == 0 and "the val split is empty" in err
+    code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "store", mode="store"))
+    assert code == 2 and "val split is empty" in err and "splits.mode=store" in err
+    assert not (tmp_path / "eval").exists()  # no report whose header claims other fractions
+
+
+# ------------------------------------------------------------------------------------------ cells inputs
+
+
+@pytest.fixture(scope="module")
+def pbmc_counts():
+    """pbmc68k_reduced's raw counts (rebuilt from log1p CP10k with n_counts), first 200 cells."""
+    import anndata
+
+    adata = anndata.read_h5ad(datasets.fetch("pbmc68k_reduced"))[:200]
+    raw = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
+    counts = np.rint(np.expm1(raw) * adata.obs["n_counts"].to_numpy()[:, None] / 1e4).astype(np.int32)
+    return counts, adata.obs_names.to_numpy(), adata.raw.var_names.to_numpy()
+
+
+def cells(tmp_path: Path, cli, input_path: Path, fmt: str = "auto", output: Path | None = None, **keys):
+    cfg = {"inputs": [{"path": str(input_path), "format": fmt}], "output": str(output or tmp_path / "cells"),
+           "qc": {"min_genes": 0, "min_cells": 1}, "tokenizer": {"scheme": "binned", "max_length": 128},
+           "split": {"val": 0.1, "test": 0.1}, **keys}  # fmt: skip
+    path = tmp_path / f"cells-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cli("prep", "cells", "-c", path)
+
+
+def write_mtx(directory: Path, counts, barcodes, genes, *, gz: bool) -> Path:
+    import scipy.io
+    import scipy.sparse as sp
+
+    directory.mkdir()
+    suffix = ".gz" if gz else ""
+    opener = gzip.open if gz else open
+    with opener(directory / f"matrix.mtx{suffix}", "wb") as handle:
+        scipy.io.mmwrite(handle, sp.coo_matrix(counts.T), field="integer")
+    features = pd.DataFrame({"id": [f"ENSG{i:08d}" for i in range(len(genes))], "name": genes,
+                             "type": "Gene Expression"})  # fmt: skip
+    features.to_csv(directory / f"features.tsv{suffix}", sep="\t", header=False, index=False)
+    pd.Series(barcodes).to_csv(directory / f"barcodes.tsv{suffix}", header=False, index=False)
+    return directory
+
+
+def test_uncompressed_10x_v3_folder_is_read_like_the_gzipped_one(tmp_path, cli, pbmc_counts):
+    from biomask.cells.readers import open_matrix
+
+    plain = write_mtx(tmp_path / "plain", *pbmc_counts, gz=False)
+    packed = write_mtx(tmp_path / "packed", *pbmc_counts, gz=True)
+    a, b = open_matrix(plain), open_matrix(packed)
+    assert (a.rows(0, a.n_obs) != b.rows(0, b.n_obs)).nnz == 0
+    assert list(a.var.index) == list(b.var.index) and list(a.obs.index) == list(b.obs.index)
+    code, _, err = cells(tmp_path, cli, plain)
+    assert code == 0, err
+
+
+def test_truncated_matrix_mtx_gz(tmp_path, cli, pbmc_counts):
+    folder = write_mtx(tmp_path / "cut", *pbmc_counts, gz=True)
+    data = (folder / "matrix.mtx.gz").read_bytes()
+    (folder / "matrix.mtx.gz").write_bytes(data[: len(data) // 2])
+    code, _, err = cells(tmp_path, cli, folder)
+    assert code == 2 and str(folder) in err and "truncated" in err
+    no_traceback(err)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "cells").exists()
+
+
+def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
+    import h5py
+
+    counts, barcodes, _ = pbmc_counts
+    loom = tmp_path / "no-genes.loom"
+    with h5py.File(loom, "w") as f:
+        f["matrix"] = counts.T.astype(np.float32)
+        f["col_attrs/CellID"] = barcodes.astype("S")
+    code, _, err = cells(tmp_path, cli, loom)
+    assert code == 2 and str(loom) in err and "row_attrs" in err
+    no_traceback(err)
+
+
+def test_duplicate_cell_ids_are_reported(tmp_path, cli, pbmc_counts):
+    counts, barcodes, genes = pbmc_counts
+    barcodes = barcodes.copy()
+    barcodes[5] = barcodes[4]
+    folder = write_mtx(tmp_path / "dup", counts, barcodes, genes, gz=True)
+    code, _, err = cells(tmp_path, cli, folder)
+    assert code == 0, err
+    assert "duplicate cell ids (1)" in err and barcodes[4] in err
+
+
+def test_tpm_input_is_refused_without_numpy_warnings(tmp_path, cli, pbmc_counts):
+    import anndata
+
+    counts, barcodes, genes = pbmc_counts
+    tpm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e6 * 3.7  # TPM-like, not integral
+    path = tmp_path / "tpm.h5ad"
+    anndata.AnnData(tpm.astype(np.float32), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes)).write_h5ad(path)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = cells(tmp_path, cli, path, counts={"mode": "require"})
+    assert code == 2 and str(path) in err
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_save(tmp_path, cli, chrx_bases):
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+    store = tmp_path / "store"
+    code, _, err = dna(
+        tmp_path, cli, fasta, "windows.length=128", "windows.stride=64", "split.block_size=1000"
+    )
+    assert code == 0, err
+    with tmpfs(tmp_path / "small", "160k") as small:
+        out = small / "run"
+        keys = {"data.store": store, "data.max_length": 66, "model.max_len": 66, "model.d_model": 32,
+                "model.d_ff": 64, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 4,
+                "train.micro_batch_size": 8, "train.eval_batches": 1, "data.eval_split": "test", "train.progress": "false",
+                "deepspeed.stage": 0, "output": out}  # fmt: skip
+        code, _, err = cli(
+            "pretrain", "-c", "configs/pretrain/dna-tiny.yaml", *[f"{k}={v}" for k, v in keys.items()]
+        )
+        assert code == 2, err
+        no_traceback(err)
+        assert str(out / "checkpoints") in err and "free" in err
+        assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial save was removed
