@@ -76,10 +76,10 @@ def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
         assert np.array_equal(before.obsm[key], after.obsm[key], equal_nan=True), key
     for key in before.varm:
         assert np.array_equal(before.varm[key], after.varm[key], equal_nan=True), key
-    assert set(after.uns) == set(before.uns) | {"biomask"}
+    assert set(after.uns) == set(before.uns) | {"X_biomask"}
     assert list(after.uns["bulk_labels_colors"]) == list(before.uns["bulk_labels_colors"])
     # provenance
-    info = after.uns["biomask"]
+    info = after.uns["X_biomask"]
     ckpt = read_checkpoint_config(cells_checkpoint)
     assert info["checkpoint_weights_sha256"] == ckpt["weights_sha256"]
     assert (info["layer"], info["pooling"], info["key"]) == (-1, "mean", "X_biomask")
@@ -132,8 +132,8 @@ def test_current_layout_file_only_gains_the_embedding(pbmc_h5ad, cells_checkpoin
 
     a, b = objects(source), objects(out)
     added = {k for k in b if k not in a}
-    assert {"obsm/X_biomask", "uns/biomask"} <= added
-    assert all(k.startswith(("obsm/X_biomask", "uns/biomask")) for k in added)
+    assert {"obsm/X_biomask", "uns/X_biomask"} <= added
+    assert all(k.startswith(("obsm/X_biomask", "uns/X_biomask")) for k in added)
     for name, (values, attrs) in a.items():
         theirs = b[name][0]
         if values is not None:
@@ -182,7 +182,7 @@ def test_api_fills_the_anndata_in_place_independent_of_batch_and_chunk_sizes(
     returned = biomask.embed(
         adata, cells_checkpoint, matrix="raw", counts=counts, batch_size=5, chunk_size=97
     )
-    assert returned is adata and adata.uns["biomask"]["pooling"] == "mean"
+    assert returned is None and adata.uns["X_biomask"]["pooling"] == "mean"  # in place, as scanpy
     reference = read(embedded).obsm["X_biomask"]  # the CLI: batch 64, one chunk
     np.testing.assert_allclose(adata.obsm["X_biomask"], reference, rtol=0, atol=2e-5)
     sc.pp.neighbors(adata, use_rep="X_biomask")
@@ -264,7 +264,7 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     assert list(from_table.obs["label"]) == list(table["label"]) and list(from_table.obs_names) == list(
         table["id"]
     )
-    assert from_table.uns["biomask"]["modality"] == "dna" and (tmp_path / "table.umap.png").exists()
+    assert from_table.uns["X_biomask"]["modality"] == "dna" and (tmp_path / "table.umap.png").exists()
     code, _, err = cli(
         "embed", "--checkpoint", dna_checkpoint, "--input", splice_store, "--output", tmp_path / "store.h5ad"
     )

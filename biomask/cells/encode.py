@@ -161,18 +161,34 @@ class CellEncoder:
                 f"(read now: {column or 'the var index'}; var columns: {', '.join(map(str, source.var.columns)) or 'none'}) "
                 "or genes.strip_version"
             )
-        share = found["fraction_of_dataset_genes"]
+        # What matters is how much of the vocabulary the data measures (a vocabulary gene missing from
+        # the data never reaches the model); the share of the dataset's own genes is information.
+        share = found["fraction_of_vocab_present"]
+        dataset_side = (
+            f"{100 * found['fraction_of_dataset_genes']:.1f}% of its {found['dataset_genes']:,} genes are in the "
+            "vocabulary; the others are left out"
+        )
         if share < self.min_coverage:
             log.warning(
-                "%s: only %.1f%% of its %d genes are in the checkpoint's vocabulary (min_coverage %.0f%%); "
-                "the others are left out",
+                "%s: only %d of the checkpoint's %d vocabulary genes (%.1f%%) are in the data (min_coverage "
+                "%.0f%%): the model sees the missing ones as %s (%s)",
                 source.where,
+                found["vocab_genes_present"],
+                found["vocab_genes"],
                 100 * share,
-                found["dataset_genes"],
                 100 * self.min_coverage,
+                "unmeasured" if self.prep.tokenizer.scheme == "panel" else "not expressed",
+                dataset_side,
             )
         else:
-            log.info("%s: %.1f%% of its genes are in the checkpoint's vocabulary", source.where, 100 * share)
+            log.info(
+                "%s: %d of the checkpoint's %d vocabulary genes (%.1f%%) are in the data (%s)",
+                source.where,
+                found["vocab_genes_present"],
+                found["vocab_genes"],
+                100 * share,
+                dataset_side,
+            )
         summary = detect(source, self.counts, block_size)
         check_policy(source, summary, self.counts)
         to_token = vocab.token_map(space.names).targets

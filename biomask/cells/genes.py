@@ -301,12 +301,17 @@ def vocabulary_dir(path: str | os.PathLike) -> Path:
 
 
 def coverage(vocab: GeneVocabulary, names: np.ndarray) -> dict[str, Any]:
-    """How much of a dataset the vocabulary sees: its genes found, and the vocabulary genes present."""
+    """How the dataset and the vocabulary overlap, from both sides. What matters for a model is the
+    vocabulary side (`fraction_of_vocab_present`: the share of the genes the model knows that the data
+    measures; a panel store lists only those); the dataset side (`fraction_of_dataset_genes`) is
+    information: a dataset measuring 30,000 genes against a 2,000-gene vocabulary is fully usable."""
     genes = {str(n) for n in names if n != ""}
     known = sum(1 for g in genes if g in vocab._ids)
     return {
         "dataset_genes": len(genes),
         "dataset_genes_in_vocab": known,
         "fraction_of_dataset_genes": known / len(genes) if genes else 0.0,
+        "vocab_genes": len(vocab.genes),
+        "vocab_genes_present": known,
         "fraction_of_vocab_present": known / len(vocab.genes) if vocab.genes else 0.0,
     }

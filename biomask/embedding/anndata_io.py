@@ -3,7 +3,7 @@ whole or not at all.
 
 A file in anndata's current layout (≥ 0.8: the root says `encoding-type: anndata`) is copied byte
 for byte to a temporary name beside the output; `obsm/<key>` is then filled one chunk of cells at a
-time and `uns/biomask` added, through h5py and anndata's own element writer, and the copy is renamed
+time and `uns/<key>` (the provenance, under the embedding's own key) added, through h5py and anndata's own element writer, and the copy is renamed
 into place. Nothing else in the file is rewritten, so X, layers, raw, obs, var and every other
 obsm/uns entry are exactly the input's, and memory stays bounded by the chunk.
 
@@ -65,7 +65,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 class EmbeddingWriter:
-    """Fills `obsm[key]` of a copy of `source` chunk by chunk, then adds `uns["biomask"]`.
+    """Fills `obsm[key]` of a copy of `source` chunk by chunk, then adds the provenance as `uns[key]`.
 
     with EmbeddingWriter(source_h5ad, tmp_path, n_obs, dim, key="X_biomask") as writer:
         writer.write(start, vectors)          # rows start .. start + len(vectors)
@@ -128,9 +128,9 @@ class EmbeddingWriter:
             from anndata.io import write_elem
 
             group = self._group(self.handle, "uns")
-            if "biomask" in group:
-                del group["biomask"]
-            write_elem(group, "biomask", h5_safe(uns))
+            if self.key in group:
+                del group[self.key]  # embedding again under the same key replaces its record
+            write_elem(group, self.key, h5_safe(uns))
             self.handle.close()
             self.handle = None
             return
@@ -140,7 +140,7 @@ class EmbeddingWriter:
             warnings.simplefilter("ignore")  # anndata's notes about converting the legacy layout
             adata = anndata.read_h5ad(self.source)
         adata.obsm[self.key] = self.buffer
-        adata.uns["biomask"] = h5_safe(uns)
+        adata.uns[self.key] = h5_safe(uns)
         adata.write_h5ad(self.target)
 
     def __exit__(self, *exc: object) -> None:

@@ -1,10 +1,19 @@
-"""The Python API for scanpy users: embed an in-memory AnnData with a portable checkpoint.
+"""The Python API for scanpy users: embed an AnnData with a portable checkpoint, scanpy-style.
 
     import biomask, scanpy as sc
-    biomask.embed(adata, "runs/pretrain/cells-tiny/model")     # adata.obsm["X_biomask"], adata.uns["biomask"]
+    biomask.embed(adata, "runs/pretrain/cells-tiny/model")     # in place: obsm["X_biomask"], uns["X_biomask"]
     sc.pp.neighbors(adata, use_rep="X_biomask")
     sc.tl.umap(adata)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
+
+    other = biomask.embed(adata, model, key="X_b", copy=True)  # a new AnnData; adata untouched
+
+As scanpy's functions do: `copy=False` (default) writes into `adata` and returns None; `copy=True`
+returns a new AnnData holding the embedding. The provenance goes to `uns[key]`, beside `obsm[key]`, so
+two embeddings of one AnnData keep one record each. `checkpoint` is a `model/` directory or a model
+already loaded with `biomask.models.load_pretrained` (embedding many files loads it once). A backed
+AnnData (`sc.read_h5ad(path, backed="r")`) is streamed from its file in chunks, as `biomask embed`
+does. A progress bar shows on a terminal for long inputs (`progress=` forces it on or off).
 
 The cells are tokenized exactly as the checkpoint's pretraining corpus was (see biomask.cells.encode),
 in chunks, and embedded on the GPU when there is one (CPU otherwise), without DeepSpeed.
@@ -13,7 +22,7 @@ in chunks, and embedded on the GPU when there is one (CPU otherwise), without De
 from __future__ import annotations
 
 import logging
-import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -23,10 +32,39 @@ from biomask.errors import InputError
 
 log = logging.getLogger(__name__)
 
+PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal)
+
+
+def _model(checkpoint: Any, device: str) -> tuple[Any, str]:
+    """(the model, how provenance names it): a loaded model is used where it is."""
+    import torch
+
+    from biomask.embedding.inference import pick_device
+    from biomask.models import load_pretrained
+
+    if isinstance(checkpoint, torch.nn.Module):
+        if getattr(checkpoint, "checkpoint_info", None) is None:
+            raise InputError(
+                "biomask.embed needs a model from biomask.models.load_pretrained (it carries the checkpoint's "
+                "config and tokenizer), or the checkpoint's directory"
+            )
+        return checkpoint, str(checkpoint.checkpoint_dir)
+    return load_pretrained(checkpoint, device=pick_device(device)), str(checkpoint)
+
+
+def _source(adata: Any, matrix: str) -> tuple[Any, bool]:
+    """The matrix to read: a backed AnnData streams from its file (obs/var are the file's), an
+    in-memory one is read where it is. (source, whether we opened it)."""
+    from biomask.cells.readers import from_anndata, open_matrix
+
+    if getattr(adata, "isbacked", False):
+        return open_matrix(adata.filename, "h5ad", matrix), True
+    return from_anndata(adata, matrix, name="AnnData"), False
+
 
 def embed(
     adata: Any,
-    checkpoint: str | os.PathLike,
+    checkpoint: Any,
     *,
     pooling: str = "mean",
     layer: int = -1,
@@ -39,29 +77,35 @@ def embed(
     batch_size: int = 64,
     chunk_size: int = 8192,
     device: str = "auto",
+    copy: bool = False,
+    progress: bool | None = None,
 ) -> Any:
-    """Fill `adata.obsm[key]` (cells × d_model, float32) and `adata.uns["biomask"]` in place; returns
-    `adata`. `matrix`: where the counts are (X, raw, layers/NAME); `counts`: the counts policy of
-    `biomask prep cells` (e.g. `{"mode": "from_log1p", "total_counts_column": "n_counts"}`);
-    `gene_column`: a var column with the gene identifiers, None for the var index, "auto" for the
-    vocabulary's own identifier column when present. Bad input raises `biomask.errors.InputError`."""
+    """Put the cells' embedding in `obsm[key]` (cells × d_model, float32) and its provenance in
+    `uns[key]`: of `adata` itself (`copy=False`, returns None) or of a new AnnData (`copy=True`,
+    returned; `adata` is left as it was). `checkpoint`: a portable checkpoint directory, or a model
+    from `biomask.models.load_pretrained`. `matrix`: where the counts are (X, raw, layers/NAME);
+    `counts`: the counts policy of `biomask prep cells` (e.g. `{"mode": "from_log1p",
+    "total_counts_column": "n_counts"}`); `gene_column`: a var column with the gene identifiers, None
+    for the var index, "auto" for the vocabulary's own identifier column when present;
+    `min_coverage`: warn when less of the vocabulary is found in the data. Bad input raises
+    `biomask.errors.InputError`."""
+    from tqdm.auto import tqdm
+
     from biomask.cells.encode import CellEncoder, checkpoint_prep
-    from biomask.cells.readers import from_anndata
     from biomask.embedding.anndata_io import h5_safe
-    from biomask.embedding.inference import check_layer, embed_records, inference_max_length, pick_device
+    from biomask.embedding.inference import check_layer, embed_records, inference_max_length
     from biomask.embedding.stage import provenance
-    from biomask.models import load_pretrained
 
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
-    model = load_pretrained(checkpoint, device=pick_device(device))
+    model, where = _model(checkpoint, device)
     check_layer(model, layer)
     if model.config.modality != "cells":
         raise InputError(
-            f"checkpoint {checkpoint} is a {model.config.modality} model; an AnnData of cells needs a cells checkpoint"
+            f"checkpoint {where} is a {model.config.modality} model; an AnnData of cells needs a cells checkpoint"
         )
     counts_cfg = counts if isinstance(counts, CountsConfig) else CountsConfig.model_validate(counts or {})
-    prep = checkpoint_prep(checkpoint, model.checkpoint_info)
+    prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
     encoder = CellEncoder(
         prep,
         counts=counts_cfg,
@@ -69,18 +113,40 @@ def embed(
         strip_version=strip_version,
         min_coverage=min_coverage,
     )
-    source = from_anndata(adata, matrix, name="AnnData")
-    opened = encoder.open(source, min(chunk_size, 8192))
-    max_length = inference_max_length(model)
-    vectors = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
-    empty = 0
-    for start, records, stats in encoder.blocks(opened, chunk_size):
-        vectors[start : start + len(records)] = embed_records(
-            model, records, pooling=pooling, layer=layer, batch_size=batch_size, max_length=max_length
+    source, opened_here = _source(adata, matrix)
+    try:
+        if source.n_obs != adata.n_obs:
+            raise InputError(
+                f"{source.where}: {source.n_obs} cells in the matrix, {adata.n_obs} in the AnnData"
+            )
+        opened = encoder.open(source, min(chunk_size, 8192))
+        max_length = inference_max_length(model)
+        vectors = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
+        totals = {"counts_total": 0.0, "counts_in_vocab": 0.0, "cells_without_vocabulary_genes": 0}
+        show = (
+            progress if progress is not None else (sys.stderr.isatty() and adata.n_obs >= PROGRESS_MIN_CELLS)
         )
-        empty += int(stats["cells_without_vocabulary_genes"])
-    adata.obsm[key] = vectors
-    adata.uns["biomask"] = h5_safe(
+        with tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True) as bar:
+            for start, records, stats in encoder.blocks(opened, chunk_size):
+                vectors[start : start + len(records)] = embed_records(
+                    model, records, pooling=pooling, layer=layer, batch_size=batch_size, max_length=max_length
+                )
+                for name, value in stats.items():
+                    totals[name] += value
+                bar.update(len(records))
+    finally:
+        if opened_here:
+            source.close()
+    coverage = dict(opened.coverage)
+    coverage["fraction_of_counts"] = (
+        totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
+    )
+    empty = int(totals["cells_without_vocabulary_genes"])
+    if empty:
+        log.warning(
+            "%d cells express no vocabulary gene; their embedding is the model's [CLS]-only vector", empty
+        )
+    record = h5_safe(
         provenance(
             model,
             pooling=pooling,
@@ -88,15 +154,18 @@ def embed(
             key=key,
             max_length=max_length,
             extra={
-                "input": "in-memory AnnData",
+                "input": f"backed AnnData {adata.filename}" if opened_here else "in-memory AnnData",
                 "matrix": matrix,
                 "counts_found": opened.summary.describe(),
                 "gene_id_column": opened.gene_column or "var index",
-                "gene_coverage": opened.coverage,
+                "gene_coverage": coverage,
                 "cells": int(adata.n_obs),
                 "cells_without_vocabulary_genes": empty,
                 "tokenization": prep.describe(),
             },
         )
     )
-    return adata
+    target = (adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()) if copy else adata
+    target.obsm[key] = vectors
+    target.uns[key] = record
+    return target if copy else None

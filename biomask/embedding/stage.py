@@ -8,7 +8,7 @@
 3. embed      cells: streamed in chunks — read, tokenized like the corpus, embedded, written into
               `obsm[key]` of a copy of the input (the rest of the file untouched); DNA: FASTA windows,
               table rows or token-store records into a new AnnData (obs = sequence id, label)
-4. provenance `uns["biomask"]`: checkpoint and its hashes, layer, pooling, masking scheme,
+4. provenance `uns[key]` (beside `obsm[key]`): checkpoint and its hashes, layer, pooling, masking scheme,
               tokenization, gene coverage, code version, fingerprint; a UMAP PNG when asked
 """
 
@@ -104,7 +104,7 @@ def checkpoint_inputs(cfg: EmbedConfig, path: Path) -> list[dict[str, Any]]:
 def provenance(
     model: Any, *, pooling: str, layer: int, key: str, max_length: int, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """What `uns["biomask"]` records about an embedding."""
+    """What `uns[key]` records about an embedding."""
     info = model.checkpoint_info
     directory = Path(model.checkpoint_dir)
     masking = info.get("masking") or {}
@@ -332,7 +332,7 @@ def embed_dna(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: 
             "fingerprint": fingerprint,
         },
     )
-    return anndata.AnnData(obs=obs, obsm={cfg.key: vectors}, uns={"biomask": h5_safe(uns)})
+    return anndata.AnnData(obs=obs, obsm={cfg.key: vectors}, uns={cfg.key: h5_safe(uns)})
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -344,7 +344,7 @@ def _targets(cfg: EmbedConfig) -> tuple[Path, bool]:
     return output, not output.name.lower().endswith(".h5ad")
 
 
-def _file_is_current(path: Path, fingerprint: str, overwrite: bool) -> bool:
+def _file_is_current(path: Path, fingerprint: str, overwrite: bool, key: str) -> bool:
     """A .h5ad output: reuse it (same fingerprint in uns), or refuse to replace it without --overwrite."""
     if not path.exists() or overwrite:
         return False
@@ -353,7 +353,7 @@ def _file_is_current(path: Path, fingerprint: str, overwrite: bool) -> bool:
     found = None
     try:
         with h5py.File(path, "r") as handle:
-            node = handle.get("uns/biomask/fingerprint")
+            node = handle.get(f"uns/{key}/fingerprint")
             if node is not None:
                 found = node[()].decode() if isinstance(node[()], bytes) else str(node[()])
     except OSError:
@@ -400,7 +400,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     if directory:
         if stage.is_current(overwrite=overwrite):
             return h5ad
-    elif h5ad != path and _file_is_current(h5ad, stage.fingerprint, overwrite):
+    elif h5ad != path and _file_is_current(h5ad, stage.fingerprint, overwrite, cfg.key):
         return h5ad
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))

@@ -1,5 +1,8 @@
 """Training metrics on rank 0: one JSON object per line in `metrics.jsonl`, the same scalars in
-TensorBoard (`tensorboard/`), and a tqdm progress bar.
+TensorBoard (`tensorboard/`), and progress on stderr: a tqdm bar on a terminal; elsewhere (an sbatch
+log, a pipeline's log file) one timestamped line per logged step (`train.log_every`):
+
+    [2025-05-01 12:00:00] pretrain step 300/3000 (10.0%) loss 2.3411 acc 0.312 tok/s 41,230 ETA 0:41:10 gpu 3.2 GiB
 
 Each line has `step` and `kind` ("train" or "eval"). On resume, lines past the checkpoint's step
 (written by the interrupted run after its last checkpoint) are dropped, so the file reads as one run.
@@ -7,7 +10,10 @@ Each line has `step` and `kind` ("train" or "eval"). On resume, lines past the c
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +26,25 @@ from biomask.training.finite import DivergedError
 
 class MetricsLogger:
     def __init__(
-        self, directory: Path, *, total_steps: int, start_step: int, enabled: bool, progress: bool
+        self,
+        directory: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress: bool,
+        stream: Any = None,
     ) -> None:
+        """`progress`: a tqdm bar when `stream` (default: stderr) is a terminal, else one line per
+        logged step on it."""
         self.enabled = enabled
         self.path = directory / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.stream = stream if stream is not None else sys.stderr
+        self.lines = False
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.perf_counter()
         if not enabled:
             return
         self._truncate(start_step, total_steps)
@@ -35,10 +54,18 @@ class MetricsLogger:
         self.tb = SummaryWriter(
             str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None
         )
-        if progress:
+        terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        if progress and terminal:
             self.bar = tqdm(
-                total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True
+                total=total_steps,
+                initial=start_step,
+                desc="pretrain",
+                unit="step",
+                dynamic_ncols=True,
+                file=self.stream,
             )
+        elif progress:
+            self.lines = True  # no terminal: a bar would print every refresh as a line
 
     def _truncate(self, step: int, total_steps: int) -> None:
         if not self.path.exists():
@@ -78,6 +105,33 @@ class MetricsLogger:
                 ratio=f"{values['ratio']:.2f}",
                 tok_s=f"{values['tokens_per_s']:.0f}",
             )
+
+        if self.lines:
+            self._line(step, kind, values)
+
+    def _line(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        """One timestamped line for a log without a terminal."""
+        stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        total = self.total_steps
+        if kind == "eval":
+            loss = values.get("mean_loss")
+            shown = f" held-out loss {loss:.4f} (mean over ratios)" if isinstance(loss, (int, float)) else ""
+            print(f"[{stamp}] pretrain eval at step {step}/{total}{shown}", file=self.stream, flush=True)
+            return
+        parts = [f"[{stamp}] pretrain step {step}/{total} ({100 * step / max(total, 1):.1f}%)"]
+        if isinstance(values.get("loss"), (int, float)):
+            parts.append(f"loss {values['loss']:.4f}")
+        if isinstance(values.get("accuracy"), (int, float)):
+            parts.append(f"acc {values['accuracy']:.3f}")
+        if isinstance(values.get("tokens_per_s"), (int, float)):
+            parts.append(f"tok/s {values['tokens_per_s']:,.0f}")
+        done = step - self.start_step
+        if done > 0 and step < total:
+            remaining = (time.perf_counter() - self.started) / done * (total - step)
+            parts.append(f"ETA {_dt.timedelta(seconds=round(remaining))}")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"gpu {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(" ".join(parts), file=self.stream, flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

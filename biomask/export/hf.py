@@ -1,0 +1,169 @@
+"""`biomask export-hf`: a portable checkpoint as a Hugging Face folder.
+
+    biomask export-hf --checkpoint runs/pretrain/dna-tiny/model --output exports/dna-tiny
+
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("exports/dna-tiny")
+    model = AutoModel.from_pretrained("exports/dna-tiny", trust_remote_code=True)
+
+The folder (relocatable: nothing in it names a path that loading needs):
+
+- `config.json`: `model_type: "biomask"`, `auto_map` to the remote code, the architecture, `pooling`,
+  `model_max_length`, and under `biomask` the source checkpoint's own config.json (provenance: its
+  hashes, training, masking, data; the paths there are where it was trained, read by nothing);
+- `modeling_biomask.py`: the encoder in plain torch + transformers (biomask/export/hf_modeling.py,
+  copied; it does not import biomask);
+- `model.safetensors`: the encoder's weights, unchanged (the pretraining head and MAE decoder are left
+  out);
+- `tokenizer.json`, `tokenizer_config.json` (`model_max_length` = the length the model was trained on,
+  specials included), `special_tokens_map.json`; DNA tokenizers get a normaliser (lowercase →
+  uppercase, or N where the corpus treated soft-masked bases as ambiguous; IUPAC ambiguity letters →
+  N), as `biomask embed` cleans sequences. Cells: `genes.tsv` (gene ids and corpus medians) too.
+
+Both model kinds are exported: the transformer (DNA and cells) and the profile autoencoder (`kind:
+"mlp"`, cells).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from biomask.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+MODELING = Path(__file__).with_name("hf_modeling.py")
+ARCH_KEYS = (
+    "vocab_size",
+    "modality",
+    "kind",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "max_len",
+    "norm_eps",
+    "positions",
+    "value_embedding",
+    "n_bins",
+    "scheme",
+)
+IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
+
+
+def encoder_state(model: Any) -> dict[str, Any]:
+    """The tensors the HF model holds: the encoder (and embedder / gene statistics), not the heads."""
+    kind = model.config.kind
+    keep = ("embedder.", "encoder.") if kind == "transformer" else ("encoder.", "gene_mean", "gene_std")
+    return {
+        k: v.detach().to("cpu").float().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(keep)
+    }
+
+
+def dna_normalizer(lowercase: str) -> Any:
+    """Uppercase (or N for soft-masked bases when the corpus treated them as ambiguous); IUPAC
+    ambiguity letters of either case become N, as `biomask embed`'s cleaner does."""
+    from tokenizers import Regex, normalizers
+
+    ambiguous = IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower() + "n"
+    steps = [normalizers.Replace(Regex(f"[{ambiguous}]"), "N")]
+    for base in "acgt":
+        steps.append(normalizers.Replace(base, "N" if lowercase == "ambiguous" else base.upper()))
+    return normalizers.Sequence(steps)
+
+
+def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) -> None:
+    from tokenizers import Tokenizer, normalizers
+
+    info = model.checkpoint_info
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    if model.config.modality == "dna":
+        cleaning = (info.get("prep") or {}).get("cleaning") or {}
+        ours = dna_normalizer(cleaning.get("lowercase", "upper"))
+        tokenizer.normalizer = (
+            ours if tokenizer.normalizer is None else normalizers.Sequence([ours, tokenizer.normalizer])
+        )
+    tokenizer.save(str(target / "tokenizer.json"))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    specials = {
+        k: config[k]
+        for k in ("pad_token", "cls_token", "sep_token", "mask_token", "unk_token")
+        if k in config
+    }
+    config.update(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": int(max_length),
+            "padding_side": "right",
+            "model_input_names": ["input_ids", "attention_mask"],
+        }
+    )
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    if (source / "genes.tsv").is_file():
+        shutil.copyfile(source / "genes.tsv", target / "genes.tsv")
+
+
+def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
+    arch = model.config.to_dict()
+    return {
+        "model_type": "biomask",
+        "architectures": ["BiomaskModel"],
+        "auto_map": {
+            "AutoConfig": "modeling_biomask.BiomaskConfig",
+            "AutoModel": "modeling_biomask.BiomaskModel",
+        },
+        **{k: arch[k] for k in ARCH_KEYS},
+        "pooling": "mean",
+        "model_max_length": int(max_length),
+        "pad_token_id": 0,
+        "dtype": "float32",
+        "biomask": {
+            "format": "biomask-hf-export",
+            "exported_from": checkpoint.name if checkpoint.name != "model" else checkpoint.parent.name,
+            "note": "source_checkpoint is the portable checkpoint's config.json, kept as provenance; "
+            "its paths are where it was trained and are not needed to load this folder",
+            "source_checkpoint": model.checkpoint_info,
+        },
+    }
+
+
+def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder of a portable checkpoint (see the module docstring); returns it."""
+    from safetensors.torch import save_file
+
+    from biomask.embedding.inference import inference_max_length
+    from biomask.models import load_pretrained
+    from biomask.outputs import atomic_output_dir
+
+    checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
+    model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
+    if model.config.kind not in ("transformer", "mlp"):
+        raise InputError(f"{checkpoint}: model kind {model.config.kind!r} cannot be exported to Hugging Face")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output {output} exists and is not empty; pass --overwrite to replace it")
+    if output.resolve() == checkpoint.resolve():
+        raise InputError(f"output {output} is the checkpoint itself; choose another directory")
+    max_length = inference_max_length(model)
+    with atomic_output_dir(output) as tmp:
+        save_file(encoder_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
+        (tmp / "config.json").write_text(
+            json.dumps(hf_config(model, checkpoint, max_length), indent=2, default=str) + "\n"
+        )
+        _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
+    log.info(
+        "export-hf: %s -> %s (model_type biomask, %s, %s)",
+        checkpoint,
+        output,
+        model.config.kind,
+        model.config.modality,
+    )
+    return output

@@ -1,0 +1,311 @@
+"""biomask encoders for Hugging Face `transformers` (the remote code of a `biomask export-hf` folder).
+
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("export/")
+    model = AutoModel.from_pretrained("export/", trust_remote_code=True)
+    batch = tok(["ACGTNACGT", "acgtrykm"], padding=True, return_tensors="pt")
+    out = model(**batch)                         # last_hidden_state (B, L, D), pooler_output (B, D)
+    vectors = model.embed(**batch, pooling="mean", layer=-1)   # = biomask's model.embed
+
+Self-contained on purpose: this file is copied into the export as `modeling_biomask.py` and imports
+torch and transformers only (not biomask), so the folder loads wherever transformers does. It rebuilds
+the encoder of a biomask portable checkpoint with the same parameter names, so the weights load as
+they are (the pretraining head and MAE decoder are not exported).
+
+Inputs: `input_ids` and `attention_mask` (HF's 0/1 integers or booleans); cells also `values`
+(float, token-aligned: the expression value of each gene token) and, for binned models, `bins`
+(int, 1..n_bins for expressed genes, 0 at [CLS] and padding). `pooler_output` pools the last layer
+as `config.pooling` says ("mean": over content tokens, [CLS]/[SEP]/padding excluded; "cls").
+Profile models (`kind: "mlp"`, cells) read the whole profile: `last_hidden_state` is (B, 1, d_model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+PAD_ID, CLS_ID, SEP_ID, NUM_SPECIAL = 0, 1, 2, 5
+CLIP = 10.0  # profile models: standardised values are clipped to ±10 (as in training)
+
+
+class BiomaskConfig(PretrainedConfig):
+    model_type = "biomask"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "intermediate_size": "d_ff",
+        "max_position_embeddings": "max_len",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 10,
+        modality: str = "dna",
+        kind: str = "transformer",
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int = 256,
+        max_len: int = 1026,
+        norm_eps: float = 1e-5,
+        positions: bool = True,
+        value_embedding: str = "none",
+        n_bins: int = 0,
+        scheme: str | None = None,
+        pooling: str = "mean",
+        model_max_length: int | None = None,
+        **kwargs,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.modality = modality
+        self.kind = kind
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.d_ff = d_ff
+        self.max_len = max_len
+        self.norm_eps = norm_eps
+        self.positions = positions
+        self.value_embedding = value_embedding
+        self.n_bins = n_bins
+        self.scheme = scheme
+        self.pooling = pooling
+        self.model_max_length = model_max_length
+        kwargs.setdefault("pad_token_id", PAD_ID)
+        super().__init__(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ transformer
+
+
+class Embedder(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions else None
+        if cfg.value_embedding == "bins":
+            self.bins = nn.Embedding(cfg.n_bins + 1, cfg.d_model)
+        elif cfg.value_embedding == "mlp":
+            self.value_mlp = nn.Sequential(
+                nn.Linear(1, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model)
+            )
+            self.value_mask = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(
+        self, ids: torch.Tensor, values: torch.Tensor | None, bins: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = self.tokens(ids)
+        if self.positions is not None:
+            if ids.shape[1] > self.cfg.max_len:
+                raise ValueError(f"{ids.shape[1]} tokens exceed the model's max_len {self.cfg.max_len}")
+            x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        if self.cfg.value_embedding == "bins":
+            if bins is None:
+                raise ValueError(
+                    "this model embeds expression bins: pass `bins` (token-aligned, 0 at [CLS]/padding)"
+                )
+            x = x + self.bins(bins.long())
+        elif self.cfg.value_embedding == "mlp":
+            if values is None:
+                raise ValueError("this model embeds expression values: pass `values` (token-aligned floats)")
+            x = x + self.value_mlp(values.to(x.dtype)[..., None])
+        return x
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # queries, keys, values in one matmul
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """[input, block 1, ..., normalised last block] (biomask's layer indexing)."""
+        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        states = [x]
+        for block in self.blocks:
+            x = block(x, mask)
+            states.append(x)
+        states[-1] = self.norm(x)
+        return states
+
+
+# ------------------------------------------------------------------------------------ profile (mlp)
+
+
+def _stack(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+class BiomaskModel(PreTrainedModel):
+    config_class = BiomaskConfig
+    base_model_prefix = "biomask"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: BiomaskConfig) -> None:
+        super().__init__(config)
+        if config.kind == "mlp":
+            hidden = [config.d_ff] * (config.n_layers - 1)
+            self.encoder = _stack([2 * config.vocab_size, *hidden, config.d_model])
+            self.register_buffer("gene_mean", torch.zeros(config.vocab_size))
+            self.register_buffer("gene_std", torch.ones(config.vocab_size))
+        elif config.kind == "transformer":
+            self.embedder = Embedder(config)
+            self.encoder = Encoder(config)
+        else:
+            raise ValueError(f"unknown biomask model kind {config.kind!r}")
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every weight comes from the checkpoint; this only initialises a model built from a config.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------------------ states
+
+    def _states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        values: torch.Tensor | None,
+        bins: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        if self.config.kind == "mlp":
+            return self._profile_states(input_ids, mask, values), mask
+        return self.encoder(self.embedder(input_ids, values, bins), mask), mask
+
+    def _profile_states(
+        self, ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        if values is None:
+            raise ValueError("a profile model reads expression: pass `values` (token-aligned floats)")
+        n = self.config.vocab_size
+
+        def dense(field: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(ids.shape[0], n, dtype=torch.float32, device=ids.device)
+            return out.scatter_(1, ids, torch.where(mask, field.float(), 0.0))
+
+        z = ((dense(values) - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
+        if self.config.scheme == "panel":  # a panel gene the record leaves out was not measured: hidden
+            listed = dense(torch.ones_like(values, dtype=torch.float32)) > 0
+            listed[:, :NUM_SPECIAL] = True
+            hidden = ~listed
+        else:
+            hidden = torch.zeros_like(z, dtype=torch.bool)
+        h = torch.cat([torch.where(hidden, 0.0, z), hidden.to(z.dtype)], dim=1)
+        states = [z]
+        for module in self.encoder:
+            h = module(h)
+            if isinstance(module, nn.Linear):
+                states.append(h)
+        return states
+
+    def _pool(
+        self, h: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, pooling: str
+    ) -> torch.Tensor:
+        if self.config.kind == "mlp":
+            return h
+        if pooling == "cls":
+            return h[:, 0]
+        if pooling != "mean":
+            raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
+        content = mask & (input_ids != CLS_ID) & (input_ids != SEP_ID)
+        weights = content.to(h.dtype)[..., None]
+        return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    # ------------------------------------------------------------------------------ public
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        bins: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """`last_hidden_state` (B, L, d_model) and `pooler_output` (B, d_model, `config.pooling`);
+        `hidden_states` = (embeddings, block 1, ..., normalised last block) when asked. Extra
+        tokenizer outputs such as `token_type_ids` are ignored."""
+        states, mask = self._states(input_ids, attention_mask, values, bins)
+        last = states[-1]
+        pooled = self._pool(last, input_ids, mask, self.config.pooling)
+        if self.config.kind == "mlp":
+            last = last[:, None, :]
+        hidden = tuple(states) if output_hidden_states else None
+        if return_dict is False:
+            return tuple(v for v in (last, pooled, hidden) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        bins: torch.Tensor | None = None,
+        pooling: str | None = None,
+        layer: int = -1,
+        **kwargs,
+    ) -> torch.Tensor:
+        """One vector per record, (B, d_model): biomask's `model.embed(batch, pooling, layer)`.
+        `layer` indexes [embeddings, block 1, ..., last block] like a Python list."""
+        states, mask = self._states(input_ids, attention_mask, values, bins)
+        return self._pool(states[layer], input_ids, mask, pooling or self.config.pooling)

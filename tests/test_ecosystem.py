@@ -1,0 +1,335 @@
+"""biomask in the tools users already have: scanpy-style `biomask.embed` (copy semantics, provenance
+per key, a loaded model, backed AnnData, a progress bar), the gene-coverage figure that matters, the
+Hugging Face export (Auto* classes, same embeddings as biomask, relocatable, no biomask import in the
+remote code), progress lines in logs without a terminal, and `--print-config`."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import yaml
+
+import biomask
+from biomask import datasets
+from biomask.embedding.inference import embed_records, fit_record
+from biomask.models import load_pretrained
+from biomask.store import TokenStore
+from biomask.training.data import collate
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+# pbmc68k_reduced's .raw holds log1p(counts / n_counts * 1e4)
+COUNTS = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-layout notes
+        return anndata.read_h5ad(datasets.fetch("pbmc68k_reduced"))
+
+
+class Records(logging.Handler):
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger, self.records = logging.getLogger(name), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.DEBUG)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+# ------------------------------------------------------------------------------------------- scanpy API
+
+
+def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_model(pbmc, cells_checkpoint):
+    adata = pbmc.copy()
+    model = load_pretrained(cells_checkpoint)
+    copied = biomask.embed(adata, model, matrix="raw", counts=COUNTS, key="X_a", copy=True)
+    assert copied is not adata and copied.obsm["X_a"].shape == (700, 32)
+    assert "X_a" not in adata.obsm and "X_a" not in adata.uns  # the input is untouched
+    # in place: returns None (scanpy's convention); a path and a loaded model give the same vectors
+    assert biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_a") is None
+    np.testing.assert_allclose(adata.obsm["X_a"], copied.obsm["X_a"], rtol=0, atol=2e-5)
+    biomask.embed(adata, model, matrix="raw", counts=COUNTS, key="X_b", pooling="cls")
+    # each representation keeps its own record
+    assert adata.uns["X_a"]["pooling"] == "mean" and adata.uns["X_a"]["key"] == "X_a"
+    assert adata.uns["X_b"]["pooling"] == "cls" and adata.uns["X_b"]["key"] == "X_b"
+    assert "biomask" not in adata.uns
+    assert adata.uns["X_a"]["checkpoint"] == adata.uns["X_b"]["checkpoint"] == str(cells_checkpoint)
+
+
+def test_a_backed_anndata_is_streamed_from_its_file(pbmc, cells_checkpoint, tmp_path, capsys):
+    path = tmp_path / "current.h5ad"
+    pbmc.write_h5ad(path)  # anndata's current layout
+    reference = biomask.embed(pbmc, cells_checkpoint, matrix="raw", counts=COUNTS, copy=True)
+    backed = anndata.read_h5ad(path, backed="r")
+    copied = biomask.embed(backed, cells_checkpoint, matrix="raw", counts=COUNTS, copy=True, chunk_size=128)
+    assert not copied.isbacked and "X_biomask" not in backed.obsm
+    biomask.embed(backed, cells_checkpoint, matrix="raw", counts=COUNTS, chunk_size=97, progress=True)
+    for got in (copied.obsm["X_biomask"], backed.obsm["X_biomask"]):
+        np.testing.assert_allclose(got, reference.obsm["X_biomask"], rtol=0, atol=2e-5)
+    assert backed.uns["X_biomask"]["input"].startswith("backed AnnData")
+    assert (
+        "700/700" in capsys.readouterr().err
+    )  # the progress bar, when asked (else: on a terminal, long inputs)
+    backed.file.close()
+
+
+def test_coverage_warns_about_missing_vocabulary_genes_not_extra_dataset_genes(pbmc, cells_checkpoint):
+    raw = pbmc.raw.to_adata()
+    names = list(raw.var_names)
+    extra = anndata.AnnData(
+        X=sp.hstack([sp.csr_matrix(raw.X), sp.csr_matrix((raw.n_obs, 1000), dtype=np.float32)]).tocsr(),
+        obs=pbmc.obs.copy(),
+        var=pd.DataFrame(index=names + [f"NOT_IN_VOCAB_{i}" for i in range(1000)]),
+    )
+    with Records("biomask.cells.encode") as records:
+        out = biomask.embed(extra, cells_checkpoint, counts=COUNTS, copy=True)
+    coverage = out.uns["X_biomask"]["gene_coverage"]
+    assert coverage["fraction_of_vocab_present"] == pytest.approx(1.0)
+    assert coverage["fraction_of_dataset_genes"] == pytest.approx(len(names) / (len(names) + 1000))
+    assert not [r for r in records if r.levelno >= logging.WARNING]  # every vocabulary gene is there
+    assert any("765 of the checkpoint's 765 vocabulary genes" in r.getMessage() for r in records)
+    # a third of the vocabulary measured: that is worth a warning
+    few = raw[:, : len(names) // 3].copy()
+    few.obs = pbmc.obs.copy()
+    with Records("biomask.cells.encode") as records:
+        biomask.embed(few, cells_checkpoint, counts=COUNTS)
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "255 of the checkpoint's 765 vocabulary genes (33.3%)" in warned[0]
+    assert "100.0% of its 255 genes are in the vocabulary" in warned[0]
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+
+
+def _real_dna(checkpoint, store, n=12, length=100):
+    """Real chrX sequences (decoded from the store) and their biomask records."""
+    from biomask.dna.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint / "tokenizer")
+    split = TokenStore(store).split("val")
+    records = [{"tokens": np.asarray(split[i]["tokens"])[:length]} for i in range(n)]
+    return [tokenizer.decode(r["tokens"]) for r in records], records
+
+
+def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically(
+    dna_checkpoint, genome_store, tmp_path, cli
+):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    code, out, err = cli("export-hf", "--checkpoint", dna_checkpoint, "--output", tmp_path / "first")
+    assert code == 0, err
+    folder = shutil.move(out.strip(), tmp_path / "moved")  # relocatable: nothing points back
+    assert not (tmp_path / "first").exists()
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.model_type == "biomask" and config.hidden_size == 32
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    plain = AutoTokenizer.from_pretrained(folder)  # the tokenizer is tokenizer.json: no code needed
+    assert (
+        tok.model_max_length
+        == 130
+        == json.loads((tmp_path / "moved" / "config.json").read_text())["model_max_length"]
+    )
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    biomask_model = load_pretrained(dna_checkpoint)
+
+    sequences, records = _real_dna(dna_checkpoint, genome_store)
+    batch = tok(sequences, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].dtype == torch.int64  # HF's integer mask
+    expected = collate(records, modality="dna")
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert plain(sequences[0])["input_ids"] == batch["input_ids"][0][: len(records[0]["tokens"]) + 2].tolist()
+    # the normaliser: lowercase is uppercased, IUPAC ambiguity letters are N
+    assert tok(sequences[0].lower())["input_ids"] == tok(sequences[0])["input_ids"]
+    assert tok("ACGTRYKMn")["input_ids"] == tok("ACGTNNNNN")["input_ids"]
+    assert tok.unk_token_id not in tok("acgtrysw")["input_ids"]
+    assert len(tok("A" * 500, truncation=True)["input_ids"]) == 130
+
+    ours = embed_records(biomask_model, records, pooling="mean", batch_size=5)
+    with torch.no_grad():
+        output = model(**batch, output_hidden_states=True)
+    assert float(np.abs(output.pooler_output.numpy() - ours).max()) < 1e-5
+    assert len(output.hidden_states) == 3 and output.last_hidden_state.shape[:2] == batch["input_ids"].shape
+    for layer in (0, 1):
+        theirs = model.embed(**batch, pooling="cls", layer=layer).numpy()
+        ours = embed_records(biomask_model, records, pooling="cls", layer=layer)
+        assert float(np.abs(theirs - ours).max()) < 1e-5
+
+
+HF_CELLS = """
+import sys, json
+sys.modules["biomask"] = None  # the export must load without biomask
+import numpy as np, torch
+from transformers import AutoModel, AutoTokenizer
+folder, batch_file, out_file = sys.argv[1:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+batch = {k: torch.from_numpy(v) for k, v in np.load(batch_file).items()}
+genes = tok.convert_ids_to_tokens(batch["input_ids"][0][1:4].tolist())
+ids = tok(" ".join(genes))["input_ids"]
+np.save(out_file, model(**batch).pooler_output.detach().numpy())
+print(json.dumps({"ids": ids, "max": tok.model_max_length, "kind": model.config.kind}))
+"""
+
+
+def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
+    cells_checkpoint, pbmc_store, tmp_path
+):
+    from biomask.export import export_hf
+
+    folder = export_hf(cells_checkpoint, tmp_path / "cells-hf")
+    assert {"config.json", "model.safetensors", "modeling_biomask.py", "tokenizer.json",
+            "tokenizer_config.json", "genes.tsv"} <= {p.name for p in folder.iterdir()}  # fmt: skip
+    assert "biomask" not in re.findall(
+        r"^\s*(?:from|import) (\w+)", (folder / "modeling_biomask.py").read_text(), re.M
+    )
+    records = [TokenStore(pbmc_store).split("train")[i] for i in range(40)]
+    # cut as biomask cuts a binned cell to the model's input: its 128 highest-valued genes
+    records = [
+        fit_record({k: np.asarray(r[k]) for k in ("tokens", "values", "bins")}, 128, order_free=True)
+        for r in records
+    ]
+    batch = collate(records, modality="cells")
+    arrays = {k: v.numpy() for k, v in batch.items()}
+    arrays["attention_mask"] = arrays["attention_mask"].astype(np.int64)
+    np.savez(tmp_path / "batch.npz", **arrays)
+    script = tmp_path / "load.py"
+    script.write_text(HF_CELLS)
+    done = subprocess.run(
+        [sys.executable, script, folder, tmp_path / "batch.npz", tmp_path / "theirs.npy"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["max"] == 129 and facts["kind"] == "transformer"
+    assert facts["ids"] == [1, *batch["input_ids"][0][1:4].tolist()]  # [CLS] and the genes, no [SEP]
+    ours = embed_records(load_pretrained(cells_checkpoint), records, pooling="mean", max_length=129)
+    assert float(np.abs(np.load(tmp_path / "theirs.npy") - ours).max()) < 1e-5
+
+
+def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path):
+    from transformers import AutoModel
+
+    from biomask.export import export_hf
+    from biomask.models import EncoderConfig, ProfileAutoencoder, save_pretrained
+    from biomask.models.profile import gene_statistics
+
+    store = TokenStore(pbmc_store)
+    records = [store.split("train")[i] for i in range(50)]
+    records = [{k: np.asarray(r[k]) for k in ("tokens", "values")} for r in records]
+    arch = EncoderConfig(
+        vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
+        n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    profile = ProfileAutoencoder(arch)
+    profile.set_gene_stats(*gene_statistics(records, arch.vocab_size, panel=False))
+    checkpoint = save_pretrained(
+        profile.state_dict(), arch, tmp_path / "profile", tokenizer_dir=pbmc_store / "tokenizer",
+        info={"modality": "cells", "scheme": "binned", "training": {"max_length": 766}},
+    )  # fmt: skip
+    folder = export_hf(checkpoint, tmp_path / "profile-hf")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    batch = collate(records, modality="cells")
+    ours = embed_records(load_pretrained(checkpoint), records)
+    with torch.no_grad():
+        output = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"].long(),
+            values=batch["values"],
+        )
+    assert output.last_hidden_state.shape == (50, 1, 16)
+    assert float(np.abs(output.pooler_output.numpy() - ours).max()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- logs, CLI
+
+
+def test_training_progress_is_a_timestamped_line_per_logged_step_without_a_terminal(tmp_path):
+    from biomask.training.metrics import MetricsLogger
+
+    stream = io.StringIO()  # not a terminal, like an sbatch log
+    metrics = MetricsLogger(
+        tmp_path, total_steps=100, start_step=0, enabled=True, progress=True, stream=stream
+    )
+    assert metrics.bar is None
+    values = {"loss": 2.5, "ratio": 0.3, "tokens_per_s": 12345.6, "accuracy": 0.25, "lr": 1e-3}
+    for step in (10, 20):
+        metrics.advance(10)
+        metrics.log(step, "train", values)
+    metrics.log(20, "eval", {"loss": {"0.15": 2.0}, "mean_loss": 2.1})
+    metrics.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    pattern = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] pretrain step 10/100 \(10\.0%\) loss 2\.5000 acc 0\.250 tok/s 12,346 ETA \d+:\d\d:\d\d"
+    assert re.match(pattern, lines[0]), lines[0]
+    assert "step 20/100" in lines[1] and "held-out loss 2.1000" in lines[2]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    (tmp_path / "t").mkdir()
+    bar = MetricsLogger(
+        tmp_path / "t", total_steps=100, start_step=0, enabled=True, progress=True, stream=terminal
+    )
+    bar.log(10, "train", values)
+    bar.close()
+    assert bar.bar is not None and "pretrain step" not in terminal.getvalue()
+
+
+@pytest.mark.parametrize(
+    "stage, key",
+    [
+        (["prep", "dna"], "windows"),
+        (["prep", "cells"], "counts"),
+        (["pretrain"], "train"),
+        (["evaluate"], "seeds"),
+        (["embed"], "pooling"),
+        (["report"], "title"),
+        (["theory"], "gammas"),
+    ],
+)
+def test_print_config_shows_each_stage_resolved_defaults(stage, key, cli):
+    code, out, err = cli(*stage, "--print-config")
+    assert code == 0, err
+    assert key in yaml.safe_load(out)
+
+
+def test_print_config_applies_the_config_file_and_overrides(cli, repo):
+    code, out, _ = cli(
+        "pretrain", "-c", repo / "configs/pretrain/dna-tiny.yaml", "--print-config", "train.steps=7"
+    )
+    assert code == 0 and yaml.safe_load(out)["train"]["steps"] == 7
+    code, out, _ = cli("pretrain", "--print-config")
+    data = yaml.safe_load(out)
+    assert data["train"]["log_every"] == 10 and data["output"] is None and "required" in out
+    with pytest.raises(SystemExit) as stopped:
+        cli("pretrain")
+    assert stopped.value.code == 2
