@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from biomask.errors import BiomaskError
 log = logging.getLogger("biomask")
 
 
-def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every config-driven stage takes."""
-    parser.add_argument("-c", "--config", required=True, help="the stage's YAML config")
+def _add_stage_arguments(parser: argparse.ArgumentParser, schema: str) -> None:
+    """The arguments every config-driven stage takes (`schema`: its config class, `module:Class`)."""
+    parser.add_argument("-c", "--config", help="the stage's YAML config (required to run the stage)")
+    parser.set_defaults(schema=schema, config_required=True)
+    _add_print_config(parser)
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -34,6 +37,81 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )
+
+
+def _add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML (the defaults, with --config and overrides applied) and exit",
+    )
+
+
+def _schema_defaults(schema) -> tuple[dict, list[str]]:
+    """Every key of a schema with its default; required keys without one are null (and listed)."""
+    from pydantic import BaseModel
+    from pydantic_core import to_jsonable_python
+
+    from biomask.config import _field_model
+
+    data: dict = {}
+    required: list[str] = []
+    for name, field in schema.model_fields.items():
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            data[name] = (
+                value.model_dump(mode="json") if isinstance(value, BaseModel) else to_jsonable_python(value)
+            )
+            continue
+        model = _field_model(field.annotation)
+        if model is None:
+            data[name], found = None, [name]
+        else:
+            inner, found = _schema_defaults(model)
+            found = [f"{name}.{key}" for key in found] or [name]
+            data[name] = [inner] if typing.get_origin(field.annotation) is list else inner
+        required += found
+    return data, required
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    """`biomask <stage> --print-config`: the config the stage would run with, as YAML."""
+    from importlib import import_module
+
+    import yaml
+
+    from biomask.config import apply_overrides, dump_config, load_config, read_yaml
+    from biomask.errors import ConfigError
+
+    module, _, name = args.schema.partition(":")
+    schema = getattr(import_module(module), name)
+    overrides = [*getattr(args, "shortcut_overrides", lambda a: [])(args), *args.overrides]
+    try:
+        print(dump_config(load_config(schema, args.config, overrides)), end="")
+        return 0
+    except ConfigError:
+        if args.config is not None:
+            raise  # the file itself is wrong: the error says where
+    # No file: the defaults, with the keys a config must set shown as null.
+    data, required = _schema_defaults(schema)
+    given = read_yaml(args.config) if args.config else {}
+    apply_overrides(given, overrides)
+    merged = _merge(data, given)
+    print(
+        f"# biomask {args.command} {' '.join(filter(None, [getattr(args, 'prep_command', None)]))}".rstrip()
+    )
+    print("# defaults; set the null keys (required): " + ", ".join(required))
+    print(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None, allow_unicode=True), end="")
+    return 0
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -125,7 +203,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def _embed_shortcuts(args: argparse.Namespace) -> list[str]:
     shortcuts = {
         "checkpoint": args.checkpoint,
         "input": args.input,
@@ -137,13 +215,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     }
     # The flags are overrides like any key=value; a value that YAML would read as another type
     # (a path named 'true', say) is quoted.
-    flags = [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
+    return [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
     return _run_stage(
         "biomask.embedding.config:EmbedConfig",
         "biomask.embedding.stage:run_embed",
         args,
-        [*flags, *args.overrides],
+        [*_embed_shortcuts(args), *args.overrides],
     )
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from biomask.export import export_hf
+
+    print(export_hf(args.checkpoint, args.output, overwrite=args.overwrite))
+    return 0
 
 
 def cmd_fit_cells(args: argparse.Namespace) -> int:
@@ -280,8 +368,12 @@ def cmd_pipeline_templates(args: argparse.Namespace) -> int:
         print(path)
 
 
+def _theory_shortcuts(args: argparse.Namespace) -> list[str]:
+    return [f"output={args.output}"] if args.output else []
+
+
 def cmd_theory(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    overrides = list(args.overrides) + _theory_shortcuts(args)
     return _run_stage("biomask.theory:TheoryConfig", "biomask.theory:run_theory", args, overrides)
 
 
@@ -330,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="prep_command", metavar="MODALITY", required=True
     )
     _add_stage_arguments(
-        command(prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store")
+        command(
+            prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store"
+        ),
+        "biomask.dna.config:DNAPrepConfig",
     )
     _add_stage_arguments(
         command(
@@ -338,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
             "cells",
             cmd_prep_cells,
             "tokenize single-cell expression (h5ad, 10x, loom) into a token store of cells",
-        )
+        ),
+        "biomask.cells.config:CellsPrepConfig",
     )
 
     p = command(
@@ -347,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_pretrain,
         "masked pretraining with DeepSpeed ZeRO (resumes automatically; exit 75 = checkpointed on a signal)",
     )
-    _add_stage_arguments(p)
+    _add_stage_arguments(p, "biomask.training.config:PretrainConfig")
 
     _add_stage_arguments(
         command(
@@ -355,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate",
             cmd_evaluate,
             "downstream classification: baselines and pretrained models over seeds",
-        )
+        ),
+        "biomask.evaluation.config:EvaluateConfig",
     )
 
     p = command(
@@ -409,6 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )
+    p.set_defaults(schema="biomask.embedding.config:EmbedConfig", shortcut_overrides=_embed_shortcuts)
+    _add_print_config(p)
+
+    p = command(
+        sub,
+        "export-hf",
+        cmd_export_hf,
+        "a portable checkpoint as a Hugging Face folder (AutoModel with trust_remote_code, AutoTokenizer)",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a portable checkpoint (the model/ directory of a pretrain run)"
+    )
+    p.add_argument(
+        "--output", required=True, help="the export directory (config.json, weights, tokenizer, code)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
 
     _add_stage_arguments(
         command(
@@ -416,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
             "report",
             cmd_report,
             "the study report: tables, paired tests, curves, ratios, UMAP, provenance",
-        )
+        ),
+        "biomask.report.config:ReportConfig",
     )
 
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
@@ -487,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
+    p.set_defaults(schema="biomask.theory:TheoryConfig", shortcut_overrides=_theory_shortcuts)
+    _add_print_config(p)
 
     p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
@@ -527,13 +643,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "config_required", False) and args.config is None and not args.print_config:
+        parser.error(f"{args.command}: the following arguments are required: -c/--config")
     _setup_logging(args.quiet, args.verbose)
     try:
+        if getattr(args, "print_config", False):
+            return cmd_print_config(args)
         return int(args.func(args) or 0)
     except BiomaskError as exc:
         print(f"biomask: error: {exc}", file=sys.stderr)
         _report_error(exc)
         return exc.exit_code
+    except OSError as exc:
+        # the file system refused (disk full, read-only, permission denied, a directory for a file):
+        # a message naming the path and exit 2, not a traceback; other OSErrors are bugs (traceback)
+        from biomask.errors import EnvironmentIOError, describe_os_error, is_environment_error
+
+        if not is_environment_error(exc):
+            raise
+        error = EnvironmentIOError(describe_os_error(exc))
+        print(f"biomask: error: {error}", file=sys.stderr)
+        _report_error(error)
+        return error.exit_code
     except KeyboardInterrupt:
         print("biomask: interrupted", file=sys.stderr)
         return 130
