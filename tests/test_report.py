@@ -177,7 +177,9 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
         over["seeds"] = [0, 1]
         # DNA checkpoints are named by scheme; cells ones scheme@seed (verdicts over pretraining seeds)
         over["checkpoints"] = {
-            k: v for k, v in over["checkpoints"].items() if k.split("@")[0] in schemes and not k.endswith("@2")
+            k: v
+            for k, v in over["checkpoints"].items()
+            if k.split("@")[0] in schemes and not k.endswith("@2")
         }
         over["compare"] = [["r2mae", "bert15"]]
         over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
