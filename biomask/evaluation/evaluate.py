@@ -12,7 +12,6 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from biomask.evaluation import baselines, clustering
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
+from biomask.evaluation.methods import Method, Predict
 from biomask.evaluation.metrics import (
     METRICS,
     classification_metrics,
@@ -36,23 +36,6 @@ from biomask.provenance import sha256_file
 from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
-
-# Test predictions, or (test predictions, details for that seed's row: e.g. the chosen k or lr)
-Predict = Callable[
-    [LabelledRecords, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray | tuple[np.ndarray, dict]
-]
-
-
-@dataclass
-class Method:
-    """One row of the results table: how to predict test labels from a seed's split."""
-
-    name: str
-    group: str  # "baseline", or the checkpoint name ("random-init" for the untrained architecture)
-    protocol: str
-    predict: Predict
-    info: dict[str, Any] = field(default_factory=dict)  # reported with the method (e.g. its inputs)
-
 
 # ------------------------------------------------------------------------------------------- baselines
 

@@ -44,7 +44,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.baselines import Split, fit_tuned_logistic
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords
-from biomask.evaluation.evaluate import Method
+from biomask.evaluation.methods import Method
 from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 

@@ -221,6 +221,15 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
         masking = f" ({describe_masking(ev.masking[m['group']])})" if m["group"] in ev.masking else ""
         cells = " | ".join(format_summary(ev.results["summary"][m["name"]][metric]) for metric in METRICS)
         lines.append(f"| {name}{masking} | {m['protocol']} | {cells} |")
+    clustered = [m for m in ev.results["methods"] if "cluster_ari" in ev.results["summary"][m["name"]]]
+    if clustered:  # what a scanpy user sees: Leiden clusters of each representation against the labels
+        lines += ["", "| representation (Leiden, resolution 1) | ARI | NMI |", "|---|---|---|"]
+        for m in clustered:
+            name = m["name"] if m["group"] == "baseline" else m["group"]
+            s = ev.results["summary"][m["name"]]
+            lines.append(
+                f"| {name} | {format_summary(s['cluster_ari'])} | {format_summary(s['cluster_nmi'])} |"
+            )
     return lines
 
 
