@@ -19,14 +19,15 @@ from pathlib import Path
 
 from biomask import __version__
 from biomask.errors import BiomaskError
+from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
 
 
-def _add_stage_arguments(parser: argparse.ArgumentParser, schema: str) -> None:
-    """The arguments every config-driven stage takes (`schema`: its config class, `module:Class`)."""
+def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """The arguments every config-driven stage takes (`stage`: its name in `biomask.stages.STAGES`)."""
     parser.add_argument("-c", "--config", help="the stage's YAML config (required to run the stage)")
-    parser.set_defaults(schema=schema, config_required=True)
+    parser.set_defaults(schema=STAGES[stage].schema, config_required=True)
     _add_print_config(parser)
     parser.add_argument(
         "overrides",
@@ -76,15 +77,12 @@ def _schema_defaults(schema) -> tuple[dict, list[str]]:
 
 def cmd_print_config(args: argparse.Namespace) -> int:
     """`biomask <stage> --print-config`: the config the stage would run with, as YAML."""
-    from importlib import import_module
-
     import yaml
 
     from biomask.config import apply_overrides, dump_config, load_config, read_yaml
     from biomask.errors import ConfigError
 
-    module, _, name = args.schema.partition(":")
-    schema = getattr(import_module(module), name)
+    schema = load_ref(args.schema)
     overrides = [*getattr(args, "shortcut_overrides", lambda a: [])(args), *args.overrides]
     try:
         print(dump_config(load_config(schema, args.config, overrides)), end="")
@@ -153,48 +151,43 @@ def cmd_datasets_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(schema: str, runner: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
-    """A config-driven stage: load `module:Schema` from --config and key=value overrides, run
-    `module:function(cfg, overwrite=...)`, print the output path it returns (stdout: the result only)."""
-    from importlib import import_module
-
+def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None, **extra) -> Path:
+    """A registered stage (`biomask.stages.STAGES`): load its config from --config and key=value
+    overrides, run its runner `function(cfg, overwrite=..., **extra)` and return the output path."""
     from biomask.config import load_config
 
-    def load(ref: str):
-        module, _, name = ref.partition(":")
-        return getattr(import_module(module), name)
+    spec = STAGES[stage]
+    cfg = load_config(load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides)
+    return load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
 
-    cfg = load_config(load(schema), args.config, args.overrides if overrides is None else overrides)
-    print(load(runner)(cfg, overwrite=args.overwrite))
+
+def _print_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    """Run a stage and print the output path it returns (stdout: the result only)."""
+    print(_run_stage(stage, args, overrides))
     return 0
 
 
 def cmd_prep_dna(args: argparse.Namespace) -> int:
-    return _run_stage("biomask.dna.config:DNAPrepConfig", "biomask.dna.prep:prep_dna", args)
+    return _print_stage("prep dna", args)
 
 
 def cmd_prep_cells(args: argparse.Namespace) -> int:
-    return _run_stage("biomask.cells.config:CellsPrepConfig", "biomask.cells.prep:prep_cells", args)
+    return _print_stage("prep cells", args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    return _run_stage(
-        "biomask.evaluation.config:EvaluateConfig", "biomask.evaluation.evaluate:evaluate", args
-    )
+    return _print_stage("evaluate", args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    return _run_stage("biomask.report.config:ReportConfig", "biomask.report.report:make_report", args)
+    return _print_stage("report", args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
-    from biomask.training.config import PretrainConfig
-    from biomask.training.trainer import Requeue, pretrain
+    from biomask.errors import Requeue
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
     try:
-        path = pretrain(cfg, overwrite=args.overwrite, local_rank=args.local_rank)
+        path = _run_stage("pretrain", args, local_rank=args.local_rank)
     except Requeue as exc:
         print(f"biomask: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -219,12 +212,7 @@ def _embed_shortcuts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    return _run_stage(
-        "biomask.embedding.config:EmbedConfig",
-        "biomask.embedding.stage:run_embed",
-        args,
-        [*_embed_shortcuts(args), *args.overrides],
-    )
+    return _print_stage("embed", args, [*_embed_shortcuts(args), *args.overrides])
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -300,15 +288,12 @@ def cmd_store_info(args: argparse.Namespace) -> int:
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from biomask.pipelines.local import exit_code, run_pipeline
     from biomask.pipelines.plan import load_plan
-    from biomask.pipelines.tables import local_table, show
+    from biomask.pipelines.tables import local_table, print_failures, show
 
     plan = load_plan(args.pipeline, args.overrides)
     results = run_pipeline(plan, only=args.only or (), start=args.start, echo=not args.quiet)
     show(local_table(f"pipeline {plan.pipeline.name} ({plan.run_dir})", results))
-    for r in results:
-        if r.status == "failed":
-            print(f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr)
-            print(f"  log: {r.log}", file=sys.stderr)
+    print_failures(results)
     return exit_code(results)
 
 
@@ -374,7 +359,7 @@ def _theory_shortcuts(args: argparse.Namespace) -> list[str]:
 
 def cmd_theory(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + _theory_shortcuts(args)
-    return _run_stage("biomask.theory:TheoryConfig", "biomask.theory:run_theory", args, overrides)
+    return _print_stage("theory", args, overrides)
 
 
 def cmd_main(args: argparse.Namespace) -> int:
@@ -425,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         command(
             prep, "dna", cmd_prep_dna, "tokenize DNA (FASTA genomes, labelled tables) into a token store"
         ),
-        "biomask.dna.config:DNAPrepConfig",
+        "prep dna",
     )
     _add_stage_arguments(
         command(
@@ -434,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_prep_cells,
             "tokenize single-cell expression (h5ad, 10x, loom) into a token store of cells",
         ),
-        "biomask.cells.config:CellsPrepConfig",
+        "prep cells",
     )
 
     p = command(
@@ -443,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_pretrain,
         "masked pretraining with DeepSpeed ZeRO (resumes automatically; exit 75 = checkpointed on a signal)",
     )
-    _add_stage_arguments(p, "biomask.training.config:PretrainConfig")
+    _add_stage_arguments(p, "pretrain")
 
     _add_stage_arguments(
         command(
@@ -452,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_evaluate,
             "downstream classification: baselines and pretrained models over seeds",
         ),
-        "biomask.evaluation.config:EvaluateConfig",
+        "evaluate",
     )
 
     p = command(
@@ -506,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )
-    p.set_defaults(schema="biomask.embedding.config:EmbedConfig", shortcut_overrides=_embed_shortcuts)
+    p.set_defaults(schema=STAGES["embed"].schema, shortcut_overrides=_embed_shortcuts)
     _add_print_config(p)
 
     p = command(
@@ -530,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_report,
             "the study report: tables, paired tests, curves, ratios, UMAP, provenance",
         ),
-        "biomask.report.config:ReportConfig",
+        "report",
     )
 
     store = sub.add_parser("store", help="inspect and verify token stores").add_subparsers(
@@ -601,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
-    p.set_defaults(schema="biomask.theory:TheoryConfig", shortcut_overrides=_theory_shortcuts)
+    p.set_defaults(schema=STAGES["theory"].schema, shortcut_overrides=_theory_shortcuts)
     _add_print_config(p)
 
     p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")

@@ -31,6 +31,17 @@ class OutputExistsError(InputError):
     """The output directory holds results this run would replace; pass --overwrite to replace them."""
 
 
+# Exit code of a training stage that checkpointed on SIGTERM/SIGUSR1 and asks to be requeued: the
+# pipeline runner and the sbatch scripts rerun (requeue) it, and it resumes from the checkpoint.
+REQUEUE_EXIT_CODE = 75
+
+
+class Requeue(BiomaskError):
+    """Training was checkpointed after SIGTERM / SIGUSR1; rerun the same command to resume. Exit code 75."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+
 class FetchError(BiomaskError):
     """A data source could not be reached (network, mirror, missing tool). Exit code 3."""
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from biomask.pipelines.local import exit_code, run_pipeline
 from biomask.pipelines.plan import load_plan
-from biomask.pipelines.tables import local_table, show
+from biomask.pipelines.tables import local_table, print_failures, show
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     show(local_table(f"main job ({plan.run_dir})", results))
     code = exit_code(results)
     if code != 0:
-        for r in results:
-            if r.status == "failed":
-                print(
-                    f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr
-                )
-                print(f"  log: {r.log}", file=sys.stderr)
+        print_failures(results)
         return code
     report = plan.stages["report"].tasks[0].output / "report.md" if "report" in plan.stages else None
     if report is not None and report.exists():

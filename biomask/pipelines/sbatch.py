@@ -19,7 +19,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from biomask.pipelines.commands import EXIT_REQUEUE
+from biomask.errors import REQUEUE_EXIT_CODE
 from biomask.pipelines.schema import SlurmSpec
 
 
@@ -139,7 +139,7 @@ def _training_body(job: JobScript) -> list[str]:
         "",
         f"# Checkpoint and requeue: SLURM sends USR1 to this script {s.signal_margin} s before the time limit",
         f"# (--signal=B:USR1@{s.signal_margin}). The trap passes it to the step (srun forwards it to every task);",
-        f"# the trainer checkpoints and exits with {EXIT_REQUEUE}; then this script requeues the job, which resumes",
+        f"# the trainer checkpoints and exits with {REQUEUE_EXIT_CODE}; then this script requeues the job, which resumes",
         "# from the latest checkpoint in its output directory.",
         'step=""',
         "usr1=0",
@@ -159,9 +159,9 @@ def _training_body(job: JobScript) -> list[str]:
         "status=0",
         'wait "$step" || status=$?',
         "",
-        f'if [ "$status" -eq {EXIT_REQUEUE} ]; then',
-        f'  echo "biomask: the step checkpointed (exit {EXIT_REQUEUE}); requeueing job $SLURM_JOB_ID" >&2',
-        f'  scontrol requeue "$SLURM_JOB_ID" || exit {EXIT_REQUEUE}',
+        f'if [ "$status" -eq {REQUEUE_EXIT_CODE} ]; then',
+        f'  echo "biomask: the step checkpointed (exit {REQUEUE_EXIT_CODE}); requeueing job $SLURM_JOB_ID" >&2',
+        f'  scontrol requeue "$SLURM_JOB_ID" || exit {REQUEUE_EXIT_CODE}',
         "  exit 0",
         "fi",
         'exit "$status"',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,3 +73,11 @@ def slurm_table(title: str, states: Sequence[JobState]) -> Table:
 
 def show(table: Table) -> None:
     Console(width=max(Console().width, 120)).print(table)
+
+
+def print_failures(results: Sequence[TaskResult]) -> None:
+    """One error line per failed stage on stderr, with the path of its log."""
+    for r in results:
+        if r.status == "failed":
+            print(f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr)
+            print(f"  log: {r.log}", file=sys.stderr)

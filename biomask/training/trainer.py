@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import BiomaskError, InputError
+from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.models import EncoderConfig, ProfileAutoencoder, build_model, load_pretrained, save_pretrained
 from biomask.models.profile import gene_statistics
@@ -48,14 +48,6 @@ from biomask.training.ds_config import build_ds_config, zero_stage
 from biomask.training.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
-
-REQUEUE_EXIT_CODE = 75
-
-
-class Requeue(BiomaskError):
-    """Training was checkpointed after SIGTERM / SIGUSR1; rerun the same command to resume."""
-
-    exit_code = REQUEUE_EXIT_CODE
 
 
 # ------------------------------------------------------------------------------------------- 1. inputs

@@ -1,0 +1,115 @@
+"""The shape of the package: no import cycles, and one stage registry that the CLI and pipelines share."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import biomask
+from biomask.stages import STAGES
+
+PACKAGE = Path(biomask.__file__).resolve().parent
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the biomask modules it imports, at module level or inside functions alike. A package
+    does not count as importing its own submodules' parents (`biomask.a.b` importing `biomask.a`)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = module.split(".")
+                    keep = len(parts) - node.level + (1 if path.name == "__init__.py" else 0)
+                    base = ".".join(parts[:keep] + ([base] if base else []))
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target not in (module, "biomask") and not module.startswith(target + "."):
+                    graph[module].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _import_graph()
+    assert "biomask.cli" in graph and "biomask.stages" in graph["biomask.cli"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_pipelines_do_not_import_the_cli():
+    graph = _import_graph()
+    assert not any("biomask.cli" in graph[m] for m in graph if m.startswith("biomask.pipelines"))
+
+
+def test_every_registered_stage_is_a_cli_command_with_its_schema():
+    """The CLI builds its stage commands from the registry, so a pipeline can run each of them."""
+    from biomask.cli import build_parser
+    from biomask.pipelines.commands import COMMANDS, is_available
+
+    parser = build_parser()
+    assert COMMANDS is STAGES
+    for stage in STAGES.values():
+        args = parser.parse_args([*stage.argv, "--print-config"])
+        assert args.schema == stage.schema
+        assert is_available(stage) and stage.config_class() is not None
