@@ -53,7 +53,7 @@ def _schema_defaults(schema) -> tuple[dict, list[str]]:
     from pydantic import BaseModel
     from pydantic_core import to_jsonable_python
 
-    from biomask.config import _field_model
+    from biomask.config import field_model
 
     data: dict = {}
     required: list[str] = []
@@ -64,7 +64,7 @@ def _schema_defaults(schema) -> tuple[dict, list[str]]:
                 value.model_dump(mode="json") if isinstance(value, BaseModel) else to_jsonable_python(value)
             )
             continue
-        model = _field_model(field.annotation)
+        model = field_model(field.annotation)
         if model is None:
             data[name], found = None, [name]
         else:

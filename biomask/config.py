@@ -100,12 +100,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple
     return touched
 
 
-def _field_model(annotation: Any) -> type[BaseModel] | None:
+def field_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `Model`, `Model | None` or `list[Model]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _field_model(arg)
+        found = field_model(arg)
         if found is not None:
             return found
     return None
@@ -120,7 +120,7 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        model = _field_model(field.annotation) if field else None
+        model = field_model(field.annotation) if field else None
     return sorted(model.model_fields) if model else []
 
 

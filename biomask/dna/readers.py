@@ -78,7 +78,7 @@ def open_text(path: str | os.PathLike) -> IO[str]:
 
 
 @contextlib.contextmanager
-def _decompression_errors(path: Path) -> Iterator[None]:
+def decompression_errors(path: Path) -> Iterator[None]:
     """Turn a corrupt or truncated gzip stream into an InputError naming the file."""
     try:
         yield
@@ -103,7 +103,7 @@ def read_fasta_blocks(
     """
     path = Path(path)
     state = _FastaState(path, block_size)
-    with open_binary(path, on_read) as handle, _decompression_errors(path):
+    with open_binary(path, on_read) as handle, decompression_errors(path):
         head = b""
         while not head.strip():
             chunk = handle.read(_READ_CHUNK)
@@ -178,11 +178,11 @@ def read_genbank_blocks(path: str | os.PathLike, block_size: int) -> Iterator[tu
     """
     path = Path(path)
     count = 0
-    with open_text(path) as handle, _decompression_errors(path):
+    with open_text(path) as handle, decompression_errors(path):
         head = handle.read(1 << 12)
     if not head.lstrip().startswith("LOCUS"):
         raise InputError(f"{path} is not GenBank: a GenBank file starts with a LOCUS line")
-    with open_text(path) as handle, _decompression_errors(path):
+    with open_text(path) as handle, decompression_errors(path):
         records = SeqIO.parse(handle, "genbank")
         while True:
             try:
@@ -227,7 +227,8 @@ def _check_genbank_warnings(path: Path, count: int, record_id: str, caught: list
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
-def _chain(first: str, rest: IO[str]) -> Iterator[str]:
+def chain_first(first: str, rest: IO[str]) -> Iterator[str]:
+    """The lines of `rest` after `first` (a line already read to sniff the format) was given back."""
     yield first
     yield from rest
 
@@ -255,13 +256,13 @@ def read_table(
 ) -> Iterator[LabelledSequence]:
     """Yield the rows of a CSV/TSV (optionally gzipped) with sequence, label and optional split/id columns."""
     path = Path(path)
-    with open_text(path) as handle, _decompression_errors(path):
+    with open_text(path) as handle, decompression_errors(path):
         first = handle.readline()
         if not first.strip():
             raise InputError(f"{path} is empty: expected a table with a header row")
         if delimiter is None:
             delimiter = "\t" if first.count("\t") > first.count(",") else ","
-        reader = csv.DictReader(_chain(first, handle), delimiter=delimiter)
+        reader = csv.DictReader(chain_first(first, handle), delimiter=delimiter)
         header = reader.fieldnames or []
         wanted = [("sequence", sequence_column), ("label", label_column)]
         wanted += [("split", split_column)] if split_column else []
@@ -298,7 +299,7 @@ def read_keel(path: str | os.PathLike) -> Iterator[LabelledSequence]:
     """Yield the rows of a KEEL data file: `@` header lines, then comma-separated bases with the label last."""
     path = Path(path)
     rows = 0
-    with open_text(path) as handle, _decompression_errors(path):
+    with open_text(path) as handle, decompression_errors(path):
         for line_no, line in enumerate(handle, start=1):
             text = line.strip()
             if not text or text.startswith("@") or text.startswith("%"):

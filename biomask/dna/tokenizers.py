@@ -102,9 +102,6 @@ class DNATokenizer(ABC):
     def vocab_size(self) -> int:
         return len(self._id_to_token)
 
-    def id_to_token(self, index: int) -> str:
-        return str(self._id_to_token[index])
-
     def settings(self) -> dict[str, Any]:
         """What `load_tokenizer` needs besides tokenizer.json."""
         return {"kind": self.kind}

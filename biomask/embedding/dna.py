@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from biomask.dna.cleaning import Cleaner
-from biomask.dna.readers import _chain, _decompression_errors, open_text, read_fasta_blocks
+from biomask.dna.readers import chain_first, decompression_errors, open_text, read_fasta_blocks
 from biomask.dna.tokenizers import DNATokenizer
 from biomask.errors import InputError
 
@@ -118,12 +118,12 @@ def read_sequence_table(
     chunk_size: int,
 ) -> Iterator[Chunk]:
     """Rows of a CSV/TSV: a sequence column, optionally a label and an id column."""
-    with open_text(path) as handle, _decompression_errors(path):
+    with open_text(path) as handle, decompression_errors(path):
         first = handle.readline()
         if not first.strip():
             raise InputError(f"{path} is empty: expected a table with a header row")
         delimiter = "\t" if first.count("\t") > first.count(",") else ","
-        reader = csv.DictReader(_chain(first, handle), delimiter=delimiter)
+        reader = csv.DictReader(chain_first(first, handle), delimiter=delimiter)
         header = reader.fieldnames or []
         for role, column in (("sequence", sequence_column), ("id", id_column)):
             if column is not None and column not in header:

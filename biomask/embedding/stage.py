@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 OUTPUT_NAME = "embeddings.h5ad"  # inside a directory output
 UMAP_NAME = "umap.png"
 CELL_FORMATS = ("h5ad",)
-DNA_FORMATS = ("fasta", "table", "store")
 
 
 # ------------------------------------------------------------------------------------------- 1. inputs

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError, InputError
+from biomask.errors import InputError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage
 from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
@@ -298,12 +298,3 @@ def wait(run_dir: Path, *, timeout: float, poll: float = 1.0) -> list[JobState]:
 FINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 )
-
-
-def cancel(run_dir: Path) -> list[str]:
-    """scancel every job of a run (used by tests and by users who want to stop a run)."""
-    ids = [job["job_id"] for job in read_jobs(run_dir)["stages"].values()]
-    if not shutil.which("scancel"):
-        raise BiomaskError("scancel is not on PATH")
-    _cancel(ids)
-    return ids

@@ -53,11 +53,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- 1. inputs
 
 
-def open_store(path: str) -> TokenStore:
-    """Open a token store (a missing directory, manifest or shard, or a wrong size: InputError)."""
-    return TokenStore(path)
-
-
 def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
     auto = {"dna": "tokens", "binned": "bins", "rank": "tokens", "panel": "values"}
     target = cfg.masking.target if cfg.masking.target != "auto" else auto[spec.scheme or "dna"]
@@ -377,7 +372,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
     # 1. Inputs: the token store, the model it implies, the data order and the DeepSpeed config —
     #    every input error surfaces before anything is written.
-    store = open_store(cfg.data.store)
+    store = TokenStore(cfg.data.store)
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec, store)
     train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
