@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from biomask.batch import collate, fit_record, is_order_free, model_input, take
 from biomask.models import MaskedEncoder
-from biomask.training.data import TOKEN_FIELDS, collate
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,7 @@ def check_layer(model: MaskedEncoder, layer: int) -> None:
 
 def order_free(model: MaskedEncoder) -> bool:
     """Binned and panel cells: gene order carries no meaning."""
-    return model.config.modality == "cells" and model.config.scheme in ("binned", "panel")
-
-
-def fit_record(record: Mapping[str, Any], limit: int, *, order_free: bool) -> Mapping[str, Any]:
-    """At most `limit` content tokens of a record, chosen from the record alone (see the module)."""
-    n = len(record["tokens"])
-    if n <= limit:
-        return record
-    if order_free and "values" in record:
-        values = np.asarray(record["values"], dtype=np.float32)
-        top = np.argsort(-values, kind="stable")[:limit]  # stable: ties go to the earlier (lower id) gene
-        keep: np.ndarray | slice = np.sort(top)
-    else:
-        keep = slice(0, limit)
-    out = dict(record)
-    for name in ("tokens", *TOKEN_FIELDS):
-        if name in record:
-            out[name] = np.asarray(record[name])[keep]
-    return out
+    return is_order_free(model.config.modality, model.config.scheme)
 
 
 def record_policy(model: MaskedEncoder, long_records: str) -> str:
@@ -121,11 +103,7 @@ def record_pieces(
 
 
 def _slice(record: Mapping[str, Any], start: int, length: int) -> dict[str, Any]:
-    out = dict(record)
-    for name in ("tokens", *TOKEN_FIELDS):
-        if name in record:
-            out[name] = np.asarray(record[name])[start : start + length]
-    return out
+    return take(record, slice(start, start + length))
 
 
 def check_long_records(
@@ -197,7 +175,7 @@ def embed_records(
     try:
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            batch = collate([_strip(fitted[i]) for i in index], modality=modality)
+            batch = collate([model_input(fitted[i]) for i in index], modality=modality)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
             vectors = model.embed(batch, pooling=pooling, layer=layer).float().cpu().numpy()
             if out is None:
@@ -212,8 +190,3 @@ def embed_records(
     if out is None:  # no records
         return np.empty((0, model.config.d_model), dtype=np.float32)
     return pool_pieces(out, owners, len(records), pooling)
-
-
-def _strip(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields the collator reads (labels are not the model's business here)."""
-    return {k: record[k] for k in ("tokens", *TOKEN_FIELDS) if k in record}

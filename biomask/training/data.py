@@ -1,12 +1,6 @@
-"""From token-store records to model batches: the collator, training crops, and the step-indexed,
-rank-sharded, seeded order of the training data.
-
-The collator is the contract with the evaluation and embedding stages:
-
-    batch = collate([split[i] for i in idx], modality="dna", max_length=1026)
-    # input_ids (B, L) int64: [CLS] tokens [SEP] for DNA, [CLS] genes for cells, [PAD]=0 after
-    # attention_mask (B, L) bool; cells also values (B, L) float32 and bins (B, L) int64 (0 at
-    # [CLS] and padding); labels (B,) int64 when the records carry labels.
+"""From token-store records to model batches: training crops, and the step-indexed, rank-sharded,
+seeded order of the training data. The collator (`collate`, re-exported here) lives in
+`biomask.batch`, shared with evaluation and embedding.
 
 The training order is a pure function of (seed, epoch, step): epoch e visits a permutation of the
 split seeded by (seed, e); optimizer step s takes the next `global_batch` records of it, split into
@@ -16,18 +10,18 @@ what the interrupted one would have read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from biomask.batch import TOKEN_FIELDS, collate, is_order_free, take
 from biomask.errors import InputError
 from biomask.store import TokenSplit, TokenStore
-from biomask.vocab import CLS_ID, PAD_ID, SEP_ID
 
-TOKEN_FIELDS = ("values", "bins")  # token-aligned fields the collator carries besides the tokens
+__all__ = ["TOKEN_FIELDS", "DataSpec", "TrainingData", "collate", "crop", "eval_batches"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,7 @@ class DataSpec:
     @property
     def order_free(self) -> bool:
         """Binned and panel cells: gene order carries no meaning (no positions, crops by subset)."""
-        return self.modality == "cells" and self.scheme in ("binned", "panel")
+        return is_order_free(self.modality, self.scheme)
 
     @classmethod
     def from_store(cls, store: TokenStore) -> DataSpec:
@@ -84,39 +78,6 @@ class DataSpec:
         )
 
 
-def collate(
-    records: Sequence[Mapping[str, Any]], *, modality: str = "dna", max_length: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Pad records into a batch (see the module docstring); records longer than `max_length`
-    (specials included) keep their first tokens."""
-    if modality not in ("dna", "cells"):
-        raise ValueError(f"modality must be 'dna' or 'cells', not {modality!r}")
-    extra = 2 if modality == "dna" else 1
-    limit = None if max_length is None else max_length - extra
-    if limit is not None and limit < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for content")
-    lengths = [len(r["tokens"]) if limit is None else min(len(r["tokens"]), limit) for r in records]
-    B, L = len(records), max(lengths, default=0) + extra
-    ids = np.full((B, L), PAD_ID, dtype=np.int64)
-    ids[:, 0] = CLS_ID
-    fields = [f for f in TOKEN_FIELDS if records and f in records[0]]
-    arrays = {f: np.zeros((B, L), dtype=np.float32 if f == "values" else np.int64) for f in fields}
-    for i, (record, n) in enumerate(zip(records, lengths)):
-        ids[i, 1 : n + 1] = record["tokens"][:n]
-        if modality == "dna":
-            ids[i, n + 1] = SEP_ID
-        for f in fields:
-            arrays[f][i, 1 : n + 1] = record[f][:n]
-    batch = {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(np.arange(L)[None, :] < (np.asarray(lengths)[:, None] + extra)),
-    }
-    batch.update({f: torch.from_numpy(a) for f, a in arrays.items()})
-    if records and "labels" in records[0]:
-        batch["labels"] = torch.tensor([int(r["labels"]) for r in records], dtype=torch.int64)
-    return batch
-
-
 def crop(
     record: Mapping[str, Any], limit: int, rng: np.random.Generator, *, order_free: bool
 ) -> dict[str, Any]:
@@ -130,11 +91,7 @@ def crop(
     else:
         start = int(rng.integers(0, n - limit + 1))
         keep = slice(start, start + limit)
-    out = dict(record)
-    for name in ("tokens", *TOKEN_FIELDS):
-        if name in record:
-            out[name] = np.asarray(record[name])[keep]
-    return out
+    return take(record, keep)
 
 
 class TrainingData:

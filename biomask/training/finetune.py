@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from sklearn.metrics import matthews_corrcoef
 from torch import nn
 
+from biomask.batch import collate, model_input
 from biomask.embedding.inference import order_free, record_pieces, record_policy
-from biomask.training.data import TOKEN_FIELDS, collate
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,6 @@ def _pool_pieces(h: torch.Tensor, owners: torch.Tensor, pooling: str) -> torch.T
     )
 
 
-def _model_input(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("tokens", *TOKEN_FIELDS) if k in record}
-
-
 class Batches:
     """Records turned into model inputs once (pieces: one, or a long DNA record's windows); batches
     collated on demand (eval: once, sorted by length)."""
@@ -204,8 +200,7 @@ class Batches:
     ) -> None:
         self.modality = modality
         self.pieces = [
-            [_model_input(p) for p in record_pieces(r, limit, policy=policy, order_free=free)]
-            for r in records
+            [model_input(p) for p in record_pieces(r, limit, policy=policy, order_free=free)] for r in records
         ]
         self.windowed = any(len(p) > 1 for p in self.pieces)
 
