@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -240,3 +241,20 @@ def test_log_normalised_values_are_taken_as_they_are(pbmc68k_adata, tmp_path):
     assert len(a) == len(b)
     np.testing.assert_array_equal(a[0]["tokens"], b[0]["tokens"])
     np.testing.assert_allclose(a[0]["values"], b[0]["values"], atol=2e-3)
+
+
+def test_without_the_mask_indicator_a_hidden_gene_looks_like_its_mean():
+    """model.mask_indicator=false: the ablation of the model's knowledge of what (and how much) is hidden."""
+    shown = _model()
+    blind = ProfileAutoencoder(dataclasses.replace(shown.config, mask_indicator=False))
+    blind.load_state_dict(shown.state_dict())
+    batch = collate(_records(), modality="cells")
+    masked = torch.zeros_like(batch["attention_mask"])
+    masked[:, 2] = True
+    hidden = blind._dense(batch, masked) > 0
+    z = blind._standardised(batch)
+    # blind: hiding a gene = setting it to its mean (0 once standardised); with the indicator it differs
+    at_mean = z.masked_fill(hidden, 0.0)
+    none = torch.zeros_like(hidden)
+    torch.testing.assert_close(blind._encode(z, hidden)[-1], blind._encode(at_mean, none)[-1])
+    assert not torch.allclose(shown._encode(z, hidden)[-1], shown._encode(at_mean, none)[-1])

@@ -52,6 +52,7 @@ ARCH_KEYS = (
     "value_embedding",
     "n_bins",
     "scheme",
+    "mask_indicator",
 )
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
 
@@ -120,7 +121,7 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
             "AutoConfig": "modeling_biomask.BiomaskConfig",
             "AutoModel": "modeling_biomask.BiomaskModel",
         },
-        **{k: arch[k] for k in ARCH_KEYS},
+        **{k: arch[k] for k in ARCH_KEYS if k in arch},
         "pooling": "mean",
         "model_max_length": int(max_length),
         "pad_token_id": 0,

@@ -248,7 +248,9 @@ class BiomaskModel(PreTrainedModel):
             hidden = ~listed
         else:
             hidden = torch.zeros_like(z, dtype=torch.bool)
-        h = torch.cat([torch.where(hidden, 0.0, z), hidden.to(z.dtype)], dim=1)
+        shown = getattr(self.config, "mask_indicator", True)  # biomask's ablation switch
+        indicator = hidden.to(z.dtype) if shown else torch.zeros_like(z)
+        h = torch.cat([torch.where(hidden, 0.0, z), indicator], dim=1)
         states = [z]
         for module in self.encoder:
             h = module(h)

@@ -53,6 +53,10 @@ class EncoderConfig:
     target: Literal["tokens", "bins", "values"] = "tokens"
     decoder_layers: int = 0  # > 0: an MAE decoder of this depth (masked tokens leave the encoder input)
     activation_checkpointing: bool = False
+    # Profile autoencoder (kind mlp): whether the input says which genes are hidden. With it the model
+    # knows how much of the cell it sees (the "mask-aware" model of `biomask theory`, where a random
+    # ratio can help); without it a hidden gene looks like a gene at its mean. An ablation switch.
+    mask_indicator: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -99,7 +99,8 @@ class ProfileAutoencoder(nn.Module):
 
     def _encode(self, z: torch.Tensor, hidden: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
-        h = torch.cat([torch.where(hidden, 0.0, z), hidden.to(z.dtype)], dim=1)
+        indicator = hidden.to(z.dtype) if self.config.mask_indicator else torch.zeros_like(z)
+        h = torch.cat([torch.where(hidden, 0.0, z), indicator], dim=1)
         states = [z]
         for module in self.encoder:
             h = module(self.drop(h) if isinstance(module, nn.Linear) else h)

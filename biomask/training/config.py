@@ -40,6 +40,8 @@ class ModelConfig(Config):
     value_embedding: Literal["auto", "none", "bins", "mlp"] = "auto"
     decoder_layers: int = Field(1, ge=1)  # MAE corruption only: depth of the light decoder
     activation_checkpointing: bool = False
+    # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge)
+    mask_indicator: bool = True
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 

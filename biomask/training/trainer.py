@@ -128,6 +128,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         scheme=spec.scheme,
         target="values",
         decoder_layers=0,
+        mask_indicator=cfg.model.mask_indicator,
     )
 
 
