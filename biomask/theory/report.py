@@ -330,9 +330,9 @@ def summary_markdown(
         + (" (" + "; ".join(w["where"] + " per " + w["mode"] for w in beats) + ")" if beats else "")
         + ". So in the linear model a random ratio helps, if at all, a model whose output may depend on how much "
         "of its input is visible — not through multi-scale features (at K = ∞ every range is a fixed ratio, "
-        "probe included). A neural encoder sees the [MASK] count and can learn such a dependence; conditioning it "
-        "on the mask fraction or ratio explicitly (a model option for biomask/models, not part of this study) "
-        "and the dropout-rescaled fixed-ratio control are what would test it. Report held-out losses at matched "
+        "probe included). A neural encoder sees the [MASK] count and can learn such a dependence; the single-cell "
+        "profile autoencoder is told which genes are hidden, and `model.mask_indicator=false` removes that "
+        "knowledge: comparing the two, and the dropout-rescaled fixed-ratio control, is what would test it. Report held-out losses at matched "
         "ratios, and compare each range with its equivalent fixed ratio p′, not only with the grid's best.",
         "",
         "Figures: `risk_vs_ratio.png`, `equivalence.png`, `random_vs_fixed.png`, `optimum_vs_size.png`, "
