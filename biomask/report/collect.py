@@ -12,7 +12,8 @@ import pandas as pd
 import yaml
 
 from biomask.errors import InputError
-from biomask.evaluation.metrics import summarize
+from biomask.evaluation import clustering
+from biomask.evaluation.metrics import METRICS, summarize
 from biomask.provenance import read_run_info
 
 
@@ -193,7 +194,7 @@ def by_pretraining_seed(
     if not groups:
         return results, masking
     n = min(len(seeds) for seeds in groups.values())
-    metrics = [k for k in ("accuracy", "macro_f1", "mcc", "cluster_ari", "cluster_nmi")]
+    metrics = (*METRICS, *clustering.METRICS)
 
     def split_mean(name: str) -> dict[str, float]:
         rows = results["per_seed"][name]
