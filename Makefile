@@ -18,7 +18,10 @@ help:
 	@echo "make test   - set up the venv, then lint (ruff) and run the test suite"
 	@echo "make bench  - benchmarks (ratios against peer implementations, one run)"
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "biomask needs Python >= 3.11 (the pinned numpy/scipy/anndata/scikit-learn do); $(PYTHON) is $$($(PYTHON) -V 2>&1)."; \
+	  echo "Run: make PYTHON=python3.11 ...  (or see docs/install.md: conda env create -f environment.yml)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from biomask.errors import ConfigError
 from biomask.provenance import sha256_json
+from biomask.resources import shipped_config
 
 
 class Config(BaseModel):
@@ -61,6 +62,8 @@ def parse_yaml(text: str, origin: str) -> Any:
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping from a file, with errors that name the file."""
     path = Path(path)
+    if not path.exists():  # `configs/...` outside a checkout: the copy shipped in the wheel
+        path = shipped_config(path) or path
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -17,15 +17,27 @@ from pathlib import Path
 from biomask.pipelines.local import exit_code, run_pipeline
 from biomask.pipelines.plan import load_plan
 from biomask.pipelines.tables import local_table, print_failures, show
+from biomask.resources import configs_dir, shipped_config
 
 log = logging.getLogger(__name__)
 
-PIPELINES = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
+PIPELINES = configs_dir() / "pipelines"
 DEFAULT_PIPELINE = PIPELINES / "study-quick.yaml"
 
 
+def _pipeline(given: str | None) -> Path:
+    """The pipeline file: a path, a `configs/pipelines/...` path or a bare name of a shipped pipeline."""
+    if given is None:
+        return DEFAULT_PIPELINE
+    path = Path(given)
+    if path.exists():
+        return path
+    shipped = shipped_config(path) or PIPELINES / path
+    return shipped if shipped.is_file() else path
+
+
 def run_main_job(args: argparse.Namespace) -> int:
-    pipeline = Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE
+    pipeline = _pipeline(args.pipeline)
     plan = load_plan(pipeline, [f"run_dir={args.output}"])
     log.info("main job: %s -> %s (%d stages)", pipeline, plan.run_dir, len(plan.stages))
     results = run_pipeline(plan, echo=not args.quiet)

@@ -29,6 +29,7 @@ from biomask.config import apply_overrides, flatten, load_config, parse_yaml, re
 from biomask.errors import ConfigError
 from biomask.pipelines.commands import COMMANDS, StageCommand, is_available, lookup
 from biomask.pipelines.schema import Pipeline, SlurmSpec, StageSpec
+from biomask.resources import shipped_config
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -194,6 +195,8 @@ def _plan_stage(
             f"(`biomask {command.name} --help` fails); remove the stage or update biomask"
         )
     config = (workdir / spec.config).resolve()
+    if not config.is_file():  # `configs/...` outside a checkout: the copy shipped in the wheel
+        config = shipped_config(spec.config) or config
     if check_commands and not config.is_file():
         raise ConfigError(f"config file {spec.config} does not exist (looked for {config})")
     slurm = validate_config(

@@ -15,8 +15,10 @@ from typing import Any
 from biomask.pipelines.plan import Plan, build_plan, load_plan
 from biomask.pipelines.sbatch import render
 from biomask.pipelines.slurm import job_script
+from biomask.resources import config_root
 
-REPO = Path(__file__).resolve().parent.parent.parent
+# The repository root in a checkout, the package in a wheel: where `configs/...` paths start.
+REPO = config_root()
 DNA_PREP = "configs/pipelines/dna-prep.yaml"
 
 # The study's training stage, for the template (the pretrain stage lands with issue 4).

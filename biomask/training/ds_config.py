@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from biomask.errors import ConfigError
+from biomask.resources import configs_dir
 from biomask.training.config import PretrainConfig
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "deepspeed"
+PRESETS_DIR = configs_dir() / "deepspeed"
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""The configs the library itself reads: the ZeRO presets, the main job's pipeline, the templates' pipeline.
+
+In a source checkout (and an editable install) they are the repository's `configs/`, the files users edit
+and the README names. A built wheel carries the same tree as package data, `biomask/configs/` (setup.py),
+so `pip install .` works from any directory; a `configs/...` path that does not exist where the user
+runs biomask then means the copy shipped with the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+PACKAGED = _PACKAGE / "configs"  # a wheel
+CHECKOUT = _PACKAGE.parent / "configs"  # a source checkout or an editable install
+
+
+def configs_dir() -> Path:
+    return PACKAGED if PACKAGED.is_dir() else CHECKOUT
+
+
+def config_root() -> Path:
+    """The directory that `configs/...` paths are relative to."""
+    return configs_dir().parent
+
+
+def shipped_config(path: str | os.PathLike) -> Path | None:
+    """The shipped copy of a relative `configs/...` path, or None when it names no shipped file."""
+    parts = Path(path).parts
+    if not parts or parts[0] != "configs":
+        return None
+    candidate = configs_dir().joinpath(*parts[1:])
+    return candidate if candidate.is_file() else None
