@@ -97,8 +97,13 @@ class EvaluateConfig(Config):
         default_factory=lambda: ["linear_probe"]
     )
     random_init: bool = True  # also evaluate the same architecture randomly initialised
-    # concat: every content token's vector in order (position-aware; fixed-length records only)
-    pooling: Literal["cls", "mean", "concat"] = "mean"
+    # concat: every content token's vector in order (position-aware; fixed-length DNA records only).
+    # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
+    # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to
+    # the model and the records — auto: mean, concat (DNA records of one length), cls (not for the cnn
+    # kind, whose first position is no summary). Every protocol of that model and seed then uses it;
+    # metrics.json and report.md say which was chosen.
+    pooling: Literal["cls", "mean", "concat", "auto"] | list[Literal["cls", "mean", "concat"]] = "mean"
     # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:
     # window: embedded in windows of the model's length, pooled (mean of the window vectors; concat:
     # their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
@@ -111,6 +116,10 @@ class EvaluateConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
+        if isinstance(self.pooling, list) and (
+            not self.pooling or len(set(self.pooling)) != len(self.pooling)
+        ):
+            raise ValueError(f"pooling: a non-empty list of distinct poolings, not {self.pooling}")
         for pair in self.compare:
             if len(pair) != 2:
                 raise ValueError(f"compare entries are pairs of names, got {pair}")

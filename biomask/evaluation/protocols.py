@@ -16,6 +16,12 @@ Equal inputs: a DNA record longer than a model's input (what it was trained on) 
 `long_records` (window | centre | refuse) decides for the probes and fine-tuning alike, and the number
 of such records per model is logged and written to metrics.json (each method's `inputs`).
 
+Pooling (`pooling`): one for every model, or — `auto` or a list — chosen per model and seed on the
+validation split: a linear probe is fitted on each candidate's features and the candidate with the
+best validation MCC (ties: the earlier) is used by every protocol of that model and seed. The choice
+and each candidate's validation MCC are in that seed's row of metrics.json (`pooling`,
+`pooling_val_mcc`) and in report.md.
+
 Every checkpoint is loaded and checked before any method runs: its modality, tokenizer and (cells)
 scheme must be the store's — otherwise a clear error and exit 2, nothing written.
 """
@@ -30,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import matthews_corrcoef
 from sklearn.preprocessing import StandardScaler
 
 from biomask.embedding.inference import (
@@ -47,10 +54,13 @@ from biomask.evaluation.data import LabelledRecords
 from biomask.evaluation.methods import Method
 from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
+from biomask.models.model import POOLINGS
 
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
+# `pooling: auto` tries these, in this order (ties go to the earlier: the narrower features first)
+POOLINGS_AUTO = ("mean", "concat", "cls")
 LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 
@@ -92,20 +102,25 @@ class Features:
         self.cache: dict[Any, np.ndarray] = {}
 
     def of(
-        self, model_for_seed: Callable[[int], MaskedEncoder], seed: int | None, max_length: int
+        self,
+        model_for_seed: Callable[[int], MaskedEncoder],
+        seed: int | None,
+        max_length: int,
+        pooling: str,
     ) -> np.ndarray:
-        if (seed, max_length) not in self.cache:
+        key = (seed, max_length, pooling)
+        if key not in self.cache:
             model = model_for_seed(seed if seed is not None else 0)
             with torch_threads(self.cfg.num_workers):
-                self.cache[(seed, max_length)] = embed_records(
+                self.cache[key] = embed_records(
                     model,
                     self.records(),
-                    pooling=self.cfg.pooling,
+                    pooling=pooling,
                     batch_size=self.cfg.batch_size,
                     max_length=max_length,
                     long_records=self.cfg.long_records,
                 )
-        return self.cache[(seed, max_length)]
+        return self.cache[key]
 
 
 # On wide features (concat pooling: length × d_model, more than WIDE of them) the probe walks the
@@ -124,12 +139,12 @@ class Probes:
         self.features, self.n_classes = features, n_classes
         self.cache: dict[Any, Any] = {}
 
-    def fit(self, model_for_seed, feature_seed, max_length, data, train, val, test, seed):
+    def fit(self, model_for_seed, feature_seed, max_length, data, train, val, test, seed, pooling):
         from biomask.training.finetune import ProbeHead
 
-        key = (feature_seed, max_length, seed)
+        key = (feature_seed, max_length, seed, pooling)
         if key not in self.cache:
-            x = self.features.of(model_for_seed, feature_seed, max_length)
+            x = self.features.of(model_for_seed, feature_seed, max_length, pooling)
             y = data.labels
             with torch_threads(1):
                 scaler = StandardScaler().fit(x[train])
@@ -143,6 +158,58 @@ class Probes:
             pred = model.predict(x_test)
             self.cache[key] = ProbeHead.from_sklearn(scaler, model, self.n_classes, val_mcc, pred)
         return self.cache[key]
+
+
+def pooling_candidates(
+    pooling: str | list[str], model: MaskedEncoder, one_length: bool, name: str
+) -> list[str]:
+    """The poolings this model is evaluated with: the configured one, or those of `auto` / a list that
+    apply to it (a kind may offer fewer: `model.poolings`; concat needs DNA records of one length)."""
+    supported = getattr(model, "poolings", POOLINGS)
+
+    def applies(p: str) -> bool:
+        return p in supported and (p != "concat" or (model.config.modality == "dna" and one_length))
+
+    if isinstance(pooling, str) and pooling != "auto":
+        if pooling not in supported:
+            raise InputError(
+                f"pooling={pooling}: checkpoint {name} ({model.config.kind} model) offers "
+                f"{', '.join(supported)}; set pooling to one of them or to auto"
+            )
+        return [pooling]
+    wanted = list(POOLINGS_AUTO) if pooling == "auto" else list(pooling)
+    chosen = [p for p in wanted if applies(p)]
+    dropped = [p for p in wanted if p not in chosen]
+    if not chosen:
+        raise InputError(
+            f"pooling={pooling}: none applies to checkpoint {name} ({model.config.kind} model on "
+            f"{model.config.modality} records{'' if one_length else ' of several lengths'}); use pooling=mean"
+        )
+    if dropped and pooling != "auto":
+        log.warning("%s: pooling %s does not apply here; choosing among %s", name, dropped, chosen)
+    return chosen
+
+
+class PoolingChoice:
+    """The pooling of one model for a seed: its only candidate, or the candidate whose linear probe
+    (fitted on the training split) scores the best validation MCC; ties go to the earlier one."""
+
+    def __init__(self, candidates: list[str], probes: Probes) -> None:
+        self.candidates, self.probes = candidates, probes
+
+    def choose(
+        self, model_for_seed, feature_seed, max_length, data, train, val, test, seed
+    ) -> tuple[str, dict[str, Any]]:
+        if len(self.candidates) == 1:
+            return self.candidates[0], {"pooling": self.candidates[0]}
+        scores = {
+            p: self.probes.fit(
+                model_for_seed, feature_seed, max_length, data, train, val, test, seed, p
+            ).val_mcc
+            for p in self.candidates
+        }
+        best = max(self.candidates, key=scores.__getitem__)  # max keeps the first of equal scores
+        return best, {"pooling": best, "pooling_val_mcc": {p: round(v, 4) for p, v in scores.items()}}
 
 
 def random_init(template: MaskedEncoder, seed: int) -> MaskedEncoder:
@@ -220,7 +287,10 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     ) -> None:
         features = Features(cfg, data, records)
         probes = Probes(features, n_classes)
-        info = {"inputs": inputs(name, model_for_seed(0), max_length)}
+        one_length = len({len(r["tokens"]) for r in records()}) <= 1
+        candidates = pooling_candidates(cfg.pooling, model_for_seed(0), one_length, name)
+        choice = PoolingChoice(candidates, probes)
+        info = {"inputs": inputs(name, model_for_seed(0), max_length), "poolings": candidates}
         # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
         whole = getattr(model_for_seed(0).config, "kind", "transformer") == "mlp"
         ft_length = max_length if whole else min(max_length, spec.max_length or max_length)
@@ -228,28 +298,46 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
             if protocol == "knn":
 
                 def predict(data, train, val, test, seed):
-                    x = features.of(model_for_seed, seed if per_seed else None, max_length)
+                    key = seed if per_seed else None
+                    pooling, chosen = choice.choose(
+                        model_for_seed, key, max_length, data, train, val, test, seed
+                    )
+                    x = features.of(model_for_seed, key, max_length, pooling)
                     scores = clustering.cluster_scores(x, data.labels, seed)
-                    return clustering.knn_predict(x, data.labels, train, test), scores
+                    # the val split's MCC: what a study may choose among models by (never test)
+                    on_val = clustering.knn_predict(x, data.labels, train, val)
+                    scores["val_mcc"] = float(matthews_corrcoef(data.labels[val], on_val))
+                    return clustering.knn_predict(x, data.labels, train, test), {**scores, **chosen}
 
             elif protocol in ("linear_probe", "mlp_probe"):
 
                 def predict(data, train, val, test, seed, protocol=protocol):
                     key = seed if per_seed else None
+                    pooling, chosen = choice.choose(
+                        model_for_seed, key, max_length, data, train, val, test, seed
+                    )
                     if protocol == "linear_probe":
-                        fit = probes.fit(model_for_seed, key, max_length, data, train, val, test, seed)
-                        return fit.test_predictions
-                    x = features.of(model_for_seed, key, max_length)
+                        fit = probes.fit(
+                            model_for_seed, key, max_length, data, train, val, test, seed, pooling
+                        )
+                        return fit.test_predictions, {**chosen, "val_mcc": fit.val_mcc}
+                    x = features.of(model_for_seed, key, max_length, pooling)
                     with torch_threads(1):
-                        return mlp_probe(x, data.labels, train, val, test, seed, n_classes=n_classes)
+                        pred = mlp_probe(x, data.labels, train, val, test, seed, n_classes=n_classes)
+                    return pred, chosen
 
             else:
 
                 def predict(data, train, val, test, seed):
                     probe = None
+                    key = seed if per_seed else None
+                    pooling, chosen = choice.choose(
+                        model_for_seed, key, max_length, data, train, val, test, seed
+                    )
                     if spec.init_head == "probe":  # the probe on the features fine-tuning starts from
-                        key = seed if per_seed else None
-                        probe = probes.fit(model_for_seed, key, ft_length, data, train, val, test, seed)
+                        probe = probes.fit(
+                            model_for_seed, key, ft_length, data, train, val, test, seed, pooling
+                        )
                     with torch_threads(cfg.num_workers):
                         # every lr (and seed) starts from the same weights: finetune_grid copies them
                         result = finetune_grid(
@@ -262,7 +350,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                             n_classes=n_classes,
                             seed=seed,
                             max_length=ft_length,
-                            pooling=cfg.pooling,
+                            pooling=pooling,
                             long_records=cfg.long_records,
                             probe=probe,
                         )
@@ -274,6 +362,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                         "best_val_mcc": result.best_val_mcc,
                         "steps": result.steps,
                         "grid": result.grid,
+                        **chosen,
                     }
 
             methods.append(Method(f"{name} ({LABELS[protocol]})", name, protocol, predict, info))
