@@ -41,6 +41,7 @@ from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
 from biomask.store import TokenStore
 from biomask.training import checkpoint, finite, rundir
+from biomask.training.accelerator import describe, resolve_precision, training_device
 from biomask.training.config import NON_SEMANTIC, PretrainConfig
 from biomask.training.data import DataSpec, TrainingData, eval_batches
 from biomask.training.distributed import DistEnv, init_process_group, setup_env
@@ -370,6 +371,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     if not dist_env.is_main:
         logging.getLogger("biomask").setLevel(logging.WARNING)
     out = Path(cfg.output)
+    # The run's first line: where it trains and in what precision (torch and DeepSpeed agree on it).
+    device = training_device(dist_env.local_rank)
+    precision = resolve_precision(cfg.train.precision, device)
+    log.info("pretrain: %s, precision %s (DS_ACCELERATOR=%s)", describe(device), precision, device.type)
 
     # 1. Inputs: the token store, the model it implies, the data order and the DeepSpeed config —
     #    every input error surfaces before anything is written.
@@ -406,12 +411,6 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         world_size=dist_env.world_size,
         rank=dist_env.rank,
         where=f"{store.root}: split {cfg.data.eval_split!r} (data.eval_split)",
-    )
-    device = torch.device("cuda", dist_env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    precision = (
-        cfg.train.precision
-        if cfg.train.precision != "auto"
-        else ("bf16" if device.type == "cuda" else "fp32")
     )
     ds_config = build_ds_config(cfg, precision=precision)  # config errors before anything is written
     finite.check_optim(cfg)
