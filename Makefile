@@ -8,7 +8,8 @@ STAMP := $(VENV)/.biomask-installed
 # torch is pinned (constraints.txt) and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := $(shell grep -E '^torch==' constraints.txt)
 
-export DS_ACCELERATOR ?= cpu
+# No DS_ACCELERATOR here: biomask picks the GPU when torch sees one and exports the choice, so
+# DeepSpeed and torch agree (set DS_ACCELERATOR=cpu to train on the CPU anyway).
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv run test lint bench clean help

@@ -6,6 +6,7 @@ template pipeline. No network: the wheel is built without build isolation (setup
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,4 +94,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
                           cwd=work, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "cells embedded: (300, 32)" in done.stdout
+    # the run's first line says where it trains and in what precision
+    first = next(line for line in done.stderr.splitlines() if "pretrain:" in line)
+    assert re.search(r"pretrain: cpu \(\d+ threads\), precision fp32 \(DS_ACCELERATOR=cpu\)", first), first
     assert "templates: ['pretrain.sbatch', 'stage.sbatch', 'sweep.sbatch']" in done.stdout

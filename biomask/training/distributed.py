@@ -123,14 +123,10 @@ def setup_env(local_rank_arg: int | None = None) -> DistEnv:
     """Resolve the rank environment and export the five variables torch.distributed reads."""
     dist_env = resolve_env(os.environ, local_rank_arg)
     os.environ.update(dist_env.variables())
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from biomask.training.accelerator import accelerator
+
+    accelerator()  # torch and DeepSpeed on the same device (DS_ACCELERATOR exported)
     return dist_env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def init_process_group(dist_env: DistEnv) -> None:
@@ -142,10 +138,13 @@ def init_process_group(dist_env: DistEnv) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    if torch.cuda.is_available():
+    from biomask.training.accelerator import accelerator
+
+    cuda = accelerator() == "cuda"
+    if cuda:
         torch.cuda.set_device(dist_env.local_rank)
     deepspeed.init_distributed(
-        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=False,
         verbose=False,
         rank=dist_env.rank,

@@ -316,12 +316,13 @@ def finetune(
     test predictions are the result until a validation pass beats it)."""
     import deepspeed
 
+    from biomask.training.accelerator import resolve_precision, training_device
     from biomask.training.ds_config import preset_config
 
     train, val, test = split
     _engine_environment()
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    device = training_device()  # the device DeepSpeed was set up for (setup_env)
+    precision = resolve_precision("auto", device)
 
     # 1. The model: the encoder and a head (the probe, or initialised from the seed).
     encoder = encoder.float()

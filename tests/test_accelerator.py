@@ -1,0 +1,49 @@
+"""One device decision for torch and DeepSpeed (issue 19): DS_ACCELERATOR is the user's choice and
+torch follows it; unset, the GPU torch sees; a GPU that torch cannot use is said, not silently skipped."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from biomask.errors import ConfigError
+from biomask.training import accelerator as acc
+
+
+def test_unset_follows_torch_and_is_exported(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert acc.accelerator() == expected
+    assert acc.os.environ["DS_ACCELERATOR"] == expected  # what DeepSpeed reads when it first picks
+    assert acc.training_device(0).type == expected
+
+
+@pytest.mark.parametrize("value", ["tpu", "cuda"])
+def test_an_accelerator_torch_cannot_use_is_refused(monkeypatch, value):
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here")
+    monkeypatch.setenv("DS_ACCELERATOR", value)
+    with pytest.raises(ConfigError, match=f"DS_ACCELERATOR={value}"):
+        acc.accelerator()
+
+
+def test_cpu_precision_and_description():
+    cpu = torch.device("cpu")
+    assert acc.resolve_precision("auto", cpu) == "fp32"
+    assert acc.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+    assert acc.describe(cpu).startswith("cpu (")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees the GPU here")
+def test_a_gpu_torch_cannot_see_is_reported(monkeypatch, caplog):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(acc, "nvidia_gpu_present", lambda: "/dev/nvidia0")
+    acc._warn_unused_gpu.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        assert acc.accelerator() == "cpu"
+    acc._warn_unused_gpu.cache_clear()
+    (record,) = [r for r in caplog.records if "/dev/nvidia0" in r.getMessage()]
+    assert "training on the CPU" in record.getMessage()
+    assert ("CPU build" in record.getMessage()) == (torch.version.cuda is None)
