@@ -37,6 +37,10 @@ from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
 
+# The validation score of a model protocol (the MCC on the seed's val split of the model the protocol
+# selected there): what a study may choose among pretrained models by without looking at test.
+VAL_METRIC = "val_mcc"
+
 # ------------------------------------------------------------------------------------------- baselines
 
 
@@ -199,6 +203,8 @@ def evaluate(
             log.info("seed %d: %s", seed, method.name)
             out = method.predict(data, train, val, test, seed)
             pred, details = out if isinstance(out, tuple) else (out, {})
+            if "val_mcc" not in details and "best_val_mcc" in details:  # fine-tuning's selection score
+                details = {**details, "val_mcc": details["best_val_mcc"]}
             per_seed[method.name].append(
                 {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names), **details}
             )
@@ -224,7 +230,7 @@ def _summarise(
     summary = {
         m.name: {
             metric: summarize([r[metric] for r in per_seed[m.name]])
-            for metric in (*METRICS, *clustering.METRICS)
+            for metric in (*METRICS, *clustering.METRICS, VAL_METRIC)
             if per_seed[m.name] and metric in per_seed[m.name][0]
         }
         for m in methods
@@ -299,6 +305,16 @@ def _details(results: dict[str, Any]) -> list[str]:
                 else ""
             )
             lines.append(f"- {m['name']}: {seeds}{note}")
+        if rows and "pooling_val_mcc" in rows[0]:  # pooling auto / a list: the probe's val MCC chose
+            lines.append(
+                f"- {m['name']}: pooling per seed: "
+                + "; ".join(
+                    f"{r['pooling']} ("
+                    + ", ".join(f"{p} {v:.3f}" for p, v in r["pooling_val_mcc"].items())
+                    + ")"
+                    for r in rows
+                )
+            )
     if lines:
         lines = ["", "Chosen on the validation split (per seed):", "", *lines]
     return lines

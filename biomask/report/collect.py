@@ -13,6 +13,7 @@ import yaml
 
 from biomask.errors import InputError
 from biomask.evaluation import clustering
+from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import METRICS, summarize
 from biomask.provenance import read_run_info
 
@@ -66,6 +67,26 @@ class PretrainRun:
     @property
     def label(self) -> str:
         return f"{self.name} — {describe_masking(self.masking)}"
+
+    @property
+    def references(self) -> dict[str, dict[str, Any]]:
+        """The reference predictors' held-out losses on the model's masked tokens, by readable name:
+        {name: {"loss": {ratio: nats}, "mean_loss": ...}} (runs from before `references` existed:
+        the profile model's gene mean)."""
+        found = self.final_eval.get("references")
+        if found is None and "mean_reference_loss" in self.final_eval:
+            found = {
+                "gene mean": {
+                    "loss": self.final_eval.get("reference_loss", {}),
+                    "mean_loss": self.final_eval["mean_reference_loss"],
+                }
+            }
+        tables = self.final_eval.get("reference_tables", {})
+        names = {
+            "frequency": f"{tables.get('field', 'token').rstrip('s')} frequencies",
+            "context": f"±{tables.get('k')} context",
+        }
+        return {names.get(k, k): v for k, v in (found or {}).items()}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -194,7 +215,8 @@ def by_pretraining_seed(
     if not groups:
         return results, masking
     n = min(len(seeds) for seeds in groups.values())
-    metrics = (*METRICS, *clustering.METRICS)
+    metrics = (*METRICS, *clustering.METRICS, VAL_METRIC)
+    used: list[str] = []
 
     def split_mean(name: str) -> dict[str, float]:
         rows = results["per_seed"][name]
@@ -209,6 +231,7 @@ def by_pretraining_seed(
                 continue
             done.add((scheme, m["protocol"]))
             seeds = sorted(groups[scheme], key=lambda v: (len(v), v))[:n]
+            used = used or seeds
             names = [next(x["name"] for x in results["methods"] if x["group"] == groups[scheme][seed]
                           and x["protocol"] == m["protocol"]) for seed in seeds]  # fmt: skip
             name = f"{scheme} ({len(seeds)} pretraining seeds, {m['protocol']})"
@@ -222,7 +245,10 @@ def by_pretraining_seed(
             per_seed[m["name"]] = [split_mean(m["name"])] * n
             summary[m["name"]] = results["summary"][m["name"]]
             methods.append(m)
-    unit = f"{n} pretraining seeds (each the mean over {len(results['seeds'])} evaluation splits)"
+    unit = (
+        f"{n} pretraining seeds ({', '.join(used)}; each the mean over {len(results['seeds'])} evaluation "
+        f"splits {', '.join(map(str, results['seeds']))})"
+    )
     return {**results, "methods": methods, "per_seed": per_seed, "summary": summary, "unit": unit}, masking
 
 

@@ -17,6 +17,9 @@ class EvaluationSpec(Config):
     path: str
     metric: Metric = "mcc"
     title: str | None = None
+    # every pretrained model against every other and the random init (the pretraining-data study:
+    # corpus, self, both), not only R²MAE against the other schemes
+    pairwise: bool = False
 
 
 class TargetSpec(Config):

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from biomask.config import dump_config
 from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
+from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, ProfileAutoencoder, build_model, load_pretrained, save_pretrained
 from biomask.models.profile import gene_statistics
 from biomask.outputs import atomic_write_text
@@ -47,6 +48,7 @@ from biomask.training.data import DataSpec, TrainingData, eval_batches
 from biomask.training.distributed import DistEnv, init_process_group, setup_env
 from biomask.training.ds_config import build_ds_config, zero_stage
 from biomask.training.metrics import MetricsLogger
+from biomask.training.references import ContextCounts, reference_counts
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +268,20 @@ def evaluate(
     arch: EncoderConfig,
     dist_env: DistEnv,
     device: torch.device,
+    counts: ContextCounts | None = None,
 ) -> dict[str, Any]:
     """Held-out masked loss and accuracy at every ratio of `train.eval_ratios`, and the mean loss.
 
     Each ratio has its own fixed seed, so every evaluation masks the same tokens; the training RNGs
-    are untouched (no dropout in eval mode; the masker here has its own generators).
+    are untouched (no dropout in eval mode; the masker here has its own generators). On the same
+    masked tokens: the reference predictors' losses (`counts`: token or bin frequencies and, for DNA,
+    the ±k context model, see training/references.py; the profile model's gene mean), under
+    `references`: {name: {"loss": {ratio: nats}, "mean_loss": ...}}.
     """
     engine.eval()
     masking = eval_masking(cfg.masking)
     losses, accuracies, references = {}, {}, {}
+    frequency, context = {}, {}
     for i, ratio in enumerate(cfg.train.eval_ratios):
         masker = Masker(
             masking,
@@ -285,29 +292,45 @@ def evaluate(
             rank=dist_env.rank,
             device=device,
         )
-        loss_sum = n_masked = n_correct = reference_sum = 0.0
+        loss_sum = n_masked = n_correct = reference_sum = frequency_sum = context_sum = 0.0
         for batch in batches:
             batch = to_device(batch, device)
             ratios = torch.full((batch["input_ids"].shape[0],), ratio, device=device)
-            out = engine(model_inputs(masker.apply(batch, ratios)))
+            masked = masker.apply(batch, ratios)
+            out = engine(model_inputs(masked))
             n = float(out["n_masked"])
             loss_sum += out["loss"].item() * n
             n_masked += n
             n_correct += float(out["n_correct"])
             if "reference_loss" in out:  # a model that knows its trivial predictor's loss reports it
                 reference_sum += out["reference_loss"].item() * n
-        loss_sum, n_masked, n_correct, reference_sum = all_sum(
-            [loss_sum, n_masked, n_correct, reference_sum], dist_env.world_size, device
+            if counts is not None:
+                symbols = batch["input_ids"] if counts.field == "tokens" else batch["bins"]
+                f, c = counts.nll(symbols, masked["masked"], maskable_positions(batch))
+                frequency_sum, context_sum = frequency_sum + f, context_sum + c
+        loss_sum, n_masked, n_correct, reference_sum, frequency_sum, context_sum = all_sum(
+            [loss_sum, n_masked, n_correct, reference_sum, frequency_sum, context_sum],
+            dist_env.world_size,
+            device,
         )
         key = f"{ratio:g}"
         losses[key] = loss_sum / max(n_masked, 1.0)
         accuracies[key] = n_correct / max(n_masked, 1.0)
         references[key] = reference_sum / max(n_masked, 1.0)
+        frequency[key] = frequency_sum / max(n_masked, 1.0)
+        context[key] = context_sum / max(n_masked, 1.0)
     engine.train()
     result: dict[str, Any] = {"loss": losses, "mean_loss": sum(losses.values()) / len(losses)}
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     if arch.kind == "mlp":  # the same masked genes predicted by each gene's training mean
         result["reference_loss"] = references
-        result["mean_reference_loss"] = sum(references.values()) / len(references)
+        result["mean_reference_loss"] = mean(references)
+        result["references"] = {"gene mean": {"loss": references, "mean_loss": mean(references)}}
+    if counts is not None:
+        result["references"] = {"frequency": {"loss": frequency, "mean_loss": mean(frequency)}}
+        if counts.k > 0:
+            result["references"]["context"] = {"loss": context, "mean_loss": mean(context)}
+        result["reference_tables"] = counts.describe()
     if arch.target != "values":
         result["accuracy"] = accuracies
         result["mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
@@ -430,6 +453,16 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
         on_rank0(store.verify, dist_env)
     on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
+    # the held-out loss's reference predictors: count tables from a bounded training sample, once
+    counts = reference_counts(
+        train_split,
+        modality=spec.modality,
+        target=arch.target,
+        vocab_size=arch.vocab_size,
+        n_bins=arch.n_bins or 0,
+    )
+    if counts is not None:
+        on_rank0(lambda: counts.save(out), dist_env)
 
     # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
     import deepspeed
@@ -579,7 +612,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 window_start = time.perf_counter()
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                result = finite.check_eval(evaluate(engine, held_out, cfg, arch, dist_env, device), step, cfg)
+                result = finite.check_eval(
+                    evaluate(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
+                )
                 metrics.log(step, "eval", result)
 
             stopping = stop.agreed(dist_env.world_size, device)
@@ -594,7 +629,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     )
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
-        final_eval = finite.check_eval(evaluate(engine, held_out, cfg, arch, dist_env, device), step, cfg)
+        final_eval = finite.check_eval(
+            evaluate(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
+        )
         metrics.log(step, "eval", final_eval)
         final = save_checkpoint()
         if dist_env.is_main:
