@@ -376,3 +376,29 @@ def total_counts(source: MatrixSource, column: str) -> np.ndarray:
             "total counts must be positive"
         )
     return totals
+
+
+# --------------------------------------------------------------------------------------------- stores
+
+
+def require_counts(manifest: dict[str, Any], where: str, key: str) -> None:
+    """Refuse a token store whose raw counts cannot be rebuilt (a count likelihood needs them): only
+    panel stores prepared from counts keep each cell's `library_size`. `key` names the setting."""
+    if "library_size" in (manifest.get("record_fields") or {}):
+        return
+    inputs = manifest.get("counts") or {}
+    found = "; ".join(
+        f"input {name}: counts.mode={c.get('mode')} ({c.get('description', c.get('kind'))})"
+        for name, c in inputs.items()
+    )
+    normalised = [name for name, c in inputs.items() if c.get("mode") not in ("require", "from_log1p")]
+    why = (
+        f"its values are normalised expression, not counts ({found})"
+        if normalised
+        else f"it keeps no per-cell library size (scheme {manifest.get('scheme')}; {found or 'no inputs'})"
+    )
+    raise InputError(
+        f"{where}/manifest.json: {key} needs raw counts and each cell's library size, but {why}. "
+        f"Set {key.rsplit('=', 1)[0]}=mse, or prepare the store from counts (counts.mode require, or "
+        "from_log1p with counts.total_counts_column) with tokenizer.scheme=panel"
+    )

@@ -56,6 +56,7 @@ from biomask.store import TokenStoreWriter, token_dtype
 log = logging.getLogger(__name__)
 
 NOT_KEPT = 255  # split code of a cell that is not written
+COUNT_MODES = ("require", "from_log1p")  # counts.mode values whose matrix holds (or rebuilds) counts
 
 
 @dataclass
@@ -431,10 +432,16 @@ def write_store(
     )
     label_index = {name: i for i, name in enumerate(label_names or [])}
     meta_columns = _meta_columns(cfg)
+    record_fields: dict[str, Any] = {"labels": np.int64} if label_names is not None else {}
+    # A panel store from counts keeps each cell's library size, so a count likelihood can rebuild the
+    # raw counts (expm1(value) * library_size / target_sum); normalised inputs have no counts to keep.
+    with_library = scheme.name == "panel" and cfg.counts.mode in COUNT_MODES
+    if with_library:
+        record_fields["library_size"] = np.float64
     writer = TokenStoreWriter(
         out,
         token_fields=scheme.token_fields(token_dtype(vocab.vocab_size)),
-        record_fields={"labels": np.int64} if label_names is not None else {},
+        record_fields=record_fields,
         meta_columns=meta_columns,
         shard_tokens=cfg.shard_tokens,
     )
@@ -488,6 +495,8 @@ def write_store(
                         continue
                     part = encoded.rows(lo, hi)
                     extra = {"labels": labels[lo:hi]} if labels is not None else {}
+                    if with_library:
+                        extra["library_size"] = lib[lo:hi]
                     writer.split(split).add_batch(
                         part.lengths, meta=meta.iloc[lo:hi], **part.fields(), **extra
                     )

@@ -19,6 +19,14 @@ MLP_PRESETS: dict[str, dict[str, int]] = {
     "base": {"d_model": 256, "n_layers": 3, "n_heads": 1, "d_ff": 1024},
 }
 
+# The dilated CNN (kind cnn, DNA): n_layers blocks of dilation 1, 2, 4, ...; d_ff the pointwise width;
+# n_heads unused (1). tiny ≈ 0.18 M parameters (the transformer tiny's size class), receptive field
+# 253 tokens with kernel 5; small ≈ 3.0 M, 2,045 tokens.
+CNN_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 6, "n_heads": 1, "d_ff": 64},
+    "small": {"d_model": 192, "n_layers": 9, "n_heads": 1, "d_ff": 384},
+}
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
     "small": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},
@@ -36,7 +44,7 @@ class EncoderConfig:
     modality: Literal["dna", "cells"] = "dna"
     # transformer: tokens through a transformer (DNA, cells); mlp: the expression-profile masked
     # autoencoder (cells; biomask.models.profile). One class per kind in `biomask.models.MODEL_KINDS`.
-    kind: Literal["transformer", "mlp"] = "transformer"
+    kind: Literal["transformer", "mlp", "panel_transformer", "cnn"] = "transformer"
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -57,6 +65,18 @@ class EncoderConfig:
     # knows how much of the cell it sees (the "mask-aware" model of `biomask theory`, where a random
     # ratio can help); without it a hidden gene looks like a gene at its mean. An ablation switch.
     mask_indicator: bool = True
+    # Cells profile models (mlp, panel_transformer): what the masked genes' reconstruction is scored
+    # by. mse: the standardised log1p values. poisson / nb: the raw counts given the library size
+    # (scVI-style; nb with a learned per-gene dispersion; biomask.models.likelihood). Counts are
+    # rebuilt from the store's values and its per-cell `library_size` (counts = expm1(value) *
+    # library_size / target_sum), so only stores prepared from counts have them.
+    loss: Literal["mse", "poisson", "nb"] = "mse"
+    target_sum: float = 10000.0
+    # panel_transformer: at most this many visible genes enter the encoder per cell during training
+    # (a random subset; 0: all of them). Embedding reads every gene.
+    max_visible: int = 0
+    # kind cnn (biomask.models.cnn): the dilated convolutions' width (odd); block i dilates by 2**i
+    kernel_size: int = 5
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from biomask.models.cnn import DilatedCNN
 from biomask.models.config import EncoderConfig
 from biomask.models.model import MaskedEncoder
+from biomask.models.panel_transformer import PanelTransformer
 from biomask.models.profile import ProfileAutoencoder
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {
     "transformer": MaskedEncoder,
     "mlp": ProfileAutoencoder,
+    "panel_transformer": PanelTransformer,
+    "cnn": DilatedCNN,
 }
+
+# Kinds that read a cell's whole panel profile (never cropped) and reconstruct values or counts.
+PROFILE_KINDS = ("mlp", "panel_transformer")
 
 
 def build_model(cfg: EncoderConfig) -> nn.Module:

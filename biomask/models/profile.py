@@ -17,6 +17,11 @@ are the store's log1p(CP10k) values, standardised per gene with statistics of th
 A masked gene enters as 0 (the gene's mean) and its mask indicator as 1, so the model knows what is
 hidden — the masking schemes (R²MAE, fixed, schedules, discrete sets) choose which genes.
 
+With `config.loss` poisson or nb the decoder's outputs are log rates per `target_sum` counts and the
+loss is the count likelihood of the masked genes' raw counts given the library size (scVI-style;
+`biomask.models.likelihood`); the input stays the standardised log1p profile. The decoder's output
+bias starts at each gene's mean rate, so training starts from the reference predictor.
+
 `config.n_layers` counts the encoder's linear layers (the last one projects to the latent,
 `d_model`); the hidden ones are `d_ff` wide with GELU. The decoder mirrors it. `layer` in `features`
 indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the latent).
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomask.models import likelihood
 from biomask.models.config import EncoderConfig
 from biomask.vocab import NUM_SPECIAL
 
@@ -46,19 +52,29 @@ def _stack(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ProfileAutoencoder(nn.Module):
+class ProfileModel(nn.Module):
+    """What the cell models over a gene panel share (kinds mlp and panel_transformer): the per-gene
+    standardisation, the dense view of a batch, which genes are unmeasured, and the reconstruction
+    loss (MSE, or a count likelihood with its reference predictor). A subclass builds its networks
+    and names the output bias a count loss starts at the reference rates (`output_bias`)."""
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         if cfg.modality != "cells":
-            raise ValueError("the profile autoencoder (kind 'mlp') reads expression: cells stores only")
+            raise ValueError(f"model kind {cfg.kind!r} reads expression: cells stores only")
         self.config = cfg
         n_genes = cfg.vocab_size
-        hidden = [cfg.d_ff] * (cfg.n_layers - 1)
-        self.encoder = _stack([2 * n_genes, *hidden, cfg.d_model])
-        self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
-        self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("gene_mean", torch.zeros(n_genes))
         self.register_buffer("gene_std", torch.ones(n_genes))
+        if cfg.loss != "mse":  # the reference predictor: each gene's mean rate (and NB dispersion)
+            self.register_buffer("reference_log_rate", torch.zeros(n_genes))
+            self.register_buffer("reference_log_theta", torch.zeros(n_genes))
+        if cfg.loss == "nb":
+            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def output_bias(self) -> torch.Tensor:
+        """The (vocab_size,) bias of the predictions (a count loss starts it at the reference rates)."""
+        raise NotImplementedError
 
     def num_parameters(self, *, embeddings: bool = True) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -68,6 +84,21 @@ class ProfileAutoencoder(nn.Module):
         """Per-gene standardisation (of the training split; see `gene_statistics`)."""
         self.gene_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.gene_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-3))
+
+    @torch.no_grad()
+    def init_from_data(self, records) -> None:
+        """Statistics of the training split: the standardisation and, for a count loss, the reference
+        rates and dispersions (also the starting point of the output bias and the dispersion)."""
+        panel = self.config.scheme == "panel"
+        self.set_gene_stats(*gene_statistics(records, self.config.vocab_size, panel=panel))
+        if self.config.loss != "mse":
+            p, theta = likelihood.count_statistics(records, self.config.vocab_size, self.config.target_sum)
+            log_rate = torch.as_tensor(np.log(p * self.config.target_sum), dtype=torch.float32)
+            self.reference_log_rate.copy_(log_rate)
+            self.reference_log_theta.copy_(torch.as_tensor(np.log(theta), dtype=torch.float32))
+            self.output_bias().copy_(log_rate)
+            if self.config.loss == "nb":
+                self.log_theta.copy_(self.reference_log_theta)
 
     # ------------------------------------------------------------------------------------------ input
 
@@ -97,6 +128,55 @@ class ProfileAutoencoder(nn.Module):
         x = self._dense(batch, batch["values"])
         return ((x - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
 
+    # ------------------------------------------------------------------------------------------- loss
+
+    def reconstruction(
+        self, batch: dict[str, torch.Tensor], pred: torch.Tensor, z: torch.Tensor, hidden: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The hidden genes' loss and its reference, from predictions over every gene column (B, V):
+        MSE of the standardised values (reference: each gene's training mean, 0 standardised), or the
+        count likelihood (predictions are log rates per target_sum counts)."""
+        if self.config.loss == "mse":
+            loss = F.mse_loss(pred[hidden], z[hidden])
+            reference = z[hidden].detach().float().pow(2).mean()
+        else:
+            loss, reference = self._count_loss(batch, pred, hidden)
+        return {
+            "loss": loss,
+            "reference_loss": reference,
+            "n_masked": hidden.sum(),
+            "n_correct": torch.zeros((), dtype=torch.long, device=z.device),  # values: no accuracy
+        }
+
+    def _count_loss(
+        self, batch: dict[str, torch.Tensor], log_rate: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model NLL, reference NLL) of the hidden genes' counts."""
+        size = batch["library_size"].float() / self.config.target_sum
+        y = likelihood.counts_of(self._dense(batch, batch["values"]), size)[hidden]
+        log_size = torch.log(size)[:, None].expand_as(log_rate)[hidden]
+        theta = self.log_theta.expand_as(log_rate)[hidden] if self.config.loss == "nb" else None
+        # clamped: an early large rate must not overflow exp() into an infinite loss
+        log_mu = (log_rate[hidden] + log_size).clamp(max=likelihood.MAX_LOG_MU)
+        loss = likelihood.count_nll(self.config.loss, log_mu, y, theta).mean()
+        ref_rate = self.reference_log_rate.expand_as(log_rate)[hidden] + log_size
+        ref_theta = self.reference_log_theta.expand_as(log_rate)[hidden]
+        reference = likelihood.count_nll(self.config.loss, ref_rate, y, ref_theta).mean()
+        return loss, reference.detach()
+
+
+class ProfileAutoencoder(ProfileModel):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__(cfg)
+        n_genes = cfg.vocab_size
+        hidden = [cfg.d_ff] * (cfg.n_layers - 1)
+        self.encoder = _stack([2 * n_genes, *hidden, cfg.d_model])
+        self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def output_bias(self) -> torch.Tensor:
+        return self.decoder[-1].bias
+
     def _encode(self, z: torch.Tensor, hidden: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
         indicator = hidden.to(z.dtype) if self.config.mask_indicator else torch.zeros_like(z)
@@ -113,19 +193,11 @@ class ProfileAutoencoder(nn.Module):
     # --------------------------------------------------------------------------------------- training
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """MSE of the reconstructed standardised values on the masked genes (`batch["masked"]`)."""
+        """The masked genes' (`batch["masked"]`) reconstruction loss and its reference."""
         z = self._standardised(batch)
         hidden = self._dense(batch, batch["masked"]) > 0
         latent = self._encode(z, hidden | self._missing(batch))[-1]
-        pred = self.decoder(latent)
-        loss = F.mse_loss(pred[hidden], z[hidden])
-        return {
-            "loss": loss,
-            # predicting each masked gene by its training mean (0 once standardised): the reference
-            "reference_loss": z[hidden].detach().float().pow(2).mean(),
-            "n_masked": hidden.sum(),
-            "n_correct": torch.zeros((), dtype=torch.long, device=z.device),
-        }
+        return self.reconstruction(batch, self.decoder(latent), z, hidden)
 
     # ------------------------------------------------------------------------------------- embeddings
 

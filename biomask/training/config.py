@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from biomask.config import Config
 from biomask.masking.config import MaskingConfig
-from biomask.models.config import MLP_PRESETS, PRESETS
+from biomask.models.config import CNN_PRESETS, MLP_PRESETS, PRESETS
 
 
 class DataConfig(Config):
@@ -27,7 +27,10 @@ class ModelConfig(Config):
     # transformer: tokens through a transformer (DNA; cells as gene tokens). mlp: the expression-profile
     # masked autoencoder (cells only; a panel store: every gene, zeros included) — the cell model whose
     # embeddings carry cell identity (README: "Single-cell models").
-    kind: Literal["transformer", "mlp"] = "transformer"
+    # cnn: a dilated convolutional DNA encoder (biomask.models.cnn; presets tiny, small; MLM only).
+    # panel_transformer: a transformer over panel genes whose cell token is the embedding (cells;
+    # biomask.models.panel_transformer).
+    kind: Literal["transformer", "mlp", "cnn", "panel_transformer"] = "transformer"
     preset: Literal["tiny", "small", "base", "large", "1b", "custom"] = "tiny"
     # Sizes; None: the preset's. With preset custom, all four must be given.
     d_model: int | None = Field(None, ge=8)
@@ -42,13 +45,19 @@ class ModelConfig(Config):
     activation_checkpointing: bool = False
     # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge)
     mask_indicator: bool = True
+    # kind mlp / panel_transformer: mse on the standardised log1p values, or the masked genes' raw
+    # counts under a Poisson or negative binomial likelihood with the library size (needs a panel
+    # store prepared from counts: counts.mode require or from_log1p).
+    loss: Literal["mse", "poisson", "nb"] = "mse"
+    # kind panel_transformer: visible genes read per cell in training (a random subset; 0: all).
+    max_visible: int = Field(128, ge=0)
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 
     def sizes(self) -> dict[str, int]:
-        presets = MLP_PRESETS if self.kind == "mlp" else PRESETS
+        presets = {"mlp": MLP_PRESETS, "cnn": CNN_PRESETS}.get(self.kind, PRESETS)
         base = dict(presets.get(self.preset, {}))
-        if self.kind == "mlp":
+        if self.kind in ("mlp", "cnn"):
             base.setdefault("n_heads", 1)  # unused by the profile autoencoder
         given = {
             k: v
@@ -69,6 +78,10 @@ class ModelConfig(Config):
         if self.kind == "mlp" and self.preset not in (*MLP_PRESETS, "custom"):
             raise ValueError(
                 f"model.kind mlp has presets {', '.join(MLP_PRESETS)} (or custom), not {self.preset}"
+            )
+        if self.kind == "cnn" and self.preset not in (*CNN_PRESETS, "custom"):
+            raise ValueError(
+                f"model.kind cnn has presets {', '.join(CNN_PRESETS)} (or custom), not {self.preset}"
             )
         if missing:
             raise ValueError(f"model.preset custom needs {', '.join('model.' + k for k in missing)}")
@@ -103,6 +116,11 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     progress: bool = True  # tqdm bar on rank 0
+    # Where the metrics go besides metrics.jsonl, like the HF Trainer's report_to: tensorboard, wandb,
+    # mlflow (the last two are optional: pip install wandb / mlflow). []: metrics.jsonl only.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -139,4 +157,5 @@ NON_SEMANTIC = (
     "train.checkpoint_every",
     "train.keep_last",
     "train.progress",
+    "train.report_to",
 )

@@ -35,8 +35,9 @@ from biomask.config import dump_config
 from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.masker import maskable_positions
-from biomask.models import EncoderConfig, ProfileAutoencoder, build_model, load_pretrained, save_pretrained
-from biomask.models.profile import gene_statistics
+from biomask.models import EncoderConfig, build_model, load_pretrained, save_pretrained
+from biomask.models.kinds import PROFILE_KINDS
+from biomask.models.profile import ProfileModel
 from biomask.outputs import atomic_write_text
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
@@ -68,8 +69,10 @@ def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
 
 def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
     """The model a pretrain config and a token store imply."""
-    if cfg.model.kind == "mlp":
+    if cfg.model.kind in PROFILE_KINDS:
         return profile_architecture(cfg, spec, store)
+    if cfg.model.kind == "cnn":
+        return cnn_architecture(cfg, spec, store)
     auto_value = {"dna": "none", "binned": "bins", "rank": "none", "panel": "mlp"}
     value_embedding = cfg.model.value_embedding
     if value_embedding == "auto":
@@ -101,10 +104,45 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | 
     )
 
 
-def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
-    """`model.kind: mlp`: the profile autoencoder reads a cell's whole profile (never cropped), so its
-    input length is the store's longest record; it reconstructs values."""
+def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """`model.kind: cnn`: the dilated CNN reads DNA tokens and learns by MLM (masked positions shown as
+    [MASK]); dropping masked tokens (MAE) would break the spacing its convolutions read."""
     where = store.root if store is not None else cfg.data.store
+    if spec.modality != "dna":
+        raise InputError(f"model.kind=cnn is a DNA encoder; {where} is a {spec.modality} store")
+    if cfg.masking.corruption.kind != "mlm":
+        raise InputError(
+            f"masking.corruption.kind={cfg.masking.corruption.kind} is not possible with model.kind=cnn: "
+            "a convolution needs every position in place; use masking.corruption.kind=mlm"
+        )
+    if cfg.model.value_embedding not in ("auto", "none"):
+        raise InputError(f"model.value_embedding={cfg.model.value_embedding} needs a cells store")
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality="dna",
+        kind="cnn",
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=cfg.model.max_len,
+        positions=False,  # translation-equivariant: no position embeddings, no length bound
+        target=resolve_target(cfg, spec),  # type: ignore[arg-type]
+        decoder_layers=0,
+    )
+
+
+def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """`model.kind: mlp` / `panel_transformer`: a cell's whole profile (never cropped), so the input
+    length is the store's longest record; they reconstruct values (or counts: `model.loss`)."""
+    where = store.root if store is not None else cfg.data.store
+    kind = cfg.model.kind
+    if kind == "panel_transformer" and spec.scheme != "panel":
+        raise InputError(
+            f"model.kind=panel_transformer reads panel stores (tokenizer.scheme=panel); {where} is {spec.scheme}"
+        )
+    if cfg.model.loss != "mse" and store is not None:
+        from biomask.cells.counts import require_counts
+
+        require_counts(store.manifest, str(where), f"model.loss={cfg.model.loss}")
     if spec.modality != "cells":
         raise InputError(f"model.kind=mlp reads expression profiles; {where} is a {spec.modality} store")
     if cfg.masking.target not in ("auto", "values"):
@@ -118,10 +156,13 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
             spec.scheme,
         )
     longest = int((store.manifest.get("max_length") if store is not None else None) or spec.vocab_size)
+    # prep's normalisation (values = log1p(count / library_size * target_sum)): how counts come back
+    prep = (store.manifest.get("config") or {}) if store is not None else {}
+    target_sum = float((prep.get("normalise") or {}).get("target_sum", 1e4))
     return EncoderConfig(
         vocab_size=spec.vocab_size,
         modality="cells",
-        kind="mlp",
+        kind=kind,
         **cfg.model.sizes(),
         dropout=cfg.model.dropout,
         max_len=longest + spec.n_specials,
@@ -132,6 +173,9 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         target="values",
         decoder_layers=0,
         mask_indicator=cfg.model.mask_indicator,
+        loss=cfg.model.loss,
+        target_sum=target_sum,
+        max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
     )
 
 
@@ -245,6 +289,7 @@ def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
         "masked",
         "target_ids",
         "target_values",
+        "library_size",
     )
     return {k: masked[k] for k in keys if k in masked}
 
@@ -322,7 +367,7 @@ def evaluate(
     engine.train()
     result: dict[str, Any] = {"loss": losses, "mean_loss": sum(losses.values()) / len(losses)}
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    if arch.kind == "mlp":  # the same masked genes predicted by each gene's training mean
+    if arch.kind in PROFILE_KINDS:  # the same masked genes predicted by each gene's training mean
         result["reference_loss"] = references
         result["mean_reference_loss"] = mean(references)
         result["references"] = {"gene mean": {"loss": references, "mean_loss": mean(references)}}
@@ -410,7 +455,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     if cfg.model.init_from:
         arch, init_input, init_weights = init_checkpoint(cfg, spec, arch)
         inputs.append(init_input)
-    max_length = arch.max_len if arch.kind == "mlp" else cfg.data.max_length or cfg.model.max_len
+    max_length = arch.max_len if arch.kind in PROFILE_KINDS else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
     train_data = TrainingData(
@@ -471,8 +516,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     model = build_model(arch)
     if cfg.model.init_from:  # a decoder is new when MAE training starts from an MLM checkpoint
         model.load_state_dict(init_weights, strict=arch.decoder_layers == 0)
-    elif isinstance(model, ProfileAutoencoder):  # standardise with the training split's statistics
-        model.set_gene_stats(*gene_statistics(train_split, arch.vocab_size, panel=spec.scheme == "panel"))
+    elif isinstance(model, ProfileModel):  # standardisation (and count references) of the training split
+        model.init_from_data(train_split)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -496,7 +541,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     log.info(
         "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
         cfg.model.preset,
-        "profile autoencoder" if arch.kind == "mlp" else "encoder",
+        {"mlp": "profile autoencoder", "panel_transformer": "panel transformer"}.get(arch.kind, "encoder"),
         n_params / 1e6,
         stage_n,
         precision,
