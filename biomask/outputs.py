@@ -208,12 +208,23 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
             _remove(stale)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file under a temporary name, then rename it into place."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` (same folder, so the rename is atomic) that replaces `path` when
+    the block succeeds and is removed when it fails. A block that deletes the temporary itself leaves
+    `path` as it was (e.g. when the new content turns out identical)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name, then rename it into place."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

@@ -244,7 +244,7 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     splice_store, dna_checkpoint, cells_checkpoint, tmp_path, cli
 ):
     """A table of splice sequences gets the vectors of the same records read from the token store; a
-    FASTA is cut into windows that never cross records."""
+    FASTA (named .fas, which `biomask prep dna` also reads) is cut into windows that never cross records."""
     tokenizer = load_tokenizer(splice_store)
     split = TokenStore(splice_store).split("test")
     meta, names = split.meta(), TokenStore(splice_store).label_names
@@ -275,8 +275,8 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     np.testing.assert_allclose(test_rows.obsm["X_biomask"], from_table.obsm["X_biomask"], rtol=0, atol=2e-5)
 
     seqs = list(table["sequence"][:5])
-    (tmp_path / "two.fa").write_text(f">a\n{''.join(seqs[:3])}\n>b\n{seqs[3][:40]}\n")  # 180 and 40 bases
-    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fa",
+    (tmp_path / "two.fas").write_text(f">a\n{''.join(seqs[:3])}\n>b\n{seqs[3][:40]}\n")  # 180 and 40 bases
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fas",
                        "--output", tmp_path / "fasta.h5ad", "dna.window=60", "dna.stride=30")  # fmt: skip
     assert code == 0, err
     windows = read(tmp_path / "fasta.h5ad").obs
@@ -287,7 +287,7 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         "--checkpoint",
         cells_checkpoint,
         "--input",
-        tmp_path / "two.fa",
+        tmp_path / "two.fas",
         "--output",
         tmp_path / "n.h5ad",
     )

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from biomask.config import Config
 from biomask.errors import FetchError, InputError
+from biomask.outputs import atomic_file
 
 PYPI_URL = os.environ.get("BIOMASK_PYPI_URL", "https://pypi.org")
 DEBIAN_MIRROR = os.environ.get("BIOMASK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -91,25 +92,26 @@ class Source(Config):
 def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None = None) -> Path:
     """Download `url` to `dest` with a progress bar; unreachable or missing sources raise `FetchError`."""
     request = urllib.request.Request(url, headers={"User-Agent": "biomask", **(headers or {})})
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT) as response, open(tmp, "wb") as out:
+        # a temporary name of its own: two processes fetching the same file do not write into one
+        with (
+            atomic_file(dest) as tmp,
+            urllib.request.urlopen(request, timeout=_TIMEOUT) as response,
+            open(tmp, "wb") as out,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {what}", leave=False) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
-        tmp.unlink(missing_ok=True)
         raise FetchError(f"could not fetch {what}: {url} answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise FetchError(
             f"could not reach {url} to fetch {what} ({reason}). Check the network or proxy, or download "
             "the file yourself and register it as a local source (see `biomask datasets --help`)."
         ) from None
-    tmp.replace(dest)
     return dest
 
 

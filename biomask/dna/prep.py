@@ -30,6 +30,7 @@ from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
 from biomask.dna.readers import (
     LabelledSequence,
+    guess_format,
     read_fasta_blocks,
     read_genbank_blocks,
     read_keel,
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 
 GENOME_META = ("id", "source", "record", "start", "end", "strand")
 LABELLED_META = ("id", "source", "line", "label")
-_FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas", ".ffn", ".seq")
-_GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank")
-_TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 GENOME_FORMATS = ("fasta", "genbank")
 
 
@@ -75,15 +73,9 @@ class ResolvedInput:
 
 
 def _guess_format(path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(_FASTA_SUFFIXES):
-        return "fasta"
-    if name.endswith(_GENBANK_SUFFIXES):
-        return "genbank"
-    if name.endswith(_TABLE_SUFFIXES):
-        return "table"
-    if name.endswith(".dat"):
-        return "keel"
+    fmt = guess_format(path)
+    if fmt is not None:
+        return fmt
     raise InputError(
         f"cannot tell the format of {path} from its name; set `format: fasta`, `genbank`, `table` or `keel` on this input"
     )

@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
+# File formats by name (a trailing .gz is looked through): `biomask prep dna` and `biomask embed` both
+# guess from this one list, so a file one of them reads by its name the other recognises too.
+SUFFIXES = {
+    "fasta": (".fa", ".fasta", ".fna", ".fas", ".ffn", ".seq"),
+    "genbank": (".gb", ".gbk", ".gbff", ".genbank"),
+    "table": (".csv", ".tsv", ".txt"),
+    "keel": (".dat",),
+}
+
+
+def guess_format(path: str | os.PathLike) -> str | None:
+    """fasta, genbank, table or keel from the file name; None when the name does not say."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    return next((fmt for fmt, suffixes in SUFFIXES.items() if name.endswith(suffixes)), None)
+
 
 class _CountingReader(io.RawIOBase):
     """Wraps a binary file and counts the bytes read, to drive a progress bar over compressed input."""

@@ -1,5 +1,6 @@
-"""Writing embeddings into h5ad files: the rest of the file stays as it was, and the output appears
-whole or not at all.
+"""Writing embeddings into h5ad files, and what `uns[key]` records about them (`provenance`).
+
+The rest of the file stays as it was, and the output appears whole or not at all.
 
 A file in anndata's current layout (≥ 0.8: the root says `encoding-type: anndata`) is copied byte
 for byte to a temporary name beside the output; `obsm/<key>` is then filled one chunk of cells at a
@@ -14,18 +15,19 @@ anndata, given the new entries and written again in the current layout (a warnin
 
 from __future__ import annotations
 
-import contextlib
+import datetime as _dt
+import json
 import logging
 import os
 import shutil
-import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from biomask.provenance import code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,30 @@ def h5_safe(value: Any) -> Any:
     return str(value)
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` that replaces it on success and is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def provenance(
+    model: Any, *, pooling: str, layer: int, key: str, max_length: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """What `uns[key]` records about an embedding."""
+    info = model.checkpoint_info
+    directory = Path(model.checkpoint_dir)
+    masking = info.get("masking") or {}
+    return {
+        "checkpoint": str(directory),
+        "checkpoint_weights_sha256": info.get("weights_sha256"),
+        "checkpoint_config_sha256": sha256_file(directory / "config.json"),
+        "tokenizer_sha256": (info.get("tokenizer") or {}).get("sha256"),
+        "modality": info.get("modality"),
+        "layer": layer,
+        "pooling": pooling,
+        "key": key,
+        "max_length": max_length,
+        "masking_scheme": masking.get("scheme"),
+        "masking": json.dumps(masking, sort_keys=True),
+        "training_steps": (info.get("training") or {}).get("steps"),
+        "code": code_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
 class EmbeddingWriter:

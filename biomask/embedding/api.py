@@ -21,7 +21,6 @@ in chunks, and embedded on the GPU when there is one (CPU otherwise), without De
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -29,8 +28,6 @@ import numpy as np
 
 from biomask.cells.config import CountsConfig
 from biomask.errors import InputError
-
-log = logging.getLogger(__name__)
 
 PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal)
 
@@ -91,10 +88,9 @@ def embed(
     `biomask.errors.InputError`."""
     from tqdm.auto import tqdm
 
-    from biomask.cells.encode import CellEncoder, checkpoint_prep
-    from biomask.embedding.anndata_io import h5_safe
-    from biomask.embedding.inference import check_layer, embed_records, inference_max_length
-    from biomask.embedding.stage import provenance
+    from biomask.embedding.anndata_io import h5_safe, provenance
+    from biomask.embedding.cells import CellsEmbedding
+    from biomask.embedding.inference import check_layer
 
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
@@ -105,63 +101,45 @@ def embed(
             f"checkpoint {where} is a {model.config.modality} model; an AnnData of cells needs a cells checkpoint"
         )
     counts_cfg = counts if isinstance(counts, CountsConfig) else CountsConfig.model_validate(counts or {})
-    prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
-    encoder = CellEncoder(
-        prep,
-        counts=counts_cfg,
-        gene_column=True if gene_column == "auto" else gene_column,
-        strip_version=strip_version,
-        min_coverage=min_coverage,
-    )
     source, opened_here = _source(adata, matrix)
     try:
         if source.n_obs != adata.n_obs:
             raise InputError(
                 f"{source.where}: {source.n_obs} cells in the matrix, {adata.n_obs} in the AnnData"
             )
-        opened = encoder.open(source, min(chunk_size, 8192))
-        max_length = inference_max_length(model)
+        job = CellsEmbedding(
+            model,
+            source,
+            counts=counts_cfg,
+            gene_column=True if gene_column == "auto" else gene_column,
+            strip_version=strip_version,
+            min_coverage=min_coverage,
+            chunk_size=chunk_size,
+        )
         vectors = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
-        totals = {"counts_total": 0.0, "counts_in_vocab": 0.0, "cells_without_vocabulary_genes": 0}
+
+        def write(start: int, chunk: np.ndarray) -> None:
+            vectors[start : start + len(chunk)] = chunk
+
         show = (
             progress if progress is not None else (sys.stderr.isatty() and adata.n_obs >= PROGRESS_MIN_CELLS)
         )
         with tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True) as bar:
-            for start, records, stats in encoder.blocks(opened, chunk_size):
-                vectors[start : start + len(records)] = embed_records(
-                    model, records, pooling=pooling, layer=layer, batch_size=batch_size, max_length=max_length
-                )
-                for name, value in stats.items():
-                    totals[name] += value
-                bar.update(len(records))
+            cells = job.run(write, pooling=pooling, layer=layer, batch_size=batch_size, on_chunk=bar.update)
     finally:
         if opened_here:
             source.close()
-    coverage = dict(opened.coverage)
-    coverage["fraction_of_counts"] = (
-        totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
-    )
-    empty = int(totals["cells_without_vocabulary_genes"])
-    if empty:
-        log.warning(
-            "%d cells express no vocabulary gene; their embedding is the model's [CLS]-only vector", empty
-        )
     record = h5_safe(
         provenance(
             model,
             pooling=pooling,
             layer=layer,
             key=key,
-            max_length=max_length,
+            max_length=job.max_length,
             extra={
                 "input": f"backed AnnData {adata.filename}" if opened_here else "in-memory AnnData",
                 "matrix": matrix,
-                "counts_found": opened.summary.describe(),
-                "gene_id_column": opened.gene_column or "var index",
-                "gene_coverage": coverage,
-                "cells": int(adata.n_obs),
-                "cells_without_vocabulary_genes": empty,
-                "tokenization": prep.describe(),
+                **cells,
             },
         )
     )

@@ -1,9 +1,9 @@
-"""DNA inputs for `biomask embed`: FASTA (whole records or windows), a labelled table, or a token store.
+"""DNA sequences for `biomask embed`: FASTA records (whole, or windows) or the rows of a labelled table.
 
-Each yields chunks of (obs rows, records); records are token ids from the checkpoint's own tokenizer
-(a token store must have been tokenized with it: checked). Sequences are cleaned as the pretraining
-corpus was (`cleaning.lowercase` from the checkpoint; N and IUPAC codes become the N token; any other
-letter is an error naming file, record and position).
+Each yields chunks of (obs rows, records); records are token ids from the checkpoint's own tokenizer.
+Sequences are cleaned as the pretraining corpus was (`cleaning.lowercase` from the checkpoint; N and
+IUPAC codes become the N token; any other letter is an error naming file, record and position).
+Token stores (already token ids, of either modality) are read by biomask.embedding.records.
 """
 
 from __future__ import annotations
@@ -18,25 +18,11 @@ import pandas as pd
 
 from biomask.dna.cleaning import Cleaner
 from biomask.dna.readers import chain_first, decompression_errors, open_text, read_fasta_blocks
-from biomask.dna.tokenizers import DNATokenizer
+from biomask.dna.tokenizers import DNATokenizer, load_tokenizer
+from biomask.embedding.config import DNASpec
 from biomask.errors import InputError
 
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fa.gz", ".fasta.gz", ".fna.gz")
-TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
-
 Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
-
-
-def guess_dna_format(path: Path) -> str | None:
-    """fasta, table or store from the name (None: not a DNA input)."""
-    name = path.name.lower()
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return "store"
-    if name.endswith(FASTA_SUFFIXES):
-        return "fasta"
-    if name.endswith(TABLE_SUFFIXES):
-        return "table"
-    return None
 
 
 def _record(tokenizer: DNATokenizer, chars: np.ndarray) -> dict[str, Any]:
@@ -156,30 +142,23 @@ def read_sequence_table(
             yield pd.DataFrame(rows), records
 
 
-def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
-    """Every record of a token store (DNA, or cells), split by split, with its id, label and split."""
-    from biomask.store import TokenStore
-
-    store = TokenStore(root)
-    names = store.label_names or []
-    for split_name in store.splits:
-        split = store.split(split_name)
-        if len(split) == 0:
-            continue
-        meta = split.meta()
-        labels = split.record_field("labels") if "labels" in store.manifest.get("record_fields", {}) else None
-        for start in range(0, len(split), chunk_size):
-            stop = min(start + chunk_size, len(split))
-            frame = pd.DataFrame(
-                {
-                    "id": meta["id"].astype(str).to_numpy()[start:stop]
-                    if "id" in meta
-                    else [f"{split_name}:{i}" for i in range(start, stop)],
-                    "split": split_name,
-                }
-            )
-            if labels is not None:
-                frame["label"] = [names[int(v)] for v in labels[start:stop]]
-            # every token field travels (cells stores: values and bins); labels are obs, not model input
-            records = [{k: v for k, v in split[i].items() if k != "labels"} for i in range(start, stop)]
-            yield frame, records
+def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size: int) -> Iterator[Chunk]:
+    """The chunks of a FASTA (`kind` fasta) or table file, tokenized and cleaned as the checkpoint's
+    corpus was; `spec` is the embed config's `dna` section (windows, table columns)."""
+    tokenizer = load_tokenizer(Path(model.checkpoint_dir) / "tokenizer")
+    cleaning = (model.checkpoint_info.get("prep") or {}).get("cleaning") or {}
+    # N and IUPAC codes become the N token, as in the corpus; soft-masked bases as the corpus treated them
+    cleaner = Cleaner(lowercase=cleaning.get("lowercase", "upper"), ambiguous="n_token")
+    if kind == "fasta":
+        return read_fasta(
+            path, tokenizer, cleaner, window=spec.window, stride=spec.stride, chunk_size=chunk_size
+        )
+    return read_sequence_table(
+        path,
+        tokenizer,
+        cleaner,
+        sequence_column=spec.sequence_column,
+        label_column=spec.label_column,
+        id_column=spec.id_column,
+        chunk_size=chunk_size,
+    )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -168,20 +167,13 @@ def fit_cells(
 def _write_h5ad(adata: Any, path: Path) -> None:
     """The AnnData as the prep stage's input, written under a temporary name then renamed; an
     unchanged AnnData is not rewritten (so a rerun reuses every stage)."""
+    from biomask.outputs import atomic_file
     from biomask.provenance import sha256_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".h5ad", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         adata.write_h5ad(tmp)
         if path.exists() and sha256_file(path) == sha256_file(tmp):
-            os.unlink(tmp)
-            return
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            tmp.unlink()  # unchanged: the old file stays
 
 
 def fit_cells_file(

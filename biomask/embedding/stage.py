@@ -14,22 +14,19 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from biomask.embedding.anndata_io import provenance
 from biomask.embedding.config import NON_SEMANTIC, EmbedConfig
-from biomask.embedding.inference import check_layer, embed_records, inference_max_length, pick_device
+from biomask.embedding.inference import check_layer, pick_device
 from biomask.errors import InputError, OutputExistsError
-from biomask.provenance import code_version, sha256_file
+from biomask.outputs import atomic_file
+from biomask.provenance import sha256_file
 from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
@@ -37,6 +34,7 @@ log = logging.getLogger(__name__)
 OUTPUT_NAME = "embeddings.h5ad"  # inside a directory output
 UMAP_NAME = "umap.png"
 CELL_FORMATS = ("h5ad",)
+TOKEN_FORMATS = ("fasta", "table", "store")  # embedded by embed_tokens
 
 
 # ------------------------------------------------------------------------------------------- 1. inputs
@@ -44,19 +42,26 @@ CELL_FORMATS = ("h5ad",)
 
 def input_kind(path: Path, fmt: str) -> str:
     """h5ad | fasta | table | store."""
-    from biomask.embedding.dna import guess_dna_format
+    from biomask.dna.readers import guess_format
 
     if fmt != "auto":
         return fmt
     if path.name.lower().endswith(".h5ad"):
         return "h5ad"
-    guessed = guess_dna_format(path)
-    if guessed is None:
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "store"
+    guessed = guess_format(path)
+    if guessed in TOKEN_FORMATS:
+        return guessed
+    if guessed is not None:
         raise InputError(
-            f"cannot tell what {path} holds from its name: give an .h5ad (cells), a FASTA (.fa/.fasta[.gz]), "
-            "a CSV/TSV table, or a DNA token store — or set `format:`"
+            f"{path} is {guessed} by its name: `biomask embed` reads an .h5ad (cells), FASTA, a CSV/TSV table "
+            "or a token store; convert it to FASTA (or set `format:` if the name misleads)"
         )
-    return guessed
+    raise InputError(
+        f"cannot tell what {path} holds from its name: give an .h5ad (cells), a FASTA (.fa/.fasta[.gz]), "
+        "a CSV/TSV table, or a DNA token store — or set `format:`"
+    )
 
 
 def input_modality(path: Path, kind: str) -> str:
@@ -100,41 +105,16 @@ def checkpoint_inputs(cfg: EmbedConfig, path: Path) -> list[dict[str, Any]]:
     return [{"name": "checkpoint", "path": str(cfg.checkpoint), "sha256": digest}, source]
 
 
-def provenance(
-    model: Any, *, pooling: str, layer: int, key: str, max_length: int, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """What `uns[key]` records about an embedding."""
-    info = model.checkpoint_info
-    directory = Path(model.checkpoint_dir)
-    masking = info.get("masking") or {}
-    return {
-        "checkpoint": str(directory),
-        "checkpoint_weights_sha256": info.get("weights_sha256"),
-        "checkpoint_config_sha256": sha256_file(directory / "config.json"),
-        "tokenizer_sha256": (info.get("tokenizer") or {}).get("sha256"),
-        "modality": info.get("modality"),
-        "layer": layer,
-        "pooling": pooling,
-        "key": key,
-        "max_length": max_length,
-        "masking_scheme": masking.get("scheme"),
-        "masking": json.dumps(masking, sort_keys=True),
-        "training_steps": (info.get("training") or {}).get("steps"),
-        "code": code_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-
-
 # ------------------------------------------------------------------------------------------- 3. cells
 
 
 class CellsJob:
-    """An h5ad opened, checked against the checkpoint, ready to stream."""
+    """An h5ad opened and checked against the checkpoint (biomask.embedding.cells), written into a
+    copy of itself chunk by chunk."""
 
     def __init__(self, cfg: EmbedConfig, path: Path, model: Any) -> None:
-        from biomask.cells.encode import CellEncoder, checkpoint_prep
         from biomask.cells.readers import open_matrix
+        from biomask.embedding.cells import CellsEmbedding
 
         self.cfg, self.path, self.model = cfg, path, model
         self.source = open_matrix(path, "h5ad", cfg.matrix)
@@ -145,17 +125,16 @@ class CellsJob:
                     f"{path}: obs has no column {colour!r} to colour the UMAP by (umap.color); obs columns: "
                     f"{', '.join(map(str, self.source.obs.columns)) or 'none'}"
                 )
-            self.prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
-            column: str | bool | None = True if cfg.genes.column == "auto" else cfg.genes.column
-            self.encoder = CellEncoder(
-                self.prep,
+            self.job = CellsEmbedding(
+                model,
+                self.source,
                 counts=cfg.counts,
-                gene_column=column,
+                gene_column=True if cfg.genes.column == "auto" else cfg.genes.column,
                 strip_version=cfg.genes.strip_version,
                 duplicates=cfg.genes.duplicates,
                 min_coverage=cfg.genes.min_coverage,
+                chunk_size=cfg.chunk_size,
             )
-            self.opened = self.encoder.open(self.source, min(cfg.chunk_size, 8192))
         except BaseException:
             self.source.close()
             raise
@@ -163,52 +142,33 @@ class CellsJob:
     def write(self, h5ad: Path, png: Path | None, fingerprint: str) -> dict[str, Any]:
         from biomask.embedding.anndata_io import EmbeddingWriter
 
-        cfg, model = self.cfg, self.model
-        max_length = inference_max_length(model)
-        totals = {"counts_total": 0.0, "counts_in_vocab": 0.0, "cells_without_vocabulary_genes": 0}
+        cfg, n_obs = self.cfg, self.source.n_obs
+        done = 0
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            log.info("embedded %d / %d cells", done, n_obs)
+
         try:
-            with EmbeddingWriter(
-                self.path, h5ad, self.source.n_obs, model.config.d_model, key=cfg.key
-            ) as writer:
-                for start, records, stats in self.encoder.blocks(self.opened, cfg.chunk_size):
-                    vectors = embed_records(
-                        model,
-                        records,
-                        pooling=cfg.pooling,
-                        layer=cfg.layer,
-                        batch_size=cfg.batch_size,
-                        max_length=max_length,
-                    )
-                    writer.write(start, vectors)
-                    for name, value in stats.items():
-                        totals[name] += value
-                    log.info("embedded %d / %d cells", start + len(records), self.source.n_obs)
-                coverage = dict(self.opened.coverage)
-                coverage["fraction_of_counts"] = (
-                    totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
+            with EmbeddingWriter(self.path, h5ad, n_obs, self.model.config.d_model, key=cfg.key) as writer:
+                cells = self.job.run(
+                    writer.write,
+                    pooling=cfg.pooling,
+                    layer=cfg.layer,
+                    batch_size=cfg.batch_size,
+                    on_chunk=progress,
                 )
-                empty = int(totals["cells_without_vocabulary_genes"])
-                if empty:
-                    log.warning(
-                        "%s: %d cells express no vocabulary gene; their embedding is the model's [CLS]-only vector",
-                        self.source.where,
-                        empty,
-                    )
                 uns = provenance(
-                    model,
+                    self.model,
                     pooling=cfg.pooling,
                     layer=cfg.layer,
                     key=cfg.key,
-                    max_length=max_length,
+                    max_length=self.job.max_length,
                     extra={
                         "input": str(self.path),
                         "matrix": cfg.matrix,
-                        "counts_found": self.opened.summary.describe(),
-                        "gene_id_column": self.opened.gene_column or "var index",
-                        "gene_coverage": coverage,
-                        "cells": self.source.n_obs,
-                        "cells_without_vocabulary_genes": empty,
-                        "tokenization": self.prep.describe(),
+                        **cells,
                         "fingerprint": fingerprint,
                     },
                 )
@@ -241,97 +201,34 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
     umap_png(vectors, colour.iloc[chosen].reset_index(drop=True), png, title=title, seed=cfg.umap.seed)
 
 
-# ------------------------------------------------------------------------------------------- 3. DNA
+# ------------------------------------------------------------------------- 3. DNA and token stores
 
 
-def _dna_chunks(cfg: EmbedConfig, path: Path, kind: str, model: Any) -> Iterator[tuple[pd.DataFrame, list]]:
-    from biomask.dna.cleaning import Cleaner
-    from biomask.dna.tokenizers import load_tokenizer
-    from biomask.embedding import dna
+def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: str):
+    """An AnnData of the embeddings of DNA sequences (FASTA, table) or of a token store's records
+    (obs: id, label, coordinates or split), not yet written."""
+    from biomask.embedding.dna import sequence_chunks
+    from biomask.embedding.records import embed_chunks, read_store
     from biomask.models import check_tokenizer
 
     if kind == "store":
         check_tokenizer(model, path)
-        return dna.read_store(path, cfg.chunk_size)
-    tokenizer = load_tokenizer(Path(model.checkpoint_dir) / "tokenizer")
-    cleaning = (model.checkpoint_info.get("prep") or {}).get("cleaning") or {}
-    # N and IUPAC codes become the N token, as in the corpus; soft-masked bases as the corpus treated them
-    cleaner = Cleaner(lowercase=cleaning.get("lowercase", "upper"), ambiguous="n_token")
-    if kind == "fasta":
-        return dna.read_fasta(
-            path, tokenizer, cleaner, window=cfg.dna.window, stride=cfg.dna.stride, chunk_size=cfg.chunk_size
-        )
-    return dna.read_sequence_table(
-        path,
-        tokenizer,
-        cleaner,
-        sequence_column=cfg.dna.sequence_column,
-        label_column=cfg.dna.label_column,
-        id_column=cfg.dna.id_column,
-        chunk_size=cfg.chunk_size,
-    )
-
-
-def embed_dna(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: str):
-    """An AnnData of sequence embeddings (obs: id, label, coordinates or split), not yet written."""
-    import anndata
-    from anndata.utils import make_index_unique
-
-    from biomask.embedding.anndata_io import h5_safe
-
-    max_length = inference_max_length(model)
-    room = max_length - (2 if model.config.modality == "dna" else 1)  # minus [CLS] (and [SEP])
-    frames, parts, cropped = [], [], 0
-    for frame, records in _dna_chunks(cfg, path, kind, model):
-        cropped += sum(len(r["tokens"]) > room for r in records)
-        parts.append(
-            embed_records(
-                model,
-                records,
-                pooling=cfg.pooling,
-                layer=cfg.layer,
-                batch_size=cfg.batch_size,
-                max_length=max_length,
-            )
-        )
-        frames.append(frame)
-    if not frames:
-        raise InputError(f"{path} holds no sequences")
-    obs = pd.concat(frames, ignore_index=True)
-    if cropped:
-        log.warning(
-            "%d records are longer than the model's %d tokens: they are cut as for evaluation "
-            "(DNA: the first tokens; set dna.window to embed windows instead)",
-            cropped,
-            room,
-        )
-    if cfg.umap.color is not None and cfg.umap.color not in obs.columns:
-        raise InputError(
-            f"{path}: no column {cfg.umap.color!r} to colour the UMAP by (umap.color); columns: "
-            f"{', '.join(obs.columns)}"
-        )
-    obs.index = make_index_unique(pd.Index(obs["id"].astype(str)))
-    for column in obs.columns:
-        if obs[column].dtype == object:
-            obs[column] = obs[column].astype(str)
-    vectors = np.concatenate(parts)
-    uns = provenance(
+        chunks = read_store(path, cfg.chunk_size)
+        extra: dict[str, Any] = {}
+    else:
+        chunks = sequence_chunks(model, path, kind, cfg.dna, cfg.chunk_size)
+        extra = {"window": cfg.dna.window, "stride": cfg.dna.stride or cfg.dna.window}
+    return embed_chunks(
         model,
+        chunks,
+        where=path,
         pooling=cfg.pooling,
         layer=cfg.layer,
+        batch_size=cfg.batch_size,
         key=cfg.key,
-        max_length=max_length,
-        extra={
-            "input": str(path),
-            "input_format": kind,
-            "sequences": len(obs),
-            "records_cut": int(cropped),
-            "window": cfg.dna.window,
-            "stride": cfg.dna.stride or cfg.dna.window,
-            "fingerprint": fingerprint,
-        },
+        umap_color=cfg.umap.color,
+        extra={"input_format": kind, **extra, "fingerprint": fingerprint},
     )
-    return anndata.AnnData(obs=obs, obsm={cfg.key: vectors}, uns={cfg.key: h5_safe(uns)})
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -419,7 +316,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         job: CellsJob | None = CellsJob(cfg, path, model)
         adata = None
     else:
-        job, adata = None, embed_dna(cfg, path, kind, model, stage.fingerprint)
+        job, adata = None, embed_tokens(cfg, path, kind, model, stage.fingerprint)
 
     def produce(target: Path, png: Path | None) -> None:
         if job is not None:
@@ -434,18 +331,9 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         with stage.writing(seeds={"umap": cfg.umap.seed}) as tmp:
             produce(tmp / OUTPUT_NAME, tmp / UMAP_NAME if wants_png else None)
     else:
-        token = uuid.uuid4().hex[:8]
-        tmp_h5ad = h5ad.with_name(f".{h5ad.name}.tmp-{token}")
         png = h5ad.with_name(h5ad.name[: -len(".h5ad")] + ".umap.png")
-        tmp_png = png.with_name(f".{png.name}.tmp-{token}")
-        h5ad.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        # the PNG goes into place before the h5ad, whose fingerprint marks the output as finished
+        with atomic_file(h5ad) as tmp_h5ad, atomic_file(png) as tmp_png:
             produce(tmp_h5ad, tmp_png if wants_png else None)
-            if wants_png:
-                os.replace(tmp_png, png)
-            os.replace(tmp_h5ad, h5ad)
-        finally:
-            tmp_h5ad.unlink(missing_ok=True)
-            tmp_png.unlink(missing_ok=True)
     log.info("embed: wrote obsm[%r] of %s", cfg.key, h5ad)
     return h5ad

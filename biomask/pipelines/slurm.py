@@ -12,6 +12,7 @@ forgotten a job (MinJobAge), from `sacct` (accounting storage or, failing that, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -25,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from biomask.errors import InputError
-from biomask.outputs import atomic_write_text
+from biomask.outputs import atomic_file, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage
-from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
+from biomask.pipelines.runs import check_upstream_outputs, write_resolved
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.provenance import read_run_info
 
@@ -81,21 +82,13 @@ def write_scripts(plan: Plan, scripts: dict[str, JobScript]) -> dict[str, Path]:
     directory = plan.run_dir / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "logs").mkdir(exist_ok=True)
-    staged = {}
-    try:
+    final = {name: directory / f"{name}.sbatch" for name in scripts}
+    # every script is written before the first is renamed into place (atomic_file renames on exit)
+    with contextlib.ExitStack() as stack:
         for name, job in scripts.items():
-            tmp = directory / f".{name}.sbatch.tmp"
+            tmp = stack.enter_context(atomic_file(final[name]))
             tmp.write_text(render(job))
             tmp.chmod(0o755)
-            staged[name] = tmp
-    except BaseException:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    final = {}
-    for name, tmp in staged.items():
-        final[name] = directory / f"{name}.sbatch"
-        tmp.replace(final[name])
     return final
 
 

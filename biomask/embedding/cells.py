@@ -1,0 +1,108 @@
+"""Embedding cells: a matrix of counts in, one vector per cell out, in file order.
+
+The one cells path, shared by `biomask embed` (an .h5ad file, written chunk by chunk into a copy of
+it) and `biomask.embed` (an AnnData in memory or backed): both open a `CellsEmbedding` and give it
+somewhere to put each chunk's vectors.
+
+    job = CellsEmbedding(model, source, counts=..., gene_column=True, ...)   # every check, nothing read yet
+    record = job.run(write, pooling="mean", layer=-1, batch_size=64)       # write(start, vectors) per chunk
+
+The cells are tokenized exactly as the checkpoint's pretraining corpus was (biomask.cells.encode).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from biomask.cells.config import CountsConfig
+from biomask.cells.readers import MatrixSource
+from biomask.embedding.inference import embed_records, inference_max_length
+
+log = logging.getLogger(__name__)
+
+# What the encoder counts per chunk, summed over the file for the gene-coverage record.
+_TOTALS = ("counts_total", "counts_in_vocab", "cells_without_vocabulary_genes")
+
+
+class CellsEmbedding:
+    """A matrix checked against a cells checkpoint (vocabulary coverage, counts policy), ready to stream."""
+
+    def __init__(
+        self,
+        model: Any,
+        source: MatrixSource,
+        *,
+        counts: CountsConfig,
+        gene_column: str | bool | None = True,
+        strip_version: bool = False,
+        duplicates: str = "sum",
+        min_coverage: float = 0.5,
+        chunk_size: int = 8192,
+    ) -> None:
+        from biomask.cells.encode import CellEncoder, checkpoint_prep
+
+        self.model, self.source, self.chunk_size = model, source, chunk_size
+        self.prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
+        self.encoder = CellEncoder(
+            self.prep,
+            counts=counts,
+            gene_column=gene_column,
+            strip_version=strip_version,
+            duplicates=duplicates,
+            min_coverage=min_coverage,
+        )
+        # the counts check reads a sample of blocks: bounded like the chunks that follow
+        self.opened = self.encoder.open(source, min(chunk_size, 8192))
+        self.max_length = inference_max_length(model)
+
+    def run(
+        self,
+        write: Callable[[int, np.ndarray], None],
+        *,
+        pooling: str,
+        layer: int,
+        batch_size: int,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Embed every cell, calling `write(start, vectors)` per chunk (and `on_chunk(n_cells)` for
+        progress); returns what the provenance records about the cells (coverage, tokenization)."""
+        totals = dict.fromkeys(_TOTALS, 0.0)
+        for start, records, stats in self.encoder.blocks(self.opened, self.chunk_size):
+            write(
+                start,
+                embed_records(
+                    self.model,
+                    records,
+                    pooling=pooling,
+                    layer=layer,
+                    batch_size=batch_size,
+                    max_length=self.max_length,
+                ),
+            )
+            for name, value in stats.items():
+                totals[name] += value
+            if on_chunk is not None:
+                on_chunk(len(records))
+        coverage = dict(self.opened.coverage)
+        coverage["fraction_of_counts"] = (
+            totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
+        )
+        empty = int(totals["cells_without_vocabulary_genes"])
+        if empty:
+            log.warning(
+                "%s: %d cells express no vocabulary gene; their embedding is the model's [CLS]-only vector",
+                self.source.where,
+                empty,
+            )
+        return {
+            "counts_found": self.opened.summary.describe(),
+            "gene_id_column": self.opened.gene_column or "var index",
+            "gene_coverage": coverage,
+            "cells": int(self.source.n_obs),
+            "cells_without_vocabulary_genes": empty,
+            "tokenization": self.prep.describe(),
+        }

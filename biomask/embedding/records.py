@@ -1,0 +1,111 @@
+"""Embedding records that are token ids already, one obs row each, into a new AnnData.
+
+Two inputs take this path: DNA sequences (FASTA windows, table rows: tokenized by
+biomask.embedding.dna) and token stores of either modality (`read_store`, here: their records are
+the model's input as they are). Cells in an h5ad or AnnData take biomask.embedding.cells instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biomask.embedding.anndata_io import h5_safe, provenance
+from biomask.embedding.inference import embed_records, inference_max_length
+from biomask.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
+
+
+def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
+    """Every record of a token store, split by split, with its id, label and split."""
+    from biomask.store import TokenStore
+
+    store = TokenStore(root)
+    names = store.label_names or []
+    for split_name in store.splits:
+        split = store.split(split_name)
+        if len(split) == 0:
+            continue
+        meta = split.meta()
+        labels = split.record_field("labels") if "labels" in store.manifest.get("record_fields", {}) else None
+        for start in range(0, len(split), chunk_size):
+            stop = min(start + chunk_size, len(split))
+            frame = pd.DataFrame(
+                {
+                    "id": meta["id"].astype(str).to_numpy()[start:stop]
+                    if "id" in meta
+                    else [f"{split_name}:{i}" for i in range(start, stop)],
+                    "split": split_name,
+                }
+            )
+            if labels is not None:
+                frame["label"] = [names[int(v)] for v in labels[start:stop]]
+            # every token field travels (cells stores: values and bins); labels are obs, not model input
+            records = [{k: v for k, v in split[i].items() if k != "labels"} for i in range(start, stop)]
+            yield frame, records
+
+
+def embed_chunks(
+    model: Any,
+    chunks: Iterable[Chunk],
+    *,
+    where: Path,
+    pooling: str,
+    layer: int,
+    batch_size: int,
+    key: str,
+    umap_color: str | None,
+    extra: dict[str, Any],
+):
+    """An AnnData of the records' embeddings (obs: the chunks' rows), not yet written; `extra` joins
+    the provenance in `uns[key]`."""
+    import anndata
+    from anndata.utils import make_index_unique
+
+    max_length = inference_max_length(model)
+    room = max_length - (2 if model.config.modality == "dna" else 1)  # minus [CLS] (and [SEP])
+    frames, parts, cropped = [], [], 0
+    for frame, records in chunks:
+        cropped += sum(len(r["tokens"]) > room for r in records)
+        parts.append(
+            embed_records(
+                model, records, pooling=pooling, layer=layer, batch_size=batch_size, max_length=max_length
+            )
+        )
+        frames.append(frame)
+    if not frames:
+        raise InputError(f"{where} holds no sequences")
+    obs = pd.concat(frames, ignore_index=True)
+    if cropped:
+        log.warning(
+            "%d records are longer than the model's %d tokens: they are cut as for evaluation "
+            "(DNA: the first tokens; set dna.window to embed windows instead)",
+            cropped,
+            room,
+        )
+    if umap_color is not None and umap_color not in obs.columns:
+        raise InputError(
+            f"{where}: no column {umap_color!r} to colour the UMAP by (umap.color); columns: "
+            f"{', '.join(obs.columns)}"
+        )
+    obs.index = make_index_unique(pd.Index(obs["id"].astype(str)))
+    for column in obs.columns:
+        if obs[column].dtype == object:
+            obs[column] = obs[column].astype(str)
+    uns = provenance(
+        model,
+        pooling=pooling,
+        layer=layer,
+        key=key,
+        max_length=max_length,
+        extra={"input": str(where), "sequences": len(obs), "records_cut": int(cropped), **extra},
+    )
+    return anndata.AnnData(obs=obs, obsm={key: np.concatenate(parts)}, uns={key: h5_safe(uns)})
