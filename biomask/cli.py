@@ -319,7 +319,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
     import json
 
-    from biomask.pipelines.rundir import find_run_dir
+    from biomask.pipelines.runs import find_run_dir
     from biomask.pipelines.slurm import job_states
     from biomask.pipelines.tables import local_table, show, slurm_table
 

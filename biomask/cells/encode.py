@@ -3,8 +3,7 @@
 `biomask embed` reads an h5ad the pretraining corpus never saw. Its cells must reach the model as the
 corpus's did: the same frozen gene vocabulary, the same library-size normalisation (`target_sum`),
 the same scheme with the same bins, medians and truncation. Those settings travel with the portable
-checkpoint (`config.json` → `prep`, written by `biomask pretrain`; older checkpoints: the pretraining
-store's manifest, if it is still there and unchanged), and the prep stage's own pieces do the work:
+checkpoint (`config.json` → `prep`, written by `biomask pretrain`), and the prep stage's own pieces do the work:
 `counts` (what the matrix holds, conversion to counts), `genes` (identifiers, duplicates, the token
 map), `prep.make_scheme` and the scheme's vectorised `encode`.
 
@@ -15,7 +14,6 @@ an embedding, in file order), and a cell that expresses no vocabulary gene becom
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +32,6 @@ from biomask.cells.qc import row_sums
 from biomask.cells.readers import MatrixSource
 from biomask.cells.tokenize import Scheme
 from biomask.errors import InputError
-from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,10 @@ def checkpoint_prep(directory: str | Path, info: dict[str, Any]) -> CellPrep:
     prep = info.get("prep")
     source = f"{directory / 'config.json'} (prep)"
     if not prep:
-        prep, source = _settings_from_store(directory, info)
+        raise InputError(
+            f"{directory / 'config.json'} does not record how its data was tokenized (no `prep` section); "
+            "it was not written by `biomask pretrain`: export the checkpoint with it"
+        )
     try:
         tokenizer = TokenizerConfig.model_validate(
             {k: v for k, v in (prep.get("tokenizer") or {}).items() if k in SCHEME_KEYS}
@@ -85,25 +85,6 @@ def checkpoint_prep(directory: str | Path, info: dict[str, Any]) -> CellPrep:
         )
     vocab = GeneVocabulary.load(directory / "tokenizer")
     return CellPrep(vocab, tokenizer, normalise, source)
-
-
-def _settings_from_store(directory: Path, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Checkpoints written before `prep` was recorded: the pretraining store's manifest, if unchanged."""
-    data = info.get("data") or {}
-    manifest = Path(str(data.get("store", ""))) / "manifest.json"
-    if not data.get("store") or not manifest.is_file():
-        raise InputError(
-            f"{directory / 'config.json'} does not record how its data was tokenized (no `prep` section), and "
-            f"its pretraining store {data.get('store')!r} is not there to read it from; re-export the checkpoint "
-            "with this biomask (rerun `biomask pretrain` on the same store: it reuses the finished run)"
-        )
-    if data.get("manifest_sha256") and sha256_file(manifest) != data["manifest_sha256"]:
-        raise InputError(
-            f"{manifest} changed since checkpoint {directory} was trained; its tokenization settings "
-            "cannot be trusted for this checkpoint"
-        )
-    config = json.loads(manifest.read_text()).get("config") or {}
-    return {k: config.get(k) for k in ("normalise", "tokenizer")}, str(manifest)
 
 
 @dataclass

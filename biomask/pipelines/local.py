@@ -26,7 +26,7 @@ from typing import Any
 
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
-from biomask.pipelines.rundir import check_upstream_outputs, write_resolved
+from biomask.pipelines.runs import check_upstream_outputs, write_resolved
 from biomask.provenance import read_run_info
 
 # The rank variables torch.distributed reads (biomask.training.distributed.RANK_VARS, not imported

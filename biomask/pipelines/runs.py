@@ -1,4 +1,5 @@
-"""The run directory's shared files and checks (see plan.py for its layout)."""
+"""Pipeline runs on disk: the resolved pipeline file, the outputs a partial run needs, finding a run
+directory (see plan.py for its layout; a pretraining run's own directory is biomask.training.rundir)."""
 
 from __future__ import annotations
 
