@@ -6,22 +6,106 @@ log, a pipeline's log file) one timestamped line per logged step (`train.log_eve
 
 Each line has `step` and `kind` ("train" or "eval"). On resume, lines past the checkpoint's step
 (written by the interrupted run after its last checkpoint) are dropped, so the file reads as one run.
+
+Where the scalars go besides `metrics.jsonl` is `train.report_to`, like the HF Trainer's `report_to`:
+`tensorboard` (the default), `wandb`, `mlflow`. Weights & Biases and MLflow are optional packages,
+imported only when asked for, and configured the way their users expect (`WANDB_PROJECT`, `wandb
+login`; `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`); a run requeued on SLURM continues the same
+W&B run (its id is derived from the output directory).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import importlib
+import importlib.util
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from biomask.errors import ConfigError
 from biomask.outputs import atomic_write_text
 from biomask.training.finite import DivergedError
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def check_trackers(report_to: Sequence[str]) -> None:
+    """Before a run writes anything: every tracker asked for is installed."""
+    missing = [name for name in report_to if name != "tensorboard" and importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"train.report_to lists {', '.join(missing)}, which is not installed: "
+            f"pip install {' '.join(missing)} (or remove it from train.report_to)"
+        )
+
+
+class WandbTracker:
+    def __init__(self, directory: Path, config: dict[str, Any]) -> None:
+        wandb = importlib.import_module("wandb")
+        run_id = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "biomask"),
+            name=directory.name,
+            id=run_id,
+            resume="allow",
+            dir=str(directory),
+            config=config,
+        )
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    def __init__(self, directory: Path, config: dict[str, Any]) -> None:
+        self.mlflow = importlib.import_module("mlflow")
+        self.mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "biomask"))
+        self.mlflow.start_run(run_name=directory.name)
+        self.mlflow.log_params(_flat(config))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+EXTERNAL_TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def scalars(kind: str, values: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one metrics line as `kind/key` (and `kind/key/sub` for per-ratio dicts)."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)):
+            out[f"{kind}/{key}"] = value
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                if isinstance(v, (int, float)):
+                    out[f"{kind}/{key}/{sub}"] = v
+    return out
 
 
 class MetricsLogger:
@@ -34,13 +118,17 @@ class MetricsLogger:
         enabled: bool,
         progress: bool,
         stream: Any = None,
+        report_to: Sequence[str] = ("tensorboard",),
+        config: dict[str, Any] | None = None,
     ) -> None:
         """`progress`: a tqdm bar when `stream` (default: stderr) is a terminal, else one line per
-        logged step on it."""
+        logged step on it. `report_to`: the trackers besides metrics.jsonl; `config` is what they
+        record as the run's parameters."""
         self.enabled = enabled
         self.path = directory / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.trackers: list[Any] = []
         self.stream = stream if stream is not None else sys.stderr
         self.lines = False
         self.total_steps, self.start_step = total_steps, start_step
@@ -49,11 +137,18 @@ class MetricsLogger:
             return
         self._truncate(start_step, total_steps)
         self.file = self.path.open("a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(
-            str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None
-        )
+            self.tb = SummaryWriter(
+                str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
+        check_trackers(report_to)
+        self.trackers = [
+            EXTERNAL_TRACKERS[name](directory, config or {})
+            for name in report_to
+            if name in EXTERNAL_TRACKERS
+        ]
         terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         if progress and terminal:
             self.bar = tqdm(
@@ -89,16 +184,15 @@ class MetricsLogger:
         except ValueError:
             raise DivergedError(f"pretrain: a non-finite {kind} metric at step {step}: {values}") from None
         self.file.write(line + "\n")
-        assert self.tb is not None
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
-            elif isinstance(value, list) and value:
-                self.tb.add_histogram(f"{kind}/{key}", torch.tensor(value), step)
-            elif isinstance(value, dict):
-                for sub, v in value.items():
-                    if isinstance(v, (int, float)):
-                        self.tb.add_scalar(f"{kind}/{key}/{sub}", v, step)
+        numbers = scalars(kind, values)
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, step)
+            for key, value in values.items():
+                if isinstance(value, list) and value:
+                    self.tb.add_histogram(f"{kind}/{key}", torch.tensor(value), step)
+        for tracker in self.trackers:
+            tracker.log(numbers, step)
         if self.bar is not None and kind == "train":
             self.bar.set_postfix(
                 loss=f"{values['loss']:.4f}",
@@ -143,5 +237,7 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.bar is not None:
             self.bar.close()

@@ -48,7 +48,7 @@ from biomask.training.config import NON_SEMANTIC, PretrainConfig
 from biomask.training.data import DataSpec, TrainingData, eval_batches
 from biomask.training.distributed import DistEnv, init_process_group, setup_env
 from biomask.training.ds_config import build_ds_config, zero_stage
-from biomask.training.metrics import MetricsLogger
+from biomask.training.metrics import MetricsLogger, check_trackers
 from biomask.training.references import ContextCounts, reference_counts
 
 log = logging.getLogger(__name__)
@@ -446,6 +446,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
     # 1. Inputs: the token store, the model it implies, the data order and the DeepSpeed config —
     #    every input error surfaces before anything is written.
+    check_trackers(cfg.train.report_to)
     store = TokenStore(cfg.data.store)
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec, store)
@@ -604,6 +605,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         start_step=step,
         enabled=dist_env.is_main,
         progress=cfg.train.progress,
+        report_to=cfg.train.report_to,
+        config=cfg.model_dump(mode="json"),
     )
     stop = StopSignal()
     stop.install()

@@ -1,0 +1,43 @@
+"""Experiment tracking (issue 19): `train.report_to` like the HF Trainer's. TensorBoard by default,
+nothing but metrics.jsonl with [], and W&B / MLflow only when installed: asked for without the
+package, pretrain stops before writing anything, naming the key and the pip command."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from biomask.training.metrics import MetricsLogger
+
+VALUES = {"loss": 2.5, "ratio": 0.3, "tokens_per_s": 100.0, "accuracy": 0.25}
+
+
+@pytest.mark.parametrize("report_to", [None, []])
+def test_tensorboard_by_default_and_only_when_asked(tmp_path, report_to):
+    kwargs = {} if report_to is None else {"report_to": report_to}
+    metrics = MetricsLogger(tmp_path, total_steps=10, start_step=0, enabled=True, progress=False, **kwargs)
+    metrics.log(5, "train", VALUES)
+    metrics.log(10, "eval", {"loss": {"0.15": 2.0}, "mean_loss": 2.1})
+    metrics.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (len(events) == 1) == (report_to is None)
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_that_is_not_installed_stops_pretrain_before_anything_is_written(tracker, tmp_path, cli):
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    out = tmp_path / "run"
+    code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tiny.yaml", f"data.store={tmp_path / 'store'}",
+                       f"output={out}", f"train.report_to=[tensorboard,{tracker}]")  # fmt: skip
+    assert code == 2
+    assert "train.report_to" in err and f"pip install {tracker}" in err
+    assert not out.exists()
+
+
+def test_an_unknown_tracker_is_a_config_error(tmp_path, cli):
+    code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tiny.yaml", f"output={tmp_path / 'run'}",
+                       "train.report_to=[neptune]")  # fmt: skip
+    assert code == 2 and "train.report_to" in err
