@@ -24,6 +24,16 @@ from biomask.stages import STAGES, load_ref
 log = logging.getLogger("biomask")
 
 
+# Override examples in each stage's --help: its own keys (tests/test_config_reference.py checks them).
+OVERRIDE_EXAMPLES = {
+    "prep dna": "tokenizer.kind=kmer tokenizer.k=6 split.seed=3",
+    "prep cells": "labels.column=cell_type labels.missing=drop hvg.n_top_genes=2000",
+    "pretrain": "masking.scheme=bert15 train.steps=3000 deepspeed.stage=1 train.report_to=[tensorboard,wandb]",
+    "evaluate": "seeds=[0,1,2] splits.mode=store protocols=[linear_probe,knn]",
+    "report": "title=Splice r2mae=r2mae-long provenance=[runs/prep/splice-char]",
+}
+
+
 def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     """The arguments every config-driven stage takes (`stage`: its name in `biomask.stages.STAGES`)."""
     parser.add_argument("-c", "--config", help="the stage's YAML config (required to run the stage)")
@@ -33,7 +43,11 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="override config keys, e.g. tokenizer.kind=kmer split.seed=3",
+        help=f"override config keys, e.g. {OVERRIDE_EXAMPLES[stage]}",
+    )
+    parser.epilog = (
+        f"Every key with its default: biomask {stage} --print-config, or docs/config-reference.md "
+        "(biomask config-reference)."
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
@@ -362,6 +376,16 @@ def cmd_theory(args: argparse.Namespace) -> int:
     return _print_stage("theory", args, overrides)
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from biomask import config_reference
+
+    if args.output == "-":
+        print(config_reference.render(), end="")
+    else:
+        log.info("wrote %s", config_reference.write(Path(args.output)))
+    return 0
+
+
 def cmd_main(args: argparse.Namespace) -> int:
     from biomask.main_job import run_main_job
 
@@ -588,6 +612,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
     p.set_defaults(schema=STAGES["theory"].schema, shortcut_overrides=_theory_shortcuts)
     _add_print_config(p)
+
+    p = command(
+        sub,
+        "config-reference",
+        cmd_config_reference,
+        "write the reference of every stage's config keys, generated from the schemas",
+    )
+    p.add_argument(
+        "--output", default="docs/config-reference.md", help="file, or - for stdout (default: %(default)s)"
+    )
 
     p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
