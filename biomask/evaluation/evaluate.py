@@ -26,10 +26,12 @@ from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
 from biomask.evaluation.methods import Method, Predict
 from biomask.evaluation.metrics import (
+    MACRO_F1_NOTE,
     METRICS,
     classification_metrics,
     format_summary,
     paired_comparison,
+    per_class_table,
     summarize,
 )
 from biomask.provenance import sha256_file
@@ -197,8 +199,10 @@ def evaluate(
         methods += model_methods(cfg, data)
     methods += extra_methods or []
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    split_sizes = []  # the records each seed's splits actually hold (the report header prints them)
     for seed in cfg.seeds:
         train, val, test = seed_split(data, cfg.splits, seed)
+        split_sizes.append({"seed": seed, "train": len(train), "val": len(val), "test": len(test)})
         for method in methods:
             log.info("seed %d: %s", seed, method.name)
             out = method.predict(data, train, val, test, seed)
@@ -210,6 +214,7 @@ def evaluate(
             )
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
+        results["split_sizes"] = split_sizes
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(render_report(results))
         for method in methods:
@@ -320,14 +325,31 @@ def _details(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def splits_text(results: dict[str, Any]) -> str:
+    """The splits as evaluated: the store's own with their sizes, or the resample's fractions and sizes."""
+    spec, sizes = results["splits"], results.get("split_sizes")
+    if not sizes:  # metrics.json written before split sizes were recorded
+        return f"{spec['mode']} (val {spec['val']}, test {spec['test']})"
+
+    def span(key: str) -> str:
+        values = [s[key] for s in sizes]
+        return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}–{max(values):,}"
+
+    counts = f"train {span('train')}, val {span('val')}, test {span('test')} records"
+    if spec["mode"] == "store":
+        return f"the store's own ({counts})"
+    return f"resampled per seed, stratified (val {spec['val']}, test {spec['test']}: {counts})"
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
     seeds = results["seeds"]
     lines = [
         f"# Evaluation: {results['store']}",
         "",
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {results['splits']['mode']} "
-        f"(val {results['splits']['val']}, test {results['splits']['test']}). Values: mean ± sd [95 % CI].",
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {splits_text(results)}. "
+        "Values: mean ± sd [95 % CI].",
+        MACRO_F1_NOTE,
         f"DNA records longer than a model's input: long_records={results.get('long_records', 'first')} "
         "(window: embedded in windows of the model's length, pooled; centre: the middle; refuse: none allowed).",
         "",
@@ -356,6 +378,7 @@ def render_report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {m['name']} | {format_summary(s['cluster_ari'])} | {format_summary(s['cluster_nmi'])} |"
             )
+    lines += per_class_table(results)
     if results["comparisons"]:
         lines += [
             "",

@@ -3,6 +3,12 @@
 Every number is computed per seed, then summarised as mean, standard deviation and a 95 %
 confidence interval (Student t over seeds). Two methods evaluated on the same splits (the same
 seeds) are compared with a paired t-test on their per-seed differences.
+
+Macro-F1 is the unweighted mean of the per-class F1 over the classes that occur in the test split,
+as true labels or as predictions (sklearn's default set). A class absent from both cannot be scored
+and is left out instead of counting as 0, which would lower the score of every method alike for a
+split that merely lacks the class; a class predicted but absent from the truth scores 0 (its false
+positives count). Reports say this (MACRO_F1_NOTE) and show each class's test support.
 """
 
 from __future__ import annotations
@@ -23,22 +29,60 @@ from sklearn.metrics import (
 
 METRICS = ("accuracy", "macro_f1", "mcc")
 
+MACRO_F1_NOTE = (
+    "Macro-F1: the unweighted mean of per-class F1 over the classes present in the test split (as true "
+    "labels or predictions); a class absent from both is left out, not counted as 0."
+)
+
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, MCC, a per-class report and the confusion matrix (rows: true labels)."""
+    """Accuracy, macro-F1, MCC, a per-class report (with `support`: test records of the class), the
+    classes absent from the test split, and the confusion matrix (rows: true labels)."""
     labels = list(range(len(label_names)))
     report = classification_report(
         y_true, y_pred, labels=labels, target_names=list(label_names), output_dict=True, zero_division=0
     )
+    present = sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(y_true, y_pred)),
         "per_class": {name: report[name] for name in label_names},
+        "absent_classes": [name for i, name in enumerate(label_names) if i not in present],
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def per_class_table(results: dict[str, Any]) -> list[str]:
+    """Markdown: each class's test support (records per seed) and every method's F1 (mean over seeds)."""
+    names = results["label_names"]
+    methods = [m["name"] for m in results["methods"] if results["per_seed"].get(m["name"])]
+    if not methods:
+        return []
+    rows = results["per_seed"][methods[0]]
+    lines = [
+        "",
+        "## Per class: test support and F1",
+        "",
+        MACRO_F1_NOTE + " Support: test records of the class per seed (min–max over seeds).",
+        "",
+        "| class | support | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for name in names:
+        support = [int(r["per_class"][name]["support"]) for r in rows]
+        shown = str(support[0]) if min(support) == max(support) else f"{min(support)}–{max(support)}"
+        f1 = [np.mean([r["per_class"][name]["f1-score"] for r in results["per_seed"][m]]) for m in methods]
+        lines.append(f"| {name} | {shown} | " + " | ".join(f"{v:.3f}" for v in f1) + " |")
+    absent = sorted({c for r in rows for c in r.get("absent_classes", [])})
+    if absent:
+        lines += [
+            "",
+            f"Absent from the test split of at least one seed (left out of macro-F1): {', '.join(absent)}.",
+        ]
+    return lines
 
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
