@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +37,23 @@ def umap_png(
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
     sc.pl.umap(adata, color=colour.name, ax=ax, show=False, title=title)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fit_title(ax, title)
+    # "tight": the legend (outside the axes, on the right) and the title are never cut by the canvas
+    fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     return {"cells_plotted": len(chosen), "cells": n}
+
+
+def fit_title(ax: Any, title: str) -> None:
+    """Wrap the axes title until it lies inside the figure: a title centred over axes that the legend
+    pushed left would otherwise run off the left edge, hiding its start (e.g. a long checkpoint path)."""
+    fig = ax.figure
+    text = ax.set_title(title)
+    renderer = fig.canvas.get_renderer()
+    width = len(title)
+    while width > 12:
+        box = text.get_window_extent(renderer)
+        if box.x0 >= 0 and box.x1 <= fig.bbox.width:
+            return
+        width = int(width * 0.8)
+        text.set_text("\n".join(textwrap.wrap(title, width, break_on_hyphens=False)))
