@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from biomask.cells.tokenize import scheme_class
 from biomask.vocab import CLS_ID, PAD_ID, SEP_ID
 
 TOKEN_FIELDS = ("values", "bins")  # token-aligned fields the collator carries besides the tokens
 
 
 def is_order_free(modality: str | None, scheme: str | None) -> bool:
-    """Binned and panel cells: gene order carries no meaning (no positions, crops by subset)."""
-    return modality == "cells" and scheme in ("binned", "panel")
+    """Cells whose scheme is order-free (binned, panel): gene order carries no meaning (no positions,
+    crops by subset)."""
+    return modality == "cells" and scheme_class(scheme).order_free
 
 
 def collate(

@@ -1,9 +1,12 @@
-"""The shape of the package: no import cycles, and one stage registry that the CLI and pipelines share."""
+"""The shape of the package: no import cycles, one stage registry that the CLI and pipelines share, and
+one class per cell tokenization scheme."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import biomask
 from biomask.stages import STAGES
@@ -113,3 +116,26 @@ def test_every_registered_stage_is_a_cli_command_with_its_schema():
         args = parser.parse_args([*stage.argv, "--print-config"])
         assert args.schema == stage.schema
         assert is_available(stage) and stage.config_class() is not None
+
+
+def test_every_cell_scheme_says_what_its_records_imply():
+    """A scheme is one class in the registry: its fields reach the model through the collator, its
+    defaults are values the configs accept, and a prep config can name it."""
+    from typing import get_args
+
+    from biomask.batch import TOKEN_FIELDS
+    from biomask.cells.config import TokenizerConfig
+    from biomask.cells.tokenize import SCHEMES
+    from biomask.masking.config import MaskingConfig
+    from biomask.training.config import ModelConfig
+
+    targets = get_args(MaskingConfig.model_fields["target"].annotation)
+    value_embeddings = get_args(ModelConfig.model_fields["value_embedding"].annotation)
+    for name, scheme in SCHEMES.items():
+        assert scheme.name == name and TokenizerConfig(scheme=name).scheme == name
+        assert isinstance(scheme.order_free, bool) and isinstance(scheme.complete_profile, bool)
+        assert set(scheme.fields) <= set(TOKEN_FIELDS)
+        assert scheme.default_target in targets and scheme.value_embedding in value_embeddings
+        assert scheme.default_target != "bins" or scheme.writes_bins()
+    with pytest.raises(ValueError, match="binned, rank, panel"):
+        TokenizerConfig(scheme="ranked")

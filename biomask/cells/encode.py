@@ -5,7 +5,7 @@ corpus's did: the same frozen gene vocabulary, the same library-size normalisati
 the same scheme with the same bins, medians and truncation. Those settings travel with the portable
 checkpoint (`config.json` → `prep`, written by `biomask pretrain`), and the prep stage's own pieces do the work:
 `counts` (what the matrix holds, conversion to counts), `genes` (identifiers, duplicates, the token
-map), `prep.make_scheme` and the scheme's vectorised `encode`.
+map), `tokenize.make_scheme` and the scheme's vectorised `encode`.
 
 What differs from `biomask prep cells`, on purpose: no QC and no splits (every cell of the file gets
 an embedding, in file order), and a cell that expresses no vocabulary gene becomes an empty record
@@ -27,10 +27,9 @@ import scipy.sparse as sp
 from biomask.cells.config import CountsConfig, NormaliseConfig, TokenizerConfig
 from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
 from biomask.cells.genes import ColumnMap, GeneSpace, GeneVocabulary, coverage, gene_names, remap_columns
-from biomask.cells.prep import make_scheme
 from biomask.cells.qc import row_sums
 from biomask.cells.readers import MatrixSource
-from biomask.cells.tokenize import Scheme
+from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ class CellEncoder:
                 found["vocab_genes"],
                 100 * share,
                 100 * self.min_coverage,
-                "unmeasured" if self.prep.tokenizer.scheme == "panel" else "not expressed",
+                "unmeasured" if self.scheme.complete_profile else "not expressed",
                 dataset_side,
             )
         else:

@@ -47,11 +47,12 @@ from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import MatrixSource, guess_format, input_checksum, open_matrix
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
-from biomask.cells.tokenize import BinnedScheme, PanelScheme, RankScheme, Scheme
+from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStoreWriter, token_dtype
+from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
 
@@ -396,25 +397,6 @@ def assign_splits(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
 # --------------------------------------------------------------------------------------------- write
 
 
-def make_scheme(cfg: TokenizerConfig, vocab: GeneVocabulary) -> Scheme:
-    if cfg.scheme == "binned":
-        return BinnedScheme(cfg.n_bins, cfg.max_length, cfg.truncate, cfg.seed, token_dtype(vocab.vocab_size))
-    if cfg.scheme == "rank":
-        medians = vocab.token_medians()
-        if not np.isfinite(medians).all() or (medians <= 0).any():
-            raise InputError(
-                "the vocabulary has genes without a corpus median, which rank encoding needs; "
-                "rebuild it from a corpus in which every vocabulary gene is expressed"
-            )
-        return RankScheme(medians, cfg.max_length)
-    if vocab.vocab_size - 5 > 4096:
-        log.warning(
-            "panel scheme over %d genes: every record holds all of them; set hvg.n_top_genes for a smaller panel",
-            vocab.vocab_size - 5,
-        )
-    return PanelScheme(vocab.vocab_size)
-
-
 def _meta_columns(cfg: CellsPrepConfig) -> list[str]:
     extra = [cfg.labels.column] if cfg.labels.column else []
     extra += [c for c in cfg.obs_columns if c not in extra]
@@ -435,7 +417,7 @@ def write_store(
     record_fields: dict[str, Any] = {"labels": np.int64} if label_names is not None else {}
     # A panel store from counts keeps each cell's library size, so a count likelihood can rebuild the
     # raw counts (expm1(value) * library_size / target_sum); normalised inputs have no counts to keep.
-    with_library = scheme.name == "panel" and cfg.counts.mode in COUNT_MODES
+    with_library = scheme.complete_profile and cfg.counts.mode in COUNT_MODES
     if with_library:
         record_fields["library_size"] = np.float64
     writer = TokenStoreWriter(
@@ -520,9 +502,9 @@ def write_store(
         modality="cells",
         kind="expression",
         scheme=scheme.name,
-        n_bins=cfg.tokenizer.n_bins if scheme.name == "binned" else None,
-        max_length=cfg.tokenizer.max_length if scheme.name != "panel" else vocab.vocab_size - 5,
-        values=_values_description(scheme.name, cfg),
+        n_bins=cfg.tokenizer.n_bins if scheme.writes_bins() else None,
+        max_length=scheme.max_length,
+        values=_values_description(scheme, cfg),
         tokenizer={
             "kind": "genes",
             "vocab_size": vocab.vocab_size,
@@ -545,16 +527,14 @@ def write_store(
     )
 
 
-def _values_description(scheme: str, cfg: CellsPrepConfig) -> str:
+def _values_description(scheme: Scheme, cfg: CellsPrepConfig) -> str:
     library = (
         f"obs[{cfg.counts.total_counts_column!r}]"
         if cfg.counts.total_counts_column
         else "the cell's total counts"
     )
     normalised = f"count / library_size * {cfg.normalise.target_sum:g} (library_size: {library})"
-    if scheme == "rank":
-        return f"{normalised} / corpus non-zero median of the gene"
-    return f"log1p({normalised})"
+    return scheme.describe_values(normalised)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -604,7 +584,7 @@ def _log_summary(path: Path, manifest: dict[str, Any]) -> None:
         "wrote %s (%s scheme, %d genes) -- %s",
         path,
         manifest["scheme"],
-        manifest["tokenizer"]["vocab_size"] - 5,
+        manifest["tokenizer"]["vocab_size"] - NUM_SPECIAL,
         "; ".join(parts),
     )
     dropped = {

@@ -28,17 +28,26 @@ use and cached beside this module (numba `cache=True`), so later processes load 
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
+from biomask.errors import InputError
 from biomask.vocab import NUM_SPECIAL
 
+if TYPE_CHECKING:
+    from biomask.cells.genes import GeneVocabulary
+
+log = logging.getLogger(__name__)
+
 _U16 = 1 << 16
+# The token-aligned fields a scheme may write besides `tokens` (the collator carries them).
+FIELD_DTYPES = {"values": np.dtype(np.float32), "bins": np.dtype(np.uint8)}
 SMALL_COUNT = 64  # counts below this are binned through per-cell tables (larger ones are sorted)
 
 
@@ -220,10 +229,54 @@ def _bin_cells(indptr, counts, indices, scale, n_bins, max_length, tokens, value
 # --------------------------------------------------------------------------------------------- schemes
 
 
+class TokenizerSettings(Protocol):
+    """What a scheme reads of a prep config's `tokenizer` section (biomask.cells.config.TokenizerConfig,
+    which checks `scheme` against `SCHEMES`: this module does not import it)."""
+
+    scheme: str
+    n_bins: int
+    max_length: int
+    truncate: str
+    seed: int
+
+
 class Scheme(ABC):
-    """Turns a block of counts in token space into records."""
+    """Turns a block of counts in token space into records, and says what its records imply.
+
+    The class attributes are what the rest of biomask asks of a scheme (the store's manifest names it;
+    `scheme_class(name)` finds it): training, the model's defaults, evaluation and embedding read them
+    instead of comparing names. A new scheme is one subclass here plus its line in `SCHEMES`."""
 
     name: ClassVar[str]
+    # Gene order carries no meaning: the model adds no positions, and a record cut to fit keeps a
+    # subset of its genes (training: a random one; inference: the highest-valued) in stored order.
+    order_free: ClassVar[bool]
+    # Training crops a long record at random (order-free: a gene subset); False keeps its first tokens.
+    random_crop: ClassVar[bool] = True
+    # What `masking.target: auto` predicts (tokens | bins | values) and how a gene's value enters the
+    # model under `model.value_embedding: auto` (none | bins | mlp).
+    default_target: ClassVar[str]
+    value_embedding: ClassVar[str]
+    # Token-aligned fields written besides `tokens`.
+    fields: ClassVar[tuple[str, ...]] = ("values",)
+    # Records list every gene the input measures, zeros included: a gene left out is unmeasured, not
+    # unexpressed.
+    complete_profile: ClassVar[bool] = False
+    max_length: int  # the most genes a record holds
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: TokenizerSettings, vocab: GeneVocabulary) -> Scheme:
+        """The scheme of a prep config's `tokenizer` section over a gene vocabulary."""
+
+    @classmethod
+    def writes_bins(cls) -> bool:
+        return "bins" in cls.fields
+
+    @classmethod
+    def describe_values(cls, normalised: str) -> str:
+        """What `values` hold, in words, given the normalised count's description."""
+        return f"log1p({normalised})"
 
     @abstractmethod
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
@@ -231,7 +284,8 @@ class Scheme(ABC):
         `cells`: each row's global cell index (seeds sampling, so blocks do not change results)."""
 
     def token_fields(self, token_dtype: np.dtype) -> dict[str, np.dtype]:
-        return {"tokens": token_dtype, "values": np.dtype(np.float32)}
+        """The store's token fields and their dtypes: `tokens` and the scheme's `fields`."""
+        return {"tokens": token_dtype, **{name: FIELD_DTYPES[name] for name in self.fields}}
 
     def for_input(self, targets: np.ndarray) -> Scheme:
         """The scheme for one input whose columns map to token ids `targets` (-1: not in the
@@ -241,6 +295,10 @@ class Scheme(ABC):
 
 class BinnedScheme(Scheme):
     name = "binned"
+    order_free = True
+    default_target = "bins"
+    value_embedding = "bins"
+    fields = ("values", "bins")
 
     def __init__(
         self,
@@ -253,8 +311,11 @@ class BinnedScheme(Scheme):
         self.n_bins, self.max_length, self.truncate, self.seed = n_bins, max_length, truncate, seed
         self.token_dtype = token_dtype  # tokens written in the store's dtype save a conversion (None: int64)
 
-    def token_fields(self, token_dtype: np.dtype) -> dict[str, np.dtype]:
-        return {**super().token_fields(token_dtype), "bins": np.dtype(np.uint8)}
+    @classmethod
+    def from_config(cls, cfg: TokenizerSettings, vocab: GeneVocabulary) -> BinnedScheme:
+        from biomask.store import token_dtype
+
+        return cls(cfg.n_bins, cfg.max_length, cfg.truncate, cfg.seed, token_dtype(vocab.vocab_size))
 
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
         indptr = block.indptr.astype(np.int64, copy=False)
@@ -297,10 +358,28 @@ class BinnedScheme(Scheme):
 
 class RankScheme(Scheme):
     name = "rank"
+    order_free = False
+    random_crop = False  # the order is the information: a long record keeps its top-ranked genes
+    default_target = "tokens"
+    value_embedding = "none"
 
     def __init__(self, token_medians: np.ndarray, max_length: int) -> None:
         self.token_medians = token_medians.astype(np.float32)
         self.max_length = max_length
+
+    @classmethod
+    def from_config(cls, cfg: TokenizerSettings, vocab: GeneVocabulary) -> RankScheme:
+        medians = vocab.token_medians()
+        if not np.isfinite(medians).all() or (medians <= 0).any():
+            raise InputError(
+                "the vocabulary has genes without a corpus median, which rank encoding needs; "
+                "rebuild it from a corpus in which every vocabulary gene is expressed"
+            )
+        return cls(medians, cfg.max_length)
+
+    @classmethod
+    def describe_values(cls, normalised: str) -> str:
+        return f"{normalised} / corpus non-zero median of the gene"
 
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
         indptr = block.indptr.astype(np.int64)
@@ -318,12 +397,27 @@ class PanelScheme(Scheme):
     profile autoencoder hides such genes like masked ones)."""
 
     name = "panel"
+    order_free = True
+    default_target = "values"
+    value_embedding = "mlp"
+    complete_profile = True
 
     def __init__(self, vocab_size: int, panel: np.ndarray | None = None) -> None:
         self.vocab_size = vocab_size
+        self.max_length = vocab_size - NUM_SPECIAL  # the whole panel
         self.panel = np.arange(NUM_SPECIAL, vocab_size, dtype=np.int64) if panel is None else panel
         self.column = np.full(vocab_size, -1, dtype=np.int64)  # token id -> column of the dense block
         self.column[self.panel] = np.arange(self.panel.size)
+
+    @classmethod
+    def from_config(cls, cfg: TokenizerSettings, vocab: GeneVocabulary) -> PanelScheme:
+        genes = vocab.vocab_size - NUM_SPECIAL
+        if genes > 4096:
+            log.warning(
+                "panel scheme over %d genes: every record holds all of them; set hvg.n_top_genes for a smaller panel",
+                genes,
+            )
+        return cls(vocab.vocab_size)
 
     def for_input(self, targets: np.ndarray) -> PanelScheme:
         present = np.unique(np.asarray(targets, dtype=np.int64))
@@ -335,3 +429,19 @@ class PanelScheme(Scheme):
         dense[row_ids(block.indptr), self.column[block.indices]] = np.log1p(_normalised(block, scale))
         lengths = np.full(n, self.panel.size, dtype=np.int64)
         return Encoded(lengths, np.tile(self.panel, n), dense.reshape(-1))
+
+
+# The registry: a store's `scheme` (and `tokenizer.scheme` in prep configs) names one of these.
+SCHEMES: dict[str, type[Scheme]] = {cls.name: cls for cls in (BinnedScheme, RankScheme, PanelScheme)}
+
+
+def scheme_class(name: str | None, where: str = "the token store") -> type[Scheme]:
+    """The scheme class named `name`; an unknown name is an InputError naming `where`."""
+    if name not in SCHEMES:
+        raise InputError(f"{where}: cells scheme {name!r} is not one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def make_scheme(cfg: TokenizerSettings, vocab: GeneVocabulary) -> Scheme:
+    """The scheme a prep config's `tokenizer` section asks for, over `vocab`."""
+    return scheme_class(cfg.scheme, "tokenizer.scheme").from_config(cfg, vocab)

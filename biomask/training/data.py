@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from biomask.batch import TOKEN_FIELDS, collate, is_order_free, take
+from biomask.cells.tokenize import Scheme, scheme_class
 from biomask.errors import InputError
 from biomask.store import TokenSplit, TokenStore
 
@@ -41,8 +42,29 @@ class DataSpec:
 
     @property
     def order_free(self) -> bool:
-        """Binned and panel cells: gene order carries no meaning (no positions, crops by subset)."""
+        """Gene order carries no meaning (the cell scheme's `order_free`): no positions, crops by subset."""
         return is_order_free(self.modality, self.scheme)
+
+    @property
+    def cell_scheme(self) -> type[Scheme] | None:
+        """The cells scheme's class (what its records imply, see biomask.cells.tokenize); None for DNA."""
+        return scheme_class(self.scheme) if self.modality == "cells" else None
+
+    @property
+    def random_crop(self) -> bool:
+        """Training crops long records at random: DNA windows, cells unless the scheme keeps its first
+        tokens (rank: the order is the information)."""
+        return self.cell_scheme is None or self.cell_scheme.random_crop
+
+    @property
+    def has_bins(self) -> bool:
+        """Records carry value bins (binned cells)."""
+        return self.cell_scheme is not None and self.cell_scheme.writes_bins()
+
+    @property
+    def complete_profile(self) -> bool:
+        """Records list every gene the input measures, zeros included (panel)."""
+        return self.cell_scheme is not None and self.cell_scheme.complete_profile
 
     @classmethod
     def from_store(cls, store: TokenStore) -> DataSpec:
@@ -59,12 +81,8 @@ class DataSpec:
             )
         scheme = m.get("scheme") if modality == "cells" else None
         if modality == "cells":
-            if scheme not in ("binned", "rank", "panel"):
-                raise InputError(
-                    f"{store.root}/manifest.json: cells scheme {scheme!r} is not binned, rank or panel"
-                )
             fields = set(m.get("token_fields", {}))
-            needed = {"tokens", "values"} | ({"bins"} if scheme == "binned" else set())
+            needed = {"tokens", *scheme_class(scheme, f"{store.root}/manifest.json").fields}
             if not needed <= fields:
                 raise InputError(
                     f"{store.root}: a {scheme} cells store needs token fields {sorted(needed)}, has {sorted(fields)}"
@@ -146,8 +164,7 @@ class TrainingData:
         records = []
         for index in self.indices(step, micro).tolist():
             record = self.split[index]
-            if len(record["tokens"]) > limit and self.crop_mode == "random" and self.spec.scheme != "rank":
-                # Rank-encoded cells keep their top genes: the order is the information.
+            if len(record["tokens"]) > limit and self.crop_mode == "random" and self.spec.random_crop:
                 rng = np.random.default_rng([self.seed, epoch, index])
                 record = crop(record, limit, rng, order_free=self.spec.order_free)
             records.append(record)

@@ -58,11 +58,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
-    auto = {"dna": "tokens", "binned": "bins", "rank": "tokens", "panel": "values"}
-    target = cfg.masking.target if cfg.masking.target != "auto" else auto[spec.scheme or "dna"]
+    scheme = spec.cell_scheme
+    auto = scheme.default_target if scheme is not None else "tokens"
+    target = cfg.masking.target if cfg.masking.target != "auto" else auto
     if spec.modality == "dna" and target != "tokens":
         raise InputError(f"masking.target={target} needs a cells store; DNA stores predict tokens")
-    if target == "bins" and spec.scheme != "binned":
+    if target == "bins" and not spec.has_bins:
         raise InputError(f"masking.target=bins needs a binned cells store; {cfg.data.store} is {spec.scheme}")
     return target
 
@@ -73,18 +74,18 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | 
         return profile_architecture(cfg, spec, store)
     if cfg.model.kind == "cnn":
         return cnn_architecture(cfg, spec, store)
-    auto_value = {"dna": "none", "binned": "bins", "rank": "none", "panel": "mlp"}
+    scheme = spec.cell_scheme
     value_embedding = cfg.model.value_embedding
     if value_embedding == "auto":
-        value_embedding = auto_value[spec.scheme or "dna"]
+        value_embedding = scheme.value_embedding if scheme is not None else "none"
     if spec.modality == "dna" and value_embedding != "none":
         raise InputError(f"model.value_embedding={value_embedding} needs a cells store")
-    if value_embedding == "bins" and spec.scheme != "binned":
+    if value_embedding == "bins" and not spec.has_bins:
         raise InputError("model.value_embedding=bins needs a binned cells store (use mlp or none)")
     target = resolve_target(cfg, spec)
     if target == "bins" and value_embedding == "mlp":
         raise InputError("masking.target=bins with model.value_embedding=mlp would show the masked values")
-    positions = spec.modality == "dna" or spec.scheme == "rank"
+    positions = not spec.order_free
     max_length = cfg.data.max_length or cfg.model.max_len
     if positions and max_length > cfg.model.max_len:
         raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
@@ -135,7 +136,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
     length is the store's longest record; they reconstruct values (or counts: `model.loss`)."""
     where = store.root if store is not None else cfg.data.store
     kind = cfg.model.kind
-    if kind == "panel_transformer" and spec.scheme != "panel":
+    if kind == "panel_transformer" and not spec.complete_profile:
         raise InputError(
             f"model.kind=panel_transformer reads panel stores (tokenizer.scheme=panel); {where} is {spec.scheme}"
         )
@@ -149,7 +150,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         raise InputError(
             f"model.kind=mlp reconstructs values; masking.target={cfg.masking.target} is not possible"
         )
-    if spec.scheme != "panel":
+    if not spec.complete_profile:
         log.warning(
             "pretrain: model.kind=mlp on a %s store sees only the genes each record lists (a panel store "
             "— tokenizer.scheme=panel — holds every gene, zeros included)",
