@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import os
+import signal
 import subprocess
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -426,3 +429,110 @@ def test_disk_full_during_a_checkpoint_save(tmp_path, cli, chrx_bases):
         no_traceback(err)
         assert str(out / "checkpoints") in err and "free" in err
         assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial save was removed
+
+
+# ------------------------------------------------------------------------------------------ signals
+# A stage killed at a random point of its write (seeded: the same points every run) leaves either no
+# output or the complete one, never a half-written one; the rerun succeeds, gives the same files as an
+# undisturbed run, and no temporary of ours remains. The runs are forks of this process (already
+# imported, so a run spends its time working, not importing); SIGTERM and SIGKILL are real signals.
+
+
+def fork_stage(cli_args: list[str]) -> int:
+    from biomask.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # the child runs the stage and never returns into pytest
+        code = 1
+        try:
+            code = main(cli_args)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_for_temporary(pid: int, parent: Path) -> bool:
+    """Until the stage's temporary output appears (True) or the stage ends (False)."""
+    while not any(".tmp-" in p.name for p in parent.iterdir()):
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def contents(directory: Path, skip: tuple[str, ...] = ("run.json", "config.yaml", "manifest.json")) -> dict:
+    """sha256 of every file under `directory` (relative names), without the provenance files that name
+    the output's own path or the time."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def survives_kills(tmp_path: Path, cli, args, rerun_args=(), seed: int = 0) -> None:
+    """`args(output)`: the stage's CLI arguments writing to `output`."""
+    code, _, err = cli(*args(tmp_path / "reference"))  # in-process (and compiles numba kernels once)
+    assert code == 0, err
+    reference = contents(tmp_path / "reference")
+    # how long the write takes: from the temporary's appearance to the end of an undisturbed run
+    (timing := tmp_path / "timing").mkdir()
+    pid = fork_stage([str(a) for a in args(timing / "out")])
+    assert wait_for_temporary(pid, timing)
+    started = time.perf_counter()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    writing = time.perf_counter() - started
+
+    (parent := tmp_path / "killed").mkdir()
+    out = parent / "out"
+    rng = np.random.default_rng(seed)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pid = fork_stage([str(a) for a in args(out)])
+        if wait_for_temporary(pid, parent):
+            time.sleep(float(rng.uniform(0.0, 1.0)) * writing)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            os.waitpid(pid, 0)
+        assert not out.exists() or contents(out) == reference  # nothing half-written under its name
+    code, _, err = cli(*args(out), *rerun_args)
+    assert code == 0, err
+    assert contents(out) == reference
+    assert leftovers(parent) == []
+
+
+def test_prep_dna_killed_at_random_points(tmp_path, cli, chrx_bases):
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+
+    def args(out: Path) -> list:
+        return ["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]", f"output={out}",
+                "tokenizer.kind=char", "windows.length=128", "windows.stride=64", "split.block_size=1000"]  # fmt: skip
+
+    survives_kills(tmp_path, cli, args, seed=1)
+
+
+def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
+    import anndata
+    import scipy.sparse as sp
+
+    counts, barcodes, genes = pbmc_counts
+    h5ad = tmp_path / "pbmc200.h5ad"
+    anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=barcodes),
+                    var=pd.DataFrame(index=genes)).write_h5ad(h5ad)  # fmt: skip
+    config = {"inputs": [{"path": str(h5ad)}], "qc": {"min_genes": 0, "min_cells": 1},
+              "tokenizer": {"scheme": "binned", "max_length": 128}, "split": {"val": 0.1, "test": 0.1}}  # fmt: skip
+    path = tmp_path / "cells.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def args(out: Path) -> list:
+        return ["prep", "cells", "-c", path, f"output={out}"]
+
+    survives_kills(tmp_path, cli, args, seed=2)
+
+
+def test_export_hf_killed_at_random_points(tmp_path, cli, dna_checkpoint):
+    def args(out: Path) -> list:
+        return ["export-hf", "--checkpoint", dna_checkpoint, "--output", out]
+
+    # a killed export that got as far as its rename is complete; the rerun replaces it (--overwrite)
+    survives_kills(tmp_path, cli, args, rerun_args=("--overwrite",), seed=3)
