@@ -25,6 +25,11 @@ from biomask.vocab import CLS_ID, PAD_ID, SEP_ID
 TOKEN_FIELDS = ("values", "bins")  # token-aligned fields the collator carries besides the tokens
 
 
+def n_specials(modality: str) -> int:
+    """Special tokens the collator adds to a record: [CLS] ... [SEP] for DNA, [CLS] for cells."""
+    return 2 if modality == "dna" else 1
+
+
 def is_order_free(modality: str | None, scheme: str | None) -> bool:
     """Cells whose scheme is order-free (binned, panel): gene order carries no meaning (no positions,
     crops by subset)."""
@@ -38,7 +43,7 @@ def collate(
     (specials included) keep their first tokens."""
     if modality not in ("dna", "cells"):
         raise ValueError(f"modality must be 'dna' or 'cells', not {modality!r}")
-    extra = 2 if modality == "dna" else 1
+    extra = n_specials(modality)
     limit = None if max_length is None else max_length - extra
     if limit is not None and limit < 1:
         raise ValueError(f"max_length {max_length} leaves no room for content")

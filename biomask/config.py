@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from biomask.errors import ConfigError
 from biomask.provenance import sha256_json
@@ -28,6 +28,20 @@ class Config(BaseModel):
     """Base of every stage schema: unknown keys are errors and values are not silently coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class SplitFractions(Config):
+    """A split section's `val` and `test` fractions (each schema gives its own bounds and defaults):
+    together they must leave records for train."""
+
+    val: float
+    test: float
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> SplitFractions:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave something for train")
+        return self
 
 
 C = TypeVar("C", bound=Config)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from biomask.config import Config
+from biomask.config import Config, SplitFractions
 from biomask.store import DEFAULT_SHARD_TOKENS
 
 # `matrix:` values: the main matrix, the frozen raw matrix, or a named layer.
@@ -133,19 +133,13 @@ class LabelsConfig(Config):
     missing: Literal["error", "drop"] = "error"  # cells without a label
 
 
-class SplitConfig(Config):
+class SplitConfig(SplitFractions):
     seed: int = Field(0, ge=0)
     val: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     column: str | None = None  # obs column with train/val/test; without it splits are drawn by seed
     # Draw splits per value of this obs column (default: the label column, when there is one).
     stratify_by: str | None = None
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitConfig:
-        if self.val + self.test >= 1.0:
-            raise ValueError("val + test must leave something for train")
-        return self
 
 
 class CellsPrepConfig(Config):

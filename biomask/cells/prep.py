@@ -108,12 +108,7 @@ class CellInput:
 def _resolve(spec: InputSpec) -> tuple[str, Path, str, str]:
     """(name, path, format, sha256) of an input; registry entries are fetched and verified."""
     if spec.dataset is not None:
-        entry = datasets.get(spec.dataset)
-        if entry.modality != "cells":
-            raise InputError(
-                f"dataset {spec.dataset!r} holds {entry.modality} data; `biomask prep cells` needs expression"
-            )
-        path = datasets.fetch(spec.dataset)
+        path, entry = datasets.fetch_input(spec.dataset, "cells", "prep cells", "expression")
         return spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256
     path = Path(str(spec.path)).expanduser()
     if not path.exists():

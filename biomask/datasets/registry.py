@@ -100,6 +100,15 @@ def get(name: str) -> DatasetEntry:
     return entries[name]
 
 
+def fetch_input(name: str, modality: str, stage: str, needs: str) -> tuple[Path, DatasetEntry]:
+    """A registered dataset given as a stage's input: refused unless it holds `modality` (the message
+    says the stage `needs` something else), then fetched and verified."""
+    entry = get(name)
+    if entry.modality != modality:
+        raise InputError(f"dataset {name!r} holds {entry.modality} data; `biomask {stage}` needs {needs}")
+    return fetch(name), entry
+
+
 def cached_path(name: str, directory: str | os.PathLike | None = None) -> Path:
     """Where a dataset's file lives once fetched (a local source is used in place)."""
     entry = get(name)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from biomask.config import Config
+from biomask.config import Config, SplitFractions
 from biomask.store import DEFAULT_SHARD_TOKENS
 
 
@@ -48,17 +48,11 @@ class WindowConfig(Config):
     max_bases: int | None = Field(None, ge=1)  # read at most this many bases (quick runs)
 
 
-class SplitConfig(Config):
+class SplitConfig(SplitFractions):
     seed: int = 0
     val: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     block_size: int = Field(100_000, ge=1)  # genomes: bases per region block assigned wholly to one split
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitConfig:
-        if self.val + self.test >= 1.0:
-            raise ValueError("val + test must leave something for train")
-        return self
 
 
 class TokenizerConfig(Config):

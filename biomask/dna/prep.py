@@ -86,12 +86,7 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     resolved = []
     for spec in specs:
         if spec.dataset is not None:
-            entry = datasets.get(spec.dataset)
-            if entry.modality != "dna":
-                raise InputError(
-                    f"dataset {spec.dataset!r} holds {entry.modality} data; `biomask prep dna` needs DNA"
-                )
-            path = datasets.fetch(spec.dataset)
+            path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA")
             fmt = entry.format if spec.format == "auto" else spec.format
             resolved.append(ResolvedInput(spec.dataset, path, fmt, spec, entry.sha256))
         else:

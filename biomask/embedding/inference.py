@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from biomask.batch import collate, fit_record, is_order_free, model_input, take
+from biomask.batch import collate, fit_record, is_order_free, model_input, n_specials, take
 from biomask.models import MaskedEncoder
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def embed_records(
     length * d_model with concat pooling). Records longer than the model's input: see the module."""
     limit_total = max_length or inference_max_length(model)
     modality = model.config.modality
-    specials = 2 if modality == "dna" else 1
+    specials = n_specials(modality)
     free = order_free(model)
     policy = record_policy(model, long_records)
     check_long_records(records, limit_total - specials, policy)

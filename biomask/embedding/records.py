@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biomask.batch import n_specials
 from biomask.embedding.anndata_io import h5_safe, provenance
 from biomask.embedding.inference import embed_records, inference_max_length
 from biomask.errors import InputError
@@ -71,7 +72,7 @@ def embed_chunks(
     from anndata.utils import make_index_unique
 
     max_length = inference_max_length(model)
-    room = max_length - (2 if model.config.modality == "dna" else 1)  # minus [CLS] (and [SEP])
+    room = max_length - n_specials(model.config.modality)
     frames, parts, cropped = [], [], 0
     for frame, records in chunks:
         cropped += sum(len(r["tokens"]) > room for r in records)

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from biomask.config import Config
+from biomask.config import Config, SplitFractions
 
 
-class SplitSpec(Config):
+class SplitSpec(SplitFractions):
     """How each seed's train / val / test split is made."""
 
     # resample: a fresh stratified split of all labelled records per seed (variance over splits,
@@ -17,12 +17,6 @@ class SplitSpec(Config):
     mode: Literal["resample", "store"] = "resample"
     val: float = Field(0.1, gt=0.0, lt=1.0)
     test: float = Field(0.3, gt=0.0, lt=1.0)
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitSpec:
-        if self.val + self.test >= 1.0:
-            raise ValueError("val + test must leave something for train")
-        return self
 
 
 class BaselineSpec(Config):

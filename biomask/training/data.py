@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from biomask.batch import TOKEN_FIELDS, collate, is_order_free, take
+from biomask.batch import TOKEN_FIELDS, collate, is_order_free, n_specials, take
 from biomask.cells.tokenize import Scheme, scheme_class
 from biomask.errors import InputError
 from biomask.store import TokenSplit, TokenStore
@@ -38,7 +38,7 @@ class DataSpec:
     @property
     def n_specials(self) -> int:
         """Specials the collator adds around a record: [CLS] [SEP] for DNA, [CLS] for cells."""
-        return 2 if self.modality == "dna" else 1
+        return n_specials(self.modality)
 
     @property
     def order_free(self) -> bool:
