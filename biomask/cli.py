@@ -412,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        # -q / -v after the subcommand too (`biomask pretrain -q ...`); SUPPRESS keeps the global flag
+        # when they are not repeated here
+        p.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors"
+        )
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
         return p
 
     ds = sub.add_parser("datasets", help="the registry of real datasets").add_subparsers(

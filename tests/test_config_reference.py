@@ -34,3 +34,10 @@ def test_help_shows_overrides_of_the_stages_own_keys(stage, capsys, monkeypatch)
         main([*stage.split(), "--help"])
     shown = capsys.readouterr().out
     assert f"e.g. {example}" in shown and "docs/config-reference.md" in shown
+
+
+def test_quiet_works_after_the_subcommand(tmp_path, capsys):
+    assert main(["config-reference", "--output", str(tmp_path / "ref.md"), "-q"]) == 0
+    assert "wrote" not in capsys.readouterr().err
+    assert main(["config-reference", "--output", str(tmp_path / "ref.md")]) == 0
+    assert "wrote" in capsys.readouterr().err
