@@ -137,5 +137,5 @@ def test_every_cell_scheme_says_what_its_records_imply():
         assert set(scheme.fields) <= set(TOKEN_FIELDS)
         assert scheme.default_target in targets and scheme.value_embedding in value_embeddings
         assert scheme.default_target != "bins" or scheme.writes_bins()
-    with pytest.raises(ValueError, match="binned, rank, panel"):
+    with pytest.raises(ValueError, match="'binned', 'rank' or 'panel'"):
         TokenizerConfig(scheme="ranked")

@@ -7,8 +7,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from biomask.cells.tokenize import SCHEMES
 from biomask.config import Config, SplitFractions
 from biomask.store import DEFAULT_SHARD_TOKENS
+
+# The registered cell schemes' names (one class each in biomask.cells.tokenize).
+SchemeName = Literal[tuple(SCHEMES)]  # type: ignore[valid-type]
 
 # `matrix:` values: the main matrix, the frozen raw matrix, or a named layer.
 _MATRIX = re.compile(r"^(X|raw|layers/[^/]+)$")
@@ -103,10 +107,9 @@ class NormaliseConfig(Config):
 
 
 class TokenizerConfig(Config):
-    # A name in biomask.cells.tokenize.SCHEMES. binned: expressed genes + per-cell value bins (scGPT);
-    # rank: genes ranked by their expression over the corpus median (Geneformer); panel: every
-    # vocabulary gene with its continuous value.
-    scheme: str = "binned"
+    # binned: expressed genes + per-cell value bins (scGPT); rank: genes ranked by their expression over
+    # the corpus median (Geneformer); panel: every vocabulary gene with its continuous value.
+    scheme: SchemeName = "binned"
     path: str | None = (
         None  # reuse a frozen gene vocabulary (its directory, tokenizer.json, or a token store)
     )
@@ -117,15 +120,6 @@ class TokenizerConfig(Config):
     min_coverage: float = Field(0.5, ge=0, le=1)  # warn when less of a dataset's genes are in the vocabulary
     # medians of a corpus storing more values than this come from a seeded subset of its cells
     median_max_values: int = Field(10_000_000, ge=1)
-
-    @field_validator("scheme")
-    @classmethod
-    def _scheme(cls, value: str) -> str:
-        from biomask.cells.tokenize import SCHEMES  # on use: loading a config schema stays light
-
-        if value not in SCHEMES:
-            raise ValueError(f"must be one of {', '.join(SCHEMES)}")
-        return value
 
 
 class LabelsConfig(Config):

@@ -36,6 +36,9 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "custom": {},
 }
 
+# The registry's names, so a config names a scheme SCHEMES holds (and the config reference lists them).
+SchemeName = Literal[tuple(SCHEMES)]  # type: ignore[valid-type]
+
 
 class RatioConfig(Config):
     """How the mask ratio is drawn. Each kind reads only its own keys."""
@@ -96,7 +99,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 class MaskingConfig(Config):
-    scheme: Literal["r2mae", "bert15", "fixed40", "mae75", "dynamic", "scgpt", "span", "custom"] = "r2mae"
+    scheme: SchemeName = "r2mae"
     ratio: RatioConfig = RatioConfig()
     positions: PositionConfig = PositionConfig()
     corruption: CorruptionConfig = CorruptionConfig()
