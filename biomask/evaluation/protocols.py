@@ -39,6 +39,7 @@ import torch
 from sklearn.metrics import matthews_corrcoef
 from sklearn.preprocessing import StandardScaler
 
+from biomask.batch import n_specials
 from biomask.embedding.inference import (
     check_long_records,
     embed_records,
@@ -254,7 +255,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
 
     def inputs(name: str, model: MaskedEncoder, max_length: int) -> dict[str, Any]:
         """How the records meet this model's input (checked, logged and reported)."""
-        specials = 2 if model.config.modality == "dna" else 1
+        specials = n_specials(model.config.modality)
         policy = record_policy(model, cfg.long_records)
         lengths = [max_length]
         if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length:
