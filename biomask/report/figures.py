@@ -63,6 +63,13 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
         if losses:
             ratios = sorted(losses, key=float)
             ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], marker="o", label=run.label)
+    # the reference predictors on the masked tokens, drawn once (the first run's): runs of one
+    # training seed mask the same held-out tokens, and other seeds' references differ by noise only
+    first = next((run for run in runs if run.references), None)
+    for (name, ref), style in zip((first.references if first else {}).items(), ("--", ":", "-.")):
+        ratios = sorted(ref.get("loss", {}), key=float)
+        if ratios:
+            ax.plot([float(r) for r in ratios], [ref["loss"][r] for r in ratios], "k" + style, label=name)
     ax.set(
         title=f"{title}: held-out masked loss by evaluation ratio",
         xlabel="mask ratio at evaluation",
