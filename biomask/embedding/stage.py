@@ -5,9 +5,10 @@
               output == input) before anything is written
 2. reuse      an output with the same fingerprint (config + checkpoint weights + input checksum) is
               reused; another one is refused unless --overwrite
-3. embed      cells: streamed in chunks — read, tokenized like the corpus, embedded, written into
-              `obsm[key]` of a copy of the input (the rest of the file untouched); DNA: FASTA windows,
-              table rows or token-store records into a new AnnData (obs = sequence id, label)
+3. embed      one path per input: cells (embedding/cells.py) streamed in chunks — read, tokenized
+              like the corpus, embedded, written into `obsm[key]` of a copy of the input (the rest of
+              the file untouched); DNA FASTA windows or table rows (embedding/dna.py) and token-store
+              records of either modality (embedding/records.py) into a new AnnData (obs = id, label)
 4. provenance `uns[key]` (beside `obsm[key]`): checkpoint and its hashes, layer, pooling, masking scheme,
               tokenization, gene coverage, code version, fingerprint; a UMAP PNG when asked
 """
