@@ -1,0 +1,67 @@
+"""Self- and continued pretraining as study options: a genome checkpoint continues on a labelled set's
+own sequences (labels unused), and study-full pairs each continued run with the genome run of its seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from biomask.models import load_pretrained
+from biomask.pipelines.plan import load_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_genome_checkpoint_continues_on_the_splice_sequences(dna_checkpoint, splice_store, tmp_path, cli):
+    out = tmp_path / "continued"
+    args = [
+        f"data.store={splice_store}",
+        f"model.init_from={dna_checkpoint}",
+        f"output={out}",
+        "train.steps=4",
+        "train.micro_batch_size=16",
+        "train.eval_batches=1",
+        "train.eval_ratios=[0.15,0.5]",
+        "train.checkpoint_every=4",
+        "train.progress=false",
+        "optim.warmup_steps=0",
+        "deepspeed.stage=0",
+    ]
+    code, _, err = cli("pretrain", "-c", REPO / "configs/pretrain/dna-quick.yaml", *args)
+    assert code == 0, err
+    info = json.loads((out / "run.json").read_text())
+    genome = json.loads((dna_checkpoint / "config.json").read_text())
+    # the genome weights are an input (a new genome checkpoint re-runs it), with their checksum
+    assert {"name": "init_from", "path": str(dna_checkpoint), "sha256": genome["weights_sha256"]} in info[
+        "inputs"
+    ]
+    # the genome model's architecture, not dna-quick.yaml's, and weights that started from it
+    start, end = load_pretrained(dna_checkpoint), load_pretrained(out / "model")
+    assert end.config.d_model == start.config.d_model == genome["architecture"]["d_model"]
+    moved = max((a - b).abs().max().item() for a, b in zip(start.parameters(), end.parameters()))
+    assert 0 < moved < 0.1  # 4 steps from the genome weights, not a fresh initialisation
+    # the reference predictors now count the splice training sequences
+    assert info["final_eval"]["references"]["context"]["mean_loss"] > 0
+    assert torch.isfinite(torch.tensor(info["final_eval"]["mean_loss"]))
+
+
+def test_study_full_pairs_each_continued_run_with_the_genome_run_of_its_seed(tmp_path):
+    plan = load_plan(REPO / "configs/pipelines/study-full.yaml", [f"run_dir={tmp_path}"])
+    genome = {t.point["train.seed"]: t.output for t in plan.stages["pretrain_dna"].tasks
+              if t.point["masking.scheme"] == "r2mae"}  # fmt: skip
+    continued = plan.stages["pretrain_splice_continued"].tasks
+    assert len(continued) == 5 and len(genome) == 5
+    for task in continued:
+        init = next(o for o in task.overrides if o.startswith("model.init_from="))
+        assert init == f"model.init_from={genome[task.point['train.seed']]}/model"
+        assert any(o.startswith("data.store=") and o.endswith("prep_splice") for o in task.overrides)
+    # the sources evaluation scores corpus, self and both on the store's own splits (no test
+    # sequence seen in self-pretraining), with five pretraining seeds each
+    task = plan.stages["evaluate_splice_sources"].tasks[0]
+    names = {
+        o.split("=")[0].removeprefix("checkpoints.") for o in task.overrides if o.startswith("checkpoints.")
+    }
+    assert names == {f"{source}@{seed}" for source in ("corpus", "self", "both") for seed in range(5)}
+    assert "splits.mode=store" in task.overrides
