@@ -26,7 +26,7 @@ from typing import Any
 
 from biomask import __version__
 from biomask.evaluation.evaluate import VAL_METRIC
-from biomask.evaluation.metrics import METRICS, format_summary, paired_comparison, summarize
+from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
 from biomask.provenance import code_version
 from biomask.report import figures
 from biomask.report.collect import (
@@ -476,6 +476,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
             "",
             *_evaluation_table(ev),
+            "",
+            MACRO_F1_NOTE,  # how the table's macro-F1 averages (per-class support: the evaluation's report.md)
             "",
         ]
         rows = [
