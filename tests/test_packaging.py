@@ -13,6 +13,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 
 from biomask import datasets
 
@@ -89,12 +90,21 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
     )
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    # a user's shell: no DS_ACCELERATOR, biomask picks the device (and tells DeepSpeed)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {
+        "PYTHONPATH": str(target),
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(target), str(table)],
                           cwd=work, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "cells embedded: (300, 32)" in done.stdout
     # the run's first line says where it trains and in what precision
     first = next(line for line in done.stderr.splitlines() if "pretrain:" in line)
-    assert re.search(r"pretrain: cpu \(\d+ threads\), precision fp32 \(DS_ACCELERATOR=cpu\)", first), first
+    expected = (
+        r"pretrain: cuda:0 \(.+ GiB\), precision (bf16|fp32) \(DS_ACCELERATOR=cuda\)"
+        if torch.cuda.is_available()
+        else r"pretrain: cpu \(\d+ threads\), precision fp32 \(DS_ACCELERATOR=cpu\)"
+    )
+    assert re.search(expected, first), first
     assert "templates: ['pretrain.sbatch', 'stage.sbatch', 'sweep.sbatch']" in done.stdout
