@@ -51,7 +51,7 @@ class FinetuneSpec(Config):
     lr: float | list[float] = Field(default_factory=lambda: [1.0e-4, 3.0e-4])
     head_lr: float | None = Field(None, gt=0)  # None: the encoder's lr (the head starts trained)
     # layer-wise lr decay: block i of n trains at lr * decay^(n - i), the embeddings at lr * decay^n;
-    # None: one lr. Models without transformer blocks (e.g. the MLP kind) use one lr.
+    # None: one lr. Kinds without blocks (the MLP kind) use one lr; transformer and cnn blocks decay.
     layer_decay: float | None = Field(None, gt=0, le=1)
     warmup: float = Field(0.1, ge=0, lt=1)  # share of the steps with a linear warm-up; then constant
     weight_decay: float = Field(0.01, ge=0)
