@@ -147,7 +147,10 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
     checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
     model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
     if model.config.kind not in ("transformer", "mlp"):
-        raise InputError(f"{checkpoint}: model kind {model.config.kind!r} cannot be exported to Hugging Face")
+        raise InputError(
+            f"{checkpoint}: model kind {model.config.kind!r} cannot be exported to Hugging Face (kinds "
+            "transformer and mlp can); embed with `biomask embed` or `biomask.embed` instead"
+        )
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise OutputExistsError(f"output {output} exists and is not empty; pass --overwrite to replace it")
     if output.resolve() == checkpoint.resolve():

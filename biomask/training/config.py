@@ -50,7 +50,7 @@ class ModelConfig(Config):
     # store prepared from counts: counts.mode require or from_log1p).
     loss: Literal["mse", "poisson", "nb"] = "mse"
     # kind panel_transformer: visible genes read per cell in training (a random subset; 0: all).
-    max_visible: int = Field(128, ge=0)
+    max_visible: int = Field(64, ge=0)
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 
