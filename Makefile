@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.biomask-installed
 # torch is pinned (constraints.txt) and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := $(shell grep -E '^torch==' constraints.txt)
+# Which build of that torch: empty = pip's configured index (PyPI's Linux wheel is a CUDA build);
+# a CPU laptop: make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu; a GPU: .../whl/cu126, the
+# CUDA the driver supports (docs/install.md). Either satisfies the pin (2.13.0+cpu matches ==2.13.0).
+TORCH_INDEX ?=
 
 # No DS_ACCELERATOR here: biomask picks the GPU when torch sees one and exports the choice, so
 # DeepSpeed and torch agree (set DS_ACCELERATOR=cpu to train on the CPU anyway).
@@ -25,7 +29,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	  echo "Run: make PYTHON=python3.11 ...  (or see docs/install.md: conda env create -f environment.yml)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
 	@touch $@
 
