@@ -153,6 +153,12 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
         f"output={tmp_path / 'cls'}", f"checkpoints.cnn={straight / 'model'}", "seeds=[0]", "pooling=cls",
     )  # fmt: skip
     assert code == 2 and "pooling=cls" in err and not (tmp_path / "cls").exists()
+    # continuing a CNN checkpoint with MAE corruption: refused too, nothing written
+    code, _, err = cli(
+        "pretrain", *pretrain_args(genome_store, tmp_path / "mae"), "model.kind=transformer",
+        f"model.init_from={straight / 'model'}", "masking.corruption.kind=mae",
+    )  # fmt: skip
+    assert code == 2 and "masking.corruption.kind" in err and not (tmp_path / "mae").exists()
     # the Hugging Face export does not cover this kind: refused clearly
     code, _, err = cli("export-hf", "--checkpoint", straight / "model", "--output", tmp_path / "hf")
     assert code == 2 and "cnn" in err and not (tmp_path / "hf").exists()

@@ -193,6 +193,11 @@ def init_checkpoint(
             f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
             f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
         )
+    if pretrained.config.kind == "cnn" and cfg.masking.corruption.kind != "mlm":
+        raise InputError(
+            f"model.init_from={path} is a cnn model: masking.corruption.kind={cfg.masking.corruption.kind} "
+            "is not possible (a convolution needs every position in place); use masking.corruption.kind=mlm"
+        )
     arch = dataclasses.replace(
         pretrained.config,
         dropout=arch.dropout,
