@@ -41,3 +41,19 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path, cli):
     code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tiny.yaml", f"output={tmp_path / 'run'}",
                        "train.report_to=[neptune]")  # fmt: skip
     assert code == 2 and "train.report_to" in err
+
+
+def test_wandb_records_every_scalar_when_installed(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # written to the run directory, nothing sent
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = MetricsLogger(tmp_path, total_steps=10, start_step=0, enabled=True, progress=False,
+                            report_to=["wandb"], config={"train": {"steps": 10}})  # fmt: skip
+    metrics.log(5, "train", VALUES)
+    metrics.log(10, "eval", {"loss": {"0.15": 2.0}, "mean_loss": 2.1})
+    metrics.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run.read_bytes()
+    for key in ("train/loss", "train/accuracy", "eval/loss/0.15", "eval/mean_loss", "steps"):  # + the config
+        assert key.encode() in data, key
+    assert not (tmp_path / "tensorboard").exists()
