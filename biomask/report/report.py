@@ -247,7 +247,7 @@ def _pretraining_verdict(modality: str, runs: list[PretrainRun], r2mae: str) -> 
         f"- **Pretraining ({modality})**: held-out masked loss averaged over the ratio grid, R²MAE "
         f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f}: {text} "
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
-        f"{len(seeds)} pretraining seeds paired by seed)."
+        f"{len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) paired by seed)."
     ]
 
 
