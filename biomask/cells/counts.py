@@ -395,7 +395,8 @@ def require_counts(manifest: dict[str, Any], where: str, key: str) -> None:
     why = (
         f"its values are normalised expression, not counts ({found})"
         if normalised
-        else f"it keeps no per-cell library size (scheme {manifest.get('scheme')}; {found or 'no inputs'})"
+        else f"it keeps no per-cell library size (scheme {manifest.get('scheme')}; {found or 'no inputs'}; "
+        "panel stores written before the count likelihoods existed lack it: prepare the store again)"
     )
     raise InputError(
         f"{where}/manifest.json: {key} needs raw counts and each cell's library size, but {why}. "
