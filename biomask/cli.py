@@ -305,7 +305,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from biomask.pipelines.tables import local_table, print_failures, show
 
     plan = load_plan(args.pipeline, args.overrides)
-    results = run_pipeline(plan, only=args.only or (), start=args.start, echo=not args.quiet)
+    results = run_pipeline(plan, only=args.only or (), start=args.start, echo=not args.quiet, jobs=args.jobs)
     show(local_table(f"pipeline {plan.pipeline.name} ({plan.run_dir})", results))
     print_failures(results)
     return exit_code(results)
@@ -393,6 +393,29 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- parser
+
+
+def _jobs(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"--jobs {value!r}: a number >= 1 or 'auto'")
+    return jobs
+
+
+def jobs_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_jobs,
+        default=None,
+        metavar="N|auto",
+        help="tasks run at once (a sweep's runs, independent stages); default: the pipeline's local.jobs",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         pipe, "run", cmd_pipeline_run, "run the stages here in dependency order, reusing current outputs"
     )
     pipeline_arguments(p)
+    jobs_argument(p)
     p = command(
         pipe, "submit", cmd_pipeline_submit, "render one sbatch script per stage and submit the chain"
     )
@@ -633,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")
     p.add_argument("--output", default="runs/main", help="run directory (default: runs/main)")
+    jobs_argument(p)
     p.add_argument(
         "--pipeline",
         help="the study pipeline (default: configs/pipelines/study-quick.yaml; see study-full.yaml)",

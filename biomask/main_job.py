@@ -40,7 +40,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args.pipeline)
     plan = load_plan(pipeline, [f"run_dir={args.output}"])
     log.info("main job: %s -> %s (%d stages)", pipeline, plan.run_dir, len(plan.stages))
-    results = run_pipeline(plan, echo=not args.quiet)
+    results = run_pipeline(plan, echo=not args.quiet, jobs=getattr(args, "jobs", None))
     show(local_table(f"main job ({plan.run_dir})", results))
     code = exit_code(results)
     if code != 0:

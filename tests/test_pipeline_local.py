@@ -116,3 +116,27 @@ def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):
     assert "failed" in out and "prep_genome" in out  # the status table
     assert "stage prep_genome failed (exit 2)" in err and str(missing) in err  # and the stage's own message
     assert not (run / "prep_genome").exists() and leftovers(run) == []
+
+
+def test_jobs_run_a_sweep_at_once_after_the_stage_it_needs(dna_pipeline, tmp_path, cli):
+    run = tmp_path / "run"
+    code, _, err = cli("pipeline", "run", dna_pipeline, "--jobs", "2")
+    assert code == 0, err
+    assert "running up to 2 tasks at once" in err
+    results = {r["task"]: r for r in json.loads((run / "local-run.json").read_text())["results"]}
+    assert [r["status"] for r in results.values()] == ["ran"] * 3
+    genome, first, second = (results[t] for t in TASKS)
+    # the splice tasks waited for the genome (they need its tokenizer) ...
+    assert min(first["started"], second["started"]) >= genome["started"] + genome["seconds"]
+    # ... and then ran at the same time
+    assert max(first["started"], second["started"]) < min(
+        first["started"] + first["seconds"], second["started"] + second["seconds"]
+    )
+    assert TokenStore(run / "prep_splice" / "split.seed=1").verify() > 0
+    # the same outputs as one at a time: a rerun with one job reuses all three
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--jobs", "1")
+    assert code == 0, err
+    assert statuses(run) == dict.fromkeys(TASKS, "reused")
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        cli("-q", "pipeline", "run", dna_pipeline, "--jobs", "0")
+    assert exit_.value.code == 2

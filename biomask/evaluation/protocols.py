@@ -55,6 +55,7 @@ from biomask.evaluation.data import LabelledRecords
 from biomask.evaluation.methods import Method
 from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
+from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
         choice = PoolingChoice(candidates, probes)
         info = {"inputs": inputs(name, model_for_seed(0), max_length), "poolings": candidates}
         # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
-        whole = getattr(model_for_seed(0).config, "kind", "transformer") == "mlp"
+        whole = getattr(model_for_seed(0).config, "kind", "transformer") in PROFILE_KINDS
         ft_length = max_length if whole else min(max_length, spec.max_length or max_length)
         for protocol in cfg.protocols:
             if protocol == "knn":

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomask.cells.tokenize import SCHEMES
 from biomask.models import likelihood
 from biomask.models.config import EncoderConfig
 from biomask.vocab import NUM_SPECIAL
@@ -89,7 +90,7 @@ class ProfileModel(nn.Module):
     def init_from_data(self, records) -> None:
         """Statistics of the training split: the standardisation and, for a count loss, the reference
         rates and dispersions (also the starting point of the output bias and the dispersion)."""
-        panel = self.config.scheme == "panel"
+        panel = self._complete_profile()
         self.set_gene_stats(*gene_statistics(records, self.config.vocab_size, panel=panel))
         if self.config.loss != "mse":
             p, theta = likelihood.count_statistics(records, self.config.vocab_size, self.config.target_sum)
@@ -102,6 +103,11 @@ class ProfileModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ input
 
+    def _complete_profile(self) -> bool:
+        """Whether a record lists every panel gene its data has (zeros included): the scheme says."""
+        scheme = SCHEMES.get(self.config.scheme or "")
+        return scheme is not None and scheme.complete_profile
+
     def _dense(self, batch: dict[str, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
         """A token-aligned field (B, L) scattered to gene columns (B, vocab_size); padding -> column 0."""
         ids = batch["input_ids"]
@@ -113,7 +119,7 @@ class ProfileModel(nn.Module):
         """(B, vocab_size) bool: genes the input did not measure. A panel record lists every panel
         gene its data has, zeros included, so a gene it leaves out is unknown and hidden like a masked
         one; other stores list expressed genes only, so there a gene left out is a zero."""
-        if self.config.scheme != "panel":
+        if not self._complete_profile():
             return torch.zeros(
                 batch["input_ids"].shape[0],
                 self.config.vocab_size,

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class TaskResult:
     output: str
     log: str
     detail: str = ""
+    started: float | None = None  # Unix time the task started (tasks may run at once: local.jobs)
 
     @property
     def ok(self) -> bool:
@@ -67,47 +69,109 @@ def stage_argv(stage: PlannedStage, task: Task, *, overwrite: bool = False) -> l
 
 
 def run_pipeline(
-    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, echo: bool = True
+    plan: Plan,
+    *,
+    only: Sequence[str] = (),
+    start: str | None = None,
+    echo: bool = True,
+    jobs: int | str | None = None,
 ) -> list[TaskResult]:
-    """Run the selected stages; return one result per task (failures included, nothing raised)."""
+    """Run the selected stages; return one result per task (failures included, nothing raised).
+
+    A task starts once every stage its stage needs has finished; up to `jobs` (default: the
+    pipeline's `local.jobs`) run at once. With one job this is the selection order, one by one.
+    """
     selected = plan.select(only, start)
     check_upstream_outputs(plan, selected)
     write_resolved(plan)
     (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    n_jobs = resolve_jobs(plan.pipeline.local.jobs if jobs is None else jobs)
+    threads = thread_env(n_jobs, plan.pipeline.env)
+    if n_jobs > 1:
+        _say(f"running up to {n_jobs} tasks at once{_describe_threads(threads)}", echo)
 
-    results: list[TaskResult] = []
+    order = [(name, task) for name in selected for task in plan.stages[name].tasks]
+    pending = list(order)
+    remaining = {name: len(plan.stages[name].tasks) for name in selected}  # tasks not finished
     failed: set[str] = set()
-    for name in selected:
-        stage = plan.stages[name]
-        blocked = [n for n in stage.needs if n in failed]
-        for task in stage.tasks:
-            if blocked:
-                results.append(
-                    TaskResult(
-                        name, task.name, "not run", None, 0.0, str(task.output), "", f"{blocked[0]} failed"
-                    )
-                )
-                continue
-            result = _run_task(plan, stage, task, echo=echo)
-            results.append(result)
-            if not result.ok:
-                failed.add(name)
-        if blocked:
+    results: dict[tuple[str, str], TaskResult] = {}
+
+    def finish(name: str, result: TaskResult) -> None:
+        results[(name, result.task)] = result
+        remaining[name] -= 1
+        if not result.ok:
             failed.add(name)
-    _record(plan, results)
-    return results
+
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        running: dict[Future[TaskResult], str] = {}
+        while pending or running:
+            for name, task in list(pending):
+                needs = plan.stages[name].needs
+                blocked = [n for n in needs if n in failed]
+                if blocked:
+                    pending.remove((name, task))
+                    finish(
+                        name,
+                        TaskResult(
+                            name,
+                            task.name,
+                            "not run",
+                            None,
+                            0.0,
+                            str(task.output),
+                            "",
+                            f"{blocked[0]} failed",
+                        ),
+                    )
+                elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
+                    pending.remove((name, task))
+                    stage = plan.stages[name]
+                    running[pool.submit(_run_task, plan, stage, task, echo=echo, threads=threads)] = name
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(running.pop(future), future.result())
+    ordered = [results[(name, task.name)] for name, task in order]
+    _record(plan, ordered)
+    return ordered
 
 
-def _run_task(plan: Plan, stage: PlannedStage, task: Task, *, echo: bool) -> TaskResult:
+def resolve_jobs(jobs: int | str) -> int:
+    """`local.jobs` as a number: "auto" is the CPU cores this process may use."""
+    if jobs == "auto":
+        return max(
+            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+    return max(1, int(jobs))
+
+
+def thread_env(jobs: int, pipeline_env: dict[str, str]) -> dict[str, str]:
+    """Threads per task when tasks share the machine: cores / jobs, unless the user chose."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in pipeline_env:
+        return {}
+    per_task = str(max(1, resolve_jobs("auto") // jobs))
+    return {"OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task}
+
+
+def _describe_threads(threads: dict[str, str]) -> str:
+    return f", {threads['OMP_NUM_THREADS']} thread(s) each" if threads else ""
+
+
+def _run_task(
+    plan: Plan, stage: PlannedStage, task: Task, *, echo: bool, threads: dict[str, str]
+) -> TaskResult:
     log = plan.run_dir / "logs" / (f"{stage.name}-{task.index}.log" if task.point else f"{stage.name}.log")
     before = _identity(task.output)
+    started_at = time.time()
     started = time.monotonic()
-    code, error = _spawn(plan, stage_argv(stage, task), log, echo=echo, label=task.name)
+    code, error = _spawn(plan, stage_argv(stage, task), log, echo=echo, label=task.name, threads=threads)
     status = "ran"
     if code != 0 and error.get("error") == "OutputExistsError":
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
         _say(f"{task.name}: config or inputs changed since {task.output} was written; running it again", echo)
-        code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, echo=echo, label=task.name)
+        code, error = _spawn(
+            plan, stage_argv(stage, task, overwrite=True), log, echo=echo, label=task.name, threads=threads
+        )
         status = "ran (changed)"
     seconds = time.monotonic() - started
     if code != 0:
@@ -120,10 +184,13 @@ def _run_task(plan: Plan, stage: PlannedStage, task: Task, *, echo: bool) -> Tas
             str(task.output),
             str(log),
             error.get("message", ""),
+            started_at,
         )
     if status == "ran" and before is not None and before == _identity(task.output):
         status = "reused"
-    return TaskResult(stage.name, task.name, status, code, seconds, str(task.output), str(log))
+    return TaskResult(
+        stage.name, task.name, status, code, seconds, str(task.output), str(log), started=started_at
+    )
 
 
 def _identity(output: Path) -> tuple[Any, Any] | None:
@@ -132,7 +199,9 @@ def _identity(output: Path) -> tuple[Any, Any] | None:
     return (info.get("fingerprint"), info.get("created")) if info else None
 
 
-def _spawn(plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str) -> tuple[int, dict[str, Any]]:
+def _spawn(
+    plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str, threads: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
     """Run one stage process, its output appended to `log` (and echoed); return its exit code and error."""
     with tempfile.TemporaryDirectory(prefix="biomask-stage-") as tmp:
         error_file = Path(tmp) / "error.json"
@@ -140,7 +209,13 @@ def _spawn(plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str) ->
         # ran under torchrun, or once it created a process group itself) would make a training
         # stage join that group's address instead of starting its own.
         inherited = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-        env = {**inherited, **plan.pipeline.env, ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **inherited,
+            **threads,
+            **plan.pipeline.env,
+            ERROR_FILE_ENV: str(error_file),
+            "PYTHONUNBUFFERED": "1",
+        }
         _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
         with open(log, "a") as sink:
             sink.write(f"$ {' '.join(argv)}\n")

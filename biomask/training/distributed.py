@@ -143,6 +143,13 @@ def init_process_group(dist_env: DistEnv) -> None:
     cuda = accelerator() == "cuda"
     if cuda:
         torch.cuda.set_device(dist_env.local_rank)
+    if dist_env.world_size == 1:
+        # One process needs no rendezvous: an in-memory store instead of a TCP port, which another
+        # process can take between our free_port() and DeepSpeed's bind (seen: EADDRINUSE in CI).
+        # DeepSpeed adopts a process group that is already initialised.
+        torch.distributed.init_process_group(
+            "nccl" if cuda else "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
     deepspeed.init_distributed(
         dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=False,
