@@ -18,16 +18,15 @@ from torch import nn
 from biomask.embedding.inference import embed_records, window_starts
 from biomask.errors import InputError
 from biomask.evaluation.baselines import Split, fit_tuned_logistic, one_hot
-from biomask.evaluation.config import SplitSpec
+from biomask.evaluation.config import FinetuneSpec, SplitSpec
 from biomask.evaluation.data import load_labelled, seed_split
-from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained
-from biomask.training.finetune import (
-    FinetuneSettings,
+from biomask.evaluation.finetune import (
     ProbeHead,
     encoder_param_groups,
     finetune,
     finetune_grid,
 )
+from biomask.models import EncoderConfig, MaskedEncoder, load_pretrained
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -71,8 +70,7 @@ def run(splice, probe, *, lrs, **settings):
             records,
             data.labels,
             split,
-            lrs=lrs,
-            settings=FinetuneSettings(batch_size=64, **settings),
+            settings=FinetuneSpec(batch_size=64, lr=lrs, warmup=0.0, **settings),
             n_classes=3,
             seed=0,
             max_length=62,
@@ -175,7 +173,7 @@ def test_finetuning_windows_long_records_like_the_probe(splice, probe):
             data.labels,
             (train[:256], val, test),
             n_classes=3,
-            settings=FinetuneSettings(batch_size=32, lr=1e-3, epochs=2, min_epochs=1),
+            settings=FinetuneSpec(batch_size=32, lr=1e-3, epochs=2, min_epochs=1, warmup=0.0),
             seed=0,
             max_length=32,
             pooling="concat",

@@ -24,7 +24,7 @@ from biomask.store import TokenStore
 from biomask.training.config import PretrainConfig
 from biomask.training.data import DataSpec, eval_batches
 from biomask.training.distributed import RANK_VARS
-from biomask.training.trainer import evaluate
+from biomask.training.trainer import held_out_loss
 from tests.cells_store import prep_pbmc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,9 @@ def reloaded_eval(output: Path, store: Path, cfg: PretrainConfig) -> tuple[dict,
         world_size=1,
         rank=0,
     )
-    again = evaluate(model, batches, cfg, model.config, DistEnv(0, 1, 0, "", 0, "plain"), torch.device("cpu"))
+    again = held_out_loss(
+        model, batches, cfg, model.config, DistEnv(0, 1, 0, "", 0, "plain"), torch.device("cpu")
+    )
     return again["loss"], info["eval"]["loss"]
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import matthews_corrcoef
 
-from biomask.evaluation.config import SplitSpec
+from biomask.evaluation.config import FinetuneSpec, SplitSpec
 from biomask.evaluation.data import load_labelled, seed_split
+from biomask.evaluation.finetune import finetune
 from biomask.models import load_pretrained
-from biomask.training.finetune import FinetuneSettings, finetune
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -68,8 +68,15 @@ def splice_split(splice_store):
 
 def run_finetune(checkpoint, splice_split, *, stage: int, seed: int = 0):
     data, records, split = splice_split
-    settings = FinetuneSettings(
-        max_steps=80, batch_size=32, lr=1e-3, head_lr=3e-3, eval_every=20, patience=3, zero_stage=stage
+    settings = FinetuneSpec(
+        max_steps=80,
+        batch_size=32,
+        lr=1e-3,
+        head_lr=3e-3,
+        eval_every=20,
+        patience=3,
+        zero_stage=stage,
+        warmup=0.0,
     )
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -136,7 +136,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(name, finished, genome_stor
 
 
 def test_zero_to_fp32_consolidation_loads_weights_only(finished, tmp_path):
-    from biomask.training.trainer import consolidated_state_dict
+    from biomask.training.checkpoint import consolidated_state_dict
 
     ckpt = shutil.copytree(finished / "checkpoints" / "step00000012", tmp_path / "ckpts" / "step00000012")
     state = consolidated_state_dict(None, ckpt, 2)

@@ -139,3 +139,18 @@ def test_every_cell_scheme_says_what_its_records_imply():
         assert scheme.default_target != "bins" or scheme.writes_bins()
     with pytest.raises(ValueError, match="'binned', 'rank' or 'panel'"):
         TokenizerConfig(scheme="ranked")
+
+
+def test_every_model_kind_is_named_once_and_registered():
+    """A kind a config accepts is one a checkpoint can record and the registry can build."""
+    from typing import get_args
+
+    from biomask.models.config import EncoderConfig, ModelKind
+    from biomask.models.kinds import MODEL_KINDS
+    from biomask.training.config import ModelConfig
+
+    kinds = set(get_args(ModelKind))
+    assert set(MODEL_KINDS) == kinds
+    assert ModelConfig.model_fields["kind"].annotation is ModelKind
+    assert {ModelConfig(kind=k, preset="tiny").kind for k in kinds} == kinds
+    assert EncoderConfig(vocab_size=10, kind="cnn").kind == "cnn"

@@ -34,7 +34,7 @@ class BaselineSpec(Config):
 
 
 class FinetuneSpec(Config):
-    """Linear-probe-then-fine-tune through the DeepSpeed trainer (biomask.training.finetune).
+    """Linear-probe-then-fine-tune through the DeepSpeed trainer (biomask.evaluation.finetune).
 
     The head starts as the fitted linear probe on the frozen features (`init_head: probe`), so
     fine-tuning starts where the probe ends; each learning rate of the grid trains for `epochs`,

@@ -8,7 +8,7 @@ and the same architecture randomly initialised (seeded per evaluation seed) unde
 | `mlp_probe`    | the same embeddings                          | one-hidden-layer MLP, early stopping on val  |
 | `finetune`     | the whole encoder, trained                   | a linear head started as the fitted linear   |
 |                |                                              | probe (LP-FT), through the DeepSpeed engine  |
-|                |                                              | (biomask.training.finetune); lr chosen on    |
+|                |                                              | (biomask.evaluation.finetune); lr chosen on    |
 |                |                                              | val from a grid; the probe when no run beats |
 |                |                                              | it on val                                    |
 
@@ -142,7 +142,7 @@ class Probes:
         self.cache: dict[Any, Any] = {}
 
     def fit(self, model_for_seed, feature_seed, max_length, data, train, val, test, seed, pooling):
-        from biomask.training.finetune import ProbeHead
+        from biomask.evaluation.finetune import ProbeHead
 
         key = (feature_seed, max_length, seed, pooling)
         if key not in self.cache:
@@ -228,7 +228,7 @@ def random_init(template: MaskedEncoder, seed: int) -> MaskedEncoder:
 
 def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     """Methods for every checkpoint × protocol (+ random-init × protocol); see the module docstring."""
-    from biomask.training.finetune import FinetuneSettings, finetune_grid
+    from biomask.evaluation.finetune import finetune_grid
 
     models = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
     if RANDOM_INIT in models:
@@ -250,8 +250,6 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
 
     n_classes = len(data.label_names)
     spec = cfg.finetune
-    settings = FinetuneSettings(**spec.model_dump(exclude={"max_length", "lr", "init_head"}))
-    lrs = spec.lr if isinstance(spec.lr, list) else [spec.lr]
     methods: list[Method] = []
 
     def inputs(name: str, model: MaskedEncoder, max_length: int) -> dict[str, Any]:
@@ -347,8 +345,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                             records(),
                             data.labels,
                             (train, val, test),
-                            lrs=lrs,
-                            settings=settings,
+                            settings=spec,
                             n_classes=n_classes,
                             seed=seed,
                             max_length=ft_length,

@@ -27,6 +27,10 @@ CNN_PRESETS: dict[str, dict[str, int]] = {
     "small": {"d_model": 192, "n_layers": 9, "n_heads": 1, "d_ff": 384},
 }
 
+# The model kinds, named once: the pretrain config's `model.kind`, a checkpoint's architecture and
+# the registry `biomask.models.kinds.MODEL_KINDS` (which a test keeps in step with this list).
+ModelKind = Literal["transformer", "mlp", "panel_transformer", "cnn"]
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
     "small": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},
@@ -44,7 +48,7 @@ class EncoderConfig:
     modality: Literal["dna", "cells"] = "dna"
     # transformer: tokens through a transformer (DNA, cells); mlp: the expression-profile masked
     # autoencoder (cells; biomask.models.profile). One class per kind in `biomask.models.MODEL_KINDS`.
-    kind: Literal["transformer", "mlp", "panel_transformer", "cnn"] = "transformer"
+    kind: ModelKind = "transformer"
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4

@@ -26,6 +26,8 @@ import pickle
 import random
 import re
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from biomask.errors import InputError
+from biomask.models import EncoderConfig, save_pretrained
 from biomask.outputs import atomic_write_text
 from biomask.provenance import sha256_file
 from biomask.tensor_files import save_tensors
@@ -374,3 +377,36 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     for old in valid_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the portable checkpoint
+
+
+def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO checkpoint."""
+    if stage == 0:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # it prints progress (stdout is the stage's result); its torch.load calls unpickle weights only
+    with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def export_portable(
+    out: Path,
+    state: dict[str, torch.Tensor],
+    arch: EncoderConfig,
+    *,
+    tokenizer_dir: Path,
+    info: dict[str, Any],
+) -> Path:
+    """`out/model`: the portable checkpoint (safetensors, config.json, tokenizer) that loads without
+    DeepSpeed; written under a temporary name and swapped in whole, so a kill leaves the old or the new."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
+    tmp.rmdir()
+    save_pretrained(state, arch, tmp, tokenizer_dir=tokenizer_dir, info=info)
+    if (out / "model").exists():
+        shutil.rmtree(out / "model")
+    tmp.rename(out / "model")
+    return out / "model"

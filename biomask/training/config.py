@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from biomask.config import Config
 from biomask.masking.config import MaskingConfig
-from biomask.models.config import CNN_PRESETS, MLP_PRESETS, PRESETS
+from biomask.models.config import CNN_PRESETS, MLP_PRESETS, PRESETS, ModelKind
 
 
 class DataConfig(Config):
@@ -30,7 +30,7 @@ class ModelConfig(Config):
     # cnn: a dilated convolutional DNA encoder (biomask.models.cnn; presets tiny, small; MLM only).
     # panel_transformer: a transformer over panel genes whose cell token is the embedding (cells;
     # biomask.models.panel_transformer).
-    kind: Literal["transformer", "mlp", "cnn", "panel_transformer"] = "transformer"
+    kind: ModelKind = "transformer"  # biomask.models.config.ModelKind
     preset: Literal["tiny", "small", "base", "large", "1b", "custom"] = "tiny"
     # Sizes; None: the preset's. With preset custom, all four must be given.
     d_model: int | None = Field(None, ge=8)

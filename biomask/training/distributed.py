@@ -1,5 +1,6 @@
-"""The rank environment, whatever started us: plain `biomask pretrain`, `torchrun`, the `deepspeed`
-launcher, or SLURM's `srun`.
+"""Everything about several processes: the rank environment (whatever started us: plain `biomask
+pretrain`, `torchrun`, the `deepspeed` launcher, or SLURM's `srun`), the process group, the collectives
+the trainer uses (`all_sum`, `on_rank0`) and the stop signal all ranks agree on.
 
 torch.distributed (and DeepSpeed) read five variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT. torchrun and the deepspeed launcher set them; srun sets SLURM_* instead, which DeepSpeed
@@ -12,10 +13,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from biomask.errors import BiomaskError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the pipeline runner reads RANK_VARS from here
+    import torch
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -157,3 +165,72 @@ def init_process_group(dist_env: DistEnv) -> None:
         rank=dist_env.rank,
         world_size=dist_env.world_size,
     )
+
+
+# ------------------------------------------------------------------------ collectives and signals
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the current step and exits 75."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def ignore_from_now(self) -> None:
+        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM — e.g.
+        srun terminating the step because another rank exited first — must not turn that into
+        "killed by a signal", which would keep the job script from requeueing."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous = {}
+
+    def agreed(self, world_size: int, device: torch.device) -> bool:
+        """True on every rank if any rank got a signal (ranks must checkpoint together)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        if world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def all_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    """The sums over ranks (float64, so token counts stay exact)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def on_rank0(fn: Callable[[], Any], dist_env: DistEnv) -> Any:
+    """Run `fn` on rank 0 only; every rank gets its result, or raises its error (so no rank is left
+    waiting in a collective while rank 0 reports bad input)."""
+    result: list[Any] = [None]
+    if dist_env.is_main:
+        try:
+            result = [fn()]
+        except BiomaskError as exc:
+            result = [exc]
+    if dist_env.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]

@@ -1,30 +1,28 @@
 """`biomask pretrain`: masked pretraining with the DeepSpeed engine, read top to bottom.
 
-1. inputs       the token store, what it holds, the model it implies, data order, DeepSpeed config
+1. inputs       the token store, what it holds, the model it implies (training/architecture.py),
+                data order, DeepSpeed config
 2. output dir   done (reuse), fresh or resume (an interrupted run of the same config); the store's
                 checksums verified before anything is written
 3. engine       model, AdamW, warm-up + cosine schedule, `deepspeed.initialize` (ZeRO 0-3)
 4. data         seeded, rank-sharded, step-indexed order; the masker on the training device
 5. resume       model, optimizer, schedule, step (= data position) and every RNG from a checkpoint
-6. the loop     mask -> forward -> backward -> step; metrics; held-out eval on a ratio grid;
-                checkpoints; SIGTERM / SIGUSR1 -> checkpoint and exit 75 (requeue)
-7. the end      final eval and checkpoint, the portable checkpoint (model/), run.json last
+6. the loop     train_step (mask -> forward -> backward -> step); metrics; held_out_loss on a ratio
+                grid; checkpoints; SIGTERM / SIGUSR1 -> checkpoint and exit 75 (requeue)
+7. the end      final held-out loss and checkpoint, the portable checkpoint (model/), run.json last
+
+Collectives and the stop signal: training/distributed.py; checkpoints and the portable export:
+training/checkpoint.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import logging
 import math
-import shutil
-import signal
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError, Requeue
+from biomask.errors import REQUEUE_EXIT_CODE, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.masker import maskable_positions
-from biomask.models import EncoderConfig, build_model, load_pretrained, save_pretrained
+from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
 from biomask.outputs import atomic_write_text
@@ -44,9 +42,17 @@ from biomask.stage import StageOutput
 from biomask.store import TokenStore
 from biomask.training import checkpoint, finite, rundir
 from biomask.training.accelerator import describe, resolve_precision, training_device
+from biomask.training.architecture import build_architecture, init_checkpoint
 from biomask.training.config import NON_SEMANTIC, PretrainConfig
 from biomask.training.data import DataSpec, TrainingData, eval_batches
-from biomask.training.distributed import DistEnv, init_process_group, setup_env
+from biomask.training.distributed import (
+    DistEnv,
+    StopSignal,
+    all_sum,
+    init_process_group,
+    on_rank0,
+    setup_env,
+)
 from biomask.training.ds_config import build_ds_config, zero_stage
 from biomask.training.metrics import MetricsLogger, check_trackers
 from biomask.training.references import ContextCounts, reference_counts
@@ -55,160 +61,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- 1. inputs
-
-
-def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
-    scheme = spec.cell_scheme
-    auto = scheme.default_target if scheme is not None else "tokens"
-    target = cfg.masking.target if cfg.masking.target != "auto" else auto
-    if spec.modality == "dna" and target != "tokens":
-        raise InputError(f"masking.target={target} needs a cells store; DNA stores predict tokens")
-    if target == "bins" and not spec.has_bins:
-        raise InputError(f"masking.target=bins needs a binned cells store; {cfg.data.store} is {spec.scheme}")
-    return target
-
-
-def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
-    """The model a pretrain config and a token store imply."""
-    if cfg.model.kind in PROFILE_KINDS:
-        return profile_architecture(cfg, spec, store)
-    if cfg.model.kind == "cnn":
-        return cnn_architecture(cfg, spec, store)
-    scheme = spec.cell_scheme
-    value_embedding = cfg.model.value_embedding
-    if value_embedding == "auto":
-        value_embedding = scheme.value_embedding if scheme is not None else "none"
-    if spec.modality == "dna" and value_embedding != "none":
-        raise InputError(f"model.value_embedding={value_embedding} needs a cells store")
-    if value_embedding == "bins" and not spec.has_bins:
-        raise InputError("model.value_embedding=bins needs a binned cells store (use mlp or none)")
-    target = resolve_target(cfg, spec)
-    if target == "bins" and value_embedding == "mlp":
-        raise InputError("masking.target=bins with model.value_embedding=mlp would show the masked values")
-    positions = not spec.order_free
-    max_length = cfg.data.max_length or cfg.model.max_len
-    if positions and max_length > cfg.model.max_len:
-        raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
-    return EncoderConfig(
-        vocab_size=spec.vocab_size,
-        modality=spec.modality,  # type: ignore[arg-type]
-        **cfg.model.sizes(),
-        dropout=cfg.model.dropout,
-        max_len=cfg.model.max_len,
-        positions=positions,
-        value_embedding=value_embedding,  # type: ignore[arg-type]
-        n_bins=spec.n_bins,
-        scheme=spec.scheme,
-        target=target,  # type: ignore[arg-type]
-        decoder_layers=cfg.model.decoder_layers if cfg.masking.corruption.kind == "mae" else 0,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-    )
-
-
-def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
-    """`model.kind: cnn`: the dilated CNN reads DNA tokens and learns by MLM (masked positions shown as
-    [MASK]); dropping masked tokens (MAE) would break the spacing its convolutions read."""
-    where = store.root if store is not None else cfg.data.store
-    if spec.modality != "dna":
-        raise InputError(f"model.kind=cnn is a DNA encoder; {where} is a {spec.modality} store")
-    if cfg.masking.corruption.kind != "mlm":
-        raise InputError(
-            f"masking.corruption.kind={cfg.masking.corruption.kind} is not possible with model.kind=cnn: "
-            "a convolution needs every position in place; use masking.corruption.kind=mlm"
-        )
-    if cfg.model.value_embedding not in ("auto", "none"):
-        raise InputError(f"model.value_embedding={cfg.model.value_embedding} needs a cells store")
-    return EncoderConfig(
-        vocab_size=spec.vocab_size,
-        modality="dna",
-        kind="cnn",
-        **cfg.model.sizes(),
-        dropout=cfg.model.dropout,
-        max_len=cfg.model.max_len,
-        positions=False,  # translation-equivariant: no position embeddings, no length bound
-        target=resolve_target(cfg, spec),  # type: ignore[arg-type]
-        decoder_layers=0,
-    )
-
-
-def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
-    """`model.kind: mlp` / `panel_transformer`: a cell's whole profile (never cropped), so the input
-    length is the store's longest record; they reconstruct values (or counts: `model.loss`)."""
-    where = store.root if store is not None else cfg.data.store
-    kind = cfg.model.kind
-    if kind == "panel_transformer" and not spec.complete_profile:
-        raise InputError(
-            f"model.kind=panel_transformer reads panel stores (tokenizer.scheme=panel); {where} is {spec.scheme}"
-        )
-    if cfg.model.loss != "mse" and store is not None:
-        from biomask.cells.counts import require_counts
-
-        require_counts(store.manifest, str(where), f"model.loss={cfg.model.loss}")
-    if spec.modality != "cells":
-        raise InputError(f"model.kind=mlp reads expression profiles; {where} is a {spec.modality} store")
-    if cfg.masking.target not in ("auto", "values"):
-        raise InputError(
-            f"model.kind=mlp reconstructs values; masking.target={cfg.masking.target} is not possible"
-        )
-    if not spec.complete_profile:
-        log.warning(
-            "pretrain: model.kind=mlp on a %s store sees only the genes each record lists (a panel store "
-            "— tokenizer.scheme=panel — holds every gene, zeros included)",
-            spec.scheme,
-        )
-    longest = int((store.manifest.get("max_length") if store is not None else None) or spec.vocab_size)
-    # prep's normalisation (values = log1p(count / library_size * target_sum)): how counts come back
-    prep = (store.manifest.get("config") or {}) if store is not None else {}
-    target_sum = float((prep.get("normalise") or {}).get("target_sum", 1e4))
-    return EncoderConfig(
-        vocab_size=spec.vocab_size,
-        modality="cells",
-        kind=kind,
-        **cfg.model.sizes(),
-        dropout=cfg.model.dropout,
-        max_len=longest + spec.n_specials,
-        positions=False,
-        value_embedding="none",
-        n_bins=spec.n_bins,
-        scheme=spec.scheme,
-        target="values",
-        decoder_layers=0,
-        mask_indicator=cfg.model.mask_indicator,
-        loss=cfg.model.loss,
-        target_sum=target_sum,
-        max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
-    )
-
-
-def init_checkpoint(
-    cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
-) -> tuple[EncoderConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    """`model.init_from`: the checkpoint's architecture and weights (its tokenizer must be the store's)."""
-    path = Path(str(cfg.model.init_from))
-    pretrained = load_pretrained(path)  # a missing or corrupt checkpoint: InputError
-    info = pretrained.checkpoint_info
-    theirs = info.get("tokenizer", {}).get("sha256")
-    if theirs != spec.tokenizer_sha256:
-        raise InputError(
-            f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
-            f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
-        )
-    if pretrained.config.kind == "cnn" and cfg.masking.corruption.kind != "mlm":
-        raise InputError(
-            f"model.init_from={path} is a cnn model: masking.corruption.kind={cfg.masking.corruption.kind} "
-            "is not possible (a convolution needs every position in place); use masking.corruption.kind=mlm"
-        )
-    arch = dataclasses.replace(
-        pretrained.config,
-        dropout=arch.dropout,
-        activation_checkpointing=arch.activation_checkpointing,
-        decoder_layers=arch.decoder_layers,
-        target=arch.target,
-    )
-    # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective
-    drop = "decoder." if arch.kind == "transformer" else None
-    weights = {k: v for k, v in pretrained.state_dict().items() if not drop or not k.startswith(drop)}
-    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
 
 
 def prep_settings(store: TokenStore) -> dict[str, Any]:
@@ -239,47 +91,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the current step and exits 75."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def ignore_from_now(self) -> None:
-        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM — e.g.
-        srun terminating the step because another rank exited first — must not turn that into
-        "killed by a signal", which would keep the job script from requeueing."""
-        for sig in self._previous:
-            signal.signal(sig, signal.SIG_IGN)
-        self._previous = {}
-
-    def agreed(self, world_size: int, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal (ranks must checkpoint together)."""
-        flag = torch.tensor([1 if self.received is not None else 0], device=device)
-        if world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def all_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -300,6 +111,36 @@ def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: masked[k] for k in keys if k in masked}
 
 
+def train_step(
+    engine: Any,
+    masker: Masker,
+    train_data: TrainingData,
+    step: int,
+    grad_accum: int,
+    device: torch.device,
+    window: dict[str, float],
+) -> float:
+    """One optimizer step: `grad_accum` micro-batches of mask -> forward -> backward; DeepSpeed steps
+    the optimizer and the schedule on the last one. Adds to the logging `window` (sums, so a window
+    may span checkpoints); returns the step's realised mask ratio."""
+    step_ratio = 0.0
+    for micro in range(grad_accum):
+        batch = to_device(train_data.batch(step, micro), device)
+        masked = masker(batch, step)
+        out = engine(model_inputs(masked))
+        engine.backward(out["loss"])
+        engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
+        n = float(out["n_masked"])
+        window["loss"] += out["loss"].item() * n
+        window["masked"] += n
+        window["correct"] += float(out["n_correct"])
+        window["ratio"] += masked["realised_ratio"]
+        window["micro"] += 1
+        window["tokens"] += float(batch["attention_mask"].sum())
+        step_ratio += masked["realised_ratio"] / grad_accum
+    return step_ratio
+
+
 def eval_masking(cfg: MaskingConfig) -> MaskingConfig:
     """One protocol for every scheme, so grid losses compare across runs: uniform positions, every
     masked token shown as the mask (MAE models keep their MAE path)."""
@@ -312,7 +153,7 @@ def eval_masking(cfg: MaskingConfig) -> MaskingConfig:
 
 
 @torch.no_grad()
-def evaluate(
+def held_out_loss(
     engine: Any,
     batches: list[dict[str, torch.Tensor]],
     cfg: PretrainConfig,
@@ -321,7 +162,8 @@ def evaluate(
     device: torch.device,
     counts: ContextCounts | None = None,
 ) -> dict[str, Any]:
-    """Held-out masked loss and accuracy at every ratio of `train.eval_ratios`, and the mean loss.
+    """Held-out masked loss and accuracy at every ratio of `train.eval_ratios`, and the mean loss
+    (pretraining's own measure; downstream evaluation is `biomask evaluate`).
 
     Each ratio has its own fixed seed, so every evaluation masks the same tokens; the training RNGs
     are untouched (no dropout in eval mode; the masker here has its own generators). On the same
@@ -386,33 +228,6 @@ def evaluate(
         result["accuracy"] = accuracies
         result["mean_accuracy"] = sum(accuracies.values()) / len(accuracies)
     return result
-
-
-def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO checkpoint."""
-    if stage == 0:
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # it prints progress (stdout is the stage's result); its torch.load calls unpickle weights only
-    with contextlib.redirect_stdout(sys.stderr), checkpoint.weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-
-
-def on_rank0(fn: Callable[[], Any], dist_env: DistEnv) -> Any:
-    """Run `fn` on rank 0 only; every rank gets its result, or raises its error (so no rank is left
-    waiting in a collective while rank 0 reports bad input)."""
-    result: list[Any] = [None]
-    if dist_env.is_main:
-        try:
-            result = [fn()]
-        except BiomaskError as exc:
-            result = [exc]
-    if dist_env.world_size > 1:
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
 
 
 def prepare_output(cfg: PretrainConfig, stage: StageOutput, world_size: int, decision: str) -> None:
@@ -619,23 +434,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     window_start = time.perf_counter()
     try:
         while step < cfg.train.steps:
-            step_ratio = 0.0
-            for micro in range(cfg.train.grad_accum):
-                batch = to_device(train_data.batch(step, micro), device)
-                masked = masker(batch, step)
-                out_ = engine(model_inputs(masked))
-                engine.backward(out_["loss"])
-                engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
-                n = float(out_["n_masked"])
-                window["loss"] += out_["loss"].item() * n
-                window["masked"] += n
-                window["correct"] += float(out_["n_correct"])
-                window["ratio"] += masked["realised_ratio"]
-                step_ratio += masked["realised_ratio"] / cfg.train.grad_accum
-                window["micro"] += 1
-                window["tokens"] += float(batch["attention_mask"].sum())
+            step_ratios.append(
+                train_step(engine, masker, train_data, step, cfg.train.grad_accum, device, window)
+            )
             step += 1
-            step_ratios.append(step_ratio)
             metrics.advance()
             # a NaN / infinite loss or gradient norm stops the run (exit 2) before anything saves it
             finite.check_step(
@@ -667,7 +469,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 result = finite.check_eval(
-                    evaluate(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
+                    held_out_loss(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
                 )
                 metrics.log(step, "eval", result)
 
@@ -684,12 +486,12 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
         final_eval = finite.check_eval(
-            evaluate(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
+            held_out_loss(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
         )
         metrics.log(step, "eval", final_eval)
         final = save_checkpoint()
         if dist_env.is_main:
-            state = consolidated_state_dict(engine, final, stage_n)
+            state = checkpoint.consolidated_state_dict(engine, final, stage_n)
             info = {
                 "modality": spec.modality,
                 "scheme": spec.scheme,
@@ -710,12 +512,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 "eval": final_eval,
                 "code": code_version(),
             }
-            tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
-            tmp.rmdir()
-            save_pretrained(state, arch, tmp, tokenizer_dir=store.root / "tokenizer", info=info)
-            if (out / "model").exists():
-                shutil.rmtree(out / "model")
-            tmp.rename(out / "model")
+            checkpoint.export_portable(out, state, arch, tokenizer_dir=store.root / "tokenizer", info=info)
             # run.json last: from now on the directory is a finished output.
             run_tmp = Path(tempfile.mkdtemp(prefix=".run.tmp-", dir=out))
             write_run_info(

@@ -35,7 +35,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,26 +46,9 @@ from torch import nn
 
 from biomask.batch import collate, model_input
 from biomask.embedding.inference import order_free, record_pieces, record_policy
+from biomask.evaluation.config import FinetuneSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneSettings:
-    """One fine-tuning run (see biomask.evaluation.config.FinetuneSpec; the lr grid is finetune_grid's)."""
-
-    epochs: float | None = None  # the budget: epochs and/or steps, whichever ends first; neither: 3 epochs
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float = 3e-4
-    head_lr: float | None = None  # None: lr
-    layer_decay: float | None = None
-    warmup: float = 0.0  # `biomask evaluate` passes its config's (0.1); none here, as before LP-FT
-    weight_decay: float = 0.01
-    eval_every: int | None = None  # None: once per epoch
-    patience: int = 3
-    min_epochs: float = 1.0
-    zero_stage: int = 0
 
 
 @dataclass
@@ -303,7 +286,7 @@ def finetune(
     split: tuple[np.ndarray, np.ndarray, np.ndarray],
     *,
     n_classes: int,
-    settings: FinetuneSettings,
+    settings: FinetuneSpec,
     seed: int,
     max_length: int,
     pooling: str = "mean",
@@ -319,6 +302,9 @@ def finetune(
     from biomask.training.accelerator import resolve_precision, training_device
     from biomask.training.ds_config import preset_config
 
+    if isinstance(settings.lr, list):
+        raise ValueError("finetune runs one learning rate (settings.lr); finetune_grid runs a list")
+    lr = float(settings.lr)
     train, val, test = split
     _engine_environment()
     device = training_device()  # the device DeepSpeed was set up for (setup_env)
@@ -351,10 +337,8 @@ def finetune(
         total = min(total, settings.max_steps)
     min_steps = math.ceil(settings.min_epochs * steps_per_epoch)
     eval_every = settings.eval_every or steps_per_epoch
-    groups = encoder_param_groups(model.encoder, settings.lr, settings.weight_decay, settings.layer_decay)
-    groups += _param_group(
-        list(model.head.parameters()), settings.head_lr or settings.lr, settings.weight_decay
-    )
+    groups = encoder_param_groups(model.encoder, lr, settings.weight_decay, settings.layer_decay)
+    groups += _param_group(list(model.head.parameters()), settings.head_lr or lr, settings.weight_decay)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
     ds_config = preset_config(settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision)
@@ -411,7 +395,7 @@ def finetune(
     log.info(
         "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val MCC %.3f at step %d of %d (%d per epoch; start %.3f)",
         seed,
-        settings.lr,
+        lr,
         settings.zero_stage,
         best_mcc,
         best_step,
@@ -427,7 +411,7 @@ def finetune(
         best_mcc,
         step,
         history,
-        lr=settings.lr,
+        lr=lr,
         start_val_mcc=start_mcc,
         source="finetune" if best_step > 0 else ("probe" if probe is not None else "untrained"),
         steps_per_epoch=steps_per_epoch,
@@ -440,18 +424,17 @@ def finetune_grid(
     labels: np.ndarray,
     split: tuple[np.ndarray, np.ndarray, np.ndarray],
     *,
-    lrs: Sequence[float],
-    settings: FinetuneSettings,
+    settings: FinetuneSpec,
     **kwargs: Any,
 ) -> FinetuneResult:
-    """`finetune` once per learning rate, each from a copy of `encoder`; the run with the best validation
-    MCC wins (ties: the earlier lr). With a probe, a grid where no run beats it returns the probe."""
+    """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
+    the best validation MCC wins (ties: the earlier lr). With a probe, a grid where no run beats it
+    returns the probe."""
     best: FinetuneResult | None = None
     grid: list[dict[str, float]] = []
-    for lr in lrs:
-        result = finetune(
-            copy.deepcopy(encoder), records, labels, split, settings=replace(settings, lr=lr), **kwargs
-        )
+    for lr in settings.lr if isinstance(settings.lr, list) else [settings.lr]:
+        one = settings.model_copy(update={"lr": float(lr)})
+        result = finetune(copy.deepcopy(encoder), records, labels, split, settings=one, **kwargs)
         grid.append(
             {
                 "lr": lr,

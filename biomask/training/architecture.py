@@ -1,0 +1,176 @@
+"""The model a pretrain config implies: `model:` (what the user asks for: a kind, a preset, a few
+switches) resolved against the token store (vocabulary, modality, cells scheme) and the masking (MAE
+needs a decoder; the target) into the complete `EncoderConfig` a checkpoint carries. Every check
+that needs both the config and the data lives here, so the trainer only asks for the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biomask.errors import InputError
+from biomask.models import EncoderConfig, load_pretrained
+from biomask.models.kinds import PROFILE_KINDS
+from biomask.store import TokenStore
+from biomask.training.config import PretrainConfig
+from biomask.training.data import DataSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
+    scheme = spec.cell_scheme
+    auto = scheme.default_target if scheme is not None else "tokens"
+    target = cfg.masking.target if cfg.masking.target != "auto" else auto
+    if spec.modality == "dna" and target != "tokens":
+        raise InputError(f"masking.target={target} needs a cells store; DNA stores predict tokens")
+    if target == "bins" and not spec.has_bins:
+        raise InputError(f"masking.target=bins needs a binned cells store; {cfg.data.store} is {spec.scheme}")
+    return target
+
+
+def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
+    """The model a pretrain config and a token store imply."""
+    if cfg.model.kind in PROFILE_KINDS:
+        return profile_architecture(cfg, spec, store)
+    if cfg.model.kind == "cnn":
+        return cnn_architecture(cfg, spec, store)
+    scheme = spec.cell_scheme
+    value_embedding = cfg.model.value_embedding
+    if value_embedding == "auto":
+        value_embedding = scheme.value_embedding if scheme is not None else "none"
+    if spec.modality == "dna" and value_embedding != "none":
+        raise InputError(f"model.value_embedding={value_embedding} needs a cells store")
+    if value_embedding == "bins" and not spec.has_bins:
+        raise InputError("model.value_embedding=bins needs a binned cells store (use mlp or none)")
+    target = resolve_target(cfg, spec)
+    if target == "bins" and value_embedding == "mlp":
+        raise InputError("masking.target=bins with model.value_embedding=mlp would show the masked values")
+    positions = not spec.order_free
+    max_length = cfg.data.max_length or cfg.model.max_len
+    if positions and max_length > cfg.model.max_len:
+        raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality=spec.modality,  # type: ignore[arg-type]
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=cfg.model.max_len,
+        positions=positions,
+        value_embedding=value_embedding,  # type: ignore[arg-type]
+        n_bins=spec.n_bins,
+        scheme=spec.scheme,
+        target=target,  # type: ignore[arg-type]
+        decoder_layers=cfg.model.decoder_layers if cfg.masking.corruption.kind == "mae" else 0,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
+
+
+def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """`model.kind: cnn`: the dilated CNN reads DNA tokens and learns by MLM (masked positions shown as
+    [MASK]); dropping masked tokens (MAE) would break the spacing its convolutions read."""
+    where = store.root if store is not None else cfg.data.store
+    if spec.modality != "dna":
+        raise InputError(f"model.kind=cnn is a DNA encoder; {where} is a {spec.modality} store")
+    if cfg.masking.corruption.kind != "mlm":
+        raise InputError(
+            f"masking.corruption.kind={cfg.masking.corruption.kind} is not possible with model.kind=cnn: "
+            "a convolution needs every position in place; use masking.corruption.kind=mlm"
+        )
+    if cfg.model.value_embedding not in ("auto", "none"):
+        raise InputError(f"model.value_embedding={cfg.model.value_embedding} needs a cells store")
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality="dna",
+        kind="cnn",
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=cfg.model.max_len,
+        positions=False,  # translation-equivariant: no position embeddings, no length bound
+        target=resolve_target(cfg, spec),  # type: ignore[arg-type]
+        decoder_layers=0,
+    )
+
+
+def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """`model.kind: mlp` / `panel_transformer`: a cell's whole profile (never cropped), so the input
+    length is the store's longest record; they reconstruct values (or counts: `model.loss`)."""
+    where = store.root if store is not None else cfg.data.store
+    kind = cfg.model.kind
+    if kind == "panel_transformer" and not spec.complete_profile:
+        raise InputError(
+            f"model.kind=panel_transformer reads panel stores (tokenizer.scheme=panel); {where} is {spec.scheme}"
+        )
+    if cfg.model.loss != "mse" and store is not None:
+        from biomask.cells.counts import require_counts
+
+        require_counts(store.manifest, str(where), f"model.loss={cfg.model.loss}")
+    if spec.modality != "cells":
+        raise InputError(f"model.kind=mlp reads expression profiles; {where} is a {spec.modality} store")
+    if cfg.masking.target not in ("auto", "values"):
+        raise InputError(
+            f"model.kind=mlp reconstructs values; masking.target={cfg.masking.target} is not possible"
+        )
+    if not spec.complete_profile:
+        log.warning(
+            "pretrain: model.kind=mlp on a %s store sees only the genes each record lists (a panel store "
+            "— tokenizer.scheme=panel — holds every gene, zeros included)",
+            spec.scheme,
+        )
+    longest = int((store.manifest.get("max_length") if store is not None else None) or spec.vocab_size)
+    # prep's normalisation (values = log1p(count / library_size * target_sum)): how counts come back
+    prep = (store.manifest.get("config") or {}) if store is not None else {}
+    target_sum = float((prep.get("normalise") or {}).get("target_sum", 1e4))
+    return EncoderConfig(
+        vocab_size=spec.vocab_size,
+        modality="cells",
+        kind=kind,
+        **cfg.model.sizes(),
+        dropout=cfg.model.dropout,
+        max_len=longest + spec.n_specials,
+        positions=False,
+        value_embedding="none",
+        n_bins=spec.n_bins,
+        scheme=spec.scheme,
+        target="values",
+        decoder_layers=0,
+        mask_indicator=cfg.model.mask_indicator,
+        loss=cfg.model.loss,
+        target_sum=target_sum,
+        max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
+    )
+
+
+def init_checkpoint(
+    cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
+) -> tuple[EncoderConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """`model.init_from`: the checkpoint's architecture and weights (its tokenizer must be the store's)."""
+    path = Path(str(cfg.model.init_from))
+    pretrained = load_pretrained(path)  # a missing or corrupt checkpoint: InputError
+    info = pretrained.checkpoint_info
+    theirs = info.get("tokenizer", {}).get("sha256")
+    if theirs != spec.tokenizer_sha256:
+        raise InputError(
+            f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
+            f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
+        )
+    if pretrained.config.kind == "cnn" and cfg.masking.corruption.kind != "mlm":
+        raise InputError(
+            f"model.init_from={path} is a cnn model: masking.corruption.kind={cfg.masking.corruption.kind} "
+            "is not possible (a convolution needs every position in place); use masking.corruption.kind=mlm"
+        )
+    arch = dataclasses.replace(
+        pretrained.config,
+        dropout=arch.dropout,
+        activation_checkpointing=arch.activation_checkpointing,
+        decoder_layers=arch.decoder_layers,
+        target=arch.target,
+    )
+    # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective
+    drop = "decoder." if arch.kind == "transformer" else None
+    weights = {k: v for k, v in pretrained.state_dict().items() if not drop or not k.startswith(drop)}
+    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
