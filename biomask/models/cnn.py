@@ -36,8 +36,7 @@ from torch import nn
 
 from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
-from biomask.models.model import Head
-from biomask.vocab import CLS_ID, SEP_ID
+from biomask.models.model import Head, pool_content
 
 POOLINGS = ("mean", "concat")
 
@@ -158,18 +157,7 @@ class DilatedCNN(nn.Module):
             )
         layer %= n
         h = self._states(batch, upto=None if layer == n - 1 else layer)
-        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
-        if pooling == "concat":
-            counts = content.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"concat pooling needs records of one length; this batch has {int(counts.min())} to "
-                    f"{int(counts.max())} content tokens (use mean pooling for variable lengths)"
-                )
-            return h[content].reshape(h.shape[0], -1)
-        weights = content.to(h.dtype)[..., None]
-        return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pool_content(h, batch["input_ids"], batch["attention_mask"], pooling)
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:

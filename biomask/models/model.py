@@ -4,7 +4,7 @@
     out = model(masked_batch)                      # {"loss", "n_masked", "n_correct"}: training
     vectors = model.embed(batch, pooling="cls")    # (B, d_model): one vector per record
 
-Inputs are the dicts of `biomask.training.data.collate` (after `biomask.masking.Masker` for training):
+Inputs are the dicts of `biomask.batch.collate` (after `biomask.masking.Masker` for training):
 `input_ids` and `attention_mask` (B, L), plus `values` / `bins` for cells.
 """
 
@@ -21,6 +21,24 @@ from biomask.models.transformer import Encoder
 from biomask.vocab import CLS_ID, SEP_ID
 
 POOLINGS = ("cls", "mean", "concat")
+
+
+def pool_content(
+    h: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
+) -> torch.Tensor:
+    """One vector per record from the content tokens' states (never [CLS], [SEP] or padding): their
+    mean, or (`concat`) every position's vector in order — records of one length only."""
+    content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
+    if pooling == "concat":
+        counts = content.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"concat pooling needs records of one length; this batch has {int(counts.min())} to "
+                f"{int(counts.max())} content tokens (use mean pooling for variable lengths)"
+            )
+        return h[content].reshape(h.shape[0], -1)
+    weights = content.to(h.dtype)[..., None]
+    return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class Embedder(nn.Module):
@@ -187,18 +205,7 @@ class MaskedEncoder(nn.Module):
             h = self.encoder(x, attention_mask, all_layers=True)[layer]
         if pooling == "cls":
             return h[:, 0]
-        ids = batch["input_ids"]
-        content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
-        if pooling == "concat":
-            counts = content.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"concat pooling needs records of one length; this batch has {int(counts.min())} to "
-                    f"{int(counts.max())} content tokens (use mean or cls pooling for variable lengths)"
-                )
-            return h[content].reshape(h.shape[0], -1)
-        weights = content.to(h.dtype)[..., None]
-        return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pool_content(h, batch["input_ids"], attention_mask, pooling)
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
