@@ -258,3 +258,23 @@ def test_without_the_mask_indicator_a_hidden_gene_looks_like_its_mean():
     none = torch.zeros_like(hidden)
     torch.testing.assert_close(blind._encode(z, hidden)[-1], blind._encode(at_mean, none)[-1])
     assert not torch.allclose(shown._encode(z, hidden)[-1], shown._encode(at_mean, none)[-1])
+
+
+def test_ratio_input_tells_the_encoder_the_share_of_the_panel_hidden():
+    """model.ratio_input: the one extra input is the cell's mask ratio (issue 17: does knowing it help?)."""
+    from biomask.training.config import ModelConfig
+
+    told = ProfileAutoencoder(dataclasses.replace(_model().config, mask_indicator=False, ratio_input=True))
+    assert told.encoder[0].in_features == 2 * 12 + 1
+    seen: list[torch.Tensor] = []
+    told.encoder[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    batch = collate(_records(), modality="cells")
+    masked = torch.zeros_like(batch["attention_mask"])
+    masked[:, 1:3] = True  # 2 of the 7 panel genes
+    out = told({**batch, "masked": masked})
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(seen[-1][:, -1], torch.full((6,), 2 / 7))
+    told.embed(batch)  # nothing hidden when embedding a complete profile
+    torch.testing.assert_close(seen[-1][:, -1], torch.zeros(6))
+    with pytest.raises(ValueError, match="ratio_input is for model.kind mlp"):
+        ModelConfig(kind="transformer", ratio_input=True)

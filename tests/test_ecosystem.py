@@ -231,7 +231,8 @@ def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
     assert float(np.abs(np.load(tmp_path / "theirs.npy") - ours).max()) < 1e-5
 
 
-def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path):
+@pytest.mark.parametrize("ratio_input", [False, True])
+def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input):
     from transformers import AutoModel
 
     from biomask.export import export_hf
@@ -244,6 +245,7 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path):
     arch = EncoderConfig(
         vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
         n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
+        ratio_input=ratio_input,
     )  # fmt: skip
     torch.manual_seed(0)
     profile = ProfileAutoencoder(arch)

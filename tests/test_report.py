@@ -343,3 +343,24 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     assert (report_dir / "report.md").stat().st_mtime_ns == mtime
     assert "│ reused" in out and "│ ran" not in out  # the status table
     assert f"Report: {report_dir / 'report.md'}" in out and "R²MAE vs the best fixed ratio" in out
+
+
+def test_runs_of_one_scheme_are_named_by_the_seed_and_the_model_keys_that_differ(tmp_path):
+    """An ablation sweep (model.mask_indicator true / false) must not give two rows the same name."""
+    from biomask.report.collect import find_pretrain_runs
+
+    for indicator in (True, False):
+        for seed in (0, 1):
+            run = tmp_path / f"indicator={indicator},seed={seed}"
+            run.mkdir()
+            config = {"masking": {"scheme": "fixed40", "ratio": {"kind": "fixed", "value": 0.4}},
+                      "model": {"kind": "mlp", "mask_indicator": indicator}, "train": {"seed": seed}}  # fmt: skip
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "run.json").write_text(json.dumps({"stage": "pretrain", "final_eval": {}}))
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    names = sorted(r.name for r in find_pretrain_runs([str(tmp_path)]))
+    assert names == [
+        f"fixed40 40% seed {seed}, model.mask_indicator={flag}"
+        for seed in (0, 1)
+        for flag in ("false", "true")
+    ]

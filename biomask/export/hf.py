@@ -53,6 +53,7 @@ ARCH_KEYS = (
     "n_bins",
     "scheme",
     "mask_indicator",
+    "ratio_input",
 )
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
 

@@ -197,7 +197,9 @@ class BiomaskModel(PreTrainedModel):
         super().__init__(config)
         if config.kind == "mlp":
             hidden = [config.d_ff] * (config.n_layers - 1)
-            self.encoder = _stack([2 * config.vocab_size, *hidden, config.d_model])
+            self.encoder = _stack(
+                [2 * config.vocab_size + int(getattr(config, "ratio_input", False)), *hidden, config.d_model]
+            )
             self.register_buffer("gene_mean", torch.zeros(config.vocab_size))
             self.register_buffer("gene_std", torch.ones(config.vocab_size))
         elif config.kind == "transformer":
@@ -251,6 +253,8 @@ class BiomaskModel(PreTrainedModel):
         shown = getattr(self.config, "mask_indicator", True)  # biomask's ablation switch
         indicator = hidden.to(z.dtype) if shown else torch.zeros_like(z)
         h = torch.cat([torch.where(hidden, 0.0, z), indicator], dim=1)
+        if getattr(self.config, "ratio_input", False):  # the share of the panel hidden
+            h = torch.cat([h, hidden[:, NUM_SPECIAL:].float().mean(1, keepdim=True)], dim=1)
         states = [z]
         for module in self.encoder:
             h = module(h)

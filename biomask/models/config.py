@@ -69,6 +69,8 @@ class EncoderConfig:
     # knows how much of the cell it sees (the "mask-aware" model of `biomask theory`, where a random
     # ratio can help); without it a hidden gene looks like a gene at its mean. An ablation switch.
     mask_indicator: bool = True
+    # kind mlp: one more input, the share of the panel hidden in the cell (its mask ratio)
+    ratio_input: bool = False
     # Cells profile models (mlp, panel_transformer): what the masked genes' reconstruction is scored
     # by. mse: the standardised log1p values. poisson / nb: the raw counts given the library size
     # (scVI-style; nb with a learned per-gene dispersion; biomask.models.likelihood). Counts are

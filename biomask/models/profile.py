@@ -176,7 +176,7 @@ class ProfileAutoencoder(ProfileModel):
         super().__init__(cfg)
         n_genes = cfg.vocab_size
         hidden = [cfg.d_ff] * (cfg.n_layers - 1)
-        self.encoder = _stack([2 * n_genes, *hidden, cfg.d_model])
+        self.encoder = _stack([2 * n_genes + int(cfg.ratio_input), *hidden, cfg.d_model])
         self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -187,6 +187,8 @@ class ProfileAutoencoder(ProfileModel):
         """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
         indicator = hidden.to(z.dtype) if self.config.mask_indicator else torch.zeros_like(z)
         h = torch.cat([torch.where(hidden, 0.0, z), indicator], dim=1)
+        if self.config.ratio_input:  # the share of the panel hidden (specials' columns excluded)
+            h = torch.cat([h, hidden[:, NUM_SPECIAL:].float().mean(1, keepdim=True)], dim=1)
         states = [z]
         for module in self.encoder:
             h = module(self.drop(h) if isinstance(module, nn.Linear) else h)

@@ -137,13 +137,31 @@ def find_pretrain_runs(paths: list[str]) -> list[PretrainRun]:
         else:
             raise InputError(f"pretraining output {path} does not exist")
     runs = [load_pretrain_run(p) for p in found]
-    # several runs of one scheme (a ratio-range sweep, several seeds): name them by what differs
-    names = [r.name for r in runs]
+    # several runs of one scheme (a ratio-range sweep, several seeds, model ablations): name them by
+    # what differs — the ratio, the seed, and any model key that is not the same across the group
+    original = {id(r): r.name for r in runs}
     for run in runs:
-        if names.count(run.name) > 1:
+        group = [r for r in runs if original[id(r)] == original[id(run)]]
+        if len(group) > 1:
             seed = run.config.get("train", {}).get("seed")
-            run.name = f"{run.name} {describe_masking(run.masking)} seed {seed}"
+            varied = sorted(
+                key
+                for key in {k for r in group for k in r.config.get("model", {})}
+                if len({repr(r.config.get("model", {}).get(key)) for r in group}) > 1
+            )
+            model = run.config.get("model", {})
+            extra = "".join(f", model.{k}={_short(model.get(k))}" for k in varied)
+            run.name = f"{run.name} {describe_masking(run.masking)} seed {seed}{extra}"
     return runs
+
+
+def _short(value: Any) -> str:
+    """A config value in a run's name: booleans as YAML writes them, paths by their last parts."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and "/" in value:
+        return "/".join(Path(value).parts[-2:])
+    return str(value)
 
 
 @dataclass

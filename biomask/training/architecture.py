@@ -139,6 +139,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         target="values",
         decoder_layers=0,
         mask_indicator=cfg.model.mask_indicator,
+        ratio_input=cfg.model.ratio_input,
         loss=cfg.model.loss,
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,

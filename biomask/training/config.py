@@ -45,6 +45,11 @@ class ModelConfig(Config):
     activation_checkpointing: bool = False
     # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge)
     mask_indicator: bool = True
+    # kind mlp: also give the encoder the share of the panel that is hidden in this cell (the mask
+    # ratio it was trained at, one number; at embedding time the share unmeasured). With
+    # mask_indicator the ratio is already a sum of the inputs; the switch matters without it.
+    # Whether it helps R²MAE: configs/pipelines/cells-ratio-knowledge.yaml.
+    ratio_input: bool = False
     # kind mlp / panel_transformer: mse on the standardised log1p values, or the masked genes' raw
     # counts under a Poisson or negative binomial likelihood with the library size (needs a panel
     # store prepared from counts: counts.mode require or from_log1p).
@@ -79,6 +84,8 @@ class ModelConfig(Config):
             raise ValueError(
                 f"model.kind mlp has presets {', '.join(MLP_PRESETS)} (or custom), not {self.preset}"
             )
+        if self.ratio_input and self.kind != "mlp":
+            raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
         if self.kind == "cnn" and self.preset not in (*CNN_PRESETS, "custom"):
             raise ValueError(
                 f"model.kind cnn has presets {', '.join(CNN_PRESETS)} (or custom), not {self.preset}"
