@@ -57,3 +57,32 @@ def test_wandb_records_every_scalar_when_installed(tmp_path, monkeypatch):
     for key in ("train/loss", "train/accuracy", "eval/loss/0.15", "eval/mean_loss", "steps"):  # + the config
         assert key.encode() in data, key
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_mlflow_records_every_scalar_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    # a local store in the test's folder (a user points MLFLOW_TRACKING_URI at their server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "biomask-test")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"train": {"steps": 10, "seed": 3}, "masking": {"scheme": "r2mae"}}
+    first = MetricsLogger(run_dir, total_steps=10, start_step=0, enabled=True, progress=False,
+                          report_to=["mlflow"], config=config)  # fmt: skip
+    first.log(5, "train", VALUES)
+    first.close()
+    # the job is requeued: a new logger on the same directory, from step 5
+    second = MetricsLogger(run_dir, total_steps=10, start_step=5, enabled=True, progress=False,
+                           report_to=["mlflow"], config=config)  # fmt: skip
+    second.log(10, "eval", {"loss": {"0.15": 2.0}, "mean_loss": 2.1})
+    second.close()
+
+    client = mlflow.tracking.MlflowClient()
+    experiment = client.get_experiment_by_name("biomask-test")
+    (run,) = client.search_runs([experiment.experiment_id])  # one run, not one per start
+    assert run.data.params["train.seed"] == "3" and run.data.params["masking.scheme"] == "r2mae"
+    assert run.data.metrics["train/loss"] == VALUES["loss"]
+    assert run.data.metrics["eval/loss/0.15"] == 2.0 and run.data.metrics["eval/mean_loss"] == 2.1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/accuracy")] == [5]
+    assert not (run_dir / "tensorboard").exists()

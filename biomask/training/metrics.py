@@ -48,14 +48,18 @@ def check_trackers(report_to: Sequence[str]) -> None:
         )
 
 
+def _run_id(directory: Path) -> str:
+    """A tracker's id for the run writing to `directory`: the same after a resume or a requeue."""
+    return hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+
+
 class WandbTracker:
     def __init__(self, directory: Path, config: dict[str, Any]) -> None:
         wandb = importlib.import_module("wandb")
-        run_id = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "biomask"),
             name=directory.name,
-            id=run_id,
+            id=_run_id(directory),
             resume="allow",
             dir=str(directory),
             config=config,
@@ -69,11 +73,24 @@ class WandbTracker:
 
 
 class MlflowTracker:
+    """One MLflow run per output directory: a resumed or requeued run finds its run again by the tag
+    `biomask.run_id` (derived from the directory, like the W&B id) and continues it."""
+
     def __init__(self, directory: Path, config: dict[str, Any]) -> None:
         self.mlflow = importlib.import_module("mlflow")
-        self.mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "biomask"))
-        self.mlflow.start_run(run_name=directory.name)
-        self.mlflow.log_params(_flat(config))
+        experiment = self.mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "biomask"))
+        run_id = _run_id(directory)
+        earlier = self.mlflow.search_runs(
+            experiment_ids=[experiment.experiment_id],
+            filter_string=f"tags.`biomask.run_id` = '{run_id}'",
+            output_format="list",
+            max_results=1,
+        )
+        if earlier:
+            self.mlflow.start_run(run_id=earlier[0].info.run_id)
+        else:
+            self.mlflow.start_run(run_name=directory.name, tags={"biomask.run_id": run_id})
+            self.mlflow.log_params(_flat(config))  # parameters cannot change once logged
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(scalars, step=step)
