@@ -1,7 +1,8 @@
 """The dilated CNN DNA encoder (model.kind cnn) end to end on real data: pretrains through DeepSpeed
 ZeRO-2 on C. elegans chrX, resumes after SIGUSR1 to the same weights, loads without DeepSpeed, embeds
 real splice sequences with `biomask embed`, and is evaluated on them with `pooling: auto` (the choice is
-recorded); MAE corruption and cls pooling are refused with exit 2, the Hugging Face export refuses it."""
+recorded), and exported to Hugging Face (AutoModel gives the same vectors); MAE corruption and cls
+pooling are refused with exit 2."""
 
 from __future__ import annotations
 
@@ -159,9 +160,32 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
         f"model.init_from={straight / 'model'}", "masking.corruption.kind=mae",
     )  # fmt: skip
     assert code == 2 and "masking.corruption.kind" in err and not (tmp_path / "mae").exists()
-    # the Hugging Face export does not cover this kind: refused clearly
-    code, _, err = cli("export-hf", "--checkpoint", straight / "model", "--output", tmp_path / "hf")
-    assert code == 2 and "cnn" in err and not (tmp_path / "hf").exists()
+
+    # the Hugging Face export: AutoModel gives biomask's vectors (mean over records of any length,
+    # concat, an inner block), and cls pooling is refused there too
+    from transformers import AutoModel, AutoTokenizer
+
+    code, out, err = cli("export-hf", "--checkpoint", straight / "model", "--output", tmp_path / "hf")
+    assert code == 0, err
+    hf = AutoModel.from_pretrained(out.strip(), trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(out.strip())
+    assert hf.config.kind == "cnn" and hf.config.kernel_size == model.config.kernel_size
+    sequences = [tokenizer.decode(r["tokens"]) for r in records]
+    batch = tok(sequences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = hf(**batch).pooler_output.numpy()
+    np.testing.assert_allclose(pooled, one, atol=1e-5)
+    same_length = tok(sequences[-1:] * 2, return_tensors="pt")
+    np.testing.assert_allclose(
+        hf.embed(**same_length, pooling="concat").numpy(),
+        embed_records(model, records[-1:] * 2, pooling="concat"),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        hf.embed(**batch, layer=2).numpy(), embed_records(model, records, pooling="mean", layer=2), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="no \\[CLS\\] summary"):
+        hf.embed(**batch, pooling="cls")
 
 
 def test_mae_corruption_with_the_cnn_exits_2_naming_the_key(genome_store, tmp_path, cli):

@@ -20,8 +20,8 @@ The folder (relocatable: nothing in it names a path that loading needs):
   uppercase, or N where the corpus treated soft-masked bases as ambiguous; IUPAC ambiguity letters →
   N), as `biomask embed` cleans sequences. Cells: `genes.tsv` (gene ids and corpus medians) too.
 
-Both model kinds are exported: the transformer (DNA and cells) and the profile autoencoder (`kind:
-"mlp"`, cells).
+Exported kinds: the transformer (DNA and cells), the dilated CNN (`kind: "cnn"`, DNA; pooling
+"mean") and the profile autoencoder (`kind: "mlp"`, cells). The panel transformer is not (yet).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ ARCH_KEYS = (
     "scheme",
     "mask_indicator",
     "ratio_input",
+    "kernel_size",
 )
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
 
@@ -61,7 +62,7 @@ IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
 def encoder_state(model: Any) -> dict[str, Any]:
     """The tensors the HF model holds: the encoder (and embedder / gene statistics), not the heads."""
     kind = model.config.kind
-    keep = ("embedder.", "encoder.") if kind == "transformer" else ("encoder.", "gene_mean", "gene_std")
+    keep = ("encoder.", "gene_mean", "gene_std") if kind == "mlp" else ("embedder.", "encoder.")
     return {
         k: v.detach().to("cpu").float().contiguous()
         for k, v in model.state_dict().items()
@@ -147,10 +148,10 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
 
     checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
     model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
-    if model.config.kind not in ("transformer", "mlp"):
+    if model.config.kind not in ("transformer", "mlp", "cnn"):
         raise InputError(
             f"{checkpoint}: model kind {model.config.kind!r} cannot be exported to Hugging Face (kinds "
-            "transformer and mlp can); embed with `biomask embed` or `biomask.embed` instead"
+            "transformer, mlp and cnn can); embed with `biomask embed` or `biomask.embed` instead"
         )
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise OutputExistsError(f"output {output} exists and is not empty; pass --overwrite to replace it")

@@ -17,6 +17,8 @@ Inputs: `input_ids` and `attention_mask` (HF's 0/1 integers or booleans); cells 
 (int, 1..n_bins for expressed genes, 0 at [CLS] and padding). `pooler_output` pools the last layer
 as `config.pooling` says ("mean": over content tokens, [CLS]/[SEP]/padding excluded; "cls").
 Profile models (`kind: "mlp"`, cells) read the whole profile: `last_hidden_state` is (B, 1, d_model).
+The dilated CNN (`kind: "cnn"`, DNA) has no [CLS] summary: its `pooling` is "mean" (or "concat": every
+content position's vector in order, records of one length).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class BiomaskConfig(PretrainedConfig):
         scheme: str | None = None,
         pooling: str = "mean",
         model_max_length: int | None = None,
+        kernel_size: int = 5,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -75,6 +78,7 @@ class BiomaskConfig(PretrainedConfig):
         self.scheme = scheme
         self.pooling = pooling
         self.model_max_length = model_max_length
+        self.kernel_size = kernel_size
         kwargs.setdefault("pad_token_id", PAD_ID)
         super().__init__(**kwargs)
 
@@ -173,6 +177,48 @@ class Encoder(nn.Module):
         return states
 
 
+# ------------------------------------------------------------------------------------ dilated CNN
+
+
+class ConvBlock(nn.Module):
+    """x + W2 GELU(W1 GELU(DilatedConv(LayerNorm(x)))), padding zeroed before the convolution."""
+
+    def __init__(self, cfg: BiomaskConfig, dilation: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.conv = nn.Conv1d(
+            cfg.d_model,
+            cfg.d_model,
+            cfg.kernel_size,
+            dilation=dilation,
+            padding=dilation * (cfg.kernel_size - 1) // 2,
+        )
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) * keep
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return x + self.proj(F.gelu(self.fc(F.gelu(h))))
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, cfg: BiomaskConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvBlock(cfg, 2**i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """[embeddings, block 1, ..., normalised last block] (biomask's layer indexing)."""
+        keep = attention_mask[..., None].to(x.dtype)
+        states = [x]
+        for block in self.blocks:
+            x = block(x, keep)
+            states.append(x)
+        states[-1] = self.norm(x)
+        return states
+
+
 # ------------------------------------------------------------------------------------ profile (mlp)
 
 
@@ -205,6 +251,9 @@ class BiomaskModel(PreTrainedModel):
         elif config.kind == "transformer":
             self.embedder = Embedder(config)
             self.encoder = Encoder(config)
+        elif config.kind == "cnn":
+            self.embedder = nn.Embedding(config.vocab_size, config.d_model)
+            self.encoder = ConvEncoder(config)
         else:
             raise ValueError(f"unknown biomask model kind {config.kind!r}")
         self.post_init()
@@ -230,6 +279,8 @@ class BiomaskModel(PreTrainedModel):
         )
         if self.config.kind == "mlp":
             return self._profile_states(input_ids, mask, values), mask
+        if self.config.kind == "cnn":
+            return self.encoder(self.embedder(input_ids), mask), mask
         return self.encoder(self.embedder(input_ids, values, bins), mask), mask
 
     def _profile_states(
@@ -267,11 +318,19 @@ class BiomaskModel(PreTrainedModel):
     ) -> torch.Tensor:
         if self.config.kind == "mlp":
             return h
+        content = mask & (input_ids != CLS_ID) & (input_ids != SEP_ID)
+        if pooling == "cls" and self.config.kind == "cnn":
+            raise ValueError("a CNN has no [CLS] summary (its first position sees the record's start): "
+                             "use pooling 'mean' or 'concat'")
         if pooling == "cls":
             return h[:, 0]
+        if pooling == "concat":
+            counts = content.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError("concat pooling needs records of one length (use pooling 'mean')")
+            return h[content].reshape(h.shape[0], -1)
         if pooling != "mean":
-            raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
-        content = mask & (input_ids != CLS_ID) & (input_ids != SEP_ID)
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'concat', not {pooling!r}")
         weights = content.to(h.dtype)[..., None]
         return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
