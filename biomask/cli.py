@@ -165,6 +165,23 @@ def cmd_datasets_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_task(args: argparse.Namespace) -> int:
+    from biomask.datasets.annotation_tasks import write_task
+
+    path = write_task(
+        args.task,
+        args.genome,
+        args.output,
+        length=args.length,
+        placement=args.placement,
+        max_per_class=args.max_per_class,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(path)
+    return 0
+
+
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None, **extra) -> Path:
     """A registered stage (`biomask.stages.STAGES`): load its config from --config and key=value
     overrides, run its runner `function(cfg, overwrite=..., **extra)` and return the output path."""
@@ -457,6 +474,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="fetch every registered dataset")
     p.add_argument("--force", action="store_true", help="fetch again even if a verified copy is cached")
     p.add_argument("--data-dir", help="cache directory (default: $BIOMASK_DATA_DIR or ~/.cache/biomask/data)")
+
+    p = command(
+        ds,
+        "task",
+        cmd_datasets_task,
+        "derive a labelled DNA task (CSV for `biomask prep dna`) from a registered annotated genome",
+    )
+    p.add_argument(
+        "task", choices=["gene-starts"], help="gene-starts: windows holding an annotated CDS start vs others"
+    )
+    p.add_argument(
+        "--genome", required=True, help="a registered GenBank dataset (ecoli-k12) or a GenBank path"
+    )
+    p.add_argument("--output", required=True, help="the CSV to write (sequence, label, source)")
+    p.add_argument("--length", type=int, default=200, help="window length in bases (default 200)")
+    p.add_argument(
+        "--placement",
+        choices=["random", "centre"],
+        default="random",
+        help="random: the start anywhere in the middle half (a motif task); centre: a position task",
+    )
+    p.add_argument("--max-per-class", type=int, default=None, help="at most this many windows per label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     prep = sub.add_parser("prep", help="data-preparation stages").add_subparsers(
         dest="prep_command", metavar="MODALITY", required=True
