@@ -45,5 +45,7 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
     before = centre.read_bytes()
     code, _, err = cli("datasets", "task", "gene-starts", "--genome", "ecoli-k12", "--output", centre)
     assert code == 2 and "--overwrite" in err and centre.read_bytes() == before
-    code, _, err = cli("datasets", "task", "gene-starts", "--genome", "no-such", "--output", tmp_path / "x.csv")
+    code, _, err = cli(
+        "datasets", "task", "gene-starts", "--genome", "no-such", "--output", tmp_path / "x.csv"
+    )
     assert code == 2 and "no-such" in err and not (tmp_path / "x.csv").exists()

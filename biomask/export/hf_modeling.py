@@ -320,8 +320,10 @@ class BiomaskModel(PreTrainedModel):
             return h
         content = mask & (input_ids != CLS_ID) & (input_ids != SEP_ID)
         if pooling == "cls" and self.config.kind == "cnn":
-            raise ValueError("a CNN has no [CLS] summary (its first position sees the record's start): "
-                             "use pooling 'mean' or 'concat'")
+            raise ValueError(
+                "a CNN has no [CLS] summary (its first position sees the record's start): "
+                "use pooling 'mean' or 'concat'"
+            )
         if pooling == "cls":
             return h[:, 0]
         if pooling == "concat":
