@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask import __version__
+from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
 from biomask.provenance import code_version
@@ -341,13 +342,17 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
         lines.append(f"| {name}{masking} | {m['protocol']} | {cells} |")
     clustered = [m for m in ev.results["methods"] if "cluster_ari" in ev.results["summary"][m["name"]]]
     if clustered:  # what a scanpy user sees: Leiden clusters of each representation against the labels
-        lines += ["", "| representation (Leiden, resolution 1) | ARI | NMI |", "|---|---|---|"]
+        lines += [
+            "",
+            "| representation (Leiden) | ARI, resolution 1 | NMI, resolution 1 | ARI, best resolution (scIB) "
+            "| NMI, best resolution |",
+            "|---|---|---|---|---|",
+        ]
         for m in clustered:
             name = m["name"] if m["group"] == "baseline" else m["group"]
             s = ev.results["summary"][m["name"]]
-            lines.append(
-                f"| {name} | {format_summary(s['cluster_ari'])} | {format_summary(s['cluster_nmi'])} |"
-            )
+            cells = " | ".join(format_summary(s[k]) if k in s else "" for k in clustering.METRICS)
+            lines.append(f"| {name} | {cells} |")
     return lines
 
 
