@@ -45,6 +45,8 @@ def pretrain_defaults() -> dict[str, Any]:
     data.pop("output", None)
     data["train"].update({"log_every": 100, "checkpoint_every": 500, "progress": False})
     return data
+
+
 MIN_CELLS = 20  # fewer cells than this cannot train or validate a model
 
 
