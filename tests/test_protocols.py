@@ -156,17 +156,18 @@ def test_a_checkpoint_that_does_not_fit_the_store_exits_2(
             "pooling concat needs records of one length",
         )
         extra = ["pooling=concat", "baselines=[pca_lr]"]
-    else:
+    else:  # cells of another gene vocabulary (a DNA checkpoint would re-tokenize the sequences)
+        from biomask.cells.config import CellsPrepConfig
+        from biomask.cells.prep import prep_cells
         from biomask.config import load_config
-        from biomask.dna.config import DNAPrepConfig
-        from biomask.dna.prep import prep_dna
 
         cfg = load_config(
-            DNAPrepConfig,
-            repo / "configs/dna/splice.yaml",
-            [f"output={tmp_path / 'kmer'}", "tokenizer.kind=kmer", "tokenizer.k=3"],
+            CellsPrepConfig,
+            repo / "configs/cells/pbmc68k_reduced.yaml",
+            [f"output={tmp_path / 'hvg'}", "tokenizer.path=null", "hvg.n_top_genes=300"],
         )
-        store, checkpoint, expected = prep_dna(cfg), dna_checkpoint, "different tokenizer"
+        store, checkpoint, expected = prep_cells(cfg), cells_checkpoint, "different tokenizer"
+        extra = ["baselines=[pca_lr]"]
     out = tmp_path / "eval"
     code, _, err = cli(
         "evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={store}", f"output={out}",

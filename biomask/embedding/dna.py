@@ -9,7 +9,7 @@ Token stores (already token ids, of either modality) are read by biomask.embeddi
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +142,30 @@ def read_sequence_table(
             yield pd.DataFrame(rows), records
 
 
-def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size: int) -> Iterator[Chunk]:
-    """The chunks of a FASTA (`kind` fasta) or table file, tokenized and cleaned as the checkpoint's
-    corpus was; `spec` is the embed config's `dna` section (windows, table columns)."""
+def _corpus_tokenization(model: Any) -> tuple[DNATokenizer, Cleaner]:
+    """The checkpoint's tokenizer and a cleaner that treats letters as its corpus's prep did."""
     tokenizer = load_tokenizer(Path(model.checkpoint_dir) / "tokenizer")
     cleaning = (model.checkpoint_info.get("prep") or {}).get("cleaning") or {}
     # N and IUPAC codes become the N token, as in the corpus; soft-masked bases as the corpus treated them
-    cleaner = Cleaner(lowercase=cleaning.get("lowercase", "upper"), ambiguous="n_token")
+    return tokenizer, Cleaner(lowercase=cleaning.get("lowercase", "upper"), ambiguous="n_token")
+
+
+def sequence_encoder(model: Any) -> Callable[[str, str], dict[str, Any]]:
+    """`encode(sequence, where)`: a record ({"tokens"}) of one sequence, tokenized and cleaned as the
+    checkpoint's corpus was (`where` names the sequence in an error message)."""
+    tokenizer, cleaner = _corpus_tokenization(model)
+
+    def encode(sequence: str, where: str) -> dict[str, Any]:
+        chars, _ = cleaner.clean(sequence, where=where)
+        return _record(tokenizer, chars)
+
+    return encode
+
+
+def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size: int) -> Iterator[Chunk]:
+    """The chunks of a FASTA (`kind` fasta) or table file, tokenized and cleaned as the checkpoint's
+    corpus was; `spec` is the embed config's `dna` section (windows, table columns)."""
+    tokenizer, cleaner = _corpus_tokenization(model)
     if kind == "fasta":
         return read_fasta(
             path, tokenizer, cleaner, window=spec.window, stride=spec.stride, chunk_size=chunk_size

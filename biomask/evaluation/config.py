@@ -91,6 +91,10 @@ class EvaluateConfig(Config):
         default_factory=lambda: ["linear_probe"]
     )
     random_init: bool = True  # also evaluate the same architecture randomly initialised
+    # one more row, "chosen on val (linear probe)": per seed, the checkpoint whose linear probe has the
+    # best validation MCC (e.g. char, k-mer and BPE checkpoints: the tokenizer chosen on validation).
+    # DNA checkpoints of another tokenizer than the store's read its sequences in their own tokens.
+    select_on_val: bool = False
     # concat: every content token's vector in order (position-aware; fixed-length DNA records only).
     # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
     # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to

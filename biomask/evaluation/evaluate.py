@@ -310,6 +310,16 @@ def _details(results: dict[str, Any]) -> list[str]:
                 else ""
             )
             lines.append(f"- {m['name']}: {seeds}{note}")
+        if rows and "chosen_val_mcc" in rows[0]:  # select_on_val: the checkpoint each seed used
+            lines.append(
+                f"- {m['name']}: checkpoint per seed: "
+                + "; ".join(
+                    f"{r['chosen']} ("
+                    + ", ".join(f"{n} {v:.3f}" for n, v in r["chosen_val_mcc"].items())
+                    + ")"
+                    for r in rows
+                )
+            )
         if rows and "pooling_val_mcc" in rows[0]:  # pooling auto / a list: the probe's val MCC chose
             lines.append(
                 f"- {m['name']}: pooling per seed: "

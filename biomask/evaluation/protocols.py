@@ -22,8 +22,15 @@ best validation MCC (ties: the earlier) is used by every protocol of that model 
 and each candidate's validation MCC are in that seed's row of metrics.json (`pooling`,
 `pooling_val_mcc`) and in report.md.
 
-Every checkpoint is loaded and checked before any method runs: its modality, tokenizer and (cells)
-scheme must be the store's — otherwise a clear error and exit 2, nothing written.
+Every checkpoint is loaded and checked before any method runs: its modality and (cells) tokenizer and
+scheme must be the store's — otherwise a clear error and exit 2, nothing written. A DNA checkpoint
+with another tokenizer than the store's (k-mer or BPE next to char, say) reads the store's sequences
+(decoded, as the baselines read them) tokenized its own way, so checkpoints of several tokenizers
+are evaluated side by side on the same records and splits; its `inputs` say so (`retokenized`).
+
+`select_on_val`: one more row, "chosen on val (linear probe)": for each seed, the checkpoint whose
+linear probe scores the best validation MCC (ties: the earlier listed), with that probe's test
+predictions — the tokenizer / model / pretraining choice made on validation data, never on test.
 """
 
 from __future__ import annotations
@@ -77,8 +84,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def load_checked(name: str, path: str, data: LabelledRecords) -> MaskedEncoder:
-    """A checkpoint that fits the store: same modality, tokenizer and (cells) scheme."""
+def load_checked(name: str, path: str, data: LabelledRecords) -> tuple[MaskedEncoder, bool]:
+    """A checkpoint that fits the store (same modality; cells: same tokenizer and scheme), and whether
+    its records must be tokenized its own way (DNA, another tokenizer than the store's)."""
     model = load_pretrained(path)
     store = data.store
     if model.config.modality != data.modality:
@@ -86,14 +94,20 @@ def load_checked(name: str, path: str, data: LabelledRecords) -> MaskedEncoder:
             f"checkpoint {name} ({path}) is a {model.config.modality} model, but store {store.root} holds "
             f"{data.modality} records; evaluate it on a {model.config.modality} store"
         )
-    check_tokenizer(model, store.root)
+    try:
+        check_tokenizer(model, store.root)
+    except InputError:
+        if data.modality != "dna":
+            raise  # a gene vocabulary is a panel and its statistics: no re-tokenizing a cell
+        log.info("%s: another tokenizer than the store's; its records are the sequences, re-tokenized", name)
+        return model, True
     scheme = store.manifest.get("scheme") if data.modality == "cells" else None
     if scheme is not None and model.config.scheme != scheme:
         raise InputError(
             f"checkpoint {name} ({path}) was trained on {model.config.scheme} cells, but store {store.root} is "
             f"{scheme}; prepare the evaluation set with tokenizer.scheme={model.config.scheme}"
         )
-    return model
+    return model, False
 
 
 class Features:
@@ -226,19 +240,63 @@ def random_init(template: MaskedEncoder, seed: int) -> MaskedEncoder:
     return model.eval()
 
 
+CHOSEN_ON_VAL = "chosen on val"
+
+
+def chosen_on_val(probes: list[Method]) -> Method:
+    """The row of `select_on_val`: per seed, the linear probe (among `probes`, one per checkpoint) with
+    the best validation MCC; ties go to the earlier. Each probe is fitted once (cached), so this costs
+    nothing more."""
+
+    def predict(data, train, val, test, seed):
+        runs = [(m.group, *m.predict(data, train, val, test, seed)) for m in probes]
+        best = max(range(len(runs)), key=lambda i: runs[i][2]["val_mcc"])  # max keeps the first
+        name, pred, details = runs[best]
+        return pred, {
+            "chosen": name,
+            "chosen_val_mcc": {n: round(d["val_mcc"], 4) for n, _, d in runs},
+            **{k: v for k, v in details.items() if k != "val_mcc"},
+            "val_mcc": details["val_mcc"],
+        }
+
+    names = ", ".join(m.group for m in probes)
+    return Method(f"{CHOSEN_ON_VAL} (linear probe)", CHOSEN_ON_VAL, "linear_probe", predict, {"among": names})
+
+
 def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     """Methods for every checkpoint × protocol (+ random-init × protocol); see the module docstring."""
     from biomask.evaluation.finetune import finetune_grid
 
-    models = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
+    checked = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
+    models = {name: model for name, (model, _) in checked.items()}
     if RANDOM_INIT in models:
         raise InputError(f"checkpoint name {RANDOM_INIT!r} is reserved for the randomly initialised model")
-    cache: list[list[dict]] = []
+    if cfg.select_on_val and len(models) < 2:
+        log.warning("select_on_val: one checkpoint, nothing to choose among; no row added")
+    cache: dict[str, list[dict]] = {}
 
     def records() -> list[dict]:
-        if not cache:
-            cache.append([data.record(i) for i in range(len(data))])
-        return cache[0]
+        if "store" not in cache:
+            cache["store"] = [data.record(i) for i in range(len(data))]
+        return cache["store"]
+
+    def records_of(name: str) -> Callable[[], list[dict]]:
+        """The records as checkpoint `name` reads them: the store's, or its sequences re-tokenized."""
+        if not checked[name][1]:
+            return records
+
+        def retokenized() -> list[dict]:
+            if name not in cache:
+                from biomask.embedding.dna import sequence_encoder
+
+                encode = sequence_encoder(checked[name][0])
+                cache[name] = [
+                    encode(seq, f"store {data.store.root}, record {i}")
+                    for i, seq in enumerate(data.sequences)
+                ]
+            return cache[name]
+
+        return retokenized
 
     if cfg.pooling == "concat":
         lengths = {len(r["tokens"]) for r in records()}
@@ -252,7 +310,9 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     spec = cfg.finetune
     methods: list[Method] = []
 
-    def inputs(name: str, model: MaskedEncoder, max_length: int) -> dict[str, Any]:
+    def inputs(
+        name: str, model: MaskedEncoder, max_length: int, source: Callable[[], list[dict]]
+    ) -> dict[str, Any]:
         """How the records meet this model's input (checked, logged and reported)."""
         specials = n_specials(model.config.modality)
         policy = record_policy(model, cfg.long_records)
@@ -260,14 +320,16 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
         if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length:
             lengths.append(spec.max_length)
         out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
+        if source is not records:
+            out["retokenized"] = True  # the store's sequences in this checkpoint's own tokens
         for limit in lengths:
             n_long = check_long_records(
-                records(), limit - specials, policy, where=f"store {data.store.root}, model {name}"
+                source(), limit - specials, policy, where=f"store {data.store.root}, model {name}"
             )
             key = "n_long" if limit == max_length else "n_long_finetune"
             out[key] = n_long
             if n_long:
-                most = max(len(r["tokens"]) for r in records())
+                most = max(len(r["tokens"]) for r in source())
                 log.warning(
                     "%s: %d of %d records are longer than its input of %d tokens (up to %d): long_records=%s%s",
                     name,
@@ -283,14 +345,18 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
         return out
 
     def add(
-        name: str, model_for_seed: Callable[[int], MaskedEncoder], per_seed: bool, max_length: int
+        name: str,
+        model_for_seed: Callable[[int], MaskedEncoder],
+        per_seed: bool,
+        max_length: int,
+        records: Callable[[], list[dict]],
     ) -> None:
         features = Features(cfg, data, records)
         probes = Probes(features, n_classes)
         one_length = len({len(r["tokens"]) for r in records()}) <= 1
         candidates = pooling_candidates(cfg.pooling, model_for_seed(0), one_length, name)
         choice = PoolingChoice(candidates, probes)
-        info = {"inputs": inputs(name, model_for_seed(0), max_length), "poolings": candidates}
+        info = {"inputs": inputs(name, model_for_seed(0), max_length, records), "poolings": candidates}
         # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
         whole = getattr(model_for_seed(0).config, "kind", "transformer") in PROFILE_KINDS
         ft_length = max_length if whole else min(max_length, spec.max_length or max_length)
@@ -367,9 +433,12 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
             methods.append(Method(f"{name} ({LABELS[protocol]})", name, protocol, predict, info))
 
     for name, model in models.items():
-        add(name, lambda seed, model=model: model, False, inference_max_length(model))
+        add(name, lambda seed, model=model: model, False, inference_max_length(model), records_of(name))
+    if cfg.select_on_val and len(models) > 1 and "linear_probe" in cfg.protocols:
+        methods.append(chosen_on_val([m for m in methods if m.protocol == "linear_probe"]))
     if cfg.random_init and models:
-        template = next(iter(models.values()))
+        first = next(iter(models))
+        template = models[first]
         others = {n for n, m in models.items() if m.config != template.config}
         if others:
             log.warning(
@@ -377,7 +446,13 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                 next(iter(models)),
                 ", ".join(sorted(others)),
             )
-        add(RANDOM_INIT, lambda seed: random_init(template, seed), True, inference_max_length(template))
+        add(
+            RANDOM_INIT,
+            lambda seed: random_init(template, seed),
+            True,
+            inference_max_length(template),
+            records_of(first),
+        )
     log.info(
         "evaluate: %d model methods (%s) on %d records",
         len(methods),
