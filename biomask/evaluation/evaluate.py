@@ -310,26 +310,17 @@ def _details(results: dict[str, Any]) -> list[str]:
                 else ""
             )
             lines.append(f"- {m['name']}: {seeds}{note}")
-        if rows and "chosen_val_mcc" in rows[0]:  # select_on_val: the checkpoint each seed used
-            lines.append(
-                f"- {m['name']}: checkpoint per seed: "
-                + "; ".join(
-                    f"{r['chosen']} ("
-                    + ", ".join(f"{n} {v:.3f}" for n, v in r["chosen_val_mcc"].items())
-                    + ")"
+        # choices among candidates by validation MCC: (what, the row's choice key, its scores key)
+        for what, chosen, scores in (
+            ("checkpoint", "chosen", "chosen_val_mcc"),  # select_on_val: the checkpoint each seed used
+            ("pooling", "pooling", "pooling_val_mcc"),  # pooling auto / a list
+        ):
+            if rows and scores in rows[0]:
+                per_seed = "; ".join(
+                    f"{r[chosen]} (" + ", ".join(f"{c} {v:.3f}" for c, v in r[scores].items()) + ")"
                     for r in rows
                 )
-            )
-        if rows and "pooling_val_mcc" in rows[0]:  # pooling auto / a list: the probe's val MCC chose
-            lines.append(
-                f"- {m['name']}: pooling per seed: "
-                + "; ".join(
-                    f"{r['pooling']} ("
-                    + ", ".join(f"{p} {v:.3f}" for p, v in r["pooling_val_mcc"].items())
-                    + ")"
-                    for r in rows
-                )
-            )
+                lines.append(f"- {m['name']}: {what} per seed: {per_seed}")
     if lines:
         lines = ["", "Chosen on the validation split (per seed):", "", *lines]
     return lines
