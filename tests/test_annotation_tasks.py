@@ -49,3 +49,23 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
         "datasets", "task", "gene-starts", "--genome", "no-such", "--output", tmp_path / "x.csv"
     )
     assert code == 2 and "no-such" in err and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "is not GenBank"),
+        (">fasta\nACGT\n", "is not GenBank"),
+        (
+            "LOCUS       X  10 bp    DNA\nFEATURES   garbage\nORIGIN\n  1 acgt\n//\n",
+            "record 1 cannot be read",
+        ),
+    ],
+)
+def test_bad_genome_files_exit_2_naming_the_file_and_write_nothing(text, expected, tmp_path, cli):
+    genome = tmp_path / "genome.gbk"
+    genome.write_text(text)
+    out = tmp_path / "task.csv"
+    code, _, err = cli("datasets", "task", "gene-starts", "--genome", genome, "--output", out)
+    assert code == 2 and expected in err and str(genome) in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [genome]

@@ -59,7 +59,20 @@ def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
         raise InputError(f"{path} is not GenBank (a GenBank file starts with a LOCUS line): gene-starts "
                          "needs an annotated genome")  # fmt: skip
     with open_text(path) as handle:
-        for record in SeqIO.parse(handle, "genbank"):
+        records = SeqIO.parse(handle, "genbank")
+        count = 0
+        while True:
+            try:  # Biopython's errors (a malformed record, no sequence) name neither file nor record
+                record = next(records, None)
+                sequence = None if record is None else str(record.seq).upper()
+            except ValueError as exc:
+                raise InputError(
+                    f"{path}: GenBank record {count + 1} cannot be read ({exc}); gene-starts needs an "
+                    "annotated genome with its sequence (an ORIGIN section)"
+                ) from None
+            if record is None:
+                return
+            count += 1
             genes = []
             for feature in record.features:
                 if (
@@ -73,7 +86,7 @@ def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
                     genes.append(Gene(record.id, int(loc.start), 1))
                 elif loc.strand == -1:
                     genes.append(Gene(record.id, int(loc.end) - 1, -1))  # the codon's first base, reversed
-            yield record.id, str(record.seq).upper(), genes
+            yield record.id, sequence, genes
 
 
 def _window(sequence: str, left: int, length: int, strand: int) -> str | None:
