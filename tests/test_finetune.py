@@ -15,12 +15,14 @@ from sklearn.metrics import matthews_corrcoef
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from biomask.batch import collate
 from biomask.embedding.inference import embed_records, window_starts
 from biomask.errors import InputError
 from biomask.evaluation.baselines import Split, fit_tuned_logistic, one_hot
 from biomask.evaluation.config import FinetuneSpec, SplitSpec
 from biomask.evaluation.data import load_labelled, seed_split
 from biomask.evaluation.finetune import (
+    Classifier,
     ProbeHead,
     encoder_param_groups,
     finetune,
@@ -141,6 +143,24 @@ def test_layer_wise_lr_decay_and_models_without_blocks():
 
     flat = encoder_param_groups(Profile(), 1e-3, 0.01, 0.5)
     assert {g["lr"] for g in flat} == {1e-3} and sum(len(g["params"]) for g in flat) == 4
+
+
+def test_head_dropout_acts_in_training_only():
+    """`finetune.dropout` regularises the head's input while training; evaluation (validation passes,
+    test predictions, the step-0 check against the probe) sees every feature."""
+    cfg = EncoderConfig(vocab_size=10, modality="dna", d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=20)
+    torch.manual_seed(0)
+    encoder = MaskedEncoder(cfg)
+    plain = Classifier(copy.deepcopy(encoder), 3, pooling="mean")
+    dropped = Classifier(copy.deepcopy(encoder), 3, pooling="mean", dropout=0.5)
+    dropped.head.load_state_dict(plain.head.state_dict())
+    batch = collate([{"tokens": np.arange(5, 9) + i % 2} for i in range(4)], modality="dna")
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(batch), dropped(batch))
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(plain(batch), dropped(batch))
+    assert FinetuneSpec().dropout > 0  # on by default
 
 
 def test_long_records_are_windowed_centred_or_refused(splice):

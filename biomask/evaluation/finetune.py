@@ -6,7 +6,9 @@
             coefficients as the head's weights — so step 0 predicts what the probe predicts and
             fine-tuning starts where the probe ends (and cannot distort the features with a random
             head's gradients); without one the head starts random (the plain protocol). The
-            masked-prediction head and MAE decoder are frozen (not used here)
+            masked-prediction head and MAE decoder are frozen (not used here). Dropout (`dropout`) on
+            the head's input while training: the regulariser the probe had (its tuned C) and
+            fine-tuning otherwise lacks
 2. engine   torch AdamW — the encoder at `lr` (optionally decayed layer by layer: `layer_decay`), the
             head at `head_lr` (default: `lr`) — with a linear warm-up, then constant, over the budget
             (`epochs`, capped by `max_steps`), handed to `deepspeed.initialize` with the ZeRO preset
@@ -117,6 +119,7 @@ class Classifier(nn.Module):
         layer: int = -1,
         feature_dim: int | None = None,  # concat pooling: length * d_model (× windows)
         probe: ProbeHead | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -129,6 +132,9 @@ class Classifier(nn.Module):
                 module.requires_grad_(False)
         dim = feature_dim or encoder.config.d_model
         self.head = nn.Linear(dim, n_classes)
+        # on the head's (standardised) input, in training only: concat pooling hands the head thousands
+        # of features for a few thousand records, which it memorises within an epoch without it
+        self.dropout = nn.Dropout(dropout)
         if probe is None:
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
@@ -153,7 +159,7 @@ class Classifier(nn.Module):
         h = self.encoder.features(inputs, self.pooling, self.layer)
         if owners is not None:
             h = _pool_pieces(h, owners, self.pooling)
-        return self.head((h - self.shift) * self.inv_scale)
+        return self.head(self.dropout((h - self.shift) * self.inv_scale))
 
 
 def _pool_pieces(h: torch.Tensor, owners: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -327,7 +333,15 @@ def finetune(
             one = {k: v for k, v in batches.collate(train[:1]).items() if k != "owners"}
             feature_dim = encoder.eval().features(one, pooling, layer).numel()
     torch.manual_seed(seed)
-    model = Classifier(encoder, n_classes, pooling=pooling, layer=layer, feature_dim=feature_dim, probe=probe)
+    model = Classifier(
+        encoder,
+        n_classes,
+        pooling=pooling,
+        layer=layer,
+        feature_dim=feature_dim,
+        probe=probe,
+        dropout=settings.dropout,
+    )
 
     # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
     steps_per_epoch = max(len(train) // settings.batch_size, 1)
