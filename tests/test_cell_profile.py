@@ -89,6 +89,18 @@ def test_one_vector_per_cell_whatever_the_batch():
         model.embed(collate(records, modality="cells"), pooling="concat")
 
 
+def test_every_layer_has_the_width_embed_writes():
+    """The MLP's layers differ in width (input genes, hidden, latent): `biomask embed --layer` sizes
+    its output by the layer asked for, not by d_model."""
+    from biomask.embedding.inference import vector_width
+
+    model = _model().eval()
+    batch = collate(_records(), modality="cells")
+    for layer in (-3, -2, -1, 0, 1, 2):
+        assert model.embed(batch, layer=layer).shape == (6, vector_width(model, layer))
+    assert [vector_width(model, layer) for layer in (0, 1, 2)] == [12, 8, 4]
+
+
 def test_gene_statistics_count_only_the_cells_that_measure_a_gene():
     records = [
         {"tokens": np.array([5, 6]), "values": np.array([1.0, 2.0])},
@@ -206,6 +218,12 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )  # fmt: skip
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == weights
     np.testing.assert_array_equal(again.obsm["X_biomask"], adata.obsm["X_biomask"])
+    # an inner layer (the 256-wide hidden one) embeds at its own width
+    hidden = biomask.embed(
+        pbmc68k_adata, checkpoint, layer=-2, key="X_hidden", matrix="raw", counts={"mode": "log1p"}, copy=True
+    )
+    assert hidden.obsm["X_hidden"].shape == (adata.n_obs, 256)
+    assert np.isfinite(hidden.obsm["X_hidden"]).all()
 
 
 @pytest.mark.network

@@ -90,7 +90,7 @@ def embed(
 
     from biomask.embedding.anndata_io import h5_safe, provenance
     from biomask.embedding.cells import CellsEmbedding
-    from biomask.embedding.inference import check_layer
+    from biomask.embedding.inference import check_layer, vector_width
 
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
@@ -116,7 +116,7 @@ def embed(
             min_coverage=min_coverage,
             chunk_size=chunk_size,
         )
-        vectors = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
+        vectors = np.empty((adata.n_obs, vector_width(model, layer)), dtype=np.float32)
 
         def write(start: int, chunk: np.ndarray) -> None:
             vectors[start : start + len(chunk)] = chunk

@@ -65,6 +65,14 @@ def check_layer(model: MaskedEncoder, layer: int) -> None:
         )
 
 
+def vector_width(model: MaskedEncoder, layer: int) -> int:
+    """The width of one cell's vector at `layer` (mean or cls pooling): d_model, except where a
+    model's layers differ in width (the profile MLP: input genes, hidden, latent) and say so
+    through `layer_width`."""
+    width = getattr(model, "layer_width", None)
+    return int(width(layer)) if callable(width) else model.config.d_model
+
+
 def order_free(model: MaskedEncoder) -> bool:
     """Binned and panel cells: gene order carries no meaning."""
     return is_order_free(model.config.modality, model.config.scheme)
@@ -188,5 +196,5 @@ def embed_records(
     finally:
         model.train(was_training)
     if out is None:  # no records
-        return np.empty((0, model.config.d_model), dtype=np.float32)
+        return np.empty((0, vector_width(model, layer)), dtype=np.float32)
     return pool_pieces(out, owners, len(records), pooling)

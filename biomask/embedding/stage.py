@@ -24,7 +24,7 @@ import pandas as pd
 
 from biomask.embedding.anndata_io import provenance
 from biomask.embedding.config import NON_SEMANTIC, EmbedConfig
-from biomask.embedding.inference import check_layer, pick_device
+from biomask.embedding.inference import check_layer, pick_device, vector_width
 from biomask.errors import InputError, OutputExistsError
 from biomask.outputs import atomic_file
 from biomask.provenance import sha256_file
@@ -152,7 +152,8 @@ class CellsJob:
             log.info("embedded %d / %d cells", done, n_obs)
 
         try:
-            with EmbeddingWriter(self.path, h5ad, n_obs, self.model.config.d_model, key=cfg.key) as writer:
+            width = vector_width(self.model, cfg.layer)
+            with EmbeddingWriter(self.path, h5ad, n_obs, width, key=cfg.key) as writer:
                 cells = self.job.run(
                     writer.write,
                     pooling=cfg.pooling,

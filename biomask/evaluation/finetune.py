@@ -47,7 +47,7 @@ from sklearn.metrics import matthews_corrcoef
 from torch import nn
 
 from biomask.batch import collate, model_input
-from biomask.embedding.inference import order_free, record_pieces, record_policy
+from biomask.embedding.inference import order_free, record_pieces, record_policy, vector_width
 from biomask.evaluation.config import FinetuneSpec
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Classifier(nn.Module):
             module = getattr(encoder, name, None)
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
-        dim = feature_dim or encoder.config.d_model
+        dim = feature_dim or vector_width(encoder, layer)
         self.head = nn.Linear(dim, n_classes)
         # on the head's (standardised) input, in training only: concat pooling hands the head thousands
         # of features for a few thousand records, which it memorises within an epoch without it

@@ -231,6 +231,12 @@ class ProfileAutoencoder(ProfileModel):
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
         return self.features(batch, pooling, layer)
 
+    def layer_width(self, layer: int) -> int:
+        """Width of the state `features(..., layer)` returns: [input genes, hidden..., latent]."""
+        cfg = self.config
+        widths = [cfg.vocab_size, *[cfg.d_ff] * (cfg.n_layers - 1), cfg.d_model]
+        return widths[layer % len(widths)]
+
 
 def gene_statistics(records, vocab_size: int, *, panel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and standard deviation of the values over `records`, streamed one record at a
