@@ -132,9 +132,7 @@ class Classifier(nn.Module):
                 module.requires_grad_(False)
         dim = feature_dim or vector_width(encoder, layer)
         self.head = nn.Linear(dim, n_classes)
-        # on the head's (standardised) input, in training only: concat pooling hands the head thousands
-        # of features for a few thousand records, which it memorises within an epoch without it
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)  # why: FinetuneSpec.dropout
         if probe is None:
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
