@@ -578,7 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a portable checkpoint (the model/ directory of a pretrain run)")
     p.add_argument("--input", help="an .h5ad of cells, or DNA: FASTA, CSV/TSV table, token store")
     p.add_argument("--output", help="an .h5ad file, or a directory (embeddings.h5ad, umap.png, provenance)")
-    p.add_argument("--pooling", choices=("cls", "mean"), help="[CLS] vector or mean over content tokens")
+    p.add_argument(
+        "--pooling",
+        choices=("cls", "mean", "max"),
+        help="[CLS] vector, mean or per-feature max over content tokens",
+    )
     p.add_argument("--layer", type=int, help="-1 (last, default) ... 0 (the embeddings)")
     p.add_argument("--batch-size", type=int, help="records per forward pass (results do not depend on it)")
     p.add_argument(

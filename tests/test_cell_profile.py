@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from biomask.embedding.inference import check_pooling
+from biomask.errors import InputError
 from biomask.models import EncoderConfig, ProfileAutoencoder, build_model, load_pretrained
 from biomask.models.profile import gene_statistics
 from biomask.training.data import collate
@@ -85,8 +87,11 @@ def test_one_vector_per_cell_whatever_the_batch():
     assert together.shape == (6, 4)
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
     assert torch.equal(model.embed(collate(records, modality="cells"), pooling="cls"), together)
-    with pytest.raises(ValueError, match="concat"):
-        model.embed(collate(records, modality="cells"), pooling="concat")
+    for pooling in ("concat", "max"):  # over per-token vectors, which a profile model does not have
+        with pytest.raises(ValueError, match=f"{pooling} pooling"):
+            model.embed(collate(records, modality="cells"), pooling=pooling)
+    with pytest.raises(InputError, match="offers mean, cls"):  # what `biomask embed` exits 2 with
+        check_pooling(model, "max")
 
 
 def test_every_layer_has_the_width_embed_writes():

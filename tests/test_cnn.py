@@ -184,6 +184,9 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
     np.testing.assert_allclose(
         hf.embed(**batch, layer=2).numpy(), embed_records(model, records, pooling="mean", layer=2), atol=1e-5
     )
+    np.testing.assert_allclose(  # max over the content tokens, padding excluded
+        hf.embed(**batch, pooling="max").numpy(), embed_records(model, records, pooling="max"), atol=1e-5
+    )
     with pytest.raises(ValueError, match="no \\[CLS\\] summary"):
         hf.embed(**batch, pooling="cls")
 

@@ -24,6 +24,7 @@ from biomask.evaluation.data import load_labelled, seed_split
 from biomask.evaluation.finetune import (
     Classifier,
     ProbeHead,
+    _pool_pieces,
     encoder_param_groups,
     finetune,
     finetune_grid,
@@ -173,6 +174,14 @@ def test_long_records_are_windowed_centred_or_refused(splice):
         halves = [embed_records(model, [cut(r, a, a + 30) for r in few], pooling="mean") for a in (0, 30)]
         windowed = embed_records(model, few, pooling="mean", max_length=32, long_records="window")
         np.testing.assert_allclose(windowed, (halves[0] + halves[1]) / 2, atol=1e-5)
+        # max pooling: the largest value over both windows' tokens, in the probe's features and in
+        # the fine-tuning head's (which pools the windows itself)
+        halves_max = [embed_records(model, [cut(r, a, a + 30) for r in few], pooling="max") for a in (0, 30)]
+        windowed_max = embed_records(model, few, pooling="max", max_length=32, long_records="window")
+        np.testing.assert_allclose(windowed_max, np.maximum(*halves_max), atol=1e-6)
+        owners = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+        pieces = torch.from_numpy(np.stack(halves_max, 1).reshape(10, -1))
+        torch.testing.assert_close(_pool_pieces(pieces, owners, "max").numpy(), windowed_max)
         concat = embed_records(model, few, pooling="concat", max_length=32, long_records="window")
         assert concat.shape == (5, 60 * model.config.d_model)
         centre = embed_records(model, few, pooling="mean", max_length=32, long_records="centre")

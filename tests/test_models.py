@@ -64,7 +64,7 @@ def test_embeddings_do_not_depend_on_the_rest_of_the_batch(splice_records):
     model = MaskedEncoder(tiny()).eval()
     records = [dict(r, tokens=r["tokens"][: 10 + 4 * i]) for i, r in enumerate(splice_records)]  # padding
     batch = collate(records, modality="dna")
-    for pooling in ("cls", "mean"):
+    for pooling in ("cls", "mean", "max"):  # padding enters none of them
         for layer in (-1, 0, 1):
             together = model.embed(batch, pooling=pooling, layer=layer)
             alone = torch.cat(
@@ -86,6 +86,8 @@ def test_concat_pooling_keeps_every_position_in_order(splice_records):
     torch.testing.assert_close(concat, states[:, 1 : 1 + length].reshape(3, -1))  # [CLS], [SEP] left out
     mean = model.embed(batch, pooling="mean")
     torch.testing.assert_close(concat.view(3, length, 32).mean(1), mean, atol=1e-6, rtol=1e-5)
+    # max: each feature's largest value over the same content positions (a motif anywhere)
+    torch.testing.assert_close(concat.view(3, length, 32).amax(1), model.embed(batch, pooling="max"))
     ragged = collate(
         [dict(splice_records[0], tokens=splice_records[0]["tokens"][:20]), splice_records[1]], modality="dna"
     )
@@ -97,7 +99,7 @@ def test_embed_rejects_bad_arguments(splice_records):
     model = MaskedEncoder(tiny()).eval()
     batch = collate(splice_records[:2], modality="dna")
     with pytest.raises(ValueError, match="pooling"):
-        model.embed(batch, pooling="max")
+        model.embed(batch, pooling="sum")
     with pytest.raises(ValueError, match="layer"):
         model.embed(batch, layer=3)
 

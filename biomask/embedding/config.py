@@ -56,7 +56,9 @@ class EmbedConfig(Config):
     counts: CountsConfig = CountsConfig()
     genes: GenesSpec = GenesSpec()
     dna: DNASpec = DNASpec()
-    pooling: Literal["cls", "mean"] = "mean"
+    # mean, cls ([CLS] vector; not the cnn kind), max (per-feature maximum over the tokens: DNA motif
+    # tasks; token models only — a profile model has one vector per cell, so mean and cls name it)
+    pooling: Literal["cls", "mean", "max"] = "mean"
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
     key: str = Field("X_biomask", min_length=1)  # obsm key
     batch_size: int = Field(64, ge=1)  # results do not depend on it

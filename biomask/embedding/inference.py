@@ -65,6 +65,20 @@ def check_layer(model: MaskedEncoder, layer: int) -> None:
         )
 
 
+def check_pooling(model: MaskedEncoder, pooling: str, name: str = "the checkpoint") -> None:
+    """A pooling the model offers (`model.poolings`; a profile model has one vector per cell, a CNN
+    no [CLS] summary)."""
+    from biomask.errors import InputError
+    from biomask.models.model import POOLINGS
+
+    offered = getattr(model, "poolings", POOLINGS)
+    if pooling not in offered:
+        raise InputError(
+            f"pooling={pooling}: {name} ({model.config.kind} model) offers {', '.join(offered)}; "
+            "set pooling to one of them"
+        )
+
+
 def vector_width(model: MaskedEncoder, layer: int) -> int:
     """The width of one cell's vector at `layer` (mean or cls pooling): d_model, except where a
     model's layers differ in width (the profile MLP: input genes, hidden, latent) and say so
@@ -133,8 +147,9 @@ def check_long_records(
 
 
 def pool_pieces(vectors: np.ndarray, owners: np.ndarray, n: int, pooling: str) -> np.ndarray:
-    """Piece vectors -> one vector per record: the mean over a record's pieces, or (concat) their
-    concatenation in order (every record must then have as many pieces)."""
+    """Piece vectors -> one vector per record: the mean over a record's pieces, their per-feature
+    maximum (max: a motif anywhere in the record), or (concat) their concatenation in order (every
+    record must then have as many pieces)."""
     counts = np.bincount(owners, minlength=n)
     if len(vectors) == n and bool((counts == 1).all()):
         return vectors[np.argsort(owners, kind="stable")]
@@ -143,6 +158,10 @@ def pool_pieces(vectors: np.ndarray, owners: np.ndarray, n: int, pooling: str) -
             raise ValueError("concat pooling needs records of one length (as many windows each)")
         order = np.argsort(owners, kind="stable")  # pieces are listed in order within a record
         return vectors[order].reshape(n, -1)
+    if pooling == "max":
+        out = np.full((n, vectors.shape[1]), -np.inf, dtype=np.float32)
+        np.maximum.at(out, owners, vectors)
+        return out
     out = np.zeros((n, vectors.shape[1]), dtype=np.float64)
     np.add.at(out, owners, vectors)
     return (out / np.maximum(counts, 1)[:, None]).astype(np.float32)

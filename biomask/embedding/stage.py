@@ -24,7 +24,7 @@ import pandas as pd
 
 from biomask.embedding.anndata_io import provenance
 from biomask.embedding.config import NON_SEMANTIC, EmbedConfig
-from biomask.embedding.inference import check_layer, pick_device, vector_width
+from biomask.embedding.inference import check_layer, check_pooling, pick_device, vector_width
 from biomask.errors import InputError, OutputExistsError
 from biomask.outputs import atomic_file
 from biomask.provenance import sha256_file
@@ -303,6 +303,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))
     check_layer(model, cfg.layer)
+    check_pooling(model, cfg.pooling, str(cfg.checkpoint))
     log.info(
         "embed: %s (%s, %d layers, d %d) on %s, %s pooling, layer %d",
         cfg.checkpoint,

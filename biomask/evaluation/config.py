@@ -8,6 +8,8 @@ from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config, SplitFractions
 
+Pooling = Literal["cls", "mean", "max", "concat"]  # biomask.models.model.POOLINGS
+
 
 class SplitSpec(SplitFractions):
     """How each seed's train / val / test split is made."""
@@ -100,16 +102,17 @@ class EvaluateConfig(Config):
     # best validation MCC (e.g. char, k-mer and BPE checkpoints: the tokenizer chosen on validation).
     # DNA checkpoints of another tokenizer than the store's read its sequences in their own tokens.
     select_on_val: bool = False
+    # max: each feature's maximum over the content tokens (a motif anywhere; DNA and token-cell models).
     # concat: every content token's vector in order (position-aware; fixed-length DNA records only).
     # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
     # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to
     # the model and the records — auto: mean, concat (DNA records of one length), cls (not for the cnn
     # kind, whose first position is no summary). Every protocol of that model and seed then uses it;
     # metrics.json and report.md say which was chosen.
-    pooling: Literal["cls", "mean", "concat", "auto"] | list[Literal["cls", "mean", "concat"]] = "mean"
+    pooling: Pooling | Literal["auto"] | list[Pooling] = "mean"
     # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:
-    # window: embedded in windows of the model's length, pooled (mean of the window vectors; concat:
-    # their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
+    # window: embedded in windows of the model's length, pooled (mean or max of the window vectors;
+    # concat: their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
     long_records: Literal["window", "centre", "refuse"] = "window"
     finetune: FinetuneSpec = FinetuneSpec()
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]

@@ -161,11 +161,15 @@ class Classifier(nn.Module):
 
 
 def _pool_pieces(h: torch.Tensor, owners: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Piece vectors -> record vectors: the mean over a record's windows, or (concat) their concatenation
-    in order, as `biomask.embedding.inference.pool_pieces` does for the probe's features."""
+    """Piece vectors -> record vectors: the mean (or max) over a record's windows, or (concat) their
+    concatenation in order, as `biomask.embedding.inference.pool_pieces` does for the probe's features."""
     n = int(owners.max()) + 1
     if pooling == "concat":
         return h.reshape(n, -1)  # pieces are collated record by record, as many per record
+    if pooling == "max":
+        index = owners[:, None].expand_as(h)
+        start = torch.full((n, h.shape[1]), float("-inf"), dtype=h.dtype, device=h.device)
+        return start.scatter_reduce(0, index, h, reduce="amax", include_self=True)
     counts = torch.bincount(owners, minlength=n).clamp(min=1).to(h.dtype)
     return (
         torch.zeros(n, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, owners, h) / counts[:, None]

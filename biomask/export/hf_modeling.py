@@ -15,10 +15,11 @@ they are (the pretraining head and MAE decoder are not exported).
 Inputs: `input_ids` and `attention_mask` (HF's 0/1 integers or booleans); cells also `values`
 (float, token-aligned: the expression value of each gene token) and, for binned models, `bins`
 (int, 1..n_bins for expressed genes, 0 at [CLS] and padding). `pooler_output` pools the last layer
-as `config.pooling` says ("mean": over content tokens, [CLS]/[SEP]/padding excluded; "cls").
+as `config.pooling` says ("mean": over content tokens, [CLS]/[SEP]/padding excluded; "max": their
+per-feature maximum; "cls").
 Profile models (`kind: "mlp"`, cells) read the whole profile: `last_hidden_state` is (B, 1, d_model).
-The dilated CNN (`kind: "cnn"`, DNA) has no [CLS] summary: its `pooling` is "mean" (or "concat": every
-content position's vector in order, records of one length).
+The dilated CNN (`kind: "cnn"`, DNA) has no [CLS] summary: its `pooling` is "mean" (or "max", or
+"concat": every content position's vector in order, records of one length).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ class BiomaskModel(PreTrainedModel):
         if pooling == "cls" and self.config.kind == "cnn":
             raise ValueError(
                 "a CNN has no [CLS] summary (its first position sees the record's start): "
-                "use pooling 'mean' or 'concat'"
+                "use pooling 'mean', 'max' or 'concat'"
             )
         if pooling == "cls":
             return h[:, 0]
@@ -331,8 +332,10 @@ class BiomaskModel(PreTrainedModel):
             if bool((counts != counts[0]).any()):
                 raise ValueError("concat pooling needs records of one length (use pooling 'mean')")
             return h[content].reshape(h.shape[0], -1)
+        if pooling == "max":
+            return h.masked_fill(~content[..., None], float("-inf")).amax(1)
         if pooling != "mean":
-            raise ValueError(f"pooling must be 'mean', 'cls' or 'concat', not {pooling!r}")
+            raise ValueError(f"pooling must be 'mean', 'max', 'cls' or 'concat', not {pooling!r}")
         weights = content.to(h.dtype)[..., None]
         return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

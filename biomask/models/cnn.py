@@ -21,8 +21,8 @@ Training is MLM only: masked positions are replaced by [MASK] (or a random token
 predicts them from their neighbourhood. MAE corruption (dropping masked tokens) would collapse the
 spacing a convolution relies on, so the trainer refuses it (`masking.corruption.kind`).
 
-Pooling: `mean` (the content tokens: padding, [CLS] and [SEP] excluded) and `concat` (every content
-token's vector in order; fixed-length records). `cls` is refused: a CNN's [CLS] position only sees its
+Pooling: `mean` (the content tokens: padding, [CLS] and [SEP] excluded), `max` (their per-feature
+maximum) and `concat` (every content token's vector in order; fixed-length records). `cls` is refused: a CNN's [CLS] position only sees its
 neighbourhood at the record's start, it is no summary of the record.
 """
 
@@ -38,7 +38,7 @@ from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
 from biomask.models.model import Head, pool_content
 
-POOLINGS = ("mean", "concat")
+POOLINGS = ("mean", "max", "concat")
 
 
 def receptive_field(cfg: EncoderConfig) -> int:
@@ -142,11 +142,11 @@ class DilatedCNN(nn.Module):
         self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1
     ) -> torch.Tensor:
         """One vector per record with gradients; `layer` indexes [embeddings, block 1, ..., block n
-        (final LayerNorm applied)] like a Python list. Pooling: mean or concat (see the module)."""
+        (final LayerNorm applied)] like a Python list. Pooling: mean, max or concat (see the module)."""
         if pooling == "cls":
             raise InputError(
                 "pooling=cls: the cnn model kind has no [CLS] summary (its first position sees only the "
-                "record's start); use pooling=mean, concat, or auto"
+                "record's start); use pooling=mean, max, concat, or auto"
             )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")

@@ -20,14 +20,15 @@ from biomask.models.config import EncoderConfig
 from biomask.models.transformer import Encoder
 from biomask.vocab import CLS_ID, SEP_ID
 
-POOLINGS = ("cls", "mean", "concat")
+POOLINGS = ("cls", "mean", "max", "concat")
 
 
 def pool_content(
     h: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 ) -> torch.Tensor:
     """One vector per record from the content tokens' states (never [CLS], [SEP] or padding): their
-    mean, or (`concat`) every position's vector in order — records of one length only."""
+    mean, their per-feature maximum (`max`: whether a feature fired anywhere, the motif detector's
+    summary), or (`concat`) every position's vector in order — records of one length only."""
     content = attention_mask & (ids != CLS_ID) & (ids != SEP_ID)
     if pooling == "concat":
         counts = content.sum(1)
@@ -37,6 +38,8 @@ def pool_content(
                 f"{int(counts.max())} content tokens (use mean pooling for variable lengths)"
             )
         return h[content].reshape(h.shape[0], -1)
+    if pooling == "max":
+        return h.masked_fill(~content[..., None], float("-inf")).amax(1)
     weights = content.to(h.dtype)[..., None]
     return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
@@ -185,7 +188,8 @@ class MaskedEncoder(nn.Module):
 
         `layer` indexes [embeddings, block 1, ..., block n (final LayerNorm applied)] like a Python
         list: -1 (default) is the last layer, 0 the embeddings. `pooling`: "cls" (the [CLS] position),
-        "mean" (over the record's content tokens: padding, [CLS] and [SEP] excluded) or "concat" (the
+        "mean" (over the record's content tokens: padding, [CLS] and [SEP] excluded), "max" (their
+        per-feature maximum) or "concat" (the
         content tokens' vectors concatenated in order, (B, length * d_model): position-aware, for
         fixed-length records such as splice sites, where a mean would discard where a motif sits).
         With MAE training, the encoder sees the whole record (nothing is dropped at embedding time).

@@ -124,9 +124,9 @@ class PanelTransformer(ProfileModel):
     ) -> torch.Tensor:
         """The cell token's state over every listed gene, with gradients (fine-tuning). The cell token
         is the embedding the objective trains, so `pooling` "cls" and "mean" both return it."""
-        if pooling == "concat":
+        if pooling not in self.poolings:
             raise ValueError(
-                "concat pooling needs per-token vectors; a panel transformer embeds the cell token"
+                f"{pooling} pooling needs per-token vectors; a panel transformer embeds the cell token"
             )
         n = self.config.n_layers + 1
         if not -n <= layer < n:

@@ -59,6 +59,8 @@ class ProfileModel(nn.Module):
     loss (MSE, or a count likelihood with its reference predictor). A subclass builds its networks
     and names the output bias a count loss starts at the reference rates (`output_bias`)."""
 
+    poolings = ("mean", "cls")  # one vector per cell: both name it (evaluate's pooling lists skip others)
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         if cfg.modality != "cells":
@@ -215,9 +217,9 @@ class ProfileAutoencoder(ProfileModel):
         """One vector per cell from the full (unmasked) profile, with gradients (fine-tuning).
 
         A profile model has one vector per cell already: `pooling` "cls" and "mean" give the same
-        vector; "concat" (per-token vectors) does not exist here."""
-        if pooling == "concat":
-            raise ValueError("concat pooling needs per-token vectors; a profile model has one per cell")
+        vector; "max" and "concat" (over per-token vectors) do not exist here."""
+        if pooling not in self.poolings:
+            raise ValueError(f"{pooling} pooling needs per-token vectors; a profile model has one per cell")
         n = self.config.n_layers + 1
         if not -n <= layer < n:
             raise ValueError(
