@@ -22,8 +22,9 @@ predicts them from their neighbourhood. MAE corruption (dropping masked tokens) 
 spacing a convolution relies on, so the trainer refuses it (`masking.corruption.kind`).
 
 Pooling: `mean` (the content tokens: padding, [CLS] and [SEP] excluded), `max` (their per-feature
-maximum) and `concat` (every content token's vector in order; fixed-length records). `cls` is refused: a CNN's [CLS] position only sees its
-neighbourhood at the record's start, it is no summary of the record.
+maximum) and `concat` (every content token's vector in order; fixed-length records). `cls` is
+refused: a CNN's [CLS] position only sees its neighbourhood at the record's start, it is no summary of
+the record.
 """
 
 from __future__ import annotations
