@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -209,8 +210,12 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
     assert set(adata.obsm) - before == {"X_biomask"}
     assert np.isfinite(adata.obsm["X_biomask"]).all()
+    # the shipped settings give unit-length cell embeddings, and the provenance says so
+    np.testing.assert_allclose(np.linalg.norm(adata.obsm["X_biomask"], axis=1), 1.0, rtol=1e-5)
+    assert adata.uns["X_biomask"]["normalisation"] == "l2"
     info = json.loads((checkpoint / "config.json").read_text())
     assert info["architecture"]["kind"] == "mlp" and info["training"]["steps"] == 60
+    assert info["architecture"]["embed_norm"] == "l2"
     # labels were not used: the store has no label column
     store = json.loads((tmp_path / "mine" / "store" / "manifest.json").read_text())
     assert store["label_names"] is None and store["scheme"] == "panel"
@@ -229,6 +234,22 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )
     assert hidden.obsm["X_hidden"].shape == (adata.n_obs, 256)
     assert np.isfinite(hidden.obsm["X_hidden"]).all()
+    assert hidden.uns["X_hidden"]["normalisation"] == "none"  # inner layers are not rescaled
+    # continuing a checkpoint written before unit-length embeddings (no embed_norm): the new run
+    # embeds at unit length, as its config says, whatever the checkpoint it started from did
+    older = tmp_path / "older"
+    shutil.copytree(checkpoint, older)
+    config = json.loads((older / "config.json").read_text())
+    del config["architecture"]["embed_norm"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(older).config.embed_norm == "none"
+    cont = pbmc68k_adata.copy()
+    continued = biomask.fit_cells(
+        cont, tmp_path / "cont", matrix="raw", counts={"mode": "log1p"}, init_from=older,
+        overrides={"train.steps": 20, "train.checkpoint_every": 20},
+    )  # fmt: skip
+    assert json.loads((continued / "config.json").read_text())["architecture"]["embed_norm"] == "l2"
+    np.testing.assert_allclose(np.linalg.norm(cont.obsm["X_biomask"], axis=1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.network
@@ -321,3 +342,34 @@ def test_ratio_input_tells_the_encoder_the_share_of_the_panel_hidden():
     torch.testing.assert_close(seen[-1][:, -1], torch.zeros(6))
     with pytest.raises(ValueError, match="ratio_input is for model.kind mlp"):
         ModelConfig(kind="transformer", ratio_input=True)
+
+
+def test_the_cell_embedding_is_at_unit_length_and_training_reads_the_raw_latent():
+    """model.embed_norm l2 (pretrain's default for kind mlp): X_biomask rows have length 1, so a kNN
+    graph compares directions (cosine), not how far a cell is from the mean; inner layers and the
+    decoder's input are untouched, and checkpoints written without the key embed as before."""
+    from biomask.training.config import ModelConfig
+
+    raw = _model().eval()
+    unit = ProfileAutoencoder(dataclasses.replace(raw.config, embed_norm="l2")).eval()
+    unit.load_state_dict(raw.state_dict())
+    batch = collate(_records(), modality="cells")
+    vectors = unit.embed(batch)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(vectors, torch.nn.functional.normalize(raw.embed(batch), dim=1))
+    assert not torch.allclose(raw.embed(batch).norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(unit.embed(batch, layer=-2), raw.embed(batch, layer=-2))
+    assert unit.normalises(-1) and unit.normalises(2) and not unit.normalises(-2)
+    masked = torch.zeros_like(batch["attention_mask"])
+    masked[:, 1:4] = True
+    torch.testing.assert_close(
+        unit({**batch, "masked": masked})["loss"], raw({**batch, "masked": masked})["loss"]
+    )
+    # an older checkpoint's architecture has no embed_norm: it loads as "none"
+    older = {k: v for k, v in unit.config.to_dict().items() if k != "embed_norm"}
+    assert EncoderConfig.from_dict(older).embed_norm == "none"
+    assert ModelConfig(kind="mlp").resolved_embed_norm() == "l2"
+    assert ModelConfig(kind="mlp", embed_norm="none").resolved_embed_norm() == "none"
+    assert ModelConfig(kind="transformer").resolved_embed_norm() == "none"
+    with pytest.raises(ValueError, match="embed_norm l2 is for model.kind mlp"):
+        ModelConfig(kind="panel_transformer", embed_norm="l2")

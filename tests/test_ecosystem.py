@@ -231,8 +231,8 @@ def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
     assert float(np.abs(np.load(tmp_path / "theirs.npy") - ours).max()) < 1e-5
 
 
-@pytest.mark.parametrize("ratio_input", [False, True])
-def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input):
+@pytest.mark.parametrize(("ratio_input", "embed_norm"), [(False, "none"), (True, "l2")])
+def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, embed_norm):
     from transformers import AutoModel
 
     from biomask.export import export_hf
@@ -245,7 +245,7 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input):
     arch = EncoderConfig(
         vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
         n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
-        ratio_input=ratio_input,
+        ratio_input=ratio_input, embed_norm=embed_norm,
     )  # fmt: skip
     torch.manual_seed(0)
     profile = ProfileAutoencoder(arch)
@@ -266,6 +266,8 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input):
         )
     assert output.last_hidden_state.shape == (50, 1, 16)
     assert float(np.abs(output.pooler_output.numpy() - ours).max()) < 1e-5
+    lengths = np.linalg.norm(ours, axis=1)
+    assert np.allclose(lengths, 1.0, atol=1e-5) == (embed_norm == "l2")
 
 
 # ------------------------------------------------------------------------------------------- logs, CLI

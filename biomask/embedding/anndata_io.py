@@ -69,6 +69,8 @@ def provenance(
         "modality": info.get("modality"),
         "layer": layer,
         "pooling": pooling,
+        # the profile autoencoder's latent at unit length (model.embed_norm), or as the layer gives it
+        "normalisation": "l2" if getattr(model, "normalises", lambda _: False)(layer) else "none",
         "key": key,
         "max_length": max_length,
         "masking_scheme": masking.get("scheme"),

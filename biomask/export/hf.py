@@ -54,6 +54,7 @@ ARCH_KEYS = (
     "scheme",
     "mask_indicator",
     "ratio_input",
+    "embed_norm",
     "kernel_size",
 )
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself

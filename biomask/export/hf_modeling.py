@@ -312,6 +312,8 @@ class BiomaskModel(PreTrainedModel):
             h = module(h)
             if isinstance(module, nn.Linear):
                 states.append(h)
+        if getattr(self.config, "embed_norm", "none") == "l2":  # the cell embedding at unit length
+            states[-1] = F.normalize(states[-1], dim=1)
         return states
 
     def _pool(

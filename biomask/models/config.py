@@ -71,6 +71,12 @@ class EncoderConfig:
     mask_indicator: bool = True
     # kind mlp: one more input, the share of the panel hidden in the cell (its mask ratio)
     ratio_input: bool = False
+    # kind mlp: the cell embedding (the latent, `features(layer=-1)`) scaled to unit length. Cosine
+    # geometry: the latent's norm tracks how far a profile is from the mean cell (depth, overall
+    # activity) more than its type, and a kNN graph built on it mixes types (scGPT's embed_data
+    # normalises the same way). Training is unchanged: the decoder reads the raw latent.
+    # Checkpoints written before this field load with "none", so their embeddings stay as they were.
+    embed_norm: Literal["none", "l2"] = "none"
     # Cells profile models (mlp, panel_transformer): what the masked genes' reconstruction is scored
     # by. mse: the standardised log1p values. poisson / nb: the raw counts given the library size
     # (scVI-style; nb with a learned per-gene dispersion; biomask.models.likelihood). Counts are

@@ -24,7 +24,10 @@ bias starts at each gene's mean rate, so training starts from the reference pred
 
 `config.n_layers` counts the encoder's linear layers (the last one projects to the latent,
 `d_model`); the hidden ones are `d_ff` wide with GELU. The decoder mirrors it. `layer` in `features`
-indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the latent).
+indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the latent). With
+`config.embed_norm` l2 (pretrain's default for this kind) the latent is returned at unit length:
+its norm says mostly how far a cell is from the mean profile, which a kNN graph should not mix
+with its type (measured in the README's cell-model section); the decoder reads the raw latent.
 """
 
 from __future__ import annotations
@@ -227,7 +230,12 @@ class ProfileAutoencoder(ProfileModel):
             )
         z = self._standardised(batch)
         index = layer % n
-        return self._encode(z, self._missing(batch), upto=index)[index]
+        state = self._encode(z, self._missing(batch), upto=index)[index]
+        return F.normalize(state, dim=1) if self.normalises(layer) else state
+
+    def normalises(self, layer: int) -> bool:
+        """Whether `features(..., layer)` is scaled to unit length (`config.embed_norm`: the latent only)."""
+        return self.config.embed_norm == "l2" and layer % (self.config.n_layers + 1) == self.config.n_layers
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:

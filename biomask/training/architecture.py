@@ -140,6 +140,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         decoder_layers=0,
         mask_indicator=cfg.model.mask_indicator,
         ratio_input=cfg.model.ratio_input,
+        embed_norm=cfg.model.resolved_embed_norm(),
         loss=cfg.model.loss,
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
@@ -170,6 +171,8 @@ def init_checkpoint(
         activation_checkpointing=arch.activation_checkpointing,
         decoder_layers=arch.decoder_layers,
         target=arch.target,
+        # how the embedding is scaled is this run's choice, not the weights' (an mlp's only)
+        embed_norm=arch.embed_norm if pretrained.config.kind == "mlp" else "none",
     )
     # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective
     drop = "decoder." if arch.kind == "transformer" else None
