@@ -192,6 +192,40 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     assert [e["label"] for e in row["entries"]] == ["R²MAE, the best pretrained model"]
 
 
+def test_a_clustering_target_is_judged_against_the_baselines_that_cluster():
+    """Issue 15's "Leiden ARI >= PCA's": protocol knn, metric cluster_ari. Only the kNN baselines
+    have clustering scores, so a probe baseline without them is never the bar (nor a crash)."""
+    ev = _evaluation(
+        {
+            ("baseline", "linear_probe"): [0.90, 0.91, 0.92],  # all genes + LR: no Leiden scores
+            ("pca", "pca_knn"): [0.52, 0.53, 0.52],
+            ("hvg", "hvg_knn"): [0.47, 0.48, 0.48],
+            ("r2mae", "knn"): [0.49, 0.50, 0.51],
+            ("fixed40", "knn"): [0.53, 0.54, 0.53],
+        },
+        {"r2mae": R2MAE, "fixed40": FIXED40},
+    )
+    for name in ("pca/pca_knn", "hvg/hvg_knn"):
+        next(m for m in ev.results["methods"] if m["name"] == name)["group"] = "baseline"
+    for name in ("pca/pca_knn", "hvg/hvg_knn", "r2mae/knn", "fixed40/knn"):
+        values = [r["mcc"] for r in ev.results["per_seed"][name]]
+        for row, v in zip(ev.results["per_seed"][name], values):
+            row["cluster_ari"] = v
+        ev.results["summary"][name]["cluster_ari"] = summarize(values)
+    cfg = ReportConfig(
+        output="unused", targets=[TargetSpec(evaluation="task", protocol="knn", metric="cluster_ari")]
+    )
+    (row,) = target_rows(cfg, {"task": ev})
+    assert row["baseline"] == "pca/pca_knn"
+    entries = {e["label"]: e for e in row["entries"]}
+    assert not entries["R²MAE"]["met"] and entries["best pretrained"]["met"]
+    assert entries["R²MAE"]["cmp"]["mean_difference"] == pytest.approx(-0.0233, abs=1e-3)
+    # models without the metric: said so, not judged
+    del ev.results["summary"]["r2mae/knn"]["cluster_ari"]
+    (row,) = target_rows(cfg, {"task": ev})
+    assert "no cluster_ari" in row["missing"]
+
+
 def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():
     from biomask.report.collect import by_pretraining_seed
 

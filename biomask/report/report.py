@@ -46,7 +46,15 @@ from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
 
-_METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC"}
+_METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mcc": "MCC",
+    "cluster_ari": "Leiden ARI (resolution 1)",
+    "cluster_nmi": "Leiden NMI (resolution 1)",
+    "cluster_ari_best": "Leiden ARI (best resolution)",
+    "cluster_nmi_best": "Leiden NMI (best resolution)",
+}
 
 
 def verdict(cmp: dict[str, float], better: str, worse: str) -> str:
@@ -191,8 +199,16 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
                 {"target": target, "missing": "no baseline or no pretrained model under this protocol"}
             )
             continue
-        # the strongest baseline is the one with the best mean on this target's metric
-        baselines = [m for m in ev.results["methods"] if m["group"] == "baseline"]
+        # the strongest baseline is the one with the best mean on this target's metric (among those
+        # that have it: only the kNN baselines carry clustering scores)
+        baselines = [
+            m
+            for m in ev.results["methods"]
+            if m["group"] == "baseline" and target.metric in ev.results["summary"].get(m["name"], {})
+        ]
+        if not baselines or any(target.metric not in ev.results["summary"][m["name"]] for m in candidates):
+            rows.append({"target": target, "missing": f"no {target.metric} for the baselines or the models"})
+            continue
         baseline = max(baselines, key=lambda m: ev.mean(m["name"], target.metric))["name"]
         r2 = next((m for m in candidates if m["group"] == cfg.r2mae), None)
         best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
