@@ -181,6 +181,11 @@ def test_two_processes_under_torchrun(genome_store, tmp_path):
     assert model["training"]["global_batch"] == 16
     assert len(train_losses(out)) == 2
     load_pretrained(out / "model")
+    # a rerun of the finished run: every rank sees it is done and returns, none waits on the others
+    before = (out / "run.json").read_text()
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing" in proc.stderr and (out / "run.json").read_text() == before
 
 
 def test_deepspeed_launcher_and_zero3_with_activation_checkpointing(genome_store, tmp_path):

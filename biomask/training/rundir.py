@@ -49,6 +49,13 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
 
 
+def is_done(path: Path, fingerprint: str) -> bool:
+    """Whether `path` holds a finished run of this fingerprint: a read only, the same on every rank
+    (the run directory is on a shared filesystem), so it needs no process group."""
+    info = read_run_info(path) if path.is_dir() else None
+    return info is not None and info.get("fingerprint") == fingerprint
+
+
 def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any], *, overwrite: bool) -> str:
     """'fresh', 'resume' or 'done' for the run at `path` (raises when it must be refused)."""
     if not path.exists():
