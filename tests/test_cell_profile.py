@@ -182,6 +182,32 @@ def test_pretrained_profile_embedding_beats_the_random_network(
     assert "Leiden clusters" in report and "all genes + kNN" in report and "best resolution" in report
 
 
+@pytest.mark.network
+def test_scmae_trains_through_the_trainer_and_switches_objective_on_continuing(
+    profile_checkpoint, panel_store, tmp_path
+):
+    """model.objective is the run's choice: continuing an mae checkpoint with scmae starts a new swap
+    detector on its encoder and decoder, and continuing that with mae drops the detector again."""
+    from tests.conftest import _pretrain
+
+    keys = {"data.store": panel_store, "model.d_model": 32, "model.d_ff": 128, "train.steps": 10}
+    swapped = _pretrain(
+        "configs/pretrain/cells-mlp.yaml", tmp_path / "scmae", **keys,
+        **{"model.init_from": profile_checkpoint, "model.objective": "scmae"},
+    )  # fmt: skip
+    model = load_pretrained(swapped)
+    start = load_pretrained(profile_checkpoint)
+    assert model.config.objective == "scmae" and hasattr(model, "swap_head")
+    assert not hasattr(start, "swap_head")
+    torch.testing.assert_close(model.gene_mean, start.gene_mean)  # the corpus model's standardisation
+    info = json.loads((swapped / "config.json").read_text())
+    assert info["architecture"]["objective"] == "scmae"
+    assert 0.0 < info["eval"]["mean_loss"] < 1.5  # the swapped genes' MSE, next to the gene mean's 1.0
+    back = load_pretrained(_pretrain("configs/pretrain/cells-mlp.yaml", tmp_path / "mae", **keys,
+                                     **{"model.init_from": swapped}))  # fmt: skip
+    assert back.config.objective == "mae" and not hasattr(back, "swap_head")
+
+
 # ------------------------------------------------------------------------------- the user's own cells
 
 
@@ -373,3 +399,51 @@ def test_the_cell_embedding_is_at_unit_length_and_training_reads_the_raw_latent(
     assert ModelConfig(kind="transformer").resolved_embed_norm() == "none"
     with pytest.raises(ValueError, match="embed_norm l2 is for model.kind mlp"):
         ModelConfig(kind="panel_transformer", embed_norm="l2")
+
+
+def test_scmae_swaps_masked_genes_with_other_cells_and_trains_on_every_gene():
+    """model.objective scmae: a masked gene enters with the value that gene has in another cell of
+    the batch (nothing marks it); the minimised objective covers every measured gene plus detecting
+    the swapped ones, while `loss` stays the masked genes' MSE that held-out evaluation compares."""
+    from biomask.models.profile import _donor_values
+    from biomask.training.config import ModelConfig
+
+    plain = _model()
+    swap = ProfileAutoencoder(dataclasses.replace(plain.config, objective="scmae"))
+    assert swap.swap_head[-1].out_features == 12 and not hasattr(plain, "swap_head")
+    batch = collate(_records(), modality="cells")
+    masked = torch.zeros_like(batch["attention_mask"])
+    masked[:, 1:4] = True
+    hidden = swap._dense(batch, masked) > 0
+    z = swap._standardised(batch)
+    donors = _donor_values(z, hidden)
+    for i in range(6):  # each value is the same gene's in a different cell, never the cell's own
+        for g in range(NUM_SPECIAL, 12):
+            others = [j for j in range(6) if j != i]
+            assert any(torch.equal(donors[i, g], z[j, g]) for j in others)
+    torch.testing.assert_close(_donor_values(z, hidden), donors)  # no RNG: held-out losses are fixed
+    seen: list[torch.Tensor] = []
+    swap.encoder[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    out = swap({**batch, "masked": masked})
+    shown, indicator = seen[-1][:, :12], seen[-1][:, 12:]
+    torch.testing.assert_close(shown, torch.where(hidden, donors, z))
+    assert not indicator.any()  # a complete profile: no gene is marked, the swapped ones neither
+    assert int(out["n_masked"]) == 18 and torch.isfinite(out["objective"])
+    assert not torch.allclose(out["objective"], out["loss"])
+    # loss = the masked genes' reconstruction, as for the mae objective
+    pred = swap.decoder(swap._encode(shown, torch.zeros_like(hidden))[-1])
+    torch.testing.assert_close(out["loss"], torch.nn.functional.mse_loss(pred[hidden], z[hidden]))
+    # one step on the objective trains the swap detector too
+    swap.zero_grad()
+    out["objective"].backward()
+    assert swap.swap_head[0].weight.grad.abs().sum() > 0
+    # the embedding reads the full profile, as with mae (the same weights embed alike)
+    plain.load_state_dict({k: v for k, v in swap.state_dict().items() if not k.startswith("swap_head.")})
+    torch.testing.assert_close(swap.embed(batch), plain.embed(batch))
+    # older checkpoints' architectures have no objective: they load as mae
+    older = {k: v for k, v in swap.config.to_dict().items() if k != "objective"}
+    assert EncoderConfig.from_dict(older).objective == "mae"
+    with pytest.raises(ValueError, match="objective scmae is for model.kind mlp with model.loss mse"):
+        ModelConfig(kind="mlp", objective="scmae", loss="nb")
+    with pytest.raises(ValueError, match="objective scmae is for model.kind mlp"):
+        ModelConfig(kind="panel_transformer", objective="scmae")

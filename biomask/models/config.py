@@ -77,6 +77,12 @@ class EncoderConfig:
     # normalises the same way). Training is unchanged: the decoder reads the raw latent.
     # Checkpoints written before this field load with "none", so their embeddings stay as they were.
     embed_norm: Literal["none", "l2"] = "none"
+    # kind mlp: the pretraining objective. mae: a masked gene enters as 0 with its mask indicator and
+    # only the masked genes are reconstructed. scmae (Fang, Zheng & Li, Bioinformatics 2024): a masked
+    # gene takes the value that gene has in another cell of the batch, so the input still looks like a
+    # cell and nothing says which genes were swapped; the model reconstructs every gene and predicts
+    # which were swapped (a second head). Checkpoints written before this field load as mae.
+    objective: Literal["mae", "scmae"] = "mae"
     # Cells profile models (mlp, panel_transformer): what the masked genes' reconstruction is scored
     # by. mse: the standardised log1p values. poisson / nb: the raw counts given the library size
     # (scVI-style; nb with a learned per-gene dispersion; biomask.models.likelihood). Counts are

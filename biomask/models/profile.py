@@ -15,7 +15,9 @@ built from the collated batch by scatter, so gene order in a record and padding 
 are the store's log1p(CP10k) values, standardised per gene with statistics of the training split
 (buffers `gene_mean` / `gene_std`, saved in the checkpoint) and clipped to ±10 like `sc.pp.scale`.
 A masked gene enters as 0 (the gene's mean) and its mask indicator as 1, so the model knows what is
-hidden — the masking schemes (R²MAE, fixed, schedules, discrete sets) choose which genes.
+hidden — the masking schemes (R²MAE, fixed, schedules, discrete sets) choose which genes. With
+`config.objective` scmae (scMAE's) a masked gene carries another cell's value instead, unmarked; every
+gene is reconstructed and a second head detects the swapped ones (`_scmae`).
 
 With `config.loss` poisson or nb the decoder's outputs are log rates per `target_sum` counts and the
 loss is the count likelihood of the masked genes' raw counts given the library size (scVI-style;
@@ -183,6 +185,8 @@ class ProfileAutoencoder(ProfileModel):
         hidden = [cfg.d_ff] * (cfg.n_layers - 1)
         self.encoder = _stack([2 * n_genes + int(cfg.ratio_input), *hidden, cfg.d_model])
         self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
+        if cfg.objective == "scmae":  # which genes were swapped, from the latent (logits per gene)
+            self.swap_head = _stack([cfg.d_model, *reversed(hidden), n_genes])
         self.drop = nn.Dropout(cfg.dropout)
 
     def output_bias(self) -> torch.Tensor:
@@ -206,11 +210,33 @@ class ProfileAutoencoder(ProfileModel):
     # --------------------------------------------------------------------------------------- training
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The masked genes' (`batch["masked"]`) reconstruction loss and its reference."""
+        """The masked genes' (`batch["masked"]`) reconstruction loss and its reference; with objective
+        scmae in training, also `objective`, the loss that is minimised."""
         z = self._standardised(batch)
         hidden = self._dense(batch, batch["masked"]) > 0
+        if self.config.objective == "scmae":
+            return self._scmae(batch, z, hidden)
         latent = self._encode(z, hidden | self._missing(batch))[-1]
         return self.reconstruction(batch, self.decoder(latent), z, hidden)
+
+    def _scmae(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor, hidden: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """scMAE: the masked genes carry another cell's values; reconstruct every measured gene and
+        detect the swapped ones. `loss` stays the masked genes' MSE, so held-out losses and their
+        gene-mean reference compare with the mae objective's."""
+        missing = self._missing(batch)
+        swapped = torch.where(hidden, _donor_values(z, hidden), z)
+        latent = self._encode(swapped, missing)[-1]  # the indicator shows unmeasured genes only
+        pred = self.decoder(latent)
+        out = self.reconstruction(batch, pred, z, hidden)
+        measured = ~missing
+        measured[:, :NUM_SPECIAL] = False  # the specials' columns: constant zeros, nothing to learn
+        detect = F.binary_cross_entropy_with_logits(
+            self.swap_head(latent)[measured], hidden[measured].float()
+        )
+        out["objective"] = F.mse_loss(pred[measured], z[measured]) + detect
+        return out
 
     # ------------------------------------------------------------------------------------- embeddings
 
@@ -246,6 +272,19 @@ class ProfileAutoencoder(ProfileModel):
         cfg = self.config
         widths = [cfg.vocab_size, *[cfg.d_ff] * (cfg.n_layers - 1), cfg.d_model]
         return widths[layer % len(widths)]
+
+
+def _donor_values(z: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, V): for every cell and gene, that gene's value in another cell of the batch. The donor is
+    a hash of the cell, the gene and the mask pattern (random per step), not a draw: no RNG state, so
+    held-out losses are fixed and a resumed run continues exactly."""
+    n = z.shape[0]
+    if n < 2:
+        return z
+    rows = torch.arange(n, device=z.device)[:, None]
+    genes = torch.arange(z.shape[1], device=z.device)[None, :]
+    offset = (hidden.long().cumsum(1) * 40_503 + genes * 9_973 + rows * 7_919) % (n - 1)
+    return z.gather(0, (rows + 1 + offset) % n)
 
 
 def gene_statistics(records, vocab_size: int, *, panel: bool = True) -> tuple[np.ndarray, np.ndarray]:

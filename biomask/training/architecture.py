@@ -141,6 +141,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         mask_indicator=cfg.model.mask_indicator,
         ratio_input=cfg.model.ratio_input,
         embed_norm=cfg.model.resolved_embed_norm(),
+        objective=cfg.model.objective,
         loss=cfg.model.loss,
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
@@ -171,10 +172,13 @@ def init_checkpoint(
         activation_checkpointing=arch.activation_checkpointing,
         decoder_layers=arch.decoder_layers,
         target=arch.target,
-        # how the embedding is scaled is this run's choice, not the weights' (an mlp's only)
+        # how the embedding is scaled and what it trains on are this run's choices, not the
+        # weights' (an mlp's only)
         embed_norm=arch.embed_norm if pretrained.config.kind == "mlp" else "none",
+        objective=arch.objective if pretrained.config.kind == "mlp" else "mae",
     )
-    # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective
-    drop = "decoder." if arch.kind == "transformer" else None
-    weights = {k: v for k, v in pretrained.state_dict().items() if not drop or not k.startswith(drop)}
+    # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective,
+    # its swap detector (scmae) belongs to that objective only: new when it starts, gone when it ends
+    drop = "decoder." if arch.kind == "transformer" else "swap_head."
+    weights = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(drop)}
     return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights

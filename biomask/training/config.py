@@ -54,6 +54,10 @@ class ModelConfig(Config):
     # UMAP; the decoder still reads the raw latent). auto: l2 for kind mlp. Measured on pbmc68k_reduced
     # (README, cell models): Leiden ARI 0.457 -> 0.499 (PCA 0.525); the probe unchanged within noise.
     embed_norm: Literal["auto", "none", "l2"] = "auto"
+    # kind mlp: mae (masked genes hidden as 0 with an indicator; MSE on the masked genes) or scmae
+    # (masked genes swapped with another cell's values; reconstruct every gene and tell which were
+    # swapped: scMAE, Fang et al. 2024). Measured: README, cell models.
+    objective: Literal["mae", "scmae"] = "mae"
     # kind mlp / panel_transformer: mse on the standardised log1p values, or the masked genes' raw
     # counts under a Poisson or negative binomial likelihood with the library size (needs a panel
     # store prepared from counts: counts.mode require or from_log1p).
@@ -98,6 +102,11 @@ class ModelConfig(Config):
             raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
+        if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):
+            raise ValueError(
+                f"model.objective scmae is for model.kind mlp with model.loss mse, not {self.kind} with "
+                f"{self.loss} (it reconstructs standardised values)"
+            )
         if self.kind == "cnn" and self.preset not in (*CNN_PRESETS, "custom"):
             raise ValueError(
                 f"model.kind cnn has presets {', '.join(CNN_PRESETS)} (or custom), not {self.preset}"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import REQUEUE_EXIT_CODE, Requeue
+from biomask.errors import REQUEUE_EXIT_CODE, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
@@ -128,7 +128,8 @@ def train_step(
         batch = to_device(train_data.batch(step, micro), device)
         masked = masker(batch, step)
         out = engine(model_inputs(masked))
-        engine.backward(out["loss"])
+        # what is minimised; `loss` (the masked tokens' loss) is what is logged and held out
+        engine.backward(out.get("objective", out["loss"]))
         engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
         n = float(out["n_masked"])
         window["loss"] += out["loss"].item() * n
@@ -341,8 +342,12 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(arch)
-    if cfg.model.init_from:  # a decoder is new when MAE training starts from an MLM checkpoint
-        model.load_state_dict(init_weights, strict=arch.decoder_layers == 0)
+    if cfg.model.init_from:  # new: an MAE decoder after an MLM checkpoint, a profile model's swap detector
+        new_part = "decoder." if arch.kind == "transformer" else "swap_head."
+        fresh = {k for k in model.state_dict() if k.startswith(new_part)}
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        if unexpected or set(missing) - fresh:
+            raise InputError(f"model.init_from: the checkpoint's weights do not fit: {missing or unexpected}")
     elif isinstance(model, ProfileModel):  # standardisation (and count references) of the training split
         model.init_from_data(train_split)
     optimizer = torch.optim.AdamW(
