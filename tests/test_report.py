@@ -293,7 +293,7 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
         over["checkpoints"] = {
             k: v
             for k, v in over["checkpoints"].items()
-            if k.split("@")[0] in schemes and not k.endswith("@2")
+            if k.split("@")[0] in schemes and k.split("@")[1] in ("0", "1")
         }
         over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
     path = run_dir.parent / "study-mini.yaml"
