@@ -86,3 +86,36 @@ def test_mlflow_records_every_scalar_and_a_resumed_run_continues_it(tmp_path, mo
     assert run.data.metrics["eval/loss/0.15"] == 2.0 and run.data.metrics["eval/mean_loss"] == 2.1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/accuracy")] == [5]
     assert not (run_dir / "tensorboard").exists()
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_reports_after_it(tmp_path):
+    """A training process imports DeepSpeed without the mlflow import its autotuner makes (seconds
+    in every process of a pipeline); a run that reports to MLflow still imports and uses it after."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlflow")
+    script = (
+        "import sys\n"
+        "from biomask.training.distributed import import_deepspeed\n"
+        "deepspeed = import_deepspeed()\n"
+        "assert hasattr(deepspeed, 'initialize') and 'mlflow' not in sys.modules\n"
+        "from pathlib import Path\n"
+        "from biomask.training.metrics import MetricsLogger\n"
+        f"logger = MetricsLogger(Path({str(tmp_path)!r}), total_steps=2, start_step=0, enabled=True,\n"
+        "                       progress=False, report_to=['mlflow'], config={})\n"
+        "logger.log(1, 'train', {'loss': 1.5})\n"
+        "logger.close()\n"
+        "assert 'mlflow' in sys.modules\n"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any((tmp_path / "mlruns").rglob("loss"))  # the metric reached the MLflow store

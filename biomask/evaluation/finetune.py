@@ -305,9 +305,8 @@ def finetune(
     """Fine-tune `encoder` (modified in place: pass a copy) on records[train]; see the module docstring.
     With `probe`, the head starts as the probe and the probe's validation MCC is the bar to beat (its
     test predictions are the result until a validation pass beats it)."""
-    import deepspeed
-
     from biomask.training.accelerator import resolve_precision, training_device
+    from biomask.training.distributed import import_deepspeed
     from biomask.training.ds_config import preset_config
 
     if isinstance(settings.lr, list):
@@ -360,7 +359,7 @@ def finetune(
     ds_config = preset_config(settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        engine, _, _, _ = deepspeed.initialize(
+        engine, _, _, _ = import_deepspeed().initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
     val_batches = list(_subset(batches, val, max(settings.batch_size, 64)))

@@ -137,10 +137,29 @@ def setup_env(local_rank_arg: int | None = None) -> DistEnv:
     return dist_env
 
 
+def import_deepspeed() -> Any:
+    """`import deepspeed`, without the `import mlflow` its autotuner runs when MLflow is installed:
+    about 2 s in every training process (a pipeline starts dozens), for a tool biomask never runs.
+    biomask's own MLflow tracker imports mlflow itself when a run reports to it."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init_process_group(dist_env: DistEnv) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process."""
-    import deepspeed
     import torch
+
+    deepspeed = import_deepspeed()
 
     # The shared-memory comm op serves CPU inference only, and would JIT-compile (~1 min) at init.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -49,6 +49,7 @@ from biomask.training.distributed import (
     DistEnv,
     StopSignal,
     all_sum,
+    import_deepspeed,
     init_process_group,
     on_rank0,
     setup_env,
@@ -241,9 +242,7 @@ def prepare_output(cfg: PretrainConfig, stage: StageOutput, world_size: int, dec
 
 
 def _quiet_libraries() -> None:
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
+    import_deepspeed().utils.logger.setLevel(logging.WARNING)
     # torch 2.13 deprecation warnings from c10d on every ZeRO-3 step
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
