@@ -65,3 +65,19 @@ def test_study_full_pairs_each_continued_run_with_the_genome_run_of_its_seed(tmp
     }
     assert names == {f"{source}@{seed}" for source in ("corpus", "self", "both") for seed in range(5)}
     assert "splits.mode=store" in task.overrides
+
+
+def test_study_full_evaluates_every_cnn_scheme_over_five_pretraining_seeds(tmp_path):
+    plan = load_plan(REPO / "configs/pipelines/study-full.yaml", [f"run_dir={tmp_path}"])
+    runs = {
+        (t.point["masking.scheme"], t.point["train.seed"]): t.output
+        for t in plan.stages["pretrain_dna_cnn"].tasks
+    }
+    assert set(runs) == {(s, seed) for s in ("r2mae", "bert15", "fixed40", "dynamic") for seed in range(5)}
+    task = plan.stages["evaluate_splice_cnn"].tasks[0]
+    given = dict(
+        o.removeprefix("checkpoints.").split("=", 1) for o in task.overrides if o.startswith("checkpoints.")
+    )
+    # each checkpoint name is scheme@seed and points at that sweep point's model
+    assert given == {f"cnn-{s}@{seed}": f"{out}/model" for (s, seed), out in runs.items()}
+    assert any(o.startswith("protocols=") and "finetune" in o for o in task.overrides)  # both protocols
