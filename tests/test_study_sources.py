@@ -81,3 +81,24 @@ def test_study_full_evaluates_every_cnn_scheme_over_five_pretraining_seeds(tmp_p
     # each checkpoint name is scheme@seed and points at that sweep point's model
     assert given == {f"cnn-{s}@{seed}": f"{out}/model" for (s, seed), out in runs.items()}
     assert any(o.startswith("protocols=") and "finetune" in o for o in task.overrides)  # both protocols
+
+
+def test_cells_recipe_pairs_each_variant_checkpoint_with_its_sweep_point(tmp_path):
+    # every stage config of the pipeline validates (load_plan checks them), and each checkpoint name
+    # of the evaluation points at the run of the setting it is named after
+    plan = load_plan(REPO / "configs/pipelines/cells-recipe.yaml", [f"run_dir={tmp_path}"])
+    runs = {}
+    for name, stage in plan.stages.items():
+        if name.startswith("pretrain"):
+            for t in stage.tasks:
+                setting = next(f"{k}={v}" for k, v in t.point.items() if k != "train.seed")
+                runs[(setting, t.point["train.seed"])] = t.output
+    task = plan.stages["evaluate"].tasks[0]
+    given = dict(
+        o.removeprefix("checkpoints.").split("=", 1) for o in task.overrides if o.startswith("checkpoints.")
+    )
+    assert len(given) == len(runs) == 27
+    assert given["default@0"] == f"{runs[('masking.scheme=r2mae', 0)]}/model"
+    assert given["scmae@2"] == f"{runs[('model.objective=scmae', 2)]}/model"
+    assert given["latent-32@1"] == f"{runs[('model.d_model=32', 1)]}/model"
+    assert set(given.values()) == {f"{out}/model" for out in runs.values()}
