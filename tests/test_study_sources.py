@@ -14,6 +14,13 @@ from biomask.pipelines.plan import load_plan
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _checkpoints(task) -> dict[str, str]:
+    """An evaluate task's `checkpoints.NAME=PATH` overrides as {name: path}."""
+    return dict(
+        o.removeprefix("checkpoints.").split("=", 1) for o in task.overrides if o.startswith("checkpoints.")
+    )
+
+
 def test_a_genome_checkpoint_continues_on_the_splice_sequences(dna_checkpoint, splice_store, tmp_path, cli):
     out = tmp_path / "continued"
     args = [
@@ -60,9 +67,7 @@ def test_study_full_pairs_each_continued_run_with_the_genome_run_of_its_seed(tmp
     # the sources evaluation scores corpus, self and both on the store's own splits (no test
     # sequence seen in self-pretraining), with five pretraining seeds each
     task = plan.stages["evaluate_splice_sources"].tasks[0]
-    names = {
-        o.split("=")[0].removeprefix("checkpoints.") for o in task.overrides if o.startswith("checkpoints.")
-    }
+    names = set(_checkpoints(task))
     assert names == {f"{source}@{seed}" for source in ("corpus", "self", "both") for seed in range(5)}
     assert "splits.mode=store" in task.overrides
 
@@ -75,9 +80,7 @@ def test_study_full_evaluates_every_cnn_scheme_over_five_pretraining_seeds(tmp_p
     }
     assert set(runs) == {(s, seed) for s in ("r2mae", "bert15", "fixed40", "dynamic") for seed in range(5)}
     task = plan.stages["evaluate_splice_cnn"].tasks[0]
-    given = dict(
-        o.removeprefix("checkpoints.").split("=", 1) for o in task.overrides if o.startswith("checkpoints.")
-    )
+    given = _checkpoints(task)
     # each checkpoint name is scheme@seed and points at that sweep point's model
     assert given == {f"cnn-{s}@{seed}": f"{out}/model" for (s, seed), out in runs.items()}
     assert any(o.startswith("protocols=") and "finetune" in o for o in task.overrides)  # both protocols
@@ -94,9 +97,7 @@ def test_cells_recipe_pairs_each_variant_checkpoint_with_its_sweep_point(tmp_pat
                 setting = next(f"{k}={v}" for k, v in t.point.items() if k != "train.seed")
                 runs[(setting, t.point["train.seed"])] = t.output
     task = plan.stages["evaluate"].tasks[0]
-    given = dict(
-        o.removeprefix("checkpoints.").split("=", 1) for o in task.overrides if o.startswith("checkpoints.")
-    )
+    given = _checkpoints(task)
     assert len(given) == len(runs) == 27
     assert given["default@0"] == f"{runs[('masking.scheme=r2mae', 0)]}/model"
     assert given["scmae@2"] == f"{runs[('model.objective=scmae', 2)]}/model"
