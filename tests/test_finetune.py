@@ -1,7 +1,8 @@
 """Linear-probe-then-fine-tune on the real splice task: the head starts as the fitted probe, fine-tuning
-never ends below that probe on validation, early stopping waits for the minimum training, the lr grid
-is chosen on validation, and layer-wise lr decay degrades gracefully on models without blocks; long
-DNA records are windowed, centred or refused, never cut silently."""
+(mixed with the probe, α chosen on validation) never ends below that probe on validation, early
+stopping waits for the minimum training, the lr grid is chosen on validation, and layer-wise lr decay
+degrades gracefully on models without blocks; long DNA records are windowed, centred or refused,
+never cut silently."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from biomask.evaluation.finetune import (
     Classifier,
     ProbeHead,
     _pool_pieces,
+    choose_mix,
     encoder_param_groups,
     finetune,
     finetune_grid,
@@ -89,15 +91,19 @@ def test_lp_ft_starts_at_the_probe_and_ends_at_or_above_it_on_validation(splice,
     assert result.history[0]["step"] == 0
     assert abs(result.history[0]["val_mcc"] - probe.val_mcc) < 0.02
     assert result.start_val_mcc == probe.val_mcc
-    # the best validation checkpoint of the best lr: never below the probe it started from
+    # the best validation checkpoint of the best lr: never below the probe it started from; its mix
+    # with the probe never below either of them on validation (α = 0 and α = 1 are candidates)
     assert result.best_val_mcc >= probe.val_mcc
+    assert result.val_mcc >= result.best_val_mcc
     assert [g["lr"] for g in result.grid] == [1e-4, 3e-4]
-    assert result.best_val_mcc == max(g["best_val_mcc"] for g in result.grid)
-    assert all(g["best_val_mcc"] >= probe.val_mcc for g in result.grid)
+    assert result.val_mcc == max(g["val_mcc"] for g in result.grid)
+    assert all(g["val_mcc"] >= g["best_val_mcc"] >= probe.val_mcc for g in result.grid)
     if result.source == "probe":
+        assert result.alpha == 0.0
         assert np.array_equal(result.test_predictions, probe.test_predictions)
     else:
         assert result.best_step > 0 and result.best_val_mcc > probe.val_mcc
+        assert (result.source == "mix") == (0.0 < result.alpha < 1.0)
     assert matthews_corrcoef(data.labels[test], result.test_predictions) > 0.5
 
 
@@ -109,6 +115,22 @@ def test_a_run_that_only_gets_worse_trains_the_minimum_and_returns_the_probe(spl
     assert result.source == "probe" and result.best_step == 0
     assert np.array_equal(result.test_predictions, probe.test_predictions)
     assert result.best_val_mcc == probe.val_mcc
+
+
+def test_the_mix_with_the_probe_is_chosen_on_validation():
+    """Probe and fine-tuned model each right where the other is unsure: the even mixture gets every
+    record right and wins; α = 0 scores the probe's own validation MCC; ties go to the even mixture."""
+    labels = np.array([0, 1, 0, 1])
+    start = np.array([[0.9, 0.1], [0.1, 0.9], [0.45, 0.55], [0.55, 0.45]])  # right, right, wrong, wrong
+    tuned = np.array([[0.45, 0.55], [0.55, 0.45], [0.9, 0.1], [0.1, 0.9]])  # wrong, wrong, right, right
+    alpha, mcc, scores = choose_mix(labels, start, tuned, [0.0, 0.25, 0.5, 0.75, 1.0], start_mcc=0.0)
+    assert alpha == 0.5 and mcc == 1.0
+    assert scores[0.0] == 0.0 and scores[1.0] == 0.0 and scores[0.25] == 1.0
+    same = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
+    assert choose_mix(labels, same, same, [0.0, 0.25, 0.5, 1.0], start_mcc=1.0)[0] == 0.5
+    assert choose_mix(labels, same, same, [1.0], start_mcc=1.0)[0] == 1.0  # mix: [1.0] turns it off
+    with pytest.raises(ValueError, match="mix"):
+        FinetuneSpec(mix=[0.0, 0.5])  # the fine-tuned model alone must be a candidate
 
 
 def test_probe_head_reproduces_a_binary_logistic_regression(splice):

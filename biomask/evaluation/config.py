@@ -40,9 +40,9 @@ class FinetuneSpec(Config):
 
     The head starts as the fitted linear probe on the frozen features (`init_head: probe`), so
     fine-tuning starts where the probe ends; each learning rate of the grid trains for `epochs`,
-    keeps its best-on-validation weights, and the grid point with the best validation MCC wins. When
-    no grid point beats the probe on validation, the probe's predictions are the result (and the
-    report says so)."""
+    keeps its best-on-validation weights, mixes their class probabilities with the probe's (`mix`),
+    and the grid point with the best validation MCC wins. When no grid point beats the probe on
+    validation, the probe's predictions are the result (and the report says so)."""
 
     # the budget per learning rate: passes over the training split and/or optimizer steps (whichever
     # ends first); neither set: 3 epochs
@@ -66,11 +66,22 @@ class FinetuneSpec(Config):
     patience: int = Field(3, ge=1)  # early stopping: validation passes without a new best MCC ...
     min_epochs: float = Field(1.0, ge=0)  # ... counted only after this many epochs
     init_head: Literal["probe", "random"] = "probe"  # random: the plain protocol (no probe start)
+    # weights α of the fine-tuned model's class probabilities against the probe's, (1 - α) probe +
+    # α fine-tuned, chosen on validation (output-space WiSE-FT); [1.0]: the fine-tuned model alone.
+    # Used with init_head: probe, once fine-tuning has beaten the probe on validation.
+    mix: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     zero_stage: int = Field(0, ge=0, le=3)
     # Longest input (specials included) while fine-tuning: longer records follow `long_records` (DNA)
     # or keep their top genes (cells). None: what the checkpoint was pretrained on. Lower it to
     # fine-tune long-record models quickly on a CPU.
     max_length: int | None = Field(None, ge=3)
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in value) or 1.0 not in value:
+            raise ValueError("mix: weights in [0, 1], 1.0 (the fine-tuned model alone) among them")
+        return value
 
     @field_validator("lr")
     @classmethod

@@ -20,7 +20,13 @@
             without copying partitioned weights). The bar to beat is the start: the probe's validation
             MCC (or the untrained head's). Early stopping after `patience` passes without a new best,
             counted only once `min_epochs` are done — a model is never stopped before it has trained
-4. grid     `finetune_grid` runs 1-3 once per learning rate, each from the same weights, and keeps the run
+4. mix      with a probe, the class probabilities of the best-on-validation weights are mixed with the
+            probe's (the step-0 model's): (1 - α) probe + α fine-tuned, α from `mix` chosen on
+            validation (output-space WiSE-FT, Wortsman et al. 2022). α = 0 is the probe, α = 1 the
+            fine-tuned model alone; a mixture is how a validation gain the size of the validation
+            noise stops costing test MCC (splice: one checkpoint's fine-tuned model beat its probe on
+            validation and lost 0.011 on test)
+5. grid     `finetune_grid` runs 1-4 once per learning rate, each from the same weights, and keeps the run
             with the best validation MCC; when no run beats the probe on validation, the result is the
             probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on val
 
@@ -101,6 +107,8 @@ class FinetuneResult:
     source: str = "finetune"  # "probe": no run beat the probe on validation; its predictions are kept
     steps_per_epoch: int = 1
     grid: list[dict[str, float]] = field(default_factory=list)  # finetune_grid: one entry per lr
+    alpha: float = 1.0  # the fine-tuned model's weight in the mix with the probe (0: the probe)
+    val_mcc: float = 0.0  # the result's validation MCC (after the mix): what finetune_grid compares
 
     @property
     def best_epoch(self) -> float:
@@ -208,16 +216,34 @@ class Batches:
 
 
 @torch.no_grad()
-def _predict(
-    engine: Any, batches: list[tuple[np.ndarray, dict[str, torch.Tensor]]], n: int, device
+def _probabilities(
+    engine: Any, batches: list[tuple[np.ndarray, dict[str, torch.Tensor]]], n: int, n_classes: int, device
 ) -> np.ndarray:
+    """Class probabilities (n, n_classes) of some records, in the records' order."""
     engine.eval()
-    out = np.empty(n, dtype=np.int64)
+    out = np.zeros((n, n_classes), dtype=np.float32)
     for index, batch in batches:
         logits = engine({k: v.to(device) for k, v in batch.items()})
-        out[index] = logits.argmax(-1).cpu().numpy()
+        out[index] = torch.softmax(logits.float(), -1).cpu().numpy()
     engine.train()
     return out
+
+
+def choose_mix(
+    labels: np.ndarray, start: np.ndarray, tuned: np.ndarray, alphas: Sequence[float], start_mcc: float
+) -> tuple[float, float, dict[float, float]]:
+    """The weight α of the fine-tuned model's probabilities (`tuned`) against the start's (`start`, the
+    probe) with the best validation MCC: (α, its MCC, every α's MCC). α = 0 scores `start_mcc` (the
+    probe's own). Ties go to the α nearest 0.5 (an even mixture), then the larger."""
+    scores: dict[float, float] = {}
+    for alpha in alphas:
+        if alpha == 0.0:
+            scores[alpha] = start_mcc
+        else:
+            mixed = ((1 - alpha) * start + alpha * tuned).argmax(1)
+            scores[alpha] = float(matthews_corrcoef(labels, mixed)) if len(labels) else 0.0
+    best = max(scores, key=lambda a: (scores[a], -abs(a - 0.5), a))
+    return best, scores[best], scores
 
 
 def _engine_environment() -> None:
@@ -371,18 +397,20 @@ def finetune(
     order, position = rng.permutation(train), 0
     history: list[dict[str, float]] = []
 
-    def evaluate(step: int, loss: float) -> float:
-        predicted = _predict(engine, val_batches, len(val), device)
-        mcc = float(matthews_corrcoef(labels[val], predicted)) if len(val) else 0.0
+    def evaluate(step: int, loss: float) -> tuple[float, np.ndarray]:
+        p = _probabilities(engine, val_batches, len(val), n_classes, device)
+        mcc = float(matthews_corrcoef(labels[val], p.argmax(1))) if len(val) else 0.0
         history.append({"step": step, "val_mcc": mcc, "train_loss": loss})
-        return mcc
+        return mcc, p
 
-    start_mcc = evaluate(0, float("nan"))
+    start_mcc, start_val = evaluate(0, float("nan"))
+    start_test = _probabilities(engine, test_batches, len(test), n_classes, device)
     if probe is not None:  # the probe's own score and predictions are the start (and the fallback)
         best_mcc, best_test = probe.val_mcc, probe.test_predictions
     else:
-        best_mcc, best_test = start_mcc, _predict(engine, test_batches, len(test), device)
+        best_mcc, best_test = start_mcc, start_test.argmax(1)
     start_mcc, best_step = best_mcc, 0
+    best_val, best_test_p = start_val, start_test
     waited, step, window = 0, 0, []
     engine.train()
     while step < total:
@@ -398,17 +426,28 @@ def finetune(
         step += 1
         window.append(loss.item())
         if step % eval_every == 0 or step == total:
-            mcc = evaluate(step, float(np.mean(window)))
+            mcc, val_p = evaluate(step, float(np.mean(window)))
             window = []
             if mcc > best_mcc:
                 best_mcc, best_step, waited = mcc, step, 0
-                best_test = _predict(engine, test_batches, len(test), device)
+                best_val = val_p
+                best_test_p = _probabilities(engine, test_batches, len(test), n_classes, device)
+                best_test = best_test_p.argmax(1)
             elif step >= min_steps:  # early stopping counts only once the minimum training is done
                 waited += 1
                 if waited >= settings.patience:
                     break
+    # 4. The mix with the probe, α chosen on validation (only once fine-tuning has beaten the probe).
+    alpha, val_mcc = 1.0 if best_step > 0 else 0.0, best_mcc
+    if probe is not None and best_step > 0:
+        alpha, val_mcc, _ = choose_mix(labels[val], start_val, best_val, settings.mix, start_mcc)
+        if alpha == 0.0:
+            best_test = probe.test_predictions
+        elif alpha < 1.0:
+            best_test = ((1 - alpha) * start_test + alpha * best_test_p).argmax(1)
     log.info(
-        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val MCC %.3f at step %d of %d (%d per epoch; start %.3f)",
+        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val MCC %.3f at step %d of %d (%d per epoch; start %.3f); "
+        "mixed with the start at α %.2f: val MCC %.3f",
         seed,
         lr,
         settings.zero_stage,
@@ -417,7 +456,13 @@ def finetune(
         step,
         steps_per_epoch,
         start_mcc,
+        alpha,
+        val_mcc,
     )
+    if alpha == 0.0:
+        source = "probe" if probe is not None else "untrained"
+    else:
+        source = "finetune" if alpha == 1.0 else "mix"
     with contextlib.suppress(Exception):  # release the engine's buffers before the next one
         engine.destroy()
     return FinetuneResult(
@@ -428,8 +473,10 @@ def finetune(
         history,
         lr=lr,
         start_val_mcc=start_mcc,
-        source="finetune" if best_step > 0 else ("probe" if probe is not None else "untrained"),
+        source=source,
         steps_per_epoch=steps_per_epoch,
+        alpha=alpha,
+        val_mcc=val_mcc,
     )
 
 
@@ -443,8 +490,8 @@ def finetune_grid(
     **kwargs: Any,
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
-    the best validation MCC wins (ties: the earlier lr). With a probe, a grid where no run beats it
-    returns the probe."""
+    the best validation MCC (after its mix with the probe) wins (ties: the earlier lr). With a probe,
+    a grid where no run beats it returns the probe."""
     best: FinetuneResult | None = None
     grid: list[dict[str, float]] = []
     for lr in settings.lr if isinstance(settings.lr, list) else [settings.lr]:
@@ -456,9 +503,11 @@ def finetune_grid(
                 "best_val_mcc": result.best_val_mcc,
                 "best_step": result.best_step,
                 "steps": result.steps,
+                "alpha": result.alpha,
+                "val_mcc": result.val_mcc,
             }
         )
-        if best is None or result.best_val_mcc > best.best_val_mcc:
+        if best is None or result.val_mcc > best.val_mcc:
             best = result
     assert best is not None
     best.grid = grid

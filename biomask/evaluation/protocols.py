@@ -9,8 +9,9 @@ and the same architecture randomly initialised (seeded per evaluation seed) unde
 | `finetune`     | the whole encoder, trained                   | a linear head started as the fitted linear   |
 |                |                                              | probe (LP-FT), through the DeepSpeed engine  |
 |                |                                              | (biomask.evaluation.finetune); lr chosen on    |
-|                |                                              | val from a grid; the probe when no run beats |
-|                |                                              | it on val                                    |
+|                |                                              | val from a grid; its class probabilities     |
+|                |                                              | mixed with the probe's (α chosen on val);    |
+|                |                                              | the probe when no run beats it on val        |
 
 Equal inputs: a DNA record longer than a model's input (what it was trained on) is never cut silently.
 `long_records` (window | centre | refuse) decides for the probes and fine-tuning alike, and the number
@@ -425,6 +426,8 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                         "best_epoch": round(result.best_epoch, 2),
                         "start_val_mcc": result.start_val_mcc,
                         "best_val_mcc": result.best_val_mcc,
+                        "alpha": result.alpha,
+                        "val_mcc": result.val_mcc,
                         "steps": result.steps,
                         "grid": result.grid,
                         **chosen,
