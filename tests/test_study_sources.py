@@ -103,3 +103,30 @@ def test_cells_recipe_pairs_each_variant_checkpoint_with_its_sweep_point(tmp_pat
     assert given["scmae@2"] == f"{runs[('model.objective=scmae', 2)]}/model"
     assert given["latent-32@1"] == f"{runs[('model.d_model=32', 1)]}/model"
     assert set(given.values()) == {f"{out}/model" for out in runs.values()}
+
+
+def test_dna_task_pipeline_pretrains_on_the_training_split_and_tests_on_records_it_never_read(tmp_path):
+    """configs/pipelines/dna-task.yaml, pointed at a user's CSV and the motif template as its header
+    says: the prep reads that CSV, each pretraining seed reads only the prep's train split, and the evaluation tests on the
+    prep's own split (not a resample, which would mix pretraining records into the test) with every
+    seed's checkpoint under its seed's name."""
+    plan = load_plan(
+        REPO / "configs/pipelines/dna-task.yaml",
+        [
+            f"run_dir={tmp_path}",
+            "stages.prep_task.overrides.inputs=[{path: my-task.csv, format: table}]",
+            "stages.evaluate.config=configs/evaluate/motif-task.yaml",
+        ],
+    )
+    assert Path(plan.stages["evaluate"].config).name == "motif-task.yaml"
+    prep = plan.stages["prep_task"].tasks[0]
+    assert "inputs=[{path: my-task.csv, format: table}]" in [o.replace('"', "") for o in prep.overrides]
+    pretrain = {t.point["train.seed"]: t for t in plan.stages["pretrain"].tasks}
+    assert sorted(pretrain) == [0, 1, 2]
+    for t in pretrain.values():
+        assert f"data.store={prep.output}" in t.overrides
+        assert "data.train_split=train" in t.overrides and "data.eval_split=val" in t.overrides
+    evaluate = plan.stages["evaluate"].tasks[0]
+    assert f"store={prep.output}" in evaluate.overrides
+    assert "splits.mode=store" in evaluate.overrides
+    assert _checkpoints(evaluate) == {f"self@{s}": f"{pretrain[s].output}/model" for s in (0, 1, 2)}
