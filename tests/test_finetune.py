@@ -27,6 +27,7 @@ from biomask.evaluation.finetune import (
     ProbeHead,
     _pool_pieces,
     choose_mix,
+    clear_gain,
     encoder_param_groups,
     finetune,
     finetune_grid,
@@ -84,27 +85,54 @@ def run(splice, probe, *, lrs, **settings):
         )
 
 
-def test_lp_ft_starts_at_the_probe_and_ends_at_or_above_it_on_validation(splice, probe):
+@pytest.mark.parametrize("select", ["log_loss", "mcc"])
+def test_lp_ft_starts_at_the_probe_and_ends_at_or_above_it_on_validation(splice, probe, select):
     data, _, (_, _, test), _ = splice
-    result = run(splice, probe, lrs=[1e-4, 3e-4], epochs=2, eval_every=8, min_epochs=1, patience=2)
+    result = run(
+        splice, probe, lrs=[1e-4, 3e-4], epochs=2, eval_every=8, min_epochs=1, patience=2, select=select
+    )
     # step 0: the head is the probe (its standardisation and coefficients), so it scores what the probe does
     assert result.history[0]["step"] == 0
     assert abs(result.history[0]["val_mcc"] - probe.val_mcc) < 0.02
     assert result.start_val_mcc == probe.val_mcc
-    # the best validation checkpoint of the best lr: never below the probe it started from; its mix
-    # with the probe never below either of them on validation (α = 0 and α = 1 are candidates)
-    assert result.best_val_mcc >= probe.val_mcc
-    assert result.val_mcc >= result.best_val_mcc
+    assert result.start_val_loss == result.history[0]["val_loss"] > 0
     assert [g["lr"] for g in result.grid] == [1e-4, 3e-4]
-    assert result.val_mcc == max(g["val_mcc"] for g in result.grid)
-    assert all(g["val_mcc"] >= g["best_val_mcc"] >= probe.val_mcc for g in result.grid)
+    # the grid keeps the run with the best validation score, never below the probe it started from
+    if select == "mcc":
+        assert result.best_val_mcc >= probe.val_mcc
+        assert result.val_mcc >= result.best_val_mcc  # the mix: α = 0 and α = 1 are candidates
+        assert result.val_mcc == max(g["val_mcc"] for g in result.grid)
+        assert all(g["val_mcc"] >= g["best_val_mcc"] >= probe.val_mcc for g in result.grid)
+    else:
+        assert result.val_loss == min(g["val_loss"] for g in result.grid)
+        assert all(g["val_loss"] <= result.start_val_loss for g in result.grid)
+        assert result.val_mcc >= probe.val_mcc  # the gain is kept only with an MCC no lower
     if result.source == "probe":
-        assert result.alpha == 0.0
+        assert result.alpha == 0.0 and result.val_loss == result.start_val_loss
         assert np.array_equal(result.test_predictions, probe.test_predictions)
     else:
-        assert result.best_step > 0 and result.best_val_mcc > probe.val_mcc
+        assert result.best_step > 0
         assert (result.source == "mix") == (0.0 < result.alpha < 1.0)
+        if select == "log_loss":
+            assert result.val_loss < result.start_val_loss
     assert matthews_corrcoef(data.labels[test], result.test_predictions) > 0.5
+
+
+def test_the_probe_is_kept_unless_the_gain_is_larger_than_the_validation_noise():
+    """The one-standard-error rule: a log-loss gain the size of its standard error keeps the probe; a
+    gain well beyond it, with MCC no lower, replaces it; a clear log-loss gain that costs MCC does not."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    right = np.where(labels[:, None] == np.arange(2), 0.8, 0.2)  # every record right, p = 0.8
+    noisy = right + rng.normal(0, 0.05, right.shape) * np.array([1, -1])  # ± noise on the true class
+    noisy = np.clip(noisy, 0.01, 0.99)
+    noisy /= noisy.sum(1, keepdims=True)
+    assert not clear_gain(labels, right, noisy, start_mcc=1.0, min_gain_se=1.0)  # noise, no gain
+    sharper = np.where(labels[:, None] == np.arange(2), 0.9, 0.1)
+    assert clear_gain(labels, right, sharper, start_mcc=1.0, min_gain_se=1.0)
+    one_wrong = sharper.copy()
+    one_wrong[0] = one_wrong[0][::-1]  # sharper everywhere but one record flipped: MCC drops
+    assert not clear_gain(labels, right, one_wrong, start_mcc=1.0, min_gain_se=0.0)
 
 
 def test_a_run_that_only_gets_worse_trains_the_minimum_and_returns_the_probe(splice, probe):
@@ -123,12 +151,12 @@ def test_the_mix_with_the_probe_is_chosen_on_validation():
     labels = np.array([0, 1, 0, 1])
     start = np.array([[0.9, 0.1], [0.1, 0.9], [0.45, 0.55], [0.55, 0.45]])  # right, right, wrong, wrong
     tuned = np.array([[0.45, 0.55], [0.55, 0.45], [0.9, 0.1], [0.1, 0.9]])  # wrong, wrong, right, right
-    alpha, mcc, scores = choose_mix(labels, start, tuned, [0.0, 0.25, 0.5, 0.75, 1.0], start_mcc=0.0)
+    alpha, mcc, scores = choose_mix(labels, start, tuned, [0.0, 0.25, 0.5, 0.75, 1.0], start_score=0.0)
     assert alpha == 0.5 and mcc == 1.0
     assert scores[0.0] == 0.0 and scores[1.0] == 0.0 and scores[0.25] == 1.0
     same = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
-    assert choose_mix(labels, same, same, [0.0, 0.25, 0.5, 1.0], start_mcc=1.0)[0] == 0.5
-    assert choose_mix(labels, same, same, [1.0], start_mcc=1.0)[0] == 1.0  # mix: [1.0] turns it off
+    assert choose_mix(labels, same, same, [0.0, 0.25, 0.5, 1.0], start_score=1.0)[0] == 0.5
+    assert choose_mix(labels, same, same, [1.0], start_score=1.0)[0] == 1.0  # mix: [1.0] turns it off
     with pytest.raises(ValueError, match="mix"):
         FinetuneSpec(mix=[0.0, 0.5])  # the fine-tuned model alone must be a candidate
 
@@ -144,6 +172,28 @@ def test_probe_head_reproduces_a_binary_logistic_regression(splice):
     head = ProbeHead.from_sklearn(scaler, lr, 3, 0.0, np.empty(0))
     logits = ((x[te] - head.mean) / head.scale) @ head.weight.T + head.bias
     assert np.array_equal(logits.argmax(1), lr.predict(scaler.transform(x[te])))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_probe_head_starts_at_the_optimum_of_its_own_objective(splice, classes):
+    """With the probe's L2 penalty (`ProbeHead.l2`, from its C) the head's gradient at step 0 is ~0 on
+    the probe's training features: fine-tuning moves the encoder, not a head the probe already fitted.
+    Without the penalty the same head would be pulled away (its gradient is not ~0)."""
+    data, _, (train, _, _), _ = splice
+    train = train[data.labels[train] < classes]
+    x = one_hot(data.sequences)[train]
+    y = torch.as_tensor(data.labels[train])
+    scaler = StandardScaler().fit(x)
+    fitted = LogisticRegression(C=0.05, max_iter=5000, tol=1e-8).fit(scaler.transform(x), y.numpy())
+    head = ProbeHead.from_sklearn(scaler, fitted, classes, 0.0, np.empty(0), n_train=len(train))
+    assert head.l2 > 0
+    weight = torch.tensor(head.weight, dtype=torch.float64, requires_grad=True)
+    xs = torch.as_tensor((x - head.mean) / head.scale, dtype=torch.float64)
+    logits = xs @ weight.T + torch.as_tensor(head.bias, dtype=torch.float64)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    (with_penalty,) = torch.autograd.grad(ce + head.l2 * weight.pow(2).sum(), weight, retain_graph=True)
+    (without,) = torch.autograd.grad(ce, weight)
+    assert with_penalty.abs().max() < 1e-2 * without.abs().max()  # float32 standardisation: not 0
 
 
 def test_layer_wise_lr_decay_and_models_without_blocks():
@@ -169,8 +219,8 @@ def test_layer_wise_lr_decay_and_models_without_blocks():
 
 
 def test_head_dropout_acts_in_training_only():
-    """`finetune.dropout` regularises the head's input while training; evaluation (validation passes,
-    test predictions, the step-0 check against the probe) sees every feature."""
+    """`finetune.dropout` (opt-in) regularises the head's input while training; evaluation (validation
+    passes, test predictions, the step-0 check against the probe) sees every feature."""
     cfg = EncoderConfig(vocab_size=10, modality="dna", d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=20)
     torch.manual_seed(0)
     encoder = MaskedEncoder(cfg)
@@ -183,7 +233,7 @@ def test_head_dropout_acts_in_training_only():
     plain.train(), dropped.train()
     torch.manual_seed(1)
     assert not torch.allclose(plain(batch), dropped(batch))
-    assert FinetuneSpec().dropout > 0  # on by default
+    assert FinetuneSpec().dropout == 0  # off by default: a probe head keeps the probe's L2 penalty
 
 
 def test_long_records_are_windowed_centred_or_refused(splice):

@@ -41,8 +41,9 @@ class FinetuneSpec(Config):
     The head starts as the fitted linear probe on the frozen features (`init_head: probe`), so
     fine-tuning starts where the probe ends; each learning rate of the grid trains for `epochs`,
     keeps its best-on-validation weights, mixes their class probabilities with the probe's (`mix`),
-    and the grid point with the best validation MCC wins. When no grid point beats the probe on
-    validation, the probe's predictions are the result (and the report says so)."""
+    and the grid point with the best validation score (`select`) wins. When no grid point beats the
+    probe on validation by more than the noise (`min_gain_se`), the probe's predictions are the
+    result (and the report says so)."""
 
     # the budget per learning rate: passes over the training split and/or optimizer steps (whichever
     # ends first); neither set: 3 epochs
@@ -50,20 +51,29 @@ class FinetuneSpec(Config):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     # encoder learning rate(s): a list is a grid, chosen on the validation split
-    lr: float | list[float] = Field(default_factory=lambda: [1.0e-4, 3.0e-4])
+    lr: float | list[float] = Field(default_factory=lambda: [1.0e-5, 3.0e-5, 1.0e-4])
     head_lr: float | None = Field(None, gt=0)  # None: the encoder's lr (the head starts trained)
     # layer-wise lr decay: block i of n trains at lr * decay^(n - i), the embeddings at lr * decay^n;
     # None: one lr. Kinds without blocks (the MLP kind) use one lr; transformer and cnn blocks decay.
     layer_decay: float | None = Field(None, gt=0, le=1)
     warmup: float = Field(0.1, ge=0, lt=1)  # share of the steps with a linear warm-up; then constant
     weight_decay: float = Field(0.01, ge=0)
-    # dropout on the head's input (the standardised pooled features) while training. The probe was
-    # regularised (C tuned on validation); without this, a concat-pooled head (length × d_model
-    # features) memorises a few thousand training records within an epoch and falls below the probe
-    # it started from (splice: train loss 0.01, validation MCC 0.944 -> 0.91-0.93)
-    dropout: float = Field(0.3, ge=0, lt=1)
+    # dropout on the head's input (the standardised pooled features) while training. Off by default:
+    # a probe head keeps the probe's own L2 penalty (its C), and dropout on top breaks a probe whose
+    # weights cancel between correlated features (E. coli gene starts, mean pooling: training loss
+    # 8 nats from the first step, fine-tuning never beat the probe on validation; without it,
+    # fine-tuning beat the probe on test for 2 of 3 checkpoints: docs/dna-models.md)
+    dropout: float = Field(0.0, ge=0, lt=1)
     eval_every: int | None = Field(None, ge=1)  # steps between validation passes; None: every epoch
-    patience: int = Field(3, ge=1)  # early stopping: validation passes without a new best MCC ...
+    # the validation measure that chooses the step, α and learning rate: the mean log-loss (a proper
+    # score: it moves with every record's probability, where MCC on a few hundred records moves by
+    # whole records) or MCC
+    select: Literal["log_loss", "mcc"] = "log_loss"
+    # select: log_loss — fine-tuning replaces the probe only when its validation log-loss is lower by
+    # more than this many standard errors of the per-record difference (the one-standard-error rule)
+    # and its validation MCC is no lower; 0: any gain
+    min_gain_se: float = Field(1.0, ge=0)
+    patience: int = Field(3, ge=1)  # early stopping: validation passes without a new best score ...
     min_epochs: float = Field(1.0, ge=0)  # ... counted only after this many epochs
     init_head: Literal["probe", "random"] = "probe"  # random: the plain protocol (no probe start)
     # weights α of the fine-tuned model's class probabilities against the probe's, (1 - α) probe +
@@ -117,8 +127,8 @@ class EvaluateConfig(Config):
     # concat: every content token's vector in order (position-aware; fixed-length DNA records only).
     # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
     # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to
-    # the model and the records — auto: mean, concat (DNA records of one length), cls (not for the cnn
-    # kind, whose first position is no summary). Every protocol of that model and seed then uses it;
+    # the model and the records — auto: mean, max, concat (DNA records of one length), cls (not for
+    # the cnn kind, whose first position is no summary), so one config serves motif and position tasks. Every protocol of that model and seed then uses it;
     # metrics.json and report.md say which was chosen.
     pooling: Pooling | Literal["auto"] | list[Pooling] = "mean"
     # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:

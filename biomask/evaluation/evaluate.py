@@ -302,11 +302,16 @@ def _details(results: dict[str, Any]) -> list[str]:
                     else f"lr {r['lr']:g}, epoch {r['best_epoch']:.1f}"
                     + (f", mixed with the probe at α {r['alpha']:g}" if 0 < r.get("alpha", 1.0) < 1 else "")
                 )
-                + f" (val MCC {r['start_val_mcc']:.3f} -> {r.get('val_mcc', r['best_val_mcc']):.3f})"
+                + f" (val MCC {r['start_val_mcc']:.3f} -> {r.get('val_mcc', r['best_val_mcc']):.3f}"
+                + (
+                    f", log-loss {r['start_val_loss']:.3f} -> {r['val_loss']:.3f})"
+                    if "val_loss" in r
+                    else ")"
+                )
                 for r in rows
             )
             note = (
-                f" — fine-tuning never beat the probe on val in {kept} of {len(rows)} seeds: the probe's predictions"
+                f" — fine-tuning did not beat the probe on val (beyond its noise: finetune.min_gain_se) in {kept} of {len(rows)} seeds: the probe's predictions"
                 if kept
                 else ""
             )

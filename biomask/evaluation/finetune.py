@@ -3,32 +3,42 @@
 1. model    the encoder (pretrained weights, or a seeded random initialisation) and a linear head on its
             pooled features. With a fitted linear probe (`ProbeHead`: logistic regression on the frozen,
             standardised features) the head *is* the probe — its standardisation as fixed buffers, its
-            coefficients as the head's weights — so step 0 predicts what the probe predicts and
-            fine-tuning starts where the probe ends (and cannot distort the features with a random
+            coefficients as the head's weights, its L2 penalty (the tuned C) in the loss — so step 0
+            predicts what the probe predicts, the head starts at the optimum of its own objective,
+            and fine-tuning starts where the probe ends (and cannot distort the features with a random
             head's gradients); without one the head starts random (the plain protocol). The
-            masked-prediction head and MAE decoder are frozen (not used here). Dropout (`dropout`) on
-            the head's input while training: the regulariser the probe had (its tuned C) and
-            fine-tuning otherwise lacks
+            masked-prediction head and MAE decoder are frozen (not used here). `dropout` on the
+            head's input is off by default: on a probe head it is a second, much stronger
+            regulariser than the probe's C — a probe whose weights cancel between correlated
+            features (mean pooling) gets a training loss of 8 nats at step 0 (E. coli gene starts)
 2. engine   torch AdamW — the encoder at `lr` (optionally decayed layer by layer: `layer_decay`), the
             head at `head_lr` (default: `lr`) — with a linear warm-up, then constant, over the budget
             (`epochs`, capped by `max_steps`), handed to `deepspeed.initialize` with the ZeRO preset
             `zero_stage` (fp32 on CPU, bf16 on GPU); one process, so several engines (one per seed,
             method and learning rate) run one after another in one process
 3. loop     seeded batches of the training records; every `eval_every` steps (default: every epoch) the
-            validation MCC; the test predictions of the best validation step so far are kept (so the
-            reported test score is that of the best-on-validation weights, under every ZeRO stage,
-            without copying partitioned weights). The bar to beat is the start: the probe's validation
-            MCC (or the untrained head's). Early stopping after `patience` passes without a new best,
-            counted only once `min_epochs` are done — a model is never stopped before it has trained
+            validation score — `select`: the mean log-loss (default; a proper score, smooth where MCC
+            moves by whole records) or MCC; the test predictions of the best validation step so far
+            are kept (so the reported test score is that of the best-on-validation weights, under
+            every ZeRO stage, without copying partitioned weights). The bar to beat is the start: the
+            probe's validation score (or the untrained head's). Early stopping after `patience`
+            passes without a new best, counted only once `min_epochs` are done — a model is never
+            stopped before it has trained
 4. mix      with a probe, the class probabilities of the best-on-validation weights are mixed with the
             probe's (the step-0 model's): (1 - α) probe + α fine-tuned, α from `mix` chosen on
             validation (output-space WiSE-FT, Wortsman et al. 2022). α = 0 is the probe, α = 1 the
-            fine-tuned model alone; a mixture is how a validation gain the size of the validation
-            noise stops costing test MCC (splice: one checkpoint's fine-tuned model beat its probe on
-            validation and lost 0.011 on test)
-5. grid     `finetune_grid` runs 1-4 once per learning rate, each from the same weights, and keeps the run
-            with the best validation MCC; when no run beats the probe on validation, the result is the
-            probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on val
+            fine-tuned model alone
+5. keep     with a probe and `select: log_loss`, the mixture replaces the probe only when its gain is
+            larger than the validation noise: its mean log-loss below the probe's by more than
+            `min_gain_se` standard errors of the per-record difference (the one-standard-error rule:
+            prefer the simpler model unless the other is clearly better) and its validation MCC not
+            below the probe's. Otherwise the probe's predictions are the result (splice, 300
+            validation records: a fine-tuned model ahead of its probe by 0.011 validation MCC lost
+            0.010 on test)
+6. grid     `finetune_grid` runs 1-5 once per learning rate, each from the same weights, and keeps the run
+            with the best validation score; when no run beats the probe on validation, the result is
+            the probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on
+            validation
 
 Records longer than the model's input follow `long_records` (`biomask.embedding.inference`): windows of
 the model's length pooled like the probe's features (mean of the window vectors, or their
@@ -69,19 +79,31 @@ class ProbeHead:
     bias: np.ndarray  # (n_classes,)
     val_mcc: float
     test_predictions: np.ndarray
+    # λ: mean cross-entropy + λ ||weight||² is the objective the probe minimised on its training split
+    # (sklearn's ½||w||² + C Σ loss, divided by C n), so fine-tuning keeps the probe's regularisation
+    l2: float = 0.0
 
     @classmethod
     def from_sklearn(
-        cls, scaler: Any, model: Any, n_classes: int, val_mcc: float, test_predictions: np.ndarray
+        cls,
+        scaler: Any,
+        model: Any,
+        n_classes: int,
+        val_mcc: float,
+        test_predictions: np.ndarray,
+        n_train: int = 0,
     ) -> ProbeHead:
         """From a fitted StandardScaler and LogisticRegression (binary or multinomial; classes the
-        training split lacks get a bias that never wins)."""
+        training split lacks get a bias that never wins) fitted on `n_train` records."""
         coef = np.asarray(model.coef_, dtype=np.float64)
         intercept = np.asarray(model.intercept_, dtype=np.float64)
         classes = np.asarray(model.classes_)
-        if len(classes) == 2 and coef.shape[0] == 1:  # sigmoid(z) == softmax([-z/2, z/2])
+        binary = len(classes) == 2 and coef.shape[0] == 1
+        if binary:  # sigmoid(z) == softmax([-z/2, z/2]); the two rows' ||.||² is half of ||w||²
             coef = np.concatenate([-coef / 2, coef / 2])
             intercept = np.concatenate([-intercept / 2, intercept / 2])
+        c = float(getattr(model, "C", 0.0) or 0.0)
+        l2 = (1.0 if binary else 0.5) / (c * n_train) if c > 0 and n_train > 0 else 0.0
         weight = np.zeros((n_classes, coef.shape[1]))
         bias = np.full(n_classes, intercept.min() - 30.0 if len(intercept) else 0.0)
         weight[classes], bias[classes] = coef, intercept
@@ -92,6 +114,7 @@ class ProbeHead:
             bias.astype(np.float32),
             float(val_mcc),
             np.asarray(test_predictions),
+            l2,
         )
 
 
@@ -101,18 +124,41 @@ class FinetuneResult:
     best_step: int
     best_val_mcc: float
     steps: int
-    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_mcc", "train_loss"}
+    # {"step", "val_mcc", "val_loss", "train_loss"}
+    history: list[dict[str, float]] = field(default_factory=list)
     lr: float = 0.0
     start_val_mcc: float = 0.0  # the bar: the probe's (or the untrained head's) validation MCC
     source: str = "finetune"  # "probe": no run beat the probe on validation; its predictions are kept
     steps_per_epoch: int = 1
     grid: list[dict[str, float]] = field(default_factory=list)  # finetune_grid: one entry per lr
     alpha: float = 1.0  # the fine-tuned model's weight in the mix with the probe (0: the probe)
-    val_mcc: float = 0.0  # the result's validation MCC (after the mix): what finetune_grid compares
+    val_mcc: float = 0.0  # the result's validation MCC (after the mix)
+    val_loss: float = 0.0  # the result's validation log-loss (after the mix)
+    start_val_loss: float = 0.0  # the probe's (or the untrained head's) validation log-loss
+    select: str = "log_loss"  # the validation measure that chose the step, α and lr
+
+    @property
+    def score(self) -> float:
+        """What `finetune_grid` compares (higher is better)."""
+        return self.val_mcc if self.select == "mcc" else -self.val_loss
 
     @property
     def best_epoch(self) -> float:
         return self.best_step / self.steps_per_epoch
+
+
+class Head(nn.Linear):
+    """The linear head; while training it records its L2 penalty, `l2` × ||weight||² (ZeRO-3 holds the
+    whole weight only inside the module's own forward)."""
+
+    def __init__(self, dim: int, n_classes: int, l2: float = 0.0) -> None:
+        super().__init__(dim, n_classes)
+        self.l2 = l2
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.penalty = self.l2 * self.weight.float().pow(2).sum() if self.training and self.l2 else None
+        return super().forward(x)
 
 
 class Classifier(nn.Module):
@@ -139,7 +185,7 @@ class Classifier(nn.Module):
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
         dim = feature_dim or vector_width(encoder, layer)
-        self.head = nn.Linear(dim, n_classes)
+        self.head = Head(dim, n_classes, probe.l2 if probe is not None else 0.0)
         self.dropout = nn.Dropout(dropout)  # why: FinetuneSpec.dropout
         if probe is None:
             nn.init.normal_(self.head.weight, std=0.02)
@@ -229,21 +275,53 @@ def _probabilities(
     return out
 
 
+def log_losses(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Each record's negative log-probability of its true class (clipped at 1e-7)."""
+    p = probabilities[np.arange(len(labels)), labels]
+    return -np.log(np.clip(p, 1e-7, 1.0))
+
+
+def val_score(select: str, labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The validation measure `select` names, higher is better: MCC, or minus the mean log-loss."""
+    if not len(labels):
+        return 0.0
+    if select == "mcc":
+        return float(matthews_corrcoef(labels, probabilities.argmax(1)))
+    return -float(log_losses(labels, probabilities).mean())
+
+
 def choose_mix(
-    labels: np.ndarray, start: np.ndarray, tuned: np.ndarray, alphas: Sequence[float], start_mcc: float
+    labels: np.ndarray,
+    start: np.ndarray,
+    tuned: np.ndarray,
+    alphas: Sequence[float],
+    start_score: float,
+    select: str = "mcc",
 ) -> tuple[float, float, dict[float, float]]:
     """The weight α of the fine-tuned model's probabilities (`tuned`) against the start's (`start`, the
-    probe) with the best validation MCC: (α, its MCC, every α's MCC). α = 0 scores `start_mcc` (the
-    probe's own). Ties go to the α nearest 0.5 (an even mixture), then the larger."""
+    probe) with the best validation score (`val_score`): (α, its score, every α's score). α = 0 scores
+    `start_score` (the probe's own). Ties go to the α nearest 0.5 (an even mixture), then the larger."""
     scores: dict[float, float] = {}
     for alpha in alphas:
         if alpha == 0.0:
-            scores[alpha] = start_mcc
+            scores[alpha] = start_score
         else:
-            mixed = ((1 - alpha) * start + alpha * tuned).argmax(1)
-            scores[alpha] = float(matthews_corrcoef(labels, mixed)) if len(labels) else 0.0
+            scores[alpha] = val_score(select, labels, (1 - alpha) * start + alpha * tuned)
     best = max(scores, key=lambda a: (scores[a], -abs(a - 0.5), a))
     return best, scores[best], scores
+
+
+def clear_gain(
+    labels: np.ndarray, start: np.ndarray, chosen: np.ndarray, start_mcc: float, min_gain_se: float
+) -> bool:
+    """Whether `chosen` beats `start` on validation by more than the noise: a mean log-loss lower by
+    more than `min_gain_se` standard errors of the per-record difference, and an MCC no lower."""
+    if len(labels) < 2:
+        return False
+    gain = log_losses(labels, start) - log_losses(labels, chosen)
+    se = float(gain.std(ddof=1)) / math.sqrt(len(gain))
+    mcc = float(matthews_corrcoef(labels, chosen.argmax(1)))
+    return float(gain.mean()) > max(min_gain_se * se, 0.0) and mcc >= start_mcc
 
 
 def _engine_environment() -> None:
@@ -379,7 +457,9 @@ def finetune(
     min_steps = math.ceil(settings.min_epochs * steps_per_epoch)
     eval_every = settings.eval_every or steps_per_epoch
     groups = encoder_param_groups(model.encoder, lr, settings.weight_decay, settings.layer_decay)
-    groups += _param_group(list(model.head.parameters()), settings.head_lr or lr, settings.weight_decay)
+    # a probe head keeps the probe's own L2 penalty (in the loss) instead of AdamW's decay towards 0
+    head_decay = 0.0 if probe is not None else settings.weight_decay
+    groups += _param_group(list(model.head.parameters()), settings.head_lr or lr, head_decay)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
     ds_config = preset_config(settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision)
@@ -396,21 +476,28 @@ def finetune(
     rng = np.random.default_rng([seed, 7])
     order, position = rng.permutation(train), 0
     history: list[dict[str, float]] = []
+    select = settings.select
 
-    def evaluate(step: int, loss: float) -> tuple[float, np.ndarray]:
+    def evaluate(step: int, loss: float) -> np.ndarray:
         p = _probabilities(engine, val_batches, len(val), n_classes, device)
-        mcc = float(matthews_corrcoef(labels[val], p.argmax(1))) if len(val) else 0.0
-        history.append({"step": step, "val_mcc": mcc, "train_loss": loss})
-        return mcc, p
+        mcc = val_score("mcc", labels[val], p)
+        history.append(
+            {
+                "step": step,
+                "val_mcc": mcc,
+                "val_loss": -val_score("log_loss", labels[val], p),
+                "train_loss": loss,
+            }
+        )
+        return p
 
-    start_mcc, start_val = evaluate(0, float("nan"))
+    start_val = evaluate(0, float("nan"))
     start_test = _probabilities(engine, test_batches, len(test), n_classes, device)
-    if probe is not None:  # the probe's own score and predictions are the start (and the fallback)
-        best_mcc, best_test = probe.val_mcc, probe.test_predictions
-    else:
-        best_mcc, best_test = start_mcc, start_test.argmax(1)
-    start_mcc, best_step = best_mcc, 0
-    best_val, best_test_p = start_val, start_test
+    # the probe's own validation MCC and test predictions are the start (and the fallback)
+    start_mcc = probe.val_mcc if probe is not None else history[0]["val_mcc"]
+    start_loss = history[0]["val_loss"]
+    best_score = start_mcc if select == "mcc" else -start_loss
+    best_step, best_val, best_test_p = 0, start_val, start_test
     waited, step, window = 0, 0, []
     engine.train()
     while step < total:
@@ -421,43 +508,74 @@ def finetune(
         batch = {k: v.to(device) for k, v in batches.collate(index).items()}
         logits = engine(batch)
         loss = F.cross_entropy(logits.float(), y[index].to(device))
+        window.append(loss.item())
+        if model.head.penalty is not None:  # the probe's own regularisation of the head
+            loss = loss + model.head.penalty
         engine.backward(loss)
         engine.step()
         step += 1
-        window.append(loss.item())
         if step % eval_every == 0 or step == total:
-            mcc, val_p = evaluate(step, float(np.mean(window)))
+            val_p = evaluate(step, float(np.mean(window)))
             window = []
-            if mcc > best_mcc:
-                best_mcc, best_step, waited = mcc, step, 0
+            score = val_score(select, labels[val], val_p)
+            if score > best_score:
+                best_score, best_step, waited = score, step, 0
                 best_val = val_p
                 best_test_p = _probabilities(engine, test_batches, len(test), n_classes, device)
-                best_test = best_test_p.argmax(1)
             elif step >= min_steps:  # early stopping counts only once the minimum training is done
                 waited += 1
                 if waited >= settings.patience:
                     break
-    # 4. The mix with the probe, α chosen on validation (only once fine-tuning has beaten the probe).
-    alpha, val_mcc = 1.0 if best_step > 0 else 0.0, best_mcc
+    best_mcc = next(h["val_mcc"] for h in history if h["step"] == best_step) if best_step else start_mcc
+
+    # 4. The mix with the probe, α chosen on validation (only once fine-tuning has beaten the probe),
+    # 5. kept only when it beats the probe by more than the validation noise (select: log_loss).
+    alpha = 1.0 if best_step > 0 else 0.0
     if probe is not None and best_step > 0:
-        alpha, val_mcc, _ = choose_mix(labels[val], start_val, best_val, settings.mix, start_mcc)
-        if alpha == 0.0:
-            best_test = probe.test_predictions
-        elif alpha < 1.0:
-            best_test = ((1 - alpha) * start_test + alpha * best_test_p).argmax(1)
+        alpha, _, _ = choose_mix(
+            labels[val],
+            start_val,
+            best_val,
+            settings.mix,
+            start_mcc if select == "mcc" else -start_loss,
+            select,
+        )
+        mixed = (1 - alpha) * start_val + alpha * best_val
+        if (
+            alpha > 0
+            and select == "log_loss"
+            and not clear_gain(labels[val], start_val, mixed, start_mcc, settings.min_gain_se)
+        ):
+            log.info(
+                "fine-tune (seed %d, lr %.1e): the gain over the probe on validation is within its noise; the probe is kept",
+                seed,
+                lr,
+            )
+            alpha = 0.0
+    chosen_val = (1 - alpha) * start_val + alpha * best_val
+    chosen_test = (1 - alpha) * start_test + alpha * best_test_p
+    if alpha == 0.0:
+        best_test = probe.test_predictions if probe is not None else start_test.argmax(1)
+        val_mcc, val_loss = start_mcc, start_loss
+    else:
+        best_test = chosen_test.argmax(1)
+        val_mcc = val_score("mcc", labels[val], chosen_val)
+        val_loss = -val_score("log_loss", labels[val], chosen_val)
     log.info(
-        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val MCC %.3f at step %d of %d (%d per epoch; start %.3f); "
-        "mixed with the start at α %.2f: val MCC %.3f",
+        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
+        "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f (mixed with the start at α %.2f)",
         seed,
         lr,
         settings.zero_stage,
-        best_mcc,
+        "log-loss" if select == "log_loss" else "MCC",
         best_step,
         step,
         steps_per_epoch,
         start_mcc,
-        alpha,
         val_mcc,
+        start_loss,
+        val_loss,
+        alpha,
     )
     if alpha == 0.0:
         source = "probe" if probe is not None else "untrained"
@@ -477,6 +595,9 @@ def finetune(
         steps_per_epoch=steps_per_epoch,
         alpha=alpha,
         val_mcc=val_mcc,
+        val_loss=val_loss,
+        start_val_loss=start_loss,
+        select=select,
     )
 
 
@@ -490,8 +611,8 @@ def finetune_grid(
     **kwargs: Any,
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
-    the best validation MCC (after its mix with the probe) wins (ties: the earlier lr). With a probe,
-    a grid where no run beats it returns the probe."""
+    the best validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier
+    lr). With a probe, a grid where no run beats it returns the probe."""
     best: FinetuneResult | None = None
     grid: list[dict[str, float]] = []
     for lr in settings.lr if isinstance(settings.lr, list) else [settings.lr]:
@@ -505,9 +626,15 @@ def finetune_grid(
                 "steps": result.steps,
                 "alpha": result.alpha,
                 "val_mcc": result.val_mcc,
+                "val_loss": result.val_loss,
+                # every validation pass, so a user sees whether and when fine-tuning moved
+                "history": [
+                    {k: round(v, 4) if math.isfinite(v) else None for k, v in h.items()}
+                    for h in result.history
+                ],
             }
         )
-        if best is None or result.val_mcc > best.val_mcc:
+        if best is None or result.score > best.score:
             best = result
     assert best is not None
     best.grid = grid

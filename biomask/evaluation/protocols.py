@@ -69,8 +69,9 @@ from biomask.models.model import POOLINGS
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
-# `pooling: auto` tries these, in this order (ties go to the earlier: the narrower features first)
-POOLINGS_AUTO = ("mean", "concat", "cls")
+# `pooling: auto` tries these, in this order (ties go to the earlier): position-free summaries first
+# (mean; max: a motif anywhere), then position-aware concat, then the [CLS] vector
+POOLINGS_AUTO = ("mean", "max", "concat", "cls")
 LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 
@@ -173,7 +174,9 @@ class Probes:
                     Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed, patience=patience
                 )
             pred = model.predict(x_test)
-            self.cache[key] = ProbeHead.from_sklearn(scaler, model, self.n_classes, val_mcc, pred)
+            self.cache[key] = ProbeHead.from_sklearn(
+                scaler, model, self.n_classes, val_mcc, pred, n_train=len(train)
+            )
         return self.cache[key]
 
 
@@ -428,6 +431,8 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                         "best_val_mcc": result.best_val_mcc,
                         "alpha": result.alpha,
                         "val_mcc": result.val_mcc,
+                        "start_val_loss": round(result.start_val_loss, 4),
+                        "val_loss": round(result.val_loss, 4),
                         "steps": result.steps,
                         "grid": result.grid,
                         **chosen,
