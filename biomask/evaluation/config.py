@@ -128,7 +128,8 @@ class EvaluateConfig(Config):
     # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
     # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to
     # the model and the records — auto: mean, max, concat (DNA records of one length), cls (not for
-    # the cnn kind, whose first position is no summary), so one config serves motif and position tasks. Every protocol of that model and seed then uses it;
+    # the cnn kind, whose first position is no summary), so one config serves motif and position
+    # tasks. Every protocol of that model and seed then uses it;
     # metrics.json and report.md say which was chosen.
     pooling: Pooling | Literal["auto"] | list[Pooling] = "mean"
     # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:
