@@ -124,6 +124,20 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
     assert code == 0, err
     embedded = ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_biomask"]
     assert embedded.shape == (len(split), 32) and np.isfinite(embedded).all()
+    # every block's mean (a block's index makes no sense with it: exit 2, nothing written)
+    code, _, err = cli(
+        "embed", "--checkpoint", straight / "model", "--input", tmp_path / "splice.csv",
+        "--output", tmp_path / "layers.h5ad", "pooling=mean_layers",
+    )  # fmt: skip
+    assert code == 0, err
+    layers = ad.read_h5ad(tmp_path / "layers.h5ad").obsm["X_biomask"]
+    assert layers.shape == (len(split), 32 * model.config.n_layers)
+    np.testing.assert_allclose(layers[:, -32:], embedded, atol=1e-5)  # the last block's mean is the default
+    code, _, err = cli(
+        "embed", "--checkpoint", straight / "model", "--input", tmp_path / "splice.csv",
+        "--output", tmp_path / "bad.h5ad", "pooling=mean_layers", "layer=1",
+    )  # fmt: skip
+    assert code == 2 and "mean_layers" in err and not (tmp_path / "bad.h5ad").exists()
 
     # evaluate: linear probe and LP-FT, pooling chosen on validation among what a CNN offers
     store = tmp_path / "labelled"
@@ -142,8 +156,8 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name in ("cnn (linear probe)", "cnn (fine-tune)"):
         (row,) = metrics["per_seed"][name]
-        assert row["pooling"] in ("mean", "max", "concat")
-        assert set(row["pooling_val_mcc"]) == {"mean", "max", "concat"}  # no cls for a CNN
+        assert row["pooling"] in ("mean", "max", "mean_layers", "concat")
+        assert set(row["pooling_val_mcc"]) == {"mean", "max", "mean_layers", "concat"}  # no cls for a CNN
         assert row["pooling_val_mcc"][row["pooling"]] == max(row["pooling_val_mcc"].values())
     assert metrics["summary"]["cnn (linear probe)"]["mcc"]["mean"] > 0.3  # 3 classes: chance is 0
     assert "pooling per seed" in (tmp_path / "eval" / "report.md").read_text()

@@ -108,7 +108,10 @@ def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_p
 
 @pytest.mark.parametrize(
     ("template", "pooling", "first_baseline"),
-    [("motif-task", ["mean", "max", "cls"], "kmer_lr"), ("position-task", "auto", "onehot_lr")],
+    [
+        ("motif-task", ["mean", "max", "mean_layers", "cls"], "kmer_lr"),
+        ("position-task", "auto", "onehot_lr"),
+    ],
 )
 def test_copyable_templates_are_valid_and_choose_on_validation(template, pooling, first_baseline, repo):
     """The templates in configs/evaluate/ load as they are (a user sets store, output and checkpoints)."""

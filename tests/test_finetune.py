@@ -282,3 +282,28 @@ def test_finetuning_windows_long_records_like_the_probe(splice, probe):
         )
     assert result.source in ("finetune", "untrained") and result.steps == 16
     assert result.best_val_mcc >= result.history[0]["val_mcc"]
+
+
+def test_a_classifier_on_every_blocks_mean_starts_as_its_probe(splice):
+    """mean_layers pooling (every block's mean, windows averaged): the fine-tuning head, started from
+    the probe fitted on `embed_records`' features, predicts what that probe predicts."""
+    data, records, (train, _, test), model = splice
+    few = test[:40]
+    with one_thread():
+        x = embed_records(model, records, pooling="mean_layers", max_length=32, long_records="window")
+        assert x.shape[1] == model.config.n_layers * model.config.d_model
+        scaler = StandardScaler().fit(x[train])
+        lr = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(x[train]), data.labels[train])
+        head = ProbeHead.from_sklearn(scaler, lr, 3, 0.0, np.empty(0))
+        classifier = Classifier(copy.deepcopy(model), 3, pooling="mean_layers", probe=head).eval()
+        # two 30-base windows per 60-base record, collated record by record, as fine-tuning does
+        pieces = [
+            {**records[i], "tokens": np.asarray(records[i]["tokens"])[a : a + 30]}
+            for i in few
+            for a in (0, 30)
+        ]
+        batch = collate(pieces, modality="dna")
+        batch["owners"] = torch.arange(len(few)).repeat_interleave(2)
+        with torch.no_grad():
+            logits = classifier(batch).numpy()
+    np.testing.assert_array_equal(logits.argmax(1), lr.predict(scaler.transform(x[few])))

@@ -15,6 +15,7 @@ from biomask.models import (
     PRESETS,
     EncoderConfig,
     MaskedEncoder,
+    build_model,
     check_tokenizer,
     load_pretrained,
     save_pretrained,
@@ -93,6 +94,22 @@ def test_concat_pooling_keeps_every_position_in_order(splice_records):
     )
     with pytest.raises(ValueError, match="one length"):
         model.embed(ragged, pooling="concat")
+
+
+@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+def test_mean_layers_pooling_is_every_blocks_mean_in_order(splice_records, kind):
+    torch.manual_seed(0)
+    model = build_model(tiny(kind=kind, n_layers=3)).eval()
+    records = [dict(r, tokens=r["tokens"][: 10 + 4 * i]) for i, r in enumerate(splice_records)]  # padding
+    batch = collate(records, modality="dna")
+    every = model.embed(batch, pooling="mean_layers")
+    assert every.shape == (len(records), 3 * 32)
+    blocks = [model.embed(batch, pooling="mean", layer=i) for i in (1, 2, 3)]  # the embeddings left out
+    torch.testing.assert_close(every, torch.cat(blocks, dim=1), atol=1e-5, rtol=1e-5)
+    alone = torch.cat([model.embed(collate([r], modality="dna"), pooling="mean_layers") for r in records])
+    torch.testing.assert_close(every, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer must be -1"):
+        model.embed(batch, pooling="mean_layers", layer=1)
 
 
 def test_embed_rejects_bad_arguments(splice_records):

@@ -57,8 +57,9 @@ class EmbedConfig(Config):
     genes: GenesSpec = GenesSpec()
     dna: DNASpec = DNASpec()
     # mean, cls ([CLS] vector; not the cnn kind), max (per-feature maximum over the tokens: DNA motif
-    # tasks; token models only — a profile model has one vector per cell, so mean and cls name it)
-    pooling: Literal["cls", "mean", "max"] = "mean"
+    # tasks; token models only — a profile model has one vector per cell, so mean and cls name it),
+    # mean_layers (every block's mean, concatenated: n_layers × d_model; with layer -1 only)
+    pooling: Literal["cls", "mean", "max", "mean_layers"] = "mean"
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
     key: str = Field("X_biomask", min_length=1)  # obsm key
     batch_size: int = Field(64, ge=1)  # results do not depend on it

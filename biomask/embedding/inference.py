@@ -65,9 +65,9 @@ def check_layer(model: MaskedEncoder, layer: int) -> None:
         )
 
 
-def check_pooling(model: MaskedEncoder, pooling: str, name: str = "the checkpoint") -> None:
+def check_pooling(model: MaskedEncoder, pooling: str, name: str = "the checkpoint", layer: int = -1) -> None:
     """A pooling the model offers (`model.poolings`; a profile model has one vector per cell, a CNN
-    no [CLS] summary)."""
+    no [CLS] summary); mean_layers reads every block, so it takes no `layer`."""
     from biomask.errors import InputError
     from biomask.models.model import POOLINGS
 
@@ -77,12 +77,19 @@ def check_pooling(model: MaskedEncoder, pooling: str, name: str = "the checkpoin
             f"pooling={pooling}: {name} ({model.config.kind} model) offers {', '.join(offered)}; "
             "set pooling to one of them"
         )
+    if pooling == "mean_layers" and layer != -1:
+        raise InputError(
+            f"pooling=mean_layers concatenates every block of {name}; leave layer at -1 (not {layer}) "
+            "or pick one layer with pooling=mean"
+        )
 
 
-def vector_width(model: MaskedEncoder, layer: int) -> int:
-    """The width of one cell's vector at `layer` (mean or cls pooling): d_model, except where a
+def vector_width(model: MaskedEncoder, layer: int, pooling: str = "mean") -> int:
+    """The width of one record's vector at `layer` (any pooling but concat): d_model, except where a
     model's layers differ in width (the profile MLP: input genes, hidden, latent) and say so
-    through `layer_width`."""
+    through `layer_width`, and mean_layers (every block's d_model)."""
+    if pooling == "mean_layers":
+        return model.config.n_layers * model.config.d_model
     width = getattr(model, "layer_width", None)
     return int(width(layer)) if callable(width) else model.config.d_model
 
@@ -215,5 +222,5 @@ def embed_records(
     finally:
         model.train(was_training)
     if out is None:  # no records
-        return np.empty((0, vector_width(model, layer)), dtype=np.float32)
+        return np.empty((0, vector_width(model, layer, pooling)), dtype=np.float32)
     return pool_pieces(out, owners, len(records), pooling)

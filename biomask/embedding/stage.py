@@ -152,7 +152,7 @@ class CellsJob:
             log.info("embedded %d / %d cells", done, n_obs)
 
         try:
-            width = vector_width(self.model, cfg.layer)
+            width = vector_width(self.model, cfg.layer, cfg.pooling)
             with EmbeddingWriter(self.path, h5ad, n_obs, width, key=cfg.key) as writer:
                 cells = self.job.run(
                     writer.write,
@@ -303,7 +303,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))
     check_layer(model, cfg.layer)
-    check_pooling(model, cfg.pooling, str(cfg.checkpoint))
+    check_pooling(model, cfg.pooling, str(cfg.checkpoint), cfg.layer)
     log.info(
         "embed: %s (%s, %d layers, d %d) on %s, %s pooling, layer %d",
         cfg.checkpoint,

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config, SplitFractions
 
-Pooling = Literal["cls", "mean", "max", "concat"]  # biomask.models.model.POOLINGS
+Pooling = Literal["cls", "mean", "max", "concat", "mean_layers"]  # biomask.models.model.POOLINGS
 
 
 class SplitSpec(SplitFractions):
@@ -125,10 +125,12 @@ class EvaluateConfig(Config):
     select_on_val: bool = False
     # max: each feature's maximum over the content tokens (a motif anywhere; DNA and token-cell models).
     # concat: every content token's vector in order (position-aware; fixed-length DNA records only).
+    # mean_layers: every block's mean, concatenated (n_layers × d_model; token models): the lower
+    # blocks' short-motif detectors next to the last block's summary.
     # auto, or a list such as [mean, concat]: chosen per model and seed on the validation split (the
     # linear probe's validation MCC; ties: the earlier candidate) among the candidates that apply to
-    # the model and the records — auto: mean, max, concat (DNA records of one length), cls (not for
-    # the cnn kind, whose first position is no summary), so one config serves motif and position
+    # the model and the records — auto: mean, max, mean_layers, concat (DNA records of one length),
+    # cls (not for the cnn kind, whose first position is no summary), so one config serves motif and position
     # tasks. Every protocol of that model and seed then uses it;
     # metrics.json and report.md say which was chosen.
     pooling: Pooling | Literal["auto"] | list[Pooling] = "mean"

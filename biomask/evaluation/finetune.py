@@ -184,7 +184,7 @@ class Classifier(nn.Module):
             module = getattr(encoder, name, None)
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
-        dim = feature_dim or vector_width(encoder, layer)
+        dim = feature_dim or vector_width(encoder, layer, pooling)
         self.head = Head(dim, n_classes, probe.l2 if probe is not None else 0.0)
         self.dropout = nn.Dropout(dropout)  # why: FinetuneSpec.dropout
         if probe is None:

@@ -70,8 +70,9 @@ log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
 # `pooling: auto` tries these, in this order (ties go to the earlier): position-free summaries first
-# (mean; max: a motif anywhere), then position-aware concat, then the [CLS] vector
-POOLINGS_AUTO = ("mean", "max", "concat", "cls")
+# (mean; max: a motif anywhere; mean_layers: every block's mean), then position-aware concat, then
+# the [CLS] vector
+POOLINGS_AUTO = ("mean", "max", "mean_layers", "concat", "cls")
 LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 

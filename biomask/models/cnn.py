@@ -22,7 +22,8 @@ predicts them from their neighbourhood. MAE corruption (dropping masked tokens) 
 spacing a convolution relies on, so the trainer refuses it (`masking.corruption.kind`).
 
 Pooling: `mean` (the content tokens: padding, [CLS] and [SEP] excluded), `max` (their per-feature
-maximum) and `concat` (every content token's vector in order; fixed-length records). `cls` is
+maximum), `concat` (every content token's vector in order; fixed-length records) and `mean_layers`
+(every block's mean, concatenated: the lower blocks' short-motif detectors next to the last). `cls` is
 refused: a CNN's [CLS] position only sees its neighbourhood at the record's start, it is no summary of
 the record.
 """
@@ -37,9 +38,9 @@ from torch import nn
 
 from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
-from biomask.models.model import Head, pool_content
+from biomask.models.model import Head, pool_content, pool_layers
 
-POOLINGS = ("mean", "max", "concat")
+POOLINGS = ("mean", "max", "concat", "mean_layers")
 
 
 def receptive_field(cfg: EncoderConfig) -> int:
@@ -79,13 +80,23 @@ class ConvEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, attention_mask: torch.Tensor, *, upto: int | None = None
-    ) -> torch.Tensor:
-        """The states after `upto` blocks (None: all, final LayerNorm applied)."""
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        upto: int | None = None,
+        all_layers: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """The states after `upto` blocks (None: all, final LayerNorm applied), or (all_layers)
+        [input, block 1, ..., normalised last block]."""
         keep = attention_mask[..., None].to(x.dtype)
+        states = [x]
         for block in self.blocks[:upto]:
             x = block(x, keep)
-        return self.norm(x) if upto is None else x
+            states.append(x)
+        if upto is None:
+            states[-1] = x = self.norm(x)
+        return states if all_layers else x
 
 
 class DilatedCNN(nn.Module):
@@ -120,9 +131,11 @@ class DilatedCNN(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total if embeddings else total - self.embedder.weight.numel()
 
-    def _states(self, batch: dict[str, torch.Tensor], upto: int | None = None) -> torch.Tensor:
+    def _states(
+        self, batch: dict[str, torch.Tensor], upto: int | None = None, all_layers: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
         x = self.drop(self.embedder(batch["input_ids"]))
-        return self.encoder(x, batch["attention_mask"], upto=upto)
+        return self.encoder(x, batch["attention_mask"], upto=upto, all_layers=all_layers)
 
     # -------------------------------------------------------------------------------------- training
 
@@ -143,7 +156,8 @@ class DilatedCNN(nn.Module):
         self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1
     ) -> torch.Tensor:
         """One vector per record with gradients; `layer` indexes [embeddings, block 1, ..., block n
-        (final LayerNorm applied)] like a Python list. Pooling: mean, max or concat (see the module)."""
+        (final LayerNorm applied)] like a Python list. Pooling: mean, max, concat or mean_layers (see the
+        module)."""
         if pooling == "cls":
             raise InputError(
                 "pooling=cls: the cnn model kind has no [CLS] summary (its first position sees only the "
@@ -156,6 +170,9 @@ class DilatedCNN(nn.Module):
             raise ValueError(
                 f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
             )
+        if pooling == "mean_layers":
+            states = self._states(batch, all_layers=True)
+            return pool_layers(states, batch["input_ids"], batch["attention_mask"], layer)
         layer %= n
         h = self._states(batch, upto=None if layer == n - 1 else layer)
         return pool_content(h, batch["input_ids"], batch["attention_mask"], pooling)
