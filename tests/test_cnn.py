@@ -201,6 +201,11 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
     np.testing.assert_allclose(  # max over the content tokens, padding excluded
         hf.embed(**batch, pooling="max").numpy(), embed_records(model, records, pooling="max"), atol=1e-5
     )
+    np.testing.assert_allclose(  # every block's mean, side by side
+        hf.embed(**batch, pooling="mean_layers").numpy(),
+        embed_records(model, records, pooling="mean_layers"),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="no \\[CLS\\] summary"):
         hf.embed(**batch, pooling="cls")
 

@@ -378,6 +378,12 @@ class BiomaskModel(PreTrainedModel):
         **kwargs,
     ) -> torch.Tensor:
         """One vector per record, (B, d_model): biomask's `model.embed(batch, pooling, layer)`.
-        `layer` indexes [embeddings, block 1, ..., last block] like a Python list."""
+        `layer` indexes [embeddings, block 1, ..., last block] like a Python list; pooling
+        "mean_layers" (token models) concatenates every block's mean, (B, n_layers * d_model)."""
         states, mask = self._states(input_ids, attention_mask, values, bins)
-        return self._pool(states[layer], input_ids, mask, pooling or self.config.pooling)
+        pooling = pooling or self.config.pooling
+        if pooling == "mean_layers" and self.config.kind != "mlp":  # every block's mean, in order
+            if layer != -1:
+                raise ValueError(f"mean_layers pooling reads every block; layer must be -1, not {layer}")
+            return torch.cat([self._pool(h, input_ids, mask, "mean") for h in states[1:]], dim=1)
+        return self._pool(states[layer], input_ids, mask, pooling)
