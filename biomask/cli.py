@@ -580,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="an .h5ad file, or a directory (embeddings.h5ad, umap.png, provenance)")
     p.add_argument(
         "--pooling",
-        choices=("cls", "mean", "max"),
-        help="[CLS] vector, mean or per-feature max over content tokens",
+        choices=("cls", "mean", "max", "mean_layers"),
+        help="[CLS] vector, mean or per-feature max over content tokens, or every block's mean side by side",
     )
     p.add_argument("--layer", type=int, help="-1 (last, default) ... 0 (the embeddings)")
     p.add_argument("--batch-size", type=int, help="records per forward pass (results do not depend on it)")
