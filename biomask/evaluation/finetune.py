@@ -215,7 +215,8 @@ class Classifier(nn.Module):
 
 
 def _pool_pieces(h: torch.Tensor, owners: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Piece vectors -> record vectors: the mean (or max) over a record's windows, or (concat) their
+    """Piece vectors -> record vectors: the mean (or max) over a record's windows (mean_layers: the mean
+    of each block's part, which is the mean of the whole vector), or (concat) their
     concatenation in order, as `biomask.embedding.inference.pool_pieces` does for the probe's features."""
     n = int(owners.max()) + 1
     if pooling == "concat":
