@@ -82,7 +82,8 @@ class FinetuneSpec(Config):
     mix: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     zero_stage: int = Field(0, ge=0, le=3)
     # Longest input (specials included) while fine-tuning: longer records follow `long_records` (DNA)
-    # or keep their top genes (cells). None: what the checkpoint was pretrained on. Lower it to
+    # or keep their top genes (cells). None: what the checkpoint was pretrained on (a cnn: up to four
+    # receptive fields, as its probe reads). Lower it to
     # fine-tune long-record models quickly on a CPU.
     max_length: int | None = Field(None, ge=3)
 
@@ -134,7 +135,8 @@ class EvaluateConfig(Config):
     # tasks. Every protocol of that model and seed then uses it;
     # metrics.json and report.md say which was chosen.
     pooling: Pooling | Literal["auto"] | list[Pooling] = "mean"
-    # DNA records longer than a model's input (what it was trained on), for the probes and fine-tuning:
+    # DNA records longer than a model's input (what it was trained on; a cnn reads up to four receptive
+    # fields whole), for the probes and fine-tuning:
     # window: embedded in windows of the model's length, pooled (mean or max of the window vectors;
     # concat: their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
     long_records: Literal["window", "centre", "refuse"] = "window"
