@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,32 @@ def test_mean_layers_pooling_is_every_blocks_mean_in_order(splice_records, kind)
     torch.testing.assert_close(every, alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="layer must be -1"):
         model.embed(batch, pooling="mean_layers", layer=1)
+
+
+def test_a_cnn_reads_records_whole_beyond_its_training_crops(splice_records):
+    """A CNN has no position embeddings: records up to four receptive fields are embedded in one
+    piece (not cut into windows of the crop length it was trained on); longer ones in windows."""
+    from biomask.embedding.inference import embed_records, inference_max_length
+    from biomask.models.cnn import receptive_field
+
+    torch.manual_seed(0)
+    model = build_model(tiny(kind="cnn", n_layers=3, kernel_size=5)).eval()
+    model.checkpoint_info = {"training": {"max_length": 32}}  # pretrained on 30-base crops
+    limit = inference_max_length(model)
+    assert limit == 4 * receptive_field(model.config) + 2 == 4 * 29 + 2
+    bases = np.concatenate([r["tokens"] for r in splice_records[:3]])  # 180 real bases
+    record = {"tokens": bases[: limit - 2]}
+    whole = model.embed(collate([record], modality="dna"), pooling="mean").numpy()
+    np.testing.assert_allclose(embed_records(model, [record], long_records="refuse"), whole, atol=1e-6)
+    longer = {"tokens": bases[: limit + 10]}
+    assert not np.allclose(  # beyond the limit: windows, averaged
+        embed_records(model, [longer], long_records="window"),
+        model.embed(collate([longer], modality="dna"), pooling="mean").numpy(),
+        atol=1e-4,
+    )
+    transformer = MaskedEncoder(tiny()).eval()
+    transformer.checkpoint_info = {"training": {"max_length": 32}}
+    assert inference_max_length(transformer) == 32  # position embeddings: its training length
 
 
 def test_embed_rejects_bad_arguments(splice_records):
