@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         "task", choices=["gene-starts"], help="gene-starts: windows holding an annotated CDS start vs others"
     )
     p.add_argument(
-        "--genome", required=True, help="a registered GenBank dataset (ecoli-k12) or a GenBank path"
+        "--genome",
+        required=True,
+        help="a registered GenBank dataset (ecoli-k12, bjaponicum, macetivorans) or a GenBank path",
     )
     p.add_argument("--output", required=True, help="the CSV to write (sequence, label, source)")
     p.add_argument("--length", type=int, default=200, help="window length in bases (default 200)")

@@ -1,5 +1,6 @@
 """A labelled DNA task derived from a real annotated genome (`biomask datasets task gene-starts`): E. coli
-K-12 windows holding an annotated CDS start vs others, as a CSV that `biomask prep dna` reads."""
+K-12 (and B. japonicum, M. acetivorans) windows holding an annotated CDS start vs others, as a CSV
+that `biomask prep dna` reads."""
 
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
         "datasets", "task", "gene-starts", "--genome", "no-such", "--output", tmp_path / "x.csv"
     )
     assert code == 2 and "no-such" in err and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    "genome, accession",
+    [("bjaponicum", "NC_004463.1"), ("macetivorans", "NC_003552.1")],  # GC 64 %; an archaeon
+)
+def test_gene_starts_from_other_registered_genomes(genome, accession, tmp_path, cli):
+    """Motif tasks from organisms nothing in biomask was tuned on: the same windows, other genomes."""
+    path = tmp_path / "task.csv"
+    code, _, err = cli("datasets", "task", "gene-starts", "--genome", genome, "--output", path,
+                       "--placement", "centre", "--max-per-class", "200", "--length", "120")  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(path)
+    assert table["label"].value_counts().to_dict() == {"start": 200, "other": 200}
+    assert table["source"].str.startswith(f"{accession}:").all()
+    starts, others = table[table["label"] == "start"], table[table["label"] == "other"]
+    assert starts["sequence"].str[60:63].isin(START_CODONS).mean() > 0.9
+    assert others["sequence"].str[60:63].isin(START_CODONS).mean() < 0.2
 
 
 @pytest.mark.parametrize(

@@ -129,3 +129,29 @@ def test_copyable_templates_are_valid_and_choose_on_validation(template, pooling
         and cfg.finetune.min_epochs >= 1
     )
     assert cfg.protocols == ["linear_probe", "finetune"] and cfg.random_init
+
+
+def test_threads_follow_the_environment_unless_set(monkeypatch):
+    """`num_workers: auto` (the default) takes $OMP_NUM_THREADS — what a pipeline running stages side
+    by side sets per stage — else the cores this process may use; a number is kept; 0 is refused."""
+    import os
+
+    import torch
+    from pydantic import ValidationError
+
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.evaluation.protocols import resolve_threads, torch_threads
+
+    cfg = EvaluateConfig(store="s", output="o", baselines=["kmer_lr"])
+    assert cfg.num_workers == "auto"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads("auto") == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert resolve_threads("auto") == len(os.sched_getaffinity(0))
+    assert resolve_threads(5) == 5
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValidationError, match="num_workers"):
+        EvaluateConfig(store="s", output="o", baselines=["kmer_lr"], num_workers=0)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,20 @@ POOLINGS_AUTO = ("mean", "max", "mean_layers", "concat", "cls")
 LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 
+def resolve_threads(setting: int | str) -> int:
+    """`num_workers`: a number of threads, or auto — $OMP_NUM_THREADS when set, else the usable cores."""
+    if setting != "auto":
+        return int(setting)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int | str) -> Iterator[None]:
     """Tiny models on a busy machine run fastest on few threads (idle OpenMP threads spin)."""
+    n = resolve_threads(n)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
