@@ -89,3 +89,35 @@ def test_bad_genome_files_exit_2_naming_the_file_and_write_nothing(text, expecte
     code, _, err = cli("datasets", "task", "gene-starts", "--genome", genome, "--output", out)
     assert code == 2 and expected in err and str(genome) in err
     assert not out.exists() and list(tmp_path.iterdir()) == [genome]
+
+
+@pytest.mark.network
+def test_prep_reads_a_task_from_a_registered_genome_like_its_csv(tmp_path, cli):
+    """`inputs: [{dataset: GENOME, task: {name: gene-starts, ...}}]` in `prep dna` gives the store the
+    CSV of `biomask datasets task` gives — what lets a pipeline stage build a real labelled set."""
+    import json
+
+    csv_path = tmp_path / "task.csv"
+    code, _, err = cli("datasets", "task", "gene-starts", "--genome", "macetivorans", "--output", csv_path,
+                       "--max-per-class", "150", "--seed", "3")  # fmt: skip
+    assert code == 0, err
+    stores = {"csv": f"[{{path: {csv_path}, format: table}}]",
+              "task": "[{dataset: macetivorans, task: {name: gene-starts, max_per_class: 150, seed: 3}}]"}  # fmt: skip
+    for name, inputs in stores.items():
+        code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / name}",
+                           f"inputs={inputs}", "tokenizer.kind=char")  # fmt: skip
+        assert code == 0, err
+    manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in stores]
+    assert manifests[0]["class_counts"] == manifests[1]["class_counts"]
+    assert sum(manifests[1]["class_counts"]["train"].values()) > 150
+    for split in ("train", "val", "test"):
+        for shard in sorted((tmp_path / "csv" / split).glob("*.npy")):
+            assert shard.read_bytes() == (tmp_path / "task" / split / shard.name).read_bytes(), shard
+
+    # a task needs an annotated genome: a FASTA input is refused, naming it, and nothing is written
+    fasta = tmp_path / "genome.fa"
+    fasta.write_text(">chr\n" + "ACGT" * 100 + "\n")
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'bad'}",
+                       f"inputs=[{{path: {fasta}, task: {{name: gene-starts}}}}]")  # fmt: skip
+    assert code == 2 and "GenBank" in err and str(fasta) in err
+    assert not (tmp_path / "bad").exists()

@@ -252,6 +252,29 @@ def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():
     assert results["summary"]["baseline"]["mcc"]["n"] == 3  # baselines keep their summary over splits
 
 
+def test_a_target_over_pretraining_seeds_ignores_rows_picked_per_split():
+    """ "chosen on val" picks a checkpoint per evaluation split: it has no pretraining seeds, so with
+    scheme@seed checkpoints it cannot enter a verdict whose unit is the pretraining seed (its split
+    mean against the baseline's would be a difference with no spread: "p = 0")."""
+    from biomask.report.collect import by_pretraining_seed
+
+    scores = {
+        ("baseline", "linear_probe"): [0.40, 0.45, 0.42],
+        ("r2mae@0", "linear_probe"): [0.60, 0.62, 0.61],
+        ("r2mae@1", "linear_probe"): [0.63, 0.61, 0.62],
+        ("chosen on val", "linear_probe"): [0.70, 0.71, 0.72],
+    }
+    ev = _evaluation(scores, {"r2mae@0": R2MAE, "r2mae@1": R2MAE})
+    results, masking = by_pretraining_seed(ev.results, dict(ev.masking))
+    ev = Evaluation("task", Path("."), "mcc", "a task", results, ev.checkpoints, masking)
+    cfg = ReportConfig(
+        output="unused", targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="mcc")]
+    )
+    (row,) = target_rows(cfg, {"task": ev})
+    assert [e["method"] for e in row["entries"]] == ["r2mae (2 pretraining seeds, linear_probe)"]
+    assert row["entries"][0]["cmp"]["n"] == 2 and row["entries"][0]["met"]
+
+
 def test_masking_names_are_readable():
     assert describe_masking(R2MAE) == "U(0.15, 0.45)"
     assert describe_masking(FIXED15) == "15%"
@@ -275,7 +298,10 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
     stages["pretrain_dna"]["sweep"] = {"masking.scheme": schemes, "train.seed": [0, 1]}
     stages["pretrain_cells"]["sweep"] = {"masking.scheme": schemes, "train.seed": [0, 1]}
     stages["pretrain_cells_corpus"]["sweep"] = {"masking.scheme": ["r2mae"], "train.seed": [0, 1]}
-    for name in ("pretrain_dna", "pretrain_cells", "pretrain_cells_corpus"):
+    stages["pretrain_dna_ecoli"]["sweep"] = {"train.seed": [0, 1]}
+    stages["prep_ecoli"]["overrides"] = {"windows.max_bases": 200_000, "split.block_size": 10_000}
+    stages["prep_motif"]["overrides"]["inputs"][0]["task"]["max_per_class"] = 150
+    for name in ("pretrain_dna", "pretrain_dna_ecoli", "pretrain_cells", "pretrain_cells_corpus"):
         stages[name]["overrides"].update(
             {
                 "train.steps": 6,
@@ -286,14 +312,14 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
                 "optim.warmup_steps": 0,
             }
         )
-    for name in ("evaluate_splice", "evaluate_pbmc68k", "evaluate_pbmc68k_transfer"):
+    for name in ("evaluate_splice", "evaluate_motif", "evaluate_pbmc68k", "evaluate_pbmc68k_transfer"):
         over = stages[name]["overrides"]
         over["seeds"] = [0, 1]
         # checkpoints named scheme@seed: verdicts over pretraining seeds
         over["checkpoints"] = {
             k: v
             for k, v in over["checkpoints"].items()
-            if k.split("@")[0] in schemes and k.split("@")[1] in ("0", "1")
+            if k.split("@")[0] in (*schemes, "nematode") and k.split("@")[1] in ("0", "1")
         }
         over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
     path = run_dir.parent / "study-mini.yaml"
@@ -336,6 +362,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
         "pretrain-dna-loss-by-ratio.png",
         "pretrain-single-cell-ratios.png",
         "eval-splice.png",
+        "eval-motif.png",
         "eval-pbmc68k.png",
         "umap.png",
     ):
@@ -350,7 +377,8 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     # pretraining seeds it names, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") == 3  # splice: probe; cells: probe, kNN
     assert text.count("(chosen on validation MCC)") == 3
-    assert text.count("R²MAE vs the same architecture randomly initialised") == 5  # + transfer: 2
+    # splice, cells probe and kNN, transfer probe and kNN, the motif task
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 6
     assert (
         text.count("better in 0/2 pretraining seeds (0, 1;")
         + text.count("2/2 pretraining seeds (0, 1;")

@@ -10,6 +10,18 @@ from biomask.config import Config, SplitFractions
 from biomask.store import DEFAULT_SHARD_TOKENS
 
 
+class TaskSpec(Config):
+    """A labelled task derived from an annotated GenBank genome (`biomask.datasets.annotation_tasks`),
+    the rows `biomask datasets task` would write, read without a CSV in between — so a pipeline can
+    prepare a real labelled set from a registered genome in one stage."""
+
+    name: Literal["gene-starts"]
+    length: int = Field(200, ge=20)  # window length in bases
+    placement: Literal["random", "centre"] = "random"  # random: a motif task; centre: a position task
+    max_per_class: int | None = Field(None, ge=1)  # at most this many windows per label (balanced)
+    seed: int = 0  # which windows (the random placement, the `other` windows, the subset)
+
+
 class InputSpec(Config):
     """One input: a registered dataset (`dataset`) or a file (`path`)."""
 
@@ -23,6 +35,9 @@ class InputSpec(Config):
     split_column: str | None = None  # values train / val / test; without it splits are drawn by seed
     id_column: str | None = None
     delimiter: str | None = None  # table delimiter; default: tab if the header has more tabs than commas
+    # a GenBank genome turned into labelled windows (e.g. {name: gene-starts, max_per_class: 4000}):
+    # the input is then a labelled set, like a table
+    task: TaskSpec | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InputSpec:

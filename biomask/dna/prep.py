@@ -81,6 +81,19 @@ def _guess_format(path: Path) -> str:
     )
 
 
+def _task_format(spec: InputSpec, fmt: str, path: Path) -> str:
+    """An input with a `task` reads as a labelled set ("task"); only a GenBank genome has the
+    annotation a task is cut from."""
+    if spec.task is None:
+        return fmt
+    if fmt != "genbank":
+        raise InputError(
+            f"input {spec.dataset or path}: task {spec.task.name} needs an annotated GenBank genome, "
+            f"not {fmt}; use a registered GenBank dataset (e.g. ecoli-k12, bjaponicum) or a .gbk file"
+        )
+    return "task"
+
+
 def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     """Fetch registered datasets, check local files, and work out each input's format."""
     resolved = []
@@ -88,7 +101,9 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
         if spec.dataset is not None:
             path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA")
             fmt = entry.format if spec.format == "auto" else spec.format
-            resolved.append(ResolvedInput(spec.dataset, path, fmt, spec, entry.sha256))
+            resolved.append(
+                ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256)
+            )
         else:
             path = Path(str(spec.path)).expanduser()
             if path.is_dir():
@@ -104,7 +119,7 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
                 digest = sha256_file(path)
             except OSError as exc:
                 raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
-            resolved.append(ResolvedInput(path.name, path, fmt, spec, digest))
+            resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
         raise InputError(
@@ -337,6 +352,8 @@ def _read_labelled(inputs: list[ResolvedInput]) -> list[LabelledSequence]:
         spec = inp.spec
         if inp.format == "keel":
             rows.extend(read_keel(inp.path))
+        elif inp.format == "task":
+            rows.extend(_task_rows(inp))
         else:
             rows.extend(
                 read_table(
@@ -349,6 +366,26 @@ def _read_labelled(inputs: list[ResolvedInput]) -> list[LabelledSequence]:
                 )
             )
     return rows
+
+
+def _task_rows(inp: ResolvedInput) -> list[LabelledSequence]:
+    """The labelled windows `biomask datasets task` would write for this genome, in its order."""
+    from biomask.datasets.annotation_tasks import gene_start_windows
+
+    task = inp.spec.task
+    assert task is not None
+    rows = gene_start_windows(
+        inp.path,
+        length=task.length,
+        placement=task.placement,
+        max_per_class=task.max_per_class,
+        seed=task.seed,
+    )
+    where = f"{inp.name} ({task.name})"
+    return [
+        LabelledSequence(row["source"], row["sequence"], row["label"], None, where, i)
+        for i, row in enumerate(rows, start=1)
+    ]
 
 
 _SPLIT_ALIASES = {

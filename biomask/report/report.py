@@ -193,7 +193,14 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
             rows.append({"target": target, "missing": f"no evaluation named {target.evaluation!r}"})
             continue
         baseline = ev.results.get("strongest_baseline")
-        candidates = [m for m in ev.methods(target.protocol) if m["group"] not in ("baseline", "random-init")]
+        # with checkpoints named scheme@seed a verdict's unit is the pretraining seed: a model row
+        # without them ("chosen on val", picked per split) has no spread over that unit to compare
+        grouped = "unit" in ev.results
+        candidates = [
+            m
+            for m in ev.methods(target.protocol)
+            if m["group"] not in ("baseline", "random-init") and (not grouped or "members" in m)
+        ]
         if baseline is None or not candidates:
             rows.append(
                 {"target": target, "missing": "no baseline or no pretrained model under this protocol"}
