@@ -32,3 +32,8 @@ def shipped_config(path: str | os.PathLike) -> Path | None:
         return None
     candidate = configs_dir().joinpath(*parts[1:])
     return candidate if candidate.is_file() else None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity mask where the OS has one)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

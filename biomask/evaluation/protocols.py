@@ -66,6 +66,7 @@ from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
+from biomask.resources import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def resolve_threads(setting: int | str) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return usable_cores()
 
 
 @contextlib.contextmanager

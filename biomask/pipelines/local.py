@@ -29,6 +29,7 @@ from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_upstream_outputs, write_resolved
 from biomask.provenance import read_run_info
+from biomask.resources import usable_cores
 
 # The rank variables torch.distributed reads (biomask.training.distributed.RANK_VARS, not imported
 # here: that would load torch into the runner).
@@ -139,9 +140,7 @@ def run_pipeline(
 def resolve_jobs(jobs: int | str) -> int:
     """`local.jobs` as a number: "auto" is the CPU cores this process may use."""
     if jobs == "auto":
-        return max(
-            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
+        return usable_cores()
     return max(1, int(jobs))
 
 
