@@ -426,3 +426,45 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
     assert checkpoint.latest(root).name == "step00000020"
     checkpoint.prune(root, keep=1)  # keeps the newest valid one; never deletes an invalid one (evidence)
     assert sorted(p.name for p in root.iterdir()) == ["step00000020", "step00000030"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler"
+)
+def test_compile_changes_floats_only_and_survives_resume(genome_store, tmp_path):
+    """train.compile (and the fused AdamW kernel): the same run as an eager one up to float rounding,
+    and a compiled run killed after a checkpoint resumes compiled and ends where the eager one does."""
+    extra = {"train.steps": 12, "train.checkpoint_every": 6, "train.log_every": 2}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    env = subprocess_env()
+    first = subprocess.run(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, eager, **extra)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    args = overrides(genome_store, compiled, **extra, **{"train.compile": "true", "optim.fused": "true"})
+    cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *args)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (compiled / "checkpoints" / "step00000006").is_dir(), proc, timeout=400)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (compiled / "run.json").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "compiled" in again.stderr
+
+    a = load_file(str(eager / "model" / "model.safetensors"))
+    b = load_file(str(compiled / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()  # the compiled module's checkpoint is the eager one's
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+    run = json.loads((compiled / "run.json").read_text())
+    assert run["final_eval"]["mean_loss"] == pytest.approx(
+        json.loads((eager / "run.json").read_text())["final_eval"]["mean_loss"], rel=1e-4
+    )

@@ -130,3 +130,26 @@ def test_dna_task_pipeline_pretrains_on_the_training_split_and_tests_on_records_
     assert f"store={prep.output}" in evaluate.overrides
     assert "splits.mode=store" in evaluate.overrides
     assert _checkpoints(evaluate) == {f"self@{s}": f"{pretrain[s].output}/model" for s in (0, 1, 2)}
+
+
+def test_study_gpu_runs_every_issue_scheme_over_three_seeds_and_leaves_transfer_out(tmp_path):
+    """study-gpu.yaml (the one-GPU study): R²MAE, 15 %, 40 % and the dynamic schedule x 3 pretraining
+    seeds for DNA and cells, each evaluated under its scheme@seed name; ZeRO-0 and fused AdamW on the
+    GPU; the report lists no transfer evaluation (the study has none)."""
+    from biomask.config import load_config
+    from biomask.report.config import ReportConfig
+
+    plan = load_plan(REPO / "configs/pipelines/study-gpu.yaml", [f"run_dir={tmp_path}"])
+    wanted = {(s, seed) for s in ("r2mae", "bert15", "fixed40", "dynamic") for seed in range(3)}
+    for pretrain, evaluate in (("pretrain_dna", "evaluate_splice"), ("pretrain_cells", "evaluate_pbmc68k")):
+        runs = {
+            (t.point["masking.scheme"], t.point["train.seed"]): t.output for t in plan.stages[pretrain].tasks
+        }
+        assert wanted <= set(runs)
+        given = _checkpoints(plan.stages[evaluate].tasks[0])
+        assert all(given[f"{s}@{seed}"] == f"{runs[s, seed]}/model" for s, seed in wanted)
+    dna = plan.stages["pretrain_dna"].tasks[0].overrides
+    assert {"deepspeed.stage=0", "optim.fused=auto", "train.steps=3000"} <= set(dna)
+    report = plan.stages["report"]
+    cfg = load_config(ReportConfig, report.config, report.tasks[0].overrides)
+    assert set(cfg.evaluations) == {"splice", "motif", "pbmc68k"}

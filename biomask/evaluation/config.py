@@ -149,6 +149,10 @@ class EvaluateConfig(Config):
     # 6,000-window motif task runs about twice as fast on 2 threads as on 1. Results agree to float
     # rounding, not bit for bit, across thread counts.
     num_workers: int | Literal["auto"] = "auto"
+    # Where the frozen models embed the records for the probes: auto is the GPU when torch sees one,
+    # else the CPU; or cpu, cuda, cuda:1. The probes fit on the CPU either way; fine-tuning trains
+    # where pretraining does.
+    device: str = "auto"
 
     @field_validator("num_workers")
     @classmethod

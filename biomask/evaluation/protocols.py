@@ -53,6 +53,7 @@ from biomask.embedding.inference import (
     check_long_records,
     embed_records,
     inference_max_length,
+    pick_device,
     record_policy,
     window_starts,
 )
@@ -142,7 +143,7 @@ class Features:
     ) -> np.ndarray:
         key = (seed, max_length, pooling)
         if key not in self.cache:
-            model = model_for_seed(seed if seed is not None else 0)
+            model = model_for_seed(seed if seed is not None else 0).to(pick_device(self.cfg.device))
             with torch_threads(self.cfg.num_workers):
                 self.cache[key] = embed_records(
                     model,

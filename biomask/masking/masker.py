@@ -8,7 +8,8 @@ What it returns (a new dict; the input batch is not modified):
 - the corrupted inputs: `input_ids` (tokens target: [MASK] / random / kept), `bins` (bins target:
   0 = masked / random bin / kept) or `value_hidden` (values target: the value is hidden);
 - `target_ids` (B, L) int64 (-100 where not masked) or `target_values` (B, L) float32;
-- `ratio` (the drawn ratio per record) and `realised_ratio` (masked / maskable tokens, a float).
+- `ratio` (the drawn ratio per record) and `realised_ratio` (masked / maskable tokens, a 0-dim float
+  tensor on the batch's device: reading it back would make the host wait for the GPU every batch).
 
 With MAE corruption, masked tokens are replaced by the mask (no 80/10/10): the model drops them from
 the encoder input and the decoder sees only the mask embedding there.
@@ -93,7 +94,7 @@ class Masker:
         out: dict[str, Any] = dict(batch)
         out["masked"] = masked
         out["ratio"] = ratio
-        out["realised_ratio"] = float(masked.sum()) / max(float(n_maskable.sum()), 1.0)
+        out["realised_ratio"] = masked.sum() / n_maskable.sum().clamp(min=1)
         self._corrupt(batch, masked, out)
         return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from biomask.config import Config
 
@@ -47,9 +47,15 @@ class ReportConfig(Config):
     title: str = "biomask study: R²MAE against fixed-ratio masking"
     # modality label -> pretrain run directories, or directories holding several runs (a sweep)
     pretrain: dict[str, list[str]] = Field(default_factory=dict)
-    evaluations: dict[str, EvaluationSpec] = Field(default_factory=dict)
+    # null leaves a configured evaluation out (a study without it: evaluations.pbmc68k_transfer=null)
+    evaluations: dict[str, EvaluationSpec | None] = Field(default_factory=dict)
     embedding: EmbeddingSpec | None = None
     r2mae: str = "r2mae"  # the checkpoint name (in the evaluate configs) of the R²MAE model
     targets: list[TargetSpec] = Field(default_factory=list)
     # further stage outputs whose configs and checksums the report lists (e.g. the token stores)
     provenance: list[str] = Field(default_factory=list)
+
+    @field_validator("evaluations")
+    @classmethod
+    def _drop_left_out(cls, value: dict[str, EvaluationSpec | None]) -> dict[str, EvaluationSpec | None]:
+        return {key: spec for key, spec in value.items() if spec is not None}

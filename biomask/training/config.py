@@ -126,6 +126,9 @@ class OptimConfig(Config):
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0: no clipping
+    # torch's fused AdamW kernel (one launch for every parameter instead of a few per tensor): auto is
+    # fused on a GPU, torch's default (foreach) on CPU. It changes results by float rounding only.
+    fused: Literal["auto"] | bool = "auto"
 
 
 class TrainConfig(Config):
@@ -144,6 +147,10 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     progress: bool = True  # tqdm bar on rank 0
+    # torch.compile the model (DeepSpeed's engine.compile: the module compiled in place, so checkpoints
+    # and the portable model are unchanged). Fuses the elementwise work around the matmuls on a GPU;
+    # the first steps pay for compilation (tens of seconds), and results change by float rounding only.
+    compile: bool = False
     # Where the metrics go besides metrics.jsonl, like the HF Trainer's report_to: tensorboard, wandb,
     # mlflow (the last two are optional: pip install wandb / mlflow). []: metrics.jsonl only.
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(

@@ -89,6 +89,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw_kernel(fused: str | bool, device: torch.device) -> dict[str, bool]:
+    """optim.fused as torch.optim.AdamW's keyword: auto is the fused kernel on a GPU only (on CPU it
+    gains little, and the CPU default keeps earlier runs' results)."""
+    if fused is True or (fused == "auto" and device.type == "cuda"):
+        return {"fused": True}
+    return {}
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -112,6 +120,12 @@ def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: masked[k] for k in keys if k in masked}
 
 
+# The logging window's sums, in this order, kept on the training device between log steps: reading
+# a number back (`.item()`, `float()`) makes the host wait for the GPU, and three such waits per
+# micro-step left the GPU idle while the next step's kernels were launched.
+WINDOW_SUMS = ("loss", "masked", "correct", "ratio", "tokens")
+
+
 def train_step(
     engine: Any,
     masker: Masker,
@@ -119,12 +133,12 @@ def train_step(
     step: int,
     grad_accum: int,
     device: torch.device,
-    window: dict[str, float],
-) -> float:
+    sums: torch.Tensor,
+) -> torch.Tensor:
     """One optimizer step: `grad_accum` micro-batches of mask -> forward -> backward; DeepSpeed steps
-    the optimizer and the schedule on the last one. Adds to the logging `window` (sums, so a window
-    may span checkpoints); returns the step's realised mask ratio."""
-    step_ratio = 0.0
+    the optimizer and the schedule on the last one. Adds to `sums` (float64, WINDOW_SUMS order, on the
+    device: nothing is read back here); returns the step's realised mask ratio (a device scalar)."""
+    step_ratio = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(grad_accum):
         batch = to_device(train_data.batch(step, micro), device)
         masked = masker(batch, step)
@@ -132,14 +146,18 @@ def train_step(
         # what is minimised; `loss` (the masked tokens' loss) is what is logged and held out
         engine.backward(out.get("objective", out["loss"]))
         engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
-        n = float(out["n_masked"])
-        window["loss"] += out["loss"].item() * n
-        window["masked"] += n
-        window["correct"] += float(out["n_correct"])
-        window["ratio"] += masked["realised_ratio"]
-        window["micro"] += 1
-        window["tokens"] += float(batch["attention_mask"].sum())
-        step_ratio += masked["realised_ratio"] / grad_accum
+        n = out["n_masked"].to(torch.float64)
+        ratio = masked["realised_ratio"].to(torch.float64)
+        sums += torch.stack(
+            [
+                out["loss"].detach().to(torch.float64) * n,
+                n,
+                out["n_correct"].to(torch.float64),
+                ratio,
+                batch["attention_mask"].sum().to(torch.float64),
+            ]
+        )
+        step_ratio += ratio / grad_accum
     return step_ratio
 
 
@@ -354,6 +372,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
+        **adamw_kernel(cfg.optim.fused, device),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -369,13 +388,16 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
     stage_n = zero_stage(ds_config)
+    if cfg.train.compile:
+        engine.compile()
     log.info(
-        "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s, %d process(es) (%s), masking %s",
+        "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s%s, %d process(es) (%s), masking %s",
         cfg.model.preset,
         {"mlp": "profile autoencoder", "panel_transformer": "panel transformer"}.get(arch.kind, "encoder"),
         n_params / 1e6,
         stage_n,
         precision,
+        ", compiled" if cfg.train.compile else "",
         dist_env.world_size,
         dist_env.launcher,
         cfg.masking.scheme,
@@ -412,7 +434,26 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     if dist_env.is_main and ckpt_root.exists():
         checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
 
+    sums = torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=device)
+    pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
+
+    def read_window() -> None:
+        """The device sums into `window` (one wait for the device), then the finiteness check: the
+        loss (and the gradient norm, where DeepSpeed computes it) since the last read. Runs before every
+        log line, held-out evaluation and checkpoint, so NaN never reaches metrics.jsonl or a save."""
+        for key, value in zip(WINDOW_SUMS, sums.tolist()):
+            window[key] += value
+        window["micro"] += len(pending_ratios) * cfg.train.grad_accum
+        if pending_ratios:
+            step_ratios.extend(torch.stack(pending_ratios).tolist())
+        sums.zero_()
+        pending_ratios.clear()
+        finite.check_step(
+            step, cfg, window["loss"], engine.get_global_grad_norm(), dist_env.world_size, device
+        )
+
     def save_checkpoint() -> Path:
+        read_window()
         finite.check_weights(engine, step, cfg, dist_env.world_size, device)  # never save NaN weights
         meta = {
             "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
@@ -443,17 +484,15 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     window_start = time.perf_counter()
     try:
         while step < cfg.train.steps:
-            step_ratios.append(
-                train_step(engine, masker, train_data, step, cfg.train.grad_accum, device, window)
+            pending_ratios.append(
+                train_step(engine, masker, train_data, step, cfg.train.grad_accum, device, sums)
             )
             step += 1
             metrics.advance()
-            # a NaN / infinite loss or gradient norm stops the run (exit 2) before anything saves it
-            finite.check_step(
-                step, cfg, window["loss"], engine.get_global_grad_norm(), dist_env.world_size, device
-            )
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                # a NaN / infinite loss or gradient norm stops the run (exit 2) before anything saves it
+                read_window()
                 keys = list(window)
                 totals = dict(zip(keys, all_sum([window[k] for k in keys], dist_env.world_size, device)))
                 elapsed = time.perf_counter() - window_start
@@ -477,6 +516,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 window_start = time.perf_counter()
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                read_window()
                 result = finite.check_eval(
                     held_out_loss(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
                 )
@@ -494,6 +534,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     )
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
+        read_window()
         final_eval = finite.check_eval(
             held_out_loss(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
         )
