@@ -11,12 +11,15 @@ C. elegans chrX, 1,026 tokens with [CLS]/[SEP]).
   masked); peer: the plain per-batch loop a user writes — `collate` + `model.embed` over consecutive
   batches in file order, no sorting. Cells: 600 real pbmc3k cells (a seeded sample), tokenized by the prep
   stage (up to 1,200 genes each, so lengths vary). Outputs are checked equal (same vectors up to float rounding).
+- `--device cuda`: both arms on the GPU (the models moved there; the plain loop moves each batch),
+  written to bench-results/embed-gpu.json: GPU cells/s against the plain loop, and the streaming RSS
+  of `biomask embed` on the GPU (it should stay flat as the file grows, as on the CPU).
 - peak RSS of the whole `biomask embed` stage streaming a SYNTHETIC h5ad in backed mode (counts drawn
   from a negative-binomial model fitted to pbmc3k, benchmarks/synthetic_cells.py; cached under
   .cache/bench/) at two sizes, each in a fresh process, against reading the file into memory and
   calling the in-memory API (`anndata.read_h5ad` + `biomask.embed`).
 
-    python -m benchmarks.bench_embed [--quick] [--cache DIR]
+    python -m benchmarks.bench_embed [--quick] [--cache DIR] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -92,20 +95,24 @@ def plain_loop(model, records, *, modality: str, batch_size: int) -> np.ndarray:
     """The peer: consecutive batches in the given order, collate + forward, no sorting."""
     from biomask.training.data import collate
 
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
             batch = collate(records[i : i + batch_size], modality=modality)
-            out.append(model.embed(batch, pooling="mean").numpy())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out.append(model.embed(batch, pooling="mean").cpu().numpy())
     return np.concatenate(out)
 
 
-def throughput(checkpoint: Path, records: list[dict], label: str, batch_size: int, repeats: int) -> dict:
+def throughput(
+    checkpoint: Path, records: list[dict], label: str, batch_size: int, repeats: int, device: str = "cpu"
+) -> dict:
     from biomask.embedding.inference import embed_records, fit_record, inference_max_length, order_free
     from biomask.models import load_pretrained
 
     torch.set_num_threads(1)
-    model = load_pretrained(checkpoint)
+    model = load_pretrained(checkpoint, device=device)
     specials = 2 if model.config.modality == "dna" else 1
     limit = inference_max_length(model) - specials
     fitted = [
@@ -136,18 +143,18 @@ def throughput(checkpoint: Path, records: list[dict], label: str, batch_size: in
     }
 
 
-def stream_rss(checkpoint: Path, h5ad: Path, tmp: Path, cells: int) -> dict:
+def stream_rss(checkpoint: Path, h5ad: Path, tmp: Path, cells: int, device: str = "cpu") -> dict:
     out = tmp / f"emb-{cells}.h5ad"
     cmd = [sys.executable, "-m", "biomask", "-q", "embed", "--checkpoint", str(checkpoint)]
-    cmd += ["--input", str(h5ad), "--output", str(out), "chunk_size=4096", "--overwrite"]
+    cmd += ["--input", str(h5ad), "--output", str(out), "chunk_size=4096", f"device={device}", "--overwrite"]
     t = time.perf_counter()
     ours = peak_rss_of(cmd)
     elapsed = time.perf_counter() - t
     script = (
         "import anndata, biomask, sys, torch; torch.set_num_threads(1); "
-        "a = anndata.read_h5ad(sys.argv[1]); biomask.embed(a, sys.argv[2])"
+        "a = anndata.read_h5ad(sys.argv[1]); biomask.embed(a, sys.argv[2], device=sys.argv[3])"
     )
-    peer = peak_rss_of([sys.executable, "-c", script, str(h5ad), str(checkpoint)])
+    peer = peak_rss_of([sys.executable, "-c", script, str(h5ad), str(checkpoint), device])
     size = h5ad.stat().st_size / 1e6
     out.unlink(missing_ok=True)
     return {
@@ -172,6 +179,7 @@ def main() -> None:
         help="throughput: cells model input ([CLS] + up to 1,200 genes)",
     )
     parser.add_argument("--stream-length", type=int, default=129, help="streaming memory: cells model input")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both arms embed")
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -201,21 +209,22 @@ def main() -> None:
         dna_records = dna_records[: 64 if quick else 256]
         repeats = 1 if quick else 3
         rows = [
-            throughput(cells_ckpt, cell_records, "pbmc3k cells (real)", 64, repeats),
-            throughput(dna_ckpt, dna_records, "C. elegans 1 kb windows (real)", 32, repeats),
+            throughput(cells_ckpt, cell_records, "pbmc3k cells (real)", 64, repeats, args.device),
+            throughput(dna_ckpt, dna_records, "C. elegans 1 kb windows (real)", 32, repeats, args.device),
         ]
-        print_table("embedding throughput, 1 thread (fastest of interleaved repeats)", rows)
+        print_table(f"embedding throughput on {args.device}, 1 thread (fastest of interleaved repeats)", rows)
 
         sizes = (2_500, 10_000) if quick else (10_000, 50_000)
         memory = []
         for n in sizes:
             h5ad = write_synthetic_h5ad(cache / f"synthetic-{n}x20000.h5ad", n, 20_000)
-            memory.append(stream_rss(stream_ckpt, h5ad, tmp, n))
+            memory.append(stream_rss(stream_ckpt, h5ad, tmp, n, args.device))
         print_table(f"peak RSS streaming a SYNTHETIC h5ad ({SYNTHETIC_NOTE})", memory)
     path = save_result(
-        "embed",
+        "embed" if args.device == "cpu" else "embed-gpu",
         {
             "quick": quick,
+            "device": args.device,
             "threads": 1,
             "model": "tiny (d 64, 2 layers), random weights",
             "cells_max_length": args.cells_length,

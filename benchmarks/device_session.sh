@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_session.sh study   # the R²MAE study on one GPU (study-gpu.yaml), timed
 #   bash benchmarks/device_session.sh bench   # tests/test_gpu.py, then bench_pretrain's GPU section
+#   bash benchmarks/device_session.sh embed   # bench_embed on the GPU (cells/s, streaming RSS)
 #
 # What it expects beside the checkout, prepared on a machine with network (README, "GPU checks"):
 #   .whl/      wheels of biomask's dependencies that the GPU image lacks (deepspeed, anndata, scanpy,
@@ -70,11 +71,19 @@ bench)
   say "bench_pretrain --device cuda: start"
   timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.bench_pretrain --device cuda --tokens char \
     --repeats 1 --out "$OUT/pretrain-gpu.json" >"$OUT/bench.log" 2>&1
+  # the --out copy is written at the end only; a run cut short leaves its per-arm lines in bench.log
   say "bench: exit $?"
   tail -40 "$OUT/bench.log"
   ;;
+embed)
+  say "bench_embed --device cuda: start"  # needs pbmc3k and ce2-chrX in .devdata
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.bench_embed --device cuda >"$OUT/bench-embed.log" 2>&1
+  say "bench_embed: exit $?"
+  cp bench-results/embed-gpu.json "$OUT/" 2>/dev/null
+  tail -30 "$OUT/bench-embed.log"
+  ;;
 *)
-  echo "usage: $0 study|bench" >&2
+  echo "usage: $0 study|bench|embed" >&2
   exit 2
   ;;
 esac

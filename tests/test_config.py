@@ -8,6 +8,7 @@ import yaml
 from biomask.config import dump_config, load_config
 from biomask.dna.config import DNAPrepConfig
 from biomask.errors import ConfigError
+from biomask.training.config import PretrainConfig
 
 
 def write(tmp_path, text: str):
@@ -105,3 +106,15 @@ def test_deepspeed_json_contradicting_precision_is_refused(tmp_path):
     user.write_text('{"bf16": true}')  # DeepSpeed wants an object there
     with pytest.raises(ConfigError, match=r"ds\.json: bf16 must be an object"):
         build_ds_config(cfg, precision="bf16")
+
+
+def test_deepspeed_stage_auto_is_zero0_alone_and_zero2_across_processes():
+    """One process has nothing to partition (ZeRO-2 only costs time on one GPU); several get ZeRO-2."""
+    from biomask.training.ds_config import build_ds_config
+
+    cfg = PretrainConfig.model_validate({"data": {"store": "s"}, "output": "o"})
+    assert cfg.deepspeed.stage == "auto"
+    assert build_ds_config(cfg, precision="fp32", world_size=1)["zero_optimization"]["stage"] == 0
+    assert build_ds_config(cfg, precision="fp32", world_size=4)["zero_optimization"]["stage"] == 2
+    pinned = PretrainConfig.model_validate({"data": {"store": "s"}, "output": "o", "deepspeed": {"stage": 3}})
+    assert build_ds_config(pinned, precision="fp32", world_size=1)["zero_optimization"]["stage"] == 3

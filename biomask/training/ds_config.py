@@ -31,11 +31,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_ds_json(cfg: PretrainConfig) -> tuple[dict[str, Any], Path]:
+def read_ds_json(cfg: PretrainConfig, world_size: int = 1) -> tuple[dict[str, Any], Path]:
     path = (
         Path(cfg.deepspeed.config)
         if cfg.deepspeed.config
-        else PRESETS_DIR / f"zero{cfg.deepspeed.stage}.json"
+        else PRESETS_DIR / f"zero{cfg.deepspeed.resolved_stage(world_size)}.json"
     )
     try:
         data = json.loads(path.read_text())
@@ -50,8 +50,8 @@ def read_ds_json(cfg: PretrainConfig) -> tuple[dict[str, Any], Path]:
     return data, path
 
 
-def build_ds_config(cfg: PretrainConfig, *, precision: str) -> dict[str, Any]:
-    data, path = read_ds_json(cfg)
+def build_ds_config(cfg: PretrainConfig, *, precision: str, world_size: int = 1) -> dict[str, Any]:
+    data, path = read_ds_json(cfg, world_size)
     data = _merge(data, cfg.deepspeed.overrides)
     ours = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -73,7 +73,7 @@ def build_ds_config(cfg: PretrainConfig, *, precision: str) -> dict[str, Any]:
         raise ConfigError(f"deepspeed config {path}: fp16 is not supported by biomask (use bf16 or fp32)")
     zero = data.setdefault("zero_optimization", {"stage": 0})
     stage = int(zero.get("stage", 0))
-    if cfg.deepspeed.config is None and stage != cfg.deepspeed.stage:
+    if cfg.deepspeed.config is None and stage != cfg.deepspeed.resolved_stage(world_size):
         raise ConfigError(
             f"deepspeed.overrides set zero_optimization.stage={stage}; use deepspeed.stage instead"
         )

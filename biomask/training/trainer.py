@@ -325,7 +325,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         rank=dist_env.rank,
         where=f"{store.root}: split {cfg.data.eval_split!r} (data.eval_split)",
     )
-    ds_config = build_ds_config(cfg, precision=precision)  # config errors before anything is written
+    # config errors before anything is written
+    ds_config = build_ds_config(cfg, precision=precision, world_size=dist_env.world_size)
     finite.check_optim(cfg)
 
     # 2. The output directory: fresh, resume, or already done.
