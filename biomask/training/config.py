@@ -173,6 +173,7 @@ class DeepSpeedConfig(Config):
         if self.stage == "auto":
             return 0 if world_size == 1 else 2
         return self.stage
+
     config: str | None = None  # your own DeepSpeed JSON instead ("auto" values are filled from here)
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state in CPU memory
     # Deep-merged into the JSON, e.g. deepspeed.overrides.zero_optimization.reduce_bucket_size=1e7
