@@ -613,15 +613,18 @@ def finetune_grid(
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
     the best validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier
-    lr). With a probe, a grid where no run beats it returns the probe."""
-    best: FinetuneResult | None = None
-    grid: list[dict[str, float]] = []
-    for lr in settings.lr if isinstance(settings.lr, list) else [settings.lr]:
-        one = settings.model_copy(update={"lr": float(lr)})
+    lr). With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs`,
+    every lr first trains that long and only the best one trains the whole budget."""
+    lrs = [float(lr) for lr in (settings.lr if isinstance(settings.lr, list) else [settings.lr])]
+    grid: list[dict[str, Any]] = []
+
+    def run(lr: float, **update: Any) -> FinetuneResult:
+        one = settings.model_copy(update={"lr": lr, **update})
         result = finetune(copy.deepcopy(encoder), records, labels, split, settings=one, **kwargs)
         grid.append(
             {
                 "lr": lr,
+                "screen": bool(update),  # a screening run (screen_epochs), not the whole budget
                 "best_val_mcc": result.best_val_mcc,
                 "best_step": result.best_step,
                 "steps": result.steps,
@@ -635,11 +638,35 @@ def finetune_grid(
                 ],
             }
         )
+        return result
+
+    budget = (
+        settings.epochs if settings.epochs is not None else 3.0 if settings.max_steps is None else math.inf
+    )
+    if settings.screen_epochs is not None and len(lrs) > 1 and settings.screen_epochs < budget:
+        screens = [screen_score(run(lr, epochs=settings.screen_epochs), settings.select) for lr in lrs]
+        winner = max(range(len(lrs)), key=lambda i: (screens[i], -i))  # ties: the earlier lr
+        log.info(
+            "fine-tune: lr %.1e chosen on validation after %g epoch(s)", lrs[winner], settings.screen_epochs
+        )
+        lrs = [lrs[winner]]
+    best: FinetuneResult | None = None
+    for lr in lrs:
+        result = run(lr)
         if best is None or result.score > best.score:
             best = result
     assert best is not None
     best.grid = grid
     return best
+
+
+def screen_score(result: FinetuneResult, select: str) -> float:
+    """How well a screening run trained: its best validation pass after the start (the probe's own
+    start is the same for every lr, and the rule that keeps the probe would tie runs that moved)."""
+    key = "val_mcc" if select == "mcc" else "val_loss"
+    sign = 1.0 if select == "mcc" else -1.0
+    values = [sign * h[key] for h in result.history if h["step"] > 0 and math.isfinite(h[key])]
+    return max(values, default=-math.inf)
 
 
 def _subset(batches: Batches, index: np.ndarray, batch_size: int):
