@@ -69,7 +69,7 @@ bench)
   say "GPU tests: exit $?"
   tail -5 "$OUT/gpu-tests.log"
   say "bench_pretrain --device cuda: start"
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.bench_pretrain --device cuda --tokens char \
+  timeout "${BENCH_TIMEOUT:-420}" python3 -m benchmarks.bench_pretrain --device cuda --tokens char \
     --repeats 1 --out "$OUT/pretrain-gpu.json" >"$OUT/bench.log" 2>&1
   # the --out copy is written at the end only; a run cut short leaves its per-arm lines in bench.log
   say "bench: exit $?"
