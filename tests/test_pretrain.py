@@ -470,3 +470,15 @@ def test_compile_changes_floats_only_and_survives_resume(genome_store, tmp_path)
     assert run["final_eval"]["mean_loss"] == pytest.approx(
         json.loads((eager / "run.json").read_text())["final_eval"]["mean_loss"], rel=1e-4
     )
+
+
+def test_compile_without_a_compiler_is_refused_before_anything_is_written(
+    genome_store, tmp_path, cli, monkeypatch
+):
+    from biomask.training import trainer
+
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)  # a machine without g++
+    out = tmp_path / "run"
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.compile": "true"}))
+    assert code == 2 and "train.compile" in err and "g++" in err and "train.compile=false" in err, err
+    assert "Traceback" not in err and not out.exists()

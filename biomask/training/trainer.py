@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import REQUEUE_EXIT_CODE, InputError, Requeue
+from biomask.errors import REQUEUE_EXIT_CODE, ConfigError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
@@ -95,6 +97,23 @@ def adamw_kernel(fused: str | bool, device: torch.device) -> dict[str, bool]:
     if fused is True or (fused == "auto" and device.type == "cuda"):
         return {"fused": True}
     return {}
+
+
+def check_compile(cfg: PretrainConfig, device: torch.device) -> None:
+    """train.compile on a CPU: torch inductor builds C++ against Python.h at the first step. Without
+    them the run would stop there with a compiler traceback; say so before anything is written."""
+    if not cfg.train.compile or device.type != "cpu":
+        return
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        missing = "a C++ compiler (g++)"
+    elif not (Path(sysconfig.get_path("include")) / "Python.h").exists():
+        missing = f"the Python headers ({sysconfig.get_path('include')}/Python.h)"
+    else:
+        return
+    raise ConfigError(
+        f"train.compile: torch.compile on the CPU needs {missing}, which this machine lacks; install it "
+        "(Debian: apt-get install g++ python3-dev) or set train.compile=false"
+    )
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -328,6 +347,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     # config errors before anything is written
     ds_config = build_ds_config(cfg, precision=precision, world_size=dist_env.world_size)
     finite.check_optim(cfg)
+    check_compile(cfg, device)
 
     # 2. The output directory: fresh, resume, or already done.
     _quiet_libraries()
