@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from biomask.evaluation.config import SplitSpec
 from biomask.evaluation.data import load_labelled, seed_split
@@ -155,3 +156,15 @@ def test_threads_follow_the_environment_unless_set(monkeypatch):
     assert torch.get_num_threads() == before
     with pytest.raises(ValidationError, match="num_workers"):
         EvaluateConfig(store="s", output="o", baselines=["kmer_lr"], num_workers=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
+def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(
+    splice_store, dna_checkpoint, tmp_path, cli, repo
+):
+    out = tmp_path / "eval"
+    args = [f"store={splice_store}", f"output={out}", "seeds=[0]", "protocols=[linear_probe]"]
+    code, _, err = cli("evaluate", "-c", repo / "configs/evaluate/splice.yaml", *args,
+                       f"checkpoints.a={dna_checkpoint}", "device=cuda")  # fmt: skip
+    assert code == 2 and "device=cuda" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -36,10 +36,23 @@ LONG_RECORDS = ("first", "window", "centre", "refuse")
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU."""
+    """`auto`: the GPU when there is one, else the CPU. A device torch cannot use is a config error
+    (exit 2) here, not a CUDA traceback at the first batch."""
+    from biomask.errors import ConfigError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and (
+        not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(
+            f"device={device}: torch sees {torch.cuda.device_count()} GPU(s) here; use device=auto or cpu"
+        )
+    return chosen
 
 
 # A convolutional encoder has no input bound: it reads a record whole up to this many receptive
