@@ -118,26 +118,29 @@ def test_lp_ft_starts_at_the_probe_and_ends_at_or_above_it_on_validation(splice,
     assert matthews_corrcoef(data.labels[test], result.test_predictions) > 0.5
 
 
-def test_screening_trains_every_lr_briefly_and_only_the_best_the_whole_budget(splice, probe):
+def test_screening_trains_every_lr_briefly_and_only_the_best_carries_on(splice, probe):
     """finetune.screen_epochs: each lr trains that long, the one whose validation passes went furthest
-    carries on for the whole budget (from the start), and the result is that run's."""
+    carries on from where it stopped (its screen is not trained again) to the whole budget, and the
+    result is that run's."""
     from biomask.evaluation.finetune import screen_score
 
     result = run(splice, probe, lrs=[1e-5, 3e-4], epochs=2, eval_every=8, screen_epochs=0.5)
     screens, full = result.grid[:2], result.grid[2:]
     assert [g["lr"] for g in screens] == [1e-5, 3e-4] and all(g["screen"] for g in screens)
     assert len(full) == 1 and not full[0]["screen"]
-    assert max(g["steps"] for g in screens) < full[0]["steps"]  # the screens stopped at half an epoch
-    scores = [max(-h["val_loss"] for h in g["history"] if h["step"] > 0) for g in screens]
-    assert full[0]["lr"] == screens[int(np.argmax(scores))]["lr"]
-    # the chosen run repeats its screen's passes exactly (same seed, same batches) where both validated
-    chosen = {h["step"]: h for h in screens[int(np.argmax(scores))]["history"]}
-    again = {h["step"]: h for h in full[0]["history"]}
-    common = sorted(set(chosen) & set(again))
-    assert len(common) >= 2 and all(chosen[k] == again[k] for k in common)
+    per_epoch = result.steps_per_epoch
+    assert all(g["steps"] == -(-per_epoch // 2) for g in screens)  # the screens paused at half an epoch
+    scores = [screen_score(g["history"], "log_loss") for g in screens]
+    winner = screens[int(np.argmax(scores))]
+    assert full[0]["lr"] == winner["lr"]
+    # the same run carried on: its passes start with the screen's, then go on past it (not from step 0)
+    assert full[0]["history"][: len(winner["history"])] == winner["history"]
+    assert [h["step"] for h in full[0]["history"]].count(0) == 1
+    assert full[0]["steps"] > winner["steps"]
     assert result.val_loss == full[0]["val_loss"]
-    best = max(-h["val_loss"] for h in again.values() if h["step"] > 0)  # the grid rounds to 4 places
-    assert screen_score(result, "log_loss") == pytest.approx(best, abs=1e-4)
+    assert screen_score(result.history, "log_loss") == pytest.approx(
+        screen_score(full[0]["history"], "log_loss"), abs=1e-4
+    )
 
 
 def test_the_probe_is_kept_unless_the_gain_is_larger_than_the_validation_noise():

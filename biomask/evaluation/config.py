@@ -80,10 +80,10 @@ class FinetuneSpec(Config):
     # α fine-tuned, chosen on validation (output-space WiSE-FT); [1.0]: the fine-tuned model alone.
     # Used with init_head: probe, once fine-tuning has beaten the probe on validation.
     mix: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
-    # One rung of successive halving over the lr grid: every lr trains this many epochs, then only the
-    # best on validation (`select`) trains the whole budget (from the start: the same seed repeats
-    # its first epochs). With 3 lrs, 1 of 3 epochs: 6 epochs of work instead of 9. None: every lr
-    # trains the whole budget.
+    # One rung of successive halving over the lr grid: every lr trains this many epochs (on the whole
+    # budget's schedule), then only the best on validation (`select`) carries on, from where it
+    # stopped, to the end of the budget. With 3 lrs, 1 of 3 epochs: 5 epochs of work instead of 9.
+    # None: every lr trains the whole budget.
     screen_epochs: float | None = Field(None, gt=0)
     zero_stage: int = Field(0, ge=0, le=3)
     # Longest input (specials included) while fine-tuning: longer records follow `long_records` (DNA)

@@ -392,214 +392,268 @@ def _schedule(warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def finetune(
-    encoder: nn.Module,
-    records: Sequence[Mapping[str, Any]],
-    labels: np.ndarray,
-    split: tuple[np.ndarray, np.ndarray, np.ndarray],
-    *,
-    n_classes: int,
-    settings: FinetuneSpec,
-    seed: int,
-    max_length: int,
-    pooling: str = "mean",
-    layer: int = -1,
-    long_records: str = "first",
-    probe: ProbeHead | None = None,
-) -> FinetuneResult:
-    """Fine-tune `encoder` (modified in place: pass a copy) on records[train]; see the module docstring.
-    With `probe`, the head starts as the probe and the probe's validation MCC is the bar to beat (its
-    test predictions are the result until a validation pass beats it)."""
-    from biomask.training.accelerator import resolve_precision, training_device
-    from biomask.training.distributed import import_deepspeed
-    from biomask.training.ds_config import preset_config
+class FinetuneRun:
+    """One learning rate's fine-tuning (steps 1-5 of the module docstring) that can pause:
+    `train(until)` runs the loop up to a step, `result()` mixes with the probe, applies the keep rule
+    and releases the engine. Successive halving (`finetune_grid`) screens every lr this way and lets
+    only the best one carry on — from where it stopped, on the whole budget's schedule, so its
+    screening epochs are not trained twice."""
 
-    if isinstance(settings.lr, list):
-        raise ValueError("finetune runs one learning rate (settings.lr); finetune_grid runs a list")
-    lr = float(settings.lr)
-    train, val, test = split
-    _engine_environment()
-    device = training_device()  # the device DeepSpeed was set up for (setup_env)
-    precision = resolve_precision("auto", device)
+    def __init__(
+        self,
+        encoder: nn.Module,
+        records: Sequence[Mapping[str, Any]],
+        labels: np.ndarray,
+        split: tuple[np.ndarray, np.ndarray, np.ndarray],
+        *,
+        n_classes: int,
+        settings: FinetuneSpec,
+        seed: int,
+        max_length: int,
+        pooling: str = "mean",
+        layer: int = -1,
+        long_records: str = "first",
+        probe: ProbeHead | None = None,
+    ) -> None:
+        from biomask.training.accelerator import resolve_precision, training_device
+        from biomask.training.distributed import import_deepspeed
+        from biomask.training.ds_config import preset_config
 
-    # 1. The model: the encoder and a head (the probe, or initialised from the seed).
-    encoder = encoder.float()
-    modality = encoder.config.modality
-    limit = max_length - (2 if modality == "dna" else 1)
-    batches = Batches(
-        records,
-        modality=modality,
-        limit=limit,
-        free=order_free(encoder),
-        policy=record_policy(encoder, long_records),
-    )
-    feature_dim = None
-    if pooling == "concat":  # the head's width follows the records' length
-        with torch.no_grad():  # one record's pieces, concatenated
-            one = {k: v for k, v in batches.collate(train[:1]).items() if k != "owners"}
-            feature_dim = encoder.eval().features(one, pooling, layer).numel()
-    torch.manual_seed(seed)
-    model = Classifier(
-        encoder,
-        n_classes,
-        pooling=pooling,
-        layer=layer,
-        feature_dim=feature_dim,
-        probe=probe,
-        dropout=settings.dropout,
-    )
+        if isinstance(settings.lr, list):
+            raise ValueError("finetune runs one learning rate (settings.lr); finetune_grid runs a list")
+        self.lr = float(settings.lr)
+        self.settings, self.seed, self.probe, self.n_classes = settings, seed, probe, n_classes
+        self.labels = labels
+        self.train_index, self.val, self.test = split
+        _engine_environment()
+        self.device = device = training_device()  # the device DeepSpeed was set up for (setup_env)
+        precision = resolve_precision("auto", device)
 
-    # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
-    steps_per_epoch = max(len(train) // settings.batch_size, 1)
-    epochs = settings.epochs if settings.epochs is not None or settings.max_steps is not None else 3.0
-    total = max(math.ceil(epochs * steps_per_epoch), 1) if epochs is not None else settings.max_steps
-    if settings.max_steps is not None:
-        total = min(total, settings.max_steps)
-    min_steps = math.ceil(settings.min_epochs * steps_per_epoch)
-    eval_every = settings.eval_every or steps_per_epoch
-    groups = encoder_param_groups(model.encoder, lr, settings.weight_decay, settings.layer_decay)
-    # a probe head keeps the probe's own L2 penalty (in the loss) instead of AdamW's decay towards 0
-    head_decay = 0.0 if probe is not None else settings.weight_decay
-    groups += _param_group(list(model.head.parameters()), settings.head_lr or lr, head_decay)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
-    ds_config = preset_config(settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        engine, _, _, _ = import_deepspeed().initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        # 1. The model: the encoder and a head (the probe, or initialised from the seed).
+        encoder = encoder.float()
+        modality = encoder.config.modality
+        limit = max_length - (2 if modality == "dna" else 1)
+        batches = Batches(
+            records,
+            modality=modality,
+            limit=limit,
+            free=order_free(encoder),
+            policy=record_policy(encoder, long_records),
         )
-    val_batches = list(_subset(batches, val, max(settings.batch_size, 64)))
-    test_batches = list(_subset(batches, test, max(settings.batch_size, 64)))
-    y = torch.as_tensor(labels, dtype=torch.int64)
+        self.batches = batches
+        feature_dim = None
+        if pooling == "concat":  # the head's width follows the records' length
+            with torch.no_grad():  # one record's pieces, concatenated
+                one = {k: v for k, v in batches.collate(self.train_index[:1]).items() if k != "owners"}
+                feature_dim = encoder.eval().features(one, pooling, layer).numel()
+        torch.manual_seed(seed)
+        self.model = model = Classifier(
+            encoder,
+            n_classes,
+            pooling=pooling,
+            layer=layer,
+            feature_dim=feature_dim,
+            probe=probe,
+            dropout=settings.dropout,
+        )
 
-    # 3. The loop: seeded batches, validation every eval_every steps, best-on-val test predictions.
-    rng = np.random.default_rng([seed, 7])
-    order, position = rng.permutation(train), 0
-    history: list[dict[str, float]] = []
-    select = settings.select
+        # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
+        self.steps_per_epoch = steps_per_epoch = max(len(self.train_index) // settings.batch_size, 1)
+        epochs = settings.epochs if settings.epochs is not None or settings.max_steps is not None else 3.0
+        total = max(math.ceil(epochs * steps_per_epoch), 1) if epochs is not None else settings.max_steps
+        if settings.max_steps is not None:
+            total = min(total, settings.max_steps)
+        self.total = total
+        self.min_steps = math.ceil(settings.min_epochs * steps_per_epoch)
+        self.eval_every = settings.eval_every or steps_per_epoch
+        groups = encoder_param_groups(model.encoder, self.lr, settings.weight_decay, settings.layer_decay)
+        # a probe head keeps the probe's own L2 penalty (in the loss) instead of AdamW's decay towards 0
+        head_decay = 0.0 if probe is not None else settings.weight_decay
+        groups += _param_group(list(model.head.parameters()), settings.head_lr or self.lr, head_decay)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
+        ds_config = preset_config(
+            settings.zero_stage, micro_batch_size=settings.batch_size, precision=precision
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            self.engine, _, _, _ = import_deepspeed().initialize(
+                model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+            )
+        self.val_batches = list(_subset(batches, self.val, max(settings.batch_size, 64)))
+        self.test_batches = list(_subset(batches, self.test, max(settings.batch_size, 64)))
+        self.y = torch.as_tensor(labels, dtype=torch.int64)
 
-    def evaluate(step: int, loss: float) -> np.ndarray:
-        p = _probabilities(engine, val_batches, len(val), n_classes, device)
-        mcc = val_score("mcc", labels[val], p)
-        history.append(
+        # 3. The start of the loop: the bar to beat is the probe (its validation MCC and test
+        # predictions are the start, and the fallback) or the untrained head.
+        self.rng = np.random.default_rng([seed, 7])
+        self.order, self.position = self.rng.permutation(self.train_index), 0
+        self.history: list[dict[str, float]] = []
+        self.start_val = self._validate(0, float("nan"))
+        self.start_test = self._test_probabilities()
+        self.start_mcc = probe.val_mcc if probe is not None else self.history[0]["val_mcc"]
+        self.start_loss = self.history[0]["val_loss"]
+        self.best_score = self.start_mcc if settings.select == "mcc" else -self.start_loss
+        self.best_step, self.best_val, self.best_test = 0, self.start_val, self.start_test
+        self.step, self.waited, self.stopped = 0, 0, False
+        self._window: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        """The budget is spent or early stopping ended the run."""
+        return self.stopped or self.step >= self.total
+
+    def _validate(self, step: int, loss: float) -> np.ndarray:
+        p = _probabilities(self.engine, self.val_batches, len(self.val), self.n_classes, self.device)
+        self.history.append(
             {
                 "step": step,
-                "val_mcc": mcc,
-                "val_loss": -val_score("log_loss", labels[val], p),
+                "val_mcc": val_score("mcc", self.labels[self.val], p),
+                "val_loss": -val_score("log_loss", self.labels[self.val], p),
                 "train_loss": loss,
             }
         )
         return p
 
-    start_val = evaluate(0, float("nan"))
-    start_test = _probabilities(engine, test_batches, len(test), n_classes, device)
-    # the probe's own validation MCC and test predictions are the start (and the fallback)
-    start_mcc = probe.val_mcc if probe is not None else history[0]["val_mcc"]
-    start_loss = history[0]["val_loss"]
-    best_score = start_mcc if select == "mcc" else -start_loss
-    best_step, best_val, best_test_p = 0, start_val, start_test
-    waited, step, window = 0, 0, []
-    engine.train()
-    while step < total:
-        if position + settings.batch_size > len(order):  # a new epoch: a new permutation
-            order, position = rng.permutation(train), 0
-        index = order[position : position + min(settings.batch_size, len(order))]
-        position += len(index)
-        batch = {k: v.to(device) for k, v in batches.collate(index).items()}
-        logits = engine(batch)
-        loss = F.cross_entropy(logits.float(), y[index].to(device))
-        window.append(loss.item())
-        if model.head.penalty is not None:  # the probe's own regularisation of the head
-            loss = loss + model.head.penalty
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        if step % eval_every == 0 or step == total:
-            val_p = evaluate(step, float(np.mean(window)))
-            window = []
-            score = val_score(select, labels[val], val_p)
-            if score > best_score:
-                best_score, best_step, waited = score, step, 0
-                best_val = val_p
-                best_test_p = _probabilities(engine, test_batches, len(test), n_classes, device)
-            elif step >= min_steps:  # early stopping counts only once the minimum training is done
-                waited += 1
-                if waited >= settings.patience:
-                    break
-    best_mcc = next(h["val_mcc"] for h in history if h["step"] == best_step) if best_step else start_mcc
+    def _test_probabilities(self) -> np.ndarray:
+        return _probabilities(self.engine, self.test_batches, len(self.test), self.n_classes, self.device)
 
-    # 4. The mix with the probe, α chosen on validation (only once fine-tuning has beaten the probe),
-    # 5. kept only when it beats the probe by more than the validation noise (select: log_loss).
-    alpha = 1.0 if best_step > 0 else 0.0
-    if probe is not None and best_step > 0:
-        alpha, _, _ = choose_mix(
-            labels[val],
-            start_val,
-            best_val,
-            settings.mix,
-            start_mcc if select == "mcc" else -start_loss,
-            select,
+    def train(self, until: int | None = None) -> FinetuneRun:
+        """3. The loop, up to step `until` (None: the budget): seeded batches, validation every
+        `eval_every` steps and where it pauses, the test predictions of the best validation pass kept,
+        early stopping after `patience` passes without a new best once `min_epochs` are done."""
+        settings, engine = self.settings, self.engine
+        until = self.total if until is None else min(until, self.total)
+        engine.train()
+        while self.step < until and not self.stopped:
+            if self.position + settings.batch_size > len(self.order):  # a new epoch: a new permutation
+                self.order, self.position = self.rng.permutation(self.train_index), 0
+            index = self.order[self.position : self.position + min(settings.batch_size, len(self.order))]
+            self.position += len(index)
+            batch = {k: v.to(self.device) for k, v in self.batches.collate(index).items()}
+            logits = engine(batch)
+            loss = F.cross_entropy(logits.float(), self.y[index].to(self.device))
+            self._window.append(loss.item())
+            if self.model.head.penalty is not None:  # the probe's own regularisation of the head
+                loss = loss + self.model.head.penalty
+            engine.backward(loss)
+            engine.step()
+            self.step += 1
+            if self.step % self.eval_every == 0 or self.step in (until, self.total):
+                self._pass()
+        return self
+
+    def _pass(self) -> None:
+        """A validation pass: a new best keeps its predictions, otherwise patience runs down."""
+        if self.history[-1]["step"] == self.step:  # paused here before: already validated
+            return
+        val_p = self._validate(self.step, float(np.mean(self._window)))
+        self._window = []
+        score = val_score(self.settings.select, self.labels[self.val], val_p)
+        if score > self.best_score:
+            self.best_score, self.best_step, self.waited = score, self.step, 0
+            self.best_val, self.best_test = val_p, self._test_probabilities()
+        elif self.step >= self.min_steps:  # early stopping counts only once the minimum training is done
+            self.waited += 1
+            if self.waited >= self.settings.patience:
+                self.stopped = True
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # release the engine's buffers before the next one
+            self.engine.destroy()
+
+    def result(self) -> FinetuneResult:
+        """4. The mix with the probe, α chosen on validation (only once fine-tuning has beaten the
+        probe); 5. kept only when it beats the probe by more than the validation noise (select:
+        log_loss). Releases the engine."""
+        settings, probe, select, labels = self.settings, self.probe, self.settings.select, self.labels
+        start_val, start_mcc, start_loss = self.start_val, self.start_mcc, self.start_loss
+        best_step = self.best_step
+        best_mcc = (
+            next(h["val_mcc"] for h in self.history if h["step"] == best_step) if best_step else start_mcc
         )
-        mixed = (1 - alpha) * start_val + alpha * best_val
-        if (
-            alpha > 0
-            and select == "log_loss"
-            and not clear_gain(labels[val], start_val, mixed, start_mcc, settings.min_gain_se)
-        ):
-            log.info(
-                "fine-tune (seed %d, lr %.1e): the gain over the probe on validation is within its noise; the probe is kept",
-                seed,
-                lr,
+        alpha = 1.0 if best_step > 0 else 0.0
+        if probe is not None and best_step > 0:
+            alpha, _, _ = choose_mix(
+                labels[self.val],
+                start_val,
+                self.best_val,
+                settings.mix,
+                start_mcc if select == "mcc" else -start_loss,
+                select,
             )
-            alpha = 0.0
-    chosen_val = (1 - alpha) * start_val + alpha * best_val
-    chosen_test = (1 - alpha) * start_test + alpha * best_test_p
-    if alpha == 0.0:
-        best_test = probe.test_predictions if probe is not None else start_test.argmax(1)
-        val_mcc, val_loss = start_mcc, start_loss
-    else:
-        best_test = chosen_test.argmax(1)
-        val_mcc = val_score("mcc", labels[val], chosen_val)
-        val_loss = -val_score("log_loss", labels[val], chosen_val)
-    log.info(
-        "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
-        "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f (mixed with the start at α %.2f)",
-        seed,
-        lr,
-        settings.zero_stage,
-        "log-loss" if select == "log_loss" else "MCC",
-        best_step,
-        step,
-        steps_per_epoch,
-        start_mcc,
-        val_mcc,
-        start_loss,
-        val_loss,
-        alpha,
-    )
-    if alpha == 0.0:
-        source = "probe" if probe is not None else "untrained"
-    else:
-        source = "finetune" if alpha == 1.0 else "mix"
-    with contextlib.suppress(Exception):  # release the engine's buffers before the next one
-        engine.destroy()
-    return FinetuneResult(
-        best_test,
-        best_step,
-        best_mcc,
-        step,
-        history,
-        lr=lr,
-        start_val_mcc=start_mcc,
-        source=source,
-        steps_per_epoch=steps_per_epoch,
-        alpha=alpha,
-        val_mcc=val_mcc,
-        val_loss=val_loss,
-        start_val_loss=start_loss,
-        select=select,
-    )
+            mixed = (1 - alpha) * start_val + alpha * self.best_val
+            if (
+                alpha > 0
+                and select == "log_loss"
+                and not clear_gain(labels[self.val], start_val, mixed, start_mcc, settings.min_gain_se)
+            ):
+                log.info(
+                    "fine-tune (seed %d, lr %.1e): the gain over the probe on validation is within its noise; the probe is kept",
+                    self.seed,
+                    self.lr,
+                )
+                alpha = 0.0
+        chosen_val = (1 - alpha) * start_val + alpha * self.best_val
+        chosen_test = (1 - alpha) * self.start_test + alpha * self.best_test
+        if alpha == 0.0:
+            best_test = probe.test_predictions if probe is not None else self.start_test.argmax(1)
+            val_mcc, val_loss = start_mcc, start_loss
+        else:
+            best_test = chosen_test.argmax(1)
+            val_mcc = val_score("mcc", labels[self.val], chosen_val)
+            val_loss = -val_score("log_loss", labels[self.val], chosen_val)
+        log.info(
+            "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
+            "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f (mixed with the start at α %.2f)",
+            self.seed,
+            self.lr,
+            settings.zero_stage,
+            "log-loss" if select == "log_loss" else "MCC",
+            best_step,
+            self.step,
+            self.steps_per_epoch,
+            start_mcc,
+            val_mcc,
+            start_loss,
+            val_loss,
+            alpha,
+        )
+        if alpha == 0.0:
+            source = "probe" if probe is not None else "untrained"
+        else:
+            source = "finetune" if alpha == 1.0 else "mix"
+        self.close()
+        return FinetuneResult(
+            best_test,
+            best_step,
+            best_mcc,
+            self.step,
+            self.history,
+            lr=self.lr,
+            start_val_mcc=start_mcc,
+            source=source,
+            steps_per_epoch=self.steps_per_epoch,
+            alpha=alpha,
+            val_mcc=val_mcc,
+            val_loss=val_loss,
+            start_val_loss=start_loss,
+            select=select,
+        )
+
+
+def finetune(
+    encoder: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    labels: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray, np.ndarray],
+    **kwargs: Any,
+) -> FinetuneResult:
+    """Fine-tune `encoder` (modified in place: pass a copy) on records[train] for the whole budget; see
+    the module docstring and `FinetuneRun` (its keyword arguments). With `probe`, the head starts as
+    the probe and the probe's validation score is the bar to beat (its test predictions are the result
+    until a validation pass beats it)."""
+    return FinetuneRun(encoder, records, labels, split, **kwargs).train().result()
 
 
 def finetune_grid(
@@ -613,46 +667,65 @@ def finetune_grid(
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
     the best validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier
-    lr). With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs`,
-    every lr first trains that long and only the best one trains the whole budget."""
+    lr). With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs`
+    (one rung of successive halving), every lr first trains that long on the whole budget's schedule;
+    only the best one carries on, from where it stopped, the others are dropped."""
     lrs = [float(lr) for lr in (settings.lr if isinstance(settings.lr, list) else [settings.lr])]
     grid: list[dict[str, Any]] = []
 
-    def run(lr: float, **update: Any) -> FinetuneResult:
-        one = settings.model_copy(update={"lr": lr, **update})
-        result = finetune(copy.deepcopy(encoder), records, labels, split, settings=one, **kwargs)
+    def start(lr: float) -> FinetuneRun:
+        one = settings.model_copy(update={"lr": lr})
+        return FinetuneRun(copy.deepcopy(encoder), records, labels, split, settings=one, **kwargs)
+
+    def record(run: FinetuneRun, result: FinetuneResult | None) -> None:
+        best_mcc = next(h["val_mcc"] for h in run.history if h["step"] == run.best_step)
         grid.append(
             {
-                "lr": lr,
-                "screen": bool(update),  # a screening run (screen_epochs), not the whole budget
-                "best_val_mcc": result.best_val_mcc,
-                "best_step": result.best_step,
-                "steps": result.steps,
-                "alpha": result.alpha,
-                "val_mcc": result.val_mcc,
-                "val_loss": result.val_loss,
+                "lr": run.lr,
+                "screen": result is None,  # a screening rung (screen_epochs), not the whole budget
+                "best_val_mcc": result.best_val_mcc
+                if result
+                else (best_mcc if run.best_step else run.start_mcc),
+                "best_step": run.best_step,
+                "steps": run.step,
+                "alpha": result.alpha if result else None,
+                "val_mcc": result.val_mcc if result else None,
+                "val_loss": result.val_loss if result else None,
                 # every validation pass, so a user sees whether and when fine-tuning moved
                 "history": [
-                    {k: round(v, 4) if math.isfinite(v) else None for k, v in h.items()}
-                    for h in result.history
+                    {k: round(v, 4) if math.isfinite(v) else None for k, v in h.items()} for h in run.history
                 ],
             }
         )
-        return result
 
     budget = (
         settings.epochs if settings.epochs is not None else 3.0 if settings.max_steps is None else math.inf
     )
+    finalists: list[FinetuneRun] = []
     if settings.screen_epochs is not None and len(lrs) > 1 and settings.screen_epochs < budget:
-        screens = [screen_score(run(lr, epochs=settings.screen_epochs), settings.select) for lr in lrs]
-        winner = max(range(len(lrs)), key=lambda i: (screens[i], -i))  # ties: the earlier lr
+        leader, leader_score = None, -math.inf
+        for lr in lrs:  # at most two engines alive: the leader and the run being screened
+            run = start(lr)
+            run.train(until=math.ceil(settings.screen_epochs * run.steps_per_epoch))
+            record(run, None)
+            score = screen_score(run.history, settings.select)
+            if leader is None or score > leader_score:  # ties: the earlier lr
+                if leader is not None:
+                    leader.close()
+                leader, leader_score = run, score
+            else:
+                run.close()
+        assert leader is not None
         log.info(
-            "fine-tune: lr %.1e chosen on validation after %g epoch(s)", lrs[winner], settings.screen_epochs
+            "fine-tune: lr %.1e chosen on validation after %g epoch(s); it carries on",
+            leader.lr,
+            settings.screen_epochs,
         )
-        lrs = [lrs[winner]]
+        finalists = [leader]
     best: FinetuneResult | None = None
-    for lr in lrs:
-        result = run(lr)
+    for run in finalists or (start(lr) for lr in lrs):
+        result = run.train().result()
+        record(run, result)
         if best is None or result.score > best.score:
             best = result
     assert best is not None
@@ -660,12 +733,14 @@ def finetune_grid(
     return best
 
 
-def screen_score(result: FinetuneResult, select: str) -> float:
+def screen_score(history: Sequence[Mapping[str, float]], select: str) -> float:
     """How well a screening run trained: its best validation pass after the start (the probe's own
     start is the same for every lr, and the rule that keeps the probe would tie runs that moved)."""
     key = "val_mcc" if select == "mcc" else "val_loss"
     sign = 1.0 if select == "mcc" else -1.0
-    values = [sign * h[key] for h in result.history if h["step"] > 0 and math.isfinite(h[key])]
+    values = [
+        sign * h[key] for h in history if h["step"] > 0 and h[key] is not None and math.isfinite(h[key])
+    ]
     return max(values, default=-math.inf)
 
 

@@ -199,7 +199,9 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) * keep
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = (
+            self.conv(h.transpose(1, 2)).transpose(1, 2).contiguous()
+        )  # a fast GELU backward: biomask.models.cnn
         return x + self.proj(F.gelu(self.fc(F.gelu(h))))
 
 

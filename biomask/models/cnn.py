@@ -66,7 +66,9 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """x (B, L, D); keep (B, L, 1): 1 at real tokens, 0 at padding."""
         h = self.norm(x) * keep  # padding enters the convolution as zeros: no leak across records
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        # contiguous: GELU's backward on a transposed view against a contiguous gradient (from fc)
+        # runs about 15x slower on CPU; the copy made the block's step 30 % faster (2026-12-04)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2).contiguous()
         h = self.proj(F.gelu(self.fc(F.gelu(h))))
         return x + self.drop(h)
 
