@@ -48,3 +48,43 @@ def test_a_run_on_the_gpu_says_so_and_its_model_reloads_on_the_cpu(genome_store,
     again, recorded = reloaded_eval(Path(out), genome_store, cfg)
     for ratio, loss in recorded.items():
         assert again[ratio] == pytest.approx(loss, rel=2e-2), ratio
+
+
+def test_lp_ft_on_the_gpu_with_concat_pooling_and_zero2_finishes_and_exits(
+    splice_store, dna_checkpoint, tmp_path
+):
+    """evaluate embeds on the GPU (device auto), then fine-tunes there: the concat head's width is
+    measured on the GPU-resident encoder (it was a device-mismatch crash), and a ZeRO-2 fine-tune's
+    NCCL group is torn down so the process exits (it hung after writing its results on an H200)."""
+    out = tmp_path / "eval"
+    args = [
+        f"store={splice_store}",
+        f"output={out}",
+        f"checkpoints.mine={dna_checkpoint}",
+        "seeds=[0]",
+        "pooling=concat",
+        "random_init=false",
+        "finetune.zero_stage=2",
+        "finetune.epochs=1",
+        "finetune.lr=[1.0e-4, 3.0e-4]",
+        "finetune.screen_epochs=0.5",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "biomask",
+            "evaluate",
+            "-c",
+            str(REPO / "configs/evaluate/position-task.yaml"),
+            *args,
+        ],
+        env=gpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "mine (fine-tune)" in metrics["summary"]
+    assert metrics["summary"]["mine (fine-tune)"]["mcc"]["mean"] >= 0.5

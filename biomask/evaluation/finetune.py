@@ -444,7 +444,8 @@ class FinetuneRun:
         feature_dim = None
         if pooling == "concat":  # the head's width follows the records' length
             with torch.no_grad():  # one record's pieces, concatenated
-                one = {k: v for k, v in batches.collate(self.train_index[:1]).items() if k != "owners"}
+                on = next(encoder.parameters()).device  # evaluate may have embedded on the GPU
+                one = {k: v.to(on) for k, v in batches.collate(self.train_index[:1]).items() if k != "owners"}
                 feature_dim = encoder.eval().features(one, pooling, layer).numel()
         torch.manual_seed(seed)
         self.model = model = Classifier(

@@ -10,6 +10,8 @@ missing, DeepSpeed falls into MPI discovery and fails asking for mpi4py).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -184,6 +186,17 @@ def init_process_group(dist_env: DistEnv) -> None:
         rank=dist_env.rank,
         world_size=dist_env.world_size,
     )
+    # Why: a process that leaves its NCCL group to the interpreter's teardown can hang there — seen
+    # on an H200: `biomask evaluate` with ZeRO-2 fine-tuning wrote its results, then never exited
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway: a failed teardown must not mask the exit code
+            torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------ collectives and signals
