@@ -38,7 +38,8 @@
 6. grid     `finetune_grid` runs 1-5 once per learning rate, each from the same weights, and keeps the run
             with the best validation score; when no run beats the probe on validation, the result is
             the probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on
-            validation
+            validation. With `screen_epochs` (successive halving) every lr's run pauses after that
+            many epochs (`FinetuneRun.train(until)`) and only the best carries on
 
 Records longer than the model's input follow `long_records` (`biomask.embedding.inference`): windows of
 the model's length pooled like the probe's features (mean of the window vectors, or their
