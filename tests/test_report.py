@@ -312,7 +312,13 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
                 "optim.warmup_steps": 0,
             }
         )
-    for name in ("evaluate_splice", "evaluate_motif", "evaluate_pbmc68k", "evaluate_pbmc68k_transfer"):
+    for name in (
+        "evaluate_splice",
+        "evaluate_splice_ft",
+        "evaluate_motif",
+        "evaluate_pbmc68k",
+        "evaluate_pbmc68k_transfer",
+    ):
         over = stages[name]["overrides"]
         over["seeds"] = [0, 1]
         # checkpoints named scheme@seed: verdicts over pretraining seeds
@@ -362,6 +368,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
         "pretrain-dna-loss-by-ratio.png",
         "pretrain-single-cell-ratios.png",
         "eval-splice.png",
+        "eval-splice_ft.png",
         "eval-motif.png",
         "eval-pbmc68k.png",
         "umap.png",
@@ -377,8 +384,10 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     # pretraining seeds it names, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") == 3  # splice: probe; cells: probe, kNN
     assert text.count("(chosen on validation MCC)") == 3
-    # splice, cells probe and kNN, transfer probe and kNN, the motif task
-    assert text.count("R²MAE vs the same architecture randomly initialised") == 6
+    # splice, splice LP-FT (probe and fine-tune), cells probe and kNN, transfer probe and kNN, the motif task
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 8
+    # issue 16's target, measured on the fine-tuning protocol
+    assert "LP-FT" in text and "finetune MCC ≥ the strongest baseline" in text
     assert (
         text.count("better in 0/2 pretraining seeds (0, 1;")
         + text.count("2/2 pretraining seeds (0, 1;")
