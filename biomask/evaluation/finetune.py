@@ -547,8 +547,6 @@ class FinetuneRun:
 
     def _pass(self) -> None:
         """A validation pass: a new best keeps its predictions, otherwise patience runs down."""
-        if self.history[-1]["step"] == self.step:  # paused here before: already validated
-            return
         val_p = self._validate(self.step, float(np.mean(self._window)))
         self._window = []
         score = val_score(self.settings.select, self.labels[self.val], val_p)
