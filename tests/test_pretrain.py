@@ -85,6 +85,13 @@ def biomask_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "biomask", *args]
 
 
+def pretrain_to_end(args: list[str], env: dict[str, str]) -> None:
+    """`biomask pretrain` with the test config and `args`, in a child process, to a clean exit."""
+    cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *args)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def reloaded_eval(output: Path, store: Path, cfg: PretrainConfig) -> tuple[dict, dict]:
     """Held-out losses of the portable checkpoint, loaded without DeepSpeed, beside the engine's own."""
     from biomask.training.distributed import DistEnv
@@ -263,14 +270,7 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     }
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     env = subprocess_env()
-    first = subprocess.run(
-        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, straight, **extra)),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    pretrain_to_end(overrides(genome_store, straight, **extra), env)
 
     cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, resumed, **extra))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -440,14 +440,7 @@ def test_compile_changes_floats_only_and_survives_resume(genome_store, tmp_path)
     extra = {"train.steps": 12, "train.checkpoint_every": 6, "train.log_every": 2}
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     env = subprocess_env()
-    first = subprocess.run(
-        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, eager, **extra)),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    pretrain_to_end(overrides(genome_store, eager, **extra), env)
 
     args = overrides(genome_store, compiled, **extra, **{"train.compile": "true", "optim.fused": "true"})
     cmd = biomask_cmd("pretrain", "-c", str(CONFIG), *args)
