@@ -482,7 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         "derive a labelled DNA task (CSV for `biomask prep dna`) from a registered annotated genome",
     )
     p.add_argument(
-        "task", choices=["gene-starts"], help="gene-starts: windows holding an annotated CDS start vs others"
+        "task",
+        choices=["gene-starts", "coding"],
+        help="gene-starts: windows holding an annotated CDS start vs others; coding: windows inside CDS "
+        "read in the genes' direction, against it, or outside any CDS (3 classes)",
     )
     p.add_argument(
         "--genome",
@@ -495,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--placement",
         choices=["random", "centre"],
         default="random",
-        help="random: the start anywhere in the middle half (a motif task); centre: a position task",
+        help="gene-starts: random puts the start anywhere in the middle half (a motif task); centre: a "
+        "position task",
     )
     p.add_argument("--max-per-class", type=int, default=None, help="at most this many windows per label")
     p.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,12 @@
-"""A labelled DNA task derived from a real annotated genome (`biomask datasets task gene-starts`): E. coli
-K-12 (and B. japonicum, M. acetivorans) windows holding an annotated CDS start vs others, as a CSV
-that `biomask prep dna` reads."""
+"""Labelled DNA tasks derived from a real annotated genome (`biomask datasets task gene-starts|coding`):
+E. coli K-12 (and B. japonicum, M. acetivorans) windows holding an annotated CDS start vs others, or
+windows inside / against / outside the annotated CDS, as a CSV that `biomask prep dna` reads."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -82,21 +85,41 @@ def test_gene_starts_from_other_registered_genomes(genome, accession, tmp_path, 
         ),
     ],
 )
-def test_bad_genome_files_exit_2_naming_the_file_and_write_nothing(text, expected, tmp_path, cli):
+@pytest.mark.parametrize("task", ["gene-starts", "coding"])
+def test_bad_genome_files_exit_2_naming_the_file_and_write_nothing(task, text, expected, tmp_path, cli):
     genome = tmp_path / "genome.gbk"
     genome.write_text(text)
     out = tmp_path / "task.csv"
-    code, _, err = cli("datasets", "task", "gene-starts", "--genome", genome, "--output", out)
+    code, _, err = cli("datasets", "task", task, "--genome", genome, "--output", out)
     assert code == 2 and expected in err and str(genome) in err
     assert not out.exists() and list(tmp_path.iterdir()) == [genome]
+
+
+def test_a_genome_without_cds_or_too_short_for_the_windows_is_refused(tmp_path, cli):
+    """An annotated record with no CDS, or none long enough: exit 2 naming the file, nothing written."""
+    bases = "ACGT" * 50
+    origin = "".join(f"{i + 1:>9} {bases[i : i + 60].lower()}\n" for i in range(0, len(bases), 60))
+    head = f"LOCUS       X  {len(bases)} bp    DNA     linear   BCT 01-JAN-2000\n"
+    cases = {
+        "no CDS": head + "FEATURES             Location/Qualifiers\n     source          1..200\nORIGIN\n" + origin + "//\n",
+        "too short": head + "FEATURES             Location/Qualifiers\n     CDS             11..190\nORIGIN\n" + origin + "//\n",
+    }  # fmt: skip
+    for name, text in cases.items():
+        genome = tmp_path / f"{name.replace(' ', '-')}.gbk"
+        genome.write_text(text)
+        out = tmp_path / "task.csv"
+        code, _, err = cli(
+            "datasets", "task", "coding", "--genome", genome, "--output", out, "--length", "300"
+        )
+        assert code == 2 and str(genome) in err, (name, err)
+        assert ("no annotated CDS" if name == "no CDS" else "300-base window") in err, (name, err)
+        assert not out.exists()
 
 
 @pytest.mark.network
 def test_prep_reads_a_task_from_a_registered_genome_like_its_csv(tmp_path, cli):
     """`inputs: [{dataset: GENOME, task: {name: gene-starts, ...}}]` in `prep dna` gives the store the
     CSV of `biomask datasets task` gives — what lets a pipeline stage build a real labelled set."""
-    import json
-
     csv_path = tmp_path / "task.csv"
     code, _, err = cli("datasets", "task", "gene-starts", "--genome", "macetivorans", "--output", csv_path,
                        "--max-per-class", "150", "--seed", "3")  # fmt: skip
@@ -121,3 +144,61 @@ def test_prep_reads_a_task_from_a_registered_genome_like_its_csv(tmp_path, cli):
                        f"inputs=[{{path: {fasta}, task: {{name: gene-starts}}}}]")  # fmt: skip
     assert code == 2 and "GenBank" in err and str(fasta) in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.network
+def test_coding_windows_are_labelled_by_every_base_and_never_overlap(tmp_path, cli):
+    """`coding`: a composition task of 3 classes (inside CDS read with the gene, against it, outside any
+    CDS), checked against the annotation itself, with no window sharing a base with another."""
+    from Bio import SeqIO
+
+    from biomask import datasets
+    from biomask.dna.readers import open_text
+
+    path = tmp_path / "coding.csv"
+    code, out, err = cli("datasets", "task", "coding", "--genome", "macetivorans", "--output", path,
+                         "--max-per-class", "300", "--length", "150", "--seed", "1")  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == str(path)
+    table = pd.read_csv(path)
+    assert table["label"].value_counts().to_dict() == {"coding": 300, "antisense": 300, "noncoding": 300}
+    assert table["sequence"].str.len().eq(150).all() and table["sequence"].str.fullmatch("[ACGT]+").all()
+    assert not table["sequence"].duplicated().any()
+    assert set(table["source"].str[-2]) == {"+", "-"}
+
+    with open_text(datasets.fetch("macetivorans")) as handle:
+        record = next(SeqIO.parse(handle, "genbank"))
+    genome = str(record.seq).upper()
+    cds = {1: np.zeros(len(genome), bool), -1: np.zeros(len(genome), bool)}
+    for feature in record.features:
+        if feature.type == "CDS" and len(feature.location.parts) == 1 and "pseudo" not in feature.qualifiers:
+            cds[feature.location.strand][int(feature.location.start) : int(feature.location.end)] = True
+    taken = np.zeros(len(genome), int)
+    complement = str.maketrans("ACGT", "TGCA")
+    for row in table.itertuples():
+        contig, span = row.source.rsplit(":", 1)
+        assert contig == record.id
+        first, last = (int(v) for v in span[:-3].split("-"))
+        strand = 1 if span[-2] == "+" else -1
+        left, right = first - 1, last
+        piece = genome[left:right]
+        assert row.sequence == (piece if strand == 1 else piece.translate(complement)[::-1])
+        same, other = cds[strand][left:right], cds[-strand][left:right]
+        expected = {"coding": (True, False), "antisense": (False, True), "noncoding": (False, False)}
+        want_same, want_other = expected[row.label]
+        assert (same.all() if want_same else not same.any()) and (
+            other.all() if want_other else not other.any()
+        )
+        taken[left:right] += 1
+    assert taken.max() == 1  # no base in two windows: nothing of a test window was seen in training
+
+    # the same rows through prep dna's task input; placement is gene-starts' option, refused here
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'store'}",
+                       "inputs=[{dataset: macetivorans, task: {name: coding, max_per_class: 300, length: 150, seed: 1}}]",
+                       "tokenizer.kind=char")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert sum(sum(c.values()) for c in manifest["class_counts"].values()) == 900
+    code, _, err = cli("datasets", "task", "coding", "--genome", "macetivorans", "--output", tmp_path / "c.csv",
+                       "--placement", "centre")  # fmt: skip
+    assert code == 2 and "placement" in err and not (tmp_path / "c.csv").exists()

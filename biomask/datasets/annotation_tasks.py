@@ -1,8 +1,12 @@
-"""Labelled DNA tasks derived from a genome's own annotation: real sequence, real labels, and a second
-labelled DNA set beside the splice junctions (`datasets.md`: no other labelled DNA is fetchable here).
+"""Labelled DNA tasks derived from a genome's own annotation: real sequence, real labels, and more
+labelled DNA sets beside the splice junctions (`datasets.md`: no other labelled DNA is fetchable here).
 
     biomask datasets task gene-starts --genome ecoli-k12 --output runs/tasks/ecoli-starts.csv
     biomask datasets task gene-starts --genome ecoli-k12 --placement centre --output ...   # a position task
+    biomask datasets task coding --genome bjaponicum --max-per-class 3000 --output ...     # 3 classes
+
+A task is a function from an annotated genome to labelled rows, registered in `TASKS`; adding one is a
+function here and its entry there.
 
 `gene-starts`: windows of `length` bases read in a gene's direction (minus-strand genes reverse-
 complemented). Label `start`: the window holds an annotated CDS start codon. Label `other`: a window at a
@@ -19,6 +23,15 @@ starts carry: a Shine-Dalgarno site ~8 bases upstream of an ATG/GTG/TTG, the cod
 Classes are balanced (as many `other` windows as starts, at most `max_per_class` each, drawn with
 `seed`); windows holding anything but A/C/G/T and exact duplicates are left out. The table (`sequence`,
 `label`, `source`: contig:start-end(strand)) is what `biomask prep dna` reads as a labelled table.
+
+`coding`: windows of `length` bases at random positions, read on a random strand, labelled by what the
+annotation says about every base of them — `coding` (inside annotated CDS read in the genes' direction),
+`antisense` (inside CDS read against it) or `noncoding` (no CDS on either strand); windows that mix
+are left out. No motif carries the label: codon usage, the 3-base period and the strand asymmetry of
+coding sequence do — composition, a bag-of-k-mers task of another kind than gene starts. Windows never
+overlap (a test window shares no base with a training one), classes are balanced to the rarest (at
+most `max_per_class`; without it, what about 4 × genome / `length` random draws give). `placement` is
+gene-starts' option only.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +48,6 @@ import numpy as np
 
 from biomask.errors import InputError, OutputExistsError
 
-TASKS = ("gene-starts",)
 PLACEMENTS = ("random", "centre")
 _COMPLEMENT = str.maketrans("ACGT", "TGCA")
 
@@ -44,11 +57,14 @@ class Gene:
     contig: str
     start: int  # 0-based position of the start codon's first base on the forward strand
     strand: int  # +1 or -1
+    left: int  # the CDS's span on the forward strand: [left, right)
+    right: int
 
 
-def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
-    """(contig id, sequence, CDS starts) per GenBank record; CDS with joined locations (introns,
-    ribosomal slippage, origin-spanning) are left out: their start is not one simple codon."""
+def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gene]]]:
+    """(contig id, sequence, CDS) per GenBank record; CDS with joined locations (introns, ribosomal
+    slippage, origin-spanning) are left out: their start is not one simple codon, their span not one
+    interval."""
     from Bio import SeqIO
 
     from biomask.dna.readers import open_text
@@ -56,7 +72,7 @@ def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
     with open_text(path) as handle:
         head = handle.read(1 << 12)
     if not head.lstrip().startswith("LOCUS"):
-        raise InputError(f"{path} is not GenBank (a GenBank file starts with a LOCUS line): gene-starts "
+        raise InputError(f"{path} is not GenBank (a GenBank file starts with a LOCUS line): {task} "
                          "needs an annotated genome")  # fmt: skip
     with open_text(path) as handle:
         records = SeqIO.parse(handle, "genbank")
@@ -67,7 +83,7 @@ def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
                 sequence = None if record is None else str(record.seq).upper()
             except ValueError as exc:
                 raise InputError(
-                    f"{path}: GenBank record {count + 1} cannot be read ({exc}); gene-starts needs an "
+                    f"{path}: GenBank record {count + 1} cannot be read ({exc}); {task} needs an "
                     "annotated genome with its sequence (an ORIGIN section)"
                 ) from None
             if record is None:
@@ -82,10 +98,11 @@ def _annotated_starts(path: Path) -> Iterator[tuple[str, str, list[Gene]]]:
                 ):
                     continue
                 loc = feature.location
+                left, right = int(loc.start), int(loc.end)
                 if loc.strand == 1:
-                    genes.append(Gene(record.id, int(loc.start), 1))
-                elif loc.strand == -1:
-                    genes.append(Gene(record.id, int(loc.end) - 1, -1))  # the codon's first base, reversed
+                    genes.append(Gene(record.id, left, 1, left, right))
+                elif loc.strand == -1:  # the codon's first base, reversed
+                    genes.append(Gene(record.id, right - 1, -1, left, right))
             yield record.id, sequence, genes
 
 
@@ -113,7 +130,7 @@ def gene_start_windows(
     rng = np.random.default_rng(seed)
     starts: list[dict[str, str]] = []
     contigs: list[tuple[str, str, dict[int, set[int]]]] = []
-    for contig, sequence, genes in _annotated_starts(Path(path)):
+    for contig, sequence, genes in _annotated_genes(Path(path), "gene-starts"):
         taken: dict[int, set[int]] = {1: set(), -1: set()}
         for gene in genes:
             taken[gene.strand].add(gene.start)
@@ -175,6 +192,96 @@ def _clean(rows: list[dict[str, str]], limit: int | None, rng: np.random.Generat
     return kept
 
 
+CODING_LABELS = ("coding", "antisense", "noncoding")
+
+
+def coding_windows(
+    path: str | os.PathLike,
+    *,
+    length: int = 200,
+    placement: str = "random",
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """The `coding` rows (see the module docstring), the three classes interleaved by seed."""
+    if placement != "random":
+        raise InputError(f"placement {placement!r} is gene-starts' option; coding windows lie at random")
+    if length < 20:
+        raise InputError(f"length {length} is too short for a coding window (use >= 20 bases)")
+    rng = np.random.default_rng(seed)
+    contigs = [(c, seq, genes) for c, seq, genes in _annotated_genes(Path(path), "coding")]
+    if not any(genes for _, _, genes in contigs):
+        raise InputError(f"{path}: no annotated CDS (single-interval, not pseudo) to label windows by")
+    # every eligible window start, by class: (contig index, left, strand read)
+    found: dict[str, list[np.ndarray]] = {label: [] for label in CODING_LABELS}
+    for index, (_, sequence, genes) in enumerate(contigs):
+        starts = len(sequence) - length + 1
+        if starts <= 0:
+            continue
+        full = {}
+        for strand in (1, -1):  # bases of each window inside a CDS on this strand, from prefix sums
+            edges = np.zeros(len(sequence) + 1, dtype=np.int64)
+            for gene in (g for g in genes if g.strand == strand):
+                edges[gene.left] += 1
+                edges[gene.right] -= 1
+            covered = np.concatenate([[0], np.cumsum(np.cumsum(edges)[:-1] > 0)])
+            full[strand] = covered[length:] - covered[:starts]
+        plus_only = np.flatnonzero((full[1] == length) & (full[-1] == 0))
+        minus_only = np.flatnonzero((full[-1] == length) & (full[1] == 0))
+        neither = np.flatnonzero((full[1] == 0) & (full[-1] == 0))
+
+        def rows_of(lefts: np.ndarray, strands: np.ndarray | int, index: int = index) -> np.ndarray:
+            return np.column_stack([np.full(len(lefts), index), lefts, np.broadcast_to(strands, lefts.shape)])
+
+        found["coding"] += [rows_of(plus_only, 1), rows_of(minus_only, -1)]
+        found["antisense"] += [rows_of(plus_only, -1), rows_of(minus_only, 1)]
+        found["noncoding"].append(rows_of(neither, rng.choice([1, -1], size=len(neither))))
+    used = [np.zeros(len(seq), dtype=bool) for _, seq, _ in contigs]  # windows never overlap
+    wanted = None if max_per_class is None else max_per_class + max_per_class // 5  # spares: duplicates
+    rows: dict[str, list[dict[str, str]]] = {}
+    # the rarest class first, so that the others cannot take its few windows
+    for label in sorted(CODING_LABELS, key=lambda name: sum(len(a) for a in found[name])):
+        candidates = np.concatenate(found[label]) if found[label] else np.empty((0, 3), dtype=np.int64)
+        rows[label] = []
+        for i in rng.permutation(len(candidates)):
+            if wanted is not None and len(rows[label]) >= wanted:
+                break
+            index, left, strand = (int(v) for v in candidates[i])
+            if used[index][left : left + length].any():
+                continue
+            used[index][left : left + length] = True
+            contig, sequence, _ = contigs[index]
+            window = _window(sequence, left, length, strand)
+            assert window is not None
+            rows[label].append(_row(window, label, contig, left, length, strand))
+        if wanted is None:  # without a limit, as many as the rarest class gives
+            wanted = len(rows[label]) + len(rows[label]) // 5
+    # a sequence at two loci (repeats, rRNA operons) could land on both sides of a split: drop every copy
+    counts = Counter(row["sequence"] for found_rows in rows.values() for row in found_rows)
+    unique = {
+        label: [r for r in found_rows if counts[r["sequence"]] == 1] for label, found_rows in rows.items()
+    }
+    kept = [_clean(unique[label], max_per_class, rng) for label in CODING_LABELS]
+    n = min(len(k) for k in kept)
+    if n == 0:
+        empty = [label for label, k in zip(CODING_LABELS, kept) if not k]
+        raise InputError(f"{path}: no {length}-base window is {' or '.join(empty)}; try a shorter --length")
+    mixed = [row for k in kept for row in k[:n]]
+    order = rng.permutation(len(mixed))
+    return [mixed[i] for i in order]
+
+
+# name -> function(genome path, *, length, placement, max_per_class, seed) -> rows
+TASKS = {"gene-starts": gene_start_windows, "coding": coding_windows}
+
+
+def task_windows(task: str, path: str | os.PathLike, **options) -> list[dict[str, str]]:
+    """The rows of the registered `task` for the annotated genome at `path`."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[task](path, **options)
+
+
 def write_task(
     task: str,
     genome: str,
@@ -204,8 +311,8 @@ def write_task(
         raise InputError(
             f"--genome {genome!r} is neither a registered dataset (biomask datasets list) nor a file"
         )
-    rows = gene_start_windows(
-        path, length=length, placement=placement, max_per_class=max_per_class, seed=seed
+    rows = task_windows(
+        task, path, length=length, placement=placement, max_per_class=max_per_class, seed=seed
     )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["sequence", "label", "source"], lineterminator="\n")

@@ -15,9 +15,11 @@ class TaskSpec(Config):
     the rows `biomask datasets task` would write, read without a CSV in between — so a pipeline can
     prepare a real labelled set from a registered genome in one stage."""
 
-    name: Literal["gene-starts"]
+    # gene-starts: windows holding a CDS start vs others; coding: coding / antisense / noncoding windows
+    name: Literal["gene-starts", "coding"]
     length: int = Field(200, ge=20)  # window length in bases
-    placement: Literal["random", "centre"] = "random"  # random: a motif task; centre: a position task
+    # gene-starts only — random: a motif task; centre: a position task
+    placement: Literal["random", "centre"] = "random"
     max_per_class: int | None = Field(None, ge=1)  # at most this many windows per label (balanced)
     seed: int = 0  # which windows (the random placement, the `other` windows, the subset)
 

@@ -370,11 +370,12 @@ def _read_labelled(inputs: list[ResolvedInput]) -> list[LabelledSequence]:
 
 def _task_rows(inp: ResolvedInput) -> list[LabelledSequence]:
     """The labelled windows `biomask datasets task` would write for this genome, in its order."""
-    from biomask.datasets.annotation_tasks import gene_start_windows
+    from biomask.datasets.annotation_tasks import task_windows
 
     task = inp.spec.task
     assert task is not None
-    rows = gene_start_windows(
+    rows = task_windows(
+        task.name,
         inp.path,
         length=task.length,
         placement=task.placement,
