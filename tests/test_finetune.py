@@ -143,6 +143,27 @@ def test_screening_trains_every_lr_briefly_and_only_the_best_carries_on(splice, 
     )
 
 
+def test_fresh_head_runs_train_beside_the_probe_started_ones_against_the_same_bar(splice, probe):
+    """finetune.fresh_head_lr: those runs start from a random head (training loss at the first step
+    near log 3, where the probe-started run is far below), while the probe stays their bar (step 0 is
+    the probe's validation score), their mix partner and the fallback; the grid says which run is which."""
+    result = run(splice, probe, lrs=[1e-4], fresh_head_lr=[1e-3], max_steps=4, eval_every=1, min_epochs=0)
+    started, fresh = result.grid
+    assert (started["lr"], started["fresh_head"]) == (1e-4, False)
+    assert (fresh["lr"], fresh["fresh_head"]) == (1e-3, True)
+    assert fresh["history"][0] == started["history"][0]  # the same bar: the probe's start
+    assert abs(fresh["history"][0]["val_mcc"] - probe.val_mcc) < 0.02
+    assert abs(fresh["history"][1]["train_loss"] - np.log(3)) < 0.2  # a random head: about uniform
+    assert started["history"][1]["train_loss"] < 0.6 * np.log(3)  # the probe: already fitted
+    best = min((started, fresh), key=lambda g: g["val_loss"])
+    assert result.fresh_head == best["fresh_head"] and result.val_loss == best["val_loss"]
+    assert result.val_loss <= result.start_val_loss  # never below the probe on validation
+    if result.source == "probe":
+        assert np.array_equal(result.test_predictions, probe.test_predictions)
+    with pytest.raises(ValueError, match="fresh_head_lr"):  # a fresh head beside a fresh head: refused
+        FinetuneSpec(init_head="random", fresh_head_lr=[1e-3])
+
+
 def test_the_probe_is_kept_unless_the_gain_is_larger_than_the_validation_noise():
     """The one-standard-error rule: a log-loss gain the size of its standard error keeps the probe; a
     gain well beyond it, with MCC no lower, replaces it; a clear log-loss gain that costs MCC does not."""

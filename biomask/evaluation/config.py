@@ -76,6 +76,11 @@ class FinetuneSpec(Config):
     patience: int = Field(3, ge=1)  # early stopping: validation passes without a new best score ...
     min_epochs: float = Field(1.0, ge=0)  # ... counted only after this many epochs
     init_head: Literal["probe", "random"] = "probe"  # random: the plain protocol (no probe start)
+    # with init_head: probe, also these learning rates with a fresh (random) head on the raw pooled
+    # features, in the same grid: validation chooses between starting from the probe and not, and
+    # the probe stays the bar to beat. For probes that lean on features which barely vary between
+    # records (mean_layers pooling), where training from the probe diverged at every lr (finetune.py)
+    fresh_head_lr: float | list[float] | None = None
     # weights α of the fine-tuned model's class probabilities against the probe's, (1 - α) probe +
     # α fine-tuned, chosen on validation (output-space WiSE-FT); [1.0]: the fine-tuned model alone.
     # Used with init_head: probe, once fine-tuning has beaten the probe on validation.
@@ -99,13 +104,24 @@ class FinetuneSpec(Config):
             raise ValueError("mix: weights in [0, 1], 1.0 (the fine-tuned model alone) among them")
         return value
 
-    @field_validator("lr")
+    @field_validator("lr", "fresh_head_lr")
     @classmethod
-    def _lr(cls, value: float | list[float]) -> float | list[float]:
+    def _lr(cls, value: float | list[float] | None) -> float | list[float] | None:
+        if value is None:
+            return value
         grid = [value] if isinstance(value, float | int) else value
         if not grid or any(v <= 0 for v in grid):
             raise ValueError("lr: a positive learning rate or a non-empty list of them")
         return value
+
+    @model_validator(mode="after")
+    def _fresh_head_needs_a_probe(self) -> FinetuneSpec:
+        if self.fresh_head_lr is not None and self.init_head == "random":
+            raise ValueError(
+                "fresh_head_lr adds fresh-head runs beside probe-started ones (init_head: probe); with "
+                "init_head: random every run starts fresh at `lr`"
+            )
+        return self
 
 
 class EvaluateConfig(Config):

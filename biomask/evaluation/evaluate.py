@@ -299,7 +299,7 @@ def _details(results: dict[str, Any]) -> list[str]:
                 + (
                     "probe kept"
                     if r["finetune_source"] == "probe"
-                    else f"lr {r['lr']:g}, epoch {r['best_epoch']:.1f}"
+                    else f"lr {r['lr']:g}{' (fresh head)' if r.get('fresh_head') else ''}, epoch {r['best_epoch']:.1f}"
                     + (f", mixed with the probe at α {r['alpha']:g}" if 0 < r.get("alpha", 1.0) < 1 else "")
                 )
                 + f" (val MCC {r['start_val_mcc']:.3f} -> {r.get('val_mcc', r['best_val_mcc']):.3f}"

@@ -39,7 +39,15 @@
             with the best validation score; when no run beats the probe on validation, the result is
             the probe's own predictions (`source == "probe"`), so LP-FT never ends below its probe on
             validation. With `screen_epochs` (successive halving) every lr's run pauses after that
-            many epochs (`FinetuneRun.train(until)`) and only the best carries on
+            many epochs (`FinetuneRun.train(until)`) and only the best carries on. `fresh_head_lr`
+            adds runs whose head starts fresh (random, on the raw pooled features) beside the
+            probe-started ones: the probe stays the bar, the fallback and the mix partner, but
+            training does not start from it. Why: a probe that leans on features which barely vary
+            between records (mean_layers pooling: sd 2e-4 in some dimensions) makes the start
+            ill-conditioned — every encoder step moves those features by a large share of their
+            spread, and training loss rose from the first epoch at every lr down to 1e-6 on a
+            3-class coding task, where a fresh head at lr 1e-3 trained a random CNN from MCC 0.67
+            to 0.83 (docs/dna-models.md)
 
 Records longer than the model's input follow `long_records` (`biomask.embedding.inference`): windows of
 the model's length pooled like the probe's features (mean of the window vectors, or their
@@ -137,6 +145,7 @@ class FinetuneResult:
     val_loss: float = 0.0  # the result's validation log-loss (after the mix)
     start_val_loss: float = 0.0  # the probe's (or the untrained head's) validation log-loss
     select: str = "log_loss"  # the validation measure that chose the step, α and lr
+    fresh_head: bool = False  # the run's head started fresh (fresh_head_lr), not from the probe
 
     @property
     def score(self) -> float:
@@ -203,8 +212,17 @@ class Classifier(nn.Module):
             shift = torch.from_numpy(probe.mean)
             inv_scale = 1.0 / torch.from_numpy(probe.scale).clamp(min=1e-12)
         # the probe's standardisation, fixed: the head's weights keep the probe's scale under Adam
-        self.register_buffer("shift", shift.float())
-        self.register_buffer("inv_scale", inv_scale.float())
+        self.register_buffer("shift", shift.float().clone())
+        self.register_buffer("inv_scale", inv_scale.float().clone())
+
+    def fresh_head(self) -> None:
+        """A random head on the raw pooled features, as without a probe (the plain protocol)."""
+        with torch.no_grad():
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            self.shift.zero_()
+            self.inv_scale.fill_(1.0)
+        self.head.l2 = 0.0
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         owners = batch.get("owners")  # windowed records: piece -> row of the batch (in order)
@@ -415,6 +433,7 @@ class FinetuneRun:
         layer: int = -1,
         long_records: str = "first",
         probe: ProbeHead | None = None,
+        fresh_head: bool = False,
     ) -> None:
         from biomask.training.accelerator import resolve_precision, training_device
         from biomask.training.distributed import import_deepspeed
@@ -424,6 +443,7 @@ class FinetuneRun:
             raise ValueError("finetune runs one learning rate (settings.lr); finetune_grid runs a list")
         self.lr = float(settings.lr)
         self.settings, self.seed, self.probe, self.n_classes = settings, seed, probe, n_classes
+        self.fresh_head = fresh_head = fresh_head and probe is not None
         self.labels = labels
         self.train_index, self.val, self.test = split
         _engine_environment()
@@ -458,6 +478,16 @@ class FinetuneRun:
             probe=probe,
             dropout=settings.dropout,
         )
+        self.val_batches = list(_subset(batches, self.val, max(settings.batch_size, 64)))
+        self.test_batches = list(_subset(batches, self.test, max(settings.batch_size, 64)))
+        start: tuple[np.ndarray, np.ndarray] | None = None
+        if fresh_head:  # the probe's start (the bar and the mix partner), measured before the head resets
+            model.to(device)
+            start = (
+                self._probabilities(model, self.val_batches),
+                self._probabilities(model, self.test_batches),
+            )
+            model.fresh_head()
 
         # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
         self.steps_per_epoch = steps_per_epoch = max(len(self.train_index) // settings.batch_size, 1)
@@ -470,7 +500,7 @@ class FinetuneRun:
         self.eval_every = settings.eval_every or steps_per_epoch
         groups = encoder_param_groups(model.encoder, self.lr, settings.weight_decay, settings.layer_decay)
         # a probe head keeps the probe's own L2 penalty (in the loss) instead of AdamW's decay towards 0
-        head_decay = 0.0 if probe is not None else settings.weight_decay
+        head_decay = 0.0 if probe is not None and not fresh_head else settings.weight_decay
         groups += _param_group(list(model.head.parameters()), settings.head_lr or self.lr, head_decay)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(math.ceil(settings.warmup * total)))
@@ -482,8 +512,6 @@ class FinetuneRun:
             self.engine, _, _, _ = import_deepspeed().initialize(
                 model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
             )
-        self.val_batches = list(_subset(batches, self.val, max(settings.batch_size, 64)))
-        self.test_batches = list(_subset(batches, self.test, max(settings.batch_size, 64)))
         self.y = torch.as_tensor(labels, dtype=torch.int64)
 
         # 3. The start of the loop: the bar to beat is the probe (its validation MCC and test
@@ -491,8 +519,12 @@ class FinetuneRun:
         self.rng = np.random.default_rng([seed, 7])
         self.order, self.position = self.rng.permutation(self.train_index), 0
         self.history: list[dict[str, float]] = []
-        self.start_val = self._validate(0, float("nan"))
-        self.start_test = self._test_probabilities()
+        if start is None:
+            self.start_val = self._validate(0, float("nan"))
+            self.start_test = self._test_probabilities()
+        else:
+            self.start_val, self.start_test = start
+            self._record(0, float("nan"), self.start_val)
         self.start_mcc = probe.val_mcc if probe is not None else self.history[0]["val_mcc"]
         self.start_loss = self.history[0]["val_loss"]
         self.best_score = self.start_mcc if settings.select == "mcc" else -self.start_loss
@@ -505,8 +537,17 @@ class FinetuneRun:
         """The budget is spent or early stopping ended the run."""
         return self.stopped or self.step >= self.total
 
+    def _probabilities(
+        self, model: Any, batches: list[tuple[np.ndarray, dict[str, torch.Tensor]]]
+    ) -> np.ndarray:
+        n = sum(len(index) for index, _ in batches)
+        return _probabilities(model, batches, n, self.n_classes, self.device)
+
     def _validate(self, step: int, loss: float) -> np.ndarray:
         p = _probabilities(self.engine, self.val_batches, len(self.val), self.n_classes, self.device)
+        return self._record(step, loss, p)
+
+    def _record(self, step: int, loss: float, p: np.ndarray) -> np.ndarray:
         self.history.append(
             {
                 "step": step,
@@ -604,10 +645,11 @@ class FinetuneRun:
             val_mcc = val_score("mcc", labels[self.val], chosen_val)
             val_loss = -val_score("log_loss", labels[self.val], chosen_val)
         log.info(
-            "fine-tune (seed %d, lr %.1e, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
+            "fine-tune (seed %d, lr %.1e%s, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
             "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f (mixed with the start at α %.2f)",
             self.seed,
             self.lr,
+            ", fresh head" if self.fresh_head else "",
             settings.zero_stage,
             "log-loss" if select == "log_loss" else "MCC",
             best_step,
@@ -639,6 +681,7 @@ class FinetuneRun:
             val_loss=val_loss,
             start_val_loss=start_loss,
             select=select,
+            fresh_head=self.fresh_head,
         )
 
 
@@ -665,23 +708,33 @@ def finetune_grid(
     settings: FinetuneSpec,
     **kwargs: Any,
 ) -> FinetuneResult:
-    """`finetune` once per learning rate of `settings.lr`, each from a copy of `encoder`; the run with
-    the best validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier
-    lr). With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs`
-    (one rung of successive halving), every lr first trains that long on the whole budget's schedule;
+    """`finetune` once per learning rate of `settings.lr` (and, with a probe, of
+    `settings.fresh_head_lr` with a fresh head), each from a copy of `encoder`; the run with the best
+    validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier one).
+    With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs` (one
+    rung of successive halving), every run first trains that long on the whole budget's schedule;
     only the best one carries on, from where it stopped, the others are dropped."""
-    lrs = [float(lr) for lr in (settings.lr if isinstance(settings.lr, list) else [settings.lr])]
+
+    def floats(value: float | list[float] | None) -> list[float]:
+        return [] if value is None else [float(v) for v in (value if isinstance(value, list) else [value])]
+
+    fresh = floats(settings.fresh_head_lr) if kwargs.get("probe") is not None else []
+    candidates = [(lr, False) for lr in floats(settings.lr)] + [(lr, True) for lr in fresh]
     grid: list[dict[str, Any]] = []
 
-    def start(lr: float) -> FinetuneRun:
+    def start(candidate: tuple[float, bool]) -> FinetuneRun:
+        lr, fresh_head = candidate
         one = settings.model_copy(update={"lr": lr})
-        return FinetuneRun(copy.deepcopy(encoder), records, labels, split, settings=one, **kwargs)
+        return FinetuneRun(
+            copy.deepcopy(encoder), records, labels, split, settings=one, fresh_head=fresh_head, **kwargs
+        )
 
     def record(run: FinetuneRun, result: FinetuneResult | None) -> None:
         best_mcc = next(h["val_mcc"] for h in run.history if h["step"] == run.best_step)
         grid.append(
             {
                 "lr": run.lr,
+                "fresh_head": run.fresh_head,
                 "screen": result is None,  # a screening rung (screen_epochs), not the whole budget
                 "best_val_mcc": result.best_val_mcc
                 if result
@@ -702,10 +755,10 @@ def finetune_grid(
         settings.epochs if settings.epochs is not None else 3.0 if settings.max_steps is None else math.inf
     )
     finalists: list[FinetuneRun] = []
-    if settings.screen_epochs is not None and len(lrs) > 1 and settings.screen_epochs < budget:
+    if settings.screen_epochs is not None and len(candidates) > 1 and settings.screen_epochs < budget:
         leader, leader_score = None, -math.inf
-        for lr in lrs:  # at most two engines alive: the leader and the run being screened
-            run = start(lr)
+        for candidate in candidates:  # at most two engines alive: the leader and the run being screened
+            run = start(candidate)
             run.train(until=math.ceil(settings.screen_epochs * run.steps_per_epoch))
             record(run, None)
             score = screen_score(run.history, settings.select)
@@ -717,13 +770,14 @@ def finetune_grid(
                 run.close()
         assert leader is not None
         log.info(
-            "fine-tune: lr %.1e chosen on validation after %g epoch(s); it carries on",
+            "fine-tune: lr %.1e%s chosen on validation after %g epoch(s); it carries on",
             leader.lr,
+            " (fresh head)" if leader.fresh_head else "",
             settings.screen_epochs,
         )
         finalists = [leader]
     best: FinetuneResult | None = None
-    for run in finalists or (start(lr) for lr in lrs):
+    for run in finalists or (start(candidate) for candidate in candidates):
         result = run.train().result()
         record(run, result)
         if best is None or result.score > best.score:

@@ -441,6 +441,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
                     return result.test_predictions, {
                         "finetune_source": result.source,
                         "lr": result.lr,
+                        "fresh_head": result.fresh_head,
                         "best_epoch": round(result.best_epoch, 2),
                         "start_val_mcc": result.start_val_mcc,
                         "best_val_mcc": result.best_val_mcc,
