@@ -6,7 +6,8 @@ pbmc3k and pbmc68k_reduced), pretrain one tiny DNA and one tiny single-cell enco
 (R²MAE, fixed 15 %, fixed 40 %, the dynamic 30→15 % schedule), evaluate them next to the baselines and
 the random init over 3 seeds (linear probe and fine-tuning), embed pbmc68k_reduced, and write the
 report. Beside the study: the DNA CNN pretrained on the E. coli genome and probed on B. japonicum gene
-starts (a motif task cut from that genome's annotation) against k-mer LR. Stages whose outputs are
+starts (a motif task cut from that genome's annotation) and on M. acetivorans coding / antisense /
+noncoding windows (a composition task) against k-mer LR. Stages whose outputs are
 current are reused, so a second run only redoes what changed.
 """
 

@@ -301,6 +301,7 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
     stages["pretrain_dna_ecoli"]["sweep"] = {"train.seed": [0, 1]}
     stages["prep_ecoli"]["overrides"] = {"windows.max_bases": 200_000, "split.block_size": 10_000}
     stages["prep_motif"]["overrides"]["inputs"][0]["task"]["max_per_class"] = 150
+    stages["prep_coding"]["overrides"]["inputs"][0]["task"]["max_per_class"] = 60
     for name in ("pretrain_dna", "pretrain_dna_ecoli", "pretrain_cells", "pretrain_cells_corpus"):
         stages[name]["overrides"].update(
             {
@@ -316,6 +317,7 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
         "evaluate_splice",
         "evaluate_splice_ft",
         "evaluate_motif",
+        "evaluate_coding",
         "evaluate_pbmc68k",
         "evaluate_pbmc68k_transfer",
     ):
@@ -370,6 +372,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
         "eval-splice.png",
         "eval-splice_ft.png",
         "eval-motif.png",
+        "eval-coding.png",
         "eval-pbmc68k.png",
         "umap.png",
     ):
@@ -384,15 +387,16 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     # pretraining seeds it names, and each target says met or not met
     assert text.count("R²MAE vs the best fixed ratio") == 3  # splice: probe; cells: probe, kNN
     assert text.count("(chosen on validation MCC)") == 3
-    # splice, splice LP-FT (probe and fine-tune), cells probe and kNN, transfer probe and kNN, the motif task
-    assert text.count("R²MAE vs the same architecture randomly initialised") == 8
+    # splice, splice LP-FT (probe and fine-tune), cells probe and kNN, transfer probe and kNN, the motif
+    # and the coding task
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 9
     # issue 16's target, measured on the fine-tuning protocol
     assert "LP-FT" in text and "finetune MCC ≥ the strongest baseline" in text
     assert (
         text.count("better in 0/2 pretraining seeds (0, 1;")
         + text.count("2/2 pretraining seeds (0, 1;")
         + (text.count("1/2 pretraining seeds (0, 1;"))
-        >= 8
+        >= 9
     )
     assert "detectable difference" in text
     # every run's held-out loss against the reference predictors on the same masked tokens
