@@ -202,3 +202,19 @@ def test_coding_windows_are_labelled_by_every_base_and_never_overlap(tmp_path, c
     code, _, err = cli("datasets", "task", "coding", "--genome", "macetivorans", "--output", tmp_path / "c.csv",
                        "--placement", "centre")  # fmt: skip
     assert code == 2 and "placement" in err and not (tmp_path / "c.csv").exists()
+
+
+def test_every_registered_task_is_offered_by_the_command_line_and_by_prep():
+    """A task is a function plus its entry in TASKS; the CLI's choices and prep's config must list it."""
+    import typing
+
+    from biomask.cli import build_parser
+    from biomask.datasets.annotation_tasks import TASKS
+    from biomask.dna.config import TaskSpec
+
+    assert set(typing.get_args(TaskSpec.model_fields["name"].annotation)) == set(TASKS)
+    parser = build_parser()
+    task_parser = parser._subparsers._group_actions[0].choices["datasets"]
+    task_parser = task_parser._subparsers._group_actions[0].choices["task"]
+    choices = next(a.choices for a in task_parser._actions if a.dest == "task")
+    assert set(choices) == set(TASKS)
