@@ -540,12 +540,13 @@ class FinetuneRun:
     def _probabilities(
         self, model: Any, batches: list[tuple[np.ndarray, dict[str, torch.Tensor]]]
     ) -> np.ndarray:
+        """Class probabilities of the records in `batches` (val or test) from the engine, or from the
+        model before the engine exists (a fresh-head run's probe start)."""
         n = sum(len(index) for index, _ in batches)
         return _probabilities(model, batches, n, self.n_classes, self.device)
 
     def _validate(self, step: int, loss: float) -> np.ndarray:
-        p = _probabilities(self.engine, self.val_batches, len(self.val), self.n_classes, self.device)
-        return self._record(step, loss, p)
+        return self._record(step, loss, self._probabilities(self.engine, self.val_batches))
 
     def _record(self, step: int, loss: float, p: np.ndarray) -> np.ndarray:
         self.history.append(
@@ -559,7 +560,7 @@ class FinetuneRun:
         return p
 
     def _test_probabilities(self) -> np.ndarray:
-        return _probabilities(self.engine, self.test_batches, len(self.test), self.n_classes, self.device)
+        return self._probabilities(self.engine, self.test_batches)
 
     def train(self, until: int | None = None) -> FinetuneRun:
         """3. The loop, up to step `until` (None: the budget): seeded batches, validation every
