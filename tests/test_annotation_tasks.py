@@ -114,6 +114,12 @@ def test_a_genome_without_cds_or_too_short_for_the_windows_is_refused(tmp_path, 
         assert code == 2 and str(genome) in err, (name, err)
         assert ("no annotated CDS" if name == "no CDS" else "300-base window") in err, (name, err)
         assert not out.exists()
+    # options every task shares: a window too short, no windows asked for
+    for task in ("coding", "gene-starts"):
+        for option, expected in (("--length=10", "too short"), ("--max-per-class=0", "at least 1")):
+            code, _, err = cli("datasets", "task", task, "--genome", genome, "--output", out, option)
+            assert code == 2 and expected in err, (task, option, err)
+            assert not out.exists()
 
 
 @pytest.mark.network

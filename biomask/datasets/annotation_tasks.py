@@ -125,8 +125,6 @@ def gene_start_windows(
     """The `gene-starts` rows (see the module docstring), starts and others interleaved by seed."""
     if placement not in PLACEMENTS:
         raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
-    if length < 20:
-        raise InputError(f"length {length} is too short for a gene-start window (use >= 20 bases)")
     rng = np.random.default_rng(seed)
     starts: list[dict[str, str]] = []
     contigs: list[tuple[str, str, dict[int, set[int]]]] = []
@@ -146,6 +144,8 @@ def gene_start_windows(
     others = _other_windows(contigs, len(starts), length, rng)
     starts, others = _clean(starts, max_per_class, rng), _clean(others, max_per_class, rng)
     n = min(len(starts), len(others))
+    if n == 0:
+        raise InputError(f"{path}: no {length}-base windows for both labels (start, other); try a shorter --length")
     mixed = starts[:n] + others[:n]
     order = rng.permutation(len(mixed))
     return [mixed[i] for i in order]
@@ -206,8 +206,6 @@ def coding_windows(
     """The `coding` rows (see the module docstring), the three classes interleaved by seed."""
     if placement != "random":
         raise InputError(f"placement {placement!r} is gene-starts' option; coding windows lie at random")
-    if length < 20:
-        raise InputError(f"length {length} is too short for a coding window (use >= 20 bases)")
     rng = np.random.default_rng(seed)
     contigs = [(c, seq, genes) for c, seq, genes in _annotated_genes(Path(path), "coding")]
     if not any(genes for _, _, genes in contigs):
@@ -275,11 +273,18 @@ def coding_windows(
 TASKS = {"gene-starts": gene_start_windows, "coding": coding_windows}
 
 
-def task_windows(task: str, path: str | os.PathLike, **options) -> list[dict[str, str]]:
-    """The rows of the registered `task` for the annotated genome at `path`."""
+def task_windows(
+    task: str, path: str | os.PathLike, *, length: int = 200, max_per_class: int | None = None, **options
+) -> list[dict[str, str]]:
+    """The rows of the registered `task` for the annotated genome at `path` (the options every task
+    shares checked here)."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    return TASKS[task](path, **options)
+    if length < 20:
+        raise InputError(f"length {length} is too short for a {task} window (use >= 20 bases)")
+    if max_per_class is not None and max_per_class < 1:
+        raise InputError(f"max_per_class {max_per_class}: at least 1 window per label (or leave it unset)")
+    return TASKS[task](path, length=length, max_per_class=max_per_class, **options)
 
 
 def write_task(
