@@ -145,7 +145,9 @@ def gene_start_windows(
     starts, others = _clean(starts, max_per_class, rng), _clean(others, max_per_class, rng)
     n = min(len(starts), len(others))
     if n == 0:
-        raise InputError(f"{path}: no {length}-base windows for both labels (start, other); try a shorter --length")
+        raise InputError(
+            f"{path}: no {length}-base windows for both labels (start, other); try a shorter --length"
+        )
     mixed = starts[:n] + others[:n]
     order = rng.permutation(len(mixed))
     return [mixed[i] for i in order]
