@@ -153,3 +153,21 @@ def test_study_gpu_runs_every_issue_scheme_over_three_seeds_and_leaves_transfer_
     report = plan.stages["report"]
     cfg = load_config(ReportConfig, report.config, report.tasks[0].overrides)
     assert set(cfg.evaluations) == {"splice", "motif", "pbmc68k"}
+
+
+def test_dna_masking_probes_every_scheme_seed_on_both_tasks_under_its_name(tmp_path):
+    """configs/pipelines/dna-masking.yaml: the four schemes x 3 pretraining seeds on the E. coli genome,
+    and both task evaluations read the same scheme@seed -> run map on their own task store (the YAML
+    merge shares the checkpoints; a wrong store would compare the schemes on one task twice)."""
+    plan = load_plan(REPO / "configs/pipelines/dna-masking.yaml", [f"run_dir={tmp_path}"])
+    runs = {
+        (t.point["masking.scheme"], t.point["train.seed"]): t.output for t in plan.stages["pretrain"].tasks
+    }
+    assert set(runs) == {(s, seed) for s in ("r2mae", "bert15", "fixed40", "dynamic") for seed in range(3)}
+    genome = plan.stages["prep_ecoli"].tasks[0].output
+    assert all(f"data.store={genome}" in t.overrides for t in plan.stages["pretrain"].tasks)
+    expected = {f"{s}@{seed}": f"{out}/model" for (s, seed), out in runs.items()}
+    for evaluation, prep in (("evaluate_motif", "prep_motif"), ("evaluate_coding", "prep_coding")):
+        task = plan.stages[evaluation].tasks[0]
+        assert _checkpoints(task) == expected
+        assert f"store={plan.stages[prep].tasks[0].output}" in task.overrides
