@@ -224,3 +224,38 @@ def test_every_registered_task_is_offered_by_the_command_line_and_by_prep():
     task_parser = task_parser._subparsers._group_actions[0].choices["task"]
     choices = next(a.choices for a in task_parser._actions if a.dest == "task")
     assert set(choices) == set(TASKS)
+
+
+def test_planted_motif_task_plants_one_motif_in_every_other_window_and_nothing_else():
+    """benchmarks/planted_motif_task.py (the SYNTHETIC check of the motif template): on a background
+    of A's, every `unbound` window is untouched background and every `bound` one differs from it only
+    within one 12-base span, which matches the consensus on one strand better than chance; windows
+    holding an N are skipped; the same seed gives the same rows."""
+    from benchmarks.planted_motif_task import CONSENSUS, LENGTH, planted_motif_rows
+
+    genome = "A" * 3000 + "N" * 10 + "A" * 3000
+    rows = planted_motif_rows(genome, 40, seed=3)
+    assert rows == planted_motif_rows(genome, 40, seed=3)
+    assert [label for _, label in rows] == ["unbound", "bound"] * 20
+    reverse = CONSENSUS[::-1].translate(str.maketrans("ACGT", "TGCA"))
+    matches = []
+    for window, label in rows:
+        assert len(window) == LENGTH and "N" not in window
+        changed = [i for i, base in enumerate(window) if base != "A"]
+        if label == "unbound":
+            assert not changed
+            continue
+        assert changed and changed[-1] - changed[0] < len(CONSENSUS)
+        offsets = range(
+            max(0, changed[-1] - len(CONSENSUS) + 1), min(changed[0], LENGTH - len(CONSENSUS)) + 1
+        )
+        matches.append(
+            max(
+                sum(a == b for a, b in zip(window[o : o + len(CONSENSUS)], motif, strict=True))
+                for motif in (CONSENSUS, reverse)
+                for o in offsets
+            )
+        )
+    # each position keeps the consensus base with probability 0.55-0.9: about 8.7 of 12 on average;
+    # an all-A stretch matches about 2 (the consensus holds two A's)
+    assert np.mean(matches) > 7

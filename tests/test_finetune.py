@@ -24,6 +24,7 @@ from biomask.evaluation.config import FinetuneSpec, SplitSpec
 from biomask.evaluation.data import load_labelled, seed_split
 from biomask.evaluation.finetune import (
     Classifier,
+    FinetuneRun,
     ProbeHead,
     _pool_pieces,
     choose_mix,
@@ -162,6 +163,52 @@ def test_fresh_head_runs_train_beside_the_probe_started_ones_against_the_same_ba
         assert np.array_equal(result.test_predictions, probe.test_predictions)
     with pytest.raises(ValueError, match="fresh_head_lr"):  # a fresh head beside a fresh head: refused
         FinetuneSpec(init_head="random", fresh_head_lr=[1e-3])
+
+
+def test_lr_empty_runs_fresh_heads_only_and_keeps_the_probe_as_the_bar(splice, probe):
+    """finetune.lr: [] with fresh_head_lr (the motif template): no probe-started run is trained, the
+    fresh head's step 0 is still the probe's score, and the result never ends below the probe on
+    validation. lr: [] alone, or fresh_head_lr: [], leaves nothing to run: refused when read."""
+    result = run(splice, probe, lrs=[], fresh_head_lr=[1e-3], max_steps=4, eval_every=1, min_epochs=0)
+    assert [(g["lr"], g["fresh_head"]) for g in result.grid] == [(1e-3, True)]
+    assert result.fresh_head
+    assert abs(result.grid[0]["history"][0]["val_mcc"] - probe.val_mcc) < 0.02
+    assert result.val_loss <= result.start_val_loss
+    for bad in ({"lr": []}, {"lr": [], "fresh_head_lr": []}):
+        with pytest.raises(ValueError, match="lr"):
+            FinetuneSpec(**bad)
+
+
+def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar():
+    """Patience watches a fresh-head run's own passes: validation log-loss falling 0.60 -> 0.43 -> 0.36
+    while the probe sits at 0.30 does not stop it (patience 1), a pass that gets worse does, and a
+    pass below the probe's loss becomes the best step. A probe-started run on the same passes stops
+    at the first one that does not beat the probe (its own start)."""
+    labels = np.array([0, 1])
+
+    def probabilities(p):  # both records right with probability p: log-loss -log(p)
+        return np.array([[p, 1 - p], [1 - p, p]])
+
+    def replay(fresh_head, ps):
+        run = FinetuneRun.__new__(FinetuneRun)
+        run.settings = FinetuneSpec(select="log_loss", patience=1, min_epochs=0)
+        run.labels, run.val, run.min_steps = labels, np.array([0, 1]), 0
+        run.best_score, run.best_step, run.waited, run.stopped = np.log(0.74), 0, 0, False
+        run.own_best = -np.inf if fresh_head else run.best_score
+        run._test_probabilities = lambda: None
+        passes = iter(probabilities(p) for p in ps)
+        run._validate = lambda step, loss: next(passes)
+        for step in range(1, len(ps) + 1):
+            run.step, run._window = step, [0.5]  # the pass's mean training loss (not judged)
+            run._pass()
+            if run.stopped:
+                return step, run.best_step
+        return None, run.best_step
+
+    closing_in = [0.55, 0.65, 0.70, 0.80]  # -log p: 0.60, 0.43, 0.36, then 0.22 (the probe: 0.30)
+    assert replay(True, closing_in) == (None, 4)
+    assert replay(False, closing_in) == (1, 0)
+    assert replay(True, [0.55, 0.65, 0.60]) == (3, 0)  # worse than its own best: patience runs out
 
 
 def test_the_probe_is_kept_unless_the_gain_is_larger_than_the_validation_noise():

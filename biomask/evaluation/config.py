@@ -50,7 +50,8 @@ class FinetuneSpec(Config):
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
-    # encoder learning rate(s): a list is a grid, chosen on the validation split
+    # encoder learning rate(s): a list is a grid, chosen on the validation split. [] with
+    # fresh_head_lr: fresh-head runs only (the probe still the bar and the fallback)
     lr: float | list[float] = Field(default_factory=lambda: [1.0e-5, 3.0e-5, 1.0e-4])
     head_lr: float | None = Field(None, gt=0)  # None: the encoder's lr (the head starts trained)
     # layer-wise lr decay: block i of n trains at lr * decay^(n - i), the embeddings at lr * decay^n;
@@ -110,12 +111,19 @@ class FinetuneSpec(Config):
         if value is None:
             return value
         grid = [value] if isinstance(value, float | int) else value
-        if not grid or any(v <= 0 for v in grid):
-            raise ValueError("lr: a positive learning rate or a non-empty list of them")
+        if any(v <= 0 for v in grid):
+            raise ValueError("lr: positive learning rates")
         return value
 
     @model_validator(mode="after")
     def _fresh_head_needs_a_probe(self) -> FinetuneSpec:
+        if self.lr == [] and not self.fresh_head_lr:
+            raise ValueError(
+                "lr: [] leaves no run to fine-tune; give a learning rate, or fresh_head_lr for "
+                "fresh-head runs only"
+            )
+        if self.fresh_head_lr == []:
+            raise ValueError("fresh_head_lr: a positive learning rate or a non-empty list of them")
         if self.fresh_head_lr is not None and self.init_head == "random":
             raise ValueError(
                 "fresh_head_lr adds fresh-head runs beside probe-started ones (init_head: probe); with "

@@ -23,7 +23,10 @@
             every ZeRO stage, without copying partitioned weights). The bar to beat is the start: the
             probe's validation score (or the untrained head's). Early stopping after `patience`
             passes without a new best, counted only once `min_epochs` are done — a model is never
-            stopped before it has trained
+            stopped before it has trained. A fresh-head run's patience follows its own passes, not
+            the probe's bar: it starts far below the probe and may still be closing in (a random
+            CNN's fresh head on a coding task, validation log-loss 0.79 → 0.69 in two epochs, the
+            probe at 0.62, was stopped there)
 4. mix      with a probe, the class probabilities of the best-on-validation weights are mixed with the
             probe's (the step-0 model's): (1 - α) probe + α fine-tuned, α from `mix` chosen on
             validation (output-space WiSE-FT, Wortsman et al. 2022). α = 0 is the probe, α = 1 the
@@ -529,6 +532,8 @@ class FinetuneRun:
         self.start_loss = self.history[0]["val_loss"]
         self.best_score = self.start_mcc if settings.select == "mcc" else -self.start_loss
         self.best_step, self.best_val, self.best_test = 0, self.start_val, self.start_test
+        # what patience watches: the run's own best pass (a fresh head has none before it trains)
+        self.own_best = -math.inf if fresh_head else self.best_score
         self.step, self.waited, self.stopped = 0, 0, False
         self._window: list[float] = []
 
@@ -592,9 +597,12 @@ class FinetuneRun:
         val_p = self._validate(self.step, float(np.mean(self._window)))
         self._window = []
         score = val_score(self.settings.select, self.labels[self.val], val_p)
+        improved, self.own_best = score > self.own_best, max(score, self.own_best)
         if score > self.best_score:
             self.best_score, self.best_step, self.waited = score, self.step, 0
             self.best_val, self.best_test = val_p, self._test_probabilities()
+        elif improved:  # below the bar still, but closing in
+            self.waited = 0
         elif self.step >= self.min_steps:  # early stopping counts only once the minimum training is done
             self.waited += 1
             if self.waited >= self.settings.patience:
@@ -710,7 +718,8 @@ def finetune_grid(
     **kwargs: Any,
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr` (and, with a probe, of
-    `settings.fresh_head_lr` with a fresh head), each from a copy of `encoder`; the run with the best
+    `settings.fresh_head_lr` with a fresh head; `lr: []`: those alone), each from a copy of
+    `encoder`; the run with the best
     validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier one).
     With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs` (one
     rung of successive halving), every run first trains that long on the whole budget's schedule;
@@ -721,6 +730,8 @@ def finetune_grid(
 
     fresh = floats(settings.fresh_head_lr) if kwargs.get("probe") is not None else []
     candidates = [(lr, False) for lr in floats(settings.lr)] + [(lr, True) for lr in fresh]
+    if not candidates:  # lr: [] is fresh-head runs only, and those need a probe to stand beside
+        raise ValueError("finetune: no learning rate to run (lr: [] needs fresh_head_lr and a probe)")
     grid: list[dict[str, Any]] = []
 
     def start(candidate: tuple[float, bool]) -> FinetuneRun:
