@@ -719,8 +719,8 @@ def finetune_grid(
 ) -> FinetuneResult:
     """`finetune` once per learning rate of `settings.lr` (and, with a probe, of
     `settings.fresh_head_lr` with a fresh head; `lr: []`: those alone), each from a copy of
-    `encoder`; the run with the best
-    validation score (`settings.select`, after its mix with the probe) wins (ties: the earlier one).
+    `encoder`; the run with the best validation score (`settings.select`, after its mix with the
+    probe) wins (ties: the earlier one).
     With a probe, a grid where no run beats it returns the probe. With `settings.screen_epochs` (one
     rung of successive halving), every run first trains that long on the whole budget's schedule;
     only the best one carries on, from where it stopped, the others are dropped."""
