@@ -59,10 +59,17 @@ def planted_motif_rows(genome: str, n: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
+def _at_least_two(text: str) -> int:
+    n = int(text)
+    if n < 2:  # one of each label at least; argparse turns this into a message and exit 2
+        raise argparse.ArgumentTypeError(f"{n}: at least 2 windows (one bound, one unbound)")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=8000)
+    parser.add_argument("--n", type=_at_least_two, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with gzip.open(fetch("ce2-chrX"), "rt") as handle:

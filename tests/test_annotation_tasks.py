@@ -259,3 +259,12 @@ def test_planted_motif_task_plants_one_motif_in_every_other_window_and_nothing_e
     # each position keeps the consensus base with probability 0.55-0.9: about 8.7 of 12 on average;
     # an all-A stretch matches about 2 (the consensus holds two A's)
     assert np.mean(matches) > 7
+
+
+def test_planted_motif_task_refuses_fewer_than_two_windows_and_writes_nothing(tmp_path):
+    from benchmarks.planted_motif_task import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--n", "0", "--output", str(tmp_path / "planted.csv")])
+    assert stop.value.code == 2
+    assert not list(tmp_path.iterdir())
