@@ -750,13 +750,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command}: the following arguments are required: -c/--config")
     _setup_logging(args.quiet, args.verbose)
     try:
-        if getattr(args, "print_config", False):
-            return cmd_print_config(args)
-        return int(args.func(args) or 0)
+        code = cmd_print_config(args) if getattr(args, "print_config", False) else int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone away shows here, inside the handlers, not at interpreter exit
+        return code
     except BiomaskError as exc:
         print(f"biomask: error: {exc}", file=sys.stderr)
         _report_error(exc)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (`biomask store info S | head`): stop quietly, as `cat` does; stdout
+        # is pointed at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # the file system refused (disk full, read-only, permission denied, a directory for a file):
         # a message naming the path and exit 2, not a traceback; other OSErrors are bugs (traceback)

@@ -230,14 +230,25 @@ class TokenStoreWriter:
             "splits": splits,
         }
         (self.root / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
-        self._warn_thin(splits, manifest.get("label_names"))
+        self._warn_thin(splits, manifest.get("label_names"), (manifest.get("config") or {}).get("split"))
         return full
 
-    def _warn_thin(self, splits: dict[str, dict[str, Any]], label_names: list[str] | None) -> None:
-        """Warn about a store evaluation cannot use as it stands: empty val/test splits, one class."""
+    def _warn_thin(
+        self,
+        splits: dict[str, dict[str, Any]],
+        label_names: list[str] | None,
+        fractions: dict[str, Any] | None = None,
+    ) -> None:
+        """Warn about a store evaluation cannot use as it stands: empty val/test splits (unless
+        configured at 0, as fit_cells' test split is), one class."""
         # the writer's root is the temporary beside the output: name the output itself
         where = self.root.parent / re.sub(r"^\.(.+)\.tmp-[0-9a-f]{8}$", r"\1", self.root.name)
-        empty = [name for name in ("val", "test") if name in splits and splits[name]["num_records"] == 0]
+        fractions = fractions or {}
+        empty = [
+            name
+            for name in ("val", "test")
+            if name in splits and splits[name]["num_records"] == 0 and fractions.get(name) != 0
+        ]
         if empty:
             log.warning(
                 "%s: the %s split%s empty (too few records for the configured fractions?); "

@@ -293,6 +293,7 @@ def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_pa
     vectors = adata.obsm["X_biomask"]
     assert vectors.shape == (adata.n_obs, info["architecture"]["d_model"]) and np.isfinite(vectors).all()
     assert float(vectors.std(0).mean()) > 0  # one vector per cell, not a constant
+    assert adata.uns["X_biomask"]["pooling"] == "cls"  # what the vector is: the cell token, as recorded
 
 
 @pytest.mark.network
@@ -302,6 +303,13 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
 
     with pytest.raises(InputError, match="at least 20"):
         biomask.fit_cells(pbmc68k_adata[:10].copy(), tmp_path / "few", matrix="raw", counts={"mode": "log1p"})
+    # a file of 10 cells: the count is known only once prep has read it, and the store it wrote goes
+    few = tmp_path / "few.h5ad"
+    pbmc68k_adata[:10].copy().write_h5ad(few)
+    args = ("--matrix", "raw", "counts.mode=log1p")
+    code, _out, err = cli("fit-cells", "--input", few, "--output", tmp_path / "few-file", *args)
+    assert code == 2 and "few.h5ad" in err and "at least 20" in err
+    assert not (tmp_path / "few-file").exists()  # nothing half-written
     path = tmp_path / "cells.h5ad"
     pbmc68k_adata.write_h5ad(path)
     code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit", "--matrix", "raw")

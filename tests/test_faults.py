@@ -299,11 +299,43 @@ def test_single_class_set_warns_at_prep_and_evaluate_refuses(tmp_path, cli, spli
 
 def test_empty_validation_split_warns_and_store_mode_evaluate_says_so(tmp_path, cli, splice_rows):
     table = write_table(tmp_path / "in.csv", splice_rows)
-    code, _, err = dna(tmp_path, cli, table, "split.val=0")
+    # a split asked for but too small to hold a record: a warning at prep ...
+    code, _, err = dna(tmp_path, cli, table, "split.val=0.001")
     assert code == 0 and "the val split is empty" in err
+    # ... one configured at 0 is empty on purpose (fit_cells' test split): no warning
+    code, _, err = dna(tmp_path, cli, table, "split.val=0", output=tmp_path / "no-val")
+    assert code == 0 and "split is empty" not in err and (tmp_path / "no-val" / "manifest.json").exists()
     code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "store", mode="store"))
     assert code == 2 and "val split is empty" in err and "splits.mode=store" in err
     assert not (tmp_path / "eval").exists()  # no report whose header claims other fractions
+
+
+def test_output_piped_into_a_reader_that_stops_early(tmp_path, cli, splice_rows):
+    """`biomask store info S | head -0`: the reader closes the pipe; no traceback, exit 141 (SIGPIPE's)."""
+    import sys
+
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    assert dna(tmp_path, cli, table)[0] == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "biomask", "store", "info", str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader goes away before reading
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "Error" not in err
+
+
+def test_a_run_folder_or_a_dna_checkpoint_where_another_checkpoint_is_wanted(tmp_path, cli, dna_checkpoint):
+    """The message says where the checkpoint is, or which kind is needed; nothing is written."""
+    code, _, err = cli("export-hf", "--checkpoint", dna_checkpoint.parent, "--output", tmp_path / "hf")
+    assert code == 2 and f"its checkpoint is {dna_checkpoint}" in err and not (tmp_path / "hf").exists()
+    cells_file = tmp_path / "cells.h5ad"
+    cells_file.write_bytes(b"")  # never read: the checkpoint is checked first
+    args = ("--input", cells_file, "--output", tmp_path / "fit", "--init-from", dna_checkpoint)
+    code, _, err = cli("fit-cells", *args)
+    assert code == 2 and "a dna checkpoint" in err and "gene panel" in err
+    assert not (tmp_path / "fit").exists()
 
 
 # ------------------------------------------------------------------------------------------ cells inputs

@@ -179,6 +179,15 @@ def test_lr_empty_runs_fresh_heads_only_and_keeps_the_probe_as_the_bar(splice, p
             FinetuneSpec(**bad)
 
 
+def test_min_budget_steps_gives_a_small_split_more_epochs_and_max_steps_still_caps(splice, probe):
+    """finetune.min_budget_steps: a budget of a sliver of an epoch (1 step) becomes 5 steps; max_steps
+    caps the floor. Without it the epochs alone set the budget."""
+    common = dict(lrs=[], fresh_head_lr=[1e-3], epochs=0.01, eval_every=1, min_epochs=0, patience=100)
+    assert run(splice, probe, **common).grid[0]["steps"] == 1
+    assert run(splice, probe, **common, min_budget_steps=5).grid[0]["steps"] == 5
+    assert run(splice, probe, **common, min_budget_steps=5, max_steps=3).grid[0]["steps"] == 3
+
+
 def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar():
     """Patience watches a fresh-head run's own passes: validation log-loss falling 0.60 -> 0.43 -> 0.36
     while the probe sits at 0.30 does not stop it (patience 1), a pass that gets worse does, and a

@@ -201,6 +201,10 @@ def _totals_candidates(obs: pd.DataFrame) -> list[str]:
     return [c for c in obs.columns if _TOTALS_NAME.search(str(c)) and pd.api.types.is_numeric_dtype(obs[c])]
 
 
+# the same settings from Python, where these messages also reach users of biomask.embed / fit_cells
+PYTHON_KEYS = " (biomask.embed, biomask.fit_cells: the `matrix=` and `counts={...}` arguments.)"
+
+
 def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig) -> None:
     """Refuse a matrix the configured policy cannot use, saying what was found and what to set."""
     found = summary.describe()
@@ -228,8 +232,13 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
                 "normalised expression with `counts.mode: normalised` (log1p is applied)."
             )
         else:
-            hint = " Scaled values cannot be turned back into counts: use the raw count matrix."
-        raise InputError(f"{source.where}: expected raw counts, found {found}.{look_elsewhere}{hint}")
+            hint = (
+                " Scaled values cannot be turned back into counts or expression: set `matrix:` to the raw "
+                "counts, or to log-normalised values with `counts.mode: log1p`."
+            )
+        raise InputError(
+            f"{source.where}: expected raw counts, found {found}.{look_elsewhere}{hint}{PYTHON_KEYS}"
+        )
     if cfg.mode in ("log1p", "normalised"):  # taken as they are; only what contradicts the mode is refused
         if summary.is_counts:
             raise InputError(

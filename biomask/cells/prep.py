@@ -215,7 +215,8 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
         rng = np.random.default_rng(cfg.split.seed)
         sampled[rng.choice(total, size=min(cfg.hvg.max_cells, total), replace=False)] = True
     target = cfg.normalise.target_sum
-    with tqdm(total=total, unit="cells", desc="scan", leave=False) as bar:
+    # disable=None: a bar on a terminal only, not in a pipeline's log files
+    with tqdm(total=total, unit="cells", desc="scan", leave=False, disable=None) as bar:
         for inp in inputs:
             assert inp.converter is not None and inp.qc is not None and inp.exclude is not None
             inp.keep = np.zeros(inp.source.n_obs, dtype=bool)
@@ -428,7 +429,7 @@ def write_store(
     class_counts = {s: collections.Counter() for s in SPLITS}
     target = cfg.normalise.target_sum
     total = sum(int((inp.splits != NOT_KEPT).sum()) for inp in inputs)
-    with tqdm(total=total, unit="cells", desc="tokenize", leave=False) as bar:
+    with tqdm(total=total, unit="cells", desc="tokenize", leave=False, disable=None) as bar:
         for inp in inputs:
             assert inp.converter is not None and inp.token_map is not None and inp.splits is not None
             obs = inp.source.obs

@@ -100,7 +100,9 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
             open(tmp, "wb") as out,
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {what}", leave=False) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"fetch {what}", leave=False, disable=None
+            ) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -206,7 +206,9 @@ def _genome_windows(
     repeated: list[str] = []  # record names that occur twice in one input
     for inp in inputs:
         size = inp.path.stat().st_size
-        with tqdm(total=size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False) as bar:
+        with tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False, disable=None
+        ) as bar:
             if inp.format == "genbank":
                 blocks = read_genbank_blocks(inp.path, cfg.split.block_size)
             else:

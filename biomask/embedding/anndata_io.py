@@ -68,7 +68,8 @@ def provenance(
         "tokenizer_sha256": (info.get("tokenizer") or {}).get("sha256"),
         "modality": info.get("modality"),
         "layer": layer,
-        "pooling": pooling,
+        # what the vector is: a panel transformer returns its cell token whatever pooling was asked
+        "pooling": getattr(model, "pooling_used", lambda asked: asked)(pooling),
         # the profile autoencoder's latent at unit length (model.embed_norm), or as the layer gives it
         "normalisation": "l2" if getattr(model, "normalises", lambda _: False)(layer) else "none",
         "key": key,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,20 @@ def fit_cells(
     from biomask.training.trainer import pretrain
 
     out = Path(output)
+    out_existed = out.exists()
     init = Path(init_from) if init_from is not None else None
+    if init is not None:  # before anything is written: only a cells panel checkpoint can continue here
+        from biomask.models.pretrained import read_checkpoint_config
+
+        info = read_checkpoint_config(init)
+        if info.get("modality") != "cells" or info.get("scheme") != "panel":
+            what = f"a {info.get('modality')} checkpoint"
+            if info.get("modality") == "cells":
+                what += f" of the {info.get('scheme')} scheme"
+            raise InputError(
+                f"init_from {init}: {what}; fit_cells continues a cells checkpoint trained on a gene "
+                "panel (a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`)"
+            )
     if isinstance(adata, (str, os.PathLike)):
         source = Path(adata)
         adata = None
@@ -136,6 +150,7 @@ def fit_cells(
         source = out / "cells.h5ad"
         _write_h5ad(adata, source)
     store = out / "store"
+    store_existed = store.exists()
     prep_cells(
         _prep_config(
             source,
@@ -148,8 +163,17 @@ def fit_cells(
         ),
         overwrite=overwrite,
     )
-    if len(TokenStore(store).split("train")) < MIN_CELLS:
-        raise InputError(f"{source}: fewer than {MIN_CELLS} cells with counts remain; nothing to train on")
+    n_cells = len(TokenStore(store).split("train"))
+    if n_cells < MIN_CELLS:
+        # what this call wrote is of no use: nothing is left half-done (nothing else is touched)
+        if not out_existed:
+            shutil.rmtree(out)
+        elif not store_existed:
+            shutil.rmtree(store)
+        raise InputError(
+            f"{source}: {n_cells} cells to train on (cells whose values are all zero are dropped, "
+            f"and 5 % are kept for validation); fit_cells needs at least {MIN_CELLS}: give it more cells"
+        )
     cfg = _pretrain_config(
         store,
         out / "pretrain",

@@ -88,8 +88,10 @@ def embed_chunks(
     if cropped:
         log.warning(
             "%d records are longer than the model's %d tokens: they are cut as for evaluation "
-            "(DNA: the first tokens; set dna.window to embed windows instead)",
+            "(DNA: the first tokens; windows of at most %d bases, dna.window=%d, embed every base)",
             cropped,
+            room,
+            room,
             room,
         )
     if umap_color is not None and umap_color not in obs.columns:

@@ -49,6 +49,10 @@ class FinetuneSpec(Config):
     # ends first); neither set: 3 epochs
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    # ... and at least this many steps (None: no floor): on a small training split a few epochs are
+    # a few dozen steps, too few for a fresh head (1,300 records, 3 epochs = 120 steps: the probe
+    # kept in 3 of 3 seeds; 12 epochs: +0.06 MCC over it, docs/dna-models.md). max_steps still caps it
+    min_budget_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     # encoder learning rate(s): a list is a grid, chosen on the validation split. [] with
     # fresh_head_lr: fresh-head runs only (the probe still the bar and the fallback)

@@ -496,6 +496,8 @@ class FinetuneRun:
         self.steps_per_epoch = steps_per_epoch = max(len(self.train_index) // settings.batch_size, 1)
         epochs = settings.epochs if settings.epochs is not None or settings.max_steps is not None else 3.0
         total = max(math.ceil(epochs * steps_per_epoch), 1) if epochs is not None else settings.max_steps
+        if settings.min_budget_steps is not None:  # a small training split: more epochs
+            total = max(total, settings.min_budget_steps)
         if settings.max_steps is not None:
             total = min(total, settings.max_steps)
         self.total = total

@@ -141,3 +141,7 @@ class PanelTransformer(ProfileModel):
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
         return self.features(batch, pooling, layer)
+
+    def pooling_used(self, pooling: str) -> str:
+        """What `embed(..., pooling)` returns, as `uns[key]["pooling"]` records it: the cell token."""
+        return "cls"

@@ -68,7 +68,13 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InputError(f"{directory} is not a biomask checkpoint: it has no config.json") from None
+        inside = directory / "model"
+        hint = (
+            f"; it is a pretrain run: its checkpoint is {inside}"
+            if (inside / "config.json").is_file()
+            else "; give the `model/` directory of a pretrain run"
+        )
+        raise InputError(f"{directory} is not a biomask checkpoint: it has no config.json{hint}") from None
     except ValueError as exc:
         raise InputError(f"{path} is corrupt ({exc}); export the checkpoint again") from None
     if config.get("format") != CHECKPOINT_FORMAT:
