@@ -90,8 +90,8 @@ def check_output(
     if info is None:
         if any(path.iterdir()):
             raise OutputExistsError(
-                f"output directory {path} is not empty and was not written by biomask; "
-                "choose another output path, or pass --overwrite to replace its contents"
+                f"output directory {path} is not empty and was not written by biomask (no run.json); "
+                "choose another output path, or move its contents away"
             )
         return False
     if info.get("fingerprint") == fingerprint:
@@ -105,8 +105,11 @@ def check_output(
 
 def _check_overwritable(path: Path) -> None:
     """--overwrite replaces only what biomask wrote: refuse a directory with anything else in it."""
-    if not path.is_dir():
-        return  # a file output (e.g. an .h5ad) is replaced as a whole by the stage that writes it
+    if not path.is_dir():  # stage outputs are directories: a file here is someone else's
+        raise OutputExistsError(
+            f"output {path} exists and is a file biomask did not write; --overwrite only replaces "
+            "biomask's own outputs. Choose another output path"
+        )
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return

@@ -127,7 +127,54 @@ def test_overwrite_never_deletes_files_biomask_did_not_write(tmp_path, cli, spli
     (foreign / "thesis.tex").write_text("...")
     code, _, err = dna(tmp_path, cli, table, "--overwrite", output=foreign)
     assert code == 2 and "not written by biomask" in err and (foreign / "thesis.tex").exists()
+    # nor a user's file at the output path
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    code, _, err = dna(tmp_path, cli, table, "--overwrite", output=notes)
+    assert code == 2 and "file biomask did not write" in err and notes.read_text() == "precious"
     assert leftovers(tmp_path) == []
+
+
+def test_pretrain_overwrite_replaces_only_its_own_runs_and_never_its_input(tmp_path, cli, splice_rows):
+    """--overwrite on a folder pretrain did not write, or on the store it reads: refused, nothing lost."""
+    table = write_table(tmp_path / "in.csv", splice_rows)
+    store = tmp_path / "store"
+    assert dna(tmp_path, cli, table)[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    base = ("pretrain", "-c", "configs/pretrain/dna-tiny.yaml", f"data.store={store}", "train.steps=2")
+    code, _, err = cli(*base, f"output={mine}", "--overwrite")
+    assert (
+        code == 2
+        and "not written by biomask pretrain" in err
+        and (mine / "keep.txt").read_text() == "precious"
+    )
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for output in (store, store / "run"):  # the store itself, or a folder inside it
+        code, _, err = cli(*base, f"output={output}", "--overwrite")
+        assert code == 2 and str(store) in err and "input" in err
+        assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+def test_embed_overwrite_replaces_only_an_h5ad_biomask_wrote(tmp_path, cli, splice_rows, dna_checkpoint):
+    """An .h5ad output: a user's file is never replaced, even with --overwrite; biomask's own is."""
+    import anndata
+
+    table = write_table(tmp_path / "in.csv", splice_rows[:20])
+    theirs = tmp_path / "theirs.h5ad"
+    anndata.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(theirs)
+    before = theirs.read_bytes()
+    base = ("embed", "--checkpoint", dna_checkpoint, "--input", table)
+    for extra in ((), ("--overwrite",)):
+        code, _, err = cli(*base, "--output", theirs, *extra)
+        assert code == 2 and "not written by biomask embed" in err and theirs.read_bytes() == before
+    ours = tmp_path / "ours.h5ad"
+    assert cli(*base, "--output", ours)[0] == 0
+    code, _, err = cli(*base, "--output", ours, "--pooling", "max")
+    assert code == 2 and "--overwrite" in err  # biomask's, another result: replaced only when asked
+    assert cli(*base, "--output", ours, "--pooling", "max", "--overwrite")[0] == 0
+    assert anndata.read_h5ad(ours).uns["X_biomask"]["pooling"] == "max"
 
 
 def test_stale_temporaries_of_the_same_output_are_cleaned_and_nothing_else(tmp_path, cli, splice_rows):

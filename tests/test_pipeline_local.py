@@ -99,6 +99,8 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
     # `pipeline status` shows the last local run
     code, out, _ = cli("pipeline", "status", run)
     assert code == 0 and "prep_splice/split.seed=1" in out and "ran" in out
+    code, _, err = cli("pipeline", "status", tmp_path / "no-such-run")  # a typo in the path
+    assert code == 2 and "no-such-run does not exist" in err
 
 
 def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):

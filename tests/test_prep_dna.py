@@ -205,6 +205,8 @@ def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):
     ("content", "expected"),
     [
         ("sequence,class\nACGT,a\n", "no label column 'label' in the header (columns: sequence, class)"),
+        ("sequence,class\nACGT,a\n", "set `label_column` on this input (inputs[].label_column)"),
+        ("# my data\nsequence,label\nACGT,a\n", "starts with '#': remove the comment lines above the header"),
         ("sequence,label\nACGT,a\n,b\n", "line 3: empty sequence"),
         ("sequence,label\nACGT,a\nAC1T,b\n", "line 3: letter '1' at position 3"),
         ("sequence,label\n", "has a header but no rows"),

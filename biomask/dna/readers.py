@@ -242,6 +242,13 @@ def _check_genbank_warnings(path: Path, count: int, record_id: str, caught: list
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
+def header_hint(first: str) -> str:
+    """What to say when a table's header lacks a column and its first line is a comment."""
+    if first.lstrip().startswith("#"):
+        return " Line 1 is read as the header and starts with '#': remove the comment lines above the header."
+    return ""
+
+
 def chain_first(first: str, rest: IO[str]) -> Iterator[str]:
     """The lines of `rest` after `first` (a line already read to sniff the format) was given back."""
     yield first
@@ -286,7 +293,8 @@ def read_table(
             if column not in header:
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
-                    f"set input.{role}_column in the config"
+                    f"set `{role}_column` on this input (inputs[].{role}_column) in the config"
+                    + header_hint(first)
                 )
         rows = 0
         for row in reader:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from biomask.dna.cleaning import Cleaner
-from biomask.dna.readers import chain_first, decompression_errors, open_text, read_fasta_blocks
+from biomask.dna.readers import chain_first, decompression_errors, header_hint, open_text, read_fasta_blocks
 from biomask.dna.tokenizers import DNATokenizer, load_tokenizer
 from biomask.embedding.config import DNASpec
 from biomask.errors import InputError
@@ -115,7 +115,7 @@ def read_sequence_table(
             if column is not None and column not in header:
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
-                    f"set dna.{role}_column"
+                    f"set dna.{role}_column" + header_hint(first)
                 )
         with_labels = label_column is not None and label_column in header
         rows: list[dict[str, Any]] = []

@@ -243,25 +243,44 @@ def _targets(cfg: EmbedConfig) -> tuple[Path, bool]:
 
 
 def _file_is_current(path: Path, fingerprint: str, overwrite: bool, key: str) -> bool:
-    """A .h5ad output: reuse it (same fingerprint in uns), or refuse to replace it without --overwrite."""
-    if not path.exists() or overwrite:
+    """A .h5ad output: reuse it (same fingerprint in uns), replace it with --overwrite when biomask
+    embed wrote it, and never replace a file it did not write."""
+    if not path.exists():
         return False
-    import h5py
-
-    found = None
-    try:
-        with h5py.File(path, "r") as handle:
-            node = handle.get(f"uns/{key}/fingerprint")
-            if node is not None:
-                found = node[()].decode() if isinstance(node[()], bytes) else str(node[()])
-    except OSError:
-        pass
-    if found == fingerprint:
+    found = _embed_fingerprints(path)
+    if found.get(key) == fingerprint and not overwrite:
         log.info("embed: %s is up to date (same config, checkpoint and input); reusing it", path)
         return True
+    if not found:
+        raise OutputExistsError(
+            f"output {path} exists and was not written by biomask embed (no embedding provenance in its "
+            "uns); --overwrite only replaces biomask's own outputs. Choose another output (to add the "
+            "embedding to that file itself, give it as the input with overwrite_input: true)"
+        )
+    if overwrite:
+        return False
     raise OutputExistsError(
         f"output {path} exists and holds other results; pass --overwrite to replace it, or choose another output"
     )
+
+
+def _embed_fingerprints(path: Path) -> dict[str, str]:
+    """uns key -> fingerprint of every embedding biomask embed wrote into an .h5ad (empty: none, or
+    not an HDF5 file)."""
+    import h5py
+
+    found: dict[str, str] = {}
+    try:
+        with h5py.File(path, "r") as handle:
+            uns = handle.get("uns")
+            for name in uns.keys() if uns is not None else ():
+                node = uns[name]
+                if isinstance(node, h5py.Group) and "fingerprint" in node and "checkpoint" in node:
+                    value = node["fingerprint"][()]
+                    found[name] = value.decode() if isinstance(value, bytes) else str(value)
+    except OSError:
+        pass
+    return found
 
 
 def resolve_input(value: str) -> Path:

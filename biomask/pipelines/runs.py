@@ -58,4 +58,8 @@ def find_run_dir(target: str | os.PathLike | None) -> Path:
         return path.resolve()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return load_plan(path, check_commands=False).run_dir
-    raise InputError(f"{path} is neither a run directory nor a pipeline file")
+    if not path.exists():
+        raise InputError(
+            f"{path} does not exist; give a pipeline's run directory (its run_dir) or its pipeline file"
+        )
+    raise InputError(f"{path} is neither a run directory nor a pipeline file (.yaml)")

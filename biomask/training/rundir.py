@@ -62,9 +62,16 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
         return "fresh"
     if not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
-    if overwrite:
-        return "fresh"
     info = read_run_info(path)
+    marker = path / IN_PROGRESS
+    if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
+        if info is not None or marker.is_file() or not any(path.iterdir()):
+            return "fresh"
+        raise OutputExistsError(
+            f"output directory {path} is not empty and was not written by biomask pretrain (no run.json "
+            "or in_progress.json); --overwrite only replaces biomask's own runs. Move its contents away "
+            "or choose another output path"
+        )
     if info is not None:
         if info.get("fingerprint") == fingerprint:
             return "done"
@@ -72,7 +79,6 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
             f"output directory {path} holds a finished run of a different config or input"
             f"{_changed_keys(path, config)}\nPass --overwrite to replace it, or choose another output path."
         )
-    marker = path / IN_PROGRESS
     if marker.is_file():
         try:
             state = json.loads(marker.read_text())
@@ -93,7 +99,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     if any(path.iterdir()):
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain; "
-            "choose another output path, or pass --overwrite to replace its contents"
+            "choose another output path, or move its contents away"
         )
     return "fresh"
 

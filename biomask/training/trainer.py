@@ -38,7 +38,7 @@ from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
-from biomask.outputs import atomic_write_text
+from biomask.outputs import atomic_write_text, check_inputs_outside
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
 from biomask.store import TokenStore
@@ -344,7 +344,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         rank=dist_env.rank,
         where=f"{store.root}: split {cfg.data.eval_split!r} (data.eval_split)",
     )
-    # config errors before anything is written
+    # config errors before anything is written; an output that holds the store or the checkpoint it
+    # starts from would be cleared before they are read
+    check_inputs_outside(out, [p for p in (cfg.data.store, cfg.model.init_from) if p])
     ds_config = build_ds_config(cfg, precision=precision, world_size=dist_env.world_size)
     finite.check_optim(cfg)
     check_compile(cfg, device)
