@@ -380,7 +380,7 @@ def cmd_pipeline_templates(args: argparse.Namespace) -> int:
 
     from biomask.pipelines.templates import write_templates
 
-    for path in write_templates(Path(args.out)):
+    for path in write_templates(Path(args.out), overwrite=args.overwrite):
         print(path)
 
 
@@ -678,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         pipe, "templates", cmd_pipeline_templates, "write the plain sbatch templates (pipelines/slurm/)"
     )
     p.add_argument("--out", default="pipelines/slurm", help="directory (default: pipelines/slurm)")
+    p.add_argument("--overwrite", action="store_true", help="replace templates that were edited")
 
     p = command(
         sub,

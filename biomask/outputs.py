@@ -34,7 +34,7 @@ from biomask.errors import (
     describe_os_error,
     is_environment_error,
 )
-from biomask.provenance import read_run_info
+from biomask.provenance import read_run_info, written_by_biomask
 
 # What run.json lists as the files a stage wrote (top-level names), so --overwrite can tell them apart.
 FILES_KEY = "files"
@@ -114,10 +114,11 @@ def _check_overwritable(path: Path) -> None:
     if not entries:
         return
     info = read_run_info(path)
-    if info is None:
+    if not written_by_biomask(info):
         raise OutputExistsError(
-            f"output directory {path} is not empty and was not written by biomask (no run.json); "
-            "--overwrite only replaces biomask's own outputs. Move its contents away or choose another path"
+            f"output directory {path} is not empty and was not written by biomask (no run.json of "
+            "biomask's); --overwrite only replaces biomask's own outputs. Move its contents away or "
+            "choose another path"
         )
     written = info.get(FILES_KEY)
     if written is None:

@@ -110,6 +110,15 @@ def read_run_info(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The `run.json` of an output directory, or None if it has none (or it is unreadable)."""
     path = Path(directory) / "run.json"
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
+
+
+def written_by_biomask(info: dict[str, Any] | None) -> bool:
+    """Whether a run.json is biomask's own (what --overwrite may replace): its stage and fingerprint,
+    not merely a file of that name."""
+    return (
+        info is not None and isinstance(info.get("stage"), str) and isinstance(info.get("fingerprint"), str)
+    )

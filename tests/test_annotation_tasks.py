@@ -53,6 +53,12 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
         "datasets", "task", "gene-starts", "--genome", "no-such", "--output", tmp_path / "x.csv"
     )
     assert code == 2 and "no-such" in err and not (tmp_path / "x.csv").exists()
+    # --overwrite replaces only a task CSV of its own, never a user's file (nor the genome itself)
+    mine = tmp_path / "mine.csv"
+    mine.write_text("id,notes\n1,precious\n")
+    args = ("datasets", "task", "gene-starts", "--genome", "ecoli-k12", "--overwrite", "--output", mine)
+    code, _, err = cli(*args)
+    assert code == 2 and "not a task CSV" in err and mine.read_text() == "id,notes\n1,precious\n"
 
 
 @pytest.mark.network

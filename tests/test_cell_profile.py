@@ -299,7 +299,7 @@ def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_pa
 @pytest.mark.network
 def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata, tmp_path, cli):
     import biomask
-    from biomask.errors import InputError
+    from biomask.errors import InputError, OutputExistsError
 
     with pytest.raises(InputError, match="at least 20"):
         biomask.fit_cells(pbmc68k_adata[:10].copy(), tmp_path / "few", matrix="raw", counts={"mode": "log1p"})
@@ -310,6 +310,13 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
     code, _out, err = cli("fit-cells", "--input", few, "--output", tmp_path / "few-file", *args)
     assert code == 2 and "few.h5ad" in err and "at least 20" in err
     assert not (tmp_path / "few-file").exists()  # nothing half-written
+    # a user's own cells.h5ad in the output folder is not fit_cells' copy: never replaced
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "cells.h5ad").write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match="not fit_cells' copy"):
+        biomask.fit_cells(pbmc68k_adata.copy(), clash, matrix="raw", counts={"mode": "log1p"})
+    assert (clash / "cells.h5ad").read_bytes() == b"mine"
     path = tmp_path / "cells.h5ad"
     pbmc68k_adata.write_h5ad(path)
     code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit", "--matrix", "raw")

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -127,6 +128,9 @@ def test_overwrite_never_deletes_files_biomask_did_not_write(tmp_path, cli, spli
     (foreign / "thesis.tex").write_text("...")
     code, _, err = dna(tmp_path, cli, table, "--overwrite", output=foreign)
     assert code == 2 and "not written by biomask" in err and (foreign / "thesis.tex").exists()
+    (foreign / "run.json").write_text('{"tool": "someone else"}')  # a run.json, but not biomask's
+    code, _, err = dna(tmp_path, cli, table, "--overwrite", output=foreign)
+    assert code == 2 and "not written by biomask" in err and (foreign / "thesis.tex").exists()
     # nor a user's file at the output path
     notes = tmp_path / "notes.txt"
     notes.write_text("precious")
@@ -157,6 +161,23 @@ def test_pretrain_overwrite_replaces_only_its_own_runs_and_never_its_input(tmp_p
         assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
 
 
+def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_path, cli, dna_checkpoint):
+    run = tmp_path / "run"  # a copy of a pretrain run: its checkpoint in run/model
+    shutil.copytree(dna_checkpoint, run / "model")
+    base = ("export-hf", "--checkpoint", run / "model", "--output")
+    code, _, err = cli(*base, run, "--overwrite")  # the run holding the checkpoint
+    assert code == 2 and "contains the run's input" in err and (run / "model" / "config.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    code, _, err = cli(*base, mine, "--overwrite")
+    assert code == 2 and "not a biomask Hugging Face export" in err and (mine / "keep.txt").exists()
+    assert cli(*base, tmp_path / "hf")[0] == 0
+    code, _, err = cli(*base, tmp_path / "hf")
+    assert code == 2 and "--overwrite" in err
+    assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0  # its own export: replaced
+
+
 def test_embed_overwrite_replaces_only_an_h5ad_biomask_wrote(tmp_path, cli, splice_rows, dna_checkpoint):
     """An .h5ad output: a user's file is never replaced, even with --overwrite; biomask's own is."""
     import anndata
@@ -175,6 +196,11 @@ def test_embed_overwrite_replaces_only_an_h5ad_biomask_wrote(tmp_path, cli, spli
     assert code == 2 and "--overwrite" in err  # biomask's, another result: replaced only when asked
     assert cli(*base, "--output", ours, "--pooling", "max", "--overwrite")[0] == 0
     assert anndata.read_h5ad(ours).uns["X_biomask"]["pooling"] == "max"
+    # the UMAP beside a new .h5ad would replace a user's PNG of that name: refused
+    (tmp_path / "new.umap.png").write_bytes(b"my figure")
+    code, _, err = cli(*base, "--output", tmp_path / "new.h5ad", "--umap-color", "label")
+    assert code == 2 and "new.umap.png" in err and (tmp_path / "new.umap.png").read_bytes() == b"my figure"
+    assert not (tmp_path / "new.h5ad").exists()
 
 
 def test_stale_temporaries_of_the_same_output_are_cleaned_and_nothing_else(tmp_path, cli, splice_rows):

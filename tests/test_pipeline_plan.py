@@ -250,3 +250,15 @@ def test_templates_match_what_submit_renders():
         assert on_disk[name] == text, (
             f"pipelines/slurm/{name} is out of date: biomask pipeline templates --out pipelines/slurm"
         )
+
+
+def test_templates_never_replace_an_edited_copy_unless_asked(tmp_path, cli):
+    """The README says to edit the templates in place: rerunning the command keeps the edits."""
+    assert cli("pipeline", "templates", "--out", tmp_path)[0] == 0
+    edited = tmp_path / "pretrain.sbatch"
+    edited.write_text(edited.read_text().replace("#SBATCH", "#SBATCH --account=mylab\n#SBATCH", 1))
+    mine = edited.read_text()
+    code, _, err = cli("pipeline", "templates", "--out", tmp_path)
+    assert code == 2 and "pretrain.sbatch" in err and "--overwrite" in err and edited.read_text() == mine
+    assert cli("pipeline", "templates", "--out", tmp_path, "--overwrite")[0] == 0
+    assert edited.read_text() == render_templates()["pretrain.sbatch"]

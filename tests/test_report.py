@@ -419,6 +419,13 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     assert "│ reused" in out and "│ ran" not in out  # the status table
     assert f"Report: {report_dir / 'report.md'}" in out and "R²MAE vs the best fixed ratio" in out
 
+    # the report written over one of its inputs, --overwrite or not: refused, the input kept
+    config = report_dir / "config.yaml"
+    evaluation = tmp_path / "study" / "evaluate_splice"
+    before = sorted(p.name for p in evaluation.iterdir())
+    code, _, err = cli("report", "-c", config, f"output={evaluation}", "--overwrite")
+    assert code == 2 and "input" in err and sorted(p.name for p in evaluation.iterdir()) == before
+
 
 def test_runs_of_one_scheme_are_named_by_the_seed_and_the_model_keys_that_differ(tmp_path):
     """An ablation sweep (model.mask_indicator true / false) must not give two rows the same name."""

@@ -168,6 +168,22 @@ def test_changed_portable_weights_are_refused_by_embed_and_evaluate(finished, sp
     assert not (tmp_path / "eval").exists()
 
 
+def test_every_tokenizer_file_is_checked_against_its_recorded_hash(finished, tmp_path, cli):
+    """Not only tokenizer.json: a changed file beside it (cells: genes.tsv, the panel's gene order)
+    would re-map the input silently, so each one's sha256 is recorded and checked on load."""
+    model = shutil.copytree(finished / "model", tmp_path / "model")
+    recorded = json.loads((model / "config.json").read_text())["tokenizer"]["files"]
+    assert "tokenizer.json" in recorded and len(recorded) == sum(1 for _ in (model / "tokenizer").iterdir())
+    other = next(name for name in recorded if name != "tokenizer.json")
+    (model / "tokenizer" / other).write_text((model / "tokenizer" / other).read_text() + " ")
+    (tmp_path / "one.fa").write_text(">a\nACGTACGTACGTACGTACGTAAAACCCGGT\n")
+    code, _, err = cli(
+        "embed", "--checkpoint", model, "--input", tmp_path / "one.fa", "--output", tmp_path / "e.h5ad"
+    )
+    assert code == 2 and str(model / "tokenizer" / other) in err and "sha256" in err, err
+    assert not (tmp_path / "e.h5ad").exists()
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, genome_store, tmp_path, cli):
     out = interrupted(finished, tmp_path / "run")
     ckpts = out / "checkpoints"

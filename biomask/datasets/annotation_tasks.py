@@ -289,6 +289,15 @@ def task_windows(
     return TASKS[task](path, length=length, max_per_class=max_per_class, **options)
 
 
+def _is_task_csv(path: Path) -> bool:
+    """A CSV this command wrote: its first line is exactly the header it writes."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().rstrip("\r\n") == "sequence,label,source"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_task(
     task: str,
     genome: str,
@@ -308,8 +317,14 @@ def write_task(
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     output = Path(output).expanduser()
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} exists; pass --overwrite to replace it")
+    if output.exists():
+        if not _is_task_csv(output):  # --overwrite replaces only a task CSV this command wrote
+            raise OutputExistsError(
+                f"output {output} exists and is not a task CSV of biomask's (header sequence,label,source); "
+                "choose another output"
+            )
+        if not overwrite:
+            raise OutputExistsError(f"output {output} exists; pass --overwrite to replace it")
     if genome in datasets.registry():
         path = datasets.fetch(genome)
     elif Path(genome).expanduser().is_file():

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import InputError
+from biomask.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,14 @@ def fit_cells(
             raise InputError(
                 f"fit_cells: the AnnData has {adata.n_obs} cells; at least {MIN_CELLS} are needed"
             )
-        out.mkdir(parents=True, exist_ok=True)
         source = out / "cells.h5ad"
+        if source.exists() and not (out / "store" / "manifest.json").exists():
+            raise OutputExistsError(
+                f"{source} exists but {out} holds no fit_cells store: it is not fit_cells' copy of the "
+                "cells, and would be replaced. Choose another output (or delete the file if an earlier "
+                "fit_cells stopped before its store was written)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
         _write_h5ad(adata, source)
     store = out / "store"
     store_existed = store.exists()

@@ -264,6 +264,10 @@ def _file_is_current(path: Path, fingerprint: str, overwrite: bool, key: str) ->
     )
 
 
+def _png_beside(h5ad: Path) -> Path:
+    return h5ad.with_name(h5ad.name[: -len(".h5ad")] + ".umap.png")
+
+
 def _embed_fingerprints(path: Path) -> dict[str, str]:
     """uns key -> fingerprint of every embedding biomask embed wrote into an .h5ad (empty: none, or
     not an HDF5 file)."""
@@ -319,6 +323,13 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
             return h5ad
     elif h5ad != path and _file_is_current(h5ad, stage.fingerprint, overwrite, cfg.key):
         return h5ad
+    if not directory and cfg.umap.color is not None:  # the PNG beside an .h5ad: only ever our own
+        png = _png_beside(h5ad)
+        if png.exists() and not (h5ad.exists() and _embed_fingerprints(h5ad)):
+            raise OutputExistsError(
+                f"{png} exists and was not written beside an embedding of {h5ad.name}; the UMAP would "
+                "replace it. Move it away, or choose another output name"
+            )
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))
     check_layer(model, cfg.layer)
@@ -353,7 +364,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         with stage.writing(seeds={"umap": cfg.umap.seed}) as tmp:
             produce(tmp / OUTPUT_NAME, tmp / UMAP_NAME if wants_png else None)
     else:
-        png = h5ad.with_name(h5ad.name[: -len(".h5ad")] + ".umap.png")
+        png = _png_beside(h5ad)
         # the PNG goes into place before the h5ad, whose fingerprint marks the output as finished
         with atomic_file(h5ad) as tmp_h5ad, atomic_file(png) as tmp_png:
             produce(tmp_h5ad, tmp_png if wants_png else None)

@@ -139,13 +139,22 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
     }
 
 
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` holds an export this module wrote (its config.json says so)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("biomask") or {}).get("format") == "biomask-hf-export"
+
+
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder of a portable checkpoint (see the module docstring); returns it."""
     from safetensors.torch import save_file
 
     from biomask.embedding.inference import inference_max_length
     from biomask.models import load_pretrained
-    from biomask.outputs import atomic_output_dir
+    from biomask.outputs import atomic_output_dir, check_inputs_outside
 
     checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
     model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
@@ -154,10 +163,18 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
             f"{checkpoint}: model kind {model.config.kind!r} cannot be exported to Hugging Face (kinds "
             "transformer, mlp and cnn can); embed with `biomask embed` or `biomask.embed` instead"
         )
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-    if output.resolve() == checkpoint.resolve():
-        raise InputError(f"output {output} is the checkpoint itself; choose another directory")
+    check_inputs_outside(output, [checkpoint])  # e.g. output=runs/x with checkpoint=runs/x/model
+    if output.exists():
+        if not output.is_dir():
+            raise OutputExistsError(f"output {output} exists and is not a directory; choose another output")
+        if any(output.iterdir()):
+            if not _is_export(output):  # --overwrite replaces only an export biomask wrote
+                raise OutputExistsError(
+                    f"output {output} is not empty and is not a biomask Hugging Face export (no config.json "
+                    "with biomask.format biomask-hf-export); choose another output, or move its contents away"
+                )
+            if not overwrite:
+                raise OutputExistsError(f"output {output} holds an export; pass --overwrite to replace it")
     max_length = inference_max_length(model)
     with atomic_output_dir(output) as tmp:
         save_file(encoder_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})

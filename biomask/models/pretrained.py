@@ -50,7 +50,16 @@ def save_pretrained(
         "version": CHECKPOINT_VERSION,
         "architecture": architecture.to_dict(),
         **info,
-        "tokenizer": {**info.get("tokenizer", {}), "sha256": sha256_file(tokenizer_json)},
+        # every file of tokenizer/ (cells: genes.tsv holds the panel's gene order), checked on load
+        "tokenizer": {
+            **info.get("tokenizer", {}),
+            "sha256": sha256_file(tokenizer_json),
+            "files": {
+                str(f.relative_to(directory / "tokenizer")): sha256_file(f)
+                for f in sorted((directory / "tokenizer").rglob("*"))
+                if f.is_file()
+            },
+        },
         "weights_sha256": sha256_file(directory / WEIGHTS),
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -93,12 +102,15 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     tokenizer_json = directory / "tokenizer" / "tokenizer.json"
     if not tokenizer_json.is_file():
         raise InputError(f"{directory}: tokenizer/tokenizer.json is missing; export the checkpoint again")
-    expected = config.get("tokenizer", {}).get("sha256")
-    if expected and sha256_file(tokenizer_json) != expected:
-        raise InputError(
-            f"{tokenizer_json} does not match the tokenizer this model was trained with "
-            f"(sha256 {expected[:12]}… in config.json); restore the checkpoint's own tokenizer/"
-        )
+    recorded = config.get("tokenizer", {})
+    expected = {"tokenizer.json": recorded.get("sha256"), **(recorded.get("files") or {})}
+    for name, sha in expected.items():  # checkpoints written before "files" was kept: tokenizer.json
+        path = directory / "tokenizer" / name
+        if sha and (not path.is_file() or sha256_file(path) != sha):
+            raise InputError(
+                f"{path} does not match the tokenizer this model was trained with "
+                f"(sha256 {sha[:12]}… in config.json); restore the checkpoint's own tokenizer/"
+            )
     try:
         architecture = EncoderConfig.from_dict(config["architecture"])
     except (KeyError, TypeError, ValueError) as exc:

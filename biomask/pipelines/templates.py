@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from biomask.errors import OutputExistsError
+from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, build_plan, load_plan
 from biomask.pipelines.sbatch import render
 from biomask.pipelines.slurm import job_script
@@ -69,12 +71,25 @@ def render_templates(repo: Path = REPO) -> dict[str, str]:
     }
 
 
-def write_templates(directory: Path) -> list[Path]:
+def write_templates(directory: Path, *, overwrite: bool = False) -> list[Path]:
+    """Write the templates into `directory`. A file there that differs from its template (the user
+    edited it, as the README says to) is replaced only with `overwrite`."""
+    templates = render_templates()
+    edited = [
+        directory / name
+        for name, text in templates.items()
+        if (directory / name).exists() and (directory / name).read_text() != text
+    ]
+    if edited and not overwrite:
+        raise OutputExistsError(
+            f"{', '.join(map(str, edited))}: differ from the templates (edited?); pass --overwrite to "
+            "replace them, or write the templates elsewhere with --out"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_templates().items():
+    for name, text in templates.items():
         path = directory / name
-        path.write_text(text)
+        atomic_write_text(path, text)
         path.chmod(0o755)
         written.append(path)
     return written

@@ -582,10 +582,18 @@ def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
         )
         for run in runs:
             info = read_run_info(run) or {}
-            inputs.append({"name": str(run), "sha256": info.get("fingerprint", "") + info.get("created", "")})
+            fingerprint = info.get("fingerprint", "") + info.get("created", "")
+            # "path": the output may not be, hold or lie inside an input (--overwrite would delete it)
+            inputs.append({"name": str(run), "path": str(run), "sha256": fingerprint})
     if cfg.embedding is not None:
         from biomask.provenance import sha256_file
 
         if Path(cfg.embedding.path).exists():
-            inputs.append({"name": cfg.embedding.path, "sha256": sha256_file(cfg.embedding.path)})
+            inputs.append(
+                {
+                    "name": cfg.embedding.path,
+                    "path": cfg.embedding.path,
+                    "sha256": sha256_file(cfg.embedding.path),
+                }
+            )
     return inputs

@@ -33,7 +33,7 @@ import yaml
 from biomask.config import config_diff
 from biomask.errors import InputError, OutputExistsError
 from biomask.outputs import atomic_write_text
-from biomask.provenance import read_run_info
+from biomask.provenance import read_run_info, written_by_biomask
 
 IN_PROGRESS = "in_progress.json"
 
@@ -65,7 +65,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     info = read_run_info(path)
     marker = path / IN_PROGRESS
     if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
-        if info is not None or marker.is_file() or not any(path.iterdir()):
+        if written_by_biomask(info) or marker.is_file() or not any(path.iterdir()):
             return "fresh"
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain (no run.json "
