@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--n", type=_at_least_two, default=8000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    if args.output.exists() and not args.overwrite:
+        parser.error(f"{args.output} exists; pass --overwrite to replace it")  # exit 2
     with gzip.open(fetch("ce2-chrX"), "rt") as handle:
         genome = str(next(SeqIO.parse(handle, "fasta")).seq).upper()
     rows = planted_motif_rows(genome, args.n, args.seed)

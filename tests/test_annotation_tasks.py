@@ -274,3 +274,8 @@ def test_planted_motif_task_refuses_fewer_than_two_windows_and_writes_nothing(tm
         main(["--n", "0", "--output", str(tmp_path / "planted.csv")])
     assert stop.value.code == 2
     assert not list(tmp_path.iterdir())
+    mine = tmp_path / "mine.csv"  # an existing file is kept unless --overwrite
+    mine.write_text("precious")
+    with pytest.raises(SystemExit) as stop:
+        main(["--n", "4", "--output", str(mine)])
+    assert stop.value.code == 2 and mine.read_text() == "precious"
