@@ -87,7 +87,7 @@ def check_output(
     if not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
     info = read_run_info(path)
-    if info is None:
+    if not written_by_biomask(info):  # no run.json, or someone else's
         if any(path.iterdir()):
             raise OutputExistsError(
                 f"output directory {path} is not empty and was not written by biomask (no run.json); "

@@ -63,9 +63,10 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     if not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
     info = read_run_info(path)
+    info = info if written_by_biomask(info) else None  # a run.json of someone else's: none of ours
     marker = path / IN_PROGRESS
     if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
-        if written_by_biomask(info) or marker.is_file() or not any(path.iterdir()):
+        if info is not None or marker.is_file() or not any(path.iterdir()):
             return "fresh"
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain (no run.json "
