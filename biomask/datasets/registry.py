@@ -6,7 +6,7 @@ URL, or a local path), the sha256 of the extracted file and its licence. Built-i
 (colon-separated), with the same layout.
 
 The cache is `$BIOMASK_DATA_DIR` (default `~/.cache/biomask/data`): `<data dir>/<name>/<file>`.
-A cached file whose sha256 no longer matches is reported and fetched again.
+A cached file whose sha256 no longer matches is set aside (never deleted), reported and fetched again.
 """
 
 from __future__ import annotations
@@ -129,11 +129,22 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
             raise InputError(f"dataset {name!r}: local file {path} does not exist")
         _verify(name, entry, path, action="fix the registry entry's sha256 or restore the file")
         return path
-    if path.exists() and not force:
+    if path.exists():
         digest = sha256_file(path)
-        if digest == entry.sha256:
+        if digest == entry.sha256 and not force:
             return path
-        log.warning("cached %s (%s) is corrupted (sha256 %s…); fetching it again", name, path, digest[:12])
+        if digest != entry.sha256:
+            # Not the registered file: a damaged download, or a file of the user's at this name (a
+            # --data-dir of theirs). Kept beside the fresh copy, never deleted.
+            kept = path.with_name(f"{path.name}.mismatch-{digest[:12]}")
+            path.replace(kept)
+            log.warning(
+                "%s (dataset %s) is not the registered file (sha256 %s…); kept as %s, fetching it again",
+                path,
+                name,
+                digest[:12],
+                kept,
+            )
     root = data_dir(directory)
     tmp = root / name / f".fetch-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True, exist_ok=True)

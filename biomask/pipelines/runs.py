@@ -3,6 +3,7 @@ directory (see plan.py for its layout; a pretraining run's own directory is biom
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,12 +15,63 @@ from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, load_plan
 from biomask.provenance import read_run_info
 
+_RESOLVED_HEADER = "# Resolved from "
+# The records a run directory holds, each with the keys biomask writes: a file of that name without
+# them is the user's (run_dir may be a folder of theirs), and a run must not replace it.
+_RECORDS = {
+    "local-run.json": ("pipeline", "finished", "results"),
+    "jobs.json": ("pipeline", "submitted", "stages"),
+}
+
+
+def _is_resolved_pipeline(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(_RESOLVED_HEADER)
+    except OSError:
+        return False
+
+
+def _is_record(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def check_run_dir(plan: Plan) -> None:
+    """Refuse a run_dir whose pipeline.yaml, local-run.json, jobs.json, logs/ or slurm/ biomask did
+    not write: a run writes those names and would replace them. Checked before any stage runs."""
+    run_dir = plan.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(
+            f"run_dir {run_dir} is a file; set run_dir to a folder (run_dir=... on the command line)"
+        )
+    foreign = []
+    resolved = run_dir / "pipeline.yaml"
+    ours = resolved.is_file() and _is_resolved_pipeline(resolved)
+    if resolved.exists() and not ours:
+        foreign.append("pipeline.yaml")
+    foreign += [
+        n for n, keys in _RECORDS.items() if (run_dir / n).exists() and not _is_record(run_dir / n, keys)
+    ]
+    if not ours:  # logs/ and slurm/ are a run's only with its resolved pipeline beside them
+        foreign += [f"{n}/" for n in ("logs", "slurm") if (run_dir / n).exists()]
+    if foreign:
+        raise InputError(
+            f"run_dir {run_dir} holds {', '.join(foreign)}, which a pipeline run writes, and biomask did "
+            "not write them; set run_dir to another folder (in the pipeline file or run_dir=... on the "
+            "command line)"
+        )
+
 
 def write_resolved(plan: Plan) -> Path:
     """Write the resolved pipeline to run_dir/pipeline.yaml (atomically)."""
+    check_run_dir(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     path = plan.run_dir / "pipeline.yaml"
-    header = f"# Resolved from {plan.source}: every default, reference and sweep task spelled out.\n"
+    header = f"{_RESOLVED_HEADER}{plan.source}: every default, reference and sweep task spelled out.\n"
     atomic_write_text(path, header + yaml.safe_dump(plan.resolved(), sort_keys=False))
     return path
 
