@@ -19,6 +19,7 @@ store: memory is bounded by what a caller touches, and by one shard while writin
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -96,7 +97,7 @@ class SplitWriter:
         self.shard_tokens = int(shard_tokens)
         self._shards: list[dict[str, Any]] = []
         self._lengths: set[int] = set()
-        self.labels_seen: set[int] = set()  # which classes this split holds (for the warnings at finish)
+        self.labels_seen: collections.Counter[int] = collections.Counter()  # records per class (warnings)
         self._reset_buffer()
 
     def _reset_buffer(self) -> None:
@@ -136,7 +137,8 @@ class SplitWriter:
                 raise ValueError(f"record field {name!r} has {arr.size} values for {lengths.size} records")
             self._buf_records[name].append(arr.astype(dtype, copy=False))
             if name == "labels":
-                self.labels_seen.update(np.unique(arr).tolist())
+                values, counts = np.unique(arr, return_counts=True)
+                self.labels_seen.update(dict(zip(values.tolist(), counts.tolist())))
         if meta is None:
             meta = pd.DataFrame(index=range(lengths.size), columns=self.meta_columns)
         if len(meta) != lengths.size:
@@ -258,7 +260,22 @@ class TokenStoreWriter:
                 " is" if len(empty) == 1 else "s are",
             )
         if label_names is not None and "labels" in self.record_fields:
-            present = set().union(*(w.labels_seen for w in self._splits.values()))
+            counts = sum((w.labels_seen for w in self._splits.values()), collections.Counter())
+            present = set(counts)
+            rare = sorted(
+                (n, label_names[i]) for i, n in counts.items() if n < 3 and 0 <= i < len(label_names)
+            )
+            if rare and len(present) >= 2:
+                log.warning(
+                    "%s: %s ha%s fewer than 3 records: a split cannot give training, validation and test "
+                    "one each, so a seed that tests on %s cannot have trained on it (macro-F1 counts it "
+                    "as 0); merge such classes or drop their records",
+                    where,
+                    ", ".join(f"class {name!r} ({n})" for n, name in rare[:10])
+                    + (f" and {len(rare) - 10} more" if len(rare) > 10 else ""),
+                    "s" if len(rare) == 1 else "ve",
+                    "it" if len(rare) == 1 else "them",
+                )
             if len(present) < 2:
                 shown = [label_names[i] for i in sorted(present) if 0 <= i < len(label_names)]
                 log.warning(

@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -225,6 +228,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     import biomask
 
     adata = pbmc68k_adata.copy()
+    adata.obs["mixed"] = [1, "a"] * (adata.n_obs // 2)  # a column h5py cannot store: not fit_cells' concern
     before = set(adata.obsm)
     checkpoint = biomask.fit_cells(
         adata,
@@ -242,6 +246,10 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     info = json.loads((checkpoint / "config.json").read_text())
     assert info["architecture"]["kind"] == "mlp" and info["training"]["steps"] == 60
     assert info["architecture"]["embed_norm"] == "l2"
+    # the copy prep read holds the one matrix it needs, nothing else of the user's AnnData
+    copy = ad.read_h5ad(tmp_path / "mine" / "cells.h5ad")
+    assert copy.X is None and copy.raw.shape == pbmc68k_adata.raw.shape and not copy.layers
+    assert not copy.obsm and list(copy.obs.columns) == [] and set(copy.uns) == {"biomask_fit_cells"}
     # labels were not used: the store has no label column
     store = json.loads((tmp_path / "mine" / "store" / "manifest.json").read_text())
     assert store["label_names"] is None and store["scheme"] == "panel"
@@ -276,6 +284,18 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )  # fmt: skip
     assert json.loads((continued / "config.json").read_text())["architecture"]["embed_norm"] == "l2"
     np.testing.assert_allclose(np.linalg.norm(cont.obsm["X_biomask"], axis=1), 1.0, rtol=1e-5)
+    # an error only prep finds (a panel sharing no gene with the data) names the user's AnnData and
+    # leaves nothing behind: the corrected call starts clean
+    renamed = pbmc68k_adata.copy()
+    renamed.raw = ad.AnnData(
+        renamed.raw.X, var=pd.DataFrame(index=[f"g{i}" for i in range(renamed.raw.n_vars)])
+    )
+    with pytest.raises(InputError) as err:
+        biomask.fit_cells(
+            renamed, tmp_path / "none", matrix="raw", counts={"mode": "log1p"}, init_from=checkpoint
+        )
+    assert "AnnData" in str(err.value) and "cells.h5ad" not in str(err.value)
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.network
@@ -303,6 +323,18 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
 
     with pytest.raises(InputError, match="at least 20"):
         biomask.fit_cells(pbmc68k_adata[:10].copy(), tmp_path / "few", matrix="raw", counts={"mode": "log1p"})
+    # what the AnnData lacks, and a setting that does not exist, are found before anything is written
+    bad = tmp_path / "bad"
+    with pytest.raises(InputError) as err:
+        biomask.fit_cells(pbmc68k_adata, bad)  # X is scaled: no counts there
+    assert "AnnData [X]" in str(err.value) and "It also has raw" in str(err.value)
+    with pytest.raises(InputError, match="gene_column="):
+        biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, gene_column="symbols")
+    with pytest.raises(InputError, match="train.stepz"):
+        biomask.fit_cells(
+            pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}
+        )
+    assert not bad.exists()
     # a file of 10 cells: the count is known only once prep has read it, and the store it wrote goes
     few = tmp_path / "few.h5ad"
     pbmc68k_adata[:10].copy().write_h5ad(few)
@@ -322,7 +354,17 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
     code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit", "--matrix", "raw")
     assert code == 2
     assert "cells.h5ad" in err and "counts.mode" in err  # says what the file holds and what to set
-    assert not (tmp_path / "fit" / "pretrain").exists()
+    assert not (tmp_path / "fit").exists()
+    # a UMAP colour the file lacks, or a file fit-cells does not read, before any training
+    for input_, extra, expected in (
+        (path, ["--umap-color", "celltype"], "no column 'celltype' to colour the UMAP by"),
+        (tmp_path / "cells.loom", [], "sc.read_loom"),
+    ):
+        if not Path(input_).exists():
+            Path(input_).write_bytes(b"")
+        code, _out, err = cli("fit-cells", "--input", input_, "--output", tmp_path / "fit", *args, *extra)
+        assert code == 2 and expected in err, err
+        assert not (tmp_path / "fit").exists()
 
 
 @pytest.mark.network

@@ -4,8 +4,10 @@ its start (what the figure shows) is never cut off on the left by a legend-narro
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from biomask.embedding.plots import fit_title
+from biomask.embedding.plots import fit_title, plot_colours
 
 plt.switch_backend("Agg")
 
@@ -42,3 +44,12 @@ def test_a_short_title_is_left_alone():
     fit_title(ax, "X_biomask, by bulk_labels")
     assert ax.get_title() == "X_biomask, by bulk_labels"
     plt.close(fig)
+
+
+def test_cluster_ids_are_classes_and_a_missing_label_is_no_class():
+    ids = plot_colours(pd.Series(np.arange(30) % 4))
+    assert isinstance(ids.dtype, pd.CategoricalDtype) and list(ids.cat.categories) == ["0", "1", "2", "3"]
+    names = plot_colours(pd.Series(["B", None, np.nan, "T"], dtype=object))
+    assert list(names.cat.categories) == ["B", "T"] and names.isna().sum() == 2
+    depth = pd.Series(np.linspace(0, 1, 30))  # a measurement stays a colour scale
+    assert pd.api.types.is_float_dtype(plot_colours(depth))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 
 import h5py
 import numpy as np
@@ -194,7 +195,7 @@ def test_non_counts_are_refused_with_what_was_found_and_what_to_set(tmp_path, cl
     args = [f"output={out}", f"tokenizer.path={pbmc3k_store}"]
     code, _, err = prep(cli, repo / CFG_68K, *args, "inputs=[{dataset: pbmc68k_reduced}]")
     assert code == 2 and "10x_pbmc68k_reduced.h5ad [X]" in err
-    assert "scaled values (negative values" in err and "set `matrix:`" in err and "raw" in err
+    assert "scaled values (negative values" in err and "point `matrix` at it" in err and "raw" in err
     code, _, err = prep(cli, repo / CFG_68K, *args, "counts.mode=require", "counts.total_counts_column=null")
     assert code == 2 and "[raw]: expected raw counts, found log-transformed values" in err
     assert "counts.mode: from_log1p" in err and "counts.total_counts_column: n_counts" in err
@@ -721,6 +722,36 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     store = TokenStore(out)
     assert code == 0 and store.manifest["stats"]["cells_dropped_missing_label"] == 3
     assert sum(len(store.split(s)) for s in store.splits) == 697
+    # cluster ids stored as floats (a NaN among them), a "nan" string, one cell in a class of its own
+    ids = adata.obs["louvain"].cat.codes.astype(float).to_numpy()
+    ids[[1, 2]] = np.nan
+    adata.obs["cluster"] = ids
+    adata.obs.loc[adata.obs_names[3], "cluster"] = 11.0  # a class of one cell
+    adata.obs["named"] = adata.obs["bulk_labels"].astype(str).replace({"None": "nan"})
+    adata.obs["empty"] = np.nan
+    adata.write_h5ad(path)
+    shutil.rmtree(out)
+    code, _, err = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=cluster",
+        "labels.missing=drop",
+    )  # fmt: skip
+    store = TokenStore(out)
+    assert code == 0 and store.manifest["stats"]["cells_dropped_missing_label"] == 2
+    assert store.manifest["label_names"] == [str(i) for i in range(12)]  # "2" before "10", no "3.0"
+    assert "class '11' (1) has fewer than 3 records" in err
+    shutil.rmtree(out)
+    code, _, _ = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=named",
+        "labels.missing=drop",
+    )  # fmt: skip
+    assert code == 0 and "nan" not in TokenStore(out).manifest["label_names"]  # the written NaN is no class
+    shutil.rmtree(out)
+    code, _, err = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=empty",
+        "labels.missing=drop",
+    )  # fmt: skip
+    assert code == 2 and "no cell has a 'empty' label" in err and "is it the right column" in err
+    assert not out.exists()
 
 
 def test_vocabulary_loaded_back_is_the_saved_one(pbmc3k_store):

@@ -210,7 +210,8 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
     found = summary.describe()
     others = [m for m in source.alternatives if m != source.key]
     look_elsewhere = (
-        f" This file also has {', '.join(others)}: if one holds counts, set `matrix:` to it on this input."
+        f" It also has {', '.join(others)}: if one holds counts, point `matrix` at it (the input's "
+        "`matrix:`, fit-cells' --matrix, Python's matrix=)."
         if others
         else ""
     )

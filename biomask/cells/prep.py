@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,8 +163,12 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
             )
     inp.exclude = np.zeros(inp.source.n_obs, dtype=bool)
     if cfg.labels.column is not None:
-        labels = obs[cfg.labels.column]
-        missing = (labels.isna() | (labels.astype(str).str.strip() == "")).to_numpy()
+        labels, missing = label_strings(obs[cfg.labels.column])
+        if missing.all():
+            raise InputError(
+                f"{inp.source.where}: no cell has a {cfg.labels.column!r} label (every value is empty or "
+                f"NaN); is it the right column (labels.column)? obs columns: {', '.join(map(str, obs.columns))}"
+            )
         if missing.any() and cfg.labels.missing == "error":
             first = int(np.flatnonzero(missing)[0])
             raise InputError(
@@ -171,7 +176,32 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
                 f"{obs.index[first]!r}); set labels.missing: drop to leave them out"
             )
         inp.exclude = missing
-        inp.labels = labels.astype(str).to_numpy(dtype=object)
+        inp.labels = labels
+
+
+# what files write for a missing label (pandas, R, loom writers): never a class of its own
+_MISSING_LABELS = {"", "nan", "none", "null", "na", "<na>"}
+
+
+def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(a column's labels as strings, which cells have none). Cluster ids stored as floats (because
+    of a NaN) read as the integers they are: 3.0 is "3", not "3.0"."""
+    missing = column.isna().to_numpy()
+    values = column.to_numpy(dtype=object)
+    if pd.api.types.is_float_dtype(column.dtype):
+        present = column.to_numpy(dtype=float)[~missing]
+        if np.all(present == np.round(present)):
+            values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
+    strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
+    missing |= np.array([v.strip().lower() in _MISSING_LABELS for v in strings], dtype=bool)
+    return strings, missing
+
+
+def label_order(names: set[str]) -> list[str]:
+    """Class names in order: numerically when every one is an integer (cluster ids 2 before 10)."""
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
@@ -368,7 +398,10 @@ def assign_splits(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
         for inp in inputs:
             dropped.update(inp.qc.dropped)
         reasons = ", ".join(f"{k.removeprefix('cells_dropped_')}: {v:,}" for k, v in dropped.items() if v)
-        raise InputError(f"no cell passes quality control ({reasons}); relax the qc settings")
+        excluded = sum(int(inp.exclude.sum()) for inp in inputs)
+        if excluded:
+            reasons = ", ".join(filter(None, [reasons, f"no label: {excluded:,}"]))
+        raise InputError(f"no cell is left to write ({reasons}); relax the qc settings or check the labels")
     if cfg.split.column is not None:
         codes = [
             split_from_column(inp.source.obs[cfg.split.column].iloc[k], inp.source.where, cfg.split.column)
@@ -404,7 +437,7 @@ def write_store(
 ) -> dict[str, Any]:
     scheme = make_scheme(cfg.tokenizer, vocab)
     label_names = (
-        sorted({str(v) for inp in inputs for v in inp.labels[inp.splits != NOT_KEPT]})
+        label_order({str(v) for inp in inputs for v in inp.labels[inp.splits != NOT_KEPT]})
         if cfg.labels.column
         else None
     )

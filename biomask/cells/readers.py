@@ -507,7 +507,10 @@ def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSourc
         if layer not in adata.layers:
             raise InputError(f"{name}: no layer {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
         values, var = adata.layers[layer], adata.var
-    return _CSRSource(values, name=name, path=Path(name), key=matrix, obs=adata.obs, var=var, alternatives=[])
+    alternatives = ["X", *(["raw"] if adata.raw is not None else []), *(f"layers/{k}" for k in adata.layers)]
+    return _CSRSource(
+        values, name=name, path=Path(name), key=matrix, obs=adata.obs, var=var, alternatives=alternatives
+    )
 
 
 def guess_format(path: Path) -> str:

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import InputError, OutputExistsError
+from biomask.errors import BiomaskError, InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,23 @@ def _prep_config(
     )
 
 
-def _pretrain_config(store: Path, output: Path, *, init_from: Path | None, overrides: dict[str, Any] | None):
+def _pretrain_config(
+    store: Path,
+    output: Path,
+    *,
+    init_from: Path | None,
+    overrides: dict[str, Any] | None,
+    n_train: int | None = None,
+):
+    """The pretrain config; `n_train` (the store's training cells) caps the batch. Without it (before
+    the store exists) the settings are only validated, so a typo fails before anything is written."""
     from biomask.config import apply_overrides, validate_config
-    from biomask.store import TokenStore
     from biomask.training.config import PretrainConfig
 
     data = pretrain_defaults()
     data.update({"data": {"store": str(store)}, "output": str(output)})
-    data["train"]["micro_batch_size"] = min(64, len(TokenStore(store).split("train")))
+    if n_train is not None:
+        data["train"]["micro_batch_size"] = min(64, n_train)
     if init_from is not None:
         data["model"]["init_from"] = str(init_from)
     touched = apply_overrides(data, [f"{k}={v}" for k, v in (overrides or {}).items()])
@@ -114,7 +123,8 @@ def fit_cells(
     `adata.obsm[key]` (in place). Returns the portable checkpoint (`<output>/pretrain/model`), which
     embeds further data in the same space with `biomask.embed`.
 
-    `adata`: an AnnData, or the path of an .h5ad / 10x / loom file. `matrix`, `counts`, `gene_column`:
+    `adata`: an AnnData, or the path of an .h5ad / 10x / loom file (then only pretrained: embed it
+    with `biomask.embed`). `matrix`, `counts`, `gene_column`:
     where the expression is and what it holds, as for `biomask.embed` (log-normalised only:
     `counts={"mode": "log1p"}`). `init_from`: continue a corpus checkpoint on these cells (its gene
     panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
@@ -127,80 +137,143 @@ def fit_cells(
     out_existed = out.exists()
     init = Path(init_from) if init_from is not None else None
     if init is not None:  # before anything is written: only a cells panel checkpoint can continue here
-        from biomask.models.pretrained import read_checkpoint_config
-
-        info = read_checkpoint_config(init)
-        if info.get("modality") != "cells" or info.get("scheme") != "panel":
-            what = f"a {info.get('modality')} checkpoint"
-            if info.get("modality") == "cells":
-                what += f" of the {info.get('scheme')} scheme"
-            raise InputError(
-                f"init_from {init}: {what}; fit_cells continues a cells checkpoint trained on a gene "
-                "panel (a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`)"
-            )
-    if isinstance(adata, (str, os.PathLike)):
-        source = Path(adata)
-        adata = None
-    else:
-        if adata.n_obs < MIN_CELLS:
-            raise InputError(
-                f"fit_cells: the AnnData has {adata.n_obs} cells; at least {MIN_CELLS} are needed"
-            )
-        source = out / "cells.h5ad"
-        if source.exists() and not (out / "store" / "manifest.json").exists():
-            raise OutputExistsError(
-                f"{source} exists but {out} holds no fit_cells store: it is not fit_cells' copy of the "
-                "cells, and would be replaced. Choose another output (or delete the file if an earlier "
-                "fit_cells stopped before its store was written)"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        _write_h5ad(adata, source)
+        _check_init_from(init)
+    in_memory = not isinstance(adata, (str, os.PathLike))
+    source = out / COPY_NAME if in_memory else Path(adata)
     store = out / "store"
-    store_existed = store.exists()
-    prep_cells(
-        _prep_config(
-            source,
-            store,
-            matrix=matrix,
-            counts=counts,
-            gene_column=gene_column,
-            n_top_genes=n_top_genes,
-            init_from=init,
-        ),
-        overwrite=overwrite,
-    )
-    n_cells = len(TokenStore(store).split("train"))
-    if n_cells < MIN_CELLS:
-        # what this call wrote is of no use: nothing is left half-done (nothing else is touched)
-        if not out_existed:
-            shutil.rmtree(out)
-        elif not store_existed:
-            shutil.rmtree(store)
-        raise InputError(
-            f"{source}: {n_cells} cells to train on (cells whose values are all zero are dropped, "
-            f"and 5 % are kept for validation); fit_cells needs at least {MIN_CELLS}: give it more cells"
-        )
-    cfg = _pretrain_config(
-        store,
-        out / "pretrain",
+    settings = {"masking.scheme": masking, "train.seed": seed, **(overrides or {})}
+    # every setting checked before anything is written: a typo costs nothing
+    prep_cfg = _prep_config(
+        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
         init_from=init,
-        overrides={"masking.scheme": masking, "train.seed": seed, **(overrides or {})},
-    )
+    )  # fmt: skip
+    _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
+    if in_memory:
+        _check_anndata(adata, prep_cfg, matrix, gene_column)
+        if source.exists() and not _is_our_copy(source, store):
+            raise OutputExistsError(
+                f"{source} exists and is not fit_cells' copy of the cells, and would be replaced. Choose "
+                "another output"
+            )
+    store_existed = store.exists()
+    copy_existed = source.exists()
+
+    def undo() -> None:
+        """Remove what this call wrote (never a folder or file it found), for a retry to start clean."""
+        if not out_existed:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        if not store_existed:
+            shutil.rmtree(store, ignore_errors=True)
+            if in_memory and not copy_existed:
+                source.unlink(missing_ok=True)
+
+    try:
+        if in_memory:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_copy(adata, source, prep_cfg, matrix, gene_column)
+        prep_cells(prep_cfg, overwrite=overwrite)
+        n_cells = len(TokenStore(store).split("train"))
+        if n_cells < MIN_CELLS:
+            raise InputError(
+                f"{'the AnnData' if in_memory else source}: {n_cells} cells to train on (cells whose values "
+                f"are all zero are dropped, and 5 % are kept for validation); fit_cells needs at least "
+                f"{MIN_CELLS}: give it more cells"
+            )
+    except BiomaskError as exc:
+        undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
+        if in_memory:  # name the user's AnnData, not the copy made for the prep stage
+            exc.args = (str(exc).replace(f"{source} ", "AnnData ").replace(str(source), "AnnData"),)
+        raise
+    cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
     checkpoint = pretrain(cfg, overwrite=overwrite) / "model"
-    if adata is not None:
+    if in_memory:
         embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
 
 
-def _write_h5ad(adata: Any, path: Path) -> None:
-    """The AnnData as the prep stage's input, written under a temporary name then renamed; an
-    unchanged AnnData is not rewritten (so a rerun reuses every stage)."""
+COPY_NAME = "cells.h5ad"
+COPY_MARK = "biomask_fit_cells"  # uns key of the copy: what marks the file as fit_cells' own
+
+
+def _check_init_from(init: Path) -> None:
+    from biomask.models.pretrained import read_checkpoint_config
+
+    info = read_checkpoint_config(init)
+    if info.get("modality") != "cells" or info.get("scheme") != "panel":
+        what = f"a {info.get('modality')} checkpoint"
+        if info.get("modality") == "cells":
+            what += f" of the {info.get('scheme')} scheme"
+        raise InputError(
+            f"init_from {init}: {what}; fit_cells continues a cells checkpoint trained on a gene "
+            "panel (a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`)"
+        )
+
+
+def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
+    """What prep would refuse, found on the AnnData itself (named as such) before a copy is written:
+    too few cells, a missing matrix or gene column, values the counts policy cannot use."""
+    from biomask.cells.counts import check_policy, detect
+    from biomask.cells.genes import gene_names
+    from biomask.cells.readers import from_anndata
+
+    if adata.n_obs < MIN_CELLS:
+        raise InputError(f"fit_cells: the AnnData has {adata.n_obs} cells; at least {MIN_CELLS} are needed")
+    source = from_anndata(adata, matrix, name="AnnData")
+    try:
+        gene_names(source, gene_column, prep_cfg.genes.strip_version)
+    except InputError as exc:
+        raise InputError(f"{exc} (fit_cells: the `gene_column=` argument)") from None
+    check_policy(source, detect(source, prep_cfg.counts, prep_cfg.block_size), prep_cfg.counts)
+
+
+def _is_our_copy(path: Path, store: Path) -> bool:
+    """fit_cells' copy carries its mark in uns (copies written before the mark: a store beside it)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if f"uns/{COPY_MARK}" in handle:
+                return True
+    except OSError:
+        return False
+    return (store / "manifest.json").exists()
+
+
+def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
+    """What the prep stage reads of the AnnData — the one matrix, the gene identifiers, the totals
+    column the counts policy names — as an .h5ad, under a temporary name then renamed. Nothing else
+    (other layers, obsm, uns, obs columns) is copied: a large atlas costs one matrix of disk, and an
+    obs column h5py cannot store does not matter. An unchanged copy is not rewritten (a rerun reuses
+    every stage)."""
+    import anndata as ad
+    import pandas as pd
+
+    from biomask.cells.readers import from_anndata
     from biomask.outputs import atomic_file
     from biomask.provenance import sha256_file
 
+    source = from_anndata(adata, matrix, name="AnnData")
+    keep = [c for c in [prep_cfg.counts.total_counts_column] if c is not None and c in adata.obs]
+    obs = pd.DataFrame(adata.obs[keep].to_numpy(), index=adata.obs_names.astype(str), columns=keep)
+    obs = obs.astype({c: "float64" for c in keep})
+    var_keep = [gene_column] if gene_column is not None else []
+    var = pd.DataFrame(
+        {c: source.var[c].astype(str).to_numpy() for c in var_keep}, index=source.var.index.astype(str)
+    )
+    values = {"X": adata.X, "raw": adata.raw.X if adata.raw is not None else None}.get(matrix)
+    if matrix == "raw":
+        copy = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+        copy.raw = ad.AnnData(X=values, obs=obs, var=var)
+    elif matrix == "X":
+        copy = ad.AnnData(X=values, obs=obs, var=var)
+    else:
+        layer = matrix.split("/", 1)[1]
+        copy = ad.AnnData(obs=obs, var=var, layers={layer: adata.layers[layer]})
+    copy.uns[COPY_MARK] = {"matrix": matrix, "note": "the cells fit_cells trained on (prep's input)"}
     with atomic_file(path) as tmp:
-        adata.write_h5ad(tmp)
+        copy.write_h5ad(tmp)
         if path.exists() and sha256_file(path) == sha256_file(tmp):
             tmp.unlink()  # unchanged: the old file stays
 
@@ -216,20 +289,25 @@ def fit_cells_file(
     """`biomask fit-cells`: `fit_cells` on an .h5ad file, then the embed stage streams the file into
     `<output>/embed/embeddings.h5ad` (the input with `obsm["X_biomask"]`; a UMAP PNG when
     `umap_color` names an obs column). Returns that file."""
+    from biomask.cells.readers import open_matrix
     from biomask.config import validate_config
     from biomask.embedding.config import EmbedConfig
     from biomask.embedding.stage import run_embed
 
     source = Path(path)
-    if not source.is_file():
-        raise InputError(f"{source}: no such file; give the .h5ad of the cells to pretrain on and embed")
+    if not source.is_file() or not source.name.lower().endswith(".h5ad"):
+        what = "no such file" if not source.exists() else "not an .h5ad file"
+        raise InputError(
+            f"{source}: {what}; `biomask fit-cells` reads the .h5ad of the cells to pretrain on and embed. "
+            "For a 10x folder or .h5 or a .loom file, read it with scanpy (sc.read_10x_mtx, sc.read_10x_h5, "
+            "sc.read_loom) and call biomask.fit_cells(adata, ...), or write it as .h5ad first"
+        )
     out = Path(output)
-    checkpoint = fit_cells(source, out, overwrite=overwrite, **settings)
     column = settings.get("gene_column")
-    embed_cfg = validate_config(
+    embed_cfg = validate_config(  # checked before anything is written: a typo costs no training
         EmbedConfig,
         {
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(out / "pretrain" / "model"),
             "input": str(source),
             "output": str(out / "embed"),
             "matrix": settings.get("matrix", "X"),
@@ -240,4 +318,16 @@ def fit_cells_file(
         },
         "fit-cells (embed settings)",
     )
+    if umap_color is not None:
+        matrix = open_matrix(source, "h5ad", embed_cfg.matrix)
+        try:
+            columns = [str(c) for c in matrix.obs.columns]
+        finally:
+            matrix.close()
+        if umap_color not in columns:
+            raise InputError(
+                f"{source}: obs has no column {umap_color!r} to colour the UMAP by (--umap-color); "
+                f"obs columns: {', '.join(columns) or 'none'}"
+            )
+    fit_cells(source, out, overwrite=overwrite, **settings)
     return run_embed(embed_cfg, overwrite=overwrite)

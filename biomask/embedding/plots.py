@@ -12,6 +12,8 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+MAX_INTEGER_CLASSES = 50
+
 
 def umap_png(
     vectors: np.ndarray, colour: pd.Series, path: Path, *, title: str, max_cells: int = 50_000, seed: int = 0
@@ -29,8 +31,7 @@ def umap_png(
     if n > max_cells:
         chosen = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
     obs = pd.DataFrame({colour.name: colour.iloc[chosen].to_numpy()}, index=[str(i) for i in chosen])
-    if not pd.api.types.is_numeric_dtype(obs[colour.name]):
-        obs[colour.name] = obs[colour.name].astype(str).astype("category")
+    obs[colour.name] = plot_colours(obs[colour.name])
     adata = anndata.AnnData(obs=obs, obsm={"X_emb": np.asarray(vectors[chosen], dtype=np.float32)})
     sc.pp.neighbors(adata, use_rep="X_emb", n_neighbors=min(15, max(2, len(chosen) - 1)), random_state=seed)
     sc.tl.umap(adata, random_state=seed)
@@ -42,6 +43,15 @@ def umap_png(
     fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     return {"cells_plotted": len(chosen), "cells": n}
+
+
+def plot_colours(values: pd.Series) -> pd.Series:
+    """An obs column as scanpy should colour it: integer ids with few values (clusters) are classes,
+    not a scale; NaN stays missing (greyed out as "NA"), not a class called "nan"."""
+    discrete = pd.api.types.is_integer_dtype(values) and values.nunique() <= MAX_INTEGER_CLASSES
+    if discrete or not pd.api.types.is_numeric_dtype(values):
+        return values.map(lambda v: None if pd.isna(v) else str(v)).astype("category")
+    return values
 
 
 def fit_title(ax: Any, title: str) -> None:
