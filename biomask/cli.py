@@ -304,6 +304,7 @@ def cmd_store_info(args: argparse.Namespace) -> int:
         "kind": m.get("kind"),
         "tokenizer": m.get("tokenizer"),
         "label_names": m.get("label_names"),
+        "class_counts": m.get("class_counts"),
         "splits": {
             name: {k: s[k] for k in ("num_records", "num_tokens", "fixed_length")}
             | {"shards": len(s["shards"])}

@@ -150,7 +150,10 @@ def _format_errors(
         key = ".".join(str(p) for p in loc) or "(top level)"
         str_loc = tuple(str(p) for p in loc)
         source = origin
-        if any(str_loc[: len(path)] == path for path in overridden):
+        # the error's key is, lies inside or holds a key set on the command line
+        if str_loc and any(
+            str_loc[: len(path)] == path or path[: len(str_loc)] == str_loc for path in overridden
+        ):
             source = f"{origin} (value set on the command line)"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema, loc[:-1])

@@ -265,6 +265,17 @@ class TokenStoreWriter:
             rare = sorted(
                 (n, label_names[i]) for i, n in counts.items() if n < 3 and 0 <= i < len(label_names)
             )
+            variants: dict[str, list[str]] = {}
+            for name in label_names:
+                variants.setdefault(" ".join(str(name).split()).casefold(), []).append(str(name))
+            clashes = [names for names in variants.values() if len(names) > 1]
+            if clashes:
+                log.warning(
+                    "%s: labels %s differ only in case or spaces and are separate classes; if they name "
+                    "one class, make them one in the label column",
+                    where,
+                    "; ".join(" and ".join(repr(n) for n in names) for names in clashes[:5]),
+                )
             if rare and len(present) >= 2:
                 log.warning(
                     "%s: %s ha%s fewer than 3 records: a split cannot give training, validation and test "

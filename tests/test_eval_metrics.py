@@ -36,6 +36,9 @@ def test_seed_summary_and_paired_comparison():
     half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4)
     assert (s["ci_low"], s["ci_high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
     assert format_summary(s).startswith("3.000 ± 1.581 [")
+    # few seeds of a bounded metric: the interval stops at the metric's range
+    tiny = summarize([0.2, 1.0, 0.9], bounds=(-1.0, 1.0))
+    assert tiny["ci_high"] == 1.0 and tiny["ci_low"] < 0.2 and tiny["mean"] == pytest.approx(0.7)
     cmp = paired_comparison([0.9, 0.8, 0.85, 0.95], [0.8, 0.75, 0.8, 0.9])
     assert cmp["mean_difference"] == pytest.approx(0.0625)
     # differences 0.1, 0.05, 0.05, 0.05: t = mean / (sd / sqrt(4)) = 5.0 with 3 df -> p = 0.01539

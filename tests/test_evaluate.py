@@ -52,7 +52,55 @@ def test_baselines_end_to_end(splice_store, tmp_path, cli, repo):
     report = (out / "report.md").read_text()
     assert "| one-hot + LR | onehot_lr |" in report and "±" in report
     assert (out / "confusion-one-hot-lr.csv").exists()
+    assert results["notes"] == [
+        "no checkpoints given (checkpoints.NAME=PATH): the baselines only; the protocols and random_init "
+        "run on checkpoints"
+    ]
+    assert "**Notes:**\n- no checkpoints given" in report
     assert cli(*args)[0] == 0 and "up to date" in cli(*args)[2]  # reused
+
+
+def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
+    """A baseline that cannot run, and a checkpoint pretrained on the records it is tested on, are
+    said in metrics.json and report.md, not only in the log."""
+    from biomask.datasets import fetch
+    from tests.conftest import _pretrain
+
+    rng = np.random.default_rng(0)
+    rows = ["id,sequence,label"]
+    lines = [
+        x for x in fetch("uci-splice").read_text().splitlines() if x.strip() and not x.startswith(("@", "%"))
+    ]
+    for i, line in enumerate(lines[::6]):
+        fields = [f.strip() for f in line.split(",")]
+        rows.append(f"r{i},{''.join(fields[:-1])[: rng.integers(40, 61)]},{fields[-1]}")
+    (tmp_path / "cut.csv").write_text("\n".join(rows) + "\n")
+    store = tmp_path / "store"
+    code, _, err = cli(
+        "prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {tmp_path / 'cut.csv'}}}]",
+        f"output={store}",
+    )  # fmt: skip
+    assert code == 0, err
+    own = _pretrain(
+        "configs/pretrain/dna-tiny.yaml", tmp_path / "own",
+        **{"data.store": store, "data.max_length": 66, "model.max_len": 66, "train.steps": 2},
+    )  # fmt: skip
+    args = ["evaluate", "-c", repo / "configs/evaluate/position-task.yaml", f"store={store}"]
+    args += [f"checkpoints.own={own}", "seeds=[0]", "protocols=[linear_probe]", "random_init=false"]
+    args += ["pooling=mean", "baseline.kmer_k=2"]
+    code, _, err = cli(*args, f"output={tmp_path / 'e1'}")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "e1" / "metrics.json").read_text())["notes"]
+    assert notes[0].startswith("baseline onehot_lr (one-hot + LR) not run: it needs records of one length")
+    assert "motif-task.yaml" in notes[0]
+    assert notes[1].startswith("checkpoint own: pretrained (label-free) on this store's 'train' records")
+    assert "set splits.mode=store" in notes[1]
+    report = (tmp_path / "e1" / "report.md").read_text()
+    assert all(f"- {n}" in report for n in notes)
+    # tested only on the store's test split, which pretraining never read: nothing to say about it
+    code, _, err = cli(*args, f"output={tmp_path / 'e2'}", "splits.mode=store")
+    assert code == 0, err
+    assert not any("own" in n for n in json.loads((tmp_path / "e2" / "metrics.json").read_text())["notes"])
 
 
 def test_store_without_labels_is_refused(genome_store, tmp_path, cli, repo):

@@ -11,7 +11,7 @@ import yaml
 
 from biomask.dna.tokenizers import load_tokenizer
 from biomask.store import TokenStore
-from tests.conftest import leftovers
+from tests.conftest import REPO, leftovers
 
 pytestmark = pytest.mark.network
 
@@ -196,6 +196,25 @@ def test_bad_fasta_inputs(tmp_path, cli, content, name, expected):
     assert name in err and expected in err
 
 
+def test_a_fasta_with_labels_in_its_headers_is_pointed_at_a_table(tmp_path, cli):
+    """A FASTA is a genome to biomask: short records give no windows, and the message says why and
+    that a labelled set is a table; with windows that fit, the store is written with a warning."""
+    rng = np.random.default_rng(0)
+    records = [f">r{i}|label={'ab'[i % 2]}\n{''.join(rng.choice(list('ACGT'), 30))}\n" for i in range(40)]
+    path = tmp_path / "labelled.fa"
+    path.write_text("".join(records))
+    out = tmp_path / "out"
+    cfg = tmp_path / "genome.yaml"
+    cfg.write_text(f"inputs: [{{path: {path}}}]\noutput: {out}\nsplit: {{val: 0.1, test: 0.1}}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg, "windows.length=64")
+    assert code == 2 and "every record is shorter than that (longest: 30 bases, 40 records)" in err
+    assert "'r0|label=a' are names to it, not labels" in err and "CSV/TSV table" in err
+    assert not out.exists()
+    code, _, err = cli("prep", "dna", "-c", cfg, "windows.length=10")
+    assert code == 0 and "a FASTA is read as an unlabelled genome" in err
+    assert TokenStore(out).label_names is None
+
+
 def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):
     code, err = _prep_file(cli, tmp_path, ">r\nACGTRACGT\n", "amb.fa", "cleaning:\n  ambiguous: error\n")
     assert code == 2 and "amb.fa, record 'r': ambiguous letter 'R' at position 5" in err
@@ -210,11 +229,25 @@ def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):
         ("sequence,label\nACGT,a\n,b\n", "line 3: empty sequence"),
         ("sequence,label\nACGT,a\nAC1T,b\n", "line 3: letter '1' at position 3"),
         ("sequence,label\n", "has a header but no rows"),
+        ("sequence;label\nACGT;a\n", "The header looks ';'-separated: set `delimiter: ';'` on this input"),
     ],
 )
 def test_bad_tables(tmp_path, cli, content, expected):
     code, err = _prep_file(cli, tmp_path, content, "set.csv")
     assert code == 2 and "set.csv" in err and expected in err
+
+
+def test_labels_that_differ_in_case_and_rare_classes_are_warned_about(tmp_path, cli):
+    rng = np.random.default_rng(0)
+    labels = ["Coding"] * 20 + ["coding"] * 20 + ["tRNA"] * 2
+    rows = "".join(f"{''.join(rng.choice(list('ACGT'), 12))},{y}\n" for y in labels)
+    path = tmp_path / "set.csv"
+    path.write_text("sequence,label\n" + rows)
+    code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"inputs=[{{path: {path}}}]",
+                       f"output={tmp_path / 'out'}")  # fmt: skip
+    assert code == 0, err
+    assert "labels 'Coding' and 'coding' differ only in case or spaces and are separate classes" in err
+    assert "class 'tRNA' (2) has fewer than 3 records" in err
 
 
 def test_split_column_is_used_and_checked(tmp_path, cli):

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,10 +196,27 @@ class _Deduplicator:
         return keep
 
 
+# a FASTA header that carries a class (">seq1|label=promoter", ">seq1 class:1"): a genome reader ignores it
+LABEL_IN_HEADER = re.compile(r"(label|class|target)\s*[=:]", re.IGNORECASE)
+_TABLE_ADVICE = (
+    "; a FASTA is read as an unlabelled genome, cut into windows (headers such as {example!r} are names "
+    "to it, not labels). For a labelled set, one record per example, give a CSV/TSV table with a "
+    "sequence and a label column (`format: table`; README: `biomask prep dna`)"
+)
+
+
 def _genome_windows(
-    cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, counts: collections.Counter, desc: str
+    cfg: DNAPrepConfig,
+    inputs: list[ResolvedInput],
+    cleaner: Cleaner,
+    counts: collections.Counter,
+    desc: str,
+    header_samples: list[str] | None = None,
+    record_lengths: collections.Counter | None = None,
 ) -> Iterator[tuple[ResolvedInput, WindowBatch]]:
-    """Every window of every input, streamed block by block (memory bounded by the block size)."""
+    """Every window of every input, streamed block by block (memory bounded by the block size).
+    `header_samples` gets the first 20 record names, `record_lengths` the first 10,000 records' lengths
+    (for the messages about inputs that give no windows)."""
     stride = cfg.windows.stride or cfg.windows.length
     budget = cfg.windows.max_bases if cfg.windows.max_bases is not None else float("inf")
     last_record = None
@@ -225,6 +243,12 @@ def _genome_windows(
                         repeated.append(f"{inp.path}: '{record}'")
                     seen.add(last_record)
                 counts["bases"] += len(bases)
+                if header_samples is not None and len(header_samples) < 20 and offset == 0:
+                    header_samples.append(record)
+                if record_lengths is not None and (
+                    len(record_lengths) < 10_000 or last_record in record_lengths
+                ):
+                    record_lengths[last_record] = offset + len(bases)
                 where = f"{inp.path}, record '{record}'"
                 chars, ambiguous = cleaner.clean(bases, where=where, offset=offset)
                 counts["ambiguous_bases"] += int(ambiguous.sum())
@@ -311,7 +335,9 @@ def _prep_genome(
     dedup = (
         _Deduplicator(canonical_strand=cfg.windows.reverse_complement) if cfg.cleaning.deduplicate else None
     )
-    for inp, batch in _genome_windows(cfg, inputs, cleaner, counts, "prep"):
+    header_samples: list[str] = []  # the first record names (labels in headers are a common mistake)
+    record_lengths: collections.Counter = collections.Counter()
+    for inp, batch in _genome_windows(cfg, inputs, cleaner, counts, "prep", header_samples, record_lengths):
         if dedup is not None:
             keep = dedup.keep(batch.windows)
             counts["windows_dropped_duplicate"] += int((~keep).sum())
@@ -327,11 +353,25 @@ def _prep_genome(
                 encoded.lengths, tokens=encoded.values, meta=_window_meta(inp, batch, strand)
             )
             counts[f"windows_{batch.split}"] += len(windows)
+    labelled = [n for n in header_samples if LABEL_IN_HEADER.search(n)]
     if counts["windows_train"] == 0:
+        longest = max(record_lengths.values(), default=0)
+        short = (
+            f"; every record is shorter than that (longest: {longest:,} bases, {counts['records']:,} records)"
+            if 0 < longest < cfg.windows.length
+            else ""
+        )
         raise InputError(
             f"no training windows were produced from {', '.join(str(i.path) for i in inputs)} "
-            f"(windows.length={cfg.windows.length}, cleaning.ambiguous={cfg.cleaning.ambiguous}); "
+            f"(windows.length={cfg.windows.length}, cleaning.ambiguous={cfg.cleaning.ambiguous}{short}); "
             "shorten the windows or relax the cleaning policy"
+            + (_TABLE_ADVICE.format(example=labelled[0]) if labelled or short else "")
+        )
+    if labelled:
+        log.warning(
+            "%s%s",
+            ", ".join(str(i.path) for i in inputs),
+            _TABLE_ADVICE.format(example=labelled[0]).replace("; ", ": ", 1),
         )
     return writer.finish(
         modality="dna",

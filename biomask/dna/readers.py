@@ -242,10 +242,21 @@ def _check_genbank_warnings(path: Path, count: int, record_id: str, caught: list
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
-def header_hint(first: str) -> str:
-    """What to say when a table's header lacks a column and its first line is a comment."""
+def header_hint(first: str, delimiter: str | None = None, settable: bool = True) -> str:
+    """What to say when a table's header lacks a column: its first line is a comment, or the table is
+    separated by a character the reader did not split on."""
     if first.lstrip().startswith("#"):
-        return " Line 1 is read as the header and starts with '#': remove the comment lines above the header."
+        return (
+            ". Line 1 is read as the header and starts with '#': remove the comment lines above the header."
+        )
+    for other in (";", "|", "\t", ","):
+        if other != delimiter and first.count(other) >= 1 and (delimiter is None or delimiter not in first):
+            fix = (
+                f"set `delimiter: {other!r}` on this input"
+                if settable
+                else "give a comma- or tab-separated table"
+            )
+            return f". The header looks {other!r}-separated: {fix}"
     return ""
 
 
@@ -294,7 +305,7 @@ def read_table(
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
                     f"set `{role}_column` on this input (inputs[].{role}_column) in the config"
-                    + header_hint(first)
+                    + header_hint(first, delimiter)
                 )
         rows = 0
         for row in reader:

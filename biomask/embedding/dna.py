@@ -115,7 +115,7 @@ def read_sequence_table(
             if column is not None and column not in header:
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
-                    f"set dna.{role}_column" + header_hint(first)
+                    f"set dna.{role}_column" + header_hint(first, delimiter, settable=False)
                 )
         with_labels = label_column is not None and label_column in header
         rows: list[dict[str, Any]] = []

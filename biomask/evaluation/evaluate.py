@@ -27,6 +27,7 @@ from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
 from biomask.evaluation.methods import Method, Predict
 from biomask.evaluation.metrics import (
     MACRO_F1_NOTE,
+    METRIC_BOUNDS,
     METRICS,
     classification_metrics,
     format_summary,
@@ -148,13 +149,23 @@ def _expression_methods(cfg: EvaluateConfig, name: str) -> list[Method]:
     return methods
 
 
-def baseline_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
+def baseline_methods(
+    cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] | None = None
+) -> list[Method]:
+    """The configured baselines; one that cannot run here is skipped with a warning and a note for
+    the report (`notes`), so a missing bar is never silent."""
     methods = []
+    notes = notes if notes is not None else []
+
+    def skip(message: str) -> None:
+        log.warning("%s", message)
+        notes.append(message)
+
     for name in cfg.baselines:
         if name in ("kmer_lr", "onehot_lr") and data.modality != "dna":
-            log.warning("baseline %s needs DNA; skipped for a %s store", name, data.modality)
+            skip(f"baseline {name} needs DNA; skipped for a {data.modality} store")
         elif name in ("pca_lr", "hvg_lr") and data.modality != "cells":
-            log.warning("baseline %s needs expression; skipped for a %s store", name, data.modality)
+            skip(f"baseline {name} needs expression; skipped for a {data.modality} store")
         elif name in ("pca_lr", "hvg_lr"):
             methods += _expression_methods(cfg, name)
         elif name == "kmer_lr":
@@ -162,8 +173,13 @@ def baseline_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]
             label = f"{ks[0]}-mer" if len(ks) == 1 else "k-mer"  # several k: chosen per seed on val
             methods.append(Method(f"{label} counts + LR", "baseline", name, _kmer_lr(ks)))
         elif name == "onehot_lr":
-            if len({len(s) for s in data.sequences}) != 1:
-                log.warning("one-hot baseline needs fixed-length sequences; skipped")
+            lengths = {len(s) for s in data.sequences}
+            if len(lengths) != 1:
+                skip(
+                    f"baseline onehot_lr (one-hot + LR) not run: it needs records of one length, and these "
+                    f"have {min(lengths):,}–{max(lengths):,} bases (configs/evaluate/motif-task.yaml is the "
+                    "template for records of different lengths)"
+                )
                 continue
             methods.append(Method("one-hot + LR", "baseline", name, _onehot_lr))
     return methods
@@ -192,11 +208,19 @@ def evaluate(
     )
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
-    methods = baseline_methods(cfg, data)
+    notes: list[str] = []
+    methods = baseline_methods(cfg, data, notes)
     if cfg.checkpoints:
         from biomask.evaluation.protocols import model_methods
 
-        methods += model_methods(cfg, data)
+        methods += model_methods(cfg, data, notes)
+    else:
+        message = (
+            "no checkpoints given (checkpoints.NAME=PATH): the baselines only; the protocols and "
+            "random_init run on checkpoints"
+        )
+        log.warning("%s", message)
+        notes.append(message)
     methods += extra_methods or []
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     split_sizes = []  # the records each seed's splits actually hold (the report header prints them)
@@ -215,6 +239,7 @@ def evaluate(
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
         results["split_sizes"] = split_sizes
+        results["notes"] = notes
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(render_report(results))
         for method in methods:
@@ -234,7 +259,7 @@ def _summarise(
 ) -> dict[str, Any]:
     summary = {
         m.name: {
-            metric: summarize([r[metric] for r in per_seed[m.name]])
+            metric: summarize([r[metric] for r in per_seed[m.name]], bounds=METRIC_BOUNDS.get(metric))
             for metric in (*METRICS, *clustering.METRICS, VAL_METRIC)
             if per_seed[m.name] and metric in per_seed[m.name][0]
         }
@@ -311,7 +336,7 @@ def _details(results: dict[str, Any]) -> list[str]:
                 for r in rows
             )
             note = (
-                f" — fine-tuning did not beat the probe on val (beyond its noise: finetune.min_gain_se) in {kept} of {len(rows)} seeds: the probe's predictions"
+                f" — fine-tuning did not beat the probe on val (beyond its noise: finetune.min_gain_se) in {kept} of {len(rows)} seeds, where the row reports the probe's predictions"
                 if kept
                 else ""
             )
@@ -359,6 +384,7 @@ def render_report(results: dict[str, Any]) -> str:
         MACRO_F1_NOTE,
         f"DNA records longer than a model's input: long_records={results.get('long_records', 'first')} "
         "(window: embedded in windows of the model's length, pooled; centre: the middle; refuse: none allowed).",
+        *(["", "**Notes:**", *(f"- {n}" for n in results.get("notes", []))] if results.get("notes") else []),
         "",
         "| method | protocol | accuracy | macro-F1 | MCC |",
         "|---|---|---|---|---|",

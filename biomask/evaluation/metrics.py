@@ -85,8 +85,15 @@ def per_class_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean, sample standard deviation and a t-based confidence interval of per-seed values."""
+# the range a metric can take: a t interval on few seeds can run past it, which no reader can use
+METRIC_BOUNDS = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0), "val_mcc": (-1.0, 1.0)}
+
+
+def summarize(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> dict[str, float]:
+    """Mean, sample standard deviation and a t-based confidence interval of per-seed values (cut to
+    `bounds`, the metric's range, when given)."""
     arr = np.asarray(values, dtype=float)
     n = arr.size
     mean = float(arr.mean()) if n else math.nan
@@ -95,7 +102,10 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, fl
         half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
     else:
         half = math.nan
-    return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    low, high = mean - half, mean + half
+    if bounds is not None and n > 1:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "sd": sd, "ci_low": low, "ci_high": high, "n": n}
 
 
 def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:

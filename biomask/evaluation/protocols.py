@@ -67,6 +67,7 @@ from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
+from biomask.provenance import sha256_file
 from biomask.resources import usable_cores
 
 log = logging.getLogger(__name__)
@@ -282,12 +283,41 @@ def chosen_on_val(probes: list[Method]) -> Method:
     return Method(f"{CHOSEN_ON_VAL} (linear probe)", CHOSEN_ON_VAL, "linear_probe", predict, {"among": names})
 
 
-def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
-    """Methods for every checkpoint × protocol (+ random-init × protocol); see the module docstring."""
+def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) -> str | None:
+    """Why a checkpoint pretrained on this very store sees test records (None: it does not). Label-free,
+    but the baselines never see the test records before they are scored; the split the checkpoint
+    trained on is recorded since 2026-12-05 (before: assumed to be `train`)."""
+    trained = (getattr(model, "checkpoint_info", None) or {}).get("data") or {}
+    if trained.get("manifest_sha256") != sha256_file(data.store.root / "manifest.json"):
+        return None
+    split = trained.get("train_split", "train")
+    if mode == "resample":
+        return (
+            f"pretrained (label-free) on this store's {split!r} records, and splits.mode=resample draws "
+            "test records from them: set splits.mode=store to test only on records it was not pretrained on"
+        )
+    if split != "train":
+        return f"pretrained on this store's {split!r} records, which include test records"
+    return None
+
+
+def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] | None = None) -> list[Method]:
+    """Methods for every checkpoint × protocol (+ random-init × protocol); see the module docstring.
+    What a reader of the report must know about them is added to `notes`."""
     from biomask.evaluation.finetune import finetune_grid
 
+    notes = notes if notes is not None else []
     checked = {name: load_checked(name, path, data) for name, path in cfg.checkpoints.items()}
     models = {name: model for name, (model, _) in checked.items()}
+    seen: dict[str, list[str]] = {}
+    for name in models:
+        why = pretrained_on_these_records(models[name], data, cfg.splits.mode)
+        if why:
+            seen.setdefault(why, []).append(name)
+    for why, names in seen.items():
+        message = f"{'checkpoint' if len(names) == 1 else 'checkpoints'} {', '.join(names)}: {why}"
+        log.warning("%s", message)
+        notes.append(message)
     if RANDOM_INIT in models:
         raise InputError(f"checkpoint name {RANDOM_INIT!r} is reserved for the randomly initialised model")
     if cfg.select_on_val and len(models) < 2:
@@ -463,13 +493,14 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords) -> list[Method]:
     if cfg.random_init and models:
         first = next(iter(models))
         template = models[first]
-        others = {n for n, m in models.items() if m.config != template.config}
+        others = sorted(n for n, m in models.items() if m.config != template.config)
         if others:
-            log.warning(
-                "random-init uses the architecture of %s; %s differ",
-                next(iter(models)),
-                ", ".join(sorted(others)),
+            message = (
+                f"{RANDOM_INIT} is {first}'s architecture, untrained; {', '.join(others)} "
+                f"{'has' if len(others) == 1 else 'have'} another (compare {RANDOM_INIT} with {first} only)"
             )
+            log.warning("%s", message)
+            notes.append(message)
         add(
             RANDOM_INIT,
             lambda seed: random_init(template, seed),

@@ -580,7 +580,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "global_batch": train_data.global_batch,
                     "max_length": max_length,
                 },
-                "data": {"store": str(store.root), "manifest_sha256": manifest_sha},
+                "data": {
+                    "store": str(store.root),
+                    "manifest_sha256": manifest_sha,
+                    "train_split": cfg.data.train_split,
+                },
                 "prep": prep_settings(store),
                 "eval": final_eval,
                 "code": code_version(),
