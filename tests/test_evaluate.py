@@ -101,6 +101,11 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     code, _, err = cli(*args, f"output={tmp_path / 'e2'}", "splits.mode=store")
     assert code == 0, err
     assert not any("own" in n for n in json.loads((tmp_path / "e2" / "metrics.json").read_text())["notes"])
+    # a validation split too small to choose on steadily is said to be
+    code, _, err = cli(*args, f"output={tmp_path / 'e3'}", "splits.val=0.04", "protocols=[]")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "e3" / "metrics.json").read_text())["notes"]
+    assert any(n.startswith("the validation split holds 2") and "are noisy" in n for n in notes), notes
 
 
 def test_store_without_labels_is_refused(genome_store, tmp_path, cli, repo):

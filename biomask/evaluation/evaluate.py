@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # The validation score of a model protocol (the MCC on the seed's val split of the model the protocol
 # selected there): what a study may choose among pretrained models by without looking at test.
 VAL_METRIC = "val_mcc"
+SMALL_VAL = 30  # fewer validation records than this: the choices made on them are said to be noisy
 
 # ------------------------------------------------------------------------------------------- baselines
 
@@ -236,6 +237,14 @@ def evaluate(
             per_seed[method.name].append(
                 {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names), **details}
             )
+    smallest_val = min(s["val"] for s in split_sizes)
+    if smallest_val < SMALL_VAL:
+        message = (
+            f"the validation split holds {smallest_val} records in at least one seed: the choices made on it "
+            "(C, k, pooling, the fine-tuning step) are noisy; more records, or a larger splits.val, steady them"
+        )
+        log.warning("%s", message)
+        notes.append(message)
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
         results["split_sizes"] = split_sizes
