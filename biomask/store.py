@@ -278,9 +278,9 @@ class TokenStoreWriter:
                 )
             if rare and len(present) >= 2:
                 log.warning(
-                    "%s: %s ha%s fewer than 3 records: a split cannot give training, validation and test "
-                    "one each, so a seed that tests on %s cannot have trained on it (macro-F1 counts it "
-                    "as 0); merge such classes or drop their records",
+                    "%s: %s ha%s fewer than 3 records: training, validation and test cannot each get "
+                    "one, and a seed whose test split holds %s may have trained on none (macro-F1 then "
+                    "counts it as 0); merge such classes or drop their records",
                     where,
                     ", ".join(f"class {name!r} ({n})" for n, name in rare[:10])
                     + (f" and {len(rare) - 10} more" if len(rare) > 10 else ""),
@@ -295,6 +295,14 @@ class TokenStoreWriter:
                     where,
                     ", ".join(map(str, shown)) or "none",
                 )
+
+
+def label_order(names: set[str]) -> list[str]:
+    """Class names in the order a store numbers them: numerically when every one is an integer
+    (cluster ids: 2 before 10; "7" before "007"), else as text."""
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
 
 
 # --------------------------------------------------------------------------------------------- reading

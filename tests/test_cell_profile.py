@@ -296,6 +296,26 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
         )
     assert "AnnData" in str(err.value) and "cells.h5ad" not in str(err.value)
     assert not (tmp_path / "none").exists()
+    # an output written by fit_cells before the slim copy (the whole AnnData, unmarked, with its store)
+    # is reused as it was: the same call does not meet "different input data"
+    from biomask.cells.prep import prep_cells
+    from biomask.embedding.fit import _prep_config
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    pbmc68k_adata.write_h5ad(legacy / "cells.h5ad")
+    prep_cells(
+        _prep_config(
+            legacy / "cells.h5ad", legacy / "store", matrix="raw", counts={"mode": "log1p"}, gene_column=None,
+            n_top_genes=2000, init_from=None,
+        )
+    )  # fmt: skip
+    store_time = (legacy / "store" / "manifest.json").stat().st_mtime_ns
+    biomask.fit_cells(
+        pbmc68k_adata.copy(), legacy, matrix="raw", counts={"mode": "log1p"},
+        overrides={"train.steps": 10, "train.checkpoint_every": 10},
+    )  # fmt: skip
+    assert (legacy / "store" / "manifest.json").stat().st_mtime_ns == store_time
 
 
 @pytest.mark.network

@@ -746,11 +746,12 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     )  # fmt: skip
     assert code == 0 and "nan" not in TokenStore(out).manifest["label_names"]  # the written NaN is no class
     shutil.rmtree(out)
-    code, _, err = prep(
-        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=empty",
-        "labels.missing=drop",
-    )  # fmt: skip
+    empty = [*args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=empty"]
+    code, _, err = prep(cli, repo / CFG_68K, *empty)
     assert code == 2 and "no cell has a 'empty' label" in err and "is it the right column" in err
+    code, _, err = prep(cli, repo / CFG_68K, *empty, "labels.missing=drop")
+    assert code == 2 and "no cell has a 'empty' label; all 700 are left out" in err
+    assert "no cell is left to write (no label: 700)" in err
     assert not out.exists()
 
 

@@ -207,12 +207,16 @@ def test_a_fasta_with_labels_in_its_headers_is_pointed_at_a_table(tmp_path, cli)
     cfg = tmp_path / "genome.yaml"
     cfg.write_text(f"inputs: [{{path: {path}}}]\noutput: {out}\nsplit: {{val: 0.1, test: 0.1}}\n")
     code, _, err = cli("prep", "dna", "-c", cfg, "windows.length=64")
-    assert code == 2 and "every record is shorter than that (longest: 30 bases, 40 records)" in err
+    assert code == 2 and "the records read are shorter than that (longest: 30 bases, 40 records)" in err
     assert "'r0|label=a' are names to it, not labels" in err and "CSV/TSV table" in err
     assert not out.exists()
     code, _, err = cli("prep", "dna", "-c", cfg, "windows.length=10")
     assert code == 0 and "a FASTA is read as an unlabelled genome" in err
     assert TokenStore(out).label_names is None
+    # plain headers, records too short: the same message (a table, if these are examples)
+    path.write_text("".join(r.replace("|label=a", "").replace("|label=b", "") for r in records))
+    code, _, err = cli("prep", "dna", "-c", cfg, "windows.length=64", f"output={tmp_path / 'plain'}")
+    assert code == 2 and "longest: 30 bases" in err and "headers such as 'r0' are names" in err
 
 
 def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):

@@ -109,3 +109,11 @@ def test_batch_and_single_appends_give_the_same_store(tmp_path):
     )
     assert shard_a["files"]["tokens"]["sha256"] == shard_b["files"]["tokens"]["sha256"]
     assert shard_a["files"]["offsets"]["sha256"] == shard_b["files"]["offsets"]["sha256"]
+
+
+def test_class_order_is_numeric_for_integer_ids_and_stable():
+    from biomask.store import label_order
+
+    assert label_order({"10", "2", "1"}) == ["1", "2", "10"]
+    assert label_order({"007", "7", "1"}) == ["1", "007", "7"]  # ties broken by text, whatever the hash seed
+    assert label_order({"b", "A", "10"}) == ["10", "A", "b"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, token_dtype
+from biomask.store import TokenStoreWriter, label_order, token_dtype
 from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -164,12 +163,17 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
     inp.exclude = np.zeros(inp.source.n_obs, dtype=bool)
     if cfg.labels.column is not None:
         labels, missing = label_strings(obs[cfg.labels.column])
-        if missing.all():
+        if missing.all() and cfg.labels.missing == "error":
             raise InputError(
                 f"{inp.source.where}: no cell has a {cfg.labels.column!r} label (every value is empty or "
                 f"NaN); is it the right column (labels.column)? obs columns: {', '.join(map(str, obs.columns))}"
             )
-        if missing.any() and cfg.labels.missing == "error":
+        if missing.all():
+            log.warning(
+                "%s: no cell has a %r label; all %s are left out (labels.missing: drop)",
+                inp.source.where, cfg.labels.column, f"{missing.size:,}",
+            )  # fmt: skip
+        elif missing.any() and cfg.labels.missing == "error":
             first = int(np.flatnonzero(missing)[0])
             raise InputError(
                 f"{inp.source.where}: {int(missing.sum()):,} cells have no {cfg.labels.column!r} label (first: "
@@ -186,22 +190,17 @@ _MISSING_LABELS = {"", "nan", "none", "null", "na", "<na>"}
 def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(a column's labels as strings, which cells have none). Cluster ids stored as floats (because
     of a NaN) read as the integers they are: 3.0 is "3", not "3.0"."""
+    if isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_float_dtype(column.cat.categories):
+        column = column.astype(float)
     missing = column.isna().to_numpy()
     values = column.to_numpy(dtype=object)
     if pd.api.types.is_float_dtype(column.dtype):
         present = column.to_numpy(dtype=float)[~missing]
-        if np.all(present == np.round(present)):
+        if np.all(np.isfinite(present)) and np.all(present == np.round(present)):
             values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
     strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
     missing |= np.array([v.strip().lower() in _MISSING_LABELS for v in strings], dtype=bool)
     return strings, missing
-
-
-def label_order(names: set[str]) -> list[str]:
-    """Class names in order: numerically when every one is an integer (cluster ids 2 before 10)."""
-    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
 
 
 def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:

@@ -50,7 +50,7 @@ from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, token_dtype
+from biomask.store import TokenStoreWriter, label_order, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def _prep_genome(
     if counts["windows_train"] == 0:
         longest = max(record_lengths.values(), default=0)
         short = (
-            f"; every record is shorter than that (longest: {longest:,} bases, {counts['records']:,} records)"
+            f"; the records read are shorter than that (longest: {longest:,} bases, {counts['records']:,} records)"
             if 0 < longest < cfg.windows.length
             else ""
         )
@@ -365,7 +365,7 @@ def _prep_genome(
             f"no training windows were produced from {', '.join(str(i.path) for i in inputs)} "
             f"(windows.length={cfg.windows.length}, cleaning.ambiguous={cfg.cleaning.ambiguous}{short}); "
             "shorten the windows or relax the cleaning policy"
-            + (_TABLE_ADVICE.format(example=labelled[0]) if labelled or short else "")
+            + (_TABLE_ADVICE.format(example=(labelled or header_samples)[0]) if labelled or short else "")
         )
     if labelled:
         log.warning(
@@ -521,7 +521,7 @@ def _prep_labelled(
                 )
             splits.append(value)
 
-    label_names = sorted({row.label for row, _ in kept})
+    label_names = label_order({row.label for row, _ in kept})
     label_index = {name: i for i, name in enumerate(label_names)}
     tokenizer = make_tokenizer(
         cfg.tokenizer, lambda: (seq for (_, seq), s in zip(kept, splits) if s == "train")

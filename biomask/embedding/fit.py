@@ -182,8 +182,12 @@ def fit_cells(
             )
     except BiomaskError as exc:
         undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
+        message = str(exc)
         if in_memory:  # name the user's AnnData, not the copy made for the prep stage
-            exc.args = (str(exc).replace(f"{source} ", "AnnData ").replace(str(source), "AnnData"),)
+            message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
+        if isinstance(exc, OutputExistsError) and "overwrite=True" not in message:
+            message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
+        exc.args = (message,)
         raise
     cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
     checkpoint = pretrain(cfg, overwrite=overwrite) / "model"
@@ -214,6 +218,8 @@ def _check_init_from(init: Path) -> None:
 def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
     """What prep would refuse, found on the AnnData itself (named as such) before a copy is written:
     too few cells, a missing matrix or gene column, values the counts policy cannot use."""
+    import pandas as pd
+
     from biomask.cells.counts import check_policy, detect
     from biomask.cells.genes import gene_names
     from biomask.cells.readers import from_anndata
@@ -225,17 +231,33 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
         gene_names(source, gene_column, prep_cfg.genes.strip_version)
     except InputError as exc:
         raise InputError(f"{exc} (fit_cells: the `gene_column=` argument)") from None
+    totals = prep_cfg.counts.total_counts_column
+    if totals is not None and totals in adata.obs and not pd.api.types.is_numeric_dtype(adata.obs[totals]):
+        raise InputError(
+            f"AnnData: obs column {totals!r} (counts.total_counts_column) is not numeric "
+            f"({adata.obs[totals].dtype}); it must hold each cell's total counts"
+        )
     check_policy(source, detect(source, prep_cfg.counts, prep_cfg.block_size), prep_cfg.counts)
 
 
-def _is_our_copy(path: Path, store: Path) -> bool:
-    """fit_cells' copy carries its mark in uns (copies written before the mark: a store beside it)."""
+def _is_marked(path: Path) -> bool:
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
-            if f"uns/{COPY_MARK}" in handle:
-                return True
+            return f"uns/{COPY_MARK}" in handle
+    except OSError:  # not HDF5: not ours
+        return False
+
+
+def _is_our_copy(path: Path, store: Path) -> bool:
+    """fit_cells' copy carries its mark in uns (copies written before the mark: a store beside it)."""
+    if _is_marked(path):
+        return True
+    try:
+        import h5py
+
+        h5py.File(path, "r").close()
     except OSError:
         return False
     return (store / "manifest.json").exists()
@@ -250,17 +272,27 @@ def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column:
     import anndata as ad
     import pandas as pd
 
+    from biomask.cells.genes import gene_names
     from biomask.cells.readers import from_anndata
     from biomask.outputs import atomic_file
     from biomask.provenance import sha256_file
 
+    if path.exists() and not _is_marked(path):
+        # fit_cells of before 2026-12-05 copied the whole AnnData: keep doing so for such an output, so
+        # that the same call still reuses every stage it wrote (a slim copy would be new input to prep)
+        with atomic_file(path) as tmp:
+            adata.write_h5ad(tmp)
+            if sha256_file(path) == sha256_file(tmp):
+                tmp.unlink()
+        return
     source = from_anndata(adata, matrix, name="AnnData")
     keep = [c for c in [prep_cfg.counts.total_counts_column] if c is not None and c in adata.obs]
     obs = pd.DataFrame(adata.obs[keep].to_numpy(), index=adata.obs_names.astype(str), columns=keep)
     obs = obs.astype({c: "float64" for c in keep})
     var_keep = [gene_column] if gene_column is not None else []
+    # the identifiers as prep reads them (gene_names: a missing one is "", not "None")
     var = pd.DataFrame(
-        {c: source.var[c].astype(str).to_numpy() for c in var_keep}, index=source.var.index.astype(str)
+        {c: list(gene_names(source, c, False)) for c in var_keep}, index=source.var.index.astype(str)
     )
     values = {"X": adata.X, "raw": adata.raw.X if adata.raw is not None else None}.get(matrix)
     if matrix == "raw":

@@ -46,12 +46,20 @@ def umap_png(
 
 
 def plot_colours(values: pd.Series) -> pd.Series:
-    """An obs column as scanpy should colour it: integer ids with few values (clusters) are classes,
-    not a scale; NaN stays missing (greyed out as "NA"), not a class called "nan"."""
-    discrete = pd.api.types.is_integer_dtype(values) and values.nunique() <= MAX_INTEGER_CLASSES
-    if discrete or not pd.api.types.is_numeric_dtype(values):
+    """An obs column as scanpy should colour it: integer ids with few values (clusters; also stored as
+    floats because of a NaN) are classes in numeric order, not a scale; NaN stays missing (greyed out
+    as "NA"), not a class called "nan"."""
+    if not pd.api.types.is_numeric_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype):
         return values.map(lambda v: None if pd.isna(v) else str(v)).astype("category")
-    return values
+    present = values.dropna().to_numpy(dtype=float)
+    ids = np.all(np.isfinite(present)) and np.all(present == np.round(present))  # 3.0 (a NaN among ints)
+    if not ids or values.nunique() > MAX_INTEGER_CLASSES:
+        return values  # a measurement: a colour scale
+    names = values.map(lambda v: None if pd.isna(v) else str(int(v)))
+    order = sorted({int(v) for v in present})
+    return pd.Series(
+        pd.Categorical(names, categories=[str(v) for v in order]), index=values.index, name=values.name
+    )
 
 
 def fit_title(ax: Any, title: str) -> None:

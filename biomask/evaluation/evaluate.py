@@ -215,7 +215,7 @@ def evaluate(
         from biomask.evaluation.protocols import model_methods
 
         methods += model_methods(cfg, data, notes)
-    else:
+    elif not extra_methods:
         message = (
             "no checkpoints given (checkpoints.NAME=PATH): the baselines only; the protocols and "
             "random_init run on checkpoints"

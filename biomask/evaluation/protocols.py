@@ -296,8 +296,13 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
             f"pretrained (label-free) on this store's {split!r} records, and splits.mode=resample draws "
             "test records from them: set splits.mode=store to test only on records it was not pretrained on"
         )
+    if split == "test":
+        return "pretrained (label-free) on this store's test records, the ones it is scored on"
     if split != "train":
-        return f"pretrained on this store's {split!r} records, which include test records"
+        return (
+            f"pretrained (label-free) on this store's {split!r} records, on which the choices (C, pooling, "
+            "the fine-tuning step) are made"
+        )
     return None
 
 
