@@ -245,6 +245,7 @@ def test_labels_that_differ_in_case_and_rare_classes_are_warned_about(tmp_path, 
     rng = np.random.default_rng(0)
     labels = ["Coding"] * 20 + ["coding"] * 20 + ["tRNA"] * 2
     rows = "".join(f"{''.join(rng.choice(list('ACGT'), 12))},{y}\n" for y in labels)
+    rows += rows.splitlines(keepends=True)[0] * 3  # three copies of a Coding record
     path = tmp_path / "set.csv"
     path.write_text("sequence,label\n" + rows)
     code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"inputs=[{{path: {path}}}]",
@@ -252,6 +253,7 @@ def test_labels_that_differ_in_case_and_rare_classes_are_warned_about(tmp_path, 
     assert code == 0, err
     assert "labels 'Coding' and 'coding' differ only in case or spaces and are separate classes" in err
     assert "class 'tRNA' (2) has fewer than 3 records" in err
+    assert "exact duplicates removed, per class: Coding 3" in err
 
 
 def test_split_column_is_used_and_checked(tmp_path, cli):

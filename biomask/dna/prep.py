@@ -486,6 +486,7 @@ def _prep_labelled(
             kept.append((row, chars.tobytes().decode("ascii")))
 
     if policy.deduplicate:
+        by_class: collections.Counter = collections.Counter()
         groups: dict[str, list[int]] = collections.defaultdict(list)
         for i, (_, seq) in enumerate(kept):
             groups[seq].append(i)
@@ -501,8 +502,14 @@ def _prep_labelled(
                 counts["dropped_conflicting_labels"] += len(members)
                 continue
             counts["dropped_duplicate"] += len(members) - 1
+            by_class[kept[members[0]][0].label] += len(members) - 1
             survivors.append(members[0])
         kept = [kept[i] for i in sorted(survivors)]
+        if by_class:  # a class that loses most of its records to duplicates is worth knowing about
+            log.info(
+                "exact duplicates removed, per class: %s",
+                ", ".join(f"{label} {n:,}" for label, n in by_class.most_common()),
+            )
     if not kept:
         raise InputError("no sequences left after cleaning; relax the cleaning policy")
 

@@ -655,22 +655,27 @@ class FinetuneRun:
             best_test = chosen_test.argmax(1)
             val_mcc = val_score("mcc", labels[self.val], chosen_val)
             val_loss = -val_score("log_loss", labels[self.val], chosen_val)
+        outcome = (
+            "the probe kept (no fine-tuned step beat it on val)"
+            if alpha == 0.0
+            else f"best at step {best_step}"
+            + (f", mixed with the probe at α {alpha:.2f}" if alpha < 1.0 else "")
+        )
         log.info(
-            "fine-tune (seed %d, lr %.1e%s, ZeRO-%d): best val %s at step %d of %d (%d per epoch); "
-            "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f (mixed with the start at α %.2f)",
+            "fine-tune (seed %d, lr %.1e%s, ZeRO-%d): %d steps run (%d per epoch), chosen by val %s: %s; "
+            "val MCC %.3f -> %.3f, log-loss %.3f -> %.3f",
             self.seed,
             self.lr,
             ", fresh head" if self.fresh_head else "",
             settings.zero_stage,
-            "log-loss" if select == "log_loss" else "MCC",
-            best_step,
             self.step,
             self.steps_per_epoch,
+            "log-loss" if select == "log_loss" else "MCC",
+            outcome,
             start_mcc,
             val_mcc,
             start_loss,
             val_loss,
-            alpha,
         )
         if alpha == 0.0:
             source = "probe" if probe is not None else "untrained"
