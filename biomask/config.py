@@ -142,7 +142,11 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
 
 
 def _format_errors(
-    schema: type[BaseModel], exc: ValidationError, origin: str, overridden: set[tuple[str, ...]]
+    schema: type[BaseModel],
+    exc: ValidationError,
+    origin: str,
+    overridden: set[tuple[str, ...]],
+    overridden_where: str = "on the command line",
 ) -> str:
     lines = []
     for err in exc.errors():
@@ -154,7 +158,7 @@ def _format_errors(
         if str_loc and any(
             str_loc[: len(path)] == path or path[: len(str_loc)] == str_loc for path in overridden
         ):
-            source = f"{origin} (value set on the command line)"
+            source = f"{origin} (value set {overridden_where})"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema, loc[:-1])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
@@ -169,13 +173,20 @@ def _format_errors(
 
 
 def validate_config(
-    schema: type[C], data: dict[str, Any], origin: str, overridden: set[tuple[str, ...]] | None = None
+    schema: type[C],
+    data: dict[str, Any],
+    origin: str,
+    overridden: set[tuple[str, ...]] | None = None,
+    overridden_where: str = "on the command line",
 ) -> C:
-    """Validate a mapping against a schema, turning pydantic's errors into a `ConfigError`."""
+    """Validate a mapping against a schema, turning pydantic's errors into a `ConfigError`
+    (`overridden`: the keys set `overridden_where`, named in the message)."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(schema, exc, origin, overridden or set())) from None
+        raise ConfigError(
+            _format_errors(schema, exc, origin, overridden or set(), overridden_where)
+        ) from None
 
 
 def load_config(schema: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:

@@ -297,6 +297,10 @@ class TokenStoreWriter:
                 )
 
 
+# what files write for a missing label (pandas, R, loom writers): never a class of its own
+MISSING_LABELS = frozenset({"", "nan", "none", "null", "na", "<na>"})
+
+
 def label_order(names: set[str]) -> list[str]:
     """Class names in the order a store numbers them: numerically when every one is an integer
     (cluster ids: 2 before 10; "7" before "007"), else as text."""

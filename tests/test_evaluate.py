@@ -87,7 +87,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     )  # fmt: skip
     args = ["evaluate", "-c", repo / "configs/evaluate/position-task.yaml", f"store={store}"]
     args += [f"checkpoints.own={own}", "seeds=[0]", "protocols=[linear_probe]", "random_init=false"]
-    args += ["pooling=mean", "baseline.kmer_k=2"]
+    args += ["baseline.kmer_k=2"]  # pooling auto: concat cannot apply to records of several lengths
     code, _, err = cli(*args, f"output={tmp_path / 'e1'}")
     assert code == 0, err
     notes = json.loads((tmp_path / "e1" / "metrics.json").read_text())["notes"]
@@ -95,6 +95,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert "motif-task.yaml" in notes[0]
     assert notes[1].startswith("checkpoint own: pretrained (label-free) on this store's 'train' records")
     assert "set splits.mode=store" in notes[1]
+    assert "concat pooling not tried: it needs records of one length" in notes[2]
     report = (tmp_path / "e1" / "report.md").read_text()
     assert all(f"- {n}" in report for n in notes)
     # tested only on the store's test split, which pretraining never read: nothing to say about it

@@ -49,8 +49,8 @@ def test_a_short_title_is_left_alone():
 def test_cluster_ids_are_classes_and_a_missing_label_is_no_class():
     ids = plot_colours(pd.Series(np.arange(30) % 4))
     assert isinstance(ids.dtype, pd.CategoricalDtype) and list(ids.cat.categories) == ["0", "1", "2", "3"]
-    names = plot_colours(pd.Series(["B", None, np.nan, "T"], dtype=object))
-    assert list(names.cat.categories) == ["B", "T"] and names.isna().sum() == 2
+    names = plot_colours(pd.Series(["B", None, np.nan, "T", "nan", "NA"], dtype=object))
+    assert list(names.cat.categories) == ["B", "T"] and names.isna().sum() == 4  # as prep reads them
     with_nan = plot_colours(pd.Series([10.0, 2.0, np.nan, 1.0] * 5))  # cluster ids kept as floats
     assert list(with_nan.cat.categories) == ["1", "2", "10"] and with_nan.isna().sum() == 5
     nullable = plot_colours(pd.Series([1, None, 2], dtype="Int64"))

@@ -51,7 +51,7 @@ from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, label_order, token_dtype
+from biomask.store import MISSING_LABELS, TokenStoreWriter, label_order, token_dtype
 from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,6 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
         inp.labels = labels
 
 
-# what files write for a missing label (pandas, R, loom writers): never a class of its own
-_MISSING_LABELS = {"", "nan", "none", "null", "na", "<na>"}
-
-
 def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(a column's labels as strings, which cells have none). Cluster ids stored as floats (because
     of a NaN) read as the integers they are: 3.0 is "3", not "3.0"."""
@@ -199,7 +195,7 @@ def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         if np.all(np.isfinite(present)) and np.all(present == np.round(present)):
             values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
     strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
-    missing |= np.array([v.strip().lower() in _MISSING_LABELS for v in strings], dtype=bool)
+    missing |= np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
     return strings, missing
 
 
@@ -543,7 +539,9 @@ def write_store(
         },
         label_names=label_names,
         label_column=cfg.labels.column,
-        class_counts={s: dict(sorted(c.items())) for s, c in class_counts.items()} if label_names else None,
+        class_counts={s: {n: c[n] for n in label_names if n in c} for s, c in class_counts.items()}
+        if label_names
+        else None,
         gene_id_column=cfg.genes.column,
         coverage={inp.name: inp.coverage for inp in inputs},
         counts={inp.name: {"mode": cfg.counts.mode, **inp.summary.as_dict()} for inp in inputs},

@@ -502,7 +502,8 @@ def _prep_labelled(
                 counts["dropped_conflicting_labels"] += len(members)
                 continue
             counts["dropped_duplicate"] += len(members) - 1
-            by_class[kept[members[0]][0].label] += len(members) - 1
+            if len(members) > 1:
+                by_class[kept[members[0]][0].label] += len(members) - 1
             survivors.append(members[0])
         kept = [kept[i] for i in sorted(survivors)]
         if by_class:  # a class that loses most of its records to duplicates is worth knowing about
@@ -545,7 +546,8 @@ def _prep_labelled(
     for split in SPLITS:
         members = [i for i, s in enumerate(splits) if s == split]
         part = writer.split(split)
-        class_counts[split] = dict(collections.Counter(kept[i][0].label for i in members))
+        found = collections.Counter(kept[i][0].label for i in members)
+        class_counts[split] = {n: found[n] for n in label_names if n in found}
         if not members:
             continue
         encoded = tokenizer.encode_batch([kept[i][1] for i in members])

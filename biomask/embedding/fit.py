@@ -101,7 +101,13 @@ def _pretrain_config(
     if init_from is not None:
         data["model"]["init_from"] = str(init_from)
     touched = apply_overrides(data, [f"{k}={v}" for k, v in (overrides or {}).items()])
-    return validate_config(PretrainConfig, data, "fit_cells (pretrain settings)", touched)
+    return validate_config(
+        PretrainConfig,
+        data,
+        "fit_cells (pretrain settings)",
+        touched,
+        "by overrides=, or a fit-cells KEY=VALUE",
+    )
 
 
 def fit_cells(

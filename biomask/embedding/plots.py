@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biomask.store import MISSING_LABELS
+
 log = logging.getLogger(__name__)
 
 MAX_INTEGER_CLASSES = 50
@@ -50,7 +52,9 @@ def plot_colours(values: pd.Series) -> pd.Series:
     floats because of a NaN) are classes in numeric order, not a scale; NaN stays missing (greyed out
     as "NA"), not a class called "nan"."""
     if not pd.api.types.is_numeric_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype):
-        return values.map(lambda v: None if pd.isna(v) else str(v)).astype("category")
+        # a written NaN ("nan", "NA", ...) is missing, as `prep cells` reads it
+        missing = lambda v: pd.isna(v) or str(v).strip().lower() in MISSING_LABELS  # noqa: E731
+        return values.map(lambda v: None if missing(v) else str(v)).astype("category")
     present = values.dropna().to_numpy(dtype=float)
     ids = np.all(np.isfinite(present)) and np.all(present == np.round(present))  # 3.0 (a NaN among ints)
     if not ids or values.nunique() > MAX_INTEGER_CLASSES:

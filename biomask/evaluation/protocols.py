@@ -409,6 +409,12 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         probes = Probes(features, n_classes)
         one_length = len({len(r["tokens"]) for r in records()}) <= 1
         candidates = pooling_candidates(cfg.pooling, model_for_seed(0), one_length, name)
+        asked = list(POOLINGS_AUTO) if cfg.pooling == "auto" else cfg.pooling
+        if "concat" in asked and "concat" not in candidates and not one_length:
+            message = "concat pooling not tried: it needs records of one length, and these have several"
+            if message not in notes:
+                log.warning("%s", message)
+                notes.append(message)
         choice = PoolingChoice(candidates, probes)
         info = {"inputs": inputs(name, model_for_seed(0), max_length, records), "poolings": candidates}
         # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
