@@ -110,7 +110,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"command-line override {item!r}: {where} is a value, not a section")
+                hint = ""
+                if isinstance(child, list):  # e.g. inputs.0.path=...: lists are set whole
+                    first = child[0] if child else None
+                    item_form = (
+                        f"{{{next(iter(first))}: ...}}" if isinstance(first, dict) and first else "..."
+                    )
+                    hint = f"; a list is set whole: '{where}=[{item_form}, ...]'"
+                raise ConfigError(f"command-line override {item!r}: {where} is a value, not a section{hint}")
             node = child
         node[parts[-1]] = value
         touched.add(parts)

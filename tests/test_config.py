@@ -118,3 +118,11 @@ def test_deepspeed_stage_auto_is_zero0_alone_and_zero2_across_processes():
     assert build_ds_config(cfg, precision="fp32", world_size=4)["zero_optimization"]["stage"] == 2
     pinned = PretrainConfig.model_validate({"data": {"store": "s"}, "output": "o", "deepspeed": {"stage": 3}})
     assert build_ds_config(pinned, precision="fp32", world_size=1)["zero_optimization"]["stage"] == 3
+
+
+def test_an_override_into_a_list_shows_how_to_set_the_list(cli, repo):
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", "inputs.0.path=x.csv")
+    assert (
+        code == 2
+        and "inputs is a value, not a section; a list is set whole: 'inputs=[{dataset: ...}, ...]'" in err
+    )
