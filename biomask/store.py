@@ -301,6 +301,22 @@ class TokenStoreWriter:
 MISSING_LABELS = frozenset({"", "nan", "none", "null", "na", "<na>"})
 
 
+def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(a column's labels as strings, which records have none). Cluster ids stored as floats (because
+    of a NaN) read as the integers they are: 3.0 is "3", not "3.0"; a written NaN is missing."""
+    if isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_float_dtype(column.cat.categories):
+        column = column.astype(float)
+    missing = column.isna().to_numpy()
+    values = column.to_numpy(dtype=object)
+    if pd.api.types.is_float_dtype(column.dtype):
+        present = column.to_numpy(dtype=float)[~missing]
+        if np.all(np.isfinite(present)) and np.all(present == np.round(present)):
+            values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
+    strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
+    missing |= np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
+    return strings, missing
+
+
 def label_order(names: set[str]) -> list[str]:
     """Class names in the order a store numbers them: numerically when every one is an integer
     (cluster ids: 2 before 10; "7" before "007"), else as text."""

@@ -51,7 +51,7 @@ from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import MISSING_LABELS, TokenStoreWriter, label_order, token_dtype
+from biomask.store import TokenStoreWriter, label_order, label_strings, token_dtype
 from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -181,22 +181,6 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
             )
         inp.exclude = missing
         inp.labels = labels
-
-
-def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(a column's labels as strings, which cells have none). Cluster ids stored as floats (because
-    of a NaN) read as the integers they are: 3.0 is "3", not "3.0"."""
-    if isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_float_dtype(column.cat.categories):
-        column = column.astype(float)
-    missing = column.isna().to_numpy()
-    values = column.to_numpy(dtype=object)
-    if pd.api.types.is_float_dtype(column.dtype):
-        present = column.to_numpy(dtype=float)[~missing]
-        if np.all(np.isfinite(present)) and np.all(present == np.round(present)):
-            values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
-    strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
-    missing |= np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
-    return strings, missing
 
 
 def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:

@@ -246,27 +246,21 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
     check_policy(source, detect(source, prep_cfg.counts, prep_cfg.block_size), prep_cfg.counts)
 
 
-def _is_marked(path: Path) -> bool:
+def _is_marked(path: Path) -> bool | None:
+    """Whether an .h5ad carries fit_cells' mark (None: not HDF5 at all, so not ours)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
             return f"uns/{COPY_MARK}" in handle
-    except OSError:  # not HDF5: not ours
-        return False
+    except OSError:
+        return None
 
 
 def _is_our_copy(path: Path, store: Path) -> bool:
     """fit_cells' copy carries its mark in uns (copies written before the mark: a store beside it)."""
-    if _is_marked(path):
-        return True
-    try:
-        import h5py
-
-        h5py.File(path, "r").close()
-    except OSError:
-        return False
-    return (store / "manifest.json").exists()
+    marked = _is_marked(path)
+    return marked is not None and (marked or (store / "manifest.json").exists())
 
 
 def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from biomask.store import MISSING_LABELS
+from biomask.store import label_order, label_strings
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +48,18 @@ def umap_png(
 
 
 def plot_colours(values: pd.Series) -> pd.Series:
-    """An obs column as scanpy should colour it: integer ids with few values (clusters; also stored as
-    floats because of a NaN) are classes in numeric order, not a scale; NaN stays missing (greyed out
-    as "NA"), not a class called "nan"."""
-    if not pd.api.types.is_numeric_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype):
-        # a written NaN ("nan", "NA", ...) is missing, as `prep cells` reads it
-        missing = lambda v: pd.isna(v) or str(v).strip().lower() in MISSING_LABELS  # noqa: E731
-        return values.map(lambda v: None if missing(v) else str(v)).astype("category")
-    present = values.dropna().to_numpy(dtype=float)
-    ids = np.all(np.isfinite(present)) and np.all(present == np.round(present))  # 3.0 (a NaN among ints)
-    if not ids or values.nunique() > MAX_INTEGER_CLASSES:
-        return values  # a measurement: a colour scale
-    names = values.map(lambda v: None if pd.isna(v) else str(int(v)))
-    order = sorted({int(v) for v in present})
-    return pd.Series(
-        pd.Categorical(names, categories=[str(v) for v in order]), index=values.index, name=values.name
-    )
+    """An obs column as scanpy should colour it: labels, and integer ids with few values (clusters;
+    also stored as floats because of a NaN), are classes named and ordered as `prep` names them, not
+    a scale; a missing label (NaN, or a written "nan") is greyed out as "NA", not a class."""
+    if pd.api.types.is_numeric_dtype(values) and not isinstance(values.dtype, pd.CategoricalDtype):
+        present = values.dropna().to_numpy(dtype=float)
+        ids = np.all(np.isfinite(present)) and np.all(present == np.round(present))
+        if not ids or values.nunique() > MAX_INTEGER_CLASSES:
+            return values  # a measurement: a colour scale
+    strings, missing = label_strings(values)
+    names = np.where(missing, None, strings)
+    categories = label_order(set(strings[~missing]))
+    return pd.Series(pd.Categorical(names, categories=categories), index=values.index, name=values.name)
 
 
 def fit_title(ax: Any, title: str) -> None:
