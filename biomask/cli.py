@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from biomask import __version__
-from biomask.errors import BiomaskError
+from biomask.errors import BiomaskError, InputError
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
@@ -351,11 +351,14 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
     import json
 
-    from biomask.pipelines.runs import find_run_dir
+    from biomask.pipelines.runs import find_run_dir, run_in_progress
     from biomask.pipelines.slurm import job_states
     from biomask.pipelines.tables import local_table, show, slurm_table
 
     run_dir = find_run_dir(args.target)
+    holder = run_in_progress(run_dir)
+    if holder is not None and not args.json:
+        print(f"a `biomask pipeline run` is in progress in {run_dir} ({holder}); its log: {run_dir / 'logs'}")
     if (run_dir / "jobs.json").exists():
         states = job_states(run_dir)
         if args.json:
@@ -373,7 +376,9 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
             results = [TaskResult(**r) for r in data["results"]]
             show(local_table(f"last local run of {run_dir} ({data['finished']})", results))
         return 0
-    raise BiomaskError(f"{run_dir}: neither jobs.json nor local-run.json; run or submit the pipeline first")
+    if holder is not None:  # the first run, not finished yet
+        return 0
+    raise InputError(f"{run_dir}: neither jobs.json nor local-run.json; run or submit the pipeline first")
 
 
 def cmd_pipeline_templates(args: argparse.Namespace) -> int:

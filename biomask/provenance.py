@@ -10,6 +10,7 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import socket
@@ -36,6 +37,21 @@ def sha256_json(obj: Any) -> str:
     """Hex sha256 of an object's canonical JSON (sorted keys): a stable fingerprint."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def strict_json(obj: Any) -> str:
+    """JSON any parser reads: a NaN or infinite number (an interval over one seed) is written null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
 
 
 def code_version() -> dict[str, Any]:

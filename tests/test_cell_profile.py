@@ -187,7 +187,7 @@ def test_pretrained_profile_embedding_beats_the_random_network(
 
 @pytest.mark.network
 def test_scmae_trains_through_the_trainer_and_switches_objective_on_continuing(
-    profile_checkpoint, panel_store, tmp_path
+    profile_checkpoint, panel_store, tmp_path, caplog
 ):
     """model.objective is the run's choice: continuing an mae checkpoint with scmae starts a new swap
     detector on its encoder and decoder, and continuing that with mae drops the detector again."""
@@ -206,9 +206,16 @@ def test_scmae_trains_through_the_trainer_and_switches_objective_on_continuing(
     info = json.loads((swapped / "config.json").read_text())
     assert info["architecture"]["objective"] == "scmae"
     assert 0.0 < info["eval"]["mean_loss"] < 1.5  # the swapped genes' MSE, next to the gene mean's 1.0
-    back = load_pretrained(_pretrain("configs/pretrain/cells-mlp.yaml", tmp_path / "mae", **keys,
-                                     **{"model.init_from": swapped}))  # fmt: skip
+    # the lineage: where the weights started and the steps behind them
+    assert info["init_from"] == {"path": str(profile_checkpoint), "sha256": start.checkpoint_info["weights_sha256"],
+                                 "steps": 400}  # fmt: skip
+    # a size the checkpoint's weights contradict is not used, and the log says so
+    with caplog.at_level("WARNING", logger="biomask"):
+        back = load_pretrained(_pretrain("configs/pretrain/cells-mlp.yaml", tmp_path / "mae",
+                                         **{**keys, "model.d_ff": 64}, **{"model.init_from": swapped}))  # fmt: skip
     assert back.config.objective == "mae" and not hasattr(back, "swap_head")
+    assert back.config.d_ff == 128 and "not used: model.d_ff=64 (the checkpoint's: 128)" in caplog.text
+    assert json.loads((tmp_path / "mae" / "model" / "config.json").read_text())["init_from"]["steps"] == 410
 
 
 # ------------------------------------------------------------------------------- the user's own cells
@@ -275,6 +282,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     shutil.copytree(checkpoint, older)
     config = json.loads((older / "config.json").read_text())
     del config["architecture"]["embed_norm"]
+    del config["config_sha256"]  # written before config.json recorded its own digest
     (older / "config.json").write_text(json.dumps(config))
     assert load_pretrained(older).config.embed_norm == "none"
     cont = pbmc68k_adata.copy()
@@ -330,6 +338,9 @@ def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_pa
     )  # fmt: skip
     info = json.loads((checkpoint / "config.json").read_text())
     assert info["architecture"]["kind"] == "panel_transformer" and info["training"]["steps"] == 8
+    # the kind's own recipe (configs/pretrain/cells-panel-transformer.yaml), not the mlp's
+    assert (info["masking"]["ratio"]["low"], info["masking"]["ratio"]["high"]) == (0.1, 0.75)
+    assert info["masking"]["corruption"]["kind"] == "mae"
     vectors = adata.obsm["X_biomask"]
     assert vectors.shape == (adata.n_obs, info["architecture"]["d_model"]) and np.isfinite(vectors).all()
     assert float(vectors.std(0).mean()) > 0  # one vector per cell, not a constant
@@ -337,7 +348,9 @@ def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_pa
 
 
 @pytest.mark.network
-def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata, tmp_path, cli):
+def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
+    pbmc68k_adata, profile_checkpoint, tmp_path, cli
+):
     import biomask
     from biomask.errors import InputError, OutputExistsError
 
@@ -354,6 +367,19 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}
         )
+    # a count likelihood on values taken as normalised, and a damaged checkpoint to continue: found
+    # before the prep they would waste (and the store that would then block the corrected retry)
+    with pytest.raises(InputError, match=r"model.loss=poisson needs raw counts .* counts.mode=log1p"):
+        biomask.fit_cells(
+            pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"model.loss": "poisson"}
+        )
+    damaged = tmp_path / "damaged"
+    shutil.copytree(profile_checkpoint, damaged)
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(InputError, match=r"damaged/model.safetensors is corrupt or was changed"):
+        biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, init_from=damaged)
     assert not bad.exists()
     # a file of 10 cells: the count is known only once prep has read it, and the store it wrote goes
     few = tmp_path / "few.h5ad"
@@ -385,6 +411,31 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(pbmc68k_adata
         code, _out, err = cli("fit-cells", "--input", input_, "--output", tmp_path / "fit", *args, *extra)
         assert code == 2 and expected in err, err
         assert not (tmp_path / "fit").exists()
+
+
+@pytest.mark.network
+def test_a_fit_cells_rerun_redoes_only_the_stages_its_settings_change(pbmc68k_adata, tmp_path, cli):
+    """Another UMAP colour embeds again (no flag: the embedding is fit-cells' own) without training
+    again; another training setting needs --overwrite and trains again on the same prepared cells."""
+    path = tmp_path / "cells.h5ad"
+    pbmc68k_adata.write_h5ad(path)
+    out = tmp_path / "fit"
+    args = ("fit-cells", "--input", path, "--output", out, "--matrix", "raw", "counts.mode=log1p",
+            "train.checkpoint_every=20")  # fmt: skip
+    code, _, err = cli(*args, "train.steps=20", "--umap-color", "bulk_labels")
+    assert code == 0, err
+    weights, manifest = out / "pretrain" / "model" / "model.safetensors", out / "store" / "manifest.json"
+    trained, prepared = weights.stat().st_mtime_ns, manifest.stat().st_mtime_ns
+    code, _, err = cli(*args, "train.steps=20", "--umap-color", "n_counts")
+    assert code == 0, err
+    assert weights.stat().st_mtime_ns == trained and manifest.stat().st_mtime_ns == prepared
+    assert "color: n_counts" in (out / "embed" / "config.yaml").read_text()
+    code, _, err = cli(*args, "train.steps=30", "--umap-color", "n_counts")
+    assert code == 2 and "different config" in err and "--overwrite" in err
+    code, _, err = cli(*args, "train.steps=30", "--umap-color", "n_counts", "--overwrite")
+    assert code == 0, err
+    assert weights.stat().st_mtime_ns != trained and manifest.stat().st_mtime_ns == prepared
+    assert json.loads((out / "pretrain" / "model" / "config.json").read_text())["training"]["steps"] == 30
 
 
 @pytest.mark.network
@@ -524,3 +575,24 @@ def test_scmae_swaps_masked_genes_with_other_cells_and_trains_on_every_gene():
         ModelConfig(kind="mlp", objective="scmae", loss="nb")
     with pytest.raises(ValueError, match="objective scmae is for model.kind mlp"):
         ModelConfig(kind="panel_transformer", objective="scmae")
+
+
+@pytest.mark.network
+def test_cells_without_a_count_in_the_panel_are_named_not_embedded_silently(
+    pbmc68k_adata, profile_checkpoint, caplog
+):
+    """Such cells all get the one vector of an empty profile, and would form a cluster of their own."""
+    import biomask
+
+    adata = pbmc68k_adata[:40].copy()
+    values = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.array(adata.raw.X)
+    values[[3, 7]] = 0
+    adata.raw = ad.AnnData(X=values, obs=adata.obs, var=adata.raw.var)
+    with caplog.at_level("WARNING", logger="biomask"):
+        biomask.embed(adata, profile_checkpoint, matrix="raw", counts={"mode": "log1p"})
+    assert adata.uns["X_biomask"]["cells_without_vocabulary_genes"] == 2
+    # what to pass again for more cells of the kind: the counts policy, beside the gene column
+    assert json.loads(adata.uns["X_biomask"]["counts_policy"])["mode"] == "log1p"
+    assert adata.uns["X_biomask"]["gene_id_column"] == "var index"
+    assert "2 cells express no gene of the model's vocabulary" in caplog.text
+    np.testing.assert_allclose(adata.obsm["X_biomask"][3], adata.obsm["X_biomask"][7])

@@ -138,6 +138,12 @@ def test_cnn_pretrains_resumes_embeds_and_is_evaluated(genome_store, splice_stor
         "--output", tmp_path / "bad.h5ad", "pooling=mean_layers", "layer=1",
     )  # fmt: skip
     assert code == 2 and "mean_layers" in err and not (tmp_path / "bad.h5ad").exists()
+    # a CNN has no [CLS]: the refusal lists what embed can give (not evaluate's concat)
+    code, _, err = cli(
+        "embed", "--checkpoint", straight / "model", "--input", tmp_path / "splice.csv",
+        "--output", tmp_path / "bad.h5ad", "--pooling", "cls",
+    )  # fmt: skip
+    assert code == 2 and "offers mean, max, mean_layers;" in err, err
 
     # evaluate: linear probe and LP-FT, pooling chosen on validation among what a CNN offers
     store = tmp_path / "labelled"

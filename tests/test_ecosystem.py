@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -201,7 +202,15 @@ def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
 ):
     from biomask.export import export_hf
 
-    folder = export_hf(cells_checkpoint, tmp_path / "cells-hf")
+    before = os.umask(0o022)
+    try:
+        folder = export_hf(cells_checkpoint, tmp_path / "cells-hf")
+    finally:
+        os.umask(before)
+    # a colleague sharing the folder can read the weights (safetensors alone writes them 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}[
+        "model.safetensors"
+    ] == 0o644
     assert {"config.json", "model.safetensors", "modeling_biomask.py", "tokenizer.json",
             "tokenizer_config.json", "genes.tsv"} <= {p.name for p in folder.iterdir()}  # fmt: skip
     assert "biomask" not in re.findall(

@@ -281,6 +281,18 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     assert code == 0, err
     windows = read(tmp_path / "fasta.h5ad").obs
     assert list(windows.index) == ["a:0-60", "a:30-90", "a:60-120", "a:90-150", "a:120-180", "b:0-40"]
+    # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
+    # their rows are named as scanpy's make_unique names them
+    (tmp_path / "dup.fa").write_text("".join(f">{n}\n{s}\n" for n, s in zip(["d", "d", "x", "d"], seqs[:4])))
+    table.iloc[:4].assign(id=["d", "d", "x", "d"]).to_csv(tmp_path / "dup.csv", index=False)
+    for name, extra in (("dup.fa", []), ("dup.csv", ["dna.id_column=id"])):
+        code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / name,
+                           "--output", tmp_path / f"{name}.h5ad", *extra)  # fmt: skip
+        assert code == 0, err
+        assert "3 sequences share a name" not in err and "2 sequences share a name with an earlier one" in err
+        dup = read(tmp_path / f"{name}.h5ad")
+        assert list(dup.obs_names) == ["d", "d-1", "x", "d-2"] and list(dup.obs["id"]) == ["d", "d", "x", "d"]
+        np.testing.assert_allclose(dup.obsm["X_biomask"], from_table.obsm["X_biomask"][:4], rtol=0, atol=2e-5)
     # a cells checkpoint refuses sequences
     code, _, err = cli(
         "embed",

@@ -90,7 +90,11 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     args += ["baseline.kmer_k=2"]  # pooling auto: concat cannot apply to records of several lengths
     code, _, err = cli(*args, f"output={tmp_path / 'e1'}")
     assert code == 0, err
-    notes = json.loads((tmp_path / "e1" / "metrics.json").read_text())["notes"]
+    # one seed: no interval, written null (strict JSON, which any parser reads), not a bare NaN
+    results = json.loads((tmp_path / "e1" / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert results["summary"]["own (linear probe)"]["mcc"]["sd"] is None
+    assert "nan" not in (tmp_path / "e1" / "report.md").read_text()
+    notes = results["notes"]
     assert notes[0].startswith("baseline onehot_lr (one-hot + LR) not run: it needs records of one length")
     assert "motif-task.yaml" in notes[0]
     assert notes[1].startswith("checkpoint own: pretrained (label-free) on this store's 'train' records")

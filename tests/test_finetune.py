@@ -188,6 +188,33 @@ def test_min_budget_steps_gives_a_small_split_more_epochs_and_max_steps_still_ca
     assert run(splice, probe, **common, min_budget_steps=5, max_steps=3).grid[0]["steps"] == 3
 
 
+def test_an_epoch_of_a_small_training_split_sees_every_record_once(splice):
+    """60 training records in batches of 32: an epoch is 2 steps (32 + a short 28) covering each
+    record once, not 1 step of a fresh random 32 that leaves half the split unseen."""
+    data, records, (train, val, test), model = splice
+    settings = FinetuneSpec(batch_size=32, lr=1e-4, epochs=2, warmup=0.0, min_epochs=0, patience=100)
+    with one_thread():
+        ft = FinetuneRun(
+            copy.deepcopy(model),
+            records,
+            data.labels,
+            (train[:60], val[:40], test[:40]),
+            n_classes=3,
+            settings=settings,
+            seed=0,
+            max_length=62,
+            pooling="concat",
+        )
+        seen: list[np.ndarray] = []
+        collate = ft.batches.collate
+        ft.batches.collate = lambda index: (seen.append(np.array(index)), collate(index))[1]
+        ft.train()
+    assert ft.steps_per_epoch == 2 and ft.step == ft.total == 4
+    assert [len(index) for index in seen] == [32, 28, 32, 28]
+    for epoch in (seen[:2], seen[2:]):
+        assert sorted(np.concatenate(epoch).tolist()) == sorted(train[:60].tolist())
+
+
 def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar():
     """Patience watches a fresh-head run's own passes: validation log-loss falling 0.60 -> 0.43 -> 0.36
     while the probe sits at 0.30 does not stop it (patience 1), a pass that gets worse does, and a

@@ -289,6 +289,24 @@ def test_portable_checkpoint_round_trip_and_tokenizer_checks(
     with pytest.raises(InputError, match="does not exist"):
         load_pretrained(tmp_path / "nowhere")
     assert json.loads((out / "config.json").read_text())["architecture"]["d_model"] == 32
+    # an edited config.json (another architecture, or another preprocessing setting that would embed
+    # differently without a word) is refused, naming the file; its layout and key order do not count
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(dict(reversed(config.items()))))
+    assert torch.equal(load_pretrained(edited).embed(batch), model.embed(batch))
+    config["architecture"]["d_ff"] += 1
+    (edited / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(InputError, match=r"edited/config.json was changed after the model was written"):
+        load_pretrained(edited)
+    # one written before config.json held its digest: the weights still have to fit the architecture
+    del config["config_sha256"]
+    (edited / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(
+        InputError, match=r"model.safetensors does not fit the architecture in its config.json"
+    ):
+        load_pretrained(edited)
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,19 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
     code, _, err = cli("pipeline", "status", tmp_path / "no-such-run")  # a typo in the path
     assert code == 2 and "no-such-run does not exist" in err
 
+    # a second `pipeline run` on the same run_dir while one is running is refused, naming the holder
+    from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.runs import run_lock
+
+    with run_lock(load_plan(dna_pipeline)):
+        code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
+        status_code, status, _ = cli("pipeline", "status", run)
+    assert code == 2 and "is in use by another `biomask pipeline run` (pid" in err, err
+    assert status_code == 0 and "a `biomask pipeline run` is in progress" in status  # and the last table
+    assert "in progress" not in cli("pipeline", "status", run)[1]
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")  # released
+    assert code == 0 and statuses(run) == {"prep_genome": "reused"}, err
+
 
 def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):
     run = tmp_path / "run"

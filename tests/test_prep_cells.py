@@ -337,7 +337,10 @@ def test_coverage_warning_and_zero_overlap(tmp_path, cli, repo, pbmc3k_store):
     out = tmp_path / "out"
     code, _, err = prep(cli, repo / CFG_68K, f"output={out}", f"tokenizer.path={pbmc3k_store}",
                         "tokenizer.min_coverage=1.0")  # fmt: skip
-    assert code == 0 and "only 99.9% of its 765 genes are in the frozen vocabulary" in err
+    # what matters is the vocabulary's side (which of its genes the data lacks, named), the dataset's is
+    # information; never "100.0%" for a share below one
+    assert code == 0 and "of the frozen vocabulary's" in err and "are in the data (tokenizer.min_coverage=100%)" in err
+    assert "99.9% of its 765 genes are in the vocabulary" in err, err
     # Ensembl IDs against a vocabulary of symbols: nothing in common -> refused before reading values
     code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / 'ens'}", f"tokenizer.path={pbmc3k_store}",
                         "genes.column=gene_ids")  # fmt: skip
@@ -575,7 +578,7 @@ def test_remapping_columns_in_order_equals_selecting_them():
     ).nnz == 0
 
 
-def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, repo, pbmc3k):
+def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, repo, pbmc3k, caplog):
     files, sub, _ = _write_10x(tmp_path, pbmc3k)
     source = open_matrix(files["10x_h5"])
     try:
@@ -583,10 +586,14 @@ def test_duplicate_gene_names_are_summed_kept_first_or_refused(tmp_path, cli, re
         n_dups = int(pd.Series(names).duplicated().sum())
         assert n_dups == int((names != sub.var_names.to_numpy()).sum()) > 50
         counts = sp.csr_matrix(sub.X)
-        for policy in ("sum", "first"):
+        for policy, said in (("sum", "added up"), ("first", "left out but the first")):
             space = GeneSpace()
-            targets, stats = space.add(source, names, policy)
+            with caplog.at_level("WARNING", logger="biomask"):
+                targets, stats = space.add(source, names, policy)
             assert stats["duplicate_columns"] == n_dups and len(space) == names.size - n_dups
+            # never silent: how many, which, and what became of them
+            repeated = pd.Series(names)[pd.Series(names).duplicated()].nunique()
+            assert f"{repeated} gene names occur more than once (" in caplog.text and said in caplog.text
             merged = remap_columns(
                 source.rows(0, source.n_obs).astype(np.float32), ColumnMap(targets, len(space))
             )

@@ -375,7 +375,8 @@ def test_cells_store_pretrains_and_tokenizer_mismatch_is_refused(genome_store, t
     model = load_pretrained(tmp_path / "cells" / "model")
     assert model.config.target == "bins" and model.config.positions is False
 
-    # continuing from the cells checkpoint on a DNA store: a tokenizer mismatch, exit 2
+    # continuing from the cells checkpoint on a DNA store: exit 2, named as a cells model (not advice to
+    # prepare DNA with the cells model's gene vocabulary)
     code, _, err = cli(
         "pretrain",
         "-c",
@@ -383,7 +384,8 @@ def test_cells_store_pretrains_and_tokenizer_mismatch_is_refused(genome_store, t
         *overrides(genome_store, tmp_path / "x"),
         f"model.init_from={tmp_path / 'cells' / 'model'}",
     )
-    assert code == 2 and "tokenizer" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "is a cells model" in err and "holds dna data" in err, err
+    assert "tokenizer.path" not in err and not (tmp_path / "x").exists()
 
 
 def test_rank_environment_from_each_launcher():
@@ -475,3 +477,19 @@ def test_compile_without_a_compiler_is_refused_before_anything_is_written(
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.compile": "true"}))
     assert code == 2 and "train.compile" in err and "g++" in err and "train.compile=false" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_an_interrupted_run_of_other_settings_is_an_output_to_replace_like_a_finished_one(tmp_path):
+    """`pipeline run` replaces an output of changed settings (it reruns a stage that refused with
+    OutputExistsError with --overwrite): an interrupted run of other settings must refuse the same way,
+    or the pipeline stays stuck on it; the same settings resume it."""
+    from biomask.errors import OutputExistsError
+    from biomask.training import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.mark_in_progress(out, "fingerprint-before", 1)
+    with pytest.raises(OutputExistsError, match="interrupted run of a different config"):
+        rundir.decide(out, "fingerprint-now", 1, {}, overwrite=False)
+    assert rundir.decide(out, "fingerprint-before", 1, {}, overwrite=False) == "resume"
+    assert rundir.decide(out, "fingerprint-now", 1, {}, overwrite=True) == "fresh"

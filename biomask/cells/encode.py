@@ -26,7 +26,15 @@ import scipy.sparse as sp
 
 from biomask.cells.config import CountsConfig, NormaliseConfig, TokenizerConfig
 from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
-from biomask.cells.genes import ColumnMap, GeneSpace, GeneVocabulary, coverage, gene_names, remap_columns
+from biomask.cells.genes import (
+    ColumnMap,
+    GeneSpace,
+    GeneVocabulary,
+    coverage,
+    gene_names,
+    percent,
+    remap_columns,
+)
 from biomask.cells.qc import row_sums
 from biomask.cells.readers import MatrixSource
 from biomask.cells.tokenize import Scheme, make_scheme
@@ -145,28 +153,28 @@ class CellEncoder:
         # the data never reaches the model); the share of the dataset's own genes is information.
         share = found["fraction_of_vocab_present"]
         dataset_side = (
-            f"{100 * found['fraction_of_dataset_genes']:.1f}% of its {found['dataset_genes']:,} genes are in the "
+            f"{percent(found['fraction_of_dataset_genes'])} of its {found['dataset_genes']:,} genes are in the "
             "vocabulary; the others are left out"
         )
         if share < self.min_coverage:
             log.warning(
-                "%s: only %d of the checkpoint's %d vocabulary genes (%.1f%%) are in the data (min_coverage "
+                "%s: only %d of the checkpoint's %d vocabulary genes (%s) are in the data (min_coverage "
                 "%.0f%%): the model sees the missing ones as %s (%s)",
                 source.where,
                 found["vocab_genes_present"],
                 found["vocab_genes"],
-                100 * share,
+                percent(share),
                 100 * self.min_coverage,
                 "unmeasured" if self.scheme.complete_profile else "not expressed",
                 dataset_side,
             )
         else:
             log.info(
-                "%s: %d of the checkpoint's %d vocabulary genes (%.1f%%) are in the data (%s)",
+                "%s: %d of the checkpoint's %d vocabulary genes (%s) are in the data (%s)",
                 source.where,
                 found["vocab_genes_present"],
                 found["vocab_genes"],
-                100 * share,
+                percent(share),
                 dataset_side,
             )
         summary = detect(source, self.counts, block_size)
@@ -204,7 +212,8 @@ class CellEncoder:
         stats = {
             "counts_total": float(counts.data.sum(dtype=np.float64)),
             "counts_in_vocab": float(tokens.data.sum(dtype=np.float64)),
-            "cells_without_vocabulary_genes": int((encoded.lengths == 0).sum()),
+            # no count in any vocabulary gene (a panel record still lists every gene, all zeros)
+            "cells_without_vocabulary_genes": int((row_sums(tokens) <= 0).sum()),
         }
         return records, stats
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
 from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
+
+log = logging.getLogger(__name__)
 
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 
@@ -159,6 +162,17 @@ class GeneSpace:
                 f"{source.where}: {dups.size:,} gene names occur more than once ({shown}); set "
                 "genes.duplicates: sum (add their counts) or first (keep the first column), or choose a "
                 "unique identifier with genes.column (e.g. gene_ids)"
+            )
+        if seen.any():  # not an error by default (10x files repeat a few symbols), but never silent
+            dups = pd.unique(names[seen])
+            log.warning(
+                "%s: %d gene names occur more than once (%s%s); their columns are %s (genes.duplicates; "
+                "genes.column picks a unique identifier, e.g. gene_ids)",
+                source.where,
+                dups.size,
+                ", ".join(map(str, dups[:10])),
+                " ..." if dups.size > 10 else "",
+                "added up" if duplicates == "sum" else "left out but the first",
             )
         targets = np.full(names.size, -1, dtype=np.int64)
         for i, name in enumerate(names):
@@ -298,6 +312,13 @@ def vocabulary_dir(path: str | os.PathLike) -> Path:
     if (path / "tokenizer" / "genes.tsv").is_file():
         return path / "tokenizer"
     return path
+
+
+def percent(share: float) -> str:
+    """A share as a percentage that reads 100 % only when it is whole, 0 % only when it is none
+    (1,999 of 2,000: 99.9 %)."""
+    value = min(max(round(100 * share, 1), 0.1 if share > 0 else 0.0), 99.9 if share < 1 else 100.0)
+    return f"{value:.1f}%"
 
 
 def coverage(vocab: GeneVocabulary, names: np.ndarray) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from biomask.cells.genes import (
     GeneVocabulary,
     coverage,
     gene_names,
+    percent,
     remap_columns,
     vocabulary_dir,
 )
@@ -353,17 +354,39 @@ def check_coverage(
                 f"genes.column (symbols or Ensembl IDs; the vocabulary uses {vocab.gene_id_column or 'the var index'}) "
                 "and genes.strip_version"
             )
-        if share < cfg.tokenizer.min_coverage:
+        # what matters is how much of the vocabulary the data measures (a vocabulary gene it lacks never
+        # reaches the model); the share of the dataset's own genes is information (a 30,000-gene file
+        # against a 2,000-gene panel is fully usable)
+        present, known = inp.coverage["vocab_genes_present"], inp.coverage["vocab_genes"]
+        dataset_side = (
+            f"{percent(share)} of its {inp.coverage['dataset_genes']:,} genes are in the vocabulary; "
+            "the others are left out"
+        )
+        if inp.coverage["fraction_of_vocab_present"] < cfg.tokenizer.min_coverage:
+            have = set(map(str, inp.names))
+            missing = [g for g in vocab.genes if g not in have]
             log.warning(
-                "%s: only %.1f%% of its %d genes are in the frozen vocabulary (tokenizer.min_coverage=%.0f%%); "
-                "the others are left out",
+                "%s: only %d of the frozen vocabulary's %d genes (%s) are in the data "
+                "(tokenizer.min_coverage=%.0f%%); the model sees the other %d as %s (e.g. %s). %s",
                 inp.source.where,
-                100 * share,
-                inp.coverage["dataset_genes"],
+                present,
+                known,
+                percent(inp.coverage["fraction_of_vocab_present"]),
                 100 * cfg.tokenizer.min_coverage,
+                len(missing),
+                "unmeasured" if cfg.tokenizer.scheme == "panel" else "not expressed",
+                ", ".join(missing[:10]),
+                dataset_side,
             )
         else:
-            log.info("%s: %.1f%% of its genes are in the frozen vocabulary", inp.source.where, 100 * share)
+            log.info(
+                "%s: %d of the frozen vocabulary's %d genes (%s) are in the data (%s)",
+                inp.source.where,
+                present,
+                known,
+                percent(inp.coverage["fraction_of_vocab_present"]),
+                dataset_side,
+            )
 
 
 # --------------------------------------------------------------------------------------------- splits

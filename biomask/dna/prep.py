@@ -608,6 +608,10 @@ def _log_summary(path: Path, manifest: dict[str, Any]) -> None:
         manifest["tokenizer"]["vocab_size"],
         "; ".join(parts),
     )
-    dropped = {k: v for k, v in manifest["stats"].items() if k.startswith("dropped") or "dropped" in k}
+    dropped = {
+        k.replace("dropped_", "").replace("_", " "): v
+        for k, v in manifest["stats"].items()
+        if "dropped" in k and v
+    }
     if dropped:
-        log.info("dropped: %s", ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(dropped.items())))
+        log.info("dropped: %s", ", ".join(f"{k} {v:,}" for k, v in sorted(dropped.items())))

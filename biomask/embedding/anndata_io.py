@@ -77,6 +77,12 @@ def provenance(
         "masking_scheme": masking.get("scheme"),
         "masking": json.dumps(masking, sort_keys=True),
         "training_steps": (info.get("training") or {}).get("steps"),
+        # a continued checkpoint: the one it started from, and the steps behind it as well
+        **(
+            {"init_from": init["path"], "init_from_steps": init.get("steps") or 0}
+            if (init := info.get("init_from"))
+            else {}
+        ),
         "code": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -12,6 +12,7 @@ The cells are tokenized exactly as the checkpoint's pretraining corpus was (biom
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ class CellsEmbedding:
         from biomask.cells.encode import CellEncoder, checkpoint_prep
 
         self.model, self.source, self.chunk_size = model, source, chunk_size
+        self.counts = counts
         self.prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
         self.encoder = CellEncoder(
             self.prep,
@@ -94,12 +96,16 @@ class CellsEmbedding:
         empty = int(totals["cells_without_vocabulary_genes"])
         if empty:
             log.warning(
-                "%s: %d cells express no vocabulary gene; their embedding is the model's [CLS]-only vector",
+                "%s: %d cells express no gene of the model's vocabulary: they all get one and the same "
+                "vector (of an empty profile), and will cluster together; leave them out before clustering "
+                "(sc.pp.filter_cells(adata, min_counts=1), or on the genes the model reads)",
                 self.source.where,
                 empty,
             )
         return {
             "counts_found": self.opened.summary.describe(),
+            # what to pass again for more cells of this kind (the checkpoint does not keep it)
+            "counts_policy": json.dumps(self.counts.model_dump(mode="json"), sort_keys=True),
             "gene_id_column": self.opened.gene_column or "var index",
             "gene_coverage": coverage,
             "cells": int(self.source.n_obs),

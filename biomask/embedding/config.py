@@ -9,7 +9,7 @@ and `umap.color=`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -59,6 +59,7 @@ class EmbedConfig(Config):
     # mean, cls ([CLS] vector; not the cnn kind), max (per-feature maximum over the tokens: DNA motif
     # tasks; token models only — a profile model has one vector per cell, so mean and cls name it),
     # mean_layers (every block's mean, concatenated: n_layers × d_model; with layer -1 only)
+    # (no concat, which evaluate offers: its width follows each record's length)
     pooling: Literal["cls", "mean", "max", "mean_layers"] = "mean"
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
     key: str = Field("X_biomask", min_length=1)  # obsm key
@@ -70,4 +71,5 @@ class EmbedConfig(Config):
 
 
 # Keys that change no embedding: they may differ between runs that reuse an output.
+EMBED_POOLINGS: tuple[str, ...] = get_args(EmbedConfig.model_fields["pooling"].annotation)
 NON_SEMANTIC = ("output", "batch_size", "chunk_size", "device", "overwrite_input")

@@ -70,7 +70,7 @@ def read_fasta(
             emit(current, buffer_start, buffer)  # a record shorter than one window: embed it whole
 
     for name, offset, bases in read_fasta_blocks(path, block_size=max(1 << 20, window or 0)):
-        if name != current:
+        if offset == 0:  # a record's first block (by name alone, two records called alike would merge)
             flush_record()
             current, buffer, buffer_start, emitted_in_record = name, np.zeros(0, dtype=np.uint8), offset, 0
         chars, _ = cleaner.clean(bases, where=f"{path}, record {name}", offset=offset)

@@ -11,8 +11,9 @@ What it runs, each as the ordinary stage (so every output has its config, checks
 and a rerun with the same settings reuses them):
 1. `prep cells`: a panel store of these cells — the N most variable genes (`n_top_genes`), zeros
    included; with `init_from`, the checkpoint's frozen panel instead (continued pretraining);
-2. `pretrain`: the profile autoencoder (`configs/pretrain/cells-mlp.yaml`'s settings; `overrides`
-   change any pretrain key, e.g. `{"train.steps": 3000}`), the masking scheme of your choice;
+2. `pretrain`: the profile autoencoder (`configs/pretrain/cells-mlp.yaml`'s settings, or with
+   `{"model.kind": "panel_transformer"}` `cells-panel-transformer.yaml`'s; `overrides` change any
+   pretrain key, e.g. `{"train.steps": 3000}`), the masking scheme of your choice;
 3. embedding: `adata.obsm[key]` in place (Python), or `<output>/embeddings.h5ad` (the CLI).
 
 Pretraining on the cells you then embed is transductive but label-free (as scVI is): the model never
@@ -31,17 +32,20 @@ from biomask.errors import BiomaskError, InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
-# The profile autoencoder's shipped settings (what the quick study measures), read from the config file
-# so that there is one description of them; its paths are replaced, and its logging made quieter.
-PRETRAIN_CONFIG = "configs/pretrain/cells-mlp.yaml"
+# Each profile kind's shipped settings (the recipe the README measures), read from its config file so
+# that there is one description of them; their paths are replaced, and their logging made quieter.
+PRETRAIN_CONFIGS = {
+    "mlp": "configs/pretrain/cells-mlp.yaml",
+    "panel_transformer": "configs/pretrain/cells-panel-transformer.yaml",
+}
 
 
-def pretrain_defaults() -> dict[str, Any]:
+def pretrain_defaults(kind: str = "mlp") -> dict[str, Any]:
     import yaml
 
     from biomask.resources import shipped_config
 
-    data = yaml.safe_load(shipped_config(PRETRAIN_CONFIG).read_text())
+    data = yaml.safe_load(shipped_config(PRETRAIN_CONFIGS.get(kind, PRETRAIN_CONFIGS["mlp"])).read_text())
     data.pop("data", None)
     data.pop("output", None)
     data["train"].update({"log_every": 100, "checkpoint_every": 500, "progress": False})
@@ -94,10 +98,10 @@ def _pretrain_config(
     from biomask.config import apply_overrides, validate_config
     from biomask.training.config import PretrainConfig
 
-    data = pretrain_defaults()
+    data = pretrain_defaults(str((overrides or {}).get("model.kind", "mlp")))
     data.update({"data": {"store": str(store)}, "output": str(output)})
     if n_train is not None:
-        data["train"]["micro_batch_size"] = min(64, n_train)
+        data["train"]["micro_batch_size"] = min(data["train"]["micro_batch_size"], n_train)
     if init_from is not None:
         data["model"]["init_from"] = str(init_from)
     touched = apply_overrides(data, [f"{k}={v}" for k, v in (overrides or {}).items()])
@@ -142,7 +146,7 @@ def fit_cells(
     out = Path(output)
     out_existed = out.exists()
     init = Path(init_from) if init_from is not None else None
-    if init is not None:  # before anything is written: only a cells panel checkpoint can continue here
+    if init is not None:  # before anything is written: only an intact cells panel checkpoint continues here
         _check_init_from(init)
     in_memory = not isinstance(adata, (str, os.PathLike))
     source = out / COPY_NAME if in_memory else Path(adata)
@@ -153,7 +157,14 @@ def fit_cells(
         source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
         init_from=init,
     )  # fmt: skip
-    _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
+    first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
+    if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
+        raise InputError(
+            f"fit_cells: model.loss={first.model.loss} needs raw counts and each cell's library size, but "
+            f"counts.mode={prep_cfg.counts.mode} takes normalised values as they are. Give counts "
+            "(counts mode require), or rebuild them (counts={'mode': 'from_log1p', 'total_counts_column': "
+            "...}), or keep model.loss=mse"
+        )
     if in_memory:
         _check_anndata(adata, prep_cfg, matrix, gene_column)
         if source.exists() and not _is_our_copy(source, store):
@@ -178,7 +189,7 @@ def fit_cells(
         if in_memory:
             out.mkdir(parents=True, exist_ok=True)
             _write_copy(adata, source, prep_cfg, matrix, gene_column)
-        prep_cells(prep_cfg, overwrite=overwrite)
+        _stage(prep_cells, prep_cfg, overwrite)
         n_cells = len(TokenStore(store).split("train"))
         if n_cells < MIN_CELLS:
             raise InputError(
@@ -196,11 +207,30 @@ def fit_cells(
         exc.args = (message,)
         raise
     cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
-    checkpoint = pretrain(cfg, overwrite=overwrite) / "model"
+    pretrain_existed = (out / "pretrain").exists()
+    try:
+        checkpoint = _stage(pretrain, cfg, overwrite) / "model"
+    except InputError:  # bad input found by pretraining's own checks: as above, a retry starts clean
+        if not pretrain_existed:
+            shutil.rmtree(out / "pretrain", ignore_errors=True)
+        undo()
+        raise
     if in_memory:
         embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
+
+
+def _stage(run: Any, cfg: Any, overwrite: bool) -> Path:
+    """One stage of the call: its output reused when it holds this very result, replaced (with
+    `overwrite`) only when it does not — a changed training setting does not prepare the cells
+    again, and a changed embedding setting neither prepares nor trains again."""
+    try:
+        return run(cfg, overwrite=False)
+    except OutputExistsError:
+        if not overwrite:
+            raise
+        return run(cfg, overwrite=True)
 
 
 COPY_NAME = "cells.h5ad"
@@ -208,7 +238,7 @@ COPY_MARK = "biomask_fit_cells"  # uns key of the copy: what marks the file as f
 
 
 def _check_init_from(init: Path) -> None:
-    from biomask.models.pretrained import read_checkpoint_config
+    from biomask.models.pretrained import load_pretrained, read_checkpoint_config
 
     info = read_checkpoint_config(init)
     if info.get("modality") != "cells" or info.get("scheme") != "panel":
@@ -219,6 +249,8 @@ def _check_init_from(init: Path) -> None:
             f"init_from {init}: {what}; fit_cells continues a cells checkpoint trained on a gene "
             "panel (a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`)"
         )
+    # weights, tokenizer and panel checked against their digests now, not after the prep they would waste
+    load_pretrained(init)
 
 
 def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
@@ -362,4 +394,6 @@ def fit_cells_file(
                 f"obs columns: {', '.join(columns) or 'none'}"
             )
     fit_cells(source, out, overwrite=overwrite, **settings)
-    return run_embed(embed_cfg, overwrite=overwrite)
+    # the embedding is derived from the checkpoint and the file alone, and fit-cells' own: another
+    # --umap-color or key embeds again, without --overwrite and without training again
+    return _stage(run_embed, embed_cfg, True)

@@ -90,13 +90,20 @@ def check_layer(model: MaskedEncoder, layer: int) -> None:
         )
 
 
-def check_pooling(model: MaskedEncoder, pooling: str, name: str = "the checkpoint", layer: int = -1) -> None:
+def check_pooling(
+    model: MaskedEncoder,
+    pooling: str,
+    name: str = "the checkpoint",
+    layer: int = -1,
+    among: tuple[str, ...] | None = None,
+) -> None:
     """A pooling the model offers (`model.poolings`; a profile model has one vector per cell, a CNN
-    no [CLS] summary); mean_layers reads every block, so it takes no `layer`."""
+    no [CLS] summary) and the caller can use (`among`: embed has no concat, whose width follows each
+    record's length); mean_layers reads every block, so it takes no `layer`."""
     from biomask.errors import InputError
     from biomask.models.model import POOLINGS
 
-    offered = getattr(model, "poolings", POOLINGS)
+    offered = [p for p in getattr(model, "poolings", POOLINGS) if among is None or p in among]
     if pooling not in offered:
         raise InputError(
             f"pooling={pooling}: {name} ({model.config.kind} model) offers {', '.join(offered)}; "

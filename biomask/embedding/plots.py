@@ -37,6 +37,10 @@ def umap_png(
     adata = anndata.AnnData(obs=obs, obsm={"X_emb": np.asarray(vectors[chosen], dtype=np.float32)})
     sc.pp.neighbors(adata, use_rep="X_emb", n_neighbors=min(15, max(2, len(chosen) - 1)), random_state=seed)
     sc.tl.umap(adata, random_state=seed)
+    # the title replaces scanpy's own (the column name), so it names the column itself
+    title = f"{title} · colour: {colour.name}"
+    if len(chosen) < n:
+        title += f" · {len(chosen):,} of {n:,} cells"
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
     sc.pl.umap(adata, color=colour.name, ax=ax, show=False, title=title)
     fig.tight_layout()

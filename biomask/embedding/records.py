@@ -99,7 +99,17 @@ def embed_chunks(
             f"{where}: no column {umap_color!r} to colour the UMAP by (umap.color); columns: "
             f"{', '.join(obs.columns)}"
         )
-    obs.index = make_index_unique(pd.Index(obs["id"].astype(str)))
+    ids = pd.Index(obs["id"].astype(str).to_numpy())  # unnamed: an index named "id" beside the column
+    if ids.has_duplicates:
+        repeated = ids[ids.duplicated()].unique()
+        log.warning(
+            "%s: %d sequences share a name with an earlier one (%s); their rows are named as scanpy's "
+            "make_unique does (NAME-1, NAME-2, ...), obs['id'] keeps the name as given",
+            where,
+            int(ids.duplicated().sum()),
+            ", ".join(repr(r) for r in repeated[:5]) + (", ..." if len(repeated) > 5 else ""),
+        )
+    obs.index = make_index_unique(ids)
     for column in obs.columns:
         if obs[column].dtype == object:
             obs[column] = obs[column].astype(str)

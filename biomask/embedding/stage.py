@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from biomask.embedding.anndata_io import provenance
-from biomask.embedding.config import NON_SEMANTIC, EmbedConfig
+from biomask.embedding.config import EMBED_POOLINGS, NON_SEMANTIC, EmbedConfig
 from biomask.embedding.inference import check_layer, check_pooling, pick_device, vector_width
 from biomask.errors import InputError, OutputExistsError
 from biomask.outputs import atomic_file
@@ -200,6 +200,8 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
     title = (
         f"{Path(cfg.checkpoint).parent.name or cfg.checkpoint} · {cfg.pooling} pooling · layer {cfg.layer}"
     )
+    if chosen.size < n:
+        title += f" · {chosen.size:,} of {n:,} cells"
     umap_png(vectors, colour.iloc[chosen].reset_index(drop=True), png, title=title, seed=cfg.umap.seed)
 
 
@@ -333,7 +335,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
 
     model = load_pretrained(cfg.checkpoint, device=pick_device(cfg.device))
     check_layer(model, cfg.layer)
-    check_pooling(model, cfg.pooling, str(cfg.checkpoint), cfg.layer)
+    check_pooling(model, cfg.pooling, str(cfg.checkpoint), cfg.layer, among=EMBED_POOLINGS)
     log.info(
         "embed: %s (%s, %d layers, d %d) on %s, %s pooling, layer %d",
         cfg.checkpoint,

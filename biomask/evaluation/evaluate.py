@@ -8,7 +8,6 @@ initialised — is trained on train, selected on val, and scored on test. Output
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from biomask.evaluation.metrics import (
     per_class_table,
     summarize,
 )
-from biomask.provenance import sha256_file
+from biomask.provenance import sha256_file, strict_json
 from biomask.stage import StageOutput
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def evaluate(
         results = _summarise(cfg, methods, per_seed, data)
         results["split_sizes"] = split_sizes
         results["notes"] = notes
-        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(strict_json(results))
         (tmp / "report.md").write_text(render_report(results))
         for method in methods:
             total = np.sum([np.array(r["confusion_matrix"]) for r in per_seed[method.name]], axis=0)
@@ -433,8 +432,11 @@ def render_report(results: dict[str, Any]) -> str:
         ]
         for c in results["comparisons"]:
             m = c["mcc"]
+            if m["n"] < 2:  # one seed: a difference, no interval or test
+                interval, p = "(one seed: no interval)", "–"
+            else:
+                interval, p = f"[{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]", f"{m['p_value']:.3g}"
             lines.append(
-                f"| {c['a']} | {c['b']} | {m['mean_difference']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}] "
-                f"| {m['p_value']:.3g} | {m['wins']}/{m['n']} |"
+                f"| {c['a']} | {c['b']} | {m['mean_difference']:+.3f} {interval} | {p} | {m['wins']}/{m['n']} |"
             )
     return "\n".join(lines) + "\n"

@@ -493,7 +493,11 @@ class FinetuneRun:
             model.fresh_head()
 
         # 2. The engine: AdamW (encoder lr, layer-wise decayed or not; head lr), warm-up then constant.
-        self.steps_per_epoch = steps_per_epoch = max(len(self.train_index) // settings.batch_size, 1)
+        # an epoch sees every training record once: the last batch is short rather than dropped, so
+        # 60 records in batches of 32 are 2 steps, not 1 step of a fresh random 32 each time
+        self.steps_per_epoch = steps_per_epoch = max(
+            math.ceil(len(self.train_index) / settings.batch_size), 1
+        )
         epochs = settings.epochs if settings.epochs is not None or settings.max_steps is not None else 3.0
         total = max(math.ceil(epochs * steps_per_epoch), 1) if epochs is not None else settings.max_steps
         if settings.min_budget_steps is not None:  # a small training split: more epochs
@@ -577,9 +581,9 @@ class FinetuneRun:
         until = self.total if until is None else min(until, self.total)
         engine.train()
         while self.step < until and not self.stopped:
-            if self.position + settings.batch_size > len(self.order):  # a new epoch: a new permutation
+            if self.position >= len(self.order):  # a new epoch: a new permutation
                 self.order, self.position = self.rng.permutation(self.train_index), 0
-            index = self.order[self.position : self.position + min(settings.batch_size, len(self.order))]
+            index = self.order[self.position : self.position + settings.batch_size]
             self.position += len(index)
             batch = {k: v.to(self.device) for k, v in self.batches.collate(index).items()}
             logits = engine(batch)

@@ -150,11 +150,10 @@ def _is_export(folder: Path) -> bool:
 
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder of a portable checkpoint (see the module docstring); returns it."""
-    from safetensors.torch import save_file
-
     from biomask.embedding.inference import inference_max_length
     from biomask.models import load_pretrained
     from biomask.outputs import atomic_output_dir, check_inputs_outside
+    from biomask.tensor_files import save_tensors
 
     checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
     model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
@@ -177,7 +176,7 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
                 raise OutputExistsError(f"output {output} holds an export; pass --overwrite to replace it")
     max_length = inference_max_length(model)
     with atomic_output_dir(output) as tmp:
-        save_file(encoder_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
         (tmp / "config.json").write_text(
             json.dumps(hf_config(model, checkpoint, max_length), indent=2, default=str) + "\n"

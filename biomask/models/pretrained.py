@@ -9,6 +9,7 @@ the tokenizer's sha256, training facts (steps, tokens, seed), the data checksum 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,8 +63,20 @@ def save_pretrained(
         },
         "weights_sha256": sha256_file(directory / WEIGHTS),
     }
-    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    config = json.loads(json.dumps(config, default=str))  # as it will read back
+    config[CONFIG_SHA256] = config_digest(config)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+CONFIG_SHA256 = "config_sha256"
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """The sha256 of config.json's content less its own digest (key order and layout do not count):
+    an edited architecture or preprocessing setting would otherwise load, and embed differently."""
+    content = {k: v for k, v in config.items() if k != CONFIG_SHA256}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -91,6 +104,13 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     if config.get("version", 0) > CHECKPOINT_VERSION:
         raise InputError(
             f"{directory} was written by a newer biomask (checkpoint version {config['version']})"
+        )
+    recorded = config.get(CONFIG_SHA256)  # checkpoints written before it was kept have none
+    if recorded is not None and recorded != config_digest(config):
+        raise InputError(
+            f"{path} was changed after the model was written: its content does not match the "
+            f"{CONFIG_SHA256} it records ({str(recorded)[:12]}…); restore the checkpoint's own "
+            "config.json (the weights and preprocessing were trained with it)"
         )
     return config
 
@@ -125,7 +145,13 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         raise InputError(
             f"{directory / WEIGHTS} is unreadable ({exc}); export the checkpoint again"
         ) from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the architecture says
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise InputError(
+            f"{directory / WEIGHTS} does not fit the architecture in its config.json ({first[0].strip()})"
+        ) from None
     if missing or unexpected:
         raise InputError(
             f"{directory / WEIGHTS} does not fit its config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"

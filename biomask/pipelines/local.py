@@ -27,7 +27,7 @@ from typing import Any
 
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
-from biomask.pipelines.runs import check_upstream_outputs, write_resolved
+from biomask.pipelines.runs import check_upstream_outputs, run_lock, write_resolved
 from biomask.provenance import read_run_info
 from biomask.resources import usable_cores
 
@@ -84,6 +84,13 @@ def run_pipeline(
     """
     selected = plan.select(only, start)
     check_upstream_outputs(plan, selected)
+    with run_lock(plan):
+        return _run_selected(plan, selected, echo=echo, jobs=jobs)
+
+
+def _run_selected(
+    plan: Plan, selected: Sequence[str], *, echo: bool, jobs: int | str | None
+) -> list[TaskResult]:
     write_resolved(plan)
     (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     n_jobs = resolve_jobs(plan.pipeline.local.jobs if jobs is None else jobs)

@@ -3,9 +3,12 @@ directory (see plan.py for its layout; a pretraining run's own directory is biom
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -64,6 +67,53 @@ def check_run_dir(plan: Plan) -> None:
             "not write them; set run_dir to another folder (in the pipeline file or run_dir=... on the "
             "command line)"
         )
+
+
+LOCK_NAME = ".pipeline-run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(plan: Plan) -> Iterator[None]:
+    """One `pipeline run` at a time in a run_dir: a second would resume the same training runs
+    beside the first and cut each other's logs. The lock (flock) goes with the process, even a
+    killed one, so a stale lock file never blocks."""
+    check_run_dir(plan)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.run_dir / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(
+                f"run_dir {plan.run_dir} is in use by another `biomask pipeline run` ({holder}); wait "
+                "for it to finish (biomask pipeline status shows it when it is done) or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_in_progress(run_dir: Path) -> str | None:
+    """Who holds `run_lock` on `run_dir` (None: no `pipeline run` is running there)."""
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def write_resolved(plan: Plan) -> Path:

@@ -148,6 +148,10 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
     )
 
 
+# EncoderConfig fields that decide the weights' shapes or meaning: taken from an init_from checkpoint
+WEIGHT_SHAPING = ("kind", "d_model", "n_layers", "n_heads", "d_ff", "mask_indicator", "ratio_input", "loss")
+
+
 def init_checkpoint(
     cfg: PretrainConfig, spec: DataSpec, arch: EncoderConfig
 ) -> tuple[EncoderConfig, dict[str, Any], dict[str, torch.Tensor]]:
@@ -155,6 +159,11 @@ def init_checkpoint(
     path = Path(str(cfg.model.init_from))
     pretrained = load_pretrained(path)  # a missing or corrupt checkpoint: InputError
     info = pretrained.checkpoint_info
+    if pretrained.config.modality != spec.modality:
+        raise InputError(
+            f"model.init_from={path} is a {pretrained.config.modality} model and {cfg.data.store} holds "
+            f"{spec.modality} data; continue a {spec.modality} checkpoint"
+        )
     theirs = info.get("tokenizer", {}).get("sha256")
     if theirs != spec.tokenizer_sha256:
         raise InputError(
@@ -165,6 +174,16 @@ def init_checkpoint(
         raise InputError(
             f"model.init_from={path} is a cnn model: masking.corruption.kind={cfg.masking.corruption.kind} "
             "is not possible (a convolution needs every position in place); use masking.corruption.kind=mlm"
+        )
+    # the weights fix the architecture: what this run's config says of it otherwise is not used
+    ignored = [
+        f"model.{name}={getattr(arch, name)} (the checkpoint's: {getattr(pretrained.config, name)})"
+        for name in WEIGHT_SHAPING
+        if getattr(arch, name) != getattr(pretrained.config, name)
+    ]
+    if ignored:
+        log.warning(
+            "pretrain: model.init_from=%s fixes the architecture; not used: %s", path, ", ".join(ignored)
         )
     arch = dataclasses.replace(
         pretrained.config,
@@ -181,4 +200,12 @@ def init_checkpoint(
     # its swap detector (scmae) belongs to that objective only: new when it starts, gone when it ends
     drop = "decoder." if arch.kind == "transformer" else "swap_head."
     weights = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(drop)}
-    return arch, {"name": "init_from", "path": str(path), "sha256": info.get("weights_sha256")}, weights
+    training = info.get("training") or {}
+    lineage = {
+        "name": "init_from",
+        "path": str(path),
+        "sha256": info.get("weights_sha256"),
+        # the steps behind the weights this run starts from (theirs, and those their start had)
+        "steps": int(training.get("steps") or 0) + int((info.get("init_from") or {}).get("steps") or 0),
+    }
+    return arch, lineage, weights

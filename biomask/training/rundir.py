@@ -85,8 +85,8 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
             state = json.loads(marker.read_text())
         except ValueError:
             state = {}
-        if state.get("fingerprint") != fingerprint:
-            raise InputError(
+        if state.get("fingerprint") != fingerprint:  # an output of other settings, as a finished one
+            raise OutputExistsError(
                 f"output directory {path} holds an interrupted run of a different config or input, which "
                 f"cannot be resumed with this one{_changed_keys(path, config)}\nResume it with its own config "
                 f"({path / 'config.yaml'}), pass --overwrite to discard it, or choose another output path."

@@ -588,6 +588,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 "prep": prep_settings(store),
                 "eval": final_eval,
                 "code": code_version(),
+                # continued pretraining: where the weights started (their steps: `training.steps` more)
+                "init_from": {k: v for k, v in init_input.items() if k != "name"}
+                if cfg.model.init_from
+                else None,
             }
             checkpoint.export_portable(out, state, arch, tokenizer_dir=store.root / "tokenizer", info=info)
             # run.json last: from now on the directory is a finished output.
