@@ -196,12 +196,18 @@ def validate_config(
         ) from None
 
 
-def load_config(schema: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:
-    """Read a YAML config (or start from the schema's defaults), apply overrides, and validate."""
+def load_config(
+    schema: type[C],
+    path: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    overridden_where: str = "on the command line",
+) -> C:
+    """Read a YAML config (or start from the schema's defaults), apply overrides (set
+    `overridden_where`, as an error message says), and validate."""
     data = read_yaml(path) if path is not None else {}
     overridden = apply_overrides(data, overrides)
     origin = str(path) if path is not None else "command line"
-    return validate_config(schema, data, origin, overridden)
+    return validate_config(schema, data, origin, overridden, overridden_where)
 
 
 def dump_config(config: BaseModel) -> str:

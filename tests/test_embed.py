@@ -281,6 +281,29 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     assert code == 0, err
     windows = read(tmp_path / "fasta.h5ad").obs
     assert list(windows.index) == ["a:0-60", "a:30-90", "a:60-120", "a:90-150", "a:120-180", "b:0-40"]
+    # a sequence longer than the model (128 bases here) is embedded whole in windows by default, as
+    # evaluate does; the warning names it; refuse stops with exit 2 and writes nothing
+    long = pd.DataFrame({"id": ["long", "short"], "sequence": ["".join(seqs[:4]), seqs[4]]})
+    long.to_csv(tmp_path / "long.csv", index=False)
+    vectors = {}
+    for policy in ("window", "first", "refuse"):
+        code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
+                           "--output", tmp_path / f"long-{policy}.h5ad", "dna.id_column=id",
+                           f"dna.long_records={policy}")  # fmt: skip
+        if policy == "refuse":
+            assert code == 2 and "longer than the model's input of 128" in err
+            assert not (tmp_path / f"long-{policy}.h5ad").exists()
+            continue
+        assert code == 0 and "1 record is longer than the model's 128 tokens (long)" in err, err
+        out = read(tmp_path / f"long-{policy}.h5ad")
+        assert out.uns["X_biomask"]["long_records"] == policy
+        assert out.uns["X_biomask"]["records_longer_than_model"] == 1
+        vectors[policy] = out.obsm["X_biomask"]
+    assert not np.allclose(vectors["window"][0], vectors["first"][0])  # the whole sequence, not its start
+    np.testing.assert_allclose(vectors["window"][1], vectors["first"][1], atol=2e-5)  # a short one alike
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fas",
+                       "--output", tmp_path / "s.h5ad", "dna.stride=30")  # fmt: skip
+    assert code == 2 and "dna.stride applies to dna.window's windows" in err
     # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
     # their rows are named as scanpy's make_unique names them
     (tmp_path / "dup.fa").write_text("".join(f">{n}\n{s}\n" for n, s in zip(["d", "d", "x", "d"], seqs[:4])))

@@ -111,6 +111,19 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert code == 0, err
     notes = json.loads((tmp_path / "e3" / "metrics.json").read_text())["notes"]
     assert any(n.startswith("the validation split holds 2") and "are noisy" in n for n in notes), notes
+    # the same table prepared again (another split seed: another store) still holds the records the
+    # checkpoint read: said by the input file's checksum, which config.json records
+    again = tmp_path / "again"
+    code, _, err = cli(
+        "prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {tmp_path / 'cut.csv'}}}]",
+        f"output={again}", "split.seed=7",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(*args[:-4], f"store={again}", f"output={tmp_path / 'e4'}", "protocols=[]")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "e4" / "metrics.json").read_text())["notes"]
+    assert any("pretrained (label-free) on a store prepared from the same input file as this one (cut" in n
+               for n in notes), notes  # fmt: skip
 
 
 def test_store_without_labels_is_refused(genome_store, tmp_path, cli, repo):

@@ -83,6 +83,8 @@ def test_swept_stages_read_their_counterpart(tmp_path):
     stages["c"]["overrides"] = {"tokenizer.path": "${stages.a.output}"}
     message = error_of(pipeline(tmp_path, stages))
     assert "stage c" in message and "ambiguous" in message and "${stages.a.dir}" in message
+    # it names the tasks there are, as the way out that always works (an evaluate has no split.seed key)
+    assert "${stages.a.dir}/split.seed=0/... (its tasks: split.seed=0, split.seed=1" in message
 
 
 @pytest.mark.parametrize(
@@ -117,6 +119,10 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             {"a": {"command": "prep dna", "config": GENOME, "overrides": {"output": "/x"}}},
             "`output` is set by the pipeline",
         ),
+        (  # a typo in the pipeline file is the pipeline's, not the command line's
+            {"a": {"command": "prep dna", "config": GENOME, "overrides": {"windows.lenght": 5}}},
+            "(value set by the pipeline (stage a's overrides, sweep or output)): unknown key 'windows.lenght'",
+        ),
         (
             {"a": {"command": "prep dna", "config": GENOME, "slurm": {"tasks_per_node": 2}}},
             "only training stages run as several tasks",
@@ -138,6 +144,7 @@ def test_swept_stages_read_their_counterpart(tmp_path):
         "unknown-command",
         "bad-stage-config",
         "output-override",
+        "typo-in-overrides",
         "tasks-outside-training",
         "unquoted-time",
         "bad-reference",

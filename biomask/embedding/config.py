@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from biomask.cells.config import CountsConfig
 from biomask.config import Config
@@ -33,10 +33,22 @@ class DNASpec(Config):
     """DNA inputs: FASTA records (whole, or windows), a CSV/TSV table, or a DNA token store."""
 
     window: int | None = Field(None, ge=1)  # FASTA: cut records into windows of this many bases
-    stride: int | None = Field(None, ge=1)  # default: the window (no overlap)
+    stride: int | None = Field(None, ge=1)  # with window; default: the window (no overlap)
     sequence_column: str = "sequence"  # tables
     label_column: str | None = "label"  # tables: copied into obs when present
     id_column: str | None = None  # tables: obs names (default: file:line)
+    # a sequence longer than the model's input (the CNN: 4 receptive fields; a transformer: its
+    # max_len): window = the whole sequence in windows of the model's length, their vectors pooled
+    # (as `biomask evaluate` does by default); centre = the middle; first = the start; refuse = exit 2
+    long_records: Literal["window", "centre", "first", "refuse"] = "window"
+
+    @model_validator(mode="after")
+    def _stride_needs_window(self) -> DNASpec:
+        if self.stride is not None and self.window is None:
+            raise ValueError(
+                "dna.stride applies to dna.window's windows: set dna.window too (or drop stride)"
+            )
+        return self
 
 
 class UmapSpec(Config):

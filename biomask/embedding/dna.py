@@ -9,6 +9,7 @@ Token stores (already token ids, of either modality) are read by biomask.embeddi
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from biomask.embedding.config import DNASpec
 from biomask.errors import InputError
 
 Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
+log = logging.getLogger(__name__)
 
 
 def _record(tokenizer: DNATokenizer, chars: np.ndarray) -> dict[str, Any]:
@@ -57,6 +59,7 @@ def read_fasta(
 
     current, buffer, buffer_start = None, np.zeros(0, dtype=np.uint8), 0
     emitted_in_record = 0
+    tails = [0, 0]  # records whose last bases no window covers, and those bases
 
     def flush_record() -> None:
         nonlocal emitted_in_record
@@ -68,6 +71,10 @@ def read_fasta(
                 records.append(_record(tokenizer, buffer))
         elif emitted_in_record == 0 and buffer.size:
             emit(current, buffer_start, buffer)  # a record shorter than one window: embed it whole
+        elif emitted_in_record and step is not None and window is not None:
+            left = buffer_start + buffer.size - (buffer_start - step + window)  # after the last window
+            if left > 0:
+                tails[0], tails[1] = tails[0] + 1, tails[1] + left
 
     for name, offset, bases in read_fasta_blocks(path, block_size=max(1 << 20, window or 0)):
         if offset == 0:  # a record's first block (by name alone, two records called alike would merge)
@@ -89,6 +96,16 @@ def read_fasta(
     flush_record()
     if current is None:
         raise InputError(f"{path} holds no FASTA records")
+    if tails[0]:
+        log.info(
+            "%s: %d records end in bases no window covers (%d bases in all; windows of %d every %d tile "
+            "each record from its start)",
+            path,
+            tails[0],
+            tails[1],
+            window,
+            step,
+        )
     if records:
         yield pd.DataFrame(rows), records
 

@@ -65,6 +65,7 @@ def embed_chunks(
     key: str,
     umap_color: str | None,
     extra: dict[str, Any],
+    long_records: str = "first",
 ):
     """An AnnData of the records' embeddings (obs: the chunks' rows), not yet written; `extra` joins
     the provenance in `uns[key]`."""
@@ -73,12 +74,20 @@ def embed_chunks(
 
     max_length = inference_max_length(model)
     room = max_length - n_specials(model.config.modality)
-    frames, parts, cropped = [], [], 0
+    frames, parts, cropped, examples = [], [], 0, []
     for frame, records in chunks:
-        cropped += sum(len(r["tokens"]) > room for r in records)
+        long = [i for i, r in enumerate(records) if len(r["tokens"]) > room]
+        cropped += len(long)
+        examples += [str(frame["id"].iloc[i]) for i in long[: 3 - len(examples)]]
         parts.append(
             embed_records(
-                model, records, pooling=pooling, layer=layer, batch_size=batch_size, max_length=max_length
+                model,
+                records,
+                pooling=pooling,
+                layer=layer,
+                batch_size=batch_size,
+                max_length=max_length,
+                long_records=long_records,
             )
         )
         frames.append(frame)
@@ -86,13 +95,20 @@ def embed_chunks(
         raise InputError(f"{where} holds no sequences")
     obs = pd.concat(frames, ignore_index=True)
     if cropped:
+        what = {
+            "window": "each is embedded whole, in windows of the model's length whose vectors are pooled",
+            "centre": "each is cut to its middle tokens",
+            "first": "each is cut to its first tokens (cells: its highest-valued genes)",
+        }[long_records]
         log.warning(
-            "%d records are longer than the model's %d tokens: they are cut as for evaluation "
-            "(DNA: the first tokens; windows of at most %d bases, dna.window=%d, embed every base)",
+            "%d record%s longer than the model's %d tokens (%s%s): %s (dna.long_records=%s)",
             cropped,
+            " is" if cropped == 1 else "s are",
             room,
-            room,
-            room,
+            ", ".join(examples),
+            ", ..." if cropped > len(examples) else "",
+            what,
+            long_records,
         )
     if umap_color is not None and umap_color not in obs.columns:
         raise InputError(
@@ -119,6 +135,12 @@ def embed_chunks(
         layer=layer,
         key=key,
         max_length=max_length,
-        extra={"input": str(where), "sequences": len(obs), "records_cut": int(cropped), **extra},
+        extra={
+            "input": str(where),
+            "sequences": len(obs),
+            "records_longer_than_model": int(cropped),
+            "long_records": long_records,
+            **extra,
+        },
     )
     return anndata.AnnData(obs=obs, obsm={key: np.concatenate(parts)}, uns={key: h5_safe(uns)})

@@ -231,6 +231,7 @@ def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprin
         batch_size=cfg.batch_size,
         key=cfg.key,
         umap_color=cfg.umap.color,
+        long_records=cfg.dna.long_records if model.config.modality == "dna" else "first",
         extra={"input_format": kind, **extra, "fingerprint": fingerprint},
     )
 

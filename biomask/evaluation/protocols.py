@@ -37,6 +37,7 @@ predictions — the tokenizer / model / pretraining choice made on validation da
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -289,7 +290,14 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
     trained on is recorded since 2026-12-05 (before: assumed to be `train`)."""
     trained = (getattr(model, "checkpoint_info", None) or {}).get("data") or {}
     if trained.get("manifest_sha256") != sha256_file(data.store.root / "manifest.json"):
-        return None
+        shared = _shared_sources(trained, data.store.manifest)
+        if not shared:
+            return None
+        return (
+            f"pretrained (label-free) on a store prepared from the same input file as this one ({shared}), "
+            "perhaps tokenized or split otherwise: its records are likely among the test records. For a "
+            "clean test, pretrain on other sequences (or on this store's train split, with splits.mode=store)"
+        )
     split = trained.get("train_split", "train")
     if mode == "resample":
         return (
@@ -304,6 +312,23 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
             "the fine-tuning step) are made"
         )
     return None
+
+
+def _shared_sources(trained: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The input files (by sha256) the checkpoint's pretraining store and this store were both
+    prepared from, named ("" when none). Checkpoints written before the sources were recorded: read
+    from their store's manifest, when it is still there and the one they record."""
+    sources = trained.get("sources")
+    if sources is None and trained.get("store"):
+        path = Path(str(trained["store"])) / "manifest.json"
+        try:
+            if sha256_file(path) == trained.get("manifest_sha256"):
+                sources = json.loads(path.read_text()).get("sources")
+        except (OSError, ValueError):
+            sources = None
+    theirs = {s.get("sha256") for s in sources or [] if s.get("sha256")}
+    ours = [s for s in manifest.get("sources") or [] if s.get("sha256") in theirs]
+    return ", ".join(str(s.get("name") or s.get("path")) for s in ours)
 
 
 def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] | None = None) -> list[Method]:

@@ -319,7 +319,8 @@ def _expand_tasks(plan: Plan, stage: PlannedStage, check_commands: bool) -> list
         stage.tasks.append(Task(stage.name, index, point, output, items))
         if schema is not None:
             try:
-                load_config(schema, stage.config, items)
+                where = f"by the pipeline (stage {stage.name}'s overrides, sweep or output)"
+                load_config(schema, stage.config, items, where)
             except ConfigError as exc:
                 label = f"stage {stage.name}" + (f" (sweep point {point})" if point else "")
                 errors.append(f"{label}: {exc}")
@@ -363,10 +364,16 @@ def _matching_task(upstream: PlannedStage, point: dict[str, Any], stage: str, wh
     """The task of a swept upstream stage with the same values for its sweep keys as this task."""
     missing = [k for k in upstream.spec.sweep if k not in point]
     if missing:
+        dirs = [task_dirname(t.point) for t in upstream.tasks] or [
+            ",".join(f"{k}=..." for k in upstream.spec.sweep)
+        ]
         raise ConfigError(
             f"{where}: ${{stages.{upstream.name}.output}} is ambiguous: {upstream.name} is swept over "
-            f"{list(upstream.spec.sweep)} and {stage} is not swept over {missing}; sweep {stage} over the same "
-            f"keys (each task then reads its counterpart) or use ${{stages.{upstream.name}.dir}}"
+            f"{list(upstream.spec.sweep)} and {stage} is not swept over {missing}. Name the task you mean: "
+            f"${{stages.{upstream.name}.dir}}/{dirs[0]}/... (its tasks: {', '.join(dirs[:6])}"
+            f"{', ...' if len(dirs) > 6 else ''}; an evaluate stage lists each checkpoint so, as "
+            f"configs/pipelines/study-full.yaml does), or sweep {stage} over the same keys where they are "
+            f"keys of its own config (each task then reads its counterpart)"
         )
     for task in upstream.tasks:
         if all(task.point[k] == point[k] for k in upstream.spec.sweep):

@@ -584,6 +584,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "store": str(store.root),
                     "manifest_sha256": manifest_sha,
                     "train_split": cfg.data.train_split,
+                    # the files the store was prepared from: evaluate notes a task store made from them
+                    "sources": [
+                        {"name": s.get("name"), "sha256": s.get("sha256")}
+                        for s in store.manifest.get("sources") or []
+                    ],
                 },
                 "prep": prep_settings(store),
                 "eval": final_eval,
