@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -173,8 +174,18 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     code, _, err = cli(*base, mine, "--overwrite")
     assert code == 2 and "not a biomask Hugging Face export" in err and (mine / "keep.txt").exists()
     assert cli(*base, tmp_path / "hf")[0] == 0
-    code, _, err = cli(*base, tmp_path / "hf")
-    assert code == 2 and "--overwrite" in err
+    stamp = (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns
+    code, _, err = cli(*base, tmp_path / "hf")  # the same checkpoint again: reused, as other stages do
+    assert code == 0 and "up to date" in err
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
+    other = tmp_path / "other"  # another checkpoint into the same folder: refused without --overwrite
+    shutil.copytree(run / "model", other)
+    config = json.loads((other / "config.json").read_text())
+    config["training"]["seed"] = 99
+    del config["config_sha256"]
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("export-hf", "--checkpoint", other, "--output", tmp_path / "hf")
+    assert code == 2 and "holds an export of another checkpoint" in err and "--overwrite" in err
     assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0  # its own export: replaced
 
 

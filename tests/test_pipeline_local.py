@@ -69,6 +69,8 @@ def test_runs_in_order_then_reuses_then_reruns_what_changed(dna_pipeline, tmp_pa
         "prep_splice/split.seed=0": "ran (changed)",
         "prep_splice/split.seed=1": "ran (changed)",
     }
+    log = (run / "logs" / "prep_splice-0.log").read_text()  # the stage's refusal, then why it is no failure
+    assert log.index("holds results of a different config") < log.index("(the refusal above is expected)")
 
     # an upstream change re-runs it, and the splice set whose input (the tokenizer) changed with it
     kmer = ["stages.prep_genome.overrides.tokenizer.kind=kmer", "stages.prep_genome.overrides.tokenizer.k=3"]

@@ -148,6 +148,18 @@ def _is_export(folder: Path) -> bool:
     return isinstance(config, dict) and (config.get("biomask") or {}).get("format") == "biomask-hf-export"
 
 
+def _exports(folder: Path, model: Any) -> bool:
+    """Whether `folder` is this module's export of this very checkpoint (its config.json, so its
+    weights' digest) by this version of the remote code — what a rerun may reuse as it is."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        same_code = (folder / "modeling_biomask.py").read_bytes() == MODELING.read_bytes()
+    except (OSError, ValueError):
+        return False
+    source = (config.get("biomask") or {}).get("source_checkpoint")
+    return same_code and source == json.loads(json.dumps(model.checkpoint_info, default=str))
+
+
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder of a portable checkpoint (see the module docstring); returns it."""
     from biomask.embedding.inference import inference_max_length
@@ -172,8 +184,14 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
                     f"output {output} is not empty and is not a biomask Hugging Face export (no config.json "
                     "with biomask.format biomask-hf-export); choose another output, or move its contents away"
                 )
+            if not overwrite and _exports(output, model):
+                log.info("export-hf: %s is up to date (an export of this checkpoint); reusing it", output)
+                return output
             if not overwrite:
-                raise OutputExistsError(f"output {output} holds an export; pass --overwrite to replace it")
+                raise OutputExistsError(
+                    f"output {output} holds an export of another checkpoint (or of another biomask "
+                    "version); pass --overwrite to replace it"
+                )
     max_length = inference_max_length(model)
     with atomic_output_dir(output) as tmp:
         save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})

@@ -174,7 +174,10 @@ def _run_task(
     status = "ran"
     if code != 0 and error.get("error") == "OutputExistsError":
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
-        _say(f"{task.name}: config or inputs changed since {task.output} was written; running it again", echo)
+        message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
+        _say(message, echo)
+        with open(log, "a") as sink:  # the refusal above in the log is this, not a failure
+            sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
         code, error = _spawn(
             plan, stage_argv(stage, task, overwrite=True), log, echo=echo, label=task.name, threads=threads
         )
