@@ -339,7 +339,11 @@ def test_coverage_warning_and_zero_overlap(tmp_path, cli, repo, pbmc3k_store):
                         "tokenizer.min_coverage=1.0")  # fmt: skip
     # what matters is the vocabulary's side (which of its genes the data lacks, named), the dataset's is
     # information; never "100.0%" for a share below one
-    assert code == 0 and "of the frozen vocabulary's" in err and "are in the data (tokenizer.min_coverage=100%)" in err
+    assert (
+        code == 0
+        and "of the frozen vocabulary's" in err
+        and "are in the data (tokenizer.min_coverage=100%)" in err
+    )
     assert "99.9% of its 765 genes are in the vocabulary" in err, err
     # Ensembl IDs against a vocabulary of symbols: nothing in common -> refused before reading values
     code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / 'ens'}", f"tokenizer.path={pbmc3k_store}",
