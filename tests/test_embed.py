@@ -301,6 +301,21 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         vectors[policy] = out.obsm["X_biomask"]
     assert not np.allclose(vectors["window"][0], vectors["first"][0])  # the whole sequence, not its start
     np.testing.assert_allclose(vectors["window"][1], vectors["first"][1], atol=2e-5)  # a short one alike
+    # dna.strands=both: one vector whichever strand the file holds (the mean over the two)
+    rc = seqs[0][::-1].translate(str.maketrans("ACGT", "TGCA"))
+    pd.DataFrame({"id": ["fwd", "rev"], "sequence": [seqs[0], rc]}).to_csv(tmp_path / "rc.csv", index=False)
+    for strands in ("forward", "both"):
+        code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "rc.csv",
+                           "--output", tmp_path / f"rc-{strands}.h5ad", "dna.id_column=id",
+                           f"dna.strands={strands}")  # fmt: skip
+        assert code == 0, err
+    one, both = (read(tmp_path / f"rc-{s}.h5ad") for s in ("forward", "both"))
+    assert both.uns["X_biomask"]["strands"] == "both"
+    np.testing.assert_allclose(both.obsm["X_biomask"][0], both.obsm["X_biomask"][1], atol=2e-5)
+    assert not np.allclose(one.obsm["X_biomask"][0], one.obsm["X_biomask"][1], atol=1e-3)
+    np.testing.assert_allclose(
+        both.obsm["X_biomask"][0], one.obsm["X_biomask"].mean(axis=0), atol=2e-5
+    )  # the forward strand's vector and the reverse complement's, averaged
     code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fas",
                        "--output", tmp_path / "s.h5ad", "dna.stride=30")  # fmt: skip
     assert code == 2 and "dna.stride applies to dna.window's windows" in err

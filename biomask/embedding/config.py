@@ -41,6 +41,9 @@ class DNASpec(Config):
     # max_len): window = the whole sequence in windows of the model's length, their vectors pooled
     # (as `biomask evaluate` does by default); centre = the middle; first = the start; refuse = exit 2
     long_records: Literal["window", "centre", "first", "refuse"] = "window"
+    # forward: the sequence as given; both: the mean of its vector and its reverse complement's (one
+    # vector whichever strand a FASTA or table holds: for motifs that bind either strand)
+    strands: Literal["forward", "both"] = "forward"
 
     @model_validator(mode="after")
     def _stride_needs_window(self) -> DNASpec:

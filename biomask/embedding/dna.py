@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from biomask.dna.cleaning import Cleaner
+from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.readers import chain_first, decompression_errors, header_hint, open_text, read_fasta_blocks
 from biomask.dna.tokenizers import DNATokenizer, load_tokenizer
 from biomask.embedding.config import DNASpec
@@ -27,8 +27,13 @@ Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
 log = logging.getLogger(__name__)
 
 
-def _record(tokenizer: DNATokenizer, chars: np.ndarray) -> dict[str, Any]:
-    return {"tokens": tokenizer.encode_windows(chars[None, :]).values}
+def _record(tokenizer: DNATokenizer, chars: np.ndarray, both: bool = False) -> dict[str, Any]:
+    """A sequence's tokens; with `both`, also its reverse complement's (`reverse`), tokenized anew
+    (a k-mer or BPE split of the other strand is not the forward tokens reversed)."""
+    record: dict[str, Any] = {"tokens": tokenizer.encode_windows(chars[None, :]).values}
+    if both:
+        record["reverse"] = {"tokens": tokenizer.encode_windows(reverse_complement(chars)[None, :]).values}
+    return record
 
 
 def read_fasta(
@@ -39,6 +44,7 @@ def read_fasta(
     window: int | None,
     stride: int | None,
     chunk_size: int,
+    both: bool = False,
 ) -> Iterator[Chunk]:
     """Whole records (window None) or windows of `window` bases every `stride` (default: `window`);
     windows never cross records, a record's last partial window is kept when it is its only one."""
@@ -55,7 +61,7 @@ def read_fasta(
                 "end": start + chars.size,
             }
         )
-        records.append(_record(tokenizer, chars))
+        records.append(_record(tokenizer, chars, both))
 
     current, buffer, buffer_start = None, np.zeros(0, dtype=np.uint8), 0
     emitted_in_record = 0
@@ -68,7 +74,7 @@ def read_fasta(
         if window is None:
             if buffer.size:
                 rows.append({"id": current, "record": current, "start": 0, "end": int(buffer.size)})
-                records.append(_record(tokenizer, buffer))
+                records.append(_record(tokenizer, buffer, both))
         elif emitted_in_record == 0 and buffer.size:
             emit(current, buffer_start, buffer)  # a record shorter than one window: embed it whole
         elif emitted_in_record and step is not None and window is not None:
@@ -119,6 +125,7 @@ def read_sequence_table(
     label_column: str | None,
     id_column: str | None,
     chunk_size: int,
+    both: bool = False,
 ) -> Iterator[Chunk]:
     """Rows of a CSV/TSV: a sequence column, optionally a label and an id column."""
     with open_text(path) as handle, decompression_errors(path):
@@ -148,7 +155,7 @@ def read_sequence_table(
                 entry["label"] = (row.get(label_column) or "").strip()
             entry["line"] = line
             rows.append(entry)
-            records.append(_record(tokenizer, chars))
+            records.append(_record(tokenizer, chars, both))
             n_rows += 1
             if len(records) >= chunk_size:
                 yield pd.DataFrame(rows), records
@@ -185,7 +192,13 @@ def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size
     tokenizer, cleaner = _corpus_tokenization(model)
     if kind == "fasta":
         return read_fasta(
-            path, tokenizer, cleaner, window=spec.window, stride=spec.stride, chunk_size=chunk_size
+            path,
+            tokenizer,
+            cleaner,
+            window=spec.window,
+            stride=spec.stride,
+            chunk_size=chunk_size,
+            both=spec.strands == "both",
         )
     return read_sequence_table(
         path,
@@ -195,4 +208,5 @@ def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size
         label_column=spec.label_column,
         id_column=spec.id_column,
         chunk_size=chunk_size,
+        both=spec.strands == "both",
     )

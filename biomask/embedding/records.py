@@ -79,17 +79,22 @@ def embed_chunks(
         long = [i for i, r in enumerate(records) if len(r["tokens"]) > room]
         cropped += len(long)
         examples += [str(frame["id"].iloc[i]) for i in long[: 3 - len(examples)]]
-        parts.append(
+        strands = [records]
+        if records and "reverse" in records[0]:  # dna.strands=both: the mean of the two strands' vectors
+            strands = [[{"tokens": r["tokens"]} for r in records], [r["reverse"] for r in records]]
+        vectors = [
             embed_records(
                 model,
-                records,
+                strand,
                 pooling=pooling,
                 layer=layer,
                 batch_size=batch_size,
                 max_length=max_length,
                 long_records=long_records,
             )
-        )
+            for strand in strands
+        ]
+        parts.append(vectors[0] if len(vectors) == 1 else (vectors[0] + vectors[1]) / 2)
         frames.append(frame)
     if not frames:
         raise InputError(f"{where} holds no sequences")

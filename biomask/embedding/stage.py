@@ -221,7 +221,11 @@ def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprin
         extra: dict[str, Any] = {}
     else:
         chunks = sequence_chunks(model, path, kind, cfg.dna, cfg.chunk_size)
-        extra = {"window": cfg.dna.window, "stride": cfg.dna.stride or cfg.dna.window}
+        extra = {
+            "window": cfg.dna.window,
+            "stride": cfg.dna.stride or cfg.dna.window,
+            "strands": cfg.dna.strands,
+        }
     return embed_chunks(
         model,
         chunks,
