@@ -331,9 +331,16 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 def cmd_pipeline_submit(args: argparse.Namespace) -> int:
     from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.runs import run_in_progress
     from biomask.pipelines.slurm import render_scripts, submit
 
     plan = load_plan(args.pipeline, args.overrides)
+    holder = run_in_progress(plan.run_dir)
+    if holder is not None and not args.dry_run:  # jobs would train the same runs beside it
+        raise InputError(
+            f"run_dir {plan.run_dir} is in use by a `biomask pipeline run` ({holder}); wait for it to finish "
+            "or stop it first, or submit to another run_dir"
+        )
     if args.dry_run:
         for path in render_scripts(
             plan, only=args.only or (), start=args.start, overwrite=args.overwrite
@@ -357,8 +364,9 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
     run_dir = find_run_dir(args.target)
     holder = run_in_progress(run_dir)
-    if holder is not None and not args.json:
-        print(f"a `biomask pipeline run` is in progress in {run_dir} ({holder}); its log: {run_dir / 'logs'}")
+    if holder is not None:  # with --json on stderr: stdout stays the list a script parses
+        line = f"a `biomask pipeline run` is in progress in {run_dir} ({holder}); its log: {run_dir / 'logs'}"
+        print(line, file=sys.stderr if args.json else sys.stdout)
     if (run_dir / "jobs.json").exists():
         states = job_states(run_dir)
         if args.json:
@@ -377,6 +385,8 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
             show(local_table(f"last local run of {run_dir} ({data['finished']})", results))
         return 0
     if holder is not None:  # the first run, not finished yet
+        if args.json:
+            print("[]")
         return 0
     raise InputError(f"{run_dir}: neither jobs.json nor local-run.json; run or submit the pipeline first")
 

@@ -31,6 +31,11 @@ class OutputExistsError(InputError):
     """The output directory holds results this run would replace; pass --overwrite to replace them."""
 
 
+class StaleOutputError(OutputExistsError):
+    """The output is biomask's own, of other settings or inputs: --overwrite replaces it (the pipeline
+    runner does so by itself; any other refusal it reports as a failure)."""
+
+
 # Exit code of a training stage that checkpointed on SIGTERM/SIGUSR1 and asks to be requeued: the
 # pipeline runner and the sbatch scripts rerun (requeue) it, and it resumes from the checkpoint.
 REQUEUE_EXIT_CODE = 75

@@ -31,6 +31,7 @@ from biomask.errors import (
     EnvironmentIOError,
     InputError,
     OutputExistsError,
+    StaleOutputError,
     describe_os_error,
     is_environment_error,
 )
@@ -97,7 +98,7 @@ def check_output(
     if info.get("fingerprint") == fingerprint:
         return True
     details = _describe_difference(path, config)
-    raise OutputExistsError(
+    raise StaleOutputError(
         f"output directory {path} holds results of a different config or input{details}\n"
         "Pass --overwrite to replace them, or choose another output path."
     )

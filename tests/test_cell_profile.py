@@ -257,6 +257,16 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     copy = ad.read_h5ad(tmp_path / "mine" / "cells.h5ad")
     assert copy.X is None and copy.raw.shape == pbmc68k_adata.raw.shape and not copy.layers
     assert not copy.obsm and list(copy.obs.columns) == [] and set(copy.uns) == {"biomask_fit_cells"}
+    # other cells into the same output: refused, and the copy beside the store is still the one it holds
+    from biomask.errors import StaleOutputError
+
+    kept = (tmp_path / "mine" / "cells.h5ad").read_bytes()
+    with pytest.raises(StaleOutputError, match="overwrite=True"):
+        biomask.fit_cells(
+            pbmc68k_adata[:300].copy(), tmp_path / "mine", matrix="raw", counts={"mode": "log1p"}
+        )
+    assert (tmp_path / "mine" / "cells.h5ad").read_bytes() == kept
+    assert not list((tmp_path / "mine").glob(".*previous"))  # nothing of the refused call is left
     # labels were not used: the store has no label column
     store = json.loads((tmp_path / "mine" / "store" / "manifest.json").read_text())
     assert store["label_names"] is None and store["scheme"] == "panel"
@@ -345,6 +355,16 @@ def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_pa
     assert vectors.shape == (adata.n_obs, info["architecture"]["d_model"]) and np.isfinite(vectors).all()
     assert float(vectors.std(0).mean()) > 0  # one vector per cell, not a constant
     assert adata.uns["X_biomask"]["pooling"] == "cls"  # what the vector is: the cell token, as recorded
+    # continuing it needs no model.kind: the checkpoint's kind brings its recipe
+    again = biomask.fit_cells(
+        pbmc68k_adata.copy(), tmp_path / "pt-cont", matrix="raw", counts={"mode": "log1p"}, init_from=checkpoint,
+        overrides={"train.steps": 4, "train.micro_batch_size": 16},
+    )  # fmt: skip
+    info = json.loads((again / "config.json").read_text())
+    assert (
+        info["architecture"]["kind"] == "panel_transformer" and info["masking"]["corruption"]["kind"] == "mae"
+    )
+    assert (info["masking"]["ratio"]["low"], info["masking"]["ratio"]["high"]) == (0.1, 0.75)
 
 
 @pytest.mark.network

@@ -368,3 +368,47 @@ def test_a_config_file_and_a_directory_output_as_the_pipeline_runs_it(
     assert code == 0 and "up to date" in err
     code, _, err = cli(*args, "pooling=cls")  # another result in the same place: refused
     assert code == 2 and "--overwrite" in err
+
+
+def test_fasta_windows_hold_their_bases_across_blocks_whatever_the_stride(splice_store, tmp_path, caplog):
+    """Windows are read from 1 MiB blocks: each window's id names the bases it holds, also when the
+    stride is longer than the window and a skip runs past a block's end; the uncovered tails are
+    counted (bases after the last window)."""
+    from biomask.dna.cleaning import Cleaner
+    from biomask.embedding.dna import read_fasta
+
+    tokenizer = load_tokenizer(splice_store)
+    rng = np.random.default_rng(0)
+    seqs = {
+        "a": "".join(rng.choice(list("ACGT"), 150)),
+        "b": "".join(rng.choice(list("ACGT"), (1 << 20) + 3000)),
+    }
+    (tmp_path / "g.fa").write_text("".join(f">{n}\n{s}\n" for n, s in seqs.items()))
+    for window, stride, tail in ((100, 1000, 50 + 476), (128, 64, 22 + 56)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="biomask"):
+            chunks = list(read_fasta(tmp_path / "g.fa", tokenizer, Cleaner(), window=window, stride=stride,
+                                     chunk_size=10**9))  # fmt: skip
+        for frame, records in chunks:
+            for (_, row), record in zip(frame.iterrows(), records):
+                assert row["end"] - row["start"] == window and row["start"] % stride == 0
+                assert tokenizer.decode(record["tokens"]) == seqs[row["record"]][row["start"] : row["end"]]
+        assert f"2 records end in bases no window covers ({tail} bases in all" in caplog.text
+
+
+def test_a_10x_folder_points_to_scanpy_and_both_strands_need_sequences(
+    pbmc_h5ad, cells_checkpoint, tmp_path, cli
+):
+    folder = tmp_path / "tenx"
+    folder.mkdir()
+    (folder / "matrix.mtx.gz").write_bytes(b"")
+    code, _, err = cli(
+        "embed", "--checkpoint", cells_checkpoint, "--input", folder, "--output", tmp_path / "a.h5ad"
+    )
+    assert (
+        code == 2 and "is a 10x folder" in err and "sc.read_10x_mtx" in err and "biomask.embed(adata" in err
+    )
+    code, _, err = cli("embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad,
+                       "--output", tmp_path / "b.h5ad", *COUNTS, "dna.strands=both")  # fmt: skip
+    assert code == 2 and "dna.strands=both reads DNA sequences" in err, err
+    assert not (tmp_path / "a.h5ad").exists() and not (tmp_path / "b.h5ad").exists()

@@ -178,6 +178,8 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     code, _, err = cli(*base, tmp_path / "hf")  # the same checkpoint again: reused, as other stages do
     assert code == 0 and "up to date" in err
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"damaged")  # not reused once its weights changed
+    assert cli(*base, tmp_path / "hf")[0] == 2
     other = tmp_path / "other"  # another checkpoint into the same folder: refused without --overwrite
     shutil.copytree(run / "model", other)
     config = json.loads((other / "config.json").read_text())

@@ -111,8 +111,12 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
     with run_lock(load_plan(dna_pipeline)):
         code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
         status_code, status, _ = cli("pipeline", "status", run)
+        _, as_json, said = cli("pipeline", "status", run, "--json")
+        submit_code, _, submit_err = cli("pipeline", "submit", dna_pipeline)
     assert code == 2 and "is in use by another `biomask pipeline run` (pid" in err, err
     assert status_code == 0 and "a `biomask pipeline run` is in progress" in status  # and the last table
+    assert json.loads(as_json) and "in progress" in said  # stdout stays the list a script parses
+    assert submit_code == 2 and "is in use by a `biomask pipeline run`" in submit_err
     assert "in progress" not in cli("pipeline", "status", run)[1]
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")  # released
     assert code == 0 and statuses(run) == {"prep_genome": "reused"}, err

@@ -481,15 +481,21 @@ def test_compile_without_a_compiler_is_refused_before_anything_is_written(
 
 def test_an_interrupted_run_of_other_settings_is_an_output_to_replace_like_a_finished_one(tmp_path):
     """`pipeline run` replaces an output of changed settings (it reruns a stage that refused with
-    OutputExistsError with --overwrite): an interrupted run of other settings must refuse the same way,
+    StaleOutputError with --overwrite): an interrupted run of other settings must refuse the same way,
     or the pipeline stays stuck on it; the same settings resume it."""
-    from biomask.errors import OutputExistsError
+    from biomask.errors import InputError, StaleOutputError
     from biomask.training import rundir
 
     out = tmp_path / "run"
     out.mkdir()
     rundir.mark_in_progress(out, "fingerprint-before", 1)
-    with pytest.raises(OutputExistsError, match="interrupted run of a different config"):
+    with pytest.raises(StaleOutputError, match="interrupted run of a different config"):
         rundir.decide(out, "fingerprint-now", 1, {}, overwrite=False)
     assert rundir.decide(out, "fingerprint-before", 1, {}, overwrite=False) == "resume"
     assert rundir.decide(out, "fingerprint-now", 1, {}, overwrite=True) == "fresh"
+    # a marker that cannot be read: whether it may be resumed cannot be told, so it is not discarded
+    # by a pipeline rerun either (a plain refusal, not one the runner answers with --overwrite)
+    (out / rundir.IN_PROGRESS).write_text("{not json")
+    with pytest.raises(InputError, match="is unreadable") as refused:
+        rundir.decide(out, "fingerprint-now", 1, {}, overwrite=False)
+    assert not isinstance(refused.value, StaleOutputError)

@@ -41,9 +41,14 @@ def test_a_genome_checkpoint_continues_on_the_splice_sequences(dna_checkpoint, s
     info = json.loads((out / "run.json").read_text())
     genome = json.loads((dna_checkpoint / "config.json").read_text())
     # the genome weights are an input (a new genome checkpoint re-runs it), with their checksum
-    assert {"name": "init_from", "path": str(dna_checkpoint), "sha256": genome["weights_sha256"]} in info[
-        "inputs"
-    ]
+    # (and the steps behind them, which the continued checkpoint's config.json keeps as its lineage)
+    lineage = {
+        "path": str(dna_checkpoint),
+        "sha256": genome["weights_sha256"],
+        "steps": genome["training"]["steps"],
+    }
+    assert {"name": "init_from", **lineage} in info["inputs"]
+    assert json.loads((out / "model" / "config.json").read_text())["init_from"] == lineage
     # the genome model's architecture, not dna-quick.yaml's, and weights that started from it
     start, end = load_pretrained(dna_checkpoint), load_pretrained(out / "model")
     assert end.config.d_model == start.config.d_model == genome["architecture"]["d_model"]

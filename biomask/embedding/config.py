@@ -88,3 +88,15 @@ class EmbedConfig(Config):
 # Keys that change no embedding: they may differ between runs that reuse an output.
 EMBED_POOLINGS: tuple[str, ...] = get_args(EmbedConfig.model_fields["pooling"].annotation)
 NON_SEMANTIC = ("output", "batch_size", "chunk_size", "device", "overwrite_input")
+
+
+def non_semantic(cfg: EmbedConfig, modality: str) -> tuple[str, ...]:
+    """NON_SEMANTIC, and the keys added on 2026-12-05 where they change nothing — so that an output
+    written before them is still reused: dna.strands at forward (what was done), dna.long_records
+    for cells (it applies to DNA) or at first (what was done)."""
+    keys = list(NON_SEMANTIC)
+    if cfg.dna.strands == "forward":
+        keys.append("dna.strands")
+    if modality != "dna" or cfg.dna.long_records == "first":
+        keys.append("dna.long_records")
+    return tuple(keys)

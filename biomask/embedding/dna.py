@@ -63,39 +63,39 @@ def read_fasta(
         )
         records.append(_record(tokenizer, chars, both))
 
-    current, buffer, buffer_start = None, np.zeros(0, dtype=np.uint8), 0
-    emitted_in_record = 0
+    # buffer: the record's bases from buffer_start on that a window may still need; next_start: where
+    # the next window begins (a stride longer than the window skips bases, across blocks too)
+    current, buffer, buffer_start, next_start, emitted = None, np.zeros(0, dtype=np.uint8), 0, 0, 0
     tails = [0, 0]  # records whose last bases no window covers, and those bases
 
     def flush_record() -> None:
-        nonlocal emitted_in_record
         if current is None:
             return
         if window is None:
             if buffer.size:
                 rows.append({"id": current, "record": current, "start": 0, "end": int(buffer.size)})
                 records.append(_record(tokenizer, buffer, both))
-        elif emitted_in_record == 0 and buffer.size:
-            emit(current, buffer_start, buffer)  # a record shorter than one window: embed it whole
-        elif emitted_in_record and step is not None and window is not None:
-            left = buffer_start + buffer.size - (buffer_start - step + window)  # after the last window
+        elif emitted == 0 and buffer.size:
+            emit(current, 0, buffer)  # a record shorter than one window: embed it whole
+        elif emitted and step is not None and window is not None:
+            left = buffer_start + buffer.size - (next_start - step + window)  # after the last window
             if left > 0:
                 tails[0], tails[1] = tails[0] + 1, tails[1] + left
 
     for name, offset, bases in read_fasta_blocks(path, block_size=max(1 << 20, window or 0)):
         if offset == 0:  # a record's first block (by name alone, two records called alike would merge)
             flush_record()
-            current, buffer, buffer_start, emitted_in_record = name, np.zeros(0, dtype=np.uint8), offset, 0
+            current, buffer, buffer_start, next_start, emitted = name, np.zeros(0, dtype=np.uint8), 0, 0, 0
         chars, _ = cleaner.clean(bases, where=f"{path}, record {name}", offset=offset)
         buffer = np.concatenate([buffer, chars])
-        if window is not None:
-            # every window that fits; keep the rest (from the next window's start) for the next block
-            n = (buffer.size - window) // step + 1 if buffer.size >= window else 0
-            for i in range(n):
-                emit(name, buffer_start + i * step, buffer[i * step : i * step + window])
-            emitted_in_record += n
-            if n:
-                buffer, buffer_start = buffer[n * step :], buffer_start + n * step
+        if window is not None and step is not None:
+            while True:
+                skip = min(next_start - buffer_start, buffer.size)  # bases no window will read
+                buffer, buffer_start = buffer[skip:], buffer_start + skip
+                if buffer_start != next_start or buffer.size < window:
+                    break  # the rest waits for the next block (or the record ends)
+                emit(name, next_start, buffer[:window])
+                emitted, next_start = emitted + 1, next_start + step
         if len(records) >= chunk_size:
             yield pd.DataFrame(rows), records
             rows, records = [], []
@@ -104,10 +104,11 @@ def read_fasta(
         raise InputError(f"{path} holds no FASTA records")
     if tails[0]:
         log.info(
-            "%s: %d records end in bases no window covers (%d bases in all; windows of %d every %d tile "
+            "%s: %d record%s in bases no window covers (%d bases in all; windows of %d every %d tile "
             "each record from its start)",
             path,
             tails[0],
+            " ends" if tails[0] == 1 else "s end",
             tails[1],
             window,
             step,

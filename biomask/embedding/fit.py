@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError, InputError, OutputExistsError
+from biomask.errors import BiomaskError, InputError, OutputExistsError, StaleOutputError
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,14 @@ def _pretrain_config(
     from biomask.config import apply_overrides, validate_config
     from biomask.training.config import PretrainConfig
 
-    data = pretrain_defaults(str((overrides or {}).get("model.kind", "mlp")))
+    # the recipe of the kind that trains: the one asked for, else a continued checkpoint's own
+    kind = (overrides or {}).get("model.kind") or (
+        _checkpoint_model(init_from).get("kind") if init_from else None
+    )
+    data = pretrain_defaults(str(kind or "mlp"))
     data.update({"data": {"store": str(store)}, "output": str(output)})
+    if init_from is not None:  # its weights fix the kind and the loss: say so, so the checks see them
+        data["model"].update({k: v for k, v in _checkpoint_model(init_from).items() if k in ("kind", "loss")})
     if n_train is not None:
         data["train"]["micro_batch_size"] = min(data["train"]["micro_batch_size"], n_train)
     if init_from is not None:
@@ -185,9 +191,14 @@ def fit_cells(
             if in_memory and not copy_existed:
                 source.unlink(missing_ok=True)
 
+    # the copy a refused call replaced comes back (else the store beside it no longer matches its input)
+    previous = source.with_name(f".{source.name}.previous")
     try:
         if in_memory:
             out.mkdir(parents=True, exist_ok=True)
+            if copy_existed:
+                previous.unlink(missing_ok=True)
+                os.link(source, previous)  # the old file stays reachable when the copy is replaced
             _write_copy(adata, source, prep_cfg, matrix, gene_column)
         _stage(prep_cells, prep_cfg, overwrite)
         n_cells = len(TokenStore(store).split("train"))
@@ -198,6 +209,8 @@ def fit_cells(
                 f"{MIN_CELLS}: give it more cells"
             )
     except BiomaskError as exc:
+        if in_memory and copy_existed and previous.exists():
+            os.replace(previous, source)
         undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
         message = str(exc)
         if in_memory:  # name the user's AnnData, not the copy made for the prep stage
@@ -206,6 +219,9 @@ def fit_cells(
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
         exc.args = (message,)
         raise
+    finally:
+        if in_memory and copy_existed:  # the link this call made (a refusal has put it back already)
+            previous.unlink(missing_ok=True)
     cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
     pretrain_existed = (out / "pretrain").exists()
     try:
@@ -227,7 +243,7 @@ def _stage(run: Any, cfg: Any, overwrite: bool) -> Path:
     again, and a changed embedding setting neither prepares nor trains again."""
     try:
         return run(cfg, overwrite=False)
-    except OutputExistsError:
+    except StaleOutputError:  # its own output of other settings (anything else is never replaced)
         if not overwrite:
             raise
         return run(cfg, overwrite=True)
@@ -235,6 +251,12 @@ def _stage(run: Any, cfg: Any, overwrite: bool) -> Path:
 
 COPY_NAME = "cells.h5ad"
 COPY_MARK = "biomask_fit_cells"  # uns key of the copy: what marks the file as fit_cells' own
+
+
+def _checkpoint_model(init: Path) -> dict[str, Any]:
+    from biomask.models.pretrained import read_checkpoint_config
+
+    return dict(read_checkpoint_config(init).get("architecture") or {})
 
 
 def _check_init_from(init: Path) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from biomask.embedding.anndata_io import provenance
-from biomask.embedding.config import EMBED_POOLINGS, NON_SEMANTIC, EmbedConfig
+from biomask.embedding.config import EMBED_POOLINGS, EmbedConfig, non_semantic
 from biomask.embedding.inference import check_layer, check_pooling, pick_device, vector_width
-from biomask.errors import InputError, OutputExistsError
+from biomask.errors import InputError, OutputExistsError, StaleOutputError
 from biomask.outputs import atomic_file
 from biomask.provenance import sha256_file
 from biomask.stage import StageOutput
@@ -58,6 +58,19 @@ def input_kind(path: Path, fmt: str) -> str:
         raise InputError(
             f"{path} is {guessed} by its name: `biomask embed` reads an .h5ad (cells), FASTA, a CSV/TSV table "
             "or a token store; convert it to FASTA (or set `format:` if the name misleads)"
+        )
+    name = path.name.lower()
+    cells = (
+        "a 10x folder" if path.is_dir() and any(path.glob("matrix.mtx*"))
+        else "a loom file" if name.endswith(".loom")
+        else "a 10x .h5 file" if name.endswith((".h5", ".hdf5"))
+        else None
+    )  # fmt: skip
+    if cells is not None:  # embed adds obsm to a copy of an .h5ad: these have none to copy
+        raise InputError(
+            f"{path} is {cells}: `biomask embed` writes the embedding into a copy of an .h5ad. Read it with "
+            "scanpy (sc.read_10x_mtx, sc.read_10x_h5, sc.read_loom) and call biomask.embed(adata, checkpoint), "
+            "or write it as .h5ad first (adata.write_h5ad)"
         )
     raise InputError(
         f"cannot tell what {path} holds from its name: give an .h5ad (cells), a FASTA (.fa/.fasta[.gz]), "
@@ -202,7 +215,14 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
     )
     if chosen.size < n:
         title += f" · {chosen.size:,} of {n:,} cells"
-    umap_png(vectors, colour.iloc[chosen].reset_index(drop=True), png, title=title, seed=cfg.umap.seed)
+    umap_png(
+        vectors,
+        colour.iloc[chosen].reset_index(drop=True),
+        png,
+        title=title,
+        max_cells=cfg.umap.max_cells,
+        seed=cfg.umap.seed,
+    )
 
 
 # ------------------------------------------------------------------------- 3. DNA and token stores
@@ -266,7 +286,7 @@ def _file_is_current(path: Path, fingerprint: str, overwrite: bool, key: str) ->
         )
     if overwrite:
         return False
-    raise OutputExistsError(
+    raise StaleOutputError(
         f"output {path} exists and holds other results; pass --overwrite to replace it, or choose another output"
     )
 
@@ -317,6 +337,11 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     kind = input_kind(path, cfg.format)
     modality = info.get("modality") or (info.get("architecture") or {}).get("modality")
     check_modality(cfg.checkpoint, str(modality), path, kind)
+    if cfg.dna.strands == "both" and (modality != "dna" or kind not in ("fasta", "table")):
+        raise InputError(
+            f"dna.strands=both reads DNA sequences (a FASTA or a table); {path} is a "
+            f"{'token store' if kind == 'store' else kind} for a {modality} model: leave dna.strands at forward"
+        )
     output, directory = _targets(cfg)
     h5ad = output / OUTPUT_NAME if directory else output
     if h5ad.resolve() == path.resolve() and not cfg.overwrite_input:
@@ -324,7 +349,13 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
             f"output {h5ad} is the input file; choose another output, or set overwrite_input: true to add the "
             "embedding to the input itself"
         )
-    stage = StageOutput("embed", cfg, output, inputs=checkpoint_inputs(cfg, path), non_semantic=NON_SEMANTIC)
+    stage = StageOutput(
+        "embed",
+        cfg,
+        output,
+        inputs=checkpoint_inputs(cfg, path),
+        non_semantic=non_semantic(cfg, str(modality)),
+    )
     if directory:
         if stage.is_current(overwrite=overwrite):
             return h5ad

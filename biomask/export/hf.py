@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask.errors import InputError, OutputExistsError
+from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,15 @@ def _exports(folder: Path, model: Any) -> bool:
         same_code = (folder / "modeling_biomask.py").read_bytes() == MODELING.read_bytes()
     except (OSError, ValueError):
         return False
-    source = (config.get("biomask") or {}).get("source_checkpoint")
-    return same_code and source == json.loads(json.dumps(model.checkpoint_info, default=str))
+    recorded = config.get("biomask") or {}
+    weights = folder / "model.safetensors"
+    return (
+        same_code
+        and recorded.get("source_checkpoint") == json.loads(json.dumps(model.checkpoint_info, default=str))
+        and (folder / "tokenizer.json").is_file()
+        and weights.is_file()
+        and recorded.get("weights_sha256") == sha256_file(weights)
+    )
 
 
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -196,9 +204,9 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
     with atomic_output_dir(output) as tmp:
         save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
-        (tmp / "config.json").write_text(
-            json.dumps(hf_config(model, checkpoint, max_length), indent=2, default=str) + "\n"
-        )
+        config = hf_config(model, checkpoint, max_length)
+        config["biomask"]["weights_sha256"] = sha256_file(tmp / "model.safetensors")  # what a rerun checks
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
     log.info(
         "export-hf: %s -> %s (model_type biomask, %s, %s)",

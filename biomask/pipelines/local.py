@@ -5,7 +5,7 @@ its run.json matches its config and input checksums (only the stage knows its in
 tokenizers, checkpoints). The runner tells the outcomes apart without parsing messages:
 
 - run.json unchanged by the run (same fingerprint and creation time) -> "reused";
-- the stage refused because its output holds a different config or input (`OutputExistsError`,
+- the stage refused because its output holds a different config or input (`StaleOutputError`,
   reported through BIOMASK_ERROR_FILE) -> the output belongs to this pipeline's run directory, so the
   runner runs the stage again with --overwrite -> "ran (changed)";
 - otherwise "ran", or "failed" with the stage's exit code; stages that need a failed one are not run.
@@ -172,7 +172,7 @@ def _run_task(
     started = time.monotonic()
     code, error = _spawn(plan, stage_argv(stage, task), log, echo=echo, label=task.name, threads=threads)
     status = "ran"
-    if code != 0 and error.get("error") == "OutputExistsError":
+    if code != 0 and error.get("error") == "StaleOutputError":
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
         message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
         _say(message, echo)

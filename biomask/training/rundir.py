@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from biomask.config import config_diff
-from biomask.errors import InputError, OutputExistsError
+from biomask.errors import InputError, OutputExistsError, StaleOutputError
 from biomask.outputs import atomic_write_text
 from biomask.provenance import read_run_info, written_by_biomask
 
@@ -76,7 +76,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     if info is not None:
         if info.get("fingerprint") == fingerprint:
             return "done"
-        raise OutputExistsError(
+        raise StaleOutputError(
             f"output directory {path} holds a finished run of a different config or input"
             f"{_changed_keys(path, config)}\nPass --overwrite to replace it, or choose another output path."
         )
@@ -85,8 +85,14 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
             state = json.loads(marker.read_text())
         except ValueError:
             state = {}
-        if state.get("fingerprint") != fingerprint:  # an output of other settings, as a finished one
-            raise OutputExistsError(
+        if not isinstance(state, dict) or "fingerprint" not in state:  # what it was cannot be told
+            raise InputError(
+                f"output directory {path} holds an interrupted run whose {IN_PROGRESS} is unreadable, so "
+                "whether this config may resume it cannot be told; pass --overwrite to discard it, or "
+                "choose another output path"
+            )
+        if state["fingerprint"] != fingerprint:  # an output of other settings, as a finished one
+            raise StaleOutputError(
                 f"output directory {path} holds an interrupted run of a different config or input, which "
                 f"cannot be resumed with this one{_changed_keys(path, config)}\nResume it with its own config "
                 f"({path / 'config.yaml'}), pass --overwrite to discard it, or choose another output path."
