@@ -215,6 +215,8 @@ def fit_cells(
         message = str(exc)
         if in_memory:  # name the user's AnnData, not the copy made for the prep stage
             message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
+        # the settings by the names this call has (a prep key would be refused as unknown here)
+        message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
         if isinstance(exc, OutputExistsError) and "overwrite=True" not in message:
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
         exc.args = (message,)

@@ -624,10 +624,13 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             (run_tmp / "run.json").rename(out / "run.json")
             run_tmp.rmdir()
             rundir.finish(out)
+            reference = final_eval.get("mean_reference_loss")
             log.info(
-                "pretrain: done — portable checkpoint %s (eval mean loss %.4f)",
+                "pretrain: done — portable checkpoint %s (held-out %s loss, mean over the ratio grid: %.4f%s)",
                 out / "model",
+                f"masked-gene {arch.loss}" if arch.kind in PROFILE_KINDS else "masked-token",
                 final_eval["mean_loss"],
+                f"; the reference predictor's: {reference:.4f}" if reference is not None else "",
             )
         if dist_env.world_size > 1:
             dist.barrier()
