@@ -143,6 +143,14 @@ def test_nb_model_learns_below_its_reference_and_normalised_input_is_refused(cou
     assert code == 2
     assert f"{normalised}/manifest.json" in err and "model.loss=poisson" in err and "counts.mode=log1p" in err
     assert not refused.exists()
+    # continuing the NB checkpoint there (the same panel): its loss, not the run's mse, is what counts
+    same_panel = tmp_path / "normalised-same-panel"
+    prep_cells(load_config(CellsPrepConfig, REPO / "configs/cells/pbmc68k_reduced-panel.yaml",
+                           [*keys[1:], f"output={same_panel}", f"tokenizer.path={count_store}"]))  # fmt: skip
+    code, _, err = cli(*_args("configs/pretrain/cells-mlp.yaml", same_panel, refused, **{
+        "model.init_from": out / "model", "train.steps": 5}))  # fmt: skip
+    assert code == 2 and "model.loss=nb (model.init_from's) needs raw counts" in err, err
+    assert "Continue a checkpoint trained with model.loss=mse" in err and not refused.exists()
 
 
 @pytest.mark.network

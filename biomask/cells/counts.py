@@ -391,9 +391,10 @@ def total_counts(source: MatrixSource, column: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- stores
 
 
-def require_counts(manifest: dict[str, Any], where: str, key: str) -> None:
+def require_counts(manifest: dict[str, Any], where: str, key: str, instead: str | None = None) -> None:
     """Refuse a token store whose raw counts cannot be rebuilt (a count likelihood needs them): only
-    panel stores prepared from counts keep each cell's `library_size`. `key` names the setting."""
+    panel stores prepared from counts keep each cell's `library_size`. `key` names the setting,
+    `instead` the other way out (default: that setting at mse)."""
     if "library_size" in (manifest.get("record_fields") or {}):
         return
     inputs = manifest.get("counts") or {}
@@ -410,6 +411,6 @@ def require_counts(manifest: dict[str, Any], where: str, key: str) -> None:
     )
     raise InputError(
         f"{where}/manifest.json: {key} needs raw counts and each cell's library size, but {why}. "
-        f"Set {key.rsplit('=', 1)[0]}=mse, or prepare the store from counts (counts.mode require, or "
+        f"{instead or 'Set ' + key.rsplit('=', 1)[0] + '=mse'}, or prepare the store from counts (counts.mode require, or "
         "from_log1p with counts.total_counts_column) with tokenizer.scheme=panel"
     )

@@ -20,13 +20,13 @@ DeepSpeed classes in `ALLOWED_GLOBALS`), see `weights_only_loads`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import pickle
 import random
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -388,9 +388,15 @@ def consolidated_state_dict(engine: Any, ckpt: Path, stage: int) -> dict[str, to
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # it prints progress (stdout is the stage's result); its torch.load calls unpickle weights only
-    with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    # it prints its progress (stdout is the stage's result): kept for -v, out of every run's log;
+    # its torch.load calls unpickle weights only
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    finally:
+        for line in printed.getvalue().splitlines():
+            log.debug("zero_to_fp32: %s", line)
 
 
 def export_portable(

@@ -317,7 +317,12 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         if arch.loss != "mse":  # the checkpoint's count likelihood, whatever this run's config says
             from biomask.cells.counts import require_counts
 
-            require_counts(store.manifest, str(store.root), f"model.loss={arch.loss} (model.init_from's)")
+            require_counts(
+                store.manifest,
+                str(store.root),
+                f"model.loss={arch.loss} (model.init_from's)",
+                instead="Continue a checkpoint trained with model.loss=mse",
+            )
     max_length = arch.max_len if arch.kind in PROFILE_KINDS else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
