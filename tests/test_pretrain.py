@@ -283,6 +283,10 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
+    # run.json tells a resumed run from one that never stopped
+    resumed_at = json.loads((resumed / "run.json").read_text())["resumed_from_steps"]
+    assert len(resumed_at) == 1 and resumed_at[0] >= 10
+    assert json.loads((straight / "run.json").read_text())["resumed_from_steps"] == []
     a, b = (
         load_file(str(straight / "model" / "model.safetensors")),
         load_file(str(resumed / "model" / "model.safetensors")),

@@ -131,6 +131,25 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
     atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
 
 
+def note_resume(path: Path, step: int) -> None:
+    """Add a resume's step to `in_progress.json` (run.json keeps the list: how the run came about)."""
+    marker = path / IN_PROGRESS
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    state["resumed_from"] = [*state.get("resumed_from", []), step]
+    atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
+
+
+def resumes(path: Path) -> list[int]:
+    """The steps this unfinished run was resumed from, in order."""
+    try:
+        return list(json.loads((path / IN_PROGRESS).read_text()).get("resumed_from", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def finish(path: Path) -> None:
     """After run.json is written: the directory is a finished output. Temporaries of an export cut short
     by a kill (`.model.tmp-*`, `.run.tmp-*`: tempfile's names under biomask's prefixes) are removed."""

@@ -461,6 +461,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         step_ratios = list(rng.get("metrics_step_ratios", []))
         step = int(checkpoint.read_meta(latest)["step"])
         log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
+        if dist_env.is_main:
+            rundir.note_resume(out, step)
     else:
         torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
     if dist_env.is_main and ckpt_root.exists():
@@ -624,6 +626,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "architecture": arch.to_dict(),
                     "parameters": n_params,
                     "final_eval": final_eval,
+                    "resumed_from_steps": rundir.resumes(out),  # [] for a run that never stopped
                 },
             )
             (run_tmp / "run.json").rename(out / "run.json")
