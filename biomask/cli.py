@@ -388,6 +388,11 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
         if args.json:
             print("[]")
         return 0
+    if (run_dir / "logs").is_dir():  # a run started here and stopped before its end (killed)
+        raise InputError(
+            f"{run_dir}: no run has finished here and none is running: the last one stopped before its end "
+            f"(its logs: {run_dir / 'logs'}); run the pipeline again (finished stages are reused)"
+        )
     raise InputError(f"{run_dir}: neither jobs.json nor local-run.json; run or submit the pipeline first")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -237,6 +238,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     adata = pbmc68k_adata.copy()
     adata.obs["mixed"] = [1, "a"] * (adata.n_obs // 2)  # a column h5py cannot store: not fit_cells' concern
     before = set(adata.obsm)
+    environment = dict(os.environ)
     checkpoint = biomask.fit_cells(
         adata,
         tmp_path / "mine",
@@ -246,6 +248,8 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )
     assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
     assert set(adata.obsm) - before == {"X_biomask"}
+    added = set(os.environ) - set(environment)  # (library imports may set their own, e.g. KMP_*)
+    assert not added & {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"}
     assert np.isfinite(adata.obsm["X_biomask"]).all()
     # the shipped settings give unit-length cell embeddings, and the provenance says so
     np.testing.assert_allclose(np.linalg.norm(adata.obsm["X_biomask"], axis=1), 1.0, rtol=1e-5)
@@ -293,6 +297,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     config = json.loads((older / "config.json").read_text())
     del config["architecture"]["embed_norm"]
     del config["config_sha256"]  # written before config.json recorded its own digest
+    del config["data"]["sources"]  # (and its store's input files)
     (older / "config.json").write_text(json.dumps(config))
     assert load_pretrained(older).config.embed_norm == "none"
     cont = pbmc68k_adata.copy()
@@ -402,6 +407,12 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     (damaged / "model.safetensors").write_bytes(bytes(weights))
     with pytest.raises(InputError, match=r"damaged/model.safetensors is corrupt or was changed"):
         biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, init_from=damaged)
+    # another kind cannot continue a checkpoint (its weights fix the kind): said, not trained anyway
+    with pytest.raises(InputError, match="is a mlp model, and its weights fix the kind"):
+        biomask.fit_cells(
+            pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, init_from=profile_checkpoint,
+            overrides={"model.kind": "panel_transformer"},
+        )  # fmt: skip
     assert not bad.exists()
     # a file of 10 cells: the count is known only once prep has read it, and the store it wrote goes
     few = tmp_path / "few.h5ad"

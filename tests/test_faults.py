@@ -170,9 +170,26 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     assert code == 2 and "contains the run's input" in err and (run / "model" / "config.json").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "keep.txt").write_text("precious")
+    (mine / "config.json").write_text("{}")  # a file of an export's name that biomask did not write
     code, _, err = cli(*base, mine, "--overwrite")
-    assert code == 2 and "not a biomask Hugging Face export" in err and (mine / "keep.txt").exists()
+    assert code == 2 and "holds config.json, which an export would replace" in err
+    assert (mine / "config.json").read_text() == "{}"
+    # a Hub clone (a model card, git): the export goes beside them, and --overwrite of another
+    # checkpoint later replaces the export's own files only
+    hub = tmp_path / "hub"
+    (hub / ".git").mkdir(parents=True)
+    (hub / "README.md").write_text("my model card")
+    assert cli(*base, hub)[0] == 0
+    shutil.copytree(run / "model", tmp_path / "seed99")
+    config = json.loads((tmp_path / "seed99" / "config.json").read_text())
+    config["training"]["seed"] = 99
+    del config["config_sha256"], config["data"]["sources"]  # as written before either was kept
+    (tmp_path / "seed99" / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("export-hf", "--checkpoint", tmp_path / "seed99", "--output", hub, "--overwrite")
+    assert code == 0 and "kept what biomask did not write" in err, err
+    assert (hub / "README.md").read_text() == "my model card" and (hub / ".git").is_dir()
+    exported = json.loads((hub / "config.json").read_text())["biomask"]["source_checkpoint"]
+    assert exported["training"]["seed"] == 99 and not list(tmp_path.glob(".hub.export*"))
     assert cli(*base, tmp_path / "hf")[0] == 0
     stamp = (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns
     code, _, err = cli(*base, tmp_path / "hf")  # the same checkpoint again: reused, as other stages do
@@ -180,14 +197,9 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"damaged")  # not reused once its weights changed
     assert cli(*base, tmp_path / "hf")[0] == 2
-    other = tmp_path / "other"  # another checkpoint into the same folder: refused without --overwrite
-    shutil.copytree(run / "model", other)
-    config = json.loads((other / "config.json").read_text())
-    config["training"]["seed"] = 99
-    del config["config_sha256"]
-    (other / "config.json").write_text(json.dumps(config))
-    code, _, err = cli("export-hf", "--checkpoint", other, "--output", tmp_path / "hf")
-    assert code == 2 and "holds an export of another checkpoint" in err and "--overwrite" in err
+    # another checkpoint into the same folder: refused without --overwrite
+    code, _, err = cli("export-hf", "--checkpoint", tmp_path / "seed99", "--output", tmp_path / "hf")
+    assert code == 2 and "not this checkpoint's as it is now" in err and "--overwrite" in err
     assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0  # its own export: replaced
 
 

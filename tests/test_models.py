@@ -300,8 +300,14 @@ def test_portable_checkpoint_round_trip_and_tokenizer_checks(
     (edited / "config.json").write_text(json.dumps(config, indent=2))
     with pytest.raises(InputError, match=r"edited/config.json was changed after the model was written"):
         load_pretrained(edited)
+    # a digest removed from a checkpoint written with one (it records its store's input files) is no
+    # way round the check
+    config["data"] = {"sources": []}
+    (edited / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "config_sha256"}))
+    with pytest.raises(InputError, match="lacks the config_sha256"):
+        load_pretrained(edited)
     # one written before config.json held its digest: the weights still have to fit the architecture
-    del config["config_sha256"]
+    del config["config_sha256"], config["data"]
     (edited / "config.json").write_text(json.dumps(config, indent=2))
     with pytest.raises(
         InputError, match=r"model.safetensors does not fit the architecture in its config.json"

@@ -104,8 +104,8 @@ def read_fasta(
         raise InputError(f"{path} holds no FASTA records")
     if tails[0]:
         log.info(
-            "%s: %d record%s in bases no window covers (%d bases in all; windows of %d every %d tile "
-            "each record from its start)",
+            "%s: %d record%s in bases after the last window (%d bases in all; windows of %d every %d "
+            "tile each record from its start)",
             path,
             tails[0],
             " ends" if tails[0] == 1 else "s end",

@@ -154,6 +154,14 @@ def fit_cells(
     init = Path(init_from) if init_from is not None else None
     if init is not None:  # before anything is written: only an intact cells panel checkpoint continues here
         _check_init_from(init)
+        kind = _checkpoint_model(init).get("kind")
+        asked = (overrides or {}).get("model.kind")
+        if asked is not None and asked != kind:
+            raise InputError(
+                f"init_from {init} is a {kind} model, and its weights fix the kind: model.kind={asked} "
+                "cannot continue it. Leave model.kind out (the checkpoint's own recipe is used), or train "
+                "a new model without init_from"
+            )
     in_memory = not isinstance(adata, (str, os.PathLike))
     source = out / COPY_NAME if in_memory else Path(adata)
     store = out / "store"
@@ -226,6 +234,7 @@ def fit_cells(
             previous.unlink(missing_ok=True)
     cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
     pretrain_existed = (out / "pretrain").exists()
+    environment = dict(os.environ)
     try:
         checkpoint = _stage(pretrain, cfg, overwrite) / "model"
     except InputError:  # bad input found by pretraining's own checks: as above, a retry starts clean
@@ -233,6 +242,12 @@ def fit_cells(
             shutil.rmtree(out / "pretrain", ignore_errors=True)
         undo()
         raise
+    finally:
+        # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
+        # torch.distributed stay out of the user's session (its process group serves a next call)
+        for name in set(os.environ) - set(environment):
+            del os.environ[name]
+        os.environ.update(environment)
     if in_memory:
         embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
     log.info("fit_cells: checkpoint %s", checkpoint)

@@ -77,6 +77,13 @@ def embed_chunks(
     frames, parts, cropped, examples = [], [], 0, []
     for frame, records in chunks:
         long = [i for i, r in enumerate(records) if len(r["tokens"]) > room]
+        if long and long_records == "refuse":
+            ids = ", ".join(repr(str(frame["id"].iloc[i])) for i in long[:3])
+            raise InputError(
+                f"{where}: record {ids}{' and others' if len(long) > 3 else ''} longer than the model's "
+                f"input of {room} tokens (dna.long_records=refuse); set dna.long_records=window (embed "
+                "windows and pool them) or centre (the middle tokens)"
+            )
         cropped += len(long)
         examples += [str(frame["id"].iloc[i]) for i in long[: 3 - len(examples)]]
         strands = [records]
@@ -124,7 +131,7 @@ def embed_chunks(
     if ids.has_duplicates:
         repeated = ids[ids.duplicated()].unique()
         log.warning(
-            "%s: %d sequences share a name with an earlier one (%s); their rows are named as scanpy's "
+            "%s: %d sequence(s) share a name with an earlier one (%s); their rows are named as scanpy's "
             "make_unique does (NAME-1, NAME-2, ...), obs['id'] keeps the name as given",
             where,
             int(ids.duplicated().sum()),

@@ -140,6 +140,18 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
     }
 
 
+# every file an export writes (and so may replace); config.json says the folder is an export
+EXPORT_FILES = (
+    "model.safetensors",
+    "modeling_biomask.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "genes.tsv",
+    "config.json",
+)
+
+
 def _is_export(folder: Path) -> bool:
     """Whether `folder` holds an export this module wrote (its config.json says so)."""
     try:
@@ -186,28 +198,44 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
     if output.exists():
         if not output.is_dir():
             raise OutputExistsError(f"output {output} exists and is not a directory; choose another output")
-        if any(output.iterdir()):
-            if not _is_export(output):  # --overwrite replaces only an export biomask wrote
-                raise OutputExistsError(
-                    f"output {output} is not empty and is not a biomask Hugging Face export (no config.json "
-                    "with biomask.format biomask-hf-export); choose another output, or move its contents away"
-                )
+        clash = sorted(p.name for p in output.iterdir() if p.name in EXPORT_FILES)
+        if clash and not _is_export(output):  # files of an export's names that biomask did not write
+            raise OutputExistsError(
+                f"output {output} holds {', '.join(clash)}, which an export would replace, and is not a "
+                "biomask Hugging Face export (no config.json with biomask.format biomask-hf-export); "
+                "choose another output, or move them away"
+            )
+        if clash:
             if not overwrite and _exports(output, model):
                 log.info("export-hf: %s is up to date (an export of this checkpoint); reusing it", output)
                 return output
             if not overwrite:
                 raise OutputExistsError(
-                    f"output {output} holds an export of another checkpoint (or of another biomask "
-                    "version); pass --overwrite to replace it"
+                    f"output {output} holds a biomask export that is not this checkpoint's as it is now "
+                    "(another checkpoint, another biomask version, or a changed file); pass --overwrite "
+                    "to replace it"
                 )
     max_length = inference_max_length(model)
-    with atomic_output_dir(output) as tmp:
+    # what else the folder holds (a model card, a git clone of a Hub repository) is never touched:
+    # then the export's own files are replaced one by one instead of the folder as a whole
+    kept = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_FILES) if output.is_dir() else []
+    with atomic_output_dir(output if not kept else output.parent / f".{output.name}.export") as tmp:
         save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
         config = hf_config(model, checkpoint, max_length)
         config["biomask"]["weights_sha256"] = sha256_file(tmp / "model.safetensors")  # what a rerun checks
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
+    if kept:
+        staged = output.parent / f".{output.name}.export"
+        for name in EXPORT_FILES:  # config.json last: the folder reads as the new export once it is in
+            if name != "config.json" and (staged / name).exists():
+                os.replace(staged / name, output / name)
+            elif name != "config.json":
+                (output / name).unlink(missing_ok=True)  # an old export's file this one does not have
+        os.replace(staged / "config.json", output / "config.json")
+        shutil.rmtree(staged, ignore_errors=True)
+        log.info("export-hf: kept what biomask did not write in %s: %s", output, ", ".join(kept))
     log.info(
         "export-hf: %s -> %s (model_type biomask, %s, %s)",
         checkpoint,

@@ -105,7 +105,12 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise InputError(
             f"{directory} was written by a newer biomask (checkpoint version {config['version']})"
         )
-    recorded = config.get(CONFIG_SHA256)  # checkpoints written before it was kept have none
+    recorded = config.get(CONFIG_SHA256)  # checkpoints written before it was kept have none ...
+    if recorded is None and "sources" in (config.get("data") or {}):  # ... but these were written with it
+        raise InputError(
+            f"{path} was changed after the model was written: it lacks the {CONFIG_SHA256} that the "
+            "biomask which wrote it records; restore the checkpoint's own config.json"
+        )
     if recorded is not None and recorded != config_digest(config):
         raise InputError(
             f"{path} was changed after the model was written: its content does not match the "
