@@ -98,14 +98,14 @@ def _pretrain_config(
     from biomask.config import apply_overrides, validate_config
     from biomask.training.config import PretrainConfig
 
-    # the recipe of the kind that trains: the one asked for, else a continued checkpoint's own
-    kind = (overrides or {}).get("model.kind") or (
-        _checkpoint_model(init_from).get("kind") if init_from else None
+    # a continued checkpoint's weights fix its kind and loss (said in the config, so the checks see
+    # them); the recipe is that kind's, else the one asked for
+    fixed = (
+        {k: v for k, v in _checkpoint_model(init_from).items() if k in ("kind", "loss")} if init_from else {}
     )
-    data = pretrain_defaults(str(kind or "mlp"))
+    data = pretrain_defaults(str(fixed.get("kind") or (overrides or {}).get("model.kind") or "mlp"))
     data.update({"data": {"store": str(store)}, "output": str(output)})
-    if init_from is not None:  # its weights fix the kind and the loss: say so, so the checks see them
-        data["model"].update({k: v for k, v in _checkpoint_model(init_from).items() if k in ("kind", "loss")})
+    data["model"].update(fixed)
     if n_train is not None:
         data["train"]["micro_batch_size"] = min(data["train"]["micro_batch_size"], n_train)
     if init_from is not None:
