@@ -140,7 +140,7 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
     }
 
 
-# every file an export writes (and so may replace); config.json says the folder is an export
+# every file an export writes (and so may replace); config.json, last, says the folder is an export
 EXPORT_FILES = (
     "model.safetensors",
     "modeling_biomask.py",
@@ -219,7 +219,8 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
     # what else the folder holds (a model card, a git clone of a Hub repository) is never touched:
     # then the export's own files are replaced one by one instead of the folder as a whole
     kept = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_FILES) if output.is_dir() else []
-    with atomic_output_dir(output if not kept else output.parent / f".{output.name}.export") as tmp:
+    staged = output.parent / f".{output.name}.export"
+    with atomic_output_dir(staged if kept else output) as tmp:
         save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
         config = hf_config(model, checkpoint, max_length)
@@ -227,13 +228,11 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
     if kept:
-        staged = output.parent / f".{output.name}.export"
         for name in EXPORT_FILES:  # config.json last: the folder reads as the new export once it is in
-            if name != "config.json" and (staged / name).exists():
+            if (staged / name).exists():
                 os.replace(staged / name, output / name)
-            elif name != "config.json":
+            else:
                 (output / name).unlink(missing_ok=True)  # an old export's file this one does not have
-        os.replace(staged / "config.json", output / "config.json")
         shutil.rmtree(staged, ignore_errors=True)
         log.info("export-hf: kept what biomask did not write in %s: %s", output, ", ".join(kept))
     log.info(
