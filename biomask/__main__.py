@@ -1,3 +1,3 @@
-from biomask.cli import main
+from biomask.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -800,5 +800,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `biomask` console script and `python -m biomask`: main(), then the process ends."""
+    code = main()
+    distributed = sys.modules.get("biomask.training.distributed")  # imported by a command that trains
+    if distributed is None:
+        raise SystemExit(code)
+    distributed.leave_process(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -222,6 +222,27 @@ def test_deepspeed_launcher_and_zero3_with_activation_checkpointing(genome_store
     load_pretrained(out / "model")
 
 
+def test_a_process_with_a_group_ends_with_its_code_its_output_and_its_exit_handlers(tmp_path):
+    """leave_process skips the interpreter's teardown (where a gloo rank once aborted, exit 250), not
+    what a user sees: the exit code, buffered output, and exit handlers (which destroy the group)."""
+    marker = tmp_path / "handlers-ran"
+    script = f"""
+import atexit, pathlib, sys, torch
+from biomask.training.distributed import init_process_group, leave_process, setup_env
+init_process_group(setup_env())
+atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text(str(torch.distributed.is_initialized())))
+sys.stdout.write("no newline yet")
+leave_process(3)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout.endswith("no newline yet")
+    # handlers run last-registered first: the group is still up for this one, destroyed after it
+    assert marker.read_text() == "True"
+
+
 def test_srun_style_launch_maps_slurm_variables(genome_store, tmp_path):
     """Two tasks started the way srun starts them: only SLURM_* variables (and a port) set."""
     from biomask.training.distributed import free_port

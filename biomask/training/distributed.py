@@ -189,6 +189,32 @@ def init_process_group(dist_env: DistEnv) -> None:
     # Why: a process that leaves its NCCL group to the interpreter's teardown can hang there — seen
     # on an H200: `biomask evaluate` with ZeRO-2 fine-tuning wrote its results, then never exited
     atexit.register(_destroy_process_group)
+    global _process_group_started
+    _process_group_started = True
+
+
+_process_group_started = False
+
+
+def leave_process(code: int) -> None:
+    """End a process that started a process group: exit handlers run, the interpreter's teardown does not.
+
+    Why: after the exit handlers (the group destroyed, logs flushed), the interpreter frees what is left
+    (DeepSpeed engines in reference cycles, the backend's threads and the tensors they hold). A thread
+    that needs the GIL then is ended by CPython mid-destructor, and the C++ runtime aborts: seen once in
+    CI, `deepspeed --num_gpus 2 biomask pretrain` (ZeRO-3, gloo) wrote everything, printed "terminate
+    called without an active exception", and the launcher reported exit 250 (SIGABRT). Every output is
+    on disk by then, so nothing the teardown would do is needed. A process without a group exits as usual.
+    """
+    if not _process_group_started:
+        raise SystemExit(code)
+    import sys
+
+    atexit._run_exitfuncs()  # CPython's own exit handlers, run here while the interpreter is whole
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _destroy_process_group() -> None:
