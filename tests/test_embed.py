@@ -291,7 +291,7 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
                            "--output", tmp_path / f"long-{policy}.h5ad", "dna.id_column=id",
                            f"dna.long_records={policy}")  # fmt: skip
         if policy == "refuse":
-            assert code == 2 and "long.csv: record 'long' longer than the model's input of 128" in err, err
+            assert code == 2 and "long.csv: record 'long' is longer than the model's input of 128" in err, err
             assert not (tmp_path / f"long-{policy}.h5ad").exists()
             continue
         assert code == 0 and "1 record is longer than the model's 128 tokens (long)" in err, err
@@ -319,6 +319,11 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "two.fas",
                        "--output", tmp_path / "s.h5ad", "dna.stride=30")  # fmt: skip
     assert code == 2 and "dna.stride applies to dna.window's windows" in err
+    # a key this input does not read is refused, not recorded in uns as if it had been applied
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
+                       "--output", tmp_path / "w.h5ad", "dna.window=60")  # fmt: skip
+    assert code == 2 and "dna.window: not read for" in err and "a table" in err and "dna.id_column" in err, err
+    assert not (tmp_path / "w.h5ad").exists()
     # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
     # their rows are named as scanpy's make_unique names them
     (tmp_path / "dup.fa").write_text("".join(f">{n}\n{s}\n" for n, s in zip(["d", "d", "x", "d"], seqs[:4])))
@@ -410,5 +415,5 @@ def test_a_10x_folder_points_to_scanpy_and_both_strands_need_sequences(
     )
     code, _, err = cli("embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad,
                        "--output", tmp_path / "b.h5ad", *COUNTS, "dna.strands=both")  # fmt: skip
-    assert code == 2 and "dna.strands=both reads DNA sequences" in err, err
+    assert code == 2 and "dna.strands: not read for" in err and "no dna.* key" in err, err
     assert not (tmp_path / "a.h5ad").exists() and not (tmp_path / "b.h5ad").exists()

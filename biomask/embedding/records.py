@@ -80,7 +80,8 @@ def embed_chunks(
         if long and long_records == "refuse":
             ids = ", ".join(repr(str(frame["id"].iloc[i])) for i in long[:3])
             raise InputError(
-                f"{where}: record {ids}{' and others' if len(long) > 3 else ''} longer than the model's "
+                f"{where}: record{'s' if len(long) > 1 else ''} {ids}{' and others' if len(long) > 3 else ''} "
+                f"{'are' if len(long) > 1 else 'is'} longer than the model's "
                 f"input of {room} tokens (dna.long_records=refuse); set dna.long_records=window (embed "
                 "windows and pool them) or centre (the middle tokens)"
             )

@@ -328,6 +328,30 @@ def resolve_input(value: str) -> Path:
     )
 
 
+# The dna.* keys each DNA input reads; a cells input reads none of them.
+DNA_KEYS_READ = {
+    "fasta": ("window", "stride", "long_records", "strands"),
+    "table": ("sequence_column", "label_column", "id_column", "long_records", "strands"),
+    "store": ("long_records",),  # tokens already: only how long records are handled applies
+}
+
+
+def _check_dna_keys(cfg: EmbedConfig, path: Path, kind: str, modality: str) -> None:
+    """dna.* settings this input does not read are refused, not ignored while `uns` records them (a
+    user who set dna.window on a table or an h5ad believes the sequences or cells were windowed)."""
+    from biomask.embedding.config import DNASpec
+
+    read = DNA_KEYS_READ.get(kind, ()) if modality == "dna" else ()
+    unused = [k for k, f in DNASpec.model_fields.items() if getattr(cfg.dna, k) != f.default and k not in read]
+    if unused:
+        what = {"store": "a token store", "fasta": "a FASTA", "table": "a table"}.get(kind, f"a {kind}")
+        raise InputError(
+            f"{', '.join('dna.' + k for k in unused)}: not read for {path}, {what} for a {modality} model "
+            f"(it reads {', '.join('dna.' + k for k in read) or 'no dna.* key'}); leave "
+            f"{'it' if len(unused) == 1 else 'them'} at the default"
+        )
+
+
 def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     """Run (or reuse) an embedding; returns the written .h5ad (inside the output directory, if one)."""
     from biomask.models import load_pretrained, read_checkpoint_config
@@ -337,11 +361,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     kind = input_kind(path, cfg.format)
     modality = info.get("modality") or (info.get("architecture") or {}).get("modality")
     check_modality(cfg.checkpoint, str(modality), path, kind)
-    if cfg.dna.strands == "both" and (modality != "dna" or kind not in ("fasta", "table")):
-        raise InputError(
-            f"dna.strands=both reads DNA sequences (a FASTA or a table); {path} is a "
-            f"{'token store' if kind == 'store' else kind} for a {modality} model: leave dna.strands at forward"
-        )
+    _check_dna_keys(cfg, path, kind, str(modality))
     output, directory = _targets(cfg)
     h5ad = output / OUTPUT_NAME if directory else output
     if h5ad.resolve() == path.resolve() and not cfg.overwrite_input:
