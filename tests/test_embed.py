@@ -322,7 +322,9 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     # a key this input does not read is refused, not recorded in uns as if it had been applied
     code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
                        "--output", tmp_path / "w.h5ad", "dna.window=60")  # fmt: skip
-    assert code == 2 and "dna.window: not read for" in err and "a table" in err and "dna.id_column" in err, err
+    assert code == 2 and "dna.window: not read for" in err and "a table" in err and "dna.id_column" in err, (
+        err
+    )
     assert not (tmp_path / "w.h5ad").exists()
     # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
     # their rows are named as scanpy's make_unique names them
