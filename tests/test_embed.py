@@ -419,3 +419,21 @@ def test_a_10x_folder_points_to_scanpy_and_both_strands_need_sequences(
                        "--output", tmp_path / "b.h5ad", *COUNTS, "dna.strands=both")  # fmt: skip
     assert code == 2 and "dna.strands: not read for" in err and "no dna.* key" in err, err
     assert not (tmp_path / "a.h5ad").exists() and not (tmp_path / "b.h5ad").exists()
+
+
+def test_a_store_of_another_tokenizer_is_embedded_from_its_sequences(
+    splice_store, dna_checkpoint, tmp_path, cli
+):
+    """A k-mer store embedded with a character model: its records decoded and re-tokenized, as
+    `biomask evaluate` reads them, giving the vectors of the same records in the model's own store."""
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'kmer'}",
+                       "tokenizer.kind=kmer", "tokenizer.k=3")  # fmt: skip
+    assert code == 0, err
+    for name, store in (("char", splice_store), ("kmer", tmp_path / "kmer")):
+        code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", store,
+                           "--output", tmp_path / f"{name}.h5ad", "-v")  # fmt: skip
+        assert code == 0, err
+    char, kmer = read(tmp_path / "char.h5ad"), read(tmp_path / "kmer.h5ad")
+    assert "re-tokenized" in err and kmer.uns["X_biomask"]["retokenized"]
+    assert list(kmer.obs_names) == list(char.obs_names) and list(kmer.obs["label"]) == list(char.obs["label"])
+    np.testing.assert_allclose(kmer.obsm["X_biomask"], char.obsm["X_biomask"], rtol=0, atol=2e-5)

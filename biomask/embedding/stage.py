@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,9 @@ from biomask.errors import InputError, OutputExistsError, StaleOutputError
 from biomask.outputs import atomic_file
 from biomask.provenance import sha256_file
 from biomask.stage import StageOutput
+
+if TYPE_CHECKING:
+    from biomask.embedding.records import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +232,19 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
 # ------------------------------------------------------------------------- 3. DNA and token stores
 
 
+def retokenized(chunks: Iterator[Chunk], store: Path, model: Any) -> Iterator[Chunk]:
+    """A DNA store's chunks with each record decoded to its bases and tokenized as `model`'s corpus was."""
+    from biomask.dna.tokenizers import load_tokenizer
+    from biomask.embedding.dna import sequence_encoder
+
+    theirs, encode = load_tokenizer(store), sequence_encoder(model)
+    for frame, records in chunks:
+        ids = frame["id"].tolist()
+        yield frame, [
+            encode(theirs.decode(r["tokens"]), f"store {store}, record {i!r}") for i, r in zip(ids, records)
+        ]
+
+
 def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: str):
     """An AnnData of the embeddings of DNA sequences (FASTA, table) or of a token store's records
     (obs: id, label, coordinates or split), not yet written."""
@@ -236,9 +253,17 @@ def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprin
     from biomask.models import check_tokenizer
 
     if kind == "store":
-        check_tokenizer(model, path)
         chunks = read_store(path, cfg.chunk_size)
         extra: dict[str, Any] = {}
+        try:
+            check_tokenizer(model, path)
+        except InputError:
+            if model.config.modality != "dna":
+                raise  # a gene vocabulary is a panel and its statistics: no re-tokenizing a cell
+            # as `biomask evaluate` does: the store's records are sequences, read in the model's tokens
+            log.info("%s: another tokenizer than the checkpoint's; its sequences are re-tokenized", path)
+            chunks = retokenized(chunks, path, model)
+            extra = {"retokenized": True}
     else:
         chunks = sequence_chunks(model, path, kind, cfg.dna, cfg.chunk_size)
         extra = {
