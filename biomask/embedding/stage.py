@@ -240,9 +240,13 @@ def retokenized(chunks: Iterator[Chunk], store: Path, model: Any) -> Iterator[Ch
     theirs, encode = load_tokenizer(store), sequence_encoder(model)
     for frame, records in chunks:
         ids = frame["id"].tolist()
-        yield frame, [
-            encode(theirs.decode(r["tokens"]), f"store {store}, record {i!r}") for i, r in zip(ids, records)
-        ]
+        yield (
+            frame,
+            [
+                encode(theirs.decode(r["tokens"]), f"store {store}, record {i!r}")
+                for i, r in zip(ids, records)
+            ],
+        )
 
 
 def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprint: str):
@@ -367,7 +371,9 @@ def _check_dna_keys(cfg: EmbedConfig, path: Path, kind: str, modality: str) -> N
     from biomask.embedding.config import DNASpec
 
     read = DNA_KEYS_READ.get(kind, ()) if modality == "dna" else ()
-    unused = [k for k, f in DNASpec.model_fields.items() if getattr(cfg.dna, k) != f.default and k not in read]
+    unused = [
+        k for k, f in DNASpec.model_fields.items() if getattr(cfg.dna, k) != f.default and k not in read
+    ]
     if unused:
         what = {"store": "a token store", "fasta": "a FASTA", "table": "a table"}.get(kind, f"a {kind}")
         raise InputError(

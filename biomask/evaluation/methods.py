@@ -11,6 +11,9 @@ import numpy as np
 
 from biomask.evaluation.data import LabelledRecords
 
+# The group of the row that picks, per evaluation split, the checkpoint whose probe is best on validation.
+CHOSEN_ON_VAL = "chosen on val"
+
 # Test predictions, or (test predictions, details for that seed's row: e.g. the chosen k or lr)
 Predict = Callable[
     [LabelledRecords, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray | tuple[np.ndarray, dict]

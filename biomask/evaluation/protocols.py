@@ -63,7 +63,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.baselines import Split, fit_tuned_logistic
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords
-from biomask.evaluation.methods import Method
+from biomask.evaluation.methods import CHOSEN_ON_VAL, Method
 from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
@@ -259,9 +259,6 @@ def random_init(template: MaskedEncoder, seed: int) -> MaskedEncoder:
     for name, buffer in template.named_buffers():
         dict(model.named_buffers())[name].copy_(buffer)
     return model.eval()
-
-
-CHOSEN_ON_VAL = "chosen on val"
 
 
 def chosen_on_val(probes: list[Method]) -> Method:

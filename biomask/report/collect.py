@@ -65,6 +65,17 @@ class PretrainRun:
         return self.config.get("masking", {})
 
     @property
+    def loss_unit(self) -> str:
+        """What its held-out loss is in: a profile model's (the panel scheme's) default loss is an MSE on
+        standardised values; token models (cross-entropy) and count likelihoods give nats."""
+        arch = self.info.get("architecture") or {}
+        return (
+            "standardised-MSE units"
+            if arch.get("scheme") == "panel" and arch.get("loss") == "mse"
+            else "nats"
+        )
+
+    @property
     def label(self) -> str:
         return f"{self.name} — {describe_masking(self.masking)}"
 

@@ -27,6 +27,7 @@ from typing import Any
 from biomask import __version__
 from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
+from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
 from biomask.provenance import code_version
 from biomask.report import figures
@@ -66,6 +67,26 @@ def verdict(cmp: dict[str, float], better: str, worse: str) -> str:
     if cmp["ci_high"] < 0:
         return worse
     return "no significant difference"
+
+
+def target_status(cmp: dict[str, float], mean_at_least: bool) -> str:
+    """A target "≥ the strongest baseline": met when the paired interval of the difference lies at or
+    above zero, not met when below it, level when it holds zero (not shown either way: a mean a hair
+    above the baseline's is not a target met). One unit has no interval: its means decide."""
+    if cmp["n"] < 2:
+        return "met" if mean_at_least else "not met"
+    if cmp["ci_low"] >= 0:
+        return "met"
+    if cmp["ci_high"] < 0:
+        return "not met"
+    return "level"
+
+
+_STATUS_TEXT = {
+    "met": "**met**",
+    "not met": "**not met**",
+    "level": "**level** (not shown either way: the paired interval holds zero)",
+}
 
 
 def detectable_difference(cmp: dict[str, float], power: float = 0.8) -> float:
@@ -222,7 +243,9 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         entries = []
         same = r2 is not None and r2["name"] == best["name"]
         pairs = (
-            [("R²MAE, the best pretrained model", r2)] if same else [("R²MAE", r2), ("best pretrained", best)]
+            [("R²MAE, the best pretrained model (highest test mean)", r2)]
+            if same
+            else [("R²MAE", r2), ("best pretrained (highest test mean)", best)]
         )
         for label, method in pairs:
             if method is None:
@@ -235,7 +258,9 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
                     "label": label,
                     "method": method["name"],
                     "cmp": cmp,
-                    "met": ev.mean(method["name"], target.metric) >= ev.mean(baseline, target.metric),
+                    "status": target_status(
+                        cmp, ev.mean(method["name"], target.metric) >= ev.mean(baseline, target.metric)
+                    ),
                 }
             )
         rows.append({"target": target, "evaluation": ev, "baseline": baseline, "entries": entries})
@@ -275,6 +300,11 @@ def _pretraining_verdict(modality: str, runs: list[PretrainRun], r2mae: str) -> 
     ]
 
 
+def _loss_unit(runs: list[PretrainRun]) -> str:
+    units = {run.loss_unit for run in runs}
+    return units.pop() if len(units) == 1 else "loss units"
+
+
 def _reference_names(runs: list[PretrainRun]) -> list[str]:
     return list(dict.fromkeys(name for run in runs for name in run.references))
 
@@ -296,6 +326,7 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
             scheme = run.config.get("masking", {}).get("scheme", run.name)
             gap = run.references[strongest]["mean_loss"] - run.final_eval["mean_loss"]
             below.setdefault(scheme, []).append(gap)
+    unit = _loss_unit(scored)
     parts = []
     for scheme, gaps in below.items():
         s = summarize(gaps)
@@ -304,7 +335,7 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
     n_below = sum(g > 0 for gaps in below.values() for g in gaps)
     n_all = sum(len(g) for g in below.values())
     return [
-        f"- **What the {modality} models learned**: nats below the {strongest} reference (the strongest "
+        f"- **What the {modality} models learned**: {unit} below the {strongest} reference (the strongest "
         f"reference predictor, same masked tokens, mean over the ratio grid; positive = the model predicts "
         f"better): {'; '.join(parts)}. Below it in {n_below} of {n_all} runs."
     ]
@@ -339,7 +370,7 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
         )
         lines += [
             "",
-            f"Nats below the {strongest} reference at each masking ratio (reference − model, same masked "
+            f"{_loss_unit(runs)[0].upper()}{_loss_unit(runs)[1:]} below the {strongest} reference at each masking ratio (reference − model, same masked "
             "tokens; positive: the model predicts better):",
             "",
             "| run | " + " | ".join(f"@ {r}" for r in grid) + " |",
@@ -353,6 +384,14 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
     return lines
 
 
+def _split_sizes(ev: Evaluation) -> str:
+    """How many records each split held (train / val / test), as evaluate recorded them."""
+    sizes = sorted({(s["train"], s["val"], s["test"]) for s in ev.results.get("split_sizes") or []})
+    if not sizes:
+        return ""
+    return "; train / val / test records: " + ", ".join(f"{a} / {b} / {c}" for a, b, c in sizes)
+
+
 def _evaluation_table(ev: Evaluation) -> list[str]:
     lines = [
         "| method | protocol | " + " | ".join(_METRIC_NAMES[m] for m in METRICS) + " |",
@@ -363,6 +402,12 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
         masking = f" ({describe_masking(ev.masking[m['group']])})" if m["group"] in ev.masking else ""
         cells = " | ".join(format_summary(ev.results["summary"][m["name"]][metric]) for metric in METRICS)
         lines.append(f"| {name}{masking} | {m['protocol']} | {cells} |")
+    if any(m["group"] == CHOSEN_ON_VAL for m in ev.results["methods"]):
+        lines += [
+            "",
+            f"*{CHOSEN_ON_VAL}*: per evaluation split, the checkpoint whose linear probe has the best "
+            "validation MCC (the pick a user makes without the test labels).",
+        ]
     clustered = [m for m in ev.results["methods"] if "cluster_ari" in ev.results["summary"][m["name"]]]
     if clustered:  # what a scanpy user sees: Leiden clusters of each representation against the labels
         lines += [
@@ -423,8 +468,16 @@ def render(cfg: ReportConfig, out: Path) -> str:
             if code.get("git_commit")
             else ""
         )
-        + ". Intervals are 95 % confidence intervals over seeds (Student t); comparisons are paired over seeds "
-        "(the same splits). A difference is called significant only when its paired interval excludes zero.",
+        + ". Intervals are 95 % confidence intervals (Student t)"
+        + (
+            ": a pretrained scheme's over its pretraining seeds (each seed's score the mean over the "
+            "evaluation splits), a baseline's and the random init's over the evaluation splits"
+            if any("unit" in ev.results for ev in evaluations.values())
+            else " over the evaluation splits"
+        )
+        + "; comparisons are paired (the same splits). A difference is called significant "
+        "only when its paired interval excludes zero; a target is met when that interval lies at or above "
+        "zero, not met when below it, and level when it holds zero.",
         "",
         "## Summary",
         "",
@@ -438,13 +491,16 @@ def render(cfg: ReportConfig, out: Path) -> str:
             continue
         ev = row["evaluation"]
         base = format_summary(ev.results["summary"][row["baseline"]][t.metric])
-        ref = f" (published figure for this baseline: ≈ {t.reference})" if t.reference else ""
+        ref = ""
+        if t.reference:  # a figure from the literature, or a note on what the bar is
+            ref = f" (published figure for this baseline: ≈ {t.reference})"
+            ref = ref if re.search(r"\d\.\d", t.reference) else f" (reference: {t.reference})"
         lines.append(
             f"- **Target: {ev.title}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} ≥ the strongest baseline** — {row['baseline']}: {base}{ref}."
         )
         for e in row["entries"]:
             ours = format_summary(ev.results["summary"][e["method"]][t.metric])
-            status = "**met**" if e["met"] else "**not met**"
+            status = _STATUS_TEXT[e["status"]] + (" (one unit: no interval)" if e["cmp"]["n"] < 2 else "")
             lines.append(
                 f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric, _unit(ev))}."
             )
@@ -498,11 +554,15 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [
             f"### {ev.title}",
             "",
-            f"{len(seeds)} evaluation splits ({', '.join(map(str, seeds))}; {ev.results['splits']['mode']})"
+            f"{len(seeds)} evaluation splits ({', '.join(map(str, seeds))}; {ev.results['splits']['mode']}"
+            + _split_sizes(ev)
+            + ")"
             + (f"; pretrained models summarised over {ev.results['unit']}" if "unit" in ev.results else "")
             + "; "
             f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
             "",
+            *[f"> Note: {note}" for note in ev.results.get("notes") or []],
+            *([""] if ev.results.get("notes") else []),
             *_evaluation_table(ev),
             "",
             MACRO_F1_NOTE,  # how the table's macro-F1 averages (per-class support: the evaluation's report.md)
