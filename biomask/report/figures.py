@@ -92,7 +92,9 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
         mean = np.array([s["mean"] for s in summary])
         low = np.array([s["ci_low"] if s["n"] > 1 else s["mean"] for s in summary])
         high = np.array([s["ci_high"] if s["n"] > 1 else s["mean"] for s in summary])
-        colors = ["tab:gray" if m["group"] == "baseline" else "tab:blue" for m in methods]
+        colors = [
+            {"baseline": "tab:gray", "random-init": "tab:orange"}.get(m["group"], "tab:blue") for m in methods
+        ]
         ax.errorbar(
             mean, y, xerr=[mean - low, high - mean], fmt="none", ecolor="black", elinewidth=1, capsize=2
         )
@@ -100,10 +102,14 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
         ax.set_title(_NAMES[metric])
     axes[0].set_yticks(y, labels, fontsize=7)
     axes[0].invert_yaxis()
-    fig.suptitle(
-        f"{evaluation.title}: mean and 95 % CI over {len(evaluation.results['seeds'])} seeds (grey: baselines)",
-        fontsize=10,
+    splits = f"{len(evaluation.results['seeds'])} evaluation splits"
+    over = (
+        f"blue, pretrained: over {evaluation.results['unit'].split(' (')[0]}; grey (baselines) and orange "
+        f"(random init): over {splits}"
+        if "unit" in evaluation.results
+        else f"over {splits}; grey: baselines, orange: random init"
     )
+    fig.suptitle(f"{evaluation.title}\nmean and 95 % CI ({over})", fontsize=9)
     return _save(fig, path)
 
 
