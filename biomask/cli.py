@@ -802,7 +802,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """The `biomask` console script and `python -m biomask`: main(), then the process ends."""
-    code = main()
+    try:
+        code = main()
+    except Exception:
+        # a bug's traceback (or a backend's RuntimeError) in a process that started a group: printed,
+        # exit 1, and the same end as any other (the interpreter's teardown is where ranks abort)
+        distributed = sys.modules.get("biomask.training.distributed")
+        if distributed is None or not distributed.started_process_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     distributed = sys.modules.get("biomask.training.distributed")  # imported by a command that trains
     if distributed is None:
         raise SystemExit(code)

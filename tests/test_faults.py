@@ -623,7 +623,9 @@ def survives_kills(tmp_path: Path, cli, args, rerun_args=(), seed: int = 0) -> N
     rng = np.random.default_rng(seed)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pid = fork_stage([str(a) for a in args(out)])
-        if wait_for_temporary(pid, parent) is None:
+        code = wait_for_temporary(pid, parent)
+        assert code in (None, 0)  # a stage that ended before its write was seen must have succeeded
+        if code is None:
             time.sleep(float(rng.uniform(0.0, 1.0)) * writing)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

@@ -243,6 +243,23 @@ leave_process(3)
     assert marker.read_text() == "True"
 
 
+def test_a_traceback_in_a_process_with_a_group_still_exits_1_with_its_traceback():
+    script = """
+import biomask.cli as cli
+from biomask.training.distributed import init_process_group, setup_env
+def failing(argv=None):
+    init_process_group(setup_env())
+    raise RuntimeError("the backend failed")
+cli.main = failing
+cli.entry()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "RuntimeError: the backend failed" in proc.stderr
+
+
 def test_srun_style_launch_maps_slurm_variables(genome_store, tmp_path):
     """Two tasks started the way srun starts them: only SLURM_* variables (and a port) set."""
     from biomask.training.distributed import free_port

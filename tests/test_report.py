@@ -15,7 +15,7 @@ from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import METRICS, summarize
 from biomask.report.collect import Evaluation, describe_masking
 from biomask.report.config import ReportConfig, TargetSpec
-from biomask.report.report import r2mae_vs_fixed, r2mae_vs_random_init, target_rows, verdict
+from biomask.report.report import r2mae_vs_fixed, r2mae_vs_random_init, target_rows, target_status, verdict
 
 FIXED15 = {"ratio": {"kind": "fixed", "value": 0.15}}
 FIXED40 = {"ratio": {"kind": "fixed", "value": 0.40}}
@@ -201,8 +201,8 @@ def test_a_target_is_met_only_when_the_paired_interval_says_so():
     ev = _evaluation(
         {
             ("baseline", "linear_probe"): [0.70, 0.72, 0.71],
-            ("r2mae", "linear_probe"): [0.66, 0.77, 0.71],  # mean 0.713 > 0.710, the interval holds zero
-            ("bert15", "linear_probe"): [0.74, 0.65, 0.71],  # mean 0.700 < 0.710, likewise
+            ("r2mae", "linear_probe"): [0.74, 0.65, 0.71],  # mean 0.700 < 0.710, the interval holds zero
+            ("bert15", "linear_probe"): [0.66, 0.77, 0.71],  # mean 0.713 > 0.710, likewise
         },
         {"r2mae": R2MAE, "bert15": FIXED15},
     )
@@ -211,8 +211,13 @@ def test_a_target_is_met_only_when_the_paired_interval_says_so():
     )
     (row,) = target_rows(cfg, {"task": ev})
     entries = {e["label"]: e for e in row["entries"]}
-    assert entries["R²MAE, the best pretrained model (highest test mean)"]["status"] == "level"
-    assert entries["R²MAE, the best pretrained model (highest test mean)"]["cmp"]["ci_low"] < 0
+    below, above = entries["R²MAE"], entries["best pretrained (highest test mean)"]
+    assert below["status"] == above["status"] == "level"
+    assert below["cmp"]["mean_difference"] < 0 < above["cmp"]["mean_difference"]
+    assert below["cmp"]["ci_low"] < 0 < below["cmp"]["ci_high"] and above["cmp"]["ci_low"] < 0
+    # no interval (one unit, or a degenerate one): the means decide, and the text says so
+    assert target_status({"n": 1, "ci_low": float("nan"), "ci_high": float("nan")}, True) == "met"
+    assert target_status({"n": 3, "ci_low": float("nan"), "ci_high": float("nan")}, False) == "not met"
 
 
 def test_a_clustering_target_is_judged_against_the_baselines_that_cluster():

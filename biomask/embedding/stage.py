@@ -232,12 +232,12 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
 # ------------------------------------------------------------------------- 3. DNA and token stores
 
 
-def retokenized(chunks: Iterator[Chunk], store: Path, model: Any) -> Iterator[Chunk]:
-    """A DNA store's chunks with each record decoded to its bases and tokenized as `model`'s corpus was."""
-    from biomask.dna.tokenizers import load_tokenizer
+def retokenized(chunks: Iterator[Chunk], theirs: Any, store: Path, model: Any) -> Iterator[Chunk]:
+    """A DNA store's chunks with each record decoded to its bases (by `theirs`, the store's tokenizer)
+    and tokenized as `model`'s corpus was."""
     from biomask.embedding.dna import sequence_encoder
 
-    theirs, encode = load_tokenizer(store), sequence_encoder(model)
+    encode = sequence_encoder(model)
     for frame, records in chunks:
         ids = frame["id"].tolist()
         yield (
@@ -261,12 +261,18 @@ def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprin
         extra: dict[str, Any] = {}
         try:
             check_tokenizer(model, path)
-        except InputError:
+        except InputError as refused:
             if model.config.modality != "dna":
                 raise  # a gene vocabulary is a panel and its statistics: no re-tokenizing a cell
+            from biomask.dna.tokenizers import load_tokenizer
+
+            try:
+                theirs = load_tokenizer(path)
+            except InputError:
+                raise refused from None  # no tokenizer to decode its records with: the first message
             # as `biomask evaluate` does: the store's records are sequences, read in the model's tokens
             log.info("%s: another tokenizer than the checkpoint's; its sequences are re-tokenized", path)
-            chunks = retokenized(chunks, path, model)
+            chunks = retokenized(chunks, theirs, path, model)
             extra = {"retokenized": True}
     else:
         chunks = sequence_chunks(model, path, kind, cfg.dna, cfg.chunk_size)
@@ -375,7 +381,9 @@ def _check_dna_keys(cfg: EmbedConfig, path: Path, kind: str, modality: str) -> N
         k for k, f in DNASpec.model_fields.items() if getattr(cfg.dna, k) != f.default and k not in read
     ]
     if unused:
-        what = {"store": "a token store", "fasta": "a FASTA", "table": "a table"}.get(kind, f"a {kind}")
+        what = {"store": "a token store", "fasta": "a FASTA", "table": "a table", "h5ad": "an h5ad"}.get(
+            kind, f"a {kind}"
+        )
         raise InputError(
             f"{', '.join('dna.' + k for k in unused)}: not read for {path}, {what} for a {modality} model "
             f"(it reads {', '.join('dna.' + k for k in read) or 'no dna.* key'}); leave "

@@ -66,14 +66,13 @@ class PretrainRun:
 
     @property
     def loss_unit(self) -> str:
-        """What its held-out loss is in: a profile model's (the panel scheme's) default loss is an MSE on
-        standardised values; token models (cross-entropy) and count likelihoods give nats."""
+        """What its held-out loss is in: models of values with the MSE (the default; run.json files
+        before the count likelihoods have no `loss`) give MSE units, standardised for the panel
+        profiles; token models (cross-entropy) and count likelihoods give nats."""
         arch = self.info.get("architecture") or {}
-        return (
-            "standardised-MSE units"
-            if arch.get("scheme") == "panel" and arch.get("loss") == "mse"
-            else "nats"
-        )
+        if arch.get("target") != "values" or arch.get("loss", "mse") != "mse":
+            return "nats"
+        return "standardised-MSE units" if arch.get("scheme") == "panel" else "MSE units"
 
     @property
     def label(self) -> str:

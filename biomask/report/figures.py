@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt
 import numpy as np
 
+from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
 from biomask.report.collect import Evaluation, PretrainRun
 
@@ -79,6 +80,16 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _colour(method: dict, grouped: bool) -> str:
+    """Grey: a baseline; blue: a pretrained scheme over its seeds (or, ungrouped, a checkpoint);
+    orange: the random init and per-split picks (chosen on val), over the evaluation splits."""
+    if method["group"] == "baseline":
+        return "tab:gray"
+    if method["group"] == "random-init" or method["group"] == CHOSEN_ON_VAL:
+        return "tab:orange"
+    return "tab:blue" if "members" in method or not grouped else "tab:orange"
+
+
 def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
     """Mean and 95 % CI over seeds of each method, per metric."""
     methods = evaluation.results["methods"]
@@ -86,15 +97,14 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
         1, len(METRICS), figsize=(4.2 * len(METRICS), 0.35 * len(methods) + 1.4), sharey=True
     )
     labels = [m["name"] if m["group"] == "baseline" else f"{m['group']} / {m['protocol']}" for m in methods]
+    grouped = "unit" in evaluation.results  # pretrained schemes summarised over their pretraining seeds
     y = np.arange(len(methods))
     for ax, metric in zip(axes, METRICS):
         summary = [evaluation.results["summary"][m["name"]][metric] for m in methods]
         mean = np.array([s["mean"] for s in summary])
         low = np.array([s["ci_low"] if s["n"] > 1 else s["mean"] for s in summary])
         high = np.array([s["ci_high"] if s["n"] > 1 else s["mean"] for s in summary])
-        colors = [
-            {"baseline": "tab:gray", "random-init": "tab:orange"}.get(m["group"], "tab:blue") for m in methods
-        ]
+        colors = [_colour(m, grouped) for m in methods]
         ax.errorbar(
             mean, y, xerr=[mean - low, high - mean], fmt="none", ecolor="black", elinewidth=1, capsize=2
         )
@@ -104,10 +114,10 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
     axes[0].invert_yaxis()
     splits = f"{len(evaluation.results['seeds'])} evaluation splits"
     over = (
-        f"blue, pretrained: over {evaluation.results['unit'].split(' (')[0]}; grey (baselines) and orange "
-        f"(random init): over {splits}"
-        if "unit" in evaluation.results
-        else f"over {splits}; grey: baselines, orange: random init"
+        f"blue, pretrained schemes: over {evaluation.results['unit'].split(' (')[0]}; grey (baselines) and "
+        f"orange (the rest): over {splits}"
+        if grouped
+        else f"over {splits}; grey: baselines, blue: pretrained models, orange: the rest"
     )
     fig.suptitle(f"{evaluation.title}\nmean and 95 % CI ({over})", fontsize=9)
     return _save(fig, path)

@@ -73,7 +73,7 @@ def target_status(cmp: dict[str, float], mean_at_least: bool) -> str:
     """A target "≥ the strongest baseline": met when the paired interval of the difference lies at or
     above zero, not met when below it, level when it holds zero (not shown either way: a mean a hair
     above the baseline's is not a target met). One unit has no interval: its means decide."""
-    if cmp["n"] < 2:
+    if cmp["n"] < 2 or not (math.isfinite(cmp["ci_low"]) and math.isfinite(cmp["ci_high"])):
         return "met" if mean_at_least else "not met"
     if cmp["ci_low"] >= 0:
         return "met"
@@ -475,7 +475,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
             if any("unit" in ev.results for ev in evaluations.values())
             else " over the evaluation splits"
         )
-        + "; comparisons are paired (the same splits). A difference is called significant "
+        + "; comparisons are paired (the same splits, and the same pretraining seed where there are several). A difference is called significant "
         "only when its paired interval excludes zero; a target is met when that interval lies at or above "
         "zero, not met when below it, and level when it holds zero.",
         "",
@@ -500,7 +500,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
         )
         for e in row["entries"]:
             ours = format_summary(ev.results["summary"][e["method"]][t.metric])
-            status = _STATUS_TEXT[e["status"]] + (" (one unit: no interval)" if e["cmp"]["n"] < 2 else "")
+            no_interval = e["cmp"]["n"] < 2 or not math.isfinite(e["cmp"]["ci_low"])
+            status = _STATUS_TEXT[e["status"]] + (" (no interval: by the means)" if no_interval else "")
             lines.append(
                 f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric, _unit(ev))}."
             )
@@ -561,7 +562,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
             + "; "
             f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
             "",
-            *[f"> Note: {note}" for note in ev.results.get("notes") or []],
+            *[f"- Note: {note}" for note in ev.results.get("notes") or []],
             *([""] if ev.results.get("notes") else []),
             *_evaluation_table(ev),
             "",

@@ -196,6 +196,11 @@ def init_process_group(dist_env: DistEnv) -> None:
 _process_group_started = False
 
 
+def started_process_group() -> bool:
+    """Whether this process initialised a process group (its end then goes through leave_process)."""
+    return _process_group_started
+
+
 def leave_process(code: int) -> None:
     """End a process that started a process group: exit handlers run, the interpreter's teardown does not.
 
