@@ -73,12 +73,16 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             "overrides": {"tokenizer.path": "${stages.a.output}"},
             "sweep": {"split.seed": [0, 1], "tokenizer.k": [3, 4]},
         },
-        "c": {"command": "prep dna", "config": SPLICE, "overrides": {"tokenizer.path": "${stages.a.dir}/x"}},
+        "c": {
+            "command": "prep dna",
+            "config": SPLICE,
+            "overrides": {"tokenizer.path": "${stages.a.dir}/split.seed=1"},
+        },
     }
     plan = load_plan(pipeline(tmp_path, stages))
     b = plan.stages["b"].tasks[3]  # split.seed=1, tokenizer.k=4
     assert f"tokenizer.path={plan.run_dir / 'a' / 'split.seed=1'}" in b.overrides
-    assert f"tokenizer.path={plan.run_dir / 'a' / 'x'}" in plan.stages["c"].tasks[0].overrides
+    assert f"tokenizer.path={plan.run_dir / 'a' / 'split.seed=1'}" in plan.stages["c"].tasks[0].overrides
     # an unswept stage cannot pick one task of a sweep
     stages["c"]["overrides"] = {"tokenizer.path": "${stages.a.output}"}
     message = error_of(pipeline(tmp_path, stages))
@@ -135,6 +139,17 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stage.a.output}"}}},
             "unknown reference ${stage.a.output}",
         ),
+        (  # a path under a swept stage that none of its tasks writes: refused before the sweep runs
+            {
+                "a": {"command": "prep dna", "config": GENOME, "sweep": {"split.seed": [0, 1]}},
+                "b": {
+                    "command": "prep dna",
+                    "config": SPLICE,
+                    "overrides": {"tokenizer.path": "${stages.a.dir}/split.seed=3"},
+                },
+            },
+            "${stages.a.dir}/split.seed=3 is not a task of a; its tasks: split.seed=0, split.seed=1",
+        ),
     ],
     ids=[
         "cycle",
@@ -148,6 +163,7 @@ def test_swept_stages_read_their_counterpart(tmp_path):
         "tasks-outside-training",
         "unquoted-time",
         "bad-reference",
+        "no-such-task",
     ],
 )
 def test_bad_pipelines_are_reported_before_anything_runs(tmp_path, cli, stages, expected):

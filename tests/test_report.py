@@ -53,6 +53,9 @@ def _evaluation(
     return Evaluation("task", Path("."), "mcc", "a task", results, {k: "" for k in masking}, masking)
 
 
+TASK = {"task": {"path": "unused"}}  # the evaluation the targets below name (its results given directly)
+
+
 def test_r2mae_is_compared_with_the_best_fixed_ratio_never_the_schedule_or_a_baseline():
     ev = _evaluation(
         {
@@ -179,7 +182,9 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
         {"r2mae": R2MAE, "bert15": FIXED15},
     )
     cfg = ReportConfig(
-        output="unused", targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")]
+        output="unused",
+        evaluations=TASK,
+        targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")],
     )
     (row,) = target_rows(cfg, {"task": ev})
     entries = {e["label"]: e for e in row["entries"]}
@@ -195,6 +200,16 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     assert [e["label"] for e in row["entries"]] == ["R²MAE, the best pretrained model (highest test mean)"]
 
 
+def test_a_target_naming_no_evaluation_is_refused():
+    """A typo in a target's evaluation used to drop the claim from the report with exit 0."""
+    with pytest.raises(ValueError, match="targets\\[0\\].evaluation 'codng' is not one of the evaluations"):
+        ReportConfig(
+            output="unused",
+            evaluations={"coding": {"path": "x"}},
+            targets=[TargetSpec(evaluation="codng", protocol="linear_probe", metric="mcc")],
+        )
+
+
 def test_a_target_is_met_only_when_the_paired_interval_says_so():
     """A mean a hair above the baseline's, with an interval across zero, is level, not a target met
     (the study once printed "met" for +0.002 [-0.032, +0.036]); one below it likewise, not "not met"."""
@@ -207,7 +222,9 @@ def test_a_target_is_met_only_when_the_paired_interval_says_so():
         {"r2mae": R2MAE, "bert15": FIXED15},
     )
     cfg = ReportConfig(
-        output="unused", targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")]
+        output="unused",
+        evaluations=TASK,
+        targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")],
     )
     (row,) = target_rows(cfg, {"task": ev})
     entries = {e["label"]: e for e in row["entries"]}
@@ -241,7 +258,9 @@ def test_a_clustering_target_is_judged_against_the_baselines_that_cluster():
             row["cluster_ari"] = v
         ev.results["summary"][name]["cluster_ari"] = summarize(values)
     cfg = ReportConfig(
-        output="unused", targets=[TargetSpec(evaluation="task", protocol="knn", metric="cluster_ari")]
+        output="unused",
+        evaluations=TASK,
+        targets=[TargetSpec(evaluation="task", protocol="knn", metric="cluster_ari")],
     )
     (row,) = target_rows(cfg, {"task": ev})
     assert row["baseline"] == "pca/pca_knn"
@@ -273,6 +292,8 @@ def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():
     ev = Evaluation("task", Path("."), "mcc", "a task", results, ev.checkpoints, masking)
     (r2,) = ev.methods("linear_probe", "r2mae")
     assert [round(r["mcc"], 6) for r in results["per_seed"][r2["name"]]] == [0.81, 0.61]
+    # two seeds: t with 1 degree of freedom; the interval is cut to MCC's range, as evaluate's are
+    assert results["summary"][r2["name"]]["mcc"]["ci_high"] == 1.0
     assert "2 pretraining seeds" in results["unit"]
     # one unit per pretraining seed: the split-level agreement of each seed does not make an interval
     (row,) = r2mae_vs_fixed(ev, "r2mae")
@@ -299,7 +320,9 @@ def test_a_target_over_pretraining_seeds_ignores_rows_picked_per_split():
     results, masking = by_pretraining_seed(ev.results, dict(ev.masking))
     ev = Evaluation("task", Path("."), "mcc", "a task", results, ev.checkpoints, masking)
     cfg = ReportConfig(
-        output="unused", targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="mcc")]
+        output="unused",
+        evaluations=TASK,
+        targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="mcc")],
     )
     (row,) = target_rows(cfg, {"task": ev})
     assert [e["method"] for e in row["entries"]] == ["r2mae (2 pretraining seeds, linear_probe)"]

@@ -353,11 +353,27 @@ def _resolve(value: Any, plan: Plan, stage: PlannedStage, point: dict[str, Any],
                 "or ${stages.NAME.dir}"
             )
         upstream = plan.stages[parts[1]]
+        if parts[2] == "dir" and upstream.swept:
+            _check_task_named(upstream, value[match.end() :], where)
         if parts[2] == "dir" or not upstream.swept:
             return str(upstream.directory)
         return str(_matching_task(upstream, point, stage.name, where).output)
 
     return _REFERENCE.sub(substitute, value)
+
+
+def _check_task_named(upstream: PlannedStage, rest: str, where: str) -> None:
+    """`${stages.NAME.dir}/TASK/...` of a swept stage must name one of its tasks: a path no task
+    writes (train.seed=3 of seeds 0-2) would fail only after every upstream task has run."""
+    task = rest.lstrip("/").split("/", 1)[0]
+    if not rest.startswith("/") or not task or "${" in task:
+        return  # the stage's directory itself (a sweep's runs), or a name built from another reference
+    dirs = [task_dirname(t.point) for t in upstream.tasks]
+    if dirs and task not in dirs:
+        raise ConfigError(
+            f"{where}: ${{stages.{upstream.name}.dir}}/{task} is not a task of {upstream.name}; its tasks: "
+            f"{', '.join(dirs[:8])}{', ...' if len(dirs) > 8 else ''}"
+        )
 
 
 def _matching_task(upstream: PlannedStage, point: dict[str, Any], stage: str, where: str) -> Task:

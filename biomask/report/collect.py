@@ -14,7 +14,7 @@ import yaml
 from biomask.errors import InputError
 from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
-from biomask.evaluation.metrics import METRICS, summarize
+from biomask.evaluation.metrics import METRIC_BOUNDS, METRICS, summarize
 from biomask.provenance import read_run_info
 
 
@@ -265,7 +265,10 @@ def by_pretraining_seed(
             name = f"{scheme} ({len(seeds)} pretraining seeds, {m['protocol']})"
             per_seed[name] = [{"pretraining_seed": seed, **split_mean(x)} for seed, x in zip(seeds, names)]
             summary[name] = {
-                k: summarize([r[k] for r in per_seed[name]]) for k in metrics if k in per_seed[name][0]
+                # cut to the metric's range, as evaluate's own summaries are (2 seeds: t with 1 df)
+                k: summarize([r[k] for r in per_seed[name]], bounds=METRIC_BOUNDS.get(k))
+                for k in metrics
+                if k in per_seed[name][0]
             }
             methods.append({"name": name, "group": scheme, "protocol": m["protocol"], "members": names})
             masking.setdefault(scheme, masking.get(groups[scheme][seeds[0]], {}))

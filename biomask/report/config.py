@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config
 
@@ -59,3 +59,14 @@ class ReportConfig(Config):
     @classmethod
     def _drop_left_out(cls, value: dict[str, EvaluationSpec | None]) -> dict[str, EvaluationSpec | None]:
         return {key: spec for key, spec in value.items() if spec is not None}
+
+    @model_validator(mode="after")
+    def _targets_name_evaluations(self) -> ReportConfig:
+        # a typo in a target's evaluation would drop the claim from the report with exit 0
+        for i, target in enumerate(self.targets):
+            if target.evaluation not in self.evaluations:
+                raise ValueError(
+                    f"targets[{i}].evaluation {target.evaluation!r} is not one of the evaluations "
+                    f"({', '.join(self.evaluations) or 'none'}); fix the name, or drop the target"
+                )
+        return self
