@@ -76,7 +76,8 @@ class PretrainRun:
 
     @property
     def label(self) -> str:
-        return f"{self.name} — {describe_masking(self.masking)}"
+        masking = describe_masking(self.masking)
+        return self.name if masking in self.name else f"{self.name} — {masking}"  # a sweep's names carry it
 
     @property
     def references(self) -> dict[str, dict[str, Any]]:
