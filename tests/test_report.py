@@ -139,6 +139,9 @@ def test_the_pretraining_table_shows_nats_below_each_reference(dna_checkpoint):
     assert "Nats below the ±2 context reference at each masking ratio" in text and f"{per_ratio:+.4f}" in text
     (line,) = _learned_verdict("DNA", [run])
     assert "±2 context reference" in line and "of 1 runs" in line
+    # a run that does not beat the strongest reference carries the caveat on the verdicts
+    beaten = final["references"]["context"]["mean_loss"] > final["mean_loss"]
+    assert ("learned little beyond it" in line) == (not beaten)
 
 
 def test_a_difference_is_called_only_when_its_paired_interval_excludes_zero():

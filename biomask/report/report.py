@@ -339,7 +339,13 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
     return [
         f"- **What the {modality} models learned**: {unit} below the {strongest} reference (the strongest "
         f"reference predictor, same masked tokens, mean over the ratio grid; positive = the model predicts "
-        f"better): {'; '.join(parts)}. Below it in {n_below} of {n_all} runs."
+        f"better): {'; '.join(parts)}. Below it in {n_below} of {n_all} runs"
+        + (
+            f" — most runs do not beat this simple predictor, so verdicts between these {modality} "
+            "models' masking schemes compare models that learned little beyond it."
+            if 2 * n_below < n_all
+            else "."
+        )
     ]
 
 
