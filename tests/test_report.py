@@ -174,6 +174,17 @@ def test_pretraining_is_judged_against_the_random_init_per_protocol():
     assert verdict(rows["finetune"], "helps", "hurts") == "helps"
 
 
+def judged(ev, protocol: str = "linear_probe", metric: str = "macro_f1"):
+    """The report config of one target on `ev` (evaluation "task"), its row, and the row's entries by label."""
+    cfg = ReportConfig(
+        output="unused",
+        evaluations=TASK,
+        targets=[TargetSpec(evaluation="task", protocol=protocol, metric=metric)],
+    )
+    (row,) = target_rows(cfg, {"task": ev})
+    return cfg, row, {e["label"]: e for e in row["entries"]}
+
+
 def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     ev = _evaluation(
         {
@@ -184,13 +195,7 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
         },
         {"r2mae": R2MAE, "bert15": FIXED15},
     )
-    cfg = ReportConfig(
-        output="unused",
-        evaluations=TASK,
-        targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")],
-    )
-    (row,) = target_rows(cfg, {"task": ev})
-    entries = {e["label"]: e for e in row["entries"]}
+    cfg, row, entries = judged(ev)
     assert entries["R²MAE"]["method"] == "r2mae/linear_probe" and entries["R²MAE"]["status"] == "not met"
     assert (
         entries["best pretrained (highest test mean)"]["method"] == "bert15/linear_probe"
@@ -224,13 +229,7 @@ def test_a_target_is_met_only_when_the_paired_interval_says_so():
         },
         {"r2mae": R2MAE, "bert15": FIXED15},
     )
-    cfg = ReportConfig(
-        output="unused",
-        evaluations=TASK,
-        targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="macro_f1")],
-    )
-    (row,) = target_rows(cfg, {"task": ev})
-    entries = {e["label"]: e for e in row["entries"]}
+    *_, entries = judged(ev)
     below, above = entries["R²MAE"], entries["best pretrained (highest test mean)"]
     assert below["status"] == above["status"] == "level"
     assert below["cmp"]["mean_difference"] < 0 < above["cmp"]["mean_difference"]
