@@ -236,6 +236,7 @@ def _embed_shortcuts(args: argparse.Namespace) -> list[str]:
         "layer": args.layer,
         "batch_size": args.batch_size,
         "umap.color": args.umap_color,
+        "matrix": args.matrix,
     }
     # The flags are overrides like any key=value; a value that YAML would read as another type
     # (a path named 'true', say) is quoted.
@@ -615,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--umap-color", metavar="OBS_COLUMN", help="also save a UMAP PNG coloured by this obs column"
     )
+    p.add_argument("--matrix", help="h5ad: where the expression is: X (default), raw or layers/NAME")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing output written with a different config"
     )

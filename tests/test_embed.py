@@ -54,7 +54,8 @@ def embedded(pbmc_h5ad, cells_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("embed") / "pbmc.emb.h5ad"
     args = ["-q", "embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, "--output", out]
-    assert main([str(a) for a in [*args, "--umap-color", "bulk_labels", *COUNTS]]) == 0
+    # --matrix raw: the flag for COUNTS' matrix=raw
+    assert main([str(a) for a in [*args, "--umap-color", "bulk_labels", "--matrix", "raw", *COUNTS[1:]]]) == 0
     return out
 
 
