@@ -113,6 +113,32 @@ def test_mean_layers_pooling_is_every_blocks_mean_in_order(splice_records, kind)
         model.embed(batch, pooling="mean_layers", layer=1)
 
 
+@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+def test_several_poolings_from_one_pass_equal_each_pooling_alone(splice_records, kind):
+    # evaluate chooses a pooling on val by embedding every candidate together: the vectors must be
+    # those each pooling gives alone, windows of long records included
+    from biomask.embedding.inference import embed_records, embed_records_pooled
+
+    torch.manual_seed(0)
+    model = build_model(tiny(kind=kind, n_layers=3)).eval()
+    poolings = ["mean", "max", "mean_layers"] + (["cls"] if kind == "transformer" else [])
+    records = [dict(r, tokens=r["tokens"][: 30 + 2 * i]) for i, r in enumerate(splice_records)]
+    together = embed_records_pooled(
+        model, records, poolings=poolings, batch_size=5, max_length=34, long_records="window"
+    )
+    assert list(together) == poolings
+    for pooling in poolings:
+        alone = embed_records(
+            model, records, pooling=pooling, batch_size=5, max_length=34, long_records="window"
+        )
+        np.testing.assert_allclose(together[pooling], alone, atol=1e-6, rtol=1e-6)
+    inner = embed_records_pooled(model, records, poolings=["mean", "max"], layer=1)
+    np.testing.assert_allclose(inner["max"], embed_records(model, records, pooling="max", layer=1), atol=1e-6)
+    if kind == "cnn":
+        with pytest.raises(InputError, match="no \\[CLS\\] summary"):
+            embed_records_pooled(model, records, poolings=["mean", "cls"])
+
+
 def test_a_cnn_reads_records_whole_beyond_its_training_crops(splice_records):
     """A CNN has no position embeddings: records up to four receptive fields are embedded in one
     piece (not cut into windows of the crop length it was trained on); longer ones in windows."""

@@ -206,7 +206,6 @@ def pool_pieces(vectors: np.ndarray, owners: np.ndarray, n: int, pooling: str) -
     return (out / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
-@torch.no_grad()
 def embed_records(
     model: MaskedEncoder,
     records: Sequence[Mapping[str, Any]],
@@ -219,6 +218,32 @@ def embed_records(
 ) -> np.ndarray:
     """(len(records), dim) float32: each record's vector, in the order given (dim is d_model, or
     length * d_model with concat pooling). Records longer than the model's input: see the module."""
+    return embed_records_pooled(
+        model,
+        records,
+        poolings=[pooling],
+        layer=layer,
+        batch_size=batch_size,
+        max_length=max_length,
+        long_records=long_records,
+    )[pooling]
+
+
+@torch.no_grad()
+def embed_records_pooled(
+    model: MaskedEncoder,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    poolings: Sequence[str],
+    layer: int = -1,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    long_records: str = "first",
+) -> dict[str, np.ndarray]:
+    """`embed_records` for several poolings at once, {pooling: (len(records), dim)}: one forward pass
+    per batch where the model offers `embed_pooled` (evaluate choosing a pooling on val embeds every
+    candidate: three passes over 8,000 records became one)."""
+    poolings = list(dict.fromkeys(poolings))
     limit_total = max_length or inference_max_length(model)
     modality = model.config.modality
     specials = n_specials(modality)
@@ -235,7 +260,8 @@ def embed_records(
     lengths = np.fromiter((len(r["tokens"]) for r in fitted), dtype=np.int64, count=len(fitted))
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
     device = next(model.parameters()).device
-    out: np.ndarray | None = None
+    shared = hasattr(model, "embed_pooled") and len(poolings) > 1
+    out: dict[str, np.ndarray] = {}
     was_training = model.training
     model.eval()
     try:
@@ -243,16 +269,23 @@ def embed_records(
             index = order[start : start + batch_size]
             batch = collate([model_input(fitted[i]) for i in index], modality=modality)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-            vectors = model.embed(batch, pooling=pooling, layer=layer).float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(fitted), vectors.shape[1]), dtype=np.float32)
-            elif vectors.shape[1] != out.shape[1]:
-                raise ValueError(
-                    f"{pooling} pooling needs records of one length: vectors of {out.shape[1]} and {vectors.shape[1]} values"
-                )
-            out[index] = vectors
+            pooled = (
+                model.embed_pooled(batch, poolings, layer=layer)
+                if shared
+                else {p: model.embed(batch, pooling=p, layer=layer) for p in poolings}
+            )
+            for pooling, tensor in pooled.items():
+                vectors = tensor.float().cpu().numpy()
+                if pooling not in out:
+                    out[pooling] = np.empty((len(fitted), vectors.shape[1]), dtype=np.float32)
+                elif vectors.shape[1] != out[pooling].shape[1]:
+                    raise ValueError(
+                        f"{pooling} pooling needs records of one length: vectors of "
+                        f"{out[pooling].shape[1]} and {vectors.shape[1]} values"
+                    )
+                out[pooling][index] = vectors
     finally:
         model.train(was_training)
-    if out is None:  # no records
-        return np.empty((0, vector_width(model, layer, pooling)), dtype=np.float32)
-    return pool_pieces(out, owners, len(records), pooling)
+    if not out:  # no records
+        return {p: np.empty((0, vector_width(model, layer, p)), dtype=np.float32) for p in poolings}
+    return {p: pool_pieces(out[p], owners, len(records), p) for p in poolings}

@@ -52,7 +52,7 @@ from sklearn.preprocessing import StandardScaler
 from biomask.batch import n_specials
 from biomask.embedding.inference import (
     check_long_records,
-    embed_records,
+    embed_records_pooled,
     inference_max_length,
     pick_device,
     record_policy,
@@ -130,10 +130,17 @@ def load_checked(name: str, path: str, data: LabelledRecords) -> tuple[MaskedEnc
 
 
 class Features:
-    """Frozen embeddings of every labelled record: once per checkpoint, or once per seed (random init)."""
+    """Frozen embeddings of every labelled record: once per checkpoint, or once per seed (random init).
+    Every candidate pooling comes from the same forward pass: asking for one embeds them all."""
 
-    def __init__(self, cfg: EvaluateConfig, data: LabelledRecords, records: Callable[[], list[dict]]) -> None:
-        self.cfg, self.data, self.records = cfg, data, records
+    def __init__(
+        self,
+        cfg: EvaluateConfig,
+        data: LabelledRecords,
+        records: Callable[[], list[dict]],
+        poolings: list[str],
+    ) -> None:
+        self.cfg, self.data, self.records, self.poolings = cfg, data, records, poolings
         self.cache: dict[Any, np.ndarray] = {}
 
     def of(
@@ -143,19 +150,20 @@ class Features:
         max_length: int,
         pooling: str,
     ) -> np.ndarray:
-        key = (seed, max_length, pooling)
-        if key not in self.cache:
+        if (seed, max_length, pooling) not in self.cache:
             model = model_for_seed(seed if seed is not None else 0).to(pick_device(self.cfg.device))
+            wanted = self.poolings if pooling in self.poolings else [pooling]
             with torch_threads(self.cfg.num_workers):
-                self.cache[key] = embed_records(
+                vectors = embed_records_pooled(
                     model,
                     self.records(),
-                    pooling=pooling,
+                    poolings=wanted,
                     batch_size=self.cfg.batch_size,
                     max_length=max_length,
                     long_records=self.cfg.long_records,
                 )
-        return self.cache[key]
+            self.cache.update({(seed, max_length, p): x for p, x in vectors.items()})
+        return self.cache[(seed, max_length, pooling)]
 
 
 # On wide features (concat pooling: length × d_model, more than WIDE of them) the probe walks the
@@ -427,10 +435,10 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         max_length: int,
         records: Callable[[], list[dict]],
     ) -> None:
-        features = Features(cfg, data, records)
-        probes = Probes(features, n_classes)
         one_length = len({len(r["tokens"]) for r in records()}) <= 1
         candidates = pooling_candidates(cfg.pooling, model_for_seed(0), one_length, name)
+        features = Features(cfg, data, records, candidates)
+        probes = Probes(features, n_classes)
         asked = list(POOLINGS_AUTO) if cfg.pooling == "auto" else cfg.pooling
         if "concat" in asked and "concat" not in candidates and not one_length:
             message = "concat pooling not tried: it needs records of one length, and these have several"

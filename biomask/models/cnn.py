@@ -38,7 +38,7 @@ from torch import nn
 
 from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
-from biomask.models.model import Head, pool_content, pool_layers
+from biomask.models.model import Head, pool_content, pool_layers, pool_states
 
 POOLINGS = ("mean", "max", "concat", "mean_layers")
 
@@ -160,6 +160,16 @@ class DilatedCNN(nn.Module):
         """One vector per record with gradients; `layer` indexes [embeddings, block 1, ..., block n
         (final LayerNorm applied)] like a Python list. Pooling: mean, max, concat or mean_layers (see the
         module)."""
+        self._check_pooling(pooling, layer)
+        n = self.config.n_layers + 1
+        if pooling == "mean_layers":
+            states = self._states(batch, all_layers=True)
+            return pool_layers(states, batch["input_ids"], batch["attention_mask"], layer)
+        layer %= n
+        h = self._states(batch, upto=None if layer == n - 1 else layer)
+        return pool_content(h, batch["input_ids"], batch["attention_mask"], pooling)
+
+    def _check_pooling(self, pooling: str, layer: int) -> None:
         if pooling == "cls":
             raise InputError(
                 "pooling=cls: the cnn model kind has no [CLS] summary (its first position sees only the "
@@ -172,14 +182,20 @@ class DilatedCNN(nn.Module):
             raise ValueError(
                 f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
             )
-        if pooling == "mean_layers":
-            states = self._states(batch, all_layers=True)
-            return pool_layers(states, batch["input_ids"], batch["attention_mask"], layer)
-        layer %= n
-        h = self._states(batch, upto=None if layer == n - 1 else layer)
-        return pool_content(h, batch["input_ids"], batch["attention_mask"], pooling)
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
         """`features` without gradients."""
         return self.features(batch, pooling, layer)
+
+    @torch.no_grad()
+    def embed_pooled(
+        self, batch: dict[str, torch.Tensor], poolings: list[str], layer: int = -1
+    ) -> dict[str, torch.Tensor]:
+        """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
+        for pooling in poolings:
+            self._check_pooling(pooling, layer)
+        states = self._states(batch, all_layers=True)
+        return {
+            p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
+        }

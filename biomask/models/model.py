@@ -59,6 +59,17 @@ def pool_layers(
     return torch.cat([pool_content(h, ids, attention_mask, "mean") for h in states[1:]], dim=1)
 
 
+def pool_states(
+    states: list[torch.Tensor], ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str, layer: int
+) -> torch.Tensor:
+    """One pooling of [embeddings, block 1, ..., block n] (a forward pass's `all_layers` states):
+    several poolings of one forward pass cost one pass (`embed_pooled`: evaluate chooses among them)."""
+    if pooling == "mean_layers":
+        return pool_layers(states, ids, attention_mask, layer)
+    h = states[layer]
+    return h[:, 0] if pooling == "cls" else pool_content(h, ids, attention_mask, pooling)
+
+
 class Embedder(nn.Module):
     """Token (or gene) embedding + learned positions (DNA, rank cells) + a value embedding (cells)."""
 
@@ -210,19 +221,13 @@ class MaskedEncoder(nn.Module):
         "mean_layers" (every block's mean, concatenated: `pool_layers`).
         With MAE training, the encoder sees the whole record (nothing is dropped at embedding time).
         """
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        n = self.config.n_layers + 1
-        if not -n <= layer < n:
-            raise ValueError(
-                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
-            )
+        self._check_pooling(pooling, layer)
         attention_mask = batch["attention_mask"]
         x = self.embedder(batch)
         if pooling == "mean_layers":
             states = self.encoder(x, attention_mask, all_layers=True)
             return pool_layers(states, batch["input_ids"], attention_mask, layer)
-        if layer in (-1, n - 1):  # the common case: no need to keep every layer's states
+        if layer in (-1, self.config.n_layers):  # the common case: no need to keep every layer's states
             h = self.encoder(x, attention_mask)
         else:
             h = self.encoder(x, attention_mask, all_layers=True)[layer]
@@ -230,8 +235,29 @@ class MaskedEncoder(nn.Module):
             return h[:, 0]
         return pool_content(h, batch["input_ids"], attention_mask, pooling)
 
+    def _check_pooling(self, pooling: str, layer: int) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        n = self.config.n_layers + 1
+        if not -n <= layer < n:
+            raise ValueError(
+                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
+            )
+
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
         """`features` without gradients: one vector per record, independent of the other records in
         the batch (padding is masked out)."""
         return self.features(batch, pooling, layer)
+
+    @torch.no_grad()
+    def embed_pooled(
+        self, batch: dict[str, torch.Tensor], poolings: list[str], layer: int = -1
+    ) -> dict[str, torch.Tensor]:
+        """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
+        for pooling in poolings:
+            self._check_pooling(pooling, layer)
+        states = self.encoder(self.embedder(batch), batch["attention_mask"], all_layers=True)
+        return {
+            p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
+        }
