@@ -331,6 +331,31 @@ def test_a_target_over_pretraining_seeds_ignores_rows_picked_per_split():
     assert row["entries"][0]["cmp"]["n"] == 2 and row["entries"][0]["status"] == "met"
 
 
+def test_the_report_says_which_pooling_each_models_probe_chose_on_val():
+    # a user copying a template (pooling chosen per model and split) must see what it picked
+    from biomask.report.collect import _with_pooling_counts, by_pretraining_seed
+    from biomask.report.report import _evaluation_table
+
+    scores = {
+        ("baseline", "linear_probe"): [0.40, 0.45, 0.42],
+        ("r2mae@0", "linear_probe"): [0.60, 0.62, 0.61],
+        ("r2mae@1", "linear_probe"): [0.63, 0.61, 0.62],
+        ("random-init", "linear_probe"): [0.50, 0.52, 0.51],
+    }
+    ev = _evaluation(scores, {"r2mae@0": R2MAE, "r2mae@1": R2MAE})
+    picks = {"r2mae@0": ["max", "mean_layers", "mean_layers"], "r2mae@1": ["mean_layers"] * 3}
+    for m in ev.results["methods"]:
+        if m["group"] != "baseline":
+            m["poolings"] = ["mean", "max", "mean_layers"]
+            for row, pooling in zip(ev.results["per_seed"][m["name"]], picks.get(m["group"], ["mean"] * 3)):
+                row["pooling"] = pooling
+    results, masking = by_pretraining_seed(_with_pooling_counts(ev.results), dict(ev.masking))
+    table = "\n".join(_evaluation_table(Evaluation("task", Path("."), "mcc", "a task", results, {}, masking)))
+    assert "Pooling chosen on val" in table
+    assert "r2mae: mean_layers 5×, max 1×" in table and "random-init: mean 3×" in table
+    assert "baseline:" not in table  # a baseline chooses no pooling
+
+
 def test_masking_names_are_readable():
     assert describe_masking(R2MAE) == "U(0.15, 0.45)"
     assert describe_masking(FIXED15) == "15%"

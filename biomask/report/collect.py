@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,19 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
             masking[name] = json.loads((Path(ckpt) / "config.json").read_text()).get("masking", {})
         except (OSError, ValueError):
             masking[name] = {}
-    results, masking = by_pretraining_seed(results, masking)
+    results, masking = by_pretraining_seed(_with_pooling_counts(results), masking)
     return Evaluation(key, root, metric, title or key, results, checkpoints, masking)
+
+
+def _with_pooling_counts(results: dict[str, Any]) -> dict[str, Any]:
+    """Each method annotated with how often each pooling was chosen on val over its evaluation
+    splits ({"mean_layers": 3}), where it chose among several: the study report prints them."""
+    methods = []
+    for m in results["methods"]:
+        rows = results["per_seed"].get(m["name"], [])
+        counts = Counter(r["pooling"] for r in rows if "pooling" in r)
+        methods.append({**m, "pooling_counts": dict(counts)} if len(m.get("poolings") or []) > 1 else m)
+    return {**results, "methods": methods}
 
 
 SEED_MARK = "@"  # checkpoint names `scheme@seed`: one scheme pretrained with several seeds
@@ -271,7 +283,14 @@ def by_pretraining_seed(
                 for k in metrics
                 if k in per_seed[name][0]
             }
-            methods.append({"name": name, "group": scheme, "protocol": m["protocol"], "members": names})
+            counts: Counter[str] = Counter()
+            for x in results["methods"]:
+                if x["name"] in names:
+                    counts.update(x.get("pooling_counts") or {})
+            methods.append(
+                {"name": name, "group": scheme, "protocol": m["protocol"], "members": names}
+                | ({"pooling_counts": dict(counts)} if counts else {})
+            )
             masking.setdefault(scheme, masking.get(groups[scheme][seeds[0]], {}))
         else:
             per_seed[m["name"]] = [split_mean(m["name"])] * n

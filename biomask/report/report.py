@@ -416,6 +416,18 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
             f"*{CHOSEN_ON_VAL}*: per evaluation split, the checkpoint whose linear probe has the best "
             "validation MCC (the pick a user makes without the test labels).",
         ]
+    # what a user copying the template gets: the pooling each model's probe picked on val (every
+    # protocol of a model uses its probe's pick, so one entry per model)
+    chosen: dict[str, dict[str, int]] = {}
+    for m in ev.results["methods"]:
+        if m.get("pooling_counts"):
+            chosen.setdefault(m["group"], m["pooling_counts"])
+    if chosen:
+        listed = "; ".join(
+            f"{group}: " + ", ".join(f"{p} {n}×" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            for group, counts in chosen.items()
+        )
+        lines += ["", f"Pooling chosen on val (over checkpoints and evaluation splits): {listed}."]
     clustered = [m for m in ev.results["methods"] if "cluster_ari" in ev.results["summary"][m["name"]]]
     if clustered:  # what a scanpy user sees: Leiden clusters of each representation against the labels
         lines += [
