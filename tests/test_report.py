@@ -356,6 +356,40 @@ def test_the_report_says_which_pooling_each_models_probe_chose_on_val():
     assert "baseline:" not in table  # a baseline chooses no pooling
 
 
+def test_pairwise_verdicts_give_each_pair_one_bullet():
+    from biomask.report.collect import by_pretraining_seed
+    from biomask.report.report import comparison_bullets
+
+    scores = {
+        ("baseline", "linear_probe"): [0.40, 0.45, 0.42],
+        ("r2mae@0", "linear_probe"): [0.60, 0.62, 0.61],
+        ("r2mae@1", "linear_probe"): [0.63, 0.61, 0.62],
+        ("r2mae@2", "linear_probe"): [0.64, 0.60, 0.63],
+        ("fixed40@0", "linear_probe"): [0.55, 0.57, 0.56],
+        ("fixed40@1", "linear_probe"): [0.58, 0.56, 0.57],
+        ("fixed40@2", "linear_probe"): [0.54, 0.55, 0.57],
+        ("corpus@0", "linear_probe"): [0.50, 0.52, 0.51],
+        ("corpus@1", "linear_probe"): [0.49, 0.53, 0.50],
+        ("corpus@2", "linear_probe"): [0.51, 0.50, 0.52],
+        ("random-init", "linear_probe"): [0.30, 0.32, 0.31],
+        ("chosen on val", "linear_probe"): [0.64, 0.62, 0.63],
+    }
+    val = {k: v for k, v in scores.items() if k[0] != "baseline"}
+    masking = {f"{g}@{i}": m for g, m in (("r2mae", R2MAE), ("fixed40", FIXED40)) for i in range(3)}
+    ev = _evaluation(scores, masking, val=val)
+    results, masking = by_pretraining_seed(ev.results, dict(ev.masking))
+    ev = Evaluation("task", Path("."), "mcc", "a task", results, ev.checkpoints, masking)
+    alone = comparison_bullets(ev, "r2mae")
+    both = comparison_bullets(ev, "r2mae", pairwise=True)
+    assert both[: len(alone) - 1] == alone[:-1] and both[-1] == alone[-1]  # pairwise adds, never repeats
+    added = both[len(alone) - 1 : -1]
+    pairs = sorted(line.split("**")[1] for line in added)
+    # r2mae vs fixed40, vs corpus (a scheme without a fixed ratio) and vs the random init have their
+    # own bullets; a per-split pick pairs with nothing
+    assert any("R²MAE vs corpus" in line for line in alone)
+    assert pairs == ["corpus vs random-init", "fixed40 vs corpus", "fixed40 vs random-init"]
+
+
 def test_masking_names_are_readable():
     assert describe_masking(R2MAE) == "U(0.15, 0.45)"
     assert describe_masking(FIXED15) == "15%"

@@ -186,7 +186,8 @@ def pairwise_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     pretraining-data comparison (corpus, self, both) where no scheme is singled out."""
     rows = []
     groups = [g for g in dict.fromkeys(m["group"] for m in evaluation.results["methods"]) if g != "baseline"]
-    groups = [g for g in groups if SEED_MARK not in g]  # after by_pretraining_seed: one per scheme
+    # after by_pretraining_seed: one per scheme; a pick per split has no pretraining seeds to pair
+    groups = [g for g in groups if SEED_MARK not in g and g != CHOSEN_ON_VAL]
     for protocol in sorted({m["protocol"] for m in evaluation.results["methods"] if m["group"] in groups}):
         present = [g for g in groups if evaluation.methods(protocol, g)]
         for i, a in enumerate(present):
@@ -206,6 +207,46 @@ def r2mae_vs_random_init(evaluation: Evaluation, r2mae: str) -> list[dict[str, A
             cmp = paired_comparison(evaluation.scores(m["name"]), evaluation.scores(random[0]["name"]))
             rows.append({"protocol": m["protocol"], "cmp": cmp})
     return rows
+
+
+def comparison_bullets(ev: Evaluation, r2mae: str, *, pairwise: bool = False) -> list[str]:
+    """The summary's verdicts for one evaluation: R²MAE against the best fixed ratio, the schedules and
+    the random init, then (`pairwise`) every other pair of pretrained groups not already given one."""
+    lines: list[str] = []
+    said: set[tuple[str, frozenset[str]]] = set()  # (protocol, pair) already given a bullet
+    for row in r2mae_vs_fixed(ev, r2mae):
+        said.add((row["protocol"], frozenset((r2mae, row["group"]))))
+        text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
+        lines.append(
+            f"- **R²MAE vs the best fixed ratio**, {ev.title}, {row['protocol'].replace('_', ' ')}: {row['group']} "
+            f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio (chosen on "
+            f"{row['chosen_on']}); {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
+        )
+    for row in r2mae_vs_schedules(ev, r2mae):
+        said.add((row["protocol"], frozenset((r2mae, row["group"]))))
+        text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
+        lines.append(
+            f"- **R²MAE vs {row['group']}** ({describe_masking(ev.masking[row['group']])}), {ev.title}, "
+            f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
+        )
+    vs_random = r2mae_vs_random_init(ev, r2mae)
+    said |= {(row["protocol"], frozenset((r2mae, "random-init"))) for row in vs_random}
+    if pairwise:
+        for row in pairwise_rows(ev):
+            if (row["protocol"], frozenset((row["a"], row["b"]))) in said:
+                continue  # its own bullet above or below
+            text = verdict(row["cmp"], f"{row['a']} is **better**", f"{row['a']} is **worse**")
+            lines.append(
+                f"- **{row['a']} vs {row['b']}**, {ev.title}, {row['protocol'].replace('_', ' ')}: {text} "
+                f"({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
+            )
+    for row in vs_random:
+        text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
+        lines.append(
+            f"- **R²MAE vs the same architecture randomly initialised**, {ev.title}, "
+            f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
+        )
+    return lines
 
 
 def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[dict[str, Any]]:
@@ -526,32 +567,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
                 f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric, _unit(ev))}."
             )
     for ev in evaluations.values():
-        for row in r2mae_vs_fixed(ev, cfg.r2mae):
-            text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
-            lines.append(
-                f"- **R²MAE vs the best fixed ratio**, {ev.title}, {row['protocol'].replace('_', ' ')}: {row['group']} "
-                f"({describe_masking(ev.masking[row['group']])}) was the best fixed ratio (chosen on "
-                f"{row['chosen_on']}); {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
-            )
-        for row in r2mae_vs_schedules(ev, cfg.r2mae):
-            text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
-            lines.append(
-                f"- **R²MAE vs {row['group']}** ({describe_masking(ev.masking[row['group']])}), {ev.title}, "
-                f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
-            )
-        if cfg.evaluations[ev.key].pairwise:
-            for row in pairwise_rows(ev):
-                text = verdict(row["cmp"], f"{row['a']} is **better**", f"{row['a']} is **worse**")
-                lines.append(
-                    f"- **{row['a']} vs {row['b']}**, {ev.title}, {row['protocol'].replace('_', ' ')}: {text} "
-                    f"({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
-                )
-        for row in r2mae_vs_random_init(ev, cfg.r2mae):
-            text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
-            lines.append(
-                f"- **R²MAE vs the same architecture randomly initialised**, {ev.title}, "
-                f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
-            )
+        lines += comparison_bullets(ev, cfg.r2mae, pairwise=cfg.evaluations[ev.key].pairwise)
     for modality, mruns in runs.items():
         lines += _pretraining_verdict(modality, mruns, cfg.r2mae)
         lines += _learned_verdict(modality, mruns)
