@@ -5,7 +5,7 @@
 #   bash benchmarks/device_session.sh bench   # tests/test_gpu.py, then bench_pretrain's GPU section
 #   bash benchmarks/device_session.sh embed   # bench_embed on the GPU (cells/s, streaming RSS)
 #
-# What it expects beside the checkout, prepared on a machine with network (README, "GPU checks"):
+# What it expects beside the checkout, prepared on a machine with network (docs/studies.md, "The study on one GPU"):
 #   .whl/      wheels of biomask's dependencies that the GPU image lacks (deepspeed, anndata, scanpy,
 #              pydantic, biopython, igraph, ...), for that machine's Python
 #   .devdata/  the registry datasets the study reads (BIOMASK_DATA_DIR layout: <name>/<file>)

@@ -29,7 +29,7 @@ bias starts at each gene's mean rate, so training starts from the reference pred
 indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the latent). With
 `config.embed_norm` l2 (pretrain's default for this kind) the latent is returned at unit length:
 its norm says mostly how far a cell is from the mean profile, which a kNN graph should not mix
-with its type (measured in the README's cell-model section); the decoder reads the raw latent.
+with its type (README, cell models; the table: docs/cell-models.md); the decoder reads the raw latent.
 """
 
 from __future__ import annotations
