@@ -38,7 +38,7 @@ from torch import nn
 
 from biomask.errors import InputError
 from biomask.models.config import EncoderConfig
-from biomask.models.model import Head, pool_content, pool_layers, pool_states
+from biomask.models.model import Head, StatePooling, pool_content, pool_layers
 
 POOLINGS = ("mean", "max", "concat", "mean_layers")
 
@@ -101,7 +101,7 @@ class ConvEncoder(nn.Module):
         return states if all_layers else x
 
 
-class DilatedCNN(nn.Module):
+class DilatedCNN(StatePooling, nn.Module):
     poolings = POOLINGS  # what `features` offers (evaluate's pooling: auto picks among these)
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -175,27 +175,12 @@ class DilatedCNN(nn.Module):
                 "pooling=cls: the cnn model kind has no [CLS] summary (its first position sees only the "
                 "record's start); use pooling=mean, max, concat, or auto"
             )
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        n = self.config.n_layers + 1
-        if not -n <= layer < n:
-            raise ValueError(
-                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
-            )
+        super()._check_pooling(pooling, layer)
+
+    def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self._states(batch, all_layers=True)
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
         """`features` without gradients."""
         return self.features(batch, pooling, layer)
-
-    @torch.no_grad()
-    def embed_pooled(
-        self, batch: dict[str, torch.Tensor], poolings: list[str], layer: int = -1
-    ) -> dict[str, torch.Tensor]:
-        """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
-        for pooling in poolings:
-            self._check_pooling(pooling, layer)
-        states = self._states(batch, all_layers=True)
-        return {
-            p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
-        }

@@ -70,6 +70,37 @@ def pool_states(
     return h[:, 0] if pooling == "cls" else pool_content(h, ids, attention_mask, pooling)
 
 
+class StatePooling:
+    """Pooling checks, and several poolings from one forward pass, for the kinds whose
+    `_all_states(batch)` gives [embeddings, block 1, ..., block n] (the transformer, the CNN)."""
+
+    config: EncoderConfig
+
+    def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_pooling(self, pooling: str, layer: int) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        n = self.config.n_layers + 1
+        if not -n <= layer < n:
+            raise ValueError(
+                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
+            )
+
+    @torch.no_grad()
+    def embed_pooled(
+        self, batch: dict[str, torch.Tensor], poolings: list[str], layer: int = -1
+    ) -> dict[str, torch.Tensor]:
+        """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
+        for pooling in poolings:
+            self._check_pooling(pooling, layer)
+        states = self._all_states(batch)
+        return {
+            p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
+        }
+
+
 class Embedder(nn.Module):
     """Token (or gene) embedding + learned positions (DNA, rank cells) + a value embedding (cells)."""
 
@@ -130,7 +161,7 @@ class Head(nn.Module):
         return self.out(self.norm(F.gelu(self.dense(h))))
 
 
-class MaskedEncoder(nn.Module):
+class MaskedEncoder(StatePooling, nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -235,29 +266,11 @@ class MaskedEncoder(nn.Module):
             return h[:, 0]
         return pool_content(h, batch["input_ids"], attention_mask, pooling)
 
-    def _check_pooling(self, pooling: str, layer: int) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        n = self.config.n_layers + 1
-        if not -n <= layer < n:
-            raise ValueError(
-                f"layer {layer} out of range for {self.config.n_layers} layers (use -{n}..{n - 1})"
-            )
+    def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.encoder(self.embedder(batch), batch["attention_mask"], all_layers=True)
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:
         """`features` without gradients: one vector per record, independent of the other records in
         the batch (padding is masked out)."""
         return self.features(batch, pooling, layer)
-
-    @torch.no_grad()
-    def embed_pooled(
-        self, batch: dict[str, torch.Tensor], poolings: list[str], layer: int = -1
-    ) -> dict[str, torch.Tensor]:
-        """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
-        for pooling in poolings:
-            self._check_pooling(pooling, layer)
-        states = self.encoder(self.embedder(batch), batch["attention_mask"], all_layers=True)
-        return {
-            p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
-        }
