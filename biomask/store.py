@@ -499,8 +499,11 @@ class TokenStore:
                 )
 
     def verify(self) -> int:
-        """Check every shard file's sha256 against the manifest; return the number of files checked."""
-        count = 0
+        """Check every shard file's and the tokenizer's sha256 against the manifest; return the number
+        of files checked."""
+        count = int(
+            check_store_tokenizer(self.root / self.manifest.get("tokenizer", {}).get("dir", "tokenizer"))
+        )
         for path, info in self._files():
             digest = sha256_file(path)
             if digest != info["sha256"]:
@@ -510,3 +513,39 @@ class TokenStore:
                 )
             count += 1
         return count
+
+
+def check_store_tokenizer(directory: str | os.PathLike) -> bool:
+    """A tokenizer read from a token store's `tokenizer/` is the one its manifest recorded: a changed
+    tokenizer.json maps tokens to other ids than the store's records and a model's weights learned.
+    Returns whether a recorded hash was checked (a bare tokenizer directory records none)."""
+    directory = Path(directory)
+    manifest_path = directory.parent / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    try:
+        tokenizer = json.loads(manifest_path.read_text()).get("tokenizer") or {}
+    except ValueError:
+        raise IntegrityError(f"{manifest_path} is corrupt; re-run the prep stage") from None
+    recorded = tokenizer.get("sha256")
+    if not recorded or not (directory / "tokenizer.json").is_file():
+        return False
+    # stores written before "files" was kept record tokenizer.json alone
+    expected = {"tokenizer.json": recorded, **(tokenizer.get("files") or {})}
+    for name, sha in expected.items():
+        path = directory / name
+        digest = sha256_file(path) if path.is_file() else "missing"
+        if digest != sha:
+            raise IntegrityError(
+                f"tokenizer file {path} was modified or removed: sha256 {digest[:12]}… does not match the "
+                f"manifest's {sha[:12]}…; re-run the prep stage with --overwrite (or restore the file)"
+            )
+    return True
+
+
+def tokenizer_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a store's tokenizer/ (cells: genes.tsv holds the panel's order and
+    medians), recorded in the manifest and checked whenever the tokenizer is read."""
+    return {
+        str(f.relative_to(directory)): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()
+    }

@@ -255,3 +255,60 @@ def test_a_diverging_run_stops_before_a_nan_checkpoint(genome_store, tmp_path, c
     # an infinite learning rate is a config error: exit 2, nothing written
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "inf"), "optim.lr=.inf")
     assert code == 2 and "optim.lr" in err and not (tmp_path / "inf").exists()
+
+
+def test_a_changed_store_is_refused_by_evaluate_embed_and_prep(finished, splice_store, tmp_path, cli):
+    """A store's shards and tokenizer files are checked against its manifest wherever they are read,
+    not only by pretrain and `store verify`: a flipped label would change a result silently, a
+    changed tokenizer.json re-map every token, a changed genes.tsv a cell's panel."""
+    labels = shutil.copytree(splice_store, tmp_path / "labels")
+    shard = labels / "train" / "shard-00000.labels.npy"
+    flip(shard, 1, offset=shard.stat().st_size - 1)
+    args = ["evaluate", "-c", REPO / "configs/evaluate/splice.yaml", f"store={labels}", "seeds=[0]"]
+    code, _, err = cli(*args, f"output={tmp_path / 'eval'}", f"checkpoints.tiny={finished / 'model'}")
+    assert code == 2 and str(shard) in err and "sha256" in err, err
+    assert not (tmp_path / "eval").exists()
+    code, _, err = cli(
+        "embed", "--checkpoint", finished / "model", "--input", labels, "--output", tmp_path / "e.h5ad"
+    )
+    assert code == 2 and str(shard) in err and "sha256" in err, err
+    assert not (tmp_path / "e.h5ad").exists()
+
+    # the tokenizer: A and N swapped keeps a valid file and the same size
+    store = shutil.copytree(splice_store, tmp_path / "tok")
+    tokenizer = store / "tokenizer" / "tokenizer.json"
+    text = tokenizer.read_text()
+    assert '"A": 5' in text and '"N": 9' in text
+    tokenizer.write_text(
+        text.replace('"A": 5', '"A": X').replace('"N": 9', '"N": 5').replace('"A": X', '"A": 9')
+    )
+    code, _, err = cli("store", "verify", store)
+    assert code == 2 and str(tokenizer) in err, err
+    prep = ["prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"tokenizer.path={store}"]
+    code, _, err = cli(*prep, f"output={tmp_path / 'again'}")
+    assert code == 2 and str(tokenizer) in err and "sha256" in err, err
+    assert not (tmp_path / "again").exists()
+
+
+def test_tokenizer_path_of_the_other_modality_says_so(splice_store, pbmc_store, tmp_path, cli):
+    code, _, err = cli(
+        "prep", "cells", "-c", REPO / "configs/cells/pbmc68k_reduced.yaml", f"tokenizer.path={splice_store}",
+        f"output={tmp_path / 'cells'}",
+    )  # fmt: skip
+    assert code == 2 and "holds a dna tokenizer, not a gene vocabulary" in err, err
+    code, _, err = cli(
+        "prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"tokenizer.path={pbmc_store}",
+        f"output={tmp_path / 'dna'}",
+    )  # fmt: skip
+    assert code == 2 and "holds a cells tokenizer" in err and "not a DNA one" in err, err
+    # a cells store's genes.tsv (the panel's gene order and medians) is checked like tokenizer.json
+    store = shutil.copytree(pbmc_store, tmp_path / "genes")
+    genes = store / "tokenizer" / "genes.tsv"
+    genes.write_text(genes.read_text() + "\n")
+    code, _, err = cli(
+        "prep", "cells", "-c", REPO / "configs/cells/pbmc68k_reduced.yaml", f"tokenizer.path={store}",
+        f"output={tmp_path / 'cells2'}",
+    )  # fmt: skip
+    assert code == 2 and str(genes) in err, err
+    assert not (tmp_path / "cells").exists() and not (tmp_path / "dna").exists()
+    assert not (tmp_path / "cells2").exists()

@@ -38,11 +38,11 @@ from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
+    checked_vocabulary_dir,
     coverage,
     gene_names,
     percent,
     remap_columns,
-    vocabulary_dir,
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
@@ -52,7 +52,7 @@ from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, label_order, label_strings, token_dtype
+from biomask.store import TokenStoreWriter, label_order, label_strings, token_dtype, tokenizer_files
 from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def vocabulary_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
     """A frozen vocabulary is an input: its files' checksums enter the fingerprint."""
     if cfg.path is None:
         return []
-    directory = vocabulary_dir(cfg.path)
+    directory = checked_vocabulary_dir(cfg.path)
     files = [directory / "tokenizer.json", directory / "genes.tsv"]
     for path in files:
         if not path.is_file():
@@ -541,6 +541,7 @@ def write_store(
             "vocab_size": vocab.vocab_size,
             "dir": "tokenizer",
             "sha256": sha256_file(vocab_path),
+            "files": tokenizer_files(vocab_path.parent),
             "frozen_from": cfg.tokenizer.path,
             "medians": vocab.settings.get("medians"),
         },

@@ -50,7 +50,7 @@ from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, label_order, token_dtype
+from biomask.store import TokenStoreWriter, label_order, token_dtype, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def _tokenizer_manifest(tokenizer: DNATokenizer, directory: Path) -> dict[str, A
         "vocab_size": tokenizer.vocab_size,
         "dir": directory.name,
         "sha256": sha256_file(path),
+        "files": tokenizer_files(directory),
     }
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from biomask.errors import InputError
+from biomask.store import check_store_tokenizer
 from biomask.vocab import CLS_ID, NUM_SPECIAL, SEP_ID, SPECIAL_TOKENS, UNK_ID, tokenizer_config
 
 # Base codes used by the vectorised paths: 0-3 = A C G T, 4 = N, 5 = anything else.
@@ -369,6 +370,12 @@ def load_tokenizer(path: str | os.PathLike) -> DNATokenizer:
         raise InputError(f"{config_path} is missing: biomask needs it to know the tokenizer's kind") from None
     except (KeyError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
         raise InputError(f"cannot load the tokenizer in {directory}: {exc}") from None
+    check_store_tokenizer(directory)
+    if settings.get("modality", "dna") != "dna":
+        raise InputError(
+            f"{directory} holds a {settings.get('modality')} tokenizer (kind {settings.get('kind')!r}), not a "
+            "DNA one; give a DNA token store or tokenizer directory written by `biomask prep dna`"
+        )
     kind = settings.get("kind")
     if kind == "char":
         return CharTokenizer(hf)

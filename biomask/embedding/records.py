@@ -30,6 +30,7 @@ def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
     from biomask.store import TokenStore
 
     store = TokenStore(root)
+    store.verify()  # every shard's sha256 (and the tokenizer's), as pretrain and evaluate check
     names = store.label_names or []
     for split_name in store.splits:
         split = store.split(split_name)
