@@ -378,12 +378,20 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
     if (run_dir / "local-run.json").exists():
         from biomask.pipelines.local import TaskResult
 
-        data = json.loads((run_dir / "local-run.json").read_text())
+        record = run_dir / "local-run.json"
+        try:
+            data = json.loads(record.read_text())
+            results = [TaskResult(**r) for r in data["results"]]
+            finished = data["finished"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{record} is corrupt or not biomask's ({type(exc).__name__}: {exc}); run the pipeline "
+                "again to rewrite it (finished stages are reused)"
+            ) from None
         if args.json:
             print(json.dumps(data["results"], indent=2))
         else:
-            results = [TaskResult(**r) for r in data["results"]]
-            show(local_table(f"last local run of {run_dir} ({data['finished']})", results))
+            show(local_table(f"last local run of {run_dir} ({finished})", results))
         return 0
     if holder is not None:  # the first run, not finished yet
         if args.json:

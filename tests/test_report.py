@@ -563,3 +563,29 @@ def test_runs_of_one_scheme_are_named_by_the_seed_and_the_model_keys_that_differ
         for seed in (0, 1)
         for flag in ("false", "true")
     ]
+
+
+def test_a_damaged_run_folder_is_a_clear_error_naming_the_file(dna_checkpoint, tmp_path, cli):
+    """A truncated metrics file (a full disk, a copy cut short) is exit 2 naming it, not a traceback."""
+    import shutil
+
+    from biomask.errors import InputError
+    from biomask.report.collect import load_evaluation, load_pretrain_run
+
+    run = shutil.copytree(dna_checkpoint.parent, tmp_path / "run")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-40])  # the last line cut short
+    with pytest.raises(InputError, match="metrics.jsonl is corrupt"):
+        load_pretrain_run(run)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    for text in ('{"methods": [', '{"foo": 1}', "[1, 2]"):
+        (evaluation / "metrics.json").write_text(text)
+        with pytest.raises(InputError, match=r"metrics.json is corrupt .* run `biomask evaluate` again"):
+            load_evaluation("task", str(evaluation), "mcc", None)
+    # `pipeline status` on a damaged record of a local run
+    (tmp_path / "pipe").mkdir()
+    for text in ("{", '{"stages": 5}'):
+        (tmp_path / "pipe" / "local-run.json").write_text(text)
+        code, _, err = cli("pipeline", "status", tmp_path / "pipe")
+        assert code == 2 and "local-run.json is corrupt" in err, err

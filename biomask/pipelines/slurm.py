@@ -185,11 +185,16 @@ class JobState:
 def read_jobs(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "jobs.json"
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{run_dir}: no jobs.json (nothing was submitted from this run directory)") from None
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+        raise InputError(
+            f"{path} is not biomask's record of submitted jobs (no stages); submit the pipeline again"
+        )
+    return record
 
 
 def job_states(run_dir: Path) -> list[JobState]:

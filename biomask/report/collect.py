@@ -108,20 +108,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path} is missing: is {path.parent} a finished biomask stage output?") from None
 
 
+def _corrupt(path: Path, exc: Exception, stage: str) -> InputError:
+    return InputError(
+        f"{path} is corrupt or not biomask's ({type(exc).__name__}: {exc}); run `biomask {stage}` again"
+    )
+
+
 def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     info = read_run_info(path)
     if info is None or info.get("stage") != "pretrain":
         raise InputError(f"{path} is not a finished pretraining run (no run.json of stage pretrain)")
     config = _read_yaml(path / "config.yaml")
-    lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = pd.DataFrame([x for x in lines if x["kind"] == "train"])
-    evals = pd.DataFrame(
-        [
-            {"step": x["step"], "mean_loss": x["mean_loss"], **{f"loss@{k}": v for k, v in x["loss"].items()}}
-            for x in lines
-            if x["kind"] == "eval"
-        ]
-    )
+    metrics = path / "metrics.jsonl"
+    try:
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        train = pd.DataFrame([x for x in lines if x["kind"] == "train"])
+        evals = pd.DataFrame(
+            [
+                {
+                    "step": x["step"],
+                    "mean_loss": x["mean_loss"],
+                    **{f"loss@{k}": v for k, v in x["loss"].items()},
+                }
+                for x in lines
+                if x["kind"] == "eval"
+            ]
+        )
+    except FileNotFoundError:
+        raise InputError(f"{metrics} is missing: is {path} a finished pretraining run?") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _corrupt(metrics, exc, "pretrain") from None
     ratios = np.array(
         [r for x in lines if x["kind"] == "train" for r in x.get("step_ratios", [])], dtype=float
     )
@@ -206,10 +222,15 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     root = Path(path)
     try:
         results = json.loads((root / "metrics.json").read_text())
+        missing = [k for k in ("methods", "per_seed", "summary", "seeds") if k not in results]
+        if missing:
+            raise KeyError(", ".join(missing))
     except FileNotFoundError:
         raise InputError(
             f"evaluation {key!r}: {root} has no metrics.json; run `biomask evaluate` first"
         ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     config = _read_yaml(root / "config.yaml")
     checkpoints = dict(config.get("checkpoints") or {})
     masking = {}
