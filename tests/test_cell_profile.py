@@ -428,12 +428,27 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     with pytest.raises(OutputExistsError, match="not fit_cells' copy"):
         biomask.fit_cells(pbmc68k_adata.copy(), clash, matrix="raw", counts={"mode": "log1p"})
     assert (clash / "cells.h5ad").read_bytes() == b"mine"
+    # a folder of the user's where fit_cells writes its store (or fit-cells its embedding): refused
+    # before anything is prepared or trained, with no hint at overwrite (which never replaces it)
+    (clash / "cells.h5ad").unlink()
+    (clash / "store").mkdir()
+    (clash / "store" / "mine.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="store exists and was not written by biomask") as err:
+        biomask.fit_cells(pbmc68k_adata.copy(), clash, matrix="raw", counts={"mode": "log1p"}, overwrite=True)
+    assert "overwrite=True" not in str(err.value)
+    assert sorted(p.name for p in clash.iterdir()) == ["store"] and (clash / "store" / "mine.txt").exists()
     path = tmp_path / "cells.h5ad"
     pbmc68k_adata.write_h5ad(path)
     code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit", "--matrix", "raw")
     assert code == 2
     assert "cells.h5ad" in err and "counts.mode" in err  # says what the file holds and what to set
     assert not (tmp_path / "fit").exists()
+    mine = tmp_path / "mine" / "embed" / "embeddings.h5ad"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"mine")
+    code, _out, err = cli("fit-cells", "--input", path, "--output", tmp_path / "mine", *args)
+    assert code == 2 and "embed exists and was not written by biomask" in err, err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["embed"] and mine.read_bytes() == b"mine"
     # a UMAP colour the file lacks, or a file fit-cells does not read, before any training
     for input_, extra, expected in (
         (path, ["--umap-color", "celltype"], "no column 'celltype' to colour the UMAP by"),

@@ -165,6 +165,7 @@ def fit_cells(
     in_memory = not isinstance(adata, (str, os.PathLike))
     source = out / COPY_NAME if in_memory else Path(adata)
     store = out / "store"
+    refuse_foreign(out, ["store", "pretrain"])
     settings = {"masking.scheme": masking, "train.seed": seed, **(overrides or {})}
     # every setting checked before anything is written: a typo costs nothing
     prep_cfg = _prep_config(
@@ -225,7 +226,7 @@ def fit_cells(
             message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
         # the settings by the names this call has (a prep key would be refused as unknown here)
         message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
-        if isinstance(exc, OutputExistsError) and "overwrite=True" not in message:
+        if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
         exc.args = (message,)
         raise
@@ -252,6 +253,30 @@ def fit_cells(
         embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
+
+
+def refuse_foreign(out: Path, parts: list[str]) -> None:
+    """Before anything is written: each folder this call writes under `out` is absent, empty or
+    biomask's own. Found later, a folder of the user's would stop the call after preparing and
+    training, with their outputs left beside it (and --overwrite never replaces what biomask did not
+    write, so it is no way out)."""
+    from biomask.provenance import read_run_info, written_by_biomask
+    from biomask.training.rundir import IN_PROGRESS
+
+    for part in parts:
+        path = out / part
+        if not path.exists():
+            continue
+        ours = path.is_dir() and (
+            not any(path.iterdir())
+            or written_by_biomask(read_run_info(path))
+            or (path / IN_PROGRESS).is_file()
+        )
+        if not ours:
+            raise OutputExistsError(
+                f"{path} exists and was not written by biomask: fit_cells writes {', '.join(p + '/' for p in parts)} "
+                f"in {out}. Choose another output folder, or move {path} away"
+            )
 
 
 def _stage(run: Any, cfg: Any, overwrite: bool) -> Path:
@@ -432,6 +457,7 @@ def fit_cells_file(
                 f"{source}: obs has no column {umap_color!r} to colour the UMAP by (--umap-color); "
                 f"obs columns: {', '.join(columns) or 'none'}"
             )
+    refuse_foreign(out, ["store", "pretrain", "embed"])
     fit_cells(source, out, overwrite=overwrite, **settings)
     # the embedding is derived from the checkpoint and the file alone, and fit-cells' own: another
     # --umap-color or key embeds again, without --overwrite and without training again
