@@ -792,3 +792,23 @@ def test_the_script_runs_the_stage(tmp_path, repo, pbmc3k_store):
     # a panel record lists every vocabulary gene the data measures (zeros included), not the others
     found = store.manifest["coverage"]["pbmc68k_reduced"]["dataset_genes_in_vocab"]
     assert store.manifest["scheme"] == "panel" and store.split("train").fixed_length == found < 13656
+
+
+def test_an_h5ad_named_loom_is_told_apart(tmp_path):
+    """A renamed file (an h5ad saved as .loom) gets the cause and the fix, not "no matrix 'X'; it has: X"."""
+    import anndata as ad
+
+    from biomask.cells.readers import open_matrix
+    from biomask.errors import InputError
+
+    fake = tmp_path / "cells.loom"
+    ad.AnnData(np.ones((3, 4), dtype=np.float32)).write_h5ad(fake)
+    with pytest.raises(
+        InputError, match=r"cells.loom is not a loom file .* looks like an h5ad .* format: h5ad"
+    ):
+        open_matrix(fake)
+    source = open_matrix(fake, "h5ad")  # the fix it names works
+    try:
+        assert (source.n_obs, source.n_vars) == (3, 4)
+    finally:
+        source.close()

@@ -388,6 +388,11 @@ def _attrs_frame(group: h5py.Group, index_key: str, where: str) -> pd.DataFrame:
 def open_loom(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
     handle = _open_h5(path)
     try:
+        if "matrix" not in handle and "obs" in handle and "var" in handle:  # an h5ad under another name
+            raise InputError(
+                f"{path} is not a loom file (no /matrix); it looks like an h5ad (it has /obs and /var): "
+                "set format: h5ad for this input, or rename it to .h5ad"
+            )
         layers = list(handle["layers"]) if "layers" in handle else []
         alternatives = ["X", *(f"layers/{n}" for n in layers if n)]
         if matrix == "X":
