@@ -197,7 +197,9 @@ def test_non_counts_are_refused_with_what_was_found_and_what_to_set(tmp_path, cl
     assert code == 2 and "10x_pbmc68k_reduced.h5ad [X]" in err
     assert "scaled values (negative values" in err and "point `matrix` at it" in err and "raw" in err
     code, _, err = prep(cli, repo / CFG_68K, *args, "counts.mode=require", "counts.total_counts_column=null")
-    assert code == 2 and "[raw]: expected raw counts, found log-transformed values" in err
+    assert (
+        code == 2 and "[raw]: expected raw counts, found non-integer values that look log-transformed" in err
+    )
     assert "counts.mode: from_log1p" in err and "counts.total_counts_column: n_counts" in err
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -812,3 +814,42 @@ def test_an_h5ad_named_loom_is_told_apart(tmp_path):
         assert (source.n_obs, source.n_vars) == (3, 4)
     finally:
         source.close()
+
+
+def test_a_few_stray_values_in_counts_are_named_not_called_log_data(tmp_path):
+    """One non-integer among integer counts is a damaged matrix: the message names the cell and gene;
+    rescaled counts (not log values) are pointed at counts.mode: normalised."""
+    import anndata as ad
+    import pandas as pd
+
+    from biomask.cells.config import CountsConfig
+    from biomask.cells.counts import check_policy, detect
+    from biomask.errors import InputError
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.5, (300, 100)).astype(np.float32)
+    counts[5, 7] = 2.5
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(300)])
+    var = pd.DataFrame(index=[f"G{i}" for i in range(100)])
+    ad.AnnData(counts, obs=obs, var=var).write_h5ad(tmp_path / "stray.h5ad")
+    ad.AnnData(counts.round() * 0.93, obs=obs, var=var).write_h5ad(tmp_path / "rescaled.h5ad")
+    cfg = CountsConfig()
+    found = {}
+    for name in ("stray", "rescaled"):
+        source = open_matrix(tmp_path / f"{name}.h5ad")
+        try:
+            found[name] = detect(source, cfg, 64)
+            with pytest.raises(InputError) as err:
+                check_policy(source, found[name], cfg)
+            found[name + " message"] = str(err.value)
+        finally:
+            source.close()
+    assert (
+        found["stray"].kind == "stray_values"
+        and "integer counts but for 1 non-integer value" in found["stray message"]
+    )
+    assert (
+        "cell 'c5' (row 5), gene 'G7': 2.5" in found["stray message"] and "log" not in found["stray message"]
+    )
+    assert found["rescaled"].kind == "log_normalised"  # small non-integers: log-like by value alone ...
+    assert "`counts.mode: normalised` takes them as linear-scale expression" in found["rescaled message"]

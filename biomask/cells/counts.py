@@ -7,6 +7,7 @@ finds (`detect`):
 |------------------|-------------------------------------------------------------------------------|
 | `counts`         | an integer dtype                                                              |
 | `integer_floats` | a float dtype whose non-zero values all lie within `integer_tolerance` of one |
+| `stray_values`   | integers but for a few values (under 1 %): a damaged or hand-edited count matrix |
 | `scaled`         | negative values (centred or z-scored expression, e.g. pbmc68k_reduced's `X`)  |
 | `log_normalised` | non-integral, small (max <= 30), e.g. log1p(counts / total * 1e4)             |
 | `tpm_like`       | non-integral on a linear scale (TPM, FPKM, library-size normalised)           |
@@ -33,6 +34,7 @@ from biomask.cells.config import CountsConfig
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
 
+STRAY_SHARE = 0.01  # non-integer values under this share of integer counts: strays, not a transform
 _LOG_SCALE_MAX = 30.0  # log1p(1e6) ~ 13.8, log2(1e6) ~ 20: larger values are not log-scale
 _CONSTANT_CV = 0.01  # row sums this close to constant mean "normalised to a fixed total"
 _TOTALS_NAME = re.compile(r"(^n_?counts$|total_?counts|^ncount|n_?umi|^nUMI$|library_?size)", re.I)
@@ -53,6 +55,7 @@ class ValueSummary:
     row_sum_cv: float | None = None  # ... and their coefficient of variation
     expm1_row_sum_median: float | None = None  # the same for expm1(values): constant for log1p(CP10k)
     expm1_row_sum_cv: float | None = None
+    stray: tuple[int, int, float] | None = None  # stray_values: the first one's (row, column, value)
 
     @property
     def is_counts(self) -> bool:
@@ -69,7 +72,13 @@ class ValueSummary:
             )
         if self.kind == "scaled":
             return f"scaled values (negative values down to {self.min:.4g}: centred or z-scored expression)"
-        share = f"{1 - self.integral_fraction:.0%} of non-zero values non-integral"
+        if self.kind == "stray_values":
+            n = round((1 - self.integral_fraction) * self.nonzero)
+            return (
+                f"integer counts but for {n:,} non-integer value{'s' * (n != 1)} among {self.nonzero:,} "
+                f"non-zero values in the first {self.cells:,} cells ({top})"
+            )
+        share = f"{1 - self.integral_fraction:.1%} of non-zero values non-integral"
         if self.kind == "log_normalised":
             if self.expm1_row_sum_cv is not None and self.expm1_row_sum_cv < _CONSTANT_CV:
                 return (
@@ -81,7 +90,7 @@ class ValueSummary:
                 if self.expm1_row_sum_cv is not None
                 else ""
             )
-            return f"log-transformed values ({share}, {top}; {spread})"
+            return f"non-integer values that look log-transformed ({share}, {top}; {spread})"
         if self.row_sum_cv is not None and self.row_sum_cv < _CONSTANT_CV:
             return f"TPM-like values normalised to {self.row_sum_median:,.0f} per cell ({share}, {top})"
         return f"TPM/FPKM-like non-integer values on a linear scale ({share}, {top})"
@@ -151,6 +160,12 @@ def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -
         return ValueSummary("scaled", **common)
     if integral == 1.0:
         return ValueSummary("counts" if dtype.kind in "iu" else "integer_floats", **common)
+    if integral >= 1 - STRAY_SHARE:  # counts with a few odd values: name one, don't call it log data
+        coo = block.tocoo()
+        odd = (coo.data != 0) & (np.abs(coo.data - np.rint(coo.data)) > integer_tolerance)
+        first = int(np.flatnonzero(odd)[0])
+        stray = (int(coo.row[first]), int(coo.col[first]), float(coo.data[first]))
+        return ValueSummary("stray_values", **common, stray=stray)
     values = sp.csr_matrix(block, dtype=np.float64)
     sums = np.asarray(values.sum(axis=1)).ravel()
     # TPM-scale values overflow expm1's sums to inf: expected (they are not log values), not worth a warning
@@ -215,6 +230,14 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
         if others
         else ""
     )
+    if summary.kind == "stray_values" and summary.stray is not None and cfg.mode != "normalised":
+        row, column, value = summary.stray
+        raise InputError(
+            f"{source.where}: expected raw counts, found {found}: e.g. cell {source.obs.index[row]!r} (row "
+            f"{row}), gene {source.var.index[column]!r}: {value:g}. Fix or round those values (corrected "
+            "counts, e.g. ambient-RNA removal, are rounded before use), or point `matrix` at the raw counts."
+            f"{look_elsewhere}{PYTHON_KEYS}"
+        )
     if cfg.mode == "require":
         if summary.is_counts:
             return
@@ -226,6 +249,12 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
                 f"`counts.mode: from_log1p` and `counts.total_counts_column: {column}`"
                 + (f" (obs columns that look like totals: {', '.join(candidates)})." if candidates else ".")
                 + " Without totals, `counts.mode: log1p` takes the values as they are (no counts are rebuilt)."
+                + (
+                    " If they are not log values but corrected or rescaled counts (expm1 row sums vary, as "
+                    "they would), `counts.mode: normalised` takes them as linear-scale expression."
+                    if summary.expm1_row_sum_cv is None or summary.expm1_row_sum_cv >= _CONSTANT_CV
+                    else ""
+                )
             )
         elif summary.kind == "tpm_like":
             hint = (
