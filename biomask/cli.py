@@ -277,6 +277,7 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
             init_from=args.init_from,
             overrides=overrides,
             umap_color=args.umap_color,
+            key=args.key,
             overwrite=args.overwrite,
         )
     )
@@ -593,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from", help="continue this cells checkpoint on your cells (its gene panel is kept)"
     )
     p.add_argument("--umap-color", metavar="OBS_COLUMN", help="also save a UMAP PNG coloured by this column")
+    p.add_argument("--key", default="X_biomask", help="obsm key of the embedding (and its uns provenance)")
     p.add_argument(
         "overrides",
         nargs="*",

@@ -478,6 +478,16 @@ def test_a_fit_cells_rerun_redoes_only_the_stages_its_settings_change(pbmc68k_ad
     assert code == 0, err
     assert weights.stat().st_mtime_ns == trained and manifest.stat().st_mtime_ns == prepared
     assert "color: n_counts" in (out / "embed" / "config.yaml").read_text()
+    code, _, err = cli(*args, "train.steps=20", "--umap-color", "n_counts", "--key", "X_mine")
+    assert code == 0, err
+    assert (
+        weights.stat().st_mtime_ns == trained and "key: X_mine" in (out / "embed" / "config.yaml").read_text()
+    )
+    import anndata as ad
+
+    embedded = ad.read_h5ad(out / "embed" / "embeddings.h5ad", backed="r")
+    assert "X_mine" in embedded.obsm and "X_mine" in embedded.uns
+    embedded.file.close()
     code, _, err = cli(*args, "train.steps=30", "--umap-color", "n_counts")
     assert code == 2 and "different config" in err and "--overwrite" in err
     code, _, err = cli(*args, "train.steps=30", "--umap-color", "n_counts", "--overwrite")

@@ -62,6 +62,8 @@ class CellPrep:
     def describe(self) -> dict[str, Any]:
         return {
             **{k: getattr(self.tokenizer, k) for k in SCHEME_KEYS},
+            # what a record holds at most (a panel: every panel gene, whatever tokenizer.max_length says)
+            "max_length": self.scheme.max_length,
             "target_sum": self.normalise.target_sum,
             "vocabulary_genes": len(self.vocab.genes),
             "gene_id_column": self.vocab.gene_id_column,
