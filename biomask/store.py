@@ -501,8 +501,8 @@ class TokenStore:
     def verify(self) -> int:
         """Check every shard file's and the tokenizer's sha256 against the manifest; return the number
         of files checked."""
-        count = int(
-            check_store_tokenizer(self.root / self.manifest.get("tokenizer", {}).get("dir", "tokenizer"))
+        count = check_store_tokenizer(
+            self.root / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
         )
         for path, info in self._files():
             digest = sha256_file(path)
@@ -515,21 +515,24 @@ class TokenStore:
         return count
 
 
-def check_store_tokenizer(directory: str | os.PathLike) -> bool:
+def check_store_tokenizer(directory: str | os.PathLike) -> int:
     """A tokenizer read from a token store's `tokenizer/` is the one its manifest recorded: a changed
     tokenizer.json maps tokens to other ids than the store's records and a model's weights learned.
-    Returns whether a recorded hash was checked (a bare tokenizer directory records none)."""
+    Returns how many files were checked (0: not inside a store, or a store that recorded none)."""
     directory = Path(directory)
     manifest_path = directory.parent / "manifest.json"
     if not manifest_path.is_file():
-        return False
+        return 0
     try:
-        tokenizer = json.loads(manifest_path.read_text()).get("tokenizer") or {}
+        manifest = json.loads(manifest_path.read_text())
     except ValueError:
-        raise IntegrityError(f"{manifest_path} is corrupt; re-run the prep stage") from None
-    recorded = tokenizer.get("sha256")
-    if not recorded or not (directory / "tokenizer.json").is_file():
-        return False
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        return 0  # a manifest of something else beside a bare tokenizer folder: not a store of ours
+    tokenizer = manifest.get("tokenizer") or {}
+    recorded = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+    if not recorded:
+        return 0
     # stores written before "files" was kept record tokenizer.json alone
     expected = {"tokenizer.json": recorded, **(tokenizer.get("files") or {})}
     for name, sha in expected.items():
@@ -540,7 +543,7 @@ def check_store_tokenizer(directory: str | os.PathLike) -> bool:
                 f"tokenizer file {path} was modified or removed: sha256 {digest[:12]}… does not match the "
                 f"manifest's {sha[:12]}…; re-run the prep stage with --overwrite (or restore the file)"
             )
-    return True
+    return len(expected)
 
 
 def tokenizer_files(directory: Path) -> dict[str, str]:

@@ -132,6 +132,8 @@ def test_several_poolings_from_one_pass_equal_each_pooling_alone(splice_records,
             model, records, pooling=pooling, batch_size=5, max_length=34, long_records="window"
         )
         np.testing.assert_allclose(together[pooling], alone, atol=1e-6, rtol=1e-6)
+    last = embed_records_pooled(model, records, poolings=["mean", "max"])  # the last layer's states only
+    np.testing.assert_allclose(last["mean"], embed_records(model, records, pooling="mean"), atol=1e-6)
     inner = embed_records_pooled(model, records, poolings=["mean", "max"], layer=1)
     np.testing.assert_allclose(inner["max"], embed_records(model, records, pooling="max", layer=1), atol=1e-6)
     if kind == "cnn":

@@ -853,3 +853,11 @@ def test_a_few_stray_values_in_counts_are_named_not_called_log_data(tmp_path):
     )
     assert found["rescaled"].kind == "log_normalised"  # small non-integers: log-like by value alone ...
     assert "`counts.mode: normalised` takes them as linear-scale expression" in found["rescaled message"]
+    # the share and the stray are measured alike: a value at the tolerance (float32-rounded) is
+    # one or the other in both, never an IndexError
+    from biomask.cells.counts import summarise
+
+    for tol in (0.001, 0.05, 0.1, 0.3):
+        ones = np.ones((200, 50), dtype=np.float32)
+        ones[0, 0] = np.float32(tol)
+        assert summarise(sp.csr_matrix(ones), ones.dtype, tol).kind in ("integer_floats", "stray_values")

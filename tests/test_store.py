@@ -117,3 +117,23 @@ def test_class_order_is_numeric_for_integer_ids_and_stable():
     assert label_order({"10", "2", "1"}) == ["1", "2", "10"]
     assert label_order({"007", "7", "1"}) == ["1", "007", "7"]  # ties broken by text, whatever the hash seed
     assert label_order({"b", "A", "10"}) == ["10", "A", "b"]
+
+
+def test_a_stores_tokenizer_is_checked_and_a_bare_one_is_left_alone(tmp_path, splice_store):
+    import json
+    import shutil
+
+    from biomask.store import check_store_tokenizer
+
+    store = shutil.copytree(splice_store, tmp_path / "splice")
+    recorded = json.loads((store / "manifest.json").read_text())["tokenizer"]
+    assert set(recorded["files"]) == {p.name for p in (store / "tokenizer").iterdir()}
+    assert check_store_tokenizer(store / "tokenizer") == len(recorded["files"]) == 2  # .json, _config.json
+    (store / "tokenizer" / "tokenizer.json").unlink()  # removed, not only changed: still caught
+    with pytest.raises(IntegrityError, match="tokenizer.json was modified or removed"):
+        TokenStore(store).verify()
+    # a tokenizer folder beside someone else's manifest.json is not a store's: nothing to check
+    bare = shutil.copytree(splice_store / "tokenizer", tmp_path / "mine" / "tokenizer")
+    for text in ("[1, 2]", '{"tokenizer": "bpe"}', "not json"):
+        (tmp_path / "mine" / "manifest.json").write_text(text)
+        assert check_store_tokenizer(bare) == 0

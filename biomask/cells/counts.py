@@ -161,10 +161,9 @@ def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -
     if integral == 1.0:
         return ValueSummary("counts" if dtype.kind in "iu" else "integer_floats", **common)
     if integral >= 1 - STRAY_SHARE:  # counts with a few odd values: name one, don't call it log data
-        coo = block.tocoo()
-        odd = (coo.data != 0) & (np.abs(coo.data - np.rint(coo.data)) > integer_tolerance)
-        first = int(np.flatnonzero(odd)[0])
-        stray = (int(coo.row[first]), int(coo.col[first]), float(coo.data[first]))
+        values = block.data.astype(np.float64)  # as `integral` was measured (float32 would round tol)
+        odd = np.flatnonzero((values != 0) & (np.abs(values - np.rint(values)) > integer_tolerance))
+        stray = (_row_of(block, int(odd[0])), int(block.indices[odd[0]]), float(values[odd[0]]))
         return ValueSummary("stray_values", **common, stray=stray)
     values = sp.csr_matrix(block, dtype=np.float64)
     sums = np.asarray(values.sum(axis=1)).ravel()
@@ -232,10 +231,14 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
     )
     if summary.kind == "stray_values" and summary.stray is not None and cfg.mode != "normalised":
         row, column, value = summary.stray
+        expected = (
+            "expected raw counts" if cfg.mode == "require" else f"counts.mode={cfg.mode} expects log1p values"
+        )
         raise InputError(
-            f"{source.where}: expected raw counts, found {found}: e.g. cell {source.obs.index[row]!r} (row "
+            f"{source.where}: {expected}, found {found}: e.g. cell {source.obs.index[row]!r} (row "
             f"{row}), gene {source.var.index[column]!r}: {value:g}. Fix or round those values (corrected "
-            "counts, e.g. ambient-RNA removal, are rounded before use), or point `matrix` at the raw counts."
+            "counts, e.g. ambient-RNA removal, are rounded before use), point `matrix` at the raw counts, "
+            "or take the values as linear-scale expression with `counts.mode: normalised`."
             f"{look_elsewhere}{PYTHON_KEYS}"
         )
     if cfg.mode == "require":

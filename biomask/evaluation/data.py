@@ -74,7 +74,6 @@ class LabelledRecords:
 def load_labelled(root: str | os.PathLike) -> LabelledRecords:
     """Open a labelled token store; a store without labels is a clear error."""
     store = TokenStore(root)
-    store.verify()  # every shard's sha256, as pretrain checks: a changed label or token is exit 2, not a result
     if not store.label_names or "labels" not in store.manifest.get("record_fields", {}):
         raise InputError(
             f"token store {Path(root)} has no labels: prepare a labelled set (a label column / labelled table) "

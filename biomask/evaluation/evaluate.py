@@ -208,6 +208,9 @@ def evaluate(
     )
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
+    # every shard's sha256, as pretrain checks (after the reuse check: a rerun hashes nothing): a
+    # changed label or token is exit 2, not a result
+    data.store.verify()
     notes: list[str] = []
     methods = baseline_methods(cfg, data, notes)
     if cfg.checkpoints:

@@ -131,16 +131,11 @@ def load_checked(name: str, path: str, data: LabelledRecords) -> tuple[MaskedEnc
 
 class Features:
     """Frozen embeddings of every labelled record: once per checkpoint, or once per seed (random init).
-    Every candidate pooling comes from the same forward pass: asking for one embeds them all."""
+    The poolings asked for `together` (the candidates a probe chooses among) come from one forward
+    pass."""
 
-    def __init__(
-        self,
-        cfg: EvaluateConfig,
-        data: LabelledRecords,
-        records: Callable[[], list[dict]],
-        poolings: list[str],
-    ) -> None:
-        self.cfg, self.data, self.records, self.poolings = cfg, data, records, poolings
+    def __init__(self, cfg: EvaluateConfig, data: LabelledRecords, records: Callable[[], list[dict]]) -> None:
+        self.cfg, self.data, self.records = cfg, data, records
         self.cache: dict[Any, np.ndarray] = {}
 
     def of(
@@ -149,10 +144,12 @@ class Features:
         seed: int | None,
         max_length: int,
         pooling: str,
+        together: list[str] | None = None,
     ) -> np.ndarray:
         if (seed, max_length, pooling) not in self.cache:
             model = model_for_seed(seed if seed is not None else 0).to(pick_device(self.cfg.device))
-            wanted = self.poolings if pooling in self.poolings else [pooling]
+            wanted = [p for p in together or [] if (seed, max_length, p) not in self.cache] or [pooling]
+            wanted = wanted if pooling in wanted else [pooling]
             with torch_threads(self.cfg.num_workers):
                 vectors = embed_records_pooled(
                     model,
@@ -182,12 +179,14 @@ class Probes:
         self.features, self.n_classes = features, n_classes
         self.cache: dict[Any, Any] = {}
 
-    def fit(self, model_for_seed, feature_seed, max_length, data, train, val, test, seed, pooling):
+    def fit(
+        self, model_for_seed, feature_seed, max_length, data, train, val, test, seed, pooling, together=None
+    ):
         from biomask.evaluation.finetune import ProbeHead
 
         key = (feature_seed, max_length, seed, pooling)
         if key not in self.cache:
-            x = self.features.of(model_for_seed, feature_seed, max_length, pooling)
+            x = self.features.of(model_for_seed, feature_seed, max_length, pooling, together)
             y = data.labels
             with torch_threads(1):
                 scaler = StandardScaler().fit(x[train])
@@ -249,7 +248,7 @@ class PoolingChoice:
             return self.candidates[0], {"pooling": self.candidates[0]}
         scores = {
             p: self.probes.fit(
-                model_for_seed, feature_seed, max_length, data, train, val, test, seed, p
+                model_for_seed, feature_seed, max_length, data, train, val, test, seed, p, self.candidates
             ).val_mcc
             for p in self.candidates
         }
@@ -437,7 +436,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
     ) -> None:
         one_length = len({len(r["tokens"]) for r in records()}) <= 1
         candidates = pooling_candidates(cfg.pooling, model_for_seed(0), one_length, name)
-        features = Features(cfg, data, records, candidates)
+        features = Features(cfg, data, records)
         probes = Probes(features, n_classes)
         asked = list(POOLINGS_AUTO) if cfg.pooling == "auto" else cfg.pooling
         if "concat" in asked and "concat" not in candidates and not one_length:

@@ -180,6 +180,9 @@ class DilatedCNN(StatePooling, nn.Module):
     def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self._states(batch, all_layers=True)
 
+    def _final_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._states(batch)
+
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "mean", layer: int = -1) -> torch.Tensor:
         """`features` without gradients."""

@@ -79,6 +79,9 @@ class StatePooling:
     def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def _final_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
     def _check_pooling(self, pooling: str, layer: int) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -95,7 +98,10 @@ class StatePooling:
         """`embed` with several poolings from one forward pass: {pooling: (B, width)}."""
         for pooling in poolings:
             self._check_pooling(pooling, layer)
-        states = self._all_states(batch)
+        if "mean_layers" in poolings or layer not in (-1, self.config.n_layers):
+            states = self._all_states(batch)
+        else:  # the last layer alone: every layer's states would only cost memory
+            states, layer = [self._final_states(batch)], -1
         return {
             p: pool_states(states, batch["input_ids"], batch["attention_mask"], p, layer) for p in poolings
         }
@@ -268,6 +274,9 @@ class MaskedEncoder(StatePooling, nn.Module):
 
     def _all_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.encoder(self.embedder(batch), batch["attention_mask"], all_layers=True)
+
+    def _final_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(self.embedder(batch), batch["attention_mask"])
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor], pooling: str = "cls", layer: int = -1) -> torch.Tensor:

@@ -41,7 +41,7 @@ from biomask.models.profile import ProfileModel
 from biomask.outputs import atomic_write_text, check_inputs_outside
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.stage import StageOutput
-from biomask.store import TokenStore
+from biomask.store import TokenStore, check_store_tokenizer
 from biomask.training import checkpoint, finite, rundir
 from biomask.training.accelerator import describe, resolve_precision, training_device
 from biomask.training.architecture import build_architecture, init_checkpoint
@@ -374,6 +374,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         return out
     if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
         on_rank0(store.verify, dist_env)
+    else:  # the tokenizer goes into the checkpoint with its hashes: checked always (a few KB)
+        tokenizer_dir = store.root / (store.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
+        on_rank0(lambda: check_store_tokenizer(tokenizer_dir), dist_env)
     on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
     # the held-out loss's reference predictors: count tables from a bounded training sample, once
     counts = reference_counts(
