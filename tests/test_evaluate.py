@@ -171,11 +171,19 @@ def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_p
         "long_records": "window",
         "n_long": 0,
         "n_long_finetune": 3003,
+        "max_tokens_finetune": 30,
+        "n_records": 3003,
+        "longest": 60,
     }
     (row,) = results["per_seed"]["tiny (fine-tune)"]
     assert row["finetune_source"] in ("finetune", "probe") and row["best_val_mcc"] >= row["start_val_mcc"]
     assert row["lr"] == 1e-3 and [g["lr"] for g in row["grid"]] == [1e-3]
-    assert "long_records=window" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (
+        "- tiny: 3,003 of 3,003 records are longer than its fine-tuning input (finetune.max_length) of 30 "
+        in report
+    )
+    assert "embedded in windows of the model's length, their vectors pooled (long_records=window)" in report
 
 
 @pytest.mark.parametrize(

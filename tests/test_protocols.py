@@ -51,9 +51,11 @@ def test_probes_beat_chance_on_splice_next_to_the_baselines(
         assert summary[name]["mcc"]["mean"] > 0.25, summary[name]["mcc"]
         assert summary[name]["accuracy"]["mean"] > majority + 0.08
     assert all(r["mcc"] > 0.15 for r in results["per_seed"]["tiny (linear probe)"])
-    # every model row is compared with the strongest baseline on the same seeds
+    # every model row is compared with the strongest baseline on the same seeds, and each checkpoint
+    # with the random init per protocol (what pretraining adds)
     pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
-    assert ("tiny (linear probe)", "one-hot + LR") in pairs and len(pairs) == 4
+    assert ("tiny (linear probe)", "one-hot + LR") in pairs
+    assert ("tiny (MLP probe)", "random-init (MLP probe)") in pairs and len(pairs) == 6
     report = (out / "report.md").read_text()
     assert "| tiny (linear probe) | linear_probe |" in report and "random-init (MLP probe)" in report
 

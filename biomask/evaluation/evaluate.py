@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from biomask.evaluation import baselines, clustering
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
-from biomask.evaluation.methods import Method, Predict
+from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method, Predict
 from biomask.evaluation.metrics import (
     MACRO_F1_NOTE,
     METRIC_BOUNDS,
@@ -278,7 +278,14 @@ def _summarise(
     }
     comparisons = []
     by_key = {(m.group, m.protocol): m.name for m in methods}
-    for a, b in cfg.compare:
+    pairs = [tuple(p) for p in cfg.compare]
+    # what pretraining adds, paired on the same splits: every checkpoint against the random init
+    pairs += [
+        (m.group, RANDOM_INIT)
+        for m in methods
+        if m.group not in ("baseline", RANDOM_INIT, CHOSEN_ON_VAL) and (RANDOM_INIT, m.protocol) in by_key
+    ]
+    for a, b in dict.fromkeys(pairs):
         for protocol in cfg.protocols:
             if (a, protocol) in by_key and (b, protocol) in by_key:
                 comparisons.append(_compare(by_key[(a, protocol)], by_key[(b, protocol)], per_seed))
@@ -335,7 +342,7 @@ def _details(results: dict[str, Any]) -> list[str]:
                 + (
                     "probe kept"
                     if r["finetune_source"] == "probe"
-                    else f"lr {r['lr']:g}{' (fresh head)' if r.get('fresh_head') else ''}, epoch {r['best_epoch']:.1f}"
+                    else f"lr {r['lr']:g}{' (fresh head)' if r.get('fresh_head') else ''}, epoch {r['best_epoch']:g}"
                     + (f", mixed with the probe at α {r['alpha']:g}" if 0 < r.get("alpha", 1.0) < 1 else "")
                 )
                 + f" (val MCC {r['start_val_mcc']:.3f} -> {r.get('val_mcc', r['best_val_mcc']):.3f}"
@@ -384,6 +391,49 @@ def splits_text(results: dict[str, Any]) -> str:
     return f"resampled per seed, stratified (val {spec['val']}, test {spec['test']}: {counts})"
 
 
+_POLICY_TEXT = {
+    "window": "embedded in windows of the model's length, their vectors pooled",
+    "centre": "cut to the model's length around their centre",
+    "first": "cut to the model's length from their start",
+}
+
+
+def _long_records_lines(results: dict[str, Any]) -> list[str]:
+    """Whether any record was longer than a model's input, and what was done with it: a window
+    policy that applied to every record reads differently from one that never applied."""
+    policy = results.get("long_records", "first")
+    seen, lines = set(), []
+    for m in results["methods"]:
+        inputs = m.get("inputs") or {}
+        if m["group"] in seen or not (inputs.get("n_long") or inputs.get("n_long_finetune")):
+            continue
+        seen.add(m["group"])
+        how = _POLICY_TEXT.get(inputs.get("long_records", policy), inputs.get("long_records", policy))
+        total = f"{inputs['n_records']:,}" if isinstance(inputs.get("n_records"), int) else "?"
+        for count, width, what, windows in (
+            ("n_long", "max_tokens", "its input", inputs.get("windows_max")),
+            ("n_long_finetune", "max_tokens_finetune", "its fine-tuning input (finetune.max_length)", None),
+        ):
+            if inputs.get(count):
+                lines.append(
+                    f"- {m['group']}: {inputs[count]:,} of {total} records are longer "
+                    f"than {what} of {inputs.get(width, '?')} tokens: {how}"
+                    + (f", up to {windows} per record" if windows else "")
+                    + f" (long_records={policy})."
+                )
+    if lines:
+        return [
+            "",
+            "Records longer than a model's input (the baselines read every record whole):",
+            "",
+            *lines,
+            "",
+        ]
+    if any("inputs" in m for m in results["methods"]):
+        return [f"No record is longer than any model's input: long_records={policy} did not apply."]
+    return []
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
     seeds = results["seeds"]
@@ -393,8 +443,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {splits_text(results)}. "
         "Values: mean ± sd [95 % CI].",
         MACRO_F1_NOTE,
-        f"DNA records longer than a model's input: long_records={results.get('long_records', 'first')} "
-        "(window: embedded in windows of the model's length, pooled; centre: the middle; refuse: none allowed).",
+        *_long_records_lines(results),
         *(["", "**Notes:**", *(f"- {n}" for n in results.get("notes", []))] if results.get("notes") else []),
         "",
         "| method | protocol | accuracy | macro-F1 | MCC |",

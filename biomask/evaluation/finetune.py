@@ -629,6 +629,7 @@ class FinetuneRun:
             next(h["val_mcc"] for h in self.history if h["step"] == best_step) if best_step else start_mcc
         )
         alpha = 1.0 if best_step > 0 else 0.0
+        within_noise = False
         if probe is not None and best_step > 0:
             alpha, _, _ = choose_mix(
                 labels[self.val],
@@ -649,7 +650,7 @@ class FinetuneRun:
                     self.seed,
                     self.lr,
                 )
-                alpha = 0.0
+                alpha, within_noise = 0.0, True
         chosen_val = (1 - alpha) * start_val + alpha * self.best_val
         chosen_test = (1 - alpha) * self.start_test + alpha * self.best_test
         if alpha == 0.0:
@@ -660,7 +661,11 @@ class FinetuneRun:
             val_mcc = val_score("mcc", labels[self.val], chosen_val)
             val_loss = -val_score("log_loss", labels[self.val], chosen_val)
         outcome = (
-            "the probe kept (no fine-tuned step beat it on val)"
+            (
+                f"the probe kept (step {best_step} was better on val, by less than its noise)"
+                if within_noise
+                else "the probe kept (no fine-tuned step beat it on val)"
+            )
             if alpha == 0.0
             else f"best at step {best_step}"
             + (f", mixed with the probe at α {alpha:.2f}" if alpha < 1.0 else "")

@@ -13,6 +13,8 @@ from biomask.evaluation.data import LabelledRecords
 
 # The group of the row that picks, per evaluation split, the checkpoint whose probe is best on validation.
 CHOSEN_ON_VAL = "chosen on val"
+# The group of the checkpoints' architecture left untrained: what pretraining adds is measured against it.
+RANDOM_INIT = "random-init"
 
 # Test predictions, or (test predictions, details for that seed's row: e.g. the chosen k or lr)
 Predict = Callable[

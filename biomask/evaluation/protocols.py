@@ -63,7 +63,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.baselines import Split, fit_tuned_logistic
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords
-from biomask.evaluation.methods import CHOSEN_ON_VAL, Method
+from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method
 from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
@@ -73,7 +73,6 @@ from biomask.resources import usable_cores
 
 log = logging.getLogger(__name__)
 
-RANDOM_INIT = "random-init"
 # `pooling: auto` tries these, in this order (ties go to the earlier): position-free summaries first
 # (mean; max: a motif anywhere; mean_layers: every block's mean), then position-aware concat, then
 # the [CLS] vector
@@ -411,8 +410,14 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
             )
             key = "n_long" if limit == max_length else "n_long_finetune"
             out[key] = n_long
+            if key == "n_long_finetune":
+                out["max_tokens_finetune"] = limit - specials
+            out["n_records"] = len(data)
             if n_long:
                 most = max(len(r["tokens"]) for r in source())
+                out["longest"] = most
+                if policy == "window" and key == "n_long":
+                    out["windows_max"] = len(window_starts(most, limit - specials))
                 log.warning(
                     "%s: %d of %d records are longer than its input of %d tokens (up to %d): long_records=%s%s",
                     name,
