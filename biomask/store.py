@@ -469,6 +469,10 @@ class TokenStore:
         return self.manifest.get("modality", "unknown")
 
     @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
+
+    @property
     def label_names(self) -> list[str] | None:
         return self.manifest.get("label_names")
 
@@ -501,9 +505,7 @@ class TokenStore:
     def verify(self) -> int:
         """Check every shard file's and the tokenizer's sha256 against the manifest; return the number
         of files checked."""
-        count = check_store_tokenizer(
-            self.root / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
-        )
+        count = check_store_tokenizer(self.tokenizer_dir)
         for path, info in self._files():
             digest = sha256_file(path)
             if digest != info["sha256"]:

@@ -375,8 +375,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
         on_rank0(store.verify, dist_env)
     else:  # the tokenizer goes into the checkpoint with its hashes: checked always (a few KB)
-        tokenizer_dir = store.root / (store.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
-        on_rank0(lambda: check_store_tokenizer(tokenizer_dir), dist_env)
+        on_rank0(lambda: check_store_tokenizer(store.tokenizer_dir), dist_env)
     on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
     # the held-out loss's reference predictors: count tables from a bounded training sample, once
     counts = reference_counts(
