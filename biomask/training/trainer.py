@@ -611,7 +611,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 if cfg.model.init_from
                 else None,
             }
-            checkpoint.export_portable(out, state, arch, tokenizer_dir=store.root / "tokenizer", info=info)
+            checkpoint.export_portable(out, state, arch, tokenizer_dir=store.tokenizer_dir, info=info)
             # run.json last: from now on the directory is a finished output.
             run_tmp = Path(tempfile.mkdtemp(prefix=".run.tmp-", dir=out))
             write_run_info(
