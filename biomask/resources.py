@@ -37,3 +37,14 @@ def shipped_config(path: str | os.PathLike) -> Path | None:
 def usable_cores() -> int:
     """The CPU cores this process may use (its affinity mask where the OS has one)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def resolve_threads(setting: int | str = "auto") -> int:
+    """`num_workers`: a number of threads, or auto — $OMP_NUM_THREADS when set (a pipeline running
+    stages side by side gives each its share), else the usable cores."""
+    if setting != "auto":
+        return int(setting)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return usable_cores()

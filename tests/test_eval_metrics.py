@@ -9,7 +9,14 @@ import pytest
 from sklearn.model_selection import train_test_split
 
 from biomask.dna.tokenizers import load_tokenizer
-from biomask.evaluation.baselines import Split, kmer_frequencies, one_hot, tuned_logistic
+from biomask.evaluation.baselines import (
+    C_GRID,
+    Split,
+    fit_tuned_logistic,
+    kmer_frequencies,
+    one_hot,
+    tuned_logistic,
+)
 from biomask.evaluation.metrics import classification_metrics, format_summary, paired_comparison, summarize
 from biomask.store import TokenStore
 
@@ -72,6 +79,36 @@ def test_position_aware_one_hot_is_the_strong_dna_baseline(splice_store):
     assert np.mean(onehot_mcc) > 0.88
     assert np.mean(kmer_mcc) < 0.65
     assert paired_comparison(onehot_mcc, kmer_mcc)["wins"] == 3
+
+
+@pytest.mark.network
+def test_the_regularisation_grid_fitted_side_by_side_chooses_as_one_after_another(splice_store, monkeypatch):
+    """The C grid's fits run on the cores the process may use ($OMP_NUM_THREADS: a pipeline's share):
+    on splice one-hot features, 1 and 4 threads give the same C, the same coefficients and the same
+    validation MCC, which is the best over the grid fitted one C at a time."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import matthews_corrcoef
+
+    store, tok = TokenStore(splice_store), load_tokenizer(splice_store)
+    split = store.split("train")
+    x = one_hot([tok.decode(r["tokens"]) for r in split])
+    y = split.record_field("labels")
+    rest, test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
+    train, val = train_test_split(rest, test_size=0.2, stratify=y[rest], random_state=0)
+    data = Split(x[train], y[train], x[val], y[val], x[test], y[test])
+    fitted = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        fitted[threads] = fit_tuned_logistic(data, 0)
+    (one, mcc_one), (four, mcc_four) = fitted["1"], fitted["4"]
+    assert one.C == four.C and mcc_one == mcc_four and np.array_equal(one.coef_, four.coef_)
+    alone = [
+        matthews_corrcoef(
+            y[val], LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train]).predict(x[val])
+        )
+        for c in C_GRID
+    ]
+    assert mcc_one == pytest.approx(max(alone)) and C_GRID[int(np.argmax(alone))] == one.C
 
 
 def test_metrics_agree_with_scikit_learn_on_known_predictions():

@@ -221,7 +221,8 @@ def test_threads_follow_the_environment_unless_set(monkeypatch):
     from pydantic import ValidationError
 
     from biomask.evaluation.config import EvaluateConfig
-    from biomask.evaluation.protocols import resolve_threads, torch_threads
+    from biomask.evaluation.protocols import torch_threads
+    from biomask.resources import resolve_threads
 
     cfg = EvaluateConfig(store="s", output="o", baselines=["kmer_lr"])
     assert cfg.num_workers == "auto"

@@ -215,6 +215,40 @@ def test_an_epoch_of_a_small_training_split_sees_every_record_once(splice):
         assert sorted(np.concatenate(epoch).tolist()) == sorted(train[:60].tolist())
 
 
+def test_the_chosen_steps_test_predictions_are_those_its_weights_gave_at_that_step(splice):
+    """The test pass waits until a step is chosen: each new best's weights are kept and predict test
+    at the end. Those predictions equal a test pass run at that very step, and a run whose best step
+    is never chosen makes no test pass after its start."""
+    data, records, (train, val, test), model = splice
+    settings = FinetuneSpec(
+        batch_size=16, lr=1e-3, max_steps=6, eval_every=1, warmup=0.0, min_epochs=0, patience=100
+    )
+    with one_thread():
+        ft = FinetuneRun(
+            copy.deepcopy(model),
+            records,
+            data.labels,
+            (train[:64], val[:48], test[:48]),
+            n_classes=3,
+            settings=settings,
+            seed=0,
+            max_length=62,
+            pooling="concat",
+        )
+        at_step: dict[int, np.ndarray] = {}
+        keep, passes = ft._keep_best, []
+        ft._keep_best = lambda: (at_step.__setitem__(ft.step, ft._test_probabilities()), keep())
+        test_pass = ft._test_probabilities
+        ft._test_probabilities = lambda: (passes.append(ft.step), test_pass())[1]
+        ft.train()
+        assert 0 < ft.best_step < ft.step and ft.best_test is None  # kept for later, not predicted
+        assert not np.array_equal(test_pass(), at_step[ft.best_step])  # the last step predicts otherwise
+        passes.clear()
+        assert np.array_equal(ft._best_test(), at_step[ft.best_step])
+        assert passes == [ft.step]  # one test pass, at the end
+        ft.close()
+
+
 def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar():
     """Patience watches a fresh-head run's own passes: validation log-loss falling 0.60 -> 0.43 -> 0.36
     while the probe sits at 0.30 does not stop it (patience 1), a pass that gets worse does, and a
@@ -231,7 +265,7 @@ def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar()
         run.labels, run.val, run.min_steps = labels, np.array([0, 1]), 0
         run.best_score, run.best_step, run.waited, run.stopped = np.log(0.74), 0, 0, False
         run.own_best = -np.inf if fresh_head else run.best_score
-        run._test_probabilities = lambda: None
+        run._keep_best = lambda: None
         passes = iter(probabilities(p) for p in ps)
         run._validate = lambda step, loss: next(passes)
         for step in range(1, len(ps) + 1):

@@ -538,6 +538,7 @@ class FinetuneRun:
         self.start_loss = self.history[0]["val_loss"]
         self.best_score = self.start_mcc if settings.select == "mcc" else -self.start_loss
         self.best_step, self.best_val, self.best_test = 0, self.start_val, self.start_test
+        self._best_state: dict[str, torch.Tensor] | None = None  # the best step's weights, for its test pass
         # what patience watches: the run's own best pass (a fresh head has none before it trains)
         self.own_best = -math.inf if fresh_head else self.best_score
         self.step, self.waited, self.stopped = 0, 0, False
@@ -573,6 +574,26 @@ class FinetuneRun:
     def _test_probabilities(self) -> np.ndarray:
         return self._probabilities(self.engine, self.test_batches)
 
+    def _keep_best(self) -> None:
+        """A new best step: its weights are copied, and its test pass waits until the step is chosen
+        (often never: the probe is kept, or a later step wins)."""
+        if self.settings.zero_stage < 3:
+            self.best_test = None
+            self._best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()
+            }
+        else:  # ZeRO-3 partitions the weights across ranks: no cheap copy, so test is predicted now
+            self.best_test = self._test_probabilities()
+
+    def _best_test(self) -> np.ndarray:
+        """The best step's test probabilities: its weights back in the model (training is over), then
+        one test pass: the same predictions as a pass at that step, without one per new best."""
+        if self.best_test is None:
+            assert self._best_state is not None
+            self.engine.module.load_state_dict(self._best_state)
+            self.best_test = self._test_probabilities()
+        return self.best_test
+
     def train(self, until: int | None = None) -> FinetuneRun:
         """3. The loop, up to step `until` (None: the budget): seeded batches, validation every
         `eval_every` steps and where it pauses, the test predictions of the best validation pass kept,
@@ -606,7 +627,8 @@ class FinetuneRun:
         improved, self.own_best = score > self.own_best, max(score, self.own_best)
         if score > self.best_score:
             self.best_score, self.best_step, self.waited = score, self.step, 0
-            self.best_val, self.best_test = val_p, self._test_probabilities()
+            self.best_val = val_p
+            self._keep_best()
         elif improved:  # below the bar still, but closing in
             self.waited = 0
         elif self.step >= self.min_steps:  # early stopping counts only once the minimum training is done
@@ -652,7 +674,7 @@ class FinetuneRun:
                 )
                 alpha, within_noise = 0.0, True
         chosen_val = (1 - alpha) * start_val + alpha * self.best_val
-        chosen_test = (1 - alpha) * self.start_test + alpha * self.best_test
+        chosen_test = (1 - alpha) * self.start_test + alpha * (self._best_test() if alpha > 0 else 0.0)
         if alpha == 0.0:
             best_test = probe.test_predictions if probe is not None else self.start_test.argmax(1)
             val_mcc, val_loss = start_mcc, start_loss

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pre
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
 from biomask.provenance import sha256_file
-from biomask.resources import usable_cores
+from biomask.resources import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +77,6 @@ log = logging.getLogger(__name__)
 # the [CLS] vector
 POOLINGS_AUTO = ("mean", "max", "mean_layers", "concat", "cls")
 LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
-
-
-def resolve_threads(setting: int | str) -> int:
-    """`num_workers`: a number of threads, or auto — $OMP_NUM_THREADS when set, else the usable cores."""
-    if setting != "auto":
-        return int(setting)
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return usable_cores()
 
 
 @contextlib.contextmanager
