@@ -12,6 +12,7 @@ from biomask.dna.tokenizers import load_tokenizer
 from biomask.evaluation.baselines import (
     C_GRID,
     Split,
+    fit_threads,
     fit_tuned_logistic,
     kmer_frequencies,
     one_hot,
@@ -81,10 +82,25 @@ def test_position_aware_one_hot_is_the_strong_dna_baseline(splice_store):
     assert paired_comparison(onehot_mcc, kmer_mcc)["wins"] == 3
 
 
+def test_the_grid_fitted_side_by_side_breaks_ties_as_one_after_another():
+    """Equal validation scores (here: no validation records, every C scores 0) go to the grid's
+    first C, in whatever order the grid is given and however many fits run at once; a C given twice
+    is no problem. Random features: only the choice is under test."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 5)), np.repeat([0, 1, 2], 20)
+    empty = np.zeros((0, 5))
+    data = Split(x, y, empty, np.zeros(0, dtype=int), empty, np.zeros(0, dtype=int))
+    for threads in (1, 3, "auto"):
+        with fit_threads(threads):
+            for grid in ((0.1, 1.0, 10.0), (10.0, 0.01, 10.0, 1.0)):
+                model, score = fit_tuned_logistic(data, 0, grid)
+                assert (model.C, score) == (grid[0], 0.0)
+
+
 @pytest.mark.network
-def test_the_regularisation_grid_fitted_side_by_side_chooses_as_one_after_another(splice_store, monkeypatch):
-    """The C grid's fits run on the cores the process may use ($OMP_NUM_THREADS: a pipeline's share):
-    on splice one-hot features, 1 and 4 threads give the same C, the same coefficients and the same
+def test_the_regularisation_grid_fitted_side_by_side_chooses_as_one_after_another(splice_store):
+    """The C grid's fits run side by side (evaluate's num_workers, else $OMP_NUM_THREADS or the cores):
+    on splice one-hot features, 1 and 4 at a time give the same C, the same coefficients and the same
     validation MCC, which is the best over the grid fitted one C at a time."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import matthews_corrcoef
@@ -97,10 +113,10 @@ def test_the_regularisation_grid_fitted_side_by_side_chooses_as_one_after_anothe
     train, val = train_test_split(rest, test_size=0.2, stratify=y[rest], random_state=0)
     data = Split(x[train], y[train], x[val], y[val], x[test], y[test])
     fitted = {}
-    for threads in ("1", "4"):
-        monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        fitted[threads] = fit_tuned_logistic(data, 0)
-    (one, mcc_one), (four, mcc_four) = fitted["1"], fitted["4"]
+    for threads in (1, 4):
+        with fit_threads(threads):
+            fitted[threads] = fit_tuned_logistic(data, 0)
+    (one, mcc_one), (four, mcc_four) = fitted[1], fitted[4]
     assert one.C == four.C and mcc_one == mcc_four and np.array_equal(one.coef_, four.coef_)
     alone = [
         matthews_corrcoef(

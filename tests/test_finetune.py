@@ -216,9 +216,9 @@ def test_an_epoch_of_a_small_training_split_sees_every_record_once(splice):
 
 
 def test_the_chosen_steps_test_predictions_are_those_its_weights_gave_at_that_step(splice):
-    """The test pass waits until a step is chosen: each new best's weights are kept and predict test
-    at the end. Those predictions equal a test pass run at that very step, and a run whose best step
-    is never chosen makes no test pass after its start."""
+    """The test pass waits until a step is chosen: each new best's weights are kept, training makes no
+    test pass, and the result's test predictions are those a test pass at the chosen step gives (not
+    the last step's), from one test pass at the end."""
     data, records, (train, val, test), model = splice
     settings = FinetuneSpec(
         batch_size=16, lr=1e-3, max_steps=6, eval_every=1, warmup=0.0, min_epochs=0, patience=100
@@ -235,18 +235,19 @@ def test_the_chosen_steps_test_predictions_are_those_its_weights_gave_at_that_st
             max_length=62,
             pooling="concat",
         )
-        at_step: dict[int, np.ndarray] = {}
-        keep, passes = ft._keep_best, []
-        ft._keep_best = lambda: (at_step.__setitem__(ft.step, ft._test_probabilities()), keep())
-        test_pass = ft._test_probabilities
+        test_pass, passes, at_step = ft._test_probabilities, [], {}
         ft._test_probabilities = lambda: (passes.append(ft.step), test_pass())[1]
+        keep = ft._keep_best
+        ft._keep_best = lambda: (at_step.__setitem__(ft.step, test_pass()), keep())
         ft.train()
-        assert 0 < ft.best_step < ft.step and ft.best_test is None  # kept for later, not predicted
+        assert passes == []  # no test pass while training
+        assert 0 < ft.best_step < ft.step and ft.best_test is None
         assert not np.array_equal(test_pass(), at_step[ft.best_step])  # the last step predicts otherwise
-        passes.clear()
-        assert np.array_equal(ft._best_test(), at_step[ft.best_step])
-        assert passes == [ft.step]  # one test pass, at the end
-        ft.close()
+        result = ft.result()  # no probe: the best step is the result
+    assert result.best_step == ft.best_step and result.alpha == 1.0
+    assert np.array_equal(result.test_predictions, at_step[ft.best_step].argmax(1))
+    assert np.array_equal(ft.best_test, at_step[ft.best_step])
+    assert passes == [ft.step]  # one test pass, at the end
 
 
 def test_a_fresh_head_closing_in_on_the_probe_is_not_stopped_by_the_probes_bar():

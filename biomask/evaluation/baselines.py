@@ -12,8 +12,10 @@ baselines get the same model selection as the pretrained models' probes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,18 @@ from threadpoolctl import threadpool_limits
 from biomask.resources import resolve_threads
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+# How many of the C grid's fits run side by side: `evaluate`'s num_workers (fit_threads), else auto
+_FIT_THREADS: ContextVar[int | str] = ContextVar("fit_threads", default="auto")
+
+
+@contextlib.contextmanager
+def fit_threads(n: int | str) -> Iterator[None]:
+    """The logistic regressions fitted inside run at most `n` at a time (auto: resolve_threads)."""
+    token = _FIT_THREADS.set(n)
+    try:
+        yield
+    finally:
+        _FIT_THREADS.reset(token)
 
 
 @dataclass
@@ -69,10 +83,12 @@ def _tuned_logistic(
 
     if patience is None:
         # Every C is fitted, each on one BLAS thread: they run side by side on the cores this process
-        # may use (resolve_threads: a pipeline's share), the weakest regularisation (the slowest fit)
-        # first; lbfgs's loss and gradient release the GIL. The same fits as one after another, so the
-        # same choice.
-        with ThreadPoolExecutor(max_workers=max(1, min(len(c_grid), resolve_threads()))) as pool:
+        # may use (fit_threads, else resolve_threads: a pipeline's share), the weakest regularisation
+        # (the slowest fit) first; lbfgs's loss and gradient release the GIL. The same fits as one
+        # after another, so the same choice (a failing fit raises once the others end).
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(len(c_grid), resolve_threads(_FIT_THREADS.get())))
+        ) as pool:
             runs = list(pool.map(fit, c_grid[::-1]))[::-1]
     else:
         runs = []

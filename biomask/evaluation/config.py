@@ -177,10 +177,11 @@ class EvaluateConfig(Config):
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
     compare: list[list[str]] = Field(default_factory=list)
     batch_size: int = Field(64, ge=1)  # embedding batch size (results do not depend on it)
-    # torch threads for embedding and fine-tuning. auto: $OMP_NUM_THREADS when set (a pipeline running
-    # stages side by side sets it per stage), else every core this process may use — fine-tuning a
-    # 6,000-window motif task runs about twice as fast on 2 threads as on 1. Results agree to float
-    # rounding, not bit for bit, across thread counts.
+    # torch threads for embedding and fine-tuning, and how many logistic regressions (a C grid) fit
+    # side by side. auto: $OMP_NUM_THREADS when set (a pipeline running stages side by side sets it
+    # per stage), else every core this process may use — fine-tuning a 6,000-window motif task runs
+    # about twice as fast on 2 threads as on 1. Results agree to float rounding, not bit for bit,
+    # across thread counts (the regressions: bit for bit).
     num_workers: int | Literal["auto"] = "auto"
     # Where the frozen models embed the records for the probes: auto is the GPU when torch sees one,
     # else the CPU; or cpu, cuda, cuda:1. The probes fit on the CPU either way; fine-tuning trains

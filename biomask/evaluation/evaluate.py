@@ -227,18 +227,23 @@ def evaluate(
     methods += extra_methods or []
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     split_sizes = []  # the records each seed's splits actually hold (the report header prints them)
-    for seed in cfg.seeds:
-        train, val, test = seed_split(data, cfg.splits, seed)
-        split_sizes.append({"seed": seed, "train": len(train), "val": len(val), "test": len(test)})
-        for method in methods:
-            log.info("seed %d: %s", seed, method.name)
-            out = method.predict(data, train, val, test, seed)
-            pred, details = out if isinstance(out, tuple) else (out, {})
-            if "val_mcc" not in details and "best_val_mcc" in details:  # fine-tuning's selection score
-                details = {**details, "val_mcc": details["best_val_mcc"]}
-            per_seed[method.name].append(
-                {"seed": seed, **classification_metrics(data.labels[test], pred, data.label_names), **details}
-            )
+    with baselines.fit_threads(cfg.num_workers):  # the C grids' fits side by side, on num_workers
+        for seed in cfg.seeds:
+            train, val, test = seed_split(data, cfg.splits, seed)
+            split_sizes.append({"seed": seed, "train": len(train), "val": len(val), "test": len(test)})
+            for method in methods:
+                log.info("seed %d: %s", seed, method.name)
+                out = method.predict(data, train, val, test, seed)
+                pred, details = out if isinstance(out, tuple) else (out, {})
+                if "val_mcc" not in details and "best_val_mcc" in details:  # fine-tuning's selection score
+                    details = {**details, "val_mcc": details["best_val_mcc"]}
+                per_seed[method.name].append(
+                    {
+                        "seed": seed,
+                        **classification_metrics(data.labels[test], pred, data.label_names),
+                        **details,
+                    }
+                )
     smallest_val = min(s["val"] for s in split_sizes)
     if smallest_val < SMALL_VAL:
         message = (

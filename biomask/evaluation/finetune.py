@@ -18,9 +18,10 @@
             method and learning rate) run one after another in one process
 3. loop     seeded batches of the training records; every `eval_every` steps (default: every epoch) the
             validation score — `select`: the mean log-loss (default; a proper score, smooth where MCC
-            moves by whole records) or MCC; the test predictions of the best validation step so far
-            are kept (so the reported test score is that of the best-on-validation weights, under
-            every ZeRO stage, without copying partitioned weights). The bar to beat is the start: the
+            moves by whole records) or MCC; the weights of the best validation step so far are kept
+            and predict test once, if that step is chosen (so the reported test score is that of
+            the best-on-validation weights; under ZeRO-3, whose weights are partitioned, each new
+            best predicts test at once instead). The bar to beat is the start: the
             probe's validation score (or the untrained head's). Early stopping after `patience`
             passes without a new best, counted only once `min_epochs` are done — a model is never
             stopped before it has trained. A fresh-head run's patience follows its own passes, not
@@ -578,7 +579,7 @@ class FinetuneRun:
         """A new best step: its weights are copied, and its test pass waits until the step is chosen
         (often never: the probe is kept, or a later step wins)."""
         if self.settings.zero_stage < 3:
-            self.best_test = None
+            self.best_test, self._best_state = None, None  # the previous best's copy freed first
             self._best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()
             }
@@ -586,8 +587,9 @@ class FinetuneRun:
             self.best_test = self._test_probabilities()
 
     def _best_test(self) -> np.ndarray:
-        """The best step's test probabilities: its weights back in the model (training is over), then
-        one test pass: the same predictions as a pass at that step, without one per new best."""
+        """The best step's test probabilities: its weights back in the model (training is over, so the
+        encoder ends at the best step's weights, not the last step's), then one test pass: the same
+        predictions as a pass at that step, without one per new best."""
         if self.best_test is None:
             assert self._best_state is not None
             self.engine.module.load_state_dict(self._best_state)
@@ -596,7 +598,7 @@ class FinetuneRun:
 
     def train(self, until: int | None = None) -> FinetuneRun:
         """3. The loop, up to step `until` (None: the budget): seeded batches, validation every
-        `eval_every` steps and where it pauses, the test predictions of the best validation pass kept,
+        `eval_every` steps and where it pauses, the weights of the best validation pass kept,
         early stopping after `patience` passes without a new best once `min_epochs` are done."""
         settings, engine = self.settings, self.engine
         until = self.total if until is None else min(until, self.total)
@@ -620,7 +622,7 @@ class FinetuneRun:
         return self
 
     def _pass(self) -> None:
-        """A validation pass: a new best keeps its predictions, otherwise patience runs down."""
+        """A validation pass: a new best keeps its predictions and weights, otherwise patience runs down."""
         val_p = self._validate(self.step, float(np.mean(self._window)))
         self._window = []
         score = val_score(self.settings.select, self.labels[self.val], val_p)
@@ -637,6 +639,7 @@ class FinetuneRun:
                 self.stopped = True
 
     def close(self) -> None:
+        self._best_state = None
         with contextlib.suppress(Exception):  # release the engine's buffers before the next one
             self.engine.destroy()
 
