@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMAT_VERSION = 1
 
 
+def input_identity(entry: dict[str, Any]) -> str:
+    """What an input contributes to a stage's fingerprint: a file's sha256, or (another stage's output,
+    whose files are not hashed again) that stage's fingerprint and creation time."""
+    if "sha256" in entry:
+        return str(entry["sha256"])
+    return str(entry.get("fingerprint", "")) + str(entry.get("created", ""))
+
+
 @dataclass
 class StageOutput:
     """A stage's output directory, identified by the fingerprint of its config and inputs."""
@@ -48,7 +56,7 @@ class StageOutput:
                 "stage": self.stage,
                 "format": OUTPUT_FORMAT_VERSION,
                 "config": config_fingerprint(self.config, self.non_semantic),
-                "inputs": sorted(str(i.get("sha256")) for i in self.inputs),
+                "inputs": sorted(input_identity(i) for i in self.inputs),
             }
         )
 

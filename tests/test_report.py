@@ -526,6 +526,12 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     checksum = pbmc3k_run["inputs"][0]["sha256"]
     assert checksum[:12] in text
     assert "resolved config" in text
+    # the runs the report read are named by their stage fingerprint, never passed off as a file's sha256
+    read = [i for i in json.loads((report_dir / "run.json").read_text())["inputs"] if "fingerprint" in i]
+    assert read and all("sha256" not in i for i in read)
+    for entry in read:
+        info = json.loads((Path(entry["path"]) / "run.json").read_text())
+        assert (entry["fingerprint"], entry["created"]) == (info["fingerprint"], info["created"])
 
     # `biomask main` (what `make run` runs) with nothing changed reuses every stage, the report
     # included, and ends with the report's summary

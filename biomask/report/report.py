@@ -486,10 +486,15 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
 
 
 def _provenance(records: list[StageRecord]) -> list[str]:
-    lines = ["| stage | output | fingerprint | code | inputs (sha256) | seeds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | output | fingerprint | code | inputs (file sha256 or stage fingerprint) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in records:
         commit = (r.code.get("git_commit") or "")[:10] + (" (dirty)" if r.code.get("git_dirty") else "")
-        inputs = "<br>".join(f"{i.get('name')}: `{str(i.get('sha256'))[:12]}`" for i in r.inputs)
+        inputs = "<br>".join(
+            f"{i.get('name')}: `{str(i.get('sha256') or i.get('fingerprint'))[:12]}`" for i in r.inputs
+        )
         seeds = ", ".join(f"{k}={v}" for k, v in r.seeds.items())
         lines.append(
             f"| {r.stage} | `{r.path}` | `{r.fingerprint[:12]}` | biomask {r.code.get('biomask', '?')} {commit} | {inputs} | {seeds} |"
@@ -679,9 +684,15 @@ def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
         )
         for run in runs:
             info = read_run_info(run) or {}
-            fingerprint = info.get("fingerprint", "") + info.get("created", "")
             # "path": the output may not be, hold or lie inside an input (--overwrite would delete it)
-            inputs.append({"name": str(run), "path": str(run), "sha256": fingerprint})
+            inputs.append(
+                {
+                    "name": str(run),
+                    "path": str(run),
+                    "fingerprint": info.get("fingerprint", ""),  # the stage's, not a file's sha256
+                    "created": info.get("created", ""),
+                }
+            )
     if cfg.embedding is not None:
         from biomask.provenance import sha256_file
 
