@@ -645,7 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, help="the export directory (config.json, weights, tokenizer, code)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another checkpoint's export there (the export's own files only; others are kept)",
+    )
 
     _add_stage_arguments(
         command(

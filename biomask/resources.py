@@ -48,3 +48,17 @@ def resolve_threads(setting: int | str = "auto") -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     return usable_cores()
+
+
+def honour_omp_threads() -> None:
+    """Give torch the $OMP_NUM_THREADS it was asked for, again. numba's OpenMP layer (which scanpy's
+    normalize_total, log1p and highly_variable_genes start) sets the shared OpenMP runtime to every
+    core, so torch ran 2 threads under OMP_NUM_THREADS=1 after them in one process (fit_cells: prep,
+    then pretraining) — 3x slower per step on a busy 2-core machine. Without the variable, torch's
+    own default stands."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        import torch
+
+        if torch.get_num_threads() != int(env):
+            torch.set_num_threads(int(env))

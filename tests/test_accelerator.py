@@ -47,3 +47,35 @@ def test_a_gpu_torch_cannot_see_is_reported(monkeypatch, caplog):
     (record,) = [r for r in caplog.records if "/dev/nvidia0" in r.getMessage()]
     assert "training on the CPU" in record.getMessage()
     assert ("CPU build" in record.getMessage()) == (torch.version.cuda is None)
+
+
+def test_torch_keeps_the_omp_threads_asked_for_after_scanpy_starts_numba():
+    """OMP_NUM_THREADS=1 (what a pipeline gives each of two stages side by side): scanpy's normalize_total
+    on a sparse matrix (pbmc68k_reduced's, made sparse) starts numba's OpenMP layer, which sets the shared runtime to every core, and torch then
+    ran on all of them. honour_omp_threads (called where pretraining starts) gives torch its 1 back."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from biomask.resources import usable_cores
+
+    script = (
+        "import json, numpy as np, scipy.sparse as sp, torch, scanpy as sc\n"
+        "from biomask.resources import honour_omp_threads\n"
+        "start = torch.get_num_threads()\n"
+        "a = sc.datasets.pbmc68k_reduced(); a.X = sp.csr_matrix(np.abs(a.raw.X.toarray()))\n"
+        "sc.pp.normalize_total(a); sc.pp.log1p(a)\n"
+        "after_scanpy = torch.get_num_threads()\n"
+        "honour_omp_threads()\n"
+        "print(json.dumps([start, after_scanpy, torch.get_num_threads()]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_NUM_THREADS", None)
+    env.pop("NUMBA_THREADING_LAYER", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    start, after_scanpy, honoured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert start == 1 and honoured == 1
+    if usable_cores() > 1:  # the override this guards against (numba's pool: every core)
+        assert after_scanpy > 1

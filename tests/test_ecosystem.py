@@ -65,7 +65,9 @@ class Records(logging.Handler):
 # ------------------------------------------------------------------------------------------- scanpy API
 
 
-def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_model(pbmc, cells_checkpoint):
+def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_model(
+    pbmc, cells_checkpoint, monkeypatch
+):
     adata = pbmc.copy()
     model = load_pretrained(cells_checkpoint)
     copied = biomask.embed(adata, model, matrix="raw", counts=COUNTS, key="X_a", copy=True)
@@ -79,7 +81,11 @@ def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_
     assert adata.uns["X_a"]["pooling"] == "mean" and adata.uns["X_a"]["key"] == "X_a"
     assert adata.uns["X_b"]["pooling"] == "cls" and adata.uns["X_b"]["key"] == "X_b"
     assert "biomask" not in adata.uns
-    assert adata.uns["X_a"]["checkpoint"] == adata.uns["X_b"]["checkpoint"] == str(cells_checkpoint)
+    assert adata.uns["X_a"]["checkpoint"] == adata.uns["X_b"]["checkpoint"] == str(cells_checkpoint.resolve())
+    # a checkpoint given relative to the working directory is recorded absolute (the record outlives it)
+    monkeypatch.chdir(cells_checkpoint.parent)
+    biomask.embed(adata, cells_checkpoint.name, matrix="raw", counts=COUNTS, key="X_c")
+    assert adata.uns["X_c"]["checkpoint"] == str(cells_checkpoint.resolve())
 
 
 def test_a_backed_anndata_is_streamed_from_its_file(pbmc, cells_checkpoint, tmp_path, capsys):

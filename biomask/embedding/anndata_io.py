@@ -62,7 +62,7 @@ def provenance(
     directory = Path(model.checkpoint_dir)
     masking = info.get("masking") or {}
     return {
-        "checkpoint": str(directory),
+        "checkpoint": str(directory.resolve()),  # absolute: the record outlives the working directory
         "checkpoint_weights_sha256": info.get("weights_sha256"),
         "checkpoint_config_sha256": sha256_file(directory / "config.json"),
         "tokenizer_sha256": (info.get("tokenizer") or {}).get("sha256"),

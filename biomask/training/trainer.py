@@ -40,6 +40,7 @@ from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
 from biomask.outputs import atomic_write_text, check_inputs_outside
 from biomask.provenance import code_version, sha256_file, write_run_info
+from biomask.resources import honour_omp_threads
 from biomask.stage import StageOutput
 from biomask.store import TokenStore, check_store_tokenizer
 from biomask.training import checkpoint, finite, rundir
@@ -300,6 +301,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     # The run's first line: where it trains and in what precision (torch and DeepSpeed agree on it).
     device = training_device(dist_env.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
+    honour_omp_threads()
     log.info("pretrain: %s, precision %s (DS_ACCELERATOR=%s)", describe(device), precision, device.type)
 
     # 1. Inputs: the token store, the model it implies, the data order and the DeepSpeed config —
