@@ -327,6 +327,11 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         err
     )
     assert not (tmp_path / "w.h5ad").exists()
+    # and so are the expression keys, which only a cells .h5ad reads
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
+                       "--output", tmp_path / "w.h5ad", "--matrix", "raw", "counts.mode=log1p")  # fmt: skip
+    assert code == 2 and "matrix, counts: not read for" in err and "DNA sequences" in err, err
+    assert not (tmp_path / "w.h5ad").exists()
     # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
     # their rows are named as scanpy's make_unique names them
     (tmp_path / "dup.fa").write_text("".join(f">{n}\n{s}\n" for n, s in zip(["d", "d", "x", "d"], seqs[:4])))

@@ -391,6 +391,23 @@ def _check_dna_keys(cfg: EmbedConfig, path: Path, kind: str, modality: str) -> N
         )
 
 
+def _check_cells_keys(cfg: EmbedConfig, path: Path, modality: str) -> None:
+    """The expression keys (matrix, counts.*, genes.*) on DNA input are refused like unread dna.* keys."""
+    if modality != "dna":
+        return
+    fields = EmbedConfig.model_fields
+    unused = [
+        k
+        for k in ("matrix", "counts", "genes")
+        if getattr(cfg, k) != fields[k].get_default(call_default_factory=True)
+    ]
+    if unused:
+        raise InputError(
+            f"{', '.join(unused)}: not read for {path}, DNA sequences for a DNA model (they say where a "
+            f"cells .h5ad keeps its expression); leave {'it' if len(unused) == 1 else 'them'} at the default"
+        )
+
+
 def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     """Run (or reuse) an embedding; returns the written .h5ad (inside the output directory, if one)."""
     from biomask.models import load_pretrained, read_checkpoint_config
@@ -401,6 +418,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     modality = info.get("modality") or (info.get("architecture") or {}).get("modality")
     check_modality(cfg.checkpoint, str(modality), path, kind)
     _check_dna_keys(cfg, path, kind, str(modality))
+    _check_cells_keys(cfg, path, str(modality))
     output, directory = _targets(cfg)
     h5ad = output / OUTPUT_NAME if directory else output
     if h5ad.resolve() == path.resolve() and not cfg.overwrite_input:
