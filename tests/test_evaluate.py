@@ -153,6 +153,27 @@ def test_kmer_baseline_chooses_k_on_validation_per_seed(splice_store, tmp_path, 
     assert code == 2 and "kmer_k" in err
 
 
+def test_seeds_on_the_stores_one_split_give_no_interval_to_a_difference_that_cannot_vary(
+    splice_store, dna_checkpoint, tmp_path, cli, repo
+):
+    """splits.mode=store: every seed evaluates the same split. A checkpoint's probe against one-hot LR
+    (both deterministic on a split) differs by the same amount in every seed: one observation, so no
+    interval and no p-value (not a zero-width interval with p = 0), and a note says why."""
+    out = tmp_path / "eval"
+    code, _, err = cli("evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={splice_store}",
+                       f"output={out}", f"checkpoints.tiny={dna_checkpoint}", "seeds=[0,1]", "splits.mode=store",
+                       "baselines=[onehot_lr]", "random_init=false", "protocols=[linear_probe]", "pooling=mean")  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    (vs_baseline,) = [c for c in results["comparisons"] if c["b"] == "one-hot + LR"]
+    mcc = vs_baseline["mcc"]
+    assert mcc["one_split"] and mcc["n"] == 1 and mcc["ci_low"] is None and mcc["p_value"] is None
+    scores = [r["mcc"] for r in results["per_seed"]["tiny (linear probe)"]]
+    assert scores[0] == scores[1]  # deterministic on the one split
+    assert any("splits.mode=store: all 2 seeds evaluate the store's one split" in n for n in results["notes"])
+    assert "(one split, the same in every seed: no interval)" in (out / "report.md").read_text()
+
+
 def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_path, cli, repo):
     """Fine-tuning on a 30-base input: 60-base records are refused (exit 2), or windowed and reported."""
     out = tmp_path / "eval"

@@ -244,6 +244,15 @@ def evaluate(
                         **details,
                     }
                 )
+    if cfg.splits.mode == "store" and len(cfg.seeds) > 1:
+        message = (
+            f"splits.mode=store: all {len(cfg.seeds)} seeds evaluate the store's one split, so a spread over "
+            "seeds is only the methods' own randomness (a random init, fine-tuning), not the data's; a "
+            "method that is deterministic on a split (a baseline, a checkpoint's probe) scores the same in "
+            "every seed, and its paired differences get no interval. splits.mode=resample draws a split per seed"
+        )
+        log.warning("%s", message)
+        notes.append(message)
     smallest_val = min(s["val"] for s in split_sizes)
     if smallest_val < SMALL_VAL:
         message = (
@@ -282,6 +291,7 @@ def _summarise(
         for m in methods
     }
     comparisons = []
+    one_split = cfg.splits.mode == "store"  # every seed evaluates the store's own split
     by_key = {(m.group, m.protocol): m.name for m in methods}
     pairs = [tuple(p) for p in cfg.compare]
     # what pretraining adds, paired on the same splits: every checkpoint against the random init
@@ -293,7 +303,9 @@ def _summarise(
     for a, b in dict.fromkeys(pairs):
         for protocol in cfg.protocols:
             if (a, protocol) in by_key and (b, protocol) in by_key:
-                comparisons.append(_compare(by_key[(a, protocol)], by_key[(b, protocol)], per_seed))
+                comparisons.append(
+                    _compare(by_key[(a, protocol)], by_key[(b, protocol)], per_seed, one_split)
+                )
     strongest = max(
         (m for m in methods if m.group == "baseline"),
         key=lambda m: summary[m.name]["mcc"]["mean"],
@@ -302,7 +314,7 @@ def _summarise(
     if strongest is not None:
         for m in methods:
             if m.group != "baseline":
-                comparisons.append(_compare(m.name, strongest.name, per_seed))
+                comparisons.append(_compare(m.name, strongest.name, per_seed, one_split))
     return {
         "store": cfg.store,
         "label_names": data.label_names,
@@ -320,15 +332,18 @@ def _summarise(
     }
 
 
-def _compare(a: str, b: str, per_seed: dict) -> dict[str, Any]:
-    return {
-        "a": a,
-        "b": b,
-        **{
-            metric: paired_comparison([r[metric] for r in per_seed[a]], [r[metric] for r in per_seed[b]])
-            for metric in METRICS
-        },
-    }
+def _compare(a: str, b: str, per_seed: dict, one_split: bool = False) -> dict[str, Any]:
+    """a against b over the seeds. `one_split` (splits.mode store: every seed evaluates the same split):
+    a difference that is the same in every seed is one observation repeated, not n agreeing ones — it
+    gets no interval and no test (n 1), where n copies would give a zero-width interval and p = 0."""
+
+    def compare(metric: str) -> dict[str, float]:
+        x, y = ([r[metric] for r in per_seed[name]] for name in (a, b))
+        if one_split and len({round(u - v, 12) for u, v in zip(x, y)}) == 1:
+            return {**paired_comparison(x[:1], y[:1]), "one_split": True}
+        return paired_comparison(x, y)
+
+    return {"a": a, "b": b, **{metric: compare(metric) for metric in METRICS}}
 
 
 def _details(results: dict[str, Any]) -> list[str]:
@@ -489,7 +504,9 @@ def render_report(results: dict[str, Any]) -> str:
         ]
         for c in results["comparisons"]:
             m = c["mcc"]
-            if m["n"] < 2:  # one seed: a difference, no interval or test
+            if m.get("one_split"):  # the same difference in every seed, on the one split they share
+                interval, p = "(one split, the same in every seed: no interval)", "–"
+            elif m["n"] < 2:  # one seed: a difference, no interval or test
                 interval, p = "(one seed: no interval)", "–"
             else:
                 interval, p = f"[{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]", f"{m['p_value']:.3g}"
