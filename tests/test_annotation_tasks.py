@@ -21,6 +21,8 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
                              "--placement", placement, "--max-per-class", "400", "--length", "120")  # fmt: skip
         assert code == 0, err
         assert out.strip() == str(path)
+        # what was written, said on stderr (stdout stays the path a script reads)
+        assert "gene-starts of ecoli-k12: 800 windows of 120 bases (other 400, start 400)" in err, err
     table = pd.read_csv(centre)
     assert table["label"].value_counts().to_dict() == {"start": 400, "other": 400}
     assert table["sequence"].str.len().eq(120).all() and table["sequence"].str.fullmatch("[ACGT]+").all()

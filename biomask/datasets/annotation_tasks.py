@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from biomask.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 PLACEMENTS = ("random", "centre")
 _COMPLEMENT = str.maketrans("ACGT", "TGCA")
@@ -342,4 +345,14 @@ def write_task(
     writer.writerows(rows)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, text.getvalue())
+    counts = Counter(r["label"] for r in rows)
+    log.info(
+        "%s of %s: %s windows of %d bases (%s) written to %s",
+        task,
+        genome,
+        f"{len(rows):,}",
+        length,
+        ", ".join(f"{label} {n:,}" for label, n in sorted(counts.items())),
+        output,
+    )
     return output

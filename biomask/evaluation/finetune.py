@@ -669,12 +669,7 @@ class FinetuneRun:
                 alpha > 0
                 and select == "log_loss"
                 and not clear_gain(labels[self.val], start_val, mixed, start_mcc, settings.min_gain_se)
-            ):
-                log.info(
-                    "fine-tune (seed %d, lr %.1e): the gain over the probe on validation is within its noise; the probe is kept",
-                    self.seed,
-                    self.lr,
-                )
+            ):  # said once, in the run's summary line below ("by less than its noise")
                 alpha, within_noise = 0.0, True
         chosen_val = (1 - alpha) * start_val + alpha * self.best_val
         chosen_test = (1 - alpha) * self.start_test + alpha * (self._best_test() if alpha > 0 else 0.0)

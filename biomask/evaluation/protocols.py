@@ -545,7 +545,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
     log.info(
         "evaluate: %d model methods (%s) on %d records",
         len(methods),
-        ", ".join(sorted({Path(p).as_posix() for p in cfg.checkpoints.values()})),
+        ", ".join(f"{name}: {Path(p).as_posix()}" for name, p in cfg.checkpoints.items()),
         len(data),
     )
     return methods
