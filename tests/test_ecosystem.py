@@ -185,6 +185,10 @@ def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically
         theirs = model.embed(**batch, pooling="cls", layer=layer).numpy()
         ours = embed_records(biomask_model, records, pooling="cls", layer=layer)
         assert float(np.abs(theirs - ours).max()) < 1e-5
+    with pytest.raises(
+        ValueError, match=r"layer 7 does not exist: the model has 2 blocks, so layer is -3\.\.2"
+    ):
+        model.embed(**batch, layer=7)
 
 
 HF_CELLS = """

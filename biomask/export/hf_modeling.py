@@ -388,4 +388,9 @@ class BiomaskModel(PreTrainedModel):
             if layer != -1:
                 raise ValueError(f"mean_layers pooling reads every block; layer must be -1, not {layer}")
             return torch.cat([self._pool(h, input_ids, mask, "mean") for h in states[1:]], dim=1)
+        if not -len(states) <= layer < len(states):
+            raise ValueError(
+                f"layer {layer} does not exist: the model has {len(states) - 1} blocks, so layer is "
+                f"-{len(states)}..{len(states) - 1} (-1: the last block, 0: the embeddings)"
+            )
         return self._pool(states[layer], input_ids, mask, pooling)
