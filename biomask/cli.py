@@ -264,6 +264,8 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise BiomaskError(f"fit-cells: {bad[0]!r} is not of the form key.sub=value")
+    if args.quiet:  # only warnings and errors: no progress lines either
+        overrides.setdefault("train.progress", "false")
     print(
         fit_cells_file(
             args.input,

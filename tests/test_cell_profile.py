@@ -232,7 +232,7 @@ def pbmc68k_adata():
 
 
 @pytest.mark.network
-def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_adata, tmp_path):
+def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_adata, tmp_path, capsys):
     import biomask
 
     adata = pbmc68k_adata.copy()
@@ -248,6 +248,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )
     assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
     assert set(adata.obsm) - before == {"X_biomask"}
+    assert "pretrain step 60/60 (100.0%)" in capsys.readouterr().err  # a notebook sees training move
     added = set(os.environ) - set(environment)  # (library imports may set their own, e.g. KMP_*)
     assert not added & {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"}
     assert np.isfinite(adata.obsm["X_biomask"]).all()

@@ -48,7 +48,8 @@ def pretrain_defaults(kind: str = "mlp") -> dict[str, Any]:
     data = yaml.safe_load(shipped_config(PRETRAIN_CONFIGS.get(kind, PRETRAIN_CONFIGS["mlp"])).read_text())
     data.pop("data", None)
     data.pop("output", None)
-    data["train"].update({"log_every": 100, "checkpoint_every": 500, "progress": False})
+    # progress: a bar on a terminal, else a line per 100 steps (a notebook sees its run move)
+    data["train"].update({"log_every": 100, "checkpoint_every": 500, "progress": True})
     return data
 
 
