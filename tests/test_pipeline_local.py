@@ -89,6 +89,13 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_splice")
     assert code == 2 and "prep_splice needs prep_genome, whose output" in err
     assert not (run / "prep_splice").exists()
+    # ... unless a run in progress may be writing it: then that run is the reason given
+    from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.runs import run_lock
+
+    with run_lock(load_plan(dna_pipeline)):
+        code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_splice")
+    assert code == 2 and "is in use by another `biomask pipeline run` (pid" in err, err
 
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
     assert code == 0, err
@@ -105,9 +112,6 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
     assert code == 2 and "no-such-run does not exist" in err
 
     # a second `pipeline run` on the same run_dir while one is running is refused, naming the holder
-    from biomask.pipelines.plan import load_plan
-    from biomask.pipelines.runs import run_lock
-
     with run_lock(load_plan(dna_pipeline)):
         code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
         status_code, status, _ = cli("pipeline", "status", run)

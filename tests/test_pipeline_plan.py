@@ -3,6 +3,7 @@ and the templates in pipelines/slurm/ staying in sync with what `submit` renders
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 from biomask.config import apply_overrides
 from biomask.errors import ConfigError
 from biomask.pipelines.plan import build_plan, command_line_value, load_plan
-from biomask.pipelines.sbatch import render
+from biomask.pipelines.sbatch import JobScript, render
 from biomask.pipelines.schema import SlurmSpec
 from biomask.pipelines.slurm import job_script
 from biomask.pipelines.templates import render_templates
@@ -108,7 +109,7 @@ def test_swept_stages_read_their_counterpart(tmp_path):
         ),
         (
             {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stages.nope.output}"}}},
-            "stage a needs 'nope'",
+            "stage a needs 'nope' (overrides.x: ${stages.nope.output}), which is not a stage",
         ),
         (
             {"a": {"command": "prep dna", "config": "configs/dna/missing.yaml"}},
@@ -150,6 +151,22 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             },
             "${stages.a.dir}/split.seed=3 is not a task of a; its tasks: split.seed=0, split.seed=1",
         ),
+        (  # a typo in a swept stage is reported once, and not also as its dependents naming no task
+            {
+                "a": {
+                    "command": "prep dna",
+                    "config": GENOME,
+                    "overrides": {"windows.lenght": 5},
+                    "sweep": {"split.seed": [0, 1]},
+                },
+                "b": {
+                    "command": "prep dna",
+                    "config": SPLICE,
+                    "overrides": {"tokenizer.path": "${stages.a.dir}/split.seed=1"},
+                },
+            },
+            "is not valid:\n  - stage a (sweep point {'split.seed': 0}): ",
+        ),
     ],
     ids=[
         "cycle",
@@ -164,11 +181,14 @@ def test_swept_stages_read_their_counterpart(tmp_path):
         "unquoted-time",
         "bad-reference",
         "no-such-task",
+        "typo-in-a-sweep",
     ],
 )
 def test_bad_pipelines_are_reported_before_anything_runs(tmp_path, cli, stages, expected):
     path = pipeline(tmp_path, stages)
-    assert expected in error_of(path)
+    message = error_of(path)
+    assert expected in message
+    assert message.count("\n  - ") == 1, message  # one mistake, one message
     for action in ("run", "submit"):
         code, _, err = cli("pipeline", action, path)
         assert code == 2, err
@@ -197,6 +217,36 @@ def test_submit_without_sbatch_fails_before_writing(dna_pipeline, tmp_path, cli,
     code, _, err = cli("pipeline", "submit", dna_pipeline)
     assert code == 2 and "`sbatch` is not on PATH" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
+    dna_pipeline, tmp_path, cli, monkeypatch
+):
+    """Both submissions would train into the same outputs, and the second jobs.json would hide the
+    first jobs from `pipeline status`. Stand-in SLURM clients: sbatch hands out job ids 41, 42, ...;
+    scontrol shows every job in the state the test sets."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/bash\nn=$(cat {tmp_path}/last 2>/dev/null || echo 40); echo $((n + 1)) | tee {tmp_path}/last\n"
+    )
+    state = tmp_path / "state"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "JobId=$4 JobState=$(cat {state}) Reason=None"\n')
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    jobs = tmp_path / "run" / "jobs.json"
+    assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0
+    first = jobs.read_text()
+    assert json.loads(first)["stages"]["prep_genome"]["job_id"] == "41"
+    for current in ("PENDING", "RUNNING", "REQUEUED"):
+        state.write_text(current)
+        code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+        assert code == 2 and f"prep_genome 41 {current}" in err and "scancel 41 42" in err
+        assert jobs.read_text() == first and (tmp_path / "last").read_text() == "42\n"  # nothing submitted
+    state.write_text("COMPLETED")
+    assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0
+    assert json.loads(jobs.read_text())["stages"]["prep_genome"]["job_id"] == "43"
 
 
 def test_only_and_from_name_existing_stages(dna_pipeline, cli):
@@ -234,8 +284,80 @@ def test_training_scripts_checkpoint_and_requeue():
     text = render_templates()["pretrain.sbatch"]
     assert "#SBATCH --signal=B:USR1@600\n#SBATCH --requeue\n" in text
     assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --ntasks-per-node=4\n" in text
-    assert "srun --nodes=1 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1" in text
+    # the step's shape comes from the #SBATCH lines, so editing them (as the README says) is enough
+    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" ' in text
+    assert '--cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1' in text
     assert "trap on_usr1 USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+
+
+# A stand-in for a stage: it logs its arguments, and acts on files in its folder as biomask would —
+# `stale`: refuses (StaleOutputError, through BIOMASK_ERROR_FILE) unless given --overwrite; `bad`:
+# refuses as bad input; `train`: exits 75 (checkpointed) the first time, then resumes.
+STAND_IN_STAGE = """\
+here=$(dirname "$0")
+echo "$*" >> "$here/calls"
+refuse() { printf '{"error": "%s", "exit_code": 2, "message": "m"}' "$1" > "$BIOMASK_ERROR_FILE"; exit 2; }
+case " $* " in *" --overwrite "*) rm -f "$here/stale" "$here/checkpoint" ;; esac
+if [ -f "$here/stale" ]; then refuse StaleOutputError; fi
+if [ -f "$here/bad" ]; then refuse InputError; fi
+if [ -f "$here/train" ] && [ ! -f "$here/checkpoint" ]; then touch "$here/checkpoint"; exit 75; fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_submitted_with_overwrite_a_job_replaces_only_an_output_of_other_settings(tmp_path, training):
+    """`pipeline submit --overwrite` must not hand the stage --overwrite outright: a requeued training
+    job would discard its own checkpoints and start again at every requeue, never finishing. The job
+    runs the stage as usual and reruns it with --overwrite only when it refuses a stale output."""
+    (tmp_path / "stage.sh").write_text(STAND_IN_STAGE)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/scontrol\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    job = JobScript(
+        pipeline="p",
+        stage="train" if training else "prep",
+        summary="stand-in",
+        workdir=str(tmp_path),
+        python="bash",
+        program=f'"$PYTHON" {tmp_path / "stage.sh"}',
+        log_dir=str(tmp_path),
+        slurm=SlurmSpec(),
+        training=training,
+        tasks=[["output=x"]],
+        replace_stale=True,
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(job))
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
+
+    def run(*marks: str, resume: bool = False) -> tuple[int, list[str]]:
+        """Run the job script once with these marks; `resume`: as a requeued run, checkpoint kept."""
+        for name in ("calls", "stale", "bad", "train", "scontrol", *(() if resume else ("checkpoint",))):
+            (tmp_path / name).unlink(missing_ok=True)
+        for mark in marks:
+            (tmp_path / mark).touch()
+        code = subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode
+        return code, (tmp_path / "calls").read_text().splitlines()
+
+    assert run() == (0, ["output=x"])  # current or new: run once, as submitted
+    assert run("stale") == (0, ["output=x", "--overwrite output=x"])  # other settings: replaced
+    assert run("bad") == (2, ["output=x"])  # any other refusal stays a failure
+    assert not list(tmp_path.glob(".*.error.json"))
+    if training:  # checkpointed (75) -> requeued -> the rerun resumes, not given --overwrite
+        assert run("train") == (0, ["output=x"])
+        assert (tmp_path / "scontrol").read_text() == "requeue 7\n" and (tmp_path / "checkpoint").exists()
+        assert run("train", resume=True) == (0, ["output=x"])
+        assert (tmp_path / "checkpoint").exists()
 
 
 @pytest.mark.parametrize(
@@ -255,7 +377,12 @@ def test_slurm_time_limits_in_seconds(limit, seconds):
 
 def test_training_signal_must_come_before_the_time_limit(tmp_path):
     stage = {"command": "pretrain", "config": "configs/pretrain/dna.yaml", "slurm": {"time": "00:05:00"}}
-    with pytest.raises(ConfigError, match=r"signal_margin \(300 s\) must be shorter than the time limit"):
+    with pytest.raises(
+        ConfigError, match=r"signal_margin \(300 s, the default\) must be shorter than the time"
+    ):
+        build_plan({"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path)
+    stage["slurm"]["signal_margin"] = 400
+    with pytest.raises(ConfigError, match=r"signal_margin \(400 s\) must be shorter"):
         build_plan({"name": "t", "stages": {"train": stage}}, "p.yaml", tmp_path / "p.yaml", False, tmp_path)
     stage["slurm"]["signal_margin"] = 120
     plan = build_plan(

@@ -1,7 +1,8 @@
 """`biomask pretrain` under a real SLURM cluster (tests/slurm_cluster.py): the job script that
 `biomask pipeline` renders for a training stage runs two srun tasks (rank environment mapped from
 SLURM_*), USR1 reaches both DeepSpeed ranks, they checkpoint and exit 75, the script requeues the job,
-the requeued job resumes — and ends with exactly the weights of an uninterrupted 2-process run."""
+the requeued job resumes (also when submitted with --overwrite) — and ends with exactly the weights of an
+uninterrupted 2-process run."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def test_srun_usr1_checkpoint_requeue_resume_gives_the_same_weights(
         slurm=SlurmSpec(tasks_per_node=2, time="10", mem="4G"),
         training=True,
         tasks=[overrides(genome_store, out, **extra)],
+        # as `pipeline submit --overwrite` renders it: the requeued job must still resume, not start over
+        replace_stale=True,
         env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)},
     )
     script = tmp_path / "train.sbatch"

@@ -27,7 +27,7 @@ from typing import Any
 
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
-from biomask.pipelines.runs import check_upstream_outputs, run_lock, write_resolved
+from biomask.pipelines.runs import check_not_in_use, check_upstream_outputs, run_lock, write_resolved
 from biomask.provenance import read_run_info
 from biomask.resources import usable_cores
 
@@ -83,6 +83,7 @@ def run_pipeline(
     pipeline's `local.jobs`) run at once. With one job this is the selection order, one by one.
     """
     selected = plan.select(only, start)
+    check_not_in_use(plan.run_dir)  # its stages may be what --only/--from find missing
     check_upstream_outputs(plan, selected)
     with run_lock(plan):
         return _run_selected(plan, selected, echo=echo, jobs=jobs)

@@ -209,8 +209,14 @@ def _plan_stage(
         )
     if command.training and slurm.signal_margin >= slurm.time_seconds:
         raise ConfigError(
-            f"slurm: signal_margin ({slurm.signal_margin} s) must be shorter than the time limit "
-            f"({slurm.time}), or the checkpoint signal arrives as soon as the job starts"
+            f"slurm: signal_margin ({slurm.signal_margin} s"
+            + (
+                ""
+                if "signal_margin" in spec.slurm or "signal_margin" in pipeline.slurm.model_fields_set
+                else ", the default"
+            )
+            + f") must be shorter than the time limit ({slurm.time}), or the checkpoint signal arrives as soon "
+            "as the job starts; set a smaller slurm.signal_margin (at least 60 s) or a longer time"
         )
     overrides = flatten(spec.overrides) if spec.overrides else {}
     if "output" in overrides:
@@ -251,10 +257,21 @@ def _check_needs(stages: dict[str, PlannedStage]) -> list[str]:
                 errors.append(f"stage {stage.name} needs itself")
             elif need not in stages:
                 errors.append(
-                    f"stage {stage.name} needs {need!r}, which is not a stage of this pipeline "
-                    f"(stages: {', '.join(stages)})"
+                    f"stage {stage.name} needs {need!r}{_where_referenced(stage, need)}, which is not a "
+                    f"stage of this pipeline (stages: {', '.join(stages)})"
                 )
     return errors
+
+
+def _where_referenced(stage: PlannedStage, need: str) -> str:
+    """` (overrides.KEY: ${stages.NEED...})` where an override refers to `need`; '' for `needs:`."""
+    for key, value in flatten(stage.spec.overrides).items() if stage.spec.overrides else ():
+        for text in _strings(value):
+            for ref in _REFERENCE.findall(text):
+                parts = ref.strip().split(".")
+                if len(parts) == 3 and parts[:2] == ["stages", need]:
+                    return f" (overrides.{key}: ${{{ref.strip()}}})"
+    return ""
 
 
 def _check_graph(stages: dict[str, PlannedStage]) -> list[str]:
@@ -305,6 +322,7 @@ def _expand_tasks(plan: Plan, stage: PlannedStage, check_commands: bool) -> list
         return [f"stage {stage.name}: sweep values give clashing directory names; use distinct values"]
     schema = stage.command.config_class() if check_commands else None
     errors: list[str] = []
+    schema_failed = False
     for index, (point, output) in enumerate(zip(points, outputs)):
         try:
             values = {
@@ -317,14 +335,16 @@ def _expand_tasks(plan: Plan, stage: PlannedStage, check_commands: bool) -> list
             errors.append(f"stage {stage.name}: {exc}")
             continue
         stage.tasks.append(Task(stage.name, index, point, output, items))
-        if schema is not None:
+        # once a point fails, the others would repeat its message; they stay tasks, so that stages
+        # referring to them are not reported as naming tasks that do not exist
+        if schema is not None and not schema_failed:
             try:
                 where = f"by the pipeline (stage {stage.name}'s overrides, sweep or output)"
                 load_config(schema, stage.config, items, where)
             except ConfigError as exc:
                 label = f"stage {stage.name}" + (f" (sweep point {point})" if point else "")
                 errors.append(f"{label}: {exc}")
-                break  # the other points would repeat the same message
+                schema_failed = True
     return errors
 
 

@@ -85,11 +85,7 @@ def run_lock(plan: Plan) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise InputError(
-                f"run_dir {plan.run_dir} is in use by another `biomask pipeline run` ({holder}); wait "
-                "for it to finish (biomask pipeline status shows it when it is done) or stop it first"
-            ) from None
+            raise _in_use(plan.run_dir, handle.read().strip() or "another process") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -100,6 +96,21 @@ def run_lock(plan: Plan) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _in_use(run_dir: Path, holder: str) -> InputError:
+    return InputError(
+        f"run_dir {run_dir} is in use by another `biomask pipeline run` ({holder}); wait for it to "
+        "finish (biomask pipeline status shows it when it is done) or stop it first"
+    )
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse early (before other checks, whose messages the running pipeline would explain) when a
+    `pipeline run` holds `run_dir`; `run_lock` still decides, this only names the reason first."""
+    holder = run_in_progress(run_dir)
+    if holder is not None:
+        raise _in_use(run_dir, holder)
 
 
 def run_in_progress(run_dir: Path) -> str | None:

@@ -42,6 +42,8 @@ class JobScript:
     env: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     header: list[str] = field(default_factory=list)  # extra comment lines (how it was rendered)
+    # `pipeline submit --overwrite`: an output of other settings is replaced, as `pipeline run` does
+    replace_stale: bool = False
 
     @property
     def is_array(self) -> bool:
@@ -124,8 +126,38 @@ def render(job: JobScript) -> str:
         'echo "biomask: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): '
         f'{job.stage} ${{ARGS[*]}}"'
     )
-    lines += _training_body(job) if job.training else [f'exec {job.program} "${{ARGS[@]}}"']
+    if job.training:
+        lines += _training_body(job)
+    elif job.replace_stale:
+        lines += _replace_stale(job, 'status=0\n{program} "${{ARGS[@]}}" || status=$?')
+        lines.append('exit "$status"')
+    else:
+        lines.append(f'exec {job.program} "${{ARGS[@]}}"')
     return "\n".join(lines) + "\n"
+
+
+def _replace_stale(job: JobScript, run: str) -> list[str]:
+    """Run the stage (`run`: shell lines with a {program} slot, setting $status). Submitted with
+    --overwrite, the stage is not given --overwrite itself: that would discard a requeued training
+    run's checkpoints and start it again at every requeue. As `pipeline run` does, it runs as usual
+    first (a current output is reused, an interrupted run resumed), and only when it refuses an
+    output of other settings (StaleOutputError, through BIOMASK_ERROR_FILE) runs again replacing it."""
+    if not job.replace_stale:
+        return run.format(program=job.program).splitlines()
+    error_file = f'{_q(job.log_dir)}/".{job.stage}-${{SLURM_JOB_ID}}.error.json"'
+    return [
+        "# Submitted with --overwrite: an output written with other settings is replaced. The stage runs",
+        "# as usual first (a current output is reused, an interrupted run resumed, also after a requeue);",
+        "# only when it refuses an output of other settings does it run again with --overwrite.",
+        f"export BIOMASK_ERROR_FILE={error_file}",
+        'rm -f "$BIOMASK_ERROR_FILE"',
+        *run.format(program=job.program).splitlines(),
+        'if [ "$status" -eq 2 ] && grep -qs \'"StaleOutputError"\' "$BIOMASK_ERROR_FILE"; then',
+        '  echo "biomask: its output holds results of other settings; running it again with --overwrite" >&2',
+        *("  " + line for line in run.format(program=f"{job.program} --overwrite").splitlines()),
+        "fi",
+        'rm -f "$BIOMASK_ERROR_FILE"',
+    ]
 
 
 def _training_body(job: JobScript) -> list[str]:
@@ -134,8 +166,10 @@ def _training_body(job: JobScript) -> list[str]:
         "",
         "# One srun task per GPU (per CPU slot without GPUs). biomask maps SLURM_PROCID, SLURM_NTASKS,",
         "# SLURM_LOCALID and the first host of SLURM_JOB_NODELIST to RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR.",
-        "# (srun does not inherit --cpus-per-task from the allocation in SLURM 22.05+: it is passed again.)",
-        f"STEP=(srun --nodes={s.nodes} --ntasks-per-node={s.tasks} --cpus-per-task={s.cpus_per_task} --kill-on-bad-exit=1 {job.program})",
+        "# The step takes the allocation's shape from the #SBATCH lines above (srun does not inherit",
+        "# --cpus-per-task in SLURM 22.05+, so it is passed on explicitly).",
+        'STEP=(srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" '
+        '--cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1)',
         "",
         f"# Checkpoint and requeue: SLURM sends USR1 to this script {s.signal_margin} s before the time limit",
         f"# (--signal=B:USR1@{s.signal_margin}). The trap passes it to the step (srun forwards it to every task);",
@@ -150,14 +184,19 @@ def _training_body(job: JobScript) -> list[str]:
         "}",
         "trap on_usr1 USR1",
         "",
-        '"${STEP[@]}" "${ARGS[@]}" &',
-        "step=$!",
-        "# A USR1 that came before the step started is passed on now.",
-        'if [ "$usr1" = 1 ]; then kill -USR1 "$step" 2>/dev/null || true; fi',
-        "# A trapped signal cuts `wait` short: wait until the step has ended, then read its exit status.",
-        'while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done',
-        "status=0",
-        'wait "$step" || status=$?',
+        '# Run the training step (its arguments: "$@"); its exit status in $status.',
+        "run_step() {",
+        '  "${STEP[@]}" "$@" &',
+        "  step=$!",
+        "  # A USR1 that came before the step started is passed on now.",
+        '  if [ "$usr1" = 1 ]; then kill -USR1 "$step" 2>/dev/null || true; fi',
+        "  # A trapped signal cuts `wait` short: wait until the step has ended, then read its exit status.",
+        '  while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done',
+        "  status=0",
+        '  wait "$step" || status=$?',
+        '  step=""',
+        "}",
+        *_replace_stale(job, 'run_step {program} "${{ARGS[@]}}"'),
         "",
         f'if [ "$status" -eq {REQUEUE_EXIT_CODE} ]; then',
         f'  echo "biomask: the step checkpointed (exit {REQUEUE_EXIT_CODE}); requeueing job $SLURM_JOB_ID" >&2',

@@ -49,9 +49,7 @@ def job_script(
         return str(p)
 
     tasks = [[_relative_overrides(o, plan) if portable else o for o in t.overrides] for t in stage.tasks]
-    program = f'"$PYTHON" -m biomask {stage.command.name} --config "$CONFIG"' + (
-        " --overwrite" if overwrite else ""
-    )
+    program = f'"$PYTHON" -m biomask {stage.command.name} --config "$CONFIG"'
     return JobScript(
         pipeline=plan.pipeline.name,
         stage=stage.name,
@@ -65,6 +63,7 @@ def job_script(
         config=path(stage.config),
         tasks=tasks,
         needs=stage.needs,
+        replace_stale=overwrite,
         env=plan.pipeline.env,
         setup=plan.pipeline.setup,
         header=[
@@ -117,6 +116,7 @@ def submit(
     """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted."""
     sbatch = require_sbatch()
     selected = plan.select(only, start)
+    check_no_active_jobs(plan.run_dir)
     check_upstream_outputs(plan, selected)
     write_resolved(plan)
     scripts = write_scripts(
@@ -155,6 +155,52 @@ def submit(
     }
     atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+# Job states in which a job may still run (scontrol's names); anything else has ended.
+ACTIVE_STATES = frozenset(
+    [
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "SUSPENDED",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+        "SPECIAL_EXIT",
+    ]
+)
+
+
+def check_no_active_jobs(run_dir: Path) -> None:
+    """Refuse a second submission while the jobs of the one jobs.json records may still run: both
+    would train into the same outputs, and the new jobs.json would hide the old jobs from status."""
+    if not (run_dir / "jobs.json").is_file():
+        return
+    try:
+        record = read_jobs(run_dir)
+    except InputError:  # not a record of ours: nothing of it can still run
+        return
+    active = [
+        state
+        for stage, job in record["stages"].items()
+        for state in _scontrol(stage, str(job.get("job_id", "")))
+        if state.state in ACTIVE_STATES
+    ]
+    if active:
+        shown = ", ".join(f"{s.stage} {s.job_id} {s.state}" for s in active[:8])
+        ids = " ".join(dict.fromkeys(s.job_id.split("_")[0] for s in active))
+        raise InputError(
+            f"run_dir {run_dir}: jobs of an earlier submission may still run ({shown}"
+            f"{f' and {len(active) - 8} more' if len(active) > 8 else ''}); a second submission would run "
+            f"the same stages into the same outputs beside them. Wait for them (biomask pipeline status "
+            f"{run_dir}) or cancel them (scancel {ids}), then submit again"
+        )
 
 
 def _cancel(job_ids: list[str]) -> None:

@@ -23,9 +23,11 @@ from biomask.resources import config_root
 REPO = config_root()
 DNA_PREP = "configs/pipelines/dna-prep.yaml"
 
-# The study's training stage, for the template (the pretrain stage lands with issue 4).
+# A training sweep on the genome store that stage.sbatch writes (the same run_dir, so the templates
+# chain by hand as the README shows).
 TRAINING_EXAMPLE: dict[str, Any] = {
     "name": "dna-study",
+    "run_dir": "runs/pipelines/dna-prep",
     "stages": {
         "prep_genome": {"command": "prep dna", "config": "configs/dna/ce2-chrX.yaml"},
         "pretrain": {
