@@ -8,11 +8,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """`biomask.embed` and `biomask.fit_cells` are imported on first use, so `import biomask` stays light (no torch, no anndata)."""
+    """`biomask.embed`, `biomask.fit_cells` and `biomask.read_cells` are imported on first use, so `import biomask` stays light (no torch, no anndata)."""
     if name == "embed":
         from biomask.embedding.api import embed
 
         return embed
+    if name == "read_cells":
+        from biomask.embedding.api import read_cells
+
+        return read_cells
     if name == "fit_cells":
         from biomask.embedding.fit import fit_cells
 

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -37,8 +37,37 @@ from biomask.errors import (
 )
 from biomask.provenance import read_run_info, written_by_biomask
 
-# What run.json lists as the files a stage wrote (top-level names), so --overwrite can tell them apart.
+# What run.json lists as the files a stage wrote, so --overwrite can tell them apart from files added
+# later: FILES_KEY the top-level names (outputs written before 2026-12-05 have only these),
+# FILE_TREE_KEY every file, as paths relative to the output.
 FILES_KEY = "files"
+FILE_TREE_KEY = "file_tree"
+
+
+def file_tree(root: Path) -> list[str]:
+    """Every file (or link) under `root`, as sorted relative POSIX paths; directories are not listed."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Files under `root` that its run.json does not list as written (nor `ours` names as the
+    stage's own): what --overwrite would delete of someone else's."""
+    recorded = {"config.yaml", "run.json"}
+    if isinstance(info.get(FILE_TREE_KEY), list):
+        recorded |= set(info[FILE_TREE_KEY])
+        return [f for f in file_tree(root) if f not in recorded and not ours(f)]
+    if isinstance(info.get(FILES_KEY), list):  # an older output: its top-level names only
+        recorded |= set(info[FILES_KEY])
+        return sorted(p.name for p in root.iterdir() if p.name not in recorded and not ours(p.name))
+    return []  # written before biomask listed its files: run.json is trusted
+
+
+def describe_foreign(root: Path, foreign: list[str]) -> str:
+    shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+    return (
+        f"output directory {root} holds files biomask did not write ({shown}); --overwrite would "
+        "delete them. Move them away or choose another output path"
+    )
 
 
 def check_inputs_outside(path: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
@@ -64,6 +93,7 @@ def check_output(
     overwrite: bool = False,
     config: dict | None = None,
     inputs: list[str | os.PathLike] = (),  # type: ignore[assignment]
+    stage: str | None = None,
 ) -> bool:
     """True if `path` already holds this exact result (same fingerprint) and can be reused.
 
@@ -71,7 +101,8 @@ def check_output(
     With `overwrite=True` it returns False, so the caller recomputes and replaces the output --
     unless the output holds files biomask did not write (then it refuses, naming them).
     `config` (the new resolved config) lets a refusal list the keys that changed; `inputs` are the
-    paths the run reads (an output that contains one is refused).
+    paths the run reads (an output that contains one is refused); `stage`: the stage writing it (the
+    output of another stage is never replaced, --overwrite or not).
     """
     path = Path(path)
     check_inputs_outside(path, list(inputs))
@@ -84,6 +115,7 @@ def check_output(
         return False
     if overwrite:
         _check_overwritable(path)
+        check_same_stage(path, read_run_info(path), stage)
         return False
     if not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory; choose another output path")
@@ -95,12 +127,27 @@ def check_output(
                 "choose another output path, or move its contents away"
             )
         return False
+    check_same_stage(path, info, stage)
     if info.get("fingerprint") == fingerprint:
+        # a run killed between its rename and its clean-up left a temporary that no write will
+        # now remove (this output is reused from here on)
+        for stale in stale_temporaries(path):
+            _remove(stale)
         return True
     details = _describe_difference(path, config)
     raise StaleOutputError(
         f"output directory {path} holds results of a different config or input{details}\n"
         "Pass --overwrite to replace them, or choose another output path."
+    )
+
+
+def check_same_stage(path: Path, info: dict | None, stage: str | None) -> None:
+    """Refuse an output another stage wrote: a typo in `output=` must not replace a store or a run."""
+    if stage is None or not written_by_biomask(info) or info["stage"] == stage:  # type: ignore[index]
+        return
+    raise OutputExistsError(
+        f"output directory {path} holds the output of another stage ({info['stage']}, by its run.json), "  # type: ignore[index]
+        f"not of {stage}; --overwrite only replaces an output of the same stage. Choose another output path"
     )
 
 
@@ -121,16 +168,9 @@ def _check_overwritable(path: Path) -> None:
             "biomask's); --overwrite only replaces biomask's own outputs. Move its contents away or "
             "choose another path"
         )
-    written = info.get(FILES_KEY)
-    if written is None:
-        return  # written before biomask listed its files (or by a stage that does not): trust run.json
-    foreign = [name for name in entries if name not in set(written) | {"config.yaml", "run.json"}]
+    foreign = foreign_files(path, info)
     if foreign:
-        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-        raise OutputExistsError(
-            f"output directory {path} holds files biomask did not write ({shown}); --overwrite would "
-            "delete them. Move them away or choose another output path"
-        )
+        raise OutputExistsError(describe_foreign(path, foreign))
 
 
 def _describe_difference(path: Path, new: dict | None) -> str:

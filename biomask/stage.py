@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask.config import Config, config_fingerprint, write_config
-from biomask.outputs import FILES_KEY, atomic_output_dir, check_output
+from biomask.outputs import FILE_TREE_KEY, FILES_KEY, atomic_output_dir, check_output, file_tree
 from biomask.provenance import sha256_json, write_run_info
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class StageOutput:
             overwrite=overwrite,
             config=self.config.model_dump(mode="json"),
             inputs=paths,
+            stage=self.stage,
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
@@ -83,13 +84,14 @@ class StageOutput:
         with atomic_output_dir(self.path) as tmp:
             yield tmp
             write_config(self.config, tmp)
-            # the top-level names this stage wrote: --overwrite refuses to delete anything else
+            # the files this stage wrote: --overwrite refuses to delete anything else
             written = sorted({p.name for p in tmp.iterdir()} | {"config.yaml", "run.json"})
+            tree = sorted({*file_tree(tmp), "config.yaml", "run.json"})
             write_run_info(
                 tmp,
                 stage=self.stage,
                 fingerprint=self.fingerprint,
                 inputs=self.inputs,
                 seeds=seeds,
-                extra={**(extra or {}), FILES_KEY: written},
+                extra={**(extra or {}), FILES_KEY: written, FILE_TREE_KEY: tree},
             )

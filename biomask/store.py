@@ -253,8 +253,11 @@ class TokenStoreWriter:
         ]
         if empty:
             log.warning(
-                "%s: the %s split%s empty (too few records for the configured fractions?); "
-                "pretraining can still use the store, but `evaluate` with splits.mode=store cannot",
+                "%s: the %s split%s empty. Records (or a genome's split.block_size blocks) go to a split "
+                "at random with the configured odds, so few of them can leave one empty: a smaller "
+                "split.block_size, larger fractions or another split.seed fixes it. Until then pretraining "
+                "cannot hold out an empty data.eval_split (val by default), nor `evaluate` with "
+                "splits.mode=store use it",
                 where,
                 " and ".join(empty),
                 " is" if len(empty) == 1 else "s are",

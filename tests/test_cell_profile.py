@@ -284,6 +284,26 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     )  # fmt: skip
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == weights
     np.testing.assert_array_equal(again.obsm["X_biomask"], adata.obsm["X_biomask"])
+    # a changed training setting: refused, saying how from Python too
+    with pytest.raises(StaleOutputError, match=r"overwrite=True"):
+        biomask.fit_cells(
+            pbmc68k_adata.copy(), tmp_path / "mine", matrix="raw", counts={"mode": "log1p"},
+            overrides={"train.steps": 61, "train.checkpoint_every": 60},
+        )  # fmt: skip
+    # a backed AnnData is read from its file and gets the same embedding, in place
+    path = tmp_path / "cells.h5ad"
+    pbmc68k_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    biomask.fit_cells(
+        backed, tmp_path / "backed", matrix="raw", counts={"mode": "log1p"},
+        overrides={"train.steps": 60, "train.checkpoint_every": 60},
+    )  # fmt: skip
+    np.testing.assert_allclose(backed.obsm["X_biomask"], adata.obsm["X_biomask"], rtol=0, atol=1e-5)
+    backed.file.close()
+    # scanpy's own obsm entries are never the embedding's key: refused before anything is written
+    with pytest.raises(InputError, match=r"obsm\['X_pca'\] exists and biomask did not write it"):
+        biomask.fit_cells(pbmc68k_adata.copy(), tmp_path / "clash", matrix="raw", counts={"mode": "log1p"}, key="X_pca")  # fmt: skip
+    assert not (tmp_path / "clash").exists()
     # an inner layer (the 256-wide hidden one) embeds at its own width
     hidden = biomask.embed(
         pbmc68k_adata, checkpoint, layer=-2, key="X_hidden", matrix="raw", counts={"mode": "log1p"}, copy=True
@@ -453,7 +473,7 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     # a UMAP colour the file lacks, or a file fit-cells does not read, before any training
     for input_, extra, expected in (
         (path, ["--umap-color", "celltype"], "no column 'celltype' to colour the UMAP by"),
-        (tmp_path / "cells.loom", [], "sc.read_loom"),
+        (tmp_path / "cells.loom", [], "biomask.read_cells("),
     ):
         if not Path(input_).exists():
             Path(input_).write_bytes(b"")

@@ -88,6 +88,32 @@ def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_
     assert adata.uns["X_c"]["checkpoint"] == str(cells_checkpoint.resolve())
 
 
+def test_embed_never_replaces_an_obsm_entry_it_did_not_write(pbmc, cells_checkpoint, tmp_path, cli):
+    """key=X_pca would silently replace scanpy's PCA (in the AnnData, or in the CLI's output copy); a
+    key with '/' would write an .h5ad anndata cannot read back. Both refused; its own key is reused."""
+    from biomask.errors import InputError
+
+    adata = pbmc.copy()  # pbmc68k_reduced comes with X_pca and X_umap
+    before = adata.obsm["X_pca"].copy()
+    with pytest.raises(InputError, match=r"obsm\['X_pca'\] exists and biomask did not write it"):
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_pca")
+    np.testing.assert_array_equal(adata.obsm["X_pca"], before)
+    with pytest.raises(InputError, match="cannot hold '/'"):
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_bio/mask")
+    for _ in range(2):  # an embedding of biomask's under the key: replaced
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_mine")
+    with pytest.raises(InputError, match="takes an AnnData, not a path"):
+        biomask.embed(str(tmp_path / "cells.h5ad"), cells_checkpoint)
+    path = tmp_path / "cells.h5ad"
+    pbmc.write_h5ad(path)
+    base = ("embed", "--checkpoint", cells_checkpoint, "--input", path, "--matrix", "raw",
+            "counts.mode=from_log1p", "counts.total_counts_column=n_counts")  # fmt: skip
+    for key, said in (("X_pca", "biomask did not write it"), ("X_bio/mask", "key")):
+        out = tmp_path / f"out-{key.replace('/', '_')}.h5ad"
+        code, _, err = cli(*base, "--output", out, f"key={key}")
+        assert code == 2 and said in err and not out.exists(), err
+
+
 def test_a_backed_anndata_is_streamed_from_its_file(pbmc, cells_checkpoint, tmp_path, capsys):
     path = tmp_path / "current.h5ad"
     pbmc.write_h5ad(path)  # anndata's current layout

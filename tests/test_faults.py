@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import biomask
 from biomask import datasets
 from tests.conftest import leftovers
 
@@ -122,6 +123,10 @@ def test_overwrite_never_deletes_files_biomask_did_not_write(tmp_path, cli, spli
     code, _, err = dna(tmp_path, cli, table, "split.seed=3", "--overwrite")
     assert code == 2 and "my-notes.txt" in err and (out / "my-notes.txt").read_text() == "keep me"
     (out / "my-notes.txt").unlink()
+    (out / "tokenizer" / "my-notes.txt").write_text("keep me")  # deeper down: refused the same way
+    code, _, err = dna(tmp_path, cli, table, "split.seed=3", "--overwrite")
+    assert code == 2 and "tokenizer/my-notes.txt" in err and (out / "tokenizer" / "my-notes.txt").exists()
+    (out / "tokenizer" / "my-notes.txt").unlink()
     assert dna(tmp_path, cli, table, "split.seed=3", "--overwrite")[0] == 0  # only ours: replaced
     # a folder biomask never wrote is not replaced by --overwrite either
     foreign = tmp_path / "foreign"
@@ -160,6 +165,25 @@ def test_pretrain_overwrite_replaces_only_its_own_runs_and_never_its_input(tmp_p
         code, _, err = cli(*base, f"output={output}", "--overwrite")
         assert code == 2 and str(store) in err and "input" in err
         assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+    # another stage's output (a typo in output=) is never replaced: a second store, then a finished run
+    other = tmp_path / "other-store"
+    assert dna(tmp_path, cli, table, output=other)[0] == 0
+    code, _, err = cli(*base, f"output={other}", "--overwrite")
+    assert code == 2 and "another stage (prep-dna" in err and (other / "manifest.json").exists()
+    run = tmp_path / "run"
+    assert cli(*base, f"output={run}", "train.progress=false")[0] == 0
+    weights = run / "model" / "model.safetensors"
+    code, _, err = dna(tmp_path, cli, table, "--overwrite", output=run)
+    assert code == 2 and "another stage (pretrain" in err and weights.exists()
+    code, _, err = dna(tmp_path, cli, table, output=run)  # without --overwrite: the same reason
+    assert code == 2 and "another stage (pretrain" in err
+    # a file added to a finished run, at its top or inside it, is named and kept
+    for added in (run / "NOTES.md", run / "model" / "my-plot.png"):
+        added.write_text("mine")
+        code, _, err = cli(*base, f"output={run}", "train.steps=3", "--overwrite")
+        assert code == 2 and str(added.relative_to(run)) in err and added.read_text() == "mine", err
+        added.unlink()
+    assert cli(*base, f"output={run}", "train.steps=3", "train.progress=false", "--overwrite")[0] == 0
 
 
 def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_path, cli, dna_checkpoint):
@@ -475,6 +499,32 @@ def write_mtx(directory: Path, counts, barcodes, genes, *, gz: bool) -> Path:
     return directory
 
 
+def test_read_cells_gives_an_anndata_of_a_10x_folder_or_a_loom_without_loompy(tmp_path, cli, pbmc_counts):
+    """The way the README gives into fit_cells / embed for files the CLI does not take: biomask's own
+    readers (the environment has no loompy, so sc.read_loom would fail)."""
+    import h5py
+
+    counts, barcodes, genes = pbmc_counts
+    folder = write_mtx(tmp_path / "tenx", counts, barcodes, genes, gz=True)
+    loom = tmp_path / "cells.loom"
+    with h5py.File(loom, "w") as f:
+        f["matrix"] = counts.T.astype(np.float32)  # loom: genes x cells
+        f["col_attrs/CellID"] = barcodes.astype("S")
+        f["row_attrs/Gene"] = genes.astype("S")
+    for path in (folder, loom):
+        adata = biomask.read_cells(path)
+        assert adata.shape == counts.shape and list(adata.obs_names) == list(barcodes)
+        assert list(adata.var_names) == list(genes)
+        np.testing.assert_array_equal(adata.X.toarray(), counts)
+    # `biomask embed` on such a file names that way out
+    from biomask.embedding.stage import input_kind
+    from biomask.errors import InputError
+
+    for path in (folder, loom):
+        with pytest.raises(InputError, match=r"biomask.read_cells\("):
+            input_kind(path, "auto")
+
+
 def test_uncompressed_10x_v3_folder_is_read_like_the_gzipped_one(tmp_path, cli, pbmc_counts):
     from biomask.cells.readers import open_matrix
 
@@ -532,6 +582,35 @@ def test_tpm_input_is_refused_without_numpy_warnings(tmp_path, cli, pbmc_counts)
         code, _, err = cells(tmp_path, cli, path, counts={"mode": "require"})
     assert code == 2 and str(path) in err
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+def test_normalised_values_at_another_total_than_counts_scale_are_refused(tmp_path, cli, pbmc_counts):
+    """TPM (every cell summing to 1e6) read at the default scale of 10,000 would be 100x off on the
+    linear scale, silently: refused until counts.scale says 1e6; then it gives what CP10k gives."""
+    import anndata
+
+    from biomask.store import TokenStore
+
+    counts, barcodes, genes = pbmc_counts
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    paths = {}
+    for name, total in (("tpm", 1e6), ("cp10k", 1e4)):
+        paths[name] = tmp_path / f"{name}.h5ad"
+        anndata.AnnData((share * total).astype(np.float32), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes)).write_h5ad(paths[name])  # fmt: skip
+    out = tmp_path / "tpm-store"
+    code, _, err = cells(tmp_path, cli, paths["tpm"], output=out, counts={"mode": "normalised"})
+    assert code == 2 and str(paths["tpm"]) in err and "sum to 1,000,000" in err, err
+    assert "set counts.scale: 1e+06" in err and not out.exists()
+    code, _, err = cells(tmp_path, cli, paths["tpm"], output=out, counts={"mode": "normalised", "scale": 1e6})
+    assert code == 0, err
+    code, _, err = cells(tmp_path, cli, paths["cp10k"], output=tmp_path / "cp10k-store", counts={"mode": "normalised"})  # fmt: skip
+    assert code == 0, err
+    a, b = TokenStore(out).split("train"), TokenStore(tmp_path / "cp10k-store").split("train")
+    assert len(a) == len(b)
+    for i in (0, len(a) - 1):
+        np.testing.assert_array_equal(a[i]["tokens"], b[i]["tokens"])
+        # within a bin (each store's bin edges come from its own values); 100x off would be ~4.6 away
+        np.testing.assert_allclose(a[i]["values"], b[i]["values"], atol=0.05)
 
 
 # ------------------------------------------------------------------------------------------ training

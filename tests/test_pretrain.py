@@ -525,6 +525,8 @@ def test_an_interrupted_run_of_other_settings_is_an_output_to_replace_like_a_fin
     """`pipeline run` replaces an output of changed settings (it reruns a stage that refused with
     StaleOutputError with --overwrite): an interrupted run of other settings must refuse the same way,
     or the pipeline stays stuck on it; the same settings resume it."""
+    import yaml
+
     from biomask.errors import InputError, StaleOutputError
     from biomask.training import rundir
 
@@ -534,6 +536,11 @@ def test_an_interrupted_run_of_other_settings_is_an_output_to_replace_like_a_fin
     with pytest.raises(StaleOutputError, match="interrupted run of a different config"):
         rundir.decide(out, "fingerprint-now", 1, {}, overwrite=False)
     assert rundir.decide(out, "fingerprint-before", 1, {}, overwrite=False) == "resume"
+    # the refusal names what stands in the way, not the keys a resume may change
+    (out / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 10, "progress": True}}))
+    with pytest.raises(StaleOutputError) as refused:
+        rundir.decide(out, "fingerprint-now", 1, {"train": {"steps": 20, "progress": False}}, overwrite=False)
+    assert "train.steps: 10 -> 20" in str(refused.value) and "train.progress" not in str(refused.value)
     assert rundir.decide(out, "fingerprint-now", 1, {}, overwrite=True) == "fresh"
     # a marker that cannot be read: whether it may be resumed cannot be told, so it is not discarded
     # by a pipeline rerun either (a plain refusal, not one the runner answers with --overwrite)

@@ -22,6 +22,7 @@ value (NaN, infinities, negatives, non-integers) on the way, naming the cell of 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,9 +35,12 @@ from biomask.cells.config import CountsConfig
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
 
+log = logging.getLogger(__name__)
+
 STRAY_SHARE = 0.01  # non-integer values under this share of integer counts: strays, not a transform
 _LOG_SCALE_MAX = 30.0  # log1p(1e6) ~ 13.8, log2(1e6) ~ 20: larger values are not log-scale
 _CONSTANT_CV = 0.01  # row sums this close to constant mean "normalised to a fixed total"
+_SCALE_TOLERANCE = 0.05  # such a total this far from counts.scale is another normalisation (TPM: 1e6)
 _TOTALS_NAME = re.compile(r"(^n_?counts$|total_?counts|^ncount|n_?umi|^nUMI$|library_?size)", re.I)
 
 
@@ -260,9 +264,15 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
                 )
             )
         elif summary.kind == "tpm_like":
+            constant = summary.row_sum_cv is not None and summary.row_sum_cv < _CONSTANT_CV
+            scale = (
+                f" and `counts.scale: {float(f'{summary.row_sum_median:.3g}'):g}` (every cell sums to that)"
+                if constant and summary.row_sum_median
+                else " (values are read as normalised to `counts.scale` per cell, 10,000 by default)"
+            )
             hint = (
                 " TPM-like values cannot be turned back into counts: use the raw count matrix, or take them as "
-                "normalised expression with `counts.mode: normalised` (log1p is applied)."
+                f"normalised expression with `counts.mode: normalised`{scale}; log1p is applied."
             )
         else:
             hint = (
@@ -288,6 +298,7 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
                 f"{source.where}: counts.mode=log1p, but the values look linear-scale ({found}); "
                 "for TPM / FPKM / CP10k values set counts.mode: normalised"
             )
+        _check_scale(source, summary, cfg)
         return
     # from_log1p
     if summary.is_counts:
@@ -299,6 +310,32 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
         raise InputError(
             f"{source.where}: counts.mode=from_log1p needs log1p-normalised values, found {found}.{look_elsewhere}"
         )
+
+
+def _check_scale(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig) -> None:
+    """log1p / normalised values are read as normalised to `counts.scale` per cell. When every cell
+    sums to one other total (TPM and CPM: 1e6), reading them at 10,000 would put each value 100x
+    off on the linear scale, silently: refused, saying what to set (a `scale` the user chose is
+    kept, with a warning). Rows that do not sum to one total (FPKM, a subset of genes) tell nothing."""
+    total, cv = (
+        (summary.expm1_row_sum_median, summary.expm1_row_sum_cv)
+        if cfg.mode == "log1p"
+        else (summary.row_sum_median, summary.row_sum_cv)
+    )
+    if cv is None or cv >= _CONSTANT_CV or not total or abs(total / cfg.scale - 1) <= _SCALE_TOLERANCE:
+        return
+    what = "expm1 of every cell's values sums" if cfg.mode == "log1p" else "every cell's values sum"
+    message = (
+        f"{source.where}: counts.mode={cfg.mode} reads the values as normalised to counts.scale="
+        f"{cfg.scale:,.0f} per cell, but {what} to {total:,.0f}"
+    )
+    if "scale" in cfg.model_fields_set:
+        log.warning("%s; using counts.scale=%g as set", message, cfg.scale)
+        return
+    raise InputError(
+        f"{message}: set counts.scale: {float(f'{total:.3g}'):g} (1e6 for TPM or CPM), or every value would "
+        f"be read {total / cfg.scale:,.3g}x off.{PYTHON_KEYS}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- conversion

@@ -27,6 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from biomask.errors import InputError
 from biomask.provenance import code_version, sha256_file
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,26 @@ def provenance(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def check_key(key: str, obsm_keys: Any, uns: Any, where: str) -> None:
+    """Refuse to put the embedding over an obsm entry biomask did not write (X_pca, X_umap, a
+    colleague's scVI latent): only an embedding biomask recorded in uns[key] is replaced."""
+    if "/" in key:
+        raise InputError(
+            f"key {key!r}: an obsm key cannot hold '/' (an .h5ad keeps it as nested groups that anndata "
+            "cannot read back); choose another key, e.g. X_biomask"
+        )
+    if key not in obsm_keys:
+        return
+    record = uns.get(key) if hasattr(uns, "get") else None
+    ours = record is not None and hasattr(record, "keys") and "checkpoint_weights_sha256" in record
+    if not ours:
+        raise InputError(
+            f"{where}: obsm[{key!r}] exists and biomask did not write it (no embedding record in "
+            f"uns[{key!r}]); the embedding would replace it. Choose another key (e.g. X_biomask), or "
+            f"remove obsm[{key!r}] first if it should go"
+        )
 
 
 class EmbeddingWriter:

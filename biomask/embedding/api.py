@@ -21,6 +21,7 @@ in chunks, and embedded on the GPU when there is one (CPU otherwise), without De
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -88,12 +89,18 @@ def embed(
     `biomask.errors.InputError`."""
     from tqdm.auto import tqdm
 
-    from biomask.embedding.anndata_io import h5_safe, provenance
+    from biomask.embedding.anndata_io import check_key, h5_safe, provenance
     from biomask.embedding.cells import CellsEmbedding
     from biomask.embedding.inference import check_layer, vector_width
 
+    if isinstance(adata, (str, os.PathLike)):
+        raise InputError(
+            f"biomask.embed takes an AnnData, not a path ({adata}): read it first (anndata.read_h5ad, or "
+            "biomask.read_cells for a 10x folder or .h5 and a .loom), or run `biomask embed --input` on the file"
+        )
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    check_key(key, adata.obsm.keys(), adata.uns, "the AnnData")
     model, where = _model(checkpoint, device)
     check_layer(model, layer)
     if model.config.modality != "cells":
@@ -147,3 +154,23 @@ def embed(
     target.obsm[key] = vectors
     target.uns[key] = record
     return target if copy else None
+
+
+def read_cells(path: str | os.PathLike, *, matrix: str = "X") -> Any:
+    """An AnnData of a 10x folder (matrix.mtx[.gz], features/genes, barcodes), a 10x .h5, a .loom or
+    an .h5ad, read by the readers `biomask prep cells` uses (no loompy needed): X as CSR float32,
+    obs and var as the file has them (for 10x, only gene-expression features). `matrix`: X, raw or
+    layers/NAME of an .h5ad, or a loom layer. For files larger than memory, `biomask prep cells`
+    streams them instead."""
+    import anndata
+    import scipy.sparse as sp
+
+    from biomask.cells.readers import open_matrix
+
+    source = open_matrix(path, matrix=matrix)
+    try:
+        blocks = [sp.csr_matrix(block, dtype=np.float32) for _, block in source.blocks(8192)]
+        x = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, source.n_vars), dtype=np.float32)
+        return anndata.AnnData(x, obs=source.obs.copy(), var=source.var.copy())
+    finally:
+        source.close()

@@ -77,7 +77,8 @@ class EmbedConfig(Config):
     # (no concat, which evaluate offers: its width follows each record's length)
     pooling: Literal["cls", "mean", "max", "mean_layers"] = "mean"
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
-    key: str = Field("X_biomask", min_length=1)  # obsm key
+    # obsm key; no "/" (an .h5ad would hold it as nested groups that anndata cannot read back)
+    key: str = Field("X_biomask", min_length=1, pattern=r"^[^/]+$")
     batch_size: int = Field(64, ge=1)  # results do not depend on it
     chunk_size: int = Field(8192, ge=1)  # cells read, tokenized and embedded at a time (memory only)
     umap: UmapSpec = UmapSpec()

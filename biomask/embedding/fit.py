@@ -163,8 +163,14 @@ def fit_cells(
                 "cannot continue it. Leave model.kind out (the checkpoint's own recipe is used), or train "
                 "a new model without init_from"
             )
-    in_memory = not isinstance(adata, (str, os.PathLike))
-    source = out / COPY_NAME if in_memory else Path(adata)
+    # a backed AnnData is read from its file, as a path is, and still gets its embedding in place
+    backed = bool(getattr(adata, "isbacked", False))
+    in_memory = not isinstance(adata, (str, os.PathLike)) and not backed
+    source = out / COPY_NAME if in_memory else Path(adata.filename if backed else adata)
+    if not isinstance(adata, (str, os.PathLike)):  # before training: the key the embedding will take
+        from biomask.embedding.anndata_io import check_key
+
+        check_key(key, adata.obsm.keys(), adata.uns, "the AnnData")
     store = out / "store"
     refuse_foreign(out, ["store", "pretrain"])
     settings = {"masking.scheme": masking, "train.seed": seed, **(overrides or {})}
@@ -239,10 +245,12 @@ def fit_cells(
     environment = dict(os.environ)
     try:
         checkpoint = _stage(pretrain, cfg, overwrite) / "model"
-    except InputError:  # bad input found by pretraining's own checks: as above, a retry starts clean
+    except InputError as exc:  # bad input found by pretraining's own checks: as above, a retry starts clean
         if not pretrain_existed:
             shutil.rmtree(out / "pretrain", ignore_errors=True)
         undo()
+        if isinstance(exc, StaleOutputError) and "overwrite=True" not in str(exc):
+            exc.args = (f"{exc} (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)",)
         raise
     finally:
         # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
@@ -250,7 +258,7 @@ def fit_cells(
         for name in set(os.environ) - set(environment):
             del os.environ[name]
         os.environ.update(environment)
-    if in_memory:
+    if in_memory or backed:
         embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
@@ -421,15 +429,15 @@ def fit_cells_file(
     from biomask.cells.readers import open_matrix
     from biomask.config import validate_config
     from biomask.embedding.config import EmbedConfig
-    from biomask.embedding.stage import run_embed
+    from biomask.embedding.stage import check_input_key, run_embed
 
     source = Path(path)
     if not source.is_file() or not source.name.lower().endswith(".h5ad"):
         what = "no such file" if not source.exists() else "not an .h5ad file"
         raise InputError(
             f"{source}: {what}; `biomask fit-cells` reads the .h5ad of the cells to pretrain on and embed. "
-            "For a 10x folder or .h5 or a .loom file, read it with scanpy (sc.read_10x_mtx, sc.read_10x_h5, "
-            "sc.read_loom) and call biomask.fit_cells(adata, ...), or write it as .h5ad first"
+            'For a 10x folder or .h5 or a .loom file, write it as .h5ad first: python -c "import biomask; '
+            f"biomask.read_cells('{source}').write_h5ad('cells.h5ad')\" (or call biomask.fit_cells on it in Python)"
         )
     out = Path(output)
     column = settings.get("gene_column")
@@ -458,6 +466,7 @@ def fit_cells_file(
                 f"{source}: obs has no column {umap_color!r} to colour the UMAP by (--umap-color); "
                 f"obs columns: {', '.join(columns) or 'none'}"
             )
+    check_input_key(source, embed_cfg.key)  # the embedding's key in the output copy, before training
     refuse_foreign(out, ["store", "pretrain", "embed"])
     fit_cells(source, out, overwrite=overwrite, **settings)
     # the embedding is derived from the checkpoint and the file alone, and fit-cells' own: another

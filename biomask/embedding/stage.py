@@ -72,9 +72,9 @@ def input_kind(path: Path, fmt: str) -> str:
     )  # fmt: skip
     if cells is not None:  # embed adds obsm to a copy of an .h5ad: these have none to copy
         raise InputError(
-            f"{path} is {cells}: `biomask embed` writes the embedding into a copy of an .h5ad. Read it with "
-            "scanpy (sc.read_10x_mtx, sc.read_10x_h5, sc.read_loom) and call biomask.embed(adata, checkpoint), "
-            "or write it as .h5ad first (adata.write_h5ad)"
+            f"{path} is {cells}: `biomask embed` writes the embedding into a copy of an .h5ad. Write it as "
+            f"one first: python -c \"import biomask; biomask.read_cells('{path}').write_h5ad('cells.h5ad')\" "
+            "(or call biomask.embed(biomask.read_cells(path), checkpoint) in Python)"
         )
     raise InputError(
         f"cannot tell what {path} holds from its name: give an .h5ad (cells), a FASTA (.fa/.fasta[.gz]), "
@@ -408,6 +408,21 @@ def _check_cells_keys(cfg: EmbedConfig, path: Path, modality: str) -> None:
         )
 
 
+def check_input_key(path: Path, key: str) -> None:
+    """The output is the input with obsm[key]: never over an entry of the input biomask did not write."""
+    import h5py
+
+    from biomask.embedding.anndata_io import check_key
+
+    try:
+        with h5py.File(path, "r") as handle:
+            obsm = handle["obsm"] if isinstance(handle.get("obsm"), h5py.Group) else {}
+            uns = handle["uns"] if isinstance(handle.get("uns"), h5py.Group) else {}
+            check_key(key, set(obsm.keys()), uns, str(path))
+    except OSError:
+        return  # not an HDF5 file: the reader names what is wrong with it
+
+
 def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     """Run (or reuse) an embedding; returns the written .h5ad (inside the output directory, if one)."""
     from biomask.models import load_pretrained, read_checkpoint_config
@@ -419,6 +434,8 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     check_modality(cfg.checkpoint, str(modality), path, kind)
     _check_dna_keys(cfg, path, kind, str(modality))
     _check_cells_keys(cfg, path, str(modality))
+    if kind == "h5ad":
+        check_input_key(path, cfg.key)
     output, directory = _targets(cfg)
     h5ad = output / OUTPUT_NAME if directory else output
     if h5ad.resolve() == path.resolve() and not cfg.overwrite_input:

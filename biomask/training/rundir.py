@@ -13,7 +13,12 @@ only then is the directory a finished output.
 | in_progress.json, same fingerprint and world size | resume from the latest valid checkpoint          |
 | in_progress.json, other fingerprint            | refused (exit 2): an incompatible config on resume  |
 | in_progress.json, other world size             | refused (exit 2): DeepSpeed cannot re-partition optimizer state |
-| anything else                                  | refused (exit 2) unless --overwrite                 |
+| another stage's output (its run.json)          | refused (exit 2), --overwrite or not                |
+| anything else                                  | refused (exit 2), --overwrite or not                |
+
+--overwrite replaces a run of biomask pretrain only, and only when the directory holds nothing else:
+a file added to a run (notes, an analysis) is refused by name, never deleted. A finished run's
+run.json lists every file it wrote; an unfinished one is checked by the names pretrain writes.
 
 Keys in `NON_SEMANTIC` (logging and checkpoint cadence, the output path) may change between an
 interrupted run and its resumption.
@@ -32,10 +37,43 @@ import yaml
 
 from biomask.config import config_diff
 from biomask.errors import InputError, OutputExistsError, StaleOutputError
-from biomask.outputs import atomic_write_text
+from biomask.outputs import (
+    FILE_TREE_KEY,
+    atomic_write_text,
+    check_same_stage,
+    describe_foreign,
+    foreign_files,
+)
 from biomask.provenance import read_run_info, written_by_biomask
+from biomask.training.config import NON_SEMANTIC
 
 IN_PROGRESS = "in_progress.json"
+# What pretrain writes at the top of its output directory (what --overwrite may replace there).
+OWN_NAMES = frozenset(
+    {
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "model",
+        "references.json",
+        "run.json",
+        "tensorboard",
+        "wandb",
+        IN_PROGRESS,
+    }
+)
+_TEMPORARY = (".model.tmp-", ".run.tmp-", ".tmp-step", ".old-step")  # left by a killed run or save
+
+
+def _temporary(relative: str) -> bool:
+    return any(part.startswith(_TEMPORARY) for part in relative.split("/"))
+
+
+def foreign(path: Path, info: dict[str, Any] | None) -> list[str]:
+    """What in `path` pretrain did not write: by the finished run's list of files, else by name."""
+    if info is not None and isinstance(info.get(FILE_TREE_KEY), list):
+        return foreign_files(path, info, _temporary)
+    return sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not _temporary(p.name))
 
 
 def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
@@ -43,7 +81,12 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
         old = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return ""
-    changes = config_diff(old, new_config)
+    # keys a resume may change are not what stands in the way
+    changes = [
+        line
+        for line in config_diff(old, new_config)
+        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in NON_SEMANTIC)
+    ]
     if not changes:
         return " (same config keys; the input data or format version differ)"
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
@@ -67,6 +110,10 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     marker = path / IN_PROGRESS
     if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
         if info is not None or marker.is_file() or not any(path.iterdir()):
+            check_same_stage(path, info, "pretrain")
+            added = foreign(path, info)
+            if added:
+                raise OutputExistsError(describe_foreign(path, added))
             return "fresh"
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain (no run.json "
@@ -74,6 +121,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
             "or choose another output path"
         )
     if info is not None:
+        check_same_stage(path, info, "pretrain")
         if info.get("fingerprint") == fingerprint:
             return "done"
         raise StaleOutputError(

@@ -38,7 +38,7 @@ from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
-from biomask.outputs import atomic_write_text, check_inputs_outside
+from biomask.outputs import FILE_TREE_KEY, atomic_write_text, check_inputs_outside, file_tree
 from biomask.provenance import code_version, sha256_file, write_run_info
 from biomask.resources import honour_omp_threads
 from biomask.stage import StageOutput
@@ -631,6 +631,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "parameters": n_params,
                     "final_eval": final_eval,
                     "resumed_from_steps": rundir.resumes(out),  # [] for a run that never stopped
+                    # every file of the run, so --overwrite can tell a file added later apart
+                    FILE_TREE_KEY: sorted({*file_tree(out), "run.json"}),
                 },
             )
             (run_tmp / "run.json").rename(out / "run.json")
