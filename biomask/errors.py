@@ -42,7 +42,7 @@ REQUEUE_EXIT_CODE = 75
 
 
 class Requeue(BiomaskError):
-    """Training was checkpointed after SIGTERM / SIGUSR1; rerun the same command to resume. Exit code 75."""
+    """Training was checkpointed after SIGTERM / SIGUSR1 / Ctrl-C; rerun the same command to resume. Exit code 75."""
 
     exit_code = REQUEUE_EXIT_CODE
 

@@ -347,7 +347,9 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     assert len(flat) == 30 and all(0.0 < r < 1.0 for r in flat)
 
 
-def test_sigusr1_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, cli):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
+def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, cli, sig):
+    """A scheduler's signal, or Ctrl-C at a terminal: the steps so far are kept, not lost."""
     out = tmp_path / "run"
     args = overrides(genome_store, out, **{"train.steps": 150, "train.checkpoint_every": 1000})
     proc = subprocess.Popen(
@@ -358,10 +360,10 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, c
         text=True,
     )
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
-    assert "requeued" in err
+    assert "requeued" in err and f"received {sig.name}" in err
     (ckpt,) = list((out / "checkpoints").glob("step*"))
     step = int(ckpt.name[4:])
     assert 4 <= step < 150

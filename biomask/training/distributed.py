@@ -234,18 +234,32 @@ def _destroy_process_group() -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the current step and exits 75."""
+    """SIGTERM / SIGUSR1 (a scheduler) and SIGINT (Ctrl-C) set a flag; the loop checkpoints at the end
+    of the current step and exits 75, so the same command resumes. A second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # asked twice: no checkpoint
+            # os.write, not logging: a handler may run while the logging lock is held
+            os.write(
+                2,
+                b"\nbiomask: interrupted: checkpointing at the end of this step (Ctrl-C again to stop now)\n",
+            )
         self.received = signum
+
+    @property
+    def name(self) -> str:
+        """The signal received, by name (SIGINT, ...), or 'on another rank'."""
+        return signal.Signals(self.received).name if self.received is not None else "on another rank"
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -566,7 +566,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 if stopping:
                     stop.ignore_from_now()
                     raise Requeue(
-                        f"received signal {stop.received or 'on another rank'}: checkpointed step {step} of "
+                        f"received {stop.name}: checkpointed step {step} of "
                         f"{cfg.train.steps} to {path}; exiting with code {REQUEUE_EXIT_CODE} so the job can be "
                         "requeued — rerun the same command to resume"
                     )
