@@ -273,6 +273,7 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
             matrix=args.matrix,
             counts=counts,
             gene_column=args.gene_column,
+            strip_version=args.strip_version,
             n_top_genes=args.n_top_genes,
             masking=args.masking,
             seed=args.seed,
@@ -588,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", default="X", help="where the expression is: X, raw or layers/NAME")
     p.add_argument(
         "--gene-column", default=None, help="var column with gene identifiers (default: var index)"
+    )
+    p.add_argument(
+        "--strip-version", action="store_true", help="drop Ensembl IDs' .N version suffixes (ENSG….4 → ENSG…)"
     )
     p.add_argument("--n-top-genes", type=int, default=2000, help="the panel: this many most variable genes")
     p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")

@@ -365,6 +365,28 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
 
 
 @pytest.mark.network
+def test_fit_cells_continues_an_unversioned_checkpoint_on_versioned_ensembl_ids(pbmc68k_adata, tmp_path):
+    """ENSG….N against a checkpoint of ENSG… ids: the message names strip_version=True, which works."""
+    import biomask
+
+    raw = pbmc68k_adata.raw.to_adata()
+    ids = [f"ENSG{i:011d}" for i in range(raw.n_vars)]
+    plain, versioned = raw.copy(), raw.copy()
+    plain.var_names = ids
+    versioned.var_names = [f"{g}.{i % 7 + 1}" for i, g in enumerate(ids)]
+    steps = {"train.steps": 30, "train.checkpoint_every": 30}
+    corpus = biomask.fit_cells(plain, tmp_path / "corpus", counts={"mode": "log1p"}, overrides=steps)
+    with pytest.raises(InputError, match=r"strip_version=True \(fit-cells: --strip-version\)"):
+        biomask.fit_cells(versioned.copy(), tmp_path / "v", counts={"mode": "log1p"}, init_from=corpus, overrides=steps)  # fmt: skip
+    assert not (tmp_path / "v").exists()
+    biomask.fit_cells(
+        versioned, tmp_path / "v", counts={"mode": "log1p"}, init_from=corpus, strip_version=True, overrides=steps
+    )  # fmt: skip
+    assert versioned.obsm["X_biomask"].shape[0] == raw.n_obs
+    assert versioned.uns["X_biomask"]["gene_coverage"]["fraction_of_vocab_present"] == 1.0
+
+
+@pytest.mark.network
 def test_fit_cells_trains_the_panel_transformer_when_asked(pbmc68k_adata, tmp_path):
     """Any profile kind through the same call: overrides={"model.kind": "panel_transformer"}."""
     import biomask

@@ -65,6 +65,7 @@ def _prep_config(
     gene_column: str | None,
     n_top_genes: int,
     init_from: Path | None,
+    strip_version: bool = False,
 ):
     from biomask.cells.config import CellsPrepConfig
     from biomask.config import validate_config
@@ -75,7 +76,7 @@ def _prep_config(
             "inputs": [{"path": str(source), "matrix": matrix}],
             "output": str(store),
             "counts": counts or {},
-            "genes": {"column": gene_column},
+            "genes": {"column": gene_column, "strip_version": strip_version},
             # the user's own QC stands: keep every cell that has counts, every gene seen once
             "qc": {"min_genes": 0, "min_cells": 1, "zero_count_cells": "drop"},
             "hvg": {"n_top_genes": None if init_from else n_top_genes},
@@ -128,6 +129,7 @@ def fit_cells(
     matrix: str = "X",
     counts: dict[str, Any] | None = None,
     gene_column: str | None = None,
+    strip_version: bool = False,
     n_top_genes: int = 2000,
     masking: str = "r2mae",
     seed: int = 0,
@@ -143,7 +145,8 @@ def fit_cells(
     `adata`: an AnnData, or the path of an .h5ad / 10x / loom file (then only pretrained: embed it
     with `biomask.embed`). `matrix`, `counts`, `gene_column`:
     where the expression is and what it holds, as for `biomask.embed` (log-normalised only:
-    `counts={"mode": "log1p"}`). `init_from`: continue a corpus checkpoint on these cells (its gene
+    `counts={"mode": "log1p"}`); `strip_version`: Ensembl IDs' `.N` suffixes dropped (ENSG….4 →
+    ENSG…), to match a checkpoint of unversioned IDs. `init_from`: continue a corpus checkpoint on these cells (its gene
     panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import embed
@@ -177,7 +180,7 @@ def fit_cells(
     # every setting checked before anything is written: a typo costs nothing
     prep_cfg = _prep_config(
         source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
-        init_from=init,
+        init_from=init, strip_version=strip_version,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
     if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
@@ -233,6 +236,7 @@ def fit_cells(
             message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
         # the settings by the names this call has (a prep key would be refused as unknown here)
         message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
+        message = message.replace("genes.strip_version", "strip_version=True (fit-cells: --strip-version)")
         if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
         exc.args = (message,)
@@ -259,7 +263,10 @@ def fit_cells(
             del os.environ[name]
         os.environ.update(environment)
     if in_memory or backed:
-        embed(adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column, key=key)
+        embed(
+            adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
+            strip_version=strip_version, key=key,
+        )  # fmt: skip
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
 
@@ -449,7 +456,7 @@ def fit_cells_file(
             "output": str(out / "embed"),
             "matrix": settings.get("matrix", "X"),
             "counts": settings.get("counts") or {},
-            "genes": {"column": column},
+            "genes": {"column": column, "strip_version": settings.get("strip_version", False)},
             "key": settings.get("key", "X_biomask"),
             "umap": {"color": umap_color},
         },
