@@ -247,6 +247,13 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
     state.write_text("COMPLETED")
     assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0
     assert json.loads(jobs.read_text())["stages"]["prep_genome"]["job_id"] == "43"
+    # --only: the stages left out keep their jobs in the record, so status still shows them
+    (tmp_path / "run" / "prep_genome").mkdir()
+    (tmp_path / "run" / "prep_genome" / "run.json").write_text('{"stage": "prep-dna", "fingerprint": "f"}')
+    assert cli("-q", "pipeline", "submit", dna_pipeline, "--only", "prep_splice")[0] == 0
+    stages = json.loads(jobs.read_text())["stages"]
+    assert list(stages) == ["prep_genome", "prep_splice"]
+    assert (stages["prep_genome"]["job_id"], stages["prep_splice"]["job_id"]) == ("43", "45")
 
 
 def test_only_and_from_name_existing_stages(dna_pipeline, cli):

@@ -501,18 +501,18 @@ def _read_v3_mtx(
 
 def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSource:
     """An in-memory AnnData (e.g. from a notebook) as a source; `matrix` as in the config."""
+    alternatives = ["X", *(["raw"] if adata.raw is not None else []), *(f"layers/{k}" for k in adata.layers)]
     if matrix == "X":
         values, var = adata.X, adata.var
     elif matrix == "raw":
         if adata.raw is None:
-            raise InputError(f"{name}: the AnnData has no .raw")
+            raise InputError(f"{name}: the AnnData has no .raw; its matrices: {', '.join(alternatives)}")
         values, var = adata.raw.X, adata.raw.var
     else:
         layer = matrix.split("/", 1)[1]
         if layer not in adata.layers:
-            raise InputError(f"{name}: no layer {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
+            raise InputError(f"{name}: no layer {layer!r}; its matrices: {', '.join(alternatives)}")
         values, var = adata.layers[layer], adata.var
-    alternatives = ["X", *(["raw"] if adata.raw is not None else []), *(f"layers/{k}" for k in adata.layers)]
     return _CSRSource(
         values, name=name, path=Path(name), key=matrix, obs=adata.obs, var=var, alternatives=alternatives
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,7 +145,9 @@ def embed(
             key=key,
             max_length=job.max_length,
             extra={
-                "input": f"backed AnnData {adata.filename}" if opened_here else "in-memory AnnData",
+                "input": f"backed AnnData {Path(adata.filename).resolve()}"
+                if opened_here
+                else "in-memory AnnData",
                 "matrix": matrix,
                 **cells,
             },

@@ -185,7 +185,7 @@ class CellsJob:
                     key=cfg.key,
                     max_length=self.job.max_length,
                     extra={
-                        "input": str(self.path),
+                        "input": str(Path(self.path).resolve()),  # absolute, as the checkpoint is
                         "matrix": cfg.matrix,
                         **cells,
                         "fingerprint": fingerprint,

@@ -147,11 +147,13 @@ def submit(
             "after": upstream,
             "sbatch": argv,
         }
+    # --only / --from: the stages left out keep their earlier jobs in the record (and in status)
+    earlier = _earlier_stages(plan.run_dir, plan, set(submitted))
     record = {
         "pipeline": plan.pipeline.name,
         "source": str(plan.source),
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "stages": submitted,
+        "stages": {**earlier, **submitted},
     }
     atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
     return record
@@ -201,6 +203,15 @@ def check_no_active_jobs(run_dir: Path) -> None:
             f"the same stages into the same outputs beside them. Wait for them (biomask pipeline status "
             f"{run_dir}) or cancel them (scancel {ids}), then submit again"
         )
+
+
+def _earlier_stages(run_dir: Path, plan: Plan, resubmitted: set[str]) -> dict[str, Any]:
+    """The earlier record's stages of this pipeline that this submission leaves out, in plan order."""
+    try:
+        stages = read_jobs(run_dir)["stages"]
+    except InputError:  # none yet, or not a record of ours
+        return {}
+    return {n: stages[n] for n in plan.stages if n in stages and n not in resubmitted}
 
 
 def _cancel(job_ids: list[str]) -> None:
