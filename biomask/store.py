@@ -290,6 +290,21 @@ class TokenStoreWriter:
                     "s" if len(rare) == 1 else "ve",
                     "it" if len(rare) == 1 else "them",
                 )
+            single = [
+                f"{name} ({label_names[next(iter(seen))]!r} only)"
+                for name, writer in self._splits.items()
+                if name in ("val", "test")
+                and len(seen := set(writer.labels_seen)) == 1
+                and 0 <= next(iter(seen)) < len(label_names)
+            ]
+            if single and len(present) >= 2:
+                log.warning(
+                    "%s: the %s split%s one class: `evaluate` with splits.mode=store cannot score a "
+                    "classifier there (MCC 0); check the split column, or evaluate with splits.mode=resample",
+                    where,
+                    " and ".join(single),
+                    " holds" if len(single) == 1 else "s each hold",
+                )
             if len(present) < 2:
                 shown = [label_names[i] for i in sorted(present) if 0 <= i < len(label_names)]
                 log.warning(

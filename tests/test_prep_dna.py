@@ -265,9 +265,12 @@ def test_split_column_is_used_and_checked(tmp_path, cli):
     path.write_text(table)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"inputs:\n  - {{path: {path}, split_column: fold}}\noutput: {tmp_path / 'o'}\n")
-    assert cli("prep", "dna", "-c", cfg)[0] == 0
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 0, err
     store = TokenStore(tmp_path / "o")
     assert [len(store.split(s)) for s in ("train", "val", "test")] == [1, 1, 1]
+    # a split of one class cannot score a classifier: said at prep, not found as MCC 0 in evaluate
+    assert "the val ('a' only) and test ('b' only) splits each hold one class" in err
     path.write_text(table + "AAAACC\tb\tholdout\n")
     code, _, err = cli("prep", "dna", "-c", cfg, "--overwrite")
     assert code == 2 and "line 5: split value 'holdout'" in err
