@@ -231,6 +231,7 @@ def test_ambiguous_letters_under_the_error_policy(tmp_path, cli):
         ("sequence,class\nACGT,a\n", "set `label_column` on this input (inputs[].label_column)"),
         ("# my data\nsequence,label\nACGT,a\n", "starts with '#': remove the comment lines above the header"),
         ("sequence,label\nACGT,a\n,b\n", "line 3: empty sequence"),
+        ("sequence,label\nACGT,a\nACGT\n", "line 3: 1 field, the header has 2 (no 'label')"),
         ("sequence,label\nACGT,a\nAC1T,b\n", "line 3: letter '1' at position 3"),
         ("sequence,label\n", "has a header but no rows"),
         ("sequence;label\nACGT;a\n", "The header looks ';'-separated: set `delimiter: ';'` on this input"),

@@ -316,6 +316,13 @@ def read_table(
                     f"{path}, line {line}: {len(header) + len(row[None])} fields, the header has "
                     f"{len(header)}; a field holds an unquoted {delimiter!r}, or the row is damaged"
                 )
+            missing = [c for c in header if row.get(c) is None]  # DictReader: None for a short row
+            if missing:
+                n = len(header) - len(missing)
+                raise InputError(
+                    f"{path}, line {line}: {n} field{'s' * (n != 1)}, the header has {len(header)} "
+                    f"(no {', '.join(repr(c) for c in missing[:3])}); the row is cut short or damaged"
+                )
             sequence = (row.get(sequence_column) or "").strip()
             label = (row.get(label_column) or "").strip()
             if not sequence:
