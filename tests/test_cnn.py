@@ -221,3 +221,7 @@ def test_mae_corruption_with_the_cnn_exits_2_naming_the_key(genome_store, tmp_pa
     code, _, err = cli("pretrain", *pretrain_args(genome_store, out), "masking.corruption.kind=mae")
     assert code == 2 and "masking.corruption.kind" in err and "cnn" in err
     assert not out.exists()
+    # the scheme that asks for it, named (a user sets masking.scheme, not the corruption key)
+    code, _, err = cli("pretrain", *pretrain_args(genome_store, out), "masking.scheme=mae75")
+    assert code == 2 and "masking.scheme=mae75 sets it" in err and "masking.corruption.kind=mlm" in err
+    assert not out.exists()

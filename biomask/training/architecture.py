@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from biomask.errors import InputError
+from biomask.masking.config import SCHEMES
 from biomask.models import EncoderConfig, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.store import TokenStore
@@ -77,8 +78,15 @@ def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | No
     if spec.modality != "dna":
         raise InputError(f"model.kind=cnn is a DNA encoder; {where} is a {spec.modality} store")
     if cfg.masking.corruption.kind != "mlm":
+        set_by_scheme = SCHEMES.get(cfg.masking.scheme, {}).get("corruption", {}).get("kind") == "mae"
+        scheme = (
+            f" (masking.scheme={cfg.masking.scheme} sets it; for its mask ratio with BERT-style "
+            "corruption add masking.corruption.kind=mlm)"
+            if set_by_scheme
+            else ""
+        )
         raise InputError(
-            f"masking.corruption.kind={cfg.masking.corruption.kind} is not possible with model.kind=cnn: "
+            f"masking.corruption.kind={cfg.masking.corruption.kind}{scheme} is not possible with model.kind=cnn: "
             "a convolution needs every position in place; use masking.corruption.kind=mlm"
         )
     if cfg.model.value_embedding not in ("auto", "none"):
