@@ -27,6 +27,20 @@ class IntegrityError(InputError):
     """A file whose checksum does not match what its manifest or registry entry records."""
 
 
+def missing_input(path: object, what: str = "input") -> InputError:
+    """`input PATH does not exist`, saying where a relative path was looked for: from the working
+    directory, not from the config file's folder."""
+    import os
+
+    text = os.fspath(path)  # type: ignore[call-overload]
+    where = (
+        ""
+        if os.path.isabs(os.path.expanduser(text))
+        else f" (relative paths are read from the working directory, {os.getcwd()})"
+    )
+    return InputError(f"{what} {text} does not exist{where}")
+
+
 class OutputExistsError(InputError):
     """The output directory holds results this run would replace; pass --overwrite to replace them."""
 

@@ -301,3 +301,15 @@ def test_script_in_data_prep_runs_the_stage(tmp_path, repo):
         text=True,
     )
     assert bad.returncode == 2 and "missing.yaml does not exist" in bad.stderr
+
+
+def test_a_missing_relative_input_says_where_it_was_looked_for(tmp_path, cli, monkeypatch):
+    """Relative inputs are read from the working directory, not the config's folder: the message says so."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "configs" / "mine.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("inputs:\n  - {path: data/genome.fa}\noutput: out\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "data/genome.fa does not exist" in err
+    assert f"relative paths are read from the working directory, {tmp_path}" in err
+    assert not (tmp_path / "out").exists()

@@ -49,7 +49,7 @@ from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import MatrixSource, guess_format, input_checksum, open_matrix
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme
-from biomask.errors import InputError
+from biomask.errors import InputError, missing_input
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStoreWriter, label_order, label_strings, token_dtype, tokenizer_files
@@ -113,7 +113,7 @@ def _resolve(spec: InputSpec) -> tuple[str, Path, str, str]:
         return spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256
     path = Path(str(spec.path)).expanduser()
     if not path.exists():
-        raise InputError(f"input {path} does not exist")
+        raise missing_input(path)
     fmt = guess_format(path) if spec.format == "auto" else spec.format
     return path.name, path, fmt, input_checksum(path)
 

@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from biomask.cells.h5slices import SliceReader
-from biomask.errors import InputError
+from biomask.errors import InputError, missing_input
 from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -539,7 +539,7 @@ def open_matrix(
     """Open an expression matrix for block reading (see the module docstring for the formats)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"input {path} does not exist")
+        raise missing_input(path)
     if path.is_file() and path.stat().st_size == 0:
         raise InputError(f"input file {path} is empty")
     fmt = guess_format(path) if fmt == "auto" else fmt

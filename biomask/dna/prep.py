@@ -47,7 +47,7 @@ from biomask.dna.tokenizers import (
     tokenizer_dir,
 )
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
-from biomask.errors import InputError
+from biomask.errors import InputError, missing_input
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -112,7 +112,7 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
                     f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`"
                 )
             if not path.is_file():
-                raise InputError(f"input file {path} does not exist")
+                raise missing_input(path, "input file")
             if path.stat().st_size == 0:
                 raise InputError(f"input file {path} is empty")
             fmt = _guess_format(path) if spec.format == "auto" else spec.format

@@ -24,7 +24,7 @@ from typing import IO
 from Bio import BiopythonParserWarning, SeqIO
 from Bio.Seq import UndefinedSequenceError
 
-from biomask.errors import InputError
+from biomask.errors import InputError, missing_input
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None =
     try:
         raw = open(path, "rb")
     except FileNotFoundError:
-        raise InputError(f"input file {path} does not exist") from None
+        raise missing_input(path, "input file") from None
     except OSError as exc:
         raise InputError(f"cannot read input file {path}: {exc.strerror}") from None
     head = raw.read(2)
