@@ -433,6 +433,8 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     assert "AnnData [X]" in str(err.value) and "It also has raw" in str(err.value)
     with pytest.raises(InputError, match="gene_column="):
         biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, gene_column="symbols")
+    with pytest.raises(InputError, match=r"masking='r2mea' \(fit-cells: --masking\) is not a masking scheme"):
+        biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, masking="r2mea")
     with pytest.raises(InputError, match="train.stepz"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}

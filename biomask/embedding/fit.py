@@ -169,6 +169,12 @@ def fit_cells(
     # a backed AnnData is read from its file, as a path is, and still gets its embedding in place
     backed = bool(getattr(adata, "isbacked", False))
     in_memory = not isinstance(adata, (str, os.PathLike)) and not backed
+    from biomask.masking.config import SCHEMES
+
+    if masking not in SCHEMES:  # named as the argument it is, not as a pretrain key
+        raise InputError(
+            f"masking={masking!r} (fit-cells: --masking) is not a masking scheme; schemes: {', '.join(SCHEMES)}"
+        )
     source = out / COPY_NAME if in_memory else Path(adata.filename if backed else adata)
     if not isinstance(adata, (str, os.PathLike)):  # before training: the key the embedding will take
         from biomask.embedding.anndata_io import check_key
