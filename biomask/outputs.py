@@ -11,12 +11,14 @@ crash, a bad input or Ctrl-C leaves nothing half-written. Before writing, `check
 of the run's inputs is always refused, and so is a directory without biomask's run.json or one that
 holds files its run.json does not list. A mount point cannot be an output (it cannot be renamed).
 Stale temporaries of the same output (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`, left by a killed
-run) are removed by the next successful write; nothing else beside the output is touched.
+run) are removed by the next successful write or reuse — never a `.tmp-` directory a live run holds
+(its writer keeps a flock on it); nothing else beside the output is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -131,8 +133,7 @@ def check_output(
     if info.get("fingerprint") == fingerprint:
         # a run killed between its rename and its clean-up left a temporary that no write will
         # now remove (this output is reused from here on)
-        for stale in stale_temporaries(path):
-            _remove(stale)
+        remove_stale_temporaries(path)
         return True
     details = _describe_difference(path, config)
     raise StaleOutputError(
@@ -202,6 +203,48 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in siblings if pattern.match(p.name))
 
 
+def _lock(directory: Path) -> int | None:
+    """An exclusive lock on `directory` while the returned descriptor is open. The kernel drops it
+    when the process ends, killed or not: a locked temporary is one a live run is still writing.
+    None where it cannot be had (a file system without flock: then no temporary counts as live)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _being_written(item: Path) -> bool:
+    """A `.tmp-` directory that another live process holds (see `_lock`)."""
+    if ".tmp-" not in item.name or not item.is_dir() or item.is_symlink():
+        return False
+    try:
+        fd = os.open(item, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock this call took
+    return False
+
+
+def remove_stale_temporaries(path: Path, keep: Path | None = None) -> None:
+    """Remove what killed runs of `path` left beside it; never a temporary a live run is writing."""
+    for stale in stale_temporaries(path):
+        if stale != keep and not _being_written(stale):
+            _remove(stale)
+
+
 def _remove(item: Path) -> None:
     if item.is_dir() and not item.is_symlink():
         shutil.rmtree(item, ignore_errors=True)
@@ -224,6 +267,15 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as exc:
         raise EnvironmentIOError(f"cannot create the output {path}: " + describe_os_error(exc)) from None
+    held = _lock(tmp)  # so that another run's clean-up leaves it alone while this one writes
+    try:
+        yield from _write_and_swap(path, tmp, token)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _write_and_swap(path: Path, tmp: Path, token: str) -> Iterator[Path]:
     try:
         yield tmp
     except OSError as exc:
@@ -248,9 +300,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise EnvironmentIOError(
             f"cannot move the new output into {path}: " + describe_os_error(exc)
         ) from None
-    for stale in stale_temporaries(path):  # ours (old), and leftovers of killed runs of this output
-        if stale != tmp:
-            _remove(stale)
+    remove_stale_temporaries(path, keep=tmp)  # ours (old), and leftovers of killed runs of this output
 
 
 @contextlib.contextmanager

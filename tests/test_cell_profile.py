@@ -299,6 +299,9 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
         overrides={"train.steps": 60, "train.checkpoint_every": 60},
     )  # fmt: skip
     np.testing.assert_allclose(backed.obsm["X_biomask"], adata.obsm["X_biomask"], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="a view of a backed AnnData"):  # would train on every cell
+        biomask.fit_cells(backed[:100], tmp_path / "view", matrix="raw", counts={"mode": "log1p"})
+    assert not (tmp_path / "view").exists()
     backed.file.close()
     # scanpy's own obsm entries are never the embedding's key: refused before anything is written
     with pytest.raises(InputError, match=r"obsm\['X_pca'\] exists and biomask did not write it"):

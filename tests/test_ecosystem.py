@@ -112,6 +112,10 @@ def test_embed_never_replaces_an_obsm_entry_it_did_not_write(pbmc, cells_checkpo
         out = tmp_path / f"out-{key.replace('/', '_')}.h5ad"
         code, _, err = cli(*base, "--output", out, f"key={key}")
         assert code == 2 and said in err and not out.exists(), err
+    # the registry's file is in anndata's legacy layout (obsm one compound dataset): the same
+    legacy = datasets.fetch("pbmc68k_reduced")
+    code, _, err = cli(*base[:4], legacy, *base[5:], "--output", tmp_path / "legacy.h5ad", "key=X_pca")
+    assert code == 2 and "obsm['X_pca'] exists" in err and not (tmp_path / "legacy.h5ad").exists(), err
 
 
 def test_a_backed_anndata_is_streamed_from_its_file(pbmc, cells_checkpoint, tmp_path, capsys):

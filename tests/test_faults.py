@@ -601,6 +601,9 @@ def test_normalised_values_at_another_total_than_counts_scale_are_refused(tmp_pa
     code, _, err = cells(tmp_path, cli, paths["tpm"], output=out, counts={"mode": "normalised"})
     assert code == 2 and str(paths["tpm"]) in err and "sum to 1,000,000" in err, err
     assert "set counts.scale: 1e+06" in err and not out.exists()
+    # a scale set on purpose (a model trained on such values at 10,000, before this check) is kept
+    code, _, err = cells(tmp_path, cli, paths["tpm"], output=tmp_path / "as-set", counts={"mode": "normalised", "scale": 1e4})  # fmt: skip
+    assert code == 0 and "using counts.scale=10000 as set" in err, err
     code, _, err = cells(tmp_path, cli, paths["tpm"], output=out, counts={"mode": "normalised", "scale": 1e6})
     assert code == 0, err
     code, _, err = cells(tmp_path, cli, paths["cp10k"], output=tmp_path / "cp10k-store", counts={"mode": "normalised"})  # fmt: skip

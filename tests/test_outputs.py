@@ -1,5 +1,6 @@
 """atomic_file: the one way biomask writes a single file (embed's .h5ad output, fit_cells' input copy,
-sbatch scripts, downloads, JSON/YAML beside runs) -- the old file or the whole new one, never part."""
+sbatch scripts, downloads, JSON/YAML beside runs) -- the old file or the whole new one, never part;
+and the clean-up of what killed runs left beside an output, which spares a live writer's temporary."""
 
 from __future__ import annotations
 
@@ -29,3 +30,24 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
         tmp.unlink()  # the writer decided to keep the old file (e.g. identical content)
     assert target.read_text() == "second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["emb.h5ad"]  # no temporary left
+
+
+def test_reusing_an_output_removes_a_killed_runs_temporary_but_not_a_live_ones(tmp_path):
+    """A run killed between its rename and its clean-up leaves a temporary that a later reuse removes;
+    one that a live run (another process, a second notebook) is writing is left alone."""
+    from biomask.outputs import atomic_output_dir, check_output
+    from biomask.provenance import write_run_info
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        write_run_info(tmp, stage="s", fingerprint="f")
+    dead = tmp_path / ".out.tmp-0badc0de"
+    dead.mkdir()
+    (dead / "half.bin").write_bytes(b"x")
+    with atomic_output_dir(out) as live:
+        (live / "data.bin").write_bytes(b"y")
+        assert check_output(out, "f") is True  # reused ...
+        assert live.is_dir() and (live / "data.bin").exists()  # ... the writer's work untouched
+        assert not dead.exists()
+        write_run_info(live, stage="s", fingerprint="g")
+    assert (out / "data.bin").exists() and not list(tmp_path.glob(".out.*"))

@@ -256,6 +256,21 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
     assert (stages["prep_genome"]["job_id"], stages["prep_splice"]["job_id"]) == ("43", "45")
 
 
+def test_a_submit_waits_only_for_the_earlier_jobs_of_the_stages_it_touches(tmp_path):
+    """`submit --only c` while an unrelated stage's job still runs is fine; its own, the stages it
+    reads and those reading it are what a second submission would collide with."""
+    from biomask.pipelines.slurm import _related
+
+    stages = {
+        "a": {"command": "prep dna", "config": GENOME},
+        "b": {"command": "prep dna", "config": SPLICE, "overrides": {"tokenizer.path": "${stages.a.output}"}},
+        "c": {"command": "prep dna", "config": GENOME},
+    }
+    plan = load_plan(pipeline(tmp_path, stages))
+    assert _related(plan, ["b"]) == {"a", "b"} and _related(plan, ["a"]) == {"a", "b"}
+    assert _related(plan, ["c"]) == {"c"} and _related(plan, ["a", "c"]) == {"a", "b", "c"}
+
+
 def test_only_and_from_name_existing_stages(dna_pipeline, cli):
     code, _, err = cli("pipeline", "run", dna_pipeline, "--only", "prep_gnome")
     assert code == 2 and "no stage named 'prep_gnome'" in err
@@ -292,8 +307,9 @@ def test_training_scripts_checkpoint_and_requeue():
     assert "#SBATCH --signal=B:USR1@600\n#SBATCH --requeue\n" in text
     assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --ntasks-per-node=4\n" in text
     # the step's shape comes from the #SBATCH lines, so editing them (as the README says) is enough
-    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" ' in text
-    assert '--cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1' in text
+    assert 'STEP=(srun --nodes="$SLURM_JOB_NUM_NODES" --kill-on-bad-exit=1)' in text
+    assert 'STEP+=(--ntasks-per-node="$SLURM_NTASKS_PER_NODE")' in text
+    assert 'STEP+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")' in text
     assert "trap on_usr1 USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
 
 
@@ -339,13 +355,9 @@ def test_submitted_with_overwrite_a_job_replaces_only_an_output_of_other_setting
     )
     script = tmp_path / "job.sbatch"
     script.write_text(render(job))
-    env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin",
-        "SLURM_JOB_ID": "7",
-        "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_CPUS_PER_TASK": "1",
-    }
+    # an allocation made with --ntasks and no --cpus-per-task (#SBATCH lines edited): SLURM sets
+    # neither SLURM_NTASKS_PER_NODE nor SLURM_CPUS_PER_TASK, and `set -u` must not trip on them
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}
 
     def run(*marks: str, resume: bool = False) -> tuple[int, list[str]]:
         """Run the job script once with these marks; `resume`: as a requeued run, checkpoint kept."""

@@ -544,9 +544,47 @@ def test_an_interrupted_run_of_other_settings_is_an_output_to_replace_like_a_fin
         rundir.decide(out, "fingerprint-now", 1, {"train": {"steps": 20, "progress": False}}, overwrite=False)
     assert "train.steps: 10 -> 20" in str(refused.value) and "train.progress" not in str(refused.value)
     assert rundir.decide(out, "fingerprint-now", 1, {}, overwrite=True) == "fresh"
+    # started with another number of processes: it cannot be resumed by this launch (DeepSpeed cannot
+    # re-partition its optimizer state), so it is replaced like other settings' output
+    with pytest.raises(StaleOutputError, match="started with 1 process; resume it with the same number"):
+        rundir.decide(out, "fingerprint-before", 2, {}, overwrite=False)
     # a marker that cannot be read: whether it may be resumed cannot be told, so it is not discarded
     # by a pipeline rerun either (a plain refusal, not one the runner answers with --overwrite)
     (out / rundir.IN_PROGRESS).write_text("{not json")
     with pytest.raises(InputError, match="is unreadable") as refused:
         rundir.decide(out, "fingerprint-now", 1, {}, overwrite=False)
     assert not isinstance(refused.value, StaleOutputError)
+
+
+def test_ctrl_c_twice_stops_at_once_and_the_caller_gets_its_handler_back():
+    """A notebook (fit_cells, pretrain) goes on after a run that Ctrl-C checkpointed: its Ctrl-C
+    must work again. A SIGTERM between two Ctrl-C (a launcher's shutdown) does not reset the count;
+    a process started with Ctrl-C ignored (a background job of a script) keeps ignoring it."""
+    import os
+
+    from biomask.training.distributed import StopSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    term = signal.getsignal(signal.SIGTERM)
+    stop = StopSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (stop.received, stop.name, stop.interrupted) == (signal.SIGINT, "SIGINT", True)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        stop.ignore_from_now()  # the checkpoint for a requeue: SIGTERM can no longer cut the exit short
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGTERM, term)
+    assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ignored = StopSignal()
+        ignored.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ignored.restore()
+    finally:
+        signal.signal(signal.SIGINT, before)

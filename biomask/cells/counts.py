@@ -334,7 +334,9 @@ def _check_scale(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
         return
     raise InputError(
         f"{message}: set counts.scale: {float(f'{total:.3g}'):g} (1e6 for TPM or CPM), or every value would "
-        f"be read {total / cfg.scale:,.3g}x off.{PYTHON_KEYS}"
+        f"be read {total / cfg.scale:,.3g}x off. (To embed more such cells with a model trained on them "
+        f"read at {cfg.scale:g}, before biomask checked this, set counts.scale: {cfg.scale:g} explicitly: "
+        f"kept, with a warning.){PYTHON_KEYS}"
     )
 
 

@@ -168,6 +168,12 @@ def fit_cells(
             )
     # a backed AnnData is read from its file, as a path is, and still gets its embedding in place
     backed = bool(getattr(adata, "isbacked", False))
+    if backed and getattr(adata, "is_view", False):  # its file holds every cell, the view some
+        raise InputError(
+            "fit_cells: a view of a backed AnnData (adata[...] of read_h5ad(..., backed='r')); the cells "
+            "are read from its file, which holds them all. Load the subset (view.to_memory()) or write "
+            "it as its own .h5ad"
+        )
     in_memory = not isinstance(adata, (str, os.PathLike)) and not backed
     from biomask.masking.config import SCHEMES
 

@@ -416,9 +416,15 @@ def check_input_key(path: Path, key: str) -> None:
 
     try:
         with h5py.File(path, "r") as handle:
-            obsm = handle["obsm"] if isinstance(handle.get("obsm"), h5py.Group) else {}
+            obsm = handle.get("obsm")
+            if isinstance(obsm, h5py.Group):
+                keys = set(obsm.keys())
+            elif isinstance(obsm, h5py.Dataset):  # anndata < 0.8: one compound dataset, a field per key
+                keys = set(obsm.dtype.names or ())
+            else:
+                keys = set()
             uns = handle["uns"] if isinstance(handle.get("uns"), h5py.Group) else {}
-            check_key(key, set(obsm.keys()), uns, str(path))
+            check_key(key, keys, uns, str(path))
     except OSError:
         return  # not an HDF5 file: the reader names what is wrong with it
 

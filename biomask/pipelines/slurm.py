@@ -116,7 +116,7 @@ def submit(
     """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted."""
     sbatch = require_sbatch()
     selected = plan.select(only, start)
-    check_no_active_jobs(plan.run_dir)
+    check_no_active_jobs(plan.run_dir, _related(plan, selected))
     check_upstream_outputs(plan, selected)
     write_resolved(plan)
     scripts = write_scripts(
@@ -179,9 +179,22 @@ ACTIVE_STATES = frozenset(
 )
 
 
-def check_no_active_jobs(run_dir: Path) -> None:
-    """Refuse a second submission while the jobs of the one jobs.json records may still run: both
-    would train into the same outputs, and the new jobs.json would hide the old jobs from status."""
+def _related(plan: Plan, selected: Sequence[str]) -> set[str]:
+    """The selected stages, every stage they need (transitively) and every stage that needs them."""
+
+    def upstream(name: str) -> set[str]:
+        return {name}.union(*(upstream(n) for n in plan.stages[name].needs))
+
+    chosen = set(selected)
+    before = set().union(*(upstream(n) for n in chosen)) if chosen else set()
+    after = {n for n in plan.stages if upstream(n) & chosen}
+    return before | after
+
+
+def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None) -> None:
+    """Refuse a second submission while jobs of the one jobs.json records may still run (of
+    `stages`, when given: those the new jobs read, write or feed): both would run the same stages
+    into the same outputs, and the new jobs.json would hide the old jobs from status."""
     if not (run_dir / "jobs.json").is_file():
         return
     try:
@@ -191,6 +204,7 @@ def check_no_active_jobs(run_dir: Path) -> None:
     active = [
         state
         for stage, job in record["stages"].items()
+        if stages is None or stage in stages
         for state in _scontrol(stage, str(job.get("job_id", "")))
         if state.state in ACTIVE_STATES
     ]

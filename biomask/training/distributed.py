@@ -235,26 +235,33 @@ def _destroy_process_group() -> None:
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (a scheduler) and SIGINT (Ctrl-C) set a flag; the loop checkpoints at the end
-    of the current step and exits 75, so the same command resumes. A second Ctrl-C stops at once."""
+    of the current step and exits 75, so the same command resumes. A second Ctrl-C stops at once.
+    Under torchrun or the deepspeed launcher, the launcher's own shutdown on Ctrl-C (SIGTERM to its
+    workers, SIGKILL after a grace period) decides how far that gets."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # the first signal
+        self.interrupted = False  # Ctrl-C seen (a second one stops at once, whatever came between)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started with Ctrl-C ignored (a background job of a script): keep it so
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
+            if self.interrupted:
                 raise KeyboardInterrupt  # asked twice: no checkpoint
+            self.interrupted = True
             # os.write, not logging: a handler may run while the logging lock is held
             os.write(
                 2,
                 b"\nbiomask: interrupted: checkpointing at the end of this step (Ctrl-C again to stop now)\n",
             )
-        self.received = signum
+        if self.received is None:
+            self.received = signum
 
     @property
     def name(self) -> str:
@@ -262,16 +269,20 @@ class StopSignal:
         return signal.Signals(self.received).name if self.received is not None else "on another rank"
 
     def restore(self) -> None:
+        """The handlers from before `install` (those `ignore_from_now` set aside stay ignored)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def ignore_from_now(self) -> None:
-        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM — e.g.
-        srun terminating the step because another rank exited first — must not turn that into
-        "killed by a signal", which would keep the job script from requeueing."""
-        for sig in self._previous:
-            signal.signal(sig, signal.SIG_IGN)
-        self._previous = {}
+        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM or
+        SIGUSR1 — e.g. srun terminating the step because another rank exited first — must not turn
+        that into "killed by a signal", which would keep the job script from requeueing. Ctrl-C gets
+        its own handler back at `restore` (in a notebook the kernel goes on and must stay
+        interruptible)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            if sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
+                del self._previous[sig]
 
     def agreed(self, world_size: int, device: torch.device) -> bool:
         """True on every rank if any rank got a signal (ranks must checkpoint together)."""

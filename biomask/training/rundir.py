@@ -69,10 +69,16 @@ def _temporary(relative: str) -> bool:
     return any(part.startswith(_TEMPORARY) for part in relative.split("/"))
 
 
+def _ours_unlisted(relative: str) -> bool:
+    """Pretrain's own files that its run.json may not list: temporaries of a killed save, and what
+    the trackers write after the list is made (W&B finishes its run folder on close)."""
+    return _temporary(relative) or relative.split("/", 1)[0] in ("tensorboard", "wandb")
+
+
 def foreign(path: Path, info: dict[str, Any] | None) -> list[str]:
     """What in `path` pretrain did not write: by the finished run's list of files, else by name."""
     if info is not None and isinstance(info.get(FILE_TREE_KEY), list):
-        return foreign_files(path, info, _temporary)
+        return foreign_files(path, info, _ours_unlisted)
     return sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not _temporary(p.name))
 
 
@@ -146,8 +152,11 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
                 f"({path / 'config.yaml'}), pass --overwrite to discard it, or choose another output path."
             )
         if int(state.get("world_size", world_size)) != world_size:
-            raise InputError(
-                f"output directory {path} holds an interrupted run started with {state['world_size']} processes; "
+            # another launch shape (tasks_per_node, --nproc_per_node) is other settings, as a changed
+            # key is: a pipeline replaces it, and `submit --overwrite` jobs too
+            raise StaleOutputError(
+                f"output directory {path} holds an interrupted run started with {state['world_size']} "
+                f"process{'es' * (int(state['world_size']) != 1)}; "
                 f"resume it with the same number (this launch has {world_size}), or pass --overwrite to start over"
             )
         return "resume"
