@@ -371,7 +371,7 @@ class Shard:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise IntegrityError(
-                    f"token store file {path} is missing or unreadable ({exc}); re-run the prep stage"
+                    f"token store file {path} is missing or unreadable ({exc}); re-run the prep stage with --overwrite"
                 ) from None
             self._arrays[name] = arr
         return self._arrays[name]
@@ -469,14 +469,22 @@ class TokenStore:
         except FileNotFoundError:
             raise InputError(f"{self.root} is not a token store: it has no manifest.json") from None
         except ValueError as exc:
-            raise IntegrityError(f"{manifest_path} is corrupt ({exc}); re-run the prep stage") from None
-        if self.manifest.get("format") != STORE_FORMAT:
+            raise IntegrityError(
+                f"{manifest_path} is corrupt ({exc}); re-run the prep stage with --overwrite"
+            ) from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != STORE_FORMAT:
             raise InputError(f"{manifest_path} is not a biomask token store manifest")
         if self.manifest.get("version", 0) > STORE_VERSION:
             raise InputError(
                 f"{self.root} was written by a newer biomask (store format {self.manifest['version']}); upgrade biomask"
             )
-        self._check_sizes()
+        try:
+            self._check_sizes()
+        except (KeyError, TypeError, AttributeError) as exc:  # valid JSON of the wrong shape
+            raise IntegrityError(
+                f"{manifest_path} is damaged (no {exc} where a store manifest has one); re-run the prep stage "
+                "with --overwrite"
+            ) from None
 
     @property
     def splits(self) -> list[str]:
@@ -513,7 +521,9 @@ class TokenStore:
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
-                raise IntegrityError(f"token store file {path} is missing; re-run the prep stage") from None
+                raise IntegrityError(
+                    f"token store file {path} is missing; re-run the prep stage with --overwrite"
+                ) from None
             if size != info["bytes"]:
                 raise IntegrityError(
                     f"token store file {path} has {size} bytes, the manifest records {info['bytes']}: "

@@ -92,6 +92,29 @@ def test_not_a_store(tmp_path):
         store.split("test")
 
 
+def test_a_manifest_of_the_wrong_shape_is_an_integrity_error_not_a_crash(tmp_path):
+    import json
+
+    build(tmp_path, [4])
+    manifest = tmp_path / "store" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    for damaged in ([], {**good, "splits": None}, {k: v for k, v in good.items() if k != "splits"}):
+        manifest.write_text(json.dumps(damaged))
+        with pytest.raises(InputError, match="manifest|--overwrite"):
+            TokenStore(tmp_path / "store")
+
+
+def test_a_damaged_store_is_not_reused_by_rerunning_its_prep(tmp_path, cli, repo):
+    """The message says to re-run prep: the same command must not then reuse the store as it is."""
+    out = tmp_path / "splice"
+    args = ("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}", "tokenizer.kind=char")
+    assert cli(*args)[0] == 0
+    next((out / "test").glob("shard-*.tokens.npy")).unlink()
+    code, _, err = cli(*args)
+    assert code == 2 and "is missing; re-run the prep stage with --overwrite" in err, err
+    assert cli(*args, "--overwrite")[0] == 0 and TokenStore(out).verify() > 0
+
+
 def test_batch_and_single_appends_give_the_same_store(tmp_path):
     lengths = np.array([2, 5, 3])
     tokens = np.arange(10, dtype=np.uint16) + 5

@@ -52,7 +52,14 @@ from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError, missing_input
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, label_order, label_strings, token_dtype, tokenizer_files
+from biomask.store import (
+    TokenStore,
+    TokenStoreWriter,
+    label_order,
+    label_strings,
+    token_dtype,
+    tokenizer_files,
+)
 from biomask.vocab import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -587,6 +594,7 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
             non_semantic=("output", "block_size"),
         )
         if stage.is_current(overwrite=overwrite):
+            TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
             return Path(cfg.output)
         frozen = load_frozen(cfg.tokenizer)
         if frozen is not None:

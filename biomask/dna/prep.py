@@ -50,7 +50,7 @@ from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, missing_input
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
-from biomask.store import TokenStoreWriter, label_order, token_dtype, tokenizer_files
+from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -586,6 +586,7 @@ def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
         "prep-dna", cfg, cfg.output, inputs=[i.describe() for i in inputs] + _tokenizer_inputs(cfg.tokenizer)
     )
     if stage.is_current(overwrite=overwrite):
+        TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
         return Path(cfg.output)
     cleaner = Cleaner(cfg.cleaning.lowercase, cfg.cleaning.ambiguous)
     if cfg.num_workers > 1:
