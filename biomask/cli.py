@@ -733,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", help="YAML config (default: the built-in defaults, see configs/theory.yaml)"
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. repetitions=50"
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. test_repetitions=50"
     )
     p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")

@@ -336,6 +336,10 @@ def test_existing_output_is_reused_or_refused(tiny_run, cli):
         ("covariances=[{kind: multiscale, shares: [0.7, 0.5]}]", "shares"),
         ("sim_gammas=[3.0]", "sim_gammas"),
         ("epochs=[0]", "epochs"),
+        ("epochs=[1, 4]", "epochs must include inf"),
+        ("sim_gammas=[]", "sim_gammas"),
+        ("gammas=[0.5, 0.5]", "gammas are listed twice"),
+        ("seed=-1", "seed"),
         ("covariances=[{kind: spiked, spikes: 30}]", "spikes"),
     ],
 )

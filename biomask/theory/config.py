@@ -54,7 +54,7 @@ class CovarianceConfig(Config):
 
 class TheoryConfig(Config):
     output: str = "runs/theory"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     n: int = Field(40, ge=8)  # pretraining samples
     # model sizes γ = d/n (d = round(γ n) context features = weights per reconstructed feature);
     # γ < 1 under-parameterised, γ > 1 over-parameterised. K = ∞ (closed form) runs at every γ.
@@ -86,11 +86,15 @@ class TheoryConfig(Config):
     # the few-label linear probe of each latent factor (K = ∞, factor covariances, these γ)
     probe_gammas: list[float] = Field(default_factory=lambda: [4.0])
     probe_labels: int = Field(20, ge=2)
-    bootstrap: int = Field(1000, ge=0)  # resamples of repetitions for the best fixed ratio's interval
+    bootstrap: int = Field(1000, ge=10)  # resamples of repetitions for the best fixed ratio's interval
     num_workers: int = Field(2, ge=1)  # processes (one setting each); results do not depend on it
 
     @model_validator(mode="after")
     def _check(self) -> TheoryConfig:
+        for key in ("gammas", "sim_gammas", "probe_gammas"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} are listed twice: {values}")
         for key in ("sim_gammas", "probe_gammas"):
             for i, g in enumerate(getattr(self, key)):
                 if g not in self.gammas:
@@ -103,6 +107,10 @@ class TheoryConfig(Config):
                 raise ValueError(f"epochs[{i}] = {k} must be at least 1 (or inf)")
         if len(set(map(str, self.epochs))) != len(self.epochs):
             raise ValueError(f"epochs are listed twice: {self.epochs}")
+        if "inf" not in self.epochs:  # the closed form: the summary's conclusion rests on it
+            raise ValueError(f"epochs must include inf (the closed form, K = ∞); got {self.epochs}")
+        if any(k != "inf" for k in self.epochs) and not self.sim_gammas:
+            raise ValueError("finite epochs are simulated for sim_gammas: give at least one, or epochs=[inf]")
         for i, q in enumerate(self.test_ratios):
             if not 0.0 <= q < 1.0:
                 raise ValueError(f"test_ratios[{i}] = {q} must lie in [0, 1)")
