@@ -548,6 +548,10 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     before = sorted(p.name for p in evaluation.iterdir())
     code, _, err = cli("report", "-c", config, f"output={evaluation}", "--overwrite")
     assert code == 2 and "input" in err and sorted(p.name for p in evaluation.iterdir()) == before
+    # an r2mae name that matches no checkpoint drops every R²MAE comparison: said, not silent
+    code, _, err = cli("report", "-c", config, "r2mae=R2MAE", f"output={tmp_path / 'renamed'}")
+    assert code == 0 and "r2mae: 'R2MAE' names no checkpoint of these evaluations" in err, err
+    assert "r2mae" in err.split("their checkpoints:")[1]
 
 
 def test_runs_of_one_scheme_are_named_by_the_seed_and_the_model_keys_that_differ(tmp_path):

@@ -524,6 +524,15 @@ def render(cfg: ReportConfig, out: Path) -> str:
     evaluations = {
         key: load_evaluation(key, spec.path, spec.metric, spec.title) for key, spec in cfg.evaluations.items()
     }
+    groups = {m.get("group") for ev in evaluations.values() for m in ev.results["methods"]}
+    if evaluations and cfg.r2mae not in groups:
+        found = sorted(str(g) for g in groups - {None, "baseline", "random-init"})
+        log.warning(
+            "report: r2mae: %r names no checkpoint of these evaluations (their checkpoints: %s), so the "
+            "report has no R²MAE comparison; set r2mae to one of them",
+            cfg.r2mae,
+            ", ".join(found) or "none",
+        )
     code = code_version()
     lines = [
         f"# {cfg.title}",
@@ -551,6 +560,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
     for row in target_rows(cfg, evaluations):
         t = row["target"]
         if "missing" in row:
+            log.warning("report: target %s / %s not assessed: %s", t.evaluation, t.protocol, row["missing"])
             lines.append(
                 f"- **Target** {t.evaluation} / {t.protocol} / {_METRIC_NAMES[t.metric]}: not assessed ({row['missing']})."
             )
