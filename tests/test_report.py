@@ -304,6 +304,10 @@ def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():
     (versus_random,) = r2mae_vs_random_init(ev, "r2mae")
     assert versus_random["cmp"]["n"] == 2 and versus_random["cmp"]["mean_difference"] == pytest.approx(0.16)
     assert results["summary"]["baseline"]["mcc"]["n"] == 3  # baselines keep their summary over splits
+    # evaluated on the store's one split (splits.mode=store): the unit says so, not "the mean over 3 splits"
+    stored = _evaluation(scores, {"r2mae@0": R2MAE, "r2mae@1": R2MAE}).results | {"splits": {"mode": "store"}}
+    one_split, _ = by_pretraining_seed(stored, {})
+    assert "one split, the store's own" in one_split["unit"] and "mean over" not in one_split["unit"]
 
 
 def test_a_target_over_pretraining_seeds_ignores_rows_picked_per_split():

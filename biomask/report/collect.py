@@ -317,10 +317,18 @@ def by_pretraining_seed(
             per_seed[m["name"]] = [split_mean(m["name"])] * n
             summary[m["name"]] = results["summary"][m["name"]]
             methods.append(m)
-    unit = (
-        f"{n} pretraining seeds ({', '.join(used)}; each the mean over {len(results['seeds'])} evaluation "
-        f"splits {', '.join(map(str, results['seeds']))})"
-    )
+    if (results.get("splits") or {}).get("mode") == "store":
+        # every evaluation seed read the store's one split: the interval is over pretraining seeds on
+        # those test records, not over test sets
+        unit = (
+            f"{n} pretraining seeds ({', '.join(used)}; one split, the store's own, in every evaluation "
+            "seed: the interval is over pretraining seeds on these test records, not over test sets)"
+        )
+    else:
+        unit = (
+            f"{n} pretraining seeds ({', '.join(used)}; each the mean over {len(results['seeds'])} evaluation "
+            f"splits {', '.join(map(str, results['seeds']))})"
+        )
     return {**results, "methods": methods, "per_seed": per_seed, "summary": summary, "unit": unit}, masking
 
 
