@@ -603,3 +603,23 @@ def test_a_damaged_run_folder_is_a_clear_error_naming_the_file(dna_checkpoint, t
         (tmp_path / "pipe" / "local-run.json").write_text(text)
         code, _, err = cli("pipeline", "status", tmp_path / "pipe")
         assert code == 2 and "local-run.json is corrupt" in err, err
+
+
+def test_the_strongest_baseline_is_the_best_on_the_metric_in_question():
+    """One rule for the summary's targets and each evaluation's section: the evaluation's main metric
+    (macro-F1 for cells) picks the section's bar, not MCC; a clustering metric only the kNN baselines carry."""
+    from biomask.report.report import strongest_baseline
+
+    results = {
+        "methods": [{"name": "PCA + LR", "group": "baseline"}, {"name": "all genes + LR", "group": "baseline"},
+                    {"name": "PCA + kNN", "group": "baseline"}, {"name": "model", "group": "r2mae"}],
+        "summary": {"PCA + LR": {"mcc": {"mean": 0.90}, "macro_f1": {"mean": 0.60}},
+                    "all genes + LR": {"mcc": {"mean": 0.85}, "macro_f1": {"mean": 0.70}},
+                    "PCA + kNN": {"mcc": {"mean": 0.80}, "macro_f1": {"mean": 0.65}, "ari": {"mean": 0.5}},
+                    "model": {"mcc": {"mean": 0.99}, "macro_f1": {"mean": 0.99}, "ari": {"mean": 0.9}}},
+    }  # fmt: skip
+    ev = Evaluation("cells", Path("."), "macro_f1", "cells", results, {}, {})
+    assert strongest_baseline(ev, "macro_f1") == "all genes + LR"
+    assert strongest_baseline(ev, "mcc") == "PCA + LR"
+    assert strongest_baseline(ev, "ari") == "PCA + kNN"
+    assert strongest_baseline(ev, "nmi") is None

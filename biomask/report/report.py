@@ -270,17 +270,13 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
                 {"target": target, "missing": "no baseline or no pretrained model under this protocol"}
             )
             continue
-        # the strongest baseline is the one with the best mean on this target's metric (among those
-        # that have it: only the kNN baselines carry clustering scores)
-        baselines = [
-            m
-            for m in ev.results["methods"]
-            if m["group"] == "baseline" and target.metric in ev.results["summary"].get(m["name"], {})
-        ]
-        if not baselines or any(target.metric not in ev.results["summary"][m["name"]] for m in candidates):
+        strongest = strongest_baseline(ev, target.metric)
+        if strongest is None or any(
+            target.metric not in ev.results["summary"][m["name"]] for m in candidates
+        ):
             rows.append({"target": target, "missing": f"no {target.metric} for the baselines or the models"})
             continue
-        baseline = max(baselines, key=lambda m: ev.mean(m["name"], target.metric))["name"]
+        baseline = strongest
         r2 = next((m for m in candidates if m["group"] == cfg.r2mae), None)
         best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
         entries = []
@@ -517,6 +513,17 @@ def _provenance(records: list[StageRecord]) -> list[str]:
 # ------------------------------------------------------------------------------------------- the stage
 
 
+def strongest_baseline(ev: Evaluation, metric: str) -> str | None:
+    """The baseline with the best mean on `metric`, among those that have it (only the kNN baselines
+    carry clustering scores): one rule for the targets and the per-evaluation sections."""
+    baselines = [
+        m["name"]
+        for m in ev.results["methods"]
+        if m["group"] == "baseline" and metric in ev.results["summary"].get(m["name"], {})
+    ]
+    return max(baselines, key=lambda name: ev.mean(name, metric), default=None)
+
+
 def render(cfg: ReportConfig, out: Path) -> str:
     """Collect every input, draw the figures into `out/figures`, return the Markdown."""
     fig_dir = out / "figures"
@@ -611,7 +618,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             + ")"
             + (f"; pretrained models summarised over {ev.results['unit']}" if "unit" in ev.results else "")
             + "; "
-            f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline: {ev.results.get('strongest_baseline')}.",
+            f"main metric: {_METRIC_NAMES[ev.metric]}; strongest baseline (on it): "
+            f"{strongest_baseline(ev, ev.metric)}.",
             "",
             *[f"- Note: {note}" for note in ev.results.get("notes") or []],
             *([""] if ev.results.get("notes") else []),
