@@ -159,7 +159,6 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
         "labels.column": cfg.labels.column,
         "split.column": cfg.split.column,
         "split.stratify_by": cfg.split.stratify_by,
-        "counts.total_counts_column": cfg.counts.total_counts_column,
         **{f"obs_columns[{i}]": c for i, c in enumerate(cfg.obs_columns)},
     }
     for key, column in wanted.items():
@@ -197,7 +196,15 @@ def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
         _check_columns(cfg, inp)
         inp.summary = detect(inp.source, cfg.counts, cfg.block_size)
         log.info("%s: %s", inp.source.where, inp.summary.describe())
+        # what the matrix holds first: a from_log1p config on counts is the mistake, not its column
         check_policy(inp.source, inp.summary, cfg.counts)
+        column = cfg.counts.total_counts_column
+        if column is not None and column not in inp.source.obs.columns:
+            instead = "; null sums each cell's counts" if cfg.counts.mode == "require" else ""
+            raise InputError(
+                f"{inp.source.where}: obs has no column {column!r} (counts.total_counts_column: each cell's "
+                f"library size{instead}); obs columns: {', '.join(map(str, inp.source.obs.columns)) or 'none'}"
+            )
         inp.converter = CountConverter(inp.source, cfg.counts)
         inp.qc = CellQC(cfg.qc, inp.source, inp.names)
 
