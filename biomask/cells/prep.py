@@ -190,6 +190,9 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
         inp.labels = labels
 
 
+LARGE_PANEL = 5000  # genes: above this a panel of every gene is worth a word
+
+
 def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
     """Detect each matrix's values and apply the counts policy: fails fast, before the long passes."""
     for inp in inputs:
@@ -288,6 +291,13 @@ def build_vocabulary(
         chosen[np.flatnonzero(chosen)] = hvg
         log.info("HVG: %d genes selected from a sample of %d cells", int(chosen.sum()), sample.shape[0])
     index = np.flatnonzero(chosen)
+    if cfg.tokenizer.scheme == "panel" and hvg is None and index.size > LARGE_PANEL:
+        log.warning(
+            "the panel holds every gene detected: %s of them. A profile model reads all of them (its first "
+            "layer is genes x width wide, so training slows with it); hvg.n_top_genes: 2000 keeps the most "
+            "variable genes instead",
+            f"{index.size:,}",
+        )
     medians = stats.medians.medians()[index]
     # rare genes (the subset may miss them, or hold only a few of their values): exact, from all values
     exact = stats.genes.exact_medians(index)
