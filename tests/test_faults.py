@@ -624,7 +624,9 @@ def test_a_log1p_config_on_counts_names_the_mode_not_the_missing_totals_column(t
     counts, barcodes, genes = pbmc_counts
     path = tmp_path / "counts.h5ad"
     anndata.AnnData(counts.astype(np.float32), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes)).write_h5ad(path)  # fmt: skip
-    code, _, err = cells(tmp_path, cli, path, counts={"mode": "from_log1p", "total_counts_column": "n_counts"})
+    code, _, err = cells(
+        tmp_path, cli, path, counts={"mode": "from_log1p", "total_counts_column": "n_counts"}
+    )
     assert code == 2 and "already holds counts" in err and "set counts.mode: require" in err, err
     code, _, err = cells(tmp_path, cli, path, counts={"mode": "require", "total_counts_column": "n_counts"})
     assert code == 2 and "obs has no column 'n_counts'" in err and "null sums each cell's counts" in err, err

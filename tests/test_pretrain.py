@@ -358,6 +358,9 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as at a terminal: a suite started in the background of a script inherits Ctrl-C ignored,
+        # which biomask rightly keeps
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
     proc.send_signal(sig)
@@ -564,6 +567,8 @@ def test_ctrl_c_twice_stops_at_once_and_the_caller_gets_its_handler_back():
 
     from biomask.training.distributed import StopSignal
 
+    inherited = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever ran pytest
     before = signal.getsignal(signal.SIGINT)
     term = signal.getsignal(signal.SIGTERM)
     stop = StopSignal()
@@ -587,4 +592,4 @@ def test_ctrl_c_twice_stops_at_once_and_the_caller_gets_its_handler_back():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         ignored.restore()
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, inherited)
