@@ -44,6 +44,8 @@ def test_seed_summary_and_paired_comparison():
     half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4)
     assert (s["ci_low"], s["ci_high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
     assert format_summary(s).startswith("3.000 ± 1.581 [")
+    # a deterministic method on one split scores the same in every seed: no zero-width "interval"
+    assert format_summary(summarize([0.937] * 5)) == "0.937 (the same in every seed: no interval)"
     # few seeds of a bounded metric: the interval stops at the metric's range
     tiny = summarize([0.2, 1.0, 0.9], bounds=(-1.0, 1.0))
     assert tiny["ci_high"] == 1.0 and tiny["ci_low"] < 0.2 and tiny["mean"] == pytest.approx(0.7)

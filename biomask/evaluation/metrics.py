@@ -131,9 +131,12 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, float
 
 
 def format_summary(summary: dict[str, float], digits: int = 3) -> str:
-    """`0.912 ± 0.011 [0.898, 0.926]` (mean ± sd [95 % CI])."""
+    """`0.912 ± 0.011 [0.898, 0.926]` (mean ± sd [95 % CI]); one value, or the same value in every
+    seed (a deterministic method on one split), has no interval and is not given a zero-width one."""
     if summary["n"] < 2:
         return f"{summary['mean']:.{digits}f}"
+    if summary["sd"] == 0:
+        return f"{summary['mean']:.{digits}f} (the same in every seed: no interval)"
     return (
         f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f} "
         f"[{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
