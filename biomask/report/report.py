@@ -109,7 +109,11 @@ def _cmp_text(cmp: dict[str, float], metric: str, unit: str = "seeds") -> str:
         f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} {unit}"
         + (f"; detectable difference ±{mdd:.3f} (80 % power)" if math.isfinite(mdd) else "")
         # two units: t with 1 degree of freedom stretches the interval 12.7-fold; say why it is wide
-        + ("; **only 2 seeds**: too few for a verdict (use 3 or more)" if cmp["n"] == 2 else "")
+        + (
+            "; **only 2 seeds**: an interval 12.7× the standard error wide (use 3 or more)"
+            if cmp["n"] == 2
+            else ""
+        )
     )
 
 
