@@ -290,10 +290,19 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from biomask.store import TokenStore
 
-    for root in args.stores:
-        store = TokenStore(root)
-        count = store.verify()
+    failed = 0
+    for root in args.stores:  # every store is checked: one damaged store does not hide the next
+        try:
+            count = TokenStore(root).verify()
+        except BiomaskError as exc:
+            if len(args.stores) == 1:
+                raise
+            print(f"biomask: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{root}: {count} files match the manifest")
+    if failed:
+        raise InputError(f"{failed} of {len(args.stores)} stores failed verification (each named above)")
     return 0
 
 

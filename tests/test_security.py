@@ -284,6 +284,9 @@ def test_a_changed_store_is_refused_by_evaluate_embed_and_prep(finished, splice_
     )
     code, _, err = cli("store", "verify", store)
     assert code == 2 and str(tokenizer) in err, err
+    # several stores: each is checked and named, the damaged one does not hide the next
+    code, out, err = cli("store", "verify", store, splice_store)
+    assert code == 2 and str(tokenizer) in err and f"{splice_store}: " in out and "1 of 2 stores" in err
     prep = ["prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"tokenizer.path={store}"]
     code, _, err = cli(*prep, f"output={tmp_path / 'again'}")
     assert code == 2 and str(tokenizer) in err and "sha256" in err, err
