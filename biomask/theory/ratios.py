@@ -5,9 +5,11 @@ With every context entry masked with probability p and the loss on the target on
 masked, the expected loss of sample i over the masks is
 p·[(yᵢ − (1 − p)wᵀxᵢ)² + p(1 − p)Σⱼ wⱼ²xᵢⱼ²]; averaging over p ~ D (per sample or per batch alike)
 gives the normal equations (A XᵀX + B diag XᵀX) w = C Xᵀy with A = E[p(1 − p)²], B = E[p²(1 − p)],
-C = E[p(1 − p)] = A + B. So D acts only through λ = B/A: it equals the fixed ratio
-p′ = λ/(1 + λ) = B/C up to the scale C/A, and the output scale that makes its estimator the
-generalised ridge (XᵀX + λ diag XᵀX)⁻¹Xᵀy is c* = A/C = 1 − p′ (for a fixed p: 1 − p, dropout's).
+C = E[p(1 − p)] = A + B. So D acts only through λ = B/A: divided by A, its equations read
+(XᵀX + λ diag XᵀX) w = (C/A) Xᵀy, and those of the fixed ratio p′ = λ/(1 + λ) = B/C are the same
+ones, the same C/A = 1/(1 − p′) included: the two give one estimator, not two that differ by a
+scale. Its output scale relative to the generalised ridge (XᵀX + λ diag XᵀX)⁻¹Xᵀy is
+c* = A/C = 1 − p′ (for a fixed p: 1 − p, dropout's).
 """
 
 from __future__ import annotations

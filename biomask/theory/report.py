@@ -259,7 +259,8 @@ def summary_markdown(
     lines.append(
         f"- **Equivalence (K = ∞).** Training to convergence on fresh masks is the generalised ridge "
         f"(A XᵀX + B diag XᵀX) w = C Xᵀy with A = E[p(1−p)²], B = E[p²(1−p)], C = E[p(1−p)], so U(a, b) equals "
-        f"the fixed ratio p′ = B/C up to the scale c* = A/C = 1 − p′. Numerically: solving each range's normal "
+        f"the fixed ratio p′ = B/C exactly: as C = A + B, its scale c* = A/C = 1 − p′ is p′'s own, so the two "
+        f"solve the same equations. Numerically: solving each range's normal "
         f"equations directly against p′ through the SVD gives cosine ≥ {eq['direct_min_cosine']:.12f} and relative "
         f"difference ≤ {eq['direct_max_relative_difference']:.1e} after c*; over all {eq['ranges_checked']} "
         f"(range, setting) pairs the largest |risk(range) − risk(p′)| is "
