@@ -57,3 +57,10 @@ def test_cluster_ids_are_classes_and_a_missing_label_is_no_class():
     assert list(nullable.cat.categories) == ["1", "2"]
     depth = pd.Series(np.linspace(0, 1, 30))  # a measurement stays a colour scale
     assert pd.api.types.is_float_dtype(plot_colours(depth))
+
+
+def test_report_runs_are_drawn_apart_beyond_ten():
+    """12 runs (4 schemes x 3 seeds) in one panel: matplotlib's cycle gives runs 1 and 11 one colour."""
+    from biomask.report.figures import _style
+
+    assert len({tuple(_style(i).values()) for i in range(60)}) == 60

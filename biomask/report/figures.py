@@ -26,14 +26,24 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _style(i: int) -> dict:
+    """Run i's colour and marker: ten colours, then the next marker, so no two of up to 60 runs
+    look alike (matplotlib's cycle repeats its colour after ten)."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
+
+
 def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
+        style = _style(i)
         if not run.train.empty:
-            left.plot(run.train["step"], run.train["loss"], label=run.label, lw=1.2)
+            left.plot(run.train["step"], run.train["loss"], label=run.label, lw=1.2, color=style["color"])
         if not run.evals.empty:
-            right.plot(run.evals["step"], run.evals["mean_loss"], marker="o", ms=3, label=run.label, lw=1.2)
+            right.plot(run.evals["step"], run.evals["mean_loss"], ms=3, label=run.label, lw=1.2, **style)
     units = {run.loss_unit for run in runs}
     unit = f" ({units.pop()})" if len(units) == 1 else ""
     # the two panels measure differently: training at each scheme's own ratios, positions and corruption
@@ -69,11 +79,11 @@ def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
 def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Each model's final held-out masked loss at every ratio of the evaluation grid."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
         losses = run.final_eval.get("loss", {})
         if losses:
             ratios = sorted(losses, key=float)
-            ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], marker="o", label=run.label)
+            ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], label=run.label, **_style(i))
     # the reference predictors on the masked tokens, drawn once (the first run's): runs of one
     # training seed mask the same held-out tokens, and other seeds' references differ by noise only
     first = next((run for run in runs if run.references), None)
