@@ -141,14 +141,23 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({name: e.model_dump(mode="json") for name, e in entries.items()}, indent=2))
         return 0
+    columns = ("name", "modality", "kind", "size", "source", "licence", "cached")
+    rows = [
+        (name, e.modality, e.kind, f"{e.size / 1e6:.1f} MB" if e.size else "?", e.source.describe(), e.licence,
+         "yes" if datasets.is_cached(name) else "")
+        for name, e in sorted(entries.items())
+    ]  # fmt: skip
+    if not sys.stdout.isatty():  # piped or in a log: one tab-separated line per dataset, for grep and cut
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(row))
+        return 0
     table = Table(title=f"biomask datasets (cache: {datasets.data_dir()})")
-    for column in ("name", "modality", "kind", "size", "source", "licence", "cached"):
+    for column in columns:
         # names stay whole (they are what users type); the long columns fold
         table.add_column(column, overflow="fold", no_wrap=column == "name")
-    for name, e in sorted(entries.items()):
-        size = f"{e.size / 1e6:.1f} MB" if e.size else "?"
-        cached = "yes" if datasets.is_cached(name) else ""
-        table.add_row(name, e.modality, e.kind, size, e.source.describe(), e.licence, cached)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     return 0
 

