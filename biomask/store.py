@@ -462,12 +462,20 @@ class TokenStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
+        if self.root.is_file():
+            raise InputError(
+                f"{self.root} is a file; a token store is a folder (the one holding manifest.json): give "
+                f"{self.root.parent if self.root.name == 'manifest.json' else 'that folder'}"
+            )
         if not self.root.is_dir():
             raise InputError(f"token store {self.root} does not exist; run a prep stage to create it")
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         except FileNotFoundError:
-            raise InputError(f"{self.root} is not a token store: it has no manifest.json") from None
+            raise InputError(
+                f"{self.root} is not a token store: it has no manifest.json (a prep stage's output folder has "
+                "one; is this the folder above or below it?)"
+            ) from None
         except ValueError as exc:
             raise IntegrityError(
                 f"{manifest_path} is corrupt ({exc}); re-run the prep stage with --overwrite"

@@ -90,6 +90,8 @@ def test_not_a_store(tmp_path):
     store, _ = build(tmp_path, [4])
     with pytest.raises(InputError, match="no split 'test'"):
         store.split("test")
+    with pytest.raises(InputError, match=f"a token store is a folder .*: give {tmp_path / 'store'}$"):
+        TokenStore(tmp_path / "store" / "manifest.json")
 
 
 def test_a_manifest_of_the_wrong_shape_is_an_integrity_error_not_a_crash(tmp_path):
