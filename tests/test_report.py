@@ -623,3 +623,22 @@ def test_the_strongest_baseline_is_the_best_on_the_metric_in_question():
     assert strongest_baseline(ev, "mcc") == "PCA + LR"
     assert strongest_baseline(ev, "ari") == "PCA + kNN"
     assert strongest_baseline(ev, "nmi") is None
+
+
+def test_a_metrics_file_whose_parts_disagree_is_named_not_a_traceback(tmp_path):
+    from biomask.errors import InputError
+    from biomask.report.collect import load_evaluation
+
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(
+            {
+                "methods": [{"name": "r2mae@0", "group": "r2mae@0", "protocol": "linear_probe"}],
+                "per_seed": {},
+                "summary": {},
+                "seeds": [0],
+            }
+        )
+    )
+    (tmp_path / "config.yaml").write_text("checkpoints: {}\n")
+    with pytest.raises(InputError, match="metrics.json is corrupt or not biomask's"):
+        load_evaluation("task", str(tmp_path), "mcc", None)

@@ -239,7 +239,10 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
             masking[name] = json.loads((Path(ckpt) / "config.json").read_text()).get("masking", {})
         except (OSError, ValueError):
             masking[name] = {}
-    results, masking = by_pretraining_seed(_with_pooling_counts(results), masking)
+    try:
+        results, masking = by_pretraining_seed(_with_pooling_counts(results), masking)
+    except (KeyError, TypeError, ValueError, StopIteration) as exc:  # parts that do not fit together
+        raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     return Evaluation(key, root, metric, title or key, results, checkpoints, masking)
 
 
