@@ -203,39 +203,31 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in siblings if pattern.match(p.name))
 
 
-def _lock(directory: Path) -> int | None:
-    """An exclusive lock on `directory` while the returned descriptor is open. The kernel drops it
-    when the process ends, killed or not: a locked temporary is one a live run is still writing.
-    None where it cannot be had (a file system without flock: then no temporary counts as live)."""
+def _lock(directory: Path) -> tuple[int | None, bool]:
+    """(a descriptor holding an exclusive lock on `directory` while it stays open, or None; whether
+    another process holds that lock). The kernel drops the lock when its process ends, killed or
+    not, so a locked temporary is one a live run is still writing. On a file system without flock
+    no lock is had and none is held: no temporary counts as live."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
-        return None
+        return None, False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return None
-    return fd
+        return None, isinstance(exc, BlockingIOError)
+    return fd, False
 
 
 def _being_written(item: Path) -> bool:
     """A `.tmp-` directory that another live process holds (see `_lock`)."""
     if ".tmp-" not in item.name or not item.is_dir() or item.is_symlink():
         return False
-    try:
-        fd = os.open(item, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops a lock this call took
-    return False
+    fd, busy = _lock(item)
+    if fd is not None:
+        os.close(fd)  # closing drops the lock this call took
+    return busy
 
 
 def remove_stale_temporaries(path: Path, keep: Path | None = None) -> None:
@@ -267,7 +259,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as exc:
         raise EnvironmentIOError(f"cannot create the output {path}: " + describe_os_error(exc)) from None
-    held = _lock(tmp)  # so that another run's clean-up leaves it alone while this one writes
+    held, _ = _lock(tmp)  # so that another run's clean-up leaves it alone while this one writes
     try:
         yield from _write_and_swap(path, tmp, token)
     finally:
