@@ -642,3 +642,18 @@ def test_a_metrics_file_whose_parts_disagree_is_named_not_a_traceback(tmp_path):
     (tmp_path / "config.yaml").write_text("checkpoints: {}\n")
     with pytest.raises(InputError, match="metrics.json is corrupt or not biomask's"):
         load_evaluation("task", str(tmp_path), "mcc", None)
+
+
+def test_the_evaluation_figure_shows_leiden_ari_where_methods_have_it(tmp_path):
+    """The kNN protocol's clustering is where a cell model loses to PCA: the figure must not leave it out."""
+    from PIL import Image
+
+    from biomask.report.figures import metric_intervals
+
+    ev = _evaluation(
+        {("baseline", "linear_probe"): [0.7, 0.72, 0.71], ("r2mae", "knn"): [0.8, 0.82, 0.81]}, {}
+    )
+    plain = Image.open(metric_intervals(ev, tmp_path / "plain.png")).size[0]
+    ev.results["summary"]["r2mae/knn"]["cluster_ari"] = summarize([0.5, 0.52, 0.51])
+    with_ari = Image.open(metric_intervals(ev, tmp_path / "ari.png")).size[0]
+    assert with_ari == pytest.approx(plain * 4 / 3, rel=0.05)  # one more panel of the same width

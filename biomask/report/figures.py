@@ -15,7 +15,7 @@ from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
 from biomask.report.collect import Evaluation, PretrainRun
 
-_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC"}
+_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC", "cluster_ari": "Leiden ARI (res. 1)"}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -111,16 +111,21 @@ def _colour(method: dict, grouped: bool) -> str:
 
 
 def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
-    """Mean and 95 % CI over seeds of each method, per metric."""
+    """Mean and 95 % CI over seeds of each method, per metric; and Leiden ARI where methods have it
+    (the kNN protocol's clustering: a figure without it would hide where a model loses)."""
     methods = evaluation.results["methods"]
+    summaries = evaluation.results["summary"]
+    clustering = ["cluster_ari"] if any("cluster_ari" in summaries[m["name"]] for m in methods) else []
+    panels = [*METRICS, *clustering]
     fig, axes = plt.subplots(
-        1, len(METRICS), figsize=(4.2 * len(METRICS), 0.35 * len(methods) + 1.4), sharey=True
+        1, len(panels), figsize=(4.2 * len(panels), 0.35 * len(methods) + 1.4), sharey=True
     )
     labels = [m["name"] if m["group"] == "baseline" else f"{m['group']} / {m['protocol']}" for m in methods]
     grouped = "unit" in evaluation.results  # pretrained schemes summarised over their pretraining seeds
     y = np.arange(len(methods))
-    for ax, metric in zip(axes, METRICS):
-        summary = [evaluation.results["summary"][m["name"]][metric] for m in methods]
+    missing = {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0}
+    for ax, metric in zip(axes, panels):
+        summary = [summaries[m["name"]].get(metric, missing) for m in methods]  # ARI: kNN rows only
         mean = np.array([s["mean"] for s in summary])
         low = np.array([s["ci_low"] if s["n"] > 1 else s["mean"] for s in summary])
         high = np.array([s["ci_high"] if s["n"] > 1 else s["mean"] for s in summary])
