@@ -485,8 +485,8 @@ def render_report(results: dict[str, Any]) -> str:
             f"Best resolution: scIB's protocol, Leiden at resolutions {clustering.RESOLUTIONS[0]:g}–"
             f"{clustering.RESOLUTIONS[-1]:g} on the same graph, the one with the highest NMI kept (the "
             "labels choose the resolution, for every representation alike). Every record is clustered in "
-            "every seed, so a baseline's interval here is over Leiden's random seed only, and a pretrained "
-            "model's also over its pretraining seeds.",
+            "every seed, so an interval here is over Leiden's random seed only, not over data (the spread "
+            "over pretraining seeds is in the study report).",
             "",
             "| representation | ARI | NMI | ARI, best resolution | NMI, best resolution |",
             "|---|---|---|---|---|",
