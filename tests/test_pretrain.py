@@ -593,3 +593,36 @@ def test_ctrl_c_twice_stops_at_once_and_the_caller_gets_its_handler_back():
         ignored.restore()
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_an_output_a_live_run_writes_is_refused_and_a_finished_run_of_other_processes_too(tmp_path):
+    """Two launches into one output delete each other's checkpoints (also when a killed launcher
+    left its workers running): the second is refused while the first runs, --overwrite or not. A run
+    finished with another number of processes had another global batch: not reused as this one."""
+    import socket
+    import sys
+
+    from biomask.errors import InputError, StaleOutputError
+    from biomask.training import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.mark_in_progress(out, "fp", 1)
+    state = json.loads((out / rundir.IN_PROGRESS).read_text())
+    assert (state["pid"], state["host"]) == (os.getpid(), socket.gethostname())
+    assert rundir.decide(out, "fp", 1, {}, overwrite=False) == "resume"  # its own process: not "another"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "biomask pretrain"])
+    try:
+        state["pid"] = other.pid
+        (out / rundir.IN_PROGRESS).write_text(json.dumps(state))
+        for overwrite in (False, True):
+            with pytest.raises(InputError, match=f"still running \\(pid {other.pid} on "):
+                rundir.decide(out, "fp", 1, {}, overwrite=overwrite)
+    finally:
+        other.kill()
+        other.wait()
+    assert rundir.decide(out, "fp", 1, {}, overwrite=False) == "resume"  # gone: resumed
+    (out / "run.json").write_text(json.dumps({"stage": "pretrain", "fingerprint": "fp", "world_size": 2}))
+    assert rundir.is_done(out, "fp", 2)
+    with pytest.raises(StaleOutputError, match="finished with 2 processes; this launch has 1"):
+        rundir.is_done(out, "fp", 1)

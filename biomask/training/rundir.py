@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -98,11 +100,56 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
 
 
-def is_done(path: Path, fingerprint: str) -> bool:
+def is_done(path: Path, fingerprint: str, world_size: int | None = None) -> bool:
     """Whether `path` holds a finished run of this fingerprint: a read only, the same on every rank
-    (the run directory is on a shared filesystem), so it needs no process group."""
+    (the run directory is on a shared filesystem), so it needs no process group. One finished with
+    another number of processes is not this run (its global batch differs): refused."""
     info = read_run_info(path) if path.is_dir() else None
-    return info is not None and info.get("fingerprint") == fingerprint
+    if info is None or info.get("fingerprint") != fingerprint:
+        return False
+    _check_finished_world_size(path, info, world_size)
+    return True
+
+
+def _check_finished_world_size(path: Path, info: dict[str, Any], world_size: int | None) -> None:
+    theirs = info.get("world_size")
+    if world_size is None or theirs is None or int(theirs) == world_size:
+        return
+    raise StaleOutputError(
+        f"output directory {path} holds a run finished with {theirs} process"
+        f"{'es' * (int(theirs) != 1)}; this launch has {world_size}, so its global batch (micro-batch x "
+        "processes) and run would differ. Launch it as before to reuse it, pass --overwrite to train "
+        "again, or choose another output path"
+    )
+
+
+def _refuse_live_writer(path: Path, marker: Path) -> None:
+    """A run still writing `path` (a second launch, or workers a killed launcher left behind): neither
+    resumed beside it nor replaced under it — the two would delete each other's checkpoints."""
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    writer = _live_writer(state) if isinstance(state, dict) else None
+    if writer is not None:
+        raise InputError(
+            f"output directory {path} is being written by a pretrain that is still running ({writer}); "
+            "wait for it to finish or stop it (a killed launcher can leave its workers running), or "
+            "choose another output path"
+        )
+
+
+def _live_writer(state: dict[str, Any]) -> str | None:
+    """'pid N on HOST' when the run that wrote `in_progress.json` still runs here (rank 0 records its
+    pid and host; a pid now used by another program does not count), else None."""
+    pid, host = state.get("pid"), state.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None  # gone (or no /proc to ask: nothing can be told)
+    return f"pid {pid} on {host}" if b"biomask" in command else None
 
 
 def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any], *, overwrite: bool) -> str:
@@ -114,6 +161,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     info = read_run_info(path)
     info = info if written_by_biomask(info) else None  # a run.json of someone else's: none of ours
     marker = path / IN_PROGRESS
+    _refuse_live_writer(path, marker)
     if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
         if info is not None or marker.is_file() or not any(path.iterdir()):
             check_same_stage(path, info, "pretrain")
@@ -129,6 +177,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     if info is not None:
         check_same_stage(path, info, "pretrain")
         if info.get("fingerprint") == fingerprint:
+            _check_finished_world_size(path, info, world_size)
             return "done"
         raise StaleOutputError(
             f"output directory {path} holds a finished run of a different config or input"
@@ -184,8 +233,14 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
         "fingerprint": fingerprint,
         "world_size": world_size,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_writer(),
     }
     atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
+
+
+def _writer() -> dict[str, Any]:
+    """Who writes the run now (rank 0): a second launch into the same output is refused while it runs."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def note_resume(path: Path, step: int) -> None:
@@ -196,6 +251,7 @@ def note_resume(path: Path, step: int) -> None:
     except (OSError, ValueError):
         return
     state["resumed_from"] = [*state.get("resumed_from", []), step]
+    state.update(_writer())
     atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
 
 

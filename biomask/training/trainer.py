@@ -329,7 +329,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
     # group set up: those take seconds, and a pipeline rerun reuses dozens of runs.
-    if not overwrite and rundir.is_done(out, stage.fingerprint):
+    if not overwrite and rundir.is_done(out, stage.fingerprint, dist_env.world_size):
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
         return out
     # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
