@@ -626,3 +626,18 @@ def test_an_output_a_live_run_writes_is_refused_and_a_finished_run_of_other_proc
     assert rundir.is_done(out, "fp", 2)
     with pytest.raises(StaleOutputError, match="finished with 2 processes; this launch has 1"):
         rundir.is_done(out, "fp", 1)
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_a_message_not_a_traceback(tmp_path):
+    """DeepSpeed only logs that it could not make the folder (permission denied, read-only); torch.save
+    then raises a RuntimeError about the missing parent. That is the file system refusing: exit 2."""
+    from biomask.errors import EnvironmentIOError
+    from biomask.training.checkpoint import _save_failed
+
+    tmp = tmp_path / "checkpoints" / ".tmp-step00000030"
+    tmp.mkdir(parents=True)
+    with pytest.raises(EnvironmentIOError, match="make the folder writable"):
+        _save_failed(tmp, RuntimeError(f"Parent directory {tmp} does not exist."))
+    assert not tmp.exists()
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not dressed up as bad input
+        _save_failed(tmp, ValueError("a bug"))

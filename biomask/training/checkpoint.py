@@ -243,8 +243,11 @@ def _save_failed(tmp: Path, exc: BaseException) -> None:
     torch.save reports a full disk as a RuntimeError ("... file write failed")."""
     from biomask.errors import EnvironmentIOError, describe_os_error, is_environment_error
 
+    # DeepSpeed logs its own failure to make the folder (permission denied, read-only, immutable) and
+    # torch.save then finds no "Parent directory"
     refused = is_environment_error(exc) or (
-        isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "inline_container" in str(exc))
+        isinstance(exc, RuntimeError)
+        and any(s in str(exc) for s in ("write failed", "inline_container", "Parent directory"))
     )
     if not refused:
         raise exc
@@ -256,7 +259,8 @@ def _save_failed(tmp: Path, exc: BaseException) -> None:
     space = f" ({free:,} bytes free there)" if free is not None else ""
     raise EnvironmentIOError(
         f"saving checkpoint {tmp} failed{space}: {reason}; the partial checkpoint was removed and a "
-        "rerun resumes from the previous complete one -- free some space and run the same command again"
+        "rerun resumes from the previous complete one -- make the folder writable or free some space, "
+        "and run the same command again"
     ) from None
 
 
