@@ -6,6 +6,7 @@ checkpoint reproduces the engine's numbers without DeepSpeed, and bad input exit
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -641,3 +642,18 @@ def test_a_checkpoint_folder_that_cannot_be_made_is_a_message_not_a_traceback(tm
     assert not tmp.exists()
     with pytest.raises(ValueError, match="a bug"):  # anything else is not dressed up as bad input
         _save_failed(tmp, ValueError("a bug"))
+
+
+def test_zero_0_logs_and_checks_the_gradient_norm_as_the_other_stages_do(genome_store, tmp_path, cli):
+    """DeepSpeed reports no gradient norm at ZeRO-0 (what `stage: auto` picks for one process): biomask
+    takes it itself, before clipping, so it is logged and a non-finite one stops the run there too."""
+    norms = {}
+    for stage in (0, 2):
+        out = tmp_path / f"z{stage}"
+        args = overrides(genome_store, out, **{"train.steps": 8, "deepspeed.stage": stage})
+        code, _, err = cli("pretrain", "-c", CONFIG, *args)
+        assert code == 0, err
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        norms[stage] = [x["grad_norm"] for x in lines if x["kind"] == "train"]
+    assert len(norms[0]) == 2 and all(math.isfinite(n) and n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)  # the same quantity DeepSpeed gives at ZeRO-2

@@ -154,17 +154,28 @@ def train_step(
     grad_accum: int,
     device: torch.device,
     sums: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step: `grad_accum` micro-batches of mask -> forward -> backward; DeepSpeed steps
     the optimizer and the schedule on the last one. Adds to `sums` (float64, WINDOW_SUMS order, on the
-    device: nothing is read back here); returns the step's realised mask ratio (a device scalar)."""
+    device: nothing is read back here); returns the step's realised mask ratio (a device scalar) and,
+    where DeepSpeed computes none (ZeRO-0), the global gradient norm before clipping (else None)."""
     step_ratio = torch.zeros((), dtype=torch.float64, device=device)
+    norm = None
     for micro in range(grad_accum):
         batch = to_device(train_data.batch(step, micro), device)
         masked = masker(batch, step)
         out = engine(model_inputs(masked))
         # what is minimised; `loss` (the masked tokens' loss) is what is logged and held out
         engine.backward(out.get("objective", out["loss"]))
+        if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
+            # the gradients are averaged over ranks by now and not yet clipped: ZeRO-0 reports no
+            # norm, so a non-finite gradient would otherwise go unnoticed until the weights
+            grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+            norm = (
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else None
+            )
         engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
         n = out["n_masked"].to(torch.float64)
         ratio = masked["realised_ratio"].to(torch.float64)
@@ -178,7 +189,7 @@ def train_step(
             ]
         )
         step_ratio += ratio / grad_accum
-    return step_ratio
+    return step_ratio, norm
 
 
 def eval_masking(cfg: MaskingConfig) -> MaskingConfig:
@@ -474,6 +485,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
     sums = torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=device)
     pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
+    computed_norm: torch.Tensor | None = None  # ZeRO-0: the gradient norm train_step took (see grad_norm)
 
     def read_window() -> None:
         """The device sums into `window` (one wait for the device), then the finiteness check: the
@@ -486,9 +498,12 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             step_ratios.extend(torch.stack(pending_ratios).tolist())
         sums.zero_()
         pending_ratios.clear()
-        finite.check_step(
-            step, cfg, window["loss"], engine.get_global_grad_norm(), dist_env.world_size, device
-        )
+        finite.check_step(step, cfg, window["loss"], grad_norm(), dist_env.world_size, device)
+
+    def grad_norm() -> float | None:
+        """The last step's global gradient norm: DeepSpeed's, or at ZeRO-0 the one train_step took."""
+        norm = engine.get_global_grad_norm()
+        return norm if norm is not None or computed_norm is None else float(computed_norm)
 
     def save_checkpoint() -> Path:
         read_window()
@@ -522,9 +537,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     window_start = time.perf_counter()
     try:
         while step < cfg.train.steps:
-            pending_ratios.append(
-                train_step(engine, masker, train_data, step, cfg.train.grad_accum, device, sums)
+            step_ratio, computed_norm = train_step(
+                engine, masker, train_data, step, cfg.train.grad_accum, device, sums
             )
+            pending_ratios.append(step_ratio)
             step += 1
             metrics.advance()
 
@@ -545,9 +561,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 }
                 if arch.target != "values":
                     record["accuracy"] = totals["correct"] / max(totals["masked"], 1.0)
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                norm = grad_norm()
+                if norm is not None:
+                    record["grad_norm"] = float(norm)
                 metrics.log(step, "train", record)
                 window = dict.fromkeys(window, 0.0)
                 step_ratios = []
