@@ -791,6 +791,17 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     root.propagate = False
 
 
+def _said_by_rank0(exc: BiomaskError) -> bool:
+    """On ranks above 0, an error every rank raises alike (rank 0's bad-input verdict, the requeue
+    checkpoint) is printed by rank 0 alone: once in a log, not once per GPU."""
+    from biomask.errors import Requeue
+
+    rank = os.environ.get("RANK", "0")
+    return (
+        rank.isdigit() and int(rank) > 0 and (getattr(exc, "from_rank0", False) or isinstance(exc, Requeue))
+    )
+
+
 def _report_error(exc: BiomaskError) -> None:
     """Tell a pipeline runner which error ended a stage (it re-runs one whose output went stale)."""
     path = os.environ.get("BIOMASK_ERROR_FILE")
@@ -816,7 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone away shows here, inside the handlers, not at interpreter exit
         return code
     except BiomaskError as exc:
-        print(f"biomask: error: {exc}", file=sys.stderr)
+        if not _said_by_rank0(exc):
+            print(f"biomask: error: {exc}", file=sys.stderr)
         _report_error(exc)
         return exc.exit_code
     except BrokenPipeError:

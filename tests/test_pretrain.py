@@ -657,3 +657,18 @@ def test_zero_0_logs_and_checks_the_gradient_norm_as_the_other_stages_do(genome_
         norms[stage] = [x["grad_norm"] for x in lines if x["kind"] == "train"]
     assert len(norms[0]) == 2 and all(math.isfinite(n) and n > 0 for n in norms[0])
     assert norms[0] == pytest.approx(norms[2], rel=1e-4)  # the same quantity DeepSpeed gives at ZeRO-2
+
+
+def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(monkeypatch):
+    """Rank 0's bad-input verdict reaches every rank (so none waits in a collective); printed by each it
+    would fill a 64-GPU log 64 times. An error of a rank's own is still printed where it happened."""
+    from biomask.cli import _said_by_rank0
+    from biomask.errors import InputError, Requeue
+
+    shared = InputError("bad input seen by rank 0")
+    shared.from_rank0 = True  # what on_rank0 marks on the ranks it hands rank 0's error to
+    cases = [(shared, "0", False), (shared, "1", True), (InputError("rank 1's own"), "1", False),
+             (Requeue("checkpointed"), "1", True), (Requeue("checkpointed"), "0", False)]  # fmt: skip
+    for exc, rank, silent in cases:
+        monkeypatch.setenv("RANK", rank)
+        assert _said_by_rank0(exc) is silent, (rank, exc)

@@ -320,5 +320,7 @@ def on_rank0(fn: Callable[[], Any], dist_env: DistEnv) -> Any:
 
         dist.broadcast_object_list(result, src=0)
     if isinstance(result[0], BaseException):
+        if not dist_env.is_main:
+            result[0].from_rank0 = True  # type: ignore[attr-defined]  # rank 0 says it: once, not N times
         raise result[0]
     return result[0]
