@@ -613,6 +613,7 @@ def test_an_output_a_live_run_writes_is_refused_and_a_finished_run_of_other_proc
     assert (state["pid"], state["host"]) == (os.getpid(), socket.gethostname())
     assert rundir.decide(out, "fp", 1, {}, overwrite=False) == "resume"  # its own process: not "another"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "biomask pretrain"])
+    _wait_for(lambda: b"biomask" in Path(f"/proc/{other.pid}/cmdline").read_bytes(), other)  # exec'd
     try:
         state["pid"] = other.pid
         (out / rundir.IN_PROGRESS).write_text(json.dumps(state))
