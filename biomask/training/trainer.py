@@ -170,12 +170,8 @@ def train_step(
         if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
             # the gradients are averaged over ranks by now and not yet clipped: ZeRO-0 reports no
             # norm, so a non-finite gradient would otherwise go unnoticed until the weights
-            grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-            norm = (
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                if grads
-                else None
-            )
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None  # one fused pass
         engine.step()  # DeepSpeed steps the optimizer and the schedule every grad_accum calls
         n = out["n_masked"].to(torch.float64)
         ratio = masked["realised_ratio"].to(torch.float64)
