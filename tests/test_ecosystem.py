@@ -319,6 +319,137 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, e
     assert np.allclose(lengths, 1.0, atol=1e-5) == (embed_norm == "l2")
 
 
+def test_hf_export_reads_raw_sequences_as_overlapping_kmers_and_trains_a_classifier(tmp_path):
+    """DNABERT-style tokens: the export's tokenizer writes a raw sequence's k-mers itself (a plain
+    tokenizer.json would read the whole sequence as one [UNK]); the classifier class loads the encoder."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from biomask.dna.tokenizers import OverlappingKmerTokenizer
+    from biomask.export import export_hf
+    from biomask.models import EncoderConfig, build_model, save_pretrained
+
+    tokenizer = OverlappingKmerTokenizer(k=3)
+    tokenizer.save(tmp_path / "tok")
+    arch = EncoderConfig(
+        vocab_size=tokenizer.vocab_size,
+        modality="dna",
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        max_len=66,
+    )
+    torch.manual_seed(0)
+    model = build_model(arch)
+    checkpoint = save_pretrained(
+        model.state_dict(), arch, tmp_path / "kmer3", tokenizer_dir=tmp_path / "tok",
+        info={"modality": "dna", "training": {"max_length": 66}},
+    )  # fmt: skip
+    folder = export_hf(checkpoint, tmp_path / "hf")
+    assert (folder / "tokenization_biomask.py").is_file()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    sequences = ["ACGTACGTAG", "ttgcaNACGG"]
+    ids = tok(sequences, padding=True, return_tensors="pt")
+    records = [{"tokens": tokenizer.encode(seq.upper())} for seq in sequences]
+    assert torch.equal(ids["input_ids"], collate(records, modality="dna")["input_ids"])
+    assert tok("ACG CGT GTA")["input_ids"] == tok("ACGTA")["input_ids"]  # DNABERT's written-out form too
+    assert tok.unk_token_id not in tok("acgta")["input_ids"]
+    hf = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    ours = embed_records(load_pretrained(checkpoint), records, pooling="mean")
+    assert float(np.abs(hf.embed(**ids).numpy() - ours).max()) < 1e-5
+    with pytest.raises(ValueError, match=r"record\(s\) \[0\] have no tokens"):
+        hf(
+            **tok(["A", "ACGTA"], padding=True, return_tensors="pt")
+        )  # shorter than one k-mer: nothing to pool
+
+    # a classifier on the pooled vector: the encoder's weights load, the head learns
+    clf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2)
+    assert torch.equal(clf.biomask.embedder.tokens.weight, hf.embedder.tokens.weight)
+    rng = np.random.default_rng(0)
+    sequences = ["".join(rng.choice(list("ACGT"), 20)) for _ in range(32)]
+    labels = torch.tensor([int(seq.count("G") > 5) for seq in sequences])
+    batch = tok(sequences, padding=True, return_tensors="pt")
+    optimizer = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = clf(**batch, labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+    assert out.logits.shape == (32, 2) and losses[-1] < losses[0] * 0.8
+    # saved by transformers, the folder no longer claims to be biomask's export as written
+    clf.save_pretrained(tmp_path / "tuned")
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())["biomask"]
+    assert saved["format"] == "saved-from-biomask-hf-export" and "weights_sha256" not in saved
+    assert json.loads((folder / "config.json").read_text())["biomask"]["format"] == "biomask-hf-export"
+
+
+def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_its_panel(
+    pbmc_store, tmp_path
+):
+    from transformers import AutoConfig, AutoModel
+
+    from biomask.export import export_hf
+    from biomask.models import EncoderConfig, ProfileAutoencoder, save_pretrained
+    from biomask.models.profile import gene_statistics
+
+    store = TokenStore(pbmc_store)
+    records = [{k: np.asarray(store.split("train")[i][k]) for k in ("tokens", "values")} for i in range(8)]
+    arch = EncoderConfig(
+        vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
+        n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    profile = ProfileAutoencoder(arch)
+    profile.set_gene_stats(*gene_statistics(records, arch.vocab_size, panel=False))
+    checkpoint = save_pretrained(
+        profile.state_dict(), arch, tmp_path / "profile", tokenizer_dir=pbmc_store / "tokenizer",
+        info={"modality": "cells", "scheme": "binned", "training": {"max_length": 766}},
+    )  # fmt: skip
+    folder = export_hf(checkpoint, tmp_path / "hf")
+    batch = collate(records, modality="cells")
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "values": batch["values"],
+    }
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        full = model(**inputs).pooler_output
+    for dtype in (torch.float16, torch.bfloat16):
+        half = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+        with torch.no_grad():
+            out = half(**{**inputs, "values": inputs["values"].to(dtype)}).pooler_output
+        assert out.dtype == dtype and float((out.float() - full).abs().max()) < 0.1
+    # a gene outside the panel ([UNK]) and values at the specials change nothing, as in biomask.embed
+    ids, values = inputs["input_ids"].clone(), inputs["values"].clone()
+    pad = ~inputs["attention_mask"][0]
+    assert bool(pad.any())
+    slot = int(pad.nonzero()[0])
+    ids[0, slot], values[0, slot] = 4, 5.0  # [UNK] with a value
+    values[0, 0] = 3.0  # a value at [CLS]
+    mask = inputs["attention_mask"].clone()
+    mask[0, slot] = True
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, values=values).pooler_output
+    assert float((out - full).abs().max()) == 0.0
+    ids[0, slot] = ids[0, 1]  # a gene listed twice: refused, not silently one of its two values
+    with pytest.raises(ValueError, match=r"record\(s\) \[0\] list a gene more than once"):
+        model(input_ids=ids, attention_mask=mask, values=values)
+    # transformers' config switches are honoured
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True, output_hidden_states=True)
+    with torch.no_grad():
+        assert (
+            len(
+                AutoModel.from_pretrained(folder, config=config, trust_remote_code=True)(
+                    **inputs
+                ).hidden_states
+            )
+            == 3
+        )
+
+
 # ------------------------------------------------------------------------------------------- logs, CLI
 
 

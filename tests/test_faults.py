@@ -219,12 +219,44 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     code, _, err = cli(*base, tmp_path / "hf")  # the same checkpoint again: reused, as other stages do
     assert code == 0 and "up to date" in err
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
-    (tmp_path / "hf" / "model.safetensors").write_bytes(b"damaged")  # not reused once its weights changed
+    card = (tmp_path / "hf" / "README.md").read_text()  # no card there: biomask wrote one
+    assert "library_name: transformers" in card and "R²MAE" in card
+    # a file missing is not reused, but nothing of anyone's is lost by writing it again
+    (tmp_path / "hf" / "tokenizer_config.json").unlink()
+    code, _, err = cli(*base, tmp_path / "hf")
+    assert code == 2 and "changed or missing file" in err
+    assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    # weights changed since the export (fine-tuned and saved there): not reused, and not replaced
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"fine-tuned")
     assert cli(*base, tmp_path / "hf")[0] == 2
+    code, _, err = cli(*base, tmp_path / "hf", "--overwrite")
+    assert code == 2 and "model.safetensors changed since biomask exported them" in err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == b"fine-tuned"
+    (tmp_path / "hf" / "model.safetensors").unlink()
     # another checkpoint into the same folder: refused without --overwrite
     code, _, err = cli("export-hf", "--checkpoint", tmp_path / "seed99", "--output", tmp_path / "hf")
     assert code == 2 and "not this checkpoint's as it is now" in err and "--overwrite" in err
-    assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0  # its own export: replaced
+    (tmp_path / "hf" / "README.md").write_text(card + "\nMy notes.\n")  # the card, edited: now the user's
+    code, _, err = cli(
+        "export-hf", "--checkpoint", tmp_path / "seed99", "--output", tmp_path / "hf", "--overwrite"
+    )
+    assert code == 0 and "kept what biomask did not write in" in err and "README.md" in err
+    assert (tmp_path / "hf" / "README.md").read_text().endswith("My notes.\n")
+    assert (
+        json.loads((tmp_path / "hf" / "config.json").read_text())["biomask"]["source_checkpoint"]["training"][
+            "seed"
+        ]
+        == 99
+    )
+    # a sibling that merely looks like the export's staging folder is never touched
+    (tmp_path / ".hf.export").mkdir()
+    (tmp_path / ".hf.export" / "precious.txt").write_text("keep")
+    assert cli(*base, tmp_path / "hf", "--overwrite")[0] == 0
+    assert (tmp_path / ".hf.export" / "precious.txt").read_text() == "keep"
+    # an export passed as the checkpoint: named as what it is
+    code, _, err = cli("export-hf", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "again")
+    assert code == 2 and "is a Hugging Face export" in err and "model/ folder" in err
 
 
 def test_embed_overwrite_replaces_only_an_h5ad_biomask_wrote(tmp_path, cli, splice_rows, dna_checkpoint):

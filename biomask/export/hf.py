@@ -3,7 +3,7 @@
     biomask export-hf --checkpoint runs/pretrain/dna-tiny/model --output exports/dna-tiny
 
     from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("exports/dna-tiny")
+    tok = AutoTokenizer.from_pretrained("exports/dna-tiny", trust_remote_code=True)
     model = AutoModel.from_pretrained("exports/dna-tiny", trust_remote_code=True)
 
 The folder (relocatable: nothing in it names a path that loading needs):
@@ -18,7 +18,15 @@ The folder (relocatable: nothing in it names a path that loading needs):
 - `tokenizer.json`, `tokenizer_config.json` (`model_max_length` = the length the model was trained on,
   specials included), `special_tokens_map.json`; DNA tokenizers get a normaliser (lowercase →
   uppercase, or N where the corpus treated soft-masked bases as ambiguous; IUPAC ambiguity letters →
-  N), as `biomask embed` cleans sequences. Cells: `genes.tsv` (gene ids and corpus medians) too.
+  N; whitespace dropped, so a pasted multi-line sequence reads whole), as `biomask embed` cleans
+  sequences. Overlapping k-mers (DNABERT's tokens) also get `tokenization_biomask.py`, a tokenizer
+  class that writes a raw sequence's k-mers itself (no `tokenizers` pre-tokenizer emits overlapping
+  pieces). Cells: `genes.tsv` (gene ids and corpus medians) too;
+- `README.md`, a model card, when the folder has none (one you wrote is kept).
+
+`config.json` records the sha256 of every file the export wrote: a rerun reuses only an export whose
+files are all as written, and `--overwrite` refuses to replace files changed since (fine-tuned weights
+saved into the folder, an edited tokenizer), naming them.
 
 Exported kinds: the transformer (DNA and cells), the dilated CNN (`kind: "cnn"`, DNA; pooling
 "mean") and the profile autoencoder (`kind: "mlp"`, cells). The panel transformer is not (yet).
@@ -30,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,7 @@ from biomask.provenance import sha256_file
 log = logging.getLogger(__name__)
 
 MODELING = Path(__file__).with_name("hf_modeling.py")
+TOKENIZATION = Path(__file__).with_name("hf_tokenization.py")
 ARCH_KEYS = (
     "vocab_size",
     "modality",
@@ -72,13 +82,15 @@ def encoder_state(model: Any) -> dict[str, Any]:
     }
 
 
-def dna_normalizer(lowercase: str) -> Any:
+def dna_normalizer(lowercase: str, *, keep_spaces: bool = False) -> Any:
     """Uppercase (or N for soft-masked bases when the corpus treated them as ambiguous); IUPAC
-    ambiguity letters of either case become N, as `biomask embed`'s cleaner does."""
+    ambiguity letters of either case become N, as `biomask embed`'s cleaner does; whitespace (a
+    pasted multi-line sequence) is dropped unless the tokens are written space-separated."""
     from tokenizers import Regex, normalizers
 
     ambiguous = IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower() + "n"
-    steps = [normalizers.Replace(Regex(f"[{ambiguous}]"), "N")]
+    steps = [] if keep_spaces else [normalizers.Replace(Regex(r"\s"), "")]
+    steps.append(normalizers.Replace(Regex(f"[{ambiguous}]"), "N"))
     for base in "acgt":
         steps.append(normalizers.Replace(base, "N" if lowercase == "ambiguous" else base.upper()))
     return normalizers.Sequence(steps)
@@ -89,14 +101,16 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
 
     info = model.checkpoint_info
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    settings = config.get("biomask") or {}
+    kmers = settings.get("kind") == "overlapping_kmer"
     if model.config.modality == "dna":
         cleaning = (info.get("prep") or {}).get("cleaning") or {}
-        ours = dna_normalizer(cleaning.get("lowercase", "upper"))
+        ours = dna_normalizer(cleaning.get("lowercase", "upper"), keep_spaces=kmers)
         tokenizer.normalizer = (
             ours if tokenizer.normalizer is None else normalizers.Sequence([ours, tokenizer.normalizer])
         )
     tokenizer.save(str(target / "tokenizer.json"))
-    config = json.loads((source / "tokenizer_config.json").read_text())
     specials = {
         k: config[k]
         for k in ("pad_token", "cls_token", "sep_token", "mask_token", "unk_token")
@@ -110,6 +124,11 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
             "model_input_names": ["input_ids", "attention_mask"],
         }
     )
+    if kmers:  # a raw sequence becomes its k-mers in the remote tokenizer class
+        shutil.copyfile(TOKENIZATION, target / "tokenization_biomask.py")
+        config["tokenizer_class"] = "BiomaskKmerTokenizerFast"
+        config["kmer_k"] = int(settings["k"])
+        config["auto_map"] = {"AutoTokenizer": [None, "tokenization_biomask.BiomaskKmerTokenizerFast"]}
     (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     if (source / "genes.tsv").is_file():
@@ -124,8 +143,11 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
         "auto_map": {
             "AutoConfig": "modeling_biomask.BiomaskConfig",
             "AutoModel": "modeling_biomask.BiomaskModel",
+            "AutoModelForSequenceClassification": "modeling_biomask.BiomaskForSequenceClassification",
         },
         **{k: arch[k] for k in ARCH_KEYS if k in arch},
+        # a CNN has no position table: the longest record it reads whole, not its training crop
+        **({"max_len": int(max_length)} if arch.get("kind") == "cnn" else {}),
         "pooling": "mean",
         "model_max_length": int(max_length),
         "pad_token_id": 0,
@@ -144,12 +166,70 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
 EXPORT_FILES = (
     "model.safetensors",
     "modeling_biomask.py",
+    "tokenization_biomask.py",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "genes.tsv",
     "config.json",
 )
+CARD = "README.md"  # the model card: written where the folder has none, replaced only as written
+
+
+def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
+    """A Hub model card: what the model is, how it was trained, how to load it."""
+    info = model.checkpoint_info
+    name = config["biomask"]["exported_from"]
+    modality = "DNA" if model.config.modality == "dna" else "single-cell expression"
+    masking = info.get("masking") or {}
+    ratio = masking.get("ratio") or {}
+    if masking.get("scheme") == "r2mae" and ratio.get("kind") == "uniform":
+        scheme = (
+            f"R²MAE, mask ratio ~ U({ratio.get('low')}, {ratio.get('high')}) per {ratio.get('granularity')}"
+        )
+    else:
+        scheme = str(masking.get("scheme"))
+    training = info.get("training") or {}
+    data = info.get("data") or {}
+    sources = ", ".join(
+        f"{src.get('name')} (sha256 {str(src.get('sha256'))[:12]}…)" for src in data.get("sources") or []
+    )
+    tags = ["biomask", "masked-pretraining", "dna" if model.config.modality == "dna" else "single-cell"]
+    example = (
+        'batch = tok(["ACGTTGCA", "acgtnnRY"], padding=True, truncation=True, return_tensors="pt")\n'
+        "vectors = model.embed(**batch)   # (B, d): biomask's embedding, pooling "
+        f"{config['pooling']!r}"
+        if model.config.modality == "dna"
+        else "# cells: gene names (genes.tsv order, zeros included) plus token-aligned `values`;\n"
+        "# biomask.embed(adata, checkpoint) builds them for you"
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: feature-extraction
+tags: [{", ".join(tags)}]
+---
+
+# {name}
+
+A {modality} encoder (`{model.config.kind}`, {model.config.n_layers} layers, width {model.config.d_model})
+pretrained by masked modelling with [biomask](https://github.com/biomask/biomask) and exported with
+`biomask export-hf`. Its config.json keeps the source checkpoint's full provenance under `biomask`.
+
+- Masking: {scheme}
+- Training: {training.get("steps")} steps, seed {training.get("seed")}, global batch {training.get("global_batch")}, {training.get("max_length")} tokens per record
+- Data: {sources or "(not recorded)"}
+
+```python
+from transformers import AutoModel, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)
+model = AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)
+{example}
+```
+
+For a classifier: `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
+num_labels=K)` (a new head on the pooled vector).
+"""
 
 
 def _is_export(folder: Path) -> bool:
@@ -161,22 +241,46 @@ def _is_export(folder: Path) -> bool:
     return isinstance(config, dict) and (config.get("biomask") or {}).get("format") == "biomask-hf-export"
 
 
+def _recorded_files(folder: Path) -> dict[str, str] | None:
+    """The sha256 of every file the export in `folder` wrote, as its config.json records them
+    (None for an export of a biomask that did not record them)."""
+    try:
+        files = (json.loads((folder / "config.json").read_text()).get("biomask") or {}).get("files_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def _changed_files(folder: Path) -> list[str]:
+    """Files of the export in `folder` that differ from what it wrote (deleted ones do not count:
+    nothing of anyone's is lost by writing them again; an edited model card is kept, not replaced)."""
+    files = _recorded_files(folder) or {}
+    return sorted(
+        name
+        for name, digest in files.items()
+        if name != CARD and (folder / name).is_file() and sha256_file(folder / name) != digest
+    )
+
+
 def _exports(folder: Path, model: Any) -> bool:
-    """Whether `folder` is this module's export of this very checkpoint (its config.json, so its
-    weights' digest) by this version of the remote code — what a rerun may reuse as it is."""
+    """Whether `folder` is this module's export of this very checkpoint by this version of the remote
+    code, every file as written — what a rerun may reuse as it is."""
     try:
         config = json.loads((folder / "config.json").read_text())
         same_code = (folder / "modeling_biomask.py").read_bytes() == MODELING.read_bytes()
     except (OSError, ValueError):
         return False
     recorded = config.get("biomask") or {}
-    weights = folder / "model.safetensors"
+    files = _recorded_files(folder)
     return (
         same_code
         and recorded.get("source_checkpoint") == json.loads(json.dumps(model.checkpoint_info, default=str))
-        and (folder / "tokenizer.json").is_file()
-        and weights.is_file()
-        and recorded.get("weights_sha256") == sha256_file(weights)
+        and files is not None
+        and all(
+            (folder / name).is_file() and sha256_file(folder / name) == d
+            for name, d in files.items()
+            if name != CARD  # the card may be edited: it is then the user's, kept as it is
+        )
     )
 
 
@@ -188,6 +292,11 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
     from biomask.tensor_files import save_tensors
 
     checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
+    if _is_export(checkpoint):
+        raise InputError(
+            f"{checkpoint} is a Hugging Face export (what export-hf writes), not a biomask checkpoint: "
+            "pass the checkpoint it was exported from (a pretraining run's model/ folder)"
+        )
     model = load_pretrained(checkpoint)  # verifies the weights' and the tokenizer's checksums
     if model.config.kind not in ("transformer", "mlp", "cnn"):
         raise InputError(
@@ -212,29 +321,47 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
             if not overwrite:
                 raise OutputExistsError(
                     f"output {output} holds a biomask export that is not this checkpoint's as it is now "
-                    "(another checkpoint, another biomask version, or a changed file); pass --overwrite "
-                    "to replace it"
+                    "(another checkpoint, another biomask version, or a changed or missing file); pass "
+                    "--overwrite to replace it"
+                )
+            changed = _changed_files(output)
+            if changed:  # e.g. fine-tuned weights saved over the export: not biomask's to replace
+                raise OutputExistsError(
+                    f"output {output}: {', '.join(changed)} changed since biomask exported them (fine-tuned "
+                    "and saved there?), so --overwrite will not replace them; move them away or choose "
+                    "another output"
                 )
     max_length = inference_max_length(model)
+    config = hf_config(model, checkpoint, max_length)
+    card = output / CARD
+    ours = (_recorded_files(output) or {}).get(CARD) if output.is_dir() else None
+    write_card = not card.exists() or (ours is not None and sha256_file(card) == ours)
     # what else the folder holds (a model card, a git clone of a Hub repository) is never touched:
     # then the export's own files are replaced one by one instead of the folder as a whole
-    kept = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_FILES) if output.is_dir() else []
-    staged = output.parent / f".{output.name}.export"
-    with atomic_output_dir(staged if kept else output) as tmp:
+    mine = (*EXPORT_FILES, CARD) if write_card else EXPORT_FILES
+    kept = sorted(p.name for p in output.iterdir() if p.name not in mine) if output.is_dir() else []
+    staged = output.parent / f".{output.name}.export-{uuid.uuid4().hex[:8]}"  # a name nobody else has
+    with atomic_output_dir(staged if kept or output.is_dir() else output) as tmp:
         save_tensors(encoder_state(model), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
-        config = hf_config(model, checkpoint, max_length)
-        config["biomask"]["weights_sha256"] = sha256_file(tmp / "model.safetensors")  # what a rerun checks
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
-    if kept:
-        for name in EXPORT_FILES:  # config.json last: the folder reads as the new export once it is in
+        if write_card:
+            (tmp / CARD).write_text(model_card(model, checkpoint, config))
+        written = sorted(p.name for p in tmp.iterdir())
+        config["biomask"]["weights_sha256"] = sha256_file(tmp / "model.safetensors")
+        config["biomask"]["files_sha256"] = {
+            name: sha256_file(tmp / name) for name in written
+        }  # what a rerun checks
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if staged.exists():
+        for name in mine:  # config.json last: the folder reads as the new export once it is in
             if (staged / name).exists():
                 os.replace(staged / name, output / name)
-            else:
+            elif name != CARD:
                 (output / name).unlink(missing_ok=True)  # an old export's file this one does not have
         shutil.rmtree(staged, ignore_errors=True)
-        log.info("export-hf: kept what biomask did not write in %s: %s", output, ", ".join(kept))
+        if kept:
+            log.info("export-hf: kept what biomask did not write in %s: %s", output, ", ".join(kept))
     log.info(
         "export-hf: %s -> %s (model_type biomask, %s, %s)",
         checkpoint,

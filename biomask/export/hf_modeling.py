@@ -1,7 +1,7 @@
 """biomask encoders for Hugging Face `transformers` (the remote code of a `biomask export-hf` folder).
 
     from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("export/")
+    tok = AutoTokenizer.from_pretrained("export/", trust_remote_code=True)
     model = AutoModel.from_pretrained("export/", trust_remote_code=True)
     batch = tok(["ACGTNACGT", "acgtrykm"], padding=True, return_tensors="pt")
     out = model(**batch)                         # last_hidden_state (B, L, D), pooler_output (B, D)
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 PAD_ID, CLS_ID, SEP_ID, NUM_SPECIAL = 0, 1, 2, 5
 CLIP = 10.0  # profile models: standardised values are clipped to ±10 (as in training)
@@ -292,14 +292,23 @@ class BiomaskModel(PreTrainedModel):
         if values is None:
             raise ValueError("a profile model reads expression: pass `values` (token-aligned floats)")
         n = self.config.vocab_size
+        # genes outside the panel ([UNK]) and the specials carry no value, as biomask drops them
+        genes = mask & (ids >= NUM_SPECIAL)
 
         def dense(field: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(ids.shape[0], n, dtype=torch.float32, device=ids.device)
-            return out.scatter_(1, ids, torch.where(mask, field.float(), 0.0))
+            return out.scatter_add_(1, ids, torch.where(genes, field.float(), 0.0))
 
+        listed_times = dense(torch.ones_like(values, dtype=torch.float32))
+        if bool((listed_times > 1).any()):
+            rows = sorted({int(r) for r in (listed_times > 1).any(1).nonzero().flatten()})
+            raise ValueError(
+                f"record(s) {rows[:5]} list a gene more than once: sum its counts before normalising "
+                "(as biomask's prep does), then list each gene once"
+            )
         z = ((dense(values) - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
         if self.config.scheme == "panel":  # a panel gene the record leaves out was not measured: hidden
-            listed = dense(torch.ones_like(values, dtype=torch.float32)) > 0
+            listed = listed_times > 0
             listed[:, :NUM_SPECIAL] = True
             hidden = ~listed
         else:
@@ -310,6 +319,7 @@ class BiomaskModel(PreTrainedModel):
         if getattr(self.config, "ratio_input", False):  # the share of the panel hidden
             h = torch.cat([h, hidden[:, NUM_SPECIAL:].float().mean(1, keepdim=True)], dim=1)
         states = [z]
+        h = h.to(self.gene_mean.dtype)  # a model loaded in float16 / bfloat16 computes in it
         for module in self.encoder:
             h = module(h)
             if isinstance(module, nn.Linear):
@@ -331,6 +341,10 @@ class BiomaskModel(PreTrainedModel):
             )
         if pooling == "cls":
             return h[:, 0]
+        empty = ~content.any(1)
+        if bool(empty.any()):  # biomask refuses an empty record too; a mean of nothing is no vector
+            rows = [int(r) for r in empty.nonzero().flatten()][:5]
+            raise ValueError(f"record(s) {rows} have no tokens between [CLS] and [SEP] (an empty sequence?)")
         if pooling == "concat":
             counts = content.sum(1)
             if bool((counts != counts[0]).any()):
@@ -345,6 +359,26 @@ class BiomaskModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------------ public
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The token embedding (token models); a profile model reads values, not token vectors."""
+        if self.config.kind == "transformer":
+            return self.embedder.tokens
+        return self.embedder if self.config.kind == "cnn" else None
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if self.config.kind == "transformer":
+            self.embedder.tokens = value
+        elif self.config.kind == "cnn":
+            self.embedder = value
+        else:
+            raise ValueError("a profile model (kind mlp) has no token embedding")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers saves, with the provenance saying the folder is no longer biomask's export
+        as written (its weights may be fine-tuned): `biomask export-hf` then leaves it alone."""
+        _mark_saved(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -358,6 +392,10 @@ class BiomaskModel(PreTrainedModel):
         """`last_hidden_state` (B, L, d_model) and `pooler_output` (B, d_model, `config.pooling`);
         `hidden_states` = (embeddings, block 1, ..., normalised last block) when asked. Extra
         tokenizer outputs such as `token_type_ids` are ignored."""
+        if output_hidden_states is None:  # transformers' convention: the config's setting by default
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        if return_dict is None:
+            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
         states, mask = self._states(input_ids, attention_mask, values, bins)
         last = states[-1]
         pooled = self._pool(last, input_ids, mask, self.config.pooling)
@@ -394,3 +432,76 @@ class BiomaskModel(PreTrainedModel):
                 f"-{len(states)}..{len(states) - 1} (-1: the last block, 0: the embeddings)"
             )
         return self._pool(states[layer], input_ids, mask, pooling)
+
+
+def _mark_saved(config: BiomaskConfig) -> None:
+    info = getattr(config, "biomask", None)
+    if isinstance(info, dict) and info.get("format") == "biomask-hf-export":
+        info = dict(info)
+        info["format"] = "saved-from-biomask-hf-export"  # the weights' recorded digests no longer apply
+        info.pop("weights_sha256", None)
+        info.pop("files_sha256", None)
+        config.biomask = info
+
+
+class BiomaskForSequenceClassification(PreTrainedModel):
+    """The encoder with a classification head on its pooled vector (`config.pooling`), for
+    transformers' Trainer: `AutoModelForSequenceClassification.from_pretrained(export,
+    trust_remote_code=True, num_labels=K)`. The head is new (initialised here); the encoder's weights
+    load from the export. `labels` give the loss: cross-entropy, or MSE when num_labels is 1."""
+
+    config_class = BiomaskConfig
+    base_model_prefix = "biomask"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: BiomaskConfig) -> None:
+        if config.pooling == "concat":
+            raise ValueError(
+                "sequence classification reads one vector per record: load with pooling='mean' or "
+                "'max' (concat's width depends on the record's length)"
+            )
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.biomask = BiomaskModel(config)
+        self.dropout = nn.Dropout(float(getattr(config, "classifier_dropout", None) or 0.1))
+        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        BiomaskModel._init_weights(self, module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        _mark_saved(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        bins: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        out = self.biomask(
+            input_ids,
+            attention_mask=attention_mask,
+            values=values,
+            bins=bins,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+        if return_dict is None:
+            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+        if return_dict is False:
+            return tuple(v for v in (loss, logits, out.hidden_states) if v is not None)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
