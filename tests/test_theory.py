@@ -107,13 +107,17 @@ def test_ratio_moments_and_the_equivalent_fixed_ratio():
         0.3
     ).scale == pytest.approx(0.7)
     assert len(ranges([RatioDist.fixed(p) for p in (0.2, 0.4, 0.6, 0.8)])) == 6
+    # the fixed grid: every multiple of the step below 1, also when the step does not divide 1
+    assert TheoryConfig(grid_step=0.24).ratio_grid() == [0.24, 0.48, 0.72, 0.96]
+    assert TheoryConfig(grid_step=0.05).ratio_grid()[-1] == 0.95 and len(TheoryConfig().ratio_grid()) == 19
+    assert TheoryConfig(grid_step=0.07).ratio_grid()[-1] == 0.98
 
 
 @pytest.mark.parametrize("cov", KINDS)
-def test_a_range_is_its_equivalent_fixed_ratio_up_to_scale(cov):
+def test_a_range_is_exactly_its_equivalent_fixed_ratio(cov):
     """K = ∞: U(a, b)'s estimator, from its own normal equations (A XᵀX + B D)w = C Xᵀy solved
-    directly, is the fixed p′ one up to scale (cosine 1), identical after c*; so every scale-free or
-    c*-scaled risk is identical."""
+    directly, is the fixed p′ one, scale included; so every risk is identical. With a loss averaged
+    over each batch's masked entries (weight 1/p per batch) it is exactly another fixed ratio."""
     rng = np.random.default_rng(4)
     pop = population.make_population(cov, 30, rng)
     x, y, _ = pop.sample(rng, 12)
@@ -124,8 +128,16 @@ def test_a_range_is_its_equivalent_fixed_ratio_up_to_scale(cov):
         w = np.linalg.solve(a * gram + b * np.diag(np.diag(gram)), c * x.T @ y)
         np.testing.assert_allclose(fit.closed_form(ridge, [dist])[0, 0], w, rtol=1e-8, atol=1e-10)
         w_eq = fit.closed_form(ridge, [RatioDist.fixed(dist.equivalent)])[0, 0]
-        assert metrics.cosine(w, w_eq) == pytest.approx(1.0, abs=1e-12)
-        np.testing.assert_allclose(dist.scale * w, (1 - dist.equivalent) * w_eq, rtol=1e-8)
+        np.testing.assert_allclose(w, w_eq, rtol=1e-8, atol=1e-12)
+        # batch-mean loss: the normal equations weighted by 1/p are those of the fixed p′ (weighted
+        # or not: a fixed ratio's weight is a constant), and p′ is not the summed loss's
+        a, b, c = dist.moments(lambda p: 1.0 / p)
+        w_mean = np.linalg.solve(a * gram + b * np.diag(np.diag(gram)), c * x.T @ y)
+        w_mean_eq = fit.closed_form(ridge, [RatioDist.fixed(dist.equivalent_batch_mean)])[0, 0]
+        np.testing.assert_allclose(w_mean, w_mean_eq, rtol=1e-8, atol=1e-12)
+        assert dist.equivalent_batch_mean < dist.equivalent - 0.005
+        p = np.linspace(dist.low, dist.high, 200_001)
+        assert dist.equivalent_batch_mean == pytest.approx(np.mean(p * (1 - p)) / np.mean(1 - p), abs=1e-5)
         m_range = metrics.zero_fill(pop, w, dist, [0.0, 0.5])
         m_eq = metrics.zero_fill(pop, w_eq, RatioDist.fixed(dist.equivalent), [0.0, 0.5])
         for key in ("best_scalar", "full_context", "q_avg", "masked_loss"):
@@ -341,6 +353,11 @@ def test_existing_output_is_reused_or_refused(tiny_run, cli):
         ("gammas=[0.5, 0.5]", "gammas are listed twice"),
         ("seed=-1", "seed"),
         ("covariances=[{kind: spiked, spikes: 30}]", "spikes"),
+        ("gammas=[-1]", "gammas[0] = -1.0 gives fewer than 2 features"),  # not sim_gammas' complaint
+        ("gammas=[0.5, 0.51]", "the same number of features twice"),
+        ("test_ratios=[0.2, 0.2]", "test_ratios are listed twice"),
+        ("test_ratios=[0.99999]", "test_ratios[0] = 0.99999 must lie in [0, 0.95]"),
+        ("batch_size=41", "batch_size = 41 is larger than n = 40"),
     ],
 )
 def test_config_errors_name_the_key(cli, tmp_path, override, key):
@@ -369,3 +386,14 @@ def test_paired_statistics():
     )
     c = paired(a, a[::-1])
     assert c["ci_low"] < c["mean_difference"] < c["ci_high"]
+
+
+def test_the_summary_gives_p_prime_of_the_ranges_biomask_ships(repo):
+    """The neural-experiments advice quotes p′ for R²MAE's shipped ranges: they must be the configs'."""
+    from biomask.theory.report import SHIPPED_RANGES
+
+    shipped = set()
+    for name in ("dna-cnn-quick.yaml", "dna-quick.yaml", "dna.yaml", "cells-mlp.yaml"):
+        ratio = yaml.safe_load((repo / "configs/pretrain" / name).read_text())["masking"]["ratio"]
+        shipped.add(RatioDist(ratio["low"], ratio["high"]))
+    assert shipped == set(SHIPPED_RANGES)

@@ -8,8 +8,9 @@ masked with probability p (R²MAE: p ~ U(a, b), drawn per sample or per batch); 
 loss where it is masked, the context is zero-filled where masked. Training makes K passes over the
 n samples with fresh masks and fits by minimum-norm least squares (`fit`); K = ∞ is the expected
 loss, solved in closed form: the generalised ridge (A XᵀX + B diag XᵀX) w = C Xᵀy with
-A = E[p(1−p)²], B = E[p²(1−p)], C = E[p(1−p)] — so U(a, b) is the fixed ratio p′ = B/C up to the
-scale c* = A/C (`ratios`). Two models: zero-fill ŷ = wᵀz, and mask-aware ŷ = f·aᵀz + (1 − f)·bᵀz
+A = E[p(1−p)²], B = E[p²(1−p)], C = E[p(1−p)] — so U(a, b) is exactly the fixed ratio p′ = B/C,
+its output scale c* = A/C = 1 − p′ included (`ratios`; with a loss averaged over each batch's masked
+entries and the ratio drawn per batch, p′ = E[p(1−p)]/E[1−p] instead). Two models: zero-fill ŷ = wᵀz, and mask-aware ŷ = f·aᵀz + (1 − f)·bᵀz
 with f the visible fraction it was masked to.
 
 Metrics (`metrics`, exact given the weights): best-scalar full-context risk (primary), full-context

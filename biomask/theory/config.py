@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,6 +10,7 @@ from pydantic import Field, model_validator
 from biomask.config import Config
 
 Epochs = int | Literal["inf"]
+MAX_TEST_RATIO = 0.95  # the q_avg metric rescales by 1/(1 − q): ×20 at most
 
 
 def _default_test_ratios() -> list[float]:
@@ -95,13 +97,23 @@ class TheoryConfig(Config):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} are listed twice: {values}")
+        for i, g in enumerate(self.gammas):  # before the lists that must name them
+            if g <= 0 or self.dimension(g) < 2:
+                raise ValueError(f"gammas[{i}] = {g} gives fewer than 2 features at n = {self.n}")
+        dims = [self.dimension(g) for g in self.gammas]
+        if len(set(dims)) != len(dims):
+            raise ValueError(
+                f"gammas {self.gammas} give the same number of features twice at n = {self.n} "
+                f"(d = round(γ·n) = {dims}): the same setting, run twice"
+            )
         for key in ("sim_gammas", "probe_gammas"):
             for i, g in enumerate(getattr(self, key)):
                 if g not in self.gammas:
                     raise ValueError(f"{key}[{i}] = {g} is not one of gammas {self.gammas}")
-        for i, g in enumerate(self.gammas):
-            if g <= 0 or self.dimension(g) < 2:
-                raise ValueError(f"gammas[{i}] = {g} gives fewer than 2 features at n = {self.n}")
+        if self.batch_size > self.n:
+            raise ValueError(
+                f"batch_size = {self.batch_size} is larger than n = {self.n} (the samples per pass)"
+            )
         for i, k in enumerate(self.epochs):
             if isinstance(k, int) and k < 1:
                 raise ValueError(f"epochs[{i}] = {k} must be at least 1 (or inf)")
@@ -112,8 +124,10 @@ class TheoryConfig(Config):
         if any(k != "inf" for k in self.epochs) and not self.sim_gammas:
             raise ValueError("finite epochs are simulated for sim_gammas: give at least one, or epochs=[inf]")
         for i, q in enumerate(self.test_ratios):
-            if not 0.0 <= q < 1.0:
-                raise ValueError(f"test_ratios[{i}] = {q} must lie in [0, 1)")
+            if not 0.0 <= q <= MAX_TEST_RATIO:  # dropout rescaling 1/(1 − q) explodes towards 1
+                raise ValueError(f"test_ratios[{i}] = {q} must lie in [0, {MAX_TEST_RATIO}]")
+        if len(set(self.test_ratios)) != len(self.test_ratios):
+            raise ValueError(f"test_ratios are listed twice: {self.test_ratios}")
         if len(self.ratio_grid()) < 2:
             raise ValueError(f"grid_step = {self.grid_step} leaves fewer than 2 ratios")
         smallest = min(self.dimension(g) for g in self.gammas)
@@ -132,5 +146,5 @@ class TheoryConfig(Config):
 
     def ratio_grid(self) -> list[float]:
         """The fixed ratios: multiples of grid_step strictly between 0 and 1."""
-        count = round(1.0 / self.grid_step)
-        return [round(i * self.grid_step, 10) for i in range(1, count) if i * self.grid_step < 1 - 1e-9]
+        count = math.floor((1.0 - 1e-9) / self.grid_step)  # 0.24 -> 0.24, 0.48, 0.72, 0.96
+        return [round(i * self.grid_step, 10) for i in range(1, count + 1)]

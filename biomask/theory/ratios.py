@@ -10,6 +10,13 @@ C = E[p(1 − p)] = A + B. So D acts only through λ = B/A: divided by A, its eq
 ones, the same C/A = 1/(1 − p′) included: the two give one estimator, not two that differ by a
 scale. Its output scale relative to the generalised ridge (XᵀX + λ diag XᵀX)⁻¹Xᵀy is
 c* = A/C = 1 − p′ (for a fixed p: 1 − p, dropout's).
+
+That loss sums over the masked targets, each sample weighing the same. A loss *averaged* over a
+batch's masked entries (biomask's neural losses) weighs a batch masked at p by 1/(its masked count)
+∝ 1/p when the ratio is drawn once per batch: then A, B, C become E[(1 − p)²], E[p(1 − p)],
+E[1 − p] — still C = A + B, so still exactly one fixed ratio, but another one:
+p′ = E[p(1 − p)]/E[1 − p] (`equivalent_batch_mean`; U(0.1, 0.9): 0.393, not 0.5). Drawn per sample,
+a batch's masked count barely varies and `equivalent` stands.
 """
 
 from __future__ import annotations
@@ -53,10 +60,12 @@ class RatioDist:
         p, w = self.nodes()
         return float(np.sum(w * g(p)))
 
-    def moments(self) -> tuple[float, float, float]:
-        """(A, B, C) = (E[p(1 − p)²], E[p²(1 − p)], E[p(1 − p)])."""
-        a = self.expect(lambda p: p * (1 - p) ** 2)
-        b = self.expect(lambda p: p**2 * (1 - p))
+    def moments(self, weight: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float, float]:
+        """(A, B, C) = (E[h p(1 − p)²], E[h p²(1 − p)], E[h p(1 − p)]), h = weight(p) (default 1: a
+        summed loss; 1/p: a batch-mean loss with the ratio drawn per batch)."""
+        h = weight or (lambda p: np.ones_like(p))
+        a = self.expect(lambda p: h(p) * p * (1 - p) ** 2)
+        b = self.expect(lambda p: h(p) * p**2 * (1 - p))
         return a, b, a + b
 
     @property
@@ -67,8 +76,15 @@ class RatioDist:
 
     @property
     def equivalent(self) -> float:
-        """p′ = λ/(1 + λ): the fixed ratio with the same K = ∞ estimator up to scale."""
+        """p′ = λ/(1 + λ) = B/C: the fixed ratio with the same K = ∞ estimator (scale included)."""
         _, b, c = self.moments()
+        return b / c
+
+    @property
+    def equivalent_batch_mean(self) -> float:
+        """p′ for a loss averaged over a batch's masked entries with the ratio drawn per batch (each
+        batch weighs 1/p): E[p(1 − p)]/E[1 − p]. A fixed ratio is its own p′ either way."""
+        _, b, c = self.moments(lambda p: 1.0 / p)
         return b / c
 
     @property

@@ -71,7 +71,16 @@ class Block:
 
     @property
     def regime(self) -> str:
+        """Of the unmasked problem (d against n). A masked fit at ratio p over K passes has about
+        p·K·n rows (the targets masked), so at finite K it is over-parameterised below
+        `interpolation_ratio` whatever this says."""
         return "over" if self.d > self.n else "under" if self.d < self.n else "boundary"
+
+    @property
+    def interpolation_ratio(self) -> float | None:
+        """p = d/(K n): where the finite-K masked fit has as many rows as weights (its risk peaks
+        there); None at K = ∞ (the closed form has no such peak)."""
+        return None if self.epochs is None else self.d / (self.epochs * self.n)
 
 
 @contextlib.contextmanager
@@ -236,6 +245,7 @@ def analyse(
         "d": b.d,
         "epochs": b.k_label,
         "regime": b.regime,
+        "interpolation_ratio": b.interpolation_ratio,
         "bayes_risk": b.population.noise,
         "grid": grid.tolist(),
         "curves": {
