@@ -222,13 +222,23 @@ def write_config(config: BaseModel, directory: str | os.PathLike, name: str = "c
     return path
 
 
+# Keys added after outputs were written, each with the value that does what biomask did before it
+# existed. At that value a key is left out of fingerprints and config diffs, so an output written
+# before the key existed stays current (no needless rerun after an upgrade). Add a new key here
+# when its default keeps the earlier behaviour.
+ADDED_KEYS: dict[str, Any] = {"model.decorrelation": 0.0}
+
+
 def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:
     """A hash of the config's semantic content: equal configs give equal fingerprints.
 
-    `exclude` names dotted keys that do not change results (output paths, worker counts).
+    `exclude` names dotted keys that do not change results (output paths, worker counts); keys of
+    `ADDED_KEYS` at their earlier-behaviour value are left out too.
     """
     data = config.model_dump(mode="json")
-    for dotted in exclude:
+    flat = flatten(data)
+    added = [key for key, value in ADDED_KEYS.items() if key in flat and flat[key] == value]
+    for dotted in (*exclude, *added):
         node = data
         *parents, last = dotted.split(".")
         for part in parents:
@@ -252,6 +262,10 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two resolved configs, one `key: old -> new` per line."""
     a, b = flatten(old), flatten(new)
+    for key, value in ADDED_KEYS.items():  # absent on one side, its earlier-behaviour value on the other
+        if (key not in a and b.get(key) == value) or (key not in b and a.get(key) == value):
+            a.pop(key, None)
+            b.pop(key, None)
     return [
         f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
         for key in sorted(a.keys() | b.keys())

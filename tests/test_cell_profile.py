@@ -702,3 +702,32 @@ def test_cells_without_a_count_in_the_panel_are_named_not_embedded_silently(
     assert adata.uns["X_biomask"]["gene_id_column"] == "var index"
     assert "2 cells express no gene of the model's vocabulary" in caplog.text
     np.testing.assert_allclose(adata.obsm["X_biomask"][3], adata.obsm["X_biomask"][7])
+
+
+def test_decorrelation_adds_the_latent_penalty_to_the_objective_in_training_only():
+    """model.decorrelation: VICReg's variance and covariance terms on the batch's latents join the
+    minimised objective; `loss` (what held-out evaluation and the logs read) stays the reconstruction,
+    and embedding is unchanged."""
+    from biomask.models.profile import decorrelation_penalty
+    from biomask.training.config import ModelConfig
+
+    white = torch.from_numpy(np.linalg.qr(np.random.default_rng(0).standard_normal((64, 8)))[0]).float()
+    white = (white - white.mean(0)) * 8.0  # uncorrelated columns with sd ≈ 1 or more
+    assert float(decorrelation_penalty(white)) < 0.05
+    collapsed = torch.randn(64, 1).repeat(1, 8) * 0.1  # one direction, small: both terms bite
+    assert float(decorrelation_penalty(collapsed)) > 0.8
+    plain = _model()
+    penalised = ProfileAutoencoder(dataclasses.replace(plain.config, decorrelation=0.5))
+    penalised.load_state_dict(plain.state_dict())
+    batch = collate(_records(), modality="cells")
+    masked = torch.zeros_like(batch["attention_mask"])
+    masked[:, 1:4] = True
+    a, b = plain.train()({**batch, "masked": masked}), penalised.train()({**batch, "masked": masked})
+    torch.testing.assert_close(a["loss"], b["loss"])
+    assert "objective" not in a and float(b["objective"]) > float(b["loss"])
+    assert "objective" not in penalised.eval()({**batch, "masked": masked})
+    torch.testing.assert_close(plain.eval().embed(batch), penalised.embed(batch))
+    with pytest.raises(ValueError, match="model.decorrelation is for model.kind mlp"):
+        ModelConfig(kind="transformer", decorrelation=0.1)
+    older = {k: v for k, v in plain.config.to_dict().items() if k != "decorrelation"}
+    assert EncoderConfig.from_dict(older).decorrelation == 0.0

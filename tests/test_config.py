@@ -126,3 +126,25 @@ def test_an_override_into_a_list_shows_how_to_set_the_list(cli, repo):
         code == 2
         and "inputs is a value, not a section; a list is set whole: 'inputs=[{dataset: ...}, ...]'" in err
     )
+
+
+def test_a_key_added_later_keeps_outputs_written_before_it_current():
+    """A config key biomask gained later, at the value that does what it did before, neither
+    changes the fingerprint nor shows as a changed key: an upgrade does not make old runs stale."""
+    from biomask.config import ADDED_KEYS, config_diff, config_fingerprint
+    from biomask.provenance import sha256_json
+
+    assert ADDED_KEYS["model.decorrelation"] == 0.0
+    base = ["data.store=runs/prep/x", "output=runs/pretrain/x"]
+    now = load_config(PretrainConfig, None, base)
+    before = now.model_dump(mode="json")
+    del before["model"]["decorrelation"]  # as a run written before the key existed recorded it
+    assert config_fingerprint(now) == sha256_json(before)
+    assert config_diff(before, now.model_dump(mode="json")) == []
+    other = load_config(PretrainConfig, None, [*base, "model.kind=mlp", "model.decorrelation=0.1"])
+    mlp = load_config(PretrainConfig, None, [*base, "model.kind=mlp"])
+    assert config_fingerprint(other) != config_fingerprint(mlp)
+    assert config_diff(before, other.model_dump(mode="json")) == [
+        "model.decorrelation: '(absent)' -> 0.1",
+        "model.kind: 'transformer' -> 'mlp'",
+    ]

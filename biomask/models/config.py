@@ -95,6 +95,9 @@ class EncoderConfig:
     max_visible: int = 0
     # kind cnn (biomask.models.cnn): the dilated convolutions' width (odd); block i dilates by 2**i
     kernel_size: int = 5
+    # kind mlp: weight of the latent's variance-covariance penalty in training (0: none); training
+    # only, so it does not change what a checkpoint computes
+    decorrelation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -217,7 +217,16 @@ class ProfileAutoencoder(ProfileModel):
         if self.config.objective == "scmae":
             return self._scmae(batch, z, hidden)
         latent = self._encode(z, hidden | self._missing(batch))[-1]
-        return self.reconstruction(batch, self.decoder(latent), z, hidden)
+        out = self.reconstruction(batch, self.decoder(latent), z, hidden)
+        return self._decorrelated(out, latent)
+
+    def _decorrelated(self, out: dict[str, torch.Tensor], latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With `config.decorrelation` in training: the objective plus that weight times the
+        variance-covariance penalty of the batch's latents (`loss` stays the reconstruction)."""
+        if self.training and self.config.decorrelation > 0:
+            objective = out.get("objective", out["loss"])
+            out["objective"] = objective + self.config.decorrelation * decorrelation_penalty(latent)
+        return out
 
     def _scmae(
         self, batch: dict[str, torch.Tensor], z: torch.Tensor, hidden: torch.Tensor
@@ -236,7 +245,7 @@ class ProfileAutoencoder(ProfileModel):
             self.swap_head(latent)[measured], hidden[measured].float()
         )
         out["objective"] = F.mse_loss(pred[measured], z[measured]) + detect
-        return out
+        return self._decorrelated(out, latent)
 
     # ------------------------------------------------------------------------------------- embeddings
 
@@ -272,6 +281,20 @@ class ProfileAutoencoder(ProfileModel):
         cfg = self.config
         widths = [cfg.vocab_size, *[cfg.d_ff] * (cfg.n_layers - 1), cfg.d_model]
         return widths[layer % len(widths)]
+
+
+def decorrelation_penalty(latent: torch.Tensor) -> torch.Tensor:
+    """VICReg's variance and covariance terms (Bardes, Ponce & LeCun 2022) on a batch's latents
+    (B, d): the mean shortfall of each dimension's sd below 1, plus the squared off-diagonal
+    covariances over d. Zero for a batch whose dimensions are uncorrelated with sd >= 1."""
+    n, d = latent.shape
+    if n < 2:
+        return latent.sum() * 0.0
+    centred = latent - latent.mean(0)
+    cov = centred.T @ centred / (n - 1)
+    var = torch.diagonal(cov)
+    off = cov - torch.diag(var)
+    return F.relu(1.0 - torch.sqrt(var + 1e-4)).mean() + off.pow(2).sum() / d
 
 
 def _donor_values(z: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         loss=cfg.model.loss,
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
+        decorrelation=cfg.model.decorrelation,
     )
 
 

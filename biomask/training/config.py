@@ -64,6 +64,11 @@ class ModelConfig(Config):
     loss: Literal["mse", "poisson", "nb"] = "mse"
     # kind panel_transformer: visible genes read per cell in training (a random subset; 0: all).
     max_visible: int = Field(64, ge=0)
+    # kind mlp: weight of a variance-covariance penalty on each batch's latents (VICReg's two terms,
+    # Bardes et al. 2022: every latent dimension's batch sd pushed to >= 1, their covariances to 0),
+    # added to the reconstruction loss. Without it the latent concentrates on a few directions
+    # (participation ratio ~3 of 64 on pbmc3k); measured, not adopted: docs/cell-models.md.
+    decorrelation: float = Field(0.0, ge=0.0)
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 
@@ -100,6 +105,8 @@ class ModelConfig(Config):
             )
         if self.ratio_input and self.kind != "mlp":
             raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
+        if self.decorrelation and self.kind != "mlp":
+            raise ValueError(f"model.decorrelation is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
         if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):
