@@ -116,6 +116,11 @@ def check_output(
     if not path.exists():
         return False
     if overwrite:
+        if path.is_symlink():  # the new output would replace the link, leaving the old one where it points
+            raise OutputExistsError(
+                f"output {path} is a symbolic link (to {os.readlink(path)}); --overwrite replaces a "
+                "folder, not a link: give the folder it points to, or another output path"
+            )
         _check_overwritable(path)
         check_same_stage(path, read_run_info(path), stage)
         return False

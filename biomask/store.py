@@ -487,12 +487,32 @@ class TokenStore:
                 f"{self.root} was written by a newer biomask (store format {self.manifest['version']}); upgrade biomask"
             )
         try:
+            self._check_names(manifest_path)
             self._check_sizes()
         except (KeyError, TypeError, AttributeError) as exc:  # valid JSON of the wrong shape
             raise IntegrityError(
                 f"{manifest_path} is damaged (no {exc} where a store manifest has one); re-run the prep stage "
                 "with --overwrite"
             ) from None
+
+    def _check_names(self, manifest_path: Path) -> None:
+        """Every folder and file the manifest names is a plain name inside the store: a manifest is
+        data, and a path in it (`/home/me/.ssh`, `../x`) must not send a reader, or a checkpoint
+        that copies the tokenizer, outside the store."""
+        names = [("tokenizer.dir", (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"))]
+        for split, entry in self.manifest["splits"].items():
+            names.append(("a split", split))
+            names += [
+                (f"a file of split {split!r}", info["name"])
+                for shard in entry["shards"]
+                for info in shard["files"].values()
+            ]
+        for what, name in names:
+            if not _plain_name(name):
+                raise IntegrityError(
+                    f"{manifest_path} names {what} {name!r}, which is not a plain name inside the store "
+                    "(a path elsewhere); the manifest was edited or damaged: re-run the prep stage with --overwrite"
+                )
 
     @property
     def splits(self) -> list[str]:
@@ -551,6 +571,10 @@ class TokenStore:
                 )
             count += 1
         return count
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def check_store_tokenizer(directory: str | os.PathLike) -> int:

@@ -315,3 +315,153 @@ def test_tokenizer_path_of_the_other_modality_says_so(splice_store, pbmc_store, 
     assert code == 2 and str(genes) in err, err
     assert not (tmp_path / "cells").exists() and not (tmp_path / "dna").exists()
     assert not (tmp_path / "cells2").exists()
+
+
+def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
+    finished, genome_store, tmp_path, cli
+):
+    """Files altered and meta.json's digests rewritten to match: a truncated DeepSpeed file, bytes
+    that are no torch file, an RNG state of the wrong shape. Each is named, exit 2."""
+    cases = {
+        "truncated": lambda ckpt: (ckpt / MODEL_STATES).write_bytes(
+            (ckpt / MODEL_STATES).read_bytes()[:1000]
+        ),
+        "garbage": lambda ckpt: (ckpt / MODEL_STATES).write_bytes(os.urandom(5000)),
+        "masker": lambda ckpt: (ckpt / "rng-rank0.json").write_text(
+            json.dumps({**json.loads((ckpt / "rng-rank0.json").read_text()), "masker": {"x": 1}})
+        ),
+    }
+    for name, damage in cases.items():
+        out = interrupted(finished, tmp_path / name)
+        for ckpt in (out / "checkpoints").glob("step*"):  # every one: no good checkpoint to fall back to
+            damage(ckpt)
+            reseal(ckpt)
+        code, err = resume(cli, genome_store, out)
+        assert code == 2 and "Traceback" not in err and "corrupt" in err, (name, err)
+        assert "weights_only" not in err and "could run code" not in err, (name, err)  # not a payload
+
+
+def test_a_symlink_in_a_checkpoint_is_not_read(finished, genome_store, tmp_path, cli):
+    out = interrupted(finished, tmp_path / "run")
+    latest = out / "checkpoints" / "step00000012"
+    (tmp_path / "elsewhere.json").write_text((latest / "rng-rank0.json").read_text())
+    (latest / "rng-rank0.json").unlink()
+    (latest / "rng-rank0.json").symlink_to(tmp_path / "elsewhere.json")
+    reseal(latest)
+    assert "symbolic link" in checkpoint.verify(latest)
+    code, err = resume(cli, genome_store, out)
+    assert code == 0 and "falling back" in err and "step 8 of 12" in err, err
+
+
+def test_overwrite_of_an_unfinished_run_never_deletes_files_added_inside_it(
+    finished, genome_store, tmp_path, cli
+):
+    out = interrupted(finished, tmp_path / "run")
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step00000008" / "plot.png").write_text("mine")
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **RUN), "--overwrite")
+    assert code == 2 and "checkpoints/notes.txt" in err and "checkpoints/step00000008/plot.png" in err, err
+    assert (out / "checkpoints" / "notes.txt").read_text() == "mine"
+    (out / "checkpoints" / "notes.txt").unlink()
+    (out / "checkpoints" / "step00000008" / "plot.png").unlink()
+    assert rundir.foreign(out, None) == []  # what the run itself wrote is all its own
+
+
+def test_a_checkpoint_config_naming_files_outside_or_a_huge_model_is_refused_before_use(
+    finished, tmp_path, cli
+):
+    from biomask.models.pretrained import CONFIG_SHA256, config_digest
+
+    (tmp_path / "one.fa").write_text(">a\nACGTACGTACGTACGTACGTAAAACCCGGT\n")
+
+    def edited(name, change):
+        model = shutil.copytree(finished / "model", tmp_path / name)
+        config = json.loads((model / "config.json").read_text())
+        change(config)
+        config[CONFIG_SHA256] = config_digest(config)  # resealed: only the checks after it stand
+        (model / "config.json").write_text(json.dumps(config))
+        return cli(
+            "embed",
+            "--checkpoint",
+            model,
+            "--input",
+            tmp_path / "one.fa",
+            "--output",
+            tmp_path / f"{name}.h5ad",
+        )
+
+    code, _, err = edited("outside", lambda c: c["tokenizer"]["files"].update({"../../secret": "00"}))
+    assert code == 2 and "not a file of tokenizer/" in err, err
+    code, _, err = edited("huge", lambda c: c["architecture"].update(d_model=65536, d_ff=262144))
+    assert code == 2 and "does not fit the architecture" in err and "65536" in err, err
+    model = shutil.copytree(finished / "model", tmp_path / "shape")
+    (model / "config.json").write_text("[1, 2]")
+    code, _, err = cli(
+        "embed", "--checkpoint", model, "--input", tmp_path / "one.fa", "--output", tmp_path / "s.h5ad"
+    )
+    assert code == 2 and "a JSON object is expected" in err, err
+
+
+def test_a_store_manifest_naming_a_folder_outside_the_store_is_refused(splice_store, tmp_path, cli):
+    """A manifest is data: a tokenizer dir or shard name that is a path elsewhere would make a reader
+    (and pretrain, which copies the tokenizer into its checkpoint) read outside the store."""
+    for key, edit in {
+        "tokenizer": lambda m: m["tokenizer"].update(dir=str(tmp_path)),
+        "shard": lambda m: next(iter(m["splits"].values()))["shards"][0]["files"]["offsets"].update(
+            name="../../x.npy"
+        ),
+    }.items():
+        store = shutil.copytree(splice_store, tmp_path / key)
+        manifest = json.loads((store / "manifest.json").read_text())
+        edit(manifest)
+        (store / "manifest.json").write_text(json.dumps(manifest))
+        code, _, err = cli("store", "verify", store)
+        assert code == 2 and "not a plain name inside the store" in err, (key, err)
+
+
+def test_an_export_never_hands_transformers_a_foreign_auto_map(finished, tmp_path, cli):
+    from biomask.models.pretrained import CONFIG_SHA256, config_digest
+
+    model = shutil.copytree(finished / "model", tmp_path / "model")
+    tok = model / "tokenizer" / "tokenizer_config.json"
+    tok.write_text(
+        json.dumps({**json.loads(tok.read_text()), "auto_map": {"AutoTokenizer": ["evil/repo--x.X", None]}})
+    )
+    config = json.loads((model / "config.json").read_text())
+    config["tokenizer"]["files"]["tokenizer_config.json"] = sha256_file(tok)
+    config[CONFIG_SHA256] = config_digest(config)
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("export-hf", "--checkpoint", model, "--output", tmp_path / "hf")
+    assert code == 2 and "auto_map" in err and not (tmp_path / "hf").exists(), err
+
+
+def test_a_registry_cannot_name_a_folder_outside_the_cache_or_a_file_url(tmp_path, cli, monkeypatch):
+    import importlib
+
+    registry = importlib.import_module("biomask.datasets.registry")
+    entry = "{description: x, modality: dna, kind: genome, format: fasta, licence: x, sha256: %s, source: %s}"
+    for name, source in [
+        ("../../escaped", "{type: url, url: 'https://example.org/x.fa'}"),
+        ("ok", "{type: url, url: 'file:///etc/passwd'}"),
+    ]:
+        (tmp_path / "reg.yaml").write_text(f"datasets:\n  '{name}': " + entry % ("a" * 64, source) + "\n")
+        monkeypatch.setenv("BIOMASK_REGISTRY", str(tmp_path / "reg.yaml"))
+        registry._load.cache_clear()
+        code, _, err = cli("datasets", "fetch", name)
+        assert code == 2 and ("must be letters" in err or "only http(s)" in err), err
+    registry._load.cache_clear()
+
+
+def test_overwrite_refuses_an_output_that_is_a_symlink(finished, tmp_path, cli):
+    (tmp_path / "one.fa").write_text(">a\nACGTACGTACGTACGTACGTAAAACCCGGT\n")
+    real = tmp_path / "real"
+    assert (
+        cli("embed", "--checkpoint", finished / "model", "--input", tmp_path / "one.fa", "--output", real)[0]
+        == 0
+    )
+    (tmp_path / "link").symlink_to(real)
+    code, _, err = cli(
+        "embed", "--checkpoint", finished / "model", "--input", tmp_path / "one.fa", "--output", tmp_path / "link",
+        "--pooling", "max", "--overwrite",
+    )  # fmt: skip
+    assert code == 2 and "symbolic link" in err and (tmp_path / "link").is_symlink(), err

@@ -70,12 +70,27 @@ def _registry_files() -> list[Path]:
     return [BUILTIN_REGISTRY, *extra]
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
 @lru_cache(maxsize=8)
 def _load(files: tuple[Path, ...]) -> dict[str, DatasetEntry]:
     entries: dict[str, DatasetEntry] = {}
     for path in files:
         parsed = validate_config(RegistryFile, read_yaml(path), str(path))
         for name, entry in parsed.datasets.items():
+            if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):  # it names a folder of the cache
+                raise ConfigError(
+                    f"{path}: dataset name {name!r} must be letters, digits, '.', '_' or '-' (it becomes "
+                    "a folder of the data cache)"
+                )
+            if entry.source.type == "url" and not str(entry.source.url).lower().startswith(
+                ("https://", "http://")
+            ):
+                raise ConfigError(
+                    f"{path}: dataset {name!r} has url {entry.source.url!r}: only http(s) URLs are fetched "
+                    "(a file of yours: a local source, `path:`)"
+                )
             if name in entries:
                 raise ConfigError(f"{path}: dataset {name!r} is already registered; choose another name")
             if entry.source.type == "local" and not Path(entry.source.path or "").is_absolute():

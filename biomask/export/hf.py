@@ -69,6 +69,10 @@ ARCH_KEYS = (
     "kernel_size",
 )
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"  # and N itself
+# the keys of a checkpoint's tokenizer_config.json (biomask.vocab.tokenizer_config)
+TOKENIZER_CONFIG_KEYS = frozenset(
+    {"tokenizer_class", "pad_token", "cls_token", "sep_token", "mask_token", "unk_token", "biomask"}
+)
 
 
 def encoder_state(model: Any) -> dict[str, Any]:
@@ -102,6 +106,15 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
     info = model.checkpoint_info
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
     config = json.loads((source / "tokenizer_config.json").read_text())
+    # only what biomask writes (vocab.tokenizer_config): a key such as auto_map would make
+    # transformers fetch and run code from elsewhere when the export is loaded with trust_remote_code
+    foreign = sorted(set(config) - TOKENIZER_CONFIG_KEYS) if isinstance(config, dict) else ["(not an object)"]
+    if foreign:
+        raise InputError(
+            f"{source / 'tokenizer_config.json'} holds keys biomask does not write ({', '.join(foreign)}); "
+            "an export would hand them to transformers, which may run code they name. Restore the "
+            "checkpoint's own tokenizer/"
+        )
     settings = config.get("biomask") or {}
     kmers = settings.get("kind") == "overlapping_kmer"
     if model.config.modality == "dna":
@@ -212,7 +225,7 @@ tags: [{", ".join(tags)}]
 # {name}
 
 A {modality} encoder (`{model.config.kind}`, {model.config.n_layers} layers, width {model.config.d_model})
-pretrained by masked modelling with [biomask](https://github.com/biomask/biomask) and exported with
+pretrained by masked modelling with biomask and exported with
 `biomask export-hf`. Its config.json keeps the source checkpoint's full provenance under `biomask`.
 
 - Masking: {scheme}

@@ -44,7 +44,11 @@ def save_pretrained(
     directory.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_tensors(tensors, directory / WEIGHTS, metadata={"format": CHECKPOINT_FORMAT})  # the umask's mode
-    shutil.copytree(tokenizer_dir, directory / "tokenizer")
+    # the tokenizer's own files only: regular files at its top level, never a link or a subfolder
+    (directory / "tokenizer").mkdir()
+    for source in sorted(Path(tokenizer_dir).iterdir()):
+        if source.is_file() and not source.is_symlink():
+            shutil.copyfile(source, directory / "tokenizer" / source.name)
     tokenizer_json = directory / "tokenizer" / "tokenizer.json"
     config = {
         "format": CHECKPOINT_FORMAT,
@@ -99,8 +103,14 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{directory} is not a biomask checkpoint: it has no config.json{hint}") from None
     except ValueError as exc:
         raise InputError(f"{path} is corrupt ({exc}); export the checkpoint again") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a biomask checkpoint config (a JSON object is expected)")
     if config.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not a biomask checkpoint config (format {config.get('format')!r})")
+    if not isinstance(config.get("version", 0), int):
+        raise InputError(
+            f"{path}: version {config.get('version')!r} is not a checkpoint version (an integer)"
+        )
     if config.get("version", 0) > CHECKPOINT_VERSION:
         raise InputError(
             f"{directory} was written by a newer biomask (checkpoint version {config['version']})"
@@ -130,7 +140,14 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     recorded = config.get("tokenizer", {})
     expected = {"tokenizer.json": recorded.get("sha256"), **(recorded.get("files") or {})}
     for name, sha in expected.items():  # checkpoints written before "files" was kept: tokenizer.json
-        path = directory / "tokenizer" / name
+        path = directory / "tokenizer" / str(name)
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise InputError(
+                f"{directory / 'config.json'} lists tokenizer file {name!r}, which is not a file of "
+                "tokenizer/ (a path elsewhere); restore the checkpoint's own config.json"
+            )
+        if sha and path.is_symlink():
+            raise InputError(f"{path} is a symbolic link, not the tokenizer file this model was saved with")
         if sha and (not path.is_file() or sha256_file(path) != sha):
             raise InputError(
                 f"{path} does not match the tokenizer this model was trained with "
@@ -140,8 +157,9 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         architecture = EncoderConfig.from_dict(config["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
-    model = build_model(architecture)
     verify_weights(directory, config)
+    _check_shapes(directory / WEIGHTS, architecture)  # before any memory is allocated for it
+    model = build_model(architecture)
     try:
         state = load_file(str(directory / WEIGHTS), device="cpu")
     except FileNotFoundError:
@@ -164,6 +182,29 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     model.checkpoint_info = config  # type: ignore[assignment]
     model.checkpoint_dir = directory  # type: ignore[assignment]
     return model.to(device).eval()
+
+
+def _check_shapes(weights: Path, architecture: EncoderConfig) -> None:
+    """The architecture, built without memory (torch's meta device), has the tensors the weights
+    file holds, shape for shape: an edited config.json (a width of 65,536) is refused before the
+    model it describes is allocated."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return  # reported as missing by the loader
+    with torch.device("meta"):
+        skeleton = build_model(architecture)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise InputError(f"{weights} is unreadable ({exc}); export the checkpoint again") from None
+    for name, tensor in skeleton.state_dict().items():
+        if name in shapes and list(tensor.shape) != shapes[name]:
+            raise InputError(
+                f"{weights} does not fit the architecture in its config.json ({name}: {shapes[name]} in the "
+                f"file, {list(tensor.shape)} in the architecture)"
+            )
 
 
 def verify_weights(directory: Path, config: dict[str, Any]) -> None:

@@ -183,8 +183,13 @@ def weights_only_loads() -> Iterator[None]:
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)|WeightsUnpickler error: ([^\n]+)", str(exc))
-            detail = next((g for g in found.groups() if g), "") if found else str(exc)[:200]
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if found is None:  # not a payload: bytes that are no torch file (torch's advice not repeated)
+                raise CheckpointError(
+                    f"{f} is corrupt: it is not a torch checkpoint file biomask can read; restore it or "
+                    "pass --overwrite to start the run again"
+                ) from None
+            detail = found.group(1)
             raise CheckpointError(
                 f"{f}: refusing to load it — it holds objects other than tensors and plain data, which "
                 f"could run code when unpickled ({detail}); biomask never unpickles them. If the run folder "
@@ -295,6 +300,8 @@ def verify(directory: Path) -> str | None:
         return f"it holds files meta.json does not list ({', '.join(unlisted[:3])})"
     for name, size in files.items():
         path = directory / name
+        if path.is_symlink():  # saves write files; a link would read (or later replace) another one
+            return f"{path} is a symbolic link, not a file the save wrote"
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != size:
@@ -368,8 +375,16 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:
     """Load model, optimizer and schedule into the engine (weights only); return this rank's RNG state."""
-    with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    try:
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
+    except (RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError) as exc:
+        # a truncated or altered file that still matches meta.json's digests (they were rewritten)
+        raise CheckpointError(
+            f"checkpoint {directory} is corrupt: DeepSpeed could not load it ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); restore it or pass "
+            "--overwrite to start the run again"
+        ) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {directory}")
     return read_state(directory, f"rng-rank{rank}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -78,10 +79,60 @@ def _ours_unlisted(relative: str) -> bool:
 
 
 def foreign(path: Path, info: dict[str, Any] | None) -> list[str]:
-    """What in `path` pretrain did not write: by the finished run's list of files, else by name."""
+    """What in `path` pretrain did not write: by the finished run's list of files; for an unfinished
+    run (no list yet) by name at the top and, inside checkpoints/ and model/, by what each
+    checkpoint's meta.json and the model's config.json list."""
     if info is not None and isinstance(info.get(FILE_TREE_KEY), list):
         return foreign_files(path, info, _ours_unlisted)
-    return sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not _temporary(p.name))
+    found = [p.name for p in path.iterdir() if p.name not in OWN_NAMES and not _temporary(p.name)]
+    if (path / "checkpoints").is_dir() and not (path / "checkpoints").is_symlink():
+        found += [f"checkpoints/{name}" for name in _foreign_in_checkpoints(path / "checkpoints")]
+    if (path / "model").is_dir() and not (path / "model").is_symlink():
+        found += [f"model/{name}" for name in _foreign_in_model(path / "model")]
+    return sorted(found)
+
+
+# DeepSpeed's files in a checkpoint step (model, optimizer shards) and biomask's RNG state per rank
+_STEP_FILE = re.compile(
+    r"^(meta\.json|mp_rank_\d+_model_states\.pt|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states\.pt"
+    r"|rng-rank\d+\.(json|safetensors))$"
+)
+_CHECKPOINT_ENTRY = re.compile(r"^((corrupt-)?step\d{8}|zero_to_fp32\.py|zero_to_torch\.py|latest)$")
+
+
+def _foreign_in_checkpoints(root: Path) -> list[str]:
+    out = []
+    for entry in root.iterdir():
+        if _temporary(entry.name):
+            continue
+        if not _CHECKPOINT_ENTRY.match(entry.name) or entry.is_symlink():
+            out.append(entry.name)
+        elif entry.is_dir():
+            try:
+                listed = set(json.loads((entry / "meta.json").read_text()).get("files") or {})
+            except (OSError, ValueError, AttributeError):
+                listed = set()
+            out += [
+                f"{entry.name}/{p.name}"
+                for p in entry.iterdir()
+                if p.is_symlink() or p.is_dir() or not (p.name in listed or _STEP_FILE.match(p.name))
+            ]
+    return out
+
+
+def _foreign_in_model(model: Path) -> list[str]:
+    try:
+        listed = set(
+            (json.loads((model / "config.json").read_text()).get("tokenizer") or {}).get("files") or {}
+        )
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    listed |= {"tokenizer.json", "tokenizer_config.json", "genes.tsv"}
+    out = [p.name for p in model.iterdir() if p.name not in ("config.json", "model.safetensors", "tokenizer")]
+    tokenizer = model / "tokenizer"
+    if tokenizer.is_dir() and not tokenizer.is_symlink():
+        out += [f"tokenizer/{p.name}" for p in tokenizer.iterdir() if p.name not in listed or not p.is_file()]
+    return out
 
 
 def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:

@@ -467,10 +467,16 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     latest = on_rank0(lambda: checkpoint.resume_point(ckpt_root), dist_env) if decision == "resume" else None
     if latest is not None:
         rng = checkpoint.load(engine, latest, rank=dist_env.rank)
-        masker.load_state_dict(checkpoint.restore_rng_state(rng))
-        window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
-        step_ratios = list(rng.get("metrics_step_ratios", []))
-        step = int(checkpoint.read_meta(latest)["step"])
+        try:
+            masker.load_state_dict(checkpoint.restore_rng_state(rng))
+            window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
+            step_ratios = list(rng.get("metrics_step_ratios", []))
+            step = int(checkpoint.read_meta(latest)["step"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # altered, digests rewritten
+            raise checkpoint.CheckpointError(
+                f"checkpoint {latest}: its RNG, masking or step state is corrupt ({type(exc).__name__}: "
+                f"{exc}); restore it or pass --overwrite to start the run again"
+            ) from None
         log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
         if dist_env.is_main:
             rundir.note_resume(out, step)
