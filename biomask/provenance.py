@@ -7,6 +7,7 @@ rerun a result and to know whether an existing output is still current (its `fin
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -54,9 +55,26 @@ def strict_json(obj: Any) -> str:
     return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
 
 
+@functools.lru_cache(maxsize=1)
+def source_sha256() -> str:
+    """The sha256 of biomask's own source (every .py of the package, path and content): the code that
+    ran, identified also outside git (a wheel) and in a dirty checkout, where a commit does not."""
+    root = Path(biomask.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def code_version() -> dict[str, Any]:
-    """biomask's version and, when run from a git checkout, its commit and whether it was dirty."""
-    info: dict[str, Any] = {"biomask": biomask.__version__, "git_commit": None, "git_dirty": None}
+    """biomask's version, the sha256 of its source and, when run from a git checkout, its commit and
+    whether it was dirty."""
+    info: dict[str, Any] = {
+        "biomask": biomask.__version__,
+        "source_sha256": source_sha256(),
+        "git_commit": None,
+        "git_dirty": None,
+    }
     repo = Path(biomask.__file__).resolve().parent.parent
     if (repo / ".git").exists():
         try:
@@ -77,7 +95,24 @@ def code_version() -> dict[str, Any]:
     return info
 
 
-_PACKAGES = ("numpy", "torch", "deepspeed", "tokenizers", "biopython", "anndata", "scanpy", "pydantic")
+_PACKAGES = (
+    "numpy",
+    "torch",
+    "deepspeed",
+    "tokenizers",
+    "biopython",
+    "anndata",
+    "scanpy",
+    "pydantic",
+    "scikit-learn",
+    "scipy",
+    "igraph",
+    "safetensors",
+    "h5py",
+    "pandas",
+    "umap-learn",
+    "transformers",
+)
 
 
 def environment() -> dict[str, Any]:
@@ -88,12 +123,37 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    torch = sys.modules.get("torch")  # imported by the stages that compute with it
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "packages": versions,
+        # float sums reduce in another order with another thread count: the last bits of weights move
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "ds_accelerator": os.environ.get("DS_ACCELERATOR"),
+        "cuda_device": (
+            torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+        ),
     }
+
+
+def code_differs(info: dict[str, Any] | None) -> str | None:
+    """How the code that wrote an output (its run.json's `code`) differs from the code running now,
+    or None when it is the same or cannot be told (outputs written before the source hash was kept
+    are compared by commit)."""
+    theirs = (info or {}).get("code") or {}
+    ours = code_version()
+    if theirs.get("source_sha256") and theirs["source_sha256"] != ours["source_sha256"]:
+        return f"biomask source {str(theirs['source_sha256'])[:12]}… (now {ours['source_sha256'][:12]}…)"
+    if (
+        not theirs.get("source_sha256")
+        and theirs.get("git_commit")
+        and ours.get("git_commit")
+        and theirs["git_commit"] != ours["git_commit"]
+    ):
+        return f"commit {str(theirs['git_commit'])[:10]} (now {str(ours['git_commit'])[:10]})"
+    return None
 
 
 def write_run_info(

@@ -19,7 +19,7 @@ from typing import Any
 
 from biomask.config import Config, config_fingerprint, write_config
 from biomask.outputs import FILE_TREE_KEY, FILES_KEY, atomic_output_dir, check_output, file_tree
-from biomask.provenance import sha256_json, write_run_info
+from biomask.provenance import code_differs, read_run_info, sha256_json, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,28 @@ OUTPUT_FORMAT_VERSION = 1
 
 def input_identity(entry: dict[str, Any]) -> str:
     """What an input contributes to a stage's fingerprint: a file's sha256, or (another stage's output,
-    whose files are not hashed again) that stage's fingerprint and creation time."""
+    whose files are not hashed again) that stage's fingerprint and creation time, and the sha256 of
+    what a stage reads of it when recorded (`metrics_sha256`: an evaluation's metrics.json, edited)."""
     if "sha256" in entry:
         return str(entry["sha256"])
-    return str(entry.get("fingerprint", "")) + str(entry.get("created", ""))
+    return (
+        str(entry.get("fingerprint", ""))
+        + str(entry.get("created", ""))
+        + str(entry.get("metrics_sha256", ""))
+    )
+
+
+def warn_other_code(stage: str, path: Path, info: dict[str, Any] | None) -> None:
+    """Reuse compares configs and inputs, not code: say so when other code wrote the output."""
+    differs = code_differs(info)
+    if differs:
+        log.warning(
+            "%s: %s was written by other code (%s); reused as it is — pass --overwrite to recompute it "
+            "with this code",
+            stage,
+            path,
+            differs,
+        )
 
 
 @dataclass
@@ -73,6 +91,7 @@ class StageOutput:
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
+            warn_other_code(self.stage, self.path, read_run_info(self.path))
         return current
 
     @contextlib.contextmanager

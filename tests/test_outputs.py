@@ -51,3 +51,43 @@ def test_reusing_an_output_removes_a_killed_runs_temporary_but_not_a_live_ones(t
         assert not dead.exists()
         write_run_info(live, stage="s", fingerprint="g")
     assert (out / "data.bin").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_run_json_identifies_the_code_and_reuse_says_when_other_code_wrote_it(tmp_path, caplog):
+    """run.json records the sha256 of biomask's source (the code, also outside git or dirty), the
+    threads and the libraries results depend on; reuse compares configs and inputs, not code, so
+    reusing an output other code wrote says so."""
+    import json
+    import logging
+
+    from biomask.config import Config
+    from biomask.provenance import code_differs, code_version, environment, source_sha256
+    from biomask.stage import StageOutput
+
+    class Tiny(Config):
+        n: int = 1
+
+    code = code_version()
+    assert len(code["source_sha256"]) == 64 and code["source_sha256"] == source_sha256()
+    env = environment()
+    assert {"scikit-learn", "scipy", "safetensors", "transformers"} <= set(env["packages"])
+    assert "torch_threads" in env and "ds_accelerator" in env
+    stage = StageOutput("tiny", Tiny(), tmp_path / "out")
+    with stage.writing() as tmp:
+        (tmp / "x.txt").write_text("x")
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["code"]["source_sha256"] == source_sha256() and code_differs(info) is None
+    with caplog.at_level(logging.WARNING, logger="biomask.stage"):
+        assert stage.is_current()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    info["code"]["source_sha256"] = "0" * 64  # written by another version of biomask
+    (tmp_path / "out" / "run.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING, logger="biomask.stage"):
+        assert stage.is_current()  # still reused: the config and inputs are the same
+    assert any(
+        "written by other code" in r.getMessage() and "--overwrite" in r.getMessage() for r in caplog.records
+    )
+    older = {"code": {"git_commit": "abc", "git_dirty": False}}  # before the source hash was kept
+    assert code_differs(older) == (
+        None if code["git_commit"] is None else f"commit abc (now {code['git_commit'][:10]})"
+    )

@@ -552,6 +552,15 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     before = sorted(p.name for p in evaluation.iterdir())
     code, _, err = cli("report", "-c", config, f"output={evaluation}", "--overwrite")
     assert code == 2 and "input" in err and sorted(p.name for p in evaluation.iterdir()) == before
+    # an evaluation's metrics.json edited by hand is an input that changed: not reused as current
+    assert all("metrics_sha256" in i for i in read if (Path(i["path"]) / "metrics.json").is_file())
+    metrics = evaluation / "metrics.json"
+    original = metrics.read_text()
+    metrics.write_text(original.replace("}", " }", 1))
+    code, _, err = cli("report", "-c", config)
+    assert code == 2 and "--overwrite" in err, err
+    metrics.write_text(original)
+    assert cli("report", "-c", config)[0] == 0  # as it was: current again
     # an r2mae name that matches no checkpoint drops every R²MAE comparison: said, not silent
     code, _, err = cli("report", "-c", config, "r2mae=R2MAE", f"output={tmp_path / 'renamed'}")
     assert code == 0 and "r2mae: 'R2MAE' names no checkpoint of these evaluations" in err, err

@@ -485,13 +485,43 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
     return lines
 
 
+def _code_label(code: dict[str, Any]) -> str:
+    commit = (code.get("git_commit") or "")[:10] or "no commit"
+    source = f", source {str(code['source_sha256'])[:12]}" if code.get("source_sha256") else ""
+    return f"{commit}{' (dirty)' if code.get('git_dirty') else ''}{source}"
+
+
+def _code_versions(records: list[StageRecord]) -> list[str]:
+    """A line when the inputs were not all written by one clean code version (a run that spanned a
+    commit, or uncommitted changes): the header's commit is then not the whole story."""
+    versions: dict[str, list[str]] = {}
+    for r in records:
+        versions.setdefault(_code_label(r.code), []).append(r.path.name)
+    dirty = any(r.code.get("git_dirty") for r in records)
+    if len(versions) <= 1 and not dirty:
+        return []
+    parts = [
+        f"{label}: {len(names)} output{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+        for label, names in versions.items()
+    ]
+    return [
+        "",
+        f"**Code versions.** The inputs were written by {len(versions)} code version"
+        f"{'s' if len(versions) > 1 else ''}"
+        + (", some with uncommitted changes" if dirty else "")
+        + ": "
+        + "; ".join(parts)
+        + ". The same source sha256 means the same code; see the provenance table below.",
+    ]
+
+
 def _provenance(records: list[StageRecord]) -> list[str]:
     lines = [
         "| stage | output | fingerprint | code | inputs (file sha256 or stage fingerprint) | seeds |",
         "|---|---|---|---|---|---|",
     ]
     for r in records:
-        commit = (r.code.get("git_commit") or "")[:10] + (" (dirty)" if r.code.get("git_dirty") else "")
+        commit = _code_label(r.code)
         inputs = "<br>".join(
             f"{i.get('name')}: `{str(i.get('sha256') or i.get('fingerprint'))[:12]}`" for i in r.inputs
         )
@@ -545,6 +575,11 @@ def render(cfg: ReportConfig, out: Path) -> str:
             ", ".join(found) or "none",
         )
     code = code_version()
+    paths = [run.path for mruns in runs.values() for run in mruns] + [ev.path for ev in evaluations.values()]
+    if cfg.embedding is not None:
+        paths.append(Path(cfg.embedding.path).parent)
+    paths += [Path(p) for p in cfg.provenance]
+    records = [r for r in (stage_record(p) for p in dict.fromkeys(paths)) if r is not None]
     lines = [
         f"# {cfg.title}",
         "",
@@ -564,6 +599,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         + "; comparisons are paired (the same splits, and the same pretraining seed where there are several). A difference is called significant "
         "only when its paired interval excludes zero; a target is met when that interval lies at or above "
         "zero, not met when below it, and level when it holds zero.",
+        *_code_versions(records),
         "",
         "## Summary",
         "",
@@ -671,11 +707,6 @@ def render(cfg: ReportConfig, out: Path) -> str:
             "",
         ]
 
-    paths = [run.path for mruns in runs.values() for run in mruns] + [ev.path for ev in evaluations.values()]
-    if cfg.embedding is not None:
-        paths.append(Path(cfg.embedding.path).parent)
-    paths += [Path(p) for p in cfg.provenance]
-    records = [r for r in (stage_record(p) for p in dict.fromkeys(paths)) if r is not None]
     lines += ["## Configs, seeds and data checksums", "", *_provenance(records)]
     return "\n".join(lines) + "\n"
 
@@ -693,7 +724,7 @@ def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
 
 def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
     """Each input stage's fingerprint: the report is rebuilt when any of them changes."""
-    from biomask.provenance import read_run_info
+    from biomask.provenance import read_run_info, sha256_file
 
     paths = [p for ps in cfg.pretrain.values() for p in ps] + [e.path for e in cfg.evaluations.values()]
     inputs = []
@@ -707,23 +738,21 @@ def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
         for run in runs:
             info = read_run_info(run) or {}
             # "path": the output may not be, hold or lie inside an input (--overwrite would delete it)
-            inputs.append(
-                {
-                    "name": str(run),
-                    "path": str(run),
-                    "fingerprint": info.get("fingerprint", ""),  # the stage's, not a file's sha256
-                    "created": info.get("created", ""),
-                }
-            )
-    if cfg.embedding is not None:
-        from biomask.provenance import sha256_file
-
-        if Path(cfg.embedding.path).exists():
-            inputs.append(
-                {
-                    "name": cfg.embedding.path,
-                    "path": cfg.embedding.path,
-                    "sha256": sha256_file(cfg.embedding.path),
-                }
-            )
+            entry = {
+                "name": str(run),
+                "path": str(run),
+                "fingerprint": info.get("fingerprint", ""),  # the stage's, not a file's sha256
+                "created": info.get("created", ""),
+            }
+            if (run / "metrics.json").is_file():  # what the report reads of an evaluation: an edit counts
+                entry["metrics_sha256"] = sha256_file(run / "metrics.json")
+            inputs.append(entry)
+    if cfg.embedding is not None and Path(cfg.embedding.path).exists():
+        inputs.append(
+            {
+                "name": cfg.embedding.path,
+                "path": cfg.embedding.path,
+                "sha256": sha256_file(cfg.embedding.path),
+            }
+        )
     return inputs

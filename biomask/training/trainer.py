@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import shutil
 import sysconfig
 import tempfile
@@ -28,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -39,9 +41,9 @@ from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
 from biomask.outputs import FILE_TREE_KEY, atomic_write_text, check_inputs_outside, file_tree
-from biomask.provenance import code_version, sha256_file, write_run_info
+from biomask.provenance import code_version, read_run_info, sha256_file, write_run_info
 from biomask.resources import honour_omp_threads
-from biomask.stage import StageOutput
+from biomask.stage import StageOutput, warn_other_code
 from biomask.store import TokenStore, check_store_tokenizer
 from biomask.training import checkpoint, finite, rundir
 from biomask.training.accelerator import describe, resolve_precision, training_device
@@ -338,6 +340,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     # group set up: those take seconds, and a pipeline rerun reuses dozens of runs.
     if not overwrite and rundir.is_done(out, stage.fingerprint, dist_env.world_size):
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+        if dist_env.is_main:
+            warn_other_code("pretrain", out, read_run_info(out))
         return out
     # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
     train_data = TrainingData(
@@ -380,6 +384,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     )
     if decision == "done":
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+        if dist_env.is_main:
+            warn_other_code("pretrain", out, read_run_info(out))
         return out
     if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
         on_rank0(store.verify, dist_env)
@@ -401,6 +407,10 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
+    # biomask draws from its own seeded generators; the global ones are seeded too, so that a library
+    # drawing from them cannot make two runs of one seed differ (checkpoints save and restore them)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
     model = build_model(arch)
     if cfg.model.init_from:  # new: an MAE decoder after an MLM checkpoint, a profile model's swap detector
         new_part = "decoder." if arch.kind == "transformer" else "swap_head."
