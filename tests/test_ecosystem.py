@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -280,21 +281,17 @@ def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
     assert float(np.abs(np.load(tmp_path / "theirs.npy") - ours).max()) < 1e-5
 
 
-@pytest.mark.parametrize(("ratio_input", "embed_norm"), [(False, "none"), (True, "l2")])
-def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, embed_norm):
-    from transformers import AutoModel
-
-    from biomask.export import export_hf
+def _profile_checkpoint(pbmc_store, tmp_path, n: int, **arch_keys) -> tuple[list[dict], Path]:
+    """A small profile autoencoder (random weights, the store's gene statistics) saved as a portable
+    checkpoint, and the `n` training records it was standardised on."""
     from biomask.models import EncoderConfig, ProfileAutoencoder, save_pretrained
     from biomask.models.profile import gene_statistics
 
     store = TokenStore(pbmc_store)
-    records = [store.split("train")[i] for i in range(50)]
-    records = [{k: np.asarray(r[k]) for k in ("tokens", "values")} for r in records]
+    records = [{k: np.asarray(store.split("train")[i][k]) for k in ("tokens", "values")} for i in range(n)]
     arch = EncoderConfig(
         vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
-        n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
-        ratio_input=ratio_input, embed_norm=embed_norm,
+        n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values", **arch_keys,
     )  # fmt: skip
     torch.manual_seed(0)
     profile = ProfileAutoencoder(arch)
@@ -303,6 +300,18 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, e
         profile.state_dict(), arch, tmp_path / "profile", tokenizer_dir=pbmc_store / "tokenizer",
         info={"modality": "cells", "scheme": "binned", "training": {"max_length": 766}},
     )  # fmt: skip
+    return records, checkpoint
+
+
+@pytest.mark.parametrize(("ratio_input", "embed_norm"), [(False, "none"), (True, "l2")])
+def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, embed_norm):
+    from transformers import AutoModel
+
+    from biomask.export import export_hf
+
+    records, checkpoint = _profile_checkpoint(
+        pbmc_store, tmp_path, 50, ratio_input=ratio_input, embed_norm=embed_norm
+    )
     folder = export_hf(checkpoint, tmp_path / "profile-hf")
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     batch = collate(records, modality="cells")
@@ -391,22 +400,8 @@ def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_i
     from transformers import AutoConfig, AutoModel
 
     from biomask.export import export_hf
-    from biomask.models import EncoderConfig, ProfileAutoencoder, save_pretrained
-    from biomask.models.profile import gene_statistics
 
-    store = TokenStore(pbmc_store)
-    records = [{k: np.asarray(store.split("train")[i][k]) for k in ("tokens", "values")} for i in range(8)]
-    arch = EncoderConfig(
-        vocab_size=store.manifest["tokenizer"]["vocab_size"], modality="cells", kind="mlp", d_model=16,
-        n_layers=2, n_heads=1, d_ff=32, positions=False, scheme="binned", target="values",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    profile = ProfileAutoencoder(arch)
-    profile.set_gene_stats(*gene_statistics(records, arch.vocab_size, panel=False))
-    checkpoint = save_pretrained(
-        profile.state_dict(), arch, tmp_path / "profile", tokenizer_dir=pbmc_store / "tokenizer",
-        info={"modality": "cells", "scheme": "binned", "training": {"max_length": 766}},
-    )  # fmt: skip
+    records, checkpoint = _profile_checkpoint(pbmc_store, tmp_path, 8)
     folder = export_hf(checkpoint, tmp_path / "hf")
     batch = collate(records, modality="cells")
     inputs = {

@@ -237,11 +237,29 @@ def _stack(sizes: list[int]) -> nn.Sequential:
 # ------------------------------------------------------------------------------------ the model
 
 
-class BiomaskModel(PreTrainedModel):
+class BiomaskPreTrainedModel(PreTrainedModel):
+    """What the exported model classes share: the config, weight initialisation, and saving."""
+
     config_class = BiomaskConfig
     base_model_prefix = "biomask"
     main_input_name = "input_ids"
 
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every weight comes from the checkpoint; this only initialises a model built from a config
+        # (and a classifier's new head).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers saves, with the provenance saying the folder is no longer biomask's export
+        as written (its weights may be fine-tuned): `biomask export-hf` then leaves it alone."""
+        _mark_saved(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class BiomaskModel(BiomaskPreTrainedModel):
     def __init__(self, config: BiomaskConfig) -> None:
         super().__init__(config)
         if config.kind == "mlp":
@@ -260,13 +278,6 @@ class BiomaskModel(PreTrainedModel):
         else:
             raise ValueError(f"unknown biomask model kind {config.kind!r}")
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # Every weight comes from the checkpoint; this only initialises a model built from a config.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------------------ states
 
@@ -373,12 +384,6 @@ class BiomaskModel(PreTrainedModel):
         else:
             raise ValueError("a profile model (kind mlp) has no token embedding")
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As transformers saves, with the provenance saying the folder is no longer biomask's export
-        as written (its weights may be fine-tuned): `biomask export-hf` then leaves it alone."""
-        _mark_saved(self.config)
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -444,15 +449,11 @@ def _mark_saved(config: BiomaskConfig) -> None:
         config.biomask = info
 
 
-class BiomaskForSequenceClassification(PreTrainedModel):
+class BiomaskForSequenceClassification(BiomaskPreTrainedModel):
     """The encoder with a classification head on its pooled vector (`config.pooling`), for
     transformers' Trainer: `AutoModelForSequenceClassification.from_pretrained(export,
     trust_remote_code=True, num_labels=K)`. The head is new (initialised here); the encoder's weights
     load from the export. `labels` give the loss: cross-entropy, or MSE when num_labels is 1."""
-
-    config_class = BiomaskConfig
-    base_model_prefix = "biomask"
-    main_input_name = "input_ids"
 
     def __init__(self, config: BiomaskConfig) -> None:
         if config.pooling == "concat":
@@ -466,13 +467,6 @@ class BiomaskForSequenceClassification(PreTrainedModel):
         self.dropout = nn.Dropout(float(getattr(config, "classifier_dropout", None) or 0.1))
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        BiomaskModel._init_weights(self, module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        _mark_saved(self.config)
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def forward(
         self,
