@@ -10,6 +10,7 @@ import torch
 
 from biomask.models import load_pretrained
 from biomask.pipelines.plan import load_plan
+from biomask.theory.ratios import RatioDist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,8 +163,9 @@ def test_study_gpu_runs_every_issue_scheme_over_three_seeds_and_leaves_transfer_
 
 def test_dna_masking_probes_every_scheme_seed_on_both_tasks_under_its_name(tmp_path):
     """configs/pipelines/dna-masking.yaml: the four schemes x 3 pretraining seeds on the E. coli genome,
-    and both task evaluations read the same scheme@seed -> run map on their own task store (the YAML
-    merge shares the checkpoints; a wrong store would compare the schemes on one task twice)."""
+    plus R²MAE's p′ as a fixed ratio (3 seeds), and both task evaluations read the same scheme@seed ->
+    run map on their own task store (the YAML merge shares the checkpoints; a wrong store would
+    compare the schemes on one task twice)."""
     plan = load_plan(REPO / "configs/pipelines/dna-masking.yaml", [f"run_dir={tmp_path}"])
     runs = {
         (t.point["masking.scheme"], t.point["train.seed"]): t.output for t in plan.stages["pretrain"].tasks
@@ -172,6 +174,14 @@ def test_dna_masking_probes_every_scheme_seed_on_both_tasks_under_its_name(tmp_p
     genome = plan.stages["prep_ecoli"].tasks[0].output
     assert all(f"data.store={genome}" in t.overrides for t in plan.stages["pretrain"].tasks)
     expected = {f"{s}@{seed}": f"{out}/model" for (s, seed), out in runs.items()}
+    pprime = {t.point["train.seed"]: t for t in plan.stages["pretrain_pprime"].tasks}
+    assert sorted(pprime) == [0, 1, 2]
+    for seed, task in pprime.items():
+        assert f"data.store={genome}" in task.overrides and "masking.scheme=custom" in task.overrides
+        # the fixed ratio U(0.15, 0.45) equals under biomask's batch-mean loss (biomask.theory.ratios)
+        assert {"masking.ratio.kind=fixed", "masking.ratio.value=0.289"} <= set(task.overrides)
+        expected[f"pprime@{seed}"] = f"{task.output}/model"
+    assert round(RatioDist(0.15, 0.45).equivalent_batch_mean, 3) == 0.289
     for evaluation, prep in (("evaluate_motif", "prep_motif"), ("evaluate_coding", "prep_coding")):
         task = plan.stages[evaluation].tasks[0]
         assert _checkpoints(task) == expected
