@@ -208,6 +208,26 @@ def test_targets_judge_each_pretrained_model_against_the_strongest_baseline():
     assert [e["label"] for e in row["entries"]] == ["R²MAE, the best pretrained model (highest test mean)"]
 
 
+def test_the_best_pretrained_model_is_chosen_on_validation_when_there_are_scores():
+    """As the best fixed ratio is: the best of several noisy test means is biased upwards."""
+    ev = _evaluation(
+        {
+            ("baseline", "linear_probe"): [0.80, 0.81, 0.82],
+            ("r2mae", "linear_probe"): [0.70, 0.72, 0.71],
+            ("bert15", "linear_probe"): [0.85, 0.86, 0.87],  # best on test ...
+            ("fixed40", "linear_probe"): [0.83, 0.84, 0.85],  # ... this one on validation
+        },
+        {"r2mae": R2MAE, "bert15": FIXED15, "fixed40": FIXED40},
+        val={
+            ("r2mae", "linear_probe"): [0.70, 0.70, 0.70],
+            ("bert15", "linear_probe"): [0.80, 0.80, 0.80],
+            ("fixed40", "linear_probe"): [0.90, 0.90, 0.90],
+        },
+    )
+    *_, entries = judged(ev)
+    assert entries["best pretrained (chosen on validation MCC)"]["method"] == "fixed40/linear_probe"
+
+
 def test_a_target_naming_no_evaluation_is_refused():
     """A typo in a target's evaluation used to drop the claim from the report with exit 0."""
     with pytest.raises(ValueError, match="targets\\[0\\].evaluation 'codng' is not one of the evaluations"):
