@@ -143,16 +143,16 @@ def code_differs(info: dict[str, Any] | None) -> str | None:
     or None when it is the same or cannot be told (outputs written before the source hash was kept
     are compared by commit)."""
     theirs = (info or {}).get("code") or {}
-    ours = code_version()
-    if theirs.get("source_sha256") and theirs["source_sha256"] != ours["source_sha256"]:
-        return f"biomask source {str(theirs['source_sha256'])[:12]}… (now {ours['source_sha256'][:12]}…)"
-    if (
-        not theirs.get("source_sha256")
-        and theirs.get("git_commit")
-        and ours.get("git_commit")
-        and theirs["git_commit"] != ours["git_commit"]
-    ):
-        return f"commit {str(theirs['git_commit'])[:10]} (now {str(ours['git_commit'])[:10]})"
+    if theirs.get("source_sha256"):  # no git call on this path: reuse checks run for every stage
+        ours = source_sha256()
+        return (
+            None
+            if theirs["source_sha256"] == ours
+            else f"biomask source {str(theirs['source_sha256'])[:12]}… (now {ours[:12]}…)"
+        )
+    commit = code_version().get("git_commit") if theirs.get("git_commit") else None
+    if commit and theirs["git_commit"] != commit:
+        return f"commit {str(theirs['git_commit'])[:10]} (now {commit[:10]})"
     return None
 
 

@@ -289,11 +289,8 @@ def _exports(folder: Path, model: Any) -> bool:
         same_code
         and recorded.get("source_checkpoint") == json.loads(json.dumps(model.checkpoint_info, default=str))
         and files is not None
-        and all(
-            (folder / name).is_file() and sha256_file(folder / name) == d
-            for name, d in files.items()
-            if name != CARD  # the card may be edited: it is then the user's, kept as it is
-        )
+        and all((folder / name).is_file() for name in files if name != CARD)  # the card may be edited
+        and not _changed_files(folder)
     )
 
 
