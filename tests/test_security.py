@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -326,7 +327,7 @@ def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
         "truncated": lambda ckpt: (ckpt / MODEL_STATES).write_bytes(
             (ckpt / MODEL_STATES).read_bytes()[:1000]
         ),
-        "garbage": lambda ckpt: (ckpt / MODEL_STATES).write_bytes(os.urandom(5000)),
+        "garbage": lambda ckpt: (ckpt / MODEL_STATES).write_bytes(random.Random(0).randbytes(5000)),
         "masker": lambda ckpt: (ckpt / "rng-rank0.json").write_text(
             json.dumps({**json.loads((ckpt / "rng-rank0.json").read_text()), "masker": {"x": 1}})
         ),
@@ -465,3 +466,16 @@ def test_overwrite_refuses_an_output_that_is_a_symlink(finished, tmp_path, cli):
         "--pooling", "max", "--overwrite",
     )  # fmt: skip
     assert code == 2 and "symbolic link" in err and (tmp_path / "link").is_symlink(), err
+
+
+def test_any_bytes_that_are_no_torch_file_are_reported_as_corrupt(tmp_path):
+    """Arbitrary bytes reach the unpickler's internals and fail in many ways (CI once met an
+    IndexError); every one is the same message naming the file, never a traceback."""
+    rng = random.Random(1)
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    for trial in range(300):
+        path.write_bytes(rng.randbytes(rng.choice([1, 7, 64, 5000])))
+        with pytest.raises(checkpoint.CheckpointError, match="is corrupt") as err:
+            with checkpoint.weights_only_loads():
+                torch.load(path)
+        assert str(path) in str(err.value), trial

@@ -184,7 +184,9 @@ def weights_only_loads() -> Iterator[None]:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            if found is None:  # not a payload: bytes that are no torch file (torch's advice not repeated)
+            if found is None or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", found.group(1)):
+                # not a payload (no importable name: random bytes can hold a GLOBAL opcode too) but bytes
+                # that are no torch file; torch's advice is not repeated
                 raise CheckpointError(
                     f"{f} is corrupt: it is not a torch checkpoint file biomask can read; restore it or "
                     "pass --overwrite to start the run again"
@@ -194,6 +196,15 @@ def weights_only_loads() -> Iterator[None]:
                 f"{f}: refusing to load it — it holds objects other than tensors and plain data, which "
                 f"could run code when unpickled ({detail}); biomask never unpickles them. If the run folder "
                 "came from someone else, do not resume it; pass --overwrite to start the run again"
+            ) from None
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            # arbitrary bytes reach the unpickler's internals (IndexError, struct.error, UnicodeDecodeError,
+            # ...): no list of types covers them, and none of them means anything but a damaged file
+            raise CheckpointError(
+                f"{f} is corrupt ({type(exc).__name__}): it is not a torch checkpoint file biomask can "
+                "read; restore it or pass --overwrite to start the run again"
             ) from None
 
     with torch.serialization.safe_globals(allowed_globals()):
@@ -378,7 +389,16 @@ def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:
     try:
         with weights_only_loads():
             load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name)
-    except (RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError) as exc:
+    except (
+        RuntimeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        EOFError,
+        OSError,
+    ) as exc:
         # a truncated or altered file that still matches meta.json's digests (they were rewritten)
         raise CheckpointError(
             f"checkpoint {directory} is corrupt: DeepSpeed could not load it ({type(exc).__name__}: "
