@@ -386,6 +386,38 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
+def test_a_signal_during_start_up_is_a_checkpoint_and_exit_75_not_a_lost_job(
+    genome_store, tmp_path, cli, monkeypatch
+):
+    """SLURM's USR1 (600 s before the time limit) can arrive while the engine is being built: its
+    default action would end the job without the exit 75 the batch script requeues on."""
+    import deepspeed
+
+    original = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # while DeepSpeed sets up the engine
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    out = tmp_path / "run"
+    args = overrides(genome_store, out, **{"train.steps": 20, "train.checkpoint_every": 1000})
+    # without biomask's handler the signal would reach this one, and the run would end with 0
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        code, _, err = cli("pretrain", "-c", CONFIG, *args)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert code == 75, err[-3000:]
+    assert "received SIGUSR1" in err
+    assert [int(p.name[4:]) for p in (out / "checkpoints").glob("step*")] == [1]  # one step, kept
+    assert not (out / "run.json").exists()
+    monkeypatch.setattr(deepspeed, "initialize", original)
+    code, _, err = cli("pretrain", "-c", CONFIG, *args)
+    assert code == 0, err
+    assert json.loads((out / "model" / "config.json").read_text())["training"]["steps"] == 20
+
+
 def test_bad_inputs_exit_2_and_write_nothing(genome_store, tmp_path, cli):
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(tmp_path / "missing", tmp_path / "a"))
     assert code == 2 and "does not exist" in err and not (tmp_path / "a").exists()

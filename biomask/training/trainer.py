@@ -373,181 +373,192 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     finite.check_optim(cfg)
     check_compile(cfg, device)
 
-    # 2. The output directory: fresh, resume, or already done.
-    _quiet_libraries()
-    init_process_group(dist_env)
-    decision = on_rank0(
-        lambda: rundir.decide(
-            out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
-        ),
-        dist_env,
-    )
-    if decision == "done":
-        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
-        if dist_env.is_main:
-            warn_other_code("pretrain", out, read_run_info(out))
-        return out
-    if cfg.data.verify:  # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
-        on_rank0(store.verify, dist_env)
-    else:  # the tokenizer goes into the checkpoint with its hashes: checked always (a few KB)
-        on_rank0(lambda: check_store_tokenizer(store.tokenizer_dir), dist_env)
-    on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
-    # the held-out loss's reference predictors: count tables from a bounded training sample, once
-    counts = reference_counts(
-        train_split,
-        modality=spec.modality,
-        target=arch.target,
-        vocab_size=arch.vocab_size,
-        n_bins=arch.n_bins or 0,
-    )
-    if counts is not None:
-        on_rank0(lambda: counts.save(out), dist_env)
-
-    # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
-    import deepspeed
-
-    torch.manual_seed(cfg.train.seed)
-    # biomask draws from its own seeded generators; the global ones are seeded too, so that a library
-    # drawing from them cannot make two runs of one seed differ (checkpoints save and restore them)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    model = build_model(arch)
-    if cfg.model.init_from:  # new: an MAE decoder after an MLM checkpoint, a profile model's swap detector
-        new_part = "decoder." if arch.kind == "transformer" else "swap_head."
-        fresh = {k for k in model.state_dict() if k.startswith(new_part)}
-        missing, unexpected = model.load_state_dict(init_weights, strict=False)
-        if unexpected or set(missing) - fresh:
-            raise InputError(f"model.init_from: the checkpoint's weights do not fit: {missing or unexpected}")
-    elif isinstance(model, ProfileModel):  # standardisation (and count references) of the training split
-        model.init_from_data(train_split)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        **adamw_kernel(cfg.optim.fused, device),
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        functools.partial(
-            warmup_cosine,
-            warmup=cfg.optim.warmup_steps,
-            total=cfg.train.steps,
-            min_ratio=cfg.optim.min_lr_ratio,
-        ),
-    )
-    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters away
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-    )
-    stage_n = zero_stage(ds_config)
-    if cfg.train.compile:
-        engine.compile()
-    log.info(
-        "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s%s, %d process(es) (%s), masking %s",
-        cfg.model.preset,
-        {"mlp": "profile autoencoder", "panel_transformer": "panel transformer"}.get(arch.kind, "encoder"),
-        n_params / 1e6,
-        stage_n,
-        precision,
-        ", compiled" if cfg.train.compile else "",
-        dist_env.world_size,
-        dist_env.launcher,
-        cfg.masking.scheme,
-    )
-
-    # 4. Masking on the training device (its generators are checkpointed).
-    masker = Masker(
-        cfg.masking,
-        target=arch.target,
-        vocab_size=arch.vocab_size,
-        n_bins=arch.n_bins,
-        total_steps=cfg.train.steps,
-        seed=cfg.train.seed,
-        rank=dist_env.rank,
-        device=device,
-    )
-
-    # 5. Resume: model, optimizer, schedule, step (the data position) and every RNG.
-    ckpt_root = out / "checkpoints"
-    step = 0
-    window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
-    step_ratios: list[float] = []  # the realised ratio of every step of the window (rank 0's batches)
-    # the newest checkpoint whose files match their sha256 (a corrupt one: warning, the previous one)
-    latest = on_rank0(lambda: checkpoint.resume_point(ckpt_root), dist_env) if decision == "resume" else None
-    if latest is not None:
-        rng = checkpoint.load(engine, latest, rank=dist_env.rank)
-        try:
-            masker.load_state_dict(checkpoint.restore_rng_state(rng))
-            window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
-            step_ratios = list(rng.get("metrics_step_ratios", []))
-            step = int(checkpoint.read_meta(latest)["step"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # altered, digests rewritten
-            raise checkpoint.CheckpointError(
-                f"checkpoint {latest}: its RNG, masking or step state is corrupt ({type(exc).__name__}: "
-                f"{exc}); restore it or pass --overwrite to start the run again"
-            ) from None
-        log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
-        if dist_env.is_main:
-            rundir.note_resume(out, step)
-    else:
-        torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
-    if dist_env.is_main and ckpt_root.exists():
-        checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
-
-    sums = torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=device)
-    pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
-    computed_norm: torch.Tensor | None = None  # ZeRO-0: the gradient norm train_step took (see grad_norm)
-
-    def read_window() -> None:
-        """The device sums into `window` (one wait for the device), then the finiteness check: the
-        loss (and the gradient norm, where DeepSpeed computes it) since the last read. Runs before every
-        log line, held-out evaluation and checkpoint, so NaN never reaches metrics.jsonl or a save."""
-        for key, value in zip(WINDOW_SUMS, sums.tolist()):
-            window[key] += value
-        window["micro"] += len(pending_ratios) * cfg.train.grad_accum
-        if pending_ratios:
-            step_ratios.extend(torch.stack(pending_ratios).tolist())
-        sums.zero_()
-        pending_ratios.clear()
-        finite.check_step(step, cfg, window["loss"], grad_norm(), dist_env.world_size, device)
-
-    def grad_norm() -> float | None:
-        """The last step's global gradient norm: DeepSpeed's, or at ZeRO-0 the one train_step took."""
-        norm = engine.get_global_grad_norm()
-        return norm if norm is not None or computed_norm is None else float(computed_norm)
-
-    def save_checkpoint() -> Path:
-        read_window()
-        finite.check_weights(engine, step, cfg, dist_env.world_size, device)  # never save NaN weights
-        meta = {
-            "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
-            "world_size": dist_env.world_size,
-        }
-        rng = {
-            **checkpoint.rng_state(masker.state_dict()),
-            "metrics_window": dict(window),
-            "metrics_step_ratios": list(step_ratios),
-        }
-        path = checkpoint.save(engine, ckpt_root, step, rank=dist_env.rank, rng=rng, meta=meta)
-        if dist_env.is_main:
-            checkpoint.prune(ckpt_root, cfg.train.keep_last)
-        return path
-
-    # 6. The loop.
-    metrics = MetricsLogger(
-        out,
-        total_steps=cfg.train.steps,
-        start_step=step,
-        enabled=dist_env.is_main,
-        progress=cfg.train.progress,
-        report_to=cfg.train.report_to,
-        config=cfg.model_dump(mode="json"),
-    )
+    # From here a scheduler's SIGTERM / SIGUSR1 (or Ctrl-C) is a checkpoint and exit 75 even during
+    # start-up: its default action would end the job with no requeue (the batch script requeues on 75).
     stop = StopSignal()
     stop.install()
-    window_start = time.perf_counter()
+    metrics: MetricsLogger | None = None
     try:
+        # 2. The output directory: fresh, resume, or already done.
+        _quiet_libraries()
+        init_process_group(dist_env)
+        decision = on_rank0(
+            lambda: rundir.decide(
+                out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
+            ),
+            dist_env,
+        )
+        if decision == "done":
+            log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+            if dist_env.is_main:
+                warn_other_code("pretrain", out, read_run_info(out))
+            return out
+        # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
+        if cfg.data.verify:
+            on_rank0(store.verify, dist_env)
+        else:  # the tokenizer goes into the checkpoint with its hashes: checked always (a few KB)
+            on_rank0(lambda: check_store_tokenizer(store.tokenizer_dir), dist_env)
+        on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
+        # the held-out loss's reference predictors: count tables from a bounded training sample, once
+        counts = reference_counts(
+            train_split,
+            modality=spec.modality,
+            target=arch.target,
+            vocab_size=arch.vocab_size,
+            n_bins=arch.n_bins or 0,
+        )
+        if counts is not None:
+            on_rank0(lambda: counts.save(out), dist_env)
+
+        # 3. Model, optimizer, schedule and the DeepSpeed engine (same initial weights on every rank).
+        import deepspeed
+
+        torch.manual_seed(cfg.train.seed)
+        # biomask draws from its own seeded generators; the global ones are seeded too, so that a library
+        # drawing from them cannot make two runs of one seed differ (checkpoints save and restore them)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        model = build_model(arch)
+        # new: an MAE decoder after an MLM checkpoint, a profile model's swap detector
+        if cfg.model.init_from:
+            new_part = "decoder." if arch.kind == "transformer" else "swap_head."
+            fresh = {k for k in model.state_dict() if k.startswith(new_part)}
+            missing, unexpected = model.load_state_dict(init_weights, strict=False)
+            if unexpected or set(missing) - fresh:
+                raise InputError(
+                    f"model.init_from: the checkpoint's weights do not fit: {missing or unexpected}"
+                )
+        elif isinstance(model, ProfileModel):  # standardisation (and count references) of the training split
+            model.init_from_data(train_split)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            **adamw_kernel(cfg.optim.fused, device),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            functools.partial(
+                warmup_cosine,
+                warmup=cfg.optim.warmup_steps,
+                total=cfg.train.steps,
+                min_ratio=cfg.optim.min_lr_ratio,
+            ),
+        )
+        n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters away
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+        stage_n = zero_stage(ds_config)
+        if cfg.train.compile:
+            engine.compile()
+        log.info(
+            "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s%s, %d process(es) (%s), masking %s",
+            cfg.model.preset,
+            {"mlp": "profile autoencoder", "panel_transformer": "panel transformer"}.get(
+                arch.kind, "encoder"
+            ),
+            n_params / 1e6,
+            stage_n,
+            precision,
+            ", compiled" if cfg.train.compile else "",
+            dist_env.world_size,
+            dist_env.launcher,
+            cfg.masking.scheme,
+        )
+
+        # 4. Masking on the training device (its generators are checkpointed).
+        masker = Masker(
+            cfg.masking,
+            target=arch.target,
+            vocab_size=arch.vocab_size,
+            n_bins=arch.n_bins,
+            total_steps=cfg.train.steps,
+            seed=cfg.train.seed,
+            rank=dist_env.rank,
+            device=device,
+        )
+
+        # 5. Resume: model, optimizer, schedule, step (the data position) and every RNG.
+        ckpt_root = out / "checkpoints"
+        step = 0
+        window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
+        step_ratios: list[float] = []  # the realised ratio of every step of the window (rank 0's batches)
+        # the newest checkpoint whose files match their sha256 (a corrupt one: warning, the previous one)
+        latest = (
+            on_rank0(lambda: checkpoint.resume_point(ckpt_root), dist_env) if decision == "resume" else None
+        )
+        if latest is not None:
+            rng = checkpoint.load(engine, latest, rank=dist_env.rank)
+            try:
+                masker.load_state_dict(checkpoint.restore_rng_state(rng))
+                window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
+                step_ratios = list(rng.get("metrics_step_ratios", []))
+                step = int(checkpoint.read_meta(latest)["step"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # altered, digests rewritten
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {latest}: its RNG, masking or step state is corrupt ({type(exc).__name__}: "
+                    f"{exc}); restore it or pass --overwrite to start the run again"
+                ) from None
+            log.info("pretrain: resumed from %s (step %d of %d)", latest, step, cfg.train.steps)
+            if dist_env.is_main:
+                rundir.note_resume(out, step)
+        else:
+            torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
+        if dist_env.is_main and ckpt_root.exists():
+            checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
+
+        sums = torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=device)
+        pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
+        computed_norm: torch.Tensor | None = None  # ZeRO-0: the gradient norm train_step took (see grad_norm)
+
+        def read_window() -> None:
+            """The device sums into `window` (one wait for the device), then the finiteness check: the
+            loss (and the gradient norm, where DeepSpeed computes it) since the last read. Runs before every
+            log line, held-out evaluation and checkpoint, so NaN never reaches metrics.jsonl or a save."""
+            for key, value in zip(WINDOW_SUMS, sums.tolist()):
+                window[key] += value
+            window["micro"] += len(pending_ratios) * cfg.train.grad_accum
+            if pending_ratios:
+                step_ratios.extend(torch.stack(pending_ratios).tolist())
+            sums.zero_()
+            pending_ratios.clear()
+            finite.check_step(step, cfg, window["loss"], grad_norm(), dist_env.world_size, device)
+
+        def grad_norm() -> float | None:
+            """The last step's global gradient norm: DeepSpeed's, or at ZeRO-0 the one train_step took."""
+            norm = engine.get_global_grad_norm()
+            return norm if norm is not None or computed_norm is None else float(computed_norm)
+
+        def save_checkpoint() -> Path:
+            read_window()
+            finite.check_weights(engine, step, cfg, dist_env.world_size, device)  # never save NaN weights
+            meta = {
+                "data_position": {"step": step, "epoch": train_data.epoch_of(step)},
+                "world_size": dist_env.world_size,
+            }
+            rng = {
+                **checkpoint.rng_state(masker.state_dict()),
+                "metrics_window": dict(window),
+                "metrics_step_ratios": list(step_ratios),
+            }
+            path = checkpoint.save(engine, ckpt_root, step, rank=dist_env.rank, rng=rng, meta=meta)
+            if dist_env.is_main:
+                checkpoint.prune(ckpt_root, cfg.train.keep_last)
+            return path
+
+        # 6. The loop.
+        metrics = MetricsLogger(
+            out,
+            total_steps=cfg.train.steps,
+            start_step=step,
+            enabled=dist_env.is_main,
+            progress=cfg.train.progress,
+            report_to=cfg.train.report_to,
+            config=cfg.model_dump(mode="json"),
+        )
+        window_start = time.perf_counter()
         while step < cfg.train.steps:
             step_ratio, computed_norm = train_step(
                 engine, masker, train_data, step, cfg.train.grad_accum, device, sums
@@ -678,5 +689,6 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             dist.barrier()
     finally:
         stop.restore()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     return out
