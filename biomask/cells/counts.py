@@ -11,6 +11,7 @@ finds (`detect`):
 | `scaled`         | negative values (centred or z-scored expression, e.g. pbmc68k_reduced's `X`)  |
 | `log_normalised` | non-integral, small (max <= 30), e.g. log1p(counts / total * 1e4)             |
 | `tpm_like`       | non-integral on a linear scale (TPM, FPKM, library-size normalised)           |
+| `mixed`          | some cells all integer counts, others mostly non-integral: samples of two kinds |
 
 The policy (`counts.mode`) then either accepts counts (`require`), or rebuilds them from
 log1p(CP10k)-style values with a total-counts column (`from_log1p`: counts = rint(expm1(x) *
@@ -41,6 +42,9 @@ STRAY_SHARE = 0.01  # non-integer values under this share of integer counts: str
 _LOG_SCALE_MAX = 30.0  # log1p(1e6) ~ 13.8, log2(1e6) ~ 20: larger values are not log-scale
 _CONSTANT_CV = 0.01  # row sums this close to constant mean "normalised to a fixed total"
 _SCALE_TOLERANCE = 0.05  # such a total this far from counts.scale is another normalisation (TPM: 1e6)
+# a cell with this many non-zero values, all integers, holds counts; one with most of them non-integral
+# does not: both in one matrix is samples prepared differently, which no counts.mode reads correctly
+_MIXED_MIN_VALUES = 10
 _TOTALS_NAME = re.compile(r"(^n_?counts$|total_?counts|^ncount|n_?umi|^nUMI$|library_?size)", re.I)
 
 
@@ -60,6 +64,7 @@ class ValueSummary:
     expm1_row_sum_median: float | None = None  # the same for expm1(values): constant for log1p(CP10k)
     expm1_row_sum_cv: float | None = None
     stray: tuple[int, int, float] | None = None  # stray_values: the first one's (row, column, value)
+    mixed: tuple[int, int, int, int] | None = None  # mixed: (count cells, other cells, a row of each)
 
     @property
     def is_counts(self) -> bool:
@@ -83,6 +88,12 @@ class ValueSummary:
                 f"non-zero values in the first {self.cells:,} cells ({top})"
             )
         share = f"{1 - self.integral_fraction:.1%} of non-zero values non-integral"
+        if self.kind == "mixed" and self.mixed is not None:
+            n_counts, n_other = self.mixed[:2]
+            return (
+                f"a mix of cells: {n_counts:,} hold integer counts only and {n_other:,} mostly non-integer "
+                f"values, among the first {self.cells:,} cells ({share}, {top})"
+            )
         if self.kind == "log_normalised":
             if self.expm1_row_sum_cv is not None and self.expm1_row_sum_cv < _CONSTANT_CV:
                 return (
@@ -145,6 +156,29 @@ def _cv(values: np.ndarray) -> float | None:
     return float(values.std() / values.mean())
 
 
+def _cell_integrality(block: sp.csr_matrix, integer_tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell: its non-zero values, and how many of them are integers (within the tolerance)."""
+    data = block.data.astype(np.float64)
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    nonzero = data != 0
+    integral = nonzero & (np.abs(data - np.rint(data)) <= integer_tolerance)
+    return (
+        np.bincount(rows[nonzero], minlength=block.shape[0]),
+        np.bincount(rows[integral], minlength=block.shape[0]),
+    )
+
+
+def _mixed_cells(block: sp.csr_matrix, integer_tolerance: float) -> tuple[int, int, int, int] | None:
+    """(count cells, other cells, first row of each) when the block holds both kinds, else None."""
+    values, integral = _cell_integrality(block, integer_tolerance)
+    seen = values >= _MIXED_MIN_VALUES
+    counts = np.flatnonzero(seen & (integral == values))
+    other = np.flatnonzero(seen & (2 * integral < values))
+    if counts.size == 0 or other.size == 0:
+        return None
+    return int(counts.size), int(other.size), int(counts[0]), int(other[0])
+
+
 def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -> ValueSummary:
     """Name what a block of cells holds (see the module docstring for the rules)."""
     data = block.data[block.data != 0].astype(np.float64)
@@ -164,6 +198,11 @@ def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -
         return ValueSummary("scaled", **common)
     if integral == 1.0:
         return ValueSummary("counts" if dtype.kind in "iu" else "integer_floats", **common)
+    mixed = _mixed_cells(
+        block, integer_tolerance
+    )  # before strays: a few cells of another kind are not strays
+    if mixed is not None:
+        return ValueSummary("mixed", **common, mixed=mixed)
     if integral >= 1 - STRAY_SHARE:  # counts with a few odd values: name one, don't call it log data
         values = block.data.astype(np.float64)  # as `integral` was measured (float32 would round tol)
         odd = np.flatnonzero((values != 0) & (np.abs(values - np.rint(values)) > integer_tolerance))
@@ -223,9 +262,51 @@ def _totals_candidates(obs: pd.DataFrame) -> list[str]:
 PYTHON_KEYS = " (biomask.embed, biomask.fit_cells: the `matrix=` and `counts={...}` arguments.)"
 
 
+def _separating_column(obs: pd.DataFrame, count_rows: np.ndarray, other_rows: np.ndarray) -> str:
+    """An obs column (a sample or batch label) whose values tell the count cells from the others, in words."""
+    for column in obs.columns:
+        values = obs[column].astype(str)  # any column (categorical, object of mixed types) compares as text
+        if pd.api.types.is_float_dtype(obs[column]) or values.nunique() > 100:
+            continue
+        counts = set(values.iloc[count_rows])
+        other = set(values.iloc[other_rows])
+        if counts and other and not counts & other:
+            return f"; obs column {column!r} tells them apart (counts: {_few(counts)}; the others: {_few(other)})"
+    return ""
+
+
+def _few(values: set[str]) -> str:
+    return ", ".join(sorted(values)[:5]) + (", ..." if len(values) > 5 else "")
+
+
+# what to do about a matrix of cells of two kinds (detected in the first cells or met while streaming)
+_MIXED_HINT = (
+    "Samples concatenated after different preprocessing? No counts.mode reads such a matrix correctly: give "
+    "every cell raw counts (each sample's counts layer or .raw, before concatenating), or normalise the count "
+    "samples as the others were (e.g. sc.pp.normalize_total(target_sum=1e4) and sc.pp.log1p, then "
+    f"counts.mode: log1p).{PYTHON_KEYS}"
+)
+
+
+def _refuse_mixed(source: MatrixSource, block: sp.csr_matrix, start: int, found: str, tol: float) -> None:
+    values, integral = _cell_integrality(block, tol)
+    seen = values >= _MIXED_MIN_VALUES
+    count_rows = start + np.flatnonzero(seen & (integral == values))
+    other_rows = start + np.flatnonzero(seen & (2 * integral < values))
+    names = source.obs.index
+    raise InputError(
+        f"{source.where}: the cells do not all hold the same kind of values: {found}, e.g. cell "
+        f"{names[count_rows[0]]!r} (row {count_rows[0]}) holds counts and cell {names[other_rows[0]]!r} "
+        f"(row {other_rows[0]}) does not{_separating_column(source.obs, count_rows, other_rows)}. {_MIXED_HINT}"
+    )
+
+
 def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig) -> None:
     """Refuse a matrix the configured policy cannot use, saying what was found and what to set."""
     found = summary.describe()
+    if summary.kind == "mixed":  # whatever the mode: it would read one kind of cell wrongly, silently
+        block = source.rows(0, min(summary.cells, source.n_obs))
+        _refuse_mixed(source, block, 0, found, cfg.integer_tolerance)
     others = [m for m in source.alternatives if m != source.key]
     look_elsewhere = (
         f" It also has {', '.join(others)}: if one holds counts, point `matrix` at it (the input's "
@@ -374,6 +455,8 @@ class CountConverter:
                 f"{src.where}: {_cell(src, start, block, first)} has a negative value ({data[first]:.4g}); "
                 "counts cannot be negative — is this scaled data? Use the raw counts"
             )
+        if check and self.cfg.mode != "require" and data.dtype.kind == "f":
+            self._no_count_cells(start, block)
         if self.cfg.mode == "from_log1p":
             counts = self._from_log1p(start, block)
         elif self.cfg.mode == "log1p":  # expression on the normalised scale, not counts
@@ -390,6 +473,20 @@ class CountConverter:
             out.eliminate_zeros()
         return out
 
+    def _no_count_cells(self, start: int, block: sp.csr_matrix) -> None:
+        """Normalised values throughout: a cell of integer counts among them (the first cells, which
+        decided the mode, may be one sample of several) would be read as normalised, silently wrong."""
+        values, integral = _cell_integrality(block, self.cfg.integer_tolerance)
+        count_rows = np.flatnonzero((values >= _MIXED_MIN_VALUES) & (integral == values))
+        if count_rows.size:
+            row = int(count_rows[0])
+            raise InputError(
+                f"{self.source.where}: cell {self.source.obs.index[start + row]!r} (row {start + row}) holds "
+                f"integer counts only ({int(values[row]):,} non-zero values; {count_rows.size:,} such cells in "
+                f"cells {start}-{start + block.shape[0] - 1}), but counts.mode={self.cfg.mode} reads the "
+                f"matrix as the normalised values its first cells hold. {_MIXED_HINT}"
+            )
+
     def _integral(self, start: int, block: sp.csr_matrix) -> np.ndarray:
         """Float values that must be integers: exact ones pass untouched (the common case, checked fast)."""
         data = block.data
@@ -398,6 +495,15 @@ class CountConverter:
             self.exact = False
             bad = np.abs(data - rounded) > self.cfg.integer_tolerance
             if bad.any():
+                row = _row_of(block, int(np.flatnonzero(bad)[0]))
+                values, integral = _cell_integrality(block, self.cfg.integer_tolerance)
+                if values[row] >= _MIXED_MIN_VALUES and 2 * integral[row] < values[row]:
+                    raise InputError(  # not a stray value: a cell of another kind than the first ones
+                        f"{self.source.where}: cell {self.source.obs.index[start + row]!r} (row {start + row}) "
+                        f"holds non-integer values ({values[row] - integral[row]:,} of its {values[row]:,} "
+                        "non-zero values), but the first cells hold counts. "
+                        f"{_MIXED_HINT}"
+                    )
                 self._non_integral(
                     start,
                     block,
