@@ -201,6 +201,28 @@ def test_api_fills_the_anndata_in_place_independent_of_batch_and_chunk_sizes(
         np.testing.assert_allclose(a, vectors[3], rtol=0, atol=2e-5)
 
 
+def test_a_view_of_a_backed_anndata_is_embedded_with_copy_true(pbmc_h5ad, cells_checkpoint, tmp_path):
+    """One sample of a backed multi-sample file (`backed[backed.obs[...] == ...]`): its own cells, in its
+    order, with the vectors the whole file gives them; in place it cannot be (anndata writes nothing into
+    a backed view), which is said with the way out, not as a cell-count mismatch."""
+    from biomask.errors import InputError
+
+    path = tmp_path / "pbmc.h5ad"
+    read(pbmc_h5ad).write_h5ad(path)
+    counts = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+    backed = anndata.read_h5ad(path, backed="r")
+    mask = (backed.obs["bulk_labels"] == "CD14+ Monocyte").to_numpy()
+    view = backed[mask]
+    with pytest.raises(InputError, match=r"view of a backed AnnData .* Pass copy=True"):
+        biomask.embed(view, cells_checkpoint, matrix="raw", counts=counts)
+    out = biomask.embed(view, cells_checkpoint, matrix="raw", counts=counts, copy=True)
+    whole = read(path)
+    biomask.embed(whole, cells_checkpoint, matrix="raw", counts=counts)
+    assert not out.isbacked and list(out.obs_names) == list(whole.obs_names[mask])
+    np.testing.assert_allclose(out.obsm["X_biomask"], whole.obsm["X_biomask"][mask], rtol=0, atol=2e-5)
+    assert "X_biomask" not in backed.obsm and backed.isbacked
+
+
 @pytest.mark.parametrize(
     "case", ["dna_checkpoint", "zero_overlap", "missing_obs_column", "output_is_input", "no_such_layer"]
 )

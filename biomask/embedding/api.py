@@ -13,7 +13,7 @@ returns a new AnnData holding the embedding. The provenance goes to `uns[key]`, 
 two embeddings of one AnnData keep one record each. `checkpoint` is a `model/` directory or a model
 already loaded with `biomask.models.load_pretrained` (embedding many files loads it once). A backed
 AnnData (`sc.read_h5ad(path, backed="r")`) is streamed from its file in chunks, as `biomask embed`
-does. A progress bar shows on a terminal for long inputs (`progress=` forces it on or off).
+does; a view of one (`backed[mask]`) takes `copy=True` (its cells are loaded and embedded). A progress bar shows on a terminal for long inputs (`progress=` forces it on or off).
 
 The cells are tokenized exactly as the checkpoint's pretraining corpus was (see biomask.cells.encode),
 in chunks, and embedded on the GPU when there is one (CPU otherwise), without DeepSpeed.
@@ -101,6 +101,18 @@ def embed(
         )
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    if getattr(adata, "isbacked", False) and getattr(adata, "is_view", False):
+        # its file holds every cell, the view some; anndata writes nothing into a backed view
+        if not copy:
+            raise InputError(
+                "biomask.embed: a view of a backed AnnData (adata[...] of read_h5ad(..., backed='r')) cannot "
+                "take obsm in place. Pass copy=True (the view's cells are loaded, embedded and returned), or "
+                "embed the backed AnnData whole and take the rows you want"
+            )
+        adata = adata.to_memory()  # the view's cells only: already the new AnnData copy=True returns
+        loaded = True
+    else:
+        loaded = False
     check_key(key, adata.obsm.keys(), adata.uns, "the AnnData")
     model, where = _model(checkpoint, device)
     check_layer(model, layer)
@@ -153,7 +165,11 @@ def embed(
             },
         )
     )
-    target = (adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()) if copy else adata
+    target = (
+        (adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy())
+        if copy and not loaded
+        else adata
+    )
     target.obsm[key] = vectors
     target.uns[key] = record
     return target if copy else None
