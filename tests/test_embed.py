@@ -223,6 +223,24 @@ def test_a_view_of_a_backed_anndata_is_embedded_with_copy_true(pbmc_h5ad, cells_
     assert "X_biomask" not in backed.obsm and backed.isbacked
 
 
+def test_ensembl_ids_against_a_symbol_vocabulary_name_the_python_argument(pbmc_h5ad, cells_checkpoint):
+    """A sample whose var index holds Ensembl IDs (symbols in a var column), embedded from Python: the
+    message points at `gene_column=` and lists the column to pass, not the config key genes.column."""
+    from biomask.errors import InputError
+
+    raw = read(pbmc_h5ad).raw
+    var = pd.DataFrame(
+        {"symbol": raw.var_names.to_numpy()}, index=[f"ENSG{i:011d}" for i in range(raw.n_vars)]
+    )
+    adata = anndata.AnnData(raw.X.copy(), obs=read(pbmc_h5ad).obs, var=var)
+    with pytest.raises(InputError) as err:
+        biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"})
+    assert "set gene_column=" in str(err.value) and "symbol" in str(err.value)
+    assert "genes.column" not in str(err.value) and "X_biomask" not in adata.obsm
+    biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"}, gene_column="symbol")
+    assert adata.obsm["X_biomask"].shape[0] == adata.n_obs
+
+
 @pytest.mark.parametrize(
     "case", ["dna_checkpoint", "zero_overlap", "missing_obs_column", "output_is_input", "no_such_layer"]
 )

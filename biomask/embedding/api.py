@@ -146,6 +146,10 @@ def embed(
         )
         with tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True) as bar:
             cells = job.run(write, pooling=pooling, layer=layer, batch_size=batch_size, on_chunk=bar.update)
+    except InputError as exc:  # the settings by this function's argument names (its callers have no genes.*)
+        message = str(exc).replace("genes.strip_version", "strip_version=True")
+        exc.args = (message.replace("genes.column", "gene_column="),)
+        raise
     finally:
         if opened_here:
             source.close()
