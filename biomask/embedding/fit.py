@@ -17,7 +17,9 @@ and a rerun with the same settings reuses them):
 3. embedding: `adata.obsm[key]` in place (Python), or `<output>/embeddings.h5ad` (the CLI).
 
 Pretraining on the cells you then embed is transductive but label-free (as scVI is): the model never
-sees a label. Nothing of the AnnData is modified except `obsm[key]` and `uns[key]`.
+sees a label. Nothing of the AnnData is modified except `obsm[key]` and `uns[key]`. Unlike scVI there is
+no `batch_key`: samples keep their technical differences in the embedding (README, "Several samples,
+donors or batches": concatenate on shared genes, correct afterwards with Harmony or BBKNN).
 """
 
 from __future__ import annotations
