@@ -81,3 +81,16 @@ def test_one_kind_throughout_is_still_read():
         converter = CountConverter(source, cfg)
         for start, block in source.blocks(16):
             converter(start, block)
+
+
+def test_a_key_filled_by_hand_is_refused_with_a_key_that_is_free():
+    """Per-sample vectors copied into obsm["X_biomask"] by hand (no record in uns): the refusal's
+    suggestion is a key that would be accepted, not the one refused."""
+    from biomask.embedding.anndata_io import check_key
+
+    for keys, refused in [({"X_biomask"}, "X_biomask"), ({"X_pca", "X_biomask"}, "X_pca")]:
+        with pytest.raises(InputError) as err:
+            check_key(refused, keys, {}, "the AnnData")
+        suggested = str(err.value).split("(e.g. ")[1].split(")")[0]
+        assert suggested not in keys
+        check_key(suggested, keys, {}, "the AnnData")

@@ -103,9 +103,13 @@ def check_key(key: str, obsm_keys: Any, uns: Any, where: str) -> None:
     record = uns.get(key) if hasattr(uns, "get") else None
     ours = record is not None and hasattr(record, "keys") and "checkpoint_weights_sha256" in record
     if not ours:
+        # e.g. vectors of biomask's copied in by hand (per sample) without their record: X_biomask itself
+        other = next(
+            k for k in ("X_biomask", "X_biomask_2", "X_biomask_3", f"{key}_biomask") if k not in obsm_keys
+        )
         raise InputError(
             f"{where}: obsm[{key!r}] exists and biomask did not write it (no embedding record in "
-            f"uns[{key!r}]); the embedding would replace it. Choose another key (e.g. X_biomask), or "
+            f"uns[{key!r}]); the embedding would replace it. Choose another key (e.g. {other}), or "
             f"remove obsm[{key!r}] first if it should go"
         )
 
