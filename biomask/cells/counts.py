@@ -476,13 +476,20 @@ class CountConverter:
     def _no_count_cells(self, start: int, block: sp.csr_matrix) -> None:
         """Normalised values throughout: a cell of integer counts among them (the first cells, which
         decided the mode, may be one sample of several) would be read as normalised, silently wrong."""
-        values, integral = _cell_integrality(block, self.cfg.integer_tolerance)
-        count_rows = np.flatnonzero((values >= _MIXED_MIN_VALUES) & (integral == values))
-        if count_rows.size:
-            row = int(count_rows[0])
+        # only a cell whose first value is an integer can be one (a few of normalised cells): cheap per block
+        tol = self.cfg.integer_tolerance
+        rows = np.flatnonzero(np.diff(block.indptr) >= _MIXED_MIN_VALUES)
+        first = block.data[block.indptr[rows]].astype(np.float64)
+        rows = rows[np.abs(first - np.rint(first)) <= tol]
+        if rows.size == 0:
+            return
+        values, integral = _cell_integrality(block[rows], tol)
+        hits = np.flatnonzero((values >= _MIXED_MIN_VALUES) & (integral == values))
+        if hits.size:
+            row = int(rows[hits[0]])
             raise InputError(
                 f"{self.source.where}: cell {self.source.obs.index[start + row]!r} (row {start + row}) holds "
-                f"integer counts only ({int(values[row]):,} non-zero values; {count_rows.size:,} such cells in "
+                f"integer counts only ({int(values[hits[0]]):,} non-zero values; {hits.size:,} such cells in "
                 f"cells {start}-{start + block.shape[0] - 1}), but counts.mode={self.cfg.mode} reads the "
                 f"matrix as the normalised values its first cells hold. {_MIXED_HINT}"
             )
