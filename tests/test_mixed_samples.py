@@ -25,7 +25,8 @@ def _two_samples(log_first: bool = False, cells: int = 60):
     values[logged] = np.log1p(block / block.sum(axis=1, keepdims=True) * 1e4)
     sample = np.array(["s1"] * cells + ["s2"] * cells)
     obs = pd.DataFrame(
-        {"batch": pd.Categorical(sample)}, index=[f"{s}-cell{i}" for i, s in enumerate(sample)]
+        {"batch": pd.Categorical(sample), "n_counts": counts.sum(axis=1)},
+        index=[f"{s}-cell{i}" for i, s in enumerate(sample)],
     )
     return ad.AnnData(sp.csr_matrix(values), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(200)]))
 
@@ -56,9 +57,11 @@ def test_a_sample_of_another_kind_past_the_detected_cells_is_refused_while_strea
     ):
         biomask.fit_cells(adata, tmp_path / "a", counts={"detect_cells": 30})
     adata = _two_samples(log_first=True)
-    for mode in ("log1p", "normalised"):
+    for mode in ("log1p", "normalised", "from_log1p"):
+        totals = "n_counts" if mode == "from_log1p" else None
+        counts = {"mode": mode, "detect_cells": 30, "total_counts_column": totals}
         with pytest.raises(InputError, match=r"cell 's2-cell60' \(row 60\) holds integer counts only"):
-            biomask.fit_cells(adata, tmp_path / mode, counts={"mode": mode, "detect_cells": 30})
+            biomask.fit_cells(adata, tmp_path / mode, counts=counts)
     assert not any(tmp_path.iterdir()) and not adata.obsm
 
 
