@@ -97,3 +97,32 @@ def test_a_key_filled_by_hand_is_refused_with_a_key_that_is_free():
         suggested = str(err.value).split("(e.g. ")[1].split(")")[0]
         assert suggested not in keys
         check_key(suggested, keys, {}, "the AnnData")
+
+
+def test_normalised_cells_whose_total_divides_the_scale_are_not_taken_for_counts():
+    """CPM of a cell with 1,000 counts is its counts x 1,000: all integers, but with a common factor;
+    such cells among the others (here 20 of 120) are normalised values, read as they are."""
+    import anndata as ad
+
+    from biomask.cells.config import CountsConfig
+    from biomask.cells.counts import CountConverter, check_policy, detect
+    from biomask.cells.readers import from_anndata
+
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(2.0, (120, 200)).astype(np.float64)
+    for row in range(0, 120, 6):  # every sixth cell: exactly 500 or 1,000 counts
+        target = 500 if row % 12 else 1000
+        while counts[row].sum() != target:
+            gene = rng.integers(200)
+            counts[row, gene] = max(counts[row, gene] + (1 if counts[row].sum() < target else -1), 0)
+    cpm = counts / counts.sum(axis=1, keepdims=True) * 1e6
+    adata = ad.AnnData(sp.csr_matrix(cpm.astype(np.float32)))
+    assert (cpm[::6] == np.rint(cpm[::6])).all()  # those cells are all integers
+    source = from_anndata(adata)
+    cfg = CountsConfig(mode="normalised", scale=1e6)
+    summary = detect(source, cfg, 32)
+    assert summary.kind == "tpm_like"
+    check_policy(source, summary, cfg)
+    converter = CountConverter(source, cfg)
+    for start, block in source.blocks(32):
+        converter(start, block)

@@ -42,9 +42,12 @@ STRAY_SHARE = 0.01  # non-integer values under this share of integer counts: str
 _LOG_SCALE_MAX = 30.0  # log1p(1e6) ~ 13.8, log2(1e6) ~ 20: larger values are not log-scale
 _CONSTANT_CV = 0.01  # row sums this close to constant mean "normalised to a fixed total"
 _SCALE_TOLERANCE = 0.05  # such a total this far from counts.scale is another normalisation (TPM: 1e6)
-# a cell with this many non-zero values, all integers, holds counts; one with most of them non-integral
-# does not: both in one matrix is samples prepared differently, which no counts.mode reads correctly
+# a cell with this many non-zero values, all integers with no common factor, holds counts; one with most
+# of them non-integral does not: both in one matrix (at least this many cells of each) is samples
+# prepared differently, which no counts.mode reads correctly. (A normalised cell can be all integers
+# too, when its total divides the scale: CPM of a cell of 1,000 counts is counts x 1,000, a common factor.)
 _MIXED_MIN_VALUES = 10
+_MIXED_MIN_CELLS = 5
 _TOTALS_NAME = re.compile(r"(^n_?counts$|total_?counts|^ncount|n_?umi|^nUMI$|library_?size)", re.I)
 
 
@@ -168,13 +171,23 @@ def _cell_integrality(block: sp.csr_matrix, integer_tolerance: float) -> tuple[n
     )
 
 
-def _mixed_cells(block: sp.csr_matrix, integer_tolerance: float) -> tuple[int, int, int, int] | None:
-    """(count cells, other cells, first row of each) when the block holds both kinds, else None."""
+def _count_cells(block: sp.csr_matrix, integer_tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of cells that hold counts (enough values, all integers, no common factor), and rows of
+    cells whose values are mostly not integers."""
     values, integral = _cell_integrality(block, integer_tolerance)
     seen = values >= _MIXED_MIN_VALUES
-    counts = np.flatnonzero(seen & (integral == values))
-    other = np.flatnonzero(seen & (2 * integral < values))
-    if counts.size == 0 or other.size == 0:
+    rows = np.flatnonzero(seen & (integral == values))
+    if rows.size:
+        whole = block[rows]
+        ints = np.abs(np.rint(whole.data)).astype(np.int64)
+        rows = rows[np.gcd.reduceat(ints, whole.indptr[:-1]) == 1]
+    return rows, np.flatnonzero(seen & (2 * integral < values))
+
+
+def _mixed_cells(block: sp.csr_matrix, integer_tolerance: float) -> tuple[int, int, int, int] | None:
+    """(count cells, other cells, first row of each) when the block holds both kinds, else None."""
+    counts, other = _count_cells(block, integer_tolerance)
+    if counts.size < _MIXED_MIN_CELLS or other.size < _MIXED_MIN_CELLS:
         return None
     return int(counts.size), int(other.size), int(counts[0]), int(other[0])
 
@@ -289,10 +302,7 @@ _MIXED_HINT = (
 
 
 def _refuse_mixed(source: MatrixSource, block: sp.csr_matrix, start: int, found: str, tol: float) -> None:
-    values, integral = _cell_integrality(block, tol)
-    seen = values >= _MIXED_MIN_VALUES
-    count_rows = start + np.flatnonzero(seen & (integral == values))
-    other_rows = start + np.flatnonzero(seen & (2 * integral < values))
+    count_rows, other_rows = (start + rows for rows in _count_cells(block, tol))
     names = source.obs.index
     raise InputError(
         f"{source.where}: the cells do not all hold the same kind of values: {found}, e.g. cell "
@@ -483,13 +493,13 @@ class CountConverter:
         rows = rows[np.abs(first - np.rint(first)) <= tol]
         if rows.size == 0:
             return
-        values, integral = _cell_integrality(block[rows], tol)
-        hits = np.flatnonzero((values >= _MIXED_MIN_VALUES) & (integral == values))
-        if hits.size:
+        candidates = block[rows]
+        hits, _ = _count_cells(candidates, tol)
+        if hits.size >= _MIXED_MIN_CELLS:
             row = int(rows[hits[0]])
             raise InputError(
                 f"{self.source.where}: cell {self.source.obs.index[start + row]!r} (row {start + row}) holds "
-                f"integer counts only ({int(values[hits[0]]):,} non-zero values; {hits.size:,} such cells in "
+                f"integer counts only ({candidates[hits[0]].nnz:,} values; {hits.size:,} such cells in "
                 f"cells {start}-{start + block.shape[0] - 1}), but counts.mode={self.cfg.mode} reads the "
                 f"matrix as the normalised values its first cells hold. {_MIXED_HINT}"
             )
