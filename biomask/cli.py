@@ -341,13 +341,20 @@ def cmd_store_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from biomask.pipelines.local import exit_code, run_pipeline
+    from biomask.pipelines.local import Stopped, exit_code, run_pipeline
     from biomask.pipelines.plan import load_plan
     from biomask.pipelines.tables import local_table, print_failures, show
 
     plan = load_plan(args.pipeline, args.overrides)
-    results = run_pipeline(plan, only=args.only or (), start=args.start, echo=not args.quiet, jobs=args.jobs)
-    show(local_table(f"pipeline {plan.pipeline.name} ({plan.run_dir})", results))
+    title = f"pipeline {plan.pipeline.name} ({plan.run_dir})"
+    try:
+        results = run_pipeline(
+            plan, only=args.only or (), start=args.start, echo=not args.quiet, jobs=args.jobs
+        )
+    except Stopped as exc:  # what ran before the signal, then its message
+        show(local_table(title, exc.results))
+        raise
+    show(local_table(title, results))
     print_failures(results)
     return exit_code(results)
 

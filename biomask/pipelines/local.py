@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from biomask.errors import BiomaskError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_not_in_use, check_upstream_outputs, run_lock, write_resolved
@@ -53,6 +56,51 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         return self.status in ("ran", "ran (changed)", "reused")
+
+
+class Stopped(BiomaskError):
+    """The runner got SIGTERM: its running stages were passed the signal and have ended (recorded in
+    local-run.json); no further task started. Exit code 143, as a process ended by SIGTERM."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, message: str, results: list[TaskResult]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+class _Stages:
+    """The stage processes running now. SIGTERM to the runner (`kill PID`, `timeout`, a workflow
+    manager) reaches the runner alone: without passing it on, a stage ran on unseen after the runner
+    had gone (its run_dir lock with it, so a rerun trained beside it) or died at its next line of
+    output into the closed pipe, a training stage without its checkpoint. Passed on, a training
+    stage checkpoints and exits 75, as under SLURM, and the runner waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+        self.stopped = False
+
+    def start(self, argv: list[str], **popen: Any) -> subprocess.Popen[str] | None:
+        """Start a stage process, or None once SIGTERM came (no new stage after it)."""
+        with self._lock:
+            if self.stopped:
+                return None
+            proc = subprocess.Popen(argv, **popen)
+            self._running.add(proc)
+            return proc
+
+    def ended(self, proc: subprocess.Popen[str]) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self, signum: int, frame: Any) -> None:
+        with self._lock:  # the handler runs in the main thread; only worker threads take the lock
+            self.stopped = True
+            running = list(self._running)
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
 
 def stage_argv(stage: PlannedStage, task: Task, *, overwrite: bool = False) -> list[str]:
@@ -85,13 +133,34 @@ def run_pipeline(
     selected = plan.select(only, start)
     check_not_in_use(plan.run_dir)  # its stages may be what --only/--from find missing
     check_upstream_outputs(plan, selected)
-    with run_lock(plan):
-        return _run_selected(plan, selected, echo=echo, jobs=jobs)
+    stages = _Stages()
+    in_main = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = signal.signal(signal.SIGTERM, stages.stop) if in_main else None
+    try:
+        with run_lock(plan):
+            results = _run_selected(plan, selected, echo=echo, jobs=jobs, stages=stages)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if stages.stopped:
+        raise Stopped(
+            f"stopped by SIGTERM: the running stages were stopped too (a training stage checkpoints "
+            f"first) and no further stage started; run the same command again to go on (finished "
+            f"stages are reused, training resumes from its checkpoint). Logs: {plan.run_dir / 'logs'}",
+            results,
+        )
+    return results
 
 
 def _run_selected(
-    plan: Plan, selected: Sequence[str], *, echo: bool, jobs: int | str | None
+    plan: Plan,
+    selected: Sequence[str],
+    *,
+    echo: bool,
+    jobs: int | str | None,
+    stages: _Stages | None = None,
 ) -> list[TaskResult]:
+    stages = stages or _Stages()
     write_resolved(plan)
     (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     n_jobs = resolve_jobs(plan.pipeline.local.jobs if jobs is None else jobs)
@@ -117,7 +186,7 @@ def _run_selected(
             for name, task in list(pending):
                 needs = plan.stages[name].needs
                 blocked = [n for n in needs if n in failed]
-                if blocked:
+                if blocked or stages.stopped:
                     pending.remove((name, task))
                     finish(
                         name,
@@ -129,13 +198,15 @@ def _run_selected(
                             0.0,
                             str(task.output),
                             "",
-                            f"{blocked[0]} failed",
+                            f"{blocked[0]} failed" if blocked else "stopped by SIGTERM",
                         ),
                     )
                 elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
                     pending.remove((name, task))
                     stage = plan.stages[name]
-                    running[pool.submit(_run_task, plan, stage, task, echo=echo, threads=threads)] = name
+                    running[
+                        pool.submit(_run_task, plan, stage, task, echo=echo, threads=threads, stages=stages)
+                    ] = name
             if running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -165,25 +236,34 @@ def _describe_threads(threads: dict[str, str]) -> str:
 
 
 def _run_task(
-    plan: Plan, stage: PlannedStage, task: Task, *, echo: bool, threads: dict[str, str]
+    plan: Plan,
+    stage: PlannedStage,
+    task: Task,
+    *,
+    echo: bool,
+    threads: dict[str, str],
+    stages: _Stages,
 ) -> TaskResult:
     log = plan.run_dir / "logs" / (f"{stage.name}-{task.index}.log" if task.point else f"{stage.name}.log")
     before = _identity(task.output)
     started_at = time.time()
     started = time.monotonic()
-    code, error = _spawn(plan, stage_argv(stage, task), log, echo=echo, label=task.name, threads=threads)
+    spawn = {"echo": echo, "label": task.name, "threads": threads, "stages": stages}
+    code, error = _spawn(plan, stage_argv(stage, task), log, **spawn)
     status = "ran"
-    if code != 0 and error.get("error") == "StaleOutputError":
+    if code is not None and code != 0 and error.get("error") == "StaleOutputError":
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
         message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
         _say(message, echo)
         with open(log, "a") as sink:  # the refusal above in the log is this, not a failure
             sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
-        code, error = _spawn(
-            plan, stage_argv(stage, task, overwrite=True), log, echo=echo, label=task.name, threads=threads
-        )
+        code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
         status = "ran (changed)"
     seconds = time.monotonic() - started
+    if code is None:
+        return TaskResult(
+            stage.name, task.name, "not run", None, seconds, str(task.output), str(log), "stopped by SIGTERM"
+        )
     if code != 0:
         return TaskResult(
             stage.name,
@@ -210,9 +290,17 @@ def _identity(output: Path) -> tuple[Any, Any] | None:
 
 
 def _spawn(
-    plan: Plan, argv: list[str], log: Path, *, echo: bool, label: str, threads: dict[str, str]
-) -> tuple[int, dict[str, Any]]:
-    """Run one stage process, its output appended to `log` (and echoed); return its exit code and error."""
+    plan: Plan,
+    argv: list[str],
+    log: Path,
+    *,
+    echo: bool,
+    label: str,
+    threads: dict[str, str],
+    stages: _Stages,
+) -> tuple[int | None, dict[str, Any]]:
+    """Run one stage process, its output appended to `log` (and echoed); return its exit code and error
+    (None: not started, the runner was stopped)."""
     with tempfile.TemporaryDirectory(prefix="biomask-stage-") as tmp:
         error_file = Path(tmp) / "error.json"
         # Each stage is one process of its own: rank variables of the runner's process (set when it
@@ -226,19 +314,24 @@ def _spawn(
             ERROR_FILE_ENV: str(error_file),
             "PYTHONUNBUFFERED": "1",
         }
-        _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
         with open(log, "a") as sink:
-            sink.write(f"$ {' '.join(argv)}\n")
-            sink.flush()
-            proc = subprocess.Popen(
+            proc = stages.start(
                 argv, cwd=plan.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
+            if proc is None:
+                return None, {}
+            _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
+            sink.write(f"$ {' '.join(argv)}\n")
+            sink.flush()
             assert proc.stdout is not None
-            for line in proc.stdout:
-                sink.write(line)
-                if echo:
-                    sys.stderr.write(f"  [{label}] {line}")
-            code = proc.wait()
+            try:
+                for line in proc.stdout:
+                    sink.write(line)
+                    if echo:
+                        sys.stderr.write(f"  [{label}] {line}")
+                code = proc.wait()
+            finally:
+                stages.ended(proc)
         try:
             error = json.loads(error_file.read_text())
         except (OSError, ValueError):

@@ -1,0 +1,71 @@
+"""`biomask pipeline run` stopped by SIGTERM (`kill PID`, `timeout`, a workflow manager): the signal
+reaches the runner alone, so the runner passes it on to the stage running and waits for it (a
+training stage checkpoints and exits 75), starts nothing more, and records the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from biomask.pipelines import local
+from biomask.pipelines.plan import build_plan
+
+# A stage that runs until SIGTERM, then "checkpoints" (a file) and exits 75, as the trainer does.
+STAGE = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    (out / "checkpointed").write_text("yes")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+out.mkdir(parents=True, exist_ok=True)
+(out / "started").write_text("yes")
+time.sleep(60)
+"""
+
+
+def test_sigterm_is_passed_on_to_the_running_stage_and_nothing_more_starts(tmp_path, monkeypatch):
+    data = {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "stages": {
+            "train": {"command": "pretrain", "config": "unused.yaml"},
+            "after": {"command": "evaluate", "config": "unused.yaml", "needs": ["train"]},
+            "beside": {"command": "prep cells", "config": "unused.yaml"},
+        },
+    }
+    plan = build_plan(data, "t.yaml", tmp_path / "t.yaml", check_commands=False, workdir=tmp_path)
+    monkeypatch.setattr(
+        local,
+        "stage_argv",
+        lambda stage, task, overwrite=False: [sys.executable, "-c", STAGE, str(task.output)],
+    )
+    started = plan.stages["train"].tasks[0].output / "started"
+
+    def kill_runner() -> None:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_runner, daemon=True).start()
+    with pytest.raises(local.Stopped) as stopped:
+        local.run_pipeline(plan, echo=False, jobs=1)
+    assert stopped.value.exit_code == 143 and "SIGTERM" in str(stopped.value)
+    # the stage got the signal and ended (checkpointed) before the runner returned
+    assert (plan.stages["train"].tasks[0].output / "checkpointed").exists()
+    status = {r.task: (r.status, r.exit_code) for r in stopped.value.results}
+    assert status == {"train": ("failed", 75), "after": ("not run", None), "beside": ("not run", None)}
+    assert not Path(plan.stages["beside"].tasks[0].output).exists()
+    # recorded, so `pipeline status` shows this run; the runner's own handler is gone again
+    recorded = json.loads((plan.run_dir / "local-run.json").read_text())
+    assert [r["status"] for r in recorded["results"]] == ["failed", "not run", "not run"]
+    assert signal.getsignal(signal.SIGTERM) is before
