@@ -212,6 +212,15 @@ def test_unknown_pipeline_keys_name_the_file(tmp_path, cli):
     assert code == 2 and str(path) in err and "stages.a.after" in err
 
 
+@pytest.mark.parametrize("name", ["logs", "slurm"])
+def test_a_stage_named_as_a_folder_of_the_runner_is_refused_before_running(tmp_path, cli, name):
+    # its output, run_dir/<stage>, would be the runner's logs/ (or slurm/) folder
+    path = pipeline(tmp_path, {name: {"command": "prep dna", "config": GENOME}})
+    code, _, err = cli("pipeline", "run", path)
+    assert code == 2 and str(path) in err and f"stage names ['{name}']" in err and "rename the stage" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_submit_without_sbatch_fails_before_writing(dna_pipeline, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no SLURM client anywhere on PATH
     code, _, err = cli("pipeline", "submit", dna_pipeline)

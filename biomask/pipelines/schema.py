@@ -26,6 +26,9 @@ from biomask.config import Config
 
 # Stage names become file names, SLURM job names and `${stages.NAME...}` references.
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# run_dir/<stage> is a stage's output, beside the runner's own folders (a stage named so would write
+# into them, and fail only once it ran).
+RESERVED_NAMES = ("logs", "slurm")
 # SLURM's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$")
@@ -168,3 +171,15 @@ class Pipeline(Config):
                 f"stage names {bad} must start with a letter and hold only letters, digits, '_' and '-'"
             )
         return self
+
+    @field_validator("stages")
+    @classmethod
+    def _not_reserved(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        taken = [name for name in stages if name in RESERVED_NAMES]
+        if taken:
+            raise ValueError(
+                f"stage names {taken} are folders of the run directory that the runner writes itself "
+                f"({', '.join(f'{n}/' for n in RESERVED_NAMES)}), and a stage's output is run_dir/<stage>; "
+                "rename the stage"
+            )
+        return stages
