@@ -221,6 +221,17 @@ def test_a_stage_named_as_a_folder_of_the_runner_is_refused_before_running(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_an_override_into_a_stage_the_file_lacks_names_the_stages(tmp_path):
+    # a misspelt stage name used to add a stage, reported as missing its command and config
+    path = pipeline(tmp_path, {"prep_genome": {"command": "prep dna", "config": GENOME}})
+    message = error_of(path, "stages.prep_gnome.overrides.windows.length=500")
+    assert "has no stage 'prep_gnome' (stages: prep_genome)" in message and str(path) in message
+    assert "missing required key" not in message
+    # a whole new stage is still an override
+    extra = "stages.more={command: prep dna, config: " + GENOME + "}"
+    assert list(load_plan(path, [extra]).stages) == ["prep_genome", "more"]
+
+
 def test_submit_without_sbatch_fails_before_writing(dna_pipeline, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no SLURM client anywhere on PATH
     code, _, err = cli("pipeline", "submit", dna_pipeline)

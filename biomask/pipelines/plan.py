@@ -145,8 +145,25 @@ def load_plan(
     from `workdir` (default: the working directory).
     """
     data = read_yaml(path)
+    _check_override_stages(data, overrides, path)
     touched = apply_overrides(data, overrides)
     return build_plan(data, str(path), Path(path).resolve(), check_commands, workdir or Path.cwd(), touched)
+
+
+def _check_override_stages(data: dict[str, Any], overrides: Sequence[str], path: str | os.PathLike) -> None:
+    """A key inside a stage the file does not have (a misspelt stage name) would add that stage, and
+    the message would be about its missing command and config, in a file that has no such stage."""
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, dict):
+        return  # the schema says what is wrong with the file itself
+    for item in overrides:
+        parts = item.partition("=")[0].split(".")
+        if len(parts) > 2 and parts[0] == "stages" and parts[1] not in stages:
+            raise ConfigError(
+                f"command-line override {item!r}: {path} has no stage {parts[1]!r} (stages: "
+                f"{', '.join(stages)}); a new stage is given whole: "
+                f"'stages.{parts[1]}={{command: ..., config: ...}}'"
+            )
 
 
 def build_plan(
