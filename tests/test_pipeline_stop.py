@@ -1,6 +1,7 @@
-"""`biomask pipeline run` stopped by SIGTERM (`kill PID`, `timeout`, a workflow manager): the signal
-reaches the runner alone, so the runner passes it on to the stage running and waits for it (a
-training stage checkpoints and exits 75), starts nothing more, and records the run."""
+"""`biomask pipeline run` stopped by SIGTERM (`kill PID`, `timeout`, a workflow manager) or Ctrl-C:
+SIGTERM reaches the runner alone, so the runner passes it on to the stage running and waits for it (a
+training stage checkpoints and exits 75), starts nothing more, and records the run, so that `pipeline
+status` shows this run rather than the one before it."""
 
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ time.sleep(60)
 """
 
 
-def test_sigterm_is_passed_on_to_the_running_stage_and_nothing_more_starts(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("signum", "why"), [(signal.SIGTERM, "stopped by SIGTERM"), (signal.SIGINT, "interrupted (Ctrl-C)")]
+)
+def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
+    tmp_path, monkeypatch, signum, why
+):
     data = {
         "name": "t",
         "run_dir": str(tmp_path / "run"),
@@ -53,19 +59,20 @@ def test_sigterm_is_passed_on_to_the_running_stage_and_nothing_more_starts(tmp_p
         deadline = time.monotonic() + 30
         while not started.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
     threading.Thread(target=kill_runner, daemon=True).start()
     with pytest.raises(local.Stopped) as stopped:
         local.run_pipeline(plan, echo=False, jobs=1)
-    assert stopped.value.exit_code == 143 and "SIGTERM" in str(stopped.value)
+    assert stopped.value.exit_code == 128 + signum and str(stopped.value).startswith(why)
     # the stage got the signal and ended (checkpointed) before the runner returned
     assert (plan.stages["train"].tasks[0].output / "checkpointed").exists()
     status = {r.task: (r.status, r.exit_code) for r in stopped.value.results}
     assert status == {"train": ("failed", 75), "after": ("not run", None), "beside": ("not run", None)}
+    assert stopped.value.results[2].detail == why
     assert not Path(plan.stages["beside"].tasks[0].output).exists()
     # recorded, so `pipeline status` shows this run; the runner's own handler is gone again
     recorded = json.loads((plan.run_dir / "local-run.json").read_text())
     assert [r["status"] for r in recorded["results"]] == ["failed", "not run", "not run"]
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signum) is before

@@ -59,14 +59,14 @@ class TaskResult:
 
 
 class Stopped(BiomaskError):
-    """The runner got SIGTERM: its running stages were passed the signal and have ended (recorded in
-    local-run.json); no further task started. Exit code 143, as a process ended by SIGTERM."""
+    """The runner got SIGTERM or Ctrl-C: its running stages were stopped too and have ended (recorded
+    in local-run.json); no further task started. Exit code 128 + the signal (143, 130), as a process
+    ended by it."""
 
-    exit_code = 128 + signal.SIGTERM
-
-    def __init__(self, message: str, results: list[TaskResult]) -> None:
+    def __init__(self, message: str, results: list[TaskResult], signum: int) -> None:
         super().__init__(message)
         self.results = results
+        self.exit_code = 128 + signum
 
 
 class _Stages:
@@ -79,10 +79,18 @@ class _Stages:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[str]] = set()
-        self.stopped = False
+        self.signal: int | None = None  # the first SIGTERM or SIGINT
+
+    @property
+    def stopped(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def why(self) -> str:
+        return "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else "stopped by SIGTERM"
 
     def start(self, argv: list[str], **popen: Any) -> subprocess.Popen[str] | None:
-        """Start a stage process, or None once SIGTERM came (no new stage after it)."""
+        """Start a stage process, or None once the runner was stopped (no new stage after it)."""
         with self._lock:
             if self.stopped:
                 return None
@@ -95,9 +103,16 @@ class _Stages:
             self._running.discard(proc)
 
     def stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop waiting (the stages got it twice too)
         with self._lock:  # the handler runs in the main thread; only worker threads take the lock
-            self.stopped = True
+            self.signal = self.signal or signum
             running = list(self._running)
+        # os.write, not print: a handler may run while the stream's lock is held
+        again = " (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
+        os.write(2, f"\nbiomask: {self.why}: waiting for the running stages to end{again}\n".encode())
+        # SIGTERM on Ctrl-C too: the terminal sent a stage in its process group SIGINT already
+        # (a second would stop a training stage without its checkpoint); one outside it gets this
         for proc in running:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -125,7 +140,8 @@ def run_pipeline(
     echo: bool = True,
     jobs: int | str | None = None,
 ) -> list[TaskResult]:
-    """Run the selected stages; return one result per task (failures included, nothing raised).
+    """Run the selected stages; return one result per task (failures included, nothing raised; after
+    SIGTERM or Ctrl-C, `Stopped` carries them).
 
     A task starts once every stage its stage needs has finished; up to `jobs` (default: the
     pipeline's `local.jobs`) run at once. With one job this is the selection order, one by one.
@@ -135,19 +151,25 @@ def run_pipeline(
     check_upstream_outputs(plan, selected)
     stages = _Stages()
     in_main = threading.current_thread() is threading.main_thread()  # where handlers can be set
-    previous = signal.signal(signal.SIGTERM, stages.stop) if in_main else None
+    # Ctrl-C is left ignored where it was (a background job of a script)
+    signals = [
+        signal.SIGTERM,
+        *([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else []),
+    ]
+    previous = {sig: signal.signal(sig, stages.stop) for sig in signals} if in_main else {}
     try:
         with run_lock(plan):
             results = _run_selected(plan, selected, echo=echo, jobs=jobs, stages=stages)
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    if stages.stopped:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stages.signal is not None:
         raise Stopped(
-            f"stopped by SIGTERM: the running stages were stopped too (a training stage checkpoints "
+            f"{stages.why}: the running stages were stopped too (a training stage checkpoints "
             f"first) and no further stage started; run the same command again to go on (finished "
             f"stages are reused, training resumes from its checkpoint). Logs: {plan.run_dir / 'logs'}",
             results,
+            stages.signal,
         )
     return results
 
@@ -198,7 +220,7 @@ def _run_selected(
                             0.0,
                             str(task.output),
                             "",
-                            f"{blocked[0]} failed" if blocked else "stopped by SIGTERM",
+                            f"{blocked[0]} failed" if blocked else stages.why,
                         ),
                     )
                 elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
@@ -262,7 +284,7 @@ def _run_task(
     seconds = time.monotonic() - started
     if code is None:
         return TaskResult(
-            stage.name, task.name, "not run", None, seconds, str(task.output), str(log), "stopped by SIGTERM"
+            stage.name, task.name, "not run", None, seconds, str(task.output), str(log), stages.why
         )
     if code != 0:
         return TaskResult(
