@@ -13,6 +13,7 @@ import yaml
 from biomask.config import apply_overrides
 from biomask.errors import ConfigError
 from biomask.pipelines.plan import build_plan, command_line_value, load_plan
+from biomask.pipelines.runs import write_resolved
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.pipelines.schema import SlurmSpec
 from biomask.pipelines.slurm import job_script
@@ -481,3 +482,24 @@ def test_a_run_dir_holding_files_biomask_did_not_write_is_refused(tmp_path, cli)
     assert code == 2 and "holds local-run.json, logs/" in err
     assert (mine / "run" / "logs" / "g.log").read_text() == "my notes\n"
     assert not (mine / "run" / "pipeline.yaml").exists()
+
+
+def test_a_run_dir_of_another_pipeline_is_refused(tmp_path, cli):
+    """Two pipeline files pointing at one run_dir: the second's stages of the same names used to
+    count as changed and replace the first's outputs (and its records) without a word."""
+    stages = {"g": {"command": "prep dna", "config": GENOME}}
+    run = tmp_path / "run"
+    first = pipeline(tmp_path, stages)
+    write_resolved(load_plan(first))
+    second = tmp_path / "other.yaml"
+    second.write_text(yaml.safe_dump({"name": "other", "run_dir": str(run), "stages": stages}))
+    before = (run / "pipeline.yaml").read_text()
+    for action in (["run"], ["submit", "--dry-run"]):
+        code, _, err = cli("pipeline", *action, second)
+        assert code == 2, err
+        assert f"run_dir {run} holds the run of pipeline 't' ({first})" in err and "another folder" in err
+    assert (run / "pipeline.yaml").read_text() == before and not (run / "logs").exists()
+    # the same file with its pipeline renamed is still the same pipeline
+    first.write_text(first.read_text().replace("name: t", "name: renamed"))
+    code, _, err = cli("pipeline", "submit", "--dry-run", first)
+    assert code == 0, err

@@ -67,6 +67,28 @@ def check_run_dir(plan: Plan) -> None:
             "not write them; set run_dir to another folder (in the pipeline file or run_dir=... on the "
             "command line)"
         )
+    if ours:
+        _check_same_pipeline(plan, resolved)
+
+
+def _check_same_pipeline(plan: Plan, resolved: Path) -> None:
+    """A run_dir belongs to one pipeline: another's stages of the same names would count as changed
+    and replace its outputs (the runner overwrites stale outputs in its run_dir), and its records."""
+    try:
+        earlier = yaml.safe_load(resolved.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(earlier, dict):
+        return
+    name, source = earlier.get("name"), earlier.get("source")
+    if name in (None, plan.pipeline.name) or source == str(plan.source):
+        return  # the same pipeline (renamed in its own file, too)
+    raise InputError(
+        f"run_dir {plan.run_dir} holds the run of pipeline {name!r} ({source}), not of "
+        f"{plan.pipeline.name!r} ({plan.source}): its stages' outputs would be replaced; set run_dir to "
+        "another folder (in the pipeline file or run_dir=... on the command line), or remove that run "
+        "directory to start over"
+    )
 
 
 LOCK_NAME = ".pipeline-run.lock"
