@@ -141,6 +141,18 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stage.a.output}"}}},
             "unknown reference ${stage.a.output}",
         ),
+        (  # without braces the text went to the stage as a path, which failed only once it ran
+            {
+                "a": {"command": "prep dna", "config": GENOME},
+                "b": {
+                    "command": "prep dna",
+                    "config": SPLICE,
+                    "overrides": {"tokenizer.path": "$stages.a.output"},
+                },
+            },
+            "overrides.tokenizer.path: $stages.a.output is no reference (the braces are missing); "
+            "write ${stages.a.output}",
+        ),
         (  # a path under a swept stage that none of its tasks writes: refused before the sweep runs
             {
                 "a": {"command": "prep dna", "config": GENOME, "sweep": {"split.seed": [0, 1]}},
@@ -181,6 +193,7 @@ def test_swept_stages_read_their_counterpart(tmp_path):
         "tasks-outside-training",
         "unquoted-time",
         "bad-reference",
+        "reference-without-braces",
         "no-such-task",
         "typo-in-a-sweep",
     ],

@@ -32,6 +32,8 @@ from biomask.pipelines.schema import Pipeline, SlurmSpec, StageSpec
 from biomask.resources import shipped_config
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
+# `$stages.NAME.output` without braces: no reference, so the stage would get the text as a path
+_BARE_REFERENCE = re.compile(r"\$(stages\.[A-Za-z0-9_.-]*|run_dir)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -378,6 +380,11 @@ def _resolve(value: Any, plan: Plan, stage: PlannedStage, point: dict[str, Any],
         return {k: _resolve(v, plan, stage, point, f"{where}.{k}") for k, v in value.items()}
     if not isinstance(value, str):
         return value
+    bare = _BARE_REFERENCE.search(value)
+    if bare:
+        raise ConfigError(
+            f"{where}: {bare.group(0)} is no reference (the braces are missing); write ${{{bare.group(1)}}}"
+        )
 
     def substitute(match: re.Match[str]) -> str:
         ref = match.group(1).strip()
