@@ -108,6 +108,16 @@ def test_swept_stages_read_their_counterpart(tmp_path):
             {"a": {"command": "prep dna", "config": GENOME, "needs": ["prep"]}},
             "stage a needs 'prep', which is not a stage of this pipeline",
         ),
+        (  # which key refers to the stage itself
+            {
+                "a": {
+                    "command": "prep dna",
+                    "config": SPLICE,
+                    "overrides": {"tokenizer.path": "${stages.a.output}"},
+                }
+            },
+            "stage a needs itself (overrides.tokenizer.path: ${stages.a.output})",
+        ),
         (
             {"a": {"command": "prep dna", "config": SPLICE, "overrides": {"x": "${stages.nope.output}"}}},
             "stage a needs 'nope' (overrides.x: ${stages.nope.output}), which is not a stage",
@@ -184,6 +194,7 @@ def test_swept_stages_read_their_counterpart(tmp_path):
     ids=[
         "cycle",
         "unknown-need",
+        "needs-itself",
         "unknown-reference-stage",
         "missing-config",
         "unknown-command",

@@ -273,7 +273,10 @@ def _check_needs(stages: dict[str, PlannedStage]) -> list[str]:
     for stage in stages.values():
         for need in stage.needs:
             if need == stage.name:
-                errors.append(f"stage {stage.name} needs itself")
+                errors.append(
+                    f"stage {stage.name} needs itself{_where_referenced(stage, need)}: a stage cannot read "
+                    "its own output; refer to the stage that writes what it reads"
+                )
             elif need not in stages:
                 errors.append(
                     f"stage {stage.name} needs {need!r}{_where_referenced(stage, need)}, which is not a "
