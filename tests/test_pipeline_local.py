@@ -128,7 +128,8 @@ def test_only_and_from_select_stages(dna_pipeline, tmp_path, cli):
 
 def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):
     run = tmp_path / "run"
-    missing = tmp_path / "no-such-genome.fa"
+    missing = tmp_path / "empty-genome.fa"  # there (a missing one is refused before anything runs), but empty
+    missing.write_text("")
     code, out, err = cli(
         "-q", "pipeline", "run", dna_pipeline, f"stages.prep_genome.overrides.inputs=[{{path: {missing}}}]"
     )

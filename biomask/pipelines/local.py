@@ -30,7 +30,13 @@ from typing import Any
 from biomask.errors import BiomaskError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
-from biomask.pipelines.runs import check_not_in_use, check_upstream_outputs, run_lock, write_resolved
+from biomask.pipelines.runs import (
+    check_input_files,
+    check_not_in_use,
+    check_upstream_outputs,
+    run_lock,
+    write_resolved,
+)
 from biomask.provenance import read_run_info
 from biomask.resources import usable_cores
 
@@ -149,6 +155,7 @@ def run_pipeline(
     selected = plan.select(only, start)
     check_not_in_use(plan.run_dir)  # its stages may be what --only/--from find missing
     check_upstream_outputs(plan, selected)
+    check_input_files(plan, selected)
     stages = _Stages()
     in_main = threading.current_thread() is threading.main_thread()  # where handlers can be set
     # Ctrl-C is left ignored where it was (a background job of a script)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from biomask.errors import InputError
+from biomask.config import load_config
+from biomask.errors import ConfigError, InputError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, load_plan
 from biomask.provenance import read_run_info
@@ -174,6 +175,37 @@ def check_upstream_outputs(plan: Plan, selected: Sequence[str]) -> None:
             "cannot run the selected stages:\n  - "
             + "\n  - ".join(dict.fromkeys(missing))
             + "\nrun the pipeline without --only/--from first (or include those stages)"
+        )
+
+
+def check_input_files(plan: Plan, selected: Sequence[str]) -> None:
+    """The selected prep stages' own input files (`inputs[].path`) must be there: a misspelt path
+    used to be found only when its stage ran, after every stage before it (hours, on a long
+    pipeline). Not for `submit`: a job may see file systems the submitting node does not."""
+    missing = []
+    for name in selected:
+        stage = plan.stages[name]
+        schema = stage.command.config_class()
+        if schema is None:
+            continue
+        for task in stage.tasks:
+            try:
+                config = load_config(schema, stage.config, task.overrides)
+            except ConfigError:
+                continue  # a plan made without checking its stages: the stage reports it when it runs
+            for i, spec in enumerate(getattr(config, "inputs", None) or []):
+                path = getattr(spec, "path", None)
+                if not isinstance(path, str):
+                    continue
+                full = plan.workdir / Path(path).expanduser()
+                if not full.exists() and not full.is_relative_to(plan.run_dir):  # run_dir: a stage's
+                    missing.append((f"stage {name}: inputs[{i}].path: {path} does not exist", path))
+    if missing:
+        relative = any(not Path(path).expanduser().is_absolute() for _, path in missing)
+        raise InputError(
+            f"{plan.source}: input files not found (nothing has run):\n  - "
+            + "\n  - ".join(dict.fromkeys(message for message, _ in missing))
+            + (f"\nrelative paths are read from the working directory, {plan.workdir}" if relative else "")
         )
 
 
