@@ -549,3 +549,18 @@ def test_a_missing_input_file_is_refused_before_anything_runs(tmp_path, cli, mon
     # --only a stage whose inputs are there runs it
     code, _, err = cli("-q", "pipeline", "run", path, "--only", "genome")
     assert code == 0, err
+
+
+def test_a_stage_config_beside_the_pipeline_file_is_pointed_to(tmp_path, monkeypatch):
+    """Relative paths are read from the working directory; a config given relative to the pipeline
+    file's folder used to be reported only as missing from the working directory."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "my-genome.yaml").write_text(Path(GENOME).read_text())
+    path = pipeline(folder, {"a": {"command": "prep dna", "config": "my-genome.yaml"}})
+    monkeypatch.chdir(tmp_path)
+    message = error_of(path)
+    assert f"config file my-genome.yaml does not exist (looked for {tmp_path / 'my-genome.yaml'})" in message
+    assert f"not from the pipeline file's folder, where it is: config: {folder / 'my-genome.yaml'}" in message
+    monkeypatch.chdir(folder)  # from the pipeline file's folder it is found
+    assert load_plan(path).stages["a"].config == folder / "my-genome.yaml"

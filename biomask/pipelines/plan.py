@@ -185,7 +185,7 @@ def build_plan(
     stages: dict[str, PlannedStage] = {}
     for name, spec in pipeline.stages.items():
         try:
-            stages[name] = _plan_stage(name, spec, pipeline, run_dir, workdir, check_commands)
+            stages[name] = _plan_stage(name, spec, pipeline, run_dir, workdir, check_commands, source.parent)
         except ConfigError as exc:
             errors.append(f"stage {name}: {exc}")
     if not errors:
@@ -203,7 +203,13 @@ def build_plan(
 
 
 def _plan_stage(
-    name: str, spec: StageSpec, pipeline: Pipeline, run_dir: Path, workdir: Path, check_commands: bool
+    name: str,
+    spec: StageSpec,
+    pipeline: Pipeline,
+    run_dir: Path,
+    workdir: Path,
+    check_commands: bool,
+    folder: Path,  # the pipeline file's
 ) -> PlannedStage:
     command = lookup(spec.command)
     if command is None:
@@ -217,7 +223,14 @@ def _plan_stage(
     if not config.is_file():  # `configs/...` outside a checkout: the copy shipped in the wheel
         config = shipped_config(spec.config) or config
     if check_commands and not config.is_file():
-        raise ConfigError(f"config file {spec.config} does not exist (looked for {config})")
+        beside = (folder / spec.config).resolve()
+        hint = (
+            f"; relative paths are read from the working directory, not from the pipeline file's folder, "
+            f"where it is: config: {beside}"
+            if beside.is_file()
+            else ""
+        )
+        raise ConfigError(f"config file {spec.config} does not exist (looked for {config}){hint}")
     slurm = validate_config(
         SlurmSpec, pipeline.slurm.model_dump() | spec.slurm, f"{pipeline.name}: stages.{name}.slurm"
     )
