@@ -564,3 +564,11 @@ def test_a_stage_config_beside_the_pipeline_file_is_pointed_to(tmp_path, monkeyp
     assert f"not from the pipeline file's folder, where it is: config: {folder / 'my-genome.yaml'}" in message
     monkeypatch.chdir(folder)  # from the pipeline file's folder it is found
     assert load_plan(path).stages["a"].config == folder / "my-genome.yaml"
+
+
+def test_templates_out_naming_a_file_is_a_clear_error(tmp_path, cli):
+    target = tmp_path / "notes.txt"  # it used to end in a FileExistsError traceback, exit 1
+    target.write_text("mine")
+    code, _, err = cli("pipeline", "templates", "--out", target)
+    assert code == 2 and f"--out {target} is a file; name a folder" in err and "Traceback" not in err
+    assert target.read_text() == "mine"

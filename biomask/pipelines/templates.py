@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import OutputExistsError
+from biomask.errors import InputError, OutputExistsError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, build_plan, load_plan
 from biomask.pipelines.sbatch import render
@@ -76,6 +76,8 @@ def render_templates(repo: Path = REPO) -> dict[str, str]:
 def write_templates(directory: Path, *, overwrite: bool = False) -> list[Path]:
     """Write the templates into `directory`. A file there that differs from its template (the user
     edited it, as the README says to) is replaced only with `overwrite`."""
+    if directory.exists() and not directory.is_dir():  # mkdir would raise FileExistsError: a traceback
+        raise InputError(f"--out {directory} is a file; name a folder for the templates")
     templates = render_templates()
     edited = [
         directory / name
