@@ -572,3 +572,15 @@ def test_templates_out_naming_a_file_is_a_clear_error(tmp_path, cli):
     code, _, err = cli("pipeline", "templates", "--out", target)
     assert code == 2 and f"--out {target} is a file; name a folder" in err and "Traceback" not in err
     assert target.read_text() == "mine"
+
+
+def test_status_without_a_run_dir_finds_the_latest_run_under_runs(tmp_path, cli, monkeypatch):
+    """The shipped pipelines' run_dirs are runs/<name> (runs/main for the main job): `pipeline status`
+    alone used to look only under runs/pipelines and find none of them."""
+    record = {"pipeline": "study-quick", "finished": "2026-12-05T20:00:00+0000", "results": []}
+    (tmp_path / "runs" / "main").mkdir(parents=True)
+    (tmp_path / "runs" / "main" / "local-run.json").write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("pipeline", "status")
+    assert code == 0, err
+    assert "last local run of" in out and "main" in out

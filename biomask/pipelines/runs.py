@@ -212,13 +212,17 @@ def check_input_files(plan: Plan, selected: Sequence[str]) -> None:
 def find_run_dir(target: str | os.PathLike | None) -> Path:
     """A run directory from a path to one, or to a pipeline file (its run_dir), or the latest under runs/."""
     if target is None:
+        # runs/pipelines/<name> is the default run_dir; the shipped pipelines set runs/<name> (runs/main)
         candidates = [
             p.parent
             for name in ("jobs.json", "local-run.json")
-            for p in Path("runs/pipelines").glob(f"*/{name}")
+            for pattern in (f"runs/pipelines/*/{name}", f"runs/*/{name}")
+            for p in Path().glob(pattern)
         ]
         if not candidates:
-            raise InputError("no run directory found under runs/pipelines; name one (or the pipeline file)")
+            raise InputError(
+                "no run directory found under runs/ or runs/pipelines/; name one (or the pipeline file)"
+            )
         return max(candidates, key=lambda p: max(f.stat().st_mtime for f in p.iterdir())).resolve()
     path = Path(target)
     if path.is_dir():
