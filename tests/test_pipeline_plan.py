@@ -584,3 +584,9 @@ def test_status_without_a_run_dir_finds_the_latest_run_under_runs(tmp_path, cli,
     code, out, err = cli("pipeline", "status")
     assert code == 0, err
     assert "last local run of" in out and "main" in out
+
+
+def test_a_number_in_env_is_its_text(tmp_path):
+    # `OMP_NUM_THREADS: 4` in YAML is a number: it used to be refused as "key 'env': not a valid string"
+    path = pipeline(tmp_path, {"a": {"command": "prep dna", "config": GENOME}}, env={"OMP_NUM_THREADS": 4})
+    assert load_plan(path).pipeline.env == {"OMP_NUM_THREADS": "4"}

@@ -163,6 +163,17 @@ class Pipeline(Config):
     local: LocalSpec = LocalSpec()  # the local runner: how many tasks run at once
     stages: dict[str, StageSpec] = Field(min_length=1)
 
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_text(cls, value: Any) -> Any:
+        # YAML reads `OMP_NUM_THREADS: 4` as a number; a variable's value is its text
+        if isinstance(value, dict):
+            return {
+                k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in value.items()
+            }
+        return value
+
     @model_validator(mode="after")
     def _stage_names(self) -> Pipeline:
         bad = [name for name in self.stages if not re.match(NAME_PATTERN, name)]
