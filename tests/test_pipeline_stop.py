@@ -76,3 +76,18 @@ def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
     recorded = json.loads((plan.run_dir / "local-run.json").read_text())
     assert [r["status"] for r in recorded["results"]] == ["failed", "not run", "not run"]
     assert signal.getsignal(signum) is before
+
+
+def test_a_stage_killed_by_a_signal_is_named_and_exits_as_a_shell_would(tmp_path, monkeypatch):
+    """The OOM killer's SIGKILL used to show as exit -9 with no message, and `pipeline run` exited 247."""
+    data = {"name": "t", "run_dir": str(tmp_path / "run"),
+            "stages": {"train": {"command": "pretrain", "config": "unused.yaml"}}}  # fmt: skip
+    plan = build_plan(data, "t.yaml", tmp_path / "t.yaml", check_commands=False, workdir=tmp_path)
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(
+        local, "stage_argv", lambda stage, task, overwrite=False: [sys.executable, "-c", killed]
+    )
+    (result,) = local.run_pipeline(plan, echo=False, jobs=1)
+    assert (result.status, result.exit_code) == ("failed", 137)
+    assert result.detail.startswith("killed by SIGKILL (out of memory?")
+    assert local.exit_code([result]) == 137

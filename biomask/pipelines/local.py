@@ -293,6 +293,10 @@ def _run_task(
         return TaskResult(
             stage.name, task.name, "not run", None, seconds, str(task.output), str(log), stages.why
         )
+    if code < 0:  # killed by a signal, with no message of its own: named, and the shell's 128 + N
+        killed = signal.Signals(-code)
+        oom = " (out of memory? the kernel's OOM killer sends it)" if killed == signal.SIGKILL else ""
+        code, error = 128 + killed, {"message": f"killed by {killed.name}{oom}"}
     if code != 0:
         return TaskResult(
             stage.name,
