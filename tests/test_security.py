@@ -475,7 +475,9 @@ def test_any_bytes_that_are_no_torch_file_are_reported_as_corrupt(tmp_path):
     path = tmp_path / "mp_rank_00_model_states.pt"
     for trial in range(300):
         path.write_bytes(rng.randbytes(rng.choice([1, 7, 64, 5000])))
-        with pytest.raises(checkpoint.CheckpointError, match="is corrupt") as err:
-            with checkpoint.weights_only_loads():
-                torch.load(path)
+        with (
+            pytest.raises(checkpoint.CheckpointError, match="is corrupt") as err,
+            checkpoint.weights_only_loads(),
+        ):
+            torch.load(path)
         assert str(path) in str(err.value), trial
