@@ -692,3 +692,44 @@ def test_the_evaluation_figure_shows_leiden_ari_where_methods_have_it(tmp_path):
     ev.results["summary"]["r2mae/knn"]["cluster_ari"] = summarize([0.5, 0.52, 0.51])
     with_ari = Image.open(metric_intervals(ev, tmp_path / "ari.png")).size[0]
     assert with_ari == pytest.approx(plain * 4 / 3, rel=0.05)  # one more panel of the same width
+
+
+def test_the_pretraining_verdict_never_mixes_runs_of_one_scheme_with_other_settings(tmp_path):
+    """An ablation (model.mask_indicator) and a ratio-range sweep share scheme names and seeds: each
+    setting and each range gets its own verdict, with its own runs' losses, never another's."""
+    from biomask.report.collect import find_pretrain_runs
+    from biomask.report.report import _learned_verdict, _pretraining_verdict
+
+    uniform = {"kind": "uniform", "low": 0.15, "high": 0.45}
+    runs = [  # (scheme, ratio, mask_indicator, held-out loss of seeds 0..2)
+        ("r2mae", uniform, True, [1.00, 1.01, 1.02]),
+        ("r2mae", {**uniform, "high": 0.3}, True, [1.20, 1.21, 1.22]),
+        ("fixed40", {"kind": "fixed", "value": 0.4}, True, [1.10, 1.11, 1.12]),
+        ("r2mae", uniform, False, [2.00, 2.01, 2.02]),
+        ("fixed40", {"kind": "fixed", "value": 0.4}, False, [1.90, 1.92, 1.91]),
+    ]
+    for i, (scheme, ratio, indicator, losses) in enumerate(runs):
+        for seed, loss in enumerate(losses):
+            run = tmp_path / f"{i}-seed={seed}"
+            run.mkdir()
+            config = {"masking": {"scheme": scheme, "ratio": ratio}, "model": {"kind": "mlp", "mask_indicator": indicator},
+                      "train": {"seed": seed}}  # fmt: skip
+            final = {"mean_loss": loss, "references": {"gene mean": {"mean_loss": 3.0}}}
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "run.json").write_text(json.dumps({"stage": "pretrain", "final_eval": final}))
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    lines = _pretraining_verdict("cells", find_pretrain_runs([str(tmp_path)]), "r2mae")
+    assert len(lines) == 3, lines
+    told, told_range, blind = (
+        next(line for line in lines if key in line)
+        for key in ("mask_indicator=true)**: held-out masked loss averaged over the ratio grid, R²MAE (U(0.15, 0.45)) 1.0100",
+                    "R²MAE (U(0.15, 0.3)) 1.2100 against the best fixed ratio (fixed40) 1.1100",
+                    "mask_indicator=false)**")
+    )  # fmt: skip
+    assert (
+        "R²MAE (U(0.15, 0.45))'s is **lower**" in told
+        and "R²MAE (U(0.15, 0.3))'s is **higher**" in told_range
+    )
+    assert "R²MAE (U(0.15, 0.45)) 2.0100 against the best fixed ratio (fixed40) 1.9100" in blind
+    (learned,) = _learned_verdict("cells", find_pretrain_runs([str(tmp_path)]))
+    assert "r2mae (U(0.15, 0.45)) (model.mask_indicator=false) +0.9900" in learned and "(3 seeds)" in learned

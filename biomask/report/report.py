@@ -36,6 +36,7 @@ from biomask.report.collect import (
     Evaluation,
     PretrainRun,
     StageRecord,
+    _short,
     describe_masking,
     find_pretrain_runs,
     is_fixed_ratio,
@@ -318,33 +319,93 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
     return rows
 
 
-def _pretraining_verdict(modality: str, runs: list[PretrainRun], r2mae: str) -> list[str]:
-    """R²MAE's ratio-averaged held-out loss against the best fixed ratio's, over pretraining seeds."""
-    by_scheme: dict[str, dict[Any, float]] = {}
-    masking: dict[str, dict[str, Any]] = {}
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _variants(runs: list[PretrainRun]) -> dict[int, tuple[str, str]]:
+    """Each run's (scheme, setting); runs that differ only in their seed share both. One scheme name
+    can cover several maskings (a ratio-range sweep, `custom` runs): the scheme then carries its
+    masking, `r2mae (U(0.15, 0.3))`. The setting names the other config keys in which runs of one
+    seed differ (an ablation such as model.mask_indicator, another corpus), '' where none does —
+    without both, two runs of one seed would be one scheme's and one would silently replace the other."""
+    flat = {id(r): _flat({k: v for k, v in r.config.items() if k not in ("masking", "output")}) for r in runs}
+    for values in flat.values():
+        values.pop("train.seed", None)
+    seed = {id(r): r.config.get("train", {}).get("seed") for r in runs}
+    keys = sorted({k for values in flat.values() for k in values})
+    varied = [
+        k
+        for k in keys
+        if any(
+            seed[id(a)] == seed[id(b)] and repr(flat[id(a)].get(k)) != repr(flat[id(b)].get(k))
+            for a in runs
+            for b in runs
+        )
+    ]
+    maskings: dict[str, set[str]] = {}
     for run in runs:
-        scheme = run.config.get("masking", {}).get("scheme", run.name)
-        seed = run.config.get("train", {}).get("seed")
-        if "mean_loss" in run.final_eval:
-            by_scheme.setdefault(scheme, {})[seed] = run.final_eval["mean_loss"]
-            masking[scheme] = run.masking
-    fixed = [s for s in by_scheme if is_fixed_ratio(masking[s])]
-    if r2mae not in by_scheme or not fixed:
+        maskings.setdefault(run.masking.get("scheme", run.name), set()).add(describe_masking(run.masking))
+    out: dict[int, tuple[str, str]] = {}
+    for run in runs:
+        scheme = run.masking.get("scheme", run.name)
+        if len(maskings[scheme]) > 1:
+            scheme = f"{scheme} ({describe_masking(run.masking)})"
+        setting = ", ".join(f"{k}={_short(flat[id(run)].get(k))}" for k in varied)
+        out[id(run)] = (scheme, setting)
+    return out
+
+
+def _pretraining_verdict(modality: str, runs: list[PretrainRun], r2mae: str) -> list[str]:
+    """R²MAE's ratio-averaged held-out loss against the best fixed ratio's, over pretraining seeds:
+    per setting (runs that differ in more than their masking are not compared), and for every
+    masking run under R²MAE's name."""
+    variants = _variants(runs)
+    lines: list[str] = []
+    for setting in dict.fromkeys(s for _, s in variants.values()):
+        by_scheme: dict[str, dict[Any, float]] = {}
+        masking: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            scheme, run_setting = variants[id(run)]
+            if run_setting == setting and "mean_loss" in run.final_eval:
+                seed = run.config.get("train", {}).get("seed")
+                by_scheme.setdefault(scheme, {})[seed] = run.final_eval["mean_loss"]
+                masking[scheme] = run.masking
+        fixed = [s for s in by_scheme if is_fixed_ratio(masking[s])]
+        if not fixed:
+            continue
+        label = f"{modality}, {setting}" if setting else modality
+        best = min(fixed, key=lambda s: sum(by_scheme[s].values()) / len(by_scheme[s]))
+        for ours in (s for s in by_scheme if s == r2mae or s.startswith(f"{r2mae} (")):
+            name = "R²MAE" + ours[len(r2mae) :]
+            lines += _one_pretraining_verdict(label, name, by_scheme[ours], best, by_scheme[best])
+    return lines
+
+
+def _one_pretraining_verdict(
+    label: str, name: str, ours: dict[Any, float], best: str, theirs: dict[Any, float]
+) -> list[str]:
+    seeds = sorted(set(ours) & set(theirs), key=str)
+    if not seeds:
         return []
-    best = min(fixed, key=lambda s: sum(by_scheme[s].values()) / len(by_scheme[s]))
-    seeds = sorted(set(by_scheme[r2mae]) & set(by_scheme[best]), key=str)
-    a = [by_scheme[r2mae][s] for s in seeds]
-    b = [by_scheme[best][s] for s in seeds]
+    a = [ours[s] for s in seeds]
+    b = [theirs[s] for s in seeds]
     if len(seeds) < 2:
         word = "lower (better)" if a[0] < b[0] else "higher (worse)"
         return [
-            f"- **Pretraining ({modality})**: R²MAE's held-out masked loss averaged over the ratio grid is {a[0]:.4f}, "
+            f"- **Pretraining ({label})**: {name}'s held-out masked loss averaged over the ratio grid is {a[0]:.4f}, "
             f"{word} than the best fixed ratio ({best}, {b[0]:.4f}) — one pretraining seed per scheme, so no interval."
         ]
     cmp = paired_comparison(b, a)  # positive: R²MAE's loss is lower
-    text = verdict(cmp, "R²MAE's is **lower** (better)", "R²MAE's is **higher** (worse)")
+    text = verdict(cmp, f"{name}'s is **lower** (better)", f"{name}'s is **higher** (worse)")
     return [
-        f"- **Pretraining ({modality})**: held-out masked loss averaged over the ratio grid, R²MAE "
+        f"- **Pretraining ({label})**: held-out masked loss averaged over the ratio grid, {name} "
         f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f}: {text} "
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
         f"{len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) paired by seed)."
@@ -371,10 +432,12 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
         names,
         key=lambda n: sum(r.references[n]["mean_loss"] for r in scored if n in r.references) / len(scored),
     )
+    variants = _variants(scored)
     below: dict[str, list[float]] = {}
     for run in scored:
         if strongest in run.references:
-            scheme = run.config.get("masking", {}).get("scheme", run.name)
+            scheme, setting = variants[id(run)]
+            scheme = f"{scheme} ({setting})" if setting else scheme
             gap = run.references[strongest]["mean_loss"] - run.final_eval["mean_loss"]
             below.setdefault(scheme, []).append(gap)
     unit = _loss_unit(scored)
