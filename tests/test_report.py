@@ -733,3 +733,21 @@ def test_the_pretraining_verdict_never_mixes_runs_of_one_scheme_with_other_setti
     assert "R²MAE (U(0.15, 0.45)) 2.0100 against the best fixed ratio (fixed40) 1.9100" in blind
     (learned,) = _learned_verdict("cells", find_pretrain_runs([str(tmp_path)]))
     assert "r2mae (U(0.15, 0.45)) (model.mask_indicator=false) +0.9900" in learned and "(3 seeds)" in learned
+
+
+def test_the_summary_says_how_many_tests_it_makes_and_which_calls_survive_holm():
+    """Dozens of unadjusted 95 % intervals (a pairwise report) call some differences by chance: the
+    summary counts its tests and its calls, and how many survive Holm's correction over all of them."""
+    from biomask.report.report import _multiplicity_note
+
+    lines = [
+        "- **a vs b**, task, knn: a is **better** (Δ +0.100 [+0.050, +0.150], paired t p = 0.001, better in 3/3)",
+        "- **a vs c**, task, knn: a is **worse** (Δ -0.020 [-0.039, -0.001], paired t p = 0.03, better in 0/3)",
+        "  - a (a@0): 0.9 → **level** (not shown either way); Δ +0.010 [-0.01, +0.03], paired t p = 0.2, better",
+        "- **R²MAE vs b**, task, probe: no significant difference (Δ +0.001, paired t p = 0.5, better in 2/3)",
+        "- **Pretraining (DNA)**: R²MAE's is **lower** (better) (no p-value: not a paired t line)",
+    ]
+    (note,) = _multiplicity_note(lines)
+    assert "makes 4 paired tests" in note and "about 0.2 would exclude zero by chance" in note
+    assert "2 are called" in note and "1 of the 4 p-values stay below 5 % after Holm's correction" in note
+    assert _multiplicity_note(lines[:1]) == []  # one test: nothing to correct

@@ -118,6 +118,35 @@ def _cmp_text(cmp: dict[str, float], metric: str, unit: str = "seeds") -> str:
     )
 
 
+_P_VALUE = re.compile(r"paired t p = ([0-9.e+-]+)")
+_CALLED = re.compile(r"\*\*(better|worse|helps|hurts|met|not met)\*\*")
+
+
+def _multiplicity_note(lines: list[str]) -> list[str]:
+    """How many paired tests the summary makes and how many of its calls survive Holm's correction
+    over all of them: each interval is 95 % on its own, so among many comparisons some exclude zero by
+    chance alone (a reader must not take every bolded call as a finding)."""
+    tested = [
+        (float(m.group(1)), bool(_CALLED.search(line))) for line in lines if (m := _P_VALUE.search(line))
+    ]
+    tested = [(p, called) for p, called in tested if math.isfinite(p)]
+    if len(tested) < 2:
+        return []
+    m, called = len(tested), sum(c for _, c in tested)
+    holm = 0  # Holm's step-down at family-wise 5 %: the k-th smallest p against 0.05 / (m - k)
+    for k, p in enumerate(sorted(p for p, _ in tested)):
+        if p > 0.05 / (m - k):
+            break
+        holm += 1
+    return [
+        f"- **Multiple comparisons**: the summary makes {m} paired tests, each interval 95 % on its own "
+        f"(unadjusted): if nothing differed, about {0.05 * m:.1f} would exclude zero by chance. {called} "
+        f"{'is' if called == 1 else 'are'} called (bold above); {holm} of the {m} p-values stay below 5 % after "
+        "Holm's correction over all of them (p-values as printed). Read a single call at p near 0.05 as a lead, "
+        "not a finding."
+    ]
+
+
 def _unit(ev: Evaluation) -> str:
     """What a comparison's n counts: pretraining seeds (checkpoints named scheme@seed) or splits."""
     if "unit" in ev.results:
@@ -704,6 +733,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
     for modality, mruns in runs.items():
         lines += _pretraining_verdict(modality, mruns, cfg.r2mae)
         lines += _learned_verdict(modality, mruns)
+    lines += _multiplicity_note(lines)
     lines.append("")
 
     lines += ["## Pretraining", ""]
