@@ -2,10 +2,11 @@
 
 It runs the pipeline `configs/pipelines/study-quick.yaml` (or `--pipeline study-full.yaml`) with the
 local runner: fetch and prepare the built-in data (C. elegans chrX and the UCI splice junctions;
-pbmc3k and pbmc68k_reduced), pretrain one tiny DNA and one tiny single-cell encoder per masking scheme
-(R²MAE, fixed 15 %, fixed 40 %, the dynamic 30→15 % schedule), evaluate them next to the baselines and
-the random init over 3 seeds (linear probe and fine-tuning), embed pbmc68k_reduced, and write the
-report. Beside the study: the DNA CNN pretrained on the E. coli genome and probed on B. japonicum gene
+pbmc3k and pbmc68k_reduced), pretrain a tiny DNA CNN and a cell profile autoencoder per masking scheme
+(R²MAE, fixed 15 %, fixed 40 %, the dynamic 30→15 % schedule; fixed 75 % for cells) × 3 pretraining
+seeds, evaluate them next to the baselines and the random init (splice: linear probe over 2 splits, and
+LP-FT of the R²MAE CNNs over 3; cells: linear probe and kNN + Leiden over 5), embed pbmc68k_reduced, and
+write the report (docs/studies.md, "What the main job runs"). Beside the study: the DNA CNN pretrained on the E. coli genome and probed on B. japonicum gene
 starts (a motif task cut from that genome's annotation) and on M. acetivorans coding / antisense /
 noncoding windows (a composition task) against k-mer LR. Stages whose outputs are
 current are reused, so a second run only redoes what changed.
