@@ -184,3 +184,20 @@ def test_schemes_are_one_switch_and_explicit_keys_win():
     tuned = masking(scheme="r2mae", ratio={"high": 0.6})
     assert (tuned.ratio.kind, tuned.ratio.low, tuned.ratio.high) == ("uniform", 0.15, 0.6)
     assert masking(scheme="fixed40", ratio={"low": 0.1, "high": 0.75}).ratio.kind == "fixed"
+
+
+def test_the_run_names_the_masking_a_scheme_resolved_to_when_the_config_overrides_its_keys():
+    """Keys written in a config win over a scheme's: a scheme swept over cells-mlp.yaml (ratio low 0.5,
+    high 0.9) trains with that range, not its own, and the run's log line must say so."""
+    from biomask.masking.config import masking_text
+
+    cells_mlp = {"ratio": {"low": 0.5, "high": 0.9}}
+    mine = {"kind": "beta", "a": 2.0, "b": 5.0, "low": 0.1, "high": 0.9}
+    cfg = MaskingConfig.model_validate(
+        {**cells_mlp, "scheme": "custom", "ratio": {**mine, **cells_mlp["ratio"]}}
+    )
+    assert masking_text(cfg) == "custom (Beta(2, 5) on [0.5, 0.9])"
+    assert (
+        masking_text(MaskingConfig.model_validate({**cells_mlp, "scheme": "r2mae"})) == "r2mae (U(0.5, 0.9))"
+    )
+    assert masking_text(MaskingConfig.model_validate({**cells_mlp, "scheme": "fixed40"})) == "fixed40 (40%)"

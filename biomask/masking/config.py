@@ -118,3 +118,35 @@ class MaskingConfig(Config):
         if scheme not in SCHEMES:
             return data  # the Literal check reports it with the allowed values
         return _merge(SCHEMES[scheme], data)
+
+
+def describe_masking(masking: dict[str, Any]) -> str:
+    """A short human-readable name of a masking config: `U(0.15, 0.45)`, `15 %`, `30 %→15 %`, ..."""
+    ratio = masking.get("ratio", {})
+    kind = ratio.get("kind")
+    if kind == "fixed":
+        text = f"{ratio['value']:.0%}"
+    elif kind == "uniform":
+        text = f"U({ratio['low']:g}, {ratio['high']:g})"
+    elif kind == "beta":
+        text = f"Beta({ratio['a']:g}, {ratio['b']:g}) on [{ratio['low']:g}, {ratio['high']:g}]"
+    elif kind == "discrete":
+        text = "{" + ", ".join(f"{v:g}" for v in ratio["values"]) + "}"
+    elif kind == "linear":
+        text = f"{ratio['start']:.0%}→{ratio['end']:.0%}"
+    else:
+        text = str(kind)
+    if masking.get("ratio", {}).get("granularity") == "sample":
+        text += " per sample"
+    if masking.get("positions", {}).get("kind") == "span":
+        text += ", spans"
+    if masking.get("corruption", {}).get("kind") == "mae":
+        text += ", MAE"
+    return text
+
+
+def masking_text(cfg: MaskingConfig) -> str:
+    """The scheme with the masking it resolved to, e.g. `beta_low (Beta(2, 5) on [0.5, 0.9])`: keys written
+    in a config win over a scheme's, so a scheme swept over a config that sets R²MAE's range (cells-mlp.yaml:
+    ratio low 0.5, high 0.9) takes that range — the run's first lines say which one it trains with."""
+    return f"{cfg.scheme} ({describe_masking(cfg.model_dump())})"

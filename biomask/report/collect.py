@@ -16,32 +16,8 @@ from biomask.errors import InputError
 from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import METRIC_BOUNDS, METRICS, summarize
+from biomask.masking.config import describe_masking
 from biomask.provenance import read_run_info
-
-
-def describe_masking(masking: dict[str, Any]) -> str:
-    """A short human-readable name of a masking config: `U(0.15, 0.45)`, `15 %`, `30 %→15 %`, ..."""
-    ratio = masking.get("ratio", {})
-    kind = ratio.get("kind")
-    if kind == "fixed":
-        text = f"{ratio['value']:.0%}"
-    elif kind == "uniform":
-        text = f"U({ratio['low']:g}, {ratio['high']:g})"
-    elif kind == "beta":
-        text = f"Beta({ratio['a']:g}, {ratio['b']:g}) on [{ratio['low']:g}, {ratio['high']:g}]"
-    elif kind == "discrete":
-        text = "{" + ", ".join(f"{v:g}" for v in ratio["values"]) + "}"
-    elif kind == "linear":
-        text = f"{ratio['start']:.0%}→{ratio['end']:.0%}"
-    else:
-        text = str(kind)
-    if masking.get("ratio", {}).get("granularity") == "sample":
-        text += " per sample"
-    if masking.get("positions", {}).get("kind") == "span":
-        text += ", spans"
-    if masking.get("corruption", {}).get("kind") == "mae":
-        text += ", MAE"
-    return text
 
 
 def is_fixed_ratio(masking: dict[str, Any]) -> bool:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from biomask.config import dump_config
 from biomask.errors import REQUEUE_EXIT_CODE, ConfigError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
+from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
@@ -465,7 +466,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             ", compiled" if cfg.train.compile else "",
             dist_env.world_size,
             dist_env.launcher,
-            cfg.masking.scheme,
+            masking_text(cfg.masking),
         )
 
         # 4. Masking on the training device (its generators are checkpointed).
