@@ -751,3 +751,27 @@ def test_the_summary_says_how_many_tests_it_makes_and_which_calls_survive_holm()
     assert "makes 4 paired tests" in note and "about 0.2 would exclude zero by chance" in note
     assert "2 are called" in note and "1 of the 4 p-values stay below 5 % after Holm's correction" in note
     assert _multiplicity_note(lines[:1]) == []  # one test: nothing to correct
+
+
+def test_a_key_an_older_runs_config_lacks_does_not_split_its_scheme(tmp_path):
+    """A run written before a config key existed (its config.yaml lacks it) is still its scheme's."""
+    from biomask.report.collect import find_pretrain_runs
+    from biomask.report.report import _pretraining_verdict
+
+    for scheme, ratio, losses in (
+        ("r2mae", {"kind": "uniform", "low": 0.15, "high": 0.45}, [1.00, 1.01, 1.03]),
+        ("fixed40", {"kind": "fixed", "value": 0.4}, [1.10, 1.12, 1.11]),
+    ):
+        for seed, loss in enumerate(losses):
+            run = tmp_path / f"{scheme}-seed={seed}"
+            run.mkdir()
+            older = scheme == "r2mae" and seed == 0  # written before model.decorrelation existed
+            model = {"kind": "cnn"} if older else {"kind": "cnn", "decorrelation": 0.0}
+            config = {"masking": {"scheme": scheme, "ratio": ratio}, "model": model, "train": {"seed": seed}}
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "run.json").write_text(
+                json.dumps({"stage": "pretrain", "final_eval": {"mean_loss": loss}})
+            )
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    (line,) = _pretraining_verdict("DNA", find_pretrain_runs([str(tmp_path)]), "r2mae")
+    assert line.startswith("- **Pretraining (DNA)**:") and "3 pretraining seeds (0, 1, 2)" in line

@@ -373,7 +373,10 @@ def _variants(runs: list[PretrainRun]) -> dict[int, tuple[str, str]]:
         k
         for k in keys
         if any(
-            seed[id(a)] == seed[id(b)] and repr(flat[id(a)].get(k)) != repr(flat[id(b)].get(k))
+            seed[id(a)] == seed[id(b)]
+            and k in flat[id(a)]
+            and k in flat[id(b)]  # a key one run's older config lacks is no setting of its own
+            and repr(flat[id(a)][k]) != repr(flat[id(b)][k])
             for a in runs
             for b in runs
         )
