@@ -775,3 +775,22 @@ def test_a_key_an_older_runs_config_lacks_does_not_split_its_scheme(tmp_path):
             (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
     (line,) = _pretraining_verdict("DNA", find_pretrain_runs([str(tmp_path)]), "r2mae")
     assert line.startswith("- **Pretraining (DNA)**:") and "3 pretraining seeds (0, 1, 2)" in line
+
+
+def test_the_best_fixed_ratio_is_one_built_as_r2maes_model_is_not_an_ablations():
+    """cells-ratio-knowledge evaluates fixed 40 % with and without the mask indicator: R²MAE (with it)
+    is compared with the fixed ratio built as it is, even where the blind one scores higher on val."""
+    scores = {
+        ("r2mae", "linear_probe"): [0.60, 0.62, 0.61],
+        ("fixed40", "linear_probe"): [0.60, 0.61, 0.62],
+        ("fixed40-blind", "linear_probe"): [0.70, 0.71, 0.69],
+    }
+    val = {(g, p): [v + 0.01 for v in vs] for (g, p), vs in scores.items()}
+    ev = _evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40, "fixed40-blind": FIXED40}, val)
+    ev.architecture = {"r2mae": {"mask_indicator": True}, "fixed40": {"mask_indicator": True},
+                       "fixed40-blind": {"mask_indicator": False}}  # fmt: skip
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["group"] == "fixed40"
+    ev.architecture = {}  # no checkpoint configs to read: every fixed ratio competes, as before
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["group"] == "fixed40-blind"

@@ -179,6 +179,9 @@ class Evaluation:
     results: dict[str, Any]
     checkpoints: dict[str, str]
     masking: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # each checkpoint's (and scheme's, for `scheme@seed` names) architecture from its config.json: an
+    # ablation's models (model.mask_indicator=false) share a masking with the default's but not this
+    architecture: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def methods(self, protocol: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -209,17 +212,22 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
         raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     config = _read_yaml(root / "config.yaml")
     checkpoints = dict(config.get("checkpoints") or {})
-    masking = {}
+    masking, architecture = {}, {}
     for name, ckpt in checkpoints.items():
         try:
-            masking[name] = json.loads((Path(ckpt) / "config.json").read_text()).get("masking", {})
+            saved = json.loads((Path(ckpt) / "config.json").read_text())
         except (OSError, ValueError):
-            masking[name] = {}
+            saved = {}
+        masking[name] = saved.get("masking", {})
+        architecture[name] = saved.get("architecture", {})
+        scheme, mark, _ = name.rpartition(SEED_MARK)
+        if mark and scheme:
+            architecture.setdefault(scheme, architecture[name])
     try:
         results, masking = by_pretraining_seed(_with_pooling_counts(results), masking)
     except (KeyError, TypeError, ValueError, StopIteration) as exc:  # parts that do not fit together
         raise _corrupt(root / "metrics.json", exc, "evaluate") from None
-    return Evaluation(key, root, metric, title or key, results, checkpoints, masking)
+    return Evaluation(key, root, metric, title or key, results, checkpoints, masking, architecture)
 
 
 def _with_pooling_counts(results: dict[str, Any]) -> dict[str, Any]:

@@ -175,6 +175,10 @@ def r2mae_vs_fixed(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
             for m in evaluation.methods(protocol)
             if m["group"] in evaluation.masking and is_fixed_ratio(evaluation.masking[m["group"]])
         ]
+        # the best fixed ratio among models built as R²MAE's (an ablation's models differ in more than
+        # their masking); all fixed ratios only where none is
+        mine = evaluation.architecture.get(r2mae)
+        fixed = [m for m in fixed if evaluation.architecture.get(m["group"]) == mine] or fixed
         if not ours or not fixed:
             continue
         best, chosen_on = best_fixed(evaluation, fixed)
