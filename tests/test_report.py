@@ -791,6 +791,11 @@ def test_the_best_fixed_ratio_is_one_built_as_r2maes_model_is_not_an_ablations()
                        "fixed40-blind": {"mask_indicator": False}}  # fmt: skip
     (row,) = r2mae_vs_fixed(ev, "r2mae")
     assert row["group"] == "fixed40"
+    # MAE's decoder is its masking's, not another model: mae75 still competes
+    ev.masking["fixed40-blind"] = {**FIXED40, "corruption": {"kind": "mae"}}
+    ev.architecture["fixed40-blind"] = {"mask_indicator": True, "decoder_layers": 1}
+    (row,) = r2mae_vs_fixed(ev, "r2mae")
+    assert row["group"] == "fixed40-blind"
     ev.architecture = {}  # no checkpoint configs to read: every fixed ratio competes, as before
     (row,) = r2mae_vs_fixed(ev, "r2mae")
     assert row["group"] == "fixed40-blind"

@@ -158,6 +158,11 @@ def _unit(ev: Evaluation) -> str:
 # ------------------------------------------------------------------------------------------- sections
 
 
+def _built_as(architecture: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's architecture less what its masking decides (MAE corruption's decoder)."""
+    return {k: v for k, v in (architecture or {}).items() if k != "decoder_layers"}
+
+
 def r2mae_vs_fixed(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
     """Per protocol: R²MAE against the best fixed-ratio checkpoint, paired over seeds."""
     rows = []
@@ -177,8 +182,8 @@ def r2mae_vs_fixed(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
         ]
         # the best fixed ratio among models built as R²MAE's (an ablation's models differ in more than
         # their masking); all fixed ratios only where none is
-        mine = evaluation.architecture.get(r2mae)
-        fixed = [m for m in fixed if evaluation.architecture.get(m["group"]) == mine] or fixed
+        mine = _built_as(evaluation.architecture.get(r2mae))
+        fixed = [m for m in fixed if _built_as(evaluation.architecture.get(m["group"])) == mine] or fixed
         if not ours or not fixed:
             continue
         best, chosen_on = best_fixed(evaluation, fixed)
