@@ -33,7 +33,12 @@ time.sleep(60)
 
 
 @pytest.mark.parametrize(
-    ("signum", "why"), [(signal.SIGTERM, "stopped by SIGTERM"), (signal.SIGINT, "interrupted (Ctrl-C)")]
+    ("signum", "why"),
+    [
+        (signal.SIGTERM, "stopped by SIGTERM"),
+        (signal.SIGINT, "interrupted (Ctrl-C)"),
+        (signal.SIGHUP, "stopped by SIGHUP"),  # the terminal closed
+    ],
 )
 def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
     tmp_path, monkeypatch, signum, why

@@ -628,6 +628,35 @@ def test_ctrl_c_twice_stops_at_once_and_the_caller_gets_its_handler_back():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_a_closed_terminal_is_a_checkpoint_not_a_kill_and_nohup_keeps_it_ignored():
+    """SIGHUP (ssh dropped, terminal closed) ended a run without its checkpoint; under nohup it is
+    ignored, and stays so."""
+    import os
+
+    from biomask.training.distributed import StopSignal
+
+    inherited = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        stop = StopSignal()
+        stop.install()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.name == "SIGHUP"
+            stop.ignore_from_now()  # exiting 75: a second SIGHUP must not make it "killed"
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        finally:
+            stop.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        ignored = StopSignal()
+        ignored.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        ignored.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+
+
 def test_an_output_a_live_run_writes_is_refused_and_a_finished_run_of_other_processes_too(tmp_path):
     """Two launches into one output delete each other's checkpoints (also when a killed launcher
     left its workers running): the second is refused while the first runs, --overwrite or not. A run

@@ -93,7 +93,9 @@ class _Stages:
 
     @property
     def why(self) -> str:
-        return "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else "stopped by SIGTERM"
+        if self.signal == signal.SIGINT:
+            return "interrupted (Ctrl-C)"
+        return f"stopped by {signal.Signals(self.signal or signal.SIGTERM).name}"
 
     def start(self, argv: list[str], **popen: Any) -> subprocess.Popen[str] | None:
         """Start a stage process, or None once the runner was stopped (no new stage after it)."""
@@ -158,10 +160,11 @@ def run_pipeline(
     check_input_files(plan, selected)
     stages = _Stages()
     in_main = threading.current_thread() is threading.main_thread()  # where handlers can be set
-    # Ctrl-C is left ignored where it was (a background job of a script)
+    # Ctrl-C and SIGHUP (the terminal closed) are left ignored where they were (a script's background
+    # job, nohup)
     signals = [
         signal.SIGTERM,
-        *([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else []),
+        *(s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN),
     ]
     previous = {sig: signal.signal(sig, stages.stop) for sig in signals} if in_main else {}
     try:

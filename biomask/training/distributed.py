@@ -234,8 +234,9 @@ def _destroy_process_group() -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (a scheduler) and SIGINT (Ctrl-C) set a flag; the loop checkpoints at the end
-    of the current step and exits 75, so the same command resumes. A second Ctrl-C stops at once.
+    """SIGTERM / SIGUSR1 (a scheduler), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) set a flag; the
+    loop checkpoints at the end of the current step and exits 75, so the same command resumes. A second
+    Ctrl-C stops at once.
     Under torchrun or the deepspeed launcher, the launcher's own shutdown on Ctrl-C (SIGTERM to its
     workers, SIGKILL after a grace period) decides how far that gets."""
 
@@ -245,9 +246,9 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
-                continue  # started with Ctrl-C ignored (a background job of a script): keep it so
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
+            if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started ignoring it (a script's background job, nohup): keep it so
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -279,7 +280,7 @@ class StopSignal:
         that into "killed by a signal", which would keep the job script from requeueing. Ctrl-C gets
         its own handler back at `restore` (in a notebook the kernel goes on and must stay
         interruptible)."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
             if sig in self._previous:
                 signal.signal(sig, signal.SIG_IGN)
                 del self._previous[sig]
