@@ -74,12 +74,15 @@ def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
     # the stage got the signal and ended (checkpointed) before the runner returned
     assert (plan.stages["train"].tasks[0].output / "checkpointed").exists()
     status = {r.task: (r.status, r.exit_code) for r in stopped.value.results}
-    assert status == {"train": ("failed", 75), "after": ("not run", None), "beside": ("not run", None)}
+    # checkpointed, not failed; what needs it is not run because it stopped
+    assert status == {"train": ("stopped", 75), "after": ("not run", None), "beside": ("not run", None)}
+    assert stopped.value.results[1].detail == "train stopped"
     assert stopped.value.results[2].detail == why
+    assert local.exit_code(stopped.value.results) == 75
     assert not Path(plan.stages["beside"].tasks[0].output).exists()
     # recorded, so `pipeline status` shows this run; the runner's own handler is gone again
     recorded = json.loads((plan.run_dir / "local-run.json").read_text())
-    assert [r["status"] for r in recorded["results"]] == ["failed", "not run", "not run"]
+    assert [r["status"] for r in recorded["results"]] == ["stopped", "not run", "not run"]
     assert signal.getsignal(signum) is before
 
 

@@ -8,7 +8,8 @@ tokenizers, checkpoints). The runner tells the outcomes apart without parsing me
 - the stage refused because its output holds a different config or input (`StaleOutputError`,
   reported through BIOMASK_ERROR_FILE) -> the output belongs to this pipeline's run directory, so the
   runner runs the stage again with --overwrite -> "ran (changed)";
-- otherwise "ran", or "failed" with the stage's exit code; stages that need a failed one are not run.
+- otherwise "ran", or "failed" with the stage's exit code ("stopped": a training stage that checkpointed
+  on a signal, exit 75); stages that need a failed or stopped one are not run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError
+from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError
 from biomask.outputs import atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import (
@@ -51,7 +52,7 @@ ERROR_FILE_ENV = "BIOMASK_ERROR_FILE"
 class TaskResult:
     stage: str
     task: str
-    status: str  # ran | ran (changed) | reused | failed | not run
+    status: str  # ran | ran (changed) | reused | failed | stopped (checkpointed, exit 75) | not run
     exit_code: int | None
     seconds: float
     output: str
@@ -203,14 +204,14 @@ def _run_selected(
     order = [(name, task) for name in selected for task in plan.stages[name].tasks]
     pending = list(order)
     remaining = {name: len(plan.stages[name].tasks) for name in selected}  # tasks not finished
-    failed: set[str] = set()
+    failed: dict[str, str] = {}  # stage -> how it ended (failed, stopped, not run)
     results: dict[tuple[str, str], TaskResult] = {}
 
     def finish(name: str, result: TaskResult) -> None:
         results[(name, result.task)] = result
         remaining[name] -= 1
         if not result.ok:
-            failed.add(name)
+            failed.setdefault(name, result.status)
 
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         running: dict[Future[TaskResult], str] = {}
@@ -230,7 +231,7 @@ def _run_selected(
                             0.0,
                             str(task.output),
                             "",
-                            f"{blocked[0]} failed" if blocked else stages.why,
+                            f"{blocked[0]} {failed[blocked[0]]}" if blocked else stages.why,
                         ),
                     )
                 elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
@@ -304,7 +305,8 @@ def _run_task(
         return TaskResult(
             stage.name,
             task.name,
-            "failed",
+            # a training stage that checkpointed on a signal (exit 75) did not fail: a rerun resumes it
+            "stopped" if code == REQUEUE_EXIT_CODE else "failed",
             code,
             seconds,
             str(task.output),
@@ -390,8 +392,8 @@ def _record(plan: Plan, results: list[TaskResult]) -> None:
 
 
 def exit_code(results: list[TaskResult]) -> int:
-    """0 if every task succeeded, else the first failing task's exit code (1 if it had none)."""
+    """0 if every task succeeded, else the first failed or stopped task's exit code (1 if it had none)."""
     for r in results:
-        if r.status == "failed":
+        if r.status in ("failed", "stopped"):
             return r.exit_code or 1
     return 0

@@ -17,6 +17,7 @@ _STYLE = {
     "ran (changed)": "green",
     "reused": "cyan",
     "failed": "bold red",
+    "stopped": "yellow",
     "not run": "yellow",
     "COMPLETED": "green",
     "RUNNING": "cyan",
@@ -81,3 +82,5 @@ def print_failures(results: Sequence[TaskResult]) -> None:
         if r.status == "failed":
             print(f"biomask: error: stage {r.task} failed (exit {r.exit_code}): {r.detail}", file=sys.stderr)
             print(f"  log: {r.log}", file=sys.stderr)
+        elif r.status == "stopped":
+            print(f"biomask: stage {r.task} stopped (exit {r.exit_code}): {r.detail}", file=sys.stderr)
