@@ -468,6 +468,7 @@ def test_overwrite_refuses_an_output_that_is_a_symlink(finished, tmp_path, cli):
     assert code == 2 and "symbolic link" in err and (tmp_path / "link").is_symlink(), err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on random protocol bytes
 def test_any_bytes_that_are_no_torch_file_are_reported_as_corrupt(tmp_path):
     """Arbitrary bytes reach the unpickler's internals and fail in many ways (CI once met an
     IndexError); every one is the same message naming the file, never a traceback."""
