@@ -137,8 +137,48 @@ def test_every_cell_scheme_says_what_its_records_imply():
         assert set(scheme.fields) <= set(TOKEN_FIELDS)
         assert scheme.default_target in targets and scheme.value_embedding in value_embeddings
         assert scheme.default_target != "bins" or scheme.writes_bins()
-    with pytest.raises(ValueError, match="'binned', 'rank' or 'panel'"):
+    names = [repr(name) for name in SCHEMES]
+    listed = f"{', '.join(names[:-1])} or {names[-1]}"  # how pydantic lists a Literal's values
+    with pytest.raises(ValueError, match=listed):
         TokenizerConfig(scheme="ranked")
+
+
+def test_a_cell_scheme_that_cannot_serve_is_refused_where_it_is_registered():
+    """A subclass that keeps its parent's name would replace the parent in SCHEMES; one that forgets
+    `encode` or what its records imply would fail in prep or training instead, without its name."""
+    import numpy as np
+
+    from biomask.cells.tokenize import Encoded, RankScheme, Scheme, register
+
+    class TopRank(RankScheme):  # a variant that forgot its own `name`
+        pass
+
+    with pytest.raises(TypeError, match="TopRank: the name 'rank' is RankScheme's"):
+        register(RankScheme, TopRank)
+
+    class NoEncode(Scheme):
+        name, order_free, default_target, value_embedding = "no-encode", True, "tokens", "none"
+
+        @classmethod
+        def from_config(cls, cfg, vocab):
+            return cls()
+
+    with pytest.raises(TypeError, match="NoEncode does not implement encode"):
+        register(NoEncode)
+
+    class Unsaid(Scheme):
+        name = "unsaid"
+
+        @classmethod
+        def from_config(cls, cfg, vocab):
+            return cls()
+
+        def encode(self, block, scale, cells):
+            return Encoded(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    with pytest.raises(TypeError, match="Unsaid does not set order_free, default_target, value_embedding"):
+        register(Unsaid)
+    assert set(register(RankScheme)) == {"rank"}
 
 
 def test_every_model_kind_is_named_once_and_registered():

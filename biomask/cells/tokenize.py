@@ -245,7 +245,8 @@ class Scheme(ABC):
 
     The class attributes are what the rest of biomask asks of a scheme (the store's manifest names it;
     `scheme_class(name)` finds it): training, the model's defaults, evaluation and embedding read them
-    instead of comparing names. A new scheme is one subclass here plus its line in `SCHEMES`."""
+    instead of comparing names. A new scheme is one subclass here plus its class in `SCHEMES`'s
+    `register(...)`."""
 
     name: ClassVar[str]
     # Gene order carries no meaning: the model adds no positions, and a record cut to fit keeps a
@@ -431,8 +432,35 @@ class PanelScheme(Scheme):
         return Encoded(lengths, np.tile(self.panel, n), dense.reshape(-1))
 
 
+# What a scheme class must say of its records (no default in `Scheme`).
+RECORD_ATTRIBUTES = ("name", "order_free", "default_target", "value_embedding")
+
+
+def register(*classes: type[Scheme]) -> dict[str, type[Scheme]]:
+    """The registry of `classes` by name. A class that cannot serve stops the import here, named: left
+    abstract (no `encode`), silent about its records, or under a name that is taken — a subclass of
+    RankScheme without its own `name` would otherwise replace `rank` in every store's reading."""
+    registry: dict[str, type[Scheme]] = {}
+    for cls in classes:
+        abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+        if abstract:
+            raise TypeError(f"cells scheme {cls.__name__} does not implement {', '.join(abstract)}")
+        unset = [a for a in RECORD_ATTRIBUTES if not hasattr(cls, a)]
+        if unset:
+            raise TypeError(
+                f"cells scheme {cls.__name__} does not set {', '.join(unset)} (class attributes; see Scheme)"
+            )
+        if cls.name in registry:
+            raise TypeError(
+                f"cells scheme {cls.__name__}: the name {cls.name!r} is {registry[cls.name].__name__}'s; "
+                "give the class its own `name`"
+            )
+        registry[cls.name] = cls
+    return registry
+
+
 # The registry: a store's `scheme` (and `tokenizer.scheme` in prep configs) names one of these.
-SCHEMES: dict[str, type[Scheme]] = {cls.name: cls for cls in (BinnedScheme, RankScheme, PanelScheme)}
+SCHEMES: dict[str, type[Scheme]] = register(BinnedScheme, RankScheme, PanelScheme)
 
 
 def scheme_class(name: str | None, where: str = "the token store") -> type[Scheme]:
