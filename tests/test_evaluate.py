@@ -270,3 +270,24 @@ def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(
                        f"checkpoints.a={dna_checkpoint}", "device=cuda")  # fmt: skip
     assert code == 2 and "device=cuda" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_protocol_is_named_once_and_one_without_a_method_is_refused(splice_store, dna_checkpoint):
+    """The evaluate config, the report's targets and the tables read one list of protocols; a name in
+    it that model_methods has no branch for is refused, not run as fine-tuning under that name."""
+    from typing import get_args
+
+    from biomask.evaluation.config import PROTOCOLS, EvaluateConfig, Protocol
+    from biomask.evaluation.protocols import model_methods
+    from biomask.report.config import TargetSpec
+
+    assert set(get_args(Protocol)) == set(PROTOCOLS)
+    assert EvaluateConfig.model_fields["protocols"].annotation == list[Protocol]
+    assert TargetSpec.model_fields["protocol"].annotation is Protocol
+    cfg = EvaluateConfig(
+        store=str(splice_store), output="unused", seeds=[0], checkpoints={"m": str(dna_checkpoint)}
+    )
+    # a protocol registered in PROTOCOLS whose branch was forgotten (validation would accept it)
+    cfg = cfg.model_copy(update={"protocols": ["centroid"], "random_init": False})
+    with pytest.raises(ValueError, match="protocol 'centroid' has no method"):
+        model_methods(cfg, load_labelled(splice_store))

@@ -8,6 +8,12 @@ from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config, SplitFractions
 
+# The protocols a checkpoint is evaluated under, and what the tables call each. One list: the evaluate
+# config, the report's targets and the tables read it; a protocol's method is its branch in
+# biomask.evaluation.protocols.model_methods, which refuses a name it has no branch for.
+PROTOCOLS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
+Protocol = Literal[tuple(PROTOCOLS)]  # type: ignore[valid-type]
+
 Pooling = Literal["cls", "mean", "max", "concat", "mean_layers"]  # biomask.models.model.POOLINGS
 
 
@@ -149,9 +155,7 @@ class EvaluateConfig(Config):
     checkpoints: dict[str, str] = Field(default_factory=dict)
     # knn: a 15-nearest-neighbour vote on the frozen representation, plus Leiden clusters of it
     # scored against the labels (ARI, NMI) — for every model and the expression baselines (cells).
-    protocols: list[Literal["linear_probe", "mlp_probe", "finetune", "knn"]] = Field(
-        default_factory=lambda: ["linear_probe"]
-    )
+    protocols: list[Protocol] = Field(default_factory=lambda: ["linear_probe"])
     random_init: bool = True  # also evaluate the same architecture randomly initialised
     # one more row, "chosen on val (linear probe)": per seed, the checkpoint whose linear probe has the
     # best validation MCC (e.g. char, k-mer and BPE checkpoints: the tokenizer chosen on validation).

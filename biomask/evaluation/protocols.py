@@ -60,7 +60,7 @@ from biomask.embedding.inference import (
 from biomask.errors import InputError
 from biomask.evaluation import clustering
 from biomask.evaluation.baselines import Split, fit_tuned_logistic
-from biomask.evaluation.config import EvaluateConfig
+from biomask.evaluation.config import PROTOCOLS, EvaluateConfig
 from biomask.evaluation.data import LabelledRecords
 from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method
 from biomask.evaluation.probes import mlp_probe
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 # (mean; max: a motif anywhere; mean_layers: every block's mean), then position-aware concat, then
 # the [CLS] vector
 POOLINGS_AUTO = ("mean", "max", "mean_layers", "concat", "cls")
-LABELS = {"linear_probe": "linear probe", "mlp_probe": "MLP probe", "finetune": "fine-tune", "knn": "kNN"}
 
 
 @contextlib.contextmanager
@@ -475,7 +474,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
                         pred = mlp_probe(x, data.labels, train, val, test, seed, n_classes=n_classes)
                     return pred, chosen
 
-            else:
+            elif protocol == "finetune":
 
                 def predict(data, train, val, test, seed):
                     probe = None
@@ -518,7 +517,12 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
                         **chosen,
                     }
 
-            methods.append(Method(f"{name} ({LABELS[protocol]})", name, protocol, predict, info))
+            else:  # a name in PROTOCOLS without a branch here: refused, never run as another protocol
+                raise ValueError(
+                    f"protocol {protocol!r} has no method: add its branch to model_methods "
+                    "(biomask/evaluation/protocols.py)"
+                )
+            methods.append(Method(f"{name} ({PROTOCOLS[protocol]})", name, protocol, predict, info))
 
     for name, model in models.items():
         add(name, lambda seed, model=model: model, False, inference_max_length(model), records_of(name))

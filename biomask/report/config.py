@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config
+from biomask.evaluation.config import Protocol
 
 Metric = Literal["accuracy", "macro_f1", "mcc"]
 # what a scanpy user reads off an embedding: Leiden on its kNN graph against the labels (the knn
@@ -30,7 +31,7 @@ class TargetSpec(Config):
     (for a clustering metric: `protocol: knn`, whose rows carry the Leiden scores of the embedding)."""
 
     evaluation: str  # a key of `evaluations`
-    protocol: Literal["linear_probe", "mlp_probe", "finetune", "knn"]
+    protocol: Protocol
     # a clustering metric is judged against the baselines that have it (PCA and all genes, on kNN)
     metric: Metric | ClusterMetric
     reference: str | None = None  # the published figure of the strongest baseline, quoted beside ours
