@@ -24,7 +24,8 @@ from biomask.stages import STAGES, load_ref
 log = logging.getLogger("biomask")
 
 
-# Override examples in each stage's --help: its own keys (tests/test_config_reference.py checks them).
+# Override examples in each stage's --help (optional): its own keys (tests/test_config_reference.py
+# checks them).
 OVERRIDE_EXAMPLES = {
     "prep dna": "tokenizer.kind=kmer tokenizer.k=6 split.seed=3",
     "prep cells": "labels.column=cell_type labels.missing=drop hvg.n_top_genes=2000",
@@ -39,11 +40,14 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("-c", "--config", help="the stage's YAML config (required to run the stage)")
     parser.set_defaults(schema=STAGES[stage].schema, config_required=True)
     _add_print_config(parser)
+    # the example is optional: a stage registered without one still gets its command (and the parser,
+    # which every command builds, does not fail on it)
+    example = OVERRIDE_EXAMPLES.get(stage)
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help=f"override config keys, e.g. {OVERRIDE_EXAMPLES[stage]}",
+        help=f"override config keys, e.g. {example}" if example else "override config keys (key.sub=value)",
     )
     parser.epilog = (
         f"Every key with its default: biomask {stage} --print-config, or docs/config-reference.md "

@@ -36,6 +36,20 @@ def test_help_shows_overrides_of_the_stages_own_keys(stage, capsys, monkeypatch)
     assert f"e.g. {example}" in shown and "docs/config-reference.md" in shown
 
 
+def test_a_stage_without_an_override_example_still_gets_its_command(monkeypatch):
+    """A new stage needs no OVERRIDE_EXAMPLES entry: a missing one was a KeyError while building the
+    parser, so every biomask command failed until it was added."""
+    import argparse
+
+    from biomask.cli import _add_stage_arguments
+
+    monkeypatch.delitem(OVERRIDE_EXAMPLES, "evaluate")
+    parser = argparse.ArgumentParser()
+    _add_stage_arguments(parser, "evaluate")
+    assert "override config keys" in parser.format_help()
+    assert parser.parse_args(["-c", "x.yaml", "seeds=[0]"]).overrides == ["seeds=[0]"]
+
+
 def test_quiet_works_after_the_subcommand(tmp_path, capsys):
     assert main(["config-reference", "--output", str(tmp_path / "ref.md"), "-q"]) == 0
     assert "wrote" not in capsys.readouterr().err
