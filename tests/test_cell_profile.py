@@ -219,6 +219,21 @@ def test_scmae_trains_through_the_trainer_and_switches_objective_on_continuing(
     assert json.loads((tmp_path / "mae" / "model" / "config.json").read_text())["init_from"]["steps"] == 410
 
 
+@pytest.mark.network
+def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, panel_store, tmp_path, cli):
+    """The checkpoint's kind is what trains, whatever model.kind says: a masking target the profile
+    model cannot learn is refused (exit 2, nothing written), not recorded beside weights that
+    reconstruct values (it was, unless model.kind named the checkpoint's kind)."""
+    out = tmp_path / "tokens"
+    code, _, err = cli(
+        "pretrain", "-c", Path(__file__).parents[1] / "configs/pretrain/cells-mlp.yaml",
+        f"data.store={panel_store}", "model.kind=transformer", f"model.init_from={profile_checkpoint}",
+        "masking.target=tokens", "train.steps=2", f"output={out}",
+    )  # fmt: skip
+    assert code == 2 and "is a mlp model" in err and "masking.target=tokens is not possible" in err, err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------- the user's own cells
 
 

@@ -179,11 +179,16 @@ def init_checkpoint(
             f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
             f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
         )
-    if pretrained.config.kind == "cnn" and cfg.masking.corruption.kind != "mlm":
-        raise InputError(
-            f"model.init_from={path} is a cnn model: masking.corruption.kind={cfg.masking.corruption.kind} "
-            "is not possible (a convolution needs every position in place); use masking.corruption.kind=mlm"
-        )
+    kind = pretrained.config.kind
+    if kind != cfg.model.kind:
+        # the checkpoint's kind is what trains: what build_architecture refuses for that kind (a cnn's
+        # MAE corruption, a profile model's token target) is refused for its continuation too, whatever
+        # model.kind says — every kind's checks, not a copy of some of them here
+        theirs = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
+        try:
+            build_architecture(theirs, spec)
+        except InputError as exc:
+            raise InputError(f"model.init_from={path} is a {kind} model: {exc}") from None
     # the weights fix the architecture: what this run's config says of it otherwise is not used
     ignored = [
         f"model.{name}={getattr(arch, name)} (the checkpoint's: {getattr(pretrained.config, name)})"
