@@ -194,3 +194,31 @@ def test_every_model_kind_is_named_once_and_registered():
     assert ModelConfig.model_fields["kind"].annotation is ModelKind
     assert {ModelConfig(kind=k, preset="tiny").kind for k in kinds} == kinds
     assert EncoderConfig(vocab_size=10, kind="cnn").kind == "cnn"
+
+
+def test_a_model_kind_without_the_interface_is_refused_where_it_is_registered():
+    """Not after training, when evaluate or embed first call the missing method."""
+    import torch
+    from torch import nn
+
+    from biomask.models.kinds import checked
+
+    class NoEmbed(nn.Module):
+        def forward(self, batch):
+            return {}
+
+        def features(self, batch, pooling="mean", layer=-1):
+            return torch.zeros(1)
+
+        def num_parameters(self):
+            return 0
+
+    with pytest.raises(TypeError, match="'gru' \\(NoEmbed\\) does not define embed"):
+        checked({"gru": NoEmbed})
+
+    class NoForward(NoEmbed):
+        forward = nn.Module.forward
+        embed = NoEmbed.features
+
+    with pytest.raises(TypeError, match="does not define forward"):
+        checked({"x": NoForward})

@@ -13,12 +13,31 @@ from biomask.models.model import MaskedEncoder
 from biomask.models.panel_transformer import PanelTransformer
 from biomask.models.profile import ProfileAutoencoder
 
-MODEL_KINDS: dict[str, type[nn.Module]] = {
-    "transformer": MaskedEncoder,
-    "mlp": ProfileAutoencoder,
-    "panel_transformer": PanelTransformer,
-    "cnn": DilatedCNN,
-}
+# What the trainer, export, evaluate and embed call on every kind (besides its `config` attribute).
+INTERFACE = ("forward", "features", "embed", "num_parameters")
+
+
+def checked(kinds: dict[str, type[nn.Module]]) -> dict[str, type[nn.Module]]:
+    """`kinds`, each class checked for the interface now: a kind without `embed` would otherwise
+    train and export, and fail with an AttributeError only when evaluate or embed first reads it."""
+    for name, cls in kinds.items():
+        missing = [m for m in INTERFACE if getattr(cls, m, None) in (None, getattr(nn.Module, m, None))]
+        if missing:
+            raise TypeError(
+                f"model kind {name!r} ({cls.__name__}) does not define {', '.join(missing)} "
+                "(the interface: biomask/models/kinds.py)"
+            )
+    return kinds
+
+
+MODEL_KINDS: dict[str, type[nn.Module]] = checked(
+    {
+        "transformer": MaskedEncoder,
+        "mlp": ProfileAutoencoder,
+        "panel_transformer": PanelTransformer,
+        "cnn": DilatedCNN,
+    }
+)
 
 # Kinds that read a cell's whole panel profile (never cropped) and reconstruct values or counts.
 PROFILE_KINDS = ("mlp", "panel_transformer")
