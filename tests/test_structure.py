@@ -222,3 +222,20 @@ def test_a_model_kind_without_the_interface_is_refused_where_it_is_registered():
 
     with pytest.raises(TypeError, match="does not define forward"):
         checked({"x": NoForward})
+
+
+def test_a_kind_with_presets_of_its_own_is_sized_and_checked_from_the_registry(monkeypatch):
+    """A new kind's sizes are one entry in KIND_PRESETS: the config reads them and refuses the presets
+    it lacks (there was one if-branch per kind in the config schema)."""
+    from biomask.models.config import KIND_PRESETS
+    from biomask.training.config import ModelConfig
+
+    tiny = {"d_model": 16, "n_layers": 1, "n_heads": 1, "d_ff": 32}
+    monkeypatch.setitem(KIND_PRESETS, "panel_transformer", {"tiny": tiny})
+    assert ModelConfig(kind="panel_transformer", preset="tiny").sizes() == tiny
+    with pytest.raises(
+        ValueError, match="model.kind panel_transformer has presets tiny \\(or custom\\), not small"
+    ):
+        ModelConfig(kind="panel_transformer", preset="small")
+    with pytest.raises(ValueError, match="model.kind cnn has presets tiny, small \\(or custom\\), not base"):
+        ModelConfig(kind="cnn", preset="base")

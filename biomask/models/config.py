@@ -39,6 +39,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "1b": {"d_model": 2048, "n_layers": 20, "n_heads": 16, "d_ff": 8192},
 }
 
+# The kinds whose sizes are presets of their own (n_heads unused: 1); every other kind reads PRESETS.
+# `model.preset` must name one of a kind's own presets (or custom).
+KIND_PRESETS: dict[str, dict[str, dict[str, int]]] = {"mlp": MLP_PRESETS, "cnn": CNN_PRESETS}
+
 
 @dataclass
 class EncoderConfig:

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from biomask.config import Config
 from biomask.masking.config import MaskingConfig
-from biomask.models.config import CNN_PRESETS, MLP_PRESETS, PRESETS, ModelKind
+from biomask.models.config import KIND_PRESETS, PRESETS, ModelKind
 
 
 class DataConfig(Config):
@@ -79,10 +79,10 @@ class ModelConfig(Config):
         return self.embed_norm
 
     def sizes(self) -> dict[str, int]:
-        presets = {"mlp": MLP_PRESETS, "cnn": CNN_PRESETS}.get(self.kind, PRESETS)
+        presets = KIND_PRESETS.get(self.kind, PRESETS)
         base = dict(presets.get(self.preset, {}))
-        if self.kind in ("mlp", "cnn"):
-            base.setdefault("n_heads", 1)  # unused by the profile autoencoder
+        if self.kind in KIND_PRESETS:
+            base.setdefault("n_heads", 1)  # unused by the profile autoencoder and the CNN
         given = {
             k: v
             for k, v in {
@@ -99,9 +99,10 @@ class ModelConfig(Config):
     def _check(self) -> ModelConfig:
         sizes = self.sizes()
         missing = [k for k in ("d_model", "n_layers", "n_heads", "d_ff") if k not in sizes]
-        if self.kind == "mlp" and self.preset not in (*MLP_PRESETS, "custom"):
+        own = KIND_PRESETS.get(self.kind)
+        if own is not None and self.preset not in (*own, "custom"):
             raise ValueError(
-                f"model.kind mlp has presets {', '.join(MLP_PRESETS)} (or custom), not {self.preset}"
+                f"model.kind {self.kind} has presets {', '.join(own)} (or custom), not {self.preset}"
             )
         if self.ratio_input and self.kind != "mlp":
             raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
@@ -113,10 +114,6 @@ class ModelConfig(Config):
             raise ValueError(
                 f"model.objective scmae is for model.kind mlp with model.loss mse, not {self.kind} with "
                 f"{self.loss} (it reconstructs standardised values)"
-            )
-        if self.kind == "cnn" and self.preset not in (*CNN_PRESETS, "custom"):
-            raise ValueError(
-                f"model.kind cnn has presets {', '.join(CNN_PRESETS)} (or custom), not {self.preset}"
             )
         if missing:
             raise ValueError(f"model.preset custom needs {', '.join('model.' + k for k in missing)}")
