@@ -79,6 +79,34 @@ def test_local_source_hash_mismatch_is_caught(tmp_path, monkeypatch, cli):
     assert code == 2 and "sha256" in err
 
 
+def test_a_registered_format_the_stage_does_not_read_is_refused_naming_the_entry(tmp_path, monkeypatch, cli):
+    """A typo in a user's entry (`format: fasat`) was read as a table and failed on the file's columns;
+    the stage now names the entry and the formats it reads, and the input's own `format` still wins."""
+    from biomask.provenance import sha256_file
+
+    genome = tmp_path / "mine.fa"
+    genome.write_text(">a\n" + "ACGT" * 300 + "\n")
+    body = """  mine:
+    description: my genome
+    modality: dna
+    kind: genome
+    format: {fmt}
+    source: {{type: local, path: mine.fa}}
+    sha256: "{sha}"
+    licence: mine
+"""
+    _user_registry(tmp_path, monkeypatch, body.format(fmt="fasat", sha=sha256_file(genome)))
+    config = tmp_path / "prep.yaml"
+    config.write_text(
+        f"inputs: [{{dataset: mine}}]\noutput: {tmp_path / 'store'}\nwindows: {{length: 128}}\n"
+    )
+    code, _, err = cli("prep", "dna", "-c", config)
+    assert code == 2 and "dataset 'mine'" in err and "format 'fasat'" in err and "fasta, genbank" in err, err
+    assert not (tmp_path / "store").exists()
+    code, _, err = cli("prep", "dna", "-c", config, "inputs=[{dataset: mine, format: fasta}]")
+    assert code == 0, err
+
+
 def test_url_source_with_archive_member(tmp_path, monkeypatch):
     served = tmp_path / "www"
     served.mkdir()

@@ -46,7 +46,7 @@ from biomask.cells.genes import (
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
-from biomask.cells.readers import MatrixSource, guess_format, input_checksum, open_matrix
+from biomask.cells.readers import FORMATS, MatrixSource, guess_format, input_checksum, open_matrix
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError, missing_input
@@ -116,7 +116,8 @@ class CellInput:
 def _resolve(spec: InputSpec) -> tuple[str, Path, str, str]:
     """(name, path, format, sha256) of an input; registry entries are fetched and verified."""
     if spec.dataset is not None:
-        path, entry = datasets.fetch_input(spec.dataset, "cells", "prep cells", "expression")
+        formats = FORMATS if spec.format == "auto" else ()  # the entry's format is used
+        path, entry = datasets.fetch_input(spec.dataset, "cells", "prep cells", "expression", formats)
         return spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256
     path = Path(str(spec.path)).expanduser()
     if not path.exists():

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,9 @@ class DatasetEntry(Config):
     description: str
     modality: Literal["dna", "cells"]
     kind: Literal["genome", "labelled", "expression"]
-    format: str  # how the prep stages read the file: fasta, keel, table, h5ad, 10x_h5, loom, csv, ...
+    # how the prep stages read the file: DNA fasta, genbank, table, keel; cells h5ad, 10x_h5, 10x_mtx,
+    # loom (checked when a stage reads the dataset)
+    format: str
     source: Source
     sha256: str
     size: int | None = None  # bytes of the extracted file
@@ -115,12 +118,22 @@ def get(name: str) -> DatasetEntry:
     return entries[name]
 
 
-def fetch_input(name: str, modality: str, stage: str, needs: str) -> tuple[Path, DatasetEntry]:
+def fetch_input(
+    name: str, modality: str, stage: str, needs: str, formats: Sequence[str] = ()
+) -> tuple[Path, DatasetEntry]:
     """A registered dataset given as a stage's input: refused unless it holds `modality` (the message
-    says the stage `needs` something else), then fetched and verified."""
+    says the stage `needs` something else) in one of the `formats` the stage reads, then fetched and
+    verified. Why the format: an entry's `format` is free text in its YAML, and a typo in a user's
+    registry would otherwise be read as another format and fail on the file, not on the entry."""
     entry = get(name)
     if entry.modality != modality:
         raise InputError(f"dataset {name!r} holds {entry.modality} data; `biomask {stage}` needs {needs}")
+    if formats and entry.format not in formats:
+        raise InputError(
+            f"dataset {name!r}: its registry entry says format {entry.format!r}, which `biomask {stage}` "
+            f"does not read ({', '.join(formats)}); correct the entry's `format` (registry files: "
+            "$BIOMASK_REGISTRY), or set the input's `format`"
+        )
     return fetch(name), entry
 
 

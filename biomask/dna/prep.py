@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 GENOME_META = ("id", "source", "record", "start", "end", "strand")
 LABELLED_META = ("id", "source", "line", "label")
 GENOME_FORMATS = ("fasta", "genbank")
+# what an input (and a registry entry of DNA) can be read as
+INPUT_FORMATS = tuple(f for f in get_args(InputSpec.model_fields["format"].annotation) if f != "auto")
 
 
 @dataclass
@@ -100,7 +102,8 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     resolved = []
     for spec in specs:
         if spec.dataset is not None:
-            path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA")
+            formats = INPUT_FORMATS if spec.format == "auto" else ()  # the entry's format is used
+            path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA", formats)
             fmt = entry.format if spec.format == "auto" else spec.format
             resolved.append(
                 ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256)
