@@ -291,3 +291,16 @@ def test_a_protocol_is_named_once_and_one_without_a_method_is_refused(splice_sto
     cfg = cfg.model_copy(update={"protocols": ["centroid"], "random_init": False})
     with pytest.raises(ValueError, match="protocol 'centroid' has no method"):
         model_methods(cfg, load_labelled(splice_store))
+
+
+def test_a_baseline_without_a_method_is_refused_not_left_out(splice_store):
+    """A baseline added to EvaluateConfig.baselines but given no branch in baseline_methods gave no row
+    and no note: the table silently lacked it."""
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.evaluation.evaluate import baseline_methods
+
+    cfg = EvaluateConfig(store=str(splice_store), output="unused", baselines=["kmer_lr"])
+    assert [m.protocol for m in baseline_methods(cfg, load_labelled(splice_store))] == ["kmer_lr"]
+    cfg = cfg.model_copy(update={"baselines": ["kmer_lr", "gc_lr"]})  # as if named in the config only
+    with pytest.raises(ValueError, match="baseline 'gc_lr' has no method"):
+        baseline_methods(cfg, load_labelled(splice_store))

@@ -182,6 +182,11 @@ def baseline_methods(
                 )
                 continue
             methods.append(Method("one-hot + LR", "baseline", name, _onehot_lr))
+        else:  # a name EvaluateConfig.baselines accepts without a branch here: refused, not left out unseen
+            raise ValueError(
+                f"baseline {name!r} has no method: add its branch to baseline_methods "
+                "(biomask/evaluation/evaluate.py)"
+            )
     return methods
 
 
