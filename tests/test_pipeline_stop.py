@@ -66,10 +66,16 @@ def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
             time.sleep(0.05)
         os.kill(os.getpid(), signum)
 
+    # as at a terminal: a suite started by nohup or in a script's background inherits SIGHUP / Ctrl-C
+    # ignored, which the runner rightly keeps; a no-op here, so a runner without its handler fails
+    inherited = signal.signal(signum, lambda *_: None)
     before = signal.getsignal(signum)
     threading.Thread(target=kill_runner, daemon=True).start()
-    with pytest.raises(local.Stopped) as stopped:
-        local.run_pipeline(plan, echo=False, jobs=1)
+    try:
+        with pytest.raises(local.Stopped) as stopped:
+            local.run_pipeline(plan, echo=False, jobs=1)
+    finally:
+        restored = signal.signal(signum, inherited)
     assert stopped.value.exit_code == 128 + signum and str(stopped.value).startswith(why)
     # the stage got the signal and ended (checkpointed) before the runner returned
     assert (plan.stages["train"].tasks[0].output / "checkpointed").exists()
@@ -83,7 +89,7 @@ def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(
     # recorded, so `pipeline status` shows this run; the runner's own handler is gone again
     recorded = json.loads((plan.run_dir / "local-run.json").read_text())
     assert [r["status"] for r in recorded["results"]] == ["stopped", "not run", "not run"]
-    assert signal.getsignal(signum) is before
+    assert restored is before
 
 
 def test_a_stage_killed_by_a_signal_is_named_and_exits_as_a_shell_would(tmp_path, monkeypatch):
