@@ -154,12 +154,12 @@ def find_pretrain_runs(paths: list[str]) -> list[PretrainRun]:
                 if len({repr(r.config.get("model", {}).get(key)) for r in group}) > 1
             )
             model = run.config.get("model", {})
-            extra = "".join(f", model.{k}={_short(model.get(k))}" for k in varied)
+            extra = "".join(f", model.{k}={short_value(model.get(k))}" for k in varied)
             run.name = f"{run.name} {describe_masking(run.masking)} seed {seed}{extra}"
     return runs
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
     """A config value in a run's name: booleans as YAML writes them, paths by their last parts."""
     if isinstance(value, bool):
         return str(value).lower()

@@ -36,11 +36,11 @@ from biomask.report.collect import (
     Evaluation,
     PretrainRun,
     StageRecord,
-    _short,
     describe_masking,
     find_pretrain_runs,
     is_fixed_ratio,
     load_evaluation,
+    short_value,
     stage_record,
 )
 from biomask.report.config import ReportConfig
@@ -398,7 +398,7 @@ def _variants(runs: list[PretrainRun]) -> dict[int, tuple[str, str]]:
         scheme = run.masking.get("scheme", run.name)
         if len(maskings[scheme]) > 1:
             scheme = f"{scheme} ({describe_masking(run.masking)})"
-        setting = ", ".join(f"{k}={_short(flat[id(run)].get(k))}" for k in varied)
+        setting = ", ".join(f"{k}={short_value(flat[id(run)].get(k))}" for k in varied)
         out[id(run)] = (scheme, setting)
     return out
 
