@@ -201,6 +201,22 @@ def test_api_fills_the_anndata_in_place_independent_of_batch_and_chunk_sizes(
         np.testing.assert_allclose(a, vectors[3], rtol=0, atol=2e-5)
 
 
+def test_a_missing_totals_column_says_that_counts_need_none(pbmc_h5ad, cells_checkpoint):
+    """Counts in X with a config that names a totals column obs lacks: `prep cells` said that None sums
+    each cell's counts; `biomask.embed` named only the missing column."""
+    from biomask.errors import InputError
+
+    raw = read(pbmc_h5ad)
+    x = raw.raw.X.toarray() if sp.issparse(raw.raw.X) else np.asarray(raw.raw.X)
+    counts = np.rint(np.expm1(x) * raw.obs["n_counts"].to_numpy()[:, None] / 1e4)
+    adata = anndata.AnnData(counts.astype(np.float32), var=raw.raw.var.copy())
+    adata.obs_names = raw.obs_names
+    with pytest.raises(InputError, match="obs has no column 'n_counts'") as err:
+        biomask.embed(adata, cells_checkpoint, counts={"mode": "require", "total_counts_column": "n_counts"})
+    assert "null sums each cell's counts (None in Python)" in str(err.value)
+    assert "X_biomask" not in adata.obsm
+
+
 def test_a_view_of_a_backed_anndata_is_embedded_with_copy_true(pbmc_h5ad, cells_checkpoint, tmp_path):
     """One sample of a backed multi-sample file (`backed[backed.obs[...] == ...]`): its own cells, in its
     order, with the vectors the whole file gives them; in place it cannot be (anndata writes nothing into

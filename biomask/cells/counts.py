@@ -447,7 +447,7 @@ class CountConverter:
         self.totals: np.ndarray | None = None
         self.exact = True  # every float value checked so far was an exact integer
         if cfg.total_counts_column is not None:
-            self.totals = total_counts(source, cfg.total_counts_column)
+            self.totals = total_counts(source, cfg.total_counts_column, cfg.mode)
         if cfg.mode in ("log1p", "normalised"):  # already normalised to `scale`: the library is `scale`
             self.totals = np.full(source.n_obs, cfg.scale, dtype=np.float64)
 
@@ -561,12 +561,14 @@ class CountConverter:
         )
 
 
-def total_counts(source: MatrixSource, column: str) -> np.ndarray:
+def total_counts(source: MatrixSource, column: str, mode: str) -> np.ndarray:
     """A per-cell total-counts column of obs, checked to be finite and positive."""
     if column not in source.obs.columns:
+        # counts in the matrix need no column: their sums are the library sizes
+        instead = "; null sums each cell's counts (None in Python)" if mode == "require" else ""
         raise InputError(
-            f"{source.where}: obs has no column {column!r} (counts.total_counts_column); "
-            f"obs columns: {', '.join(map(str, source.obs.columns)) or 'none'}"
+            f"{source.where}: obs has no column {column!r} (counts.total_counts_column: each cell's "
+            f"library size{instead}); obs columns: {', '.join(map(str, source.obs.columns)) or 'none'}"
         )
     try:
         totals = source.obs[column].to_numpy(dtype=np.float64)

@@ -202,14 +202,7 @@ def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
         log.info("%s: %s", inp.source.where, inp.summary.describe())
         # what the matrix holds first: a from_log1p config on counts is the mistake, not its column
         check_policy(inp.source, inp.summary, cfg.counts)
-        column = cfg.counts.total_counts_column
-        if column is not None and column not in inp.source.obs.columns:
-            instead = "; null sums each cell's counts" if cfg.counts.mode == "require" else ""
-            raise InputError(
-                f"{inp.source.where}: obs has no column {column!r} (counts.total_counts_column: each cell's "
-                f"library size{instead}); obs columns: {', '.join(map(str, inp.source.obs.columns)) or 'none'}"
-            )
-        inp.converter = CountConverter(inp.source, cfg.counts)
+        inp.converter = CountConverter(inp.source, cfg.counts)  # a missing totals column: named here
         inp.qc = CellQC(cfg.qc, inp.source, inp.names)
 
 
