@@ -47,6 +47,7 @@ from biomask.cells.genes import (
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import FORMATS, MatrixSource, guess_format, input_checksum, open_matrix
+from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme
 from biomask.errors import InputError, missing_input
@@ -242,8 +243,10 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
             assert inp.converter is not None and inp.qc is not None and inp.exclude is not None
             inp.keep = np.zeros(inp.source.n_obs, dtype=bool)
             gene_map = ColumnMap(inp.gene_targets, len(space))
+            unmeasured = MissingGenes(inp.source, genes=inp.gene_targets >= 0)
             for start, raw in inp.source.blocks(cfg.block_size):
                 stop = start + raw.shape[0]
+                unmeasured.add(start, raw)
                 counts = inp.converter(start, raw)
                 observed = row_sums(counts)
                 lib = inp.libsize(start, observed)
@@ -260,6 +263,7 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
                 if chosen.any():
                     stats.sample.append(genes[chosen])
                     stats.sample_scale.append(scale[chosen])
+            unmeasured.warn(inp.names)
     return stats
 
 

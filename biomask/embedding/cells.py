@@ -21,6 +21,7 @@ import numpy as np
 
 from biomask.cells.config import CountsConfig
 from biomask.cells.readers import MatrixSource
+from biomask.cells.samples import MissingGenes
 from biomask.embedding.inference import embed_records, inference_max_length
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,11 @@ class CellsEmbedding:
         """Embed every cell, calling `write(start, vectors)` per chunk (and `on_chunk(n_cells)` for
         progress); returns what the provenance records about the cells (coverage, tokenization)."""
         totals = dict.fromkeys(_TOTALS, 0.0)
-        for start, records, stats in self.encoder.blocks(self.opened, self.chunk_size):
+        # only the genes the model reads: a sample lacking others does not move its vectors
+        unmeasured = MissingGenes(self.source, genes=self.opened.token_map.targets >= 0)
+        for start, raw in self.source.blocks(self.chunk_size):
+            unmeasured.add(start, raw)
+            records, stats = self.encoder.encode(self.opened, start, raw)
             write(
                 start,
                 embed_records(
@@ -89,6 +94,7 @@ class CellsEmbedding:
                 totals[name] += value
             if on_chunk is not None:
                 on_chunk(len(records))
+        unmeasured.warn(np.asarray(self.source.var.index))
         coverage = dict(self.opened.coverage)
         coverage["fraction_of_counts"] = (
             totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
