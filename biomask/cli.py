@@ -351,6 +351,10 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.pipeline, args.overrides)
     title = f"pipeline {plan.pipeline.name} ({plan.run_dir})"
+    if args.dry_run:
+        from biomask.pipelines.preview import print_preview
+
+        return print_preview(plan, only=args.only or (), start=args.start, verbose=args.verbose)
     try:
         results = run_pipeline(
             plan, only=args.only or (), start=args.start, echo=not args.quiet, jobs=args.jobs
@@ -729,6 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline_arguments(p)
     jobs_argument(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what each stage would do (run, resume, run again and why, reuse), run nothing",
+    )
     p = command(
         pipe, "submit", cmd_pipeline_submit, "render one sbatch script per stage and submit the chain"
     )
@@ -786,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline",
         help="the study pipeline (default: configs/pipelines/study-quick.yaml; see study-full.yaml)",
     )
+    p.add_argument("--dry-run", action="store_true", help="say what each stage would do, run nothing")
     return parser
 
 

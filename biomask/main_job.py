@@ -43,6 +43,10 @@ def _pipeline(given: str | None) -> Path:
 def run_main_job(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args.pipeline)
     plan = load_plan(pipeline, [f"run_dir={args.output}"])
+    if getattr(args, "dry_run", False):
+        from biomask.pipelines.preview import print_preview
+
+        return print_preview(plan, verbose=args.verbose)
     log.info("main job: %s -> %s (%d stages)", pipeline, plan.run_dir, len(plan.stages))
     results = run_pipeline(plan, echo=not args.quiet, jobs=getattr(args, "jobs", None))
     show(local_table(f"main job ({plan.run_dir})", results))

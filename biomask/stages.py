@@ -34,6 +34,9 @@ class Stage:
     # Training stages run as several srun tasks (one per GPU or CPU slot), get `--signal=B:USR1@margin`
     # and `--requeue`, and exit 75 (biomask.errors.REQUEUE_EXIT_CODE) after checkpointing on a signal.
     training: bool = False
+    # "module:NAME" of the config keys that change no result (paths, workers, logging): an output
+    # written with other values of these is reused. Default: the output path and worker count.
+    non_semantic: str | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -60,6 +63,9 @@ class Stage:
             )
             return None
 
+    def non_semantic_keys(self) -> tuple[str, ...]:
+        return tuple(load_ref(self.non_semantic)) if self.non_semantic else ("output", "num_workers")
+
 
 def _stages(*stages: Stage) -> dict[str, Stage]:
     return {s.name: s for s in stages}
@@ -67,15 +73,31 @@ def _stages(*stages: Stage) -> dict[str, Stage]:
 
 STAGES: dict[str, Stage] = _stages(
     Stage("prep dna", "biomask.dna.config:DNAPrepConfig", "biomask.dna.prep:prep_dna"),
-    Stage("prep cells", "biomask.cells.config:CellsPrepConfig", "biomask.cells.prep:prep_cells"),
+    Stage(
+        "prep cells",
+        "biomask.cells.config:CellsPrepConfig",
+        "biomask.cells.prep:prep_cells",
+        non_semantic="biomask.cells.config:NON_SEMANTIC",
+    ),
     Stage(
         "pretrain",
         "biomask.training.config:PretrainConfig",
         "biomask.training.trainer:pretrain",
         training=True,
+        non_semantic="biomask.training.config:NON_SEMANTIC",
     ),
-    Stage("evaluate", "biomask.evaluation.config:EvaluateConfig", "biomask.evaluation.evaluate:evaluate"),
-    Stage("embed", "biomask.embedding.config:EmbedConfig", "biomask.embedding.stage:run_embed"),
+    Stage(
+        "evaluate",
+        "biomask.evaluation.config:EvaluateConfig",
+        "biomask.evaluation.evaluate:evaluate",
+        non_semantic="biomask.evaluation.config:NON_SEMANTIC",
+    ),
+    Stage(
+        "embed",
+        "biomask.embedding.config:EmbedConfig",
+        "biomask.embedding.stage:run_embed",
+        non_semantic="biomask.embedding.config:NON_SEMANTIC",
+    ),
     Stage("report", "biomask.report.config:ReportConfig", "biomask.report.report:make_report"),
     Stage("theory", "biomask.theory.config:TheoryConfig", "biomask.theory:run_theory"),
 )

@@ -166,3 +166,62 @@ def test_jobs_run_a_sweep_at_once_after_the_stage_it_needs(dna_pipeline, tmp_pat
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error
         cli("-q", "pipeline", "run", dna_pipeline, "--jobs", "0")
     assert exit_.value.code == 2
+
+
+def _would(out: str) -> dict[str, str]:
+    """task -> action, from the dry run's table (one row per task; long cells fold onto more lines)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 3 and cells[1] in ("run", "resume", "run again", "reuse", "refused"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_dry_run_says_what_a_run_would_do_and_runs_nothing(dna_pipeline, tmp_path, cli):
+    run = tmp_path / "run"
+    code, out, err = cli("pipeline", "run", dna_pipeline, "--dry-run")
+    assert code == 0, err
+    assert _would(out) == {
+        "prep_genome": "run",
+        "prep_splice/split.seed=0": "run",
+        "prep_splice/split.seed=1": "run",
+    }
+    assert "3 run -- nothing was run" in out and not run.exists()  # nothing written, not even the run folder
+    code, out, _ = cli("-v", "pipeline", "run", dna_pipeline, "--dry-run")
+    assert code == 0 and "-m biomask prep dna --config" in out  # -v: the commands
+
+    assert cli("-q", "pipeline", "run", dna_pipeline)[0] == 0
+    listing = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, out, _ = cli("pipeline", "run", dna_pipeline, "--dry-run")
+    assert code == 0 and set(_would(out).values()) == {"reuse"}
+    # a key that changes no result (worker threads) is no reason to run again, as the stage itself decides
+    code, out, _ = cli(
+        "pipeline", "run", dna_pipeline, "--dry-run", "stages.prep_splice.overrides.num_workers=2"
+    )
+    assert code == 0 and set(_would(out).values()) == {"reuse"}
+    # a downstream change: that stage only, with the key; an upstream change: the stages after it as well
+    code, out, _ = cli(
+        "pipeline", "run", dna_pipeline, "--dry-run", "stages.prep_splice.overrides.split.test=0.25"
+    )
+    assert _would(out) == {
+        "prep_genome": "reuse",
+        "prep_splice/split.seed=0": "run again",
+        "prep_splice/split.seed=1": "run again",
+    }
+    assert "config changed: split.test:" in out and "-> 0.25" in out
+    kmer = ["stages.prep_genome.overrides.tokenizer.kind=kmer", "stages.prep_genome.overrides.tokenizer.k=3"]
+    code, out, _ = cli("pipeline", "run", dna_pipeline, "--dry-run", *kmer)
+    assert set(_would(out).values()) == {"run again"} and "prep_genome runs first" in out
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == listing  # the dry runs wrote nothing
+    # and the run does what the dry run said
+    assert cli("-q", "pipeline", "run", dna_pipeline, *kmer)[0] == 0
+    assert set(statuses(run).values()) == {"ran (changed)"}
+
+    # an output path holding what biomask did not write: the run would refuse it, so the dry run says so
+    foreign = tmp_path / "other"
+    (foreign / "prep_genome").mkdir(parents=True)
+    (foreign / "prep_genome" / "notes.txt").write_text("mine")
+    code, out, _ = cli("pipeline", "run", dna_pipeline, "--dry-run", f"run_dir={foreign}")
+    assert code == 2 and _would(out)["prep_genome"] == "refused" and "not written by biomask" in out
+    assert (foreign / "prep_genome" / "notes.txt").read_text() == "mine"

@@ -136,6 +136,10 @@ class SplitConfig(SplitFractions):
     stratify_by: str | None = None
 
 
+# Keys that change no result: a store written with other values of these is reused.
+NON_SEMANTIC = ("output", "block_size")
+
+
 class CellsPrepConfig(Config):
     inputs: list[InputSpec] = Field(min_length=1)
     output: str

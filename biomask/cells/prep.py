@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from biomask import datasets
-from biomask.cells.config import CellsPrepConfig, InputSpec, TokenizerConfig
+from biomask.cells.config import NON_SEMANTIC, CellsPrepConfig, InputSpec, TokenizerConfig
 from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
 from biomask.cells.genes import (
     ColumnMap,
@@ -606,7 +606,7 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
             cfg,
             cfg.output,
             inputs=[inp.describe() for inp in inputs] + vocabulary_inputs(cfg.tokenizer),
-            non_semantic=("output", "block_size"),
+            non_semantic=NON_SEMANTIC,
         )
         if stage.is_current(overwrite=overwrite):
             TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)

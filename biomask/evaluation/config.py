@@ -142,6 +142,10 @@ class FinetuneSpec(Config):
         return self
 
 
+# Keys that change no result: an evaluation written with other values of these is reused.
+NON_SEMANTIC = ("output", "num_workers", "batch_size")
+
+
 class EvaluateConfig(Config):
     store: str  # a labelled token store (DNA labelled set, or cells with a label column)
     output: str

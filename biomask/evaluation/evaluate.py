@@ -21,7 +21,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from biomask.evaluation import baselines, clustering
-from biomask.evaluation.config import EvaluateConfig
+from biomask.evaluation.config import NON_SEMANTIC, EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
 from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method, Predict
 from biomask.evaluation.metrics import (
@@ -208,9 +208,7 @@ def evaluate(
 ) -> Path:
     """Run every method on every seed; write metrics.json, report.md and confusion matrices."""
     data = load_labelled(cfg.store)
-    stage = StageOutput(
-        "evaluate", cfg, cfg.output, inputs=_inputs(cfg), non_semantic=("output", "num_workers", "batch_size")
-    )
+    stage = StageOutput("evaluate", cfg, cfg.output, inputs=_inputs(cfg), non_semantic=NON_SEMANTIC)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
     # every shard's sha256, as pretrain checks (after the reuse check: a rerun hashes nothing): a

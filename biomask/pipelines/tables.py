@@ -19,6 +19,11 @@ _STYLE = {
     "failed": "bold red",
     "stopped": "yellow",
     "not run": "yellow",
+    "run": "green",
+    "resume": "green",
+    "run again": "green",
+    "reuse": "cyan",
+    "refused": "bold red",
     "COMPLETED": "green",
     "RUNNING": "cyan",
     "PENDING": "yellow",
@@ -29,7 +34,7 @@ _STYLE = {
 }
 
 
-def _styled(text: str) -> str:
+def styled(text: str) -> str:
     style = _STYLE.get(text)
     return f"[{style}]{text}[/]" if style else text
 
@@ -49,7 +54,7 @@ def local_table(title: str, results: Sequence[TaskResult]) -> Table:
     for r in results:
         exit_code = "" if r.exit_code is None else str(r.exit_code)
         detail = _short(r.output) if r.ok else (r.detail or _short(r.log or r.output))
-        table.add_row(r.task, _styled(r.status), exit_code, f"{r.seconds:.1f} s", detail)
+        table.add_row(r.task, styled(r.status), exit_code, f"{r.seconds:.1f} s", detail)
     return table
 
 
@@ -62,7 +67,7 @@ def slurm_table(title: str, states: Sequence[JobState]) -> Table:
             s.stage,
             s.task,
             s.job_id,
-            _styled(s.state),
+            styled(s.state),
             s.reason,
             s.exit_code,
             str(s.restarts),

@@ -1,0 +1,150 @@
+"""`biomask pipeline run --dry-run`: what a run would do with each task, without running anything.
+
+Each stage decides for itself, when it runs, whether its output is current: the same config and the
+same inputs (files by sha256, upstream outputs by their fingerprint). A preview cannot hash every
+input file or know what a stage that has not run yet will write, so it compares what it can — the
+task's resolved config with the one recorded beside its output, ignoring the keys that change no
+result — and says which it did:
+
+    run          no output yet
+    resume       an interrupted pretraining run of this config (from its last checkpoint)
+    run again    the config changed (the keys are listed), or a stage it needs runs first
+    reuse        same config: reused unless an input file changed since (checked when it runs)
+    refused      the output path holds something this stage will not replace (named)
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import yaml
+from rich.table import Table
+
+from biomask.config import config_diff, load_config
+from biomask.errors import ConfigError
+from biomask.pipelines.local import stage_argv
+from biomask.pipelines.plan import Plan, PlannedStage, Task
+from biomask.pipelines.runs import check_input_files, check_upstream_outputs, run_in_progress
+from biomask.pipelines.tables import show, styled
+from biomask.provenance import read_run_info, written_by_biomask
+
+IN_PROGRESS = "in_progress.json"  # an interrupted pretraining run's marker (biomask.training.rundir)
+
+
+@dataclass
+class TaskPreview:
+    task: str
+    action: str  # run, resume, run again, reuse, refused
+    why: str
+    output: str
+    argv: list[str]
+
+
+def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
+    """One entry per task of the selected stages, in the order `pipeline run` would start them."""
+    computing: set[str] = set()  # selected stages with a task that will write a new output
+    previews = []
+    for name in selected:
+        stage = plan.stages[name]
+        for task in stage.tasks:
+            action, why = _state(stage, task)
+            upstream = [n for n in stage.needs if n in computing]
+            if action == "reuse" and upstream:
+                action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
+            if action in ("run", "resume", "run again"):
+                computing.add(name)
+            previews.append(TaskPreview(task.name, action, why, str(task.output), stage_argv(stage, task)))
+    return previews
+
+
+def _state(stage: PlannedStage, task: Task) -> tuple[str, str]:
+    out = task.output
+    if not out.exists():
+        return "run", "no output yet"
+    if not out.is_dir():
+        return "refused", f"{out} is a file, not an output of biomask's"
+    info = read_run_info(out)
+    own = stage.command.name.replace(" ", "-")
+    if written_by_biomask(info):
+        assert info is not None
+        if info["stage"] != own:
+            return "refused", f"{out} holds the output of another stage ({info['stage']})"
+    elif (out / IN_PROGRESS).is_file():
+        changed = _changed(stage, task)
+        if changed is None or changed:
+            return "run again", _changes_text(changed) + " (the interrupted run is discarded)"
+        return "resume", "an interrupted run of this config: resumes from its last checkpoint"
+    elif any(out.iterdir()):
+        return "refused", f"{out} is not empty and was not written by biomask"
+    else:
+        return "run", "empty output folder"
+    changed = _changed(stage, task)
+    if changed is None or changed:
+        return "run again", _changes_text(changed)
+    return "reuse", "same config"
+
+
+def _changed(stage: PlannedStage, task: Task) -> list[str] | None:
+    """The result-changing config keys that differ from the recorded config; None: cannot be told."""
+    schema = stage.command.config_class()
+    recorded = task.output / "config.yaml"
+    if schema is None or not recorded.is_file():
+        return None
+    try:
+        old = yaml.safe_load(recorded.read_text()) or {}
+        new = load_config(schema, stage.config, task.overrides).model_dump(mode="json")
+    except (OSError, yaml.YAMLError, ConfigError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    ignored = stage.command.non_semantic_keys()
+    return [
+        line
+        for line in config_diff(old, new)
+        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in ignored)
+    ]
+
+
+def _changes_text(changed: list[str] | None) -> str:
+    if changed is None:
+        return "its recorded config cannot be compared with this one"
+    shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"config changed: {shown}"
+
+
+def print_preview(
+    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, verbose: bool = False
+) -> int:
+    """Print what `pipeline run` would do with each selected task; 2 if a task would be refused."""
+    selected = plan.select(only, start)
+    check_upstream_outputs(plan, selected)  # what a run would refuse first, refused here too (exit 2)
+    check_input_files(plan, selected)
+    previews = preview(plan, selected)
+    table = Table(title=f"dry run: pipeline {plan.pipeline.name} ({plan.run_dir})")
+    for column in ("stage", "would", "why"):
+        table.add_column(column, overflow="fold")
+    for p in previews:
+        table.add_row(p.task, styled(p.action), p.why)
+    show(table)
+    counts = Counter(p.action for p in previews)
+    print(", ".join(f"{n} {action}" for action, n in counts.items()) + " -- nothing was run")
+    if counts.get("reuse"):
+        print(
+            "reuse: the same config; an input file changed since still makes a stage run (checked when it runs)"
+        )
+    holder = run_in_progress(plan.run_dir)
+    if holder is not None:
+        print(
+            f"a `biomask pipeline run` is in progress in {plan.run_dir} ({holder}): a run now would be refused"
+        )
+    commands = [p for p in previews if p.action != "reuse"]
+    if commands and verbose:
+        print(f"commands (run from {plan.workdir}):")
+        for p in commands:
+            print("  " + shlex.join(p.argv))
+    elif commands:
+        print("-v lists the commands")
+    return 2 if counts.get("refused") else 0
