@@ -590,3 +590,35 @@ def test_a_number_in_env_is_its_text(tmp_path):
     # `OMP_NUM_THREADS: 4` in YAML is a number: it used to be refused as "key 'env': not a valid string"
     path = pipeline(tmp_path, {"a": {"command": "prep dna", "config": GENOME}}, env={"OMP_NUM_THREADS": 4})
     assert load_plan(path).pipeline.env == {"OMP_NUM_THREADS": "4"}
+
+
+def test_dry_run_resumes_an_interrupted_training_run_of_the_same_config(tmp_path, repo):
+    """What an interrupted pretrain leaves (its resolved config and in_progress.json, as the trainer
+    writes them at start): the same settings resume it, other settings start over."""
+    from biomask.config import dump_config, load_config
+    from biomask.pipelines.preview import preview
+    from biomask.training import rundir
+    from biomask.training.config import PretrainConfig
+
+    def planned(steps: int):
+        data = {
+            "name": "t",
+            "run_dir": str(tmp_path / "run"),
+            "stages": {
+                "train": {
+                    "command": "pretrain",
+                    "config": str(repo / "configs/pretrain/dna-tiny.yaml"),
+                    "overrides": {"data": {"store": str(tmp_path / "store")}, "train": {"steps": steps}},
+                }
+            },
+        }
+        return build_plan(data, "t.yaml", tmp_path / "t.yaml", workdir=tmp_path)
+
+    plan = planned(50)
+    task = plan.stages["train"].tasks[0]
+    assert [(p.action, p.why) for p in preview(plan, ["train"])] == [("run", "no output yet")]
+    cfg = load_config(PretrainConfig, plan.stages["train"].config, task.overrides)
+    rundir.start_fresh(task.output, "fingerprint-of-the-run", 1, dump_config(cfg))
+    assert [p.action for p in preview(plan, ["train"])] == ["resume"]
+    again = preview(planned(80), ["train"])[0]
+    assert again.action == "run again" and "train.steps: 50 -> 80" in again.why and "discarded" in again.why
