@@ -8,7 +8,8 @@ The collator is the contract with the model:
     # input_ids (B, L) int64: [CLS] tokens [SEP] for DNA, [CLS] genes for cells, [PAD]=0 after
     # attention_mask (B, L) bool; cells also values (B, L) float32 and bins (B, L) int64 (0 at
     # [CLS] and padding); labels (B,) int64 when the records carry labels; library_size (B,) float32
-    # when they carry it (panel stores prepared from counts).
+    # when they carry it (panel stores prepared from counts); batch (B,) int64 when they carry it
+    # (stores prepared with a batch_column).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def collate(
     batch.update({f: torch.from_numpy(a) for f, a in arrays.items()})
     if records and "labels" in records[0]:
         batch["labels"] = torch.tensor([int(r["labels"]) for r in records], dtype=torch.int64)
+    if records and "batch" in records[0]:  # stores with a batch_column: a batch-conditioned decoder reads it
+        batch["batch"] = torch.tensor([int(r["batch"]) for r in records], dtype=torch.int64)
     if records and "library_size" in records[0]:  # panel stores from counts: a count loss needs it
         batch["library_size"] = torch.tensor([float(r["library_size"]) for r in records], dtype=torch.float32)
     return batch

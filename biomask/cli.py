@@ -287,6 +287,7 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
             counts=counts,
             gene_column=args.gene_column,
             strip_version=args.strip_version,
+            batch_key=args.batch_key,
             n_top_genes=args.n_top_genes,
             masking=args.masking,
             seed=args.seed,
@@ -625,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strip-version", action="store_true", help="drop Ensembl IDs' .N version suffixes (ENSG….4 → ENSG…)"
+    )
+    p.add_argument(
+        "--batch-key",
+        metavar="OBS_COLUMN",
+        help="each cell's sample or batch: the decoder reads it, so the embedding need not split batches",
     )
     p.add_argument("--n-top-genes", type=int, default=2000, help="the panel: this many most variable genes")
     p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")

@@ -226,7 +226,11 @@ def write_config(config: BaseModel, directory: str | os.PathLike, name: str = "c
 # existed. At that value a key is left out of fingerprints and config diffs, so an output written
 # before the key existed stays current (no needless rerun after an upgrade). Add a new key here
 # when its default keeps the earlier behaviour.
-ADDED_KEYS: dict[str, Any] = {"model.decorrelation": 0.0}
+ADDED_KEYS: dict[str, Any] = {
+    "model.decorrelation": 0.0,
+    "model.batch_covariate": False,
+    "batch_column": None,  # prep cells
+}
 
 
 def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:

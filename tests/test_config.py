@@ -138,7 +138,8 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
     base = ["data.store=runs/prep/x", "output=runs/pretrain/x"]
     now = load_config(PretrainConfig, None, base)
     before = now.model_dump(mode="json")
-    del before["model"]["decorrelation"]  # as a run written before the key existed recorded it
+    for key in ("decorrelation", "batch_covariate"):  # as a run written before the keys existed
+        del before["model"][key]
     assert config_fingerprint(now) == sha256_json(before)
     assert config_diff(before, now.model_dump(mode="json")) == []
     other = load_config(PretrainConfig, None, [*base, "model.kind=mlp", "model.decorrelation=0.1"])
@@ -148,3 +149,16 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
         "model.decorrelation: '(absent)' -> 0.1",
         "model.kind: 'transformer' -> 'mlp'",
     ]
+    # a top-level key (prep cells' batch_column) the same way
+    from biomask.cells.config import CellsPrepConfig
+
+    prep = load_config(CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y"])
+    old = prep.model_dump(mode="json")
+    del old["batch_column"]
+    assert (
+        config_fingerprint(prep) == sha256_json(old) and config_diff(old, prep.model_dump(mode="json")) == []
+    )
+    batched = load_config(
+        CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y", "batch_column=sample"]
+    )
+    assert config_fingerprint(batched) != config_fingerprint(prep)

@@ -151,6 +151,9 @@ class CellsPrepConfig(Config):
     tokenizer: TokenizerConfig = TokenizerConfig()
     labels: LabelsConfig = LabelsConfig()
     obs_columns: list[str] = []  # obs columns copied into the per-cell metadata (with id and source)
+    # An obs column naming each cell's sample or batch: stored per cell (record field `batch`, names
+    # in the manifest) for a model that conditions its decoder on it (pretrain model.batch_covariate).
+    batch_column: str | None = None
     split: SplitConfig = SplitConfig()
     block_size: int = Field(8192, ge=1, le=65_536)  # cells read and tokenized at a time (memory, not results)
     shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)

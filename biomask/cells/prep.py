@@ -89,6 +89,7 @@ class CellInput:
     keep: np.ndarray | None = None  # cells that pass QC (after the scan)
     splits: np.ndarray | None = None  # split code per cell (NOT_KEPT for cells not written)
     labels: np.ndarray | None = None  # label string per cell
+    batches: np.ndarray | None = None  # batch_column's value per cell, as text
     token_map: ColumnMap | None = None
     coverage: dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +162,7 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
         "labels.column": cfg.labels.column,
         "split.column": cfg.split.column,
         "split.stratify_by": cfg.split.stratify_by,
+        "batch_column": cfg.batch_column,
         **{f"obs_columns[{i}]": c for i, c in enumerate(cfg.obs_columns)},
     }
     for key, column in wanted.items():
@@ -170,6 +172,14 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
                 f"{', '.join(map(str, obs.columns)) or 'none'}"
             )
     inp.exclude = np.zeros(inp.source.n_obs, dtype=bool)
+    if cfg.batch_column is not None:
+        inp.batches, no_batch = label_strings(obs[cfg.batch_column])
+        if no_batch.any():  # a decoder conditioned on the batch needs one for every cell it trains on
+            first = int(np.flatnonzero(no_batch)[0])
+            raise InputError(
+                f"{inp.source.where}: {int(no_batch.sum()):,} cells have no {cfg.batch_column!r} value "
+                f"(batch_column; first: {obs.index[first]!r}); give every cell its sample or batch"
+            )
     if cfg.labels.column is not None:
         labels, missing = label_strings(obs[cfg.labels.column])
         if missing.all() and cfg.labels.missing == "error":
@@ -456,6 +466,17 @@ def _meta_columns(cfg: CellsPrepConfig) -> list[str]:
     return ["id", "source", *extra]
 
 
+def _batch_names(cfg: CellsPrepConfig, inputs: list[CellInput]) -> list[str] | None:
+    """The batch_column's values over the cells written (sorted, as text): record field `batch` indexes them."""
+    if cfg.batch_column is None:
+        return None
+    names: set[str] = set()
+    for inp in inputs:
+        assert inp.batches is not None and inp.splits is not None
+        names.update(inp.batches[inp.splits != NOT_KEPT].tolist())
+    return sorted(names)
+
+
 def write_store(
     cfg: CellsPrepConfig, inputs: list[CellInput], vocab: GeneVocabulary, out: Path
 ) -> dict[str, Any]:
@@ -466,8 +487,11 @@ def write_store(
         else None
     )
     label_index = {name: i for i, name in enumerate(label_names or [])}
+    batch_names = _batch_names(cfg, inputs)
     meta_columns = _meta_columns(cfg)
     record_fields: dict[str, Any] = {"labels": np.int64} if label_names is not None else {}
+    if batch_names is not None:
+        record_fields["batch"] = np.int64
     # A panel store from counts keeps each cell's library size, so a count likelihood can rebuild the
     # raw counts (expm1(value) * library_size / target_sum); normalised inputs have no counts to keep.
     with_library = scheme.complete_profile and cfg.counts.mode in COUNT_MODES
@@ -523,6 +547,11 @@ def write_store(
                     if label_names is not None
                     else None
                 )
+                batches = (
+                    np.searchsorted(batch_names, inp.batches[cells].astype(str)).astype(np.int64)
+                    if batch_names is not None and inp.batches is not None
+                    else None
+                )
                 bounds = np.searchsorted(inp.splits[cells], np.arange(len(SPLITS) + 1))
                 for code, split in enumerate(SPLITS):
                     lo, hi = int(bounds[code]), int(bounds[code + 1])
@@ -530,6 +559,8 @@ def write_store(
                         continue
                     part = encoded.rows(lo, hi)
                     extra = {"labels": labels[lo:hi]} if labels is not None else {}
+                    if batches is not None:
+                        extra["batch"] = batches[lo:hi]
                     if with_library:
                         extra["library_size"] = lib[lo:hi]
                     writer.split(split).add_batch(
@@ -569,6 +600,8 @@ def write_store(
         },
         label_names=label_names,
         label_column=cfg.labels.column,
+        # the model's batch covariate reads these (its checkpoint keeps the names)
+        **({"batch": {"column": cfg.batch_column, "names": batch_names}} if batch_names is not None else {}),
         class_counts={s: {n: c[n] for n in label_names if n in c} for s, c in class_counts.items()}
         if label_names
         else None,

@@ -68,6 +68,7 @@ def _prep_config(
     n_top_genes: int,
     init_from: Path | None,
     strip_version: bool = False,
+    batch_key: str | None = None,
 ):
     from biomask.cells.config import CellsPrepConfig
     from biomask.config import validate_config
@@ -84,6 +85,7 @@ def _prep_config(
             "hvg": {"n_top_genes": None if init_from else n_top_genes},
             "tokenizer": {"scheme": "panel", "path": str(init_from / "tokenizer") if init_from else None},
             "split": {"seed": 0, "val": 0.05, "test": 0.0},
+            "batch_column": batch_key,
         },
         "fit_cells (prep settings)",
     )
@@ -132,6 +134,7 @@ def fit_cells(
     counts: dict[str, Any] | None = None,
     gene_column: str | None = None,
     strip_version: bool = False,
+    batch_key: str | None = None,
     n_top_genes: int = 2000,
     masking: str = "r2mae",
     seed: int = 0,
@@ -148,7 +151,10 @@ def fit_cells(
     with `biomask.embed`). `matrix`, `counts`, `gene_column`:
     where the expression is and what it holds, as for `biomask.embed` (log-normalised only:
     `counts={"mode": "log1p"}`); `strip_version`: Ensembl IDs' `.N` suffixes dropped (ENSG….4 →
-    ENSG…), to match a checkpoint of unversioned IDs. `init_from`: continue a corpus checkpoint on these cells (its gene
+    ENSG…), to match a checkpoint of unversioned IDs. `batch_key`: an obs column naming each cell's
+    sample or batch; the decoder reads it (scVI's covariate, `model.batch_covariate`) so that the
+    embedding need not separate the batches; the encoder does not, so the checkpoint embeds cells of
+    any batch. `init_from`: continue a corpus checkpoint on these cells (its gene
     panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import embed
@@ -191,10 +197,12 @@ def fit_cells(
     store = out / "store"
     refuse_foreign(out, ["store", "pretrain"])
     settings = {"masking.scheme": masking, "train.seed": seed, **(overrides or {})}
+    if batch_key is not None:  # the key is why a batch column is given: the decoder reads it
+        settings.setdefault("model.batch_covariate", True)
     # every setting checked before anything is written: a typo costs nothing
     prep_cfg = _prep_config(
         source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
-        init_from=init, strip_version=strip_version,
+        init_from=init, strip_version=strip_version, batch_key=batch_key,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
     if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
@@ -250,6 +258,7 @@ def fit_cells(
             message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
         # the settings by the names this call has (a prep key would be refused as unknown here)
         message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
+        message = message.replace("batch_column", "batch_key= (fit-cells: --batch-key)")
         message = message.replace("genes.strip_version", "strip_version=True (fit-cells: --strip-version)")
         if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
@@ -396,6 +405,7 @@ def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column:
     obs column h5py cannot store does not matter. An unchanged copy is not rewritten (a rerun reuses
     every stage)."""
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
     from biomask.cells.genes import gene_names
@@ -415,6 +425,10 @@ def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column:
     keep = [c for c in [prep_cfg.counts.total_counts_column] if c is not None and c in adata.obs]
     obs = pd.DataFrame(adata.obs[keep].to_numpy(), index=adata.obs_names.astype(str), columns=keep)
     obs = obs.astype({c: "float64" for c in keep})
+    batch = prep_cfg.batch_column
+    if batch is not None and batch in adata.obs and batch not in keep:  # as text: any dtype stores
+        values = adata.obs[batch]
+        obs[batch] = np.where(values.isna().to_numpy(), "", values.astype(str).to_numpy())
     var_keep = [gene_column] if gene_column is not None else []
     # the identifiers as prep reads them (gene_names: a missing one is "", not "None")
     var = pd.DataFrame(

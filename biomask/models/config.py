@@ -102,6 +102,9 @@ class EncoderConfig:
     # kind mlp: weight of the latent's variance-covariance penalty in training (0: none); training
     # only, so it does not change what a checkpoint computes
     decorrelation: float = 0.0
+    # kind mlp: the batches (a store's batch_column values) whose one-hot code the decoder reads
+    # beside the latent; empty: no batch covariate. The encoder never reads it.
+    batches: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

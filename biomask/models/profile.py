@@ -30,6 +30,9 @@ indexes [standardised input, hidden 1, ..., latent] like a Python list (-1: the 
 `config.embed_norm` l2 (pretrain's default for this kind) the latent is returned at unit length:
 its norm says mostly how far a cell is from the mean profile, which a kNN graph should not mix
 with its type (README, cell models; the table: docs/cell-models.md); the decoder reads the raw latent.
+With `config.batches` (pretrain's `model.batch_covariate`) the decoder also reads each cell's batch
+as a one-hot code (scVI's covariate): what only tells batches apart need not pass the bottleneck.
+The encoder never reads it, so a cell's embedding does not depend on its batch label.
 """
 
 from __future__ import annotations
@@ -184,13 +187,22 @@ class ProfileAutoencoder(ProfileModel):
         n_genes = cfg.vocab_size
         hidden = [cfg.d_ff] * (cfg.n_layers - 1)
         self.encoder = _stack([2 * n_genes + int(cfg.ratio_input), *hidden, cfg.d_model])
-        self.decoder = _stack([cfg.d_model, *reversed(hidden), n_genes])
+        self.decoder = _stack([cfg.d_model + len(cfg.batches), *reversed(hidden), n_genes])
         if cfg.objective == "scmae":  # which genes were swapped, from the latent (logits per gene)
             self.swap_head = _stack([cfg.d_model, *reversed(hidden), n_genes])
         self.drop = nn.Dropout(cfg.dropout)
 
     def output_bias(self) -> torch.Tensor:
         return self.decoder[-1].bias
+
+    def _decode(self, latent: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's output from the latent, and with `config.batches` each cell's batch (one-hot)."""
+        n = len(self.config.batches)
+        if n:
+            if "batch" not in batch:
+                raise ValueError("this model's decoder reads each cell's batch: the records carry none")
+            latent = torch.cat([latent, F.one_hot(batch["batch"], n).to(latent.dtype)], dim=1)
+        return self.decoder(latent)
 
     def _encode(self, z: torch.Tensor, hidden: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
@@ -217,7 +229,7 @@ class ProfileAutoencoder(ProfileModel):
         if self.config.objective == "scmae":
             return self._scmae(batch, z, hidden)
         latent = self._encode(z, hidden | self._missing(batch))[-1]
-        out = self.reconstruction(batch, self.decoder(latent), z, hidden)
+        out = self.reconstruction(batch, self._decode(latent, batch), z, hidden)
         return self._decorrelated(out, latent)
 
     def _decorrelated(self, out: dict[str, torch.Tensor], latent: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,7 +249,7 @@ class ProfileAutoencoder(ProfileModel):
         missing = self._missing(batch)
         swapped = torch.where(hidden, _donor_values(z, hidden), z)
         latent = self._encode(swapped, missing)[-1]  # the indicator shows unmeasured genes only
-        pred = self.decoder(latent)
+        pred = self._decode(latent, batch)
         out = self.reconstruction(batch, pred, z, hidden)
         measured = ~missing
         measured[:, :NUM_SPECIAL] = False  # the specials' columns: constant zeros, nothing to learn

@@ -129,6 +129,15 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
             "— tokenizer.scheme=panel — holds every gene, zeros included)",
             spec.scheme,
         )
+    batches: list[str] = []
+    if cfg.model.batch_covariate:
+        recorded = (store.manifest.get("batch") or {}) if store is not None else {}
+        if store is not None and not recorded.get("names"):
+            raise InputError(
+                f"model.batch_covariate needs each cell's batch in the store; {where} was prepared without "
+                "one: prepare it with batch_column=<obs column> (prep cells)"
+            )
+        batches = [str(n) for n in recorded.get("names", [])]
     longest = int((store.manifest.get("max_length") if store is not None else None) or spec.vocab_size)
     # prep's normalisation (values = log1p(count / library_size * target_sum)): how counts come back
     prep = (store.manifest.get("config") or {}) if store is not None else {}
@@ -154,6 +163,7 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
         decorrelation=cfg.model.decorrelation,
+        batches=batches,
     )
 
 
@@ -195,6 +205,13 @@ def init_checkpoint(
         for name in WEIGHT_SHAPING
         if getattr(arch, name) != getattr(pretrained.config, name)
     ]
+    if pretrained.config.batches != arch.batches:  # the decoder's batch inputs are the checkpoint's
+        theirs_batches = ", ".join(pretrained.config.batches) or "none"
+        raise InputError(
+            f"model.init_from={path}: its decoder is conditioned on batches [{theirs_batches}], this run's on "
+            f"[{', '.join(arch.batches) or 'none'}] (model.batch_covariate, the store's batch_column); continue "
+            "it on cells of the same batches, or train a new model on these"
+        )
     if ignored:
         log.warning(
             "pretrain: model.init_from=%s fixes the architecture; not used: %s", path, ", ".join(ignored)

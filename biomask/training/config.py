@@ -69,6 +69,10 @@ class ModelConfig(Config):
     # added to the reconstruction loss. Without it the latent concentrates on a few directions
     # (participation ratio ~3 of 64 on pbmc3k); measured, not adopted: docs/cell-models.md.
     decorrelation: float = Field(0.0, ge=0.0)
+    # kind mlp: the decoder also reads each cell's batch (one-hot; scVI's covariate), so the latent
+    # need not carry what only tells the batches apart; the encoder, and so the embedding, never sees
+    # it, and embeds cells of any batch. Needs a store prepared with batch_column.
+    batch_covariate: bool = False
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 
@@ -108,6 +112,8 @@ class ModelConfig(Config):
             raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
         if self.decorrelation and self.kind != "mlp":
             raise ValueError(f"model.decorrelation is for model.kind mlp, not {self.kind}")
+        if self.batch_covariate and self.kind != "mlp":
+            raise ValueError(f"model.batch_covariate is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
         if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):

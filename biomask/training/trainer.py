@@ -139,6 +139,7 @@ def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
         "target_ids",
         "target_values",
         "library_size",
+        "batch",  # each cell's batch: a batch-conditioned decoder reads it
     )
     return {k: masked[k] for k in keys if k in masked}
 
