@@ -96,3 +96,44 @@ def test_bad_batch_settings_are_refused_before_training(fitted, tmp_path, cli, r
             _two_samples(names=("s3", "s4")), tmp_path / "c", batch_key="sample", init_from=checkpoint,
             overrides=STEPS,
         )  # fmt: skip
+
+
+def test_batch_scores_tell_mixed_batches_from_separated_ones():
+    """Constructed points (not data): two labels, each in two batches. Batches that overlap within a
+    label score mixing near 1 and read each other's labels; batches shifted apart score near 0 and,
+    shifted further than the labels lie apart, read the wrong label."""
+    from biomask.evaluation.clustering import batch_scores
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    batches = np.tile(np.repeat([0, 1], 100), 2)
+    centres = np.where(labels[:, None] == 0, 0.0, 5.0) + rng.normal(0, 1, (400, 2))
+    mixed = batch_scores(centres, labels, batches)
+    assert mixed["batch_mixing"] > 0.8 and mixed["cross_batch_accuracy"] > 0.95
+    # label centres (0, 0) and (5, 5); batch 1 moved along the other diagonal keeps each label nearest its own
+    apart = centres + np.where(batches[:, None] == 1, [-8.0, 8.0], 0.0)
+    separated = batch_scores(apart, labels, batches)
+    assert separated["batch_mixing"] < 0.05 and separated["cross_batch_accuracy"] > 0.95
+    crossed = centres + np.where(batches[:, None] == 1, [5.0, 5.0], 0.0)  # batch 1's label 0 lands on label 1
+    assert batch_scores(crossed, labels, batches)["cross_batch_accuracy"] < 0.6
+    assert batch_scores(centres, labels, np.repeat([0, 1], 200)) == {}  # no label in two batches
+
+
+def test_evaluate_reports_batches_for_a_store_with_a_batch_column(tmp_path, cli, repo):
+    """pbmc68k_reduced with its cell-cycle phase as the batch column (a real obs column): the baselines'
+    knn rows get batch mixing and cross-batch accuracy, in metrics.json and a Batches table."""
+    import json
+
+    store = tmp_path / "store"
+    code, _, err = cli("prep", "cells", "-c", repo / "configs/cells/pbmc68k_reduced-panel.yaml", f"output={store}",
+                       "tokenizer.path=null", "batch_column=phase")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("evaluate", "-c", repo / "configs/evaluate/pbmc68k_reduced.yaml", f"store={store}",
+                       f"output={tmp_path / 'eval'}", "protocols=[knn]", "seeds=[0]", "random_init=false")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
+    knn_rows = [name for name in summary if "kNN" in name]
+    assert knn_rows and all(0 < summary[n]["batch_mixing"]["mean"] <= 2 for n in knn_rows)
+    assert all(0 < summary[n]["cross_batch_accuracy"]["mean"] <= 1 for n in knn_rows)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Batches (the store's batch_column; knn protocol)" in report

@@ -25,6 +25,7 @@ class LabelledRecords:
     labels: np.ndarray  # int64, one per record
     origin: np.ndarray  # the prep split each record came from ("train" / "val" / "test")
     locations: list[tuple[str, int]]  # (split, index) of each record in the store
+    batches: np.ndarray | None = None  # int64 batch code per record (a store with a batch_column)
 
     @property
     def label_names(self) -> list[str]:
@@ -79,11 +80,14 @@ def load_labelled(root: str | os.PathLike) -> LabelledRecords:
             f"token store {Path(root)} has no labels: prepare a labelled set (a label column / labelled table) "
             "to evaluate on"
         )
-    labels, origin, locations = [], [], []
+    labels, origin, locations, batches = [], [], [], []
+    with_batches = "batch" in store.manifest.get("record_fields", {})
     for name in store.splits:
         split = store.split(name)
         values = split.record_field("labels")
         labels.append(values)
+        if with_batches:
+            batches.append(split.record_field("batch"))
         origin += [name] * len(values)
         locations += [(name, i) for i in range(len(values))]
     if not locations:
@@ -97,7 +101,8 @@ def load_labelled(root: str | os.PathLike) -> LabelledRecords:
             f"{labels_all.size} records): a classifier cannot be evaluated on it; check the label column "
             "the store was prepared with"
         )
-    return LabelledRecords(store, labels_all, np.array(origin), locations)
+    batch_codes = np.concatenate(batches).astype(np.int64) if with_batches else None
+    return LabelledRecords(store, labels_all, np.array(origin), locations, batch_codes)
 
 
 def seed_split(

@@ -103,7 +103,7 @@ def _representation_knn(represent: Callable[[LabelledRecords, int], np.ndarray])
     ) -> tuple[np.ndarray, dict]:
         x = represent(data, seed)
         return clustering.knn_predict(x, data.labels, train, test), clustering.cluster_scores(
-            x, data.labels, seed
+            x, data.labels, seed, data.batches
         )
 
     return predict
@@ -288,7 +288,7 @@ def _summarise(
     summary = {
         m.name: {
             metric: summarize([r[metric] for r in per_seed[m.name]], bounds=METRIC_BOUNDS.get(metric))
-            for metric in (*METRICS, *clustering.METRICS, VAL_METRIC)
+            for metric in (*METRICS, *clustering.METRICS, *clustering.BATCH_METRICS, VAL_METRIC)
             if per_seed[m.name] and metric in per_seed[m.name][0]
         }
         for m in methods
@@ -497,6 +497,26 @@ def render_report(results: dict[str, Any]) -> str:
         for m in clustered:
             s = results["summary"][m["name"]]
             cells = " | ".join(format_summary(s[k]) if k in s else "" for k in clustering.METRICS)
+            lines.append(f"| {m['name']} | {cells} |")
+    mixed = [m for m in clustered if "batch_mixing" in results["summary"][m["name"]]]
+    if mixed:
+        lines += [
+            "",
+            "## Batches (the store's batch_column; knn protocol)",
+            "",
+            f"Mixing: the other batches' share of each record's {clustering.N_NEIGHBORS} nearest neighbours, "
+            "over the records whose label several batches have, divided by that share if batches were "
+            "mixed at random within each label (1: mixed; 0: apart). Cross-batch accuracy: each such "
+            f"record's label from a {clustering.N_NEIGHBORS}-nearest-neighbour vote among the other "
+            "batches' records only. Higher mixing with the accuracy and ARI kept is what batch correction "
+            "should give; batches that differ in make-up or labelling are not expected to reach 1.",
+            "",
+            "| representation | batch mixing | cross-batch accuracy |",
+            "|---|---|---|",
+        ]
+        for m in mixed:
+            s = results["summary"][m["name"]]
+            cells = " | ".join(format_summary(s[k]) for k in clustering.BATCH_METRICS)
             lines.append(f"| {m['name']} | {cells} |")
     lines += per_class_table(results)
     if results["comparisons"]:

@@ -451,7 +451,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
                         model_for_seed, key, max_length, data, train, val, test, seed
                     )
                     x = features.of(model_for_seed, key, max_length, pooling)
-                    scores = clustering.cluster_scores(x, data.labels, seed)
+                    scores = clustering.cluster_scores(x, data.labels, seed, data.batches)
                     # the val split's MCC: what a study may choose among models by (never test)
                     on_val = clustering.knn_predict(x, data.labels, train, val)
                     scores["val_mcc"] = float(matthews_corrcoef(data.labels[val], on_val))
