@@ -92,6 +92,28 @@ def test_study_full_evaluates_every_cnn_scheme_over_five_pretraining_seeds(tmp_p
     assert any(o.startswith("protocols=") and "finetune" in o for o in task.overrides)  # both protocols
 
 
+def test_cells_batch_pairs_each_checkpoint_with_its_sweep_point(tmp_path):
+    """configs/pipelines/cells-batch.yaml: its stage configs validate, the prep keeps the batch, and
+    none@s / batch@s point at the runs without / with the covariate of pretraining seed s."""
+    plan = load_plan(REPO / "configs/pipelines/cells-batch.yaml", [f"run_dir={tmp_path}"])
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.config import load_config
+
+    prep = plan.stages["prep_cells"]
+    cfg = load_config(CellsPrepConfig, prep.config, prep.tasks[0].overrides)
+    assert cfg.batch_column == "batch" and cfg.labels.column == "cell_type"
+    runs = {
+        (t.point["model.batch_covariate"], t.point["train.seed"]): t.output
+        for t in plan.stages["pretrain"].tasks
+    }
+    given = _checkpoints(plan.stages["evaluate"].tasks[0])
+    assert given == {
+        f"{'batch' if covariate else 'none'}@{seed}": f"{out}/model"
+        for (covariate, seed), out in runs.items()
+    }
+    assert len(given) == 6
+
+
 def test_cells_recipe_pairs_each_variant_checkpoint_with_its_sweep_point(tmp_path):
     # every stage config of the pipeline validates (load_plan checks them), and each checkpoint name
     # of the evaluation points at the run of the setting it is named after
