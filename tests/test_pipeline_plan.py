@@ -622,3 +622,22 @@ def test_dry_run_resumes_an_interrupted_training_run_of_the_same_config(tmp_path
     assert [p.action for p in preview(plan, ["train"])] == ["resume"]
     again = preview(planned(80), ["train"])[0]
     assert again.action == "run again" and "train.steps: 50 -> 80" in again.why and "discarded" in again.why
+
+
+def test_stage_names_differing_only_in_case_are_refused_before_running(tmp_path, cli):
+    # on macOS and Windows run_dir/Genome is run_dir/genome: the second stage reused or replaced the first
+    stages = {n: {"command": "prep dna", "config": GENOME} for n in ("genome", "Genome")}
+    code, _, err = cli("pipeline", "run", pipeline(tmp_path, stages))
+    assert code == 2 and "genome and Genome differ only in case" in err and "rename one" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_named_as_a_runner_folder_in_other_case_is_refused(tmp_path):
+    message = error_of(pipeline(tmp_path, {"Logs": {"command": "prep dna", "config": GENOME}}))
+    assert "stage names ['Logs']" in message and "rename the stage" in message
+
+
+def test_sweep_values_differing_only_in_case_are_refused(tmp_path):
+    stage = {"command": "prep dna", "config": SPLICE, "sweep": {"tokenizer.kind": ["kmer", "KMER"]}}
+    message = error_of(pipeline(tmp_path, {"prep": stage}))
+    assert "clashing directory names" in message and "case is ignored" in message

@@ -353,8 +353,13 @@ def _expand_tasks(plan: Plan, stage: PlannedStage, check_commands: bool) -> list
     keys = list(stage.spec.sweep)
     points = [dict(zip(keys, values)) for values in itertools.product(*stage.spec.sweep.values())]
     outputs = [stage.directory / task_dirname(p) if p else stage.directory for p in points]
-    if len(set(outputs)) != len(outputs):
-        return [f"stage {stage.name}: sweep values give clashing directory names; use distinct values"]
+    # casefold: values differing only in case (kind=A, kind=a) share a folder on macOS and Windows
+    if len({str(output).casefold() for output in outputs}) != len(outputs):
+        return [
+            f"stage {stage.name}: sweep values give clashing directory names (characters other than "
+            "letters, digits and . _ + - become '_', and case is ignored); "
+            "use distinct values"
+        ]
     schema = stage.command.config_class() if check_commands else None
     errors: list[str] = []
     schema_failed = False

@@ -186,11 +186,25 @@ class Pipeline(Config):
     @field_validator("stages")
     @classmethod
     def _not_reserved(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
-        taken = [name for name in stages if name in RESERVED_NAMES]
+        # casefold: on a case-insensitive file system (macOS, Windows) `Logs/` is `logs/`
+        taken = [name for name in stages if name.casefold() in RESERVED_NAMES]
         if taken:
             raise ValueError(
                 f"stage names {taken} are folders of the run directory that the runner writes itself "
                 f"({', '.join(f'{n}/' for n in RESERVED_NAMES)}), and a stage's output is run_dir/<stage>; "
                 "rename the stage"
+            )
+        by_folder: dict[str, list[str]] = {}
+        for name in stages:
+            by_folder.setdefault(name.casefold(), []).append(name)
+        clashing = [names for names in by_folder.values() if len(names) > 1]
+        if clashing:
+            # on macOS and Windows run_dir/Train is run_dir/train: the second stage would reuse or
+            # replace the first's output and share its log, wherever the pipeline file is run
+            pairs = "; ".join(" and ".join(names) for names in clashing)
+            raise ValueError(
+                f"stage names {pairs} differ only in case, so they share one output folder "
+                "(run_dir/<stage>) and log on case-insensitive file systems (macOS, Windows); "
+                "rename one of them"
             )
         return stages
