@@ -49,7 +49,7 @@ from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import FORMATS, MatrixSource, guess_format, input_checksum, open_matrix
 from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
-from biomask.cells.tokenize import Scheme, make_scheme
+from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
 from biomask.errors import InputError, missing_input
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
@@ -299,7 +299,7 @@ def build_vocabulary(
         chosen[np.flatnonzero(chosen)] = hvg
         log.info("HVG: %d genes selected from a sample of %d cells", int(chosen.sum()), sample.shape[0])
     index = np.flatnonzero(chosen)
-    if cfg.tokenizer.scheme == "panel" and hvg is None and index.size > LARGE_PANEL:
+    if scheme_class(cfg.tokenizer.scheme).complete_profile and hvg is None and index.size > LARGE_PANEL:
         log.warning(
             "the panel holds every gene detected: %s of them. A profile model reads all of them (its first "
             "layer is genes x width wide, so training slows with it); hvg.n_top_genes: 2000 keeps the most "
@@ -406,7 +406,7 @@ def check_coverage(
                 percent(inp.coverage["fraction_of_vocab_present"]),
                 100 * cfg.tokenizer.min_coverage,
                 len(missing),
-                "unmeasured" if cfg.tokenizer.scheme == "panel" else "not expressed",
+                "unmeasured" if scheme_class(cfg.tokenizer.scheme).complete_profile else "not expressed",
                 ", ".join(missing[:10]),
                 dataset_side,
             )
