@@ -288,6 +288,7 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
             gene_column=args.gene_column,
             strip_version=args.strip_version,
             batch_key=args.batch_key,
+            duplicates=args.duplicates,
             n_top_genes=args.n_top_genes,
             masking=args.masking,
             seed=args.seed,
@@ -631,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-key",
         metavar="OBS_COLUMN",
         help="each cell's sample or batch: the decoder reads it, so the embedding need not split batches",
+    )
+    p.add_argument(
+        "--duplicates",
+        choices=["sum", "first", "error"],
+        default="sum",
+        help="gene names that occur more than once: add their counts up, keep the first column, or refuse",
     )
     p.add_argument("--n-top-genes", type=int, default=2000, help="the panel: this many most variable genes")
     p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")

@@ -746,3 +746,52 @@ def test_decorrelation_adds_the_latent_penalty_to_the_objective_in_training_only
         ModelConfig(kind="transformer", decorrelation=0.1)
     older = {k: v for k, v in plain.config.to_dict().items() if k != "decorrelation"}
     assert EncoderConfig.from_dict(older).decorrelation == 0.0
+
+
+@pytest.mark.network
+@pytest.mark.filterwarnings("ignore:(Variable|Observation) names are not unique")  # the case under test
+def test_fit_cells_warnings_name_the_anndata_and_its_arguments(pbmc68k_adata, tmp_path, caplog, cli):
+    """Repeated gene names and cell ids in an in-memory AnnData: prep's warnings named fit_cells' own
+    copy (<output>/cells.h5ad [X]) and the prep keys genes.duplicates / genes.column, which fit_cells has
+    no argument for; `duplicates=` (fit-cells: --duplicates) now chooses what prep does with them."""
+    import logging
+
+    import biomask
+
+    adata = pbmc68k_adata.raw.to_adata()
+    genes = list(adata.var_names)
+    genes[1] = genes[0]
+    adata.var_names = genes
+    adata.obs_names = [*adata.obs_names[:-1], adata.obs_names[0]]
+    counts = {"mode": "log1p"}
+    with pytest.raises(InputError) as err:
+        biomask.fit_cells(adata, tmp_path / "refused", counts=counts, duplicates="error")
+    message = str(err.value)
+    assert (
+        message.startswith("AnnData [X]: 1 gene names occur more than once") and "cells.h5ad" not in message
+    )
+    assert "set duplicates= (fit-cells: --duplicates): sum" in message and "genes." not in message
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(InputError, match=r"duplicates='add' \(fit-cells: --duplicates\) is not one of sum"):
+        biomask.fit_cells(adata, tmp_path / "refused", counts=counts, duplicates="add")
+    steps = {"train.steps": 2, "train.checkpoint_every": 2}
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(adata, tmp_path / "first", counts=counts, duplicates="first", overrides=steps)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("biomask.cells")]
+    assert any(w.startswith("AnnData [X]: duplicate cell ids (1)") for w in warned), warned
+    gene_warning = next(w for w in warned if "occur more than once" in w)
+    assert gene_warning.startswith("AnnData [X]") and "left out but the first" in gene_warning
+    assert "duplicates= (fit-cells: --duplicates)" in gene_warning
+    assert not any("cells.h5ad" in w or "genes." in w for w in warned), warned
+    # the store holds one column of the repeated name: the first
+    vocab = json.loads((tmp_path / "first" / "store" / "manifest.json").read_text())
+    assert vocab["scheme"] == "panel" and adata.obsm["X_biomask"].shape[0] == adata.n_obs
+    # the shell's fit-cells takes it as a flag (a file's own path is named as it is)
+    path = tmp_path / "dups.h5ad"
+    adata.obs_names_make_unique()
+    del adata.obsm["X_biomask"], adata.uns["X_biomask"]
+    adata.write_h5ad(path)
+    code, _, err = cli("fit-cells", "--input", path, "--output", tmp_path / "cli", "--duplicates", "error",
+                       "counts.mode=log1p")  # fmt: skip
+    assert code == 2 and f"{path} [X]: 1 gene names occur more than once" in err and "--duplicates" in err
+    assert not (tmp_path / "cli").exists()

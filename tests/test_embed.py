@@ -497,3 +497,36 @@ def test_a_store_of_another_tokenizer_is_embedded_from_its_sequences(
     assert "re-tokenized" in err and kmer.uns["X_biomask"]["retokenized"]
     assert list(kmer.obs_names) == list(char.obs_names) and list(kmer.obs["label"]) == list(char.obs["label"])
     np.testing.assert_allclose(kmer.obsm["X_biomask"], char.obsm["X_biomask"], rtol=0, atol=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")  # anndata's note: the case under test
+def test_duplicate_gene_names_follow_the_duplicates_argument(pbmc_h5ad, cells_checkpoint, caplog):
+    """Two columns of one gene name, embedded from Python: the warning named the config key
+    genes.duplicates, which biomask.embed had no argument for (it always summed); `duplicates=` now
+    chooses, and the messages name it."""
+    import logging
+
+    from biomask.errors import InputError
+
+    raw = read(pbmc_h5ad).raw
+    adata = anndata.AnnData(raw.X.copy(), obs=read(pbmc_h5ad).obs, var=pd.DataFrame(index=raw.var_names))
+    genes = list(adata.var_names)
+    genes[1] = genes[0]
+    adata.var_names = genes
+    counts = {"mode": "log1p"}
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        summed = biomask.embed(adata, cells_checkpoint, counts=counts, copy=True)
+    warning = next(r.getMessage() for r in caplog.records if "occur more than once" in r.getMessage())
+    assert "added up (duplicates=;" in warning and "genes." not in warning
+    with pytest.raises(InputError, match=r"set duplicates=: sum") as err:
+        biomask.embed(adata, cells_checkpoint, counts=counts, duplicates="error")
+    assert "genes." not in str(err.value) and "X_biomask" not in adata.obsm
+    with pytest.raises(InputError, match="duplicates must be one of"):
+        biomask.embed(adata, cells_checkpoint, counts=counts, duplicates="add")
+    # "first": as if the second column were not there
+    first = biomask.embed(adata, cells_checkpoint, counts=counts, duplicates="first", copy=True)
+    without = biomask.embed(
+        adata[:, [0, *range(2, adata.n_vars)]].copy(), cells_checkpoint, counts=counts, copy=True
+    )
+    np.testing.assert_allclose(first.obsm["X_biomask"], without.obsm["X_biomask"], rtol=0, atol=2e-5)
+    assert not np.allclose(summed.obsm["X_biomask"], first.obsm["X_biomask"], rtol=0, atol=1e-3)

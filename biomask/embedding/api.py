@@ -21,8 +21,11 @@ in chunks, and embedded on the GPU when there is one (CPU otherwise), without De
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,48 @@ from biomask.cells.config import CountsConfig
 from biomask.errors import InputError
 
 PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal)
+DUPLICATES = ("sum", "first", "error")  # genes.duplicates of prep and embed configs
+
+
+def python_names(message: str) -> str:
+    """A message of the prep or embed stage with the settings named as `embed`'s arguments (its callers
+    have no genes.* keys)."""
+    message = message.replace("genes.strip_version", "strip_version=True")
+    return message.replace("genes.column", "gene_column=").replace("genes.duplicates", "duplicates=")
+
+
+class _Rename(logging.Filter):
+    def __init__(self, rename: Callable[[str], str]) -> None:
+        super().__init__()
+        self.rename = rename
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        renamed = self.rename(text)
+        if renamed != text:
+            record.msg, record.args = renamed, ()
+        return True
+
+
+@contextlib.contextmanager
+def renamed_in_logs(rename: Callable[[str], str]) -> Iterator[None]:
+    """biomask's log records inside the block, rewritten by `rename` as the caller's exceptions are: a
+    warning that names a config key the caller cannot set, or the file a call made for itself, is no
+    help. A logger's filter sees only its own records (not its children's), so every biomask logger
+    that exists on entry gets it: import the modules that log before entering."""
+    loggers = [
+        logger
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if name.split(".")[0] == "biomask" and isinstance(logger, logging.Logger)
+    ]
+    rename_filter = _Rename(rename)
+    for logger in loggers:
+        logger.addFilter(rename_filter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(rename_filter)
 
 
 def _model(checkpoint: Any, device: str) -> tuple[Any, str]:
@@ -72,6 +117,7 @@ def embed(
     counts: CountsConfig | dict[str, Any] | None = None,
     gene_column: str | None = "auto",
     strip_version: bool = False,
+    duplicates: str = "sum",
     min_coverage: float = 0.5,
     batch_size: int = 64,
     chunk_size: int = 8192,
@@ -86,10 +132,12 @@ def embed(
     `counts`: the counts policy of `biomask prep cells` (e.g. `{"mode": "from_log1p",
     "total_counts_column": "n_counts"}`); `gene_column`: a var column with the gene identifiers, None
     for the var index, "auto" for the vocabulary's own identifier column when present;
-    `min_coverage`: warn when less of the vocabulary is found in the data. Bad input raises
+    `duplicates`: columns of one gene name are summed ("sum"), reduced to the first ("first"), or
+    refused ("error"); `min_coverage`: warn when less of the vocabulary is found in the data. Bad input raises
     `biomask.errors.InputError`."""
     from tqdm.auto import tqdm
 
+    import biomask.cells.encode  # noqa: F401  (its loggers exist before renamed_in_logs)
     from biomask.embedding.anndata_io import check_key, h5_safe, provenance
     from biomask.embedding.cells import CellsEmbedding
     from biomask.embedding.inference import check_layer, vector_width
@@ -101,6 +149,8 @@ def embed(
         )
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    if duplicates not in DUPLICATES:
+        raise InputError(f"duplicates must be one of {', '.join(map(repr, DUPLICATES))}, not {duplicates!r}")
     if getattr(adata, "isbacked", False) and getattr(adata, "is_view", False):
         # its file holds every cell, the view some; anndata writes nothing into a backed view
         if not copy:
@@ -123,32 +173,39 @@ def embed(
     counts_cfg = counts if isinstance(counts, CountsConfig) else CountsConfig.model_validate(counts or {})
     source, opened_here = _source(adata, matrix)
     try:
-        if source.n_obs != adata.n_obs:
-            raise InputError(
-                f"{source.where}: {source.n_obs} cells in the matrix, {adata.n_obs} in the AnnData"
+        with renamed_in_logs(python_names):
+            if source.n_obs != adata.n_obs:
+                raise InputError(
+                    f"{source.where}: {source.n_obs} cells in the matrix, {adata.n_obs} in the AnnData"
+                )
+            job = CellsEmbedding(
+                model,
+                source,
+                counts=counts_cfg,
+                gene_column=True if gene_column == "auto" else gene_column,
+                strip_version=strip_version,
+                duplicates=duplicates,
+                min_coverage=min_coverage,
+                chunk_size=chunk_size,
             )
-        job = CellsEmbedding(
-            model,
-            source,
-            counts=counts_cfg,
-            gene_column=True if gene_column == "auto" else gene_column,
-            strip_version=strip_version,
-            min_coverage=min_coverage,
-            chunk_size=chunk_size,
-        )
-        vectors = np.empty((adata.n_obs, vector_width(model, layer)), dtype=np.float32)
+            vectors = np.empty((adata.n_obs, vector_width(model, layer)), dtype=np.float32)
 
-        def write(start: int, chunk: np.ndarray) -> None:
-            vectors[start : start + len(chunk)] = chunk
+            def write(start: int, chunk: np.ndarray) -> None:
+                vectors[start : start + len(chunk)] = chunk
 
-        show = (
-            progress if progress is not None else (sys.stderr.isatty() and adata.n_obs >= PROGRESS_MIN_CELLS)
-        )
-        with tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True) as bar:
-            cells = job.run(write, pooling=pooling, layer=layer, batch_size=batch_size, on_chunk=bar.update)
+            show = (
+                progress
+                if progress is not None
+                else (sys.stderr.isatty() and adata.n_obs >= PROGRESS_MIN_CELLS)
+            )
+            with tqdm(
+                total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True
+            ) as bar:
+                cells = job.run(
+                    write, pooling=pooling, layer=layer, batch_size=batch_size, on_chunk=bar.update
+                )
     except InputError as exc:  # the settings by this function's argument names (its callers have no genes.*)
-        message = str(exc).replace("genes.strip_version", "strip_version=True")
-        exc.args = (message.replace("genes.column", "gene_column="),)
+        exc.args = (python_names(str(exc)),)
         raise
     finally:
         if opened_here:

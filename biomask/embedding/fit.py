@@ -69,6 +69,7 @@ def _prep_config(
     init_from: Path | None,
     strip_version: bool = False,
     batch_key: str | None = None,
+    duplicates: str = "sum",
 ):
     from biomask.cells.config import CellsPrepConfig
     from biomask.config import validate_config
@@ -79,7 +80,7 @@ def _prep_config(
             "inputs": [{"path": str(source), "matrix": matrix}],
             "output": str(store),
             "counts": counts or {},
-            "genes": {"column": gene_column, "strip_version": strip_version},
+            "genes": {"column": gene_column, "strip_version": strip_version, "duplicates": duplicates},
             # the user's own QC stands: keep every cell that has counts, every gene seen once
             "qc": {"min_genes": 0, "min_cells": 1, "zero_count_cells": "drop"},
             "hvg": {"n_top_genes": None if init_from else n_top_genes},
@@ -135,6 +136,7 @@ def fit_cells(
     gene_column: str | None = None,
     strip_version: bool = False,
     batch_key: str | None = None,
+    duplicates: str = "sum",
     n_top_genes: int = 2000,
     masking: str = "r2mae",
     seed: int = 0,
@@ -154,10 +156,11 @@ def fit_cells(
     ENSG…), to match a checkpoint of unversioned IDs. `batch_key`: an obs column naming each cell's
     sample or batch; the decoder reads it (scVI's covariate, `model.batch_covariate`) so that the
     embedding need not separate the batches; the encoder does not, so the checkpoint embeds cells of
-    any batch. `init_from`: continue a corpus checkpoint on these cells (its gene
-    panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
+    any batch. `duplicates`: columns of one gene name are summed ("sum"), reduced to the first
+    ("first") or refused ("error"). `init_from`: continue a corpus checkpoint on these cells (its
+    gene panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
-    from biomask.embedding.api import embed
+    from biomask.embedding.api import DUPLICATES, embed, renamed_in_logs
     from biomask.store import TokenStore
     from biomask.training.trainer import pretrain
 
@@ -185,6 +188,10 @@ def fit_cells(
     in_memory = not isinstance(adata, (str, os.PathLike)) and not backed
     from biomask.masking.config import SCHEMES
 
+    if duplicates not in DUPLICATES:  # named as the argument it is, not as genes.duplicates
+        raise InputError(
+            f"duplicates={duplicates!r} (fit-cells: --duplicates) is not one of {', '.join(DUPLICATES)}"
+        )
     if masking not in SCHEMES:  # named as the argument it is, not as a pretrain key
         raise InputError(
             f"masking={masking!r} (fit-cells: --masking) is not a masking scheme; schemes: {', '.join(SCHEMES)}"
@@ -202,7 +209,7 @@ def fit_cells(
     # every setting checked before anything is written: a typo costs nothing
     prep_cfg = _prep_config(
         source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
-        init_from=init, strip_version=strip_version, batch_key=batch_key,
+        init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
     if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
@@ -232,6 +239,11 @@ def fit_cells(
             if in_memory and not copy_existed:
                 source.unlink(missing_ok=True)
 
+    def rename(message: str) -> str:
+        if in_memory:  # name the user's AnnData, not the copy made for the prep stage
+            message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
+        return fit_cells_names(message)
+
     # the copy a refused call replaced comes back (else the store beside it no longer matches its input)
     previous = source.with_name(f".{source.name}.previous")
     try:
@@ -241,7 +253,8 @@ def fit_cells(
                 previous.unlink(missing_ok=True)
                 os.link(source, previous)  # the old file stays reachable when the copy is replaced
             _write_copy(adata, source, prep_cfg, matrix, gene_column)
-        _stage(prep_cells, prep_cfg, overwrite)
+        with renamed_in_logs(rename):  # its warnings too (duplicate genes, duplicate cell ids)
+            _stage(prep_cells, prep_cfg, overwrite)
         n_cells = len(TokenStore(store).split("train"))
         if n_cells < MIN_CELLS:
             raise InputError(
@@ -253,13 +266,7 @@ def fit_cells(
         if in_memory and copy_existed and previous.exists():
             os.replace(previous, source)
         undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
-        message = str(exc)
-        if in_memory:  # name the user's AnnData, not the copy made for the prep stage
-            message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
-        # the settings by the names this call has (a prep key would be refused as unknown here)
-        message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
-        message = message.replace("batch_column", "batch_key= (fit-cells: --batch-key)")
-        message = message.replace("genes.strip_version", "strip_version=True (fit-cells: --strip-version)")
+        message = rename(str(exc))
         if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
             message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
         exc.args = (message,)
@@ -288,10 +295,19 @@ def fit_cells(
     if in_memory or backed:
         embed(
             adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
-            strip_version=strip_version, key=key,
+            strip_version=strip_version, duplicates=duplicates, key=key,
         )  # fmt: skip
     log.info("fit_cells: checkpoint %s", checkpoint)
     return checkpoint
+
+
+def fit_cells_names(message: str) -> str:
+    """A prep or embed message with the settings named as fit_cells has them (a prep key would be
+    refused as unknown there)."""
+    message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
+    message = message.replace("genes.strip_version", "strip_version=True (fit-cells: --strip-version)")
+    message = message.replace("batch_column", "batch_key= (fit-cells: --batch-key)")
+    return message.replace("genes.duplicates", "duplicates= (fit-cells: --duplicates)")
 
 
 def refuse_foreign(out: Path, parts: list[str]) -> None:
@@ -463,6 +479,7 @@ def fit_cells_file(
     `umap_color` names an obs column). Returns that file."""
     from biomask.cells.readers import open_matrix
     from biomask.config import validate_config
+    from biomask.embedding.api import renamed_in_logs
     from biomask.embedding.config import EmbedConfig
     from biomask.embedding.stage import check_input_key, run_embed
 
@@ -484,7 +501,11 @@ def fit_cells_file(
             "output": str(out / "embed"),
             "matrix": settings.get("matrix", "X"),
             "counts": settings.get("counts") or {},
-            "genes": {"column": column, "strip_version": settings.get("strip_version", False)},
+            "genes": {
+                "column": column,
+                "strip_version": settings.get("strip_version", False),
+                "duplicates": settings.get("duplicates", "sum"),
+            },
             "key": settings.get("key", "X_biomask"),
             "umap": {"color": umap_color},
         },
@@ -506,4 +527,5 @@ def fit_cells_file(
     fit_cells(source, out, overwrite=overwrite, **settings)
     # the embedding is derived from the checkpoint and the file alone, and fit-cells' own: another
     # --umap-color or key embeds again, without --overwrite and without training again
-    return _stage(run_embed, embed_cfg, True)
+    with renamed_in_logs(fit_cells_names):
+        return _stage(run_embed, embed_cfg, True)
