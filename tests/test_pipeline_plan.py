@@ -641,3 +641,20 @@ def test_sweep_values_differing_only_in_case_are_refused(tmp_path):
     stage = {"command": "prep dna", "config": SPLICE, "sweep": {"tokenizer.kind": ["kmer", "KMER"]}}
     message = error_of(pipeline(tmp_path, {"prep": stage}))
     assert "clashing directory names" in message and "case is ignored" in message
+
+
+def test_a_misspelt_sweep_key_is_reported_once_not_as_every_reader_being_ambiguous(tmp_path):
+    # prep's typo made other's reference "ambiguous" (swept over split.sed, other over split.seed),
+    # with advice about naming tasks that had nothing to do with the mistake
+    stages = {
+        "prep": {"command": "prep dna", "config": SPLICE, "sweep": {"split.sed": [0, 1]}},
+        "other": {
+            "command": "prep dna",
+            "config": SPLICE,
+            "overrides": {"tokenizer.path": "${stages.prep.output}"},
+            "sweep": {"split.seed": [0, 1]},
+        },
+    }
+    message = error_of(pipeline(tmp_path, stages))
+    assert "unknown key 'split.sed'" in message
+    assert "ambiguous" not in message and message.count("\n  - ") == 1, message

@@ -196,7 +196,19 @@ def build_plan(
         raise ConfigError(f"pipeline {origin} is not valid:\n  - " + "\n  - ".join(errors))
 
     plan = Plan(pipeline, source, run_dir, workdir, {n: stages[n] for n in _topological(stages)})
-    errors = [msg for stage in plan.stages.values() for msg in _expand_tasks(plan, stage, check_commands)]
+    errors = []
+    failed: set[str] = set()
+    for stage in plan.stages.values():
+        # a stage reading one that failed would report that failure's consequences (a sweep key
+        # misspelt upstream makes every reference to it "ambiguous"): one mistake, one message; its
+        # own are found once the stage it reads is valid
+        if any(need in failed for need in stage.needs):
+            failed.add(stage.name)
+            continue
+        found = _expand_tasks(plan, stage, check_commands)
+        if found:
+            failed.add(stage.name)
+            errors += found
     if errors:
         raise ConfigError(f"pipeline {origin} is not valid:\n  - " + "\n  - ".join(errors))
     return plan
