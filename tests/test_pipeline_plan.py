@@ -658,3 +658,21 @@ def test_a_misspelt_sweep_key_is_reported_once_not_as_every_reader_being_ambiguo
     message = error_of(pipeline(tmp_path, stages))
     assert "unknown key 'split.sed'" in message
     assert "ambiguous" not in message and message.count("\n  - ") == 1, message
+
+
+def test_a_left_out_sweep_is_named_once_per_stage_not_per_task(tmp_path, cli):
+    # --only the report of a study listed every missing task output, one line each (50 lines)
+    stages = {
+        "a": {"command": "prep dna", "config": GENOME, "sweep": {"split.seed": [0, 1, 2, 3]}},
+        "b": {
+            "command": "prep dna",
+            "config": SPLICE,
+            "overrides": {"tokenizer.path": "${stages.a.dir}/split.seed=0"},
+        },
+    }
+    code, _, err = cli("pipeline", "run", pipeline(tmp_path, stages), "--only", "b", "--dry-run")
+    assert code == 2 and err.count("\n  - ") == 1, err
+    assert (
+        f"b needs a, whose outputs of 4 of its 4 tasks do not exist ({tmp_path / 'run' / 'a'}/: "
+        "split.seed=0, split.seed=1, split.seed=2, ...)" in err
+    )

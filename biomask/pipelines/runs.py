@@ -167,9 +167,16 @@ def check_upstream_outputs(plan: Plan, selected: Sequence[str]) -> None:
         for need in plan.stages[name].needs:
             if need in selected:
                 continue
-            for task in plan.stages[need].tasks:
-                if read_run_info(task.output) is None:
-                    missing.append(f"{name} needs {need}, whose output {task.output} does not exist")
+            tasks = plan.stages[need].tasks
+            absent = [task.output for task in tasks if read_run_info(task.output) is None]
+            if len(tasks) == 1 and absent:
+                missing.append(f"{name} needs {need}, whose output {absent[0]} does not exist")
+            elif absent:  # a sweep's outputs in one line, not one line per task (a study: dozens)
+                shown = ", ".join(path.name for path in absent[:3]) + (", ..." if len(absent) > 3 else "")
+                missing.append(
+                    f"{name} needs {need}, whose outputs of {len(absent)} of its {len(tasks)} tasks do not "
+                    f"exist ({plan.stages[need].directory}/: {shown})"
+                )
     if missing:
         raise InputError(
             "cannot run the selected stages:\n  - "
