@@ -362,7 +362,8 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
             plan, only=args.only or (), start=args.start, echo=not args.quiet, jobs=args.jobs
         )
     except Stopped as exc:  # what ran before the signal, then its message
-        show(local_table(title, exc.results))
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal is gone; the run is recorded
+            show(local_table(title, exc.results))
         raise
     show(local_table(title, results))
     print_failures(results)
@@ -862,7 +863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BiomaskError as exc:
         if not _said_by_rank0(exc):
-            print(f"biomask: error: {exc}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # stderr gone (a terminal closed): the exit code tells
+                print(f"biomask: error: {exc}", file=sys.stderr)
         _report_error(exc)
         return exc.exit_code
     except BrokenPipeError:

@@ -5,6 +5,7 @@ status` shows this run rather than the one before it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,3 +106,66 @@ def test_a_stage_killed_by_a_signal_is_named_and_exits_as_a_shell_would(tmp_path
     assert (result.status, result.exit_code) == ("failed", 137)
     assert result.detail.startswith("killed by SIGKILL (out of memory?")
     assert local.exit_code([result]) == 137
+
+
+# `pipeline run` at a terminal, its stage as above (run from a file, so the runner is the real CLI).
+RUNNER = """
+import signal, sys
+from pathlib import Path
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as at an interactive shell (the suite may run under nohup)
+from biomask.cli import main
+from biomask.pipelines import local, plan
+stage, tmp = sys.argv[1], Path(sys.argv[2])
+data = {"name": "t", "run_dir": str(tmp / "run"), "stages": {
+    "train": {"command": "pretrain", "config": "unused.yaml"},
+    "after": {"command": "evaluate", "config": "unused.yaml", "needs": ["train"]}}}
+plan.load_plan = lambda *_: plan.build_plan(data, "t.yaml", tmp / "t.yaml", check_commands=False, workdir=tmp)
+local.stage_argv = lambda stage_, task, overwrite=False: [sys.executable, "-c", stage, str(task.output)]
+sys.exit(main(["pipeline", "run", "t.yaml"]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sighup_from_a_closed_terminal_stops_the_stages_and_records_the_run(tmp_path):
+    """ssh dropped: the terminal is gone, so every write to it fails (EIO), and SIGHUP arrives. The
+    runner's handler failed on its message before passing the signal on, and the echo of a stage's
+    next line stopped the runner reading that stage: the runner hung while the stage ran on, then
+    ended in a traceback without recording the run."""
+    import pty
+    import subprocess
+
+    # the stage says something as it checkpoints: a line to echo once the terminal is gone
+    stage = STAGE.replace(
+        '(out / "checkpointed")', 'print("checkpointing", flush=True); (out / "checkpointed")'
+    )
+    stage = stage.replace(
+        '(out / "started")', '(out / "pid").write_text(str(os.getpid())); (out / "started")'
+    )
+    stage = stage.replace("import pathlib,", "import os, pathlib,")
+    master, terminal = pty.openpty()
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, stage, str(tmp_path)],
+        stdin=terminal, stdout=terminal, stderr=terminal, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    os.close(terminal)
+    out = tmp_path / "run" / "train"
+    try:
+        while not (out / "started").exists() and runner.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.read(master, 65536)  # what it echoed so far
+        os.close(master)  # the terminal closes
+        runner.send_signal(signal.SIGHUP)
+        code = runner.wait(timeout=30)  # before: still waiting for the stage's 60 s to pass
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if (out / "pid").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((out / "pid").read_text()), signal.SIGKILL)
+    assert code == 128 + signal.SIGHUP
+    assert (out / "checkpointed").exists() and "checkpointing" in (
+        tmp_path / "run" / "logs" / "train.log"
+    ).read_text()
+    recorded = json.loads((tmp_path / "run" / "local-run.json").read_text())
+    assert [r["status"] for r in recorded["results"]] == ["stopped", "not run"]

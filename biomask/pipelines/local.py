@@ -14,6 +14,7 @@ tokenizers, checkpoints). The runner tells the outcomes apart without parsing me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -87,6 +88,7 @@ class _Stages:
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[str]] = set()
         self.signal: int | None = None  # the first SIGTERM or SIGINT
+        self.terminal_gone = threading.Event()  # the runner's stderr failed: echo nothing more
 
     @property
     def stopped(self) -> bool:
@@ -119,7 +121,8 @@ class _Stages:
             running = list(self._running)
         # os.write, not print: a handler may run while the stream's lock is held
         again = " (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
-        os.write(2, f"\nbiomask: {self.why}: waiting for the running stages to end{again}\n".encode())
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal is gone (EIO); the stages still hear
+            os.write(2, f"\nbiomask: {self.why}: waiting for the running stages to end{again}\n".encode())
         # SIGTERM on Ctrl-C too: the terminal sent a stage in its process group SIGINT already
         # (a second would stop a training stage without its checkpoint); one outside it gets this
         for proc in running:
@@ -199,7 +202,7 @@ def _run_selected(
     n_jobs = resolve_jobs(plan.pipeline.local.jobs if jobs is None else jobs)
     threads = thread_env(n_jobs, plan.pipeline.env)
     if n_jobs > 1:
-        _say(f"running up to {n_jobs} tasks at once{_describe_threads(threads)}", echo)
+        _say(f"running up to {n_jobs} tasks at once{_describe_threads(threads)}", echo, stages)
 
     order = [(name, task) for name in selected for task in plan.stages[name].tasks]
     pending = list(order)
@@ -287,7 +290,7 @@ def _run_task(
     if code is not None and code != 0 and error.get("error") == "StaleOutputError":
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
         message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
-        _say(message, echo)
+        _say(message, echo, stages)
         with open(log, "a") as sink:  # the refusal above in the log is this, not a failure
             sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
         code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
@@ -358,7 +361,7 @@ def _spawn(
             )
             if proc is None:
                 return None, {}
-            _say(f"{label}: biomask {' '.join(argv[3:])}", echo)
+            _say(f"{label}: biomask {' '.join(argv[3:])}", echo, stages)
             sink.write(f"$ {' '.join(argv)}\n")
             sink.flush()
             assert proc.stdout is not None
@@ -366,7 +369,7 @@ def _spawn(
                 for line in proc.stdout:
                     sink.write(line)
                     if echo:
-                        sys.stderr.write(f"  [{label}] {line}")
+                        _echo(f"  [{label}] {line}", stages)
                 code = proc.wait()
             finally:
                 stages.ended(proc)
@@ -377,9 +380,23 @@ def _spawn(
     return code, error
 
 
-def _say(message: str, echo: bool) -> None:
+def _say(message: str, echo: bool, stages: _Stages) -> None:
     if echo:
-        print(f"biomask: {message}", file=sys.stderr, flush=True)
+        _echo(f"biomask: {message}\n", stages)
+
+
+def _echo(text: str, stages: _Stages) -> None:
+    """Show a line on the runner's stderr. A terminal closed under the runner (ssh dropped: SIGHUP)
+    fails every write (EIO): the runner then echoes nothing more, and goes on reading each stage's
+    output into its log. Raised, the error stopped that reading: a stage blocked on its full pipe or
+    died at its next line."""
+    if stages.terminal_gone.is_set():
+        return
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        stages.terminal_gone.set()
 
 
 def _record(plan: Plan, results: list[TaskResult]) -> None:
