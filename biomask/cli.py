@@ -233,7 +233,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         path = _run_stage("pretrain", args, local_rank=args.local_rank)
     except Requeue as exc:
-        print(f"biomask: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
+            print(f"biomask: {exc}", file=sys.stderr)
         return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)

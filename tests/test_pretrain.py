@@ -734,3 +734,54 @@ def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(monkeypatch):
     for exc, rank, silent in cases:
         monkeypatch.setenv("RANK", rank)
         assert _said_by_rank0(exc) is silent, (rank, exc)
+
+
+def test_sighup_from_a_closed_terminal_checkpoints_and_exits_75(genome_store, tmp_path):
+    """ssh dropped: SIGHUP arrives and every write to the terminal fails (EIO). The checkpoint was
+    saved, then the message after it raised, and the run ended with exit 1 (a traceback nobody saw)
+    instead of 75, the code that says "resume me"."""
+    import pty
+    import select
+    import threading
+
+    out = tmp_path / "run"
+    args = overrides(genome_store, out, **{"train.steps": 150, "train.checkpoint_every": 1000})
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *args),
+        env=subprocess_env(),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # as at an interactive shell
+    )
+    os.close(terminal)
+    shown: list[bytes] = []
+    closing = threading.Event()
+
+    def read_terminal() -> None:  # a terminal's reader: the run's output must not fill it up
+        while not closing.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    shown.append(os.read(master, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        _wait_for(
+            lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc
+        )
+        closing.set()
+        reader.join()
+        os.close(master)  # the terminal is gone
+        proc.send_signal(signal.SIGHUP)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"pretrain" in b"".join(shown)  # it did write to the terminal while there was one
+    assert code == 75
+    (ckpt,) = list((out / "checkpoints").glob("step*"))
+    assert 4 <= int(ckpt.name[4:]) < 150 and not (out / "run.json").exists()
