@@ -12,13 +12,15 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from biomask import __version__
-from biomask.errors import BiomaskError, InputError
+from biomask.errors import BiomaskError, InputError, Terminated
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
@@ -838,7 +840,7 @@ def _said_by_rank0(exc: BiomaskError) -> bool:
     )
 
 
-def _report_error(exc: BiomaskError) -> None:
+def _report_error(exc: BiomaskError | Terminated) -> None:
     """Tell a pipeline runner which error ended a stage (it re-runs one whose output went stale)."""
     path = os.environ.get("BIOMASK_ERROR_FILE")
     if path:
@@ -858,6 +860,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "config_required", False) and args.config is None and not args.print_config:
         parser.error(f"{args.command}: the following arguments are required: -c/--config")
     _setup_logging(args.quiet, args.verbose)
+    with _SigtermStop():
+        return _run(args)
+
+
+class _SigtermStop:
+    """SIGTERM's default ends the process where it stands, leaving the temporary output a stage was
+    writing (`.NAME.tmp-...`, as large as the store) until a later run of that output removes it; as
+    an exception it unwinds through the stage's clean-up, as Ctrl-C does. Training replaces this
+    handler with its own while it runs (it checkpoints and exits 75, and may then ignore SIGTERM: that
+    is kept). A handler set by whoever called main() (a notebook, a test, an ignored SIGTERM) is left
+    alone."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum: int, frame: typing.Any) -> None:
+        # a second SIGTERM (a scheduler's repeat before its SIGKILL) must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.raised = True
+        raise Terminated
+
+    def __enter__(self) -> None:
+        self.installed = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        )
+        if self.installed:
+            signal.signal(signal.SIGTERM, self)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed and (self.raised or signal.getsignal(signal.SIGTERM) is self):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = cmd_print_config(args) if getattr(args, "print_config", False) else int(args.func(args) or 0)
         sys.stdout.flush()  # a reader gone away shows here, inside the handlers, not at interpreter exit
@@ -887,6 +924,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("biomask: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(
+            "biomask: stopped by SIGTERM; what it was writing was removed, nothing half-written is left. "
+            "Run the same command again to do it",
+            file=sys.stderr,
+        )
+        _report_error(exc)
+        return exc.exit_code
 
 
 def entry() -> None:

@@ -61,6 +61,19 @@ class Requeue(BiomaskError):
     exit_code = REQUEUE_EXIT_CODE
 
 
+class Terminated(BaseException):
+    """SIGTERM reached a command (`kill`, `timeout`, scancel, a pipeline runner passing a stop on),
+    raised where the command was, so the temporary output it was writing is removed as on Ctrl-C,
+    rather than left beside the output (as large as the store or file it was becoming). Not an
+    `Exception`: no handler for errors may take it for one. Exit code 143 (128 + SIGTERM), as a
+    process killed by it reads in a shell."""
+
+    exit_code = 143
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM"
+
+
 class FetchError(BiomaskError):
     """A data source could not be reached (network, mirror, missing tool). Exit code 3."""
 

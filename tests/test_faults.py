@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -776,6 +777,42 @@ def test_prep_dna_killed_at_random_points(tmp_path, cli, chrx_bases):
                 "tokenizer.kind=char", "windows.length=128", "windows.stride=64", "split.block_size=1000"]  # fmt: skip
 
     survives_kills(tmp_path, cli, args, seed=1)
+
+
+def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd):
+    """SIGTERM (`kill`, `timeout`, scancel) while prep writes its store: the command removes the
+    temporary it was writing (as large as the store would be), says so and exits 143 (128 + SIGTERM):
+    no output under its name and nothing hidden beside it. The signal is sent from inside the stage,
+    once the shards are written and before the manifest, so it lands mid-write every run."""
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+    (parent := tmp_path / "stores").mkdir()
+    out = parent / "store"
+    pid = os.fork()
+    if pid == 0:  # the child runs the stage and never returns into pytest
+        code = 1
+        try:
+            from biomask import store
+            from biomask.cli import main
+
+            finish = store.TokenStoreWriter.finish
+
+            def finish_after_sigterm(self, **manifest):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return finish(self, **manifest)
+
+            store.TokenStoreWriter.finish = finish_after_sigterm
+            code = main(["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]",
+                         f"output={out}", "tokenizer.kind=char", "windows.length=128", "split.block_size=1000"])  # fmt: skip
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    err = capfd.readouterr().err
+    assert code == 143, err
+    assert "stopped by SIGTERM" in err
+    assert not out.exists()
+    assert leftovers(parent) == []
 
 
 def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
