@@ -11,8 +11,8 @@ crash, a bad input or Ctrl-C leaves nothing half-written. Before writing, `check
 of the run's inputs is always refused, and so is a directory without biomask's run.json or one that
 holds files its run.json does not list. A mount point cannot be an output (it cannot be renamed).
 Stale temporaries of the same output (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`, left by a killed
-run) are removed by the next successful write or reuse — never a `.tmp-` directory a live run holds
-(its writer keeps a flock on it); nothing else beside the output is touched.
+run) are removed when the next write of that output starts (a `.tmp-`) or succeeds (an `.old-`, a
+previous output a kill caught mid-swap), and by a reuse — never a `.tmp-` directory a live run holds (its writer keeps a flock on it); nothing else beside the output is touched.
 """
 
 from __future__ import annotations
@@ -265,6 +265,12 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise EnvironmentIOError(f"cannot create the output {path}: " + describe_os_error(exc)) from None
     held, _ = _lock(tmp)  # so that another run's clean-up leaves it alone while this one writes
+    # a killed run's temporary is as large as the output: left until this write ends, it would hold
+    # the space this one needs (a rerun after a SIGKILL on a nearly full disk could never succeed).
+    # A `.old-` (a previous output a kill caught mid-swap) goes only once this write has succeeded.
+    for stale in stale_temporaries(path):
+        if ".tmp-" in stale.name and stale != tmp and not _being_written(stale):
+            _remove(stale)
     try:
         yield from _write_and_swap(path, tmp, token)
     finally:

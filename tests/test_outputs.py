@@ -53,6 +53,27 @@ def test_reusing_an_output_removes_a_killed_runs_temporary_but_not_a_live_ones(t
     assert (out / "data.bin").exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_a_new_write_removes_a_killed_runs_temporary_before_it_writes(tmp_path):
+    """A temporary a SIGKILL left (OOM killer, a time limit) is as large as the output: the rerun
+    removes it as it starts, not once it has written a second copy beside it, which a nearly full
+    disk has no room for. A temporary a live run holds stays."""
+    from biomask.outputs import atomic_output_dir
+
+    out = tmp_path / "store"
+    dead = tmp_path / ".store.tmp-0badc0de"
+    dead.mkdir()
+    (dead / "shard-00000.tokens.npy").write_bytes(b"\0" * 1024)
+    previous = tmp_path / ".store.old-0badc0de"  # a whole earlier output, caught mid-swap
+    previous.mkdir()
+    with atomic_output_dir(out) as live:
+        with atomic_output_dir(out) as tmp:
+            assert not dead.exists()  # gone before the writer writes anything
+            assert live.is_dir()  # another writer's, still held
+            assert previous.is_dir()  # kept until a new output is in place
+            (tmp / "manifest.json").write_text("{}")
+        assert (out / "manifest.json").exists() and live.is_dir() and not previous.exists()
+
+
 def test_run_json_identifies_the_code_and_reuse_says_when_other_code_wrote_it(tmp_path, caplog):
     """run.json records the sha256 of biomask's source (the code, also outside git or dirty), the
     threads and the libraries results depend on; reuse compares configs and inputs, not code, so
