@@ -285,6 +285,22 @@ def test_embed_overwrite_replaces_only_an_h5ad_biomask_wrote(tmp_path, cli, spli
     assert not (tmp_path / "new.h5ad").exists()
 
 
+def test_embed_names_what_a_killed_embed_left_beside_its_h5ad(tmp_path, cli, splice_rows, dna_checkpoint):
+    """A SIGKILLed embed leaves `.NAME.h5ad.tmp-XXXXXXXX` (a copy of the input, as large) that no
+    run removes: the next embed of that output names it and says to delete it; it is not deleted
+    (nothing tells a dead writer's file from a live one's), and nothing else is named."""
+    table = write_table(tmp_path / "in.csv", splice_rows[:20])
+    left = tmp_path / ".emb.h5ad.tmp-0badc0de"
+    left.write_bytes(b"\0" * 2_000_000)
+    (tmp_path / ".emb.h5ad.tmp-notours").write_bytes(b"x")
+    code, _, err = cli(
+        "embed", "--checkpoint", dna_checkpoint, "--input", table, "--output", tmp_path / "emb.h5ad"
+    )
+    assert code == 0, err
+    assert ".emb.h5ad.tmp-0badc0de (2 MB)" in err and "delete it" in err
+    assert "notours" not in err and left.exists()
+
+
 def test_stale_temporaries_of_the_same_output_are_cleaned_and_nothing_else(tmp_path, cli, splice_rows):
     table = write_table(tmp_path / "in.csv", splice_rows)
     ours = [tmp_path / ".store.tmp-0123abcd", tmp_path / ".store.old-89abcdef"]

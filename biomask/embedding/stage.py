@@ -27,7 +27,7 @@ from biomask.embedding.anndata_io import provenance
 from biomask.embedding.config import EMBED_POOLINGS, EmbedConfig, non_semantic
 from biomask.embedding.inference import check_layer, check_pooling, pick_device, vector_width
 from biomask.errors import InputError, OutputExistsError, StaleOutputError
-from biomask.outputs import atomic_file
+from biomask.outputs import atomic_file, stale_temporaries
 from biomask.provenance import sha256_file
 from biomask.stage import StageOutput
 
@@ -330,6 +330,25 @@ def _png_beside(h5ad: Path) -> Path:
     return h5ad.with_name(h5ad.name[: -len(".h5ad")] + ".umap.png")
 
 
+def _warn_leftovers(*paths: Path) -> None:
+    """A killed embed leaves its `.NAME.tmp-XXXXXXXX` beside an .h5ad output: a copy of the input, as
+    large as it, hidden, that no later run removes -- a file holds no lock that would tell a dead
+    writer's from a live one's (an output folder's temporary does, and goes by itself). Named, so
+    the space can be had back."""
+    left = [item for path in paths for item in stale_temporaries(path) if item.is_file()]
+    if left:
+        size = sum(item.stat().st_size for item in left)
+        log.warning(
+            "embed: %s (%s MB) beside %s %s left by an embed that was killed; delete %s unless an embed "
+            "of this output is running now",
+            ", ".join(item.name for item in left),
+            f"{size / 1e6:,.0f}",
+            paths[0],
+            "was" if len(left) == 1 else "were",
+            "it" if len(left) == 1 else "them",
+        )
+
+
 def _embed_fingerprints(path: Path) -> dict[str, str]:
     """uns key -> fingerprint of every embedding biomask embed wrote into an .h5ad (empty: none, or
     not an HDF5 file)."""
@@ -503,6 +522,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
             produce(tmp / OUTPUT_NAME, tmp / UMAP_NAME if wants_png else None)
     else:
         png = _png_beside(h5ad)
+        _warn_leftovers(h5ad, png)
         # the PNG goes into place before the h5ad, whose fingerprint marks the output as finished
         with atomic_file(h5ad) as tmp_h5ad, atomic_file(png) as tmp_png:
             produce(tmp_h5ad, tmp_png if wants_png else None)
