@@ -530,12 +530,14 @@ def test_a_run_dir_of_another_pipeline_is_refused(tmp_path, cli):
 
 
 def test_a_missing_input_file_is_refused_before_anything_runs(tmp_path, cli, monkeypatch):
-    """A misspelt input path of a later stage used to be found only after the stages before it ran."""
+    """A misspelt input path of a later stage used to be found only after the stages before it ran.
+    A pattern (`*.fa`) that matches a file is no missing input."""
     fasta = tmp_path / "mine.fa"
     fasta.write_text(">r\n" + "ACGT" * 500 + "\n")
     small = {"windows.length": 100, "split.block_size": 200}
+    pattern = str(tmp_path / "mi*.fa")
     stages = {
-        "genome": {"command": "prep dna", "config": GENOME, "overrides": {"inputs": [{"path": str(fasta)}], **small}},
+        "genome": {"command": "prep dna", "config": GENOME, "overrides": {"inputs": [{"path": pattern}], **small}},
         "cells": {"command": "prep cells", "config": f"{REPO}/configs/cells/pbmc3k.yaml",
                   "overrides": {"inputs": [{"path": "data/mycels.h5ad"}]}},
     }  # fmt: skip
@@ -543,7 +545,7 @@ def test_a_missing_input_file_is_refused_before_anything_runs(tmp_path, cli, mon
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("pipeline", "run", path)
     assert code == 2 and str(path) in err and "nothing has run" in err
-    assert "stage cells: inputs[0].path: data/mycels.h5ad does not exist" in err
+    assert "stage cells: inputs[0].path: data/mycels.h5ad does not exist" in err and "mi*.fa" not in err
     assert f"relative paths are read from the working directory, {tmp_path}" in err
     assert not (tmp_path / "run" / "genome").exists()
     # --only a stage whose inputs are there runs it

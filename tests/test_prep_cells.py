@@ -638,6 +638,29 @@ def test_every_format_gives_the_same_tokens(tmp_path, cli, repo, pbmc3k):
     assert sum(len(v) for v in stores["h5ad"].values()) > 250
 
 
+def test_a_pattern_in_path_reads_every_matrix_it_matches(tmp_path, cli, repo, pbmc3k):
+    """One h5ad per sample needs no input entry each: `path: samples/*.h5ad` reads every match in
+    sorted order, the cells the same as one file holding them all gives; a pattern that matches
+    nothing is refused naming it."""
+    sub, _ = _pbmc3k_cells(pbmc3k)
+    (samples := tmp_path / "samples").mkdir()
+    sub[:150].copy().write_h5ad(samples / "a.h5ad")
+    sub[150:].copy().write_h5ad(samples / "b.h5ad")
+    sub.write_h5ad(tmp_path / "all.h5ad")
+    tokens = {}
+    for name, path in (("pattern", samples / "*.h5ad"), ("whole", tmp_path / "all.h5ad")):
+        code, _, err = prep(cli, repo / CFG_3K, f"output={tmp_path / name}", f"inputs=[{{path: {path}}}]")
+        assert code == 0, err
+        store = TokenStore(tmp_path / name)
+        tokens[name] = {s: [r["tokens"].tolist() for r in store.split(s)] for s in store.splits}
+    assert [s["name"] for s in TokenStore(tmp_path / "pattern").manifest["sources"]] == ["a.h5ad", "b.h5ad"]
+    assert tokens["pattern"] == tokens["whole"] and sum(map(len, tokens["whole"].values())) > 250
+    code, _, err = prep(
+        cli, repo / CFG_3K, f"output={tmp_path / 'none'}", f"inputs=[{{path: {samples}/*.loom}}]"
+    )
+    assert code == 2 and "matches no file" in err and not (tmp_path / "none").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -313,3 +313,39 @@ def test_a_missing_relative_input_says_where_it_was_looked_for(tmp_path, cli, mo
     assert code == 2 and "data/genome.fa does not exist" in err
     assert f"relative paths are read from the working directory, {tmp_path}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pattern_in_path_reads_every_file_it_matches(tmp_path, cli):
+    """A corpus of many FASTA files needs no input entry per file: `path: DIR/*.fa*` reads every
+    match (gzipped or not), in sorted order, into the store the same files listed one by one give.
+    A pattern that matches nothing, or a folder given as a path, is refused saying what to write."""
+    data = tmp_path / "genomes"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("s0.fa", "s1.fa.gz", "s2.fa")):
+        text = f">contig1 sample {i}\n{''.join(rng.choice(list('ACGT'), 400))}\n".encode()
+        (data / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    (data / "notes.txt").write_text("not a genome")
+
+    def prep(name, inputs):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(
+            f"inputs: {inputs}\noutput: {tmp_path / name}\nwindows: {{length: 50}}\n"
+            "split: {val: 0.2, test: 0.2, block_size: 100}\n"
+        )
+        return cli("prep", "dna", "-c", cfg)
+
+    code, _, err = prep("pattern", f"[{{path: {data}/*.fa*}}]")
+    assert code == 0, err
+    store = TokenStore(tmp_path / "pattern")
+    assert [s["name"] for s in store.manifest["sources"]] == ["s0.fa", "s1.fa.gz", "s2.fa"]
+    assert sum(len(store.split(s)) for s in store.splits) == 3 * 400 // 50
+    listed = ", ".join(f"{{path: {data / n}}}" for n in ("s0.fa", "s1.fa.gz", "s2.fa"))
+    assert prep("listed", f"[{listed}]")[0] == 0
+    assert TokenStore(tmp_path / "listed").manifest["splits"] == store.manifest["splits"]
+
+    code, _, err = prep("none", f"[{{path: {data}/*.fasta}}]")
+    assert code == 2 and f"input pattern {data}/*.fasta matches no file" in err
+    code, _, err = prep("folder", f"[{{path: {data}}}]")
+    assert code == 2 and "is a directory" in err and f"path: {data}/*.fa.gz" in err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "folder").exists()

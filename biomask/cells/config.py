@@ -22,6 +22,8 @@ class InputSpec(Config):
     """One expression matrix: a registered dataset (`dataset`) or a file or 10x directory (`path`)."""
 
     dataset: str | None = None
+    # a file or 10x folder, or a pattern naming many (samples/*.h5ad, runs/*/filtered_feature_bc_matrix):
+    # each match is an input
     path: str | None = None
     # h5ad; 10x_h5 (Cell Ranger .h5); 10x_mtx (directory with matrix.mtx[.gz], features/genes, barcodes);
     # loom; auto: from the registry or the file name.

@@ -51,6 +51,7 @@ from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
 from biomask.errors import InputError, missing_input
+from biomask.inputs import pattern_matches
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import (
@@ -115,17 +116,21 @@ class CellInput:
 # --------------------------------------------------------------------------------------------- open
 
 
-def _resolve(spec: InputSpec) -> tuple[str, Path, str, str]:
-    """(name, path, format, sha256) of an input; registry entries are fetched and verified."""
+def _resolve(spec: InputSpec) -> list[tuple[str, Path, str, str]]:
+    """(name, path, format, sha256) of an input -- of each file or 10x folder a pattern in `path:`
+    matches (biomask.inputs); registry entries are fetched and verified."""
     if spec.dataset is not None:
         formats = FORMATS if spec.format == "auto" else ()  # the entry's format is used
         path, entry = datasets.fetch_input(spec.dataset, "cells", "prep cells", "expression", formats)
-        return spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256
-    path = Path(str(spec.path)).expanduser()
-    if not path.exists():
-        raise missing_input(path)
-    fmt = guess_format(path) if spec.format == "auto" else spec.format
-    return path.name, path, fmt, input_checksum(path)
+        return [(spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256)]
+    paths = pattern_matches(str(spec.path), folders=True) or [Path(str(spec.path)).expanduser()]
+    resolved = []
+    for path in paths:
+        if not path.exists():
+            raise missing_input(path)
+        fmt = guess_format(path) if spec.format == "auto" else spec.format
+        resolved.append((path.name, path, fmt, input_checksum(path)))
+    return resolved
 
 
 def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
@@ -134,16 +139,16 @@ def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
     offset = 0
     try:
         for spec in cfg.inputs:
-            name, path, fmt, digest = _resolve(spec)
-            source = open_matrix(path, fmt, spec.matrix, name=name)
-            try:
-                names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
-                targets, stats = space.add(source, names, cfg.genes.duplicates)
-            except BaseException:
-                source.close()
-                raise
-            inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
-            offset += source.n_obs
+            for name, path, fmt, digest in _resolve(spec):
+                source = open_matrix(path, fmt, spec.matrix, name=name)
+                try:
+                    names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
+                    targets, stats = space.add(source, names, cfg.genes.duplicates)
+                except BaseException:
+                    source.close()
+                    raise
+                inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
+                offset += source.n_obs
     except BaseException:
         close_inputs(inputs)
         raise

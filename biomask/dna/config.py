@@ -28,6 +28,7 @@ class InputSpec(Config):
     """One input: a registered dataset (`dataset`) or a file (`path`)."""
 
     dataset: str | None = None
+    # a file, or a pattern naming many (genomes/*.fa.gz; **/ reaches subfolders): each match is an input
     path: str | None = None
     # fasta / genbank: genome records to cut into windows; table: CSV/TSV with sequence and label
     # columns; keel: KEEL data file (comma-separated bases, label last); auto: registry or file name.

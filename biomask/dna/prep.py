@@ -48,6 +48,7 @@ from biomask.dna.tokenizers import (
 )
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, missing_input
+from biomask.inputs import pattern_matches
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -97,6 +98,22 @@ def _task_format(spec: InputSpec, fmt: str, path: Path) -> str:
     return "task"
 
 
+def _input_paths(text: str) -> list[Path]:
+    """The file `path:` names, or the files a pattern in it matches (biomask.inputs)."""
+    matches = pattern_matches(text)
+    if matches is not None:
+        return matches
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise InputError(
+            f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`, or "
+            f"the files in it with a pattern: `path: {path}/*.fa.gz` (every match is an input)"
+        )
+    if not path.is_file():
+        raise missing_input(path, "input file")
+    return [path]
+
+
 def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     """Fetch registered datasets, check local files, and work out each input's format."""
     resolved = []
@@ -109,21 +126,15 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
                 ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256)
             )
         else:
-            path = Path(str(spec.path)).expanduser()
-            if path.is_dir():
-                raise InputError(
-                    f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`"
-                )
-            if not path.is_file():
-                raise missing_input(path, "input file")
-            if path.stat().st_size == 0:
-                raise InputError(f"input file {path} is empty")
-            fmt = _guess_format(path) if spec.format == "auto" else spec.format
-            try:
-                digest = sha256_file(path)
-            except OSError as exc:
-                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
-            resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
+            for path in _input_paths(str(spec.path)):
+                if path.stat().st_size == 0:
+                    raise InputError(f"input file {path} is empty")
+                fmt = _guess_format(path) if spec.format == "auto" else spec.format
+                try:
+                    digest = sha256_file(path)
+                except OSError as exc:
+                    raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+                resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
         raise InputError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -205,6 +206,8 @@ def check_input_files(plan: Plan, selected: Sequence[str]) -> None:
                 if not isinstance(path, str):
                     continue
                 full = plan.workdir / Path(path).expanduser()
+                if glob.has_magic(path) and next(glob.iglob(str(full), recursive=True), None):
+                    continue  # a pattern that matches: the stage reads every match
                 if not full.exists() and not full.is_relative_to(plan.run_dir):  # run_dir: a stage's
                     missing.append((f"stage {name}: inputs[{i}].path: {path} does not exist", path))
     if missing:
