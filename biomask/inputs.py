@@ -31,3 +31,19 @@ def pattern_matches(text: str, *, folders: bool = False) -> list[Path] | None:
             )
         )
     return found
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """Each input's name in a store (its records' `source`, the manifest's entries per input): the
+    file name, or where inputs share one -- every Cell Ranger sample is a `filtered_feature_bc_matrix`
+    folder -- as many of its last path parts as tell it apart (`sampleA/filtered_feature_bc_matrix`),
+    so cells and windows still say which input they came from. One file listed twice keeps one name."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    names = []
+    for mine in parts:
+        others = [other for other in parts if other != mine]
+        depth = 1
+        while depth < len(mine) and any(other[-depth:] == mine[-depth:] for other in others):
+            depth += 1
+        names.append("/".join(mine[-depth:]))
+    return names

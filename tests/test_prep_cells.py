@@ -661,6 +661,25 @@ def test_a_pattern_in_path_reads_every_matrix_it_matches(tmp_path, cli, repo, pb
     assert code == 2 and "matches no file" in err and not (tmp_path / "none").exists()
 
 
+def test_samples_whose_files_share_a_name_stay_apart(tmp_path, cli, repo, pbmc3k):
+    """Cell Ranger names every sample's matrix alike (`sampleA/.../filtered_feature_bc_matrix`): each
+    cell's source, and each input's entry in the manifest, says which sample it came from (the
+    folder name alone named every cell alike, and the manifest kept one entry for all)."""
+    sub, _ = _pbmc3k_cells(pbmc3k)
+    for sample, cells in (("A", sub[:150]), ("B", sub[150:])):
+        (tmp_path / sample).mkdir()
+        cells.copy().write_h5ad(tmp_path / sample / "cells.h5ad")
+    code, _, err = prep(
+        cli, repo / CFG_3K, f"output={tmp_path / 'out'}", f"inputs=[{{path: {tmp_path}/*/cells.h5ad}}]"
+    )
+    assert code == 0, err
+    store = TokenStore(tmp_path / "out")
+    assert [s["name"] for s in store.manifest["sources"]] == ["A/cells.h5ad", "B/cells.h5ad"]
+    assert sorted(store.manifest["coverage"]) == ["A/cells.h5ad", "B/cells.h5ad"]
+    sources = pd.concat([store.split(s).meta() for s in store.splits])["source"]
+    assert set(sources) == {"A/cells.h5ad", "B/cells.h5ad"}
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

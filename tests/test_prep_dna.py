@@ -349,3 +349,26 @@ def test_a_pattern_in_path_reads_every_file_it_matches(tmp_path, cli):
     code, _, err = prep("folder", f"[{{path: {data}}}]")
     assert code == 2 and "is a directory" in err and f"path: {data}/*.fa.gz" in err
     assert not (tmp_path / "none").exists() and not (tmp_path / "folder").exists()
+
+
+def test_inputs_that_share_a_file_name_stay_apart(tmp_path, cli, caplog):
+    """One folder per sample, each holding `genome.fa` with a record `chr1`: each window's source
+    says which sample's file it came from (the file name alone named both alike), the record keeps its
+    name, and one record name in two files is no duplicate."""
+    rng = np.random.default_rng(1)
+    for sample in ("A", "B"):
+        (tmp_path / sample).mkdir()
+        (tmp_path / sample / "genome.fa").write_text(f">chr1\n{''.join(rng.choice(list('ACGT'), 300))}\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"inputs: [{{path: {tmp_path}/*/genome.fa}}]\noutput: {tmp_path / 'out'}\nwindows: {{length: 50}}\n"
+        "split: {val: 0.0, test: 0.0, block_size: 100}\n"
+    )
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 0, err
+    store = TokenStore(tmp_path / "out")
+    assert [s["name"] for s in store.manifest["sources"]] == ["A/genome.fa", "B/genome.fa"]
+    meta = store.split("train").meta()
+    assert meta.groupby("source").size().to_dict() == {"A/genome.fa": 6, "B/genome.fa": 6}
+    assert set(meta["record"]) == {"chr1"} and meta["id"].iloc[0] == "chr1:0-50(+)"
+    assert "duplicate record names" not in err

@@ -51,7 +51,7 @@ from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
 from biomask.errors import InputError, missing_input
-from biomask.inputs import pattern_matches
+from biomask.inputs import distinct_names, pattern_matches
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import (
@@ -133,22 +133,30 @@ def _resolve(spec: InputSpec) -> list[tuple[str, Path, str, str]]:
     return resolved
 
 
+def _resolve_all(specs: list[InputSpec]) -> list[tuple[InputSpec, str, Path, str, str]]:
+    """(spec, name, path, format, sha256) of every input, files named apart (biomask.inputs)."""
+    found = [(spec, *entry) for spec in specs for entry in _resolve(spec)]
+    files = [i for i, (spec, *_) in enumerate(found) if spec.dataset is None]
+    for i, name in zip(files, distinct_names([found[i][2] for i in files])):
+        found[i] = (found[i][0], name, *found[i][2:])
+    return found  # type: ignore[return-value]
+
+
 def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
     """Open every input and register its genes in `space` (closing what was opened if one fails)."""
     inputs: list[CellInput] = []
     offset = 0
     try:
-        for spec in cfg.inputs:
-            for name, path, fmt, digest in _resolve(spec):
-                source = open_matrix(path, fmt, spec.matrix, name=name)
-                try:
-                    names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
-                    targets, stats = space.add(source, names, cfg.genes.duplicates)
-                except BaseException:
-                    source.close()
-                    raise
-                inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
-                offset += source.n_obs
+        for spec, name, path, fmt, digest in _resolve_all(cfg.inputs):
+            source = open_matrix(path, fmt, spec.matrix, name=name)
+            try:
+                names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
+                targets, stats = space.add(source, names, cfg.genes.duplicates)
+            except BaseException:
+                source.close()
+                raise
+            inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
+            offset += source.n_obs
     except BaseException:
         close_inputs(inputs)
         raise

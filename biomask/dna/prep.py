@@ -48,7 +48,7 @@ from biomask.dna.tokenizers import (
 )
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, missing_input
-from biomask.inputs import pattern_matches
+from biomask.inputs import distinct_names, pattern_matches
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -114,27 +114,32 @@ def _input_paths(text: str) -> list[Path]:
     return [path]
 
 
+def _resolve_one(spec: InputSpec, resolved: list[ResolvedInput]) -> None:
+    if spec.dataset is not None:
+        formats = INPUT_FORMATS if spec.format == "auto" else ()  # the entry's format is used
+        path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA", formats)
+        fmt = entry.format if spec.format == "auto" else spec.format
+        resolved.append(ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256))
+    else:
+        for path in _input_paths(str(spec.path)):
+            if path.stat().st_size == 0:
+                raise InputError(f"input file {path} is empty")
+            fmt = _guess_format(path) if spec.format == "auto" else spec.format
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+            resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
+
+
 def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     """Fetch registered datasets, check local files, and work out each input's format."""
-    resolved = []
+    resolved: list[ResolvedInput] = []
     for spec in specs:
-        if spec.dataset is not None:
-            formats = INPUT_FORMATS if spec.format == "auto" else ()  # the entry's format is used
-            path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA", formats)
-            fmt = entry.format if spec.format == "auto" else spec.format
-            resolved.append(
-                ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256)
-            )
-        else:
-            for path in _input_paths(str(spec.path)):
-                if path.stat().st_size == 0:
-                    raise InputError(f"input file {path} is empty")
-                fmt = _guess_format(path) if spec.format == "auto" else spec.format
-                try:
-                    digest = sha256_file(path)
-                except OSError as exc:
-                    raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
-                resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
+        _resolve_one(spec, resolved)
+    files = [r for r in resolved if r.spec.dataset is None]
+    for r, name in zip(files, distinct_names([r.path for r in files])):
+        r.name = name
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
         raise InputError(
@@ -307,7 +312,7 @@ def _warn_duplicates(what: str, names: list[str]) -> None:
 
 
 def _window_meta(inp: ResolvedInput, batch: WindowBatch, strand: str) -> pd.DataFrame:
-    record = batch.record.split("/", 1)[1]
+    record = batch.record[len(inp.name) + 1 :]  # batch.record is "{input name}/{record}"
     width = batch.windows.shape[1]
     ends = batch.starts + width
     return pd.DataFrame(
