@@ -14,7 +14,7 @@ Layout of a store directory::
 Records are variable length (ragged, addressed through offsets); when every record of a split has
 the same length the manifest says so (`fixed_length`) and `Shard.matrix()` returns a zero-copy
 2-D view. Arrays are opened memory-mapped, so random access and streaming never load a whole
-store: memory is bounded by what a caller touches, and by one shard while writing.
+store: memory is bounded by what a caller touches, and by one shard per split while writing.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class SplitWriter:
     """Appends records to one split, writing a shard whenever `shard_tokens` tokens are buffered.
 
     Use `add_batch` with flat token-aligned arrays and per-record lengths (the fast path), or `add`
-    for one record. Memory held is one shard's worth of buffered arrays.
+    for one record. Memory held is one shard's worth of buffered arrays (per split: a store's writer
+    holds one for each of train, val and test).
     """
 
     def __init__(
