@@ -59,6 +59,40 @@ def test_header_split_across_read_chunks(tmp_path, monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7])
+@pytest.mark.parametrize("text", [*TRICKY, ">one line\n" + "ACGTN" * 40 + "\n>next\n" + "GC" * 30])
+def test_every_chunk_edge_agrees_with_biopython(tmp_path, monkeypatch, text, chunk):
+    """Chunk edges anywhere: in a header, in a sequence line longer than a chunk, at a line break."""
+    import biomask.dna.readers as readers
+
+    monkeypatch.setattr(readers, "_READ_CHUNK", chunk)
+    path = tmp_path / "x.fa"
+    path.write_text(text)
+    reference = [(t.split()[0], s.replace(" ", "")) for t, s in SimpleFastaParser(io.StringIO(text))]
+    assert blocks_to_records(read_fasta_blocks(path, 3)) == reference
+
+
+def test_a_chromosome_on_one_line_is_streamed(tmp_path, monkeypatch):
+    """A FASTA written unwrapped (`seqkit seq -w 0`: a 250 Mb chromosome on one line) streams like a
+    wrapped one: its first blocks come before the file is read to the end. The line used to be
+    gathered whole (and copied at every chunk) before any block came out."""
+    import random
+
+    import biomask.dna.readers as readers
+
+    monkeypatch.setattr(readers, "_READ_CHUNK", 1 << 16)
+    rng = random.Random(0)
+    bases = "".join(rng.choice("ACGT") for _ in range(3_000_000))
+    path = tmp_path / "unwrapped.fa"
+    path.write_text(f">chr1\n{bases}\n")
+    read = [0]
+    blocks = read_fasta_blocks(path, 10_000, on_read=lambda n: read.__setitem__(0, read[0] + n))
+    name, start, first = next(blocks)
+    assert (name, start, first) == ("chr1", 0, bases[:10_000].encode())
+    assert read[0] < path.stat().st_size  # streamed: the rest of the line is still unread
+    assert b"".join([first, *(b for _, _, b in blocks)]) == bases.encode()
+
+
 def test_not_genbank(tmp_path):
     path = tmp_path / "x.gbk"
     path.write_text(">fasta\nACGT\n")

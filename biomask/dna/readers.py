@@ -133,12 +133,21 @@ def read_fasta_blocks(
             raise InputError(
                 f"{path} is not FASTA: its first line is {shown!r}, a FASTA file starts with '>'"
             )
-        carry = b""
+        carry, midline = b"", False
         while text:
+            if midline:  # the rest of a sequence line begun in an earlier chunk: bases, even a '>'
+                end = text.find(b"\n") + 1 or len(text)
+                yield from state.feed_bases(text[:end])
+                text, midline = text[end:], text[end - 1 : end] != b"\n"
             data = carry + text
             cut = data.rfind(b"\n") + 1
             carry, data = data[cut:], data[:cut]  # keep a partial last line: it may be a header
             yield from state.feed(data)
+            if carry and not carry.startswith(b">"):
+                # a sequence line longer than a chunk (a chromosome written unwrapped, on one line):
+                # kept whole, it would sit in memory, copied at every chunk
+                yield from state.feed_bases(carry)
+                carry, midline = b"", True
             text = handle.read(_READ_CHUNK)
         yield from state.feed(carry + b"\n")
         yield from state.finish()
@@ -166,12 +175,16 @@ class _FastaState:
                 continue
             header = data.find(b"\n>", pos)
             stop = header + 1 if header >= 0 else len(data)
-            self.pending += data[pos:stop].translate(None, _WHITESPACE)
+            yield from self.feed_bases(data[pos:stop])
             pos = stop
-            while len(self.pending) >= self.block_size:
-                yield self.name, self.start, bytes(self.pending[: self.block_size])
-                del self.pending[: self.block_size]
-                self.start += self.block_size
+
+    def feed_bases(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
+        """Sequence text of the current record (line breaks and spaces are dropped), no header in it."""
+        self.pending += data.translate(None, _WHITESPACE)
+        while len(self.pending) >= self.block_size:
+            yield self.name, self.start, bytes(self.pending[: self.block_size])
+            del self.pending[: self.block_size]
+            self.start += self.block_size
 
     def finish(self) -> Iterator[tuple[str, int, bytes]]:
         """Close the current record: emit its last block, or complain if it had no bases."""
