@@ -46,6 +46,36 @@ def test_gzip_and_plain_read_the_same(tmp_path):
     assert list(read_fasta_blocks(tmp_path / "p.fa", 5)) == list(read_fasta_blocks(tmp_path / "g.fa.gz", 5))
 
 
+def test_bzip2_and_xz_read_as_plain_and_zstd_or_zip_are_named(tmp_path):
+    """Genomes come as .fa.bz2 and .fa.xz too: read like .fa.gz, the format told from the name under
+    the suffix. A .zst or .zip (no streaming reader in Python's library) is refused saying what it
+    is and what to do -- it used to be "cannot tell the format", then, with `format: fasta`, "is not
+    FASTA: its first line is" binary."""
+    import bz2
+    import lzma
+
+    from biomask.dna.readers import guess_format
+
+    text = TRICKY[0]
+    (tmp_path / "p.fa").write_text(text)
+    plain = list(read_fasta_blocks(tmp_path / "p.fa", 5))
+    for name, compress in (("g.fa.bz2", bz2.compress), ("g.fasta.xz", lzma.compress)):
+        (tmp_path / name).write_bytes(compress(text.encode()))
+        assert guess_format(tmp_path / name) == "fasta"
+        assert list(read_fasta_blocks(tmp_path / name, 5)) == plain
+    (tmp_path / "cut.fa.xz").write_bytes(lzma.compress(text.encode())[:-8])
+    with pytest.raises(InputError, match="cut.fa.xz: corrupt or truncated xz file"):
+        list(read_fasta_blocks(tmp_path / "cut.fa.xz", 5))
+    for name, head, what in (
+        ("g.fa.zst", b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+        ("g.fa.zip", b"PK\x03\x04", "a zip archive"),
+    ):
+        (tmp_path / name).write_bytes(head + b"\0" * 64)
+        assert guess_format(tmp_path / name) == "fasta"
+        with pytest.raises(InputError, match=f"{name} is {what}; biomask reads plain, gzip, bzip2 and xz"):
+            list(read_fasta_blocks(tmp_path / name, 5))
+
+
 def test_header_split_across_read_chunks(tmp_path, monkeypatch):
     import biomask.dna.readers as readers
 

@@ -8,11 +8,13 @@ checked later, by the cleaning policy.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
 import gzip
 import io
 import logging
+import lzma
 import os
 import warnings
 import zlib
@@ -29,6 +31,16 @@ from biomask.errors import InputError, missing_input
 log = logging.getLogger(__name__)
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_BZIP2_MAGIC = b"BZh"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+# compressions Python's standard library cannot stream: named, with what to do, rather than read as text
+_UNREADABLE = {
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "`zstd -d` it"),
+    b"PK\x03\x04": ("a zip archive", "unzip it and give the file inside"),
+}
+# what a compressed file's name ends with: looked through to tell the format from the name (a .zst
+# or .zip is then refused by its bytes, saying what to do, rather than as a name that says nothing)
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # File formats by name (a trailing .gz is looked through): `biomask prep dna` and `biomask embed` both
 # guess from this one list, so a file one of them reads by its name the other recognises too.
@@ -42,7 +54,8 @@ SUFFIXES = {
 
 def guess_format(path: str | os.PathLike) -> str | None:
     """fasta, genbank, table or keel from the file name; None when the name does not say."""
-    name = Path(path).name.lower().removesuffix(".gz")
+    name = Path(path).name.lower()
+    name = next((name.removesuffix(c) for c in COMPRESSED_SUFFIXES if name.endswith(c)), name)
     return next((fmt for fmt, suffixes in SUFFIXES.items() if name.endswith(suffixes)), None)
 
 
@@ -67,7 +80,7 @@ class _CountingReader(io.RawIOBase):
 
 
 def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None = None) -> IO[bytes]:
-    """Open a file for reading bytes, decompressing gzip when it starts with the gzip magic bytes.
+    """Open a file for reading bytes, decompressing gzip, bzip2 or xz by the file's first bytes.
     `on_read` is called with the number of (compressed) bytes read, to drive a progress bar."""
     path = Path(path)
     if path.is_dir():
@@ -78,11 +91,22 @@ def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None =
         raise missing_input(path, "input file") from None
     except OSError as exc:
         raise InputError(f"cannot read input file {path}: {exc.strerror}") from None
-    head = raw.read(2)
+    head = raw.read(6)
     raw.seek(0)
+    for magic, (what, fix) in _UNREADABLE.items():
+        if head.startswith(magic):
+            raw.close()
+            raise InputError(
+                f"{path} is {what}; biomask reads plain, gzip, bzip2 and xz files: {fix} (or recompress "
+                "it with gzip)"
+            )
     stream: IO[bytes] = io.BufferedReader(_CountingReader(raw, on_read), 1 << 20)
-    if head == _GZIP_MAGIC:
+    if head.startswith(_GZIP_MAGIC):
         stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+    elif head.startswith(_BZIP2_MAGIC):
+        stream = bz2.BZ2File(stream, mode="rb")  # type: ignore[assignment]
+    elif head.startswith(_XZ_MAGIC):
+        stream = lzma.LZMAFile(stream, mode="rb")  # type: ignore[assignment]
     return stream
 
 
@@ -94,11 +118,24 @@ def open_text(path: str | os.PathLike) -> IO[str]:
 
 @contextlib.contextmanager
 def decompression_errors(path: Path) -> Iterator[None]:
-    """Turn a corrupt or truncated gzip stream into an InputError naming the file."""
+    """Turn a corrupt or truncated compressed stream into an InputError naming the file."""
     try:
         yield
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise InputError(f"{path}: corrupt or truncated {_compression(path)} file ({exc})") from None
+
+
+def _compression(path: Path) -> str:
+    """gzip, bzip2 or xz by a file's first bytes (what a decompression error names)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        return "compressed"
+    for magic, name in ((_GZIP_MAGIC, "gzip"), (_BZIP2_MAGIC, "bzip2"), (_XZ_MAGIC, "xz")):
+        if head.startswith(magic):
+            return name
+    return "compressed"
 
 
 _WHITESPACE = b" \t\r\n\v\f"
