@@ -6,6 +6,8 @@ message names the file, record, line or key and says what to do, and the process
 
 from __future__ import annotations
 
+import resource  # here, not where it is needed: out of file descriptors, an import cannot open its module
+
 
 class BiomaskError(Exception):
     """Base class; the CLI prints the message (no traceback) and exits with `exit_code`."""
@@ -113,6 +115,13 @@ def describe_os_error(exc: OSError, where: str | None = None) -> str:
         hint = "check the permissions (or choose another path) and run again"
     elif code == "EBUSY":
         hint = "a mount point or a busy file cannot be replaced; choose a folder inside it"
+    elif code in ("EMFILE", "ENFILE"):
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        hint = (
+            f"this process may hold {limit} files open (`ulimit -n`), and a prep stage holds every input "
+            "open while it reads them (an h5ad: 3 each): raise the limit (`ulimit -n 65536` before the "
+            "command) or join the inputs into fewer files"
+        )
     else:
         hint = "check the path and run again"
     target = f" {path}" if path is not None else ""

@@ -680,6 +680,39 @@ def test_samples_whose_files_share_a_name_stay_apart(tmp_path, cli, repo, pbmc3k
     assert set(sources) == {"A/cells.h5ad", "B/cells.h5ad"}
 
 
+def test_too_many_inputs_open_at_once_says_so_not_that_a_file_is_unreadable(tmp_path, repo, capfd):
+    """prep holds every input open while it reads them (an h5ad: 3 descriptors): a pattern matching
+    more files than the open-file limit allows used to call one "not a readable HDF5 file; is it
+    really this format?", or say "check the path". The stage runs in a child with a low limit."""
+    import os
+    import resource
+    import sys
+
+    import anndata
+
+    for i in range(16):
+        anndata.AnnData(sp.csr_matrix(np.eye(3, dtype=np.float32))).write_h5ad(tmp_path / f"s{i:02d}.h5ad")
+    pid = os.fork()
+    if pid == 0:  # the child runs the stage and never returns into pytest
+        code = 1
+        try:
+            from biomask.cli import main
+
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+            code = main(["prep", "cells", "-c", str(repo / CFG_3K), f"output={tmp_path / 'out'}",
+                         f"inputs=[{{path: {tmp_path}/*.h5ad}}]"])  # fmt: skip
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert "Too many open files" in err and "ulimit -n" in err and "fewer files" in err
+    assert "not a readable HDF5" not in err and "check the path" not in err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

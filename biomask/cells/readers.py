@@ -19,6 +19,7 @@ Gene names are kept as the file has them (no `-1` suffixes): duplicates are hand
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -124,6 +125,11 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
+        if exc.errno == errno.EMFILE or "Too many open files" in str(exc):  # h5py's carries no errno
+            from biomask.errors import EnvironmentIOError, describe_os_error
+
+            error = OSError(errno.EMFILE, "Too many open files", str(path))
+            raise EnvironmentIOError(describe_os_error(error)) from None
         raise InputError(f"{path} is not a readable HDF5 file ({exc}); is it really this format?") from None
 
 
