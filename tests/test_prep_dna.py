@@ -372,3 +372,21 @@ def test_inputs_that_share_a_file_name_stay_apart(tmp_path, cli, caplog):
     assert meta.groupby("source").size().to_dict() == {"A/genome.fa": 6, "B/genome.fa": 6}
     assert set(meta["record"]) == {"chr1"} and meta["id"].iloc[0] == "chr1:0-50(+)"
     assert "duplicate record names" not in err
+
+
+def test_a_labelled_set_is_written_in_shards_of_shard_tokens(tmp_path, cli, repo, splice_store):
+    """A large labelled table is tokenized and written in runs, so shards close at `shard_tokens`
+    as a genome's do (it went into one shard per split, whatever its size, its tokens held twice as
+    int64 on the way): the records, labels and metadata are those of the one-shard store."""
+    out = tmp_path / "sharded"
+    code, _, err = cli(
+        "prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}", "shard_tokens=20000"
+    )
+    assert code == 0, err
+    one, sharded = TokenStore(splice_store), TokenStore(out)
+    assert len(one.split("train").shards) == 1 and len(sharded.split("train").shards) > 3
+    for split in one.splits:
+        a, b = one.split(split), sharded.split(split)
+        assert [r["tokens"].tolist() for r in a] == [r["tokens"].tolist() for r in b]
+        assert a.record_field("labels").tolist() == b.record_field("labels").tolist()
+        assert a.meta().equals(b.meta())

@@ -478,6 +478,20 @@ def stratified_split(labels: list[str], val: float, test: float, seed: int) -> l
     return assignment
 
 
+def _chunks(members: list[int], lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """`members` in runs of about `budget` bases: a split encoded whole held its tokens as int64 twice
+    over (1.6 GB for 100 M bases) and went into one shard whatever `shard_tokens` said; in runs, the
+    writer closes a shard at `shard_tokens`, as for genomes."""
+    start, total = 0, 0
+    for end, length in enumerate(lengths, start=1):
+        total += length
+        if total >= budget:
+            yield members[start:end]
+            start, total = end, 0
+    if start < len(members):
+        yield members[start:]
+
+
 def _prep_labelled(
     cfg: DNAPrepConfig, inputs: list[ResolvedInput], cleaner: Cleaner, out: Path
 ) -> dict[str, Any]:
@@ -568,19 +582,18 @@ def _prep_labelled(
         part = writer.split(split)
         found = collections.Counter(kept[i][0].label for i in members)
         class_counts[split] = {n: found[n] for n in label_names if n in found}
-        if not members:
-            continue
-        encoded = tokenizer.encode_batch([kept[i][1] for i in members])
-        meta = pd.DataFrame(
-            {
-                "id": [kept[i][0].id for i in members],
-                "source": [Path(kept[i][0].source).name for i in members],
-                "line": [kept[i][0].line for i in members],
-                "label": [kept[i][0].label for i in members],
-            }
-        )
-        labels = np.array([label_index[kept[i][0].label] for i in members], dtype=np.int64)
-        part.add_batch(encoded.lengths, tokens=encoded.values, labels=labels, meta=meta)
+        for chunk in _chunks(members, [len(kept[i][1]) for i in members], min(cfg.shard_tokens, 1 << 22)):
+            encoded = tokenizer.encode_batch([kept[i][1] for i in chunk])
+            meta = pd.DataFrame(
+                {
+                    "id": [kept[i][0].id for i in chunk],
+                    "source": [Path(kept[i][0].source).name for i in chunk],
+                    "line": [kept[i][0].line for i in chunk],
+                    "label": [kept[i][0].label for i in chunk],
+                }
+            )
+            labels = np.array([label_index[kept[i][0].label] for i in chunk], dtype=np.int64)
+            part.add_batch(encoded.lengths, tokens=encoded.values, labels=labels, meta=meta)
     counts["kept"] = len(kept)
     return writer.finish(
         modality="dna",
