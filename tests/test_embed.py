@@ -530,3 +530,26 @@ def test_duplicate_gene_names_follow_the_duplicates_argument(pbmc_h5ad, cells_ch
     )
     np.testing.assert_allclose(first.obsm["X_biomask"], without.obsm["X_biomask"], rtol=0, atol=2e-5)
     assert not np.allclose(summed.obsm["X_biomask"], first.obsm["X_biomask"], rtol=0, atol=1e-3)
+
+
+def test_a_store_of_many_files_embeds_with_each_windows_file_and_place(dna_checkpoint, tmp_path, cli, repo):
+    """A genome store prepared from one file per sample, each with a record `chr1`: every window's
+    row carries the store's metadata -- its source file, record, start, end and strand -- so windows
+    that share an id (`chr1:0-100(+)` in each file) still say where they came from. Only id and
+    split (and label) used to come along: 2 of every 2 rows here were named alike."""
+    rng = np.random.default_rng(2)
+    for sample in ("A", "B"):
+        (tmp_path / sample).mkdir()
+        (tmp_path / sample / "g.fa").write_text(f">chr1\n{''.join(rng.choice(list('ACGT'), 300))}\n")
+    store = tmp_path / "store"
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {tmp_path}/*/g.fa}}]",
+                       f"output={store}", "tokenizer.kind=char", "windows.length=100", "split.block_size=100")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(
+        "embed", "--checkpoint", dna_checkpoint, "--input", store, "--output", tmp_path / "e.h5ad"
+    )
+    assert code == 0, err
+    obs = read(tmp_path / "e.h5ad").obs
+    assert {"source", "record", "start", "end", "strand"} <= set(obs.columns)
+    rows = sorted(zip(obs["source"], obs["id"], obs["start"].astype(int)))
+    assert rows == sorted((f"{s}/g.fa", f"chr1:{a}-{a + 100}(+)", a) for s in "AB" for a in (0, 100, 200))

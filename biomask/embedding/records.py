@@ -26,7 +26,7 @@ Chunk = tuple[pd.DataFrame, list[dict[str, Any]]]
 
 
 def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
-    """Every record of a token store, split by split, with its id, label and split."""
+    """Every record of a token store, split by split, with its id, label, split and metadata."""
     from biomask.store import TokenStore
 
     store = TokenStore(root)
@@ -50,6 +50,11 @@ def read_store(root: Path, chunk_size: int) -> Iterator[Chunk]:
             )
             if labels is not None:
                 frame["label"] = [names[int(v)] for v in labels[start:stop]]
+            # the rest of the store's metadata (a window's source file, record and coordinates; a
+            # cell's source and obs columns): ids alone repeat across the files of a corpus
+            for column in meta.columns:
+                if column not in frame.columns:
+                    frame[column] = meta[column].to_numpy()[start:stop]
             # every token field travels (cells stores: values and bins); labels are obs, not model input
             records = [{k: v for k, v in split[i].items() if k != "labels"} for i in range(start, stop)]
             yield frame, records
