@@ -799,3 +799,25 @@ def test_the_best_fixed_ratio_is_one_built_as_r2maes_model_is_not_an_ablations()
     ev.architecture = {}  # no checkpoint configs to read: every fixed ratio competes, as before
     (row,) = r2mae_vs_fixed(ev, "r2mae")
     assert row["group"] == "fixed40-blind"
+
+
+def test_a_report_rendered_by_other_code_than_its_results_says_which_code_computed_them(tmp_path):
+    """A report rebuilt after a pull names the renderer's commit in its header: a reader would take
+    it for the results', so the report names the code that wrote every stage it read."""
+    from biomask.report.collect import StageRecord
+    from biomask.report.report import _code_versions
+
+    stages = {
+        "biomask": "0.1.0",
+        "source_sha256": "a" * 64,
+        "git_commit": "70cfd6d1" + "0" * 32,
+        "git_dirty": False,
+    }
+    records = [
+        StageRecord(tmp_path / name, "evaluate", "f" * 64, stages, [], {}, "") for name in ("e1", "e2")
+    ]
+    renderer = {**stages, "source_sha256": "b" * 64, "git_commit": "1906d2be" + "0" * 32}
+    (_, line) = _code_versions(records, renderer)
+    assert "written by 70cfd6d100" in line and "rendered by 1906d2be00" in line
+    assert _code_versions(records, stages) == []  # the same code: the header says it all
+    assert _code_versions(records, {**renderer, "source_sha256": None}) == []  # nothing to compare

@@ -603,13 +603,24 @@ def _code_label(code: dict[str, Any]) -> str:
     return f"{commit}{' (dirty)' if code.get('git_dirty') else ''}{source}"
 
 
-def _code_versions(records: list[StageRecord]) -> list[str]:
+def _code_versions(records: list[StageRecord], renderer: dict[str, Any] | None = None) -> list[str]:
     """A line when the inputs were not all written by one clean code version (a run that spanned a
-    commit, or uncommitted changes): the header's commit is then not the whole story."""
+    commit, or uncommitted changes), or when the one version that wrote them is not the code that
+    renders the report (a report rebuilt after a pull): the header's commit is then not the whole
+    story, and a reader would take the renderer's commit for the results'."""
     versions: dict[str, list[str]] = {}
     for r in records:
         versions.setdefault(_code_label(r.code), []).append(r.path.name)
     dirty = any(r.code.get("git_dirty") for r in records)
+    if len(versions) == 1 and not dirty and renderer is not None:
+        written = records[0].code.get("source_sha256")
+        if written and renderer.get("source_sha256") and written != renderer["source_sha256"]:
+            return [
+                "",
+                f"**Code versions.** Every input stage was written by {next(iter(versions))}; this report "
+                f"was rendered by {_code_label(renderer)}: the results are the former's, the header's "
+                "commit only the renderer's. See the provenance table below.",
+            ]
     if len(versions) <= 1 and not dirty:
         return []
     parts = [
@@ -711,7 +722,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         + "; comparisons are paired (the same splits, and the same pretraining seed where there are several). A difference is called significant "
         "only when its paired interval excludes zero; a target is met when that interval lies at or above "
         "zero, not met when below it, and level when it holds zero.",
-        *_code_versions(records),
+        *_code_versions(records, code),
         "",
         "## Summary",
         "",
