@@ -821,3 +821,16 @@ def test_a_report_rendered_by_other_code_than_its_results_says_which_code_comput
     assert "written by 70cfd6d100" in line and "rendered by 1906d2be00" in line
     assert _code_versions(records, stages) == []  # the same code: the header says it all
     assert _code_versions(records, {**renderer, "source_sha256": None}) == []  # nothing to compare
+
+
+def test_the_header_says_what_plus_minus_is_and_what_a_paired_interval_leaves_out():
+    """Scores read `0.930 ± 0.009 [0.851, 1.000]`: the key must say ± is the sd, the interval is cut
+    at the metric's range, and, over pretraining seeds, that a baseline's or the random init's mean is
+    taken as fixed (its split-to-split spread is not in the interval a verdict rests on)."""
+    from biomask.report.report import _how_to_read
+
+    grouped = _how_to_read(grouped=True)
+    assert "mean ± sd [95 % confidence interval" in grouped and "cut to the metric's range" in grouped
+    assert "taken as fixed" in grouped and "not the variation between splits" in grouped
+    plain = _how_to_read(grouped=False)
+    assert "mean ± sd" in plain and "taken as fixed" not in plain  # one unit, the split: nothing left out

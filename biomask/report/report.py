@@ -158,6 +158,32 @@ def _unit(ev: Evaluation) -> str:
 # ------------------------------------------------------------------------------------------- sections
 
 
+def _how_to_read(grouped: bool) -> str:
+    """The header's key to every number below: what ± is, what an interval is over and what it
+    leaves out, and when a difference or a target is called."""
+    over = (
+        ": a pretrained scheme's over its pretraining seeds (each seed's score the mean over the "
+        "evaluation splits), a baseline's and the random init's over the evaluation splits"
+        if grouped
+        else " over the evaluation splits"
+    )
+    fixed = (
+        " A baseline or the random init has no pretraining seeds: each seed's score is paired with its "
+        "mean over the same splits, taken as fixed, so such an interval holds the variation between "
+        "pretraining seeds on these splits, not the variation between splits or between random "
+        "initialisations (each split's scores are in the evaluation's metrics.json)."
+        if grouped
+        else ""
+    )
+    return (
+        f"Scores read mean ± sd [95 % confidence interval (Student t){over}], the interval cut to the "
+        "metric's range (so it may be lopsided at 1); comparisons are paired (the same splits, and the "
+        f"same pretraining seed where there are several).{fixed} A difference is called significant only "
+        "when its paired interval excludes zero; a target is met when that interval lies at or above zero, "
+        "not met when below it, and level when it holds zero."
+    )
+
+
 def _built_as(architecture: dict[str, Any] | None) -> dict[str, Any]:
     """A checkpoint's architecture less what its masking decides (MAE corruption's decoder)."""
     return {k: v for k, v in (architecture or {}).items() if k != "decoder_layers"}
@@ -712,16 +738,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             if code.get("git_commit")
             else ""
         )
-        + ". Intervals are 95 % confidence intervals (Student t)"
-        + (
-            ": a pretrained scheme's over its pretraining seeds (each seed's score the mean over the "
-            "evaluation splits), a baseline's and the random init's over the evaluation splits"
-            if any("unit" in ev.results for ev in evaluations.values())
-            else " over the evaluation splits"
-        )
-        + "; comparisons are paired (the same splits, and the same pretraining seed where there are several). A difference is called significant "
-        "only when its paired interval excludes zero; a target is met when that interval lies at or above "
-        "zero, not met when below it, and level when it holds zero.",
+        + ". "
+        + _how_to_read(any("unit" in ev.results for ev in evaluations.values())),
         *_code_versions(records, code),
         "",
         "## Summary",
