@@ -834,3 +834,35 @@ def test_the_header_says_what_plus_minus_is_and_what_a_paired_interval_leaves_ou
     assert "taken as fixed" in grouped and "not the variation between splits" in grouped
     plain = _how_to_read(grouped=False)
     assert "mean ± sd" in plain and "taken as fixed" not in plain  # one unit, the split: nothing left out
+
+
+def test_the_pretraining_verdicts_count_among_the_summarys_tests(tmp_path):
+    """The held-out loss verdicts are paired tests over pretraining seeds too: a multiplicity note
+    that left them out counted too few tests and let one call too many survive Holm's correction."""
+    from biomask.report.collect import find_pretrain_runs
+    from biomask.report.report import _multiplicity_note, _pretraining_verdict
+
+    for scheme, ratio, losses in (
+        ("r2mae", {"kind": "uniform", "low": 0.15, "high": 0.45}, [1.00, 1.02, 1.01]),
+        ("fixed40", {"kind": "fixed", "value": 0.4}, [1.01, 1.00, 1.03]),
+    ):
+        for seed, loss in enumerate(losses):
+            run = tmp_path / f"{scheme}-seed={seed}"
+            run.mkdir()
+            config = {
+                "masking": {"scheme": scheme, "ratio": ratio},
+                "model": {"kind": "cnn"},
+                "train": {"seed": seed},
+            }
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "run.json").write_text(
+                json.dumps({"stage": "pretrain", "final_eval": {"mean_loss": loss}})
+            )
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    (loss_line,) = _pretraining_verdict("DNA", find_pretrain_runs([str(tmp_path)]), "r2mae")
+    assert "paired t p = " in loss_line
+    called = (
+        "- **a vs b**, task, knn: a is **better** (Δ +0.1 [+0.05, +0.15], paired t p = 0.0019, better in 3/3)"
+    )
+    (note,) = _multiplicity_note([called, called.replace("0.0019", "0.5"), loss_line])
+    assert "makes 3 paired tests" in note

@@ -475,7 +475,9 @@ def _one_pretraining_verdict(
         f"- **Pretraining ({label})**: held-out masked loss averaged over the ratio grid, {name} "
         f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f}: {text} "
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
-        f"{len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) paired by seed)."
+        # its p-value in the form the multiplicity note counts: it is one of the summary's paired tests
+        f"paired t p = {cmp['p_value']:.2g}, {len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) "
+        "paired by seed)."
     ]
 
 
