@@ -866,3 +866,20 @@ def test_the_pretraining_verdicts_count_among_the_summarys_tests(tmp_path):
     )
     (note,) = _multiplicity_note([called, called.replace("0.0019", "0.5"), loss_line])
     assert "makes 3 paired tests" in note
+
+
+def test_the_calls_that_survive_holms_correction_are_marked_where_they_stand():
+    """'4 of 25 survive' leaves the reader to redo the correction to learn which: the summary marks
+    each surviving call on its own line, and only those."""
+    from biomask.report.report import HOLM_MARK, _mark_holm_survivors
+
+    lines = [
+        "- **a vs b**, task, knn: a is **better** (Δ +0.100 [+0.050, +0.150], paired t p = 0.001, better in 3/3)",
+        "- **a vs c**, task, knn: a is **worse** (Δ -0.020 [-0.039, -0.001], paired t p = 0.03, better in 0/3)",
+        "- **R²MAE vs b**, task, probe: no significant difference (Δ +0.001, paired t p = 0.5, better in 2/3)",
+        "- **What the models learned**: no test here.",
+    ]
+    marked = _mark_holm_survivors(lines)
+    assert marked[0] == lines[0] + HOLM_MARK  # 0.001 ≤ 0.05 / 3
+    assert marked[1:] == lines[1:]  # 0.03 > 0.05 / 2: called on its own, not after the correction
+    assert _mark_holm_survivors(lines[:1]) == lines[:1]  # one test: nothing to correct

@@ -122,28 +122,50 @@ _P_VALUE = re.compile(r"paired t p = ([0-9.e+-]+)")
 _CALLED = re.compile(r"\*\*(better|worse|helps|hurts|met|not met)\*\*")
 
 
+HOLM_MARK = " *Survives Holm's correction over the summary's tests.*"
+
+
+def _holm_survivors(lines: list[str]) -> tuple[list[tuple[int, float, bool]], set[int]]:
+    """The summary's paired tests as (line index, p as printed, called) and the indices of the lines
+    whose p-value stays below 5 % after Holm's step-down over all of them (the k-th smallest p against
+    0.05 / (m - k))."""
+    tested = [
+        (i, float(m.group(1)), bool(_CALLED.search(line)))
+        for i, line in enumerate(lines)
+        if (m := _P_VALUE.search(line))
+    ]
+    tested = [t for t in tested if math.isfinite(t[1])]
+    survivors: set[int] = set()
+    for k, (i, p, _) in enumerate(sorted(tested, key=lambda t: t[1])):
+        if p > 0.05 / (len(tested) - k):
+            break
+        survivors.add(i)
+    return tested, survivors
+
+
+def _mark_holm_survivors(lines: list[str]) -> list[str]:
+    """The summary with each call that survives Holm's correction marked where it stands: the note
+    below counts them, and a reader must find which they are without redoing the correction."""
+    tested, survivors = _holm_survivors(lines)
+    if len(tested) < 2:
+        return lines
+    return [line + HOLM_MARK if i in survivors else line for i, line in enumerate(lines)]
+
+
 def _multiplicity_note(lines: list[str]) -> list[str]:
     """How many paired tests the summary makes and how many of its calls survive Holm's correction
     over all of them: each interval is 95 % on its own, so among many comparisons some exclude zero by
     chance alone (a reader must not take every bolded call as a finding)."""
-    tested = [
-        (float(m.group(1)), bool(_CALLED.search(line))) for line in lines if (m := _P_VALUE.search(line))
-    ]
-    tested = [(p, called) for p, called in tested if math.isfinite(p)]
+    tested, survivors = _holm_survivors(lines)
     if len(tested) < 2:
         return []
-    m, called = len(tested), sum(c for _, c in tested)
-    holm = 0  # Holm's step-down at family-wise 5 %: the k-th smallest p against 0.05 / (m - k)
-    for k, p in enumerate(sorted(p for p, _ in tested)):
-        if p > 0.05 / (m - k):
-            break
-        holm += 1
+    m, called, holm = len(tested), sum(c for _, _, c in tested), len(survivors)
     return [
         f"- **Multiple comparisons**: the summary makes {m} paired tests, each interval 95 % on its own "
         f"(unadjusted): if nothing differed, about {0.05 * m:.1f} would exclude zero by chance. {called} "
         f"{'is' if called == 1 else 'are'} called (bold above); {holm} of the {m} p-values stay below 5 % after "
-        "Holm's correction over all of them (p-values as printed). Read a single call at p near 0.05 as a lead, "
-        "not a finding."
+        "Holm's correction over all of them (p-values as printed; marked *Survives Holm's correction* above). "
+        "Read a single call at p near 0.05 as a lead, not a finding."
     ]
 
 
@@ -776,7 +798,9 @@ def render(cfg: ReportConfig, out: Path) -> str:
     for modality, mruns in runs.items():
         lines += _pretraining_verdict(modality, mruns, cfg.r2mae)
         lines += _learned_verdict(modality, mruns)
-    lines += _multiplicity_note(lines)
+    summary_start = lines.index("## Summary")
+    lines[summary_start:] = _mark_holm_survivors(lines[summary_start:])
+    lines += _multiplicity_note(lines[summary_start:])
     lines.append("")
 
     lines += ["## Pretraining", ""]
