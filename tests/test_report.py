@@ -883,3 +883,37 @@ def test_the_calls_that_survive_holms_correction_are_marked_where_they_stand():
     assert marked[0] == lines[0] + HOLM_MARK  # 0.001 ≤ 0.05 / 3
     assert marked[1:] == lines[1:]  # 0.03 > 0.05 / 2: called on its own, not after the correction
     assert _mark_holm_survivors(lines[:1]) == lines[:1]  # one test: nothing to correct
+
+
+def _runs_against_a_reference(tmp_path, gaps: dict[str, list[float]]):
+    """Pretraining runs whose held-out loss is `gap` below a ±2 context reference of 1.30 nats."""
+    from biomask.report.collect import find_pretrain_runs
+
+    for scheme, per_seed in gaps.items():
+        for seed, gap in enumerate(per_seed):
+            run = tmp_path / f"{scheme}-seed={seed}"
+            run.mkdir(parents=True)
+            config = {"masking": {"scheme": scheme, "ratio": {"kind": "fixed", "value": 0.4}},
+                      "model": {"kind": "cnn"}, "train": {"seed": seed}}  # fmt: skip
+            final = {"mean_loss": 1.30 - gap, "references": {"context": {"mean_loss": 1.30}},
+                     "reference_tables": {"k": 2}}  # fmt: skip
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "run.json").write_text(json.dumps({"stage": "pretrain", "final_eval": final}))
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    return find_pretrain_runs([str(tmp_path)])
+
+
+def test_models_a_hair_below_the_reference_are_not_said_to_have_learned_beyond_it(tmp_path):
+    """runs/main's nematode CNNs: 7 of 12 runs below the ±2 context model by ten-thousandths of a nat,
+    every scheme's mean within its spread of zero. A majority of runs is no evidence; the summary says
+    no scheme is shown above the reference. Where schemes clear it over their seeds, it does not."""
+    from biomask.report.report import _learned_verdict
+
+    hair = {"bert15": [0.0002, -0.0036, 0.0003], "fixed40": [0.0012, -0.0009, 0.0005],
+            "r2mae": [0.0025, -0.0049, 0.0002], "dynamic": [0.0011, -0.0047, -0.0002]}  # fmt: skip
+    (line,) = _learned_verdict("DNA", _runs_against_a_reference(tmp_path / "hair", hair))
+    assert "below the ±2 context reference" in line and "Below it in 7 of 12 runs" in line
+    assert "no scheme is shown above it" in line
+    clear = {"r2mae": [0.0266, 0.0288, 0.0249], "fixed40": [0.0201, 0.0189, 0.0230]}
+    (line,) = _learned_verdict("DNA", _runs_against_a_reference(tmp_path / "clear", clear))
+    assert line.endswith("Below it in 6 of 6 runs.")
