@@ -917,3 +917,28 @@ def test_models_a_hair_below_the_reference_are_not_said_to_have_learned_beyond_i
     clear = {"r2mae": [0.0266, 0.0288, 0.0249], "fixed40": [0.0201, 0.0189, 0.0230]}
     (line,) = _learned_verdict("DNA", _runs_against_a_reference(tmp_path / "clear", clear))
     assert line.endswith("Below it in 6 of 6 runs.")
+
+
+def test_the_embeddings_section_names_the_checkpoint_that_made_them(tmp_path):
+    """A study evaluates 15 checkpoints; the UMAP shows one. The report names it (and how it pooled)
+    from what `biomask embed` recorded in uns["X_biomask"], and says nothing where there is no record."""
+    import anndata
+
+    from biomask.report.report import _embedded_by
+
+    adata = anndata.AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.obsm["X_biomask"] = np.zeros((3, 4), dtype=np.float32)
+    plain = tmp_path / "plain.h5ad"
+    adata.write_h5ad(plain)
+    assert _embedded_by(str(plain)) == ""
+    adata.uns["X_biomask"] = {"checkpoint": "runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model",
+                              "masking_scheme": "r2mae", "training_steps": 1000, "cells": 3, "pooling": "mean",
+                              "layer": -1, "normalisation": "l2", "checkpoint_weights_sha256": "18369d88c472" + "0" * 52}  # fmt: skip
+    recorded = tmp_path / "recorded.h5ad"
+    adata.write_h5ad(recorded)
+    text = _embedded_by(str(recorded))
+    assert (
+        "3 cells embedded by the checkpoint `runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model`"
+        in text
+    )
+    assert "(r2mae, 1000 steps)" in text and "`18369d88c472`" in text and "pooling mean" in text

@@ -731,6 +731,36 @@ def _provenance(records: list[StageRecord]) -> list[str]:
 # ------------------------------------------------------------------------------------------- the stage
 
 
+def _embedded_by(h5ad: str) -> str:
+    """Which model made the embeddings the UMAP shows, as `biomask embed` recorded it in
+    uns["X_biomask"] (a study evaluates many checkpoints; the figure is of one): '' where the file
+    has no such record."""
+    import anndata
+
+    try:
+        record = dict(anndata.read_h5ad(h5ad, backed="r").uns.get("X_biomask", {}))
+    except (OSError, ValueError, KeyError):
+        return ""
+    if not record.get("checkpoint"):
+        return ""
+    steps = f", {record['training_steps']} steps" if record.get("training_steps") is not None else ""
+    scheme = f" ({record['masking_scheme']}{steps})" if record.get("masking_scheme") else ""
+    how = ", ".join(
+        f"{name} {record[key]}"
+        for name, key in (("pooling", "pooling"), ("layer", "layer"), ("normalisation", "normalisation"))
+        if record.get(key) is not None
+    )
+    cells = f"{record['cells']} cells" if record.get("cells") is not None else "the cells"
+    weights = (
+        f", weights sha256 `{str(record['checkpoint_weights_sha256'])[:12]}`"
+        if record.get("checkpoint_weights_sha256")
+        else ""
+    )
+    return f"; {cells} embedded by the checkpoint `{record['checkpoint']}`{scheme}{weights}" + (
+        f" ({how})" if how else ""
+    )
+
+
 def strongest_baseline(ev: Evaluation, metric: str) -> str | None:
     """The baseline with the best mean on `metric`, among those that have it (only the kNN baselines
     carry clustering scores): one rule for the targets and the per-evaluation sections."""
@@ -880,7 +910,9 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [
             "## Embeddings",
             "",
-            f"`{cfg.embedding.path}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy.",
+            f"`{cfg.embedding.path}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy"
+            + _embedded_by(cfg.embedding.path)
+            + ".",
             "",
             f"![umap](figures/{fig.name})",
             "",
