@@ -942,3 +942,28 @@ def test_the_embeddings_section_names_the_checkpoint_that_made_them(tmp_path):
         in text
     )
     assert "(r2mae, 1000 steps)" in text and "`18369d88c472`" in text and "pooling mean" in text
+
+
+def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
+    """Nine verdicts sat mid-line in long bullets: a reviewer finds each target's model, difference,
+    verdict and whether it survives Holm's correction in one table line."""
+    from biomask.report.report import _targets_at_a_glance
+
+    ev = _evaluation(
+        {
+            ("baseline", "linear_probe"): [0.80, 0.81, 0.82],
+            ("r2mae", "linear_probe"): [0.70, 0.72, 0.71],
+            ("bert15", "linear_probe"): [0.85, 0.87, 0.86],
+        },
+        {"r2mae": R2MAE, "bert15": FIXED15},
+        val={("r2mae", "linear_probe"): [0.7] * 3, ("bert15", "linear_probe"): [0.9] * 3},
+    )
+    _, row, entries = judged(ev)
+    table = _targets_at_a_glance([row], holm_p=0.002)
+    assert table[0].startswith("Targets at a glance")
+    ours, best = (line for line in table if line.startswith("| a task, linear probe macro-F1 |"))
+    p = float(f"{entries['R²MAE']['cmp']['p_value']:.2g}")
+    assert "| baseline 0.810 | R²MAE 0.710 | -0.100 [" in ours and "| **not met** |" in ours
+    assert ours.endswith(f"| {'yes' if p <= 0.002 else 'no'} |")
+    assert "| best pretrained: bert15 0.860 | +0.050 [" in best and "| **met** |" in best
+    assert all(line.endswith("| no |") for line in _targets_at_a_glance([row], holm_p=None)[4:-1])

@@ -405,6 +405,46 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
     return rows
 
 
+def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None) -> list[str]:
+    """One table line per target and model, first in the summary: a reader finds each target's verdict
+    there, without reading the bullets (which give the seeds, the choice on validation and the power).
+    `holm_p`: the largest p-value that survives Holm's correction over the summary's tests (Holm's
+    survivors are the smallest p-values), None where there is no correction to report."""
+    if not rows:
+        return []
+    lines = [
+        "Targets at a glance (each in full in the bullets below):",
+        "",
+        "| target | strongest baseline | pretrained model | difference [95 % CI] | p (paired t) | verdict "
+        "| survives Holm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t = row["target"]
+        if "missing" in row:
+            lines.append(
+                f"| {t.evaluation}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} | | | | | not assessed | |"
+            )
+            continue
+        ev = row["evaluation"]
+        task = re.split(r" \(|, ", ev.title, maxsplit=1)[0]
+        target = f"{task}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]}"
+        baseline = f"{row['baseline']} {ev.mean(row['baseline'], t.metric):.3f}"
+        for e in row["entries"]:
+            group = next(m["group"] for m in ev.results["methods"] if m["name"] == e["method"])
+            who = {"R²MAE": "R²MAE"}.get(e["label"], f"best pretrained: {group}")
+            who = "R²MAE, also the best pretrained" if e["label"].startswith("R²MAE,") else who
+            c = e["cmp"]
+            # as printed, as the correction read it
+            holds = holm_p is not None and float(f"{c['p_value']:.2g}") <= holm_p
+            lines.append(
+                f"| {target} | {baseline} | {who} {ev.mean(e['method'], t.metric):.3f} | "
+                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.2g} | "
+                f"**{e['status']}** | {'yes' if holds else 'no'} |"
+            )
+    return [*lines, ""]
+
+
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -810,7 +850,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
         "## Summary",
         "",
     ]
-    for row in target_rows(cfg, evaluations):
+    targets = target_rows(cfg, evaluations)
+    for row in targets:
         t = row["target"]
         if "missing" in row:
             log.warning("report: target %s / %s not assessed: %s", t.evaluation, t.protocol, row["missing"])
@@ -840,8 +881,11 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += _pretraining_verdict(modality, mruns, cfg.r2mae)
         lines += _learned_verdict(modality, mruns)
     summary_start = lines.index("## Summary")
+    tested, survivors = _holm_survivors(lines[summary_start:])
+    holm_p = max((p for i, p, _ in tested if i in survivors), default=None) if len(tested) > 1 else None
     lines[summary_start:] = _mark_holm_survivors(lines[summary_start:])
     lines += _multiplicity_note(lines[summary_start:])
+    lines[summary_start + 2 : summary_start + 2] = _targets_at_a_glance(targets, holm_p)
     lines.append("")
 
     lines += ["## Pretraining", ""]
