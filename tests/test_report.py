@@ -967,3 +967,29 @@ def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
     assert ours.endswith(f"| {'yes' if p <= 0.002 else 'no'} |")
     assert "| best pretrained: bert15 0.860 | +0.050 [" in best and "| **met** |" in best
     assert all(line.endswith("| no |") for line in _targets_at_a_glance([row], holm_p=None)[4:-1])
+
+
+def test_the_pretraining_section_says_what_the_models_were_pretrained_on(tmp_path):
+    """A table of held-out losses named no genome or cells: each modality's section now names the
+    store its runs trained on, the data the store was built from, and the split the loss is on."""
+    from biomask.report.collect import find_pretrain_runs
+    from biomask.report.report import _pretrained_on
+
+    store = tmp_path / "prep_genome"
+    store.mkdir()
+    (store / "run.json").write_text(
+        json.dumps({"stage": "prep-dna", "inputs": [{"name": "ce2-chrX", "sha256": "0"}]})
+    )
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"r2mae-seed={seed}"
+        run.mkdir(parents=True)
+        config = {"data": {"store": str(store), "train_split": "train", "eval_split": "val"},
+                  "masking": {"scheme": "r2mae"}, "train": {"seed": seed}}  # fmt: skip
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "run.json").write_text(json.dumps({"stage": "pretrain", "final_eval": {"mean_loss": 1.3}}))
+        (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    (line, _) = _pretrained_on(find_pretrain_runs([str(tmp_path / "runs")]))
+    assert (
+        line
+        == f"Pretrained on `{store}` (built from ce2-chrX): its 'train' records; held-out loss on its 'val' records."
+    )

@@ -29,7 +29,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
-from biomask.provenance import code_version
+from biomask.provenance import code_version, read_run_info
 from biomask.report import figures
 from biomask.report.collect import (
     SEED_MARK,
@@ -603,6 +603,31 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
     ]
 
 
+def _pretrained_on(runs: list[PretrainRun]) -> list[str]:
+    """What a modality's runs were pretrained on, from each run's config and its store's run.json:
+    the store, the data it was built from, the split trained on and the one the held-out loss is
+    measured on (a table of losses says nothing of which genome or cells they are of)."""
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for run in runs:
+        data = run.config.get("data", {})
+        if not data.get("store"):
+            continue
+        key = (str(data["store"]), str(data.get("train_split", "train")), str(data.get("eval_split", "val")))
+        seen.setdefault(key, []).append(run.name)
+    lines = []
+    for (store, train, held_out), names in seen.items():
+        info = read_run_info(Path(store)) or {}
+        sources = ", ".join(str(i.get("name")) for i in info.get("inputs", []) if i.get("name"))
+        lines.append(
+            f"Pretrained on `{store}`"
+            + (f" (built from {sources})" if sources else "")
+            + f": its '{train}' records; held-out loss on its '{held_out}' records"
+            + (f" ({len(names)} of these {len(runs)} runs)" if len(seen) > 1 else "")
+            + "."
+        )
+    return [*lines, ""] if lines else []
+
+
 def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
     """One row per run (scheme and seed): the held-out loss at each ratio and its mean, then each
     reference predictor's mean loss on the same masked tokens and the nats the model is below it."""
@@ -896,7 +921,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         curves = figures.training_curves(mruns, modality, fig_dir / f"pretrain-{slug}-curves.png")
         hist = figures.ratio_histograms(mruns, modality, fig_dir / f"pretrain-{slug}-ratios.png")
         grid = figures.loss_by_ratio(mruns, modality, fig_dir / f"pretrain-{slug}-loss-by-ratio.png")
-        lines += [f"### {modality}", "", *_pretrain_table(mruns), ""]
+        lines += [f"### {modality}", "", *_pretrained_on(mruns), *_pretrain_table(mruns), ""]
         for fig in (curves, hist, grid):
             lines += [f"![{fig.stem}](figures/{fig.name})", ""]
 
@@ -979,7 +1004,7 @@ def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
 
 def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
     """Each input stage's fingerprint: the report is rebuilt when any of them changes."""
-    from biomask.provenance import read_run_info, sha256_file
+    from biomask.provenance import sha256_file
 
     paths = [p for ps in cfg.pretrain.values() for p in ps] + [e.path for e in cfg.evaluations.values()]
     inputs = []
