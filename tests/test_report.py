@@ -993,3 +993,30 @@ def test_the_pretraining_section_says_what_the_models_were_pretrained_on(tmp_pat
         line
         == f"Pretrained on `{store}` (built from ce2-chrX): its 'train' records; held-out loss on its 'val' records."
     )
+
+
+def test_the_ratio_histograms_of_many_runs_wrap_into_rows(tmp_path):
+    """15 runs in one row made a 4,620 × 308 px strip that a Markdown viewer shrinks past reading:
+    the panels wrap, HIST_COLUMNS to a row."""
+    from PIL import Image
+
+    from biomask.report.collect import PretrainRun
+    from biomask.report.figures import HIST_COLUMNS, ratio_histograms
+
+    runs = [
+        PretrainRun(
+            tmp_path,
+            f"r2mae seed {i}",
+            {"masking": {"scheme": "r2mae"}},
+            {},
+            None,
+            None,
+            np.full(20, 0.3 + i / 50),
+            {},
+        )
+        for i in range(15)
+    ]
+    width, height = Image.open(ratio_histograms(runs, "cells", tmp_path / "ratios.png")).size
+    one = Image.open(ratio_histograms(runs[:1], "cells", tmp_path / "one.png")).size
+    assert width <= HIST_COLUMNS * one[0] * 1.1 and height >= 2.5 * one[1]  # 3 rows of 5
+    assert width / height < 3

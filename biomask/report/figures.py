@@ -62,16 +62,26 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+HIST_COLUMNS = 5
+
+
 def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """The realised mask ratio of every training step, one histogram per run."""
     n = len(runs)
-    fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 2.8), sharey=True, squeeze=False)
+    # rows of at most HIST_COLUMNS panels: one row of 15 runs was 4,620 px wide, which a Markdown
+    # viewer shrinks to an unreadable strip
+    cols = min(n, HIST_COLUMNS)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 41)
-    for ax, run in zip(axes[0], runs):
+    for ax, run in zip(axes.flat, runs):
         ax.hist(run.step_ratios, bins=bins, color="tab:blue")
         ax.set_title(run.label, fontsize=8)
         ax.set_xlabel("realised ratio")
-    axes[0][0].set_ylabel("steps")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("steps")
     fig.suptitle(f"{title}: realised mask ratio per step", fontsize=10)
     return _save(fig, path)
 
