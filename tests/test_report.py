@@ -775,6 +775,11 @@ def test_a_key_an_older_runs_config_lacks_does_not_split_its_scheme(tmp_path):
             (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
     (line,) = _pretraining_verdict("DNA", find_pretrain_runs([str(tmp_path)]), "r2mae")
     assert line.startswith("- **Pretraining (DNA)**:") and "3 pretraining seeds (0, 1, 2)" in line
+    # the best fixed ratio here is picked on the loss it is compared on: said, as its bias is
+    assert (
+        "(fixed40) 1.1100 (the fixed ratio with the lowest mean of this same loss, a choice that favours it)"
+        in line
+    )
 
 
 def test_the_best_fixed_ratio_is_one_built_as_r2maes_model_is_not_an_ablations():

@@ -535,7 +535,10 @@ def _one_pretraining_verdict(
     text = verdict(cmp, f"{name}'s is **lower** (better)", f"{name}'s is **higher** (worse)")
     return [
         f"- **Pretraining ({label})**: held-out masked loss averaged over the ratio grid, {name} "
-        f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f}: {text} "
+        f"{sum(a) / len(a):.4f} against the best fixed ratio ({best}) {sum(b) / len(b):.4f} "
+        # unlike the downstream tasks' pick (on validation), this one is on the loss it is compared on
+        "(the fixed ratio with the lowest mean of this same loss, a choice that favours it): "
+        f"{text} "
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
         # its p-value in the form the multiplicity note counts: it is one of the summary's paired tests
         f"paired t p = {cmp['p_value']:.2g}, {len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) "
