@@ -1025,3 +1025,22 @@ def test_the_ratio_histograms_of_many_runs_wrap_into_rows(tmp_path):
     one = Image.open(ratio_histograms(runs[:1], "cells", tmp_path / "one.png")).size
     assert width <= HIST_COLUMNS * one[0] * 1.1 and height >= 2.5 * one[1]  # 3 rows of 5
     assert width / height < 3
+
+
+def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution_is_chosen():
+    """'ARI, best resolution (scIB)' and its intervals: a reader must learn that every labelled cell
+    is clustered (a split only reseeds Leiden) and that the labels scored pick the resolution."""
+    from biomask.report.report import CLUSTERING_NOTE, _evaluation_table
+
+    ev = _evaluation(
+        {("baseline", "linear_probe"): [0.8, 0.81, 0.82], ("r2mae", "knn"): [0.7, 0.72, 0.71]},
+        {"r2mae": R2MAE},
+    )
+    assert CLUSTERING_NOTE not in _evaluation_table(ev)  # nothing clustered: no note
+    ev.results["summary"]["r2mae/knn"]["cluster_ari"] = summarize([0.5, 0.52, 0.51])
+    lines = _evaluation_table(ev)
+    assert CLUSTERING_NOTE in lines
+    assert (
+        "every labelled record" in CLUSTERING_NOTE
+        and "highest NMI against these same labels" in CLUSTERING_NOTE
+    )
