@@ -1044,3 +1044,11 @@ def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution
         "every labelled record" in CLUSTERING_NOTE
         and "highest NMI against these same labels" in CLUSTERING_NOTE
     )
+
+
+def test_every_evaluation_defines_the_metrics_its_verdicts_rest_on():
+    """DNA verdicts rest on MCC, which the report never defined (only macro-F1 was)."""
+    from biomask.evaluation.metrics import MACRO_F1_NOTE
+    from biomask.report.report import METRICS_NOTE
+
+    assert METRICS_NOTE.startswith(MACRO_F1_NOTE) and "Matthews correlation coefficient" in METRICS_NOTE

@@ -727,6 +727,13 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
     return lines
 
 
+METRICS_NOTE = (
+    f"{MACRO_F1_NOTE} MCC: the Matthews correlation coefficient over all classes at once (scikit-learn's "
+    "multiclass form, Gorodkin's R_K): 0 for a constant or chance prediction, 1 for a perfect one; "
+    "unlike accuracy it does not reward predicting the largest class."
+)
+
+
 CLUSTERING_NOTE = (
     f"Leiden: scanpy's kNN graph ({clustering.N_NEIGHBORS} neighbours) of the representation over every "
     "labelled record, not only a split's test records, clustered without the labels and scored against "
@@ -959,7 +966,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
             *([""] if ev.results.get("notes") else []),
             *_evaluation_table(ev),
             "",
-            MACRO_F1_NOTE,  # how the table's macro-F1 averages (per-class support: the evaluation's report.md)
+            METRICS_NOTE,  # how the table's macro-F1 averages (per-class support: the evaluation's report.md)
             "",
         ]
         rows = [
