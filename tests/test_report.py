@@ -1052,3 +1052,18 @@ def test_every_evaluation_defines_the_metrics_its_verdicts_rest_on():
     from biomask.report.report import METRICS_NOTE
 
     assert METRICS_NOTE.startswith(MACRO_F1_NOTE) and "Matthews correlation coefficient" in METRICS_NOTE
+
+
+def test_a_targets_caveat_from_its_evaluation_is_in_the_summary_once():
+    """pbmc68k's checkpoints were pretrained on the records it tests on: evaluate notes it, but the
+    note stood only in the evaluation's section; the summary carries it under the first target of
+    that evaluation, once."""
+    from biomask.report.report import _notes_once
+
+    ev = _evaluation({("baseline", "linear_probe"): [0.8, 0.81, 0.82]}, {})
+    noted: set[str] = set()
+    assert _notes_once(ev, noted) == []  # no notes: nothing
+    ev.results["notes"] = ["checkpoints r2mae@0: pretrained (label-free) on this store's 'train' records"]
+    (line,) = _notes_once(ev, noted)
+    assert "pretrained (label-free) on this store's 'train' records" in line
+    assert _notes_once(ev, noted) == []  # the second target of the evaluation: already said

@@ -445,6 +445,16 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
     return [*lines, ""]
 
 
+def _notes_once(ev: Evaluation, noted: set[str]) -> list[str]:
+    """An evaluation's notes (evaluate's caveats, such as checkpoints pretrained on the records it tests
+    on) under the first of its targets in the summary: a verdict read there must carry them, not only
+    the evaluation's own section further down."""
+    if ev.key in noted or not ev.results.get("notes"):
+        return []
+    noted.add(ev.key)
+    return [f"  - *Note on this evaluation*: {note}" for note in ev.results["notes"]]
+
+
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -899,6 +909,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         "",
     ]
     targets = target_rows(cfg, evaluations)
+    noted: set[str] = set()
     for row in targets:
         t = row["target"]
         if "missing" in row:
@@ -916,6 +927,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines.append(
             f"- **Target: {ev.title}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} ≥ the strongest baseline** — {row['baseline']}: {base}{ref}."
         )
+        lines += _notes_once(ev, noted)
         for e in row["entries"]:
             ours = format_summary(ev.results["summary"][e["method"]][t.metric])
             no_interval = e["cmp"]["n"] < 2 or not math.isfinite(e["cmp"]["ci_low"])
