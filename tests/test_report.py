@@ -224,8 +224,12 @@ def test_the_best_pretrained_model_is_chosen_on_validation_when_there_are_scores
             ("fixed40", "linear_probe"): [0.90, 0.90, 0.90],
         },
     )
-    *_, entries = judged(ev)
+    *_, entries = judged(ev, metric="mcc")
     assert entries["best pretrained (chosen on validation MCC)"]["method"] == "fixed40/linear_probe"
+    # a macro-F1 or Leiden target is picked on the same MCC, and its label says whose and why
+    *_, entries = judged(ev, metric="macro_f1")
+    label = "best pretrained (chosen on the linear probe's validation MCC; macro-F1 has no validation score)"
+    assert entries[label]["method"] == "fixed40/linear_probe"
 
 
 def test_a_target_naming_no_evaluation_is_refused():

@@ -83,6 +83,8 @@ def target_status(cmp: dict[str, float], mean_at_least: bool) -> str:
     return "level"
 
 
+_PROTOCOL_MODELS = {"linear_probe": "linear probe", "knn": "kNN classifier", "finetune": "fine-tuned model"}
+
 _STATUS_TEXT = {
     "met": "**met**",
     "not met": "**not met**",
@@ -375,6 +377,11 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         if all(VAL_METRIC in summary[m["name"]] for m in candidates):
             best = max(candidates, key=lambda m: ev.mean(m["name"], VAL_METRIC))
             how = "chosen on validation MCC"
+            if target.metric != "mcc":  # evaluate records no other validation score: say whose MCC
+                how = (
+                    f"chosen on the {_PROTOCOL_MODELS.get(target.protocol, target.protocol)}'s validation MCC; "
+                    f"{_METRIC_NAMES[target.metric].split(' (')[0]} has no validation score"
+                )
         else:
             best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
             how = "highest test mean"
