@@ -1071,3 +1071,19 @@ def test_a_targets_caveat_from_its_evaluation_is_in_the_summary_once():
     (line,) = _notes_once(ev, noted)
     assert "pretrained (label-free) on this store's 'train' records" in line
     assert _notes_once(ev, noted) == []  # the second target of the evaluation: already said
+
+
+def test_r2mae_against_a_checkpoint_masked_alike_is_not_read_as_a_masking_verdict():
+    """The motif task sets R²MAE CNNs pretrained on E. coli against 'nematode', the splice CNNs, masked
+    the same way: 'R²MAE is better' read as a verdict on masking; the bullet says the masking is the
+    same and the checkpoints differ otherwise."""
+    from biomask.report.report import comparison_bullets
+
+    scores = {("r2mae", "linear_probe"): [0.62, 0.61, 0.63], ("nematode", "linear_probe"): [0.42, 0.43, 0.44],
+              ("dynamic", "linear_probe"): [0.60, 0.61, 0.62]}  # fmt: skip
+    ev = _evaluation(scores, {"r2mae": R2MAE, "nematode": R2MAE, "dynamic": DYNAMIC})
+    lines = comparison_bullets(ev, "r2mae")
+    (nematode,) = (line for line in lines if line.startswith("- **R²MAE vs nematode**"))
+    assert "(the same masking, U(0.15, 0.45): the checkpoints differ in something else" in nematode
+    (dynamic,) = (line for line in lines if line.startswith("- **R²MAE vs dynamic**"))
+    assert "(30%→15%)" in dynamic and "the same masking" not in dynamic

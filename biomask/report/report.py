@@ -318,8 +318,12 @@ def comparison_bullets(ev: Evaluation, r2mae: str, *, pairwise: bool = False) ->
     for row in r2mae_vs_schedules(ev, r2mae):
         said.add((row["protocol"], frozenset((r2mae, row["group"]))))
         text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
+        masking = describe_masking(ev.masking[row["group"]])
+        if r2mae in ev.masking and masking == describe_masking(ev.masking[r2mae]):
+            # not another schedule: checkpoints masked alike that differ otherwise (their genome)
+            masking = f"the same masking, {masking}: the checkpoints differ in something else, such as their pretraining data"
         lines.append(
-            f"- **R²MAE vs {row['group']}** ({describe_masking(ev.masking[row['group']])}), {ev.title}, "
+            f"- **R²MAE vs {row['group']}** ({masking}), {ev.title}, "
             f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
         )
     vs_random = r2mae_vs_random_init(ev, r2mae)
