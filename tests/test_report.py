@@ -1087,3 +1087,16 @@ def test_r2mae_against_a_checkpoint_masked_alike_is_not_read_as_a_masking_verdic
     assert "(the same masking, U(0.15, 0.45): the checkpoints differ in something else" in nematode
     (dynamic,) = (line for line in lines if line.startswith("- **R²MAE vs dynamic**"))
     assert "(30%→15%)" in dynamic and "the same masking" not in dynamic
+
+
+def test_an_evaluations_splits_are_described_in_words():
+    """'2 evaluation splits (0, 1; resample; ...)': the section says what a split is."""
+    from biomask.report.report import _split_mode
+
+    ev = _evaluation({("baseline", "linear_probe"): [0.8, 0.81]}, {})
+    ev.results["splits"] = {"mode": "resample", "val": 0.1, "test": 0.3}
+    assert _split_mode(ev).startswith(
+        "resample: each a fresh train / val / test draw from all labelled records"
+    )
+    ev.results["splits"] = {"mode": "store"}
+    assert _split_mode(ev) == "store: each the prep stage's one fixed split"

@@ -695,6 +695,19 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
     return lines
 
 
+_SPLIT_MODES = {
+    "resample": "each a fresh train / val / test draw from all labelled records, stratified by label where "
+    "every class has 3 or more",
+    "store": "each the prep stage's one fixed split",
+}
+
+
+def _split_mode(ev: Evaluation) -> str:
+    """What an evaluation's splits are, in words ('resample' alone told a reader nothing)."""
+    mode = str((ev.results.get("splits") or {}).get("mode", "?"))
+    return f"{mode}: {_SPLIT_MODES[mode]}" if mode in _SPLIT_MODES else mode
+
+
 def _split_sizes(ev: Evaluation) -> str:
     """How many records each split held (train / val / test), as evaluate recorded them."""
     sizes = sorted({(s["train"], s["val"], s["test"]) for s in ev.results.get("split_sizes") or []})
@@ -977,7 +990,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [
             f"### {ev.title}",
             "",
-            f"{len(seeds)} evaluation splits ({', '.join(map(str, seeds))}; {ev.results['splits']['mode']}"
+            f"{len(seeds)} evaluation splits ({', '.join(map(str, seeds))}; {_split_mode(ev)}"
             + _split_sizes(ev)
             + ")"
             + (f"; pretrained models summarised over {ev.results['unit']}" if "unit" in ev.results else "")
