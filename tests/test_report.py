@@ -1100,3 +1100,39 @@ def test_an_evaluations_splits_are_described_in_words():
     )
     ev.results["splits"] = {"mode": "store"}
     assert _split_mode(ev) == "store: each the prep stage's one fixed split"
+
+
+def test_a_comparison_with_a_method_without_pretraining_seeds_shows_each_splits_difference():
+    """Against the random init (one network per split) the paired interval is over pretraining seeds
+    with the random init's split mean fixed: a gain called at p = 0.01 can be negative in a split.
+    The summary gives the difference split by split, from evaluate's own per-split rows."""
+    from biomask.report.collect import by_pretraining_seed
+    from biomask.report.report import per_split_differences, r2mae_vs_random_init
+
+    def rows(values):
+        return [{"seed": s, **{m: v for m in METRICS}} for s, v in enumerate(values)]
+
+    methods = [
+        {"name": f"r2mae@{k} (linear probe)", "group": f"r2mae@{k}", "protocol": "linear_probe"}
+        for k in range(3)
+    ] + [{"name": "random-init (linear probe)", "group": "random-init", "protocol": "linear_probe"}]
+    per_seed = {
+        "r2mae@0 (linear probe)": rows([0.60, 0.70]),
+        "r2mae@1 (linear probe)": rows([0.61, 0.71]),
+        "r2mae@2 (linear probe)": rows([0.62, 0.72]),
+        "random-init (linear probe)": rows([0.50, 0.75]),  # beaten in split 0, ahead in split 1
+    }
+    results = {"methods": methods, "per_seed": per_seed, "seeds": [0, 1], "splits": {"mode": "resample"},
+               "summary": {name: {m: summarize([r[m] for r in v]) for m in METRICS} for name, v in per_seed.items()}}  # fmt: skip
+    grouped, masking = by_pretraining_seed(results, {"r2mae@0": R2MAE, "r2mae@1": R2MAE, "r2mae@2": R2MAE})
+    ev = Evaluation("task", Path("."), "mcc", "a task", grouped, {}, masking)
+    ours = "r2mae (3 pretraining seeds, linear_probe)"
+    assert per_split_differences(ev, ours, "random-init (linear probe)", "mcc") == pytest.approx(
+        [0.11, -0.04]
+    )
+    (row,) = r2mae_vs_random_init(ev, "r2mae")
+    assert row["cmp"]["ci_low"] > 0 and row["splits"] == pytest.approx(
+        [0.11, -0.04]
+    )  # called, yet split 1 < 0
+    assert per_split_differences(_evaluation({("r2mae", "linear_probe"): [0.6, 0.7]}, {}), "r2mae/linear_probe",
+                                 "baseline", "mcc") is None  # fmt: skip

@@ -105,11 +105,39 @@ def detectable_difference(cmp: dict[str, float], power: float = 0.8) -> float:
     return float((cmp["ci_high"] - cmp["mean_difference"]) * (1 + t_power / t_alpha))
 
 
-def _cmp_text(cmp: dict[str, float], metric: str, unit: str = "seeds") -> str:
+def per_split_differences(ev: Evaluation, ours: str, theirs: str, metric: str) -> list[float] | None:
+    """Per evaluation split: the mean of `ours`'s pretraining seeds minus `theirs` (a method without
+    pretraining seeds: a baseline, the random init). The paired interval over seeds takes `theirs` as
+    its mean over the splits; these show whether the difference holds split by split. None where the
+    evaluation is not grouped by pretraining seed or the scores are missing."""
+    raw = ev.results.get("split_scores") or {}
+    members = next((m.get("members") for m in ev.results["methods"] if m["name"] == ours), None)
+    if not members or theirs not in raw or any(name not in raw for name in members):
+        return None
+    by_split = [{row.get("seed"): row for row in raw[name]} for name in members]
+    out = []
+    for row in raw[theirs]:
+        split = row.get("seed")
+        values = [rows[split][metric] for rows in by_split if split in rows and metric in rows[split]]
+        if len(values) != len(by_split) or metric not in row:
+            return None
+        out.append(sum(values) / len(values) - row[metric])
+    return out
+
+
+def _cmp_text(
+    cmp: dict[str, float], metric: str, unit: str = "seeds", splits: list[float] | None = None
+) -> str:
     mdd = detectable_difference(cmp)
     return (
         f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
         f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} {unit}"
+        + (
+            "; split by split (seeds' mean − the other's, which the interval takes as fixed): "
+            + ", ".join(f"{d:+.3f}" for d in splits)
+            if splits and len(splits) > 1
+            else ""
+        )
         + (f"; detectable difference ±{mdd:.3f} (80 % power)" if math.isfinite(mdd) else "")
         # two units: t with 1 degree of freedom stretches the interval 12.7-fold; say why it is wide
         + (
@@ -298,7 +326,8 @@ def r2mae_vs_random_init(evaluation: Evaluation, r2mae: str) -> list[dict[str, A
         random = evaluation.methods(m["protocol"], "random-init")
         if random:
             cmp = paired_comparison(evaluation.scores(m["name"]), evaluation.scores(random[0]["name"]))
-            rows.append({"protocol": m["protocol"], "cmp": cmp})
+            splits = per_split_differences(evaluation, m["name"], random[0]["name"], evaluation.metric)
+            rows.append({"protocol": m["protocol"], "cmp": cmp, "splits": splits})
     return rows
 
 
@@ -341,7 +370,7 @@ def comparison_bullets(ev: Evaluation, r2mae: str, *, pairwise: bool = False) ->
         text = verdict(row["cmp"], "pretraining **helps**", "pretraining **hurts**")
         lines.append(
             f"- **R²MAE vs the same architecture randomly initialised**, {ev.title}, "
-            f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
+            f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev), row.get('splits'))})."
         )
     return lines
 
@@ -957,7 +986,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             no_interval = e["cmp"]["n"] < 2 or not math.isfinite(e["cmp"]["ci_low"])
             status = _STATUS_TEXT[e["status"]] + (" (no interval: by the means)" if no_interval else "")
             lines.append(
-                f"  - {e['label']} ({e['method']}): {ours} → {status}; {_cmp_text(e['cmp'], t.metric, _unit(ev))}."
+                f"  - {e['label']} ({e['method']}): {ours} → {status}; "
+                f"{_cmp_text(e['cmp'], t.metric, _unit(ev), per_split_differences(ev, e['method'], row['baseline'], t.metric))}."
             )
     for ev in evaluations.values():
         lines += comparison_bullets(ev, cfg.r2mae, pairwise=cfg.evaluations[ev.key].pairwise)
