@@ -1136,3 +1136,28 @@ def test_a_comparison_with_a_method_without_pretraining_seeds_shows_each_splits_
     )  # called, yet split 1 < 0
     assert per_split_differences(_evaluation({("r2mae", "linear_probe"): [0.6, 0.7]}, {}), "r2mae/linear_probe",
                                  "baseline", "mcc") is None  # fmt: skip
+
+
+def test_the_loss_axes_name_their_unit(tmp_path, monkeypatch):
+    """The loss-by-ratio figure's y axis read 'loss': nats for DNA, standardised MSE for the panel
+    profiles. Every loss axis names the unit its runs share."""
+    import matplotlib.pyplot as plt
+
+    from biomask.report import figures
+    from biomask.report.collect import PretrainRun
+
+    def run(arch):
+        return PretrainRun(tmp_path, "r2mae", {}, {"architecture": arch}, None, None, np.zeros(0),
+                           {"loss": {"0.1": 1.2, "0.5": 1.3}})  # fmt: skip
+
+    dna, cells = run({"target": "tokens"}), run({"target": "values", "scheme": "panel"})
+    assert figures.loss_unit_label([dna, dna]) == " (nats)"
+    assert figures.loss_unit_label([dna, cells]) == ""
+    seen = []
+    real_save = figures._save  # read the axis before the figure is written and closed
+    monkeypatch.setattr(
+        figures, "_save", lambda fig, path: (seen.append(fig.axes[0].get_ylabel()), real_save(fig, path))[1]
+    )
+    figures.loss_by_ratio([cells], "cells", tmp_path / "by-ratio.png")
+    plt.close("all")
+    assert seen == ["held-out masked loss (standardised-MSE units)"]

@@ -35,6 +35,13 @@ def _style(i: int) -> dict:
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
 
 
+def loss_unit_label(runs: list[PretrainRun]) -> str:
+    """' (nats)' or ' (standardised-MSE units)' for a loss axis where every run shares the unit, ''
+    where they do not (a bare 'loss' axis left nats and MSE units to be guessed)."""
+    units = {run.loss_unit for run in runs}
+    return f" ({units.pop()})" if len(units) == 1 else ""
+
+
 def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -44,8 +51,7 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
             left.plot(run.train["step"], run.train["loss"], label=run.label, lw=1.2, color=style["color"])
         if not run.evals.empty:
             right.plot(run.evals["step"], run.evals["mean_loss"], ms=3, label=run.label, lw=1.2, **style)
-    units = {run.loss_unit for run in runs}
-    unit = f" ({units.pop()})" if len(units) == 1 else ""
+    unit = loss_unit_label(runs)
     # the two panels measure differently: training at each scheme's own ratios, positions and corruption
     # (80/10/10 leaves some masked tokens visible: lower loss); held out, one protocol for every run
     left.set(
@@ -104,7 +110,7 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     ax.set(
         title=f"{title}: held-out masked loss by evaluation ratio",
         xlabel="mask ratio at evaluation",
-        ylabel="loss",
+        ylabel=f"held-out masked loss{loss_unit_label(runs)}",
     )
     ax.legend(fontsize=7)
     return _save(fig, path)
