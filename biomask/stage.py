@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,21 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMAT_VERSION = 1
 
 
-def input_identity(entry: dict[str, Any]) -> str:
-    """What an input contributes to a stage's fingerprint: a file's sha256, or (another stage's output,
-    whose files are not hashed again) that stage's fingerprint and creation time, and the sha256 of
-    what a stage reads of it when recorded (`metrics_sha256`: an evaluation's metrics.json, edited)."""
+# An input entry's key for the sha256 of a checkpoint's config.json, beside its weights' sha256.
+CONFIG_SHA256 = "config_sha256"
+
+
+def input_identity(entry: dict[str, Any], *, with_config: bool = True) -> str:
+    """What an input contributes to a stage's fingerprint: a file's sha256 (a checkpoint's also its
+    config.json's), or (another stage's output, whose files are not hashed again) that stage's
+    fingerprint and creation time, and the sha256 of what a stage reads of it when recorded
+    (`metrics_sha256`: an evaluation's metrics.json, edited). `with_config=False`: as outputs written
+    before 2026-12-06 computed it, from a checkpoint's weights alone."""
     if "sha256" in entry:
-        return str(entry["sha256"])
+        # A checkpoint retrained into the same weights can still embed otherwise: its config.json
+        # decides, e.g. model.embed_norm (the latent at unit length or not).
+        config = entry.get(CONFIG_SHA256) if with_config else None
+        return str(entry["sha256"]) + (f"+{config}" if config else "")
     return (
         str(entry.get("fingerprint", ""))
         + str(entry.get("created", ""))
@@ -53,6 +63,13 @@ def warn_other_code(stage: str, path: Path, info: dict[str, Any] | None) -> None
         )
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return float("inf")
+
+
 @dataclass
 class StageOutput:
     """A stage's output directory, identified by the fingerprint of its config and inputs."""
@@ -69,21 +86,54 @@ class StageOutput:
 
     @property
     def fingerprint(self) -> str:
+        return self._fingerprint(with_config=True)
+
+    def _fingerprint(self, *, with_config: bool) -> str:
         return sha256_json(
             {
                 "stage": self.stage,
                 "format": OUTPUT_FORMAT_VERSION,
                 "config": config_fingerprint(self.config, self.non_semantic),
-                "inputs": sorted(input_identity(i) for i in self.inputs),
+                "inputs": sorted(input_identity(i, with_config=with_config) for i in self.inputs),
             }
         )
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint outputs written before 2026-12-06 hold: checkpoints by their weights alone."""
+        return self._fingerprint(with_config=False)
+
+    def _expected_fingerprint(self, overwrite: bool) -> str:
+        """The fingerprint the output must hold to be reused. An output written before checkpoints'
+        config.json counted holds the one of their weights alone: it is still current unless a
+        checkpoint's config.json was written after it (a retrained checkpoint: its weights may be the
+        same while what it embeds is not), which is then said."""
+        checkpoints = [i for i in self.inputs if i.get(CONFIG_SHA256)]
+        info = read_run_info(self.path) if checkpoints and not overwrite else None
+        if info is None or any(CONFIG_SHA256 in i for i in info.get("inputs") or [] if isinstance(i, dict)):
+            return self.fingerprint
+        legacy = self.legacy_fingerprint
+        if info.get("fingerprint") != legacy:
+            return self.fingerprint
+        written = _mtime(Path(self.path) / "run.json")
+        newer = [i for i in checkpoints if _mtime(Path(i["path"]) / "config.json") > written]
+        if not newer:
+            return legacy
+        log.warning(
+            "%s: %s was written before the checkpoint %s was (its config.json is newer, and that "
+            "output did not record it): it may hold another model's results, so it is not reused",
+            self.stage,
+            self.path,
+            newer[0]["path"],
+        )
+        return self.fingerprint
 
     def is_current(self, *, overwrite: bool = False) -> bool:
         """True if the output already holds this result; raises if it holds another one (unless overwrite)."""
         paths = [i["path"] for i in self.inputs if i.get("path")]
         current = check_output(
             self.path,
-            self.fingerprint,
+            self._expected_fingerprint(overwrite),
             overwrite=overwrite,
             config=self.config.model_dump(mode="json"),
             inputs=paths,

@@ -234,6 +234,68 @@ def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, 
     assert not out.exists()
 
 
+@pytest.mark.network
+def test_embed_is_redone_when_its_checkpoint_is_retrained_into_the_same_weights(panel_store, tmp_path, cli):
+    """model.embed_norm changes what a checkpoint embeds, not its weights: retrained with another
+    embed_norm, the same `biomask embed` was reused (the vectors of the other setting, with no word;
+    in a pipeline too) since reuse compared the weights alone. Now the checkpoint's config.json counts:
+    refused (exit 2, a pipeline reruns it), and --overwrite writes the new setting's vectors. An
+    output written before config.json counted is still reused while its checkpoint is unchanged."""
+    import anndata as ad
+
+    from biomask import datasets
+    from biomask.config import load_config
+    from biomask.embedding.config import EmbedConfig, non_semantic
+    from biomask.embedding.stage import checkpoint_inputs
+    from biomask.stage import CONFIG_SHA256, StageOutput
+
+    repo = Path(__file__).parents[1]
+    run, out = tmp_path / "run", tmp_path / "embedded"
+    train = ("pretrain", "-c", repo / "configs/pretrain/cells-mlp.yaml", f"data.store={panel_store}",
+             "model.d_model=16", "model.d_ff=32", "train.steps=3", "train.progress=false",
+             "deepspeed.stage=0", f"output={run}")  # fmt: skip
+    pbmc = datasets.fetch("pbmc68k_reduced")
+    embed = ("embed", "--checkpoint", run / "model", "--input", pbmc, "--output", out, "matrix=raw",
+             "counts.mode=from_log1p", "counts.total_counts_column=n_counts")  # fmt: skip
+
+    def lengths():
+        vectors = ad.read_h5ad(out / "embeddings.h5ad").obsm["X_biomask"]
+        return np.linalg.norm(vectors, axis=1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(*train, "model.embed_norm=none")[0] == 0
+        weights = (run / "model" / "model.safetensors").read_bytes()
+        code, _, err = cli(*embed)
+        assert code == 0, err
+        assert not np.allclose(lengths(), 1.0, atol=1e-4)
+
+        # what biomask wrote before the checkpoint's config.json counted: reused while it is unchanged
+        info = json.loads((out / "run.json").read_text())
+        cfg = load_config(EmbedConfig, out / "config.yaml", [])
+        stage = StageOutput("embed", cfg, out, checkpoint_inputs(cfg, pbmc), non_semantic(cfg, "cells"))
+        info["fingerprint"] = stage.legacy_fingerprint
+        info["inputs"] = [{k: v for k, v in i.items() if k != CONFIG_SHA256} for i in info["inputs"]]
+        (out / "run.json").write_text(json.dumps(info))
+        code, _, err = cli(*embed)
+        assert code == 0 and "up to date" in err, err
+
+        assert cli(*train, "model.embed_norm=l2", "--overwrite")[0] == 0
+        assert (run / "model" / "model.safetensors").read_bytes() == weights  # training is the same
+        code, _, err = cli(*embed)
+        assert code == 2 and "config.json is newer" in err and "--overwrite" in err, err
+        assert cli(*embed, "--overwrite")[0] == 0
+        np.testing.assert_allclose(lengths(), 1.0, atol=1e-4)
+
+        # an output of this version records the config: back to embed_norm none, refused again
+        assert cli(*train, "model.embed_norm=none", "--overwrite")[0] == 0
+        code, _, err = cli(*embed)
+        assert code == 2 and "different config or input" in err, err
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------- the user's own cells
 
 

@@ -29,7 +29,7 @@ from biomask.embedding.inference import check_layer, check_pooling, pick_device,
 from biomask.errors import InputError, OutputExistsError, StaleOutputError
 from biomask.outputs import atomic_file, stale_temporaries
 from biomask.provenance import sha256_file
-from biomask.stage import StageOutput
+from biomask.stage import CONFIG_SHA256, StageOutput
 
 if TYPE_CHECKING:
     from biomask.embedding.records import Chunk
@@ -114,13 +114,19 @@ def check_modality(checkpoint: str, modality: str, path: Path, kind: str) -> Non
 def checkpoint_inputs(cfg: EmbedConfig, path: Path) -> list[dict[str, Any]]:
     from biomask.cells.readers import input_checksum
 
-    weights = Path(cfg.checkpoint) / "model.safetensors"
+    weights, config = Path(cfg.checkpoint) / "model.safetensors", Path(cfg.checkpoint) / "config.json"
     digest = sha256_file(weights) if weights.is_file() else None
     if path.is_dir():  # a token store: its manifest holds every shard's checksum
         source = {"name": "input", "path": str(path), "sha256": sha256_file(path / "manifest.json")}
     else:
         source = {"name": "input", "path": str(path), "sha256": input_checksum(path)}
-    return [{"name": "checkpoint", "path": str(cfg.checkpoint), "sha256": digest}, source]
+    checkpoint = {
+        "name": "checkpoint",
+        "path": str(cfg.checkpoint),
+        "sha256": digest,
+        CONFIG_SHA256: sha256_file(config) if config.is_file() else None,
+    }
+    return [checkpoint, source]
 
 
 # ------------------------------------------------------------------------------------------- 3. cells
@@ -304,13 +310,18 @@ def _targets(cfg: EmbedConfig) -> tuple[Path, bool]:
     return output, not output.name.lower().endswith(".h5ad")
 
 
-def _file_is_current(path: Path, fingerprint: str, overwrite: bool, key: str) -> bool:
+def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) -> bool:
     """A .h5ad output: reuse it (same fingerprint in uns), replace it with --overwrite when biomask
     embed wrote it, and never replace a file it did not write."""
     if not path.exists():
         return False
     found = _embed_fingerprints(path)
-    if found.get(key) == fingerprint and not overwrite:
+    same = found.get(key) == stage.fingerprint or (
+        # written before the checkpoint's config.json entered the fingerprint: its record names it
+        found.get(key) == stage.legacy_fingerprint
+        and _recorded(path, key, "checkpoint_config_sha256") == stage.inputs[0].get(CONFIG_SHA256)
+    )
+    if same and not overwrite:
         log.info("embed: %s is up to date (same config, checkpoint and input); reusing it", path)
         return True
     if not found:
@@ -347,6 +358,19 @@ def _warn_leftovers(*paths: Path) -> None:
             "was" if len(left) == 1 else "were",
             "it" if len(left) == 1 else "them",
         )
+
+
+def _recorded(path: Path, key: str, name: str) -> str | None:
+    """A string biomask embed recorded in an .h5ad's uns[key] (None: not there)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            node = handle.get(f"uns/{key}/{name}")
+            value = node[()] if isinstance(node, h5py.Dataset) else None
+    except OSError:
+        return None
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
 
 
 def _embed_fingerprints(path: Path) -> dict[str, str]:
@@ -478,7 +502,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
     if directory:
         if stage.is_current(overwrite=overwrite):
             return h5ad
-    elif h5ad != path and _file_is_current(h5ad, stage.fingerprint, overwrite, cfg.key):
+    elif h5ad != path and _file_is_current(h5ad, stage, overwrite, cfg.key):
         return h5ad
     if not directory and cfg.umap.color is not None:  # the PNG beside an .h5ad: only ever our own
         png = _png_beside(h5ad)

@@ -35,7 +35,7 @@ from biomask.evaluation.metrics import (
     summarize,
 )
 from biomask.provenance import sha256_file, strict_json
-from biomask.stage import StageOutput
+from biomask.stage import CONFIG_SHA256, StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,14 @@ def baseline_methods(
 def _inputs(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     inputs = [{"name": "store", "path": cfg.store, "sha256": sha256_file(Path(cfg.store) / "manifest.json")}]
     for name, path in cfg.checkpoints.items():
-        weights = Path(path) / "model.safetensors"
+        weights, config = Path(path) / "model.safetensors", Path(path) / "config.json"
         inputs.append(
-            {"name": name, "path": str(path), "sha256": sha256_file(weights) if weights.exists() else None}
+            {
+                "name": name,
+                "path": str(path),
+                "sha256": sha256_file(weights) if weights.exists() else None,
+                CONFIG_SHA256: sha256_file(config) if config.is_file() else None,
+            }
         )
     return inputs
 
