@@ -9,6 +9,7 @@ object; `dump_config` writes the fully resolved config (every default filled in)
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import typing
@@ -222,6 +223,12 @@ def write_config(config: BaseModel, directory: str | os.PathLike, name: str = "c
     return path
 
 
+def _earlier_embed_norm(value: Any, flat: dict[str, Any]) -> bool:
+    """model.embed_norm does what biomask did before it existed (the raw latent) at none, and at auto
+    for every kind but the profile autoencoder (auto is l2 there: another embedding)."""
+    return value == "none" or (value == "auto" and flat.get("model.kind") != "mlp")
+
+
 # Keys added after outputs were written, each with the value that does what biomask did before it
 # existed. At that value a key is left out of fingerprints and config diffs, so an output written
 # before the key existed stays current (no needless rerun after an upgrade). Add a new key here
@@ -232,6 +239,54 @@ ADDED_KEYS: dict[str, Any] = {
     "batch_column": None,  # prep cells
 }
 
+# Keys added before ADDED_KEYS was (2026-12-05), oldest first, each with its earlier-behaviour value
+# (or a function of the value and the flattened config that says whether it does what biomask did
+# before). Fingerprints kept them, so outputs written since a key existed hold it: those are left as
+# they are. An output written before holds neither it nor the keys after it; `config_fingerprints`
+# gives the fingerprint it holds. `a[].b`: key b of every item of the list a.
+RETROFITTED_KEYS: list[tuple[str, Any]] = [
+    ("model.embed_norm", _earlier_embed_norm),  # 2026-12-03
+    ("model.objective", "mae"),  # 2026-12-03
+    ("inputs[].task", None),  # 2026-12-04, prep dna
+    # on a CPU the foreach kernel, as before; on a GPU the fused one, which moves float rounding only
+    # (as other code does, which reuse accepts with a warning)
+    ("optim.fused", "auto"),  # 2026-12-04
+    ("train.compile", False),  # 2026-12-04
+]
+
+
+def _is_earlier(earlier: Any, value: Any, flat: dict[str, Any]) -> bool:
+    return bool(earlier(value, flat)) if callable(earlier) else value == earlier
+
+
+def _sections(data: Any, parts: list[str]) -> list[dict[str, Any]]:
+    """The dicts a dotted path's parents lead to (`a[]`: every item of the list a)."""
+    nodes = [data]
+    for part in parts:
+        name, many = (part[:-2], True) if part.endswith("[]") else (part, False)
+        found: list[Any] = []
+        for node in nodes:
+            child = node.get(name) if isinstance(node, dict) else None
+            found += child if many and isinstance(child, list) else [] if many else [child]
+        nodes = [node for node in found if isinstance(node, dict)]
+    return nodes
+
+
+def without_added_keys(
+    data: dict[str, Any], added: Iterable[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A resolved config (as model_dump or config.yaml gives it) less the `added` keys (default:
+    `ADDED_KEYS`) at their earlier-behaviour value: what an output written before they existed
+    recorded."""
+    data = copy.deepcopy(data)
+    flat = flatten(data)
+    for key, earlier in ADDED_KEYS.items() if added is None else added:
+        *parents, last = key.split(".")
+        for section in _sections(data, parents):
+            if last in section and _is_earlier(earlier, section[last], flat):
+                del section[last]
+    return data
+
 
 def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:
     """A hash of the config's semantic content: equal configs give equal fingerprints.
@@ -239,10 +294,24 @@ def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:
     `exclude` names dotted keys that do not change results (output paths, worker counts); keys of
     `ADDED_KEYS` at their earlier-behaviour value are left out too.
     """
-    data = config.model_dump(mode="json")
-    flat = flatten(data)
-    added = [key for key, value in ADDED_KEYS.items() if key in flat and flat[key] == value]
-    for dotted in (*exclude, *added):
+    return _fingerprint(without_added_keys(config.model_dump(mode="json")), exclude)
+
+
+def config_fingerprints(config: BaseModel, exclude: Iterable[str] = ()) -> list[str]:
+    """`config_fingerprint`, then the fingerprints outputs of this config written before each of
+    `RETROFITTED_KEYS` existed hold (newest first): the same results, fingerprinted as they were."""
+    data = without_added_keys(config.model_dump(mode="json"))
+    found = [_fingerprint(data, exclude)]
+    for start in range(len(RETROFITTED_KEYS) - 1, -1, -1):
+        earlier = _fingerprint(without_added_keys(data, RETROFITTED_KEYS[start:]), exclude)
+        if earlier not in found:
+            found.append(earlier)
+    return found
+
+
+def _fingerprint(data: dict[str, Any], exclude: Iterable[str]) -> str:
+    data = copy.deepcopy(data)
+    for dotted in exclude:
         node = data
         *parents, last = dotted.split(".")
         for part in parents:
@@ -264,14 +333,15 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two resolved configs, one `key: old -> new` per line."""
+    """Human-readable differences between two resolved configs, one `key: old -> new` per line; a key
+    absent on one side and at its earlier-behaviour value (`ADDED_KEYS`, `RETROFITTED_KEYS`) on the
+    other is no difference."""
     a, b = flatten(old), flatten(new)
-    for key, value in ADDED_KEYS.items():  # absent on one side, its earlier-behaviour value on the other
-        if (key not in a and b.get(key) == value) or (key not in b and a.get(key) == value):
-            a.pop(key, None)
-            b.pop(key, None)
+    # compared as an output written before the added keys would be: a difference is shown as it is
+    added = [*ADDED_KEYS.items(), *RETROFITTED_KEYS]
+    a_then, b_then = flatten(without_added_keys(old, added)), flatten(without_added_keys(new, added))
     return [
         f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
         for key in sorted(a.keys() | b.keys())
-        if a.get(key) != b.get(key)
+        if a.get(key) != b.get(key) and a_then.get(key) != b_then.get(key)
     ]

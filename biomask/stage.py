@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from biomask.config import Config, config_fingerprint, write_config
+from biomask.config import Config, config_fingerprint, config_fingerprints, write_config
 from biomask.outputs import FILE_TREE_KEY, FILES_KEY, atomic_output_dir, check_output, file_tree
 from biomask.provenance import code_differs, read_run_info, sha256_json, write_run_info
 
@@ -86,39 +86,51 @@ class StageOutput:
 
     @property
     def fingerprint(self) -> str:
-        return self._fingerprint(with_config=True)
+        return self._fingerprint(config_fingerprint(self.config, self.non_semantic))
 
-    def _fingerprint(self, *, with_config: bool) -> str:
+    def _fingerprint(self, config: str, *, with_config: bool = True) -> str:
         return sha256_json(
             {
                 "stage": self.stage,
                 "format": OUTPUT_FORMAT_VERSION,
-                "config": config_fingerprint(self.config, self.non_semantic),
+                "config": config,
                 "inputs": sorted(input_identity(i, with_config=with_config) for i in self.inputs),
             }
         )
 
+    def fingerprints(self, *, with_config: bool = True) -> list[str]:
+        """This result's fingerprint, then the ones an earlier biomask gave it (a config before the
+        keys of `RETROFITTED_KEYS`; `with_config=False`: checkpoints by their weights alone, as before
+        2026-12-06)."""
+        configs = config_fingerprints(self.config, self.non_semantic)
+        return [self._fingerprint(c, with_config=with_config) for c in configs]
+
     @property
     def legacy_fingerprint(self) -> str:
         """The fingerprint outputs written before 2026-12-06 hold: checkpoints by their weights alone."""
-        return self._fingerprint(with_config=False)
+        return self.fingerprints(with_config=False)[0]
 
-    def _expected_fingerprint(self, overwrite: bool) -> str:
-        """The fingerprint the output must hold to be reused. An output written before checkpoints'
-        config.json counted holds the one of their weights alone: it is still current unless a
-        checkpoint's config.json was written after it (a retrained checkpoint: its weights may be the
-        same while what it embeds is not), which is then said."""
-        checkpoints = [i for i in self.inputs if i.get(CONFIG_SHA256)]
-        info = read_run_info(self.path) if checkpoints and not overwrite else None
-        if info is None or any(CONFIG_SHA256 in i for i in info.get("inputs") or [] if isinstance(i, dict)):
+    def held_fingerprint(self, recorded: dict[str, Any] | None) -> str:
+        """The fingerprint to compare with what an output records (`recorded`: its run.json, or an
+        unfinished run's in_progress.json): the one it holds when an earlier biomask fingerprinted this
+        same result otherwise, else this one. An output whose checkpoints counted by their weights
+        alone is this result unless a checkpoint's config.json was written after it (retrained: its
+        weights may be the same while what it embeds is not), which is then said."""
+        held = (recorded or {}).get("fingerprint")
+        if not isinstance(held, str):
             return self.fingerprint
-        legacy = self.legacy_fingerprint
-        if info.get("fingerprint") != legacy:
+        if held in self.fingerprints():
+            return held
+        checkpoints = [i for i in self.inputs if i.get(CONFIG_SHA256)]
+        entries = (recorded or {}).get("inputs") or []
+        if not checkpoints or any(isinstance(i, dict) and CONFIG_SHA256 in i for i in entries):
+            return self.fingerprint
+        if held not in self.fingerprints(with_config=False):
             return self.fingerprint
         written = _mtime(Path(self.path) / "run.json")
         newer = [i for i in checkpoints if _mtime(Path(i["path"]) / "config.json") > written]
         if not newer:
-            return legacy
+            return held
         log.warning(
             "%s: %s was written before the checkpoint %s was (its config.json is newer, and that "
             "output did not record it): it may hold another model's results, so it is not reused",
@@ -133,7 +145,7 @@ class StageOutput:
         paths = [i["path"] for i in self.inputs if i.get("path")]
         current = check_output(
             self.path,
-            self._expected_fingerprint(overwrite),
+            self.fingerprint if overwrite else self.held_fingerprint(read_run_info(self.path)),
             overwrite=overwrite,
             config=self.config.model_dump(mode="json"),
             inputs=paths,

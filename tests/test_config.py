@@ -162,3 +162,37 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
         CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y", "batch_column=sample"]
     )
     assert config_fingerprint(batched) != config_fingerprint(prep)
+
+
+def test_keys_added_before_added_keys_existed_keep_older_outputs_current(repo):
+    """A prep dna output of 2026-12-03 recorded its inputs without `task`, a pretrain run no
+    model.embed_norm, model.objective, optim.fused or train.compile: at their earlier-behaviour
+    values those are the same results (the fingerprint they hold is one of the config's). The
+    profile autoencoder's embed_norm auto is l2, another embedding: not the same run."""
+    from biomask.config import config_diff, config_fingerprint, config_fingerprints
+    from biomask.dna.config import DNAPrepConfig
+    from biomask.provenance import sha256_json
+
+    prep = load_config(DNAPrepConfig, repo / "configs/dna/splice.yaml", [])
+    before = prep.model_dump(mode="json")
+    for entry in before["inputs"]:
+        del entry["task"]
+    assert sha256_json(before) in config_fingerprints(prep)
+    assert config_fingerprints(prep)[0] == config_fingerprint(prep)  # today's outputs: as they were
+    assert config_diff(before, prep.model_dump(mode="json")) == []
+
+    def written_before(cfg):
+        data = cfg.model_dump(mode="json")
+        for section, key in [("model", "embed_norm"), ("model", "objective"), ("model", "decorrelation"),
+                             ("model", "batch_covariate"), ("optim", "fused"), ("train", "compile")]:  # fmt: skip
+            del data[section][key]
+        return data
+
+    base = ["data.store=runs/prep/x", "output=runs/pretrain/x"]
+    cnn = load_config(PretrainConfig, repo / "configs/pretrain/dna-cnn-quick.yaml", base)
+    assert sha256_json(written_before(cnn)) in config_fingerprints(cnn)
+    mlp = load_config(PretrainConfig, repo / "configs/pretrain/cells-mlp.yaml", base)
+    assert sha256_json(written_before(mlp)) not in config_fingerprints(mlp)
+    assert config_diff(written_before(mlp), mlp.model_dump(mode="json")) == [
+        "model.embed_norm: '(absent)' -> 'auto'"
+    ]

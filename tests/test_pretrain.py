@@ -174,6 +174,53 @@ def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli)
     assert code == 2 and "optim.lr" in err and "--overwrite" in err
 
 
+def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_store, tmp_path, cli):
+    """Keys pretrain gained on 2026-12-03/04 (model.embed_norm, model.objective, optim.fused,
+    train.compile) at the values that do what it did before: a run written before them is the same
+    run. An upgrade refused it as 'a different config' listing those keys (a pipeline trained every
+    model again); now it is reused, and a real change still names only itself."""
+    import yaml
+
+    from biomask.provenance import sha256_json
+    from biomask.stage import OUTPUT_FORMAT_VERSION, input_identity
+    from biomask.training.config import NON_SEMANTIC
+
+    run = tmp_path / "run"
+    args = ["pretrain", "-c", CONFIG, *overrides(genome_store, run, **{"train.steps": 4})]
+    assert cli(*args)[0] == 0
+    # what biomask of 2026-12-03 wrote: its config.yaml without those keys, and its fingerprint of it
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in [("model", "embed_norm"), ("model", "objective"), ("model", "decorrelation"),
+                         ("model", "batch_covariate"), ("optim", "fused"), ("train", "compile")]:  # fmt: skip
+        del config[section][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    semantic = json.loads(json.dumps(config))
+    for dotted in NON_SEMANTIC:
+        *parents, last = dotted.split(".")
+        node = semantic
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    info = json.loads((run / "run.json").read_text())
+    info["fingerprint"] = sha256_json(
+        {
+            "stage": "pretrain",
+            "format": OUTPUT_FORMAT_VERSION,
+            "config": sha256_json(semantic),
+            "inputs": sorted(input_identity(i) for i in info["inputs"]),
+        }
+    )
+    (run / "run.json").write_text(json.dumps(info))
+    weights = (run / "model" / "model.safetensors").stat().st_mtime_ns
+
+    code, _, err = cli(*args)
+    assert code == 0 and "reusing" in err, err
+    assert (run / "model" / "model.safetensors").stat().st_mtime_ns == weights
+    code, _, err = cli(*args, "train.steps=5")
+    assert code == 2 and "train.steps: 4 -> 5" in err, err
+    assert "embed_norm" not in err and "fused" not in err and "compile" not in err
+
+
 def test_two_processes_under_torchrun(genome_store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "run"

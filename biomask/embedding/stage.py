@@ -316,9 +316,9 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
     if not path.exists():
         return False
     found = _embed_fingerprints(path)
-    same = found.get(key) == stage.fingerprint or (
+    same = found.get(key) in stage.fingerprints() or (
         # written before the checkpoint's config.json entered the fingerprint: its record names it
-        found.get(key) == stage.legacy_fingerprint
+        found.get(key) in stage.fingerprints(with_config=False)
         and _recorded(path, key, "checkpoint_config_sha256") == stage.inputs[0].get(CONFIG_SHA256)
     )
     if same and not overwrite:

@@ -151,6 +151,19 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
 
 
+def recorded(path: Path) -> dict[str, Any] | None:
+    """What `path` records of the run it holds: a finished run's run.json, else an unfinished one's
+    in_progress.json (None: neither is there, or readable)."""
+    info = read_run_info(path) if path.is_dir() else None
+    if written_by_biomask(info):
+        return info
+    try:
+        state = json.loads((path / IN_PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def is_done(path: Path, fingerprint: str, world_size: int | None = None) -> bool:
     """Whether `path` holds a finished run of this fingerprint: a read only, the same on every rank
     (the run directory is on a shared filesystem), so it needs no process group. One finished with

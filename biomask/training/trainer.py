@@ -340,7 +340,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
     # group set up: those take seconds, and a pipeline rerun reuses dozens of runs.
-    if not overwrite and rundir.is_done(out, stage.fingerprint, dist_env.world_size):
+    # an output an earlier biomask wrote of this same run holds the fingerprint it gave it
+    held = stage.fingerprint if overwrite else stage.held_fingerprint(rundir.recorded(out))
+    if not overwrite and rundir.is_done(out, held, dist_env.world_size):
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
         if dist_env.is_main:
             warn_other_code("pretrain", out, read_run_info(out))
@@ -386,7 +388,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         init_process_group(dist_env)
         decision = on_rank0(
             lambda: rundir.decide(
-                out, stage.fingerprint, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
+                out, held, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
             ),
             dist_env,
         )
