@@ -221,6 +221,32 @@ def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_sto
     assert "embed_norm" not in err and "fused" not in err and "compile" not in err
 
 
+def test_resuming_a_run_other_code_started_says_so_and_records_it(genome_store, tmp_path, cli):
+    """An upgrade between a requeue and its resume: the steps before were trained by the old code, the
+    rest by the new. That was silent and run.json named the new code alone; now the resume says so
+    and run.json's trained_by records which code trained which steps (absent when one code did)."""
+    from biomask.provenance import code_version
+
+    run = tmp_path / "run"
+    args = ["pretrain", "-c", CONFIG, *overrides(genome_store, run, **{"train.steps": 4})]
+    assert cli(*args, "train.checkpoint_every=2")[0] == 0
+    info = json.loads((run / "run.json").read_text())
+    assert "trained_by" not in info and info["resumed_from_steps"] == []
+    # what an interrupted run of the 2026-12-05 biomask left: no code in its in_progress.json
+    (run / "run.json").unlink()
+    shutil.rmtree(run / "model")
+    shutil.rmtree(run / "checkpoints" / "step00000004")
+    state = {"fingerprint": info["fingerprint"], "world_size": 1, "started": info["created"]}
+    (run / "in_progress.json").write_text(json.dumps(state))
+
+    code, _, err = cli(*args, "train.checkpoint_every=2")
+    assert code == 0, err
+    assert "up to 2 were trained by other code (an earlier biomask, which did not record its code)" in err
+    info = json.loads((run / "run.json").read_text())
+    assert info["resumed_from_steps"] == [2]
+    assert info["trained_by"] == [{"from_step": 0, "code": None}, {"from_step": 2, "code": code_version()}]
+
+
 def test_two_processes_under_torchrun(genome_store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "run"

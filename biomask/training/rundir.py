@@ -27,7 +27,9 @@ interrupted run and its resumption.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,8 +49,10 @@ from biomask.outputs import (
     describe_foreign,
     foreign_files,
 )
-from biomask.provenance import read_run_info, written_by_biomask
+from biomask.provenance import code_differs, code_version, read_run_info, written_by_biomask
 from biomask.training.config import NON_SEMANTIC
+
+log = logging.getLogger(__name__)
 
 IN_PROGRESS = "in_progress.json"
 # What pretrain writes at the top of its output directory (what --overwrite may replace there).
@@ -297,6 +301,8 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
         "fingerprint": fingerprint,
         "world_size": world_size,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # a resume by other code (an upgrade before a requeue) is said, and run.json records it
+        "code": code_version(),
         **_writer(),
     }
     atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
@@ -308,15 +314,62 @@ def _writer() -> dict[str, Any]:
 
 
 def note_resume(path: Path, step: int) -> None:
-    """Add a resume's step to `in_progress.json` (run.json keeps the list: how the run came about)."""
+    """Add a resume's step to `in_progress.json` (run.json keeps the list: how the run came about),
+    and say when other code trained the steps before it: the weights will mix the two."""
     marker = path / IN_PROGRESS
     try:
         state = json.loads(marker.read_text())
     except (OSError, ValueError):
         return
+    before = _last_code(state)
+    differs = (
+        code_differs({"code": before}) if before else "an earlier biomask, which did not record its code"
+    )
+    if differs:
+        log.warning(
+            "pretrain: the steps of %s up to %d were trained by other code (%s); this code trains the rest, "
+            "so its weights mix the two (run.json records which steps each trained: trained_by). Pass "
+            "--overwrite to train it again from the start with this code",
+            path,
+            step,
+            differs,
+        )
     state["resumed_from"] = [*state.get("resumed_from", []), step]
+    state["resumed_code"] = [*state.get("resumed_code", []), code_version()]
     state.update(_writer())
     atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
+
+
+def _last_code(state: dict[str, Any]) -> dict[str, Any] | None:
+    resumed = state.get("resumed_code") or []
+    code = resumed[-1] if resumed else state.get("code")
+    return code if isinstance(code, dict) else None
+
+
+def trained_by(path: Path) -> list[dict[str, Any]] | None:
+    """Which code trained which steps of this unfinished run ({from_step, code}; code None: an
+    earlier biomask that did not record it), when more than one did; None when one code trained it."""
+    try:
+        state = json.loads((path / IN_PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    steps = [0, *state.get("resumed_from", [])]
+    codes = [state.get("code"), *state.get("resumed_code", [])]
+    if len(codes) != len(steps):  # resumed by a biomask that did not record the code either
+        codes = [None] * (len(steps) - len(codes)) + codes
+    segments = [{"from_step": step, "code": code} for step, code in zip(steps, codes, strict=True)]
+    mixed = any(not _same_code(a, b) for a, b in itertools.pairwise(codes))
+    return segments if mixed else None
+
+
+def _same_code(a: Any, b: Any) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict):  # unrecorded: it cannot be told the same
+        return False
+    if a.get("source_sha256") and b.get("source_sha256"):
+        return a["source_sha256"] == b["source_sha256"]
+    return bool(a.get("git_commit")) and a.get("git_commit") == b.get("git_commit")
 
 
 def resumes(path: Path) -> list[int]:

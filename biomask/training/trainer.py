@@ -674,6 +674,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                     "parameters": n_params,
                     "final_eval": final_eval,
                     "resumed_from_steps": rundir.resumes(out),  # [] for a run that never stopped
+                    # steps trained by other code (resumed after an upgrade); absent when one code did
+                    **({"trained_by": mixed} if (mixed := rundir.trained_by(out)) else {}),
                     # every file of the run, so --overwrite can tell a file added later apart
                     FILE_TREE_KEY: sorted({*file_tree(out), "run.json"}),
                 },
