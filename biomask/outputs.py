@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -96,6 +96,7 @@ def check_output(
     config: dict | None = None,
     inputs: list[str | os.PathLike] = (),  # type: ignore[assignment]
     stage: str | None = None,
+    non_semantic: Sequence[str] = (),
 ) -> bool:
     """True if `path` already holds this exact result (same fingerprint) and can be reused.
 
@@ -104,7 +105,8 @@ def check_output(
     unless the output holds files biomask did not write (then it refuses, naming them).
     `config` (the new resolved config) lets a refusal list the keys that changed; `inputs` are the
     paths the run reads (an output that contains one is refused); `stage`: the stage writing it (the
-    output of another stage is never replaced, --overwrite or not).
+    output of another stage is never replaced, --overwrite or not); `non_semantic`: keys that do not
+    change results, left out of the changed keys a refusal lists.
     """
     path = Path(path)
     check_inputs_outside(path, list(inputs))
@@ -140,7 +142,7 @@ def check_output(
         # now remove (this output is reused from here on)
         remove_stale_temporaries(path)
         return True
-    details = _describe_difference(path, config)
+    details = _describe_difference(path, config, non_semantic)
     raise StaleOutputError(
         f"output directory {path} holds results of a different config or input{details}\n"
         "Pass --overwrite to replace them, or choose another output path."
@@ -179,7 +181,7 @@ def _check_overwritable(path: Path) -> None:
         raise OutputExistsError(describe_foreign(path, foreign))
 
 
-def _describe_difference(path: Path, new: dict | None) -> str:
+def _describe_difference(path: Path, new: dict | None, non_semantic: Sequence[str] = ()) -> str:
     """The config keys that changed, when the old resolved config can be compared with the new one."""
     old_file = path / "config.yaml"
     if new is None or not old_file.exists():
@@ -188,7 +190,12 @@ def _describe_difference(path: Path, new: dict | None) -> str:
         old = yaml.safe_load(old_file.read_text()) or {}
     except yaml.YAMLError:
         return ""
-    changes = config_diff(old, new)
+    # a key that does not change results (num_workers, batch_size) is not what stands in the way
+    changes = [
+        line
+        for line in config_diff(old, new)
+        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in non_semantic)
+    ]
     if not changes:
         return " (same config, different input data or format version)"
     shown = "\n  ".join(changes[:20])

@@ -150,6 +150,7 @@ class StageOutput:
             config=self.config.model_dump(mode="json"),
             inputs=paths,
             stage=self.stage,
+            non_semantic=self.non_semantic,
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
