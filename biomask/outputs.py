@@ -61,13 +61,30 @@ def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda n
     if isinstance(info.get(FILES_KEY), list):  # an older output: its top-level names only
         recorded |= set(info[FILES_KEY])
         return sorted(p.name for p in root.iterdir() if p.name not in recorded and not ours(p.name))
-    return []  # written before biomask listed its files: run.json is trusted
+    # written before biomask listed its files (2026-12-02): a stage writes run.json last, so a file
+    # newer than it was added (or changed) after
+    try:
+        written = (root / "run.json").stat().st_mtime_ns
+    except OSError:
+        return []
+    return [f for f in file_tree(root) if not ours(f) and (root / f).lstat().st_mtime_ns > written]
 
 
-def describe_foreign(root: Path, foreign: list[str]) -> str:
+def lists_its_files(info: dict) -> bool:
+    """Whether a run.json lists the files its stage wrote (outputs written before 2026-12-02 do not)."""
+    return isinstance(info.get(FILE_TREE_KEY), list) or isinstance(info.get(FILES_KEY), list)
+
+
+def describe_foreign(root: Path, foreign: list[str], *, listed: bool = True) -> str:
     shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+    how = (
+        ""
+        if listed
+        else " — newer than its run.json, which biomask writes last: the output is older than "
+        "biomask's lists of the files it writes"
+    )
     return (
-        f"output directory {root} holds files biomask did not write ({shown}); --overwrite would "
+        f"output directory {root} holds files biomask did not write ({shown}{how}); --overwrite would "
         "delete them. Move them away or choose another output path"
     )
 
@@ -178,7 +195,7 @@ def _check_overwritable(path: Path) -> None:
         )
     foreign = foreign_files(path, info)
     if foreign:
-        raise OutputExistsError(describe_foreign(path, foreign))
+        raise OutputExistsError(describe_foreign(path, foreign, listed=lists_its_files(info)))
 
 
 def _describe_difference(path: Path, new: dict | None, non_semantic: Sequence[str] = ()) -> str:

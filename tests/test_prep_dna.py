@@ -113,6 +113,33 @@ def test_rerun_reuses_refuses_or_overwrites(tmp_path, cli, repo):
     assert leftovers(tmp_path) == []
 
 
+def test_overwrite_keeps_a_file_added_to_an_output_older_than_biomasks_file_lists(tmp_path, cli, repo):
+    """An output written before run.json listed its files (before 2026-12-02) was trusted whole, so
+    --overwrite (and a pipeline rerun after an upgrade, which passes it) deleted a file the user had
+    added to it with no word. A file newer than its run.json is now named and kept."""
+    import os
+    import time
+
+    out = tmp_path / "out"
+    base = ["prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}"]
+    assert cli(*base)[0] == 0
+    info = json.loads((out / "run.json").read_text())
+    for key in ("files", "file_tree"):  # what biomask wrote before 2026-12-02
+        del info[key]
+    (out / "run.json").write_text(json.dumps(info))
+    written = time.time() - 3600  # an output of an hour ago ...
+    for path in [out, *out.rglob("*")]:
+        os.utime(path, (written, written))
+    (out / "notes.md").write_text("what I found in this store")  # ... with the user's notes since
+
+    code, _, err = cli(*base, "split.seed=1", "--overwrite")
+    assert code == 2 and "notes.md" in err and "newer than its run.json" in err, err
+    assert (out / "notes.md").read_text() == "what I found in this store"
+    (out / "notes.md").unlink()
+    assert cli(*base, "split.seed=1", "--overwrite")[0] == 0  # biomask's own files alone: replaced
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("kind", ["kmer", "overlapping_kmer", "bpe"])
 def test_other_tokenizers_and_reuse_of_a_saved_one(tmp_path, cli, repo, kind):
     genome = tmp_path / "genome"
