@@ -37,7 +37,7 @@ def input_identity(entry: dict[str, Any], *, with_config: bool = True) -> str:
     config.json's), or (another stage's output, whose files are not hashed again) that stage's
     fingerprint and creation time, and the sha256 of what a stage reads of it when recorded
     (`metrics_sha256`: an evaluation's metrics.json, edited). `with_config=False`: as outputs written
-    before 2026-12-06 computed it, from a checkpoint's weights alone."""
+    before 2026-12-05 evening computed it, from a checkpoint's weights alone."""
     if "sha256" in entry:
         # A checkpoint retrained into the same weights can still embed otherwise: its config.json
         # decides, e.g. model.embed_norm (the latent at unit length or not).
@@ -101,13 +101,13 @@ class StageOutput:
     def fingerprints(self, *, with_config: bool = True) -> list[str]:
         """This result's fingerprint, then the ones an earlier biomask gave it (a config before the
         keys of `RETROFITTED_KEYS`; `with_config=False`: checkpoints by their weights alone, as before
-        2026-12-06)."""
+        the evening of 2026-12-05)."""
         configs = config_fingerprints(self.config, self.non_semantic)
         return [self._fingerprint(c, with_config=with_config) for c in configs]
 
     @property
     def legacy_fingerprint(self) -> str:
-        """The fingerprint outputs written before 2026-12-06 hold: checkpoints by their weights alone."""
+        """The fingerprint outputs written before the evening of 2026-12-05 hold: checkpoints by their weights alone."""
         return self.fingerprints(with_config=False)[0]
 
     def held_fingerprint(self, recorded: dict[str, Any] | None) -> str:
