@@ -172,6 +172,11 @@ def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli)
     assert (tmp_path / "run" / "run.json").read_text() == before
     code, _, err = cli(*args, "optim.lr=0.01")
     assert code == 2 and "optim.lr" in err and "--overwrite" in err
+    assert "model.init_from" not in err
+    # more steps: --overwrite trains again from the start; going on from these weights is said too
+    code, _, err = cli(*args[:-1], "train.steps=8")
+    assert code == 2 and "train.steps: 4 -> 8" in err and "--overwrite" in err
+    assert f"model.init_from={tmp_path / 'run' / 'model'}" in err
 
 
 def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_store, tmp_path, cli):

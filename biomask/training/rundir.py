@@ -191,6 +191,18 @@ def _check_finished_world_size(path: Path, info: dict[str, Any], world_size: int
     )
 
 
+def _longer_run_hint(path: Path, changed: str) -> str:
+    """More steps for a finished run: --overwrite trains it again from the start, which a user who
+    meant to go on from its weights is not told by 'replace it'."""
+    steps = re.search(r"\n  train\.steps: (\d+) -> (\d+)", changed)
+    if steps is None or int(steps[2]) <= int(steps[1]):
+        return ""
+    return (
+        f" To go on from its weights instead (a new optimizer and learning-rate schedule, not the same "
+        f"as one longer run), pretrain into another output with model.init_from={path / 'model'}."
+    )
+
+
 def _refuse_live_writer(path: Path, marker: Path) -> None:
     """A run still writing `path` (a second launch, or workers a killed launcher left behind): neither
     resumed beside it nor replaced under it — the two would delete each other's checkpoints."""
@@ -247,9 +259,11 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
         if info.get("fingerprint") == fingerprint:
             _check_finished_world_size(path, info, world_size)
             return "done"
+        changed = _changed_keys(path, config)
         raise StaleOutputError(
             f"output directory {path} holds a finished run of a different config or input"
-            f"{_changed_keys(path, config)}\nPass --overwrite to replace it, or choose another output path."
+            f"{changed}\nPass --overwrite to replace it, or choose another output path."
+            + _longer_run_hint(path, changed)
         )
     if marker.is_file():
         try:
