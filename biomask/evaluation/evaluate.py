@@ -462,6 +462,17 @@ def _long_records_lines(results: dict[str, Any]) -> list[str]:
     return []
 
 
+def _metric_rows(results: dict[str, Any], methods: list[dict], metrics: tuple[str, ...]) -> list[str]:
+    """One table row per method: its summary of each metric (blank where it has none)."""
+    rows = []
+    for m in methods:
+        s = results["summary"][m["name"]]
+        rows.append(
+            f"| {m['name']} | " + " | ".join(format_summary(s[k]) if k in s else "" for k in metrics) + " |"
+        )
+    return rows
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
     seeds = results["seeds"]
@@ -499,10 +510,7 @@ def render_report(results: dict[str, Any]) -> str:
             "| representation | ARI | NMI | ARI, best resolution | NMI, best resolution |",
             "|---|---|---|---|---|",
         ]
-        for m in clustered:
-            s = results["summary"][m["name"]]
-            cells = " | ".join(format_summary(s[k]) if k in s else "" for k in clustering.METRICS)
-            lines.append(f"| {m['name']} | {cells} |")
+        lines += _metric_rows(results, clustered, clustering.METRICS)
     mixed = [m for m in clustered if "batch_mixing" in results["summary"][m["name"]]]
     if mixed:
         lines += [
@@ -519,10 +527,7 @@ def render_report(results: dict[str, Any]) -> str:
             "| representation | batch mixing | cross-batch accuracy |",
             "|---|---|---|",
         ]
-        for m in mixed:
-            s = results["summary"][m["name"]]
-            cells = " | ".join(format_summary(s[k]) for k in clustering.BATCH_METRICS)
-            lines.append(f"| {m['name']} | {cells} |")
+        lines += _metric_rows(results, mixed, clustering.BATCH_METRICS)
     lines += per_class_table(results)
     if results["comparisons"]:
         lines += [
