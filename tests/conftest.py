@@ -18,6 +18,21 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Each test starts from the same signal handlers. A training run stopped by a signal in-process
+    leaves SIGTERM / SIGUSR1 / SIGHUP ignored after its checkpoint (what a CLI process about to exit
+    75 wants), which changed how later tests' commands met a SIGTERM, depending on test order."""
+    import signal
+
+    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+    saved = {sig: signal.getsignal(sig) for sig in names}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the biomask CLI in-process; returns (exit code, stdout, stderr)."""
