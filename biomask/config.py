@@ -332,10 +332,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
     """Human-readable differences between two resolved configs, one `key: old -> new` per line; a key
     absent on one side and at its earlier-behaviour value (`ADDED_KEYS`, `RETROFITTED_KEYS`) on the
-    other is no difference."""
+    other is no difference, nor is a key of `ignore` (dotted; its sub-keys too: keys that change no
+    result)."""
     a, b = flatten(old), flatten(new)
     # compared as an output written before the added keys would be: a difference is shown as it is
     added = [*ADDED_KEYS.items(), *RETROFITTED_KEYS]
@@ -343,5 +344,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [
         f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
         for key in sorted(a.keys() | b.keys())
-        if a.get(key) != b.get(key) and a_then.get(key) != b_then.get(key)
+        if a.get(key) != b.get(key)
+        and a_then.get(key) != b_then.get(key)
+        and not any(key == k or key.startswith(f"{k}.") for k in ignore)
     ]

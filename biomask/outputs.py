@@ -208,11 +208,7 @@ def _describe_difference(path: Path, new: dict | None, non_semantic: Sequence[st
     except yaml.YAMLError:
         return ""
     # a key that does not change results (num_workers, batch_size) is not what stands in the way
-    changes = [
-        line
-        for line in config_diff(old, new)
-        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in non_semantic)
-    ]
+    changes = config_diff(old, new, ignore=non_semantic)
     if not changes:
         return " (same config, different input data or format version)"
     shown = "\n  ".join(changes[:20])

@@ -31,8 +31,6 @@ from biomask.pipelines.runs import check_input_files, check_upstream_outputs, ru
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
 
-IN_PROGRESS = "in_progress.json"  # an interrupted pretraining run's marker (biomask.training.rundir)
-
 
 @dataclass
 class TaskPreview:
@@ -61,6 +59,8 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
 
 
 def _state(stage: PlannedStage, task: Task) -> tuple[str, str]:
+    from biomask.training.rundir import IN_PROGRESS  # here: that module brings torch with it
+
     out = task.output
     if not out.exists():
         return "run", "no output yet"
@@ -100,12 +100,7 @@ def _changed(stage: PlannedStage, task: Task) -> list[str] | None:
         return None
     if not isinstance(old, dict):
         return None
-    ignored = stage.command.non_semantic_keys()
-    return [
-        line
-        for line in config_diff(old, new)
-        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in ignored)
-    ]
+    return config_diff(old, new, ignore=stage.command.non_semantic_keys())
 
 
 def _changes_text(changed: list[str] | None) -> str:

@@ -145,11 +145,7 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     except (OSError, yaml.YAMLError):
         return ""
     # keys a resume may change are not what stands in the way
-    changes = [
-        line
-        for line in config_diff(old, new_config)
-        if not any(line.split(":", 1)[0] == key or line.startswith(f"{key}.") for key in NON_SEMANTIC)
-    ]
+    changes = config_diff(old, new_config, ignore=NON_SEMANTIC)
     if not changes:
         return " (same config keys; the input data or format version differ)"
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
