@@ -34,7 +34,8 @@ class TargetSpec(Config):
     protocol: Protocol
     # a clustering metric is judged against the baselines that have it (PCA and all genes, on kNN)
     metric: Metric | ClusterMetric
-    reference: str | None = None  # the published figure of the strongest baseline, quoted beside ours
+    # what the bar is, quoted beside ours; a figure in it should name its source (a paper, an issue)
+    reference: str | None = None
 
 
 class EmbeddingSpec(Config):

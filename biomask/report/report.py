@@ -974,9 +974,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
         ev = row["evaluation"]
         base = format_summary(ev.results["summary"][row["baseline"]][t.metric])
         ref = ""
-        if t.reference:  # a figure from the literature, or a note on what the bar is
-            ref = f" (published figure for this baseline: ≈ {t.reference})"
-            ref = ref if re.search(r"\d\.\d", t.reference) else f" (reference: {t.reference})"
+        if t.reference:  # what the bar is and where a quoted figure comes from, in the config's words
+            ref = f" (reference: {t.reference})"
         lines.append(
             f"- **Target: {ev.title}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} ≥ the strongest baseline** — {row['baseline']}: {base}{ref}."
         )
