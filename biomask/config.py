@@ -236,6 +236,7 @@ def _earlier_embed_norm(value: Any, flat: dict[str, Any]) -> bool:
 ADDED_KEYS: dict[str, Any] = {
     "model.decorrelation": 0.0,
     "model.batch_covariate": False,
+    "model.input_scale": "none",
     "batch_column": None,  # prep cells
 }
 

@@ -102,6 +102,9 @@ class EncoderConfig:
     # kind mlp: weight of the latent's variance-covariance penalty in training (0: none); training
     # only, so it does not change what a checkpoint computes
     decorrelation: float = 0.0
+    # kind mlp: "visible": visible genes' values scaled by panel genes / visible genes in the encoder's
+    # input (inverted dropout). Checkpoints written before this field load with "none".
+    input_scale: Literal["none", "visible"] = "none"
     # kind mlp: the batches (a store's batch_column values) whose one-hot code the decoder reads
     # beside the latent; empty: no batch covariate. The encoder never reads it.
     batches: list[str] = dataclasses.field(default_factory=list)

@@ -207,7 +207,12 @@ class ProfileAutoencoder(ProfileModel):
     def _encode(self, z: torch.Tensor, hidden: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """States [input, hidden 1, ..., latent]; stops after `upto` linear layers when given."""
         indicator = hidden.to(z.dtype) if self.config.mask_indicator else torch.zeros_like(z)
-        h = torch.cat([torch.where(hidden, 0.0, z), indicator], dim=1)
+        seen = z
+        if self.config.input_scale == "visible":
+            genes = hidden[:, NUM_SPECIAL:]
+            visible = (~genes).sum(1, keepdim=True).clamp(min=1)
+            seen = z * (genes.shape[1] / visible).to(z.dtype)
+        h = torch.cat([torch.where(hidden, 0.0, seen), indicator], dim=1)
         if self.config.ratio_input:  # the share of the panel hidden (specials' columns excluded)
             h = torch.cat([h, hidden[:, NUM_SPECIAL:].float().mean(1, keepdim=True)], dim=1)
         states = [z]

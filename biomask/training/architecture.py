@@ -163,12 +163,23 @@ def profile_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore 
         target_sum=target_sum,
         max_visible=cfg.model.max_visible if kind == "panel_transformer" else 0,
         decorrelation=cfg.model.decorrelation,
+        input_scale=cfg.model.input_scale,
         batches=batches,
     )
 
 
 # EncoderConfig fields that decide the weights' shapes or meaning: taken from an init_from checkpoint
-WEIGHT_SHAPING = ("kind", "d_model", "n_layers", "n_heads", "d_ff", "mask_indicator", "ratio_input", "loss")
+WEIGHT_SHAPING = (
+    "kind",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "mask_indicator",
+    "ratio_input",
+    "input_scale",
+    "loss",
+)
 
 
 def init_checkpoint(

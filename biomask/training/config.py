@@ -73,6 +73,11 @@ class ModelConfig(Config):
     # need not carry what only tells the batches apart; the encoder, and so the embedding, never sees
     # it, and embeds cells of any batch. Needs a store prepared with batch_column.
     batch_covariate: bool = False
+    # kind mlp: visible genes' standardised values scaled by (panel genes / visible genes) in the
+    # encoder's input, as inverted dropout scales kept units: the encoder trains on 10-50 % of a
+    # profile and embeds all of it, and unscaled its first layer sees a signal 2-10x weaker in
+    # training than when it embeds. none: unscaled (as before the key existed).
+    input_scale: Literal["none", "visible"] = "none"
     # Continue from a portable checkpoint (its architecture is used; the tokenizer must match the store).
     init_from: str | None = None
 
@@ -112,6 +117,8 @@ class ModelConfig(Config):
             raise ValueError(f"model.ratio_input is for model.kind mlp, not {self.kind}")
         if self.decorrelation and self.kind != "mlp":
             raise ValueError(f"model.decorrelation is for model.kind mlp, not {self.kind}")
+        if self.input_scale != "none" and self.kind != "mlp":
+            raise ValueError(f"model.input_scale is for model.kind mlp, not {self.kind}")
         if self.batch_covariate and self.kind != "mlp":
             raise ValueError(f"model.batch_covariate is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
