@@ -298,10 +298,11 @@ def config_fingerprint(config: BaseModel, exclude: Iterable[str] = ()) -> str:
     return _fingerprint(without_added_keys(config.model_dump(mode="json")), exclude)
 
 
-def config_fingerprints(config: BaseModel, exclude: Iterable[str] = ()) -> list[str]:
+def config_fingerprints(config: BaseModel | dict[str, Any], exclude: Iterable[str] = ()) -> list[str]:
     """`config_fingerprint`, then the fingerprints outputs of this config written before each of
-    `RETROFITTED_KEYS` existed hold (newest first): the same results, fingerprinted as they were."""
-    data = without_added_keys(config.model_dump(mode="json"))
+    `RETROFITTED_KEYS` existed hold (newest first): the same results, fingerprinted as they were.
+    `config` may be a resolved config's data (as `model_dump(mode="json")` gives it)."""
+    data = without_added_keys(config if isinstance(config, dict) else config.model_dump(mode="json"))
     found = [_fingerprint(data, exclude)]
     for start in range(len(RETROFITTED_KEYS) - 1, -1, -1):
         earlier = _fingerprint(without_added_keys(data, RETROFITTED_KEYS[start:]), exclude)

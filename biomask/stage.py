@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from biomask import relocation
 from biomask.config import Config, config_fingerprint, config_fingerprints, write_config
 from biomask.outputs import FILE_TREE_KEY, FILES_KEY, atomic_output_dir, check_output, file_tree
 from biomask.provenance import code_differs, read_run_info, sha256_json, write_run_info
@@ -98,11 +99,15 @@ class StageOutput:
             }
         )
 
-    def fingerprints(self, *, with_config: bool = True) -> list[str]:
+    def fingerprints(
+        self, *, with_config: bool = True, moved: relocation.Relocation | None = None
+    ) -> list[str]:
         """This result's fingerprint, then the ones an earlier biomask gave it (a config before the
         keys of `RETROFITTED_KEYS`; `with_config=False`: checkpoints by their weights alone, as before
-        the evening of 2026-12-05)."""
-        configs = config_fingerprints(self.config, self.non_semantic)
+        the evening of 2026-12-05). `moved`: as the config would have been recorded in the run folder
+        the output was written in (its paths inside the run folder there)."""
+        data = self.config.model_dump(mode="json")
+        configs = config_fingerprints(moved.to_old(data) if moved else data, self.non_semantic)
         return [self._fingerprint(c, with_config=with_config) for c in configs]
 
     @property
@@ -119,13 +124,15 @@ class StageOutput:
         held = (recorded or {}).get("fingerprint")
         if not isinstance(held, str):
             return self.fingerprint
-        if held in self.fingerprints():
+        # a run folder moved since: its paths recorded there, the inputs' checksums as they are now
+        places = [None, *filter(None, [self.moved()])]
+        if any(held in self.fingerprints(moved=place) for place in places):
             return held
         checkpoints = [i for i in self.inputs if i.get(CONFIG_SHA256)]
         entries = (recorded or {}).get("inputs") or []
         if not checkpoints or any(isinstance(i, dict) and CONFIG_SHA256 in i for i in entries):
             return self.fingerprint
-        if held not in self.fingerprints(with_config=False):
+        if not any(held in self.fingerprints(with_config=False, moved=place) for place in places):
             return self.fingerprint
         written = _mtime(Path(self.path) / "run.json")
         newer = [i for i in checkpoints if _mtime(Path(i["path"]) / "config.json") > written]
@@ -140,20 +147,30 @@ class StageOutput:
         )
         return self.fingerprint
 
+    def moved(self) -> relocation.Relocation | None:
+        """How the run folder moved since the output was written (None: it did not, or no pipeline
+        said which run folder this is)."""
+        return relocation.of_output(self.path)
+
     def is_current(self, *, overwrite: bool = False) -> bool:
         """True if the output already holds this result; raises if it holds another one (unless overwrite)."""
         paths = [i["path"] for i in self.inputs if i.get("path")]
+        moved = None if overwrite else self.moved()
+        config = self.config.model_dump(mode="json")
         current = check_output(
             self.path,
             self.fingerprint if overwrite else self.held_fingerprint(read_run_info(self.path)),
             overwrite=overwrite,
-            config=self.config.model_dump(mode="json"),
+            # a refusal lists what changed, not the paths that moved with the run folder
+            config=moved.to_old(config) if moved else config,
             inputs=paths,
             stage=self.stage,
             non_semantic=self.non_semantic,
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)
+            if moved:
+                log.info("%s: written in %s, which has moved to %s", self.stage, moved.old, moved.new)
             warn_other_code(self.stage, self.path, read_run_info(self.path))
         return current
 

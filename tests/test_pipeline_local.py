@@ -5,6 +5,7 @@ swept over two split seeds): order, reuse when nothing changed, re-runs when con
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -225,3 +226,46 @@ def test_dry_run_says_what_a_run_would_do_and_runs_nothing(dna_pipeline, tmp_pat
     code, out, _ = cli("pipeline", "run", dna_pipeline, "--dry-run", f"run_dir={foreign}")
     assert code == 2 and _would(out)["prep_genome"] == "refused" and "not written by biomask" in out
     assert (foreign / "prep_genome" / "notes.txt").read_text() == "mine"
+
+
+def test_a_moved_run_folder_is_reused_and_what_changed_in_it_is_not(dna_pipeline, tmp_path, cli):
+    """`mv run /elsewhere/renamed`, then the same pipeline with run_dir there: the paths its stages
+    recorded inside the old run folder (the splice set's tokenizer.path: the genome store) compare
+    as the same paths inside the new one, so nothing runs again — while a path outside the run
+    folder still counts, and a moved file whose contents changed is still caught by its checksum."""
+    assert cli("-q", "pipeline", "run", dna_pipeline)[0] == 0
+    moved = tmp_path / "project" / "renamed"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+    before = {t: created(moved / t) for t in TASKS}
+    code, out, err = cli("pipeline", "run", dna_pipeline, f"run_dir={moved}", "--dry-run")
+    assert code == 0, err
+    assert set(_would(out).values()) == {"reuse"}
+    why = " ".join(line.split("│")[3].strip() for line in out.splitlines() if line.count("│") == 4)
+    assert f"written in {tmp_path / 'run'}, moved here since" in why
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, f"run_dir={moved}")
+    assert code == 0, err
+    assert statuses(moved) == dict.fromkeys(TASKS, "reused")
+    assert {t: created(moved / t) for t in TASKS} == before  # untouched, not rewritten
+    # and moved again: still where it was first written, by its recorded config
+    again = tmp_path / "again"
+    moved.rename(again)
+    code, out, _ = cli("pipeline", "run", dna_pipeline, f"run_dir={again}", "--dry-run")
+    assert code == 0 and set(_would(out).values()) == {"reuse"}
+
+    # a path outside the run folder is compared as written: another copy of the genome store is
+    # another tokenizer.path, as before
+    outside = tmp_path / "elsewhere" / "prep_genome"
+    outside.parent.mkdir()
+    shutil.copytree(again / "prep_genome", outside)
+    elsewhere = f"stages.prep_splice.overrides.tokenizer.path={outside}"
+    code, out, _ = cli("pipeline", "run", dna_pipeline, f"run_dir={again}", "--dry-run", elsewhere)
+    assert _would(out)["prep_splice/split.seed=0"] == "run again" and "tokenizer.path:" in out
+
+    # a file of the moved genome store edited (same tokens, other bytes): its checksum is checked
+    # against the store's manifest as before, so the splice sets are not built on it
+    tokenizer = again / "prep_genome" / "tokenizer" / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, f"run_dir={again}")
+    assert code == 2 and f"tokenizer file {tokenizer} was modified or removed" in err
+    assert statuses(again)["prep_splice/split.seed=0"] == "failed"

@@ -1161,3 +1161,24 @@ def test_the_loss_axes_name_their_unit(tmp_path, monkeypatch):
     figures.loss_by_ratio([cells], "cells", tmp_path / "by-ratio.png")
     plt.close("all")
     assert seen == ["held-out masked loss (standardised-MSE units)"]
+
+
+def test_a_report_of_a_moved_run_folder_reads_its_checkpoints_where_they_are_now(tmp_path, monkeypatch):
+    """An evaluation records its checkpoints' absolute paths; once the run folder has moved, the
+    report (run by the pipeline, which names the run folder) reads their masking from the moved
+    checkpoints, instead of losing every scheme's description to a path that is gone."""
+    from biomask.relocation import RUN_DIR_ENV
+    from biomask.report.collect import load_evaluation
+
+    old, new = tmp_path / "scratch" / "run", tmp_path / "project" / "run"
+    evaluation = new / "evaluate"
+    evaluation.mkdir(parents=True)
+    results = _evaluation({("r2mae@0", "linear_probe"): [0.6, 0.7]}, {"r2mae@0": R2MAE}).results
+    (evaluation / "metrics.json").write_text(json.dumps(results))
+    recorded = {"output": str(old / "evaluate"), "checkpoints": {"r2mae@0": str(old / "pretrain" / "model")}}
+    (evaluation / "config.yaml").write_text(yaml.safe_dump(recorded))
+    (new / "pretrain" / "model").mkdir(parents=True)
+    (new / "pretrain" / "model" / "config.json").write_text(json.dumps({"masking": R2MAE}))
+    monkeypatch.setenv(RUN_DIR_ENV, str(new))
+    loaded = load_evaluation("splice", str(evaluation), "mcc", None)
+    assert loaded.masking == {"r2mae@0": R2MAE, "r2mae": R2MAE}  # by run, and by scheme

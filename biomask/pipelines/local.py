@@ -40,6 +40,7 @@ from biomask.pipelines.runs import (
     write_resolved,
 )
 from biomask.provenance import read_run_info
+from biomask.relocation import RUN_DIR_ENV
 from biomask.resources import usable_cores
 
 # The rank variables torch.distributed reads (biomask.training.distributed.RANK_VARS, not imported
@@ -353,6 +354,8 @@ def _spawn(
             **threads,
             **plan.pipeline.env,
             ERROR_FILE_ENV: str(error_file),
+            # each stage compares paths inside its run folder relative to it (a moved run is reused)
+            RUN_DIR_ENV: str(plan.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
         with open(log, "a") as sink:

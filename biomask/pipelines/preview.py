@@ -9,7 +9,9 @@ result — and says which it did:
     run          no output yet
     resume       an interrupted pretraining run of this config (from its last checkpoint)
     run again    the config changed (the keys are listed), or a stage it needs runs first
-    reuse        same config: reused unless an input file changed since (checked when it runs)
+    reuse        same config: reused unless an input file changed since (checked when it runs); an
+                 output of a run folder that has moved since compares its paths inside that folder
+                 as the same paths inside this one (biomask.relocation)
     refused      the output path holds something this stage will not replace (named)
 """
 
@@ -19,6 +21,7 @@ import shlex
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from rich.table import Table
@@ -30,6 +33,7 @@ from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_input_files, check_upstream_outputs, run_in_progress
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
+from biomask.relocation import Relocation, of_output
 
 
 @dataclass
@@ -48,7 +52,7 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
     for name in selected:
         stage = plan.stages[name]
         for task in stage.tasks:
-            action, why = _state(stage, task)
+            action, why = _state(stage, task, plan.run_dir)
             upstream = [n for n in stage.needs if n in computing]
             if action == "reuse" and upstream:
                 action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
@@ -58,7 +62,7 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
     return previews
 
 
-def _state(stage: PlannedStage, task: Task) -> tuple[str, str]:
+def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str]:
     from biomask.training.rundir import IN_PROGRESS  # here: that module brings torch with it
 
     out = task.output
@@ -73,21 +77,29 @@ def _state(stage: PlannedStage, task: Task) -> tuple[str, str]:
         if info["stage"] != own:
             return "refused", f"{out} holds the output of another stage ({info['stage']})"
     elif (out / IN_PROGRESS).is_file():
-        changed = _changed(stage, task)
+        moved = of_output(out, run_dir)
+        changed = _changed(stage, task, moved)
         if changed is None or changed:
             return "run again", _changes_text(changed) + " (the interrupted run is discarded)"
-        return "resume", "an interrupted run of this config: resumes from its last checkpoint"
+        return "resume", "an interrupted run of this config: resumes from its last checkpoint" + _moved_text(
+            moved
+        )
     elif any(out.iterdir()):
         return "refused", f"{out} is not empty and was not written by biomask"
     else:
         return "run", "empty output folder"
-    changed = _changed(stage, task)
+    moved = of_output(out, run_dir)
+    changed = _changed(stage, task, moved)
     if changed is None or changed:
         return "run again", _changes_text(changed)
-    return "reuse", "same config"
+    return "reuse", "same config" + _moved_text(moved)
 
 
-def _changed(stage: PlannedStage, task: Task) -> list[str] | None:
+def _moved_text(moved: Relocation | None) -> str:
+    return f" (written in {moved.old}, moved here since)" if moved else ""
+
+
+def _changed(stage: PlannedStage, task: Task, moved: Relocation | None = None) -> list[str] | None:
     """The result-changing config keys that differ from the recorded config; None: cannot be told."""
     schema = stage.command.config_class()
     recorded = task.output / "config.yaml"
@@ -100,6 +112,8 @@ def _changed(stage: PlannedStage, task: Task) -> list[str] | None:
         return None
     if not isinstance(old, dict):
         return None
+    # paths inside the run folder, where it was when the output was written
+    new = moved.to_old(new) if moved else new
     return config_diff(old, new, ignore=stage.command.non_semantic_keys())
 
 

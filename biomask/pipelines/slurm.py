@@ -31,6 +31,7 @@ from biomask.pipelines.plan import Plan, PlannedStage
 from biomask.pipelines.runs import check_upstream_outputs, write_resolved
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.provenance import read_run_info
+from biomask.relocation import RUN_DIR_ENV
 
 _FIELD = re.compile(r"(\S+?)=(\S*)")
 
@@ -64,7 +65,8 @@ def job_script(
         tasks=tasks,
         needs=stage.needs,
         replace_stale=overwrite,
-        env=plan.pipeline.env,
+        # each stage compares paths inside its run folder relative to it (a moved run is reused)
+        env={**plan.pipeline.env, RUN_DIR_ENV: path(plan.run_dir)},
         setup=plan.pipeline.setup,
         header=[
             f"Rendered from {path(plan.source)} by `biomask pipeline submit` (run directory: {path(plan.run_dir)})."

@@ -18,6 +18,7 @@ from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import METRIC_BOUNDS, METRICS, summarize
 from biomask.masking.config import describe_masking
 from biomask.provenance import read_run_info
+from biomask.relocation import where_now
 
 
 def is_fixed_ratio(masking: dict[str, Any]) -> bool:
@@ -215,7 +216,7 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     masking, architecture = {}, {}
     for name, ckpt in checkpoints.items():
         try:
-            saved = json.loads((Path(ckpt) / "config.json").read_text())
+            saved = json.loads((Path(where_now(root, ckpt)) / "config.json").read_text())
         except (OSError, ValueError):
             saved = {}
         masking[name] = saved.get("masking", {})

@@ -30,6 +30,7 @@ from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
 from biomask.provenance import code_version, read_run_info
+from biomask.relocation import where_now
 from biomask.report import figures
 from biomask.report.collect import (
     SEED_MARK,
@@ -665,7 +666,8 @@ def _pretrained_on(runs: list[PretrainRun]) -> list[str]:
         data = run.config.get("data", {})
         if not data.get("store"):
             continue
-        key = (str(data["store"]), str(data.get("train_split", "train")), str(data.get("eval_split", "val")))
+        store = where_now(run.path, str(data["store"]))  # the run folder may have moved since
+        key = (store, str(data.get("train_split", "train")), str(data.get("eval_split", "val")))
         seen.setdefault(key, []).append(run.name)
     lines = []
     for (store, train, held_out), names in seen.items():

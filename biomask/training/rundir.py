@@ -318,6 +318,18 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
     atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
 
 
+def record_fingerprint(path: Path, fingerprint: str) -> None:
+    """The fingerprint an unfinished run is resumed under (its config.yaml rewritten at the resume)."""
+    marker = path / IN_PROGRESS
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and state.get("fingerprint") != fingerprint:
+        state["fingerprint"] = fingerprint
+        atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
+
+
 def _writer() -> dict[str, Any]:
     """Who writes the run now (rank 0): a second launch into the same output is refused while it runs."""
     return {"pid": os.getpid(), "host": socket.gethostname()}

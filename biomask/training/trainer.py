@@ -288,6 +288,9 @@ def prepare_output(cfg: PretrainConfig, stage: StageOutput, world_size: int, dec
         rundir.start_fresh(out, stage.fingerprint, world_size, dump_config(cfg))
     else:  # resume: the non-semantic keys (logging, checkpoint cadence) may have changed
         atomic_write_text(out / "config.yaml", dump_config(cfg))
+        # and the paths, when its run folder moved: config.yaml now records this place, so the
+        # fingerprint a later resume compares with is this config's
+        rundir.record_fingerprint(out, stage.fingerprint)
 
 
 def _quiet_libraries() -> None:
@@ -386,9 +389,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         # 2. The output directory: fresh, resume, or already done.
         _quiet_libraries()
         init_process_group(dist_env)
+        moved = None if overwrite else stage.moved()
+        config = cfg.model_dump(mode="json")
         decision = on_rank0(
             lambda: rundir.decide(
-                out, held, dist_env.world_size, cfg.model_dump(mode="json"), overwrite=overwrite
+                out, held, dist_env.world_size, moved.to_old(config) if moved else config, overwrite=overwrite
             ),
             dist_env,
         )
