@@ -114,6 +114,29 @@ def test_status_shows_each_stage_job(submitted, cli):
     ]
 
 
+def test_a_submission_sbatch_refuses_leaves_the_earlier_one_as_it_was(submitted, slurm_cluster, cli):
+    """A resubmission whose second stage names a partition the cluster lacks: its first job, already
+    accepted, is cancelled, and the run directory keeps the first submission's scripts, pipeline.yaml
+    and jobs.json (which name the jobs that ran), not scripts of jobs that never ran."""
+    run_dir, _ = submitted
+    kept = ["pipeline.yaml", "jobs.json", "slurm/prep_genome.sbatch", "slurm/prep_splice.sbatch"]
+    before = {name: (run_dir / name).read_text() for name in kept}
+    jobs = json.loads(before["jobs.json"])["stages"]
+    code, _, err = cli(
+        "-q", "pipeline", "submit", run_dir.parent / "dna-test.yaml",
+        "stages.prep_genome.slurm.mem=900M", "stages.prep_splice.slurm.partition=nosuch",
+    )  # fmt: skip
+    assert code == 2
+    assert "sbatch refused stage prep_splice" in err and "nosuch" in err and "were cancelled" in err
+    assert {name: (run_dir / name).read_text() for name in kept} == before
+    assert leftovers(run_dir) == leftovers(run_dir / "slurm") == []
+    assert [s.job_id for s in job_states(run_dir)] == [
+        jobs["prep_genome"]["job_id"], *(f"{jobs['prep_splice']['job_id']}_{i}" for i in (0, 1))
+    ]  # fmt: skip
+    queued = slurm_cluster.command("squeue", "--noheader", "--format=%i %j %T").stdout
+    assert "dna-test" not in queued, queued  # the genome job this submission made was cancelled
+
+
 def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     missing = tmp_path / "no-such-genome.fa"
     path = write_pipeline(tmp_path)

@@ -156,9 +156,14 @@ def write_resolved(plan: Plan) -> Path:
     check_run_dir(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     path = plan.run_dir / "pipeline.yaml"
-    header = f"{_RESOLVED_HEADER}{plan.source}: every default, reference and sweep task spelled out.\n"
-    atomic_write_text(path, header + yaml.safe_dump(plan.resolved(), sort_keys=False))
+    atomic_write_text(path, resolved_text(plan))
     return path
+
+
+def resolved_text(plan: Plan) -> str:
+    """run_dir/pipeline.yaml's text (see write_resolved)."""
+    header = f"{_RESOLVED_HEADER}{plan.source}: every default, reference and sweep task spelled out.\n"
+    return header + yaml.safe_dump(plan.resolved(), sort_keys=False)
 
 
 def check_upstream_outputs(plan: Plan, selected: Sequence[str]) -> None:

@@ -1,10 +1,11 @@
 """`biomask pipeline submit` and `biomask pipeline status`: a pipeline as chained SLURM jobs.
 
 submit: validate the pipeline and find `sbatch` (nothing is written or submitted otherwise), render one
-script per stage into run_dir/slurm/ (written under temporary names, then renamed), submit them in
-dependency order with `--dependency=afterok:<upstream ids>` (the scripts carry --kill-on-invalid-dep=yes,
-so a failed stage cancels its dependents), and record the job ids in run_dir/jobs.json. If sbatch
-refuses a script, the jobs already submitted by this call are cancelled.
+script per stage under a temporary name in run_dir/slurm/, submit them in dependency order with
+`--dependency=afterok:<upstream ids>` (the scripts carry --kill-on-invalid-dep=yes, so a failed stage
+cancels its dependents), then rename the scripts into place and record the job ids in run_dir/jobs.json.
+If sbatch refuses a script, the jobs already submitted by this call are cancelled and the run directory
+is left as it was (an earlier submission's scripts, pipeline.yaml and jobs.json included).
 
 status: each recorded job's state from `scontrol show job -o` (one line per array task); once SLURM has
 forgotten a job (MinJobAge), from `sacct` (accounting storage or, failing that, the jobcomp file).
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from biomask.errors import InputError
 from biomask.outputs import atomic_file, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage
-from biomask.pipelines.runs import check_upstream_outputs, write_resolved
+from biomask.pipelines.runs import check_run_dir, check_upstream_outputs, resolved_text
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.provenance import read_run_info
 from biomask.relocation import RUN_DIR_ENV
@@ -80,17 +81,38 @@ def _relative_overrides(item: str, plan: Plan) -> str:
 
 def write_scripts(plan: Plan, scripts: dict[str, JobScript]) -> dict[str, Path]:
     """Write every script under a temporary name first, then rename them all: never a partial set."""
+    with _staged(plan, scripts) as staged:
+        pass
+    return {name: final for name, (_, final) in staged.items()}
+
+
+@contextlib.contextmanager
+def _staged(plan: Plan, scripts: dict[str, JobScript]) -> Iterator[dict[str, tuple[Path, Path]]]:
+    """Each script written under a temporary name ({name: (temporary, final)}), and the resolved
+    pipeline.yaml: renamed into place, all of them, when the block succeeds; removed, with the folders
+    this call made, when it fails, so the files of an earlier submission stay as they were."""
     directory = plan.run_dir / "slurm"
+    made = [d for d in (plan.run_dir, directory, plan.run_dir / "logs") if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
-    (plan.run_dir / "logs").mkdir(exist_ok=True)
-    final = {name: directory / f"{name}.sbatch" for name in scripts}
-    # every script is written before the first is renamed into place (atomic_file renames on exit)
-    with contextlib.ExitStack() as stack:
-        for name, job in scripts.items():
-            tmp = stack.enter_context(atomic_file(final[name]))
-            tmp.write_text(render(job))
-            tmp.chmod(0o755)
-    return final
+    (plan.run_dir / "logs").mkdir(exist_ok=True)  # SLURM writes the jobs' logs there: it must exist
+    try:
+        with contextlib.ExitStack() as stack:  # atomic_file renames on exit, removes on an error
+            staged = {}
+            for name, job in scripts.items():
+                final = directory / f"{name}.sbatch"
+                tmp = stack.enter_context(atomic_file(final))
+                tmp.write_text(render(job))
+                tmp.chmod(0o755)
+                staged[name] = (tmp, final)
+            # with the scripts: slurm/ and logs/ without it would be refused as someone else's folders
+            stack.enter_context(atomic_file(plan.run_dir / "pipeline.yaml")).write_text(resolved_text(plan))
+            yield staged
+    except BaseException:
+        # logs/ or slurm/ left without a pipeline.yaml would be refused as someone else's next time
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a job cancelled after it started left its log
+        raise
 
 
 def require_sbatch() -> str:
@@ -108,47 +130,61 @@ def render_scripts(
 ) -> dict[str, Path]:
     """Write the resolved pipeline and the selected stages' scripts into the run directory."""
     selected = plan.select(only, start)
-    write_resolved(plan)
+    check_run_dir(plan)
     return write_scripts(plan, {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected})
 
 
 def submit(
-    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, overwrite: bool = False
+    plan: Plan,
+    *,
+    only: Sequence[str] = (),
+    start: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted."""
     sbatch = require_sbatch()
     selected = plan.select(only, start)
     check_no_active_jobs(plan.run_dir, _related(plan, selected))
     check_upstream_outputs(plan, selected)
-    write_resolved(plan)
-    scripts = write_scripts(
-        plan, {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
-    )
-
+    check_run_dir(plan)
+    jobs = {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
     submitted: dict[str, dict[str, Any]] = {}
-    for name in selected:
-        stage = plan.stages[name]
-        upstream = [submitted[n]["job_id"] for n in stage.needs if n in submitted]
-        argv = [sbatch, "--parsable"]
-        if upstream:
-            argv.append("--dependency=afterok:" + ":".join(upstream))
-        argv.append(str(scripts[name]))
-        result = subprocess.run(argv, capture_output=True, text=True, cwd=plan.workdir)
-        if result.returncode != 0:
-            _cancel([s["job_id"] for s in submitted.values()])
-            raise InputError(
-                f"sbatch refused stage {name} ({scripts[name]}): {result.stderr.strip() or result.stdout.strip()}"
-                + ("\nthe jobs submitted before it were cancelled" if submitted else "")
-            )
-        job_id = result.stdout.strip().split(";")[0]
-        submitted[name] = {
-            "job_id": job_id,
-            "script": str(scripts[name]),
-            "array": len(stage.tasks) > 1,
-            "tasks": [{"index": t.index, "name": t.name, "output": str(t.output)} for t in stage.tasks],
-            "after": upstream,
-            "sbatch": argv,
-        }
+    # sbatch copies a script when it submits it, so the jobs are submitted from the temporary names;
+    # the scripts (and pipeline.yaml, jobs.json) of an earlier submission are replaced only once every
+    # job of this one was accepted
+    with _staged(plan, jobs) as staged:
+        for name in selected:
+            stage = plan.stages[name]
+            tmp, final = staged[name]
+            upstream = [submitted[n]["job_id"] for n in stage.needs if n in submitted]
+            argv = [sbatch, "--parsable"]
+            if upstream:
+                argv.append("--dependency=afterok:" + ":".join(upstream))
+            result = subprocess.run([*argv, str(tmp)], capture_output=True, text=True, cwd=plan.workdir)
+            if result.returncode != 0:
+                _cancel([s["job_id"] for s in submitted.values()])
+                kept = "the earlier submission's scripts are kept as they were; " if final.exists() else ""
+                raise InputError(
+                    f"sbatch refused stage {name} of {plan.source}: "
+                    f"{result.stderr.strip() or result.stdout.strip()}\n"
+                    + ("the jobs submitted before it were cancelled; " if submitted else "")
+                    + f"nothing in {plan.run_dir} was written or replaced; {kept}correct the stage's "
+                    "slurm settings (partition, account, qos, time, mem, extra) and submit again"
+                )
+                raise InputError(
+                    f"sbatch refused stage {name} ({plan.source}, stage {name}'s slurm settings): "
+                    f"{result.stderr.strip() or result.stdout.strip()}\n"
+                    + ("the jobs submitted before it were cancelled; " if submitted else "")
+                    + f"nothing was submitted or written{kept}; correct the stage and submit again"
+                )
+            submitted[name] = {
+                "job_id": result.stdout.strip().split(";")[0],
+                "script": str(final),
+                "array": len(stage.tasks) > 1,
+                "tasks": [{"index": t.index, "name": t.name, "output": str(t.output)} for t in stage.tasks],
+                "after": upstream,
+                "sbatch": [*argv, str(final)],  # as submitted by hand, from the script kept
+            }
     # --only / --from: the stages left out keep their earlier jobs in the record (and in status)
     earlier = _earlier_stages(plan.run_dir, plan, set(submitted))
     record = {
