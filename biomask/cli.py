@@ -375,6 +375,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 def cmd_pipeline_submit(args: argparse.Namespace) -> int:
     from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.preview import print_submit_preview
     from biomask.pipelines.runs import run_in_progress
     from biomask.pipelines.slurm import render_scripts, submit
 
@@ -385,13 +386,18 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
             f"run_dir {plan.run_dir} is in use by a `biomask pipeline run` ({holder}); wait for it to finish "
             "or stop it first, or submit to another run_dir"
         )
+
+    def announce(selected: Sequence[str]) -> None:
+        print_submit_preview(plan, selected, overwrite=args.overwrite)
+
     if args.dry_run:
+        announce(plan.select(args.only or (), args.start))
         for path in render_scripts(
             plan, only=args.only or (), start=args.start, overwrite=args.overwrite
         ).values():
             print(path)
         return 0
-    record = submit(plan, only=args.only or (), start=args.start, overwrite=args.overwrite)
+    record = submit(plan, only=args.only or (), start=args.start, overwrite=args.overwrite, before=announce)
     for name, job in record["stages"].items():
         after = f" after {','.join(job['after'])}" if job["after"] else ""
         print(f"{name}\t{job['job_id']}{after}\t{job['script']}")
@@ -763,7 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="stages replace outputs written with another config"
     )
     p.add_argument(
-        "--dry-run", action="store_true", help="render the scripts into the run directory, submit nothing"
+        "--dry-run",
+        action="store_true",
+        help="say what each job would do and render the scripts into the run directory, submit nothing",
     )
     p = command(
         pipe, "status", cmd_pipeline_status, "the state of each stage's job (or of the last local run)"

@@ -137,6 +137,24 @@ def test_a_submission_sbatch_refuses_leaves_the_earlier_one_as_it_was(submitted,
     assert "dna-test" not in queued, queued  # the genome job this submission made was cancelled
 
 
+def test_submit_says_what_each_job_will_do_and_refuses_what_its_job_would(submitted, slurm_cluster, cli):
+    """A job decides whether its output is current only when it runs, after its wait in the queue; a
+    stage's output of other settings it refuses (exit 2) unless submitted with --overwrite. submit
+    tells at once: the earlier run's outputs reused, or the changed key, with nothing submitted."""
+    run_dir, _ = submitted
+    path = run_dir.parent / "dna-test.yaml"
+    code, out, err = cli("-q", "pipeline", "submit", "--dry-run", path)
+    assert code == 0 and "3 reuse" in out, err
+    jobs = (run_dir / "jobs.json").read_text()
+    code, out, err = cli("-q", "pipeline", "submit", path, "stages.prep_genome.overrides.windows.stride=256")
+    assert code == 2 and "nothing was submitted" in err
+    assert "prep_genome: config changed: windows.stride: 512 -> 256" in err and "pass --overwrite" in err
+    assert "prep_splice" not in err  # its job would run again after the new genome, not refuse
+    assert "3 run again" in out
+    assert (run_dir / "jobs.json").read_text() == jobs
+    assert "dna-test" not in slurm_cluster.command("squeue", "--noheader", "--format=%j").stdout
+
+
 def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     missing = tmp_path / "no-such-genome.fa"
     path = write_pipeline(tmp_path)

@@ -13,6 +13,10 @@ result — and says which it did:
                  output of a run folder that has moved since compares its paths inside that folder
                  as the same paths inside this one (biomask.relocation)
     refused      the output path holds something this stage will not replace (named)
+
+`pipeline submit` shows the same before it submits anything: a job decides only when it runs, after
+its wait in the queue, and a stage's own output of other settings is replaced there only with
+--overwrite (`pipeline run` replaces it by itself), so submit refuses what its jobs would refuse.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import yaml
 from rich.table import Table
 
 from biomask.config import config_diff, load_config
-from biomask.errors import ConfigError
+from biomask.errors import ConfigError, InputError
 from biomask.pipelines.local import stage_argv
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_input_files, check_upstream_outputs, run_in_progress
@@ -43,6 +47,8 @@ class TaskPreview:
     why: str
     output: str
     argv: list[str]
+    # its output holds this stage's results of a config that differs: replaced only with --overwrite
+    stale: bool = False
 
 
 def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
@@ -52,47 +58,51 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
     for name in selected:
         stage = plan.stages[name]
         for task in stage.tasks:
-            action, why = _state(stage, task, plan.run_dir)
+            action, why, stale = _state(stage, task, plan.run_dir)
             upstream = [n for n in stage.needs if n in computing]
             if action == "reuse" and upstream:
                 action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
             if action in ("run", "resume", "run again"):
                 computing.add(name)
-            previews.append(TaskPreview(task.name, action, why, str(task.output), stage_argv(stage, task)))
+            argv = stage_argv(stage, task)
+            previews.append(TaskPreview(task.name, action, why, str(task.output), argv, stale))
     return previews
 
 
-def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str]:
+def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bool]:
+    """(action, why, whether the output holds results of a config that differs)."""
     from biomask.training.rundir import IN_PROGRESS  # here: that module brings torch with it
 
     out = task.output
     if not out.exists():
-        return "run", "no output yet"
+        return "run", "no output yet", False
     if not out.is_dir():
-        return "refused", f"{out} is a file, not an output of biomask's"
+        return "refused", f"{out} is a file, not an output of biomask's", False
     info = read_run_info(out)
     own = stage.command.name.replace(" ", "-")
     if written_by_biomask(info):
         assert info is not None
         if info["stage"] != own:
-            return "refused", f"{out} holds the output of another stage ({info['stage']})"
+            return "refused", f"{out} holds the output of another stage ({info['stage']})", False
     elif (out / IN_PROGRESS).is_file():
         moved = of_output(out, run_dir)
         changed = _changed(stage, task, moved)
         if changed is None or changed:
-            return "run again", _changes_text(changed) + " (the interrupted run is discarded)"
-        return "resume", "an interrupted run of this config: resumes from its last checkpoint" + _moved_text(
-            moved
+            return "run again", _changes_text(changed) + " (the interrupted run is discarded)", bool(changed)
+        return (
+            "resume",
+            "an interrupted run of this config: resumes from its last checkpoint" + _moved_text(moved),
+            False,
         )
     elif any(out.iterdir()):
-        return "refused", f"{out} is not empty and was not written by biomask"
+        return "refused", f"{out} is not empty and was not written by biomask", False
     else:
-        return "run", "empty output folder"
+        return "run", "empty output folder", False
     moved = of_output(out, run_dir)
     changed = _changed(stage, task, moved)
     if changed is None or changed:
-        return "run again", _changes_text(changed)
-    return "reuse", "same config" + _moved_text(moved)
+        return "run again", _changes_text(changed), bool(changed)
+    return "reuse", "same config" + _moved_text(moved), False
 
 
 def _moved_text(moved: Relocation | None) -> str:
@@ -157,3 +167,36 @@ def print_preview(
     elif commands:
         print("-v lists the commands")
     return 2 if counts.get("refused") else 0
+
+
+def print_submit_preview(plan: Plan, selected: Sequence[str], *, overwrite: bool) -> None:
+    """Say what each selected task's job will do; refuse (exit 2, nothing submitted) when a job would
+    refuse its output: one of other settings without --overwrite, or one this stage never replaces."""
+    previews = preview(plan, selected)
+    table = Table(title=f"submit: pipeline {plan.pipeline.name} ({plan.run_dir})")
+    for column in ("stage", "its job will", "why"):
+        table.add_column(column, overflow="fold")
+    for p in previews:
+        why = p.why + (" (replaced: --overwrite)" if p.stale and overwrite else "")
+        table.add_row(p.task, styled(p.action), why)
+    show(table)
+    counts = Counter(p.action for p in previews)
+    print(", ".join(f"{n} {action}" for action, n in counts.items()))
+    if counts.get("reuse"):
+        print("reuse: the same config; a job still runs its stage if an input file changed since")
+    refused = [p for p in previews if p.action == "refused" or (p.stale and not overwrite)]
+    if refused:
+        lines = [f"{p.task}: {p.why}" for p in refused]
+        stale = any(p.stale for p in refused)
+        raise InputError(
+            f"{plan.source}: nothing was submitted: the jobs of these tasks would refuse their outputs and "
+            "fail (and cancel the stages after them):\n  - "
+            + "\n  - ".join(lines[:8])
+            + (f"\n  - and {len(lines) - 8} more" if len(lines) > 8 else "")
+            + (
+                "\npass --overwrite to have the jobs replace outputs written with other settings, "
+                "or set run_dir to another folder"
+                if stale
+                else "\nmove those outputs away, or set run_dir to another folder"
+            )
+        )

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,13 +140,18 @@ def submit(
     only: Sequence[str] = (),
     start: str | None = None,
     overwrite: bool = False,
+    before: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted."""
+    """Render and submit the selected stages; return (and write to run_dir/jobs.json) what was submitted.
+    `before(selected)` runs once the checks here have passed and before anything is written (the CLI
+    says there what each job will do, and refuses a submission whose jobs would refuse their outputs)."""
     sbatch = require_sbatch()
     selected = plan.select(only, start)
     check_no_active_jobs(plan.run_dir, _related(plan, selected))
     check_upstream_outputs(plan, selected)
     check_run_dir(plan)
+    if before is not None:
+        before(selected)
     jobs = {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
     submitted: dict[str, dict[str, Any]] = {}
     # sbatch copies a script when it submits it, so the jobs are submitted from the temporary names;
