@@ -326,6 +326,11 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, e
     assert float(np.abs(output.pooler_output.numpy() - ours).max()) < 1e-5
     lengths = np.linalg.norm(ours, axis=1)
     assert np.allclose(lengths, 1.0, atol=1e-5) == (embed_norm == "l2")
+    # a few linear layers and no attention: transformers' switches are refused, not ignored
+    with pytest.raises(ValueError, match="has no attention layers"):
+        model(input_ids=batch["input_ids"], values=batch["values"], output_attentions=True)
+    with pytest.raises(ValueError, match="does not support activation checkpointing"):
+        model.activation_checkpointing_enable()
 
 
 def test_hf_export_reads_raw_sequences_as_overlapping_kmers_and_trains_a_classifier(tmp_path):
@@ -392,6 +397,86 @@ def test_hf_export_reads_raw_sequences_as_overlapping_kmers_and_trains_a_classif
     saved = json.loads((tmp_path / "tuned" / "config.json").read_text())["biomask"]
     assert saved["format"] == "saved-from-biomask-hf-export" and "weights_sha256" not in saved
     assert json.loads((folder / "config.json").read_text())["biomask"]["format"] == "biomask-hf-export"
+
+
+def _tiny_dna_export(tmp_path: Path, kind: str = "transformer") -> Path:
+    """A small untrained DNA model of `kind` (3-mer tokens) exported for transformers."""
+    from biomask.dna.tokenizers import OverlappingKmerTokenizer
+    from biomask.export import export_hf
+    from biomask.models import EncoderConfig, build_model, save_pretrained
+
+    tokenizer = OverlappingKmerTokenizer(k=3)
+    tokenizer.save(tmp_path / "tok")
+    arch = EncoderConfig(
+        vocab_size=tokenizer.vocab_size, modality="dna", kind=kind, d_model=16, n_layers=2,
+        n_heads=2 if kind == "transformer" else 1, d_ff=32, max_len=66,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint = save_pretrained(
+        build_model(arch).state_dict(), arch, tmp_path / kind, tokenizer_dir=tmp_path / "tok",
+        info={"modality": "dna", "training": {"max_length": 66}},
+    )  # fmt: skip
+    return export_hf(checkpoint, tmp_path / f"{kind}-hf")
+
+
+def test_hf_export_returns_attention_weights_and_fine_tunes_with_gradient_checkpointing(tmp_path):
+    """transformers' standard switches, as a fine-tuning user sets them: `output_attentions=True`
+    (on the call or the config) returns each block's weights instead of being ignored, and
+    gradient_checkpointing_enable() (Trainer's gradient_checkpointing=True) recomputes the blocks in
+    the backward pass (fewer activations kept, the same gradients) instead of being refused."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = _tiny_dna_export(tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    batch = tok(["ACGTACGTAG", "ttgcaNACGGACGTACGT"], padding=True, return_tensors="pt")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        plain = model(**batch)
+        out = model(**batch, output_attentions=True)
+    assert plain.attentions is None
+    length = batch["input_ids"].shape[1]
+    assert [a.shape for a in out.attentions] == [(2, 2, length, length)] * 2
+    short = int(batch["attention_mask"][0].sum())  # the first record is padded after `short` tokens
+    for weights in out.attentions:
+        assert torch.allclose(weights.sum(-1), torch.ones(2, 2, length), atol=1e-5)
+        assert bool((weights[0, :, :, short:] == 0).all())  # no query attends to padding
+    assert torch.allclose(out.last_hidden_state, plain.last_hidden_state, atol=1e-5)
+    assert len(model(**batch, output_attentions=True, return_dict=False)) == 3
+    configured = AutoModel.from_pretrained(folder, trust_remote_code=True, output_attentions=True)
+    assert len(configured(**batch).attentions) == 2
+
+    def step(model) -> tuple[dict[str, torch.Tensor], int]:
+        """One training step's gradients, and how many tensors autograd kept for the backward."""
+        kept = []
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(1) or t, lambda t: t):
+            loss = model(**batch).last_hidden_state.pow(2).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(kept)
+
+    model.train()
+    grads, kept = step(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, kept_checkpointed = step(model)
+    assert kept_checkpointed < kept / 2
+    for name, grad in grads.items():
+        assert torch.allclose(checkpointed[name], grad, atol=1e-6), name
+    # the classifier as transformers' Trainer drives it with gradient_checkpointing=True
+    clf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2)
+    clf.activation_checkpointing_enable()  # transformers 5's name for it
+    clf.train()
+    out = clf(**batch, labels=torch.tensor([0, 1]), output_attentions=True)
+    out.loss.backward()
+    assert len(out.attentions) == 2 and clf.classifier.weight.grad is not None
+
+    cnn = AutoModel.from_pretrained(_tiny_dna_export(tmp_path, "cnn"), trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"kind 'cnn'\) has no attention layers"):
+        cnn(**batch, output_attentions=True)
+    cnn.gradient_checkpointing_enable()
+    cnn.train()
+    assert (
+        step(cnn)[1] < step(AutoModel.from_pretrained(tmp_path / "cnn-hf", trust_remote_code=True).train())[1]
+    )
 
 
 def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_its_panel(

@@ -20,13 +20,23 @@ per-feature maximum; "cls").
 Profile models (`kind: "mlp"`, cells) read the whole profile: `last_hidden_state` is (B, 1, d_model).
 The dilated CNN (`kind: "cnn"`, DNA) has no [CLS] summary: its `pooling` is "mean" (or "max", or
 "concat": every content position's vector in order, records of one length).
+
+transformers' switches: `output_attentions=True` (transformers) returns each block's attention
+weights, (B, n_heads, L, L), computed explicitly (SDPA returns none; the hidden states equal SDPA's
+to float rounding); `model.gradient_checkpointing_enable()` (Trainer's `gradient_checkpointing=True`)
+recomputes each block in the backward pass instead of keeping its activations (token models; the
+profile autoencoder has no blocks to recompute and says so).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
@@ -129,13 +139,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        q, k, v = (
+            t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
         )
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        weights = None
+        if output_attentions:  # SDPA's kernels never form the weights: the same attention written out
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(-1)
+            y = weights @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D)), weights
 
 
 class MLP(nn.Module):
@@ -156,9 +176,23 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask)
-        return x + self.mlp(self.ln2(x))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, weights = self.attn(self.ln1(x), mask, output_attentions)
+        x = x + h
+        return x + self.mlp(self.ln2(x)), weights
+
+
+def _run_block(encoder: nn.Module, block: nn.Module, *args):
+    """A block, recomputed in the backward pass when gradient checkpointing is on (while training):
+    transformers' gradient_checkpointing_enable() sets the flag and the checkpoint function."""
+    if encoder.gradient_checkpointing and encoder.training and torch.is_grad_enabled():
+        run = getattr(encoder, "_gradient_checkpointing_func", None) or functools.partial(
+            checkpoint, use_reentrant=False
+        )
+        return run(block.__call__, *args)
+    return block(*args)
 
 
 class Encoder(nn.Module):
@@ -166,16 +200,22 @@ class Encoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """[input, block 1, ..., normalised last block] (biomask's layer indexing)."""
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """[input, block 1, ..., normalised last block] (biomask's layer indexing), and each block's
+        attention weights when asked."""
         mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
-        states = [x]
+        states, attentions = [x], []
         for block in self.blocks:
-            x = block(x, mask)
+            x, weights = _run_block(self, block, x, mask, output_attentions)
             states.append(x)
+            if weights is not None:
+                attentions.append(weights)
         states[-1] = self.norm(x)
-        return states
+        return states, attentions
 
 
 # ------------------------------------------------------------------------------------ dilated CNN
@@ -210,13 +250,14 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(ConvBlock(cfg, 2**i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """[embeddings, block 1, ..., normalised last block] (biomask's layer indexing)."""
         keep = attention_mask[..., None].to(x.dtype)
         states = [x]
         for block in self.blocks:
-            x = block(x, keep)
+            x = _run_block(self, block, x, keep)
             states.append(x)
         states[-1] = self.norm(x)
         return states
@@ -243,6 +284,12 @@ class BiomaskPreTrainedModel(PreTrainedModel):
     config_class = BiomaskConfig
     base_model_prefix = "biomask"
     main_input_name = "input_ids"
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]
+        # token models recompute block by block; the profile autoencoder is a few linear layers with
+        # no blocks (nor token embeddings, which transformers makes require grad): a clear refusal
+        return self.config.kind != "mlp"
 
     def _init_weights(self, module: nn.Module) -> None:
         # Every weight comes from the checkpoint; this only initialises a model built from a config
@@ -287,15 +334,23 @@ class BiomaskModel(BiomaskPreTrainedModel):
         attention_mask: torch.Tensor | None,
         values: torch.Tensor | None,
         bins: torch.Tensor | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        output_attentions: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """(states, mask, each block's attention weights: only when asked)."""
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
+        if output_attentions and self.config.kind != "transformer":
+            raise ValueError(
+                f"output_attentions: this model (kind {self.config.kind!r}) has no attention layers; "
+                "only transformer exports return attention weights"
+            )
         if self.config.kind == "mlp":
-            return self._profile_states(input_ids, mask, values), mask
+            return self._profile_states(input_ids, mask, values), mask, []
         if self.config.kind == "cnn":
-            return self.encoder(self.embedder(input_ids), mask), mask
-        return self.encoder(self.embedder(input_ids, values, bins), mask), mask
+            return self.encoder(self.embedder(input_ids), mask), mask, []
+        states, attentions = self.encoder(self.embedder(input_ids, values, bins), mask, output_attentions)
+        return states, mask, attentions
 
     def _profile_states(
         self, ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None
@@ -392,24 +447,31 @@ class BiomaskModel(BiomaskPreTrainedModel):
         bins: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ):
         """`last_hidden_state` (B, L, d_model) and `pooler_output` (B, d_model, `config.pooling`);
-        `hidden_states` = (embeddings, block 1, ..., normalised last block) when asked. Extra
-        tokenizer outputs such as `token_type_ids` are ignored."""
+        `hidden_states` = (embeddings, block 1, ..., normalised last block) and `attentions` (one
+        (B, n_heads, L, L) tensor per block, each query's weights over the keys; padding gets 0) when
+        asked. Extra tokenizer outputs such as `token_type_ids` are ignored."""
         if output_hidden_states is None:  # transformers' convention: the config's setting by default
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
         if return_dict is None:
             return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
-        states, mask = self._states(input_ids, attention_mask, values, bins)
+        states, mask, attentions = self._states(input_ids, attention_mask, values, bins, output_attentions)
         last = states[-1]
         pooled = self._pool(last, input_ids, mask, self.config.pooling)
         if self.config.kind == "mlp":
             last = last[:, None, :]
         hidden = tuple(states) if output_hidden_states else None
+        weights = tuple(attentions) if output_attentions else None
         if return_dict is False:
-            return tuple(v for v in (last, pooled, hidden) if v is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+            return tuple(v for v in (last, pooled, hidden, weights) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=hidden, attentions=weights
+        )
 
     @torch.no_grad()
     def embed(
@@ -425,7 +487,7 @@ class BiomaskModel(BiomaskPreTrainedModel):
         """One vector per record, (B, d_model): biomask's `model.embed(batch, pooling, layer)`.
         `layer` indexes [embeddings, block 1, ..., last block] like a Python list; pooling
         "mean_layers" (token models) concatenates every block's mean, (B, n_layers * d_model)."""
-        states, mask = self._states(input_ids, attention_mask, values, bins)
+        states, mask, _ = self._states(input_ids, attention_mask, values, bins)
         pooling = pooling or self.config.pooling
         if pooling == "mean_layers" and self.config.kind != "mlp":  # every block's mean, in order
             if layer != -1:
@@ -477,6 +539,7 @@ class BiomaskForSequenceClassification(BiomaskPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ):
         out = self.biomask(
@@ -485,6 +548,7 @@ class BiomaskForSequenceClassification(BiomaskPreTrainedModel):
             values=values,
             bins=bins,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         logits = self.classifier(self.dropout(out.pooler_output))
@@ -497,5 +561,7 @@ class BiomaskForSequenceClassification(BiomaskPreTrainedModel):
         if return_dict is None:
             return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
         if return_dict is False:
-            return tuple(v for v in (loss, logits, out.hidden_states) if v is not None)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+            return tuple(v for v in (loss, logits, out.hidden_states, out.attentions) if v is not None)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
