@@ -810,6 +810,37 @@ def test_decorrelation_adds_the_latent_penalty_to_the_objective_in_training_only
     assert EncoderConfig.from_dict(older).decorrelation == 0.0
 
 
+def test_input_scale_scales_the_visible_genes_by_how_much_of_the_cell_is_hidden():
+    """model.input_scale=visible: in training the encoder reads each visible gene's value times
+    panel genes / visible genes (inverted dropout), so a cell seen whole at embedding time is read as
+    it was in training on average; with nothing hidden the scale is 1 and the embedding is the
+    unscaled model's. A gene the data lacks counts as hidden."""
+    from biomask.training.config import ModelConfig
+
+    plain = _model()
+    scaled = ProfileAutoencoder(dataclasses.replace(plain.config, input_scale="visible"))
+    scaled.load_state_dict(plain.state_dict())
+    batch = collate(_records(), modality="cells")
+    z = plain._standardised(batch)
+    genes = plain.config.vocab_size - NUM_SPECIAL  # the panel's genes
+    hidden = torch.zeros_like(z, dtype=torch.bool)
+    hidden[:, NUM_SPECIAL : NUM_SPECIAL + genes - 2] = True  # 2 visible: their values x genes / 2
+    first = scaled.encoder[0]
+    seen = torch.cat([torch.where(hidden, 0.0, z * genes / 2), hidden.float()], dim=1)
+    torch.testing.assert_close(scaled._encode(z, hidden)[1], first(seen))
+    assert not torch.allclose(plain._encode(z, hidden)[1], first(seen))
+    torch.testing.assert_close(plain.eval().embed(batch), scaled.eval().embed(batch))
+    lacking = [{"tokens": r["tokens"][:4], "values": r["values"][:4]} for r in _records()]  # 4 listed
+    short = collate(lacking, modality="cells")
+    zs, missing = scaled._standardised(short), scaled._missing(short)
+    seen = torch.cat([torch.where(missing, 0.0, zs * genes / 4), missing.float()], dim=1)
+    torch.testing.assert_close(scaled._encode(zs, missing)[1], first(seen))
+    with pytest.raises(ValueError, match="model.input_scale is for model.kind mlp"):
+        ModelConfig(kind="transformer", input_scale="visible")
+    older = {k: v for k, v in plain.config.to_dict().items() if k != "input_scale"}
+    assert EncoderConfig.from_dict(older).input_scale == "none"
+
+
 @pytest.mark.network
 @pytest.mark.filterwarnings("ignore:(Variable|Observation) names are not unique")  # the case under test
 def test_fit_cells_warnings_name_the_anndata_and_its_arguments(pbmc68k_adata, tmp_path, caplog, cli):

@@ -138,7 +138,11 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
     base = ["data.store=runs/prep/x", "output=runs/pretrain/x"]
     now = load_config(PretrainConfig, None, base)
     before = now.model_dump(mode="json")
-    for key in ("decorrelation", "batch_covariate"):  # as a run written before the keys existed
+    for key in (
+        "decorrelation",
+        "batch_covariate",
+        "input_scale",
+    ):  # as a run written before the keys existed
         del before["model"][key]
     assert config_fingerprint(now) == sha256_json(before)
     assert config_diff(before, now.model_dump(mode="json")) == []
@@ -184,7 +188,8 @@ def test_keys_added_before_added_keys_existed_keep_older_outputs_current(repo):
     def written_before(cfg):
         data = cfg.model_dump(mode="json")
         for section, key in [("model", "embed_norm"), ("model", "objective"), ("model", "decorrelation"),
-                             ("model", "batch_covariate"), ("optim", "fused"), ("train", "compile")]:  # fmt: skip
+                             ("model", "batch_covariate"), ("model", "input_scale"), ("optim", "fused"),
+                             ("train", "compile")]:  # fmt: skip
             del data[section][key]
         return data
 

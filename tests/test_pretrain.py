@@ -196,7 +196,8 @@ def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_sto
     # what biomask of 2026-12-03 wrote: its config.yaml without those keys, and its fingerprint of it
     config = yaml.safe_load((run / "config.yaml").read_text())
     for section, key in [("model", "embed_norm"), ("model", "objective"), ("model", "decorrelation"),
-                         ("model", "batch_covariate"), ("optim", "fused"), ("train", "compile")]:  # fmt: skip
+                         ("model", "batch_covariate"), ("model", "input_scale"), ("optim", "fused"),
+                         ("train", "compile")]:  # fmt: skip
         del config[section][key]
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     semantic = json.loads(json.dumps(config))
