@@ -230,10 +230,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from biomask.config import load_config
     from biomask.errors import Requeue
+    from biomask.training.config import PretrainConfig
+    from biomask.training.distributed import resolve_env
+    from biomask.training.rundir import finished_run
 
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    done = None if args.overwrite else finished_run(cfg, resolve_env(os.environ, args.local_rank).world_size)
     try:
-        path = _run_stage("pretrain", args, local_rank=args.local_rank)
+        path = done or load_ref(STAGES["pretrain"].runner)(
+            cfg, overwrite=args.overwrite, local_rank=args.local_rank
+        )
     except Requeue as exc:
         with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
             print(f"biomask: {exc}", file=sys.stderr)

@@ -222,6 +222,12 @@ def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_sto
     code, _, err = cli(*args)
     assert code == 0 and "reusing" in err, err
     assert (run / "model" / "model.safetensors").stat().st_mtime_ns == weights
+    # as a pipeline starts it, a process of its own: reused before torch is imported (most of each
+    # reused task's time in a pipeline rerun)
+    script = "import sys; from biomask.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+    fresh = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.split() == [str(run), "False"], fresh.stderr
+    assert "is up to date (same config and data); reusing it" in fresh.stderr
     code, _, err = cli(*args, "train.steps=5")
     assert code == 2 and "train.steps: 4 -> 5" in err, err
     assert "embed_norm" not in err and "fused" not in err and "compile" not in err

@@ -2,20 +2,32 @@
 
 `MaskingConfig` (one `scheme` switch, every key overridable) configures a `Masker`, which turns a
 collated batch into a masked one on the training device. See README "Masking schemes".
+
+The names below load on first use: the config alone needs no torch (`biomask pretrain` reads it
+to decide whether a finished run is reused before it imports torch).
 """
 
-from biomask.masking.config import SCHEMES, MaskingConfig
-from biomask.masking.masker import IGNORE, Masker, maskable_positions
-from biomask.masking.positions import span_positions, uniform_positions
-from biomask.masking.ratio import RatioSampler
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "IGNORE",
-    "SCHEMES",
-    "Masker",
-    "MaskingConfig",
-    "RatioSampler",
-    "maskable_positions",
-    "span_positions",
-    "uniform_positions",
-]
+_WHERE = {
+    "IGNORE": "masker",
+    "SCHEMES": "config",
+    "Masker": "masker",
+    "MaskingConfig": "config",
+    "RatioSampler": "ratio",
+    "maskable_positions": "masker",
+    "span_positions": "positions",
+    "uniform_positions": "positions",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"biomask.masking.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'biomask.masking' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

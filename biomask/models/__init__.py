@@ -5,27 +5,32 @@ model = load_pretrained("runs/pretrain/dna-tiny/model")
 vectors = model.embed(batch, pooling="cls", layer=-1)
 """
 
-from biomask.models.config import MLP_PRESETS, PRESETS, EncoderConfig
-from biomask.models.kinds import MODEL_KINDS, build_model
-from biomask.models.model import MaskedEncoder
-from biomask.models.pretrained import (
-    check_tokenizer,
-    load_pretrained,
-    read_checkpoint_config,
-    save_pretrained,
-)
-from biomask.models.profile import ProfileAutoencoder
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "MLP_PRESETS",
-    "MODEL_KINDS",
-    "PRESETS",
-    "EncoderConfig",
-    "MaskedEncoder",
-    "ProfileAutoencoder",
-    "build_model",
-    "check_tokenizer",
-    "load_pretrained",
-    "read_checkpoint_config",
-    "save_pretrained",
-]
+# Loaded on first use: `biomask.models.config` alone needs no torch (`biomask pretrain` reads the
+# config to decide whether a finished run is reused before it imports torch).
+_WHERE = {
+    "MLP_PRESETS": "config",
+    "PRESETS": "config",
+    "EncoderConfig": "config",
+    "MODEL_KINDS": "kinds",
+    "build_model": "kinds",
+    "MaskedEncoder": "model",
+    "check_tokenizer": "pretrained",
+    "load_pretrained": "pretrained",
+    "read_checkpoint_config": "pretrained",
+    "save_pretrained": "pretrained",
+    "ProfileAutoencoder": "profile",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"biomask.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'biomask.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -49,8 +49,9 @@ from biomask.outputs import (
     describe_foreign,
     foreign_files,
 )
-from biomask.provenance import code_differs, code_version, read_run_info, written_by_biomask
-from biomask.training.config import NON_SEMANTIC
+from biomask.provenance import code_differs, code_version, read_run_info, sha256_file, written_by_biomask
+from biomask.stage import StageOutput, warn_other_code
+from biomask.training.config import NON_SEMANTIC, PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,31 @@ def recorded(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def store_input(root: Path) -> dict[str, Any]:
+    """A run's token store as an input of its fingerprint: the store's manifest, which holds every
+    shard's sha256."""
+    return {"name": "token-store", "path": str(root), "sha256": sha256_file(root / "manifest.json")}
+
+
+def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
+    """The output when it already holds a finished run of this config and store (the trainer's own
+    test, made without torch): a pipeline rerun starts dozens of pretrain processes that have
+    nothing to do, and importing torch is most of each one's time. None: the trainer decides
+    (a run that continues a checkpoint: its identity is the checkpoint's, read by the trainer)."""
+    out = Path(cfg.output)
+    manifest = Path(cfg.data.store) / "manifest.json"
+    if cfg.model.init_from or not manifest.is_file() or not (out / "run.json").is_file():
+        return None
+    stage = StageOutput(
+        "pretrain", cfg, out, inputs=[store_input(Path(cfg.data.store))], non_semantic=NON_SEMANTIC
+    )
+    if not is_done(out, stage.held_fingerprint(recorded(out)), world_size):
+        return None
+    log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+    warn_other_code("pretrain", out, read_run_info(out))
+    return out
 
 
 def is_done(path: Path, fingerprint: str, world_size: int | None = None) -> bool:

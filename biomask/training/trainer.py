@@ -42,7 +42,7 @@ from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
 from biomask.outputs import FILE_TREE_KEY, atomic_write_text, check_inputs_outside, file_tree
-from biomask.provenance import code_version, read_run_info, sha256_file, write_run_info
+from biomask.provenance import code_version, read_run_info, write_run_info
 from biomask.resources import honour_omp_threads
 from biomask.stage import StageOutput, warn_other_code
 from biomask.store import TokenStore, check_store_tokenizer
@@ -325,8 +325,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec, store)
     train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
-    manifest_sha = sha256_file(store.root / "manifest.json")
-    inputs = [{"name": "token-store", "path": str(store.root), "sha256": manifest_sha}]
+    inputs = [rundir.store_input(store.root)]
     if cfg.model.init_from:
         arch, init_input, init_weights = init_checkpoint(cfg, spec, arch)
         inputs.append(init_input)
@@ -645,7 +644,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 },
                 "data": {
                     "store": str(store.root),
-                    "manifest_sha256": manifest_sha,
+                    "manifest_sha256": inputs[0]["sha256"],
                     "train_split": cfg.data.train_split,
                     # the files the store was prepared from: evaluate notes a task store made from them
                     "sources": [
