@@ -952,6 +952,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def entry() -> None:
     """The `biomask` console script and `python -m biomask`: main(), then the process ends."""
+    from biomask.errors import Requeue
+
+    Requeue.ends_process = True
     try:
         code = main()
     except Exception:

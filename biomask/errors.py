@@ -61,6 +61,10 @@ class Requeue(BiomaskError):
     """Training was checkpointed after SIGTERM / SIGUSR1 / Ctrl-C; rerun the same command to resume. Exit code 75."""
 
     exit_code = REQUEUE_EXIT_CODE
+    # Whether raising it ends the process: true in the `biomask` command (cli.entry sets it), which
+    # exits 75 and so keeps SIGTERM / SIGUSR1 / SIGHUP ignored after the checkpoint; false where the
+    # process goes on after the call (a notebook, a script calling fit_cells), which gets its handlers back.
+    ends_process = False
 
 
 class Terminated(BaseException):

@@ -20,9 +20,9 @@ def repo() -> Path:
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
-    """Each test starts from the same signal handlers. A training run stopped by a signal in-process
-    leaves SIGTERM / SIGUSR1 / SIGHUP ignored after its checkpoint (what a CLI process about to exit
-    75 wants), which changed how later tests' commands met a SIGTERM, depending on test order."""
+    """Each test starts from the same signal handlers: a test that changes one (or a training run as
+    the `biomask` command, which leaves SIGTERM / SIGUSR1 / SIGHUP ignored after its checkpoint, about
+    to exit 75) must not change how later tests' commands meet a signal, depending on test order."""
     import signal
 
     names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)

@@ -471,6 +471,71 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
+def test_a_python_caller_stopped_by_a_signal_gets_its_handlers_back_and_can_resume(
+    genome_store, tmp_path, monkeypatch
+):
+    """A notebook kernel (or a script) calling the pretrain API, as fit_cells does: a SIGTERM that
+    stopped training left SIGTERM, SIGUSR1 and SIGHUP ignored in the caller's process, so the kernel
+    manager could no longer stop it. The `biomask` command keeps them ignored until it exits 75 (srun
+    may signal it again meanwhile); a Python caller gets its own handlers back, and resumes by calling
+    again."""
+    import threading
+
+    from biomask.errors import Requeue
+    from biomask.training.trainer import pretrain
+
+    out = tmp_path / "run"
+    cfg = config(genome_store, out, **{"train.steps": 60, "train.checkpoint_every": 1000})
+    received: list[int] = []
+
+    def kernel(signum, frame):  # the caller's own handler, as a notebook kernel or a service has
+        received.append(signum)
+
+    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+    saved = {sig: signal.signal(sig, kernel) for sig in names}
+
+    def stopped_by_sigterm() -> Requeue:
+        """Run until training logs, SIGTERM (as a kernel manager or a scheduler sends it)."""
+        size = (out / "metrics.jsonl").stat().st_size if (out / "metrics.jsonl").is_file() else 0
+
+        def terminate_once_training() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > size:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                time.sleep(0.01)
+
+        sender = threading.Thread(target=terminate_once_training, daemon=True)
+        sender.start()
+        with pytest.raises(Requeue, match="received SIGTERM: checkpointed step") as stopped:
+            pretrain(cfg)
+        sender.join()
+        return stopped.value
+
+    try:
+        with monkeypatch.context() as command_line:  # as cli.entry, the `biomask` command, sets it
+            command_line.setattr(Requeue, "ends_process", True)
+            stopped_by_sigterm()
+        assert {sig: signal.getsignal(sig) for sig in names} == dict.fromkeys(names, signal.SIG_IGN)
+        for sig in names:
+            signal.signal(sig, kernel)
+
+        stopped_by_sigterm()  # from Python
+        assert received == []  # training's handler took it, not the caller's
+        assert {sig: signal.getsignal(sig) for sig in names} == dict.fromkeys(names, kernel)
+        os.kill(os.getpid(), signal.SIGTERM)  # and the caller's handler works again
+        assert received == [signal.SIGTERM]
+        assert not (out / "run.json").exists()
+        # the same call again resumes from the checkpoint and finishes
+        pretrain(cfg)
+        resumed = json.loads((out / "run.json").read_text())["resumed_from_steps"]
+        assert len(resumed) == 2 and 4 <= resumed[0] < resumed[1] < 60
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_a_signal_during_start_up_is_a_checkpoint_and_exit_75_not_a_lost_job(
     genome_store, tmp_path, cli, monkeypatch
 ):

@@ -275,7 +275,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def ignore_from_now(self) -> None:
-        """After the requeue checkpoint: this process only exits (with 75). A further SIGTERM or
+        """After the requeue checkpoint of a process that then exits with 75 (the `biomask` command;
+        `Requeue.ends_process`; a Python caller gets every handler back at `restore`). A further SIGTERM or
         SIGUSR1 — e.g. srun terminating the step because another rank exited first — must not turn
         that into "killed by a signal", which would keep the job script from requeueing. Ctrl-C gets
         its own handler back at `restore` (in a notebook the kernel goes on and must stay

@@ -611,7 +611,8 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             if stopping or (step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps):
                 path = save_checkpoint()
                 if stopping:
-                    stop.ignore_from_now()
+                    if Requeue.ends_process:
+                        stop.ignore_from_now()
                     raise Requeue(
                         f"received {stop.name}: checkpointed step {step} of "
                         f"{cfg.train.steps} to {path}; exiting with code {REQUEUE_EXIT_CODE} so the job can be "
