@@ -244,11 +244,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
     except Requeue as exc:
         with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
-            print(f"biomask: {exc}", file=sys.stderr)
+            print(f"biomask: {requeue_message(exc)}", file=sys.stderr)
         return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
     return 0
+
+
+def requeue_message(exc: BiomaskError) -> str:
+    """A training stop as the command line reports it: with the exit code a job script requeues on."""
+    return f"{exc}; exiting with code {exc.exit_code} so the job can be requeued"
 
 
 def _embed_shortcuts(args: argparse.Namespace) -> list[str]:
@@ -916,9 +921,15 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a reader gone away shows here, inside the handlers, not at interpreter exit
         return code
     except BiomaskError as exc:
+        from biomask.errors import Requeue
+
         if not _said_by_rank0(exc):
+            # a training stop (fit-cells stopped by a signal) is no error: the same command resumes it
+            line = (
+                f"biomask: {requeue_message(exc)}" if isinstance(exc, Requeue) else f"biomask: error: {exc}"
+            )
             with contextlib.suppress(OSError):  # stderr gone (a terminal closed): the exit code tells
-                print(f"biomask: error: {exc}", file=sys.stderr)
+                print(line, file=sys.stderr)
         _report_error(exc)
         return exc.exit_code
     except BrokenPipeError:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import REQUEUE_EXIT_CODE, ConfigError, InputError, Requeue
+from biomask.errors import ConfigError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
@@ -613,10 +613,11 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
                 if stopping:
                     if Requeue.ends_process:
                         stop.ignore_from_now()
+                    # what to do, said for a Python caller too (fit_cells in a notebook): no process
+                    # exits there; the command line adds its exit code (cli.requeue_message)
                     raise Requeue(
-                        f"received {stop.name}: checkpointed step {step} of "
-                        f"{cfg.train.steps} to {path}; exiting with code {REQUEUE_EXIT_CODE} so the job can be "
-                        "requeued — rerun the same command to resume"
+                        f"received {stop.name}: checkpointed step {step} of {cfg.train.steps} to {path}; "
+                        "run the same command (or Python call) again to resume from it"
                     )
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
