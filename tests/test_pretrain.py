@@ -538,6 +538,35 @@ def test_a_python_caller_stopped_by_a_signal_gets_its_handlers_back_and_can_resu
             signal.signal(sig, handler)
 
 
+def test_training_runs_from_a_thread_other_than_the_main_one(genome_store, tmp_path):
+    """fit_cells or the pretrain API in a background thread (a notebook kept responsive, a web
+    service's worker) stopped with "ValueError: signal only works in main thread" once the cells were
+    prepared. Signals reach the main thread only: training from another thread leaves its handlers as
+    they are, and runs."""
+    import threading
+
+    from biomask.training.trainer import pretrain
+
+    out = tmp_path / "run"
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    result: list = []
+    worker = threading.Thread(
+        target=lambda: result.append(_outcome(pretrain, config(genome_store, out, **{"train.steps": 8})))
+    )
+    worker.start()
+    worker.join()
+    assert result == [out], result
+    assert json.loads((out / "model" / "config.json").read_text())["training"]["steps"] == 8
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # the thread's error, for the assertion to show
+        return exc
+
+
 def test_a_signal_during_start_up_is_a_checkpoint_and_exit_75_not_a_lost_job(
     genome_store, tmp_path, cli, monkeypatch
 ):

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -246,6 +247,11 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        """The handlers, from the main thread. Training started from another thread (a notebook's
+        background thread, a web service's worker) installs none: Python delivers signals to the main
+        thread alone, whose handlers stay the caller's, and `signal.signal` would refuse there."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
             if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) is signal.SIG_IGN:
                 continue  # started ignoring it (a script's background job, nohup): keep it so
