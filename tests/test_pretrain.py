@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -471,14 +473,14 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
-def test_a_python_caller_stopped_by_a_signal_gets_its_handlers_back_and_can_resume(
+def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_can_resume(
     genome_store, tmp_path, monkeypatch
 ):
     """A notebook kernel (or a script) calling the pretrain API, as fit_cells does: a SIGTERM that
     stopped training left SIGTERM, SIGUSR1 and SIGHUP ignored in the caller's process, so the kernel
     manager could no longer stop it. The `biomask` command keeps them ignored until it exits 75 (srun
     may signal it again meanwhile); a Python caller gets its own handlers back, and resumes by calling
-    again."""
+    again. Its random streams are its own too: a run left numpy and random seeded with train.seed."""
     import threading
 
     from biomask.errors import Requeue
@@ -530,7 +532,11 @@ def test_a_python_caller_stopped_by_a_signal_gets_its_handlers_back_and_can_resu
         assert received == [signal.SIGTERM]
         assert not (out / "run.json").exists()
         # the same call again resumes from the checkpoint and finishes
+        np.random.seed(7), random.seed(7), torch.manual_seed(7)
+        expected = np.random.rand(), random.random(), torch.rand(1).item()
+        np.random.seed(7), random.seed(7), torch.manual_seed(7)
         pretrain(cfg)
+        assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
         resumed = json.loads((out / "run.json").read_text())["resumed_from_steps"]
         assert len(resumed) == 2 and 4 <= resumed[0] < resumed[1] < 60
     finally:

@@ -383,6 +383,9 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     # start-up: its default action would end the job with no requeue (the batch script requeues on 75).
     stop = StopSignal()
     stop.install()
+    # the run seeds the global random streams (below, and a resume restores them); a Python caller's
+    # own (a notebook's numpy, random and torch draws) are given back when the call returns or raises
+    callers_rng = checkpoint.rng_state({})
     metrics: MetricsLogger | None = None
     try:
         # 2. The output directory: fresh, resume, or already done.
@@ -701,6 +704,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
             dist.barrier()
     finally:
         stop.restore()
+        checkpoint.restore_rng_state(callers_rng)
         if metrics is not None:
             metrics.close()
     return out
