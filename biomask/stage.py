@@ -51,16 +51,20 @@ def input_identity(entry: dict[str, Any], *, with_config: bool = True) -> str:
     )
 
 
+# how a stage's own command recomputes an output other code wrote (fit_cells says its own way)
+RECOMPUTE_HINT = "pass --overwrite to recompute it with this code"
+
+
 def warn_other_code(stage: str, path: Path, info: dict[str, Any] | None) -> None:
     """Reuse compares configs and inputs, not code: say so when other code wrote the output."""
     differs = code_differs(info)
     if differs:
         log.warning(
-            "%s: %s was written by other code (%s); reused as it is — pass --overwrite to recompute it "
-            "with this code",
+            "%s: %s was written by other code (%s); reused as it is — %s",
             stage,
             path,
             differs,
+            RECOMPUTE_HINT,
         )
 
 

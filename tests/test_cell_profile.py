@@ -879,6 +879,19 @@ def test_fit_cells_warnings_name_the_anndata_and_its_arguments(pbmc68k_adata, tm
     # the store holds one column of the repeated name: the first
     vocab = json.loads((tmp_path / "first" / "store" / "manifest.json").read_text())
     assert vocab["scheme"] == "panel" and adata.obsm["X_biomask"].shape[0] == adata.n_obs
+    # outputs an older biomask wrote are reused with a warning, which said "pass --overwrite": fit_cells
+    # has no such flag, and its overwrite=True replaces only outputs of other settings
+    for part in ("store", "pretrain"):
+        info = json.loads((tmp_path / "first" / part / "run.json").read_text())
+        info["code"]["source_sha256"] = "0" * 64
+        (tmp_path / "first" / part / "run.json").write_text(json.dumps(info))
+    caplog.clear()
+    del adata.obsm["X_biomask"], adata.uns["X_biomask"]
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(adata, tmp_path / "first", counts=counts, duplicates="first", overrides=steps)
+    other_code = [r.getMessage() for r in caplog.records if "written by other code" in r.getMessage()]
+    assert len(other_code) == 2 and not any("--overwrite" in w for w in other_code), other_code
+    assert all(f"remove {tmp_path / 'first'} (or choose another output)" in w for w in other_code)
     # the shell's fit-cells takes it as a flag (a file's own path is named as it is)
     path = tmp_path / "dups.h5ad"
     adata.obs_names_make_unique()

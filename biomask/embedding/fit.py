@@ -161,6 +161,7 @@ def fit_cells(
     gene panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import DUPLICATES, embed, renamed_in_logs
+    from biomask.stage import RECOMPUTE_HINT
     from biomask.store import TokenStore
     from biomask.training.trainer import pretrain
 
@@ -240,6 +241,12 @@ def fit_cells(
                 source.unlink(missing_ok=True)
 
     def rename(message: str) -> str:
+        # fit_cells' overwrite replaces only an output of other settings, not one of the same settings
+        # that other code wrote (reused with a warning): starting afresh recomputes that
+        message = message.replace(
+            RECOMPUTE_HINT,
+            f"to recompute it with this code, remove {out} (or choose another output) and run again",
+        )
         if in_memory:  # name the user's AnnData, not the copy made for the prep stage
             message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
         return fit_cells_names(message)
@@ -278,7 +285,8 @@ def fit_cells(
     pretrain_existed = (out / "pretrain").exists()
     environment = dict(os.environ)
     try:
-        checkpoint = _stage(pretrain, cfg, overwrite) / "model"
+        with renamed_in_logs(rename):
+            checkpoint = _stage(pretrain, cfg, overwrite) / "model"
     except InputError as exc:  # bad input found by pretraining's own checks: as above, a retry starts clean
         if not pretrain_existed:
             shutil.rmtree(out / "pretrain", ignore_errors=True)
