@@ -481,13 +481,17 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
     manager could no longer stop it. The `biomask` command keeps them ignored until it exits 75 (srun
     may signal it again meanwhile); a Python caller gets its own handlers back, and resumes by calling
     again. Its random streams are its own too: a run left numpy and random seeded with train.seed."""
+    import gc
     import threading
 
     from biomask.errors import Requeue
     from biomask.training.trainer import pretrain
 
     out = tmp_path / "run"
-    cfg = config(genome_store, out, **{"train.steps": 60, "train.checkpoint_every": 1000})
+    # ZeRO-0, what one process (a notebook's fit_cells) trains with: ZeRO 1-3 engines stay reachable
+    # through DeepSpeed's own gradient hooks, which no collection frees
+    steps = {"train.steps": 60, "train.checkpoint_every": 1000, "deepspeed.stage": 0}
+    cfg = config(genome_store, out, **steps)
     received: list[int] = []
 
     def kernel(signum, frame):  # the caller's own handler, as a notebook kernel or a service has
@@ -495,6 +499,12 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
 
     names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     saved = {sig: signal.signal(sig, kernel) for sig in names}
+
+    def engines() -> int:
+        return sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
+
+    gc.collect()
+    leaked = engines()  # earlier tests' ZeRO-2 engines
 
     def stopped_by_sigterm() -> Requeue:
         """Run until training logs, SIGTERM (as a kernel manager or a scheduler sends it)."""
@@ -523,7 +533,12 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
         for sig in names:
             signal.signal(sig, kernel)
 
-        stopped = stopped_by_sigterm()  # from Python
+        gc.disable()  # what the call frees, it frees itself
+        try:
+            stopped = stopped_by_sigterm()  # from Python
+            assert engines() == leaked  # the stop the caller holds does not keep the run's engine alive
+        finally:
+            gc.enable()
         # what to do, said to a Python caller: no process exits there with 75
         assert "again to resume" in str(stopped) and "exiting with code" not in str(stopped)
         assert received == []  # training's handler took it, not the caller's
@@ -535,7 +550,12 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
         np.random.seed(7), random.seed(7), torch.manual_seed(7)
         expected = np.random.rand(), random.random(), torch.rand(1).item()
         np.random.seed(7), random.seed(7), torch.manual_seed(7)
-        pretrain(cfg)
+        gc.disable()
+        try:
+            pretrain(cfg)
+            assert engines() == leaked  # a notebook's next run (on a GPU) finds this one's memory freed
+        finally:
+            gc.enable()
         assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
         resumed = json.loads((out / "run.json").read_text())["resumed_from_steps"]
         assert len(resumed) == 2 and 4 <= resumed[0] < resumed[1] < 60

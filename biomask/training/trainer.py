@@ -18,6 +18,7 @@ training/checkpoint.py.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 import random
@@ -308,6 +309,28 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
 
     Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1.
     """
+    try:
+        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank)
+    except Requeue as exc:
+        # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
+        # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
+        exc.with_traceback(None)
+        _free_engine()
+        raise
+    _free_engine()
+    return out
+
+
+def _free_engine() -> None:
+    """The run's engine (model, optimizer state, gradients) sits in reference cycles (DeepSpeed's, the
+    loop's closures): freed now, not at some later garbage collection, so that a Python caller's next
+    run (fit_cells again in a notebook, on a GPU) does not find the last one's memory still held."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
         logging.getLogger("biomask").setLevel(logging.WARNING)
