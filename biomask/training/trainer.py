@@ -407,8 +407,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     stop = StopSignal()
     stop.install()
     # the run seeds the global random streams (below, and a resume restores them); a Python caller's
-    # own (a notebook's numpy, random and torch draws) are given back when the call returns or raises
-    callers_rng = checkpoint.rng_state({})
+    # own (a notebook's numpy, random and torch draws) are given back when the call returns or raises.
+    # The command line exits after the run: nothing to give back, and CUDA is left to set_device first
+    callers_rng = None if Requeue.ends_process else checkpoint.rng_state({})
     metrics: MetricsLogger | None = None
     try:
         # 2. The output directory: fresh, resume, or already done.
@@ -727,7 +728,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             dist.barrier()
     finally:
         stop.restore()
-        checkpoint.restore_rng_state(callers_rng)
+        if callers_rng is not None:
+            checkpoint.restore_rng_state(callers_rng)
         if metrics is not None:
             metrics.close()
     return out
