@@ -7,18 +7,10 @@ with embeddings that drop into scanpy. See README.md for the stages and DEVELOPE
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> object:
-    """`biomask.embed`, `biomask.fit_cells` and `biomask.read_cells` are imported on first use, so `import biomask` stays light (no torch, no anndata)."""
-    if name == "embed":
-        from biomask.embedding.api import embed
+from biomask.lazy import lazy_names
 
-        return embed
-    if name == "read_cells":
-        from biomask.embedding.api import read_cells
-
-        return read_cells
-    if name == "fit_cells":
-        from biomask.embedding.fit import fit_cells
-
-        return fit_cells
-    raise AttributeError(f"module 'biomask' has no attribute {name!r}")
+# `biomask.embed`, `biomask.fit_cells` and `biomask.read_cells` are imported on first use, so
+# `import biomask` stays light (no torch, no anndata).
+__getattr__, __dir__ = lazy_names(
+    __name__, {"embed": "embedding.api", "read_cells": "embedding.api", "fit_cells": "embedding.fit"}
+)

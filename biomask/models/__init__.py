@@ -5,8 +5,7 @@ model = load_pretrained("runs/pretrain/dna-tiny/model")
 vectors = model.embed(batch, pooling="cls", layer=-1)
 """
 
-from importlib import import_module
-from typing import Any
+from biomask.lazy import lazy_names
 
 # Loaded on first use: `biomask.models.config` alone needs no torch (`biomask pretrain` reads the
 # config to decide whether a finished run is reused before it imports torch).
@@ -24,13 +23,4 @@ _WHERE = {
     "ProfileAutoencoder": "profile",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(import_module(f"biomask.models.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'biomask.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
