@@ -204,7 +204,8 @@ def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None
 
     spec = STAGES[stage]
     cfg = load_config(load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides)
-    return load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
+    done = load_ref(spec.reused)(cfg) if spec.reused and not args.overwrite else None
+    return done or load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
 
 
 def _print_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:

@@ -37,6 +37,10 @@ class Stage:
     # "module:NAME" of the config keys that change no result (paths, workers, logging): an output
     # written with other values of these is reused. Default: the output path and worker count.
     non_semantic: str | None = None
+    # "module:function": function(cfg) -> the output when it already holds this result, decided
+    # without the runner's imports (None: the runner decides). A pipeline rerun starts one process
+    # per task, and for a current output those imports were most of its time.
+    reused: str | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -91,6 +95,7 @@ STAGES: dict[str, Stage] = _stages(
         "biomask.evaluation.config:EvaluateConfig",
         "biomask.evaluation.evaluate:evaluate",
         non_semantic="biomask.evaluation.config:NON_SEMANTIC",
+        reused="biomask.evaluation.reuse:current",
     ),
     Stage(
         "embed",

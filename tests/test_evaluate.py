@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,6 +60,20 @@ def test_baselines_end_to_end(splice_store, tmp_path, cli, repo):
     ]
     assert "**Notes:**\n- no checkpoints given" in report
     assert cli(*args)[0] == 0 and "up to date" in cli(*args)[2]  # reused
+    # as a pipeline starts it, a process of its own: reused before scikit-learn or torch is imported
+    script = "import sys; from biomask.cli import main; rc = main(sys.argv[1:]); print(sorted({'sklearn', 'torch'} & set(sys.modules))); sys.exit(rc)"
+    fresh = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.split("\n")[:2] == [str(out), "[]"], fresh.stderr
+    assert "up to date" in fresh.stderr
+    # an input changed since: the stage decides, and says what changed
+    manifest = splice_store / "manifest.json"
+    original = manifest.read_text()
+    try:
+        manifest.write_text(original + " ")
+        code, _, err = cli(*args)
+        assert code == 2 and "--overwrite" in err, err
+    finally:
+        manifest.write_text(original)
 
 
 def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):

@@ -21,7 +21,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from biomask.evaluation import baselines, clustering
-from biomask.evaluation.config import NON_SEMANTIC, EvaluateConfig
+from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
 from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method, Predict
 from biomask.evaluation.metrics import (
@@ -34,8 +34,8 @@ from biomask.evaluation.metrics import (
     per_class_table,
     summarize,
 )
-from biomask.provenance import sha256_file, strict_json
-from biomask.stage import CONFIG_SHA256, StageOutput
+from biomask.evaluation.reuse import stage_output
+from biomask.provenance import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +193,12 @@ def baseline_methods(
 # ------------------------------------------------------------------------------------------- running
 
 
-def _inputs(cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    inputs = [{"name": "store", "path": cfg.store, "sha256": sha256_file(Path(cfg.store) / "manifest.json")}]
-    for name, path in cfg.checkpoints.items():
-        weights, config = Path(path) / "model.safetensors", Path(path) / "config.json"
-        inputs.append(
-            {
-                "name": name,
-                "path": str(path),
-                "sha256": sha256_file(weights) if weights.exists() else None,
-                CONFIG_SHA256: sha256_file(config) if config.is_file() else None,
-            }
-        )
-    return inputs
-
-
 def evaluate(
     cfg: EvaluateConfig, *, overwrite: bool = False, extra_methods: list[Method] | None = None
 ) -> Path:
     """Run every method on every seed; write metrics.json, report.md and confusion matrices."""
     data = load_labelled(cfg.store)
-    stage = StageOutput("evaluate", cfg, cfg.output, inputs=_inputs(cfg), non_semantic=NON_SEMANTIC)
+    stage = stage_output(cfg)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
     # every shard's sha256, as pretrain checks (after the reuse check: a rerun hashes nothing): a
