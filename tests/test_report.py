@@ -473,6 +473,8 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
             if k.split("@")[0] in (*schemes, "nematode") and k.split("@")[1] in ("0", "1")
         }
         over["finetune"] = {**over.get("finetune", {}), "max_steps": 4, "eval_every": 2, "patience": 1}
+        # one learning rate: each one in the grid is an engine of its own to start (most of the time here)
+        over["finetune"]["lr"] = over["finetune"].get("lr", [1e-4])[-1:]
     path = run_dir.parent / "study-mini.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
