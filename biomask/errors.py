@@ -52,6 +52,11 @@ class StaleOutputError(OutputExistsError):
     runner does so by itself; any other refusal it reports as a failure)."""
 
 
+class OutputBusyError(InputError):
+    """Another live run (another process, notebook kernel or thread) is writing the same output: two
+    would delete each other's files. Nothing was written; wait for it, stop it, or choose another output."""
+
+
 # Exit code of a training stage that checkpointed on SIGTERM/SIGUSR1 and asks to be requeued: the
 # pipeline runner and the sbatch scripts rerun (requeue) it, and it resumes from the checkpoint.
 REQUEUE_EXIT_CODE = 75

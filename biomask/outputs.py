@@ -13,15 +13,23 @@ holds files its run.json does not list. A mount point cannot be an output (it ca
 Stale temporaries of the same output (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`, left by a killed
 run) are removed when the next write of that output starts (a `.tmp-`) or succeeds (an `.old-`, a
 previous output a kill caught mid-swap), and by a reuse — never a `.tmp-` directory a live run holds (its writer keeps a flock on it); nothing else beside the output is touched.
+
+A stage that works inside its output for long (pretrain, fit_cells) holds `hold_output`'s flock on
+`.NAME.lock` beside it for the run: a second run into the same output, from any process, kernel or
+host sharing the file system, is refused with the holder's pid and host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import fcntl
+import json
+import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,12 +40,15 @@ from biomask.config import config_diff
 from biomask.errors import (
     EnvironmentIOError,
     InputError,
+    OutputBusyError,
     OutputExistsError,
     StaleOutputError,
     describe_os_error,
     is_environment_error,
 )
 from biomask.provenance import read_run_info, written_by_biomask
+
+log = logging.getLogger(__name__)
 
 # What run.json lists as the files a stage wrote, so --overwrite can tell them apart from files added
 # later: FILES_KEY the top-level names (outputs written before 2026-12-05 have only these),
@@ -346,3 +357,110 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temporary name, then rename it into place."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+class OutputLock:
+    """An exclusive flock on `.NAME.lock` beside an output, held while its open file stays open. The
+    kernel drops it when the process ends, killed or not, so a dead run never blocks the next one."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # removed while still held: a run waiting on this file then finds it gone and takes a new one
+        # (see hold_output), rather than locking a file nobody else can find
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock of output `path`: beside it, not inside, because a fresh run replaces the folder
+    itself (a lock inside would go with the old one) and a refused run must write nothing into it.
+    Beside the real folder: two runs given it through different links take the same lock."""
+    real = Path(os.path.realpath(path))
+    return real.parent / f".{real.name}.lock"
+
+
+def hold_output(path: str | os.PathLike, stage: str) -> OutputLock | None:
+    """Lock output `path` for this process's run of `stage`, or raise `OutputBusyError` naming the run
+    that holds it (another process, host or notebook kernel, or another call in this process). None
+    where the file system has no locks (some NFS mounts): a warning, and only the older pid check of
+    the caller (if any) guards the output."""
+    lock = lock_file(path)
+    for _ in range(20):  # a holder removes the file as it lets go: a lock on that file would be no lock
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            _unguarded(path, lock, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            current = _same_file(fd, lock)
+            os.close(fd)
+            if not current:
+                continue
+            raise OutputBusyError(
+                f"output {Path(path)} is being written by another run that is still going ({holder}; it "
+                f"holds {lock}): two runs into one output would delete each other's files, so nothing "
+                "was written. Wait for that run to finish or stop it (a notebook kernel: interrupt or "
+                "restart it), or choose another output path"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            _unguarded(path, lock, exc)
+            return None
+        if not _same_file(fd, lock):
+            os.close(fd)
+            continue
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "stage": stage,
+            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with contextlib.suppress(OSError):  # who holds it is for the message only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return OutputLock(fd, lock)
+    _unguarded(path, lock, OSError("the lock file kept being replaced"))
+    return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        return f"{record['stage']}, pid {record['pid']} on {record['host']}, since {record['since']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "a process that has not said which"  # between its lock and its note of who it is
+
+
+def _unguarded(path: str | os.PathLike, lock: Path, exc: OSError) -> None:
+    log.warning(
+        "cannot lock %s (%s): a second run into output %s would not be refused while this one runs "
+        "(only a biomask command on this host is told by its pid). Keep to one run per output",
+        lock,
+        exc.strerror or exc,
+        path,
+    )

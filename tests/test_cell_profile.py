@@ -539,6 +539,16 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
             overrides={"model.kind": "panel_transformer"},
         )  # fmt: skip
     assert not bad.exists()
+    # a second call into a folder another call (kernel, script, thread) is fitting: refused before it
+    # writes, naming the holder, never cleaning up the other call's store as a failed call of its own
+    from biomask.errors import OutputBusyError
+    from biomask.outputs import hold_output
+
+    busy = tmp_path / "busy"
+    refused = pytest.raises(OutputBusyError, match=f"output {busy} is being written .*pid {os.getpid()} on")
+    with hold_output(busy, "fit_cells"), refused:
+        biomask.fit_cells(pbmc68k_adata.copy(), busy, matrix="raw", counts={"mode": "log1p"})
+    assert not busy.exists()
     # a file of 10 cells: the count is known only once prep has read it, and the store it wrote goes
     few = tmp_path / "few.h5ad"
     pbmc68k_adata[:10].copy().write_h5ad(few)

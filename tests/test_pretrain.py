@@ -451,6 +451,12 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
+    if sig == signal.SIGUSR1:  # the live run holds its output: any second run is refused while it trains
+        from biomask.errors import OutputBusyError
+        from biomask.outputs import hold_output
+
+        with pytest.raises(OutputBusyError, match=f"pretrain, pid {proc.pid} on "):
+            hold_output(out, "pretrain")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
@@ -896,6 +902,47 @@ def test_an_output_a_live_run_writes_is_refused_and_a_finished_run_of_other_proc
     assert rundir.is_done(out, "fp", 2)
     with pytest.raises(StaleOutputError, match="finished with 2 processes; this launch has 1"):
         rundir.is_done(out, "fp", 1)
+
+
+HOLDER = """import sys, time
+from biomask.outputs import hold_output
+lock = hold_output(sys.argv[1], "pretrain")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_an_output_is_refused_whatever_started_either(genome_store, tmp_path, cli):
+    """Two notebook kernels, or two `python script.py` runs, training into one output were not refused
+    (the check knew only processes whose command line said biomask), nor a second call in the same
+    kernel: they would delete each other's checkpoints. Refused now, naming the holder, with nothing
+    written; a killed holder blocks nothing."""
+    from biomask.errors import OutputBusyError
+    from biomask.outputs import hold_output
+
+    out = tmp_path / "run"
+    script = tmp_path / "kernel.py"  # a process whose command line does not say biomask
+    script.write_text(HOLDER)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(out)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert b"biomask" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes()
+        code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out))
+        assert code == 2, err
+        assert f"output {out} is being written by another run" in err and f"pid {holder.pid} on " in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with hold_output(out, "fit_cells"):  # the dead holder's lock went with it; this process's is held
+        code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out))
+        assert code == 2 and f"fit_cells, pid {os.getpid()} on " in err, err
+        (tmp_path / "alias").symlink_to(out)
+        with pytest.raises(OutputBusyError, match="alias"):
+            hold_output(tmp_path / "alias", "pretrain")  # the same folder through a link
+    assert not out.exists() and not (tmp_path / ".run.lock").exists()  # let go: nothing left beside it
 
 
 def test_a_checkpoint_folder_that_cannot_be_made_is_a_message_not_a_traceback(tmp_path):

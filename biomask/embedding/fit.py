@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError, InputError, OutputExistsError, StaleOutputError
+from biomask.errors import BiomaskError, InputError, OutputBusyError, OutputExistsError, StaleOutputError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def fit_cells(
     gene panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import DUPLICATES, embed, renamed_in_logs
+    from biomask.outputs import hold_output
     from biomask.stage import RECOMPUTE_HINT
     from biomask.store import TokenStore
     from biomask.training.trainer import pretrain
@@ -227,86 +228,98 @@ def fit_cells(
                 f"{source} exists and is not fit_cells' copy of the cells, and would be replaced. Choose "
                 "another output"
             )
-    store_existed = store.exists()
-    copy_existed = source.exists()
-
-    def undo() -> None:
-        """Remove what this call wrote (never a folder or file it found), for a retry to start clean."""
-        if not out_existed:
-            shutil.rmtree(out, ignore_errors=True)
-            return
-        if not store_existed:
-            shutil.rmtree(store, ignore_errors=True)
-            if in_memory and not copy_existed:
-                source.unlink(missing_ok=True)
-
-    def rename(message: str) -> str:
-        # fit_cells' overwrite replaces only an output of other settings, not one of the same settings
-        # that other code wrote (reused with a warning): starting afresh recomputes that
-        message = message.replace(
-            RECOMPUTE_HINT,
-            f"to recompute it with this code, remove {out} (or choose another output) and run again",
-        )
-        if in_memory:  # name the user's AnnData, not the copy made for the prep stage
-            message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
-        return fit_cells_names(message)
-
-    # the copy a refused call replaced comes back (else the store beside it no longer matches its input)
-    previous = source.with_name(f".{source.name}.previous")
+    # one call at a time into `out`: a second (another kernel, a script, a thread) would prepare and
+    # train over this one's files, and its clean-up after a refusal would remove the store this one
+    # trains from. Refused here, before it writes anything
+    held = hold_output(out, "fit_cells")
     try:
-        if in_memory:
-            out.mkdir(parents=True, exist_ok=True)
-            if copy_existed:
-                previous.unlink(missing_ok=True)
-                os.link(source, previous)  # the old file stays reachable when the copy is replaced
-            _write_copy(adata, source, prep_cfg, matrix, gene_column)
-        with renamed_in_logs(rename):  # its warnings too (duplicate genes, duplicate cell ids)
-            _stage(prep_cells, prep_cfg, overwrite)
-        n_cells = len(TokenStore(store).split("train"))
-        if n_cells < MIN_CELLS:
-            raise InputError(
-                f"{'the AnnData' if in_memory else source}: {n_cells} cells to train on (cells whose values "
-                f"are all zero are dropped, and 5 % are kept for validation); fit_cells needs at least "
-                f"{MIN_CELLS}: give it more cells"
+        store_existed = store.exists()
+        copy_existed = source.exists()
+
+        def undo() -> None:
+            """Remove what this call wrote (never a folder or file it found), for a retry to start clean."""
+            if not out_existed:
+                shutil.rmtree(out, ignore_errors=True)
+                return
+            if not store_existed:
+                shutil.rmtree(store, ignore_errors=True)
+                if in_memory and not copy_existed:
+                    source.unlink(missing_ok=True)
+
+        def rename(message: str) -> str:
+            # fit_cells' overwrite replaces only an output of other settings, not one of the same settings
+            # that other code wrote (reused with a warning): starting afresh recomputes that
+            message = message.replace(
+                RECOMPUTE_HINT,
+                f"to recompute it with this code, remove {out} (or choose another output) and run again",
             )
-    except BiomaskError as exc:
-        if in_memory and copy_existed and previous.exists():
-            os.replace(previous, source)
-        undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
-        message = rename(str(exc))
-        if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
-            message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
-        exc.args = (message,)
-        raise
+            if in_memory:  # name the user's AnnData, not the copy made for the prep stage
+                message = message.replace(f"{source} ", "AnnData ").replace(str(source), "AnnData")
+            return fit_cells_names(message)
+
+        # the copy a refused call replaced comes back (else the store beside it no longer matches its input)
+        previous = source.with_name(f".{source.name}.previous")
+        try:
+            if in_memory:
+                out.mkdir(parents=True, exist_ok=True)
+                if copy_existed:
+                    previous.unlink(missing_ok=True)
+                    os.link(source, previous)  # the old file stays reachable when the copy is replaced
+                _write_copy(adata, source, prep_cfg, matrix, gene_column)
+            with renamed_in_logs(rename):  # its warnings too (duplicate genes, duplicate cell ids)
+                _stage(prep_cells, prep_cfg, overwrite)
+            n_cells = len(TokenStore(store).split("train"))
+            if n_cells < MIN_CELLS:
+                raise InputError(
+                    f"{'the AnnData' if in_memory else source}: {n_cells} cells to train on (cells whose values "
+                    f"are all zero are dropped, and 5 % are kept for validation); fit_cells needs at least "
+                    f"{MIN_CELLS}: give it more cells"
+                )
+        except BiomaskError as exc:
+            if in_memory and copy_existed and previous.exists():
+                os.replace(previous, source)
+            undo()  # bad input: nothing half-done is left (interrupts keep what they wrote, to resume)
+            message = rename(str(exc))
+            if isinstance(exc, StaleOutputError) and "overwrite=True" not in message:
+                message += " (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)"
+            exc.args = (message,)
+            raise
+        finally:
+            if in_memory and copy_existed:  # the link this call made (a refusal has put it back already)
+                previous.unlink(missing_ok=True)
+        cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
+        pretrain_existed = (out / "pretrain").exists()
+        environment = dict(os.environ)
+        try:
+            with renamed_in_logs(rename):
+                checkpoint = _stage(pretrain, cfg, overwrite) / "model"
+        except OutputBusyError:  # another run's files, not this call's: nothing to undo
+            raise
+        except (
+            InputError
+        ) as exc:  # bad input found by pretraining's own checks: as above, a retry starts clean
+            if not pretrain_existed:
+                shutil.rmtree(out / "pretrain", ignore_errors=True)
+            undo()
+            if isinstance(exc, StaleOutputError) and "overwrite=True" not in str(exc):
+                exc.args = (f"{exc} (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)",)
+            raise
+        finally:
+            # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
+            # torch.distributed stay out of the user's session (its process group serves a next call)
+            for name in set(os.environ) - set(environment):
+                del os.environ[name]
+            os.environ.update(environment)
+        if in_memory or backed:
+            embed(
+                adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
+                strip_version=strip_version, duplicates=duplicates, key=key,
+            )  # fmt: skip
+        log.info("fit_cells: checkpoint %s", checkpoint)
+        return checkpoint
     finally:
-        if in_memory and copy_existed:  # the link this call made (a refusal has put it back already)
-            previous.unlink(missing_ok=True)
-    cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
-    pretrain_existed = (out / "pretrain").exists()
-    environment = dict(os.environ)
-    try:
-        with renamed_in_logs(rename):
-            checkpoint = _stage(pretrain, cfg, overwrite) / "model"
-    except InputError as exc:  # bad input found by pretraining's own checks: as above, a retry starts clean
-        if not pretrain_existed:
-            shutil.rmtree(out / "pretrain", ignore_errors=True)
-        undo()
-        if isinstance(exc, StaleOutputError) and "overwrite=True" not in str(exc):
-            exc.args = (f"{exc} (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)",)
-        raise
-    finally:
-        # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
-        # torch.distributed stay out of the user's session (its process group serves a next call)
-        for name in set(os.environ) - set(environment):
-            del os.environ[name]
-        os.environ.update(environment)
-    if in_memory or backed:
-        embed(
-            adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
-            strip_version=strip_version, duplicates=duplicates, key=key,
-        )  # fmt: skip
-    log.info("fit_cells: checkpoint %s", checkpoint)
-    return checkpoint
+        if held is not None:
+            held.release()
 
 
 def fit_cells_names(message: str) -> str:

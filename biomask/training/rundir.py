@@ -15,6 +15,12 @@ only then is the directory a finished output.
 | in_progress.json, other world size             | refused (exit 2): DeepSpeed cannot re-partition optimizer state |
 | another stage's output (its run.json)          | refused (exit 2), --overwrite or not                |
 | anything else                                  | refused (exit 2), --overwrite or not                |
+| any of these while another run writes it       | refused (exit 2), --overwrite or not (below)        |
+
+Rank 0 holds a flock on `.NAME.lock` beside the output while it runs (outputs.hold_output): a second
+run into it, from a script, a notebook kernel or another host, is refused, and a killed run's lock
+goes with its process. Where the file system has no locks, the pid that rank 0 records in
+in_progress.json is the guard: a biomask command still running under it on this host.
 
 --overwrite replaces a run of biomask pretrain only, and only when the directory holds nothing else:
 a file added to a run (notes, an analysis) is refused by name, never deleted. A finished run's
@@ -227,7 +233,9 @@ def _longer_run_hint(path: Path, changed: str) -> str:
 
 def _refuse_live_writer(path: Path, marker: Path) -> None:
     """A run still writing `path` (a second launch, or workers a killed launcher left behind): neither
-    resumed beside it nor replaced under it — the two would delete each other's checkpoints."""
+    resumed beside it nor replaced under it — the two would delete each other's checkpoints. The
+    output's lock refuses any such run first; this check is what is left where the file system has no
+    locks, and the guard against a run of a biomask from before the lock."""
     try:
         state = json.loads(marker.read_text())
     except (OSError, ValueError):

@@ -42,7 +42,14 @@ from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.profile import ProfileModel
-from biomask.outputs import FILE_TREE_KEY, atomic_write_text, check_inputs_outside, file_tree
+from biomask.outputs import (
+    FILE_TREE_KEY,
+    OutputLock,
+    atomic_write_text,
+    check_inputs_outside,
+    file_tree,
+    hold_output,
+)
 from biomask.provenance import code_version, read_run_info, write_run_info
 from biomask.resources import honour_omp_threads
 from biomask.stage import StageOutput, warn_other_code
@@ -411,10 +418,15 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     # The command line exits after the run: nothing to give back, and CUDA is left to set_device first
     callers_rng = None if Requeue.ends_process else checkpoint.rng_state({})
     metrics: MetricsLogger | None = None
+    # rank 0's alone: the lock is its open file, which must not travel to the other ranks (they get
+    # rank 0's refusal through on_rank0, so none waits in a collective)
+    locks: list[OutputLock | None] = []
     try:
-        # 2. The output directory: fresh, resume, or already done.
+        # 2. The output directory: fresh, resume, or already done — held by this run alone until it
+        #    returns (a second launch, kernel or script into it is refused, whatever its command line)
         _quiet_libraries()
         init_process_group(dist_env)
+        on_rank0(lambda: locks.append(hold_output(out, "pretrain")), dist_env)
         moved = None if overwrite else stage.moved()
         config = cfg.model_dump(mode="json")
         decision = on_rank0(
@@ -732,4 +744,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             checkpoint.restore_rng_state(callers_rng)
         if metrics is not None:
             metrics.close()
+        for lock in locks:
+            if lock is not None:
+                lock.release()
     return out
