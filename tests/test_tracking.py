@@ -119,3 +119,42 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_reports_after_it(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any((tmp_path / "mlruns").rglob("loss"))  # the metric reached the MLflow store
+
+
+def test_a_notebook_kernel_sees_a_progress_bar_and_a_log_sees_none(tmp_path, monkeypatch, capsys):
+    """A Jupyter kernel's stderr is no terminal, so training showed a line per 100 steps and embed
+    and prep nothing at all, for minutes. The kernel's output now gets a bar; a log (no terminal, no
+    kernel) still gets lines and no bar, and TQDM_DISABLE (the command line's --quiet) still wins."""
+    import sys
+    import types
+
+    from biomask.progress import bar_disabled
+
+    def train(directory):
+        directory.mkdir()
+        metrics = MetricsLogger(
+            directory, total_steps=10, start_step=0, enabled=True, progress=True, report_to=[]
+        )
+        metrics.advance(4)
+        metrics.log(4, "train", VALUES)
+        metrics.close()
+        return capsys.readouterr().err
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    logged = train(tmp_path / "log")  # stderr is captured: a pipe, as in a log file
+    assert "pretrain step 4/10" in logged and "4/10 [" not in logged
+    assert bar_disabled()
+    # what an IPython kernel is to biomask: ipykernel loaded, and the shell has a kernel
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    shown = train(tmp_path / "kernel")
+    assert "pretrain:" in shown and "4/10 [" in shown and "pretrain step 4/10" not in shown
+    assert not bar_disabled()  # embed's and prep's bars
+    with (tmp_path / "given.log").open("w") as given:  # a file the caller gave: no bar in it
+        assert bar_disabled(given)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar_disabled()
+    shell.kernel = None  # a terminal IPython: its stderr decides (here: no terminal)
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert bar_disabled()

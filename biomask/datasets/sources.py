@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from biomask.config import Config
 from biomask.errors import FetchError, InputError
 from biomask.outputs import atomic_file
+from biomask.progress import bar_disabled
 
 PYPI_URL = os.environ.get("BIOMASK_PYPI_URL", "https://pypi.org")
 DEBIAN_MIRROR = os.environ.get("BIOMASK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -101,7 +102,12 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(
-                total=total, unit="B", unit_scale=True, desc=f"fetch {what}", leave=False, disable=None
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"fetch {what}",
+                leave=False,
+                disable=bar_disabled(),
             ) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)

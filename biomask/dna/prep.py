@@ -49,6 +49,7 @@ from biomask.dna.tokenizers import (
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, missing_input
 from biomask.inputs import distinct_names, pattern_matches
+from biomask.progress import bar_disabled
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -245,7 +246,12 @@ def _genome_windows(
     for inp in inputs:
         size = inp.path.stat().st_size
         with tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"{desc} {inp.name}", leave=False, disable=None
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"{desc} {inp.name}",
+            leave=False,
+            disable=bar_disabled(),
         ) as bar:
             if inp.format == "genbank":
                 blocks = read_genbank_blocks(inp.path, cfg.split.block_size)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 from biomask.cells.config import CountsConfig
 from biomask.errors import InputError
 
-PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal)
+PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal or in a notebook)
 DUPLICATES = ("sum", "first", "error")  # genes.duplicates of prep and embed configs
 
 
@@ -141,6 +140,7 @@ def embed(
     from biomask.embedding.anndata_io import check_key, h5_safe, provenance
     from biomask.embedding.cells import CellsEmbedding
     from biomask.embedding.inference import check_layer, vector_width
+    from biomask.progress import bar_disabled
 
     if isinstance(adata, (str, os.PathLike)):
         raise InputError(
@@ -196,7 +196,7 @@ def embed(
             show = (
                 progress
                 if progress is not None
-                else (sys.stderr.isatty() and adata.n_obs >= PROGRESS_MIN_CELLS)
+                else (not bar_disabled() and adata.n_obs >= PROGRESS_MIN_CELLS)
             )
             with tqdm(
                 total=adata.n_obs, desc="embed", unit="cell", disable=not show, dynamic_ncols=True

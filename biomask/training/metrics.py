@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from biomask.errors import ConfigError
 from biomask.outputs import atomic_write_text
+from biomask.progress import shows_bar
 from biomask.training.finite import DivergedError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -138,7 +139,8 @@ class MetricsLogger:
         report_to: Sequence[str] = ("tensorboard",),
         config: dict[str, Any] | None = None,
     ) -> None:
-        """`progress`: a tqdm bar when `stream` (default: stderr) is a terminal, else one line per
+        """`progress`: a tqdm bar when `stream` (default: stderr) is a terminal or a notebook kernel's
+        output (biomask.progress), else one line per
         logged step on it. `report_to`: the trackers besides metrics.jsonl; `config` is what they
         record as the run's parameters."""
         self.enabled = enabled
@@ -166,8 +168,7 @@ class MetricsLogger:
             for name in report_to
             if name in EXTERNAL_TRACKERS
         ]
-        terminal = bool(getattr(self.stream, "isatty", lambda: False)())
-        if progress and terminal:
+        if progress and shows_bar(self.stream):
             self.bar = tqdm(
                 total=total_steps,
                 initial=start_step,
@@ -177,7 +178,7 @@ class MetricsLogger:
                 file=self.stream,
             )
         elif progress:
-            self.lines = True  # no terminal: a bar would print every refresh as a line
+            self.lines = True  # a log: a bar would print every refresh as a line
 
     def _truncate(self, step: int, total_steps: int) -> None:
         if not self.path.exists():
