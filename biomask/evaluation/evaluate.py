@@ -196,7 +196,16 @@ def baseline_methods(
 def evaluate(
     cfg: EvaluateConfig, *, overwrite: bool = False, extra_methods: list[Method] | None = None
 ) -> Path:
-    """Run every method on every seed; write metrics.json, report.md and confusion matrices."""
+    """Run every method on every seed; write metrics.json, report.md and confusion matrices. A Python
+    caller's global random streams are given back (fine-tuning and the random-init baseline seed
+    torch's, and dropout draws from it)."""
+    from biomask.randomness import callers_streams  # torch: not for the report, which reads this module
+
+    with callers_streams():
+        return _evaluate(cfg, overwrite=overwrite, extra_methods=extra_methods)
+
+
+def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Method] | None) -> Path:
     data = load_labelled(cfg.store)
     stage = stage_output(cfg)
     if stage.is_current(overwrite=overwrite):

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import pickle
-import random
 import re
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from biomask.errors import InputError
 from biomask.models import EncoderConfig, save_pretrained
 from biomask.outputs import atomic_write_text
 from biomask.provenance import sha256_file
+from biomask.randomness import global_streams, restore_global_streams
 from biomask.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
@@ -66,24 +66,12 @@ def _barrier() -> None:
 
 def rng_state(masker_state: dict[str, Any]) -> dict[str, Any]:
     """Every random state a training step consumes on this rank."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "masker": masker_state,
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {**global_streams(), "masker": masker_state}
 
 
 def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
     """Restore the global RNGs; returns the masker's state for the caller to load."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    restore_global_streams(state)
     return state["masker"]
 
 
