@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import sysconfig
 import tempfile
 import time
@@ -337,6 +338,43 @@ def _free_engine() -> None:
         torch.cuda.empty_cache()
 
 
+def _release(engine: Any) -> None:
+    """Let DeepSpeed drop what keeps a ZeRO 1-3 engine alive after the run: the hooks its optimizers put
+    on every parameter's gradient accumulator (held by autograd's C++ nodes, where the garbage
+    collector cannot see them) and ZeRO-3's module stack. They kept the engine, its model and optimizer
+    state for the life of the process, so a notebook's next run on a GPU found every earlier run's
+    memory still held."""
+    try:
+        engine.destroy()
+        # ZeRO-3 also pushes the model onto a module-level stack (DeepSpeed 0.19: parameter_offload.
+        # FWD_MODULE_STACK) that destroy() leaves as it is; only this engine's entry goes
+        offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+        stack = getattr(offload, "FWD_MODULE_STACK", None)
+        if isinstance(stack, list):
+            stack[:] = [module for module in stack if module is not engine.module]
+        # and memoises which parameters each sub-module releases in an lru_cache on the class, keyed
+        # by the coordinator and the sub-modules: emptied (a memo only: recomputed when next needed)
+        coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+        cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+        _clear_memo(getattr(cls, "_PartitionedParameterCoordinator__params_to_release", None))
+    except Exception as exc:  # the run's outcome (or its own error) is what the caller must get
+        log.warning(
+            "pretrain: DeepSpeed could not release the engine (%s: %s); its memory stays held "
+            "until the process ends",
+            type(exc).__name__,
+            exc,
+        )
+
+
+def _clear_memo(function: Any, depth: int = 3) -> None:
+    """Empty the functools cache inside `function` (under decorators that keep it in a closure)."""
+    if hasattr(function, "cache_clear"):
+        function.cache_clear()
+    elif depth and callable(function):
+        for cell in getattr(function, "__closure__", None) or ():
+            _clear_memo(cell.cell_contents, depth - 1)
+
+
 def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
@@ -421,6 +459,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     # rank 0's alone: the lock is its open file, which must not travel to the other ranks (they get
     # rank 0's refusal through on_rank0, so none waits in a collective)
     locks: list[OutputLock | None] = []
+    engine: Any = None
     try:
         # 2. The output directory: fresh, resume, or already done — held by this run alone until it
         #    returns (a second launch, kernel or script into it is refused, whatever its command line)
@@ -739,6 +778,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         if dist_env.world_size > 1:
             dist.barrier()
     finally:
+        if engine is not None:
+            _release(engine)
         stop.restore()
         if callers_rng is not None:
             checkpoint.restore_rng_state(callers_rng)
