@@ -38,3 +38,13 @@ def bar_disabled(stream: Any = None) -> bool:
     TQDM_DISABLE asks (the command line sets it for --quiet and for output that is no terminal)."""
     asked = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
     return asked or not shows_bar(stream)
+
+
+def bar(total: float | None, desc: str, unit: str = "it") -> Any:
+    """biomask's progress bar (tqdm.auto: a widget in a notebook): shown only where `bar_disabled`
+    says it is seen, and gone when done (`leave=False`); bytes are scaled (kB, MB)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, unit=unit, unit_scale=unit == "B", desc=desc, leave=False, disable=bar_disabled()
+    )

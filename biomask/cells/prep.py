@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from biomask import datasets
 from biomask.cells.config import NON_SEMANTIC, CellsPrepConfig, InputSpec, TokenizerConfig
@@ -52,7 +51,7 @@ from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
 from biomask.errors import InputError, missing_input
 from biomask.inputs import distinct_names, pattern_matches
-from biomask.progress import bar_disabled
+from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import (
@@ -262,7 +261,7 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
         sampled[rng.choice(total, size=min(cfg.hvg.max_cells, total), replace=False)] = True
     target = cfg.normalise.target_sum
     # a bar on a terminal or in a notebook only, not in a pipeline's log files (biomask.progress)
-    with tqdm(total=total, unit="cells", desc="scan", leave=False, disable=bar_disabled()) as bar:
+    with progress_bar(total, "scan", unit="cells") as bar:
         for inp in inputs:
             assert inp.converter is not None and inp.qc is not None and inp.exclude is not None
             inp.keep = np.zeros(inp.source.n_obs, dtype=bool)
@@ -524,7 +523,7 @@ def write_store(
     class_counts = {s: collections.Counter() for s in SPLITS}
     target = cfg.normalise.target_sum
     total = sum(int((inp.splits != NOT_KEPT).sum()) for inp in inputs)
-    with tqdm(total=total, unit="cells", desc="tokenize", leave=False, disable=bar_disabled()) as bar:
+    with progress_bar(total, "tokenize", unit="cells") as bar:
         for inp in inputs:
             assert inp.converter is not None and inp.token_map is not None and inp.splits is not None
             obs = inp.source.obs

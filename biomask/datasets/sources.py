@@ -26,12 +26,11 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import model_validator
-from tqdm.auto import tqdm
 
 from biomask.config import Config
 from biomask.errors import FetchError, InputError
 from biomask.outputs import atomic_file
-from biomask.progress import bar_disabled
+from biomask.progress import bar as progress_bar
 
 PYPI_URL = os.environ.get("BIOMASK_PYPI_URL", "https://pypi.org")
 DEBIAN_MIRROR = os.environ.get("BIOMASK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -101,14 +100,7 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
             open(tmp, "wb") as out,
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=f"fetch {what}",
-                leave=False,
-                disable=bar_disabled(),
-            ) as bar:
+            with progress_bar(total, f"fetch {what}", unit="B") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))

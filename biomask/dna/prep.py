@@ -24,7 +24,6 @@ from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from biomask import datasets
 from biomask.dna.cleaning import Cleaner, reverse_complement
@@ -49,7 +48,7 @@ from biomask.dna.tokenizers import (
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, missing_input
 from biomask.inputs import distinct_names, pattern_matches
-from biomask.progress import bar_disabled
+from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
 from biomask.stage import StageOutput
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -245,14 +244,7 @@ def _genome_windows(
     repeated: list[str] = []  # record names that occur twice in one input
     for inp in inputs:
         size = inp.path.stat().st_size
-        with tqdm(
-            total=size,
-            unit="B",
-            unit_scale=True,
-            desc=f"{desc} {inp.name}",
-            leave=False,
-            disable=bar_disabled(),
-        ) as bar:
+        with progress_bar(size, f"{desc} {inp.name}", unit="B") as bar:
             if inp.format == "genbank":
                 blocks = read_genbank_blocks(inp.path, cfg.split.block_size)
             else:
