@@ -253,6 +253,35 @@ def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_sto
     assert "embed_norm" not in err and "fused" not in err and "compile" not in err
 
 
+def test_a_runs_own_deepspeed_json_counts_by_its_contents(genome_store, tmp_path, cli, repo):
+    """deepspeed.config: the user's own JSON. Its path was the run's identity, not its contents: an
+    edited file (another ZeRO stage, clipping, buckets) reused the finished run as if nothing changed,
+    and an interrupted run resumed under it met checkpoints it could not read."""
+    own = tmp_path / "ds.json"
+    own.write_text((repo / "configs/deepspeed/zero0.json").read_text())
+    run = tmp_path / "run"
+    args = [
+        "pretrain",
+        "-c",
+        CONFIG,
+        *overrides(genome_store, run, **{"train.steps": 4}),
+        f"deepspeed.config={own}",
+    ]
+    assert cli(*args)[0] == 0
+    code, _, err = cli(*args)
+    assert code == 0 and "reusing" in err, err
+    settings = json.loads(own.read_text())
+    settings["zero_optimization"]["reduce_bucket_size"] = 1e7
+    own.write_text(json.dumps(settings))
+    code, _, err = cli(*args)
+    assert code == 2 and "deepspeed.config file's contents" in err and "--overwrite" in err, err
+    assert cli(*args, "--overwrite")[0] == 0
+    assert (
+        json.loads((run / "run.json").read_text())["deepspeed"]["zero_optimization"]["reduce_bucket_size"]
+        == 1e7
+    )
+
+
 def test_resuming_a_run_other_code_started_says_so_and_records_it(genome_store, tmp_path, cli):
     """An upgrade between a requeue and its resume: the steps before were trained by the old code, the
     rest by the new. That was silent and run.json named the new code alone; now the resume says so

@@ -154,7 +154,7 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     # keys a resume may change are not what stands in the way
     changes = config_diff(old, new_config, ignore=NON_SEMANTIC)
     if not changes:
-        return " (same config keys; the input data or format version differ)"
+        return " (same config keys; the input data, the deepspeed.config file's contents or the format version differ)"
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
 
 
@@ -177,6 +177,18 @@ def store_input(root: Path) -> dict[str, Any]:
     return {"name": "token-store", "path": str(root), "sha256": sha256_file(root / "manifest.json")}
 
 
+def run_inputs(cfg: PretrainConfig, store_root: Path) -> list[dict[str, Any]]:
+    """What a run's result depends on besides its config: the token store (its manifest) and, when
+    given, the user's own DeepSpeed JSON — by its contents, not its path: an edited file (ZeRO stage,
+    clipping, buckets) is another run, and a resume under it would meet checkpoints it cannot read.
+    A file that is not there is left to the DeepSpeed config's own error."""
+    inputs = [store_input(store_root)]
+    own = Path(cfg.deepspeed.config) if cfg.deepspeed.config else None
+    if own is not None and own.is_file():
+        inputs.append({"name": "deepspeed-config", "path": str(own), "sha256": sha256_file(own)})
+    return inputs
+
+
 def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
     """The output when it already holds a finished run of this config and store (the trainer's own
     test, made without torch): a pipeline rerun starts dozens of pretrain processes that have
@@ -187,7 +199,7 @@ def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
     if cfg.model.init_from or not manifest.is_file() or not (out / "run.json").is_file():
         return None
     stage = StageOutput(
-        "pretrain", cfg, out, inputs=[store_input(Path(cfg.data.store))], non_semantic=NON_SEMANTIC
+        "pretrain", cfg, out, inputs=run_inputs(cfg, Path(cfg.data.store)), non_semantic=NON_SEMANTIC
     )
     if not is_done(out, stage.held_fingerprint(recorded(out)), world_size):
         return None

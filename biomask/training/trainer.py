@@ -393,7 +393,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     spec = DataSpec.from_store(store)
     arch = build_architecture(cfg, spec, store)
     train_split, eval_split = store.split(cfg.data.train_split), store.split(cfg.data.eval_split)
-    inputs = [rundir.store_input(store.root)]
+    inputs = rundir.run_inputs(cfg, store.root)
     if cfg.model.init_from:
         arch, init_input, init_weights = init_checkpoint(cfg, spec, arch)
         inputs.append(init_input)
