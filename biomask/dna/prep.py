@@ -28,6 +28,7 @@ import pandas as pd
 from biomask import datasets
 from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
+from biomask.dna.labelled import LabelledRows, stratified_split
 from biomask.dna.readers import (
     LabelledSequence,
     guess_format,
@@ -298,13 +299,15 @@ def _genome_windows(
         _warn_duplicates("record names", repeated)
 
 
-def _warn_duplicates(what: str, names: list[str]) -> None:
-    """Duplicate ids do not stop prep (window ids and split draws stay defined), but are reported."""
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+def _warn_duplicates(what: str, names: list[str], total: int | None = None) -> None:
+    """Duplicate ids do not stop prep (window ids and split draws stay defined), but are reported.
+    `names` may be only the first few of `total`."""
+    total = len(names) if total is None else total
+    shown = ", ".join(names[:5]) + (f" and {total - 5} more" if total > 5 else "")
     log.warning(
         "duplicate %s (%d): %s; their records are kept, under the same id -- rename them if they differ",
         what,
-        len(names),
+        total,
         shown,
     )
 
@@ -406,29 +409,24 @@ def _prep_genome(
 # --------------------------------------------------------------------------------------------- labelled
 
 
-def _read_labelled(inputs: list[ResolvedInput]) -> list[LabelledSequence]:
-    rows: list[LabelledSequence] = []
-    for inp in inputs:
-        spec = inp.spec
-        if inp.format == "keel":
-            rows.extend(read_keel(inp.path))
-        elif inp.format == "task":
-            rows.extend(_task_rows(inp))
-        else:
-            rows.extend(
-                read_table(
-                    inp.path,
-                    sequence_column=spec.sequence_column,
-                    label_column=spec.label_column,
-                    split_column=spec.split_column,
-                    id_column=spec.id_column,
-                    delimiter=spec.delimiter,
-                )
-            )
-    return rows
+def _labelled_rows(inp: ResolvedInput) -> Iterator[LabelledSequence]:
+    """The rows of one labelled input, read lazily (a reader's errors come as the reading reaches them)."""
+    spec = inp.spec
+    if inp.format == "keel":
+        return read_keel(inp.path)
+    if inp.format == "task":
+        return _task_rows(inp)
+    return read_table(
+        inp.path,
+        sequence_column=spec.sequence_column,
+        label_column=spec.label_column,
+        split_column=spec.split_column,
+        id_column=spec.id_column,
+        delimiter=spec.delimiter,
+    )
 
 
-def _task_rows(inp: ResolvedInput) -> list[LabelledSequence]:
+def _task_rows(inp: ResolvedInput) -> Iterator[LabelledSequence]:
     """The labelled windows `biomask datasets task` would write for this genome, in its order."""
     from biomask.datasets.annotation_tasks import task_windows
 
@@ -443,51 +441,43 @@ def _task_rows(inp: ResolvedInput) -> list[LabelledSequence]:
         seed=task.seed,
     )
     where = f"{inp.name} ({task.name})"
-    return [
-        LabelledSequence(row["source"], row["sequence"], row["label"], None, where, i)
-        for i, row in enumerate(rows, start=1)
-    ]
+    for i, row in enumerate(rows, start=1):
+        yield LabelledSequence(row["source"], row["sequence"], row["label"], None, where, i)
 
 
-_SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "dev": "val",
-    "test": "test",
-}
-
-
-def stratified_split(labels: list[str], val: float, test: float, seed: int) -> list[str]:
-    """Per label, a seeded permutation: the first round(n*test) go to test, the next round(n*val) to val."""
-    rng = np.random.default_rng(seed)
-    assignment = ["train"] * len(labels)
-    by_label: dict[str, list[int]] = collections.defaultdict(list)
-    for i, label in enumerate(labels):
-        by_label[label].append(i)
-    for label in sorted(by_label):
-        members = np.array(by_label[label])[rng.permutation(len(by_label[label]))]
-        n_test, n_val = round(len(members) * test), round(len(members) * val)
-        for i in members[:n_test]:
-            assignment[i] = "test"
-        for i in members[n_test : n_test + n_val]:
-            assignment[i] = "val"
-    return assignment
-
-
-def _chunks(members: list[int], lengths: list[int], budget: int) -> Iterator[list[int]]:
+def _chunks(members: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
     """`members` in runs of about `budget` bases: a split encoded whole held its tokens as int64 twice
     over (1.6 GB for 100 M bases) and went into one shard whatever `shard_tokens` said; in runs, the
     writer closes a shard at `shard_tokens`, as for genomes."""
     start, total = 0, 0
-    for end, length in enumerate(lengths, start=1):
+    for end, length in enumerate(lengths.tolist(), start=1):
         total += length
         if total >= budget:
             yield members[start:end]
             start, total = end, 0
     if start < len(members):
         yield members[start:]
+
+
+_ENCODE_SLICE = 1 << 18  # bases
+
+
+def _encode(tokenizer: DNATokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, tokens) of `texts`, encoded in slices of ~256 Ki bases, each narrowed to the store's
+    dtype at once: tokenizers return int64, and a run of 4 Mi bases encoded whole held ~70 MB of
+    int64 tokens on the way (sequences are encoded one by one, so slicing changes no token)."""
+    lengths, tokens = [], []
+    start = 0
+    while start < len(texts):
+        end, size = start, 0
+        while end < len(texts) and size < _ENCODE_SLICE:
+            size += len(texts[end])
+            end += 1
+        encoded = tokenizer.encode_batch(texts[start:end])
+        lengths.append(encoded.lengths)
+        tokens.append(encoded.values.astype(dtype))
+        start = end
+    return np.concatenate(lengths), np.concatenate(tokens)
 
 
 def _prep_labelled(
@@ -498,74 +488,53 @@ def _prep_labelled(
         raise InputError(
             "cleaning.ambiguous=split applies to genome records; use n_token, drop or error for labelled sequences"
         )
-    rows = _read_labelled(inputs)
-    if any(inp.spec.id_column for inp in inputs):
-        id_counts = collections.Counter(row.id for row in rows)
-        repeated = [f"'{name}' ({n}x)" for name, n in id_counts.items() if n > 1]
-        if repeated:
-            _warn_duplicates("ids", repeated)
-    counts: collections.Counter = collections.Counter(rows_read=len(rows))
-    kept: list[tuple[LabelledSequence, str]] = []
-    for row in rows:
-        chars, ambiguous = cleaner.clean(row.sequence, where=f"{row.source}, line {row.line}")
-        if (
-            policy.ambiguous == "drop" and ambiguous.any()
-        ) or ambiguous.mean() > policy.max_ambiguous_fraction:
-            counts["dropped_ambiguous"] += 1
-        elif chars.size < policy.min_length:
-            counts["dropped_below_min_length"] += 1
-        else:
-            kept.append((row, chars.tobytes().decode("ascii")))
+    # the spill lives in the output's temporary directory: on the output's disk, gone with it on failure
+    rows = LabelledRows(
+        out / ".labelled-rows.spill",
+        cleaner,
+        policy,
+        digest_ids=any(inp.spec.id_column for inp in inputs),
+    )
+    try:
+        return _write_labelled(cfg, inputs, rows, out)
+    finally:
+        rows.close()
 
-    if policy.deduplicate:
-        by_class: collections.Counter = collections.Counter()
-        groups: dict[str, list[int]] = collections.defaultdict(list)
-        for i, (_, seq) in enumerate(kept):
-            groups[seq].append(i)
-        survivors = []
-        for members in groups.values():
-            labels = {kept[i][0].label for i in members}
-            if len(labels) > 1:
-                if policy.conflicting_labels == "error":
-                    where = ", ".join(f"{kept[i][0].source}:{kept[i][0].line}" for i in members)
-                    raise InputError(
-                        f"identical sequences with different labels ({', '.join(sorted(labels))}) at {where}"
-                    )
-                counts["dropped_conflicting_labels"] += len(members)
-                continue
-            counts["dropped_duplicate"] += len(members) - 1
-            if len(members) > 1:
-                by_class[kept[members[0]][0].label] += len(members) - 1
-            survivors.append(members[0])
-        kept = [kept[i] for i in sorted(survivors)]
-        if by_class:  # a class that loses most of its records to duplicates is worth knowing about
-            log.info(
-                "exact duplicates removed, per class: %s",
-                ", ".join(f"{label} {n:,}" for label, n in by_class.most_common()),
-            )
-    if not kept:
+
+def _write_labelled(
+    cfg: DNAPrepConfig, inputs: list[ResolvedInput], rows: LabelledRows, out: Path
+) -> dict[str, Any]:
+    for inp in inputs:
+        rows.read(_labelled_rows(inp))
+    rows.finish_reading()
+    if rows.id_digest is not None:
+        shown, total = rows.repeated_ids()
+        if total:
+            _warn_duplicates("ids", shown, total)
+    if rows.error is not None:
+        raise rows.error
+    counts: collections.Counter = collections.Counter(rows_read=len(rows))
+    counts.update(rows.dropped)
+    kept = rows.clean_rows()
+    if cfg.cleaning.deduplicate:
+        kept = rows.deduplicate(kept, counts)
+    if not len(kept):
         raise InputError("no sequences left after cleaning; relax the cleaning policy")
 
-    given = [row.split for row, _ in kept]
-    if all(s is None for s in given):
+    label_codes = rows.label_codes(kept)
+    splits = rows.given_splits(kept)
+    if splits is None:
         splits = stratified_split(
-            [row.label for row, _ in kept], cfg.split.val, cfg.split.test, cfg.split.seed
+            label_codes, rows.labels.values, cfg.split.val, cfg.split.test, cfg.split.seed
         )
-    else:
-        splits = []
-        for row, _ in kept:
-            value = _SPLIT_ALIASES.get((row.split or "").lower())
-            if value is None:
-                raise InputError(
-                    f"{row.source}, line {row.line}: split value {row.split!r} is not one of train, val, test"
-                )
-            splits.append(value)
 
-    label_names = label_order({row.label for row, _ in kept})
-    label_index = {name: i for i, name in enumerate(label_names)}
-    tokenizer = make_tokenizer(
-        cfg.tokenizer, lambda: (seq for (_, seq), s in zip(kept, splits) if s == "train")
-    )
+    present = np.unique(label_codes).tolist()
+    label_names = label_order({rows.labels.values[c] for c in present})
+    # a row's label code (order of first appearance) -> the store's class number (label_order)
+    class_of = np.full(len(rows.labels.values), -1, dtype=np.int64)
+    for i, name in enumerate(label_names):
+        class_of[rows.labels.code(name)] = i
+    tokenizer = make_tokenizer(cfg.tokenizer, lambda: rows.texts(kept[splits == SPLITS.index("train")]))
     tok_info = _tokenizer_manifest(tokenizer, out / "tokenizer")
     writer = TokenStoreWriter(
         out,
@@ -574,24 +543,28 @@ def _prep_labelled(
         meta_columns=LABELLED_META,
         shard_tokens=cfg.shard_tokens,
     )
+    dtype = token_dtype(tokenizer.vocab_size)
+    source_names = [Path(s).name for s in rows.sources.values]
+    bases = np.frombuffer(rows.length, dtype=np.int32)
     class_counts: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        members = [i for i, s in enumerate(splits) if s == split]
+    for index, split in enumerate(SPLITS):
+        members = kept[splits == index]
         part = writer.split(split)
-        found = collections.Counter(kept[i][0].label for i in members)
-        class_counts[split] = {n: found[n] for n in label_names if n in found}
-        for chunk in _chunks(members, [len(kept[i][1]) for i in members], min(cfg.shard_tokens, 1 << 22)):
-            encoded = tokenizer.encode_batch([kept[i][1] for i in chunk])
+        found = np.bincount(class_of[rows.label_codes(members)], minlength=len(label_names))
+        class_counts[split] = {n: int(found[i]) for i, n in enumerate(label_names) if found[i]}
+        for chunk in _chunks(members, bases[members], min(cfg.shard_tokens, 1 << 22)):
+            texts, ids = rows.texts_and_ids(chunk.tolist())
+            codes = rows.label_codes(chunk)
             meta = pd.DataFrame(
                 {
-                    "id": [kept[i][0].id for i in chunk],
-                    "source": [Path(kept[i][0].source).name for i in chunk],
-                    "line": [kept[i][0].line for i in chunk],
-                    "label": [kept[i][0].label for i in chunk],
+                    "id": ids,
+                    "source": [source_names[rows.source[i]] for i in chunk.tolist()],
+                    "line": [rows.line[i] for i in chunk.tolist()],
+                    "label": [rows.labels.values[c] for c in codes.tolist()],
                 }
             )
-            labels = np.array([label_index[kept[i][0].label] for i in chunk], dtype=np.int64)
-            part.add_batch(encoded.lengths, tokens=encoded.values, labels=labels, meta=meta)
+            lengths, tokens = _encode(tokenizer, texts, dtype)
+            part.add_batch(lengths, tokens=tokens, labels=class_of[codes], meta=meta)
     counts["kept"] = len(kept)
     return writer.finish(
         modality="dna",

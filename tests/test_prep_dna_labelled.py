@@ -1,0 +1,155 @@
+"""`biomask prep dna` on labelled tables: streamed in two passes (biomask/dna/labelled.py).
+
+No network: the tables are generated here.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import tracemalloc
+
+import numpy as np
+
+from biomask.dna.config import DNAPrepConfig
+from biomask.dna.prep import prep_dna
+from biomask.dna.tokenizers import load_tokenizer
+from biomask.store import TokenStore
+from tests.conftest import leftovers
+
+LABELS = ("enhancer", "promoter", "silencer")
+
+
+def _table(path, rows: int, length: int = 200, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    bases = np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, size=(rows, length))]
+    labels = rng.integers(0, len(LABELS), size=rows)
+    lines = [b"%s,%s\n" % (bases[i].tobytes(), LABELS[labels[i]].encode()) for i in range(rows)]
+    path.write_bytes(b"sequence,label\n" + b"".join(lines))
+
+
+def _prep(table, out, **settings) -> None:
+    cfg = {"inputs": [{"path": str(table)}], "output": str(out), **settings}
+    prep_dna(DNAPrepConfig.model_validate(cfg))
+
+
+def _traced_peak(table, out) -> int:
+    tracemalloc.start()
+    try:
+        _prep(table, out, shard_tokens=1 << 16)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_labelled_table_costs_a_compact_record_per_row(tmp_path):
+    """Rows are not held: pass 1 keeps a few numbers and a digest per row and spills the bases, so the
+    stage's memory grows by far less than a row's own size. Holding every row (sequence, label, id,
+    source and line as Python objects, and the cleaned text) cost ~1 kB per 200-base row here."""
+    small, large = tmp_path / "small.csv", tmp_path / "large.csv"
+    _table(small, 2_000, seed=1)
+    _table(large, 20_000, seed=2)
+    _prep(small, tmp_path / "warm")  # imports and first-call caches are not the stage's per-row cost
+    peaks = {n: _traced_peak(path, tmp_path / f"out-{n}") for n, path in ((2_000, small), (20_000, large))}
+    per_row = (peaks[20_000] - peaks[2_000]) / 18_000
+    assert per_row < 500, f"{per_row:.0f} bytes per 200-base row ({peaks})"
+
+
+def _reference(
+    path, seed: int, val: float, test: float
+) -> tuple[dict[str, list[tuple]], collections.Counter]:
+    """What the stage must write, computed the plain way, every row in memory: rows with > 10 % N
+    dropped, exact duplicates dropped but the first, sequences seen under two labels dropped whole,
+    then per label (in name order) a seeded permutation: test first, then val."""
+    with open(path, newline="") as handle:
+        rows = [(r["sequence"].upper(), r["label"], i) for i, r in enumerate(csv.DictReader(handle), start=2)]
+    counts = collections.Counter(rows_read=len(rows))
+    clean = []
+    for seq, label, line in rows:
+        if seq.count("N") / len(seq) > 0.1:
+            counts["dropped_ambiguous"] += 1
+        else:
+            clean.append((seq, label, line))
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, (seq, _, _) in enumerate(clean):
+        groups[seq].append(i)
+    survivors = []
+    for members in groups.values():
+        if len({clean[i][1] for i in members}) > 1:
+            counts["dropped_conflicting_labels"] += len(members)
+        else:
+            counts["dropped_duplicate"] += len(members) - 1
+            survivors.append(members[0])
+    kept = [clean[i] for i in sorted(survivors)]
+    rng = np.random.default_rng(seed)
+    split = ["train"] * len(kept)
+    for label in sorted({row[1] for row in kept}):
+        members = np.array([i for i, row in enumerate(kept) if row[1] == label])[rng.permutation(
+            sum(row[1] == label for row in kept))]  # fmt: skip
+        n_test, n_val = round(len(members) * test), round(len(members) * val)
+        for i in members[:n_test]:
+            split[i] = "test"
+        for i in members[n_test : n_test + n_val]:
+            split[i] = "val"
+    counts["kept"] = len(kept)
+    return {s: [row for row, t in zip(kept, split) if t == s] for s in ("train", "val", "test")}, counts
+
+
+def _records(root) -> dict[str, list[tuple]]:
+    store, tok = TokenStore(root), load_tokenizer(root)
+    found = {}
+    for split in store.splits:
+        part = store.split(split)
+        meta = part.meta()
+        labels = [store.label_names[y] for y in part.record_field("labels")]
+        assert meta["label"].tolist() == labels and set(meta["source"]) <= {"t.csv"}
+        assert meta["id"].tolist() == [f"t.csv:{line}" for line in meta["line"]]
+        found[split] = [(tok.decode(r["tokens"]), y, line) for r, y, line in zip(part, labels, meta["line"])]
+    return found
+
+
+def test_duplicates_conflicts_and_ns_give_the_plainly_computed_store_in_any_shard_size(tmp_path, monkeypatch):
+    """Deciding duplicates, conflicting labels and the split from digests and row numbers, then
+    reading the rows back from the spill (and encoding them in slices), writes what holding every row
+    would: the same records in the same order and split, whatever the shard size, and the same counts."""
+    rng = np.random.default_rng(5)
+    seqs = ["".join(rng.choice(list("ACGT"), 40)) for _ in range(300)]
+    rows = [(s, LABELS[i % 3]) for i, s in enumerate(seqs)]
+    rows += [(seqs[3], LABELS[0]), (seqs[3].lower(), LABELS[0])]  # duplicates (one soft-masked) of row 4
+    rows += [(seqs[7], LABELS[2]), (seqs[7], LABELS[1])]  # row 8 under two more labels: all three dropped
+    rows += [("N" + seqs[20][1:], LABELS[1]), ("NNNNNACGT" * 4, LABELS[2])]  # 2.5 % N: kept; 56 %: dropped
+    rows.insert(0, (seqs[10], LABELS[0]))  # the first row has a later duplicate
+    order = rng.permutation(len(rows) - 1) + 1
+    rows = [rows[0]] + [rows[i] for i in order]
+    table = tmp_path / "t.csv"
+    table.write_text("sequence,label\n" + "".join(f"{s},{y}\n" for s, y in rows))
+
+    expected, counts = _reference(table, seed=3, val=0.2, test=0.2)
+    split = {"seed": 3, "val": 0.2, "test": 0.2}
+    _prep(table, tmp_path / "one", split=split)
+    monkeypatch.setattr("biomask.dna.prep._ENCODE_SLICE", 100)
+    _prep(table, tmp_path / "many", split=split, shard_tokens=200)
+    assert any("N" in seq for seqs in expected.values() for seq, _, _ in seqs)
+    for out in ("one", "many"):
+        store = TokenStore(tmp_path / out)
+        assert _records(tmp_path / out) == expected
+        assert store.manifest["stats"] == dict(counts) and list(store.manifest["stats"]) == list(counts)
+        assert not any(p.name.endswith(".spill") for p in (tmp_path / out).rglob("*"))
+    assert len(TokenStore(tmp_path / "many").split("train").shards) > 10
+    assert len(TokenStore(tmp_path / "one").split("train").shards) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_a_readers_error_wins_over_an_earlier_refused_letter(tmp_path, cli):
+    """The first pass cleans as it reads; a refused letter is reported after the reading, so a damaged
+    row later in the file is what is named, as when every row was read before any was cleaned."""
+    table = tmp_path / "set.csv"
+    table.write_text("sequence,label\nAC1T,a\nACGT,b\nACGT\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs:\n  - path: {table}\noutput: {tmp_path / 'out'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "set.csv, line 4: 1 field, the header has 2" in err
+    table.write_text("sequence,label\nAC1T,a\nACGT,b\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "set.csv, line 2: letter '1' at position 3" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
