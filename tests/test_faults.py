@@ -596,6 +596,98 @@ def test_truncated_matrix_mtx_gz(tmp_path, cli, pbmc_counts):
     assert leftovers(tmp_path) == [] and not (tmp_path / "cells").exists()
 
 
+def _edit_mtx(folder: Path, edit) -> None:
+    """Rewrite a plain matrix.mtx's lines with `edit(lines)` (lines[0] is the %%MatrixMarket header)."""
+    path = folder / "matrix.mtx"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def _body(lines: list[str]) -> int:
+    """Index of the first entry line (after the header, comments and the size line)."""
+    return next(i for i, line in enumerate(lines) if not line.startswith("%")) + 1
+
+
+def _set(lines: list[str], index: int, text: str) -> list[str]:
+    lines[index] = text
+    return lines
+
+
+# (what is wrong, how to make it so, what the message must say): each names matrix.mtx and its line
+_BAD_MTX = {
+    "fewer entries than the header says": (
+        lambda lines: lines[:-5],
+        r"matrix.mtx: the header \(line \d+\) announces [\d,]+ entries but the file ends after [\d,]+, at line",
+    ),
+    "more entries than the header says": (
+        lambda lines: [*lines, lines[-1]],
+        r"matrix.mtx line [\d,]+: more entries than the [\d,]+ the header \(line \d+\) announces",
+    ),
+    "a gene index out of range": (
+        lambda lines: _set(lines, _body(lines) + 3, "99999 1 5"),
+        r"matrix.mtx line (?P<line>[\d,]+): row index 99,999 is outside 1\.\.765",
+    ),
+    "a barcode index of 0": (
+        lambda lines: _set(lines, _body(lines) + 3, "1 0 5"),
+        r"matrix.mtx line (?P<line>[\d,]+): column index 0 is outside 1\.\.200",
+    ),
+    "a value that is no number": (
+        lambda lines: _set(lines, _body(lines) + 3, "1 1 many"),
+        r"matrix.mtx line (?P<line>[\d,]+): '1 1 many' is not 'row column integer-value'",
+    ),
+    "a missing value": (
+        lambda lines: _set(lines, _body(lines) + 3, "1 1"),
+        r"matrix.mtx line (?P<line>[\d,]+): expected 'row column value', found '1 1'",
+    ),
+    "a header larger than the tables": (
+        lambda lines: _set(lines, _body(lines) - 1, lines[_body(lines) - 1].replace(" 200 ", " 201 ", 1)),
+        r"matrix.mtx line \d+: the header says 765 features x 201 barcodes, but features.tsv lists 765 "
+        r"and barcodes.tsv 200",
+    ),
+    "a pattern matrix": (
+        lambda lines: _set(lines, 0, "%%MatrixMarket matrix coordinate pattern general"),
+        r"matrix.mtx line 1: a 'pattern' matrix \(no values, only positions\) cannot hold counts",
+    ),
+    "a symmetric matrix": (
+        lambda lines: _set(lines, 0, "%%MatrixMarket matrix coordinate integer symmetric"),
+        r"matrix.mtx line 1: a 'symmetric' matrix is not supported",
+    ),
+    "a dense matrix": (
+        lambda lines: _set(lines, 0, "%%MatrixMarket matrix array integer general"),
+        r"matrix.mtx line 1: a 'array' \(dense\) Matrix Market file",
+    ),
+    "no Matrix Market header": (
+        lambda lines: lines[1:],
+        r"matrix.mtx line 1: not a Matrix Market file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_MTX))
+def test_a_damaged_matrix_mtx_is_refused_naming_the_file_and_line(
+    tmp_path, cli, pbmc_counts, monkeypatch, case
+):
+    """Exit 2, the file and line named, no output and no temporary copy left (the matrix is converted,
+    and so checked, before anything is written)."""
+    import re
+
+    edit, message = _BAD_MTX[case]
+    folder = write_mtx(tmp_path / "bad", *pbmc_counts, gz=False)
+    _edit_mtx(folder, edit)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    code, _, err = cells(tmp_path, cli, folder)
+    assert code == 2, err
+    found = re.search(message, " ".join(err.split()))
+    assert found, err
+    if "line" in found.groupdict():  # the line the edit touched: 1-based, after the header lines
+        lines = (folder / "matrix.mtx").read_text().splitlines()
+        assert int(found["line"].replace(",", "")) == _body(lines) + 4
+    no_traceback(err)
+    assert not (tmp_path / "cells").exists() and leftovers(tmp_path) == [] and list(scratch.iterdir()) == []
+
+
 def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
     import h5py
 

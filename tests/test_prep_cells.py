@@ -383,6 +383,146 @@ def test_chunked_output_is_identical_to_in_memory_output(tmp_path, cli, repo):
     assert code == 0 and "up to date" in err
 
 
+def _store_files(root):
+    """sha256 of every shard and tokenizer file (not the manifest, which names paths and settings)."""
+    import hashlib
+
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.parent != root
+    }
+
+
+def test_10x_mtx_and_csc_h5ad_give_the_same_store_at_any_block_size(tmp_path, cli, repo, pbmc3k, monkeypatch):
+    """The test above, for the inputs converted on disk before they are read in blocks: a 10x matrix.mtx
+    with entries in Cell Ranger's order (one pass) or shuffled (bucketed), and a CSC h5ad. Buckets and
+    text blocks are made tiny so that every boundary is crossed; the stores equal those of the same
+    cells as a CSR h5ad, at block sizes 7 and 4096 (the 10x stores file for file among themselves, the
+    tokens and values with the h5ad's)."""
+    import biomask.cells.mtx
+    import biomask.cells.spill
+
+    monkeypatch.setattr(biomask.cells.spill, "BUCKET_ENTRIES", 5_000)
+    monkeypatch.setattr(biomask.cells.mtx, "BLOCK_BYTES", 20_000)
+    files, sub, _ = _write_10x(tmp_path, pbmc3k)
+    coo = sp.coo_matrix(sp.csr_matrix(sub.X, dtype=np.int32).T)
+    order = np.random.default_rng(0).permutation(coo.nnz)
+    shuffled = tmp_path / "shuffled"  # uncompressed: the other table reader
+    shuffled.mkdir()
+    with open(shuffled / "matrix.mtx", "wb") as handle:
+        scipy.io.mmwrite(
+            handle, sp.coo_matrix((coo.data[order], (coo.row[order], coo.col[order])), shape=coo.shape)
+        )
+    for name in ("features.tsv", "barcodes.tsv"):
+        (shuffled / name).write_bytes(gzip.decompress((files["10x_mtx"] / f"{name}.gz").read_bytes()))
+    csc = sub.copy()
+    csc.X = sp.csc_matrix(csc.X)
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    # each named `cells` (an input's name is its file's), so that the record metadata match too
+    inputs = {}
+    for name, path in {"mtx": files["10x_mtx"], "shuffled": shuffled, "csc": tmp_path / "csc.h5ad",
+                       "csr": files["h5ad"]}.items():  # fmt: skip
+        (tmp_path / "inputs" / name).mkdir(parents=True)
+        inputs[name] = path.rename(tmp_path / "inputs" / name / ("cells" + path.suffix))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    found = {}
+    for name, block_size in (("mtx", 7), ("mtx", 4096), ("shuffled", 7), ("csc", 7), ("csr", 4096)):
+        out = tmp_path / f"{name}-{block_size}"
+        code, _, err = prep(cli, repo / CFG_3K, f"output={out}", f"inputs=[{{path: {inputs[name]}}}]",
+                            f"block_size={block_size}", "genes.column=gene_ids", "qc.min_genes=100")  # fmt: skip
+        assert code == 0, err
+        found[name, block_size] = _store_files(out)
+    assert found["mtx", 7] == found["mtx", 4096] == found["shuffled", 7]
+    assert found["csc", 7] == found["csr", 4096] and len(found["csr", 4096]) > 5
+    # the 10x files hold no obs columns and another format: only the record metadata differ
+    arrays = [{k: v for k, v in f.items() if k.endswith(".npy")} for f in found.values()]
+    assert all(a == arrays[0] for a in arrays) and len(arrays[0]) >= 6
+    assert list(scratch.iterdir()) == []  # every temporary CSR copy removed
+
+
+def test_streamed_10x_mtx_equals_the_whole_file_read(tmp_path, monkeypatch):
+    """Repeated entries (summed), explicit zeros (kept), blank lines, other feature types (dropped) and
+    any entry order: every block is what scanpy's whole-file read gives, array for array."""
+    import scanpy as sc
+
+    import biomask.cells.mtx
+    import biomask.cells.spill
+
+    monkeypatch.setattr(biomask.cells.spill, "BUCKET_ENTRIES", 300)
+    monkeypatch.setattr(biomask.cells.mtx, "BLOCK_BYTES", 1_000)
+    rng = np.random.default_rng(1)
+    n_genes, n_cells, n = 40, 150, 2_000
+    genes, cells = rng.integers(1, n_genes + 1, n), rng.integers(1, n_cells + 1, n)
+    values = rng.integers(0, 30, n)  # zeros among them, and repeated (gene, cell) pairs
+    types = np.where(np.arange(n_genes) % 7 == 3, "Antibody Capture", "Gene Expression")
+    for name, order in (("sorted", np.argsort(cells, kind="stable")), ("shuffled", rng.permutation(n))):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [f"{g} {c} {v}" for g, c, v in zip(genes[order], cells[order], values[order])]
+        lines[500:500] = ["", "  "]  # blank lines, which the whole-file read skips
+        text = f"%%MatrixMarket matrix coordinate integer general\n%\n{n_genes} {n_cells} {n}\n" + "\n".join(
+            lines
+        )
+        (folder / "matrix.mtx.gz").write_bytes(gzip.compress(text.encode()))
+        table = pd.DataFrame({"id": [f"G{i}" for i in range(n_genes)], "name": [f"g{i}" for i in range(n_genes)],
+                              "type": types})  # fmt: skip
+        table.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
+        pd.Series([f"c{i}" for i in range(n_cells)]).to_csv(
+            folder / "barcodes.tsv.gz", header=False, index=False
+        )
+        whole = sp.csr_matrix(sc.read_10x_mtx(folder, make_unique=False).X)
+        expected = sc.read_10x_mtx(folder, make_unique=False)
+        source = open_matrix(folder)
+        try:
+            assert source.stored_values == whole.nnz and source.dtype == np.float32
+            pd.testing.assert_frame_equal(source.var, expected.var)
+            assert list(source.obs.index) == list(expected.obs_names)
+            for block_size in (1, 13, 1000):
+                got = sp.vstack([b for _, b in source.blocks(block_size)], format="csr")
+                for part in ("data", "indices", "indptr"):
+                    assert np.array_equal(getattr(got, part), getattr(whole, part)), (name, block_size, part)
+            assert (whole.data == 0).any() and whole.shape == (n_cells, (types == "Gene Expression").sum())
+        finally:
+            source.close()
+
+
+def test_csc_h5ad_is_converted_the_way_scipy_converts_it(tmp_path, monkeypatch):
+    """Unsorted row indices, a repeated entry and integer values in a CSC h5ad: the same arrays as
+    csc.tocsr() (which the reader called on the whole matrix before), read a few columns at a time."""
+    import anndata
+
+    import biomask.cells.readers
+    import biomask.cells.spill
+
+    monkeypatch.setattr(biomask.cells.spill, "BUCKET_ENTRIES", 50)
+    monkeypatch.setattr(biomask.cells.readers, "CSC_CHUNK", 37)
+    rng = np.random.default_rng(2)
+    csc = sp.random(120, 30, density=0.2, format="csc", random_state=3, dtype=np.float64)
+    csc.data = rng.integers(1, 9, csc.nnz).astype(np.int64)
+    for j in range(csc.shape[1]):  # rows out of order within each column
+        lo, hi = csc.indptr[j], csc.indptr[j + 1]
+        csc.indices[lo:hi] = csc.indices[lo:hi][::-1].copy()
+    csc.indices[csc.indptr[4] + 1] = csc.indices[csc.indptr[4]]  # a repeated (row, column)
+    csc.has_sorted_indices = False
+    adata = anndata.AnnData(csc, obs=pd.DataFrame(index=[f"c{i}" for i in range(120)]),
+                            var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))  # fmt: skip
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    whole = csc.tocsr()
+    source = open_matrix(tmp_path / "csc.h5ad")
+    try:
+        assert source.dtype == np.int64 and source.stored_values == csc.nnz
+        got = sp.vstack([b for _, b in source.blocks(11)], format="csr")
+        for part in ("data", "indices", "indptr"):
+            assert np.array_equal(getattr(got, part), getattr(whole, part)), part
+        scratch = source.scratch.path
+    finally:
+        source.close()
+    assert not scratch.exists()
+
+
 def test_medians_from_a_subset_of_cells_track_the_exact_ones(tmp_path, repo):
     from biomask.cells.config import CellsPrepConfig
     from biomask.cells.prep import prep_cells

@@ -2,17 +2,19 @@
 
 Every reader gives a `MatrixSource`: the cells' metadata (`obs`, index = cell ids), the genes'
 metadata (`var`, index = the file's gene names), and `rows(start, stop)`, a CSR block of cells x genes.
-Only one block is ever in memory:
+Only one block (or one chunk of a conversion) is ever in memory:
 
 | format    | how a block is read                                                                    |
 |-----------|----------------------------------------------------------------------------------------|
 | `h5ad`    | `X`, `raw` or `layers/NAME`: CSR rows as slices of data/indices (`h5slices.py`)         |
-|           | or an h5py slice of a dense matrix; obs/var with anndata                                |
+|           | or an h5py slice of a dense matrix; obs/var with anndata. CSC: converted once to CSR on |
+|           | disk, a run of columns at a time (like 10x_mtx)                                        |
 | `10x_h5`  | Cell Ranger .h5 (v2 and v3): cells are columns of its CSC matrix, so a block of cells is |
 |           | one contiguous slice of data/indices (v3: Gene Expression features only, like scanpy)  |
 | `loom`    | a column slice of the genes x cells matrix (or a layer), densified one block at a time  |
-| `10x_mtx` | scanpy.read_10x_mtx: Matrix Market text is not row-addressable, so it is read whole --   |
-|           | as a sparse matrix -- and then served in blocks (convert very large ones to h5ad)       |
+| `10x_mtx` | Matrix Market text is not row-addressable: converted once, when opened, to CSR in a     |
+|           | temporary directory (`spill.py`; one pass when entries come in barcode order, as Cell  |
+|           | Ranger writes them, else bucketed by cells first), then served as slices of it          |
 
 Gene names are kept as the file has them (no `-1` suffixes): duplicates are handled on purpose later.
 """
@@ -35,7 +37,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from biomask.cells.h5slices import SliceReader
+from biomask.cells.mtx import MtxReader
+from biomask.cells.spill import DiskCSR, EntrySpill, RowWriter, ScratchDir, scratch_error, stable_by_row
 from biomask.errors import InputError, missing_input
+from biomask.progress import bar as progress_bar
 from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -258,16 +263,66 @@ def open_h5ad(path: Path, matrix: str = "X", name: str | None = None) -> MatrixS
 
             stored = sparse_dataset(element)
             if stored.format == "csc":
-                # Rows of a CSC matrix are scattered over the whole file: read it once, as CSR.
-                log.warning("%s [%s] is stored by column (CSC): reading it whole into memory", path, matrix)
-                csr = stored.to_memory().tocsr()
+                # A cell's values are scattered over every column: convert once, to CSR on disk.
+                log.warning(
+                    "%s [%s] is stored by column (CSC): converting it to a temporary CSR copy (store it "
+                    "as CSR to skip this)",
+                    path,
+                    matrix,
+                )
+                scratch = ScratchDir("biomask-csc-")
+                try:
+                    disk = _csc_to_disk(element, scratch.path, stored.shape, f"{path} [{matrix}]")
+                except BaseException:
+                    scratch.cleanup()
+                    raise
                 handle.close()
-                return _CSRSource(csr, **kwargs)
+                return _DiskSource(disk, scratch, **kwargs)
         return _H5ADSource(handle, element, **kwargs)
     except BaseException:
         if handle.id.valid:
             handle.close()
         raise
+
+
+CSC_CHUNK = 4_000_000  # stored values read at a time while converting a CSC matrix
+
+
+def _csc_to_disk(group: h5py.Group, directory: Path, shape: tuple[int, int], where: str) -> DiskCSR:
+    """A CSC cells x genes matrix -> CSR on disk, read a run of columns at a time: the same arrays
+    scipy's csc.tocsr() gives (rows' genes in order, repeats and zeros kept as stored)."""
+    n_cells, n_genes = (int(n) for n in shape)
+    indptr = group["indptr"][:].astype(np.int64)  # one integer per gene: small
+    nnz = int(group["data"].shape[0])
+    if indptr.size != n_genes + 1 or indptr[0] != 0 or indptr[-1] != nnz or (np.diff(indptr) < 0).any():
+        raise InputError(f"{where}: the CSC matrix's indptr does not describe its {nnz:,} stored values")
+    dtype = np.dtype(group["data"].dtype)
+    data, indices = SliceReader(group["data"]), SliceReader(group["indices"])
+
+    def combine(cells: np.ndarray, genes: np.ndarray, values: np.ndarray, n: int) -> sp.csr_matrix:
+        return stable_by_row(cells, genes, values, n, n_genes)
+
+    try:
+        spill = EntrySpill(directory, n_cells, n_genes, dtype, nnz, combine)
+        with progress_bar(nnz, "convert CSC", unit="values") as bar:
+            gene = 0
+            while gene < n_genes:
+                end = int(np.searchsorted(indptr, indptr[gene] + CSC_CHUNK, side="right")) - 1
+                end = min(max(end, gene + 1), n_genes)
+                lo, hi = int(indptr[gene]), int(indptr[end])
+                cells = np.asarray(indices[lo:hi], dtype=np.int64)
+                if cells.size and (cells.min() < 0 or cells.max() >= n_cells):
+                    raise InputError(f"{where}: a stored cell index is outside 0..{n_cells - 1:,}")
+                genes = np.repeat(np.arange(gene, end, dtype=np.int64), np.diff(indptr[gene : end + 1]))
+                spill.add(cells, genes, np.asarray(data[lo:hi]))
+                bar.update(hi - lo)
+                gene = end
+        return spill.finish()
+    except OSError as exc:
+        raise scratch_error(exc, directory) from None
+    finally:
+        data.close()
+        indices.close()
 
 
 # --------------------------------------------------------------------------------------------- 10x .h5
@@ -452,54 +507,181 @@ def open_10x_mtx(path: Path, matrix: str = "X", name: str | None = None) -> Matr
         raise InputError(
             f"{path}: a 10x directory holds one matrix; remove `matrix: {matrix}` from this input"
         )
-    files = _mtx_files(path)
-    import scanpy as sc
-
-    log.info("%s: Matrix Market text is read whole (as a sparse matrix)", path)
-    legacy = files[1].name == "genes.tsv"
+    values, features, barcodes = _mtx_files(path)
+    legacy = features.name == "genes.tsv"
     try:
-        if legacy or all(f.name.endswith(".gz") for f in files):
-            adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False, gex_only=True)
-            matrix, obs, var = adata.X, adata.obs, adata.var
+        if legacy or all(f.name.endswith(".gz") for f in (values, features, barcodes)):
+            obs, var, keep, n_features = _scanpy_tables(features, barcodes, legacy)
         else:  # Cell Ranger >= 3 files stored uncompressed, which scanpy does not look for
-            matrix, obs, var = _read_v3_mtx(*files)
-    except (ValueError, OSError, IndexError, EOFError, zlib.error, pd.errors.ParserError) as exc:
+            obs, var, keep, n_features = _v3_tables(features, barcodes)
+    except (ValueError, OSError, IndexError, KeyError, EOFError, zlib.error, pd.errors.ParserError) as exc:
         raise InputError(
-            f"{path}: cannot read the 10x matrix ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot read the 10x gene or barcode table ({type(exc).__name__}: {exc}); "
             "is a file truncated or damaged?"
         ) from None
-    return _CSRSource(
-        matrix,
+    scratch = ScratchDir("biomask-mtx-")
+    try:
+        disk = _mtx_to_disk(values, scratch.path, n_features, len(obs), keep, (features, barcodes))
+    except BaseException:
+        scratch.cleanup()
+        raise
+    return _DiskSource(
+        disk,
+        scratch,
         name=name or path.name,
         path=path,
-        key=files[0].name,
+        key=values.name,
         obs=obs,
         var=var,
         alternatives=["X"],
     )
 
 
-def _read_v3_mtx(
-    matrix: Path, features: Path, barcodes: Path
-) -> tuple[sp.csr_matrix, pd.DataFrame, pd.DataFrame]:
-    """matrix.mtx / features.tsv / barcodes.tsv (each plain or gzipped) the way scanpy reads the
-    gzipped trio: float32 cells x genes, Gene Expression features only, symbols as var names."""
-    from scipy.io import mmread
+def _scanpy_tables(
+    features: Path, barcodes: Path, legacy: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None, int]:
+    """obs, var, the feature rows kept and the number of features, the way scanpy.read_10x_mtx
+    (gene symbols as names, not made unique; gex_only) reads them: what this reader gave when it
+    used scanpy, so that stores stay the same."""
+    genes = pd.read_csv(features, header=None, sep="\t")
+    var = pd.DataFrame({"gene_ids": genes[0].to_numpy()}, index=pd.Index(genes[1].to_numpy()))
+    keep = None
+    if not legacy:
+        types = genes[2].to_numpy()
+        var["feature_types"] = types
+        mask = types == "Gene Expression"
+        if not mask.all():
+            keep = np.flatnonzero(mask)
+            var = var.iloc[keep]
+    cells = pd.read_csv(barcodes, header=None)[0]
+    obs = pd.DataFrame(index=pd.Index(cells.to_numpy()), columns=pd.Index([], dtype=object))  # as AnnData's
+    return obs, var, keep, len(genes)
 
-    values = sp.csr_matrix(mmread(str(matrix)).T, dtype=np.float32)
+
+def _v3_tables(features: Path, barcodes: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None, int]:
+    """features.tsv / barcodes.tsv read as text, keeping Gene Expression features, symbols as names."""
     table = pd.read_csv(features, sep="\t", header=None, dtype=str, keep_default_na=False)
     if table.shape[1] < 2:
         raise ValueError(f"{features.name} has {table.shape[1]} column(s); expected id, name and type")
     types = table[2] if table.shape[1] > 2 else pd.Series("Gene Expression", index=table.index)
     cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str, keep_default_na=False)[0]
-    keep = np.flatnonzero(types.to_numpy() == "Gene Expression")
+    mask = types.to_numpy() == "Gene Expression"
+    keep = np.flatnonzero(mask)
     var = pd.DataFrame(
         {"gene_ids": table[0].to_numpy()[keep], "feature_types": types.to_numpy()[keep]},
         index=pd.Index(table[1].to_numpy()[keep]),
     )
-    if values.shape[1] != len(table):
-        raise ValueError(f"{matrix.name} has {values.shape[1]} features, {features.name} lists {len(table)}")
-    return values[:, keep], pd.DataFrame(index=pd.Index(cells.to_numpy())), var
+    return pd.DataFrame(index=pd.Index(cells.to_numpy())), var, None if mask.all() else keep, len(table)
+
+
+class _Unsorted(Exception):
+    """Entries are not in barcode order: the one-pass conversion gives way to bucketing."""
+
+
+def _mtx_to_disk(
+    values: Path, directory: Path, n_features: int, n_cells: int, keep: np.ndarray | None, tables: tuple
+) -> DiskCSR:
+    """matrix.mtx -> a cells x kept-genes float32 CSR on disk, as scipy's mmread + tocsr would give it
+    (entries of one cell summed when repeated, explicit zeros kept, genes in order)."""
+    gene_map = None
+    if keep is not None:  # non-GEX features dropped as they are read, not stored first
+        gene_map = np.full(n_features, -1, dtype=np.int64)
+        gene_map[keep] = np.arange(keep.size)
+    n_genes = n_features if keep is None else keep.size
+
+    def combine(cells: np.ndarray, genes: np.ndarray, data: np.ndarray, n: int) -> sp.csr_matrix:
+        return sp.coo_matrix((data, (cells, genes)), shape=(n, n_genes)).tocsr()
+
+    def entries(mtx: MtxReader, bar) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for genes, cells, data in mtx.entries():
+            bar.update(mtx.position - bar.n)
+            data = data.astype(np.float32)  # the old whole-file read cast before summing repeats
+            if gene_map is not None:
+                genes = gene_map[genes]
+                kept = genes >= 0
+                genes, cells, data = genes[kept], cells[kept], data[kept]
+            yield cells, genes, data
+
+    def opened() -> MtxReader:
+        mtx = MtxReader(values)
+        if (mtx.n_rows, mtx.n_cols) != (n_features, n_cells):
+            mtx.close()
+            raise InputError(
+                f"{values} line {mtx.size_line:,}: the header says {mtx.n_rows:,} features x {mtx.n_cols:,} "
+                f"barcodes, but {tables[0].name} lists {n_features:,} and {tables[1].name} {n_cells:,}"
+            )
+        return mtx
+
+    size = values.stat().st_size
+    log.info("%s: converting to a temporary CSR copy in %s", values, directory)
+    try:
+        with opened() as mtx, progress_bar(size, f"read {values.name}", unit="B") as bar:
+            return _sorted_to_disk(entries(mtx, bar), directory, n_cells, n_genes, combine)
+    except _Unsorted:
+        log.info("%s: entries are not sorted by barcode; bucketing them on disk first", values)
+    except OSError as exc:
+        raise scratch_error(exc, directory) from None
+    try:
+        with opened() as mtx, progress_bar(size, f"read {values.name}", unit="B") as bar:
+            spill = EntrySpill(directory, n_cells, n_genes, np.dtype(np.float32), mtx.n_entries, combine)
+            for cells, genes, data in entries(mtx, bar):
+                spill.add(cells, genes, data)
+        return spill.finish()
+    except OSError as exc:
+        raise scratch_error(exc, directory) from None
+
+
+def _sorted_to_disk(entries, directory: Path, n_cells: int, n_genes: int, combine) -> DiskCSR:
+    """One pass over entries sorted by cell (Cell Ranger's order): each cell's row is written as soon
+    as a later cell appears; raises _Unsorted at the first entry out of order."""
+    writer = RowWriter(directory, n_genes, np.dtype(np.float32))
+    try:
+        done = 0  # cells written
+        pending = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+        for cells, genes, data in entries:
+            if cells.size == 0:
+                continue
+            if (
+                (pending[0].size and cells[0] < pending[0][-1])
+                or cells[0] < done
+                or (np.diff(cells) < 0).any()
+            ):
+                raise _Unsorted
+            cells, genes, data = (np.concatenate(pair) for pair in zip(pending, (cells, genes, data)))
+            last = int(cells[-1])  # its entries may go on in the next chunk
+            cut = int(np.searchsorted(cells, last))
+            writer.append(combine(cells[:cut] - done, genes[:cut], data[:cut], last - done))
+            done = last
+            pending = (cells[cut:], genes[cut:], data[cut:])
+        writer.append(combine(pending[0] - done, pending[1], pending[2], n_cells - done))
+    except BaseException:
+        writer.abandon()
+        raise
+    return writer.finish()
+
+
+class _DiskSource(MatrixSource):
+    """A matrix converted to CSR in a temporary directory (10x mtx, CSC h5ad), read a block at a time."""
+
+    def __init__(self, disk: DiskCSR, scratch: ScratchDir, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.disk, self.scratch = disk, scratch
+        _check_sizes(self.where, self.n_obs, self.n_vars, disk.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.disk.dtype
+
+    @property
+    def stored_values(self) -> int:
+        return self.disk.nnz
+
+    def _read(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.disk.rows(start, stop)
+
+    def close(self) -> None:
+        self.disk.close()
+        self.scratch.cleanup()
 
 
 # --------------------------------------------------------------------------------------------- entry points
