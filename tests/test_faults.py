@@ -688,6 +688,28 @@ def test_a_damaged_matrix_mtx_is_refused_naming_the_file_and_line(
     assert not (tmp_path / "cells").exists() and leftovers(tmp_path) == [] and list(scratch.iterdir()) == []
 
 
+def test_a_full_temporary_disk_while_converting_a_matrix_mtx_names_tmpdir(
+    tmp_path, cli, pbmc_counts, monkeypatch
+):
+    """The converted copy goes to TMPDIR, which may be a small disk: the refusal says so and what to set."""
+    import errno
+
+    import biomask.cells.spill
+
+    def full(self, piece):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = write_mtx(tmp_path / "tenx", *pbmc_counts, gz=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    monkeypatch.setattr(biomask.cells.spill.RowWriter, "append", full)
+    code, _, err = cells(tmp_path, cli, folder)
+    assert code == 2 and "No space left on device" in err and "set TMPDIR" in err and str(scratch) in err
+    no_traceback(err)
+    assert not (tmp_path / "cells").exists() and list(scratch.iterdir()) == []
+
+
 def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
     import h5py
 
