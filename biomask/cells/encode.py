@@ -30,8 +30,10 @@ from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
+    check_orientation,
     coverage,
     gene_names,
+    other_case_hint,
     percent,
     remap_columns,
 )
@@ -137,6 +139,7 @@ class CellEncoder:
         if column is True:
             wanted = self.prep.vocab.gene_id_column
             column = wanted if wanted is not None and wanted in source.var.columns else None
+        check_orientation(source)
         names = gene_names(source, column, self.strip_version)
         space = GeneSpace()
         targets, _ = space.add(source, names, self.duplicates)
@@ -144,12 +147,14 @@ class CellEncoder:
         vocab = self.prep.vocab
         if found["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(names[names != ""])[:3])
+            what = other_case_hint(names, vocab.genes) or (
+                f"the identifiers differ -- set genes.column (read now: {column or 'the var index'}; var "
+                f"columns: {', '.join(map(str, source.var.columns)) or 'none'}) or genes.strip_version"
+            )
             raise InputError(
                 f"{source.where}: none of its {found['dataset_genes']:,} genes (e.g. {ours}) is in the checkpoint's "
                 f"gene vocabulary (e.g. {', '.join(vocab.genes[:3])}; identifiers from "
-                f"{vocab.gene_id_column or 'the var index'}); the identifiers differ -- set genes.column "
-                f"(read now: {column or 'the var index'}; var columns: {', '.join(map(str, source.var.columns)) or 'none'}) "
-                "or genes.strip_version"
+                f"{vocab.gene_id_column or 'the var index'}); {what}"
             )
         # What matters is how much of the vocabulary the data measures (a vocabulary gene missing from
         # the data never reaches the model); the share of the dataset's own genes is information.

@@ -36,6 +36,70 @@ from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
 log = logging.getLogger(__name__)
 
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
+# a cell barcode (10x: 16 bases, often with a -1 or sample suffix); no gene symbol is 12 bases in a row
+_BARCODE = re.compile(r"[ACGTN]{12,}")
+_ENSEMBL_GENE = re.compile(r"^ENS[A-Z]*G\d{6,}")
+# mitochondrial genes every full transcriptome measures, as human (MT-CO1) and mouse (mt-Co1) files name them
+_MITO_GENES = {
+    name
+    for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ND5", "CYB", "CYTB", "ATP6")
+    for name in (f"MT-{g}", f"mt-{g.capitalize()}")
+}
+
+
+def _sample(index: pd.Index, n: int = 1000) -> list[str]:
+    """Up to `n` names spread over the index (a file's genes run in genome order)."""
+    step = max(1, len(index) // n)
+    return [str(v) for v in index[::step][:n]]
+
+
+def transposed_why(source: MatrixSource) -> str | None:
+    """Why the matrix looks stored with cells as columns (genes as obs), or None. A CSV of genes as
+    rows read as it is (anndata.io.read_csv) trains and embeds without error -- every gene taken for
+    a cell, every cell for a gene -- so this is the one place it can be caught."""
+    var = _sample(source.var.index)
+    barcodes = [v for v in var if _BARCODE.search(v)]
+    if len(var) >= 20 and len(barcodes) >= 0.9 * len(var):
+        return f"its genes (var names) look like cell barcodes (e.g. {', '.join(barcodes[:3])})"
+    obs = source.obs.index
+    mito = sorted({str(v) for v in obs[obs.isin(_MITO_GENES)]})  # hashed: fast on millions of cells
+    if len(mito) >= 3:
+        return f"its cells (obs names) include mitochondrial genes ({', '.join(mito[:3])})"
+    sample = _sample(obs)
+    ensembl = [v for v in sample if _ENSEMBL_GENE.match(v)]
+    if len(sample) >= 20 and len(ensembl) >= 0.5 * len(sample):
+        return f"its cells (obs names) look like Ensembl gene IDs (e.g. {', '.join(ensembl[:3])})"
+    return None
+
+
+def check_orientation(source: MatrixSource) -> None:
+    """Refuse a matrix of genes x cells (see `transposed_why`)."""
+    why = transposed_why(source)
+    if why is not None:
+        raise InputError(
+            f"{source.where}: the matrix looks transposed, cells as columns: {why}. biomask reads cells as "
+            "rows (obs) and genes as columns (var): transpose it (adata = adata.T; a CSV with a column per "
+            "cell: anndata.io.read_csv(path).T) and run again"
+        )
+
+
+def other_case_hint(names: np.ndarray, vocabulary: list[str]) -> str | None:
+    """At zero overlap: a note when the identifiers match once case is ignored. Mouse genes are
+    written Cd3e, human ones CD3E, so that is a model of another species -- which no gene column or
+    version suffix fixes, the only hints the zero-overlap message otherwise gives."""
+    upper = {g.upper(): g for g in vocabulary}
+    pairs = [
+        (str(n), upper[str(n).upper()]) for n in pd.unique(names[names != ""]) if str(n).upper() in upper
+    ]
+    if not pairs:
+        return None
+    shown = ", ".join(f"{ours} ~ {theirs}" for ours, theirs in pairs[:3])
+    return (
+        f"{len(pairs):,} of its genes match the vocabulary's when case is ignored ({shown}): the data and "
+        "the model are likely of different species (mouse genes are written Cd3e, human ones CD3E). "
+        "biomask does not map genes across species: train a model on these cells (biomask.fit_cells, "
+        "biomask fit-cells, or prep cells without tokenizer.path), or map them to the model's species first"
+    )
 
 
 def gene_names(source: MatrixSource, column: str | None, strip_version: bool = False) -> np.ndarray:

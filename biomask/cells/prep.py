@@ -37,9 +37,11 @@ from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
+    check_orientation,
     checked_vocabulary_dir,
     coverage,
     gene_names,
+    other_case_hint,
     percent,
     remap_columns,
 )
@@ -150,6 +152,7 @@ def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
         for spec, name, path, fmt, digest in _resolve_all(cfg.inputs):
             source = open_matrix(path, fmt, spec.matrix, name=name)
             try:
+                check_orientation(source)
                 names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
                 targets, stats = space.add(source, names, cfg.genes.duplicates)
             except BaseException:
@@ -393,11 +396,13 @@ def check_coverage(
         if inp.coverage["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(inp.names[inp.names != ""])[:3])
             theirs = ", ".join(vocab.genes[:3])
+            what = other_case_hint(inp.names, vocab.genes) or (
+                f"the identifiers differ -- check genes.column (symbols or Ensembl IDs; the vocabulary uses "
+                f"{vocab.gene_id_column or 'the var index'}) and genes.strip_version"
+            )
             raise InputError(
                 f"{inp.source.where}: none of its {inp.coverage['dataset_genes']:,} genes (e.g. {ours}) is in the "
-                f"frozen vocabulary {cfg.tokenizer.path} (e.g. {theirs}); the identifiers differ -- check "
-                f"genes.column (symbols or Ensembl IDs; the vocabulary uses {vocab.gene_id_column or 'the var index'}) "
-                "and genes.strip_version"
+                f"frozen vocabulary {cfg.tokenizer.path} (e.g. {theirs}); {what}"
             )
         # what matters is how much of the vocabulary the data measures (a vocabulary gene it lacks never
         # reaches the model); the share of the dataset's own genes is information (a 30,000-gene file
@@ -678,7 +683,50 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
     finally:
         close_inputs(inputs)
     _log_summary(Path(cfg.output), manifest)
+    _warn_most_cells_dropped(cfg, manifest["stats"])
     return Path(cfg.output)
+
+
+# what each QC drop reason is set by, to name it in the warning
+_QC_KEYS = {
+    "zero_counts": "qc.zero_count_cells",
+    "min_genes": "qc.min_genes",
+    "max_genes": "qc.max_genes",
+    "min_counts": "qc.min_counts",
+    "max_counts": "qc.max_counts",
+    "max_mito_fraction": "qc.max_mito_fraction",
+    "missing_label": "labels.missing",
+}
+
+
+def _warn_most_cells_dropped(cfg: CellsPrepConfig, stats: dict[str, Any]) -> None:
+    """The shipped configs' QC thresholds are their own set's (pbmc3k: 10x v1 chemistry, at most 2,500
+    genes and 5 % mitochondrial counts); copied for other cells they can drop most of them, which the
+    info line of drops alone does not make plain (a 10x v3 PBMC sample: 147 of 200 cells)."""
+    read = stats.get("cells_read", 0)
+    dropped = {
+        k.removeprefix("cells_dropped_"): v for k, v in stats.items() if k.startswith("cells_dropped_") and v
+    }
+    total = sum(dropped.values())
+    if not read or 2 * total < read:
+        return
+    qc = cfg.qc.model_dump()
+    reasons = []
+    for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]):
+        key = _QC_KEYS.get(reason, reason)
+        setting = key.removeprefix("qc.")
+        reasons.append(
+            f"{n:,} by {key}" + (f" {qc[setting]}" if key.startswith("qc.") and setting in qc else "")
+        )
+    log.warning(
+        "%s: QC dropped %s of the %s cells read (%s): %s. Check these thresholds suit these cells (a "
+        "config's are set for its own data); null turns a filter off (e.g. qc.max_genes=null)",
+        cfg.output,
+        f"{total:,}",
+        f"{read:,}",
+        percent(total / read),
+        ", ".join(reasons),
+    )
 
 
 def _log_summary(path: Path, manifest: dict[str, Any]) -> None:

@@ -399,12 +399,13 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
     import pandas as pd
 
     from biomask.cells.counts import check_policy, detect
-    from biomask.cells.genes import gene_names
+    from biomask.cells.genes import check_orientation, gene_names
     from biomask.cells.readers import from_anndata
 
     if adata.n_obs < MIN_CELLS:
         raise InputError(f"fit_cells: the AnnData has {adata.n_obs} cells; at least {MIN_CELLS} are needed")
     source = from_anndata(adata, matrix, name="AnnData")
+    check_orientation(source)
     try:
         gene_names(source, gene_column, prep_cfg.genes.strip_version)
     except InputError as exc:

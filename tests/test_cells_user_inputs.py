@@ -1,0 +1,161 @@
+"""What a user's own cells meet on the way in: matrices stored genes x cells, data of another species
+than the model, a shipped config's QC thresholds on other cells, and a model that does worse than the
+gene means. Found running fit_cells / prep / embed on real public sets (10x PBMC CITE-seq, celltypist's
+sample, scvelo's mouse pancreas); the tests use SYNTHETIC counts: two Poisson "cell types" over gene
+names written as human files write them (CD3E-like, with MT- genes), made here."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from biomask.errors import InputError
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+MITO = ["MT-CO1", "MT-CO2", "MT-ND1", "MT-CYB"]
+STEPS = {"train.steps": 20}
+
+
+def synthetic_cells(n_cells: int = 80, n_genes: int = 60, seed: int = 0) -> ad.AnnData:
+    """SYNTHETIC integer counts, cells x genes, 10x-like barcodes as cell names."""
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, 2, n_cells)
+    rates = rng.gamma(1.0, 2.0, (2, n_genes))
+    counts = rng.poisson(rates[kind]).astype(np.float32)
+    bases = np.array(list("ACGT"))
+    cells = ["".join(rng.choice(bases, 16)) + "-1" for _ in range(n_cells)]
+    genes = [f"GENE{i}" for i in range(n_genes - len(MITO))] + MITO
+    return ad.AnnData(counts, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
+
+
+def as_mouse(adata: ad.AnnData) -> ad.AnnData:
+    """The same cells with gene names as mouse files write them (Gene1, mt-Co1)."""
+    out = adata.copy()
+    out.var_names = [
+        g[:3].lower() + g[3:].capitalize() if g.startswith("MT-") else g.capitalize() for g in adata.var_names
+    ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import biomask
+
+    adata = synthetic_cells()
+    out = tmp_path_factory.mktemp("fit") / "run"
+    checkpoint = biomask.fit_cells(adata, out, overrides=STEPS)
+    return adata, out, checkpoint
+
+
+def test_a_matrix_of_genes_by_cells_is_refused_not_trained_on(fitted, tmp_path, cli):
+    """Read as it is, a CSV with a column per cell trained and embedded without a word: every gene
+    taken for a cell (here 16,581 of them), every cell barcode for a gene."""
+    import biomask
+
+    adata, _, checkpoint = fitted
+    transposed = adata.T.copy()  # var: barcodes, obs: genes with MT- among them
+    with pytest.raises(InputError, match=r"looks transposed.*var names\) look like cell barcodes.*adata\.T"):
+        biomask.fit_cells(transposed, tmp_path / "t", overrides=STEPS)
+    assert not (tmp_path / "t").exists()
+    # cells named without barcodes (celltypist's Cell_1, ...): the mitochondrial genes among the "cells" tell
+    named = transposed.copy()
+    named.var_names = [f"Cell_{i}" for i in range(named.n_vars)]
+    with pytest.raises(InputError, match=r"obs names\) include mitochondrial genes \(MT-CO1"):
+        biomask.embed(named, checkpoint)
+    mouse = as_mouse(adata).T.copy()
+    mouse.var_names = named.var_names
+    with pytest.raises(InputError, match=r"mitochondrial genes \(mt-Co1"):
+        biomask.embed(mouse, checkpoint)
+    # prep cells from the command line: exit 2, nothing written
+    path = tmp_path / "genes_by_cells.h5ad"
+    transposed.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [{"path": str(path)}], "output": str(tmp_path / "store")}))
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert code == 2 and "genes_by_cells.h5ad [X]: the matrix looks transposed" in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def test_genes_of_another_species_are_named_as_such_not_as_a_column_to_set(fitted, tmp_path, cli):
+    """Mouse cells against a human model share no identifier, and the message offered only a gene
+    column and Ensembl version suffixes, neither of which can help."""
+    import biomask
+
+    adata, out, checkpoint = fitted
+    mouse = as_mouse(adata)
+    with pytest.raises(InputError) as err:
+        biomask.embed(mouse, checkpoint)
+    message = str(err.value)
+    assert "match the vocabulary's when case is ignored (Gene0 ~ GENE0" in message, message
+    assert "different species" in message and "biomask.fit_cells" in message
+    assert "strip_version" not in message
+    # the frozen vocabulary of prep cells says the same
+    path = tmp_path / "mouse.h5ad"
+    mouse.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [{"path": str(path)}],
+                "output": str(tmp_path / "store"),
+                "tokenizer": {"scheme": "panel", "path": str(out / "store")},
+            }
+        )
+    )
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert code == 2 and "different species" in err and "genes.column" not in err, err
+    # identifiers that differ otherwise keep the hint they had
+    other = adata.copy()
+    other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]
+    with pytest.raises(InputError, match="the identifiers differ -- set gene_column="):
+        biomask.embed(other, checkpoint)
+
+
+def test_qc_that_drops_most_cells_warns_naming_the_thresholds(tmp_path, cli):
+    """pbmc3k-panel.yaml copied for a 10x v3 PBMC sample (its inputs changed, as the README says)
+    kept 53 of 200 cells: its 5 % mitochondrial and 2,500-gene limits are pbmc3k's. That was one info
+    line; most of the cells gone is a warning naming the keys."""
+    adata = synthetic_cells(n_cells=100)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [{"path": str(path)}], "output": str(tmp_path / "store")}))
+    genes = (adata.X > 0).sum(1)
+    limit = int(np.quantile(genes, 0.3))  # 70 % of the cells detect more genes than this
+    code, _, err = cli(
+        "prep", "cells", "-c", config, f"qc.max_genes={limit}", "qc.min_genes=0", "tokenizer.scheme=panel"
+    )
+    dropped = int((genes > limit).sum())
+    assert code == 0 and f"QC dropped {dropped} of the 100 cells read" in err, err
+    assert f"{dropped} by qc.max_genes {limit}" in err and "qc.max_genes=null" in err
+    code, _, err = cli(
+        "prep",
+        "cells",
+        "-c",
+        config,
+        "qc.min_genes=0",
+        "tokenizer.scheme=panel",
+        f"output={tmp_path / 'kept'}",
+    )
+    assert code == 0 and "QC dropped" not in err
+
+
+def test_a_profile_model_worse_than_the_gene_means_is_warned_about(tmp_path, caplog):
+    """The held-out loss above the reference predictor's (each gene's training mean) was an info
+    line; here forced by a learning rate that throws the weights off."""
+    import biomask
+
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(synthetic_cells(), tmp_path / "bad", overrides={**STEPS, "optim.lr": 1.0})
+    warned = [r.getMessage() for r in caplog.records if "above the reference predictor's" in r.getMessage()]
+    assert len(warned) == 1 and "training cells, ~" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(synthetic_cells(), tmp_path / "good", overrides={"train.steps": 300})
+    assert not [r for r in caplog.records if "above the reference predictor's" in r.getMessage()]
