@@ -159,3 +159,33 @@ def test_a_profile_model_worse_than_the_gene_means_is_warned_about(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="biomask"):
         biomask.fit_cells(synthetic_cells(), tmp_path / "good", overrides={"train.steps": 300})
     assert not [r for r in caplog.records if "above the reference predictor's" in r.getMessage()]
+
+
+def test_a_csv_of_counts_is_met_with_how_to_read_it(fitted, tmp_path, cli):
+    """A CSV given to fit-cells was answered with a biomask.read_cells command that cannot read it,
+    embed called it DNA sequences, and read_cells said to set a `format:` it does not take. Each now
+    gives the anndata line, and that line, as given, reads the table (.T for a column per cell)."""
+    import anndata
+
+    import biomask
+
+    adata, _, checkpoint = fitted
+    path = tmp_path / "genes_by_cells.csv"  # a column per cell, as many public tables are
+    adata.to_df().T.to_csv(path)
+    code, _, err = cli("fit-cells", "--input", path, "--output", tmp_path / "fit")
+    assert code == 2 and f"anndata.io.read_csv('{path}')" in err and "read_cells" not in err, err
+    code, _, err = cli("embed", "--checkpoint", checkpoint, "--input", path, "--output", tmp_path / "e.h5ad")
+    assert code == 2 and "If it is a table of cells" in err and "add .T when each cell is a column" in err, (
+        err
+    )
+    with pytest.raises(InputError, match=r"anndata\.io\.read_csv") as refused:
+        biomask.read_cells(path)
+    assert "format:" not in str(refused.value)
+    read = anndata.io.read_csv(path)
+    with pytest.raises(InputError, match="looks transposed"):
+        biomask.embed(read, checkpoint)
+    cells = read.T
+    biomask.embed(cells, checkpoint)
+    np.testing.assert_allclose(
+        cells.obsm["X_biomask"], biomask.embed(adata, checkpoint, copy=True).obsm["X_biomask"], atol=1e-5
+    )

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -706,6 +707,22 @@ def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSourc
     )
 
 
+_TABLE = re.compile(r"\.(csv|tsv|txt)(\.gz|\.bz2|\.xz)?$", re.IGNORECASE)
+
+
+def table_hint(path: Path) -> str | None:
+    """For a CSV/TSV name: how to make an .h5ad of it. No cell reader parses text tables (their
+    orientation, header and index vary), and anndata reads them in one line -- which the messages for
+    such a file otherwise did not say (one suggested a biomask.read_cells that cannot read it)."""
+    if not _TABLE.search(path.name):
+        return None
+    return (
+        f"a table of counts is read with anndata: adata = anndata.io.read_csv('{path}') (cells as rows; "
+        "add .T when each cell is a column; delimiter='\\t' for TSV), then adata.write_h5ad('cells.h5ad'), "
+        "or hand adata to biomask.fit_cells / biomask.embed in Python"
+    )
+
+
 def guess_format(path: Path) -> str:
     if path.is_dir():
         return "10x_mtx"
@@ -713,6 +730,8 @@ def guess_format(path: Path) -> str:
     for ending, fmt in ((".h5ad", "h5ad"), (".loom", "loom"), (".h5", "10x_h5"), (".hdf5", "10x_h5")):
         if suffix.endswith(ending):
             return fmt
+    if (hint := table_hint(path)) is not None:
+        raise InputError(f"{path}: not a format biomask reads cells from ({', '.join(FORMATS)}); {hint}")
     raise InputError(
         f"cannot tell the format of {path} from its name; set `format:` to one of {', '.join(FORMATS)}"
     )

@@ -499,7 +499,7 @@ def fit_cells_file(
     """`biomask fit-cells`: `fit_cells` on an .h5ad file, then the embed stage streams the file into
     `<output>/embed/embeddings.h5ad` (the input with `obsm["X_biomask"]`; a UMAP PNG when
     `umap_color` names an obs column). Returns that file."""
-    from biomask.cells.readers import open_matrix
+    from biomask.cells.readers import open_matrix, table_hint
     from biomask.config import validate_config
     from biomask.embedding.api import renamed_in_logs
     from biomask.embedding.config import EmbedConfig
@@ -508,10 +508,15 @@ def fit_cells_file(
     source = Path(path)
     if not source.is_file() or not source.name.lower().endswith(".h5ad"):
         what = "no such file" if not source.exists() else "not an .h5ad file"
+        hint = table_hint(source) if source.exists() else None
         raise InputError(
             f"{source}: {what}; `biomask fit-cells` reads the .h5ad of the cells to pretrain on and embed. "
-            'For a 10x folder or .h5 or a .loom file, write it as .h5ad first: python -c "import biomask; '
-            f"biomask.read_cells('{source}').write_h5ad('cells.h5ad')\" (or call biomask.fit_cells on it in Python)"
+            + (
+                f"For a CSV/TSV: {hint}"
+                if hint
+                else 'For a 10x folder or .h5 or a .loom file, write it as .h5ad first: python -c "import biomask; '
+                f"biomask.read_cells('{source}').write_h5ad('cells.h5ad')\" (or call biomask.fit_cells on it in Python)"
+            )
         )
     out = Path(output)
     column = settings.get("gene_column")

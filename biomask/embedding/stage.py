@@ -105,9 +105,13 @@ def check_modality(checkpoint: str, modality: str, path: Path, kind: str) -> Non
         if modality == "cells"
         else "DNA sequences (FASTA, CSV/TSV table, DNA token store)"
     )
+    from biomask.cells.readers import table_hint
+
+    # a CSV of counts is read here as DNA sequences: say how a table of cells becomes an .h5ad
+    hint = table_hint(path) if modality == "cells" else None
     raise InputError(
         f"checkpoint {checkpoint} is a {modality} model, but {path} is {what}; give it {wanted}, "
-        f"or use a {theirs} checkpoint"
+        f"or use a {theirs} checkpoint" + (f". If it is a table of cells, {hint}" if hint else "")
     )
 
 
