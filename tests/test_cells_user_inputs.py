@@ -189,3 +189,29 @@ def test_a_csv_of_counts_is_met_with_how_to_read_it(fitted, tmp_path, cli):
     np.testing.assert_allclose(
         cells.obsm["X_biomask"], biomask.embed(adata, checkpoint, copy=True).obsm["X_biomask"], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_log1p_of_raw_counts_is_named_and_the_way_back_works(fitted, tmp_path, sparse):
+    """`sc.pp.log1p` without `normalize_total`: the message offered from_log1p with a totals column
+    (which then failed on non-integral counts), and counts.mode log1p and normalised took the values
+    silently as normalised per cell -- none reads them rightly. expm1 gives the counts back, and the
+    message says so; done as it says, the cells embed as their counts do."""
+    import scipy.sparse as sp
+
+    import biomask
+
+    adata, _, checkpoint = fitted
+    logged = adata.copy()
+    logged.X = np.log1p(sp.csr_matrix(adata.X) if sparse else adata.X)
+    for counts in (None, {"mode": "log1p"}, {"mode": "normalised"}):
+        with pytest.raises(InputError, match=r"found log1p of raw counts, not normalised") as refused:
+            biomask.embed(logged, checkpoint, counts=counts)
+        assert "adata.layers['counts'] = np.expm1(adata.X), then matrix='layers/counts'" in str(refused.value)
+    with pytest.raises(InputError, match="found log1p of raw counts"):
+        biomask.fit_cells(logged, tmp_path / "f", counts={"mode": "log1p"}, overrides=STEPS)
+    assert not (tmp_path / "f").exists()
+    logged.layers["counts"] = np.expm1(logged.X)
+    biomask.embed(logged, checkpoint, matrix="layers/counts")
+    expected = biomask.embed(adata, checkpoint, copy=True).obsm["X_biomask"]
+    np.testing.assert_allclose(logged.obsm["X_biomask"], expected, atol=1e-5)

@@ -68,6 +68,16 @@ class ValueSummary:
     expm1_row_sum_cv: float | None = None
     stray: tuple[int, int, float] | None = None  # stray_values: the first one's (row, column, value)
     mixed: tuple[int, int, int, int] | None = None  # mixed: (count cells, other cells, a row of each)
+    expm1_integral_fraction: float | None = None  # non-zero values whose expm1 is an integer
+
+    @property
+    def log1p_of_counts(self) -> bool:
+        """log1p of raw counts, never normalised (`sc.pp.log1p` without `normalize_total`)."""
+        return (
+            self.kind == "log_normalised"
+            and self.expm1_integral_fraction is not None
+            and self.expm1_integral_fraction >= 1 - STRAY_SHARE
+        )
 
     @property
     def is_counts(self) -> bool:
@@ -96,6 +106,11 @@ class ValueSummary:
             return (
                 f"a mix of cells: {n_counts:,} hold integer counts only and {n_other:,} mostly non-integer "
                 f"values, among the first {self.cells:,} cells ({share}, {top})"
+            )
+        if self.log1p_of_counts:
+            return (
+                f"log1p of raw counts, not normalised (expm1 of {self.expm1_integral_fraction:.1%} of the "
+                f"non-zero values is an integer; {top})"
             )
         if self.kind == "log_normalised":
             if self.expm1_row_sum_cv is not None and self.expm1_row_sum_cv < _CONSTANT_CV:
@@ -227,6 +242,12 @@ def summarise(block: sp.csr_matrix, dtype: np.dtype, integer_tolerance: float) -
     with np.errstate(over="ignore", invalid="ignore"):
         values.data = np.expm1(np.minimum(values.data, 700))
         expm1_sums = np.asarray(values.sum(axis=1)).ravel()
+        # float32 log values give expm1 an error that grows with the count (1.2e-6 x count at most)
+        linear = values.data[values.data != 0]
+        off = np.abs(linear - np.rint(linear))
+        common["expm1_integral_fraction"] = float(
+            np.mean(off <= np.maximum(integer_tolerance, 1e-5 * linear))
+        )
         common.update(
             row_sum_median=float(np.median(sums[sums > 0])),
             row_sum_cv=_cv(sums),
@@ -335,6 +356,15 @@ def check_policy(source: MatrixSource, summary: ValueSummary, cfg: CountsConfig)
             "counts, e.g. ambient-RNA removal, are rounded before use), point `matrix` at the raw counts, "
             "or take the values as linear-scale expression with `counts.mode: normalised`."
             f"{look_elsewhere}{PYTHON_KEYS}"
+        )
+    if summary.log1p_of_counts:  # every mode reads them wrongly: log1p / normalised as normalised values,
+        # from_log1p (rebuilding from a total) into non-integers -- and expm1 gives the counts back exactly
+        raise InputError(
+            f"{source.where}: found {found}. No counts mode reads these as they are (counts.mode log1p and "
+            "normalised take them as normalised per cell, from_log1p needs normalised values); expm1 of them "
+            "is the counts: keep those as a layer and point `matrix` at it -- in Python "
+            "adata.layers['counts'] = np.expm1(adata.X), then matrix='layers/counts' (a file: write it "
+            f"again with that layer, and matrix: layers/counts).{look_elsewhere}{PYTHON_KEYS}"
         )
     if cfg.mode == "require":
         if summary.is_counts:
