@@ -215,3 +215,30 @@ def test_log1p_of_raw_counts_is_named_and_the_way_back_works(fitted, tmp_path, s
     biomask.embed(logged, checkpoint, matrix="layers/counts")
     expected = biomask.embed(adata, checkpoint, copy=True).obsm["X_biomask"]
     np.testing.assert_allclose(logged.obsm["X_biomask"], expected, atol=1e-5)
+
+
+def test_two_samples_concatenated_are_met_with_what_went_wrong(tmp_path):
+    """Two samples in one AnnData: a batch_key the obs lacks was answered with the obs columns of
+    fit_cells' internal copy ("none"), not the user's; an outer join of dense samples (NaN for the
+    genes one lacks) with "fix or remove those cells", which would remove a whole sample."""
+    import biomask
+
+    first, second = synthetic_cells(seed=1), synthetic_cells(seed=2)
+    second = second[:, 10:].copy()  # measured fewer genes
+    pair = ad.concat({"s1": first, "s2": second}, label="sample", join="inner", index_unique="-")
+    with pytest.raises(InputError, match=r"obs has no column 'batch' \(batch_key=\); obs columns: sample$"):
+        biomask.fit_cells(pair, tmp_path / "b", batch_key="batch", overrides=STEPS)
+    logged = pair.copy()  # log1p(CP10k), its totals column forgotten
+    logged.X = np.log1p(logged.X / logged.X.sum(1, keepdims=True) * 1e4)
+    with pytest.raises(InputError, match=r"obs has no column 'n_counts' .*obs columns: sample$"):
+        biomask.fit_cells(
+            logged,
+            tmp_path / "b",
+            counts={"mode": "from_log1p", "total_counts_column": "n_counts"},
+            overrides=STEPS,
+        )
+    outer = ad.concat({"s1": first, "s2": second}, label="sample", join="outer", index_unique="-")
+    assert np.isnan(outer.X).any()  # anndata fills what s2 lacks with NaN
+    with pytest.raises(InputError, match=r"10 genes of this cell are NaN: .*join='outer'.*join='inner'"):
+        biomask.fit_cells(outer, tmp_path / "o", batch_key="sample", overrides=STEPS)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()

@@ -153,14 +153,29 @@ def _cell(source: MatrixSource, start: int, block: sp.csr_matrix, position: int)
     return f"cell {source.obs.index[row]!r} (row {row})"
 
 
+# NaN in this many genes of one cell is a gene never measured, not a bad value
+_NAN_GENES = 10
+
+
 def check_finite(source: MatrixSource, start: int, block: sp.csr_matrix) -> None:
     bad = ~np.isfinite(block.data)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
+        row = _row_of(block, first)
+        in_cell = int(np.isnan(block.data[block.indptr[row] : block.indptr[row + 1]]).sum())
+        # anndata.concat(join="outer") of dense samples writes NaN for every gene a sample lacks: "remove
+        # those cells" would remove a whole sample
+        joined = (
+            f" {in_cell:,} genes of this cell are NaN: that is how anndata.concat(..., join='outer') fills "
+            "the genes a sample did not measure -- concatenate on the genes every sample measures "
+            "(join='inner')"
+            if in_cell >= _NAN_GENES
+            else " fix or remove those cells"
+        )
         raise InputError(
             f"{source.where}: {_cell(source, start, block, first)} has a value {block.data[first]} "
-            f"({int(bad.sum()):,} NaN or infinite values in cells {start}-{start + block.shape[0] - 1}); "
-            "fix or remove those cells"
+            f"({int(bad.sum()):,} NaN or infinite values in cells {start}-{start + block.shape[0] - 1});"
+            f"{joined}"
         )
 
 

@@ -398,7 +398,7 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
     too few cells, a missing matrix or gene column, values the counts policy cannot use."""
     import pandas as pd
 
-    from biomask.cells.counts import check_policy, detect
+    from biomask.cells.counts import check_policy, detect, total_counts
     from biomask.cells.genes import check_orientation, gene_names
     from biomask.cells.readers import from_anndata
 
@@ -410,6 +410,14 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
         gene_names(source, gene_column, prep_cfg.genes.strip_version)
     except InputError as exc:
         raise InputError(f"{exc} (fit_cells: the `gene_column=` argument)") from None
+    # named here, on the user's obs: prep reads a copy holding only the columns it needs, so its own
+    # message listed the copy's ("obs columns: none")
+    batch = prep_cfg.batch_column
+    if batch is not None and batch not in adata.obs.columns:
+        raise InputError(
+            f"AnnData: obs has no column {batch!r} (batch_key=); obs columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'}"
+        )
     totals = prep_cfg.counts.total_counts_column
     if totals is not None and totals in adata.obs and not pd.api.types.is_numeric_dtype(adata.obs[totals]):
         raise InputError(
@@ -417,6 +425,8 @@ def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | No
             f"({adata.obs[totals].dtype}); it must hold each cell's total counts"
         )
     check_policy(source, detect(source, prep_cfg.counts, prep_cfg.block_size), prep_cfg.counts)
+    if totals is not None:  # after the policy: a mode copied from other data is the first thing to say
+        total_counts(source, totals, prep_cfg.counts.mode)
 
 
 def _is_marked(path: Path) -> bool | None:
