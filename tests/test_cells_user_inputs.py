@@ -242,3 +242,20 @@ def test_two_samples_concatenated_are_met_with_what_went_wrong(tmp_path):
     with pytest.raises(InputError, match=r"10 genes of this cell are NaN: .*join='outer'.*join='inner'"):
         biomask.fit_cells(outer, tmp_path / "o", batch_key="sample", overrides=STEPS)
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_per_cell_column_given_as_the_batch_is_warned_about(tmp_path, caplog):
+    """batch_key naming a column of cell ids (one batch per cell) trained without a word."""
+    import biomask
+
+    adata = synthetic_cells()
+    adata.obs["cell_id"] = [f"c{i}" for i in range(adata.n_obs)]
+    adata.obs["sample"] = np.where(np.arange(adata.n_obs) < 40, "s1", "s2")
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(adata, tmp_path / "ids", batch_key="cell_id", overrides=STEPS)
+    warned = [r.getMessage() for r in caplog.records if "is 'cell_id' a per-cell column" in r.getMessage()]
+    assert len(warned) == 1 and "has 80 values for 80 cells" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.fit_cells(adata, tmp_path / "samples", batch_key="sample", overrides=STEPS)
+    assert not [r for r in caplog.records if "per-cell column" in r.getMessage()]

@@ -484,14 +484,32 @@ def _meta_columns(cfg: CellsPrepConfig) -> list[str]:
     return ["id", "source", *extra]
 
 
+_MIN_BATCH_CELLS = 5  # a batch's cells below which a batch column looks like a per-cell one
+
+
 def _batch_names(cfg: CellsPrepConfig, inputs: list[CellInput]) -> list[str] | None:
     """The batch_column's values over the cells written (sorted, as text): record field `batch` indexes them."""
     if cfg.batch_column is None:
         return None
     names: set[str] = set()
+    sizes: collections.Counter = collections.Counter()
     for inp in inputs:
         assert inp.batches is not None and inp.splits is not None
-        names.update(inp.batches[inp.splits != NOT_KEPT].tolist())
+        kept = inp.batches[inp.splits != NOT_KEPT].tolist()
+        names.update(kept)
+        sizes.update(kept)
+    # a cell-id or barcode column given as the batch is accepted as one batch per cell, and the
+    # decoder then reads which cell it rebuilds: say so rather than train on it silently
+    if len(sizes) > 1 and float(np.median(list(sizes.values()))) < _MIN_BATCH_CELLS:
+        log.warning(
+            "the batch column %r (batch_column) has %s values for %s cells (half of them with fewer than %d cells): a batch is "
+            "a sample, run or donor, each of many cells; is %r a per-cell column (an id, a barcode)?",
+            cfg.batch_column,
+            f"{len(sizes):,}",
+            f"{sum(sizes.values()):,}",
+            _MIN_BATCH_CELLS,
+            cfg.batch_column,
+        )
     return sorted(names)
 
 
