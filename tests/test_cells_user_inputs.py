@@ -259,3 +259,37 @@ def test_a_per_cell_column_given_as_the_batch_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="biomask"):
         biomask.fit_cells(adata, tmp_path / "samples", batch_key="sample", overrides=STEPS)
     assert not [r for r in caplog.records if "per-cell column" in r.getMessage()]
+
+
+def _outer_join_findings(adata: ad.AnnData) -> list[str]:
+    from biomask.cells.readers import from_anndata
+    from biomask.cells.samples import MissingGenes
+
+    source = from_anndata(adata)
+    check = MissingGenes(source)
+    for start, block in source.blocks(50):
+        check.add(start, block)
+    return check.findings(np.asarray(adata.var_names))
+
+
+def test_clusters_whose_cells_lack_another_types_markers_are_not_called_outer_joined():
+    """A Leiden column kept in obs (clustering before fit_cells) drew the outer-join warning on a real
+    400-cell PBMC pair: T cells have not one count of the monocytes' CX3CR1, CD302, CDA, ... -- as the
+    B cells have none either. A gene a sample never measured is still measured in every other sample.
+    SYNTHETIC: three cell types of 60 cells, 30 marker genes expressed by one type only."""
+    rng = np.random.default_rng(0)
+    n, shared, markers = 60, 100, 30
+    types = np.repeat(["T", "mono", "B"], n)
+    x = rng.poisson(1.0, (3 * n, shared + markers)).astype(np.float32)
+    x[:, shared:] = rng.poisson(3.0, (3 * n, markers))
+    x[types != "mono", shared:] = 0  # monocyte markers: no count in T or B cells
+    obs = pd.DataFrame({"leiden": types}, index=[f"c{i}" for i in range(3 * n)])
+    clusters = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(x.shape[1])]))
+    assert _outer_join_findings(clusters) == []
+    # the same cells as three samples, the third outer-joined without 30 of the genes: still named
+    samples = clusters.copy()
+    samples.obs["sample"] = np.tile(["s1", "s2", "s3"], n)
+    third = (samples.obs["sample"] == "s3").to_numpy()
+    samples.X[np.ix_(third, np.arange(30))] = 0
+    found = _outer_join_findings(samples)
+    assert len(found) == 1 and found[0].startswith("obs column 'sample' = 's3'"), found

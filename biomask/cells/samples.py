@@ -84,13 +84,21 @@ class MissingGenes:
         for (column, codes, names), detected in zip(self.columns, self.detected, strict=True):
             cells = np.bincount(codes, minlength=len(names))
             everywhere = detected.sum(axis=0)
+            sizable = cells >= MIN_CELLS
             for sample, name in enumerate(names):
                 others = cells.sum() - cells[sample]
                 if cells[sample] < MIN_CELLS or others < MIN_CELLS:
                     continue
                 share_elsewhere = (everywhere - detected[sample]) / others
+                # a gene a sample never measured is still measured by every other sample; a cell type's
+                # missing genes are another type's markers, absent from the rest as well (Leiden clusters
+                # of a 400-cell PBMC pair: T cells lack CX3CR1, CD302, ... as B cells do)
+                in_every_other = (
+                    detected[np.flatnonzero(sizable & (np.arange(len(names)) != sample))] > 0
+                ).all(axis=0)
                 expressed = (
                     self.genes
+                    & in_every_other
                     & (share_elsewhere >= OTHER_SHARE)
                     & (share_elsewhere * cells[sample] >= EXPECTED_HITS)
                 )
