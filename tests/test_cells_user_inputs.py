@@ -293,3 +293,13 @@ def test_clusters_whose_cells_lack_another_types_markers_are_not_called_outer_jo
     samples.X[np.ix_(third, np.arange(30))] = 0
     found = _outer_join_findings(samples)
     assert len(found) == 1 and found[0].startswith("obs column 'sample' = 's3'"), found
+
+
+def test_fit_cells_on_a_file_of_too_few_cells_says_so_before_preparing_them(tmp_path, cli):
+    """From a file, the 20-cell minimum was checked only after prep had written a store and warned
+    that its val split was empty, with advice (split.block_size, split.seed) fit-cells does not take."""
+    path = tmp_path / "ten.h5ad"
+    synthetic_cells(n_cells=10).write_h5ad(path)
+    code, _, err = cli("fit-cells", "--input", path, "--output", tmp_path / "out")
+    assert code == 2 and f"fit_cells: {path} has 10 cells; at least 20 are needed" in err, err
+    assert "split" not in err and not (tmp_path / "out").exists()

@@ -221,6 +221,14 @@ def fit_cells(
             "(counts mode require), or rebuild them (counts={'mode': 'from_log1p', 'total_counts_column': "
             "...}), or keep model.loss=mse"
         )
+    if not in_memory:  # a file: too few cells said before prep writes a store (and warns of its splits)
+        from biomask.cells.readers import open_matrix
+
+        opened = open_matrix(source, matrix=matrix)
+        n_obs = opened.n_obs
+        opened.close()
+        if n_obs < MIN_CELLS:
+            raise InputError(f"fit_cells: {source} has {n_obs} cells; at least {MIN_CELLS} are needed")
     if in_memory:
         _check_anndata(adata, prep_cfg, matrix, gene_column)
         if source.exists() and not _is_our_copy(source, store):
