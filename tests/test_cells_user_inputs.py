@@ -303,3 +303,24 @@ def test_fit_cells_on_a_file_of_too_few_cells_says_so_before_preparing_them(tmp_
     code, _, err = cli("fit-cells", "--input", path, "--output", tmp_path / "out")
     assert code == 2 and f"fit_cells: {path} has 10 cells; at least 20 are needed" in err, err
     assert "split" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_layer_named_without_layers_slash_is_refused_naming_the_one_meant(fitted, tmp_path, cli):
+    """matrix="spliced" (scvelo's layers): biomask.embed crashed with an IndexError, fit_cells named
+    the prep config's key 'inputs.0.matrix'."""
+    import biomask
+
+    adata, _, checkpoint = fitted
+    layered = adata.copy()
+    layered.layers["spliced"] = layered.X.copy()
+    meant = "for the layer 'spliced' write matrix='layers/spliced'"
+    with pytest.raises(InputError, match=meant):
+        biomask.embed(layered, checkpoint, matrix="spliced")
+    with pytest.raises(InputError, match=meant):
+        biomask.fit_cells(layered, tmp_path / "f", matrix="spliced", overrides=STEPS)
+    path = tmp_path / "layered.h5ad"
+    layered.write_h5ad(path)
+    code, _, err = cli("fit-cells", "--input", path, "--output", tmp_path / "g", "--matrix", "spliced")
+    assert code == 2 and "--matrix" in err and "inputs.0.matrix" not in err, err
+    biomask.embed(layered, checkpoint, matrix="layers/spliced")
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()

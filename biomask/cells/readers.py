@@ -688,8 +688,18 @@ class _DiskSource(MatrixSource):
 # --------------------------------------------------------------------------------------------- entry points
 
 
+def check_matrix_name(matrix: str, layers: list[str] | None = None) -> None:
+    """`matrix=` is X, raw or layers/NAME; a layer's bare name (matrix="spliced") is the usual slip, and
+    it crashed biomask.embed with an IndexError. `layers`: the AnnData's, to suggest the one meant."""
+    if matrix in ("X", "raw") or (matrix.startswith("layers/") and len(matrix) > len("layers/")):
+        return
+    meant = f": for the layer {matrix!r} write matrix='layers/{matrix}'" if matrix in (layers or []) else ""
+    raise InputError(f"matrix={matrix!r} (the CLI's --matrix) must be 'X', 'raw' or 'layers/NAME'{meant}")
+
+
 def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSource:
     """An in-memory AnnData (e.g. from a notebook) as a source; `matrix` as in the config."""
+    check_matrix_name(matrix, list(adata.layers))
     alternatives = ["X", *(["raw"] if adata.raw is not None else []), *(f"layers/{k}" for k in adata.layers)]
     if matrix == "X":
         values, var = adata.X, adata.var

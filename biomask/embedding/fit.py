@@ -199,6 +199,10 @@ def fit_cells(
             f"masking={masking!r} (fit-cells: --masking) is not a masking scheme; schemes: {', '.join(SCHEMES)}"
         )
     source = out / COPY_NAME if in_memory else Path(adata.filename if backed else adata)
+    from biomask.cells.readers import check_matrix_name
+
+    # named as the argument, not as the prep config's inputs.0.matrix
+    check_matrix_name(matrix, None if isinstance(adata, (str, os.PathLike)) else list(adata.layers))
     if not isinstance(adata, (str, os.PathLike)):  # before training: the key the embedding will take
         from biomask.embedding.anndata_io import check_key
 
