@@ -705,6 +705,9 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
     return Path(cfg.output)
 
 
+# QC dropping this share of the cells read is a warning (scvelo's pancreas through pbmc3k-panel.yaml's
+# thresholds: 49 of 100 cells, by qc.max_genes)
+_QC_WARN_SHARE = 0.25
 # what each QC drop reason is set by, to name it in the warning
 _QC_KEYS = {
     "zero_counts": "qc.zero_count_cells",
@@ -726,7 +729,7 @@ def _warn_most_cells_dropped(cfg: CellsPrepConfig, stats: dict[str, Any]) -> Non
         k.removeprefix("cells_dropped_"): v for k, v in stats.items() if k.startswith("cells_dropped_") and v
     }
     total = sum(dropped.values())
-    if not read or 2 * total < read:
+    if not read or total < _QC_WARN_SHARE * read:
         return
     qc = cfg.qc.model_dump()
     reasons = []
