@@ -324,3 +324,22 @@ def test_a_layer_named_without_layers_slash_is_refused_naming_the_one_meant(fitt
     assert code == 2 and "--matrix" in err and "inputs.0.matrix" not in err, err
     biomask.embed(layered, checkpoint, matrix="layers/spliced")
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+
+
+def test_a_totals_column_older_than_the_matrix_points_to_what_still_works(fitted, tmp_path):
+    """scvi-tools' 10x PBMC subsets: n_counts counts every gene, X holds the genes kept. Normalised
+    and log1p'd as scanpy users do, the counts cannot be rebuilt from n_counts; the message said to
+    check the column and stopped there, not naming `counts.mode: log1p`, which works."""
+    import biomask
+
+    adata, _, checkpoint = fitted
+    logged = adata.copy()
+    totals = logged.X.sum(1)
+    logged.obs["n_counts"] = totals + 100  # as if counted before 100 counts' genes were filtered out
+    logged.X = np.log1p(logged.X / totals[:, None] * 1e4)
+    with pytest.raises(InputError) as refused:
+        biomask.embed(logged, checkpoint, counts={"mode": "from_log1p", "total_counts_column": "n_counts"})
+    assert "computed before genes were removed" in str(refused.value)
+    assert "`counts.mode: log1p` takes the values as they are" in str(refused.value)
+    biomask.embed(logged, checkpoint, counts={"mode": "log1p"})
+    assert logged.obsm["X_biomask"].shape == (adata.n_obs, 64)

@@ -590,8 +590,12 @@ class CountConverter:
                 bad,
                 values,
                 "rebuilt count",
+                # a totals column is often older than the matrix (10x PBMC subsets in scvi-tools: n_counts of
+                # every gene, X of the genes kept), and then nothing can rebuild the counts: say what still works
                 f"check that `{self.cfg.total_counts_column}` holds the totals the values were normalised by, "
-                f"and counts.scale ({self.cfg.scale:g})",
+                f"and counts.scale ({self.cfg.scale:g}). A totals column computed before genes were removed "
+                "holds more than the values were normalised by; without the right totals, `counts.mode: log1p` "
+                "takes the values as they are (no counts are rebuilt)",
             )
         return rounded.astype(np.float32)
 
