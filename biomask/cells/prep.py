@@ -502,8 +502,9 @@ def _batch_names(cfg: CellsPrepConfig, inputs: list[CellInput]) -> list[str] | N
     # decoder then reads which cell it rebuilds: say so rather than train on it silently
     if len(sizes) > 1 and float(np.median(list(sizes.values()))) < _MIN_BATCH_CELLS:
         log.warning(
-            "the batch column %r (batch_column) has %s values for %s cells (half of them with fewer than %d cells): a batch is "
-            "a sample, run or donor, each of many cells; is %r a per-cell column (an id, a barcode)?",
+            "the batch column %r (batch_column) has %s values for %s cells (half of them with fewer than %d "
+            "cells): a batch is a sample, run or donor, each of many cells; is %r a per-cell column (an id, "
+            "a barcode)?",
             cfg.batch_column,
             f"{len(sizes):,}",
             f"{sum(sizes.values()):,}",
