@@ -155,6 +155,7 @@ def test_a_profile_model_worse_than_the_gene_means_is_warned_about(tmp_path, cap
         biomask.fit_cells(synthetic_cells(), tmp_path / "bad", overrides={**STEPS, "optim.lr": 1.0})
     warned = [r.getMessage() for r in caplog.records if "above the reference predictor's" in r.getMessage()]
     assert len(warned) == 1 and "training cells, ~" in warned[0], warned
+    assert " held-out cells, at ratios " in warned[0] and "0.1" in warned[0], warned
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="biomask"):
         biomask.fit_cells(synthetic_cells(), tmp_path / "good", overrides={"train.steps": 300})
