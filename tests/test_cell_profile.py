@@ -111,6 +111,17 @@ def test_every_layer_has_the_width_embed_writes():
     assert [vector_width(model, layer) for layer in (0, 1, 2)] == [12, 8, 4]
 
 
+def test_a_plot_title_names_the_latent_not_a_pooling():
+    """The UMAP of a profile embedding was titled "mean pooling · layer -1": the autoencoder pools
+    nothing, so a reader took the title for a token model's."""
+    from biomask.embedding.stage import vector_title
+
+    model = _model()
+    assert vector_title(model, "mean", -1) == "latent" and "pooling" not in vector_title(model, "mean", -2)
+    cfg = EncoderConfig(vocab_size=12, modality="dna", d_model=8, n_layers=1, n_heads=1, d_ff=16, max_len=16)
+    assert vector_title(build_model(cfg), "mean", -1) == "mean pooling · layer -1"
+
+
 def test_gene_statistics_count_only_the_cells_that_measure_a_gene():
     records = [
         {"tokens": np.array([5, 6]), "values": np.array([1.0, 2.0])},

@@ -205,11 +205,20 @@ class CellsJob:
         finally:
             self.source.close()
         if png is not None:
-            _umap(h5ad, cfg, png, self.source.obs[cfg.umap.color])
+            _umap(h5ad, cfg, png, self.source.obs[cfg.umap.color], self.model)
         return uns
 
 
-def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
+def vector_title(model: Any, pooling: str, layer: int) -> str:
+    """What a vector is, in a plot title: the profile autoencoder pools nothing (its latent, or a
+    hidden layer), the panel transformer gives its cell token whatever pooling was asked."""
+    kind = model.config.kind
+    if kind == "mlp":
+        return "latent" if layer == -1 else f"hidden layer {layer}"
+    return f"{getattr(model, 'pooling_used', lambda asked: asked)(pooling)} pooling · layer {layer}"
+
+
+def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series, model: Any) -> None:
     """The UMAP PNG from the written embeddings (a sample of rows is read back, not the whole matrix)."""
     import h5py
 
@@ -224,9 +233,7 @@ def _umap(h5ad: Path, cfg: EmbedConfig, png: Path, colour: pd.Series) -> None:
                 np.random.default_rng(cfg.umap.seed).choice(n, cfg.umap.max_cells, replace=False)
             )
         vectors = dataset[chosen] if chosen.size < n else dataset[:]
-    title = (
-        f"{Path(cfg.checkpoint).parent.name or cfg.checkpoint} · {cfg.pooling} pooling · layer {cfg.layer}"
-    )
+    title = f"{Path(cfg.checkpoint).parent.name or cfg.checkpoint} · {vector_title(model, cfg.pooling, cfg.layer)}"
     if chosen.size < n:
         title += f" · {chosen.size:,} of {n:,} cells"
     umap_png(
@@ -542,7 +549,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         else:
             adata.write_h5ad(target)
             if png is not None:
-                _umap(target, cfg, png, adata.obs[cfg.umap.color])
+                _umap(target, cfg, png, adata.obs[cfg.umap.color], model)
 
     wants_png = cfg.umap.color is not None
     if directory:
