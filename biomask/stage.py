@@ -68,6 +68,13 @@ def warn_other_code(stage: str, path: Path, info: dict[str, Any] | None) -> None
         )
 
 
+def has_run_record(path: str | os.PathLike) -> bool:
+    """Whether a stage finished an output at `path` (its run.json is there). A light reuse check
+    (`Stage.reused`) without one has nothing to reuse: it leaves the inputs for the stage to checksum,
+    once, rather than hashing them twice on a first run."""
+    return (Path(path) / "run.json").is_file()
+
+
 def _mtime(path: Path) -> float:
     try:
         return os.stat(path).st_mtime

@@ -76,12 +76,18 @@ def _stages(*stages: Stage) -> dict[str, Stage]:
 
 
 STAGES: dict[str, Stage] = _stages(
-    Stage("prep dna", "biomask.dna.config:DNAPrepConfig", "biomask.dna.prep:prep_dna"),
+    Stage(
+        "prep dna",
+        "biomask.dna.config:DNAPrepConfig",
+        "biomask.dna.prep:prep_dna",
+        reused="biomask.dna.reuse:current",
+    ),
     Stage(
         "prep cells",
         "biomask.cells.config:CellsPrepConfig",
         "biomask.cells.prep:prep_cells",
         non_semantic="biomask.cells.config:NON_SEMANTIC",
+        reused="biomask.cells.reuse:current",
     ),
     Stage(
         "pretrain",
@@ -102,7 +108,13 @@ STAGES: dict[str, Stage] = _stages(
         "biomask.embedding.config:EmbedConfig",
         "biomask.embedding.stage:run_embed",
         non_semantic="biomask.embedding.config:NON_SEMANTIC",
+        reused="biomask.embedding.reuse:current",
     ),
-    Stage("report", "biomask.report.config:ReportConfig", "biomask.report.report:make_report"),
+    Stage(
+        "report",
+        "biomask.report.config:ReportConfig",
+        "biomask.report.report:make_report",
+        reused="biomask.report.reuse:current",
+    ),
     Stage("theory", "biomask.theory.config:TheoryConfig", "biomask.theory:run_theory"),
 )

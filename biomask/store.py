@@ -29,13 +29,17 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from biomask.errors import InputError, IntegrityError
 from biomask.provenance import sha256_file
+
+# pandas is imported where it is used: a rerun that finds a store current opens it without pandas'
+# import (a third of a second a process)
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,8 @@ class SplitWriter:
 
     def add(self, meta: Mapping[str, Any] | None = None, **fields: Any) -> None:
         """Append one record: token-aligned arrays and per-record scalars by field name."""
+        import pandas as pd
+
         tokens = np.asarray(fields["tokens"])
         self.add_batch(
             lengths=np.array([tokens.size], dtype=np.int64),
@@ -122,6 +128,8 @@ class SplitWriter:
 
     def add_batch(self, lengths: np.ndarray, meta: pd.DataFrame | None = None, **fields: np.ndarray) -> None:
         """Append many records at once: token fields flattened, record fields one value per record."""
+        import pandas as pd
+
         lengths = np.asarray(lengths, dtype=np.int64)
         total = int(lengths.sum())
         expected = set(self.token_fields) | set(self.record_fields)
@@ -152,6 +160,8 @@ class SplitWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import pandas as pd
+
         if not self._buf_lengths:
             return
         index = len(self._shards)
@@ -323,6 +333,8 @@ MISSING_LABELS = frozenset({"", "nan", "none", "null", "na", "<na>"})
 def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(a column's labels as strings, which records have none). Cluster ids stored as floats (because
     of a NaN) read as the integers they are: 3.0 is "3", not "3.0"; a written NaN is missing."""
+    import pandas as pd
+
     if isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_float_dtype(column.cat.categories):
         column = column.astype(float)
     missing = column.isna().to_numpy()
@@ -398,6 +410,8 @@ class Shard:
         return self.array(name).reshape(len(self), self.fixed_length)
 
     def meta(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_csv(self.directory / self.info["files"]["meta"]["name"], keep_default_na=False)
 
 
@@ -452,6 +466,8 @@ class TokenSplit:
 
     def meta(self) -> pd.DataFrame:
         """Per-record metadata of the whole split (ids, coordinates, obs columns)."""
+        import pandas as pd
+
         frames = [s.meta() for s in self.shards]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

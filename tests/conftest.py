@@ -71,6 +71,34 @@ def genome_store(tmp_path_factory) -> Path:
     return prep_dna(cfg)
 
 
+# What a stage that finds its output current must not import: a pipeline rerun starts one process
+# per task, and these imports were most of each reused task's time.
+HEAVY_MODULES = ("anndata", "matplotlib", "numba", "scanpy", "sklearn", "torch")
+
+
+def fresh_cli(
+    *args, env: dict[str, str] | None = None, modules: tuple[str, ...] = HEAVY_MODULES
+) -> tuple[int, str, str, list[str]]:
+    """Run the biomask CLI as a pipeline does, in a process of its own: (exit code, stdout, stderr,
+    which of `modules` it imported)."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys; from biomask.cli import main; rc = main(sys.argv[1:]); "
+        f"print(json.dumps(sorted(set({modules!r}) & set(sys.modules)))); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    *out, heavy = done.stdout.rstrip("\n").split("\n") if done.stdout else ["[]"]
+    return done.returncode, "\n".join(out), done.stderr, json.loads(heavy)
+
+
 def leftovers(directory: Path) -> list[str]:
     """Temporary or partial outputs left in a directory (there must be none after a failure)."""
     return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)

@@ -257,7 +257,7 @@ def test_embed_is_redone_when_its_checkpoint_is_retrained_into_the_same_weights(
     from biomask import datasets
     from biomask.config import load_config
     from biomask.embedding.config import EmbedConfig, non_semantic
-    from biomask.embedding.stage import checkpoint_inputs
+    from biomask.embedding.reuse import checkpoint_inputs
     from biomask.stage import CONFIG_SHA256, StageOutput
 
     repo = Path(__file__).parents[1]

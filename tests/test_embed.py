@@ -24,7 +24,7 @@ from biomask.dna.tokenizers import load_tokenizer
 from biomask.embedding.inference import embed_records
 from biomask.models import load_pretrained, read_checkpoint_config
 from biomask.store import TokenStore
-from tests.conftest import leftovers
+from tests.conftest import fresh_cli, leftovers
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -437,6 +437,13 @@ def test_a_config_file_and_a_directory_output_as_the_pipeline_runs_it(
     assert code == 0 and "up to date" in err
     code, _, err = cli(*args, "pooling=cls")  # another result in the same place: refused
     assert code == 2 and "--overwrite" in err
+    # as a pipeline starts it, a process of its own: reused before torch, anndata or matplotlib is
+    # imported (most of a reused embed's time); another result is still refused, naming the key
+    code, printed, err, heavy = fresh_cli(*args)
+    assert (code, printed, heavy) == (0, str(out / "embeddings.h5ad"), []), err
+    assert "up to date" in err
+    code, _, err, _ = fresh_cli(*args, "pooling=cls")
+    assert code == 2 and "pooling: 'mean' -> 'cls'" in err and "--overwrite" in err, err
 
 
 def test_fasta_windows_hold_their_bases_across_blocks_whatever_the_stride(splice_store, tmp_path, caplog):

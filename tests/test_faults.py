@@ -566,7 +566,7 @@ def test_read_cells_gives_an_anndata_of_a_10x_folder_or_a_loom_without_loompy(tm
         assert list(adata.var_names) == list(genes)
         np.testing.assert_array_equal(adata.X.toarray(), counts)
     # `biomask embed` on such a file names that way out
-    from biomask.embedding.stage import input_kind
+    from biomask.embedding.reuse import input_kind
     from biomask.errors import InputError
 
     for path in (folder, loom):

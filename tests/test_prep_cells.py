@@ -1078,3 +1078,26 @@ def test_a_few_stray_values_in_counts_are_named_not_called_log_data(tmp_path):
         ones = np.ones((200, 50), dtype=np.float32)
         ones[0, 0] = np.float32(tol)
         assert summarise(sp.csr_matrix(ones), ones.dtype, tol).kind in ("integer_floats", "stray_values")
+
+
+def test_a_current_store_is_reused_before_the_readers_are_imported(tmp_path, cli, repo, pbmc3k_store):
+    """A pipeline rerun starts each prep in a process of its own: one that finds its store current
+    says so without opening the matrix or importing what reads it (anndata, h5py, pandas, scipy,
+    numba); a changed key or input is still refused."""
+    from tests.conftest import HEAVY_MODULES, fresh_cli
+
+    cells = tmp_path / "cells.h5ad"
+    shutil.copy(datasets.fetch("pbmc68k_reduced"), cells)
+    args = ["prep", "cells", "-c", repo / CFG_68K, f"inputs=[{{path: {cells}, matrix: raw}}]",
+            f"tokenizer.path={pbmc3k_store}", f"output={tmp_path / 'store'}"]  # fmt: skip
+    assert cli(*args)[0] == 0
+    readers = (*HEAVY_MODULES, "h5py", "pandas", "scipy")
+    code, out, err, heavy = fresh_cli(*args, modules=readers)
+    assert (code, out, heavy) == (0, str(tmp_path / "store"), []), err
+    assert "up to date" in err
+    code, _, err, _ = fresh_cli(*args, "split.seed=7")
+    assert code == 2 and "split.seed: " in err and "--overwrite" in err, err
+    with h5py.File(cells, "a") as handle:  # other bytes, the same cells: still another input
+        handle.attrs["edited"] = 1
+    code, _, err, _ = fresh_cli(*args)
+    assert code == 2 and "--overwrite" in err, err

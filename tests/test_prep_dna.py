@@ -420,3 +420,35 @@ def test_a_labelled_set_is_written_in_shards_of_shard_tokens(tmp_path, cli, repo
         assert [r["tokens"].tolist() for r in a] == [r["tokens"].tolist() for r in b]
         assert a.record_field("labels").tolist() == b.record_field("labels").tolist()
         assert a.meta().equals(b.meta())
+
+
+def test_a_current_store_is_reused_before_the_readers_are_imported_in_a_moved_run_folder(tmp_path, cli, repo):
+    """A pipeline rerun starts each prep in a process of its own: one that finds its store current
+    says so without importing what reads and tokenizes (pandas, Biopython, tokenizers), also once its
+    run folder has moved (its tokenizer.path then names the moved folder); a changed key or input is
+    still refused."""
+    import itertools
+
+    from biomask.relocation import RUN_DIR_ENV
+    from tests.conftest import HEAVY_MODULES, fresh_cli
+
+    table = tmp_path / "rows.csv"
+    rows = ["".join(k) for k in itertools.product("ACGT", repeat=4)][:60]
+    table.write_text(
+        "id,sequence,label\n" + "".join(f"r{i},ACGTACGT{r},{'ab'[i % 2]}\n" for i, r in enumerate(rows))
+    )
+    old, new = tmp_path / "old", tmp_path / "new"
+    config = ["-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {table}}}]"]
+    assert cli("prep", "dna", *config, f"output={old / 'first'}")[0] == 0
+    assert cli("prep", "dna", *config, f"tokenizer.path={old / 'first'}", f"output={old / 'second'}")[0] == 0
+    old.rename(new)
+    args = ["prep", "dna", *config, f"tokenizer.path={new / 'first'}", f"output={new / 'second'}"]
+    readers = (*HEAVY_MODULES, "Bio", "pandas", "tokenizers")
+    code, out, err, heavy = fresh_cli(*args, env={RUN_DIR_ENV: str(new)}, modules=readers)
+    assert (code, out, heavy) == (0, str(new / "second"), []), err
+    assert "up to date" in err and "has moved to" in err
+    code, _, err, _ = fresh_cli(*args, "split.seed=7", env={RUN_DIR_ENV: str(new)})
+    assert code == 2 and "split.seed: " in err and "--overwrite" in err, err
+    table.write_text(table.read_text() + "r60,ACGTACGTTTTTTTTT,a\n")
+    code, _, err, _ = fresh_cli(*args, env={RUN_DIR_ENV: str(new)})
+    assert code == 2 and "--overwrite" in err, err

@@ -54,7 +54,7 @@ def test_bzip2_and_xz_read_as_plain_and_zstd_or_zip_are_named(tmp_path):
     import bz2
     import lzma
 
-    from biomask.dna.readers import guess_format
+    from biomask.dna.formats import guess_format
 
     text = TRICKY[0]
     (tmp_path / "p.fa").write_text(text)

@@ -1184,3 +1184,30 @@ def test_a_report_of_a_moved_run_folder_reads_its_checkpoints_where_they_are_now
     monkeypatch.setenv(RUN_DIR_ENV, str(new))
     loaded = load_evaluation("splice", str(evaluation), "mcc", None)
     assert loaded.masking == {"r2mae@0": R2MAE, "r2mae": R2MAE}  # by run, and by scheme
+
+
+def test_a_current_report_is_reused_before_its_plotting_and_statistics_are_imported(tmp_path, cli):
+    """A pipeline rerun starts the report in a process of its own: one that finds its output current
+    says so before importing matplotlib or scikit-learn; a changed input or key is still refused."""
+    from tests.conftest import fresh_cli
+
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    scores = {("baseline", "linear_probe"): [0.5, 0.6], ("r2mae@0", "linear_probe"): [0.6, 0.7]}
+    (evaluation / "metrics.json").write_text(json.dumps(_evaluation(scores, {"r2mae@0": R2MAE}).results))
+    (evaluation / "config.yaml").write_text(yaml.safe_dump({"output": str(evaluation)}))
+    (evaluation / "run.json").write_text(json.dumps({"fingerprint": "f" * 64, "created": "then"}))
+    config = tmp_path / "report.yaml"
+    out = tmp_path / "report"
+    config.write_text(
+        yaml.safe_dump({"output": str(out), "evaluations": {"task": {"path": str(evaluation)}}})
+    )
+    assert cli("report", "--config", config)[0] == 0
+    code, stdout, err, heavy = fresh_cli("report", "--config", config)
+    assert (code, stdout, heavy) == (0, str(out / "report.md"), []), err
+    assert "up to date" in err
+    code, _, err, _ = fresh_cli("report", "--config", config, "title=another")
+    assert code == 2 and "title: " in err and "--overwrite" in err, err
+    (evaluation / "metrics.json").write_text((evaluation / "metrics.json").read_text() + " ")
+    code, _, err, _ = fresh_cli("report", "--config", config)
+    assert code == 2 and "--overwrite" in err, err

@@ -28,9 +28,9 @@ import pandas as pd
 import scipy.sparse as sp
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from biomask.cells.formats import checked_vocabulary_dir
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
-from biomask.store import check_store_tokenizer
 from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -367,35 +367,6 @@ class GeneVocabulary:
             gene_id_column=settings.get("gene_id_column"),
             settings=extra,
         )
-
-
-def checked_vocabulary_dir(path: str | os.PathLike) -> Path:
-    """`vocabulary_dir`, refused when it holds another modality's tokenizer or (in a token store)
-    files that differ from those its manifest recorded."""
-    directory = vocabulary_dir(path)
-    check_store_tokenizer(directory)
-    try:
-        modality = json.loads((directory / "tokenizer_config.json").read_text())["biomask"].get("modality")
-    except (OSError, ValueError, KeyError, AttributeError):
-        modality = None  # no readable config: `GeneVocabulary.load` says what is missing
-    if modality not in (None, "cells"):
-        raise InputError(
-            f"tokenizer.path {path}: {directory} holds a {modality} tokenizer, not a gene vocabulary; give "
-            "a cells token store (or its tokenizer/ directory) written by `biomask prep cells`"
-        )
-    return directory
-
-
-def vocabulary_dir(path: str | os.PathLike) -> Path:
-    """Accept a vocabulary directory, its tokenizer.json, or a token store (its `tokenizer/`)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path.parent
-    if (path / "tokenizer" / "genes.tsv").is_file() or (
-        path / "tokenizer" / "tokenizer_config.json"
-    ).is_file():
-        return path / "tokenizer"  # a token store (a DNA one too: `load` then says it is not a vocabulary)
-    return path
 
 
 def percent(share: float) -> str:

@@ -30,15 +30,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from biomask import datasets
-from biomask.cells.config import NON_SEMANTIC, CellsPrepConfig, InputSpec, TokenizerConfig
+from biomask.cells.config import CellsPrepConfig, InputSpec, TokenizerConfig
 from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
 from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
     check_orientation,
-    checked_vocabulary_dir,
     coverage,
     gene_names,
     other_case_hint,
@@ -47,15 +45,14 @@ from biomask.cells.genes import (
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.qc import CellQC, row_sums, select_hvg
-from biomask.cells.readers import FORMATS, MatrixSource, guess_format, input_checksum, open_matrix
+from biomask.cells.readers import MatrixSource, open_matrix
+from biomask.cells.reuse import resolve_inputs, stage_output
 from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
-from biomask.errors import InputError, missing_input
-from biomask.inputs import distinct_names, pattern_matches
+from biomask.errors import InputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
-from biomask.stage import StageOutput
 from biomask.store import (
     TokenStore,
     TokenStoreWriter,
@@ -118,38 +115,12 @@ class CellInput:
 # --------------------------------------------------------------------------------------------- open
 
 
-def _resolve(spec: InputSpec) -> list[tuple[str, Path, str, str]]:
-    """(name, path, format, sha256) of an input -- of each file or 10x folder a pattern in `path:`
-    matches (biomask.inputs); registry entries are fetched and verified."""
-    if spec.dataset is not None:
-        formats = FORMATS if spec.format == "auto" else ()  # the entry's format is used
-        path, entry = datasets.fetch_input(spec.dataset, "cells", "prep cells", "expression", formats)
-        return [(spec.dataset, path, entry.format if spec.format == "auto" else spec.format, entry.sha256)]
-    paths = pattern_matches(str(spec.path), folders=True) or [Path(str(spec.path)).expanduser()]
-    resolved = []
-    for path in paths:
-        if not path.exists():
-            raise missing_input(path)
-        fmt = guess_format(path) if spec.format == "auto" else spec.format
-        resolved.append((path.name, path, fmt, input_checksum(path)))
-    return resolved
-
-
-def _resolve_all(specs: list[InputSpec]) -> list[tuple[InputSpec, str, Path, str, str]]:
-    """(spec, name, path, format, sha256) of every input, files named apart (biomask.inputs)."""
-    found = [(spec, *entry) for spec in specs for entry in _resolve(spec)]
-    files = [i for i, (spec, *_) in enumerate(found) if spec.dataset is None]
-    for i, name in zip(files, distinct_names([found[i][2] for i in files])):
-        found[i] = (found[i][0], name, *found[i][2:])
-    return found  # type: ignore[return-value]
-
-
 def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
     """Open every input and register its genes in `space` (closing what was opened if one fails)."""
     inputs: list[CellInput] = []
     offset = 0
     try:
-        for spec, name, path, fmt, digest in _resolve_all(cfg.inputs):
+        for spec, name, path, fmt, digest in resolve_inputs(cfg.inputs):
             source = open_matrix(path, fmt, spec.matrix, name=name)
             try:
                 check_orientation(source)
@@ -370,18 +341,6 @@ def load_frozen(cfg: TokenizerConfig) -> GeneVocabulary | None:
     if cfg.path is None:
         return None
     return GeneVocabulary.load(cfg.path)
-
-
-def vocabulary_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
-    """A frozen vocabulary is an input: its files' checksums enter the fingerprint."""
-    if cfg.path is None:
-        return []
-    directory = checked_vocabulary_dir(cfg.path)
-    files = [directory / "tokenizer.json", directory / "genes.tsv"]
-    for path in files:
-        if not path.is_file():
-            raise InputError(f"tokenizer.path {cfg.path}: no {path.name} in {directory}")
-    return [{"name": f"vocabulary/{p.name}", "path": str(p), "sha256": sha256_file(p)} for p in files]
 
 
 def check_coverage(
@@ -671,13 +630,7 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
     space = GeneSpace()
     inputs = open_inputs(cfg, space)
     try:
-        stage = StageOutput(
-            "prep-cells",
-            cfg,
-            cfg.output,
-            inputs=[inp.describe() for inp in inputs] + vocabulary_inputs(cfg.tokenizer),
-            non_semantic=NON_SEMANTIC,
-        )
+        stage = stage_output(cfg, [inp.describe() for inp in inputs])
         if stage.is_current(overwrite=overwrite):
             TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
             return Path(cfg.output)

@@ -22,10 +22,8 @@ Gene names are kept as the file has them (no `-1` suffixes): duplicates are hand
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
-import re
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -37,16 +35,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from biomask.cells.formats import FORMATS, guess_format, mtx_files
 from biomask.cells.h5slices import SliceReader
 from biomask.cells.mtx import MtxReader
 from biomask.cells.spill import DiskCSR, EntrySpill, RowWriter, ScratchDir, scratch_error, stable_by_row
 from biomask.errors import InputError, missing_input
 from biomask.progress import bar as progress_bar
-from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("h5ad", "10x_h5", "10x_mtx", "loom")
 
 
 class MatrixSource(ABC):
@@ -491,24 +487,12 @@ def open_loom(path: Path, matrix: str = "X", name: str | None = None) -> MatrixS
 # --------------------------------------------------------------------------------------------- 10x mtx
 
 
-def _mtx_files(directory: Path) -> list[Path]:
-    names = [("matrix.mtx.gz", "matrix.mtx"), ("features.tsv.gz", "genes.tsv", "features.tsv"),
-             ("barcodes.tsv.gz", "barcodes.tsv")]  # fmt: skip
-    found = []
-    for options in names:
-        hit = next((directory / n for n in options if (directory / n).is_file()), None)
-        if hit is None:
-            raise InputError(f"{directory}: a 10x matrix directory needs one of {', '.join(options)}")
-        found.append(hit)
-    return found
-
-
 def open_10x_mtx(path: Path, matrix: str = "X", name: str | None = None) -> MatrixSource:
     if matrix != "X":
         raise InputError(
             f"{path}: a 10x directory holds one matrix; remove `matrix: {matrix}` from this input"
         )
-    values, features, barcodes = _mtx_files(path)
+    values, features, barcodes = mtx_files(path)
     legacy = features.name == "genes.tsv"
     try:
         if legacy or all(f.name.endswith(".gz") for f in (values, features, barcodes)):
@@ -717,36 +701,6 @@ def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSourc
     )
 
 
-_TABLE = re.compile(r"\.(csv|tsv|txt)(\.gz|\.bz2|\.xz)?$", re.IGNORECASE)
-
-
-def table_hint(path: Path) -> str | None:
-    """For a CSV/TSV name: how to make an .h5ad of it. No cell reader parses text tables (their
-    orientation, header and index vary), and anndata reads them in one line -- which the messages for
-    such a file otherwise did not say (one suggested a biomask.read_cells that cannot read it)."""
-    if not _TABLE.search(path.name):
-        return None
-    return (
-        f"a table of counts is read with anndata: adata = anndata.io.read_csv('{path}') (cells as rows; "
-        "add .T when each cell is a column; delimiter='\\t' for TSV), then adata.write_h5ad('cells.h5ad'), "
-        "or hand adata to biomask.fit_cells / biomask.embed in Python"
-    )
-
-
-def guess_format(path: Path) -> str:
-    if path.is_dir():
-        return "10x_mtx"
-    suffix = path.name.lower()
-    for ending, fmt in ((".h5ad", "h5ad"), (".loom", "loom"), (".h5", "10x_h5"), (".hdf5", "10x_h5")):
-        if suffix.endswith(ending):
-            return fmt
-    if (hint := table_hint(path)) is not None:
-        raise InputError(f"{path}: not a format biomask reads cells from ({', '.join(FORMATS)}); {hint}")
-    raise InputError(
-        f"cannot tell the format of {path} from its name; set `format:` to one of {', '.join(FORMATS)}"
-    )
-
-
 _OPENERS = {"h5ad": open_h5ad, "10x_h5": open_10x_h5, "10x_mtx": open_10x_mtx, "loom": open_loom}
 
 
@@ -775,17 +729,3 @@ def open_matrix(
             shown,
         )
     return source
-
-
-def input_checksum(path: str | os.PathLike) -> str:
-    """sha256 of an input file; for a 10x directory, of its three files' checksums together."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            digest = hashlib.sha256()
-            for item in _mtx_files(path):
-                digest.update(f"{item.name}:{sha256_file(item)}\n".encode())
-            return digest.hexdigest()
-        return sha256_file(path)
-    except OSError as exc:
-        raise InputError(f"cannot read input {exc.filename or path}: {exc.strerror or exc}") from None

@@ -28,19 +28,20 @@ use and cached beside this module (numba `cache=True`), so later processes load 
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import numba
 import numpy as np
-import scipy.sparse as sp
 
 from biomask.errors import InputError
 from biomask.vocab import NUM_SPECIAL
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # scipy for annotations only: importing it took most of this module's import time
+    import scipy.sparse as sp
+
     from biomask.cells.genes import GeneVocabulary
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,6 @@ def _normalised(block: sp.csr_matrix, scale: np.ndarray) -> np.ndarray:
     )
 
 
-@numba.njit(cache=True, nogil=True)
 def _bin_cells(indptr, counts, indices, scale, n_bins, max_length, tokens, values, bins, lengths):
     """The binned scheme's per-cell work, compiled: bins over all expressed genes, then the top
     `max_length` by count (ties to the lower token id), written in token order into the output arrays.
@@ -224,6 +224,16 @@ def _bin_cells(indptr, counts, indices, scale, n_bins, max_length, tokens, value
             cursor += 1
             length += 1
         lengths[cell] = length
+
+
+@functools.cache
+def _compiled_bin_cells():
+    """`_bin_cells` compiled on first use rather than decorated: the configs import this module for
+    its scheme names, and numba's import was half a second of every prep or embed rerun that finds
+    its output current. The compiled kernel is still cached beside this module."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(_bin_cells)
 
 
 # --------------------------------------------------------------------------------------------- schemes
@@ -328,7 +338,7 @@ class BinnedScheme(Scheme):
         values = np.empty(kept, dtype=np.float32)
         bins = np.empty(kept, dtype=np.uint8)
         out_lengths = np.empty(lengths.size, dtype=np.int64)
-        _bin_cells(
+        _compiled_bin_cells()(
             indptr, block.data, block.indices, scale.astype(np.float32), self.n_bins, limit,
             tokens, values, bins, out_lengths,
         )  # fmt: skip

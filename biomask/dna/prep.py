@@ -18,25 +18,23 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from biomask import datasets
 from biomask.dna.cleaning import Cleaner, reverse_complement
-from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
+from biomask.dna.config import DNAPrepConfig, TokenizerConfig
 from biomask.dna.labelled import LabelledRows, stratified_split
 from biomask.dna.readers import (
     LabelledSequence,
-    guess_format,
     read_fasta_blocks,
     read_genbank_blocks,
     read_keel,
     read_table,
 )
+from biomask.dna.reuse import GENOME_FORMATS, ResolvedInput, resolve_inputs, stage_output
 from biomask.dna.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -44,109 +42,17 @@ from biomask.dna.tokenizers import (
     KmerTokenizer,
     OverlappingKmerTokenizer,
     load_tokenizer,
-    tokenizer_dir,
 )
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
-from biomask.errors import InputError, missing_input
-from biomask.inputs import distinct_names, pattern_matches
+from biomask.errors import InputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
-from biomask.stage import StageOutput
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
 
 log = logging.getLogger(__name__)
 
 GENOME_META = ("id", "source", "record", "start", "end", "strand")
 LABELLED_META = ("id", "source", "line", "label")
-GENOME_FORMATS = ("fasta", "genbank")
-# what an input (and a registry entry of DNA) can be read as
-INPUT_FORMATS = tuple(f for f in get_args(InputSpec.model_fields["format"].annotation) if f != "auto")
-
-
-@dataclass
-class ResolvedInput:
-    """An input file ready to read: where it is, how to read it, and its checksum."""
-
-    name: str
-    path: Path
-    format: str
-    spec: InputSpec
-    sha256: str
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "format": self.format, "sha256": self.sha256}
-
-
-def _guess_format(path: Path) -> str:
-    fmt = guess_format(path)
-    if fmt is not None:
-        return fmt
-    raise InputError(
-        f"cannot tell the format of {path} from its name; set `format: fasta`, `genbank`, `table` or `keel` on this input"
-    )
-
-
-def _task_format(spec: InputSpec, fmt: str, path: Path) -> str:
-    """An input with a `task` reads as a labelled set ("task"); only a GenBank genome has the
-    annotation a task is cut from."""
-    if spec.task is None:
-        return fmt
-    if fmt != "genbank":
-        raise InputError(
-            f"input {spec.dataset or path}: task {spec.task.name} needs an annotated GenBank genome, "
-            f"not {fmt}; use a registered GenBank dataset (e.g. ecoli-k12, bjaponicum) or a .gbk file"
-        )
-    return "task"
-
-
-def _input_paths(text: str) -> list[Path]:
-    """The file `path:` names, or the files a pattern in it matches (biomask.inputs)."""
-    matches = pattern_matches(text)
-    if matches is not None:
-        return matches
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise InputError(
-            f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`, or "
-            f"the files in it with a pattern: `path: {path}/*.fa.gz` (every match is an input)"
-        )
-    if not path.is_file():
-        raise missing_input(path, "input file")
-    return [path]
-
-
-def _resolve_one(spec: InputSpec, resolved: list[ResolvedInput]) -> None:
-    if spec.dataset is not None:
-        formats = INPUT_FORMATS if spec.format == "auto" else ()  # the entry's format is used
-        path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA", formats)
-        fmt = entry.format if spec.format == "auto" else spec.format
-        resolved.append(ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256))
-    else:
-        for path in _input_paths(str(spec.path)):
-            if path.stat().st_size == 0:
-                raise InputError(f"input file {path} is empty")
-            fmt = _guess_format(path) if spec.format == "auto" else spec.format
-            try:
-                digest = sha256_file(path)
-            except OSError as exc:
-                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
-            resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
-
-
-def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
-    """Fetch registered datasets, check local files, and work out each input's format."""
-    resolved: list[ResolvedInput] = []
-    for spec in specs:
-        _resolve_one(spec, resolved)
-    files = [r for r in resolved if r.spec.dataset is None]
-    for r, name in zip(files, distinct_names([r.path for r in files])):
-        r.name = name
-    kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
-    if len(kinds) > 1:
-        raise InputError(
-            "inputs mix genomes (FASTA/GenBank) and labelled tables; prepare them as separate stores"
-        )
-    return resolved
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -168,16 +74,6 @@ def make_tokenizer(cfg: TokenizerConfig, training_texts: Callable[[], Iterable[s
         f"{cfg.train_bases:,}",
     )
     return BPETokenizer.train(training_texts(), vocab_size=cfg.vocab_size)
-
-
-def _tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
-    """A reused tokenizer is an input: its checksum enters the fingerprint."""
-    if cfg.path is None:
-        return []
-    json_path = tokenizer_dir(cfg.path) / "tokenizer.json"
-    if not json_path.is_file():
-        raise InputError(f"tokenizer.path {cfg.path}: no tokenizer.json there")
-    return [{"name": "tokenizer", "path": str(json_path), "sha256": sha256_file(json_path)}]
 
 
 def _tokenizer_manifest(tokenizer: DNATokenizer, directory: Path) -> dict[str, Any]:
@@ -585,9 +481,7 @@ def _write_labelled(
 def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
     """Run the DNA prep stage; return the token store's directory (reused when already current)."""
     inputs = resolve_inputs(cfg.inputs)
-    stage = StageOutput(
-        "prep-dna", cfg, cfg.output, inputs=[i.describe() for i in inputs] + _tokenizer_inputs(cfg.tokenizer)
-    )
+    stage = stage_output(cfg, inputs)
     if stage.is_current(overwrite=overwrite):
         TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
         return Path(cfg.output)

@@ -38,25 +38,6 @@ _UNREADABLE = {
     b"\x28\xb5\x2f\xfd": ("zstd-compressed", "`zstd -d` it"),
     b"PK\x03\x04": ("a zip archive", "unzip it and give the file inside"),
 }
-# what a compressed file's name ends with: looked through to tell the format from the name (a .zst
-# or .zip is then refused by its bytes, saying what to do, rather than as a name that says nothing)
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
-
-# File formats by name (a trailing .gz is looked through): `biomask prep dna` and `biomask embed` both
-# guess from this one list, so a file one of them reads by its name the other recognises too.
-SUFFIXES = {
-    "fasta": (".fa", ".fasta", ".fna", ".fas", ".ffn", ".seq"),
-    "genbank": (".gb", ".gbk", ".gbff", ".genbank"),
-    "table": (".csv", ".tsv", ".txt"),
-    "keel": (".dat",),
-}
-
-
-def guess_format(path: str | os.PathLike) -> str | None:
-    """fasta, genbank, table or keel from the file name; None when the name does not say."""
-    name = Path(path).name.lower()
-    name = next((name.removesuffix(c) for c in COMPRESSED_SUFFIXES if name.endswith(c)), name)
-    return next((fmt for fmt, suffixes in SUFFIXES.items() if name.endswith(suffixes)), None)
 
 
 class _CountingReader(io.RawIOBase):

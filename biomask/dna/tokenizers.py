@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from biomask.dna.formats import tokenizer_dir
 from biomask.errors import InputError
 from biomask.store import check_store_tokenizer
 from biomask.vocab import CLS_ID, NUM_SPECIAL, SEP_ID, SPECIAL_TOKENS, UNK_ID, tokenizer_config
@@ -345,16 +346,6 @@ class BPETokenizer(DNATokenizer):
 TOKENIZER_KINDS: dict[str, type[DNATokenizer]] = {
     cls.kind: cls for cls in (CharTokenizer, KmerTokenizer, OverlappingKmerTokenizer, BPETokenizer)
 }
-
-
-def tokenizer_dir(path: str | os.PathLike) -> Path:
-    """Accept a tokenizer directory, a tokenizer.json file, or a token store (its `tokenizer/`)."""
-    path = Path(path)
-    if path.is_file():
-        return path.parent
-    if (path / "tokenizer" / "tokenizer.json").is_file():
-        return path / "tokenizer"
-    return path
 
 
 def load_tokenizer(path: str | os.PathLike) -> DNATokenizer:

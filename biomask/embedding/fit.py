@@ -521,11 +521,13 @@ def fit_cells_file(
     """`biomask fit-cells`: `fit_cells` on an .h5ad file, then the embed stage streams the file into
     `<output>/embed/embeddings.h5ad` (the input with `obsm["X_biomask"]`; a UMAP PNG when
     `umap_color` names an obs column). Returns that file."""
-    from biomask.cells.readers import open_matrix, table_hint
+    from biomask.cells.formats import table_hint
+    from biomask.cells.readers import open_matrix
     from biomask.config import validate_config
     from biomask.embedding.api import renamed_in_logs
     from biomask.embedding.config import EmbedConfig
-    from biomask.embedding.stage import check_input_key, run_embed
+    from biomask.embedding.reuse import check_input_key
+    from biomask.embedding.stage import run_embed
 
     source = Path(path)
     if not source.is_file() or not source.name.lower().endswith(".h5ad"):

@@ -18,7 +18,7 @@ _WHERE = {
     "MaskedEncoder": "model",
     "check_tokenizer": "pretrained",
     "load_pretrained": "pretrained",
-    "read_checkpoint_config": "pretrained",
+    "read_checkpoint_config": "checkpoint_config",
     "save_pretrained": "pretrained",
     "ProfileAutoencoder": "profile",
 }

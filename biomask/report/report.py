@@ -45,7 +45,7 @@ from biomask.report.collect import (
     stage_record,
 )
 from biomask.report.config import ReportConfig
-from biomask.stage import StageOutput
+from biomask.report.reuse import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -1083,46 +1083,10 @@ def render(cfg: ReportConfig, out: Path) -> str:
 
 def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
     """Write `report.md` and `figures/` into the output directory; return the report's path."""
-    stage = StageOutput("report", cfg, cfg.output, inputs=_inputs(cfg))
+    stage = stage_output(cfg)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output) / "report.md"
     with stage.writing() as tmp:
         (tmp / "report.md").write_text(render(cfg, tmp))
     log.info("report written to %s", Path(cfg.output) / "report.md")
     return Path(cfg.output) / "report.md"
-
-
-def _inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
-    """Each input stage's fingerprint: the report is rebuilt when any of them changes."""
-    from biomask.provenance import sha256_file
-
-    paths = [p for ps in cfg.pretrain.values() for p in ps] + [e.path for e in cfg.evaluations.values()]
-    inputs = []
-    for p in paths:
-        root = Path(p)
-        runs = (
-            [root]
-            if (root / "run.json").exists()
-            else sorted(x for x in root.glob("*") if (x / "run.json").exists())
-        )
-        for run in runs:
-            info = read_run_info(run) or {}
-            # "path": the output may not be, hold or lie inside an input (--overwrite would delete it)
-            entry = {
-                "name": str(run),
-                "path": str(run),
-                "fingerprint": info.get("fingerprint", ""),  # the stage's, not a file's sha256
-                "created": info.get("created", ""),
-            }
-            if (run / "metrics.json").is_file():  # what the report reads of an evaluation: an edit counts
-                entry["metrics_sha256"] = sha256_file(run / "metrics.json")
-            inputs.append(entry)
-    if cfg.embedding is not None and Path(cfg.embedding.path).exists():
-        inputs.append(
-            {
-                "name": cfg.embedding.path,
-                "path": cfg.embedding.path,
-                "sha256": sha256_file(cfg.embedding.path),
-            }
-        )
-    return inputs

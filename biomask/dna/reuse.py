@@ -1,0 +1,140 @@
+"""Whether a DNA prep's store already holds its result, decided without the stage's own imports
+(numpy's and pandas' readers, Biopython, the tokenizers library): a pipeline rerun starts one prep
+process per store, and most of such a process's time went to imports when it had nothing to do. The
+stage resolves its inputs here too, so that both compute one fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from biomask import datasets
+from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
+from biomask.dna.formats import guess_format, tokenizer_dir
+from biomask.errors import BiomaskError, InputError, missing_input
+from biomask.inputs import distinct_names, pattern_matches
+from biomask.provenance import sha256_file
+from biomask.stage import StageOutput, has_run_record
+from biomask.store import TokenStore
+
+GENOME_FORMATS = ("fasta", "genbank")
+# what an input (and a registry entry of DNA) can be read as
+INPUT_FORMATS = tuple(f for f in get_args(InputSpec.model_fields["format"].annotation) if f != "auto")
+
+
+@dataclass
+class ResolvedInput:
+    """An input file ready to read: where it is, how to read it, and its checksum."""
+
+    name: str
+    path: Path
+    format: str
+    spec: InputSpec
+    sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "format": self.format, "sha256": self.sha256}
+
+
+def _guess_format(path: Path) -> str:
+    fmt = guess_format(path)
+    if fmt is not None:
+        return fmt
+    raise InputError(
+        f"cannot tell the format of {path} from its name; set `format: fasta`, `genbank`, `table` or `keel` on this input"
+    )
+
+
+def _task_format(spec: InputSpec, fmt: str, path: Path) -> str:
+    """An input with a `task` reads as a labelled set ("task"); only a GenBank genome has the
+    annotation a task is cut from."""
+    if spec.task is None:
+        return fmt
+    if fmt != "genbank":
+        raise InputError(
+            f"input {spec.dataset or path}: task {spec.task.name} needs an annotated GenBank genome, "
+            f"not {fmt}; use a registered GenBank dataset (e.g. ecoli-k12, bjaponicum) or a .gbk file"
+        )
+    return "task"
+
+
+def _input_paths(text: str) -> list[Path]:
+    """The file `path:` names, or the files a pattern in it matches (biomask.inputs)."""
+    matches = pattern_matches(text)
+    if matches is not None:
+        return matches
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise InputError(
+            f"input {path} is a directory; name a file (FASTA, GenBank, CSV/TSV or KEEL) in `path:`, or "
+            f"the files in it with a pattern: `path: {path}/*.fa.gz` (every match is an input)"
+        )
+    if not path.is_file():
+        raise missing_input(path, "input file")
+    return [path]
+
+
+def _resolve_one(spec: InputSpec, resolved: list[ResolvedInput]) -> None:
+    if spec.dataset is not None:
+        formats = INPUT_FORMATS if spec.format == "auto" else ()  # the entry's format is used
+        path, entry = datasets.fetch_input(spec.dataset, "dna", "prep dna", "DNA", formats)
+        fmt = entry.format if spec.format == "auto" else spec.format
+        resolved.append(ResolvedInput(spec.dataset, path, _task_format(spec, fmt, path), spec, entry.sha256))
+    else:
+        for path in _input_paths(str(spec.path)):
+            if path.stat().st_size == 0:
+                raise InputError(f"input file {path} is empty")
+            fmt = _guess_format(path) if spec.format == "auto" else spec.format
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+            resolved.append(ResolvedInput(path.name, path, _task_format(spec, fmt, path), spec, digest))
+
+
+def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
+    """Fetch registered datasets, check local files, and work out each input's format."""
+    resolved: list[ResolvedInput] = []
+    for spec in specs:
+        _resolve_one(spec, resolved)
+    files = [r for r in resolved if r.spec.dataset is None]
+    for r, name in zip(files, distinct_names([r.path for r in files])):
+        r.name = name
+    kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
+    if len(kinds) > 1:
+        raise InputError(
+            "inputs mix genomes (FASTA/GenBank) and labelled tables; prepare them as separate stores"
+        )
+    return resolved
+
+
+def tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
+    """A reused tokenizer is an input: its checksum enters the fingerprint."""
+    if cfg.path is None:
+        return []
+    json_path = tokenizer_dir(cfg.path) / "tokenizer.json"
+    if not json_path.is_file():
+        raise InputError(f"tokenizer.path {cfg.path}: no tokenizer.json there")
+    return [{"name": "tokenizer", "path": str(json_path), "sha256": sha256_file(json_path)}]
+
+
+def stage_output(cfg: DNAPrepConfig, inputs: list[ResolvedInput]) -> StageOutput:
+    return StageOutput(
+        "prep-dna", cfg, cfg.output, inputs=[i.describe() for i in inputs] + tokenizer_inputs(cfg.tokenizer)
+    )
+
+
+def current(cfg: DNAPrepConfig) -> Path | None:
+    """The store when it holds this config's result on these inputs, whole; None when the stage must
+    decide (no output, another result, an unreadable input or a damaged store: the stage says what is
+    wrong, in its own order)."""
+    if not has_run_record(cfg.output):
+        return None
+    try:
+        if not stage_output(cfg, resolve_inputs(cfg.inputs)).is_current():
+            return None
+        TokenStore(cfg.output)  # as the stage: reused only whole
+    except (BiomaskError, OSError):
+        return None
+    return Path(cfg.output)

@@ -1,0 +1,62 @@
+"""Whether a report's output already holds its result, decided without the report's own imports
+(matplotlib, scikit-learn, scipy): a pipeline rerun starts a report process of its own, and most of
+its time went to imports when it had nothing to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from biomask.errors import BiomaskError
+from biomask.provenance import read_run_info, sha256_file
+from biomask.report.config import ReportConfig
+from biomask.stage import StageOutput, has_run_record
+
+
+def stage_inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
+    """Each input stage's fingerprint: the report is rebuilt when any of them changes."""
+    paths = [p for ps in cfg.pretrain.values() for p in ps] + [e.path for e in cfg.evaluations.values()]
+    inputs = []
+    for p in paths:
+        root = Path(p)
+        runs = (
+            [root]
+            if (root / "run.json").exists()
+            else sorted(x for x in root.glob("*") if (x / "run.json").exists())
+        )
+        for run in runs:
+            info = read_run_info(run) or {}
+            # "path": the output may not be, hold or lie inside an input (--overwrite would delete it)
+            entry = {
+                "name": str(run),
+                "path": str(run),
+                "fingerprint": info.get("fingerprint", ""),  # the stage's, not a file's sha256
+                "created": info.get("created", ""),
+            }
+            if (run / "metrics.json").is_file():  # what the report reads of an evaluation: an edit counts
+                entry["metrics_sha256"] = sha256_file(run / "metrics.json")
+            inputs.append(entry)
+    if cfg.embedding is not None and Path(cfg.embedding.path).exists():
+        inputs.append(
+            {
+                "name": cfg.embedding.path,
+                "path": cfg.embedding.path,
+                "sha256": sha256_file(cfg.embedding.path),
+            }
+        )
+    return inputs
+
+
+def stage_output(cfg: ReportConfig) -> StageOutput:
+    return StageOutput("report", cfg, cfg.output, inputs=stage_inputs(cfg))
+
+
+def current(cfg: ReportConfig) -> Path | None:
+    """report.md when the output holds this config's report of these inputs; None when the stage must
+    decide (no output, another result, an unreadable input: the stage says what is wrong)."""
+    if not has_run_record(cfg.output):
+        return None
+    try:
+        return Path(cfg.output) / "report.md" if stage_output(cfg).is_current() else None
+    except (BiomaskError, OSError):
+        return None
