@@ -171,6 +171,9 @@ def write_run_info(
         "fingerprint": fingerprint,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
+        # what the config's relative paths are relative to (a rerun spelling them otherwise is compared
+        # by the files they name: biomask.relocation.as_recorded)
+        "cwd": os.getcwd(),
         "code": code_version(),
         "environment": environment(),
         "inputs": inputs or [],

@@ -11,10 +11,18 @@ the old one:
     output now       /scratch/proj/main/evaluate   run folder now   /scratch/proj/main
     new config       /scratch/proj/main/pretrain/model  compares as  /work/runs/main/pretrain/model
 
-Paths outside the run folder (a user's data files) are compared as written. What a path holds is
-still checked as before: inputs enter a fingerprint by their checksums (a store's manifest, a
-checkpoint's weights and config.json, an upstream output's fingerprint), so a moved folder whose
-contents changed is not reused.
+What a path holds is still checked as before: inputs enter a fingerprint by their checksums (a
+store's manifest, a checkpoint's weights and config.json, an upstream output's fingerprint), so a
+moved folder whose contents changed is not reused.
+
+A stage run by hand has no run folder, and a path may be spelled many ways: `runs/prep/x`,
+`./runs/prep/x`, `/home/me/proj/runs/prep/x`, the same from another working directory, or through a
+symbolic link. A value of the new config that names the same file or folder as the recorded config's
+value at that key is compared as the recorded spelling (`as_recorded`), so the rerun is reused; the
+config.yaml keeps what each run's user wrote. The recorded config's relative paths are resolved from
+where they were written: the working directory its `output` implies (`runs/pretrain/y` now at
+/home/me/proj/runs/pretrain/y: /home/me/proj, which follows a project folder moved as a whole), else
+the `cwd` its run.json records.
 """
 
 from __future__ import annotations
@@ -65,14 +73,59 @@ def run_dir_from_env() -> Path | None:
     return Path(os.path.abspath(value)) if value else None
 
 
-def recorded_output(output: Path) -> str | None:
-    """Where `output` was written, by the `output` of its recorded config.yaml (None: not recorded)."""
+def recorded_config(output: str | os.PathLike) -> dict[str, Any] | None:
+    """The config.yaml `output` holds (None: none, or unreadable)."""
     try:
-        recorded = yaml.safe_load((output / "config.yaml").read_text())
+        recorded = yaml.safe_load((Path(output) / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
-    value = recorded.get("output") if isinstance(recorded, dict) else None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def recorded_output(output: Path) -> str | None:
+    """Where `output` was written, by the `output` of its recorded config.yaml (None: not recorded)."""
+    value = (recorded_config(output) or {}).get("output")
     return value if isinstance(value, str) else None
+
+
+def written_from(output: str | os.PathLike, recorded: str | None, cwd: str | None) -> Path | None:
+    """The folder the relative paths of `output`'s recorded config were relative to, given the
+    `output` it recorded and the working directory its run recorded (`cwd`; None: not recorded).
+    A relative recorded output says it best: the output now lies at that path inside it, so a project
+    folder moved as a whole (its relative paths with it) is followed. None: it cannot be told."""
+    if recorded and not os.path.isabs(recorded):
+        parts = Path(os.path.normpath(recorded)).parts
+        now = Path(os.path.abspath(output)).parts
+        if ".." not in parts and len(now) > len(parts) and now[-len(parts) :] == parts:
+            return Path(*now[: -len(parts)])
+    return Path(cwd) if cwd else None
+
+
+def _same_place(new: str, old: str, base: Path | None) -> bool:
+    """Whether `new` (relative to this working directory) and `old` (relative to `base`) name the same
+    existing file or folder (a symbolic link and its target count as one)."""
+    if not os.path.isabs(old):
+        if base is None:
+            return False
+        old = os.path.join(base, old)
+    try:
+        return bool(new) and os.path.samefile(new, old)
+    except (OSError, ValueError):  # one is not there (or not a path at all): not shown the same
+        return False
+
+
+def as_recorded(new: Any, recorded: Any, base: Path | None) -> Any:
+    """`new` (a resolved config's data) with every value that names the same file or folder as the
+    `recorded` config's value at that key written as recorded: a path spelled otherwise is the same
+    input. `base`: where the recorded relative paths were relative to (`written_from`). Values that
+    differ otherwise stay as they are, and a refusal names their key."""
+    if isinstance(new, dict) and isinstance(recorded, dict):
+        return {key: as_recorded(value, recorded.get(key), base) for key, value in new.items()}
+    if isinstance(new, list) and isinstance(recorded, list) and len(new) == len(recorded):
+        return [as_recorded(a, b, base) for a, b in zip(new, recorded, strict=True)]
+    if isinstance(new, str) and isinstance(recorded, str) and new != recorded:
+        return recorded if _same_place(new, recorded, base) else new
+    return new
 
 
 def find(output: str | os.PathLike, recorded: str | None, run_dir: Path | None) -> Relocation | None:

@@ -111,15 +111,37 @@ class StageOutput:
         )
 
     def fingerprints(
-        self, *, with_config: bool = True, moved: relocation.Relocation | None = None
+        self,
+        *,
+        with_config: bool = True,
+        moved: relocation.Relocation | None = None,
+        recorded: dict[str, Any] | None = None,
     ) -> list[str]:
         """This result's fingerprint, then the ones an earlier biomask gave it (a config before the
         keys of `RETROFITTED_KEYS`; `with_config=False`: checkpoints by their weights alone, as before
-        the evening of 2026-12-05). `moved`: as the config would have been recorded in the run folder
-        the output was written in (its paths inside the run folder there)."""
-        data = self.config.model_dump(mode="json")
-        configs = config_fingerprints(moved.to_old(data) if moved else data, self.non_semantic)
+        the evening of 2026-12-05), each with this config as the output's recorded one compares
+        (`compared_config`; `recorded`: the output's run.json or in_progress.json)."""
+        configs = config_fingerprints(self.compared_config(moved, recorded), self.non_semantic)
         return [self._fingerprint(c, with_config=with_config) for c in configs]
+
+    def compared_config(
+        self, moved: relocation.Relocation | None = None, recorded: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """This config's data as the output's recorded config.yaml compares with it: a path inside a
+        moved run folder as it was in the old one (`moved`), and a path spelled otherwise than recorded
+        (`./runs/x` for `runs/x`, absolute, through a link) but naming the same file, as recorded.
+        `recorded`: the output's run.json or in_progress.json, for the working directory it was
+        written from."""
+        data = self.config.model_dump(mode="json")
+        data = moved.to_old(data) if moved else data
+        old = relocation.recorded_config(self.path)
+        if old is None:
+            return data
+        output, cwd = old.get("output"), (recorded or {}).get("cwd")
+        base = relocation.written_from(
+            self.path, output if isinstance(output, str) else None, cwd if isinstance(cwd, str) else None
+        )
+        return relocation.as_recorded(data, old, base)
 
     @property
     def legacy_fingerprint(self) -> str:
@@ -137,13 +159,15 @@ class StageOutput:
             return self.fingerprint
         # a run folder moved since: its paths recorded there, the inputs' checksums as they are now
         places = [None, *filter(None, [self.moved()])]
-        if any(held in self.fingerprints(moved=place) for place in places):
+        if any(held in self.fingerprints(moved=place, recorded=recorded) for place in places):
             return held
         checkpoints = [i for i in self.inputs if i.get(CONFIG_SHA256)]
         entries = (recorded or {}).get("inputs") or []
         if not checkpoints or any(isinstance(i, dict) and CONFIG_SHA256 in i for i in entries):
             return self.fingerprint
-        if not any(held in self.fingerprints(with_config=False, moved=place) for place in places):
+        if not any(
+            held in self.fingerprints(with_config=False, moved=place, recorded=recorded) for place in places
+        ):
             return self.fingerprint
         written = _mtime(Path(self.path) / "run.json")
         newer = [i for i in checkpoints if _mtime(Path(i["path"]) / "config.json") > written]
@@ -167,13 +191,14 @@ class StageOutput:
         """True if the output already holds this result; raises if it holds another one (unless overwrite)."""
         paths = [i["path"] for i in self.inputs if i.get("path")]
         moved = None if overwrite else self.moved()
-        config = self.config.model_dump(mode="json")
+        info = read_run_info(self.path)
         current = check_output(
             self.path,
-            self.fingerprint if overwrite else self.held_fingerprint(read_run_info(self.path)),
+            self.fingerprint if overwrite else self.held_fingerprint(info),
             overwrite=overwrite,
-            # a refusal lists what changed, not the paths that moved with the run folder
-            config=moved.to_old(config) if moved else config,
+            # a refusal lists what changed, not the paths that moved with the run folder or are
+            # spelled otherwise
+            config=self.compared_config(moved, info),
             inputs=paths,
             stage=self.stage,
             non_semantic=self.non_semantic,

@@ -37,7 +37,7 @@ from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_input_files, check_upstream_outputs, run_in_progress
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
-from biomask.relocation import Relocation, of_output
+from biomask.relocation import Relocation, as_recorded, of_output, written_from
 
 
 @dataclass
@@ -122,9 +122,15 @@ def _changed(stage: PlannedStage, task: Task, moved: Relocation | None = None) -
         return None
     if not isinstance(old, dict):
         return None
-    # paths inside the run folder, where it was when the output was written
+    # paths inside the run folder, where it was when the output was written; a path spelled otherwise
+    # that names the same file, as recorded (as the stage itself compares them)
     new = moved.to_old(new) if moved else new
-    return config_diff(old, new, ignore=stage.command.non_semantic_keys())
+    cwd = (read_run_info(task.output) or {}).get("cwd")
+    written = old.get("output")
+    base = written_from(
+        task.output, written if isinstance(written, str) else None, cwd if isinstance(cwd, str) else None
+    )
+    return config_diff(old, as_recorded(new, old, base), ignore=stage.command.non_semantic_keys())
 
 
 def _changes_text(changed: list[str] | None) -> str:

@@ -377,8 +377,9 @@ def record_fingerprint(path: Path, fingerprint: str) -> None:
 
 
 def _writer() -> dict[str, Any]:
-    """Who writes the run now (rank 0): a second launch into the same output is refused while it runs."""
-    return {"pid": os.getpid(), "host": socket.gethostname()}
+    """Who writes the run now (rank 0): a second launch into the same output is refused while it runs;
+    and from where (what its config.yaml's relative paths are relative to)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd()}
 
 
 def note_resume(path: Path, step: int) -> None:

@@ -467,11 +467,10 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         init_process_group(dist_env)
         on_rank0(lambda: locks.append(hold_output(out, "pretrain")), dist_env)
         moved = None if overwrite else stage.moved()
-        config = cfg.model_dump(mode="json")
+        # a refusal lists what changed, not paths moved with the run folder or spelled otherwise
+        config = stage.compared_config(moved, rundir.recorded(out))
         decision = on_rank0(
-            lambda: rundir.decide(
-                out, held, dist_env.world_size, moved.to_old(config) if moved else config, overwrite=overwrite
-            ),
+            lambda: rundir.decide(out, held, dist_env.world_size, config, overwrite=overwrite),
             dist_env,
         )
         if decision == "done":

@@ -1,0 +1,162 @@
+"""A stage run by hand (no pipeline, so no run folder to measure paths from) compares its input paths
+by the files they name: `runs/prep/p`, `./runs/prep/p`, its absolute path, the same from another
+working directory or through a linked folder are one input, and the rerun is reused. A really
+different file is still refused, naming its key. Each stage here runs on pbmc68k_reduced's panel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PANEL = REPO / "configs" / "cells" / "pbmc68k_reduced-panel.yaml"
+MLP = REPO / "configs" / "pretrain" / "cells-mlp.yaml"
+EVALUATE = REPO / "configs" / "evaluate" / "pbmc68k_reduced.yaml"
+EMBED = REPO / "configs" / "embed" / "pbmc68k_reduced.yaml"
+TINY = ["train.steps=5", "train.log_every=5", "train.eval_batches=1", "optim.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project folder, run by hand from its root: a panel store at runs/prep/p, and a profile model
+    pretrained on it at runs/pretrain/y (with a DeepSpeed JSON of the user's own, ds.json), every path
+    relative as a user types them."""
+    import torch
+
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.trainer import pretrain
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "configs" / "deepspeed" / "zero0.json", root / "ds.json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.chdir(root):
+            prep_cells(load_config(CellsPrepConfig, PANEL, ["output=runs/prep/p"]))
+            overrides = ["data.store=runs/prep/p", "output=runs/pretrain/y", "deepspeed.config=ds.json"]
+            pretrain(load_config(PretrainConfig, MLP, [*overrides, *TINY]))
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_a_recorded_path_is_kept_where_the_new_one_names_the_same_file(tmp_path, monkeypatch):
+    from biomask.relocation import as_recorded, written_from
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    recorded = {"store": "runs/x", "checkpoints": {"a": "runs/x"}, "seeds": [0], "pooling": "mean"}
+    new = {
+        "store": f"{tmp_path}/runs/x/",
+        "checkpoints": {"a": "./runs/other"},
+        "seeds": [0],
+        "pooling": "cls",
+    }
+    assert as_recorded(new, recorded, tmp_path) == {**new, "store": "runs/x"}
+    # a relative recorded output says where its config's relative paths were relative to
+    assert written_from(tmp_path / "runs" / "out", "./runs/out", None) == tmp_path
+    assert written_from(tmp_path / "elsewhere", "runs/out", "/was/here") == Path("/was/here")
+    assert written_from(tmp_path / "out", "/abs/out", None) is None
+
+
+def test_prep_cells_tokenizer_path_however_spelled(project, tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(project)
+    args = ["prep", "cells", "--config", PANEL, "output=runs/prep/q"]
+    code, _, err = cli(*args, "tokenizer.path=runs/prep/p")
+    assert code == 0, err
+    written = (project / "runs" / "prep" / "q" / "run.json").read_text()
+    for spelled in ("./runs/prep/p", f"{project}/runs/prep/p", "runs/prep/p/", "runs//prep/p"):
+        code, _, err = cli(*args, f"tokenizer.path={spelled}")
+        assert code == 0 and "reusing it" in err, (spelled, err)
+    # from another working directory, and through a link to the project folder
+    monkeypatch.chdir(project / "runs")
+    code, _, err = cli("prep", "cells", "--config", PANEL, "output=prep/q", "tokenizer.path=prep/p")
+    assert code == 0 and "reusing it" in err, err
+    (tmp_path / "link").symlink_to(project)
+    monkeypatch.chdir(tmp_path / "link")
+    code, _, err = cli(*args, f"tokenizer.path={tmp_path}/link/runs/prep/p")
+    assert code == 0 and "reusing it" in err, err
+    assert (project / "runs" / "prep" / "q" / "run.json").read_text() == written
+    # a copy is another store (the same contents today, not tomorrow): refused, naming the key
+    shutil.copytree(project / "runs" / "prep" / "p", project / "runs" / "prep" / "p-copy")
+    code, _, err = cli(*args, "tokenizer.path=./runs/prep/p-copy")
+    assert code == 2 and "tokenizer.path: 'runs/prep/p' -> './runs/prep/p-copy'" in err, err
+
+
+def test_an_output_that_recorded_no_working_directory_is_still_reused(project, monkeypatch, cli):
+    """Outputs written before run.json recorded `cwd`: their relative output says where they were run."""
+    monkeypatch.chdir(project)
+    args = ["prep", "cells", "--config", PANEL, "output=runs/prep/old"]
+    assert cli(*args, "tokenizer.path=runs/prep/p")[0] == 0
+    info_file = project / "runs" / "prep" / "old" / "run.json"
+    info = json.loads(info_file.read_text())
+    info.pop("cwd", None)
+    info_file.write_text(json.dumps(info))
+    code, _, err = cli(*args, f"tokenizer.path={project}/runs/prep/p")
+    assert code == 0 and "reusing it" in err, err
+
+
+def test_pretrain_init_from_and_deepspeed_config_however_spelled(project, monkeypatch, cli):
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.rundir import finished_run
+
+    monkeypatch.chdir(project)
+    # the run the fixture wrote, found by the torch-free check however its files are spelled
+    spelled = [
+        "data.store=./runs/prep/p",
+        f"output={project}/runs/pretrain/y",
+        f"deepspeed.config={project}/ds.json",
+    ]
+    assert finished_run(load_config(PretrainConfig, MLP, [*spelled, *TINY]), 1) is not None
+    shutil.copy(project / "ds.json", project / "ds-copy.json")
+    copied = [*spelled[:2], "deepspeed.config=ds-copy.json"]
+    code, _, err = cli("pretrain", "--config", MLP, *copied, *TINY)
+    assert code == 2 and "deepspeed.config: 'ds.json' -> 'ds-copy.json'" in err, err
+
+    args = ["pretrain", "--config", MLP, "data.store=runs/prep/p", "output=runs/pretrain/z", *TINY]
+    assert cli(*args, "model.init_from=runs/pretrain/y/model")[0] == 0
+    for init in ("./runs/pretrain/y/model", f"{project}/runs/pretrain/y/model/"):
+        code, _, err = cli(*args, f"model.init_from={init}")
+        assert code == 0 and "reusing it" in err, (init, err)
+
+
+def test_evaluate_and_embed_checkpoints_and_inputs_however_spelled(project, monkeypatch, cli):
+    from biomask.config import load_config
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.evaluation.reuse import current
+
+    monkeypatch.chdir(project)
+    quick = [
+        "seeds=[0]",
+        "baselines=[]",
+        "protocols=[linear_probe]",
+        "random_init=false",
+        "output=runs/eval/e",
+    ]
+    args = ["evaluate", "--config", EVALUATE, *quick]
+    assert cli(*args, "store=runs/prep/p", "checkpoints={y: runs/pretrain/y/model}")[0] == 0
+    spelled = ["store=./runs/prep/p", f"checkpoints={{y: {project}/runs/pretrain/y/model}}"]
+    # the torch-free check a pipeline rerun makes, and the stage's own
+    assert current(load_config(EvaluateConfig, EVALUATE, [*quick, *spelled])) == Path("runs/eval/e")
+    code, _, err = cli(*args, *spelled)
+    assert code == 0 and "reusing it" in err, err
+
+    h5ad = project / "cells.h5ad"
+    shutil.copy(Path(os.environ["BIOMASK_DATA_DIR"]) / "pbmc68k_reduced" / "10x_pbmc68k_reduced.h5ad", h5ad)
+    args = ["embed", "--config", EMBED, "output=runs/embed/m", "umap.color=null"]
+    assert cli(*args, "checkpoint=runs/pretrain/y/model", "input=cells.h5ad")[0] == 0
+    code, _, err = cli(*args, "checkpoint=./runs/pretrain/y/model/", f"input={h5ad}")
+    assert code == 0 and "reusing it" in err, err
+    # a registered dataset's own copy is another file than the user's: refused, naming the key
+    code, _, err = cli(*args, "checkpoint=runs/pretrain/y/model", "input=pbmc68k_reduced")
+    assert code == 2 and "input: 'cells.h5ad' -> 'pbmc68k_reduced'" in err, err
