@@ -1,4 +1,4 @@
-"""Run folders that can be moved: an output written in one run folder and found in another.
+"""Recorded paths compared with new ones: run folders that can be moved, and paths spelled otherwise.
 
 A stage's recorded config holds absolute paths (its output, the stores and checkpoints of the stages
 before it), so a run folder moved (`mv runs/main /scratch/proj/main`, or the whole checkout) used to
@@ -19,10 +19,11 @@ A stage run by hand has no run folder, and a path may be spelled many ways: `run
 `./runs/prep/x`, `/home/me/proj/runs/prep/x`, the same from another working directory, or through a
 symbolic link. A value of the new config that names the same file or folder as the recorded config's
 value at that key is compared as the recorded spelling (`as_recorded`), so the rerun is reused; the
-config.yaml keeps what each run's user wrote. The recorded config's relative paths are resolved from
-where they were written: the working directory its `output` implies (`runs/pretrain/y` now at
-/home/me/proj/runs/pretrain/y: /home/me/proj, which follows a project folder moved as a whole), else
-the `cwd` its run.json records.
+config.yaml keeps what each run's user wrote. The same relative spelling naming another file (run
+from another folder) is compared as its absolute path: a changed key. The recorded config's relative
+paths are resolved from where they were written: the working directory its `output` implies
+(`runs/pretrain/y` now at /home/me/proj/runs/pretrain/y: /home/me/proj, which follows a project
+folder moved as a whole), else the `cwd` its run.json records.
 """
 
 from __future__ import annotations
@@ -114,16 +115,30 @@ def _same_place(new: str, old: str, base: Path | None) -> bool:
         return False
 
 
+def _elsewhere(value: str, base: Path | None) -> bool:
+    """Whether a relative path, spelled the same in the new config as recorded, names another existing
+    file here than it did from `base` (the same spelling run from another folder). Only values that
+    look like paths (a `/` or a `.`): a word such as `raw` or `mean` is no file, whatever lies about."""
+    if base is None or os.path.isabs(value) or not ("/" in value or "." in value):
+        return False
+    there = os.path.join(base, value)
+    return os.path.exists(value) and os.path.exists(there) and not os.path.samefile(value, there)
+
+
 def as_recorded(new: Any, recorded: Any, base: Path | None) -> Any:
     """`new` (a resolved config's data) with every value that names the same file or folder as the
     `recorded` config's value at that key written as recorded: a path spelled otherwise is the same
-    input. `base`: where the recorded relative paths were relative to (`written_from`). Values that
-    differ otherwise stay as they are, and a refusal names their key."""
+    input. `base`: where the recorded relative paths were relative to (`written_from`). A relative
+    path spelled as recorded that names another file here is written absolute, so that a refusal
+    names its key and says where it points. Values that differ otherwise stay as they are, and a
+    refusal names their key."""
     if isinstance(new, dict) and isinstance(recorded, dict):
         return {key: as_recorded(value, recorded.get(key), base) for key, value in new.items()}
     if isinstance(new, list) and isinstance(recorded, list) and len(new) == len(recorded):
         return [as_recorded(a, b, base) for a, b in zip(new, recorded, strict=True)]
-    if isinstance(new, str) and isinstance(recorded, str) and new != recorded:
+    if isinstance(new, str) and isinstance(recorded, str):
+        if new == recorded:
+            return os.path.abspath(new) if _elsewhere(new, base) else new
         return recorded if _same_place(new, recorded, base) else new
     return new
 

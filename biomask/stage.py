@@ -116,25 +116,29 @@ class StageOutput:
         with_config: bool = True,
         moved: relocation.Relocation | None = None,
         recorded: dict[str, Any] | None = None,
+        written: dict[str, Any] | None = None,
     ) -> list[str]:
         """This result's fingerprint, then the ones an earlier biomask gave it (a config before the
         keys of `RETROFITTED_KEYS`; `with_config=False`: checkpoints by their weights alone, as before
         the evening of 2026-12-05), each with this config as the output's recorded one compares
-        (`compared_config`; `recorded`: the output's run.json or in_progress.json)."""
-        configs = config_fingerprints(self.compared_config(moved, recorded), self.non_semantic)
+        (`compared_config`)."""
+        configs = config_fingerprints(self.compared_config(moved, recorded, written), self.non_semantic)
         return [self._fingerprint(c, with_config=with_config) for c in configs]
 
     def compared_config(
-        self, moved: relocation.Relocation | None = None, recorded: dict[str, Any] | None = None
+        self,
+        moved: relocation.Relocation | None = None,
+        recorded: dict[str, Any] | None = None,
+        written: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """This config's data as the output's recorded config.yaml compares with it: a path inside a
-        moved run folder as it was in the old one (`moved`), and a path spelled otherwise than recorded
+        """This config's data as the output's recorded config compares with it: a path inside a moved
+        run folder as it was in the old one (`moved`), and a path spelled otherwise than recorded
         (`./runs/x` for `runs/x`, absolute, through a link) but naming the same file, as recorded.
         `recorded`: the output's run.json or in_progress.json, for the working directory it was
-        written from."""
+        written from (its `cwd`); `written`: the config it recorded (default: its config.yaml)."""
         data = self.config.model_dump(mode="json")
         data = moved.to_old(data) if moved else data
-        old = relocation.recorded_config(self.path)
+        old = relocation.recorded_config(self.path) if written is None else written
         if old is None:
             return data
         output, cwd = old.get("output"), (recorded or {}).get("cwd")

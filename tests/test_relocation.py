@@ -130,7 +130,7 @@ def test_pretrain_init_from_and_deepspeed_config_however_spelled(project, monkey
         assert code == 0 and "reusing it" in err, (init, err)
 
 
-def test_evaluate_and_embed_checkpoints_and_inputs_however_spelled(project, monkeypatch, cli):
+def test_evaluate_and_embed_checkpoints_and_inputs_however_spelled(project, tmp_path, monkeypatch, cli):
     from biomask.config import load_config
     from biomask.evaluation.config import EvaluateConfig
     from biomask.evaluation.reuse import current
@@ -150,6 +150,14 @@ def test_evaluate_and_embed_checkpoints_and_inputs_however_spelled(project, monk
     assert current(load_config(EvaluateConfig, EVALUATE, [*quick, *spelled])) == Path("runs/eval/e")
     code, _, err = cli(*args, *spelled)
     assert code == 0 and "reusing it" in err, err
+    # the same spelling from another folder, naming a copy of the store there: another store
+    other = tmp_path / "other"
+    shutil.copytree(project / "runs" / "prep" / "p", other / "runs" / "prep" / "p")
+    monkeypatch.chdir(other)
+    elsewhere = [*spelled[1:], "store=runs/prep/p", f"output={project}/runs/eval/e"]
+    code, _, err = cli(*args, *elsewhere)
+    assert code == 2 and f"store: 'runs/prep/p' -> '{other}/runs/prep/p'" in err, err
+    monkeypatch.chdir(project)
 
     h5ad = project / "cells.h5ad"
     shutil.copy(Path(os.environ["BIOMASK_DATA_DIR"]) / "pbmc68k_reduced" / "10x_pbmc68k_reduced.h5ad", h5ad)
@@ -160,3 +168,22 @@ def test_evaluate_and_embed_checkpoints_and_inputs_however_spelled(project, monk
     # a registered dataset's own copy is another file than the user's: refused, naming the key
     code, _, err = cli(*args, "checkpoint=runs/pretrain/y/model", "input=pbmc68k_reduced")
     assert code == 2 and "input: 'cells.h5ad' -> 'pbmc68k_reduced'" in err, err
+
+
+def test_embed_into_an_h5ad_file_however_its_paths_are_spelled(project, monkeypatch, cli):
+    """An .h5ad output holds no config.yaml: its uns[key] records the config and working directory."""
+    h5ad = project / "cells-for-file.h5ad"
+    shutil.copy(Path(os.environ["BIOMASK_DATA_DIR"]) / "pbmc68k_reduced" / "10x_pbmc68k_reduced.h5ad", h5ad)
+    shutil.copytree(project / "runs" / "pretrain" / "y" / "model", project / "runs" / "model-copy")
+    embed = ["embed", "--config", EMBED, "umap.color=null"]
+    monkeypatch.chdir(project)
+    code, _, err = cli(
+        *embed, "output=runs/embedded.h5ad", "checkpoint=runs/pretrain/y/model", f"input={h5ad.name}"
+    )
+    assert code == 0, err
+    monkeypatch.chdir(project / "runs")
+    code, _, err = cli(*embed, "output=embedded.h5ad", "checkpoint=pretrain/y/model", f"input={h5ad}")
+    assert code == 0 and "reusing it" in err, err
+    # the same weights in another folder: another checkpoint, refused
+    code, _, err = cli(*embed, "output=embedded.h5ad", "checkpoint=model-copy", f"input={h5ad}")
+    assert code == 2 and "holds other results" in err, err

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +109,7 @@ class CellsJob:
                         "input": str(Path(self.path).resolve()),  # absolute, as the checkpoint is
                         "matrix": cfg.matrix,
                         **cells,
+                        **as_written(cfg),
                         "fingerprint": fingerprint,
                     },
                 )
@@ -217,11 +220,27 @@ def embed_tokens(cfg: EmbedConfig, path: Path, kind: str, model: Any, fingerprin
         key=cfg.key,
         umap_color=cfg.umap.color,
         long_records=cfg.dna.long_records if model.config.modality == "dna" else "first",
-        extra={"input_format": kind, **extra, "fingerprint": fingerprint},
+        extra={"input_format": kind, **extra, **as_written(cfg), "fingerprint": fingerprint},
     )
 
 
 # ------------------------------------------------------------------------------------------- the stage
+
+
+def as_written(cfg: EmbedConfig) -> dict[str, str]:
+    """The config as the user wrote it and where from, for uns[key]: an .h5ad output holds no
+    config.yaml, and a rerun spelling a path otherwise is compared with these
+    (`StageOutput.compared_config`)."""
+    return {"config": json.dumps(cfg.model_dump(mode="json")), "cwd": os.getcwd()}
+
+
+def _written_config(path: Path, key: str) -> dict[str, Any] | None:
+    """The config an .h5ad output's embedding recorded (None: written before it was recorded)."""
+    try:
+        written = json.loads(_recorded(path, key, "config") or "null")
+    except ValueError:
+        return None
+    return written if isinstance(written, dict) else None
 
 
 def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) -> bool:
@@ -230,7 +249,9 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
     if not path.exists():
         return False
     found = _embed_fingerprints(path)
-    same = found.get(key) in stage.fingerprints() or (
+    # a path spelled otherwise than the embedding's own run wrote it, naming the same file, is the same
+    recorded, written = {"cwd": _recorded(path, key, "cwd")}, _written_config(path, key)
+    same = found.get(key) in stage.fingerprints(recorded=recorded, written=written) or (
         # written before the checkpoint's config.json entered the fingerprint: its record names it
         found.get(key) in stage.fingerprints(with_config=False)
         and _recorded(path, key, "checkpoint_config_sha256") == stage.inputs[0].get(CONFIG_SHA256)
