@@ -72,7 +72,10 @@ def has_run_record(path: str | os.PathLike) -> bool:
     """Whether a stage finished an output at `path` (its run.json is there). A light reuse check
     (`Stage.reused`) without one has nothing to reuse: it leaves the inputs for the stage to checksum,
     once, rather than hashing them twice on a first run."""
-    return (Path(path) / "run.json").is_file()
+    try:
+        return (Path(path) / "run.json").is_file()
+    except OSError:  # unreadable: the stage itself reports it, with the input it met first
+        return False
 
 
 def _mtime(path: Path) -> float:
