@@ -344,3 +344,37 @@ def test_a_totals_column_older_than_the_matrix_points_to_what_still_works(fitted
     assert "`counts.mode: log1p` takes the values as they are" in str(refused.value)
     biomask.embed(logged, checkpoint, counts={"mode": "log1p"})
     assert logged.obsm["X_biomask"].shape == (adata.n_obs, 64)
+
+
+def test_a_dense_anndata_is_copied_sparse_and_an_earlier_dense_copy_is_still_reused(
+    fitted, tmp_path, monkeypatch
+):
+    """celltypist's 559-cell CSV read by anndata is dense: fit_cells' copy of it was 72 MB, ten times
+    its counts as CSR (an atlas read dense would cost its full size again on disk). The copy is now CSR
+    with the same values; an output whose copy an earlier version wrote dense is reused as it is."""
+    import h5py
+    import scipy.sparse as sp
+
+    import biomask
+    from biomask.embedding import fit
+
+    adata, out, _ = fitted
+    assert isinstance(adata.X, np.ndarray)  # the user's matrix is dense
+    with h5py.File(out / "cells.h5ad", "r") as handle:
+        assert isinstance(handle["X"], h5py.Group) and handle["X"].attrs["encoding-type"] == "csr_matrix"
+    copy = ad.read_h5ad(out / "cells.h5ad")
+    assert sp.issparse(copy.X) and np.array_equal(copy.X.toarray(), adata.X)
+    # an output of the earlier version: the copy dense, the store and model made from it
+    monkeypatch.setattr(fit, "_as_csr", lambda values: values)
+    legacy = tmp_path / "legacy"
+    biomask.fit_cells(adata.copy(), legacy, overrides=STEPS)
+    monkeypatch.undo()
+    with h5py.File(legacy / "cells.h5ad", "r") as handle:
+        assert isinstance(handle["X"], h5py.Dataset)
+    kept = (legacy / "cells.h5ad").read_bytes()
+    store = (legacy / "store" / "manifest.json").stat().st_mtime_ns
+    again = adata.copy()
+    biomask.fit_cells(again, legacy, overrides=STEPS)  # the same call: nothing prepared or trained again
+    assert (legacy / "cells.h5ad").read_bytes() == kept
+    assert (legacy / "store" / "manifest.json").stat().st_mtime_ns == store
+    assert np.isfinite(again.obsm["X_biomask"]).all()

@@ -458,6 +458,36 @@ def _is_our_copy(path: Path, store: Path) -> bool:
     return marked is not None and (marked or (store / "manifest.json").exists())
 
 
+def _as_csr(values: Any, rows: int = 4096) -> Any:
+    """A dense matrix as CSR, converted in row blocks: most counts are zeros, so a dense AnnData (read
+    from a CSV, say) costs a tenth of the disk, and the conversion never holds a second dense copy."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    if not isinstance(values, np.ndarray) or values.ndim != 2:
+        return values  # sparse already (or backed / something anndata writes as it is)
+    blocks = [sp.csr_matrix(values[i : i + rows]) for i in range(0, values.shape[0], rows)]
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(values.shape, dtype=values.dtype)
+
+
+def _stored_dense(path: Path) -> bool:
+    """Whether fit_cells' copy at `path` holds its matrix dense, as copies written before 2026-12-06 did
+    for a dense AnnData: kept so, the same call still reuses the stages that read it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            mark = handle.get(f"uns/{COPY_MARK}")
+            if mark is None:
+                return False
+            for name in ("X", "raw/X", *(f"layers/{key}" for key in handle.get("layers", {}))):
+                if name in handle:
+                    return isinstance(handle[name], h5py.Dataset)
+    except OSError:
+        return False
+    return False
+
+
 def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
     """What the prep stage reads of the AnnData — the one matrix, the gene identifiers, the totals
     column the counts policy names — as an .h5ad, under a temporary name then renamed. Nothing else
@@ -495,6 +525,10 @@ def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column:
         {c: list(gene_names(source, c, False)) for c in var_keep}, index=source.var.index.astype(str)
     )
     values = {"X": adata.X, "raw": adata.raw.X if adata.raw is not None else None}.get(matrix)
+    if matrix not in ("X", "raw"):
+        values = adata.layers[matrix.split("/", 1)[1]]
+    if not (path.exists() and _stored_dense(path)):  # a dense copy of an earlier version stays as it was
+        values = _as_csr(values)
     if matrix == "raw":
         copy = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
         copy.raw = ad.AnnData(X=values, obs=obs, var=var)
@@ -502,7 +536,7 @@ def _write_copy(adata: Any, path: Path, prep_cfg: Any, matrix: str, gene_column:
         copy = ad.AnnData(X=values, obs=obs, var=var)
     else:
         layer = matrix.split("/", 1)[1]
-        copy = ad.AnnData(obs=obs, var=var, layers={layer: adata.layers[layer]})
+        copy = ad.AnnData(obs=obs, var=var, layers={layer: values})
     copy.uns[COPY_MARK] = {"matrix": matrix, "note": "the cells fit_cells trained on (prep's input)"}
     with atomic_file(path) as tmp:
         copy.write_h5ad(tmp)
