@@ -187,3 +187,48 @@ def test_embed_into_an_h5ad_file_however_its_paths_are_spelled(project, monkeypa
     # the same weights in another folder: another checkpoint, refused
     code, _, err = cli(*embed, "output=embedded.h5ad", "checkpoint=model-copy", f"input={h5ad}")
     assert code == 2 and "holds other results" in err, err
+
+
+def test_an_interrupted_run_resumes_with_its_paths_spelled_otherwise(project, monkeypatch, cli):
+    """A requeued job's script, or a user at another prompt, gives the same store and output as
+    ./runs/..., an absolute path, or from another working directory: the interrupted run resumes
+    from its checkpoint instead of being refused as a changed config; another store still is."""
+    import signal
+    import subprocess
+
+    from tests.test_pretrain import _wait_for, biomask_cmd, subprocess_env
+
+    monkeypatch.chdir(project)
+    out = project / "runs" / "pretrain" / "r"
+    long = ["train.steps=1200", "train.log_every=5", "train.eval_batches=1", "optim.warmup_steps=1"]
+    args = ["pretrain", "--config", str(MLP), "data.store=runs/prep/p", "output=runs/pretrain/r", *long]
+    proc = subprocess.Popen(
+        biomask_cmd(*args),
+        cwd=project,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    (ckpt,) = list((out / "checkpoints").glob("step*"))
+    step = int(ckpt.name[4:])
+    assert step < 1200 and not (out / "run.json").exists()
+
+    # a changed setting still cannot resume it
+    code, _, err = cli(
+        "pretrain", "--config", MLP, "data.store=./runs/prep/p", f"output={out}", *long, "model.d_model=32"
+    )
+    assert code == 2 and "interrupted run" in err and "model.d_model" in err, err
+    assert ckpt.is_dir()
+    # the same files spelled otherwise, from another folder: resumed, to the end
+    monkeypatch.chdir(project / "runs")
+    code, _, err = cli("pretrain", "--config", MLP, "data.store=./prep/p", f"output={out}/", *long)
+    assert code == 0, err[-3000:]
+    assert "resumed from" in err, err[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumed_from_steps"] == [step]
+    assert json.loads((out / "model" / "config.json").read_text())["training"]["steps"] == 1200
