@@ -125,6 +125,7 @@ def check_output(
     inputs: list[str | os.PathLike] = (),  # type: ignore[assignment]
     stage: str | None = None,
     non_semantic: Sequence[str] = (),
+    input_records: Sequence[dict] = (),
 ) -> bool:
     """True if `path` already holds this exact result (same fingerprint) and can be reused.
 
@@ -134,7 +135,9 @@ def check_output(
     `config` (the new resolved config) lets a refusal list the keys that changed; `inputs` are the
     paths the run reads (an output that contains one is refused); `stage`: the stage writing it (the
     output of another stage is never replaced, --overwrite or not); `non_semantic`: keys that do not
-    change results, left out of the changed keys a refusal lists.
+    change results, left out of the changed keys a refusal lists; `input_records`: the inputs as the
+    new run.json would record them (name, path, digest), so a refusal with no changed key names the
+    input whose data differ.
     """
     path = Path(path)
     check_inputs_outside(path, list(inputs))
@@ -170,7 +173,7 @@ def check_output(
         # now remove (this output is reused from here on)
         remove_stale_temporaries(path)
         return True
-    details = _describe_difference(path, config, non_semantic)
+    details = _describe_difference(path, config, non_semantic, input_records)
     raise StaleOutputError(
         f"output directory {path} holds results of a different config or input{details}\n"
         "Pass --overwrite to replace them, or choose another output path."
@@ -209,8 +212,54 @@ def _check_overwritable(path: Path) -> None:
         raise OutputExistsError(describe_foreign(path, foreign, listed=lists_its_files(info)))
 
 
-def _describe_difference(path: Path, new: dict | None, non_semantic: Sequence[str] = ()) -> str:
-    """The config keys that changed, when the old resolved config can be compared with the new one."""
+_DIGESTS = ("sha256", "fingerprint")
+
+
+def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
+    """The inputs whose data differ from those an output recorded, matched by name (and order among
+    inputs of one name), each as `name: old path (digest) -> new path (digest)`. A path spelled
+    otherwise with the same digest is the same input and is not listed; an input the output did not
+    record a digest for cannot be compared and is left out."""
+    old = [i for i in recorded if isinstance(i, dict)] if isinstance(recorded, list) else []
+
+    def by_name(entries: Sequence[dict]) -> dict[tuple[str, int], dict]:
+        seen: dict[str, int] = {}
+        keyed = {}
+        for entry in entries:
+            name = str(entry.get("name", "input"))
+            keyed[(name, seen.get(name, 0))] = entry
+            seen[name] = seen.get(name, 0) + 1
+        return keyed
+
+    def digest(entry: dict) -> str | None:
+        return next((str(entry[k]) for k in _DIGESTS if entry.get(k)), None)
+
+    before = by_name(old)
+    lines = []
+    for key, entry in by_name(list(new)).items():
+        was = before.get(key)
+        if was is None or digest(was) is None or digest(entry) is None or digest(was) == digest(entry):
+            continue
+        where = (
+            f"{was.get('path')} -> {entry.get('path')}"
+            if was.get("path") != entry.get("path")
+            else (f"{entry.get('path')}, changed since")
+        )
+        lines.append(f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})")
+    return lines
+
+
+def describe_input_changes(recorded: object, new: Sequence[dict]) -> str:
+    """`input_changes` as the tail of a refusal whose config keys are all the same ('' if none found)."""
+    lines = input_changes(recorded, new)
+    return ";\nthe same config keys, other input data:\n  " + "\n  ".join(lines) if lines else ""
+
+
+def _describe_difference(
+    path: Path, new: dict | None, non_semantic: Sequence[str] = (), new_inputs: Sequence[dict] = ()
+) -> str:
+    """The config keys that changed, when the old resolved config can be compared with the new one;
+    with none changed, the inputs whose data did (`new_inputs`: the records the new run.json would hold)."""
     old_file = path / "config.yaml"
     if new is None or not old_file.exists():
         return ""
@@ -221,7 +270,8 @@ def _describe_difference(path: Path, new: dict | None, non_semantic: Sequence[st
     # a key that does not change results (num_workers, batch_size) is not what stands in the way
     changes = config_diff(old, new, ignore=non_semantic)
     if not changes:
-        return " (same config, different input data or format version)"
+        named = describe_input_changes((read_run_info(path) or {}).get("inputs"), new_inputs)
+        return named or " (same config, different input data or format version)"
     shown = "\n  ".join(changes[:20])
     more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
     return f"; changed keys:\n  {shown}{more}"

@@ -209,6 +209,7 @@ class StageOutput:
             inputs=paths,
             stage=self.stage,
             non_semantic=self.non_semantic,
+            input_records=self.inputs,
         )
         if current:
             log.info("%s: %s is up to date (same config and inputs); reusing it", self.stage, self.path)

@@ -224,6 +224,28 @@ def test_an_interrupted_run_resumes_with_its_paths_spelled_otherwise(project, mo
     )
     assert code == 2 and "interrupted run" in err and "model.d_model" in err, err
     assert ckpt.is_dir()
+    # another store (the same cells split otherwise): refused, naming the input and both stores, for
+    # the interrupted run and for a finished one (data.store is a path, so no config key changed)
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+
+    prep_cells(load_config(CellsPrepConfig, PANEL, ["output=runs/prep/resplit", "split.seed=1"]))
+    code, _, err = cli("pretrain", "--config", MLP, "data.store=runs/prep/resplit", f"output={out}", *long)
+    assert code == 2 and "interrupted run" in err, err
+    assert (
+        "the same config keys, other input data:\n  token-store: runs/prep/p -> runs/prep/resplit (" in err
+    ), err
+    code, _, err = cli(
+        "pretrain",
+        "--config",
+        MLP,
+        "data.store=runs/prep/resplit",
+        "output=runs/pretrain/y",
+        "deepspeed.config=ds.json",
+        *TINY,
+    )
+    assert code == 2 and "finished run" in err and "token-store: " in err and "runs/prep/resplit" in err, err
     # the same files spelled otherwise, from another folder: resumed, to the end
     monkeypatch.chdir(project / "runs")
     code, _, err = cli("pretrain", "--config", MLP, "data.store=./prep/p", f"output={out}/", *long)
@@ -232,3 +254,27 @@ def test_an_interrupted_run_resumes_with_its_paths_spelled_otherwise(project, mo
     info = json.loads((out / "run.json").read_text())
     assert info["resumed_from_steps"] == [step]
     assert json.loads((out / "model" / "config.json").read_text())["training"]["steps"] == 1200
+
+
+def test_a_refusal_names_the_input_whose_data_changed():
+    """Matched by name and order: a respelled path with the same digest is the same input; a digest
+    that moved is named with both paths (or 'changed since' where the path is the same)."""
+    from biomask.outputs import describe_input_changes, input_changes
+
+    old = [
+        {"name": "token-store", "path": "/p/runs/prep/p", "sha256": "a" * 64},
+        {"name": "checkpoint", "path": "/p/c1", "fingerprint": "1" * 16},
+        {"name": "checkpoint", "path": "/p/c2", "fingerprint": "2" * 16},
+    ]
+    new = [
+        {"name": "token-store", "path": "runs/prep/p", "sha256": "a" * 64},  # respelled, same data
+        {"name": "checkpoint", "path": "/p/c1", "fingerprint": "1" * 16},
+        {"name": "checkpoint", "path": "/p/c2", "fingerprint": "3" * 16},  # retrained in place
+    ]
+    assert input_changes(old, new) == [f"checkpoint: /p/c2, changed since ({'2' * 12} -> {'3' * 12})"]
+    moved = [{"name": "token-store", "path": "/p/runs/prep/resplit", "sha256": "b" * 64}]
+    assert input_changes(old, moved) == [
+        f"token-store: /p/runs/prep/p -> /p/runs/prep/resplit ({'a' * 12} -> {'b' * 12})"
+    ]
+    # nothing recorded to compare with (an output of older code, or none): no claim made
+    assert input_changes(None, new) == [] and describe_input_changes([{"name": "token-store"}], moved) == ""

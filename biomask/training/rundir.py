@@ -41,6 +41,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from biomask.outputs import (
     atomic_write_text,
     check_same_stage,
     describe_foreign,
+    describe_input_changes,
     foreign_files,
 )
 from biomask.provenance import code_differs, code_version, read_run_info, sha256_file, written_by_biomask
@@ -146,7 +148,7 @@ def _foreign_in_model(model: Path) -> list[str]:
     return out
 
 
-def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
+def _changed_keys(path: Path, new_config: dict[str, Any], inputs: Sequence[dict] = ()) -> str:
     try:
         old = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -154,7 +156,11 @@ def _changed_keys(path: Path, new_config: dict[str, Any]) -> str:
     # keys a resume may change are not what stands in the way
     changes = config_diff(old, new_config, ignore=NON_SEMANTIC)
     if not changes:
-        return " (same config keys; the input data, the deepspeed.config file's contents or the format version differ)"
+        # which input: run.json's records, or those an unfinished run's marker kept (since 2026-12-06)
+        named = describe_input_changes((recorded(path) or {}).get("inputs"), inputs)
+        return named or (
+            " (same config keys; the input data, the deepspeed.config file's contents or the format version differ)"
+        )
     return ";\nchanged keys:\n  " + "\n  ".join(changes[:20])
 
 
@@ -274,8 +280,17 @@ def _live_writer(state: dict[str, Any]) -> str | None:
     return f"pid {pid} on {host}" if b"biomask" in command else None
 
 
-def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any], *, overwrite: bool) -> str:
-    """'fresh', 'resume' or 'done' for the run at `path` (raises when it must be refused)."""
+def decide(
+    path: Path,
+    fingerprint: str,
+    world_size: int,
+    config: dict[str, Any],
+    *,
+    overwrite: bool,
+    inputs: Sequence[dict] = (),
+) -> str:
+    """'fresh', 'resume' or 'done' for the run at `path` (raises when it must be refused; `inputs`, the
+    run's input records, let a refusal with no changed key name the input whose data differ)."""
     if not path.exists():
         return "fresh"
     if not path.is_dir():
@@ -301,7 +316,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
         if info.get("fingerprint") == fingerprint:
             _check_finished_world_size(path, info, world_size)
             return "done"
-        changed = _changed_keys(path, config)
+        changed = _changed_keys(path, config, inputs)
         raise StaleOutputError(
             f"output directory {path} holds a finished run of a different config or input"
             f"{changed}\nPass --overwrite to replace it, or choose another output path."
@@ -321,7 +336,7 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
         if state["fingerprint"] != fingerprint:  # an output of other settings, as a finished one
             raise StaleOutputError(
                 f"output directory {path} holds an interrupted run of a different config or input, which "
-                f"cannot be resumed with this one{_changed_keys(path, config)}\nResume it with its own config "
+                f"cannot be resumed with this one{_changed_keys(path, config, inputs)}\nResume it with its own config "
                 f"({path / 'config.yaml'}), pass --overwrite to discard it, or choose another output path."
             )
         if int(state.get("world_size", world_size)) != world_size:
@@ -341,7 +356,9 @@ def decide(path: Path, fingerprint: str, world_size: int, config: dict[str, Any]
     return "fresh"
 
 
-def start_fresh(path: Path, fingerprint: str, world_size: int, config_yaml: str) -> None:
+def start_fresh(
+    path: Path, fingerprint: str, world_size: int, config_yaml: str, inputs: Sequence[dict] = ()
+) -> None:
     """Clear `path` (moving any old content aside first) and mark it as an unfinished run."""
     if path.exists():
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -349,13 +366,15 @@ def start_fresh(path: Path, fingerprint: str, world_size: int, config_yaml: str)
         shutil.rmtree(aside, ignore_errors=True)
     path.mkdir(parents=True)
     atomic_write_text(path / "config.yaml", config_yaml)
-    mark_in_progress(path, fingerprint, world_size)
+    mark_in_progress(path, fingerprint, world_size, inputs)
 
 
-def mark_in_progress(path: Path, fingerprint: str, world_size: int) -> None:
+def mark_in_progress(path: Path, fingerprint: str, world_size: int, inputs: Sequence[dict] = ()) -> None:
     state = {
         "fingerprint": fingerprint,
         "world_size": world_size,
+        # what it reads (name, path, digest): a refusal to resume it with other data names the input
+        "inputs": list(inputs),
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # a resume by other code (an upgrade before a requeue) is said, and run.json records it
         "code": code_version(),

@@ -294,7 +294,7 @@ def prepare_output(cfg: PretrainConfig, stage: StageOutput, world_size: int, dec
     """Mark a fresh output directory as an unfinished run, or record a resumed run's config."""
     out = Path(cfg.output)
     if decision == "fresh":
-        rundir.start_fresh(out, stage.fingerprint, world_size, dump_config(cfg))
+        rundir.start_fresh(out, stage.fingerprint, world_size, dump_config(cfg), stage.inputs)
     else:  # resume: the non-semantic keys (logging, checkpoint cadence) may have changed
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         # and the paths, when its run folder moved: config.yaml now records this place, so the
@@ -470,7 +470,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         # a refusal lists what changed, not paths moved with the run folder or spelled otherwise
         config = stage.compared_config(moved, rundir.recorded(out))
         decision = on_rank0(
-            lambda: rundir.decide(out, held, dist_env.world_size, config, overwrite=overwrite),
+            lambda: rundir.decide(
+                out, held, dist_env.world_size, config, overwrite=overwrite, inputs=stage.inputs
+            ),
             dist_env,
         )
         if decision == "done":
