@@ -274,7 +274,9 @@ def test_a_runs_own_deepspeed_json_counts_by_its_contents(genome_store, tmp_path
     settings["zero_optimization"]["reduce_bucket_size"] = 1e7
     own.write_text(json.dumps(settings))
     code, _, err = cli(*args)
-    assert code == 2 and "deepspeed.config file's contents" in err and "--overwrite" in err, err
+    # named: the file, edited in place, with its digests before and after
+    assert code == 2 and f"other input data:\n  deepspeed-config: {own}, changed since (" in err, err
+    assert "--overwrite" in err
     assert cli(*args, "--overwrite")[0] == 0
     assert (
         json.loads((run / "run.json").read_text())["deepspeed"]["zero_optimization"]["reduce_bucket_size"]
