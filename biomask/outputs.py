@@ -217,7 +217,8 @@ _DIGESTS = ("sha256", "fingerprint")
 
 def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
     """The inputs whose data differ from those an output recorded, matched by name (and order among
-    inputs of one name), each as `name: old path (digest) -> new path (digest)`. A path spelled
+    inputs of one name), each as `name: old path -> new path (old digest -> new digest)`, or
+    `name: path, changed since (...)` for data rewritten in place. A path spelled
     otherwise with the same digest is the same input and is not listed; an input the output did not
     record a digest for cannot be compared and is left out."""
     old = [i for i in recorded if isinstance(i, dict)] if isinstance(recorded, list) else []
@@ -240,11 +241,8 @@ def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
         was = before.get(key)
         if was is None or digest(was) is None or digest(entry) is None or digest(was) == digest(entry):
             continue
-        where = (
-            f"{was.get('path')} -> {entry.get('path')}"
-            if was.get("path") != entry.get("path")
-            else (f"{entry.get('path')}, changed since")
-        )
+        moved = was.get("path") != entry.get("path")
+        where = f"{was.get('path')} -> {entry.get('path')}" if moved else f"{entry.get('path')}, changed since"
         lines.append(f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})")
     return lines
 
