@@ -242,7 +242,9 @@ def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
         if was is None or digest(was) is None or digest(entry) is None or digest(was) == digest(entry):
             continue
         moved = was.get("path") != entry.get("path")
-        where = f"{was.get('path')} -> {entry.get('path')}" if moved else f"{entry.get('path')}, changed since"
+        where = (
+            f"{was.get('path')} -> {entry.get('path')}" if moved else f"{entry.get('path')}, changed since"
+        )
         lines.append(f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})")
     return lines
 
