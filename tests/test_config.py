@@ -131,7 +131,9 @@ def test_an_override_into_a_list_shows_how_to_set_the_list(cli, repo):
 def test_a_key_added_later_keeps_outputs_written_before_it_current():
     """A config key biomask gained later, at the value that does what it did before, neither
     changes the fingerprint nor shows as a changed key: an upgrade does not make old runs stale."""
-    from biomask.config import ADDED_KEYS, config_diff, config_fingerprint
+    import copy
+
+    from biomask.config import ADDED_KEYS, config_diff, config_fingerprint, config_fingerprints
     from biomask.provenance import sha256_json
 
     assert ADDED_KEYS["model.decorrelation"] == 0.0
@@ -159,9 +161,17 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
     prep = load_config(CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y"])
     old = prep.model_dump(mode="json")
     del old["batch_column"]
+    del old["labels"]["min_cells"]  # 2026-12-06, as labels.min_cells
+    old_task = copy.deepcopy(old)
     assert (
         config_fingerprint(prep) == sha256_json(old) and config_diff(old, prep.model_dump(mode="json")) == []
     )
+    # prep cells' inputs[].task came later than prep dna's (a retrofitted key): a prep cells output
+    # written before it holds none, and is still current
+    for spec in old_task["inputs"]:
+        del spec["task"]
+    assert sha256_json(old_task) in config_fingerprints(prep)
+    assert config_diff(old_task, prep.model_dump(mode="json")) == []
     batched = load_config(
         CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y", "batch_column=sample"]
     )

@@ -463,6 +463,8 @@ def _miniature_study(repo: Path, run_dir: Path) -> Path:
         "evaluate_coding",
         "evaluate_pbmc68k",
         "evaluate_pbmc68k_transfer",
+        "evaluate_cite",
+        "evaluate_cite_corpus",
     ):
         over = stages[name]["overrides"]
         over["seeds"] = [0, 1]
@@ -539,8 +541,8 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     )
     assert "highest test mean" not in text
     # splice, splice LP-FT (probe and fine-tune), cells probe and kNN, transfer probe and kNN, the motif
-    # and the coding task
-    assert text.count("R²MAE vs the same architecture randomly initialised") == 9
+    # and the coding task, the protein-typed cells by both kinds of cell model (probe and kNN each)
+    assert text.count("R²MAE vs the same architecture randomly initialised") == 13
     # issue 16's target, measured on the fine-tuning protocol
     assert "LP-FT" in text and "finetune MCC ≥ the strongest baseline" in text
     assert (

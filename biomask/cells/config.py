@@ -30,6 +30,10 @@ class InputSpec(Config):
     format: Literal["auto", "h5ad", "10x_h5", "10x_mtx", "loom"] = "auto"
     # Which matrix holds the expression: X, raw (h5ad `.raw`), or layers/NAME (h5ad and loom layers).
     matrix: str = "X"
+    # protein-gates: label each cell by gating its surface proteins (CITE-seq antibody counts in
+    # obsm["protein_expression"]) as flow cytometry gates PBMCs, into the obs column labels.column
+    # (biomask.cells.protein_gates); cells no gate takes have no label (labels.missing: drop).
+    task: Literal["protein-gates"] | None = None
 
     @field_validator("matrix")
     @classmethod
@@ -127,6 +131,9 @@ class TokenizerConfig(Config):
 class LabelsConfig(Config):
     column: str | None = None  # obs column with the label (cell type) of each cell
     missing: Literal["error", "drop"] = "error"  # cells without a label
+    # labels held by fewer cells (over all inputs, before QC) are left out like missing ones: a type of
+    # 5 cells cannot sit in every evaluation split's training and test part
+    min_cells: int = Field(0, ge=0)
 
 
 class SplitConfig(SplitFractions):
@@ -159,3 +166,12 @@ class CellsPrepConfig(Config):
     split: SplitConfig = SplitConfig()
     block_size: int = Field(8192, ge=1, le=65_536)  # cells read and tokenized at a time (memory, not results)
     shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)
+
+    @model_validator(mode="after")
+    def _task_labels(self) -> CellsPrepConfig:
+        if any(spec.task for spec in self.inputs) and self.labels.column is None:
+            raise ValueError(
+                "an input's task (protein-gates) labels its cells: set labels.column to the obs column "
+                "the labels go to (e.g. labels.column=cell_type)"
+            )
+        return self

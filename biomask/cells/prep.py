@@ -44,6 +44,7 @@ from biomask.cells.genes import (
     remap_columns,
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
+from biomask.cells.protein_gates import protein_labels
 from biomask.cells.qc import CellQC, row_sums, select_hvg
 from biomask.cells.readers import MatrixSource, open_matrix
 from biomask.cells.reuse import resolve_inputs, stage_output
@@ -152,6 +153,17 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
         "batch_column": cfg.batch_column,
         **{f"obs_columns[{i}]": c for i, c in enumerate(cfg.obs_columns)},
     }
+    if inp.spec.task == "protein-gates":
+        if cfg.labels.column in obs.columns:  # never overwrite what the file says
+            raise InputError(
+                f"{inp.source.where}: obs already has a {cfg.labels.column!r} column, and task protein-gates "
+                "would write its labels there: name another labels.column, or drop the task to use the column"
+            )
+        if inp.format != "h5ad":
+            raise InputError(
+                f"{inp.source.where}: task protein-gates reads an h5ad's obsm; this input is {inp.format}"
+            )
+        obs[cfg.labels.column] = protein_labels(inp.source.path, inp.source.where, inp.source.n_obs)
     for key, column in wanted.items():
         if column is not None and column not in obs.columns:
             raise InputError(
@@ -183,10 +195,28 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
             first = int(np.flatnonzero(missing)[0])
             raise InputError(
                 f"{inp.source.where}: {int(missing.sum()):,} cells have no {cfg.labels.column!r} label (first: "
-                f"{obs.index[first]!r}); set labels.missing: drop to leave them out"
+                f"{obs.index[first]!r}"
+                + ("; task protein-gates leaves the cells no gate takes unlabelled" if inp.spec.task else "")
+                + "); set labels.missing: drop to leave them out"
             )
         inp.exclude = missing
         inp.labels = labels
+
+
+def _drop_rare_labels(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
+    """Labels held by fewer than labels.min_cells cells over all inputs are left out like missing ones."""
+    counts: collections.Counter[str] = collections.Counter()
+    for inp in inputs:
+        counts.update(str(v) for v in inp.labels[~inp.exclude])
+    rare = {label: n for label, n in counts.items() if n < cfg.labels.min_cells}
+    if not rare:
+        return
+    log.warning(
+        "labels with fewer than %d cells (labels.min_cells) are left out: %s",
+        cfg.labels.min_cells, ", ".join(f"{label!r} ({n})" for label, n in sorted(rare.items())),
+    )  # fmt: skip
+    for inp in inputs:
+        inp.exclude = inp.exclude | np.isin(inp.labels.astype(str), list(rare))
 
 
 LARGE_PANEL = 5000  # genes: above this a panel of every gene is worth a word
@@ -196,6 +226,9 @@ def prepare_inputs(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
     """Detect each matrix's values and apply the counts policy: fails fast, before the long passes."""
     for inp in inputs:
         _check_columns(cfg, inp)
+    if cfg.labels.column is not None and cfg.labels.min_cells:
+        _drop_rare_labels(cfg, inputs)
+    for inp in inputs:
         inp.summary = detect(inp.source, cfg.counts, cfg.block_size)
         log.info("%s: %s", inp.source.where, inp.summary.describe())
         # what the matrix holds first: a from_log1p config on counts is the mistake, not its column

@@ -1,0 +1,131 @@
+"""The protein-labelled PBMC set (data_prep/cite_pbmc_labels.py): the labels a user gets from the
+surface proteins must be the cell types the RNA says they are, or every figure measured on them
+is measured against noise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# each type's RNA marker: highest, on average, in the cells its protein gate took
+RNA_MARKERS = {"B": "MS4A1", "CD14 Mono": "LYZ", "CD8 T": "CD8A", "NK": "GNLY", "CD4 T": "IL7R"}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, repo):
+    import anndata as ad
+
+    out = tmp_path_factory.mktemp("cite") / "cite.h5ad"
+    run = subprocess.run(
+        [sys.executable, repo / "data_prep/cite_pbmc_labels.py", out],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+    )
+    assert run.returncode == 0, run.stderr
+    assert not list(out.parent.glob(".*.tmp")), "a temporary file was left beside the output"
+    return ad.read_h5ad(out)
+
+
+def test_protein_gates_give_the_types_their_rna_says(labelled):
+    import scanpy as sc
+
+    a = labelled.copy()
+    assert set(a.obs["cell_type"]) == set(RNA_MARKERS)
+    assert set(a.obs["donor"]) == {"pbmc5k", "pbmc10k"}
+    assert a.obs["cell_type"].value_counts().min() >= 10  # every type can sit in every split
+    x = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+    assert np.array_equal(x, np.round(x)) and x.min() >= 0  # raw counts, as prep cells wants them
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    for cell_type, gene in RNA_MARKERS.items():
+        means = {t: float(a[a.obs["cell_type"] == t, gene].X.mean()) for t in RNA_MARKERS}
+        assert max(means, key=means.get) == cell_type, (gene, means)
+
+
+def test_gates_follow_flow_cytometry():
+    import pandas as pd
+
+    from biomask.cells.protein_gates import MARKERS, gate
+
+    def cell(*positive):
+        return {m: m in positive for m in MARKERS}
+
+    calls = pd.DataFrame(
+        [
+            cell("CD3", "CD4"),
+            cell("CD3", "CD8a"),
+            cell("CD3", "CD4", "CD8a"),  # double positive: no T gate takes it
+            cell("CD19"),
+            cell("CD14", "CD4"),  # monocytes carry some CD4
+            cell("CD56", "CD16"),
+            cell("CD16"),
+            cell("CD3", "CD19"),  # two lineages: a doublet
+            cell(),
+        ]
+    )
+    assert gate(calls) == ["CD4 T", "CD8 T", "", "B", "CD14 Mono", "NK", "FCGR3A Mono", "", ""]
+
+
+def test_prep_cells_types_cells_by_their_proteins(tmp_path, repo, cli):
+    """`task: protein-gates` as the shipped config runs it: the store's labels are the gates' types,
+    the cells no gate takes and the rare type left out, both runs read."""
+    from biomask.store import TokenStore
+
+    out = tmp_path / "cite"
+    code, _, err = cli("prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}")
+    assert code == 0, err
+    store = TokenStore(out)
+    assert store.manifest["label_names"] == sorted(RNA_MARKERS)
+    assert "'FCGR3A Mono' (5)" in err  # labels.min_cells says what it left out
+    counts = {name: 0 for name in RNA_MARKERS}
+    for split in store.manifest["class_counts"].values():
+        for name, n in split.items():
+            counts[name] += n
+    assert counts["CD4 T"] > counts["CD14 Mono"] > counts["CD8 T"] >= 10 and sum(counts.values()) == 370
+    assert {s["name"] for s in store.manifest["sources"]} == {"pbmc5k-cite-200", "pbmc10k-cite-200"}
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        # the labels need a column to go to
+        (["labels.column=null"], "set labels.column"),
+        # a file without antibody counts: named, with what it has
+        (
+            ["inputs=[{dataset: pbmc68k_reduced, matrix: raw, task: protein-gates}]"],
+            "obsm keys: X_pca, X_umap",
+        ),
+        # cells no gate takes are missing labels: refused unless dropped, saying why they have none
+        (["labels.missing=error"], "no gate takes"),
+    ],
+)
+def test_prep_cells_protein_gates_refusals(tmp_path, repo, cli, overrides, says):
+    out = tmp_path / "cite"
+    code, _, err = cli(
+        "prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}", *overrides
+    )
+    assert code == 2 and says in err, err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_prep_cells_never_overwrites_a_label_column(tmp_path, repo, cli):
+    import anndata as ad
+
+    from biomask.datasets import fetch
+
+    adata = ad.read_h5ad(fetch("pbmc5k-cite-200"))
+    adata.obs["cell_type"] = "mine"
+    path = tmp_path / "mine.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "cite"
+    code, _, err = cli(
+        "prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}",
+        f"inputs=[{{path: {path}, task: protein-gates}}]",
+    )  # fmt: skip
+    assert code == 2 and "already has a 'cell_type' column" in err, err
+    assert not out.exists()
+    assert set(ad.read_h5ad(path).obs["cell_type"]) == {"mine"}  # the user's file as it was
