@@ -81,6 +81,8 @@ def test_prep_cells_types_cells_by_their_proteins(tmp_path, repo, cli):
     store = TokenStore(out)
     assert store.manifest["label_names"] == sorted(RNA_MARKERS)
     assert "'FCGR3A Mono' (5)" in err  # labels.min_cells says what it left out
+    dropped = store.manifest["stats"]
+    assert (dropped["cells_dropped_missing_label"], dropped["cells_dropped_rare_label"]) == (25, 5)
     counts = {name: 0 for name in RNA_MARKERS}
     for split in store.manifest["class_counts"].values():
         for name, n in split.items():
@@ -129,3 +131,31 @@ def test_prep_cells_never_overwrites_a_label_column(tmp_path, repo, cli):
     assert code == 2 and "already has a 'cell_type' column" in err, err
     assert not out.exists()
     assert set(ad.read_h5ad(path).obs["cell_type"]) == {"mine"}  # the user's file as it was
+
+
+def test_prep_cells_protein_gates_on_a_10x_folder_says_how(tmp_path, repo, cli):
+    """Cell Ranger's folder keeps antibodies as features, not in obsm: refused with the way there."""
+    import gzip
+
+    import anndata as ad
+    import scipy.io
+    import scipy.sparse as sp
+
+    from biomask.datasets import fetch
+
+    adata = ad.read_h5ad(fetch("pbmc10k-cite-200"))
+    folder = tmp_path / "filtered_feature_bc_matrix"
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as sink:
+        scipy.io.mmwrite(sink, sp.csr_matrix(adata.X).T.tocoo())
+    with gzip.open(folder / "features.tsv.gz", "wt") as sink:
+        sink.writelines(f"{g}\t{g}\tGene Expression\n" for g in adata.var_names)
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as sink:
+        sink.writelines(f"{b}\n" for b in adata.obs_names)
+    out = tmp_path / "cite"
+    code, _, err = cli(
+        "prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}",
+        f"inputs=[{{path: {folder}, task: protein-gates}}]",
+    )  # fmt: skip
+    assert code == 2 and "this input is 10x_mtx" in err and "gex_only=False" in err, err
+    assert not out.exists()

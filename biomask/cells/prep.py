@@ -86,7 +86,8 @@ class CellInput:
     summary: ValueSummary | None = None
     converter: CountConverter | None = None
     qc: CellQC | None = None
-    exclude: np.ndarray | None = None  # cells left out before QC (missing label)
+    exclude: np.ndarray | None = None  # cells left out before QC (missing label, or a rare one)
+    rare: np.ndarray | None = None  # of those, the cells of a label under labels.min_cells
     keep: np.ndarray | None = None  # cells that pass QC (after the scan)
     splits: np.ndarray | None = None  # split code per cell (NOT_KEPT for cells not written)
     labels: np.ndarray | None = None  # label string per cell
@@ -161,7 +162,10 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
             )
         if inp.format != "h5ad":
             raise InputError(
-                f"{inp.source.where}: task protein-gates reads an h5ad's obsm; this input is {inp.format}"
+                f"{inp.source.where}: task protein-gates reads an h5ad's obsm; this input is {inp.format}. "
+                "Read it with scanpy (sc.read_10x_mtx(path, gex_only=False) or sc.read_10x_h5(path, "
+                "gex_only=False)), move the 'Antibody Capture' features to obsm['protein_expression'] (a "
+                "DataFrame named by protein) and write an h5ad"
             )
         obs[cfg.labels.column] = protein_labels(inp.source.path, inp.source.where, inp.source.n_obs)
     for key, column in wanted.items():
@@ -216,7 +220,8 @@ def _drop_rare_labels(cfg: CellsPrepConfig, inputs: list[CellInput]) -> None:
         cfg.labels.min_cells, ", ".join(f"{label!r} ({n})" for label, n in sorted(rare.items())),
     )  # fmt: skip
     for inp in inputs:
-        inp.exclude = inp.exclude | np.isin(inp.labels.astype(str), list(rare))
+        inp.rare = np.isin(inp.labels.astype(str), list(rare)) & ~inp.exclude
+        inp.exclude = inp.exclude | inp.rare
 
 
 LARGE_PANEL = 5000  # genes: above this a panel of every gene is worth a word
@@ -609,7 +614,10 @@ def write_store(
     for inp in inputs:
         for reason, n in inp.qc.dropped.items():
             stats[reason] += n
-        stats["cells_dropped_missing_label"] += int(inp.exclude.sum())
+        rare = int(inp.rare.sum()) if inp.rare is not None else 0
+        stats["cells_dropped_missing_label"] += int(inp.exclude.sum()) - rare
+        if rare:  # only then: a manifest of a prep without labels.min_cells stays as it was
+            stats["cells_dropped_rare_label"] += rare
         stats["cells_read"] += inp.source.n_obs
     return writer.finish(
         modality="cells",
