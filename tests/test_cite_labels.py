@@ -133,29 +133,75 @@ def test_prep_cells_never_overwrites_a_label_column(tmp_path, repo, cli):
     assert set(ad.read_h5ad(path).obs["cell_type"]) == {"mine"}  # the user's file as it was
 
 
-def test_prep_cells_protein_gates_on_a_10x_folder_says_how(tmp_path, repo, cli):
-    """Cell Ranger's folder keeps antibodies as features, not in obsm: refused with the way there."""
+def _cell_ranger_outputs(adata, folder, with_antibodies=True):
+    """The h5ad's cells as Cell Ranger writes them: a filtered_feature_bc_matrix folder and an .h5,
+    genes then (optionally) the antibodies as "Antibody Capture" features."""
     import gzip
 
-    import anndata as ad
+    import h5py
     import scipy.io
     import scipy.sparse as sp
 
-    from biomask.datasets import fetch
-
-    adata = ad.read_h5ad(fetch("pbmc10k-cite-200"))
-    folder = tmp_path / "filtered_feature_bc_matrix"
+    names = [str(n) for n in adata.uns["protein_names"]] if with_antibodies else []
+    matrix = sp.csr_matrix(adata.X)
+    if names:
+        matrix = sp.hstack([matrix, sp.csr_matrix(np.asarray(adata.obsm["protein_expression"]))]).tocsr()
+    features = [(g, g, "Gene Expression") for g in adata.var_names] + [
+        (n.split("_")[0], n, "Antibody Capture") for n in names
+    ]
     folder.mkdir()
     with gzip.open(folder / "matrix.mtx.gz", "wb") as sink:
-        scipy.io.mmwrite(sink, sp.csr_matrix(adata.X).T.tocoo())
+        scipy.io.mmwrite(sink, matrix.T.tocoo())
     with gzip.open(folder / "features.tsv.gz", "wt") as sink:
-        sink.writelines(f"{g}\t{g}\tGene Expression\n" for g in adata.var_names)
+        sink.writelines("\t".join(f) + "\n" for f in features)
     with gzip.open(folder / "barcodes.tsv.gz", "wt") as sink:
         sink.writelines(f"{b}\n" for b in adata.obs_names)
-    out = tmp_path / "cite"
+    csc = matrix.T.tocsc()  # features x barcodes, one column per barcode
+    with h5py.File(folder.with_suffix(".h5"), "w") as h5:
+        group = h5.create_group("matrix")
+        group["barcodes"] = np.array(adata.obs_names, dtype="S")
+        group["data"], group["indices"], group["indptr"] = csc.data.astype(np.int32), csc.indices, csc.indptr
+        group["shape"] = np.array(csc.shape, dtype=np.int32)
+        for key, column in (("id", 0), ("name", 1), ("feature_type", 2)):
+            group[f"features/{key}"] = np.array([f[column] for f in features], dtype="S")
+        group["features/genome"] = np.array([b"GRCh38"] * len(features))
+    return folder, folder.with_suffix(".h5")
+
+
+def test_prep_cells_protein_gates_read_cell_rangers_antibodies(tmp_path, repo, cli):
+    """The same cells as an h5ad (obsm), a Cell Ranger folder and a Cell Ranger .h5 (antibodies as
+    features) get the same type, cell by cell; a 10x input without antibodies is refused, naming it."""
+    import anndata as ad
+
+    from biomask.datasets import fetch
+    from biomask.store import TokenStore
+
+    adata = ad.read_h5ad(fetch("pbmc10k-cite-200"))
+    folder, h5 = _cell_ranger_outputs(adata, tmp_path / "filtered_feature_bc_matrix")
+    h5ad = tmp_path / "cells.h5ad"
+    adata.write_h5ad(h5ad)
+    found = {}
+    for name, path in (("h5ad", h5ad), ("mtx", folder), ("h5", h5)):
+        out = tmp_path / f"store-{name}"
+        code, _, err = cli(
+            "prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}", "labels.min_cells=0",
+            f"inputs=[{{path: {path}, task: protein-gates}}]",
+        )  # fmt: skip
+        assert code == 0, err
+        store = TokenStore(out)
+        labels = {}
+        for split in ("train", "val", "test"):
+            part = store.split(split)
+            names = [store.manifest["label_names"][i] for i in part.record_field("labels")]
+            labels.update(zip(part.meta()["id"], names))
+        found[name] = labels
+    assert len(found["h5ad"]) > 150 and found["mtx"] == found["h5ad"] == found["h5"]
+
+    bare, _ = _cell_ranger_outputs(adata, tmp_path / "no_antibodies", with_antibodies=False)
+    out = tmp_path / "refused"
     code, _, err = cli(
         "prep", "cells", "-c", repo / "configs/cells/pbmc-cite.yaml", f"output={out}",
-        f"inputs=[{{path: {folder}, task: protein-gates}}]",
+        f"inputs=[{{path: {bare}, task: protein-gates}}]",
     )  # fmt: skip
-    assert code == 2 and "this input is 10x_mtx" in err and "gex_only=False" in err, err
+    assert code == 2 and "no 'Antibody Capture' features" in err and str(bare) in err, err
     assert not out.exists()

@@ -30,9 +30,10 @@ class InputSpec(Config):
     format: Literal["auto", "h5ad", "10x_h5", "10x_mtx", "loom"] = "auto"
     # Which matrix holds the expression: X, raw (h5ad `.raw`), or layers/NAME (h5ad and loom layers).
     matrix: str = "X"
-    # protein-gates: label each cell by gating its surface proteins (CITE-seq antibody counts in
-    # obsm["protein_expression"]) as flow cytometry gates PBMCs, into the obs column labels.column
-    # (biomask.cells.protein_gates); cells no gate takes have no label (labels.missing: drop).
+    # protein-gates: label each cell by gating its surface proteins (CITE-seq antibody counts: an
+    # h5ad's obsm["protein_expression"], or a 10x input's "Antibody Capture" features) as flow
+    # cytometry gates PBMCs, into the obs column labels.column (biomask.cells.protein_gates); cells no
+    # gate takes have no label (labels.missing: drop).
     task: Literal["protein-gates"] | None = None
 
     @field_validator("matrix")

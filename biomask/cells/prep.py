@@ -160,14 +160,9 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
                 f"{inp.source.where}: obs already has a {cfg.labels.column!r} column, and task protein-gates "
                 "would write its labels there: name another labels.column, or drop the task to use the column"
             )
-        if inp.format != "h5ad":
-            raise InputError(
-                f"{inp.source.where}: task protein-gates reads an h5ad's obsm; this input is {inp.format}. "
-                "Read it with scanpy (sc.read_10x_mtx(path, gex_only=False) or sc.read_10x_h5(path, "
-                "gex_only=False)), move the 'Antibody Capture' features to obsm['protein_expression'] (a "
-                "DataFrame named by protein) and write an h5ad"
-            )
-        obs[cfg.labels.column] = protein_labels(inp.source.path, inp.source.where, inp.source.n_obs)
+        obs[cfg.labels.column] = protein_labels(
+            inp.source.path, inp.source.where, inp.source.n_obs, inp.format
+        )
     for key, column in wanted.items():
         if column is not None and column not in obs.columns:
             raise InputError(

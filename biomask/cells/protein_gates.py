@@ -1,6 +1,7 @@
 """Cell types from surface proteins (CITE-seq antibody counts), gated as flow cytometry gates PBMCs.
 
-A prep input with `task: protein-gates` is labelled this way: a labelled cell set whose labels never
+A prep input with `task: protein-gates` is labelled this way (an h5ad with the counts in
+obsm["protein_expression"], or Cell Ranger's folder or .h5 with its "Antibody Capture" features): a labelled cell set whose labels never
 looked at the RNA the models read. Labels made from the RNA itself (Leiden clusters of a PCA graph,
 annotated by marker genes: data_prep/pbmc3k_labels.py) favour the representation they were made
 with; a protein call is made per cell, from counts no expression model sees.
@@ -66,9 +67,18 @@ def gate(calls: pd.DataFrame) -> list[str]:
     return types
 
 
-def protein_counts(path: Path, where: str) -> pd.DataFrame:
-    """An h5ad's antibody counts (cells x proteins, columns by protein name without a "_TotalSeqB"
-    style suffix): obsm["protein_expression"] as a DataFrame, or an array named by uns["protein_names"]."""
+def protein_counts(path: Path, where: str, fmt: str = "h5ad") -> pd.DataFrame:
+    """An input's antibody counts (cells x proteins, columns by protein name without a "_TotalSeqB"
+    style suffix, rows in the input's cell order). h5ad: obsm["protein_expression"] as a DataFrame, or
+    an array named by uns["protein_names"]; Cell Ranger's folder or .h5 (10x_mtx, 10x_h5): its
+    "Antibody Capture" features."""
+    if fmt in ("10x_mtx", "10x_h5"):
+        adt = _tenx_mtx_proteins(path, where) if fmt == "10x_mtx" else _tenx_h5_proteins(path, where)
+        return _named(adt, where)
+    if fmt != "h5ad":
+        raise InputError(
+            f"{where}: task protein-gates reads an h5ad's obsm or a 10x input's antibodies; this input is {fmt}"
+        )
     import warnings
 
     import anndata as ad
@@ -95,19 +105,89 @@ def protein_counts(path: Path, where: str) -> pd.DataFrame:
             f"{where}: obsm[{OBSM_KEY!r}] is an array and uns[{NAMES_KEY!r}] does not name its "
             f"{np.shape(stored)[1]} columns: store the proteins as a DataFrame or their names in uns"
         )
+    return _named(adt, where)
+
+
+def _named(adt: pd.DataFrame, where: str) -> pd.DataFrame:
     adt.columns = [str(c).split("_")[0] for c in adt.columns]
     missing = [m for m in MARKERS if m not in adt.columns]
     if missing:
         raise InputError(
             f"{where}: task protein-gates needs the markers {', '.join(MARKERS)}; the proteins lack "
-            f"{', '.join(missing)} (they have: {', '.join(adt.columns)})"
+            f"{', '.join(missing)} (they have: {', '.join(adt.columns) or 'none'})"
         )
     return adt
 
 
-def protein_labels(path: Path, where: str, n_cells: int) -> np.ndarray:
+ANTIBODY = "Antibody Capture"  # Cell Ranger's feature type of antibody-derived tags
+
+
+def _antibodies(types: np.ndarray, where: str) -> np.ndarray:
+    rows = np.flatnonzero(types == ANTIBODY)
+    if rows.size == 0:
+        raise InputError(
+            f"{where}: task protein-gates needs antibody counts, and this 10x input has no {ANTIBODY!r} "
+            f"features (its feature types: {', '.join(sorted(set(types.tolist()))) or 'none'})"
+        )
+    return rows
+
+
+def _tenx_mtx_proteins(path: Path, where: str) -> pd.DataFrame:
+    """The antibody rows of a Cell Ranger folder's matrix.mtx, read in blocks (the file is as large as
+    the expression it holds)."""
+    from biomask.cells.formats import mtx_files
+    from biomask.cells.mtx import MtxReader
+
+    values, features, barcodes = mtx_files(path)
+    table = pd.read_csv(features, sep="\t", header=None, dtype=str, keep_default_na=False)
+    if table.shape[1] < 3:
+        raise InputError(
+            f"{where}: {features.name} has no feature-type column, so no antibodies (Cell Ranger 2)"
+        )
+    rows = _antibodies(table[2].to_numpy(), where)
+    n_cells = len(pd.read_csv(barcodes, sep="\t", header=None, dtype=str))
+    column = np.full(len(table), -1, dtype=np.int64)
+    column[rows] = np.arange(rows.size)
+    counts = np.zeros((n_cells, rows.size))
+    with MtxReader(values) as mtx:
+        for features_at, cells, data in mtx.entries():
+            j = column[features_at]
+            hit = j >= 0
+            np.add.at(counts, (cells[hit], j[hit]), data[hit])
+    return pd.DataFrame(counts, columns=table[1].to_numpy()[rows])
+
+
+def _tenx_h5_proteins(path: Path, where: str, block: int = 8192) -> pd.DataFrame:
+    """The antibody rows of a Cell Ranger (>= 3) .h5, read barcode block by barcode block."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        if "matrix" not in handle:
+            raise InputError(f"{where}: a Cell Ranger 2 .h5 holds no feature types, so no antibodies")
+        group = handle["matrix"]
+        types = np.array(
+            [t.decode() if isinstance(t, bytes) else str(t) for t in group["features/feature_type"][:]]
+        )
+        names = np.array([t.decode() if isinstance(t, bytes) else str(t) for t in group["features/name"][:]])
+        rows = _antibodies(types, where)
+        column = np.full(types.size, -1, dtype=np.int64)
+        column[rows] = np.arange(rows.size)
+        indptr = group["indptr"][:]
+        n_cells = indptr.size - 1
+        counts = np.zeros((n_cells, rows.size))
+        for start in range(0, n_cells, block):
+            stop = min(start + block, n_cells)
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            j = column[group["indices"][lo:hi]]
+            cells = np.repeat(np.arange(start, stop), np.diff(indptr[start : stop + 1]))
+            hit = j >= 0
+            np.add.at(counts, (cells[hit], j[hit]), group["data"][lo:hi][hit])
+    return pd.DataFrame(counts, columns=names[rows])
+
+
+def protein_labels(path: Path, where: str, n_cells: int, fmt: str = "h5ad") -> np.ndarray:
     """Each cell's gated type (object array; None where no gate applies)."""
-    adt = protein_counts(path, where)
+    adt = protein_counts(path, where, fmt)
     if len(adt) != n_cells:
         raise InputError(f"{where}: obsm[{OBSM_KEY!r}] has {len(adt)} rows for {n_cells} cells")
     return np.array([t or None for t in gate(positive(adt))], dtype=object)
