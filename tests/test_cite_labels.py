@@ -205,3 +205,18 @@ def test_prep_cells_protein_gates_read_cell_rangers_antibodies(tmp_path, repo, c
     )  # fmt: skip
     assert code == 2 and "no 'Antibody Capture' features" in err and str(bare) in err, err
     assert not out.exists()
+
+
+def test_marker_names_are_matched_as_panels_spell_them():
+    import pandas as pd
+
+    from biomask.cells.protein_gates import MARKERS, _named
+    from biomask.errors import InputError
+
+    spelled = ["cd3_TotalSeqC", "CD4", "CD8", "Cd14", "CD16_x", "CD19", "cd56", "IgG1_control"]
+    adt = _named(pd.DataFrame([[1.0] * len(spelled)], columns=spelled), "cells.h5ad")
+    assert set(MARKERS) <= set(adt.columns)
+    with pytest.raises(InputError, match="lack CD19"):
+        _named(
+            pd.DataFrame([[1.0] * 6], columns=["CD3", "CD4", "CD8a", "CD14", "CD16", "CD56"]), "cells.h5ad"
+        )

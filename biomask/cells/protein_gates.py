@@ -108,8 +108,16 @@ def protein_counts(path: Path, where: str, fmt: str = "h5ad") -> pd.DataFrame:
     return _named(adt, where)
 
 
+# Antibody panels spell markers their own way ("CD8a_TotalSeqB", "CD8A", "CD8"): matched without case
+# or suffix, and CD8 (the antibody targets CD8α) as CD8a
+ALIASES = {"cd8": "CD8a"}
+
+
 def _named(adt: pd.DataFrame, where: str) -> pd.DataFrame:
-    adt.columns = [str(c).split("_")[0] for c in adt.columns]
+    canonical = {m.lower(): m for m in MARKERS} | ALIASES
+    stems = [str(c).split("_")[0] for c in adt.columns]
+    adt.columns = [canonical.get(stem.lower(), stem) for stem in stems]
+    adt = adt.loc[:, ~adt.columns.duplicated()]  # the first of a marker measured twice
     missing = [m for m in MARKERS if m not in adt.columns]
     if missing:
         raise InputError(
