@@ -220,3 +220,19 @@ def test_marker_names_are_matched_as_panels_spell_them():
         _named(
             pd.DataFrame([[1.0] * 6], columns=["CD3", "CD4", "CD8a", "CD14", "CD16", "CD56"]), "cells.h5ad"
         )
+
+
+def test_proteins_that_cannot_be_gated_are_refused():
+    import pandas as pd
+
+    from biomask.cells.protein_gates import MARKERS, positive
+    from biomask.errors import InputError
+
+    rng = np.random.default_rng(0)
+    adt = pd.DataFrame(rng.poisson(5, size=(50, len(MARKERS))), columns=list(MARKERS))
+    assert positive(adt).shape == (50, len(MARKERS))
+    with pytest.raises(InputError, match="cells.h5ad: 10 cells are too few"):
+        positive(adt.head(10), where="cells.h5ad")
+    stained_nothing = adt.assign(CD19=0)
+    with pytest.raises(InputError, match="CD19 has the same count in every cell"):
+        positive(stained_nothing, where="cells.h5ad")

@@ -30,15 +30,27 @@ OBSM_KEY = "protein_expression"  # scvi-tools' and totalVI's convention
 NAMES_KEY = "protein_names"  # uns: the columns' protein names, when obsm holds an array
 
 
-def positive(adt: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+MIN_CELLS = 20  # a two-component mixture of fewer cells' counts is no gate
+
+
+def positive(adt: pd.DataFrame, seed: int = 0, where: str = "the input") -> pd.DataFrame:
     """Each marker's positive cells (one run's cells x proteins counts; columns named as MARKERS)."""
     from sklearn.mixture import GaussianMixture
 
+    if len(adt) < MIN_CELLS:
+        raise InputError(
+            f"{where}: {len(adt)} cells are too few to gate their proteins (task protein-gates needs {MIN_CELLS})"
+        )
     logged = np.log1p(adt[list(MARKERS)].to_numpy(dtype=np.float64))
     clr = logged - logged.mean(axis=0)
     calls = {}
     for j, marker in enumerate(MARKERS):
         x = clr[:, j : j + 1]
+        if np.unique(x).size < 2:  # an antibody that stained nothing (or everything) splits no one
+            raise InputError(
+                f"{where}: {marker} has the same count in every cell, so task protein-gates cannot split its "
+                "positive cells from the negative ones; is it the right protein column?"
+            )
         mixture = GaussianMixture(2, random_state=seed).fit(x)
         calls[marker] = mixture.predict(x) == int(np.argmax(mixture.means_.ravel()))
     return pd.DataFrame(calls, index=adt.index)
@@ -169,14 +181,13 @@ def _tenx_h5_proteins(path: Path, where: str, block: int = 8192) -> pd.DataFrame
     """The antibody rows of a Cell Ranger (>= 3) .h5, read barcode block by barcode block."""
     import h5py
 
+    from biomask.cells.readers import _strings
+
     with h5py.File(path, "r") as handle:
         if "matrix" not in handle:
             raise InputError(f"{where}: a Cell Ranger 2 .h5 holds no feature types, so no antibodies")
         group = handle["matrix"]
-        types = np.array(
-            [t.decode() if isinstance(t, bytes) else str(t) for t in group["features/feature_type"][:]]
-        )
-        names = np.array([t.decode() if isinstance(t, bytes) else str(t) for t in group["features/name"][:]])
+        types, names = _strings(group["features/feature_type"][:]), _strings(group["features/name"][:])
         rows = _antibodies(types, where)
         column = np.full(types.size, -1, dtype=np.int64)
         column[rows] = np.arange(rows.size)
@@ -197,5 +208,5 @@ def protein_labels(path: Path, where: str, n_cells: int, fmt: str = "h5ad") -> n
     """Each cell's gated type (object array; None where no gate applies)."""
     adt = protein_counts(path, where, fmt)
     if len(adt) != n_cells:
-        raise InputError(f"{where}: obsm[{OBSM_KEY!r}] has {len(adt)} rows for {n_cells} cells")
-    return np.array([t or None for t in gate(positive(adt))], dtype=object)
+        raise InputError(f"{where}: the protein counts have {len(adt)} rows for {n_cells} cells")
+    return np.array([t or None for t in gate(positive(adt, where=where))], dtype=object)
