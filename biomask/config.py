@@ -239,6 +239,7 @@ ADDED_KEYS: dict[str, Any] = {
     "model.input_scale": "none",
     "batch_column": None,  # prep cells
     "labels.min_cells": 0,  # prep cells, 2026-12-06
+    "standardise": "checkpoint",  # evaluate, embed, 2026-12-06
 }
 
 # Keys added before ADDED_KEYS was (2026-12-05), oldest first, each with its earlier-behaviour value

@@ -922,3 +922,77 @@ def test_fit_cells_warnings_name_the_anndata_and_its_arguments(pbmc68k_adata, tm
                        "counts.mode=log1p")  # fmt: skip
     assert code == 2 and f"{path} [X]: 1 gene names occur more than once" in err and "--duplicates" in err
     assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.network
+def test_standardise_data_centres_and_scales_each_gene_over_the_cells_embedded(
+    profile_checkpoint, pbmc68k_adata
+):
+    import biomask
+
+    counts = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+    # one cell type: its genes' means are far from those of the pretraining cells (all types)
+    monocytes = pbmc68k_adata[pbmc68k_adata.obs["bulk_labels"] == "CD14+ Monocyte"].copy()
+    model = load_pretrained(profile_checkpoint)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+
+    def standardised_input(model_or_dir, standardise):  # layer 0: the encoder's standardised input
+        out = biomask.embed(
+            monocytes, model_or_dir, matrix="raw", counts=counts, layer=0, standardise=standardise, copy=True
+        )
+        return out.obsm["X_biomask"][:, NUM_SPECIAL:]
+
+    own = standardised_input(model, "data")
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())  # the caller's model
+    measured = own.std(0) > 0
+    assert measured.sum() > 500
+    mean, sd = own.mean(0)[measured], own.std(0)[measured]
+    # as sc.pp.scale does to these cells: mean 0, sd 1 per gene (but for the few clipped at ±10)
+    assert np.median(np.abs(mean)) < 1e-4 and np.mean(np.abs(sd - 1) < 0.05) > 0.9
+    theirs = standardised_input(model, "checkpoint")
+    assert np.median(np.abs(theirs.mean(0)[measured])) > 0.1  # by the pretraining cells': off centre
+
+    # the checkpoint's statistics play no part: the same embedding from a model with other ones
+    shifted = load_pretrained(profile_checkpoint)
+    shifted.set_gene_stats(shifted.gene_mean.numpy() + 1.0, shifted.gene_std.numpy() * 2.0)
+    embedded = [
+        biomask.embed(monocytes, m, matrix="raw", counts=counts, standardise="data", copy=True)
+        for m in (model, shifted)
+    ]
+    vectors = [a.obsm["X_biomask"] for a in embedded]
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
+    assert embedded[0].uns["X_biomask"]["standardise"] == "data"
+
+    with pytest.raises(InputError, match="too few"):
+        biomask.embed(monocytes[:10].copy(), model, matrix="raw", counts=counts, standardise="data")
+    assert "X_biomask" not in monocytes.obsm
+
+
+def test_standardise_data_is_refused_for_a_model_without_gene_statistics():
+    from biomask.models.profile import check_standardise
+
+    cfg = EncoderConfig(vocab_size=12, modality="cells", d_model=8, n_layers=1, n_heads=1, d_ff=16)
+    tokens = build_model(cfg)
+    with pytest.raises(InputError, match="standardise=checkpoint"):
+        check_standardise(tokens, "data", "checkpoint runs/x/model")
+    check_standardise(tokens, "checkpoint", "checkpoint runs/x/model")  # the default applies to every model
+    check_standardise(_model(), "data", "checkpoint runs/x/model")
+
+
+@pytest.mark.network
+def test_evaluate_standardises_by_the_stores_cells_when_asked(profile_checkpoint, panel_store, tmp_path, cli):
+    out = tmp_path / "eval"
+    code, _out, err = cli(
+        "evaluate", "-c", "configs/evaluate/pbmc68k_reduced.yaml", f"store={panel_store}", f"output={out}",
+        f"checkpoints.mlp={profile_checkpoint}", "seeds=[0,1]", "protocols=[linear_probe]", "baselines=[]",
+        "standardise=data",
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["standardise"] == "data"
+    assert any("standardise=data" in note for note in results["notes"])
+    assert "standardise=data" in (out / "report.md").read_text()
+    summary = results["summary"]
+    pretrained = summary["mlp (linear probe)"]["macro_f1"]["mean"]
+    random = summary["random-init (linear probe)"]["macro_f1"]["mean"]
+    assert pretrained > random + 0.05, (pretrained, random)

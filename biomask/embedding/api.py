@@ -118,6 +118,7 @@ def embed(
     strip_version: bool = False,
     duplicates: str = "sum",
     min_coverage: float = 0.5,
+    standardise: str = "checkpoint",
     batch_size: int = 64,
     chunk_size: int = 8192,
     device: str = "auto",
@@ -132,8 +133,10 @@ def embed(
     "total_counts_column": "n_counts"}`); `gene_column`: a var column with the gene identifiers, None
     for the var index, "auto" for the vocabulary's own identifier column when present;
     `duplicates`: columns of one gene name are summed ("sum"), reduced to the first ("first"), or
-    refused ("error"); `min_coverage`: warn when less of the vocabulary is found in the data. Bad input raises
-    `biomask.errors.InputError`."""
+    refused ("error"); `min_coverage`: warn when less of the vocabulary is found in the data;
+    `standardise`: each gene scaled by the mean and sd of the model's pretraining cells
+    ("checkpoint") or of these cells ("data": for cells of another experiment than the corpus; profile
+    models only, at least 20 cells). Bad input raises `biomask.errors.InputError`."""
     from tqdm.auto import tqdm
 
     import biomask.cells.encode  # noqa: F401  (its loggers exist before renamed_in_logs)
@@ -187,6 +190,7 @@ def embed(
                 duplicates=duplicates,
                 min_coverage=min_coverage,
                 chunk_size=chunk_size,
+                standardise=standardise,
             )
             vectors = np.empty((adata.n_obs, vector_width(model, layer)), dtype=np.float32)
 

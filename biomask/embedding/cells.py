@@ -44,10 +44,14 @@ class CellsEmbedding:
         duplicates: str = "sum",
         min_coverage: float = 0.5,
         chunk_size: int = 8192,
+        standardise: str = "checkpoint",
     ) -> None:
         from biomask.cells.encode import CellEncoder, checkpoint_prep
+        from biomask.models.profile import check_standardise
 
+        check_standardise(model, standardise, f"checkpoint {model.checkpoint_dir}")
         self.model, self.source, self.chunk_size = model, source, chunk_size
+        self.standardise = standardise
         self.counts = counts
         self.prep = checkpoint_prep(model.checkpoint_dir, model.checkpoint_info)
         self.encoder = CellEncoder(
@@ -73,6 +77,11 @@ class CellsEmbedding:
     ) -> dict[str, Any]:
         """Embed every cell, calling `write(start, vectors)` per chunk (and `on_chunk(n_cells)` for
         progress); returns what the provenance records about the cells (coverage, tokenization)."""
+        model = self.model
+        if self.standardise == "data":  # a first pass: each gene's mean and sd over these cells
+            from biomask.models.profile import standardised_on
+
+            model = standardised_on(model, self._records(), self.source.where)
         totals = dict.fromkeys(_TOTALS, 0.0)
         # only the genes the model reads: a sample lacking others does not move its vectors
         unmeasured = MissingGenes(self.source, genes=self.opened.token_map.targets >= 0)
@@ -82,7 +91,7 @@ class CellsEmbedding:
             write(
                 start,
                 embed_records(
-                    self.model,
+                    model,
                     records,
                     pooling=pooling,
                     layer=layer,
@@ -117,4 +126,10 @@ class CellsEmbedding:
             "cells": int(self.source.n_obs),
             "cells_without_vocabulary_genes": empty,
             "tokenization": self.prep.describe(),
+            "standardise": self.standardise,
         }
+
+    def _records(self):
+        """Every cell's record, streamed chunk by chunk (the pass that standardise=data adds)."""
+        for start, raw in self.source.blocks(self.chunk_size):
+            yield from self.encoder.encode(self.opened, start, raw)[0]

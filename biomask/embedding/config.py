@@ -76,6 +76,11 @@ class EmbedConfig(Config):
     # mean_layers (every block's mean, concatenated: n_layers × d_model; with layer -1 only)
     # (no concat, which evaluate offers: its width follows each record's length)
     pooling: Literal["cls", "mean", "max", "mean_layers"] = "mean"
+    # Profile cell models (kinds mlp, panel_transformer): each gene standardised by the mean and sd of
+    # the model's pretraining cells (checkpoint), or of the cells embedded here (data; one more pass
+    # over the file, at least 20 cells): for cells of another experiment than the pretraining corpus
+    # (docs/cell-models.md, "Standardising by the cells embedded").
+    standardise: Literal["checkpoint", "data"] = "checkpoint"
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
     # obsm key; no "/" (an .h5ad would hold it as nested groups that anndata cannot read back)
     key: str = Field("X_biomask", min_length=1, pattern=r"^[^/]+$")

@@ -73,6 +73,7 @@ class CellsJob:
                 duplicates=cfg.genes.duplicates,
                 min_coverage=cfg.genes.min_coverage,
                 chunk_size=cfg.chunk_size,
+                standardise=cfg.standardise,
             )
         except BaseException:
             self.source.close()

@@ -181,6 +181,11 @@ class EvaluateConfig(Config):
     # window: embedded in windows of the model's length, pooled (mean or max of the window vectors;
     # concat: their concatenation); centre: the middle tokens; refuse: exit 2. Logged and reported.
     long_records: Literal["window", "centre", "refuse"] = "window"
+    # Profile cell models (kinds mlp, panel_transformer) standardise each gene by the mean and sd of
+    # their pretraining cells (checkpoint). data: by this store's own cells (every record, labels
+    # unused, as the PCA baseline is fitted), the random init too: for cells of another experiment
+    # than the pretraining corpus (docs/cell-models.md, "Standardising by the cells embedded").
+    standardise: Literal["checkpoint", "data"] = "checkpoint"
     finetune: FinetuneSpec = FinetuneSpec()
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
     compare: list[list[str]] = Field(default_factory=list)

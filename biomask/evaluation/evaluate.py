@@ -266,6 +266,7 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
         results["split_sizes"] = split_sizes
+        results["standardise"] = cfg.standardise
         results["notes"] = notes
         (tmp / "metrics.json").write_text(strict_json(results))
         (tmp / "report.md").write_text(render_report(results))

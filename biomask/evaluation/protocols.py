@@ -67,6 +67,7 @@ from biomask.evaluation.probes import mlp_probe
 from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pretrained
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
+from biomask.models.profile import check_standardise, standardised_on
 from biomask.provenance import sha256_file
 from biomask.resources import resolve_threads
 
@@ -349,6 +350,18 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         if "store" not in cache:
             cache["store"] = [data.record(i) for i in range(len(data))]
         return cache["store"]
+
+    if cfg.standardise == "data":
+        for name, (model, retokenize) in checked.items():
+            where = f"checkpoint {name}, store {data.store.root}"
+            check_standardise(model, cfg.standardise, where)
+            checked[name] = (standardised_on(model, records(), where), retokenize)
+            models[name] = checked[name][0]
+        if models:
+            notes.append(
+                "standardise=data: the cell models' genes are standardised by this store's cells (every "
+                "record, labels unused), not by their pretraining cells'"
+            )
 
     def records_of(name: str) -> Callable[[], list[dict]]:
         """The records as checkpoint `name` reads them: the store's, or its sequences re-tokenized."""

@@ -37,6 +37,7 @@ The encoder never reads it, so a cell's embedding does not depend on its batch l
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomask.cells.tokenize import SCHEMES
+from biomask.errors import InputError
 from biomask.models import likelihood
 from biomask.models.config import EncoderConfig
 from biomask.vocab import NUM_SPECIAL
@@ -347,3 +349,48 @@ def gene_statistics(records, vocab_size: int, *, panel: bool = True) -> tuple[np
     std = np.sqrt(np.maximum(square / n - mean * mean, 0.0))
     std[std == 0] = 1.0
     return mean, std
+
+
+# Standardising by the embedded cells' own statistics needs enough cells for a per-gene sd.
+MIN_CELLS_OWN_STATS = 20
+STANDARDISE = ("checkpoint", "data")
+
+
+def standardised_on(model: ProfileModel, records, where: str) -> ProfileModel:
+    """A copy of `model` whose per-gene standardisation is that of `records` (`standardise: data`);
+    `model` itself is left as it is. The checkpoint's statistics are its pretraining cells'. Cells of
+    another experiment (another chemistry, depth or tissue) differ from those per gene, and a model
+    that reads each gene's deviation from the corpus's mean then reads the experiment as well as the
+    cell; standardising each dataset by its own statistics is what `sc.pp.scale` does per dataset
+    (measured: docs/cell-models.md, "Standardising by the cells embedded"). Streams `records` once.
+    Fewer than MIN_CELLS_OWN_STATS records: InputError naming `where`."""
+    n = 0
+
+    def counted():
+        nonlocal n
+        for record in records:
+            n += 1
+            yield record
+
+    mean, std = gene_statistics(counted(), model.config.vocab_size, panel=model._complete_profile())
+    if n < MIN_CELLS_OWN_STATS:
+        raise InputError(
+            f"{where}: standardise=data takes each gene's mean and sd from the cells embedded, and "
+            f"{n} cells are too few for that (at least {MIN_CELLS_OWN_STATS}); embed them with "
+            "standardise=checkpoint (the statistics of the model's pretraining cells)"
+        )
+    out = copy.deepcopy(model)
+    out.set_gene_stats(mean, std)
+    return out
+
+
+def check_standardise(model: torch.nn.Module, standardise: str, where: str) -> None:
+    """standardise=data applies to profile models only (token models have no per-gene statistics)."""
+    if standardise not in STANDARDISE:
+        raise InputError(f"standardise must be one of {', '.join(STANDARDISE)}, not {standardise!r}")
+    if standardise == "data" and not isinstance(model, ProfileModel):
+        raise InputError(
+            f"{where}: standardise=data replaces a profile model's per-gene standardisation (kinds mlp, "
+            f"panel_transformer), and this is a {model.config.kind} model of {model.config.modality}, "
+            "which has none; use standardise=checkpoint"
+        )
