@@ -228,6 +228,14 @@ def test_scmae_trains_through_the_trainer_and_switches_objective_on_continuing(
     assert back.config.objective == "mae" and not hasattr(back, "swap_head")
     assert back.config.d_ff == 128 and "not used: model.d_ff=64 (the checkpoint's: 128)" in caplog.text
     assert json.loads((tmp_path / "mae" / "model" / "config.json").read_text())["init_from"]["steps"] == 410
+    # the latent penalty is a training choice too: this run's, as its resolved config records it
+    penalised = _pretrain("configs/pretrain/cells-mlp.yaml", tmp_path / "dec", **keys,
+                          **{"model.init_from": profile_checkpoint, "model.decorrelation": 0.1})  # fmt: skip
+    assert load_pretrained(penalised).config.decorrelation == 0.1
+    plain = _pretrain("configs/pretrain/cells-mlp.yaml", tmp_path / "plain", **keys,
+                      **{"model.init_from": penalised})  # fmt: skip
+    assert load_pretrained(plain).config.decorrelation == 0.0
+    assert "decorrelation: 0.0" in (tmp_path / "plain" / "config.yaml").read_text()
 
 
 @pytest.mark.network

@@ -237,6 +237,10 @@ def init_checkpoint(
         # weights' (an mlp's only)
         embed_norm=arch.embed_norm if pretrained.config.kind == "mlp" else "none",
         objective=arch.objective if pretrained.config.kind == "mlp" else "mae",
+        # training-only settings, this run's too (the checkpoint's were silently kept before 2026-12-06,
+        # while the run's resolved config recorded its own)
+        decorrelation=arch.decorrelation if pretrained.config.kind == "mlp" else 0.0,
+        max_visible=arch.max_visible if pretrained.config.kind == "panel_transformer" else 0,
     )
     # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective,
     # its swap detector (scmae) belongs to that objective only: new when it starts, gone when it ends
