@@ -208,3 +208,32 @@ def test_dna_masking_probes_every_scheme_seed_on_both_tasks_under_its_name(tmp_p
         task = plan.stages[evaluation].tasks[0]
         assert _checkpoints(task) == expected
         assert f"store={plan.stages[prep].tasks[0].output}" in task.overrides
+
+
+def test_splice_human_fine_tunes_every_human_genome_seed_against_one_hot(tmp_path):
+    """configs/pipelines/splice-human.yaml: issue 16's splice target outside the main job — the CNN
+    pretrained on human chrX (dna-cnn-human.yaml, 15,000 steps) with 5 seeds, each probed and
+    fine-tuned by the position template on splice prepared with the genome's tokenizer, and a report
+    that states both targets against one-hot + LR."""
+    from biomask.config import load_config
+    from biomask.report.config import ReportConfig
+
+    plan = load_plan(REPO / "configs/pipelines/splice-human.yaml", [f"run_dir={tmp_path}"])
+    genome = plan.stages["prep_genome"].tasks[0].output
+    runs = {t.point["train.seed"]: t for t in plan.stages["pretrain"].tasks}
+    assert sorted(runs) == [0, 1, 2, 3, 4]
+    assert plan.stages["pretrain"].config.name == "dna-cnn-human.yaml"
+    assert all(f"data.store={genome}" in t.overrides for t in runs.values())
+    splice = plan.stages["prep_splice"].tasks[0]
+    assert f"tokenizer.path={genome}" in splice.overrides
+    evaluate = plan.stages["evaluate"].tasks[0]
+    assert plan.stages["evaluate"].config.name == "position-task.yaml"
+    assert _checkpoints(evaluate) == {f"r2mae@{s}": f"{t.output}/model" for s, t in runs.items()}
+    assert f"store={splice.output}" in evaluate.overrides
+    report = plan.stages["report"]
+    cfg = load_config(ReportConfig, report.config, report.tasks[0].overrides)
+    assert {(t.evaluation, t.protocol) for t in cfg.targets} == {
+        ("splice", "linear_probe"),
+        ("splice", "finetune"),
+    }
+    assert cfg.evaluations["splice"].path == str(evaluate.output)
