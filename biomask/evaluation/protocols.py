@@ -356,7 +356,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
             where = f"checkpoint {name}, store {data.store.root}"
             check_standardise(model, cfg.standardise, where)
             checked[name] = (standardised_on(model, records(), where), retokenize)
-            models[name] = checked[name][0]
+        models = {name: model for name, (model, _) in checked.items()}
         if models:
             notes.append(
                 "standardise=data: the cell models' genes are standardised by this store's cells (every "
