@@ -122,6 +122,17 @@ def test_a_genome_without_cds_or_too_short_for_the_windows_is_refused(tmp_path, 
         assert code == 2 and str(genome) in err, (name, err)
         assert ("no annotated CDS" if name == "no CDS" else "300-base window") in err, (name, err)
         assert not out.exists()
+        # gene starts: a CDS there is, but its start's window would run off the contig
+        code, _, err = cli(
+            "datasets", "task", "gene-starts", "--genome", genome, "--output", out, "--length", "300"
+        )  # fmt: skip
+        expected = (
+            "no annotated CDS"
+            if name == "no CDS"
+            else "none of its 1 annotated CDS starts has a 300-base window"
+        )
+        assert code == 2 and str(genome) in err and expected in err, (name, err)
+        assert not out.exists()
     # options every task shares: a window too short, no windows asked for
     for task in ("coding", "gene-starts"):
         for option, expected in (("--length=10", "too short"), ("--max-per-class=0", "at least 1")):

@@ -322,6 +322,12 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         table["id"]
     )
     assert from_table.uns["X_biomask"]["modality"] == "dna" and (tmp_path / "table.umap.png").exists()
+    # a label column the user names must exist (the default one is copied only when there)
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "splice.csv",
+                       "--output", tmp_path / "typo.h5ad", "dna.label_column=lable")  # fmt: skip
+    assert (
+        code == 2 and "splice.csv: no label column 'lable'" in err and not (tmp_path / "typo.h5ad").exists()
+    )
     code, _, err = cli(
         "embed", "--checkpoint", dna_checkpoint, "--input", splice_store, "--output", tmp_path / "store.h5ad"
     )

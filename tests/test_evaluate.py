@@ -113,7 +113,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert "nan" not in (tmp_path / "e1" / "report.md").read_text()
     notes = results["notes"]
     assert notes[0].startswith("baseline onehot_lr (one-hot + LR) not run: it needs records of one length")
-    assert "motif-task.yaml" in notes[0]
+    assert "kmer_lr (k-mer counts + LR) reads records of any length" in notes[0]
     assert notes[1].startswith("checkpoint own: pretrained (label-free) on this store's 'train' records")
     assert "set splits.mode=store" in notes[1]
     assert "concat pooling not tried: it needs records of one length" in notes[2]
@@ -229,6 +229,32 @@ def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_p
         in report
     )
     assert "embedded in windows of the model's length, their vectors pooled (long_records=window)" in report
+
+
+def test_the_long_records_section_names_the_models_it_did_not_apply_to():
+    """With one checkpoint windowed and another reading every record whole, the report names both:
+    a model missing from the list would read as unreported, not as unaffected."""
+    from biomask.evaluation.evaluate import _long_records_lines
+
+    fits = {"max_tokens": 256, "n_long": 0, "n_records": 600}
+    results = {
+        "long_records": "window",
+        "methods": [
+            {"group": "baseline", "name": "k-mer counts + LR"},
+            {"group": "cnn", "name": "cnn (linear probe)", "inputs": fits},
+            {
+                "group": "tf",
+                "name": "tf (linear probe)",
+                "inputs": {**fits, "max_tokens": 128, "n_long": 600},
+            },
+            {"group": "random-init", "name": "random-init (linear probe)", "inputs": fits},
+        ],
+    }
+    lines = _long_records_lines(results)
+    assert any(
+        line.startswith("- tf: 600 of 600 records are longer than its input of 128 tokens") for line in lines
+    )
+    assert "- cnn, random-init: every record fits; long_records=window did not apply." in lines
 
 
 @pytest.mark.parametrize(

@@ -226,6 +226,20 @@ def test_bad_fasta_inputs(tmp_path, cli, content, name, expected):
     assert name in err and expected in err
 
 
+def test_a_genome_of_one_held_out_block_is_told_to_use_smaller_blocks(tmp_path, cli):
+    """A plasmid shorter than one split block goes wholly to one split; when that is val or test the
+    message says so and how to fix it, not that windows or cleaning produced nothing."""
+    from biomask.dna.windows import block_split
+
+    name = next(
+        f"p{i}.fa" for i in range(1000) if block_split(f"p{i}.fa/plasmid", 0, 0.05, 0.05, 0) != "train"
+    )
+    seq = np.random.default_rng(0).choice(list("ACGT"), 2000)
+    code, err = _prep_file(cli, tmp_path, ">plasmid\n" + "".join(seq) + "\n", name)
+    assert code == 2
+    assert name in err and "held out for validation or test" in err and "smaller split.block_size" in err
+
+
 def test_a_fasta_with_labels_in_its_headers_is_pointed_at_a_table(tmp_path, cli):
     """A FASTA is a genome to biomask: short records give no windows, and the message says why and
     that a labelled set is a table; with windows that fit, the store is written with a warning."""

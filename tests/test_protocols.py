@@ -60,6 +60,41 @@ def test_probes_beat_chance_on_splice_next_to_the_baselines(
     assert "| tiny (linear probe) | linear_probe |" in report and "random-init (MLP probe)" in report
 
 
+def test_the_random_init_is_paired_only_with_checkpoints_of_its_architecture(
+    splice_store, dna_checkpoint, genome_store, tmp_path, cli, repo
+):
+    """The untrained model is the first checkpoint's architecture: a checkpoint of another (here a
+    cnn beside a transformer) gets no "what pretraining adds" row against it, in metrics.json or in
+    the report's verdicts, where a difference of architecture would pass for one of pretraining."""
+    from tests.conftest import _pretrain
+
+    cnn = _pretrain(
+        "configs/pretrain/dna-cnn-quick.yaml", tmp_path / "cnn",
+        **{"data.store": genome_store, "data.max_length": 130, "model.max_len": 130, "train.steps": 2},
+    )  # fmt: skip
+    out = tmp_path / "eval"
+    code, _, err = cli(
+        "evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={splice_store}", f"output={out}",
+        f"checkpoints.tiny={dna_checkpoint}", f"checkpoints.cnn={cnn}", "protocols=[linear_probe]",
+        "seeds=[0,1]", "baselines=[onehot_lr]", "select_on_val=false",
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    random = next(m for m in results["methods"] if m["group"] == "random-init")
+    assert random["architecture_of"] == ["tiny"]
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert ("tiny (linear probe)", "random-init (linear probe)") in pairs
+    assert ("cnn (linear probe)", "random-init (linear probe)") not in pairs
+    assert ("cnn (linear probe)", "one-hot + LR") in pairs  # still measured against the baseline
+    assert any("random-init is tiny's architecture" in n for n in results["notes"])
+
+    from biomask.report.collect import load_evaluation
+    from biomask.report.report import r2mae_vs_random_init
+
+    ev = load_evaluation("splice", str(out), "mcc", None)
+    assert r2mae_vs_random_init(ev, "cnn") == [] and r2mae_vs_random_init(ev, "tiny")
+
+
 @pytest.fixture(scope="module")
 def splice_split(splice_store):
     data = load_labelled(splice_store)

@@ -132,8 +132,10 @@ def gene_start_windows(
     rng = np.random.default_rng(seed)
     starts: list[dict[str, str]] = []
     contigs: list[tuple[str, str, dict[int, set[int]]]] = []
+    n_genes = 0
     for contig, sequence, genes in _annotated_genes(Path(path), "gene-starts"):
         taken: dict[int, set[int]] = {1: set(), -1: set()}
+        n_genes += len(genes)
         for gene in genes:
             taken[gene.strand].add(gene.start)
             # offset of the codon's first base in the window, read in the gene's direction
@@ -143,6 +145,11 @@ def gene_start_windows(
             if window is not None:
                 starts.append(_row(window, "start", contig, left, length, gene.strand))
         contigs.append((contig, sequence, taken))
+    if not starts and n_genes:
+        raise InputError(
+            f"{path}: none of its {n_genes:,} annotated CDS starts has a {length}-base window inside its "
+            "contig (each lies too near a contig end); use a shorter --length"
+        )
     if not starts:
         raise InputError(f"{path}: no annotated CDS (single-interval, not pseudo) to take starts from")
     others = _other_windows(contigs, len(starts), length, rng)

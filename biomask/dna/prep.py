@@ -271,6 +271,15 @@ def _prep_genome(
             )
             counts[f"windows_{batch.split}"] += len(windows)
     labelled = [n for n in header_samples if LABEL_IN_HEADER.search(n)]
+    held_out = counts["windows_val"] + counts["windows_test"]
+    if counts["windows_train"] == 0 and held_out:
+        # a genome of one or two blocks: each block goes wholly to one split, and these all drew val/test
+        raise InputError(
+            f"no training windows from {', '.join(str(i.path) for i in inputs)}: all {held_out:,} windows "
+            f"lie in blocks held out for validation or test (split.block_size={cfg.split.block_size:,} "
+            f"bases, {counts['records']:,} records of at most {max(record_lengths.values(), default=0):,}); "
+            "set a smaller split.block_size so each record spans several blocks, or split.val=0 split.test=0"
+        )
     if counts["windows_train"] == 0:
         longest = max(record_lengths.values(), default=0)
         short = (

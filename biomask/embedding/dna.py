@@ -127,8 +127,10 @@ def read_sequence_table(
     id_column: str | None,
     chunk_size: int,
     both: bool = False,
+    label_required: bool = False,
 ) -> Iterator[Chunk]:
-    """Rows of a CSV/TSV: a sequence column, optionally a label and an id column."""
+    """Rows of a CSV/TSV: a sequence column, optionally a label and an id column. The label column
+    is copied when present, unless the user named it (`label_required`): then it must be there."""
     with open_text(path) as handle, decompression_errors(path):
         first = handle.readline()
         if not first.strip():
@@ -136,7 +138,8 @@ def read_sequence_table(
         delimiter = "\t" if first.count("\t") > first.count(",") else ","
         reader = csv.DictReader(chain_first(first, handle), delimiter=delimiter)
         header = reader.fieldnames or []
-        for role, column in (("sequence", sequence_column), ("id", id_column)):
+        required = (("sequence", sequence_column), ("id", id_column))
+        for role, column in required + ((("label", label_column),) if label_required else ()):
             if column is not None and column not in header:
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
@@ -210,4 +213,6 @@ def sequence_chunks(model: Any, path: Path, kind: str, spec: DNASpec, chunk_size
         id_column=spec.id_column,
         chunk_size=chunk_size,
         both=spec.strands == "both",
+        # the default "label" is copied when there; a column the user named must be there
+        label_required="label_column" in spec.model_fields_set and spec.label_column is not None,
     )

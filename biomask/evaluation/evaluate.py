@@ -177,8 +177,8 @@ def baseline_methods(
             if len(lengths) != 1:
                 skip(
                     f"baseline onehot_lr (one-hot + LR) not run: it needs records of one length, and these "
-                    f"have {min(lengths):,}–{max(lengths):,} bases (configs/evaluate/motif-task.yaml is the "
-                    "template for records of different lengths)"
+                    f"have {min(lengths):,}–{max(lengths):,} bases; kmer_lr (k-mer counts + LR) reads records "
+                    "of any length"
                 )
                 continue
             methods.append(Method("one-hot + LR", "baseline", name, _onehot_lr))
@@ -297,11 +297,15 @@ def _summarise(
     one_split = cfg.splits.mode == "store"  # every seed evaluates the store's own split
     by_key = {(m.group, m.protocol): m.name for m in methods}
     pairs = [tuple(p) for p in cfg.compare]
-    # what pretraining adds, paired on the same splits: every checkpoint against the random init
+    # what pretraining adds, paired on the same splits: every checkpoint of the random init's
+    # architecture against it (another architecture's untrained twin is not evaluated)
+    like = next((m.info.get("architecture_of") for m in methods if m.group == RANDOM_INIT), None)
     pairs += [
         (m.group, RANDOM_INIT)
         for m in methods
-        if m.group not in ("baseline", RANDOM_INIT, CHOSEN_ON_VAL) and (RANDOM_INIT, m.protocol) in by_key
+        if m.group not in ("baseline", RANDOM_INIT, CHOSEN_ON_VAL)
+        and (RANDOM_INIT, m.protocol) in by_key
+        and (like is None or m.group in like)
     ]
     for a, b in dict.fromkeys(pairs):
         for protocol in cfg.protocols:
@@ -445,6 +449,11 @@ def _long_records_lines(results: dict[str, Any]) -> list[str]:
                     + f" (long_records={policy})."
                 )
     if lines:
+        whole = list(
+            dict.fromkeys(m["group"] for m in results["methods"] if "inputs" in m and m["group"] not in seen)
+        )
+        if whole:
+            lines.append(f"- {', '.join(whole)}: every record fits; long_records={policy} did not apply.")
         return [
             "",
             "Records longer than a model's input (the baselines read every record whole):",

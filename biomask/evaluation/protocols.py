@@ -559,6 +559,11 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
             inference_max_length(template),
             records_of(first),
         )
+        # the checkpoints it is like for like with: only these are paired with it (evaluate, report)
+        same = [n for n, m in models.items() if m.config == template.config]
+        for m in methods:
+            if m.group == RANDOM_INIT:
+                m.info["architecture_of"] = same
     log.info(
         "evaluate: %d model methods (%s) on %d records",
         len(methods),

@@ -320,12 +320,19 @@ def pairwise_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     return rows
 
 
+def _like_for_like(random: dict[str, Any], group: str) -> bool:
+    """Whether the random init has `group`'s architecture (a checkpoint, or `group@seed` ones).
+    Evaluations written before `architecture_of` was recorded paired every checkpoint with it."""
+    names = random.get("architecture_of")
+    return names is None or any(n == group or n.rpartition(SEED_MARK)[0] == group for n in names)
+
+
 def r2mae_vs_random_init(evaluation: Evaluation, r2mae: str) -> list[dict[str, Any]]:
     """Per protocol: does pretraining beat the untrained architecture (paired over seeds)?"""
     rows = []
     for m in evaluation.methods(group=r2mae):
         random = evaluation.methods(m["protocol"], "random-init")
-        if random:
+        if random and _like_for_like(random[0], r2mae):
             cmp = paired_comparison(evaluation.scores(m["name"]), evaluation.scores(random[0]["name"]))
             splits = per_split_differences(evaluation, m["name"], random[0]["name"], evaluation.metric)
             rows.append({"protocol": m["protocol"], "cmp": cmp, "splits": splits})
