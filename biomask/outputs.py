@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
@@ -393,7 +394,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     the block succeeds and is removed when it fails. A block that deletes the temporary itself leaves
     `path` as it was (e.g. when the new content turns out identical)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file (FileExistsError), read-only, no permission
+        if isinstance(exc, FileExistsError) or not path.parent.is_dir():
+            exc = NotADirectoryError(
+                errno.ENOTDIR, "a part of the path is a file, not a folder", str(path.parent)
+            )
+        raise EnvironmentIOError(f"cannot create {path}: " + describe_os_error(exc)) from None
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp

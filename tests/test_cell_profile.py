@@ -525,6 +525,18 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
 
     with pytest.raises(InputError, match="at least 20"):
         biomask.fit_cells(pbmc68k_adata[:10].copy(), tmp_path / "few", matrix="raw", counts={"mode": "log1p"})
+    # 21 cells of which 2 hold nothing: 19 kept, refused after the prep that finds them empty
+    import anndata as ad
+
+    values = np.asarray(
+        pbmc68k_adata.raw.X[:21].todense()
+        if hasattr(pbmc68k_adata.raw.X, "todense")
+        else pbmc68k_adata.raw.X[:21]
+    )
+    values[[3, 9]] = 0
+    emptied = ad.AnnData(values, obs=pbmc68k_adata.obs.iloc[:21].copy(), var=pbmc68k_adata.raw.var.copy())
+    with pytest.raises(InputError, match="19 cells kept .* at least 20"):
+        biomask.fit_cells(emptied, tmp_path / "emptied", counts={"mode": "log1p"})
     # what the AnnData lacks, and a setting that does not exist, are found before anything is written
     bad = tmp_path / "bad"
     with pytest.raises(InputError) as err:
@@ -534,6 +546,11 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
         biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, gene_column="symbols")
     with pytest.raises(InputError, match=r"masking='r2mea' \(fit-cells: --masking\) is not a masking scheme"):
         biomask.fit_cells(pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, masking="r2mea")
+    for key, value in (("data.store", str(tmp_path)), ("output", str(tmp_path / "elsewhere"))):
+        with pytest.raises(InputError, match=f"fit_cells: {key} cannot be overridden"):
+            biomask.fit_cells(
+                pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={key: value}
+            )
     with pytest.raises(InputError, match="train.stepz"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}

@@ -110,6 +110,30 @@ def test_genes_of_another_species_are_named_as_such_not_as_a_column_to_set(fitte
     )
     code, _, err = cli("prep", "cells", "-c", config)
     assert code == 2 and "different species" in err and "genes.column" not in err, err
+    # a few symbols spelt alike in both species (F5, C1orf…) end the zero overlap, not the hint: the
+    # low-coverage warning gives it when more genes match only once case is ignored
+    alike = mouse.copy()
+    alike.var_names = list(adata.var_names[:3]) + list(mouse.var_names[3:])
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("biomask").addHandler(keep)  # the CLI above stopped biomask's records propagating
+    try:
+        biomask.embed(alike, checkpoint, copy=True)
+    finally:
+        logging.getLogger("biomask").removeHandler(keep)
+    warned = " ".join(keep.messages)
+    assert (
+        "when case is ignored" in warned and "(and 3 as written)" in warned and "different species" in warned
+    ), warned
     # identifiers that differ otherwise keep the hint they had
     other = adata.copy()
     other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]
@@ -144,6 +168,17 @@ def test_qc_that_drops_most_cells_warns_naming_the_thresholds(tmp_path, cli):
         f"output={tmp_path / 'kept'}",
     )
     assert code == 0 and "QC dropped" not in err
+    # fit_cells takes no qc keys: its warning names none (its only QC drops cells with no values)
+    empty = synthetic_cells(n_cells=60)
+    empty.X[:20] = 0
+    empty.write_h5ad(tmp_path / "empty.h5ad")
+    code, _, err = cli(
+        "fit-cells", "--input", tmp_path / "empty.h5ad", "--output", tmp_path / "fit", "train.steps=2"
+    )
+    assert (
+        code == 0 and "QC dropped 20 of the 60 cells read" in err and "20 whose values are all zero" in err
+    ), err
+    assert "qc." not in err
 
 
 def test_a_profile_model_worse_than_the_gene_means_is_warned_about(tmp_path, caplog):

@@ -32,6 +32,20 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["emb.h5ad"]  # no temporary left
 
 
+def test_an_output_under_a_file_is_refused_naming_it(tmp_path):
+    """`--output notes.txt/out.h5ad`: exit 2 (EnvironmentIOError) naming the part that is a file, not
+    a FileExistsError traceback; the file stays as it was."""
+    from biomask.errors import EnvironmentIOError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in ("notes.txt/out.h5ad", "notes.txt/sub/out.h5ad"):
+        with pytest.raises(EnvironmentIOError, match="notes.txt"), atomic_file(tmp_path / target) as tmp:
+            tmp.write_text("x")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt"
+    ]
+
+
 def test_reusing_an_output_removes_a_killed_runs_temporary_but_not_a_live_ones(tmp_path):
     """A run killed between its rename and its clean-up leaves a temporary that a later reuse removes;
     one that a live run (another process, a second notebook) is writing is left alone."""

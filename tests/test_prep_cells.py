@@ -776,6 +776,21 @@ def test_every_format_gives_the_same_tokens(tmp_path, cli, repo, pbmc3k):
         }
     assert stores["10x_mtx"] == stores["h5ad"] == stores["10x_h5"] == stores["10x_h5_v2"] == stores["loom"]
     assert sum(len(v) for v in stores["h5ad"].values()) > 250
+    # rank tokens divide by each gene's median: with a median budget below the dense matrix's entries
+    # but above its non-zeros, the dense loom gets the sparse files' exact medians, not a subset's
+    source = open_matrix(files["h5ad"])
+    nnz, entries = source.stored_values, source.n_obs * source.n_vars
+    source.close()
+    medians = {}
+    for fmt in ("h5ad", "loom"):
+        out = tmp_path / f"rank-{fmt}"
+        code, _, err = prep(cli, repo / CFG_3K, f"output={out}", f"inputs=[{{path: {files[fmt]}}}]",
+                            f"genes.column={id_column[fmt]}", "tokenizer.scheme=rank",
+                            f"tokenizer.median_max_values={(nnz + entries) // 2}")  # fmt: skip
+        assert code == 0, err
+        medians[fmt] = (out / "tokenizer" / "genes.tsv").read_text()
+        assert json.loads((out / "manifest.json").read_text())["tokenizer"]["medians"]["method"] == "exact"
+    assert medians["h5ad"] == medians["loom"]
 
 
 def test_a_pattern_in_path_reads_every_matrix_it_matches(tmp_path, cli, repo, pbmc3k):
@@ -891,6 +906,44 @@ def test_nan_and_negative_values_are_refused_naming_the_cell(tmp_path, cli, repo
         cli, repo, tmp_path, path, "counts.detect_cells=20"
     )  # found after detection, while streaming
     assert f"negative.h5ad [X]: cell '{pbmc3k.obs_names[40]}' (row 40) has a negative value (-3)" in err
+
+
+def test_a_damaged_sparse_matrix_is_refused_not_a_crash(tmp_path, cli, repo, pbmc3k):
+    """A gene index past the last gene (h5ad, 10x .h5, an AnnData in memory) or a compressed chunk
+    that fails to decompress: exit 2 naming the file and cell, never a segfault or a traceback."""
+    path = _broken_h5ad(tmp_path, pbmc3k, "index.h5ad", lambda a: None)
+    with h5py.File(path, "r+") as f:
+        start = int(f["X/indptr"][12])
+        f["X/indices"][start] = 10**6
+    err = _fails(cli, repo, tmp_path, path)
+    assert f"index.h5ad [X]: cell 13 stores a gene index 1,000,000 outside 0..{pbmc3k.n_vars - 1:,}" in err
+    import anndata
+
+    from biomask.cells.readers import from_anndata
+    from biomask.errors import InputError
+
+    source = from_anndata(anndata.read_h5ad(path))  # a notebook's AnnData (biomask.embed, fit_cells)
+    with pytest.raises(InputError, match="cell 13 stores a gene index 1,000,000"):
+        list(source.blocks(128))
+
+    (tmp_path / "tenx").mkdir()
+    files, _, _ = _write_10x(tmp_path / "tenx", pbmc3k)
+    with h5py.File(files["10x_h5"], "r+") as f:
+        f["matrix/indices"][5] = 10**6
+    err = _fails(cli, repo, tmp_path, files["10x_h5"])
+    assert "filtered_feature_bc_matrix.h5 [matrix]: cell 1 stores a gene index 1,000,000" in err
+
+    sub = pbmc3k[:60].copy()
+    sub.X = sp.csr_matrix(sub.X)
+    packed = tmp_path / "packed.h5ad"
+    sub.write_h5ad(packed, compression="gzip")
+    with h5py.File(packed, "r") as f:
+        offset = f["X/data"].id.get_chunk_info(0).byte_offset
+    with open(packed, "r+b") as handle:
+        handle.seek(offset + 16)
+        handle.write(b"\xff" * 64)
+    err = _fails(cli, repo, tmp_path, packed)
+    assert "packed.h5ad [X]: cells 1-60 cannot be read" in err and "the file is damaged" in err
 
 
 def test_non_numeric_values_are_refused(tmp_path, cli, repo, pbmc3k):

@@ -30,6 +30,7 @@ from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
+    case_only_hint,
     check_orientation,
     coverage,
     gene_names,
@@ -164,9 +165,10 @@ class CellEncoder:
             "vocabulary; the others are left out"
         )
         if share < self.min_coverage:
+            species = case_only_hint(names, vocab.genes, found["vocab_genes_present"])
             log.warning(
                 "%s: only %d of the checkpoint's %d vocabulary genes (%s) are in the data (min_coverage "
-                "%.0f%%): the model sees the missing ones as %s (%s)",
+                "%.0f%%): the model sees the missing ones as %s (%s)%s",
                 source.where,
                 found["vocab_genes_present"],
                 found["vocab_genes"],
@@ -174,6 +176,7 @@ class CellEncoder:
                 100 * self.min_coverage,
                 "unmeasured" if self.scheme.complete_profile else "not expressed",
                 dataset_side,
+                f". {species[0].upper()}{species[1:]}" if species else "",
             )
         else:
             log.info(

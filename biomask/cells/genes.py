@@ -87,15 +87,30 @@ def other_case_hint(names: np.ndarray, vocabulary: list[str]) -> str | None:
     """At zero overlap: a note when the identifiers match once case is ignored. Mouse genes are
     written Cd3e, human ones CD3E, so that is a model of another species -- which no gene column or
     version suffix fixes, the only hints the zero-overlap message otherwise gives."""
+    return _case_note(_case_pairs(names, vocabulary), "")
+
+
+def case_only_hint(names: np.ndarray, vocabulary: list[str], exact: int) -> str | None:
+    """Below min_coverage: the same note when more genes match the vocabulary only once case is
+    ignored than match it as written. Mouse and human share a few symbols spelt alike (F5, the
+    C1orf… genes), so zero overlap is rare between species, and the note must not wait for it."""
+    known = set(vocabulary)
+    others = np.array([n for n in pd.unique(names[names != ""]) if str(n) not in known], dtype=object)
+    pairs = _case_pairs(others, vocabulary)
+    return _case_note(pairs, f" (and {exact:,} as written)") if len(pairs) > exact else None
+
+
+def _case_pairs(names: np.ndarray, vocabulary: list[str]) -> list[tuple[str, str]]:
     upper = {g.upper(): g for g in vocabulary}
-    pairs = [
-        (str(n), upper[str(n).upper()]) for n in pd.unique(names[names != ""]) if str(n).upper() in upper
-    ]
+    return [(str(n), upper[str(n).upper()]) for n in pd.unique(names[names != ""]) if str(n).upper() in upper]
+
+
+def _case_note(pairs: list[tuple[str, str]], also: str) -> str | None:
     if not pairs:
         return None
     shown = ", ".join(f"{ours} ~ {theirs}" for ours, theirs in pairs[:3])
     return (
-        f"{len(pairs):,} of its genes match the vocabulary's when case is ignored ({shown}): the data and "
+        f"{len(pairs):,} of its genes match the vocabulary's when case is ignored ({shown}){also}: the data and "
         "the model are likely of different species (mouse genes are written Cd3e, human ones CD3E). "
         "biomask does not map genes across species: train a model on these cells (biomask.fit_cells, "
         "biomask fit-cells, or prep cells without tokenizer.path), or map them to the model's species first"

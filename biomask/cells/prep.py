@@ -36,6 +36,7 @@ from biomask.cells.genes import (
     ColumnMap,
     GeneSpace,
     GeneVocabulary,
+    case_only_hint,
     check_orientation,
     coverage,
     gene_names,
@@ -253,6 +254,10 @@ class CorpusStats:
 def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build: bool) -> CorpusStats | None:
     total = sum(inp.source.n_obs for inp in inputs)
     stored = sum(inp.source.stored_values for inp in inputs)
+    if build and stored > cfg.tokenizer.median_max_values:
+        # a dense matrix's bound (every entry) would choose a subset where the same cells stored
+        # sparse get exact medians: count its non-zeros (one more read, of dense inputs only)
+        stored = sum(inp.source.nonzero_values(cfg.block_size) for inp in inputs)
     fraction = cfg.tokenizer.median_max_values / max(stored, 1)
     stats = (
         CorpusStats(
@@ -407,9 +412,10 @@ def check_coverage(
         if inp.coverage["fraction_of_vocab_present"] < cfg.tokenizer.min_coverage:
             have = set(map(str, inp.names))
             missing = [g for g in vocab.genes if g not in have]
+            species = case_only_hint(inp.names, vocab.genes, present)
             log.warning(
                 "%s: only %d of the frozen vocabulary's %d genes (%s) are in the data "
-                "(tokenizer.min_coverage=%.0f%%); the model sees the other %d as %s (e.g. %s). %s",
+                "(tokenizer.min_coverage=%.0f%%); the model sees the other %d as %s (e.g. %s). %s%s",
                 inp.source.where,
                 present,
                 known,
@@ -419,6 +425,7 @@ def check_coverage(
                 "unmeasured" if scheme_class(cfg.tokenizer.scheme).complete_profile else "not expressed",
                 ", ".join(missing[:10]),
                 dataset_side,
+                f". {species[0].upper()}{species[1:]}" if species else "",
             )
         else:
             log.info(

@@ -81,17 +81,33 @@ class MatrixSource(ABC):
         """An upper bound on the non-zero values, known without reading them (dense: every entry)."""
         return self.n_obs * self.n_vars
 
+    sparse_storage = False  # whether stored_values counts what is stored (else every entry)
+
+    def nonzero_values(self, block_size: int) -> int:
+        """The stored values, as a sparse matrix of these cells would hold them: a dense matrix is read
+        once to count its non-zeros, so that the same cells stored either way give the same result."""
+        if self.sparse_storage:
+            return self.stored_values
+        return sum(int(block.nnz) for _, block in self.blocks(block_size))
+
     @abstractmethod
     def _read(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells [start, stop) as CSR."""
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        block = self._read(start, stop)
+        try:
+            block = self._read(start, stop)
+        except OSError as exc:  # HDF5: a chunk that fails its filter (damaged compression) or checksum
+            raise InputError(
+                f"{self.where}: cells {start + 1:,}-{stop:,} cannot be read ({exc}); the file is damaged: "
+                "write it again (or fetch it again)"
+            ) from None
         if block.shape != (stop - start, self.n_vars):
             raise InputError(
                 f"{self.where}: a block of cells has shape {block.shape}, expected {(stop - start, self.n_vars)}; "
                 "the file is inconsistent (matrix and obs/var sizes differ)"
             )
+        check_csr(self.where, block.indices, block.indptr, len(block.data), self.n_vars, start)
         return block
 
     def blocks(self, block_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -104,6 +120,35 @@ class MatrixSource(ABC):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def check_csr(where: str, indices: np.ndarray, indptr: np.ndarray, nnz: int, n_cols: int, first: int) -> None:
+    """A CSR block's structure as a damaged file can break it, checked before any sparse arithmetic
+    (scipy trusts it: an index past the last gene reads or writes outside its arrays and crashes the
+    process). `first` is the block's first cell, for the message."""
+    damaged = (
+        "the matrix is damaged (a damaged file, or one written wrongly): write it again, or fetch it again"
+    )
+    if (
+        len(indptr) < 1
+        or indptr[0] != 0
+        or indptr[-1] != nnz
+        or len(indices) != nnz
+        or (np.diff(indptr) < 0).any()
+    ):
+        raise InputError(
+            f"{where}: the row pointers (indptr) of cells {first + 1:,}-{first + len(indptr) - 1:,} do not "
+            f"describe their {nnz:,} stored values; {damaged}"
+        )
+    if nnz:
+        bad = (indices < 0) | (indices >= n_cols)
+        if bad.any():
+            at = int(np.argmax(bad))
+            cell = first + int(np.searchsorted(indptr, at, side="right")) - 1
+            raise InputError(
+                f"{where}: cell {cell + 1:,} stores a gene index {int(indices[at]):,} outside 0..{n_cols - 1:,}; "
+                f"{damaged}"
+            )
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -147,6 +192,8 @@ class _CSRSource(MatrixSource):
     def dtype(self) -> np.dtype:
         return self.matrix.dtype
 
+    sparse_storage = True
+
     @property
     def stored_values(self) -> int:
         return int(self.matrix.nnz)
@@ -183,6 +230,10 @@ class _H5ADSource(MatrixSource):
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self._dtype)
+
+    @property
+    def sparse_storage(self) -> bool:  # type: ignore[override]
+        return self.sparse is not None
 
     @property
     def stored_values(self) -> int:
@@ -342,16 +393,17 @@ class _TenxH5Source(MatrixSource):
     def dtype(self) -> np.dtype:
         return self.group["data"].dtype
 
+    sparse_storage = True
+
     @property
     def stored_values(self) -> int:
         return int(self.indptr[-1])
 
     def _read(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = self.indptr[start], self.indptr[stop]
-        block = sp.csr_matrix(
-            (self._data[lo:hi], self._indices[lo:hi], self.indptr[start : stop + 1] - lo),
-            shape=(stop - start, self.n_features),
-        )
+        data, indices, indptr = self._data[lo:hi], self._indices[lo:hi], self.indptr[start : stop + 1] - lo
+        check_csr(self.where, indices, indptr, len(data), self.n_features, start)  # before the column pick
+        block = sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_features))
         return block[:, self.keep] if self.keep is not None else block
 
     def close(self) -> None:
@@ -656,6 +708,8 @@ class _DiskSource(MatrixSource):
     @property
     def dtype(self) -> np.dtype:
         return self.disk.dtype
+
+    sparse_storage = True
 
     @property
     def stored_values(self) -> int:

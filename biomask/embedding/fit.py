@@ -166,6 +166,20 @@ def fit_cells(
     from biomask.store import TokenStore
     from biomask.training.trainer import pretrain
 
+    # what fit_cells decides itself: overridden, the model would train on other cells or land elsewhere
+    own = {
+        "output": "output",
+        "data.store": "the cells given",
+        "model.init_from": "init_from",
+        "data": "the cells given",
+    }
+    taken = [k for k in (overrides or {}) if k in own or k.startswith("data.store")]
+    if taken:
+        raise InputError(
+            f"fit_cells: {', '.join(taken)} cannot be overridden (fit_cells sets "
+            f"{', '.join(sorted({own.get(k, 'the cells given') for k in taken}))}); "
+            "to pretrain on another store use `biomask pretrain`, to continue a checkpoint pass init_from="
+        )
     out = Path(output)
     out_existed = out.exists()
     init = Path(init_from) if init_from is not None else None
@@ -280,12 +294,14 @@ def fit_cells(
                 _write_copy(adata, source, prep_cfg, matrix, gene_column)
             with renamed_in_logs(rename):  # its warnings too (duplicate genes, duplicate cell ids)
                 _stage(prep_cells, prep_cfg, overwrite)
-            n_cells = len(TokenStore(store).split("train"))
-            if n_cells < MIN_CELLS:
+            prepared = TokenStore(store)
+            n_cells = len(prepared.split("train"))
+            # the 20 counts the cells kept (train and validation alike), as the check before prep does
+            n_kept = sum(len(prepared.split(name)) for name in prepared.splits)
+            if n_kept < MIN_CELLS:
                 raise InputError(
-                    f"{'the AnnData' if in_memory else source}: {n_cells} cells to train on (cells whose values "
-                    f"are all zero are dropped, and 5 % are kept for validation); fit_cells needs at least "
-                    f"{MIN_CELLS}: give it more cells"
+                    f"{'the AnnData' if in_memory else source}: {n_kept} cells kept (cells whose values are "
+                    f"all zero are dropped); fit_cells needs at least {MIN_CELLS}: give it more cells"
                 )
         except BiomaskError as exc:
             if in_memory and copy_existed and previous.exists():
@@ -340,6 +356,13 @@ def fit_cells_names(message: str) -> str:
     message = message.replace("genes.column", "the gene column (gene_column=; fit-cells: --gene-column)")
     message = message.replace("genes.strip_version", "strip_version=True (fit-cells: --strip-version)")
     message = message.replace("batch_column", "batch_key= (fit-cells: --batch-key)")
+    # fit_cells' only QC is dropping cells with no values (nothing to embed): no threshold to change
+    message = message.replace(" by qc.zero_count_cells drop", " whose values are all zero")
+    message = message.replace(
+        "Check these thresholds suit these cells (a config's are set for its own data); null turns a filter "
+        "off (e.g. qc.max_genes=null)",
+        "fit_cells drops only cells whose values are all zero (they have no profile to learn from or embed)",
+    )
     return message.replace("genes.duplicates", "duplicates= (fit-cells: --duplicates)")
 
 
