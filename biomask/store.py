@@ -476,7 +476,8 @@ class TokenStore:
     """A prepared dataset: manifest, tokenizer and splits. Opening checks the format and file sizes;
     `verify()` checks every shard's sha256 against the manifest."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, check_sizes: bool = True) -> None:
+        # check_sizes=False: `verify` (store verify) lists size and digest damage together
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if self.root.is_file():
@@ -505,7 +506,9 @@ class TokenStore:
             )
         try:
             self._check_names(manifest_path)
-            self._check_sizes()
+            list(self._files())  # the manifest's shape, checked here whatever is checked next
+            if check_sizes:
+                self._check_sizes()
         except (KeyError, TypeError, AttributeError) as exc:  # valid JSON of the wrong shape
             raise IntegrityError(
                 f"{manifest_path} is damaged (no {exc} where a store manifest has one); re-run the prep stage "
@@ -560,34 +563,43 @@ class TokenStore:
                 for info in shard["files"].values():
                     yield self.root / split / info["name"], info
 
-    def _check_sizes(self) -> None:
-        """Cheap check on open: every shard file exists with the recorded size."""
+    def _damage(self, digests: bool) -> list[str]:
+        """Every shard file that is missing, of another size than recorded, or (`digests`) of another
+        sha256: all of them, so one repair fixes the store."""
+        found = []
         for path, info in self._files():
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
-                raise IntegrityError(
-                    f"token store file {path} is missing; re-run the prep stage with --overwrite"
-                ) from None
+                found.append(f"token store file {path} is missing")
+                continue
             if size != info["bytes"]:
-                raise IntegrityError(
+                found.append(
                     f"token store file {path} has {size} bytes, the manifest records {info['bytes']}: "
-                    "it is truncated or was modified; re-run the prep stage with --overwrite"
+                    "it is truncated or was modified"
                 )
+            elif digests and (digest := sha256_file(path)) != info["sha256"]:
+                found.append(
+                    f"token store file {path} is corrupted: sha256 {digest[:12]}… does not match the "
+                    f"manifest's {info['sha256'][:12]}…"
+                )
+        return found
+
+    def _raise_damage(self, found: list[str]) -> None:
+        if found:
+            more = f" (and {len(found) - 1} more: " + "; ".join(found[1:]) + ")" if len(found) > 1 else ""
+            raise IntegrityError(f"{found[0]}{more}; re-run the prep stage with --overwrite")
+
+    def _check_sizes(self) -> None:
+        """Cheap check on open: every shard file exists with the recorded size."""
+        self._raise_damage(self._damage(digests=False))
 
     def verify(self) -> int:
         """Check every shard file's and the tokenizer's sha256 against the manifest; return the number
         of files checked."""
         count = check_store_tokenizer(self.tokenizer_dir)
-        for path, info in self._files():
-            digest = sha256_file(path)
-            if digest != info["sha256"]:
-                raise IntegrityError(
-                    f"token store file {path} is corrupted: sha256 {digest[:12]}… does not match the manifest's "
-                    f"{info['sha256'][:12]}…; re-run the prep stage with --overwrite"
-                )
-            count += 1
-        return count
+        self._raise_damage(self._damage(digests=True))
+        return count + sum(1 for _ in self._files())
 
 
 def _plain_name(name: Any) -> bool:

@@ -64,3 +64,22 @@ def test_report_runs_are_drawn_apart_beyond_ten():
     from biomask.report.figures import _style
 
     assert len({tuple(_style(i).values()) for i in range(60)}) == 60
+
+
+def test_a_column_of_hundreds_of_classes_is_coloured_without_a_legend(tmp_path):
+    """`--umap-color barcode`: 600 classes drew a 600-entry legend, a PNG seven times the plot's
+    height. Above MAX_LEGEND classes the plot keeps its size and its title says why there is no
+    legend; a few classes keep theirs."""
+    from PIL import Image
+
+    from biomask.embedding.plots import MAX_LEGEND, umap_png
+
+    vectors = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    sizes = {}
+    for name, values in (
+        ("barcode", [f"bc{i}" for i in range(200)]),
+        ("type", [f"t{i % 4}" for i in range(200)]),
+    ):
+        umap_png(vectors, pd.Series(values, name=name), tmp_path / f"{name}.png", title="cells")
+        sizes[name] = Image.open(tmp_path / f"{name}.png").size
+    assert MAX_LEGEND < 200 and sizes["barcode"][1] <= sizes["type"][1] * 1.1, sizes

@@ -285,6 +285,16 @@ def test_a_changed_store_is_refused_by_evaluate_embed_and_prep(finished, splice_
     )
     code, _, err = cli("store", "verify", store)
     assert code == 2 and str(tokenizer) in err, err
+    # every damaged file of a store is named at once (a digest and a size), so one repair is enough
+    both = shutil.copytree(splice_store, tmp_path / "both")
+    flipped = both / "train" / "shard-00000.labels.npy"
+    flip(flipped, 1, offset=flipped.stat().st_size - 1)
+    longer = next((both / "test").glob("shard-00000.*.npy"))
+    longer.write_bytes(longer.read_bytes() + b"\0")
+    code, _, err = cli("store", "verify", both)
+    assert code == 2 and str(flipped) in err and "sha256" in err and str(longer) in err and "bytes" in err, (
+        err
+    )
     # several stores: each is checked and named, the damaged one does not hide the next
     code, out, err = cli("store", "verify", store, splice_store)
     assert code == 2 and str(tokenizer) in err and f"{splice_store}: " in out and "1 of 2 stores" in err

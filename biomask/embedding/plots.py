@@ -15,6 +15,7 @@ from biomask.store import label_order, label_strings
 log = logging.getLogger(__name__)
 
 MAX_INTEGER_CLASSES = 50
+MAX_LEGEND = 60  # classes named in the legend; more are coloured without one
 
 
 def umap_png(
@@ -42,7 +43,15 @@ def umap_png(
     if len(chosen) < n:
         title += f" · {len(chosen):,} of {n:,} cells"
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
-    sc.pl.umap(adata, color=colour.name, ax=ax, show=False, title=title)
+    classes = adata.obs[colour.name]
+    many = isinstance(classes.dtype, pd.CategoricalDtype) and len(classes.cat.categories) > MAX_LEGEND
+    if (
+        many
+    ):  # a legend of hundreds of entries (cell barcodes) would be a picture many times the plot's height
+        title += f" · {len(classes.cat.categories):,} classes, no legend"
+    sc.pl.umap(
+        adata, color=colour.name, ax=ax, show=False, title=title, legend_loc=None if many else "right margin"
+    )
     fig.tight_layout()
     fit_title(ax, title)
     # "tight": the legend (outside the axes, on the right) and the title are never cut by the canvas

@@ -70,9 +70,12 @@ def check_modality(checkpoint: str, modality: str, path: Path, kind: str) -> Non
     theirs = input_modality(path, kind)
     if modality == theirs:
         return
-    what = {"h5ad": "an expression matrix (h5ad)", "store": f"a {theirs} token store"}.get(
-        kind, f"DNA sequences ({kind})"
-    )
+    what = {
+        "h5ad": "an expression matrix (h5ad)",
+        "store": f"a {theirs} token store",
+        # a table's content is not read to tell: it is named by what biomask embed takes it for
+        "table": "a table, which `biomask embed` reads as DNA sequences",
+    }.get(kind, f"DNA sequences ({kind})")
     wanted = (
         "an .h5ad of cells"
         if modality == "cells"
