@@ -68,6 +68,12 @@ def test_a_matrix_of_genes_by_cells_is_refused_not_trained_on(fitted, tmp_path, 
     named.var_names = [f"Cell_{i}" for i in range(named.n_vars)]
     with pytest.raises(InputError, match=r"obs names\) include mitochondrial genes \(MT-CO1"):
         biomask.embed(named, checkpoint)
+    # ... and without mitochondrial genes either: the cell names are the checkpoint's genes
+    plain = named[~named.obs_names.str.startswith("MT-")].copy()
+    with pytest.raises(
+        InputError, match=r"its cell names include \d+ of the vocabulary's genes .*looks transposed"
+    ):
+        biomask.embed(plain, checkpoint)
     mouse = as_mouse(adata).T.copy()
     mouse.var_names = named.var_names
     with pytest.raises(InputError, match=r"mitochondrial genes \(mt-Co1"):

@@ -31,6 +31,7 @@ from biomask.cells.genes import (
     GeneSpace,
     GeneVocabulary,
     case_only_hint,
+    cells_named_as_genes,
     check_orientation,
     coverage,
     gene_names,
@@ -148,9 +149,13 @@ class CellEncoder:
         vocab = self.prep.vocab
         if found["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(names[names != ""])[:3])
-            what = other_case_hint(names, vocab.genes) or (
-                f"the identifiers differ -- set genes.column (read now: {column or 'the var index'}; var "
-                f"columns: {', '.join(map(str, source.var.columns)) or 'none'}) or genes.strip_version"
+            what = (
+                cells_named_as_genes(source, vocab.genes)
+                or other_case_hint(names, vocab.genes)
+                or (
+                    f"the identifiers differ -- set genes.column (read now: {column or 'the var index'}; var "
+                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'}) or genes.strip_version"
+                )
             )
             raise InputError(
                 f"{source.where}: none of its {found['dataset_genes']:,} genes (e.g. {ours}) is in the checkpoint's "

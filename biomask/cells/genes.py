@@ -83,6 +83,20 @@ def check_orientation(source: MatrixSource) -> None:
         )
 
 
+def cells_named_as_genes(source: MatrixSource, vocabulary: list[str]) -> str | None:
+    """At zero overlap: a note when the cell names are the vocabulary's genes -- a genes x cells
+    matrix that `transposed_why`'s signs (mitochondrial genes, barcodes) did not give away."""
+    known = set(vocabulary)
+    hits = [str(n) for n in source.obs.index[:100_000] if str(n) in known]
+    if len(hits) < 3:
+        return None
+    return (
+        f"its cell names include {len(hits):,} of the vocabulary's genes (e.g. {', '.join(hits[:3])}): the "
+        "matrix looks transposed, cells as columns; transpose it (adata = adata.T; a CSV with a column per "
+        "cell: anndata.io.read_csv(path).T) and run again"
+    )
+
+
 def other_case_hint(names: np.ndarray, vocabulary: list[str]) -> str | None:
     """At zero overlap: a note when the identifiers match once case is ignored. Mouse genes are
     written Cd3e, human ones CD3E, so that is a model of another species -- which no gene column or

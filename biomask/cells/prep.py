@@ -37,6 +37,7 @@ from biomask.cells.genes import (
     GeneSpace,
     GeneVocabulary,
     case_only_hint,
+    cells_named_as_genes,
     check_orientation,
     coverage,
     gene_names,
@@ -393,9 +394,13 @@ def check_coverage(
         if inp.coverage["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(inp.names[inp.names != ""])[:3])
             theirs = ", ".join(vocab.genes[:3])
-            what = other_case_hint(inp.names, vocab.genes) or (
-                f"the identifiers differ -- check genes.column (symbols or Ensembl IDs; the vocabulary uses "
-                f"{vocab.gene_id_column or 'the var index'}) and genes.strip_version"
+            what = (
+                cells_named_as_genes(inp.source, vocab.genes)
+                or other_case_hint(inp.names, vocab.genes)
+                or (
+                    f"the identifiers differ -- check genes.column (symbols or Ensembl IDs; the vocabulary uses "
+                    f"{vocab.gene_id_column or 'the var index'}) and genes.strip_version"
+                )
             )
             raise InputError(
                 f"{inp.source.where}: none of its {inp.coverage['dataset_genes']:,} genes (e.g. {ours}) is in the "
