@@ -66,7 +66,32 @@ def where_now(output: str | os.PathLike, recorded: str) -> str:
     """A path `output`'s config recorded, where it lies now that the run folder has moved: what a
     later stage reads of an output (an evaluation's checkpoints) is found in the moved folder."""
     moved = of_output(output)
-    return moved.to_new(recorded) if moved else recorded
+    if moved:
+        return moved.to_new(recorded)
+    if os.path.isabs(recorded) and not os.path.exists(recorded):
+        # no run folder named (a stage run by hand, `biomask report` over a moved run): the folders
+        # the output's recorded path and its place now share at their ends, the rest of each the
+        # old and the new folder; used only where the recorded path is gone and its twin exists
+        guess = _moved_with(output)
+        if guess is not None and os.path.exists(candidate := guess.to_new(recorded)):
+            return candidate
+    return recorded
+
+
+def _moved_with(output: str | os.PathLike) -> Relocation | None:
+    recorded = recorded_output(Path(output))
+    if not recorded or not os.path.isabs(recorded):
+        return None
+    now, then = Path(os.path.abspath(output)).parts, Path(os.path.normpath(recorded)).parts
+    shared = 0
+    while shared < min(len(now), len(then)) - 1 and now[-1 - shared] == then[-1 - shared]:
+        shared += 1
+    if shared == 0 or now == then:
+        return None
+    old, new = Path(*then[: len(then) - shared]), Path(*now[: len(now) - shared])
+    if old == Path(old.anchor) or new == Path(new.anchor):
+        return None  # a root would hold every path
+    return Relocation(str(old), str(new))
 
 
 def run_dir_from_env() -> Path | None:

@@ -64,6 +64,12 @@ def test_sweeps_expand_to_every_combination(tmp_path):
     assert [t.index for t in tasks] == list(range(6))
     assert tasks[4].point == {"tokenizer.kind": "kmer", "split.seed": 1}
     assert tasks[4].output.name == "tokenizer.kind=kmer,split.seed=1"
+    # one sweep key from the command line: `train.seed` is the key, not a section `train`
+    plan = load_plan(pipeline(tmp_path, stages), ["stages.prep.sweep.split.seed=[5]"])
+    assert [t.point for t in plan.stages["prep"].tasks] == [
+        {"tokenizer.kind": "char", "split.seed": 5},
+        {"tokenizer.kind": "kmer", "split.seed": 5},
+    ]
 
 
 def test_swept_stages_read_their_counterpart(tmp_path):
@@ -489,7 +495,7 @@ def test_a_run_dir_holding_files_biomask_did_not_write_is_refused(tmp_path, cli)
         )
     )
     before = path.read_text()
-    for action in (["run"], ["submit", "--dry-run"]):
+    for action in (["run"], ["run", "--dry-run"], ["submit", "--dry-run"]):
         code, _, err = cli("pipeline", *action, path)
         assert code == 2, err
         assert f"run_dir {mine} holds pipeline.yaml" in err and "set run_dir to another folder" in err
@@ -518,7 +524,7 @@ def test_a_run_dir_of_another_pipeline_is_refused(tmp_path, cli):
     second = tmp_path / "other.yaml"
     second.write_text(yaml.safe_dump({"name": "other", "run_dir": str(run), "stages": stages}))
     before = (run / "pipeline.yaml").read_text()
-    for action in (["run"], ["submit", "--dry-run"]):
+    for action in (["run"], ["run", "--dry-run"], ["submit", "--dry-run"]):
         code, _, err = cli("pipeline", *action, second)
         assert code == 2, err
         assert f"run_dir {run} holds the run of pipeline 't' ({first})" in err and "another folder" in err

@@ -169,3 +169,22 @@ def test_sighup_from_a_closed_terminal_stops_the_stages_and_records_the_run(tmp_
     ).read_text()
     recorded = json.loads((tmp_path / "run" / "local-run.json").read_text())
     assert [r["status"] for r in recorded["results"]] == ["stopped", "not run"]
+
+
+def test_one_sigint_delivered_twice_is_one_interruption_and_a_later_one_stops_now(monkeypatch):
+    """`timeout -s INT` signals the runner, then its whole process group (the runner in it): the
+    second delivery was taken for a second Ctrl-C, so the runner gave up waiting and recorded no
+    run for `pipeline status`. A second SIGINT close behind the first is the same one; a later one
+    is the user's "stop now"."""
+    import signal
+
+    from biomask.pipelines import local
+
+    clock = iter([100.0, 100.01, 105.0])
+    monkeypatch.setattr(local.time, "monotonic", lambda: next(clock))
+    stages = local._Stages()
+    stages.stop(signal.SIGINT, None)  # first: wait for the running stages
+    stages.stop(signal.SIGINT, None)  # 10 ms later: the same interruption, ignored
+    assert stages.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        stages.stop(signal.SIGINT, None)  # seconds later: the user's second Ctrl-C

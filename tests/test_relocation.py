@@ -278,3 +278,28 @@ def test_a_refusal_names_the_input_whose_data_changed():
     ]
     # nothing recorded to compare with (an output of older code, or none): no claim made
     assert input_changes(None, new) == [] and describe_input_changes([{"name": "token-store"}], moved) == ""
+
+
+def test_an_evaluations_checkpoints_are_found_in_its_moved_run_folder_without_a_run_dir(
+    tmp_path, monkeypatch
+):
+    """`mv runs/small runs/moved`, then `biomask report` by hand (no pipeline, no BIOMASK_RUN_DIR):
+    the evaluation's recorded checkpoints under the old folder are found at the same place in the
+    new one, so the report can still read their masking; a recorded path that exists is kept, and
+    one with no twin either is left as recorded."""
+    import yaml
+
+    from biomask.relocation import RUN_DIR_ENV, where_now
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    old, new = tmp_path / "runs" / "small", tmp_path / "runs" / "moved"
+    (new / "evaluate").mkdir(parents=True)
+    (new / "pretrain" / "r2mae" / "model").mkdir(parents=True)
+    (new / "evaluate" / "config.yaml").write_text(yaml.safe_dump({"output": str(old / "evaluate")}))
+    recorded = str(old / "pretrain" / "r2mae" / "model")
+    assert where_now(new / "evaluate", recorded) == str(new / "pretrain" / "r2mae" / "model")
+    elsewhere = tmp_path / "kept" / "model"
+    elsewhere.mkdir(parents=True)
+    assert where_now(new / "evaluate", str(elsewhere)) == str(elsewhere)  # exists: as recorded
+    gone = str(old / "pretrain" / "gone" / "model")
+    assert where_now(new / "evaluate", gone) == gone  # no twin: as recorded

@@ -879,6 +879,17 @@ def test_the_pretraining_verdicts_count_among_the_summarys_tests(tmp_path):
     )
     (note,) = _multiplicity_note([called, called.replace("0.0019", "0.5"), loss_line])
     assert "makes 3 paired tests" in note
+    # a loss verdict that is called (its interval excludes zero) is counted among the calls
+    from biomask.report.report import _one_pretraining_verdict
+
+    (lower,) = _one_pretraining_verdict(
+        "DNA", "R²MAE", {0: 1.0, 1: 1.01, 2: 1.02}, "fixed40", {0: 1.1, 1: 1.112, 2: 1.118}
+    )
+    assert "**lower** (better)" in lower
+    (note,) = _multiplicity_note([called, lower])
+    assert "2 are called" in note, note
+    (two,) = _one_pretraining_verdict("DNA", "R²MAE", {0: 1.0, 1: 1.01}, "fixed40", {0: 1.1, 1: 1.112})
+    assert "**only 2 seeds**" in two
 
 
 def test_the_calls_that_survive_holms_correction_are_marked_where_they_stand():

@@ -78,6 +78,11 @@ class Stopped(BiomaskError):
         self.exit_code = 128 + signum
 
 
+# A second SIGINT sooner than this after the first is the same one delivered twice, not a second
+# Ctrl-C: `timeout -s INT` signals the runner and then its whole process group, the runner included
+SAME_INTERRUPTION_S = 0.5
+
+
 class _Stages:
     """The stage processes running now. SIGTERM to the runner (`kill PID`, `timeout`, a workflow
     manager) reaches the runner alone: without passing it on, a stage ran on unseen after the runner
@@ -89,6 +94,7 @@ class _Stages:
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[str]] = set()
         self.signal: int | None = None  # the first SIGTERM or SIGINT
+        self._first_at = 0.0  # when it came (time.monotonic)
         self.terminal_gone = threading.Event()  # the runner's stderr failed: echo nothing more
 
     @property
@@ -116,8 +122,12 @@ class _Stages:
 
     def stop(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            if time.monotonic() - self._first_at < SAME_INTERRUPTION_S:
+                return  # one SIGINT sent to the runner and to its process group (`timeout -s INT`)
             raise KeyboardInterrupt  # Ctrl-C twice: stop waiting (the stages got it twice too)
         with self._lock:  # the handler runs in the main thread; only worker threads take the lock
+            if self.signal is None:
+                self._first_at = time.monotonic()
             self.signal = self.signal or signum
             running = list(self._running)
         # os.write, not print: a handler may run while the stream's lock is held

@@ -148,8 +148,35 @@ def load_plan(
     """
     data = read_yaml(path)
     _check_override_stages(data, overrides, path)
-    touched = apply_overrides(data, overrides)
+    overrides, swept = _apply_sweep_keys(data, overrides)
+    touched = apply_overrides(data, overrides) | swept
     return build_plan(data, str(path), Path(path).resolve(), check_commands, workdir or Path.cwd(), touched)
+
+
+def _apply_sweep_keys(
+    data: dict[str, Any], overrides: Sequence[str]
+) -> tuple[list[str], set[tuple[str, ...]]]:
+    """`stages.S.sweep.train.seed=[0,1]` sets the sweep's key `train.seed`: a sweep's keys are config
+    keys with dots of their own, which the generic override would take for a section `train` holding
+    `seed`. Returns the other overrides and the paths these set."""
+    rest, touched = [], set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        stages = data.get("stages") if isinstance(data, dict) else None
+        swept = len(parts) > 4 and parts[0] == "stages" and parts[2] == "sweep"
+        stage = stages.get(parts[1]) if swept and isinstance(stages, dict) else None
+        if sep and isinstance(stage, dict):
+            sweep = stage.get("sweep")
+            if sweep is None:
+                sweep = stage["sweep"] = {}
+            if isinstance(sweep, dict):
+                name = ".".join(parts[3:])
+                sweep[name] = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
+                touched.add(("stages", parts[1], "sweep", name))
+                continue
+        rest.append(item)
+    return rest, touched
 
 
 def _check_override_stages(data: dict[str, Any], overrides: Sequence[str], path: str | os.PathLike) -> None:

@@ -34,7 +34,7 @@ from biomask.config import config_diff, load_config
 from biomask.errors import ConfigError, InputError
 from biomask.pipelines.local import stage_argv
 from biomask.pipelines.plan import Plan, PlannedStage, Task
-from biomask.pipelines.runs import check_input_files, check_upstream_outputs, run_in_progress
+from biomask.pipelines.runs import check_input_files, check_run_dir, check_upstream_outputs, run_in_progress
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
 from biomask.relocation import Relocation, as_recorded, of_output, written_from
@@ -145,7 +145,8 @@ def print_preview(
 ) -> int:
     """Print what `pipeline run` would do with each selected task; 2 if a task would be refused."""
     selected = plan.select(only, start)
-    check_upstream_outputs(plan, selected)  # what a run would refuse first, refused here too (exit 2)
+    check_run_dir(plan)  # what a run would refuse first, refused here too (exit 2)
+    check_upstream_outputs(plan, selected)
     check_input_files(plan, selected)
     previews = preview(plan, selected)
     table = Table(title=f"dry run: pipeline {plan.pipeline.name} ({plan.run_dir})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from biomask.evaluation.metrics import METRIC_BOUNDS, METRICS, summarize
 from biomask.masking.config import describe_masking
 from biomask.provenance import read_run_info
 from biomask.relocation import where_now
+
+log = logging.getLogger(__name__)
 
 
 def is_fixed_ratio(masking: dict[str, Any]) -> bool:
@@ -218,6 +221,14 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
         try:
             saved = json.loads((Path(where_now(root, ckpt)) / "config.json").read_text())
         except (OSError, ValueError):
+            # its masking unknown, the verdicts cannot name what it was trained with: say why
+            log.warning(
+                "evaluation %r: checkpoint %s (%s) has no readable config.json; its masking is not "
+                "reported (moved since? run the report from its pipeline, or set BIOMASK_RUN_DIR)",
+                key,
+                name,
+                ckpt,
+            )
             saved = {}
         masking[name] = saved.get("masking", {})
         architecture[name] = saved.get("architecture", {})

@@ -48,7 +48,11 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     for i, run in enumerate(runs):
         style = _style(i)
         if not run.train.empty:
-            left.plot(run.train["step"], run.train["loss"], label=run.label, lw=1.2, color=style["color"])
+            # one logged step (a short run) is a point: a line alone would draw nothing
+            point = {"marker": style["marker"], "ms": 4} if len(run.train) == 1 else {}
+            left.plot(
+                run.train["step"], run.train["loss"], label=run.label, lw=1.2, color=style["color"], **point
+            )
         if not run.evals.empty:
             right.plot(run.evals["step"], run.evals["mean_loss"], ms=3, label=run.label, lw=1.2, **style)
     unit = loss_unit_label(runs)

@@ -150,7 +150,7 @@ def _cmp_text(
 
 
 _P_VALUE = re.compile(r"paired t p = ([0-9.e+-]+)")
-_CALLED = re.compile(r"\*\*(better|worse|helps|hurts|met|not met)\*\*")
+_CALLED = re.compile(r"\*\*(better|worse|helps|hurts|met|not met|lower|higher)\*\*")
 
 
 HOLM_MARK = " *Survives Holm's correction over the summary's tests.*"
@@ -600,7 +600,13 @@ def _one_pretraining_verdict(
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
         # its p-value in the form the multiplicity note counts: it is one of the summary's paired tests
         f"paired t p = {cmp['p_value']:.2g}, {len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) "
-        "paired by seed)."
+        "paired by seed"
+        + (
+            "; **only 2 seeds**: an interval 12.7× the standard error wide (use 3 or more)"
+            if len(seeds) == 2
+            else ""
+        )
+        + ")."
     ]
 
 
