@@ -313,6 +313,9 @@ def test_hf_export_of_a_profile_autoencoder(pbmc_store, tmp_path, ratio_input, e
         pbmc_store, tmp_path, 50, ratio_input=ratio_input, embed_norm=embed_norm
     )
     folder = export_hf(checkpoint, tmp_path / "profile-hf")
+    # the scheme's own class says whether a gene a record leaves out was unmeasured (the exported
+    # code cannot ask biomask's registry; it used to compare the scheme's name with "panel")
+    assert json.loads((folder / "config.json").read_text())["complete_profile"] is False  # binned
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     batch = collate(records, modality="cells")
     ours = embed_records(load_pretrained(checkpoint), records)

@@ -353,3 +353,14 @@ def test_a_baseline_without_a_method_is_refused_not_left_out(splice_store):
     cfg = cfg.model_copy(update={"baselines": ["kmer_lr", "gc_lr"]})  # as if named in the config only
     with pytest.raises(ValueError, match="baseline 'gc_lr' has no method"):
         baseline_methods(cfg, load_labelled(splice_store))
+    # every baseline names the data it reads, so another modality's store skips it with a note
+    from typing import get_args
+
+    from biomask.evaluation.evaluate import BASELINE_MODALITY
+
+    (names,) = get_args(EvaluateConfig.model_fields["baselines"].annotation)
+    assert set(get_args(names)) == set(BASELINE_MODALITY)
+    notes: list[str] = []
+    cfg = cfg.model_copy(update={"baselines": ["pca_lr", "kmer_lr"]})
+    assert [m.protocol for m in baseline_methods(cfg, load_labelled(splice_store), notes)] == ["kmer_lr"]
+    assert notes == ["baseline pca_lr needs expression; skipped for a dna store"]

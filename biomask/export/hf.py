@@ -148,6 +148,12 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
         shutil.copyfile(source / "genes.tsv", target / "genes.tsv")
 
 
+def _complete_profile(scheme: str) -> bool:
+    from biomask.cells.tokenize import scheme_class
+
+    return bool(scheme_class(scheme).complete_profile)
+
+
 def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
     arch = model.config.to_dict()
     return {
@@ -159,6 +165,9 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
             "AutoModelForSequenceClassification": "modeling_biomask.BiomaskForSequenceClassification",
         },
         **{k: arch[k] for k in ARCH_KEYS if k in arch},
+        # whether a record lists every measured panel gene (a gene it leaves out was not measured:
+        # hidden), as the scheme's class says: the exported code cannot ask biomask's registry
+        **({"complete_profile": _complete_profile(arch["scheme"])} if arch.get("scheme") else {}),
         # a CNN has no position table: the longest record it reads whole, not its training crop
         **({"max_len": int(max_length)} if arch.get("kind") == "cnn" else {}),
         "pooling": "mean",

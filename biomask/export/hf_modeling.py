@@ -373,7 +373,9 @@ class BiomaskModel(BiomaskPreTrainedModel):
                 "(as biomask's prep does), then list each gene once"
             )
         z = ((dense(values) - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
-        if self.config.scheme == "panel":  # a panel gene the record leaves out was not measured: hidden
+        # a panel gene a complete-profile record leaves out was not measured: hidden (exports
+        # written before `complete_profile` was recorded: the panel scheme, the only one then)
+        if getattr(self.config, "complete_profile", self.config.scheme == "panel"):
             listed = listed_times > 0
             listed[:, :NUM_SPECIAL] = True
             hidden = ~listed

@@ -43,6 +43,13 @@ MODEL_KINDS: dict[str, type[nn.Module]] = checked(
 PROFILE_KINDS = ("mlp", "panel_transformer")
 
 
+def rebuilt_on_continuing(kind: str) -> str:
+    """The weights a run continuing a checkpoint (`model.init_from`) builds anew, by name prefix: a
+    profile model's swap detector (scMAE's objective: new when it starts, gone when it ends); a
+    token model's MAE decoder (the new run's corruption decides whether it has one)."""
+    return "swap_head." if kind in PROFILE_KINDS else "decoder."
+
+
 def build_model(cfg: EncoderConfig) -> nn.Module:
     """A freshly initialised model of the kind `cfg` names."""
     return MODEL_KINDS[cfg.kind](cfg)

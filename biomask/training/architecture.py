@@ -15,7 +15,7 @@ import torch
 from biomask.errors import InputError
 from biomask.masking.config import SCHEMES
 from biomask.models import EncoderConfig, load_pretrained
-from biomask.models.kinds import PROFILE_KINDS
+from biomask.models.kinds import PROFILE_KINDS, rebuilt_on_continuing
 from biomask.store import TokenStore
 from biomask.training.config import PretrainConfig
 from biomask.training.data import DataSpec
@@ -56,6 +56,7 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | 
     if positions and max_length > cfg.model.max_len:
         raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
     return EncoderConfig(
+        kind=cfg.model.kind,  # the transformer, or a kind of its family registered beside it
         vocab_size=spec.vocab_size,
         modality=spec.modality,  # type: ignore[arg-type]
         **cfg.model.sizes(),
@@ -244,7 +245,7 @@ def init_checkpoint(
     )
     # a transformer's MAE decoder is rebuilt for the new run; a profile model's decoder is its objective,
     # its swap detector (scmae) belongs to that objective only: new when it starts, gone when it ends
-    drop = "decoder." if arch.kind == "transformer" else "swap_head."
+    drop = rebuilt_on_continuing(arch.kind)
     weights = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(drop)}
     training = info.get("training") or {}
     lineage = {

@@ -41,7 +41,7 @@ from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
-from biomask.models.kinds import PROFILE_KINDS
+from biomask.models.kinds import PROFILE_KINDS, rebuilt_on_continuing
 from biomask.models.profile import ProfileModel
 from biomask.outputs import (
     FILE_TREE_KEY,
@@ -508,7 +508,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         model = build_model(arch)
         # new: an MAE decoder after an MLM checkpoint, a profile model's swap detector
         if cfg.model.init_from:
-            new_part = "decoder." if arch.kind == "transformer" else "swap_head."
+            new_part = rebuilt_on_continuing(arch.kind)
             fresh = {k for k in model.state_dict() if k.startswith(new_part)}
             missing, unexpected = model.load_state_dict(init_weights, strict=False)
             if unexpected or set(missing) - fresh:
