@@ -395,7 +395,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.pipeline, args.overrides)
     holder = run_in_progress(plan.run_dir)
-    if holder is not None and not args.dry_run:  # jobs would train the same runs beside it
+    if holder is not None:  # jobs would train the same runs beside it (a dry run says so too)
         raise InputError(
             f"run_dir {plan.run_dir} is in use by a `biomask pipeline run` ({holder}); wait for it to finish "
             "or stop it first, or submit to another run_dir"
@@ -405,11 +405,21 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         print_submit_preview(plan, selected, overwrite=args.overwrite)
 
     if args.dry_run:
-        announce(plan.select(args.only or (), args.start))
+        import tempfile
+
+        from biomask.pipelines.slurm import check_no_active_jobs, related_stages
+
+        selected = plan.select(args.only or (), args.start)
+        check_no_active_jobs(plan.run_dir, related_stages(plan, selected), unknown_ok=True)  # as submit
+        announce(selected)
+        # rendered outside run_dir: a dry run neither claims an empty run folder for this pipeline
+        # nor rewrites the scripts of a submission whose jobs still read them
+        into = Path(tempfile.mkdtemp(prefix="biomask-dry-run-"))
         for path in render_scripts(
-            plan, only=args.only or (), start=args.start, overwrite=args.overwrite
+            plan, only=args.only or (), start=args.start, overwrite=args.overwrite, into=into
         ).values():
             print(path)
+        print(f"(rendered under {into}; nothing was written to {plan.run_dir})")
         return 0
     record = submit(plan, only=args.only or (), start=args.start, overwrite=args.overwrite, before=announce)
     for name, job in record["stages"].items():

@@ -4,6 +4,7 @@ and the templates in pipelines/slurm/ staying in sync with what `submit` renders
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -310,7 +311,7 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
 def test_a_submit_waits_only_for_the_earlier_jobs_of_the_stages_it_touches(tmp_path):
     """`submit --only c` while an unrelated stage's job still runs is fine; its own, the stages it
     reads and those reading it are what a second submission would collide with."""
-    from biomask.pipelines.slurm import _related
+    from biomask.pipelines.slurm import related_stages
 
     stages = {
         "a": {"command": "prep dna", "config": GENOME},
@@ -318,8 +319,8 @@ def test_a_submit_waits_only_for_the_earlier_jobs_of_the_stages_it_touches(tmp_p
         "c": {"command": "prep dna", "config": GENOME},
     }
     plan = load_plan(pipeline(tmp_path, stages))
-    assert _related(plan, ["b"]) == {"a", "b"} and _related(plan, ["a"]) == {"a", "b"}
-    assert _related(plan, ["c"]) == {"c"} and _related(plan, ["a", "c"]) == {"a", "b", "c"}
+    assert related_stages(plan, ["b"]) == {"a", "b"} and related_stages(plan, ["a"]) == {"a", "b"}
+    assert related_stages(plan, ["c"]) == {"c"} and related_stages(plan, ["a", "c"]) == {"a", "b", "c"}
 
 
 def test_only_and_from_name_existing_stages(dna_pipeline, cli):
@@ -347,6 +348,8 @@ def test_rendered_scripts_are_readable_and_valid_bash(dna_pipeline, tmp_path):
         f"  1) ARGS+=(split.seed=1 output={tmp_path / 'run' / 'prep_splice' / 'split.seed=1'}) ;;" in splice
     )
     assert "--signal" not in splice and "srun" not in splice  # not a training stage
+    # threads follow the allocation, not the submitting shell's OMP_NUM_THREADS (sbatch passes it on)
+    assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"\n' in splice
     for name, stage in plan.stages.items():
         script = tmp_path / f"{name}.sbatch"
         script.write_text(render(job_script(plan, stage)))
@@ -684,3 +687,60 @@ def test_a_left_out_sweep_is_named_once_per_stage_not_per_task(tmp_path, cli):
         f"b needs a, whose outputs of 4 of its 4 tasks do not exist ({tmp_path / 'run' / 'a'}/: "
         "split.seed=0, split.seed=1, split.seed=2, ...)" in err
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "key"),
+    [("--time=00:01:00", "slurm.time"), ("--array=0-9", "sweep"), ("--output=/tmp/x.out", "run_dir/logs")],
+)
+def test_extra_cannot_override_what_the_scripts_write_from_their_keys(tmp_path, option, key):
+    """`extra: ["--time=00:01:00"]` came after the script's own --time (a later #SBATCH line wins) and
+    bypassed the check that signal_margin fits the limit: the training job checkpointed and requeued
+    at every start, 22 times in 11 minutes."""
+    stages = {"a": {"command": "prep dna", "config": GENOME, "slurm": {"extra": [option]}}}
+    with pytest.raises(ConfigError, match=re.escape(option) + r".*" + re.escape(key)):
+        load_plan(pipeline(tmp_path, stages))
+    stages["a"]["slurm"]["extra"] = ["--constraint=a100"]  # anything else is passed on
+    plan = load_plan(pipeline(tmp_path, stages))
+    assert "#SBATCH --constraint=a100\n" in render(job_script(plan, plan.stages["a"]))
+
+
+def test_a_submit_dry_run_writes_nothing_into_the_run_folder(tmp_path, cli):
+    """The dry run rendered into run_dir: a fresh folder became this pipeline's (another pipeline
+    was then refused there, and status spoke of a run that stopped), and a live submission's
+    scripts were rewritten under its running jobs. It renders elsewhere and says where."""
+    stages = {"g": {"command": "prep dna", "config": GENOME}}
+    path = pipeline(tmp_path, stages, run_dir=str(tmp_path / "fresh"))
+    code, out, err = cli("pipeline", "submit", "--dry-run", path)
+    assert code == 0, err
+    assert not (tmp_path / "fresh").exists() and "nothing was written to" in out
+    script = Path(next(line for line in out.splitlines() if line.endswith("g.sbatch")))
+    assert script.is_file() and "#SBATCH --job-name=" in script.read_text()
+
+
+def test_status_rows_of_an_array_slurm_forgot_are_per_task_never_one_for_all(tmp_path):
+    """The jobcomp file (`sacct -c`) keeps an array under one task's job id: that row used to stand
+    for the whole array, so a failed task showed as COMPLETED. Each task is its own row: from sacct
+    where it lists the task, else from its output (COMPLETED where written, UNKNOWN where not)."""
+    from biomask.pipelines.slurm import JobState, _per_task
+
+    done, failed = tmp_path / "t1", tmp_path / "t0"
+    done.mkdir()
+    (done / "run.json").write_text('{"stage": "pretrain", "fingerprint": "f"}')
+    job = {
+        "job_id": "53",
+        "array": True,
+        "tasks": [{"index": 0, "output": str(failed)}, {"index": 1, "output": str(done)}],
+    }
+    whole = JobState("pretrain", "", "53", "COMPLETED", "", "0:0", 0, "", "", "sacct")
+    rows = _per_task("pretrain", job, [whole])
+    assert [(r.task, r.state, r.source) for r in rows] == [
+        ("0", "UNKNOWN", "output"),
+        ("1", "COMPLETED", "output"),
+    ]
+    listed = JobState("pretrain", "0", "53_0", "FAILED", "", "2:0", 0, "", "", "sacct")
+    rows = _per_task("pretrain", job, [listed])
+    assert [(r.task, r.state, r.source) for r in rows] == [
+        ("0", "FAILED", "sacct"),
+        ("1", "COMPLETED", "output"),
+    ]

@@ -107,6 +107,9 @@ def render(job: JobScript) -> str:
     lines += ["set -euo pipefail", ""]
     lines.append(f"cd {job.workdir}")
     lines += [f"export {key}={_q(value)}" for key, value in job.env.items()]
+    if "OMP_NUM_THREADS" not in job.env:
+        # the allocation's cores, not the submitting shell's setting (sbatch passes its environment on)
+        lines.append('export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"')
     lines += job.setup
     lines.append(f"PYTHON={job.python}")
     if job.config is not None:

@@ -34,6 +34,28 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEMORY = re.compile(r"^\d+[KMGT]?$")
 
 
+# sbatch options the job scripts write from their own keys (or need as written): not in `extra`
+_MANAGED = {
+    "time": "slurm.time",
+    "partition": "slurm.partition",
+    "account": "slurm.account",
+    "qos": "slurm.qos",
+    "mem": "slurm.mem",
+    "nodes": "slurm.nodes",
+    "ntasks-per-node": "slurm.tasks_per_node",
+    "cpus-per-task": "slurm.cpus_per_task",
+    "gpus-per-node": "slurm.gpus_per_node",
+    "array": "the stage's sweep (slurm.array_parallelism)",
+    "signal": "slurm.signal_margin",
+    "output": "nothing: logs go to run_dir/logs, where status and the runner find them",
+    "error": "nothing: logs go to run_dir/logs, where status and the runner find them",
+    "job-name": "nothing: jobs are named after the pipeline and stage, as status finds them",
+    "dependency": "the stage's needs",
+    "requeue": "nothing: training stages requeue themselves",
+    "open-mode": "nothing: training logs append across requeues",
+}
+
+
 class SlurmSpec(Config):
     """Resources of one stage's job. Pipeline-level `slurm:` gives defaults; a stage's `slurm:` overrides
     them key by key."""
@@ -86,6 +108,11 @@ class SlurmSpec(Config):
         for option in value:
             if not option.startswith("--") or "\n" in option:
                 raise ValueError(f"{option!r}: give one long sbatch option per item, e.g. --constraint=a100")
+            name = option[2:].partition("=")[0]
+            if name in _MANAGED:
+                # a later #SBATCH line wins: given here it would bypass what the key checks (a time
+                # limit shorter than signal_margin requeues a training job at every start)
+                raise ValueError(f"{option!r}: set {_MANAGED[name]} instead (biomask writes --{name} itself)")
         return value
 
     @property

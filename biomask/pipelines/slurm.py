@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -33,6 +34,8 @@ from biomask.pipelines.runs import check_run_dir, check_upstream_outputs, resolv
 from biomask.pipelines.sbatch import JobScript, render
 from biomask.provenance import read_run_info
 from biomask.relocation import RUN_DIR_ENV
+
+log = logging.getLogger(__name__)
 
 _FIELD = re.compile(r"(\S+?)=(\S*)")
 
@@ -79,22 +82,27 @@ def _relative_overrides(item: str, plan: Plan) -> str:
     return item.replace(str(plan.workdir) + "/", "")
 
 
-def write_scripts(plan: Plan, scripts: dict[str, JobScript]) -> dict[str, Path]:
-    """Write every script under a temporary name first, then rename them all: never a partial set."""
-    with _staged(plan, scripts) as staged:
+def write_scripts(plan: Plan, scripts: dict[str, JobScript], into: Path | None = None) -> dict[str, Path]:
+    """Write every script under a temporary name first, then rename them all: never a partial set.
+    `into`: a folder other than the run directory (a dry run's), which then gets no logs/."""
+    with _staged(plan, scripts, into) as staged:
         pass
     return {name: final for name, (_, final) in staged.items()}
 
 
 @contextlib.contextmanager
-def _staged(plan: Plan, scripts: dict[str, JobScript]) -> Iterator[dict[str, tuple[Path, Path]]]:
+def _staged(
+    plan: Plan, scripts: dict[str, JobScript], into: Path | None = None
+) -> Iterator[dict[str, tuple[Path, Path]]]:
     """Each script written under a temporary name ({name: (temporary, final)}), and the resolved
     pipeline.yaml: renamed into place, all of them, when the block succeeds; removed, with the folders
     this call made, when it fails, so the files of an earlier submission stay as they were."""
-    directory = plan.run_dir / "slurm"
-    made = [d for d in (plan.run_dir, directory, plan.run_dir / "logs") if not d.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
-    (plan.run_dir / "logs").mkdir(exist_ok=True)  # SLURM writes the jobs' logs there: it must exist
+    root = into if into is not None else plan.run_dir
+    directory = root / "slurm"
+    folders = (root, directory) if into is not None else (root, directory, root / "logs")
+    made = [d for d in folders if not d.exists()]
+    for folder in folders:  # logs/: SLURM writes the jobs' logs there, so it must exist
+        folder.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.ExitStack() as stack:  # atomic_file renames on exit, removes on an error
             staged = {}
@@ -105,7 +113,7 @@ def _staged(plan: Plan, scripts: dict[str, JobScript]) -> Iterator[dict[str, tup
                 tmp.chmod(0o755)
                 staged[name] = (tmp, final)
             # with the scripts: slurm/ and logs/ without it would be refused as someone else's folders
-            stack.enter_context(atomic_file(plan.run_dir / "pipeline.yaml")).write_text(resolved_text(plan))
+            stack.enter_context(atomic_file(root / "pipeline.yaml")).write_text(resolved_text(plan))
             yield staged
     except BaseException:
         # logs/ or slurm/ left without a pipeline.yaml would be refused as someone else's next time
@@ -126,12 +134,19 @@ def require_sbatch() -> str:
 
 
 def render_scripts(
-    plan: Plan, *, only: Sequence[str] = (), start: str | None = None, overwrite: bool = False
+    plan: Plan,
+    *,
+    only: Sequence[str] = (),
+    start: str | None = None,
+    overwrite: bool = False,
+    into: Path | None = None,
 ) -> dict[str, Path]:
-    """Write the resolved pipeline and the selected stages' scripts into the run directory."""
+    """Write the resolved pipeline and the selected stages' scripts into the run directory, or
+    `into` another folder (a dry run: the run directory, perhaps a live submission's, is left alone)."""
     selected = plan.select(only, start)
     check_run_dir(plan)
-    return write_scripts(plan, {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected})
+    scripts = {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
+    return write_scripts(plan, scripts, into)
 
 
 def submit(
@@ -147,7 +162,7 @@ def submit(
     says there what each job will do, and refuses a submission whose jobs would refuse their outputs)."""
     sbatch = require_sbatch()
     selected = plan.select(only, start)
-    check_no_active_jobs(plan.run_dir, _related(plan, selected))
+    check_no_active_jobs(plan.run_dir, related_stages(plan, selected))
     check_upstream_outputs(plan, selected)
     check_run_dir(plan)
     if before is not None:
@@ -222,7 +237,7 @@ ACTIVE_STATES = frozenset(
 )
 
 
-def _related(plan: Plan, selected: Sequence[str]) -> set[str]:
+def related_stages(plan: Plan, selected: Sequence[str]) -> set[str]:
     """The selected stages, every stage they need (transitively) and every stage that needs them."""
 
     def upstream(name: str) -> set[str]:
@@ -234,7 +249,7 @@ def _related(plan: Plan, selected: Sequence[str]) -> set[str]:
     return before | after
 
 
-def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None) -> None:
+def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None, *, unknown_ok: bool = False) -> None:
     """Refuse a second submission while jobs of the one jobs.json records may still run (of
     `stages`, when given: those the new jobs read, write or feed): both would run the same stages
     into the same outputs, and the new jobs.json would hide the old jobs from status."""
@@ -244,13 +259,28 @@ def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None) -> None:
         record = read_jobs(run_dir)
     except InputError:  # not a record of ours: nothing of it can still run
         return
-    active = [
-        state
-        for stage, job in record["stages"].items()
-        if stages is None or stage in stages
-        for state in _scontrol(stage, str(job.get("job_id", "")))
-        if state.state in ACTIVE_STATES
-    ]
+    try:
+        active = [
+            state
+            for stage, job in record["stages"].items()
+            if stages is None or stage in stages
+            for state in _scontrol(stage, str(job.get("job_id", "")))
+            if state.state in ACTIVE_STATES
+        ]
+    except SlurmUnreachable as exc:  # not known to have ended: refused, as jobs that may still run
+        if unknown_ok:  # a dry run needs no SLURM: it says what it could not check
+            log.warning(
+                "%s: could not ask SLURM whether earlier jobs still run (%s); a real submit asks again and "
+                "is refused while it cannot",
+                run_dir,
+                exc,
+            )
+            return
+        raise InputError(
+            f"run_dir {run_dir}: cannot ask SLURM whether the jobs of an earlier submission (jobs.json) still "
+            f"run ({exc}); a second submission beside them would run the same stages into the same "
+            "outputs. Try again once `scontrol show job` answers"
+        ) from None
     if active:
         shown = ", ".join(f"{s.stage} {s.job_id} {s.state}" for s in active[:8])
         ids = " ".join(dict.fromkeys(s.job_id.split("_")[0] for s in active))
@@ -311,23 +341,69 @@ def read_jobs(run_dir: Path) -> dict[str, Any]:
     return record
 
 
+# seconds a query of SLURM may take: a controller that is down or unreachable makes scontrol retry
+# for a minute or more, per job
+SLURM_QUERY_TIMEOUT = 20.0
+
+
+class SlurmUnreachable(Exception):
+    """scontrol could not ask the controller (down, unreachable, no permission, no client here)."""
+
+
+def _query(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnreachable(
+            f"`{' '.join(argv[:3])}` gave no answer in {SLURM_QUERY_TIMEOUT:.0f} s"
+        ) from None
+
+
 def job_states(run_dir: Path) -> list[JobState]:
-    """The state of every submitted stage (one row per array task), in submission order."""
+    """The state of every submitted stage (one row per array task), in submission order. Rows SLURM
+    could not give (it forgot the job, or could not be asked) say so: their `source` is "output",
+    and a warning names why."""
     record = read_jobs(run_dir)
     rows: list[JobState] = []
+    unreachable: str | None = None
     for stage, job in record["stages"].items():
-        found = _scontrol(stage, job["job_id"]) or sacct_states(stage, job["job_id"])
+        try:
+            found = _scontrol(stage, job["job_id"])
+        except SlurmUnreachable as exc:
+            unreachable, found = str(exc), []
         if not found:
-            found = [_from_output(stage, job, task) for task in job["tasks"]]
+            found = _per_task(stage, job, sacct_states(stage, job["job_id"]))
         rows += sorted(found, key=lambda r: int(r.task) if r.task.isdigit() else -1)
+    guessed = sorted({r.stage for r in rows if r.source == "output"})
+    if guessed:
+        log.warning(
+            "%s: no state from SLURM for %s (%s); shown from the outputs: COMPLETED where the task's output "
+            "was written, UNKNOWN where not (a failed or cancelled task among them)",
+            run_dir,
+            ", ".join(guessed),
+            unreachable or "finished longer ago than it keeps jobs, and not in sacct",
+        )
     return rows
+
+
+def _per_task(stage: str, job: dict[str, Any], accounted: list[JobState]) -> list[JobState]:
+    """sacct's rows, one per array task: a task sacct does not list (the jobcomp file keeps an array
+    under one task's id) is told from its output, never taken for the array's one row."""
+    if not job.get("array"):
+        return accounted or [_from_output(stage, job, task) for task in job["tasks"]]
+    by_task = {r.task: r for r in accounted if r.task}
+    return [by_task.get(str(task["index"])) or _from_output(stage, job, task) for task in job["tasks"]]
 
 
 def _scontrol(stage: str, job_id: str) -> list[JobState]:
     if not shutil.which("scontrol"):
-        return []
-    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+        raise SlurmUnreachable("`scontrol` is not on PATH")
+    result = _query(["scontrol", "show", "job", "-o", job_id])
     if result.returncode != 0:
+        if "Invalid job id" not in result.stderr:
+            raise SlurmUnreachable(
+                (result.stderr.strip() or f"scontrol exit {result.returncode}").splitlines()[-1]
+            )
         return []  # unknown to slurmctld: finished longer ago than MinJobAge
     rows = []
     for line in result.stdout.splitlines():
@@ -360,7 +436,10 @@ def sacct_states(stage: str, job_id: str) -> list[JobState]:
         return []
     fmt = ["--noheader", "--parsable2", "--format=JobID,State,ExitCode,Start,End"]
     for extra in ([], ["-c"]):
-        result = subprocess.run(["sacct", *extra, "-X", "-j", job_id, *fmt], capture_output=True, text=True)
+        try:
+            result = _query(["sacct", *extra, "-X", "-j", job_id, *fmt])
+        except SlurmUnreachable:
+            continue
         lines = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 4]
         if result.returncode == 0 and lines:
             latest: dict[str, list[str]] = {}
