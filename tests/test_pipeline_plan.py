@@ -296,6 +296,11 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
         code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
         assert code == 2 and f"prep_genome 41 {current}" in err and "scancel 41 42" in err
         assert jobs.read_text() == first and (tmp_path / "last").read_text() == "42\n"  # nothing submitted
+        # a local run, and the dry run, refuse the same (a pending job holds no output lock)
+        for args in (["run"], ["submit", "--dry-run"]):
+            code, _, err = cli("-q", "pipeline", *args, dna_pipeline)
+            assert code == 2 and f"prep_genome 41 {current}" in err, (args, err)
+        assert not (tmp_path / "run" / "prep_genome").exists()
     state.write_text("COMPLETED")
     assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0
     assert json.loads(jobs.read_text())["stages"]["prep_genome"]["job_id"] == "43"

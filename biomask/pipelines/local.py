@@ -171,6 +171,10 @@ def run_pipeline(
     """
     selected = plan.select(only, start)
     check_not_in_use(plan.run_dir)  # its stages may be what --only/--from find missing
+    if (plan.run_dir / "jobs.json").is_file():  # submitted here: a job that has not started holds no lock
+        from biomask.pipelines.slurm import check_no_active_jobs, related_stages
+
+        check_no_active_jobs(plan.run_dir, related_stages(plan, selected), unknown_ok=True)
     check_upstream_outputs(plan, selected)
     check_input_files(plan, selected)
     stages = _Stages()

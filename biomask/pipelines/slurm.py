@@ -250,9 +250,10 @@ def related_stages(plan: Plan, selected: Sequence[str]) -> set[str]:
 
 
 def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None, *, unknown_ok: bool = False) -> None:
-    """Refuse a second submission while jobs of the one jobs.json records may still run (of
-    `stages`, when given: those the new jobs read, write or feed): both would run the same stages
-    into the same outputs, and the new jobs.json would hide the old jobs from status."""
+    """Refuse a second submission (or a local run) while jobs of the one jobs.json records may still
+    run (of `stages`, when given: those the new jobs read, write or feed): both would run the same
+    stages into the same outputs, and a new jobs.json would hide the old jobs from status.
+    `unknown_ok`: when SLURM cannot be asked, warn instead of refusing (a dry run, a local run)."""
     if not (run_dir / "jobs.json").is_file():
         return
     try:
@@ -270,8 +271,7 @@ def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None, *, unkno
     except SlurmUnreachable as exc:  # not known to have ended: refused, as jobs that may still run
         if unknown_ok:  # a dry run needs no SLURM: it says what it could not check
             log.warning(
-                "%s: could not ask SLURM whether earlier jobs still run (%s); a real submit asks again and "
-                "is refused while it cannot",
+                "%s: could not ask SLURM whether the jobs jobs.json records still run (%s): not checked",
                 run_dir,
                 exc,
             )
@@ -286,8 +286,8 @@ def check_no_active_jobs(run_dir: Path, stages: set[str] | None = None, *, unkno
         ids = " ".join(dict.fromkeys(s.job_id.split("_")[0] for s in active))
         raise InputError(
             f"run_dir {run_dir}: jobs of an earlier submission may still run ({shown}"
-            f"{f' and {len(active) - 8} more' if len(active) > 8 else ''}); a second submission would run "
-            f"the same stages into the same outputs beside them. Wait for them (biomask pipeline status "
+            f"{f' and {len(active) - 8} more' if len(active) > 8 else ''}); a second submission or a local "
+            f"run would run the same stages into the same outputs beside them. Wait for them (biomask pipeline status "
             f"{run_dir}) or cancel them (scancel {ids}), then submit again"
         )
 
