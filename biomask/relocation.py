@@ -79,6 +79,8 @@ def where_now(output: str | os.PathLike, recorded: str) -> str:
 
 
 def _moved_with(output: str | os.PathLike) -> Relocation | None:
+    """`find`, with the run folder now taken as what the output's path is, less the folders its
+    recorded path ends with too."""
     recorded = recorded_output(Path(output))
     if not recorded or not os.path.isabs(recorded):
         return None
@@ -86,12 +88,7 @@ def _moved_with(output: str | os.PathLike) -> Relocation | None:
     shared = 0
     while shared < min(len(now), len(then)) - 1 and now[-1 - shared] == then[-1 - shared]:
         shared += 1
-    if shared == 0 or now == then:
-        return None
-    old, new = Path(*then[: len(then) - shared]), Path(*now[: len(now) - shared])
-    if old == Path(old.anchor) or new == Path(new.anchor):
-        return None  # a root would hold every path
-    return Relocation(str(old), str(new))
+    return find(output, recorded, Path(*now[: len(now) - shared])) if shared else None
 
 
 def run_dir_from_env() -> Path | None:

@@ -173,11 +173,11 @@ def fit_cells(
         "model.init_from": "init_from",
         "data": "the cells given",
     }
-    taken = [k for k in (overrides or {}) if k in own or k.startswith("data.store")]
+    taken = [k for k in (overrides or {}) if k in own]
     if taken:
         raise InputError(
             f"fit_cells: {', '.join(taken)} cannot be overridden (fit_cells sets "
-            f"{', '.join(sorted({own.get(k, 'the cells given') for k in taken}))}); "
+            f"{', '.join(sorted({own[k] for k in taken}))}); "
             "to pretrain on another store use `biomask pretrain`, to continue a checkpoint pass init_from="
         )
     out = Path(output)

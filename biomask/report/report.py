@@ -49,6 +49,9 @@ from biomask.report.reuse import stage_output
 
 log = logging.getLogger(__name__)
 
+# said of a verdict over 2 seeds: t with 1 degree of freedom stretches the interval 12.7-fold
+TWO_SEEDS = "; **only 2 seeds**: an interval 12.7× the standard error wide (use 3 or more)"
+
 _METRIC_NAMES = {
     "accuracy": "accuracy",
     "macro_f1": "macro-F1",
@@ -140,12 +143,7 @@ def _cmp_text(
             else ""
         )
         + (f"; detectable difference ±{mdd:.3f} (80 % power)" if math.isfinite(mdd) else "")
-        # two units: t with 1 degree of freedom stretches the interval 12.7-fold; say why it is wide
-        + (
-            "; **only 2 seeds**: an interval 12.7× the standard error wide (use 3 or more)"
-            if cmp["n"] == 2
-            else ""
-        )
+        + (TWO_SEEDS if cmp["n"] == 2 else "")  # two units: say why the interval is so wide
     )
 
 
@@ -600,13 +598,7 @@ def _one_pretraining_verdict(
         f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
         # its p-value in the form the multiplicity note counts: it is one of the summary's paired tests
         f"paired t p = {cmp['p_value']:.2g}, {len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) "
-        "paired by seed"
-        + (
-            "; **only 2 seeds**: an interval 12.7× the standard error wide (use 3 or more)"
-            if len(seeds) == 2
-            else ""
-        )
-        + ")."
+        "paired by seed" + (TWO_SEEDS if len(seeds) == 2 else "") + ")."
     ]
 
 
