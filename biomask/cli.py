@@ -407,10 +407,11 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         import tempfile
 
-        from biomask.pipelines.slurm import check_no_active_jobs, related_stages
+        from biomask.pipelines.slurm import check_no_active_jobs, check_time_limits, related_stages
 
         selected = plan.select(args.only or (), args.start)
         check_no_active_jobs(plan.run_dir, related_stages(plan, selected), unknown_ok=True)  # as submit
+        check_time_limits(plan, selected)
         announce(selected)
         # rendered outside run_dir: a dry run neither claims an empty run folder for this pipeline
         # nor rewrites the scripts of a submission whose jobs still read them
@@ -433,8 +434,11 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
     import json
 
     from biomask.pipelines.runs import find_run_dir, run_in_progress
-    from biomask.pipelines.slurm import job_states
+    from biomask.pipelines.slurm import UNSUCCESSFUL_STATES, job_states
     from biomask.pipelines.tables import local_table, show, slurm_table
+
+    # 1 where a stage ended without its output (failed, cancelled, timed out, stopped), so a script
+    # can test the run as it tests `pipeline run`; pending and running jobs are not failures.
 
     run_dir = find_run_dir(args.target)
     holder = run_in_progress(run_dir)
@@ -447,7 +451,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
             print(json.dumps([s.as_dict() for s in states], indent=2))
         else:
             show(slurm_table(f"SLURM jobs of {run_dir}", states))
-        return 0
+        return 1 if any(s.state in UNSUCCESSFUL_STATES for s in states) else 0
     if (run_dir / "local-run.json").exists():
         from biomask.pipelines.local import TaskResult
 
@@ -465,7 +469,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
             print(json.dumps(data["results"], indent=2))
         else:
             show(local_table(f"last local run of {run_dir} ({finished})", results))
-        return 0
+        return 0 if all(r.ok for r in results) else 1
     if holder is not None:  # the first run, not finished yet
         if args.json:
             print("[]")

@@ -118,6 +118,8 @@ KillWait=5
 InactiveLimit=0
 NodeName={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={_memory_mb()} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+# a partition with a time limit: a stage asking for more is refused before sbatch
+PartitionName=short Nodes={host} MaxTime=00:10:00 State=UP
 """
 
 

@@ -143,6 +143,9 @@ def test_a_failing_stage_stops_its_dependents(dna_pipeline, tmp_path, cli):
     assert "failed" in out and "prep_genome" in out  # the status table
     assert "stage prep_genome failed (exit 2)" in err and str(missing) in err  # and the stage's own message
     assert not (run / "prep_genome").exists() and leftovers(run) == []
+    # a script testing the run later gets a failure too, not 0 beside a FAILED row
+    code, out, _ = cli("pipeline", "status", run)
+    assert code == 1 and "failed" in out and "not run" in out
 
 
 def test_jobs_run_a_sweep_at_once_after_the_stage_it_needs(dna_pipeline, tmp_path, cli):

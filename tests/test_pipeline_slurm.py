@@ -155,6 +155,23 @@ def test_submit_says_what_each_job_will_do_and_refuses_what_its_job_would(submit
     assert "dna-test" not in slurm_cluster.command("squeue", "--noheader", "--format=%j").stdout
 
 
+def test_a_time_limit_above_the_partitions_is_refused_before_sbatch(slurm_cluster, tmp_path, cli):
+    """sbatch takes it (EnforcePartLimits is off by default) and the job pends for ever, reason
+    PartitionTimeLimit. The test cluster's partition `short` allows 10 minutes."""
+    path = write_pipeline(tmp_path)
+    for dry_run in (["--dry-run"], []):
+        code, _, err = cli(
+            "-q", "pipeline", "submit", *dry_run, path, "slurm.partition=short", "slurm.time='00:30:00'"
+        )
+        assert code == 2 and "slurm.time 00:30:00 is above partition short's MaxTime 00:10:00" in err, err
+    assert not (tmp_path / "run" / "jobs.json").exists()
+    assert "dna-test" not in slurm_cluster.command("squeue", "--noheader", "--format=%j").stdout
+    # within the limit, or on the default partition (no limit), the same pipeline is accepted
+    for setting in (["slurm.partition=short", "slurm.time='00:10:00'"], ["slurm.time='3-00:00:00'"]):
+        code, _, err = cli("-q", "pipeline", "submit", "--dry-run", path, *setting)
+        assert code == 0, err
+
+
 def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     missing = tmp_path / "no-such-genome.fa"
     path = write_pipeline(tmp_path)
@@ -169,6 +186,8 @@ def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     log = (tmp_path / "run" / "logs" / f"prep_genome-{genome.job_id}.out").read_text()
     assert str(missing) in log
     assert not (tmp_path / "run" / "prep_genome").exists() and leftovers(tmp_path / "run") == []
+    code, out, _ = cli("pipeline", "status", tmp_path / "run")
+    assert code == 1 and "FAILED" in out  # a script polling status learns the run failed
 
 
 # A stand-in for a training step, to check the job script's mechanics (not training): each srun task

@@ -1046,6 +1046,28 @@ def test_the_ratio_histograms_of_many_runs_wrap_into_rows(tmp_path):
     assert width / height < 3
 
 
+def test_a_run_with_one_logged_step_is_drawn_as_a_point(tmp_path, monkeypatch):
+    """A short run logs one training step: a line through one point draws nothing, so the run was
+    missing from the curves while its legend entry said it was there."""
+    import pandas as pd
+
+    from biomask.report import figures
+    from biomask.report.collect import PretrainRun
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    evals = pd.DataFrame({"step": [1], "mean_loss": [1.3]})
+    runs = [
+        PretrainRun(tmp_path, name, {}, {}, pd.DataFrame({"step": steps, "loss": [1.4] * len(steps)}), evals,
+                    np.zeros(0), {})
+        for name, steps in (("short", [1]), ("long", [1, 2, 3]))
+    ]  # fmt: skip
+    figures.training_curves(runs, "dna", tmp_path / "curves.png")
+    short, long = drawn[0].axes[0].lines
+    assert short.get_marker() not in (None, "None", "") and len(short.get_xdata()) == 1
+    assert long.get_marker() in (None, "None", "")  # longer runs stay lines
+
+
 def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution_is_chosen():
     """'ARI, best resolution (scIB)' and its intervals: a reader must learn that every labelled cell
     is clustered (a split only reseeds Leiden) and that the labels scored pick the resolution."""

@@ -117,19 +117,26 @@ class SlurmSpec(Config):
 
     @property
     def time_seconds(self) -> int:
-        """The time limit in seconds (SLURM reads "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS")."""
-        days, _, clock = self.time.rpartition("-")
-        parts = [int(p) for p in clock.split(":")]
-        if days:
-            hours, minutes, seconds = [*parts, 0, 0][:3]
-        else:
-            hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
-        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+        return slurm_seconds(self.time)
 
     @property
     def tasks(self) -> int:
         """srun tasks per node: as many as GPUs when GPUs are requested."""
         return self.tasks_per_node or self.gpus_per_node or 1
+
+
+def slurm_seconds(time: str) -> int:
+    """A SLURM time limit in seconds ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS");
+    ValueError for anything else (UNLIMITED)."""
+    if not _TIME.match(time):
+        raise ValueError(f"not a SLURM time limit: {time!r}")
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:
+        hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 class LocalSpec(Config):

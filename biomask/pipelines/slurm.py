@@ -32,6 +32,7 @@ from biomask.outputs import atomic_file, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage
 from biomask.pipelines.runs import check_run_dir, check_upstream_outputs, resolved_text
 from biomask.pipelines.sbatch import JobScript, render
+from biomask.pipelines.schema import slurm_seconds
 from biomask.provenance import read_run_info
 from biomask.relocation import RUN_DIR_ENV
 
@@ -163,6 +164,7 @@ def submit(
     sbatch = require_sbatch()
     selected = plan.select(only, start)
     check_no_active_jobs(plan.run_dir, related_stages(plan, selected))
+    check_time_limits(plan, selected)
     check_upstream_outputs(plan, selected)
     check_run_dir(plan)
     if before is not None:
@@ -191,12 +193,6 @@ def submit(
                     + f"nothing in {plan.run_dir} was written or replaced; {kept}correct the stage's "
                     "slurm settings (partition, account, qos, time, mem, extra) and submit again"
                 )
-                raise InputError(
-                    f"sbatch refused stage {name} ({plan.source}, stage {name}'s slurm settings): "
-                    f"{result.stderr.strip() or result.stdout.strip()}\n"
-                    + ("the jobs submitted before it were cancelled; " if submitted else "")
-                    + f"nothing was submitted or written{kept}; correct the stage and submit again"
-                )
             submitted[name] = {
                 "job_id": result.stdout.strip().split(";")[0],
                 "script": str(final),
@@ -215,6 +211,40 @@ def submit(
     }
     atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+def check_time_limits(plan: Plan, selected: Sequence[str]) -> None:
+    """Refuse a stage whose time limit is above its partition's MaxTime: sbatch accepts one (unless the
+    cluster sets EnforcePartLimits) and the job then pends for ever, reason PartitionTimeLimit. Where
+    SLURM cannot be asked, sbatch decides."""
+    try:
+        result = _query(["scontrol", "show", "partition", "-o"]) if shutil.which("scontrol") else None
+    except SlurmUnreachable:
+        return
+    if result is None or result.returncode != 0:
+        return
+    max_time: dict[str, str] = {}
+    default = None
+    for line in result.stdout.splitlines():
+        fields = dict(_FIELD.findall(line))
+        if "PartitionName" in fields:
+            max_time[fields["PartitionName"]] = fields.get("MaxTime", "UNLIMITED")
+            if fields.get("Default") == "YES":
+                default = fields["PartitionName"]
+    for name in selected:
+        spec = plan.stages[name].slurm
+        partition = spec.partition or default
+        limit = max_time.get(partition or "", "UNLIMITED")  # an unknown partition: sbatch names it
+        try:
+            seconds = slurm_seconds(limit)
+        except ValueError:  # UNLIMITED, INFINITE
+            continue
+        if spec.time_seconds > seconds:
+            raise InputError(
+                f"{plan.source}: stage {name}'s slurm.time {spec.time} is above partition {partition}'s "
+                f"MaxTime {limit}; SLURM would keep the job pending for ever (reason PartitionTimeLimit). "
+                f"Set slurm.time to at most {limit}, or another slurm.partition; nothing was submitted"
+            )
 
 
 # Job states in which a job may still run (scontrol's names); anything else has ended.
@@ -486,6 +516,8 @@ def wait(run_dir: Path, *, timeout: float, poll: float = 1.0) -> list[JobState]:
         time.sleep(poll)
 
 
-FINAL_STATES = frozenset(
-    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+# Ended without finishing its work: `pipeline status` exits 1 when a task is in one of these.
+UNSUCCESSFUL_STATES = frozenset(
+    {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 )
+FINAL_STATES = UNSUCCESSFUL_STATES | {"COMPLETED"}
