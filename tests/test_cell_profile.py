@@ -823,7 +823,7 @@ def test_cells_without_a_count_in_the_panel_are_named_not_embedded_silently(
     # what to pass again for more cells of the kind: the counts policy, beside the gene column
     assert json.loads(adata.uns["X_biomask"]["counts_policy"])["mode"] == "log1p"
     assert adata.uns["X_biomask"]["gene_id_column"] == "var index"
-    assert "2 cells express no gene of the model's vocabulary" in caplog.text
+    assert "2 of its 40 cells express no gene of the model's vocabulary" in caplog.text
     np.testing.assert_allclose(adata.obsm["X_biomask"][3], adata.obsm["X_biomask"][7])
 
 

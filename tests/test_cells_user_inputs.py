@@ -140,6 +140,18 @@ def test_genes_of_another_species_are_named_as_such_not_as_a_column_to_set(fitte
     assert (
         "when case is ignored" in warned and "(and 3 as written)" in warned and "different species" in warned
     ), warned
+    # ... and where no cell expresses those few, every cell would get one vector: refused, nothing written
+    silent = alike.copy()
+    silent.X = silent.X.tolil() if hasattr(silent.X, "tolil") else silent.X
+    silent.X[:, :3] = 0
+    silent.obsm.pop("X_biomask", None)  # the fitted cells' own
+    with pytest.raises(InputError, match="none of its .* cells expresses any of the 3 genes"):
+        biomask.embed(silent, checkpoint)
+    assert "X_biomask" not in silent.obsm
+    path = tmp_path / "silent.h5ad"
+    silent.write_h5ad(path)
+    code, _, err = cli("embed", "--checkpoint", checkpoint, "--input", path, "--output", tmp_path / "e.h5ad")
+    assert code == 2 and "one and the same vector" in err and not (tmp_path / "e.h5ad").exists(), err
     # identifiers that differ otherwise keep the hint they had
     other = adata.copy()
     other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]

@@ -23,6 +23,7 @@ from biomask.cells.config import CountsConfig
 from biomask.cells.readers import MatrixSource
 from biomask.cells.samples import MissingGenes
 from biomask.embedding.inference import embed_records, inference_max_length
+from biomask.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,24 @@ class CellsEmbedding:
             totals["counts_in_vocab"] / totals["counts_total"] if totals["counts_total"] else 0.0
         )
         empty = int(totals["cells_without_vocabulary_genes"])
+        if empty and empty == self.source.n_obs:
+            # every vector would be the same one: refused as fit_cells refuses it, not written with a warning
+            present = coverage.get("vocab_genes_present", 0)
+            raise InputError(
+                f"{self.source.where}: none of its {empty:,} cells expresses any of the {present:,} genes of the "
+                f"checkpoint's vocabulary that it measures: every cell would get one and the same vector. Check "
+                "that the data and the model are of one species and that the genes are matched on the right "
+                "identifiers (genes.column), see the warnings above; or train a model on these cells "
+                "(biomask.fit_cells, biomask fit-cells)"
+            )
         if empty:
             log.warning(
-                "%s: %d cells express no gene of the model's vocabulary: they all get one and the same "
+                "%s: %d of its %d cells express no gene of the model's vocabulary: they all get one and the same "
                 "vector (of an empty profile), and will cluster together; leave them out before clustering "
                 "(sc.pp.filter_cells(adata, min_counts=1), or on the genes the model reads)",
                 self.source.where,
                 empty,
+                self.source.n_obs,
             )
         return {
             "counts_found": self.opened.summary.describe(),
