@@ -677,7 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="sum",
         help="gene names that occur more than once: add their counts up, keep the first column, or refuse",
     )
-    p.add_argument("--n-top-genes", type=int, default=2000, help="the panel: this many most variable genes")
+    p.add_argument(
+        "--n-top-genes",
+        type=int,
+        default=None,
+        help="the panel: this many most variable genes (default 2000; not with --init-from: its panel is kept)",
+    )
     p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
     p.add_argument(
@@ -799,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="say what each job would do and render the scripts into the run directory, submit nothing",
+        help="say what each job would do and render the scripts into a temporary folder; write and submit nothing",
     )
     p = command(
         pipe, "status", cmd_pipeline_status, "the state of each stage's job (or of the last local run)"

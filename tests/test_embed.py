@@ -393,6 +393,9 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
                        "--output", tmp_path / "w.h5ad", "--matrix", "raw", "counts.mode=log1p")  # fmt: skip
     assert code == 2 and "matrix, counts: not read for" in err and "DNA sequences" in err, err
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "long.csv",
+                       "--output", tmp_path / "w.h5ad", "standardise=data")  # fmt: skip
+    assert code == 2 and "standardise: not read for" in err, err
     assert not (tmp_path / "w.h5ad").exists()
     # records that share a name stay apart (never joined into one sequence), in a FASTA as in a table;
     # their rows are named as scanpy's make_unique names them

@@ -124,7 +124,7 @@ class TokenizerConfig(Config):
     max_length: int = Field(1200, ge=1)  # binned and rank: at most this many genes per cell
     truncate: Literal["top", "sample"] = "top"  # binned beyond max_length: top-expressed, or a seeded sample
     seed: int = Field(0, ge=0)  # binned with truncate=sample, and the cell subset for medians
-    min_coverage: float = Field(0.5, ge=0, le=1)  # warn when less of a dataset's genes are in the vocabulary
+    min_coverage: float = Field(0.5, ge=0, le=1)  # warn when the data measures less of the vocabulary's genes
     # medians of a corpus storing more values than this come from a seeded subset of its cells
     median_max_values: int = Field(10_000_000, ge=1)
 

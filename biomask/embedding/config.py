@@ -25,7 +25,7 @@ class GenesSpec(Config):
     column: str | None = "auto"
     strip_version: bool = False  # ENSG00000141510.17 -> ENSG00000141510
     duplicates: Literal["sum", "first", "error"] = "sum"
-    # Below this share of the input's genes in the vocabulary: a warning (zero overlap is an error).
+    # Below this share of the vocabulary's genes found in the input: a warning (zero overlap is an error).
     min_coverage: float = Field(0.5, ge=0, le=1)
 
 

@@ -127,6 +127,9 @@ def _pretrain_config(
     )
 
 
+PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable genes
+
+
 def fit_cells(
     adata: Any,
     output: str | os.PathLike,
@@ -137,7 +140,7 @@ def fit_cells(
     strip_version: bool = False,
     batch_key: str | None = None,
     duplicates: str = "sum",
-    n_top_genes: int = 2000,
+    n_top_genes: int | None = None,
     masking: str = "r2mae",
     seed: int = 0,
     init_from: str | os.PathLike | None = None,
@@ -158,7 +161,8 @@ def fit_cells(
     embedding need not separate the batches; the encoder does not, so the checkpoint embeds cells of
     any batch. `duplicates`: columns of one gene name are summed ("sum"), reduced to the first
     ("first") or refused ("error"). `init_from`: continue a corpus checkpoint on these cells (its
-    gene panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
+    gene panel is kept). `n_top_genes`: the panel, this many most variable genes (default 2,000; not
+    with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import DUPLICATES, embed, renamed_in_logs
     from biomask.outputs import hold_output
@@ -184,6 +188,12 @@ def fit_cells(
     out_existed = out.exists()
     init = Path(init_from) if init_from is not None else None
     if init is not None:  # before anything is written: only an intact cells panel checkpoint continues here
+        if n_top_genes is not None:  # it would be ignored: the weights are of the checkpoint's panel
+            raise InputError(
+                f"n_top_genes={n_top_genes} with init_from {init}: a continued model keeps its checkpoint's "
+                "gene panel (its weights are of those genes). Leave n_top_genes out, or train a new model "
+                "without init_from"
+            )
         _check_init_from(init)
         kind = _checkpoint_model(init).get("kind")
         asked = (overrides or {}).get("model.kind")
@@ -228,7 +238,7 @@ def fit_cells(
         settings.setdefault("model.batch_covariate", True)
     # every setting checked before anything is written: a typo costs nothing
     prep_cfg = _prep_config(
-        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=n_top_genes,
+        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=PANEL_GENES if n_top_genes is None else n_top_genes,
         init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)

@@ -158,19 +158,20 @@ def _check_dna_keys(cfg: EmbedConfig, path: Path, kind: str, modality: str) -> N
 
 
 def _check_cells_keys(cfg: EmbedConfig, path: Path, modality: str) -> None:
-    """The expression keys (matrix, counts.*, genes.*) on DNA input are refused like unread dna.* keys."""
+    """The expression keys (matrix, counts.*, genes.*, standardise) on DNA input are refused like unread
+    dna.* keys (standardise=data was ignored and recorded)."""
     if modality != "dna":
         return
     fields = EmbedConfig.model_fields
     unused = [
         k
-        for k in ("matrix", "counts", "genes")
+        for k in ("matrix", "counts", "genes", "standardise")
         if getattr(cfg, k) != fields[k].get_default(call_default_factory=True)
     ]
     if unused:
         raise InputError(
-            f"{', '.join(unused)}: not read for {path}, DNA sequences for a DNA model (they say where a "
-            f"cells .h5ad keeps its expression); leave {'it' if len(unused) == 1 else 'them'} at the default"
+            f"{', '.join(unused)}: not read for {path}, DNA sequences for a DNA model (they say how a "
+            f"cells .h5ad's expression is read); leave {'it' if len(unused) == 1 else 'them'} at the default"
         )
 
 
