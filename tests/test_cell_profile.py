@@ -442,7 +442,9 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     assert "gene_column=" in str(err.value) and "genes.column" not in str(err.value)
     assert not (tmp_path / "none").exists()
     # a panel size asked for beside init_from would be ignored (the checkpoint's panel is kept): refused
-    with pytest.raises(InputError, match="n_top_genes=500 with init_from .* keeps its checkpoint's gene panel"):
+    with pytest.raises(
+        InputError, match="n_top_genes=500 with init_from .* keeps its checkpoint's gene panel"
+    ):
         biomask.fit_cells(cont, tmp_path / "n500", matrix="raw", counts={"mode": "log1p"}, init_from=older,
                           n_top_genes=500)  # fmt: skip
     assert not (tmp_path / "n500").exists()

@@ -252,10 +252,44 @@ def test_a_diverging_run_stops_before_a_nan_checkpoint(genome_store, tmp_path, c
     for ckpt in (out / "checkpoints").glob("step*"):  # whatever was saved holds finite weights only
         state = load_state(ckpt / MODEL_STATES)
         assert all(torch.isfinite(v).all() for v in state["module"].values()), ckpt
+    # logged every 50 steps, the run still stops at the step that diverged: ZeRO skipped 49 steps
+    # on overflows before the window was read, and the message named step 50
+    sparse = {
+        **extra,
+        "train.steps": 60,
+        "train.log_every": 50,
+        "train.checkpoint_every": 50,
+        "train.eval_every": 0,
+    }
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "sparse", **sparse))
+    stopped_at = int(err.split("not finite at step ")[1].split()[0])
+    assert code == 2 and stopped_at <= 2 and "Skipping step" not in err, err
 
     # an infinite learning rate is a config error: exit 2, nothing written
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "inf"), "optim.lr=.inf")
     assert code == 2 and "optim.lr" in err and not (tmp_path / "inf").exists()
+
+
+def test_a_diverging_replacement_gives_back_the_run_it_was_to_replace(finished, genome_store, tmp_path, cli):
+    """--overwrite cleared the finished run first: a replacement that diverged at step 2 left neither
+    run, while the message said the earlier checkpoints were kept."""
+    from biomask.provenance import sha256_file
+
+    good = shutil.copytree(finished, tmp_path / "good")
+    before = {p.relative_to(good): sha256_file(p) for p in good.rglob("*") if p.is_file()}
+    bad = {"optim.lr": 1e30, "optim.grad_clip": 0, "train.steps": 12, "train.log_every": 1,
+           "train.checkpoint_every": 12, "train.eval_every": 0}  # fmt: skip
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, good, **bad), "--overwrite")
+    assert code == 2 and "not finite at step" in err and "back in" in err, err
+    assert {p.relative_to(good): sha256_file(p) for p in good.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["good"]  # nothing left beside it
+    # a replacement that finishes takes its place, keeping nothing of the old one
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, good, **{"train.steps": 4}), "--overwrite"
+    )
+    assert code == 0, err
+    assert json.loads((good / "run.json").read_text())["final_eval"] and not (good / ".replaced-run").exists()
+    assert json.loads((good / "model" / "config.json").read_text())["training"]["steps"] == 4
 
 
 def test_a_changed_store_is_refused_by_evaluate_embed_and_prep(finished, splice_store, tmp_path, cli):

@@ -141,7 +141,10 @@ def find_pretrain_runs(paths: list[str]) -> list[PretrainRun]:
         if (path / "run.json").is_file():
             found.append(path)
         elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if (p / "run.json").is_file())
+            # hidden folders are biomask's own (a run --overwrite is replacing), never a sweep's run
+            found += sorted(
+                p for p in path.iterdir() if (p / "run.json").is_file() and not p.name.startswith(".")
+            )
         else:
             raise InputError(f"pretraining output {path} does not exist")
     runs = [load_pretrain_run(p) for p in found]

@@ -22,7 +22,7 @@ def stage_inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
         runs = (
             [root]
             if (root / "run.json").exists()
-            else sorted(x for x in root.glob("*") if (x / "run.json").exists())
+            else sorted(x for x in root.glob("*") if (x / "run.json").exists() and not x.name.startswith("."))
         )
         for run in runs:
             info = read_run_info(run) or {}

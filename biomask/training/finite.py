@@ -3,8 +3,10 @@
 A NaN or infinite training loss, gradient norm, held-out loss or weight means the run diverged (a too
 high learning rate, no clipping, an overflow). Skipping such steps would hide it and leave weights that
 may already be damaged, so the run stops with `DivergedError` (exit 2) naming the step and what to
-change. The checks run after every step (the loss and gradient norm, agreed across ranks), before each
-held-out evaluation is logged and before every checkpoint is saved (the weights themselves), so a
+change. Every step is checked: ZeRO's overflow check (a skipped step stops the run at once) and
+the loss, whose first non-finite step is kept on the device and read with the logging window (before
+every log line, held-out evaluation and checkpoint: no wait for the device at each step), with the
+gradient norm, agreed across ranks. The weights are checked before every checkpoint is saved, so a
 checkpoint or portable model with non-finite weights is never written and `metrics.jsonl` never holds
 NaN or Infinity. The last good checkpoint stays in place.
 """
@@ -53,7 +55,7 @@ def _any_rank(bad: bool, world_size: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _diverged(what: str, step: int, cfg: Any) -> DivergedError:
+def diverged(what: str, step: int, cfg: Any) -> DivergedError:
     return DivergedError(
         f"pretrain: {what} is not finite at step {step} of {cfg.train.steps}: training diverged. Stopped "
         f"before writing a checkpoint or model with non-finite weights (checkpoints already in "
@@ -72,14 +74,14 @@ def check_step(
     elif grad_norm is not None and not math.isfinite(float(grad_norm)):
         what = f"the gradient norm ({float(grad_norm)})"
     if _any_rank(what is not None, world_size, device):
-        raise _diverged(what or "the training loss on another rank", step, cfg)
+        raise diverged(what or "the training loss on another rank", step, cfg)
 
 
 def check_eval(result: dict[str, Any], step: int, cfg: Any) -> dict[str, Any]:
     """A held-out evaluation (identical on every rank) before it is logged; returns it."""
     values = [*result["loss"].values(), result["mean_loss"]]
     if not all(math.isfinite(v) for v in values):
-        raise _diverged(f"the held-out loss ({result['loss']})", step, cfg)
+        raise diverged(f"the held-out loss ({result['loss']})", step, cfg)
     return result
 
 
@@ -93,4 +95,4 @@ def check_weights(engine: Any, step: int, cfg: Any, world_size: int, device: tor
             flags.append(torch.isfinite(tensor).all())
     bad = bool(flags) and not bool(torch.stack(flags).all())
     if _any_rank(bad, world_size, device):
-        raise _diverged("a model weight", step, cfg)
+        raise diverged("a model weight", step, cfg)

@@ -64,9 +64,13 @@ from biomask.training.config import NON_SEMANTIC, PretrainConfig
 log = logging.getLogger(__name__)
 
 IN_PROGRESS = "in_progress.json"
+# The run --overwrite replaces, kept inside the new run's folder until the new run finishes: a
+# replacement that diverges or fails before its first checkpoint puts it back.
+REPLACED = ".replaced-run"
 # What pretrain writes at the top of its output directory (what --overwrite may replace there).
 OWN_NAMES = frozenset(
     {
+        REPLACED,
         "checkpoints",
         "config.yaml",
         "metrics.jsonl",
@@ -359,12 +363,19 @@ def decide(
 def start_fresh(
     path: Path, fingerprint: str, world_size: int, config_yaml: str, inputs: Sequence[dict] = ()
 ) -> None:
-    """Clear `path` (moving any old content aside first) and mark it as an unfinished run."""
+    """Clear `path` and mark it as an unfinished run. A run found there (biomask's own, which
+    --overwrite replaces) is kept in `path/.replaced-run` until this one finishes; where an earlier
+    replacement never finished, the run that one replaced stays the one kept."""
     if path.exists():
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         path.rename(aside)
+        kept = aside / REPLACED if (aside / REPLACED).is_dir() else (aside if any(aside.iterdir()) else None)
+        path.mkdir(parents=True)
+        if kept is not None:
+            kept.rename(path / REPLACED)
         shutil.rmtree(aside, ignore_errors=True)
-    path.mkdir(parents=True)
+    else:
+        path.mkdir(parents=True)
     atomic_write_text(path / "config.yaml", config_yaml)
     mark_in_progress(path, fingerprint, world_size, inputs)
 
@@ -468,10 +479,31 @@ def resumes(path: Path) -> list[int]:
         return []
 
 
+def drop_replaced(path: Path) -> None:
+    """The run has its portable model: the run it replaced goes (before run.json lists the files)."""
+    shutil.rmtree(path / REPLACED, ignore_errors=True)
+
+
+def restore_replaced(path: Path) -> bool:
+    """After this run failed: the run it replaced back at `path`, where this one wrote no checkpoint
+    (nothing of it is worth keeping) and nothing but pretrain's files. True when it was put back."""
+    kept = path / REPLACED
+    if not kept.is_dir() or any((path / "checkpoints").glob("step*")) or foreign(path, None):
+        return False
+    aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    kept.rename(aside)
+    failed = path.parent / f".{path.name}.failed-{uuid.uuid4().hex[:8]}"
+    path.rename(failed)
+    aside.rename(path)
+    shutil.rmtree(failed, ignore_errors=True)
+    return True
+
+
 def finish(path: Path) -> None:
     """After run.json is written: the directory is a finished output. Temporaries of an export cut short
     by a kill (`.model.tmp-*`, `.run.tmp-*`: tempfile's names under biomask's prefixes) are removed."""
     (path / IN_PROGRESS).unlink(missing_ok=True)
+    drop_replaced(path)
     for prefix in (".model.tmp-", ".run.tmp-"):
         for stale in path.glob(f"{prefix}*"):
             if stale.is_dir() and not stale.is_symlink() and len(stale.name) == len(prefix) + 8:

@@ -460,6 +460,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     # rank 0's refusal through on_rank0, so none waits in a collective)
     locks: list[OutputLock | None] = []
     engine: Any = None
+    started = False  # the output holds this run (fresh or resumed)
     try:
         # 2. The output directory: fresh, resume, or already done — held by this run alone until it
         #    returns (a second launch, kernel or script into it is refused, whatever its command line)
@@ -486,6 +487,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         else:  # the tokenizer goes into the checkpoint with its hashes: checked always (a few KB)
             on_rank0(lambda: check_store_tokenizer(store.tokenizer_dir), dist_env)
         on_rank0(lambda: prepare_output(cfg, stage, dist_env.world_size, decision), dist_env)
+        started = True
         # the held-out loss's reference predictors: count tables from a bounded training sample, once
         counts = reference_counts(
             train_split,
@@ -597,6 +599,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
 
         sums = torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=device)
+        # the first step whose loss was not finite (0: none), kept on the device: found at every step
+        # without waiting for the device, read (and named) at the next read_window
+        first_bad = torch.zeros((), dtype=torch.long, device=device)
         pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
         computed_norm: torch.Tensor | None = None  # ZeRO-0: the gradient norm train_step took (see grad_norm)
 
@@ -611,7 +616,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 step_ratios.extend(torch.stack(pending_ratios).tolist())
             sums.zero_()
             pending_ratios.clear()
-            finite.check_step(step, cfg, window["loss"], grad_norm(), dist_env.world_size, device)
+            finite.check_step(
+                int(first_bad) or step, cfg, window["loss"], grad_norm(), dist_env.world_size, device
+            )
 
         def grad_norm() -> float | None:
             """The last step's global gradient norm: DeepSpeed's, or at ZeRO-0 the one train_step took."""
@@ -647,12 +654,18 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         )
         window_start = time.perf_counter()
         while step < cfg.train.steps:
+            skipped = engine.skipped_steps
             step_ratio, computed_norm = train_step(
                 engine, masker, train_data, step, cfg.train.grad_accum, device, sums
             )
             pending_ratios.append(step_ratio)
             step += 1
             metrics.advance()
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(sums[0]), step, first_bad)
+            if engine.skipped_steps != skipped:
+                # ZeRO found a non-finite gradient and skipped the step (fp16's loss scaling, which
+                # skips on purpose, is not offered): abort, never skip
+                raise finite.diverged("the gradient (DeepSpeed skipped the step on an overflow)", step, cfg)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 # a NaN / infinite loss or gradient norm stops the run (exit 2) before anything saves it
@@ -742,6 +755,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 else None,
             }
             checkpoint.export_portable(out, state, arch, tokenizer_dir=store.tokenizer_dir, info=info)
+            rundir.drop_replaced(out)  # this run has its model: the run --overwrite replaced goes
             # run.json last: from now on the directory is a finished output.
             run_tmp = Path(tempfile.mkdtemp(prefix=".run.tmp-", dir=out))
             write_run_info(
@@ -800,6 +814,15 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 )
         if dist_env.world_size > 1:
             dist.barrier()
+    except Exception as exc:
+        # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
+        # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
+        if started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out):
+            exc.args = (
+                f"{exc.args[0] if exc.args else exc}\nThe run it was to replace is back in {out}, as it was.",
+                *exc.args[1:],
+            )
+        raise
     finally:
         if engine is not None:
             _release(engine)
