@@ -362,6 +362,32 @@ def test_tokenizer_path_of_the_other_modality_says_so(splice_store, pbmc_store, 
     assert not (tmp_path / "cells2").exists()
 
 
+def test_a_checkpoint_whose_meta_json_names_another_step_is_not_resumed_from(
+    finished, genome_store, tmp_path, cli
+):
+    """meta.json is the one file no digest covers: its step 12 -> 600 made a resume "finish" at step
+    600 with step 12's weights, and 12 -> 3 trained nine steps more than the run has."""
+    for wrong in (600, 3):
+        out = interrupted(finished, tmp_path / str(wrong))
+        meta = out / "checkpoints" / "step00000012" / "meta.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "step": wrong}))
+        code, err = resume(cli, genome_store, out)
+        assert code == 0 and f"meta.json says step {wrong}, its folder step00000012" in err, err
+        assert "step 8 of 12" in err  # fell back to the previous checkpoint, as for any corrupt one
+
+
+def test_pruning_keeps_a_checkpoint_holding_files_of_the_users(finished, genome_store, tmp_path, cli):
+    out = interrupted(finished, tmp_path / "run")
+    notes = out / "checkpoints" / "step00000004" / "my-notes.txt"
+    notes.write_text("mine")
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **{**RUN, "train.keep_last": 1})
+    )
+    assert code == 0, err
+    assert notes.read_text() == "mine" and "kept" in err and "my-notes.txt" in err
+    assert not (out / "checkpoints" / "step00000008").exists()  # pruned as keep_last says
+
+
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
     finished, genome_store, tmp_path, cli
 ):

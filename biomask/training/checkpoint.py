@@ -27,6 +27,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,12 +292,16 @@ def verify(directory: Path) -> str | None:
     files, hashes = meta.get("files"), meta.get("sha256")
     if not isinstance(files, dict) or not isinstance(hashes, dict) or set(files) != set(hashes):
         return "meta.json records no checksums (written by an older biomask)"
+    # meta.json is the one file no digest covers: the step a resume continues from must be its folder's
+    named = _TAG.match(directory.name)
+    if named is not None and meta.get("step") != int(named.group(1)):
+        return f"meta.json says step {meta.get('step')!r}, its folder {directory.name}"
     for name in files:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"meta.json lists {name!r}, outside the checkpoint"
-    unlisted = sorted(set(_file_names(directory)) - set(files) - {"meta.json"})
-    if unlisted:
-        return f"it holds files meta.json does not list ({', '.join(unlisted[:3])})"
+    added = sorted(set(_file_names(directory)) - set(files) - {"meta.json"})
+    if added:
+        return f"it holds files meta.json does not list ({', '.join(added[:3])})"
     for name, size in files.items():
         path = directory / name
         if path.is_symlink():  # saves write files; a link would read (or later replace) another one
@@ -347,6 +352,8 @@ def resume_point(root: Path) -> Path | None:
         if problem is None:
             for bad, why in failed:
                 aside = root / f"corrupt-{bad.name}"
+                if aside.exists() and unlisted(aside):  # one set aside before, holding files of the user's
+                    aside = root / f"corrupt-{bad.name}-{uuid.uuid4().hex[:8]}"
                 shutil.rmtree(aside, ignore_errors=True)
                 bad.rename(aside)
                 log.warning(
@@ -403,7 +410,24 @@ def prune(root: Path, keep: int) -> None:
     for leftover in [*root.glob(".tmp-step*"), *root.glob(".old-step*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     for old in valid_checkpoints(root)[:-keep]:
+        added = unlisted(old)
+        if added:  # a file of the user's (notes beside a checkpoint) is never deleted
+            log.warning(
+                "pretrain: kept %s beyond train.keep_last: it holds files the save did not write (%s)",
+                old,
+                ", ".join(added[:3]),
+            )
+            continue
         shutil.rmtree(old, ignore_errors=True)
+
+
+def unlisted(directory: Path) -> list[str]:
+    """Files in a checkpoint directory that its meta.json does not list (all of them when unreadable)."""
+    try:
+        listed = set(read_meta(directory).get("files") or {})
+    except (OSError, ValueError, AttributeError):
+        return _file_names(directory)
+    return sorted(set(_file_names(directory)) - listed - {"meta.json"})
 
 
 # --------------------------------------------------------------------------- the portable checkpoint
