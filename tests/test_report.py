@@ -685,6 +685,23 @@ def test_a_metrics_file_whose_parts_disagree_is_named_not_a_traceback(tmp_path):
     (tmp_path / "config.yaml").write_text("checkpoints: {}\n")
     with pytest.raises(InputError, match="metrics.json is corrupt or not biomask's"):
         load_evaluation("task", str(tmp_path), "mcc", None)
+    # a figure edited into a string, or NaN: named on reading, not a traceback in a table
+    summary = {"r2mae@0 (linear probe)": {"mcc": {"mean": "0.999", "sd": 0.0, "n": 1}}}
+    rows = {"r2mae@0 (linear probe)": [{"seed": 0, "mcc": 0.5}]}
+    for text, said in (
+        (json.dumps({"methods": [], "per_seed": rows, "summary": summary, "seeds": [0]}), "mean is '0.999'"),
+        ('{"methods": [], "per_seed": {}, "summary": {"m": {"mcc": {"mean": NaN}}}, "seeds": [0]}', "NaN"),
+    ):
+        (tmp_path / "metrics.json").write_text(text)
+        with pytest.raises(InputError, match=said):
+            load_evaluation("task", str(tmp_path), "mcc", None)
+    # a config.yaml that is no YAML
+    (tmp_path / "config.yaml").write_text("checkpoints: {a: [\n")
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"methods": [], "per_seed": {}, "summary": {}, "seeds": [0]})
+    )
+    with pytest.raises(InputError, match="config.yaml is corrupt or not biomask's"):
+        load_evaluation("task", str(tmp_path), "mcc", None)
 
 
 def test_the_evaluation_figure_shows_leiden_ari_where_methods_have_it(tmp_path):

@@ -465,6 +465,31 @@ def test_a_checkpoint_config_naming_files_outside_or_a_huge_model_is_refused_bef
     assert code == 2 and "not a file of tokenizer/" in err, err
     code, _, err = edited("huge", lambda c: c["architecture"].update(d_model=65536, d_ff=262144))
     assert code == 2 and "does not fit the architecture" in err and "65536" in err, err
+    # values of the wrong kind are named, never a ZeroDivisionError or AttributeError deep inside
+    for name, change, said in (
+        ("heads", lambda c: c["architecture"].update(n_heads=0), "n_heads 0"),
+        ("kind", lambda c: c["architecture"].update(scheme=["panel"]), "scheme: Input should be a valid string"),
+        ("tokenizer", lambda c: c.update(tokenizer=["tokenizer.json"]), "tokenizer record is not as biomask writes"),
+    ):  # fmt: skip
+        code, _, err = edited(name, change)
+        assert code == 2 and said in err and "Traceback" not in err, (name, err)
+    # weights relabelled as another dtype (their digest resealed): load_state_dict would cast them
+    from safetensors.torch import load_file as read_weights
+    from safetensors.torch import save_file
+
+    from biomask.provenance import sha256_file
+
+    relabelled = shutil.copytree(finished / "model", tmp_path / "dtype")
+    weights = read_weights(relabelled / "model.safetensors")
+    save_file({k: v.view(torch.int32) for k, v in weights.items()}, relabelled / "model.safetensors")
+    config = json.loads((relabelled / "config.json").read_text())
+    config["weights_sha256"] = sha256_file(relabelled / "model.safetensors")
+    config[CONFIG_SHA256] = config_digest(config)
+    (relabelled / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("embed", "--checkpoint", relabelled, "--input", tmp_path / "one.fa",
+                       "--output", tmp_path / "dtype.h5ad")  # fmt: skip
+    assert code == 2 and "stored as torch.int32, not the model's torch.float32" in err, err
+    assert not (tmp_path / "dtype.h5ad").exists()
     model = shutil.copytree(finished / "model", tmp_path / "shape")
     (model / "config.json").write_text("[1, 2]")
     code, _, err = cli(

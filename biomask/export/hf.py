@@ -104,8 +104,14 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
     from tokenizers import Tokenizer, normalizers
 
     info = model.checkpoint_info
-    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-    config = json.loads((source / "tokenizer_config.json").read_text())
+    try:  # load_pretrained checked tokenizer.json's digest: unreadable here means it was sealed so
+        tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+        config = json.loads((source / "tokenizer_config.json").read_text())
+    except Exception as exc:  # OSError, JSON errors, and tokenizers' own Exception type
+        raise InputError(
+            f"{source}: its tokenizer files cannot be read ({type(exc).__name__}: {exc}); restore the "
+            "checkpoint's own tokenizer/"
+        ) from None
     # only what biomask writes (vocab.tokenizer_config): a key such as auto_map would make
     # transformers fetch and run code from elsewhere when the export is loaded with trust_remote_code
     foreign = sorted(set(config) - TOKENIZER_CONFIG_KEYS) if isinstance(config, dict) else ["(not an object)"]

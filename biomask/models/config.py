@@ -110,6 +110,14 @@ class EncoderConfig:
     batches: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        small = [
+            f"{name} {getattr(self, name)}"
+            for name, least in (("vocab_size", 1), ("d_model", 1), ("n_layers", 0), ("n_heads", 1), ("d_ff", 1),
+                                ("max_len", 1), ("n_bins", 0), ("decoder_layers", 0), ("kernel_size", 1))
+            if getattr(self, name) < least
+        ]  # fmt: skip
+        if small:
+            raise ValueError(f"sizes out of range: {', '.join(small)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.value_embedding == "bins" and self.n_bins < 1:
@@ -130,4 +138,15 @@ class EncoderConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown architecture keys {unknown} (written by a newer biomask?)")
-        return cls(**data)
+        from pydantic import TypeAdapter, ValidationError
+
+        # each value of its field's type (a config.json is read, not trusted): a list for a name, a
+        # string for a size is a ValueError naming the key, not an error deep inside the model
+        try:
+            return TypeAdapter(cls).validate_python(data)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(map(str, e['loc'])) or 'architecture'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            ]
+            raise ValueError("; ".join(problems)) from None

@@ -85,6 +85,11 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     if not tokenizer_json.is_file():
         raise InputError(f"{directory}: tokenizer/tokenizer.json is missing; export the checkpoint again")
     recorded = config.get("tokenizer", {})
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files") or {}, dict):
+        raise InputError(
+            f"{directory / 'config.json'}: its tokenizer record is not as biomask writes it; restore the "
+            "checkpoint's own config.json"
+        )
     expected = {"tokenizer.json": recorded.get("sha256"), **(recorded.get("files") or {})}
     for name, sha in expected.items():  # checkpoints written before "files" was kept: tokenizer.json
         path = directory / "tokenizer" / str(name)
@@ -126,9 +131,24 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         raise InputError(
             f"{directory / WEIGHTS} does not fit its config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    _check_values(directory / WEIGHTS, state, model)
     model.checkpoint_info = config  # type: ignore[assignment]
     model.checkpoint_dir = directory  # type: ignore[assignment]
     return model.to(device).eval()
+
+
+def _check_values(weights: Path, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Each tensor of the model's own dtype and finite: load_state_dict casts silently, so a header
+    relabelling F32 as I32 (digest resealed) gave all-NaN embeddings with exit 0."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tensor.dtype != own[name].dtype:
+            raise InputError(
+                f"{weights}: {name} is stored as {tensor.dtype}, not the model's {own[name].dtype}; "
+                "export the checkpoint again"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{weights}: {name} holds NaN or infinite values; export the checkpoint again")
 
 
 def _check_shapes(weights: Path, architecture: EncoderConfig) -> None:

@@ -83,9 +83,41 @@ class PretrainRun:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise InputError(f"{path} is missing: is {path.parent} a finished biomask stage output?") from None
+    except yaml.YAMLError as exc:
+        raise _corrupt(path, exc, "the stage that wrote it") from None
+    if not isinstance(data, dict):
+        raise _corrupt(path, TypeError("not a mapping"), "the stage that wrote it")
+    return data
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} where a number belongs (biomask writes strict JSON)")
+
+
+def _numbers(where: str, values: dict[str, Any], keys: Any) -> None:
+    """Every value of `keys` present in `values` is a finite number (or null): a report reads them as
+    figures, and a string or NaN there failed deep in its tables with a traceback."""
+    for key in keys:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{where}{key} is {value!r}, not a number")
+
+
+_SUMMARY_NUMBERS = ("mean", "sd", "ci_low", "ci_high", "n")
+_ROW_NUMBERS = ("accuracy", "macro_f1", "mcc", "ari", "nmi")
+
+
+def _check_evaluation_numbers(results: dict[str, Any]) -> None:
+    for method, metrics in results["summary"].items():
+        for metric, stats in metrics.items():
+            if isinstance(stats, dict):
+                _numbers(f"summary[{method!r}][{metric!r}].", stats, _SUMMARY_NUMBERS)
+    for method, rows in results["per_seed"].items():
+        for i, row in enumerate(rows):
+            _numbers(f"per_seed[{method!r}][{i}].", row, _ROW_NUMBERS)
 
 
 def _corrupt(path: Path, exc: Exception, stage: str) -> InputError:
@@ -101,7 +133,15 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     config = _read_yaml(path / "config.yaml")
     metrics = path / "metrics.jsonl"
     try:
-        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        lines = [
+            json.loads(x, parse_constant=_refuse_constant)
+            for x in metrics.read_text().splitlines()
+            if x.strip()
+        ]
+        for i, x in enumerate(lines, 1):  # eval lines: a loss per ratio of the grid
+            _numbers(f"line {i}: ", x, ("step", "mean_loss") if x["kind"] == "eval" else ("step", "loss"))
+            if x["kind"] == "eval":
+                _numbers(f"line {i}: loss ", x["loss"], list(x["loss"]))
         train = pd.DataFrame([x for x in lines if x["kind"] == "train"])
         evals = pd.DataFrame(
             [
@@ -121,6 +161,11 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     ratios = np.array(
         [r for x in lines if x["kind"] == "train" for r in x.get("step_ratios", [])], dtype=float
     )
+    final_eval = info.get("final_eval") or {}
+    try:
+        _numbers("final_eval.", final_eval, ("mean_loss", "mean_reference_loss"))
+    except (TypeError, AttributeError) as exc:
+        raise _corrupt(path / "run.json", exc, "pretrain") from None
     return PretrainRun(
         path=path,
         name=name or config.get("masking", {}).get("scheme", path.name),
@@ -129,7 +174,7 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
         train=train,
         evals=evals,
         step_ratios=ratios,
-        final_eval=info.get("final_eval", {}),
+        final_eval=final_eval,
     )
 
 
@@ -207,15 +252,16 @@ class Evaluation:
 def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Evaluation:
     root = Path(path)
     try:
-        results = json.loads((root / "metrics.json").read_text())
+        results = json.loads((root / "metrics.json").read_text(), parse_constant=_refuse_constant)
         missing = [k for k in ("methods", "per_seed", "summary", "seeds") if k not in results]
         if missing:
             raise KeyError(", ".join(missing))
+        _check_evaluation_numbers(results)
     except FileNotFoundError:
         raise InputError(
             f"evaluation {key!r}: {root} has no metrics.json; run `biomask evaluate` first"
         ) from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     config = _read_yaml(root / "config.yaml")
     checkpoints = dict(config.get("checkpoints") or {})

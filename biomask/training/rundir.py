@@ -331,7 +331,11 @@ def decide(
             state = json.loads(marker.read_text())
         except ValueError:
             state = {}
-        if not isinstance(state, dict) or "fingerprint" not in state:  # what it was cannot be told
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("fingerprint"), str)
+            or not isinstance(state.get("world_size", world_size), int)
+        ):  # what it was cannot be told
             raise InputError(
                 f"output directory {path} holds an interrupted run whose {IN_PROGRESS} is unreadable, so "
                 "whether this config may resume it cannot be told; pass --overwrite to discard it, or "
