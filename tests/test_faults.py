@@ -439,6 +439,25 @@ def test_csv_row_with_extra_fields_names_the_line(tmp_path, cli, splice_rows):
     assert leftovers(tmp_path) == []
 
 
+def test_header_quirks_are_named(tmp_path, cli):
+    """A second column of one name was read silently (the last one won); spaces, case, a missing
+    header line and a FASTA file got only the list of columns."""
+    seq = "ACGTACGTACGTACGTACGTACGT"
+    for name, text, said in (
+        ("dup", f"id,sequence,label,sequence\na,{seq},x,TTTT\n", "names column 'sequence' more than once"),
+        ("spaces", f"id, sequence ,label\na,{seq},x\n", "' sequence ' has spaces around it"),
+        ("case", f"id,Sequence,label\na,{seq},x\n", "case-sensitive: the header has 'Sequence'"),
+        ("none", f"a,{seq},x\n", "the table has no header line"),
+        ("fasta", f">a|x\n{seq}\n", "looks like FASTA, not a table"),
+    ):  # fmt: skip
+        table = tmp_path / f"{name}.csv"
+        table.write_text(text)
+        code, _, err = dna(tmp_path, cli, table, output=tmp_path / name)
+        assert code == 2 and said in err, (name, err)
+        no_traceback(err)
+        assert not (tmp_path / name).exists()
+
+
 def test_csv_with_a_byte_order_mark(tmp_path, cli, splice_rows):
     table = write_table(tmp_path / "excel.csv", splice_rows, bom=True)
     code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'bom'}",
@@ -455,6 +474,17 @@ def evaluate_config(tmp_path: Path, store: Path, **splits) -> Path:
            "baseline": {"kmer_k": [3]}, "splits": {"mode": "resample", "val": 0.2, "test": 0.2, **splits}}  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_a_label_column_of_identifiers_is_refused_not_fitted_for_minutes(tmp_path, cli, splice_rows):
+    rows = [(seq, f"id{i}") for i, (seq, _) in enumerate(splice_rows)]
+    table = write_table(tmp_path / "ids.csv", rows)
+    code, _, err = dna(tmp_path, cli, table)
+    assert code == 0, err
+    code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "store"))
+    assert code == 2 and "is the label column an identifier?" in err and "with one record each" in err, err
+    no_traceback(err)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_single_class_set_warns_at_prep_and_evaluate_refuses(tmp_path, cli, splice_rows):

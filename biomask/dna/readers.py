@@ -273,9 +273,28 @@ def _check_genbank_warnings(path: Path, count: int, record_id: str, caught: list
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
-def header_hint(first: str, delimiter: str | None = None, settable: bool = True) -> str:
-    """What to say when a table's header lacks a column: its first line is a comment, or the table is
-    separated by a character the reader did not split on."""
+def header_hint(
+    first: str,
+    delimiter: str | None = None,
+    settable: bool = True,
+    column: str | None = None,
+    header: list[str] | None = None,
+) -> str:
+    """What to say when a table's header lacks `column`: a header name that differs only by spaces
+    or case, a FASTA file, no header line at all, a comment line above it, or a separator the
+    reader did not split on."""
+    for name in header or []:
+        if column is not None and name != column and name.strip() == column:
+            return f". The header's {name!r} has spaces around it: remove them from the header line"
+        if column is not None and name.strip().lower() == column.lower() and name.strip() != column:
+            return f". Column names are case-sensitive: the header has {name.strip()!r}"
+    if first.lstrip().startswith(">"):
+        return ". Line 1 starts with '>': the file looks like FASTA, not a table (labelled sets are read from CSV/TSV tables; a FASTA input is unlabelled, `format: fasta`)"
+    fields = [f.strip().strip('"') for f in first.split(delimiter or ",")]
+    if any(len(f) >= 20 and set(f.upper()) <= set("ACGTNRYSWKMBDHV") for f in fields):
+        return (
+            ". Line 1 holds a sequence: the table has no header line; add one (e.g. sequence,label) above it"
+        )
     if first.lstrip().startswith("#"):
         return (
             ". Line 1 is read as the header and starts with '#': remove the comment lines above the header."
@@ -289,6 +308,16 @@ def header_hint(first: str, delimiter: str | None = None, settable: bool = True)
             )
             return f". The header looks {other!r}-separated: {fix}"
     return ""
+
+
+def check_unique_columns(path: Path, header: list[str], used: list[str | None]) -> None:
+    """A column the reader uses, named twice in the header: csv.DictReader silently keeps the last."""
+    twice = sorted({c for c in used if c is not None and header.count(c) > 1})
+    if twice:
+        raise InputError(
+            f"{path}: the header names column{'s' if len(twice) > 1 else ''} {', '.join(map(repr, twice))} "
+            "more than once, and which one holds the data cannot be told; rename the others"
+        )
 
 
 def chain_first(first: str, rest: IO[str]) -> Iterator[str]:
@@ -336,8 +365,9 @@ def read_table(
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
                     f"set `{role}_column` on this input (inputs[].{role}_column) in the config"
-                    + header_hint(first, delimiter)
+                    + header_hint(first, delimiter, column=column, header=header)
                 )
+        check_unique_columns(path, header, [column for _, column in wanted])
         rows = 0
         for row in reader:
             line = reader.line_num  # the physical line (blank lines and quoted line breaks counted)

@@ -18,7 +18,14 @@ import numpy as np
 import pandas as pd
 
 from biomask.dna.cleaning import Cleaner, reverse_complement
-from biomask.dna.readers import chain_first, decompression_errors, header_hint, open_text, read_fasta_blocks
+from biomask.dna.readers import (
+    chain_first,
+    check_unique_columns,
+    decompression_errors,
+    header_hint,
+    open_text,
+    read_fasta_blocks,
+)
 from biomask.dna.tokenizers import DNATokenizer, load_tokenizer
 from biomask.embedding.config import DNASpec
 from biomask.errors import InputError
@@ -143,8 +150,10 @@ def read_sequence_table(
             if column is not None and column not in header:
                 raise InputError(
                     f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
-                    f"set dna.{role}_column" + header_hint(first, delimiter, settable=False)
+                    f"set dna.{role}_column"
+                    + header_hint(first, delimiter, settable=False, column=column, header=header)
                 )
+        check_unique_columns(Path(path), header, [sequence_column, id_column, label_column])
         with_labels = label_column is not None and label_column in header
         rows: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []

@@ -101,6 +101,15 @@ def load_labelled(root: str | os.PathLike) -> LabelledRecords:
             f"{labels_all.size} records): a classifier cannot be evaluated on it; check the label column "
             "the store was prepared with"
         )
+    if present.size > labels_all.size / 2:
+        # an id column given as the label: sklearn fits one class per record for minutes, and
+        # says only that classes outnumber half the samples
+        singletons = int((np.bincount(labels_all) == 1).sum())
+        raise InputError(
+            f"token store {Path(root)} has {present.size:,} classes among {labels_all.size:,} records "
+            f"({singletons:,} with one record each): a classifier cannot learn classes it sees once; is "
+            "the label column an identifier? Prepare the store with the column of the classes"
+        )
     batch_codes = np.concatenate(batches).astype(np.int64) if with_batches else None
     return LabelledRecords(store, labels_all, np.array(origin), locations, batch_codes)
 
