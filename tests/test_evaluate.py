@@ -141,6 +141,17 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     notes = json.loads((tmp_path / "e4" / "metrics.json").read_text())["notes"]
     assert any("pretrained (label-free) on a store prepared from the same input file as this one (cut" in n
                for n in notes), notes  # fmt: skip
+    # the same records from another file (a task cut inline from a GenBank file, where pretraining
+    # read the CSV `datasets task` wrote): no input file in common, the same token shards
+    other = tmp_path / "other.csv"
+    other.write_text((tmp_path / "cut.csv").read_text() + "\n")  # another checksum, the same rows
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {other}}}]",
+                       f"output={tmp_path / 'other'}")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(*args[:-4], f"store={tmp_path / 'other'}", f"output={tmp_path / 'e5'}", "protocols=[]")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "e5" / "metrics.json").read_text())["notes"]
+    assert any("token shards identical to this store's" in n for n in notes), notes
 
 
 def test_store_without_labels_is_refused(genome_store, tmp_path, cli, repo):

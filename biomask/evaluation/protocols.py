@@ -283,6 +283,14 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
     trained = (getattr(model, "checkpoint_info", None) or {}).get("data") or {}
     if trained.get("manifest_sha256") != sha256_file(data.store.root / "manifest.json"):
         shared = _shared_sources(trained, data.store.manifest)
+        if not shared and _shared_token_shards(trained, data.store.manifest):
+            # the same records reached by another route (a task cut from a GenBank file inline, and
+            # pretraining on the CSV `datasets task` wrote from it): same tokens, other source files
+            return (
+                "pretrained (label-free) on a store holding token shards identical to this store's: the "
+                "same records, prepared from other files. For a clean test, pretrain on other sequences "
+                "(or on this store's train split, with splits.mode=store)"
+            )
         if not shared:
             return None
         return (
@@ -306,18 +314,45 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
     return None
 
 
+def _pretraining_manifest(trained: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's pretraining store's manifest, when it is still there and the one it records."""
+    if not trained.get("store"):
+        return None
+    path = Path(str(trained["store"])) / "manifest.json"
+    try:
+        if sha256_file(path) == trained.get("manifest_sha256"):
+            found = json.loads(path.read_text())
+            return found if isinstance(found, dict) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _token_digests(manifest: dict[str, Any], splits: Any = None) -> set[str]:
+    found = set()
+    for name, split in (manifest.get("splits") or {}).items():
+        if splits is None or name in splits:
+            for shard in split.get("shards") or []:
+                digest = ((shard.get("files") or {}).get("tokens") or {}).get("sha256")
+                if digest:
+                    found.add(digest)
+    return found
+
+
+def _shared_token_shards(trained: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    theirs = _pretraining_manifest(trained)
+    if theirs is None:
+        return False
+    return bool(_token_digests(theirs, [trained.get("train_split", "train")]) & _token_digests(manifest))
+
+
 def _shared_sources(trained: dict[str, Any], manifest: dict[str, Any]) -> str:
     """The input files (by sha256) the checkpoint's pretraining store and this store were both
     prepared from, named ("" when none). Checkpoints written before the sources were recorded: read
     from their store's manifest, when it is still there and the one they record."""
     sources = trained.get("sources")
-    if sources is None and trained.get("store"):
-        path = Path(str(trained["store"])) / "manifest.json"
-        try:
-            if sha256_file(path) == trained.get("manifest_sha256"):
-                sources = json.loads(path.read_text()).get("sources")
-        except (OSError, ValueError):
-            sources = None
+    if sources is None:
+        sources = (_pretraining_manifest(trained) or {}).get("sources")
     theirs = {s.get("sha256") for s in sources or [] if s.get("sha256")}
     ours = [s for s in manifest.get("sources") or [] if s.get("sha256") in theirs]
     return ", ".join(str(s.get("name") or s.get("path")) for s in ours)
