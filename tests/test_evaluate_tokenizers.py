@@ -50,6 +50,14 @@ def test_checkpoints_of_other_tokenizers_are_evaluated_and_one_is_chosen_on_val(
     assert "retokenized" not in methods["char (linear probe)"]["inputs"]
     # 60 bases in 3-mers: 20 tokens a record (no record needed windows)
     assert methods["kmer3 (linear probe)"]["inputs"]["n_long"] == 0
+    # which tokens each read is recorded and reported: the chosen row may pick a tokenizer
+    assert methods["kmer3 (linear probe)"]["inputs"]["tokenizer"] == "kmer (k=3)"
+    assert methods["char (linear probe)"]["inputs"]["tokenizer"] == "char"
+    report = (out / "report.md").read_text()
+    assert (
+        "Tokenizers the checkpoints read: char: char; kmer3: kmer (k=3) (the store's sequences re-tokenized)"
+        in report
+    )
 
     per_seed = results["per_seed"]
     for i, row in enumerate(per_seed["chosen on val (linear probe)"]):

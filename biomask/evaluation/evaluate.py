@@ -425,7 +425,8 @@ def splits_text(results: dict[str, Any]) -> str:
 
 
 _POLICY_TEXT = {
-    "window": "embedded in windows of the model's length, their vectors pooled",
+    "window": "embedded in windows of the model's length, their vectors pooled (averaged, or concatenated "
+    "in order under concat pooling)",
     "centre": "cut to the model's length around their centre",
     "first": "cut to the model's length from their start",
 }
@@ -472,6 +473,22 @@ def _long_records_lines(results: dict[str, Any]) -> list[str]:
     return []
 
 
+def _tokenizer_lines(results: dict[str, Any]) -> list[str]:
+    """Which tokens each DNA checkpoint reads, where they differ among checkpoints or from the store's
+    (a row chosen on validation may pick a tokenizer as much as a checkpoint)."""
+    read: dict[str, tuple[str, bool]] = {}
+    for m in results["methods"]:
+        inputs = m.get("inputs") or {}
+        if "tokenizer" in inputs:
+            read.setdefault(m["group"], (inputs["tokenizer"], bool(inputs.get("retokenized"))))
+    if not read or (len({t for t, _ in read.values()}) == 1 and not any(r for _, r in read.values())):
+        return []
+    parts = [
+        f"{g}: {t}" + (" (the store's sequences re-tokenized)" if r else "") for g, (t, r) in read.items()
+    ]
+    return ["", f"Tokenizers the checkpoints read: {'; '.join(parts)}.", ""]
+
+
 def _metric_rows(results: dict[str, Any], methods: list[dict], metrics: tuple[str, ...]) -> list[str]:
     """One table row per method: its summary of each metric (blank where it has none)."""
     rows = []
@@ -493,6 +510,7 @@ def render_report(results: dict[str, Any]) -> str:
         "Values: mean ± sd [95 % CI].",
         MACRO_F1_NOTE,
         *_long_records_lines(results),
+        *_tokenizer_lines(results),
         *(["", "**Notes:**", *(f"- {n}" for n in results.get("notes", []))] if results.get("notes") else []),
         "",
         "| method | protocol | accuracy | macro-F1 | MCC |",

@@ -276,6 +276,16 @@ def chosen_on_val(probes: list[Method]) -> Method:
     return Method(f"{CHOSEN_ON_VAL} (linear probe)", CHOSEN_ON_VAL, "linear_probe", predict, {"among": names})
 
 
+def tokenizer_label(tokenizer: dict[str, Any]) -> str:
+    """ "char", "kmer (k=6)", "bpe (4,096 tokens)": a checkpoint's or store's tokenizer record, named."""
+    kind = str(tokenizer.get("kind", "?"))
+    if kind == "kmer" and tokenizer.get("k"):
+        return f"kmer (k={tokenizer['k']})"
+    if kind == "bpe" and tokenizer.get("vocab_size"):
+        return f"bpe ({tokenizer['vocab_size']:,} tokens)"
+    return kind
+
+
 def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) -> str | None:
     """Why a checkpoint pretrained on this very store sees test records (None: it does not). Label-free,
     but the baselines never see the test records before they are scored; the split the checkpoint
@@ -438,6 +448,8 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length:
             lengths.append(spec.max_length)
         out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
+        if model.config.modality == "dna":  # which tokens it reads: a report compares tokenizers too
+            out["tokenizer"] = tokenizer_label((model.checkpoint_info or {}).get("tokenizer") or {})
         if source is not records:
             out["retokenized"] = True  # the store's sequences in this checkpoint's own tokens
         for limit in lengths:
