@@ -46,6 +46,8 @@ def test_seed_summary_and_paired_comparison():
     assert format_summary(s).startswith("3.000 ± 1.581 [")
     # a deterministic method on one split scores the same in every seed: no zero-width "interval"
     assert format_summary(summarize([0.937] * 5)) == "0.937 (the same in every seed: no interval)"
+    # ... also where the equal values differ in the last bit (a mean over splits): not "± 0.000 [a, a]"
+    assert format_summary(summarize([0.1 + 0.2, 0.3, 0.3])) == "0.300 (the same in every seed: no interval)"
     # few seeds of a bounded metric: the interval stops at the metric's range
     tiny = summarize([0.2, 1.0, 0.9], bounds=(-1.0, 1.0))
     assert tiny["ci_high"] == 1.0 and tiny["ci_low"] < 0.2 and tiny["mean"] == pytest.approx(0.7)
@@ -155,3 +157,22 @@ def test_metrics_agree_with_scikit_learn_on_known_predictions():
         assert m["per_class"][name]["recall"] == pytest.approx(recall[i])
         assert m["per_class"][name]["f1-score"] == pytest.approx(f1[i])
         assert m["per_class"][name]["support"] == support[i]
+
+
+def test_a_class_absent_from_a_seeds_test_split_has_no_f1_of_zero():
+    from biomask.evaluation.metrics import per_class_table
+
+    def row(f1_b, support_b):
+        return {
+            "per_class": {
+                "a": {"f1-score": 0.9, "support": 10},
+                "b": {"f1-score": f1_b, "support": support_b},
+            }
+        }
+
+    results = {"label_names": ["a", "b"], "methods": [{"name": "m"}],
+               "per_seed": {"m": [row(0.5, 2), row(0.0, 0)]}}  # fmt: skip
+    lines = per_class_table(results)
+    assert "| b | 0–2 | 0.500 |" in lines  # the seed without the class is left out, not averaged in as 0
+    results["per_seed"]["m"] = [row(0.0, 0)]
+    assert "| b | 0 | — |" in per_class_table(results)

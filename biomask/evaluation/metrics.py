@@ -74,8 +74,18 @@ def per_class_table(results: dict[str, Any]) -> list[str]:
     for name in names:
         support = [int(r["per_class"][name]["support"]) for r in rows]
         shown = str(support[0]) if min(support) == max(support) else f"{min(support)}–{max(support)}"
-        f1 = [np.mean([r["per_class"][name]["f1-score"] for r in results["per_seed"][m]]) for m in methods]
-        lines.append(f"| {name} | {shown} | " + " | ".join(f"{v:.3f}" for v in f1) + " |")
+        # over the seeds whose test split holds the class: an absent class's F1 of 0 is no score
+        f1 = [
+            [
+                r["per_class"][name]["f1-score"]
+                for r in results["per_seed"][m]
+                if r["per_class"][name]["support"]
+            ]
+            for m in methods
+        ]
+        lines.append(
+            f"| {name} | {shown} | " + " | ".join(f"{np.mean(v):.3f}" if v else "—" for v in f1) + " |"
+        )
     absent = sorted({c for r in rows for c in r.get("absent_classes", [])})
     if absent:
         lines += [
@@ -135,7 +145,7 @@ def format_summary(summary: dict[str, float], digits: int = 3) -> str:
     seed (a deterministic method on one split), has no interval and is not given a zero-width one."""
     if summary["n"] < 2:
         return f"{summary['mean']:.{digits}f}"
-    if summary["sd"] == 0:
+    if summary["sd"] <= 1e-12 * max(1.0, abs(summary["mean"])):  # float noise of equal values is no spread
         return f"{summary['mean']:.{digits}f} (the same in every seed: no interval)"
     return (
         f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f} "
