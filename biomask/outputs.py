@@ -47,7 +47,7 @@ from biomask.errors import (
     describe_os_error,
     is_environment_error,
 )
-from biomask.provenance import read_run_info, written_by_biomask
+from biomask.provenance import read_run_info, sha256_file, written_by_biomask
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,45 @@ log = logging.getLogger(__name__)
 # FILE_TREE_KEY every file, as paths relative to the output.
 FILES_KEY = "files"
 FILE_TREE_KEY = "file_tree"
+# The sha256 of an output's smaller files (its results: metrics.json, report.md, figures, a store's
+# manifest), checked before it is reused or read: an edited result is never passed on as biomask's.
+# Bounded, so that checking a large output (a store's shards, which its manifest covers) stays cheap.
+OUTPUT_DIGESTS_KEY = "output_sha256"
+DIGEST_BUDGET_BYTES = 8 << 20
 
 
 def file_tree(root: Path) -> list[str]:
     """Every file (or link) under `root`, as sorted relative POSIX paths; directories are not listed."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def output_digests(root: Path) -> dict[str, str]:
+    """The sha256 of `root`'s files, smallest first, up to DIGEST_BUDGET_BYTES (run.json, written
+    after them, aside)."""
+    files = [(root / rel) for rel in file_tree(root) if rel != "run.json"]
+    files = sorted((p for p in files if p.is_file() and not p.is_symlink()), key=lambda p: p.stat().st_size)
+    digests, spent = {}, 0
+    for path in files:
+        spent += path.stat().st_size
+        if spent > DIGEST_BUDGET_BYTES:
+            break
+        digests[path.relative_to(root).as_posix()] = sha256_file(path)
+    return digests
+
+
+def changed_outputs(root: Path, info: dict | None, names: Sequence[str] | None = None) -> list[str]:
+    """The files of an output (all, or `names`) that no longer match the sha256 its run.json records."""
+    recorded = (info or {}).get(OUTPUT_DIGESTS_KEY)
+    if not isinstance(recorded, dict):
+        return []  # written before the digests were kept
+    changed = []
+    for rel, digest in recorded.items():
+        if names is not None and rel not in names:
+            continue
+        path = root / str(rel)
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != digest:
+            changed.append(str(rel))
+    return sorted(changed)
 
 
 def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -170,6 +204,14 @@ def check_output(
         return False
     check_same_stage(path, info, stage)
     if info.get("fingerprint") == fingerprint:
+        changed = changed_outputs(path, info)
+        if changed:
+            raise StaleOutputError(
+                f"output directory {path}: {', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} changed "
+                "since biomask wrote it (its sha256 differs from the one run.json records), so it is not "
+                "reused as this stage's result. Pass --overwrite to compute it again, or choose another "
+                "output path"
+            )
         # a run killed between its rename and its clean-up left a temporary that no write will
         # now remove (this output is reused from here on)
         remove_stale_temporaries(path)

@@ -20,7 +20,15 @@ from typing import Any
 
 from biomask import relocation
 from biomask.config import Config, config_fingerprint, config_fingerprints, write_config
-from biomask.outputs import FILE_TREE_KEY, FILES_KEY, atomic_output_dir, check_output, file_tree
+from biomask.outputs import (
+    FILE_TREE_KEY,
+    FILES_KEY,
+    OUTPUT_DIGESTS_KEY,
+    atomic_output_dir,
+    check_output,
+    file_tree,
+    output_digests,
+)
 from biomask.provenance import code_differs, read_run_info, sha256_json, write_run_info
 
 log = logging.getLogger(__name__)
@@ -236,5 +244,10 @@ class StageOutput:
                 fingerprint=self.fingerprint,
                 inputs=self.inputs,
                 seeds=seeds,
-                extra={**(extra or {}), FILES_KEY: written, FILE_TREE_KEY: tree},
+                extra={
+                    **(extra or {}),
+                    FILES_KEY: written,
+                    FILE_TREE_KEY: tree,
+                    OUTPUT_DIGESTS_KEY: output_digests(tmp),
+                },
             )

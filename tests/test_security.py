@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biomask.errors import InputError
 from biomask.provenance import sha256_file
 from biomask.training import checkpoint, rundir
 from tests.test_pretrain import CONFIG, overrides
@@ -290,6 +291,35 @@ def test_a_diverging_replacement_gives_back_the_run_it_was_to_replace(finished, 
     assert code == 0, err
     assert json.loads((good / "run.json").read_text())["final_eval"] and not (good / ".replaced-run").exists()
     assert json.loads((good / "model" / "config.json").read_text())["training"]["steps"] == 4
+
+
+def test_an_edited_result_is_neither_reused_nor_reported(finished, splice_store, tmp_path, cli):
+    """run.json listed an output's file names only: metrics.json edited to MCC 0.999 was "reused as
+    it is" and printed in the report."""
+    from biomask.outputs import OUTPUT_DIGESTS_KEY
+    from biomask.report.collect import load_evaluation
+
+    out = tmp_path / "eval"
+    args = ["evaluate", "-c", REPO / "configs/evaluate/splice.yaml", f"store={splice_store}", f"output={out}",
+            f"checkpoints.tiny={finished / 'model'}", "seeds=[0]", "protocols=[linear_probe]",
+            "baselines=[onehot_lr]", "random_init=false"]  # fmt: skip
+    code, _, err = cli(*args)
+    assert code == 0, err
+    assert "metrics.json" in json.loads((out / "run.json").read_text())[OUTPUT_DIGESTS_KEY]
+    results = json.loads((out / "metrics.json").read_text())
+    for summary in results["summary"].values():
+        summary["mcc"]["mean"] = 0.999
+    (out / "metrics.json").write_text(json.dumps(results))
+    with pytest.raises(InputError, match="metrics.json changed since biomask evaluate wrote it"):
+        load_evaluation("splice", str(out), "mcc", None)
+    code, _, err = cli(*args)
+    assert code == 2 and "metrics.json changed since biomask wrote it" in err and "--overwrite" in err, err
+    code, _, err = cli(*args, "--overwrite")  # computed again: the figures are biomask's once more
+    assert code == 0, err
+    assert all(
+        s["mcc"]["mean"] != 0.999 for s in json.loads((out / "metrics.json").read_text())["summary"].values()
+    )
+    load_evaluation("splice", str(out), "mcc", None)
 
 
 def test_a_changed_store_is_refused_by_evaluate_embed_and_prep(finished, splice_store, tmp_path, cli):

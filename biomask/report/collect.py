@@ -18,6 +18,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.metrics import METRIC_BOUNDS, METRICS, summarize
 from biomask.masking.config import describe_masking
+from biomask.outputs import changed_outputs
 from biomask.provenance import read_run_info
 from biomask.relocation import where_now
 
@@ -126,10 +127,22 @@ def _corrupt(path: Path, exc: Exception, stage: str) -> InputError:
     )
 
 
+def _unchanged(root: Path, info: dict[str, Any] | None, names: list[str], stage: str) -> None:
+    """What the report reads from an output matches the sha256 its run.json records (outputs
+    written since 2026-12-06 record them): an edited figure is never reported as biomask's."""
+    changed = changed_outputs(root, info, names)
+    if changed:
+        raise InputError(
+            f"{root / changed[0]} changed since biomask {stage} wrote it (its sha256 differs from the one "
+            f"{root / 'run.json'} records); run `biomask {stage}` again, or restore the file"
+        )
+
+
 def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     info = read_run_info(path)
     if info is None or info.get("stage") != "pretrain":
         raise InputError(f"{path} is not a finished pretraining run (no run.json of stage pretrain)")
+    _unchanged(path, info, ["config.yaml", "metrics.jsonl"], "pretrain")
     config = _read_yaml(path / "config.yaml")
     metrics = path / "metrics.jsonl"
     try:
@@ -251,6 +264,7 @@ class Evaluation:
 
 def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Evaluation:
     root = Path(path)
+    _unchanged(root, read_run_info(root), ["config.yaml", "metrics.json"], "evaluate")
     try:
         results = json.loads((root / "metrics.json").read_text(), parse_constant=_refuse_constant)
         missing = [k for k in ("methods", "per_seed", "summary", "seeds") if k not in results]

@@ -45,11 +45,13 @@ from biomask.models.kinds import PROFILE_KINDS, rebuilt_on_continuing
 from biomask.models.profile import ProfileModel
 from biomask.outputs import (
     FILE_TREE_KEY,
+    OUTPUT_DIGESTS_KEY,
     OutputLock,
     atomic_write_text,
     check_inputs_outside,
     file_tree,
     hold_output,
+    output_digests,
 )
 from biomask.provenance import code_version, read_run_info, write_run_info
 from biomask.resources import honour_omp_threads
@@ -777,6 +779,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                     **({"trained_by": mixed} if (mixed := rundir.trained_by(out)) else {}),
                     # every file of the run, so --overwrite can tell a file added later apart
                     FILE_TREE_KEY: sorted({*file_tree(out), "run.json"}),
+                    # its log and config among them: a report checks what it reads
+                    OUTPUT_DIGESTS_KEY: output_digests(out),
                 },
             )
             (run_tmp / "run.json").rename(out / "run.json")
