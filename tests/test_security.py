@@ -406,6 +406,16 @@ def test_a_checkpoint_whose_meta_json_names_another_step_is_not_resumed_from(
         assert "step 8 of 12" in err  # fell back to the previous checkpoint, as for any corrupt one
 
 
+def test_a_resume_with_another_thread_count_says_it_will_not_be_exact(
+    finished, genome_store, tmp_path, cli, monkeypatch
+):
+    out = interrupted(finished, tmp_path / "run")  # in_progress.json records this process's threads
+    started = json.loads((out / "in_progress.json").read_text())["torch_threads"]
+    monkeypatch.setattr(rundir, "_threads", lambda: started + 1)
+    code, err = resume(cli, genome_store, out)
+    assert code == 0 and f"resumes with {started + 1} CPU threads where it started with {started}" in err, err
+
+
 def test_pruning_keeps_a_checkpoint_holding_files_of_the_users(finished, genome_store, tmp_path, cli):
     out = interrupted(finished, tmp_path / "run")
     notes = out / "checkpoints" / "step00000004" / "my-notes.txt"

@@ -393,6 +393,8 @@ def mark_in_progress(path: Path, fingerprint: str, world_size: int, inputs: Sequ
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # a resume by other code (an upgrade before a requeue) is said, and run.json records it
         "code": code_version(),
+        # CPU kernels sum in an order set by the thread count: a resume with another one is said
+        "torch_threads": _threads(),
         **_writer(),
     }
     atomic_write_text(path / IN_PROGRESS, json.dumps(state, indent=2) + "\n")
@@ -408,6 +410,12 @@ def record_fingerprint(path: Path, fingerprint: str) -> None:
     if isinstance(state, dict) and state.get("fingerprint") != fingerprint:
         state["fingerprint"] = fingerprint
         atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _writer() -> dict[str, Any]:
@@ -436,6 +444,17 @@ def note_resume(path: Path, step: int) -> None:
             path,
             step,
             differs,
+        )
+    started_with = state.get("torch_threads")
+    if isinstance(started_with, int) and started_with != _threads():
+        log.warning(
+            "pretrain: %s resumes with %d CPU threads where it started with %d: reductions run in "
+            "another order, so its weights will not be bit-identical to an uninterrupted run's (set "
+            "OMP_NUM_THREADS=%d to resume it exactly)",
+            path,
+            _threads(),
+            started_with,
+            started_with,
         )
     state["resumed_from"] = [*state.get("resumed_from", []), step]
     state["resumed_code"] = [*state.get("resumed_code", []), code_version()]
