@@ -424,7 +424,13 @@ def _write_labelled(
     if cfg.cleaning.deduplicate:
         kept = rows.deduplicate(kept, counts)
     if not len(kept):
-        raise InputError("no sequences left after cleaning; relax the cleaning policy")
+        why = ", ".join(f"{n:,} {reason.removeprefix('dropped_').replace('_', ' ')}" for reason, n in counts.items()
+                        if reason.startswith("dropped_") and n)  # fmt: skip
+        raise InputError(
+            f"{', '.join(str(inp.path) for inp in inputs)}: no sequences left after cleaning "
+            f"({counts['rows_read']:,} rows read; dropped: {why or 'none'}); check the sequence and label "
+            "columns, or relax the cleaning policy (cleaning.*)"
+        )
 
     label_codes = rows.label_codes(kept)
     splits = rows.given_splits(kept)
