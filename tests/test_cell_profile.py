@@ -354,6 +354,14 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     info = json.loads((checkpoint / "config.json").read_text())
     assert info["architecture"]["kind"] == "mlp" and info["training"]["steps"] == 60
     assert info["architecture"]["embed_norm"] == "l2"
+    # copy=True, as scanpy users know it: theirs untouched, a copy with the embedding returned (the
+    # same call: every stage reused)
+    theirs = pbmc68k_adata.copy()
+    returned = biomask.fit_cells(theirs, tmp_path / "mine", matrix="raw", counts={"mode": "log1p"},
+                                 overrides={"train.steps": 60, "train.checkpoint_every": 60}, copy=True)  # fmt: skip
+    assert "X_biomask" not in theirs.obsm and "X_biomask" not in theirs.uns
+    np.testing.assert_array_equal(returned.obsm["X_biomask"], adata.obsm["X_biomask"])
+    assert Path(returned.uns["X_biomask"]["checkpoint"]) == checkpoint.resolve()
     # the copy prep read holds the one matrix it needs, nothing else of the user's AnnData
     copy = ad.read_h5ad(tmp_path / "mine" / "cells.h5ad")
     assert copy.X is None and copy.raw.shape == pbmc68k_adata.raw.shape and not copy.layers

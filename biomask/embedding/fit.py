@@ -147,10 +147,12 @@ def fit_cells(
     overrides: dict[str, Any] | None = None,
     key: str = "X_biomask",
     overwrite: bool = False,
-) -> Path:
+    copy: bool = False,
+) -> Any:
     """Pretrain the profile autoencoder on `adata`'s cells and put their embedding in
     `adata.obsm[key]` (in place). Returns the portable checkpoint (`<output>/pretrain/model`), which
-    embeds further data in the same space with `biomask.embed`.
+    embeds further data in the same space with `biomask.embed`; with `copy=True`, `adata` is left as
+    it is and a copy holding the embedding is returned (the checkpoint: its `uns[key]["checkpoint"]`).
 
     `adata`: an AnnData, or the path of an .h5ad / 10x / loom file (then only pretrained: embed it
     with `biomask.embed`). `matrix`, `counts`, `gene_column`:
@@ -163,6 +165,17 @@ def fit_cells(
     ("first") or refused ("error"). `init_from`: continue a corpus checkpoint on these cells (its
     gene panel is kept). `n_top_genes`: the panel, this many most variable genes (default 2,000; not
     with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
+    if copy:  # scanpy's convention: the caller's object untouched, the result returned
+        if isinstance(adata, (str, os.PathLike)):
+            raise InputError(
+                "fit_cells: copy=True returns an AnnData with the embedding, so give an AnnData (a path is "
+                "pretrained only: embed it with biomask.embed)"
+            )
+        settings = dict(locals())
+        del settings["copy"]
+        own = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
+        fit_cells(**{**settings, "adata": own})
+        return own
     from biomask.cells.prep import prep_cells
     from biomask.embedding.api import DUPLICATES, embed, renamed_in_logs
     from biomask.outputs import hold_output
