@@ -239,9 +239,12 @@ def test_a_view_of_a_backed_anndata_is_embedded_with_copy_true(pbmc_h5ad, cells_
     assert "X_biomask" not in backed.obsm and backed.isbacked
 
 
-def test_ensembl_ids_against_a_symbol_vocabulary_name_the_python_argument(pbmc_h5ad, cells_checkpoint):
-    """A sample whose var index holds Ensembl IDs (symbols in a var column), embedded from Python: the
-    message points at `gene_column=` and lists the column to pass, not the config key genes.column."""
+def test_ensembl_ids_against_a_symbol_vocabulary_name_the_python_argument(
+    pbmc_h5ad, cells_checkpoint, caplog
+):
+    """A sample whose var index holds Ensembl IDs (symbols in a var column), embedded from Python:
+    gene_column="auto" finds the column that matches (and says so); the var index asked for by name
+    gives a message pointing at `gene_column=` and the column to pass, not the config key genes.column."""
     from biomask.errors import InputError
 
     raw = read(pbmc_h5ad).raw
@@ -250,11 +253,17 @@ def test_ensembl_ids_against_a_symbol_vocabulary_name_the_python_argument(pbmc_h
     )
     adata = anndata.AnnData(raw.X.copy(), obs=read(pbmc_h5ad).obs, var=var)
     with pytest.raises(InputError) as err:
-        biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"})
+        biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"}, gene_column=None)
     assert "set gene_column=" in str(err.value) and "symbol" in str(err.value)
     assert "genes.column" not in str(err.value) and "X_biomask" not in adata.obsm
-    biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"}, gene_column="symbol")
-    assert adata.obsm["X_biomask"].shape[0] == adata.n_obs
+    by_name = biomask.embed(
+        adata, cells_checkpoint, counts={"mode": "log1p"}, gene_column="symbol", copy=True
+    )
+    with caplog.at_level("WARNING", logger="biomask"):
+        biomask.embed(adata, cells_checkpoint, counts={"mode": "log1p"})
+    assert "matched on var column 'symbol' instead" in caplog.text
+    assert adata.uns["X_biomask"]["gene_id_column"] == "symbol"
+    np.testing.assert_array_equal(adata.obsm["X_biomask"], by_name.obsm["X_biomask"])
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,33 @@ class CellEncoder:
         self.duplicates = duplicates
         self.min_coverage = min_coverage
 
+    def _other_column(
+        self, source: MatrixSource, column: str | None, names: np.ndarray, found: dict[str, Any]
+    ) -> tuple[str | None, np.ndarray, dict[str, Any]]:
+        """genes.column auto, where the column it reads matches no vocabulary gene: the var column
+        that matches most (10x files keep symbols in the index and Ensembl IDs in gene_ids, and a
+        model may have been trained on either), said in the log; else what was read."""
+        best = (column, names, found)
+        for other in source.var.columns:
+            if other == column or not (
+                source.var[other].dtype == object or isinstance(source.var[other].dtype, pd.CategoricalDtype)
+            ):
+                continue
+            candidate = gene_names(source, other, self.strip_version)
+            matched = coverage(self.prep.vocab, candidate)
+            if matched["dataset_genes_in_vocab"] > best[2]["dataset_genes_in_vocab"]:
+                best = (other, candidate, matched)
+        if best[0] != column:
+            log.warning(
+                "%s: the %s matches none of the checkpoint's genes; matched on var column %r instead "
+                "(%d genes; set genes.column to choose)",
+                source.where,
+                f"var column {column!r}" if column else "var index",
+                best[0],
+                best[2]["dataset_genes_in_vocab"],
+            )
+        return best
+
     def open(self, source: MatrixSource, block_size: int = 8192) -> OpenedMatrix:
         """Check the matrix against the vocabulary and the counts policy, before any long pass."""
         column = self.gene_column
@@ -143,9 +170,11 @@ class CellEncoder:
             column = wanted if wanted is not None and wanted in source.var.columns else None
         check_orientation(source)
         names = gene_names(source, column, self.strip_version)
+        found = coverage(self.prep.vocab, names)
+        if found["dataset_genes_in_vocab"] == 0 and self.gene_column is True:
+            column, names, found = self._other_column(source, column, names, found)
         space = GeneSpace()
         targets, _ = space.add(source, names, self.duplicates)
-        found = coverage(self.prep.vocab, names)
         vocab = self.prep.vocab
         if found["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(names[names != ""])[:3])
