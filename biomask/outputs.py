@@ -97,6 +97,18 @@ def changed_outputs(root: Path, info: dict | None, names: Sequence[str] | None =
     return sorted(changed)
 
 
+def refuse_changed(path: Path, info: dict | None) -> None:
+    """An output of this very config whose recorded files changed is stale, not this stage's result."""
+    changed = changed_outputs(path, info)
+    if changed:
+        raise StaleOutputError(
+            f"output directory {path}: {', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} changed "
+            "or went missing since biomask wrote it (the sha256 run.json records no longer matches), so "
+            "it is not reused as this stage's result. Pass --overwrite to compute it again, or choose "
+            "another output path"
+        )
+
+
 def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda name: False) -> list[str]:
     """Files under `root` that its run.json does not list as written (nor `ours` names as the
     stage's own): what --overwrite would delete of someone else's."""
@@ -204,14 +216,7 @@ def check_output(
         return False
     check_same_stage(path, info, stage)
     if info.get("fingerprint") == fingerprint:
-        changed = changed_outputs(path, info)
-        if changed:
-            raise StaleOutputError(
-                f"output directory {path}: {', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} changed "
-                "since biomask wrote it (its sha256 differs from the one run.json records), so it is not "
-                "reused as this stage's result. Pass --overwrite to compute it again, or choose another "
-                "output path"
-            )
+        refuse_changed(path, info)
         # a run killed between its rename and its clean-up left a temporary that no write will
         # now remove (this output is reused from here on)
         remove_stale_temporaries(path)

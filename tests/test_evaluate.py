@@ -230,6 +230,7 @@ def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_p
         "max_tokens_finetune": 30,
         "n_records": 3003,
         "longest": 60,
+        "tokenizer": "char",
     }
     (row,) = results["per_seed"]["tiny (fine-tune)"]
     assert row["finetune_source"] in ("finetune", "probe") and row["best_val_mcc"] >= row["start_val_mcc"]

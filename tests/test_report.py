@@ -632,6 +632,11 @@ def test_a_damaged_run_folder_is_a_clear_error_naming_the_file(dna_checkpoint, t
     run = shutil.copytree(dna_checkpoint.parent, tmp_path / "run")
     metrics = run / "metrics.jsonl"
     metrics.write_text(metrics.read_text()[:-40])  # the last line cut short
+    with pytest.raises(InputError, match="metrics.jsonl changed since biomask pretrain wrote it"):
+        load_pretrain_run(run)  # run.json records its sha256
+    info = json.loads((run / "run.json").read_text())
+    del info["output_sha256"]  # a run written before the digests were kept: its contents are read
+    (run / "run.json").write_text(json.dumps(info))
     with pytest.raises(InputError, match="metrics.jsonl is corrupt"):
         load_pretrain_run(run)
     evaluation = tmp_path / "eval"

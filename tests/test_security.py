@@ -313,7 +313,11 @@ def test_an_edited_result_is_neither_reused_nor_reported(finished, splice_store,
     with pytest.raises(InputError, match="metrics.json changed since biomask evaluate wrote it"):
         load_evaluation("splice", str(out), "mcc", None)
     code, _, err = cli(*args)
-    assert code == 2 and "metrics.json changed since biomask wrote it" in err and "--overwrite" in err, err
+    assert (
+        code == 2
+        and "metrics.json changed or went missing since biomask wrote it" in err
+        and "--overwrite" in err
+    ), err
     code, _, err = cli(*args, "--overwrite")  # computed again: the figures are biomask's once more
     assert code == 0, err
     assert all(
@@ -426,6 +430,45 @@ def test_pruning_keeps_a_checkpoint_holding_files_of_the_users(finished, genome_
     assert code == 0, err
     assert notes.read_text() == "mine" and "kept" in err and "my-notes.txt" in err
     assert not (out / "checkpoints" / "step00000008").exists()  # pruned as keep_last says
+    # the finished run does not list the note as its own, so --overwrite still refuses to delete it
+    info = json.loads((out / "run.json").read_text())
+    assert "checkpoints/step00000004/my-notes.txt" not in info["file_tree"]
+    assert "in_progress.json" not in info["output_sha256"]  # removed as the run finishes: never checked
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **{**RUN, "train.steps": 4}), "--overwrite"
+    )
+    assert code == 2 and "checkpoints/step00000004/my-notes.txt" in err and notes.read_text() == "mine", err
+
+
+def test_a_finished_run_with_an_edited_log_is_stale_not_reused(finished, genome_store, tmp_path, cli):
+    """A report refused the edited metrics.jsonl while pretrain reused the run: nothing mended it."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"kind": "train"', '"kind":  "train"', 1))
+    code, err = resume(cli, genome_store, out)
+    assert code == 2 and "metrics.jsonl changed or went missing since biomask wrote it" in err, err
+    assert "--overwrite" in err
+
+
+def test_an_unfinished_replacement_gives_the_finished_run_of_this_config_back(
+    finished, genome_store, tmp_path, cli
+):
+    """A replacement stopped before it finished keeps the run it replaces in .replaced-run/; the
+    command that wrote that run, with --overwrite, trained it again from scratch."""
+    from biomask.training.rundir import REPLACED
+
+    out = shutil.copytree(finished, tmp_path / "run")
+    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n")  # as --overwrite starts one
+    assert (out / REPLACED / "run.json").is_file() and (out / "in_progress.json").is_file()
+    (out / REPLACED / "notes.txt").write_text("mine")
+    assert f"{REPLACED}/notes.txt" in rundir.foreign(out, None)  # the user's files in it are theirs
+    (out / REPLACED / "notes.txt").unlink()
+    code, err = resume(cli, genome_store, out)
+    assert code == 2 and "put the finished one back" in err and str(out / REPLACED) in err, err
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **RUN), "--overwrite")
+    assert code == 0 and "up to date" in err, err
+    assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
@@ -508,6 +551,8 @@ def test_a_checkpoint_config_naming_files_outside_or_a_huge_model_is_refused_bef
     # values of the wrong kind are named, never a ZeroDivisionError or AttributeError deep inside
     for name, change, said in (
         ("heads", lambda c: c["architecture"].update(n_heads=0), "n_heads 0"),
+        ("eps", lambda c: c["architecture"].update(norm_eps=-1), "norm_eps -1"),  # NaN embeddings, exit 0
+        ("quoted", lambda c: c["architecture"].update(d_model="64"), "d_model: a string where"),
         ("kind", lambda c: c["architecture"].update(scheme=["panel"]), "scheme: Input should be a valid string"),
         ("tokenizer", lambda c: c.update(tokenizer=["tokenizer.json"]), "tokenizer record is not as biomask writes"),
     ):  # fmt: skip

@@ -449,7 +449,11 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
             lengths.append(spec.max_length)
         out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
         if model.config.modality == "dna":  # which tokens it reads: a report compares tokenizers too
-            out["tokenizer"] = tokenizer_label((model.checkpoint_info or {}).get("tokenizer") or {})
+            # a random init reads the store's own tokens
+            info = getattr(model, "checkpoint_info", None) or {}
+            out["tokenizer"] = tokenizer_label(
+                info.get("tokenizer") or data.store.manifest.get("tokenizer") or {}
+            )
         if source is not records:
             out["retokenized"] = True  # the store's sequences in this checkpoint's own tokens
         for limit in lengths:

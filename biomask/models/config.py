@@ -8,6 +8,7 @@ tiny ≈ 0.17 M, small ≈ 3.5 M, base ≈ 86 M, large ≈ 304 M, 1b ≈ 1.01 B.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,6 +119,13 @@ class EncoderConfig:
         ]  # fmt: skip
         if small:
             raise ValueError(f"sizes out of range: {', '.join(small)}")
+        # a negative norm_eps gives NaN embeddings, a dropout of 5 an error inside torch
+        numbers = {"dropout": 0.0 <= self.dropout < 1.0, "norm_eps": 0.0 < self.norm_eps < 1.0,
+                   "decorrelation": 0.0 <= self.decorrelation < math.inf, "max_visible": self.max_visible >= 0,
+                   "target_sum": 0.0 < self.target_sum < math.inf}  # fmt: skip
+        bad = [f"{name} {getattr(self, name)}" for name, ok in numbers.items() if not ok]
+        if bad:
+            raise ValueError(f"values out of range: {', '.join(bad)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.value_embedding == "bins" and self.n_bins < 1:
@@ -143,7 +151,16 @@ class EncoderConfig:
         # each value of its field's type (a config.json is read, not trusted): a list for a name, a
         # string for a size is a ValueError naming the key, not an error deep inside the model
         try:
-            return TypeAdapter(cls).validate_python(data)
+            config = TypeAdapter(cls).validate_python(data)
+            # lax validation reads "64" as 64 and "no" as False: a config.json biomask wrote holds neither
+            quoted = [
+                k for k, v in data.items() if isinstance(v, str) and not isinstance(getattr(config, k), str)
+            ]
+            if quoted:
+                raise ValueError(
+                    f"{', '.join(quoted)}: a string where the architecture has a number or switch"
+                )
+            return config
         except ValidationError as exc:
             problems = [
                 f"{'.'.join(map(str, e['loc'])) or 'architecture'}: {e['msg'].removeprefix('Value error, ')}"

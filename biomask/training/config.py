@@ -68,7 +68,7 @@ class ModelConfig(Config):
     # Bardes et al. 2022: every latent dimension's batch sd pushed to >= 1, their covariances to 0),
     # added to the reconstruction loss. Without it the latent concentrates on a few directions
     # (participation ratio ~3 of 64 on pbmc3k); measured, not adopted: docs/cell-models.md.
-    decorrelation: float = Field(0.0, ge=0.0)
+    decorrelation: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     # kind mlp: the decoder also reads each cell's batch (one-hot; scVI's covariate), so the latent
     # need not carry what only tells the batches apart; the encoder, and so the embedding, never sees
     # it, and embeds cells of any batch. Needs a store prepared with batch_column.

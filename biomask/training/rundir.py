@@ -55,7 +55,10 @@ from biomask.outputs import (
     check_same_stage,
     describe_foreign,
     describe_input_changes,
+    file_tree,
     foreign_files,
+    output_digests,
+    refuse_changed,
 )
 from biomask.provenance import code_differs, code_version, read_run_info, sha256_file, written_by_biomask
 from biomask.stage import StageOutput, warn_other_code
@@ -102,6 +105,12 @@ def foreign(path: Path, info: dict[str, Any] | None) -> list[str]:
     if info is not None and isinstance(info.get(FILE_TREE_KEY), list):
         return foreign_files(path, info, _ours_unlisted)
     found = [p.name for p in path.iterdir() if p.name not in OWN_NAMES and not _temporary(p.name)]
+    kept = path / REPLACED
+    if kept.is_dir() and not kept.is_symlink():  # the run being replaced: what it holds of the user's too
+        theirs = read_run_info(kept)
+        found += [
+            f"{REPLACED}/{name}" for name in foreign(kept, theirs if written_by_biomask(theirs) else None)
+        ]
     if (path / "checkpoints").is_dir() and not (path / "checkpoints").is_symlink():
         found += [f"checkpoints/{name}" for name in _foreign_in_checkpoints(path / "checkpoints")]
     if (path / "model").is_dir() and not (path / "model").is_symlink():
@@ -226,6 +235,7 @@ def is_done(path: Path, fingerprint: str, world_size: int | None = None) -> bool
     if info is None or info.get("fingerprint") != fingerprint:
         return False
     _check_finished_world_size(path, info, world_size)
+    refuse_changed(path, info)  # an edited log or config: stale, so a pipeline trains it again
     return True
 
 
@@ -303,6 +313,19 @@ def decide(
     info = info if written_by_biomask(info) else None  # a run.json of someone else's: none of ours
     marker = path / IN_PROGRESS
     _refuse_live_writer(path, marker)
+    if _replaced_is(path, fingerprint, world_size):
+        # an unfinished replacement was stopped; the run it replaces is this very config's, finished
+        if not overwrite:
+            raise StaleOutputError(
+                f"output directory {path} holds an unfinished run of other settings, which is replacing a "
+                f"finished run of this config (kept in {path / REPLACED}); pass --overwrite to discard the "
+                "unfinished one and put the finished one back"
+            )
+        added = foreign(path, None)
+        if added:
+            raise OutputExistsError(describe_foreign(path, added))
+        _put_back(path)
+        return "done"
     if overwrite:  # replaces a run biomask pretrain wrote, finished or not; never anything else
         if info is not None or marker.is_file() or not any(path.iterdir()):
             check_same_stage(path, info, "pretrain")
@@ -319,6 +342,7 @@ def decide(
         check_same_stage(path, info, "pretrain")
         if info.get("fingerprint") == fingerprint:
             _check_finished_world_size(path, info, world_size)
+            refuse_changed(path, info)
             return "done"
         changed = _changed_keys(path, config, inputs)
         raise StaleOutputError(
@@ -502,6 +526,21 @@ def resumes(path: Path) -> list[int]:
         return []
 
 
+def finished_files(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The files a finished run lists as its own (run.json's file tree) and the sha256 of its smaller
+    ones: files of the user's in it (notes kept inside a checkpoint) are neither, so --overwrite
+    still refuses to delete them; in_progress.json (removed next) and the trackers' folders (written
+    after run.json) are not hashed."""
+    added = set(foreign(path, None))
+    tree = sorted({*file_tree(path), "run.json"} - added)
+    digests = {
+        name: digest
+        for name, digest in output_digests(path).items()
+        if name not in added and name != IN_PROGRESS and name.split("/", 1)[0] not in ("tensorboard", "wandb")
+    }
+    return tree, digests
+
+
 def drop_replaced(path: Path) -> None:
     """The run has its portable model: the run it replaced goes (before run.json lists the files)."""
     shutil.rmtree(path / REPLACED, ignore_errors=True)
@@ -513,13 +552,33 @@ def restore_replaced(path: Path) -> bool:
     kept = path / REPLACED
     if not kept.is_dir() or any((path / "checkpoints").glob("step*")) or foreign(path, None):
         return False
+    _put_back(path)
+    return True
+
+
+def _replaced_is(path: Path, fingerprint: str, world_size: int) -> bool:
+    """Whether the run an unfinished replacement at `path` is replacing is a finished run of this
+    fingerprint and world size."""
+    kept = path / REPLACED
+    if not kept.is_dir() or kept.is_symlink():
+        return False
+    info = read_run_info(kept)
+    return bool(
+        written_by_biomask(info)
+        and info.get("fingerprint") == fingerprint
+        and int(info.get("world_size") or world_size) == world_size
+    )
+
+
+def _put_back(path: Path) -> None:
+    """The kept run in place of the unfinished replacement at `path` (which goes)."""
+    kept = path / REPLACED
     aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     kept.rename(aside)
     failed = path.parent / f".{path.name}.failed-{uuid.uuid4().hex[:8]}"
     path.rename(failed)
     aside.rename(path)
     shutil.rmtree(failed, ignore_errors=True)
-    return True
 
 
 def finish(path: Path) -> None:

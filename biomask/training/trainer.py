@@ -49,9 +49,7 @@ from biomask.outputs import (
     OutputLock,
     atomic_write_text,
     check_inputs_outside,
-    file_tree,
     hold_output,
-    output_digests,
 )
 from biomask.provenance import code_version, read_run_info, write_run_info
 from biomask.resources import honour_omp_threads
@@ -711,7 +709,12 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                     # exits there; the command line adds its exit code (cli.requeue_message)
                     raise Requeue(
                         f"received {stop.name}: checkpointed step {step} of {cfg.train.steps} to {path}; "
-                        "run the same command (or Python call) again to resume from it"
+                        + (
+                            # --overwrite again would start over: what resumes is the command without it
+                            "run the command again without --overwrite (overwrite=False) to resume from it"
+                            if overwrite
+                            else "run the same command (or Python call) again to resume from it"
+                        )
                     )
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
@@ -759,6 +762,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             checkpoint.export_portable(out, state, arch, tokenizer_dir=store.tokenizer_dir, info=info)
             rundir.drop_replaced(out)  # this run has its model: the run --overwrite replaced goes
             # run.json last: from now on the directory is a finished output.
+            tree, digests = rundir.finished_files(out)
             run_tmp = Path(tempfile.mkdtemp(prefix=".run.tmp-", dir=out))
             write_run_info(
                 run_tmp,
@@ -777,10 +781,10 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                     "resumed_from_steps": rundir.resumes(out),  # [] for a run that never stopped
                     # steps trained by other code (resumed after an upgrade); absent when one code did
                     **({"trained_by": mixed} if (mixed := rundir.trained_by(out)) else {}),
-                    # every file of the run, so --overwrite can tell a file added later apart
-                    FILE_TREE_KEY: sorted({*file_tree(out), "run.json"}),
-                    # its log and config among them: a report checks what it reads
-                    OUTPUT_DIGESTS_KEY: output_digests(out),
+                    # every file of the run, so --overwrite can tell a file added later apart; the
+                    # sha256 of its smaller ones (its log and config among them: a report checks them)
+                    FILE_TREE_KEY: tree,
+                    OUTPUT_DIGESTS_KEY: digests,
                 },
             )
             (run_tmp / "run.json").rename(out / "run.json")
