@@ -240,7 +240,10 @@ def test_long_records_are_never_cut_silently(splice_store, dna_checkpoint, tmp_p
         "- tiny: 3,003 of 3,003 records are longer than its fine-tuning input (finetune.max_length) of 30 "
         in report
     )
-    assert "embedded in windows of the model's length, their vectors pooled (long_records=window)" in report
+    assert (
+        "embedded in windows of the model's length, their vectors pooled (averaged, or concatenated in order under concat pooling) (long_records=window)"
+        in report
+    )
 
 
 def test_the_long_records_section_names_the_models_it_did_not_apply_to():

@@ -265,10 +265,21 @@ def test_a_moved_run_folder_is_reused_and_what_changed_in_it_is_not(dna_pipeline
     code, out, _ = cli("pipeline", "run", dna_pipeline, f"run_dir={again}", "--dry-run", elsewhere)
     assert _would(out)["prep_splice/split.seed=0"] == "run again" and "tokenizer.path:" in out
 
-    # a file of the moved genome store edited (same tokens, other bytes): its checksum is checked
-    # against the store's manifest as before, so the splice sets are not built on it
+    # a file of the moved genome store edited (same tokens, other bytes): its checksum, which the
+    # store's run.json records, makes the store stale, so the pipeline prepares it again (the splice
+    # sets are never built on the edited one)
     tokenizer = again / "prep_genome" / "tokenizer" / "tokenizer.json"
-    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    original = tokenizer.read_text()
+    tokenizer.write_text(json.dumps(json.loads(original), indent=1))
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, f"run_dir={again}")
+    assert code == 0 and statuses(again)["prep_genome"] == "ran (changed)", err
+    assert tokenizer.read_text() == original
+    # and where run.json recorded no checksums (an output of before 2026-12-06), the store's manifest
+    # still catches it when the splice sets read it
+    info_path = again / "prep_genome" / "run.json"
+    info = json.loads(info_path.read_text())
+    del info["output_sha256"]
+    info_path.write_text(json.dumps(info))
+    tokenizer.write_text(json.dumps(json.loads(original), indent=1))
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline, f"run_dir={again}", "--only", "prep_splice")
     assert code == 2 and f"tokenizer file {tokenizer} was modified or removed" in err
-    assert statuses(again)["prep_splice/split.seed=0"] == "failed"
