@@ -536,7 +536,7 @@ def finished_files(path: Path) -> tuple[list[str], dict[str, str]]:
     digests = {
         name: digest
         for name, digest in output_digests(path).items()
-        if name not in added and name != IN_PROGRESS and name.split("/", 1)[0] not in ("tensorboard", "wandb")
+        if name not in added and name != IN_PROGRESS and not _ours_unlisted(name)  # temporaries, trackers
     }
     return tree, digests
 
