@@ -662,3 +662,15 @@ def test_any_bytes_that_are_no_torch_file_are_reported_as_corrupt(tmp_path):
         ):
             torch.load(path)
         assert str(path) in str(err.value), trial
+
+
+def test_a_finished_runs_digests_leave_out_what_finishing_removes(finished, tmp_path):
+    """A temporary a killed export left, and in_progress.json, are removed as the run finishes: hashed,
+    they made every such run stale at its next reuse."""
+    out = interrupted(finished, tmp_path / "run")
+    (out / ".model.tmp-0123abcd").mkdir()
+    (out / ".model.tmp-0123abcd" / "model.safetensors").write_text("half")
+    tree, digests = rundir.finished_files(out)
+    assert "in_progress.json" not in digests and not any(".model.tmp-" in name for name in digests)
+    assert "metrics.jsonl" in digests and "config.yaml" in digests
+    assert "checkpoints/step00000012/meta.json" in tree
