@@ -164,7 +164,8 @@ def fit_cells(
     any batch. `duplicates`: columns of one gene name are summed ("sum"), reduced to the first
     ("first") or refused ("error"). `init_from`: continue a corpus checkpoint on these cells (its
     gene panel is kept). `n_top_genes`: the panel, this many most variable genes (default 2,000; not
-    with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. Bad input raises `InputError`."""
+    with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. Bad input
+    raises `InputError`."""
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
         if isinstance(adata, (str, os.PathLike)):
             raise InputError(
@@ -250,8 +251,9 @@ def fit_cells(
     if batch_key is not None:  # the key is why a batch column is given: the decoder reads it
         settings.setdefault("model.batch_covariate", True)
     # every setting checked before anything is written: a typo costs nothing
+    panel = PANEL_GENES if n_top_genes is None else n_top_genes
     prep_cfg = _prep_config(
-        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=PANEL_GENES if n_top_genes is None else n_top_genes,
+        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=panel,
         init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)

@@ -397,7 +397,10 @@ def start_fresh(
     if path.exists():
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         path.rename(aside)
-        kept = aside / REPLACED if (aside / REPLACED).is_dir() else (aside if any(aside.iterdir()) else None)
+        if (aside / REPLACED).is_dir():  # an unfinished replacement: the run it replaced stays kept
+            kept: Path | None = aside / REPLACED
+        else:
+            kept = aside if any(aside.iterdir()) else None
         path.mkdir(parents=True)
         if kept is not None:
             kept.rename(path / REPLACED)
@@ -469,14 +472,14 @@ def note_resume(path: Path, step: int) -> None:
             step,
             differs,
         )
-    started_with = state.get("torch_threads")
-    if isinstance(started_with, int) and started_with != _threads():
+    started_with, now = state.get("torch_threads"), _threads()
+    if isinstance(started_with, int) and started_with != now:
         log.warning(
             "pretrain: %s resumes with %d CPU threads where it started with %d: reductions run in "
             "another order, so its weights will not be bit-identical to an uninterrupted run's (set "
             "OMP_NUM_THREADS=%d to resume it exactly)",
             path,
-            _threads(),
+            now,
             started_with,
             started_with,
         )
@@ -566,7 +569,7 @@ def _replaced_is(path: Path, fingerprint: str, world_size: int) -> bool:
     return bool(
         written_by_biomask(info)
         and info.get("fingerprint") == fingerprint
-        and int(info.get("world_size") or world_size) == world_size
+        and info.get("world_size", world_size) == world_size
     )
 
 
