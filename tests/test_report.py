@@ -622,6 +622,27 @@ def test_runs_of_one_scheme_are_named_by_the_seed_and_the_model_keys_that_differ
     ]
 
 
+def test_an_unfinished_run_is_named_not_left_out_silently(dna_checkpoint, tmp_path, caplog):
+    """An unfinished run given by path made an empty Pretraining section, exit 0; in a sweep folder
+    it was left out without a word."""
+    import shutil
+
+    from biomask.errors import InputError
+    from biomask.report.collect import find_pretrain_runs
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(dna_checkpoint.parent, sweep / "seed=0")
+    unfinished = shutil.copytree(dna_checkpoint.parent, sweep / "seed=1")
+    (unfinished / "run.json").unlink()
+    (unfinished / "in_progress.json").write_text("{}")
+    with pytest.raises(InputError, match="is an unfinished run"):
+        find_pretrain_runs([str(unfinished)])
+    with caplog.at_level("WARNING", logger="biomask"):
+        runs = find_pretrain_runs([str(sweep)])
+    assert [r.path.name for r in runs] == ["seed=0"] and "1 unfinished run(s) left out" in caplog.text
+    assert "seed=1" in caplog.text
+
+
 def test_a_damaged_run_folder_is_a_clear_error_naming_the_file(dna_checkpoint, tmp_path, cli):
     """A truncated metrics file (a full disk, a copy cut short) is exit 2 naming it, not a traceback."""
     import shutil

@@ -198,11 +198,25 @@ def find_pretrain_runs(paths: list[str]) -> list[PretrainRun]:
         path = Path(entry)
         if (path / "run.json").is_file():
             found.append(path)
+        elif (path / "in_progress.json").is_file():
+            raise InputError(
+                f"pretraining output {path} is an unfinished run (in_progress.json, no run.json): run its "
+                "command again to finish it, or leave it out of the report"
+            )
         elif path.is_dir():
             # hidden folders are biomask's own (a run --overwrite is replacing), never a sweep's run
-            found += sorted(
-                p for p in path.iterdir() if (p / "run.json").is_file() and not p.name.startswith(".")
-            )
+            runs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+            unfinished = [
+                p.name for p in runs if (p / "in_progress.json").is_file() and not (p / "run.json").is_file()
+            ]
+            if unfinished:
+                log.warning(
+                    "%s: %d unfinished run(s) left out of the report (%s): run their commands again to finish them",
+                    path,
+                    len(unfinished),
+                    ", ".join(unfinished[:5]),
+                )
+            found += [p for p in runs if (p / "run.json").is_file()]
         else:
             raise InputError(f"pretraining output {path} does not exist")
     runs = [load_pretrain_run(p) for p in found]
