@@ -933,7 +933,9 @@ def test_fit_cells_warnings_name_the_anndata_and_its_arguments(pbmc68k_adata, tm
         biomask.fit_cells(adata, tmp_path / "first", counts=counts, duplicates="first", overrides=steps)
     warned = [r.getMessage() for r in caplog.records if r.name.startswith("biomask.cells")]
     assert any(w.startswith("AnnData [X]: duplicate cell ids (1)") for w in warned), warned
-    gene_warning = next(w for w in warned if "occur more than once" in w)
+    gene_warnings = [w for w in warned if "occur more than once" in w]
+    assert len(gene_warnings) == 1, "prep and embed each read the genes; the warning is said once"
+    gene_warning = gene_warnings[0]
     assert gene_warning.startswith("AnnData [X]") and "left out but the first" in gene_warning
     assert "duplicates= (fit-cells: --duplicates)" in gene_warning
     assert not any("cells.h5ad" in w or "genes." in w for w in warned), warned

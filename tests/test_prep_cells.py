@@ -17,9 +17,10 @@ import scipy.sparse as sp
 import yaml
 
 from biomask import datasets
-from biomask.cells.config import CountsConfig
+from biomask.cells.config import CountsConfig, HVGConfig
 from biomask.cells.counts import CountConverter, detect
 from biomask.cells.genes import ColumnMap, GeneSpace, GeneVocabulary, gene_names, remap_columns
+from biomask.cells.qc import select_hvg
 from biomask.cells.readers import open_matrix
 from biomask.cells.tokenize import BinnedScheme, PanelScheme, RankScheme
 from biomask.store import TokenStore
@@ -167,6 +168,22 @@ pytestmark = [
         "ignore:Variable names are not unique",
     ),
 ]
+
+
+def test_a_panel_has_exactly_the_genes_asked_for_when_dispersions_tie():
+    # scanpy keeps every gene tied with the last one's dispersion (a duplicated gene, or the genes alone
+    # in their mean bin, which all get the same normalised dispersion): n_top_genes=2000 gave 2,001.
+    rng = np.random.default_rng(0)
+    counts = np.round(rng.negative_binomial(2, 0.3, size=(300, 40)) * rng.uniform(0.2, 3, size=40))
+    counts = np.concatenate([counts, counts[:, [7]]], axis=1)
+    matrix = sp.csr_matrix(counts.astype(np.float32))
+    scale = 1e4 / counts.sum(axis=1)
+    for n in range(1, counts.shape[1]):
+        chosen = select_hvg(matrix, scale, HVGConfig(n_top_genes=n))
+        assert chosen.sum() == n, n
+        assert chosen[7] or not chosen[40], "of two tied genes the first in the vocabulary is kept"
+    ranked = [select_hvg(matrix, scale, HVGConfig(n_top_genes=n)) for n in (10, 20)]
+    assert (ranked[0] <= ranked[1]).all(), "a smaller panel is the top of a larger one"
 
 
 def test_count_detection_on_the_real_sets():
@@ -1092,7 +1109,7 @@ def test_a_few_stray_values_in_counts_are_named_not_called_log_data(tmp_path):
     import anndata as ad
     import pandas as pd
 
-    from biomask.cells.config import CountsConfig
+    from biomask.cells.config import CountsConfig, HVGConfig
     from biomask.cells.counts import check_policy, detect
     from biomask.errors import InputError
 

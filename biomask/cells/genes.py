@@ -35,6 +35,7 @@ from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
 
 log = logging.getLogger(__name__)
 
+DUPLICATE_GENES = "gene names occur more than once"  # its warning, said once by callers that read twice
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 # a cell barcode (10x: 16 bases, often with a -1 or sample suffix); no gene symbol is 12 bases in a row
 _BARCODE = re.compile(r"[ACGTN]{12,}")
@@ -260,10 +261,11 @@ class GeneSpace:
         if seen.any():  # not an error by default (10x files repeat a few symbols), but never silent
             dups = pd.unique(names[seen])
             log.warning(
-                "%s: %d gene names occur more than once (%s%s); their columns are %s (genes.duplicates; "
+                "%s: %d %s (%s%s); their columns are %s (genes.duplicates; "
                 "genes.column picks a unique identifier, e.g. gene_ids)",
                 source.where,
                 dups.size,
+                DUPLICATE_GENES,
                 ", ".join(map(str, dups[:10])),
                 " ..." if dups.size > 10 else "",
                 "added up" if duplicates == "sum" else "left out but the first",

@@ -92,4 +92,12 @@ def select_hvg(counts: sp.csr_matrix, scale: np.ndarray, cfg: HVGConfig) -> np.n
     np.log1p(values.data, out=values.data)
     adata = anndata.AnnData(values)
     sc.pp.highly_variable_genes(adata, n_top_genes=cfg.n_top_genes, flavor=cfg.flavor, subset=False)
-    return adata.var["highly_variable"].to_numpy(dtype=bool)
+    chosen = adata.var["highly_variable"].to_numpy(dtype=bool)
+    if chosen.sum() > cfg.n_top_genes:
+        # scanpy keeps every gene tied with the last one's dispersion, so a panel asked for 2,000 could
+        # hold 2,001; the first of the tied genes in the vocabulary's order are kept.
+        score = adata.var["dispersions_norm"].to_numpy(dtype=np.float64)
+        ranked = np.flatnonzero(chosen)[np.argsort(-score[chosen], kind="stable")]
+        chosen = np.zeros_like(chosen)
+        chosen[ranked[: cfg.n_top_genes]] = True
+    return chosen

@@ -282,7 +282,13 @@ def fit_cells(
     # one call at a time into `out`: a second (another kernel, a script, a thread) would prepare and
     # train over this one's files, and its clean-up after a refusal would remove the store this one
     # trains from. Refused here, before it writes anything
+    from biomask.cells.genes import DUPLICATE_GENES
+
     held = hold_output(out, "fit_cells")
+    # prep and embed each read the cells' genes: their duplicate-gene warning is said once a call
+    genes_log = logging.getLogger("biomask.cells.genes")
+    said_once = _SaidOnce(DUPLICATE_GENES)
+    genes_log.addFilter(said_once)
     try:
         store_existed = store.exists()
         copy_existed = source.exists()
@@ -371,8 +377,23 @@ def fit_cells(
         log.info("fit_cells: checkpoint %s", checkpoint)
         return checkpoint
     finally:
+        genes_log.removeFilter(said_once)
         if held is not None:
             held.release()
+
+
+class _SaidOnce(logging.Filter):
+    """Lets through the first record whose message holds `phrase`, and no later one."""
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__()
+        self.phrase, self.said = phrase, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.phrase not in record.getMessage():
+            return True
+        said, self.said = self.said, True
+        return not said
 
 
 def fit_cells_names(message: str) -> str:
