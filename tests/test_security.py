@@ -555,9 +555,15 @@ def test_a_checkpoint_config_naming_files_outside_or_a_huge_model_is_refused_bef
         ("quoted", lambda c: c["architecture"].update(d_model="64"), "d_model: a string where"),
         ("kind", lambda c: c["architecture"].update(scheme=["panel"]), "scheme: Input should be a valid string"),
         ("tokenizer", lambda c: c.update(tokenizer=["tokenizer.json"]), "tokenizer record is not as biomask writes"),
+        ("modality", lambda c: c["architecture"].update(modality="cells"), "modality 'cells' in the architecture, 'dna' beside it"),
     ):  # fmt: skip
         code, _, err = edited(name, change)
         assert code == 2 and said in err and "Traceback" not in err, (name, err)
+    from biomask.models import load_pretrained
+
+    edited("both", lambda c: c["architecture"].update(modality="cells") or c.update(modality="cells"))
+    with pytest.raises(InputError, match="a cells model with cell scheme None"):
+        load_pretrained(tmp_path / "both")
     # weights relabelled as another dtype (their digest resealed): load_state_dict would cast them
     from safetensors.torch import load_file as read_weights
     from safetensors.torch import save_file

@@ -109,9 +109,13 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         architecture = EncoderConfig.from_dict(config["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
+    _check_modality(directory / "config.json", config, architecture)
     verify_weights(directory, config)
-    _check_shapes(directory / WEIGHTS, architecture)  # before any memory is allocated for it
-    model = build_model(architecture)
+    try:  # the models' own consistency checks (a CNN of cells, an even kernel) name the file too
+        _check_shapes(directory / WEIGHTS, architecture)  # before any memory is allocated for it
+        model = build_model(architecture)
+    except ValueError as exc:
+        raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
     try:
         state = load_file(str(directory / WEIGHTS), device="cpu")
     except FileNotFoundError:
@@ -149,6 +153,24 @@ def _check_values(weights: Path, state: dict[str, torch.Tensor], model: torch.nn
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{weights}: {name} holds NaN or infinite values; export the checkpoint again")
+
+
+def _check_modality(path: Path, config: dict[str, Any], architecture: EncoderConfig) -> None:
+    """The architecture's modality and cell scheme agree with those config.json records beside it (a
+    cells model reads a cell scheme's tokens, a DNA model none): an edited one was read as the other
+    modality and refused later by the data, with a message that blamed the data."""
+    disagree = [
+        f"{key} {getattr(architecture, key)!r} in the architecture, {config[key]!r} beside it"
+        for key in ("modality", "scheme")
+        if key in config and config[key] != getattr(architecture, key)
+    ]
+    if (architecture.modality == "cells") != (architecture.scheme is not None):
+        disagree.append(f"a {architecture.modality} model with cell scheme {architecture.scheme!r}")
+    if disagree:
+        raise InputError(
+            f"{path}: the checkpoint's record of what it reads does not agree with itself ("
+            f"{'; '.join(disagree)}); it was edited or damaged: export the model again"
+        )
 
 
 def _check_shapes(weights: Path, architecture: EncoderConfig) -> None:
