@@ -471,6 +471,41 @@ def test_an_unfinished_replacement_gives_the_finished_run_of_this_config_back(
     assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store, tmp_path, cli):
+    """start_fresh (--overwrite) and the put-back of a replaced run each make two or three renames in
+    a row; a kill between them left the finished run under a hidden sibling name nothing looked at."""
+    from biomask.training.rundir import REPLACED
+
+    def digests(root):
+        return {p.relative_to(root): sha256_file(p) for p in root.rglob("*") if p.is_file()}
+
+    before = digests(finished)
+    cuts = {
+        "start_fresh, after its first rename": lambda out: out.rename(out.parent / ".run.old-0123abcd"),
+        "start_fresh, after its mkdir": lambda out: (out.rename(out.parent / ".run.old-0123abcd"), out.mkdir()),
+        "the put-back, after its first rename": lambda out: (
+            rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n"),
+            (out / REPLACED).rename(out.parent / ".run.old-89abcdef"),
+        ),
+        "the put-back, after its second rename": lambda out: (
+            rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n"),
+            (out / REPLACED).rename(out.parent / ".run.old-89abcdef"),
+            out.rename(out.parent / ".run.failed-01234567"),
+        ),
+    }
+    for name, cut in cuts.items():
+        where = tmp_path / name.replace(" ", "-").replace(",", "")
+        out = shutil.copytree(finished, where / "run")
+        cut(out)
+        code, err = resume(cli, genome_store, out)
+        if REPLACED in str(err):  # an unfinished replacement is back as it was: --overwrite puts the run back
+            assert code == 2 and "put the finished one back" in err, (name, err)
+            code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **RUN), "--overwrite")
+        assert code == 0 and "up to date" in err, (name, err)
+        assert digests(out) == before, name
+        assert [p.name for p in where.iterdir() if p.name != ".run.lock"] == ["run"], (name, list(where.iterdir()))
+
+
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
     finished, genome_store, tmp_path, cli
 ):

@@ -305,6 +305,7 @@ def decide(
 ) -> str:
     """'fresh', 'resume' or 'done' for the run at `path` (raises when it must be refused; `inputs`, the
     run's input records, let a refusal with no changed key name the input whose data differ)."""
+    recover_swap(path)
     if not path.exists():
         return "fresh"
     if not path.is_dir():
@@ -571,6 +572,40 @@ def _replaced_is(path: Path, fingerprint: str, world_size: int) -> bool:
         and info.get("fingerprint") == fingerprint
         and info.get("world_size", world_size) == world_size
     )
+
+
+def recover_swap(path: Path) -> None:
+    """Undo a swap of `start_fresh` or `_put_back` that a kill cut between two renames: the run they
+    moved to a hidden sibling (`.NAME.old-*`) would be found by nothing. Called with the output's
+    lock held, so no live swap is undone."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(old|failed)-[0-9a-f]{{8}}$")
+    try:
+        siblings = sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
+    except OSError:
+        return
+    siblings = [p for p in siblings if p.is_dir() and not p.is_symlink()]
+    for aside in (p for p in siblings if ".old-" in p.name):
+        finished = written_by_biomask(read_run_info(aside))
+        if not finished and not (aside / REPLACED).is_dir():
+            shutil.rmtree(aside, ignore_errors=True)  # what start_fresh had left to remove
+            continue
+        empty = path.is_dir() and not any(path.iterdir())
+        if not path.exists() or empty:  # start_fresh or _put_back cut short: the run as it was
+            if empty:
+                path.rmdir()
+            aside.rename(path)
+        elif finished and (path / IN_PROGRESS).is_file() and not (path / REPLACED).exists():
+            aside.rename(path / REPLACED)  # _put_back cut after its first rename
+        else:
+            log.warning(
+                "pretrain: %s holds a run that an interrupted replacement of %s set aside; it is left "
+                "there (move it back or remove it yourself)", aside, path,
+            )  # fmt: skip
+            continue
+        log.warning("pretrain: %s, set aside by a replacement a kill cut short, is back at %s", aside, path)
+    if path.exists():  # a failed replacement _put_back was discarding, its run back in place
+        for failed in (p for p in siblings if ".failed-" in p.name and p.exists()):
+            shutil.rmtree(failed, ignore_errors=True)
 
 
 def _put_back(path: Path) -> None:
