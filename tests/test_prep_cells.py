@@ -1109,7 +1109,7 @@ def test_a_few_stray_values_in_counts_are_named_not_called_log_data(tmp_path):
     import anndata as ad
     import pandas as pd
 
-    from biomask.cells.config import CountsConfig, HVGConfig
+    from biomask.cells.config import CountsConfig
     from biomask.cells.counts import check_policy, detect
     from biomask.errors import InputError
 

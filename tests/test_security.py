@@ -482,7 +482,10 @@ def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store
     before = digests(finished)
     cuts = {
         "start_fresh, after its first rename": lambda out: out.rename(out.parent / ".run.old-0123abcd"),
-        "start_fresh, after its mkdir": lambda out: (out.rename(out.parent / ".run.old-0123abcd"), out.mkdir()),
+        "start_fresh, after its mkdir": lambda out: (
+            out.rename(out.parent / ".run.old-0123abcd"),
+            out.mkdir(),
+        ),
         "the put-back, after its first rename": lambda out: (
             rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n"),
             (out / REPLACED).rename(out.parent / ".run.old-89abcdef"),
@@ -503,7 +506,10 @@ def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store
             code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **RUN), "--overwrite")
         assert code == 0 and "up to date" in err, (name, err)
         assert digests(out) == before, name
-        assert [p.name for p in where.iterdir() if p.name != ".run.lock"] == ["run"], (name, list(where.iterdir()))
+        assert [p.name for p in where.iterdir() if p.name != ".run.lock"] == ["run"], (
+            name,
+            list(where.iterdir()),
+        )
 
 
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(
