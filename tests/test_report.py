@@ -115,8 +115,15 @@ def test_the_detectable_difference_is_the_paired_t_tests_at_80_percent_power():
     a, b = [0.71, 0.65, 0.69, 0.70], [0.66, 0.66, 0.64, 0.67]
     diff = [x - y for x, y in zip(a, b)]
     sd, n = float(np.std(diff, ddof=1)), len(diff)
-    expected = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
-    assert detectable_difference(paired_comparison(a, b)) == pytest.approx(expected)
+    for k in (n, 3):  # at 3 seeds the shortcut (t_0.975 + t_0.8)·se is 5 % short
+        cmp = paired_comparison(a[:k], b[:k])
+        found = detectable_difference(cmp)
+        sd = float(np.std(diff[:k], ddof=1))
+        # paired t-tests of differences drawn at that true mean reject at 5 % in 80 % of draws
+        draws = np.random.default_rng(0).normal(found, sd, size=(40_000, k))
+        t = draws.mean(axis=1) / (draws.std(axis=1, ddof=1) / np.sqrt(k))
+        assert np.mean(np.abs(t) > stats.t.ppf(0.975, k - 1)) == pytest.approx(0.8, abs=0.01), k
+    assert found > (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / np.sqrt(3) * 1.04
     assert np.isnan(detectable_difference(paired_comparison(a[:1], b[:1])))
 
 
@@ -230,6 +237,55 @@ def test_the_best_pretrained_model_is_chosen_on_validation_when_there_are_scores
     *_, entries = judged(ev, metric="macro_f1")
     label = "best pretrained (chosen on the linear probe's validation MCC; macro-F1 has no validation score)"
     assert entries[label]["method"] == "fixed40/linear_probe"
+
+
+def test_a_lone_or_near_tied_best_pretrained_model_is_said_so():
+    """ "R²MAE, the best pretrained model (chosen on validation MCC)" was printed where R²MAE was the only
+    candidate, and where it won on validation by 0.0001 (a last-bit tie) with no word of either."""
+    scores = {("baseline", "linear_probe"): [0.80, 0.81, 0.82], ("r2mae", "linear_probe"): [0.85, 0.86, 0.87]}
+    val = {("r2mae", "linear_probe"): [0.9, 0.9, 0.9]}
+    *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE}, val=val), metric="mcc")
+    assert list(entries) == ["R²MAE, the only pretrained model"]
+    scores[("fixed40", "linear_probe")] = [0.86, 0.87, 0.88]
+    val[("fixed40", "linear_probe")] = [0.8999, 0.8999, 0.8999]
+    *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="mcc")
+    assert list(entries) == [
+        "R²MAE, the best pretrained model (chosen on validation MCC, a near tie: 0.0001 above fixed40)"
+    ]
+    val[("fixed40", "linear_probe")] = [0.85, 0.85, 0.85]
+    *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="mcc")
+    assert list(entries) == ["R²MAE, the best pretrained model (chosen on validation MCC)"]
+
+
+def test_a_call_the_splits_do_not_bear_out_is_said_to_hold_on_these_test_records():
+    """The verdict's interval is over pretraining seeds, the baseline taken as fixed: a met or not met
+    that the splits' own interval does not bear out was printed as if it held for other test records."""
+    from biomask.report.report import _across_splits
+
+    assert _across_splits([0.02, 0.021, 0.019], "mcc", "met") == (
+        "; across evaluation splits (each split one unit, its seeds averaged): [+0.018, +0.022]"
+    )
+    wobbly = _across_splits([0.05, -0.02, 0.03], "mcc", "met")
+    assert "holds zero: the call holds on these test records, not shown across draws" in wobbly
+    assert "holds zero" not in _across_splits([0.05, -0.02, 0.03], "mcc", "level")
+    assert "2 evaluation splits" in _across_splits([0.01, 0.02], "mcc", "not met")
+    assert _across_splits([0.01, 0.02], "mcc", "level") == ""
+    assert "the same cells" in _across_splits([0.01, 0.02, 0.03], "cluster_ari", "met")
+
+
+def test_a_macro_f1_target_is_read_on_mcc_too():
+    """The cell probes tied all genes + LR on macro-F1 and were below it on MCC (−0.020 [−0.029,
+    −0.010]), which nothing in the report said."""
+    from biomask.report.report import _on_mcc
+
+    ev = _evaluation(
+        {("baseline", "linear_probe"): [0.80, 0.81, 0.82], ("r2mae", "linear_probe"): [0.70, 0.72, 0.71]},
+        {"r2mae": R2MAE},
+    )
+    said = _on_mcc(ev, "r2mae/linear_probe", "baseline", "macro_f1")
+    assert said.startswith("; on MCC (no target): Δ -0.100 [") and said.endswith("], below")
+    assert "p =" not in said  # not one more test in the summary's count
+    assert _on_mcc(ev, "r2mae/linear_probe", "baseline", "mcc") == ""
 
 
 def test_a_target_naming_no_evaluation_is_refused():
@@ -1163,8 +1219,9 @@ def test_r2mae_against_a_checkpoint_masked_alike_is_not_read_as_a_masking_verdic
               ("dynamic", "linear_probe"): [0.60, 0.61, 0.62]}  # fmt: skip
     ev = _evaluation(scores, {"r2mae": R2MAE, "nematode": R2MAE, "dynamic": DYNAMIC})
     lines = comparison_bullets(ev, "r2mae")
-    (nematode,) = (line for line in lines if line.startswith("- **R²MAE vs nematode**"))
+    (nematode,) = (line for line in lines if line.startswith("- **the r2mae checkpoints vs nematode**"))
     assert "(the same masking, U(0.15, 0.45): the checkpoints differ in something else" in nematode
+    assert "the r2mae checkpoints are **better**" in nematode and "R²MAE is" not in nematode
     (dynamic,) = (line for line in lines if line.startswith("- **R²MAE vs dynamic**"))
     assert "(30%→15%)" in dynamic and "the same masking" not in dynamic
 

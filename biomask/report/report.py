@@ -96,17 +96,34 @@ _STATUS_TEXT = {
 }
 
 
+NEAR_TIE = 0.001  # validation MCCs closer than this: the best pretrained model is a near tie
+
+
 def detectable_difference(cmp: dict[str, float], power: float = 0.8) -> float:
     """The smallest true mean difference a two-sided paired t-test at 5 % would find with `power`,
-    given the comparison's own spread and n: (t_0.975 + t_power) · sd / √n, with sd / √n read back
-    from the 95 % interval's half-width. NaN below two units."""
-    from scipy import stats
+    given the comparison's own spread and n: the noncentrality at which the noncentral t passes the
+    test's critical value with that probability, times sd / √n (read back from the 95 % interval's
+    half-width). The shortcut (t_0.975 + t_power) · sd / √n is 5 % optimistic at n = 3. NaN below
+    two units."""
+    from scipy import optimize, stats
 
     n = int(cmp["n"])
     if n < 2 or not math.isfinite(cmp["ci_high"]):
         return float("nan")
-    t_alpha, t_power = stats.t.ppf(0.975, n - 1), stats.t.ppf(power, n - 1)
-    return float((cmp["ci_high"] - cmp["mean_difference"]) * (1 + t_power / t_alpha))
+    df = n - 1
+    critical = stats.t.ppf(0.975, df)
+    se = (cmp["ci_high"] - cmp["mean_difference"]) / critical
+    if not se > 0:
+        return 0.0 if se == 0 else float("nan")
+
+    def shortfall(ncp: float) -> float:
+        lower = stats.nct.cdf(-critical, df, ncp)  # NaN where it underflows far from the mean
+        return stats.nct.sf(critical, df, ncp) + (0.0 if math.isnan(lower) else lower) - power
+
+    high = critical
+    while shortfall(high) < 0:  # power rises with the noncentrality: bracket it from the critical value
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high) * se)
 
 
 def per_split_differences(ev: Evaluation, ours: str, theirs: str, metric: str) -> list[float] | None:
@@ -145,6 +162,57 @@ def _cmp_text(
         + (f"; detectable difference ±{mdd:.3f} (80 % power)" if math.isfinite(mdd) else "")
         + (TWO_SEEDS if cmp["n"] == 2 else "")  # two units: say why the interval is so wide
     )
+
+
+def _on_mcc(ev: Evaluation, method: str, baseline: str, metric: str) -> str:
+    """A classification target set on macro-F1 or accuracy, read on MCC too (the metric the best
+    pretrained model is chosen on): a tie on one metric can be a loss on another, and a reader should
+    not have to recompute it. No p-value, so the summary's count of tests is unchanged."""
+    if metric not in ("macro_f1", "accuracy"):
+        return ""
+    summary = ev.results["summary"]
+    if "mcc" not in summary.get(method, {}) or "mcc" not in summary.get(baseline, {}):
+        return ""
+    cmp = paired_comparison(ev.scores(method, "mcc"), ev.scores(baseline, "mcc"))
+    if cmp["n"] < 2 or not math.isfinite(cmp["ci_low"]):
+        return ""
+    return (
+        f"; on MCC (no target): Δ {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
+        + {"met": "above", "not met": "below", "level": "level"}[
+            target_status(cmp, cmp["mean_difference"] >= 0)
+        ]
+    )
+
+
+def _across_splits(splits: list[float] | None, metric: str, status: str) -> str:
+    """What the seed-level interval leaves out: the variation between draws of test records. With 3
+    or more splits, the interval over the splits' differences (each split one unit, its seeds
+    averaged); a call it does not bear out is said to hold on these test records only. A clustering
+    metric's splits are Leiden runs on the same cells: no sample of cells to speak of."""
+    if metric.startswith("cluster_"):
+        return (
+            "; every split clusters the same cells (a split changes Leiden's seed only), so the interval "
+            "is the spread between Leiden runs and pretraining seeds, not between samples of cells"
+        )
+    if not splits or len(splits) < 2:
+        return ""
+    called = status in ("met", "not met")
+    if len(splits) == 2:
+        return (
+            "; 2 evaluation splits: no interval across draws of test records, so the call holds on these "
+            "two only"
+            if called
+            else ""
+        )
+    from scipy import stats
+
+    n, mean = len(splits), sum(splits) / len(splits)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in splits) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    text = f"; across evaluation splits (each split one unit, its seeds averaged): [{mean - half:+.3f}, {mean + half:+.3f}]"
+    if called and mean - half <= 0 <= mean + half:
+        text += " — holds zero: the call holds on these test records, not shown across draws of them"
+    return text
 
 
 _P_VALUE = re.compile(r"paired t p = ([0-9.e+-]+)")
@@ -222,7 +290,9 @@ def _how_to_read(grouped: bool) -> str:
         " A baseline or the random init has no pretraining seeds: each seed's score is paired with its "
         "mean over the same splits, taken as fixed, so such an interval holds the variation between "
         "pretraining seeds on these splits, not the variation between splits or between random "
-        "initialisations (each split's scores are in the evaluation's metrics.json)."
+        "initialisations (each split's scores are in the evaluation's metrics.json). A target's bullet "
+        "adds the interval across the evaluation splits (each split one unit) and says where a call does "
+        "not hold across them; a clustering score's splits are Leiden runs on the same cells."
         if grouped
         else ""
     )
@@ -352,13 +422,17 @@ def comparison_bullets(ev: Evaluation, r2mae: str, *, pairwise: bool = False) ->
         )
     for row in r2mae_vs_schedules(ev, r2mae):
         said.add((row["protocol"], frozenset((r2mae, row["group"]))))
-        text = verdict(row["cmp"], "R²MAE is **better**", "R²MAE is **worse**")
         masking = describe_masking(ev.masking[row["group"]])
+        ours = "R²MAE"
         if r2mae in ev.masking and masking == describe_masking(ev.masking[r2mae]):
-            # not another schedule: checkpoints masked alike that differ otherwise (their genome)
+            # not another schedule: checkpoints masked alike that differ otherwise (their genome), so
+            # the difference is not R²MAE's: the verdict names the checkpoints
             masking = f"the same masking, {masking}: the checkpoints differ in something else, such as their pretraining data"
+            ours = f"the {r2mae} checkpoints"
+        text = verdict(row["cmp"], f"{ours} {'is' if ours == 'R²MAE' else 'are'} **better**",
+                       f"{ours} {'is' if ours == 'R²MAE' else 'are'} **worse**")  # fmt: skip
         lines.append(
-            f"- **R²MAE vs {row['group']}** ({masking}), {ev.title}, "
+            f"- **{ours} vs {row['group']}** ({masking}), {ev.title}, "
             f"{row['protocol'].replace('_', ' ')}: {text} ({_cmp_text(row['cmp'], ev.metric, _unit(ev))})."
         )
     vs_random = r2mae_vs_random_init(ev, r2mae)
@@ -413,9 +487,15 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         # the best pretrained model is picked on validation, as the best fixed ratio is: the best of
         # several noisy test means is biased upwards; evaluations without validation scores fall back
         summary = ev.results["summary"]
-        if all(VAL_METRIC in summary[m["name"]] for m in candidates):
-            best = max(candidates, key=lambda m: ev.mean(m["name"], VAL_METRIC))
+        if len(candidates) == 1:  # nothing was chosen
+            best, how = candidates[0], "the only pretrained model"
+        elif all(VAL_METRIC in summary[m["name"]] for m in candidates):
+            ranked = sorted(candidates, key=lambda m: ev.mean(m["name"], VAL_METRIC), reverse=True)
+            best = ranked[0]
             how = "chosen on validation MCC"
+            margin = ev.mean(best["name"], VAL_METRIC) - ev.mean(ranked[1]["name"], VAL_METRIC)
+            if margin < NEAR_TIE:  # a choice a last-bit difference could turn: said, not hidden
+                how += f", a near tie: {margin:.4f} above {ranked[1]['group']}"
             if target.metric != "mcc":  # evaluate records no other validation score: say whose MCC
                 how = (
                     f"chosen on the {_PROTOCOL_MODELS.get(target.protocol, target.protocol)}'s validation MCC; "
@@ -427,7 +507,14 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         entries = []
         same = r2 is not None and r2["name"] == best["name"]
         pairs = (
-            [(f"R²MAE, the best pretrained model ({how})", r2)]
+            [
+                (
+                    "R²MAE, the only pretrained model"
+                    if len(candidates) == 1
+                    else f"R²MAE, the best pretrained model ({how})",
+                    r2,
+                )
+            ]
             if same
             else [("R²MAE", r2), (f"best pretrained ({how})", best)]
         )
@@ -461,15 +548,15 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
     lines = [
         "Targets at a glance (each in full in the bullets below):",
         "",
-        "| target | strongest baseline | pretrained model | difference [95 % CI] | p (paired t) | verdict "
-        "| survives Holm |",
-        "|---|---|---|---|---|---|---|",
+        "| target | strongest baseline | pretrained model | difference [95 % CI] | detectable (80 % power) "
+        "| p (paired t) | verdict | survives Holm |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t = row["target"]
         if "missing" in row:
             lines.append(
-                f"| {t.evaluation}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} | | | | | not assessed | |"
+                f"| {t.evaluation}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} | | | | | | not assessed | |"
             )
             continue
         ev = row["evaluation"]
@@ -479,16 +566,28 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
         for e in row["entries"]:
             group = next(m["group"] for m in ev.results["methods"] if m["name"] == e["method"])
             who = {"R²MAE": "R²MAE"}.get(e["label"], f"best pretrained: {group}")
-            who = "R²MAE, also the best pretrained" if e["label"].startswith("R²MAE,") else who
+            if e["label"].startswith("R²MAE,"):
+                who = (
+                    "R²MAE, the only pretrained"
+                    if "only" in e["label"]
+                    else "R²MAE, also the best pretrained"
+                )
             c = e["cmp"]
             # as printed, as the correction read it
             holds = holm_p is not None and float(f"{c['p_value']:.2g}") <= holm_p
             lines.append(
                 f"| {target} | {baseline} | {who} {ev.mean(e['method'], t.metric):.3f} | "
-                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.2g} | "
+                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {_detectable(c)} | "
+                f"{c['p_value']:.2g} | "
                 f"**{e['status']}** | {'yes' if holds else 'no'} |"
             )
     return [*lines, ""]
+
+
+def _detectable(cmp: dict[str, float]) -> str:
+    """The table's power column: a level verdict with a wide one cannot tell a large loss from none."""
+    mdd = detectable_difference(cmp)
+    return f"±{mdd:.3f}" if math.isfinite(mdd) else "—"
 
 
 def _notes_once(ev: Evaluation, noted: set[str]) -> list[str]:
@@ -991,9 +1090,11 @@ def render(cfg: ReportConfig, out: Path) -> str:
             ours = format_summary(ev.results["summary"][e["method"]][t.metric])
             no_interval = e["cmp"]["n"] < 2 or not math.isfinite(e["cmp"]["ci_low"])
             status = _STATUS_TEXT[e["status"]] + (" (no interval: by the means)" if no_interval else "")
+            splits = per_split_differences(ev, e["method"], row["baseline"], t.metric)
             lines.append(
                 f"  - {e['label']} ({e['method']}): {ours} → {status}; "
-                f"{_cmp_text(e['cmp'], t.metric, _unit(ev), per_split_differences(ev, e['method'], row['baseline'], t.metric))}."
+                f"{_cmp_text(e['cmp'], t.metric, _unit(ev), splits)}{_across_splits(splits, t.metric, e['status'])}"
+                f"{_on_mcc(ev, e['method'], row['baseline'], t.metric)}."
             )
     for ev in evaluations.values():
         lines += comparison_bullets(ev, cfg.r2mae, pairwise=cfg.evaluations[ev.key].pairwise)
