@@ -126,3 +126,35 @@ def test_run_json_identifies_the_code_and_reuse_says_when_other_code_wrote_it(tm
     assert code_differs(older) == (
         None if code["git_commit"] is None else f"commit abc (now {code['git_commit'][:10]})"
     )
+
+
+def test_on_a_file_system_without_locks_outputs_are_still_written_and_the_user_told(
+    tmp_path, monkeypatch, caplog
+):
+    """Some NFS mounts refuse flock (ENOLCK). Nothing there had ever run: the output lock and the
+    live-temporary check each fall back, and a run must still write its output whole, clean up a
+    killed run's temporary, and say that a second run into the output would not be refused."""
+    import errno
+    import logging
+
+    from biomask import outputs
+    from biomask.provenance import write_run_info
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        held = outputs.hold_output(out, "pretrain")
+    assert held is None
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+    assert "Keep to one run per output" in caplog.text
+    dead = tmp_path / ".out.tmp-0badc0de"
+    dead.mkdir()
+    with outputs.atomic_output_dir(out) as tmp:
+        assert not dead.exists()  # no lock to tell a live writer by: a killed run's temporary goes
+        (tmp / "data.bin").write_bytes(b"y")
+        write_run_info(tmp, stage="s", fingerprint="f")
+    assert (out / "data.bin").read_bytes() == b"y" and outputs.check_output(out, "f") is True
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.lock")) == ["out"]
