@@ -205,7 +205,27 @@ def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None
     spec = STAGES[stage]
     cfg = load_config(load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides)
     done = load_ref(spec.reused)(cfg) if spec.reused and not args.overwrite else None
-    return done or load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
+    if done:
+        return done
+    if spec.training:  # pretrain holds its output's lock itself (rank 0 alone, across the launch)
+        return load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
+    from biomask.outputs import hold_output
+
+    # two runs into one output (a workflow engine's retry beside the first try, two shells): each
+    # computed and renamed its result over the other's, and both said they wrote it. The second is
+    # refused while the first runs; started after it, it reuses or refuses what the first wrote.
+    output = Path(cfg.output).absolute()
+    missing = [p for p in output.parents if not p.exists()]  # the lock's folder, made for it
+    held = hold_output(output, stage)
+    try:
+        return load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
+    finally:
+        if held is not None:
+            held.release()
+        if not output.exists():  # refused or failed: no empty folders made for the lock are left
+            for folder in missing:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _print_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ object; `dump_config` writes the fully resolved config (every default filled in)
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import typing
@@ -95,6 +96,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+_COMMENT = re.compile(r"(^|\s)#")  # where YAML starts a comment in a plain value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple[str, ...]]:
     """Apply `key.sub=value` overrides in place (values parsed as YAML); return the paths they set."""
     touched: set[tuple[str, ...]] = set()
@@ -104,6 +108,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple
             raise ConfigError(f"command-line override {item!r} is not of the form key.sub=value")
         parts = tuple(key.split("."))
         value = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
+        if _COMMENT.search(raw) and json.dumps(value).count("#") < raw.count("#"):
+            # `output=runs/run #3`: YAML ends the value at " #" and a run would read or write another path
+            raise ConfigError(
+                f"command-line override {item!r}: YAML reads ' #' as the start of a comment, so the value "
+                f"would be {value!r}; quote it: {key}='{raw}'"
+            )
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part) if isinstance(node, dict) else None
@@ -176,6 +186,9 @@ def _format_errors(
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            if err["type"] == "string_type" and source != origin and not isinstance(got, (dict, list)):
+                # `output=2024`, `yes`, `null`: YAML read a number, a switch or nothing, not the name
+                shown += f"; a value on the command line is read as YAML: quote it, {key}='...'"
             lines.append(f"{source}: key '{key}': {err['msg']}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

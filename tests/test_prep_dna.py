@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -466,3 +467,28 @@ def test_a_current_store_is_reused_before_the_readers_are_imported_in_a_moved_ru
     table.write_text(table.read_text() + "r60,ACGTACGTTTTTTTTT,a\n")
     code, _, err, _ = fresh_cli(*args, env={RUN_DIR_ENV: str(new)})
     assert code == 2 and "--overwrite" in err, err
+
+
+def test_a_second_run_into_an_output_being_written_is_refused(tmp_path, cli):
+    """Two prep runs (or evaluate, embed, report) into one output both computed, each renamed its
+    result over the other's, and both exited 0 saying they wrote it: one result silently lost. The
+    second is refused while the first holds the output; afterwards it runs, and a refused run leaves
+    no folders it made for the lock."""
+    from biomask.outputs import hold_output
+
+    genome = tmp_path / "g.fa"
+    genome.write_text(">chr\n" + "".join(np.random.default_rng(0).choice(list("ACGT"), 4000)) + "\n")
+    out = tmp_path / "new" / "deeper" / "store"
+    args = ("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"inputs=[{{path: {genome}}}]", f"output={out}",
+            "windows.length=64", "windows.stride=64", "split.block_size=500")  # fmt: skip
+    with hold_output(out, "prep dna"):
+        code, _, err = cli(*args)
+        assert code == 2 and f"output {out} is being written by another run" in err, err
+        assert f"prep dna, pid {os.getpid()}" in err
+        assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == [".store.lock"]
+    missing = ("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"inputs=[{{path: {tmp_path / 'none.fa'}}}]",
+               f"output={tmp_path / 'other' / 'store'}")  # fmt: skip
+    assert cli(*missing)[0] == 2 and not (tmp_path / "other").exists()  # no folder made for its lock
+    code, stdout, err = cli(*args)
+    assert code == 0 and stdout.strip() == str(out) and (out / "run.json").is_file(), err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["store"]  # the lock goes with the run
