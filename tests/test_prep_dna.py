@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -492,3 +493,37 @@ def test_a_second_run_into_an_output_being_written_is_refused(tmp_path, cli):
     code, stdout, err = cli(*args)
     assert code == 0 and stdout.strip() == str(out) and (out / "run.json").is_file(), err
     assert sorted(p.name for p in out.parent.iterdir()) == ["store"]  # the lock goes with the run
+
+
+def test_a_linked_genome_splits_as_its_target_and_a_renamed_one_is_not_reused(tmp_path, cli):
+    """A genome's blocks draw their split from the input's name. A link (a workflow engine's staged
+    `input.1.fa`) split otherwise than the file it leads to, and either one reused the other's store:
+    the same command gave another split depending on what the output held."""
+    genome = tmp_path / "genome.fa"
+    genome.write_text(">chr\n" + "".join(np.random.default_rng(1).choice(list("ACGT"), 30000)) + "\n")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "input.1.fa").symlink_to(genome)
+    shutil.copy(genome, tmp_path / "copy.fa")
+    rest = (
+        "windows.length=256",
+        "windows.stride=256",
+        "split.block_size=1000",
+        "split.val=0.2",
+        "split.test=0.2",
+    )
+
+    def prep(path, out, *flags):
+        return cli("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"inputs=[{{path: {path}}}]",
+                   f"output={tmp_path / out}", *rest, *flags)  # fmt: skip
+
+    assert prep(genome, "direct")[0] == 0 and prep(tmp_path / "w" / "input.1.fa", "linked")[0] == 0
+    tokens = {
+        out: {s: TokenStore(tmp_path / out).split(s).num_tokens for s in ("train", "val", "test")}
+        for out in ("direct", "linked")
+    }
+    assert tokens["direct"] == tokens["linked"]
+    code, _, err = prep(tmp_path / "copy.fa", "direct")
+    assert code == 2 and "split under the input name 'genome.fa'" in err and "names it 'copy.fa'" in err, err
+    code, _, err = prep(tmp_path / "copy.fa", "direct", "--overwrite")
+    assert code == 0, err
+    assert prep(tmp_path / "copy.fa", "direct")[0] == 0  # reused under its own name

@@ -34,7 +34,7 @@ from biomask.dna.readers import (
     read_keel,
     read_table,
 )
-from biomask.dna.reuse import GENOME_FORMATS, ResolvedInput, resolve_inputs, stage_output
+from biomask.dna.reuse import GENOME_FORMATS, ResolvedInput, renamed_genome, resolve_inputs, stage_output
 from biomask.dna.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -44,7 +44,7 @@ from biomask.dna.tokenizers import (
     load_tokenizer,
 )
 from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
-from biomask.errors import InputError
+from biomask.errors import InputError, StaleOutputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
 from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
@@ -497,6 +497,9 @@ def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
     """Run the DNA prep stage; return the token store's directory (reused when already current)."""
     inputs = resolve_inputs(cfg.inputs)
     stage = stage_output(cfg, inputs)
+    renamed = None if overwrite else renamed_genome(cfg, inputs)
+    if renamed:
+        raise StaleOutputError(renamed)
     if stage.is_current(overwrite=overwrite):
         TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
         return Path(cfg.output)

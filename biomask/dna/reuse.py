@@ -5,6 +5,7 @@ stage resolves its inputs here too, so that both compute one fingerprint."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -14,7 +15,7 @@ from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
 from biomask.dna.formats import guess_format, tokenizer_dir
 from biomask.errors import BiomaskError, InputError, missing_input
 from biomask.inputs import distinct_names, pattern_matches
-from biomask.provenance import sha256_file
+from biomask.provenance import read_run_info, sha256_file, written_by_biomask
 from biomask.stage import StageOutput, has_run_record
 from biomask.store import TokenStore
 
@@ -99,7 +100,10 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     for spec in specs:
         _resolve_one(spec, resolved)
     files = [r for r in resolved if r.spec.dataset is None]
-    for r, name in zip(files, distinct_names([r.path for r in files])):
+    # named as the file a link leads to: a genome's split hashes the name, and a workflow engine that
+    # links it in under a name of its own (input.1.fa) must get the split of the genome it links
+    real = [Path(os.path.realpath(r.path)) for r in files]
+    for r, name in zip(files, distinct_names(real)):
         r.name = name
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
@@ -125,6 +129,29 @@ def stage_output(cfg: DNAPrepConfig, inputs: list[ResolvedInput]) -> StageOutput
     )
 
 
+def renamed_genome(cfg: DNAPrepConfig, inputs: list[ResolvedInput]) -> str | None:
+    """Why the output, though of this config and these files' contents, is not this result: a genome
+    input now named otherwise than when it was split (its blocks draw their split from the name, so
+    a fresh prep would split it otherwise). None when no genome input was renamed."""
+    info = read_run_info(cfg.output)
+    if not written_by_biomask(info):
+        return None
+    recorded = {e.get("sha256"): e.get("name") for e in info.get("inputs") or [] if isinstance(e, dict)}
+    renamed = [
+        (recorded[i.sha256], i.name)
+        for i in inputs
+        if i.format in GENOME_FORMATS and recorded.get(i.sha256, i.name) != i.name
+    ]
+    if not renamed:
+        return None
+    old, new = renamed[0]
+    return (
+        f"output directory {cfg.output} holds this genome split under the input name {old!r}, and this "
+        f"command names it {new!r}: a genome's blocks draw their split from the name, so it would be split "
+        f"otherwise. Give the input under its recorded name, or pass --overwrite to split it as {new!r}"
+    )
+
+
 def current(cfg: DNAPrepConfig) -> Path | None:
     """The store when it holds this config's result on these inputs, whole; None when the stage must
     decide (no output, another result, an unreadable input or a damaged store: the stage says what is
@@ -132,7 +159,8 @@ def current(cfg: DNAPrepConfig) -> Path | None:
     if not has_run_record(cfg.output):
         return None
     try:
-        if not stage_output(cfg, resolve_inputs(cfg.inputs)).is_current():
+        inputs = resolve_inputs(cfg.inputs)
+        if renamed_genome(cfg, inputs) or not stage_output(cfg, inputs).is_current():
             return None
         TokenStore(cfg.output)  # as the stage: reused only whole
     except (BiomaskError, OSError):
