@@ -47,6 +47,7 @@ from biomask.errors import (
     describe_os_error,
     is_environment_error,
 )
+from biomask.models.checkpoint_config import CONFIG_SHA256
 from biomask.provenance import read_run_info, sha256_file, written_by_biomask
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,17 @@ def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
             f"{was.get('path')} -> {entry.get('path')}" if moved else f"{entry.get('path')}, changed since"
         )
         lines.append(f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})")
+    for key, entry in by_name(list(new)).items():
+        # a checkpoint of the same weights whose config.json changed (retrained or exported again by
+        # other code: what it embeds may differ, e.g. model.embed_norm)
+        was = before.get(key)
+        configs = (was or {}).get(CONFIG_SHA256), entry.get(CONFIG_SHA256)
+        if was and digest(was) == digest(entry) and all(configs) and configs[0] != configs[1]:
+            lines.append(
+                f"{key[0]}: {entry.get('path')}, the same weights with another config.json "
+                f"({str(configs[0])[:12]} -> {str(configs[1])[:12]}): retrained or exported again (it "
+                "records the code version too)"
+            )
     return lines
 
 

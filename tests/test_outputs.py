@@ -158,3 +158,21 @@ def test_on_a_file_system_without_locks_outputs_are_still_written_and_the_user_t
         write_run_info(tmp, stage="s", fingerprint="f")
     assert (out / "data.bin").read_bytes() == b"y" and outputs.check_output(out, "f") is True
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.lock")) == ["out"]
+
+
+def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refusal():
+    """A model retrained to bit-identical weights under a new commit changes only its config.json: the
+    evaluation downstream was refused as "same config, different input data or format version",
+    naming nothing."""
+    from biomask.outputs import input_changes
+
+    was = [{"name": "r2mae", "path": "runs/p/model", "sha256": "a" * 64, "config_sha256": "b" * 64}]
+    now = [{**was[0], "config_sha256": "c" * 64}]
+    (line,) = input_changes(was, now)
+    assert line.startswith(
+        "r2mae: runs/p/model, the same weights with another config.json (bbbbbbbbbbbb -> cccccccccccc)"
+    )
+    assert input_changes(was, was) == []
+    assert (
+        input_changes([{k: v for k, v in was[0].items() if k != "config_sha256"}], now) == []
+    )  # not recorded
