@@ -257,7 +257,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from biomask.training.distributed import resolve_env
     from biomask.training.rundir import finished_run
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    # -q: only warnings and errors, so no progress lines either (train.progress changes no result)
+    cfg = load_config(
+        PretrainConfig, args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
+    )
     done = None if args.overwrite else finished_run(cfg, resolve_env(os.environ, args.local_rank).world_size)
     try:
         path = done or load_ref(STAGES["pretrain"].runner)(

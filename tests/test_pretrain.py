@@ -1088,3 +1088,12 @@ def test_sighup_from_a_closed_terminal_checkpoints_and_exits_75(genome_store, tm
     assert code == 75
     (ckpt,) = list((out / "checkpoints").glob("step*"))
     assert 4 <= int(ckpt.name[4:]) < 150 and not (out / "run.json").exists()
+
+
+def test_quiet_pretraining_prints_no_progress_lines(genome_store, tmp_path, cli):
+    """`biomask -q pretrain` (only warnings and errors) still printed a line per logged step."""
+    extra = {"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4, "train.progress": "true"}
+    code, _, err = cli("pretrain", "-q", "-c", CONFIG, *overrides(genome_store, tmp_path / "quiet", **extra))
+    assert code == 0 and "pretrain step" not in err, err
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "told", **extra))
+    assert code == 0 and "pretrain step 2/4" in err, err
