@@ -288,6 +288,23 @@ def test_a_macro_f1_target_is_read_on_mcc_too():
     assert _on_mcc(ev, "r2mae/linear_probe", "baseline", "mcc") == ""
 
 
+def test_a_one_seed_target_prints_no_nan():
+    """With one seed the table and the bullet printed "[+nan, +nan]" and "p = nan"."""
+    from biomask.report.report import _cmp_text, _targets_at_a_glance
+
+    ev = _evaluation(
+        {("baseline", "linear_probe"): [0.80], ("r2mae", "linear_probe"): [0.85]}, {"r2mae": R2MAE}
+    )
+    _, row, entries = judged(ev, metric="mcc")
+    table = "\n".join(_targets_at_a_glance([row]))
+    text = _cmp_text(entries["R²MAE, the only pretrained model"]["cmp"], "mcc", "seeds")
+    assert "nan" not in table + text and "(no interval)" in table and "| — |" in table
+    assert (
+        text
+        == "Δ MCC +0.050, better in 1/1 seeds: no interval and no test (one unit, or no spread between them)"
+    )
+
+
 def test_a_target_naming_no_evaluation_is_refused():
     """A typo in a target's evaluation used to drop the claim from the report with exit 0."""
     with pytest.raises(ValueError, match="targets\\[0\\].evaluation 'codng' is not one of the evaluations"):

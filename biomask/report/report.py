@@ -150,6 +150,11 @@ def _cmp_text(
     cmp: dict[str, float], metric: str, unit: str = "seeds", splits: list[float] | None = None
 ) -> str:
     mdd = detectable_difference(cmp)
+    if not (math.isfinite(cmp["ci_low"]) and math.isfinite(cmp["ci_high"])):  # one seed: no spread
+        return (
+            f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f}, better in {cmp['wins']}/{cmp['n']} {unit}: "
+            "no interval and no test (one unit, or no spread between them)"
+        )
     return (
         f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
         f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} {unit}"
@@ -575,10 +580,12 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
             c = e["cmp"]
             # as printed, as the correction read it
             holds = holm_p is not None and float(f"{c['p_value']:.2g}") <= holm_p
+            finite = math.isfinite(c["ci_low"]) and math.isfinite(c["ci_high"])
+            interval = f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" if finite else "(no interval)"
+            p = f"{c['p_value']:.2g}" if math.isfinite(c["p_value"]) else "—"
             lines.append(
                 f"| {target} | {baseline} | {who} {ev.mean(e['method'], t.metric):.3f} | "
-                f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {_detectable(c)} | "
-                f"{c['p_value']:.2g} | "
+                f"{c['mean_difference']:+.3f} {interval} | {_detectable(c)} | {p} | "
                 f"**{e['status']}** | {'yes' if holds else 'no'} |"
             )
     return [*lines, ""]
