@@ -644,6 +644,11 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
         info = json.loads((Path(entry["path"]) / "run.json").read_text())
         assert (entry["fingerprint"], entry["created"]) == (info["fingerprint"], info["created"])
 
+    # the targets' verdicts as data beside report.md, each as the table gives it
+    summary = json.loads((report_dir / "summary.json").read_text())["targets"]
+    text = (report_dir / "report.md").read_text()
+    assert summary and all(f"**{t['verdict']}**" in text for t in summary)
+
     # `biomask main` (what `make run` runs) with nothing changed reuses every stage, the report
     # included, and ends with the report's summary
     mtime = (report_dir / "report.md").stat().st_mtime_ns
@@ -1107,6 +1112,16 @@ def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
     assert ours.endswith(f"| {'yes' if p <= 0.002 else 'no'} |")
     assert "| best pretrained: bert15 0.860 | +0.050 [" in best and "| **met** |" in best
     assert all(line.endswith("| no |") for line in _targets_at_a_glance([row], holm_p=None)[4:-1])
+    # the same verdicts as data (summary.json), for a program gating on them without reading Markdown
+    from biomask.report.report import _targets_json
+
+    data = json.loads(json.dumps(_targets_json([row], holm_p=0.002), allow_nan=False))["targets"]
+    assert [(t["model"]["name"], t["verdict"]) for t in data] == [
+        (e["method"], e["status"]) for e in row["entries"]
+    ]
+    assert data[0]["baseline"] == {"name": "baseline", "mean": pytest.approx(0.81)}
+    assert data[0]["difference"] == pytest.approx(-0.1) and data[0]["ci95"][1] < 0 and data[0]["n"] == 3
+    assert data[0]["survives_holm"] == (p <= 0.002)
 
 
 def test_the_pretraining_section_says_what_the_models_were_pretrained_on(tmp_path):

@@ -18,6 +18,7 @@ What it shows, and how it decides what to say:
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 import re
@@ -591,6 +592,51 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
     return [*lines, ""]
 
 
+SUMMARY_JSON = "summary.json"  # the targets' verdicts for a program (a workflow gating on them)
+
+
+def _targets_json(rows: list[dict[str, Any]], holm_p: float | None) -> dict[str, Any]:
+    """The table "Targets at a glance" as data: each target and model with its figures and verdict
+    (null where there is no number: one seed has no interval)."""
+
+    def number(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    targets = []
+    for row in rows:
+        t = row["target"]
+        entry: dict[str, Any] = {"evaluation": t.evaluation, "protocol": t.protocol, "metric": t.metric}
+        if "missing" in row:
+            targets.append({**entry, "verdict": "not assessed", "why": row["missing"]})
+            continue
+        ev = row["evaluation"]
+        entry["baseline"] = {"name": row["baseline"], "mean": number(ev.mean(row["baseline"], t.metric))}
+        for e in row["entries"]:
+            c = e["cmp"]
+            targets.append(
+                {
+                    **entry,
+                    "model": {
+                        "label": e["label"],
+                        "name": e["method"],
+                        "mean": number(ev.mean(e["method"], t.metric)),
+                    },
+                    "difference": number(c["mean_difference"]),
+                    "ci95": [number(c["ci_low"]), number(c["ci_high"])],
+                    "n": int(c["n"]),
+                    "p": number(c["p_value"]),
+                    "detectable": number(detectable_difference(c)),
+                    "verdict": e["status"],
+                    "survives_holm": bool(
+                        holm_p is not None
+                        and math.isfinite(c["p_value"])
+                        and float(f"{c['p_value']:.2g}") <= holm_p
+                    ),
+                }
+            )
+    return {"targets": targets}
+
+
 def _detectable(cmp: dict[str, float]) -> str:
     """The table's power column: a level verdict with a wide one cannot tell a large loss from none."""
     mdd = detectable_difference(cmp)
@@ -1114,6 +1160,10 @@ def render(cfg: ReportConfig, out: Path) -> str:
     lines[summary_start:] = _mark_holm_survivors(lines[summary_start:])
     lines += _multiplicity_note(lines[summary_start:])
     lines[summary_start + 2 : summary_start + 2] = _targets_at_a_glance(targets, holm_p)
+    # written into the stage's temporary folder, renamed into place with report.md
+    (out / SUMMARY_JSON).write_text(
+        json.dumps(_targets_json(targets, holm_p), indent=2, allow_nan=False) + "\n"
+    )
     lines.append("")
 
     lines += ["## Pretraining", ""]
