@@ -1097,3 +1097,79 @@ def test_quiet_pretraining_prints_no_progress_lines(genome_store, tmp_path, cli)
     assert code == 0 and "pretrain step" not in err, err
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, tmp_path / "told", **extra))
     assert code == 0 and "pretrain step 2/4" in err, err
+
+
+def test_a_process_lost_mid_run_is_named_with_the_checkpoint_to_resume_from(genome_store, tmp_path):
+    """A rank killed under torchrun left the other one a 50-line gloo traceback naming no rank, step or
+    way on ("Connection reset by peer ... GLHF!"). It now says which process it is, what happened, the
+    last complete checkpoint, and that the same command resumes (resuming is tested above)."""
+    import signal as sig
+    import time
+
+    from biomask.training.distributed import free_port
+
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    cmd += ["-m", "biomask", "pretrain", "-c", str(CONFIG)]
+    cmd += overrides(genome_store, out, **{"train.steps": 100_000, "train.checkpoint_every": 2,
+                                           "deepspeed.stage": 2, "deepspeed.timeout_minutes": 0.5})  # fmt: skip
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "checkpoints").glob("step*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = {}
+        for child in Path("/proc").iterdir():
+            if child.name.isdigit():
+                try:
+                    environ = (child / "environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if (
+                    b"TORCHELASTIC_RUN_ID" in b"".join(environ)
+                    and str(out).encode() in (child / "cmdline").read_bytes()
+                ):
+                    rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+                    if rank is not None:
+                        ranks[int(rank)] = int(child.name)
+        os.kill(ranks[1], sig.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "pretrain (process 0 of 2): lost the other processes" in err, err[-3000:]
+    assert "the last complete checkpoint is step" in err and "run the same command to resume" in err
+
+
+def test_deepspeed_stage_auto_and_the_stage_it_resolves_to_are_one_config(genome_store, tmp_path, cli):
+    """A run started with deepspeed.stage=0 and rerun with auto (0 for one process) was refused as a
+    changed key, though both train alike; a stage auto does not resolve to is still another config."""
+    out = tmp_path / "run"
+    steps = {"train.steps": 4, "train.checkpoint_every": 2}
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **steps, **{"deepspeed.stage": 0})
+    )
+    assert code == 0, err
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **steps, **{"deepspeed.stage": "auto"})
+    )
+    assert code == 0 and "up to date" in err, err
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **steps, **{"deepspeed.stage": 2})
+    )
+    assert code == 2 and "deepspeed.stage: 0 -> 2" in err, err
+    # an interrupted run resumes under the other spelling
+    from biomask.training import rundir
+
+    fingerprint = json.loads((out / "run.json").read_text())["fingerprint"]
+    (out / "run.json").unlink()
+    shutil.rmtree(out / "model")
+    rundir.mark_in_progress(out, fingerprint, 1)
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **steps, **{"deepspeed.stage": "auto"})
+    )
+    assert code == 0 and "resum" in err, err

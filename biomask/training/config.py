@@ -192,6 +192,10 @@ class DeepSpeedConfig(Config):
         return self.stage
 
     config: str | None = None  # your own DeepSpeed JSON instead ("auto" values are filled from here)
+    # Several processes: how long one waits for the others (a collective, the start-up rendezvous)
+    # before it gives up on them. A stopped or hung process otherwise holds every other one this long
+    # (torch's default is 30 minutes); signals cannot checkpoint a process blocked in a collective.
+    timeout_minutes: float = Field(30.0, gt=0, allow_inf_nan=False)
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state in CPU memory
     # Deep-merged into the JSON, e.g. deepspeed.overrides.zero_optimization.reduce_bucket_size=1e7
     overrides: dict[str, Any] = Field(default_factory=dict)
@@ -218,4 +222,5 @@ NON_SEMANTIC = (
     "train.keep_last",
     "train.progress",
     "train.report_to",
+    "deepspeed.timeout_minutes",
 )

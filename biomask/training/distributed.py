@@ -158,8 +158,12 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def init_process_group(dist_env: DistEnv) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process."""
+def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process.
+    `timeout_minutes`: how long a collective (and the start-up rendezvous) waits for the other
+    processes before it gives up on them (`deepspeed.timeout_minutes`)."""
+    import datetime
+
     import torch
 
     deepspeed = import_deepspeed()
@@ -184,6 +188,7 @@ def init_process_group(dist_env: DistEnv) -> None:
         dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=False,
         verbose=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
         rank=dist_env.rank,
         world_size=dist_env.world_size,
     )

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import ConfigError, InputError, Requeue
+from biomask.errors import BiomaskError, ConfigError, InputError, Requeue
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
@@ -412,6 +412,18 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     # group set up: those take seconds, and a pipeline rerun reuses dozens of runs.
     # an output an earlier biomask wrote of this same run holds the fingerprint it gave it
     held = stage.fingerprint if overwrite else stage.held_fingerprint(rundir.recorded(out))
+    recorded_as = (rundir.recorded(out) or {}).get("fingerprint")
+    spelled = (
+        None
+        if overwrite or recorded_as in (None, held)
+        else _stage_spelled_otherwise(cfg, dist_env.world_size)
+    )
+    if spelled is not None:
+        # deepspeed.stage auto and the stage it resolves to here train alike: either spelling resumes
+        # or reuses a run of the other (it was refused as a changed key)
+        other = StageOutput("pretrain", spelled, out, inputs=inputs, non_semantic=NON_SEMANTIC)
+        if other.held_fingerprint(rundir.recorded(out)) == recorded_as:
+            held = recorded_as
     if not overwrite and rundir.is_done(out, held, dist_env.world_size):
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
         if dist_env.is_main:
@@ -465,7 +477,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         # 2. The output directory: fresh, resume, or already done — held by this run alone until it
         #    returns (a second launch, kernel or script into it is refused, whatever its command line)
         _quiet_libraries()
-        init_process_group(dist_env)
+        _start_process_group(dist_env, cfg.deepspeed.timeout_minutes)
         on_rank0(lambda: locks.append(hold_output(out, "pretrain")), dist_env)
         moved = None if overwrite else stage.moved()
         # a refusal lists what changed, not paths moved with the run folder or spelled otherwise
@@ -823,6 +835,11 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         if dist_env.world_size > 1:
             dist.barrier()
     except Exception as exc:
+        if dist_env.world_size > 1 and _lost_peer(exc):
+            # a raw gloo / NCCL traceback named no rank, step or way on
+            raise BiomaskError(
+                _lost_peer_message(exc, dist_env, out, cfg.deepspeed.timeout_minutes)
+            ) from None
         # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
         # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
         if started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out):
@@ -843,3 +860,78 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             if lock is not None:
                 lock.release()
     return out
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process went away or stopped answering."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", None)
+    text = str(exc)
+    return (backend_error is not None and isinstance(exc, backend_error)) or (
+        isinstance(exc, RuntimeError)
+        and any(
+            sign in text
+            for sign in (
+                "gloo/transport",
+                "Connection reset by peer",
+                "Connection closed by peer",
+                "Timed out waiting",
+            )
+        )
+    )
+
+
+def _lost_peer_message(exc: BaseException, dist_env: DistEnv, out: Path, timeout_minutes: float) -> str:
+    steps = sorted(
+        int(p.name[4:]) for p in (out / "checkpoints").glob("step*") if p.name[4:].isdigit() and p.is_dir()
+    )
+    kept = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return (
+        f"pretrain (process {dist_env.rank} of {dist_env.world_size}): lost the other processes ({first[:300]}). "
+        "One of them ended (killed, out of memory, its node gone) or stopped answering for "
+        f"deepspeed.timeout_minutes ({timeout_minutes:g}); {kept} in {out / 'checkpoints'}. Once every "
+        "process has ended, run the same command to resume from it"
+    )
+
+
+def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
+    """The process group, with what a wait for processes that never come means said before it and
+    after it: RANK and WORLD_SIZE left from another launch made a plain run wait in silence, then end
+    in a DistStoreError traceback."""
+    import torch.distributed as dist
+
+    by_hand = dist_env.world_size > 1 and dist_env.launcher == "env"
+    if by_hand and dist_env.rank == 0:
+        log.warning(
+            "pretrain: WORLD_SIZE=%d and RANK=%d are set in the environment, with no launcher (torchrun, the "
+            "deepspeed launcher, srun): waiting up to %g minutes (deepspeed.timeout_minutes) for the other "
+            "processes at %s:%d. If they are left from another launch, stop this and unset WORLD_SIZE, RANK, "
+            "LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
+            dist_env.world_size, dist_env.rank, timeout_minutes, dist_env.master_addr, dist_env.master_port,
+        )  # fmt: skip
+    try:
+        init_process_group(dist_env, timeout_minutes)
+    except dist.DistStoreError as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise InputError(
+            f"pretrain (process {dist_env.rank} of {dist_env.world_size}"
+            f"{', RANK and WORLD_SIZE set by hand' if by_hand else ''}): the other processes did not join within {timeout_minutes:g} minutes "
+            f"(deepspeed.timeout_minutes; {first.strip()}). Start every process (torchrun --nproc_per_node "
+            f"{dist_env.world_size} ...), or for one process unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR "
+            "and MASTER_PORT if they are left from another launch. Nothing was written"
+        ) from None
+
+
+def _stage_spelled_otherwise(cfg: PretrainConfig, world_size: int) -> PretrainConfig | None:
+    """This config with `deepspeed.stage` spelled the other way for this many processes (auto as the
+    stage it resolves to, or that stage as auto), or None where there is no other spelling."""
+    auto = cfg.deepspeed.model_copy(update={"stage": "auto"}).resolved_stage(world_size)
+    if cfg.deepspeed.stage == "auto":
+        other: Any = auto
+    elif cfg.deepspeed.stage == auto:
+        other = "auto"
+    else:
+        return None
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": other})})
