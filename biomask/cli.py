@@ -267,8 +267,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             cfg, overwrite=args.overwrite, local_rank=args.local_rank
         )
     except Requeue as exc:
-        with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
-            print(f"biomask: {requeue_message(exc)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every process of a launch
+            with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
+                print(f"biomask: {requeue_message(exc)}", file=sys.stderr)
         return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)

@@ -332,6 +332,7 @@ def test_two_processes_under_torchrun(genome_store, tmp_path):
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing" in proc.stderr and (out / "run.json").read_text() == before
+    assert proc.stderr.count("is up to date") == 1  # said by one process, not by each
 
 
 def test_deepspeed_launcher_and_zero3_with_activation_checkpointing(genome_store, tmp_path):

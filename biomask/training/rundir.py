@@ -222,8 +222,9 @@ def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
     )
     if not is_done(out, stage.held_fingerprint(recorded(out)), world_size):
         return None
-    log.info("pretrain: %s is up to date (same config and data); reusing it", out)
-    warn_other_code("pretrain", out, read_run_info(out))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # said once, not by every process of a launch
+        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
+        warn_other_code("pretrain", out, read_run_info(out))
     return out
 
 

@@ -425,8 +425,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         if other.held_fingerprint(rundir.recorded(out)) == recorded_as:
             held = recorded_as
     if not overwrite and rundir.is_done(out, held, dist_env.world_size):
-        log.info("pretrain: %s is up to date (same config and data); reusing it", out)
-        if dist_env.is_main:
+        if dist_env.is_main:  # said once, not by every process of a launch
+            log.info("pretrain: %s is up to date (same config and data); reusing it", out)
             warn_other_code("pretrain", out, read_run_info(out))
         return out
     # Data in a seeded, rank-sharded order indexed by step, and a fixed held-out set.
@@ -489,8 +489,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
             dist_env,
         )
         if decision == "done":
-            log.info("pretrain: %s is up to date (same config and data); reusing it", out)
             if dist_env.is_main:
+                log.info("pretrain: %s is up to date (same config and data); reusing it", out)
                 warn_other_code("pretrain", out, read_run_info(out))
             return out
         # every shard's sha256 against the manifest; a corrupt one: exit 2, nothing written
@@ -720,7 +720,12 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                     # what to do, said for a Python caller too (fit_cells in a notebook): no process
                     # exits there; the command line adds its exit code (cli.requeue_message)
                     raise Requeue(
-                        f"received {stop.name}: checkpointed step {step} of {cfg.train.steps} to {path}; "
+                        (
+                            f"received {stop.name}"
+                            if stop.received is not None
+                            else "another process was signalled"
+                        )
+                        + f": checkpointed step {step} of {cfg.train.steps} to {path}; "
                         + (
                             # --overwrite again would start over: what resumes is the command without it
                             "run the command again without --overwrite (overwrite=False) to resume from it"
