@@ -510,6 +510,20 @@ def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store
             name,
             list(where.iterdir()),
         )
+    # an unfinished run set aside is its checkpoints: moved back and resumed, never removed
+    out = interrupted(finished, tmp_path / "unfinished" / "run")
+    out.rename(out.parent / ".run.old-0123abcd")
+    code, err = resume(cli, genome_store, out)
+    assert code == 0 and "is back at" in err and (out / "run.json").is_file(), err
+    assert [p.name for p in out.parent.iterdir() if p.name != ".run.lock"] == ["run"]
+    # start_fresh cut after the kept run went in: the unfinished run it was discarding goes, said
+    out = shutil.copytree(finished, tmp_path / "late" / "run")
+    aside = out.parent / ".run.old-0badcafe"
+    (aside / "checkpoints").mkdir(parents=True)
+    (aside / "in_progress.json").write_text("{}")
+    rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n")
+    rundir.recover_swap(out)
+    assert not aside.exists() and (out / ".replaced-run" / "run.json").is_file()
 
 
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(

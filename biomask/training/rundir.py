@@ -577,8 +577,8 @@ def _replaced_is(path: Path, fingerprint: str, world_size: int) -> bool:
 
 def recover_swap(path: Path) -> None:
     """Undo a swap of `start_fresh` or `_put_back` that a kill cut between two renames: the run they
-    moved to a hidden sibling (`.NAME.old-*`) would be found by nothing. Called with the output's
-    lock held, so no live swap is undone."""
+    moved to a hidden sibling (`.NAME.old-*`), finished or not, would be found by nothing. Called with
+    the output's lock held, so no live swap is undone."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(old|failed)-[0-9a-f]{{8}}$")
     try:
         siblings = sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
@@ -586,17 +586,28 @@ def recover_swap(path: Path) -> None:
         return
     siblings = [p for p in siblings if p.is_dir() and not p.is_symlink()]
     for aside in (p for p in siblings if ".old-" in p.name):
-        finished = written_by_biomask(read_run_info(aside))
-        if not finished and not (aside / REPLACED).is_dir():
-            shutil.rmtree(aside, ignore_errors=True)  # what start_fresh had left to remove
+        if not any(aside.iterdir()):
+            aside.rmdir()
             continue
-        empty = path.is_dir() and not any(path.iterdir())
+        empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
         if not path.exists() or empty:  # start_fresh or _put_back cut short: the run as it was
             if empty:
                 path.rmdir()
             aside.rename(path)
-        elif finished and (path / IN_PROGRESS).is_file() and not (path / REPLACED).exists():
+        elif (path / IN_PROGRESS).is_file() and not (path / REPLACED).exists():
             aside.rename(path / REPLACED)  # _put_back cut after its first rename
+        elif (
+            (path / REPLACED).is_dir()
+            and not written_by_biomask(read_run_info(aside))
+            and not (aside / REPLACED).exists()
+        ):
+            # start_fresh cut after the kept run went into the new run's .replaced-run: what is left
+            # is the unfinished run --overwrite was replacing, which it would have removed
+            shutil.rmtree(aside, ignore_errors=True)
+            log.warning(
+                "pretrain: removed %s, the unfinished run a replacement cut short was discarding", aside
+            )
+            continue
         else:
             log.warning(
                 "pretrain: %s holds a run that an interrupted replacement of %s set aside; it is left "
