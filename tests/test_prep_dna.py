@@ -527,3 +527,25 @@ def test_a_linked_genome_splits_as_its_target_and_a_renamed_one_is_not_reused(tm
     code, _, err = prep(tmp_path / "copy.fa", "direct", "--overwrite")
     assert code == 0, err
     assert prep(tmp_path / "copy.fa", "direct")[0] == 0  # reused under its own name
+    # a store an earlier biomask split under the link's own name is still the link's
+    record = json.loads((tmp_path / "linked" / "run.json").read_text())
+    record["inputs"][0]["name"] = "input.1.fa"
+    (tmp_path / "linked" / "run.json").write_text(json.dumps(record))
+    code, _, err = prep(tmp_path / "w" / "input.1.fa", "linked")
+    assert code == 0 and "up to date" in err, err
+    # a content-addressed cache (DVC, git-annex, the HF hub) links to a blob named by its hash: the
+    # link's own name is the input's, not the hash
+    (tmp_path / "blobs").mkdir()
+    shutil.copy(genome, tmp_path / "blobs" / "3f9a1c0e5b7d2a4c")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "genome.fa").symlink_to(tmp_path / "blobs" / "3f9a1c0e5b7d2a4c")
+    assert prep(tmp_path / "snap" / "genome.fa", "cached")[0] == 0
+    names = [i["name"] for i in json.loads((tmp_path / "cached" / "run.json").read_text())["inputs"]]
+    assert names[0] == "genome.fa"
+    # two identical files under two names: the rerun is reused (one digest, two names recorded)
+    shutil.copy(genome, tmp_path / "same.fa")
+    two = ("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml",
+           f"inputs=[{{path: {genome}}}, {{path: {tmp_path / 'same.fa'}}}]", f"output={tmp_path / 'two'}", *rest)  # fmt: skip
+    assert cli(*two)[0] == 0
+    code, _, err = cli(*two)
+    assert code == 0 and "up to date" in err, err

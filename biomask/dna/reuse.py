@@ -33,6 +33,9 @@ class ResolvedInput:
     format: str
     spec: InputSpec
     sha256: str
+    # the name the path itself gives, where a link made `name` the file it leads to: a store an
+    # earlier biomask split under it is this input's still
+    given_name: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "format": self.format, "sha256": self.sha256}
@@ -101,16 +104,25 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
         _resolve_one(spec, resolved)
     files = [r for r in resolved if r.spec.dataset is None]
     # named as the file a link leads to: a genome's split hashes the name, and a workflow engine that
-    # links it in under a name of its own (input.1.fa) must get the split of the genome it links
-    real = [Path(os.path.realpath(r.path)) for r in files]
-    for r, name in zip(files, distinct_names(real)):
-        r.name = name
+    # links it in under a name of its own (input.1.fa) must get the split of the genome it links. Not
+    # where the target's name is no file name of a format (a content-addressed cache: DVC, git-annex,
+    # the Hugging Face hub name their blobs by hash): there the link's own name is the meaningful one
+    named = [_named_as(r.path) for r in files]
+    given = distinct_names([r.path for r in files])
+    for r, name, own in zip(files, distinct_names(named), given):
+        r.name, r.given_name = name, own
     kinds = {"genome" if r.format in GENOME_FORMATS else "labelled" for r in resolved}
     if len(kinds) > 1:
         raise InputError(
             "inputs mix genomes (FASTA/GenBank) and labelled tables; prepare them as separate stores"
         )
     return resolved
+
+
+def _named_as(path: Path) -> Path:
+    """The path an input is named by: the file a link leads to, where that file's name says its format."""
+    real = Path(os.path.realpath(path))
+    return real if real != Path(os.path.abspath(path)) and guess_format(real) is not None else path
 
 
 def tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
@@ -136,19 +148,24 @@ def renamed_genome(cfg: DNAPrepConfig, inputs: list[ResolvedInput]) -> str | Non
     info = read_run_info(cfg.output)
     if not written_by_biomask(info):
         return None
-    recorded = {e.get("sha256"): e.get("name") for e in info.get("inputs") or [] if isinstance(e, dict)}
+    recorded: dict[Any, set[Any]] = {}  # identical files under several names: each name is recorded
+    for entry in info.get("inputs") or []:
+        if isinstance(entry, dict):
+            recorded.setdefault(entry.get("sha256"), set()).add(entry.get("name"))
     renamed = [
-        (recorded[i.sha256], i.name)
+        (sorted(map(str, recorded[i.sha256])), i.name)
         for i in inputs
-        if i.format in GENOME_FORMATS and recorded.get(i.sha256, i.name) != i.name
+        if i.format in GENOME_FORMATS
+        and i.sha256 in recorded
+        and not recorded[i.sha256] & {i.name, i.given_name}
     ]
     if not renamed:
         return None
     old, new = renamed[0]
     return (
-        f"output directory {cfg.output} holds this genome split under the input name {old!r}, and this "
-        f"command names it {new!r}: a genome's blocks draw their split from the name, so it would be split "
-        f"otherwise. Give the input under its recorded name, or pass --overwrite to split it as {new!r}"
+        f"output directory {cfg.output} holds this genome split under the input name {' or '.join(map(repr, old))}, "
+        f"and this command names it {new!r}: a genome's blocks draw their split from the name, so it would "
+        f"be split otherwise. Give the input under its recorded name, or pass --overwrite to split it as {new!r}"
     )
 
 
