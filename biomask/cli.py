@@ -261,17 +261,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(
         PretrainConfig, args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
     )
-    done = None if args.overwrite else finished_run(cfg, resolve_env(os.environ, args.local_rank).world_size)
+    env = resolve_env(os.environ, args.local_rank)  # srun sets SLURM_PROCID, not RANK, until setup_env
+    done = None if args.overwrite else finished_run(cfg, env.world_size, env.rank)
     try:
         path = done or load_ref(STAGES["pretrain"].runner)(
             cfg, overwrite=args.overwrite, local_rank=args.local_rank
         )
     except Requeue as exc:
-        if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every process of a launch
+        if env.rank == 0:  # said once, not by every process of a launch
             with contextlib.suppress(OSError):  # SIGHUP, the terminal gone: the checkpoint and 75 stand
                 print(f"biomask: {requeue_message(exc)}", file=sys.stderr)
         return exc.exit_code
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env.rank == 0:
         print(path)
     return 0
 

@@ -333,6 +333,13 @@ def test_two_processes_under_torchrun(genome_store, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing" in proc.stderr and (out / "run.json").read_text() == before
     assert proc.stderr.count("is up to date") == 1  # said by one process, not by each
+    # an srun task sets SLURM_PROCID, not RANK: its second task says nothing either
+    task = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    task.update(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_ID="7")
+    cmd_task = [sys.executable, "-m", "biomask", "pretrain", "-c", str(CONFIG)]
+    cmd_task += overrides(genome_store, out, **{"train.steps": 6, "deepspeed.stage": 2})
+    proc = subprocess.run(cmd_task, env=task, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and proc.stdout == "" and "up to date" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_deepspeed_launcher_and_zero3_with_activation_checkpointing(genome_store, tmp_path):
@@ -1174,3 +1181,26 @@ def test_deepspeed_stage_auto_and_the_stage_it_resolves_to_are_one_config(genome
         "pretrain", "-c", CONFIG, *overrides(genome_store, out, **steps, **{"deepspeed.stage": "auto"})
     )
     assert code == 0 and "resum" in err, err
+
+
+def test_what_counts_as_a_lost_process_and_what_its_message_advises(tmp_path):
+    from biomask.training.distributed import DistEnv
+    from biomask.training.trainer import _lost_peer, _lost_peer_message
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
+    )
+    assert _lost_peer(gloo)
+    assert not _lost_peer(RuntimeError("mlflow: Connection reset by peer"))  # a tracker's network error
+    assert not _lost_peer(ValueError("gloo/transport"))
+    env = DistEnv(1, 2, 1, "127.0.0.1", 29500, "torchrun")
+    said = _lost_peer_message(gloo, env, tmp_path, 30, overwrite=False)
+    assert said.startswith("pretrain (process 1 of 2): lost the other processes ([../third_party/gloo")
+    assert "no checkpoint was written yet" in said and "resume" not in said
+    (tmp_path / "checkpoints" / "step00000008").mkdir(parents=True)
+    said = _lost_peer_message(gloo, env, tmp_path, 30, overwrite=True)
+    assert (
+        "the last complete checkpoint is step 8" in said
+        and "run the command again without --overwrite" in said
+    )
+    assert "run the same command to resume" in _lost_peer_message(gloo, env, tmp_path, 30, overwrite=False)

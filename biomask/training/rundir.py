@@ -208,7 +208,7 @@ def run_inputs(cfg: PretrainConfig, store_root: Path) -> list[dict[str, Any]]:
     return inputs
 
 
-def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
+def finished_run(cfg: PretrainConfig, world_size: int, rank: int = 0) -> Path | None:
     """The output when it already holds a finished run of this config and store (the trainer's own
     test, made without torch): a pipeline rerun starts dozens of pretrain processes that have
     nothing to do, and importing torch is most of each one's time. None: the trainer decides
@@ -222,7 +222,7 @@ def finished_run(cfg: PretrainConfig, world_size: int) -> Path | None:
     )
     if not is_done(out, stage.held_fingerprint(recorded(out)), world_size):
         return None
-    if int(os.environ.get("RANK", "0") or 0) == 0:  # said once, not by every process of a launch
+    if rank == 0:  # said once, not by every process of a launch
         log.info("pretrain: %s is up to date (same config and data); reusing it", out)
         warn_other_code("pretrain", out, read_run_info(out))
     return out

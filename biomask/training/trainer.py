@@ -840,18 +840,22 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         if dist_env.world_size > 1:
             dist.barrier()
     except Exception as exc:
+        # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
+        # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
+        restored = (
+            started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out)
+        )
+        back = f"\nThe run it was to replace is back in {out}, as it was." if restored else ""
         if dist_env.world_size > 1 and _lost_peer(exc):
             # a raw gloo / NCCL traceback named no rank, step or way on
             raise BiomaskError(
-                _lost_peer_message(exc, dist_env, out, cfg.deepspeed.timeout_minutes)
+                _lost_peer_message(
+                    exc, dist_env, out, cfg.deepspeed.timeout_minutes, overwrite and not restored
+                )
+                + back
             ) from None
-        # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
-        # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
-        if started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out):
-            exc.args = (
-                f"{exc.args[0] if exc.args else exc}\nThe run it was to replace is back in {out}, as it was.",
-                *exc.args[1:],
-            )
+        if restored:
+            exc.args = (f"{exc.args[0] if exc.args else exc}{back}", *exc.args[1:])
         raise
     finally:
         if engine is not None:
@@ -872,32 +876,37 @@ def _lost_peer(exc: BaseException) -> bool:
     import torch.distributed as dist
 
     backend_error = getattr(dist, "DistBackendError", None)
-    text = str(exc)
-    return (backend_error is not None and isinstance(exc, backend_error)) or (
-        isinstance(exc, RuntimeError)
-        and any(
-            sign in text
-            for sign in (
-                "gloo/transport",
-                "Connection reset by peer",
-                "Connection closed by peer",
-                "Timed out waiting",
-            )
-        )
+    if backend_error is not None and isinstance(exc, backend_error):
+        return True
+    # gloo raises a plain RuntimeError; its messages carry the source file they come from (a tracker's
+    # network error, "Connection reset by peer" too, is no lost process)
+    return isinstance(exc, RuntimeError) and any(
+        sign in str(exc) for sign in ("gloo/transport", "/gloo/", "c10d")
     )
 
 
-def _lost_peer_message(exc: BaseException, dist_env: DistEnv, out: Path, timeout_minutes: float) -> str:
+def _lost_peer_message(
+    exc: BaseException, dist_env: DistEnv, out: Path, timeout_minutes: float, overwrite: bool
+) -> str:
     steps = sorted(
         int(p.name[4:]) for p in (out / "checkpoints").glob("step*") if p.name[4:].isdigit() and p.is_dir()
     )
-    kept = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if not steps:
+        then = (
+            "no checkpoint was written yet: once every process has ended, run the command again to start it"
+        )
+    else:
+        # as the requeue message: --overwrite again would start over
+        how = "the command again without --overwrite" if overwrite else "the same command"
+        then = (
+            f"the last complete checkpoint is step {steps[-1]} in {out / 'checkpoints'}: once every process "
+            f"has ended, run {how} to resume from it"
+        )
     return (
         f"pretrain (process {dist_env.rank} of {dist_env.world_size}): lost the other processes ({first[:300]}). "
         "One of them ended (killed, out of memory, its node gone) or stopped answering for "
-        f"deepspeed.timeout_minutes ({timeout_minutes:g}); {kept} in {out / 'checkpoints'}. Once every "
-        "process has ended, run the same command to resume from it"
+        f"deepspeed.timeout_minutes ({timeout_minutes:g}); {then}"
     )
 
 
@@ -918,7 +927,7 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
         )  # fmt: skip
     try:
         init_process_group(dist_env, timeout_minutes)
-    except dist.DistStoreError as exc:
+    except (dist.DistStoreError, dist.DistNetworkError) as exc:  # rank 0's store; another rank's client
         first = next((line for line in str(exc).splitlines() if line.strip()), "")
         raise InputError(
             f"pretrain (process {dist_env.rank} of {dist_env.world_size}"
