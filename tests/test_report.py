@@ -250,8 +250,12 @@ def test_a_lone_or_near_tied_best_pretrained_model_is_said_so():
     val[("fixed40", "linear_probe")] = [0.8999, 0.8999, 0.8999]
     *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="mcc")
     assert list(entries) == [
-        "R²MAE, the best pretrained model (chosen on validation MCC, a near tie: 0.0001 above fixed40)"
+        "R²MAE, the best pretrained model (chosen on validation MCC; a near tie: 0.0001 above fixed40)"
     ]
+    *_, entries = judged(
+        _evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="macro_f1"
+    )
+    assert list(entries)[0].endswith("macro-F1 has no validation score; a near tie: 0.0001 above fixed40)")
     val[("fixed40", "linear_probe")] = [0.85, 0.85, 0.85]
     *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="mcc")
     assert list(entries) == ["R²MAE, the best pretrained model (chosen on validation MCC)"]
@@ -301,7 +305,7 @@ def test_a_one_seed_target_prints_no_nan():
     assert "nan" not in table + text and "(no interval)" in table and "| — |" in table
     assert (
         text
-        == "Δ MCC +0.050, better in 1/1 seeds: no interval and no test (one unit, or no spread between them)"
+        == "Δ MCC +0.050, better in 1/1 seeds: no interval and no test (one unit)"
     )
 
 

@@ -154,7 +154,7 @@ def _cmp_text(
     if not (math.isfinite(cmp["ci_low"]) and math.isfinite(cmp["ci_high"])):  # one seed: no spread
         return (
             f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f}, better in {cmp['wins']}/{cmp['n']} {unit}: "
-            "no interval and no test (one unit, or no spread between them)"
+            "no interval and no test (one unit)"
         )
     return (
         f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
@@ -499,14 +499,14 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
             ranked = sorted(candidates, key=lambda m: ev.mean(m["name"], VAL_METRIC), reverse=True)
             best = ranked[0]
             how = "chosen on validation MCC"
-            margin = ev.mean(best["name"], VAL_METRIC) - ev.mean(ranked[1]["name"], VAL_METRIC)
-            if margin < NEAR_TIE:  # a choice a last-bit difference could turn: said, not hidden
-                how += f", a near tie: {margin:.4f} above {ranked[1]['group']}"
             if target.metric != "mcc":  # evaluate records no other validation score: say whose MCC
                 how = (
                     f"chosen on the {_PROTOCOL_MODELS.get(target.protocol, target.protocol)}'s validation MCC; "
                     f"{_METRIC_NAMES[target.metric].split(' (')[0]} has no validation score"
                 )
+            margin = ev.mean(best["name"], VAL_METRIC) - ev.mean(ranked[1]["name"], VAL_METRIC)
+            if margin < NEAR_TIE:  # a choice a last-bit difference could turn: said, not hidden
+                how += f"; a near tie: {margin:.4f} above {ranked[1]['group']}"
         else:
             best = max(candidates, key=lambda m: ev.mean(m["name"], target.metric))
             how = "highest test mean"
