@@ -108,11 +108,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple
             raise ConfigError(f"command-line override {item!r} is not of the form key.sub=value")
         parts = tuple(key.split("."))
         value = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
-        if _COMMENT.search(raw) and json.dumps(value).count("#") < raw.count("#"):
+        if _COMMENT.search(raw) and json.dumps(value, default=str).count("#") < raw.count("#"):
             # `output=runs/run #3`: YAML ends the value at " #" and a run would read or write another path
+            quoted = raw.replace("'", "''")  # YAML's single quotes double a quote inside
             raise ConfigError(
                 f"command-line override {item!r}: YAML reads ' #' as the start of a comment, so the value "
-                f"would be {value!r}; quote it: {key}='{raw}'"
+                f"would be {value!r}; quote it, inside the shell's quotes: \"{key}='{quoted}'\""
             )
         node = data
         for depth, part in enumerate(parts[:-1]):
@@ -188,7 +189,10 @@ def _format_errors(
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
             if err["type"] == "string_type" and source != origin and not isinstance(got, (dict, list)):
                 # `output=2024`, `yes`, `null`: YAML read a number, a switch or nothing, not the name
-                shown += f"; a value on the command line is read as YAML: quote it, {key}='...'"
+                inside = any(isinstance(p, int) for p in loc)  # an item of a list is set with its list
+                shown += "; a value on the command line is read as YAML: quote it" + (
+                    " inside the list's YAML" if inside else f", inside the shell's quotes: \"{key}='...'\""
+                )
             lines.append(f"{source}: key '{key}': {err['msg']}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -64,21 +64,23 @@ def test_an_override_value_yaml_would_cut_or_retype_is_refused_with_how_to_quote
     """`output=runs/run #3` read as YAML became `runs/run` (a comment), exit 0: another path read or
     written than the one named; `output=yes` said only "Input should be a valid string (got True)"."""
     path = write(tmp_path, BASE)
-    with pytest.raises(
-        ConfigError,
-        match=r"YAML reads ' #' as the start of a comment, so the value would be 'runs/run'; quote it: output='runs/run #3'",
-    ):
+    with pytest.raises(ConfigError) as err:
         load_config(DNAPrepConfig, path, ["output=runs/run #3"])
+    assert "would be 'runs/run'; quote it, inside the shell's quotes: \"output='runs/run #3'\"" in str(
+        err.value
+    )
+    # the advice pasted into a shell works (the shell keeps the inner quotes)
+    assert load_config(DNAPrepConfig, path, ["output='runs/run #3'"]).output == "runs/run #3"
     with pytest.raises(ConfigError, match=r"quote it"):
         load_config(DNAPrepConfig, path, ["inputs=[{path: a.fa}] # the genome"])
-    assert load_config(DNAPrepConfig, path, ["output='runs/run #3'"]).output == "runs/run #3"
+    with pytest.raises(ConfigError, match=r"quote it"):  # a date YAML reads is no crash
+        load_config(DNAPrepConfig, path, ["output=2024-01-01 #x"])
     assert load_config(DNAPrepConfig, path, ["output=runs/run#3"]).output == "runs/run#3"  # no comment there
     for value, got in (("yes", "True"), ("2024", "2024"), ("null", "None")):
         with pytest.raises(ConfigError) as err:
             load_config(DNAPrepConfig, path, [f"output={value}"])
-        assert f"(got {got}); a value on the command line is read as YAML: quote it, output='...'" in str(
-            err.value
-        )
+        said = "a value on the command line is read as YAML: quote it, inside the shell's quotes: \"output='...'\""
+        assert f"(got {got}); {said}" in str(err.value)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -255,7 +255,7 @@ def test_a_lone_or_near_tied_best_pretrained_model_is_said_so():
     *_, entries = judged(
         _evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="macro_f1"
     )
-    assert list(entries)[0].endswith("macro-F1 has no validation score; a near tie: 0.0001 above fixed40)")
+    assert next(iter(entries)).endswith("macro-F1 has no validation score; a near tie: 0.0001 above fixed40)")
     val[("fixed40", "linear_probe")] = [0.85, 0.85, 0.85]
     *_, entries = judged(_evaluation(scores, {"r2mae": R2MAE, "fixed40": FIXED40}, val=val), metric="mcc")
     assert list(entries) == ["R²MAE, the best pretrained model (chosen on validation MCC)"]
@@ -303,10 +303,7 @@ def test_a_one_seed_target_prints_no_nan():
     table = "\n".join(_targets_at_a_glance([row]))
     text = _cmp_text(entries["R²MAE, the only pretrained model"]["cmp"], "mcc", "seeds")
     assert "nan" not in table + text and "(no interval)" in table and "| — |" in table
-    assert (
-        text
-        == "Δ MCC +0.050, better in 1/1 seeds: no interval and no test (one unit)"
-    )
+    assert text == "Δ MCC +0.050, better in 1/1 seeds: no interval and no test (one unit)"
 
 
 def test_a_target_naming_no_evaluation_is_refused():
