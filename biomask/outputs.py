@@ -14,9 +14,10 @@ Stale temporaries of the same output (`.NAME.tmp-XXXXXXXX`, `.NAME.old-XXXXXXXX`
 run) are removed when the next write of that output starts (a `.tmp-`) or succeeds (an `.old-`, a
 previous output a kill caught mid-swap), and by a reuse — never a `.tmp-` directory a live run holds (its writer keeps a flock on it); nothing else beside the output is touched.
 
-A stage that works inside its output for long (pretrain, fit_cells) holds `hold_output`'s flock on
-`.NAME.lock` beside it for the run: a second run into the same output, from any process, kernel or
-host sharing the file system, is refused with the holder's pid and host.
+Every stage command holds `hold_output`'s flock on `.NAME.lock` beside its output for the run
+(`cli._run_stage`; pretrain and fit_cells take it themselves, so their Python calls do too): a second
+run into the same output, from any process, kernel or host sharing the file system, is refused with
+the holder's pid and host.
 """
 
 from __future__ import annotations
