@@ -654,10 +654,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 checkpoint.prune(ckpt_root, cfg.train.keep_last)
             return path
 
-        # 6. The loop. Its batches read the training split in no order: no readahead around each
-        #    record (the passes over the whole split before it, e.g. the profile model's gene
-        #    statistics, keep theirs)
-        train_split.read_randomly()
+        # 6. The loop.
         metrics = MetricsLogger(
             out,
             total_steps=cfg.train.steps,
