@@ -20,12 +20,10 @@ store: memory is bounded by what a caller touches, and by one shard per split wh
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -373,7 +371,6 @@ class Shard:
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
-        self.random = False  # read record by record in no order (TokenSplit.read_randomly)
 
     def __len__(self) -> int:
         return int(self.info["num_records"])
@@ -389,8 +386,6 @@ class Shard:
                 raise IntegrityError(
                     f"token store file {path} is missing or unreadable ({exc}); re-run the prep stage with --overwrite"
                 ) from None
-            if self.random:
-                _random_access(arr)
             self._arrays[name] = arr
         return self._arrays[name]
 
@@ -453,16 +448,6 @@ class TokenSplit:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, local = self.locate(index)
         return self.shards[shard][local]
-
-    def read_randomly(self) -> TokenSplit:
-        """Say this split is read record by record in no order (training's batches): the kernel then
-        reads the pages a record holds, not its readahead around each (see `_random_access`). A
-        sequential pass (evaluation, embedding) is better left with readahead."""
-        for shard in self.shards:
-            shard.random = True
-            for arr in shard._arrays.values():
-                _random_access(arr)
-        return self
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
@@ -615,16 +600,6 @@ class TokenStore:
         count = check_store_tokenizer(self.tokenizer_dir)
         self._raise_damage(self._damage(digests=True))
         return count + sum(1 for _ in self._files())
-
-
-def _random_access(arr: np.ndarray) -> None:
-    """Tell the kernel a shard is read record by record in no order (training batches): its readahead
-    otherwise pulls in 128 KiB or more around every record touched, and 50 steps on a 2 GB store
-    mapped 1.6 GB of it (about 1,000 records read). Records are read whole either way."""
-    handle = getattr(arr, "_mmap", None)
-    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
-        with contextlib.suppress(OSError, ValueError):
-            handle.madvise(mmap.MADV_RANDOM)
 
 
 def _plain_name(name: Any) -> bool:
