@@ -993,6 +993,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"biomask: error: {error}", file=sys.stderr)
         _report_error(error)
         return error.exit_code
+    except MemoryError as exc:
+        # numpy's "Unable to allocate 117. MiB ..." as a traceback named no way out
+        detail = f" ({exc})" if str(exc) else ""
+        print(
+            f"biomask: error: out of memory{detail}. Give it more memory, or lower what sets it: prep "
+            "block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate and embed batch_size",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("biomask: interrupted", file=sys.stderr)
         return 130

@@ -186,6 +186,28 @@ def test_a_panel_has_exactly_the_genes_asked_for_when_dispersions_tie():
     assert (ranked[0] <= ranked[1]).all(), "a smaller panel is the top of a larger one"
 
 
+def test_running_out_of_memory_in_hvg_selection_names_the_setting_that_sets_it(monkeypatch, tmp_path, cli):
+    """Under a memory cap the panel prep died in a numpy traceback ("Unable to allocate 117. MiB") at
+    HVG selection, its peak; and any other MemoryError of a stage was a traceback too."""
+    import scanpy as sc
+
+    from biomask.errors import BiomaskError
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 117. MiB for an array with shape (30686516,)")
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", short_of_memory)
+    matrix = sp.csr_matrix(np.ones((20, 30), dtype=np.float32))
+    with pytest.raises(
+        BiomaskError, match=r"out of memory selecting the 10 most variable genes .* lower hvg.max_cells"
+    ):
+        select_hvg(matrix, np.ones(20), HVGConfig(n_top_genes=10))
+    monkeypatch.setattr("biomask.dna.prep.resolve_inputs", short_of_memory)
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"output={tmp_path / 'out'}")
+    assert code == 1 and err.startswith("biomask: error: out of memory (Unable to allocate 117. MiB"), err
+    assert "Traceback" not in err and "train.micro_batch_size" in err
+
+
 def test_count_detection_on_the_real_sets():
     cfg = CountsConfig()
     found = {}

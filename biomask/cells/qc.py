@@ -82,11 +82,25 @@ def select_hvg(counts: sp.csr_matrix, scale: np.ndarray, cfg: HVGConfig) -> np.n
 
     The sample is normalised with each cell's own library size (the same values the tokens get),
     log1p-transformed, and handed to `scanpy.pp.highly_variable_genes`."""
+    if cfg.n_top_genes is None or cfg.n_top_genes >= counts.shape[1]:
+        return np.ones(counts.shape[1], dtype=bool)
+    try:
+        return _select_hvg(counts, scale, cfg)
+    except MemoryError:
+        # the panel prep's peak: scanpy holds several copies of the sample (a numpy traceback said nothing)
+        from biomask.errors import BiomaskError
+
+        raise BiomaskError(
+            f"out of memory selecting the {cfg.n_top_genes:,} most variable genes from a sample of "
+            f"{counts.shape[0]:,} cells x {counts.shape[1]:,} genes ({counts.nnz:,} values; scanpy holds "
+            f"several copies of it): lower hvg.max_cells (now {cfg.max_cells:,}), or give the prep more memory"
+        ) from None
+
+
+def _select_hvg(counts: sp.csr_matrix, scale: np.ndarray, cfg: HVGConfig) -> np.ndarray:
     import anndata
     import scanpy as sc
 
-    if cfg.n_top_genes is None or cfg.n_top_genes >= counts.shape[1]:
-        return np.ones(counts.shape[1], dtype=bool)
     values = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     values.data *= np.repeat(scale.astype(np.float32), np.diff(values.indptr))
     np.log1p(values.data, out=values.data)
