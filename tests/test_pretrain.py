@@ -1194,13 +1194,42 @@ def test_what_counts_as_a_lost_process_and_what_its_message_advises(tmp_path):
     assert not _lost_peer(RuntimeError("mlflow: Connection reset by peer"))  # a tracker's network error
     assert not _lost_peer(ValueError("gloo/transport"))
     env = DistEnv(1, 2, 1, "127.0.0.1", 29500, "torchrun")
-    said = _lost_peer_message(gloo, env, tmp_path, 30, overwrite=False)
+    said = _lost_peer_message(gloo, env, tmp_path, 30, False, [])
     assert said.startswith("pretrain (process 1 of 2): lost the other processes ([../third_party/gloo")
     assert "no checkpoint was written yet" in said and "resume" not in said
-    (tmp_path / "checkpoints" / "step00000008").mkdir(parents=True)
-    said = _lost_peer_message(gloo, env, tmp_path, 30, overwrite=True)
+    said = _lost_peer_message(gloo, env, tmp_path, 30, True, [8])
     assert (
         "the last complete checkpoint is step 8" in said
         and "run the command again without --overwrite" in said
     )
-    assert "run the same command to resume" in _lost_peer_message(gloo, env, tmp_path, 30, overwrite=False)
+    assert "run the same command to resume" in _lost_peer_message(gloo, env, tmp_path, 30, False, [8])
+    # a replacement put back: the old run's checkpoints are not this run's to resume from
+    said = _lost_peer_message(gloo, env, tmp_path, 30, True, [], restored=True)
+    assert (
+        "this run wrote no checkpoint, and the run it was to replace is back" in said and "resume" not in said
+    )
+
+
+def test_a_taken_master_port_is_said_at_once_not_as_a_rendezvous_timeout():
+    """Two runs on one host with one MASTER_PORT: rank 0 cannot listen, at once; it read as "the other
+    processes did not join within N minutes", with advice about RANK and WORLD_SIZE."""
+    import socket
+
+    from biomask.errors import InputError
+    from biomask.training.distributed import DistEnv
+    from biomask.training.trainer import _start_process_group
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = DistEnv(0, 2, 0, "127.0.0.1", port, "torchrun")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"
+        )
+        try:
+            with pytest.raises(InputError, match=f"MASTER_PORT {port} on 127.0.0.1 is taken"):
+                _start_process_group(env, 0.2)
+        finally:
+            for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                os.environ.pop(name, None)

@@ -842,17 +842,18 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
     except Exception as exc:
         # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
         # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
+        lost = dist_env.world_size > 1 and _lost_peer(exc)
+        steps = _checkpoint_steps(out) if lost else []  # this run's, before a put-back replaces them
         restored = (
             started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out)
         )
         back = f"\nThe run it was to replace is back in {out}, as it was." if restored else ""
-        if dist_env.world_size > 1 and _lost_peer(exc):
+        if lost:
             # a raw gloo / NCCL traceback named no rank, step or way on
             raise BiomaskError(
                 _lost_peer_message(
-                    exc, dist_env, out, cfg.deepspeed.timeout_minutes, overwrite and not restored
+                    exc, dist_env, out, cfg.deepspeed.timeout_minutes, overwrite, steps, restored
                 )
-                + back
             ) from None
         if restored:
             exc.args = (f"{exc.args[0] if exc.args else exc}{back}", *exc.args[1:])
@@ -885,14 +886,30 @@ def _lost_peer(exc: BaseException) -> bool:
     )
 
 
-def _lost_peer_message(
-    exc: BaseException, dist_env: DistEnv, out: Path, timeout_minutes: float, overwrite: bool
-) -> str:
-    steps = sorted(
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(
         int(p.name[4:]) for p in (out / "checkpoints").glob("step*") if p.name[4:].isdigit() and p.is_dir()
     )
+
+
+def _lost_peer_message(
+    exc: BaseException,
+    dist_env: DistEnv,
+    out: Path,
+    timeout_minutes: float,
+    overwrite: bool,
+    steps: list[int],
+    restored: bool = False,
+) -> str:
+    """What a process that lost the others says: which it is, why, what is kept and what to run.
+    `steps`: this run's checkpoints, read before a put-back of the run it replaced (`restored`)."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    if not steps:
+    if restored:
+        then = (
+            f"this run wrote no checkpoint, and the run it was to replace is back in {out}, as it was: run "
+            "the same command to start the replacement again"
+        )
+    elif not steps:
         then = (
             "no checkpoint was written yet: once every process has ended, run the command again to start it"
         )
@@ -929,6 +946,12 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
         init_process_group(dist_env, timeout_minutes)
     except (dist.DistStoreError, dist.DistNetworkError) as exc:  # rank 0's store; another rank's client
         first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        if "EADDRINUSE" in str(exc) or "failed to listen" in str(exc):  # at once, not after a wait
+            raise InputError(
+                f"pretrain (process {dist_env.rank} of {dist_env.world_size}): MASTER_PORT {dist_env.master_port} "
+                f"on {dist_env.master_addr} is taken (another run on this host?): choose another "
+                f"(torchrun --master_port, or MASTER_PORT). {first.strip()[:200]}. Nothing was written"
+            ) from None
         raise InputError(
             f"pretrain (process {dist_env.rank} of {dist_env.world_size}"
             f"{', RANK and WORLD_SIZE set by hand' if by_hand else ''}): the other processes did not join within {timeout_minutes:g} minutes "
