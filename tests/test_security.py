@@ -486,6 +486,12 @@ def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store
             out.rename(out.parent / ".run.old-0123abcd"),
             out.mkdir(),
         ),
+        "start_fresh, before the kept run moved in": lambda out: (
+            out.rename(out.parent / ".run.old-0123abcd"),
+            out.mkdir(),
+            (out / "config.yaml").write_text("train: {steps: 300}\n"),
+            rundir.mark_in_progress(out, "another config", 1),
+        ),
         "the put-back, after its first rename": lambda out: (
             rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n"),
             (out / REPLACED).rename(out.parent / ".run.old-89abcdef"),
@@ -524,6 +530,12 @@ def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store
     rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n")
     rundir.recover_swap(out)
     assert not aside.exists() and (out / ".replaced-run" / "run.json").is_file()
+    # two runs set aside (a swap left one, a later swap another): neither is guessed at, both stay
+    first, second = out.parent / ".run.old-00000001", out.parent / ".run.old-ffffffff"
+    shutil.copytree(finished, first)
+    shutil.copytree(finished, second)
+    rundir.recover_swap(out)
+    assert first.is_dir() and second.is_dir() and (out / ".replaced-run" / "run.json").is_file()
 
 
 def test_resealed_but_corrupt_checkpoint_state_is_a_message_not_a_traceback(

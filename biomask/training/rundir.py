@@ -404,11 +404,15 @@ def start_fresh(
         else:
             kept = aside if any(aside.iterdir()) else None
         path.mkdir(parents=True)
+        # marked as this run's before the kept run moves in: a kill between any two steps leaves a
+        # state `recover_swap` reads (never a folder holding only .replaced-run, which nothing claims)
+        atomic_write_text(path / "config.yaml", config_yaml)
+        mark_in_progress(path, fingerprint, world_size, inputs)
         if kept is not None:
             kept.rename(path / REPLACED)
         shutil.rmtree(aside, ignore_errors=True)
-    else:
-        path.mkdir(parents=True)
+        return
+    path.mkdir(parents=True)
     atomic_write_text(path / "config.yaml", config_yaml)
     mark_in_progress(path, fingerprint, world_size, inputs)
 
@@ -585,22 +589,30 @@ def recover_swap(path: Path) -> None:
     except OSError:
         return
     siblings = [p for p in siblings if p.is_dir() and not p.is_symlink()]
-    for aside in (p for p in siblings if ".old-" in p.name):
-        if not any(aside.iterdir()):
-            aside.rmdir()
-            continue
+    for empty in (p for p in siblings if ".old-" in p.name and not any(p.iterdir())):
+        empty.rmdir()
+    asides = [p for p in siblings if ".old-" in p.name and p.exists()]
+    if len(asides) > 1:  # one swap at a time leaves one: which of several is the run is not ours to guess
+        log.warning(
+            "pretrain: %s are runs interrupted replacements of %s set aside; they are left there (move the "
+            "one you want back, remove the others)", ", ".join(map(str, asides)), path,
+        )  # fmt: skip
+        return
+    for aside in asides:
         empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+        replacing = (path / IN_PROGRESS).is_file()  # path holds a replacement that has not finished
         if not path.exists() or empty:  # start_fresh or _put_back cut short: the run as it was
             if empty:
                 path.rmdir()
             aside.rename(path)
-        elif (path / IN_PROGRESS).is_file() and not (path / REPLACED).exists():
-            aside.rename(path / REPLACED)  # _put_back cut after its first rename
-        elif (
-            (path / REPLACED).is_dir()
-            and not written_by_biomask(read_run_info(aside))
-            and not (aside / REPLACED).exists()
-        ):
+        elif replacing and not (path / REPLACED).exists():
+            # start_fresh cut before the kept run moved in, or _put_back after its first rename
+            if (aside / REPLACED).is_dir():  # an unfinished replacement: the run it replaced is the one kept
+                (aside / REPLACED).rename(path / REPLACED)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.rename(path / REPLACED)
+        elif replacing and not written_by_biomask(read_run_info(aside)) and not (aside / REPLACED).exists():
             # start_fresh cut after the kept run went into the new run's .replaced-run: what is left
             # is the unfinished run --overwrite was replacing, which it would have removed
             shutil.rmtree(aside, ignore_errors=True)
