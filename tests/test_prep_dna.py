@@ -542,6 +542,15 @@ def test_a_linked_genome_splits_as_its_target_and_a_renamed_one_is_not_reused(tm
     assert prep(tmp_path / "snap" / "genome.fa", "cached")[0] == 0
     names = [i["name"] for i in json.loads((tmp_path / "cached" / "run.json").read_text())["inputs"]]
     assert names[0] == "genome.fa"
+    # along a chain of links the last file with a format's name counts; a git-annex key is a hash name
+    from biomask.dna.reuse import _named_as
+
+    (tmp_path / "w" / "staged.fa").symlink_to(tmp_path / "snap" / "genome.fa")  # -> genome.fa -> blob
+    assert _named_as(tmp_path / "w" / "staged.fa").name == "genome.fa"
+    (tmp_path / "annex").mkdir()
+    shutil.copy(genome, tmp_path / "annex" / "SHA256E-s14--9f86d08.fa")
+    (tmp_path / "annexed.fa").symlink_to(tmp_path / "annex" / "SHA256E-s14--9f86d08.fa")
+    assert _named_as(tmp_path / "annexed.fa").name == "annexed.fa"
     # two identical files under two names: the rerun is reused (one digest, two names recorded)
     shutil.copy(genome, tmp_path / "same.fa")
     two = ("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml",

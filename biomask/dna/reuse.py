@@ -6,6 +6,7 @@ stage resolves its inputs here too, so that both compute one fingerprint."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -119,10 +120,20 @@ def resolve_inputs(specs: list[InputSpec]) -> list[ResolvedInput]:
     return resolved
 
 
+_CONTENT_KEY = re.compile(r"^[A-Z0-9]+E?-s\d+--")  # git-annex's keys (SHA256E-s14--9f86d08.fa)
+
+
 def _named_as(path: Path) -> Path:
-    """The path an input is named by: the file a link leads to, where that file's name says its format."""
-    real = Path(os.path.realpath(path))
-    return real if real != Path(os.path.abspath(path)) and guess_format(real) is not None else path
+    """The path an input is named by: along its chain of links, the last file whose name says its
+    format and is not a content key (a DVC, git-annex or Hugging Face cache names its blobs by hash)."""
+    named, current, seen = path, Path(os.path.abspath(path)), set()
+    while current.is_symlink() and current not in seen:
+        seen.add(current)
+        target = Path(os.readlink(current))
+        current = Path(os.path.normpath(current.parent / target))
+        if guess_format(current) is not None and not _CONTENT_KEY.match(current.name):
+            named = current
+    return named
 
 
 def tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
