@@ -906,6 +906,15 @@ def _said_by_rank0(exc: BiomaskError) -> bool:
     )
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return (
+        type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
+    )
+
+
 def _report_error(exc: BiomaskError | Terminated) -> None:
     """Tell a pipeline runner which error ended a stage (it re-runs one whose output went stale)."""
     path = os.environ.get("BIOMASK_ERROR_FILE")
@@ -993,15 +1002,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"biomask: error: {error}", file=sys.stderr)
         _report_error(error)
         return error.exit_code
-    except MemoryError as exc:
-        # numpy's "Unable to allocate 117. MiB ..." as a traceback named no way out
-        detail = f" ({exc})" if str(exc) else ""
-        print(
-            f"biomask: error: out of memory{detail}. Give it more memory, or lower what sets it: prep "
-            "block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate and embed batch_size",
-            file=sys.stderr,
+    except (MemoryError, RuntimeError) as exc:
+        # numpy's "Unable to allocate 117. MiB ..." and torch's "DefaultCPUAllocator: can't allocate
+        # memory" (a RuntimeError, as CUDA's out of memory is) as tracebacks named no way out
+        if not _out_of_memory(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        error = BiomaskError(
+            f"out of memory{f' ({first[:300]})' if first else ''}. Give it more memory, or lower what sets it: "
+            "prep block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate and embed "
+            "batch_size"
         )
-        return 1
+        with contextlib.suppress(OSError):
+            print(f"biomask: error: {error}", file=sys.stderr)
+        _report_error(error)
+        return error.exit_code
     except KeyboardInterrupt:
         print("biomask: interrupted", file=sys.stderr)
         return 130

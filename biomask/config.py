@@ -111,9 +111,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[tuple
         if _COMMENT.search(raw) and json.dumps(value, default=str).count("#") < raw.count("#"):
             # `output=runs/run #3`: YAML ends the value at " #" and a run would read or write another path
             quoted = raw.replace("'", "''")  # YAML's single quotes double a quote inside
+            # inside a shell's double quotes these would be read by the shell: no copy-paste advice then
+            pasted = (
+                f"\"{key}='{quoted}'\""
+                if not set('$`"\\!') & set(raw)
+                else f"{key}='{quoted}' as one argument"
+            )
             raise ConfigError(
                 f"command-line override {item!r}: YAML reads ' #' as the start of a comment, so the value "
-                f"would be {value!r}; quote it, inside the shell's quotes: \"{key}='{quoted}'\""
+                f"would be {value!r}; quote it, inside the shell's quotes: {pasted}"
             )
         node = data
         for depth, part in enumerate(parts[:-1]):

@@ -207,6 +207,13 @@ def test_running_out_of_memory_in_hvg_selection_names_the_setting_that_sets_it(m
     assert code == 1 and err.startswith("biomask: error: out of memory (Unable to allocate 117. MiB"), err
     assert "Traceback" not in err and "train.micro_batch_size" in err
 
+    def torch_short_of_memory(*args, **kwargs):  # torch's CPU allocator raises a RuntimeError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("biomask.dna.prep.resolve_inputs", torch_short_of_memory)
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"output={tmp_path / 'out'}")
+    assert code == 1 and "out of memory ([enforce fail" in err and "Traceback" not in err, err
+
 
 def test_count_detection_on_the_real_sets():
     cfg = CountsConfig()
