@@ -215,17 +215,26 @@ def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None
     # computed and renamed its result over the other's, and both said they wrote it. The second is
     # refused while the first runs; started after it, it reuses or refuses what the first wrote.
     output = Path(cfg.output).absolute()
-    missing = [p for p in output.parents if not p.exists()]  # the lock's folder, made for it
+    missing = [p for p in output.parents if _absent(p)]  # the lock's folder, made for it
     held = hold_output(output, stage)
     try:
         return load_ref(spec.runner)(cfg, overwrite=args.overwrite, **extra)
     finally:
         if held is not None:
             held.release()
-        if not output.exists():  # refused or failed: no empty folders made for the lock are left
+        if _absent(output):  # refused or failed: no empty folders made for the lock are left
             for folder in missing:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def _absent(path: Path) -> bool:
+    """Whether `path` does not exist; a folder this user cannot look into is not taken as absent (the
+    stage's own message names what it cannot read)."""
+    try:
+        return not path.exists()
+    except OSError:
+        return False
 
 
 def _print_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
