@@ -1210,26 +1210,20 @@ def test_what_counts_as_a_lost_process_and_what_its_message_advises(tmp_path):
     )
 
 
-def test_a_taken_master_port_is_said_at_once_not_as_a_rendezvous_timeout():
+def test_a_taken_master_port_is_said_at_once_not_as_a_rendezvous_timeout(genome_store, tmp_path):
     """Two runs on one host with one MASTER_PORT: rank 0 cannot listen, at once; it read as "the other
     processes did not join within N minutes", with advice about RANK and WORLD_SIZE."""
     import socket
-
-    from biomask.errors import InputError
-    from biomask.training.distributed import DistEnv
-    from biomask.training.trainer import _start_process_group
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = DistEnv(0, 2, 0, "127.0.0.1", port, "torchrun")
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"
-        )
-        try:
-            with pytest.raises(InputError, match=f"MASTER_PORT {port} on 127.0.0.1 is taken"):
-                _start_process_group(env, 0.2)
-        finally:
-            for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                os.environ.pop(name, None)
+        env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+               "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # fmt: skip
+        cmd = [sys.executable, "-m", "biomask", "pretrain", "-c", str(CONFIG)]
+        cmd += overrides(genome_store, tmp_path / "run", **{"deepspeed.timeout_minutes": 0.5})
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"MASTER_PORT {port} on 127.0.0.1 is taken" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
