@@ -1016,7 +1016,9 @@ def _run(args: argparse.Namespace) -> int:
         # memory" (a RuntimeError, as CUDA's out of memory is) as tracebacks named no way out
         if not _out_of_memory(exc):
             raise
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        from biomask.errors import first_line
+
+        first = first_line(exc)
         error = BiomaskError(
             f"out of memory{f' ({first[:300]})' if first else ''}. Give it more memory, or lower what sets it: "
             "prep block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate and embed "

@@ -109,6 +109,11 @@ def is_environment_error(exc: BaseException) -> bool:
     return "requested and" in str(exc) and "written" in str(exc)
 
 
+def first_line(exc: BaseException, default: str = "") -> str:
+    """An exception's first non-empty line, stripped: a library's multi-line error quoted in a message."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), default)
+
+
 def describe_os_error(exc: OSError, where: str | None = None) -> str:
     """`cannot write PATH: No space left on device` with a hint; `where` names the path when the
     exception does not (numpy's short writes carry no file name)."""

@@ -324,6 +324,11 @@ def _checkpoints(root: Path) -> list[Path]:
     return found
 
 
+def complete_steps(root: Path) -> list[int]:
+    """The steps of the complete checkpoints in `root`, oldest first (what a resume could start from)."""
+    return [int(_TAG.match(p.name).group(1)) for p in _checkpoints(root) if is_valid(p)]  # type: ignore[union-attr]
+
+
 def valid_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     good = []

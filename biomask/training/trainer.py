@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import BiomaskError, ConfigError, InputError, Requeue
+from biomask.errors import BiomaskError, ConfigError, InputError, Requeue, first_line
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
@@ -843,7 +843,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
         # a replacement (--overwrite) that failed before its first checkpoint gives the run it replaced
         # back: a diverged run never costs the good one. Not on a stop (Requeue): it resumes
         lost = dist_env.world_size > 1 and _lost_peer(exc)
-        steps = _checkpoint_steps(out) if lost else []  # this run's, before a put-back replaces them
+        steps = (
+            checkpoint.complete_steps(out / "checkpoints") if lost else []
+        )  # this run's, before a put-back replaces them
         restored = (
             started and dist_env.is_main and not isinstance(exc, Requeue) and rundir.restore_replaced(out)
         )
@@ -886,12 +888,6 @@ def _lost_peer(exc: BaseException) -> bool:
     )
 
 
-def _checkpoint_steps(out: Path) -> list[int]:
-    return sorted(
-        int(p.name[4:]) for p in (out / "checkpoints").glob("step*") if p.name[4:].isdigit() and p.is_dir()
-    )
-
-
 def _lost_peer_message(
     exc: BaseException,
     dist_env: DistEnv,
@@ -903,7 +899,7 @@ def _lost_peer_message(
 ) -> str:
     """What a process that lost the others says: which it is, why, what is kept and what to run.
     `steps`: this run's checkpoints, read before a put-back of the run it replaced (`restored`)."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    first = first_line(exc, type(exc).__name__)
     if restored:
         then = (
             f"this run wrote no checkpoint, and the run it was to replace is back in {out}, as it was: run "
@@ -945,17 +941,17 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
     try:
         init_process_group(dist_env, timeout_minutes)
     except (dist.DistStoreError, dist.DistNetworkError) as exc:  # rank 0's store; another rank's client
-        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        first = first_line(exc)
         if "EADDRINUSE" in str(exc) or "failed to listen" in str(exc):  # at once, not after a wait
             raise InputError(
                 f"pretrain (process {dist_env.rank} of {dist_env.world_size}): MASTER_PORT {dist_env.master_port} "
                 f"on {dist_env.master_addr} is taken (another run on this host?): choose another "
-                f"(torchrun --master_port, or MASTER_PORT). {first.strip()[:200]}. Nothing was written"
+                f"(torchrun --master_port, or MASTER_PORT). {first[:200]}. Nothing was written"
             ) from None
         raise InputError(
             f"pretrain (process {dist_env.rank} of {dist_env.world_size}"
             f"{', RANK and WORLD_SIZE set by hand' if by_hand else ''}): the other processes did not join within {timeout_minutes:g} minutes "
-            f"(deepspeed.timeout_minutes; {first.strip()}). Start every process (torchrun --nproc_per_node "
+            f"(deepspeed.timeout_minutes; {first}). Start every process (torchrun --nproc_per_node "
             f"{dist_env.world_size} ...), or for one process unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR "
             "and MASTER_PORT if they are left from another launch. Nothing was written"
         ) from None
