@@ -616,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if a verified copy is cached")
     p.add_argument("--data-dir", help="cache directory (default: $BIOMASK_DATA_DIR or ~/.cache/biomask/data)")
 
+    from biomask.datasets.annotation_tasks import TASKS  # numpy only: the parser stays quick to build
+
     p = command(
         ds,
         "task",
@@ -624,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "task",
-        choices=["gene-starts", "coding"],
+        choices=list(TASKS),
         help="gene-starts: windows holding an annotated CDS start vs others; coding: windows inside CDS "
         "read in the genes' direction, against it, or outside any CDS (3 classes)",
     )

@@ -32,9 +32,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -477,6 +479,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def open_own(path: str | os.PathLike, flags: int) -> int:
+    """A descriptor of a file biomask writes in place beside or inside its outputs (a lock, a log it
+    appends to): never opened through a symbolic link, nor a hard link, someone left at that name —
+    either would truncate or append to a file biomask did not write (the user's, wherever the link
+    points). InputError naming the path, before anything is written."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise InputError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); biomask writes this file itself and "
+            "never through a link, which would write to the file it points at: remove the link and run again"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+        raise InputError(
+            f"{path} is {what}; biomask writes this file itself and would write to whatever it is: "
+            "remove it and run again"
+        )
+    return fd
+
+
+def append_own(path: str | os.PathLike) -> TextIO:
+    """`open(path, "a")` (text, line-buffered) for a file biomask appends to, through `open_own`."""
+    return os.fdopen(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a", buffering=1)
+
+
 class OutputLock:
     """An exclusive flock on `.NAME.lock` beside an output, held while its open file stays open. The
     kernel drops it when the process ends, killed or not, so a dead run never blocks the next one."""
@@ -520,7 +553,7 @@ def hold_output(path: str | os.PathLike, stage: str) -> OutputLock | None:
     for _ in range(20):  # a holder removes the file as it lets go: a lock on that file would be no lock
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_own(lock, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             _unguarded(path, lock, exc)
             return None

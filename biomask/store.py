@@ -599,7 +599,58 @@ class TokenStore:
         of files checked."""
         count = check_store_tokenizer(self.tokenizer_dir)
         self._raise_damage(self._damage(digests=True))
+        self._raise_damage(self._content_damage())
         return count + sum(1 for _ in self._files())
+
+    def _content_damage(self) -> list[str]:
+        """What digests cannot vouch for once a manifest is rewritten to match its shards: each shard's
+        records lie inside its tokens (offsets from 0, never decreasing, ending at its token count),
+        its token ids are ones the vocabulary has, its labels ones the manifest names. Such a shard was
+        an IndexError deep inside a model, or records silently cut short."""
+        vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
+        n_labels = len(self.label_names or [])
+        found = []
+        for name in self.splits:
+            for shard in self.split(name).shards:
+                files = shard.info["files"]
+                where = shard.directory / files["tokens"]["name"]
+                tokens = shard.array("tokens")
+                if "offsets" in files:
+                    offsets = shard.offsets
+                    if (
+                        offsets.size != len(shard) + 1
+                        or (offsets.size and (offsets[0] != 0 or offsets[-1] != tokens.size))
+                        or bool((np.diff(offsets) < 0).any())
+                    ):
+                        found.append(
+                            f"token store file {shard.directory / files['offsets']['name']} does not "
+                            "delimit the shard's records"
+                        )
+                if isinstance(vocab, int) and tokens.size:
+                    low, high = _extremes(tokens)
+                    if low < 0 or high >= vocab:
+                        found.append(
+                            f"token store file {where} holds token ids outside the vocabulary "
+                            f"(0..{vocab - 1}): {low if low < 0 else high}"
+                        )
+                if "labels" in files and n_labels and len(shard):
+                    low, high = _extremes(shard.array("labels"))
+                    if low < -1 or high >= n_labels:
+                        found.append(
+                            f"token store file {shard.directory / files['labels']['name']} holds "
+                            f"label {low if low < -1 else high}, not one of the {n_labels} label names"
+                        )
+        return found
+
+
+def _extremes(values: np.ndarray, block: int = 1 << 24) -> tuple[int, int]:
+    """The least and greatest value of a memory-mapped array, read a block at a time."""
+    low, high = None, None
+    for start in range(0, values.size, block):
+        part = values.reshape(-1)[start : start + block]
+        low = int(part.min()) if low is None else min(low, int(part.min()))
+        high = int(part.max()) if high is None else max(high, int(part.max()))
+    return int(low or 0), int(high or 0)
 
 
 def _plain_name(name: Any) -> bool:

@@ -171,6 +171,31 @@ def test_checkpoint_round_trips_with_its_standardisation(profile_checkpoint, pan
     assert info["eval"]["mean_loss"] < 0.95
 
 
+def test_a_resealed_checkpoint_with_a_zero_gene_std_is_refused_not_embedded_as_nan(
+    profile_checkpoint, tmp_path
+):
+    """The profile is divided by gene_std: zeros written into it (digests resealed) gave all-NaN
+    embeddings with exit 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from biomask.errors import InputError
+    from biomask.models.pretrained import CONFIG_SHA256, config_digest
+    from biomask.provenance import sha256_file
+
+    model = shutil.copytree(profile_checkpoint, tmp_path / "zero-std")
+    state = load_file(model / "model.safetensors")
+    state["gene_std"][:5] = 0.0
+    save_file(state, model / "model.safetensors", metadata={"format": "biomask-pretrained"})
+    config = json.loads((model / "config.json").read_text())
+    config["weights_sha256"] = sha256_file(model / "model.safetensors")
+    config[CONFIG_SHA256] = config_digest(config)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="gene_std holds values below 0.001, which training never writes"):
+        load_pretrained(model)
+
+
 @pytest.mark.network
 def test_pretrained_profile_embedding_beats_the_random_network(
     profile_checkpoint, panel_store, tmp_path, cli

@@ -431,3 +431,34 @@ def test_a_dense_anndata_is_copied_sparse_and_an_earlier_dense_copy_is_still_reu
     assert (legacy / "cells.h5ad").read_bytes() == kept
     assert (legacy / "store" / "manifest.json").stat().st_mtime_ns == store
     assert np.isfinite(again.obsm["X_biomask"]).all()
+
+
+def test_a_gene_named_like_a_special_token_is_refused_by_prep_naming_the_file(tmp_path, cli):
+    """A gene named [CLS] or [PAD] gave a tokenizer mapping one name to two ids: prep and pretrain
+    passed, and only embed failed, blaming the checkpoint."""
+    adata = synthetic_cells(n_cells=40)
+    adata.var_names = ["[CLS]", "[PAD]", *adata.var_names[2:]]
+    path = tmp_path / "specials.h5ad"
+    adata.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [{"path": str(path)}], "output": str(tmp_path / "store")}))
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert code == 2 and f"{path}" in err and "[CLS], [PAD] are biomask's special tokens" in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_damaged_sparse_index_is_named_not_a_scipy_traceback(tmp_path, cli):
+    import h5py
+    import scipy.sparse as sp
+
+    adata = synthetic_cells(n_cells=40)
+    adata.X = sp.csr_matrix(adata.X)
+    path = tmp_path / "damaged.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["X/indptr"][-1] = 2**31 - 1
+    config = tmp_path / "prep.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [{"path": str(path)}], "output": str(tmp_path / "store")}))
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert code == 2 and f"{path}" in err and "its indptr" in err and "Traceback" not in err, err
+    assert not (tmp_path / "store").exists()

@@ -197,7 +197,8 @@ def test_the_run_names_the_masking_a_scheme_resolved_to_when_the_config_override
         {**cells_mlp, "scheme": "custom", "ratio": {**mine, **cells_mlp["ratio"]}}
     )
     assert masking_text(cfg) == "custom (Beta(2, 5) on [0.5, 0.9])"
-    assert (
-        masking_text(MaskingConfig.model_validate({**cells_mlp, "scheme": "r2mae"})) == "r2mae (U(0.5, 0.9))"
+    assert masking_text(MaskingConfig.model_validate({**cells_mlp, "scheme": "r2mae"})) == (
+        "r2mae (U(0.5, 0.9)); the config's ratio.low=0.5, ratio.high=0.9 replace the scheme's 0.15, 0.45"
     )
     assert masking_text(MaskingConfig.model_validate({**cells_mlp, "scheme": "fixed40"})) == "fixed40 (40%)"
+    assert masking_text(MaskingConfig.model_validate({"scheme": "r2mae"})) == "r2mae (U(0.15, 0.45))"

@@ -13,6 +13,7 @@ import torch
 from biomask.errors import InputError
 from biomask.masking import Masker, MaskingConfig
 from biomask.models import (
+    MODEL_KINDS,
     PRESETS,
     EncoderConfig,
     MaskedEncoder,
@@ -53,6 +54,11 @@ def cells_store(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def binned_store(tmp_path_factory):
     return prep_pbmc(tmp_path_factory.mktemp("cells") / "binned", "binned")
+
+
+# The kinds that read token sequences (every family but the cell profiles'): each offers the
+# sequence poolings, so a kind registered later is tested here without being named.
+SEQUENCE_KINDS = [kind for kind, cls in MODEL_KINDS.items() if cls.family != "profile"]
 
 
 def tiny(**kw) -> EncoderConfig:
@@ -97,7 +103,7 @@ def test_concat_pooling_keeps_every_position_in_order(splice_records):
         model.embed(ragged, pooling="concat")
 
 
-@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+@pytest.mark.parametrize("kind", SEQUENCE_KINDS)
 def test_mean_layers_pooling_is_every_blocks_mean_in_order(splice_records, kind):
     torch.manual_seed(0)
     model = build_model(tiny(kind=kind, n_layers=3)).eval()
@@ -113,7 +119,7 @@ def test_mean_layers_pooling_is_every_blocks_mean_in_order(splice_records, kind)
         model.embed(batch, pooling="mean_layers", layer=1)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+@pytest.mark.parametrize("kind", SEQUENCE_KINDS)
 def test_several_poolings_from_one_pass_equal_each_pooling_alone(splice_records, kind):
     # evaluate chooses a pooling on val by embedding every candidate together: the vectors must be
     # those each pooling gives alone, windows of long records included
@@ -121,7 +127,7 @@ def test_several_poolings_from_one_pass_equal_each_pooling_alone(splice_records,
 
     torch.manual_seed(0)
     model = build_model(tiny(kind=kind, n_layers=3)).eval()
-    poolings = ["mean", "max", "mean_layers"] + (["cls"] if kind == "transformer" else [])
+    poolings = ["mean", "max", "mean_layers"] + (["cls"] if "cls" in MODEL_KINDS[kind].poolings else [])
     records = [dict(r, tokens=r["tokens"][: 30 + 2 * i]) for i, r in enumerate(splice_records)]
     together = embed_records_pooled(
         model, records, poolings=poolings, batch_size=5, max_length=34, long_records="window"
@@ -136,7 +142,7 @@ def test_several_poolings_from_one_pass_equal_each_pooling_alone(splice_records,
     np.testing.assert_allclose(last["mean"], embed_records(model, records, pooling="mean"), atol=1e-6)
     inner = embed_records_pooled(model, records, poolings=["mean", "max"], layer=1)
     np.testing.assert_allclose(inner["max"], embed_records(model, records, pooling="max", layer=1), atol=1e-6)
-    if kind == "cnn":
+    if "cls" not in MODEL_KINDS[kind].poolings:
         with pytest.raises(InputError, match="no \\[CLS\\] summary"):
             embed_records_pooled(model, records, poolings=["mean", "cls"])
 

@@ -4,6 +4,8 @@ and the clean-up of what killed runs left beside an output, which spares a live 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from biomask.outputs import atomic_file, atomic_write_text
@@ -176,3 +178,73 @@ def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refu
     assert (
         input_changes([{k: v for k, v in was[0].items() if k != "config_sha256"}], now) == []
     )  # not recorded
+
+
+def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_points_at_untouched(
+    tmp_path, dna_pipeline
+):
+    """Locks and logs are files biomask writes in place (truncated, appended to): a symbolic or hard
+    link planted at their name once made it truncate the user's file the link pointed at, or create
+    one outside the run folder."""
+    from biomask.errors import InputError
+    from biomask.outputs import append_own, hold_output, lock_file
+    from biomask.pipelines.plan import load_plan
+    from biomask.pipelines.runs import LOCK_NAME, run_lock
+    from biomask.training.metrics import MetricsLogger
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's data\n")
+    out = tmp_path / "out"
+    lock = lock_file(out)
+    lock.symlink_to(victim)
+    with pytest.raises(InputError, match=f"{lock} is a symbolic link \\(to {victim}\\).*remove the link"):
+        hold_output(out, "embed")
+    lock.unlink()
+    lock.symlink_to(tmp_path / "created-outside")  # dangling: following it would create the file
+    with pytest.raises(InputError, match="symbolic link"):
+        hold_output(out, "embed")
+    lock.unlink()
+    os.link(victim, lock)
+    with pytest.raises(InputError, match="a hard link to another file"):
+        hold_output(out, "embed")
+    lock.unlink()
+    with hold_output(out, "embed") as held:  # the lock biomask creates itself is taken as before
+        assert held is not None and lock.is_file()
+
+    plan = load_plan(dna_pipeline)
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(InputError, match="symbolic link"), run_lock(plan):
+        pass
+    log = plan.run_dir / "stage.log"
+    log.symlink_to(victim)
+    with pytest.raises(InputError, match="symbolic link"):
+        append_own(log)
+
+    run = tmp_path / "pretrain-run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(tmp_path / "metrics-outside.jsonl")
+    with pytest.raises(InputError, match="symbolic link"):
+        MetricsLogger(run, total_steps=4, start_step=2, enabled=True, progress=False, report_to=())
+    (run / "metrics.jsonl").unlink()
+    (run / "tensorboard").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(InputError, match="tensorboard is a symbolic link"):
+        MetricsLogger(run, total_steps=4, start_step=2, enabled=True, progress=False)
+    assert victim.read_text() == "the user's data\n"
+    assert not (tmp_path / "created-outside").exists() and not (tmp_path / "metrics-outside.jsonl").exists()
+    assert not list(tmp_path.glob("events.out.tfevents*"))
+
+
+def test_a_resumed_run_drops_metrics_lines_it_did_not_write(tmp_path):
+    from biomask.training.metrics import MetricsLogger
+
+    lines = [
+        '{"step": 1, "kind": "train", "loss": 1.0}',
+        "5",
+        '{"step": "x"}',
+        '{"step": 3, "kind": "train"}',
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    logger = MetricsLogger(tmp_path, total_steps=4, start_step=2, enabled=True, progress=False, report_to=())
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"

@@ -656,6 +656,36 @@ def test_a_checkpoint_config_naming_files_outside_or_a_huge_model_is_refused_bef
     assert code == 2 and "a JSON object is expected" in err, err
 
 
+def test_a_weights_file_leaving_out_the_tensors_of_a_huge_config_is_refused_before_allocation(
+    finished, tmp_path, monkeypatch
+):
+    """The shape check compared only the tensors the file holds: a file with none, its config
+    resealed to a width of 16,384, had the loader allocate the model (22 GB) before refusing it."""
+    from safetensors.torch import save_file
+
+    from biomask.models import pretrained
+    from biomask.models.pretrained import CONFIG_SHA256, config_digest
+
+    model = shutil.copytree(finished / "model", tmp_path / "empty")
+    save_file({}, model / "model.safetensors", metadata={"format": "biomask-pretrained"})
+    config = json.loads((model / "config.json").read_text())
+    config["architecture"].update(d_model=16384, d_ff=65536, n_heads=16)
+    config["weights_sha256"] = sha256_file(model / "model.safetensors")
+    config[CONFIG_SHA256] = config_digest(config)
+    (model / "config.json").write_text(json.dumps(config))
+    built_on = []
+    build = pretrained.build_model
+
+    def spy(architecture):
+        built_on.append(torch.empty(0).device.type)  # meta inside the shape check
+        return build(architecture)
+
+    monkeypatch.setattr(pretrained, "build_model", spy)
+    with pytest.raises(InputError, match="does not fit its config.json \\(missing \\['embedder"):
+        pretrained.load_pretrained(model)
+    assert built_on == ["meta"]
+
+
 def test_a_store_manifest_naming_a_folder_outside_the_store_is_refused(splice_store, tmp_path, cli):
     """A manifest is data: a tokenizer dir or shard name that is a path elsewhere would make a reader
     (and pretrain, which copies the tokenizer into its checkpoint) read outside the store."""
@@ -671,6 +701,37 @@ def test_a_store_manifest_naming_a_folder_outside_the_store_is_refused(splice_st
         (store / "manifest.json").write_text(json.dumps(manifest))
         code, _, err = cli("store", "verify", store)
         assert code == 2 and "not a plain name inside the store" in err, (key, err)
+
+
+def test_a_resealed_store_whose_records_do_not_fit_is_refused_naming_the_shard(splice_store, tmp_path, cli):
+    """Digests recomputed after an edit vouch for nothing: token ids beyond the vocabulary and labels
+    beyond the label names were IndexErrors inside a model, offsets out of order records silently
+    cut short; `store verify` (and evaluate and embed, which run it) said every file matched."""
+    import numpy as np
+
+    def edited(name, field, change):
+        store = shutil.copytree(splice_store, tmp_path / name)
+        manifest = json.loads((store / "manifest.json").read_text())
+        entry = manifest["splits"]["train"]["shards"][0]["files"][field]
+        path = store / "train" / entry["name"]
+        values = np.load(path)
+        change(values)
+        np.save(path, values)
+        entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        (store / "manifest.json").write_text(json.dumps(manifest))
+        code, _, err = cli("store", "verify", store)
+        return code, err, path
+
+    vocab = json.loads((splice_store / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    code, err, path = edited("tokens", "tokens", lambda v: v.__setitem__(3, vocab))
+    assert code == 2 and f"{path} holds token ids outside the vocabulary (0..{vocab - 1}): {vocab}" in err, (
+        err
+    )
+    code, err, path = edited("offsets", "offsets", lambda v: v.__setitem__(2, v[1] - 1))
+    assert code == 2 and f"{path} does not delimit the shard's records" in err, err
+    code, err, path = edited("labels", "labels", lambda v: v.__setitem__(0, 99))
+    assert code == 2 and f"{path} holds label 99, not one of the 3 label names" in err, err
+    assert cli("store", "verify", splice_store)[0] == 0
 
 
 def test_an_export_never_hands_transformers_a_foreign_auto_map(finished, tmp_path, cli):

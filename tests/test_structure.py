@@ -213,15 +213,53 @@ def test_a_model_kind_without_the_interface_is_refused_where_it_is_registered():
         def num_parameters(self):
             return 0
 
-    with pytest.raises(TypeError, match="'gru' \\(NoEmbed\\) does not define embed"):
+    with pytest.raises(TypeError, match="'gru' \\(NoEmbed\\) does not define embed, poolings"):
         checked({"gru": NoEmbed})
 
     class NoForward(NoEmbed):
         forward = nn.Module.forward
         embed = NoEmbed.features
+        poolings = ("mean",)
 
     with pytest.raises(TypeError, match="does not define forward"):
         checked({"x": NoForward})
+
+    class NoFamily(NoForward):
+        forward = NoEmbed.forward
+
+    # without a family the trainer would not know how to resolve its config (it once fell through
+    # to the transformer's, and a GRU trained with MAE corruption and position flags it never read)
+    with pytest.raises(TypeError, match="'x' \\(NoFamily\\) has family None; give the class one of tokens, "):
+        checked({"x": NoFamily})
+    NoFamily.family = "sequence"
+    assert checked({"x": NoFamily}) == {"x": NoFamily}
+
+
+def test_a_new_kind_of_a_family_resolves_through_that_familys_checks(monkeypatch, genome_store):
+    """The pretrain config of a kind registered beside the cnn gets the cnn's checks and records its
+    own name: nothing in the trainer names the kinds of a family."""
+    from biomask.config import load_config
+    from biomask.errors import InputError
+    from biomask.models import kinds
+    from biomask.store import TokenStore
+    from biomask.training.architecture import build_architecture
+    from biomask.training.config import PretrainConfig
+    from biomask.training.data import DataSpec
+
+    monkeypatch.setitem(kinds.MODEL_KINDS, "cnn2", kinds.MODEL_KINDS["cnn"])
+    config = Path(biomask.__file__).parent.parent / "configs/pretrain/dna-cnn-quick.yaml"
+    base = [f"data.store={genome_store}", "output=unused"]
+    cfg = load_config(PretrainConfig, config, base)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": "cnn2"})})
+    spec = DataSpec.from_store(TokenStore(genome_store))
+    arch = build_architecture(cfg, spec)
+    assert arch.kind == "cnn2" and not arch.positions and arch.decoder_layers == 0
+    mae = load_config(PretrainConfig, config, [*base, "masking.scheme=mae75"])
+    mae = mae.model_copy(update={"model": mae.model.model_copy(update={"kind": "cnn2"})})
+    with pytest.raises(
+        InputError, match="not possible with model.kind=cnn2: it reads every position in place"
+    ):
+        build_architecture(mae, spec)
 
 
 def test_a_kind_with_presets_of_its_own_is_sized_and_checked_from_the_registry(monkeypatch):

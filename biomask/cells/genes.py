@@ -249,6 +249,12 @@ class GeneSpace:
         """Register a source's genes; return where each of its columns goes in this space (-1: left out)
         and counts of what was left out. Build the `ColumnMap` once every input is registered."""
         unnamed = names == ""
+        special = sorted({str(n) for n in names} & set(SPECIAL_TOKENS))
+        if special:  # the tokenizer would map that name to two ids, and a checkpoint not load back
+            raise InputError(
+                f"{source.where}: gene name(s) {', '.join(special)} are biomask's special tokens; rename "
+                "those genes in the file, or choose another identifier column with genes.column (e.g. gene_ids)"
+            )
         seen = pd.Series(names).duplicated(keep="first").to_numpy() & ~unnamed
         if seen.any() and duplicates == "error":
             dups = pd.unique(names[seen])

@@ -243,6 +243,12 @@ class _H5ADSource(MatrixSource):
         if self.sparse is not None:
             indptr = self._indptr[start : stop + 1].astype(np.int64)
             lo, hi = int(indptr[0]), int(indptr[-1])
+            if lo < 0 or hi > self._stored or bool((np.diff(indptr) < 0).any()):
+                raise InputError(
+                    f"{self.where}: its indptr (where each cell's values start) does not fit the "
+                    f"{self._stored:,} stored values for cells {start:,}-{stop - 1:,}; the file is damaged: "
+                    "write it again (adata.write_h5ad) from the source"
+                )
             return sp.csr_matrix(
                 (self._data[lo:hi], self._indices[lo:hi], indptr - lo), shape=(stop - start, self.n_vars)
             )

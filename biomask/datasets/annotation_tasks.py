@@ -6,8 +6,7 @@ labelled DNA sets beside the splice junctions (`datasets.md`: no other labelled 
     biomask datasets task coding --genome bjaponicum --max-per-class 3000 --output ...     # 3 classes
 
 A task is a function from an annotated genome to labelled rows, registered in `TASKS`; adding one is a
-function here, its entry there, and its name in `TaskSpec.name` (dna/config.py) and in the choices of
-`biomask datasets task` (cli.py): tests/test_annotation_tasks.py checks the three agree.
+function here and its entry there (prep's `TaskSpec.name` and `biomask datasets task` read `TASKS`).
 
 `gene-starts`: windows of `length` bases read in a gene's direction (minus-strand genes reverse-
 complemented). Label `start`: the window holds an annotated CDS start codon. Label `other`: a window at a

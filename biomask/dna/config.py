@@ -7,7 +7,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from biomask.config import Config, SplitFractions
+from biomask.datasets.annotation_tasks import TASKS
 from biomask.store import DEFAULT_SHARD_TOKENS
+
+# The registry's names (`biomask.datasets.annotation_tasks.TASKS`), so a config names a task it holds.
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 
 
 class TaskSpec(Config):
@@ -16,7 +20,7 @@ class TaskSpec(Config):
     prepare a real labelled set from a registered genome in one stage."""
 
     # gene-starts: windows holding a CDS start vs others; coding: coding / antisense / noncoding windows
-    name: Literal["gene-starts", "coding"]
+    name: TaskName
     length: int = Field(200, ge=20)  # window length in bases
     # gene-starts only — random: a motif task; centre: a position task
     placement: Literal["random", "centre"] = "random"

@@ -66,13 +66,13 @@ CNN_RECEPTIVE_FIELDS = 4
 def inference_max_length(model: MaskedEncoder, default: int | None = None) -> int:
     """The longest input (specials included) the model reads in one piece: what it was trained on;
     `default` for models without a checkpoint (a randomly initialised copy), else the architecture's
-    bound. The cnn kind, which has no position embeddings, reads longer: `CNN_RECEPTIVE_FIELDS`."""
+    bound. A kind that says how far one output reads (`receptive_field`: the cnn, which has no
+    position embeddings) reads longer: `CNN_RECEPTIVE_FIELDS` of them."""
     info = getattr(model, "checkpoint_info", None) or {}
     trained = (info.get("training") or {}).get("max_length")
     length = int(trained or default or model.config.max_len)
-    if model.config.kind == "cnn":
-        from biomask.models.cnn import receptive_field
-
+    receptive_field = getattr(model, "receptive_field", None)
+    if receptive_field is not None:
         specials = n_specials(model.config.modality)
         length = max(length, CNN_RECEPTIVE_FIELDS * receptive_field(model.config) + specials)
     return length

@@ -102,7 +102,10 @@ class ConvEncoder(nn.Module):
 
 
 class DilatedCNN(StatePooling, nn.Module):
+    family = "sequence"  # biomask.models.kinds.FAMILIES: no positions, reads long records whole
     poolings = POOLINGS  # what `features` offers (evaluate's pooling: auto picks among these)
+    # how far one output reads: inference reads a position-free kind's records in pieces this long
+    receptive_field = staticmethod(receptive_field)
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()

@@ -1,7 +1,11 @@
 """The model kinds: `EncoderConfig.kind` -> the class that builds it. Adding a kind is one class in
 one module (the interface: `forward(masked_batch)` -> {"loss", "n_masked", "n_correct"},
 `features(batch, pooling, layer)` / `embed(...)` -> (B, d_model), `num_parameters()`, a `config`
-attribute) plus its line here."""
+attribute, and a `family`, below) plus its line here and in `biomask.models.config.ModelKind`.
+
+A kind's family says what it reads and how it trains, so the rest of biomask asks the family, never
+the kind's name: `biomask.training.architecture` resolves a pretrain config for it, inference
+decides how long a record it reads in one piece, evaluate whether a record is ever cropped."""
 
 from __future__ import annotations
 
@@ -13,8 +17,19 @@ from biomask.models.model import MaskedEncoder
 from biomask.models.panel_transformer import PanelTransformer
 from biomask.models.profile import ProfileAutoencoder
 
-# What the trainer, export, evaluate and embed call on every kind (besides its `config` attribute).
-INTERFACE = ("forward", "features", "embed", "num_parameters")
+# What the trainer, export, evaluate and embed read on every kind (besides its `config` attribute;
+# `poolings`: the poolings `features` offers).
+INTERFACE = ("forward", "features", "embed", "num_parameters", "poolings")
+
+# A kind's `family` class attribute:
+# - tokens: token sequences with learned positions (DNA, rank or binned cells), up to `max_len`;
+#   MLM or MAE corruption (the transformer).
+# - sequence: DNA read position by position in place, no position embeddings: MLM only (MAE's
+#   dropped tokens would break the spacing it reads), records longer than training read whole or in
+#   long pieces (`receptive_field(config)`, when the class has it) (the dilated CNN).
+# - profile: a cell's whole panel profile, never cropped; reconstructs values or counts (mlp,
+#   panel_transformer).
+FAMILIES = ("tokens", "sequence", "profile")
 
 
 def checked(kinds: dict[str, type[nn.Module]]) -> dict[str, type[nn.Module]]:
@@ -26,6 +41,11 @@ def checked(kinds: dict[str, type[nn.Module]]) -> dict[str, type[nn.Module]]:
             raise TypeError(
                 f"model kind {name!r} ({cls.__name__}) does not define {', '.join(missing)} "
                 "(the interface: biomask/models/kinds.py)"
+            )
+        if getattr(cls, "family", None) not in FAMILIES:
+            raise TypeError(
+                f"model kind {name!r} ({cls.__name__}) has family {getattr(cls, 'family', None)!r}; "
+                f"give the class one of {', '.join(FAMILIES)} (biomask/models/kinds.py)"
             )
     return kinds
 
@@ -39,8 +59,14 @@ MODEL_KINDS: dict[str, type[nn.Module]] = checked(
     }
 )
 
+
+def family(kind: str) -> str:
+    """The family of a registered kind (`FAMILIES`)."""
+    return MODEL_KINDS[kind].family  # type: ignore[attr-defined, return-value]
+
+
 # Kinds that read a cell's whole panel profile (never cropped) and reconstruct values or counts.
-PROFILE_KINDS = ("mlp", "panel_transformer")
+PROFILE_KINDS = tuple(name for name in MODEL_KINDS if family(name) == "profile")
 
 
 def rebuilt_on_continuing(kind: str) -> str:

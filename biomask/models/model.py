@@ -168,6 +168,9 @@ class Head(nn.Module):
 
 
 class MaskedEncoder(StatePooling, nn.Module):
+    family = "tokens"  # biomask.models.kinds.FAMILIES
+    poolings = POOLINGS  # what `features` offers (evaluate's pooling: auto picks among these)
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -142,10 +142,17 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
 
 
 def _check_values(weights: Path, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Each tensor of the model's own dtype and finite: load_state_dict casts silently, so a header
-    relabelling F32 as I32 (digest resealed) gave all-NaN embeddings with exit 0."""
+    """Each tensor of the model's own dtype, finite, and at or above the floor the model names for it:
+    load_state_dict casts silently, so a header relabelling F32 as I32 (digest resealed) gave all-NaN
+    embeddings with exit 0, as a gene_std of 0 did."""
     own = model.state_dict()
+    floors = getattr(model, "floors", {})  # e.g. a profile model's gene_std, which it divides by
     for name, tensor in state.items():
+        if name in floors and bool((tensor < floors[name]).any()):
+            raise InputError(
+                f"{weights}: {name} holds values below {floors[name]:g}, which training never writes (the "
+                "model would divide by them); export the checkpoint again"
+            )
         if name in own and tensor.dtype != own[name].dtype:
             raise InputError(
                 f"{weights}: {name} is stored as {tensor.dtype}, not the model's {own[name].dtype}; "
@@ -175,8 +182,9 @@ def _check_modality(path: Path, config: dict[str, Any], architecture: EncoderCon
 
 def _check_shapes(weights: Path, architecture: EncoderConfig) -> None:
     """The architecture, built without memory (torch's meta device), has the tensors the weights
-    file holds, shape for shape: an edited config.json (a width of 65,536) is refused before the
-    model it describes is allocated."""
+    file holds, name for name and shape for shape: an edited config.json (a width of 65,536) is
+    refused before the model it describes is allocated — also when the file leaves out the tensors
+    such a width would have (a check of the names the file holds alone let that through)."""
     from safetensors import safe_open
 
     if not weights.is_file():
@@ -188,8 +196,15 @@ def _check_shapes(weights: Path, architecture: EncoderConfig) -> None:
             shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise InputError(f"{weights} is unreadable ({exc}); export the checkpoint again") from None
-    for name, tensor in skeleton.state_dict().items():
-        if name in shapes and list(tensor.shape) != shapes[name]:
+    expected = skeleton.state_dict()
+    missing = [name for name in expected if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
+    if missing or unexpected:
+        raise InputError(
+            f"{weights} does not fit its config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for name, tensor in expected.items():
+        if list(tensor.shape) != shapes[name]:
             raise InputError(
                 f"{weights} does not fit the architecture in its config.json ({name}: {shapes[name]} in the "
                 f"file, {list(tensor.shape)} in the architecture)"

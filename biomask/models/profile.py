@@ -63,12 +63,20 @@ def _stack(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# A gene's standard deviation is never taken below this (a gene constant in training), so no
+# standardised value divides by zero.
+STD_FLOOR = 1e-3
+
+
 class ProfileModel(nn.Module):
     """What the cell models over a gene panel share (kinds mlp and panel_transformer): the per-gene
     standardisation, the dense view of a batch, which genes are unmeasured, and the reconstruction
     loss (MSE, or a count likelihood with its reference predictor). A subclass builds its networks
     and names the output bias a count loss starts at the reference rates (`output_bias`)."""
 
+    family = "profile"  # biomask.models.kinds.FAMILIES
+    # the least a loaded buffer may hold (load_pretrained refuses less): a profile is divided by gene_std
+    floors = {"gene_std": STD_FLOOR}
     poolings = ("mean", "cls")  # one vector per cell: both name it (evaluate's pooling lists skip others)
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -96,7 +104,7 @@ class ProfileModel(nn.Module):
     def set_gene_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Per-gene standardisation (of the training split; see `gene_statistics`)."""
         self.gene_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.gene_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-3))
+        self.gene_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=STD_FLOOR))
 
     @torch.no_grad()
     def init_from_data(self, records) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError
-from biomask.outputs import atomic_write_text
+from biomask.outputs import append_own, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import (
     check_input_files,
@@ -306,7 +306,7 @@ def _run_task(
         # Changed config or inputs since the output was written: it is this pipeline's, replace it.
         message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
         _say(message, echo, stages)
-        with open(log, "a") as sink:  # the refusal above in the log is this, not a failure
+        with append_own(log) as sink:  # the refusal above in the log is this, not a failure
             sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
         code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
         status = "ran (changed)"
@@ -372,7 +372,7 @@ def _spawn(
             RUN_DIR_ENV: str(plan.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
-        with open(log, "a") as sink:
+        with append_own(log) as sink:
             proc = stages.start(
                 argv, cwd=plan.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )

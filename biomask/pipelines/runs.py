@@ -16,7 +16,7 @@ import yaml
 
 from biomask.config import load_config
 from biomask.errors import ConfigError, InputError
-from biomask.outputs import atomic_write_text
+from biomask.outputs import atomic_write_text, open_own
 from biomask.pipelines.plan import Plan, load_plan
 from biomask.provenance import read_run_info
 
@@ -104,7 +104,7 @@ def run_lock(plan: Plan) -> Iterator[None]:
     check_run_dir(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     path = plan.run_dir / LOCK_NAME
-    with open(path, "a+") as handle:
+    with os.fdopen(open_own(path, os.O_RDWR | os.O_CREAT), "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

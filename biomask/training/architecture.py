@@ -15,7 +15,7 @@ import torch
 from biomask.errors import InputError
 from biomask.masking.config import SCHEMES
 from biomask.models import EncoderConfig, load_pretrained
-from biomask.models.kinds import PROFILE_KINDS, rebuilt_on_continuing
+from biomask.models.kinds import family, rebuilt_on_continuing
 from biomask.store import TokenStore
 from biomask.training.config import PretrainConfig
 from biomask.training.data import DataSpec
@@ -35,11 +35,15 @@ def resolve_target(cfg: PretrainConfig, spec: DataSpec) -> str:
 
 
 def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
-    """The model a pretrain config and a token store imply."""
-    if cfg.model.kind in PROFILE_KINDS:
-        return profile_architecture(cfg, spec, store)
-    if cfg.model.kind == "cnn":
-        return cnn_architecture(cfg, spec, store)
+    """The model a pretrain config and a token store imply: each family's own checks
+    (`biomask.models.kinds.FAMILIES`), so a new kind of a family needs nothing here."""
+    return {"profile": profile_architecture, "sequence": sequence_architecture, "tokens": token_architecture}[
+        family(cfg.model.kind)
+    ](cfg, spec, store)
+
+
+def token_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None = None) -> EncoderConfig:
+    """The tokens family (the transformer): DNA or cells tokens, MLM or MAE, learned positions."""
     scheme = spec.cell_scheme
     value_embedding = cfg.model.value_embedding
     if value_embedding == "auto":
@@ -56,7 +60,7 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | 
     if positions and max_length > cfg.model.max_len:
         raise InputError(f"data.max_length ({max_length}) exceeds model.max_len ({cfg.model.max_len})")
     return EncoderConfig(
-        kind=cfg.model.kind,  # the transformer, or a kind of its family registered beside it
+        kind=cfg.model.kind,
         vocab_size=spec.vocab_size,
         modality=spec.modality,  # type: ignore[arg-type]
         **cfg.model.sizes(),
@@ -72,12 +76,13 @@ def build_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | 
     )
 
 
-def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
-    """`model.kind: cnn`: the dilated CNN reads DNA tokens and learns by MLM (masked positions shown as
-    [MASK]); dropping masked tokens (MAE) would break the spacing its convolutions read."""
+def sequence_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | None) -> EncoderConfig:
+    """The sequence family (`model.kind: cnn`): DNA tokens read in place, learned by MLM (masked
+    positions shown as [MASK]); dropping masked tokens (MAE) would break the spacing it reads."""
     where = store.root if store is not None else cfg.data.store
+    kind = cfg.model.kind
     if spec.modality != "dna":
-        raise InputError(f"model.kind=cnn is a DNA encoder; {where} is a {spec.modality} store")
+        raise InputError(f"model.kind={kind} is a DNA encoder; {where} is a {spec.modality} store")
     if cfg.masking.corruption.kind != "mlm":
         set_by_scheme = SCHEMES.get(cfg.masking.scheme, {}).get("corruption", {}).get("kind") == "mae"
         scheme = (
@@ -87,15 +92,15 @@ def cnn_architecture(cfg: PretrainConfig, spec: DataSpec, store: TokenStore | No
             else ""
         )
         raise InputError(
-            f"masking.corruption.kind={cfg.masking.corruption.kind}{scheme} is not possible with model.kind=cnn: "
-            "a convolution needs every position in place; use masking.corruption.kind=mlm"
+            f"masking.corruption.kind={cfg.masking.corruption.kind}{scheme} is not possible with model.kind={kind}: "
+            "it reads every position in place; use masking.corruption.kind=mlm"
         )
     if cfg.model.value_embedding not in ("auto", "none"):
         raise InputError(f"model.value_embedding={cfg.model.value_embedding} needs a cells store")
     return EncoderConfig(
         vocab_size=spec.vocab_size,
         modality="dna",
-        kind="cnn",
+        kind=kind,
         **cfg.model.sizes(),
         dropout=cfg.model.dropout,
         max_len=cfg.model.max_len,

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from biomask.errors import ConfigError
-from biomask.outputs import atomic_write_text
+from biomask.errors import ConfigError, InputError
+from biomask.outputs import append_own, atomic_write_text
 from biomask.progress import shows_bar
 from biomask.training.finite import DivergedError
 
@@ -155,9 +155,15 @@ class MetricsLogger:
         if not enabled:
             return
         self._truncate(start_step, total_steps)
-        self.file = self.path.open("a", buffering=1)
+        self.file = append_own(self.path)  # a link left at its name is refused, not written through
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
+
+            if (directory / "tensorboard").is_symlink():
+                raise InputError(
+                    f"{directory / 'tensorboard'} is a symbolic link; biomask writes the run's TensorBoard "
+                    "events there itself, never through a link: remove it and run again"
+                )
 
             self.tb = SummaryWriter(
                 str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None
@@ -181,14 +187,19 @@ class MetricsLogger:
             self.lines = True  # a log: a bar would print every refresh as a line
 
     def _truncate(self, step: int, total_steps: int) -> None:
-        if not self.path.exists():
-            return
+        if not self.path.is_file() or self.path.is_symlink():
+            return  # a link is refused as the file is opened
         kept = []
         for line in self.path.read_text().splitlines():
             try:
                 record = json.loads(line)
-                final_eval = record.get("kind") == "eval" and record.get("step", 0) >= total_steps
-                if record.get("step", 0) <= step and not final_eval:  # the final eval is redone
+                if not isinstance(record, dict):
+                    continue  # not a line biomask wrote
+                at = record.get("step", 0)
+                if not isinstance(at, int):
+                    continue
+                final_eval = record.get("kind") == "eval" and at >= total_steps
+                if at <= step and not final_eval:  # the final eval is redone
                     kept.append(line)
             except ValueError:
                 continue  # a line cut short by a kill
