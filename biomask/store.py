@@ -564,10 +564,17 @@ class TokenStore:
                     yield self.root / split / info["name"], info
 
     def _damage(self, digests: bool) -> list[str]:
-        """Every shard file that is missing, of another size than recorded, or (`digests`) of another
-        sha256: all of them, so one repair fixes the store."""
+        """Every shard file that is missing, of another size than recorded, or (`digests`: verify) a
+        link or of another sha256: all of them, so one repair fixes the store."""
         found = []
         for path, info in self._files():
+            if digests and (path.is_symlink() or path.parent.is_symlink()):
+                linked = path if path.is_symlink() else path.parent
+                found.append(
+                    f"token store {'file' if linked is path else 'folder'} {linked} is a symbolic link "
+                    f"(to {os.readlink(linked)}), not the store's own"
+                )
+                continue
             try:
                 size = path.stat().st_size
             except FileNotFoundError:

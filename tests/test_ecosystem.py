@@ -220,6 +220,18 @@ def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically
         ValueError, match=r"layer 7 does not exist: the model has 2 blocks, so layer is -3\.\.2"
     ):
         model.embed(**batch, layer=7)
+    # an export whose weights were edited is refused by the loader, not loaded silently
+    from safetensors.torch import load_file, save_file
+
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    weights = load_file(edited / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1.0
+    save_file(weights, edited / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.safetensors is not the file biomask exported"):
+        AutoModel.from_pretrained(edited, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "saved")  # saved again by transformers: no digest, loads as before
+    assert AutoModel.from_pretrained(tmp_path / "saved", trust_remote_code=True).config.hidden_size == 32
 
 
 HF_CELLS = """

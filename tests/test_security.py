@@ -732,6 +732,12 @@ def test_a_resealed_store_whose_records_do_not_fit_is_refused_naming_the_shard(s
     code, err, path = edited("labels", "labels", lambda v: v.__setitem__(0, 99))
     assert code == 2 and f"{path} holds label 99, not one of the 3 label names" in err, err
     assert cli("store", "verify", splice_store)[0] == 0
+    # a split folder linked to one outside: the digests match, the files are not the store's
+    linked = shutil.copytree(splice_store, tmp_path / "linked")
+    shutil.move(linked / "train", tmp_path / "outside")
+    (linked / "train").symlink_to(tmp_path / "outside", target_is_directory=True)
+    code, _, err = cli("store", "verify", linked)
+    assert code == 2 and f"token store folder {linked / 'train'} is a symbolic link" in err, err
 
 
 def test_an_export_never_hands_transformers_a_foreign_auto_map(finished, tmp_path, cli):

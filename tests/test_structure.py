@@ -277,3 +277,18 @@ def test_a_kind_with_presets_of_its_own_is_sized_and_checked_from_the_registry(m
         ModelConfig(kind="panel_transformer", preset="small")
     with pytest.raises(ValueError, match="model.kind cnn has presets tiny, small \\(or custom\\), not base"):
         ModelConfig(kind="cnn", preset="base")
+
+
+def test_the_readmes_masking_tables_list_every_registered_scheme_and_ratio_kind(repo):
+    """The README's schemes table and ratio-kind list are written by hand: a scheme or kind added to
+    the registry without them is one a user cannot find."""
+    import typing
+
+    from biomask.masking.config import SCHEMES, RatioConfig
+
+    readme = (repo / "README.md").read_text()
+    table = readme[readme.index("| `masking.scheme` | ratio |") :]
+    table = table[: table.index("\n\n")]
+    assert [name for name in SCHEMES if f"\n| `{name}`" not in table] == []
+    kinds = readme[readme.index("- `masking.ratio.kind`:") :].split("\n- ")[0]
+    assert [k for k in typing.get_args(RatioConfig.model_fields["kind"].annotation) if f"`{k}`" not in kinds] == []

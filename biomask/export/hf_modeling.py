@@ -299,6 +299,15 @@ class BiomaskPreTrainedModel(PreTrainedModel):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers loads, and a folder biomask exported is checked against the weights' sha256
+        its config.json records: an edited model.safetensors loaded silently before. A folder saved
+        again by transformers (`save_pretrained`) records no digest and loads as transformers loads."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _check_exported_weights(pretrained_model_name_or_path, getattr(model.config, "biomask", None))
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers saves, with the provenance saying the folder is no longer biomask's export
         as written (its weights may be fine-tuned): `biomask export-hf` then leaves it alone."""
@@ -501,6 +510,25 @@ class BiomaskModel(BiomaskPreTrainedModel):
                 f"-{len(states)}..{len(states) - 1} (-1: the last block, 0: the embeddings)"
             )
         return self._pool(states[layer], input_ids, mask, pooling)
+
+
+def _check_exported_weights(folder, info) -> None:
+    import hashlib
+    import os
+
+    weights = os.path.join(str(folder), "model.safetensors")
+    recorded = info.get("weights_sha256") if isinstance(info, dict) else None
+    if not recorded or info.get("format") != "biomask-hf-export" or not os.path.isfile(weights):
+        return  # a hub id, or a folder transformers saved again
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        raise ValueError(
+            f"{weights} is not the file biomask exported: its sha256 {digest.hexdigest()[:12]}… differs from "
+            f"the weights_sha256 {recorded[:12]}… in config.json; export the checkpoint again"
+        )
 
 
 def _mark_saved(config: BiomaskConfig) -> None:
