@@ -291,4 +291,6 @@ def test_the_readmes_masking_tables_list_every_registered_scheme_and_ratio_kind(
     table = table[: table.index("\n\n")]
     assert [name for name in SCHEMES if f"\n| `{name}`" not in table] == []
     kinds = readme[readme.index("- `masking.ratio.kind`:") :].split("\n- ")[0]
-    assert [k for k in typing.get_args(RatioConfig.model_fields["kind"].annotation) if f"`{k}`" not in kinds] == []
+    assert [
+        k for k in typing.get_args(RatioConfig.model_fields["kind"].annotation) if f"`{k}`" not in kinds
+    ] == []
