@@ -265,19 +265,42 @@ ADDED_KEYS: dict[str, Any] = {
     "standardise": "checkpoint",  # evaluate, embed, 2026-12-06
 }
 
+
 # Keys added before ADDED_KEYS was (2026-12-05), oldest first, each with its earlier-behaviour value
 # (or a function of the value and the flattened config that says whether it does what biomask did
 # before). Fingerprints kept them, so outputs written since a key existed hold it: those are left as
 # they are. An output written before holds neither it nor the keys after it; `config_fingerprints`
 # gives the fingerprint it holds. `a[].b`: key b of every item of the list a.
+def _earlier_unless_finetuning(earlier: Any) -> Any:
+    """An evaluate `finetune.*` key: it does what biomask did before it existed at `earlier`, and at
+    any value in an evaluation that does not fine-tune (no protocol reads it)."""
+
+    def check(value: Any, flat: dict[str, Any]) -> bool:
+        return value == earlier or "finetune" not in (flat.get("protocols") or [])
+
+    return check
+
+
 RETROFITTED_KEYS: list[tuple[str, Any]] = [
     ("model.embed_norm", _earlier_embed_norm),  # 2026-12-03
     ("model.objective", "mae"),  # 2026-12-03
+    # evaluate's keys of 2026-12-03/04, listed 2026-12-06 (an upgrade refused evaluations written
+    # before them). Only keys of one schema date each other's fingerprints, so keys of a schema with
+    # none here yet could join at their dates; never reorder or insert among a schema's keys listed
+    ("select_on_val", False),  # 2026-12-03, evaluate
+    ("finetune.dropout", _earlier_unless_finetuning(0.0)),  # 2026-12-03, evaluate
     ("inputs[].task", None),  # 2026-12-04, prep dna
+    ("finetune.mix", _earlier_unless_finetuning([1.0])),  # 2026-12-04, evaluate
+    ("finetune.select", _earlier_unless_finetuning("mcc")),  # 2026-12-04, evaluate
+    ("finetune.min_gain_se", _earlier_unless_finetuning(0.0)),  # 2026-12-04, evaluate
     # on a CPU the foreach kernel, as before; on a GPU the fused one, which moves float rounding only
     # (as other code does, which reuse accepts with a warning)
     ("optim.fused", "auto"),  # 2026-12-04
     ("train.compile", False),  # 2026-12-04
+    ("device", lambda value, flat: value in ("auto", "cpu")),  # 2026-12-04, evaluate (as optim.fused)
+    ("finetune.screen_epochs", _earlier_unless_finetuning(None)),  # 2026-12-04, evaluate
+    ("finetune.fresh_head_lr", _earlier_unless_finetuning(None)),  # 2026-12-04, evaluate
+    ("finetune.min_budget_steps", _earlier_unless_finetuning(None)),  # 2026-12-05, evaluate
 ]
 
 

@@ -120,16 +120,28 @@ def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda n
     if isinstance(info.get(FILE_TREE_KEY), list):
         recorded |= set(info[FILE_TREE_KEY])
         return [f for f in file_tree(root) if f not in recorded and not ours(f)]
-    if isinstance(info.get(FILES_KEY), list):  # an older output: its top-level names only
-        recorded |= set(info[FILES_KEY])
-        return sorted(p.name for p in root.iterdir() if p.name not in recorded and not ours(p.name))
-    # written before biomask listed its files (2026-12-02): a stage writes run.json last, so a file
-    # newer than it was added (or changed) after
     try:
-        written = (root / "run.json").stat().st_mtime_ns
+        written: int | None = (root / "run.json").stat().st_mtime_ns
     except OSError:
-        return []
-    return [f for f in file_tree(root) if not ours(f) and (root / f).lstat().st_mtime_ns > written]
+        written = None
+
+    def newer(f: str) -> bool:
+        # a stage writes run.json last, so a file newer than it was added (or changed) after
+        return written is not None and (root / f).lstat().st_mtime_ns > written
+
+    if isinstance(info.get(FILES_KEY), list):  # an older output (2026-12-02 to -05): its top-level names
+        recorded |= set(info[FILES_KEY])
+        top = [p.name for p in root.iterdir() if p.name not in recorded and not ours(p.name)]
+        # inside the folders it lists (a store's train/, tokenizer/) only the time tells: a file
+        # added there once went with the folder
+        inside = [
+            f
+            for f in file_tree(root)
+            if "/" in f and f.split("/")[0] in recorded and not ours(f) and newer(f)
+        ]
+        return sorted(top + inside)
+    # written before biomask listed its files (2026-12-02)
+    return [f for f in file_tree(root) if not ours(f) and newer(f)]
 
 
 def lists_its_files(info: dict) -> bool:

@@ -234,3 +234,38 @@ def test_keys_added_before_added_keys_existed_keep_older_outputs_current(repo):
     assert config_diff(written_before(mlp), mlp.model_dump(mode="json")) == [
         "model.embed_norm: '(absent)' -> 'auto'"
     ]
+    # the refusal says how to keep such a run rather than train it again (an upgrade walkthrough met it)
+    from biomask.training.rundir import _embed_norm_hint
+
+    changed = ";\nchanged keys:\n  model.embed_norm: '(absent)' -> 'auto'"
+    assert "model.embed_norm=none reuses it as it is" in _embed_norm_hint(changed)
+    assert _embed_norm_hint(changed + "\n  train.steps: 40 -> 80") == ""
+
+
+def test_evaluations_written_before_their_later_keys_stay_current_unless_they_fine_tune(repo):
+    """An evaluation of 2026-12-03 holds none of select_on_val, finetune.dropout / mix / select /
+    min_gain_se and device: an upgrade refused it as "a different config" though none of them
+    changes an evaluation that does not fine-tune (an upgrade walkthrough found it)."""
+    from biomask.config import config_fingerprints
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.provenance import sha256_json
+
+    later = [(None, "select_on_val"), ("finetune", "dropout"), ("finetune", "mix"), ("finetune", "select"),
+             ("finetune", "min_gain_se"), (None, "device"), ("finetune", "screen_epochs"),
+             ("finetune", "fresh_head_lr"), ("finetune", "min_budget_steps"), (None, "standardise")]  # fmt: skip
+
+    def written_before(cfg, keys):
+        data = cfg.model_dump(mode="json")
+        for section, key in keys:
+            del (data[section] if section else data)[key]
+        return data
+
+    probe = load_config(EvaluateConfig, repo / "configs/evaluate/pbmc68k_reduced.yaml", [])
+    assert "finetune" not in probe.protocols
+    assert sha256_json(written_before(probe, later)) in config_fingerprints(probe)
+    # written between select_on_val and finetune.mix: it holds the first two
+    assert sha256_json(written_before(probe, later[2:])) in config_fingerprints(probe)
+    tuned = load_config(EvaluateConfig, repo / "configs/evaluate/position-task.yaml", [])
+    assert "finetune" in tuned.protocols
+    # a fine-tuning evaluation: today's mixing and selection are other results than before them
+    assert sha256_json(written_before(tuned, later)) not in config_fingerprints(tuned)

@@ -1379,3 +1379,9 @@ def test_a_current_report_is_reused_before_its_plotting_and_statistics_are_impor
     (evaluation / "metrics.json").write_text((evaluation / "metrics.json").read_text() + " ")
     code, _, err, _ = fresh_cli("report", "--config", config)
     assert code == 2 and "--overwrite" in err, err
+    # a report an older biomask wrote (no summary.json, which a workflow gates on) is not reused
+    assert cli("report", "--config", config, "--overwrite")[0] == 0
+    (out / "summary.json").unlink()
+    code, _, err, _ = fresh_cli("report", "--config", config)
+    assert code == 2 and "a report written by an older biomask (it has no summary.json" in err, err
+    assert cli("report", "--config", config, "--overwrite")[0] == 0 and (out / "summary.json").is_file()

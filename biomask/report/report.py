@@ -46,7 +46,7 @@ from biomask.report.collect import (
     stage_record,
 )
 from biomask.report.config import ReportConfig
-from biomask.report.reuse import stage_output
+from biomask.report.reuse import SUMMARY_JSON, refuse_older_report, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -590,9 +590,6 @@ def _targets_at_a_glance(rows: list[dict[str, Any]], holm_p: float | None = None
                 f"**{e['status']}** | {'yes' if holds else 'no'} |"
             )
     return [*lines, ""]
-
-
-SUMMARY_JSON = "summary.json"  # the targets' verdicts for a program (a workflow gating on them)
 
 
 def _targets_json(rows: list[dict[str, Any]], holm_p: float | None) -> dict[str, Any]:
@@ -1247,6 +1244,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
 def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
     """Write `report.md` and `figures/` into the output directory; return the report's path."""
     stage = stage_output(cfg)
+    if not overwrite:
+        refuse_older_report(cfg)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output) / "report.md"
     with stage.writing() as tmp:

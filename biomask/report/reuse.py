@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError
+from biomask.errors import BiomaskError, StaleOutputError
 from biomask.provenance import read_run_info, sha256_file
 from biomask.report.config import ReportConfig
 from biomask.stage import StageOutput, has_run_record
@@ -51,12 +51,33 @@ def stage_output(cfg: ReportConfig) -> StageOutput:
     return StageOutput("report", cfg, cfg.output, inputs=stage_inputs(cfg))
 
 
+# What every report this biomask writes holds beside report.md (report.py writes it; a workflow gates
+# on it). Named here, not imported, so a rerun that reuses a report imports no plotting.
+SUMMARY_JSON = "summary.json"
+
+
+def refuse_older_report(cfg: ReportConfig) -> None:
+    """A report an older biomask wrote (before 2026-12-06: no summary.json, and its record of the
+    evaluations it read in an older form) is not this version's result: reused, a workflow gating on
+    summary.json found none, and compared, its inputs read as changed data. Refused as stale, naming
+    why, so `--overwrite` (a pipeline does it itself) writes it again in seconds."""
+    out = Path(cfg.output)
+    info = read_run_info(out) if has_run_record(out) else None
+    if info is not None and info.get("stage") == "report" and not (out / SUMMARY_JSON).is_file():
+        raise StaleOutputError(
+            f"output directory {out} holds a report written by an older biomask (it has no {SUMMARY_JSON}, "
+            "which reports now hold); pass --overwrite to write it again (a report takes seconds), or "
+            "choose another output path"
+        )
+
+
 def current(cfg: ReportConfig) -> Path | None:
     """report.md when the output holds this config's report of these inputs; None when the stage must
     decide (no output, another result, an unreadable input: the stage says what is wrong)."""
     if not has_run_record(cfg.output):
         return None
     try:
+        refuse_older_report(cfg)
         return Path(cfg.output) / "report.md" if stage_output(cfg).is_current() else None
     except (BiomaskError, OSError):
         return None

@@ -264,6 +264,18 @@ def _longer_run_hint(path: Path, changed: str) -> str:
     )
 
 
+def _embed_norm_hint(changed: str) -> str:
+    """A run written before model.embed_norm (2026-12-03) trained as today's does: the key changes
+    only how the finished model embeds, so retraining for it is not needed."""
+    keys = re.findall(r"\n  ([\w.\[\]]+): ", changed)
+    if keys != ["model.embed_norm"] or "'(absent)'" not in changed:
+        return ""
+    return (
+        " The run predates model.embed_norm, which changes how the model embeds, not how it trains: "
+        "model.embed_norm=none reuses it as it is (its raw latent, as it embedded then)."
+    )
+
+
 def _refuse_live_writer(path: Path, marker: Path) -> None:
     """A run still writing `path` (a second launch, or workers a killed launcher left behind): neither
     resumed beside it nor replaced under it — the two would delete each other's checkpoints. The
@@ -351,6 +363,7 @@ def decide(
             f"output directory {path} holds a finished run of a different config or input"
             f"{changed}\nPass --overwrite to replace it, or choose another output path."
             + _longer_run_hint(path, changed)
+            + _embed_norm_hint(changed)
         )
     if marker.is_file():
         try:
