@@ -20,10 +20,12 @@ store: memory is bounded by what a caller touches, and by one shard per split wh
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -371,6 +373,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        self.random = False  # read record by record in no order (TokenSplit.read_randomly)
 
     def __len__(self) -> int:
         return int(self.info["num_records"])
@@ -386,6 +389,8 @@ class Shard:
                 raise IntegrityError(
                     f"token store file {path} is missing or unreadable ({exc}); re-run the prep stage with --overwrite"
                 ) from None
+            if self.random:
+                _random_access(arr)
             self._arrays[name] = arr
         return self._arrays[name]
 
@@ -448,6 +453,16 @@ class TokenSplit:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, local = self.locate(index)
         return self.shards[shard][local]
+
+    def read_randomly(self) -> TokenSplit:
+        """Say this split is read record by record in no order (training's batches): the kernel then
+        reads the pages a record holds, not its readahead around each (see `_random_access`). A
+        sequential pass (evaluation, embedding) is better left with readahead."""
+        for shard in self.shards:
+            shard.random = True
+            for arr in shard._arrays.values():
+                _random_access(arr)
+        return self
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
@@ -658,6 +673,16 @@ def _extremes(values: np.ndarray, block: int = 1 << 24) -> tuple[int, int]:
         low = int(part.min()) if low is None else min(low, int(part.min()))
         high = int(part.max()) if high is None else max(high, int(part.max()))
     return int(low or 0), int(high or 0)
+
+
+def _random_access(arr: np.ndarray) -> None:
+    """Tell the kernel a shard is read record by record in no order (training batches): its readahead
+    otherwise pulls in 128 KiB or more around every record touched, and 50 steps on a 2 GB store
+    mapped 1.6 GB of it (about 1,000 records read). Records are read whole either way."""
+    handle = getattr(arr, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(mmap.MADV_RANDOM)
 
 
 def _plain_name(name: Any) -> bool:

@@ -59,6 +59,25 @@ def test_arrays_are_memory_mapped_not_loaded(tmp_path):
     assert matrix.shape == (20, 10) and np.shares_memory(matrix, shard.array("tokens"))
 
 
+def test_a_split_training_reads_in_no_order_asks_the_kernel_for_no_readahead(tmp_path, monkeypatch):
+    """50 training steps on a 2 GB store mapped 1.6 GB of it: the kernel's readahead around every
+    record a batch touched. A split training reads tells the kernel so (MADV_RANDOM), whether its arrays
+    were opened before or after; a split read in order (evaluation, embedding) keeps readahead."""
+    from biomask import store as store_module
+
+    advised = []
+    real = store_module._random_access
+    monkeypatch.setattr(store_module, "_random_access", lambda arr: (advised.append(arr), real(arr)))
+    store, records = build(tmp_path, [30] * 10, shard_tokens=100)
+    in_order = store.split("train")
+    assert [r["tokens"].tolist() for r in in_order] == [r[0].tolist() for r in records] and advised == []
+    split = store.split("train")
+    split[0]  # opened before it is told
+    assert split.read_randomly() is split and len(advised) == 4  # shard 0: offsets, tokens, values, labels
+    assert split[9]["tokens"].tolist() == records[9][0].tolist()  # a later shard: advised as it opens
+    assert len(advised) > 3 and all(isinstance(a, np.memmap) for a in advised)
+
+
 def test_one_flipped_byte_is_caught(tmp_path):
     store, _ = build(tmp_path, [30, 30, 30])
     assert store.verify() > 0
