@@ -129,7 +129,7 @@ class TrainingData:
         rank: int,
         where: str = "train split",
     ) -> None:
-        self.split, self.spec = split.read_randomly(), spec
+        self.split, self.spec = split, spec
         self.max_length, self.crop_mode, self.seed = max_length, crop, seed
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.world_size, self.rank = world_size, rank

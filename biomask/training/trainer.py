@@ -654,7 +654,10 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 checkpoint.prune(ckpt_root, cfg.train.keep_last)
             return path
 
-        # 6. The loop.
+        # 6. The loop. Its batches read the training split in no order: no readahead around each
+        #    record (the passes over the whole split before it, e.g. the profile model's gene
+        #    statistics, keep theirs)
+        train_split.read_randomly()
         metrics = MetricsLogger(
             out,
             total_steps=cfg.train.steps,
