@@ -60,9 +60,10 @@ def test_arrays_are_memory_mapped_not_loaded(tmp_path):
 
 
 def test_a_split_training_reads_in_no_order_asks_the_kernel_for_no_readahead(tmp_path, monkeypatch):
-    """50 training steps on a 2 GB store mapped 1.6 GB of it: the kernel's readahead around every
-    record a batch touched. A split training reads tells the kernel so (MADV_RANDOM), whether its arrays
-    were opened before or after; a split read in order (evaluation, embedding) keeps readahead."""
+    """Under a memory cap below the store's size the kernel's readahead around every record a batch
+    touched was read, reclaimed and read again (a capped cells run 12x slower). A split training
+    reads tells the kernel so (MADV_RANDOM), whether its arrays were opened before or after; a split
+    read in order (evaluation, embedding, gene statistics) keeps readahead."""
     from biomask import store as store_module
 
     advised = []
