@@ -42,8 +42,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check biomask data_prep pipelines tests benchmarks
 	$(BIN)/ruff format --check biomask data_prep pipelines tests benchmarks
 
+# Two pytest processes (pytest-xdist): the tests are mostly single-threaded, so two cores run the
+# suite in about half the time; the SLURM tests stay together on one (they share one cluster).
+# TEST_WORKERS=0 runs it in one process (a debugger, -x, -k on a few tests).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

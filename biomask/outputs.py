@@ -144,18 +144,18 @@ def foreign_files(root: Path, info: dict, ours: Callable[[str], bool] = lambda n
     return [f for f in file_tree(root) if not ours(f) and newer(f)]
 
 
-def lists_its_files(info: dict) -> bool:
-    """Whether a run.json lists the files its stage wrote (outputs written before 2026-12-02 do not)."""
-    return isinstance(info.get(FILE_TREE_KEY), list) or isinstance(info.get(FILES_KEY), list)
-
-
 def describe_foreign(root: Path, foreign: list[str], *, listed: bool = True) -> str:
+    """The refusal of `--overwrite` over `foreign` files. `listed=False`: an output whose run.json
+    does not list every file it wrote (before 2026-12-06: none, or its top-level names), where what
+    is not listed is told by being newer than run.json — which a copy that did not keep file times
+    (cp -r, rsync without -t, an unpacked archive) makes true of biomask's own files too."""
     shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
     how = (
         ""
         if listed
-        else " — newer than its run.json, which biomask writes last: the output is older than "
-        "biomask's lists of the files it writes"
+        else " — not listed in its run.json, or newer than it (biomask writes run.json last): the output "
+        "is older than biomask's lists of every file it writes. If it was copied without its file times, "
+        "these may be biomask's own: check, then remove the output yourself"
     )
     return (
         f"output directory {root} holds files biomask did not write ({shown}{how}); --overwrite would "
@@ -273,7 +273,9 @@ def _check_overwritable(path: Path) -> None:
         )
     foreign = foreign_files(path, info)
     if foreign:
-        raise OutputExistsError(describe_foreign(path, foreign, listed=lists_its_files(info)))
+        raise OutputExistsError(
+            describe_foreign(path, foreign, listed=isinstance(info.get(FILE_TREE_KEY), list))
+        )
 
 
 _DIGESTS = ("sha256", "fingerprint")
@@ -493,27 +495,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def open_own(path: str | os.PathLike, flags: int) -> int:
     """A descriptor of a file biomask writes in place beside or inside its outputs (a lock, a log it
-    appends to): never opened through a symbolic link, nor a hard link, someone left at that name —
-    either would truncate or append to a file biomask did not write (the user's, wherever the link
-    points). InputError naming the path, before anything is written."""
+    appends to), never opened through a symbolic link someone left at that name: it would truncate or
+    append to the file the link points at (the user's, anywhere), or create one outside the run
+    folder. InputError naming the path, before anything is written. Hard links are let be: a run
+    folder snapshotted with `cp -al` or rsnapshot has them everywhere. Created as open() creates
+    (0666 less the umask: a group-shared run folder stays writable by the group)."""
     path = Path(path)
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: a FIFO at the name is refused below rather than waited on for a reader
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
+        if exc.errno == errno.ELOOP:
+            raise InputError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); biomask writes this file itself and "
+                "never through a link, which would write to the file it points at: remove the link and run "
+                "again"
+            ) from None
+        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO nobody reads, opened for writing
             raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
         raise InputError(
-            f"{path} is a symbolic link (to {os.readlink(path)}); biomask writes this file itself and "
-            "never through a link, which would write to the file it points at: remove the link and run again"
-        ) from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-        os.close(fd)
-        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
-        raise InputError(
-            f"{path} is {what}; biomask writes this file itself and would write to whatever it is: "
-            "remove it and run again"
+            f"{path} is not a regular file; biomask writes this file itself and would write to whatever "
+            "it is: remove it and run again"
         )
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -579,17 +579,10 @@ class TokenStore:
                     yield self.root / split / info["name"], info
 
     def _damage(self, digests: bool) -> list[str]:
-        """Every shard file that is missing, of another size than recorded, or (`digests`: verify) a
-        link or of another sha256: all of them, so one repair fixes the store."""
+        """Every shard file that is missing, of another size than recorded, or (`digests`) of another
+        sha256: all of them, so one repair fixes the store."""
         found = []
         for path, info in self._files():
-            if digests and (path.is_symlink() or path.parent.is_symlink()):
-                linked = path if path.is_symlink() else path.parent
-                found.append(
-                    f"token store {'file' if linked is path else 'folder'} {linked} is a symbolic link "
-                    f"(to {os.readlink(linked)}), not the store's own"
-                )
-                continue
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
@@ -625,42 +618,53 @@ class TokenStore:
         return count + sum(1 for _ in self._files())
 
     def _content_damage(self) -> list[str]:
-        """What digests cannot vouch for once a manifest is rewritten to match its shards: each shard's
-        records lie inside its tokens (offsets from 0, never decreasing, ending at its token count),
-        its token ids are ones the vocabulary has, its labels ones the manifest names. Such a shard was
-        an IndexError deep inside a model, or records silently cut short."""
+        """What digests cannot vouch for once a manifest is rewritten to match its shards: each file of
+        the dtype and length the manifest gives its field (token fields: the shard's tokens; record
+        fields: its records), records inside the tokens (offsets from 0, never decreasing, ending at
+        the token count), token ids the vocabulary has, labels the manifest names. Such a shard was an
+        IndexError deep inside a model, or records silently cut short."""
         vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
         n_labels = len(self.label_names or [])
+        fields = {**self.manifest["token_fields"], **self.manifest["record_fields"]}
         found = []
         for name in self.splits:
             for shard in self.split(name).shards:
                 files = shard.info["files"]
-                where = shard.directory / files["tokens"]["name"]
-                tokens = shard.array("tokens")
+
+                def where(field: str) -> str:
+                    return f"token store file {shard.directory / files[field]['name']}"  # noqa: B023
+
+                n_tokens = int(shard.info.get("num_tokens", shard.array("tokens").size))
+                for field, dtype in fields.items():
+                    arr = shard.array(field)
+                    size = n_tokens if field in self.manifest["token_fields"] else len(shard)
+                    if arr.dtype != np.dtype(dtype) or arr.shape[:1] != (size,):
+                        found.append(
+                            f"{where(field)} holds {arr.shape[0] if arr.ndim else 0:,} {arr.dtype} values, "
+                            f"the manifest {size:,} {np.dtype(dtype)} ({field})"
+                        )
                 if "offsets" in files:
                     offsets = shard.offsets
                     if (
-                        offsets.size != len(shard) + 1
-                        or (offsets.size and (offsets[0] != 0 or offsets[-1] != tokens.size))
+                        offsets.shape != (len(shard) + 1,)
+                        or (offsets.size and (offsets[0] != 0 or offsets[-1] != n_tokens))
                         or bool((np.diff(offsets) < 0).any())
                     ):
-                        found.append(
-                            f"token store file {shard.directory / files['offsets']['name']} does not "
-                            "delimit the shard's records"
-                        )
+                        found.append(f"{where('offsets')} does not delimit the shard's records")
+                tokens = shard.array("tokens")
                 if isinstance(vocab, int) and tokens.size:
                     low, high = _extremes(tokens)
                     if low < 0 or high >= vocab:
                         found.append(
-                            f"token store file {where} holds token ids outside the vocabulary "
+                            f"{where('tokens')} holds token ids outside the vocabulary "
                             f"(0..{vocab - 1}): {low if low < 0 else high}"
                         )
                 if "labels" in files and n_labels and len(shard):
                     low, high = _extremes(shard.array("labels"))
-                    if low < -1 or high >= n_labels:
+                    if low < 0 or high >= n_labels:
                         found.append(
-                            f"token store file {shard.directory / files['labels']['name']} holds "
-                            f"label {low if low < -1 else high}, not one of the {n_labels} label names"
+                            f"{where('labels')} holds label {low if low < 0 else high}, not one of the "
+                            f"{n_labels} label names"
                         )
         return found
 

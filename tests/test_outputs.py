@@ -204,8 +204,8 @@ def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_point
     with pytest.raises(InputError, match="symbolic link"):
         hold_output(out, "embed")
     lock.unlink()
-    os.link(victim, lock)
-    with pytest.raises(InputError, match="a hard link to another file"):
+    os.mkfifo(lock)  # not waited on for a reader: refused
+    with pytest.raises(InputError, match="is not a regular file"):
         hold_output(out, "embed")
     lock.unlink()
     with hold_output(out, "embed") as held:  # the lock biomask creates itself is taken as before
@@ -220,6 +220,20 @@ def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_point
     log.symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"):
         append_own(log)
+    os.mkfifo(plan.run_dir / "fifo.log")
+    with pytest.raises(InputError, match="is not a regular file"):
+        append_own(plan.run_dir / "fifo.log")
+    # created as open() creates, under the umask: a group-shared run folder stays the group's
+    before = os.umask(0o002)
+    try:
+        append_own(plan.run_dir / "shared.log").close()
+    finally:
+        os.umask(before)
+    assert (plan.run_dir / "shared.log").stat().st_mode & 0o777 == 0o664
+    snapshot = plan.run_dir / "snapshot.log"  # hard links (cp -al, rsnapshot) are not refused
+    os.link(plan.run_dir / "shared.log", snapshot)
+    with append_own(snapshot) as handle:
+        handle.write("appended\n")
 
     run = tmp_path / "pretrain-run"
     run.mkdir()

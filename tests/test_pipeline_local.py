@@ -62,6 +62,18 @@ def test_runs_in_order_then_reuses_then_reruns_what_changed(dna_pipeline, tmp_pa
     assert "reused" in out
     assert {t: created(run / t) for t in TASKS} == before
 
+    # a link left at a stage log's name: that task fails, named; nothing is written through it, and
+    # the run's record still holds every task
+    victim = tmp_path / "precious.txt"
+    victim.write_text("mine\n")
+    (run / "logs" / "prep_splice-1.log").unlink()
+    (run / "logs" / "prep_splice-1.log").symlink_to(victim)
+    code, _, err = cli("-q", "pipeline", "run", dna_pipeline)
+    assert code != 0 and "prep_splice-1.log is a symbolic link" in err, err
+    assert victim.read_text() == "mine\n"
+    assert statuses(run) == {**dict.fromkeys(TASKS, "reused"), "prep_splice/split.seed=1": "failed"}
+    (run / "logs" / "prep_splice-1.log").unlink()
+
     # a downstream config change re-runs only the downstream stage
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, "stages.prep_splice.overrides.split.test=0.25")
     assert code == 0, err

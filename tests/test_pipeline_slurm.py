@@ -25,7 +25,13 @@ from biomask.provenance import read_run_info
 from biomask.store import TokenStore
 from tests.conftest import DNA_PIPELINE, REPO, leftovers
 
-pytestmark = [pytest.mark.network, pytest.mark.slurm, pytest.mark.timeout(300)]
+# one xdist worker runs them all: they share the one SLURM cluster the session starts
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.timeout(300),
+]
 
 
 def write_pipeline(directory: Path) -> Path:

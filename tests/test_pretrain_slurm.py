@@ -21,7 +21,13 @@ from biomask.pipelines.schema import SlurmSpec
 from biomask.training.distributed import RANK_VARS, free_port
 from tests.test_pretrain import CONFIG, REPO, overrides, subprocess_env
 
-pytestmark = [pytest.mark.network, pytest.mark.slurm, pytest.mark.timeout(400)]
+# one xdist worker runs them all: they share the one SLURM cluster the session starts
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.timeout(400),
+]
 
 
 def test_srun_usr1_checkpoint_requeue_resume_gives_the_same_weights(

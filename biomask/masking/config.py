@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from biomask.config import Config
+from biomask.config import Config, flatten
 
 # What each scheme sets. Ratios and their sources: see /shared/reference/masking.md and the README.
 SCHEMES: dict[str, dict[str, Any]] = {
@@ -145,26 +145,16 @@ def describe_masking(masking: dict[str, Any]) -> str:
     return text
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def masking_text(cfg: MaskingConfig) -> str:
     """The scheme with the masking it resolved to, e.g. `beta_low (Beta(2, 5) on [0.5, 0.9])`: keys written
     in a config win over a scheme's, so a scheme swept over a config that sets R²MAE's range (cells-mlp.yaml:
     ratio low 0.5, high 0.9) takes that range — the run's first lines say which one it trains with, and
     which of the scheme's own values the config replaced (a scheme given on the command line does not
     override keys the config file writes)."""
-    resolved = _leaves(cfg.model_dump())
+    resolved = flatten(cfg.model_dump())
     replaced = [
         (key, theirs, resolved[key])
-        for key, theirs in _leaves(SCHEMES.get(cfg.scheme, {})).items()
+        for key, theirs in flatten(SCHEMES.get(cfg.scheme, {})).items()
         if key in resolved and resolved[key] != theirs
     ]
     text = f"{cfg.scheme} ({describe_masking(cfg.model_dump())})"

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError
+from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError
 from biomask.outputs import append_own, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import (
@@ -300,16 +300,22 @@ def _run_task(
     started_at = time.time()
     started = time.monotonic()
     spawn = {"echo": echo, "label": task.name, "threads": threads, "stages": stages}
-    code, error = _spawn(plan, stage_argv(stage, task), log, **spawn)
     status = "ran"
-    if code is not None and code != 0 and error.get("error") == "StaleOutputError":
-        # Changed config or inputs since the output was written: it is this pipeline's, replace it.
-        message = f"{task.name}: config or inputs changed since {task.output} was written; running it again"
-        _say(message, echo, stages)
-        with append_own(log) as sink:  # the refusal above in the log is this, not a failure
-            sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
-        code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
-        status = "ran (changed)"
+    try:
+        code, error = _spawn(plan, stage_argv(stage, task), log, **spawn)
+        if code is not None and code != 0 and error.get("error") == "StaleOutputError":
+            # Changed config or inputs since the output was written: it is this pipeline's, replace it.
+            message = (
+                f"{task.name}: config or inputs changed since {task.output} was written; running it again"
+            )
+            _say(message, echo, stages)
+            with append_own(log) as sink:  # the refusal above in the log is this, not a failure
+                sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
+            code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
+            status = "ran (changed)"
+    except InputError as exc:  # its log cannot be written (a link at its name): this task fails, named,
+        # and the run's record still holds the tasks that ran
+        code, error = 2, {"message": str(exc)}
     seconds = time.monotonic() - started
     if code is None:
         return TaskResult(
