@@ -11,6 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("BIOMASK_DATA_DIR", str(REPO / ".cache" / "test-data"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (set before torch is imported), or
+    # their OpenMP threads oversubscribe the cores and a 27 s test took 166 s. A run of its own
+    # (TEST_WORKERS=0) keeps torch's default.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
