@@ -373,7 +373,26 @@ def test_a_clustering_target_is_judged_against_the_baselines_that_cluster():
     # models without the metric: said so, not judged
     del ev.results["summary"]["r2mae/knn"]["cluster_ari"]
     (row,) = target_rows(cfg, {"task": ev})
-    assert "no cluster_ari" in row["missing"]
+    assert "no cluster_ari" in row["missing"] and "other code" not in row["missing"]
+
+
+def test_a_metric_missing_from_an_evaluation_by_older_code_says_how_to_measure_it(tmp_path):
+    """An evaluation an upgrade reuses holds the metrics of the code that wrote it: a target on a
+    metric added since is not assessed, and the report says the evaluation predates it."""
+    import dataclasses
+
+    ev = _evaluation(
+        {("baseline", "linear_probe"): [0.5, 0.6], ("r2mae", "linear_probe"): [0.6, 0.7]}, {"r2mae": R2MAE}
+    )
+    (tmp_path / "run.json").write_text(json.dumps({"code": {"source_sha256": "0" * 64}}))
+    ev = dataclasses.replace(ev, path=tmp_path)
+    cfg = ReportConfig(output="unused", evaluations=TASK,
+                       targets=[TargetSpec(evaluation="task", protocol="linear_probe", metric="cluster_ari_best")])  # fmt: skip
+    for name in ev.results["summary"]:
+        ev.results["summary"][name].pop("cluster_ari_best", None)
+    (row,) = target_rows(cfg, {"task": ev})
+    assert "no cluster_ari_best" in row["missing"] and "written by other code" in row["missing"]
+    assert f"--overwrite` into {tmp_path} recomputes it" in row["missing"]
 
 
 def test_verdicts_rest_on_pretraining_seeds_when_a_scheme_has_several():

@@ -30,7 +30,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
-from biomask.provenance import code_version, read_run_info
+from biomask.provenance import code_differs, code_version, read_run_info
 from biomask.relocation import where_now
 from biomask.report import figures
 from biomask.report.collect import (
@@ -486,7 +486,16 @@ def target_rows(cfg: ReportConfig, evaluations: dict[str, Evaluation]) -> list[d
         if strongest is None or any(
             target.metric not in ev.results["summary"][m["name"]] for m in candidates
         ):
-            rows.append({"target": target, "missing": f"no {target.metric} for the baselines or the models"})
+            older = code_differs(read_run_info(ev.path))
+            why = (
+                f" (the evaluation was written by other code, {older}, perhaps before biomask measured "
+                f"it: `biomask evaluate ... --overwrite` into {ev.path} recomputes it)"
+                if older
+                else ""
+            )
+            rows.append(
+                {"target": target, "missing": f"no {target.metric} for the baselines or the models{why}"}
+            )
             continue
         baseline = strongest
         r2 = next((m for m in candidates if m["group"] == cfg.r2mae), None)
