@@ -101,8 +101,23 @@ def test_embed_never_replaces_an_obsm_entry_it_did_not_write(pbmc, cells_checkpo
     np.testing.assert_array_equal(adata.obsm["X_pca"], before)
     with pytest.raises(InputError, match="cannot hold '/'"):
         biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_bio/mask")
+    for blank in ("", " X_biomask"):  # an empty key wrote an .h5ad that anndata could not read back
+        with pytest.raises(InputError, match="without leading or trailing spaces"):
+            biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key=blank)
+    adata.uns["X_notes"] = {"mine": 1}  # the record would have replaced the user's uns entry
+    with pytest.raises(InputError, match=r"uns\['X_notes'\] exists and biomask did not write it"):
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_notes")
+    assert adata.uns["X_notes"] == {"mine": 1} and "X_notes" not in adata.obsm
     for _ in range(2):  # an embedding of biomask's under the key: replaced
         biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_mine")
+    # float16 values (which scipy.sparse refuses) are read as float32: the same embedding
+    half = adata.copy()
+    half.raw = anndata.AnnData(half.raw.X.toarray().astype(np.float16), var=half.raw.var, obs=half.obs)
+    exact = adata.copy()
+    exact.raw = anndata.AnnData(half.raw.X.astype(np.float32), var=half.raw.var, obs=half.obs)
+    biomask.embed(half, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_half")
+    biomask.embed(exact, cells_checkpoint, matrix="raw", counts=COUNTS, key="X_half")
+    np.testing.assert_allclose(half.obsm["X_half"], exact.obsm["X_half"], atol=1e-6)
     with pytest.raises(InputError, match="takes an AnnData, not a path"):
         biomask.embed(str(tmp_path / "cells.h5ad"), cells_checkpoint)
     path = tmp_path / "cells.h5ad"

@@ -183,7 +183,13 @@ class CellEncoder:
                 or other_case_hint(names, vocab.genes)
                 or (
                     f"the identifiers differ -- set genes.column (read now: {column or 'the var index'}; var "
-                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'}) or genes.strip_version"
+                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'})"
+                    # version suffixes matter only between Ensembl IDs (ENSG00000141510.16 ~ ENSG00000141510)
+                    + (
+                        " or genes.strip_version"
+                        if _ensembl(vocab.genes) and _ensembl(names, versioned=True)
+                        else ""
+                    )
                 )
             )
             raise InputError(
@@ -267,3 +273,9 @@ class CellEncoder:
         for start, raw in opened.source.blocks(block_size):
             records, stats = self.encode(opened, start, raw)
             yield start, records, stats
+
+
+def _ensembl(names, *, versioned: bool = False) -> bool:
+    """Whether gene identifiers look like Ensembl IDs (ENSG…, ENSMUSG…), with a version suffix if asked."""
+    sample = [str(n) for n in list(names[:200]) if str(n)]
+    return bool(sample) and all(n.startswith("ENS") and (not versioned or "." in n) for n in sample[:50])

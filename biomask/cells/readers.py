@@ -29,6 +29,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -180,12 +181,17 @@ def _open_h5(path: Path) -> h5py.File:
         raise InputError(f"{path} is not a readable HDF5 file ({exc}); is it really this format?") from None
 
 
+def _sparse_ready(values: Any) -> Any:
+    """Values scipy.sparse can hold: float16 (which it refuses) widened to float32, exactly."""
+    return values.astype(np.float32) if getattr(values, "dtype", None) == np.float16 else values
+
+
 class _CSRSource(MatrixSource):
     """A matrix already in memory as CSR (10x mtx, an AnnData, a CSC file converted once)."""
 
     def __init__(self, matrix: sp.spmatrix | np.ndarray, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.matrix = sp.csr_matrix(matrix)
+        self.matrix = sp.csr_matrix(_sparse_ready(matrix))
         _check_sizes(self.where, self.n_obs, self.n_vars, self.matrix.shape)
 
     @property
@@ -250,9 +256,10 @@ class _H5ADSource(MatrixSource):
                     "write it again (adata.write_h5ad) from the source"
                 )
             return sp.csr_matrix(
-                (self._data[lo:hi], self._indices[lo:hi], indptr - lo), shape=(stop - start, self.n_vars)
+                (_sparse_ready(self._data[lo:hi]), self._indices[lo:hi], indptr - lo),
+                shape=(stop - start, self.n_vars),
             )
-        return sp.csr_matrix(self.dense[start:stop])
+        return sp.csr_matrix(_sparse_ready(self.dense[start:stop]))
 
     def close(self) -> None:
         if self.sparse is not None:

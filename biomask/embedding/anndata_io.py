@@ -92,16 +92,27 @@ def provenance(
 
 def check_key(key: str, obsm_keys: Any, uns: Any, where: str) -> None:
     """Refuse to put the embedding over an obsm entry biomask did not write (X_pca, X_umap, a
-    colleague's scVI latent): only an embedding biomask recorded in uns[key] is replaced."""
+    colleague's scVI latent), or its record over a uns entry of the user's: only an embedding biomask
+    recorded in uns[key] is replaced."""
     if "/" in key:
         raise InputError(
             f"key {key!r}: an obsm key cannot hold '/' (an .h5ad keeps it as nested groups that anndata "
             "cannot read back); choose another key, e.g. X_biomask"
         )
-    if key not in obsm_keys:
-        return
+    if not key.strip() or key != key.strip():
+        raise InputError(
+            f"key {key!r}: an obsm key must be a name without leading or trailing spaces (an empty key "
+            "writes an .h5ad that anndata cannot read back); choose another key, e.g. X_biomask"
+        )
     record = uns.get(key) if hasattr(uns, "get") else None
     ours = record is not None and hasattr(record, "keys") and "checkpoint_weights_sha256" in record
+    if key not in obsm_keys:
+        if record is not None and not ours:  # the record goes to uns[key]: never over the user's entry
+            raise InputError(
+                f"{where}: uns[{key!r}] exists and biomask did not write it; the embedding's record would "
+                f"replace it. Choose another key, or remove uns[{key!r}] first if it should go"
+            )
+        return
     if not ours:
         # e.g. vectors of biomask's copied in by hand (per sample) without their record: X_biomask itself
         other = next(
