@@ -292,3 +292,41 @@ def test_planted_motif_task_refuses_fewer_than_two_windows_and_writes_nothing(tm
     with pytest.raises(SystemExit) as stop:
         main(["--n", "4", "--output", str(mine)])
     assert stop.value.code == 2 and mine.read_text() == "precious"
+
+
+def test_a_joined_cds_is_coding_and_its_start_no_other_window(tmp_path):
+    """A CDS joined across the origin (or split by introns) was left out whole: its bases were
+    labelled noncoding, and its start codon could sit in an `other` window. Its parts are coding now,
+    its start no other window's; it gives no start window of its own (its span is not one interval)."""
+    from Bio.Seq import Seq
+    from Bio.SeqFeature import CompoundLocation, FeatureLocation, SeqFeature
+    from Bio.SeqIO import write
+    from Bio.SeqRecord import SeqRecord
+
+    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
+
+    rng = np.random.default_rng(0)
+    genome = "".join(rng.choice(list("ACGT"), 20_000))
+    features = [
+        SeqFeature(FeatureLocation(s, s + 900, strand=1), type="CDS") for s in range(4_500, 12_000, 1_500)
+    ]
+    features.append(SeqFeature(FeatureLocation(12_500, 14_000, strand=-1), type="CDS"))
+    wrap = CompoundLocation([FeatureLocation(16_000, 20_000, strand=1), FeatureLocation(0, 4_000, strand=1)])
+    features.append(SeqFeature(wrap, type="CDS"))
+    record = SeqRecord(Seq(genome), id="wrap", name="wrap", features=features,
+                       annotations={"molecule_type": "DNA", "topology": "circular"})  # fmt: skip
+    path = tmp_path / "wrap.gbk"
+    write(record, path, "genbank")
+
+    joined = np.zeros(len(genome), bool)
+    joined[16_000:] = joined[:4_000] = True
+    rows = coding_windows(path, length=100, max_per_class=15, seed=0)
+    spans = [(r["label"], *(int(v) for v in r["source"].split(":")[1][:-3].split("-"))) for r in rows]
+    assert spans and not [s for s in spans if s[0] == "noncoding" and joined[s[1] - 1 : s[2]].any()]
+    starts = gene_start_windows(path, length=60, max_per_class=None, seed=0)
+    windows = [
+        (r["label"], *(int(v) for v in r["source"].split(":")[1][:-3].split("-")), r["source"][-2])
+        for r in starts
+    ]
+    assert sum(label == "start" for label, *_ in windows) == 6  # the five plus-strand genes and the minus one
+    assert not [w for w in windows if w[0] == "other" and w[3] == "+" and w[1] - 1 <= 16_000 < w[2]]

@@ -337,6 +337,18 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
     assert (
         code == 2 and "splice.csv: no label column 'lable'" in err and not (tmp_path / "typo.h5ad").exists()
     )
+    # a ragged row is refused as prep refuses it, and lines are counted as prep counts them (its
+    # default ids are `file:line`): blank lines and a quoted line break included
+    seq = table["sequence"][0]
+    (tmp_path / "ragged.csv").write_text(f"sequence,label\n{seq},a,extra\n{seq}\n")
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "ragged.csv",
+                       "--output", tmp_path / "ragged.h5ad")  # fmt: skip
+    assert code == 2 and "ragged.csv, line 2: 3 fields, the header has 2" in err, err
+    (tmp_path / "lines.csv").write_text(f'sequence,label,note\n\n{seq},a,"two\nlines"\n{seq},b,x\n')
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "lines.csv",
+                       "--output", tmp_path / "lines.h5ad")  # fmt: skip
+    assert code == 0, err
+    assert list(read(tmp_path / "lines.h5ad").obs_names) == ["lines.csv:4", "lines.csv:5"]
     code, _, err = cli(
         "embed", "--checkpoint", dna_checkpoint, "--input", splice_store, "--output", tmp_path / "store.h5ad"
     )

@@ -59,7 +59,11 @@ def test_bzip2_and_xz_read_as_plain_and_zstd_or_zip_are_named(tmp_path):
     text = TRICKY[0]
     (tmp_path / "p.fa").write_text(text)
     plain = list(read_fasta_blocks(tmp_path / "p.fa", 5))
-    for name, compress in (("g.fa.bz2", bz2.compress), ("g.fasta.xz", lzma.compress)):
+    for name, compress in (
+        ("g.fa.bz2", bz2.compress),
+        ("g.fasta.xz", lzma.compress),
+        ("g.fa.bgz", gzip.compress),
+    ):
         (tmp_path / name).write_bytes(compress(text.encode()))
         assert guess_format(tmp_path / name) == "fasta"
         assert list(read_fasta_blocks(tmp_path / name, 5)) == plain
@@ -68,7 +72,8 @@ def test_bzip2_and_xz_read_as_plain_and_zstd_or_zip_are_named(tmp_path):
         list(read_fasta_blocks(tmp_path / "cut.fa.xz", 5))
     for name, head, what in (
         ("g.fa.zst", b"\x28\xb5\x2f\xfd", "zstd-compressed"),
-        ("g.fa.zip", b"PK\x03\x04", "a zip archive"),
+        ("g.fa.zip", b"PK\x03\x04", "a zip archive \\(an .xlsx workbook is one too\\)"),
+        ("g.fa.lz4", b"\x04\x22\x4d\x18", "lz4-compressed"),
     ):
         (tmp_path / name).write_bytes(head + b"\0" * 64)
         assert guess_format(tmp_path / name) == "fasta"
@@ -144,3 +149,22 @@ def test_genbank_genome_prepared_end_to_end(tmp_path, cli):
     assert store.manifest["stats"]["bases"] == 4_639_675
     assert sum(len(store.split(s)) for s in store.splits) == 4_639_675 // 1000
     assert store.split("train").meta()["record"].iloc[0] == "NC_000913.2"
+
+
+def test_fasta_as_other_editors_save_it(tmp_path):
+    """A UTF-8 byte-order mark (Notepad) is skipped; non-ASCII names stay distinct (they were both
+    '��_chr'); UTF-16 (PowerShell's '>') and CR-only line ends (classic Mac) are named as such."""
+    from biomask.dna.readers import read_fasta_blocks
+    from biomask.errors import InputError
+
+    def blocks(name: str, data: bytes) -> list:
+        (tmp_path / name).write_bytes(data)
+        return [(n, s, bytes(b)) for n, s, b in read_fasta_blocks(tmp_path / name, 1000)]
+
+    assert blocks("bom.fa", b"\xef\xbb\xbf>r1\nACGTACGTAC\n") == [("r1", 0, b"ACGTACGTAC")]
+    names = [n for n, _, _ in blocks("utf.fa", ">α_chr\nACGT\n>β_chr\nACGT\n".encode())]
+    assert names == ["α_chr", "β_chr"]
+    with pytest.raises(InputError, match="UTF-16 text"):
+        blocks("u16.fa", ">r1\nACGT\n".encode("utf-16"))
+    with pytest.raises(InputError, match="has no sequence \\(its lines end in CR alone"):
+        blocks("cr.fa", b">r1\rACGTACGT\rACGT\r")

@@ -60,14 +60,17 @@ class Gene:
     contig: str
     start: int  # 0-based position of the start codon's first base on the forward strand
     strand: int  # +1 or -1
-    left: int  # the CDS's span on the forward strand: [left, right)
+    left: int  # the CDS's span on the forward strand: [left, right) (a joined CDS: its first part's)
     right: int
+    # the bases it covers, [left, right) per part (a joined CDS: introns, slippage, across the origin)
+    parts: tuple[tuple[int, int], ...] = ()
+    joined: bool = False  # not taken as a start window (its span is not one interval); still covered
 
 
 def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gene]]]:
-    """(contig id, sequence, CDS) per GenBank record; CDS with joined locations (introns, ribosomal
-    slippage, origin-spanning) are left out: their start is not one simple codon, their span not one
-    interval."""
+    """(contig id, sequence, CDS) per GenBank record. A CDS with a joined location (introns, ribosomal
+    slippage, origin-spanning) is marked `joined`: not taken as a start window, but its start is no
+    `other` window's and its bases are coding (they were counted as noncoding before 2026-12-07)."""
     from Bio import SeqIO
 
     from biomask.dna.readers import open_text
@@ -94,18 +97,17 @@ def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gen
             count += 1
             genes = []
             for feature in record.features:
-                if (
-                    feature.type != "CDS"
-                    or len(feature.location.parts) != 1
-                    or "pseudo" in feature.qualifiers
-                ):
+                if feature.type != "CDS" or "pseudo" in feature.qualifiers:
                     continue
                 loc = feature.location
-                left, right = int(loc.start), int(loc.end)
-                if loc.strand == 1:
-                    genes.append(Gene(record.id, left, 1, left, right))
-                elif loc.strand == -1:  # the codon's first base, reversed
-                    genes.append(Gene(record.id, right - 1, -1, left, right))
+                first = loc.parts[0]  # in the order translated (Biopython orders a complement(join) so)
+                if first.strand not in (1, -1) or any(part.strand != first.strand for part in loc.parts):
+                    continue  # no strand, or parts on both: no reading direction to label by
+                parts = tuple((int(part.start), int(part.end)) for part in loc.parts)
+                left, right = int(first.start), int(first.end)
+                start = left if first.strand == 1 else right - 1  # the codon's first base, reversed
+                joined = len(parts) != 1
+                genes.append(Gene(record.id, start, int(first.strand), left, right, parts, joined))
             yield record.id, sequence, genes
 
 
@@ -134,9 +136,11 @@ def gene_start_windows(
     n_genes = 0
     for contig, sequence, genes in _annotated_genes(Path(path), "gene-starts"):
         taken: dict[int, set[int]] = {1: set(), -1: set()}
-        n_genes += len(genes)
+        n_genes += sum(not g.joined for g in genes)
         for gene in genes:
             taken[gene.strand].add(gene.start)
+            if gene.joined:
+                continue
             # offset of the codon's first base in the window, read in the gene's direction
             offset = length // 2 if placement == "centre" else int(rng.integers(length // 4, 3 * length // 4))
             left = gene.start - offset if gene.strand == 1 else gene.start + offset - length + 1
@@ -221,7 +225,7 @@ def coding_windows(
     rng = np.random.default_rng(seed)
     contigs = [(c, seq, genes) for c, seq, genes in _annotated_genes(Path(path), "coding")]
     if not any(genes for _, _, genes in contigs):
-        raise InputError(f"{path}: no annotated CDS (single-interval, not pseudo) to label windows by")
+        raise InputError(f"{path}: no annotated CDS (not pseudo) to label windows by")
     # every eligible window start, by class: (contig index, left, strand read)
     found: dict[str, list[np.ndarray]] = {label: [] for label in CODING_LABELS}
     for index, (_, sequence, genes) in enumerate(contigs):
@@ -232,8 +236,9 @@ def coding_windows(
         for strand in (1, -1):  # bases of each window inside a CDS on this strand, from prefix sums
             edges = np.zeros(len(sequence) + 1, dtype=np.int64)
             for gene in (g for g in genes if g.strand == strand):
-                edges[gene.left] += 1
-                edges[gene.right] -= 1
+                for left, right in gene.parts:
+                    edges[left] += 1
+                    edges[right] -= 1
             covered = np.concatenate([[0], np.cumsum(np.cumsum(edges)[:-1] > 0)])
             full[strand] = covered[length:] - covered[:starts]
         plus_only = np.flatnonzero((full[1] == length) & (full[-1] == 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # what a compressed file's name ends with: looked through to tell the format from the name (a .zst
 # or .zip is then refused by its bytes, saying what to do, rather than as a name that says nothing)
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+COMPRESSED_SUFFIXES = (".gz", ".bgz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # .bgz: BGZF, gzip-readable
 
 # File formats by name (a trailing .gz is looked through): `biomask prep dna` and `biomask embed` both
 # guess from this one list, so a file one of them reads by its name the other recognises too.

@@ -36,7 +36,11 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 # compressions Python's standard library cannot stream: named, with what to do, rather than read as text
 _UNREADABLE = {
     b"\x28\xb5\x2f\xfd": ("zstd-compressed", "`zstd -d` it"),
-    b"PK\x03\x04": ("a zip archive", "unzip it and give the file inside"),
+    b"PK\x03\x04": (
+        "a zip archive (an .xlsx workbook is one too)",
+        "unzip it and give the file inside, or export a workbook from the spreadsheet as CSV",
+    ),
+    b"\x04\x22\x4d\x18": ("lz4-compressed", "`lz4 -d` it"),
 }
 
 
@@ -146,10 +150,13 @@ def read_fasta_blocks(
                 )
             head += chunk
         text = head.lstrip()
+        if text.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Notepad's): not part of the text
+            text = text[3:].lstrip()
         if not text.startswith(b">"):
             shown = text.split(b"\n", 1)[0][:60].decode("ascii", errors="replace")
             raise InputError(
                 f"{path} is not FASTA: its first line is {shown!r}, a FASTA file starts with '>'"
+                + _encoding_hint(text)
             )
         carry, midline = b"", False
         while text:
@@ -171,6 +178,15 @@ def read_fasta_blocks(
         yield from state.finish()
 
 
+def _encoding_hint(text: bytes) -> str:
+    """Why a file that is no FASTA may still be one, where its bytes say so."""
+    if text[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(text) > 3 and text[1:4:2] == b"\x00\x00"):
+        return " (it is UTF-16 text, as Windows PowerShell's '>' writes it: save it as UTF-8 or ASCII)"
+    if b"\r" in text[:4096] and b"\n" not in text[:4096]:
+        return " (its lines end in CR alone, as classic Mac OS wrote them: convert them to LF, e.g. tr '\\r' '\\n')"
+    return ""
+
+
 class _FastaState:
     """Line-aligned FASTA text in, blocks of bases out (see `read_fasta_blocks`)."""
 
@@ -186,8 +202,10 @@ class _FastaState:
                 end = data.find(b"\n", pos)
                 yield from self.finish()
                 self.count += 1
-                title = data[pos + 1 : end].decode("ascii", errors="replace").strip()
+                # UTF-8, as files are written now: two non-ASCII names stay two names
+                title = data[pos + 1 : end].decode("utf-8", errors="replace").strip()
                 self.name = title.split(None, 1)[0] if title else f"record{self.count}"
+                self.cr_inside = "\r" in title  # lines ending in CR alone: the file read as one line
                 self.start = 0
                 pos = end + 1
                 continue
@@ -209,7 +227,13 @@ class _FastaState:
         if self.count == 0:
             return
         if self.start == 0 and not self.pending:
-            raise InputError(f"{self.path}: record {self.count} ('{self.name}') has no sequence")
+            hint = (
+                " (its lines end in CR alone, as classic Mac OS wrote them: convert them to LF, e.g. "
+                "tr '\\r' '\\n')"
+                if getattr(self, "cr_inside", False)
+                else ""
+            )
+            raise InputError(f"{self.path}: record {self.count} ('{self.name}') has no sequence{hint}")
         if self.pending:
             yield self.name, self.start, bytes(self.pending)
             self.start += len(self.pending)
@@ -338,6 +362,22 @@ class LabelledSequence:
     line: int
 
 
+def check_row(path: Path, line: int, row: dict, header: list[str], delimiter: str) -> None:
+    """A csv.DictReader row with as many fields as the header (prep's tables and embed's alike)."""
+    if None in row:  # DictReader files the fields beyond the header under the key None
+        raise InputError(
+            f"{path}, line {line}: {len(header) + len(row[None])} fields, the header has "
+            f"{len(header)}; a field holds an unquoted {delimiter!r}, or the row is damaged"
+        )
+    missing = [c for c in header if row.get(c) is None]  # DictReader: None for a short row
+    if missing:
+        n = len(header) - len(missing)
+        raise InputError(
+            f"{path}, line {line}: {n} field{'s' * (n != 1)}, the header has {len(header)} "
+            f"(no {', '.join(repr(c) for c in missing[:3])}); the row is cut short or damaged"
+        )
+
+
 def read_table(
     path: str | os.PathLike,
     *,
@@ -372,18 +412,7 @@ def read_table(
         for row in reader:
             line = reader.line_num  # the physical line (blank lines and quoted line breaks counted)
             rows += 1
-            if None in row:  # DictReader files the fields beyond the header under the key None
-                raise InputError(
-                    f"{path}, line {line}: {len(header) + len(row[None])} fields, the header has "
-                    f"{len(header)}; a field holds an unquoted {delimiter!r}, or the row is damaged"
-                )
-            missing = [c for c in header if row.get(c) is None]  # DictReader: None for a short row
-            if missing:
-                n = len(header) - len(missing)
-                raise InputError(
-                    f"{path}, line {line}: {n} field{'s' * (n != 1)}, the header has {len(header)} "
-                    f"(no {', '.join(repr(c) for c in missing[:3])}); the row is cut short or damaged"
-                )
+            check_row(path, line, row, header, delimiter)
             sequence = (row.get(sequence_column) or "").strip()
             label = (row.get(label_column) or "").strip()
             if not sequence:

@@ -20,6 +20,7 @@ import pandas as pd
 from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.readers import (
     chain_first,
+    check_row,
     check_unique_columns,
     decompression_errors,
     header_hint,
@@ -158,7 +159,9 @@ def read_sequence_table(
         rows: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []
         n_rows = 0
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the physical line, as prep counts it (blank lines, quoted breaks)
+            check_row(Path(path), line, row, header, delimiter)
             sequence = (row.get(sequence_column) or "").strip()
             if not sequence:
                 raise InputError(f"{path}, line {line}: empty sequence in column {sequence_column!r}")
