@@ -153,3 +153,15 @@ def test_a_readers_error_wins_over_an_earlier_refused_letter(tmp_path, cli):
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 2 and "set.csv, line 2: letter '1' at position 3" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_label_written_as_a_missing_value_is_refused_not_made_a_class(tmp_path, cli):
+    """R's write.csv writes a missing label as NA, pandas' to_csv as an empty field or NaN: NA and nan
+    became classes of their own (cells prep treats them as missing, as an empty DNA label is)."""
+    table = tmp_path / "set.csv"
+    table.write_text("sequence,label\nACGTACGT,a\nACGTTTGT,NA\nACGTAAGT,b\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs:\n  - path: {table}\noutput: {tmp_path / 'out'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "set.csv, line 3: label 'NA' in column 'label' is how R and pandas" in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

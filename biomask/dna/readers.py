@@ -362,6 +362,10 @@ class LabelledSequence:
     line: int
 
 
+# How tables written by R (write.csv) and pandas (to_csv) spell a missing value.
+MISSING_LABELS = frozenset({"NA", "N/A", "NaN", "nan", "<NA>"})
+
+
 def check_row(path: Path, line: int, row: dict, header: list[str], delimiter: str) -> None:
     """A csv.DictReader row with as many fields as the header (prep's tables and embed's alike)."""
     if None in row:  # DictReader files the fields beyond the header under the key None
@@ -419,6 +423,11 @@ def read_table(
                 raise InputError(f"{path}, line {line}: empty sequence in column {sequence_column!r}")
             if not label:
                 raise InputError(f"{path}, line {line}: empty label in column {label_column!r}")
+            if label in MISSING_LABELS:  # not a class: a table of R's or pandas' with the label missing
+                raise InputError(
+                    f"{path}, line {line}: label {label!r} in column {label_column!r} is how R and pandas "
+                    "write a missing value; give the row its label or leave the row out"
+                )
             split = (row.get(split_column) or "").strip() if split_column else None
             record_id = (row.get(id_column) or "").strip() if id_column else f"{path.name}:{line}"
             yield LabelledSequence(record_id, sequence, label, split or None, str(path), line)
