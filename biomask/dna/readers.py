@@ -178,12 +178,17 @@ def read_fasta_blocks(
         yield from state.finish()
 
 
+_CR_ONLY = (
+    " (its lines end in CR alone, as classic Mac OS wrote them: convert them to LF, e.g. tr '\\r' '\\n')"
+)
+
+
 def _encoding_hint(text: bytes) -> str:
     """Why a file that is no FASTA may still be one, where its bytes say so."""
     if text[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(text) > 3 and text[1:4:2] == b"\x00\x00"):
         return " (it is UTF-16 text, as Windows PowerShell's '>' writes it: save it as UTF-8 or ASCII)"
     if b"\r" in text[:4096] and b"\n" not in text[:4096]:
-        return " (its lines end in CR alone, as classic Mac OS wrote them: convert them to LF, e.g. tr '\\r' '\\n')"
+        return _CR_ONLY
     return ""
 
 
@@ -194,6 +199,7 @@ class _FastaState:
         self.path, self.block_size = path, block_size
         self.count, self.name, self.start = 0, "", 0
         self.pending = bytearray()
+        self.cr_inside = False  # the current header holds a CR: lines ending in CR alone
 
     def feed(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
         pos = 0
@@ -205,7 +211,7 @@ class _FastaState:
                 # UTF-8, as files are written now: two non-ASCII names stay two names
                 title = data[pos + 1 : end].decode("utf-8", errors="replace").strip()
                 self.name = title.split(None, 1)[0] if title else f"record{self.count}"
-                self.cr_inside = "\r" in title  # lines ending in CR alone: the file read as one line
+                self.cr_inside = "\r" in title  # the whole file read as one header line
                 self.start = 0
                 pos = end + 1
                 continue
@@ -227,12 +233,7 @@ class _FastaState:
         if self.count == 0:
             return
         if self.start == 0 and not self.pending:
-            hint = (
-                " (its lines end in CR alone, as classic Mac OS wrote them: convert them to LF, e.g. "
-                "tr '\\r' '\\n')"
-                if getattr(self, "cr_inside", False)
-                else ""
-            )
+            hint = _CR_ONLY if self.cr_inside else ""
             raise InputError(f"{self.path}: record {self.count} ('{self.name}') has no sequence{hint}")
         if self.pending:
             yield self.name, self.start, bytes(self.pending)
