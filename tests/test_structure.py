@@ -294,3 +294,23 @@ def test_the_readmes_masking_tables_list_every_registered_scheme_and_ratio_kind(
     assert [
         k for k in typing.get_args(RatioConfig.model_fields["kind"].annotation) if f"`{k}`" not in kinds
     ] == []
+
+
+def test_the_suite_collects_the_same_test_ids_every_time(repo):
+    """`make test` runs two pytest-xdist workers, which refuse to start when they collect different
+    test ids: a parameter holding the time (a gzip header's mtime) made CI fail whenever the two
+    collections fell in different seconds."""
+    import subprocess
+    import sys
+    import time
+
+    def collect() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return [line for line in done.stdout.splitlines() if "::" in line]
+
+    first = collect()
+    time.sleep(1.1)  # a time in seconds in any id differs now
+    assert first and collect() == first
