@@ -25,10 +25,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,6 +349,22 @@ def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
     missing |= np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
     return strings, missing
+
+
+def label_spellings(names: Iterable[str]) -> list[list[str]]:
+    """Groups of class names that are one number written several ways (`1`, `1.0`, `01`, `1e0`): each
+    would be a class of its own, and a classifier scored on classes that are one is scored on noise
+    (tables joined from files written by different tools). Names differing only in case or spaces are
+    warned about when the store is written, not refused: those can be meant."""
+    groups: dict[float, list[str]] = {}
+    for name in names:
+        try:
+            number = float(name)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            groups.setdefault(number, []).append(name)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
 def label_order(names: set[str]) -> list[str]:

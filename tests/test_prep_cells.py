@@ -1082,6 +1082,15 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     assert code == 2 and "no cell has a 'empty' label; all 700 are left out" in err
     assert "no cell is left to write (no label: 700)" in err
     assert not out.exists()
+    # one cluster id written as text two ways (a column joined from two tools): not two classes
+    adata.obs["joined"] = adata.obs["louvain"].astype(str).replace({"3": "3.0"})
+    adata.obs.loc[adata.obs_names[:5], "joined"] = "3"
+    adata.write_h5ad(path)
+    code, _, err = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.column=joined"
+    )
+    assert code == 2 and "obs['joined'] writes one number in several ways: '3' (" in err, err
+    assert "'3.0' (" in err and "replace({'3.0': '3'})" in err and not out.exists()
 
 
 def test_vocabulary_loaded_back_is_the_saved_one(pbmc3k_store):

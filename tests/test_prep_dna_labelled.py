@@ -165,3 +165,20 @@ def test_a_label_written_as_a_missing_value_is_refused_not_made_a_class(tmp_path
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 2 and "set.csv, line 3: label 'NA' in column 'label' is how R and pandas" in err, err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_one_number_written_several_ways_is_refused_not_made_several_classes(tmp_path, cli):
+    """Tables joined from files of different tools write a class `1` as `1.0` or `01`: as text they
+    were three classes, and every classifier was scored against a split of one."""
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("sequence,label\nACGTACGT,0\nACGTTTGT,1\n")
+    second.write_text("sequence,label\nACGTAAGT,0\nACGGAAGT,1.0\nACGGAAGA,01\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs:\n  - path: {first}\n  - path: {second}\noutput: {tmp_path / 'out'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "writes one number in several ways: '01' (" in err, err
+    assert f"'1' ({first}:3)" in err and f"'1.0' ({second}:3)" in err and "b.csv:4" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    second.write_text("sequence,label\nACGTAAGT,0\nACGGAAGT,1\nACGGAAGA,10\n")  # 1 and 10 stay apart
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 0, err

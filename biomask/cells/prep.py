@@ -60,6 +60,7 @@ from biomask.store import (
     TokenStore,
     TokenStoreWriter,
     label_order,
+    label_spellings,
     label_strings,
     token_dtype,
     tokenizer_files,
@@ -518,15 +519,32 @@ def _batch_names(cfg: CellsPrepConfig, inputs: list[CellInput]) -> list[str] | N
     return sorted(names)
 
 
+def _label_names(cfg: CellsPrepConfig, inputs: list[CellInput]) -> list[str] | None:
+    """The store's classes; one number written two ways (`3`, `3.0`) is refused, naming the inputs."""
+    if not cfg.labels.column:
+        return None
+    kept = [set(map(str, inp.labels[inp.splits != NOT_KEPT])) for inp in inputs]
+    names = set().union(*kept)
+    groups = label_spellings(names)
+    if groups:
+        where = {
+            name: next(inp.source.where for inp, own in zip(inputs, kept) if name in own) for name in names
+        }
+        shown = "; ".join(" and ".join(f"{name!r} ({where[name]})" for name in group) for group in groups[:3])
+        raise InputError(
+            f"obs[{cfg.labels.column!r}] writes one number in several ways: {shown}"
+            f"{f' and {len(groups) - 3} more' if len(groups) > 3 else ''}; each would be a class of its "
+            "own -- write every label one way, e.g. "
+            f"adata.obs[{cfg.labels.column!r}].replace({{{groups[0][1]!r}: {groups[0][0]!r}}})"
+        )
+    return label_order(names)
+
+
 def write_store(
     cfg: CellsPrepConfig, inputs: list[CellInput], vocab: GeneVocabulary, out: Path
 ) -> dict[str, Any]:
     scheme = make_scheme(cfg.tokenizer, vocab)
-    label_names = (
-        label_order({str(v) for inp in inputs for v in inp.labels[inp.splits != NOT_KEPT]})
-        if cfg.labels.column
-        else None
-    )
+    label_names = _label_names(cfg, inputs)
     label_index = {name: i for i, name in enumerate(label_names or [])}
     batch_names = _batch_names(cfg, inputs)
     meta_columns = _meta_columns(cfg)

@@ -47,7 +47,14 @@ from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, StaleOutputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
-from biomask.store import TokenStore, TokenStoreWriter, label_order, token_dtype, tokenizer_files
+from biomask.store import (
+    TokenStore,
+    TokenStoreWriter,
+    label_order,
+    label_spellings,
+    token_dtype,
+    tokenizer_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +413,22 @@ def _prep_labelled(
         rows.close()
 
 
+def _check_label_spellings(
+    rows: LabelledRows, kept: np.ndarray, label_codes: np.ndarray, present: list[int]
+) -> None:
+    """Refuse one label written two ways (`1` and `1.0`), naming where each spelling first occurs."""
+    groups = label_spellings(rows.labels.values[c] for c in present)
+    if not groups:
+        return
+    first = {rows.labels.values[c]: rows.where(int(kept[np.argmax(label_codes == c)])) for c in present}
+    shown = "; ".join(" and ".join(f"{name!r} ({first[name]})" for name in group) for group in groups[:3])
+    raise InputError(
+        f"the label column writes one number in several ways: {shown}"
+        f"{f' and {len(groups) - 3} more' if len(groups) > 3 else ''}; each would be a class of its "
+        "own -- write every label one way in the table(s)"
+    )
+
+
 def _write_labelled(
     cfg: DNAPrepConfig, inputs: list[ResolvedInput], rows: LabelledRows, out: Path
 ) -> dict[str, Any]:
@@ -440,6 +463,7 @@ def _write_labelled(
         )
 
     present = np.unique(label_codes).tolist()
+    _check_label_spellings(rows, kept, label_codes, present)
     label_names = label_order({rows.labels.values[c] for c in present})
     # a row's label code (order of first appearance) -> the store's class number (label_order)
     class_of = np.full(len(rows.labels.values), -1, dtype=np.int64)
