@@ -375,11 +375,13 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 def cmd_store_info(args: argparse.Namespace) -> int:
     import json
 
+    from biomask.provenance import content_sha256
     from biomask.store import TokenStore
 
     store = TokenStore(args.store)
     m = store.manifest
     summary = {
+        "content_sha256": content_sha256(m),
         "modality": m.get("modality"),
         "kind": m.get("kind"),
         "tokenizer": m.get("tokenizer"),

@@ -6,6 +6,7 @@ rerun a result and to know whether an existing output is still current (its `fin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -17,6 +18,7 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +203,29 @@ def written_by_biomask(info: dict[str, Any] | None) -> bool:
     return (
         info is not None and isinstance(info.get("stage"), str) and isinstance(info.get("fingerprint"), str)
     )
+
+
+# What a manifest records of where, from which files and by which code a store was made: not its data
+_PROVENANCE_KEYS = ("config", "code", "sources")
+
+
+def content_sha256(manifest: Mapping[str, Any]) -> str:
+    """A digest of a store's data -- every shard's and the tokenizer's sha256, the fields, labels and
+    counts -- without the output path, the input paths and the code version the manifest also holds:
+    the same data prepared in another folder, on another machine or by another biomask gives the same
+    digest (the manifest's own sha256, which reuse compares, differs)."""
+    data = {key: value for key, value in manifest.items() if key not in _PROVENANCE_KEYS}
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict):  # frozen_from: the folder the panel was taken from
+        data["tokenizer"] = {key: value for key, value in tokenizer.items() if key != "frozen_from"}
+    return sha256_json(data)
+
+
+def input_entry(name: str, root: str | os.PathLike) -> dict[str, Any]:
+    """A store as a stage's recorded input: its manifest's sha256 (what a stage's fingerprint uses)
+    and `content_sha256`, to compare the data of runs made elsewhere."""
+    manifest = Path(root) / "manifest.json"
+    entry: dict[str, Any] = {"name": name, "path": str(root), "sha256": sha256_file(manifest)}
+    with contextlib.suppress(OSError, ValueError, TypeError):  # the store's own checks say what is wrong
+        entry["content_sha256"] = content_sha256(json.loads(manifest.read_text()))
+    return entry

@@ -15,7 +15,7 @@ from biomask.dna.config import DNAPrepConfig
 from biomask.dna.prep import prep_dna
 from biomask.dna.tokenizers import load_tokenizer
 from biomask.store import TokenStore
-from tests.conftest import leftovers
+from tests.conftest import REPO, leftovers
 
 LABELS = ("enhancer", "promoter", "silencer")
 
@@ -182,3 +182,38 @@ def test_one_number_written_several_ways_is_refused_not_made_several_classes(tmp
     second.write_text("sequence,label\nACGTAAGT,0\nACGGAAGT,1\nACGGAAGA,10\n")  # 1 and 10 stay apart
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 0, err
+
+
+def test_the_same_data_prepared_elsewhere_has_the_same_content_digest(tmp_path, cli):
+    """The manifest holds the output path, the inputs' paths and the code version, so its own sha256
+    (what reuse compares) differs between two machines' preps of one table; `content_sha256`, which
+    `store info` prints and every stage records beside it, is the data's and does not."""
+    import json
+
+    from biomask.provenance import input_entry
+
+    rows = "sequence,label\n" + "".join(
+        f"{'ACGT'[i % 4] * 3}TTGCA{'ACGT'[i // 4 % 4] * 2},{i % 2}\n" for i in range(40)
+    )
+    digests = []
+    for place in ("here", "there"):
+        (tmp_path / place).mkdir()
+        table = tmp_path / place / "set.csv"
+        table.write_text(rows)
+        out = tmp_path / place / "store"
+        code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"inputs=[{{path: {table}}}]",
+                           f"output={out}", "tokenizer.kind=char")  # fmt: skip
+        assert code == 0, err
+        code, shown, _ = cli("store", "info", str(out))
+        info = json.loads(shown)
+        entry = input_entry("store", out)
+        assert entry["content_sha256"] == info["content_sha256"]
+        digests.append((entry["sha256"], entry["content_sha256"]))
+    assert digests[0][0] != digests[1][0] and digests[0][1] == digests[1][1]
+    rows = rows.replace("TTGCA", "TTGCC", 1)  # one base of one record: other data
+    (tmp_path / "there" / "set.csv").write_text(rows)
+    code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml",
+                       f"inputs=[{{path: {tmp_path / 'there' / 'set.csv'}}}]", f"output={tmp_path / 'there' / 'store'}",
+                       "tokenizer.kind=char", "--overwrite")  # fmt: skip
+    assert code == 0, err
+    assert input_entry("store", tmp_path / "there" / "store")["content_sha256"] != digests[0][1]

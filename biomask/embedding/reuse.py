@@ -10,7 +10,7 @@ from typing import Any
 
 from biomask.embedding.config import EmbedConfig, non_semantic
 from biomask.errors import BiomaskError, InputError
-from biomask.provenance import sha256_file
+from biomask.provenance import input_entry, sha256_file
 from biomask.stage import CONFIG_SHA256, StageOutput, has_run_record
 
 OUTPUT_NAME = "embeddings.h5ad"  # inside a directory output
@@ -97,7 +97,7 @@ def checkpoint_inputs(cfg: EmbedConfig, path: Path) -> list[dict[str, Any]]:
     weights, config = Path(cfg.checkpoint) / "model.safetensors", Path(cfg.checkpoint) / "config.json"
     digest = sha256_file(weights) if weights.is_file() else None
     if path.is_dir():  # a token store: its manifest holds every shard's checksum
-        source = {"name": "input", "path": str(path), "sha256": sha256_file(path / "manifest.json")}
+        source = input_entry("input", path)
     else:
         source = {"name": "input", "path": str(path), "sha256": input_checksum(path)}
     checkpoint = {

@@ -9,14 +9,14 @@ from typing import Any
 
 from biomask.errors import BiomaskError
 from biomask.evaluation.config import NON_SEMANTIC, EvaluateConfig
-from biomask.provenance import sha256_file
+from biomask.provenance import input_entry, sha256_file
 from biomask.stage import CONFIG_SHA256, StageOutput
 
 
 def stage_inputs(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """What an evaluation's result depends on besides its config: the store's manifest (every shard's
     sha256) and each checkpoint's weights and config.json."""
-    inputs = [{"name": "store", "path": cfg.store, "sha256": sha256_file(Path(cfg.store) / "manifest.json")}]
+    inputs = [input_entry("store", cfg.store)]
     for name, path in cfg.checkpoints.items():
         weights, config = Path(path) / "model.safetensors", Path(path) / "config.json"
         inputs.append(

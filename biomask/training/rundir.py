@@ -60,7 +60,14 @@ from biomask.outputs import (
     output_digests,
     refuse_changed,
 )
-from biomask.provenance import code_differs, code_version, read_run_info, sha256_file, written_by_biomask
+from biomask.provenance import (
+    code_differs,
+    code_version,
+    input_entry,
+    read_run_info,
+    sha256_file,
+    written_by_biomask,
+)
 from biomask.stage import StageOutput, warn_other_code
 from biomask.training.config import NON_SEMANTIC, PretrainConfig
 
@@ -193,7 +200,7 @@ def recorded(path: Path) -> dict[str, Any] | None:
 def store_input(root: Path) -> dict[str, Any]:
     """A run's token store as an input of its fingerprint: the store's manifest, which holds every
     shard's sha256."""
-    return {"name": "token-store", "path": str(root), "sha256": sha256_file(root / "manifest.json")}
+    return input_entry("token-store", root)
 
 
 def run_inputs(cfg: PretrainConfig, store_root: Path) -> list[dict[str, Any]]:
