@@ -119,6 +119,22 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert "concat pooling not tried: it needs records of one length" in notes[2]
     report = (tmp_path / "e1" / "report.md").read_text()
     assert all(f"- {n}" in report for n in notes)
+    # the same table prepared again in another folder, from a copy: the same data (content_sha256),
+    # so the same specific note, not the guess that a store of the same input file gives
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "cut.csv").write_bytes((tmp_path / "cut.csv").read_bytes())
+    code, _, err = cli(
+        "prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {tmp_path / 'copy' / 'cut.csv'}}}]",
+        f"output={tmp_path / 'copy' / 'store'}",
+    )  # fmt: skip
+    assert code == 0, err
+    again = [a.replace(f"store={store}", f"store={tmp_path / 'copy' / 'store'}") for a in map(str, args)]
+    code, _, err = cli(*again, f"output={tmp_path / 'e-copy'}")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "e-copy" / "metrics.json").read_text())["notes"]
+    assert notes[1].startswith("checkpoint own: pretrained (label-free) on this store's 'train' records"), (
+        notes
+    )
     # tested only on the store's test split, which pretraining never read: nothing to say about it
     code, _, err = cli(*args, f"output={tmp_path / 'e2'}", "splits.mode=store")
     assert code == 0, err

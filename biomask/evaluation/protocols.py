@@ -68,7 +68,7 @@ from biomask.models import MaskedEncoder, build_model, check_tokenizer, load_pre
 from biomask.models.kinds import PROFILE_KINDS
 from biomask.models.model import POOLINGS
 from biomask.models.profile import check_standardise, standardised_on
-from biomask.provenance import sha256_file
+from biomask.provenance import content_sha256, sha256_file
 from biomask.resources import resolve_threads
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,11 @@ def pretrained_on_these_records(model: Any, data: LabelledRecords, mode: str) ->
     but the baselines never see the test records before they are scored; the split the checkpoint
     trained on is recorded since 2026-12-05 (before: assumed to be `train`)."""
     trained = (getattr(model, "checkpoint_info", None) or {}).get("data") or {}
-    if trained.get("manifest_sha256") != sha256_file(data.store.root / "manifest.json"):
+    same_store = trained.get("manifest_sha256") == sha256_file(data.store.root / "manifest.json") or (
+        trained.get("content_sha256") is not None
+        and trained["content_sha256"] == content_sha256(data.store.manifest)
+    )
+    if not same_store:
         shared = _shared_sources(trained, data.store.manifest)
         if not shared and _shared_token_shards(trained, data.store.manifest):
             # the same records reached by another route (a task cut from a GenBank file inline, and

@@ -764,6 +764,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 "data": {
                     "store": str(store.root),
                     "manifest_sha256": inputs[0]["sha256"],
+                    # the data's own digest: the same store prepared elsewhere is still this one
+                    "content_sha256": inputs[0].get("content_sha256"),
                     "train_split": cfg.data.train_split,
                     # the files the store was prepared from: evaluate notes a task store made from them
                     "sources": [
