@@ -192,7 +192,7 @@ def _real_dna(checkpoint, store, n=12, length=100):
 def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically(
     dna_checkpoint, genome_store, tmp_path, cli
 ):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
     code, out, err = cli("export-hf", "--checkpoint", dna_checkpoint, "--output", tmp_path / "first")
     assert code == 0, err
@@ -201,7 +201,7 @@ def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert config.model_type == "biomask" and config.hidden_size == 32
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    plain = AutoTokenizer.from_pretrained(folder)  # the tokenizer is tokenizer.json: no code needed
+    plain = PreTrainedTokenizerFast.from_pretrained(folder)  # tokenizer.json: no code needed (README)
     assert (
         tok.model_max_length
         == 130
@@ -226,6 +226,15 @@ def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically
     with torch.no_grad():
         output = model(**batch, output_hidden_states=True)
     assert float(np.abs(output.pooler_output.numpy() - ours).max()) < 1e-5
+    varied = [seq[: 40 + 5 * i] for i, seq in enumerate(sequences)]  # records of several lengths
+    with torch.no_grad():
+        right = model(**tok(varied, padding=True, return_tensors="pt")).pooler_output
+        tok.padding_side = "left"  # positions count the kept tokens: left padding embeds the same
+        padded = tok(varied, padding=True, return_tensors="pt")
+        assert not bool(padded["attention_mask"][0, 0])
+        left = model(**padded).pooler_output
+        tok.padding_side = "right"
+    assert float((left - right).abs().max()) < 1e-5
     assert len(output.hidden_states) == 3 and output.last_hidden_state.shape[:2] == batch["input_ids"].shape
     for layer in (0, 1):
         theirs = model.embed(**batch, pooling="cls", layer=layer).numpy()
@@ -397,6 +406,10 @@ def test_hf_export_reads_raw_sequences_as_overlapping_kmers_and_trains_a_classif
     records = [{"tokens": tokenizer.encode(seq.upper())} for seq in sequences]
     assert torch.equal(ids["input_ids"], collate(records, modality="dna")["input_ids"])
     assert tok("ACG CGT GTA")["input_ids"] == tok("ACGTA")["input_ids"]  # DNABERT's written-out form too
+    # a sequence wrapped over lines (FASTA) or split by a space is one sequence, not k-mers written out
+    assert tok("ACGT\nACG")["input_ids"] == tok("ACGTACG")["input_ids"]
+    assert tok("ACGTAC GTAC")["input_ids"] == tok("ACGTACGTAC")["input_ids"]
+    assert tok.tokenize("ACGTA") == ["ACG", "CGT", "GTA"]  # every entry point reads the k-mers
     assert tok.unk_token_id not in tok("acgta")["input_ids"]
     hf = AutoModel.from_pretrained(folder, trust_remote_code=True)
     ours = embed_records(load_pretrained(checkpoint), records, pooling="mean")
@@ -532,18 +545,41 @@ def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_i
         with torch.no_grad():
             out = half(**{**inputs, "values": inputs["values"].to(dtype)}).pooler_output
         assert out.dtype == dtype and float((out.float() - full).abs().max()) < 0.1
-    # a gene outside the panel ([UNK]) and values at the specials change nothing, as in biomask.embed
+    # a gene outside the panel ([UNK]) changes nothing, as in biomask.embed
     ids, values = inputs["input_ids"].clone(), inputs["values"].clone()
     pad = ~inputs["attention_mask"][0]
     assert bool(pad.any())
     slot = int(pad.nonzero()[0])
     ids[0, slot], values[0, slot] = 4, 5.0  # [UNK] with a value
-    values[0, 0] = 3.0  # a value at [CLS]
     mask = inputs["attention_mask"].clone()
     mask[0, slot] = True
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, values=values).pooler_output
     assert float((out - full).abs().max()) == 0.0
+    # values shifted by one (the [CLS] slot forgotten) pair every gene with another's value: refused
+    shifted = torch.zeros_like(values)
+    shifted[:, :-1] = inputs["values"][:, 1:]
+    with pytest.raises(ValueError, match=r"non-zero value at a \[CLS\] or \[SEP\] position"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], values=shifted)
+    # gene names it does not know (another case, Ensembl IDs, another species) are [UNK]: every cell
+    # would get the same vector, so refused; a record naming few panel genes is warned about
+    unknown = torch.where(inputs["input_ids"] >= 5, 4, inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"record\(s\) \[0, 1, 2, 3, 4\] name no gene of the model's panel"):
+        model(input_ids=unknown, attention_mask=inputs["attention_mask"], values=inputs["values"])
+    few = inputs["input_ids"].clone()
+    few[0, 2:] = torch.where(few[0, 2:] >= 5, 4, few[0, 2:])
+    model.config.complete_profile = True  # as a panel model's export says (this one is binned)
+    with pytest.warns(
+        UserWarning,
+        match=r"8 record\(s\) name under 50% of the model's 765 panel genes \(record 0: 1, \d+ \[UNK\]\)",
+    ):
+        model(input_ids=few, attention_mask=inputs["attention_mask"], values=inputs["values"])
+    model.config.complete_profile = False
+    # raw counts where log-normalised values belong: said
+    counts = torch.where(inputs["values"] > 0, 7.0, 0.0)
+    counts[:, 1] = 120.0
+    with pytest.warns(UserWarning, match=r"8 record\(s\) hold only whole numbers.*raw counts, it seems"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], values=counts)
     ids[0, slot] = ids[0, 1]  # a gene listed twice: refused, not silently one of its two values
     with pytest.raises(ValueError, match=r"record\(s\) \[0\] list a gene more than once"):
         model(input_ids=ids, attention_mask=mask, values=values)

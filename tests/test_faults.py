@@ -222,6 +222,10 @@ def test_export_overwrite_replaces_only_an_export_and_never_its_checkpoint(tmp_p
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
     card = (tmp_path / "hf" / "README.md").read_text()  # no card there: biomask wrote one
     assert "library_name: transformers" in card and "R²MAE" in card
+    # what a Hub user needs: how it was measured, its inputs (truncation keeps the start), its terms
+    assert "Held-out masked loss" in card and "strongest reference predictor" in card
+    assert "`truncation=True` keeps the first" in card and "average\n  `[1:-1]`" in card
+    assert "## Intended use and limitations" in card and "Apache-2.0" in card
     # a file missing is not reused, but nothing of anyone's is lost by writing it again
     (tmp_path / "hf" / "tokenizer_config.json").unlink()
     code, _, err = cli(*base, tmp_path / "hf")

@@ -204,11 +204,37 @@ EXPORT_FILES = (
 CARD = "README.md"  # the model card: written where the folder has none, replaced only as written
 
 
+def _held_out_lines(info: dict[str, Any]) -> str:
+    """The pretraining run's held-out masked loss against its strongest reference predictor, by ratio."""
+    found = info.get("eval") or {}
+    loss = found.get("loss") or {}
+    references = {
+        name: ref for name, ref in (found.get("references") or {}).items() if ref.get("mean_loss") is not None
+    }
+    if not loss or found.get("mean_loss") is None:
+        return "- Held-out masked loss: not recorded"
+    line = f"- Held-out masked loss (the store's validation records, mean over mask ratios): {found['mean_loss']:.3f}"
+    if not references:
+        return line
+    best = min(references, key=lambda name: references[name]["mean_loss"])
+    reference = references[best].get("loss") or {}
+    worse = [r for r in loss if r in reference and loss[r] > reference[r]]
+    by_ratio = ", ".join(
+        f"{r}: {loss[r]:.3f}" + (f" ({reference[r]:.3f})" if r in reference else "") for r in loss
+    )
+    return (
+        f"{line}, against {references[best]['mean_loss']:.3f} for the strongest reference predictor, "
+        f"{best} (lower is better). By ratio (reference): {by_ratio}"
+        + (f". Worse than the reference at ratio {', '.join(worse)}" if worse else "")
+    )
+
+
 def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
-    """A Hub model card: what the model is, how it was trained, how to load it."""
+    """A Hub model card: what the model is, how it was trained and measured, its inputs, how to load it."""
     info = model.checkpoint_info
     name = config["biomask"]["exported_from"]
-    modality = "DNA" if model.config.modality == "dna" else "single-cell expression"
+    dna = model.config.modality == "dna"
+    modality = "DNA" if dna else "single-cell expression"
     masking = info.get("masking") or {}
     ratio = masking.get("ratio") or {}
     if masking.get("scheme") == "r2mae" and ratio.get("kind") == "uniform":
@@ -222,30 +248,64 @@ def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
     sources = ", ".join(
         f"{src.get('name')} (sha256 {str(src.get('sha256'))[:12]}…)" for src in data.get("sources") or []
     )
-    tags = ["biomask", "masked-pretraining", "dna" if model.config.modality == "dna" else "single-cell"]
-    example = (
-        'batch = tok(["ACGTTGCA", "acgtnnRY"], padding=True, truncation=True, return_tensors="pt")\n'
-        "vectors = model.embed(**batch)   # (B, d): biomask's embedding, pooling "
-        f"{config['pooling']!r}"
-        if model.config.modality == "dna"
-        else "# cells: gene names (genes.tsv order, zeros included) plus token-aligned `values`;\n"
-        "# biomask.embed(adata, checkpoint) builds them for you"
-    )
+    tags = ["biomask", "masked-pretraining", "dna" if dna else "single-cell"]
+    target_sum = ((info.get("prep") or {}).get("normalise") or {}).get("target_sum") or 10_000
+    if dna:
+        example = (
+            'batch = tok(["ACGTTGCA", "acgtnnRY"], padding=True, truncation=True, return_tensors="pt")\n'
+            "vectors = model.embed(**batch)   # (B, d): biomask's embedding, pooling "
+            f"{config['pooling']!r}"
+        )
+        inputs = f"""- Sequences: letters are uppercased, IUPAC ambiguity codes read as N, whitespace dropped. Other
+  characters (U, X, `-`, digits) become [UNK], a token the model never saw; `biomask embed` refuses
+  such a record.
+- Length: `truncation=True` keeps the first {config["model_max_length"]} tokens. `biomask embed` embeds a
+  longer record in windows and pools them; here, split it yourself.
+- The vector: `model.embed(**batch)` (or `pooler_output`) is biomask's, pooled over the content tokens.
+  The `feature-extraction` pipeline returns every token's state, [CLS] and [SEP] included: average
+  `[1:-1]` of each record to get the same vector."""
+    else:
+        example = (
+            "# cells: gene names (genes.tsv order, zeros included) plus token-aligned `values`;\n"
+            "# biomask.embed(adata, checkpoint) builds them for you"
+        )
+        inputs = f"""- Genes: names exactly as in `genes.tsv` (case, symbols or IDs as listed there, the species
+  of the training data). A name the tokenizer does not know is [UNK] and carries nothing; a record
+  naming no panel gene is refused, one naming under half the panel is warned about.
+- Values: token-aligned with the ids (0 at [CLS], [SEP] and padding), each
+  log1p(count / the cell's total count × {target_sum:,.0f}), for every panel gene the data measures,
+  zeros included (a panel gene left out is read as unmeasured). Whole numbers above
+  log1p({target_sum:,.0f}) look like raw counts and are warned about.
+- `biomask.embed(adata, checkpoint)` builds all of this from an AnnData of counts."""
+    front = ["library_name: transformers"]
+    if dna:  # a cell model needs `values` beside the ids: no pipeline can pass them
+        front.append("pipeline_tag: feature-extraction")
+    front.append(f"tags: [{', '.join(tags)}]")
     return f"""---
-library_name: transformers
-pipeline_tag: feature-extraction
-tags: [{", ".join(tags)}]
+{chr(10).join(front)}
+# license: set the weights' license before publishing (see "License" below)
 ---
 
-# {name}
+# biomask {modality} encoder ({model.config.kind}, {scheme}, seed {training.get("seed")})
 
-A {modality} encoder (`{model.config.kind}`, {model.config.n_layers} layers, width {model.config.d_model})
-pretrained by masked modelling with biomask and exported with
-`biomask export-hf`. Its config.json keeps the source checkpoint's full provenance under `biomask`.
+Exported with `biomask export-hf` from `{name}`. A {modality} encoder (`{model.config.kind}`,
+{model.config.n_layers} layers, width {model.config.d_model}) pretrained by masked modelling with
+biomask. Its config.json keeps the source checkpoint's full provenance under `biomask`, including the
+local paths where it was trained (not needed to load this folder; edit them out before publishing
+if they matter).
+
+## Training
 
 - Masking: {scheme}
 - Training: {training.get("steps")} steps, seed {training.get("seed")}, global batch {training.get("global_batch")}, {training.get("max_length")} tokens per record
 - Data: {sources or "(not recorded)"}
+{_held_out_lines(info)}
+
+No downstream task was measured for this export; biomask's `evaluate` and report give those
+(linear probe, fine-tuning, clustering) against simple baselines, which a small pretrained model
+does not always beat.
+
+## Use
 
 ```python
 from transformers import AutoModel, AutoTokenizer
@@ -257,6 +317,22 @@ model = AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)
 
 For a classifier: `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
 num_labels=K)` (a new head on the pooled vector).
+
+## Inputs
+
+{inputs}
+
+## Intended use and limitations
+
+Embeddings for research: clustering, probing, transfer to labelled tasks of the same kind of data
+(the same organism's DNA; cells of the same species and gene identifiers). A small model trained
+briefly: measure it against simple baselines on your task before relying on it. Not for clinical
+use.
+
+## License
+
+The code in this folder (`modeling_biomask.py`, `tokenization_biomask.py`) is biomask's, Apache-2.0.
+The weights were trained on the data named above, whose terms apply to them.
 """
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
-PAD_ID, CLS_ID, SEP_ID, NUM_SPECIAL = 0, 1, 2, 5
+PAD_ID, CLS_ID, SEP_ID, UNK_ID, NUM_SPECIAL = 0, 1, 2, 4, 5
+# profile models: the share of the panel a record must name before a warning (biomask embed's
+# default min_coverage)
+MIN_COVERAGE = 0.5
 CLIP = 10.0  # profile models: standardised values are clipped to ±10 (as in training)
 
 
@@ -112,13 +116,22 @@ class Embedder(nn.Module):
             self.value_mask = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(
-        self, ids: torch.Tensor, values: torch.Tensor | None, bins: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        values: torch.Tensor | None,
+        bins: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.tokens(ids)
         if self.positions is not None:
             if ids.shape[1] > self.cfg.max_len:
                 raise ValueError(f"{ids.shape[1]} tokens exceed the model's max_len {self.cfg.max_len}")
-            x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
+            # counted over the tokens the mask keeps, so a left-padded batch (tokenizer.padding_side =
+            # "left") embeds a record as right padding and biomask do
+            at = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+            if mask is not None:
+                at = (mask.long().cumsum(1) - 1).clamp(min=0)
+            x = x + self.positions(at)
         if self.cfg.value_embedding == "bins":
             if bins is None:
                 raise ValueError(
@@ -358,7 +371,9 @@ class BiomaskModel(BiomaskPreTrainedModel):
             return self._profile_states(input_ids, mask, values), mask, []
         if self.config.kind == "cnn":
             return self.encoder(self.embedder(input_ids), mask), mask, []
-        states, attentions = self.encoder(self.embedder(input_ids, values, bins), mask, output_attentions)
+        states, attentions = self.encoder(
+            self.embedder(input_ids, values, bins, mask), mask, output_attentions
+        )
         return states, mask, attentions
 
     def _profile_states(
@@ -381,6 +396,7 @@ class BiomaskModel(BiomaskPreTrainedModel):
                 f"record(s) {rows[:5]} list a gene more than once: sum its counts before normalising "
                 "(as biomask's prep does), then list each gene once"
             )
+        self._check_profile_inputs(ids, mask, values, listed_times)
         z = ((dense(values) - self.gene_mean) / self.gene_std).clamp(-CLIP, CLIP)
         # a panel gene a complete-profile record leaves out was not measured: hidden (exports
         # written before `complete_profile` was recorded: the panel scheme, the only one then)
@@ -404,6 +420,52 @@ class BiomaskModel(BiomaskPreTrainedModel):
         if getattr(self.config, "embed_norm", "none") == "l2":  # the cell embedding at unit length
             states[-1] = F.normalize(states[-1], dim=1)
         return states
+
+    def _check_profile_inputs(
+        self, ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, listed_times: torch.Tensor
+    ) -> None:
+        """What `biomask embed` refuses or warns about, said here too: the model cannot tell a wrong
+        input from a cell, and each of these gives a plausible vector."""
+        specials = mask & ((ids == CLS_ID) | (ids == SEP_ID))
+        if bool((torch.where(specials, values.float(), 0.0) != 0).any()):
+            raise ValueError(
+                "`values` holds a non-zero value at a [CLS] or [SEP] position: values are token-aligned "
+                "(the same shape as input_ids, 0 at [CLS], [SEP] and padding), so the first gene's value "
+                "goes in column 1; shifted values pair every gene with another's"
+            )
+        named = (listed_times[:, NUM_SPECIAL:] > 0).sum(1)
+        unknown = (mask & (ids == UNK_ID)).sum(1)
+        if bool((named == 0).any()):
+            rows = (named == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"record(s) {rows[:5]} name no gene of the model's panel ({int(unknown[rows[0]])} of the "
+                f"first one's genes are [UNK]): every such record gets the same vector. Gene names are "
+                "matched exactly as in genes.tsv (its case, symbols or Ensembl IDs as listed there, its "
+                "species)"
+            )
+        panel = self.config.vocab_size - NUM_SPECIAL
+        if getattr(self.config, "complete_profile", self.config.scheme == "panel"):
+            low = named.float() / panel < MIN_COVERAGE
+            if bool(low.any()):
+                first = int(low.nonzero()[0, 0])
+                warnings.warn(
+                    f"{int(low.sum())} record(s) name under {MIN_COVERAGE:.0%} of the model's {panel:,} panel "
+                    f"genes (record {first}: {int(named[first])}, {int(unknown[first])} [UNK]): the others "
+                    "are read as unmeasured. Check the gene names against genes.tsv",
+                    stacklevel=4,
+                )
+        # log1p(count / library size * target_sum) is at most log1p(target_sum); whole numbers above it are counts
+        source = (getattr(self.config, "biomask", None) or {}).get("source_checkpoint") or {}
+        target_sum = float(((source.get("prep") or {}).get("normalise") or {}).get("target_sum") or 10_000)
+        shown = torch.where(mask & (ids >= NUM_SPECIAL), values.float(), 0.0)
+        counts = (shown == shown.round()).all(1) & (shown > math.log1p(target_sum)).any(1)
+        if bool(counts.any()):
+            warnings.warn(
+                f"{int(counts.sum())} record(s) hold only whole numbers, some above log1p({target_sum:,.0f}) = "
+                f"{math.log1p(target_sum):.2f}: raw counts, it seems. The model reads log1p(count / the "
+                f"cell's total count * {target_sum:,.0f}) (biomask.embed computes it from counts)",
+                stacklevel=4,
+            )
 
     def _pool(
         self, h: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, pooling: str
@@ -470,7 +532,7 @@ class BiomaskModel(BiomaskPreTrainedModel):
         if output_attentions is None:
             output_attentions = bool(getattr(self.config, "output_attentions", False))
         if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+            return_dict = getattr(self.config, "return_dict", True)
         states, mask, attentions = self._states(input_ids, attention_mask, values, bins, output_attentions)
         last = states[-1]
         pooled = self._pool(last, input_ids, mask, self.config.pooling)
@@ -589,7 +651,7 @@ class BiomaskForSequenceClassification(BiomaskPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits, labels.long())
         if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+            return_dict = getattr(self.config, "return_dict", True)
         if return_dict is False:
             return tuple(v for v in (loss, logits, out.hidden_states, out.attentions) if v is not None)
         return SequenceClassifierOutput(

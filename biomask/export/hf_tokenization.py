@@ -7,8 +7,9 @@ Copied into such an export as `tokenization_biomask.py` (torch-free, biomask-fre
 `modeling_biomask.py`). The export's tokenizer.json is a word-level vocabulary of k-mers split on
 whitespace (DNABERT's convention: the caller writes "ACG CGT GTA ..."); no `tokenizers` pre-tokenizer
 can emit overlapping pieces, so a raw sequence would read as one unknown word. This class writes the
-k-mers itself before the tokenizer reads the text. Text that already holds whitespace is taken as
-k-mers written out, as DNABERT users pass them.
+k-mers itself before the tokenizer reads the text. Text whose words are all k letters long is taken
+as k-mers written out, as DNABERT users pass them; other whitespace (a sequence wrapped over lines)
+is dropped.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ def _kmers(text, k: int):
         return type(text)(_kmers(t, k) for t in text)
     if not isinstance(text, str):
         return text
-    seq = text.strip()
-    if any(c.isspace() for c in seq):  # already k-mers, space-separated (DNABERT's form)
+    words = text.split()
+    if len(words) > 1 and all(len(w) == k for w in words):  # k-mers written out (DNABERT's form)
         return text
+    seq = "".join(words)  # a sequence wrapped over lines (FASTA's 60 or 80 bases a line) is one
     return " ".join(seq[i : i + k] for i in range(len(seq) - k + 1))
 
 
@@ -40,6 +42,13 @@ class BiomaskKmerTokenizerFast(PreTrainedTokenizerFast):
         if kwargs.get("is_split_into_words"):
             return super().__call__(text, text_pair, *args, **kwargs)
         return super().__call__(_kmers(text, self.kmer_k), _kmers(text_pair, self.kmer_k), *args, **kwargs)
+
+    def tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
+        if kwargs.get("is_split_into_words"):
+            return super().tokenize(text, pair, add_special_tokens, **kwargs)
+        return super().tokenize(
+            _kmers(text, self.kmer_k), _kmers(pair, self.kmer_k), add_special_tokens, **kwargs
+        )
 
     def encode(self, text, text_pair=None, *args, **kwargs):
         if kwargs.get("is_split_into_words"):
