@@ -555,6 +555,18 @@ def cmd_main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- parser
 
 
+def _seed(value: str) -> int:
+    from biomask.config import MAX_SEED
+
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed {value!r}: a whole number from 0 to {MAX_SEED}")
+    return seed
+
+
 def _jobs(value: str) -> int | str:
     if value == "auto":
         return value
@@ -647,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         "position task",
     )
     p.add_argument("--max-per-class", type=int, default=None, help="at most this many windows per label")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     prep = sub.add_parser("prep", help="data-preparation stages").add_subparsers(
@@ -722,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the panel: this many most variable genes (default 2000; not with --init-from: its panel is kept)",
     )
     p.add_argument("--masking", default="r2mae", help="masking scheme (r2mae, bert15, fixed40, mae75, ...)")
-    p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--seed", type=_seed, default=0, help="pretraining seed")
     p.add_argument(
         "--init-from", help="continue this cells checkpoint on your cells (its gene panel is kept)"
     )

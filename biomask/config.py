@@ -10,16 +10,17 @@ object; `dump_config` writes the fully resolved config (every default filled in)
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from biomask.errors import ConfigError
 from biomask.provenance import sha256_json
@@ -29,7 +30,22 @@ from biomask.resources import shipped_config
 class Config(BaseModel):
     """Base of every stage schema: unknown keys are errors and values are not silently coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` / `.nan` parse as YAML floats, and no setting means them (an infinite
+    # target_sum wrote a store of infinities; a NaN learning rate passed `v <= 0` checks)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("output", check_fields=False)
+    @classmethod
+    def _output_named(cls, value: Any) -> Any:
+        # `output=` is "" and " " a folder named by a space: "" resolved to the working directory
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("output: a path, not an empty or blank name")
+        return value
+
+
+# A seed numpy and torch both take (numpy refuses a negative one, torch one of 2**64 or more)
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class SplitFractions(Config):
@@ -50,7 +66,46 @@ C = TypeVar("C", bound=Config)
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 would read it as a string)."""
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 would read it as a string), and refuses
+    what YAML 1.1 reads silently otherwise than a user means: a key given twice in one mapping (the
+    first is dropped: a copied stage, a second `train:` section) and the octal and base-60 integers
+    (`seed: 0755` is 493, `steps: 1:30` is 90)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:  # the node's own keys; `<<:` merges may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); YAML "
+                        "would keep only the second: merge them, or rename one",
+                        key_node.start_mark,
+                    )
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        text = str(self.construct_scalar(node))
+        if re.fullmatch(r"[-+]?0[0-7_]+", text) or ":" in text:
+            kind = "base-60" if ":" in text else "octal"
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{text} is a YAML 1.1 {kind} number ({super().construct_yaml_int(node)}); write the "
+                f"number you mean, or quote it if it is text: '{text}'",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.add_implicit_resolver(
@@ -72,7 +127,24 @@ def parse_yaml(text: str, origin: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+        # the mark names "<unicode string>": the origin says which file or override it is
+        text = str(exc).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"{origin}: not valid YAML: {text}") from None
+
+
+def decode_config(raw: bytes, path: str | os.PathLike) -> str:
+    """A config file's text: UTF-8 (a byte-order mark allowed) whatever the locale says; another
+    encoding is named, with the line of the first byte UTF-8 cannot read."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path} is UTF-16 text; save it as UTF-8 (biomask reads configs as UTF-8)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: byte {raw[exc.start]:#04x} is not UTF-8 (Latin-1 or a Windows code page?); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,11 +153,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():  # `configs/...` outside a checkout: the copy shipped in the wheel
         path = shipped_config(path) or path
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    text = decode_config(raw, path)
     data = parse_yaml(text, str(path))
     if data is None:
         return {}
@@ -166,16 +239,36 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return sorted(model.model_fields) if model else []
 
 
+def _data_location(loc: tuple[Any, ...], data: Any) -> list[Any]:
+    """An error's location as keys of the data: pydantic's also names the union member or validator it
+    tried (`UniformRatio`, `function-after[...]`), which are dropped -- but a key the data holds is
+    kept whatever it looks like (`Output`, a report's `DNA-ecoli`)."""
+    kept: list[Any] = []
+    node = data
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            kept.append(part)
+            node = node[part]
+        elif isinstance(part, str) and (part[:1].isupper() or "[" in part):
+            continue  # a union member's or validator's name, not a key
+        else:
+            kept.append(part)
+            node = None
+    return kept
+
+
 def _format_errors(
     schema: type[BaseModel],
     exc: ValidationError,
     origin: str,
     overridden: set[tuple[str, ...]],
     overridden_where: str = "on the command line",
+    data: Any = None,
 ) -> str:
     lines = []
     for err in exc.errors():
-        loc = [part for part in err["loc"] if not (isinstance(part, str) and part[:1].isupper())]
+        loc = _data_location(err["loc"], data)
         key = ".".join(str(p) for p in loc) or "(top level)"
         str_loc = tuple(str(p) for p in loc)
         source = origin
@@ -187,6 +280,12 @@ def _format_errors(
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema, loc[:-1])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc and allowed else []
+            if loc and "." in str(loc[-1]):  # `train.steps: 5` in a file: the command line's form
+                first, _, rest = str(loc[-1]).partition(".")
+                hint = f"; a dotted key is the command line's form: in a file, nest it ({first}: {{{rest}: ...}}){hint}"
+            elif near or (loc and str(loc[-1]).lower() in allowed):
+                hint = f"; did you mean '{near[0] if near else str(loc[-1]).lower()}'?{hint}"
             lines.append(f"{source}: unknown key '{key}'{hint}")
         elif err["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
@@ -216,7 +315,7 @@ def validate_config(
         return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            _format_errors(schema, exc, origin, overridden or set(), overridden_where)
+            _format_errors(schema, exc, origin, overridden or set(), overridden_where, data)
         ) from None
 
 
@@ -263,6 +362,7 @@ ADDED_KEYS: dict[str, Any] = {
     "batch_column": None,  # prep cells
     "labels.min_cells": 0,  # prep cells, 2026-12-06
     "standardise": "checkpoint",  # evaluate, embed, 2026-12-06
+    "evaluations{}.chosen_on": None,  # report, 2026-12-07
 }
 
 
@@ -270,7 +370,8 @@ ADDED_KEYS: dict[str, Any] = {
 # (or a function of the value and the flattened config that says whether it does what biomask did
 # before). Fingerprints kept them, so outputs written since a key existed hold it: those are left as
 # they are. An output written before holds neither it nor the keys after it; `config_fingerprints`
-# gives the fingerprint it holds. `a[].b`: key b of every item of the list a.
+# gives the fingerprint it holds. `a[].b`: key b of every item of the list a (`a{}.b`: of every value
+# of the mapping a).
 def _earlier_unless_finetuning(earlier: Any) -> Any:
     """An evaluate `finetune.*` key: it does what biomask did before it existed at `earlier`, and at
     any value in an evaluation that does not fine-tune (no protocol reads it)."""
@@ -309,14 +410,20 @@ def _is_earlier(earlier: Any, value: Any, flat: dict[str, Any]) -> bool:
 
 
 def _sections(data: Any, parts: list[str]) -> list[dict[str, Any]]:
-    """The dicts a dotted path's parents lead to (`a[]`: every item of the list a)."""
+    """The dicts a dotted path's parents lead to (`a[]`: every item of the list a; `a{}`: every value
+    of the mapping a, e.g. a report's `evaluations`)."""
     nodes = [data]
     for part in parts:
-        name, many = (part[:-2], True) if part.endswith("[]") else (part, False)
+        name, many = (part[:-2], part[-2:]) if part.endswith(("[]", "{}")) else (part, "")
         found: list[Any] = []
         for node in nodes:
             child = node.get(name) if isinstance(node, dict) else None
-            found += child if many and isinstance(child, list) else [] if many else [child]
+            if many == "[]":
+                found += child if isinstance(child, list) else []
+            elif many == "{}":
+                found += list(child.values()) if isinstance(child, dict) else []
+            else:
+                found.append(child)
         nodes = [node for node in found if isinstance(node, dict)]
     return nodes
 
@@ -371,14 +478,21 @@ def _fingerprint(data: dict[str, Any], exclude: Iterable[str]) -> str:
     return sha256_json(data)
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` → `{"a.b": 1}` (lists are kept as values)."""
+def flatten(data: Any, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}` (lists are kept as values). `keep_empty`: an empty mapping is
+    a value of its own (`{"a": {}}` → `{"a": {}}`), as overrides need it: it empties the section."""
     if not isinstance(data, dict):
         return {prefix: data}
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+        nested = isinstance(value, dict) and (value or not keep_empty)
+        for dotted, leaf in (
+            flatten(value, name, keep_empty=keep_empty) if nested else {name: value}
+        ).items():
+            if dotted in flat:  # `split.seed: 1` beside `split: {seed: 2}`: one would be dropped
+                raise ConfigError(f"{dotted} is given twice (as a dotted key and inside a section); keep one")
+            flat[dotted] = leaf
     return flat
 
 

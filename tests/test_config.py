@@ -199,6 +199,21 @@ def test_a_key_added_later_keeps_outputs_written_before_it_current():
         CellsPrepConfig, None, ["inputs=[{dataset: pbmc3k}]", "output=runs/prep/y", "batch_column=sample"]
     )
     assert config_fingerprint(batched) != config_fingerprint(prep)
+    # a key inside each value of a mapping (a report's evaluations{}.chosen_on) the same way
+    from biomask.report.config import ReportConfig
+
+    report = load_config(ReportConfig, None, ["output=o", "evaluations={a: {path: x}, b: {path: y}}"])
+    old = report.model_dump(mode="json")
+    for spec in old["evaluations"].values():
+        del spec["chosen_on"]
+    assert (
+        config_fingerprint(report) == sha256_json(old)
+        and config_diff(old, report.model_dump(mode="json")) == []
+    )
+    noted = load_config(
+        ReportConfig, None, ["output=o", "evaluations={a: {path: x, chosen_on: z}, b: {path: y}}"]
+    )
+    assert config_fingerprint(noted) != config_fingerprint(report)
 
 
 def test_keys_added_before_added_keys_existed_keep_older_outputs_current(repo):
@@ -269,3 +284,67 @@ def test_evaluations_written_before_their_later_keys_stay_current_unless_they_fi
     assert "finetune" in tuned.protocols
     # a fine-tuning evaluation: today's mixing and selection are other results than before them
     assert sha256_json(written_before(tuned, later)) not in config_fingerprints(tuned)
+
+
+def _error(schema, path, *overrides) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, path, list(overrides))
+    return str(err.value)
+
+
+def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_it(tmp_path):
+    """Each of these used to run with a value other than the one written, or to crash after writing."""
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.evaluation.config import EvaluateConfig
+
+    # a second `split:` section dropped the first; an octal or base-60 number read as another number
+    message = _error(DNAPrepConfig, write(tmp_path, BASE + "split:\n  val: 0.2\nsplit:\n  seed: 3\n"))
+    assert "cfg.yaml: not valid YAML: key 'split' appears twice in one mapping (lines 4 and 6)" in message
+    assert "0755 is a YAML 1.1 octal number (493)" in _error(
+        DNAPrepConfig, write(tmp_path, BASE), "split.seed=0755"
+    )
+    assert "1:30 is a YAML 1.1 base-60 number (90)" in _error(
+        PretrainConfig, write(tmp_path, "data: {store: s}\noutput: o\ntrain: {steps: 1:30}\n")
+    )
+    # merge keys still work (a later key overrides the merged one, as YAML means)
+    from biomask.config import parse_yaml
+
+    assert parse_yaml("x: &d {val: 0.3, test: 0.1}\ny:\n  <<: *d\n  val: 0.2\n", "f")["y"] == {
+        "val": 0.2,
+        "test": 0.1,
+    }
+    # a file in another encoding is named, whatever the locale
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(BASE.encode() + "# caf\xe9\n".encode("latin-1"))
+    assert "latin.yaml, line 4: byte 0xe9 is not UTF-8" in _error(DNAPrepConfig, latin)
+    latin.write_bytes(BASE.encode("utf-16"))
+    assert "latin.yaml is UTF-16 text; save it as UTF-8" in _error(DNAPrepConfig, latin)
+    # no setting means infinity or NaN (an infinite target_sum wrote a store of infinities)
+    cells = write(tmp_path, "inputs: [{dataset: pbmc68k_reduced}]\noutput: o\n")
+    assert "key 'normalise.target_sum': Input should be a finite number" in _error(
+        CellsPrepConfig, cells, "normalise.target_sum=.inf"
+    )
+    assert "qc.min_genes (500) is above qc.max_genes (100)" in _error(
+        CellsPrepConfig, cells, "qc.min_genes=500", "qc.max_genes=100"
+    )
+    ev = write(tmp_path, "store: s\noutput: o\n")
+    assert "finetune.lr" in _error(EvaluateConfig, ev, "finetune.lr=.nan")
+    # a repeated evaluation seed repeats a split: it was counted as another replicate
+    assert "seeds: [1] given more than once" in _error(EvaluateConfig, ev, "seeds=[0,1,1]")
+    # seeds numpy cannot take, and Adam's decay rates outside [0, 1): crashed after writing the run folder
+    pretrain = write(tmp_path, "data: {store: s}\noutput: o\n")
+    assert "train.seed': Input should be greater than or equal to 0" in _error(
+        PretrainConfig, pretrain, "train.seed=-1"
+    )
+    assert "less than or equal to 4294967295" in _error(PretrainConfig, pretrain, "train.seed=99999999999")
+    assert "optim.betas: each in [0, 1)" in _error(PretrainConfig, pretrain, "optim.betas=[1.0, 0.99]")
+    assert "output: a path, not an empty or blank name" in _error(PretrainConfig, pretrain, "output=")
+    # a key in the wrong case is shown as written, with the key meant
+    assert "unknown key 'Output'; did you mean 'output'?" in _error(PretrainConfig, pretrain, "Output=x")
+    assert "unknown key 'train.stepz'; did you mean 'steps'?" in _error(
+        PretrainConfig, pretrain, "train.stepz=3"
+    )
+    dotted = write(tmp_path, "data: {store: s}\noutput: o\ntrain.steps: 5\n")
+    assert "unknown key 'train.steps'; a dotted key is the command line's form: in a file, nest it" in _error(
+        PretrainConfig, dotted
+    )

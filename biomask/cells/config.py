@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from biomask.cells.tokenize import SCHEMES
-from biomask.config import Config, SplitFractions
+from biomask.config import Config, Seed, SplitFractions
 from biomask.store import DEFAULT_SHARD_TOKENS
 
 # The registered cell schemes' names (one class each in biomask.cells.tokenize).
@@ -100,6 +100,16 @@ class QCConfig(Config):
     min_cells: int = Field(3, ge=1)  # building a vocabulary: genes detected in fewer cells are left out
     zero_count_cells: Literal["error", "drop"] = "error"  # cells whose counts are all zero
 
+    @model_validator(mode="after")
+    def _ranges(self) -> QCConfig:
+        # found here, not after reading the data as "no cell is left to write"
+        for low, high in (("min_genes", "max_genes"), ("min_counts", "max_counts")):
+            if getattr(self, high) is not None and getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"qc.{low} ({getattr(self, low)}) is above qc.{high} ({getattr(self, high)}): no cell could pass"
+                )
+        return self
+
 
 class HVGConfig(Config):
     """Optional highly-variable-gene selection (scanpy) for the vocabulary built from the corpus."""
@@ -123,7 +133,7 @@ class TokenizerConfig(Config):
     n_bins: int = Field(51, ge=2, le=255)  # binned: expressed genes get bins 1..n_bins
     max_length: int = Field(1200, ge=1)  # binned and rank: at most this many genes per cell
     truncate: Literal["top", "sample"] = "top"  # binned beyond max_length: top-expressed, or a seeded sample
-    seed: int = Field(0, ge=0)  # binned with truncate=sample, and the cell subset for medians
+    seed: Seed = 0  # binned with truncate=sample, and the cell subset for medians
     min_coverage: float = Field(0.5, ge=0, le=1)  # warn when the data measures less of the vocabulary's genes
     # medians of a corpus storing more values than this come from a seeded subset of its cells
     median_max_values: int = Field(10_000_000, ge=1)
@@ -138,7 +148,7 @@ class LabelsConfig(Config):
 
 
 class SplitConfig(SplitFractions):
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     val: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     column: str | None = None  # obs column with train/val/test; without it splits are drawn by seed

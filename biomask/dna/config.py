@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from biomask.config import Config, SplitFractions
+from biomask.config import Config, Seed, SplitFractions
 from biomask.datasets.annotation_tasks import TASKS
 from biomask.store import DEFAULT_SHARD_TOKENS
 
@@ -25,7 +25,7 @@ class TaskSpec(Config):
     # gene-starts only — random: a motif task; centre: a position task
     placement: Literal["random", "centre"] = "random"
     max_per_class: int | None = Field(None, ge=1)  # at most this many windows per label (balanced)
-    seed: int = 0  # which windows (the random placement, the `other` windows, the subset)
+    seed: Seed = 0  # which windows (the random placement, the `other` windows, the subset)
 
 
 class InputSpec(Config):
@@ -71,7 +71,7 @@ class WindowConfig(Config):
 
 
 class SplitConfig(SplitFractions):
-    seed: int = 0
+    seed: Seed = 0
     val: float = Field(0.05, ge=0.0, lt=1.0)
     test: float = Field(0.05, ge=0.0, lt=1.0)
     block_size: int = Field(100_000, ge=1)  # genomes: bases per region block assigned wholly to one split

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from pydantic import Field, model_validator
 
 from biomask.cells.config import CountsConfig
-from biomask.config import Config
+from biomask.config import Config, Seed
 
 
 class GenesSpec(Config):
@@ -57,7 +57,7 @@ class DNASpec(Config):
 class UmapSpec(Config):
     color: str | None = None  # obs column the UMAP PNG is coloured by; null: no plot
     max_cells: int = Field(50_000, ge=10)  # a seeded sample of this many cells is plotted
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EmbedConfig(Config):

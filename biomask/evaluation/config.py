@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from biomask.config import Config, SplitFractions
+from biomask.config import Config, Seed, SplitFractions
 
 # The protocols a checkpoint is evaluated under, and what the tables call each. One list: the evaluate
 # config, the report's targets and the tables read it; a protocol's method is its branch in
@@ -149,7 +149,7 @@ NON_SEMANTIC = ("output", "num_workers", "batch_size")
 class EvaluateConfig(Config):
     store: str  # a labelled token store (DNA labelled set, or cells with a label column)
     output: str
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     splits: SplitSpec = SplitSpec()
     # kmer_lr, onehot_lr: DNA. pca_lr: PCA of the log-normalised expression + LR; hvg_lr: LR on every gene
     # of the store (its panel or vocabulary: the HVGs when prep selected them) — often the strongest.
@@ -200,6 +200,17 @@ class EvaluateConfig(Config):
     # else the CPU; or cpu, cuda, cuda:1. The probes fit on the CPU either way; fine-tuning trains
     # where pretraining does.
     device: str = "auto"
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        # a repeated seed repeats its split: counted as another replicate, it narrows every interval
+        repeated = sorted({seed for seed in value if value.count(seed) > 1})
+        if repeated:
+            raise ValueError(
+                f"seeds: {repeated} given more than once; each seed is one split, give each once"
+            )
+        return value
 
     @field_validator("num_workers")
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from biomask.config import Config
+from biomask.config import Config, Seed
 from biomask.masking.config import MaskingConfig
 from biomask.models.config import KIND_PRESETS, PRESETS, ModelKind
 
@@ -140,6 +140,7 @@ class OptimConfig(Config):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
+    # Adam's two decay rates, each in [0, 1)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0: no clipping
@@ -147,12 +148,19 @@ class OptimConfig(Config):
     # fused on a GPU, torch's default (foreach) on CPU. It changes results by float rounding only.
     fused: Literal["auto"] | bool = "auto"
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in value):  # torch's AdamW refuses others at the first step
+            raise ValueError("optim.betas: each in [0, 1), as Adam's decay rates are")
+        return value
+
 
 class TrainConfig(Config):
     steps: int = Field(1000, ge=1)  # optimizer steps
     micro_batch_size: int = Field(16, ge=1)  # per rank and forward pass
     grad_accum: int = Field(1, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     # auto: bf16 on GPU, fp32 on CPU. bf16: torch autocast over fp32 weights (fastest, measured);
     # bf16-weights: DeepSpeed's bf16 mode, bf16 weights and gradients (less memory). ds_config.py says more.
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = "auto"
