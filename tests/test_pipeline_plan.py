@@ -334,7 +334,24 @@ def test_only_and_from_name_existing_stages(dna_pipeline, cli):
 
 
 @pytest.mark.parametrize(
-    "value", ["plain", "0.1", "true", "a: b", "with space", 3, 0.5, None, [1, "x"], {"k": 1}]
+    "value",
+    [
+        "plain",
+        "0.1",
+        "true",
+        "a: b",
+        "with space",
+        "[draft] R2",
+        "*bold*",
+        "@home",
+        "%done",
+        "| x",
+        3,
+        0.5,
+        None,
+        [1, "x"],
+        {"k": 1},
+    ],
 )
 def test_override_values_survive_the_command_line(value):
     data: dict = {}
@@ -749,3 +766,24 @@ def test_status_rows_of_an_array_slurm_forgot_are_per_task_never_one_for_all(tmp
         ("0", "FAILED", "sacct"),
         ("1", "COMPLETED", "output"),
     ]
+
+
+def test_what_yaml_would_drop_silently_is_refused_and_an_empty_section_is_passed_on(tmp_path):
+    """A stage copied under the same name (YAML keeps the second), one key written both dotted and in
+    its section (one was dropped), and `overrides: {key: {}}` (flattened to nothing, so the config's
+    own entries stayed): each used to run something other than what the file says."""
+    path = tmp_path / "p.yaml"
+    stage = f"  prep:\n    command: prep dna\n    config: {GENOME}\n"
+    path.write_text(f"name: t\nrun_dir: {tmp_path / 'run'}\nstages:\n{stage}{stage}")
+    message = error_of(path)
+    assert "key 'prep' appears twice in one mapping (lines 4 and 7)" in message and str(path) in message
+    both = {
+        "prep": {
+            "command": "prep dna",
+            "config": GENOME,
+            "overrides": {"split.seed": 1, "split": {"seed": 2}},
+        }
+    }
+    assert "split.seed is given twice" in error_of(pipeline(tmp_path, both))
+    emptied = {"prep": {"command": "prep dna", "config": GENOME, "overrides": {"windows": {}}}}
+    assert "windows={}" in load_plan(pipeline(tmp_path, emptied)).stages["prep"].tasks[0].overrides

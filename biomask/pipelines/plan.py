@@ -156,24 +156,33 @@ def load_plan(
 def _apply_sweep_keys(
     data: dict[str, Any], overrides: Sequence[str]
 ) -> tuple[list[str], set[tuple[str, ...]]]:
-    """`stages.S.sweep.train.seed=[0,1]` sets the sweep's key `train.seed`: a sweep's keys are config
-    keys with dots of their own, which the generic override would take for a section `train` holding
-    `seed`. Returns the other overrides and the paths these set."""
+    """`stages.S.sweep.train.seed=[0,1]` sets the sweep's key `train.seed`, and
+    `stages.S.overrides.tokenizer.path=X` the stage override `tokenizer.path`, replacing the file's
+    whether it writes the key dotted or nested: their keys are config keys with dots of their own,
+    which the generic override would take for a section `train` holding `seed` (and a nested key
+    beside the file's dotted one is the same key twice). Returns the other overrides and the paths
+    these set."""
     rest, touched = [], set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.split(".")
         stages = data.get("stages") if isinstance(data, dict) else None
-        swept = len(parts) > 4 and parts[0] == "stages" and parts[2] == "sweep"
-        stage = stages.get(parts[1]) if swept and isinstance(stages, dict) else None
+        keyed = len(parts) > 4 and parts[0] == "stages" and parts[2] in ("sweep", "overrides")
+        stage = stages.get(parts[1]) if keyed and isinstance(stages, dict) else None
         if sep and isinstance(stage, dict):
-            sweep = stage.get("sweep")
-            if sweep is None:
-                sweep = stage["sweep"] = {}
-            if isinstance(sweep, dict):
+            section = stage.get(parts[2])
+            if section is None:
+                section = stage[parts[2]] = {}
+            if isinstance(section, dict):
                 name = ".".join(parts[3:])
-                sweep[name] = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
-                touched.add(("stages", parts[1], "sweep", name))
+                value = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
+                if parts[2] == "overrides":  # the file's entry for this key goes, however written
+                    flat = flatten(section, keep_empty=True)
+                    section = stage["overrides"] = {
+                        k: v for k, v in flat.items() if k != name and not k.startswith(f"{name}.")
+                    }
+                section[name] = value
+                touched.add(("stages", parts[1], parts[2], name))
                 continue
         rest.append(item)
     return rest, touched
@@ -289,7 +298,7 @@ def _plan_stage(
             + f") must be shorter than the time limit ({slurm.time}), or the checkpoint signal arrives as soon "
             "as the job starts; set a smaller slurm.signal_margin (at least 60 s) or a longer time"
         )
-    overrides = flatten(spec.overrides) if spec.overrides else {}
+    overrides = flatten(spec.overrides, keep_empty=True) if spec.overrides else {}
     if "output" in overrides:
         raise ConfigError("overrides: `output` is set by the pipeline (run_dir/<stage>); remove it")
     both = sorted(set(overrides) & set(spec.sweep))
@@ -339,7 +348,7 @@ def _check_needs(stages: dict[str, PlannedStage]) -> list[str]:
 
 def _where_referenced(stage: PlannedStage, need: str) -> str:
     """` (overrides.KEY: ${stages.NEED...})` where an override refers to `need`; '' for `needs:`."""
-    for key, value in flatten(stage.spec.overrides).items() if stage.spec.overrides else ():
+    for key, value in flatten(stage.spec.overrides, keep_empty=True).items() if stage.spec.overrides else ():
         for text in _strings(value):
             for ref in _REFERENCE.findall(text):
                 parts = ref.strip().split(".")
@@ -406,7 +415,7 @@ def _expand_tasks(plan: Plan, stage: PlannedStage, check_commands: bool) -> list
         try:
             values = {
                 k: _resolve(v, plan, stage, point, f"overrides.{k}")
-                for k, v in flatten(stage.spec.overrides).items()
+                for k, v in flatten(stage.spec.overrides, keep_empty=True).items()
             }
             items = [f"{k}={command_line_value(v)}" for k, v in {**values, **point}.items()]
             items.append(f"output={command_line_value(str(output))}")
@@ -504,8 +513,12 @@ def _matching_task(upstream: PlannedStage, point: dict[str, Any], stage: str, wh
 
 def command_line_value(value: Any) -> str:
     """A value as the `key=value` text that `apply_overrides` parses back to the same value."""
-    if isinstance(value, str) and parse_yaml(value, "override") == value and "\n" not in value:
-        return value
+    if isinstance(value, str) and "\n" not in value:
+        try:
+            if parse_yaml(value, "override") == value:
+                return value
+        except ConfigError:  # "[draft] R2", "*bold*", "@home": text YAML would read otherwise, quoted below
+            pass
     text = json.dumps(value)  # JSON is YAML: quoted strings, lists, numbers, true/false/null
     if parse_yaml(text, "override") != value:
         raise ConfigError(f"value {value!r} cannot be passed on the command line")
