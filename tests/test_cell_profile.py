@@ -591,6 +591,16 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
             biomask.fit_cells(
                 pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={key: value}
             )
+    # however the key is written (a section, the CLI's quoted text), fit_cells reads it as pretrain will
+    with pytest.raises(InputError, match="fit_cells: model.init_from cannot be overridden"):
+        biomask.fit_cells(
+            pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"model": "{init_from: x}"}
+        )
+    from biomask.embedding.fit import _pretrain_config
+
+    for written in ("panel_transformer", "'panel_transformer'", '"panel_transformer"'):
+        cfg = _pretrain_config(bad / "s", bad / "p", init_from=None, overrides={"model.kind": written})
+        assert cfg.model.kind == "panel_transformer" and cfg.masking.ratio.low == 0.1, written  # its recipe
     with pytest.raises(InputError, match="train.stepz"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}
@@ -612,7 +622,7 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     with pytest.raises(InputError, match="is a mlp model, and its weights fix the kind"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, init_from=profile_checkpoint,
-            overrides={"model.kind": "panel_transformer"},
+            overrides={"model.kind": "'panel_transformer'"},  # quoted, as a shell passes it through
         )  # fmt: skip
     assert not bad.exists()
     # a second call into a folder another call (kernel, script, thread) is fitting: refused before it

@@ -110,7 +110,7 @@ def _pretrain_config(
     fixed = (
         {k: v for k, v in _checkpoint_model(init_from).items() if k in ("kind", "loss")} if init_from else {}
     )
-    data = pretrain_defaults(str(fixed.get("kind") or (overrides or {}).get("model.kind") or "mlp"))
+    data = pretrain_defaults(str(fixed.get("kind") or _parsed(overrides).get("model.kind") or "mlp"))
     data.update({"data": {"store": str(store)}, "output": str(output)})
     data["model"].update(fixed)
     if n_train is not None:
@@ -128,6 +128,17 @@ def _pretrain_config(
 
 
 PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable genes
+
+
+def _parsed(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The overrides as the pretrain config reads them, flat: `model.kind='mlp'` (the CLI's text) is
+    `mlp` and `model={kind: mlp}` is `model.kind`, so fit_cells decides on what will be trained, not on
+    how it was written."""
+    from biomask.config import apply_overrides, flatten
+
+    data: dict[str, Any] = {}
+    apply_overrides(data, [f"{k}={v}" for k, v in (overrides or {}).items()])
+    return flatten(data)
 
 
 def fit_cells(
@@ -191,11 +202,13 @@ def fit_cells(
         "model.init_from": "init_from",
         "data": "the cells given",
     }
-    taken = [k for k in (overrides or {}) if k in own]
+    parsed = _parsed(overrides)  # a typo's message comes later, from the pretrain config's checks
+    owner = {key: own[k] for key in parsed for k in own if key == k or key.startswith(f"{k}.")}
+    taken = sorted(owner)
     if taken:
         raise InputError(
             f"fit_cells: {', '.join(taken)} cannot be overridden (fit_cells sets "
-            f"{', '.join(sorted({own[k] for k in taken}))}); "
+            f"{', '.join(sorted(set(owner.values())))}); "
             "to pretrain on another store use `biomask pretrain`, to continue a checkpoint pass init_from="
         )
     out = Path(output)
@@ -210,7 +223,7 @@ def fit_cells(
             )
         _check_init_from(init)
         kind = _checkpoint_model(init).get("kind")
-        asked = (overrides or {}).get("model.kind")
+        asked = parsed.get("model.kind")
         if asked is not None and asked != kind:
             raise InputError(
                 f"init_from {init} is a {kind} model, and its weights fix the kind: model.kind={asked} "
