@@ -1142,6 +1142,13 @@ def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
     assert data[0]["baseline"] == {"name": "baseline", "mean": pytest.approx(0.81)}
     assert data[0]["difference"] == pytest.approx(-0.1) and data[0]["ci95"][1] < 0 and data[0]["n"] == 3
     assert data[0]["survives_holm"] == (p <= 0.002)
+    # settings picked on this evaluation's own scores mark its verdicts, in the table and as data
+    chosen = {"task": "the mask-ratio range, picked on this probe"}
+    marked = [line for line in _targets_at_a_glance([row], 0.002, chosen) if line.startswith("| a task")]
+    assert marked and all("** (settings chosen on it) |" in line for line in marked)
+    data = _targets_json([row], 0.002, chosen)["targets"]
+    assert all(t["settings_chosen_on_this_evaluation"] == chosen["task"] for t in data)
+    assert "settings_chosen_on_this_evaluation" not in _targets_json([row], 0.002)["targets"][0]
 
 
 def test_the_pretraining_section_says_what_the_models_were_pretrained_on(tmp_path):

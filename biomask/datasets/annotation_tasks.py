@@ -173,6 +173,9 @@ def _other_windows(
     sizes = np.array([len(seq) - length for _, seq, _ in contigs], dtype=np.float64).clip(min=0)
     if sizes.sum() == 0:
         return []
+    # An `other` window only keeps every start codon out; it may share bases with a start window or
+    # another `other` window, so split record by record, a test window can overlap a training one
+    # (docs/dna-models.md measures what that does: little, and the same to every method).
     rows: list[dict[str, str]] = []
     for _ in range(20 * n):  # rejection: most random windows hold no start on their strand
         if len(rows) >= 2 * n:  # spare ones for the duplicates and non-ACGT windows left out

@@ -24,6 +24,9 @@ class EvaluationSpec(Config):
     # every pretrained model against every other and the random init (the pretraining-data study:
     # corpus, self, both), not only R²MAE against the other schemes
     pairwise: bool = False
+    # settings of these models that were chosen on this evaluation's own scores, named: the report
+    # says so beside each of its targets (an interval and Holm's correction do not account for it)
+    chosen_on: str | None = None
 
 
 class TargetSpec(Config):
