@@ -1156,7 +1156,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             f"- **Target: {ev.title}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]} ≥ the strongest baseline** — {row['baseline']}: {base}{ref}."
         )
         lines += _notes_once(ev, noted)
-        if t.evaluation in chosen:
+        if t.evaluation in chosen and f"chosen:{t.evaluation}" not in noted:  # once per evaluation
+            noted.add(f"chosen:{t.evaluation}")
             lines.append(
                 f"  - *Settings chosen on this evaluation's own scores*: {chosen[t.evaluation]}. Neither the "
                 "interval nor Holm's correction accounts for that choice: read the verdict as optimistic."
