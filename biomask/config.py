@@ -229,13 +229,16 @@ def field_model(annotation: Any) -> type[BaseModel] | None:
 def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     """The keys a schema accepts at a location (used to suggest fixes for unknown keys)."""
     model: type[BaseModel] | None = schema
+    keyed = False  # the last field was a mapping of names to models (a pipeline's stages): skip the name
     for part in loc:
         if model is None:
             return []
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         field = model.model_fields.get(part)
         model = field_model(field.annotation) if field else None
+        keyed = field is not None and typing.get_origin(field.annotation) is dict
     return sorted(model.model_fields) if model else []
 
 

@@ -787,3 +787,8 @@ def test_what_yaml_would_drop_silently_is_refused_and_an_empty_section_is_passed
     assert "split.seed is given twice" in error_of(pipeline(tmp_path, both))
     emptied = {"prep": {"command": "prep dna", "config": GENOME, "overrides": {"windows": {}}}}
     assert "windows={}" in load_plan(pipeline(tmp_path, emptied)).stages["prep"].tasks[0].overrides
+    # a misspelt key inside a stage is shown with the stage's keys (the stages mapping is walked)
+    message = error_of(pipeline(tmp_path, emptied), "stages.prep.overide.x=1")
+    assert (
+        "unknown key 'stages.prep.overide'; did you mean 'overrides'?; allowed keys here: command" in message
+    )
