@@ -68,9 +68,10 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
-def code_version() -> dict[str, Any]:
+def code_version(*, with_diff: bool = False) -> dict[str, Any]:
     """biomask's version, the sha256 of its source and, when run from a git checkout, its commit and
-    whether it was dirty."""
+    whether it was dirty. `with_diff`: a dirty checkout's uncommitted change too (run.json only: not
+    in manifests, checkpoints or an AnnData's uns, which it would bloat)."""
     info: dict[str, Any] = {
         "biomask": biomask.__version__,
         "source_sha256": source_sha256(),
@@ -92,9 +93,35 @@ def code_version() -> dict[str, Any]:
             if commit.returncode == 0:
                 info["git_commit"] = commit.stdout.strip()
                 info["git_dirty"] = bool(status.stdout.strip())
+                if info["git_dirty"] and with_diff:
+                    info.update(_uncommitted(repo))
         except (OSError, subprocess.SubprocessError):
             pass
     return info
+
+
+_DIFF_LIMIT = 512 * 1024  # characters of an uncommitted change kept in run.json
+
+
+def _uncommitted(repo: Path) -> dict[str, Any]:
+    """What a dirty checkout changed in biomask's source: the commit alone cannot rebuild the code
+    that ran (results from a tree edited mid-study otherwise record only a hash). The diff against
+    HEAD (cut at _DIFF_LIMIT characters; its sha256 whole) and the source files git does not track."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        return done.stdout if done.returncode == 0 else ""
+
+    diff = git("diff", "HEAD", "--", "biomask")
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "biomask").split()
+    found: dict[str, Any] = {
+        "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest(),
+        "git_diff": diff[:_DIFF_LIMIT],
+        "git_untracked": [name for name in untracked if name.endswith(".py")],
+    }
+    if len(diff) > _DIFF_LIMIT:
+        found["git_diff_truncated"] = True
+    return found
 
 
 _PACKAGES = (
@@ -117,6 +144,23 @@ _PACKAGES = (
 )
 
 
+def hardware() -> dict[str, Any]:
+    """What a methods section states of the machine: the CPU, its cores (all, and those this process
+    may use), memory. None where the OS does not say."""
+    from biomask.resources import usable_cores
+
+    model = platform.processor() or None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    memory = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {"cpu": model, "cpu_cores": os.cpu_count(), "usable_cores": usable_cores(), "memory_gib": memory}
+
+
 def environment() -> dict[str, Any]:
     """Interpreter, platform and the versions of the packages results depend on."""
     versions = {}
@@ -130,6 +174,7 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
+        **hardware(),
         "packages": versions,
         # float sums reduce in another order with another thread count: the last bits of weights move
         "torch_threads": torch.get_num_threads() if torch is not None else None,
@@ -166,17 +211,28 @@ def write_run_info(
     inputs: list[dict[str, Any]] | None = None,
     seeds: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
-    """Write `run.json` (code version, environment, inputs with checksums, seeds) into `directory`."""
+    """Write `run.json` (code version, environment, inputs with checksums, seeds) into `directory`.
+    `started` (a `time.time()`): when this process began the stage; `created` is when it finished."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    timing = {}
+    if started is not None:
+        begun = _dt.datetime.fromtimestamp(started, _dt.timezone.utc)
+        timing = {
+            "started": begun.isoformat(timespec="seconds"),
+            "wall_seconds": round((now - begun).total_seconds(), 1),
+        }
     info = {
         "stage": stage,
         "fingerprint": fingerprint,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now.isoformat(timespec="seconds"),
+        **timing,
         "command": sys.argv,
         # what the config's relative paths are relative to (a rerun spelling them otherwise is compared
         # by the files they name: biomask.relocation.as_recorded)
         "cwd": os.getcwd(),
-        "code": code_version(),
+        "code": code_version(with_diff=True),
         "environment": environment(),
         "inputs": inputs or [],
         "seeds": seeds or {},

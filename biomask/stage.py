@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,7 @@ class StageOutput:
     ) -> Iterator[Path]:
         """A temporary directory that becomes the output, with config.yaml and run.json, on success."""
         assert isinstance(self.path, Path)
+        started = time.time()
         with atomic_output_dir(self.path) as tmp:
             yield tmp
             write_config(self.config, tmp)
@@ -250,4 +252,5 @@ class StageOutput:
                     FILE_TREE_KEY: tree,
                     OUTPUT_DIGESTS_KEY: output_digests(tmp),
                 },
+                started=started,
             )

@@ -111,6 +111,21 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     results = json.loads((tmp_path / "e1" / "metrics.json").read_text(), parse_constant=pytest.fail)
     assert results["summary"]["own (linear probe)"]["mcc"]["sd"] is None
     assert "nan" not in (tmp_path / "e1" / "report.md").read_text()
+    # what a methods section states: the probes' and clustering's fixed settings, each seed's C, and
+    # the machine and time (run.json), the optimizer and schedule of the pretraining run
+    from biomask.evaluation.baselines import C_GRID
+
+    settings = results["protocol_settings"]
+    assert settings["linear_probe"]["C_grid"] == list(C_GRID) and settings["knn"]["k"] == 15
+    assert settings["leiden"]["best_resolution_grid"][0] == 0.2 and settings["leiden"]["flavor"] == "igraph"
+    assert all(r["C"] in C_GRID for r in results["per_seed"]["own (linear probe)"])
+    for run in (
+        json.loads((tmp_path / "e1" / "run.json").read_text()),
+        json.loads((own.parent / "run.json").read_text()),
+    ):
+        assert run["wall_seconds"] >= 0 and run["started"] <= run["created"]
+        assert run["environment"]["cpu_cores"] >= 1 and run["environment"]["memory_gib"] > 0
+    assert "torch.optim.AdamW" in json.loads((own.parent / "run.json").read_text())["optimizer"]["class"]
     notes = results["notes"]
     assert notes[0].startswith("baseline onehot_lr (one-hot + LR) not run: it needs records of one length")
     assert "kmer_lr (k-mer counts + LR) reads records of any length" in notes[0]

@@ -262,3 +262,28 @@ def test_a_resumed_run_drops_metrics_lines_it_did_not_write(tmp_path):
     logger = MetricsLogger(tmp_path, total_steps=4, start_step=2, enabled=True, progress=False, report_to=())
     logger.close()
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"
+
+
+def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path):
+    """A commit and "dirty" cannot rebuild code edited mid-study (the main job's cell arms once ran
+    from three edited trees that nothing kept): run.json keeps the uncommitted change to biomask's
+    source, and the source files git does not track."""
+    import subprocess
+
+    from biomask.provenance import _uncommitted
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "biomask").mkdir()
+    (tmp_path / "biomask" / "model.py").write_text("WIDTH = 64\n")
+    (tmp_path / "notes.txt").write_text("not source\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    (tmp_path / "biomask" / "model.py").write_text("WIDTH = 128\n")
+    (tmp_path / "biomask" / "extra.py").write_text("NEW = 1\n")
+    (tmp_path / "notes.txt").write_text("edited, but not source\n")
+    found = _uncommitted(tmp_path)
+    assert "-WIDTH = 64\n+WIDTH = 128" in found["git_diff"] and "notes.txt" not in found["git_diff"]
+    assert found["git_untracked"] == ["biomask/extra.py"] and len(found["git_diff_sha256"]) == 64

@@ -342,6 +342,31 @@ def _summarise(
         "per_seed": per_seed,
         "comparisons": comparisons,
         "strongest_baseline": strongest.name if strongest else None,
+        "protocol_settings": protocol_settings(),
+    }
+
+
+def protocol_settings() -> dict[str, Any]:
+    """The fixed settings of the probes and clustering, recorded with the scores: what a methods
+    section states, from the constants the code uses (no config key sets them)."""
+    from biomask.evaluation import baselines, clustering
+
+    return {
+        "linear_probe": {
+            "model": "sklearn LogisticRegression (lbfgs, max_iter 3000), features standardised on the training split",
+            "C_grid": list(baselines.C_GRID),
+            "C_chosen_by": "validation MCC (ties: the stronger regularisation)",
+        },
+        "knn": {"k": clustering.N_NEIGHBORS, "space": "the representation, Euclidean"},
+        "leiden": {
+            "graph": f"scanpy neighbors, {clustering.N_NEIGHBORS} neighbours, every labelled record",
+            "flavor": clustering.LEIDEN_FLAVOR,
+            "n_iterations": clustering.LEIDEN_ITERATIONS,
+            "resolution": clustering.RESOLUTION,
+            "best_resolution_grid": list(clustering.RESOLUTIONS),
+            "best_resolution_by": "NMI against the labels (scIB)",
+            "random_state": "the evaluation seed",
+        },
     }
 
 

@@ -95,6 +95,7 @@ class ProbeHead:
     # λ: mean cross-entropy + λ ||weight||² is the objective the probe minimised on its training split
     # (sklearn's ½||w||² + C Σ loss, divided by C n), so fine-tuning keeps the probe's regularisation
     l2: float = 0.0
+    c: float = 0.0  # the C chosen on validation (recorded per seed in metrics.json)
 
     @classmethod
     def from_sklearn(
@@ -128,6 +129,7 @@ class ProbeHead:
             float(val_mcc),
             np.asarray(test_predictions),
             l2,
+            c,
         )
 
 

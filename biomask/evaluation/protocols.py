@@ -536,7 +536,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
                         fit = probes.fit(
                             model_for_seed, key, max_length, data, train, val, test, seed, pooling
                         )
-                        return fit.test_predictions, {**chosen, "val_mcc": fit.val_mcc}
+                        return fit.test_predictions, {**chosen, "val_mcc": fit.val_mcc, "C": fit.c}
                     x = features.of(model_for_seed, key, max_length, pooling)
                     with torch_threads(1):
                         pred = mlp_probe(x, data.labels, train, val, test, seed, n_classes=n_classes)

@@ -318,7 +318,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1.
     """
     try:
-        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank)
+        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, started=time.time())
     except Requeue as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
         # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
@@ -375,7 +375,7 @@ def _clear_memo(function: Any, depth: int = 3) -> None:
             _clear_memo(cell.cell_contents, depth - 1)
 
 
-def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -> Path:
+def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, started: float) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
         logging.getLogger("biomask").setLevel(logging.WARNING)
@@ -792,11 +792,18 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None) -
                 fingerprint=stage.fingerprint,
                 inputs=inputs,
                 seeds={"train": cfg.train.seed},
+                started=started,  # this process's: a resumed run's time since it resumed
                 extra={
                     "world_size": dist_env.world_size,
                     "launcher": dist_env.launcher,
                     "precision": precision,
                     "deepspeed": ds_config,
+                    # what the config's optim keys drive (DeepSpeed's JSON holds no optimizer: biomask's own)
+                    "optimizer": {
+                        "class": "torch.optim.AdamW",
+                        "schedule": "linear warm-up over optim.warmup_steps, then cosine decay to "
+                        "optim.lr * optim.min_lr_ratio at train.steps (warmup_cosine)",
+                    },
                     "architecture": arch.to_dict(),
                     "parameters": n_params,
                     "final_eval": final_eval,
