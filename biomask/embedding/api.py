@@ -26,12 +26,17 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from biomask.cells.config import CountsConfig
 from biomask.errors import InputError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from biomask.models.model import MaskedEncoder
 
 PROGRESS_MIN_CELLS = 5000  # a bar for inputs at least this long (on a terminal or in a notebook)
 DUPLICATES = ("sum", "first", "error")  # genes.duplicates of prep and embed configs
@@ -105,26 +110,55 @@ def _source(adata: Any, matrix: str) -> tuple[Any, bool]:
     return from_anndata(adata, matrix, name="AnnData"), False
 
 
+def _check_arguments(*, batch_size: Any, chunk_size: Any, min_coverage: Any, standardise: Any) -> None:
+    """The bounds `biomask embed`'s config sets, for the Python call (a negative batch_size embedded
+    nothing and returned uninitialised memory as the embedding)."""
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a whole number of at least 1, not {value!r}")
+    if (
+        isinstance(min_coverage, bool)
+        or not isinstance(min_coverage, (int, float))
+        or not 0 <= min_coverage <= 1
+    ):
+        raise InputError(
+            f"min_coverage is a share of the vocabulary's genes, from 0 to 1, not {min_coverage!r}"
+        )
+    if standardise not in ("checkpoint", "data"):
+        raise InputError(f"standardise must be 'checkpoint' or 'data', not {standardise!r}")
+
+
+def _counts(counts: Any) -> CountsConfig:
+    """The counts policy, its errors as `InputError` naming the argument (not pydantic's)."""
+    if isinstance(counts, CountsConfig):
+        return counts
+    if counts is not None and not isinstance(counts, dict):
+        raise InputError(f"counts is a dict of the counts policy (e.g. {{'mode': 'log1p'}}), not {counts!r}")
+    from biomask.config import validate_config
+
+    return validate_config(CountsConfig, dict(counts or {}), "biomask.embed(counts=...)")
+
+
 def embed(
-    adata: Any,
-    checkpoint: Any,
+    adata: AnnData,
+    checkpoint: str | os.PathLike[str] | MaskedEncoder,
     *,
-    pooling: str = "mean",
+    pooling: Literal["cls", "mean"] = "mean",
     layer: int = -1,
     key: str = "X_biomask",
     matrix: str = "X",
     counts: CountsConfig | dict[str, Any] | None = None,
     gene_column: str | None = "auto",
     strip_version: bool = False,
-    duplicates: str = "sum",
+    duplicates: Literal["sum", "first", "error"] = "sum",
     min_coverage: float = 0.5,
-    standardise: str = "checkpoint",
+    standardise: Literal["checkpoint", "data"] = "checkpoint",
     batch_size: int = 64,
     chunk_size: int = 8192,
     device: str = "auto",
     copy: bool = False,
     progress: bool | None = None,
-) -> Any:
+) -> AnnData | None:
     """Put the cells' embedding in `obsm[key]` (cells × d_model, float32) and its provenance in
     `uns[key]`: of `adata` itself (`copy=False`, returns None) or of a new AnnData (`copy=True`,
     returned; `adata` is left as it was). `checkpoint`: a portable checkpoint directory, or a model
@@ -152,6 +186,9 @@ def embed(
         )
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    _check_arguments(
+        batch_size=batch_size, chunk_size=chunk_size, min_coverage=min_coverage, standardise=standardise
+    )
     if duplicates not in DUPLICATES:
         raise InputError(f"duplicates must be one of {', '.join(map(repr, DUPLICATES))}, not {duplicates!r}")
     if getattr(adata, "isbacked", False) and getattr(adata, "is_view", False):
@@ -173,7 +210,7 @@ def embed(
         raise InputError(
             f"checkpoint {where} is a {model.config.modality} model; an AnnData of cells needs a cells checkpoint"
         )
-    counts_cfg = counts if isinstance(counts, CountsConfig) else CountsConfig.model_validate(counts or {})
+    counts_cfg = _counts(counts)
     source, opened_here = _source(adata, matrix)
     try:
         with renamed_in_logs(python_names):
@@ -192,10 +229,13 @@ def embed(
                 chunk_size=chunk_size,
                 standardise=standardise,
             )
-            vectors = np.empty((adata.n_obs, vector_width(model, layer)), dtype=np.float32)
+            # NaN until written: a row no chunk reached is found below, never left as stale memory
+            vectors = np.full((adata.n_obs, vector_width(model, layer)), np.nan, dtype=np.float32)
+            written = np.zeros(adata.n_obs, dtype=bool)
 
             def write(start: int, chunk: np.ndarray) -> None:
                 vectors[start : start + len(chunk)] = chunk
+                written[start : start + len(chunk)] = True
 
             show = (
                 progress
@@ -214,6 +254,8 @@ def embed(
     finally:
         if opened_here:
             source.close()
+    if not written.all():  # an internal error, not the user's input: never an embedding with holes
+        raise RuntimeError(f"biomask.embed: {int((~written).sum())} of {adata.n_obs} cells were not embedded")
     record = h5_safe(
         provenance(
             model,
@@ -240,7 +282,7 @@ def embed(
     return target if copy else None
 
 
-def read_cells(path: str | os.PathLike, *, matrix: str = "X") -> Any:
+def read_cells(path: str | os.PathLike[str], *, matrix: str = "X") -> AnnData:
     """An AnnData of a 10x folder (matrix.mtx[.gz], features/genes, barcodes), a 10x .h5, a .loom or
     an .h5ad, read by the readers `biomask prep cells` uses (no loompy needed): X as CSR float32,
     obs and var as the file has them (for 10x, only gene-expression features). `matrix`: X, raw or

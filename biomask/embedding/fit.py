@@ -24,13 +24,18 @@ donors or batches": concatenate on shared genes, correct afterwards with Harmony
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from biomask.errors import BiomaskError, InputError, OutputBusyError, OutputExistsError, StaleOutputError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +135,28 @@ def _pretrain_config(
 PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable genes
 
 
+@contextlib.contextmanager
+def _as_a_library() -> Iterator[None]:
+    """Pretraining inside the caller's process leaves it as it found it: torch's distributed
+    excepthook, the warnings filters and the DeepSpeed logger level the trainer sets. Not the torch
+    process group a one-process run starts: DeepSpeed keeps its own handles on it, so a group
+    destroyed and started again breaks the next call; it stays for the next call (a host that needs
+    its own group starts it first, and biomask adopts it)."""
+    import logging as _logging
+    import sys
+    import warnings
+
+    hook = sys.excepthook
+    speed = _logging.getLogger("DeepSpeed")
+    level = speed.level
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        speed.setLevel(level)
+        sys.excepthook = hook
+
+
 def _parsed(overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The overrides as the pretrain config reads them, flat: `model.kind='mlp'` (the CLI's text) is
     `mlp` and `model={kind: mlp}` is `model.kind`, so fit_cells decides on what will be trained, not on
@@ -142,24 +169,24 @@ def _parsed(overrides: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def fit_cells(
-    adata: Any,
-    output: str | os.PathLike,
+    adata: AnnData | str | os.PathLike[str],
+    output: str | os.PathLike[str],
     *,
     matrix: str = "X",
     counts: dict[str, Any] | None = None,
     gene_column: str | None = None,
     strip_version: bool = False,
     batch_key: str | None = None,
-    duplicates: str = "sum",
+    duplicates: Literal["sum", "first", "error"] = "sum",
     n_top_genes: int | None = None,
     masking: str = "r2mae",
     seed: int = 0,
-    init_from: str | os.PathLike | None = None,
+    init_from: str | os.PathLike[str] | None = None,
     overrides: dict[str, Any] | None = None,
     key: str = "X_biomask",
     overwrite: bool = False,
     copy: bool = False,
-) -> Any:
+) -> Path | AnnData:
     """Pretrain the profile autoencoder on `adata`'s cells and put their embedding in
     `adata.obsm[key]` (in place). Returns the portable checkpoint (`<output>/pretrain/model`), which
     embeds further data in the same space with `biomask.embed`; with `copy=True`, `adata` is left as
@@ -175,8 +202,22 @@ def fit_cells(
     any batch. `duplicates`: columns of one gene name are summed ("sum"), reduced to the first
     ("first") or refused ("error"). `init_from`: continue a corpus checkpoint on these cells (its
     gene panel is kept). `n_top_genes`: the panel, this many most variable genes (default 2,000; not
-    with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. Bad input
-    raises `InputError`."""
+    with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. `seed`: the
+    pretraining seed. `overrides`: any pretrain config key (`{"train.steps": 3000}`; docs/config-
+    reference.md), but not those fit_cells sets itself (output, data, model.init_from);
+    `{"train.progress": False}` silences the progress lines. `key`: the obsm key (its record of
+    checkpoint, pooling and settings goes to `uns[key]`). `overwrite`: replace what an earlier call
+    of other settings wrote under `output`.
+
+    On disk, under `output`: `cells.h5ad` (an in-memory AnnData's copy, which prep reads), `store/`
+    (the token store) and `pretrain/` (the run, with the checkpoint in `pretrain/model`). The same
+    call again reuses them.
+
+    Raises `biomask.errors.InputError` for bad input, naming the argument. Ctrl-C during training
+    checkpoints and raises `biomask.errors.Requeue` (the same call resumes); catch it apart from
+    `Exception` if you loop over calls. The torch process group a one-process run starts stays for
+    the next call (DeepSpeed keeps handles on it); a host that needs its own group starts it before
+    calling, and biomask uses that one."""
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
         if isinstance(adata, (str, os.PathLike)):
             raise InputError(
@@ -363,7 +404,7 @@ def fit_cells(
         pretrain_existed = (out / "pretrain").exists()
         environment = dict(os.environ)
         try:
-            with renamed_in_logs(rename):
+            with renamed_in_logs(rename), _as_a_library():
                 checkpoint = _stage(pretrain, cfg, overwrite) / "model"
         except OutputBusyError:  # another run's files, not this call's: nothing to undo
             raise

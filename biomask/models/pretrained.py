@@ -113,7 +113,10 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     verify_weights(directory, config)
     try:  # the models' own consistency checks (a CNN of cells, an even kernel) name the file too
         _check_shapes(directory / WEIGHTS, architecture)  # before any memory is allocated for it
-        model = build_model(architecture)
+        # the random initialisation the weights replace draws from torch's RNG: a forked one, so that
+        # loading a model (biomask.embed in a notebook) leaves the caller's random stream as it was
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(architecture)
     except ValueError as exc:
         raise InputError(f"{directory / 'config.json'}: invalid architecture ({exc})") from None
     try:
