@@ -71,10 +71,15 @@ class _Loader(yaml.SafeLoader):
     first is dropped: a copied stage, a second `train:` section) and the octal and base-60 integers
     (`seed: 0755` is 493, `steps: 1:30` is 90)."""
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked here, before PyYAML folds a `<<:` merge's keys into the node's own list (which it
+        # does in place, once, when the node is first merged or built): only the keys written in the
+        # node count, and a key a merge brings in may be overridden, as YAML means.
+        checked: set[int] = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
             seen: dict[Any, int] = {}
-            for key_node, _ in node.value:  # the node's own keys; `<<:` merges may be overridden
+            for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=True)
@@ -89,7 +94,7 @@ class _Loader(yaml.SafeLoader):
                     )
                 if isinstance(key, typing.Hashable):
                     seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
     def construct_yaml_int(self, node: yaml.Node) -> int:
         text = str(self.construct_scalar(node))
@@ -147,6 +152,17 @@ def decode_config(raw: bytes, path: str | os.PathLike) -> str:
         ) from None
 
 
+def _unshared(value: Any) -> Any:
+    """The data with every mapping and list its own: YAML's anchors (`<<: *gpu_training`, `*dna_finetune`)
+    give several keys one shared object, so an override of one stage's key changed every stage that
+    used the anchor."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping from a file, with errors that name the file."""
     path = Path(path)
@@ -159,7 +175,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     text = decode_config(raw, path)
-    data = parse_yaml(text, str(path))
+    data = _unshared(parse_yaml(text, str(path)))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -242,10 +258,14 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return sorted(model.model_fields) if model else []
 
 
+# names pydantic puts in an error's location for the union member or validator it tried
+_TYPE_TAGS = frozenset({"float", "int", "str", "bool", "list", "dict", "tuple", "set", "none", "literal"})
+
+
 def _data_location(loc: tuple[Any, ...], data: Any) -> list[Any]:
     """An error's location as keys of the data: pydantic's also names the union member or validator it
-    tried (`UniformRatio`, `function-after[...]`), which are dropped -- but a key the data holds is
-    kept whatever it looks like (`Output`, a report's `DNA-ecoli`)."""
+    tried (`UniformRatio`, `float`, `function-after[...]`), which are dropped -- but a key the data
+    holds is kept whatever it looks like (`Output`, a report's `DNA-ecoli`)."""
     kept: list[Any] = []
     node = data
     for part in loc:
@@ -253,9 +273,18 @@ def _data_location(loc: tuple[Any, ...], data: Any) -> list[Any]:
         if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
             kept.append(part)
             node = node[part]
-        elif isinstance(part, str) and (part[:1].isupper() or "[" in part):
-            continue  # a union member's or validator's name, not a key
-        else:
+        elif (
+            isinstance(part, str)
+            and (
+                not isinstance(node, dict)  # below a value nothing is a key: a tag
+                or part[:1].isupper()
+                or "[" in part
+                or part.startswith("function-")
+                or part in _TYPE_TAGS
+            )
+        ):
+            continue
+        else:  # a key the data lacks (a missing required key)
             kept.append(part)
             node = None
     return kept
@@ -285,8 +314,13 @@ def _format_errors(
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
             near = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc and allowed else []
             if loc and "." in str(loc[-1]):  # `train.steps: 5` in a file: the command line's form
-                first, _, rest = str(loc[-1]).partition(".")
-                hint = f"; a dotted key is the command line's form: in a file, nest it ({first}: {{{rest}: ...}}){hint}"
+                parts = str(loc[-1]).split(".")
+                nested = (
+                    "".join(f"{part}: {{" for part in parts[:-1])
+                    + f"{parts[-1]}: ..."
+                    + "}" * (len(parts) - 1)
+                )
+                hint = f"; a dotted key is the command line's form: in a file, nest it ({nested}){hint}"
             elif near or (loc and str(loc[-1]).lower() in allowed):
                 hint = f"; did you mean '{near[0] if near else str(loc[-1]).lower()}'?{hint}"
             lines.append(f"{source}: unknown key '{key}'{hint}")

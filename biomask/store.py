@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import decimal
 import hashlib
 import io
 import json
 import logging
-import math
 import mmap
 import os
 import re
@@ -351,19 +351,19 @@ def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return strings, missing
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def label_spellings(names: Iterable[str]) -> list[list[str]]:
     """Groups of class names that are one number written several ways (`1`, `1.0`, `01`, `1e0`): each
     would be a class of its own, and a classifier scored on classes that are one is scored on noise
-    (tables joined from files written by different tools). Names differing only in case or spaces are
-    warned about when the store is written, not refused: those can be meant."""
-    groups: dict[float, list[str]] = {}
+    (tables joined from files written by different tools). Only plain decimal numbers count, compared
+    exactly (`1_0` is a name, not ten; 17-digit ids stay apart); names differing only in case or
+    spaces are warned about when the store is written, not refused: those can be meant."""
+    groups: dict[decimal.Decimal, list[str]] = {}
     for name in names:
-        try:
-            number = float(name)
-        except ValueError:
-            continue
-        if math.isfinite(number):
-            groups.setdefault(number, []).append(name)
+        if _NUMBER.fullmatch(name):
+            groups.setdefault(decimal.Decimal(name).normalize(), []).append(name)
     return [sorted(group) for group in groups.values() if len(group) > 1]
 
 

@@ -618,6 +618,13 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
     for written in ("panel_transformer", "'panel_transformer'", '"panel_transformer"'):
         cfg = _pretrain_config(bad / "s", bad / "p", init_from=None, overrides={"model.kind": written})
         assert cfg.model.kind == "panel_transformer" and cfg.masking.ratio.low == 0.1, written  # its recipe
+    # a section given whole adds to the recipe: it used to replace the model section, init_from with it
+    for section in ({"dropout": 0.1}, {}):
+        cfg = _pretrain_config(
+            bad / "s", bad / "p", init_from=profile_checkpoint, overrides={"model": section}
+        )
+        assert cfg.model.init_from == str(profile_checkpoint) and cfg.model.embed_norm == "auto"
+        assert cfg.model.dropout == section.get("dropout", 0.0)
     with pytest.raises(InputError, match="train.stepz"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"train.stepz": 3}

@@ -313,6 +313,10 @@ def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_i
         "val": 0.2,
         "test": 0.1,
     }
+    # a mapping that merges and overrides, merged again elsewhere: PyYAML folds the merged keys into
+    # the node in place, which must not read as the node's own key written twice
+    chained = "base: &b {s: 100, lr: 1}\nmid: &m {<<: *b, s: 200}\ntop: {<<: *m, lr: 2}\n"
+    assert parse_yaml(chained, "f")["top"] == {"s": 200, "lr": 2}
     # a file in another encoding is named, whatever the locale
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(BASE.encode() + "# caf\xe9\n".encode("latin-1"))
@@ -328,7 +332,9 @@ def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_i
         CellsPrepConfig, cells, "qc.min_genes=500", "qc.max_genes=100"
     )
     ev = write(tmp_path, "store: s\noutput: o\n")
-    assert "finetune.lr" in _error(EvaluateConfig, ev, "finetune.lr=.nan")
+    assert "key 'finetune.lr': Input should be a finite number" in _error(
+        EvaluateConfig, ev, "finetune.lr=.nan"
+    )
     # a repeated evaluation seed repeats a split: it was counted as another replicate
     assert "seeds: [1] given more than once" in _error(EvaluateConfig, ev, "seeds=[0,1,1]")
     # seeds numpy cannot take, and Adam's decay rates outside [0, 1): crashed after writing the run folder

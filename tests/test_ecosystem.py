@@ -587,6 +587,17 @@ def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_i
     unknown = torch.where(inputs["input_ids"] >= 5, 4, inputs["input_ids"])
     with pytest.raises(ValueError, match=r"record\(s\) \[0, 1, 2, 3, 4\] name no gene of the model's panel"):
         model(input_ids=unknown, attention_mask=inputs["attention_mask"], values=inputs["values"])
+    # a record of no genes at all (a cell expressing none of the panel) is a cell, embedded as biomask does
+    empty_ids, empty_mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    empty_ids[0], empty_mask[0] = 0, False
+    empty_ids[0, :2], empty_mask[0, :2] = torch.tensor([1, 2]), True
+    empty_values = torch.where(empty_mask, inputs["values"], 0.0)
+    empty_values[0] = 0.0
+    with torch.no_grad():
+        assert (
+            model(input_ids=empty_ids, attention_mask=empty_mask, values=empty_values).pooler_output.shape[0]
+            == 8
+        )
     few = inputs["input_ids"].clone()
     few[0, 2:] = torch.where(few[0, 2:] >= 5, 4, few[0, 2:])
     model.config.complete_profile = True  # as a panel model's export says (this one is binned)

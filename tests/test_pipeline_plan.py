@@ -792,3 +792,18 @@ def test_what_yaml_would_drop_silently_is_refused_and_an_empty_section_is_passed
     assert (
         "unknown key 'stages.prep.overide'; did you mean 'overrides'?; allowed keys here: command" in message
     )
+
+
+def test_an_override_of_one_stage_leaves_the_stages_that_share_its_anchor(tmp_path):
+    """YAML anchors give stages one shared mapping (study-full.yaml's `slurm: *gpu_training`): a
+    command-line override of one stage's key changed every stage using the anchor."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"name: t\nrun_dir: {tmp_path / 'run'}\nstages:\n"
+        f"  a: {{command: prep dna, config: {GENOME}, slurm: &s {{time: '00:10:00'}}, overrides: &o {{split.seed: 1}}}}\n"
+        f"  b: {{command: prep dna, config: {GENOME}, slurm: *s, overrides: *o}}\n"
+    )
+    plan = load_plan(path, ["stages.a.slurm.time=00:20:00", "stages.a.overrides.split.seed=2"])
+    assert plan.stages["a"].slurm.time == "00:20:00" and plan.stages["b"].slurm.time == "00:10:00"
+    assert "split.seed=2" in plan.stages["a"].tasks[0].overrides
+    assert "split.seed=1" in plan.stages["b"].tasks[0].overrides

@@ -25,6 +25,7 @@ donors or batches": concatenate on shared genes, correct afterwards with Harmony
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -115,14 +116,18 @@ def _pretrain_config(
     fixed = (
         {k: v for k, v in _checkpoint_model(init_from).items() if k in ("kind", "loss")} if init_from else {}
     )
-    data = pretrain_defaults(str(fixed.get("kind") or _parsed(overrides).get("model.kind") or "mlp"))
-    data.update({"data": {"store": str(store)}, "output": str(output)})
+    parsed = _parsed(overrides)
+    data = pretrain_defaults(str(fixed.get("kind") or parsed.get("model.kind") or "mlp"))
     data["model"].update(fixed)
     if n_train is not None:
         data["train"]["micro_batch_size"] = min(data["train"]["micro_batch_size"], n_train)
+    # key by key, so that a section given whole (`model={dropout: 0.1}`) adds to the recipe's rather
+    # than replacing it and what fit_cells sets within it (model.init_from)
+    touched = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in parsed.items()])
+    # what fit_cells decides itself comes last (an override of it is refused before this)
+    data.update({"data": {"store": str(store)}, "output": str(output)})
     if init_from is not None:
         data["model"]["init_from"] = str(init_from)
-    touched = apply_overrides(data, [f"{k}={v}" for k, v in (overrides or {}).items()])
     return validate_config(
         PretrainConfig,
         data,

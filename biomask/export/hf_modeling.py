@@ -435,8 +435,11 @@ class BiomaskModel(BiomaskPreTrainedModel):
             )
         named = (listed_times[:, NUM_SPECIAL:] > 0).sum(1)
         unknown = (mask & (ids == UNK_ID)).sum(1)
-        if bool((named == 0).any()):
-            rows = (named == 0).nonzero().flatten().tolist()
+        # a record listing genes, none of them the panel's (a record of no genes at all is a cell that
+        # expresses none: biomask embeds it)
+        lost = (named == 0) & (unknown > 0)
+        if bool(lost.any()):
+            rows = lost.nonzero().flatten().tolist()
             raise ValueError(
                 f"record(s) {rows[:5]} name no gene of the model's panel ({int(unknown[rows[0]])} of the "
                 f"first one's genes are [UNK]): every such record gets the same vector. Gene names are "

@@ -23,7 +23,8 @@ def _kmers(text, k: int):
     if not isinstance(text, str):
         return text
     words = text.split()
-    if len(words) > 1 and all(len(w) == k for w in words):  # k-mers written out (DNABERT's form)
+    # k-mers written out (DNABERT's form), special tokens such as [MASK] among them
+    if len(words) > 1 and all(len(w) == k or (w[:1] == "[" and w[-1:] == "]") for w in words):
         return text
     seq = "".join(words)  # a sequence wrapped over lines (FASTA's 60 or 80 bases a line) is one
     return " ".join(seq[i : i + k] for i in range(len(seq) - k + 1))

@@ -177,7 +177,10 @@ def _apply_sweep_keys(
                 name = ".".join(parts[3:])
                 value = parse_yaml(raw, f"command-line override {item!r}") if raw != "" else ""
                 if parts[2] == "overrides":  # the file's entry for this key goes, however written
-                    flat = flatten(section, keep_empty=True)
+                    try:
+                        flat = flatten(section, keep_empty=True)
+                    except ConfigError as exc:
+                        raise ConfigError(f"stage {parts[1]}: overrides: {exc}") from None
                     section = stage["overrides"] = {
                         k: v for k, v in flat.items() if k != name and not k.startswith(f"{name}.")
                     }
