@@ -344,12 +344,20 @@ def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_i
     )
     assert "less than or equal to 4294967295" in _error(PretrainConfig, pretrain, "train.seed=99999999999")
     assert "optim.betas: each in [0, 1)" in _error(PretrainConfig, pretrain, "optim.betas=[1.0, 0.99]")
+    assert "optim.betas: each in [0, 1)" in _error(PretrainConfig, pretrain, "optim.betas=[-0.1, 0.99]")
+    assert "output: a path, not an empty or blank name" in _error(PretrainConfig, pretrain, "output=' '")
+    assert "qc.min_counts (500) is above qc.max_counts (100)" in _error(
+        CellsPrepConfig, cells, "qc.min_counts=500", "qc.max_counts=100"
+    )
+    assert "unknown key 'TRAIN'; did you mean 'train'?" in _error(PretrainConfig, pretrain, "TRAIN.steps=3")
     assert "output: a path, not an empty or blank name" in _error(PretrainConfig, pretrain, "output=")
     # a key in the wrong case is shown as written, with the key meant
     assert "unknown key 'Output'; did you mean 'output'?" in _error(PretrainConfig, pretrain, "Output=x")
     assert "unknown key 'train.stepz'; did you mean 'steps'?" in _error(
         PretrainConfig, pretrain, "train.stepz=3"
     )
+    deep = write(tmp_path, "data: {store: s}\noutput: o\nmodel.init.x: 5\n")
+    assert "nest it (model: {init: {x: ...}})" in _error(PretrainConfig, deep)
     dotted = write(tmp_path, "data: {store: s}\noutput: o\ntrain.steps: 5\n")
     assert "unknown key 'train.steps'; a dotted key is the command line's form: in a file, nest it" in _error(
         PretrainConfig, dotted

@@ -101,6 +101,7 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint):
         ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1, not 0"),
         ({"min_coverage": 2}, "min_coverage is a share of the vocabulary's genes, from 0 to 1"),
         ({"standardise": "cells"}, "standardise must be 'checkpoint' or 'data'"),
+        ({"batch_size": True}, "batch_size must be a whole number of at least 1, not True"),
         ({"counts": {"mode": "bogus"}}, r"biomask.embed\(counts=...\): key 'mode'"),
     ):
         with pytest.raises(InputError, match=match):
@@ -314,6 +315,11 @@ def test_hf_export_of_a_cells_model_needs_no_biomask_and_embeds_identically(
     assert "biomask" not in re.findall(
         r"^\s*(?:from|import) (\w+)", (folder / "modeling_biomask.py").read_text(), re.M
     )
+    # its card: no pipeline tag (a cell model needs `values` no pipeline passes), the values' formula
+    # with the checkpoint's own target_sum
+    card = (folder / "README.md").read_text()
+    target_sum = json.loads((cells_checkpoint / "config.json").read_text())["prep"]["normalise"]["target_sum"]
+    assert "pipeline_tag" not in card and f"count × {target_sum:,.0f})" in card, card
     records = [TokenStore(pbmc_store).split("train")[i] for i in range(40)]
     # cut as biomask cuts a binned cell to the model's input: its 128 highest-valued genes
     records = [
@@ -431,6 +437,7 @@ def test_hf_export_reads_raw_sequences_as_overlapping_kmers_and_trains_a_classif
     assert tok("ACGT\nACG")["input_ids"] == tok("ACGTACG")["input_ids"]
     assert tok("ACGTAC GTAC")["input_ids"] == tok("ACGTACGTAC")["input_ids"]
     assert tok.tokenize("ACGTA") == ["ACG", "CGT", "GTA"]  # every entry point reads the k-mers
+    assert tok.mask_token_id in tok("ACG [MASK] GTA")["input_ids"]  # written out with a special token
     assert tok.unk_token_id not in tok("acgta")["input_ids"]
     hf = AutoModel.from_pretrained(folder, trust_remote_code=True)
     ours = embed_records(load_pretrained(checkpoint), records, pooling="mean")

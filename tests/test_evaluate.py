@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import subprocess
@@ -83,6 +84,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     from biomask.datasets import fetch
     from tests.conftest import _pretrain
 
+    began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rng = np.random.default_rng(0)
     rows = ["id,sequence,label"]
     lines = [
@@ -114,6 +116,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     # what a methods section states: the probes' and clustering's fixed settings, each seed's C, and
     # the machine and time (run.json), the optimizer and schedule of the pretraining run
     from biomask.evaluation.baselines import C_GRID
+    from biomask.provenance import content_sha256
 
     settings = results["protocol_settings"]
     assert settings["linear_probe"]["C_grid"] == list(C_GRID) and settings["knn"]["k"] == 15
@@ -123,8 +126,11 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
         json.loads((tmp_path / "e1" / "run.json").read_text()),
         json.loads((own.parent / "run.json").read_text()),
     ):
-        assert run["wall_seconds"] >= 0 and run["started"] <= run["created"]
+        assert 0 <= run["wall_seconds"] < 600 and began <= run["started"] <= run["created"], run
         assert run["environment"]["cpu_cores"] >= 1 and run["environment"]["memory_gib"] > 0
+    # the data's digest beside the manifest's, to compare runs made elsewhere
+    recorded = json.loads((tmp_path / "e1" / "run.json").read_text())["inputs"][0]
+    assert recorded["content_sha256"] == content_sha256(json.loads((store / "manifest.json").read_text()))
     assert "torch.optim.AdamW" in json.loads((own.parent / "run.json").read_text())["optimizer"]["class"]
     notes = results["notes"]
     assert notes[0].startswith("baseline onehot_lr (one-hot + LR) not run: it needs records of one length")

@@ -264,7 +264,7 @@ def test_a_resumed_run_drops_metrics_lines_it_did_not_write(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"
 
 
-def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path):
+def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path, monkeypatch):
     """A commit and "dirty" cannot rebuild code edited mid-study (the main job's cell arms once ran
     from three edited trees that nothing kept): run.json keeps the uncommitted change to biomask's
     source, and the source files git does not track."""
@@ -284,6 +284,15 @@ def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path):
     (tmp_path / "biomask" / "model.py").write_text("WIDTH = 128\n")
     (tmp_path / "biomask" / "extra.py").write_text("NEW = 1\n")
     (tmp_path / "notes.txt").write_text("edited, but not source\n")
+    (tmp_path / "biomask" / "weights.bin").write_bytes(b"\0")  # not source
     found = _uncommitted(tmp_path)
     assert "-WIDTH = 64\n+WIDTH = 128" in found["git_diff"] and "notes.txt" not in found["git_diff"]
     assert found["git_untracked"] == ["biomask/extra.py"] and len(found["git_diff_sha256"]) == 64
+    # and run.json records it, where a manifest's or checkpoint's code record does not
+    import biomask
+    from biomask.provenance import code_version, write_run_info
+
+    monkeypatch.setattr(biomask, "__file__", str(tmp_path / "biomask" / "__init__.py"))
+    info = write_run_info(tmp_path / "biomask", stage="test", fingerprint="f")
+    assert info["code"]["git_dirty"] and "+WIDTH = 128" in info["code"]["git_diff"]
+    assert "git_diff" not in code_version()

@@ -803,6 +803,13 @@ def test_an_override_of_one_stage_leaves_the_stages_that_share_its_anchor(tmp_pa
         f"  a: {{command: prep dna, config: {GENOME}, slurm: &s {{time: '00:10:00'}}, overrides: &o {{split.seed: 1}}}}\n"
         f"  b: {{command: prep dna, config: {GENOME}, slurm: *s, overrides: *o}}\n"
     )
+    # a file's override written nested is replaced by the command line's, not kept beside it
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(
+        f"name: t\nrun_dir: {tmp_path / 'run'}\nstages:\n  a: {{command: prep dna, config: {GENOME}, overrides: {{split: {{seed: 1, val: 0.1}}}}}}\n"
+    )
+    task = load_plan(nested, ["stages.a.overrides.split.seed=2"]).stages["a"].tasks[0].overrides
+    assert "split.seed=2" in task and "split.seed=1" not in task and "split.val=0.1" in task
     plan = load_plan(path, ["stages.a.slurm.time=00:20:00", "stages.a.overrides.split.seed=2"])
     assert plan.stages["a"].slurm.time == "00:20:00" and plan.stages["b"].slurm.time == "00:10:00"
     assert "split.seed=2" in plan.stages["a"].tasks[0].overrides

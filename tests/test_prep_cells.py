@@ -1093,6 +1093,13 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     assert "'3.0' (" in err and "replace({'3.0': '3'})" in err and not out.exists()
 
 
+def test_a_registered_datasets_origin_is_in_run_json_not_in_the_manifest(pbmc3k_store):
+    """What a methods section cites (package and version, licence, citation), beside the checksum."""
+    source = json.loads((pbmc3k_store / "run.json").read_text())["inputs"][0]
+    assert source["name"] == "pbmc3k" and source["dataset"]["source"]["package"] == "desc"
+    assert source["dataset"]["licence"] and "dataset" not in TokenStore(pbmc3k_store).manifest["sources"][0]
+
+
 def test_vocabulary_loaded_back_is_the_saved_one(pbmc3k_store):
     vocab = GeneVocabulary.load(pbmc3k_store)
     again = GeneVocabulary.load(pbmc3k_store / "tokenizer" / "tokenizer.json")

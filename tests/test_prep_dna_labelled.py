@@ -179,9 +179,14 @@ def test_one_number_written_several_ways_is_refused_not_made_several_classes(tmp
     assert code == 2 and "writes one number in several ways: '01' (" in err, err
     assert f"'1' ({first}:3)" in err and f"'1.0' ({second}:3)" in err and "b.csv:4" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    second.write_text("sequence,label\nACGTAAGT,0\nACGGAAGT,1\nACGGAAGA,10\n")  # 1 and 10 stay apart
+    # 1 and 10 stay apart; `1_0` is a name, not ten; 17-digit ids that one float would merge are two
+    second.write_text(
+        "sequence,label\nACGTAAGT,0\nACGGAAGT,1\nACGGAAGA,10\nACGGTAGA,1_0\n"
+        "ACTGTAGA,12345678901234567\nACTGTAGC,12345678901234568\n"
+    )
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 0, err
+    assert len(TokenStore(tmp_path / "out").label_names) == 6
 
 
 def test_the_same_data_prepared_elsewhere_has_the_same_content_digest(tmp_path, cli):

@@ -668,6 +668,11 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
     summary = json.loads((report_dir / "summary.json").read_text())["targets"]
     text = (report_dir / "report.md").read_text()
     assert summary and all(f"**{t['verdict']}**" in text for t in summary)
+    # settings chosen on an evaluation's own scores (the pipeline's chosen_on: the two pbmc68k
+    # evaluations) are said once under each, and marked on every verdict of theirs
+    assert text.count("*Settings chosen on this evaluation's own scores*") == 2
+    chosen = {t["evaluation"] for t in summary if t.get("settings_chosen_on_this_evaluation")}
+    assert chosen == {"pbmc68k", "pbmc68k_transfer"}
 
     # `biomask main` (what `make run` runs) with nothing changed reuses every stage, the report
     # included, and ends with the report's summary

@@ -318,7 +318,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1.
     """
     try:
-        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, started=time.time())
+        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
     except Requeue as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
         # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
@@ -375,7 +375,7 @@ def _clear_memo(function: Any, depth: int = 3) -> None:
             _clear_memo(cell.cell_contents, depth - 1)
 
 
-def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, started: float) -> Path:
+def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, began: float) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
         logging.getLogger("biomask").setLevel(logging.WARNING)
@@ -792,7 +792,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, s
                 fingerprint=stage.fingerprint,
                 inputs=inputs,
                 seeds={"train": cfg.train.seed},
-                started=started,  # this process's: a resumed run's time since it resumed
+                started=began,  # this process's: a resumed run's time since it resumed
                 extra={
                     "world_size": dist_env.world_size,
                     "launcher": dist_env.launcher,
