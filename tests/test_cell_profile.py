@@ -609,6 +609,10 @@ def test_fit_cells_refuses_too_few_cells_and_a_file_without_counts(
                 pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={key: value}
             )
     # however the key is written (a section, the CLI's quoted text), fit_cells reads it as pretrain will
+    with pytest.raises(InputError, match="fit_cells: data.verify cannot be overridden"):
+        biomask.fit_cells(
+            pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"data": "{verify: false}"}
+        )
     with pytest.raises(InputError, match="fit_cells: model.init_from cannot be overridden"):
         biomask.fit_cells(
             pbmc68k_adata, bad, matrix="raw", counts={"mode": "log1p"}, overrides={"model": "{init_from: x}"}

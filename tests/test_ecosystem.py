@@ -89,7 +89,7 @@ def test_embed_is_in_place_or_a_copy_with_provenance_per_key_and_takes_a_loaded_
     assert adata.uns["X_c"]["checkpoint"] == str(cells_checkpoint.resolve())
 
 
-def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint):
+def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint, monkeypatch):
     """The command line's config bounds these; the Python call did not: batch_size=-1 embedded nothing
     and stored uninitialised memory as the embedding, 0 raised range()'s error, a bad counts policy
     leaked pydantic's."""
@@ -109,6 +109,18 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint):
     assert "X_biomask" not in adata.obsm
     biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, batch_size=7, chunk_size=50)
     assert np.isfinite(adata.obsm["X_biomask"]).all()
+    # a chunk the embedding loop did not write (a bug of ours) is an error, never rows of stale memory
+    from biomask.embedding.cells import CellsEmbedding
+
+    real = CellsEmbedding.run
+
+    def skips_the_first_chunk(self, write, **kwargs):
+        return real(self, lambda start, chunk: write(start, chunk) if start else None, **kwargs)
+
+    monkeypatch.setattr(CellsEmbedding, "run", skips_the_first_chunk)
+    with pytest.raises(RuntimeError, match="50 of 700 cells were not embedded"):
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, chunk_size=50, key="X_other")
+    assert "X_other" not in adata.obsm
 
 
 def test_embed_never_replaces_an_obsm_entry_it_did_not_write(pbmc, cells_checkpoint, tmp_path, cli):
@@ -712,3 +724,22 @@ def test_loading_a_model_leaves_the_callers_random_stream_alone(cells_checkpoint
     torch.manual_seed(0)
     load_pretrained(cells_checkpoint)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_model_card_names_the_strongest_reference_and_where_the_model_loses_to_it():
+    from biomask.export.hf import _held_out_lines
+
+    info = {
+        "eval": {
+            "loss": {"0.1": 1.20, "0.5": 0.90},
+            "mean_loss": 1.05,
+            "references": {
+                "frequency": {"loss": {"0.1": 1.30, "0.5": 1.30}, "mean_loss": 1.30},
+                "context": {"loss": {"0.1": 1.10, "0.5": 1.00}, "mean_loss": 1.05},
+            },
+        }
+    }
+    line = _held_out_lines(info)
+    assert "against 1.050 for the strongest reference predictor, context" in line
+    assert "0.1: 1.200 (1.100)" in line and line.endswith("Worse than the reference at ratio 0.1")
+    assert _held_out_lines({}) == "- Held-out masked loss: not recorded"
