@@ -15,8 +15,9 @@ class BiomaskError(Exception):
     exit_code = 1
 
 
-class InputError(BiomaskError):
-    """Bad input the user can fix: a file, record, line or config key. Exit code 2."""
+class InputError(BiomaskError, ValueError):
+    """Bad input the user can fix: a file, record, line or config key. Exit code 2. A `ValueError`
+    too, so a library caller's `except ValueError` (scanpy's convention for bad arguments) catches it."""
 
     exit_code = 2
 
