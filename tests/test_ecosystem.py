@@ -106,6 +106,8 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint, 
     ):
         with pytest.raises(InputError, match=match):
             biomask.embed(adata, cells_checkpoint, matrix="raw", **{"counts": COUNTS, **bad})
+    with pytest.raises(ValueError, match="pooling must be"):  # scanpy's convention: a ValueError too
+        biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, pooling="max")
     assert "X_biomask" not in adata.obsm
     biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, batch_size=7, chunk_size=50)
     assert np.isfinite(adata.obsm["X_biomask"]).all()
