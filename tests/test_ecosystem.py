@@ -633,6 +633,17 @@ def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_i
     counts[:, 1] = 120.0
     with pytest.warns(UserWarning, match=r"8 record\(s\) hold only whole numbers.*raw counts, it seems"):
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], values=counts)
+    # the bound is the checkpoint's own: values of a store normalised to a million reach 13.8
+    import warnings
+
+    model.config.biomask = {"source_checkpoint": {"prep": {"normalise": {"target_sum": 1e6}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            values=torch.where(counts > 100, 12.0, counts),
+        )
     ids[0, slot] = ids[0, 1]  # a gene listed twice: refused, not silently one of its two values
     with pytest.raises(ValueError, match=r"record\(s\) \[0\] list a gene more than once"):
         model(input_ids=ids, attention_mask=mask, values=values)
