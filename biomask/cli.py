@@ -450,8 +450,9 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         check_time_limits(plan, selected)
         announce(selected)
         # rendered outside run_dir: a dry run neither claims an empty run folder for this pipeline
-        # nor rewrites the scripts of a submission whose jobs still read them
-        into = Path(tempfile.mkdtemp(prefix="biomask-dry-run-"))
+        # nor rewrites the scripts of a submission whose jobs still read them. One folder per user
+        # and pipeline, replaced by the next dry run: a folder each time filled /tmp (hundreds seen)
+        into = _dry_run_folder(Path(tempfile.gettempdir()), plan.name)
         for path in render_scripts(
             plan, only=args.only or (), start=args.start, overwrite=args.overwrite, into=into
         ).values():
@@ -464,6 +465,27 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         print(f"{name}\t{job['job_id']}{after}\t{job['script']}")
     log.info("submitted; follow with: biomask pipeline status %s", plan.run_dir)
     return 0
+
+
+_DRY_RUN_MARK = ".biomask-dry-run"
+
+
+def _dry_run_folder(tmp: Path, name: str) -> Path:
+    """`tmp/biomask-dry-run-<uid>-<pipeline>`, emptied of an earlier dry run's scripts (only a folder
+    an earlier dry run marked as its own; anything else gets a fresh folder beside it)."""
+    import shutil
+    import tempfile
+
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "pipeline"
+    folder = tmp / f"biomask-dry-run-{os.getuid()}-{slug}"
+    if folder.is_dir() and not folder.is_symlink() and (folder / _DRY_RUN_MARK).is_file():
+        shutil.rmtree(folder)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:  # not ours to replace
+        folder = Path(tempfile.mkdtemp(prefix=f"biomask-dry-run-{slug}-", dir=tmp))
+    (folder / _DRY_RUN_MARK).write_text("scripts rendered by `biomask pipeline submit --dry-run`\n")
+    return folder
 
 
 def cmd_pipeline_status(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ and the templates in pipelines/slurm/ staying in sync with what `submit` renders
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -814,3 +815,18 @@ def test_an_override_of_one_stage_leaves_the_stages_that_share_its_anchor(tmp_pa
     assert plan.stages["a"].slurm.time == "00:20:00" and plan.stages["b"].slurm.time == "00:10:00"
     assert "split.seed=2" in plan.stages["a"].tasks[0].overrides
     assert "split.seed=1" in plan.stages["b"].tasks[0].overrides
+
+
+def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(tmp_path):
+    """`pipeline submit --dry-run` made a new /tmp folder each time (hundreds piled up)."""
+    from biomask.cli import _dry_run_folder
+
+    first = _dry_run_folder(tmp_path, "dna prep")
+    (first / "prep.sbatch").write_text("old")
+    again = _dry_run_folder(tmp_path, "dna prep")
+    assert again == first and not (again / "prep.sbatch").exists()
+    theirs = tmp_path / f"biomask-dry-run-{os.getuid()}-other"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("not biomask's")
+    other = _dry_run_folder(tmp_path, "other")
+    assert other != theirs and (theirs / "notes.txt").read_text() == "not biomask's"

@@ -1216,3 +1216,25 @@ def test_a_current_store_is_reused_before_the_readers_are_imported(tmp_path, cli
         handle.attrs["edited"] = 1
     code, _, err, _ = fresh_cli(*args)
     assert code == 2 and "--overwrite" in err, err
+
+
+def test_a_kernel_numba_cannot_cache_is_compiled_for_the_run(monkeypatch, caplog):
+    """A read-only install with a read-only home: numba's cache=True refused at decoration, and every
+    prep cells and embed ended in a traceback. The kernel is compiled uncached, said once."""
+    import numba
+
+    from biomask.cells import kernels
+
+    real, calls = numba.njit, []
+
+    def njit(*args, cache=False, **kwargs):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file '/ro/f.py'")
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    monkeypatch.setattr(kernels, "_said", False)
+    compiled = kernels.njit(lambda a, b: a + b)
+    assert compiled(2, 3) == 5 and calls == [True, False]
+    assert "numba cannot write its cache" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text

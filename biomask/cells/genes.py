@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from biomask.cells.formats import checked_vocabulary_dir
+from biomask.cells.kernels import njit
 from biomask.cells.readers import MatrixSource
 from biomask.errors import InputError
 from biomask.vocab import CLS_ID, NUM_SPECIAL, SPECIAL_TOKENS, tokenizer_config
@@ -217,7 +217,7 @@ def remap_columns(block: sp.csr_matrix, mapping: ColumnMap, rows: np.ndarray | N
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _keep_mapped(indptr, indices, data, rows, targets, out_indptr, out_indices, out_data):
     """The given rows' entries whose column maps somewhere, relabelled, in order; returns how many."""
     kept = 0

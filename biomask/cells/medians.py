@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 import scipy.sparse as sp
 
+from biomask.cells.kernels import njit
 from biomask.cells.tokenize import mix_hash
 
 FIRST_VALUES_BUDGET = 8 << 20  # float32 values kept for rare genes: 32 MiB whatever the corpus size
@@ -134,7 +134,7 @@ class GeneCounts:
         return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _count_and_keep(indptr, indices, data, scale, n_cells, first_values):
     per_gene = first_values.shape[1]
     for row in range(indptr.size - 1):

@@ -231,9 +231,9 @@ def _compiled_bin_cells():
     """`_bin_cells` compiled on first use rather than decorated: the configs import this module for
     its scheme names, and numba's import was half a second of every prep or embed rerun that finds
     its output current. The compiled kernel is still cached beside this module."""
-    import numba
+    from biomask.cells.kernels import njit
 
-    return numba.njit(cache=True, nogil=True)(_bin_cells)
+    return njit(_bin_cells)
 
 
 # --------------------------------------------------------------------------------------------- schemes
