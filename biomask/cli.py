@@ -452,7 +452,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         # rendered outside run_dir: a dry run neither claims an empty run folder for this pipeline
         # nor rewrites the scripts of a submission whose jobs still read them. One folder per user
         # and pipeline, replaced by the next dry run: a folder each time filled /tmp (hundreds seen)
-        into = _dry_run_folder(Path(tempfile.gettempdir()), plan.name)
+        into = _dry_run_folder(Path(tempfile.gettempdir()), plan.pipeline.name)
         for path in render_scripts(
             plan, only=args.only or (), start=args.start, overwrite=args.overwrite, into=into
         ).values():
