@@ -744,6 +744,42 @@ def test_a_full_temporary_disk_while_converting_a_matrix_mtx_names_tmpdir(
     assert not (tmp_path / "cells").exists() and list(scratch.iterdir()) == []
 
 
+def test_a_converted_matrix_leaves_nothing_in_tmpdir_even_when_killed(tmp_path, pbmc_counts, monkeypatch):
+    """A 10x matrix's CSR copy is unlinked once open (it lives as long as the reader, and a SIGKILL,
+    say the OOM killer's, leaves no files), and a copy a killed process left while converting is swept
+    by the next conversion: only this user's, of this host, whose process has ended."""
+    from biomask.cells import readers, spill
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    host = spill._host()
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(ended.stdout)
+    orphan = scratch / f"biomask-mtx-{host}-{dead}-abcd1234"
+    (orphan / "inner").mkdir(parents=True)
+    (orphan / "inner" / "data.bin").write_bytes(b"x" * 100)
+    kept = {
+        "running": scratch / f"biomask-mtx-{host}-{os.getppid()}-abcd1234",
+        "another host": scratch / f"biomask-mtx-{host}x-{dead}-abcd1234",
+        "another prefix": scratch / f"biomask-csc-{host}-{dead}-abcd1234",
+        "not biomask's": scratch / f"biomask-mtx-{host}-notapid-abcd1234",
+    }
+    for folder in kept.values():
+        folder.mkdir()
+    folder = write_mtx(tmp_path / "tenx", *pbmc_counts, gz=True)
+    source = readers.open_10x_mtx(folder)
+    try:
+        assert not orphan.exists()
+        assert sorted(scratch.iterdir()) == sorted(kept.values())  # its own copy already unlinked
+        block = source.rows(0, 5)
+        assert block.shape[0] == 5 and block.nnz > 0  # still read through the open descriptors
+    finally:
+        source.close()
+
+
 def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
     import h5py
 

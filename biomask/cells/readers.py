@@ -716,6 +716,9 @@ class _DiskSource(MatrixSource):
     def __init__(self, disk: DiskCSR, scratch: ScratchDir, **kwargs) -> None:
         super().__init__(**kwargs)
         self.disk, self.scratch = disk, scratch
+        # the copy's files are open (DiskCSR holds their descriptors): unlinked now, they live until
+        # closed and vanish with the process however it ends, SIGKILL included
+        scratch.cleanup()
         _check_sizes(self.where, self.n_obs, self.n_vars, disk.shape)
 
     @property

@@ -19,8 +19,10 @@ matrix, read at once and converted the reader's usual way, would give).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -44,17 +46,54 @@ def index_dtype(limit: int) -> np.dtype:
 
 class ScratchDir:
     """A temporary directory removed on `cleanup()`, when garbage-collected, or at interpreter exit:
-    a source that is never closed (or a run that fails half-way) leaves nothing behind."""
+    a source that is never closed (or a run that fails half-way) leaves nothing behind.
+
+    A process killed outright (SIGKILL, the kernel's OOM killer: most likely during a big conversion)
+    runs none of these, so the folder's name carries the host and process id, and the next ScratchDir
+    of the same prefix removes those of this host whose process has ended (a few GB of /tmp each)."""
 
     def __init__(self, prefix: str) -> None:
+        where = Path(tempfile.gettempdir())
+        host = _host()
+        sweep_orphans(where, prefix, host)
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=prefix))
+            self.path = Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=where))
         except OSError as exc:
-            raise scratch_error(exc, Path(tempfile.gettempdir())) from None
+            raise scratch_error(exc, where) from None
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
 
     def cleanup(self) -> None:
         self._finalizer()
+
+
+def _host() -> str:
+    """This host's name as a file-name piece (a '-' inside it is fine: the pid is read from the right)."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def sweep_orphans(where: Path, prefix: str, host: str) -> list[Path]:
+    """Remove `where`'s folders `{prefix}{host}-{pid}-XXXXXXXX` owned by this user whose process is
+    gone; return them. Another host's (a shared TMPDIR) and a running process's are left alone, as is
+    anything not named that way (not biomask's)."""
+    removed = []
+    try:
+        entries = list(where.glob(f"{glob.escape(prefix + host)}-*-*"))
+    except OSError:
+        return removed
+    for folder in entries:
+        pid_text = folder.name[len(prefix + host) + 1 :].rsplit("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (OSError, OverflowError):  # alive under another user (EPERM), or unreadable: leave it
+            continue
+    return removed
 
 
 def scratch_error(exc: OSError, where: Path) -> Exception:
