@@ -135,6 +135,11 @@ def parse_yaml(text: str, origin: str) -> Any:
         # the mark names "<unicode string>": the origin says which file or override it is
         text = str(exc).replace('in "<unicode string>", ', "")
         raise ConfigError(f"{origin}: not valid YAML: {text}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: a file of [[[[...]]]]
+        raise ConfigError(
+            f"{origin}: nested too deeply to read (hundreds of levels of lists or mappings); a config "
+            "needs a few"
+        ) from None
 
 
 def decode_config(raw: bytes, path: str | os.PathLike) -> str:
@@ -152,15 +157,52 @@ def decode_config(raw: bytes, path: str | os.PathLike) -> str:
         ) from None
 
 
-def _unshared(value: Any) -> Any:
+# Values a config may expand to once its aliases are copied out: far above any real config (the
+# largest pipeline has a few thousand), far below what a file of nested anchors can claim (nine lines
+# give 10**9, exhausting memory before any check ran).
+MAX_CONFIG_VALUES = 1_000_000
+
+
+def _unshared(value: Any, origin: str = "the config") -> Any:
     """The data with every mapping and list its own: YAML's anchors (`<<: *gpu_training`, `*dna_finetune`)
     give several keys one shared object, so an override of one stage's key changed every stage that
-    used the anchor."""
-    if isinstance(value, dict):
-        return {key: _unshared(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unshared(item) for item in value]
-    return value
+    used the anchor. Refused past MAX_CONFIG_VALUES values."""
+    count = 0
+
+    def copy(item: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{origin}: its anchors and aliases expand to more than {MAX_CONFIG_VALUES:,} values; a config "
+                "needs far fewer (is it a YAML 'billion laughs' file?)"
+            )
+        if isinstance(item, dict):
+            return {key: copy(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [copy(inner) for inner in item]
+        return item
+
+    try:
+        return copy(value)
+    except RecursionError:  # aliases can nest deeper than the file's text shows
+        raise ConfigError(f"{origin}: nested too deeply to read; a config needs a few levels") from None
+
+
+class UnreadableRecord(yaml.YAMLError):
+    """A YAML file in an output folder (a recorded config.yaml) too large or deep once its aliases are copied."""
+
+
+def load_recorded_yaml(text: str, origin: str) -> Any:
+    """A YAML file biomask wrote into an output folder, read back (yaml.safe_load, no tags) with the
+    limits a config file has: nested anchors there (a crafted or damaged run folder) would otherwise
+    expand in the comparisons that read it. Raises yaml.YAMLError, which its readers already handle."""
+    try:
+        return _unshared(yaml.safe_load(text), origin)
+    except (ConfigError, RecursionError) as exc:
+        raise UnreadableRecord(
+            str(exc) if isinstance(exc, ConfigError) else f"{origin}: nested too deeply"
+        ) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -175,7 +217,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     text = decode_config(raw, path)
-    data = _unshared(parse_yaml(text, str(path)))
+    data = _unshared(parse_yaml(text, str(path)), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

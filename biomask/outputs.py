@@ -40,7 +40,7 @@ from typing import TextIO
 
 import yaml
 
-from biomask.config import config_diff
+from biomask.config import config_diff, load_recorded_yaml
 from biomask.errors import (
     EnvironmentIOError,
     InputError,
@@ -341,7 +341,7 @@ def _describe_difference(
     if new is None or not old_file.exists():
         return ""
     try:
-        old = yaml.safe_load(old_file.read_text()) or {}
+        old = load_recorded_yaml(old_file.read_text(), str(old_file)) or {}
     except yaml.YAMLError:
         return ""
     # a key that does not change results (num_workers, batch_size) is not what stands in the way

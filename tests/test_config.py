@@ -362,3 +362,29 @@ def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_i
     assert "unknown key 'train.steps'; a dotted key is the command line's form: in a file, nest it" in _error(
         PretrainConfig, dotted
     )
+
+
+def test_a_config_that_expands_without_bound_is_refused_before_it_exhausts_memory(tmp_path, monkeypatch):
+    """Nine lines of nested anchors claim 10**9 values ('billion laughs'): copying the aliases out (so
+    that an override of one stage leaves its anchor's other users) took all memory, then blamed
+    block_size. A file nested thousands deep was a RecursionError traceback. Both are refused naming the
+    file, and a run folder's recorded config.yaml is read with the same limits."""
+    import biomask.config
+    from biomask.config import UnreadableRecord, load_recorded_yaml
+
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    laughs = write(tmp_path, "\n".join(levels) + "\n")
+    assert "cfg.yaml: its anchors and aliases expand to more than 1,000,000 values" in _error(
+        DNAPrepConfig, laughs
+    )
+    with pytest.raises(UnreadableRecord, match="expand to more than"):
+        load_recorded_yaml(laughs.read_text(), "run/config.yaml")
+    deep = write(tmp_path, "x: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert "cfg.yaml: nested too deeply to read" in _error(DNAPrepConfig, deep)
+    # the bound counts values, so a real config (anchors shared by many stages) is far inside it
+    monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 12)
+    shared = write(tmp_path, "d: &d {a: 1, b: 2}\ns1: *d\ns2: *d\ns3: *d\n")
+    assert "expand to more than 12 values" in _error(DNAPrepConfig, shared)
+    monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 13)
+    assert "expand to more than" not in _error(DNAPrepConfig, shared)

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from biomask.config import config_diff, load_config
+from biomask.config import config_diff, load_config, load_recorded_yaml
 from biomask.errors import ConfigError, InputError
 from biomask.pipelines.local import stage_argv
 from biomask.pipelines.plan import Plan, PlannedStage, Task
@@ -116,7 +116,7 @@ def _changed(stage: PlannedStage, task: Task, moved: Relocation | None = None) -
     if schema is None or not recorded.is_file():
         return None
     try:
-        old = yaml.safe_load(recorded.read_text()) or {}
+        old = load_recorded_yaml(recorded.read_text(), str(recorded)) or {}
         new = load_config(schema, stage.config, task.overrides).model_dump(mode="json")
     except (OSError, yaml.YAMLError, ConfigError):
         return None

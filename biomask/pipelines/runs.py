@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from biomask.config import load_config
+from biomask.config import load_config, load_recorded_yaml
 from biomask.errors import ConfigError, InputError
 from biomask.outputs import atomic_write_text, open_own
 from biomask.pipelines.plan import Plan, load_plan
@@ -77,7 +77,7 @@ def _check_same_pipeline(plan: Plan, resolved: Path) -> None:
     """A run_dir belongs to one pipeline: another's stages of the same names would count as changed
     and replace its outputs (the runner overwrites stale outputs in its run_dir), and its records."""
     try:
-        earlier = yaml.safe_load(resolved.read_text())
+        earlier = load_recorded_yaml(resolved.read_text(), str(resolved))
     except (OSError, yaml.YAMLError):
         return
     if not isinstance(earlier, dict):

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from biomask.config import load_recorded_yaml
 from biomask.errors import InputError
 from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
@@ -84,7 +85,7 @@ class PretrainRun:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_recorded_yaml(path.read_text(), str(path)) or {}
     except FileNotFoundError:
         raise InputError(f"{path} is missing: is {path.parent} a finished biomask stage output?") from None
     except yaml.YAMLError as exc:

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from biomask.config import config_diff
+from biomask.config import config_diff, load_recorded_yaml
 from biomask.errors import InputError, OutputExistsError, StaleOutputError
 from biomask.outputs import (
     FILE_TREE_KEY,
@@ -170,7 +170,7 @@ def _foreign_in_model(model: Path) -> list[str]:
 
 def _changed_keys(path: Path, new_config: dict[str, Any], inputs: Sequence[dict] = ()) -> str:
     try:
-        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        old = load_recorded_yaml((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
     except (OSError, yaml.YAMLError):
         return ""
     # keys a resume may change are not what stands in the way
