@@ -780,6 +780,48 @@ def test_a_converted_matrix_leaves_nothing_in_tmpdir_even_when_killed(tmp_path, 
         source.close()
 
 
+def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pbmc_counts):
+    """An HDF5 external link (or a virtual dataset) is followed on reading, but only the input file is
+    hashed: a store built through one was reused, its provenance "unchanged", after the linked data
+    changed. Refused naming the link and its target, exit 2, nothing written."""
+    import anndata
+    import h5py
+    import pandas as pd
+
+    counts, barcodes, genes = pbmc_counts
+    adata = anndata.AnnData(
+        counts.astype(np.float32), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes)
+    )
+    adata.var_names_make_unique()
+    whole = tmp_path / "whole.h5ad"
+    adata.write_h5ad(whole)
+    elsewhere = tmp_path / "elsewhere.h5"
+    with h5py.File(elsewhere, "w") as f:
+        f["X"] = counts.astype(np.float32)
+    linked, virtual = tmp_path / "linked.h5ad", tmp_path / "virtual.h5ad"
+    for target in (linked, virtual):
+        shutil.copy(whole, target)
+    with h5py.File(linked, "a") as f:
+        del f["X"]
+        f["X"] = h5py.ExternalLink(str(elsewhere), "X")
+    with h5py.File(virtual, "a") as f:
+        del f["X"]
+        layout = h5py.VirtualLayout(shape=counts.shape, dtype=np.float32)
+        layout[:] = h5py.VirtualSource(str(elsewhere), "X", shape=counts.shape)
+        f.create_virtual_dataset("X", layout)
+    for path, shown in (
+        (linked, f"/X -> {elsewhere}:X"),
+        (virtual, f"/X -> a virtual dataset of {elsewhere}"),
+    ):
+        code, _, err = cells(tmp_path, cli, path)
+        assert code == 2 and f"{path}: holds data kept in other files ({shown})" in err, err
+        assert "copy the data into the file" in err
+        no_traceback(err)
+        assert not (tmp_path / "cells").exists()
+    code, _, err = cells(tmp_path, cli, whole)  # the same data in the file itself
+    assert code == 0, err
+
+
 def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
     import h5py
 

@@ -171,7 +171,7 @@ def _check_sizes(where: str, n_obs: int, n_vars: int, shape: tuple[int, ...]) ->
 
 def _open_h5(path: Path) -> h5py.File:
     try:
-        return h5py.File(path, "r")
+        handle = h5py.File(path, "r")
     except OSError as exc:
         if exc.errno == errno.EMFILE or "Too many open files" in str(exc):  # h5py's carries no errno
             from biomask.errors import EnvironmentIOError, describe_os_error
@@ -179,6 +179,43 @@ def _open_h5(path: Path) -> h5py.File:
             error = OSError(errno.EMFILE, "Too many open files", str(path))
             raise EnvironmentIOError(describe_os_error(error)) from None
         raise InputError(f"{path} is not a readable HDF5 file ({exc}); is it really this format?") from None
+    try:
+        _check_self_contained(handle, path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _check_self_contained(handle: h5py.File, path: Path) -> None:
+    """Refuse data kept in other files: HDF5 external links and virtual datasets are followed when
+    read, but only this file is hashed, so a store built from it would be reused (and its provenance
+    called unchanged) after the other file changed. A user's copy of the data into the file is one
+    command (h5copy, or anndata's read and write)."""
+    elsewhere: list[str] = []
+
+    def links(group: h5py.Group) -> None:
+        for key in group:  # the link itself, not what it leads to
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                elsewhere.append(f"{group.name.rstrip('/')}/{key} -> {link.filename}:{link.path}")
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Group):
+            links(item)
+        elif isinstance(item, h5py.Dataset) and item.is_virtual:
+            sources = sorted({source.file_name for source in item.virtual_sources()})
+            elsewhere.append(f"/{name} -> a virtual dataset of {', '.join(sources)}")
+
+    links(handle)
+    handle.visititems(visit)  # every object reached by hard links, each once (no external ones)
+    if elsewhere:
+        shown = "; ".join(elsewhere[:3]) + (f"; and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+        raise InputError(
+            f"{path}: holds data kept in other files ({shown}). biomask hashes the input file, so changes "
+            "there would go unseen; copy the data into the file (anndata.read_h5ad(path).write_h5ad(new), "
+            "or h5copy) and give that"
+        )
 
 
 def _sparse_ready(values: Any) -> Any:
