@@ -781,6 +781,35 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step00000020", "step00000030"]
 
 
+def test_a_link_under_a_checkpoint_name_is_removed_never_written_through(tmp_path):
+    """A run folder (copied, or crafted) with `.tmp-stepN` linked to a folder of the user's: the save
+    wrote DeepSpeed's files into that folder and replaced its meta.json. Links under biomask's names
+    (`.tmp-`, `.old-`, the step itself, `model`) are unlinked; their targets are left as they were."""
+    from biomask.training import checkpoint
+
+    class Engine:  # writes what DeepSpeed's save_checkpoint would, under the tag it is given
+        def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "meta.json").write_text("precious")
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    for name in (".tmp-step00000020", ".old-step00000020", "step00000020"):
+        (root / name).symlink_to(victim, target_is_directory=True)
+    final = checkpoint.save(Engine(), root, 20, rank=0, rng={"seed": 1}, meta={"kind": "test"})
+    assert final == root / "step00000020" and final.is_dir() and not final.is_symlink()
+    assert json.loads((final / "meta.json").read_text())["step"] == 20
+    assert sorted(p.name for p in victim.iterdir()) == ["meta.json"]
+    assert (victim / "meta.json").read_text() == "precious"
+    assert sorted(p.name for p in root.iterdir()) == ["step00000020"]
+    (root / ".tmp-step00000030").symlink_to(victim, target_is_directory=True)  # left by a crafted folder
+    checkpoint.prune(root, keep=1)
+    assert not (root / ".tmp-step00000030").is_symlink() and (victim / "meta.json").read_text() == "precious"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("cc") is None or not (Path(sysconfig.get_path("include")) / "Python.h").exists(),

@@ -211,6 +211,16 @@ def _file_names(directory: Path) -> list[str]:
     return [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file()]
 
 
+def _discard(path: Path) -> None:
+    """Remove a path under one of biomask's own names, never what it leads to: a link there (a crafted
+    or copied run folder) is unlinked, not written or deleted through — rmtree refuses a link and the
+    save then wrote its files into the link's target, replacing a meta.json there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Save a checkpoint of every rank (a collective call); returns its final directory."""
     tag = tag_of(step)
@@ -218,7 +228,7 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
     final = root / tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        _discard(root / tmp_tag)
     _barrier()
     try:
         engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
@@ -234,10 +244,13 @@ def save(engine: Any, root: Path, step: int, *, rank: int, rng: dict[str, Any], 
         record = {**meta, "step": step, "files": files, "sha256": hashes}
         atomic_write_text(tmp / "meta.json", json.dumps(record, indent=2) + "\n")
         old = root / f".old-{tag}"
-        if final.exists():  # a re-save of the same step (a run resumed at its last step): swap
+        _discard(old)
+        if (
+            final.exists() or final.is_symlink()
+        ):  # a re-save of the same step (resumed at its last step): swap
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     _barrier()
     return final
 
@@ -413,7 +426,7 @@ def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; remove older ones and leftovers of killed saves."""
     for leftover in [*root.glob(".tmp-step*"), *root.glob(".old-step*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        _discard(leftover)
     for old in valid_checkpoints(root)[:-keep]:
         added = unlisted(old)
         if added:  # a file of the user's (notes beside a checkpoint) is never deleted
@@ -468,7 +481,6 @@ def export_portable(
     tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
     tmp.rmdir()
     save_pretrained(state, arch, tmp, tokenizer_dir=tokenizer_dir, info=info)
-    if (out / "model").exists():
-        shutil.rmtree(out / "model")
+    _discard(out / "model")
     tmp.rename(out / "model")
     return out / "model"
