@@ -635,3 +635,24 @@ def _unguarded(path: str | os.PathLike, lock: Path, exc: OSError) -> None:
         exc.strerror or exc,
         path,
     )
+
+
+def file_slugs(names: Sequence[str], limit: int = 60, keep: str = "") -> dict[str, str]:
+    """A file-name piece for each name, distinct even on a case-insensitive file system (macOS, Windows):
+    letters (any script), digits and the characters of `keep` kept, lower-cased, every other run of
+    characters one `-`, cut to `limit`; a piece another name already took gets `-2`, `-3`. Names that differed only in case or
+    punctuation (`DNA` / `dna`, `r2mae@0` / `r2mae-0`) wrote one file over the other, and a name holding
+    `/` or `..` wrote outside the output."""
+    taken: set[str] = set()
+    found: dict[str, str] = {}
+    for name in names:
+        text = str(name).casefold()
+        text = text if "_" in keep else text.replace("_", "-")  # \w holds `_`
+        base = re.sub(rf"[^\w{re.escape(keep)}]+", "-", text).strip("-")[:limit].strip("-") or "x"
+        slug, n = base, 1
+        while slug in taken:
+            n += 1
+            slug = f"{base}-{n}"
+        taken.add(slug)
+        found[name] = slug
+    return found

@@ -371,6 +371,15 @@ def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(
                        f"checkpoints.a={dna_checkpoint}", "device=cuda")  # fmt: skip
     assert code == 2 and "device=cuda" in err and "Traceback" not in err, err
     assert not out.exists()
+    # devices torch parses but biomask never ran on: a RuntimeError / NotImplementedError traceback before
+    for device, said in (
+        ("mps", "Apple GPUs (mps) are not supported yet: use device=cpu"),
+        ("meta", "use auto or cpu"),
+    ):
+        code, _, err = cli("evaluate", "-c", repo / "configs/evaluate/splice.yaml", *args,
+                           f"checkpoints.a={dna_checkpoint}", f"device={device}")  # fmt: skip
+        assert code == 2 and f"device='{device}': biomask runs on cpu or cuda[:N]" in err and said in err, err
+        assert "Traceback" not in err and not out.exists()
 
 
 def test_a_protocol_is_named_once_and_one_without_a_method_is_refused(splice_store, dna_checkpoint):

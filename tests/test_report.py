@@ -1416,3 +1416,39 @@ def test_a_current_report_is_reused_before_its_plotting_and_statistics_are_impor
     code, _, err, _ = fresh_cli("report", "--config", config)
     assert code == 2 and "a report written by an older biomask (it has no summary.json" in err, err
     assert cli("report", "--config", config, "--overwrite")[0] == 0 and (out / "summary.json").is_file()
+
+
+def test_figure_files_are_one_per_section_whatever_the_keys_case_or_punctuation(
+    dna_checkpoint, tmp_path, cli
+):
+    """Keys `DNA` and `dna` (or two in another script) drew into one file, so both sections showed the
+    second's curves; on macOS `eval-splice` and `eval-Splice` are one file too; an evaluation key with
+    `/..` wrote a figure outside the output. Each key now gets its own file name, inside figures/."""
+    import yaml
+
+    from biomask.outputs import file_slugs
+
+    assert file_slugs(["DNA", "dna", "单细胞", "脱氧核糖核酸", "x/../../y", "r2mae@0", "r2mae-0"]) == {
+        "DNA": "dna",
+        "dna": "dna-2",
+        "单细胞": "单细胞",
+        "脱氧核糖核酸": "脱氧核糖核酸",
+        "x/../../y": "x-y",
+        "r2mae@0": "r2mae-0",
+        "r2mae-0": "r2mae-0-2",
+    }
+    assert file_slugs(["splice_ft", "Splice_FT"], keep="_") == {
+        "splice_ft": "splice_ft",
+        "Splice_FT": "splice_ft-2",
+    }
+    run = str(dna_checkpoint.parent)
+    cfg = tmp_path / "report.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"output": str(tmp_path / "out"), "pretrain": {"DNA": [run], "dna": [run]}})
+    )
+    code, _, err = cli("report", "-c", cfg)
+    assert code == 0, err
+    text = (tmp_path / "out" / "report.md").read_text()
+    for slug in ("dna", "dna-2"):
+        assert (tmp_path / "out" / "figures" / f"pretrain-{slug}-curves.png").is_file()
+        assert f"figures/pretrain-{slug}-curves.png" in text

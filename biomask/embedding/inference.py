@@ -46,6 +46,15 @@ def pick_device(device: str = "auto") -> torch.device:
         chosen = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):  # mps, xla, meta...: parsed by torch, never tested here
+        raise ConfigError(
+            f"device={device!r}: biomask runs on cpu or cuda[:N] (auto picks); "
+            + (
+                "Apple GPUs (mps) are not supported yet: use device=cpu"
+                if chosen.type == "mps"
+                else "use auto or cpu"
+            )
+        )
     if chosen.type == "cuda" and (
         not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()
     ):

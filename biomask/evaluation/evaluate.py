@@ -9,7 +9,6 @@ initialised — is trained on train, selected on val, and scored on test. Output
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from biomask.evaluation.metrics import (
     summarize,
 )
 from biomask.evaluation.reuse import stage_output
+from biomask.outputs import file_slugs
 from biomask.provenance import strict_json
 
 log = logging.getLogger(__name__)
@@ -276,16 +276,13 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
         results["notes"] = notes
         (tmp / "metrics.json").write_text(strict_json(results))
         (tmp / "report.md").write_text(render_report(results))
+        slugs = file_slugs([m.name for m in methods])  # `R2MAE` and `r2mae` wrote one file
         for method in methods:
             total = np.sum([np.array(r["confusion_matrix"]) for r in per_seed[method.name]], axis=0)
             frame = pd.DataFrame(total, index=data.label_names, columns=data.label_names)
-            frame.to_csv(tmp / f"confusion-{_slug(method.name)}.csv")
+            frame.to_csv(tmp / f"confusion-{slugs[method.name]}.csv")
     log.info("evaluation written to %s", cfg.output)
     return Path(cfg.output)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _summarise(

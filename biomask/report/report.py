@@ -30,6 +30,7 @@ from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
+from biomask.outputs import file_slugs
 from biomask.provenance import code_differs, code_version, read_run_info
 from biomask.relocation import where_now
 from biomask.report import figures
@@ -1105,6 +1106,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
     evaluations = {
         key: load_evaluation(key, spec.path, spec.metric, spec.title) for key, spec in cfg.evaluations.items()
     }
+    # figure file names: distinct whatever the keys' case or punctuation, and inside figures/
+    pretrain_slugs, eval_slugs = file_slugs(list(runs)), file_slugs(list(evaluations), keep="_")
     groups = {m.get("group") for ev in evaluations.values() for m in ev.results["methods"]}
     if evaluations and cfg.r2mae not in groups:
         found = sorted(str(g) for g in groups - {None, "baseline", "random-init"})
@@ -1193,7 +1196,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
     for modality, mruns in runs.items():
         if not mruns:
             continue
-        slug = re.sub(r"[^a-z0-9]+", "-", modality.lower()).strip("-")
+        slug = pretrain_slugs[modality]
         curves = figures.training_curves(mruns, modality, fig_dir / f"pretrain-{slug}-curves.png")
         hist = figures.ratio_histograms(mruns, modality, fig_dir / f"pretrain-{slug}-ratios.png")
         grid = figures.loss_by_ratio(mruns, modality, fig_dir / f"pretrain-{slug}-loss-by-ratio.png")
@@ -1246,7 +1249,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
                     f"{verdict(c, 'better', 'worse')} |"
                 )
             lines.append("")
-        fig = figures.metric_intervals(ev, fig_dir / f"eval-{ev.key}.png")
+        fig = figures.metric_intervals(ev, fig_dir / f"eval-{eval_slugs[ev.key]}.png")
         lines += [f"![{fig.stem}](figures/{fig.name})", ""]
 
     if cfg.embedding is not None:
