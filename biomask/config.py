@@ -442,6 +442,9 @@ ADDED_KEYS: dict[str, Any] = {
     "labels.min_cells": 0,  # prep cells, 2026-12-06
     "standardise": "checkpoint",  # evaluate, embed, 2026-12-06
     "evaluations{}.chosen_on": None,  # report, 2026-12-07
+    "splits.group": "none",  # evaluate, 2026-12-07
+    # read only by splits.group=shared_sequence
+    "splits.min_shared": lambda value, flat: value == 32 or flat.get("splits.group") != "shared_sequence",
 }
 
 

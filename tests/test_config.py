@@ -267,7 +267,8 @@ def test_evaluations_written_before_their_later_keys_stay_current_unless_they_fi
 
     later = [(None, "select_on_val"), ("finetune", "dropout"), ("finetune", "mix"), ("finetune", "select"),
              ("finetune", "min_gain_se"), (None, "device"), ("finetune", "screen_epochs"),
-             ("finetune", "fresh_head_lr"), ("finetune", "min_budget_steps"), (None, "standardise")]  # fmt: skip
+             ("finetune", "fresh_head_lr"), ("finetune", "min_budget_steps"), (None, "standardise"),
+             ("splits", "group"), ("splits", "min_shared")]  # fmt: skip
 
     def written_before(cfg, keys):
         data = cfg.model_dump(mode="json")

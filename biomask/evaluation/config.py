@@ -25,6 +25,20 @@ class SplitSpec(SplitFractions):
     mode: Literal["resample", "store"] = "resample"
     val: float = Field(0.1, gt=0.0, lt=1.0)
     test: float = Field(0.3, gt=0.0, lt=1.0)
+    # records kept on one side of every resampled split (biomask/evaluation/groups.py): none;
+    # shared_sequence — DNA records sharing a stretch of min_shared bases on either strand (duplicates,
+    # overlapping windows, paralogues); batch — a cells store's batch_column (whole donors or runs held out)
+    group: Literal["none", "shared_sequence", "batch"] = "none"
+    min_shared: int = Field(32, ge=12, le=100_000)
+
+    @model_validator(mode="after")
+    def _group_needs_resample(self) -> SplitSpec:
+        if self.group != "none" and self.mode == "store":
+            raise ValueError(
+                f"group={self.group} regroups resampled splits; the store's own splits (mode=store) are "
+                "fixed: use mode=resample, or group=none"
+            )
+        return self
 
 
 class BaselineSpec(Config):

@@ -4,7 +4,7 @@ original split it came from, and (for baselines) its sequence or expression vect
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +26,7 @@ class LabelledRecords:
     origin: np.ndarray  # the prep split each record came from ("train" / "val" / "test")
     locations: list[tuple[str, int]]  # (split, index) of each record in the store
     batches: np.ndarray | None = None  # int64 batch code per record (a store with a batch_column)
+    _groups: dict = field(default_factory=dict, repr=False, compare=False)  # by (splits.group, min_shared)
 
     @property
     def label_names(self) -> list[str]:
@@ -46,6 +47,31 @@ class LabelledRecords:
     def record(self, i: int) -> dict:
         split, index = self.locations[i]
         return self._splits[split][index]
+
+    def groups(self, spec: SplitSpec) -> np.ndarray | None:
+        """Each record's group under `splits.group` (biomask/evaluation/groups.py), None for none."""
+        if spec.group == "none":
+            return None
+        key = (spec.group, spec.min_shared if spec.group == "shared_sequence" else None)
+        if key not in self._groups:
+            where = f"token store {self.store.root}"
+            if spec.group == "batch":
+                if self.batches is None:
+                    raise InputError(
+                        f"{where} has no batches: splits.group=batch needs a cells store prepared with a "
+                        "batch_column (biomask prep cells ... batch_column=donor)"
+                    )
+                self._groups[key] = np.unique(self.batches, return_inverse=True)[1]
+            else:
+                if self.modality != "dna":
+                    raise InputError(
+                        f"{where} holds {self.modality} records: splits.group=shared_sequence groups DNA "
+                        "records by shared bases; for cells, splits.group=batch keeps batches together"
+                    )
+                from biomask.evaluation.groups import shared_sequence_groups
+
+                self._groups[key] = shared_sequence_groups(self.sequences, spec.min_shared)
+        return self._groups[key]
 
     @cached_property
     def sequences(self) -> list[str]:
@@ -128,23 +154,32 @@ def seed_split(
                 "(fresh stratified splits of all records) or prepare the store with larger split fractions"
             )
         return parts  # type: ignore[return-value]
-    everything = np.arange(len(data))
-    counts = np.bincount(data.labels)
-    stratify = data.labels if counts[counts > 0].min() >= 3 else None  # classes too small to stratify
-    try:
-        rest, test = train_test_split(everything, test_size=spec.test, stratify=stratify, random_state=seed)
-        val_fraction = spec.val / (1.0 - spec.test)
-        train, val = train_test_split(
-            rest,
-            test_size=val_fraction,
-            stratify=None if stratify is None else data.labels[rest],
-            random_state=seed,
-        )
-    except ValueError as exc:  # too few records for the fractions
-        raise InputError(
-            f"token store {data.store.root}: cannot split {len(data)} records into splits.val={spec.val} "
-            f"and splits.test={spec.test} ({exc})"
-        ) from None
+    groups = data.groups(spec)
+    if groups is not None:
+        from biomask.evaluation.groups import grouped_split
+
+        where = f"token store {data.store.root}, splits.group={spec.group}"
+        train, val, test = grouped_split(data.labels, groups, spec.val, spec.test, seed, where)
+    else:
+        everything = np.arange(len(data))
+        counts = np.bincount(data.labels)
+        stratify = data.labels if counts[counts > 0].min() >= 3 else None  # classes too small to stratify
+        try:
+            rest, test = train_test_split(
+                everything, test_size=spec.test, stratify=stratify, random_state=seed
+            )
+            val_fraction = spec.val / (1.0 - spec.test)
+            train, val = train_test_split(
+                rest,
+                test_size=val_fraction,
+                stratify=None if stratify is None else data.labels[rest],
+                random_state=seed,
+            )
+        except ValueError as exc:  # too few records for the fractions
+            raise InputError(
+                f"token store {data.store.root}: cannot split {len(data)} records into splits.val={spec.val} "
+                f"and splits.test={spec.test} ({exc})"
+            ) from None
     if min(train.size, val.size, test.size) == 0 or np.unique(data.labels[train]).size < 2:
         raise InputError(
             f"token store {data.store.root}: {len(data)} records are too few for splits.val={spec.val} and "

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from biomask.evaluation import baselines, clustering
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
+from biomask.evaluation.groups import describe_groups
 from biomask.evaluation.methods import CHOSEN_ON_VAL, RANDOM_INIT, Method, Predict
 from biomask.evaluation.metrics import (
     MACRO_F1_NOTE,
@@ -219,6 +220,8 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     # every shard's sha256, as pretrain checks (after the reuse check: a rerun hashes nothing): a
     # changed label or token is exit 2, not a result
     data.store.verify()
+    # every seed's split first: a grouping that cannot be split is refused before any model loads
+    splits = {seed: seed_split(data, cfg.splits, seed) for seed in cfg.seeds}
     notes: list[str] = []
     methods = baseline_methods(cfg, data, notes)
     if cfg.checkpoints:
@@ -237,7 +240,7 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     split_sizes = []  # the records each seed's splits actually hold (the report header prints them)
     with baselines.fit_threads(cfg.num_workers):  # the C grids' fits side by side, on num_workers
         for seed in cfg.seeds:
-            train, val, test = seed_split(data, cfg.splits, seed)
+            train, val, test = splits[seed]
             split_sizes.append({"seed": seed, "train": len(train), "val": len(val), "test": len(test)})
             for method in methods:
                 log.info("seed %d: %s", seed, method.name)
@@ -272,6 +275,9 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     with stage.writing(seeds={f"seed_{i}": s for i, s in enumerate(cfg.seeds)}) as tmp:
         results = _summarise(cfg, methods, per_seed, data)
         results["split_sizes"] = split_sizes
+        groups = data.groups(cfg.splits)
+        if groups is not None:  # how many records the grouping tied together
+            results["split_groups"] = describe_groups(groups)
         results["standardise"] = cfg.standardise
         results["notes"] = notes
         (tmp / "metrics.json").write_text(strict_json(results))
@@ -443,6 +449,18 @@ def splits_text(results: dict[str, Any]) -> str:
     counts = f"train {span('train')}, val {span('val')}, test {span('test')} records"
     if spec["mode"] == "store":
         return f"the store's own ({counts})"
+    grouped = results.get("split_groups")
+    if spec.get("group", "none") != "none" and grouped:
+        kept = (
+            f"records sharing {spec['min_shared']} bases (either strand) kept on one side"
+            if spec["group"] == "shared_sequence"
+            else "each batch kept on one side"
+        )
+        return (
+            f"resampled per seed in whole groups, stratified as far as groups allow — {kept}: "
+            f"{grouped['groups']:,} groups, the largest {grouped['largest']:,} records, "
+            f"{grouped['records_grouped']:,} records not alone (val {spec['val']}, test {spec['test']}: {counts})"
+        )
     return f"resampled per seed, stratified (val {spec['val']}, test {spec['test']}: {counts})"
 
 

@@ -1,0 +1,96 @@
+"""`splits.group`: records that share sequence (DNA) or a batch (cells) never sit on two sides of a split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from biomask.errors import InputError
+from biomask.evaluation.config import SplitSpec
+from biomask.evaluation.data import load_labelled, seed_split
+from biomask.evaluation.groups import grouped_split, shared_sequence_groups
+
+COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def _random_dna(rng: np.random.Generator, n: int) -> str:
+    return "".join(rng.choice(list("ACGT"), n))
+
+
+def test_records_sharing_a_stretch_on_either_strand_are_one_group():
+    rng = np.random.default_rng(0)
+    core = _random_dna(rng, 32)
+    a = _random_dna(rng, 50) + core + _random_dna(rng, 50)
+    b = _random_dna(rng, 10) + core.translate(COMPLEMENT)[::-1] + _random_dna(rng, 70)  # the other strand
+    c = (_random_dna(rng, 40) + core + _random_dna(rng, 40)).lower()  # soft-masked: still the same bases
+    d = "N" + core[:31] + "N" + _random_dna(rng, 20)  # 31 bases in common: not linked
+    e = "N" + core[:16] + "N" + core[17:] + "N" + _random_dna(rng, 30)  # an N breaks the stretch
+    f = _random_dna(rng, 20)  # shorter than the stretch: alone
+    groups = shared_sequence_groups([a, b, c, d, e, f, a], 32)
+    assert groups[0] == groups[1] == groups[2] == groups[6]
+    assert len({groups[0], groups[3], groups[4], groups[5]}) == 4
+    # linked through a chain: x shares with y, y with z, so x and z are one group
+    x, z = _random_dna(rng, 60), _random_dna(rng, 60)
+    y = x[-32:] + z[:32]
+    chained = shared_sequence_groups([x, z, y], 32)
+    assert chained[0] == chained[1] == chained[2]
+    assert shared_sequence_groups([x, z], 32).tolist() == [0, 1]
+
+
+def test_a_grouped_split_keeps_every_group_whole_and_balances_the_labels(splice_store):
+    data = load_labelled(splice_store)
+    spec = SplitSpec(group="shared_sequence", min_shared=20)
+    groups = data.groups(spec)
+    assert np.bincount(groups).max() > 1  # the splice set holds records that share 20 bases
+    train, val, test = seed_split(data, spec, 0)
+    assert len(set(train) | set(val) | set(test)) == len(data) == len(train) + len(val) + len(test)
+    sides = [set(groups[part]) for part in (train, val, test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert abs(len(test) / len(data) - 1 / 3) < 0.02 and abs(len(val) / len(data) - 0.7 / 7) < 0.02
+    fractions = [np.bincount(data.labels[part], minlength=3) / len(part) for part in (train, test)]
+    assert np.abs(fractions[0] - fractions[1]).max() < 0.03
+    again, other = seed_split(data, spec, 0), seed_split(data, spec, 1)
+    assert all(np.array_equal(p, q) for p, q in zip(again, (train, val, test)))
+    assert not np.array_equal(other[2], test)
+    # the ungrouped split of the same seed puts some linked records on both sides
+    loose = seed_split(data, SplitSpec(), 0)
+    assert set(groups[loose[0]]) & set(groups[loose[2]])
+
+
+def test_groups_that_cannot_be_split_are_refused_naming_what_to_change():
+    labels = np.array([0, 1] * 50)
+    with pytest.raises(InputError, match="2 group.* needs at least 3.*splits.group=none"):
+        grouped_split(labels, np.repeat([0, 1], 50), 0.1, 0.3, 0, "store s")
+    one_big = np.concatenate([np.zeros(70, dtype=int), np.arange(1, 31)])
+    with pytest.raises(InputError, match="one group holds 70 of 100 records.*raise splits.min_shared"):
+        grouped_split(labels, one_big, 0.1, 0.3, 0, "store s")
+    with pytest.raises(ValidationError, match="mode=store"):
+        SplitSpec(mode="store", group="batch")
+
+
+def test_the_grouping_must_fit_the_store(splice_store, pbmc_store):
+    with pytest.raises(InputError, match="has no batches: splits.group=batch needs .* batch_column"):
+        seed_split(load_labelled(splice_store), SplitSpec(group="batch"), 0)
+    with pytest.raises(InputError, match="holds cells records: splits.group=shared_sequence groups DNA"):
+        seed_split(load_labelled(pbmc_store), SplitSpec(group="shared_sequence"), 0)
+
+
+def test_evaluate_with_grouped_splits_says_so_and_records_the_groups(splice_store, tmp_path, cli, repo):
+    out = tmp_path / "eval"
+    args = ["evaluate", "-c", repo / "configs/evaluate/splice.yaml", f"store={splice_store}", f"output={out}"]
+    args += ["seeds=[0,1]", "baseline.kmer_k=2", "splits.group=shared_sequence", "splits.min_shared=20"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["splits"]["group"] == "shared_sequence" and results["splits"]["min_shared"] == 20
+    grouped = results["split_groups"]
+    assert grouped["groups"] < 3003 and grouped["records_grouped"] > 0 and grouped["largest"] >= 2
+    report = (out / "report.md").read_text()
+    assert "resampled per seed in whole groups" in report and "records sharing 20 bases" in report
+    # the same evaluation without grouping is another result: not reused
+    code, _, err = cli(*args[:-2], "--overwrite")
+    assert code == 0, err
+    assert "split_groups" not in json.loads((out / "metrics.json").read_text())
