@@ -478,13 +478,39 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
                 errno.ENOTDIR, "a part of the path is a file, not a folder", str(path.parent)
             )
         raise EnvironmentIOError(f"cannot create {path}: " + describe_os_error(exc)) from None
+    old_mode = _protected_mode(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         if tmp.exists():
+            if old_mode is not None:  # never wider than the file it replaces (a private 0600 .h5ad)
+                new_mode = stat.S_IMODE(tmp.stat().st_mode)
+                if new_mode & ~old_mode:
+                    os.chmod(tmp, new_mode & old_mode)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _protected_mode(path: Path) -> int | None:
+    """The permission bits of the file `path` names (None: none there), refusing one its permissions
+    protect: a rename into a writable folder replaces a write-protected file (even another user's) as
+    easily as any, so `chmod a-w` would not have kept biomask from replacing the user's data."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o222 or not os.access(path, os.W_OK):
+        whose = "" if info.st_uid == os.getuid() else ", another user's"
+        raise EnvironmentIOError(
+            f"{path} is write-protected (mode {mode:04o}{whose}): biomask does not replace a file its "
+            "permissions protect; make it writable (chmod u+w) if it should be replaced, or write to "
+            "another path"
+        )
+    return mode
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -34,6 +34,39 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["emb.h5ad"]  # no temporary left
 
 
+def test_a_replaced_file_keeps_its_privacy_and_a_write_protected_one_is_not_replaced(tmp_path):
+    """embed's `overwrite_input` replaced a private (0600) .h5ad of patient data with a 0644 one, and
+    a write-protected (0444) file, even another user's, as easily as any: the rename needs only the
+    folder. The new file is never readable by more than the old; a protected file is refused, exit 2."""
+    from biomask.errors import EnvironmentIOError
+
+    private = tmp_path / "private.h5ad"
+    private.write_text("cells")
+    private.chmod(0o600)
+    with atomic_file(private) as tmp:
+        tmp.write_text("cells + X_biomask")
+        tmp.chmod(0o644)  # what a copy under umask 022 gets
+    assert private.read_text() == "cells + X_biomask" and private.stat().st_mode & 0o777 == 0o600
+    script = (
+        tmp_path / "job.sbatch"
+    )  # bits the writer sets (an executable script) stay where the old had them
+    script.write_text("old")
+    script.chmod(0o750)
+    with atomic_file(script) as tmp:
+        tmp.write_text("new")
+        tmp.chmod(0o755)
+    assert script.stat().st_mode & 0o777 == 0o750
+    protected = tmp_path / "protected.h5ad"
+    protected.write_text("mine")
+    protected.chmod(0o444)
+    with pytest.raises(
+        EnvironmentIOError, match=r"protected.h5ad is write-protected \(mode 0444\).*chmod u\+w"
+    ):
+        with atomic_file(protected) as tmp:
+            tmp.write_text("replaced")
+    assert protected.read_text() == "mine" and not list(tmp_path.glob(".protected*"))
+
+
 def test_an_output_under_a_file_is_refused_naming_it(tmp_path):
     """`--output notes.txt/out.h5ad`: exit 2 (EnvironmentIOError) naming the part that is a file, not
     a FileExistsError traceback; the file stays as it was."""
