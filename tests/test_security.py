@@ -471,6 +471,40 @@ def test_an_unfinished_replacement_gives_the_finished_run_of_this_config_back(
     assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_write_protected_run_is_not_replaced_and_a_refused_swap_is_undone(finished, tmp_path, monkeypatch):
+    """--overwrite of a run the user cannot write (chmod -R a-w; a colleague's under umask 022) set it
+    aside, then the move into the new folder was refused: the finished run stayed hidden beside an
+    empty one, and every later command failed. Now it is refused first, naming the folder, and a swap
+    the file system refuses half-way is undone."""
+    import errno
+
+    from biomask.errors import EnvironmentIOError
+
+    out = shutil.copytree(finished, tmp_path / "run")
+    before = {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    real_access = os.access
+    monkeypatch.setattr(rundir.os, "access", lambda p, mode: Path(p) != out and real_access(p, mode))
+    with pytest.raises(
+        EnvironmentIOError, match=r"run.* is not writable.*chmod -R u\+w.*Nothing was changed"
+    ):
+        rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n")
+    monkeypatch.setattr(rundir.os, "access", real_access)
+    real_rename = Path.rename
+
+    def refused(self, target):
+        if Path(target).name == rundir.REPLACED:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    with pytest.raises(
+        EnvironmentIOError, match="cannot replace the run in .*Permission denied.*left as it was"
+    ):
+        rundir.start_fresh(out, "another config", 1, "train: {steps: 300}\n")
+    assert {p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing set aside
+
+
 def test_a_run_a_kill_left_set_aside_mid_swap_is_put_back(finished, genome_store, tmp_path, cli):
     """start_fresh (--overwrite) and the put-back of a replaced run each make two or three renames in
     a row; a kill between them left the finished run under a hidden sibling name nothing looked at."""

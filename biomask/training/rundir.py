@@ -48,7 +48,13 @@ from typing import Any
 import yaml
 
 from biomask.config import config_diff, load_recorded_yaml
-from biomask.errors import InputError, OutputExistsError, StaleOutputError
+from biomask.errors import (
+    EnvironmentIOError,
+    InputError,
+    OutputExistsError,
+    StaleOutputError,
+    describe_os_error,
+)
 from biomask.outputs import (
     FILE_TREE_KEY,
     atomic_write_text,
@@ -417,24 +423,49 @@ def start_fresh(
     --overwrite replaces) is kept in `path/.replaced-run` until this one finishes; where an earlier
     replacement never finished, the run that one replaced stays the one kept."""
     if path.exists():
+        _check_movable(path)
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         path.rename(aside)
         if (aside / REPLACED).is_dir():  # an unfinished replacement: the run it replaced stays kept
             kept: Path | None = aside / REPLACED
         else:
             kept = aside if any(aside.iterdir()) else None
-        path.mkdir(parents=True)
-        # marked as this run's before the kept run moves in: a kill between any two steps leaves a
-        # state `recover_swap` reads (never a folder holding only .replaced-run, which nothing claims)
-        atomic_write_text(path / "config.yaml", config_yaml)
-        mark_in_progress(path, fingerprint, world_size, inputs)
-        if kept is not None:
-            kept.rename(path / REPLACED)
+        try:
+            path.mkdir(parents=True)
+            # marked as this run's before the kept run moves in: a kill between any two steps leaves a
+            # state `recover_swap` reads (never a folder holding only .replaced-run, which nothing claims)
+            atomic_write_text(path / "config.yaml", config_yaml)
+            mark_in_progress(path, fingerprint, world_size, inputs)
+            if kept is not None:
+                kept.rename(path / REPLACED)
+        except OSError as exc:  # the swap refused half-way: the run as it was, nothing else changed
+            if aside.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                aside.rename(path)
+            raise EnvironmentIOError(
+                f"cannot replace the run in {path}: {describe_os_error(exc)}; it is left as it was"
+            ) from None
         shutil.rmtree(aside, ignore_errors=True)
         return
     path.mkdir(parents=True)
     atomic_write_text(path / "config.yaml", config_yaml)
     mark_in_progress(path, fingerprint, world_size, inputs)
+
+
+def _check_movable(path: Path) -> None:
+    """--overwrite keeps the run it replaces inside the new folder until the new one finishes, which
+    moves that folder to another parent: the OS allows it only when the folder itself is writable. A
+    write-protected run (chmod -R a-w, another user's under umask 022) was set aside, the move refused,
+    and the finished run left hidden beside an empty one that every later command failed on."""
+    folders = [path, *(p for p in (path / REPLACED,) if p.is_dir())]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            owner = "" if folder.stat().st_uid == os.getuid() else " (another user's)"
+            raise EnvironmentIOError(
+                f"cannot replace the run in {path}: {folder} is not writable{owner}, and --overwrite moves it "
+                "aside until the new run finishes; make it writable (chmod -R u+w), or write to another "
+                "output. Nothing was changed"
+            )
 
 
 def mark_in_progress(path: Path, fingerprint: str, world_size: int, inputs: Sequence[dict] = ()) -> None:
