@@ -982,6 +982,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "config_required", False) and args.config is None and not args.print_config:
         parser.error(f"{args.command}: the following arguments are required: -c/--config")
     _setup_logging(args.quiet, args.verbose)
+    from biomask.cells.kernels import use_writable_cache
+
+    use_writable_cache()  # before scanpy or umap imports numba: a read-only home failed them
     with _SigtermStop():
         return _run(args)
 

@@ -1226,6 +1226,7 @@ def test_a_kernel_numba_cannot_cache_is_compiled_for_the_run(monkeypatch, caplog
     from biomask.cells import kernels
 
     real, calls = numba.njit, []
+    real(lambda a: a)(1)  # numba's own modules, loaded by a first compile, decorate with njit too
 
     def njit(*args, cache=False, **kwargs):
         calls.append(cache)
@@ -1238,3 +1239,32 @@ def test_a_kernel_numba_cannot_cache_is_compiled_for_the_run(monkeypatch, caplog
     compiled = kernels.njit(lambda a, b: a + b)
     assert compiled(2, 3) == 5 and calls == [True, False]
     assert "numba cannot write its cache" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text
+
+
+def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_path, monkeypatch, caplog):
+    """scanpy, umap and pynndescent cache their numba functions when imported: with a read-only install
+    and a home that cannot be written, `embed` failed with a traceback after embedding every cell, as
+    did knn evaluation and HVG selection. The command line points numba at this user's temporary
+    folder first (not another user's of that name), and leaves a NUMBA_CACHE_DIR the user set alone."""
+    import os
+
+    import numba
+
+    from biomask.cells import kernels
+
+    (tmp_path / "home-file").write_text("")  # a home where nothing can be made, even by root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-file" / "cache"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(numba.core.config, "CACHE_DIR", "")
+    folder = kernels.use_writable_cache()
+    assert folder == tmp_path / f"biomask-numba-{os.getuid()}" and folder.stat().st_mode & 0o777 == 0o700
+    assert os.environ["NUMBA_CACHE_DIR"] == str(folder) == numba.core.config.CACHE_DIR
+    assert "cannot be written: compiling into" in caplog.text
+    assert kernels.use_writable_cache() is None  # set now (or by the user): left as it is
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    folder.rmdir()
+    folder.symlink_to(tmp_path)  # someone else's link under that name
+    assert kernels.use_writable_cache() is None and "NUMBA_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a writable home: numba's own place
+    assert kernels.use_writable_cache() is None and "NUMBA_CACHE_DIR" not in os.environ

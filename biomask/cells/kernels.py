@@ -5,15 +5,22 @@ numba's `cache=True` writes the compiled kernel beside the module (`__pycache__`
 home) it refuses at decoration, and every `prep cells` and `embed` failed with a traceback. The
 kernel is then compiled for this process only (a second or so), said once; `NUMBA_CACHE_DIR` names a
 writable cache instead.
+
+scanpy, umap and pynndescent decorate their own functions with `cache=True` when imported, and fail
+the same way (a traceback after `embed` had embedded every cell): `use_writable_cache`, called by the
+command line before anything imports numba, points numba at a private temporary folder when the
+home's cache cannot be written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-
-import numba
 
 log = logging.getLogger(__name__)
 _said = False
@@ -21,6 +28,8 @@ _said = False
 
 def njit(func: Callable[..., Any]) -> Any:
     """`numba.njit(cache=True, nogil=True)`, or without the cache where it cannot be written."""
+    import numba
+
     global _said
     try:
         return numba.njit(cache=True, nogil=True)(func)
@@ -35,3 +44,35 @@ def njit(func: Callable[..., Any]) -> Any:
                 exc,
             )
         return numba.njit(cache=False, nogil=True)(func)
+
+
+def use_writable_cache() -> Path | None:
+    """Where numba's user-wide cache (`$XDG_CACHE_HOME/numba`, else `~/.cache/numba`) cannot be written
+    and NUMBA_CACHE_DIR is unset: set it to `$TMPDIR/biomask-numba-UID` (this user's, mode 0700) and
+    say so once; returns that folder (None: nothing changed)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return None
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "numba"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK | os.X_OK):
+            return None
+    except OSError:
+        pass
+    folder = Path(tempfile.gettempdir()) / f"biomask-numba-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError:
+        return None  # biomask's own kernels still compile uncached (njit above)
+    if folder.is_symlink() or info.st_uid != os.getuid() or not os.access(folder, os.W_OK):
+        return None  # another user's folder under that name: not ours to use
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    if "numba" in sys.modules:  # read when a function is decorated, so it still applies
+        sys.modules["numba"].core.config.CACHE_DIR = str(folder)
+    log.warning(
+        "numba's cache (%s) cannot be written: compiling into %s instead (set NUMBA_CACHE_DIR to choose)",
+        home_cache,
+        folder,
+    )
+    return folder
