@@ -599,8 +599,21 @@ def hold_output(path: str | os.PathLike, stage: str) -> OutputLock | None:
     for _ in range(20):  # a holder removes the file as it lets go: a lock on that file would be no lock
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = open_own(lock, os.O_RDWR | os.O_CREAT)
+            fd = _open_lock(lock)
         except OSError as exc:
+            if exc.errno in (
+                errno.EACCES,
+                errno.EPERM,
+                errno.EROFS,
+                errno.ENOSPC,
+                errno.ENOTDIR,
+                errno.EEXIST,
+            ):
+                # the output's folder refuses a file: the stage would find it only after all its work
+                raise EnvironmentIOError(
+                    f"cannot write output {Path(path)}: {describe_os_error(exc, str(lock.parent))}; choose "
+                    "an output in a folder you can write"
+                ) from None
             _unguarded(path, lock, exc)
             return None
         try:
@@ -636,6 +649,17 @@ def hold_output(path: str | os.PathLike, stage: str) -> OutputLock | None:
         return OutputLock(fd, lock)
     _unguarded(path, lock, OSError("the lock file kept being replaced"))
     return None
+
+
+def _open_lock(lock: Path) -> int:
+    """The lock file, created if need be; another user's left there (a killed run in a shared folder)
+    is opened read-only: flock needs no write access, only the note of who holds it does."""
+    try:
+        return open_own(lock, os.O_RDWR | os.O_CREAT)
+    except PermissionError:
+        if lock.is_file() and os.access(lock.parent, os.W_OK | os.X_OK):
+            return open_own(lock, os.O_RDONLY)
+        raise
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -59,11 +59,13 @@ def test_a_replaced_file_keeps_its_privacy_and_a_write_protected_one_is_not_repl
     protected = tmp_path / "protected.h5ad"
     protected.write_text("mine")
     protected.chmod(0o444)
-    with pytest.raises(
-        EnvironmentIOError, match=r"protected.h5ad is write-protected \(mode 0444\).*chmod u\+w"
+    with (
+        pytest.raises(
+            EnvironmentIOError, match=r"protected.h5ad is write-protected \(mode 0444\).*chmod u\+w"
+        ),
+        atomic_file(protected) as tmp,
     ):
-        with atomic_file(protected) as tmp:
-            tmp.write_text("replaced")
+        tmp.write_text("replaced")
     assert protected.read_text() == "mine" and not list(tmp_path.glob(".protected*"))
 
 
@@ -195,6 +197,46 @@ def test_on_a_file_system_without_locks_outputs_are_still_written_and_the_user_t
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.lock")) == ["out"]
 
 
+def test_an_output_folder_that_refuses_files_is_said_before_the_work_and_a_foreign_lock_file_still_locks(
+    tmp_path, monkeypatch
+):
+    """A non-root user's output in a folder they cannot write: the lock was skipped as "no locks
+    here", every seed of an evaluation (or every cell of an embed) ran, then the write failed. Now it
+    is exit 2 naming the folder at once. A lock file another user's killed run left (a group-shared
+    folder) is opened read-only: flock needs no write access. (Tests run as root, which no permission
+    stops, so the refusals are the file system's errors, raised where biomask opens the lock.)"""
+    import errno
+
+    from biomask import outputs
+    from biomask.errors import EnvironmentIOError
+
+    real_open = outputs.open_own
+
+    def refuse(errno_code):
+        def open_own(path, flags):
+            if flags & os.O_RDWR:
+                raise PermissionError(errno_code, os.strerror(errno_code), str(path))
+            return real_open(path, flags)
+
+        return open_own
+
+    out = tmp_path / "shared" / "eval"
+    monkeypatch.setattr(outputs, "open_own", refuse(errno.EACCES))
+    with pytest.raises(
+        EnvironmentIOError, match=r"cannot write output .*eval: .*shared.*choose an output in a folder"
+    ):
+        outputs.hold_output(out, "evaluate")
+    (tmp_path / "shared" / ".eval.lock").write_text("")  # left by another user's killed run
+    held = outputs.hold_output(out, "evaluate")
+    assert held is not None
+    monkeypatch.setattr(outputs, "open_own", real_open)
+    from biomask.errors import OutputBusyError
+
+    with pytest.raises(OutputBusyError):  # the read-only descriptor's lock holds
+        outputs.hold_output(out, "evaluate")
+    held.release()
+
+
 def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refusal():
     """A model retrained to bit-identical weights under a new commit changes only its config.json: the
     evaluation downstream was refused as "same config, different input data or format version",
@@ -249,6 +291,27 @@ def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_point
     (plan.run_dir / LOCK_NAME).symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"), run_lock(plan):
         pass
+    # another user's lock file (a group-shared run folder): opened read-only, it still locks, where
+    # its O_RDWR open stopped every other user's `pipeline run` (root, here, stands in for them)
+    import errno
+
+    from biomask.pipelines import runs
+
+    (plan.run_dir / LOCK_NAME).unlink()
+    (plan.run_dir / LOCK_NAME).write_text("")
+    real_open = runs.open_own
+
+    def not_writable(path, flags):
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runs, "open_own", not_writable)
+        with run_lock(plan):
+            patch.setattr(runs, "open_own", real_open)
+            with pytest.raises(InputError, match="in use by another"), run_lock(plan):
+                pass
     log = plan.run_dir / "stage.log"
     log.symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"):

@@ -104,21 +104,31 @@ def run_lock(plan: Plan) -> Iterator[None]:
     check_run_dir(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     path = plan.run_dir / LOCK_NAME
-    with os.fdopen(open_own(path, os.O_RDWR | os.O_CREAT), "r+") as handle:
+    try:
+        fd, writable = open_own(path, os.O_RDWR | os.O_CREAT), True
+    except PermissionError:
+        if not path.is_file():
+            raise
+        # another user's lock file (a run folder shared in a group): flock needs no write access,
+        # only the note of who holds it does
+        fd, writable = open_own(path, os.O_RDONLY), False
+    with os.fdopen(fd, "r+" if writable else "r") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             raise _in_use(plan.run_dir, handle.read().strip() or "another process") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        if writable:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
         try:
             yield
         finally:
-            handle.seek(0)
-            handle.truncate()
+            if writable:
+                handle.seek(0)
+                handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
