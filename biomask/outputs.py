@@ -401,10 +401,22 @@ def remove_stale_temporaries(path: Path, keep: Path | None = None) -> None:
 
 
 def _remove(item: Path) -> None:
+    """Remove a leftover of biomask's own; one the file system will not let go (another user's files
+    in it, a read-only part) is said, with its size, rather than kept silently: an --overwrite of
+    someone else's output left a hidden copy of all of it beside the new one."""
     if item.is_dir() and not item.is_symlink():
         shutil.rmtree(item, ignore_errors=True)
     else:
-        item.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            item.unlink(missing_ok=True)
+    if item.exists() or item.is_symlink():
+        size = sum(p.stat().st_size for p in item.rglob("*") if p.is_file()) if item.is_dir() else 0
+        log.warning(
+            "could not remove %s (%s; files this user cannot delete?): it is biomask's leftover of an "
+            "earlier output; remove it yourself, or ask its owner to",
+            item,
+            f"{size / 2**20:,.1f} MB left" if size else "left",
+        )
 
 
 @contextlib.contextmanager

@@ -237,6 +237,31 @@ def test_an_output_folder_that_refuses_files_is_said_before_the_work_and_a_forei
     held.release()
 
 
+def test_a_previous_output_that_cannot_be_removed_is_said_not_kept_silently(tmp_path, monkeypatch, caplog):
+    """--overwrite of an output holding another user's files: the new output went into place and the
+    old one stayed hidden beside it (`.NAME.old-*`, all of its size), without a word, retried in
+    silence by every later write."""
+    import logging
+    import shutil
+
+    from biomask import outputs
+
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "shard.npy").write_bytes(b"x" * 2**20)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(
+        outputs.shutil,
+        "rmtree",
+        lambda path, ignore_errors=False: None if ".old-" in str(path) else real_rmtree(path),
+    )  # what rmtree(ignore_errors=True) does where the files are not this user's to delete
+    with caplog.at_level(logging.WARNING, logger="biomask"), outputs.atomic_output_dir(out) as tmp:
+        (tmp / "shard.npy").write_bytes(b"y")
+    left = [p for p in tmp_path.iterdir() if ".store.old-" in p.name]
+    assert (out / "shard.npy").read_bytes() == b"y" and len(left) == 1
+    assert f"could not remove {left[0]} (1.0 MB left; files this user cannot delete?)" in caplog.text
+
+
 def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refusal():
     """A model retrained to bit-identical weights under a new commit changes only its config.json: the
     evaluation downstream was refused as "same config, different input data or format version",
