@@ -488,6 +488,27 @@ def _dry_run_folder(tmp: Path, name: str) -> Path:
     return folder
 
 
+def _what_next(run_dir: Path, ended: list) -> None:
+    """Under the table of a submission with jobs that ended without their output: each one's log,
+    and how to go on (a table of FAILED and DependencyNeverSatisfied rows said what, not what next)."""
+    if not ended:
+        return
+    from biomask.pipelines.slurm import read_jobs
+
+    record = read_jobs(run_dir)
+    own = [s for s in ended if "DependencyNeverSatisfied" not in s.reason]
+    for s in own:  # an array task's job_id is SLURM's <array job>_<index>, as its log is named
+        task = f"[{s.task}]" if s.task != "" else ""
+        print(f"{s.stage}{task}: {s.state} — log {run_dir / 'logs' / f'{s.stage}-{s.job_id}.out'}")
+    waiting = len(ended) - len(own)
+    if waiting:
+        print(f"{waiting} job(s) cancelled because a job they depend on ended without its output")
+    print(
+        f"When the cause is fixed: biomask pipeline submit {record.get('source', 'PIPELINE')} — finished "
+        "stages are reused and interrupted training resumes from its last checkpoint"
+    )
+
+
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
     import json
 
@@ -509,6 +530,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
             print(json.dumps([s.as_dict() for s in states], indent=2))
         else:
             show(slurm_table(f"SLURM jobs of {run_dir}", states))
+            _what_next(run_dir, [s for s in states if s.state in UNSUCCESSFUL_STATES])
         return 1 if any(s.state in UNSUCCESSFUL_STATES for s in states) else 0
     if (run_dir / "local-run.json").exists():
         from biomask.pipelines.local import TaskResult

@@ -194,6 +194,12 @@ def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     assert not (tmp_path / "run" / "prep_genome").exists() and leftovers(tmp_path / "run") == []
     code, out, _ = cli("pipeline", "status", tmp_path / "run")
     assert code == 1 and "FAILED" in out  # a script polling status learns the run failed
+    # and a person reading it, where the log is and how to go on
+    flat = " ".join(out.split())
+    assert (
+        f"prep_genome: FAILED — log {tmp_path / 'run' / 'logs' / f'prep_genome-{genome.job_id}.out'}" in flat
+    )
+    assert f"When the cause is fixed: biomask pipeline submit {path}" in flat
 
 
 # A stand-in for a training step, to check the job script's mechanics (not training): each srun task
