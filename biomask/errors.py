@@ -139,9 +139,23 @@ def describe_os_error(exc: OSError, where: str | None = None) -> str:
         )
     else:
         hint = "check the path and run again"
-    target = f" {path}" if path is not None else ""
-    extra = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    target = f" {_as_named(path)}" if path is not None else ""
+    extra = f" -> {_as_named(exc.filename2)}" if getattr(exc, "filename2", None) else ""
     return f"cannot use{target}{extra}: {reason}; {hint}"
+
+
+def _as_named(path: object) -> str:
+    """A path as the user knows it: biomask's temporary `.NAME.tmp-1a2b3c4d` (or `.old-`) beside NAME
+    is named by NAME, in whose folder the refusal happened (the hidden name meant nothing to them)."""
+    import re
+    from pathlib import PurePath
+
+    text = str(path)
+    found = re.fullmatch(r"\.(.+)\.(tmp|old)-[0-9a-f]{8}", PurePath(text).name)
+    if found is None:
+        return text
+    what = "its temporary" if found.group(2) == "tmp" else "its earlier copy, set aside as"
+    return f"{PurePath(text).with_name(found.group(1))} ({what} {PurePath(text).name})"
 
 
 class EnvironmentIOError(InputError):

@@ -417,3 +417,24 @@ def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path, monkeyp
     info = write_run_info(tmp_path / "biomask", stage="test", fingerprint="f")
     assert info["code"]["git_dirty"] and "+WIDTH = 128" in info["code"]["git_diff"]
     assert "git_diff" not in code_version()
+
+
+def test_a_refusal_names_the_output_not_its_hidden_temporary():
+    """A read-only run folder refused `.config.yaml.tmp-61d92223`: a name the user never gave. The
+    message names the file they know, the temporary beside it in brackets."""
+    import errno
+
+    from biomask.errors import describe_os_error
+
+    said = describe_os_error(
+        PermissionError(errno.EACCES, "Permission denied", "/w/run/.config.yaml.tmp-61d92223")
+    )
+    assert said.startswith(
+        "cannot use /w/run/config.yaml (its temporary .config.yaml.tmp-61d92223): Permission denied"
+    )
+    moved = OSError(errno.EACCES, "Permission denied", "/w/pt", None, "/w/.pt.old-1a2b3c4d")
+    assert "cannot use /w/pt -> /w/pt (its earlier copy, set aside as .pt.old-1a2b3c4d)" in describe_os_error(
+        moved
+    )
+    plain = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/w/.hidden.tmp-file"))
+    assert plain.startswith("cannot use /w/.hidden.tmp-file: No space left")  # not biomask's pattern: as is
