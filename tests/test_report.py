@@ -272,6 +272,10 @@ def test_a_call_the_splits_do_not_bear_out_is_said_to_hold_on_these_test_records
     wobbly = _across_splits([0.05, -0.02, 0.03], "mcc", "met")
     assert "holds zero: the call holds on these test records, not shown across draws" in wobbly
     assert "holds zero" not in _across_splits([0.05, -0.02, 0.03], "mcc", "level")
+    # a level verdict whose splits all go one way (splice LP-FT against one-hot: −0.006, −0.007, −0.005)
+    steady = _across_splits([-0.006, -0.007, -0.005], "mcc", "level")
+    assert "excludes zero: on these pretraining seeds every draw of test records goes the same way" in steady
+    assert "excludes zero" not in _across_splits([0.05, -0.02, 0.03], "mcc", "level")
     assert "2 evaluation splits" in _across_splits([0.01, 0.02], "mcc", "not met")
     assert _across_splits([0.01, 0.02], "mcc", "level") == ""
     assert "the same cells" in _across_splits([0.01, 0.02, 0.03], "cluster_ari", "met")
@@ -287,7 +291,8 @@ def test_a_macro_f1_target_is_read_on_mcc_too():
         {"r2mae": R2MAE},
     )
     said = _on_mcc(ev, "r2mae/linear_probe", "baseline", "macro_f1")
-    assert said.startswith("; on MCC (no target): Δ -0.100 [") and said.endswith("], below")
+    assert said.startswith("; on MCC (no target; not among the tests counted below): Δ -0.100 [")
+    assert said.endswith("], below")
     assert "p =" not in said  # not one more test in the summary's count
     assert _on_mcc(ev, "r2mae/linear_probe", "baseline", "mcc") == ""
 

@@ -184,7 +184,8 @@ def _on_mcc(ev: Evaluation, method: str, baseline: str, metric: str) -> str:
     if cmp["n"] < 2 or not math.isfinite(cmp["ci_low"]):
         return ""
     return (
-        f"; on MCC (no target): Δ {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
+        f"; on MCC (no target; not among the tests counted below): Δ {cmp['mean_difference']:+.3f} "
+        f"[{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
         + {"met": "above", "not met": "below", "level": "level"}[
             target_status(cmp, cmp["mean_difference"] >= 0)
         ]
@@ -219,6 +220,12 @@ def _across_splits(splits: list[float] | None, metric: str, status: str) -> str:
     text = f"; across evaluation splits (each split one unit, its seeds averaged): [{mean - half:+.3f}, {mean + half:+.3f}]"
     if called and mean - half <= 0 <= mean + half:
         text += " — holds zero: the call holds on these test records, not shown across draws of them"
+    elif status == "level" and not mean - half <= 0 <= mean + half:
+        # the other way round: a reader told only "level" would miss that every draw went one way
+        text += (
+            " — excludes zero: on these pretraining seeds every draw of test records goes the same way; "
+            "over pretraining seeds the difference is not shown"
+        )
     return text
 
 
