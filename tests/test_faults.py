@@ -363,19 +363,57 @@ def test_read_only_output_folder(tmp_path, cli, splice_rows):
         no_traceback(err)
 
 
-def test_unreadable_input(tmp_path, cli, splice_rows):
-    table = write_table(tmp_path / "in.csv", splice_rows)
+@pytest.fixture
+def public_dir():
+    """A folder under /tmp that other users may enter (pytest's own tree is root's alone, 0700), 0755:
+    readable by all, writable by its owner only. Removed after the test."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="biomask-test-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_unreadable_input(public_dir, cli, splice_rows):
+    table = write_table(public_dir / "in.csv", splice_rows)
     table.chmod(0)
     import biomask.dna.prep  # noqa: F401 -- imported before the uid drops (the venv stays readable anyway)
 
-    tmp_path.chmod(0o755)
+    outputs = public_dir / "outputs"  # a folder anyone may write: the input is what is refused
+    outputs.mkdir()
+    outputs.chmod(0o777)
     with contextlib.ExitStack() as stack:
         if os.geteuid() == 0:  # root reads anything: read as nobody
             os.seteuid(65534)
             stack.callback(os.seteuid, 0)
-        code, _, err = dna(tmp_path, cli, table)
-    assert code == 2 and str(table) in err and "ermission denied" in err
+        code, _, err = dna(public_dir, cli, table, output=outputs / "store")
+    assert code == 2 and str(table) in err and "ermission denied" in err, err
     no_traceback(err)
+    assert not (outputs / "store").exists()
+
+
+def test_an_output_folder_the_user_cannot_write_is_refused_before_the_work(public_dir, cli, splice_rows):
+    """As a user other than root (who writes anywhere): the lock beside the output could not be made,
+    which was read as "no locks on this file system", and the stage did all its work before failing
+    to write. Refused first, naming the folder."""
+    table = write_table(public_dir / "in.csv", splice_rows)
+    table.chmod(0o644)
+    import biomask.dna.prep  # noqa: F401 -- imported before the uid drops
+
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+            stack.callback(os.seteuid, 0)
+        elif os.access(public_dir, os.W_OK):
+            pytest.skip("the folder is this user's own")
+        code, _, err = dna(public_dir, cli, table)
+    assert code == 2 and f"cannot write output {public_dir / 'store'}" in err and "ermission denied" in err, (
+        err
+    )
+    assert "choose an output in a folder you can write" in err
+    no_traceback(err)
+    assert not (public_dir / "store").exists()
 
 
 # ------------------------------------------------------------------------------------------ DNA inputs
