@@ -397,10 +397,10 @@ def remove_stale_temporaries(path: Path, keep: Path | None = None) -> None:
     """Remove what killed runs of `path` left beside it; never a temporary a live run is writing."""
     for stale in stale_temporaries(path):
         if stale != keep and not _being_written(stale):
-            _remove(stale)
+            remove_leftover(stale)
 
 
-def _remove(item: Path) -> None:
+def remove_leftover(item: Path) -> None:
     """Remove a leftover of biomask's own; one the file system will not let go (another user's files
     in it, a read-only part) is said, with its size, rather than kept silently: an --overwrite of
     someone else's output left a hidden copy of all of it beside the new one."""
@@ -440,7 +440,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     # A `.old-` (a previous output a kill caught mid-swap) goes only once this write has succeeded.
     for stale in stale_temporaries(path):
         if ".tmp-" in stale.name and stale != tmp and not _being_written(stale):
-            _remove(stale)
+            remove_leftover(stale)
     try:
         yield from _write_and_swap(path, tmp, token)
     finally:

@@ -65,6 +65,7 @@ from biomask.outputs import (
     foreign_files,
     output_digests,
     refuse_changed,
+    remove_leftover,
 )
 from biomask.provenance import (
     code_differs,
@@ -602,8 +603,10 @@ def finished_files(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def drop_replaced(path: Path) -> None:
-    """The run has its portable model: the run it replaced goes (before run.json lists the files)."""
-    shutil.rmtree(path / REPLACED, ignore_errors=True)
+    """The run has its portable model: the run it replaced goes (before run.json lists the files);
+    what the file system will not let go (another user's files in it) is said, not kept in silence."""
+    if (path / REPLACED).is_dir():
+        remove_leftover(path / REPLACED)
 
 
 def restore_replaced(path: Path) -> bool:
