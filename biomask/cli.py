@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -1007,8 +1008,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from biomask.cells.kernels import use_writable_cache
 
     use_writable_cache()  # before scanpy or umap imports numba: a read-only home failed them
-    with _SigtermStop():
-        return _run(args)
+    stop = _SigtermStop()
+    with stop:
+        code = _run(args)
+    if stop.raised and code == 0:
+        # the stop was raised where the command stood and something it called (C code checking for
+        # signals) dropped it: the command ran on to the end. Its output is whole; the stop is said
+        log.warning(
+            "SIGTERM reached this command, which did not stop (a library it called let the stop pass) and "
+            "finished instead: its output is complete; exiting 143, as for the stop"
+        )
+        return Terminated.exit_code
+    return code
 
 
 class _SigtermStop:
@@ -1019,12 +1030,20 @@ class _SigtermStop:
     is kept). A handler set by whoever called main() (a notebook, a test, an ignored SIGTERM) is left
     alone."""
 
+    # a repeat within this many seconds (a scheduler's before its SIGKILL) must not cut the clean-up
+    # the first one started short; a later one stops a command that let the first pass (it ran on,
+    # deaf to every SIGTERM, where the handler had set SIG_IGN)
+    REPEAT_GRACE_S = 10.0
+
     def __init__(self) -> None:
         self.raised = False
+        self.first: float | None = None
 
     def __call__(self, signum: int, frame: typing.Any) -> None:
-        # a second SIGTERM (a scheduler's repeat before its SIGKILL) must not cut the clean-up short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        now = time.monotonic()
+        if self.first is not None and now - self.first < self.REPEAT_GRACE_S:
+            return
+        self.first = now
         self.raised = True
         raise Terminated
 

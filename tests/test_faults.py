@@ -1096,6 +1096,52 @@ def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd
     assert leftovers(parent) == []
 
 
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_sigterm_something_swallowed_is_not_lost(tmp_path, chrx_bases, capfd, repeat):
+    """A kill-fuzzer's find: `prep dna` sometimes ran on after SIGTERM, finished and exited 0 — the stop
+    had been raised inside a call that dropped it — and the handler had set SIG_IGN, so no later
+    SIGTERM stopped it either. Now such a run says so and exits 143 (its output complete), and a
+    SIGTERM after the repeat grace stops it."""
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+    (parent := tmp_path / "stores").mkdir()
+    out = parent / "store"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from biomask import cli, store
+            from biomask.errors import Terminated
+
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            finish = store.TokenStoreWriter.finish
+
+            def finish_after_a_swallowed_sigterm(self, **manifest):
+                with contextlib.suppress(
+                    Terminated
+                ):  # what a library that checks signals and drops errors does
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if repeat:
+                    cli._SigtermStop.REPEAT_GRACE_S = 0.0  # the repeat comes after the grace
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return finish(self, **manifest)
+
+            store.TokenStoreWriter.finish = finish_after_a_swallowed_sigterm
+            code = cli.main(["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]",
+                             f"output={out}", "tokenizer.kind=char", "windows.length=128", "split.block_size=1000"])  # fmt: skip
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    err = capfd.readouterr().err
+    assert code == 143, err
+    if repeat:  # stopped by the second: nothing written
+        assert "stopped by SIGTERM" in err and not out.exists() and leftovers(parent) == []
+    else:  # ran on to the end: a whole output, and the stop said
+        assert "SIGTERM reached this command, which did not stop" in err and "its output is complete" in err
+        assert (out / "manifest.json").is_file() and leftovers(parent) == []
+
+
 def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
     import anndata
     import scipy.sparse as sp

@@ -158,3 +158,27 @@ def test_a_notebook_kernel_sees_a_progress_bar_and_a_log_sees_none(tmp_path, mon
     shell.kernel = None  # a terminal IPython: its stderr decides (here: no terminal)
     monkeypatch.delenv("TQDM_DISABLE")
     assert bar_disabled()
+
+
+def test_deepspeed_imported_inside_a_redirect_still_logs_where_output_goes_now(tmp_path):
+    """DeepSpeed binds its logger to the sys.stdout of the moment it is imported: first imported inside
+    contextlib.redirect_stdout (a notebook cell's capture, a test's), every later DeepSpeed warning
+    printed a "--- Logging error ---" traceback about a closed file instead (found as a test that
+    failed or passed with the order tests ran in)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import contextlib, io\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer):\n"
+        "    from biomask.training.distributed import import_deepspeed\n"
+        "    import_deepspeed()\n"
+        "buffer.close()\n"
+        "deepspeed = import_deepspeed()  # as the next training run in the process does\n"
+        "deepspeed.utils.logger.warning('OVERFLOW! a warning after the redirect')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "a warning after the redirect" in proc.stdout
+    assert "Logging error" not in proc.stderr and "closed file" not in proc.stderr, proc.stderr[-2000:]

@@ -148,14 +148,26 @@ def import_deepspeed() -> Any:
 
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-    try:
-        import deepspeed
-    finally:
-        del sys.modules["mlflow"]
+    else:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    _reopen_closed_log_streams(deepspeed.utils.logger)
     return deepspeed
+
+
+def _reopen_closed_log_streams(logger: Any) -> None:
+    """DeepSpeed's logger writes to the sys.stdout of the moment it was imported: imported inside a
+    redirect (contextlib.redirect_stdout, a notebook cell's or a test's capture), each warning later
+    printed a "--- Logging error ---" traceback about a closed file. Such a handler writes to today's."""
+    import logging
+    import sys
+
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            handler.setStream(sys.stdout)
 
 
 def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
