@@ -159,7 +159,14 @@ def seed_split(
         from biomask.evaluation.groups import grouped_split
 
         where = f"token store {data.store.root}, splits.group={spec.group}"
-        train, val, test = grouped_split(data.labels, groups, spec.val, spec.test, seed, where)
+        advice = (
+            "raise splits.min_shared (a repeat may link unrelated records), lower splits.val / splits.test, "
+            "or use splits.group=none"
+            if spec.group == "shared_sequence"
+            else "give splits.val and splits.test room for whole batches, use a set with more batches, or "
+            "splits.group=none"
+        )
+        train, val, test = grouped_split(data.labels, groups, spec.val, spec.test, seed, where, advice)
     else:
         everything = np.arange(len(data))
         counts = np.bincount(data.labels)

@@ -222,7 +222,7 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     data.store.verify()
     # every seed's split first: a grouping that cannot be split is refused before any model loads
     splits = {seed: seed_split(data, cfg.splits, seed) for seed in cfg.seeds}
-    notes: list[str] = []
+    notes: list[str] = _split_notes(data, splits, cfg)
     methods = baseline_methods(cfg, data, notes)
     if cfg.checkpoints:
         from biomask.evaluation.protocols import model_methods
@@ -289,6 +289,35 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
             frame.to_csv(tmp / f"confusion-{slugs[method.name]}.csv")
     log.info("evaluation written to %s", cfg.output)
     return Path(cfg.output)
+
+
+def _split_notes(data: LabelledRecords, splits: dict[int, tuple], cfg: EvaluateConfig) -> list[str]:
+    """What a reader must know of the splits drawn: seeds that drew the same one (few groups allow few
+    splits), and test classes a seed's training split never holds (whole groups held out, or a
+    class of one or two records): no method can predict those."""
+    notes = []
+    drawn: dict[bytes, list[int]] = {}
+    for seed, (_, val, test) in splits.items():
+        drawn.setdefault(np.sort(test).tobytes() + b"|" + np.sort(val).tobytes(), []).append(seed)
+    same = [seeds for seeds in drawn.values() if len(seeds) > 1]
+    if same and cfg.splits.mode == "resample":
+        listed = "; ".join(", ".join(map(str, seeds)) for seeds in same)
+        notes.append(
+            f"seeds {listed} drew the same split (splits.group={cfg.splits.group} leaves few distinct ways to "
+            "deal whole groups): a spread over those seeds is the methods' own randomness, not the data's"
+        )
+    names = data.label_names
+    for seed, (train, _, test) in splits.items():
+        missing = sorted(set(data.labels[test].tolist()) - set(data.labels[train].tolist()))
+        if missing:
+            shown = ", ".join(str(names[c]) if c < len(names) else str(c) for c in missing)
+            notes.append(
+                f"seed {seed}: test class(es) {shown} never in its training split, so no method can predict "
+                "them (each scores 0 in macro-F1)"
+            )
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def _summarise(
@@ -457,7 +486,7 @@ def splits_text(results: dict[str, Any]) -> str:
             else "each batch kept on one side"
         )
         return (
-            f"resampled per seed in whole groups, stratified as far as groups allow — {kept}: "
+            f"resampled per seed in whole groups, the best label balance of a few random deals — {kept}: "
             f"{grouped['groups']:,} groups, the largest {grouped['largest']:,} records, "
             f"{grouped['records_grouped']:,} records not alone (val {spec['val']}, test {spec['test']}: {counts})"
         )

@@ -916,7 +916,19 @@ _SPLIT_MODES = {
 
 def _split_mode(ev: Evaluation) -> str:
     """What an evaluation's splits are, in words ('resample' alone told a reader nothing)."""
-    mode = str((ev.results.get("splits") or {}).get("mode", "?"))
+    spec = ev.results.get("splits") or {}
+    mode = str(spec.get("mode", "?"))
+    group, grouped = spec.get("group", "none"), ev.results.get("split_groups")
+    if mode == "resample" and group != "none" and grouped:
+        kept = (
+            f"records sharing {spec.get('min_shared')} bases (either strand)"
+            if group == "shared_sequence"
+            else "cells of one batch"
+        )
+        return (
+            f"resample in whole groups (splits.group={group}): each a fresh draw per seed, {kept} kept on one "
+            f"side ({grouped['groups']:,} groups, the largest {grouped['largest']:,} records)"
+        )
     return f"{mode}: {_SPLIT_MODES[mode]}" if mode in _SPLIT_MODES else mode
 
 
