@@ -176,6 +176,7 @@ def test_deepspeed_imported_inside_a_redirect_still_logs_where_output_goes_now(t
         "    import_deepspeed()\n"
         "buffer.close()\n"
         "deepspeed = import_deepspeed()  # as the next training run in the process does\n"
+        "deepspeed = import_deepspeed()  # and the one after\n"
         "deepspeed.utils.logger.warning('OVERFLOW! a warning after the redirect')\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -162,12 +162,14 @@ def _reopen_closed_log_streams(logger: Any) -> None:
     """DeepSpeed's logger writes to the sys.stdout of the moment it was imported: imported inside a
     redirect (contextlib.redirect_stdout, a notebook cell's or a test's capture), each warning later
     printed a "--- Logging error ---" traceback about a closed file. Such a handler writes to today's."""
+    import contextlib
     import logging
     import sys
 
     for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
-            handler.setStream(sys.stdout)
+            with handler.lock or contextlib.nullcontext():  # not setStream: it flushes the closed stream
+                handler.stream = sys.stdout
 
 
 def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
