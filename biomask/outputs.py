@@ -515,12 +515,20 @@ def _protected_mode(path: Path) -> int | None:
     if not stat.S_ISREG(info.st_mode):
         return None
     mode = stat.S_IMODE(info.st_mode)
-    if not mode & 0o222 or not os.access(path, os.W_OK):
-        whose = "" if info.st_uid == os.getuid() else ", another user's"
+    if not mode & 0o222:
         raise EnvironmentIOError(
-            f"{path} is write-protected (mode {mode:04o}{whose}): biomask does not replace a file its "
-            "permissions protect; make it writable (chmod u+w) if it should be replaced, or write to "
-            "another path"
+            f"{path} is write-protected (mode {mode:04o}): biomask does not replace a file its permissions "
+            "protect; make it writable (chmod u+w) if it should be replaced, or write to another path"
+        )
+    effective = os.access in os.supports_effective_ids  # the uid that writes (a setuid or seteuid process)
+    if not os.access(path, os.W_OK, effective_ids=effective):
+        mine = info.st_uid == os.geteuid()
+        whose, remedy = (
+            ("", "make it writable (chmod u+w)") if mine else (": it is another user's", "ask its owner")
+        )
+        raise EnvironmentIOError(
+            f"{path} (mode {mode:04o}) is not writable by this user{whose}; biomask does not replace a file "
+            f"its permissions protect: {remedy} if it should be replaced, or write to another path"
         )
     return mode
 

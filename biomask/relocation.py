@@ -98,8 +98,11 @@ def run_dir_from_env() -> Path | None:
 
 def recorded_config(output: str | os.PathLike) -> dict[str, Any] | None:
     """The config.yaml `output` holds (None: none, or unreadable)."""
+    from biomask.config import load_recorded_yaml  # the limits of a config file: nesting, anchors
+
+    path = Path(output) / "config.yaml"
     try:
-        recorded = yaml.safe_load((Path(output) / "config.yaml").read_text())
+        recorded = load_recorded_yaml(path.read_text(), str(path))
     except (OSError, yaml.YAMLError):
         return None
     return recorded if isinstance(recorded, dict) else None

@@ -383,6 +383,11 @@ def test_a_config_that_expands_without_bound_is_refused_before_it_exhausts_memor
         load_recorded_yaml(laughs.read_text(), "run/config.yaml")
     deep = write(tmp_path, "x: " + "[" * 3000 + "]" * 3000 + "\n")
     assert "cfg.yaml: nested too deeply to read" in _error(DNAPrepConfig, deep)
+    from biomask.relocation import recorded_config  # every stage's reuse check reads this first
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text(deep.read_text())
+    assert recorded_config(tmp_path / "out") is None  # unreadable: not reused, and no traceback
     # the bound counts values, so a real config (anchors shared by many stages) is far inside it
     monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 12)
     shared = write(tmp_path, "d: &d {a: 1, b: 2}\ns1: *d\ns2: *d\ns3: *d\n")

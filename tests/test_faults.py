@@ -836,9 +836,17 @@ def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pb
     elsewhere = tmp_path / "elsewhere.h5"
     with h5py.File(elsewhere, "w") as f:
         f["X"] = counts.astype(np.float32)
-    linked, virtual = tmp_path / "linked.h5ad", tmp_path / "virtual.h5ad"
-    for target in (linked, virtual):
+    linked, virtual, raw = tmp_path / "linked.h5ad", tmp_path / "virtual.h5ad", tmp_path / "raw.h5ad"
+    for target in (linked, virtual, raw):
         shutil.copy(whole, target)
+    with h5py.File(raw, "a") as f:  # the values as raw bytes in a file beside it (HDF5 external storage)
+        del f["X"]
+        values = counts.astype(np.float32)
+        (tmp_path / "X.raw").write_bytes(values.tobytes())
+        f.create_dataset(
+            "X", shape=values.shape, dtype=np.float32, external=[(str(tmp_path / "X.raw"), 0, values.nbytes)]
+        )
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     with h5py.File(linked, "a") as f:
         del f["X"]
         f["X"] = h5py.ExternalLink(str(elsewhere), "X")
@@ -850,6 +858,7 @@ def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pb
     for path, shown in (
         (linked, f"/X -> {elsewhere}:X"),
         (virtual, f"/X -> a virtual dataset of {elsewhere}"),
+        (raw, f"/X -> its values stored in {tmp_path / 'X.raw'}"),
     ):
         code, _, err = cells(tmp_path, cli, path)
         assert code == 2 and f"{path}: holds data kept in other files ({shown})" in err, err

@@ -5,6 +5,7 @@ and the clean-up of what killed runs left beside an output, which spares a live 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,40 @@ def test_a_replaced_file_keeps_its_privacy_and_a_write_protected_one_is_not_repl
     ):
         tmp.write_text("replaced")
     assert protected.read_text() == "mine" and not list(tmp_path.glob(".protected*"))
+
+
+def test_another_users_file_is_said_to_be_theirs_not_write_protected():
+    """A file of another user's with write bits for its owner: "write-protected (mode 0664) ...
+    chmod u+w" named the wrong cause and a remedy the user cannot apply."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    from biomask.errors import EnvironmentIOError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    folder = Path(tempfile.mkdtemp(prefix="biomask-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o777)
+        theirs = folder / "emb.h5ad"
+        theirs.write_text("root's")
+        theirs.chmod(0o664)
+        with contextlib.ExitStack() as stack:
+            os.setegid(65534)  # not root's group either, which may write the file (0664)
+            stack.callback(os.setegid, 0)
+            os.seteuid(65534)
+            stack.callback(os.seteuid, 0)
+            with pytest.raises(EnvironmentIOError) as refused, atomic_file(theirs) as tmp:
+                tmp.write_text("nobody's")
+        said = str(refused.value)
+        assert (
+            "(mode 0664) is not writable by this user: it is another user's" in said
+            and "ask its owner" in said
+        )
+        assert "chmod" not in said and theirs.read_text() == "root's"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_an_output_under_a_file_is_refused_naming_it(tmp_path):

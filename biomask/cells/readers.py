@@ -188,8 +188,8 @@ def _open_h5(path: Path) -> h5py.File:
 
 
 def _check_self_contained(handle: h5py.File, path: Path) -> None:
-    """Refuse data kept in other files: HDF5 external links and virtual datasets are followed when
-    read, but only this file is hashed, so a store built from it would be reused (and its provenance
+    """Refuse data kept in other files: HDF5 external links, virtual datasets and datasets with
+    external storage are followed when read, but only this file is hashed, so a store built from it would be reused (and its provenance
     called unchanged) after the other file changed. A user's copy of the data into the file is one
     command (h5copy, or anndata's read and write)."""
     elsewhere: list[str] = []
@@ -206,6 +206,9 @@ def _check_self_contained(handle: h5py.File, path: Path) -> None:
         elif isinstance(item, h5py.Dataset) and item.is_virtual:
             sources = sorted({source.file_name for source in item.virtual_sources()})
             elsewhere.append(f"/{name} -> a virtual dataset of {', '.join(sources)}")
+        elif isinstance(item, h5py.Dataset) and item.external:  # raw bytes kept in files beside it
+            files = sorted({str(entry[0]) for entry in item.external})
+            elsewhere.append(f"/{name} -> its values stored in {', '.join(files)}")
 
     links(handle)
     handle.visititems(visit)  # every object reached by hard links, each once (no external ones)
