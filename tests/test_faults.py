@@ -805,8 +805,10 @@ def test_a_converted_matrix_leaves_nothing_in_tmpdir_even_when_killed(tmp_path, 
         "another prefix": scratch / f"biomask-csc-{host}-{dead}-abcd1234",
         "not biomask's": scratch / f"biomask-mtx-{host}-notapid-abcd1234",
     }
+    kept["live in another PID namespace"] = scratch / f"biomask-mtx-{host}-{dead + 1_000_000}-abcd1234"
     for folder in kept.values():
         folder.mkdir()
+    held = spill._lock_folder(kept["live in another PID namespace"])  # its process holds its lock
     folder = write_mtx(tmp_path / "tenx", *pbmc_counts, gz=True)
     source = readers.open_10x_mtx(folder)
     try:
@@ -816,6 +818,7 @@ def test_a_converted_matrix_leaves_nothing_in_tmpdir_even_when_killed(tmp_path, 
         assert block.shape[0] == 5 and block.nnz > 0  # still read through the open descriptors
     finally:
         source.close()
+        os.close(held)
 
 
 def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pbmc_counts):

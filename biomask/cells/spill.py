@@ -19,6 +19,7 @@ matrix, read at once and converted the reader's usual way, would give).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -49,8 +50,10 @@ class ScratchDir:
     a source that is never closed (or a run that fails half-way) leaves nothing behind.
 
     A process killed outright (SIGKILL, the kernel's OOM killer: most likely during a big conversion)
-    runs none of these, so the folder's name carries the host and process id, and the next ScratchDir
-    of the same prefix removes those of this host whose process has ended (a few GB of /tmp each)."""
+    runs none of these, so the next ScratchDir of the same prefix removes such folders of this host
+    and user: those whose process id names no live process and whose flock, held for the folder's
+    life, can be taken — the lock alone tells a live process in another PID namespace (a container
+    sharing /tmp and the host name) from a dead one."""
 
     def __init__(self, prefix: str) -> None:
         where = Path(tempfile.gettempdir())
@@ -60,10 +63,32 @@ class ScratchDir:
             self.path = Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=where))
         except OSError as exc:
             raise scratch_error(exc, where) from None
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
+        self._held = _lock_folder(self.path)
+        self._finalizer = weakref.finalize(self, _remove_held, str(self.path), self._held)
 
     def cleanup(self) -> None:
         self._finalizer()
+
+
+def _lock_folder(path: Path) -> int | None:
+    """A descriptor holding an exclusive flock on `path` (None: no flock on this file system)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_held(path: str, fd: int | None) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _host() -> str:
@@ -73,8 +98,8 @@ def _host() -> str:
 
 def sweep_orphans(where: Path, prefix: str, host: str) -> list[Path]:
     """Remove `where`'s folders `{prefix}{host}-{pid}-XXXXXXXX` owned by this user whose process is
-    gone; return them. Another host's (a shared TMPDIR) and a running process's are left alone, as is
-    anything not named that way (not biomask's)."""
+    gone (no such pid here, and the folder's flock free); return them. Another host's (a shared
+    TMPDIR), a running process's and anything not named that way (not biomask's) are left alone."""
     removed = []
     try:
         entries = list(where.glob(f"{glob.escape(prefix + host)}-*-*"))
@@ -88,11 +113,19 @@ def sweep_orphans(where: Path, prefix: str, host: str) -> list[Path]:
             if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
                 continue
             os.kill(int(pid_text), 0)
+            continue  # a live process of that id here
         except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+            pass
         except (OSError, OverflowError):  # alive under another user (EPERM), or unreadable: leave it
             continue
+        held = _lock_folder(folder)
+        if held is None:  # locked: its process lives, in another PID namespace
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(held)
+        removed.append(folder)
     return removed
 
 
