@@ -38,6 +38,11 @@ def test_records_sharing_a_stretch_on_either_strand_are_one_group():
     chained = shared_sequence_groups([x, z, y], 32)
     assert chained[0] == chained[1] == chained[2]
     assert shared_sequence_groups([x, z], 32).tolist() == [0, 1]
+    # long stretches too (a rolling hash: the cost does not grow with min_shared)
+    long_a, long_b = _random_dna(rng, 5000), _random_dna(rng, 3000)
+    long_b = long_b[:500] + "N" + long_a[1000:3000] + "N" + long_b[500:]  # exactly 2,000 in common
+    assert shared_sequence_groups([long_a, long_b], 2000).tolist() == [0, 0]
+    assert shared_sequence_groups([long_a, long_b], 2001).tolist() == [0, 1]
 
 
 def test_a_grouped_split_keeps_every_group_whole_and_balances_the_labels(splice_store):
