@@ -394,3 +394,26 @@ def test_a_config_that_expands_without_bound_is_refused_before_it_exhausts_memor
     assert "expand to more than 12 values" in _error(DNAPrepConfig, shared)
     monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 13)
     assert "expand to more than" not in _error(DNAPrepConfig, shared)
+
+
+def test_every_reader_of_a_recorded_config_keeps_the_limits(tmp_path, monkeypatch):
+    """A run folder's config.yaml (damaged, or crafted with nested anchors) is read back by every
+    stage's reuse check, --overwrite's message, pipeline previews and the report: each reads it with
+    a config file's limits (here lowered, so a small file stands for a billion laughs)."""
+    import biomask.config
+    from biomask.errors import InputError
+    from biomask.outputs import _describe_difference
+    from biomask.report.collect import _read_yaml
+    from biomask.training.rundir import _changed_keys
+
+    monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 12)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("d: &d {a: 1, b: 2}\ns1: *d\ns2: *d\ns3: *d\n")
+    new = {"d": {"a": 2, "b": 2}}
+    assert _describe_difference(run, new) == ""  # not readable: no difference to show, no traceback
+    assert _changed_keys(run, new) == ""
+    with pytest.raises(InputError, match="config.yaml is corrupt"):
+        _read_yaml(run / "config.yaml")
+    monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 1_000)  # within the limits: read as before
+    assert "d.a: 1 -> 2" in _describe_difference(run, new) and "d.a: 1 -> 2" in _changed_keys(run, new)

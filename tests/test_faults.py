@@ -808,7 +808,14 @@ def test_a_converted_matrix_leaves_nothing_in_tmpdir_even_when_killed(tmp_path, 
     kept["live in another PID namespace"] = scratch / f"biomask-mtx-{host}-{dead + 1_000_000}-abcd1234"
     for folder in kept.values():
         folder.mkdir()
+    if os.geteuid() == 0:  # another user's folder of a process that ended: not this user's to remove
+        kept["another user's"] = scratch / f"biomask-mtx-{host}-{dead + 2_000_000}-abcd1234"
+        kept["another user's"].mkdir()
+        os.chown(kept["another user's"], 65534, 65534)
     held = spill._lock_folder(kept["live in another PID namespace"])  # its process holds its lock
+    live = spill.ScratchDir("biomask-live-")  # a live conversion holds its own folder's lock
+    assert spill._lock_folder(live.path) is None
+    live.cleanup()
     folder = write_mtx(tmp_path / "tenx", *pbmc_counts, gz=True)
     source = readers.open_10x_mtx(folder)
     try:
@@ -853,6 +860,10 @@ def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pb
     with h5py.File(linked, "a") as f:
         del f["X"]
         f["X"] = h5py.ExternalLink(str(elsewhere), "X")
+    nested = tmp_path / "nested.h5ad"  # a link anywhere in the file, not only at /X
+    shutil.copy(whole, nested)
+    with h5py.File(nested, "a") as f:
+        f.require_group("layers")["counts"] = h5py.ExternalLink(str(elsewhere), "X")
     with h5py.File(virtual, "a") as f:
         del f["X"]
         layout = h5py.VirtualLayout(shape=counts.shape, dtype=np.float32)
@@ -862,6 +873,7 @@ def test_an_h5ad_whose_matrix_lives_in_another_file_is_refused(tmp_path, cli, pb
         (linked, f"/X -> {elsewhere}:X"),
         (virtual, f"/X -> a virtual dataset of {elsewhere}"),
         (raw, f"/X -> its values stored in {tmp_path / 'X.raw'}"),
+        (nested, f"/layers/counts -> {elsewhere}:X"),
     ):
         code, _, err = cells(tmp_path, cli, path)
         assert code == 2 and f"{path}: holds data kept in other files ({shown})" in err, err

@@ -256,12 +256,21 @@ def test_an_output_folder_that_refuses_files_is_said_before_the_work_and_a_forei
         return open_own
 
     out = tmp_path / "shared" / "eval"
+    for code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):  # no permission, read-only, full
+        monkeypatch.setattr(outputs, "open_own", refuse(code))
+        with pytest.raises(
+            EnvironmentIOError, match=r"cannot write output .*eval: .*shared.*choose an output in a folder"
+        ):
+            outputs.hold_output(out, "evaluate")
     monkeypatch.setattr(outputs, "open_own", refuse(errno.EACCES))
-    with pytest.raises(
-        EnvironmentIOError, match=r"cannot write output .*eval: .*shared.*choose an output in a folder"
-    ):
-        outputs.hold_output(out, "evaluate")
     (tmp_path / "shared" / ".eval.lock").write_text("")  # left by another user's killed run
+    real_access = os.access  # in a folder this user cannot write either: the output cannot be written
+    monkeypatch.setattr(
+        outputs.os, "access", lambda p, mode: Path(p) != tmp_path / "shared" and real_access(p, mode)
+    )
+    with pytest.raises(EnvironmentIOError, match="cannot write output"):
+        outputs.hold_output(out, "evaluate")
+    monkeypatch.setattr(outputs.os, "access", real_access)
     held = outputs.hold_output(out, "evaluate")
     assert held is not None
     monkeypatch.setattr(outputs, "open_own", real_open)
@@ -295,6 +304,16 @@ def test_a_previous_output_that_cannot_be_removed_is_said_not_kept_silently(tmp_
     left = [p for p in tmp_path.iterdir() if ".store.old-" in p.name]
     assert (out / "shard.npy").read_bytes() == b"y" and len(left) == 1
     assert f"could not remove {left[0]} (1.0 MB left; files this user cannot delete?)" in caplog.text
+    # the run a pretrain --overwrite replaced, kept inside the new one until it finishes, likewise
+    from biomask.training import rundir
+
+    replaced = tmp_path / "run" / rundir.REPLACED
+    replaced.mkdir(parents=True)
+    (replaced / "weights.bin").write_bytes(b"x" * 2**21)
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        rundir.drop_replaced(tmp_path / "run")
+    assert f"could not remove {replaced} (2.0 MB left" in caplog.text
 
 
 def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refusal():

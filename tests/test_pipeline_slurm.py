@@ -200,6 +200,9 @@ def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
         f"prep_genome: FAILED — log {tmp_path / 'run' / 'logs' / f'prep_genome-{genome.job_id}.out'}" in flat
     )
     assert f"When the cause is fixed: biomask pipeline submit {path}" in flat
+    cancelled = len(states["prep_splice"])  # each cancelled for prep_genome, not a failure of its own
+    assert f"{cancelled} job(s) cancelled because a job they depend on ended without its output" in flat
+    assert "prep_splice[0]: CANCELLED — log" not in flat and "prep_splice: CANCELLED — log" not in flat
 
 
 # A stand-in for a training step, to check the job script's mechanics (not training): each srun task

@@ -1247,6 +1247,7 @@ def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_pat
     did knn evaluation and HVG selection. The command line points numba at this user's temporary
     folder first (not another user's of that name), and leaves a NUMBA_CACHE_DIR the user set alone."""
     import os
+    from pathlib import Path
 
     import numba
 
@@ -1268,3 +1269,15 @@ def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_pat
     assert kernels.use_writable_cache() is None and "NUMBA_CACHE_DIR" not in os.environ
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a writable home: numba's own place
     assert kernels.use_writable_cache() is None and "NUMBA_CACHE_DIR" not in os.environ
+    folder.unlink()
+    real_access = os.access  # an existing cache folder this user may not write (root writes anywhere)
+    monkeypatch.setattr(
+        kernels.os, "access", lambda p, mode: Path(p) != tmp_path / "cache" / "numba" and real_access(p, mode)
+    )
+    assert kernels.use_writable_cache() == tmp_path / f"biomask-numba-{os.getuid()}"
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    from biomask.cli import main  # the command line does it before any command runs
+
+    assert main(["datasets", "list"]) == 0 and os.environ["NUMBA_CACHE_DIR"] == str(
+        tmp_path / f"biomask-numba-{os.getuid()}"
+    )

@@ -808,6 +808,33 @@ def test_a_link_under_a_checkpoint_name_is_removed_never_written_through(tmp_pat
     (root / ".tmp-step00000030").symlink_to(victim, target_is_directory=True)  # left by a crafted folder
     checkpoint.prune(root, keep=1)
     assert not (root / ".tmp-step00000030").is_symlink() and (victim / "meta.json").read_text() == "precious"
+    (root / "step00000040").symlink_to(tmp_path / "gone", target_is_directory=True)  # dangling
+    assert checkpoint.save(Engine(), root, 40, rank=0, rng={"seed": 1}, meta={}).is_dir()
+    assert not (root / "step00000040").is_symlink()
+
+
+def test_the_portable_model_replaces_a_link_at_its_name_never_its_target(dna_checkpoint, tmp_path):
+    """`model` linked to a folder of the user's (a crafted or copied run folder): the export's swap
+    deleted through the link (or stopped on rmtree's refusal of a link); the link is unlinked now."""
+    from biomask.models.pretrained import load_pretrained
+    from biomask.training import checkpoint
+
+    model = load_pretrained(dna_checkpoint)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model").symlink_to(victim, target_is_directory=True)
+    written = checkpoint.export_portable(
+        out,
+        model.state_dict(),
+        model.config,
+        tokenizer_dir=dna_checkpoint / "tokenizer",
+        info=model.checkpoint_info,
+    )
+    assert written.is_dir() and not written.is_symlink() and (written / "model.safetensors").is_file()
+    assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

@@ -169,8 +169,8 @@ def test_deepspeed_imported_inside_a_redirect_still_logs_where_output_goes_now(t
     import sys
 
     script = (
-        "import contextlib, io\n"
-        "buffer = io.StringIO()\n"
+        "import contextlib, sys\n"
+        f"buffer = open({str(tmp_path / 'redirected.txt')!r}, 'w')  # a file: flushing it once closed fails\n"
         "with contextlib.redirect_stdout(buffer):\n"
         "    from biomask.training.distributed import import_deepspeed\n"
         "    import_deepspeed()\n"
