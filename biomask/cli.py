@@ -1130,6 +1130,9 @@ def entry() -> None:
     Requeue.ends_process = True
     try:
         code = main()
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler is in place (parsing, imports)
+        print("biomask: interrupted", file=sys.stderr)
+        code = 130
     except Exception:
         # a bug's traceback (or a backend's RuntimeError) in a process that started a group: printed,
         # exit 1, and the same end as any other (the interpreter's teardown is where ranks abort)

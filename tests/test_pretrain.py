@@ -406,6 +406,20 @@ cli.entry()
     assert "Traceback" in proc.stderr and "RuntimeError: the backend failed" in proc.stderr
 
 
+def test_ctrl_c_before_a_command_starts_is_a_line_not_a_traceback():
+    """A kill-fuzzer's Ctrl-C 0.35 s into `export-hf` landed before the command's own handler (while
+    it imported what it parses with): a 40-line KeyboardInterrupt traceback. Now one line, exit 130."""
+    script = """
+from biomask import cli
+def interrupted(argv=None):
+    raise KeyboardInterrupt
+cli.main = interrupted
+cli.entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "biomask: interrupted", proc.stderr[-2000:]
+
+
 def test_srun_style_launch_maps_slurm_variables(genome_store, tmp_path):
     """Two tasks started the way srun starts them: only SLURM_* variables (and a port) set."""
     from biomask.training.distributed import free_port
