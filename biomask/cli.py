@@ -500,7 +500,10 @@ def _what_next(run_dir: Path, ended: list) -> None:
     own = [s for s in ended if "DependencyNeverSatisfied" not in s.reason]
     for s in own:  # an array task's job_id is SLURM's <array job>_<index>, as its log is named
         task = f"[{s.task}]" if s.task != "" else ""
-        print(f"{s.stage}{task}: {s.state} — log {run_dir / 'logs' / f'{s.stage}-{s.job_id}.out'}")
+        log_file = run_dir / "logs" / f"{s.stage}-{s.job_id}.out"
+        # no log: it never started (cancelled while pending, its reason forgotten once only sacct knows it)
+        where = f"log {log_file}" if log_file.exists() else "no log: it never started"
+        print(f"{s.stage}{task}: {s.state} — {where}")
     waiting = len(ended) - len(own)
     if waiting:
         print(f"{waiting} job(s) cancelled because a job they depend on ended without its output")
