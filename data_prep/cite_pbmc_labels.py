@@ -14,8 +14,10 @@ what `biomask prep cells` does with `task: protein-gates`, `labels.missing: drop
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
+
+import _h5ad_output
 
 DONORS = {"pbmc5k": "pbmc5k-cite-200", "pbmc10k": "pbmc10k-cite-200"}
 MIN_CELLS = 10  # FCGR3A Mono (5 cells) cannot sit in every split's training and test part
@@ -45,14 +47,13 @@ def derive(output: Path) -> None:
     out = ad.concat(parts, join="inner")  # the genes both runs hold
     sizes = out.obs["cell_type"].value_counts()
     out = out[out.obs["cell_type"].isin(sizes.index[sizes >= MIN_CELLS])].copy()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    out.write_h5ad(tmp)
-    tmp.replace(output)  # never a half-written file under the name
+    _h5ad_output.write(out, output, "cite_pbmc_labels.py")
     print(pd.crosstab(out.obs["cell_type"], out.obs["donor"], margins=True).to_string())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python {sys.argv[0]} OUTPUT.h5ad")
-    derive(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _h5ad_output.output_argument(parser)
+    output = parser.parse_args().output
+    _h5ad_output.check(output, "cite_pbmc_labels.py")
+    derive(output)

@@ -12,8 +12,10 @@ they favour PCA on clustering; say so wherever they are used. Then, as any label
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
+
+import _h5ad_output
 
 # Marker genes of each type (the tutorial's): a cluster takes the type whose markers score highest.
 MARKERS = {
@@ -63,14 +65,13 @@ def derive(output: Path) -> None:
         X=counts, obs=adata.obs[["leiden", "cell_type"]].copy(), var=adata.var[["gene_ids"]].copy()
     )
     out.obs["leiden"] = out.obs["leiden"].astype(str)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    out.write_h5ad(tmp)
-    tmp.replace(output)  # never a half-written file under the name
+    _h5ad_output.write(out, output, "pbmc3k_labels.py")
     print(out.obs["cell_type"].value_counts().to_string())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python {sys.argv[0]} OUTPUT.h5ad")
-    derive(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _h5ad_output.output_argument(parser)
+    output = parser.parse_args().output
+    _h5ad_output.check(output, "pbmc3k_labels.py")
+    derive(output)

@@ -17,10 +17,13 @@ their 15 nearest pbmc3k cells) and Leiden ARI within each set and over both.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
+
+import _h5ad_output
 
 COARSE = {
     "CD14+ Monocyte": "CD14 Mono",
@@ -66,10 +69,7 @@ def build(output: Path) -> None:
         index_unique="-",
     )
     pair.obs = pair.obs[["batch", "cell_type"]]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = output.with_name(f".{output.name}.tmp")
-    pair.write_h5ad(tmp_out)
-    tmp_out.replace(output)
+    _h5ad_output.write(pair, output, "pbmc_pair.py")
     print(f"{pair.n_obs} cells, {pair.n_vars} genes -> {output}")
 
 
@@ -106,12 +106,18 @@ def score(pair_path: Path, embedding) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "build":
-        build(Path(sys.argv[2]))
-    elif len(sys.argv) >= 4 and sys.argv[1] == "score":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _h5ad_output.output_argument(commands.add_parser("build", help="write the pair of sets"))
+    scoring = commands.add_parser("score", help="score embeddings (.npy) of the pair")
+    scoring.add_argument("pair", type=Path)
+    scoring.add_argument("embeddings", nargs="+", type=Path)
+    args = parser.parse_args()
+    if args.command == "build":
+        _h5ad_output.check(args.output, "pbmc_pair.py")
+        build(args.output)
+    else:
         import numpy as np
 
-        for path in sys.argv[3:]:
-            print(json.dumps({"embedding": path, **score(Path(sys.argv[2]), np.load(path))}))
-    else:
-        raise SystemExit(f"usage: python {sys.argv[0]} build OUT.h5ad | score PAIR.h5ad EMBEDDING.npy ...")
+        for path in args.embeddings:
+            print(json.dumps({"embedding": str(path), **score(args.pair, np.load(path))}))

@@ -26,8 +26,26 @@ def labelled(tmp_path_factory, repo):
         cwd=repo,
     )
     assert run.returncode == 0, run.stderr
-    assert not list(out.parent.glob(".*.tmp")), "a temporary file was left beside the output"
+    assert not list(out.parent.glob(".*.tmp*")), "a temporary file was left beside the output"
     return ad.read_h5ad(out)
+
+
+def test_the_script_replaces_only_its_own_output(labelled, tmp_path, repo):
+    """It wrote over any file given (a user's notes became a 24 MB h5ad) and took `--help` for a file
+    name; like biomask's stages it now refuses, exit 2, before any work."""
+    script = repo / "data_prep/cite_pbmc_labels.py"
+    mine = tmp_path / "mine.h5ad"
+    mine.write_text("my notes")
+    for target, said in (
+        (mine, "exists and was not written by cite_pbmc_labels.py"),
+        (tmp_path / "x.csv", "must be an .h5ad"),
+    ):
+        run = subprocess.run([sys.executable, script, target], capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+    assert mine.read_text() == "my notes" and not (tmp_path / "x.csv").exists()
+    run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0 and "usage:" in run.stdout and not (tmp_path / "--help").exists()
+    assert labelled.uns["biomask_data_prep"] == "cite_pbmc_labels.py"  # what lets a rerun replace it
 
 
 def test_protein_gates_give_the_types_their_rna_says(labelled):
