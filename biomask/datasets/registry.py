@@ -11,12 +11,14 @@ A cached file whose sha256 no longer matches is set aside (never deleted), repor
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -172,14 +174,21 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
             raise InputError(f"dataset {name!r}: local file {path} does not exist")
         _verify(name, entry, path, action="fix the registry entry's sha256 or restore the file")
         return path
-    if path.exists():
-        digest = sha256_file(path)
+    if not force and _digest_or_none(path) == entry.sha256:
+        return path
+    # Setting a file aside and fetching are done by one process at a time: two side by side (a
+    # pipeline's parallel tasks, a SLURM array sharing the cache) moved each other's files, so one
+    # renamed the fresh copy over the user's file it had set aside, and others failed.
+    with _fetch_lock(path.parent, name):
+        digest = _digest_or_none(path)
         if digest == entry.sha256 and not force:
-            return path
-        if digest != entry.sha256:
+            return path  # fetched by the process this one waited for
+        if digest is not None and digest != entry.sha256:
             # Not the registered file: a damaged download, or a file of the user's at this name (a
-            # --data-dir of theirs). Kept beside the fresh copy, never deleted.
+            # --data-dir of theirs). Kept beside the fresh copy, never deleted or replaced.
             kept = path.with_name(f"{path.name}.mismatch-{digest[:12]}")
+            if kept.exists() or kept.is_symlink():
+                kept = path.with_name(f"{kept.name}-{uuid.uuid4().hex[:8]}")
             path.replace(kept)
             log.warning(
                 "%s (dataset %s) is not the registered file (sha256 %s…); kept as %s, fetching it again",
@@ -188,6 +197,41 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
                 digest[:12],
                 kept,
             )
+        return _fetch_into(name, entry, path, directory)
+
+
+def _digest_or_none(path: Path) -> str | None:
+    """The file's sha256, None where there is none (or it went while being read)."""
+    try:
+        return sha256_file(path) if path.is_file() else None
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _fetch_lock(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive flock on `folder/.fetch.lock` (waited for, said once); none where the cache cannot
+    hold one (a read-only or lockless file system: the fetch then goes on as before)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".fetch.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("dataset %s: waiting for another process fetching it into %s", name, folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks here
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fetch_into(name: str, entry: DatasetEntry, path: Path, directory: str | os.PathLike | None) -> Path:
     root = data_dir(directory)
     tmp = root / name / f".fetch-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True, exist_ok=True)
