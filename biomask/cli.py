@@ -453,12 +453,12 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
         # rendered outside run_dir: a dry run neither claims an empty run folder for this pipeline
         # nor rewrites the scripts of a submission whose jobs still read them. One folder per user
         # and pipeline, replaced by the next dry run: a folder each time filled /tmp (hundreds seen)
-        into = _dry_run_folder(Path(tempfile.gettempdir()), plan.pipeline.name)
-        for path in render_scripts(
-            plan, only=args.only or (), start=args.start, overwrite=args.overwrite, into=into
-        ).values():
-            print(path)
-        print(f"(rendered under {into}; nothing was written to {plan.run_dir})")
+        with _dry_run_folder(Path(tempfile.gettempdir()), plan.pipeline.name) as into:
+            for path in render_scripts(
+                plan, only=args.only or (), start=args.start, overwrite=args.overwrite, into=into
+            ).values():
+                print(path)
+            print(f"(rendered under {into}; nothing was written to {plan.run_dir})")
         return 0
     record = submit(plan, only=args.only or (), start=args.start, overwrite=args.overwrite, before=announce)
     for name, job in record["stages"].items():
@@ -471,22 +471,37 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
 _DRY_RUN_MARK = ".biomask-dry-run"
 
 
-def _dry_run_folder(tmp: Path, name: str) -> Path:
+@contextlib.contextmanager
+def _dry_run_folder(tmp: Path, name: str) -> typing.Iterator[Path]:
     """`tmp/biomask-dry-run-<uid>-<pipeline>`, emptied of an earlier dry run's scripts (only a folder
-    an earlier dry run marked as its own; anything else gets a fresh folder beside it)."""
+    an earlier dry run marked as its own; anything else gets a fresh folder beside it). Held under
+    an flock until the caller has printed its scripts: two dry runs at once emptied each other's
+    folder mid-render (a traceback, errors naming files that had gone) or printed scripts the other
+    had written."""
+    import fcntl
     import shutil
     import tempfile
 
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "pipeline"
     folder = tmp / f"biomask-dry-run-{os.getuid()}-{slug}"
-    if folder.is_dir() and not folder.is_symlink() and (folder / _DRY_RUN_MARK).is_file():
-        shutil.rmtree(folder)
     try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:  # not ours to replace
-        folder = Path(tempfile.mkdtemp(prefix=f"biomask-dry-run-{slug}-", dir=tmp))
-    (folder / _DRY_RUN_MARK).write_text("scripts rendered by `biomask pipeline submit --dry-run`\n")
-    return folder
+        lock = os.open(tmp / f"{folder.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:  # not ours (a link, another user's): a folder of this run's own, unshared
+        yield Path(tempfile.mkdtemp(prefix=f"biomask-dry-run-{slug}-", dir=tmp))
+        return
+    try:
+        with contextlib.suppress(OSError):  # where flock is refused, as before
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.is_dir() and not folder.is_symlink() and (folder / _DRY_RUN_MARK).is_file():
+            shutil.rmtree(folder)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # not ours to replace
+            folder = Path(tempfile.mkdtemp(prefix=f"biomask-dry-run-{slug}-", dir=tmp))
+        (folder / _DRY_RUN_MARK).write_text("scripts rendered by `biomask pipeline submit --dry-run`\n")
+        yield folder
+    finally:
+        os.close(lock)
 
 
 def _what_next(run_dir: Path, ended: list) -> None:

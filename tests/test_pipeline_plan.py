@@ -821,12 +821,31 @@ def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(t
     """`pipeline submit --dry-run` made a new /tmp folder each time (hundreds piled up)."""
     from biomask.cli import _dry_run_folder
 
-    first = _dry_run_folder(tmp_path, "dna prep")
-    (first / "prep.sbatch").write_text("old")
-    again = _dry_run_folder(tmp_path, "dna prep")
-    assert again == first and not (again / "prep.sbatch").exists()
+    with _dry_run_folder(tmp_path, "dna prep") as first:
+        (first / "prep.sbatch").write_text("old")
+    with _dry_run_folder(tmp_path, "dna prep") as again:
+        assert again == first and not (again / "prep.sbatch").exists()
     theirs = tmp_path / f"biomask-dry-run-{os.getuid()}-other"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("not biomask's")
-    other = _dry_run_folder(tmp_path, "other")
-    assert other != theirs and (theirs / "notes.txt").read_text() == "not biomask's"
+    with _dry_run_folder(tmp_path, "other") as other:
+        assert other != theirs and (theirs / "notes.txt").read_text() == "not biomask's"
+    # two at once: the second waits until the first has printed its scripts (it emptied the folder
+    # under the first mid-render, a traceback or another run's scripts shown as its own)
+    import threading
+    import time
+
+    order = []
+
+    def second():
+        with _dry_run_folder(tmp_path, "dna prep") as folder:
+            order.append(("second", sorted(p.name for p in folder.iterdir())))
+
+    with _dry_run_folder(tmp_path, "dna prep") as folder:
+        (folder / "prep.sbatch").write_text("the first's")
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        order.append(("first", (folder / "prep.sbatch").read_text()))
+    waiting.join()
+    assert order == [("first", "the first's"), ("second", [".biomask-dry-run"])]
