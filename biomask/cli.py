@@ -830,7 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="[CLS] vector, mean or per-feature max over content tokens, or every block's mean side by side",
     )
     p.add_argument("--layer", type=int, help="-1 (last, default) ... 0 (the embeddings)")
-    p.add_argument("--batch-size", type=int, help="records per forward pass (results do not depend on it)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="records per forward pass (the vectors agree to float rounding across sizes)",
+    )
     p.add_argument(
         "--umap-color", metavar="OBS_COLUMN", help="also save a UMAP PNG coloured by this obs column"
     )

@@ -84,7 +84,7 @@ class EmbedConfig(Config):
     layer: int = -1  # [embeddings, block 1, ..., block n] indexed like a Python list
     # obsm key; no "/" (an .h5ad would hold it as nested groups that anndata cannot read back)
     key: str = Field("X_biomask", min_length=1, pattern=r"^[^/]+$")
-    batch_size: int = Field(64, ge=1)  # results do not depend on it
+    batch_size: int = Field(64, ge=1)  # the vectors agree to float rounding across sizes (~1e-6)
     chunk_size: int = Field(8192, ge=1)  # cells read, tokenized and embedded at a time (memory only)
     umap: UmapSpec = UmapSpec()
     device: str = "auto"  # auto: a GPU when there is one

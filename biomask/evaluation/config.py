@@ -203,7 +203,9 @@ class EvaluateConfig(Config):
     finetune: FinetuneSpec = FinetuneSpec()
     # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
     compare: list[list[str]] = Field(default_factory=list)
-    batch_size: int = Field(64, ge=1)  # embedding batch size (results do not depend on it)
+    # embedding batch size: the vectors agree to float rounding across sizes (~1e-6), not bit for bit,
+    # and fine-tuning starts from a probe fitted on them (its losses move by ~1e-4)
+    batch_size: int = Field(64, ge=1)
     # torch threads for embedding and fine-tuning, and how many logistic regressions (a C grid) fit
     # side by side. auto: $OMP_NUM_THREADS when set (a pipeline running stages side by side sets it
     # per stage), else every core this process may use — fine-tuning a 6,000-window motif task runs
