@@ -311,7 +311,17 @@ def input_changes(recorded: object, new: Sequence[dict]) -> list[str]:
         where = (
             f"{was.get('path')} -> {entry.get('path')}" if moved else f"{entry.get('path')}, changed since"
         )
-        lines.append(f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})")
+        same_data = was.get("content_sha256") and was.get("content_sha256") == entry.get("content_sha256")
+        lines.append(
+            f"{key[0]}: {where} ({digest(was)[:12]} -> {digest(entry)[:12]})"
+            + (
+                "; its data are the same (content_sha256 unchanged): only settings its manifest records "
+                "changed, such as prep's block_size or num_workers after an --overwrite. The output is "
+                "fingerprinted by the manifest, so it counts as another input: --overwrite reruns it"
+                if same_data
+                else ""
+            )
+        )
     for key, entry in by_name(list(new)).items():
         # a checkpoint of the same weights whose config.json changed (retrained or exported again by
         # other code: what it embeds may differ, e.g. model.embed_norm)

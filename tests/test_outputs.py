@@ -332,6 +332,13 @@ def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refu
     assert (
         input_changes([{k: v for k, v in was[0].items() if k != "config_sha256"}], now) == []
     )  # not recorded
+    # a store prepared again with only a result-free setting changed (block_size): the manifest's
+    # sha256 moves, its data's does not, and the refusal said "other input data" as if it had
+    store = {"name": "token-store", "path": "runs/prep", "sha256": "d" * 64, "content_sha256": "e" * 64}
+    (line,) = input_changes([store], [{**store, "sha256": "f" * 64}])
+    assert "its data are the same (content_sha256 unchanged)" in line and "--overwrite reruns it" in line
+    (line,) = input_changes([store], [{**store, "sha256": "f" * 64, "content_sha256": "0" * 64}])
+    assert "its data are the same" not in line
 
 
 def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_points_at_untouched(
