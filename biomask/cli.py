@@ -154,7 +154,9 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
          "yes" if datasets.is_cached(name) else "")
         for name, e in sorted(entries.items())
     ]  # fmt: skip
-    if not sys.stdout.isatty():  # piped or in a log: one tab-separated line per dataset, for grep and cut
+    # piped or in a log: one tab-separated line per dataset, for grep and cut; so too on a terminal
+    # too narrow for the table (at 40 columns four of its columns shrank to nothing)
+    if not sys.stdout.isatty() or Console().width < 100:
         print("\t".join(columns))
         for row in rows:
             print("\t".join(row))
@@ -498,7 +500,9 @@ def _dry_run_folder(tmp: Path, name: str) -> typing.Iterator[Path]:
             folder.mkdir(mode=0o700)
         except FileExistsError:  # not ours to replace
             folder = Path(tempfile.mkdtemp(prefix=f"biomask-dry-run-{slug}-", dir=tmp))
-        (folder / _DRY_RUN_MARK).write_text("scripts rendered by `biomask pipeline submit --dry-run`\n")
+        (folder / _DRY_RUN_MARK).write_text(
+            "scripts rendered by `biomask pipeline submit --dry-run`\n", encoding="utf-8"
+        )
         yield folder
     finally:
         os.close(lock)
@@ -556,7 +560,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
         record = run_dir / "local-run.json"
         try:
-            data = json.loads(record.read_text())
+            data = json.loads(record.read_text(encoding="utf-8"))
             results = [TaskResult(**r) for r in data["results"]]
             finished = data["finished"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -1013,10 +1017,25 @@ def _report_error(exc: BiomaskError | Terminated) -> None:
     if path:
         with contextlib.suppress(OSError):
             payload = {"error": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}
-            Path(path).write_text(json.dumps(payload))
+            Path(path).write_text(json.dumps(payload), encoding="utf-8")
+
+
+def _usable_streams() -> None:
+    """A closed stdout or stderr (`>&-`, a daemon's) is None in Python: a finished report or theory run
+    then failed at its last flush, and every command with stderr closed did nothing, exit 1. Text on a
+    stream that cannot encode it (PYTHONIOENCODING=ascii: `--help` names R²MAE) is escaped, not a
+    UnicodeEncodeError. Files biomask writes are UTF-8 whatever the locale (encoding= everywhere)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        elif (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8":
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _usable_streams()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow flags (`--overwrite tokenizer.k=4`), which argparse cannot interleave

@@ -420,7 +420,7 @@ def dump_config(config: BaseModel) -> str:
 def write_config(config: BaseModel, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a stage's outputs."""
     path = Path(directory) / name
-    path.write_text(dump_config(config))
+    path.write_text(dump_config(config), encoding="utf-8")
     return path
 
 

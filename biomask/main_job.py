@@ -56,6 +56,6 @@ def run_main_job(args: argparse.Namespace) -> int:
         return code
     report = plan.stages["report"].tasks[0].output / "report.md" if "report" in plan.stages else None
     if report is not None and report.exists():
-        summary = report.read_text().split("## Summary", 1)[-1].split("\n## ", 1)[0].strip()
+        summary = report.read_text(encoding="utf-8").split("## Summary", 1)[-1].split("\n## ", 1)[0].strip()
         print(f"\nReport: {report}\n\nSummary\n{summary}\n")
     return 0

@@ -351,7 +351,7 @@ def _describe_difference(
     if new is None or not old_file.exists():
         return ""
     try:
-        old = load_recorded_yaml(old_file.read_text(), str(old_file)) or {}
+        old = load_recorded_yaml(old_file.read_text(encoding="utf-8"), str(old_file)) or {}
     except yaml.YAMLError:
         return ""
     # a key that does not change results (num_workers, batch_size) is not what stands in the way
@@ -546,7 +546,7 @@ def _protected_mode(path: Path) -> int | None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temporary name, then rename it into place."""
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def open_own(path: str | os.PathLike, flags: int) -> int:
@@ -583,7 +583,9 @@ def open_own(path: str | os.PathLike, flags: int) -> int:
 
 def append_own(path: str | os.PathLike) -> TextIO:
     """`open(path, "a")` (text, line-buffered) for a file biomask appends to, through `open_own`."""
-    return os.fdopen(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a", buffering=1)
+    return os.fdopen(
+        open_own(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a", buffering=1, encoding="utf-8"
+    )
 
 
 class OutputLock:

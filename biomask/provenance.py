@@ -151,7 +151,7 @@ def hardware() -> dict[str, Any]:
 
     model = platform.processor() or None
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 model = line.partition(":")[2].strip()
                 break
@@ -239,7 +239,7 @@ def write_run_info(
         **(extra or {}),
     }
     path = Path(directory) / "run.json"
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return info
 
 
@@ -247,7 +247,7 @@ def read_run_info(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The `run.json` of an output directory, or None if it has none (or it is unreadable)."""
     path = Path(directory) / "run.json"
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
@@ -283,5 +283,5 @@ def input_entry(name: str, root: str | os.PathLike) -> dict[str, Any]:
     manifest = Path(root) / "manifest.json"
     entry: dict[str, Any] = {"name": name, "path": str(root), "sha256": sha256_file(manifest)}
     with contextlib.suppress(OSError, ValueError, TypeError):  # the store's own checks say what is wrong
-        entry["content_sha256"] = content_sha256(json.loads(manifest.read_text()))
+        entry["content_sha256"] = content_sha256(json.loads(manifest.read_text(encoding="utf-8")))
     return entry

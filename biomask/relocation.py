@@ -102,7 +102,7 @@ def recorded_config(output: str | os.PathLike) -> dict[str, Any] | None:
 
     path = Path(output) / "config.yaml"
     try:
-        recorded = load_recorded_yaml(path.read_text(), str(path))
+        recorded = load_recorded_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, yaml.YAMLError):
         return None
     return recorded if isinstance(recorded, dict) else None

@@ -245,7 +245,9 @@ class TokenStoreWriter:
             **manifest,
             "splits": splits,
         }
-        (self.root / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        (self.root / "manifest.json").write_text(
+            json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8"
+        )
         self._warn_thin(splits, manifest.get("label_names"), (manifest.get("config") or {}).get("split"))
         return full
 
@@ -520,7 +522,7 @@ class TokenStore:
         if not self.root.is_dir():
             raise InputError(f"token store {self.root} does not exist; run a prep stage to create it")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(
                 f"{self.root} is not a token store: it has no manifest.json (a prep stage's output folder has "
@@ -721,7 +723,7 @@ def check_store_tokenizer(directory: str | os.PathLike) -> int:
     if not manifest_path.is_file():
         return 0
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 def current_umask() -> int:
     """The process umask (read from /proc where possible: setting it, even briefly, is process-wide)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):

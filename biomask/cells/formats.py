@@ -92,7 +92,9 @@ def checked_vocabulary_dir(path: str | os.PathLike) -> Path:
     directory = vocabulary_dir(path)
     check_store_tokenizer(directory)
     try:
-        modality = json.loads((directory / "tokenizer_config.json").read_text())["biomask"].get("modality")
+        modality = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))[
+            "biomask"
+        ].get("modality")
     except (OSError, ValueError, KeyError, AttributeError):
         modality = None  # no readable config: `GeneVocabulary.load` says what is missing
     if modality not in (None, "cells"):

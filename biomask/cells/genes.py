@@ -354,7 +354,9 @@ class GeneVocabulary:
                 **self.settings,
             }
         )
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
         table = pd.DataFrame(
             {
                 "id": np.arange(NUM_SPECIAL, self.vocab_size),
@@ -378,7 +380,7 @@ class GeneVocabulary:
                 "`biomask prep cells` (its tokenizer/ directory, or the token store)"
             )
         try:
-            settings = json.loads(config_path.read_text())["biomask"]
+            settings = json.loads(config_path.read_text(encoding="utf-8"))["biomask"]
         except (OSError, ValueError, KeyError):
             raise InputError(f"{config_path} is missing or has no biomask section") from None
         if settings.get("modality") != "cells" or settings.get("kind") != "genes":

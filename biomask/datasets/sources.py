@@ -119,7 +119,7 @@ def _fetch_json(url: str, what: str, accept: str = "application/json") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = download(url, Path(tmp) / "index.json", what=what, headers={"Accept": accept})
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise FetchError(f"{url} did not return JSON while looking up {what}") from None
 

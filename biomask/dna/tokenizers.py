@@ -150,7 +150,9 @@ class DNATokenizer(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / "tokenizer.json"))
         config = tokenizer_config({"modality": "dna", **self.settings()})
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
         return directory / "tokenizer.json"
 
 
@@ -355,7 +357,7 @@ def load_tokenizer(path: str | os.PathLike) -> DNATokenizer:
     if not json_path.is_file():
         raise InputError(f"no tokenizer.json at {path}; give a tokenizer directory or a token store")
     try:
-        settings = json.loads(config_path.read_text())["biomask"]
+        settings = json.loads(config_path.read_text(encoding="utf-8"))["biomask"]
         hf = Tokenizer.from_file(str(json_path))
     except FileNotFoundError:
         raise InputError(f"{config_path} is missing: biomask needs it to know the tokenizer's kind") from None

@@ -53,7 +53,9 @@ def pretrain_defaults(kind: str = "mlp") -> dict[str, Any]:
 
     from biomask.resources import shipped_config
 
-    data = yaml.safe_load(shipped_config(PRETRAIN_CONFIGS.get(kind, PRETRAIN_CONFIGS["mlp"])).read_text())
+    data = yaml.safe_load(
+        shipped_config(PRETRAIN_CONFIGS.get(kind, PRETRAIN_CONFIGS["mlp"])).read_text(encoding="utf-8")
+    )
     data.pop("data", None)
     data.pop("output", None)
     # progress: a bar on a terminal, else a line per 100 steps (a notebook sees its run move)

@@ -280,8 +280,8 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
             results["split_groups"] = describe_groups(groups)
         results["standardise"] = cfg.standardise
         results["notes"] = notes
-        (tmp / "metrics.json").write_text(strict_json(results))
-        (tmp / "report.md").write_text(render_report(results))
+        (tmp / "metrics.json").write_text(strict_json(results), encoding="utf-8")
+        (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
         slugs = file_slugs([m.name for m in methods])  # `R2MAE` and `r2mae` wrote one file
         for method in methods:
             total = np.sum([np.array(r["confusion_matrix"]) for r in per_seed[method.name]], axis=0)

@@ -335,7 +335,7 @@ def _pretraining_manifest(trained: dict[str, Any]) -> dict[str, Any] | None:
     path = Path(str(trained["store"])) / "manifest.json"
     try:
         if sha256_file(path) == trained.get("manifest_sha256"):
-            found = json.loads(path.read_text())
+            found = json.loads(path.read_text(encoding="utf-8"))
             return found if isinstance(found, dict) else None
     except (OSError, ValueError):
         pass

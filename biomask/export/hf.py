@@ -106,7 +106,7 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
     info = model.checkpoint_info
     try:  # load_pretrained checked tokenizer.json's digest: unreadable here means it was sealed so
         tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-        config = json.loads((source / "tokenizer_config.json").read_text())
+        config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
     except Exception as exc:  # OSError, JSON errors, and tokenizers' own Exception type
         raise InputError(
             f"{source}: its tokenizer files cannot be read ({type(exc).__name__}: {exc}); restore the "
@@ -148,8 +148,8 @@ def _tokenizer_files(model: Any, source: Path, target: Path, max_length: int) ->
         config["tokenizer_class"] = "BiomaskKmerTokenizerFast"
         config["kmer_k"] = int(settings["k"])
         config["auto_map"] = {"AutoTokenizer": [None, "tokenization_biomask.BiomaskKmerTokenizerFast"]}
-    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
     if (source / "genes.tsv").is_file():
         shutil.copyfile(source / "genes.tsv", target / "genes.tsv")
 
@@ -339,7 +339,7 @@ The weights were trained on the data named above, whose terms apply to them.
 def _is_export(folder: Path) -> bool:
     """Whether `folder` holds an export this module wrote (its config.json says so)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and (config.get("biomask") or {}).get("format") == "biomask-hf-export"
@@ -349,7 +349,9 @@ def _recorded_files(folder: Path) -> dict[str, str] | None:
     """The sha256 of every file the export in `folder` wrote, as its config.json records them
     (None for an export of a biomask that did not record them)."""
     try:
-        files = (json.loads((folder / "config.json").read_text()).get("biomask") or {}).get("files_sha256")
+        files = (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("biomask") or {}).get(
+            "files_sha256"
+        )
     except (OSError, ValueError, AttributeError):
         return None
     return files if isinstance(files, dict) else None
@@ -370,7 +372,7 @@ def _exports(folder: Path, model: Any) -> bool:
     """Whether `folder` is this module's export of this very checkpoint by this version of the remote
     code, every file as written — what a rerun may reuse as it is."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         same_code = (folder / "modeling_biomask.py").read_bytes() == MODELING.read_bytes()
     except (OSError, ValueError):
         return False
@@ -447,13 +449,13 @@ def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, overw
         shutil.copyfile(MODELING, tmp / "modeling_biomask.py")
         _tokenizer_files(model, checkpoint / "tokenizer", tmp, max_length)
         if write_card:
-            (tmp / CARD).write_text(model_card(model, checkpoint, config))
+            (tmp / CARD).write_text(model_card(model, checkpoint, config), encoding="utf-8")
         written = sorted(p.name for p in tmp.iterdir())
         config["biomask"]["weights_sha256"] = sha256_file(tmp / "model.safetensors")
         config["biomask"]["files_sha256"] = {
             name: sha256_file(tmp / name) for name in written
         }  # what a rerun checks
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     if staged.exists():
         for name in mine:  # config.json last: the folder reads as the new export once it is in
             if (staged / name).exists():

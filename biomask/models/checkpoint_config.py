@@ -34,7 +34,7 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {directory} does not exist; give the `model/` directory of a pretrain run"
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         inside = directory / "model"
         hint = (

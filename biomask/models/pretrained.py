@@ -73,7 +73,7 @@ def save_pretrained(
     }
     config = json.loads(json.dumps(config, default=str))  # as it will read back
     config[CONFIG_SHA256] = config_digest(config)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory
 
 

@@ -397,7 +397,7 @@ def _spawn(
             finally:
                 stages.ended(proc)
         try:
-            error = json.loads(error_file.read_text())
+            error = json.loads(error_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             error = {}
     return code, error

@@ -116,7 +116,7 @@ def _changed(stage: PlannedStage, task: Task, moved: Relocation | None = None) -
     if schema is None or not recorded.is_file():
         return None
     try:
-        old = load_recorded_yaml(recorded.read_text(), str(recorded)) or {}
+        old = load_recorded_yaml(recorded.read_text(encoding="utf-8"), str(recorded)) or {}
         new = load_config(schema, stage.config, task.overrides).model_dump(mode="json")
     except (OSError, yaml.YAMLError, ConfigError):
         return None

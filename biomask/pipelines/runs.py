@@ -39,7 +39,7 @@ def _is_resolved_pipeline(path: Path) -> bool:
 
 def _is_record(path: Path, keys: tuple[str, ...]) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and all(k in data for k in keys)
@@ -77,7 +77,7 @@ def _check_same_pipeline(plan: Plan, resolved: Path) -> None:
     """A run_dir belongs to one pipeline: another's stages of the same names would count as changed
     and replace its outputs (the runner overwrites stale outputs in its run_dir), and its records."""
     try:
-        earlier = load_recorded_yaml(resolved.read_text(), str(resolved))
+        earlier = load_recorded_yaml(resolved.read_text(encoding="utf-8"), str(resolved))
     except (OSError, yaml.YAMLError):
         return
     if not isinstance(earlier, dict):
@@ -152,7 +152,7 @@ def run_in_progress(run_dir: Path) -> str | None:
     path = run_dir / LOCK_NAME
     if not path.is_file():
         return None
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -110,11 +110,13 @@ def _staged(
             for name, job in scripts.items():
                 final = directory / f"{name}.sbatch"
                 tmp = stack.enter_context(atomic_file(final))
-                tmp.write_text(render(job))
+                tmp.write_text(render(job), encoding="utf-8")
                 tmp.chmod(0o755)
                 staged[name] = (tmp, final)
             # with the scripts: slurm/ and logs/ without it would be refused as someone else's folders
-            stack.enter_context(atomic_file(root / "pipeline.yaml")).write_text(resolved_text(plan))
+            stack.enter_context(atomic_file(root / "pipeline.yaml")).write_text(
+                resolved_text(plan), encoding="utf-8"
+            )
             yield staged
     except BaseException:
         # logs/ or slurm/ left without a pipeline.yaml would be refused as someone else's next time
@@ -359,7 +361,7 @@ class JobState:
 def read_jobs(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "jobs.json"
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{run_dir}: no jobs.json (nothing was submitted from this run directory)") from None
     except ValueError as exc:

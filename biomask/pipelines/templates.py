@@ -82,7 +82,7 @@ def write_templates(directory: Path, *, overwrite: bool = False) -> list[Path]:
     edited = [
         directory / name
         for name, text in templates.items()
-        if (directory / name).exists() and (directory / name).read_text() != text
+        if (directory / name).exists() and (directory / name).read_text(encoding="utf-8") != text
     ]
     if edited and not overwrite:
         raise OutputExistsError(

@@ -85,7 +85,7 @@ class PretrainRun:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = load_recorded_yaml(path.read_text(), str(path)) or {}
+        data = load_recorded_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except FileNotFoundError:
         raise InputError(f"{path} is missing: is {path.parent} a finished biomask stage output?") from None
     except yaml.YAMLError as exc:
@@ -149,7 +149,7 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     try:
         lines = [
             json.loads(x, parse_constant=_refuse_constant)
-            for x in metrics.read_text().splitlines()
+            for x in metrics.read_text(encoding="utf-8").splitlines()
             if x.strip()
         ]
         for i, x in enumerate(lines, 1):  # eval lines: a loss per ratio of the grid
@@ -281,7 +281,9 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     root = Path(path)
     _unchanged(root, read_run_info(root), ["config.yaml", "metrics.json"], "evaluate")
     try:
-        results = json.loads((root / "metrics.json").read_text(), parse_constant=_refuse_constant)
+        results = json.loads(
+            (root / "metrics.json").read_text(encoding="utf-8"), parse_constant=_refuse_constant
+        )
         missing = [k for k in ("methods", "per_seed", "summary", "seeds") if k not in results]
         if missing:
             raise KeyError(", ".join(missing))
@@ -297,7 +299,7 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     masking, architecture = {}, {}
     for name, ckpt in checkpoints.items():
         try:
-            saved = json.loads((Path(where_now(root, ckpt)) / "config.json").read_text())
+            saved = json.loads((Path(where_now(root, ckpt)) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             # its masking unknown, the verdicts cannot name what it was trained with: say why
             log.warning(
@@ -444,5 +446,5 @@ def stage_record(path: Path) -> StageRecord | None:
         code=info.get("code", {}),
         inputs=info.get("inputs", []),
         seeds=info.get("seeds", {}),
-        config_text=config.read_text() if config.exists() else "",
+        config_text=config.read_text(encoding="utf-8") if config.exists() else "",
     )

@@ -1207,7 +1207,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
     lines[summary_start + 2 : summary_start + 2] = _targets_at_a_glance(targets, holm_p, chosen)
     # written into the stage's temporary folder, renamed into place with report.md
     (out / SUMMARY_JSON).write_text(
-        json.dumps(_targets_json(targets, holm_p, chosen), indent=2, allow_nan=False) + "\n"
+        json.dumps(_targets_json(targets, holm_p, chosen), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
     lines.append("")
 
@@ -1297,6 +1297,6 @@ def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output) / "report.md"
     with stage.writing() as tmp:
-        (tmp / "report.md").write_text(render(cfg, tmp))
+        (tmp / "report.md").write_text(render(cfg, tmp), encoding="utf-8")
     log.info("report written to %s", Path(cfg.output) / "report.md")
     return Path(cfg.output) / "report.md"

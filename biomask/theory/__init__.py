@@ -55,7 +55,9 @@ def run_theory(cfg: TheoryConfig, *, overwrite: bool = False) -> Path:
         plots.all_figures(blocks, extras, tmp)
         runtime = time.perf_counter() - start
         report.write_results(blocks, extras, ans, runtime, tmp)
-        (tmp / "summary.md").write_text(report.summary_markdown(cfg, blocks, extras, ans, runtime))
+        (tmp / "summary.md").write_text(
+            report.summary_markdown(cfg, blocks, extras, ans, runtime), encoding="utf-8"
+        )
     for m, per_k in ans["counts"].items():
         log.info("theory: %s: range vs best fixed: %s", m, per_k)
     return Path(cfg.output)

@@ -86,11 +86,11 @@ def rows(blocks: list[Block]) -> list[dict[str, Any]]:
 
 def write_tables(blocks: list[Block], extras: dict[str, list], directory: Path) -> None:
     records = rows(blocks)
-    with open(directory / "comparisons.csv", "w", newline="") as fh:
+    with open(directory / "comparisons.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["covariance"])
         w.writeheader()
         w.writerows({k: _num(v) for k, v in r.items()} for r in records)
-    with open(directory / "curves.csv", "w", newline="") as fh:
+    with open(directory / "curves.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
             [
@@ -112,7 +112,7 @@ def write_tables(blocks: list[Block], extras: dict[str, list], directory: Path) 
                 for p, sel, t in zip(a["grid"], curve["selection"], curve["test"]):
                     head = [a["covariance"], a["gamma"], a["d"], a["epochs"], m, p]
                     w.writerow([*head, _num(sel), _num(t["mean"]), _num(t["ci_low"]), _num(t["ci_high"])])
-    with open(directory / "probe.csv", "w", newline="") as fh:
+    with open(directory / "probe.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["covariance", "gamma", "representation", "factor", "mean", "ci_low", "ci_high"])
         for p in extras["probe"]:
@@ -134,7 +134,7 @@ def write_results(
         "blocks": [b.analysis for b in blocks],
         **extras,
     }
-    path.write_text(json.dumps(_clean(data), indent=1, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(_clean(data), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -138,7 +138,7 @@ def read_state(directory: Path, name: str) -> dict[str, Any]:
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise CheckpointError(f"{directory / name}.safetensors is unreadable ({exc})") from None
     try:
-        return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+        return _decode(json.loads((directory / f"{name}.json").read_text(encoding="utf-8")), tensors)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{directory / name}.json is corrupt ({exc})") from None
 
@@ -285,7 +285,7 @@ def _save_failed(tmp: Path, exc: BaseException) -> None:
 def is_valid(directory: Path) -> bool:
     """Complete: meta.json exists and every file it lists has the recorded size (no hashing)."""
     try:
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         return all((directory / name).stat().st_size == size for name, size in meta["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -394,7 +394,7 @@ def resume_point(root: Path) -> Path | None:
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "meta.json").read_text())
+    return json.loads((directory / "meta.json").read_text(encoding="utf-8"))
 
 
 def load(engine: Any, directory: Path, *, rank: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def read_ds_json(cfg: PretrainConfig, world_size: int = 1) -> tuple[dict[str, An
         else PRESETS_DIR / f"zero{cfg.deepspeed.resolved_stage(world_size)}.json"
     )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(
             f"deepspeed config {path} does not exist (key deepspeed.config / deepspeed.stage)"
@@ -136,7 +136,7 @@ def preset_config(
     built outside `biomask pretrain` (fine-tuning in `biomask evaluate`)."""
     path = PRESETS_DIR / f"zero{stage}.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no DeepSpeed preset for ZeRO stage {stage} ({path})") from None
     data["train_micro_batch_size_per_gpu"] = micro_batch_size

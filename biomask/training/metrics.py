@@ -190,7 +190,7 @@ class MetricsLogger:
         if not self.path.is_file() or self.path.is_symlink():
             return  # a link is refused as the file is opened
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):

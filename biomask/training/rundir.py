@@ -149,7 +149,7 @@ def _foreign_in_checkpoints(root: Path) -> list[str]:
             out.append(entry.name)
         elif entry.is_dir():
             try:
-                listed = set(json.loads((entry / "meta.json").read_text()).get("files") or {})
+                listed = set(json.loads((entry / "meta.json").read_text(encoding="utf-8")).get("files") or {})
             except (OSError, ValueError, AttributeError):
                 listed = set()
             out += [
@@ -163,7 +163,10 @@ def _foreign_in_checkpoints(root: Path) -> list[str]:
 def _foreign_in_model(model: Path) -> list[str]:
     try:
         listed = set(
-            (json.loads((model / "config.json").read_text()).get("tokenizer") or {}).get("files") or {}
+            (json.loads((model / "config.json").read_text(encoding="utf-8")).get("tokenizer") or {}).get(
+                "files"
+            )
+            or {}
         )
     except (OSError, ValueError, AttributeError):
         listed = set()
@@ -177,7 +180,10 @@ def _foreign_in_model(model: Path) -> list[str]:
 
 def _changed_keys(path: Path, new_config: dict[str, Any], inputs: Sequence[dict] = ()) -> str:
     try:
-        old = load_recorded_yaml((path / "config.yaml").read_text(), str(path / "config.yaml")) or {}
+        old = (
+            load_recorded_yaml((path / "config.yaml").read_text(encoding="utf-8"), str(path / "config.yaml"))
+            or {}
+        )
     except (OSError, yaml.YAMLError):
         return ""
     # keys a resume may change are not what stands in the way
@@ -198,7 +204,7 @@ def recorded(path: Path) -> dict[str, Any] | None:
     if written_by_biomask(info):
         return info
     try:
-        state = json.loads((path / IN_PROGRESS).read_text())
+        state = json.loads((path / IN_PROGRESS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
@@ -296,7 +302,7 @@ def _refuse_live_writer(path: Path, marker: Path) -> None:
     output's lock refuses any such run first; this check is what is left where the file system has no
     locks, and the guard against a run of a biomask from before the lock."""
     try:
-        state = json.loads(marker.read_text())
+        state = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     writer = _live_writer(state) if isinstance(state, dict) else None
@@ -381,7 +387,7 @@ def decide(
         )
     if marker.is_file():
         try:
-            state = json.loads(marker.read_text())
+            state = json.loads(marker.read_text(encoding="utf-8"))
         except ValueError:
             state = {}
         if (
@@ -489,7 +495,7 @@ def record_fingerprint(path: Path, fingerprint: str) -> None:
     """The fingerprint an unfinished run is resumed under (its config.yaml rewritten at the resume)."""
     marker = path / IN_PROGRESS
     try:
-        state = json.loads(marker.read_text())
+        state = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     if isinstance(state, dict) and state.get("fingerprint") != fingerprint:
@@ -514,7 +520,7 @@ def note_resume(path: Path, step: int) -> None:
     and say when other code trained the steps before it: the weights will mix the two."""
     marker = path / IN_PROGRESS
     try:
-        state = json.loads(marker.read_text())
+        state = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     before = _last_code(state)
@@ -557,7 +563,7 @@ def trained_by(path: Path) -> list[dict[str, Any]] | None:
     """Which code trained which steps of this unfinished run ({from_step, code}; code None: an
     earlier biomask that did not record it), when more than one did; None when one code trained it."""
     try:
-        state = json.loads((path / IN_PROGRESS).read_text())
+        state = json.loads((path / IN_PROGRESS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict):
@@ -582,7 +588,7 @@ def _same_code(a: Any, b: Any) -> bool:
 def resumes(path: Path) -> list[int]:
     """The steps this unfinished run was resumed from, in order."""
     try:
-        return list(json.loads((path / IN_PROGRESS).read_text()).get("resumed_from", []))
+        return list(json.loads((path / IN_PROGRESS).read_text(encoding="utf-8")).get("resumed_from", []))
     except (OSError, ValueError, AttributeError):
         return []
 
