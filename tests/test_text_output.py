@@ -1,0 +1,74 @@
+"""What biomask writes and prints outside a UTF-8 terminal: its text files are UTF-8 whatever the
+locale, and a closed or ASCII-only stdout/stderr fails no command."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# a locale whose encoding is ASCII, with Python's own escapes from it (UTF-8 mode, C-locale coercion) off
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def _biomask(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "biomask", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        cwd=REPO,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def test_every_text_read_and_write_in_biomask_names_its_encoding():
+    """Python opens text in the locale's encoding: under a latin-1 locale evaluate, report, theory and
+    export-hf crashed after all their work on 'Δ' or '–', and under GB18030 they wrote files that were
+    not UTF-8 (exit 0). Every text file biomask reads or writes says encoding= (this walks the source)."""
+    missing = []
+    for path in sorted((REPO / "biomask").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), None)
+            mode = next(
+                (
+                    k.value.value
+                    for k in node.keywords
+                    if k.arg == "mode" and isinstance(k.value, ast.Constant)
+                ),
+                mode,
+            )
+            text_open = (
+                name == "open" and isinstance(func, ast.Name) and (mode is None or "b" not in str(mode))
+            )
+            if (
+                (name == "read_text" and not node.args)
+                or (name == "write_text" and len(node.args) == 1)
+                or text_open
+            ):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert missing == []
+
+
+def test_under_an_ascii_locale_files_are_utf8_and_a_closed_or_ascii_stream_fails_nothing(tmp_path):
+    out = tmp_path / "reference.md"
+    run = _biomask("config-reference", "--output", str(out), env=ASCII_LOCALE)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    assert "≥" in out.read_text(encoding="utf-8")  # written as UTF-8, not refused or mangled
+    run = _biomask("--help", env={"PYTHONIOENCODING": "ascii"})  # names R²MAE
+    assert run.returncode == 0 and b"R\\xb2MAE" in run.stdout, run.stderr[-2000:]
+    script = "import os, sys; from biomask.cli import main; os.close(1); sys.stdout = None; sys.exit(main(['datasets', 'list']))"
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=False, stderr=subprocess.PIPE, cwd=REPO, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]  # `>&-`: was an AttributeError at the last flush, exit 1
+    script = "import sys; from biomask.cli import main; sys.stderr = None; sys.exit(main(['datasets', 'list', '--json']))"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith(b"{")  # `2>&-`: every command did nothing, exit 1
