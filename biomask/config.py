@@ -465,6 +465,11 @@ def _earlier_unless_finetuning(earlier: Any) -> Any:
 
 
 RETROFITTED_KEYS: list[tuple[str, Any]] = [
+    # three pretrain keys of 2026-12-03 listed 2026-12-07 (an upgrade from 12-02 called every run
+    # changed, and a pipeline retrained it): at the front, so every fingerprint listed before stays
+    ("model.loss", "mse"),  # 2026-12-03 02:38
+    ("model.max_visible", 64),  # 2026-12-03 03:14
+    ("model.ratio_input", False),  # 2026-12-03 07:35
     ("model.embed_norm", _earlier_embed_norm),  # 2026-12-03
     ("model.objective", "mae"),  # 2026-12-03
     # evaluate's keys of 2026-12-03/04, listed 2026-12-06 (an upgrade refused evaluations written

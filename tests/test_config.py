@@ -244,6 +244,12 @@ def test_keys_added_before_added_keys_existed_keep_older_outputs_current(repo):
     base = ["data.store=runs/prep/x", "output=runs/pretrain/x"]
     cnn = load_config(PretrainConfig, repo / "configs/pretrain/dna-cnn-quick.yaml", base)
     assert sha256_json(written_before(cnn)) in config_fingerprints(cnn)
+    # written on 2026-12-02 (an upgrade audit's find): without model.loss, max_visible, ratio_input either
+    earliest = written_before(cnn)
+    for key in ("loss", "max_visible", "ratio_input"):
+        del earliest["model"][key]
+    assert sha256_json(earliest) in config_fingerprints(cnn)
+    assert config_diff(earliest, cnn.model_dump(mode="json")) == []
     mlp = load_config(PretrainConfig, repo / "configs/pretrain/cells-mlp.yaml", base)
     assert sha256_json(written_before(mlp)) not in config_fingerprints(mlp)
     assert config_diff(written_before(mlp), mlp.model_dump(mode="json")) == [
