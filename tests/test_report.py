@@ -829,6 +829,16 @@ def test_a_metrics_file_whose_parts_disagree_is_named_not_a_traceback(tmp_path):
         (tmp_path / "metrics.json").write_text(text)
         with pytest.raises(InputError, match=said):
             load_evaluation("task", str(tmp_path), "mcc", None)
+    # ... but the NaN spread evaluate wrote for one seed until 2026-12-05 is read as the null it writes
+    # now: an upgrade's report refused every such evaluation as corrupt, and `evaluate` reused it
+    one_seed = '{"mean": 0.5, "sd": NaN, "ci_low": NaN, "ci_high": NaN, "n": 1}'
+    (tmp_path / "metrics.json").write_text(
+        '{"methods": [], "per_seed": {"m": [{"seed": 0, "mcc": 0.5}]}, "summary": {"m": {"mcc": '
+        + one_seed
+        + '}}, "seeds": [0]}'
+    )
+    read = load_evaluation("task", str(tmp_path), "mcc", None).results["summary"]["m"]["mcc"]
+    assert read == {"mean": 0.5, "sd": None, "ci_low": None, "ci_high": None, "n": 1}
     # a config.yaml that is no YAML
     (tmp_path / "config.yaml").write_text("checkpoints: {a: [\n")
     (tmp_path / "metrics.json").write_text(

@@ -99,6 +99,35 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} where a number belongs (biomask writes strict JSON)")
 
 
+class _NaN:
+    """A NaN read from an evaluation's metrics.json, until `_old_nans` says where it stands."""
+
+
+def _nan_or_refuse(name: str) -> Any:
+    return _NaN() if name == "NaN" else _refuse_constant(name)
+
+
+# evaluate wrote NaN (not null) for the spread of one seed's summary until 2026-12-05: read as null
+_ONE_SEED_SPREAD = ("sd", "ci_low", "ci_high")
+
+
+def _old_nans(value: Any, path: tuple[str, ...] = ()) -> Any:
+    """`value` with the NaNs an older evaluate wrote for one seed's spread (summary → method → metric
+    → sd / ci_low / ci_high) read as null; a NaN anywhere else is refused as before (a figure the
+    report would draw)."""
+    if isinstance(value, _NaN):
+        if len(path) == 4 and path[0] == "summary" and path[3] in _ONE_SEED_SPREAD:
+            return None
+        raise ValueError(
+            f"NaN where a number belongs ({'.'.join(path) or 'top level'}; biomask writes strict JSON)"
+        )
+    if isinstance(value, list):
+        return [_old_nans(item, (*path, str(i))) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: _old_nans(item, (*path, str(key))) for key, item in value.items()}
+    return value
+
+
 def _numbers(where: str, values: dict[str, Any], keys: Any) -> None:
     """Every value of `keys` present in `values` is a finite number (or null): a report reads them as
     figures, and a string or NaN there failed deep in its tables with a traceback."""
@@ -281,8 +310,8 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     root = Path(path)
     _unchanged(root, read_run_info(root), ["config.yaml", "metrics.json"], "evaluate")
     try:
-        results = json.loads(
-            (root / "metrics.json").read_text(encoding="utf-8"), parse_constant=_refuse_constant
+        results = _old_nans(
+            json.loads((root / "metrics.json").read_text(encoding="utf-8"), parse_constant=_nan_or_refuse)
         )
         missing = [k for k in ("methods", "per_seed", "summary", "seeds") if k not in results]
         if missing:
