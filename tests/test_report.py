@@ -995,6 +995,13 @@ def test_a_report_rendered_by_other_code_than_its_results_says_which_code_comput
     assert "written by 70cfd6d100" in line and "rendered by 1906d2be00" in line
     assert _code_versions(records, stages) == []  # the same code: the header says it all
     assert _code_versions(records, {**renderer, "source_sha256": None}) == []  # nothing to compare
+    # outputs of before 2026-12-05 kept no source hash: their clean commit tells (an upgrade audit
+    # found a report over week-old outputs credited to the current commit, without a word)
+    old = {k: v for k, v in stages.items() if k != "source_sha256"}
+    records = [StageRecord(tmp_path / "e1", "evaluate", "f" * 64, old, [], {}, "")]
+    (_, line) = _code_versions(records, renderer)
+    assert "written by 70cfd6d100" in line and "rendered by 1906d2be00" in line
+    assert _code_versions(records, {**renderer, "git_commit": old["git_commit"]}) == []
 
 
 def test_the_header_says_what_plus_minus_is_and_what_a_paired_interval_leaves_out():

@@ -1020,8 +1020,13 @@ def _code_versions(records: list[StageRecord], renderer: dict[str, Any] | None =
         versions.setdefault(_code_label(r.code), []).append(r.path.name)
     dirty = any(r.code.get("git_dirty") for r in records)
     if len(versions) == 1 and not dirty and renderer is not None:
-        written = records[0].code.get("source_sha256")
-        if written and renderer.get("source_sha256") and written != renderer["source_sha256"]:
+        written, ours = records[0].code.get("source_sha256"), renderer.get("source_sha256")
+        # outputs of before 2026-12-05 recorded no source hash: their clean commit tells instead
+        commits = records[0].code.get("git_commit"), renderer.get("git_commit")
+        other_commit = (
+            not written and all(commits) and commits[0] != commits[1] and not renderer.get("git_dirty")
+        )
+        if (written and ours and written != ours) or other_commit:
             return [
                 "",
                 f"**Code versions.** Every input stage was written by {next(iter(versions))}; this report "
