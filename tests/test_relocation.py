@@ -186,7 +186,25 @@ def test_embed_into_an_h5ad_file_however_its_paths_are_spelled(project, monkeypa
     assert code == 0 and "reusing it" in err, err
     # the same weights in another folder: another checkpoint, refused
     code, _, err = cli(*embed, "output=embedded.h5ad", "checkpoint=model-copy", f"input={h5ad}")
-    assert code == 2 and "holds other results" in err, err
+    assert code == 2 and "holds other results" in err and "changed settings: checkpoint:" in err, err
+
+
+def test_an_embedding_written_before_a_setting_existed_is_refused_with_the_way_to_keep_it(repo):
+    """A DNA embedding of before 2026-12-05 recorded no dna.long_records: refused as "other results",
+    naming nothing (an upgrade audit's find). The refusal names the setting and the value that keeps it."""
+    from biomask.config import load_config
+    from biomask.embedding.config import EmbedConfig
+    from biomask.embedding.stage import _what_differs
+    from biomask.stage import StageOutput
+
+    cfg = load_config(EmbedConfig, repo / EMBED, ["checkpoint=m", "input=x.fa", "output=o.h5ad"])
+    earlier = cfg.model_dump(mode="json")
+    del earlier["dna"]["long_records"]
+    said = _what_differs(earlier, StageOutput("embed", cfg, Path("o.h5ad")))
+    assert "dna.long_records: '(absent)' -> " in said and "`dna.long_records=first` reuses it" in said
+    assert _what_differs(cfg.model_dump(mode="json"), StageOutput("embed", cfg, Path("o.h5ad"))).startswith(
+        " (the same settings"
+    )
 
 
 def test_an_interrupted_run_resumes_with_its_paths_spelled_otherwise(project, monkeypatch, cli):

@@ -269,8 +269,29 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
     if overwrite:
         return False
     raise StaleOutputError(
-        f"output {path} exists and holds other results; pass --overwrite to replace it, or choose another output"
+        f"output {path} exists and holds other results{_what_differs(written, stage)}; pass --overwrite to "
+        "replace it, or choose another output"
     )
+
+
+def _what_differs(written: dict[str, Any] | None, stage: StageOutput) -> str:
+    """The settings that differ from those the output recorded (none named where it recorded none,
+    or only result-free ones differ), with the way to keep an output written before
+    `dna.long_records` existed (an upgrade met its refusal naming nothing)."""
+    if written is None:
+        return ""
+    from biomask.config import config_diff
+    from biomask.embedding.config import NON_SEMANTIC
+
+    changes = config_diff(written, stage.config.model_dump(mode="json"), ignore=NON_SEMANTIC)
+    if not changes:
+        return " (the same settings: the checkpoint or the input differs)"
+    hint = (
+        "; `dna.long_records=first` reuses it (it cut long records, as embed did before the setting existed)"
+        if any(change.startswith("dna.long_records: '(absent)'") for change in changes)
+        else ""
+    )
+    return "; changed settings: " + ", ".join(changes[:8]) + hint
 
 
 def _png_beside(h5ad: Path) -> Path:
