@@ -65,7 +65,12 @@ def batch_scores(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict
     k = max(1, min(N_NEIGHBORS, len(x) - 1))
     neighbours = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x, return_distance=False)[:, 1:]
     other = (batches[neighbours] != batches[:, None]).mean(axis=1)
-    expected = np.array([np.mean(batches[labels == lab] != b) for lab, b in zip(labels, batches)])
+    # each record's share of its label's records in other batches: counted once per (label, batch),
+    # not by a scan of every record per record (quadratic: 18 s at 80,000 records, ~45 min at 1 M)
+    _, label_code = np.unique(labels, return_inverse=True)
+    _, batch_code = np.unique(batches, return_inverse=True)
+    pair = label_code * (int(batch_code.max()) + 1) + batch_code
+    expected = 1.0 - np.bincount(pair)[pair] / np.bincount(label_code)[label_code]
     correct = []
     for batch in np.unique(batches):
         query = np.flatnonzero(shared & (batches == batch))

@@ -84,18 +84,26 @@ class LabelledRecords:
     @cached_property
     def expression(self) -> sp.csr_matrix:
         """Cells × genes matrix of the stored values (log-normalised expression), for the PCA baseline."""
+        # built as CSR directly (int32 indices, float32 values, the columns no record uses dropped by a
+        # remap): the COO route with int64 row and column arrays and a column slice's copy took ~59
+        # bytes a stored value — 5.7 GB for 50,000 cells of a 2,000-gene panel (zeros are stored)
         vocab = int(self.store.manifest["tokenizer"]["vocab_size"])
-        rows, cols, vals = [], [], []
+        cols, vals = [], []
+        indptr = np.zeros(len(self) + 1, dtype=np.int64)
         for i in range(len(self)):
             rec = self.record(i)
-            rows.append(np.full(rec["tokens"].size, i))
-            cols.append(np.asarray(rec["tokens"], dtype=np.int64))
+            cols.append(np.asarray(rec["tokens"], dtype=np.int32))
             vals.append(np.asarray(rec["values"], dtype=np.float32))
-        matrix = sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(self), vocab)
-        )
-        used = np.unique(matrix.indices)
-        return matrix[:, used]
+            indptr[i + 1] = indptr[i] + cols[-1].size
+        indices = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int32)
+        data = np.concatenate(vals) if vals else np.zeros(0, dtype=np.float32)
+        del cols, vals
+        used = np.unique(indices)
+        remap = np.full(vocab, -1, dtype=np.int32)
+        remap[used] = np.arange(used.size, dtype=np.int32)
+        matrix = sp.csr_matrix((data, remap[indices], indptr), shape=(len(self), used.size))
+        matrix.sum_duplicates()  # canonical, as the COO route gave it
+        return matrix
 
 
 def load_labelled(root: str | os.PathLike) -> LabelledRecords:
