@@ -94,6 +94,9 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
+_SAID_NEWER: set[tuple[str, str]] = set()  # (output, checkpoint) pairs warned about in this process
+
+
 @dataclass
 class StageOutput:
     """A stage's output directory, identified by the fingerprint of its config and inputs."""
@@ -189,13 +192,16 @@ class StageOutput:
         newer = [i for i in checkpoints if _mtime(Path(i["path"]) / "config.json") > written]
         if not newer:
             return held
-        log.warning(
-            "%s: %s was written before the checkpoint %s was (its config.json is newer, and that "
-            "output did not record it): it may hold another model's results, so it is not reused",
-            self.stage,
-            self.path,
-            newer[0]["path"],
-        )
+        said = (str(self.path), newer[0]["path"])
+        if said not in _SAID_NEWER:  # asked more than once per check (reuse, then the refusal's text)
+            _SAID_NEWER.add(said)
+            log.warning(
+                "%s: %s was written before the checkpoint %s was (its config.json is newer, and that "
+                "output did not record it): it may hold another model's results, so it is not reused",
+                self.stage,
+                self.path,
+                newer[0]["path"],
+            )
         return self.fingerprint
 
     def moved(self) -> relocation.Relocation | None:
