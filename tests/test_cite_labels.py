@@ -43,6 +43,16 @@ def test_the_script_replaces_only_its_own_output(labelled, tmp_path, repo):
         run = subprocess.run([sys.executable, script, target], capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 2 and said in run.stderr, run.stderr
     assert mine.read_text() == "my notes" and not (tmp_path / "x.csv").exists()
+    import anndata as ad  # an h5ad of someone else's, and one another of these scripts wrote
+
+    for name, uns in (("other.h5ad", {}), ("pbmc3k.h5ad", {"biomask_data_prep": "pbmc3k_labels.py"})):
+        ad.AnnData(np.zeros((2, 2), dtype=np.float32), uns=uns).write_h5ad(tmp_path / name)
+        before = (tmp_path / name).read_bytes()
+        run = subprocess.run(
+            [sys.executable, script, tmp_path / name], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert run.returncode == 2 and "was not written by cite_pbmc_labels.py" in run.stderr, run.stderr
+        assert (tmp_path / name).read_bytes() == before and "cell_type" not in run.stdout  # before the work
     run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0 and "usage:" in run.stdout and not (tmp_path / "--help").exists()
     assert labelled.uns["biomask_data_prep"] == "cite_pbmc_labels.py"  # what lets a rerun replace it

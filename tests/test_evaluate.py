@@ -457,3 +457,26 @@ def test_batch_mixing_counts_each_label_and_batch_once():
     near = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x, return_distance=False)[:, 1:]
     other = (batches[near] != batches[:, None]).mean(axis=1)
     assert scores["batch_mixing"] == pytest.approx(other.mean() / expected.mean(), rel=1e-12)
+
+
+def test_the_expression_matrix_is_the_stores_values_cell_by_cell(pbmc_store):
+    """The cell baselines' matrix, built as CSR directly since 2026-12-07 (5.7 GB for 50,000 panel
+    cells the COO way): every record's genes and values, in order, columns no record uses dropped."""
+    import scipy.sparse as sp
+
+    data = load_labelled(pbmc_store)
+    matrix = data.expression
+    rows, cols, vals = [], [], []
+    for i in range(len(data)):
+        record = data.record(i)
+        rows.append(np.full(record["tokens"].size, i))
+        cols.append(np.asarray(record["tokens"], dtype=np.int64))
+        vals.append(np.asarray(record["values"], dtype=np.float32))
+    vocab = int(data.store.manifest["tokenizer"]["vocab_size"])
+    reference = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(data), vocab)
+    )
+    reference = reference[:, np.unique(reference.indices)]
+    assert matrix.shape == reference.shape and matrix.dtype == np.float32
+    for name in ("indptr", "indices", "data"):
+        assert np.array_equal(getattr(matrix, name), getattr(reference, name)), name

@@ -339,6 +339,9 @@ def test_a_checkpoint_of_the_same_weights_with_another_config_is_named_in_a_refu
     assert "its data are the same (content_sha256 unchanged)" in line and "--overwrite reruns it" in line
     (line,) = input_changes([store], [{**store, "sha256": "f" * 64, "content_sha256": "0" * 64}])
     assert "its data are the same" not in line
+    fasta = {"name": "genome", "path": "g.fa", "sha256": "d" * 64}  # no content digest: nothing claimed
+    (line,) = input_changes([fasta], [{**fasta, "sha256": "f" * 64}])
+    assert "its data are the same" not in line
 
 
 def test_a_link_left_at_the_name_of_a_lock_or_a_log_is_refused_and_what_it_points_at_untouched(

@@ -849,3 +849,24 @@ def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(t
         order.append(("first", (folder / "prep.sbatch").read_text()))
     waiting.join()
     assert order == [("first", "the first's"), ("second", [".biomask-dry-run"])]
+
+
+def test_pipeline_status_says_a_failed_job_without_a_log_never_started(tmp_path, capsys):
+    """A job SLURM cancelled while pending has no log; once only sacct knows it, its reason
+    (DependencyNeverSatisfied) may be gone, and the hint pointed at a log that was never written."""
+    import json
+    from types import SimpleNamespace
+
+    from biomask.cli import _what_next
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a-11.out").write_text("the error\n")
+    (tmp_path / "jobs.json").write_text(json.dumps({"source": "pipe.yaml", "stages": {}}))
+    ended = [
+        SimpleNamespace(stage="a", task="", state="FAILED", job_id="11", reason=""),
+        SimpleNamespace(stage="b", task="", state="CANCELLED", job_id="12", reason=""),
+    ]
+    _what_next(tmp_path, ended)
+    out = capsys.readouterr().out
+    assert f"a: FAILED — log {tmp_path / 'logs' / 'a-11.out'}" in out
+    assert "b: CANCELLED — no log: it never started" in out and "biomask pipeline submit pipe.yaml" in out

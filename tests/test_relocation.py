@@ -205,6 +205,19 @@ def test_an_embedding_written_before_a_setting_existed_is_refused_with_the_way_t
     assert _what_differs(cfg.model_dump(mode="json"), StageOutput("embed", cfg, Path("o.h5ad"))).startswith(
         " (the same settings"
     )
+    assert (
+        _what_differs(None, StageOutput("embed", cfg, Path("o.h5ad"))) == ""
+    )  # nothing recorded: nothing named
+    # another setting changed too: the hint would not reuse it, so it is not given
+    earlier["layer"] = -2
+    said = _what_differs(earlier, StageOutput("embed", cfg, Path("o.h5ad")))
+    assert "layer: -2 -> -1" in said and "reuses it" not in said
+    # a result-free key of the stage (here dna.long_records, for a cells embedding) is not a change
+    cells = StageOutput(
+        "embed", cfg, Path("o.h5ad"), non_semantic=("output", "dna.long_records", "batch_size")
+    )
+    earlier["layer"] = -1
+    assert _what_differs({**earlier, "batch_size": 7}, cells).startswith(" (the same settings")
 
 
 def test_an_interrupted_run_resumes_with_its_paths_spelled_otherwise(project, monkeypatch, cli):

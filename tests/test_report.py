@@ -839,6 +839,14 @@ def test_a_metrics_file_whose_parts_disagree_is_named_not_a_traceback(tmp_path):
     )
     read = load_evaluation("task", str(tmp_path), "mcc", None).results["summary"]["m"]["mcc"]
     assert read == {"mean": 0.5, "sd": None, "ci_low": None, "ci_high": None, "n": 1}
+    for other in ('"sd": Infinity', '"mean": NaN'):  # only that NaN, only there
+        (tmp_path / "metrics.json").write_text(
+            '{"methods": [], "per_seed": {}, "summary": {"m": {"mcc": {'
+            + other
+            + ', "n": 1}}}, "seeds": [0]}'
+        )
+        with pytest.raises(InputError, match="where a number belongs"):
+            load_evaluation("task", str(tmp_path), "mcc", None)
     # a config.yaml that is no YAML
     (tmp_path / "config.yaml").write_text("checkpoints: {a: [\n")
     (tmp_path / "metrics.json").write_text(
@@ -1002,6 +1010,8 @@ def test_a_report_rendered_by_other_code_than_its_results_says_which_code_comput
     (_, line) = _code_versions(records, renderer)
     assert "written by 70cfd6d100" in line and "rendered by 1906d2be00" in line
     assert _code_versions(records, {**renderer, "git_commit": old["git_commit"]}) == []
+    (_, line) = _code_versions(records, {**renderer, "git_dirty": True})  # an edited tree at another commit
+    assert "written by 70cfd6d100" in line
 
 
 def test_the_header_says_what_plus_minus_is_and_what_a_paired_interval_leaves_out():

@@ -32,29 +32,36 @@ def test_every_text_read_and_write_in_biomask_names_its_encoding():
     missing = []
     for path in sorted((REPO / "biomask").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            if not isinstance(node, ast.Call):
                 continue
+            encoding = next((k.value for k in node.keywords if k.arg == "encoding"), None)
+            if isinstance(encoding, ast.Constant) and isinstance(encoding.value, str):
+                continue  # named (encoding=None would be the locale's again)
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), None)
-            mode = next(
-                (
-                    k.value.value
-                    for k in node.keywords
-                    if k.arg == "mode" and isinstance(k.value, ast.Constant)
-                ),
-                mode,
-            )
-            text_open = (
-                name == "open" and isinstance(func, ast.Name) and (mode is None or "b" not in str(mode))
-            )
-            if (
-                (name == "read_text" and not node.args)
-                or (name == "write_text" and len(node.args) == 1)
-                or text_open
-            ):
+            # the mode: open(path, mode), os.fdopen(fd, mode), path.open(mode)
+            method = name == "open" and isinstance(func, ast.Attribute) and not _module(func)
+            at = 0 if method else 1
+            mode = next((a.value for a in node.args[at : at + 1] if isinstance(a, ast.Constant)), None)
+            for keyword in node.keywords:
+                if keyword.arg == "mode" and isinstance(keyword.value, ast.Constant):
+                    mode = keyword.value.value
+            # a method named open is a path's only with a mode given (zip members, encoders have their own)
+            opens = (
+                name == "open" and not _module(func) and (not method or mode is not None)
+            ) or name == "fdopen"
+            text_open = opens and (mode is None or "b" not in str(mode))
+            reads = name == "read_text" and not node.args
+            writes = name == "write_text" and len(node.args) == 1
+            if reads or writes or text_open:
                 missing.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
     assert missing == []
+
+
+def _module(func: ast.expr) -> bool:
+    """`os.open`, `gzip.open` and the like: a module's open, not a text open of a path."""
+    modules = ("os", "gzip", "bz2", "lzma", "tarfile", "zipfile", "h5py", "io", "mmap")
+    return isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in modules
 
 
 def test_under_an_ascii_locale_files_are_utf8_and_a_closed_or_ascii_stream_fails_nothing(tmp_path):

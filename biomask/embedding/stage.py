@@ -281,14 +281,14 @@ def _what_differs(written: dict[str, Any] | None, stage: StageOutput) -> str:
     if written is None:
         return ""
     from biomask.config import config_diff
-    from biomask.embedding.config import NON_SEMANTIC
 
-    changes = config_diff(written, stage.config.model_dump(mode="json"), ignore=NON_SEMANTIC)
+    # the stage's own result-free keys (dna.long_records among them for cells, and at `first`)
+    changes = config_diff(written, stage.config.model_dump(mode="json"), ignore=stage.non_semantic)
     if not changes:
         return " (the same settings: the checkpoint or the input differs)"
     hint = (
         "; `dna.long_records=first` reuses it (it cut long records, as embed did before the setting existed)"
-        if any(change.startswith("dna.long_records: '(absent)'") for change in changes)
+        if len(changes) == 1 and changes[0].startswith("dna.long_records: '(absent)'")
         else ""
     )
     return "; changed settings: " + ", ".join(changes[:8]) + hint

@@ -112,7 +112,7 @@ def run_lock(plan: Plan) -> Iterator[None]:
         # another user's lock file (a run folder shared in a group): flock needs no write access,
         # only the note of who holds it does
         fd, writable = open_own(path, os.O_RDONLY), False
-    with os.fdopen(fd, "r+" if writable else "r") as handle:
+    with os.fdopen(fd, "r+" if writable else "r", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1023,9 +1023,7 @@ def _code_versions(records: list[StageRecord], renderer: dict[str, Any] | None =
         written, ours = records[0].code.get("source_sha256"), renderer.get("source_sha256")
         # outputs of before 2026-12-05 recorded no source hash: their clean commit tells instead
         commits = records[0].code.get("git_commit"), renderer.get("git_commit")
-        other_commit = (
-            not written and all(commits) and commits[0] != commits[1] and not renderer.get("git_dirty")
-        )
+        other_commit = not written and all(commits) and commits[0] != commits[1]  # dirty or not: other code
         if (written and ours and written != ours) or other_commit:
             return [
                 "",
