@@ -1083,41 +1083,48 @@ def test_prep_dna_killed_at_random_points(tmp_path, cli, chrx_bases):
     survives_kills(tmp_path, cli, args, seed=1)
 
 
-def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd):
-    """SIGTERM (`kill`, `timeout`, scancel) while prep writes its store: the command removes the
-    temporary it was writing (as large as the store would be), says so and exits 143 (128 + SIGTERM):
-    no output under its name and nothing hidden beside it. The signal is sent from inside the stage,
-    once the shards are written and before the manifest, so it lands mid-write every run."""
+def _prep_in_a_child(tmp_path, chrx_bases, capfd, before_finish) -> tuple[int, str, Path]:
+    """`prep dna` of 30 kb of chrX in a forked child (it never returns into pytest), with
+    `before_finish(cli)` called once the shards are written and before the manifest — where a
+    signal lands mid-write every run. (exit code, stderr, the output path)."""
     fasta = tmp_path / "chrX-30kb.fa"
     fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
-    (parent := tmp_path / "stores").mkdir()
-    out = parent / "store"
+    (tmp_path / "stores").mkdir()
+    out = tmp_path / "stores" / "store"
     pid = os.fork()
-    if pid == 0:  # the child runs the stage and never returns into pytest
+    if pid == 0:
         code = 1
         try:
-            from biomask import store
-            from biomask.cli import main
+            from biomask import cli, store
 
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a new process starts, whatever ran before
             finish = store.TokenStoreWriter.finish
 
-            def finish_after_sigterm(self, **manifest):
-                os.kill(os.getpid(), signal.SIGTERM)
+            def finish_after(self, **manifest):
+                before_finish(cli)
                 return finish(self, **manifest)
 
-            store.TokenStoreWriter.finish = finish_after_sigterm
-            code = main(["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]",
-                         f"output={out}", "tokenizer.kind=char", "windows.length=128", "split.block_size=1000"])  # fmt: skip
+            store.TokenStoreWriter.finish = finish_after
+            code = cli.main(["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]",
+                             f"output={out}", "tokenizer.kind=char", "windows.length=128", "split.block_size=1000"])  # fmt: skip
         finally:
             sys.stderr.flush()
             os._exit(code)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    err = capfd.readouterr().err
+    return code, capfd.readouterr().err, out
+
+
+def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd):
+    """SIGTERM (`kill`, `timeout`, scancel) while prep writes its store: the command removes the
+    temporary it was writing (as large as the store would be), says so and exits 143 (128 + SIGTERM):
+    no output under its name and nothing hidden beside it."""
+    code, err, out = _prep_in_a_child(
+        tmp_path, chrx_bases, capfd, lambda cli: os.kill(os.getpid(), signal.SIGTERM)
+    )
     assert code == 143, err
     assert "stopped by SIGTERM" in err
     assert not out.exists()
-    assert leftovers(parent) == []
+    assert leftovers(out.parent) == []
 
 
 @pytest.mark.parametrize("repeat", [False, True])
@@ -1126,44 +1133,23 @@ def test_a_sigterm_something_swallowed_is_not_lost(tmp_path, chrx_bases, capfd, 
     had been raised inside a call that dropped it — and the handler had set SIG_IGN, so no later
     SIGTERM stopped it either. Now such a run says so and exits 143 (its output complete), and a
     SIGTERM after the repeat grace stops it."""
-    fasta = tmp_path / "chrX-30kb.fa"
-    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
-    (parent := tmp_path / "stores").mkdir()
-    out = parent / "store"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            from biomask import cli, store
-            from biomask.errors import Terminated
 
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            finish = store.TokenStoreWriter.finish
+    def swallowed(cli):
+        from biomask.errors import Terminated
 
-            def finish_after_a_swallowed_sigterm(self, **manifest):
-                with contextlib.suppress(
-                    Terminated
-                ):  # what a library that checks signals and drops errors does
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if repeat:
-                    cli._SigtermStop.REPEAT_GRACE_S = 0.0  # the repeat comes after the grace
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return finish(self, **manifest)
+        with contextlib.suppress(Terminated):  # what a library that checks signals and drops errors does
+            os.kill(os.getpid(), signal.SIGTERM)
+        if repeat:
+            cli._SigtermStop.REPEAT_GRACE_S = 0.0  # the repeat comes after the grace
+            os.kill(os.getpid(), signal.SIGTERM)
 
-            store.TokenStoreWriter.finish = finish_after_a_swallowed_sigterm
-            code = cli.main(["prep", "dna", "-c", "configs/dna/splice.yaml", f"inputs=[{{path: {fasta}}}]",
-                             f"output={out}", "tokenizer.kind=char", "windows.length=128", "split.block_size=1000"])  # fmt: skip
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    err = capfd.readouterr().err
+    code, err, out = _prep_in_a_child(tmp_path, chrx_bases, capfd, swallowed)
     assert code == 143, err
     if repeat:  # stopped by the second: nothing written
-        assert "stopped by SIGTERM" in err and not out.exists() and leftovers(parent) == []
+        assert "stopped by SIGTERM" in err and not out.exists() and leftovers(out.parent) == []
     else:  # ran on to the end: a whole output, and the stop said
         assert "SIGTERM reached this command, which did not stop" in err and "its output is complete" in err
-        assert (out / "manifest.json").is_file() and leftovers(parent) == []
+        assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
 
 
 def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
