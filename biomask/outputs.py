@@ -376,7 +376,7 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in siblings if pattern.match(p.name))
 
 
-def _lock(directory: Path) -> tuple[int | None, bool]:
+def lock_folder(directory: Path) -> tuple[int | None, bool]:
     """(a descriptor holding an exclusive lock on `directory` while it stays open, or None; whether
     another process holds that lock). The kernel drops the lock when its process ends, killed or
     not, so a locked temporary is one a live run is still writing. On a file system without flock
@@ -397,7 +397,7 @@ def _being_written(item: Path) -> bool:
     """A `.tmp-` directory that another live process holds (see `_lock`)."""
     if ".tmp-" not in item.name or not item.is_dir() or item.is_symlink():
         return False
-    fd, busy = _lock(item)
+    fd, busy = lock_folder(item)
     if fd is not None:
         os.close(fd)  # closing drops the lock this call took
     return busy
@@ -444,7 +444,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as exc:
         raise EnvironmentIOError(f"cannot create the output {path}: " + describe_os_error(exc)) from None
-    held, _ = _lock(tmp)  # so that another run's clean-up leaves it alone while this one writes
+    held, _ = lock_folder(tmp)  # so that another run's clean-up leaves it alone while this one writes
     # a killed run's temporary is as large as the output: left until this write ends, it would hold
     # the space this one needs (a rerun after a SIGKILL on a nearly full disk could never succeed).
     # A `.old-` (a previous output a kill caught mid-swap) goes only once this write has succeeded.

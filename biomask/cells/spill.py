@@ -19,7 +19,6 @@ matrix, read at once and converted the reader's usual way, would give).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import shutil
@@ -71,17 +70,10 @@ class ScratchDir:
 
 
 def _lock_folder(path: Path) -> int | None:
-    """A descriptor holding an exclusive flock on `path` (None: no flock on this file system)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    """A descriptor holding an exclusive flock on `path` (None: held elsewhere, or no flock here)."""
+    from biomask.outputs import lock_folder
+
+    return lock_folder(path)[0]
 
 
 def _remove_held(path: str, fd: int | None) -> None:
