@@ -849,6 +849,13 @@ def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(t
         order.append(("first", (folder / "prep.sbatch").read_text()))
     waiting.join()
     assert order == [("first", "the first's"), ("second", [".biomask-dry-run"])]
+    # a link planted at the lock's name (another user, a shared /tmp) is never followed: the dry run
+    # gets a folder of its own and the link's target is not created
+    lock = tmp_path / f"biomask-dry-run-{os.getuid()}-planted.lock"
+    lock.symlink_to(tmp_path / "created-through-the-link")
+    with _dry_run_folder(tmp_path, "planted") as folder:
+        assert folder.name.startswith("biomask-dry-run-planted-") and folder.is_dir()
+    assert lock.is_symlink() and not (tmp_path / "created-through-the-link").exists()
 
 
 def test_pipeline_status_says_a_failed_job_without_a_log_never_started(tmp_path, capsys):

@@ -88,6 +88,42 @@ def test_fetches_side_by_side_keep_the_users_file_and_all_succeed(tmp_path, monk
     assert len(kept) == 2 and all(p.read_bytes() == b"the user's own data " * 1000 for p in kept)
 
 
+def test_a_link_at_the_fetch_lock_is_never_written_through(tmp_path):
+    """The lock file is opened without following links: one planted at `.fetch.lock` (a shared cache,
+    another user's folder) would otherwise be created or opened at whatever it points to."""
+    path = datasets.fetch("uci-splice", tmp_path)  # the archive is cached now: no network below
+    lock = path.parent / ".fetch.lock"
+    lock.unlink()
+    target, missing = tmp_path / "someone-elses.txt", tmp_path / "not-there"
+    target.write_text("theirs")
+    lock.symlink_to(target)
+    path.write_bytes(b"a damaged copy")  # so the fetch takes the lock's path again
+    assert datasets.fetch("uci-splice", tmp_path) == path
+    assert sha256_file(path) == datasets.get("uci-splice").sha256
+    assert lock.is_symlink() and target.read_text() == "theirs"
+    lock.unlink()
+    lock.symlink_to(missing)  # a dangling link is not followed to create its target either
+    path.write_bytes(b"a damaged copy")
+    assert datasets.fetch("uci-splice", tmp_path) == path and not missing.exists()
+
+
+def test_datasets_list_on_a_narrow_terminal_prints_lines_not_a_crushed_table(cli, monkeypatch):
+    """At 40 columns four of the table's columns shrank to nothing: a terminal under 100 columns gets
+    the tab-separated lines a pipe gets; a wide one the table, every name whole."""
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "40")
+    code, out, _ = cli("datasets", "list")
+    names = sorted(datasets.registry())
+    assert code == 0 and out.splitlines()[0].split("\t")[:3] == ["name", "modality", "kind"]
+    assert [line.split("\t")[0] for line in out.splitlines()[1:]] == names
+    monkeypatch.setenv("COLUMNS", "160")
+    code, out, _ = cli("datasets", "list")
+    assert code == 0 and "\t" not in out and "biomask datasets" in out
+    assert all(name in out for name in names)
+
+
 def test_fetch_from_debian(tmp_path):
     path = datasets.fetch("ce2-chrX", tmp_path)
     with gzip.open(path, "rt") as handle:
