@@ -491,6 +491,7 @@ def test_header_quirks_are_named(tmp_path, cli):
         ("case", f"id,Sequence,label\na,{seq},x\n", "case-sensitive: the header has 'Sequence'"),
         ("none", f"a,{seq},x\n", "the table has no header line"),
         ("fasta", f">a|x\n{seq}\n", "looks like FASTA, not a table"),
+        ("genbank", f"LOCUS       a  24 bp    DNA\nORIGIN\n        1 {seq.lower()}\n//\n", "looks like GenBank, not a table"),
     ):  # fmt: skip
         table = tmp_path / f"{name}.csv"
         table.write_text(text)
@@ -895,6 +896,68 @@ def test_loom_without_row_attrs(tmp_path, cli, pbmc_counts):
     code, _, err = cells(tmp_path, cli, loom)
     assert code == 2 and str(loom) in err and "row_attrs" in err
     no_traceback(err)
+
+
+def test_a_loom_anndata_wrote_is_read_and_one_naming_neither_says_what_it_has(tmp_path, cli, pbmc_counts):
+    """anndata's write_loom names genes `var_names` and cells `obs_names`, not loompy's Gene / CellID:
+    such files were refused with no way around it (genes.column is read after the index)."""
+    import h5py
+
+    counts, barcodes, genes = pbmc_counts
+    read = {}
+    for name, (gene_key, cell_key) in {
+        "loompy": ("Gene", "CellID"),
+        "anndata": ("var_names", "obs_names"),
+    }.items():
+        loom = tmp_path / f"{name}.loom"
+        with h5py.File(loom, "w") as f:
+            f["matrix"] = counts.T.astype(np.float32)
+            f[f"row_attrs/{gene_key}"] = genes.astype("S")
+            f[f"col_attrs/{cell_key}"] = barcodes.astype("S")
+        adata = biomask.read_cells(loom)
+        assert list(adata.var_names) == list(genes) and list(adata.obs_names) == list(barcodes)
+        read[name] = adata.X.toarray()
+    np.testing.assert_array_equal(read["loompy"], read["anndata"])
+    odd = tmp_path / "odd.loom"
+    with h5py.File(odd, "w") as f:
+        f["matrix"] = counts.T.astype(np.float32)
+        f["row_attrs/symbol"] = genes.astype("S")
+        f["col_attrs/CellID"] = barcodes.astype("S")
+    code, _, err = cells(tmp_path, cli, odd)
+    assert code == 2 and str(odd) in err and "symbol" in err and "anndata.read_loom" in err, err
+    no_traceback(err)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_genes_scanpy_made_unique_are_said_when_the_vocabulary_leaves_them_out(tmp_path, cli, pbmc_counts):
+    """sc.read_10x_mtx names a second gene of one symbol `G-1`. biomask reading the folder sums the two
+    into `G`; the same data read through scanpy lost the copy's counts against a frozen vocabulary
+    without a word (coverage still said 100 % of the vocabulary)."""
+    import anndata
+    import scipy.sparse
+
+    counts, barcodes, genes = pbmc_counts
+    vocab_run = tmp_path / "vocab"
+    code, _, err = cells(
+        tmp_path, cli, write_mtx(tmp_path / "tenx", counts, barcodes, genes, gz=True), output=vocab_run
+    )
+    assert code == 0, err
+    assert "var_names_make_unique" not in err
+    made_unique = genes.astype(object).copy()
+    made_unique[7] = f"{genes[3]}-1"  # what scanpy names a second gene sharing genes[3]'s symbol
+    adata = anndata.AnnData(scipy.sparse.csr_matrix(counts.astype(np.float32)))
+    adata.obs_names, adata.var_names = list(barcodes), list(made_unique)
+    path = tmp_path / "via-scanpy.h5ad"
+    adata.write_h5ad(path)
+    code, _, err = cells(
+        tmp_path,
+        cli,
+        path,
+        output=tmp_path / "frozen",
+        tokenizer={"scheme": "binned", "max_length": 128, "path": str(vocab_run)},
+    )
+    assert code == 0, err
+    assert f"{genes[3]}-1 beside {genes[3]}" in err and "their counts are left out" in err, err
 
 
 def test_duplicate_cell_ids_are_reported(tmp_path, cli, pbmc_counts):

@@ -167,6 +167,50 @@ def test_a_label_written_as_a_missing_value_is_refused_not_made_a_class(tmp_path
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_a_table_that_is_not_utf8_is_refused_not_read_garbled(tmp_path, cli):
+    """Excel's 'CSV (Comma delimited)' on Windows writes cp1252: its bytes were read as U+FFFD, so
+    `exón` and `exòn` became one class stored as `ex\ufffdn`, without a word. A UTF-16 table
+    (Excel's 'Unicode Text', PowerShell's '>') was refused as lacking a column of garbled letters."""
+    table = tmp_path / "set.csv"
+    rows = "".join(
+        f"{format(i, '08b').translate(str.maketrans('01', 'AC'))}GT,{['exón', 'exòn', 'intron'][i % 3]}\n"
+        for i in range(12)
+    )
+    table.write_bytes(("sequence,label\n" + rows).encode("cp1252"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs:\n  - path: {table}\noutput: {tmp_path / 'out'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert (
+        code == 2 and "set.csv, line 2: column 'label'" in err and "not UTF-8" in err and "CSV UTF-8" in err
+    ), err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    table.write_bytes(("sequence,label\n" + rows).encode("utf-8"))  # saved as UTF-8: three classes
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 0, err
+    assert sorted(TokenStore(tmp_path / "out").label_names) == ["exòn", "exón", "intron"]
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes(("sequence\tlabel\r\n" + rows.replace(",", "\t")).encode("utf-16"))
+    cfg.write_text(f"inputs:\n  - path: {wide}\n    format: table\noutput: {tmp_path / 'out2'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "UTF-16" in err and "save it as UTF-8" in err, err
+    # FASTA: a record name that is not UTF-8 is said (names are not results; the bases are read)
+    fasta = tmp_path / "g.fa"
+    fasta.write_bytes(b">ex\xf3n_1\n" + b"ACGT" * 300 + b"\n")
+    import logging
+
+    from biomask.dna.readers import log, read_fasta_blocks
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        assert [name for name, _, _ in read_fasta_blocks(fasta, block_size=1 << 20)] == ["ex\ufffdn_1"]
+    finally:
+        log.removeHandler(handler)
+    assert len(said) == 1 and "holds bytes that are not UTF-8" in said[0]
+
+
 def test_one_number_written_several_ways_is_refused_not_made_several_classes(tmp_path, cli):
     """Tables joined from files of different tools write a class `1` as `1.0` or `01`: as text they
     were three classes, and every classifier was scored against a split of one."""

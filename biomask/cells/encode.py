@@ -35,6 +35,7 @@ from biomask.cells.genes import (
     check_orientation,
     coverage,
     gene_names,
+    made_unique_note,
     other_case_hint,
     percent,
     remap_columns,
@@ -197,6 +198,9 @@ class CellEncoder:
                 f"gene vocabulary (e.g. {', '.join(vocab.genes[:3])}; identifiers from "
                 f"{vocab.gene_id_column or 'the var index'}); {what}"
             )
+        copies = made_unique_note(names, vocab.genes)
+        if copies:
+            log.warning("%s: %s", source.where, copies)
         # What matters is how much of the vocabulary the data measures (a vocabulary gene missing from
         # the data never reaches the model); the share of the dataset's own genes is information.
         share = found["fraction_of_vocab_present"]

@@ -132,6 +132,34 @@ def _case_note(pairs: list[tuple[str, str]], also: str) -> str | None:
     )
 
 
+_MADE_UNIQUE = re.compile(r"^(.+)-(\d+)$")
+
+
+def made_unique_note(names: np.ndarray, vocabulary: list[str]) -> str | None:
+    """Genes named `G-1`, `G-2` beside a `G` of the vocabulary, themselves not in it: what scanpy's
+    `var_names_make_unique` (its 10x readers call it) makes of genes sharing a symbol. biomask reading
+    the 10x file itself sums such genes into `G`; read through scanpy, the copies' counts were left
+    out without a word."""
+    known, present = set(vocabulary), {str(n) for n in names}
+    pairs = [
+        (str(n), m.group(1))
+        for n in pd.unique(names[names != ""])
+        if str(n) not in known
+        and (m := _MADE_UNIQUE.match(str(n)))
+        and m.group(1) in known
+        and m.group(1) in present
+    ]
+    if not pairs:
+        return None
+    shown = ", ".join(f"{copy} beside {gene}" for copy, gene in pairs[:3])
+    return (
+        f"{len(pairs):,} of its genes {'is' if len(pairs) == 1 else 'are'} named as scanpy's var_names_make_unique names a second gene of the "
+        f"same symbol ({shown}{', ...' if len(pairs) > 3 else ''}) and are not in the vocabulary: their counts "
+        "are left out. To count them in their symbol's gene, read the 10x file with biomask (it sums genes "
+        "that share a name) or sum them in the AnnData first; to leave them out, nothing to do"
+    )
+
+
 def gene_names(source: MatrixSource, column: str | None, strip_version: bool = False) -> np.ndarray:
     """The source's gene identifiers, one per column ("" where a gene has none)."""
     if column is None:

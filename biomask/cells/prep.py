@@ -41,6 +41,7 @@ from biomask.cells.genes import (
     check_orientation,
     coverage,
     gene_names,
+    made_unique_note,
     other_case_hint,
     percent,
     remap_columns,
@@ -412,6 +413,9 @@ def check_coverage(
         # reaches the model); the share of the dataset's own genes is information (a 30,000-gene file
         # against a 2,000-gene panel is fully usable)
         present, known = inp.coverage["vocab_genes_present"], inp.coverage["vocab_genes"]
+        copies = made_unique_note(inp.names, vocab.genes)
+        if copies:
+            log.warning("%s: %s", inp.source.where, copies)
         dataset_side = (
             f"{percent(share)} of its {inp.coverage['dataset_genes']:,} genes are in the vocabulary; "
             "the others are left out"

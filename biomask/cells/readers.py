@@ -535,15 +535,26 @@ class _LoomSource(MatrixSource):
         self.handle.close()
 
 
-def _attrs_frame(group: h5py.Group, index_key: str, where: str) -> pd.DataFrame:
-    if index_key not in group:
+# The attributes naming a loom's genes and cells: loompy's and velocyto's (Gene, CellID), then
+# anndata's write_loom (var_names, obs_names)
+_LOOM_GENES, _LOOM_CELLS = ("Gene", "var_names"), ("CellID", "obs_names")
+
+
+def _attrs_frame(group: h5py.Group, index_keys: tuple[str, ...], where: str) -> pd.DataFrame:
+    attrs = [key for key, ds in group.items() if isinstance(ds, h5py.Dataset) and ds.ndim == 1]
+    index_key = next((key for key in index_keys if key in attrs), None)
+    if index_key is None:
+        wanted = " or ".join(f"{group.name}/{key}" for key in index_keys)
         raise InputError(
-            f"{where}: no {group.name}/{index_key} (loom files name genes Gene and cells CellID)"
+            f"{where}: no {wanted} (its {group.name} are: {', '.join(attrs) or 'none'}); name the one "
+            f"holding the {'gene names' if index_keys == _LOOM_GENES else 'cell ids'} {index_keys[0]} "
+            f"(h5py: f['{group.name}/{index_keys[0]}'] = f['{group.name}/<name>']), or convert the file: "
+            "anndata.read_loom(path, var_names=..., obs_names=...).write_h5ad(...)"
         )
     columns = {
-        key: _strings(ds[:]) if ds.dtype.kind in "SO" else ds[:]
-        for key, ds in group.items()
-        if isinstance(ds, h5py.Dataset) and ds.ndim == 1 and key != index_key
+        key: _strings(group[key][:]) if group[key].dtype.kind in "SO" else group[key][:]
+        for key in attrs
+        if key != index_key
     }
     return pd.DataFrame(columns, index=pd.Index(_strings(group[index_key][:])))
 
@@ -572,8 +583,8 @@ def open_loom(path: Path, matrix: str = "X", name: str | None = None) -> MatrixS
                     f"{path}: no /{group} group; a loom file keeps gene names in /row_attrs/Gene and "
                     "cell ids in /col_attrs/CellID"
                 )
-        var = _attrs_frame(handle["row_attrs"], "Gene", str(path))
-        obs = _attrs_frame(handle["col_attrs"], "CellID", str(path))
+        var = _attrs_frame(handle["row_attrs"], _LOOM_GENES, str(path))
+        obs = _attrs_frame(handle["col_attrs"], _LOOM_CELLS, str(path))
         return _LoomSource(
             handle,
             dataset,

@@ -200,6 +200,7 @@ class _FastaState:
         self.count, self.name, self.start = 0, "", 0
         self.pending = bytearray()
         self.cr_inside = False  # the current header holds a CR: lines ending in CR alone
+        self.said_encoding = False
 
     def feed(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
         pos = 0
@@ -211,6 +212,16 @@ class _FastaState:
                 # UTF-8, as files are written now: two non-ASCII names stay two names
                 title = data[pos + 1 : end].decode("utf-8", errors="replace").strip()
                 self.name = title.split(None, 1)[0] if title else f"record{self.count}"
+                if "\ufffd" in self.name and not self.said_encoding:
+                    self.said_encoding = True
+                    log.warning(
+                        "%s: record %d's name %r holds bytes that are not UTF-8 (shown as U+FFFD); names "
+                        "differing there read as one. %s",
+                        self.path,
+                        self.count,
+                        self.name,
+                        NOT_UTF8,
+                    )
                 self.cr_inside = "\r" in title  # the whole file read as one header line
                 self.start = 0
                 pos = end + 1
@@ -308,6 +319,10 @@ def header_hint(
     """What to say when a table's header lacks `column`: a header name that differs only by spaces
     or case, a FASTA file, no header line at all, a comment line above it, or a separator the
     reader did not split on."""
+    if "\x00" in first or first.startswith("\ufffd\ufffd"):  # UTF-16's BOM and zero bytes
+        return ". The file is UTF-16 text (Excel's 'Unicode Text', Windows PowerShell's '>'): save it as UTF-8 (Excel: 'CSV UTF-8')"
+    if "\ufffd" in first:
+        return f". {NOT_UTF8}"
     for name in header or []:
         if column is not None and name != column and name.strip() == column:
             return f". The header's {name!r} has spaces around it: remove them from the header line"
@@ -315,6 +330,8 @@ def header_hint(
             return f". Column names are case-sensitive: the header has {name.strip()!r}"
     if first.lstrip().startswith(">"):
         return ". Line 1 starts with '>': the file looks like FASTA, not a table (labelled sets are read from CSV/TSV tables; a FASTA input is unlabelled, `format: fasta`)"
+    if first.startswith("LOCUS "):
+        return ". Line 1 starts with 'LOCUS': the file looks like GenBank, not a table (set `format: genbank` on this input)"
     fields = [f.strip().strip('"') for f in first.split(delimiter or ",")]
     if any(len(f) >= 20 and set(f.upper()) <= set("ACGTNRYSWKMBDHV") for f in fields):
         return (
@@ -361,6 +378,21 @@ class LabelledSequence:
     split: str | None
     source: str
     line: int
+
+
+NOT_UTF8 = (
+    "The file is not UTF-8 (Excel's 'CSV (Comma delimited)' on Windows writes cp1252): save it as 'CSV UTF-8', "
+    "or convert it, e.g. iconv -f cp1252 -t utf-8 IN > OUT"
+)
+
+
+def check_decoded(path: Path, line: int, column: str, value: str) -> None:
+    """A field holding bytes that are not UTF-8 (read as U+FFFD): a label would be stored garbled, and
+    two labels differing in one accented letter would become one class."""
+    if "\ufffd" in value:
+        raise InputError(
+            f"{path}, line {line}: column {column!r} holds {value!r}, bytes that are not UTF-8. {NOT_UTF8}"
+        )
 
 
 # How tables written by R (write.csv) and pandas (to_csv) spell a missing value.
@@ -431,6 +463,9 @@ def read_table(
                 )
             split = (row.get(split_column) or "").strip() if split_column else None
             record_id = (row.get(id_column) or "").strip() if id_column else f"{path.name}:{line}"
+            for column, value in ((label_column, label), (split_column, split), (id_column, record_id)):
+                if column and value:
+                    check_decoded(path, line, column, value)
             yield LabelledSequence(record_id, sequence, label, split or None, str(path), line)
         if rows == 0:
             raise InputError(f"{path} has a header but no rows")

@@ -20,6 +20,7 @@ import pandas as pd
 from biomask.dna.cleaning import Cleaner, reverse_complement
 from biomask.dna.readers import (
     chain_first,
+    check_decoded,
     check_row,
     check_unique_columns,
     decompression_errors,
@@ -169,6 +170,8 @@ def read_sequence_table(
             entry = {"id": (row.get(id_column) or "").strip() if id_column else f"{path.name}:{line}"}
             if with_labels:
                 entry["label"] = (row.get(label_column) or "").strip()
+            for column in filter(None, (id_column, label_column if with_labels else None)):
+                check_decoded(Path(path), line, column, entry["id" if column == id_column else "label"])
             entry["line"] = line
             rows.append(entry)
             records.append(_record(tokenizer, chars, both))
