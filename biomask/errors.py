@@ -115,11 +115,35 @@ def first_line(exc: BaseException, default: str = "") -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), default)
 
 
+def numba_cache_error(exc: BaseException) -> str | None:
+    """What to say of an OSError numba raised saving its compilation cache (a full or over-quota home
+    under `~/.cache/numba`): its write carries no file name, so it read as the output's failure."""
+    import os
+    import traceback
+
+    if not isinstance(exc, OSError) or exc.__traceback__ is None:
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not any(f"numba{os.sep}core{os.sep}caching" in frame.filename for frame in frames[-4:]):
+        return None
+    folder = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numba"
+    )
+    return (
+        f"numba could not save its compiled code in its cache ({exc.filename or folder}: "
+        f"{exc.strerror or exc}); free some space there, or set NUMBA_CACHE_DIR to a folder with room "
+        "(e.g. export NUMBA_CACHE_DIR=$TMPDIR/numba) and run again"
+    )
+
+
 def describe_os_error(exc: OSError, where: str | None = None) -> str:
     """`cannot write PATH: No space left on device` with a hint; `where` names the path when the
     exception does not (numpy's short writes carry no file name)."""
     import errno
 
+    numba = numba_cache_error(exc)
+    if numba:
+        return numba
     path = exc.filename if exc.filename is not None else where
     reason = exc.strerror or str(exc)
     code = errno.errorcode.get(exc.errno or -1, "")

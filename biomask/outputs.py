@@ -49,6 +49,7 @@ from biomask.errors import (
     StaleOutputError,
     describe_os_error,
     is_environment_error,
+    numba_cache_error,
 )
 from biomask.models.checkpoint_config import CONFIG_SHA256
 from biomask.provenance import read_run_info, sha256_file, written_by_biomask
@@ -464,6 +465,8 @@ def _write_and_swap(path: Path, tmp: Path, token: str) -> Iterator[Path]:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_environment_error(exc):
+            if numba_cache_error(exc):  # not the output's folder: numba's cache, elsewhere
+                raise EnvironmentIOError(f"nothing was written to {path}: {numba_cache_error(exc)}") from exc
             raise EnvironmentIOError(
                 f"writing the output {path} failed, nothing was written: " + describe_os_error(exc, str(tmp))
             ) from exc

@@ -1241,6 +1241,79 @@ def test_a_kernel_numba_cannot_cache_is_compiled_for_the_run(monkeypatch, caplog
     assert "numba cannot write its cache" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text
 
 
+_FULL_DISK = """
+import os, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+root = Path(sys.argv[1])
+"""
+
+
+def test_a_full_home_is_named_as_numbas_cache_not_as_the_output(tmp_path):
+    """A full or over-quota home passed the permission check, then numba's save of its cache failed
+    mid-command (after `embed` had embedded every cell) and was reported as the output's failure:
+    "writing the output X failed ... free some space (or choose an output on another file system)",
+    which changes nothing. The start-up check now writes a file there, and an error numba raises
+    names numba's cache and NUMBA_CACHE_DIR."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        _FULL_DISK
+        + """
+os.environ["XDG_CACHE_HOME"] = str(root / "home-cache")
+os.environ.pop("NUMBA_CACHE_DIR", None)
+import tempfile
+tempfile.tempdir = str(root / "tmp")
+os.makedirs(tempfile.tempdir)
+from biomask.cells import kernels
+print(kernels.use_writable_cache())
+"""
+    )
+    (tmp_path / "a").mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "a"), "4096"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(tmp_path / "a" / "tmp" / f"biomask-numba-{os.getuid()}"), run.stdout
+    assert "cannot be written: compiling into" in run.stderr
+    assert not list((tmp_path / "a" / "home-cache" / "numba").iterdir())  # the probe file is gone
+    (tmp_path / "b").mkdir()  # room enough: numba's own place is kept
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "b"), str(8 << 20)], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "None", run.stderr
+    save = (
+        _FULL_DISK
+        + """
+os.environ["NUMBA_CACHE_DIR"] = str(root / "numba")
+(root / "kernel_mod.py").write_text("import numba\\n@numba.njit(cache=True)\\ndef f(x):\\n    return x * x\\n")
+sys.path.insert(0, str(root))
+from biomask.errors import EnvironmentIOError
+from biomask.outputs import atomic_output_dir
+try:
+    with atomic_output_dir(root / "out"):
+        import kernel_mod
+        kernel_mod.f(3)
+except EnvironmentIOError as exc:
+    print(exc)
+"""
+    )
+    (tmp_path / "c").mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", save, str(tmp_path / "c"), "1024"], capture_output=True, text=True
+    )
+    said = run.stdout.strip()
+    assert said.startswith(f"nothing was written to {tmp_path / 'c' / 'out'}: numba could not save"), (
+        said,
+        run.stderr,
+    )
+    assert str(tmp_path / "c" / "numba") in said and "NUMBA_CACHE_DIR" in said
+    assert "choose an output on another file system" not in said and not (tmp_path / "c" / "out").exists()
+
+
 def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_path, monkeypatch, caplog):
     """scanpy, umap and pynndescent cache their numba functions when imported: with a read-only install
     and a home that cannot be written, `embed` failed with a traceback after embedding every cell, as

@@ -14,6 +14,7 @@ home's cache cannot be written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -46,16 +47,41 @@ def njit(func: Callable[..., Any]) -> Any:
         return numba.njit(cache=False, nogil=True)(func)
 
 
+# A home that is full or over quota passes a permission check, then failed numba's save mid-command
+# (ENOSPC after the work, naming no file); biomask's kernels' cache files and umap's take about a MB
+_PROBE_BYTES = 1 << 20
+
+
+def _room_for_a_cache(folder: Path) -> bool:
+    """Whether `folder` takes a file of `_PROBE_BYTES` (written, closed, removed)."""
+    probe = folder / f".biomask-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return False
+    try:
+        try:
+            written = os.write(fd, b"\0" * _PROBE_BYTES)
+        finally:
+            os.close(fd)  # NFS reports a full quota here
+        return written == _PROBE_BYTES
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 def use_writable_cache() -> Path | None:
     """Where numba's user-wide cache (`$XDG_CACHE_HOME/numba`, else `~/.cache/numba`) cannot be written
-    and NUMBA_CACHE_DIR is unset: set it to `$TMPDIR/biomask-numba-UID` (this user's, mode 0700) and
+    (or has no room) and NUMBA_CACHE_DIR is unset: set it to `$TMPDIR/biomask-numba-UID` (this user's, mode 0700) and
     say so once; returns that folder (None: nothing changed)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return None
     home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "numba"
     try:
         home_cache.mkdir(parents=True, exist_ok=True)
-        if os.access(home_cache, os.W_OK | os.X_OK):
+        if os.access(home_cache, os.W_OK | os.X_OK) and _room_for_a_cache(home_cache):
             return None
     except OSError:
         pass
