@@ -741,6 +741,26 @@ def test_a_submit_dry_run_writes_nothing_into_the_run_folder(tmp_path, cli):
     assert script.is_file() and "#SBATCH --job-name=" in script.read_text()
 
 
+@pytest.mark.network
+def test_a_submit_names_the_datasets_its_jobs_would_fetch(tmp_path, cli, monkeypatch):
+    """Compute nodes often have no network: a job fetching a dataset failed after queueing, and every
+    stage after it was cancelled. The submission (and its dry run) names what is not in the cache."""
+    stages = {"g": {"command": "prep dna", "config": GENOME}}
+    path = pipeline(tmp_path, stages, run_dir=str(tmp_path / "fresh"))
+    monkeypatch.setenv("BIOMASK_DATA_DIR", str(tmp_path / "empty-cache"))
+    code, out, err = cli("pipeline", "submit", "--dry-run", path)
+    dataset = yaml.safe_load(Path(GENOME).read_text())["inputs"][0]["dataset"]
+    assert code == 0, err
+    assert f"not in the dataset cache ({tmp_path / 'empty-cache'}): {dataset}" in out
+    assert f"biomask datasets fetch {dataset}" in out
+    monkeypatch.delenv("BIOMASK_DATA_DIR")  # the shared cache holds it (fetched by the fixtures)
+    from biomask import datasets
+
+    datasets.fetch(dataset)
+    code, out, err = cli("pipeline", "submit", "--dry-run", path)
+    assert code == 0 and "not in the dataset cache" not in out, err
+
+
 def test_status_rows_of_an_array_slurm_forgot_are_per_task_never_one_for_all(tmp_path):
     """The jobcomp file (`sacct -c`) keeps an array under one task's job id: that row used to stand
     for the whole array, so a failed task showed as COMPLETED. Each task is its own row: from sacct

@@ -1329,6 +1329,7 @@ def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_pat
     (tmp_path / "home-file").write_text("")  # a home where nothing can be made, even by root
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-file" / "cache"))
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv(kernels._SET_HERE, raising=False)  # restored after the test
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     monkeypatch.setattr(numba.core.config, "CACHE_DIR", "")
     folder = kernels.use_writable_cache()
@@ -1354,3 +1355,8 @@ def test_a_home_whose_cache_cannot_be_written_gets_a_private_numba_cache(tmp_pat
     assert main(["datasets", "list"]) == 0 and os.environ["NUMBA_CACHE_DIR"] == str(
         tmp_path / f"biomask-numba-{os.getuid()}"
     )
+    # jobs on other machines (sbatch passes the environment on) do not get this machine's folder; a
+    # NUMBA_CACHE_DIR the user set is theirs to keep
+    assert "NUMBA_CACHE_DIR" not in kernels.environment_for_jobs()
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/scratch/me/numba")
+    assert kernels.environment_for_jobs()["NUMBA_CACHE_DIR"] == "/scratch/me/numba"

@@ -236,6 +236,60 @@ def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
     code, _, err = cli("datasets", "fetch", "faraway", "--data-dir", tmp_path / "cache")
     assert code == 3 and "could not reach" in err
     assert not any((tmp_path / "cache").rglob("*.part"))
+    # as a job on a compute node meets it: the dataset, the cache looked in, and the way out named
+    (tmp_path / "prep.yaml").write_text(f"inputs: [{{dataset: faraway}}]\noutput: {tmp_path / 'store'}\n")
+    code, _, err = cli("prep", "dna", "-c", tmp_path / "prep.yaml")
+    assert code == 3 and "dataset 'faraway' is not in the cache" in err, err
+    assert "biomask datasets fetch faraway" in err and "BIOMASK_DATA_DIR" in err
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_full_cache_is_said_as_such_not_as_an_unreachable_network(tmp_path, monkeypatch):
+    """A download that fills the cache's disk (or quota) was reported as "could not reach URL ...
+    Check the network or proxy" (exit 3): the folder is named, with the way to choose another."""
+    import os
+    import subprocess
+    import sys
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "g.fa").write_bytes(b">r1\n" + b"ACGT" * 50_000 + b"\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reg = _user_registry(
+            tmp_path,
+            monkeypatch,
+            f"""  big:
+    description: served over http
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "http://127.0.0.1:{server.server_port}/g.fa"}}
+    sha256: {sha256_file(served / "g.fa")}
+    licence: test
+""",
+        )
+        # a write past RLIMIT_FSIZE fails (EFBIG) as a write to a full disk does
+        script = (
+            "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+            "from biomask.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        env = {**os.environ, "BIOMASK_REGISTRY": str(reg), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+        run = subprocess.run(
+            [sys.executable, "-c", script, "datasets", "fetch", "big", "--data-dir", str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    finally:
+        server.shutdown()
+    assert run.returncode == 2, run.stderr
+    assert "could not reach" not in run.stderr and str(tmp_path / "cache" / "big") in run.stderr
+    assert "BIOMASK_DATA_DIR" in run.stderr
+    assert not (tmp_path / "cache" / "big" / "g.fa").exists()
 
 
 def test_unknown_dataset_and_bad_registry(tmp_path, monkeypatch):

@@ -25,6 +25,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _said = False
+_SET_HERE = "BIOMASK_SET_NUMBA_CACHE_DIR"  # NUMBA_CACHE_DIR is this machine's choice, not the user's
+
+
+def environment_for_jobs() -> dict[str, str]:
+    """This process's environment for jobs that run on other machines (sbatch passes it on): without a
+    NUMBA_CACHE_DIR that `use_writable_cache` chose for this machine's home and temporary folder
+    (each job's own command line decides for its node)."""
+    env = dict(os.environ)
+    if env.get(_SET_HERE) and env.get(_SET_HERE) == env.get("NUMBA_CACHE_DIR"):
+        del env["NUMBA_CACHE_DIR"]
+    env.pop(_SET_HERE, None)
+    return env
 
 
 def njit(func: Callable[..., Any]) -> Any:
@@ -94,6 +106,7 @@ def use_writable_cache() -> Path | None:
     if folder.is_symlink() or info.st_uid != os.getuid() or not os.access(folder, os.W_OK):
         return None  # another user's folder under that name: not ours to use
     os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    os.environ[_SET_HERE] = str(folder)
     if "numba" in sys.modules:  # read when a function is decorated, so it still applies
         sys.modules["numba"].core.config.CACHE_DIR = str(folder)
     log.warning(

@@ -27,7 +27,7 @@ from pydantic import field_validator
 
 from biomask.config import Config, read_yaml, validate_config
 from biomask.datasets.sources import Source, fetch_source
-from biomask.errors import ConfigError, InputError, IntegrityError
+from biomask.errors import ConfigError, FetchError, InputError, IntegrityError
 from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,17 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
                 digest[:12],
                 kept,
             )
-        return _fetch_into(name, entry, path, directory)
+        try:
+            return _fetch_into(name, entry, path, directory)
+        except FetchError as exc:
+            # where this happens most is a cluster's compute node, without network, fetching a dataset
+            # that was never fetched, or fetched into another cache than the one the job looks in
+            raise FetchError(
+                f"dataset {name!r} is not in the cache ({path}), and fetching it failed: {exc}\nOn a machine "
+                f"without network (a cluster's compute node), fetch it where there is network first: "
+                f"`biomask datasets fetch {name}`, into the cache the jobs read (BIOMASK_DATA_DIR; now "
+                f"{data_dir(directory)})"
+            ) from None
 
 
 def _digest_or_none(path: Path) -> str | None:

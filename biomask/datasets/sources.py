@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from biomask.config import Config
-from biomask.errors import FetchError, InputError
+from biomask.errors import EnvironmentIOError, FetchError, InputError, describe_os_error
 from biomask.outputs import atomic_file
 from biomask.progress import bar as progress_bar
 
@@ -107,12 +107,30 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
     except urllib.error.HTTPError as exc:
         raise FetchError(f"could not fetch {what}: {url} answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        if _local_write_error(exc):  # the cache's disk, not the network
+            raise EnvironmentIOError(
+                f"fetching {what} into {dest.parent}: "
+                + describe_os_error(exc, str(dest))
+                + " (the cache's folder: BIOMASK_DATA_DIR or `--data-dir` choose another)"
+            ) from None
         reason = getattr(exc, "reason", exc)
         raise FetchError(
             f"could not reach {url} to fetch {what} ({reason}). Check the network or proxy, or download "
             "the file yourself and register it as a local source (see `biomask datasets --help`)."
         ) from None
     return dest
+
+
+def _local_write_error(exc: BaseException) -> bool:
+    """A full, over-quota, read-only or forbidden cache folder (urllib's own errors are URLErrors)."""
+    import errno
+
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, urllib.error.URLError)
+        and errno.errorcode.get(exc.errno or -1, "")
+        in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM")
+    )
 
 
 def _fetch_json(url: str, what: str, accept: str = "application/json") -> dict:

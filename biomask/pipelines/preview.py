@@ -69,6 +69,33 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
     return previews
 
 
+def uncached_datasets(plan: Plan, selected: Sequence[str]) -> list[str]:
+    """Registry datasets the selected tasks' inputs name (`inputs[].dataset`) that are not in the cache:
+    a job would fetch them, on a compute node often without network."""
+    from biomask import datasets
+
+    names: dict[str, None] = {}
+    for name in selected:
+        stage = plan.stages[name]
+        for task in stage.tasks:
+            try:
+                cfg = load_config(stage.command.config_class(), stage.config, task.overrides)
+            except (ConfigError, InputError, OSError):
+                continue  # the stage says what is wrong when it runs
+            for item in getattr(cfg, "inputs", None) or []:
+                dataset = getattr(item, "dataset", None)
+                if isinstance(dataset, str):
+                    names[dataset] = None
+    missing = []
+    for dataset in names:
+        try:
+            if datasets.get(dataset).source.type != "local" and not datasets.is_cached(dataset):
+                missing.append(dataset)
+        except InputError:
+            continue  # not in the registry: the stage refuses it by name
+    return missing
+
+
 def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bool]:
     """(action, why, whether the output holds results of a config that differs)."""
     from biomask.training.rundir import IN_PROGRESS  # here: that module brings torch with it
@@ -191,6 +218,16 @@ def print_submit_preview(plan: Plan, selected: Sequence[str], *, overwrite: bool
     print(", ".join(f"{n} {action}" for action, n in counts.items()))
     if counts.get("reuse"):
         print("reuse: the same config; a job still runs its stage if an input file changed since")
+    missing = uncached_datasets(plan, selected)
+    if missing:
+        from biomask.datasets import data_dir
+
+        names = " ".join(missing)
+        print(
+            f"not in the dataset cache ({data_dir()}): {', '.join(missing)}; the jobs would fetch "
+            f"{'them' if len(missing) > 1 else 'it'} on the compute nodes, which often have no network. "
+            f"Fetch here first: biomask datasets fetch {names} (with the BIOMASK_DATA_DIR the jobs see)"
+        )
     refused = [p for p in previews if p.action == "refused" or (p.stale and not overwrite)]
     if refused:
         lines = [f"{p.task}: {p.why}" for p in refused]

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from biomask.cells.kernels import environment_for_jobs
 from biomask.errors import InputError
 from biomask.outputs import atomic_file, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage
@@ -184,7 +185,13 @@ def submit(
             argv = [sbatch, "--parsable"]
             if upstream:
                 argv.append("--dependency=afterok:" + ":".join(upstream))
-            result = subprocess.run([*argv, str(tmp)], capture_output=True, text=True, cwd=plan.workdir)
+            result = subprocess.run(
+                [*argv, str(tmp)],
+                capture_output=True,
+                text=True,
+                cwd=plan.workdir,
+                env=environment_for_jobs(),
+            )
             if result.returncode != 0:
                 _cancel([s["job_id"] for s in submitted.values()])
                 kept = "the earlier submission's scripts are kept as they were; " if final.exists() else ""
