@@ -140,6 +140,8 @@ _PACKAGES = (
     "h5py",
     "pandas",
     "umap-learn",
+    "pynndescent",  # scanpy's neighbour graph from 8,192 cells on (Leiden, UMAP, kNN)
+    "numba",
     "transformers",
 )
 
