@@ -441,6 +441,26 @@ def test_a_knn_graph_of_8192_records_or_more_builds_in_the_pinned_environment():
     assert adata.obsp["connectivities"].shape == (8192, 8192) and adata.obsp["distances"].nnz >= 8192 * 14
 
 
+def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(monkeypatch):
+    """A scientist's environment upgraded to pynndescent 0.7 after installing biomask met scanpy's bare
+    AttributeError once the models were done: the versions and the fix are named instead."""
+    import scanpy as sc
+
+    from biomask.errors import BiomaskError
+    from biomask.evaluation.clustering import cluster_scores
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'csr_array' object has no attribute 'getnnz'")
+
+    monkeypatch.setattr(sc.pp, "neighbors", broken)
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    with pytest.raises(
+        BiomaskError,
+        match=r"pynndescent .* install the version biomask requires: pip install 'pynndescent<0.7'",
+    ):
+        cluster_scores(x, np.arange(40) % 2, seed=0)
+
+
 def test_batch_mixing_counts_each_label_and_batch_once():
     """The expected share of other-batch neighbours was a scan of every record per record (quadratic:
     18 s at 80,000 records); now counted per (label, batch), to the same values."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biomask.neighbors import neighbors
 from biomask.store import label_order, label_strings
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def umap_png(
     obs = pd.DataFrame({colour.name: colour.iloc[chosen].to_numpy()}, index=[str(i) for i in chosen])
     obs[colour.name] = plot_colours(obs[colour.name])
     adata = anndata.AnnData(obs=obs, obsm={"X_emb": np.asarray(vectors[chosen], dtype=np.float32)})
-    sc.pp.neighbors(adata, use_rep="X_emb", n_neighbors=min(15, max(2, len(chosen) - 1)), random_state=seed)
+    neighbors(adata, use_rep="X_emb", n_neighbors=min(15, max(2, len(chosen) - 1)), random_state=seed)
     sc.tl.umap(adata, random_state=seed)
     # the title replaces scanpy's own (the column name), so it names the column itself
     title = f"{title} · colour: {colour.name}"

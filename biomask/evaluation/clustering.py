@@ -33,6 +33,8 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from biomask.neighbors import neighbors
+
 N_NEIGHBORS = 15
 RESOLUTION = 1.0
 RESOLUTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # scIB's range, every other step
@@ -99,7 +101,7 @@ def cluster_scores(
     found: dict[float, tuple[float, float, int]] = {}
     with warnings.catch_warnings():  # scanpy's notes on defaults that will change; not the user's concern
         warnings.simplefilter("ignore")
-        sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X_rep", random_state=seed)
+        neighbors(adata, n_neighbors=n_neighbors, use_rep="X_rep", random_state=seed)
         for resolution in sorted({RESOLUTION, *RESOLUTIONS}):
             sc.tl.leiden(
                 adata,
