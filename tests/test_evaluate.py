@@ -461,6 +461,22 @@ def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(mon
         cluster_scores(x, np.arange(40) % 2, seed=0)
 
 
+def test_a_compare_pair_naming_no_checkpoint_is_refused_not_left_out():
+    """`compare=[[beta, logit]]` with checkpoints named beta@0, logit@0 (as the config's own example
+    reads) ran, exit 0, and the pair was missing from metrics.json and the report without a word."""
+    from biomask.config import load_config
+    from biomask.errors import ConfigError
+    from biomask.evaluation.config import EvaluateConfig
+
+    base = ["store=s", "output=o", "checkpoints={beta@0: a, logit@0: b}"]
+    with pytest.raises(
+        ConfigError, match=r"compare: 'beta' names no checkpoint .* compared as such, e\.g\. beta@0"
+    ):
+        load_config(EvaluateConfig, None, [*base, "compare=[[beta, logit]]"])
+    cfg = load_config(EvaluateConfig, None, [*base, "compare=[[beta@0, logit@0], [beta@0, random-init]]"])
+    assert cfg.compare == [["beta@0", "logit@0"], ["beta@0", "random-init"]]
+
+
 def test_batch_mixing_counts_each_label_and_batch_once():
     """The expected share of other-batch neighbours was a scan of every record per record (quadratic:
     18 s at 80,000 records); now counted per (label, batch), to the same values."""

@@ -181,6 +181,62 @@ def test_a_cell_scheme_that_cannot_serve_is_refused_where_it_is_registered():
     assert set(register(RankScheme)) == {"rank"}
 
 
+def test_a_scheme_built_on_the_panel_encodes_as_itself_and_counts_as_a_whole_profile(monkeypatch):
+    """A contributor's PanelScheme subclass (sqrt values instead of log1p) was registered and named in
+    the manifest, yet `for_input` built a plain PanelScheme: prep and embed wrote log1p values under
+    its name. And the report, `fit_cells` and the loss units recognised whole profiles by the name
+    `panel` alone."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from biomask.cells import tokenize
+    from biomask.cells.tokenize import NUM_SPECIAL, PanelScheme, complete_profile, register
+
+    class PanelSqrt(PanelScheme):
+        name = "panel_sqrt"
+
+        def encode(self, block, scale, cells):
+            encoded = super().encode(block, scale, cells)
+            encoded.values[:] = 7.0  # recognisably its own
+            return encoded
+
+    monkeypatch.setattr(tokenize, "SCHEMES", {**tokenize.SCHEMES, **register(PanelSqrt)})
+    scheme = PanelSqrt(NUM_SPECIAL + 3).for_input(np.arange(NUM_SPECIAL, NUM_SPECIAL + 3))
+    assert type(scheme) is PanelSqrt
+    block = sp.csr_matrix(np.array([[1.0, 0.0, 2.0]], dtype=np.float32))
+    assert set(scheme.encode(block, np.ones(1, np.float32), np.arange(1)).values.tolist()) == {7.0}
+    assert complete_profile("panel") and complete_profile("panel_sqrt")
+    assert not complete_profile("binned") and not complete_profile("made-up") and not complete_profile(None)
+
+
+def test_the_model_card_names_every_schemes_ratio_as_trained():
+    """The exported card spelled out R²MAE's range only: "Masking: beta_sample" hid what it trained on."""
+    from biomask.export.hf import masking_text
+
+    assert (
+        masking_text(
+            {
+                "scheme": "r2mae",
+                "ratio": {"kind": "uniform", "low": 0.15, "high": 0.45, "granularity": "batch"},
+            }
+        )
+        == "R²MAE, mask ratio ~ U(0.15, 0.45) per batch"
+    )
+    assert (
+        masking_text({"scheme": "fixed", "ratio": {"kind": "fixed", "value": 0.4, "granularity": "batch"}})
+        == "fixed, mask ratio 40%"
+    )
+    assert (
+        masking_text(
+            {
+                "scheme": "scgpt",
+                "ratio": {"kind": "discrete", "values": [0.25, 0.5, 0.75], "granularity": "sample"},
+            }
+        )
+        == "scgpt, mask ratio {0.25, 0.5, 0.75} per sample"
+    )
+
+
 def test_every_model_kind_is_named_once_and_registered():
     """A kind a config accepts is one a checkpoint can record and the registry can build."""
     from typing import get_args

@@ -432,7 +432,8 @@ class PanelScheme(Scheme):
 
     def for_input(self, targets: np.ndarray) -> PanelScheme:
         present = np.unique(np.asarray(targets, dtype=np.int64))
-        return PanelScheme(self.vocab_size, present[present >= NUM_SPECIAL])
+        # type(self): a scheme built on the panel (other values, the same layout) encodes as itself
+        return type(self)(self.vocab_size, present[present >= NUM_SPECIAL])
 
     def encode(self, block: sp.csr_matrix, scale: np.ndarray, cells: np.ndarray) -> Encoded:
         n = block.shape[0]
@@ -471,6 +472,12 @@ def register(*classes: type[Scheme]) -> dict[str, type[Scheme]]:
 
 # The registry: a store's `scheme` (and `tokenizer.scheme` in prep configs) names one of these.
 SCHEMES: dict[str, type[Scheme]] = register(BinnedScheme, RankScheme, PanelScheme)
+
+
+def complete_profile(name: object) -> bool:
+    """Whether a recorded scheme name is one of the whole-profile schemes (the panel, or one built on
+    it); False for a name this biomask does not register."""
+    return isinstance(name, str) and name in SCHEMES and SCHEMES[name].complete_profile
 
 
 def scheme_class(name: str | None, where: str = "the token store") -> type[Scheme]:

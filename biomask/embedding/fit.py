@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from biomask.cells.tokenize import complete_profile
 from biomask.errors import BiomaskError, InputError, OutputBusyError, OutputExistsError, StaleOutputError
 
 if TYPE_CHECKING:
@@ -523,7 +524,7 @@ def _check_init_from(init: Path) -> None:
     from biomask.models.pretrained import load_pretrained, read_checkpoint_config
 
     info = read_checkpoint_config(init)
-    if info.get("modality") != "cells" or info.get("scheme") != "panel":
+    if info.get("modality") != "cells" or not complete_profile(info.get("scheme")):
         what = f"a {info.get('modality')} checkpoint"
         if info.get("modality") == "cells":
             what += f" of the {info.get('scheme')} scheme"

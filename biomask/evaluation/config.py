@@ -201,7 +201,9 @@ class EvaluateConfig(Config):
     # than the pretraining corpus (docs/cell-models.md, "Standardising by the cells embedded").
     standardise: Literal["checkpoint", "data"] = "checkpoint"
     finetune: FinetuneSpec = FinetuneSpec()
-    # pairs of checkpoint names compared with a paired test across seeds, e.g. [[r2mae, fixed15]]
+    # pairs of checkpoint names (as given in `checkpoints`, or random-init) compared with a paired test
+    # across evaluation seeds, e.g. [[r2mae, fixed15]]; checkpoints named scheme@seed (r2mae@0) are
+    # paired as such, [[r2mae@0, fixed15@0]] (the study's report pools them over pretraining seeds)
     compare: list[list[str]] = Field(default_factory=list)
     # embedding batch size: the vectors agree to float rounding across sizes (~1e-6), not bit for bit,
     # and fine-tuning starts from a probe fitted on them (its losses move by ~1e-4)
@@ -241,9 +243,21 @@ class EvaluateConfig(Config):
             not self.pooling or len(set(self.pooling)) != len(self.pooling)
         ):
             raise ValueError(f"pooling: a non-empty list of distinct poolings, not {self.pooling}")
+        known = [*self.checkpoints, "random-init", "chosen on val"]
         for pair in self.compare:
             if len(pair) != 2:
                 raise ValueError(f"compare entries are pairs of names, got {pair}")
+            for name in pair:
+                if name not in known:  # such a pair was left out of metrics.json without a word
+                    seeded = sorted(k for k in self.checkpoints if k.split("@", 1)[0] == name)
+                    hint = (
+                        f"; checkpoints named {name}@seed are compared as such, e.g. {seeded[0]}"
+                        if seeded
+                        else ""
+                    )
+                    raise ValueError(
+                        f"compare: {name!r} names no checkpoint (checkpoints: {', '.join(known)}){hint}"
+                    )
         if not self.baselines and not self.checkpoints:
             raise ValueError("nothing to evaluate: list baselines and/or checkpoints")
         return self

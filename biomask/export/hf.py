@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from biomask.errors import InputError, OutputExistsError
+from biomask.masking.config import describe_masking
 from biomask.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -229,20 +230,26 @@ def _held_out_lines(info: dict[str, Any]) -> str:
     )
 
 
+def masking_text(masking: dict[str, Any]) -> str:
+    """The card's masking line: the scheme and its ratio as trained (a scheme's own range or the
+    config's), as the report names it; "Masking: beta_sample" hid a Beta(2, 5) on [0.15, 0.45]."""
+    ratio = masking.get("ratio") or {}
+    if masking.get("scheme") == "r2mae" and ratio.get("kind") == "uniform":
+        return (
+            f"R²MAE, mask ratio ~ U({ratio.get('low')}, {ratio.get('high')}) per {ratio.get('granularity')}"
+        )
+    if ratio:
+        return f"{masking.get('scheme')}, mask ratio {describe_masking(masking)}"
+    return str(masking.get("scheme"))
+
+
 def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
     """A Hub model card: what the model is, how it was trained and measured, its inputs, how to load it."""
     info = model.checkpoint_info
     name = config["biomask"]["exported_from"]
     dna = model.config.modality == "dna"
     modality = "DNA" if dna else "single-cell expression"
-    masking = info.get("masking") or {}
-    ratio = masking.get("ratio") or {}
-    if masking.get("scheme") == "r2mae" and ratio.get("kind") == "uniform":
-        scheme = (
-            f"R²MAE, mask ratio ~ U({ratio.get('low')}, {ratio.get('high')}) per {ratio.get('granularity')}"
-        )
-    else:
-        scheme = str(masking.get("scheme"))
+    scheme = masking_text(info.get("masking") or {})
     training = info.get("training") or {}
     data = info.get("data") or {}
     sources = ", ".join(

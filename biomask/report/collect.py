@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from biomask.cells.tokenize import complete_profile
 from biomask.config import load_recorded_yaml
 from biomask.errors import InputError
 from biomask.evaluation import clustering
@@ -55,7 +56,7 @@ class PretrainRun:
         arch = self.info.get("architecture") or {}
         if arch.get("target") != "values" or arch.get("loss", "mse") != "mse":
             return "nats"
-        return "standardised-MSE units" if arch.get("scheme") == "panel" else "MSE units"
+        return "standardised-MSE units" if complete_profile(arch.get("scheme")) else "MSE units"
 
     @property
     def label(self) -> str:
