@@ -176,3 +176,12 @@ def test_a_class_absent_from_a_seeds_test_split_has_no_f1_of_zero():
     assert "| b | 0–2 | 0.500 |" in lines  # the seed without the class is left out, not averaged in as 0
     results["per_seed"]["m"] = [row(0.0, 0)]
     assert "| b | 0 | — |" in per_class_table(results)
+
+
+def test_a_difference_that_rounds_to_zero_keeps_its_sign_and_size():
+    """−0.0003 was printed −0.000, read as "costs"; an interval [−0.000, +0.014] looked negative."""
+    from biomask.evaluation.metrics import signed
+
+    assert signed(-0.0003) == "-0.0003" and signed(0.00004) == "+0.00004" and signed(-0.006) == "-0.006"
+    assert signed(0.0) == "+0.000" and signed(-0.0) == "+0.000" and signed(-1e-9) == "±0.000"
+    assert signed(-0.00021, 4) == "-0.0002" and signed(0.12345, 4) == "+0.1235"

@@ -83,3 +83,21 @@ def test_a_column_of_hundreds_of_classes_is_coloured_without_a_legend(tmp_path):
         umap_png(vectors, pd.Series(values, name=name), tmp_path / f"{name}.png", title="cells")
         sizes[name] = Image.open(tmp_path / f"{name}.png").size
     assert MAX_LEGEND < 200 and sizes["barcode"][1] <= sizes["type"][1] * 1.1, sizes
+
+
+def test_report_runs_take_their_schemes_colour_and_their_own_line():
+    """With one colour per run the eleventh took the first's: bert15 seed 0 and r2mae seed 1 differed
+    by a marker alone. A scheme is one colour; its seeds differ by line style and marker."""
+    from types import SimpleNamespace
+
+    from biomask.report.figures import _run_styles
+
+    schemes = [
+        {"scheme": "r2mae", "ratio": {"kind": "uniform", "low": 0.15, "high": 0.45, "granularity": "batch"}},
+        {"scheme": "bert15", "ratio": {"kind": "fixed", "value": 0.15, "granularity": "batch"}},
+    ]
+    runs = [SimpleNamespace(masking=m) for m in schemes for _ in range(3)]
+    styles = _run_styles(runs)
+    assert len({s["color"] for s in styles[:3]}) == 1 and len({s["color"] for s in styles[3:]}) == 1
+    assert styles[0]["color"] != styles[3]["color"]
+    assert len({(s["color"], s["ls"], s["marker"]) for s in styles}) == 6

@@ -27,6 +27,7 @@ genes themselves.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -35,7 +36,10 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from biomask.neighbors import neighbors
 
+log = logging.getLogger(__name__)
+
 N_NEIGHBORS = 15
+SAY_FROM = 20_000  # records from which the graph and each Leiden are said (minutes each at 100,000)
 RESOLUTION = 1.0
 RESOLUTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # scIB's range, every other step
 LEIDEN_FLAVOR, LEIDEN_ITERATIONS = "igraph", 2  # the flavour and iterations scanpy recommends
@@ -99,10 +103,21 @@ def cluster_scores(
     adata.obsm["X_rep"] = np.asarray(x, dtype=np.float32)
     n_neighbors = max(2, min(N_NEIGHBORS, len(x) - 1))
     found: dict[float, tuple[float, float, int]] = {}
+    resolutions = sorted({RESOLUTION, *RESOLUTIONS})
+    # an atlas's graph and Leidens take minutes (100,000 cells: ~4 min a representation), silent before
+    say = log.info if len(x) >= SAY_FROM else log.debug
+    say(
+        "kNN graph of %s records (%d dimensions), then Leiden at %d resolutions",
+        f"{len(x):,}",
+        adata.obsm["X_rep"].shape[1],
+        len(resolutions),
+    )
     with warnings.catch_warnings():  # scanpy's notes on defaults that will change; not the user's concern
         warnings.simplefilter("ignore")
         neighbors(adata, n_neighbors=n_neighbors, use_rep="X_rep", random_state=seed)
-        for resolution in sorted({RESOLUTION, *RESOLUTIONS}):
+        for i, resolution in enumerate(resolutions):
+            if i:
+                say("Leiden at resolution %g (%d of %d)", resolution, i + 1, len(resolutions))
             sc.tl.leiden(
                 adata,
                 resolution=resolution,

@@ -32,6 +32,7 @@ from biomask.evaluation.metrics import (
     format_summary,
     paired_comparison,
     per_class_table,
+    signed,
     summarize,
 )
 from biomask.evaluation.reuse import stage_output
@@ -281,7 +282,7 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
         results["standardise"] = cfg.standardise
         results["notes"] = notes
         (tmp / "metrics.json").write_text(strict_json(results), encoding="utf-8")
-        (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+        (tmp / "report.md").write_text(render_report(results, Path(cfg.output).name), encoding="utf-8")
         slugs = file_slugs([m.name for m in methods])  # `R2MAE` and `r2mae` wrote one file
         for method in methods:
             total = np.sum([np.array(r["confusion_matrix"]) for r in per_seed[method.name]], axis=0)
@@ -569,14 +570,18 @@ def _metric_rows(results: dict[str, Any], methods: list[dict], metrics: tuple[st
     return rows
 
 
-def render_report(results: dict[str, Any]) -> str:
-    """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds."""
+def render_report(results: dict[str, Any], name: str | None = None) -> str:
+    """The Markdown table: one row per method, mean ± sd [95 % CI] over seeds. `name`: the output's
+    (two evaluations of one store had one heading)."""
     seeds = results["seeds"]
     lines = [
-        f"# Evaluation: {results['store']}",
+        f"# Evaluation {name}: {Path(results['store']).name}"
+        if name
+        else f"# Evaluation: {results['store']}",
         "",
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); splits: {splits_text(results)}. "
-        "Values: mean ± sd [95 % CI].",
+        *([f"Store: `{results['store']}`.", ""] if name else []),
+        f"{len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}: one resampled split each, unless the "
+        f"splits are the store's own); splits: {splits_text(results)}. Values: mean ± sd [95 % CI] over them.",
         MACRO_F1_NOTE,
         *_long_records_lines(results),
         *_tokenizer_lines(results),
@@ -641,8 +646,8 @@ def render_report(results: dict[str, Any]) -> str:
             elif m["n"] < 2:  # one seed: a difference, no interval or test
                 interval, p = "(one seed: no interval)", "–"
             else:
-                interval, p = f"[{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]", f"{m['p_value']:.3g}"
+                interval, p = f"[{signed(m['ci_low'])}, {signed(m['ci_high'])}]", f"{m['p_value']:.3g}"
             lines.append(
-                f"| {c['a']} | {c['b']} | {m['mean_difference']:+.3f} {interval} | {p} | {m['wins']}/{m['n']} |"
+                f"| {c['a']} | {c['b']} | {signed(m['mean_difference'])} {interval} | {p} | {m['wins']}/{m['n']} |"
             )
     return "\n".join(lines) + "\n"

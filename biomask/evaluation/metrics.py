@@ -140,6 +140,17 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     }
 
 
+def signed(x: float, digits: int = 3) -> str:
+    """`x` with its sign at `digits` decimals; one that rounds to zero gets up to two more, so a
+    difference of −0.0003 is not shown as −0.000 (read as "costs"), and ±0.000 where even those
+    round to zero."""
+    for d in range(digits, digits + 3):
+        text = f"{x:+.{d}f}"
+        if float(text) != 0 or x == 0:
+            return text if x != 0 else f"{0:+.{digits}f}"
+    return f"±{0:.{digits}f}"
+
+
 def format_summary(summary: dict[str, float], digits: int = 3) -> str:
     """`0.912 ± 0.011 [0.898, 0.926]` (mean ± sd [95 % CI]); one value, or the same value in every
     seed (a deterministic method on one split), has no interval and is not given a zero-width one."""

@@ -13,26 +13,54 @@ import numpy as np
 
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
+from biomask.masking.config import describe_masking
 from biomask.report.collect import Evaluation, PretrainRun
 
-_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "mcc": "MCC", "cluster_ari": "Leiden ARI (res. 1)"}
+_NAMES = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mcc": "MCC",
+    "cluster_ari": "Leiden ARI (res. 1)",
+    "cluster_ari_best": "Leiden ARI (NMI-optimal res.)",
+}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend outside the axes stays in the file
     plt.close(fig)
     return path
 
 
+def _legend(ax: plt.Axes) -> None:
+    """The legend beside the axes, never over the lines (inside, it covered the curves it named)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
+
+
 _MARKERS = ("o", "s", "^", "D", "v", "P")
+_LINES = ("-", "--", ":", "-.")
 
 
 def _style(i: int) -> dict:
-    """Run i's colour and marker: ten colours, then the next marker, so no two of up to 60 runs
-    look alike (matplotlib's cycle repeats its colour after ten)."""
+    """Style i of a sequence: ten colours, then the next marker, so no two of up to 60 look alike
+    (matplotlib's cycle repeats its colour after ten)."""
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
+
+
+def _run_styles(runs: list[PretrainRun]) -> list[dict]:
+    """One colour per masking scheme, a line style and marker per run within it (its seeds): with a
+    colour per run, the eleventh run took the first's colour (bert15 seed 0 and r2mae seed 1 differed
+    by a marker alone)."""
+    schemes: dict[str, int] = {}
+    within: dict[str, int] = {}
+    styles = []
+    for run in runs:
+        key = f"{run.masking.get('scheme')} {describe_masking(run.masking)}"
+        colour = _style(schemes.setdefault(key, len(schemes)))
+        k = within[key] = within.get(key, -1) + 1
+        styles.append({**colour, "ls": _LINES[k % len(_LINES)], "marker": _MARKERS[k % len(_MARKERS)]})
+    return styles
 
 
 def loss_unit_label(runs: list[PretrainRun]) -> str:
@@ -45,13 +73,18 @@ def loss_unit_label(runs: list[PretrainRun]) -> str:
 def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, run in enumerate(runs):
-        style = _style(i)
+    for run, style in zip(runs, _run_styles(runs)):
         if not run.train.empty:
             # one logged step (a short run) is a point: a line alone would draw nothing
             point = {"marker": style["marker"], "ms": 4} if len(run.train) == 1 else {}
             left.plot(
-                run.train["step"], run.train["loss"], label=run.label, lw=1.2, color=style["color"], **point
+                run.train["step"],
+                run.train["loss"],
+                label=run.label,
+                lw=1.2,
+                color=style["color"],
+                ls=style["ls"],
+                **point,
             )
         if not run.evals.empty:
             right.plot(run.evals["step"], run.evals["mean_loss"], ms=3, label=run.label, lw=1.2, **style)
@@ -68,7 +101,7 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
         xlabel="step",
         ylabel=f"mean loss{unit}",
     )
-    right.legend(fontsize=7)
+    _legend(right)
     return _save(fig, path)
 
 
@@ -99,11 +132,11 @@ def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
 def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Each model's final held-out masked loss at every ratio of the evaluation grid."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, run in enumerate(runs):
+    for run, style in zip(runs, _run_styles(runs)):
         losses = run.final_eval.get("loss", {})
         if losses:
             ratios = sorted(losses, key=float)
-            ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], label=run.label, **_style(i))
+            ax.plot([float(r) for r in ratios], [losses[r] for r in ratios], label=run.label, **style)
     # the reference predictors on the masked tokens, drawn once (the first run's): runs of one
     # training seed mask the same held-out tokens, and other seeds' references differ by noise only
     first = next((run for run in runs if run.references), None)
@@ -116,7 +149,7 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
         xlabel="mask ratio at evaluation",
         ylabel=f"held-out masked loss{loss_unit_label(runs)}",
     )
-    ax.legend(fontsize=7)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -135,7 +168,12 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
     (the kNN protocol's clustering: a figure without it would hide where a model loses)."""
     methods = evaluation.results["methods"]
     summaries = evaluation.results["summary"]
-    clustering = ["cluster_ari"] if any("cluster_ari" in summaries[m["name"]] for m in methods) else []
+    # both clustering scores the targets use: resolution 1, and scIB's (the NMI-optimal resolution)
+    clustering = [
+        metric
+        for metric in ("cluster_ari", "cluster_ari_best")
+        if any(metric in summaries[m["name"]] for m in methods)
+    ]
     panels = [*METRICS, *clustering]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.2 * len(panels), 0.35 * len(methods) + 1.4), sharey=True
@@ -168,7 +206,7 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def umap(h5ad: str, color: str, title: str, path: Path) -> Path:
+def umap(h5ad: str, color: str, title: str | None, path: Path) -> Path:
     """UMAP of the biomask embeddings (neighbours on obsm["X_biomask"] only — never a UMAP the file
     already carries, which would be of its expression), coloured by an obs column."""
     import anndata
@@ -183,6 +221,9 @@ def umap(h5ad: str, color: str, title: str, path: Path) -> Path:
         raise InputError(
             f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"
         )
+    if title is None:  # which model drew it: the run folder of the checkpoint embed recorded
+        checkpoint = str((adata.uns.get("X_biomask") or {}).get("checkpoint") or "")
+        title = f"X_biomask of {Path(checkpoint).parent.name}" if checkpoint else "X_biomask"
     path.parent.mkdir(parents=True, exist_ok=True)
     umap_png(np.asarray(adata.obsm["X_biomask"]), adata.obs[color].reset_index(drop=True), path, title=title)
     return path

@@ -29,7 +29,14 @@ from biomask import __version__
 from biomask.evaluation import clustering
 from biomask.evaluation.evaluate import VAL_METRIC
 from biomask.evaluation.methods import CHOSEN_ON_VAL
-from biomask.evaluation.metrics import MACRO_F1_NOTE, METRICS, format_summary, paired_comparison, summarize
+from biomask.evaluation.metrics import (
+    MACRO_F1_NOTE,
+    METRICS,
+    format_summary,
+    paired_comparison,
+    signed,
+    summarize,
+)
 from biomask.outputs import file_slugs
 from biomask.provenance import code_differs, code_version, read_run_info
 from biomask.relocation import where_now
@@ -154,15 +161,15 @@ def _cmp_text(
     mdd = detectable_difference(cmp)
     if not (math.isfinite(cmp["ci_low"]) and math.isfinite(cmp["ci_high"])):  # one seed: no spread
         return (
-            f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f}, better in {cmp['wins']}/{cmp['n']} {unit}: "
+            f"Δ {_METRIC_NAMES[metric]} {signed(cmp['mean_difference'])}, better in {cmp['wins']}/{cmp['n']} {unit}: "
             "no interval and no test (one unit)"
         )
     return (
-        f"Δ {_METRIC_NAMES[metric]} {cmp['mean_difference']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
+        f"Δ {_METRIC_NAMES[metric]} {signed(cmp['mean_difference'])} [{signed(cmp['ci_low'])}, {signed(cmp['ci_high'])}], "
         f"paired t p = {cmp['p_value']:.2g}, better in {cmp['wins']}/{cmp['n']} {unit}"
         + (
             "; split by split (seeds' mean − the other's, which the interval takes as fixed): "
-            + ", ".join(f"{d:+.3f}" for d in splits)
+            + ", ".join(f"{signed(d)}" for d in splits)
             if splits and len(splits) > 1
             else ""
         )
@@ -184,8 +191,8 @@ def _on_mcc(ev: Evaluation, method: str, baseline: str, metric: str) -> str:
     if cmp["n"] < 2 or not math.isfinite(cmp["ci_low"]):
         return ""
     return (
-        f"; on MCC (no target; not among the tests counted below): Δ {cmp['mean_difference']:+.3f} "
-        f"[{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], "
+        f"; on MCC (no target; not among the tests counted below): Δ {signed(cmp['mean_difference'])} "
+        f"[{signed(cmp['ci_low'])}, {signed(cmp['ci_high'])}], "
         + {"met": "above", "not met": "below", "level": "level"}[
             target_status(cmp, cmp["mean_difference"] >= 0)
         ]
@@ -217,7 +224,7 @@ def _across_splits(splits: list[float] | None, metric: str, status: str) -> str:
     n, mean = len(splits), sum(splits) / len(splits)
     sd = math.sqrt(sum((d - mean) ** 2 for d in splits) / (n - 1))
     half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    text = f"; across evaluation splits (each split one unit, its seeds averaged): [{mean - half:+.3f}, {mean + half:+.3f}]"
+    text = f"; across evaluation splits (each split one unit, its seeds averaged): [{signed(mean - half)}, {signed(mean + half)}]"
     if called and mean - half <= 0 <= mean + half:
         text += " — holds zero: the call holds on these test records, not shown across draws of them"
     elif status == "level" and not mean - half <= 0 <= mean + half:
@@ -604,12 +611,12 @@ def _targets_at_a_glance(
             # as printed, as the correction read it
             holds = holm_p is not None and float(f"{c['p_value']:.2g}") <= holm_p
             finite = math.isfinite(c["ci_low"]) and math.isfinite(c["ci_high"])
-            interval = f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" if finite else "(no interval)"
+            interval = f"[{signed(c['ci_low'])}, {signed(c['ci_high'])}]" if finite else "(no interval)"
             p = f"{c['p_value']:.2g}" if math.isfinite(c["p_value"]) else "—"
             marked = " (settings chosen on it)" if (chosen or {}).get(t.evaluation) else ""
             lines.append(
                 f"| {target} | {baseline} | {who} {ev.mean(e['method'], t.metric):.3f} | "
-                f"{c['mean_difference']:+.3f} {interval} | {_detectable(c)} | {p} | "
+                f"{signed(c['mean_difference'])} {interval} | {_detectable(c)} | {p} | "
                 f"**{e['status']}**{marked} | {'yes' if holds else 'no'} |"
             )
     return [*lines, ""]
@@ -771,7 +778,7 @@ def _one_pretraining_verdict(
         # unlike the downstream tasks' pick (on validation), this one is on the loss it is compared on
         "(the fixed ratio with the lowest mean of this same loss, a choice that favours it): "
         f"{text} "
-        f"(best fixed − R²MAE {cmp['mean_difference']:+.4f} [{cmp['ci_low']:+.4f}, {cmp['ci_high']:+.4f}], "
+        f"(best fixed − R²MAE {signed(cmp['mean_difference'], 4)} [{signed(cmp['ci_low'], 4)}, {signed(cmp['ci_high'], 4)}], "
         # its p-value in the form the multiplicity note counts: it is one of the summary's paired tests
         f"paired t p = {cmp['p_value']:.2g}, {len(seeds)} pretraining seeds ({', '.join(map(str, seeds))}) "
         "paired by seed" + (TWO_SEEDS if len(seeds) == 2 else "") + ")."
@@ -811,7 +818,7 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
     for scheme, gaps in below.items():
         s = summarize(gaps)
         spread = f" ± {s['sd']:.4f}" if len(gaps) > 1 else ""
-        parts.append(f"{scheme} {s['mean']:+.4f}{spread} ({len(gaps)} seed{'s' * (len(gaps) > 1)})")
+        parts.append(f"{scheme} {signed(s['mean'], 4)}{spread} ({len(gaps)} seed{'s' * (len(gaps) > 1)})")
     n_below = sum(g > 0 for gaps in below.values() for g in gaps)
     n_all = sum(len(g) for g in below.values())
     # a count of runs below the reference is moved by gaps of a ten-thousandth of a nat: where every
@@ -885,7 +892,7 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
         line = f"| {run.name} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{mean:.4f}** |"
         for name in refs:
             ref = run.references.get(name, {}).get("mean_loss", float("nan"))
-            line += f" {ref:.4f} | {ref - mean:+.4f} ({1 - mean / ref:+.1%}) |"
+            line += f" {ref:.4f} | {signed(ref - mean, 4)} ({signed(100 * (1 - mean / ref), 1)}%) |"
         lines.append(line)
     if refs:  # where on the ratio grid the model gains: nats below the strongest reference per ratio
         strongest = min(
@@ -902,7 +909,9 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
         for run in runs:
             ref = run.references.get(strongest, {}).get("loss", {})
             losses = run.final_eval.get("loss", {})
-            cells = " | ".join(f"{ref[r] - losses[r]:+.4f}" if r in ref and r in losses else "" for r in grid)
+            cells = " | ".join(
+                f"{signed(ref[r] - losses[r], 4)}" if r in ref and r in losses else "" for r in grid
+            )
             lines.append(f"| {run.name} | {cells} |")
     return lines
 
@@ -1266,7 +1275,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
             for row in rows:
                 c = row["cmp"]
                 lines.append(
-                    f"| {row['protocol']} | {row['vs']} | {c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+                    f"| {row['protocol']} | {row['vs']} | {signed(c['mean_difference'])} [{signed(c['ci_low'])}, {signed(c['ci_high'])}] | "
                     f"±{detectable_difference(c):.3f} | {c['p_value']:.2g} | {c['wins']}/{c['n']} | "
                     f"{verdict(c, 'better', 'worse')} |"
                 )
@@ -1275,7 +1284,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [f"![{fig.stem}](figures/{fig.name})", ""]
 
     if cfg.embedding is not None:
-        title = cfg.embedding.title or f"X_biomask, by {cfg.embedding.color}"
+        title = cfg.embedding.title  # None: the embedding and the checkpoint it came from
         fig = figures.umap(cfg.embedding.path, cfg.embedding.color, title, fig_dir / "umap.png")
         lines += [
             "## Embeddings",
