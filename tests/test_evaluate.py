@@ -57,6 +57,7 @@ def test_baselines_end_to_end(splice_store, tmp_path, cli, repo):
     assert "| one-hot + LR | onehot_lr |" in report and "±" in report
     # headed by the evaluation's own name: two evaluations of one store had one heading
     assert report.splitlines()[0] == f"# Evaluation {out.name}: {splice_store.name}"
+    assert f"Store: `{splice_store}`" in report
     assert (out / "confusion-one-hot-lr.csv").exists()
     assert results["notes"] == [
         "no checkpoints given (checkpoints.NAME=PATH): the baselines only; the protocols and random_init "
@@ -443,7 +444,7 @@ def test_a_knn_graph_of_8192_records_or_more_builds_in_the_pinned_environment():
     assert adata.obsp["connectivities"].shape == (8192, 8192) and adata.obsp["distances"].nnz >= 8192 * 14
 
 
-def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(monkeypatch):
+def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(monkeypatch, tmp_path):
     """A scientist's environment upgraded to pynndescent 0.7 after installing biomask met scanpy's bare
     AttributeError once the models were done: the versions and the fix are named instead."""
     import scanpy as sc
@@ -461,6 +462,19 @@ def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(mon
         match=r"pynndescent .* install the version biomask requires: pip install 'pynndescent<0.7'",
     ):
         cluster_scores(x, np.arange(40) % 2, seed=0)
+    import pandas as pd
+
+    from biomask.embedding.plots import umap_png
+
+    with pytest.raises(BiomaskError, match="pynndescent<0.7"):  # embed's and the report's UMAP too
+        umap_png(x.astype(np.float32), pd.Series(["a", "b"] * 20, name="kind"), tmp_path / "u.png", title="t")
+
+    def other(*args, **kwargs):
+        raise AttributeError("some other bug")
+
+    monkeypatch.setattr(sc.pp, "neighbors", other)
+    with pytest.raises(AttributeError, match="some other bug"):  # not blamed on pynndescent
+        cluster_scores(x, np.arange(40) % 2, seed=0)
 
 
 def test_a_compare_pair_naming_no_checkpoint_is_refused_not_left_out():
@@ -475,8 +489,12 @@ def test_a_compare_pair_naming_no_checkpoint_is_refused_not_left_out():
         ConfigError, match=r"compare: 'beta' names no checkpoint .* compared as such, e\.g\. beta@0"
     ):
         load_config(EvaluateConfig, None, [*base, "compare=[[beta, logit]]"])
-    cfg = load_config(EvaluateConfig, None, [*base, "compare=[[beta@0, logit@0], [beta@0, random-init]]"])
-    assert cfg.compare == [["beta@0", "logit@0"], ["beta@0", "random-init"]]
+    cfg = load_config(
+        EvaluateConfig,
+        None,
+        [*base, "compare=[[beta@0, logit@0], [beta@0, random-init], [chosen on val, random-init]]"],
+    )
+    assert cfg.compare == [["beta@0", "logit@0"], ["beta@0", "random-init"], ["chosen on val", "random-init"]]
 
 
 def test_batch_mixing_counts_each_label_and_batch_once():
@@ -530,3 +548,21 @@ def test_the_expression_matrix_is_the_stores_values_cell_by_cell(pbmc_store, tmp
             assert np.array_equal(getattr(matrix, name), getattr(reference, name)), name
         if store == panel:  # the case that matters: zeros were most of what was stored
             assert stored_zeros > matrix.nnz and matrix.shape[1] == vocab - NUM_SPECIAL
+    # a gene every record holds at 0 keeps its column (the baselines' feature count), a gene no record
+    # names has none
+    from types import SimpleNamespace
+
+    from biomask.evaluation.data import LabelledRecords
+
+    records = [
+        {"tokens": np.array([5, 6, 7]), "values": np.array([1.0, 0.0, 2.0], dtype=np.float32)},
+        {"tokens": np.array([5, 6, 7]), "values": np.array([0.0, 0.0, 3.0], dtype=np.float32)},
+    ]
+    store = SimpleNamespace(manifest={"tokenizer": {"vocab_size": 9}})
+    data = LabelledRecords(
+        store, np.zeros(2, dtype=np.int64), np.array(["train"] * 2), [("train", 0), ("train", 1)]
+    )
+    data.__dict__["_splits"] = {"train": records}
+    matrix = data.expression
+    assert matrix.shape == (2, 3) and matrix.nnz == 3
+    assert matrix.toarray().tolist() == [[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]]

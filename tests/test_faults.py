@@ -491,7 +491,7 @@ def test_header_quirks_are_named(tmp_path, cli):
         ("case", f"id,Sequence,label\na,{seq},x\n", "case-sensitive: the header has 'Sequence'"),
         ("none", f"a,{seq},x\n", "the table has no header line"),
         ("fasta", f">a|x\n{seq}\n", "looks like FASTA, not a table"),
-        ("genbank", f"LOCUS       a  24 bp    DNA\nORIGIN\n        1 {seq.lower()}\n//\n", "looks like GenBank, not a table"),
+        ("genbank", f"LOCUS       a  24 bp    DNA\nORIGIN\n        1 {seq.lower()}\n//\n", "looks like GenBank, not a table (set `format: genbank`"),
     ):  # fmt: skip
         table = tmp_path / f"{name}.csv"
         table.write_text(text)
@@ -925,6 +925,22 @@ def test_a_loom_anndata_wrote_is_read_and_one_naming_neither_says_what_it_has(tm
         f["col_attrs/CellID"] = barcodes.astype("S")
     code, _, err = cells(tmp_path, cli, odd)
     assert code == 2 and str(odd) in err and "symbol" in err and "anndata.read_loom" in err, err
+    assert "gene names" in err
+    no_cells = tmp_path / "no-cells.loom"
+    with h5py.File(no_cells, "w") as f:
+        f["matrix"] = counts.T.astype(np.float32)
+        f["row_attrs/Gene"] = genes.astype("S")
+        f["col_attrs/barcode"] = barcodes.astype("S")
+    code, _, err = cells(tmp_path, cli, no_cells)
+    assert code == 2 and "cell ids" in err and "CellID" in err and "barcode" in err, err
+    both = tmp_path / "both.loom"  # loompy's name wins; the index is not also a column
+    with h5py.File(both, "w") as f:
+        f["matrix"] = counts.T.astype(np.float32)
+        f["row_attrs/Gene"] = genes.astype("S")
+        f["row_attrs/var_names"] = np.array([f"other{i}" for i in range(len(genes))], dtype="S")
+        f["col_attrs/CellID"] = barcodes.astype("S")
+    adata = biomask.read_cells(both)
+    assert list(adata.var_names) == list(genes) and "Gene" not in adata.var.columns
     no_traceback(err)
     assert not (tmp_path / "cells").exists()
 
@@ -958,6 +974,12 @@ def test_genes_scanpy_made_unique_are_said_when_the_vocabulary_leaves_them_out(t
     )
     assert code == 0, err
     assert f"{genes[3]}-1 beside {genes[3]}" in err and "their counts are left out" in err, err
+    assert "sum them in the AnnData" in err
+    from biomask.cells.genes import made_unique_note
+
+    assert made_unique_note(np.array(["A", "A-1"], dtype=object), ["A", "A-1"]) is None  # a gene of its own
+    assert made_unique_note(np.array(["A-1"], dtype=object), ["A"]) is None  # no A beside it
+    assert made_unique_note(np.array(["B", "B-1"], dtype=object), ["A"]) is None  # B is not the model's
 
 
 def test_duplicate_cell_ids_are_reported(tmp_path, cli, pbmc_counts):

@@ -281,8 +281,12 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(
-        f"#!/bin/bash\nn=$(cat {tmp_path}/last 2>/dev/null || echo 40); echo $((n + 1)) | tee {tmp_path}/last\n"
+        f"#!/bin/bash\nenv > {tmp_path}/sbatch-env\n"
+        f"n=$(cat {tmp_path}/last 2>/dev/null || echo 40); echo $((n + 1)) | tee {tmp_path}/last\n"
     )
+    # a numba folder biomask chose for this (login) node is not passed on to the jobs
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/biomask-numba-0")
+    monkeypatch.setenv("BIOMASK_SET_NUMBA_CACHE_DIR", "/tmp/biomask-numba-0")
     state = tmp_path / "state"
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "JobId=$4 JobState=$(cat {state}) Reason=None"\n')
     for tool in ("sbatch", "scontrol"):
@@ -292,6 +296,8 @@ def test_a_second_submit_while_the_first_jobs_may_still_run_is_refused(
     assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0
     first = jobs.read_text()
     assert json.loads(first)["stages"]["prep_genome"]["job_id"] == "41"
+    passed = (tmp_path / "sbatch-env").read_text()
+    assert "NUMBA_CACHE_DIR" not in passed and f"PATH={bin_dir}" in passed
     for current in ("PENDING", "RUNNING", "REQUEUED"):
         state.write_text(current)
         code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)

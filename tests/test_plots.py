@@ -101,3 +101,8 @@ def test_report_runs_take_their_schemes_colour_and_their_own_line():
     assert len({s["color"] for s in styles[:3]}) == 1 and len({s["color"] for s in styles[3:]}) == 1
     assert styles[0]["color"] != styles[3]["color"]
     assert len({(s["color"], s["ls"], s["marker"]) for s in styles}) == 6
+    fixed = [
+        {"scheme": "fixed", "ratio": {"kind": "fixed", "value": v, "granularity": "batch"}}
+        for v in (0.15, 0.4)
+    ]
+    assert len({s["color"] for s in _run_styles([SimpleNamespace(masking=m) for m in fixed])}) == 2

@@ -1299,13 +1299,25 @@ try:
         kernel_mod.f(3)
 except EnvironmentIOError as exc:
     print(exc)
+# outside an output too (the command line's handler of file-system errors): named as numba's
+sys.path.remove(str(root))
+sys.modules.pop("kernel_mod", None)
+(root / "kernel_mod.py").write_text("import numba\\n@numba.njit(cache=True)\\ndef g(x):\\n    return x + 1\\n")
+from biomask.errors import describe_os_error
+sys.path.insert(0, str(root))
+try:
+    import kernel_mod
+    kernel_mod.g(3)
+except OSError as exc:
+    print("HANDLER", describe_os_error(exc))
 """
     )
     (tmp_path / "c").mkdir()
     run = subprocess.run(
         [sys.executable, "-c", save, str(tmp_path / "c"), "1024"], capture_output=True, text=True
     )
-    said = run.stdout.strip()
+    said, handler = run.stdout.strip().split("\nHANDLER ")
+    assert handler.startswith("numba could not save its compiled code"), (handler, run.stderr)
     assert said.startswith(f"nothing was written to {tmp_path / 'c' / 'out'}: numba could not save"), (
         said,
         run.stderr,

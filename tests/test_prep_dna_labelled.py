@@ -10,6 +10,7 @@ import csv
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from biomask.dna.config import DNAPrepConfig
 from biomask.dna.prep import prep_dna
@@ -193,9 +194,41 @@ def test_a_table_that_is_not_utf8_is_refused_not_read_garbled(tmp_path, cli):
     cfg.write_text(f"inputs:\n  - path: {wide}\n    format: table\noutput: {tmp_path / 'out2'}\n")
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 2 and "UTF-16" in err and "save it as UTF-8" in err, err
-    # FASTA: a record name that is not UTF-8 is said (names are not results; the bases are read)
+    wide.write_bytes(("sequence\tlabel\r\n" + rows.replace(",", "\t")).encode("utf-16-le"))  # no BOM
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "UTF-16" in err, err
+    # the split and id columns too, and a header that is not UTF-8
+    split = tmp_path / "split.csv"
+    ascii_rows = rows.replace("exón", "exon").replace("exòn", "exon2")
+    split.write_bytes(("sequence,label,split\n" + ascii_rows.replace("\n", ",tést\n")).encode("cp1252"))
+    cfg.write_text(f"inputs:\n  - path: {split}\n    split_column: split\noutput: {tmp_path / 'out3'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "line 2: column 'split'" in err and "not UTF-8" in err, err
+    header = tmp_path / "header.csv"
+    header.write_bytes(("séquence,label\n" + rows).encode("cp1252"))
+    cfg.write_text(f"inputs:\n  - path: {header}\noutput: {tmp_path / 'out4'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 2 and "not UTF-8" in err, err
+    # embed reads tables with the same check
+    from biomask.dna.cleaning import Cleaner
+    from biomask.embedding.dna import read_sequence_table
+    from biomask.errors import InputError
+
+    table.write_bytes(("sequence,label\n" + rows).encode("cp1252"))
+    chunks = read_sequence_table(
+        table,
+        load_tokenizer(tmp_path / "out"),
+        Cleaner(),
+        sequence_column="sequence",
+        label_column="label",
+        id_column=None,
+        chunk_size=100,
+    )
+    with pytest.raises(InputError, match="column 'label' holds .* not UTF-8"):
+        list(chunks)
+    # FASTA: a record name that is not UTF-8 is said once (names are not results; the bases are read)
     fasta = tmp_path / "g.fa"
-    fasta.write_bytes(b">ex\xf3n_1\n" + b"ACGT" * 300 + b"\n")
+    fasta.write_bytes(b">ex\xf3n_1\n" + b"ACGT" * 300 + b"\n>ex\xe9n_2\n" + b"ACGT" * 300 + b"\n")
     import logging
 
     from biomask.dna.readers import log, read_fasta_blocks
@@ -205,7 +238,10 @@ def test_a_table_that_is_not_utf8_is_refused_not_read_garbled(tmp_path, cli):
     handler.emit = lambda record: said.append(record.getMessage())
     log.addHandler(handler)
     try:
-        assert [name for name, _, _ in read_fasta_blocks(fasta, block_size=1 << 20)] == ["ex\ufffdn_1"]
+        assert [name for name, _, _ in read_fasta_blocks(fasta, block_size=1 << 20)] == [
+            "ex\ufffdn_1",
+            "ex\ufffdn_2",
+        ]
     finally:
         log.removeHandler(handler)
     assert len(said) == 1 and "holds bytes that are not UTF-8" in said[0]

@@ -286,6 +286,15 @@ def test_a_full_cache_is_said_as_such_not_as_an_unreachable_network(tmp_path, mo
         )
     finally:
         server.shutdown()
+    import errno
+    import urllib.error
+
+    from biomask.datasets.sources import _local_write_error
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        assert _local_write_error(OSError(code, os.strerror(code)))
+    assert not _local_write_error(OSError(errno.ECONNRESET, "reset"))
+    assert not _local_write_error(urllib.error.URLError("refused"))
     assert run.returncode == 2, run.stderr
     assert "could not reach" not in run.stderr and str(tmp_path / "cache" / "big") in run.stderr
     assert "BIOMASK_DATA_DIR" in run.stderr

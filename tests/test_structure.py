@@ -181,7 +181,7 @@ def test_a_cell_scheme_that_cannot_serve_is_refused_where_it_is_registered():
     assert set(register(RankScheme)) == {"rank"}
 
 
-def test_a_scheme_built_on_the_panel_encodes_as_itself_and_counts_as_a_whole_profile(monkeypatch):
+def test_a_scheme_built_on_the_panel_encodes_as_itself_and_counts_as_a_whole_profile(monkeypatch, tmp_path):
     """A contributor's PanelScheme subclass (sqrt values instead of log1p) was registered and named in
     the manifest, yet `for_input` built a plain PanelScheme: prep and embed wrote log1p values under
     its name. And the report, `fit_cells` and the loss units recognised whole profiles by the name
@@ -207,6 +207,36 @@ def test_a_scheme_built_on_the_panel_encodes_as_itself_and_counts_as_a_whole_pro
     assert set(scheme.encode(block, np.ones(1, np.float32), np.arange(1)).values.tolist()) == {7.0}
     assert complete_profile("panel") and complete_profile("panel_sqrt")
     assert not complete_profile("binned") and not complete_profile("made-up") and not complete_profile(None)
+    # its users: the report's loss unit, and fit_cells' init_from (a binned model is refused by name)
+    import json
+
+    from biomask.embedding.fit import _check_init_from
+    from biomask.errors import InputError
+    from biomask.models import pretrained
+    from biomask.models.checkpoint_config import CHECKPOINT_FORMAT
+    from biomask.report.collect import PretrainRun
+
+    run = PretrainRun(
+        tmp_path,
+        "x",
+        {},
+        {"architecture": {"target": "values", "scheme": "panel_sqrt"}},
+        None,
+        None,
+        np.zeros(0),
+        {},
+    )
+    assert run.loss_unit == "standardised-MSE units"
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda path: None)  # the weights are not the point
+    for scheme in ("panel_sqrt", "binned", "rank"):
+        (tmp_path / scheme).mkdir()
+        (tmp_path / scheme / "config.json").write_text(
+            json.dumps({"format": CHECKPOINT_FORMAT, "modality": "cells", "scheme": scheme})
+        )
+    _check_init_from(tmp_path / "panel_sqrt")
+    for scheme in ("binned", "rank"):
+        with pytest.raises(InputError, match=f"of the {scheme} scheme; fit_cells continues"):
+            _check_init_from(tmp_path / scheme)
 
 
 def test_the_model_card_names_every_schemes_ratio_as_trained():
