@@ -279,6 +279,35 @@ def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, 
 
 
 @pytest.mark.network
+def test_continuing_a_checkpoint_on_records_of_another_scheme_is_refused(profile_checkpoint, tmp_path, cli):
+    """A store prepared with the checkpoint's tokenizer but another scheme (the same genes, other
+    values) passed the tokenizer check: the model went on learning from values of another kind."""
+    from biomask.cells.config import CellsPrepConfig
+    from biomask.cells.prep import prep_cells
+    from biomask.config import load_config
+    from tests.cells_store import REPO
+
+    binned = prep_cells(
+        load_config(
+            CellsPrepConfig,
+            REPO / "configs" / "cells" / "pbmc68k_reduced.yaml",
+            [
+                f"output={tmp_path / 'binned'}",
+                f"tokenizer.path={profile_checkpoint / 'tokenizer'}",
+                "tokenizer.scheme=binned",
+            ],
+        )
+    )
+    out = tmp_path / "cont"
+    code, _, err = cli(
+        "pretrain", "-c", REPO / "configs/pretrain/cells-mlp.yaml", f"data.store={binned}",
+        f"model.init_from={profile_checkpoint}", "train.steps=2", f"output={out}",
+    )  # fmt: skip
+    assert code == 2 and "was trained on panel records" in err and "tokenizer.scheme=panel" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.network
 def test_embed_is_redone_when_its_checkpoint_is_retrained_into_the_same_weights(panel_store, tmp_path, cli):
     """model.embed_norm changes what a checkpoint embeds, not its weights: retrained with another
     embed_norm, the same `biomask embed` was reused (the vectors of the other setting, with no word;

@@ -64,6 +64,10 @@ def test_baselines_end_to_end(splice_store, tmp_path, cli, repo):
         "run on checkpoints"
     ]
     assert "**Notes:**\n- no checkpoints given" in report
+    # a compare name the config allows but this run has no rows of: refused before any seed runs
+    code, _, err = cli(*args, "compare=[[random-init, chosen on val]]", f"output={tmp_path / 'cmp'}")
+    assert code == 2 and "compare: 'random-init' has no rows in this evaluation" in err, err
+    assert not (tmp_path / "cmp").exists()
     assert cli(*args)[0] == 0 and "up to date" in cli(*args)[2]  # reused
     # as a pipeline starts it, a process of its own: reused before scikit-learn or torch is imported
     script = "import sys; from biomask.cli import main; rc = main(sys.argv[1:]); print(sorted({'sklearn', 'torch'} & set(sys.modules))); sys.exit(rc)"

@@ -757,14 +757,29 @@ def test_a_submit_names_the_datasets_its_jobs_would_fetch(tmp_path, cli, monkeyp
     code, out, err = cli("pipeline", "submit", "--dry-run", path)
     dataset = yaml.safe_load(Path(GENOME).read_text())["inputs"][0]["dataset"]
     assert code == 0, err
-    assert f"not in the dataset cache ({tmp_path / 'empty-cache'}): {dataset}" in out
-    assert f"biomask datasets fetch {dataset}" in out
+    assert f"not in the dataset cache the jobs read ({tmp_path / 'empty-cache'}): {dataset}" in out
+    assert f"biomask datasets fetch {dataset} --data-dir {tmp_path / 'empty-cache'}" in out
     monkeypatch.delenv("BIOMASK_DATA_DIR")  # the shared cache holds it (fetched by the fixtures)
     from biomask import datasets
 
     datasets.fetch(dataset)
     code, out, err = cli("pipeline", "submit", "--dry-run", path)
     assert code == 0 and "not in the dataset cache" not in out, err
+    # the cache the jobs read is the pipeline's env, where it sets one; embed's input by name counts
+    stages["e"] = {"command": "embed", "config": f"{REPO}/configs/embed/pbmc68k_reduced.yaml",
+                   "overrides": {"checkpoint": str(tmp_path / "some-checkpoint")}}  # fmt: skip
+    path = pipeline(
+        tmp_path,
+        stages,
+        run_dir=str(tmp_path / "fresh"),
+        env={"BIOMASK_DATA_DIR": str(tmp_path / "job-cache")},
+    )
+    code, out, err = cli("pipeline", "submit", "--dry-run", path)
+    assert code == 0, err
+    assert (
+        f"not in the dataset cache the jobs read ({tmp_path / 'job-cache'}): {dataset}, pbmc68k_reduced"
+        in out
+    )
 
 
 def test_status_rows_of_an_array_slurm_forgot_are_per_task_never_one_for_all(tmp_path):

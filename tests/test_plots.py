@@ -106,3 +106,19 @@ def test_report_runs_take_their_schemes_colour_and_their_own_line():
         for v in (0.15, 0.4)
     ]
     assert len({s["color"] for s in _run_styles([SimpleNamespace(masking=m) for m in fixed])}) == 2
+    # eleven arms: the eleventh shares the first's colour, not its look; arms that differ in another
+    # setting than masking (a sweep of mask_indicator) are arms too; the seed is not
+    many = [{"scheme": "fixed", "ratio": {"kind": "fixed", "value": v / 100}} for v in range(5, 60, 5)]
+    styles = _run_styles([SimpleNamespace(masking=m) for m in many])
+    assert len({tuple(s.values()) for s in styles}) == 11
+    one = many[0]
+    arms = [
+        SimpleNamespace(
+            masking=one,
+            config={"model": {"mask_indicator": flag}, "train": {"seed": seed}, "output": f"o{seed}"},
+        )
+        for flag in (True, False)
+        for seed in (0, 1)
+    ]
+    styles = _run_styles(arms)
+    assert styles[0]["color"] == styles[1]["color"] != styles[2]["color"] == styles[3]["color"]

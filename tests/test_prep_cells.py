@@ -1280,6 +1280,15 @@ print(kernels.use_writable_cache())
     assert run.stdout.strip() == str(tmp_path / "a" / "tmp" / f"biomask-numba-{os.getuid()}"), run.stdout
     assert "cannot be written: compiling into" in run.stderr
     assert not list((tmp_path / "a" / "home-cache" / "numba").iterdir())  # the probe file is gone
+    # a probe a killed run left (the next container has its PID) does not send later runs elsewhere
+    from biomask.cells import kernels
+
+    home = tmp_path / "home-numba"
+    home.mkdir()
+    stale = home / f".biomask-probe-{os.getpid()}"
+    stale.write_bytes(b"left by a kill")
+    os.utime(stale, (0, 0))
+    assert kernels._room_for_a_cache(home) and not stale.exists() and not list(home.iterdir())
     (tmp_path / "b").mkdir()  # room enough: numba's own place is kept
     run = subprocess.run(
         [sys.executable, "-c", probe, str(tmp_path / "b"), str(8 << 20)], capture_output=True, text=True

@@ -209,6 +209,12 @@ def test_a_table_that_is_not_utf8_is_refused_not_read_garbled(tmp_path, cli):
     cfg.write_text(f"inputs:\n  - path: {header}\noutput: {tmp_path / 'out4'}\n")
     code, _, err = cli("prep", "dna", "-c", cfg)
     assert code == 2 and "not UTF-8" in err, err
+    # a U+FFFD the UTF-8 file itself holds is text like any other, not an encoding error
+    valid = tmp_path / "valid.csv"
+    valid.write_text("sequence,label\n" + rows.replace("exón", "ex\ufffdn"), encoding="utf-8")
+    cfg.write_text(f"inputs:\n  - path: {valid}\noutput: {tmp_path / 'out5'}\n")
+    code, _, err = cli("prep", "dna", "-c", cfg)
+    assert code == 0 and "ex\ufffdn" in TokenStore(tmp_path / "out5").label_names, err
     # embed reads tables with the same check
     from biomask.dna.cleaning import Cleaner
     from biomask.embedding.dna import read_sequence_table

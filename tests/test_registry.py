@@ -242,6 +242,35 @@ def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
     assert code == 3 and "dataset 'faraway' is not in the cache" in err, err
     assert "biomask datasets fetch faraway" in err and "BIOMASK_DATA_DIR" in err
     assert not (tmp_path / "store").exists()
+    # fetched into a folder of the user's: the command to run names it
+    code, _, err = cli("datasets", "fetch", "faraway", "--data-dir", tmp_path / "cache")
+    assert code == 3 and f"`biomask datasets fetch faraway --data-dir {tmp_path / 'cache'}`" in err, err
+
+
+def test_a_forced_fetch_that_fails_keeps_the_cached_copy_and_says_so(tmp_path, monkeypatch, cli):
+    """`datasets fetch --force` with the source unreachable said the dataset "is not in the cache"
+    and to fetch it: the verified copy was there, and is kept."""
+    genome = b">a\nACGTACGT\n"
+    (tmp_path / "g.fa").write_bytes(genome)
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        f"""  faraway:
+    description: nowhere
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "http://127.0.0.1:9/genome.fa"}}
+    sha256: "{sha256_file(tmp_path / "g.fa")}"
+    licence: none
+""",
+    )
+    cached = tmp_path / "cache" / "faraway" / "genome.fa"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(genome)
+    code, _, err = cli("datasets", "fetch", "faraway", "--force", "--data-dir", tmp_path / "cache")
+    assert code == 3 and "fetching it again failed" in err and "the copy in the cache is kept" in err, err
+    assert "is not in the cache" not in err and cached.read_bytes() == genome
 
 
 def test_a_full_cache_is_said_as_such_not_as_an_unreachable_network(tmp_path, monkeypatch):

@@ -233,18 +233,21 @@ def test_a_scheme_built_on_the_panel_encodes_as_itself_and_counts_as_a_whole_pro
         (tmp_path / scheme / "config.json").write_text(
             json.dumps({"format": CHECKPOINT_FORMAT, "modality": "cells", "scheme": scheme})
         )
-    _check_init_from(tmp_path / "panel_sqrt")
-    for scheme in ("binned", "rank"):
+    # fit_cells prepares the panel scheme itself: a checkpoint of another one, even a panel subclass,
+    # is refused before it is continued on values of the wrong kind (it then refused its own output)
+    for scheme in ("panel_sqrt", "binned", "rank"):
         with pytest.raises(InputError, match=f"of the {scheme} scheme; fit_cells continues"):
             _check_init_from(tmp_path / scheme)
+    with pytest.raises(InputError, match="biomask pretrain model.init_from"):
+        _check_init_from(tmp_path / "panel_sqrt")
 
 
 def test_the_model_card_names_every_schemes_ratio_as_trained():
     """The exported card spelled out R²MAE's range only: "Masking: beta_sample" hid what it trained on."""
-    from biomask.export.hf import masking_text
+    from biomask.export.hf import card_masking
 
     assert (
-        masking_text(
+        card_masking(
             {
                 "scheme": "r2mae",
                 "ratio": {"kind": "uniform", "low": 0.15, "high": 0.45, "granularity": "batch"},
@@ -253,11 +256,11 @@ def test_the_model_card_names_every_schemes_ratio_as_trained():
         == "R²MAE, mask ratio ~ U(0.15, 0.45) per batch"
     )
     assert (
-        masking_text({"scheme": "fixed", "ratio": {"kind": "fixed", "value": 0.4, "granularity": "batch"}})
+        card_masking({"scheme": "fixed", "ratio": {"kind": "fixed", "value": 0.4, "granularity": "batch"}})
         == "fixed, mask ratio 40%"
     )
     assert (
-        masking_text(
+        card_masking(
             {
                 "scheme": "scgpt",
                 "ratio": {"kind": "discrete", "values": [0.25, 0.5, 0.75], "granularity": "sample"},

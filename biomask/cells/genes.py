@@ -154,7 +154,7 @@ def made_unique_note(names: np.ndarray, vocabulary: list[str]) -> str | None:
     shown = ", ".join(f"{copy} beside {gene}" for copy, gene in pairs[:3])
     return (
         f"{len(pairs):,} of its genes {'is' if len(pairs) == 1 else 'are'} named as scanpy's var_names_make_unique names a second gene of the "
-        f"same symbol ({shown}{', ...' if len(pairs) > 3 else ''}) and are not in the vocabulary: their counts "
+        f"same symbol ({shown}{', ...' if len(pairs) > 3 else ''}) and {'is' if len(pairs) == 1 else 'are'} not in the vocabulary: their counts "
         "are left out. To count them in their symbol's gene, read the 10x file with biomask (it sums genes "
         "that share a name) or sum them in the AnnData first; to leave them out, nothing to do"
     )

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,15 +66,21 @@ _PROBE_BYTES = 1 << 20
 
 
 def _room_for_a_cache(folder: Path) -> bool:
-    """Whether `folder` takes a file of `_PROBE_BYTES` (written, closed, removed)."""
-    probe = folder / f".biomask-probe-{os.getpid()}"
+    """Whether `folder` takes a file of `_PROBE_BYTES` (written, closed, removed). Random bytes: a
+    file system that compresses stores zeros as nothing. A unique name: a probe a killed run left
+    (its PID is the next container's too) must not make every later run look elsewhere; such
+    leftovers over an hour old are removed."""
+    for old in folder.glob(".biomask-probe-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.lstat().st_mtime > 3600:
+                old.unlink()
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd, name = tempfile.mkstemp(prefix=".biomask-probe-", dir=folder)
     except OSError:
         return False
     try:
         try:
-            written = os.write(fd, b"\0" * _PROBE_BYTES)
+            written = os.write(fd, os.urandom(_PROBE_BYTES))
         finally:
             os.close(fd)  # NFS reports a full quota here
         return written == _PROBE_BYTES
@@ -81,7 +88,7 @@ def _room_for_a_cache(folder: Path) -> bool:
         return False
     finally:
         with contextlib.suppress(OSError):
-            probe.unlink()
+            os.unlink(name)
 
 
 def use_writable_cache() -> Path | None:

@@ -549,7 +549,7 @@ def _attrs_frame(group: h5py.Group, index_keys: tuple[str, ...], where: str) -> 
             f"{where}: no {wanted} (its {group.name} are: {', '.join(attrs) or 'none'}); name the one "
             f"holding the {'gene names' if index_keys == _LOOM_GENES else 'cell ids'} {index_keys[0]} "
             f"(h5py: f['{group.name}/{index_keys[0]}'] = f['{group.name}/<name>']), or convert the file: "
-            "anndata.read_loom(path, var_names=..., obs_names=...).write_h5ad(...)"
+            "anndata.read_loom(path, var_names=..., obs_names=...).write_h5ad(...) (read_loom needs loompy: pip install loompy)"
         )
     columns = {
         key: _strings(group[key][:]) if group[key].dtype.kind in "SO" else group[key][:]

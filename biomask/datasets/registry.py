@@ -200,14 +200,7 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
         try:
             return _fetch_into(name, entry, path, directory)
         except FetchError as exc:
-            # where this happens most is a cluster's compute node, without network, fetching a dataset
-            # that was never fetched, or fetched into another cache than the one the job looks in
-            raise FetchError(
-                f"dataset {name!r} is not in the cache ({path}), and fetching it failed: {exc}\nOn a machine "
-                f"without network (a cluster's compute node), fetch it where there is network first: "
-                f"`biomask datasets fetch {name}`, into the cache the jobs read (BIOMASK_DATA_DIR; now "
-                f"{data_dir(directory)})"
-            ) from None
+            raise FetchError(_fetch_failed(name, path, directory, exc, kept=digest == entry.sha256)) from None
 
 
 def _digest_or_none(path: Path) -> str | None:
@@ -239,6 +232,28 @@ def _fetch_lock(folder: Path, name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _fetch_failed(
+    name: str, path: Path, directory: str | os.PathLike | None, exc: FetchError, *, kept: bool
+) -> str:
+    """A failed fetch, said for where it happens most: a cluster's compute node without network,
+    for a dataset never fetched, or fetched into another cache than the one the job reads."""
+    if kept:  # --force: the verified copy stays
+        return f"dataset {name!r}: fetching it again failed ({exc}); the copy in the cache is kept: {path}"
+    said = f"dataset {name!r} is not in the cache ({path}), and fetching it failed: {exc}"
+    if not str(exc).startswith("could not reach"):
+        return said  # the source answered (an HTTP error, a changed file): another machine would not help
+    where = f" --data-dir {directory}" if directory else ""
+    cache = (
+        f"the cache the commands read: BIOMASK_DATA_DIR={os.environ['BIOMASK_DATA_DIR']}"
+        if os.environ.get("BIOMASK_DATA_DIR") and not directory
+        else f"the cache the commands read ({data_dir(directory)}; BIOMASK_DATA_DIR or --data-dir choose another)"
+    )
+    return (
+        f"{said}\nOn a machine without network (a cluster's compute node), fetch it first where there is "
+        f"network: `biomask datasets fetch {name}{where}`, into {cache}"
+    )
 
 
 def _fetch_into(name: str, entry: DatasetEntry, path: Path, directory: str | os.PathLike | None) -> Path:

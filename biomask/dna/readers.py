@@ -95,10 +95,21 @@ def open_binary(path: str | os.PathLike, on_read: Callable[[int], None] | None =
     return stream
 
 
-def open_text(path: str | os.PathLike) -> IO[str]:
+def open_text(path: str | os.PathLike, errors: str = "replace") -> IO[str]:
     """Open a text file (gzip or plain) for reading; a UTF-8 byte-order mark (spreadsheet exports) is
-    skipped, undecodable bytes become U+FFFD."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors="replace", newline=None)
+    skipped, undecodable bytes become U+FFFD (`errors="surrogateescape"`: lone surrogates, which a
+    valid UTF-8 file never holds, so `undecodable` tells them from a U+FFFD the file itself holds)."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors=errors, newline=None)
+
+
+def undecodable(text: str) -> bool:
+    """Whether text read with `errors="surrogateescape"` held bytes that are not UTF-8."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def shown(text: str) -> str:
+    """Text read with surrogateescape as a message shows it: its undecodable bytes as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
@@ -210,9 +221,13 @@ class _FastaState:
                 yield from self.finish()
                 self.count += 1
                 # UTF-8, as files are written now: two non-ASCII names stay two names
-                title = data[pos + 1 : end].decode("utf-8", errors="replace").strip()
+                raw = data[pos + 1 : end]
+                try:
+                    title, odd = raw.decode("utf-8").strip(), False
+                except UnicodeDecodeError:
+                    title, odd = raw.decode("utf-8", errors="replace").strip(), True
                 self.name = title.split(None, 1)[0] if title else f"record{self.count}"
-                if "\ufffd" in self.name and not self.said_encoding:
+                if odd and "\ufffd" in self.name and not self.said_encoding:
                     self.said_encoding = True
                     log.warning(
                         "%s: record %d's name %r holds bytes that are not UTF-8 (shown as U+FFFD); names "
@@ -319,9 +334,10 @@ def header_hint(
     """What to say when a table's header lacks `column`: a header name that differs only by spaces
     or case, a FASTA file, no header line at all, a comment line above it, or a separator the
     reader did not split on."""
-    if "\x00" in first or first.startswith("\ufffd\ufffd"):  # UTF-16's BOM and zero bytes
+    # UTF-16's zero bytes, or its byte-order mark (read as U+FFFD, or as surrogates)
+    if "\x00" in first or first[:2] in ("\ufffd\ufffd", "\udcff\udcfe", "\udcfe\udcff"):
         return ". The file is UTF-16 text (Excel's 'Unicode Text', Windows PowerShell's '>'): save it as UTF-8 (Excel: 'CSV UTF-8')"
-    if "\ufffd" in first:
+    if undecodable(first):
         return f". {NOT_UTF8}"
     for name in header or []:
         if column is not None and name != column and name.strip() == column:
@@ -387,11 +403,11 @@ NOT_UTF8 = (
 
 
 def check_decoded(path: Path, line: int, column: str, value: str) -> None:
-    """A field holding bytes that are not UTF-8 (read as U+FFFD): a label would be stored garbled, and
-    two labels differing in one accented letter would become one class."""
-    if "\ufffd" in value:
+    """A field holding bytes that are not UTF-8 (the file read with surrogateescape): a label would be
+    stored garbled, and two labels differing in one accented letter would become one class."""
+    if undecodable(value):
         raise InputError(
-            f"{path}, line {line}: column {column!r} holds {value!r}, bytes that are not UTF-8. {NOT_UTF8}"
+            f"{path}, line {line}: column {column!r} holds {shown(value)!r}, bytes that are not UTF-8. {NOT_UTF8}"
         )
 
 
@@ -426,7 +442,7 @@ def read_table(
 ) -> Iterator[LabelledSequence]:
     """Yield the rows of a CSV/TSV (optionally gzipped) with sequence, label and optional split/id columns."""
     path = Path(path)
-    with open_text(path) as handle, decompression_errors(path):
+    with open_text(path, errors="surrogateescape") as handle, decompression_errors(path):
         first = handle.readline()
         if not first.strip():
             raise InputError(f"{path} is empty: expected a table with a header row")
@@ -440,7 +456,7 @@ def read_table(
         for role, column in wanted:
             if column not in header:
                 raise InputError(
-                    f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
+                    f"{path}: no {role} column {column!r} in the header (columns: {shown(', '.join(header))}); "
                     f"set `{role}_column` on this input (inputs[].{role}_column) in the config"
                     + header_hint(first, delimiter, column=column, header=header)
                 )
@@ -463,7 +479,12 @@ def read_table(
                 )
             split = (row.get(split_column) or "").strip() if split_column else None
             record_id = (row.get(id_column) or "").strip() if id_column else f"{path.name}:{line}"
-            for column, value in ((label_column, label), (split_column, split), (id_column, record_id)):
+            for column, value in (
+                (sequence_column, sequence),
+                (label_column, label),
+                (split_column, split),
+                (id_column, record_id),
+            ):
                 if column and value:
                     check_decoded(path, line, column, value)
             yield LabelledSequence(record_id, sequence, label, split or None, str(path), line)

@@ -27,6 +27,7 @@ from biomask.dna.readers import (
     header_hint,
     open_text,
     read_fasta_blocks,
+    shown,
 )
 from biomask.dna.tokenizers import DNATokenizer, load_tokenizer
 from biomask.embedding.config import DNASpec
@@ -140,7 +141,7 @@ def read_sequence_table(
 ) -> Iterator[Chunk]:
     """Rows of a CSV/TSV: a sequence column, optionally a label and an id column. The label column
     is copied when present, unless the user named it (`label_required`): then it must be there."""
-    with open_text(path) as handle, decompression_errors(path):
+    with open_text(path, errors="surrogateescape") as handle, decompression_errors(path):
         first = handle.readline()
         if not first.strip():
             raise InputError(f"{path} is empty: expected a table with a header row")
@@ -151,7 +152,7 @@ def read_sequence_table(
         for role, column in required + ((("label", label_column),) if label_required else ()):
             if column is not None and column not in header:
                 raise InputError(
-                    f"{path}: no {role} column {column!r} in the header (columns: {', '.join(header)}); "
+                    f"{path}: no {role} column {column!r} in the header (columns: {shown(', '.join(header))}); "
                     f"set dna.{role}_column"
                     + header_hint(first, delimiter, settable=False, column=column, header=header)
                 )

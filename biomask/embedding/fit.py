@@ -524,13 +524,21 @@ def _check_init_from(init: Path) -> None:
     from biomask.models.pretrained import load_pretrained, read_checkpoint_config
 
     info = read_checkpoint_config(init)
-    if info.get("modality") != "cells" or not complete_profile(info.get("scheme")):
+    # fit_cells prepares the cells with the panel scheme itself: a scheme built on the panel (other
+    # values) would be continued on the panel's log1p values and refuse its own output afterwards
+    if info.get("modality") != "cells" or info.get("scheme") != "panel":
         what = f"a {info.get('modality')} checkpoint"
         if info.get("modality") == "cells":
             what += f" of the {info.get('scheme')} scheme"
+        other = (
+            ": continue it with `biomask prep cells` (tokenizer.path=<checkpoint>/tokenizer, its scheme) and "
+            "`biomask pretrain model.init_from=<checkpoint>`"
+            if info.get("modality") == "cells" and complete_profile(info.get("scheme"))
+            else ""
+        )
         raise InputError(
             f"init_from {init}: {what}; fit_cells continues a cells checkpoint trained on a gene "
-            "panel (a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`)"
+            f"panel (the panel scheme; a profile model, e.g. configs/pretrain/cells-mlp.yaml's `<run>/model`){other}"
         )
     # weights, tokenizer and panel checked against their digests now, not after the prep they would waste
     load_pretrained(init)

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from biomask.errors import InputError
 from biomask.evaluation import baselines, clustering
 from biomask.evaluation.config import EvaluateConfig
 from biomask.evaluation.data import LabelledRecords, load_labelled, seed_split
@@ -237,6 +238,14 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
         log.warning("%s", message)
         notes.append(message)
     methods += extra_methods or []
+    groups = {m.group for m in methods}
+    for pair in cfg.compare:  # a name the config allows but this run has no rows of (random_init: false)
+        absent = [name for name in pair if name not in groups]
+        if absent:
+            raise InputError(
+                f"compare: {absent[0]!r} has no rows in this evaluation (random_init and select_on_val "
+                f"add theirs when true); the rows' names: {', '.join(sorted(groups - {'baseline'}))}"
+            )
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     split_sizes = []  # the records each seed's splits actually hold (the report header prints them)
     with baselines.fit_threads(cfg.num_workers):  # the C grids' fits side by side, on num_workers

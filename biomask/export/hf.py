@@ -230,7 +230,7 @@ def _held_out_lines(info: dict[str, Any]) -> str:
     )
 
 
-def masking_text(masking: dict[str, Any]) -> str:
+def card_masking(masking: dict[str, Any]) -> str:
     """The card's masking line: the scheme and its ratio as trained (a scheme's own range or the
     config's), as the report names it; "Masking: beta_sample" hid a Beta(2, 5) on [0.15, 0.45]."""
     ratio = masking.get("ratio") or {}
@@ -249,7 +249,7 @@ def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
     name = config["biomask"]["exported_from"]
     dna = model.config.modality == "dna"
     modality = "DNA" if dna else "single-cell expression"
-    scheme = masking_text(info.get("masking") or {})
+    scheme = card_masking(info.get("masking") or {})
     training = info.get("training") or {}
     data = info.get("data") or {}
     sources = ", ".join(

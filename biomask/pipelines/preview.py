@@ -69,11 +69,13 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
     return previews
 
 
-def uncached_datasets(plan: Plan, selected: Sequence[str]) -> list[str]:
-    """Registry datasets the selected tasks' inputs name (`inputs[].dataset`) that are not in the cache:
-    a job would fetch them, on a compute node often without network."""
+def uncached_datasets(plan: Plan, selected: Sequence[str]) -> tuple[list[str], Path]:
+    """Registry datasets the selected tasks read (`inputs[].dataset`, embed's `input` by name) that are
+    not in the cache the jobs will read (the pipeline's `env` BIOMASK_DATA_DIR, else this shell's): a
+    job would fetch them, on a compute node often without network. Returns them and that cache."""
     from biomask import datasets
 
+    cache = datasets.data_dir(plan.pipeline.env.get("BIOMASK_DATA_DIR"))
     names: dict[str, None] = {}
     for name in selected:
         stage = plan.stages[name]
@@ -82,18 +84,19 @@ def uncached_datasets(plan: Plan, selected: Sequence[str]) -> list[str]:
                 cfg = load_config(stage.command.config_class(), stage.config, task.overrides)
             except (ConfigError, InputError, OSError):
                 continue  # the stage says what is wrong when it runs
-            for item in getattr(cfg, "inputs", None) or []:
-                dataset = getattr(item, "dataset", None)
-                if isinstance(dataset, str):
+            wanted = [getattr(item, "dataset", None) for item in getattr(cfg, "inputs", None) or []]
+            wanted.append(getattr(cfg, "input", None))  # embed: a path or a registry name
+            for dataset in wanted:
+                if isinstance(dataset, str) and not Path(dataset).exists():
                     names[dataset] = None
     missing = []
     for dataset in names:
         try:
-            if datasets.get(dataset).source.type != "local" and not datasets.is_cached(dataset):
+            if datasets.get(dataset).source.type != "local" and not datasets.is_cached(dataset, cache):
                 missing.append(dataset)
         except InputError:
-            continue  # not in the registry: the stage refuses it by name
-    return missing
+            continue  # not in the registry: a path, or a name the stage refuses itself
+    return missing, cache
 
 
 def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bool]:
@@ -218,15 +221,12 @@ def print_submit_preview(plan: Plan, selected: Sequence[str], *, overwrite: bool
     print(", ".join(f"{n} {action}" for action, n in counts.items()))
     if counts.get("reuse"):
         print("reuse: the same config; a job still runs its stage if an input file changed since")
-    missing = uncached_datasets(plan, selected)
+    missing, cache = uncached_datasets(plan, selected)
     if missing:
-        from biomask.datasets import data_dir
-
-        names = " ".join(missing)
         print(
-            f"not in the dataset cache ({data_dir()}): {', '.join(missing)}; the jobs would fetch "
+            f"not in the dataset cache the jobs read ({cache}): {', '.join(missing)}; the jobs would fetch "
             f"{'them' if len(missing) > 1 else 'it'} on the compute nodes, which often have no network. "
-            f"Fetch here first: biomask datasets fetch {names} (with the BIOMASK_DATA_DIR the jobs see)"
+            f"Fetch here first: biomask datasets fetch {' '.join(missing)} --data-dir {cache}"
         )
     refused = [p for p in previews if p.action == "refused" or (p.stale and not overwrite)]
     if refused:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,6 @@ import numpy as np
 
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
-from biomask.masking.config import describe_masking
 from biomask.report.collect import Evaluation, PretrainRun
 
 _NAMES = {
@@ -48,18 +48,35 @@ def _style(i: int) -> dict:
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
 
 
+def _arm(run: PretrainRun) -> str:
+    """What a run is apart from its seed: its masking, and any other setting its sweep varied (the
+    resolved config without `output` and `train.seed`)."""
+    config = {k: v for k, v in (getattr(run, "config", None) or {}).items() if k != "output"}
+    if isinstance(config.get("train"), dict):
+        config["train"] = {k: v for k, v in config["train"].items() if k != "seed"}
+    return json.dumps([run.masking, config], sort_keys=True, default=str)
+
+
 def _run_styles(runs: list[PretrainRun]) -> list[dict]:
-    """One colour per masking scheme, a line style and marker per run within it (its seeds): with a
-    colour per run, the eleventh run took the first's colour (bert15 seed 0 and r2mae seed 1 differed
-    by a marker alone)."""
-    schemes: dict[str, int] = {}
+    """One colour per arm (a masking scheme, or whatever else its sweep varied), a line style and
+    marker per run within it (its seeds): with a colour per run, the eleventh run took the first's
+    (bert15 seed 0 and r2mae seed 1 differed by a marker alone). Arms k and k+10 share a colour and
+    differ in marker (an offset of 3), so (colour, line, marker) stays distinct up to 20 arms of up
+    to 12 seeds."""
+    arms: dict[str, int] = {}
     within: dict[str, int] = {}
     styles = []
     for run in runs:
-        key = f"{run.masking.get('scheme')} {describe_masking(run.masking)}"
-        colour = _style(schemes.setdefault(key, len(schemes)))
-        k = within[key] = within.get(key, -1) + 1
-        styles.append({**colour, "ls": _LINES[k % len(_LINES)], "marker": _MARKERS[k % len(_MARKERS)]})
+        key = _arm(run)
+        k = arms.setdefault(key, len(arms))
+        j = within[key] = within.get(key, -1) + 1
+        styles.append(
+            {
+                "color": f"C{k % 10}",
+                "ls": _LINES[j % len(_LINES)],
+                "marker": _MARKERS[(3 * (k // 10) + j) % len(_MARKERS)],
+            }
+        )
     return styles
 
 
@@ -75,8 +92,10 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run, style in zip(runs, _run_styles(runs)):
         if not run.train.empty:
-            # one logged step (a short run) is a point: a line alone would draw nothing
-            point = {"marker": style["marker"], "ms": 4} if len(run.train) == 1 else {}
+            # markers every so often: the seeds of one arm (its colour) differ there by line and marker;
+            # one logged step (a short run) is a point, which a line alone would not draw
+            every = max(1, len(run.train) // 8)
+            point = {"marker": style["marker"], "ms": 4 if len(run.train) == 1 else 3, "markevery": every}
             left.plot(
                 run.train["step"],
                 run.train["loss"],

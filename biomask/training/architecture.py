@@ -206,6 +206,12 @@ def init_checkpoint(
             f"model.init_from={path}: its tokenizer (sha256 {str(theirs)[:12]}…) does not match the token store's "
             f"({str(spec.tokenizer_sha256)[:12]}…); prepare the data with tokenizer.path={path}/tokenizer"
         )
+    theirs_scheme = getattr(pretrained.config, "scheme", None)
+    if spec.modality == "cells" and theirs_scheme and theirs_scheme != spec.scheme:
+        raise InputError(
+            f"model.init_from={path} was trained on {theirs_scheme} records and {cfg.data.store} holds "
+            f"{spec.scheme} ones (the same genes, other values); prepare the data with tokenizer.scheme={theirs_scheme}"
+        )
     kind = pretrained.config.kind
     if kind != cfg.model.kind:
         # the checkpoint's kind is what trains: what build_architecture refuses for that kind (a cnn's
