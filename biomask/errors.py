@@ -73,6 +73,13 @@ class Requeue(BiomaskError):
     ends_process = False
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training in a Python caller (a notebook, a script calling fit_cells or pretrain):
+    checkpointed, and the same call resumes. A KeyboardInterrupt, as Jupyter's "Interrupt kernel"
+    is: raised as `Requeue` (an Exception), a loop over samples with `except Exception` swallowed it
+    and trained the next sample."""
+
+
 class Terminated(BaseException):
     """SIGTERM reached a command (`kill`, `timeout`, scancel, a pipeline runner passing a stop on),
     raised where the command was, so the temporary output it was writing is removed as on Ctrl-C,

@@ -1130,3 +1130,22 @@ def test_evaluate_standardises_by_the_stores_cells_when_asked(profile_checkpoint
     pretrained = summary["mlp (linear probe)"]["macro_f1"]["mean"]
     random = summary["random-init (linear probe)"]["macro_f1"]["mean"]
     assert pretrained > random + 0.05, (pretrained, random)
+
+
+@pytest.mark.network
+def test_a_diverged_fit_keeps_its_checkpoints_and_says_the_way_on_in_python(pbmc68k_adata, tmp_path):
+    """fit_cells took a divergence for bad input: it removed the checkpoints its message said were
+    kept (the whole folder), and told a Python caller to rerun "with --overwrite"."""
+    import biomask
+    from biomask.training.finite import DivergedError
+
+    out = tmp_path / "diverged"
+    with pytest.raises(DivergedError) as failed:
+        biomask.fit_cells(
+            pbmc68k_adata.copy(), out, matrix="raw", counts={"mode": "log1p"},
+            overrides={"train.steps": 300, "optim.lr": 1e6, "train.checkpoint_every": 1},
+        )  # fmt: skip
+    assert "call again with overwrite=True" in str(failed.value) and "rerun with --overwrite" not in str(
+        failed.value
+    )
+    assert (out / "store").is_dir() and list((out / "pretrain" / "checkpoints").glob("step*"))

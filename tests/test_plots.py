@@ -122,3 +122,20 @@ def test_report_runs_take_their_schemes_colour_and_their_own_line():
     ]
     styles = _run_styles(arms)
     assert styles[0]["color"] == styles[1]["color"] != styles[2]["color"] == styles[3]["color"]
+
+
+def test_the_umap_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """umap_png switched matplotlib to Agg: in a Jupyter kernel (inline backend) every later scanpy
+    plot showed nothing. It draws on a figure of its own."""
+    import matplotlib
+
+    from biomask.embedding.plots import umap_png
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend that is not Agg, as a notebook's inline one is not
+    try:
+        vectors = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+        umap_png(vectors, pd.Series(["a", "b", "c"] * 20, name="kind"), tmp_path / "u.png", title="t")
+        assert matplotlib.get_backend() == "pdf" and (tmp_path / "u.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(before)

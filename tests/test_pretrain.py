@@ -583,21 +583,23 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
     gc.collect()
     leaked = engines()  # earlier tests' ZeRO-2 engines
 
-    def stopped_by_sigterm() -> Requeue:
-        """Run until training logs, SIGTERM (as a kernel manager or a scheduler sends it)."""
+    def stopped_by_sigterm(sig: int = signal.SIGTERM, raised: type = Requeue) -> BaseException:
+        """Run until training logs, then SIGTERM (as a kernel manager or a scheduler sends it)."""
         size = (out / "metrics.jsonl").stat().st_size if (out / "metrics.jsonl").is_file() else 0
 
         def terminate_once_training() -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > size:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), sig)
                     return
                 time.sleep(0.01)
 
         sender = threading.Thread(target=terminate_once_training, daemon=True)
         sender.start()
-        with pytest.raises(Requeue, match="received SIGTERM: checkpointed step") as stopped:
+        with pytest.raises(
+            raised, match=f"received {signal.Signals(sig).name}: checkpointed step"
+        ) as stopped:
             pretrain(cfg)
         sender.join()
         return stopped.value
@@ -623,6 +625,17 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
         os.kill(os.getpid(), signal.SIGTERM)  # and the caller's handler works again
         assert received == [signal.SIGTERM]
         assert not (out / "run.json").exists()
+        # Ctrl-C (Jupyter's "Interrupt kernel") from Python: checkpointed too, and a KeyboardInterrupt,
+        # so a loop over samples with `except Exception` stops (a Requeue there trained the next one)
+        from biomask.errors import Interrupted
+
+        interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a kernel
+        try:
+            interrupted = stopped_by_sigterm(signal.SIGINT, Interrupted)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+        assert isinstance(interrupted, KeyboardInterrupt) and not isinstance(interrupted, Exception)
+        assert "again to resume" in str(interrupted)
         # the same call again resumes from the checkpoint and finishes
         np.random.seed(7), random.seed(7), torch.manual_seed(7)
         expected = np.random.rand(), random.random(), torch.rand(1).item()
@@ -635,7 +648,7 @@ def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_ca
             gc.enable()
         assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
         resumed = json.loads((out / "run.json").read_text())["resumed_from_steps"]
-        assert len(resumed) == 2 and 4 <= resumed[0] < resumed[1] < 60
+        assert len(resumed) == 3 and 4 <= resumed[0] < resumed[1] < resumed[2] < 60
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -79,3 +79,22 @@ def test_under_an_ascii_locale_files_are_utf8_and_a_closed_or_ascii_stream_fails
     script = "import sys; from biomask.cli import main; sys.stderr = None; sys.exit(main(['datasets', 'list', '--json']))"
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=REPO, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith(b"{")  # `2>&-`: every command did nothing, exit 1
+
+
+def test_deepspeeds_op_probe_prints_nothing_into_a_notebook_cell(capfd):
+    """Reading DeepSpeed's op table compiles test programs; their linker errors ("cannot find
+    -laio") reached a Jupyter cell's output, whose captured descriptor is not the one DeepSpeed
+    silences. The block points every output descriptor at /dev/null, and gives them back."""
+    import os
+    import subprocess
+    import sys
+
+    from biomask.training.distributed import _silenced_descriptors
+
+    print("before", flush=True)
+    with _silenced_descriptors():
+        os.write(2, b"linker noise\n")
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child noise')"], check=True)
+    print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and "noise" not in err

@@ -222,8 +222,9 @@ def fit_cells(
     call again reuses them.
 
     Raises `biomask.errors.InputError` for bad input, naming the argument. Ctrl-C during training
-    checkpoints and raises `biomask.errors.Requeue` (the same call resumes); catch it apart from
-    `Exception` if you loop over calls. The torch process group a one-process run starts stays for
+    (Jupyter's "Interrupt kernel") checkpoints and raises `biomask.errors.Interrupted`, a
+    KeyboardInterrupt: a loop over samples with `except Exception` stops there; the same call
+    resumes. A SIGTERM checkpoints and raises `biomask.errors.Requeue`. The torch process group a one-process run starts stays for
     the next call (DeepSpeed keeps handles on it); a host that needs its own group starts it before
     calling, and biomask uses that one."""
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
@@ -411,10 +412,23 @@ def fit_cells(
         cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
         pretrain_existed = (out / "pretrain").exists()
         environment = dict(os.environ)
+        from biomask.training.finite import DivergedError  # torch: imported when training
+
         try:
             with renamed_in_logs(rename), _as_a_library():
                 checkpoint = _stage(pretrain, cfg, overwrite) / "model"
         except OutputBusyError:  # another run's files, not this call's: nothing to undo
+            raise
+        except DivergedError as exc:
+            # not bad input: a run that went wrong late keeps its checkpoints (its message says so),
+            # and the way on is said as a Python caller takes it
+            exc.args = (
+                str(exc).replace(
+                    "then rerun with --overwrite",
+                    "then call again with overwrite=True (overrides={'optim.lr': ...}; biomask fit-cells: "
+                    "--overwrite)",
+                ),
+            )
             raise
         except (
             InputError

@@ -24,11 +24,12 @@ def umap_png(
 ) -> dict[str, int]:
     """Write a UMAP of `vectors` coloured by `colour` to `path`; a seeded sample above `max_cells`."""
     import anndata
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import scanpy as sc
+
+    # a Figure of its own, not pyplot's: a notebook's backend (inline) stays as it was, and no window
+    # opens (matplotlib.use("Agg") here switched a Jupyter kernel's plots off)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n = vectors.shape[0]
     chosen = np.arange(n)
@@ -43,7 +44,9 @@ def umap_png(
     title = f"{title} · colour: {colour.name}"
     if len(chosen) < n:
         title += f" · {len(chosen):,} of {n:,} cells"
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
+    fig = Figure(figsize=(6, 5), dpi=120)
+    FigureCanvasAgg(fig)  # the canvas the title's fitting measures text on, and savefig draws with
+    ax = fig.add_subplot()
     classes = adata.obs[colour.name]
     many = isinstance(classes.dtype, pd.CategoricalDtype) and len(classes.cat.categories) > MAX_LEGEND
     if (
@@ -57,7 +60,6 @@ def umap_png(
     fit_title(ax, title)
     # "tight": the legend (outside the axes, on the right) and the title are never cut by the canvas
     fig.savefig(path, format="png", bbox_inches="tight")
-    plt.close(fig)
     return {"cells_plotted": len(chosen), "cells": n}
 
 

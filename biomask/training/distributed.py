@@ -18,8 +18,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +173,35 @@ def _reopen_closed_log_streams(logger: Any) -> None:
                 handler.stream = sys.stdout
 
 
+@contextlib.contextmanager
+def _silenced_descriptors() -> Iterator[None]:
+    """File descriptors 1 and 2, and those of sys.stdout / sys.stderr where they are others (Jupyter's
+    kernel), pointed at /dev/null for the block: what subprocesses and C code write there is dropped."""
+    targets = {1, 2}
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()  # what was written before goes where it was going
+            targets.add(stream.fileno())
+    saved: dict[int, int] = {}
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        for fd in sorted(targets):
+            with contextlib.suppress(OSError):
+                saved[fd] = os.dup(fd)
+                os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            with contextlib.suppress(OSError):
+                os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
 def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process.
     `timeout_minutes`: how long a collective (and the start-up rendezvous) waits for the other
@@ -183,7 +213,11 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
     deepspeed = import_deepspeed()
 
     # The shared-memory comm op serves CPU inference only, and would JIT-compile (~1 min) at init.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Reading the table probes every op once by compiling test programs; their linker errors ("cannot
+    # find -laio") reached a notebook's cell output, where the descriptor DeepSpeed silences is not
+    # the one the kernel captures: both are pointed at /dev/null meanwhile.
+    with _silenced_descriptors():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     from biomask.training.accelerator import accelerator

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from biomask.config import dump_config
-from biomask.errors import BiomaskError, ConfigError, InputError, Requeue, first_line
+from biomask.errors import BiomaskError, ConfigError, InputError, Interrupted, Requeue, first_line
 from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
@@ -319,7 +320,7 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
     """
     try:
         out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
-    except Requeue as exc:
+    except (Requeue, Interrupted) as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
         # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
         exc.with_traceback(None)
@@ -722,7 +723,14 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                         stop.ignore_from_now()
                     # what to do, said for a Python caller too (fit_cells in a notebook): no process
                     # exits there; the command line adds its exit code (cli.requeue_message)
-                    raise Requeue(
+                    # Ctrl-C in a Python caller stops it as Ctrl-C does (KeyboardInterrupt); a SIGTERM
+                    # there, and every stop at the command line, asks to be requeued
+                    stopped = (
+                        Interrupted
+                        if stop.received == signal.SIGINT and not Requeue.ends_process
+                        else Requeue
+                    )
+                    raise stopped(
                         (
                             f"received {stop.name}"
                             if stop.received is not None
