@@ -135,7 +135,11 @@ def test_the_umap_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     matplotlib.use("pdf")  # any backend that is not Agg, as a notebook's inline one is not
     try:
         vectors = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+        open_before = plt.get_fignums()
         umap_png(vectors, pd.Series(["a", "b", "c"] * 20, name="kind"), tmp_path / "u.png", title="t")
         assert matplotlib.get_backend() == "pdf" and (tmp_path / "u.png").stat().st_size > 1000
+        # a colour scale: scanpy draws its bar through pyplot, whose empty figure a notebook would show
+        umap_png(vectors, pd.Series(np.linspace(0, 1, 60), name="depth"), tmp_path / "d.png", title="t")
+        assert plt.get_fignums() == open_before and (tmp_path / "d.png").stat().st_size > 1000
     finally:
         matplotlib.use(before)
