@@ -904,41 +904,35 @@ def test_a_loom_anndata_wrote_is_read_and_one_naming_neither_says_what_it_has(tm
     import h5py
 
     counts, barcodes, genes = pbmc_counts
+
+    def write_loom(path: Path, rows: dict, cols: dict) -> Path:
+        with h5py.File(path, "w") as f:
+            f["matrix"] = counts.T.astype(np.float32)  # loom: genes x cells
+            for group, attrs in (("row_attrs", rows), ("col_attrs", cols)):
+                for key, values in attrs.items():
+                    f[f"{group}/{key}"] = np.asarray(values).astype("S")
+        return path
+
     read = {}
     for name, (gene_key, cell_key) in {
         "loompy": ("Gene", "CellID"),
         "anndata": ("var_names", "obs_names"),
     }.items():
-        loom = tmp_path / f"{name}.loom"
-        with h5py.File(loom, "w") as f:
-            f["matrix"] = counts.T.astype(np.float32)
-            f[f"row_attrs/{gene_key}"] = genes.astype("S")
-            f[f"col_attrs/{cell_key}"] = barcodes.astype("S")
+        loom = write_loom(tmp_path / f"{name}.loom", {gene_key: genes}, {cell_key: barcodes})
         adata = biomask.read_cells(loom)
         assert list(adata.var_names) == list(genes) and list(adata.obs_names) == list(barcodes)
         read[name] = adata.X.toarray()
     np.testing.assert_array_equal(read["loompy"], read["anndata"])
-    odd = tmp_path / "odd.loom"
-    with h5py.File(odd, "w") as f:
-        f["matrix"] = counts.T.astype(np.float32)
-        f["row_attrs/symbol"] = genes.astype("S")
-        f["col_attrs/CellID"] = barcodes.astype("S")
+    odd = write_loom(tmp_path / "odd.loom", {"symbol": genes}, {"CellID": barcodes})
     code, _, err = cells(tmp_path, cli, odd)
     assert code == 2 and str(odd) in err and "symbol" in err and "anndata.read_loom" in err, err
     assert "gene names" in err
-    no_cells = tmp_path / "no-cells.loom"
-    with h5py.File(no_cells, "w") as f:
-        f["matrix"] = counts.T.astype(np.float32)
-        f["row_attrs/Gene"] = genes.astype("S")
-        f["col_attrs/barcode"] = barcodes.astype("S")
+    no_cells = write_loom(tmp_path / "no-cells.loom", {"Gene": genes}, {"barcode": barcodes})
     code, _, err = cells(tmp_path, cli, no_cells)
     assert code == 2 and "cell ids" in err and "CellID" in err and "barcode" in err, err
-    both = tmp_path / "both.loom"  # loompy's name wins; the index is not also a column
-    with h5py.File(both, "w") as f:
-        f["matrix"] = counts.T.astype(np.float32)
-        f["row_attrs/Gene"] = genes.astype("S")
-        f["row_attrs/var_names"] = np.array([f"other{i}" for i in range(len(genes))], dtype="S")
-        f["col_attrs/CellID"] = barcodes.astype("S")
+    others = np.array([f"other{i}" for i in range(len(genes))])
+    # loompy's name wins; the index is not also a column
+    both = write_loom(tmp_path / "both.loom", {"Gene": genes, "var_names": others}, {"CellID": barcodes})
     adata = biomask.read_cells(both)
     assert list(adata.var_names) == list(genes) and "Gene" not in adata.var.columns
     no_traceback(err)

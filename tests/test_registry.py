@@ -217,7 +217,8 @@ def test_url_source_with_archive_member(tmp_path, monkeypatch):
         server.shutdown()
 
 
-def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
+def _unreachable(tmp_path, monkeypatch, name: str, sha256: str) -> None:
+    """A registered genome `faraway` whose URL no server answers (port 9 on this host)."""
     _user_registry(
         tmp_path,
         monkeypatch,
@@ -226,11 +227,15 @@ def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
     modality: dna
     kind: genome
     format: fasta
-    source: {{type: url, url: "http://127.0.0.1:9/genome.fa.gz"}}
-    sha256: "{"1" * 64}"
+    source: {{type: url, url: "http://127.0.0.1:9/{name}"}}
+    sha256: "{sha256}"
     licence: none
 """,
     )
+
+
+def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch, cli):
+    _unreachable(tmp_path, monkeypatch, "genome.fa.gz", "1" * 64)
     with pytest.raises(FetchError, match=r"could not reach http://127\.0\.0\.1:9/genome\.fa\.gz"):
         datasets.fetch("faraway", tmp_path / "cache")
     code, _, err = cli("datasets", "fetch", "faraway", "--data-dir", tmp_path / "cache")
@@ -252,19 +257,7 @@ def test_a_forced_fetch_that_fails_keeps_the_cached_copy_and_says_so(tmp_path, m
     and to fetch it: the verified copy was there, and is kept."""
     genome = b">a\nACGTACGT\n"
     (tmp_path / "g.fa").write_bytes(genome)
-    _user_registry(
-        tmp_path,
-        monkeypatch,
-        f"""  faraway:
-    description: nowhere
-    modality: dna
-    kind: genome
-    format: fasta
-    source: {{type: url, url: "http://127.0.0.1:9/genome.fa"}}
-    sha256: "{sha256_file(tmp_path / "g.fa")}"
-    licence: none
-""",
-    )
+    _unreachable(tmp_path, monkeypatch, "genome.fa", sha256_file(tmp_path / "g.fa"))
     cached = tmp_path / "cache" / "faraway" / "genome.fa"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(genome)
