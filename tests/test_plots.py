@@ -3,6 +3,8 @@ its start (what the figure shows) is never cut off on the left by a legend-narro
 
 from __future__ import annotations
 
+import os
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -131,15 +133,50 @@ def test_the_umap_leaves_the_callers_matplotlib_backend_alone(tmp_path):
 
     from biomask.embedding.plots import umap_png
 
+    import warnings
+
     before = matplotlib.get_backend()
     matplotlib.use("pdf")  # any backend that is not Agg, as a notebook's inline one is not
     try:
         vectors = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+        users = plt.figure()  # the notebook's own figure, current: neither drawn on nor closed
+        users.add_subplot().plot([0, 1])
         open_before = plt.get_fignums()
         umap_png(vectors, pd.Series(["a", "b", "c"] * 20, name="kind"), tmp_path / "u.png", title="t")
         assert matplotlib.get_backend() == "pdf" and (tmp_path / "u.png").stat().st_size > 1000
         # a colour scale: scanpy draws its bar through pyplot, whose empty figure a notebook would show
-        umap_png(vectors, pd.Series(np.linspace(0, 1, 60), name="depth"), tmp_path / "d.png", title="t")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            umap_png(vectors, pd.Series(np.linspace(0, 1, 60), name="depth"), tmp_path / "d.png", title="t")
+        assert not [w for w in caught if "colorbar" in str(w.message)], [str(w.message) for w in caught]
         assert plt.get_fignums() == open_before and (tmp_path / "d.png").stat().st_size > 1000
+        assert plt.gcf() is users and len(users.axes) == 1
     finally:
+        plt.close("all")
         matplotlib.use(before)
+
+
+def test_report_and_theory_figures_leave_the_callers_matplotlib_alone(tmp_path):
+    """`import biomask.report.figures` called matplotlib.use("Agg"): a notebook that imported the
+    report (or `biomask theory`'s plots) lost its inline plots, and each figure went through pyplot.
+    Importing and drawing change neither the backend nor pyplot's open figures. In a process of its
+    own: the import is what is tested, and this one has imported the modules already."""
+    import subprocess
+    import sys
+
+    script = f"""
+import matplotlib, matplotlib.pyplot as plt
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+plt.figure()  # the user's own open figure
+import biomask.report.figures as figures, biomask.theory.plots
+runs = [SimpleNamespace(step_ratios=np.linspace(0.1, 0.9, 50), label=f"run {{i}}") for i in range(3)]
+figures.ratio_histograms(runs, "t", Path({str(tmp_path)!r}) / "h.png")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    env = {**os.environ, "MPLBACKEND": "pdf"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "pdf [1]", done.stdout
+    assert (tmp_path / "h.png").stat().st_size > 1000

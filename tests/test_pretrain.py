@@ -144,12 +144,14 @@ def test_every_zero_stage_learns_and_exports(stage, genome_store, tmp_path):
     cfg = config(genome_store, tmp_path / "run", **extra)
     gc.collect()
     before = deepspeed_engines()
+    linear = torch.nn.functional.linear
     gc.disable()  # what the call frees, it frees itself
     try:
         out = pretrain(cfg)
         assert deepspeed_engines() == before
     finally:
         gc.enable()
+    assert torch.nn.functional.linear is linear  # ZeRO-3's own "until manually reset": torch's is back
     losses = train_losses(out)
     assert losses[-1] < losses[0] - 0.4, losses  # from ~ln(10) toward the base composition
     run = json.loads((out / "run.json").read_text())
@@ -674,6 +676,52 @@ def test_training_runs_from_a_thread_other_than_the_main_one(genome_store, tmp_p
     assert result == [out], result
     assert json.loads((out / "model" / "config.json").read_text())["training"]["steps"] == 8
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_results(genome_store, tmp_path):
+    """A notebook's seed sweep with a thread pool: two runs at once drew from one set of global
+    generators (each seed's weights a mix of both, recorded as that seed's) and swapped fds 1 and 2 over
+    each other (the process's output went to /dev/null for good). They take turns: each gives what it
+    gives alone, and the descriptors are the ones the process had."""
+    import threading
+
+    from biomask.training.trainer import pretrain
+
+    def run(seed: int, name: str) -> Path:
+        return pretrain(config(genome_store, tmp_path / name, **{"train.steps": 6, "train.seed": seed}))
+
+    def weights(name: str) -> str:
+        return json.loads((tmp_path / name / "model" / "config.json").read_text())["weights_sha256"]
+
+    descriptors = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+    results: list = []
+    workers = [
+        threading.Thread(target=lambda s=seed: results.append(_outcome(run, s, f"thread{s}")))
+        for seed in (0, 1)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(map(str, results)) == [str(tmp_path / "thread0"), str(tmp_path / "thread1")], results
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == descriptors
+    run(0, "alone0"), run(1, "alone1")
+    assert weights("thread0") == weights("alone0") and weights("thread1") == weights("alone1")
+    assert weights("alone0") != weights("alone1")
+
+
+def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(genome_store, tmp_path):
+    """torch's destroy_process_group, ordinary teardown in a user's other torch code, left DeepSpeed's
+    copy of the world group behind: the next run failed in deepspeed.initialize with a bare ValueError
+    ("Group ... is not registered")."""
+    import torch.distributed as dist
+
+    from biomask.training.trainer import pretrain
+
+    pretrain(config(genome_store, tmp_path / "first", **{"train.steps": 2}))
+    dist.destroy_process_group()
+    out = pretrain(config(genome_store, tmp_path / "second", **{"train.steps": 2}))
+    assert dist.is_initialized() and (out / "model" / "model.safetensors").is_file()
 
 
 def _outcome(function, *args):

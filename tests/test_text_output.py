@@ -98,3 +98,43 @@ def test_deepspeeds_op_probe_prints_nothing_into_a_notebook_cell(capfd):
     print("after", flush=True)
     out, err = capfd.readouterr()
     assert out == "before\nafter\n" and "noise" not in err
+
+
+def test_the_silenced_block_covers_a_kernels_own_stdout_and_gives_every_descriptor_back(
+    tmp_path, capfd, monkeypatch
+):
+    """A Jupyter kernel's sys.stdout is not fd 1: its descriptor is silenced too. Whatever the block
+    does — raise included — each descriptor comes back as it was (close-on-exec flag too: a kernel's
+    copy made inheritable reached every child), and none is left open."""
+    import os
+    import sys
+
+    import deepspeed
+    import pytest
+    import torch
+
+    from biomask.training import distributed
+    from biomask.training.distributed import _silenced_descriptors
+
+    own = open(tmp_path / "kernel-stdout", "w")
+    monkeypatch.setattr(sys, "stdout", own)
+    assert own.fileno() not in (1, 2) and not os.get_inheritable(own.fileno())
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError), _silenced_descriptors():
+        os.write(own.fileno(), b"noise in the cell")
+        raise RuntimeError("the probe failed")
+    assert set(os.listdir("/proc/self/fd")) == before and not os.get_inheritable(own.fileno())
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+    # and DeepSpeed's op probe (reading its table) runs inside it: what it writes reaches no descriptor
+    class Probed(dict):
+        def __setitem__(self, key, value):
+            os.write(2, b"linker noise")
+            os.write(own.fileno(), b"cell noise")
+
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", Probed())
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the group: not the subject
+    distributed.init_process_group(distributed.setup_env(None))
+    own.close()
+    assert "noise" not in capfd.readouterr().err and (tmp_path / "kernel-stdout").read_text() == ""

@@ -58,18 +58,20 @@ def umap_png(
     import matplotlib.pyplot as plt  # importing it switches no backend; scanpy's colour bar uses it
 
     open_before = set(plt.get_fignums())
-    with warnings.catch_warnings():  # scanpy puts a colour scale's bar on our figure through pyplot
-        warnings.filterwarnings("ignore", message="Adding colorbar to a different Figure")
-        sc.pl.umap(
-            adata,
-            color=colour.name,
-            ax=ax,
-            show=False,
-            title=title,
-            legend_loc=None if many else "right margin",
-        )
-    for number in set(plt.get_fignums()) - open_before:  # the empty one pyplot made: a notebook shows it
-        plt.close(number)
+    try:
+        with warnings.catch_warnings():  # scanpy puts a colour scale's bar on our figure through pyplot
+            warnings.filterwarnings("ignore", message="Adding colorbar to a different Figure")
+            sc.pl.umap(
+                adata,
+                color=colour.name,
+                ax=ax,
+                show=False,
+                title=title,
+                legend_loc=None if many else "right margin",
+            )
+    finally:  # the empty one pyplot made (a notebook shows it); the caller's own figures stay open
+        for number in set(plt.get_fignums()) - open_before:
+            plt.close(number)
     fig.tight_layout()
     fit_title(ax, title)
     # "tight": the legend (outside the axes, on the right) and the title are never cut by the canvas

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on clusters and CI
-
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
@@ -25,15 +23,23 @@ _NAMES = {
 }
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _subplots(*args, figsize: tuple[float, float], **kwargs):
+    """A figure of its own, drawn by Agg, and its axes: never pyplot's, so a notebook's backend and
+    its open figures are left as they were (`matplotlib.use` at import switched a kernel's inline
+    plots off), and nothing is left for pyplot to show or close."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend outside the axes stays in the file
-    plt.close(fig)
     return path
 
 
-def _legend(ax: plt.Axes) -> None:
+def _legend(ax: Axes) -> None:
     """The legend beside the axes, never over the lines (inside, it covered the curves it named)."""
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
 
@@ -89,7 +95,7 @@ def loss_unit_label(runs: list[PretrainRun]) -> str:
 
 def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _subplots(1, 2, figsize=(11, 4))
     for run, style in zip(runs, _run_styles(runs)):
         if not run.train.empty:
             # markers every so often: the seeds of one arm (its colour) differ there by line and marker;
@@ -134,7 +140,7 @@ def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
     # viewer shrinks to an unreadable strip
     cols = min(n, HIST_COLUMNS)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 41)
     for ax, run in zip(axes.flat, runs):
         ax.hist(run.step_ratios, bins=bins, color="tab:blue")
@@ -150,7 +156,7 @@ def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
 
 def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     """Each model's final held-out masked loss at every ratio of the evaluation grid."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for run, style in zip(runs, _run_styles(runs)):
         losses = run.final_eval.get("loss", {})
         if losses:
@@ -194,9 +200,7 @@ def metric_intervals(evaluation: Evaluation, path: Path) -> Path:
         if any(metric in summaries[m["name"]] for m in methods)
     ]
     panels = [*METRICS, *clustering]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels), 0.35 * len(methods) + 1.4), sharey=True
-    )
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 0.35 * len(methods) + 1.4), sharey=True)
     labels = [m["name"] if m["group"] == "baseline" else f"{m['group']} / {m['protocol']}" for m in methods]
     grouped = "unit" in evaluation.results  # pretrained schemes summarised over their pretraining seeds
     y = np.arange(len(methods))

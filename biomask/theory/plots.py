@@ -1,4 +1,4 @@
-"""Figures of `biomask theory` (matplotlib, Agg backend: no display needed)."""
+"""Figures of `biomask theory` (matplotlib, drawn by Agg on figures of their own: no display needed)."""
 
 from __future__ import annotations
 
@@ -19,30 +19,30 @@ PROBE_PNG = "probe.png"
 FIGURES = (RISK_PNG, EQUIVALENCE_PNG, RANDOM_PNG, OPTIMUM_PNG, TEST_RATIO_PNG, PROBE_PNG)
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """A figure of its own, drawn by Agg, and its axes: never pyplot's, so the caller's backend and
+    open figures are left as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
     return path
 
 
 def risk_curves(blocks: list[Block], path: Path) -> Path:
     """Best-scalar risk against the fixed ratio (test repetitions), one panel per covariance × K,
     one line per γ; the chosen ranges as bars over [a, b] with a dot at their p′."""
-    plt = _pyplot()
     covs = list(dict.fromkeys(b.cov.name for b in blocks))
     ks = list(dict.fromkeys(b.k_label for b in blocks))
     gammas = sorted({b.gamma for b in blocks})
-    fig, axes = plt.subplots(len(covs), len(ks), figsize=(3.4 * len(ks), 2.7 * len(covs)), squeeze=False)
+    fig, axes = _subplots(len(covs), len(ks), figsize=(3.4 * len(ks), 2.7 * len(covs)), squeeze=False)
     for b in blocks:
         a = b.analysis
         ax = axes[covs.index(b.cov.name)][ks.index(b.k_label)]
@@ -71,8 +71,7 @@ def risk_curves(blocks: list[Block], path: Path) -> Path:
 def equivalence(blocks: list[Block], path: Path) -> Path:
     """Left: every range's best-scalar risk against its equivalent fixed ratio's (K = ∞, all
     settings): on the identity line. Right: cosine between the chosen ranges' weights and p′'s by K."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, (left, right) = _subplots(1, 2, figsize=(9, 3.8))
     covs = list(dict.fromkeys(b.cov.name for b in blocks))
     for b in blocks:
         if b.epochs is None:
@@ -110,7 +109,6 @@ def equivalence(blocks: list[Block], path: Path) -> Path:
 def random_vs_fixed(blocks: list[Block], path: Path) -> Path:
     """Forest plots: risk(best fixed) − risk(best range), paired 95 % CI on the test repetitions, for
     the primary metric and for the mask-aware model over test ratios; > 0: the range is better."""
-    plt = _pyplot()
     panels = [
         ("best_scalar", "zero-fill, best-scalar risk (primary)"),
         ("aware_q_avg", "mask-aware, risk over test ratios"),
@@ -118,7 +116,7 @@ def random_vs_fixed(blocks: list[Block], path: Path) -> Path:
     rows = [
         (b, mode, r) for b in blocks for mode, r in b.analysis["metrics"]["best_scalar"]["ranges"].items()
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.17 * len(rows) + 1.4), sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(11, 0.17 * len(rows) + 1.4), sharey=True)
     for ax, (metric, title) in zip(axes, panels):
         for i, b in enumerate(rows):
             block, mode = b[0], b[1]
@@ -149,8 +147,7 @@ def random_vs_fixed(blocks: list[Block], path: Path) -> Path:
 
 def optimum_vs_size(blocks: list[Block], path: Path) -> Path:
     """The best fixed ratio (best-scalar risk, 95 % bootstrap over test repetitions) against γ."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _subplots(figsize=(5.5, 3.6))
     covs = list(dict.fromkeys(b.cov.name for b in blocks))
     ks = list(dict.fromkeys(b.k_label for b in blocks))
     markers = "os^D"
@@ -195,12 +192,11 @@ def optimum_vs_size(blocks: list[Block], path: Path) -> Path:
 def test_ratio(blocks: list[Block], path: Path) -> Path:
     """Risk against the test ratio q for the schemes chosen on the averaged-over-q metrics, at the
     largest simulated γ: plain model raw and with dropout rescaling, mask-aware model."""
-    plt = _pyplot()
     top = max((b.gamma for b in blocks if b.epochs is not None), default=max(b.gamma for b in blocks))
     chosen = [b for b in blocks if b.gamma == top]
     covs = list(dict.fromkeys(b.cov.name for b in chosen))
     ks = list(dict.fromkeys(b.k_label for b in chosen))
-    fig, axes = plt.subplots(len(ks), len(covs), figsize=(3.3 * len(covs), 2.6 * len(ks)), squeeze=False)
+    fig, axes = _subplots(len(ks), len(covs), figsize=(3.3 * len(covs), 2.6 * len(ks)), squeeze=False)
     for b in chosen:
         ax = axes[ks.index(b.k_label)][covs.index(b.cov.name)]
         c = b.analysis["test_ratio_curves"]
@@ -222,11 +218,8 @@ def test_ratio(blocks: list[Block], path: Path) -> Path:
 
 def probe(extras: dict[str, list], path: Path) -> Path:
     """Probe risk per latent factor against the fixed ratio (K = ∞), raw input as a dashed line."""
-    plt = _pyplot()
     entries = extras["probe"]
-    fig, axes = plt.subplots(
-        1, max(len(entries), 1), figsize=(3.6 * max(len(entries), 1), 3.0), squeeze=False
-    )
+    fig, axes = _subplots(1, max(len(entries), 1), figsize=(3.6 * max(len(entries), 1), 3.0), squeeze=False)
     for ax, p in zip(axes[0], entries):
         g = len(p["grid"])
         for k, factor in enumerate(p["factors"]):

@@ -176,30 +176,73 @@ def _reopen_closed_log_streams(logger: Any) -> None:
 @contextlib.contextmanager
 def _silenced_descriptors() -> Iterator[None]:
     """File descriptors 1 and 2, and those of sys.stdout / sys.stderr where they are others (Jupyter's
-    kernel), pointed at /dev/null for the block: what subprocesses and C code write there is dropped."""
-    targets = {1, 2}
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            stream.flush()  # what was written before goes where it was going
-            targets.add(stream.fileno())
-    saved: dict[int, int] = {}
+    kernel), pointed at /dev/null for the block: what subprocesses and C code write there is dropped.
+    Each is put back as it was, its close-on-exec flag too; one thread at a time (a second thread's
+    block took the first's /dev/null for the original and put it back last)."""
+    with _DESCRIPTORS:
+        targets = {1, 2}
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                stream.flush()  # what was written before goes where it was going
+                targets.add(stream.fileno())
+        saved: dict[int, tuple[int, bool]] = {}
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            yield
+            return
+        try:
+            for fd in sorted(targets):
+                with contextlib.suppress(OSError):
+                    inheritable = os.get_inheritable(fd)
+                    saved[fd] = (os.dup(fd), inheritable)
+                    os.dup2(null, fd)
+            yield
+        finally:
+            for fd, (copy, inheritable) in saved.items():
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd, inheritable=inheritable)
+                os.close(copy)
+            os.close(null)
+
+
+_DESCRIPTORS = threading.Lock()
+
+
+@contextlib.contextmanager
+def torch_linear_kept() -> Iterator[None]:
+    """A ZeRO-3 engine swaps torch.nn.functional.linear for DeepSpeed's own "until manually reset":
+    the caller's torch code (a notebook's next model) gets torch's back when the block ends."""
+    import torch
+
+    linear = torch.nn.functional.linear
     try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
-    try:
-        for fd in sorted(targets):
-            with contextlib.suppress(OSError):
-                saved[fd] = os.dup(fd)
-                os.dup2(null, fd)
         yield
     finally:
-        for fd, copy in saved.items():
-            with contextlib.suppress(OSError):
-                os.dup2(copy, fd)
-            os.close(copy)
-        os.close(null)
+        torch.nn.functional.linear = linear
+
+
+def _forget_destroyed_groups(deepspeed: Any) -> None:
+    """DeepSpeed keeps its copy of the world group between runs; a caller that destroyed the process
+    group with torch's `destroy_process_group` (ordinary teardown in other torch code; DeepSpeed
+    forgets its copies only through its own) left it pointing at a group torch no longer knows, and the
+    next engine failed with "Group ... is not registered". Forgotten then: DeepSpeed makes a new one."""
+    import torch
+
+    groups = getattr(getattr(deepspeed, "utils", None), "groups", None)
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    if cached is None:
+        return
+    try:
+        torch.distributed.get_process_group_ranks(cached)  # raises for a group torch does not know
+        return
+    except (KeyError, ValueError, RuntimeError):  # torch 2.13: KeyError; others ValueError
+        pass
+    release = getattr(groups, "_release_process_group_references", None)
+    if callable(release):
+        release(None)  # every group DeepSpeed cached: all were destroyed with the world
+    else:
+        groups._WORLD_GROUP = None
 
 
 def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
@@ -218,6 +261,7 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
     # the one the kernel captures: both are pointed at /dev/null meanwhile.
     with _silenced_descriptors():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _forget_destroyed_groups(deepspeed)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     from biomask.training.accelerator import accelerator

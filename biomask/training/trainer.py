@@ -27,6 +27,7 @@ import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -69,6 +70,7 @@ from biomask.training.distributed import (
     init_process_group,
     on_rank0,
     setup_env,
+    torch_linear_kept,
 )
 from biomask.training.ds_config import build_ds_config, zero_stage
 from biomask.training.metrics import MetricsLogger, check_trackers
@@ -316,18 +318,35 @@ def _quiet_libraries() -> None:
 def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | None = None) -> Path:
     """Run (or resume, or reuse) a pretraining run; returns the output directory.
 
-    Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1.
+    Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1 (and on Ctrl-C at the
+    command line); in a Python caller Ctrl-C raises `Interrupted`, a KeyboardInterrupt, after the
+    same checkpoint. Runs in threads of one process take turns.
     """
+    if not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
+        log.info(
+            "pretrain: another run of this process is training (another thread); this one waits for it "
+            "(runs in one process share torch's global generators and the output descriptors)"
+        )
+        _ONE_RUN_AT_A_TIME.acquire()
     try:
-        out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
+        with torch_linear_kept():
+            out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
     except (Requeue, Interrupted) as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
         # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
         exc.with_traceback(None)
         _free_engine()
         raise
+    finally:
+        _ONE_RUN_AT_A_TIME.release()
     _free_engine()
     return out
+
+
+# Two runs in threads of one process (a notebook's seed sweep) drew from one set of global generators
+# in turns (each seed's weights a mix of both) and swapped fds 1 and 2 over each other (the process's
+# output went to /dev/null for good): they take turns.
+_ONE_RUN_AT_A_TIME = threading.RLock()
 
 
 def _free_engine() -> None:
