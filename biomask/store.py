@@ -248,7 +248,8 @@ class TokenStoreWriter:
         (self.root / "manifest.json").write_text(
             json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8"
         )
-        self._warn_thin(splits, manifest.get("label_names"), (manifest.get("config") or {}).get("split"))
+        config = manifest.get("config") or {}
+        self._warn_thin(splits, manifest.get("label_names"), config.get("split"), split_columns(config))
         return full
 
     def _warn_thin(
@@ -256,9 +257,11 @@ class TokenStoreWriter:
         splits: dict[str, dict[str, Any]],
         label_names: list[str] | None,
         fractions: dict[str, Any] | None = None,
+        columns: list[str] | None = None,
     ) -> None:
         """Warn about a store evaluation cannot use as it stands: empty val/test splits (unless
-        configured at 0, as fit_cells' test split is), one class."""
+        configured at 0, as fit_cells' test split is), one class. `columns`: the input columns that
+        gave the splits (then nothing was drawn, and only the column can change them)."""
         # the writer's root is the temporary beside the output: name the output itself
         where = self.root.parent / re.sub(r"^\.(.+)\.tmp-[0-9a-f]{8}$", r"\1", self.root.name)
         fractions = fractions or {}
@@ -267,7 +270,19 @@ class TokenStoreWriter:
             for name in ("val", "test")
             if name in splits and splits[name]["num_records"] == 0 and fractions.get(name) != 0
         ]
-        if empty:
+        if empty and columns:
+            log.warning(
+                "%s: the %s split%s empty: the splits are the input's own (column %s), which marks no "
+                "record %s. Mark some %s there, or evaluate with splits.mode=resample (fresh stratified "
+                "splits of all records); pretraining cannot hold out an empty data.eval_split",
+                where,
+                " and ".join(empty),
+                " is" if len(empty) == 1 else "s are",
+                " / ".join(dict.fromkeys(columns)),
+                " or ".join(empty),
+                " and ".join(empty),
+            )
+        elif empty:
             log.warning(
                 "%s: the %s split%s empty. Records (or a genome's split.block_size blocks) go to a split "
                 "at random with the configured odds, so few of them can leave one empty: a smaller "
@@ -751,3 +766,13 @@ def tokenizer_files(directory: Path) -> dict[str, str]:
     return {
         str(f.relative_to(directory)): sha256_file(f) for f in sorted(directory.rglob("*")) if f.is_file()
     }
+
+
+def split_columns(config: dict[str, Any]) -> list[str]:
+    """The input columns a prep config took its splits from (cells: split.column; DNA tables: each
+    input's split_column)."""
+    columns = [(config.get("split") or {}).get("column")]
+    columns += [
+        (spec or {}).get("split_column") for spec in config.get("inputs") or [] if isinstance(spec, dict)
+    ]
+    return [str(c) for c in columns if c]

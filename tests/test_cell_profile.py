@@ -218,7 +218,16 @@ def test_pretrained_profile_embedding_beats_the_random_network(
         assert summary[name]["cluster_nmi_best"]["mean"] >= summary[name]["cluster_nmi"]["mean"] - 1e-12
         assert -1.0 <= summary[name]["cluster_ari_best"]["mean"] <= 1.0
     assert "all genes + LR" in summary
+    # a kNN row is paired with the strongest kNN baseline (the same classifier), a probe row with the
+    # strongest baseline overall
+    knn_base = max(("PCA(50) + kNN", "all genes + kNN"), key=lambda n: summary[n]["mcc"]["mean"])
+    assert results["strongest_knn_baseline"] == knn_base
+    against = {c["a"]: c["b"] for c in results["comparisons"] if c["b"] not in ("random-init (kNN)",
+               "random-init (linear probe)")}  # fmt: skip
+    assert against["mlp (kNN)"] == against["random-init (kNN)"] == knn_base
+    assert against["mlp (linear probe)"] == results["strongest_baseline"] != knn_base
     report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| mlp (kNN) | {knn_base} |" in report
     assert "Leiden clusters" in report and "all genes + kNN" in report and "best resolution" in report
 
 

@@ -636,6 +636,13 @@ def test_hf_export_of_a_profile_model_in_half_precision_and_with_genes_outside_i
     # the bound is the checkpoint's own: values of a store normalised to a million reach 13.8
     import warnings
 
+    for scheme in ("rank", "my_scheme"):  # values that are not log1p: whole numbers are no sign of counts
+        model.config.scheme = scheme
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], values=counts)
+    model.config.scheme = "binned"
+
     model.config.biomask = {"source_checkpoint": {"prep": {"normalise": {"target_sum": 1e6}}}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -552,6 +552,21 @@ def test_empty_validation_split_warns_and_store_mode_evaluate_says_so(tmp_path, 
     code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "store", mode="store"))
     assert code == 2 and "val split is empty" in err and "splits.mode=store" in err
     assert not (tmp_path / "eval").exists()  # no report whose header claims other fractions
+    # the user's own split column marks no record val: nothing was drawn, so fractions, seeds and block
+    # sizes cannot help; the column can
+    lines = ["id,sequence,label,part"] + [
+        f"r{i},{seq},{label},{'test' if i % 5 == 0 else 'train'}"
+        for i, (seq, label) in enumerate(splice_rows)
+    ]
+    (tmp_path / "parts.csv").write_text("\n".join(lines) + "\n")
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", "tokenizer.kind=char",
+                       f"inputs=[{{path: {tmp_path / 'parts.csv'}, split_column: part}}]",
+                       f"output={tmp_path / 'parts'}")  # fmt: skip
+    assert code == 0 and "the val split is empty: the splits are the input's own (column part)" in err, err
+    assert "split.block_size" not in err and "Mark some val there" in err
+    code, _, err = cli("evaluate", "-c", evaluate_config(tmp_path, tmp_path / "parts", mode="store"))
+    assert code == 2 and "mark some records val in the input's split column (part)" in err, err
+    assert "larger split fractions" not in err
 
 
 def test_output_piped_into_a_reader_that_stops_early(tmp_path, cli, splice_rows):

@@ -117,7 +117,26 @@ def test_notes_name_seeds_that_drew_one_split_and_classes_training_never_saw(spl
     notes = _split_notes(data, {0: first, 1: first, 2: held_out}, cfg)
     assert any(note.startswith("seeds 0, 1 drew the same split") for note in notes), notes
     assert f"seed 2: test class(es) {data.label_names[0]} never in its training split" in " ".join(notes)
+    unseen = int((data.labels[held_out[1]] == 0).sum())
+    assert (
+        f"seed 2: validation class(es) {data.label_names[0]} ({unseen} of {len(held_out[1])} validation records) "
+        "never in its training split" in " ".join(notes)
+    )
     assert _split_notes(data, {0: first, 1: second}, cfg) == []
+    # a training split too small for kNN's 15 neighbours: its rows are a vote of (nearly) everything
+    knn = cfg.model_copy(update={"protocols": ["linear_probe", "knn"]})
+    assert _split_notes(data, {0: first}, knn) == []
+
+    def train_of(per_class: int) -> tuple:
+        train = first[0]
+        kept = [train[data.labels[train] == c][:per_class] for c in np.unique(data.labels)]
+        return np.concatenate(kept), first[1], first[2]
+
+    (few,) = _split_notes(data, {0: train_of(7), 1: second}, knn)  # the smallest of the seeds
+    assert "a training split holds only 21 records" in few and "over half of them" in few
+    (all_,) = _split_notes(data, {0: train_of(5)}, knn)
+    assert "predicts the largest class for every record" in all_
+    assert _split_notes(data, {0: train_of(5)}, cfg) == []  # no kNN asked for
 
 
 def test_the_grouping_must_fit_the_store(splice_store, pbmc_store):

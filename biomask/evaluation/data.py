@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 
 from biomask.errors import InputError
 from biomask.evaluation.config import SplitSpec
-from biomask.store import TokenStore
+from biomask.store import TokenStore, split_columns
 
 
 @dataclass
@@ -164,10 +164,17 @@ def seed_split(
         parts = tuple(np.flatnonzero(data.origin == s) for s in ("train", "val", "test"))
         empty = [s for s, part in zip(("train", "val", "test"), parts) if part.size == 0]
         if empty:
+            columns = split_columns(data.store.manifest.get("config") or {})
+            change = (
+                f"or mark some records {' / '.join(empty)} in the input's split column ({', '.join(columns)}) "
+                "and prepare it again"
+                if columns
+                else "or prepare the store with larger split fractions"
+            )
             raise InputError(
                 f"token store {data.store.root}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
                 "empty, and splits.mode=store evaluates on the store's own splits; use splits.mode=resample "
-                "(fresh stratified splits of all records) or prepare the store with larger split fractions"
+                f"(fresh stratified splits of all records) {change}"
             )
         return parts  # type: ignore[return-value]
     groups = data.groups(spec)

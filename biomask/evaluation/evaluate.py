@@ -208,9 +208,11 @@ def evaluate(
     """Run every method on every seed; write metrics.json, report.md and confusion matrices. A Python
     caller's global random streams are given back (fine-tuning and the random-init baseline seed
     torch's, and dropout draws from it)."""
-    from biomask.randomness import callers_streams  # torch: not for the report, which reads this module
+    # torch: not for the report, which reads this module
+    from biomask.randomness import callers_streams
+    from biomask.training.distributed import torch_linear_kept
 
-    with callers_streams():
+    with callers_streams(), torch_linear_kept():  # fine-tuning's ZeRO-3 swaps F.linear
         return _evaluate(cfg, overwrite=overwrite, extra_methods=extra_methods)
 
 
@@ -317,7 +319,7 @@ def _split_notes(data: LabelledRecords, splits: dict[int, tuple], cfg: EvaluateC
             "deal whole groups): a spread over those seeds is the methods' own randomness, not the data's"
         )
     names = data.label_names
-    for seed, (train, _, test) in splits.items():
+    for seed, (train, val, test) in splits.items():
         missing = sorted(set(data.labels[test].tolist()) - set(data.labels[train].tolist()))
         if missing:
             shown = ", ".join(str(names[c]) if c < len(names) else str(c) for c in missing)
@@ -325,6 +327,26 @@ def _split_notes(data: LabelledRecords, splits: dict[int, tuple], cfg: EvaluateC
                 f"seed {seed}: test class(es) {shown} never in its training split, so no method can predict "
                 "them (each scores 0 in macro-F1)"
             )
+        unseen = np.isin(data.labels[val], data.labels[train], invert=True)
+        if unseen.any():
+            shown = ", ".join(
+                str(names[c]) if c < len(names) else str(c)
+                for c in sorted(set(data.labels[val][unseen].tolist()))
+            )
+            notes.append(
+                f"seed {seed}: validation class(es) {shown} ({int(unseen.sum())} of {len(val)} validation records) "
+                "never in its training split: what is chosen on validation (C, k, pooling, epochs) is scored "
+                "partly on records no method can predict"
+            )
+    smallest = min((len(train) for train, _, _ in splits.values()), default=0)
+    if "knn" in cfg.protocols and smallest < 2 * clustering.N_NEIGHBORS:
+        notes.append(
+            f"kNN votes among {clustering.N_NEIGHBORS} neighbours, and a training split holds only {smallest} "
+            "records: the vote takes in "
+            + ("all of them, so every kNN row predicts the largest class for every record" if smallest
+               <= clustering.N_NEIGHBORS else "over half of them, so it leans to the largest classes")
+            + ": kNN rows (and their differences) say little here; read the probes"
+        )  # fmt: skip
     for note in notes:
         log.warning("%s", note)
     return notes
@@ -361,15 +383,20 @@ def _summarise(
                 comparisons.append(
                     _compare(by_key[(a, protocol)], by_key[(b, protocol)], per_seed, one_split)
                 )
-    strongest = max(
-        (m for m in methods if m.group == "baseline"),
+    baselines = [m for m in methods if m.group == "baseline"]
+    strongest = max(baselines, key=lambda m: summary[m.name]["mcc"]["mean"], default=None)
+    # a kNN row against the strongest baseline under kNN (the same classifier on another
+    # representation): against a logistic regression its difference would be the classifiers' too
+    strongest_knn = max(
+        (m for m in baselines if m.protocol.endswith("_knn")),
         key=lambda m: summary[m.name]["mcc"]["mean"],
         default=None,
     )
     if strongest is not None:
         for m in methods:
             if m.group != "baseline":
-                comparisons.append(_compare(m.name, strongest.name, per_seed, one_split))
+                b = strongest_knn if m.protocol == "knn" and strongest_knn is not None else strongest
+                comparisons.append(_compare(m.name, b.name, per_seed, one_split))
     return {
         "store": cfg.store,
         "label_names": data.label_names,
@@ -384,6 +411,8 @@ def _summarise(
         "per_seed": per_seed,
         "comparisons": comparisons,
         "strongest_baseline": strongest.name if strongest else None,
+        # the baseline kNN rows are paired with (none: no kNN baseline ran)
+        "strongest_knn_baseline": strongest_knn.name if strongest_knn else None,
         "protocol_settings": protocol_settings(),
     }
 

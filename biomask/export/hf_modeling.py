@@ -45,6 +45,7 @@ PAD_ID, CLS_ID, SEP_ID, UNK_ID, NUM_SPECIAL = 0, 1, 2, 4, 5
 # profile models: the share of the panel a record must name before a warning (biomask embed's
 # default min_coverage)
 MIN_COVERAGE = 0.5
+LOG1P_SCHEMES = ("panel", "binned")  # biomask's cell schemes whose values are log1p(normalised counts)
 CLIP = 10.0  # profile models: standardised values are clipped to ±10 (as in training)
 
 
@@ -457,7 +458,11 @@ class BiomaskModel(BiomaskPreTrainedModel):
                     "are read as unmeasured. Check the gene names against genes.tsv",
                     stacklevel=4,
                 )
-        # log1p(count / library size * target_sum) is at most log1p(target_sum); whole numbers above it are counts
+        # log1p(count / library size * target_sum) is at most log1p(target_sum); whole numbers above it
+        # are counts. Only these schemes' values are log1p (rank's are divided by a gene's median; a
+        # contributor's scheme may hold anything): warning another's would be wrong
+        if self.config.scheme not in LOG1P_SCHEMES:
+            return
         source = (getattr(self.config, "biomask", None) or {}).get("source_checkpoint") or {}
         target_sum = float(((source.get("prep") or {}).get("normalise") or {}).get("target_sum") or 10_000)
         shown = torch.where(mask & (ids >= NUM_SPECIAL), values.float(), 0.0)
