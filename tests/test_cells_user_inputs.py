@@ -380,6 +380,47 @@ def test_a_layer_named_without_layers_slash_is_refused_naming_the_one_meant(fitt
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
 
 
+def test_an_anndata_without_x_names_its_layers_and_repeated_entries_are_summed(fitted, tmp_path):
+    """AnnData(X=None, layers={"counts": ...}) met scipy's "does not support dtype object"; a CSR storing
+    one gene of a cell twice (0.5 + 0.5, which scipy and scanpy add up) was refused as non-integer,
+    "row 0 ... but the first cells hold counts"."""
+    import scipy.sparse as sp
+
+    import biomask
+
+    adata, _, checkpoint = fitted
+    plain = biomask.embed(adata, checkpoint, copy=True).obsm["X_biomask"]
+    bare = ad.AnnData(X=None, obs=adata.obs.copy(), var=adata.var.copy(), layers={"counts": adata.X.copy()})
+    with pytest.raises(InputError, match=r"the AnnData has no X \(it is None\); its matrices: layers/counts"):
+        biomask.embed(bare, checkpoint)
+    with pytest.raises(InputError, match=r"has no X"):
+        biomask.fit_cells(bare, tmp_path / "f", overrides=STEPS)
+    assert not (tmp_path / "f").exists()
+    assert np.array_equal(
+        biomask.embed(bare, checkpoint, matrix="layers/counts", copy=True).obsm["X_biomask"], plain
+    )
+    x = sp.csr_matrix(adata.X)
+    rows = [slice(x.indptr[i], x.indptr[i + 1]) for i in range(x.shape[0])]
+    halves = sp.csr_matrix(  # every stored value as two halves at the same (cell, gene)
+        (
+            np.concatenate([np.tile(x.data[r] / 2, 2) for r in rows]),
+            np.concatenate([np.tile(x.indices[r], 2) for r in rows]),
+            2 * x.indptr,
+        ),
+        shape=x.shape,
+    )
+    assert not halves.has_canonical_format and np.array_equal(halves.toarray(), x.toarray())
+    doubled = ad.AnnData(X=halves, obs=adata.obs.copy(), var=adata.var.copy())
+    assert np.allclose(biomask.embed(doubled, checkpoint, copy=True).obsm["X_biomask"], plain, atol=1e-6)
+    path = tmp_path / "doubled.h5ad"
+    doubled.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        assert np.allclose(biomask.embed(backed, checkpoint, copy=True).obsm["X_biomask"], plain, atol=1e-6)
+    finally:
+        backed.file.close()
+
+
 def test_a_totals_column_older_than_the_matrix_points_to_what_still_works(fitted, tmp_path):
     """scvi-tools' 10x PBMC subsets: n_counts counts every gene, X holds the genes kept. Normalised
     and log1p'd as scanpy users do, the counts cannot be rebuilt from n_counts; the message said to

@@ -590,3 +590,22 @@ def test_a_store_of_many_files_embeds_with_each_windows_file_and_place(dna_check
     assert {"source", "record", "start", "end", "strand"} <= set(obs.columns)
     rows = sorted(zip(obs["source"], obs["id"], obs["start"].astype(int)))
     assert rows == sorted((f"{s}/g.fa", f"chr1:{a}-{a + 100}(+)", a) for s in "AB" for a in (0, 100, 200))
+
+
+def test_embed_says_when_genes_scanpy_made_unique_are_left_out(pbmc_h5ad, cells_checkpoint, caplog):
+    """The made-unique note at embed's side (prep's has its test): an AnnData whose second copy of a
+    gene scanpy renamed `G-1` loses that copy's counts against the checkpoint's vocabulary; said."""
+    source = read(pbmc_h5ad)
+    genes = list(source.raw.var_names)
+    named = anndata.AnnData(X=source.raw.X.copy(), obs=source.obs.copy())
+    named.var_names = [f"{genes[3]}-1" if i == 7 else g for i, g in enumerate(genes)]
+    counts = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+    with caplog.at_level("WARNING", logger="biomask"):
+        biomask.embed(named, cells_checkpoint, counts=counts)
+    assert f"{genes[3]}-1 beside {genes[3]}" in caplog.text and "their counts are left out" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="biomask"):
+        biomask.embed(
+            named[:, [i for i in range(len(genes)) if i != 3]].copy(), cells_checkpoint, counts=counts
+        )
+    assert "beside" not in caplog.text  # no G beside the copy: a gene of its own, nothing said

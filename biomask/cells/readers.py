@@ -226,6 +226,15 @@ def _sparse_ready(values: Any) -> Any:
     return values.astype(np.float32) if getattr(values, "dtype", None) == np.float16 else values
 
 
+def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
+    """A gene stored twice in one cell's row (allowed in CSR; scipy and scanpy add them up) summed into
+    one value: checked entry by entry, 0.5 + 0.5 read as a cell of non-integer values."""
+    if not block.has_canonical_format:
+        block = block.copy()
+        block.sum_duplicates()
+    return block
+
+
 class _CSRSource(MatrixSource):
     """A matrix already in memory as CSR (10x mtx, an AnnData, a CSC file converted once)."""
 
@@ -245,7 +254,7 @@ class _CSRSource(MatrixSource):
         return int(self.matrix.nnz)
 
     def _read(self, start: int, stop: int) -> sp.csr_matrix:
-        return self.matrix[start:stop]
+        return _canonical(self.matrix[start:stop])
 
 
 # --------------------------------------------------------------------------------------------- h5ad
@@ -295,9 +304,11 @@ class _H5ADSource(MatrixSource):
                     f"{self._stored:,} stored values for cells {start:,}-{stop - 1:,}; the file is damaged: "
                     "write it again (adata.write_h5ad) from the source"
                 )
-            return sp.csr_matrix(
-                (_sparse_ready(self._data[lo:hi]), self._indices[lo:hi], indptr - lo),
-                shape=(stop - start, self.n_vars),
+            return _canonical(
+                sp.csr_matrix(
+                    (_sparse_ready(self._data[lo:hi]), self._indices[lo:hi], indptr - lo),
+                    shape=(stop - start, self.n_vars),
+                )
             )
         return sp.csr_matrix(_sparse_ready(self.dense[start:stop]))
 
@@ -805,8 +816,17 @@ def check_matrix_name(matrix: str, layers: list[str] | None = None) -> None:
 def from_anndata(adata, matrix: str = "X", name: str = "anndata") -> MatrixSource:
     """An in-memory AnnData (e.g. from a notebook) as a source; `matrix` as in the config."""
     check_matrix_name(matrix, list(adata.layers))
-    alternatives = ["X", *(["raw"] if adata.raw is not None else []), *(f"layers/{k}" for k in adata.layers)]
+    alternatives = [
+        *(["X"] if adata.X is not None else []),
+        *(["raw"] if adata.raw is not None else []),
+        *(f"layers/{k}" for k in adata.layers),
+    ]
     if matrix == "X":
+        if adata.X is None:  # AnnData(X=None, layers=...): scipy's "does not support dtype object" before
+            raise InputError(
+                f"{name}: the AnnData has no X (it is None); its matrices: {', '.join(alternatives) or 'none'} "
+                "(set matrix=, the CLI's --matrix, to the one with the counts)"
+            )
         values, var = adata.X, adata.var
     elif matrix == "raw":
         if adata.raw is None:
