@@ -724,6 +724,31 @@ def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(gen
     assert dist.is_initialized() and (out / "model" / "model.safetensors").is_file()
 
 
+def test_tokens_per_second_leaves_out_held_out_evaluation_and_checkpoints(
+    genome_store, tmp_path, monkeypatch
+):
+    """A long run's tok/s dipped in every window after an evaluation or a checkpoint (their time was
+    counted as training's): the throughput logged is the training steps' own."""
+    import time as clock
+
+    from biomask.training import trainer
+
+    real = trainer.held_out_loss
+
+    def slow(*args, **kwargs):  # a held-out evaluation far longer than a tiny step
+        clock.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "held_out_loss", slow)
+    extra = {"train.steps": 8, "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2}
+    out = trainer.pretrain(config(genome_store, tmp_path / "run", **extra))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = {x["step"]: x["tokens_per_s"] for x in lines if x["kind"] == "train"}
+    after = [rates[s] for s in (3, 5, 7)]  # each the step after an evaluation and a checkpoint
+    others = sorted(rates[s] for s in (2, 4, 6, 8))
+    assert min(after) > others[1] / 4, rates  # with the pause counted: 0.5 s against a step's ms
+
+
 def _outcome(function, *args):
     try:
         return function(*args)

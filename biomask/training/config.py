@@ -170,6 +170,8 @@ class TrainConfig(Config):
     eval_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     eval_batches: int = Field(8, ge=1)  # per rank and ratio
     checkpoint_every: int = Field(500, ge=1)
+    # Resume checkpoints kept (checkpoints/stepNNNNNNNN, the newest): older ones are deleted as new ones
+    # land, so a long run's disk stays bounded; two, so a damaged newest falls back to the one before.
     keep_last: int = Field(2, ge=1)
     progress: bool = True  # tqdm bar on rank 0
     # torch.compile the model (DeepSpeed's engine.compile: the module compiled in place, so checkpoints

@@ -727,6 +727,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 step_ratios = []
                 window_start = time.perf_counter()
 
+            # held-out evaluation and checkpoints are not training: left out of the next window's tok/s
+            paused = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 read_window()
                 result = finite.check_eval(
@@ -763,6 +765,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                             else "run the same command (or Python call) again to resume from it"
                         )
                     )
+            window_start += time.perf_counter() - paused
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
         read_window()
