@@ -180,3 +180,31 @@ print(matplotlib.get_backend(), plt.get_fignums())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "pdf [1]", done.stdout
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_a_long_runs_training_loss_is_drawn_as_a_running_mean_over_its_faint_values(tmp_path, monkeypatch):
+    """12,000 logged steps drew the training loss as a solid band of noise: past SMOOTH_FROM logged
+    steps the curve is a running mean (said on the axis), the logged values faint beneath it."""
+    from types import SimpleNamespace
+
+    from biomask.report import figures
+
+    rng = np.random.default_rng(0)
+
+    def run(n: int):
+        steps = np.arange(1, n + 1)
+        train = pd.DataFrame({"step": steps, "loss": 2.0 - steps / n + rng.normal(0, 0.3, n)})
+        return SimpleNamespace(train=train, evals=pd.DataFrame(), label=f"{n} steps", masking={"scheme": str(n)},
+                               loss_unit="nats")  # fmt: skip
+
+    seen = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: seen.setdefault(path.name, fig.axes[0]))
+    figures.training_curves([run(4000)], "long", tmp_path / "long.png")
+    figures.training_curves([run(100)], "short", tmp_path / "short.png")
+    long, short = seen["long.png"], seen["short.png"]
+    faint, mean = long.get_lines()
+    assert faint.get_alpha() < 0.5 and mean.get_label() == "4000 steps"
+    assert np.std(np.diff(mean.get_ydata())) < np.std(np.diff(faint.get_ydata())) / 10
+    assert "running mean" in long.get_ylabel()
+    (line,) = short.get_lines()
+    assert "running mean" not in short.get_ylabel() and len(line.get_ydata()) == 100

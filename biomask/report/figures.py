@@ -93,18 +93,30 @@ def loss_unit_label(runs: list[PretrainRun]) -> str:
     return f" ({units.pop()})" if len(units) == 1 else ""
 
 
+SMOOTH_FROM = 500  # logged training steps from which the loss curve is drawn as a running mean
+
+
 def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
-    """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step."""
+    """Training loss (at each run's own ratios) and held-out mean loss over the ratio grid, by step;
+    past SMOOTH_FROM logged steps, a running mean over the faint logged values."""
     fig, (left, right) = _subplots(1, 2, figsize=(11, 4))
+    smoothed = False
     for run, style in zip(runs, _run_styles(runs)):
         if not run.train.empty:
             # markers every so often: the seeds of one arm (its colour) differ there by line and marker;
             # one logged step (a short run) is a point, which a line alone would not draw
             every = max(1, len(run.train) // 8)
             point = {"marker": style["marker"], "ms": 4 if len(run.train) == 1 else 3, "markevery": every}
+            loss = run.train["loss"]
+            if len(loss) > SMOOTH_FROM:
+                # thousands of logged steps (a long run, log_every 1) drew a solid band of noise: the
+                # logged values faint, a running mean over a hundredth of them on top
+                left.plot(run.train["step"], loss, lw=0.5, alpha=0.25, color=style["color"])
+                loss = loss.rolling(max(2, len(loss) // 100), min_periods=1).mean()
+                smoothed = True
             left.plot(
                 run.train["step"],
-                run.train["loss"],
+                loss,
                 label=run.label,
                 lw=1.2,
                 color=style["color"],
@@ -119,7 +131,7 @@ def training_curves(runs: list[PretrainRun], title: str, path: Path) -> Path:
     left.set(
         title=f"{title}: training loss\n(its own ratios and corruption: not comparable with the right)",
         xlabel="step",
-        ylabel=f"masked loss{unit}",
+        ylabel=f"masked loss{unit}" + (", running mean over 1 % of the steps" if smoothed else ""),
     )
     right.set(
         title="held-out masked loss, mean over the ratio grid\n(every masked token hidden, uniform positions)",
