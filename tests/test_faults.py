@@ -1271,3 +1271,20 @@ def test_export_hf_killed_at_random_points(tmp_path, cli, dna_checkpoint):
 
     # a killed export that got as far as its rename is complete; the rerun replaces it (--overwrite)
     survives_kills(tmp_path, cli, args, rerun_args=("--overwrite",), seed=3)
+
+
+def test_a_label_written_with_spaces_around_it_beside_the_plain_one_is_said(tmp_path, cli, splice_rows):
+    """ "N " and "N" in one table: prep dna drops the spaces (one class, as a user means), silently before;
+    prep cells warns of such variants, and so does this now."""
+    rows = [(seq, f"{label} " if i == 3 else label) for i, (seq, label) in enumerate(splice_rows)]
+    table = write_table(tmp_path / "spaced.csv", rows)
+    code, _, err = dna(tmp_path, cli, table)
+    assert code == 0, err
+    spaced = rows[3][1]
+    assert f"{spaced!r} (line 5) as {spaced.strip()!r}" in err and "read as one class" in err, err
+    labels = json.loads((tmp_path / "store" / "manifest.json").read_text())["label_names"]
+    assert spaced not in labels and spaced.strip() in labels
+    code, _, err = dna(
+        tmp_path, cli, write_table(tmp_path / "plain.csv", splice_rows), output=tmp_path / "plain"
+    )
+    assert code == 0 and "read as one class" not in err

@@ -462,12 +462,19 @@ def read_table(
                 )
         check_unique_columns(path, header, [column for _, column in wanted])
         rows = 0
+        spaced: dict[str, tuple[str, int]] = {}  # a label written with spaces around it: first spelling, line
+        plain: set[str] = set()
         for row in reader:
             line = reader.line_num  # the physical line (blank lines and quoted line breaks counted)
             rows += 1
             check_row(path, line, row, header, delimiter)
             sequence = (row.get(sequence_column) or "").strip()
-            label = (row.get(label_column) or "").strip()
+            raw_label = row.get(label_column) or ""
+            label = raw_label.strip()
+            if label != raw_label:
+                spaced.setdefault(label, (raw_label, line))
+            else:
+                plain.add(label)
             if not sequence:
                 raise InputError(f"{path}, line {line}: empty sequence in column {sequence_column!r}")
             if not label:
@@ -490,6 +497,14 @@ def read_table(
             yield LabelledSequence(record_id, sequence, label, split or None, str(path), line)
         if rows == 0:
             raise InputError(f"{path} has a header but no rows")
+        merged = [(label, *spaced[label]) for label in spaced if label in plain]
+        if merged:  # what prep cells warns of too; here the spaces are dropped, so the two are one class
+            log.warning(
+                "%s: label(s) written both with and without spaces around them were read as one class "
+                "(spaces around a label are dropped): %s",
+                path,
+                "; ".join(f"{raw!r} (line {line}) as {label!r}" for label, raw, line in merged[:5]),
+            )
 
 
 def read_keel(path: str | os.PathLike) -> Iterator[LabelledSequence]:
