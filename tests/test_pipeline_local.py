@@ -194,6 +194,60 @@ def _would(out: str) -> dict[str, str]:
     return rows
 
 
+def test_the_preview_sees_inputs_that_changed_under_an_unchanged_config(tmp_path, cli, repo):
+    """The preview compared configs only: an input file edited in place, or a pretrain pointed at
+    another store, showed "reuse" — and `submit` queued jobs that then refused their outputs (exit 2,
+    without --overwrite) after their wait. It checks inputs as the stages do."""
+    from biomask import datasets
+
+    lines = [line for line in datasets.fetch("uci-splice").read_text().splitlines() if line.strip()]
+    rows = [([f.strip() for f in line.split(",")]) for line in lines if not line.startswith(("@", "%"))][
+        ::20
+    ][:160]
+    table = tmp_path / "task.csv"
+    table.write_text("sequence,label\n" + "".join(f"{''.join(r[:-1])},{r[-1]}\n" for r in rows))
+    run_dir = tmp_path / "run"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""\
+name: inputs
+run_dir: {run_dir}
+stages:
+  prep:
+    command: prep dna
+    config: {repo}/configs/dna/splice.yaml
+    overrides: {{inputs: [{{path: {table}, format: table}}], tokenizer.kind: char}}
+  pretrain:
+    command: pretrain
+    config: {repo}/configs/pretrain/dna-cnn-quick.yaml
+    overrides: {{data.store: "${{stages.prep.output}}", data.max_length: 60, model.max_len: 60, train.steps: 2,
+                 train.progress: false}}
+""")
+    assert cli("-q", "pipeline", "run", pipeline)[0] == 0
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
+    assert code == 0 and _would(out) == {"prep": "reuse", "pretrain": "reuse"}
+    original = table.read_text()
+    table.write_text(original.replace(",EI\n", ",IE\n", 1))  # one label flipped, in place
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
+    assert code == 0 and _would(out) == {"prep": "run again", "pretrain": "run again"}, out
+    assert "inputs are not those it was written from" in out.replace("\n", " ").replace("│", "")
+    code, _, err = cli("pipeline", "submit", pipeline, "--dry-run")
+    assert code == 2 and "prep:" in err and "pass --overwrite" in err, err
+    assert cli("-q", "pipeline", "submit", pipeline, "--dry-run", "--overwrite")[0] == 0
+    table.write_text(original)
+    # another store under the same config: the pretrain's recorded store is not it
+    other = tmp_path / "other-store"
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {table}, format: table}}]",
+                       "tokenizer.kind=char", "split.seed=1", f"output={other}")  # fmt: skip
+    assert code == 0, err
+    moved = f"stages.pretrain.overrides.data.store={other}"
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run", moved)
+    assert code == 0 and _would(out) == {"prep": "reuse", "pretrain": "run again"}, out
+    code, _, err = cli("pipeline", "submit", pipeline, "--dry-run", moved)
+    assert code == 2 and "pretrain" in err and "pass --overwrite" in err, err
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
+    assert code == 0 and set(_would(out).values()) == {"reuse"}
+
+
 def test_dry_run_says_what_a_run_would_do_and_runs_nothing(dna_pipeline, tmp_path, cli):
     run = tmp_path / "run"
     code, out, err = cli("pipeline", "run", dna_pipeline, "--dry-run")

@@ -1,15 +1,17 @@
 """`biomask pipeline run --dry-run`: what a run would do with each task, without running anything.
 
 Each stage decides for itself, when it runs, whether its output is current: the same config and the
-same inputs (files by sha256, upstream outputs by their fingerprint). A preview cannot hash every
-input file or know what a stage that has not run yet will write, so it compares what it can — the
-task's resolved config with the one recorded beside its output, ignoring the keys that change no
-result — and says which it did:
+same inputs (files by sha256, upstream outputs by their fingerprint). A preview cannot know what a
+stage that has not run yet will write, so it compares what it can — the task's resolved config with
+the one recorded beside its output, ignoring the keys that change no result, then the inputs by the
+stage's own reuse check (which hashes input files; a dataset not yet fetched is not fetched for it)
+— and says which it did:
 
     run          no output yet
     resume       an interrupted pretraining run of this config (from its last checkpoint)
-    run again    the config changed (the keys are listed), or a stage it needs runs first
-    reuse        same config: reused unless an input file changed since (checked when it runs); an
+    run again    the config changed (the keys are listed), its inputs changed, or a stage it needs
+                 runs first
+    reuse        same config and inputs; an
                  output of a run folder that has moved since compares its paths inside that folder
                  as the same paths inside this one (biomask.relocation)
     refused      the output path holds something this stage will not replace (named)
@@ -21,9 +23,12 @@ its wait in the queue, and a stage's own output of other settings is replaced th
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shlex
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,7 @@ from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import check_input_files, check_run_dir, check_upstream_outputs, run_in_progress
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
-from biomask.relocation import Relocation, as_recorded, of_output, written_from
+from biomask.relocation import RUN_DIR_ENV, Relocation, as_recorded, of_output, written_from
 
 
 @dataclass
@@ -62,6 +67,9 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
             upstream = [n for n in stage.needs if n in computing]
             if action == "reuse" and upstream:
                 action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
+            elif action == "reuse" and not _inputs_current(stage, task, plan.run_dir):
+                # the job's own check would refuse it without --overwrite, after its wait in the queue
+                action, why, stale = "run again", INPUTS_CHANGED, True
             if action in ("run", "resume", "run again"):
                 computing.add(name)
             argv = stage_argv(stage, task)
@@ -135,6 +143,94 @@ def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bo
     return "reuse", "same config" + _moved_text(moved), False
 
 
+INPUTS_CHANGED = (
+    "the same config, but its inputs are not those it was written from (an input file or store changed "
+    "since, or another store named)"
+)
+
+
+def _inputs_current(stage: PlannedStage, task: Task, run_dir: Path) -> bool:
+    """Whether a task whose config is unchanged still has the inputs its output was written from, by
+    the stage's own reuse check (input files and upstream outputs by checksum); True where that
+    cannot be told without running it (no check registered, a dataset not yet fetched: a dry run
+    downloads nothing)."""
+    from biomask.stages import load_ref
+
+    try:
+        cfg = load_config(stage.command.config_class(), stage.config, task.overrides)
+    except (ConfigError, InputError, OSError, TypeError):
+        return True  # the stage says what is wrong when it runs
+    if not _datasets_cached(cfg):
+        return True
+    with _quiet(), _as_in_the_run(run_dir):
+        if stage.command.reused:
+            return load_ref(stage.command.reused)(cfg) is not None
+        if stage.command.name == "pretrain":
+            return _pretrain_inputs_current(cfg, task.output)
+    return True
+
+
+def _datasets_cached(cfg: object) -> bool:
+    from biomask import datasets
+
+    wanted = [getattr(item, "dataset", None) for item in getattr(cfg, "inputs", None) or []]
+    wanted.append(getattr(cfg, "input", None))  # embed: a path or a registry name
+    for name in wanted:
+        if isinstance(name, str) and not Path(name).exists():
+            try:
+                if not datasets.is_cached(name):
+                    return False
+            except InputError:
+                continue  # not in the registry: the stage refuses it itself
+    return True
+
+
+def _pretrain_inputs_current(cfg, out: Path) -> bool:
+    """The store (its manifest's sha256) and the user's DeepSpeed JSON, as recorded in run.json. A run
+    continuing a checkpoint: the trainer decides (its identity is the checkpoint's)."""
+    from biomask.stage import input_identity
+    from biomask.training.rundir import run_inputs
+
+    store = Path(cfg.data.store)
+    recorded = (read_run_info(out) or {}).get("inputs")
+    if cfg.model.init_from or not (store / "manifest.json").is_file() or not isinstance(recorded, list):
+        return True
+    try:
+        now = run_inputs(cfg, store)
+        return sorted(input_identity(i) for i in now) == sorted(
+            input_identity(i) for i in recorded if isinstance(i, dict)
+        )
+    except (OSError, KeyError, TypeError, ValueError):
+        return True
+
+
+@contextlib.contextmanager
+def _as_in_the_run(run_dir: Path) -> Iterator[None]:
+    """The run folder named as the pipeline names it to its stages: a run folder moved since compares
+    the paths inside it as the same (biomask.relocation), as the stage will."""
+    saved = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = saved
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """A stage's reuse check says "up to date; reusing it" in the log: not the preview's to say."""
+    logger = logging.getLogger("biomask")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _moved_text(moved: Relocation | None) -> str:
     return f" (written in {moved.old}, moved here since)" if moved else ""
 
@@ -188,9 +284,7 @@ def print_preview(
     counts = Counter(p.action for p in previews)
     print(", ".join(f"{n} {action}" for action, n in counts.items()) + " -- nothing was run")
     if counts.get("reuse"):
-        print(
-            "reuse: the same config; an input file changed since still makes a stage run (checked when it runs)"
-        )
+        print("reuse: the same config and inputs (input files and stores by checksum)")
     holder = run_in_progress(plan.run_dir)
     if holder is not None:
         print(
@@ -220,7 +314,7 @@ def print_submit_preview(plan: Plan, selected: Sequence[str], *, overwrite: bool
     counts = Counter(p.action for p in previews)
     print(", ".join(f"{n} {action}" for action, n in counts.items()))
     if counts.get("reuse"):
-        print("reuse: the same config; a job still runs its stage if an input file changed since")
+        print("reuse: the same config and inputs; a job still checks both when it runs")
     missing, cache = uncached_datasets(plan, selected)
     if missing:
         print(
