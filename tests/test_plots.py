@@ -129,11 +129,11 @@ def test_report_runs_take_their_schemes_colour_and_their_own_line():
 def test_the_umap_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     """umap_png switched matplotlib to Agg: in a Jupyter kernel (inline backend) every later scanpy
     plot showed nothing. It draws on a figure of its own."""
+    import warnings
+
     import matplotlib
 
     from biomask.embedding.plots import umap_png
-
-    import warnings
 
     before = matplotlib.get_backend()
     matplotlib.use("pdf")  # any backend that is not Agg, as a notebook's inline one is not
