@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import anndata
 import h5py
@@ -331,6 +332,12 @@ def test_dna_sequences_windows_and_stores_embed_with_ids_and_labels(
         table["id"]
     )
     assert from_table.uns["X_biomask"]["modality"] == "dna" and (tmp_path / "table.umap.png").exists()
+    assert f"embedded {len(table):,} records" in err  # progress, chunk by chunk
+    # an .h5ad output inside the checkpoint's folder is refused, as a folder output there is
+    inside = Path(dna_checkpoint) / "vectors.h5ad"
+    code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "splice.csv",
+                       "--output", inside)  # fmt: skip
+    assert code == 2 and "lies inside the run's input directory" in err and not inside.exists(), err
     # a label column the user names must exist (the default one is copied only when there)
     code, _, err = cli("embed", "--checkpoint", dna_checkpoint, "--input", tmp_path / "splice.csv",
                        "--output", tmp_path / "typo.h5ad", "dna.label_column=lable")  # fmt: skip

@@ -80,7 +80,7 @@ def embed_chunks(
 
     max_length = inference_max_length(model)
     room = max_length - n_specials(model.config.modality)
-    frames, parts, cropped, examples = [], [], 0, []
+    frames, parts, cropped, examples, done = [], [], 0, [], 0
     for frame, records in chunks:
         long = [i for i, r in enumerate(records) if len(r["tokens"]) > room]
         if long and long_records == "refuse":
@@ -110,6 +110,8 @@ def embed_chunks(
         ]
         parts.append(vectors[0] if len(vectors) == 1 else (vectors[0] + vectors[1]) / 2)
         frames.append(frame)
+        done += len(frame)
+        log.info("embedded %s records", f"{done:,}")  # a FASTA's count is known only at its end
     if not frames:
         raise InputError(f"{where} holds no sequences")
     obs = pd.concat(frames, ignore_index=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from biomask.embedding.config import EmbedConfig, non_semantic
 from biomask.errors import BiomaskError, InputError
+from biomask.outputs import check_inputs_outside
 from biomask.provenance import input_entry, sha256_file
 from biomask.stage import CONFIG_SHA256, StageOutput, has_run_record
 
@@ -213,6 +214,8 @@ def checked(cfg: EmbedConfig) -> tuple[Path, str, str, Path, bool, StageOutput]:
         check_input_key(path, cfg.key)
     output, directory = _targets(cfg)
     h5ad = output / OUTPUT_NAME if directory else output
+    if not directory:  # a folder output is checked by the stage; a file inside the checkpoint was not
+        check_inputs_outside(h5ad, [cfg.checkpoint])
     if h5ad.resolve() == path.resolve() and not cfg.overwrite_input:
         raise InputError(
             f"output {h5ad} is the input file; choose another output, or set overwrite_input: true to add the "
