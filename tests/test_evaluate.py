@@ -570,3 +570,22 @@ def test_the_expression_matrix_is_the_stores_values_cell_by_cell(pbmc_store, tmp
     matrix = data.expression
     assert matrix.shape == (2, 3) and matrix.nnz == 3
     assert matrix.toarray().tolist() == [[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]]
+
+
+def test_evaluate_gives_torchs_linear_back_after_a_zero3_fine_tune(monkeypatch, tmp_path):
+    """ZeRO-3 fine-tuning swaps torch.nn.functional.linear for DeepSpeed's own "until manually reset";
+    a notebook's next model ran on it. evaluate gives torch's back, as pretrain does (tested there
+    with a real ZeRO-3 run)."""
+    import torch
+
+    from biomask.evaluation import evaluate as module
+
+    linear = torch.nn.functional.linear
+
+    def swapping(cfg, **kwargs):  # what deepspeed.initialize does at ZeRO-3
+        torch.nn.functional.linear = lambda *a, **k: linear(*a, **k)
+        return tmp_path
+
+    monkeypatch.setattr(module, "_evaluate", swapping)
+    assert module.evaluate(None) == tmp_path
+    assert torch.nn.functional.linear is linear

@@ -208,3 +208,32 @@ def test_a_long_runs_training_loss_is_drawn_as_a_running_mean_over_its_faint_val
     assert "running mean" in long.get_ylabel()
     (line,) = short.get_lines()
     assert "running mean" not in short.get_ylabel() and len(line.get_ydata()) == 100
+
+
+def test_the_umap_closes_the_pyplot_figures_it_made_when_scanpy_raises(tmp_path, monkeypatch):
+    """The empty pyplot figure scanpy's colour bar makes is closed when scanpy fails too (the error
+    reaches the notebook; the figure would be shown under it)."""
+    import pytest
+    import scanpy as sc
+
+    from biomask.embedding.plots import umap_png
+
+    def failing(*args, **kwargs):
+        plt.figure()
+        raise RuntimeError("scanpy failed")
+
+    monkeypatch.setattr(sc.pl, "umap", failing)
+    before = plt.get_fignums()
+    vectors = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    with pytest.raises(RuntimeError, match="scanpy failed"):
+        umap_png(vectors, pd.Series(["a", "b"] * 20, name="kind"), tmp_path / "u.png", title="t")
+    assert plt.get_fignums() == before
+
+
+def test_theory_figures_are_drawn_at_their_size_on_figures_of_their_own():
+    from biomask.theory.plots import _subplots
+
+    before = plt.get_fignums()
+    fig, axes = _subplots(2, 3, figsize=(7.0, 4.5), squeeze=False)
+    assert tuple(fig.get_size_inches()) == (7.0, 4.5) and axes.shape == (2, 3)
+    assert plt.get_fignums() == before  # not pyplot's: nothing for a notebook to show or close

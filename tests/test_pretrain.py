@@ -678,14 +678,25 @@ def test_training_runs_from_a_thread_other_than_the_main_one(genome_store, tmp_p
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_results(genome_store, tmp_path):
+def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_results(
+    genome_store, tmp_path, monkeypatch
+):
     """A notebook's seed sweep with a thread pool: two runs at once drew from one set of global
     generators (each seed's weights a mix of both, recorded as that seed's) and swapped fds 1 and 2 over
     each other (the process's output went to /dev/null for good). They take turns: each gives what it
     gives alone, and the descriptors are the ones the process had."""
     import threading
 
+    from biomask.training import trainer
     from biomask.training.trainer import pretrain
+
+    real_build = trainer.build_model
+
+    def slow_build(arch):  # between seeding the global generators and drawing the weights: the
+        time.sleep(0.3)  # other thread's run, side by side, would reseed them here
+        return real_build(arch)
+
+    monkeypatch.setattr(trainer, "build_model", slow_build)
 
     def run(seed: int, name: str) -> Path:
         return pretrain(config(genome_store, tmp_path / name, **{"train.steps": 6, "train.seed": seed}))
@@ -715,13 +726,29 @@ def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(gen
     copy of the world group behind: the next run failed in deepspeed.initialize with a bare ValueError
     ("Group ... is not registered")."""
     import torch.distributed as dist
+    from deepspeed.utils import groups
 
     from biomask.training.trainer import pretrain
 
     pretrain(config(genome_store, tmp_path / "first", **{"train.steps": 2}))
+    kept = groups._WORLD_GROUP
+    pretrain(config(genome_store, tmp_path / "again", **{"train.steps": 2}))
+    assert kept is not None and groups._WORLD_GROUP is kept  # a group torch still knows is kept
     dist.destroy_process_group()
     out = pretrain(config(genome_store, tmp_path / "second", **{"train.steps": 2}))
     assert dist.is_initialized() and (out / "model" / "model.safetensors").is_file()
+    # several processes cannot make their rendezvous again: refused with what to do (gloo waited, then
+    # said the other processes were lost)
+    from types import SimpleNamespace
+
+    from biomask.errors import BiomaskError
+    from biomask.training.distributed import _forget_destroyed_groups
+
+    stale = SimpleNamespace(utils=SimpleNamespace(groups=SimpleNamespace(_WORLD_GROUP=object())))
+    with pytest.raises(BiomaskError, match="cannot start a new one in the same launch"):
+        _forget_destroyed_groups(stale, world_size=2)
+    _forget_destroyed_groups(stale, world_size=1)
+    assert stale.utils.groups._WORLD_GROUP is None
 
 
 def test_tokens_per_second_leaves_out_held_out_evaluation_and_checkpoints(

@@ -170,3 +170,14 @@ def test_evaluate_with_grouped_splits_says_so_and_records_the_groups(splice_stor
     code, _, err = cli(*args[:-2], "--overwrite")
     assert code == 0, err
     assert "split_groups" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_the_split_columns_a_prep_config_took_its_splits_from():
+    """cells: split.column; DNA tables: each input's split_column (the empty-split message names them)."""
+    from biomask.store import split_columns
+
+    assert split_columns({"split": {"column": "part", "val": 0.1}}) == ["part"]
+    assert split_columns(
+        {"split": {"seed": 0}, "inputs": [{"path": "a.csv", "split_column": "fold"}, {"path": "b"}]}
+    ) == ["fold"]
+    assert split_columns({"split": {"seed": 0}, "inputs": [{"dataset": "uci-splice"}]}) == []

@@ -138,3 +138,33 @@ def test_the_silenced_block_covers_a_kernels_own_stdout_and_gives_every_descript
     distributed.init_process_group(distributed.setup_env(None))
     own.close()
     assert "noise" not in capfd.readouterr().err and (tmp_path / "kernel-stdout").read_text() == ""
+
+
+def test_two_threads_silencing_at_once_leave_the_descriptors_as_they_were():
+    """A second thread's block, entered while the first's held fd 1 on /dev/null, took /dev/null for
+    the original and put it back last: the process's output was lost for good. One at a time."""
+    import os
+    import threading
+    import time
+
+    from biomask.training.distributed import _silenced_descriptors
+
+    before = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+    inside = threading.Event()
+
+    def first():
+        with _silenced_descriptors():
+            inside.set()
+            time.sleep(0.3)
+
+    def second():  # in while the first is, out after it
+        inside.wait()
+        with _silenced_descriptors():
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == before

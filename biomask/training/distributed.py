@@ -222,11 +222,13 @@ def torch_linear_kept() -> Iterator[None]:
         torch.nn.functional.linear = linear
 
 
-def _forget_destroyed_groups(deepspeed: Any) -> None:
+def _forget_destroyed_groups(deepspeed: Any, world_size: int = 1) -> None:
     """DeepSpeed keeps its copy of the world group between runs; a caller that destroyed the process
     group with torch's `destroy_process_group` (ordinary teardown in other torch code; DeepSpeed
     forgets its copies only through its own) left it pointing at a group torch no longer knows, and the
-    next engine failed with "Group ... is not registered". Forgotten then: DeepSpeed makes a new one."""
+    next engine failed with "Group ... is not registered". One process: forgotten, DeepSpeed makes a
+    new one. Several (torchrun): the launcher's rendezvous is not made twice (gloo waited, then said
+    the other processes were lost), so the run is refused with what to do."""
     import torch
 
     groups = getattr(getattr(deepspeed, "utils", None), "groups", None)
@@ -238,6 +240,13 @@ def _forget_destroyed_groups(deepspeed: Any) -> None:
         return
     except (KeyError, ValueError, RuntimeError):  # torch 2.13: KeyError; others ValueError
         pass
+    if world_size > 1:
+        raise BiomaskError(
+            "the process group an earlier run of these processes started was destroyed "
+            "(torch.distributed.destroy_process_group); several processes cannot start a new one in "
+            "the same launch: run the next training in a new launch (torchrun again), or leave the "
+            "group to biomask, which keeps it for the next run"
+        )
     release = getattr(groups, "_release_process_group_references", None)
     if callable(release):
         release(None)  # every group DeepSpeed cached: all were destroyed with the world
@@ -261,7 +270,7 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
     # the one the kernel captures: both are pointed at /dev/null meanwhile.
     with _silenced_descriptors():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    _forget_destroyed_groups(deepspeed)
+    _forget_destroyed_groups(deepspeed, dist_env.world_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     from biomask.training.accelerator import accelerator

@@ -727,18 +727,24 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 step_ratios = []
                 window_start = time.perf_counter()
 
-            # held-out evaluation and checkpoints are not training: left out of the next window's tok/s
-            paused = time.perf_counter()
+            # held-out evaluation and checkpoints are not training: left out of the next window's tok/s.
+            # Timed after read_window and stop.agreed, which wait for the step's queued GPU work (that
+            # wait is training's)
+            paused = 0.0
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 read_window()
+                began_eval = time.perf_counter()
                 result = finite.check_eval(
                     held_out_loss(engine, held_out, cfg, arch, dist_env, device, counts), step, cfg
                 )
                 metrics.log(step, "eval", result)
+                paused += time.perf_counter() - began_eval
 
             stopping = stop.agreed(dist_env.world_size, device)
             if stopping or (step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps):
+                began_save = time.perf_counter()
                 path = save_checkpoint()
+                paused += time.perf_counter() - began_save
                 if stopping:
                     if Requeue.ends_process:
                         stop.ignore_from_now()
@@ -765,7 +771,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                             else "run the same command (or Python call) again to resume from it"
                         )
                     )
-            window_start += time.perf_counter() - paused
+            window_start += paused
 
         # 7. The end: final held-out evaluation, checkpoint, portable checkpoint, run.json.
         read_window()
