@@ -49,6 +49,7 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # optional (argparse calls a bare nargs="*" positional required)
         metavar="KEY=VALUE",
         help=f"override config keys, e.g. {example}" if example else "override config keys (key.sub=value)",
     )
@@ -67,6 +68,22 @@ def _add_print_config(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config as YAML (the defaults, with --config and overrides applied) and exit",
     )
+
+
+class _Version(argparse.Action):
+    """`biomask --version`: 0.1.0 alone named every commit alike; the code a run folder records
+    (run.json's `code`) is matched by the commit and the source's sha256."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from biomask.provenance import code_version
+
+        code = code_version()
+        commit = code["git_commit"]
+        where = (
+            f"commit {commit[:12]}{' (uncommitted changes)' if code['git_dirty'] else ''}, " if commit else ""
+        )
+        print(f"biomask {__version__} ({where}source sha256 {code['source_sha256'][:12]})")
+        parser.exit()
 
 
 def _schema_defaults(schema) -> tuple[dict, list[str]]:
@@ -96,6 +113,20 @@ def _schema_defaults(schema) -> tuple[dict, list[str]]:
     return data, required
 
 
+def _wrong_beyond_required(schema, merged: dict, required: list[str]) -> bool:
+    """Whether the schema finds more wrong with `merged` than the required keys left null."""
+    from pydantic import ValidationError
+
+    try:
+        schema.model_validate(merged)
+    except ValidationError as exc:
+        for problem in exc.errors():
+            where = ".".join(str(part) for part in problem["loc"] if not isinstance(part, int))
+            if not any(where == key or where.startswith(key + ".") for key in required):
+                return True
+    return False
+
+
 def cmd_print_config(args: argparse.Namespace) -> int:
     """`biomask <stage> --print-config`: the config the stage would run with, as YAML."""
     import yaml
@@ -108,14 +139,18 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     try:
         print(dump_config(load_config(schema, args.config, overrides)), end="")
         return 0
-    except ConfigError:
+    except ConfigError as error:
         if args.config is not None:
             raise  # the file itself is wrong: the error says where
-    # No file: the defaults, with the keys a config must set shown as null.
+        problem = error
+    # No file: the defaults, with the keys a config must set shown as null — unless an override is
+    # wrong too (an unknown key, a value of the wrong type), which the stage would refuse: said here
     data, required = _schema_defaults(schema)
     given = read_yaml(args.config) if args.config else {}
     apply_overrides(given, overrides)
     merged = _merge(data, given)
+    if _wrong_beyond_required(schema, merged, required):
+        raise problem
     print(
         f"# biomask {args.command} {' '.join(filter(None, [getattr(args, 'prep_command', None)]))}".rstrip()
     )
@@ -176,7 +211,7 @@ def cmd_datasets_fetch(args: argparse.Namespace) -> int:
 
     names = list(datasets.registry()) if args.all else args.names
     if not names:
-        raise BiomaskError("name a dataset to fetch (see `biomask datasets list`), or pass --all")
+        raise InputError("name a dataset to fetch (see `biomask datasets list`), or pass --all")
     for name in names:
         path = datasets.fetch(name, args.data_dir, force=args.force)
         print(f"{name}\t{path}")
@@ -330,7 +365,7 @@ def cmd_fit_cells(args: argparse.Namespace) -> int:
     overrides = dict(o.split("=", 1) for o in args.overrides if not o.startswith("counts.") and "=" in o)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise BiomaskError(f"fit-cells: {bad[0]!r} is not of the form key.sub=value")
+        raise InputError(f"fit-cells: {bad[0]!r} is not of the form key.sub=value")
     if args.quiet:  # only warnings and errors: no progress lines either
         overrides.setdefault("train.progress", "false")
     print(
@@ -662,7 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="biomask",
         description="Masked pretraining (R²MAE and baselines) of DNA and single-cell foundation models.",
     )
-    parser.add_argument("--version", action="version", version=f"biomask {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
+        help="show the version, with the commit and source sha256 run folders record (run.json's code)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher inserts --local_rank=N right after the program name.
@@ -673,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         parent: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int], help: str
     ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, command_parser=p)  # its own usage and options in an error
         # -q / -v after the subcommand too (`biomask pretrain -q ...`); SUPPRESS keeps the global flag
         # when they are not repeated here
         p.add_argument(
@@ -692,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command(ds, "fetch", cmd_datasets_fetch, "fetch datasets into the cache (verified by sha256)")
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", default=[], metavar="NAME")
     p.add_argument("--all", action="store_true", help="fetch every registered dataset")
     p.add_argument("--force", action="store_true", help="fetch again even if a verified copy is cached")
     p.add_argument("--data-dir", help="cache directory (default: $BIOMASK_DATA_DIR or ~/.cache/biomask/data)")
@@ -810,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # optional (argparse calls a bare nargs="*" positional required)
         metavar="KEY=VALUE",
         help="counts.mode=log1p (log-normalised input), or pretrain keys, e.g. train.steps=3000",
     )
@@ -824,7 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-c", "--config", help="the stage's YAML config (the flags below are shortcuts for its keys)"
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. matrix=raw")
+    p.add_argument(
+        "overrides", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. matrix=raw"
+    )
     p.add_argument("--checkpoint", help="a portable checkpoint (the model/ directory of a pretrain run)")
     p.add_argument("--input", help="an .h5ad of cells, or DNA: FASTA, CSV/TSV table, token store")
     p.add_argument("--output", help="an .h5ad file, or a directory (embeddings.h5ad, umap.png, provenance)")
@@ -896,6 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "overrides",
             nargs="*",
+            default=[],
             metavar="KEY=VALUE",
             help="override pipeline keys, e.g. run_dir=/scratch/run1",
         )
@@ -950,7 +994,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", help="YAML config (default: the built-in defaults, see configs/theory.yaml)"
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. test_repetitions=50"
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. test_repetitions=50",
     )
     p.add_argument("--output", help="output directory (default: the config's `output`, runs/theory)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
@@ -1034,17 +1082,58 @@ def _usable_streams() -> None:
                 stream.reconfigure(errors="backslashreplace")
 
 
+def _option_hints(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """The nearest option of the command for a misspelled one; an override written as a flag
+    (`--train.steps=5`) said to be written without dashes. Python 3.11's argparse suggests nothing."""
+    import difflib
+
+    options = [o for action in parser._actions for o in action.option_strings]
+    hints = []
+    for item in extra:
+        flag = item.split("=", 1)[0]
+        if not item.startswith("-") or flag in options:
+            continue
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.7)
+        if close:
+            hints.append(f"{flag}: did you mean {close[0]}?")
+        elif "=" in item and "." in flag:
+            hints.append(f"{item}: overrides are written without dashes ({item.lstrip('-')})")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _suggest_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A misspelled command (`biomask pretrian`, `biomask prep dan`) named with the nearest one."""
+    import difflib
+
+    words = [w for w in argv if not w.startswith("-")]
+    current, path = parser, ["biomask"]
+    for word in words:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            return
+        choices = actions[0].choices
+        if word not in choices:
+            close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+            if close:
+                current.error(f"unknown command {' '.join([*path[1:], word])!r}: did you mean "
+                              f"`{' '.join([*path, close[0]])}`?")  # fmt: skip
+            return
+        current, path = choices[word], [*path, word]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _usable_streams()
     parser = build_parser()
+    _suggest_command(parser, list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
+    own = getattr(args, "command_parser", parser)  # the subcommand's: its usage, its options
     # key=value overrides may follow flags (`--overwrite tokenizer.k=4`), which argparse cannot interleave
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        own.error(f"unrecognized arguments: {' '.join(extra)}{_option_hints(own, extra)}")
     if getattr(args, "config_required", False) and args.config is None and not args.print_config:
-        parser.error(f"{args.command}: the following arguments are required: -c/--config")
+        own.error("the following arguments are required: -c/--config")
     _setup_logging(args.quiet, args.verbose)
     from biomask.cells.kernels import use_writable_cache
 

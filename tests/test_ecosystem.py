@@ -731,9 +731,56 @@ def test_print_config_applies_the_config_file_and_overrides(cli, repo):
     code, out, _ = cli("pretrain", "--print-config")
     data = yaml.safe_load(out)
     assert data["train"]["log_every"] == 10 and data["output"] is None and "required" in out
+    code, out, _ = cli("pretrain", "--print-config", "train.steps=7")  # valid, with required keys unset
+    assert code == 0 and yaml.safe_load(out)["train"]["steps"] == 7
+    # an override the stage would refuse is refused here too (printed as valid, exit 0, before)
+    for stage, wrong, said in (
+        (["pretrain"], "train.step=5", "did you mean 'steps'"),
+        (["pretrain"], "train.steps=ten", "train.steps"),
+        (["theory"], "test_repetition=3", "did you mean 'test_repetitions'"),
+    ):
+        code, out, err = cli(*stage, "--print-config", wrong)
+        assert code == 2 and said in err and not out, (wrong, err)
     with pytest.raises(SystemExit) as stopped:
         cli("pretrain")
     assert stopped.value.code == 2
+    # optional arguments are not called required
+    with pytest.raises(SystemExit):
+        cli("pipeline", "run")
+    code, _, err = cli("datasets", "fetch")
+    assert code == 2 and "name a dataset to fetch" in err
+
+
+def test_a_newcomers_slips_at_the_command_line_are_named_with_the_nearest_choice(capsys):
+    """A misspelled command, option or subcommand, and an override written as a flag: the root usage
+    and "unrecognized arguments" named neither the command nor what was meant."""
+    from biomask.cli import main
+
+    for argv, said in (
+        (["pretrian"], "unknown command 'pretrian': did you mean `biomask pretrain`?"),
+        (["prep", "dan"], "did you mean `biomask prep dna`?"),
+        (["embed", "--chekpoint", "x"], "biomask embed: error: unrecognized arguments: --chekpoint; --chekpoint: did you mean --checkpoint?"),
+        (["pretrain", "-c", "x.yaml", "--train.steps=5"], "overrides are written without dashes (train.steps=5)"),
+        (["prep", "dna"], "biomask prep dna: error: the following arguments are required: -c/--config"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and said in err, (argv, err)
+
+
+def test_version_names_the_code_run_folders_record(capsys):
+    """`--version` said 0.1.0 for every commit: it names the commit and the source's sha256, as
+    run.json's `code` records them."""
+    from biomask.cli import main
+    from biomask.provenance import code_version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    code = code_version()
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("biomask ") and code["source_sha256"][:12] in out
+    assert code["git_commit"] is None or code["git_commit"][:12] in out
 
 
 def test_loading_a_model_leaves_the_callers_random_stream_alone(cells_checkpoint):
