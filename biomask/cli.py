@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from biomask import __version__
-from biomask.errors import BiomaskError, InputError, Terminated
+from biomask.errors import BiomaskError, ConfigError, InputError, Terminated
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
@@ -235,13 +235,43 @@ def cmd_datasets_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _another_commands_config(stage: str, path: str | None) -> ConfigError | None:
+    """A config written for another command (an evaluate YAML given to pretrain, a pipeline file to a
+    stage) listed a dozen unknown keys and suggested near names for them: said in one line instead."""
+    from biomask.config import read_yaml
+
+    if path is None:
+        return None
+    try:
+        keys = set(read_yaml(path))
+    except (ConfigError, TypeError, ValueError):
+        return None
+    own = set(load_ref(STAGES[stage].schema).model_fields)
+    if not keys or keys <= own:
+        return None
+    if "stages" in keys and "stages" not in own:
+        return ConfigError(f"{path} is a pipeline file: run it with `biomask pipeline run {path}`")
+    for name, other in STAGES.items():
+        if name != stage and other.schema and keys <= set(load_ref(other.schema).model_fields):
+            return ConfigError(
+                f"{path} is a `biomask {name}` config, not a `biomask {stage}` one: run "
+                f"`biomask {name} -c {path}`, or give {stage} a config of its own (configs/ has examples)"
+            )
+    return None
+
+
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None, **extra) -> Path:
     """A registered stage (`biomask.stages.STAGES`): load its config from --config and key=value
     overrides, run its runner `function(cfg, overwrite=..., **extra)` and return the output path."""
     from biomask.config import load_config
 
     spec = STAGES[stage]
-    cfg = load_config(load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides)
+    try:
+        cfg = load_config(
+            load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides
+        )
+    except ConfigError as error:
+        raise _another_commands_config(stage, args.config) or error from None
     done = load_ref(spec.reused)(cfg) if spec.reused and not args.overwrite else None
     if done:
         return done
@@ -305,9 +335,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from biomask.training.rundir import finished_run
 
     # -q: only warnings and errors, so no progress lines either (train.progress changes no result)
-    cfg = load_config(
-        PretrainConfig, args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
-    )
+    try:
+        cfg = load_config(
+            PretrainConfig, args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
+        )
+    except ConfigError as error:
+        raise _another_commands_config("pretrain", args.config) or error from None
     env = resolve_env(os.environ, args.local_rank)  # srun sets SLURM_PROCID, not RANK, until setup_env
     done = None if args.overwrite else finished_run(cfg, env.world_size, env.rank)
     try:

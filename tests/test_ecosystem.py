@@ -769,6 +769,20 @@ def test_a_newcomers_slips_at_the_command_line_are_named_with_the_nearest_choice
         assert done.value.code == 2 and said in err, (argv, err)
 
 
+def test_a_config_of_another_command_is_named_as_such(cli, repo):
+    """An evaluate YAML given to pretrain listed a dozen unknown keys (and a pipeline file given to
+    report suggested 'targets' for 'stages'): one line names the command the file is for."""
+    code, _, err = cli("pretrain", "-c", repo / "configs/evaluate/splice.yaml")
+    assert code == 2 and "is a `biomask evaluate` config, not a `biomask pretrain` one" in err, err
+    assert "unknown key" not in err
+    code, _, err = cli("report", "-c", repo / "configs/pipelines/study-quick.yaml")
+    assert code == 2 and "is a pipeline file: run it with `biomask pipeline run" in err, err
+    code, _, err = cli("pipeline", "run", repo / "configs/pretrain/dna-tiny.yaml", "--dry-run")
+    assert code == 2 and "is a `biomask pretrain` config, not a pipeline file" in err, err
+    code, _, err = cli("pretrain", "-c", repo / "configs/pretrain/dna-tiny.yaml", "train.step=3")
+    assert code == 2 and "did you mean 'steps'" in err  # a slip in the right command's config: as before
+
+
 def test_version_names_the_code_run_folders_record(capsys):
     """`--version` said 0.1.0 for every commit: it names the commit and the source's sha256, as
     run.json's `code` records them."""

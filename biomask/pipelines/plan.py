@@ -147,6 +147,15 @@ def load_plan(
     from `workdir` (default: the working directory).
     """
     data = read_yaml(path)
+    if isinstance(data, dict) and data and "stages" not in data:  # a stage's config given as a pipeline
+        from biomask.stages import STAGES, load_ref
+
+        for name, stage in STAGES.items():
+            if stage.schema and set(data) <= set(load_ref(stage.schema).model_fields):
+                raise ConfigError(
+                    f"{path} is a `biomask {name}` config, not a pipeline file (which lists `stages`): "
+                    f"run `biomask {name} -c {path}`, or start a pipeline from configs/pipelines/"
+                )
     _check_override_stages(data, overrides, path)
     overrides, swept = _apply_sweep_keys(data, overrides)
     touched = apply_overrides(data, overrides) | swept
