@@ -783,6 +783,20 @@ def test_a_config_of_another_command_is_named_as_such(cli, repo):
     assert code == 2 and "did you mean 'steps'" in err  # a slip in the right command's config: as before
 
 
+def test_the_command_line_bounds_onednns_kernel_cache_unless_the_user_set_it(monkeypatch, capsys):
+    """oneDNN kept a kernel (and its memory) per input shape, 1,024 by default: `biomask embed` on
+    50,000 DNA records of many lengths peaked at 1.0 GB, 0.72 GB with 64 (and ran faster; measured,
+    docs/benchmarks.md). Set before any kernel is built; a user's own value wins."""
+    from biomask.cli import main
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert main(["-q", "datasets", "list"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert main(["-q", "datasets", "list"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
 def test_version_names_the_code_run_folders_record(capsys):
     """`--version` said 0.1.0 for every commit: it names the commit and the source's sha256, as
     run.json's `code` records them."""
