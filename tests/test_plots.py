@@ -237,3 +237,33 @@ def test_theory_figures_are_drawn_at_their_size_on_figures_of_their_own():
     fig, axes = _subplots(2, 3, figsize=(7.0, 4.5), squeeze=False)
     assert tuple(fig.get_size_inches()) == (7.0, 4.5) and axes.shape == (2, 3)
     assert plt.get_fignums() == before  # not pyplot's: nothing for a notebook to show or close
+
+
+def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict(tmp_path, monkeypatch):
+    """The verdicts rest on paired differences, which no figure showed (the evaluation figures give
+    each method's own interval): one row per target and model, its interval, zero marked."""
+    from biomask.report import figures
+
+    seen = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: seen.setdefault("ax", fig.axes[0]))
+    entries = [
+        {"label": "a: R²MAE", "difference": 0.05, "low": 0.01, "high": 0.09, "status": "met"},
+        {"label": "b: R²MAE", "difference": -0.01, "low": -0.04, "high": 0.02, "status": "level"},
+        {"label": "c: bert15", "difference": -0.03, "low": None, "high": None, "status": "not met"},
+    ]
+    figures.target_differences(entries, tmp_path / "t.png")
+    ax = seen["ax"]
+    labels = {tick.get_position()[1]: tick.get_text() for tick in ax.get_yticklabels()}
+    assert labels == {2: "a: R²MAE", 1: "b: R²MAE", 0: "c: bert15"}  # in the table's order, top down
+    points = {
+        line.get_ydata()[0]: (line.get_xdata()[0], line.get_color())
+        for line in ax.get_lines()
+        if line.get_marker() == "o"
+    }
+    assert (
+        points[2] == (0.05, "tab:green")
+        and points[1] == (-0.01, "tab:gray")
+        and points[0] == (-0.03, "tab:red")
+    )
+    assert len(ax.collections) == 2  # intervals where there are some: the third has none
+    assert any(line.get_xdata()[0] == 0 for line in ax.get_lines() if line.get_marker() != "o")  # zero

@@ -620,6 +620,7 @@ def test_the_study_pipeline_in_miniature_writes_an_honest_report(repo, tmp_path,
         "eval-coding.png",
         "eval-pbmc68k.png",
         "umap.png",
+        "targets.png",  # the targets' paired differences, under the table at a glance
     ):
         assert f"figures/{figure}" in text
         assert (report_dir / "figures" / figure).stat().st_size > 1000

@@ -190,6 +190,31 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+_VERDICT_COLOURS = {"met": "tab:green", "level": "tab:gray", "not met": "tab:red"}
+
+
+def target_differences(entries: list[dict], path: Path) -> Path:
+    """The targets' verdicts as a picture: each model's paired difference from the strongest baseline
+    with its 95 % interval, one row per (target, model), coloured by verdict, zero marked — what the
+    verdicts rest on (the evaluation figures show each method's own interval, not the pairing).
+    `entries`: {"label", "difference", "low", "high", "status"} (low/high None: no interval)."""
+    fig, ax = _subplots(figsize=(11, 0.32 * len(entries) + 1.3))
+    y = np.arange(len(entries))[::-1]
+    for row, e in zip(y, entries):
+        colour = _VERDICT_COLOURS.get(e["status"], "tab:blue")
+        if e["low"] is not None and e["high"] is not None:
+            ax.hlines(row, e["low"], e["high"], color=colour, lw=2)
+        ax.plot(e["difference"], row, "o", color=colour, ms=5)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [e["label"] for e in entries], fontsize=7)
+    ax.set(
+        xlabel="pretrained − strongest baseline (each target's metric; paired, 95 % interval)",
+        title="Targets: green met, grey level (the interval holds 0), red not met",
+    )
+    ax.title.set_fontsize(9)
+    return _save(fig, path)
+
+
 def _colour(method: dict, grouped: bool) -> str:
     """Grey: a baseline; blue: a pretrained scheme over its seeds (or, ungrouped, a checkpoint);
     orange: the random init and per-split picks (chosen on val), over the evaluation splits."""

@@ -622,6 +622,35 @@ def _targets_at_a_glance(
     return [*lines, ""]
 
 
+TARGETS_PNG = "targets.png"
+
+
+def _target_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each assessed (target, model) of the summary's table, for its figure."""
+    drawn = []
+    for row in rows:
+        if "missing" in row:
+            continue
+        t, ev = row["target"], row["evaluation"]
+        task = re.split(r" \(|, ", ev.title, maxsplit=1)[0]
+        for e in row["entries"]:
+            c = e["cmp"]
+            if not math.isfinite(c["mean_difference"]):
+                continue
+            finite = math.isfinite(c["ci_low"]) and math.isfinite(c["ci_high"])
+            who = "R²MAE" if e["label"].startswith("R²MAE") else e["method"]
+            drawn.append(
+                {
+                    "label": f"{task}, {t.protocol.replace('_', ' ')} {_METRIC_NAMES[t.metric]}: {who}",
+                    "difference": c["mean_difference"],
+                    "low": c["ci_low"] if finite else None,
+                    "high": c["ci_high"] if finite else None,
+                    "status": e["status"],
+                }
+            )
+    return drawn
+
+
 def _targets_json(
     rows: list[dict[str, Any]], holm_p: float | None, chosen: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -1216,7 +1245,12 @@ def render(cfg: ReportConfig, out: Path) -> str:
     holm_p = max((p for i, p, _ in tested if i in survivors), default=None) if len(tested) > 1 else None
     lines[summary_start:] = _mark_holm_survivors(lines[summary_start:])
     lines += _multiplicity_note(lines[summary_start:])
-    lines[summary_start + 2 : summary_start + 2] = _targets_at_a_glance(targets, holm_p, chosen)
+    glance = _targets_at_a_glance(targets, holm_p, chosen)
+    drawn = _target_entries(targets)
+    if drawn:
+        figures.target_differences(drawn, fig_dir / TARGETS_PNG)
+        glance += [f"![targets' paired differences](figures/{TARGETS_PNG})", ""]
+    lines[summary_start + 2 : summary_start + 2] = glance
     # written into the stage's temporary folder, renamed into place with report.md
     (out / SUMMARY_JSON).write_text(
         json.dumps(_targets_json(targets, holm_p, chosen), indent=2, allow_nan=False) + "\n", encoding="utf-8"
