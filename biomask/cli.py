@@ -251,6 +251,8 @@ def _another_commands_config(stage: str, path: str | None) -> ConfigError | None
         return None
     if "stages" in keys and "stages" not in own:
         return ConfigError(f"{path} is a pipeline file: run it with `biomask pipeline run {path}`")
+    if len(keys - own) < 2:  # one key unknown is a slip in this command's config: its own error says it
+        return None
     for name, other in STAGES.items():
         if name != stage and other.schema and keys <= set(load_ref(other.schema).model_fields):
             return ConfigError(

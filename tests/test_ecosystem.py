@@ -769,7 +769,7 @@ def test_a_newcomers_slips_at_the_command_line_are_named_with_the_nearest_choice
         assert done.value.code == 2 and said in err, (argv, err)
 
 
-def test_a_config_of_another_command_is_named_as_such(cli, repo):
+def test_a_config_of_another_command_is_named_as_such(cli, repo, tmp_path):
     """An evaluate YAML given to pretrain listed a dozen unknown keys (and a pipeline file given to
     report suggested 'targets' for 'stages'): one line names the command the file is for."""
     code, _, err = cli("pretrain", "-c", repo / "configs/evaluate/splice.yaml")
@@ -781,6 +781,14 @@ def test_a_config_of_another_command_is_named_as_such(cli, repo):
     assert code == 2 and "is a `biomask pretrain` config, not a pipeline file" in err, err
     code, _, err = cli("pretrain", "-c", repo / "configs/pretrain/dna-tiny.yaml", "train.step=3")
     assert code == 2 and "did you mean 'steps'" in err  # a slip in the right command's config: as before
+    # one key this command lacks is a slip, not another command's file (prep cells' keys nearly all
+    # are prep dna's): its own error, not "run prep dna"
+    slip = tmp_path / "cells.yaml"
+    slip.write_text("inputs: [{dataset: pbmc68k_reduced}]\noutput: o\nnum_workers: 4\n")
+    code, _, err = cli("prep", "cells", "-c", slip)
+    assert code == 2 and "unknown key 'num_workers'" in err and "prep dna" not in err, err
+    code, _, err = cli("fit-cells", "--input", slip, "--output", tmp_path / "f", "train.steps")
+    assert code == 2 and "is not of the form key.sub=value" in err
 
 
 def test_the_command_line_bounds_onednns_kernel_cache_unless_the_user_set_it(monkeypatch, capsys):

@@ -246,6 +246,50 @@ stages:
     assert code == 2 and "pretrain" in err and "pass --overwrite" in err, err
     code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
     assert code == 0 and set(_would(out).values()) == {"reuse"}
+    # an input this node cannot read is no sign of a change (a job may see file systems it does not)
+    table.rename(tmp_path / "away.csv")
+    code, out, err = cli("pipeline", "submit", pipeline, "--dry-run")
+    assert code == 0 and "2 reuse" in out, err
+    (tmp_path / "away.csv").rename(table)
+
+
+def test_the_preview_reads_datasets_as_the_pipelines_stages_do_and_fetches_nothing(
+    tmp_path, cli, repo, monkeypatch
+):
+    """The preview's input check ran in the shell's environment, not the pipeline's `env` (its own
+    data cache or registry: a false "run again", which submit refused), and fetched through the
+    registry: a damaged cached copy was set aside and downloaded again by a dry run."""
+    from biomask import datasets
+
+    source = datasets.fetch("uci-splice")
+    cache = tmp_path / "cache"
+    (cache / "uci-splice").mkdir(parents=True)
+    copy = cache / "uci-splice" / source.name
+    copy.write_bytes(source.read_bytes())
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""\
+name: cache
+run_dir: {tmp_path / "run"}
+env: {{BIOMASK_DATA_DIR: {cache}}}
+stages:
+  prep:
+    command: prep dna
+    config: {repo}/configs/dna/splice.yaml
+    overrides: {{tokenizer.kind: char}}
+""")
+    assert cli("-q", "pipeline", "run", pipeline)[0] == 0
+    shells = tmp_path / "shell-cache"  # this shell's cache lacks it: only the pipeline's has it
+    shells.mkdir()
+    monkeypatch.setenv("BIOMASK_DATA_DIR", str(shells))
+    code, out, err = cli("pipeline", "submit", pipeline, "--dry-run")
+    assert code == 0 and _would(out) == {"prep": "reuse"}, (out, err)
+    with copy.open("ab") as handle:
+        handle.write(b"junk")  # damaged: the stage will fetch it again; a dry run does nothing to it
+    listing = sorted(p.name for p in cache.rglob("*"))
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
+    assert code == 0 and _would(out) == {"prep": "reuse"}
+    assert sorted(p.name for p in cache.rglob("*")) == listing and copy.read_bytes().endswith(b"junk")
+    assert not any(shells.iterdir())  # nothing fetched into the shell's cache either
 
 
 def test_dry_run_says_what_a_run_would_do_and_runs_nothing(dna_pipeline, tmp_path, cli):

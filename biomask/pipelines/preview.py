@@ -67,7 +67,7 @@ def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
             upstream = [n for n in stage.needs if n in computing]
             if action == "reuse" and upstream:
                 action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
-            elif action == "reuse" and not _inputs_current(stage, task, plan.run_dir):
+            elif action == "reuse" and not _inputs_current(stage, task, plan.run_dir, plan.pipeline.env):
                 # the job's own check would refuse it without --overwrite, after its wait in the queue
                 action, why, stale = "run again", INPUTS_CHANGED, True
             if action in ("run", "resume", "run again"):
@@ -149,20 +149,22 @@ INPUTS_CHANGED = (
 )
 
 
-def _inputs_current(stage: PlannedStage, task: Task, run_dir: Path) -> bool:
+def _inputs_current(stage: PlannedStage, task: Task, run_dir: Path, env: dict[str, str]) -> bool:
     """Whether a task whose config is unchanged still has the inputs its output was written from, by
-    the stage's own reuse check (input files and upstream outputs by checksum); True where that
-    cannot be told without running it (no check registered, a dataset not yet fetched: a dry run
-    downloads nothing)."""
+    the stage's own reuse check (input files and upstream outputs by checksum), in the environment the
+    pipeline gives its stages (its `env`: a registry or data cache of its own). True where that cannot
+    be told here: no check registered, an input this node cannot read (a job may see file systems the
+    submitting node does not), a dataset not fetched or not intact (a dry run downloads nothing and
+    sets nothing aside)."""
     from biomask.stages import load_ref
 
-    try:
-        cfg = load_config(stage.command.config_class(), stage.config, task.overrides)
-    except (ConfigError, InputError, OSError, TypeError):
-        return True  # the stage says what is wrong when it runs
-    if not _datasets_cached(cfg):
-        return True
-    with _quiet(), _as_in_the_run(run_dir):
+    with _quiet(), _as_in_the_run(run_dir, env):
+        try:
+            cfg = load_config(stage.command.config_class(), stage.config, task.overrides)
+        except (ConfigError, InputError, OSError, TypeError):
+            return True  # the stage says what is wrong when it runs
+        if not _inputs_readable_here(cfg):
+            return True
         if stage.command.reused:
             return load_ref(stage.command.reused)(cfg) is not None
         if stage.command.name == "pretrain":
@@ -170,18 +172,34 @@ def _inputs_current(stage: PlannedStage, task: Task, run_dir: Path) -> bool:
     return True
 
 
-def _datasets_cached(cfg: object) -> bool:
+def _inputs_readable_here(cfg: object) -> bool:
+    """Every input file the config names is here, and every registry dataset it reads is fetched and
+    intact (its sha256 as registered): the reuse check then reads them as the stage would, and its
+    "not current" means changed — never an input it could not check, or a fetch."""
     from biomask import datasets
+    from biomask.inputs import pattern_matches
+    from biomask.provenance import sha256_file
 
-    wanted = [getattr(item, "dataset", None) for item in getattr(cfg, "inputs", None) or []]
-    wanted.append(getattr(cfg, "input", None))  # embed: a path or a registry name
-    for name in wanted:
-        if isinstance(name, str) and not Path(name).exists():
-            try:
-                if not datasets.is_cached(name):
-                    return False
-            except InputError:
-                continue  # not in the registry: the stage refuses it itself
+    items = list(getattr(cfg, "inputs", None) or [])
+    named = [getattr(item, "dataset", None) for item in items]
+    paths = [getattr(item, "path", None) for item in items]
+    embed_input = getattr(cfg, "input", None)  # embed: a path or a registry name
+    if isinstance(embed_input, str):
+        (paths if Path(embed_input).expanduser().exists() else named).append(embed_input)
+    for text in paths:
+        if isinstance(text, str):
+            matches = pattern_matches(text)
+            if not (matches if matches is not None else Path(text).expanduser().exists()):
+                return False
+    for name in named:
+        if not isinstance(name, str):
+            continue
+        try:
+            entry, path = datasets.get(name), datasets.cached_path(name)
+            if not path.is_file() or (entry.source.type != "local" and sha256_file(path) != entry.sha256):
+                return False
+        except (InputError, OSError):
+            return False
     return True
 
 
@@ -205,18 +223,20 @@ def _pretrain_inputs_current(cfg, out: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _as_in_the_run(run_dir: Path) -> Iterator[None]:
-    """The run folder named as the pipeline names it to its stages: a run folder moved since compares
-    the paths inside it as the same (biomask.relocation), as the stage will."""
-    saved = os.environ.get(RUN_DIR_ENV)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
+def _as_in_the_run(run_dir: Path, env: dict[str, str]) -> Iterator[None]:
+    """The environment the pipeline gives its stages: its `env`, and the run folder named (a run folder
+    moved since compares the paths inside it as the same, biomask.relocation, as the stage will)."""
+    wanted = {**{str(k): str(v) for k, v in env.items()}, RUN_DIR_ENV: str(run_dir)}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
