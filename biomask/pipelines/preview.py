@@ -4,8 +4,8 @@ Each stage decides for itself, when it runs, whether its output is current: the 
 same inputs (files by sha256, upstream outputs by their fingerprint). A preview cannot know what a
 stage that has not run yet will write, so it compares what it can — the task's resolved config with
 the one recorded beside its output, ignoring the keys that change no result, then the inputs by the
-stage's own reuse check (which hashes input files; a dataset not yet fetched is not fetched for it)
-— and says which it did:
+stage's own reuse check in the pipeline's `env` (which hashes input files; an input this machine
+cannot read, or a dataset not fetched or not intact, is left to the stage) — and says which it did:
 
     run          no output yet
     resume       an interrupted pretraining run of this config (from its last checkpoint)
