@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biomask.agg import subplots
 from biomask.neighbors import neighbors
 from biomask.store import label_order, label_strings
 
@@ -26,11 +27,6 @@ def umap_png(
     import anndata
     import scanpy as sc
 
-    # a Figure of its own, not pyplot's: a notebook's backend (inline) stays as it was, and no window
-    # opens (matplotlib.use("Agg") here switched a Jupyter kernel's plots off)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     n = vectors.shape[0]
     chosen = np.arange(n)
     if n > max_cells:
@@ -44,9 +40,7 @@ def umap_png(
     title = f"{title} · colour: {colour.name}"
     if len(chosen) < n:
         title += f" · {len(chosen):,} of {n:,} cells"
-    fig = Figure(figsize=(6, 5), dpi=120)
-    FigureCanvasAgg(fig)  # the canvas the title's fitting measures text on, and savefig draws with
-    ax = fig.add_subplot()
+    fig, ax = subplots(figsize=(6, 5), dpi=120)  # a figure of its own, not pyplot's (biomask.agg)
     classes = adata.obs[colour.name]
     many = isinstance(classes.dtype, pd.CategoricalDtype) and len(classes.cat.categories) > MAX_LEGEND
     if (

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from biomask.agg import subplots as _subplots
 from biomask.evaluation.methods import CHOSEN_ON_VAL
 from biomask.evaluation.metrics import METRICS
 from biomask.report.collect import Evaluation, PretrainRun
@@ -21,15 +21,6 @@ _NAMES = {
     "cluster_ari": "Leiden ARI (res. 1)",
     "cluster_ari_best": "Leiden ARI (NMI-optimal res.)",
 }
-
-
-def _subplots(*args, figsize: tuple[float, float], **kwargs):
-    """A figure of its own, drawn by Agg, and its axes: never pyplot's, so a notebook's backend and
-    its open figures are left as they were (`matplotlib.use` at import switched a kernel's inline
-    plots off), and nothing is left for pyplot to show or close."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig: Figure, path: Path) -> Path:

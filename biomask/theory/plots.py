@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from biomask.agg import subplots as _subplots
+
 if TYPE_CHECKING:
     from biomask.theory.study import Block
 
@@ -17,17 +19,6 @@ OPTIMUM_PNG = "optimum_vs_size.png"
 TEST_RATIO_PNG = "test_ratio.png"
 PROBE_PNG = "probe.png"
 FIGURES = (RISK_PNG, EQUIVALENCE_PNG, RANDOM_PNG, OPTIMUM_PNG, TEST_RATIO_PNG, PROBE_PNG)
-
-
-def _subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
-    """A figure of its own, drawn by Agg, and its axes: never pyplot's, so the caller's backend and
-    open figures are left as they were."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig: Any, path: Path) -> Path:
