@@ -235,45 +235,42 @@ def cmd_datasets_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def _another_commands_config(stage: str, path: str | None) -> ConfigError | None:
-    """A config written for another command (an evaluate YAML given to pretrain, a pipeline file to a
-    stage) listed a dozen unknown keys and suggested near names for them: said in one line instead."""
-    from biomask.config import read_yaml
+def _stage_config(stage: str, path: str | None, overrides: list[str]) -> typing.Any:
+    """A stage's config from its file and overrides. A file written for another command (an evaluate
+    YAML given to pretrain, a pipeline file to a stage) listed a dozen unknown keys and suggested near
+    names for them: said in one line instead."""
+    from biomask.config import load_config, read_yaml
+    from biomask.stages import stage_whose_keys
 
-    if path is None:
-        return None
+    schema = load_ref(STAGES[stage].schema)
     try:
-        keys = set(read_yaml(path))
-    except (ConfigError, TypeError, ValueError):
-        return None
-    own = set(load_ref(STAGES[stage].schema).model_fields)
-    if not keys or keys <= own:
-        return None
-    if "stages" in keys and "stages" not in own:
-        return ConfigError(f"{path} is a pipeline file: run it with `biomask pipeline run {path}`")
-    if len(keys - own) < 2:  # one key unknown is a slip in this command's config: its own error says it
-        return None
-    for name, other in STAGES.items():
-        if name != stage and other.schema and keys <= set(load_ref(other.schema).model_fields):
-            return ConfigError(
-                f"{path} is a `biomask {name}` config, not a `biomask {stage}` one: run "
-                f"`biomask {name} -c {path}`, or give {stage} a config of its own (configs/ has examples)"
-            )
-    return None
+        return load_config(schema, path, overrides)
+    except ConfigError as error:
+        try:
+            keys = set(read_yaml(path)) if path is not None else set()
+        except (ConfigError, TypeError, ValueError):
+            raise error from None
+        unknown = keys - set(schema.model_fields)
+        if "stages" in unknown:
+            raise ConfigError(
+                f"{path} is a pipeline file: run it with `biomask pipeline run {path}`"
+            ) from None
+        # one key unknown is a slip in this command's config: its own error says it
+        other = stage_whose_keys(keys, besides=stage) if len(unknown) >= 2 else None
+        if other:
+            raise ConfigError(
+                f"{path} is a `biomask {other}` config, not a `biomask {stage}` one: run "
+                f"`biomask {other} -c {path}`, or give {stage} a config of its own (configs/ has examples)"
+            ) from None
+        raise
 
 
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None, **extra) -> Path:
     """A registered stage (`biomask.stages.STAGES`): load its config from --config and key=value
     overrides, run its runner `function(cfg, overwrite=..., **extra)` and return the output path."""
-    from biomask.config import load_config
 
     spec = STAGES[stage]
-    try:
-        cfg = load_config(
-            load_ref(spec.schema), args.config, args.overrides if overrides is None else overrides
-        )
-    except ConfigError as error:
-        raise _another_commands_config(stage, args.config) or error from None
+    cfg = _stage_config(stage, args.config, args.overrides if overrides is None else overrides)
     done = load_ref(spec.reused)(cfg) if spec.reused and not args.overwrite else None
     if done:
         return done
@@ -330,19 +327,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from biomask.config import load_config
     from biomask.errors import Requeue
-    from biomask.training.config import PretrainConfig
     from biomask.training.distributed import resolve_env
     from biomask.training.rundir import finished_run
 
     # -q: only warnings and errors, so no progress lines either (train.progress changes no result)
-    try:
-        cfg = load_config(
-            PretrainConfig, args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
-        )
-    except ConfigError as error:
-        raise _another_commands_config("pretrain", args.config) or error from None
+    cfg = _stage_config(
+        "pretrain", args.config, [*args.overrides, *(["train.progress=false"] if args.quiet else [])]
+    )
     env = resolve_env(os.environ, args.local_rank)  # srun sets SLURM_PROCID, not RANK, until setup_env
     done = None if args.overwrite else finished_run(cfg, env.world_size, env.rank)
     try:
@@ -1160,8 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _usable_streams()
     # oneDNN (torch's CPU convolutions and matmuls) keeps a compiled kernel for each input shape it
     # meets, 1,024 of them by default, each holding memory: embedding DNA records of many lengths grew
-    # about 50 MB per 8,000 records (50,000 records: 869 MB at the end). 64 keeps it flat, at no
-    # measured cost (read when the first kernel is built; a user's own setting is kept)
+    # about 50 MB per 8,000 records (50,000 records peaked at 1,029 MB; 719 MB with 64, and faster:
+    # docs/benchmarks.md) (read when the first kernel is built; a user's own setting is kept)
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     parser = build_parser()
     _suggest_command(parser, list(sys.argv[1:] if argv is None else argv))

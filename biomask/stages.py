@@ -118,3 +118,12 @@ STAGES: dict[str, Stage] = _stages(
     ),
     Stage("theory", "biomask.theory.config:TheoryConfig", "biomask.theory:run_theory"),
 )
+
+
+def stage_whose_keys(keys: set[str], besides: str | None = None) -> str | None:
+    """The first stage (other than `besides`) whose config schema has every one of `keys`: what a
+    config file given to the wrong command was written for."""
+    for name, stage in STAGES.items():
+        if name != besides and stage.schema and keys <= set(load_ref(stage.schema).model_fields):
+            return name
+    return None

@@ -148,14 +148,14 @@ def load_plan(
     """
     data = read_yaml(path)
     if isinstance(data, dict) and data and "stages" not in data:  # a stage's config given as a pipeline
-        from biomask.stages import STAGES, load_ref
+        from biomask.stages import stage_whose_keys
 
-        for name, stage in STAGES.items():
-            if stage.schema and set(data) <= set(load_ref(stage.schema).model_fields):
-                raise ConfigError(
-                    f"{path} is a `biomask {name}` config, not a pipeline file (which lists `stages`): "
-                    f"run `biomask {name} -c {path}`, or start a pipeline from configs/pipelines/"
-                )
+        name = stage_whose_keys(set(data))
+        if name:
+            raise ConfigError(
+                f"{path} is a `biomask {name}` config, not a pipeline file (which lists `stages`): "
+                f"run `biomask {name} -c {path}`, or start a pipeline from configs/pipelines/"
+            )
     _check_override_stages(data, overrides, path)
     overrides, swept = _apply_sweep_keys(data, overrides)
     touched = apply_overrides(data, overrides) | swept
