@@ -154,9 +154,18 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     print(
         f"# biomask {args.command} {' '.join(filter(None, [getattr(args, 'prep_command', None)]))}".rstrip()
     )
-    print("# defaults; set the null keys (required): " + ", ".join(required))
+    print(
+        "# defaults; set the null keys (required): "
+        + ", ".join(k for k in required if _at(merged, k) is None)
+    )
     print(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None, allow_unicode=True), end="")
     return 0
+
+
+def _at(data: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def _merge(base: dict, new: dict) -> dict:

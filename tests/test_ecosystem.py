@@ -733,6 +733,9 @@ def test_print_config_applies_the_config_file_and_overrides(cli, repo):
     assert data["train"]["log_every"] == 10 and data["output"] is None and "required" in out
     code, out, _ = cli("pretrain", "--print-config", "train.steps=7")  # valid, with required keys unset
     assert code == 0 and yaml.safe_load(out)["train"]["steps"] == 7
+    assert "(required): data.store, output\n" in out
+    code, out, _ = cli("pretrain", "--print-config", "data.store=s")  # one given: the other is left to set
+    assert code == 0 and "(required): output\n" in out and yaml.safe_load(out)["data"]["store"] == "s"
     # an override the stage would refuse is refused here too (printed as valid, exit 0, before)
     for stage, wrong, said in (
         (["pretrain"], "train.step=5", "did you mean 'steps'"),
@@ -846,3 +849,39 @@ def test_the_model_card_names_the_strongest_reference_and_where_the_model_loses_
     assert "against 1.050 for the strongest reference predictor, context" in line
     assert "0.1: 1.200 (1.100)" in line and line.endswith("Worse than the reference at ratio 0.1")
     assert _held_out_lines({}) == "- Held-out masked loss: not recorded"
+
+
+def test_a_cell_model_card_describes_the_records_its_scheme_wrote():
+    """A binned model's card said "zeros included" and a rank model's that its values were log1p:
+    a user building inputs by hand from the card would feed either model records it never saw."""
+    from types import SimpleNamespace
+
+    from biomask.export.hf import model_card
+
+    def card(scheme: str, kind: str, value_embedding: str, n_bins: int = 0) -> str:
+        model = SimpleNamespace(
+            checkpoint_info={"scheme": scheme, "prep": {"normalise": {"target_sum": 1e4}}},
+            config=SimpleNamespace(
+                modality="cells",
+                kind=kind,
+                n_layers=2,
+                d_model=32,
+                value_embedding=value_embedding,
+                n_bins=n_bins,
+            ),
+        )
+        text = model_card(
+            model, Path("ckpt"), {"biomask": {"exported_from": "ckpt"}, "model_max_length": 130}
+        )
+        return text.split("## Inputs", 1)[1]
+
+    panel = card("panel", "mlp", "none")
+    assert "every panel gene the data measures, zeros included" in panel
+    assert "each log1p(count / the cell's total count × 10,000)" in panel and "raw counts" in panel
+    binned = card("binned", "transformer", "bins", n_bins=51)
+    assert "zeros included" not in binned and "the genes the cell expresses (non-zero counts)" in binned
+    assert "more than 128, its highest-valued" in binned and "1..51" in binned
+    rank = card("rank", "transformer", "none")
+    assert "log1p" not in rank and "raw counts" not in rank and "zeros included" not in rank
+    assert "highest value first" in rank and "the model reads none" in rank
+    assert "corpus non-zero median of the gene" in rank

@@ -138,6 +138,17 @@ def test_notes_name_seeds_that_drew_one_split_and_classes_training_never_saw(spl
     assert "predicts the largest class for every record" in all_
     assert _split_notes(data, {0: train_of(5)}, cfg) == []  # no kNN asked for
 
+    def first_n(n: int) -> tuple:  # every class in it, so the kNN note is the only one
+        by_class = [first[0][data.labels[first[0]] == c] for c in np.unique(data.labels)]
+        mixed = np.stack([members[:n] for members in by_class], axis=1).reshape(-1)
+        return mixed[:n], first[1], first[2]
+
+    # the boundaries: 2 x 15 records is enough; 15 or fewer is a vote of all of them
+    assert _split_notes(data, {0: first_n(30)}, knn) == []
+    assert "over half of them" in _split_notes(data, {0: first_n(29)}, knn)[0]
+    assert "over half of them" in _split_notes(data, {0: first_n(16)}, knn)[0]
+    assert "for every record" in _split_notes(data, {0: first_n(15)}, knn)[0]
+
 
 def test_the_grouping_must_fit_the_store(splice_store, pbmc_store):
     with pytest.raises(InputError, match="has no batches: splits.group=batch needs .* batch_column"):

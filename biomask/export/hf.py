@@ -243,6 +243,60 @@ def card_masking(masking: dict[str, Any]) -> str:
     return str(masking.get("scheme"))
 
 
+def _cell_inputs(model: Any, info: dict[str, Any], config: dict[str, Any], target_sum: float) -> str:
+    """The card's inputs of a cell model, as its scheme wrote its training records: which genes a record
+    lists, in what order, and what its values are (a rank model's are no log1p, a binned one lists
+    only the genes a cell expresses)."""
+    from biomask.cells.tokenize import scheme_class
+    from biomask.export.hf_modeling import LOG1P_SCHEMES
+
+    name = info.get("scheme") or "panel"
+    scheme = scheme_class(name)
+    # a profile model (kind mlp) reads the values themselves, not through a token embedding
+    embeds = "mlp" if model.config.kind == "mlp" else model.config.value_embedding
+    values = scheme.describe_values(f"count / the cell's total count × {target_sum:,.0f}")
+    if scheme.complete_profile:
+        genes = (
+            "every panel gene the data measures, zeros included, in `genes.tsv` order (a panel gene "
+            "left out is read as unmeasured)"
+        )
+    elif scheme.order_free:
+        genes = (
+            f"the genes the cell expresses (non-zero counts), in any order (the model adds no positions); "
+            f"of a cell with more than {int(config['model_max_length']) - 2:,}, its highest-valued"
+        )
+    else:
+        genes = (
+            "the genes the cell expresses, highest value first: the order is what the model reads "
+            f"(positions), up to {int(config['model_max_length']) - 2:,}"
+        )
+    lines = [
+        "- Genes: names exactly as in `genes.tsv` (case, symbols or IDs as listed there, the species",
+        "  of the training data). A name the tokenizer does not know is [UNK] and carries nothing; a record",
+        "  naming no panel gene is refused, one naming under half the panel is warned about.",
+        f"- A record lists {genes}.",
+    ]
+    if embeds == "none":
+        lines.append(f"- Values: the model reads none, only the genes and their order (ranked by {values}).")
+    else:
+        lines.append(
+            f"- Values: token-aligned with the ids (0 at [CLS], [SEP] and padding), each {values}."
+            + (
+                f" Whole numbers above log1p({target_sum:,.0f}) look like raw counts and are warned about."
+                if name in LOG1P_SCHEMES
+                else ""
+            )
+        )
+    if embeds == "bins":
+        n_bins = model.config.n_bins
+        lines.append(
+            f"- Bins (`bins`, token-aligned): each gene's quantile of the cell's own counts, 1..{n_bins} "
+            "(0 at [CLS], [SEP] and padding); the model reads these, not `values`."
+        )
+    lines.append("- `biomask.embed(adata, checkpoint)` builds all of this from an AnnData of counts.")
+    return "\n".join(lines)
+
+
 def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
     """A Hub model card: what the model is, how it was trained and measured, its inputs, how to load it."""
     info = model.checkpoint_info
@@ -273,17 +327,10 @@ def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
   `[1:-1]` of each record to get the same vector."""
     else:
         example = (
-            "# cells: gene names (genes.tsv order, zeros included) plus token-aligned `values`;\n"
+            "# cells: gene names plus token-aligned inputs (see Inputs below);\n"
             "# biomask.embed(adata, checkpoint) builds them for you"
         )
-        inputs = f"""- Genes: names exactly as in `genes.tsv` (case, symbols or IDs as listed there, the species
-  of the training data). A name the tokenizer does not know is [UNK] and carries nothing; a record
-  naming no panel gene is refused, one naming under half the panel is warned about.
-- Values: token-aligned with the ids (0 at [CLS], [SEP] and padding), each
-  log1p(count / the cell's total count × {target_sum:,.0f}), for every panel gene the data measures,
-  zeros included (a panel gene left out is read as unmeasured). Whole numbers above
-  log1p({target_sum:,.0f}) look like raw counts and are warned about.
-- `biomask.embed(adata, checkpoint)` builds all of this from an AnnData of counts."""
+        inputs = _cell_inputs(model, info, config, target_sum)
     front = ["library_name: transformers"]
     if dna:  # a cell model needs `values` beside the ids: no pipeline can pass them
         front.append("pipeline_tag: feature-extraction")
