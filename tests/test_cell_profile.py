@@ -285,6 +285,28 @@ def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, 
     )  # fmt: skip
     assert code == 2 and "is a mlp model" in err and "masking.target=tokens is not possible" in err, err
     assert not out.exists()
+    # bf16 weights (a traceback at the first step, in_progress.json left behind): refused, the
+    # checkpoint's kind checked as well as the config's
+    mlp = Path(__file__).parents[1] / "configs/pretrain/cells-mlp.yaml"
+    for kind in (
+        ["model.kind=panel_transformer"],
+        ["model.kind=transformer", f"model.init_from={profile_checkpoint}"],
+    ):
+        code, _, err = cli(
+            "pretrain", "-c", mlp, f"data.store={panel_store}", *kind, "train.precision=bf16-weights",
+            "train.steps=2", f"output={out}",
+        )  # fmt: skip
+        assert code == 2 and "train.precision=bf16-weights (DeepSpeed's bf16 weights) is for the token" in err
+        assert not out.exists()
+    # a switch that changes nothing for the kind is refused as the others are
+    from biomask.training.config import ModelConfig
+
+    for kind in ("mlp", "cnn"):
+        with pytest.raises(
+            ValueError, match=f"activation_checkpointing recomputes .* model.kind {kind} has none"
+        ):
+            ModelConfig(kind=kind, activation_checkpointing=True)
+    assert ModelConfig(kind="panel_transformer", activation_checkpointing=True).activation_checkpointing
 
 
 @pytest.mark.network

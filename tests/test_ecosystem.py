@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import anndata
 import numpy as np
@@ -529,6 +530,18 @@ def test_hf_export_returns_attention_weights_and_fine_tunes_with_gradient_checkp
     assert len(model(**batch, output_attentions=True, return_dict=False)) == 3
     configured = AutoModel.from_pretrained(folder, trust_remote_code=True, output_attentions=True)
     assert len(configured(**batch).attentions) == 2
+    # attn_implementation as DNABERT-2 and NT users pass it: SDPA (what runs) is said so, not refused;
+    # "eager" runs the attention written out
+    sdpa = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="sdpa")
+    assert model.config._attn_implementation == sdpa.config._attn_implementation == "sdpa"
+    eager = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
+    calls = []
+    sdpa_called = mock.patch.object(
+        torch.nn.functional, "scaled_dot_product_attention", side_effect=calls.append
+    )
+    with sdpa_called, torch.no_grad():
+        written_out = eager(**batch).last_hidden_state
+    assert calls == [] and torch.allclose(written_out, plain.last_hidden_state, atol=1e-5)
 
     def step(model) -> tuple[dict[str, torch.Tensor], int]:
         """One training step's gradients, and how many tensors autograd kept for the backward."""

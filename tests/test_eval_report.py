@@ -8,6 +8,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
@@ -43,3 +44,9 @@ def test_store_splits_report_their_sizes_support_and_averaging(splice_store, tmp
         assert re.search(rf"^\| {re.escape(name)} \| {count} \| \d\.\d{{3}} \|$", report, re.M), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["test"] for s in metrics["split_sizes"]] == [n["test"], n["test"]]
+    # which records each seed used, shipped: here the store's own split for every seed
+    table = pd.read_csv(out / "splits.csv.gz", keep_default_na=False)
+    assert len(table) == sum(n.values()) and table["id"].is_unique
+    assert (table["seed_0"] == table["store_split"]).all() and (table["seed_1"] == table["store_split"]).all()
+    test_ids = store.split("test").meta()["id"].tolist()
+    assert table.loc[table["seed_0"] == "test", "id"].tolist() == test_ids

@@ -118,6 +118,13 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert code == 0, err
     # one seed: no interval, written null (strict JSON, which any parser reads), not a bare NaN
     results = json.loads((tmp_path / "e1" / "metrics.json").read_text(), parse_constant=pytest.fail)
+    # the records of the seed's resampled splits, shipped by id (the table's own line numbers)
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "e1" / "splits.csv.gz", keep_default_na=False)
+    sizes = results["split_sizes"][0]
+    assert table["seed_0"].value_counts().to_dict() == {k: sizes[k] for k in ("train", "val", "test")}
+    assert table["id"].str.startswith("cut.csv:").all() and table["id"].is_unique
     assert results["summary"]["own (linear probe)"]["mcc"]["sd"] is None
     assert "nan" not in (tmp_path / "e1" / "report.md").read_text()
     # what a methods section states: the probes' and clustering's fixed settings, each seed's C, and
@@ -168,7 +175,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     assert code == 0, err
     assert not any("own" in n for n in json.loads((tmp_path / "e2" / "metrics.json").read_text())["notes"])
     # a validation split too small to choose on steadily is said to be
-    code, _, err = cli(*args, f"output={tmp_path / 'e3'}", "splits.val=0.04", "protocols=[]")
+    code, _, err = cli(*args, f"output={tmp_path / 'e3'}", "splits.val=0.04", "protocols=[knn]")
     assert code == 0, err
     notes = json.loads((tmp_path / "e3" / "metrics.json").read_text())["notes"]
     assert any(n.startswith("the validation split holds 2") and "are noisy" in n for n in notes), notes
@@ -180,7 +187,7 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
         f"output={again}", "split.seed=7",
     )  # fmt: skip
     assert code == 0, err
-    code, _, err = cli(*args[:-4], f"store={again}", f"output={tmp_path / 'e4'}", "protocols=[]")
+    code, _, err = cli(*args[:-4], f"store={again}", f"output={tmp_path / 'e4'}", "protocols=[knn]")
     assert code == 0, err
     notes = json.loads((tmp_path / "e4" / "metrics.json").read_text())["notes"]
     assert any("pretrained (label-free) on a store prepared from the same input file as this one (cut" in n
@@ -192,7 +199,9 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
     code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"inputs=[{{path: {other}}}]",
                        f"output={tmp_path / 'other'}")  # fmt: skip
     assert code == 0, err
-    code, _, err = cli(*args[:-4], f"store={tmp_path / 'other'}", f"output={tmp_path / 'e5'}", "protocols=[]")
+    code, _, err = cli(
+        *args[:-4], f"store={tmp_path / 'other'}", f"output={tmp_path / 'e5'}", "protocols=[knn]"
+    )
     assert code == 0, err
     notes = json.loads((tmp_path / "e5" / "metrics.json").read_text())["notes"]
     assert any("token shards identical to this store's" in n for n in notes), notes

@@ -70,3 +70,14 @@ def test_checkpoints_of_other_tokenizers_are_evaluated_and_one_is_chosen_on_val(
         for name, score in scores.items():
             assert np.isclose(score, per_seed[f"{name} (linear probe)"][i]["val_mcc"], atol=1e-4)
     assert "checkpoint per seed" in (out / "report.md").read_text()
+    # no linear probe to choose by: said, not a silent missing row; no protocol at all: refused
+    common = ["evaluate", "-c", REPO / "configs/evaluate/splice.yaml", f"store={splice_store}",
+              f"checkpoints.char={dna_checkpoint}", f"checkpoints.kmer3={kmer_checkpoint}", "seeds=[0]",
+              "baselines=[]", "random_init=false", "pooling=mean", "select_on_val=true"]  # fmt: skip
+    code, _, err = cli(*common, f"output={tmp_path / 'knn'}", "protocols=[knn]")
+    assert code == 0 and "protocols ['knn'] has no linear_probe: no row added" in err, err
+    methods = [m["name"] for m in json.loads((tmp_path / "knn" / "metrics.json").read_text())["methods"]]
+    assert sorted(methods) == ["char (kNN)", "kmer3 (kNN)"]
+    code, _, err = cli(*common, f"output={tmp_path / 'none'}", "protocols=[]")
+    assert code == 2 and "protocols: empty, so none of the checkpoints would be evaluated" in err
+    assert not (tmp_path / "none").exists()

@@ -267,3 +267,26 @@ def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict
     )
     assert len(ax.collections) == 2  # intervals where there are some: the third has none
     assert any(line.get_xdata()[0] == 0 for line in ax.get_lines() if line.get_marker() != "o")  # zero
+
+
+def test_a_ratio_drawn_per_record_is_drawn_per_record(tmp_path, monkeypatch):
+    """A per-sample R²MAE run's pooled step ratios crowd the range's mean and read as a fixed ratio:
+    its panel draws each record's realised ratio, on a scale of its own."""
+    from types import SimpleNamespace
+
+    from biomask.report import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    counts = np.zeros(40)
+    counts[4:36] = 100  # records spread over 0.1-0.9
+    runs = [
+        SimpleNamespace(step_ratios=np.full(50, 0.5), record_ratio_counts=counts, label="per sample"),
+        SimpleNamespace(step_ratios=np.linspace(0.15, 0.45, 50), record_ratio_counts=None, label="per batch"),
+    ]
+    figures.ratio_histograms(runs, "t", tmp_path / "h.png")
+    first, second = drawn["fig"].axes[:2]
+    assert first.get_title() == "per sample\n(per record)" and first.get_ylabel() == "records"
+    assert second.get_title() == "per batch" and second.get_ylabel() == "steps"
+    assert first.get_ylim()[1] >= 100 and second.get_ylim()[1] < 100  # not one scale for both
+    assert "per record where drawn per record" in drawn["fig"].texts[0].get_text()

@@ -1051,6 +1051,18 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     store = TokenStore(out)
     assert code == 0 and store.manifest["stats"]["cells_dropped_missing_label"] == 3
     assert sum(len(store.split(s)) for s in store.splits) == 697
+    # a QC filter besides: each cell left out is counted once, under one reason (the unlabelled cells
+    # were counted again under the filters they also fail)
+    shutil.rmtree(out)
+    code, _, err = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {path}, matrix: raw}}]", "labels.missing=drop",
+        "qc.min_genes=300", "labels.min_cells=30", "qc.zero_count_cells=drop",
+    )  # fmt: skip
+    stats = TokenStore(out).manifest["stats"]
+    written = sum(stats[f"cells_{s}"] for s in ("train", "val", "test"))
+    left_out = {k: n for k, n in stats.items() if k.startswith("cells_dropped_") and n}
+    assert code == 0 and sum(left_out.values()) + written == stats["cells_read"] == 700, (left_out, written)
+    assert stats["cells_dropped_missing_label"] == 3 and stats["cells_dropped_min_genes"] > 0
     # cluster ids stored as floats (a NaN among them), a "nan" string, one cell in a class of its own
     ids = adata.obs["louvain"].cat.codes.astype(float).to_numpy()
     ids[[1, 2]] = np.nan

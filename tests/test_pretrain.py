@@ -199,6 +199,17 @@ def test_rerun_reuses_and_changed_config_is_refused(genome_store, tmp_path, cli)
     code, _, err = cli(*args[:-1], "train.steps=8")
     assert code == 2 and "train.steps: 4 -> 8" in err and "--overwrite" in err
     assert f"model.init_from={tmp_path / 'run' / 'model'}" in err
+    # going on from them: the log names the sizes that train (the checkpoint's), not model.preset's
+    cont = overrides(genome_store, tmp_path / "cont", **{"train.steps": 2})
+    code, _, err = cli("pretrain", "-c", CONFIG, *cont, f"model.init_from={tmp_path / 'run' / 'model'}",
+                       "model.preset=small")  # fmt: skip
+    arch = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["architecture"]
+    assert code == 0 and f"pretrain: {arch['n_layers']}-layer, {arch['d_model']}-wide encoder" in err, err
+    assert "small encoder" not in err
+    # 2 steps of a 2-step warm-up: the rate never reaches its peak before the end, said
+    assert (
+        "optim.warmup_steps (2) >= train.steps (2): the learning rate reaches 100% of optim.lr at most" in err
+    )
 
 
 def test_a_run_written_before_keys_were_added_is_reused_by_an_upgrade(genome_store, tmp_path, cli):
@@ -467,6 +478,9 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
         "train.checkpoint_every": 5,
         "model.dropout": 0.1,
         "masking.positions.kind": "span",
+        "masking.ratio.granularity": "sample",  # each record's ratio logged too, across the resume
+        "masking.ratio.low": 0.1,
+        "masking.ratio.high": 0.9,
     }
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     env = subprocess_env()
@@ -507,6 +521,15 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     assert step_ratios == again_ratios
     flat = [r for window in step_ratios if window for r in window]
     assert len(flat) == 30 and all(0.0 < r < 1.0 for r in flat)
+    # drawn per record: each record's realised ratio, where the pooled step ratio averages them away
+    from biomask.report.collect import load_pretrain_run
+
+    counts = load_pretrain_run(resumed).record_ratio_counts
+    assert counts.sum() == 30 * 8  # every record of every step, once, across the kill
+    assert counts.tolist() == load_pretrain_run(straight).record_ratio_counts.tolist()
+    records = np.repeat((np.arange(40) + 0.5) / 40, counts.astype(int))
+    assert records.min() < 0.2 and records.max() > 0.8  # U(0.1, 0.9) per record ...
+    assert np.std(records) > 2 * np.std(flat)  # ... while the pooled step ratios crowd its mean
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])

@@ -289,7 +289,7 @@ def scan(cfg: CellsPrepConfig, inputs: list[CellInput], space: GeneSpace, build:
                 counts = inp.converter(start, raw)
                 observed = row_sums(counts)
                 lib = inp.libsize(start, observed)
-                keep = inp.qc.keep(start, counts, observed, lib) & ~inp.exclude[start:stop]
+                keep = inp.qc.keep(start, counts, observed, lib, candidates=~inp.exclude[start:stop])
                 inp.keep[start:stop] = keep
                 bar.update(raw.shape[0])
                 if stats is None or not keep.any():

@@ -42,12 +42,20 @@ class CellQC:
         self.dropped: collections.Counter = collections.Counter()
 
     def keep(
-        self, start: int, counts: sp.csr_matrix, observed: np.ndarray, libsize: np.ndarray
+        self,
+        start: int,
+        counts: sp.csr_matrix,
+        observed: np.ndarray,
+        libsize: np.ndarray,
+        candidates: np.ndarray | None = None,
     ) -> np.ndarray:
         """Boolean mask of the block's cells that pass every filter. `observed`: each cell's summed counts;
-        `libsize`: its library size (the same, or a total-counts column)."""
+        `libsize`: its library size (the same, or a total-counts column). `candidates`: the cells still
+        in play (a cell left out already, by its label, is neither checked nor counted again)."""
         cfg = self.cfg
         zero = observed == 0
+        if candidates is not None:
+            zero &= candidates
         if zero.any() and cfg.zero_count_cells == "error":
             rows = np.flatnonzero(zero)
             first = start + int(rows[0])
@@ -67,7 +75,7 @@ class CellQC:
         if cfg.max_mito_fraction is not None and self.mito.any():
             mito = row_sums(counts[:, np.flatnonzero(self.mito)])
             checks["max_mito_fraction"] = mito > cfg.max_mito_fraction * np.maximum(observed, 1)
-        keep = np.ones(counts.shape[0], dtype=bool)
+        keep = np.ones(counts.shape[0], dtype=bool) if candidates is None else candidates.copy()
         for reason, failed in checks.items():
             if failed is None:
                 continue

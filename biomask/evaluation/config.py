@@ -260,4 +260,9 @@ class EvaluateConfig(Config):
                     )
         if not self.baselines and not self.checkpoints:
             raise ValueError("nothing to evaluate: list baselines and/or checkpoints")
+        if self.checkpoints and not self.protocols:  # the run evaluated none of them, without a word
+            raise ValueError(
+                "protocols: empty, so none of the checkpoints would be evaluated; give one or more "
+                f"({', '.join(PROTOCOLS)}), or leave checkpoints out for baselines only"
+            )
         return self

@@ -293,6 +293,7 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
         results["standardise"] = cfg.standardise
         results["notes"] = notes
         (tmp / "metrics.json").write_text(strict_json(results), encoding="utf-8")
+        split_table(data, {seed: splits[seed] for seed in cfg.seeds}).to_csv(tmp / SPLITS_FILE, index=False)
         (tmp / "report.md").write_text(render_report(results, Path(cfg.output).name), encoding="utf-8")
         slugs = file_slugs([m.name for m in methods])  # `R2MAE` and `r2mae` wrote one file
         for method in methods:
@@ -301,6 +302,28 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
             frame.to_csv(tmp / f"confusion-{slugs[method.name]}.csv")
     log.info("evaluation written to %s", cfg.output)
     return Path(cfg.output)
+
+
+SPLITS_FILE = "splits.csv.gz"  # which records each seed trained, chose and was tested on
+
+
+def split_table(data: LabelledRecords, splits: dict[int, tuple]) -> pd.DataFrame:
+    """One row per labelled record — where it sits in the store, its id and label — and per seed the
+    split it fell in: a user scores their own model on exactly these test records, with no need of
+    biomask's code to draw them again."""
+    where = pd.DataFrame(data.locations, columns=["store_split", "store_index"])
+    ids = np.empty(len(where), dtype=object)
+    for name, rows in where.groupby("store_split").groups.items():
+        meta = data.store.split(str(name)).meta()
+        index = where.loc[rows, "store_index"].to_numpy()
+        ids[rows] = meta["id"].to_numpy()[index] if "id" in meta else [f"{name}:{i}" for i in index]
+    table = where.assign(id=ids, label=np.asarray(data.label_names, dtype=object)[data.labels])
+    for seed, parts in splits.items():
+        column = np.full(len(table), "", dtype=object)
+        for part, members in zip(("train", "val", "test"), parts):
+            column[members] = part
+        table[f"seed_{seed}"] = column
+    return table
 
 
 def _split_notes(data: LabelledRecords, splits: dict[int, tuple], cfg: EvaluateConfig) -> list[str]:

@@ -393,6 +393,12 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         raise InputError(f"checkpoint name {RANDOM_INIT!r} is reserved for the randomly initialised model")
     if cfg.select_on_val and len(models) < 2:
         log.warning("select_on_val: one checkpoint, nothing to choose among; no row added")
+    elif cfg.select_on_val and "linear_probe" not in cfg.protocols:
+        log.warning(
+            "select_on_val chooses by the linear probe's validation MCC, and protocols %s has no "
+            "linear_probe: no row added (add linear_probe to protocols for it)",
+            cfg.protocols,
+        )
     cache: dict[str, list[dict]] = {}
 
     def records() -> list[dict]:

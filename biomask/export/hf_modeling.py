@@ -150,6 +150,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: BiomaskConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.cfg = cfg  # read at each call: `attn_implementation` may be set after loading
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
@@ -161,7 +162,9 @@ class SelfAttention(nn.Module):
             t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
         )
         weights = None
-        if output_attentions:  # SDPA's kernels never form the weights: the same attention written out
+        # SDPA's kernels never form the weights: the same attention written out, also for a user who
+        # asks for attn_implementation="eager"
+        if output_attentions or getattr(self.cfg, "_attn_implementation", None) == "eager":
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -298,6 +301,8 @@ class BiomaskPreTrainedModel(PreTrainedModel):
     config_class = BiomaskConfig
     base_model_prefix = "biomask"
     main_input_name = "input_ids"
+    # attention is torch's scaled_dot_product_attention (the default); "eager" writes it out
+    _supports_sdpa = True
 
     @property
     def supports_gradient_checkpointing(self) -> bool:  # type: ignore[override]

@@ -95,6 +95,10 @@ class Masker:
         out["masked"] = masked
         out["ratio"] = ratio
         out["realised_ratio"] = masked.sum() / n_maskable.sum().clamp(min=1)
+        # each record's own (0 for a record with nothing to mask): a ratio drawn per record shows here,
+        # where the batch's pooled ratio averages it away
+        out["record_ratios"] = masked.sum(1) / n_maskable.clamp(min=1)
+        out["n_maskable"] = n_maskable
         self._corrupt(batch, masked, out)
         return out
 

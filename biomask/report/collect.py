@@ -43,6 +43,8 @@ class PretrainRun:
     evals: pd.DataFrame
     step_ratios: np.ndarray
     final_eval: dict[str, Any]
+    # a ratio drawn per record: its records counted by realised ratio (bins of 1/40); None otherwise
+    record_ratio_counts: np.ndarray | None = None
 
     @property
     def masking(self) -> dict[str, Any]:
@@ -205,6 +207,13 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
     ratios = np.array(
         [r for x in lines if x["kind"] == "train" for r in x.get("step_ratios", [])], dtype=float
     )
+    per_record = [
+        x["record_ratio_counts"] for x in lines if x["kind"] == "train" and "record_ratio_counts" in x
+    ]
+    try:
+        record_counts = np.sum(np.asarray(per_record, dtype=float), axis=0) if per_record else None
+    except ValueError as exc:  # rows of different lengths
+        raise _corrupt(metrics, exc, "pretrain") from None
     final_eval = info.get("final_eval") or {}
     try:
         _numbers("final_eval.", final_eval, ("mean_loss", "mean_reference_loss"))
@@ -219,6 +228,7 @@ def load_pretrain_run(path: Path, name: str | None = None) -> PretrainRun:
         evals=evals,
         step_ratios=ratios,
         final_eval=final_eval,
+        record_ratio_counts=record_counts,
     )
 
 

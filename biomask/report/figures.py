@@ -137,23 +137,33 @@ HIST_COLUMNS = 5
 
 
 def ratio_histograms(runs: list[PretrainRun], title: str, path: Path) -> Path:
-    """The realised mask ratio of every training step, one histogram per run."""
+    """The realised mask ratio of every training step, one histogram per run; of every record where
+    the ratio is drawn per record (the batch's pooled ratio of such a run is near the range's mean)."""
     n = len(runs)
     # rows of at most HIST_COLUMNS panels: one row of 15 runs was 4,620 px wide, which a Markdown
     # viewer shrinks to an unreadable strip
     cols = min(n, HIST_COLUMNS)
     rows = -(-n // cols)
-    fig, axes = _subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    mixed = any(
+        getattr(run, "record_ratio_counts", None) is not None for run in runs
+    )  # steps and records: own y scales
+    fig, axes = _subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharey=not mixed, squeeze=False)
     bins = np.linspace(0, 1, 41)
-    for ax, run in zip(axes.flat, runs):
-        ax.hist(run.step_ratios, bins=bins, color="tab:blue")
-        ax.set_title(run.label, fontsize=8)
+    for i, (ax, run) in enumerate(zip(axes.flat, runs)):
+        records = getattr(run, "record_ratio_counts", None)
+        if records is not None and len(records) == len(bins) - 1:
+            ax.stairs(records, bins, fill=True, color="tab:orange")
+            ax.set_title(f"{run.label}\n(per record)", fontsize=8)
+        else:
+            ax.hist(run.step_ratios, bins=bins, color="tab:blue")
+            ax.set_title(run.label, fontsize=8)
         ax.set_xlabel("realised ratio")
+        if i % cols == 0 or mixed:
+            ax.set_ylabel("records" if records is not None else "steps")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    for row in axes:
-        row[0].set_ylabel("steps")
-    fig.suptitle(f"{title}: realised mask ratio per step", fontsize=10)
+    per = "per step, per record where drawn per record" if mixed else "per step"
+    fig.suptitle(f"{title}: realised mask ratio {per}", fontsize=10)
     return _save(fig, path)
 
 

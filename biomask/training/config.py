@@ -121,6 +121,11 @@ class ModelConfig(Config):
             raise ValueError(f"model.input_scale is for model.kind mlp, not {self.kind}")
         if self.batch_covariate and self.kind != "mlp":
             raise ValueError(f"model.batch_covariate is for model.kind mlp, not {self.kind}")
+        if self.activation_checkpointing and self.kind in ("mlp", "cnn"):  # ran, changing nothing
+            raise ValueError(
+                f"model.activation_checkpointing recomputes transformer blocks (kinds transformer, "
+                f"panel_transformer); model.kind {self.kind} has none"
+            )
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
         if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):

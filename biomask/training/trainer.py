@@ -160,6 +160,16 @@ def model_inputs(masked: dict[str, Any]) -> dict[str, torch.Tensor]:
 # a number back (`.item()`, `float()`) makes the host wait for the GPU, and three such waits per
 # micro-step left the GPU idle while the next step's kernels were launched.
 WINDOW_SUMS = ("loss", "masked", "correct", "ratio", "tokens")
+# a ratio drawn per record: each record's realised ratio counted in bins of this width over [0, 1]
+RECORD_RATIO_BINS = 40
+
+
+def count_record_ratios(counts: torch.Tensor, masked: dict[str, Any]) -> None:
+    """Adds the batch's records (those with something to mask) to `counts`, by realised ratio; on the
+    device, no wait."""
+    ratios = masked["record_ratios"].to(torch.float64)
+    where = (ratios * RECORD_RATIO_BINS).long().clamp(0, RECORD_RATIO_BINS - 1)
+    counts.index_add_(0, where, (masked["n_maskable"] > 0).to(torch.float64))
 
 
 def train_step(
@@ -170,11 +180,13 @@ def train_step(
     grad_accum: int,
     device: torch.device,
     sums: torch.Tensor,
+    record_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step: `grad_accum` micro-batches of mask -> forward -> backward; DeepSpeed steps
     the optimizer and the schedule on the last one. Adds to `sums` (float64, WINDOW_SUMS order, on the
     device: nothing is read back here); returns the step's realised mask ratio (a device scalar) and,
-    where DeepSpeed computes none (ZeRO-0), the global gradient norm before clipping (else None)."""
+    where DeepSpeed computes none (ZeRO-0), the global gradient norm before clipping (else None).
+    `record_counts` (ratios drawn per record): each record counted by its realised ratio."""
     step_ratio = torch.zeros((), dtype=torch.float64, device=device)
     norm = None
     for micro in range(grad_accum):
@@ -201,6 +213,8 @@ def train_step(
             ]
         )
         step_ratio += ratio / grad_accum
+        if record_counts is not None:
+            count_record_ratios(record_counts, masked)
     return step_ratio, norm
 
 
@@ -426,6 +440,20 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 f"model.loss={arch.loss} (model.init_from's)",
                 instead="Continue a checkpoint trained with model.loss=mse",
             )
+    if cfg.optim.warmup_steps >= cfg.train.steps:  # a quick run of a config made for a long one
+        log.warning(
+            "pretrain: optim.warmup_steps (%d) >= train.steps (%d): the learning rate reaches %.0f%% of "
+            "optim.lr at most and never decays; lower optim.warmup_steps for a run this short",
+            cfg.optim.warmup_steps,
+            cfg.train.steps,
+            100 * cfg.train.steps / max(cfg.optim.warmup_steps, 1),
+        )
+    if precision == "bf16-weights" and arch.kind in PROFILE_KINDS:  # crashed at the first step
+        raise ConfigError(
+            f"train.precision=bf16-weights (DeepSpeed's bf16 weights) is for the token models (transformer, "
+            f"cnn); model.kind {arch.kind} reads float32 expression values into its first layer: use "
+            "train.precision=bf16 (autocast over fp32 weights) or fp32"
+        )
     max_length = arch.max_len if arch.kind in PROFILE_KINDS else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
@@ -576,7 +604,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
             engine.compile()
         log.info(
             "pretrain: %s %s, %.2f M parameters, ZeRO-%d, %s%s, %d process(es) (%s), masking %s",
-            cfg.model.preset,
+            # a continued checkpoint's sizes are its own, whatever model.preset says
+            f"{arch.n_layers}-layer, {arch.d_model}-wide" if cfg.model.init_from else cfg.model.preset,
             {"mlp": "profile autoencoder", "panel_transformer": "panel transformer"}.get(
                 arch.kind, "encoder"
             ),
@@ -606,6 +635,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         step = 0
         window = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "ratio": 0.0, "micro": 0.0, "tokens": 0.0}
         step_ratios: list[float] = []  # the realised ratio of every step of the window (rank 0's batches)
+        per_record = cfg.masking.ratio.granularity == "sample" and cfg.masking.ratio.kind != "linear"
+        record_window = [0] * RECORD_RATIO_BINS  # per record (ratios drawn per record; rank 0's batches)
         # the newest checkpoint whose files match their sha256 (a corrupt one: warning, the previous one)
         latest = (
             on_rank0(lambda: checkpoint.resume_point(ckpt_root), dist_env) if decision == "resume" else None
@@ -616,6 +647,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 masker.load_state_dict(checkpoint.restore_rng_state(rng))
                 window.update(rng.get("metrics_window", {}))  # the logging window the checkpoint cut through
                 step_ratios = list(rng.get("metrics_step_ratios", []))
+                record_window = [int(n) for n in rng.get("metrics_record_ratios", record_window)]
                 step = int(checkpoint.read_meta(latest)["step"])
             except (ValueError, KeyError, TypeError, AttributeError) as exc:  # altered, digests rewritten
                 raise checkpoint.CheckpointError(
@@ -635,6 +667,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         # without waiting for the device, read (and named) at the next read_window
         first_bad = torch.zeros((), dtype=torch.long, device=device)
         pending_ratios: list[torch.Tensor] = []  # each step's realised ratio since the last read
+        record_counts = (
+            torch.zeros(RECORD_RATIO_BINS, dtype=torch.float64, device=device) if per_record else None
+        )
         computed_norm: torch.Tensor | None = None  # ZeRO-0: the gradient norm train_step took (see grad_norm)
 
         def read_window() -> None:
@@ -646,6 +681,10 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
             window["micro"] += len(pending_ratios) * cfg.train.grad_accum
             if pending_ratios:
                 step_ratios.extend(torch.stack(pending_ratios).tolist())
+            if record_counts is not None:
+                for i, n in enumerate(record_counts.tolist()):
+                    record_window[i] += int(n)
+                record_counts.zero_()
             sums.zero_()
             pending_ratios.clear()
             finite.check_step(
@@ -668,6 +707,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 **checkpoint.rng_state(masker.state_dict()),
                 "metrics_window": dict(window),
                 "metrics_step_ratios": list(step_ratios),
+                **({"metrics_record_ratios": list(record_window)} if per_record else {}),
             }
             path = checkpoint.save(engine, ckpt_root, step, rank=dist_env.rank, rng=rng, meta=meta)
             if dist_env.is_main:
@@ -691,7 +731,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         while step < cfg.train.steps:
             skipped = engine.skipped_steps
             step_ratio, computed_norm = train_step(
-                engine, masker, train_data, step, cfg.train.grad_accum, device, sums
+                engine, masker, train_data, step, cfg.train.grad_accum, device, sums, record_counts
             )
             pending_ratios.append(step_ratio)
             step += 1
@@ -712,6 +752,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                     "loss": totals["loss"] / max(totals["masked"], 1.0),
                     "ratio": totals["ratio"] / max(totals["micro"], 1.0),  # realised: masked / maskable
                     "step_ratios": [round(r, 5) for r in step_ratios],  # each step's, for histograms
+                    # ratios drawn per record: the window's records by realised ratio, in bins of 1/40
+                    **({"record_ratio_counts": list(record_window)} if per_record else {}),
                     "lr": schedule.get_last_lr()[0],
                     "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
                     "tokens": totals["tokens"],
@@ -725,6 +767,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 metrics.log(step, "train", record)
                 window = dict.fromkeys(window, 0.0)
                 step_ratios = []
+                record_window = [0] * RECORD_RATIO_BINS
                 window_start = time.perf_counter()
 
             # held-out evaluation and checkpoints are not training: left out of the next window's tok/s.
@@ -883,7 +926,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                     f"{len(eval_split):,}",
                     ", ".join(worse),
                     f"{len(train_split):,}",
-                    f"{passes:,.0f}",
+                    f"{passes:,.0f}" if passes >= 1 else f"{passes:.2g}",  # not "~0" of a short run
                 )
         if dist_env.world_size > 1:
             dist.barrier()
