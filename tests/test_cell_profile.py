@@ -425,7 +425,7 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
     import warnings
 
     # a library call leaves its host as it was: torch's excepthook, warnings filters, DeepSpeed's log
-    # level (the process group stays for a next call: fit_cells' docstring says how a host shares it)
+    # level, and no process group of its own (Lightning read one as a distributed run)
     host = (
         sys.excepthook,
         list(warnings.filters),
@@ -444,6 +444,9 @@ def test_fit_cells_trains_on_the_users_anndata_and_embeds_it_in_place(pbmc68k_ad
         logging.getLogger("DeepSpeed").level,
     )
     assert after == host
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
     assert adata.obsm["X_biomask"].shape == (adata.n_obs, 64)
     assert set(adata.obsm) - before == {"X_biomask"}
     assert "pretrain step 60/60 (100.0%)" in capsys.readouterr().err  # a notebook sees training move

@@ -104,6 +104,12 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint, 
         ({"standardise": "cells"}, "standardise must be 'checkpoint' or 'data'"),
         ({"batch_size": True}, "batch_size must be a whole number of at least 1, not True"),
         ({"counts": {"mode": "bogus"}}, r"biomask.embed\(counts=...\): key 'mode'"),
+        # scanpy's and scvi-tools' layer= (an AnnData layer) met "'<=' not supported between int and str"
+        ({"layer": "counts"}, r"not 'counts': for the AnnData layer 'counts' write matrix='layers/counts'"),
+        (
+            {"layer": 1.0},
+            r"layer is the model's layer whose states are pooled \(an int, -1: the last\), not 1.0$",
+        ),
     ):
         with pytest.raises(InputError, match=match):
             biomask.embed(adata, cells_checkpoint, matrix="raw", **{"counts": COUNTS, **bad})
@@ -112,6 +118,8 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint, 
     assert "X_biomask" not in adata.obsm
     biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, batch_size=7, chunk_size=50)
     assert np.isfinite(adata.obsm["X_biomask"]).all()
+    biomask.embed(adata, cells_checkpoint, matrix="raw", counts=COUNTS, layer=np.int64(-1), key="X_np")
+    np.testing.assert_array_equal(adata.obsm["X_np"], adata.obsm["X_biomask"])  # numpy's ints are ints
     # a chunk the embedding loop did not write (a bug of ours) is an error, never rows of stale memory
     from biomask.embedding.cells import CellsEmbedding
 

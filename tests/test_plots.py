@@ -256,17 +256,22 @@ def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict
     labels = {tick.get_position()[1]: tick.get_text() for tick in ax.get_yticklabels()}
     assert labels == {2: "a: R²MAE", 1: "b: R²MAE", 0: "c: bert15"}  # in the table's order, top down
     points = {
-        line.get_ydata()[0]: (line.get_xdata()[0], line.get_color())
+        line.get_ydata()[0]: (line.get_xdata()[0], line.get_marker())
         for line in ax.get_lines()
-        if line.get_marker() == "o"
+        if line.get_marker() not in ("None", None, "")
     }
-    assert (
-        points[2] == (0.05, "tab:green")
-        and points[1] == (-0.01, "tab:gray")
-        and points[0] == (-0.03, "tab:red")
-    )
+    # a verdict is told by its marker and its word as well as its colour (red and green alone: one
+    # reader in twelve cannot tell them apart)
+    assert points == {2: (0.05, "^"), 1: (-0.01, "o"), 0: (-0.03, "v")}
+    colours = {line.get_color() for line in ax.get_lines() if line.get_marker() in ("^", "o", "v")}
+    assert len(colours) == 3 and not colours & {"tab:green", "tab:red"}
+    assert {(t.get_position()[1], t.get_text()) for t in ax.texts} == {
+        (2, "met"),
+        (1, "level"),
+        (0, "not met"),
+    }
     assert len(ax.collections) == 2  # intervals where there are some: the third has none
-    assert any(line.get_xdata()[0] == 0 for line in ax.get_lines() if line.get_marker() != "o")  # zero
+    assert any(line.get_xdata()[0] == 0 for line in ax.get_lines() if line.get_marker() in ("None", None, ""))
 
 
 def test_a_ratio_drawn_per_record_is_drawn_per_record(tmp_path, monkeypatch):

@@ -762,6 +762,17 @@ def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(
     dist.destroy_process_group()
     out = pretrain(config(genome_store, tmp_path / "second", **{"train.steps": 2}))
     assert dist.is_initialized() and (out / "model" / "model.safetensors").is_file()
+    # a library call (fit_cells) gives its group back: Lightning (scvi-tools) read a group left
+    # initialised as a distributed run; the next run starts a new one
+    pretrain(config(genome_store, tmp_path / "released", **{"train.steps": 2}), release_group=True)
+    assert not dist.is_initialized()
+    pretrain(config(genome_store, tmp_path / "after", **{"train.steps": 2}), release_group=True)
+    assert not dist.is_initialized() and (tmp_path / "after" / "model" / "model.safetensors").is_file()
+    # a group the caller started is theirs: used, and left to them
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    theirs = dist.group.WORLD
+    pretrain(config(genome_store, tmp_path / "theirs", **{"train.steps": 2}), release_group=True)
+    assert dist.is_initialized() and dist.group.WORLD is theirs
     # several processes cannot make their rendezvous again: refused with what to do (gloo waited, then
     # said the other processes were lost)
     from types import SimpleNamespace

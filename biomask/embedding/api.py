@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -186,6 +187,16 @@ def embed(
         )
     if pooling not in ("cls", "mean"):
         raise InputError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        # scanpy's and scvi-tools' `layer=` names an AnnData layer; here it is the model's
+        where = (
+            f": for the AnnData layer {layer!r} write matrix='layers/{layer}'"
+            if isinstance(layer, str)
+            else ""
+        )
+        raise InputError(
+            f"layer is the model's layer whose states are pooled (an int, -1: the last), not {layer!r}{where}"
+        )
     _check_arguments(
         batch_size=batch_size, chunk_size=chunk_size, min_coverage=min_coverage, standardise=standardise
     )

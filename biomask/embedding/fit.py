@@ -25,6 +25,7 @@ donors or batches": concatenate on shared genes, correct afterwards with Harmony
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -146,10 +147,9 @@ PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable ge
 @contextlib.contextmanager
 def _as_a_library() -> Iterator[None]:
     """Pretraining inside the caller's process leaves it as it found it: torch's distributed
-    excepthook, the warnings filters and the DeepSpeed logger level the trainer sets. Not the torch
-    process group a one-process run starts: DeepSpeed keeps its own handles on it, so a group
-    destroyed and started again breaks the next call; it stays for the next call (a host that needs
-    its own group starts it first, and biomask adopts it)."""
+    excepthook, the warnings filters and the DeepSpeed logger level the trainer sets. The torch
+    process group a one-process run starts is destroyed by the run itself (`release_group`), inside
+    its turn; a group the host started first is adopted and left to it."""
     import logging as _logging
     import sys
     import warnings
@@ -224,9 +224,10 @@ def fit_cells(
     Raises `biomask.errors.InputError` for bad input, naming the argument. Ctrl-C during training
     (Jupyter's "Interrupt kernel") checkpoints and raises `biomask.errors.Interrupted`, a
     KeyboardInterrupt: a loop over samples with `except Exception` stops there; the same call
-    resumes. A SIGTERM checkpoints and raises `biomask.errors.Requeue`. The torch process group a one-process run starts stays for
-    the next call (DeepSpeed keeps handles on it); a host that needs its own group starts it before
-    calling, and biomask uses that one."""
+    resumes. A SIGTERM checkpoints and raises `biomask.errors.Requeue`. The torch process group a one-process run starts is
+    destroyed when the call returns, so other torch code in the session (Lightning, scvi-tools) does
+    not see a distributed run; a host that needs its own group starts it before calling, and biomask
+    uses that one and leaves it."""
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
         if isinstance(adata, (str, os.PathLike)):
             raise InputError(
@@ -416,7 +417,7 @@ def fit_cells(
 
         try:
             with renamed_in_logs(rename), _as_a_library():
-                checkpoint = _stage(pretrain, cfg, overwrite) / "model"
+                checkpoint = _stage(functools.partial(pretrain, release_group=True), cfg, overwrite) / "model"
         except OutputBusyError:  # another run's files, not this call's: nothing to undo
             raise
         except DivergedError as exc:
@@ -441,7 +442,7 @@ def fit_cells(
             raise
         finally:
             # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
-            # torch.distributed stay out of the user's session (its process group serves a next call)
+            # torch.distributed stay out of the user's session, as its process group does (release_group)
             for name in set(os.environ) - set(environment):
                 del os.environ[name]
             os.environ.update(environment)

@@ -191,26 +191,37 @@ def loss_by_ratio(runs: list[PretrainRun], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-_VERDICT_COLOURS = {"met": "tab:green", "level": "tab:gray", "not met": "tab:red"}
+# Okabe & Ito's colour-blind-safe palette, and a marker and a word per verdict: red against green
+# was the only cue, which one reader in twelve cannot tell apart
+_VERDICT_STYLE = {
+    "met": ("#009E73", "^"),  # bluish green, a triangle pointing up
+    "level": ("#7F7F7F", "o"),  # grey, a circle
+    "not met": ("#D55E00", "v"),  # vermillion, a triangle pointing down
+}
 
 
 def target_differences(entries: list[dict], path: Path) -> Path:
     """The targets' verdicts as a picture: each model's paired difference from the strongest baseline
-    with its 95 % interval, one row per (target, model), coloured by verdict, zero marked — what the
-    verdicts rest on (the evaluation figures show each method's own interval, not the pairing).
-    `entries`: {"label", "difference", "low", "high", "status"} (low/high None: no interval)."""
+    with its 95 % interval, one row per (target, model), its verdict in colour, marker and word, zero
+    marked — what the verdicts rest on (the evaluation figures show each method's own interval, not
+    the pairing). `entries`: {"label", "difference", "low", "high", "status"} (low/high None: no
+    interval)."""
+    from matplotlib.transforms import blended_transform_factory
+
     fig, ax = _subplots(figsize=(11, 0.32 * len(entries) + 1.3))
     y = np.arange(len(entries))[::-1]
+    margin = blended_transform_factory(ax.transAxes, ax.transData)  # x: the axes' right edge; y: a row
     for row, e in zip(y, entries):
-        colour = _VERDICT_COLOURS.get(e["status"], "tab:blue")
+        colour, marker = _VERDICT_STYLE.get(e["status"], ("#0072B2", "s"))
         if e["low"] is not None and e["high"] is not None:
             ax.hlines(row, e["low"], e["high"], color=colour, lw=2)
-        ax.plot(e["difference"], row, "o", color=colour, ms=5)
+        ax.plot(e["difference"], row, marker, color=colour, ms=6)
+        ax.text(1.01, row, e["status"], transform=margin, va="center", fontsize=7, color=colour)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(y, [e["label"] for e in entries], fontsize=7)
     ax.set(
         xlabel="pretrained − strongest baseline (each target's metric; paired, 95 % interval)",
-        title="Targets: green met, grey level (the interval holds 0), red not met",
+        title="Targets: ▲ met, ● level (the interval holds 0), ▼ not met",
     )
     ax.title.set_fontsize(9)
     return _save(fig, path)

@@ -295,12 +295,33 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
     )
     # Why: a process that leaves its NCCL group to the interpreter's teardown can hang there — seen
     # on an H200: `biomask evaluate` with ZeRO-2 fine-tuning wrote its results, then never exited
+    atexit.unregister(_destroy_process_group)  # once, however many runs started a group
     atexit.register(_destroy_process_group)
-    global _process_group_started
+    global _process_group_started, _own_world
     _process_group_started = True
+    _own_world = torch.distributed.group.WORLD
 
 
 _process_group_started = False
+_own_world: Any = None  # the world group biomask started (a caller's own group is never destroyed)
+
+
+def release_own_group() -> None:
+    """The one-process group a library call started, given back when it returns: other torch code in
+    the caller's process reads an initialised group as a distributed run (Lightning, which scvi-tools
+    trains with, warned of a "distributed setting" at every epoch after `fit_cells`). The next run
+    starts a new one (`_forget_destroyed_groups`). A group the caller started, or a launcher's
+    (several processes), is left as it is."""
+    global _process_group_started, _own_world
+    import torch
+
+    if not torch.distributed.is_initialized() or torch.distributed.group.WORLD is not _own_world:
+        return  # none, or the caller's (theirs, or one they started after destroying ours)
+    if torch.distributed.get_world_size() > 1:
+        return
+    _destroy_process_group()
+    _forget_destroyed_groups(import_deepspeed(), 1)
+    _process_group_started, _own_world = False, None
 
 
 def started_process_group() -> bool:

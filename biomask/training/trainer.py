@@ -69,6 +69,7 @@ from biomask.training.distributed import (
     import_deepspeed,
     init_process_group,
     on_rank0,
+    release_own_group,
     setup_env,
     torch_linear_kept,
 )
@@ -329,12 +330,20 @@ def _quiet_libraries() -> None:
 # ------------------------------------------------------------------------------------------- the stage
 
 
-def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | None = None) -> Path:
+def pretrain(
+    cfg: PretrainConfig,
+    *,
+    overwrite: bool = False,
+    local_rank: int | None = None,
+    release_group: bool = False,
+) -> Path:
     """Run (or resume, or reuse) a pretraining run; returns the output directory.
 
     Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1 (and on Ctrl-C at the
     command line); in a Python caller Ctrl-C raises `Interrupted`, a KeyboardInterrupt, after the
-    same checkpoint. Runs in threads of one process take turns.
+    same checkpoint. Runs in threads of one process take turns. `release_group`: the one-process
+    torch process group this run started is destroyed when it ends (a library call, so the caller's
+    other torch code does not see a distributed run); else it stays for the next run.
     """
     if not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
         log.info(
@@ -352,7 +361,12 @@ def pretrain(cfg: PretrainConfig, *, overwrite: bool = False, local_rank: int | 
         _free_engine()
         raise
     finally:
-        _ONE_RUN_AT_A_TIME.release()
+        try:
+            if release_group:  # inside the turn: a waiting thread's run starts its own group after it
+                _free_engine()  # the engine's handles on the group go first
+                release_own_group()
+        finally:
+            _ONE_RUN_AT_A_TIME.release()
     _free_engine()
     return out
 
