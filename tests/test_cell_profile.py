@@ -307,6 +307,14 @@ def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, 
         ):
             ModelConfig(kind=kind, activation_checkpointing=True)
     assert ModelConfig(kind="panel_transformer", activation_checkpointing=True).activation_checkpointing
+    # the kind that trains is the checkpoint's: a transformer config continuing it is checked as such
+    code, _, err = cli(
+        "pretrain", "-c", mlp, f"data.store={panel_store}", "model.kind=transformer",
+        f"model.init_from={profile_checkpoint}", "model.activation_checkpointing=true", "train.steps=2",
+        f"output={out}",
+    )  # fmt: skip
+    assert code == 2 and "the model that trains (model.init_from's) is a mlp, which has none" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.network

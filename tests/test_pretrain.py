@@ -532,6 +532,20 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     assert np.std(records) > 2 * np.std(flat)  # ... while the pooled step ratios crowd its mean
 
 
+def test_each_record_is_counted_in_the_bin_of_its_realised_ratio():
+    """From the whole counts: 7 of 10 masked as a float32 ratio (0.6999999) fell in the bin below."""
+    from biomask.training.trainer import RECORD_RATIO_BINS, count_record_ratios
+
+    n_maskable = torch.tensor([10, 10, 40, 7, 0])
+    masked = torch.zeros(5, 40, dtype=torch.bool)
+    for row, k in enumerate([7, 10, 1, 3, 0]):
+        masked[row, :k] = True
+    counts = torch.zeros(RECORD_RATIO_BINS, dtype=torch.float64)
+    count_record_ratios(counts, {"masked": masked, "n_maskable": n_maskable})
+    # 0.7 -> bin 28; 1.0 -> the last bin; 1/40 -> bin 1; 3/7 -> bin 17; nothing to mask: not counted
+    assert {i: int(c) for i, c in enumerate(counts.tolist()) if c} == {28: 1, 39: 1, 1: 1, 17: 1}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
 def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, cli, sig):
     """A scheduler's signal, or Ctrl-C at a terminal: the steps so far are kept, not lost."""
@@ -771,8 +785,11 @@ def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(
     # a group the caller started is theirs: used, and left to them
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     theirs = dist.group.WORLD
-    pretrain(config(genome_store, tmp_path / "theirs", **{"train.steps": 2}), release_group=True)
-    assert dist.is_initialized() and dist.group.WORLD is theirs
+    try:
+        pretrain(config(genome_store, tmp_path / "theirs", **{"train.steps": 2}), release_group=True)
+        assert dist.is_initialized() and dist.group.WORLD is theirs
+    finally:
+        dist.destroy_process_group()  # as the caller would: the tests after this one start their own
     # several processes cannot make their rendezvous again: refused with what to do (gloo waited, then
     # said the other processes were lost)
     from types import SimpleNamespace

@@ -192,3 +192,26 @@ def test_the_split_columns_a_prep_config_took_its_splits_from():
         {"split": {"seed": 0}, "inputs": [{"path": "a.csv", "split_column": "fold"}, {"path": "b"}]}
     ) == ["fold"]
     assert split_columns({"split": {"seed": 0}, "inputs": [{"dataset": "uci-splice"}]}) == []
+
+
+def test_the_split_table_names_each_record_and_falls_back_to_its_place(splice_store, monkeypatch):
+    """evaluate's splits.csv.gz: every record by id and input (barcodes repeat across a store's
+    inputs), and where a store has no ids, by its place in the store."""
+    from biomask.evaluation.evaluate import split_table
+    from biomask.store import TokenSplit
+
+    data = load_labelled(splice_store)
+    parts = {0: seed_split(data, SplitSpec(), 0), 3: seed_split(data, SplitSpec(), 3)}
+    table = split_table(data, parts)
+    assert list(table.columns) == ["store_split", "store_index", "id", "source", "label", "seed_0", "seed_3"]
+    assert table["id"].is_unique and (table["source"] != "").all()
+    for seed, (train, val, test) in parts.items():
+        assert set(np.flatnonzero(table[f"seed_{seed}"] == "test")) == set(test.tolist())
+        assert (table[f"seed_{seed}"] != "").all() and len(train) + len(val) + len(test) == len(table)
+    assert table["label"].tolist() == [data.label_names[i] for i in data.labels]
+    real = TokenSplit.meta
+    monkeypatch.setattr(TokenSplit, "meta", lambda self: real(self).drop(columns=["id", "source"]))
+    bare = split_table(data, parts)
+    assert "source" not in bare
+    assert bare["id"].tolist() == [f"{s}:{i}" for s, i in zip(bare["store_split"], bare["store_index"])]
+    assert bare["seed_3"].equals(table["seed_3"])

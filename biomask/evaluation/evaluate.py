@@ -313,11 +313,17 @@ def split_table(data: LabelledRecords, splits: dict[int, tuple]) -> pd.DataFrame
     biomask's code to draw them again."""
     where = pd.DataFrame(data.locations, columns=["store_split", "store_index"])
     ids = np.empty(len(where), dtype=object)
+    sources = np.full(len(where), "", dtype=object)  # barcodes repeat across a store's inputs
     for name, rows in where.groupby("store_split").groups.items():
         meta = data.store.split(str(name)).meta()
         index = where.loc[rows, "store_index"].to_numpy()
         ids[rows] = meta["id"].to_numpy()[index] if "id" in meta else [f"{name}:{i}" for i in index]
-    table = where.assign(id=ids, label=np.asarray(data.label_names, dtype=object)[data.labels])
+        if "source" in meta:
+            sources[rows] = meta["source"].to_numpy()[index]
+    table = where.assign(id=ids)
+    if sources.any():
+        table["source"] = sources
+    table["label"] = np.asarray(data.label_names, dtype=object)[data.labels]
     for seed, parts in splits.items():
         column = np.full(len(table), "", dtype=object)
         for part, members in zip(("train", "val", "test"), parts):

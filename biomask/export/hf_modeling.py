@@ -16,7 +16,8 @@ Inputs: `input_ids` and `attention_mask` (HF's 0/1 integers or booleans); cells 
 (float, token-aligned: the expression value of each gene token) and, for binned models, `bins`
 (int, 1..n_bins for expressed genes, 0 at [CLS] and padding). `pooler_output` pools the last layer
 as `config.pooling` says ("mean": over content tokens, [CLS]/[SEP]/padding excluded; "max": their
-per-feature maximum; "cls").
+per-feature maximum; "cls"). Attention is torch's scaled_dot_product_attention;
+`attn_implementation="eager"` at loading writes it out.
 Profile models (`kind: "mlp"`, cells) read the whole profile: `last_hidden_state` is (B, 1, d_model).
 The dilated CNN (`kind: "cnn"`, DNA) has no [CLS] summary: its `pooling` is "mean" (or "max", or
 "concat": every content position's vector in order, records of one length).
@@ -150,7 +151,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: BiomaskConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.cfg = cfg  # read at each call: `attn_implementation` may be set after loading
+        self.cfg = cfg  # `attn_implementation` as loaded (from_pretrained(..., attn_implementation=...))
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 

@@ -95,9 +95,8 @@ class Masker:
         out["masked"] = masked
         out["ratio"] = ratio
         out["realised_ratio"] = masked.sum() / n_maskable.sum().clamp(min=1)
-        # each record's own (0 for a record with nothing to mask): a ratio drawn per record shows here,
-        # where the batch's pooled ratio averages it away
-        out["record_ratios"] = masked.sum(1) / n_maskable.clamp(min=1)
+        # each record's own realised ratio is masked.sum(1) / n_maskable (a ratio drawn per record
+        # shows there, where the batch's pooled ratio averages it away)
         out["n_maskable"] = n_maskable
         self._corrupt(batch, masked, out)
         return out

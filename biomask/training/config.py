@@ -42,6 +42,8 @@ class ModelConfig(Config):
     # Cells: how a gene's value enters the model. auto: bins for binned, mlp for panel, none for rank.
     value_embedding: Literal["auto", "none", "bins", "mlp"] = "auto"
     decoder_layers: int = Field(1, ge=1)  # MAE corruption only: depth of the light decoder
+    # recompute each transformer block in the backward pass (less activation memory, one more forward
+    # pass of each block); kinds transformer and panel_transformer (mlp and cnn have no blocks to recompute)
     activation_checkpointing: bool = False
     # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge)
     mask_indicator: bool = True
@@ -167,7 +169,8 @@ class TrainConfig(Config):
     grad_accum: int = Field(1, ge=1)
     seed: Seed = 0
     # auto: bf16 on GPU, fp32 on CPU. bf16: torch autocast over fp32 weights (fastest, measured);
-    # bf16-weights: DeepSpeed's bf16 mode, bf16 weights and gradients (less memory). ds_config.py says more.
+    # bf16-weights: DeepSpeed's bf16 mode, bf16 weights and gradients (less memory; token models only,
+    # the profile models read fp32 expression). ds_config.py says more.
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = "auto"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
