@@ -1231,6 +1231,21 @@ class _SigtermStop:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+# what each command's memory grows with, as a setting it takes (measured under a 512 MB cap: prep
+# cells fitted once all four of its were lowered; embed with chunk_size 2,048)
+_MEMORY_SETTINGS = {
+    "prep cells": "block_size, hvg.max_cells (the cells scanpy's HVG selection holds), shard_tokens and "
+    "tokenizer.median_max_values",
+    "prep dna": "shard_tokens (the tokens held before a shard is written)",
+    "pretrain": "train.micro_batch_size (train.grad_accum keeps the global batch)",
+    "evaluate": "batch_size",
+    "embed": "chunk_size (cells read at a time) and batch_size",
+    "fit-cells": "hvg.max_cells and block_size (prep), train.micro_batch_size",
+    "*": "prep block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate batch_size, "
+    "embed chunk_size",
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         code = cmd_print_config(args) if getattr(args, "print_config", False) else int(args.func(args) or 0)
@@ -1274,8 +1289,10 @@ def _run(args: argparse.Namespace) -> int:
         first = first_line(exc)
         error = BiomaskError(
             f"out of memory{f' ({first[:300]})' if first else ''}. Give it more memory, or lower what sets it: "
-            "prep block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate and embed "
-            "batch_size"
+            + _MEMORY_SETTINGS.get(
+                " ".join(filter(None, [getattr(args, "command", None), getattr(args, "prep_command", None)])),
+                _MEMORY_SETTINGS["*"],
+            )
         )
         with contextlib.suppress(OSError):
             print(f"biomask: error: {error}", file=sys.stderr)

@@ -814,6 +814,17 @@ def test_a_fit_cells_rerun_redoes_only_the_stages_its_settings_change(pbmc68k_ad
     assert code == 0, err
     assert weights.stat().st_mtime_ns != trained and manifest.stat().st_mtime_ns == prepared
     assert json.loads((out / "pretrain" / "model" / "config.json").read_text())["training"]["steps"] == 30
+    # on a small machine: the HVG sample and the cells read at a time, lowered as the out-of-memory
+    # message says (fit-cells refused hvg.max_cells as an unknown pretrain key)
+    small = tmp_path / "small"
+    code, _, err = cli(*args[:4], small, *args[5:], "train.steps=5", "hvg.max_cells=300", "block_size=128")
+    assert code == 0, err
+    import yaml
+
+    prep = yaml.safe_load((small / "store" / "config.yaml").read_text())
+    assert prep["hvg"]["max_cells"] == 300 and prep["block_size"] == 128
+    assert "selected from a sample of 300 cells" in err
+    assert "hvg" not in yaml.safe_load((small / "pretrain" / "config.yaml").read_text())
 
 
 @pytest.mark.network

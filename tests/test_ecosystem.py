@@ -110,6 +110,7 @@ def test_embed_checks_its_arguments_as_the_command_does(pbmc, cells_checkpoint, 
             {"layer": 1.0},
             r"layer is the model's layer whose states are pooled \(an int, -1: the last\), not 1.0$",
         ),
+        ({"layer": True}, r"\(an int, -1: the last\), not True$"),  # a bool is an int to Python: layer 1
     ):
         with pytest.raises(InputError, match=match):
             biomask.embed(adata, cells_checkpoint, matrix="raw", **{"counts": COUNTS, **bad})
@@ -905,4 +906,8 @@ def test_a_cell_model_card_describes_the_records_its_scheme_wrote():
     rank = card("rank", "transformer", "none")
     assert "log1p" not in rank and "raw counts" not in rank and "zeros included" not in rank
     assert "highest value first" in rank and "the model reads none" in rank
+    assert "up to 128" in rank  # the model's 130 tokens less [CLS] and [SEP]
+    # a rank model given values through an MLP reads them, and they are still no log1p
+    valued = card("rank", "transformer", "mlp")
+    assert "Values: token-aligned" in valued and "raw counts" not in valued and "log1p" not in valued
     assert "corpus non-zero median of the gene" in rank

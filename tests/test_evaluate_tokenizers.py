@@ -78,6 +78,8 @@ def test_checkpoints_of_other_tokenizers_are_evaluated_and_one_is_chosen_on_val(
     assert code == 0 and "protocols ['knn'] has no linear_probe: no row added" in err, err
     methods = [m["name"] for m in json.loads((tmp_path / "knn" / "metrics.json").read_text())["methods"]]
     assert sorted(methods) == ["char (kNN)", "kmer3 (kNN)"]
+    code, _, err = cli(*common, f"output={tmp_path / 'knn-only'}", "protocols=[knn]", "select_on_val=false")
+    assert code == 0 and "no linear_probe" not in err  # nothing asked of a probe: nothing said of it
     code, _, err = cli(*common, f"output={tmp_path / 'none'}", "protocols=[]")
     assert code == 2 and "protocols: empty, so none of the checkpoints would be evaluated" in err
     assert not (tmp_path / "none").exists()

@@ -242,6 +242,8 @@ def test_theory_figures_are_drawn_at_their_size_on_figures_of_their_own():
 def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict(tmp_path, monkeypatch):
     """The verdicts rest on paired differences, which no figure showed (the evaluation figures give
     each method's own interval): one row per target and model, its interval, zero marked."""
+    from matplotlib.colors import to_rgba
+
     from biomask.report import figures
 
     seen = {}
@@ -271,6 +273,8 @@ def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict
         (0, "not met"),
     }
     assert len(ax.collections) == 2  # intervals where there are some: the third has none
+    marker_colours = [line.get_color() for line in ax.get_lines() if line.get_marker() in ("^", "o")]
+    assert [tuple(c.get_color()[0]) for c in ax.collections] == [to_rgba(c) for c in marker_colours]
     assert any(line.get_xdata()[0] == 0 for line in ax.get_lines() if line.get_marker() in ("None", None, ""))
 
 

@@ -205,7 +205,8 @@ def test_running_out_of_memory_in_hvg_selection_names_the_setting_that_sets_it(m
     monkeypatch.setattr("biomask.dna.prep.resolve_inputs", short_of_memory)
     code, _, err = cli("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"output={tmp_path / 'out'}")
     assert code == 1 and err.startswith("biomask: error: out of memory (Unable to allocate 117. MiB"), err
-    assert "Traceback" not in err and "train.micro_batch_size" in err
+    # the settings this command takes, not every command's
+    assert "Traceback" not in err and "lower what sets it: shard_tokens" in err and "micro_batch" not in err
 
     def torch_short_of_memory(*args, **kwargs):  # torch's CPU allocator raises a RuntimeError
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
@@ -1063,6 +1064,23 @@ def test_missing_label_column_and_missing_labels(tmp_path, cli, repo, pbmc3k_sto
     left_out = {k: n for k, n in stats.items() if k.startswith("cells_dropped_") and n}
     assert code == 0 and sum(left_out.values()) + written == stats["cells_read"] == 700, (left_out, written)
     assert stats["cells_dropped_missing_label"] == 3 and stats["cells_dropped_min_genes"] > 0
+    # a cell left out for its label is not checked either: one with no counts stops nothing under the
+    # default qc.zero_count_cells=error
+    raw = adata.raw.to_adata()
+    values = raw.X.tolil()
+    values[5, :] = 0  # cell 5 has no label
+    raw.X = sp.csr_matrix(values)
+    zeroed = adata.copy()
+    zeroed.raw = raw
+    zeroed.write_h5ad(tmp_path / "zeroed.h5ad")
+    shutil.rmtree(out)
+    code, _, err = prep(
+        cli, repo / CFG_68K, *args, f"inputs=[{{path: {tmp_path / 'zeroed.h5ad'}, matrix: raw}}]",
+        "labels.missing=drop",
+    )  # fmt: skip
+    stats = TokenStore(out).manifest["stats"]
+    assert code == 0 and "zero counts" not in err, err
+    assert stats["cells_dropped_missing_label"] == 3 and stats["cells_dropped_zero_counts"] == 0
     # cluster ids stored as floats (a NaN among them), a "nan" string, one cell in a class of its own
     ids = adata.obs["louvain"].cat.codes.astype(float).to_numpy()
     ids[[1, 2]] = np.nan

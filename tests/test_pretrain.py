@@ -532,18 +532,38 @@ def test_sigkill_then_resume_gives_the_same_final_weights(genome_store, tmp_path
     assert np.std(records) > 2 * np.std(flat)  # ... while the pooled step ratios crowd its mean
 
 
+def test_every_micro_batch_s_records_are_counted_and_only_where_drawn_per_record(genome_store, tmp_path):
+    """With gradient accumulation each micro-batch's records count; a ratio drawn per batch (or a
+    schedule) logs no per-record counts (its step ratios are the records')."""
+    from biomask.training.trainer import pretrain
+
+    extra = {
+        "train.steps": 3,
+        "train.grad_accum": 2,
+        "train.log_every": 1,
+        "masking.ratio.granularity": "sample",
+    }
+    out = pretrain(config(genome_store, tmp_path / "accum", **extra))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [sum(x["record_ratio_counts"]) for x in lines] == [8 * 2] * 3  # micro-batch 8, accumulated 2
+    extra["masking.ratio.granularity"] = "batch"
+    out = pretrain(config(genome_store, tmp_path / "batch", **extra))
+    assert "record_ratio_counts" not in (out / "metrics.jsonl").read_text()
+
+
 def test_each_record_is_counted_in_the_bin_of_its_realised_ratio():
     """From the whole counts: 7 of 10 masked as a float32 ratio (0.6999999) fell in the bin below."""
     from biomask.training.trainer import RECORD_RATIO_BINS, count_record_ratios
 
-    n_maskable = torch.tensor([10, 10, 40, 7, 0])
-    masked = torch.zeros(5, 40, dtype=torch.bool)
-    for row, k in enumerate([7, 10, 1, 3, 0]):
+    n_maskable = torch.tensor([10, 10, 40, 7, 0, 7])
+    masked = torch.zeros(6, 40, dtype=torch.bool)  # padded to 40: the ratio is of the maskable tokens
+    for row, k in enumerate([7, 10, 1, 3, 0, 5]):
         masked[row, :k] = True
     counts = torch.zeros(RECORD_RATIO_BINS, dtype=torch.float64)
     count_record_ratios(counts, {"masked": masked, "n_maskable": n_maskable})
-    # 0.7 -> bin 28; 1.0 -> the last bin; 1/40 -> bin 1; 3/7 -> bin 17; nothing to mask: not counted
-    assert {i: int(c) for i, c in enumerate(counts.tolist()) if c} == {28: 1, 39: 1, 1: 1, 17: 1}
+    # 0.7 -> bin 28; 1.0 -> the last bin; 1/40 -> bin 1; 3/7 (0.43) -> bin 17; 5/7 (0.714) -> bin 28, its
+    # bin's lower edge 0.7 (not rounded up to 29); nothing to mask: not counted
+    assert {i: int(c) for i, c in enumerate(counts.tolist()) if c} == {28: 2, 39: 1, 1: 1, 17: 1}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])

@@ -80,20 +80,26 @@ def _prep_config(
     strip_version: bool = False,
     batch_key: str | None = None,
     duplicates: str = "sum",
+    memory: dict[str, Any] | None = None,
 ):
     from biomask.cells.config import CellsPrepConfig
     from biomask.config import validate_config
 
+    memory = memory or {}
     return validate_config(
         CellsPrepConfig,
         {
+            **({"block_size": memory["block_size"]} if "block_size" in memory else {}),
             "inputs": [{"path": str(source), "matrix": matrix}],
             "output": str(store),
             "counts": counts or {},
             "genes": {"column": gene_column, "strip_version": strip_version, "duplicates": duplicates},
             # the user's own QC stands: keep every cell that has counts, every gene seen once
             "qc": {"min_genes": 0, "min_cells": 1, "zero_count_cells": "drop"},
-            "hvg": {"n_top_genes": None if init_from else n_top_genes},
+            "hvg": {
+                "n_top_genes": None if init_from else n_top_genes,
+                **({"max_cells": memory["hvg.max_cells"]} if "hvg.max_cells" in memory else {}),
+            },
             "tokenizer": {"scheme": "panel", "path": str(init_from / "tokenizer") if init_from else None},
             "split": {"seed": 0, "val": 0.05, "test": 0.0},
             "batch_column": batch_key,
@@ -142,6 +148,9 @@ def _pretrain_config(
 
 
 PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable genes
+# prep settings an override may lower on a small machine (the HVG sample scanpy holds, the cells read
+# at a time); every other override is a pretrain key
+PREP_MEMORY_KEYS = ("hvg.max_cells", "block_size")
 
 
 @contextlib.contextmanager
@@ -213,7 +222,9 @@ def fit_cells(
     with `init_from`, whose panel is kept). `masking`: any scheme of `biomask.masking`. `seed`: the
     pretraining seed. `overrides`: any pretrain config key (`{"train.steps": 3000}`; docs/config-
     reference.md), but not those fit_cells sets itself (output, data, model.init_from);
-    `{"train.progress": False}` silences the progress lines. `key`: the obsm key (its record of
+    `{"train.progress": False}` silences the progress lines. On a small machine, also the prep's
+    `hvg.max_cells` (the cells scanpy's HVG selection holds, 50,000: about 60 bytes per stored value
+    of them) and `block_size` (cells read at a time). `key`: the obsm key (its record of
     checkpoint, pooling and settings goes to `uns[key]`). `overwrite`: replace what an earlier call
     of other settings wrote under `output`.
 
@@ -311,7 +322,12 @@ def fit_cells(
         check_key(key, adata.obsm.keys(), adata.uns, "the AnnData")
     store = out / "store"
     refuse_foreign(out, ["store", "pretrain"])
-    settings = {"masking.scheme": masking, "train.seed": seed, **(overrides or {})}
+    memory = _parsed({k: v for k, v in (overrides or {}).items() if k in PREP_MEMORY_KEYS})
+    settings = {
+        "masking.scheme": masking,
+        "train.seed": seed,
+        **{k: v for k, v in (overrides or {}).items() if k not in PREP_MEMORY_KEYS},
+    }
     if batch_key is not None:  # the key is why a batch column is given: the decoder reads it
         settings.setdefault("model.batch_covariate", True)
     # every setting checked before anything is written: a typo costs nothing
@@ -319,6 +335,7 @@ def fit_cells(
     prep_cfg = _prep_config(
         source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=panel,
         init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
+        memory=memory,
     )  # fmt: skip
     first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
     if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
