@@ -888,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],  # optional (argparse calls a bare nargs="*" positional required)
         metavar="KEY=VALUE",
-        help="counts.mode=log1p (log-normalised input), or pretrain keys, e.g. train.steps=3000",
+        help="counts.mode=log1p (log-normalised input), pretrain keys (e.g. train.steps=3000), or on a "
+        "small machine hvg.max_cells and block_size",
     )
     p.add_argument("--overwrite", action="store_true", help="replace outputs written with other settings")
 
@@ -1239,11 +1240,9 @@ _MEMORY_SETTINGS = {
     "prep dna": "shard_tokens (the tokens held before a shard is written)",
     "pretrain": "train.micro_batch_size (train.grad_accum keeps the global batch)",
     "evaluate": "batch_size",
-    "embed": "chunk_size (cells read at a time) and batch_size",
+    "embed": "chunk_size (cells read at a time) and batch_size (records per forward pass)",
     "fit-cells": "hvg.max_cells and block_size (prep), train.micro_batch_size",
-    "*": "prep block_size (cells: hvg.max_cells), pretrain train.micro_batch_size, evaluate batch_size, "
-    "embed chunk_size",
-}
+}  # other commands (export-hf, report, theory) take no such setting
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -1287,12 +1286,12 @@ def _run(args: argparse.Namespace) -> int:
         from biomask.errors import first_line
 
         first = first_line(exc)
+        settings = _MEMORY_SETTINGS.get(
+            " ".join(filter(None, [getattr(args, "command", None), getattr(args, "prep_command", None)]))
+        )
         error = BiomaskError(
-            f"out of memory{f' ({first[:300]})' if first else ''}. Give it more memory, or lower what sets it: "
-            + _MEMORY_SETTINGS.get(
-                " ".join(filter(None, [getattr(args, "command", None), getattr(args, "prep_command", None)])),
-                _MEMORY_SETTINGS["*"],
-            )
+            f"out of memory{f' ({first[:300]})' if first else ''}. Give it more memory"
+            + (f", or lower what sets it: {settings}" if settings else "")
         )
         with contextlib.suppress(OSError):
             print(f"biomask: error: {error}", file=sys.stderr)

@@ -825,6 +825,25 @@ def test_a_fit_cells_rerun_redoes_only_the_stages_its_settings_change(pbmc68k_ad
     assert prep["hvg"]["max_cells"] == 300 and prep["block_size"] == 128
     assert "selected from a sample of 300 cells" in err
     assert "hvg" not in yaml.safe_load((small / "pretrain" / "config.yaml").read_text())
+    # written as a section it is the same setting (as model={kind: mlp} is model.kind): all reused
+    code, _, err = cli(*args[:4], small, *args[5:], "train.steps=5", "hvg={max_cells: 300}", "block_size=128")
+    assert code == 0 and "different config" not in err, err
+    # near misses name what fit-cells takes; a continued checkpoint selects no genes, so no sample
+    for wrong, said in (
+        (
+            "hvg.max_cell=300",
+            "hvg.max_cell is not a setting fit_cells takes; of the prep's it takes hvg.max_cells",
+        ),
+        ("block_sizes=64", "(fit_cells also takes the prep's hvg.max_cells and block_size)"),
+    ):
+        code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], wrong)
+        assert code == 2 and said in err, (wrong, err)
+    code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], "--init-from", out / "pretrain" / "model",
+                       "hvg.max_cells=300")  # fmt: skip
+    assert (
+        code == 2 and "a continued model keeps its checkpoint's gene panel, so no genes are selected" in err
+    )
+    assert not (tmp_path / "wrong").exists()
 
 
 @pytest.mark.network

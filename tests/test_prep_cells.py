@@ -214,6 +214,12 @@ def test_running_out_of_memory_in_hvg_selection_names_the_setting_that_sets_it(m
     monkeypatch.setattr("biomask.dna.prep.resolve_inputs", torch_short_of_memory)
     code, _, err = cli("prep", "dna", "-c", "configs/dna/ce2-chrX.yaml", f"output={tmp_path / 'out'}")
     assert code == 1 and "out of memory ([enforce fail" in err and "Traceback" not in err, err
+    # a command that takes no such setting names none of another command's
+    from biomask import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "cmd_report", short_of_memory)
+    code, _, err = cli("report", "-c", "configs/report/study.yaml")
+    assert code == 1 and err.rstrip().endswith("Give it more memory"), err
 
 
 def test_count_detection_on_the_real_sets():

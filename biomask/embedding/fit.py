@@ -223,8 +223,8 @@ def fit_cells(
     pretraining seed. `overrides`: any pretrain config key (`{"train.steps": 3000}`; docs/config-
     reference.md), but not those fit_cells sets itself (output, data, model.init_from);
     `{"train.progress": False}` silences the progress lines. On a small machine, also the prep's
-    `hvg.max_cells` (the cells scanpy's HVG selection holds, 50,000: about 60 bytes per stored value
-    of them) and `block_size` (cells read at a time). `key`: the obsm key (its record of
+    `hvg.max_cells` (the cells scanpy's HVG selection holds, 50,000: about 40 bytes per stored value
+    of them; not with `init_from`, which selects no genes) and `block_size` (cells read at a time). `key`: the obsm key (its record of
     checkpoint, pooling and settings goes to `uns[key]`). `overwrite`: replace what an earlier call
     of other settings wrote under `output`.
 
@@ -322,11 +322,28 @@ def fit_cells(
         check_key(key, adata.obsm.keys(), adata.uns, "the AnnData")
     store = out / "store"
     refuse_foreign(out, ["store", "pretrain"])
-    memory = _parsed({k: v for k, v in (overrides or {}).items() if k in PREP_MEMORY_KEYS})
+    # the prep's memory keys however written (hvg.max_cells=..., hvg={max_cells: ...}); the rest is
+    # pretrain's
+    memory = {k: parsed[k] for k in PREP_MEMORY_KEYS if k in parsed}
+    other_prep = sorted(k for k in parsed if k.startswith("hvg.") and k not in PREP_MEMORY_KEYS)
+    if other_prep:
+        raise InputError(
+            f"fit_cells: {', '.join(other_prep)} is not a setting fit_cells takes; of the prep's it takes "
+            f"{' and '.join(PREP_MEMORY_KEYS)} (memory), and n_top_genes= (fit-cells: --n-top-genes) for the panel"
+        )
+    if init is not None and "hvg.max_cells" in memory:  # no HVG selection runs: it would change nothing
+        raise InputError(
+            f"hvg.max_cells={memory['hvg.max_cells']} with init_from {init}: a continued model keeps its "
+            "checkpoint's gene panel, so no genes are selected and no sample is held. Leave it out"
+        )
     settings = {
         "masking.scheme": masking,
         "train.seed": seed,
-        **{k: v for k, v in (overrides or {}).items() if k not in PREP_MEMORY_KEYS},
+        **{
+            k: v
+            for k, v in (overrides or {}).items()
+            if k not in PREP_MEMORY_KEYS and k != "hvg" and not k.startswith("hvg.")
+        },
     }
     if batch_key is not None:  # the key is why a batch column is given: the decoder reads it
         settings.setdefault("model.batch_covariate", True)
@@ -337,7 +354,12 @@ def fit_cells(
         init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
         memory=memory,
     )  # fmt: skip
-    first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
+    try:
+        first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
+    except BiomaskError as exc:  # a near miss of the prep keys reads as an unknown pretrain key
+        if "unknown key" in str(exc):
+            exc.args = (f"{exc} (fit_cells also takes the prep's {' and '.join(PREP_MEMORY_KEYS)})",)
+        raise
     if first.model.loss != "mse" and prep_cfg.counts.mode in ("log1p", "normalised"):
         raise InputError(
             f"fit_cells: model.loss={first.model.loss} needs raw counts and each cell's library size, but "
