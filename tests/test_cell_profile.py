@@ -834,15 +834,18 @@ def test_a_fit_cells_rerun_redoes_only_the_stages_its_settings_change(pbmc68k_ad
             "hvg.max_cell=300",
             "hvg.max_cell is not a setting fit_cells takes; of the prep's it takes hvg.max_cells",
         ),
+        ("hvg={max_cell: 300}", "hvg.max_cell is not a setting fit_cells takes"),
         ("block_sizes=64", "(fit_cells also takes the prep's hvg.max_cells and block_size)"),
     ):
         code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], wrong)
         assert code == 2 and said in err, (wrong, err)
-    code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], "--init-from", out / "pretrain" / "model",
-                       "hvg.max_cells=300")  # fmt: skip
-    assert (
-        code == 2 and "a continued model keeps its checkpoint's gene panel, so no genes are selected" in err
-    )
+    code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], "train.steps=0")
+    assert code == 2 and "train.steps" in err and "also takes the prep's" not in err  # no unknown key here
+    for written in ("hvg.max_cells=300", "hvg={max_cells: 300}"):
+        code, _, err = cli(*args[:4], tmp_path / "wrong", *args[5:], "--init-from", out / "pretrain" / "model",
+                           written)  # fmt: skip
+        said = "a continued model keeps its checkpoint's gene panel, so no genes are selected"
+        assert code == 2 and said in err, (written, err)
     assert not (tmp_path / "wrong").exists()
 
 

@@ -265,8 +265,12 @@ def test_the_targets_figure_draws_each_paired_difference_coloured_by_its_verdict
     # a verdict is told by its marker and its word as well as its colour (red and green alone: one
     # reader in twelve cannot tell them apart)
     assert points == {2: (0.05, "^"), 1: (-0.01, "o"), 0: (-0.03, "v")}
-    colours = {line.get_color() for line in ax.get_lines() if line.get_marker() in ("^", "o", "v")}
-    assert len(colours) == 3 and not colours & {"tab:green", "tab:red"}
+    colours = {
+        line.get_marker(): line.get_color() for line in ax.get_lines() if line.get_marker() in ("^", "o", "v")
+    }
+    assert colours == {"^": "#009E73", "o": "#7F7F7F", "v": "#D55E00"}  # Okabe-Ito: no red against green
+    words = {t.get_text(): t.get_color() for t in ax.texts}
+    assert words == {"met": "#009E73", "level": "#7F7F7F", "not met": "#D55E00"}
     assert {(t.get_position()[1], t.get_text()) for t in ax.texts} == {
         (2, "met"),
         (1, "level"),

@@ -220,6 +220,21 @@ def test_running_out_of_memory_in_hvg_selection_names_the_setting_that_sets_it(m
     monkeypatch.setattr(cli_module, "cmd_report", short_of_memory)
     code, _, err = cli("report", "-c", "configs/report/study.yaml")
     assert code == 1 and err.rstrip().endswith("Give it more memory"), err
+    monkeypatch.setattr(cli_module, "cmd_pretrain", short_of_memory)  # a one-word command
+    code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tiny.yaml")
+    assert code == 1 and "lower what sets it: train.micro_batch_size" in err, err
+    # every entry names a command the parser has (a misspelt one would drop its advice unseen)
+    import argparse
+
+    def paths(parser: argparse.ArgumentParser, prefix: str = "") -> set[str]:
+        found = set()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found |= {f"{prefix}{name}"} | paths(sub, f"{prefix}{name} ")
+        return found
+
+    assert set(cli_module._MEMORY_SETTINGS) <= paths(cli_module.build_parser())
 
 
 def test_count_detection_on_the_real_sets():

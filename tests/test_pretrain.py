@@ -776,6 +776,34 @@ def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_resu
     run(0, "alone0"), run(1, "alone1")
     assert weights("thread0") == weights("alone0") and weights("thread1") == weights("alone1")
     assert weights("alone0") != weights("alone1")
+    # fit_cells' runs give their group back, each in its turn (a release after the turn could not be
+    # shown to harm a one-process run: it makes no collective call once started): both runs finish, as
+    # alone, and no group is left
+    import torch.distributed as dist
+
+    real_release = trainer.release_own_group
+
+    def slow_release():
+        time.sleep(1.0)
+        real_release()
+
+    monkeypatch.setattr(trainer, "release_own_group", slow_release)
+
+    def released(seed: int, name: str) -> Path:
+        cfg = config(genome_store, tmp_path / name, **{"train.steps": 6, "train.seed": seed})
+        return pretrain(cfg, release_group=True)
+
+    results = []
+    workers = [
+        threading.Thread(target=lambda s=seed: results.append(_outcome(released, s, f"released{s}")))
+        for seed in (0, 1)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(map(str, results)) == [str(tmp_path / "released0"), str(tmp_path / "released1")], results
+    assert not dist.is_initialized() and weights("released1") == weights("alone1")
 
 
 def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(
@@ -802,6 +830,17 @@ def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(
     assert not dist.is_initialized()
     pretrain(config(genome_store, tmp_path / "after", **{"train.steps": 2}), release_group=True)
     assert not dist.is_initialized() and (tmp_path / "after" / "model" / "model.safetensors").is_file()
+    from biomask.training import distributed
+
+    assert not distributed.started_process_group()  # the command line's exit path: a plain exit
+    # a launcher's group of several processes is never a library call's to destroy
+    pretrain(config(genome_store, tmp_path / "several", **{"train.steps": 2}))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    distributed.release_own_group()
+    assert dist.is_initialized()
+    monkeypatch.undo()
+    distributed.release_own_group()
+    assert not dist.is_initialized()
     # a group the caller started is theirs: used, and left to them
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     theirs = dist.group.WORLD

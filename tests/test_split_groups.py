@@ -205,6 +205,11 @@ def test_the_split_table_names_each_record_and_falls_back_to_its_place(splice_st
     table = split_table(data, parts)
     assert list(table.columns) == ["store_split", "store_index", "id", "source", "label", "seed_0", "seed_3"]
     assert table["id"].is_unique and (table["source"] != "").all()
+    metas = {name: data.store.split(name).meta() for name in set(table["store_split"])}
+    for column in ("id", "source"):
+        assert table[column].tolist() == [
+            metas[s][column].iloc[i] for s, i in zip(table["store_split"], table["store_index"])
+        ]
     for seed, (train, val, test) in parts.items():
         assert set(np.flatnonzero(table[f"seed_{seed}"] == "test")) == set(test.tolist())
         assert (table[f"seed_{seed}"] != "").all() and len(train) + len(val) + len(test) == len(table)
