@@ -1538,3 +1538,18 @@ def test_a_taken_master_port_is_said_at_once_not_as_a_rendezvous_timeout(genome_
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"MASTER_PORT {port} on 127.0.0.1 is taken" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_is_refused_for_a_continued_cnn(genome_store, tmp_path, cli):
+    """The kind that trains is the checkpoint's: a transformer config with activation checkpointing,
+    continuing a CNN (which has no blocks to recompute), ran with the switch doing nothing."""
+    cnn = tmp_path / "cnn"
+    code, _, err = cli("pretrain", "-c", REPO / "configs/pretrain/dna-cnn-quick.yaml", f"data.store={genome_store}",
+                       f"output={cnn}", "train.steps=2", "train.micro_batch_size=4", "data.max_length=130",
+                       "train.eval_batches=1", "train.progress=false")  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "continued"
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}),
+                       f"model.init_from={cnn / 'model'}", "model.activation_checkpointing=true")  # fmt: skip
+    assert code == 2 and "the model that trains (model.init_from's) is a cnn, which has none" in err, err
+    assert not out.exists()
