@@ -761,17 +761,22 @@ def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_resu
     def weights(name: str) -> str:
         return json.loads((tmp_path / name / "model" / "config.json").read_text())["weights_sha256"]
 
+    def side_by_side(train, prefix: str) -> list:
+        """Seeds 0 and 1 trained by `train(seed, name)` in two threads at once: what each returned or raised."""
+        results: list = []
+        workers = [
+            threading.Thread(target=lambda s=seed: results.append(_outcome(train, s, f"{prefix}{s}")))
+            for seed in (0, 1)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sorted(map(str, results))
+
     descriptors = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
-    results: list = []
-    workers = [
-        threading.Thread(target=lambda s=seed: results.append(_outcome(run, s, f"thread{s}")))
-        for seed in (0, 1)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert sorted(map(str, results)) == [str(tmp_path / "thread0"), str(tmp_path / "thread1")], results
+    results = side_by_side(run, "thread")
+    assert results == [str(tmp_path / "thread0"), str(tmp_path / "thread1")], results
     assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == descriptors
     run(0, "alone0"), run(1, "alone1")
     assert weights("thread0") == weights("alone0") and weights("thread1") == weights("alone1")
@@ -793,16 +798,8 @@ def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_resu
         cfg = config(genome_store, tmp_path / name, **{"train.steps": 6, "train.seed": seed})
         return pretrain(cfg, release_group=True)
 
-    results = []
-    workers = [
-        threading.Thread(target=lambda s=seed: results.append(_outcome(released, s, f"released{s}")))
-        for seed in (0, 1)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert sorted(map(str, results)) == [str(tmp_path / "released0"), str(tmp_path / "released1")], results
+    results = side_by_side(released, "released")
+    assert results == [str(tmp_path / "released0"), str(tmp_path / "released1")], results
     assert not dist.is_initialized() and weights("released1") == weights("alone1")
 
 
