@@ -153,6 +153,11 @@ PANEL_GENES = 2000  # fit_cells' panel without init_from: the n most variable ge
 PREP_MEMORY_KEYS = ("hvg.max_cells", "block_size")
 
 
+def _prep_key(key: str) -> bool:
+    """Whether an override key (dotted, or a section) is the prep's, not pretrain's."""
+    return key == "block_size" or key.split(".", 1)[0] == "hvg"
+
+
 @contextlib.contextmanager
 def _as_a_library() -> Iterator[None]:
     """Pretraining inside the caller's process leaves it as it found it: torch's distributed
@@ -224,8 +229,8 @@ def fit_cells(
     reference.md), but not those fit_cells sets itself (output, data, model.init_from);
     `{"train.progress": False}` silences the progress lines. On a small machine, also the prep's
     `hvg.max_cells` (the cells scanpy's HVG selection holds, 50,000: about 40 bytes per stored value
-    of them; not with `init_from`, which selects no genes) and `block_size` (cells read at a time). `key`: the obsm key (its record of
-    checkpoint, pooling and settings goes to `uns[key]`). `overwrite`: replace what an earlier call
+    of them; not with `init_from`, which selects no genes) and `block_size` (cells read at a time).
+    `key`: the obsm key (its record of checkpoint, pooling and settings goes to `uns[key]`). `overwrite`: replace what an earlier call
     of other settings wrote under `output`.
 
     On disk, under `output`: `cells.h5ad` (an in-memory AnnData's copy, which prep reads), `store/`
@@ -325,7 +330,7 @@ def fit_cells(
     # the prep's memory keys however written (hvg.max_cells=..., hvg={max_cells: ...}); the rest is
     # pretrain's
     memory = {k: parsed[k] for k in PREP_MEMORY_KEYS if k in parsed}
-    other_prep = sorted(k for k in parsed if k.startswith("hvg.") and k not in PREP_MEMORY_KEYS)
+    other_prep = sorted(k for k in parsed if _prep_key(k) and k not in PREP_MEMORY_KEYS)
     if other_prep:
         raise InputError(
             f"fit_cells: {', '.join(other_prep)} is not a setting fit_cells takes; of the prep's it takes "
@@ -339,11 +344,7 @@ def fit_cells(
     settings = {
         "masking.scheme": masking,
         "train.seed": seed,
-        **{
-            k: v
-            for k, v in (overrides or {}).items()
-            if k not in PREP_MEMORY_KEYS and k != "hvg" and not k.startswith("hvg.")
-        },
+        **{k: v for k, v in (overrides or {}).items() if not _prep_key(k)},
     }
     if batch_key is not None:  # the key is why a batch column is given: the decoder reads it
         settings.setdefault("model.batch_covariate", True)

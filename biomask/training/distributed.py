@@ -297,12 +297,10 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
     # on an H200: `biomask evaluate` with ZeRO-2 fine-tuning wrote its results, then never exited
     atexit.unregister(_destroy_process_group)  # once, however many runs started a group
     atexit.register(_destroy_process_group)
-    global _process_group_started, _own_world
-    _process_group_started = True
+    global _own_world
     _own_world = torch.distributed.group.WORLD
 
 
-_process_group_started = False
 _own_world: Any = None  # the world group biomask started (a caller's own group is never destroyed)
 
 
@@ -312,7 +310,7 @@ def release_own_group() -> None:
     trains with, warned of a "distributed setting" at every epoch after `fit_cells`). The next run
     starts a new one (`_forget_destroyed_groups`). A group the caller started, or a launcher's
     (several processes), is left as it is."""
-    global _process_group_started, _own_world
+    global _own_world
     import torch
 
     if not torch.distributed.is_initialized() or torch.distributed.group.WORLD is not _own_world:
@@ -321,12 +319,12 @@ def release_own_group() -> None:
         return
     _destroy_process_group()
     _forget_destroyed_groups(import_deepspeed(), 1)
-    _process_group_started, _own_world = False, None
+    _own_world = None
 
 
 def started_process_group() -> bool:
     """Whether this process initialised a process group (its end then goes through leave_process)."""
-    return _process_group_started
+    return _own_world is not None
 
 
 def leave_process(code: int) -> None:
@@ -339,7 +337,7 @@ def leave_process(code: int) -> None:
     called without an active exception", and the launcher reported exit 250 (SIGABRT). Every output is
     on disk by then, so nothing the teardown would do is needed. A process without a group exits as usual.
     """
-    if not _process_group_started:
+    if not started_process_group():
         raise SystemExit(code)
     import sys
 

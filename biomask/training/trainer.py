@@ -423,6 +423,31 @@ def _clear_memo(function: Any, depth: int = 3) -> None:
             _clear_memo(cell.cell_contents, depth - 1)
 
 
+def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str) -> None:
+    """Settings the model that trains cannot use (its kind is known only now: model.init_from's is the
+    checkpoint's, which the config's checks never saw), refused before anything is written; a warm-up
+    the run never finishes, said."""
+    if cfg.optim.warmup_steps >= cfg.train.steps:  # a quick run of a config made for a long one
+        log.warning(
+            "pretrain: optim.warmup_steps (%d) >= train.steps (%d): the learning rate reaches %.0f%% of "
+            "optim.lr at most and never decays; lower optim.warmup_steps for a run this short",
+            cfg.optim.warmup_steps,
+            cfg.train.steps,
+            100 * cfg.train.steps / max(cfg.optim.warmup_steps, 1),
+        )
+    if arch.activation_checkpointing and arch.kind in ("mlp", "cnn"):  # ran, changing nothing
+        raise ConfigError(
+            f"model.activation_checkpointing recomputes transformer blocks; the model that trains "
+            f"(model.init_from's) is a {arch.kind}, which has none: set model.activation_checkpointing=false"
+        )
+    if precision == "bf16-weights" and arch.kind in PROFILE_KINDS:  # crashed at the first step
+        raise ConfigError(
+            f"train.precision=bf16-weights (DeepSpeed's bf16 weights) is for the token models (transformer, "
+            f"cnn); model.kind {arch.kind} reads float32 expression values into its first layer: use "
+            "train.precision=bf16 (autocast over fp32 weights) or fp32"
+        )
+
+
 def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, began: float) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
@@ -454,25 +479,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 f"model.loss={arch.loss} (model.init_from's)",
                 instead="Continue a checkpoint trained with model.loss=mse",
             )
-    if cfg.optim.warmup_steps >= cfg.train.steps:  # a quick run of a config made for a long one
-        log.warning(
-            "pretrain: optim.warmup_steps (%d) >= train.steps (%d): the learning rate reaches %.0f%% of "
-            "optim.lr at most and never decays; lower optim.warmup_steps for a run this short",
-            cfg.optim.warmup_steps,
-            cfg.train.steps,
-            100 * cfg.train.steps / max(cfg.optim.warmup_steps, 1),
-        )
-    if arch.activation_checkpointing and arch.kind in ("mlp", "cnn"):  # init_from's kind: not validated
-        raise ConfigError(
-            f"model.activation_checkpointing recomputes transformer blocks; the model that trains "
-            f"(model.init_from's) is a {arch.kind}, which has none: set model.activation_checkpointing=false"
-        )
-    if precision == "bf16-weights" and arch.kind in PROFILE_KINDS:  # crashed at the first step
-        raise ConfigError(
-            f"train.precision=bf16-weights (DeepSpeed's bf16 weights) is for the token models (transformer, "
-            f"cnn); model.kind {arch.kind} reads float32 expression values into its first layer: use "
-            "train.precision=bf16 (autocast over fp32 weights) or fp32"
-        )
+    _check_settings_for(arch, cfg, precision)
     max_length = arch.max_len if arch.kind in PROFILE_KINDS else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
