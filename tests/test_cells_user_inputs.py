@@ -380,6 +380,31 @@ def test_a_layer_named_without_layers_slash_is_refused_naming_the_one_meant(fitt
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
 
 
+def test_fit_cells_takes_scvi_tools_layer_argument(fitted, tmp_path):
+    """scvi-tools users write setup_anndata(adata, layer="counts"); fit_cells(layer=...) was Python's
+    TypeError. It is matrix='layers/NAME': the same cells give the same model."""
+    import biomask
+
+    adata, _, _ = fitted
+    layered = adata.copy()
+    layered.layers["counts"] = layered.X.copy()
+    layered.X = layered.X * 0.5  # not counts: only the layer can be what trains
+    del layered.obsm["X_biomask"], layered.uns["X_biomask"]  # the fixture's own fit
+    with pytest.raises(InputError, match=r"layer='counts' and matrix='raw' both say where the counts are"):
+        biomask.fit_cells(layered, tmp_path / "both", layer="counts", matrix="raw", overrides=STEPS)
+    with pytest.raises(InputError, match=r"no layer 'spliced'; its matrices: X, layers/counts"):
+        biomask.fit_cells(layered, tmp_path / "missing", layer="spliced", overrides=STEPS)
+    with pytest.raises(InputError, match=r"layer names an AnnData layer \(a string"):
+        biomask.fit_cells(layered, tmp_path / "int", layer=-1, overrides=STEPS)
+    assert not any((tmp_path / name).exists() for name in ("both", "missing", "int"))
+    by_layer = biomask.fit_cells(layered, tmp_path / "layer", layer="counts", overrides=STEPS, copy=True)
+    by_matrix = biomask.fit_cells(
+        layered, tmp_path / "matrix", matrix="layers/counts", overrides=STEPS, copy=True
+    )
+    assert "X_biomask" not in layered.obsm
+    assert np.array_equal(by_layer.obsm["X_biomask"], by_matrix.obsm["X_biomask"])
+
+
 def test_an_anndata_without_x_names_its_layers_and_repeated_entries_are_summed(fitted, tmp_path):
     """AnnData(X=None, layers={"counts": ...}) met scipy's "does not support dtype object"; a CSR storing
     one gene of a cell twice (0.5 + 0.5, which scipy and scanpy add up) was refused as non-integer,

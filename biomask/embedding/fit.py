@@ -195,6 +195,7 @@ def fit_cells(
     output: str | os.PathLike[str],
     *,
     matrix: str = "X",
+    layer: str | None = None,
     counts: dict[str, Any] | None = None,
     gene_column: str | None = None,
     strip_version: bool = False,
@@ -217,7 +218,8 @@ def fit_cells(
     `adata`: an AnnData, or the path of an .h5ad / 10x / loom file (then only pretrained: embed it
     with `biomask.embed`). `matrix`, `counts`, `gene_column`:
     where the expression is and what it holds, as for `biomask.embed` (log-normalised only:
-    `counts={"mode": "log1p"}`); `strip_version`: Ensembl IDs' `.N` suffixes dropped (ENSG….4 →
+    `counts={"mode": "log1p"}`); `layer`: scanpy's and scvi-tools' way to name an AnnData layer
+    (`layer="counts"` is `matrix="layers/counts"`); `strip_version`: Ensembl IDs' `.N` suffixes dropped (ENSG….4 →
     ENSG…), to match a checkpoint of unversioned IDs. `batch_key`: an obs column naming each cell's
     sample or batch; the decoder reads it (scVI's covariate, `model.batch_covariate`) so that the
     embedding need not separate the batches; the encoder does not, so the checkpoint embeds cells of
@@ -244,6 +246,17 @@ def fit_cells(
     destroyed when the call returns, so other torch code in the session (Lightning, scvi-tools) does
     not see a distributed run; a host that needs its own group starts it before calling, and biomask
     uses that one and leaves it."""
+    if layer is not None:  # scvi-tools' setup_anndata(layer=...): one spelling of matrix=
+        if not isinstance(layer, str) or not layer:
+            raise InputError(
+                f"fit_cells: layer names an AnnData layer (a string, e.g. 'counts'), not {layer!r}"
+            )
+        if matrix != "X":
+            raise InputError(
+                f"fit_cells: layer={layer!r} and matrix={matrix!r} both say where the counts are: give one "
+                f"(layer={layer!r} is matrix='layers/{layer}')"
+            )
+        matrix, layer = f"layers/{layer}", None
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
         if isinstance(adata, (str, os.PathLike)):
             raise InputError(
