@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from biomask.config import load_config
@@ -899,6 +900,23 @@ def test_tokens_per_second_leaves_out_held_out_evaluation_and_checkpoints(
     after = [rates[s] for s in (3, 5, 7)]  # after an evaluation (2, 6) and after both (4)
     others = sorted(rates[s] for s in (2, 4, 6, 8))
     assert min(after) > others[1] / 4, rates  # with the pause counted: 0.5-1 s against a step's ms
+
+
+def test_the_logged_learning_rate_is_the_one_its_step_trained_with(genome_store, tmp_path):
+    """Each line logged the scheduler's rate after the step, the next step's: warm-up's first line
+    showed 2/4 of optim.lr where step 1 trained at 1/4, and the last line the floor no step used."""
+    from biomask.training import trainer
+
+    extra = {"train.steps": 6, "train.log_every": 1, "optim.warmup_steps": 4, "optim.min_lr_ratio": 0.1}
+    out = trainer.pretrain(config(genome_store, tmp_path / "run", **extra))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {x["step"]: x["lr"] for x in lines if x["kind"] == "train"}
+    lr = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
+    expected = {
+        step: lr * trainer.warmup_cosine(step - 1, warmup=4, total=6, min_ratio=0.1) for step in range(1, 7)
+    }
+    assert logged == pytest.approx(expected), (logged, expected)
+    assert logged[1] == pytest.approx(lr / 4) and logged[6] > lr * 0.1 + 1e-12
 
 
 def _outcome(function, *args):

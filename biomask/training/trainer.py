@@ -756,6 +756,9 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         window_start = time.perf_counter()
         while step < cfg.train.steps:
             skipped = engine.skipped_steps
+            step_lr = schedule.get_last_lr()[
+                0
+            ]  # the step's own: after it, the scheduler holds the next one's
             step_ratio, computed_norm = train_step(
                 engine, masker, train_data, step, cfg.train.grad_accum, device, sums, record_counts
             )
@@ -780,7 +783,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                     "step_ratios": [round(r, 5) for r in step_ratios],  # each step's, for histograms
                     # ratios drawn per record: the window's records by realised ratio, in bins of 1/40
                     **({"record_ratio_counts": list(record_window)} if per_record else {}),
-                    "lr": schedule.get_last_lr()[0],
+                    "lr": step_lr,  # the window's last step's
                     "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
                     "tokens": totals["tokens"],
                     "epoch": train_data.epoch_of(step - 1),
