@@ -318,6 +318,39 @@ def test_continuing_a_checkpoint_is_checked_as_its_own_kind(profile_checkpoint, 
 
 
 @pytest.mark.network
+def test_settings_a_profile_model_never_reads_are_refused(profile_checkpoint, panel_store, tmp_path, cli):
+    """data.max_length, data.crop, model.decoder_layers and the replacement shares of masked tokens ran
+    on the expression models and changed no weight, the resolved config recording them as used."""
+    mlp = Path(__file__).parents[1] / "configs/pretrain/cells-mlp.yaml"
+    out = tmp_path / "run"
+    for given, said in (
+        ("data.max_length=20", "data.max_length=20 (it reads every gene of its panel)"),
+        ("data.crop=start", "data.crop=start (it reads every gene"),
+        ("model.decoder_layers=3", "model.decoder_layers=3 (the depth of the transformer's MAE decoder"),
+        ("masking.corruption.mask_token=0.5", "expression values are hidden, never replaced"),
+    ):
+        for kind in (
+            ["model.kind=mlp"],
+            ["model.kind=panel_transformer"],
+            [f"model.init_from={profile_checkpoint}"],
+        ):
+            code, _, err = cli(
+                "pretrain", "-c", mlp, f"data.store={panel_store}", *kind, given, "train.steps=2", f"output={out}"
+            )  # fmt: skip
+            assert code == 2 and said in err and "leave it out" in err, (given, kind, err)
+            assert not out.exists()
+    from biomask.training.config import ModelConfig
+
+    with pytest.raises(ValueError, match="model.loss nb is the expression models' likelihood"):
+        ModelConfig(kind="transformer", loss="nb")
+    with pytest.raises(
+        ValueError, match="model.mask_indicator=false is for model.kind mlp, not panel_transformer"
+    ):
+        ModelConfig(kind="panel_transformer", mask_indicator=False)
+    assert ModelConfig(kind="panel_transformer", loss="nb").loss == "nb"
+
+
+@pytest.mark.network
 def test_continuing_a_checkpoint_on_records_of_another_scheme_is_refused(profile_checkpoint, tmp_path, cli):
     """A store prepared with the checkpoint's tokenizer but another scheme (the same genes, other
     values) passed the tokenizer check: the model went on learning from values of another kind."""

@@ -1555,6 +1555,24 @@ def test_a_taken_master_port_is_said_at_once_not_as_a_rendezvous_timeout(genome_
     assert not (tmp_path / "run").exists()
 
 
+def test_corruption_settings_the_run_never_reads_are_refused(genome_store, tmp_path, cli):
+    """A decoder depth without MAE corruption, or mask/random shares with it (MAE drops the masked
+    tokens), ran and changed no weight."""
+    out = tmp_path / "run"
+    for given, said in (
+        (["model.decoder_layers=3"], "model.decoder_layers=3 (the depth of the transformer's MAE decoder"),
+        (["masking.corruption.kind=mae", "masking.corruption.random_token=0.0"], "MAE drops them"),
+    ):
+        code, _, err = cli(
+            "pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}), *given
+        )
+        assert code == 2 and said in err and "(a transformer)" in err, err
+        assert not out.exists()
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}),
+                       "masking.corruption.kind=mae", "model.decoder_layers=2")  # fmt: skip
+    assert code == 0, err
+
+
 def test_activation_checkpointing_is_refused_for_a_continued_cnn(genome_store, tmp_path, cli):
     """The kind that trains is the checkpoint's: a transformer config with activation checkpointing,
     continuing a CNN (which has no blocks to recompute), ran with the switch doing nothing."""

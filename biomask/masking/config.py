@@ -76,7 +76,8 @@ class PositionConfig(Config):
 class CorruptionConfig(Config):
     """What the encoder sees at masked positions."""
 
-    # mlm: the sequence keeps its length; masked tokens are replaced (mask_token / random_token / kept).
+    # mlm: the sequence keeps its length; masked tokens are replaced (mask_token / random_token / kept;
+    # those two shares are refused where nothing is replaced: mae, and the expression models' values).
     # mae: masked tokens are removed from the encoder input; a light decoder reconstructs them.
     kind: Literal["mlm", "mae"] = "mlm"
     mask_token: float = Field(0.8, ge=0.0, le=1.0)

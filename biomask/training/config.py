@@ -15,7 +15,9 @@ class DataConfig(Config):
     store: str  # a token store written by `biomask prep dna` or `biomask prep cells`
     train_split: str = "train"
     eval_split: str = "val"
-    # Longest input, specials included; longer records are cropped. None: the model's max_len.
+    # Token models (transformer, cnn): longest input, specials included; longer records are cropped.
+    # None: the model's max_len. The expression models (mlp, panel_transformer) read every panel gene:
+    # refused for them, as is crop.
     max_length: int | None = Field(None, ge=3)
     # Training crops of longer records: a random window (DNA, rank: a random start; binned / panel
     # cells: a random subset of genes) drawn from (seed, epoch, record), or the first tokens.
@@ -41,11 +43,13 @@ class ModelConfig(Config):
     max_len: int = Field(1026, ge=3)  # learned positions (DNA, rank cells), [CLS] and [SEP] included
     # Cells: how a gene's value enters the model. auto: bins for binned, mlp for panel, none for rank.
     value_embedding: Literal["auto", "none", "bins", "mlp"] = "auto"
-    decoder_layers: int = Field(1, ge=1)  # MAE corruption only: depth of the light decoder
+    # kind transformer with masking.corruption.kind mae only (refused otherwise): depth of the light decoder
+    decoder_layers: int = Field(1, ge=1)
     # recompute each transformer block in the backward pass (less activation memory, one more forward
     # pass of each block); kinds transformer and panel_transformer (mlp and cnn have no blocks to recompute)
     activation_checkpointing: bool = False
-    # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge)
+    # kind mlp: show the model which genes are hidden (false: the ablation without that knowledge;
+    # refused for other kinds)
     mask_indicator: bool = True
     # kind mlp: also give the encoder the share of the panel that is hidden in this cell (the mask
     # ratio it was trained at, one number; at embedding time the share unmeasured). With
@@ -62,7 +66,7 @@ class ModelConfig(Config):
     objective: Literal["mae", "scmae"] = "mae"
     # kind mlp / panel_transformer: mse on the standardised log1p values, or the masked genes' raw
     # counts under a Poisson or negative binomial likelihood with the library size (needs a panel
-    # store prepared from counts: counts.mode require or from_log1p).
+    # store prepared from counts: counts.mode require or from_log1p). Token models: refused.
     loss: Literal["mse", "poisson", "nb"] = "mse"
     # kind panel_transformer: visible genes read per cell in training (a random subset; 0: all).
     max_visible: int = Field(64, ge=0)
@@ -128,6 +132,13 @@ class ModelConfig(Config):
                 f"model.activation_checkpointing recomputes transformer blocks (kinds transformer, "
                 f"panel_transformer); model.kind {self.kind} has none"
             )
+        if self.loss != "mse" and self.kind not in ("mlp", "panel_transformer"):  # ran as the kind's own loss
+            raise ValueError(
+                f"model.loss {self.loss} is the expression models' likelihood (kinds mlp, panel_transformer); "
+                f"model.kind {self.kind} predicts tokens (cross-entropy): leave model.loss out"
+            )
+        if not self.mask_indicator and self.kind != "mlp":  # ran, changing nothing
+            raise ValueError(f"model.mask_indicator=false is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
         if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):

@@ -423,6 +423,34 @@ def _clear_memo(function: Any, depth: int = 3) -> None:
             _clear_memo(cell.cell_contents, depth - 1)
 
 
+def _inert_settings(arch: Any, cfg: PretrainConfig) -> list[str]:
+    """Settings given (not at their defaults) that the model that trains never reads, each with why."""
+    defaults = type(cfg.masking.corruption)()
+    corruption = cfg.masking.corruption
+    inert = []
+    if arch.kind in PROFILE_KINDS:
+        if cfg.data.max_length is not None:
+            inert.append(f"data.max_length={cfg.data.max_length} (it reads every gene of its panel)")
+        if cfg.data.crop != type(cfg.data).model_fields["crop"].default:
+            inert.append(f"data.crop={cfg.data.crop} (it reads every gene of its panel, never a crop)")
+    if cfg.model.decoder_layers != type(cfg.model).model_fields["decoder_layers"].default and not (
+        arch.kind == "transformer" and corruption.kind == "mae"
+    ):
+        inert.append(
+            f"model.decoder_layers={cfg.model.decoder_layers} (the depth of the transformer's MAE decoder: "
+            "masking.corruption.kind=mae)"
+        )
+    if (corruption.mask_token, corruption.random_token) != (defaults.mask_token, defaults.random_token) and (
+        arch.target == "values" or corruption.kind == "mae"
+    ):
+        why = "expression values are hidden, never replaced" if arch.target == "values" else "MAE drops them"
+        inert.append(
+            f"masking.corruption.mask_token / random_token ({corruption.mask_token} / "
+            f"{corruption.random_token}; what replaces masked tokens: {why})"
+        )
+    return inert
+
+
 def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str) -> None:
     """Settings the model that trains cannot use (its kind is known only now: model.init_from's is the
     checkpoint's, which the config's checks never saw), refused before anything is written; a warm-up
@@ -439,6 +467,15 @@ def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str) -> None:
         raise ConfigError(
             f"model.activation_checkpointing recomputes transformer blocks; the model that trains "
             f"(model.init_from's) is a {arch.kind}, which has none: set model.activation_checkpointing=false"
+        )
+    inert = _inert_settings(arch, cfg)
+    if inert:  # each ran and changed nothing (the resolved config recorded it as if it had)
+        raise ConfigError(
+            f"the model that trains (a {arch.kind}"
+            + (", model.init_from's" if cfg.model.init_from else "")
+            + f") does not use {'; '.join(inert)}: leave "
+            + ("it" if len(inert) == 1 else "them")
+            + " out"
         )
     if precision == "bf16-weights" and arch.kind in PROFILE_KINDS:  # crashed at the first step
         raise ConfigError(
