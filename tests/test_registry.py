@@ -329,3 +329,11 @@ def test_unknown_dataset_and_bad_registry(tmp_path, monkeypatch):
     _user_registry(tmp_path, monkeypatch, "  broken:\n    modality: protein\n")
     with pytest.raises(InputError, match=r"my-registry\.yaml.*broken\.modality"):
         datasets.registry()
+    # a reading hint no stage reads (`options: {layer: counts}` was accepted and ignored): unknown
+    hinted = "  hinted:\n    description: d\n    modality: cells\n    kind: expression\n    format: h5ad\n"
+    hinted += f'    source: {{type: local, path: x.h5ad}}\n    sha256: "{"0" * 64}"\n    licence: l\n'
+    _user_registry(tmp_path, monkeypatch, hinted + "    options: {layer: counts}\n")
+    with pytest.raises(InputError, match=r"my-registry\.yaml.*hinted\.options"):
+        datasets.registry()
+    _user_registry(tmp_path, monkeypatch, hinted)
+    assert "hinted" in datasets.registry()

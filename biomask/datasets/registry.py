@@ -50,7 +50,6 @@ class DatasetEntry(Config):
     licence: str
     citation: str = ""
     notes: str = ""
-    options: dict[str, Any] = {}  # format-specific reading hints (e.g. which layer holds the counts)
 
     @field_validator("sha256")
     @classmethod

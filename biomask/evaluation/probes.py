@@ -9,20 +9,11 @@ from sklearn.metrics import matthews_corrcoef
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from biomask.evaluation.baselines import Split, tuned_logistic
-
 
 def standardised(x: np.ndarray, train: np.ndarray, others: list[np.ndarray]) -> list[np.ndarray]:
     """Features scaled with the training records' mean and sd (the probe must not see val/test)."""
     scaler = StandardScaler().fit(x[train])
     return [scaler.transform(x[idx]).astype(np.float32) for idx in (train, *others)]
-
-
-def linear_probe(
-    x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, seed: int
-) -> np.ndarray:
-    x_train, x_val, x_test = standardised(x, train, [val, test])
-    return tuned_logistic(Split(x_train, y[train], x_val, y[val], x_test, y[test]), seed)
 
 
 def mlp_probe(

@@ -1,6 +1,7 @@
 """Masked pretraining with the DeepSpeed engine (`biomask pretrain`).
 
-`collate` (in `biomask.training.data`) is the batch contract shared with evaluation and embedding.
+`pretrain(config)` (in `biomask.training.trainer`) runs one from Python; `collate` (in
+`biomask.training.data`) is the batch contract shared with evaluation and embedding.
 """
 
 from biomask.lazy import lazy_names
@@ -10,6 +11,7 @@ from biomask.lazy import lazy_names
 _WHERE = {
     "DataSpec": "data",
     "collate": "data",
+    "pretrain": "trainer",
 }
 __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_names(__name__, _WHERE)
