@@ -232,6 +232,27 @@ def test_on_a_file_system_without_locks_outputs_are_still_written_and_the_user_t
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.lock")) == ["out"]
 
 
+def test_a_pipeline_run_on_a_file_system_without_locks_runs_and_says_so(dna_pipeline, monkeypatch, caplog):
+    """`pipeline run`, its --dry-run and `pipeline status` ended in a traceback (ENOLCK) where every
+    stage alone warned and went on."""
+    import errno
+    import logging
+
+    from biomask.pipelines import runs
+    from biomask.pipelines.plan import load_plan
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    plan = load_plan(dna_pipeline)
+    with caplog.at_level(logging.WARNING, logger="biomask"), runs.run_lock(plan):
+        assert runs.run_in_progress(plan.run_dir) is None  # nothing to tell a live run by
+        assert (plan.run_dir / runs.LOCK_NAME).read_text().startswith(f"pid {os.getpid()}")
+    assert "cannot lock" in caplog.text and "Keep to one run per run_dir" in caplog.text
+    assert (plan.run_dir / runs.LOCK_NAME).read_text() == ""
+
+
 def test_an_output_folder_that_refuses_files_is_said_before_the_work_and_a_foreign_lock_file_still_locks(
     tmp_path, monkeypatch
 ):

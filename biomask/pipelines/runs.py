@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,8 @@ from biomask.errors import ConfigError, InputError
 from biomask.outputs import atomic_write_text, open_own
 from biomask.pipelines.plan import Plan, load_plan
 from biomask.provenance import read_run_info
+
+log = logging.getLogger(__name__)
 
 _RESOLVED_HEADER = "# Resolved from "
 # The records a run directory holds, each with the keys biomask writes: a file of that name without
@@ -115,9 +118,19 @@ def run_lock(plan: Plan) -> Iterator[None]:
     with os.fdopen(fd, "r+" if writable else "r", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             raise _in_use(plan.run_dir, handle.read().strip() or "another process") from None
+        except OSError as exc:  # a file system without flock (some NFS and SMB mounts, WSL's drvfs)
+            locked = False
+            log.warning(
+                "cannot lock %s (%s): a second `biomask pipeline run` into %s would not be refused while "
+                "this one runs. Keep to one run per run_dir",
+                path,
+                exc.strerror or exc,
+                plan.run_dir,
+            )
         if writable:
             handle.seek(0)
             handle.truncate()
@@ -129,7 +142,8 @@ def run_lock(plan: Plan) -> Iterator[None]:
             if writable:
                 handle.seek(0)
                 handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _in_use(run_dir: Path, holder: str) -> InputError:
@@ -157,6 +171,8 @@ def run_in_progress(run_dir: Path) -> str | None:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return handle.read().strip() or "another process"
+        except OSError:  # no flock on this file system: no run can be told apart (run_lock warns)
+            return None
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
 
