@@ -26,6 +26,24 @@ from biomask.errors import ConfigError
 from biomask.provenance import sha256_json
 from biomask.resources import shipped_config
 
+# the schemas' keys that name files or folders, at any depth (a list or mapping of them too)
+PATH_FIELDS = (
+    "output", "store", "path", "init_from", "checkpoint", "checkpoints", "input", "run_dir", "config",
+    "pretrain", "provenance",
+)  # fmt: skip
+
+
+def expand_home(value: Any) -> Any:
+    """`~` and `~user` at the start of a path (and of each path in a list or mapping) as the shell
+    expands them; anything else as it is."""
+    if isinstance(value, str):
+        return os.path.expanduser(value) if value.startswith("~") else value
+    if isinstance(value, list):
+        return [expand_home(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_home(v) for k, v in value.items()}
+    return value
+
 
 class Config(BaseModel):
     """Base of every stage schema: unknown keys are errors and values are not silently coerced."""
@@ -41,6 +59,13 @@ class Config(BaseModel):
         if isinstance(value, str) and not value.strip():
             raise ValueError("output: a path, not an empty or blank name")
         return value
+
+    @field_validator(*PATH_FIELDS, check_fields=False)
+    @classmethod
+    def _home_expanded(cls, value: Any) -> Any:
+        # `output=~/runs/x` as a shell leaves it (quoted, or after `=`): unexpanded it made a folder
+        # named `~` in the working directory (one `rm -rf ~` from the user's home), or failed half-way
+        return expand_home(value)
 
 
 # A seed numpy and torch both take (numpy refuses a negative one, torch one of 2**64 or more)

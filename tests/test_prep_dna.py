@@ -104,6 +104,45 @@ def test_same_seed_same_store_different_seed_different_split(tmp_path, cli, repo
     assert checks["a"] != checks["c"]
 
 
+def test_a_path_starting_with_the_home_tilde_is_the_home_folder(
+    tmp_path, cli, repo, monkeypatch, dna_pipeline
+):
+    """`output=~/prep` (quoted, or after `=`, where a shell leaves it) failed half-way in prep and
+    evaluate, and made a folder named `~` in the working directory for pretrain, report and pipelines."""
+    from biomask.config import load_config
+    from biomask.evaluation.config import EvaluateConfig
+    from biomask.pipelines.plan import load_plan
+    from biomask.report.config import ReportConfig
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    code, out, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", "output=~/prep")
+    assert code == 0, err
+    assert out.strip() == str(home / "prep") and (home / "prep" / "manifest.json").is_file()
+    assert list(work.iterdir()) == []
+    assert f"output: {home / 'prep'}" in (home / "prep" / "config.yaml").read_text()
+    evaluate = load_config(
+        EvaluateConfig,
+        repo / "configs/evaluate/splice.yaml",
+        ["store=~/prep", "output=~/ev", "checkpoints.a=~/m"],
+    )
+    assert (evaluate.store, evaluate.output, evaluate.checkpoints["a"]) == tuple(
+        str(home / p) for p in ("prep", "ev", "m")
+    )
+    report = ReportConfig.model_validate(
+        {"output": "~/r", "pretrain": {"x": ["~/p"]}, "provenance": ["~/prep", "a~b"]}
+    )
+    assert (report.output, report.pretrain["x"], report.provenance) == (
+        str(home / "r"), [str(home / "p")], [str(home / "prep"), "a~b"]
+    )  # fmt: skip
+    plan = load_plan(dna_pipeline, ["run_dir=~/pd"])
+    assert plan.run_dir == home / "pd" and all(
+        s.directory.parent == home / "pd" for s in plan.stages.values()
+    )
+
+
 def test_rerun_reuses_refuses_or_overwrites(tmp_path, cli, repo):
     out = tmp_path / "out"
     base = ["prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}"]

@@ -257,6 +257,8 @@ def fit_cells(
                 f"(layer={layer!r} is matrix='layers/{layer}')"
             )
         matrix, layer = f"layers/{layer}", None
+    if isinstance(adata, (str, os.PathLike)):
+        adata = Path(adata).expanduser()
     if copy:  # scanpy's convention: the caller's object untouched, the result returned
         if isinstance(adata, (str, os.PathLike)):
             raise InputError(
@@ -291,9 +293,9 @@ def fit_cells(
             f"{', '.join(sorted(set(owner.values())))}); "
             "to pretrain on another store use `biomask pretrain`, to continue a checkpoint pass init_from="
         )
-    out = Path(output)
+    out = Path(output).expanduser()
     out_existed = out.exists()
-    init = Path(init_from) if init_from is not None else None
+    init = Path(init_from).expanduser() if init_from is not None else None
     if init is not None:  # before anything is written: only an intact cells panel checkpoint continues here
         if n_top_genes is not None:  # it would be ignored: the weights are of the checkpoint's panel
             raise InputError(
@@ -770,7 +772,7 @@ def fit_cells_file(
     from biomask.embedding.reuse import check_input_key
     from biomask.embedding.stage import run_embed
 
-    source = Path(path)
+    source = Path(path).expanduser()
     if not source.is_file() or not source.name.lower().endswith(".h5ad"):
         what = "no such file" if not source.exists() else "not an .h5ad file"
         hint = table_hint(source) if source.exists() else None
@@ -783,7 +785,7 @@ def fit_cells_file(
                 f"biomask.read_cells('{source}').write_h5ad('cells.h5ad')\" (or call biomask.fit_cells on it in Python)"
             )
         )
-    out = Path(output)
+    out = Path(output).expanduser()
     column = settings.get("gene_column")
     embed_cfg = validate_config(  # checked before anything is written: a typo costs no training
         EmbedConfig,
