@@ -8,6 +8,7 @@ runs biomask then means the copy shipped with the package.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -35,8 +36,62 @@ def shipped_config(path: str | os.PathLike) -> Path | None:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may use (its affinity mask where the OS has one)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """The CPU cores this process may use: its affinity mask where the OS has one, and no more than its
+    cgroup's CPU quota allows (a container run with `--cpus 2`, a Kubernetes limit, a systemd slice
+    sees every core of the host in its affinity mask: `auto` started a task per host core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(
+    root: str | os.PathLike = "/sys/fs/cgroup", own: str | os.PathLike = "/proc/self/cgroup"
+) -> float | None:
+    """The CPUs' worth of time this process's cgroup (or a parent's, the least of them) may use per
+    period (cgroup v2's cpu.max, v1's cpu.cfs_quota_us / cpu.cfs_period_us); None: no quota, or none
+    readable here."""
+    try:
+        lines = Path(own).read_text().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        _, controllers, where = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":  # v2: one hierarchy, cpu.max in each cgroup
+            folders, read = [Path(root), Path(root) / "unified"], _cpu_max  # unified: a hybrid v1 + v2 host
+        elif "cpu" in controllers.split(","):
+            folders = [Path(root) / controllers, Path(root) / "cpu", Path(root) / "cpu,cpuacct"]
+            read = _cfs_quota
+        else:
+            continue
+        for folder in dict.fromkeys(folders):
+            # the cgroup's own folder and its parents; in a container without a cgroup namespace the
+            # recorded path is the host's and only the mount's root is this container's
+            parts = Path(where.strip() or "/").parts[1:]
+            for depth in range(len(parts), -1, -1):
+                quota = read(folder.joinpath(*parts[:depth]))
+                if quota is not None:
+                    found.append(quota)
+    return min(found) if found else None
+
+
+def _cpu_max(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def resolve_threads(setting: int | str = "auto") -> int:

@@ -79,3 +79,37 @@ def test_torch_keeps_the_omp_threads_asked_for_after_scanpy_starts_numba():
     assert start == 1 and honoured == 1
     if usable_cores() > 1:  # the override this guards against (numba's pool: every core)
         assert after_scanpy > 1
+
+
+def test_auto_counts_no_more_cores_than_the_cgroups_cpu_quota(tmp_path, monkeypatch):
+    """A container run with `--cpus 2` on a 64-core host (docker, Kubernetes, a systemd slice) sees
+    all 64 in its affinity mask: `local.jobs: auto` started 64 training tasks at once on 2 CPUs."""
+    from biomask import resources
+
+    def tree(files: dict[str, str], own: str) -> tuple:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        (tmp_path / "self-cgroup").write_text(own)
+        return tmp_path, tmp_path / "self-cgroup"
+
+    # cgroup v2: the process's own cgroup and its parents, the least quota of them
+    v2 = {"cpu.max": "max 100000\n", "kube/cpu.max": "250000 100000\n", "kube/pod/cpu.max": "max 100000\n"}
+    assert resources.cgroup_cpu_quota(*tree(v2, "0::/kube/pod\n")) == 2.5
+    # cgroup v1 in a container without a cgroup namespace: the host's path, only the mount root here
+    (tmp_path / "cpu.max").unlink()
+    v1 = {"cpu,cpuacct/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    own = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    root, own_file = tree(v1, own)
+    assert resources.cgroup_cpu_quota(root, own_file) == 1.5
+    (root / "cpu,cpuacct/cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
+    assert resources.cgroup_cpu_quota(root, own_file) is None
+    assert resources.cgroup_cpu_quota(root, tmp_path / "no-such-file") is None
+
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(resources, "cgroup_cpu_quota", lambda: 2.5)
+    assert resources.usable_cores() == 3
+    monkeypatch.setattr(resources, "cgroup_cpu_quota", lambda: None)
+    assert resources.usable_cores() == 64
+    monkeypatch.setattr(resources, "cgroup_cpu_quota", lambda: 0.5)
+    assert resources.usable_cores() == 1
