@@ -1180,17 +1180,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from biomask.cells.kernels import use_writable_cache
 
     use_writable_cache()  # before scanpy or umap imports numba: a read-only home failed them
-    stop = _SigtermStop()
-    with stop:
+    stop, interrupt = _SigtermStop(), _SigintStop()
+    with stop, interrupt:
         code = _run(args)
-    if stop.raised and code == 0:
-        # the stop was raised where the command stood and something it called (C code checking for
-        # signals) dropped it: the command ran on to the end. Its output is whole; the stop is said
-        log.warning(
-            "SIGTERM reached this command, which did not stop (a library it called let the stop pass) and "
-            "finished instead: its output is complete; exiting 143, as for the stop"
-        )
-        return Terminated.exit_code
+    for caught, name, exit_code in ((stop, "SIGTERM", Terminated.exit_code), (interrupt, "Ctrl-C", 130)):
+        if caught.raised and code == 0:
+            # the stop was raised where the command stood and something it called (C code checking for
+            # signals: numba's compiler, a ctypes callback) dropped it: the command ran on to the end.
+            # Its output is whole; the stop is said
+            log.warning(
+                "%s reached this command, which did not stop (a library it called let the stop pass) and "
+                "finished instead: its output is complete; exiting %d, as for the stop",
+                name,
+                exit_code,
+            )
+            return exit_code
     return code
 
 
@@ -1207,6 +1211,9 @@ class _SigtermStop:
     # deaf to every SIGTERM, where the handler had set SIG_IGN)
     REPEAT_GRACE_S = 10.0
 
+    SIGNAL = signal.SIGTERM
+    DEFAULT: typing.Any = signal.SIG_DFL  # the handler this one stands in for (another's is left)
+
     def __init__(self) -> None:
         self.raised = False
         self.first: float | None = None
@@ -1217,19 +1224,35 @@ class _SigtermStop:
             return
         self.first = now
         self.raised = True
+        self.stop()
+
+    def stop(self) -> None:
         raise Terminated
 
     def __enter__(self) -> None:
         self.installed = (
             threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            and signal.getsignal(self.SIGNAL) is self.DEFAULT
         )
         if self.installed:
-            signal.signal(signal.SIGTERM, self)
+            signal.signal(self.SIGNAL, self)
 
     def __exit__(self, *exc: object) -> None:
-        if self.installed and (self.raised or signal.getsignal(signal.SIGTERM) is self):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.installed and (self.raised or signal.getsignal(self.SIGNAL) is self):
+            signal.signal(self.SIGNAL, self.DEFAULT)
+
+
+class _SigintStop(_SigtermStop):
+    """Ctrl-C as Python's own handler raises it (KeyboardInterrupt), and recorded: raised inside a
+    ctypes callback (numba compiling a kernel) Python prints it and drops it, and `evaluate` ran every
+    seed and exited 0. Every press raises (no grace): a second Ctrl-C is how a user insists."""
+
+    SIGNAL = signal.SIGINT
+    DEFAULT = signal.default_int_handler
+    REPEAT_GRACE_S = 0.0
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt
 
 
 # what each command's memory grows with, as a setting it takes (measured under a 512 MB cap: prep

@@ -1192,6 +1192,7 @@ def _prep_in_a_child(tmp_path, chrx_bases, capfd, before_finish) -> tuple[int, s
             from biomask import cli, store
 
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a new process starts, whatever ran before
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             finish = store.TokenStoreWriter.finish
 
             def finish_after(self, **manifest):
@@ -1244,6 +1245,27 @@ def test_a_sigterm_something_swallowed_is_not_lost(tmp_path, chrx_bases, capfd, 
     else:  # ran on to the end: a whole output, and the stop said
         assert "SIGTERM reached this command, which did not stop" in err and "its output is complete" in err
         assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
+
+
+def test_a_ctrl_c_something_swallowed_is_not_lost(tmp_path, chrx_bases, capfd):
+    """An audit's find: Ctrl-C landing while numba compiled a kernel (a KeyboardInterrupt raised inside
+    a ctypes callback, which Python prints and drops) let `evaluate` run every seed and exit 0. Such a
+    run says so and exits 130, its output complete; a Ctrl-C that is not dropped stops it as before."""
+
+    def swallowed(cli):
+        with contextlib.suppress(KeyboardInterrupt):  # what the ctypes callback does with it
+            os.kill(os.getpid(), signal.SIGINT)
+
+    code, err, out = _prep_in_a_child(tmp_path, chrx_bases, capfd, swallowed)
+    assert code == 130, err
+    assert "Ctrl-C reached this command, which did not stop" in err and "exiting 130" in err
+    assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
+    shutil.rmtree(tmp_path / "stores")
+    code, err, out = _prep_in_a_child(
+        tmp_path, chrx_bases, capfd, lambda cli: os.kill(os.getpid(), signal.SIGINT)
+    )
+    assert code == 130 and "biomask: interrupted" in err and "did not stop" not in err, err
+    assert not out.exists() and leftovers(out.parent) == []
 
 
 def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
