@@ -7,6 +7,7 @@ import json
 import socket
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import yaml
@@ -781,6 +782,38 @@ def test_a_damaged_run_folder_is_a_clear_error_naming_the_file(dna_checkpoint, t
         (tmp_path / "pipe" / "local-run.json").write_text(text)
         code, _, err = cli("pipeline", "status", tmp_path / "pipe")
         assert code == 2 and "local-run.json is corrupt" in err, err
+
+
+def test_each_input_the_report_config_names_is_checked_by_its_key_first(dna_checkpoint, tmp_path, cli):
+    """A missing embedding.path or evaluation was blamed on the output ("writing the output ...
+    failed"), a truncated .h5ad was a traceback, a file given as a pretrain run read as missing, and a
+    provenance entry with no run record was dropped in silence (exit 0)."""
+    import shutil
+
+    run = shutil.copytree(dna_checkpoint.parent, tmp_path / "run")
+    config = tmp_path / "report.yaml"
+    config.write_text(f"output: {tmp_path / 'out'}\npretrain: {{dna: [{run}]}}\n")
+    truncated = tmp_path / "cut.h5ad"
+    ad.AnnData(np.ones((3, 2), dtype=np.float32), obsm={"X_biomask": np.ones((3, 2))}).write_h5ad(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:600])
+    for given, said in (
+        ("embedding={path: nope.h5ad, color: c}", "embedding.path nope.h5ad does not exist"),
+        (f"embedding={{path: {tmp_path}, color: c}}", f"embedding.path {tmp_path} is a folder"),
+        (f"embedding={{path: {truncated}, color: c}}", f"embedding.path {truncated} is not a readable .h5ad"),
+        ("evaluations={task: {path: nope}}", "evaluations.task.path nope does not exist"),
+        (f"evaluations={{task: {{path: {config}}}}}", f"evaluations.task.path {config} is a file"),
+        (f"pretrain={{dna: [{config}]}}", f"pretrain.dna {config} is a file"),
+        ("provenance=[nope]", "provenance nope does not exist"),
+        (f"provenance=[{tmp_path}]", f"provenance {tmp_path} holds no run.json"),
+    ):
+        code, _, err = cli("report", "-c", config, given)
+        assert code == 2 and said in err and "writing the output" not in err and "Traceback" not in err, (
+            given,
+            err,
+        )
+        assert not (tmp_path / "out").exists()
+    code, _, err = cli("report", "-c", config, f"provenance=[{run}]")
+    assert code == 0, err
 
 
 def test_the_strongest_baseline_is_the_best_on_the_metric_in_question():

@@ -284,9 +284,15 @@ def umap(h5ad: str, color: str, title: str | None, path: Path) -> Path:
     import anndata
 
     from biomask.embedding.plots import umap_png
-    from biomask.errors import InputError
+    from biomask.errors import InputError, first_line
 
-    adata = anndata.read_h5ad(h5ad, backed="r")
+    try:
+        adata = anndata.read_h5ad(h5ad, backed="r")
+    except OSError as exc:  # h5py's "truncated file" / "file signature not found" carry no errno
+        raise InputError(
+            f"embedding.path {h5ad} is not a readable .h5ad ({first_line(exc)}): give the file `biomask embed` "
+            "wrote, whole"
+        ) from None
     if "X_biomask" not in adata.obsm:
         raise InputError(f"{h5ad} has no obsm['X_biomask']; run `biomask embed` on it first")
     if color not in adata.obs:

@@ -54,7 +54,7 @@ from biomask.report.collect import (
     stage_record,
 )
 from biomask.report.config import ReportConfig
-from biomask.report.reuse import SUMMARY_JSON, refuse_older_report, stage_output
+from biomask.report.reuse import SUMMARY_JSON, check_inputs, refuse_older_report, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -1337,6 +1337,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
 
 def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
     """Write `report.md` and `figures/` into the output directory; return the report's path."""
+    check_inputs(cfg)
     stage = stage_output(cfg)
     if not overwrite:
         refuse_older_report(cfg)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import BiomaskError, StaleOutputError
+from biomask.errors import BiomaskError, InputError, StaleOutputError, missing_input
 from biomask.provenance import read_run_info, sha256_file
 from biomask.report.config import ReportConfig
 from biomask.stage import StageOutput, has_run_record
@@ -45,6 +45,34 @@ def stage_inputs(cfg: ReportConfig) -> list[dict[str, Any]]:
             }
         )
     return inputs
+
+
+def check_inputs(cfg: ReportConfig) -> None:
+    """Each input the config names exists and is what its key says, named by that key, before anything
+    is read: a missing one was blamed on the output ("writing the output ... failed"), a file given for
+    a folder read as missing, and a provenance entry with no run record dropped without a word."""
+    named = [(f"pretrain.{label}", p, "dir") for label, ps in cfg.pretrain.items() for p in ps]
+    named += [
+        (f"evaluations.{name}.path", e.path, "dir") for name, e in cfg.evaluations.items() if e is not None
+    ]
+    named += [("provenance", p, "run") for p in cfg.provenance]
+    if cfg.embedding is not None:
+        named.append(("embedding.path", cfg.embedding.path, "file"))
+    for key, given, kind in named:
+        path = Path(given)
+        if not path.exists():
+            raise missing_input(given, key)
+        if kind == "file" and not path.is_file():
+            raise InputError(f"{key} {given} is a folder: give the .h5ad file `biomask embed` wrote")
+        if kind != "file" and not path.is_dir():
+            raise InputError(
+                f"{key} {given} is a file: give a biomask output folder (a run's, or a sweep's that holds runs)"
+            )
+        if kind == "run" and not has_run_record(path):
+            raise InputError(
+                f"{key} {given} holds no run.json: give an output folder a biomask stage wrote (a token store, "
+                "a pretrain run, an evaluation) whose config and checksums the report should list"
+            )
 
 
 def stage_output(cfg: ReportConfig) -> StageOutput:
