@@ -1028,6 +1028,10 @@ def test_empty_matrix_and_zero_count_cells(tmp_path, cli, repo, pbmc3k):
     empty = pbmc3k[:0].copy()
     empty.write_h5ad(path)
     assert "empty.h5ad [X]: the matrix is empty (0 cells x 32738 genes)" in _fails(cli, repo, tmp_path, path)
+    empty.obs["cell_type"] = np.array([], dtype=object)  # with a label column: still the empty matrix
+    empty.write_h5ad(path)
+    err = _fails(cli, repo, tmp_path, path, "labels.column=cell_type")
+    assert "the matrix is empty (0 cells" in err and "no cell has a 'cell_type' label" not in err, err
 
     def zero_cells(adata):
         X = adata.X.tolil()

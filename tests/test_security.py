@@ -184,6 +184,13 @@ def test_every_tokenizer_file_is_checked_against_its_recorded_hash(finished, tmp
     )
     assert code == 2 and str(model / "tokenizer" / other) in err and "sha256" in err, err
     assert not (tmp_path / "e.h5ad").exists()
+    (model / "tokenizer" / other).unlink()  # deleted, not changed: said so
+    code, _, err = cli(
+        "embed", "--checkpoint", model, "--input", tmp_path / "one.fa", "--output", tmp_path / "e.h5ad"
+    )
+    assert code == 2 and f"{model / 'tokenizer' / other} is missing" in err and "does not match" not in err, (
+        err
+    )
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, genome_store, tmp_path, cli):

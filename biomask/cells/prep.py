@@ -185,12 +185,14 @@ def _check_columns(cfg: CellsPrepConfig, inp: CellInput) -> None:
             )
     if cfg.labels.column is not None:
         labels, missing = label_strings(obs[cfg.labels.column])
-        if missing.all() and cfg.labels.missing == "error":
+        if (
+            missing.size and missing.all() and cfg.labels.missing == "error"
+        ):  # none at all: the empty matrix's message
             raise InputError(
                 f"{inp.source.where}: no cell has a {cfg.labels.column!r} label (every value is empty or "
                 f"NaN); is it the right column (labels.column)? obs columns: {', '.join(map(str, obs.columns))}"
             )
-        if missing.all():
+        if missing.size and missing.all():
             log.warning(
                 "%s: no cell has a %r label; all %s are left out (labels.missing: drop)",
                 inp.source.where, cfg.labels.column, f"{missing.size:,}",

@@ -100,6 +100,11 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
             )
         if sha and path.is_symlink():
             raise InputError(f"{path} is a symbolic link, not the tokenizer file this model was saved with")
+        if sha and not path.exists():
+            raise InputError(
+                f"{path} is missing: the checkpoint's tokenizer/ lists it (config.json); restore the "
+                "checkpoint's own tokenizer/ (copy the whole model/ folder)"
+            )
         if sha and (not path.is_file() or sha256_file(path) != sha):
             raise InputError(
                 f"{path} does not match the tokenizer this model was trained with "
