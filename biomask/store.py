@@ -521,6 +521,21 @@ class TokenSplit:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _check_recorded(manifest_path: Path, text: bytes) -> None:
+    """The manifest as the prep stage wrote it (its sha256 in the store's run.json): it names the labels,
+    splits and files, and an edit that swapped two label names mislabelled every per-class result while
+    each shard still matched it. A store without that record (written before, or by a library call) is
+    not checked."""
+    from biomask.provenance import read_run_info
+
+    recorded = ((read_run_info(manifest_path.parent) or {}).get("output_sha256") or {}).get("manifest.json")
+    if isinstance(recorded, str) and hashlib.sha256(text).hexdigest() != recorded:
+        raise IntegrityError(
+            f"{manifest_path} changed since the prep stage wrote it (its sha256 is recorded in run.json); "
+            "re-run the prep stage with --overwrite"
+        )
+
+
 class TokenStore:
     """A prepared dataset: manifest, tokenizer and splits. Opening checks the format and file sizes;
     `verify()` checks every shard's sha256 against the manifest."""
@@ -537,7 +552,8 @@ class TokenStore:
         if not self.root.is_dir():
             raise InputError(f"token store {self.root} does not exist; run a prep stage to create it")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+            text = manifest_path.read_bytes()
+            self.manifest: dict[str, Any] = json.loads(text.decode("utf-8"))
         except FileNotFoundError:
             raise InputError(
                 f"{self.root} is not a token store: it has no manifest.json (a prep stage's output folder has "
@@ -547,6 +563,7 @@ class TokenStore:
             raise IntegrityError(
                 f"{manifest_path} is corrupt ({exc}); re-run the prep stage with --overwrite"
             ) from None
+        _check_recorded(manifest_path, text)
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != STORE_FORMAT:
             raise InputError(f"{manifest_path} is not a biomask token store manifest")
         if self.manifest.get("version", 0) > STORE_VERSION:

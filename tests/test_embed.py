@@ -22,6 +22,7 @@ from biomask.cells.config import CountsConfig
 from biomask.cells.encode import CellEncoder, checkpoint_prep
 from biomask.cells.readers import open_matrix
 from biomask.dna.tokenizers import load_tokenizer
+from biomask.embedding.anndata_io import embedding_digest
 from biomask.embedding.inference import embed_records
 from biomask.models import load_pretrained, read_checkpoint_config
 from biomask.store import TokenStore
@@ -97,6 +98,44 @@ def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
     code, _, err = cli("embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, "--output", embedded,
                        "--umap-color", "bulk_labels", *COUNTS)  # fmt: skip
     assert code == 0 and "up to date" in err
+
+
+def test_an_output_whose_vectors_were_edited_is_not_reused(
+    pbmc_h5ad, cells_checkpoint, splice_store, dna_checkpoint, tmp_path, cli, monkeypatch
+):
+    """An .h5ad output has no run record, and a large folder output's file lies past its record's
+    digest budget: an edited obsm was reused as this config's result, and the report drew its UMAP.
+    The vectors' sha256 is in uns[key] and checked on reuse and by the report."""
+    from biomask import outputs
+
+    def edit(h5ad: Path) -> None:
+        with h5py.File(h5ad, "r+") as handle:
+            handle["obsm/X_biomask"][0, 0] += 1.0
+
+    cells = ["embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, *COUNTS]
+    dna = ["embed", "--checkpoint", dna_checkpoint, "--input", splice_store]
+    for args, out in ((cells, tmp_path / "cells.h5ad"), (dna, tmp_path / "dna.h5ad")):
+        assert cli(*args, "--output", out)[0] == 0
+        recorded = read(out).uns["X_biomask"]["embedding_sha256"]
+        assert recorded == embedding_digest(read(out).obsm["X_biomask"])
+        edit(out)
+        code, _, err = cli(*args, "--output", out)
+        assert code == 2 and "obsm['X_biomask'] changed since biomask embed wrote it" in err, err
+        code, _, err = cli(*args, "--output", out, "--overwrite")
+        assert code == 0 and read(out).uns["X_biomask"]["embedding_sha256"] == recorded, err
+    monkeypatch.setattr(outputs, "DIGEST_BUDGET_BYTES", 0)  # the folder's h5ad as a large one's
+    folder = tmp_path / "folder"
+    assert cli(*cells, "--output", folder)[0] == 0
+    edit(folder / "embeddings.h5ad")
+    code, _, err = cli(*cells, "--output", folder)
+    assert code == 2 and "changed since biomask embed wrote it" in err, err
+    report = tmp_path / "report.yaml"
+    report.write_text(
+        f"output: {tmp_path / 'report'}\npretrain: {{cells: [{cells_checkpoint.parent}]}}\n"
+        f"embedding: {{path: {folder / 'embeddings.h5ad'}, color: bulk_labels}}\n"
+    )
+    code, _, err = cli("report", "-c", report)
+    assert code == 2 and "obsm['X_biomask'] changed since biomask embed wrote it" in err, err
 
 
 def test_scanpy_neighbors_umap_and_leiden_run_on_the_embedding(embedded):

@@ -730,6 +730,15 @@ def test_a_weights_file_leaving_out_the_tensors_of_a_huge_config_is_refused_befo
     assert built_on == ["meta"]
 
 
+def resealed(store: Path, manifest: str) -> None:
+    """A store manifest edited and its digest in the store's run.json recomputed: what an edit that
+    also rewrites the record looks like (an edit alone is refused as changed, before these checks)."""
+    (store / "manifest.json").write_text(manifest)
+    info = json.loads((store / "run.json").read_text())
+    info["output_sha256"]["manifest.json"] = sha256_file(store / "manifest.json")
+    (store / "run.json").write_text(json.dumps(info))
+
+
 def test_a_store_manifest_naming_a_folder_outside_the_store_is_refused(splice_store, tmp_path, cli):
     """A manifest is data: a tokenizer dir or shard name that is a path elsewhere would make a reader
     (and pretrain, which copies the tokenizer into its checkpoint) read outside the store."""
@@ -742,9 +751,17 @@ def test_a_store_manifest_naming_a_folder_outside_the_store_is_refused(splice_st
         store = shutil.copytree(splice_store, tmp_path / key)
         manifest = json.loads((store / "manifest.json").read_text())
         edit(manifest)
-        (store / "manifest.json").write_text(json.dumps(manifest))
+        resealed(store, json.dumps(manifest))
         code, _, err = cli("store", "verify", store)
         assert code == 2 and "not a plain name inside the store" in err, (key, err)
+    # an edit the record does not vouch for: swapped label names mislabelled every per-class result
+    store = shutil.copytree(splice_store, tmp_path / "labels")
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["label_names"] = manifest["label_names"][::-1]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["store", "verify", store], ["store", "info", store]):
+        code, _, err = cli(*args)
+        assert code == 2 and f"{store / 'manifest.json'} changed since the prep stage wrote it" in err, err
 
 
 def test_a_resealed_store_whose_records_do_not_fit_is_refused_naming_the_shard(splice_store, tmp_path, cli):
@@ -762,7 +779,7 @@ def test_a_resealed_store_whose_records_do_not_fit_is_refused_naming_the_shard(s
         change(values)
         np.save(path, values)
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
-        (store / "manifest.json").write_text(json.dumps(manifest))
+        resealed(store, json.dumps(manifest))
         code, _, err = cli("store", "verify", store)
         return code, err, path
 
@@ -785,7 +802,7 @@ def test_a_resealed_store_whose_records_do_not_fit_is_refused_naming_the_shard(s
         path = store / "train" / entry["name"]
         np.save(path, change(np.load(path)))
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
-        (store / "manifest.json").write_text(json.dumps(manifest))
+        resealed(store, json.dumps(manifest))
         return cli("store", "verify", store)[2], path
 
     err, path = rewritten("short", "labels", lambda v: v[:-1])  # an IndexError at the last record

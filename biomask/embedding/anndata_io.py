@@ -16,6 +16,7 @@ anndata, given the new entries and written again in the current layout (a warnin
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -88,6 +89,33 @@ def provenance(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+DIGEST_KEY = "embedding_sha256"  # in uns[key]: the vectors as biomask embed wrote them
+
+
+def embedding_digest(vectors: Any, rows: int = 65_536) -> str:
+    """sha256 of an embedding (its shape, then its float32 rows), of an array or an HDF5 dataset read
+    in blocks of `rows`: a million cells' vectors are hashed without holding them twice."""
+    digest = hashlib.sha256(repr(tuple(vectors.shape)).encode())
+    for start in range(0, vectors.shape[0], rows):
+        digest.update(np.ascontiguousarray(vectors[start : start + rows], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def changed_embedding(h5ad: str | os.PathLike, key: str) -> bool:
+    """Whether the .h5ad's obsm[key] differs from the vectors biomask embed recorded the digest of
+    (False where none was recorded: written before 2026-12-07, or by another tool)."""
+    with h5py.File(h5ad, "r") as handle:
+        node = handle.get(f"uns/{key}/{DIGEST_KEY}")
+        recorded = node[()] if isinstance(node, h5py.Dataset) else None
+        vectors = handle.get(f"obsm/{key}")
+        if recorded is None:
+            return False
+        if not isinstance(vectors, h5py.Dataset):
+            return True
+        recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+        return embedding_digest(vectors) != recorded
 
 
 def check_key(key: str, obsm_keys: Any, uns: Any, where: str) -> None:
@@ -188,6 +216,7 @@ class EmbeddingWriter:
         if self.handle is not None:
             from anndata.io import write_elem
 
+            uns = {**uns, DIGEST_KEY: embedding_digest(self.handle["obsm"][self.key])}
             group = self._group(self.handle, "uns")
             if self.key in group:
                 del group[self.key]  # embedding again under the same key replaces its record
@@ -201,7 +230,7 @@ class EmbeddingWriter:
             warnings.simplefilter("ignore")  # anndata's notes about converting the legacy layout
             adata = anndata.read_h5ad(self.source)
         adata.obsm[self.key] = self.buffer
-        adata.uns[self.key] = h5_safe(uns)
+        adata.uns[self.key] = h5_safe({**uns, DIGEST_KEY: embedding_digest(self.buffer)})
         adata.write_h5ad(self.target)
 
     def __exit__(self, *exc: object) -> None:

@@ -239,7 +239,9 @@ def current(cfg: EmbedConfig) -> Path | None:
     if not directory or not has_run_record(output):
         return None
     try:
+        from biomask.embedding.anndata_io import changed_embedding  # h5py and numpy only
+
         _, _, _, h5ad, _, stage = checked(cfg)
-        return h5ad if stage.is_current() else None
+        return h5ad if stage.is_current() and not changed_embedding(h5ad, cfg.key) else None
     except (BiomaskError, OSError):
         return None

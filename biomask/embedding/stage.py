@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from biomask.embedding.anndata_io import provenance
+from biomask.embedding.anndata_io import DIGEST_KEY, changed_embedding, embedding_digest, provenance
 from biomask.embedding.config import EMBED_POOLINGS, EmbedConfig
 from biomask.embedding.inference import check_layer, check_pooling, pick_device, vector_width
 from biomask.embedding.reuse import CELL_FORMATS, OUTPUT_NAME, checked
@@ -257,7 +257,7 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
         found.get(key) in stage.fingerprints(with_config=False)
         and _recorded(path, key, "checkpoint_config_sha256") == stage.inputs[0].get(CONFIG_SHA256)
     )
-    if same and not overwrite:
+    if same and not overwrite and _vectors_unchanged(path, key, overwrite):
         log.info("embed: %s is up to date (same config, checkpoint and input); reusing it", path)
         return True
     if not found:
@@ -271,6 +271,18 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
     raise StaleOutputError(
         f"output {path} exists and holds other results{_what_differs(written, stage)}; pass --overwrite to "
         "replace it, or choose another output"
+    )
+
+
+def _vectors_unchanged(h5ad: Path, key: str, overwrite: bool) -> bool:
+    """An output's vectors are those biomask embed wrote (their digest in uns[key]): a large output's
+    file is past the run record's digest budget, and an .h5ad output has no run record, so an edited
+    obsm was reused as this config's result. Refused (exit 2) unless --overwrite, which recomputes."""
+    if overwrite or not changed_embedding(h5ad, key):
+        return True
+    raise StaleOutputError(
+        f"{h5ad}: obsm[{key!r}] changed since biomask embed wrote it (its sha256 is recorded in "
+        f"uns[{key!r}][{DIGEST_KEY!r}]); pass --overwrite to compute the embedding again"
     )
 
 
@@ -355,7 +367,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
 
     path, kind, modality, h5ad, directory, stage = checked(cfg)
     if directory:
-        if stage.is_current(overwrite=overwrite):
+        if stage.is_current(overwrite=overwrite) and _vectors_unchanged(h5ad, cfg.key, overwrite):
             return h5ad
     elif h5ad != path and _file_is_current(h5ad, stage, overwrite, cfg.key):
         return h5ad
@@ -391,6 +403,7 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
         if job is not None:
             job.write(target, png, stage.fingerprint)
         else:
+            adata.uns[cfg.key][DIGEST_KEY] = embedding_digest(adata.obsm[cfg.key])
             adata.write_h5ad(target)
             if png is not None:
                 _umap(target, cfg, png, adata.obs[cfg.umap.color], model)
