@@ -42,6 +42,23 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
     moved = pd.read_csv(spread)
     assert moved.loc[moved["label"] == "start", "sequence"].str[60:63].isin(START_CODONS).mean() < 0.5
 
+    # how each CSV was made, beside it (a store prepared from it records only its path and sha256)
+    from biomask import datasets
+    from biomask.provenance import sha256_file
+
+    record = json.loads((tmp_path / "centre.csv.biomask.json").read_text())
+    assert record["csv_sha256"] == sha256_file(centre) and record["task"] == "gene-starts"
+    assert (record["genome"], record["genome_sha256"]) == (
+        "ecoli-k12",
+        sha256_file(datasets.fetch("ecoli-k12")),
+    )
+    assert (record["length"], record["placement"], record["max_per_class"], record["seed"]) == (
+        120,
+        "centre",
+        400,
+        0,
+    )
+    assert record["rows"] == 800 and record["code"]["biomask"]
     # the table is a labelled DNA set for prep dna
     code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'store'}",
                        f"inputs=[{{path: {centre}, format: table}}]", "tokenizer.kind=char")  # fmt: skip
@@ -61,6 +78,14 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
     args = ("datasets", "task", "gene-starts", "--genome", "ecoli-k12", "--overwrite", "--output", mine)
     code, _, err = cli(*args)
     assert code == 2 and "not a task CSV" in err and mine.read_text() == "id,notes\n1,precious\n"
+    # nor a file of the user's where the record would go
+    theirs = tmp_path / "new.csv.biomask.json"
+    theirs.write_text("{}")
+    code, _, err = cli(
+        "datasets", "task", "gene-starts", "--genome", "ecoli-k12", "--output", tmp_path / "new.csv"
+    )
+    assert code == 2 and "is not the record of a task CSV" in err and theirs.read_text() == "{}"
+    assert not (tmp_path / "new.csv").exists()
 
 
 @pytest.mark.network

@@ -37,7 +37,9 @@ gene-starts' option only.
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io
+import json
 import logging
 import os
 from collections import Counter
@@ -48,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from biomask.errors import InputError, OutputExistsError
+from biomask.provenance import code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +319,19 @@ def _is_task_csv(path: Path) -> bool:
         return False
 
 
+def record_path(csv_path: Path) -> Path:
+    """Where `biomask datasets task` records how a CSV was made: beside it, `NAME.biomask.json`."""
+    return csv_path.with_name(csv_path.name + ".biomask.json")
+
+
+def _is_task_record(path: Path) -> bool:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get("made_by") == "biomask datasets task"
+
+
 def write_task(
     task: str,
     genome: str,
@@ -335,6 +351,7 @@ def write_task(
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     output = Path(output).expanduser()
+    record = record_path(output)
     if output.exists():
         if not _is_task_csv(output):  # --overwrite replaces only a task CSV this command wrote
             raise OutputExistsError(
@@ -343,6 +360,11 @@ def write_task(
             )
         if not overwrite:
             raise OutputExistsError(f"output {output} exists; pass --overwrite to replace it")
+    if record.exists() and not _is_task_record(record):
+        raise OutputExistsError(
+            f"{record} exists and is not the record of a task CSV of biomask's; the CSV's record would "
+            "replace it. Move it away or choose another output"
+        )
     if genome in datasets.registry():
         path = datasets.fetch(genome)
     elif Path(genome).expanduser().is_file():
@@ -360,6 +382,28 @@ def write_task(
     writer.writerows(rows)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, text.getvalue())
+    # how the CSV was made, beside it: a store prepared from it records only the CSV's path and sha256
+    atomic_write_text(
+        record,
+        json.dumps(
+            {
+                "made_by": "biomask datasets task",
+                "csv_sha256": sha256_file(output),
+                "task": task,
+                "genome": genome,
+                "genome_sha256": sha256_file(path),
+                "length": length,
+                "placement": placement,
+                "max_per_class": max_per_class,
+                "seed": seed,
+                "rows": len(rows),
+                "code": code_version(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     counts = Counter(r["label"] for r in rows)
     log.info(
         "%s of %s: %s windows of %d bases (%s) written to %s",
