@@ -246,6 +246,14 @@ def test_hf_export_of_a_dna_model_loads_with_auto_classes_and_embeds_identically
     assert not (tmp_path / "first").exists()
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert config.model_type == "biomask" and config.hidden_size == 32
+    import torch
+
+    import biomask
+    from biomask.provenance import code_version
+
+    exporter = json.loads((tmp_path / "moved" / "config.json").read_text())["biomask"]["exported_by"]
+    assert exporter["biomask"] == biomask.__version__ and exporter["torch"] == torch.__version__
+    assert exporter["source_sha256"] == code_version()["source_sha256"]  # which remote code this is
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     plain = PreTrainedTokenizerFast.from_pretrained(folder)  # tokenizer.json: no code needed (README)
     assert (

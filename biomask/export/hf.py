@@ -44,7 +44,7 @@ from typing import Any
 
 from biomask.errors import InputError, OutputExistsError
 from biomask.masking.config import describe_masking
-from biomask.provenance import sha256_file
+from biomask.provenance import code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ def _complete_profile(scheme: str) -> bool:
 
 
 def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
+    import torch
+
     arch = model.config.to_dict()
     return {
         "model_type": "biomask",
@@ -187,6 +189,8 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
             "note": "source_checkpoint is the portable checkpoint's config.json, kept as provenance; "
             "its paths are where it was trained and are not needed to load this folder",
             "source_checkpoint": model.checkpoint_info,
+            # which biomask wrote this folder (its remote code is that version's), and with what torch
+            "exported_by": {**code_version(), "torch": torch.__version__},
         },
     }
 
