@@ -88,6 +88,11 @@ def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
     assert (info["layer"], info["pooling"], info["key"]) == (-1, "mean", "X_biomask")
     assert info["masking_scheme"] == "r2mae" and json.loads(info["masking"])["scheme"] == "r2mae"
     assert info["code"]["biomask"] == biomask.__version__
+    import torch
+
+    environment = json.loads(info["environment"])  # what computed the vectors, for a methods section
+    assert environment["packages"]["torch"] == torch.__version__
+    assert environment["packages"]["anndata"] and environment["torch_threads"] >= 1
     assert info["gene_coverage"]["fraction_of_dataset_genes"] == pytest.approx(1.0)
     assert info["tokenization"]["scheme"] == "binned" and info["tokenization"]["n_bins"] == 51
     assert info["cells_without_vocabulary_genes"] == 0

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from biomask.errors import InputError
-from biomask.provenance import code_version, sha256_file
+from biomask.provenance import code_version, environment, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,16 @@ def provenance(
             else {}
         ),
         "code": code_version(),
+        # the library versions and threads the vectors were computed with (JSON): an AnnData from
+        # Python or an .h5ad output has no run.json that would say them
+        "environment": json.dumps(
+            {
+                k: v
+                for k, v in environment().items()
+                if k in ("python", "packages", "torch_threads", "cuda_device")
+            },
+            sort_keys=True,
+        ),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
