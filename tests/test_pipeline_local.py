@@ -229,7 +229,7 @@ stages:
     table.write_text(original.replace(",EI\n", ",IE\n", 1))  # one label flipped, in place
     code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
     assert code == 0 and _would(out) == {"prep": "run again", "pretrain": "run again"}, out
-    assert "inputs are not those it was written from" in out.replace("\n", " ").replace("│", "")
+    assert "not what this config makes of its inputs now" in out.replace("\n", " ").replace("│", "")
     code, _, err = cli("pipeline", "submit", pipeline, "--dry-run")
     assert code == 2 and "prep:" in err and "pass --overwrite" in err, err
     assert cli("-q", "pipeline", "submit", pipeline, "--dry-run", "--overwrite")[0] == 0

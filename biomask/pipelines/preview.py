@@ -144,8 +144,8 @@ def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bo
 
 
 INPUTS_CHANGED = (
-    "the same config, but its inputs are not those it was written from (an input file or store changed "
-    "since, or another store named)"
+    "the same config, but its output is not what this config makes of its inputs now (an input file or "
+    "store changed since, another store named, or a file of the output edited)"
 )
 
 
