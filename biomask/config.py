@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from biomask.errors import ConfigError
 from biomask.provenance import sha256_json
@@ -52,12 +60,19 @@ class Config(BaseModel):
     # target_sum wrote a store of infinities; a NaN learning rate passed `v <= 0` checks)
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
-    @field_validator("output", check_fields=False)
+    @field_validator("output", "run_dir", check_fields=False)
     @classmethod
-    def _output_named(cls, value: Any) -> Any:
+    def _output_named(cls, value: Any, info: ValidationInfo) -> Any:
         # `output=` is "" and " " a folder named by a space: "" resolved to the working directory
         if isinstance(value, str) and not value.strip():
-            raise ValueError("output: a path, not an empty or blank name")
+            raise ValueError(f"{info.field_name}: a path, not an empty or blank name")
+        if isinstance(value, str) and ("\\" in value or re.match(r"^[A-Za-z]:[\\/]", value)):
+            # a Windows path (a config written there, or on WSL): on Linux `\` is a character of a
+            # name, so `runs\main` made one folder of that name in the working directory
+            raise ValueError(
+                f"{info.field_name} {value!r} is a Windows path (a drive letter, or '\\', which here is part "
+                "of a folder's name, not a separator): write it with '/' (WSL reaches C:\\ as /mnt/c)"
+            )
         return value
 
     @field_validator(*PATH_FIELDS, check_fields=False)

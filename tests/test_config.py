@@ -358,6 +358,17 @@ def test_what_yaml_or_a_typo_would_turn_into_another_setting_is_refused_naming_i
     )
     assert "unknown key 'TRAIN'; did you mean 'train'?" in _error(PretrainConfig, pretrain, "TRAIN.steps=3")
     assert "output: a path, not an empty or blank name" in _error(PretrainConfig, pretrain, "output=")
+    # a Windows path (a config written there, or typed on WSL) made one folder named `runs\main` here
+    for windows in ("runs\\main", "C:/data/run", "d:\\x"):
+        assert f"output {windows!r} is a Windows path" in _error(
+            PretrainConfig, pretrain, f"output={windows}"
+        )
+    from biomask.pipelines.schema import Pipeline
+
+    with pytest.raises(ValueError, match=r"run_dir 'runs\\\\x' is a Windows path .*write it with '/'"):
+        Pipeline.model_validate(
+            {"name": "p", "run_dir": "runs\\x", "stages": {"a": {"command": "report", "config": "c"}}}
+        )
     # a key in the wrong case is shown as written, with the key meant
     assert "unknown key 'Output'; did you mean 'output'?" in _error(PretrainConfig, pretrain, "Output=x")
     assert "unknown key 'train.stepz'; did you mean 'steps'?" in _error(
