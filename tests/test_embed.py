@@ -109,8 +109,8 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
     pbmc_h5ad, cells_checkpoint, splice_store, dna_checkpoint, tmp_path, cli, monkeypatch
 ):
     """An .h5ad output has no run record, and a large folder output's file lies past its record's
-    digest budget: an edited obsm was reused as this config's result, and the report drew its UMAP.
-    The vectors' sha256 is in uns[key] and checked on reuse and by the report."""
+    digest budget: an edited obsm was reused as this config's result, and the report drew its UMAP as
+    biomask's. The vectors' sha256 is in uns[key]: a rerun refuses, the report says so."""
     from biomask import outputs
 
     def edit(h5ad: Path) -> None:
@@ -139,8 +139,16 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
         f"output: {tmp_path / 'report'}\npretrain: {{cells: [{cells_checkpoint.parent}]}}\n"
         f"embedding: {{path: {folder / 'embeddings.h5ad'}, color: bulk_labels}}\n"
     )
+    # the report draws the file as it is (a subset of the embedded cells is a usual thing to draw)
+    # and says its vectors are not those biomask embed wrote
     code, _, err = cli("report", "-c", report)
-    assert code == 2 and "obsm['X_biomask'] changed since biomask embed wrote it" in err, err
+    assert code == 0 and "is not what biomask embed wrote" in err, err
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "**Its vectors are not those biomask embed wrote**" in text
+    from biomask.report.report import _vectors_note
+
+    assert cli("embed", *cells[1:], "--output", folder, "--overwrite")[0] == 0
+    assert _vectors_note(str(folder / "embeddings.h5ad")) == ""
 
 
 def test_scanpy_neighbors_umap_and_leiden_run_on_the_embedding(embedded):

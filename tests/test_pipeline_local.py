@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from biomask.provenance import read_run_info
+from biomask.provenance import read_run_info, sha256_file
 from biomask.store import TokenStore
 from tests.conftest import leftovers
 
@@ -54,6 +54,10 @@ def test_runs_in_order_then_reuses_then_reruns_what_changed(dna_pipeline, tmp_pa
         run / "prep_splice" / "split.seed=1"
     )
     assert (genome / "config.yaml").exists() and (run / "logs" / "prep_genome.log").exists()
+    # the runner's own record names its code and the pipeline file it read
+    record = json.loads((run / "local-run.json").read_text())
+    assert record["code"]["source_sha256"] == read_run_info(genome)["code"]["source_sha256"]
+    assert record["pipeline_file"] == {"path": str(dna_pipeline), "sha256": sha256_file(dna_pipeline)}
 
     # unchanged: every stage reuses its output (run.json untouched)
     before = {t: created(run / t) for t in TASKS}

@@ -295,13 +295,7 @@ def umap(h5ad: str, color: str, title: str | None, path: Path) -> Path:
         ) from None
     if "X_biomask" not in adata.obsm:
         raise InputError(f"{h5ad} has no obsm['X_biomask']; run `biomask embed` on it first")
-    from biomask.embedding.anndata_io import changed_embedding
 
-    if changed_embedding(h5ad, "X_biomask"):  # the vectors biomask embed recorded the digest of
-        raise InputError(
-            f"embedding.path {h5ad}: obsm['X_biomask'] changed since biomask embed wrote it; run the embed "
-            "command again with --overwrite"
-        )
     if color not in adata.obs:
         raise InputError(
             f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"

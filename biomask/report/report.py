@@ -1325,7 +1325,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
             "",
             f"`{cfg.embedding.path}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy"
             + _embedded_by(cfg.embedding.path)
-            + ".",
+            + "."
+            + _vectors_note(cfg.embedding.path),
             "",
             f"![umap](figures/{fig.name})",
             "",
@@ -1333,6 +1334,25 @@ def render(cfg: ReportConfig, out: Path) -> str:
 
     lines += ["## Configs, seeds and data checksums", "", *_provenance(records)]
     return "\n".join(lines) + "\n"
+
+
+def _vectors_note(h5ad: str) -> str:
+    """Said where the file's vectors are not those biomask embed wrote (their sha256 in uns): cells
+    removed or reordered (a subset of the embedded file is a usual thing to draw), or values edited —
+    the figure is of the file as it is, and its record is not the vectors' any more."""
+    from biomask.embedding.anndata_io import changed_embedding
+
+    if not changed_embedding(h5ad, "X_biomask"):
+        return ""
+    log.warning(
+        "report: %s: obsm['X_biomask'] is not what biomask embed wrote (cells removed or reordered, or "
+        "values edited); the UMAP is of the file as it is, and the report says so",
+        h5ad,
+    )
+    return (
+        " **Its vectors are not those biomask embed wrote** (their sha256 in `uns['X_biomask']` differs: "
+        "cells removed or reordered, or values edited since); the figure is of the file as it is"
+    )
 
 
 def make_report(cfg: ReportConfig, *, overwrite: bool = False) -> Path:
