@@ -339,15 +339,12 @@ def test_settings_a_profile_model_never_reads_are_refused(profile_checkpoint, pa
             )  # fmt: skip
             assert code == 2 and said in err and "leave it out" in err, (given, kind, err)
             assert not out.exists()
-    from biomask.training.config import ModelConfig
-
-    with pytest.raises(ValueError, match="model.loss nb is the expression models' likelihood"):
-        ModelConfig(kind="transformer", loss="nb")
-    with pytest.raises(
-        ValueError, match="model.mask_indicator=false is for model.kind mlp, not panel_transformer"
-    ):
-        ModelConfig(kind="panel_transformer", mask_indicator=False)
-    assert ModelConfig(kind="panel_transformer", loss="nb").loss == "nb"
+    code, _, err = cli(
+        "pretrain", "-c", mlp, f"data.store={panel_store}", "model.kind=panel_transformer",
+        "model.mask_indicator=false", "train.steps=2", f"output={out}",
+    )  # fmt: skip
+    assert code == 2 and "model.mask_indicator=false (the mlp's input)" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.network

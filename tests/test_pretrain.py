@@ -1568,9 +1568,35 @@ def test_corruption_settings_the_run_never_reads_are_refused(genome_store, tmp_p
         )
         assert code == 2 and said in err and "(a transformer)" in err, err
         assert not out.exists()
+    code, _, err = cli(
+        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}), "model.loss=nb"
+    )
+    assert code == 2 and "model.loss=nb (the expression models' likelihood; it predicts tokens)" in err, err
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}),
                        "masking.corruption.kind=mae", "model.decoder_layers=2")  # fmt: skip
     assert code == 0, err
+
+
+def test_a_run_an_earlier_biomask_started_with_a_setting_now_refused_goes_on(
+    genome_store, tmp_path, monkeypatch
+):
+    """A run written before a setting it cannot use was refused (model.decoder_layers without MAE) could
+    neither resume nor be reused from Python: refused with it, refused as a changed config without it."""
+    from biomask.errors import ConfigError
+    from biomask.training import trainer
+
+    cfg = config(genome_store, tmp_path / "run", **{"train.steps": 2, "model.decoder_layers": 2})
+    with monkeypatch.context() as before:  # what an earlier biomask did: nothing refused
+        before.setattr(trainer, "_inert_settings", lambda arch, cfg: [])
+        out = trainer.pretrain(cfg)
+    stamp = (out / "run.json").stat().st_mtime_ns
+    assert trainer.pretrain(cfg) == out and (out / "run.json").stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(ConfigError, match="does not use model.decoder_layers=2"):
+        trainer.pretrain(cfg, overwrite=True)  # a new run of it: refused, and the old one kept
+    assert (out / "run.json").stat().st_mtime_ns == stamp
+    other = config(genome_store, tmp_path / "fresh", **{"train.steps": 2, "model.decoder_layers": 2})
+    with pytest.raises(ConfigError, match="does not use model.decoder_layers=2"):
+        trainer.pretrain(other)
 
 
 def test_activation_checkpointing_is_refused_for_a_continued_cnn(genome_store, tmp_path, cli):

@@ -132,13 +132,6 @@ class ModelConfig(Config):
                 f"model.activation_checkpointing recomputes transformer blocks (kinds transformer, "
                 f"panel_transformer); model.kind {self.kind} has none"
             )
-        if self.loss != "mse" and self.kind not in ("mlp", "panel_transformer"):  # ran as the kind's own loss
-            raise ValueError(
-                f"model.loss {self.loss} is the expression models' likelihood (kinds mlp, panel_transformer); "
-                f"model.kind {self.kind} predicts tokens (cross-entropy): leave model.loss out"
-            )
-        if not self.mask_indicator and self.kind != "mlp":  # ran, changing nothing
-            raise ValueError(f"model.mask_indicator=false is for model.kind mlp, not {self.kind}")
         if self.embed_norm == "l2" and self.kind != "mlp":
             raise ValueError(f"model.embed_norm l2 is for model.kind mlp, not {self.kind}")
         if self.objective == "scmae" and (self.kind != "mlp" or self.loss != "mse"):

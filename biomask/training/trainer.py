@@ -423,35 +423,80 @@ def _clear_memo(function: Any, depth: int = 3) -> None:
             _clear_memo(cell.cell_contents, depth - 1)
 
 
-def _inert_settings(arch: Any, cfg: PretrainConfig) -> list[str]:
-    """Settings given (not at their defaults) that the model that trains never reads, each with why."""
+def _inert_settings(arch: Any, cfg: PretrainConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings given (not at their defaults) that the model that trains never reads: each as (its
+    dotted keys, what to say of it)."""
     defaults = type(cfg.masking.corruption)()
     corruption = cfg.masking.corruption
     inert = []
+    if cfg.model.loss != "mse" and arch.kind not in PROFILE_KINDS:
+        inert.append(
+            (
+                ("model.loss",),
+                f"model.loss={cfg.model.loss} (the expression models' likelihood; it predicts tokens)",
+            )
+        )
+    if not cfg.model.mask_indicator and arch.kind != "mlp":
+        inert.append((("model.mask_indicator",), "model.mask_indicator=false (the mlp's input)"))
     if arch.kind in PROFILE_KINDS:
         if cfg.data.max_length is not None:
-            inert.append(f"data.max_length={cfg.data.max_length} (it reads every gene of its panel)")
+            inert.append(
+                (
+                    ("data.max_length",),
+                    f"data.max_length={cfg.data.max_length} (it reads every gene of its panel)",
+                )
+            )
         if cfg.data.crop != type(cfg.data).model_fields["crop"].default:
-            inert.append(f"data.crop={cfg.data.crop} (it reads every gene of its panel, never a crop)")
+            inert.append(
+                (
+                    ("data.crop",),
+                    f"data.crop={cfg.data.crop} (it reads every gene of its panel, never a crop)",
+                )
+            )
     if cfg.model.decoder_layers != type(cfg.model).model_fields["decoder_layers"].default and not (
         arch.kind == "transformer" and corruption.kind == "mae"
     ):
         inert.append(
-            f"model.decoder_layers={cfg.model.decoder_layers} (the depth of the transformer's MAE decoder: "
-            "masking.corruption.kind=mae)"
+            (
+                ("model.decoder_layers",),
+                f"model.decoder_layers={cfg.model.decoder_layers} (the depth of the transformer's MAE decoder: "
+                "masking.corruption.kind=mae)",
+            )
         )
     if (corruption.mask_token, corruption.random_token) != (defaults.mask_token, defaults.random_token) and (
         arch.target == "values" or corruption.kind == "mae"
     ):
         why = "expression values are hidden, never replaced" if arch.target == "values" else "MAE drops them"
         inert.append(
-            f"masking.corruption.mask_token / random_token ({corruption.mask_token} / "
-            f"{corruption.random_token}; what replaces masked tokens: {why})"
+            (
+                ("masking.corruption.mask_token", "masking.corruption.random_token"),
+                f"masking.corruption.mask_token / random_token ({corruption.mask_token} / "
+                f"{corruption.random_token}; what replaces masked tokens: {why})",
+            )
         )
     return inert
 
 
-def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str) -> None:
+def _recorded_with(out: Path, cfg: PretrainConfig, keys: list[str]) -> bool:
+    """Whether the run `out` holds (finished or interrupted) was started with these keys at this run's
+    values: an earlier biomask accepted them, and its run resumes or is reused as it was."""
+    from yaml import YAMLError
+
+    from biomask.config import flatten, load_recorded_yaml
+
+    if rundir.recorded(out) is None:
+        return False
+    try:
+        written = flatten(
+            load_recorded_yaml((out / "config.yaml").read_text(encoding="utf-8"), str(out)) or {}
+        )
+    except (OSError, ValueError, TypeError, AttributeError, YAMLError):
+        return False
+    ours = flatten(cfg.model_dump(mode="json"))
+    return all(key in written and written[key] == ours.get(key) for key in keys)
+
+
+def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str, *, overwrite: bool = False) -> None:
     """Settings the model that trains cannot use (its kind is known only now: model.init_from's is the
     checkpoint's, which the config's checks never saw), refused before anything is written; a warm-up
     the run never finishes, said."""
@@ -469,13 +514,19 @@ def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str) -> None:
             f"(model.init_from's) is a {arch.kind}, which has none: set model.activation_checkpointing=false"
         )
     inert = _inert_settings(arch, cfg)
-    if inert:  # each ran and changed nothing (the resolved config recorded it as if it had)
+    said = "; ".join(text for _, text in inert)
+    who = (
+        f"the model that trains (a {arch.kind}" + (", model.init_from's" if cfg.model.init_from else "") + ")"
+    )
+    keys = [key for names, _ in inert for key in names]
+    if inert and not overwrite and _recorded_with(Path(cfg.output), cfg, keys):
+        # a run an earlier biomask started with them: refused, it could neither resume nor be reused
+        log.warning(
+            "pretrain: %s does not use %s; %s was started with them and goes on", who, said, cfg.output
+        )
+    elif inert:  # each ran and changed nothing (the resolved config recorded it as if it had)
         raise ConfigError(
-            f"the model that trains (a {arch.kind}"
-            + (", model.init_from's" if cfg.model.init_from else "")
-            + f") does not use {'; '.join(inert)}: leave "
-            + ("it" if len(inert) == 1 else "them")
-            + " out"
+            f"{who} does not use {said}: leave " + ("it" if len(inert) == 1 else "them") + " out"
         )
     if precision == "bf16-weights" and arch.kind in PROFILE_KINDS:  # crashed at the first step
         raise ConfigError(
@@ -516,7 +567,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 f"model.loss={arch.loss} (model.init_from's)",
                 instead="Continue a checkpoint trained with model.loss=mse",
             )
-    _check_settings_for(arch, cfg, precision)
+    _check_settings_for(arch, cfg, precision, overwrite=overwrite)
     max_length = arch.max_len if arch.kind in PROFILE_KINDS else cfg.data.max_length or cfg.model.max_len
     stage = StageOutput("pretrain", cfg, out, inputs=inputs, non_semantic=NON_SEMANTIC)
     # A finished run of this config and data is reused before DeepSpeed is imported and the process
