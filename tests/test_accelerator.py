@@ -96,6 +96,8 @@ def test_auto_counts_no_more_cores_than_the_cgroups_cpu_quota(tmp_path, monkeypa
     # cgroup v2: the process's own cgroup and its parents, the least quota of them
     v2 = {"cpu.max": "max 100000\n", "kube/cpu.max": "250000 100000\n", "kube/pod/cpu.max": "max 100000\n"}
     assert resources.cgroup_cpu_quota(*tree(v2, "0::/kube/pod\n")) == 2.5
+    (tmp_path / "kube/pod/cpu.max").write_text("400000 100000\n")  # the tighter of the two holds
+    assert resources.cgroup_cpu_quota(tmp_path, tmp_path / "self-cgroup") == 2.5
     # cgroup v1 in a container without a cgroup namespace: the host's path, only the mount root here
     (tmp_path / "cpu.max").unlink()
     v1 = {"cpu,cpuacct/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}

@@ -327,6 +327,7 @@ def test_settings_a_profile_model_never_reads_are_refused(profile_checkpoint, pa
         ("data.max_length=20", "data.max_length=20 (it reads every gene of its panel)"),
         ("data.crop=start", "data.crop=start (it reads every gene"),
         ("model.decoder_layers=3", "model.decoder_layers=3 (the depth of the transformer's MAE decoder"),
+        ("masking.corruption.kind=mae model.decoder_layers=3", "model.decoder_layers=3 (the depth of the"),
         ("masking.corruption.mask_token=0.5", "expression values are hidden, never replaced"),
     ):
         for kind in (
@@ -335,7 +336,7 @@ def test_settings_a_profile_model_never_reads_are_refused(profile_checkpoint, pa
             [f"model.init_from={profile_checkpoint}"],
         ):
             code, _, err = cli(
-                "pretrain", "-c", mlp, f"data.store={panel_store}", *kind, given, "train.steps=2", f"output={out}"
+                "pretrain", "-c", mlp, f"data.store={panel_store}", *kind, *given.split(), "train.steps=2", f"output={out}"
             )  # fmt: skip
             assert code == 2 and said in err and "leave it out" in err, (given, kind, err)
             assert not out.exists()

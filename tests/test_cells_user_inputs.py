@@ -380,6 +380,20 @@ def test_a_layer_named_without_layers_slash_is_refused_naming_the_one_meant(fitt
     assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
 
 
+def test_fit_cells_paths_starting_with_the_home_tilde_are_the_home_folder(tmp_path, monkeypatch):
+    """fit_cells(adata, "~/out") wrote into a folder named `~` in the working directory."""
+    import biomask
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    synthetic_cells().write_h5ad(home / "cells.h5ad")
+    checkpoint = biomask.fit_cells("~/cells.h5ad", "~/out", overrides=STEPS)
+    assert checkpoint == home / "out" / "pretrain" / "model" and checkpoint.is_dir()
+    assert list(work.iterdir()) == []
+
+
 def test_fit_cells_takes_scvi_tools_layer_argument(fitted, tmp_path):
     """scvi-tools users write setup_anndata(adata, layer="counts"); fit_cells(layer=...) was Python's
     TypeError. It is matrix='layers/NAME': the same cells give the same model."""

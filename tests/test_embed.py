@@ -128,6 +128,35 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
         assert code == 2 and "obsm['X_biomask'] changed since biomask embed wrote it" in err, err
         code, _, err = cli(*args, "--output", out, "--overwrite")
         assert code == 0 and read(out).uns["X_biomask"]["embedding_sha256"] == recorded, err
+    # an input in anndata's current layout is written by streaming into a copy (pbmc68k_reduced's
+    # legacy layout is read into memory): its digest too
+    current = tmp_path / "current.h5ad"
+    read(pbmc_h5ad).write_h5ad(current)
+    streamed = [
+        "embed",
+        "--checkpoint",
+        cells_checkpoint,
+        "--input",
+        current,
+        *COUNTS,
+        "--output",
+        tmp_path / "s.h5ad",
+    ]
+    assert cli(*streamed)[0] == 0
+    edit(tmp_path / "s.h5ad")
+    code, _, err = cli(*streamed)
+    assert code == 2 and "changed since biomask embed wrote it" in err, err
+    # an output written before the digest was kept is reused as before; one whose vectors are gone is not
+    assert cli(*streamed, "--overwrite")[0] == 0
+    with h5py.File(tmp_path / "s.h5ad", "r+") as handle:
+        del handle["uns/X_biomask/embedding_sha256"]
+    code, _, err = cli(*streamed)
+    assert code == 0 and "up to date" in err, err
+    assert cli(*streamed, "--overwrite")[0] == 0
+    with h5py.File(tmp_path / "s.h5ad", "r+") as handle:
+        del handle["obsm/X_biomask"]
+    code, _, err = cli(*streamed)
+    assert "up to date" not in err, err
     monkeypatch.setattr(outputs, "DIGEST_BUDGET_BYTES", 0)  # the folder's h5ad as a large one's
     folder = tmp_path / "folder"
     assert cli(*cells, "--output", folder)[0] == 0

@@ -1268,6 +1268,22 @@ def test_a_ctrl_c_something_swallowed_is_not_lost(tmp_path, chrx_bases, capfd):
     assert not out.exists() and leftovers(out.parent) == []
 
 
+def test_ctrl_c_raises_at_every_press_and_main_gives_the_callers_handlers_back():
+    """A second Ctrl-C is how a user insists after a first one a library dropped: no grace period
+    swallows it (SIGTERM's has one, for a scheduler's repeat). A caller of main() (a notebook, a
+    script) gets Python's own handlers back when it returns."""
+    from biomask import cli
+
+    guard = cli._SigintStop()
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            guard(signal.SIGINT, None)
+    assert guard.raised
+    assert cli.main(["datasets", "list"]) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_prep_cells_killed_at_random_points(tmp_path, cli, pbmc_counts):
     import anndata
     import scipy.sparse as sp

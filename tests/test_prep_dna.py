@@ -137,6 +137,23 @@ def test_a_path_starting_with_the_home_tilde_is_the_home_folder(
     assert (report.output, report.pretrain["x"], report.provenance) == (
         str(home / "r"), [str(home / "p")], [str(home / "prep"), "a~b"]
     )  # fmt: skip
+    from biomask.embedding.config import EmbedConfig
+    from biomask.training.config import PretrainConfig
+
+    embed = EmbedConfig.model_validate({"checkpoint": "~/m", "input": "~/x.h5ad", "output": "~/e"})
+    assert (embed.checkpoint, embed.input, embed.output) == tuple(str(home / p) for p in ("m", "x.h5ad", "e"))
+    pretrain = PretrainConfig.model_validate(
+        {"output": "o", "data": {"store": "~/s"}, "model": {"init_from": "~/c"}}
+    )
+    assert (pretrain.data.store, pretrain.model.init_from) == (str(home / "s"), str(home / "c"))
+    report = ReportConfig.model_validate(
+        {
+            "output": "r",
+            "embedding": {"path": "~/e.h5ad", "color": "c"},
+            "evaluations": {"t": {"path": "~/ev"}},
+        }
+    )
+    assert (report.embedding.path, report.evaluations["t"].path) == (str(home / "e.h5ad"), str(home / "ev"))
     plan = load_plan(dna_pipeline, ["run_dir=~/pd"])
     assert plan.run_dir == home / "pd" and all(
         s.directory.parent == home / "pd" for s in plan.stages.values()

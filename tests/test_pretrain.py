@@ -1568,10 +1568,15 @@ def test_corruption_settings_the_run_never_reads_are_refused(genome_store, tmp_p
         )
         assert code == 2 and said in err and "(a transformer)" in err, err
         assert not out.exists()
-    code, _, err = cli(
-        "pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}), "model.loss=nb"
-    )
-    assert code == 2 and "model.loss=nb (the expression models' likelihood; it predicts tokens)" in err, err
+    for loss in ("nb", "poisson"):
+        code, _, err = cli(
+            "pretrain",
+            "-c",
+            CONFIG,
+            *overrides(genome_store, out, **{"train.steps": 2}),
+            f"model.loss={loss}",
+        )
+        assert code == 2 and f"model.loss={loss} (the expression models' likelihood; it predicts" in err, err
     code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out, **{"train.steps": 2}),
                        "masking.corruption.kind=mae", "model.decoder_layers=2")  # fmt: skip
     assert code == 0, err
