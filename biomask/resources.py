@@ -53,7 +53,7 @@ def cgroup_cpu_quota(
     period (cgroup v2's cpu.max, v1's cpu.cfs_quota_us / cpu.cfs_period_us); None: no quota, or none
     readable here."""
     try:
-        lines = Path(own).read_text().splitlines()
+        lines = Path(own).read_text(encoding="ascii", errors="replace").splitlines()
     except OSError:
         return None
     found = []
@@ -79,7 +79,7 @@ def cgroup_cpu_quota(
 
 def _cpu_max(folder: Path) -> float | None:
     try:
-        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        quota, period = (folder / "cpu.max").read_text(encoding="ascii", errors="replace").split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError, ZeroDivisionError):
         return None
@@ -87,8 +87,8 @@ def _cpu_max(folder: Path) -> float | None:
 
 def _cfs_quota(folder: Path) -> float | None:
     try:
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
+        quota = int((folder / "cpu.cfs_quota_us").read_text(encoding="ascii", errors="replace"))
+        period = int((folder / "cpu.cfs_period_us").read_text(encoding="ascii", errors="replace"))
         return None if quota <= 0 else quota / period
     except (OSError, ValueError, ZeroDivisionError):
         return None
