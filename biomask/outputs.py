@@ -228,7 +228,7 @@ def check_output(
         if any(path.iterdir()):
             raise OutputExistsError(
                 f"output directory {path} is not empty and was not written by biomask (no run.json); "
-                "choose another output path, or move its contents away"
+                "choose another output path, or move its contents away" + record_gone(path)
             )
         return False
     check_same_stage(path, info, stage)
@@ -270,7 +270,7 @@ def _check_overwritable(path: Path) -> None:
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask (no run.json of "
             "biomask's); --overwrite only replaces biomask's own outputs. Move its contents away or "
-            "choose another path"
+            "choose another path" + record_gone(path)
         )
     foreign = foreign_files(path, info)
     if foreign:
@@ -710,6 +710,26 @@ def _lock_holder(fd: int) -> str:
         return f"{record['stage']}, pid {record['pid']} on {record['host']}, since {record['since']}"
     except (OSError, ValueError, TypeError, KeyError):
         return "a process that has not said which"  # between its lock and its note of who it is
+
+
+def record_gone(path: Path) -> str:
+    """A note for a folder refused as not biomask's that holds the resolved config biomask writes into
+    its outputs (its `output:` naming this folder): its run.json went missing — a workflow engine
+    deletes a declared output file before it runs the rule again. Said, never acted on: without the
+    record, which files are biomask's cannot be told, and the folder is not deleted."""
+    try:
+        written = load_recorded_yaml((path / "config.yaml").read_text(encoding="utf-8"), str(path))
+    except (OSError, ValueError, yaml.YAMLError):
+        return ""
+    named = written.get("output") if isinstance(written, dict) else None
+    if not isinstance(named, str) or os.path.abspath(named) != os.path.abspath(path):
+        return ""
+    return (
+        f" (it holds the config.yaml biomask wrote for this output, but its run.json is gone: a workflow "
+        f"engine deletes a declared output before running the rule again. Delete or move {path} to compute "
+        "it again, and declare a file outside biomask's folders as the rule's output: README, From a "
+        "workflow engine)"
+    )
 
 
 def _unguarded(path: str | os.PathLike, lock: Path, exc: OSError) -> None:

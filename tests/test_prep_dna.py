@@ -160,6 +160,31 @@ def test_a_path_starting_with_the_home_tilde_is_the_home_folder(
     )
 
 
+def test_a_folder_whose_run_record_an_engine_deleted_says_so_and_is_kept(tmp_path, cli, repo, genome_store):
+    """Snakemake deletes a declared output file (run.json, as a sentinel) before running the rule
+    again: the folder was then "not written by biomask" with or without --overwrite, naming no cause."""
+    out = tmp_path / "out"
+    base = ["prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}"]
+    assert cli(*base)[0] == 0
+    (out / "run.json").unlink()
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(*base, *extra)
+        assert code == 2 and "its run.json is gone: a workflow engine deletes a declared output" in err, err
+        assert (out / "manifest.json").is_file()  # kept: which files are biomask's cannot be told
+    run = tmp_path / "run"
+    args = ["pretrain", "-c", repo / "configs/pretrain/dna-tiny.yaml", f"data.store={genome_store}", f"output={run}",
+            "train.steps=2", "train.micro_batch_size=4", "train.eval_batches=1", "train.progress=false"]  # fmt: skip
+    assert cli(*args)[0] == 0
+    (run / "run.json").unlink()
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(*args, *extra)
+        assert code == 2 and "its run.json is gone" in err and (run / "model").is_dir(), err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("output: elsewhere\n")  # a user's folder: no such note
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={tmp_path / 'mine'}")
+    assert code == 2 and "not written by biomask" in err and "run.json is gone" not in err, err
+
+
 def test_rerun_reuses_refuses_or_overwrites(tmp_path, cli, repo):
     out = tmp_path / "out"
     base = ["prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={out}"]
