@@ -8,6 +8,7 @@ runs biomask then means the copy shipped with the package.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -99,10 +100,32 @@ def resolve_threads(setting: int | str = "auto") -> int:
     stages side by side gives each its share), else the usable cores."""
     if setting != "auto":
         return int(setting)
+    return omp_threads() or usable_cores()
+
+
+def omp_threads() -> int | None:
+    """$OMP_NUM_THREADS as a thread count (None: unset or not a positive number), at most the usable
+    cores: a typo of 100000 segfaulted pretrain and evaluate (gloo, libgomp could not start the
+    threads) where torch alone holds to its cores. Said once when cut."""
+    global _said_omp_cap
     env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return usable_cores()
+    if not (env.isdigit() and int(env) > 0):
+        return None
+    cores = usable_cores()
+    if int(env) > cores:
+        if not _said_omp_cap:
+            logging.getLogger("biomask").warning(
+                "OMP_NUM_THREADS=%s is more than the %d core(s) this process may use: using %d",
+                env,
+                cores,
+                cores,
+            )
+            _said_omp_cap = True
+        return cores
+    return int(env)
+
+
+_said_omp_cap = False
 
 
 def honour_omp_threads() -> None:
@@ -111,9 +134,9 @@ def honour_omp_threads() -> None:
     core, so torch ran 2 threads under OMP_NUM_THREADS=1 after them in one process (fit_cells: prep,
     then pretraining) — 3x slower per step on a busy 2-core machine. Without the variable, torch's
     own default stands."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
+    asked = omp_threads()
+    if asked is not None:
         import torch
 
-        if torch.get_num_threads() != int(env):
-            torch.set_num_threads(int(env))
+        if torch.get_num_threads() != asked:
+            torch.set_num_threads(asked)

@@ -115,3 +115,28 @@ def test_auto_counts_no_more_cores_than_the_cgroups_cpu_quota(tmp_path, monkeypa
     assert resources.usable_cores() == 64
     monkeypatch.setattr(resources, "cgroup_cpu_quota", lambda: 0.5)
     assert resources.usable_cores() == 1
+
+
+def test_an_omp_num_threads_beyond_the_cores_is_cut_to_them_and_said(monkeypatch, caplog):
+    """OMP_NUM_THREADS=100000 (a typo) segfaulted pretrain and evaluate where torch alone holds to its
+    cores: biomask's thread settings take at most the usable cores, and say so."""
+    import logging
+
+    import torch
+
+    from biomask import resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    monkeypatch.setattr(resources, "_said_omp_cap", False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING, logger="biomask"):
+            assert resources.resolve_threads("auto") == 2
+            resources.honour_omp_threads()
+            assert torch.get_num_threads() == 2
+        assert caplog.text.count("OMP_NUM_THREADS=100000 is more than the 2 core(s)") == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert resources.resolve_threads("auto") == 1 and resources.resolve_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)
