@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 import biomask
 from biomask import datasets
@@ -178,6 +179,26 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
 
     assert cli("embed", *cells[1:], "--output", folder, "--overwrite")[0] == 0
     assert _vectors_note(str(folder / "embeddings.h5ad")) == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
+def test_a_device_is_checked_for_a_loaded_model_and_load_pretrained_takes_auto(cells_checkpoint, pbmc_h5ad):
+    """load_pretrained(device="cuda") on a CPU node was torch's AssertionError and "auto" (which every
+    other entry point takes) a RuntimeError; biomask.embed(adata, model, device="nonsense") embedded on
+    the model's device without a word."""
+    from biomask.errors import ConfigError
+
+    model = load_pretrained(cells_checkpoint, device="auto")
+    assert next(model.parameters()).device.type == "cpu"
+    for device in ("cuda", "cuda:1", "mps", "nonsense"):
+        with pytest.raises(ConfigError, match="device="):
+            load_pretrained(cells_checkpoint, device=device)
+        with pytest.raises(ConfigError, match="device="):
+            biomask.embed(read(pbmc_h5ad), model, device=device, matrix="raw", counts=dict(zip(
+                ("mode", "total_counts_column"), ("from_log1p", "n_counts"))))  # fmt: skip
+    embedded = biomask.embed(read(pbmc_h5ad), model, device="cpu", matrix="raw", copy=True,
+                             counts={"mode": "from_log1p", "total_counts_column": "n_counts"})  # fmt: skip
+    assert embedded.obsm["X_biomask"].shape[0] == 700
 
 
 def test_scanpy_neighbors_umap_and_leiden_run_on_the_embedding(embedded):

@@ -379,7 +379,7 @@ def test_threads_follow_the_environment_unless_set(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
 def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(
-    splice_store, dna_checkpoint, tmp_path, cli, repo
+    splice_store, dna_checkpoint, tmp_path, cli, repo, monkeypatch
 ):
     out = tmp_path / "eval"
     args = [f"store={splice_store}", f"output={out}", "seeds=[0]", "protocols=[linear_probe]"]
@@ -396,6 +396,13 @@ def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(
                            f"checkpoints.a={dna_checkpoint}", f"device={device}")  # fmt: skip
         assert code == 2 and f"device='{device}': biomask runs on cpu or cuda[:N]" in err and said in err, err
         assert "Traceback" not in err and not out.exists()
+        assert "PCA" not in err and "one-hot" not in err  # before the baselines, which ran first
+    # fine-tuning on an accelerator the node lacks: refused before the baselines, not at the first fine-tune
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    code, _, err = cli("evaluate", "-c", repo / "configs/evaluate/splice.yaml", *args[:-1],
+                       "protocols=[linear_probe,finetune]", f"checkpoints.a={dna_checkpoint}")  # fmt: skip
+    assert code == 2 and "DS_ACCELERATOR=cuda" in err and "PCA" not in err and "one-hot" not in err, err
+    assert not out.exists()
 
 
 def test_a_protocol_is_named_once_and_one_without_a_method_is_refused(splice_store, dna_checkpoint):

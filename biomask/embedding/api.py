@@ -97,6 +97,13 @@ def _model(checkpoint: Any, device: str) -> tuple[Any, str]:
                 "biomask.embed needs a model from biomask.models.load_pretrained (it carries the checkpoint's "
                 "config and tokenizer), or the checkpoint's directory"
             )
+        wanted = pick_device(device)  # checked as for a path: device="nonsense" passed in silence
+        where = next(checkpoint.parameters()).device
+        if device != "auto" and (wanted.type, wanted.index or 0) != (where.type, where.index or 0):
+            raise InputError(
+                f"device={device!r}, but the model given is on {where}: a loaded model is used where it is. "
+                f"Load it there (biomask.models.load_pretrained(path, device={device!r})), or leave device out"
+            )
         return checkpoint, str(checkpoint.checkpoint_dir)
     return load_pretrained(checkpoint, device=pick_device(device)), str(checkpoint)
 

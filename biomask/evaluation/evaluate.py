@@ -221,6 +221,14 @@ def _evaluate(cfg: EvaluateConfig, *, overwrite: bool, extra_methods: list[Metho
     stage = stage_output(cfg)
     if stage.is_current(overwrite=overwrite):
         return Path(cfg.output)
+    if cfg.checkpoints:  # a device torch cannot use, said before the baselines run (it was after them)
+        from biomask.embedding.inference import pick_device
+
+        pick_device(cfg.device)
+        if "finetune" in cfg.protocols:
+            from biomask.training.accelerator import accelerator
+
+            accelerator()  # DS_ACCELERATOR=cuda on a CPU node: refused now, not at the first fine-tune
     # every shard's sha256, as pretrain checks (after the reuse check: a rerun hashes nothing): a
     # changed label or token is exit 2, not a result
     data.store.verify()

@@ -78,7 +78,13 @@ def save_pretrained(
 
 
 def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaskedEncoder:
-    """The encoder of a portable checkpoint, in eval mode; `model.checkpoint_info` holds config.json."""
+    """The encoder of a portable checkpoint, in eval mode; `model.checkpoint_info` holds config.json.
+    `device`: cpu, cuda[:N], or auto (the GPU when there is one); one torch cannot use here is a
+    ConfigError naming it, before anything is read."""
+    if isinstance(device, str):  # "cuda" on a CPU node was torch's AssertionError, "auto" refused
+        from biomask.embedding.inference import pick_device
+
+        device = pick_device(device)
     directory = Path(directory)
     config = read_checkpoint_config(directory)
     tokenizer_json = directory / "tokenizer" / "tokenizer.json"
