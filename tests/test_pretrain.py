@@ -611,6 +611,21 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
+def test_a_python_caller_gets_its_torch_thread_count_back(genome_store, tmp_path, monkeypatch):
+    """A run sets torch's threads to $OMP_NUM_THREADS (numba's OpenMP layer had reset them); a caller
+    who had set its own count (torch.set_num_threads) was left with the run's."""
+    from biomask.training.trainer import pretrain
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        pretrain(config(genome_store, tmp_path / "run", **{"train.steps": 2}))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_python_caller_gets_its_signal_handlers_and_random_streams_back_and_can_resume(
     genome_store, tmp_path, monkeypatch
 ):

@@ -351,6 +351,7 @@ def pretrain(
             "(runs in one process share torch's global generators and the output descriptors)"
         )
         _ONE_RUN_AT_A_TIME.acquire()
+    threads = torch.get_num_threads()  # the run sets $OMP_NUM_THREADS's count; a caller's own comes back
     try:
         with torch_linear_kept():
             out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
@@ -362,6 +363,8 @@ def pretrain(
         raise
     finally:
         try:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             if release_group:  # inside the turn: a waiting thread's run starts its own group after it
                 _free_engine()  # the engine's handles on the group go first
                 release_own_group()
