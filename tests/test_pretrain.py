@@ -611,6 +611,27 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
+def test_a_resume_in_another_precision_or_on_another_device_is_said_and_recorded(tmp_path, caplog):
+    """train.precision auto: a run that started in bf16 on a GPU and resumed on a CPU node went on in
+    fp32 without a word, and run.json named fp32 alone."""
+    import logging
+
+    from biomask.training import rundir
+
+    rundir.mark_in_progress(tmp_path, "f", 1)
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        rundir.note_precision(tmp_path, 0, "bf16", "cuda")
+        rundir.note_precision(tmp_path, 120, "bf16", "cuda")  # the same again: nothing to say
+        assert caplog.text == "" and rundir.trained_in(tmp_path) is None
+        rundir.note_precision(tmp_path, 295, "fp32", "cpu")
+    assert "resumes in fp32 on cpu where steps 0-295 trained in bf16 on cuda" in caplog.text
+    assert "train.precision=bf16" in caplog.text
+    assert rundir.trained_in(tmp_path) == [
+        {"from_step": 0, "precision": "bf16", "device": "cuda"},
+        {"from_step": 295, "precision": "fp32", "device": "cpu"},
+    ]
+
+
 def test_a_python_caller_gets_its_torch_thread_count_back(genome_store, tmp_path, monkeypatch):
     """A run sets torch's threads to $OMP_NUM_THREADS (numba's OpenMP layer had reset them); a caller
     who had set its own count (torch.set_num_threads) was left with the run's."""

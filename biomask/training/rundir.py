@@ -554,6 +554,51 @@ def note_resume(path: Path, step: int) -> None:
     atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
 
 
+def note_precision(path: Path, step: int, precision: str, device: str) -> None:
+    """Record the precision and device the steps from `step` train in (in_progress.json; run.json keeps
+    the list where it changed: trained_in), and say when they differ from the steps before: a
+    `train.precision: auto` run that started in bf16 on a GPU and resumed on a CPU node trained on in
+    fp32 without a word, and its records named fp32 alone."""
+    marker = path / IN_PROGRESS
+    try:
+        state = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(state, dict):
+        return
+    segments = [s for s in state.get("trained_in", []) if isinstance(s, dict)]
+    last = segments[-1] if segments else None
+    if last is not None and (last.get("precision"), last.get("device")) == (precision, device):
+        return
+    if last is not None:
+        log.warning(
+            "pretrain: %s resumes in %s on %s where steps %d-%d trained in %s on %s: its weights mix the two "
+            "(run.json records it: trained_in). Set train.precision=%s (and run where it ran) to go on as it "
+            "started, or pass --overwrite to train it again",
+            path,
+            precision,
+            device,
+            last.get("from_step", 0),
+            step,
+            last.get("precision"),
+            last.get("device"),
+            last.get("precision"),
+        )
+    state["trained_in"] = [*segments, {"from_step": step, "precision": precision, "device": device}]
+    atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
+
+
+def trained_in(path: Path) -> list[dict[str, Any]] | None:
+    """The precision and device of each part of this unfinished run, where they changed; None where
+    one precision on one device trained it all."""
+    try:
+        state = json.loads((path / IN_PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    segments = state.get("trained_in") if isinstance(state, dict) else None
+    return segments if isinstance(segments, list) and len(segments) > 1 else None
+
+
 def _last_code(state: dict[str, Any]) -> dict[str, Any] | None:
     resumed = state.get("resumed_code") or []
     code = resumed[-1] if resumed else state.get("code")

@@ -776,6 +776,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                 rundir.note_resume(out, step)
         else:
             torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
+        if dist_env.is_main:
+            rundir.note_precision(out, step, precision, device.type)
         if dist_env.is_main and ckpt_root.exists():
             checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
 
@@ -1009,6 +1011,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
                     "resumed_from_steps": rundir.resumes(out),  # [] for a run that never stopped
                     # steps trained by other code (resumed after an upgrade); absent when one code did
                     **({"trained_by": mixed} if (mixed := rundir.trained_by(out)) else {}),
+                    **({"trained_in": parts} if (parts := rundir.trained_in(out)) else {}),
                     # every file of the run, so --overwrite can tell a file added later apart; the
                     # sha256 of its smaller ones (its log and config among them: a report checks them)
                     FILE_TREE_KEY: tree,
