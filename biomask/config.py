@@ -623,14 +623,16 @@ def flatten(data: Any, prefix: str = "", *, keep_empty: bool = False) -> dict[st
     return flat
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+def config_diff(
+    old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = (), *, as_added: bool = True
+) -> list[str]:
     """Human-readable differences between two resolved configs, one `key: old -> new` per line; a key
     absent on one side and at its earlier-behaviour value (`ADDED_KEYS`, `RETROFITTED_KEYS`) on the
-    other is no difference, nor is a key of `ignore` (dotted; its sub-keys too: keys that change no
-    result)."""
+    other is no difference (unless `as_added=False`: every value that differs), nor is a key of
+    `ignore` (dotted; its sub-keys too: keys that change no result)."""
     a, b = flatten(old), flatten(new)
     # compared as an output written before the added keys would be: a difference is shown as it is
-    added = [*ADDED_KEYS.items(), *RETROFITTED_KEYS]
+    added = [*ADDED_KEYS.items(), *RETROFITTED_KEYS] if as_added else []
     a_then, b_then = flatten(without_added_keys(old, added)), flatten(without_added_keys(new, added))
     return [
         f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"

@@ -356,7 +356,11 @@ def _describe_difference(
     except yaml.YAMLError:
         return ""
     # a key that does not change results (num_workers, batch_size) is not what stands in the way
-    changes = config_diff(old, new, ignore=non_semantic)
+    # a key older outputs lacked, given on both sides at values that behave as its absence did
+    # (evaluate's device auto / cpu): still a change of config, named rather than blamed on the data
+    changes = config_diff(old, new, ignore=non_semantic) or config_diff(
+        old, new, non_semantic, as_added=False
+    )
     if not changes:
         named = describe_input_changes((read_run_info(path) or {}).get("inputs"), new_inputs)
         return named or " (same config, different input data or format version)"

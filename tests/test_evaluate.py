@@ -69,6 +69,10 @@ def test_baselines_end_to_end(splice_store, tmp_path, cli, repo):
     assert code == 2 and "compare: 'random-init' has no rows in this evaluation" in err, err
     assert not (tmp_path / "cmp").exists()
     assert cli(*args)[0] == 0 and "up to date" in cli(*args)[2]  # reused
+    # a key older configs lacked, at a value that behaves as its absence did on both sides: named, not
+    # blamed on "different input data"
+    code, _, err = cli(*args, "device=cpu")
+    assert code == 2 and "device: 'auto' -> 'cpu'" in err and "different input data" not in err, err
     # as a pipeline starts it, a process of its own: reused before scikit-learn or torch is imported
     script = "import sys; from biomask.cli import main; rc = main(sys.argv[1:]); print(sorted({'sklearn', 'torch'} & set(sys.modules))); sys.exit(rc)"
     fresh = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
