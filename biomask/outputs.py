@@ -40,7 +40,7 @@ from typing import TextIO
 
 import yaml
 
-from biomask.config import config_diff, load_recorded_yaml
+from biomask.config import config_diff, flatten, load_recorded_yaml
 from biomask.errors import (
     EnvironmentIOError,
     InputError,
@@ -218,7 +218,7 @@ def check_output(
                 f"output {path} is a symbolic link (to {os.readlink(path)}); --overwrite replaces a "
                 "folder, not a link: give the folder it points to, or another output path"
             )
-        _check_overwritable(path)
+        _check_overwritable(path, config)
         check_same_stage(path, read_run_info(path), stage)
         return False
     if not path.is_dir():
@@ -228,7 +228,7 @@ def check_output(
         if any(path.iterdir()):
             raise OutputExistsError(
                 f"output directory {path} is not empty and was not written by biomask (no run.json); "
-                "choose another output path, or move its contents away" + record_gone(path)
+                "choose another output path, or move its contents away" + record_gone(path, config)
             )
         return False
     check_same_stage(path, info, stage)
@@ -255,7 +255,7 @@ def check_same_stage(path: Path, info: dict | None, stage: str | None) -> None:
     )
 
 
-def _check_overwritable(path: Path) -> None:
+def _check_overwritable(path: Path, config: dict | None = None) -> None:
     """--overwrite replaces only what biomask wrote: refuse a directory with anything else in it."""
     if not path.is_dir():  # stage outputs are directories: a file here is someone else's
         raise OutputExistsError(
@@ -270,7 +270,7 @@ def _check_overwritable(path: Path) -> None:
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask (no run.json of "
             "biomask's); --overwrite only replaces biomask's own outputs. Move its contents away or "
-            "choose another path" + record_gone(path)
+            "choose another path" + record_gone(path, config)
         )
     foreign = foreign_files(path, info)
     if foreign:
@@ -356,14 +356,21 @@ def _describe_difference(
     except yaml.YAMLError:
         return ""
     # a key that does not change results (num_workers, batch_size) is not what stands in the way
-    # a key older outputs lacked, given on both sides at values that behave as its absence did
-    # (evaluate's device auto / cpu): still a change of config, named rather than blamed on the data
-    changes = config_diff(old, new, ignore=non_semantic) or config_diff(
-        old, new, non_semantic, as_added=False
-    )
+    changes = config_diff(old, new, ignore=non_semantic)
     if not changes:
         named = describe_input_changes((read_run_info(path) or {}).get("inputs"), new_inputs)
-        return named or " (same config, different input data or format version)"
+        if named:
+            return named
+        # a key older outputs lacked, given on both sides at values that behave as its absence did
+        # (evaluate's device auto / cpu): a change of config, named rather than blamed on the data
+        a, b = flatten(old), flatten(new)
+        changes = [
+            line
+            for line in config_diff(old, new, non_semantic, as_added=False)
+            if (key := line.split(":", 1)[0]) in a and key in b
+        ]
+    if not changes:
+        return " (same config, different input data or format version)"
     shown = "\n  ".join(changes[:20])
     more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
     return f"; changed keys:\n  {shown}{more}"
@@ -716,17 +723,22 @@ def _lock_holder(fd: int) -> str:
         return "a process that has not said which"  # between its lock and its note of who it is
 
 
-def record_gone(path: Path) -> str:
-    """A note for a folder refused as not biomask's that holds the resolved config biomask writes into
-    its outputs (its `output:` naming this folder): its run.json went missing — a workflow engine
-    deletes a declared output file before it runs the rule again. Said, never acted on: without the
+def record_gone(path: Path, config: dict | None) -> str:
+    """A note for a folder refused as not biomask's that holds the resolved config this stage writes
+    into its outputs — every key of `config` (the new run's, resolved) spelled out, as no hand-written
+    config is, and its `output:` naming this folder: its run.json went missing (a workflow engine
+    deletes a declared output file before it runs the rule again). Said, never acted on: without the
     record, which files are biomask's cannot be told, and the folder is not deleted."""
+    if config is None:
+        return ""
     try:
         written = load_recorded_yaml((path / "config.yaml").read_text(encoding="utf-8"), str(path))
     except (OSError, ValueError, yaml.YAMLError):
         return ""
     named = written.get("output") if isinstance(written, dict) else None
     if not isinstance(named, str) or os.path.abspath(named) != os.path.abspath(path):
+        return ""
+    if set(flatten(written, keep_empty=True)) != set(flatten(config, keep_empty=True)):
         return ""
     return (
         f" (it holds the config.yaml biomask wrote for this output, but its run.json is gone: a workflow "

@@ -523,3 +523,25 @@ def test_a_refusal_names_the_output_not_its_hidden_temporary():
     )
     plain = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/w/.hidden.tmp-file"))
     assert plain.startswith("cannot use /w/.hidden.tmp-file: No space left")  # not biomask's pattern: as is
+
+
+def test_a_refusal_names_changed_data_before_keys_an_older_output_lacked(tmp_path):
+    """An evaluation written before splits.group existed, of a store prepared again since: the refusal
+    named the added keys (absent there, at their defaults here) and hid the store that changed. A key
+    both configs give at values that behave as its absence (device auto -> cpu) is named."""
+    from biomask.outputs import _describe_difference
+    from biomask.provenance import write_run_info
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "config.yaml").write_text("store: s\ndevice: auto\n")
+    write_run_info(
+        out, stage="evaluate", fingerprint="f", inputs=[{"name": "store", "path": "s", "sha256": "a" * 64}]
+    )
+    new = {"store": "s", "device": "auto", "splits": {"group": "none", "min_shared": 32}}
+    changed_data = _describe_difference(out, new, (), [{"name": "store", "path": "s", "sha256": "b" * 64}])
+    assert "store: s" in changed_data and "splits.group" not in changed_data, changed_data
+    same_data = _describe_difference(
+        out, {**new, "device": "cpu"}, (), [{"name": "store", "path": "s", "sha256": "a" * 64}]
+    )
+    assert "device: 'auto' -> 'cpu'" in same_data and "splits.group" not in same_data, same_data

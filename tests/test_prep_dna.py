@@ -179,10 +179,13 @@ def test_a_folder_whose_run_record_an_engine_deleted_says_so_and_is_kept(tmp_pat
     for extra in ([], ["--overwrite"]):
         code, _, err = cli(*args, *extra)
         assert code == 2 and "its run.json is gone" in err and (run / "model").is_dir(), err
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "config.yaml").write_text("output: elsewhere\n")  # a user's folder: no such note
-    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={tmp_path / 'mine'}")
-    assert code == 2 and "not written by biomask" in err and "run.json is gone" not in err, err
+    # a user's folder with a config of their own naming it (not every key spelled out): no such note
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text(f"# my settings\ninputs: [{{dataset: uci-splice}}]\noutput: {mine}\n")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={mine}", *extra)
+        assert code == 2 and "not written by biomask" in err and "run.json is gone" not in err, err
 
 
 def test_rerun_reuses_refuses_or_overwrites(tmp_path, cli, repo):

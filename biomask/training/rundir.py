@@ -371,7 +371,7 @@ def decide(
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain (no run.json "
             "or in_progress.json); --overwrite only replaces biomask's own runs. Move its contents away "
-            "or choose another output path" + record_gone(path)
+            "or choose another output path" + record_gone(path, config)
         )
     if info is not None:
         check_same_stage(path, info, "pretrain")
@@ -419,7 +419,7 @@ def decide(
     if any(path.iterdir()):
         raise OutputExistsError(
             f"output directory {path} is not empty and was not written by biomask pretrain; "
-            "choose another output path, or move its contents away" + record_gone(path)
+            "choose another output path, or move its contents away" + record_gone(path, config)
         )
     return "fresh"
 
