@@ -46,7 +46,7 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
     from biomask import datasets
     from biomask.provenance import sha256_file
 
-    record = json.loads((tmp_path / "centre.csv.biomask.json").read_text())
+    record = json.loads((tmp_path / ".centre.csv.biomask.json").read_text())
     assert record["csv_sha256"] == sha256_file(centre) and record["task"] == "gene-starts"
     assert (record["genome"], record["genome_sha256"]) == (
         "ecoli-k12",
@@ -59,7 +59,10 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
         0,
     )
     assert record["rows"] == 800 and record["code"]["biomask"]
-    # the table is a labelled DNA set for prep dna
+    # the table is a labelled DNA set for prep dna, and a pattern over the folder names the CSVs alone
+    code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'both'}",
+                       f"inputs=[{{path: '{tmp_path}/*', format: table}}]", "tokenizer.kind=char")  # fmt: skip
+    assert code == 0, err
     code, _, err = cli("prep", "dna", "-c", "configs/dna/splice.yaml", f"output={tmp_path / 'store'}",
                        f"inputs=[{{path: {centre}, format: table}}]", "tokenizer.kind=char")  # fmt: skip
     assert code == 0, err
@@ -79,7 +82,7 @@ def test_gene_start_windows_from_the_ecoli_annotation(tmp_path, cli):
     code, _, err = cli(*args)
     assert code == 2 and "not a task CSV" in err and mine.read_text() == "id,notes\n1,precious\n"
     # nor a file of the user's where the record would go
-    theirs = tmp_path / "new.csv.biomask.json"
+    theirs = tmp_path / ".new.csv.biomask.json"
     theirs.write_text("{}")
     code, _, err = cli(
         "datasets", "task", "gene-starts", "--genome", "ecoli-k12", "--output", tmp_path / "new.csv"

@@ -320,8 +320,9 @@ def _is_task_csv(path: Path) -> bool:
 
 
 def record_path(csv_path: Path) -> Path:
-    """Where `biomask datasets task` records how a CSV was made: beside it, `NAME.biomask.json`."""
-    return csv_path.with_name(csv_path.name + ".biomask.json")
+    """Where `biomask datasets task` records how a CSV was made: beside it, hidden (`.NAME.biomask.json`),
+    so a pattern over the folder (`tasks/*`, `tasks/*.csv*`) still names the CSVs alone."""
+    return csv_path.with_name(f".{csv_path.name}.biomask.json")
 
 
 def _is_task_record(path: Path) -> bool:
