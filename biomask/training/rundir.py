@@ -554,7 +554,7 @@ def note_resume(path: Path, step: int) -> None:
     atomic_write_text(marker, json.dumps(state, indent=2) + "\n")
 
 
-def note_precision(path: Path, step: int, precision: str, device: str) -> None:
+def note_precision(path: Path, step: int, precision: str, device: str, asked: str = "auto") -> None:
     """Record the precision and device the steps from `step` train in (in_progress.json; run.json keeps
     the list where it changed: trained_in), and say when they differ from the steps before: a
     `train.precision: auto` run that started in bf16 on a GPU and resumed on a CPU node trained on in
@@ -571,10 +571,17 @@ def note_precision(path: Path, step: int, precision: str, device: str) -> None:
     if last is not None and (last.get("precision"), last.get("device")) == (precision, device):
         return
     if last is not None:
+        # train.precision auto resolves by the device: the way back is the device it started on (naming
+        # the precision instead changes the config, and the run is refused as another one)
+        how = (
+            f"resume it on a {last.get('device')} node"
+            if asked == "auto"
+            else f"resume it on a {last.get('device')} node with train.precision={asked}"
+        )
         log.warning(
             "pretrain: %s resumes in %s on %s where steps %d-%d trained in %s on %s: its weights mix the two "
-            "(run.json records it: trained_in). Set train.precision=%s (and run where it ran) to go on as it "
-            "started, or pass --overwrite to train it again",
+            "(run.json records it: trained_in). To go on as it started, %s; or pass --overwrite to train "
+            "it again",
             path,
             precision,
             device,
@@ -582,7 +589,7 @@ def note_precision(path: Path, step: int, precision: str, device: str) -> None:
             step,
             last.get("precision"),
             last.get("device"),
-            last.get("precision"),
+            how,
         )
     state["trained_in"] = [*segments, {"from_step": step, "precision": precision, "device": device}]
     atomic_write_text(marker, json.dumps(state, indent=2) + "\n")

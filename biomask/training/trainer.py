@@ -777,7 +777,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         else:
             torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout: its own stream per rank
         if dist_env.is_main:
-            rundir.note_precision(out, step, precision, device.type)
+            rundir.note_precision(out, step, precision, device.type, cfg.train.precision)
         if dist_env.is_main and ckpt_root.exists():
             checkpoint.prune(ckpt_root, cfg.train.keep_last)  # leftovers of a save cut short by a kill
 
