@@ -394,6 +394,33 @@ def test_fit_cells_paths_starting_with_the_home_tilde_are_the_home_folder(tmp_pa
     assert list(work.iterdir()) == []
 
 
+def test_fit_cells_embeds_on_omp_num_threads_and_gives_the_callers_thread_count_back(tmp_path, monkeypatch):
+    """Prep's numba sets torch to every core; pretraining gave back the count it found (numba's), so
+    the embedding ran on every core under OMP_NUM_THREADS=1 — and recorded it. The caller's own count
+    comes back at the end."""
+    import torch
+
+    import biomask
+    from biomask.embedding import api
+
+    seen = []
+    real = api.embed
+
+    def embed(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "embed", embed)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        biomask.fit_cells(synthetic_cells(), tmp_path / "run", overrides=STEPS)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fit_cells_takes_scvi_tools_layer_argument(fitted, tmp_path):
     """scvi-tools users write setup_anndata(adata, layer="counts"); fit_cells(layer=...) was Python's
     TypeError. It is matrix='layers/NAME': the same cells give the same model."""

@@ -408,6 +408,13 @@ def fit_cells(
     genes_log = logging.getLogger("biomask.cells.genes")
     said_once = _SaidOnce(DUPLICATE_GENES)
     genes_log.addFilter(said_once)
+    import torch
+
+    from biomask.resources import honour_omp_threads
+
+    # the caller's torch thread count, given back at the end; prep's numba sets every core in between,
+    # and pretraining and the embedding run on $OMP_NUM_THREADS's
+    threads = torch.get_num_threads()
     try:
         store_existed = store.exists()
         copy_existed = source.exists()
@@ -502,6 +509,7 @@ def fit_cells(
                 del os.environ[name]
             os.environ.update(environment)
         if in_memory or backed:
+            honour_omp_threads()  # pretraining gave back the count it found, prep's numba's
             embed(
                 adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
                 strip_version=strip_version, duplicates=duplicates, key=key,
@@ -509,6 +517,8 @@ def fit_cells(
         log.info("fit_cells: checkpoint %s", checkpoint)
         return checkpoint
     finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         genes_log.removeFilter(said_once)
         if held is not None:
             held.release()
