@@ -362,16 +362,20 @@ def test_threads_follow_the_environment_unless_set(monkeypatch):
     import torch
     from pydantic import ValidationError
 
+    from biomask import resources
     from biomask.evaluation.config import EvaluateConfig
     from biomask.evaluation.protocols import torch_threads
     from biomask.resources import resolve_threads
 
     cfg = EvaluateConfig(store="s", output="o", baselines=["kmer_lr"])
     assert cfg.num_workers == "auto"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads("auto") == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(resources, "usable_cores", lambda: 4)  # a 4-core machine
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert resolve_threads("auto") == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert resolve_threads("auto") == len(os.sched_getaffinity(0))
+    assert resolve_threads("auto") == 4
     assert resolve_threads(5) == 5
     before = torch.get_num_threads()
     with torch_threads(1):

@@ -425,12 +425,16 @@ def _echo(text: str, stages: _Stages) -> None:
 def _record(plan: Plan, results: list[TaskResult]) -> None:
     from biomask.provenance import code_version, sha256_file
 
+    try:
+        digest: str | None = sha256_file(plan.source)
+    except OSError:  # the pipeline file moved or went away while it ran (or a plan built in memory)
+        digest = None
     data = {
         "pipeline": plan.pipeline.name,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # the runner's code and the pipeline file it read (each stage's run.json has its own code)
         "code": code_version(),
-        "pipeline_file": {"path": str(plan.source), "sha256": sha256_file(plan.source)},
+        "pipeline_file": {"path": str(plan.source), "sha256": digest},
         "results": [asdict(r) for r in results],
     }
     atomic_write_text(plan.run_dir / "local-run.json", json.dumps(data, indent=2) + "\n")
