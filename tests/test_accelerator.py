@@ -140,3 +140,16 @@ def test_an_omp_num_threads_beyond_the_cores_is_cut_to_them_and_said(monkeypatch
         assert resources.resolve_threads("auto") == 1 and resources.resolve_threads(3) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_omp_num_threads_of_zero_is_no_thread_count(monkeypatch):
+    """OMP_NUM_THREADS=0 names no count (torch.set_num_threads(0) raises): torch's own stands."""
+    import torch
+
+    from biomask import resources
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    assert resources.omp_threads() is None
+    before = torch.get_num_threads()
+    resources.honour_omp_threads()
+    assert torch.get_num_threads() == before

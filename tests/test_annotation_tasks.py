@@ -358,3 +358,25 @@ def test_a_joined_cds_is_coding_and_its_start_no_other_window(tmp_path):
     ]
     assert sum(label == "start" for label, *_ in windows) == 6  # the five plus-strand genes and the minus one
     assert not [w for w in windows if w[0] == "other" and w[3] == "+" and w[1] - 1 <= 16_000 < w[2]]
+
+
+def test_overwrite_of_a_task_csv_replaces_it_and_its_record(tmp_path, cli):
+    """--overwrite of a task CSV this command wrote (its record beside it) replaces both: a record
+    check that failed would refuse every rerun."""
+    out = tmp_path / "c.csv"
+    args = (
+        "datasets",
+        "task",
+        "gene-starts",
+        "--genome",
+        "ecoli-k12",
+        "--max-per-class",
+        "20",
+        "--output",
+        out,
+    )
+    assert cli(*args)[0] == 0
+    code, _, err = cli(*args, "--seed", "1", "--overwrite")
+    assert code == 0, err
+    record = json.loads((tmp_path / ".c.csv.biomask.json").read_text())
+    assert record["made_by"] == "biomask datasets task" and record["seed"] == 1

@@ -1255,3 +1255,18 @@ def test_a_diverged_fit_keeps_its_checkpoints_and_says_the_way_on_in_python(pbmc
         failed.value
     )
     assert (out / "store").is_dir() and list((out / "pretrain" / "checkpoints").glob("step*"))
+
+
+def test_a_count_loss_is_the_panel_transformers_own_setting(tmp_path):
+    """model.loss nb / poisson is refused on token models only: the panel transformer reads it."""
+    from types import SimpleNamespace
+
+    from biomask.config import load_config
+    from biomask.training.config import PretrainConfig
+    from biomask.training.trainer import _inert_settings
+
+    for loss in ("nb", "poisson"):
+        cfg = load_config(PretrainConfig, Path(__file__).parents[1] / "configs/pretrain/cells-panel-transformer.yaml",
+                          [f"output={tmp_path / 'o'}", f"data.store={tmp_path / 's'}", f"model.loss={loss}"])  # fmt: skip
+        assert _inert_settings(SimpleNamespace(kind="panel_transformer", target="values"), cfg) == []
+        assert _inert_settings(SimpleNamespace(kind="transformer", target="tokens"), cfg) != []

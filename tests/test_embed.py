@@ -718,3 +718,16 @@ def test_embed_says_when_genes_scanpy_made_unique_are_left_out(pbmc_h5ad, cells_
             named[:, [i for i in range(len(genes)) if i != 3]].copy(), cells_checkpoint, counts=counts
         )
     assert "beside" not in caplog.text  # no G beside the copy: a gene of its own, nothing said
+
+
+def test_embed_refuses_a_loaded_model_on_another_device_than_asked(cells_checkpoint, pbmc_h5ad, monkeypatch):
+    """A model loaded on one device, embed(device=another): refused, naming where the model is (it ran
+    where the model was, without a word). The GPU is stood in for: pick_device says cuda."""
+    from biomask.embedding import inference
+    from biomask.errors import InputError
+
+    model = load_pretrained(cells_checkpoint, device="cpu")
+    monkeypatch.setattr(inference, "pick_device", lambda device="auto": torch.device("cuda", 0))
+    with pytest.raises(InputError, match="but the model given is on cpu"):
+        biomask.embed(read(pbmc_h5ad), model, device="cuda", matrix="raw",
+                      counts={"mode": "from_log1p", "total_counts_column": "n_counts"})  # fmt: skip

@@ -397,3 +397,17 @@ def test_a_moved_run_folder_is_reused_and_what_changed_in_it_is_not(dna_pipeline
     tokenizer.write_text(json.dumps(json.loads(original), indent=1))
     code, _, err = cli("-q", "pipeline", "run", dna_pipeline, f"run_dir={again}", "--only", "prep_splice")
     assert code == 2 and f"tokenizer file {tokenizer} was modified or removed" in err
+
+
+def test_a_run_whose_pipeline_file_is_gone_still_records_itself(dna_pipeline, tmp_path):
+    """local-run.json's pipeline-file digest ended the run's record in a traceback where the file had
+    gone (moved while the run ran, or a plan built in memory)."""
+    from biomask.pipelines.local import _record
+    from biomask.pipelines.plan import load_plan
+
+    plan = load_plan(dna_pipeline, [f"run_dir={tmp_path / 'r'}"])
+    plan.source = tmp_path / "gone.yaml"
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    _record(plan, [])
+    record = json.loads((plan.run_dir / "local-run.json").read_text())
+    assert record["pipeline_file"] == {"path": str(tmp_path / "gone.yaml"), "sha256": None}

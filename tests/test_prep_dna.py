@@ -179,6 +179,11 @@ def test_a_folder_whose_run_record_an_engine_deleted_says_so_and_is_kept(tmp_pat
     for extra in ([], ["--overwrite"]):
         code, _, err = cli(*args, *extra)
         assert code == 2 and "its run.json is gone" in err and (run / "model").is_dir(), err
+    # a copy of such a folder (its config.yaml names the original): not said to be that output
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    code, _, err = cli("prep", "dna", "-c", repo / "configs/dna/splice.yaml", f"output={copy}")
+    assert code == 2 and "not written by biomask" in err and "run.json is gone" not in err, err
     # a user's folder with a config of their own naming it (not every key spelled out): no such note
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -631,6 +631,38 @@ def test_a_resume_in_another_precision_or_on_another_device_is_said_and_recorded
         {"from_step": 0, "precision": "bf16", "device": "cuda"},
         {"from_step": 295, "precision": "fp32", "device": "cpu"},
     ]
+    # the same precision on another device is a change too; a precision the config names is advised
+    other = tmp_path / "other"
+    other.mkdir()
+    rundir.mark_in_progress(other, "f", 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        rundir.note_precision(other, 0, "bf16", "cuda", "bf16")
+        rundir.note_precision(other, 10, "bf16", "cpu", "bf16")
+    assert [s["device"] for s in rundir.trained_in(other)] == ["cuda", "cpu"]
+    assert "resume it on a cuda node with train.precision=bf16" in caplog.text
+
+
+def test_pretrain_records_each_parts_precision_and_device(genome_store, tmp_path, monkeypatch, caplog):
+    """run.json's trained_in, written by the run itself: the steps before a resume stood in for by a
+    GPU part (bf16 on cuda), this machine's after it."""
+    import logging
+
+    from biomask.training import rundir, trainer
+
+    real = rundir.note_precision
+
+    def after_a_gpu_part(path, step, precision, device, asked="auto"):
+        real(path, 0, "bf16", "cuda")
+        real(path, step, precision, device, asked)
+
+    monkeypatch.setattr(rundir, "note_precision", after_a_gpu_part)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        out = trainer.pretrain(config(genome_store, tmp_path / "run", **{"train.steps": 2}))
+    info = json.loads((out / "run.json").read_text())
+    assert [(s["precision"], s["device"]) for s in info["trained_in"]] == [("bf16", "cuda"), ("fp32", "cpu")]
+    assert "resumes in fp32 on cpu" in caplog.text
 
 
 def test_a_python_caller_gets_its_torch_thread_count_back(genome_store, tmp_path, monkeypatch):
@@ -1639,6 +1671,11 @@ def test_a_run_an_earlier_biomask_started_with_a_setting_now_refused_goes_on(
     other = config(genome_store, tmp_path / "fresh", **{"train.steps": 2, "model.decoder_layers": 2})
     with pytest.raises(ConfigError, match="does not use model.decoder_layers=2"):
         trainer.pretrain(other)
+    # the same run asked with another value of the key: refused as inert, not let through as it was
+    with pytest.raises(ConfigError, match="does not use model.decoder_layers=3"):
+        trainer.pretrain(
+            config(genome_store, tmp_path / "run", **{"train.steps": 2, "model.decoder_layers": 3})
+        )
 
 
 def test_activation_checkpointing_is_refused_for_a_continued_cnn(genome_store, tmp_path, cli):
