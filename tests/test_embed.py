@@ -6,6 +6,7 @@ Leiden on the result, DNA sequences and windows, and bad input refused with noth
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
     environment = json.loads(info["environment"])  # what computed the vectors, for a methods section
     assert environment["packages"]["torch"] == torch.__version__
     assert environment["packages"]["anndata"] and environment["torch_threads"] >= 1
+    assert environment["python"] == sys.version.split()[0] and "cuda_device" in environment
     assert info["gene_coverage"]["fraction_of_dataset_genes"] == pytest.approx(1.0)
     assert info["tokenization"]["scheme"] == "binned" and info["tokenization"]["n_bins"] == 51
     assert info["cells_without_vocabulary_genes"] == 0
