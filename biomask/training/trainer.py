@@ -849,9 +849,8 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
         window_start = time.perf_counter()
         while step < cfg.train.steps:
             skipped = engine.skipped_steps
-            step_lr = schedule.get_last_lr()[
-                0
-            ]  # the step's own: after it, the scheduler holds the next one's
+            # the step's own rate: after it, the scheduler holds the next step's
+            step_lr = schedule.get_last_lr()[0]
             step_ratio, computed_norm = train_step(
                 engine, masker, train_data, step, cfg.train.grad_accum, device, sums, record_counts
             )
