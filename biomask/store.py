@@ -526,9 +526,12 @@ def _check_recorded(manifest_path: Path, text: bytes) -> None:
     splits and files, and an edit that swapped two label names mislabelled every per-class result while
     each shard still matched it. A store without that record (written before, or by a library call) is
     not checked."""
+    from biomask.outputs import OUTPUT_DIGESTS_KEY
     from biomask.provenance import read_run_info
 
-    recorded = ((read_run_info(manifest_path.parent) or {}).get("output_sha256") or {}).get("manifest.json")
+    recorded = ((read_run_info(manifest_path.parent) or {}).get(OUTPUT_DIGESTS_KEY) or {}).get(
+        "manifest.json"
+    )
     if isinstance(recorded, str) and hashlib.sha256(text).hexdigest() != recorded:
         raise IntegrityError(
             f"{manifest_path} changed since the prep stage wrote it (its sha256 is recorded in run.json); "

@@ -257,7 +257,7 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
         found.get(key) in stage.fingerprints(with_config=False)
         and _recorded(path, key, "checkpoint_config_sha256") == stage.inputs[0].get(CONFIG_SHA256)
     )
-    if same and not overwrite and _vectors_unchanged(path, key, overwrite):
+    if same and not overwrite and _vectors_unchanged(path, key):
         log.info("embed: %s is up to date (same config, checkpoint and input); reusing it", path)
         return True
     if not found:
@@ -274,11 +274,11 @@ def _file_is_current(path: Path, stage: StageOutput, overwrite: bool, key: str) 
     )
 
 
-def _vectors_unchanged(h5ad: Path, key: str, overwrite: bool) -> bool:
-    """An output's vectors are those biomask embed wrote (their digest in uns[key]): a large output's
-    file is past the run record's digest budget, and an .h5ad output has no run record, so an edited
-    obsm was reused as this config's result. Refused (exit 2) unless --overwrite, which recomputes."""
-    if overwrite or not changed_embedding(h5ad, key):
+def _vectors_unchanged(h5ad: Path, key: str) -> bool:
+    """An output about to be reused holds the vectors biomask embed wrote (their digest in uns[key]): a
+    large output's file is past the run record's digest budget, and an .h5ad output has no run record,
+    so an edited obsm was reused as this config's result. Refused (exit 2); --overwrite recomputes."""
+    if not changed_embedding(h5ad, key):
         return True
     raise StaleOutputError(
         f"{h5ad}: obsm[{key!r}] changed since biomask embed wrote it (its sha256 is recorded in "
@@ -367,7 +367,8 @@ def run_embed(cfg: EmbedConfig, *, overwrite: bool = False) -> Path:
 
     path, kind, modality, h5ad, directory, stage = checked(cfg)
     if directory:
-        if stage.is_current(overwrite=overwrite) and _vectors_unchanged(h5ad, cfg.key, overwrite):
+        # is_current is False with --overwrite, which recomputes whatever the file holds
+        if stage.is_current(overwrite=overwrite) and _vectors_unchanged(h5ad, cfg.key):
             return h5ad
     elif h5ad != path and _file_is_current(h5ad, stage, overwrite, cfg.key):
         return h5ad
