@@ -1166,18 +1166,38 @@ def test_the_embeddings_section_names_the_checkpoint_that_made_them(tmp_path):
     adata.obsm["X_biomask"] = np.zeros((3, 4), dtype=np.float32)
     plain = tmp_path / "plain.h5ad"
     adata.write_h5ad(plain)
-    assert _embedded_by(str(plain)) == ""
+    assert _embedded_by(str(plain), tmp_path) == ""
     adata.uns["X_biomask"] = {"checkpoint": "runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model",
                               "masking_scheme": "r2mae", "training_steps": 1000, "cells": 3, "pooling": "mean",
                               "layer": -1, "normalisation": "l2", "checkpoint_weights_sha256": "18369d88c472" + "0" * 52}  # fmt: skip
     recorded = tmp_path / "recorded.h5ad"
     adata.write_h5ad(recorded)
-    text = _embedded_by(str(recorded))
+    text = _embedded_by(str(recorded), tmp_path)
     assert (
         "3 cells embedded by the checkpoint `runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model`"
         in text
     )
     assert "(r2mae, 1000 steps)" in text and "`18369d88c472`" in text and "pooling mean" in text
+
+
+def test_the_report_names_the_runs_beside_it_by_relative_paths(tmp_path, monkeypatch):
+    """Every run was printed by its absolute path (/home/<user>/...): a report published or copied
+    with its runs folder pointed at the machine it was made on. Runs near the report are relative
+    to its folder; others stay absolute, the home folder as `~`; a path recorded relative as it is."""
+    from biomask.report.report import shown
+
+    report = tmp_path / "project" / "runs" / "main" / "report"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert (
+        shown(tmp_path / "project" / "runs" / "main" / "pretrain_dna" / "r2mae", report)
+        == "../pretrain_dna/r2mae"
+    )
+    assert shown(str(tmp_path / "project" / "runs" / "prep" / "genome"), report) == "../../prep/genome"
+    assert shown(report / "figures", report) == "figures"
+    assert shown(tmp_path / "home" / "data" / "store", report) == "~/data/store"
+    far = tmp_path / "elsewhere" / "store"
+    assert shown(far, report) == str(far)
+    assert shown("runs/main/pretrain_cells/model", report) == "runs/main/pretrain_cells/model"
 
 
 def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
@@ -1241,10 +1261,10 @@ def test_the_pretraining_section_says_what_the_models_were_pretrained_on(tmp_pat
         (run / "config.yaml").write_text(yaml.safe_dump(config))
         (run / "run.json").write_text(json.dumps({"stage": "pretrain", "final_eval": {"mean_loss": 1.3}}))
         (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
-    (line, _) = _pretrained_on(find_pretrain_runs([str(tmp_path / "runs")]))
+    (line, _) = _pretrained_on(find_pretrain_runs([str(tmp_path / "runs")]), tmp_path / "report")
     assert (
         line
-        == f"Pretrained on `{store}` (built from ce2-chrX): its 'train' records; held-out loss on its 'val' records."
+        == "Pretrained on `../prep_genome` (built from ce2-chrX): its 'train' records; held-out loss on its 'val' records."
     )
 
 

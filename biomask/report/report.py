@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,25 @@ _METRIC_NAMES = {
     "cluster_ari_best": "Leiden ARI (best resolution, picked by the labels)",
     "cluster_nmi_best": "Leiden NMI (best resolution, picked by the labels)",
 }
+
+
+def shown(path: str | Path, report_dir: Path) -> str:
+    """A path as the report prints it: relative to the report's folder where it lies at most two
+    folders up (a run's siblings, or another run folder of the same project), so a report copied or
+    published with its runs folder points at the right places; elsewhere absolute, the home folder
+    written `~`. A relative path is printed as it was recorded (the folder it was relative to is not
+    known). The resolved configs at the end stay as recorded."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    target, base = os.path.normpath(text), os.path.normpath(os.path.abspath(report_dir))
+    rel = os.path.relpath(target, base)
+    if rel.split(os.sep)[:3] != [os.pardir] * 3:
+        return rel
+    home = os.path.expanduser("~")
+    if home not in ("", os.sep) and (target == home or target.startswith(home + os.sep)):
+        return "~" + target[len(home) :]
+    return target
 
 
 def verdict(cmp: dict[str, float], better: str, worse: str) -> str:
@@ -874,7 +894,7 @@ def _learned_verdict(modality: str, runs: list[PretrainRun]) -> list[str]:
     ]
 
 
-def _pretrained_on(runs: list[PretrainRun]) -> list[str]:
+def _pretrained_on(runs: list[PretrainRun], report_dir: Path) -> list[str]:
     """What a modality's runs were pretrained on, from each run's config and its store's run.json:
     the store, the data it was built from, the split trained on and the one the held-out loss is
     measured on (a table of losses says nothing of which genome or cells they are of)."""
@@ -891,7 +911,7 @@ def _pretrained_on(runs: list[PretrainRun]) -> list[str]:
         info = read_run_info(Path(store)) or {}
         sources = ", ".join(str(i.get("name")) for i in info.get("inputs", []) if i.get("name"))
         lines.append(
-            f"Pretrained on `{store}`"
+            f"Pretrained on `{shown(store, report_dir)}`"
             + (f" (built from {sources})" if sources else "")
             + f": its '{train}' records; held-out loss on its '{held_out}' records"
             + (f" ({len(names)} of these {len(runs)} runs)" if len(seen) > 1 else "")
@@ -1086,7 +1106,7 @@ def _code_versions(records: list[StageRecord], renderer: dict[str, Any] | None =
     ]
 
 
-def _provenance(records: list[StageRecord]) -> list[str]:
+def _provenance(records: list[StageRecord], report_dir: Path) -> list[str]:
     lines = [
         "| stage | output | fingerprint | code | inputs (file sha256 or stage fingerprint) | seeds |",
         "|---|---|---|---|---|---|",
@@ -1098,12 +1118,12 @@ def _provenance(records: list[StageRecord]) -> list[str]:
         )
         seeds = ", ".join(f"{k}={v}" for k, v in r.seeds.items())
         lines.append(
-            f"| {r.stage} | `{r.path}` | `{r.fingerprint[:12]}` | biomask {r.code.get('biomask', '?')} {commit} | {inputs} | {seeds} |"
+            f"| {r.stage} | `{shown(r.path, report_dir)}` | `{r.fingerprint[:12]}` | biomask {r.code.get('biomask', '?')} {commit} | {inputs} | {seeds} |"
         )
     lines.append("")
     for r in records:
         lines += [
-            f"<details><summary>resolved config: {r.path}</summary>",
+            f"<details><summary>resolved config: {shown(r.path, report_dir)}</summary>",
             "",
             "```yaml",
             r.config_text.rstrip(),
@@ -1118,7 +1138,7 @@ def _provenance(records: list[StageRecord]) -> list[str]:
 # ------------------------------------------------------------------------------------------- the stage
 
 
-def _embedded_by(h5ad: str) -> str:
+def _embedded_by(h5ad: str, report_dir: Path) -> str:
     """Which model made the embeddings the UMAP shows, as `biomask embed` recorded it in
     uns["X_biomask"] (a study evaluates many checkpoints; the figure is of one): '' where the file
     has no such record."""
@@ -1143,8 +1163,9 @@ def _embedded_by(h5ad: str) -> str:
         if record.get("checkpoint_weights_sha256")
         else ""
     )
-    return f"; {cells} embedded by the checkpoint `{record['checkpoint']}`{scheme}{weights}" + (
-        f" ({how})" if how else ""
+    return (
+        f"; {cells} embedded by the checkpoint `{shown(record['checkpoint'], report_dir)}`{scheme}{weights}"
+        + (f" ({how})" if how else "")
     )
 
 
@@ -1265,7 +1286,13 @@ def render(cfg: ReportConfig, out: Path) -> str:
         curves = figures.training_curves(mruns, modality, fig_dir / f"pretrain-{slug}-curves.png")
         hist = figures.ratio_histograms(mruns, modality, fig_dir / f"pretrain-{slug}-ratios.png")
         grid = figures.loss_by_ratio(mruns, modality, fig_dir / f"pretrain-{slug}-loss-by-ratio.png")
-        lines += [f"### {modality}", "", *_pretrained_on(mruns), *_pretrain_table(mruns), ""]
+        lines += [
+            f"### {modality}",
+            "",
+            *_pretrained_on(mruns, Path(cfg.output)),
+            *_pretrain_table(mruns),
+            "",
+        ]
         for fig in (curves, hist, grid):
             lines += [f"![{fig.stem}](figures/{fig.name})", ""]
 
@@ -1323,8 +1350,8 @@ def render(cfg: ReportConfig, out: Path) -> str:
         lines += [
             "## Embeddings",
             "",
-            f"`{cfg.embedding.path}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy"
-            + _embedded_by(cfg.embedding.path)
+            f"`{shown(cfg.embedding.path, Path(cfg.output))}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy"
+            + _embedded_by(cfg.embedding.path, Path(cfg.output))
             + "."
             + _vectors_note(cfg.embedding.path),
             "",
@@ -1332,7 +1359,7 @@ def render(cfg: ReportConfig, out: Path) -> str:
             "",
         ]
 
-    lines += ["## Configs, seeds and data checksums", "", *_provenance(records)]
+    lines += ["## Configs, seeds and data checksums", "", *_provenance(records, Path(cfg.output))]
     return "\n".join(lines) + "\n"
 
 
