@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import biomask
+from biomask.resources import source_checkout
 
 _CHUNK = 1 << 22
 
@@ -78,8 +79,9 @@ def code_version(*, with_diff: bool = False) -> dict[str, Any]:
         "git_commit": None,
         "git_dirty": None,
     }
-    repo = Path(biomask.__file__).resolve().parent.parent
-    if (repo / ".git").exists():
+    # only biomask's own source tree: an installed copy's parent folder may be a user's repository
+    repo = source_checkout()
+    if repo is not None and (repo / ".git").exists():
         try:
             commit = subprocess.run(
                 ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

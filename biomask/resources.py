@@ -8,14 +8,32 @@ runs biomask then means the copy shipped with the package.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from pathlib import Path
 
+import tomllib
+
 _PACKAGE = Path(__file__).resolve().parent
 PACKAGED = _PACKAGE / "configs"  # a wheel
 CHECKOUT = _PACKAGE.parent / "configs"  # a source checkout or an editable install
+
+
+@functools.cache
+def source_checkout() -> Path | None:
+    """The folder above the package where biomask runs from its own source tree (a checkout, an
+    editable install): its pyproject.toml names the project biomask. None for an installed copy — a
+    wheel in site-packages, or `pip install --target` into a user's own project, whose git commit
+    and folders are not biomask's to record or write into."""
+    root = _PACKAGE.parent
+    try:
+        with open(root / "pyproject.toml", "rb") as fh:
+            project = tomllib.load(fh).get("project")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return root if isinstance(project, dict) and project.get("name") == "biomask" else None
 
 
 def configs_dir() -> Path:

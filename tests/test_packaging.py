@@ -52,6 +52,20 @@ from biomask.pipelines.templates import render_templates
 assert Path(DEFAULT_PIPELINE).is_relative_to(target)
 plan = load_plan(DEFAULT_PIPELINE, [f"run_dir={work / 'main'}"])  # checks every stage config
 print("main job stages:", len(plan.stages), "templates:", sorted(render_templates()))
+# a shipped pipeline named as the README names it: the records must name the file that was read
+shipped = load_plan("configs/pipelines/dna-prep.yaml", [f"run_dir={work / 'prep'}"])
+assert shipped.source.is_relative_to(target) and shipped.source.is_file(), shipped.source
+
+# installed into a folder that is a git repository of the user's own: not biomask's commit
+from biomask.provenance import code_version
+assert code_version()["git_commit"] is None, code_version()
+
+# a cells kernel compiled and cached: in the user's numba cache, not inside the installed package
+import numpy as np
+from biomask.cells.medians import _count_and_keep
+_count_and_keep(np.array([0, 1]), np.array([0]), np.ones(1, np.float32), np.ones(1, np.float32),
+                np.zeros(1, np.int64), np.zeros((1, 2), np.float32))
+print("numba cache files inside the package:", len(list(target.rglob("*.nb[ic]"))))
 """
 
 
@@ -81,6 +95,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
         assert f"biomask/configs/{shipped}" in names
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", target, wheel], check=True)
+    git = ["git", "-C", target, "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run(["git", "init", "-q", target], check=True)  # the user's project, biomask installed in it
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "user's project"], check=True)
 
     lines = [line.split(",") for line in datasets.fetch("uci-splice").read_text().splitlines() if "," in line]
     rows = [("".join(f.strip() for f in fields[:-1]), fields[-1].strip()) for fields in lines[::10][:300]]
@@ -94,7 +111,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {
         "PYTHONPATH": str(target),
         "OMP_NUM_THREADS": "1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
     }
+    env.pop("NUMBA_CACHE_DIR", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(target), str(table)],
                           cwd=work, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -108,3 +127,5 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
     )
     assert re.search(expected, first), first
     assert "templates: ['pretrain.sbatch', 'stage.sbatch', 'sweep.sbatch']" in done.stdout
+    assert "numba cache files inside the package: 0" in done.stdout
+    assert list((tmp_path / "cache" / "numba").rglob("*.nbi")), "the kernel was not cached at all"

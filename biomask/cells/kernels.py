@@ -40,13 +40,36 @@ def environment_for_jobs() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _out_of_an_installed_package(numba: Any) -> Any:
+    """numba's user-wide cache for the kernels decorated inside, where biomask is an installed copy:
+    numba's first choice, `__pycache__` beside the module, wrote into site-packages files pip does
+    not record, which `pip uninstall` left behind (a `biomask` that still imports, empty). numba
+    picks a function's cache folder when it is decorated, so this touches only biomask's kernels.
+    A source checkout keeps the in-tree cache; NUMBA_CACHE_DIR set decides on its own."""
+    from biomask.resources import source_checkout
+
+    config = numba.core.config
+    if config.CACHE_DIR or source_checkout() is not None:
+        yield
+        return
+    from numba.misc.appdirs import AppDirs
+
+    previous, config.CACHE_DIR = config.CACHE_DIR, AppDirs(appname="numba", appauthor=False).user_cache_dir
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = previous
+
+
 def njit(func: Callable[..., Any]) -> Any:
     """`numba.njit(cache=True, nogil=True)`, or without the cache where it cannot be written."""
     import numba
 
     global _said
     try:
-        return numba.njit(cache=True, nogil=True)(func)
+        with _out_of_an_installed_package(numba):
+            return numba.njit(cache=True, nogil=True)(func)
     except RuntimeError as exc:  # "cannot cache function ...: no locator available"
         if "cache" not in str(exc):
             raise

@@ -159,7 +159,10 @@ def load_plan(
     _check_override_stages(data, overrides, path)
     overrides, swept = _apply_sweep_keys(data, overrides)
     touched = apply_overrides(data, overrides) | swept
-    return build_plan(data, str(path), Path(path).resolve(), check_commands, workdir or Path.cwd(), touched)
+    # the file read_yaml read: outside a checkout `configs/...` is the copy shipped in the wheel, and
+    # the records (local-run.json's sha256, pipeline.yaml, the sbatch scripts) must name that one
+    source = Path(path) if Path(path).exists() else shipped_config(path) or Path(path)
+    return build_plan(data, str(path), source.resolve(), check_commands, workdir or Path.cwd(), touched)
 
 
 def _apply_sweep_keys(
