@@ -64,7 +64,19 @@ class Relocation:
 
 def where_now(output: str | os.PathLike, recorded: str) -> str:
     """A path `output`'s config recorded, where it lies now that the run folder has moved: what a
-    later stage reads of an output (an evaluation's checkpoints) is found in the moved folder."""
+    later stage reads of an output (an evaluation's checkpoints) is found in the moved folder. A
+    relative recorded path is taken from where `output` was written (`written_from`), not from
+    where the reader runs, where it is there: an evaluation published beside its checkpoint (a
+    workflow engine's publishDir, its work folder deleted) finds it, not another `pretrain/model`
+    in the reader's folder. Else as recorded (a project moved, the reader in its new place); what
+    a reader takes from it it checks against the digests recorded (the report: a checkpoint's
+    config.json)."""
+    if not os.path.isabs(recorded):
+        from biomask.provenance import read_run_info
+
+        base = written_from(output, recorded_output(Path(output)), (read_run_info(output) or {}).get("cwd"))
+        there = os.path.join(base, recorded) if base is not None else None
+        return there if there is not None and os.path.exists(there) else recorded
     moved = of_output(output)
     if moved:
         return moved.to_new(recorded)

@@ -3,7 +3,9 @@ miniature of the main job's study pipeline on real data producing every section 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -1470,6 +1472,45 @@ def test_a_report_of_a_moved_run_folder_reads_its_checkpoints_where_they_are_now
     monkeypatch.setenv(RUN_DIR_ENV, str(new))
     loaded = load_evaluation("splice", str(evaluation), "mcc", None)
     assert loaded.masking == {"r2mae@0": R2MAE, "r2mae": R2MAE}  # by run, and by scheme
+
+
+def test_a_published_evaluation_reads_its_own_checkpoint_never_one_in_the_readers_folder(
+    tmp_path, monkeypatch, caplog
+):
+    """A workflow engine's task (Nextflow: each in a work folder) recorded relative paths
+    (`output=eval`, `checkpoints.self=pretrain/model`); its outputs published elsewhere and the work
+    folder deleted, the report resolved them from the folder it ran in: the checkpoint beside the
+    evaluation was lost, and an unrelated `pretrain/model` there (fixed 40 %) labelled the run. The
+    paths are taken from where the evaluation was written, and a checkpoint whose config.json is
+    not the one the evaluation read is not used."""
+    from biomask.relocation import RUN_DIR_ENV
+    from biomask.report.collect import load_evaluation
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    results = tmp_path / "results"
+    (results / "eval").mkdir(parents=True)
+    metrics = _evaluation({("self", "linear_probe"): [0.6, 0.7]}, {"self": R2MAE}).results
+    (results / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    (results / "eval" / "config.yaml").write_text(
+        yaml.safe_dump({"output": "eval", "checkpoints": {"self": "pretrain/model"}})
+    )
+    own = json.dumps({"masking": R2MAE}).encode()
+    (results / "pretrain" / "model").mkdir(parents=True)
+    (results / "pretrain" / "model" / "config.json").write_bytes(own)
+    inputs = [{"name": "self", "path": "pretrain/model", "config_sha256": hashlib.sha256(own).hexdigest()}]
+    run = {"stage": "evaluate", "cwd": str(tmp_path / "work" / "ab" / "cdef"), "inputs": inputs}
+    (results / "eval" / "run.json").write_text(json.dumps(run))
+    decoy = tmp_path / "decoy"
+    (decoy / "pretrain" / "model").mkdir(parents=True)
+    (decoy / "pretrain" / "model" / "config.json").write_text(json.dumps({"masking": {"scheme": "fixed40"}}))
+    monkeypatch.chdir(decoy)
+    assert load_evaluation("task", str(results / "eval"), "mcc", None).masking["self"] == R2MAE
+    # the published checkpoint gone: the one in the reader's folder is not the one the evaluation read
+    shutil.rmtree(results / "pretrain")
+    with caplog.at_level("WARNING", logger="biomask.report.collect"):
+        loaded = load_evaluation("task", str(results / "eval"), "mcc", None)
+    assert loaded.masking["self"] == {}
+    assert "is not the one the evaluation read" in caplog.text, caplog.text
 
 
 def test_a_current_report_is_reused_before_its_plotting_and_statistics_are_imported(tmp_path, cli):

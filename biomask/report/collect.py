@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -23,6 +24,7 @@ from biomask.masking.config import describe_masking
 from biomask.outputs import changed_outputs
 from biomask.provenance import read_run_info
 from biomask.relocation import where_now
+from biomask.stage import CONFIG_SHA256
 
 log = logging.getLogger(__name__)
 
@@ -336,20 +338,14 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
         raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     config = _read_yaml(root / "config.yaml")
     checkpoints = dict(config.get("checkpoints") or {})
+    read = {  # the sha256 of each checkpoint's config.json as the evaluation read it
+        i.get("name"): i.get(CONFIG_SHA256)
+        for i in (read_run_info(root) or {}).get("inputs", [])
+        if isinstance(i, dict)
+    }
     masking, architecture = {}, {}
     for name, ckpt in checkpoints.items():
-        try:
-            saved = json.loads((Path(where_now(root, ckpt)) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            # its masking unknown, the verdicts cannot name what it was trained with: say why
-            log.warning(
-                "evaluation %r: checkpoint %s (%s) has no readable config.json; its masking is not "
-                "reported (moved since? run the report from its pipeline, or set BIOMASK_RUN_DIR)",
-                key,
-                name,
-                ckpt,
-            )
-            saved = {}
+        saved = _checkpoint_config(key, name, where_now(root, ckpt), read.get(name))
         masking[name] = saved.get("masking", {})
         architecture[name] = saved.get("architecture", {})
         scheme, mark, _ = name.rpartition(SEED_MARK)
@@ -360,6 +356,34 @@ def load_evaluation(key: str, path: str, metric: str, title: str | None) -> Eval
     except (KeyError, TypeError, ValueError, StopIteration) as exc:  # parts that do not fit together
         raise _corrupt(root / "metrics.json", exc, "evaluate") from None
     return Evaluation(key, root, metric, title or key, results, checkpoints, masking, architecture)
+
+
+def _checkpoint_config(key: str, name: str, path: str, sha256: str | None) -> dict[str, Any]:
+    """The config.json of an evaluation's checkpoint, if it is the one the evaluation read (`sha256`,
+    its run.json's; None: not recorded); else {} and a warning — its masking unknown, the verdicts
+    cannot name what it was trained with, and another checkpoint's must not stand in for it."""
+    try:
+        text = (Path(path) / "config.json").read_bytes()
+        saved = json.loads(text.decode("utf-8"))
+    except (OSError, ValueError):
+        log.warning(
+            "evaluation %r: checkpoint %s (%s) has no readable config.json; its masking is not "
+            "reported (moved since? run the report from its pipeline, or set BIOMASK_RUN_DIR)",
+            key,
+            name,
+            path,
+        )
+        return {}
+    if sha256 and hashlib.sha256(text).hexdigest() != sha256:
+        log.warning(
+            "evaluation %r: checkpoint %s (%s): its config.json is not the one the evaluation read "
+            "(sha256 differs: another checkpoint at that path now); its masking is not reported",
+            key,
+            name,
+            path,
+        )
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def _with_pooling_counts(results: dict[str, Any]) -> dict[str, Any]:
