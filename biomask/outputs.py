@@ -441,6 +441,16 @@ def remove_leftover(item: Path) -> None:
         )
 
 
+def through_link(path: str | os.PathLike) -> Path:
+    """The folder an output named by a symbolic link is written into: the link's target (made if
+    it does not exist yet). A workflow engine's task links a stable folder into its work folder so
+    that a retry resumes there; the output was set aside and replaced by the link itself — a new
+    folder in the work folder, the target left empty — and a link to a folder not made yet failed
+    after all the work. The link stays, pointing at the written folder."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path`, on failure it is removed.
@@ -448,7 +458,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     A file-system refusal (disk full, read-only, permission denied) becomes an `EnvironmentIOError`
     naming the path (exit 2); the temporary is removed either way, so nothing half-written remains.
     """
-    path = Path(path)
+    path = through_link(path)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"
     try:

@@ -499,6 +499,7 @@ def test_a_run_from_an_edited_checkout_records_the_edit_itself(tmp_path, monkeyp
     from biomask.provenance import code_version, write_run_info
 
     monkeypatch.setattr(biomask, "__file__", str(tmp_path / "biomask" / "__init__.py"))
+    monkeypatch.setattr("biomask.provenance.source_checkout", lambda: tmp_path)  # biomask's own tree
     info = write_run_info(tmp_path / "biomask", stage="test", fingerprint="f")
     assert info["code"]["git_dirty"] and "+WIDTH = 128" in info["code"]["git_diff"]
     assert "git_diff" not in code_version()
@@ -545,3 +546,35 @@ def test_a_refusal_names_changed_data_before_keys_an_older_output_lacked(tmp_pat
         out, {**new, "device": "cpu"}, (), [{"name": "store", "path": "s", "sha256": "a" * 64}]
     )
     assert "device: 'auto' -> 'cpu'" in same_data and "splits.group" not in same_data, same_data
+
+
+def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_path, genome_store):
+    """A workflow engine's task (Nextflow) links a stable folder into its work folder as the output,
+    so that a retry resumes there. The link was renamed aside and a new folder made in its place: the
+    target stayed empty, the output was lost with the work folder, and pretrain left a hidden link
+    behind. A link to a folder not made yet failed after the work (prep, evaluate) or was a
+    traceback (pretrain). Each writes into the link's target now, and the link stays."""
+    from biomask.outputs import atomic_output_dir
+    from biomask.provenance import write_run_info
+    from tests.conftest import _pretrain
+
+    work, stable = tmp_path / "work", tmp_path / "stable"
+    work.mkdir()
+    (stable / "prep").mkdir(parents=True)
+    (work / "prep").symlink_to(stable / "prep")  # a folder made for it
+    (work / "eval").symlink_to(stable / "eval")  # not made yet
+    for name in ("prep", "eval"):
+        with atomic_output_dir(work / name) as tmp:
+            write_run_info(tmp, stage="s", fingerprint="f")
+        assert (work / name).is_symlink() and (stable / name / "run.json").is_file(), name
+    assert sorted(p.name for p in work.iterdir()) == ["eval", "prep"]  # nothing else left there
+
+    (stable / "pretrain").mkdir()
+    (work / "pretrain").symlink_to(stable / "pretrain")
+    (work / "fresh").symlink_to(stable / "not-yet" / "fresh")
+    tiny = {"data.store": genome_store, "data.max_length": 66, "model.max_len": 66, "train.steps": 2}
+    for name in ("pretrain", "fresh"):
+        _pretrain("configs/pretrain/dna-tiny.yaml", work / name, **tiny)
+        assert (work / name).is_symlink(), name
+        assert (Path(os.path.realpath(work / name)) / "model" / "model.safetensors").is_file(), name
+    assert sorted(p.name for p in work.iterdir()) == ["eval", "fresh", "prep", "pretrain"]

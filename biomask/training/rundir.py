@@ -67,6 +67,7 @@ from biomask.outputs import (
     record_gone,
     refuse_changed,
     remove_leftover,
+    through_link,
 )
 from biomask.provenance import (
     code_differs,
@@ -430,6 +431,7 @@ def start_fresh(
     """Clear `path` and mark it as an unfinished run. A run found there (biomask's own, which
     --overwrite replaces) is kept in `path/.replaced-run` until this one finishes; where an earlier
     replacement never finished, the run that one replaced stays the one kept."""
+    path = through_link(path)
     if path.exists():
         _check_movable(path)
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
