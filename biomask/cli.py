@@ -1260,7 +1260,9 @@ class _SigintStop(_SigtermStop):
 _MEMORY_SETTINGS = {
     "prep cells": "block_size, hvg.max_cells (the cells scanpy's HVG selection holds), shard_tokens and "
     "tokenizer.median_max_values",
-    "prep dna": "shard_tokens (the tokens held before a shard is written)",
+    "prep dna": "shard_tokens (the tokens held before a shard is written); an input's annotation task "
+    "(task: coding) holds about 25 bytes per base of its genome whatever max_per_class is: give it "
+    "fewer records (a GenBank file of the contigs wanted) or more memory",
     "pretrain": "train.micro_batch_size (train.grad_accum keeps the global batch)",
     "evaluate": "batch_size",
     "embed": "chunk_size (cells read at a time) and batch_size (records per forward pass)",

@@ -30,9 +30,10 @@ def stratified_split(groups: np.ndarray | None, n: int, val: float, test: float,
     """Split code (0 train, 1 val, 2 test) per cell; `groups` holds each cell's stratum (or None)."""
     rng = np.random.default_rng(seed)
     codes = np.full(n, TRAIN, dtype=np.uint8)
-    if groups is None:
-        groups = np.zeros(n, dtype=np.int64)
-    uniques, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    if groups is None:  # one stratum
+        uniques, inverse = np.array(["0"]), np.zeros(n, dtype=np.intp)
+    else:
+        uniques, inverse = _sorted_groups(groups)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(uniques.size + 1))
     for g in range(uniques.size):
@@ -42,6 +43,19 @@ def stratified_split(groups: np.ndarray | None, n: int, val: float, test: float,
         codes[members[:n_test]] = TEST
         codes[members[n_test : n_test + n_val]] = VAL
     return codes
+
+
+def _sorted_groups(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(groups.astype(str), return_inverse=True)`, without the fixed-width string copy of
+    every cell's group (and np.unique's sorted copy of it): ~470 bytes a cell, a million cells' prep
+    out of memory under a cap its settings could not lower. Factorised first, the few distinct
+    values sorted as strings: the same groups in the same order, so the same split."""
+    # str objects (a pointer a cell; a str stays itself), so that 1 and "1" are one group and None
+    # and NaN two, as astype(str) made them; factorize would merge missing values
+    strings = pd.Series(np.asarray(groups), copy=False).astype(str).to_numpy()
+    codes, found = pd.factorize(strings)
+    uniques, order = np.unique(np.asarray(found, dtype=str), return_inverse=True)
+    return uniques, order.reshape(-1)[codes]
 
 
 def split_from_column(values: pd.Series, where: str, column: str) -> np.ndarray:

@@ -36,6 +36,7 @@ gene-starts' option only.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import datetime as _dt
 import io
@@ -135,7 +136,7 @@ def gene_start_windows(
         raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     rng = np.random.default_rng(seed)
     starts: list[dict[str, str]] = []
-    contigs: list[tuple[str, str, dict[int, set[int]]]] = []
+    contigs: list[tuple[str, str, dict[int, list[int]]]] = []  # each strand's starts, sorted
     n_genes = 0
     for contig, sequence, genes in _annotated_genes(Path(path), "gene-starts"):
         taken: dict[int, set[int]] = {1: set(), -1: set()}
@@ -150,7 +151,7 @@ def gene_start_windows(
             window = _window(sequence, left, length, gene.strand)
             if window is not None:
                 starts.append(_row(window, "start", contig, left, length, gene.strand))
-        contigs.append((contig, sequence, taken))
+        contigs.append((contig, sequence, {strand: sorted(at) for strand, at in taken.items()}))
     if not starts and n_genes:
         raise InputError(
             f"{path}: none of its {n_genes:,} annotated CDS starts has a {length}-base window inside its "
@@ -171,7 +172,7 @@ def gene_start_windows(
 
 
 def _other_windows(
-    contigs: list[tuple[str, str, dict[int, set[int]]]], n: int, length: int, rng: np.random.Generator
+    contigs: list[tuple[str, str, dict[int, list[int]]]], n: int, length: int, rng: np.random.Generator
 ) -> list[dict[str, str]]:
     sizes = np.array([len(seq) - length for _, seq, _ in contigs], dtype=np.float64).clip(min=0)
     if sizes.sum() == 0:
@@ -186,7 +187,9 @@ def _other_windows(
         i = int(rng.choice(len(contigs), p=sizes / sizes.sum()))
         contig, sequence, taken = contigs[i]
         left, strand = int(rng.integers(0, int(sizes[i]) + 1)), int(rng.choice([1, -1]))
-        if any(left <= s < left + length for s in taken[strand]):
+        # the first start at or after `left` (each try scanned every start: 97 s of CPU at 20k genes)
+        at = bisect.bisect_left(taken[strand], left)
+        if at < len(taken[strand]) and taken[strand][at] < left + length:
             continue
         window = _window(sequence, left, length, strand)
         if window is not None:
@@ -232,7 +235,8 @@ def coding_windows(
     contigs = [(c, seq, genes) for c, seq, genes in _annotated_genes(Path(path), "coding")]
     if not any(genes for _, _, genes in contigs):
         raise InputError(f"{path}: no annotated CDS (not pseudo) to label windows by")
-    # every eligible window start, by class: (contig index, left, strand read)
+    # every eligible window start, by class: (contig index, left, strand read). 32-bit: a genome's
+    # candidates are about one per base and class, and with 64-bit arrays prep held ~84 bytes a base
     found: dict[str, list[np.ndarray]] = {label: [] for label in CODING_LABELS}
     for index, (_, sequence, genes) in enumerate(contigs):
         starts = len(sequence) - length + 1
@@ -240,29 +244,36 @@ def coding_windows(
             continue
         full = {}
         for strand in (1, -1):  # bases of each window inside a CDS on this strand, from prefix sums
-            edges = np.zeros(len(sequence) + 1, dtype=np.int64)
+            edges = np.zeros(len(sequence) + 1, dtype=np.int32)
             for gene in (g for g in genes if g.strand == strand):
                 for left, right in gene.parts:
                     edges[left] += 1
                     edges[right] -= 1
-            covered = np.concatenate([[0], np.cumsum(np.cumsum(edges)[:-1] > 0)])
+            covered = np.zeros(len(sequence) + 1, dtype=np.int32)
+            np.cumsum(np.cumsum(edges, dtype=np.int32)[:-1] > 0, dtype=np.int32, out=covered[1:])
+            del edges
             full[strand] = covered[length:] - covered[:starts]
-        plus_only = np.flatnonzero((full[1] == length) & (full[-1] == 0))
-        minus_only = np.flatnonzero((full[-1] == length) & (full[1] == 0))
-        neither = np.flatnonzero((full[1] == 0) & (full[-1] == 0))
+            del covered
+        plus_only = np.flatnonzero((full[1] == length) & (full[-1] == 0)).astype(np.int32)
+        minus_only = np.flatnonzero((full[-1] == length) & (full[1] == 0)).astype(np.int32)
+        neither = np.flatnonzero((full[1] == 0) & (full[-1] == 0)).astype(np.int32)
+        del full
 
         def rows_of(lefts: np.ndarray, strands: np.ndarray | int, index: int = index) -> np.ndarray:
-            return np.column_stack([np.full(len(lefts), index), lefts, np.broadcast_to(strands, lefts.shape)])
+            columns = [np.full(len(lefts), index), lefts, np.broadcast_to(strands, lefts.shape)]
+            return np.column_stack([np.asarray(c, dtype=np.int32) for c in columns])
 
         found["coding"] += [rows_of(plus_only, 1), rows_of(minus_only, -1)]
         found["antisense"] += [rows_of(plus_only, -1), rows_of(minus_only, 1)]
         found["noncoding"].append(rows_of(neither, rng.choice([1, -1], size=len(neither))))
+        del plus_only, minus_only, neither
     used = [np.zeros(len(seq), dtype=bool) for _, seq, _ in contigs]  # windows never overlap
     wanted = None if max_per_class is None else max_per_class + max_per_class // 5  # spares: duplicates
     rows: dict[str, list[dict[str, str]]] = {}
     # the rarest class first, so that the others cannot take its few windows
     for label in sorted(CODING_LABELS, key=lambda name: sum(len(a) for a in found[name])):
-        candidates = np.concatenate(found[label]) if found[label] else np.empty((0, 3), dtype=np.int64)
+        candidates = np.concatenate(found[label]) if found[label] else np.empty((0, 3), dtype=np.int32)
+        found[label] = []  # held once: concatenated, its parts go
         rows[label] = []
         for i in rng.permutation(len(candidates)):
             if wanted is not None and len(rows[label]) >= wanted:
