@@ -684,6 +684,41 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    """The shipped configs, for a user of an installed biomask (no configs/ folder of a checkout to
+    copy from): listed, or one printed whole, comments and all, to be saved and edited."""
+    from biomask.resources import configs_dir, shipped_configs
+
+    found = shipped_configs()
+    if args.name is None:
+        width = max(map(len, found), default=0)
+        for name, about in found.items():
+            print(f"{name:<{width}}  {about}".rstrip())
+        return 0
+    name = args.name.removeprefix("configs/")
+    if name not in found:
+        import difflib
+
+        by_file = {Path(n).name: n for n in found}
+        near = difflib.get_close_matches(name, found, n=3, cutoff=0.6) or [
+            by_file[m] for m in difflib.get_close_matches(Path(name).name, by_file, n=3, cutoff=0.6)
+        ]
+        raise InputError(
+            f"no shipped config {args.name!r}"
+            + (f"; did you mean {', '.join(near[:3])}?" if near else "")
+            + " (`biomask configs` lists them)"
+        )
+    raw = (configs_dir() / name).read_bytes()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (a notebook's): the text, as it takes it
+        sys.stdout.write(raw.decode("utf-8"))
+    else:  # the file's own bytes: a copy under an ASCII locale keeps its UTF-8 comments
+        sys.stdout.flush()
+        buffer.write(raw)
+        buffer.flush()
+    return 0
+
+
 def cmd_main(args: argparse.Namespace) -> int:
     from biomask.main_job import run_main_job
 
@@ -1050,6 +1085,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output", default="docs/config-reference.md", help="file, or - for stdout (default: %(default)s)"
+    )
+
+    p = command(
+        sub,
+        "configs",
+        cmd_configs,
+        "the configs biomask ships: listed, or one printed to copy and edit "
+        "(biomask configs evaluate/motif-task.yaml > my-task.yaml)",
+    )
+    p.add_argument(
+        "name", nargs="?", help="a config to print, e.g. pretrain/dna-tiny.yaml (default: list them)"
     )
 
     p = command(sub, "main", cmd_main, "the main job: the R²MAE study end to end on the built-in real data")

@@ -253,7 +253,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        shipped = (
+            " (`biomask configs` lists the configs biomask ships)" if path.parts[:1] == ("configs",) else ""
+        )
+        raise ConfigError(f"config file {path} does not exist{shipped}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     text = decode_config(raw, path)

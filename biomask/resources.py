@@ -54,6 +54,24 @@ def shipped_config(path: str | os.PathLike) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def shipped_configs() -> dict[str, str]:
+    """Every config the package ships, by its path under configs/ (`evaluate/motif-task.yaml`) ->
+    what its first comment line says (a JSON preset: '')."""
+    root = configs_dir()
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".yaml", ".json") or not path.is_file():
+            continue
+        first = ""
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("#") and line.lstrip("#").strip():
+                    first = line.lstrip("#").strip()
+                    break
+        found[path.relative_to(root).as_posix()] = first
+    return found
+
+
 def usable_cores() -> int:
     """The CPU cores this process may use: its affinity mask where the OS has one, and no more than its
     cgroup's CPU quota allows (a container run with `--cpus 2`, a Kubernetes limit, a systemd slice

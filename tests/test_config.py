@@ -434,3 +434,22 @@ def test_every_reader_of_a_recorded_config_keeps_the_limits(tmp_path, monkeypatc
         _read_yaml(run / "config.yaml")
     monkeypatch.setattr(biomask.config, "MAX_CONFIG_VALUES", 1_000)  # within the limits: read as before
     assert "d.a: 1 -> 2" in _describe_difference(run, new) and "d.a: 1 -> 2" in _changed_keys(run, new)
+
+
+def test_the_shipped_configs_are_listed_printed_whole_and_a_wrong_name_gets_the_near_ones(cli, tmp_path):
+    """An installed biomask has no configs/ folder to copy a template from (the README says to copy
+    configs/evaluate/motif-task.yaml): `biomask configs` lists every one with what it is for, prints one
+    whole (comments included, which --print-config drops), and a misspelt name is refused naming the
+    near ones; a missing `configs/...` file points at the list."""
+    from biomask.resources import configs_dir
+
+    code, listed, _ = cli("configs")
+    shipped = sorted(p.relative_to(configs_dir()).as_posix() for p in configs_dir().rglob("*.yaml"))
+    assert code == 0 and all(name in listed for name in shipped)
+    assert "evaluate/motif-task.yaml" in listed and "Template: a MOTIF task" in listed
+    code, text, _ = cli("configs", "configs/evaluate/motif-task.yaml")
+    assert code == 0 and text == (configs_dir() / "evaluate" / "motif-task.yaml").read_text(encoding="utf-8")
+    code, _, err = cli("configs", "pretrain/dna-tny.yaml")
+    assert code == 2 and "did you mean pretrain/dna-tiny.yaml" in err, err
+    code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tny.yaml", f"output={tmp_path / 'x'}")
+    assert code == 2 and "`biomask configs` lists" in err and not (tmp_path / "x").exists(), err

@@ -52,6 +52,8 @@ from biomask.pipelines.templates import render_templates
 assert Path(DEFAULT_PIPELINE).is_relative_to(target)
 plan = load_plan(DEFAULT_PIPELINE, [f"run_dir={work / 'main'}"])  # checks every stage config
 print("main job stages:", len(plan.stages), "templates:", sorted(render_templates()))
+# the configs a user of the installed copy copies from: listed, and one printed whole with its comments
+assert main(["configs"]) == 0 and main(["configs", "evaluate/motif-task.yaml"]) == 0
 # a shipped pipeline named as the README names it: the records must name the file that was read
 shipped = load_plan("configs/pipelines/dna-prep.yaml", [f"run_dir={work / 'prep'}"])
 assert shipped.source.is_relative_to(target) and shipped.source.is_file(), shipped.source
@@ -128,4 +130,5 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
     assert re.search(expected, first), first
     assert "templates: ['pretrain.sbatch', 'stage.sbatch', 'sweep.sbatch']" in done.stdout
     assert "numba cache files inside the package: 0" in done.stdout
+    assert "pretrain/dna-tiny.yaml" in done.stdout and "# Template: a MOTIF task" in done.stdout
     assert list((tmp_path / "cache" / "numba").rglob("*.nbi")), "the kernel was not cached at all"
