@@ -18,9 +18,10 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import biomask
 from biomask.resources import source_checkout
@@ -207,6 +208,18 @@ def code_differs(info: dict[str, Any] | None) -> str | None:
     return None
 
 
+class Began(NamedTuple):
+    """When a stage began: the wall clock, for the record, and a monotonic one, for its duration — a
+    clock stepped during a run (NTP, a VM restored) gave run.json a negative `wall_seconds`."""
+
+    wall: float
+    clock: float
+
+    @classmethod
+    def now(cls) -> Began:
+        return cls(time.time(), time.monotonic())
+
+
 def write_run_info(
     directory: str | os.PathLike,
     *,
@@ -215,17 +228,18 @@ def write_run_info(
     inputs: list[dict[str, Any]] | None = None,
     seeds: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
-    started: float | None = None,
+    started: Began | None = None,
 ) -> dict[str, Any]:
     """Write `run.json` (code version, environment, inputs with checksums, seeds) into `directory`.
-    `started` (a `time.time()`): when this process began the stage; `created` is when it finished."""
+    `started`: when this process began the stage; `created` is when it finished."""
     now = _dt.datetime.now(_dt.timezone.utc)
     timing = {}
     if started is not None:
-        begun = _dt.datetime.fromtimestamp(started, _dt.timezone.utc)
         timing = {
-            "started": begun.isoformat(timespec="seconds"),
-            "wall_seconds": round((now - begun).total_seconds(), 1),
+            "started": _dt.datetime.fromtimestamp(started.wall, _dt.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "wall_seconds": round(time.monotonic() - started.clock, 1),
         }
     info = {
         "stage": stage,

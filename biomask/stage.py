@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from biomask.outputs import (
     file_tree,
     output_digests,
 )
-from biomask.provenance import code_differs, read_run_info, sha256_json, write_run_info
+from biomask.provenance import Began, code_differs, read_run_info, sha256_json, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ class StageOutput:
     ) -> Iterator[Path]:
         """A temporary directory that becomes the output, with config.yaml and run.json, on success."""
         assert isinstance(self.path, Path)
-        started = time.time()
+        started = Began.now()
         with atomic_output_dir(self.path) as tmp:
             yield tmp
             write_config(self.config, tmp)

@@ -716,7 +716,8 @@ def test_training_progress_is_a_timestamped_line_per_logged_step_without_a_termi
     metrics.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    pattern = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] pretrain step 10/100 \(10\.0%\) loss 2\.5000 acc 0\.250 tok/s 12,346 ETA \d+:\d\d:\d\d"
+    # local time with its UTC offset (a bare local time ran backwards at a daylight-saving change)
+    pattern = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}\] pretrain step 10/100 \(10\.0%\) loss 2\.5000 acc 0\.250 tok/s 12,346 ETA \d+:\d\d:\d\d"
     assert re.match(pattern, lines[0]), lines[0]
     assert "step 20/100" in lines[1] and "held-out loss 2.1000" in lines[2]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

@@ -578,3 +578,18 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
         assert (work / name).is_symlink(), name
         assert (Path(os.path.realpath(work / name)) / "model" / "model.safetensors").is_file(), name
     assert sorted(p.name for p in work.iterdir()) == ["eval", "fresh", "prep", "pretrain"]
+
+
+def test_a_clock_stepped_back_during_a_stage_gives_no_negative_duration(tmp_path):
+    """A stage's duration was its wall-clock start subtracted from its end: an NTP step or a VM
+    restored mid-run gave run.json `wall_seconds: -7195.5`. Measured on a monotonic clock now; the
+    start stays the wall-clock time it was."""
+    import time
+
+    from biomask.provenance import Began, write_run_info
+
+    then = time.time() + 7200  # the start as the clock read it, two hours before it was stepped back
+    began = Began(then, time.monotonic() - 1.5)
+    info = write_run_info(tmp_path, stage="s", fingerprint="f", started=began)
+    assert 1.5 <= info["wall_seconds"] < 60, info
+    assert info["started"] > info["created"]  # the wall-clock stamps as the clock gave them

@@ -918,3 +918,30 @@ def test_pipeline_status_says_a_failed_job_without_a_log_never_started(tmp_path,
     out = capsys.readouterr().out
     assert f"a: FAILED — log {tmp_path / 'logs' / 'a-11.out'}" in out
     assert "b: CANCELLED — no log: it never started" in out and "biomask pipeline submit pipe.yaml" in out
+
+
+def test_status_without_a_run_folder_takes_the_latest_by_its_records_not_file_times(tmp_path, monkeypatch):
+    """`biomask pipeline status` with no run folder took the folder holding the newest file: one
+    copied with `rsync -a` from a host whose clock ran ahead was shown instead of today's run, and a
+    dangling link in any run folder (an output a scratch purge took) failed the command. The runs'
+    own records say when each ran."""
+    import json
+    import os
+
+    from biomask.pipelines.runs import find_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    today, copied, submitted = (tmp_path / "runs" / n for n in ("today", "old_copied", "cluster"))
+    for folder, name, key, when in (
+        (today, "local-run.json", "finished", "2026-12-07T10:00:00+0000"),
+        (copied, "local-run.json", "finished", "2026-11-01T10:00:00+0000"),
+        (submitted, "jobs.json", "submitted", "2026-12-06T09:00:00-0500"),
+    ):
+        folder.mkdir(parents=True)
+        (folder / name).write_text(json.dumps({key: when}))
+    future = 4_102_444_800  # 2100: the copy's files carry the other host's clock
+    os.utime(copied / "local-run.json", (future, future))
+    (copied / "embed_scratch").symlink_to(tmp_path / "purged")
+    assert find_run_dir(None) == today.resolve()
+    (submitted / "jobs.json").write_text(json.dumps({"submitted": "2026-12-07T09:00:00-0500"}))  # 14:00 UTC
+    assert find_run_dir(None) == submitted.resolve()

@@ -250,6 +250,31 @@ def check_input_files(plan: Plan, selected: Sequence[str]) -> None:
         )
 
 
+# each runner's record and the time it writes in it
+_RUN_RECORDS = (("local-run.json", "finished"), ("jobs.json", "submitted"))
+
+
+def _last_ran(folder: Path) -> float:
+    """When a run folder's pipeline last ran, by its own records' times (the record file's mtime
+    where one holds none). Not by the newest file in the folder: a folder copied from a host whose
+    clock ran ahead (`rsync -a`) was taken for the latest run, and one dangling link there (an
+    output a scratch purge took) made `pipeline status` fail on a folder nobody asked about."""
+    import datetime as _dt
+
+    times = []
+    for name, key in _RUN_RECORDS:
+        record = folder / name
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+            times.append(_dt.datetime.strptime(str(data[key]), "%Y-%m-%dT%H:%M:%S%z").timestamp())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                times.append(record.stat().st_mtime)
+    return max(times, default=0.0)
+
+
 def find_run_dir(target: str | os.PathLike | None) -> Path:
     """A run directory from a path to one, or to a pipeline file (its run_dir), or the latest under runs/."""
     if target is None:
@@ -264,7 +289,7 @@ def find_run_dir(target: str | os.PathLike | None) -> Path:
             raise InputError(
                 "no run directory found under runs/ or runs/pipelines/; name one (or the pipeline file)"
             )
-        return max(candidates, key=lambda p: max(f.stat().st_mtime for f in p.iterdir())).resolve()
+        return max(candidates, key=_last_ran).resolve()
     path = Path(target)
     if path.is_dir():
         return path.resolve()

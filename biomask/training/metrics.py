@@ -234,7 +234,9 @@ class MetricsLogger:
 
     def _line(self, step: int, kind: str, values: dict[str, Any]) -> None:
         """One timestamped line for a log without a terminal."""
-        stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        # local time with its offset: a bare local time ran backwards at a daylight-saving change
+        # and could not be matched with run.json's UTC times or a scheduler's log
+        stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S%z")
         total = self.total_steps
         if kind == "eval":
             loss = values.get("mean_loss")

@@ -53,7 +53,7 @@ from biomask.outputs import (
     check_inputs_outside,
     hold_output,
 )
-from biomask.provenance import code_version, read_run_info, write_run_info
+from biomask.provenance import Began, code_version, read_run_info, write_run_info
 from biomask.resources import honour_omp_threads
 from biomask.stage import StageOutput, warn_other_code
 from biomask.store import TokenStore, check_store_tokenizer
@@ -354,7 +354,7 @@ def pretrain(
     threads = torch.get_num_threads()  # the run sets $OMP_NUM_THREADS's count; a caller's own comes back
     try:
         with torch_linear_kept():
-            out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=time.time())
+            out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=Began.now())
     except (Requeue, Interrupted) as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
         # would stay alive with it (the traceback of a checkpointed stop tells nothing anyway)
@@ -539,7 +539,7 @@ def _check_settings_for(arch: Any, cfg: PretrainConfig, precision: str, *, overw
         )
 
 
-def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, began: float) -> Path:
+def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, began: Began) -> Path:
     dist_env = setup_env(local_rank)
     if not dist_env.is_main:
         logging.getLogger("biomask").setLevel(logging.WARNING)
