@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from biomask import __version__
-from biomask.errors import BiomaskError, ConfigError, InputError, Terminated
+from biomask.errors import SCHEDULER_SIGNALS, BiomaskError, ConfigError, InputError, Terminated
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
@@ -1226,10 +1226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from biomask.cells.kernels import use_writable_cache
 
     use_writable_cache()  # before scanpy or umap imports numba: a read-only home failed them
-    stop, interrupt = _SigtermStop(), _SigintStop()
-    with stop, interrupt:
+    stops = [_SigtermStop(), *(_SchedulerStop(s) for s in SCHEDULER_SIGNALS if s != signal.SIGTERM)]
+    interrupt = _SigintStop()
+    with contextlib.ExitStack() as guards:
+        for guard in (*stops, interrupt):
+            guards.enter_context(guard)
         code = _run(args)
-    for caught, name, exit_code in ((stop, "SIGTERM", Terminated.exit_code), (interrupt, "Ctrl-C", 130)):
+    caught_by = [(stop, signal.Signals(stop.SIGNAL).name, Terminated.exit_code) for stop in stops]
+    for caught, name, exit_code in (*caught_by, (interrupt, "Ctrl-C", 130)):
         if caught.raised and code == 0:
             # the stop was raised where the command stood and something it called (C code checking for
             # signals: numba's compiler, a ctypes callback) dropped it: the command ran on to the end.
@@ -1286,6 +1290,20 @@ class _SigtermStop:
     def __exit__(self, *exc: object) -> None:
         if self.installed and (self.raised or signal.getsignal(self.SIGNAL) is self):
             signal.signal(self.SIGNAL, self.DEFAULT)
+
+
+class _SchedulerStop(_SigtermStop):
+    """Another scheduler's stop signal, outside training (which checkpoints on it and exits 75):
+    SIGUSR1 (SLURM's --signal, LSF's -wa), SIGUSR2 (SGE's -notify before its SIGKILL), SIGXCPU (a
+    CPU-time limit). Their default ended the command where it stood, its temporary output left
+    behind and no word said; as SIGTERM, it unwinds through the stage's clean-up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.SIGNAL = signum
+
+    def stop(self) -> None:
+        raise Terminated(signal.Signals(self.SIGNAL).name)
 
 
 class _SigintStop(_SigtermStop):
@@ -1373,7 +1391,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except Terminated as exc:
         print(
-            "biomask: stopped by SIGTERM; what it was writing was removed, nothing half-written is left. "
+            f"biomask: {exc}; what it was writing was removed, nothing half-written is left. "
             "Run the same command again to do it",
             file=sys.stderr,
         )

@@ -7,6 +7,7 @@ message names the file, record, line or key and says what to do, and the process
 from __future__ import annotations
 
 import resource  # here, not where it is needed: out of file descriptors, an import cannot open its module
+import signal
 
 
 class BiomaskError(Exception):
@@ -80,17 +81,29 @@ class Interrupted(KeyboardInterrupt):
     and trained the next sample."""
 
 
+# What schedulers send before they kill: SLURM --signal and LSF -wa (USR1 or USR2), SGE -notify
+# (USR2 before its SIGKILL), a CPU-time limit (XCPU), PBS / HTCondor / Kubernetes (TERM). USR2 and
+# XCPU ended a training run where it stood: no checkpoint, no message, the steps since the last
+# checkpoint lost. Training checkpoints on each and exits 75; other commands stop as on SIGTERM.
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
+
+
 class Terminated(BaseException):
-    """SIGTERM reached a command (`kill`, `timeout`, scancel, a pipeline runner passing a stop on),
-    raised where the command was, so the temporary output it was writing is removed as on Ctrl-C,
-    rather than left beside the output (as large as the store or file it was becoming). Not an
-    `Exception`: no handler for errors may take it for one. Exit code 143 (128 + SIGTERM), as a
-    process killed by it reads in a shell."""
+    """SIGTERM reached a command (`kill`, `timeout`, scancel, a pipeline runner passing a stop on) —
+    or another scheduler's stop signal (SIGUSR1, SIGUSR2, SIGXCPU) outside training — raised where
+    the command was, so the temporary output it was writing is removed as on Ctrl-C, rather than
+    left beside the output (as large as the store or file it was becoming). Not an `Exception`: no
+    handler for errors may take it for one. Exit code 143 (128 + SIGTERM) whichever signal it was:
+    one code for "stopped, nothing half-written, run it again"."""
 
     exit_code = 143
 
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
     def __str__(self) -> str:
-        return "stopped by SIGTERM"
+        return f"stopped by {self.signal_name}"
 
 
 class FetchError(BiomaskError):

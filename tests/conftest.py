@@ -30,7 +30,7 @@ def _signal_handlers_restored():
     to exit 75) must not change how later tests' commands meet a signal, depending on test order."""
     import signal
 
-    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU, signal.SIGHUP, signal.SIGINT)
     saved = {sig: signal.getsignal(sig) for sig in names}
     yield
     for sig, handler in saved.items():

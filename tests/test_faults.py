@@ -1209,15 +1209,16 @@ def _prep_in_a_child(tmp_path, chrx_bases, capfd, before_finish) -> tuple[int, s
     return code, capfd.readouterr().err, out
 
 
-def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2, signal.SIGXCPU], ids=lambda s: s.name)
+def test_sigterm_while_writing_removes_the_temporary(tmp_path, chrx_bases, capfd, sig):
     """SIGTERM (`kill`, `timeout`, scancel) while prep writes its store: the command removes the
     temporary it was writing (as large as the store would be), says so and exits 143 (128 + SIGTERM):
-    no output under its name and nothing hidden beside it."""
-    code, err, out = _prep_in_a_child(
-        tmp_path, chrx_bases, capfd, lambda cli: os.kill(os.getpid(), signal.SIGTERM)
-    )
+    no output under its name and nothing hidden beside it. Another scheduler's stop signal the same
+    (SGE's -notify sends SIGUSR2, a CPU-time limit SIGXCPU: their default ended prep where it stood,
+    its temporary and lock left, no word said)."""
+    code, err, out = _prep_in_a_child(tmp_path, chrx_bases, capfd, lambda cli: os.kill(os.getpid(), sig))
     assert code == 143, err
-    assert "stopped by SIGTERM" in err
+    assert f"stopped by {sig.name}" in err
     assert not out.exists()
     assert leftovers(out.parent) == []
 

@@ -39,6 +39,9 @@ time.sleep(60)
         (signal.SIGTERM, "stopped by SIGTERM"),
         (signal.SIGINT, "interrupted (Ctrl-C)"),
         (signal.SIGHUP, "stopped by SIGHUP"),  # the terminal closed
+        # LSF's -wa, SGE's -notify: their default ended the runner, its stages dying into its pipe
+        (signal.SIGUSR1, "stopped by SIGUSR1"),
+        (signal.SIGUSR2, "stopped by SIGUSR2"),
     ],
 )
 def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(

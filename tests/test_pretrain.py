@@ -611,6 +611,27 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGXCPU], ids=lambda s: s.name)
+def test_other_schedulers_stop_signals_ask_training_for_its_checkpoint(sig):
+    """SGE's -notify sends SIGUSR2 before its SIGKILL, LSF's -wa often USR2, a CPU-time limit SIGXCPU:
+    each ended a training run where it stood (no checkpoint, no message, the steps since the last
+    checkpoint lost). Each is a stop request now, as SIGTERM and SIGUSR1 are (the loop then
+    checkpoints and exits 75: test_a_signal_checkpoints_and_exits_75_then_resumes), and left ignored
+    after that checkpoint so a repeat cannot turn exit 75 into a kill."""
+    from biomask.training.distributed import StopSignal
+
+    stop = StopSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), sig)
+        assert stop.received == sig and stop.name == sig.name
+        stop.ignore_from_now()
+        assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        stop.restore()
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_a_resume_in_another_precision_or_on_another_device_is_said_and_recorded(tmp_path, caplog):
     """train.precision auto: a run that started in bf16 on a GPU and resumed on a CPU node went on in
     fp32 without a word, and run.json named fp32 alone."""

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import REQUEUE_EXIT_CODE, BiomaskError, InputError
+from biomask.errors import REQUEUE_EXIT_CODE, SCHEDULER_SIGNALS, BiomaskError, InputError
 from biomask.outputs import append_own, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import (
@@ -181,8 +181,11 @@ def run_pipeline(
     in_main = threading.current_thread() is threading.main_thread()  # where handlers can be set
     # Ctrl-C and SIGHUP (the terminal closed) are left ignored where they were (a script's background
     # job, nohup)
+    # a scheduler's stop signals (TERM; LSF's USR1 / USR2, SGE's USR2, a CPU limit's XCPU: sent to
+    # the runner, their default ended it where it stood and its stages died at their next line into
+    # its pipe, a training stage without its checkpoint) are passed on as SIGTERM
     signals = [
-        signal.SIGTERM,
+        *SCHEDULER_SIGNALS,
         *(s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN),
     ]
     previous = {sig: signal.signal(sig, stages.stop) for sig in signals} if in_main else {}

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from biomask.errors import BiomaskError
+from biomask.errors import SCHEDULER_SIGNALS, BiomaskError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the pipeline runner reads RANK_VARS from here
     import torch
@@ -360,9 +360,9 @@ def _destroy_process_group() -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (a scheduler), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) set a flag; the
-    loop checkpoints at the end of the current step and exits 75, so the same command resumes. A second
-    Ctrl-C stops at once.
+    """A scheduler's signal (SCHEDULER_SIGNALS), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) set a
+    flag; the loop checkpoints at the end of the current step and exits 75, so the same command
+    resumes. A second Ctrl-C stops at once.
     Under torchrun or the deepspeed launcher, the launcher's own shutdown on Ctrl-C (SIGTERM to its
     workers, SIGKILL after a grace period) decides how far that gets."""
 
@@ -377,7 +377,7 @@ class StopSignal:
         thread alone, whose handlers stay the caller's, and `signal.signal` would refuse there."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
+        for sig in (*SCHEDULER_SIGNALS, signal.SIGINT, signal.SIGHUP):
             if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) is signal.SIG_IGN:
                 continue  # started ignoring it (a script's background job, nohup): keep it so
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -412,7 +412,7 @@ class StopSignal:
         that into "killed by a signal", which would keep the job script from requeueing. Ctrl-C gets
         its own handler back at `restore` (in a notebook the kernel goes on and must stay
         interruptible)."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        for sig in (*SCHEDULER_SIGNALS, signal.SIGHUP):
             if sig in self._previous:
                 signal.signal(sig, signal.SIG_IGN)
                 del self._previous[sig]
