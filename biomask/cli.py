@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import signal
 import sys
 import threading
@@ -695,7 +696,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
         for name, about in found.items():
             print(f"{name:<{width}}  {about}".rstrip())
         return 0
-    name = args.name.removeprefix("configs/")
+    name = posixpath.normpath(args.name.replace(os.sep, "/")).removeprefix("configs/")  # ./x, configs/x
     if name not in found:
         import difflib
 

@@ -212,12 +212,7 @@ def check_output(
         )
     if not path.exists():
         return False
-    if overwrite:
-        if path.is_symlink():  # the new output would replace the link, leaving the old one where it points
-            raise OutputExistsError(
-                f"output {path} is a symbolic link (to {os.readlink(path)}); --overwrite replaces a "
-                "folder, not a link: give the folder it points to, or another output path"
-            )
+    if overwrite:  # a link is replaced in the folder it points at (`through_link`), the link kept
         _check_overwritable(path, config)
         check_same_stage(path, read_run_info(path), stage)
         return False

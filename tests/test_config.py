@@ -447,8 +447,12 @@ def test_the_shipped_configs_are_listed_printed_whole_and_a_wrong_name_gets_the_
     shipped = sorted(p.relative_to(configs_dir()).as_posix() for p in configs_dir().rglob("*.yaml"))
     assert code == 0 and all(name in listed for name in shipped)
     assert "evaluate/motif-task.yaml" in listed and "Template: a MOTIF task" in listed
-    code, text, _ = cli("configs", "configs/evaluate/motif-task.yaml")
-    assert code == 0 and text == (configs_dir() / "evaluate" / "motif-task.yaml").read_text(encoding="utf-8")
+    for spelled in ("configs/evaluate/motif-task.yaml", "./evaluate/motif-task.yaml"):
+        code, text, _ = cli("configs", spelled)
+        assert code == 0 and text == (configs_dir() / "evaluate" / "motif-task.yaml").read_text(
+            encoding="utf-8"
+        )
+    assert cli("configs", "../pyproject.toml")[0] == 2
     code, _, err = cli("configs", "pretrain/dna-tny.yaml")
     assert code == 2 and "did you mean pretrain/dna-tiny.yaml" in err, err
     code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tny.yaml", f"output={tmp_path / 'x'}")

@@ -554,8 +554,9 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
     target stayed empty, the output was lost with the work folder, and pretrain left a hidden link
     behind. A link to a folder not made yet failed after the work (prep, evaluate) or was a
     traceback (pretrain). Each writes into the link's target now, and the link stays."""
-    from biomask.outputs import atomic_output_dir
-    from biomask.provenance import write_run_info
+    from biomask.errors import StaleOutputError
+    from biomask.outputs import atomic_output_dir, check_output
+    from biomask.provenance import read_run_info, write_run_info
     from tests.conftest import _pretrain
 
     work, stable = tmp_path / "work", tmp_path / "stable"
@@ -568,6 +569,15 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
             write_run_info(tmp, stage="s", fingerprint="f")
         assert (work / name).is_symlink() and (stable / name / "run.json").is_file(), name
     assert sorted(p.name for p in work.iterdir()) == ["eval", "prep"]  # nothing else left there
+    # another config through the link: --overwrite replaces the folder it points at (it was refused:
+    # "--overwrite replaces a folder, not a link", so a linked output could never take a change)
+    with pytest.raises(StaleOutputError):
+        check_output(work / "prep", "g")
+    assert check_output(work / "prep", "g", overwrite=True) is False
+    with atomic_output_dir(work / "prep") as tmp:
+        write_run_info(tmp, stage="s", fingerprint="g")
+    assert (work / "prep").is_symlink() and read_run_info(stable / "prep")["fingerprint"] == "g"
+    assert sorted(p.name for p in work.iterdir()) == ["eval", "prep"]
 
     (stable / "pretrain").mkdir()
     (work / "pretrain").symlink_to(stable / "pretrain")

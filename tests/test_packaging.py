@@ -132,3 +132,15 @@ def test_wheel_installs_and_runs_outside_the_checkout(repo, tmp_path):
     assert "numba cache files inside the package: 0" in done.stdout
     assert "pretrain/dna-tiny.yaml" in done.stdout and "# Template: a MOTIF task" in done.stdout
     assert list((tmp_path / "cache" / "numba").rglob("*.nbi")), "the kernel was not cached at all"
+    # a user cache that cannot be made (a read-only home): no cache, rather than numba's fallback to
+    # the package's own __pycache__
+    (tmp_path / "not-a-folder").write_text("")
+    kernel = (
+        "import numpy as np; from biomask.cells.medians import _count_and_keep; "
+        "_count_and_keep(np.array([0, 1]), np.array([0]), np.ones(1, np.float32), np.ones(1, np.float32), "
+        "np.zeros(1, np.int64), np.zeros((1, 2), np.float32))"
+    )
+    env["XDG_CACHE_HOME"] = str(tmp_path / "not-a-folder" / "cache")
+    done = subprocess.run([sys.executable, "-c", kernel], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "compiling them for this run only" in done.stderr, done.stderr[-2000:]
+    assert not list(target.rglob("*.nb[ic]"))

@@ -945,3 +945,19 @@ def test_status_without_a_run_folder_takes_the_latest_by_its_records_not_file_ti
     assert find_run_dir(None) == today.resolve()
     (submitted / "jobs.json").write_text(json.dumps({"submitted": "2026-12-07T09:00:00-0500"}))  # 14:00 UTC
     assert find_run_dir(None) == submitted.resolve()
+    # a run in progress is the one a user asks about, whatever its previous run's record says; so is
+    # a first run that has written only its resolved pipeline
+    import fcntl
+
+    from biomask.pipelines.runs import LOCK_NAME
+
+    with open(copied / LOCK_NAME, "w", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 1 on here")
+        held.flush()
+        assert find_run_dir(None) == copied.resolve()
+    first = tmp_path / "runs" / "first"
+    first.mkdir()
+    (first / "pipeline.yaml").write_text("name: first\n")
+    os.utime(first / "pipeline.yaml", (future, future))  # no record: its own file's time decides
+    assert find_run_dir(None) == first.resolve()

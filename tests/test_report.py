@@ -1199,7 +1199,11 @@ def test_the_report_names_the_runs_beside_it_by_relative_paths(tmp_path, monkeyp
     assert shown(tmp_path / "home" / "data" / "store", report) == "~/data/store"
     far = tmp_path / "elsewhere" / "store"
     assert shown(far, report) == str(far)
-    assert shown("runs/main/pretrain_cells/model", report) == "runs/main/pretrain_cells/model"
+    # a path recorded relative by another stage: as recorded; one the report opened: from here
+    assert shown("runs/main/pretrain_cells/model", report, recorded=True) == "runs/main/pretrain_cells/model"
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    assert shown("runs/main/pretrain_dna", Path("runs/main/report")) == "../pretrain_dna"
 
 
 def test_each_targets_verdict_is_in_one_table_at_the_top_of_the_summary():
@@ -1530,6 +1534,8 @@ def test_a_current_report_is_reused_before_its_plotting_and_statistics_are_impor
         yaml.safe_dump({"output": str(out), "evaluations": {"task": {"path": str(evaluation)}}})
     )
     assert cli("report", "--config", config)[0] == 0
+    # the provenance table names the evaluation beside the report by a path that travels with them
+    assert "| `../eval` |" in (out / "report.md").read_text(encoding="utf-8")
     code, stdout, err, heavy = fresh_cli("report", "--config", config)
     assert (code, stdout, heavy) == (0, str(out / "report.md"), []), err
     assert "up to date" in err

@@ -46,7 +46,8 @@ def _out_of_an_installed_package(numba: Any) -> Any:
     numba's first choice, `__pycache__` beside the module, wrote into site-packages files pip does
     not record, which `pip uninstall` left behind (a `biomask` that still imports, empty). numba
     picks a function's cache folder when it is decorated, so this touches only biomask's kernels.
-    A source checkout keeps the in-tree cache; NUMBA_CACHE_DIR set decides on its own."""
+    A source checkout keeps the in-tree cache; NUMBA_CACHE_DIR set decides on its own. Where the
+    user-wide folder cannot be written, numba would go back to `__pycache__`: no cache then."""
     from biomask.resources import source_checkout
 
     config = numba.core.config
@@ -55,7 +56,15 @@ def _out_of_an_installed_package(numba: Any) -> Any:
         return
     from numba.misc.appdirs import AppDirs
 
-    previous, config.CACHE_DIR = config.CACHE_DIR, AppDirs(appname="numba", appauthor=False).user_cache_dir
+    folder = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    try:
+        os.makedirs(folder, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise RuntimeError(f"cannot cache outside the installed package: {folder} cannot be written")
+    previous, config.CACHE_DIR = config.CACHE_DIR, folder
     try:
         yield
     finally:

@@ -23,7 +23,8 @@ Why the binned scheme is fast: its per-cell work is one compiled kernel (numba) 
 counts twice -- once for a histogram, once to write the kept tokens -- with no temporary arrays. Within
 a cell, values order like counts, and counts are mostly small integers: F comes from a histogram of
 counts below `SMALL_COUNT`; only the rare larger counts are sorted. The kernel is compiled on first
-use and cached beside this module (numba `cache=True`), so later processes load it in milliseconds.
+use and cached (numba `cache=True`: beside this module in a checkout, under ~/.cache/numba for an
+installed copy), so later processes load it in milliseconds.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def _bin_cells(indptr, counts, indices, scale, n_bins, max_length, tokens, value
 def _compiled_bin_cells():
     """`_bin_cells` compiled on first use rather than decorated: the configs import this module for
     its scheme names, and numba's import was half a second of every prep or embed rerun that finds
-    its output current. The compiled kernel is still cached beside this module."""
+    its output current. The compiled kernel is still cached (`kernels.njit`)."""
     from biomask.cells.kernels import njit
 
     return njit(_bin_cells)

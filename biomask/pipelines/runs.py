@@ -255,12 +255,17 @@ _RUN_RECORDS = (("local-run.json", "finished"), ("jobs.json", "submitted"))
 
 
 def _last_ran(folder: Path) -> float:
-    """When a run folder's pipeline last ran, by its own records' times (the record file's mtime
-    where one holds none). Not by the newest file in the folder: a folder copied from a host whose
-    clock ran ahead (`rsync -a`) was taken for the latest run, and one dangling link there (an
-    output a scratch purge took) made `pipeline status` fail on a folder nobody asked about."""
+    """When a run folder's pipeline last ran: now, where a `pipeline run` runs there; else by its own
+    records' times (the record file's mtime where one holds none; the resolved pipeline.yaml's, which
+    every run writes first, for a run that never finished). Not by the newest file in the folder: a
+    folder copied from a host whose clock ran ahead (`rsync -a`) was taken for the latest run, and one
+    dangling link there (an output a scratch purge took) made `pipeline status` fail on a folder
+    nobody asked about."""
     import datetime as _dt
 
+    with contextlib.suppress(OSError):
+        if run_in_progress(folder):
+            return float("inf")
     times = []
     for name, key in _RUN_RECORDS:
         record = folder / name
@@ -272,6 +277,9 @@ def _last_ran(folder: Path) -> float:
         except (OSError, ValueError, KeyError, TypeError):
             with contextlib.suppress(OSError):
                 times.append(record.stat().st_mtime)
+    if not times:
+        with contextlib.suppress(OSError):
+            times.append((folder / "pipeline.yaml").stat().st_mtime)
     return max(times, default=0.0)
 
 
@@ -279,12 +287,14 @@ def find_run_dir(target: str | os.PathLike | None) -> Path:
     """A run directory from a path to one, or to a pipeline file (its run_dir), or the latest under runs/."""
     if target is None:
         # runs/pipelines/<name> is the default run_dir; the shipped pipelines set runs/<name> (runs/main)
-        candidates = [
-            p.parent
-            for name in ("jobs.json", "local-run.json")
-            for pattern in (f"runs/pipelines/*/{name}", f"runs/*/{name}")
-            for p in Path().glob(pattern)
-        ]
+        candidates = list(
+            dict.fromkeys(
+                p.parent
+                for name in ("jobs.json", "local-run.json", "pipeline.yaml")
+                for pattern in (f"runs/pipelines/*/{name}", f"runs/*/{name}")
+                for p in Path().glob(pattern)
+            )
+        )
         if not candidates:
             raise InputError(
                 "no run directory found under runs/ or runs/pipelines/; name one (or the pipeline file)"

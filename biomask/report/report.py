@@ -73,15 +73,18 @@ _METRIC_NAMES = {
 }
 
 
-def shown(path: str | Path, report_dir: Path) -> str:
+def shown(path: str | Path, report_dir: Path, *, recorded: bool = False) -> str:
     """A path as the report prints it: relative to the report's folder where it lies at most two
     folders up (a run's siblings, or another run folder of the same project), so a report copied or
     published with its runs folder points at the right places; elsewhere absolute, the home folder
-    written `~`. A relative path is printed as it was recorded (the folder it was relative to is not
-    known). The resolved configs at the end stay as recorded."""
+    written `~`. A relative path the report opened is relative to its working directory; one another
+    stage `recorded` is printed as it was (the folder it was relative to is not known). The resolved
+    configs at the end stay as recorded."""
     text = str(path)
     if not os.path.isabs(text):
-        return text
+        if recorded:
+            return text
+        text = os.path.abspath(text)
     target, base = os.path.normpath(text), os.path.normpath(os.path.abspath(report_dir))
     rel = os.path.relpath(target, base)
     if rel.split(os.sep)[:3] != [os.pardir] * 3:
@@ -1164,7 +1167,7 @@ def _embedded_by(h5ad: str, report_dir: Path) -> str:
         else ""
     )
     return (
-        f"; {cells} embedded by the checkpoint `{shown(record['checkpoint'], report_dir)}`{scheme}{weights}"
+        f"; {cells} embedded by the checkpoint `{shown(record['checkpoint'], report_dir, recorded=True)}`{scheme}{weights}"
         + (f" ({how})" if how else "")
     )
 

@@ -1,8 +1,9 @@
 """Training metrics on rank 0: one JSON object per line in `metrics.jsonl`, the same scalars in
 TensorBoard (`tensorboard/`), and progress on stderr: a tqdm bar on a terminal; elsewhere (an sbatch
-log, a pipeline's log file) one timestamped line per logged step (`train.log_every`):
+log, a pipeline's log file) one timestamped line per logged step (`train.log_every`), local time with
+its UTC offset:
 
-    [2025-05-01 12:00:00] pretrain step 300/3000 (10.0%) loss 2.3411 acc 0.312 tok/s 41,230 ETA 0:41:10 gpu 3.2 GiB
+    [2025-05-01 12:00:00+0200] pretrain step 300/3000 (10.0%) loss 2.3411 acc 0.312 tok/s 41,230 ETA 0:41:10 gpu 3.2 GiB
 
 Each line has `step` and `kind` ("train" or "eval"). On resume, lines past the checkpoint's step
 (written by the interrupted run after its last checkpoint) are dropped, so the file reads as one run.
