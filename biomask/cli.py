@@ -1,8 +1,9 @@
 """The `biomask` command line. Each subcommand imports its stage lazily so `--help` stays fast.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (a file, record, line or config key the
-message names); 3 a data source could not be reached; 75 training checkpointed on SIGTERM/SIGUSR1
-(requeue and rerun to resume); 130 interrupted.
+message names); 3 a data source could not be reached; 75 training checkpointed on a scheduler's
+signal (errors.SCHEDULER_SIGNALS; requeue and rerun to resume); 130 interrupted; 143 stopped by one
+outside training.
 """
 
 from __future__ import annotations

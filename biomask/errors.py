@@ -59,17 +59,17 @@ class OutputBusyError(InputError):
     would delete each other's files. Nothing was written; wait for it, stop it, or choose another output."""
 
 
-# Exit code of a training stage that checkpointed on SIGTERM/SIGUSR1 and asks to be requeued: the
+# Exit code of a training stage that checkpointed on a scheduler's signal and asks to be requeued: the
 # pipeline runner and the sbatch scripts rerun (requeue) it, and it resumes from the checkpoint.
 REQUEUE_EXIT_CODE = 75
 
 
 class Requeue(BiomaskError):
-    """Training was checkpointed after SIGTERM / SIGUSR1 / Ctrl-C; rerun the same command to resume. Exit code 75."""
+    """Training was checkpointed after a scheduler's signal or Ctrl-C; rerun the same command to resume. Exit code 75."""
 
     exit_code = REQUEUE_EXIT_CODE
     # Whether raising it ends the process: true in the `biomask` command (cli.entry sets it), which
-    # exits 75 and so keeps SIGTERM / SIGUSR1 / SIGHUP ignored after the checkpoint; false where the
+    # exits 75 and so keeps the scheduler signals and SIGHUP ignored after the checkpoint; false where the
     # process goes on after the call (a notebook, a script calling fit_cells), which gets its handlers back.
     ends_process = False
 
