@@ -185,3 +185,43 @@ def test_a_stores_tokenizer_is_checked_and_a_bare_one_is_left_alone(tmp_path, sp
     for text in ("[1, 2]", '{"tokenizer": "bpe"}', "not json"):
         (tmp_path / "mine" / "manifest.json").write_text(text)
         assert check_store_tokenizer(bare) == 0
+
+
+def test_a_store_reads_as_developers_md_lays_it_out_without_biomask(splice_store):
+    """A downstream tool (a Rust or Julia loader, a colleague's script) reads a store from the layout
+    DEVELOPERS.md gives — manifest, per-split shards, int64 offsets local to a shard, labels as
+    indices into label_names, meta rows, files by their sha256 — with numpy, json and gzip alone. The
+    layout had been written down only in a docstring the docs never pointed at."""
+    import gzip
+    import hashlib
+    import itertools
+    import json
+
+    from tokenizers import Tokenizer
+
+    manifest = json.loads((splice_store / "manifest.json").read_text(encoding="utf-8"))
+    assert (manifest["format"], manifest["version"]) == ("biomask-token-store", 1)
+    vocab = Tokenizer.from_file(str(splice_store / manifest["tokenizer"]["dir"] / "tokenizer.json"))
+    ours = TokenStore(splice_store)
+    for split, info in manifest["splits"].items():
+        records, labels, ids = [], [], []
+        for shard in info["shards"]:
+            files = shard["files"]
+            for entry in files.values():
+                data = (splice_store / split / entry["name"]).read_bytes()
+                assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+            offsets = np.load(splice_store / split / files["offsets"]["name"])
+            tokens = np.load(splice_store / split / files["tokens"]["name"])
+            assert offsets.dtype == np.int64 and offsets[0] == 0 and offsets[-1] == tokens.size
+            records += [tokens[a:b] for a, b in itertools.pairwise(offsets)]
+            labels += list(np.load(splice_store / split / files["labels"]["name"]))
+            with gzip.open(splice_store / split / files["meta"]["name"], "rt", encoding="utf-8") as meta:
+                ids += list(pd.read_csv(meta)["id"])
+        assert len(records) == info["num_records"] == len(ours.split(split))
+        for i in (0, len(records) - 1):
+            record = ours.split(split)[i]
+            assert np.array_equal(records[i], record["tokens"]) and labels[i] == record["labels"]
+            bases = vocab.decode(records[i].tolist()).replace(" ", "")
+            assert len(bases) == info["fixed_length"] and set(bases) <= set("ACGTN")
+        assert {manifest["label_names"][j] for j in labels} <= set(manifest["label_names"])
+        assert len(set(ids)) == len(ids)

@@ -109,7 +109,8 @@ def embedding_digest(vectors: Any, rows: int = 65_536) -> str:
     in blocks of `rows`: a million cells' vectors are hashed without holding them twice."""
     digest = hashlib.sha256(repr(tuple(vectors.shape)).encode())
     for start in range(0, vectors.shape[0], rows):
-        digest.update(np.ascontiguousarray(vectors[start : start + rows], dtype=np.float32).tobytes())
+        # little-endian, whatever the machine: the digest is of the values, not of this CPU's layout
+        digest.update(np.ascontiguousarray(vectors[start : start + rows], dtype="<f4").tobytes())
     return digest.hexdigest()
 
 
