@@ -51,7 +51,11 @@ from biomask.pipelines.templates import render_templates
 
 assert Path(DEFAULT_PIPELINE).is_relative_to(target)
 plan = load_plan(DEFAULT_PIPELINE, [f"run_dir={work / 'main'}"])  # checks every stage config
-print("main job stages:", len(plan.stages), "templates:", sorted(render_templates()))
+templates = render_templates()
+print("main job stages:", len(plan.stages), "templates:", sorted(templates))
+# no checkout, no .venv in the submit folder: a template runs the interpreter biomask is installed in
+assert f"BIOMASK_PYTHON:-{sys.executable}" in templates["stage.sbatch"], templates["stage.sbatch"][:2000]
+assert "repository root" not in templates["stage.sbatch"]
 # the configs a user of the installed copy copies from: listed, and one printed whole with its comments
 assert main(["configs"]) == 0 and main(["configs", "evaluate/motif-task.yaml"]) == 0
 # a shipped pipeline named as the README names it: the records must name the file that was read

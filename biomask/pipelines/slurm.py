@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 _FIELD = re.compile(r"(\S+?)=(\S*)")
 
 
+def _template_python() -> str:
+    """A template's python where BIOMASK_PYTHON is unset: the checkout's `.venv` (`make venv`), or for
+    an installed biomask the interpreter it is installed in (a `.venv/bin/python` in the submit
+    folder would not exist there)."""
+    from biomask.resources import source_checkout
+
+    return ".venv/bin/python" if source_checkout() is not None else shlex.quote(sys.executable)
+
+
 def job_script(
     plan: Plan, stage: PlannedStage, *, overwrite: bool = False, portable: bool = False
 ) -> JobScript:
@@ -62,7 +71,7 @@ def job_script(
         stage=stage.name,
         summary=f"biomask {stage.command.name} --config {path(stage.config)}",
         workdir='"$SLURM_SUBMIT_DIR"' if portable else shlex.quote(str(plan.workdir)),
-        python="${BIOMASK_PYTHON:-.venv/bin/python}" if portable else shlex.quote(sys.executable),
+        python=f"${{BIOMASK_PYTHON:-{_template_python()}}}" if portable else shlex.quote(sys.executable),
         program=program,
         log_dir=path(plan.run_dir / "logs"),
         slurm=stage.slurm,

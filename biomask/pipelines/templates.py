@@ -50,8 +50,13 @@ TRAINING_EXAMPLE: dict[str, Any] = {
 
 
 def _header(name: str, log_dir: str) -> list[str]:
+    from biomask.resources import source_checkout
+
+    where = (  # an installed biomask: no repository, its configs/ paths mean the shipped copies
+        "the repository root" if source_checkout() is not None else "the folder its relative paths are under"
+    )
     return [
-        f"Template: edit it, then submit from the repository root: mkdir -p {log_dir} && sbatch pipelines/slurm/{name}",
+        f"Template: edit it, then submit from {where}: mkdir -p {log_dir} && sbatch pipelines/slurm/{name}",
         "Rendered by the same code as `biomask pipeline submit`; regenerate: biomask pipeline templates --out pipelines/slurm",
     ]
 
