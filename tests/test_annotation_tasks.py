@@ -380,3 +380,45 @@ def test_overwrite_of_a_task_csv_replaces_it_and_its_record(tmp_path, cli):
     assert code == 0, err
     record = json.loads((tmp_path / ".c.csv.biomask.json").read_text())
     assert record["made_by"] == "biomask datasets task" and record["seed"] == 1
+
+
+def test_no_other_window_holds_an_annotated_start_on_its_strand(tmp_path):
+    """An `other` window must hold no annotated CDS start on its strand: that is the label. Checked
+    against every start of a dense SYNTHETIC annotation (hundreds of genes on both strands, far from
+    position 0, so a set's order is not the coordinates'): the search over starts, once a scan of
+    all of them per try (quadratic), is a bisection now, and an off-by-one or unsorted list there
+    would mislabel windows silently."""
+    from Bio.Seq import Seq
+    from Bio.SeqFeature import FeatureLocation, SeqFeature
+    from Bio.SeqIO import write
+    from Bio.SeqRecord import SeqRecord
+
+    from biomask.datasets.annotation_tasks import gene_start_windows
+
+    rng = np.random.default_rng(1)
+    size, length = 400_000, 60
+    genome = "".join(rng.choice(list("ACGT"), size))
+    lefts = np.sort(rng.choice(np.arange(200_000, size - 2_000, 7), 600, replace=False))
+    strands = rng.choice([1, -1], lefts.size)
+    features = [
+        SeqFeature(
+            FeatureLocation(int(a), int(a) + 300 + 3 * int(rng.integers(0, 50)), strand=int(s)), type="CDS"
+        )
+        for a, s in zip(lefts, strands)
+    ]
+    record = SeqRecord(Seq(genome), id="dense", name="dense", features=features,
+                       annotations={"molecule_type": "DNA"})  # fmt: skip
+    path = tmp_path / "dense.gbk"
+    write(record, path, "genbank")
+    starts = {1: [], -1: []}
+    for f in features:
+        starts[f.location.strand].append(
+            int(f.location.start) if f.location.strand == 1 else int(f.location.end) - 1
+        )
+    rows = gene_start_windows(path, length=length, max_per_class=None, seed=3)
+    others = [r for r in rows if r["label"] == "other"]
+    assert len(others) > 300
+    for row in others:
+        span, strand = row["source"].split(":")[1][:-3], 1 if row["source"][-2] == "+" else -1
+        first = int(span.split("-")[0]) - 1  # the source is 1-based, inclusive
+        assert not [s for s in starts[strand] if first <= s < first + length], row["source"]

@@ -453,6 +453,18 @@ def test_the_shipped_configs_are_listed_printed_whole_and_a_wrong_name_gets_the_
             encoding="utf-8"
         )
     assert cli("configs", "../pyproject.toml")[0] == 2
+    # byte for byte under an ASCII locale too (the configs hold UTF-8 comments: "—", "²"), as a shell
+    # redirect copies it; the in-process capture above cannot see the stream's encoding
+    import os
+    import subprocess
+    import sys
+
+    ascii_env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-m", "biomask", "configs", "evaluate/motif-task.yaml"],
+                          capture_output=True, env=ascii_env, check=False)  # fmt: skip
+    assert (
+        done.returncode == 0 and done.stdout == (configs_dir() / "evaluate" / "motif-task.yaml").read_bytes()
+    )
     code, _, err = cli("configs", "pretrain/dna-tny.yaml")
     assert code == 2 and "did you mean pretrain/dna-tiny.yaml" in err, err
     code, _, err = cli("pretrain", "-c", "configs/pretrain/dna-tny.yaml", f"output={tmp_path / 'x'}")

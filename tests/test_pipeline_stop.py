@@ -42,6 +42,7 @@ time.sleep(60)
         # LSF's -wa, SGE's -notify: their default ended the runner, its stages dying into its pipe
         (signal.SIGUSR1, "stopped by SIGUSR1"),
         (signal.SIGUSR2, "stopped by SIGUSR2"),
+        (signal.SIGXCPU, "stopped by SIGXCPU"),  # a CPU-time limit
     ],
 )
 def test_a_signal_is_passed_on_to_the_running_stage_and_nothing_more_starts(

@@ -847,19 +847,26 @@ def test_a_registry_cannot_name_a_folder_outside_the_cache_or_a_file_url(tmp_pat
     registry._load.cache_clear()
 
 
-def test_overwrite_refuses_an_output_that_is_a_symlink(finished, tmp_path, cli):
+def test_overwrite_through_a_symlink_replaces_only_biomasks_folder_it_points_at(finished, tmp_path, cli):
+    """--overwrite of an output named by a link (a workflow engine's staged folder) replaces the
+    folder the link points at when biomask wrote it, and keeps the link; a link to a folder holding
+    anyone else's files is refused, and those files are left as they were."""
     (tmp_path / "one.fa").write_text(">a\nACGTACGTACGTACGTACGTAAAACCCGGT\n")
     real = tmp_path / "real"
-    assert (
-        cli("embed", "--checkpoint", finished / "model", "--input", tmp_path / "one.fa", "--output", real)[0]
-        == 0
-    )
+    embed = ["embed", "--checkpoint", finished / "model", "--input", tmp_path / "one.fa", "--output"]
+    assert cli(*embed, real)[0] == 0
     (tmp_path / "link").symlink_to(real)
-    code, _, err = cli(
-        "embed", "--checkpoint", finished / "model", "--input", tmp_path / "one.fa", "--output", tmp_path / "link",
-        "--pooling", "max", "--overwrite",
-    )  # fmt: skip
-    assert code == 2 and "symbolic link" in err and (tmp_path / "link").is_symlink(), err
+    code, _, err = cli(*embed, tmp_path / "link", "--pooling", "max", "--overwrite")
+    assert code == 0 and (tmp_path / "link").is_symlink(), err
+    assert json.loads((real / "run.json").read_text())["stage"] == "embed"
+    assert "max" in (real / "config.yaml").read_text()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("theirs")
+    (tmp_path / "planted").symlink_to(victim)
+    code, _, err = cli(*embed, tmp_path / "planted", "--overwrite")
+    assert code == 2 and "not written by biomask" in err, err
+    assert (victim / "precious.txt").read_text() == "theirs" and (tmp_path / "planted").is_symlink()
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on random protocol bytes
