@@ -165,19 +165,26 @@ def describe_foreign(root: Path, foreign: list[str], *, listed: bool = True) -> 
 
 
 def check_inputs_outside(path: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
-    """Refuse an output that is, contains, or lies inside one of the run's inputs."""
-    out = Path(os.path.abspath(Path(path).expanduser()))
+    """Refuse an output that is, contains, or lies inside one of the run's inputs — as spelled, and
+    where links lead: an output named by a link is written into the folder it points at
+    (`through_link`), so `--overwrite` through a link to the input's own store replaced it."""
+    given = Path(os.path.abspath(Path(path).expanduser()))
     for item in inputs:
-        inp = Path(os.path.abspath(Path(item).expanduser()))
-        if out == inp or out in inp.parents:
-            raise InputError(
-                f"output {out} contains the run's input {inp}; writing (or --overwrite) would replace it. "
-                "Choose an output path that does not hold the input"
-            )
-        if inp in out.parents and inp.is_dir():
-            raise InputError(
-                f"output {out} lies inside the run's input directory {inp}; choose an output path outside it"
-            )
+        spelled = Path(os.path.abspath(Path(item).expanduser()))
+        for out, inp in ((given, spelled), (Path(os.path.realpath(given)), Path(os.path.realpath(spelled)))):
+            _check_apart(out, inp)
+
+
+def _check_apart(out: Path, inp: Path) -> None:
+    if out == inp or out in inp.parents:
+        raise InputError(
+            f"output {out} contains the run's input {inp}; writing (or --overwrite) would replace it. "
+            "Choose an output path that does not hold the input"
+        )
+    if inp in out.parents and inp.is_dir():
+        raise InputError(
+            f"output {out} lies inside the run's input directory {inp}; choose an output path outside it"
+        )
 
 
 def check_output(

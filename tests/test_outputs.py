@@ -554,7 +554,7 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
     target stayed empty, the output was lost with the work folder, and pretrain left a hidden link
     behind. A link to a folder not made yet failed after the work (prep, evaluate) or was a
     traceback (pretrain). Each writes into the link's target now, and the link stays."""
-    from biomask.errors import StaleOutputError
+    from biomask.errors import InputError, StaleOutputError
     from biomask.outputs import atomic_output_dir, check_output
     from biomask.provenance import read_run_info, write_run_info
     from tests.conftest import _pretrain
@@ -578,6 +578,15 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
         write_run_info(tmp, stage="s", fingerprint="g")
     assert (work / "prep").is_symlink() and read_run_info(stable / "prep")["fingerprint"] == "g"
     assert sorted(p.name for p in work.iterdir()) == ["eval", "prep"]
+    # ... but never the run's own input: a labelled table prepared with `tokenizer.path` in the store
+    # a link names replaced that store (the pretraining corpus) through the link
+    (stable / "prep" / "tokenizer").mkdir()
+    (stable / "prep" / "tokenizer" / "tokenizer.json").write_text("{}")
+    for inputs in ([stable / "prep" / "tokenizer" / "tokenizer.json"], [stable / "prep"], [work / "prep"]):
+        with pytest.raises(InputError, match="contains the run's input"):
+            check_output(work / "prep", "h", overwrite=True, inputs=inputs)
+    with pytest.raises(InputError, match="lies inside the run's input"):
+        check_output(work / "prep" / "sub", "h", overwrite=True, inputs=[stable / "prep"])
 
     (stable / "pretrain").mkdir()
     (work / "pretrain").symlink_to(stable / "pretrain")

@@ -611,7 +611,7 @@ def test_a_signal_checkpoints_and_exits_75_then_resumes(genome_store, tmp_path, 
     assert meta["training"]["steps"] == 150
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGXCPU], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU], ids=lambda s: s.name)
 def test_other_schedulers_stop_signals_ask_training_for_its_checkpoint(sig):
     """SGE's -notify sends SIGUSR2 before its SIGKILL, LSF's -wa often USR2, a CPU-time limit SIGXCPU:
     each ended a training run where it stood (no checkpoint, no message, the steps since the last
@@ -630,6 +630,18 @@ def test_other_schedulers_stop_signals_ask_training_for_its_checkpoint(sig):
         assert signal.getsignal(sig) is signal.SIG_IGN
     finally:
         stop.restore()
+        signal.signal(sig, signal.SIG_DFL)
+    # one the job script ignores (`trap '' USR1`: SGE's -notify warns of a suspend with it) stays
+    # ignored: the run goes on through the suspend rather than ending
+    signal.signal(sig, signal.SIG_IGN)
+    kept = StopSignal()
+    kept.install()
+    try:
+        assert signal.getsignal(sig) is signal.SIG_IGN
+        os.kill(os.getpid(), sig)
+        assert kept.received is None
+    finally:
+        kept.restore()
         signal.signal(sig, signal.SIG_DFL)
 
 

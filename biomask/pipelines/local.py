@@ -185,8 +185,12 @@ def run_pipeline(
     # the runner, their default ended it where it stood and its stages died at their next line into
     # its pipe, a training stage without its checkpoint) are passed on as SIGTERM
     signals = [
-        *SCHEDULER_SIGNALS,
-        *(s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN),
+        signal.SIGTERM,
+        *(
+            s
+            for s in (*SCHEDULER_SIGNALS[1:], signal.SIGINT, signal.SIGHUP)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        ),
     ]
     previous = {sig: signal.signal(sig, stages.stop) for sig in signals} if in_main else {}
     try:

@@ -378,8 +378,10 @@ class StopSignal:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (*SCHEDULER_SIGNALS, signal.SIGINT, signal.SIGHUP):
-            if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) is signal.SIG_IGN:
-                continue  # started ignoring it (a script's background job, nohup): keep it so
+            if sig != signal.SIGTERM and signal.getsignal(sig) is signal.SIG_IGN:
+                # started ignoring it (a script's background job, nohup; a job script's `trap '' USR1`:
+                # SGE's -notify warns of a suspend with it, which must not end the run): keep it so
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:

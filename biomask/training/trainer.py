@@ -8,7 +8,7 @@
 4. data         seeded, rank-sharded, step-indexed order; the masker on the training device
 5. resume       model, optimizer, schedule, step (= data position) and every RNG from a checkpoint
 6. the loop     train_step (mask -> forward -> backward -> step); metrics; held_out_loss on a ratio
-                grid; checkpoints; SIGTERM / SIGUSR1 -> checkpoint and exit 75 (requeue)
+                grid; checkpoints; a scheduler's signal -> checkpoint and exit 75 (requeue)
 7. the end      final held-out loss and checkpoint, the portable checkpoint (model/), run.json last
 
 Collectives and the stop signal: training/distributed.py; checkpoints and the portable export:
@@ -339,7 +339,7 @@ def pretrain(
 ) -> Path:
     """Run (or resume, or reuse) a pretraining run; returns the output directory.
 
-    Raises `Requeue` (exit code 75) after checkpointing on SIGTERM / SIGUSR1 (and on Ctrl-C at the
+    Raises `Requeue` (exit code 75) after checkpointing on a scheduler's signal (and on Ctrl-C at the
     command line); in a Python caller Ctrl-C raises `Interrupted`, a KeyboardInterrupt, after the
     same checkpoint. Runs in threads of one process take turns. `release_group`: the one-process
     torch process group this run started is destroyed when it ends (a library call, so the caller's
@@ -624,7 +624,7 @@ def _pretrain(cfg: PretrainConfig, *, overwrite: bool, local_rank: int | None, b
     finite.check_optim(cfg)
     check_compile(cfg, device)
 
-    # From here a scheduler's SIGTERM / SIGUSR1 (or Ctrl-C) is a checkpoint and exit 75 even during
+    # From here a scheduler's signal (or Ctrl-C) is a checkpoint and exit 75 even during
     # start-up: its default action would end the job with no requeue (the batch script requeues on 75).
     stop = StopSignal()
     stop.install()
