@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -176,6 +177,20 @@ def test_a_class_absent_from_a_seeds_test_split_has_no_f1_of_zero():
     assert "| b | 0–2 | 0.500 |" in lines  # the seed without the class is left out, not averaged in as 0
     results["per_seed"]["m"] = [row(0.0, 0)]
     assert "| b | 0 | — |" in per_class_table(results)
+
+
+def test_a_label_or_checkpoint_name_with_markdown_in_it_keeps_its_table_row_whole():
+    """A class label holding `|` (or a checkpoint named so) split its row of report.md's per-class
+    table: every F1 after it stood under the wrong method; a link or HTML in it was rendered."""
+    from biomask.evaluation.metrics import per_class_table
+
+    label, method = "CD14+ | Mono [x](https://e.example) <b>", "ours|v2"
+    row = {"per_class": {label: {"f1-score": 0.9, "support": 10}}}
+    results = {"label_names": [label], "methods": [{"name": method}], "per_seed": {method: [row]}}
+    header, _, line = [x for x in per_class_table(results) if x.startswith("|")]
+    unescaped = re.compile(r"(?<!\\)\|")
+    assert len(unescaped.findall(line)) == len(unescaped.findall(header)), (header, line)
+    assert line.endswith("| 0.900 |") and "<b>" not in line and "](https" not in line.replace("\\]", "")
 
 
 def test_a_difference_that_rounds_to_zero_keeps_its_sign_and_size():

@@ -961,3 +961,29 @@ def test_status_without_a_run_folder_takes_the_latest_by_its_records_not_file_ti
     (first / "pipeline.yaml").write_text("name: first\n")
     os.utime(first / "pipeline.yaml", (future, future))  # no record: its own file's time decides
     assert find_run_dir(None) == first.resolve()
+
+
+def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path):
+    """A shared pipeline file's env name (`X;touch f;Y`), a newline in slurm.partition / account /
+    qos, or in a config file's or the run folder's path, was written unquoted into the job script
+    (an `export` name, an `#SBATCH` line, a comment): the text after it ran as the job, and an
+    `#SBATCH` line of its own bypassed the checks `extra` has. Each is refused; values stay quoted."""
+    stages = {"a": {"command": "prep dna", "config": GENOME}}
+    for top, said in (
+        ({"env": {"X;touch PWNED;Y": "v"}}, "environment variable's name"),
+        ({"env": {"A=B": "1"}}, "environment variable's name"),
+        ({"slurm": {"partition": "gpu\ntouch PWNED"}}, "one word"),
+        ({"slurm": {"qos": "normal\n#SBATCH --time=99-00:00:00"}}, "one word"),
+        ({"slurm": {"account": "lab project"}}, "one word"),
+        ({"run_dir": str(tmp_path / "rn\ntouch PWNED\n#")}, "a path on one line"),
+    ):
+        assert said in error_of(pipeline(tmp_path, stages, **top)), top
+    odd = tmp_path / "cfg\ntouch PWNED\n#"
+    odd.mkdir()
+    (odd / "c.yaml").write_text(Path(GENOME).read_text())
+    plan = load_plan(pipeline(tmp_path, {"a": {"command": "prep dna", "config": str(odd / "c.yaml")}}))
+    with pytest.raises(ConfigError, match="holds a line break"):
+        render(job_script(plan, plan.stages["a"]))
+    # what the script body carries is quoted: a value with shell in it stays a value
+    plan = load_plan(pipeline(tmp_path, stages, env={"NOTE": "$(touch PWNED); `x`"}))
+    assert "export NOTE='$(touch PWNED); `x`'\n" in render(job_script(plan, plan.stages["a"]))

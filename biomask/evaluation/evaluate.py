@@ -31,6 +31,7 @@ from biomask.evaluation.metrics import (
     METRICS,
     classification_metrics,
     format_summary,
+    md_cell,
     paired_comparison,
     per_class_table,
     signed,
@@ -640,7 +641,9 @@ def _metric_rows(results: dict[str, Any], methods: list[dict], metrics: tuple[st
     for m in methods:
         s = results["summary"][m["name"]]
         rows.append(
-            f"| {m['name']} | " + " | ".join(format_summary(s[k]) if k in s else "" for k in metrics) + " |"
+            f"| {md_cell(m['name'])} | "
+            + " | ".join(format_summary(s[k]) if k in s else "" for k in metrics)
+            + " |"
         )
     return rows
 
@@ -668,7 +671,7 @@ def render_report(results: dict[str, Any], name: str | None = None) -> str:
     for m in results["methods"]:
         s = results["summary"][m["name"]]
         cells = " | ".join(format_summary(s[metric]) for metric in METRICS)
-        lines.append(f"| {m['name']} | {m['protocol']} | {cells} |")
+        lines.append(f"| {md_cell(m['name'])} | {m['protocol']} | {cells} |")
     lines += _details(results)
     clustered = [m for m in results["methods"] if "cluster_ari" in results["summary"][m["name"]]]
     if clustered:
@@ -723,6 +726,6 @@ def render_report(results: dict[str, Any], name: str | None = None) -> str:
             else:
                 interval, p = f"[{signed(m['ci_low'])}, {signed(m['ci_high'])}]", f"{m['p_value']:.3g}"
             lines.append(
-                f"| {c['a']} | {c['b']} | {signed(m['mean_difference'])} {interval} | {p} | {m['wins']}/{m['n']} |"
+                f"| {md_cell(c['a'])} | {md_cell(c['b'])} | {signed(m['mean_difference'])} {interval} | {p} | {m['wins']}/{m['n']} |"
             )
     return "\n".join(lines) + "\n"

@@ -55,6 +55,23 @@ def classification_metrics(
     }
 
 
+def md_cell(text: object) -> str:
+    """Text for a cell of a Markdown table: a `|` in a class label or a checkpoint's name split the
+    row (every score after it under the wrong column), and a line break ended it; `<` and `>` are
+    written as entities and brackets escaped, so a name is shown, never read as HTML or a link."""
+    return (
+        str(text)
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("|", "\\|")
+        .replace("[", "\\[")  # a label written as a link is shown as text
+        .replace("]", "\\]")
+        .replace("\r", " ")
+        .replace("\n", " ")
+    )
+
+
 def per_class_table(results: dict[str, Any]) -> list[str]:
     """Markdown: each class's test support (records per seed) and every method's F1 (mean over seeds)."""
     names = results["label_names"]
@@ -68,7 +85,7 @@ def per_class_table(results: dict[str, Any]) -> list[str]:
         "",
         MACRO_F1_NOTE + " Support: test records of the class per seed (min–max over seeds).",
         "",
-        "| class | support | " + " | ".join(methods) + " |",
+        "| class | support | " + " | ".join(map(md_cell, methods)) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
     for name in names:
@@ -84,7 +101,9 @@ def per_class_table(results: dict[str, Any]) -> list[str]:
             for m in methods
         ]
         lines.append(
-            f"| {name} | {shown} | " + " | ".join(f"{np.mean(v):.3f}" if v else "—" for v in f1) + " |"
+            f"| {md_cell(name)} | {shown} | "
+            + " | ".join(f"{np.mean(v):.3f}" if v else "—" for v in f1)
+            + " |"
         )
     absent = sorted({c for r in rows for c in r.get("absent_classes", [])})
     if absent:

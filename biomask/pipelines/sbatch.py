@@ -19,7 +19,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from biomask.errors import REQUEUE_EXIT_CODE
+from biomask.errors import REQUEUE_EXIT_CODE, ConfigError
 from biomask.pipelines.schema import SlurmSpec
 
 
@@ -104,6 +104,14 @@ def render(job: JobScript) -> str:
             f"# Runs after {', '.join(job.needs)}; by hand: sbatch --dependency=afterok:{ids} THIS_SCRIPT"
         )
     lines += [f"#SBATCH {opt}" for opt in sbatch_options(job)]
+    # comments and #SBATCH lines carry paths unquoted: a line break in one (a config file's or the
+    # run folder's name) began a shell line of the job script, run as the job
+    broken = next((line for line in lines if "\n" in line or "\r" in line), None)
+    if broken is not None:
+        raise ConfigError(
+            f"stage {job.stage}: a path or value of its job script holds a line break ({broken!r}); "
+            "rename the file or folder"
+        )
     lines += ["set -euo pipefail", ""]
     lines.append(f"cd {job.workdir}")
     lines += [f"export {key}={_q(value)}" for key, value in job.env.items()]

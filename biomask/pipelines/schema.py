@@ -102,6 +102,15 @@ class SlurmSpec(Config):
             raise ValueError("use a SLURM memory size such as 4000M or 16G")
         return value
 
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        # written as `#SBATCH --partition=VALUE`: a newline there began a shell line of the job
+        # script (run as the job), and an `#SBATCH` line of its own bypassed the checks `extra` has
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r}: one word, as sbatch takes it (no spaces or line breaks)")
+        return value
+
     @field_validator("extra")
     @classmethod
     def _options(cls, value: list[str]) -> list[str]:
@@ -196,6 +205,28 @@ class Pipeline(Config):
     slurm: SlurmSpec = SlurmSpec()  # defaults for every stage's job
     local: LocalSpec = LocalSpec()  # the local runner: how many tasks run at once
     stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        # `export NAME=value` in every job script: a name that is not one (`X;touch f;Y`) ran as
+        # shell, and a local run's Popen failed with a traceback on `A=B`
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: an environment variable's name is letters, digits and "
+                "'_', not starting with a digit"
+            )
+        return value
+
+    @field_validator("run_dir")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # written into the job scripts' comments and `#SBATCH --output`: a line break there began a
+        # shell line of the job script
+        if value is not None and ("\n" in value or "\r" in value):
+            raise ValueError(f"{value!r}: a path on one line")
+        return value
 
     @field_validator("env", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from biomask.evaluation.metrics import (
     MACRO_F1_NOTE,
     METRICS,
     format_summary,
+    md_cell,
     paired_comparison,
     signed,
     summarize,
@@ -941,7 +942,7 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
         steps = run.config.get("train", {}).get("steps", "?")
         cells = " | ".join(f"{losses[r]:.4f}" if r in losses else "" for r in grid)
         mean = run.final_eval.get("mean_loss", float("nan"))
-        line = f"| {run.name} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{mean:.4f}** |"
+        line = f"| {md_cell(run.name)} | {describe_masking(run.masking)} | {steps} | {tps:,.0f} | {cells} | **{mean:.4f}** |"
         for name in refs:
             ref = run.references.get(name, {}).get("mean_loss", float("nan"))
             line += f" {ref:.4f} | {signed(ref - mean, 4)} ({signed(100 * (1 - mean / ref), 1)}%) |"
@@ -964,7 +965,7 @@ def _pretrain_table(runs: list[PretrainRun]) -> list[str]:
             cells = " | ".join(
                 f"{signed(ref[r] - losses[r], 4)}" if r in ref and r in losses else "" for r in grid
             )
-            lines.append(f"| {run.name} | {cells} |")
+            lines.append(f"| {md_cell(run.name)} | {cells} |")
     return lines
 
 
@@ -1010,7 +1011,7 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
         name = m["name"] if m["group"] == "baseline" else m["group"]
         masking = f" ({describe_masking(ev.masking[m['group']])})" if m["group"] in ev.masking else ""
         cells = " | ".join(format_summary(ev.results["summary"][m["name"]][metric]) for metric in METRICS)
-        lines.append(f"| {name}{masking} | {m['protocol']} | {cells} |")
+        lines.append(f"| {md_cell(name)}{masking} | {m['protocol']} | {cells} |")
     if any(m["group"] == CHOSEN_ON_VAL for m in ev.results["methods"]):
         lines += [
             "",
@@ -1041,7 +1042,7 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
             name = m["name"] if m["group"] == "baseline" else m["group"]
             s = ev.results["summary"][m["name"]]
             cells = " | ".join(format_summary(s[k]) if k in s else "" for k in clustering.METRICS)
-            lines.append(f"| {name} | {cells} |")
+            lines.append(f"| {md_cell(name)} | {cells} |")
         lines += ["", CLUSTERING_NOTE]
     return lines
 
