@@ -976,6 +976,8 @@ def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path
         ({"slurm": {"qos": "normal\n#SBATCH --time=99-00:00:00"}}, "one word"),
         ({"slurm": {"account": "lab project"}}, "one word"),
         ({"run_dir": str(tmp_path / "rn\ntouch PWNED\n#")}, "a path on one line"),
+        ({"run_dir": "$SCRATCH/runs/x"}, "does not expand"),  # a folder named `$SCRATCH` was made
+        ({"run_dir": "${SCRATCH:-/tmp}/x"}, "does not expand"),
     ):
         assert said in error_of(pipeline(tmp_path, stages, **top)), top
     odd = tmp_path / "cfg\ntouch PWNED\n#"

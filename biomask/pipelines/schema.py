@@ -226,6 +226,13 @@ class Pipeline(Config):
         # shell line of the job script
         if value is not None and ("\n" in value or "\r" in value):
             raise ValueError(f"{value!r}: a path on one line")
+        if value is not None and re.search(r"\$(\w|\{)", value):
+            # `run_dir: $SCRATCH/x`, as HPC paths are written: nothing expands it in a YAML file, and it
+            # made a folder named `$SCRATCH` in the working directory
+            raise ValueError(
+                f"{value!r} holds a shell variable, which biomask does not expand: write the path out, or "
+                "give it on the command line (run_dir=$SCRATCH/x), where the shell expands it"
+            )
         return value
 
     @field_validator("env", mode="before")
