@@ -171,7 +171,8 @@ def check_inputs_outside(path: str | os.PathLike, inputs: list[str | os.PathLike
     given = Path(os.path.abspath(Path(path).expanduser()))
     for item in inputs:
         spelled = Path(os.path.abspath(Path(item).expanduser()))
-        for out, inp in ((given, spelled), (Path(os.path.realpath(given)), Path(os.path.realpath(spelled)))):
+        resolved = (Path(os.path.realpath(given)), Path(os.path.realpath(spelled)))
+        for out, inp in dict.fromkeys([(given, spelled), resolved]):  # once where no link is involved
             _check_apart(out, inp)
 
 
@@ -444,8 +445,8 @@ def remove_leftover(item: Path) -> None:
 
 
 def through_link(path: str | os.PathLike) -> Path:
-    """The folder an output named by a symbolic link is written into: the link's target (made if
-    it does not exist yet). A workflow engine's task links a stable folder into its work folder so
+    """The folder an output named by a symbolic link is written into: the link's target (which the
+    writer makes if it does not exist yet). A workflow engine's task links a stable folder into its work folder so
     that a retry resumes there; the output was set aside and replaced by the link itself — a new
     folder in the work folder, the target left empty — and a link to a folder not made yet failed
     after all the work. The link stays, pointing at the written folder."""

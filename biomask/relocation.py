@@ -65,12 +65,12 @@ class Relocation:
 def where_now(output: str | os.PathLike, recorded: str) -> str:
     """A path `output`'s config recorded, where it lies now that the run folder has moved: what a
     later stage reads of an output (an evaluation's checkpoints) is found in the moved folder. A
-    relative recorded path is taken from where `output` was written (`written_from`), not from
-    where the reader runs, where it is there: an evaluation published beside its checkpoint (a
-    workflow engine's publishDir, its work folder deleted) finds it, not another `pretrain/model`
-    in the reader's folder. Else as recorded (a project moved, the reader in its new place); what
-    a reader takes from it it checks against the digests recorded (the report: a checkpoint's
-    config.json)."""
+    relative recorded path is taken from the folder `output` was written from (`written_from`)
+    where it exists there, not from the reader's working directory: an evaluation published beside
+    its checkpoint (a workflow engine's publishDir, its work folder deleted) finds that checkpoint,
+    not another `pretrain/model` in the reader's folder. Otherwise it is returned as recorded (a
+    project moved, the reader in its new place); readers check what they take from it against the
+    digests recorded (the report: a checkpoint's config.json)."""
     if not os.path.isabs(recorded):
         from biomask.provenance import read_run_info
 

@@ -4,6 +4,7 @@ directory (see plan.py for its layout; a pretraining run's own directory is biom
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import fcntl
 import glob
 import json
@@ -261,8 +262,6 @@ def _last_ran(folder: Path) -> float:
     folder copied from a host whose clock ran ahead (`rsync -a`) was taken for the latest run, and one
     dangling link there (an output a scratch purge took) made `pipeline status` fail on a folder
     nobody asked about."""
-    import datetime as _dt
-
     with contextlib.suppress(OSError):
         if run_in_progress(folder):
             return float("inf")
