@@ -3,6 +3,7 @@ and the templates in pipelines/slurm/ staying in sync with what `submit` renders
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -677,6 +678,17 @@ def test_a_stage_named_as_a_runner_folder_in_other_case_is_refused(tmp_path):
     assert "stage names ['Logs']" in message and "rename the stage" in message
 
 
+def test_a_stage_name_too_long_for_its_files_is_refused_before_running(tmp_path, cli):
+    # its job script's temporary (`.NAME.sbatch.tmp-XXXXXXXX`) passed a file name's 255 bytes: the
+    # run failed only at that stage
+    long = "s" * 101
+    code, _, err = cli(
+        "pipeline", "run", pipeline(tmp_path, {long: {"command": "prep dna", "config": GENOME}})
+    )
+    assert code == 2 and "at most 100 characters" in err and not (tmp_path / "run").exists()
+    load_plan(pipeline(tmp_path, {"s" * 100: {"command": "prep dna", "config": GENOME}}))
+
+
 def test_sweep_values_differing_only_in_case_are_refused(tmp_path):
     stage = {"command": "prep dna", "config": SPLICE, "sweep": {"tokenizer.kind": ["kmer", "KMER"]}}
     message = error_of(pipeline(tmp_path, {"prep": stage}))
@@ -989,3 +1001,8 @@ def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path
     # what the script body carries is quoted: a value with shell in it stays a value
     plan = load_plan(pipeline(tmp_path, stages, env={"NOTE": "$(touch PWNED); `x`"}))
     assert "export NOTE='$(touch PWNED); `x`'\n" in render(job_script(plan, plan.stages["a"]))
+    # sbatch turns %j off under a backslash whatever the quoting: the job log would go nowhere
+    # (run_dir refuses one; a relative run_dir under such a working folder gets here)
+    job = dataclasses.replace(job_script(plan, plan.stages["a"]), log_dir=str(tmp_path / "a\\b" / "logs"))
+    with pytest.raises(ConfigError, match="backslash"):
+        render(job)

@@ -205,6 +205,28 @@ def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     assert "prep_splice[0]: CANCELLED — log" not in flat and "prep_splice: CANCELLED — log" not in flat
 
 
+def test_a_run_folder_with_spaces_quotes_and_percent_gets_its_job_logs(slurm_cluster, tmp_path, cli):
+    # sbatch reads `#SBATCH --output=` its own way: a space made it refuse the script ("Invalid
+    # directive"), a quote was "unmatched", and %x in a folder's name was expanded (the log lost)
+    run_dir = tmp_path / 'it\'s 50%x "done"' / "run"
+    missing = tmp_path / "no-such-genome.fa"
+    code, _, err = cli(
+        "-q",
+        "pipeline",
+        "submit",
+        write_pipeline(tmp_path),
+        f"run_dir={run_dir}",
+        f"stages.prep_genome.overrides.inputs=[{{path: {missing}}}]",
+    )
+    assert code == 0, err
+    (genome,) = finished(run_dir, slurm_cluster)["prep_genome"]
+    assert (genome.state, genome.exit_code) == ("FAILED", "2:0")
+    log = run_dir / "logs" / f"prep_genome-{genome.job_id}.out"
+    assert str(missing) in log.read_text(encoding="utf-8")
+    code, out, _ = cli("pipeline", "status", run_dir)
+    assert code == 1 and str(log) in " ".join(out.split())
+
+
 # A stand-in for a training step, to check the job script's mechanics (not training): each srun task
 # records its start, and on USR1 "checkpoints" and exits 75; after the requeue it finds its checkpoint,
 # "resumes" and exits 0 (ignoring any further USR1: the requeued job's time limit starts again).

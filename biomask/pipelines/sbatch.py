@@ -16,6 +16,7 @@ them in sync.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -58,10 +59,27 @@ def _q(word: str) -> str:
     return shlex.quote(word)
 
 
+def _sbatch_output(folder: str, name: str) -> str:
+    """`--output=`'s value: NAME (a pattern, %j and the like) in FOLDER, written as sbatch reads an
+    #SBATCH line (measured on Debian's slurm-wlm)."""
+    if "\\" in folder:
+        # a backslash in an output pattern turns off sbatch's %j / %A_%a, and no quoting brings them
+        # back: the log went nowhere
+        raise ConfigError(f"{folder}: sbatch cannot write a job log under a path with a backslash; rename it")
+    # %x, %u, ... in a folder's name were expanded by sbatch (the log written to a folder that does
+    # not exist, lost); %% is a literal %
+    path = folder.replace("%", "%%") + "/" + name
+    if re.search(r"[\s'\"]", path):
+        # sbatch splits an #SBATCH line at white space ("Invalid directive", the job not submitted)
+        # and refuses an unmatched quote; inside double quotes it reads \" as "
+        path = '"' + path.replace('"', '\\"') + '"'
+    return path
+
+
 def sbatch_options(job: JobScript) -> list[str]:
     """The #SBATCH options, one per line, in a fixed order."""
     s = job.slurm
-    log = f"{job.log_dir}/{job.stage}-" + ("%A_%a.out" if job.is_array else "%j.out")
+    log = _sbatch_output(job.log_dir, f"{job.stage}-" + ("%A_%a.out" if job.is_array else "%j.out"))
     opts = [f"--job-name={job.job_name}", f"--output={log}", f"--nodes={s.nodes}"]
     opts.append(f"--ntasks-per-node={s.tasks if job.training else 1}")
     if s.gpus_per_node:

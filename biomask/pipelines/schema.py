@@ -24,8 +24,10 @@ from pydantic import Field, field_validator, model_validator
 
 from biomask.config import Config
 
-# Stage names become file names, SLURM job names and `${stages.NAME...}` references.
-NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# Stage names become file names, SLURM job names and `${stages.NAME...}` references. At most 100
+# characters: the longest file named after one (`.NAME.sbatch.tmp-XXXXXXXX`) must fit in a file
+# name's 255 bytes, or a long name failed only when its job script was written.
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,99}$"
 # run_dir/<stage> is a stage's output, beside the runner's own folders (a stage named so would write
 # into them, and fail only once it ran).
 RESERVED_NAMES = ("logs", "slurm")
@@ -251,7 +253,8 @@ class Pipeline(Config):
         bad = [name for name in self.stages if not re.match(NAME_PATTERN, name)]
         if bad:
             raise ValueError(
-                f"stage names {bad} must start with a letter and hold only letters, digits, '_' and '-'"
+                f"stage names {bad} must start with a letter, hold only letters, digits, '_' and '-', and be "
+                "at most 100 characters long"
             )
         return self
 
