@@ -2,8 +2,8 @@
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (a file, record, line or config key the
 message names); 3 a data source could not be reached; 75 training checkpointed on a scheduler's
-signal (errors.SCHEDULER_SIGNALS; requeue and rerun to resume); 130 interrupted; 143 stopped by one
-outside training.
+signal (errors.SCHEDULER_SIGNALS; requeue and rerun to resume), or stopped by one while starting;
+130 interrupted; 143 stopped by one in any other command.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from biomask.errors import SCHEDULER_SIGNALS, BiomaskError, ConfigError, InputEr
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
+# the stages that checkpoint on a scheduler's signal and exit 75, which their job scripts requeue on
+TRAINING_COMMANDS = frozenset(name for name, spec in STAGES.items() if spec.training)
 
 
 # Override examples in each stage's --help (optional): its own keys (tests/test_config_reference.py
@@ -1392,6 +1394,19 @@ def _run(args: argparse.Namespace) -> int:
         print("biomask: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
+        if getattr(args, "command", None) in TRAINING_COMMANDS:
+            # training checkpoints and exits 75 on these signals; one that came while it started (the
+            # imports, the config, the store) or finished, outside its own handlers, exited 143, and a
+            # job script that requeues on 75 let the job end instead
+            from biomask.errors import Requeue
+
+            stop = Requeue(
+                f"{exc} outside the training steps (starting or finishing): nothing half-written is left, "
+                "and the same command resumes or reuses what was written"
+            )
+            print(f"biomask: {requeue_message(stop)}", file=sys.stderr)
+            _report_error(stop)
+            return stop.exit_code
         print(
             f"biomask: {exc}; what it was writing was removed, nothing half-written is left. "
             "Run the same command again to do it",

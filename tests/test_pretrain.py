@@ -645,6 +645,30 @@ def test_other_schedulers_stop_signals_ask_training_for_its_checkpoint(sig):
         signal.signal(sig, signal.SIG_DFL)
 
 
+def test_a_stop_signal_before_training_began_still_asks_for_a_requeue(
+    genome_store, tmp_path, cli, monkeypatch
+):
+    """A scheduler's signal while pretrain was starting (importing, reading its config and store),
+    before training's own handlers, exited 143 where training exits 75: a job script requeueing on
+    75 let the job end. Both are 75 now, with nothing written; other commands keep 143."""
+    import biomask.cli as cli_module
+
+    real = cli_module._stage_config
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR2)  # SGE's -notify, while the config is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "_stage_config", signalled)
+    out = tmp_path / "run"
+    code, _, err = cli("pretrain", "-c", CONFIG, *overrides(genome_store, out))
+    assert code == 75, err
+    assert "stopped by SIGUSR2 outside the training steps" in err and "requeued" in err
+    assert not out.exists()
+    code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"output={tmp_path / 'p'}")
+    assert code == 143 and "stopped by SIGUSR2" in err
+
+
 def test_a_resume_in_another_precision_or_on_another_device_is_said_and_recorded(tmp_path, caplog):
     """train.precision auto: a run that started in bf16 on a GPU and resumed on a CPU node went on in
     fp32 without a word, and run.json named fp32 alone."""
