@@ -5,6 +5,9 @@ encoder — the embedding — never does. Bad settings are refused before anythi
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +76,20 @@ def test_the_decoder_reads_the_batch_and_the_embedding_does_not(fitted):
     other = _two_samples(names=("s3", "s4"))
     biomask.embed(other, checkpoint)
     assert np.allclose(other.obsm["X_biomask"], adata.obsm["X_biomask"], atol=1e-5)
+
+
+def test_the_hub_export_leaves_the_batch_names_out(fitted, tmp_path):
+    """The batch names (a store's batch_column: donors, patients) went into the Hugging Face export's
+    config.json, the folder meant for a model hub, which has no decoder to read them."""
+    from biomask.export.hf import export_hf
+
+    _, _, checkpoint = fitted
+    hub = export_hf(checkpoint, tmp_path / "hf")
+    config = json.loads((hub / "config.json").read_text(encoding="utf-8"))
+    arch = config["biomask"]["source_checkpoint"]["architecture"]
+    assert "batches" not in arch and arch["batches_left_out"] == 2
+    assert not re.search(r'"s[12]"', (hub / "config.json").read_text(encoding="utf-8"))
+    assert export_hf(checkpoint, tmp_path / "hf") == hub  # a rerun reuses it, as before
 
 
 def test_bad_batch_settings_are_refused_before_training(fitted, tmp_path, cli, repo):

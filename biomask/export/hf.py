@@ -187,12 +187,25 @@ def hf_config(model: Any, checkpoint: Path, max_length: int) -> dict[str, Any]:
             "format": "biomask-hf-export",
             "exported_from": checkpoint.name if checkpoint.name != "model" else checkpoint.parent.name,
             "note": "source_checkpoint is the portable checkpoint's config.json, kept as provenance; "
-            "its paths are where it was trained and are not needed to load this folder",
-            "source_checkpoint": model.checkpoint_info,
+            "its paths are where it was trained and are not needed to load this folder. The batch names "
+            "a batch-conditioned decoder reads (architecture.batches: donors, samples) are left out with "
+            "the decoder, so its config_sha256 is of the checkpoint's own config.json",
+            "source_checkpoint": published_provenance(model.checkpoint_info),
             # which biomask wrote this folder (its remote code is that version's), and with what torch
             "exported_by": {**code_version(), "torch": torch.__version__},
         },
     }
+
+
+def published_provenance(info: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config.json as an export keeps it. A batch-conditioned decoder's batch names
+    (a store's batch_column values: donors, patients, samples) went into the folder meant for a model
+    hub, which has no decoder to read them: left out, their number kept."""
+    info = json.loads(json.dumps(info, default=str))
+    arch = info.get("architecture")
+    if isinstance(arch, dict) and arch.get("batches"):
+        arch["batches_left_out"] = len(arch.pop("batches"))
+    return info
 
 
 # every file an export writes (and so may replace); config.json, last, says the folder is an export
@@ -348,9 +361,10 @@ def model_card(model: Any, checkpoint: Path, config: dict[str, Any]) -> str:
 
 Exported with `biomask export-hf` from `{name}`. A {modality} encoder (`{model.config.kind}`,
 {model.config.n_layers} layers, width {model.config.d_model}) pretrained by masked modelling with
-biomask. Its config.json keeps the source checkpoint's full provenance under `biomask`, including the
-local paths where it was trained (not needed to load this folder; edit them out before publishing
-if they matter).
+biomask. Its config.json keeps the source checkpoint's provenance under `biomask`, including the
+local paths where it was trained (not needed to load this folder); the names of the files it was
+trained on are there, under Data below and in tokenizer_config.json. Edit them out before publishing
+if they matter.
 
 ## Training
 
@@ -438,7 +452,7 @@ def _exports(folder: Path, model: Any) -> bool:
     files = _recorded_files(folder)
     return (
         same_code
-        and recorded.get("source_checkpoint") == json.loads(json.dumps(model.checkpoint_info, default=str))
+        and recorded.get("source_checkpoint") == published_provenance(model.checkpoint_info)
         and files is not None
         and all((folder / name).is_file() for name in files if name != CARD)  # the card may be edited
         and not _changed_files(folder)
