@@ -278,6 +278,21 @@ def test_cells_are_tokenized_exactly_as_the_prep_stage_did(pbmc_h5ad, pbmc_store
     assert compared == 700
 
 
+def test_api_embeds_the_same_under_a_callers_float64_default(pbmc_h5ad, cells_checkpoint, embedded):
+    """A notebook that set torch's default dtype to float64 (GPyTorch, BoTorch users) got "stored as
+    torch.float32, not the model's torch.float64; export the checkpoint again" from a good checkpoint."""
+    adata = read(pbmc_h5ad)
+    counts = {"mode": "from_log1p", "total_counts_column": "n_counts"}
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            biomask.embed(adata, cells_checkpoint, matrix="raw", counts=counts)
+        assert torch.get_default_dtype() == torch.float64  # the caller's, back
+    finally:
+        torch.set_default_dtype(torch.float32)
+    np.testing.assert_allclose(adata.obsm["X_biomask"], read(embedded).obsm["X_biomask"], rtol=0, atol=2e-5)
+
+
 def test_api_fills_the_anndata_in_place_independent_of_batch_and_chunk_sizes(
     pbmc_h5ad, pbmc_store, cells_checkpoint, embedded
 ):

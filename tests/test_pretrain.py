@@ -926,9 +926,38 @@ def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_resu
         cfg = config(genome_store, tmp_path / name, **{"train.steps": 6, "train.seed": seed})
         return pretrain(cfg, release_group=True)
 
+    for name in RANK_VARS:  # what the runs above exported; a library caller has none of it
+        monkeypatch.delenv(name, raising=False)
+    environment = dict(os.environ)
     results = side_by_side(released, "released")
     assert results == [str(tmp_path / "released0"), str(tmp_path / "released1")], results
     assert not dist.is_initialized() and weights("released1") == weights("alone1")
+    # and give the caller's environment back within their turn: restored after it (fit_cells did so),
+    # one thread's restore deleted LOCAL_RANK under the other's run, or put its variables back for good
+    assert dict(os.environ) == environment
+
+
+def test_a_callers_float64_default_and_no_grad_block_do_not_reach_the_run(genome_store, tmp_path):
+    """A notebook that set torch's default dtype to float64 (GPyTorch, BoTorch) or called inside
+    `torch.no_grad()` / `inference_mode()` failed after prep with DeepSpeed's bare assertion. The run
+    trains as the command line does, the same weights, and the caller's settings are back after it."""
+    from biomask.training.trainer import pretrain
+
+    def weights(out: Path) -> str:
+        return json.loads((out / "model" / "config.json").read_text())["weights_sha256"]
+
+    plain = pretrain(config(genome_store, tmp_path / "plain", **{"train.steps": 3}), release_group=True)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            out = pretrain(config(genome_store, tmp_path / "f64", **{"train.steps": 3}), release_group=True)
+            assert torch.get_default_dtype() == torch.float64 and not torch.is_grad_enabled()
+        with torch.inference_mode():
+            again = pretrain(config(genome_store, tmp_path / "inf", **{"train.steps": 3}), release_group=True)
+            assert torch.is_inference_mode_enabled()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert weights(out) == weights(plain) == weights(again)
 
 
 def test_a_run_after_the_caller_destroyed_the_process_group_starts_a_new_one(

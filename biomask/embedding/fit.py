@@ -474,7 +474,6 @@ def fit_cells(
                 previous.unlink(missing_ok=True)
         cfg = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings, n_train=n_cells)
         pretrain_existed = (out / "pretrain").exists()
-        environment = dict(os.environ)
         from biomask.training.finite import DivergedError  # torch: imported when training
 
         try:
@@ -502,12 +501,6 @@ def fit_cells(
             if isinstance(exc, StaleOutputError) and "overwrite=True" not in str(exc):
                 exc.args = (f"{exc} (biomask.fit_cells: overwrite=True; biomask fit-cells: --overwrite)",)
             raise
-        finally:
-            # the rank variables (RANK, MASTER_PORT, ...) and device settings pretraining exports for
-            # torch.distributed stay out of the user's session, as its process group does (release_group)
-            for name in set(os.environ) - set(environment):
-                del os.environ[name]
-            os.environ.update(environment)
         if in_memory or backed:
             honour_omp_threads()  # pretraining gave back the count it found, prep's numba's
             embed(

@@ -9,6 +9,10 @@ decides how long a record it reads in one piece, evaluate whether a record is ev
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 from biomask.models.cnn import DilatedCNN
@@ -77,5 +81,20 @@ def rebuilt_on_continuing(kind: str) -> str:
 
 
 def build_model(cfg: EncoderConfig) -> nn.Module:
-    """A freshly initialised model of the kind `cfg` names."""
-    return MODEL_KINDS[cfg.kind](cfg)
+    """A freshly initialised model of the kind `cfg` names (in float32, whatever torch's default)."""
+    with float32_default():
+        return MODEL_KINDS[cfg.kind](cfg)
+
+
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """torch's default dtype as biomask's models are built and run: float32, whatever a caller set. A
+    notebook's float64 (GPyTorch and BoTorch users set it) built float64 models, whose float32
+    weights were then refused ("export the checkpoint again"), and DeepSpeed failed on their
+    gradients. The caller's default is back when the block ends."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)

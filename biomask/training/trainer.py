@@ -17,10 +17,12 @@ training/checkpoint.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from biomask.masking import Masker, MaskingConfig
 from biomask.masking.config import masking_text
 from biomask.masking.masker import maskable_positions
 from biomask.models import EncoderConfig, build_model
-from biomask.models.kinds import PROFILE_KINDS, rebuilt_on_continuing
+from biomask.models.kinds import PROFILE_KINDS, float32_default, rebuilt_on_continuing
 from biomask.models.profile import ProfileModel
 from biomask.outputs import (
     FILE_TREE_KEY,
@@ -352,8 +355,13 @@ def pretrain(
         )
         _ONE_RUN_AT_A_TIME.acquire()
     threads = torch.get_num_threads()  # the run sets $OMP_NUM_THREADS's count; a caller's own comes back
+    # the rank variables (RANK, MASTER_PORT, ...) and device settings the run exports for
+    # torch.distributed stay out of a library caller's session, as its process group does. Within the
+    # turn: restored by fit_cells around it, a thread's restore deleted LOCAL_RANK from under the next
+    # thread's run (DeepSpeed's AssertionError), or put a finished run's back for good
+    environment = dict(os.environ) if release_group else None
     try:
-        with torch_linear_kept():
+        with torch_linear_kept(), _torch_defaults():
             out = _pretrain(cfg, overwrite=overwrite, local_rank=local_rank, began=Began.now())
     except (Requeue, Interrupted) as exc:
         # its traceback holds the loop's frames, and a notebook keeps the last exception: the engine
@@ -369,9 +377,23 @@ def pretrain(
                 _free_engine()  # the engine's handles on the group go first
                 release_own_group()
         finally:
+            if environment is not None:
+                for name in set(os.environ) - set(environment):
+                    del os.environ[name]
+                os.environ.update(environment)
             _ONE_RUN_AT_A_TIME.release()
     _free_engine()
     return out
+
+
+@contextlib.contextmanager
+def _torch_defaults() -> Iterator[None]:
+    """A caller's float64 default dtype (`float32_default`) or a `torch.no_grad()` / `inference_mode()`
+    block around the call failed the run after prep with DeepSpeed's bare assertion ("unsupported
+    grad type", "loss must be a scalar tensor"): the run trains as the command line does, and the
+    caller's settings are theirs again after it."""
+    with float32_default(), torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 # Two runs in threads of one process (a notebook's seed sweep) drew from one set of global generators
