@@ -8,6 +8,7 @@ file the mode `open()` would have given it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +36,17 @@ def follow_umask(path: str | os.PathLike) -> None:
 def save_tensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, metadata: dict[str, str] | None = None
 ) -> None:
-    """`safetensors.torch.save_file`, with the file's mode following the umask."""
-    save_file(tensors, str(path), metadata=metadata)
+    """`safetensors.torch.save_file`, with the file's mode following the umask. A write the file
+    system refused (a full disk, a quota) is the OSError it is, naming the file: safetensors raises
+    its own error type, which no handler of file-system errors took (a traceback, the partial
+    checkpoint left)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from exc
     follow_umask(path)

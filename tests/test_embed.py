@@ -63,6 +63,48 @@ def embedded(pbmc_h5ad, cells_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("layout", ["legacy", "current"])
+def test_embed_on_a_full_disk_says_so_and_leaves_nothing(pbmc_h5ad, cells_checkpoint, tmp_path, layout):
+    """A full disk while embed wrote its .h5ad (here a file-size limit, which fails a write as a full
+    disk does): HDF5 failed in every object it freed, hundreds of lines of tracebacks, and its close
+    crashed the interpreter (exit 139), the message never reached. One message, exit 2, nothing left."""
+    import subprocess
+
+    source = pbmc_h5ad  # anndata's legacy layout: read whole and written again
+    limit = 2_000_000  # of its 4.6 MB
+    if layout == "current":  # copied, then the vectors streamed into the copy
+        source = tmp_path / "current.h5ad"
+        read(pbmc_h5ad).write_h5ad(source)
+        limit = source.stat().st_size + 50_000  # the copy fits, the vectors (179 kB) do not
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "from biomask.cli import entry\n"
+        "entry()"
+    )
+    out = tmp_path / "out" / "pbmc.emb.h5ad"
+    args = [
+        "-q",
+        "embed",
+        "--checkpoint",
+        cells_checkpoint,
+        "--input",
+        source,
+        "--output",
+        out,
+        "--matrix",
+        "raw",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", script, *map(str, [*args, *COUNTS[1:]])], capture_output=True, text=True
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"cannot use {out}" in run.stderr and "free some space" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) < 10, run.stderr[-3000:]
+    assert not out.parent.exists() and leftovers(tmp_path) == []  # the folder it made for the output too
+
+
 def test_embed_adds_obsm_and_uns_and_leaves_the_rest_of_the_file_as_it_was(
     embedded, pbmc_h5ad, cells_checkpoint, cli
 ):

@@ -1327,3 +1327,44 @@ def test_a_label_written_with_spaces_around_it_beside_the_plain_one_is_said(tmp_
         tmp_path, cli, write_table(tmp_path / "plain.csv", splice_rows), output=tmp_path / "plain"
     )
     assert code == 0 and "read as one class" not in err
+
+
+def test_a_tensor_file_on_a_full_disk_is_a_file_system_error_naming_it(tmp_path):
+    """safetensors reports a refused write (a full disk, a quota) as its own error type, which no
+    handler of file-system errors took: export-hf, a checkpoint's RNG state and pretrain's portable
+    model ended in a traceback (exit 1), the partial checkpoint left. It is the OSError it is now,
+    naming the file; here a file-size limit refuses the write as a full disk does."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import errno, resource, signal, sys, torch\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "from biomask.tensor_files import save_tensors\n"
+        "try:\n"
+        "    save_tensors({'w': torch.zeros(100_000)}, sys.argv[1])\n"
+        "except OSError as exc:\n"
+        "    print(errno.errorcode[exc.errno], exc.filename)\n"
+    )
+    target = tmp_path / "model.safetensors"
+    run = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["EFBIG", str(target)], run.stdout + run.stderr
+
+
+def test_a_portable_model_that_could_not_be_written_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """pretrain's last step, the portable `model/`, failing on a full disk left `.model.tmp-*` (as large
+    as the model) beside the run's checkpoints."""
+    import errno
+
+    from biomask.training import checkpoint
+
+    def full(state, arch, directory, **kwargs):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "save_pretrained", full)
+    with pytest.raises(OSError):
+        checkpoint.export_portable(tmp_path, {}, None, tokenizer_dir=tmp_path, info={})
+    assert list(tmp_path.iterdir()) == []

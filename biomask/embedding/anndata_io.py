@@ -16,7 +16,9 @@ anndata, given the new entries and written again in the current layout (a warnin
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -164,6 +166,25 @@ def check_key(key: str, obsm_keys: Any, uns: Any, where: str) -> None:
         )
 
 
+def room_to_grow(path: Path, size: int) -> None:
+    """Raise the file system's own OSError (ENOSPC, EDQUOT, EFBIG: a full disk, a quota, a file-size
+    limit) if the file at `path` cannot grow by `size` bytes, by reserving them past its end and giving
+    them back. Where the file system cannot reserve (no posix_fallocate: macOS; some network file
+    systems), nothing is checked."""
+    if not hasattr(os, "posix_fallocate") or size <= 0:
+        return
+    length = path.stat().st_size
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, length, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+    finally:
+        os.ftruncate(fd, length)
+        os.close(fd)
+
+
 class EmbeddingWriter:
     """Fills `obsm[key]` of a copy of `source` chunk by chunk, then adds the provenance as `uns[key]`.
 
@@ -183,6 +204,9 @@ class EmbeddingWriter:
     def __enter__(self) -> EmbeddingWriter:
         if self.streaming:
             shutil.copyfile(self.source, self.target)
+            # the vectors, their chunk index and the record: refused here as a plain OSError if the
+            # disk cannot hold them, since HDF5 failing part-way crashed the interpreter (exit 139)
+            room_to_grow(self.target, self.n_obs * self.dim * 4 * 102 // 100 + (1 << 20))
             self.handle = h5py.File(self.target, "r+")
             obsm = self._group(self.handle, "obsm")
             if self.key in obsm:
@@ -242,7 +266,22 @@ class EmbeddingWriter:
             adata = anndata.read_h5ad(self.source)
         adata.obsm[self.key] = self.buffer
         adata.uns[self.key] = h5_safe({**uns, DIGEST_KEY: embedding_digest(self.buffer)})
-        adata.write_h5ad(self.target)
+        # what adata.write_h5ad writes (the same groups, datasets and attributes), built in memory and
+        # then written as plain bytes: on a full disk HDF5's own writes failed in every object it
+        # freed (hundreds of lines of tracebacks) and its close crashed the interpreter (exit 139)
+        adata.strings_to_categoricals()
+        if adata.raw is not None:
+            adata.strings_to_categoricals(adata.raw.var)
+        from anndata.io import write_elem
+
+        image = io.BytesIO()
+        with h5py.File(image, "w") as handle:
+            write_elem(handle, "/", adata)
+        try:
+            with open(self.target, "wb") as out:
+                out.write(image.getbuffer())
+        except OSError as exc:  # a write's error names no file
+            raise OSError(exc.errno, exc.strerror, str(self.target)) from None
 
     def __exit__(self, *exc: object) -> None:
         if self.handle is not None:

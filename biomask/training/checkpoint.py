@@ -480,7 +480,11 @@ def export_portable(
     DeepSpeed; written under a temporary name and swapped in whole, so a kill leaves the old or the new."""
     tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
     tmp.rmdir()
-    save_pretrained(state, arch, tmp, tokenizer_dir=tokenizer_dir, info=info)
+    try:
+        save_pretrained(state, arch, tmp, tokenizer_dir=tokenizer_dir, info=info)
+    except BaseException:  # a full disk: the partial folder was left beside the run's checkpoints
+        _discard(tmp)
+        raise
     _discard(out / "model")
     tmp.rename(out / "model")
     return out / "model"
