@@ -319,7 +319,19 @@ def _absent(path: Path) -> bool:
 
 def _print_stage(stage: str, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     """Run a stage and print the output path it returns (stdout: the result only)."""
-    print(_run_stage(stage, args, overrides))
+    path = _run_stage(stage, args, overrides)
+    try:
+        print(path, flush=True)
+    except OSError as exc:
+        # `biomask ... > run.log` on a full disk: the stage had finished, and the error named no file
+        from biomask.errors import EnvironmentIOError, describe_os_error, is_environment_error
+
+        if not is_environment_error(exc):
+            raise
+        raise EnvironmentIOError(
+            f"{stage} finished and wrote {path}, but its path could not be written to standard output: "
+            + describe_os_error(exc, "standard output")
+        ) from None
     return 0
 
 

@@ -1368,3 +1368,28 @@ def test_a_portable_model_that_could_not_be_written_leaves_no_partial_folder(tmp
     with pytest.raises(OSError):
         checkpoint.export_portable(tmp_path, {}, None, tokenizer_dir=tmp_path, info={})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_whose_result_path_cannot_be_printed_says_it_finished(tmp_path, chrx_bases):
+    """`biomask prep dna ... > run.log` with run.log on a full disk: the store was written, then
+    printing its path failed with "cannot use: No space left on device", naming no file, as if the
+    stage had failed. (/dev/full refuses every write as a full disk does.)"""
+    import subprocess
+    import sys
+
+    fasta = tmp_path / "chrX-30kb.fa"
+    fasta.write_bytes(b">chrX\n" + chrx_bases + b"\n")
+    out = tmp_path / "store"
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [sys.executable, "-m", "biomask", "-q", "prep", "dna", "-c", "configs/dna/splice.yaml",
+             f"inputs=[{{path: {fasta}}}]", f"output={out}", "tokenizer.kind=char", "windows.length=128",
+             "split.block_size=1000"],
+            stdout=full, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert (
+        f"prep dna finished and wrote {out}, but its path could not be written to standard output"
+        in run.stderr
+    )
+    assert "No space left on device" in run.stderr and (out / "manifest.json").is_file()

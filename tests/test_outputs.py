@@ -612,3 +612,32 @@ def test_a_clock_stepped_back_during_a_stage_gives_no_negative_duration(tmp_path
     info = write_run_info(tmp_path, stage="s", fingerprint="f", started=began)
     assert 1.5 <= info["wall_seconds"] < 60, info
     assert info["started"] > info["created"]  # the wall-clock stamps as the clock gave them
+
+
+def test_a_metrics_line_the_disk_refuses_names_the_file_and_is_said_once(tmp_path):
+    """A full disk while pretrain wrote a metrics line: "cannot use: No space left on device" named no
+    file, and closing the log on the way out raised again from the same disk, hiding the first."""
+    import errno
+
+    from biomask.training.metrics import MetricsLogger
+
+    class Full:
+        def write(self, text=""):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = write
+
+    logger = MetricsLogger(tmp_path, total_steps=10, start_step=0, enabled=True, progress=False, report_to=())
+    logger.file.close()
+    logger.file = Full()
+    with pytest.raises(OSError) as refused:
+        logger.log(1, "train", {"loss": 1.0})
+    assert refused.value.errno == errno.ENOSPC and refused.value.filename == str(tmp_path / "metrics.jsonl")
+    logger.close()  # quiet: the error above is the one the user is told
+    # a close that fails after every line was written (its buffer flushed then) is said, naming it
+    logger = MetricsLogger(tmp_path, total_steps=10, start_step=0, enabled=True, progress=False, report_to=())
+    logger.file.close()
+    logger.file = Full()
+    with pytest.raises(OSError) as refused:
+        logger.close()
+    assert refused.value.filename == str(tmp_path / "metrics.jsonl")

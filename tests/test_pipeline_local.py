@@ -411,3 +411,20 @@ def test_a_run_whose_pipeline_file_is_gone_still_records_itself(dna_pipeline, tm
     _record(plan, [])
     record = json.loads((plan.run_dir / "local-run.json").read_text())
     assert record["pipeline_file"] == {"path": str(tmp_path / "gone.yaml"), "sha256": None}
+
+
+def test_a_stage_log_the_disk_refuses_ends_the_log_not_the_run(dna_pipeline, tmp_path, cli, monkeypatch):
+    """A full disk under logs/: the runner died at its first log line (exit 2, naming no file), the
+    stage it had started left running unread, no table and no local-run.json. The stage runs on,
+    the log's end is said, and the run is recorded. (/dev/full refuses every write as a full disk.)"""
+    from biomask.pipelines import local
+
+    monkeypatch.setattr(
+        local, "append_own", lambda path: open("/dev/full", "a", buffering=1, encoding="utf-8")
+    )
+    run = tmp_path / "run"
+    code, out, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome")
+    assert code == 0, err
+    assert "prep_genome: its log stops where the disk refused it" in " ".join(err.split())
+    assert "No space left on device" in err and str(run / "logs" / "prep_genome.log") in err
+    assert statuses(run) == {"prep_genome": "ran"} and "prep_genome" in out  # the table, and the record

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -1497,6 +1498,19 @@ def test_a_checkpoint_folder_that_cannot_be_made_is_a_message_not_a_traceback(tm
     assert not tmp.exists()
     with pytest.raises(ValueError, match="a bug"):  # anything else is not dressed up as bad input
         _save_failed(tmp, ValueError("a bug"))
+    # a full disk in torch.save: its words said nothing of space, and the free space was measured
+    # after the partial checkpoint went, reading as plenty
+    tmp.mkdir()
+    (tmp / "partial.pt").write_bytes(b"x" * 40_000_000)
+    free = shutil.disk_usage(tmp).free
+    with pytest.raises(EnvironmentIOError) as said:
+        _save_failed(
+            tmp, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 917440 vs 917304")
+        )
+    reported = int(
+        re.search(r"\(([\d,]+) bytes free there when it failed\)", str(said.value))[1].replace(",", "")
+    )
+    assert "the disk is probably full" in str(said.value) and abs(reported - free) < 20_000_000
 
 
 def test_zero_0_logs_and_checks_the_gradient_norm_as_the_other_stages_do(genome_store, tmp_path, cli):

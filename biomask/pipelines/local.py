@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from biomask.errors import REQUEUE_EXIT_CODE, SCHEDULER_SIGNALS, BiomaskError, InputError
+from biomask.errors import REQUEUE_EXIT_CODE, SCHEDULER_SIGNALS, BiomaskError, InputError, describe_os_error
 from biomask.outputs import append_own, atomic_write_text
 from biomask.pipelines.plan import Plan, PlannedStage, Task
 from biomask.pipelines.runs import (
@@ -385,7 +385,7 @@ def _spawn(
             RUN_DIR_ENV: str(plan.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
-        with append_own(log) as sink:
+        with _StageLog(log) as sink:
             proc = stages.start(
                 argv, cwd=plan.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
@@ -393,7 +393,6 @@ def _spawn(
                 return None, {}
             _say(f"{label}: biomask {' '.join(argv[3:])}", echo, stages)
             sink.write(f"$ {' '.join(argv)}\n")
-            sink.flush()
             assert proc.stdout is not None
             try:
                 for line in proc.stdout:
@@ -403,11 +402,44 @@ def _spawn(
                 code = proc.wait()
             finally:
                 stages.ended(proc)
+        if sink.refused is not None:
+            _say(
+                f"{label}: its log stops where the disk refused it ({describe_os_error(sink.refused, str(log))}); "
+                "the stage ran on",
+                True,
+                stages,
+            )
         try:
             error = json.loads(error_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             error = {}
     return code, error
+
+
+class _StageLog:
+    """A stage's log file, appended to line by line. A line the disk refuses (full, over quota) ends
+    the log, not the run: the runner died there, the stage it had started left running unread, and no
+    table or local-run.json said what had happened."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = append_own(path)
+        self.refused: OSError | None = None
+
+    def write(self, text: str) -> None:
+        if self.refused is None:
+            try:
+                self.file.write(text)
+            except OSError as exc:
+                self.refused = exc
+
+    def __enter__(self) -> _StageLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.file.close()
+        except OSError as error:
+            self.refused = self.refused or error
 
 
 def _say(message: str, echo: bool, stages: _Stages) -> None:

@@ -259,7 +259,7 @@ def _save_failed(tmp: Path, exc: BaseException) -> None:
     """A save the file system refused (disk full, read-only): remove the partial `.tmp-` checkpoint and
     say so (exit 2), naming it; the previous complete checkpoint stays the one a rerun resumes from.
     torch.save reports a full disk as a RuntimeError ("... file write failed")."""
-    from biomask.errors import EnvironmentIOError, describe_os_error, is_environment_error
+    from biomask.errors import EnvironmentIOError, describe_os_error, first_line, is_environment_error
 
     # DeepSpeed logs its own failure to make the folder (permission denied, read-only, immutable) and
     # torch.save then finds no "Parent directory"
@@ -269,12 +269,17 @@ def _save_failed(tmp: Path, exc: BaseException) -> None:
     )
     if not refused:
         raise exc
-    shutil.rmtree(tmp, ignore_errors=True)
-    reason = (
-        describe_os_error(exc, str(tmp)) if isinstance(exc, OSError) else str(exc).strip().splitlines()[-1]
-    )
+    # measured before the partial checkpoint goes: after, the space it held read as plenty
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else None
-    space = f" ({free:,} bytes free there)" if free is not None else ""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(exc, OSError):
+        reason = describe_os_error(exc, str(tmp))
+    elif "inline_container" in str(exc) or "write failed" in str(exc):
+        # torch's "[enforce fail at inline_container.cc:672] . unexpected pos 917440 vs 917304"
+        reason = f"a short write, the disk is probably full ({first_line(exc)})"
+    else:
+        reason = str(exc).strip().splitlines()[-1]
+    space = f" ({free:,} bytes free there when it failed)" if free is not None else ""
     raise EnvironmentIOError(
         f"saving checkpoint {tmp} failed{space}: {reason}; the partial checkpoint was removed and a "
         "rerun resumes from the previous complete one -- make the folder writable or free some space, "

@@ -145,6 +145,7 @@ class MetricsLogger:
         logged step on it. `report_to`: the trackers besides metrics.jsonl; `config` is what they
         record as the run's parameters."""
         self.enabled = enabled
+        self.failed = False
         self.path = directory / "metrics.jsonl"
         self.bar = None
         self.tb = None
@@ -213,7 +214,11 @@ class MetricsLogger:
             line = json.dumps({"step": step, "kind": kind, **values}, allow_nan=False)
         except ValueError:
             raise DivergedError(f"pretrain: a non-finite {kind} metric at step {step}: {values}") from None
-        self.file.write(line + "\n")
+        try:
+            self.file.write(line + "\n")
+        except OSError as exc:  # a full disk: a write's error names no file
+            self.failed = True
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         numbers = scalars(kind, values)
         if self.tb is not None:
             for key, value in numbers.items():
@@ -264,11 +269,23 @@ class MetricsLogger:
             self.bar.update(n)
 
     def close(self) -> None:
+        """Closed on the way out of a run, failed or not. After a write failed (its error, naming the
+        file, is on its way), closing does not raise again: a second error from the same full disk
+        hid the first, and named no file."""
         if not self.enabled:
             return
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        errors = []
+        for close, path in (
+            (self.file.close, self.path),
+            (self.tb and self.tb.close, self.path.parent / "tensorboard"),
+        ):
+            try:
+                if close is not None:
+                    close()
+            except OSError as exc:
+                errors.append(OSError(exc.errno, exc.strerror, str(path)))
+        if errors and not self.failed:
+            raise errors[0]
         for tracker in self.trackers:
             tracker.close()
         if self.bar is not None:
