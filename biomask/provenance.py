@@ -59,6 +59,12 @@ def strict_json(obj: Any) -> str:
     return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
 
 
+# git as a background reader: `git status` and `git diff` take .git/index.lock to refresh the index,
+# so a developer's own `git commit` beside a running biomask failed ("index.lock: File exists"), and a
+# biomask killed meanwhile (a test, a scheduler) left the lock for them to remove by hand
+GIT = ("git", "--no-optional-locks")
+
+
 @functools.lru_cache(maxsize=1)
 def source_sha256() -> str:
     """The sha256 of biomask's own source (every .py of the package, path and content): the code that
@@ -85,10 +91,10 @@ def code_version(*, with_diff: bool = False) -> dict[str, Any]:
     if repo is not None and (repo / ".git").exists():
         try:
             commit = subprocess.run(
-                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+                [*GIT, "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
             )
             status = subprocess.run(
-                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                [*GIT, "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                 capture_output=True,
                 text=True,
                 timeout=10,
@@ -112,7 +118,7 @@ def _uncommitted(repo: Path) -> dict[str, Any]:
     HEAD (cut at _DIFF_LIMIT characters; its sha256 whole) and the source files git does not track."""
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([*GIT, "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
         return done.stdout if done.returncode == 0 else ""
 
     diff = git("diff", "HEAD", "--", "biomask")

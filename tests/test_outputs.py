@@ -641,3 +641,26 @@ def test_a_metrics_line_the_disk_refuses_names_the_file_and_is_said_once(tmp_pat
     with pytest.raises(OSError) as refused:
         logger.close()
     assert refused.value.filename == str(tmp_path / "metrics.jsonl")
+
+
+def test_recording_the_code_version_never_takes_gits_index_lock(tmp_path, monkeypatch):
+    """`git status` / `git diff` refresh the index under .git/index.lock: a developer's own `git commit`
+    beside a running biomask failed ("index.lock: File exists"), and a biomask killed meanwhile left
+    the lock for them to remove. Every git call biomask makes is a reader's (--no-optional-locks)."""
+    import shutil
+    import stat
+
+    from biomask.provenance import code_version, source_checkout
+
+    if source_checkout() is None or shutil.which("git") is None:
+        pytest.skip("not run from a git checkout of biomask")
+    calls = tmp_path / "calls"
+    shim = tmp_path / "bin" / "git"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("git")} "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{shim.parent}:{os.environ['PATH']}")
+    info = code_version(with_diff=True)
+    lines = calls.read_text().splitlines()
+    assert info["git_commit"] and len(lines) >= 2
+    assert all(line.startswith("--no-optional-locks ") for line in lines), lines
