@@ -42,7 +42,7 @@ def dna_batch(splice_store) -> dict[str, torch.Tensor]:
 )
 def test_ratio_samplers_have_the_right_mean(ratio, mean):
     sampler = RatioSampler(validate_config(RatioConfig, ratio, "t"), total_steps=1, seed=1)
-    draws = np.concatenate([sampler.sample(0, 1) for _ in range(4000)])
+    draws = np.concatenate([sampler.sample(step, 1) for step in range(4000)])
     assert sampler.expected() == pytest.approx(mean)
     assert draws.mean() == pytest.approx(mean, abs=0.01)
     if ratio["kind"] == "uniform":
@@ -64,9 +64,24 @@ def test_batch_granularity_gives_one_ratio_per_batch_and_sample_granularity_many
     per_sample = RatioSampler(
         validate_config(RatioConfig, {"kind": "uniform", "granularity": "sample"}, "t"), total_steps=1, seed=0
     )
-    for _ in range(20):
-        assert len(set(per_batch.sample(0, 32).tolist())) == 1
+    for step in range(20):
+        assert len(set(per_batch.sample(step, 32).tolist())) == 1
     assert len(set(per_sample.sample(0, 32).tolist())) == 32
+
+
+def test_a_steps_accumulated_micro_batches_share_its_ratio():
+    """R²MAE draws one ratio per step's global batch. Drawn per call, a step of two accumulated
+    micro-batches trained on two ratios, and the ratio logged for it (their mean) was no batch's: a
+    run split to save memory trained on a narrower distribution than the same run unsplit."""
+    cfg = validate_config(RatioConfig, {"kind": "uniform", "low": 0.15, "high": 0.45}, "t")
+    whole = RatioSampler(cfg, total_steps=50, seed=3)
+    split = RatioSampler(cfg, total_steps=50, seed=3)
+    for step in range(50):
+        ratio = whole.sample(step, 16)
+        halves = [split.sample(step, 8), split.sample(step, 8)]  # grad_accum 2
+        assert np.array_equal(np.concatenate(halves), ratio), step
+    per_sample = RatioSampler(cfg.model_copy(update={"granularity": "sample"}), total_steps=50, seed=3)
+    assert not np.array_equal(per_sample.sample(0, 8), per_sample.sample(0, 8))  # records draw their own
 
 
 def test_same_ratio_on_every_rank_different_positions(dna_batch):

@@ -52,7 +52,7 @@ class RatioConfig(Config):
     values: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)  # discrete
     start: float = Field(0.3, gt=0.0, lt=1.0)  # linear: start -> end over the training steps
     end: float = Field(0.15, gt=0.0, lt=1.0)
-    # batch: one ratio per (micro-)batch, the same on every rank (R²MAE; keeps MAE rectangular);
+    # batch: one ratio per optimizer step, the same on every rank and micro-batch (R²MAE; keeps MAE rectangular);
     # sample: one ratio per record.
     granularity: Literal["batch", "sample"] = "batch"
 

@@ -4,8 +4,9 @@ The ratios are a handful of numbers per step, so they are drawn with a numpy `Ge
 is a plain dict (checkpointed with the run). The positions themselves are drawn in torch, on the
 training device (see `positions.py`).
 
-Granularity `batch` draws one ratio per batch; every rank seeds this generator identically, so the
-ranks of one step agree on it and a global batch has a single ratio (R²MAE's setting).
+Granularity `batch` draws one ratio per optimizer step: every rank seeds this generator identically,
+so the ranks of one step agree on it, and the micro-batches of a step (gradient accumulation) share
+it, so a global batch has a single ratio (R²MAE's setting) however it is split.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class RatioSampler:
         self.cfg = cfg
         self.total_steps = max(int(total_steps), 1)
         self.rng = np.random.Generator(np.random.PCG64([int(seed), 0x6D61736B]))  # "mask"
+        self._step_ratio: tuple[int, float] | None = None  # (step, its ratio), for granularity batch
 
     def scheduled(self, step: int) -> float:
         """The linear schedule's ratio at `step` (start at step 0, end at the last step)."""
@@ -47,7 +49,12 @@ class RatioSampler:
         if self.cfg.kind == "linear":
             return np.full(batch_size, self.scheduled(step))
         if self.cfg.granularity == "batch":
-            return np.repeat(self._draw(1), batch_size)
+            # drawn per call, a step of 2 accumulated micro-batches trained on two ratios, and the
+            # ratio logged for it (their mean) was no batch's: a run split to save memory trained on
+            # a narrower distribution than the same run unsplit
+            if self._step_ratio is None or self._step_ratio[0] != step:
+                self._step_ratio = (step, float(self._draw(1)[0]))
+            return np.full(batch_size, self._step_ratio[1])
         return self._draw(batch_size)
 
     def expected(self, step: int = 0) -> float:
