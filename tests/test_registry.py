@@ -451,3 +451,35 @@ def test_an_archive_member_larger_than_the_registered_size_is_not_extracted_whol
         for p in (tmp_path / "cache").rglob("*")
         if p.is_file() and p.stat().st_size > 100_000 and "_archives" not in str(p)
     ]
+
+
+def test_a_trickling_server_is_given_up_as_stalled(tmp_path, monkeypatch):
+    """A server sending a byte every few seconds never timed out (each byte reset the socket's
+    timeout, and a read waited for a whole megabyte): a download that stalls is given up."""
+    import time
+
+    from biomask.datasets import sources
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b"N" * 10)
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(sources, "_STALL_SECONDS", 1)
+    monkeypatch.setattr(sources, "_STALL_BYTES", 1000)
+    try:
+        with pytest.raises(FetchError, match=r"bytes in the last 1 s \(stalled\)"):
+            sources.download(f"http://127.0.0.1:{server.server_port}/g.fa", tmp_path / "g.fa", what="g.fa")
+        assert not (tmp_path / "g.fa").exists()
+    finally:
+        server.shutdown()
