@@ -27,8 +27,8 @@ from biomask.errors import SCHEDULER_SIGNALS, BiomaskError, ConfigError, InputEr
 from biomask.stages import STAGES, load_ref
 
 log = logging.getLogger("biomask")
-# the stages that checkpoint on a scheduler's signal and exit 75, which their job scripts requeue on
-TRAINING_COMMANDS = frozenset(name for name, spec in STAGES.items() if spec.training)
+# the commands that checkpoint on a scheduler's signal and exit 75, which their job scripts requeue on
+TRAINING_COMMANDS = frozenset({"fit-cells", *(name for name, spec in STAGES.items() if spec.training)})
 
 
 # Override examples in each stage's --help (optional): its own keys (tests/test_config_reference.py

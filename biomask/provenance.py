@@ -61,8 +61,17 @@ def strict_json(obj: Any) -> str:
 
 # git as a background reader: `git status` and `git diff` take .git/index.lock to refresh the index,
 # so a developer's own `git commit` beside a running biomask failed ("index.lock: File exists"), and a
-# biomask killed meanwhile (a test, a scheduler) left the lock for them to remove by hand
-GIT = ("git", "--no-optional-locks")
+# biomask killed meanwhile (a test, a scheduler) left the lock for them to remove by hand. The variable,
+# not the option `--no-optional-locks`, which git before 2.15 (RHEL 7's 1.8) refuses: no commit was
+# recorded there.
+def _git(repo: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,15 +99,8 @@ def code_version(*, with_diff: bool = False) -> dict[str, Any]:
     repo = source_checkout()
     if repo is not None and (repo / ".git").exists():
         try:
-            commit = subprocess.run(
-                [*GIT, "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-            )
-            status = subprocess.run(
-                [*GIT, "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
+            commit = _git(repo, "rev-parse", "HEAD", timeout=10)
+            status = _git(repo, "status", "--porcelain", "--untracked-files=no", timeout=10)
             if commit.returncode == 0:
                 info["git_commit"] = commit.stdout.strip()
                 info["git_dirty"] = bool(status.stdout.strip())
@@ -118,7 +120,7 @@ def _uncommitted(repo: Path) -> dict[str, Any]:
     HEAD (cut at _DIFF_LIMIT characters; its sha256 whole) and the source files git does not track."""
 
     def git(*args: str) -> str:
-        done = subprocess.run([*GIT, "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        done = _git(repo, *args, timeout=30)
         return done.stdout if done.returncode == 0 else ""
 
     diff = git("diff", "HEAD", "--", "biomask")

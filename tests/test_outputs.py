@@ -646,7 +646,9 @@ def test_a_metrics_line_the_disk_refuses_names_the_file_and_is_said_once(tmp_pat
 def test_recording_the_code_version_never_takes_gits_index_lock(tmp_path, monkeypatch):
     """`git status` / `git diff` refresh the index under .git/index.lock: a developer's own `git commit`
     beside a running biomask failed ("index.lock: File exists"), and a biomask killed meanwhile left
-    the lock for them to remove. Every git call biomask makes is a reader's (--no-optional-locks)."""
+    the lock for them to remove. Every git call biomask makes is a reader's (GIT_OPTIONAL_LOCKS=0) —
+    which a git before 2.15 ignores, where its option `--no-optional-locks` failed every call and no
+    commit was recorded (the stand-in below refuses that option as git 1.8 does)."""
     import shutil
     import stat
 
@@ -657,10 +659,15 @@ def test_recording_the_code_version_never_takes_gits_index_lock(tmp_path, monkey
     calls = tmp_path / "calls"
     shim = tmp_path / "bin" / "git"
     shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("git")} "$@"\n')
+    shim.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --no-optional-locks) echo "Unknown option: $1" >&2; exit 129;; esac\n'
+        f'echo "locks=$GIT_OPTIONAL_LOCKS $*" >> {calls}\n'
+        f'exec {shutil.which("git")} "$@"\n'
+    )
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{shim.parent}:{os.environ['PATH']}")
     info = code_version(with_diff=True)
     lines = calls.read_text().splitlines()
     assert info["git_commit"] and len(lines) >= 2
-    assert all(line.startswith("--no-optional-locks ") for line in lines), lines
+    assert all(line.startswith("locks=0 ") for line in lines), lines

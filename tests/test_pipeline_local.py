@@ -428,3 +428,7 @@ def test_a_stage_log_the_disk_refuses_ends_the_log_not_the_run(dna_pipeline, tmp
     assert "prep_genome: its log stops where the disk refused it" in " ".join(err.split())
     assert "No space left on device" in err and str(run / "logs" / "prep_genome.log") in err
     assert statuses(run) == {"prep_genome": "ran"} and "prep_genome" in out  # the table, and the record
+    # a rerun after a config change: its note that the refusal is expected went to the log unguarded
+    changed = "stages.prep_genome.overrides.windows.stride=256"
+    code, out, err = cli("-q", "pipeline", "run", dna_pipeline, "--only", "prep_genome", changed)
+    assert code == 0 and statuses(run) == {"prep_genome": "ran (changed)"}, err

@@ -1001,6 +1001,12 @@ def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path
     # what the script body carries is quoted: a value with shell in it stays a value
     plan = load_plan(pipeline(tmp_path, stages, env={"NOTE": "$(touch PWNED); `x`"}))
     assert "export NOTE='$(touch PWNED); `x`'\n" in render(job_script(plan, plan.stages["a"]))
+    # the job log's folder as sbatch reads an #SBATCH line (checked on a real cluster in
+    # test_pipeline_slurm): a space or quote inside double quotes, a % doubled
+    job = dataclasses.replace(job_script(plan, plan.stages["a"]), log_dir='/x/it\'s 50%x "d"')
+    assert '#SBATCH --output="/x/it\'s 50%%x \\"d\\"/a-%j.out"\n' in render(job)
+    job = dataclasses.replace(job, log_dir="/x/plain")
+    assert "#SBATCH --output=/x/plain/a-%j.out\n" in render(job)  # as before where nothing needs it
     # sbatch turns %j off under a backslash whatever the quoting: the job log would go nowhere
     # (run_dir refuses one; a relative run_dir under such a working folder gets here)
     job = dataclasses.replace(job_script(plan, plan.stages["a"]), log_dir=str(tmp_path / "a\\b" / "logs"))

@@ -205,10 +205,12 @@ def test_a_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path, cli):
     assert "prep_splice[0]: CANCELLED — log" not in flat and "prep_splice: CANCELLED — log" not in flat
 
 
-def test_a_run_folder_with_spaces_quotes_and_percent_gets_its_job_logs(slurm_cluster, tmp_path, cli):
+@pytest.mark.parametrize("folder", ['it\'s 50%x "done"', "exp#2"])
+def test_a_run_folder_with_spaces_quotes_and_percent_gets_its_job_logs(slurm_cluster, tmp_path, cli, folder):
     # sbatch reads `#SBATCH --output=` its own way: a space made it refuse the script ("Invalid
-    # directive"), a quote was "unmatched", and %x in a folder's name was expanded (the log lost)
-    run_dir = tmp_path / 'it\'s 50%x "done"' / "run"
+    # directive"), a quote was "unmatched", %x in a folder's name was expanded (the log lost), and a #
+    # ended the line (every stage's log went to one file named after the folder before it)
+    run_dir = tmp_path / folder / "run"
     missing = tmp_path / "no-such-genome.fa"
     code, _, err = cli(
         "-q",

@@ -668,6 +668,15 @@ def test_a_stop_signal_before_training_began_still_asks_for_a_requeue(
     assert not out.exists()
     code, _, err = cli("prep", "dna", "-c", REPO / "configs/dna/splice.yaml", f"output={tmp_path / 'p'}")
     assert code == 143 and "stopped by SIGUSR2" in err
+    # fit-cells trains too (exit 75 during training): reading the cells or preparing them, the same
+    from biomask.embedding import fit
+
+    def reading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(fit, "fit_cells_file", reading)
+    code, _, err = cli("fit-cells", "--input", tmp_path / "cells.h5ad", "--output", tmp_path / "fit")
+    assert code == 75 and "stopped by SIGUSR2 outside the training steps" in err, err
 
 
 def test_a_resume_in_another_precision_or_on_another_device_is_said_and_recorded(tmp_path, caplog):
@@ -936,6 +945,50 @@ def test_two_runs_in_threads_of_one_process_take_turns_and_give_their_seeds_resu
     # and give the caller's environment back within their turn: restored after it (fit_cells did so),
     # one thread's restore deleted LOCAL_RANK under the other's run, or put its variables back for good
     assert dict(os.environ) == environment
+
+
+def test_a_library_runs_environment_is_given_back_before_the_next_thread_starts(tmp_path, monkeypatch):
+    """The rank variables a run exports are the caller's again when it returns — inside its turn. Given
+    back after the turn (fit_cells did, around the call), one thread's restore deleted LOCAL_RANK
+    from under the next thread's starting run (DeepSpeed's AssertionError) or put its own back for
+    good. The run itself is a stand-in here: what is checked is when the environment comes back."""
+    import threading
+
+    from biomask.training import trainer
+
+    seen: dict[str, str | None] = {}
+
+    def run(tag, *, overwrite, local_rank, began):
+        os.environ["LOCAL_RANK"] = tag  # what a run exports for torch.distributed
+        time.sleep(0.3)
+        seen[tag] = os.environ.get("LOCAL_RANK")
+        return tmp_path
+
+    class Turns:
+        """The one-run-at-a-time lock, with the next thread let in at once after a release."""
+
+        lock = threading.RLock()
+
+        def acquire(self, blocking=True):
+            return self.lock.acquire(blocking)
+
+        def release(self):
+            self.lock.release()
+            time.sleep(0.2)  # the next thread's run starts here; a restore after this undid it
+
+    monkeypatch.setattr(trainer, "_pretrain", run)
+    monkeypatch.setattr(trainer, "_ONE_RUN_AT_A_TIME", Turns())
+    monkeypatch.setattr(trainer, "release_own_group", lambda: None)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    workers = [
+        threading.Thread(target=trainer.pretrain, args=(tag,), kwargs={"release_group": True}) for tag in "ab"
+    ]
+    for worker in workers:
+        worker.start()
+        time.sleep(0.05)  # a first, b waiting for its turn
+    for worker in workers:
+        worker.join()
+    assert seen == {"a": "a", "b": "b"} and "LOCAL_RANK" not in os.environ
 
 
 def test_a_callers_float64_default_and_no_grad_block_do_not_reach_the_run(genome_store, tmp_path):

@@ -431,6 +431,9 @@ def test_two_url_archives_of_one_name_do_not_share_a_cache_entry(tmp_path, monke
     )
     assert datasets.fetch("one", tmp_path / "cache").read_text() == ">a\nAC\n"
     assert datasets.fetch("two", tmp_path / "cache").read_text() == ">b\nGT\n"
+    assert len(list((tmp_path / "cache" / "_archives").iterdir())) == 2 and len(web.requests) == 2
+    datasets.fetch("one", tmp_path / "cache", force=True)  # again from its own cached archive
+    assert len(web.requests) == 2
 
 
 def test_an_archive_member_larger_than_the_registered_size_is_not_extracted_whole(tmp_path, monkeypatch, cli):
@@ -441,16 +444,29 @@ def test_an_archive_member_larger_than_the_registered_size_is_not_extracted_whol
     with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
         tf.add(big, arcname="data/big.fa")
     web = _Served({"/bomb.tar.gz": (tmp_path / "bomb.tar.gz").read_bytes()})
-    _user_registry(
-        tmp_path, monkeypatch, _entry("bomb", web.url("/bomb.tar.gz"), "data/big.fa", "a" * 64, size=1000)
-    )
+    huge = f"""  huge:
+    description: served
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "{web.url("/bomb.tar.gz")}"}}
+    sha256: {"a" * 64}
+    size: 1000
+    licence: test
+"""
+    bomb = _entry("bomb", web.url("/bomb.tar.gz"), "data/big.fa", "a" * 64, size=1000)
+    _user_registry(tmp_path, monkeypatch, bomb + huge)
     code, _, err = cli("datasets", "fetch", "bomb", "--data-dir", tmp_path / "cache")
-    assert code == 3 and "larger than the registry's size (1,000 bytes)" in err, err
+    assert code == 2 and "larger than the registry's size (1,000 bytes)" in err, err  # reached: not its file
     assert not [
         p
         for p in (tmp_path / "cache").rglob("*")
         if p.is_file() and p.stat().st_size > 100_000 and "_archives" not in str(p)
     ]
+    # a plain file at a URL: refused from its announced length, before it fills the disk
+    code, _, err = cli("datasets", "fetch", "huge", "--data-dir", tmp_path / "cache")
+    assert code == 2 and "the registry's size of" in err and "not its file" in err, err
+    assert not (tmp_path / "cache" / "huge" / "bomb.tar.gz").exists()
 
 
 def test_a_trickling_server_is_given_up_as_stalled(tmp_path, monkeypatch):
@@ -463,9 +479,11 @@ def test_a_trickling_server_is_given_up_as_stalled(tmp_path, monkeypatch):
     class Trickle(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
-            self.send_header("Content-Length", "100000")
+            self.send_header("Content-Length", "1000000")
             self.end_headers()
-            for _ in range(40):
+            if self.path == "/burst.fa":  # a good start, then a trickle: judged by recent progress
+                self.wfile.write(b"N" * 50_000)
+            for _ in range(100):
                 self.wfile.write(b"N" * 10)
                 self.wfile.flush()
                 time.sleep(0.1)
@@ -478,8 +496,55 @@ def test_a_trickling_server_is_given_up_as_stalled(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_STALL_SECONDS", 1)
     monkeypatch.setattr(sources, "_STALL_BYTES", 1000)
     try:
-        with pytest.raises(FetchError, match=r"bytes in the last 1 s \(stalled\)"):
-            sources.download(f"http://127.0.0.1:{server.server_port}/g.fa", tmp_path / "g.fa", what="g.fa")
-        assert not (tmp_path / "g.fa").exists()
+        for name in ("g.fa", "burst.fa"):
+            started = time.monotonic()
+            with pytest.raises(FetchError, match=r"bytes in the last 1 s \(stalled\)"):
+                sources.download(f"http://127.0.0.1:{server.server_port}/{name}", tmp_path / name, what=name)
+            # within seconds of the stall, not when the server gives up (10 s)
+            assert time.monotonic() - started < 5 and not (tmp_path / name).exists()
     finally:
         server.shutdown()
+
+
+def test_a_pypi_mirror_with_relative_file_urls_and_a_simple_suffix(tmp_path, monkeypatch):
+    """An HPC site's PyPI mirror: its index (PEP 691 JSON) gives file URLs relative to itself, which
+    failed ("unknown url type"), and BIOMASK_PYPI_URL written as pip's index URL (.../simple) was
+    given a second /simple."""
+    import hashlib
+    import json
+    import zipfile
+
+    from biomask.datasets import sources
+
+    genome = ">r\nACGT\n"
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/data/g.fa", genome)
+    body = wheel.read_bytes()
+    index = {
+        "files": [
+            {
+                "filename": wheel.name,
+                "url": f"../../files/{wheel.name}",
+                "hashes": {"sha256": hashlib.sha256(body).hexdigest()},
+            }
+        ]
+    }
+    web = _Served({"/mirror/simple/pkg/": json.dumps(index).encode(), f"/mirror/files/{wheel.name}": body})
+    monkeypatch.setattr(sources, "PYPI_URL", web.url("/mirror/simple"))
+    (tmp_path / "g.fa").write_text(genome)
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        f"""  mirrored:
+    description: from a mirror
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: pypi, package: pkg, version: "1.0", filename: {wheel.name}, member: pkg/data/g.fa}}
+    sha256: {sha256_file(tmp_path / "g.fa")}
+    licence: test
+""",
+    )
+    assert datasets.fetch("mirrored", tmp_path / "cache").read_text() == genome
+    assert web.requests == ["/mirror/simple/pkg/", f"/mirror/files/{wheel.name}"]

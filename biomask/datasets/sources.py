@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from biomask.config import Config
-from biomask.errors import EnvironmentIOError, FetchError, InputError, describe_os_error
+from biomask.errors import EnvironmentIOError, FetchError, InputError, IntegrityError, describe_os_error
 from biomask.outputs import atomic_file
 from biomask.progress import bar as progress_bar
 
@@ -99,8 +99,11 @@ class Source(Config):
 # --------------------------------------------------------------------------------------------- transfers
 
 
-def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None = None) -> Path:
-    """Download `url` to `dest` with a progress bar; unreachable or missing sources raise `FetchError`."""
+def download(
+    url: str, dest: Path, *, what: str, headers: dict[str, str] | None = None, limit: int | None = None
+) -> Path:
+    """Download `url` to `dest` with a progress bar; unreachable or missing sources raise `FetchError`.
+    `limit`: the registered file's bytes, where the download is that file (more is not it)."""
     request = urllib.request.Request(url, headers={"User-Agent": "biomask", **(headers or {})})
     try:
         # a temporary name of its own: two processes fetching the same file do not write into one
@@ -110,6 +113,10 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
             open(tmp, "wb") as out,
         ):
             total = int(response.headers.get("Content-Length") or 0) or None
+            if limit is not None and (total or 0) > limit:
+                raise IntegrityError(
+                    f"{url} announces {total:,} bytes, the registry's size of {what} is {limit:,}: not its file"
+                )
             got, window = 0, (time.monotonic(), 0)
             with progress_bar(total, f"fetch {what}", unit="B") as bar:
                 # read1: what has arrived, so a trickling server is seen (read(n) waited for n bytes,
@@ -118,6 +125,10 @@ def download(url: str, dest: Path, *, what: str, headers: dict[str, str] | None 
                     out.write(chunk)
                     bar.update(len(chunk))
                     got += len(chunk)
+                    if limit is not None and got > limit:
+                        raise IntegrityError(
+                            f"{url} sent more than the registry's size of {what} ({limit:,} bytes)"
+                        )
                     if time.monotonic() - window[0] > _STALL_SECONDS:
                         if got - window[1] < _STALL_BYTES:
                             raise FetchError(
@@ -215,6 +226,8 @@ def extract_member(archive: Path, member: str, dest: Path, *, limit: int | None 
         if name.endswith(".deb"):
             return _extract_from_deb(archive, member, dest, limit)
         return _extract_from_tar(archive, member, dest, limit)
+    except (FetchError, InputError):  # said already (InputError is a ValueError too)
+        raise
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
         # gzip and bz2 raise OSErrors without an errno (below)
         raise CorruptArchive(f"{name} cannot be read ({type(exc).__name__}: {exc})") from None
@@ -231,7 +244,9 @@ def _copy(src: Any, dest: Path, limit: int | None, what: str) -> None:
             copied += len(chunk)
             if limit is not None and copied > limit:
                 # a zip bomb (300 MB of zeros in 300 kB) was extracted whole before its sha256 failed
-                raise FetchError(f"{what} is larger than the registry's size ({limit:,} bytes): not its file")
+                raise IntegrityError(
+                    f"{what} is larger than the registry's size ({limit:,} bytes): not its file"
+                )
             out.write(chunk)
 
 
@@ -333,6 +348,6 @@ def fetch_source(source: Source, dest: Path, archive_dir: Path, *, size: int | N
     if source.type == "local":
         raise InputError("local sources are used in place, not fetched")
     if source.type == "url" and not source.member:
-        return download(str(source.url), dest, what=str(source.url))
+        return download(str(source.url), dest, what=str(source.url), limit=size)
     archive = fetch_archive(source, archive_dir)
     return extract_member(archive, str(source.member), dest, limit=size)

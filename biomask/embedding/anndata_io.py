@@ -181,8 +181,10 @@ def room_to_grow(path: Path, size: int) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
     finally:
-        os.ftruncate(fd, length)
-        os.close(fd)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
 
 
 class EmbeddingWriter:

@@ -316,7 +316,7 @@ def _run_task(
                 f"{task.name}: config or inputs changed since {task.output} was written; running it again"
             )
             _say(message, echo, stages)
-            with append_own(log) as sink:  # the refusal above in the log is this, not a failure
+            with _StageLog(log) as sink:  # the refusal above in the log is this, not a failure
                 sink.write(f"biomask pipeline: {message} with --overwrite (the refusal above is expected)\n")
             code, error = _spawn(plan, stage_argv(stage, task, overwrite=True), log, **spawn)
             status = "ran (changed)"

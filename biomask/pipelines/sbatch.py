@@ -69,9 +69,10 @@ def _sbatch_output(folder: str, name: str) -> str:
     # %x, %u, ... in a folder's name were expanded by sbatch (the log written to a folder that does
     # not exist, lost); %% is a literal %
     path = folder.replace("%", "%%") + "/" + name
-    if re.search(r"[\s'\"]", path):
-        # sbatch splits an #SBATCH line at white space ("Invalid directive", the job not submitted)
-        # and refuses an unmatched quote; inside double quotes it reads \" as "
+    if re.search(r"[\s'\"#]", path):
+        # sbatch splits an #SBATCH line at white space ("Invalid directive", the job not submitted),
+        # refuses an unmatched quote and ends the line at a # (`run#2/`: every stage's log went to one
+        # file named after the folder before it); inside double quotes it reads \" as " and # as #
         path = '"' + path.replace('"', '\\"') + '"'
     return path
 

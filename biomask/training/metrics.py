@@ -284,9 +284,11 @@ class MetricsLogger:
                     close()
             except OSError as exc:
                 errors.append(OSError(exc.errno, exc.strerror, str(path)))
+        try:
+            for tracker in self.trackers:
+                tracker.close()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
         if errors and not self.failed:
             raise errors[0]
-        for tracker in self.trackers:
-            tracker.close()
-        if self.bar is not None:
-            self.bar.close()
