@@ -422,3 +422,73 @@ def test_no_other_window_holds_an_annotated_start_on_its_strand(tmp_path):
         span, strand = row["source"].split(":")[1][:-3], 1 if row["source"][-2] == "+" else -1
         first = int(span.split("-")[0]) - 1  # the source is 1-based, inclusive
         assert not [s for s in starts[strand] if first <= s < first + length], row["source"]
+
+
+def _synthetic_genbank(path, length: int, features: list) -> None:
+    """A SYNTHETIC genome (random bases) with the given CDS features, as GenBank."""
+    from Bio.Seq import Seq
+    from Bio.SeqIO import write
+    from Bio.SeqRecord import SeqRecord
+
+    genome = "".join(np.random.default_rng(1).choice(list("ACGT"), length))
+    record = SeqRecord(Seq(genome), id="syn", name="syn", features=features,
+                       annotations={"molecule_type": "DNA", "topology": "linear"})  # fmt: skip
+    write(record, path, "genbank")
+
+
+def test_a_sparsely_coding_genome_gives_every_coding_class(tmp_path):
+    """SYNTHETIC genome, 40 % coding (a eukaryote's or a user's annotation may hold less): coding and
+    antisense are the same windows read on either strand, and drawn one after the other without a
+    limit the first took them all — "no 200-base window is antisense; try a shorter --length"."""
+    from Bio.SeqFeature import FeatureLocation, SeqFeature
+
+    from biomask.datasets.annotation_tasks import coding_windows
+
+    genes = [
+        SeqFeature(FeatureLocation(at, at + 1_002, strand=1 if i % 2 else -1), type="CDS")
+        for i, at in enumerate(range(1_000, 198_000, 2_500))
+    ]
+    _synthetic_genbank(tmp_path / "sparse.gbk", 200_000, genes)
+    rows = coding_windows(tmp_path / "sparse.gbk", length=200, max_per_class=None, seed=0)
+    counts = pd.Series([r["label"] for r in rows]).value_counts().to_dict()
+    assert set(counts) == {"coding", "antisense", "noncoding"} and len(set(counts.values())) == 1, counts
+    assert counts["coding"] > 100
+
+
+def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp_path):
+    """SYNTHETIC annotations: a CDS marked by /pseudogene="..." alone (INSDC's qualifier, as ENA
+    writes it) was a gene; a 5'-partial CDS (<start) gave a `start` window with no start codon
+    annotated there; a CDS with parts on both strands (trans-spliced) was dropped whole, its bases
+    labelled noncoding."""
+    from Bio.SeqFeature import BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
+
+    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
+
+    features = [
+        SeqFeature(FeatureLocation(2_000, 2_900, strand=1), type="CDS"),  # a plain gene
+        SeqFeature(
+            FeatureLocation(4_000, 4_900, strand=1), type="CDS", qualifiers={"pseudogene": ["unprocessed"]}
+        ),
+        SeqFeature(FeatureLocation(BeforePosition(6_000), 6_900, strand=1), type="CDS"),
+        SeqFeature(
+            CompoundLocation(
+                [FeatureLocation(8_000, 8_900, strand=1), FeatureLocation(10_000, 10_900, strand=-1)]
+            ),
+            type="CDS",
+        ),
+    ]
+    _synthetic_genbank(tmp_path / "odd.gbk", 13_000, features)
+    starts = gene_start_windows(
+        tmp_path / "odd.gbk", length=100, max_per_class=None, seed=0, placement="centre"
+    )
+    assert [r["source"] for r in starts if r["label"] == "start"] == ["syn:1951-2050(+)"]
+    rows = [
+        r
+        for seed in range(10)
+        for r in coding_windows(tmp_path / "odd.gbk", length=100, max_per_class=None, seed=seed)
+    ]
+    spans = [(r["label"], *(int(v) for v in r["source"].split(":")[1][:-3].split("-"))) for r in rows]
+    pseudo = [s for s in spans if s[1] > 4_000 and s[2] <= 4_900]
+    assert pseudo and {s[0] for s in pseudo} == {"noncoding"}  # not a gene's bases
+    trans = [s for s in spans if s[1] > 10_000 and s[2] <= 10_900]
+    assert trans and "noncoding" not in {s[0] for s in trans}  # its minus-strand part is coding there

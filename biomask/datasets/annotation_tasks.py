@@ -68,7 +68,9 @@ class Gene:
     right: int
     # the bases it covers, [left, right) per part (a joined CDS: introns, slippage, across the origin)
     parts: tuple[tuple[int, int], ...] = ()
-    joined: bool = False  # not taken as a start window (its span is not one interval); still covered
+    # not taken as a start window (its span is not one interval, or its start is not annotated: a
+    # 5'-partial CDS); still covered
+    joined: bool = False
 
 
 def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gene]]]:
@@ -76,6 +78,7 @@ def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gen
     slippage, origin-spanning) is marked `joined`: not taken as a start window, but its start is no
     `other` window's and its bases are coding (they were counted as noncoding before 2026-12-07)."""
     from Bio import SeqIO
+    from Bio.SeqFeature import AfterPosition, BeforePosition
 
     from biomask.dna.readers import open_text
 
@@ -101,16 +104,32 @@ def _annotated_genes(path: Path, task: str) -> Iterator[tuple[str, str, list[Gen
             count += 1
             genes = []
             for feature in record.features:
-                if feature.type != "CDS" or "pseudo" in feature.qualifiers:
+                # /pseudogene="..." is INSDC's qualifier for one (ENA's files carry no /pseudo with it)
+                if feature.type != "CDS" or {"pseudo", "pseudogene"} & set(feature.qualifiers):
                     continue
                 loc = feature.location
                 first = loc.parts[0]  # in the order translated (Biopython orders a complement(join) so)
-                if first.strand not in (1, -1) or any(part.strand != first.strand for part in loc.parts):
-                    continue  # no strand, or parts on both: no reading direction to label by
+                if first.strand not in (1, -1):
+                    continue  # no strand: no reading direction to label by
+                if any(part.strand != first.strand for part in loc.parts):
+                    # parts on both strands (trans-spliced): each strand's parts are coding there (they
+                    # were labelled noncoding), and no start window is taken from it
+                    for strand in (1, -1):
+                        on = [part for part in loc.parts if part.strand == strand]
+                        if on:
+                            spans = tuple((int(part.start), int(part.end)) for part in on)
+                            at = spans[0][0] if strand == 1 else spans[0][1] - 1
+                            genes.append(Gene(record.id, at, strand, *spans[0], spans, True))
+                    continue
                 parts = tuple((int(part.start), int(part.end)) for part in loc.parts)
                 left, right = int(first.start), int(first.end)
                 start = left if first.strand == 1 else right - 1  # the codon's first base, reversed
-                joined = len(parts) != 1
+                # a 5'-partial CDS (`<` on the forward strand, `>` on the reverse) has no annotated start
+                # codon: it was labelled a start all the same
+                partial = isinstance(
+                    first.start if first.strand == 1 else first.end, (BeforePosition, AfterPosition)
+                )
+                joined = len(parts) != 1 or partial
                 genes.append(Gene(record.id, start, int(first.strand), left, right, parts, joined))
             yield record.id, sequence, genes
 
@@ -272,9 +291,18 @@ def coding_windows(
     rows: dict[str, list[dict[str, str]]] = {}
     # the rarest class first, so that the others cannot take its few windows
     for label in sorted(CODING_LABELS, key=lambda name: sum(len(a) for a in found[name])):
+        if label in rows:
+            continue  # drawn with its pair, below
         candidates = np.concatenate(found[label]) if found[label] else np.empty((0, 3), dtype=np.int32)
         found[label] = []  # held once: concatenated, its parts go
         rows[label] = []
+        # coding and antisense are the same windows read on either strand. The rarer classes
+        # (noncoding the more common): drawn one after the other without a limit, the first took
+        # every window and left the other none. Drawn together, each accepted window goes to the
+        # class that has fewer
+        pair = {"coding": "antisense", "antisense": "coding"}.get(label) if wanted is None else None
+        if pair is not None:
+            found[pair], rows[pair] = [], []
         for i in rng.permutation(len(candidates)):
             if wanted is not None and len(rows[label]) >= wanted:
                 break
@@ -283,9 +311,12 @@ def coding_windows(
                 continue
             used[index][left : left + length] = True
             contig, sequence, _ = contigs[index]
+            into = pair if pair is not None and len(rows[pair]) < len(rows[label]) else label
+            if into != label:
+                strand = -strand
             window = _window(sequence, left, length, strand)
             assert window is not None
-            rows[label].append(_row(window, label, contig, left, length, strand))
+            rows[into].append(_row(window, into, contig, left, length, strand))
         if wanted is None:  # without a limit, as many as the rarest class gives
             wanted = len(rows[label]) + len(rows[label]) // 5
     # a sequence at two loci (repeats, rRNA operons) could land on both sides of a split: drop every copy
