@@ -436,17 +436,19 @@ def _synthetic_genbank(path, length: int, features: list) -> None:
     write(record, path, "genbank")
 
 
-def test_a_sparsely_coding_genome_gives_every_coding_class(tmp_path):
-    """SYNTHETIC genome, 40 % coding (a eukaryote's or a user's annotation may hold less): coding and
-    antisense are the same windows read on either strand, and drawn one after the other without a
-    limit the first took them all — "no 200-base window is antisense; try a shorter --length"."""
+@pytest.mark.parametrize(("gene", "every"), [(1_002, 2_500), (3_000, 5_700)], ids=["40%", "53%"])
+def test_a_sparsely_coding_genome_gives_every_coding_class(tmp_path, gene, every):
+    """SYNTHETIC genomes, 40 % and 53 % coding (a eukaryote's or a user's annotation may hold less than
+    a bacterium's): coding and antisense are the same windows read on either strand, and drawn one
+    after the other the first took them all — "no 200-base window is antisense; try a shorter
+    --length" — whether they were drawn first (40 %) or after noncoding set the number (53 %)."""
     from Bio.SeqFeature import FeatureLocation, SeqFeature
 
     from biomask.datasets.annotation_tasks import coding_windows
 
     genes = [
-        SeqFeature(FeatureLocation(at, at + 1_002, strand=1 if i % 2 else -1), type="CDS")
-        for i, at in enumerate(range(1_000, 198_000, 2_500))
+        SeqFeature(FeatureLocation(at, at + gene, strand=1 if i % 2 else -1), type="CDS")
+        for i, at in enumerate(range(1_000, 196_000, every))
     ]
     _synthetic_genbank(tmp_path / "sparse.gbk", 200_000, genes)
     rows = coding_windows(tmp_path / "sparse.gbk", length=200, max_per_class=None, seed=0)

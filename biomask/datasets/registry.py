@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from biomask.config import Config, read_yaml, validate_config
-from biomask.datasets.sources import Source, fetch_source
+from biomask.datasets.sources import CorruptArchive, Source, fetch_source
 from biomask.errors import ConfigError, FetchError, InputError, IntegrityError
 from biomask.provenance import sha256_file
 
@@ -266,12 +266,15 @@ def _fetch_into(name: str, entry: DatasetEntry, path: Path, directory: str | os.
         _verify(name, entry, got, action=action, shown=entry.source.describe())
         return got
 
+    archive = root / "_archives" / str(entry.source.archive_name)
+    cached = bool(entry.source.archive_name) and archive.exists()  # from an earlier fetch
     try:
         try:
             got = attempt()
-        except (IntegrityError, FetchError) as exc:  # FetchError: CorruptArchive too
-            archive = root / "_archives" / str(entry.source.archive_name)
-            if not entry.source.archive_name or not archive.exists():
+        except (IntegrityError, CorruptArchive) as exc:
+            # only an archive an earlier fetch left: one downloaded just now would come the same again
+            # (a wrong member or size in a registry entry downloaded a large archive twice)
+            if not cached or not archive.exists():
                 raise
             # a stale, damaged or cut-short archive in the download cache (an HTML page saved in its
             # place): drop it and fetch once more. It blocked the dataset for good, --force included

@@ -14,6 +14,7 @@ its sha256 before it is used.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import lzma
 import os
@@ -145,6 +146,11 @@ def download(
                 )
     except urllib.error.HTTPError as exc:
         raise FetchError(f"could not fetch {what}: {url} answered HTTP {exc.code} {exc.reason}") from None
+    except http.client.HTTPException as exc:  # IncompleteRead: a chunked reply cut short
+        raise FetchError(
+            f"could not fetch {what}: {url} closed the connection before the end ({type(exc).__name__}); "
+            "try again"
+        ) from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         if _local_write_error(exc):  # the cache's disk, not the network
             raise EnvironmentIOError(

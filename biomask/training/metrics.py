@@ -285,8 +285,11 @@ class MetricsLogger:
             except OSError as exc:
                 errors.append(OSError(exc.errno, exc.strerror, str(path)))
         try:
-            for tracker in self.trackers:
-                tracker.close()
+            for tracker in self.trackers:  # each closed, whichever fails (a tracker's dead network)
+                try:
+                    tracker.close()
+                except Exception as exc:
+                    errors.append(exc)
         finally:
             if self.bar is not None:
                 self.bar.close()
