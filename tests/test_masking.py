@@ -84,6 +84,22 @@ def test_a_steps_accumulated_micro_batches_share_its_ratio():
     assert not np.array_equal(per_sample.sample(0, 8), per_sample.sample(0, 8))  # records draw their own
 
 
+def test_ranks_share_a_steps_ratio_and_draw_their_records_own():
+    """Per batch, every rank of a step masks at one ratio. Per sample, every rank drew the same
+    records' ratios (one stream seeded alike): a global batch of W ranks held each ratio W times. A
+    stream per rank now; rank 0's is a one-process run's, so those reproduce as before."""
+    cfg = validate_config(RatioConfig, {"kind": "uniform", "low": 0.15, "high": 0.45}, "t")
+    ranks = [RatioSampler(cfg, total_steps=5, seed=3, rank=r) for r in range(2)]
+    assert np.array_equal(ranks[0].sample(0, 4), ranks[1].sample(0, 4))
+    per_sample = cfg.model_copy(update={"granularity": "sample"})
+    ranks = [RatioSampler(per_sample, total_steps=5, seed=3, rank=r) for r in range(2)]
+    assert not np.array_equal(ranks[0].sample(0, 4), ranks[1].sample(0, 4))
+    alone = RatioSampler(per_sample, total_steps=5, seed=3)
+    assert np.array_equal(
+        alone.sample(0, 4), RatioSampler(per_sample, total_steps=5, seed=3, rank=0).sample(0, 4)
+    )
+
+
 def test_same_ratio_on_every_rank_different_positions(dna_batch):
     cfg = masking(scheme="r2mae")
     a = Masker(cfg, target="tokens", vocab_size=10, seed=3, rank=0)

@@ -57,8 +57,8 @@ class Masker:
         self.n_bins = int(n_bins)
         self.device = torch.device(device)
         # Ratios: the same stream on every rank (one ratio per optimizer step's global batch, its
-        # accumulated micro-batches included). Positions: one stream per rank.
-        self.ratios = RatioSampler(cfg.ratio, total_steps=total_steps, seed=seed)
+        # accumulated micro-batches included), per record a stream per rank. Positions: one per rank.
+        self.ratios = RatioSampler(cfg.ratio, total_steps=total_steps, seed=seed, rank=rank)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed) * 1_000_003 + 7919 * (int(rank) + 1))
 

@@ -6,7 +6,8 @@ training device (see `positions.py`).
 
 Granularity `batch` draws one ratio per optimizer step: every rank seeds this generator identically,
 so the ranks of one step agree on it, and the micro-batches of a step (gradient accumulation) share
-it, so a global batch has a single ratio (R²MAE's setting) however it is split.
+it, so a global batch has a single ratio (R²MAE's setting) however it is split. Granularity `sample`
+draws each record's own, on each rank from a stream of its own.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from biomask.masking.config import RatioConfig
 class RatioSampler:
     """Draws mask ratios for a step; `state_dict()` / `load_state_dict()` make it resumable."""
 
-    def __init__(self, cfg: RatioConfig, *, total_steps: int, seed: int) -> None:
+    def __init__(self, cfg: RatioConfig, *, total_steps: int, seed: int, rank: int = 0) -> None:
         self.cfg = cfg
         self.total_steps = max(int(total_steps), 1)
-        self.rng = np.random.Generator(np.random.PCG64([int(seed), 0x6D61736B]))  # "mask"
+        # granularity sample: each rank its own records' ratios (one stream for all gave every rank the
+        # same draws, each ratio W times in a global batch); rank 0's stream is the one-process run's
+        own = [int(rank)] if rank and cfg.granularity == "sample" else []
+        self.rng = np.random.Generator(np.random.PCG64([int(seed), 0x6D61736B, *own]))  # "mask"
         self._step_ratio: tuple[int, float] | None = None  # (step, its ratio), for granularity batch
 
     def scheduled(self, step: int) -> float:
