@@ -494,3 +494,82 @@ def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp
     assert pseudo and {s[0] for s in pseudo} == {"noncoding"}  # not a gene's bases
     trans = [s for s in spans if s[1] > 10_000 and s[2] <= 10_900]
     assert trans and "noncoding" not in {s[0] for s in trans}  # its minus-strand part is coding there
+
+
+def _rc(s):
+    return s.translate(str.maketrans("ACGT", "TGCA"))[::-1]
+
+
+@pytest.mark.parametrize(("gene", "every"), [(1_002, 2_500), (3_000, 5_700)], ids=["40%", "53%"])
+@pytest.mark.parametrize("cap", [None, 100, 200, 400])
+def test_sparse_genomes_rows_are_what_they_say(tmp_path, gene, every, cap):
+    """SYNTHETIC genomes: every row's sequence is the genome's at its source span and strand, coding
+    is read on its gene's strand and antisense against it, and no locus gives two rows (a window read
+    both ways, on either side of a split, would leak)."""
+    from Bio import SeqIO
+    from Bio.SeqFeature import FeatureLocation, SeqFeature
+
+    from biomask.datasets.annotation_tasks import coding_windows
+
+    genes = [
+        SeqFeature(FeatureLocation(at, at + gene, strand=1 if i % 2 else -1), type="CDS")
+        for i, at in enumerate(range(1_000, 196_000, every))
+    ]
+    _synthetic_genbank(tmp_path / "sparse.gbk", 200_000, genes)
+    genome = str(next(SeqIO.parse(tmp_path / "sparse.gbk", "genbank")).seq)
+    strand_at = np.zeros(200_000, dtype=int)
+    for g in genes:
+        strand_at[int(g.location.start) : int(g.location.end)] = g.location.strand
+    rows = coding_windows(tmp_path / "sparse.gbk", length=200, max_per_class=cap, seed=0)
+    loci = set()
+    for r in rows:
+        span, s = r["source"].split(":")[1][:-3], 1 if r["source"][-2] == "+" else -1
+        first, last = (int(v) for v in span.split("-"))
+        left = first - 1
+        seq = genome[left:last] if s == 1 else _rc(genome[left:last])
+        assert seq == r["sequence"], r["source"]
+        if r["label"] != "noncoding":
+            gstrand = strand_at[left]
+            assert (gstrand == s) == (r["label"] == "coding"), (r["label"], r["source"], gstrand)
+        assert (left, last) not in loci, r["source"]  # one locus, one row
+        loci.add((left, last))
+
+
+def test_reverse_strand_partial_cds_and_both_parts_of_a_trans_spliced_one(tmp_path):
+    """SYNTHETIC: a 5'-partial CDS on the reverse strand (`>` on its end) gives no start window, a
+    3'-partial one keeps its start; a trans-spliced CDS's parts are coding on their own strands."""
+    from Bio.SeqFeature import AfterPosition, BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
+
+    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
+
+    features = [
+        SeqFeature(FeatureLocation(2_000, AfterPosition(2_900), strand=-1), type="CDS"),  # 5'-partial on -
+        SeqFeature(FeatureLocation(BeforePosition(4_000), 4_900, strand=-1), type="CDS"),  # 3'-partial on -
+        SeqFeature(
+            CompoundLocation(
+                [FeatureLocation(8_000, 8_900, strand=1), FeatureLocation(10_000, 10_900, strand=-1)]
+            ),
+            type="CDS",
+        ),
+    ]
+    _synthetic_genbank(tmp_path / "odd.gbk", 13_000, features)
+    starts = gene_start_windows(
+        tmp_path / "odd.gbk", length=100, max_per_class=None, seed=0, placement="centre"
+    )
+    assert [r["source"] for r in starts if r["label"] == "start"] == ["syn:4851-4950(-)"]
+    rows = [
+        r
+        for seed in range(10)
+        for r in coding_windows(tmp_path / "odd.gbk", length=100, max_per_class=None, seed=seed)
+    ]
+    for lo, hi, strand in ((8_000, 8_900, "+"), (10_000, 10_900, "-")):
+        inside = [
+            r
+            for r in rows
+            if lo < int(r["source"].split(":")[1][:-3].split("-")[0])
+            and int(r["source"].split(":")[1][:-3].split("-")[1]) <= hi
+        ]
+        assert inside and all((r["label"] == "coding") == (r["source"][-2] == strand) for r in inside), (
+            inside[:3]
+        )
+        assert "noncoding" not in {r["label"] for r in inside}

@@ -671,3 +671,26 @@ def test_recording_the_code_version_never_takes_gits_index_lock(tmp_path, monkey
     lines = calls.read_text().splitlines()
     assert info["git_commit"] and len(lines) >= 2
     assert all(line.startswith("locks=0 ") for line in lines), lines
+
+
+def test_every_tracker_is_closed_when_one_fails_to(tmp_path):
+    """An experiment tracker failing to close (a dead network at W&B's finish) left the trackers after
+    it open and the first error lost; each is closed, then the first error is raised."""
+    from biomask.training.metrics import MetricsLogger
+
+    closed = []
+
+    class Tracker:
+        def __init__(self, name, fails):
+            self.name, self.fails = name, fails
+
+        def close(self):
+            closed.append(self.name)
+            if self.fails:
+                raise ConnectionError(f"{self.name}: the server went away")
+
+    logger = MetricsLogger(tmp_path, total_steps=10, start_step=0, enabled=True, progress=False, report_to=())
+    logger.trackers = [Tracker("first", True), Tracker("second", False)]
+    with pytest.raises(ConnectionError, match="first"):
+        logger.close()
+    assert closed == ["first", "second"] and logger.file.closed

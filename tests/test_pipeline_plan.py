@@ -1005,6 +1005,8 @@ def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path
     # test_pipeline_slurm): a space or quote inside double quotes, a % doubled
     job = dataclasses.replace(job_script(plan, plan.stages["a"]), log_dir='/x/it\'s 50%x "d"')
     assert '#SBATCH --output="/x/it\'s 50%%x \\"d\\"/a-%j.out"\n' in render(job)
+    job = dataclasses.replace(job, log_dir="/x/run#2")  # a # ended the line
+    assert '#SBATCH --output="/x/run#2/a-%j.out"\n' in render(job)
     job = dataclasses.replace(job, log_dir="/x/plain")
     assert "#SBATCH --output=/x/plain/a-%j.out\n" in render(job)  # as before where nothing needs it
     # sbatch turns %j off under a backslash whatever the quoting: the job log would go nowhere

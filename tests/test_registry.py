@@ -593,3 +593,69 @@ def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_
         assert code == 3 and "closed the connection before the end (IncompleteRead)" in err, err
     finally:
         chunked.shutdown()
+
+
+def test_a_fresh_archive_that_fails_its_check_is_downloaded_once(tmp_path, monkeypatch, cli):
+    """The retry is for an archive an earlier fetch left: one just downloaded would come the same."""
+    web = _Served({"/a.tar.gz": _tar_of(tmp_path, "g.fa", ">r\nACGT\n")})
+    _user_registry(tmp_path, monkeypatch, _entry("bad", web.url("/a.tar.gz"), "data/g.fa", "a" * 64))
+    code, _, err = cli("datasets", "fetch", "bad", "--data-dir", tmp_path / "cache")
+    assert code == 2 and "has sha256" in err and web.requests == ["/a.tar.gz"], (err, web.requests)
+
+
+def test_a_cached_archive_is_not_fetched_again_for_a_registry_entrys_typo(tmp_path, monkeypatch, cli):
+    """A wrong member is the entry's mistake, not the archive's: the cached one is kept and read again."""
+    (tmp_path / "g.fa").write_text(">r\nACGT\n")
+    web = _Served({"/a.tar.gz": _tar_of(tmp_path, "g2.fa", ">r\nACGT\n")})
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        _entry("typo", web.url("/a.tar.gz"), "data/WRONG.fa", sha256_file(tmp_path / "g.fa")),
+    )
+    for _ in range(2):
+        code, _, err = cli("datasets", "fetch", "typo", "--data-dir", tmp_path / "cache")
+        assert code == 3 and "has no file" in err
+    assert web.requests == ["/a.tar.gz"], web.requests
+
+
+def test_a_reply_without_its_length_is_stopped_past_the_registered_size(tmp_path, monkeypatch, cli):
+    """A chunked reply (no Content-Length) downloaded whole past the registry's size before its sha256
+    failed: the disk-filling case for a plain URL."""
+
+    class Chunked(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(50):
+                self.wfile.write(b"3e8\r\n" + b"N" * 1000 + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _user_registry(
+        tmp_path,
+        monkeypatch,
+        f"""  big:
+    description: served
+    modality: dna
+    kind: genome
+    format: fasta
+    source: {{type: url, url: "http://127.0.0.1:{server.server_port}/g.fa"}}
+    sha256: {"a" * 64}
+    size: 1000
+    licence: test
+""",
+    )
+    try:
+        code, _, err = cli("datasets", "fetch", "big", "--data-dir", tmp_path / "cache")
+        assert code == 2 and "sent more than the registry's size" in err, err
+    finally:
+        server.shutdown()
