@@ -1845,3 +1845,39 @@ def test_activation_checkpointing_is_refused_for_a_continued_cnn(genome_store, t
                        f"model.init_from={cnn / 'model'}", "model.activation_checkpointing=true")  # fmt: skip
     assert code == 2 and "the model that trains (model.init_from's) is a cnn, which has none" in err, err
     assert not out.exists()
+
+
+def test_a_run_waiting_for_processes_that_never_come_stops_on_sigterm(genome_store, tmp_path):
+    """RANK and WORLD_SIZE left from another launch: the run waits for the other processes (up to
+    deepspeed.timeout_minutes) and says to stop it — but the wait blocks in C++, where training's
+    stop handler (a flag) never ran, so SIGTERM and Ctrl-C left it waiting its 30 minutes. Until the
+    group stands they end it, nothing written; and a rank variable that is no number is named."""
+    from biomask.training.distributed import free_port
+
+    out = tmp_path / "run"
+    env = {**subprocess_env(), "RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, out)),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    said = []
+
+    def waiting() -> bool:
+        said.append(proc.stderr.readline())
+        return "waiting up to" in said[-1]
+
+    _wait_for(waiting, proc)
+    time.sleep(1.0)  # inside the wait
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGTERM did not stop a run waiting for its other processes") from None
+    assert code in (-signal.SIGTERM, 143) and not out.exists()
+    env["RANK"] = "abc"
+    run = subprocess.run(
+        biomask_cmd("pretrain", "-c", str(CONFIG), *overrides(genome_store, out)),
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "RANK='abc' is not a whole number" in run.stderr, run.stderr[-2000:]

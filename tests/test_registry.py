@@ -514,8 +514,6 @@ def test_a_pypi_mirror_with_relative_file_urls_and_a_simple_suffix(tmp_path, mon
     import json
     import zipfile
 
-    from biomask.datasets import sources
-
     genome = ">r\nACGT\n"
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -531,7 +529,7 @@ def test_a_pypi_mirror_with_relative_file_urls_and_a_simple_suffix(tmp_path, mon
         ]
     }
     web = _Served({"/mirror/simple/pkg/": json.dumps(index).encode(), f"/mirror/files/{wheel.name}": body})
-    monkeypatch.setattr(sources, "PYPI_URL", web.url("/mirror/simple"))
+    monkeypatch.setenv("BIOMASK_PYPI_URL", web.url("/mirror/simple"))
     (tmp_path / "g.fa").write_text(genome)
     _user_registry(
         tmp_path,
@@ -659,3 +657,15 @@ def test_a_reply_without_its_length_is_stopped_past_the_registered_size(tmp_path
         assert code == 2 and "sent more than the registry's size" in err, err
     finally:
         server.shutdown()
+
+
+def test_a_mirror_variable_empty_is_the_default_and_one_not_a_url_is_named(tmp_path, monkeypatch, cli):
+    """BIOMASK_PYPI_URL= (empty) was kept, and BIOMASK_DEBIAN_MIRROR="not a url" used: each fetch
+    ended in a traceback ("unknown url type"). Empty is the default; not an http(s) URL is named."""
+    from biomask.datasets import sources
+
+    monkeypatch.setenv("BIOMASK_PYPI_URL", " ")
+    assert sources._mirror("BIOMASK_PYPI_URL", sources.PYPI_URL) == "https://pypi.org"
+    monkeypatch.setenv("BIOMASK_DEBIAN_MIRROR", "not a url")
+    code, _, err = cli("datasets", "fetch", "pfalciparum", "--force", "--data-dir", tmp_path / "cache")
+    assert code == 2 and "BIOMASK_DEBIAN_MIRROR='not a url' is not an http(s) URL" in err, err

