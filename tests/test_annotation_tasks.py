@@ -457,14 +457,23 @@ def test_a_sparsely_coding_genome_gives_every_coding_class(tmp_path, gene, every
     assert counts["coding"] > 100
 
 
+def _starts_and_coding_rows(path, length: int, features: list) -> tuple[list[str], list[dict]]:
+    """A SYNTHETIC genome of these features: its `start` windows' sources (centred, 100 bases) and its
+    coding-task rows over 10 seeds."""
+    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
+
+    _synthetic_genbank(path, length, features)
+    starts = gene_start_windows(path, length=100, max_per_class=None, seed=0, placement="centre")
+    rows = [r for seed in range(10) for r in coding_windows(path, length=100, max_per_class=None, seed=seed)]
+    return [r["source"] for r in starts if r["label"] == "start"], rows
+
+
 def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp_path):
     """SYNTHETIC annotations: a CDS marked by /pseudogene="..." alone (INSDC's qualifier, as ENA
     writes it) was a gene; a 5'-partial CDS (<start) gave a `start` window with no start codon
     annotated there; a CDS with parts on both strands (trans-spliced) was dropped whole, its bases
     labelled noncoding."""
     from Bio.SeqFeature import BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
-
-    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
 
     features = [
         SeqFeature(FeatureLocation(2_000, 2_900, strand=1), type="CDS"),  # a plain gene
@@ -479,16 +488,8 @@ def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp
             type="CDS",
         ),
     ]
-    _synthetic_genbank(tmp_path / "odd.gbk", 13_000, features)
-    starts = gene_start_windows(
-        tmp_path / "odd.gbk", length=100, max_per_class=None, seed=0, placement="centre"
-    )
-    assert [r["source"] for r in starts if r["label"] == "start"] == ["syn:1951-2050(+)"]
-    rows = [
-        r
-        for seed in range(10)
-        for r in coding_windows(tmp_path / "odd.gbk", length=100, max_per_class=None, seed=seed)
-    ]
+    starts, rows = _starts_and_coding_rows(tmp_path / "odd.gbk", 13_000, features)
+    assert starts == ["syn:1951-2050(+)"]
     spans = [(r["label"], *(int(v) for v in r["source"].split(":")[1][:-3].split("-"))) for r in rows]
     pseudo = [s for s in spans if s[1] > 4_000 and s[2] <= 4_900]
     assert pseudo and {s[0] for s in pseudo} == {"noncoding"}  # not a gene's bases
@@ -540,8 +541,6 @@ def test_reverse_strand_partial_cds_and_both_parts_of_a_trans_spliced_one(tmp_pa
     3'-partial one keeps its start; a trans-spliced CDS's parts are coding on their own strands."""
     from Bio.SeqFeature import AfterPosition, BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
 
-    from biomask.datasets.annotation_tasks import coding_windows, gene_start_windows
-
     features = [
         SeqFeature(FeatureLocation(2_000, AfterPosition(2_900), strand=-1), type="CDS"),  # 5'-partial on -
         SeqFeature(FeatureLocation(BeforePosition(4_000), 4_900, strand=-1), type="CDS"),  # 3'-partial on -
@@ -552,16 +551,8 @@ def test_reverse_strand_partial_cds_and_both_parts_of_a_trans_spliced_one(tmp_pa
             type="CDS",
         ),
     ]
-    _synthetic_genbank(tmp_path / "odd.gbk", 13_000, features)
-    starts = gene_start_windows(
-        tmp_path / "odd.gbk", length=100, max_per_class=None, seed=0, placement="centre"
-    )
-    assert [r["source"] for r in starts if r["label"] == "start"] == ["syn:4851-4950(-)"]
-    rows = [
-        r
-        for seed in range(10)
-        for r in coding_windows(tmp_path / "odd.gbk", length=100, max_per_class=None, seed=seed)
-    ]
+    starts, rows = _starts_and_coding_rows(tmp_path / "odd.gbk", 13_000, features)
+    assert starts == ["syn:4851-4950(-)"]
     for lo, hi, strand in ((8_000, 8_900, "+"), (10_000, 10_900, "-")):
         inside = [
             r

@@ -548,12 +548,9 @@ def test_a_pypi_mirror_with_relative_file_urls_and_a_simple_suffix(tmp_path, mon
     assert web.requests == ["/mirror/simple/pkg/", f"/mirror/files/{wheel.name}"]
 
 
-def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_message(
-    tmp_path, monkeypatch, cli
-):
-    """The retry that fetches a damaged cached archive again also downloaded a just-fetched archive a
-    second time for a registry entry's typo (a wrong member: the same archive, the same error). And a
-    chunked reply (no Content-Length) cut short was a traceback (http.client.IncompleteRead)."""
+def _chunked_server(chunk: bytes, *, repeat: int = 1, end: bytes = b"") -> http.server.ThreadingHTTPServer:
+    """A local server answering every GET with a chunked reply (no Content-Length): `chunk` (raw
+    chunked framing) `repeat` times, then `end`, then the connection closed."""
 
     class Chunked(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -562,17 +559,28 @@ def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            self.wfile.write(b"400\r\n" + b"N" * 100)  # a chunk of 1,024 bytes announced, 100 sent
+            self.wfile.write(chunk * repeat + end)
             self.wfile.flush()
             self.close_connection = True
 
         def log_message(self, *args):
             pass
 
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_message(
+    tmp_path, monkeypatch, cli
+):
+    """The retry that fetches a damaged cached archive again also downloaded a just-fetched archive a
+    second time for a registry entry's typo (a wrong member: the same archive, the same error). And a
+    chunked reply (no Content-Length) cut short was a traceback (http.client.IncompleteRead)."""
+
     (tmp_path / "g.fa").write_text(">r\nACGT\n")
     web = _Served({"/a.tar.gz": _tar_of(tmp_path, "g2.fa", ">r\nACGT\n")})
-    chunked = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
-    threading.Thread(target=chunked.serve_forever, daemon=True).start()
+    chunked = _chunked_server(b"400\r\n" + b"N" * 100)  # a chunk of 1,024 bytes announced, 100 sent
     plain = f"""  cutchunk:
     description: served
     modality: dna
@@ -620,24 +628,7 @@ def test_a_reply_without_its_length_is_stopped_past_the_registered_size(tmp_path
     """A chunked reply (no Content-Length) downloaded whole past the registry's size before its sha256
     failed: the disk-filling case for a plain URL."""
 
-    class Chunked(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for _ in range(50):
-                self.wfile.write(b"3e8\r\n" + b"N" * 1000 + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-            self.close_connection = True
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _chunked_server(b"3e8\r\n" + b"N" * 1000 + b"\r\n", repeat=50, end=b"0\r\n\r\n")
     _user_registry(
         tmp_path,
         monkeypatch,
