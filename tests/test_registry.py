@@ -376,13 +376,15 @@ def _tar_of(tmp_path, name: str, text: str) -> bytes:
     return (tmp_path / f"{name}.tar.gz").read_bytes()
 
 
-def _entry(name: str, url: str, member: str, sha256: str, size: int | None = None) -> str:
+def _entry(name: str, url: str, member: str | None, sha256: str, size: int | None = None) -> str:
+    """A user registry's entry for a file at `url` (inside its archive at `member`, where given)."""
+    inside = f", member: {member}" if member is not None else ""
     return f"""  {name}:
     description: served
     modality: dna
     kind: genome
     format: fasta
-    source: {{type: url, url: "{url}", member: {member}}}
+    source: {{type: url, url: "{url}"{inside}}}
     sha256: {sha256}
     licence: test
 """ + (f"    size: {size}\n" if size is not None else "")
@@ -444,16 +446,7 @@ def test_an_archive_member_larger_than_the_registered_size_is_not_extracted_whol
     with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
         tf.add(big, arcname="data/big.fa")
     web = _Served({"/bomb.tar.gz": (tmp_path / "bomb.tar.gz").read_bytes()})
-    huge = f"""  huge:
-    description: served
-    modality: dna
-    kind: genome
-    format: fasta
-    source: {{type: url, url: "{web.url("/bomb.tar.gz")}"}}
-    sha256: {"a" * 64}
-    size: 1000
-    licence: test
-"""
+    huge = _entry("huge", web.url("/bomb.tar.gz"), None, "a" * 64, size=1000)
     bomb = _entry("bomb", web.url("/bomb.tar.gz"), "data/big.fa", "a" * 64, size=1000)
     _user_registry(tmp_path, monkeypatch, bomb + huge)
     code, _, err = cli("datasets", "fetch", "bomb", "--data-dir", tmp_path / "cache")
@@ -581,15 +574,9 @@ def test_a_wrong_member_downloads_the_archive_once_and_a_cut_chunked_reply_is_a_
     (tmp_path / "g.fa").write_text(">r\nACGT\n")
     web = _Served({"/a.tar.gz": _tar_of(tmp_path, "g2.fa", ">r\nACGT\n")})
     chunked = _chunked_server(b"400\r\n" + b"N" * 100)  # a chunk of 1,024 bytes announced, 100 sent
-    plain = f"""  cutchunk:
-    description: served
-    modality: dna
-    kind: genome
-    format: fasta
-    source: {{type: url, url: "http://127.0.0.1:{chunked.server_port}/g.fa"}}
-    sha256: {sha256_file(tmp_path / "g.fa")}
-    licence: test
-"""
+    plain = _entry(
+        "cutchunk", f"http://127.0.0.1:{chunked.server_port}/g.fa", None, sha256_file(tmp_path / "g.fa")
+    )
     typo = _entry("typo", web.url("/a.tar.gz"), "data/WRONG.fa", sha256_file(tmp_path / "g.fa"))
     _user_registry(tmp_path, monkeypatch, typo + plain)
     try:
@@ -629,20 +616,8 @@ def test_a_reply_without_its_length_is_stopped_past_the_registered_size(tmp_path
     failed: the disk-filling case for a plain URL."""
 
     server = _chunked_server(b"3e8\r\n" + b"N" * 1000 + b"\r\n", repeat=50, end=b"0\r\n\r\n")
-    _user_registry(
-        tmp_path,
-        monkeypatch,
-        f"""  big:
-    description: served
-    modality: dna
-    kind: genome
-    format: fasta
-    source: {{type: url, url: "http://127.0.0.1:{server.server_port}/g.fa"}}
-    sha256: {"a" * 64}
-    size: 1000
-    licence: test
-""",
-    )
+    url = f"http://127.0.0.1:{server.server_port}/g.fa"
+    _user_registry(tmp_path, monkeypatch, _entry("big", url, None, "a" * 64, size=1000))
     try:
         code, _, err = cli("datasets", "fetch", "big", "--data-dir", tmp_path / "cache")
         assert code == 2 and "sent more than the registry's size" in err, err
