@@ -205,6 +205,8 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     # piped or in a log: one tab-separated line per dataset, for grep and cut; so too on a terminal
     # too narrow for the table (at 40 columns four of its columns shrank to nothing)
     if not sys.stdout.isatty() or Console().width < 100:
+        # the cache on standard error: the table stays one header and one line per dataset
+        print(f"biomask: cache: {datasets.data_dir()}", file=sys.stderr)
         print("\t".join(columns))
         for row in rows:
             print("\t".join(row))
@@ -1221,6 +1223,15 @@ def _suggest_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (`argv`, default sys.argv[1:]) and return its exit code; the variables it sets
+    for itself are the caller's again after it (a script or notebook calling it in-process)."""
+    from biomask.resources import restoring_env
+
+    with restoring_env("TQDM_DISABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _usable_streams()
     # oneDNN (torch's CPU convolutions and matmuls) keeps a compiled kernel for each input shape it
     # meets, 1,024 of them by default, each holding memory: embedding DNA records of many lengths grew

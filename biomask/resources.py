@@ -8,10 +8,12 @@ runs biomask then means the copy shipped with the package.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import tomllib
@@ -143,9 +145,17 @@ def omp_threads() -> int | None:
     """$OMP_NUM_THREADS as a thread count (None: unset or not a positive number), at most the usable
     cores: a typo of 100000 segfaulted pretrain and evaluate (gloo, libgomp could not start the
     threads) where torch alone holds to its cores. Said once when cut."""
-    global _said_omp_cap
-    env = os.environ.get("OMP_NUM_THREADS", "")
+    global _said_omp_cap, _said_omp_bad
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()  # " 4": libgomp and torch read 4
     if not (env.isdigit() and int(env) > 0):
+        if env and not _said_omp_bad:
+            # libgomp ignores it too (all cores), with a line of its own that names no remedy
+            logging.getLogger("biomask").warning(
+                "OMP_NUM_THREADS=%r is not a positive whole number: ignored, so every core is used "
+                "(set it to a thread count, or unset it)",
+                os.environ["OMP_NUM_THREADS"],
+            )
+            _said_omp_bad = True
         return None
     cores = usable_cores()
     if int(env) > cores:
@@ -161,7 +171,23 @@ def omp_threads() -> int | None:
     return int(env)
 
 
-_said_omp_cap = False
+_said_omp_cap = _said_omp_bad = False
+
+
+@contextlib.contextmanager
+def restoring_env(*names: str) -> Iterator[None]:
+    """The caller's values of these environment variables (or their absence) again after the block:
+    a setting biomask makes for its own command (threads, progress bars) must not stay in a notebook
+    or a script that called it, nor in the processes they start later."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def honour_omp_threads() -> None:

@@ -153,3 +153,43 @@ def test_an_omp_num_threads_of_zero_is_no_thread_count(monkeypatch):
     before = torch.get_num_threads()
     resources.honour_omp_threads()
     assert torch.get_num_threads() == before
+
+
+def test_an_omp_num_threads_that_is_no_count_is_said_and_spaces_are_read(monkeypatch, caplog):
+    """OMP_NUM_THREADS=abc was ignored in silence (every core: libgomp's own line names no remedy),
+    and " 1" — which libgomp and torch read as 1 — was no count to biomask."""
+    import logging
+
+    from biomask import resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    monkeypatch.setattr(resources, "_said_omp_bad", False)
+    monkeypatch.setenv("OMP_NUM_THREADS", " 1")
+    assert resources.omp_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "abc")
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        assert resources.omp_threads() is None and resources.resolve_threads("auto") == 2
+    assert caplog.text.count("OMP_NUM_THREADS='abc' is not a positive whole number") == 1
+
+
+def test_a_command_gives_the_callers_environment_back(tmp_path, monkeypatch, cli):
+    """main() in a script or notebook left TQDM_DISABLE (no progress bars in the caller from then on)
+    and ONEDNN_PRIMITIVE_CACHE_CAPACITY set, and prep dna RAYON_NUM_THREADS, in the caller's
+    environment and in every process it started later; the caller's own values stay."""
+    import os
+
+    from biomask.dna.config import DNAPrepConfig
+    from biomask.dna.prep import prep_dna
+
+    for name in ("TQDM_DISABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "RAYON_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, _ = cli("--quiet", "datasets", "list")
+    assert code == 0
+    assert "TQDM_DISABLE" not in os.environ and "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert cli("datasets", "list")[0] == 0 and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+    table = tmp_path / "labelled.csv"
+    table.write_text("sequence,label\n" + "".join(f"{'ACGT'[i % 4] * 40},{i % 2}\n" for i in range(40)))
+    cfg = {"inputs": [{"path": str(table)}], "output": str(tmp_path / "store"), "num_workers": 2}
+    prep_dna(DNAPrepConfig.model_validate(cfg))
+    assert (tmp_path / "store" / "manifest.json").is_file() and "RAYON_NUM_THREADS" not in os.environ

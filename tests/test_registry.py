@@ -635,3 +635,27 @@ def test_a_mirror_variable_empty_is_the_default_and_one_not_a_url_is_named(tmp_p
     monkeypatch.setenv("BIOMASK_DEBIAN_MIRROR", "not a url")
     code, _, err = cli("datasets", "fetch", "pfalciparum", "--force", "--data-dir", tmp_path / "cache")
     assert code == 2 and "BIOMASK_DEBIAN_MIRROR='not a url' is not an http(s) URL" in err, err
+
+
+def test_the_cache_and_registry_variables_are_named_where_they_are_the_cause(tmp_path, monkeypatch, cli):
+    """A BIOMASK_REGISTRY naming a missing or broken file, or a BIOMASK_DATA_DIR that cannot be made,
+    named only the path ("config file ... does not exist", "cannot use /proc/x"): the variable that
+    chose it is named, exit 2; `datasets list` piped says which cache it read, a relative one whole."""
+    monkeypatch.setenv("BIOMASK_REGISTRY", str(tmp_path / "missing.yaml"))
+    code, _, err = cli("datasets", "list")
+    assert code == 2 and "BIOMASK_REGISTRY lists" in err and "missing.yaml" in err, err
+    _user_registry(tmp_path, monkeypatch, "  broken: {bad\n")
+    code, _, err = cli("datasets", "list")
+    assert code == 2 and "my-registry.yaml" in err and "listed in $BIOMASK_REGISTRY" in err, err
+    monkeypatch.delenv("BIOMASK_REGISTRY")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setenv("BIOMASK_DATA_DIR", str(blocker / "cache"))
+    code, _, err = cli("datasets", "fetch", "uci-splice")
+    assert code == 2 and "$BIOMASK_DATA_DIR" in err and str(blocker / "cache") in err, err
+    code, _, err = cli("datasets", "fetch", "uci-splice", "--data-dir", blocker / "cache")
+    assert code == 2 and "--data-dir" in err and "$BIOMASK_DATA_DIR" not in err.split(";")[0], err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOMASK_DATA_DIR", "relative-cache")
+    code, out, err = cli("datasets", "list")
+    assert code == 0 and f"cache: {tmp_path / 'relative-cache'}" in err and out.startswith("name\t")

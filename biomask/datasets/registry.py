@@ -66,11 +66,26 @@ class RegistryFile(Config):
 def data_dir(override: str | os.PathLike | None = None) -> Path:
     """Where fetched datasets are cached: the argument, else $BIOMASK_DATA_DIR, else ~/.cache/biomask/data."""
     chosen = override or os.environ.get("BIOMASK_DATA_DIR") or Path.home() / ".cache" / "biomask" / "data"
-    return Path(chosen).expanduser()
+    # absolute: a relative $BIOMASK_DATA_DIR is another cache in every folder a command starts from,
+    # and the messages that name the cache must say which
+    return Path(chosen).expanduser().absolute()
+
+
+def _data_dir_origin(override: str | os.PathLike | None) -> str:
+    """Which setting chose the cache, for messages: what to change."""
+    if override:
+        return "--data-dir"
+    return "$BIOMASK_DATA_DIR" if os.environ.get("BIOMASK_DATA_DIR") else "the default cache"
 
 
 def _registry_files() -> list[Path]:
     extra = [Path(p).expanduser() for p in os.environ.get("BIOMASK_REGISTRY", "").split(os.pathsep) if p]
+    for path in extra:
+        if not path.is_file():
+            raise ConfigError(
+                f"BIOMASK_REGISTRY lists {path}, which is not a file: fix the variable (registry files "
+                f"separated by {os.pathsep!r}) or unset it"
+            )
     return [BUILTIN_REGISTRY, *extra]
 
 
@@ -81,7 +96,12 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 def _load(files: tuple[Path, ...]) -> dict[str, DatasetEntry]:
     entries: dict[str, DatasetEntry] = {}
     for path in files:
-        parsed = validate_config(RegistryFile, read_yaml(path), str(path))
+        try:
+            parsed = validate_config(RegistryFile, read_yaml(path), str(path))
+        except ConfigError as exc:
+            if path == BUILTIN_REGISTRY:
+                raise
+            raise ConfigError(f"{exc}\n(a registry file listed in $BIOMASK_REGISTRY)") from exc
         for name, entry in parsed.datasets.items():
             if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):  # it names a folder of the cache
                 raise ConfigError(
@@ -175,6 +195,14 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
         return path
     if not force and _digest_or_none(path) == entry.sha256:
         return path
+    root = data_dir(directory)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot make the data cache {root} (chosen by {_data_dir_origin(directory)}): "
+            f"{exc.strerror or exc}; set BIOMASK_DATA_DIR or --data-dir to a folder you can write"
+        ) from exc
     # Setting a file aside and fetching are done by one process at a time: two side by side (a
     # pipeline's parallel tasks, a SLURM array sharing the cache) moved each other's files, so one
     # renamed the fresh copy over the user's file it had set aside, and others failed.

@@ -47,6 +47,7 @@ from biomask.dna.windows import SPLITS, WindowBatch, block_split, block_windows
 from biomask.errors import InputError, StaleOutputError
 from biomask.progress import bar as progress_bar
 from biomask.provenance import code_version, sha256_file
+from biomask.resources import restoring_env
 from biomask.store import (
     TokenStore,
     TokenStoreWriter,
@@ -528,10 +529,10 @@ def prep_dna(cfg: DNAPrepConfig, *, overwrite: bool = False) -> Path:
         TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
         return Path(cfg.output)
     cleaner = Cleaner(cfg.cleaning.lowercase, cfg.cleaning.ambiguous)
-    if cfg.num_workers > 1:
-        os.environ["RAYON_NUM_THREADS"] = str(cfg.num_workers)
     genome = inputs[0].format in GENOME_FORMATS
-    with stage.writing(seeds={"split": cfg.split.seed}) as tmp:
+    with restoring_env("RAYON_NUM_THREADS"), stage.writing(seeds={"split": cfg.split.seed}) as tmp:
+        if cfg.num_workers > 1:  # the tokenizers library's threads (read when its pool starts)
+            os.environ["RAYON_NUM_THREADS"] = str(cfg.num_workers)
         manifest = (_prep_genome if genome else _prep_labelled)(cfg, inputs, cleaner, tmp)
     _log_summary(Path(cfg.output), manifest)
     return Path(cfg.output)
