@@ -154,6 +154,17 @@ def test_span_lengths_are_geometric_with_the_configured_mean():
     assert runs.max() <= 30
 
 
+def test_spans_of_mean_length_one_are_single_tokens_not_a_crash(dna_batch):
+    """`masking.positions.mean_span: 1`, the documented lower bound, passed the config check and then
+    failed the run at its first step (torch's geometric_ refuses p = 1): every span is one token."""
+    ids, attn = dna_batch["input_ids"], dna_batch["attention_mask"]
+    maskable = attn & (ids >= NUM_SPECIAL)
+    n_mask = (maskable.sum(1).float() * 0.3).round().long()
+    masked = span_positions(maskable, n_mask, torch.Generator().manual_seed(0), mean_span=1.0, max_span=10)
+    assert torch.equal(masked.sum(1), n_mask) and not (masked & ~maskable).any()
+    assert not (masked[:, 1:] & masked[:, :-1]).any()  # separate spans of one token never touch
+
+
 def test_high_ratio_spans_still_exact(dna_batch):
     ids, attn = dna_batch["input_ids"], dna_batch["attention_mask"]
     maskable = attn & (ids >= NUM_SPECIAL)

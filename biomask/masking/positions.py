@@ -48,7 +48,10 @@ def span_positions(
     n = torch.minimum(n_mask, M)
     K = max(int(n.max()), 1)
     # Span lengths, geometric on {1, 2, ...} with the given mean, clipped; trimmed to the budget.
-    lengths = torch.empty(B, K, device=device).geometric_(1.0 / mean_span, generator=generator)
+    if mean_span > 1.0:
+        lengths = torch.empty(B, K, device=device).geometric_(1.0 / mean_span, generator=generator)
+    else:  # the geometric law at p = 1, which torch refuses: every span one token (config allows 1)
+        lengths = torch.ones(B, K, device=device)
     lengths = lengths.clamp_(max=max_span).long()
     before = lengths.cumsum(1) - lengths  # tokens covered by the earlier spans
     lengths = torch.minimum(lengths, (n[:, None] - before).clamp(min=0))
