@@ -138,7 +138,10 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
 
     settings = results["protocol_settings"]
     assert settings["linear_probe"]["C_grid"] == list(C_GRID) and settings["knn"]["k"] == 15
-    assert settings["leiden"]["best_resolution_grid"][0] == 0.2 and settings["leiden"]["flavor"] == "igraph"
+    assert (
+        settings["leiden"]["best_resolution_grid"][:2] == [0.1, 0.2]
+        and settings["leiden"]["flavor"] == "igraph"
+    )
     assert all(r["C"] in C_GRID for r in results["per_seed"]["own (linear probe)"])
     for run in (
         json.loads((tmp_path / "e1" / "run.json").read_text()),
@@ -470,6 +473,22 @@ def test_a_knn_graph_of_8192_records_or_more_builds_in_the_pinned_environment():
     adata.obsm["X_biomask"] = np.random.default_rng(0).normal(size=(8192, 8)).astype(np.float32)
     sc.pp.neighbors(adata, use_rep="X_biomask", n_neighbors=15, random_state=0)
     assert adata.obsp["connectivities"].shape == (8192, 8192) and adata.obsp["distances"].nnz >= 8192 * 14
+
+
+def test_the_best_resolution_is_scibs_every_tenth_from_01_keeping_the_first_maximum():
+    """scIB scores Leiden at 0.1, 0.2, ..., 2.0 and keeps the lowest resolution of the highest NMI;
+    biomask tried every other step and kept the one nearest 1, so a representation whose clusters
+    match the labels at 0.1 was judged at another resolution than scIB's."""
+    from biomask.evaluation.clustering import RESOLUTIONS, cluster_scores
+
+    assert tuple(round(0.1 * i, 1) for i in range(1, 21)) == RESOLUTIONS
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30)
+    x = rng.normal(scale=0.01, size=(90, 4)) + 100.0 * labels[:, None]  # three graph components
+    scores = cluster_scores(x, labels, seed=0)
+    # every resolution up to where Leiden starts splitting the components finds the labels exactly
+    assert scores["cluster_nmi_best"] == pytest.approx(1.0) and scores["best_resolution"] == 0.1
+    assert scores["cluster_ari_best"] == pytest.approx(1.0)
 
 
 def test_an_environment_whose_scanpy_cannot_read_pynndescents_graph_is_named(monkeypatch, tmp_path):

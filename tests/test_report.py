@@ -1326,21 +1326,32 @@ def test_a_run_with_one_logged_step_is_drawn_as_a_point(tmp_path, monkeypatch):
 
 def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution_is_chosen():
     """'ARI, best resolution (scIB)' and its intervals: a reader must learn that every labelled cell
-    is clustered (a split only reseeds Leiden) and that the labels scored pick the resolution."""
-    from biomask.report.report import CLUSTERING_NOTE, _evaluation_table
+    is clustered (a split only reseeds Leiden) and that the labels scored pick the resolution — on the
+    grid the evaluation used, which an evaluation reused from before 2026-12-08 records as another."""
+    from biomask.evaluation import clustering
+    from biomask.report.report import _evaluation_table, clustering_note
 
     ev = _evaluation(
         {("baseline", "linear_probe"): [0.8, 0.81, 0.82], ("r2mae", "knn"): [0.7, 0.72, 0.71]},
         {"r2mae": R2MAE},
     )
-    assert CLUSTERING_NOTE not in _evaluation_table(ev)  # nothing clustered: no note
+    assert not any("Leiden" in line for line in _evaluation_table(ev))  # nothing clustered: no note
     ev.results["summary"]["r2mae/knn"]["cluster_ari"] = summarize([0.5, 0.52, 0.51])
-    lines = _evaluation_table(ev)
-    assert CLUSTERING_NOTE in lines
-    assert (
-        "every labelled record" in CLUSTERING_NOTE
-        and "highest NMI against these same labels" in CLUSTERING_NOTE
-    )
+    ev.results["protocol_settings"] = {
+        "leiden": {
+            "best_resolution_grid": list(clustering.RESOLUTIONS),
+            "best_resolution_by": clustering.BEST_BY,
+        }
+    }
+    note = clustering_note(ev.results["protocol_settings"]["leiden"])
+    assert note in _evaluation_table(ev)
+    assert "every labelled record" in note and "highest NMI against these same labels" in note
+    assert "resolutions 0.1, 0.2, …, 2" in note and "the lowest of equals" in note
+    older = {
+        "best_resolution_grid": [0.2, 0.4, 0.6, 0.8, 1.0],
+        "best_resolution_by": "NMI against the labels (scIB)",
+    }
+    assert "resolutions 0.2, 0.4, …, 1" in clustering_note(older) and "nearest 1" in clustering_note(older)
 
 
 def test_every_evaluation_defines_the_metrics_its_verdicts_rest_on():

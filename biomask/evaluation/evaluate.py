@@ -473,7 +473,7 @@ def protocol_settings() -> dict[str, Any]:
             "n_iterations": clustering.LEIDEN_ITERATIONS,
             "resolution": clustering.RESOLUTION,
             "best_resolution_grid": list(clustering.RESOLUTIONS),
-            "best_resolution_by": "NMI against the labels (scIB)",
+            "best_resolution_by": clustering.BEST_BY,
             "random_state": "the evaluation seed",
         },
     }
@@ -681,9 +681,10 @@ def render_report(results: dict[str, Any], name: str | None = None) -> str:
             "",
             f"`sc.pp.neighbors` (k = {clustering.N_NEIGHBORS}) + `sc.tl.leiden` (resolution "
             f"{clustering.RESOLUTION:g}) on every labelled record; the labels are not used to cluster. "
-            f"Best resolution: scIB's protocol, Leiden at resolutions {clustering.RESOLUTIONS[0]:g}–"
-            f"{clustering.RESOLUTIONS[-1]:g} on the same graph, the one with the highest NMI kept (the "
-            "labels choose the resolution, for every representation alike). Every record is clustered in "
+            f"Best resolution: scIB's protocol, Leiden at resolutions {clustering.RESOLUTIONS[0]:g}, "
+            f"{clustering.RESOLUTIONS[1]:g}, …, {clustering.RESOLUTIONS[-1]:g} on the same graph, the "
+            "one with the highest NMI kept, the lowest of equals (the labels choose the resolution, for "
+            "every representation alike). Every record is clustered in "
             "every seed, so an interval here is over Leiden's random seed only, not over data (the spread "
             "over pretraining seeds is in the study report).",
             "",

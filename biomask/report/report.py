@@ -1043,7 +1043,7 @@ def _evaluation_table(ev: Evaluation) -> list[str]:
             s = ev.results["summary"][m["name"]]
             cells = " | ".join(format_summary(s[k]) if k in s else "" for k in clustering.METRICS)
             lines.append(f"| {md_cell(name)} | {cells} |")
-        lines += ["", CLUSTERING_NOTE]
+        lines += ["", clustering_note(ev.results.get("protocol_settings", {}).get("leiden", {}))]
     return lines
 
 
@@ -1054,16 +1054,27 @@ METRICS_NOTE = (
 )
 
 
-CLUSTERING_NOTE = (
-    f"Leiden: scanpy's kNN graph ({clustering.N_NEIGHBORS} neighbours) of the representation over every "
-    "labelled record, not only a split's test records, clustered without the labels and scored against "
-    "them (ARI, NMI); a split changes only the random seed of the neighbour search and of Leiden (and "
-    "a model's pooling where it is chosen on validation), so a baseline's interval here is over those "
-    "seeds. Best resolution (scIB, Luecken et al. 2022): of "
-    f"resolutions {clustering.RESOLUTIONS[0]}–{clustering.RESOLUTIONS[-1]}, the one whose clusters "
-    "have the highest NMI against these same labels — a choice on the scored labels, optimistic for "
-    "every representation alike."
-)
+def clustering_note(leiden: dict[str, Any]) -> str:
+    """How the Leiden columns were scored, from the evaluation's own record (`protocol_settings`):
+    an evaluation reused from older code used another grid."""
+    grid = leiden.get("best_resolution_grid") or list(clustering.RESOLUTIONS)
+    spacing = (
+        f"{grid[0]:g}, {grid[1]:g}, …, {grid[-1]:g}" if len(grid) > 2 else ", ".join(f"{r:g}" for r in grid)
+    )
+    ties = (
+        "the lowest of equals"
+        if "lowest" in leiden.get("best_resolution_by", clustering.BEST_BY)
+        else "of equals the one nearest 1 (before 2026-12-08)"
+    )
+    return (
+        f"Leiden: scanpy's kNN graph ({clustering.N_NEIGHBORS} neighbours) of the representation over every "
+        "labelled record, not only a split's test records, clustered without the labels and scored against "
+        "them (ARI, NMI); a split changes only the random seed of the neighbour search and of Leiden (and "
+        "a model's pooling where it is chosen on validation), so a baseline's interval here is over those "
+        f"seeds. Best resolution (scIB, Luecken et al. 2022): of resolutions {spacing}, the one whose "
+        f"clusters have the highest NMI against these same labels ({ties}) — a choice on the scored "
+        "labels, optimistic for every representation alike."
+    )
 
 
 def _code_label(code: dict[str, Any]) -> str:
