@@ -222,7 +222,19 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
     from biomask.report.report import _vectors_note
 
     assert cli("embed", *cells[1:], "--output", folder, "--overwrite")[0] == 0
-    assert _vectors_note(str(folder / "embeddings.h5ad")) == ""
+    assert _vectors_note(str(folder / "embeddings.h5ad"), "X_biomask") == ""
+    # embed's `key` chose another obsm key: the report refused it ("run `biomask embed` on it first",
+    # which had just been done) and had no setting to find it; the key biomask wrote is named
+    keyed = tmp_path / "keyed"
+    assert cli(*cells, "key=X_cells", "--output", keyed)[0] == 0
+    report.write_text(report.read_text().replace(str(folder), str(keyed)))
+    code, _, err = cli("report", "-c", report, "--overwrite")
+    assert code == 2 and "no obsm['X_biomask']" in err and "set embedding.key=X_cells" in err, err
+    code, _, err = cli("report", "-c", report, "--overwrite", "embedding.key=X_cells")
+    assert code == 0, err
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "`obsm['X_cells']`" in text and "embedded by the checkpoint" in text
+    assert "not those biomask embed wrote" not in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")

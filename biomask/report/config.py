@@ -42,9 +42,10 @@ class TargetSpec(Config):
 
 
 class EmbeddingSpec(Config):
-    path: str  # an h5ad written by `biomask embed` (obsm["X_biomask"])
+    path: str  # an h5ad written by `biomask embed`
     color: str  # the obs column the UMAP is coloured by
     title: str | None = None
+    key: str = "X_biomask"  # the obsm key the embedding is under (embed's `key`)
 
 
 class ReportConfig(Config):

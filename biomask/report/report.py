@@ -1153,14 +1153,14 @@ def _provenance(records: list[StageRecord], report_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- the stage
 
 
-def _embedded_by(h5ad: str, report_dir: Path) -> str:
-    """Which model made the embeddings the UMAP shows, as `biomask embed` recorded it in
-    uns["X_biomask"] (a study evaluates many checkpoints; the figure is of one): '' where the file
-    has no such record."""
+def _embedded_by(h5ad: str, report_dir: Path, key: str) -> str:
+    """Which model made the embeddings the UMAP shows, as `biomask embed` recorded it in uns[key]
+    (a study evaluates many checkpoints; the figure is of one): '' where the file has no such
+    record."""
     import anndata
 
     try:
-        record = dict(anndata.read_h5ad(h5ad, backed="r").uns.get("X_biomask", {}))
+        record = dict(anndata.read_h5ad(h5ad, backed="r").uns.get(key, {}))
     except (OSError, ValueError, KeyError):
         return ""
     if not record.get("checkpoint"):
@@ -1361,14 +1361,15 @@ def render(cfg: ReportConfig, out: Path) -> str:
 
     if cfg.embedding is not None:
         title = cfg.embedding.title  # None: the embedding and the checkpoint it came from
-        fig = figures.umap(cfg.embedding.path, cfg.embedding.color, title, fig_dir / "umap.png")
+        key = cfg.embedding.key
+        fig = figures.umap(cfg.embedding.path, cfg.embedding.color, title, fig_dir / "umap.png", key)
         lines += [
             "## Embeddings",
             "",
-            f"`{shown(cfg.embedding.path, Path(cfg.output))}`: `obsm['X_biomask']`, neighbours and UMAP with scanpy"
-            + _embedded_by(cfg.embedding.path, Path(cfg.output))
+            f"`{shown(cfg.embedding.path, Path(cfg.output))}`: `obsm[{key!r}]`, neighbours and UMAP with scanpy"
+            + _embedded_by(cfg.embedding.path, Path(cfg.output), key)
             + "."
-            + _vectors_note(cfg.embedding.path),
+            + _vectors_note(cfg.embedding.path, key),
             "",
             f"![umap](figures/{fig.name})",
             "",
@@ -1378,21 +1379,22 @@ def render(cfg: ReportConfig, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _vectors_note(h5ad: str) -> str:
+def _vectors_note(h5ad: str, key: str) -> str:
     """Said where the file's vectors are not those biomask embed wrote (their sha256 in uns): cells
     removed or reordered (a subset of the embedded file is a usual thing to draw), or values edited —
     the figure is of the file as it is, and its record is not the vectors' any more."""
     from biomask.embedding.anndata_io import changed_embedding
 
-    if not changed_embedding(h5ad, "X_biomask"):
+    if not changed_embedding(h5ad, key):
         return ""
     log.warning(
-        "report: %s: obsm['X_biomask'] is not what biomask embed wrote (cells removed or reordered, or "
+        "report: %s: obsm[%r] is not what biomask embed wrote (cells removed or reordered, or "
         "values edited); the UMAP is of the file as it is, and the report says so",
         h5ad,
+        key,
     )
     return (
-        " **Its vectors are not those biomask embed wrote** (their sha256 in `uns['X_biomask']` differs: "
+        f" **Its vectors are not those biomask embed wrote** (their sha256 in `uns[{key!r}]` differs: "
         "cells removed or reordered, or values edited since); the figure is of the file as it is"
     )
 
