@@ -486,7 +486,7 @@ ADDED_KEYS: dict[str, Any] = {
     "standardise": "checkpoint",  # evaluate, embed, 2026-12-06
     "evaluations{}.chosen_on": None,  # report, 2026-12-07
     "splits.group": "none",  # evaluate, 2026-12-07
-    "embedding.key": "X_biomask",  # report, 2026-12-08
+    "embedding.key": "X_biomask",  # report, 2026-12-07
     # read only by splits.group=shared_sequence
     "splits.min_shared": lambda value, flat: value == 32 or flat.get("splits.group") != "shared_sequence",
 }

@@ -1327,7 +1327,7 @@ def test_a_run_with_one_logged_step_is_drawn_as_a_point(tmp_path, monkeypatch):
 def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution_is_chosen():
     """'ARI, best resolution (scIB)' and its intervals: a reader must learn that every labelled cell
     is clustered (a split only reseeds Leiden) and that the labels scored pick the resolution — on the
-    grid the evaluation used, which an evaluation reused from before 2026-12-08 records as another."""
+    grid the evaluation used, which an evaluation reused from before late 2026-12-07 records as another."""
     from biomask.evaluation import clustering
     from biomask.report.report import _evaluation_table, clustering_note
 

@@ -1064,7 +1064,7 @@ def clustering_note(leiden: dict[str, Any]) -> str:
     ties = (
         "the lowest of equals"
         if "lowest" in leiden.get("best_resolution_by", clustering.BEST_BY)
-        else "of equals the one nearest 1 (before 2026-12-08)"
+        else "of equals the one nearest 1 (biomask until late on 2026-12-07)"
     )
     return (
         f"Leiden: scanpy's kNN graph ({clustering.N_NEIGHBORS} neighbours) of the representation over every "
