@@ -75,7 +75,11 @@ def _data_dir_origin(override: str | os.PathLike | None) -> str:
     """Which setting chose the cache, for messages: what to change."""
     if override:
         return "--data-dir"
-    return "$BIOMASK_DATA_DIR" if os.environ.get("BIOMASK_DATA_DIR") else "the default cache"
+    return (
+        "$BIOMASK_DATA_DIR"
+        if os.environ.get("BIOMASK_DATA_DIR")
+        else "the default: neither $BIOMASK_DATA_DIR nor --data-dir is set"
+    )
 
 
 def _registry_files() -> list[Path]:
@@ -200,7 +204,7 @@ def fetch(name: str, directory: str | os.PathLike | None = None, *, force: bool 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(
-            f"cannot make the data cache {root} (chosen by {_data_dir_origin(directory)}): "
+            f"cannot make the data cache {root} ({_data_dir_origin(directory)}): "
             f"{exc.strerror or exc}; set BIOMASK_DATA_DIR or --data-dir to a folder you can write"
         ) from exc
     # Setting a file aside and fetching are done by one process at a time: two side by side (a

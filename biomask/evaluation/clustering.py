@@ -43,8 +43,8 @@ N_NEIGHBORS = 15
 SAY_FROM = 20_000  # records from which the graph and each Leiden are said (minutes each at 100,000)
 RESOLUTION = 1.0
 # scIB's grid (scib.metrics.cluster_optimal_resolution's default, get_resolutions(n=20): 0.1 to 2.0
-# by 0.1), the first maximum kept as scIB keeps it. Until late on 2026-12-07 every other step, the one nearest
-# 1 kept: models whose clusters match the labels best at 0.1 were judged at 0.2 (README)
+# by 0.1), the first maximum kept as scIB keeps it. Until late on 2026-12-07 every other step, the
+# one nearest 1 kept: models whose clusters match the labels best at 0.1 were judged at 0.2 (README)
 RESOLUTIONS = tuple(round(0.1 * step, 1) for step in range(1, 21))
 BEST_BY = "NMI against the labels, the lowest resolution of the highest NMI (scIB)"
 LEIDEN_FLAVOR, LEIDEN_ITERATIONS = "igraph", 2  # the flavour and iterations scanpy recommends
