@@ -1014,3 +1014,69 @@ def test_nothing_a_pipeline_file_holds_runs_as_shell_in_its_job_scripts(tmp_path
     job = dataclasses.replace(job_script(plan, plan.stages["a"]), log_dir=str(tmp_path / "a\\b" / "logs"))
     with pytest.raises(ConfigError, match="backslash"):
         render(job)
+
+
+def test_a_submission_that_does_not_finish_cancels_the_jobs_it_got_accepted(
+    dna_pipeline, tmp_path, cli, monkeypatch
+):
+    """sbatch that never answered (a controller down) made `pipeline submit` wait in silence for
+    ever; Ctrl-C then left the stages already accepted running, recorded nowhere, and the next submit
+    queued them again beside them. sbatch is given a time limit, and the accepted jobs are
+    cancelled whenever the submission does not finish. Stand-ins: sbatch accepts the first job and
+    hangs on the second; scancel logs what it cancels."""
+    from biomask.pipelines import slurm
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/bash\nif [ -e {tmp_path}/first ]; then exec sleep 30; fi\ntouch {tmp_path}/first; echo 41\n"
+    )
+    (bin_dir / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/cancelled\n')
+    for tool in ("sbatch", "scancel"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 1.0)
+    code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+    assert code == 2 and "sbatch gave no answer in 1 s for stage" in err and "squeue --me" in err, err
+    assert "the jobs submitted before it were cancelled" in err
+    assert (tmp_path / "cancelled").read_text() == "41\n"
+    assert not (tmp_path / "run" / "jobs.json").exists()
+    # interrupted (Ctrl-C, SIGTERM) between two jobs: the same
+    (tmp_path / "first").unlink()
+    (tmp_path / "cancelled").unlink()
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/bash\nif [ -e {tmp_path}/first ]; then kill -INT $PPID; sleep 1; fi\n"
+        f"touch {tmp_path}/first; echo 51\n"
+    )
+    code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+    assert code == 130 and "cancelled the jobs it had submitted (51)" in err, err
+    assert (tmp_path / "cancelled").read_text() == "51\n"
+    assert not (tmp_path / "run" / "jobs.json").exists()
+
+
+def test_status_asks_a_controller_that_does_not_answer_once_not_once_per_job(tmp_path, monkeypatch, caplog):
+    """With slurmctld and the accounting down, `pipeline status` waited 3 queries x 20 s for every
+    stage, in silence (a 31-stage study: half an hour); the first query that times out is said, and
+    not asked again."""
+    import logging
+
+    from biomask.pipelines import slurm
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).write_text(f"#!/bin/bash\necho {tool} >> {tmp_path}/asked\nexec sleep 30\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(slurm, "SLURM_QUERY_TIMEOUT", 1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    tasks = lambda name: [{"index": 0, "name": name, "output": str(run / name)}]  # noqa: E731
+    stages = {name: {"job_id": str(i), "array": False, "tasks": tasks(name)} for i, name in enumerate("abcd")}
+    (run / "jobs.json").write_text(json.dumps({"pipeline": "p", "stages": stages}))
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        rows = slurm.job_states(run)
+    assert [r.state for r in rows] == ["UNKNOWN"] * 4 and {r.source for r in rows} == {"output"}
+    # one scontrol, one sacct, one sacct -c: not 12
+    assert (tmp_path / "asked").read_text().split() == ["scontrol", "sacct", "sacct"]
+    assert "gave no answer in 1 s; the other jobs are read from sacct or their outputs" in caplog.text

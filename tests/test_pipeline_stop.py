@@ -192,3 +192,45 @@ def test_one_sigint_delivered_twice_is_one_interruption_and_a_later_one_stops_no
     assert stages.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         stages.stop(signal.SIGINT, None)  # seconds later: the user's second Ctrl-C
+
+
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_stops_now_even_with_a_stage_deaf_to_signals(tmp_path):
+    """The runner said "Ctrl-C again to stop now", then went on waiting for a stage stuck where no
+    signal reaches it (a long call in C) until it ended by itself; a third Ctrl-C left the stage
+    running on without its log. A second Ctrl-C kills what still runs, names it, and ends."""
+    import subprocess
+
+    deaf = """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+out.mkdir(parents=True, exist_ok=True)
+(out / "pid").write_text(str(os.getpid()))
+(out / "started").write_text("yes")
+time.sleep(60)
+"""
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, deaf, str(tmp_path)],
+        stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    out = tmp_path / "run" / "train"
+    try:
+        while not (out / "started").exists() and runner.poll() is None:
+            time.sleep(0.05)
+        runner.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # a second Ctrl-C of the user's, not the same one delivered twice
+        runner.send_signal(signal.SIGINT)
+        _, err = runner.communicate(timeout=20)  # before: until the stage's 60 s had passed
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        pid = int((out / "pid").read_text()) if (out / "pid").exists() else None
+    assert runner.returncode == 130, err
+    assert "Ctrl-C again: stopping now: killed train" in err, err
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):  # the stage is gone, not left running without its log
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)

@@ -1881,3 +1881,25 @@ def test_a_run_waiting_for_processes_that_never_come_stops_on_sigterm(genome_sto
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2 and "RANK='abc' is not a whole number" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_launched_process_waiting_long_for_its_peers_says_so(monkeypatch, caplog):
+    """Under srun or torchrun a process whose peers never came (a failed srun step on one node)
+    waited deepspeed.timeout_minutes, 30 by default, without a line; a wait longer than a launch's
+    processes take to join is said, with the way out."""
+    import logging
+
+    from biomask.training import trainer
+    from biomask.training.distributed import DistEnv
+
+    monkeypatch.setattr(trainer, "WAIT_SAID_AFTER_S", 0.3)
+    waits = {"slow": 1.0, "quick": 0.0}
+    for kind, seconds in waits.items():
+        monkeypatch.setattr(trainer, "init_process_group", lambda *_, s=seconds: time.sleep(s))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="biomask"):
+            trainer._start_process_group(DistEnv(1, 2, 1, "10.0.0.1", 29500, "slurm"), 0.5)
+            time.sleep(0.5)  # past the point a wait is said
+        said = "process 1 of 2): still waiting after 0.3 s for the other processes at 10.0.0.1:29500"
+        assert (said in caplog.text) == (kind == "slow"), (kind, caplog.text)
+        assert ("ends this after 0.5 minutes (deepspeed.timeout_minutes)" in caplog.text) == (kind == "slow")

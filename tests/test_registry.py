@@ -659,3 +659,43 @@ def test_the_cache_and_registry_variables_are_named_where_they_are_the_cause(tmp
     monkeypatch.setenv("BIOMASK_DATA_DIR", "relative-cache")
     code, out, err = cli("datasets", "list")
     assert code == 0 and f"cache: {tmp_path / 'relative-cache'}" in err and out.startswith("name\t")
+
+
+def test_the_apt_fallback_is_said_and_limited_and_a_waiting_fetch_names_who_it_waits_for(
+    tmp_path, monkeypatch, caplog
+):
+    """With the Debian pool unreachable, the fetch fell back to `apt-get download` without a word and
+    waited on it without limit; a second fetch of the same dataset said only "waiting for another
+    process" and then waited as long."""
+    import logging
+    import subprocess
+    import sys
+
+    from biomask.datasets import sources
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text("#!/bin/bash\nexec sleep 30\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("BIOMASK_DEBIAN_MIRROR", "http://127.0.0.1:9")
+    monkeypatch.setattr(sources, "_APT_TIMEOUT", 1)
+    with caplog.at_level(logging.WARNING, logger="biomask"), pytest.raises(FetchError) as failed:
+        datasets.fetch("ce2-chrX", tmp_path / "cache")
+    assert "gave no answer in 1 s" in str(failed.value) and "could not reach" in str(failed.value)
+    assert "asking `apt-get download r-bioc-bsgenome` for the current version" in caplog.text
+    # a fetch that must wait for another names it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom biomask.datasets.registry import _fetch_lock\n"
+         "with _fetch_lock(__import__('pathlib').Path(sys.argv[1]), 'x'):\n"
+         "    print('held', flush=True); time.sleep(2)", str(tmp_path / "cache" / "x")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    caplog.clear()
+    from biomask.datasets.registry import _fetch_lock
+
+    with caplog.at_level(logging.WARNING, logger="biomask"), _fetch_lock(tmp_path / "cache" / "x", "x"):
+        pass
+    holder.wait(timeout=10)
+    assert f"waiting for process {holder.pid} on " in caplog.text and "Ctrl-C stops waiting" in caplog.text

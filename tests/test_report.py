@@ -1168,13 +1168,13 @@ def test_the_embeddings_section_names_the_checkpoint_that_made_them(tmp_path):
     adata.obsm["X_biomask"] = np.zeros((3, 4), dtype=np.float32)
     plain = tmp_path / "plain.h5ad"
     adata.write_h5ad(plain)
-    assert _embedded_by(str(plain), tmp_path) == ""
+    assert _embedded_by(str(plain), tmp_path, "X_biomask") == ""
     adata.uns["X_biomask"] = {"checkpoint": "runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model",
                               "masking_scheme": "r2mae", "training_steps": 1000, "cells": 3, "pooling": "mean",
                               "layer": -1, "normalisation": "l2", "checkpoint_weights_sha256": "18369d88c472" + "0" * 52}  # fmt: skip
     recorded = tmp_path / "recorded.h5ad"
     adata.write_h5ad(recorded)
-    text = _embedded_by(str(recorded), tmp_path)
+    text = _embedded_by(str(recorded), tmp_path, "X_biomask")
     assert (
         "3 cells embedded by the checkpoint `runs/main/pretrain_cells/masking.scheme=r2mae,train.seed=0/model`"
         in text

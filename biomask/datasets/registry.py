@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -256,10 +257,21 @@ def _fetch_lock(folder: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("dataset %s: waiting for another process fetching it into %s", name, folder)
+            # the holder wrote who it is: a user can see whether it still runs (a hung fetch of
+            # another shell, a job on this node), and what to stop; Ctrl-C ends the wait
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            log.warning(
+                "dataset %s: waiting for %s, which is fetching it into %s (Ctrl-C stops waiting)",
+                name,
+                holder,
+                folder,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass  # no locks here
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import lzma
 import os
 import shutil
@@ -38,6 +39,8 @@ from biomask.errors import EnvironmentIOError, FetchError, InputError, Integrity
 from biomask.outputs import atomic_file
 from biomask.progress import bar as progress_bar
 
+log = logging.getLogger(__name__)
+
 
 def _mirror(name: str, default: str) -> str:
     """A mirror's URL from the environment: empty is the default (it was kept, and a fetch failed in a
@@ -51,6 +54,7 @@ def _mirror(name: str, default: str) -> str:
 PYPI_URL = "https://pypi.org"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 _TIMEOUT = 60
+_APT_TIMEOUT = 900  # apt-get download of a package of tens of MB, on a slow mirror
 # a download slower than this for this long is given up (a server trickling bytes never timed out)
 _STALL_SECONDS, _STALL_BYTES = 120, 16 * 1024
 _REQUIRED = {
@@ -346,10 +350,26 @@ def _fetch_deb(source: Source, archive_dir: Path) -> Path:
         # A point release can move the pinned version out of the pool: ask apt for the current one.
         if shutil.which("apt-get") is None:
             raise
+        log.warning(
+            "Debian package %s: %s; asking `apt-get download %s` for the current version",
+            source.package,
+            pool_error,
+            source.package,
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            run = subprocess.run(
-                ["apt-get", "download", str(source.package)], cwd=tmp, capture_output=True, text=True
-            )
+            try:
+                run = subprocess.run(
+                    ["apt-get", "download", str(source.package)],
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                    timeout=_APT_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                raise FetchError(
+                    f"{pool_error}\n`apt-get download {source.package}` gave no answer in "
+                    f"{_APT_TIMEOUT:.0f} s (its sources unreachable?)"
+                ) from None
             debs = list(Path(tmp).glob("*.deb"))
             if run.returncode != 0 or not debs:
                 raise FetchError(

@@ -92,7 +92,7 @@ class _Stages:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: set[subprocess.Popen[str]] = set()
+        self._running: dict[subprocess.Popen[str], str] = {}  # each stage process and its label
         self.signal: int | None = None  # the first SIGTERM or SIGINT
         self._first_at = 0.0  # when it came (time.monotonic)
         self.terminal_gone = threading.Event()  # the runner's stderr failed: echo nothing more
@@ -107,24 +107,35 @@ class _Stages:
             return "interrupted (Ctrl-C)"
         return f"stopped by {signal.Signals(self.signal or signal.SIGTERM).name}"
 
-    def start(self, argv: list[str], **popen: Any) -> subprocess.Popen[str] | None:
+    def start(self, argv: list[str], label: str = "", **popen: Any) -> subprocess.Popen[str] | None:
         """Start a stage process, or None once the runner was stopped (no new stage after it)."""
         with self._lock:
             if self.stopped:
                 return None
             proc = subprocess.Popen(argv, **popen)
-            self._running.add(proc)
+            self._running[proc] = label
             return proc
 
     def ended(self, proc: subprocess.Popen[str]) -> None:
         with self._lock:
-            self._running.discard(proc)
+            self._running.pop(proc, None)
 
     def stop(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
             if time.monotonic() - self._first_at < SAME_INTERRUPTION_S:
                 return  # one SIGINT sent to the runner and to its process group (`timeout -s INT`)
-            raise KeyboardInterrupt  # Ctrl-C twice: stop waiting (the stages got it twice too)
+            # Ctrl-C twice: stop now. The stages got it twice too; one still running is deaf to it
+            # (stuck in C code): killed, or the runner waited for it anyway (reading its output),
+            # and a third Ctrl-C left it running on without its log
+            with self._lock:
+                left = [(proc, label) for proc, label in self._running.items() if proc.poll() is None]
+            for proc, _ in left:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            killed = f": killed {', '.join(label for _, label in left)} (what it was writing is removed when it runs again)"
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nbiomask: Ctrl-C again: stopping now{killed if left else ''}\n".encode())
+            raise KeyboardInterrupt
         with self._lock:  # the handler runs in the main thread; only worker threads take the lock
             if self.signal is None:
                 self._first_at = time.monotonic()
@@ -387,7 +398,13 @@ def _spawn(
         }
         with _StageLog(log) as sink:
             proc = stages.start(
-                argv, cwd=plan.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                argv,
+                label,
+                cwd=plan.workdir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             if proc is None:
                 return None, {}

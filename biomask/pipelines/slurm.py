@@ -186,7 +186,7 @@ def submit(
     # sbatch copies a script when it submits it, so the jobs are submitted from the temporary names;
     # the scripts (and pipeline.yaml, jobs.json) of an earlier submission are replaced only once every
     # job of this one was accepted
-    with _staged(plan, jobs) as staged:
+    with _staged(plan, jobs) as staged, _cancelled_unless_recorded(submitted):
         for name in selected:
             stage = plan.stages[name]
             tmp, final = staged[name]
@@ -194,15 +194,24 @@ def submit(
             argv = [sbatch, "--parsable"]
             if upstream:
                 argv.append("--dependency=afterok:" + ":".join(upstream))
-            result = subprocess.run(
-                [*argv, str(tmp)],
-                capture_output=True,
-                text=True,
-                cwd=plan.workdir,
-                env=environment_for_jobs(),
-            )
+            try:
+                result = subprocess.run(
+                    [*argv, str(tmp)],
+                    capture_output=True,
+                    text=True,
+                    cwd=plan.workdir,
+                    env=environment_for_jobs(),
+                    timeout=SBATCH_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                raise InputError(
+                    f"sbatch gave no answer in {SBATCH_TIMEOUT:.0f} s for stage {name} of {plan.source} "
+                    "(the SLURM controller is down or overloaded); "
+                    + ("the jobs submitted before it were cancelled; " if submitted else "")
+                    + f"it may have accepted this one: look for a job named {jobs[name].job_name} "
+                    "(`squeue --me`) and scancel it, then submit again"
+                ) from None
             if result.returncode != 0:
-                _cancel([s["job_id"] for s in submitted.values()])
                 kept = "the earlier submission's scripts are kept as they were; " if final.exists() else ""
                 raise InputError(
                     f"sbatch refused stage {name} of {plan.source}: "
@@ -349,9 +358,46 @@ def _earlier_stages(run_dir: Path, plan: Plan, resubmitted: set[str]) -> dict[st
     return {n: stages[n] for n in plan.stages if n in stages and n not in resubmitted}
 
 
-def _cancel(job_ids: list[str]) -> None:
-    if job_ids and shutil.which("scancel"):
-        subprocess.run(["scancel", *job_ids], capture_output=True, text=True)
+# sbatch waits for the controller's reply (its own retries included); a minute or two on a busy
+# cluster, never the many minutes of silence a controller that does not answer gave
+SBATCH_TIMEOUT = 120.0
+
+
+@contextlib.contextmanager
+def _cancelled_unless_recorded(submitted: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """The jobs a submission got accepted are cancelled when it does not finish (sbatch refused or
+    did not answer, Ctrl-C, SIGTERM): no jobs.json records them, so they ran unseen by `pipeline
+    status`, and the next submission queued the same stages again beside them."""
+    try:
+        yield
+    except BaseException:
+        ids = [job["job_id"] for job in submitted.values()]
+        if ids and not _cancel(ids):
+            log.warning(
+                "the submission did not finish and scancel could not cancel the jobs it had submitted: "
+                "cancel them by hand: scancel %s",
+                " ".join(ids),
+            )
+        elif ids:
+            log.warning(
+                "the submission did not finish: cancelled the jobs it had submitted (%s)", ", ".join(ids)
+            )
+        raise
+
+
+def _cancel(job_ids: list[str]) -> bool:
+    """scancel the jobs; whether it did."""
+    if not (job_ids and shutil.which("scancel")):
+        return not job_ids
+    try:
+        return (
+            subprocess.run(
+                ["scancel", *job_ids], capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT
+            ).returncode
+            == 0
+        )
+    except subprocess.TimeoutExpired:
+        return False
 
 
 # ----------------------------------------------------------------------------------------- status
@@ -414,13 +460,18 @@ def job_states(run_dir: Path) -> list[JobState]:
     record = read_jobs(run_dir)
     rows: list[JobState] = []
     unreachable: str | None = None
+    silent: set[str] = set()  # queries that gave no answer in time: not asked again for later jobs
     for stage, job in record["stages"].items():
-        try:
-            found = _scontrol(stage, job["job_id"])
-        except SlurmUnreachable as exc:
-            unreachable, found = str(exc), []
+        found = []
+        if unreachable is None:
+            try:
+                found = _scontrol(stage, job["job_id"])
+            except SlurmUnreachable as exc:
+                unreachable = str(exc)
+                if len(record["stages"]) > 1:  # said now: what follows would be minutes of silence
+                    log.warning("%s: %s; the other jobs are read from sacct or their outputs", run_dir, exc)
         if not found:
-            found = _per_task(stage, job, sacct_states(stage, job["job_id"]))
+            found = _per_task(stage, job, sacct_states(stage, job["job_id"], silent))
         rows += sorted(found, key=lambda r: int(r.task) if r.task.isdigit() else -1)
     guessed = sorted({r.stage for r in rows if r.source == "output"})
     if guessed:
@@ -478,15 +529,21 @@ def _scontrol(stage: str, job_id: str) -> list[JobState]:
     return rows
 
 
-def sacct_states(stage: str, job_id: str) -> list[JobState]:
-    """From accounting storage, or else the jobcomp file (`sacct -c`, one line per run of the job)."""
+def sacct_states(stage: str, job_id: str, silent: set[str] | None = None) -> list[JobState]:
+    """From accounting storage, or else the jobcomp file (`sacct -c`, one line per run of the job).
+    `silent` collects the queries that gave no answer in time, which are then not asked again."""
     if not shutil.which("sacct"):
         return []
+    silent = set() if silent is None else silent
     fmt = ["--noheader", "--parsable2", "--format=JobID,State,ExitCode,Start,End"]
     for extra in ([], ["-c"]):
+        argv = ["sacct", *extra, "-X", "-j", job_id, *fmt]
+        if " ".join(argv[:2]) in silent:
+            continue
         try:
-            result = _query(["sacct", *extra, "-X", "-j", job_id, *fmt])
+            result = _query(argv)
         except SlurmUnreachable:
+            silent.add(" ".join(argv[:2]))
             continue
         lines = [line.split("|") for line in result.stdout.splitlines() if line.count("|") == 4]
         if result.returncode == 0 and lines:

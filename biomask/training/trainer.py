@@ -1181,6 +1181,25 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
     for sig, handler in handlers.items():
         if handler not in (signal.SIG_IGN, None):
             signal.signal(sig, signal.SIG_DFL)
+    # a launched process whose peers never come (an srun step that failed on one node, a torchrun
+    # of another host not started) waited its 30 minutes in silence: said once the wait is long
+    still = threading.Timer(
+        WAIT_SAID_AFTER_S,
+        lambda: log.warning(
+            "pretrain (process %d of %d): still waiting after %g s for the other processes at %s:%d; one "
+            "that never started (a failed srun step, a node down, a torchrun not run on another host) "
+            "ends this after %g minutes (deepspeed.timeout_minutes), or stop it now (Ctrl-C, scancel)",
+            dist_env.rank,
+            dist_env.world_size,
+            WAIT_SAID_AFTER_S,
+            dist_env.master_addr,
+            dist_env.master_port,
+            timeout_minutes,
+        ),
+    )
+    still.daemon = True
+    if dist_env.world_size > 1:
+        still.start()
     try:
         init_process_group(dist_env, timeout_minutes)
     except (dist.DistStoreError, dist.DistNetworkError) as exc:  # rank 0's store; another rank's client
@@ -1199,9 +1218,13 @@ def _start_process_group(dist_env: DistEnv, timeout_minutes: float) -> None:
             "and MASTER_PORT if they are left from another launch. Nothing was written"
         ) from None
     finally:
+        still.cancel()
         for sig, handler in handlers.items():
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+WAIT_SAID_AFTER_S = 60  # processes of one launch join within seconds
 
 
 def _stage_spelled_otherwise(cfg: PretrainConfig, world_size: int) -> PretrainConfig | None:
