@@ -205,8 +205,8 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     # piped or in a log: one tab-separated line per dataset, for grep and cut; so too on a terminal
     # too narrow for the table (at 40 columns four of its columns shrank to nothing)
     if not sys.stdout.isatty() or Console().width < 100:
-        # the cache on standard error: the table stays one header and one line per dataset
-        print(f"biomask: cache: {datasets.data_dir()}", file=sys.stderr)
+        # the cache on standard error (not under --quiet): the table stays one line per dataset
+        logging.getLogger("biomask").info("cache: %s", datasets.data_dir())
         print("\t".join(columns))
         for row in rows:
             print("\t".join(row))

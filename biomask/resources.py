@@ -146,7 +146,8 @@ def omp_threads() -> int | None:
     cores: a typo of 100000 segfaulted pretrain and evaluate (gloo, libgomp could not start the
     threads) where torch alone holds to its cores. Said once when cut."""
     global _said_omp_cap, _said_omp_bad
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()  # " 4": libgomp and torch read 4
+    # " 4": libgomp and torch read 4; "4,2" (nested levels): the outer level's 4
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if not (env.isdigit() and int(env) > 0):
         if env and not _said_omp_bad:
             # libgomp ignores it too (all cores), with a line of its own that names no remedy

@@ -166,6 +166,8 @@ def test_an_omp_num_threads_that_is_no_count_is_said_and_spaces_are_read(monkeyp
     monkeypatch.setattr(resources, "_said_omp_bad", False)
     monkeypatch.setenv("OMP_NUM_THREADS", " 1")
     assert resources.omp_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")  # nested levels, as libgomp reads them: the outer's
+    assert resources.omp_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "abc")
     with caplog.at_level(logging.WARNING, logger="biomask"):
         assert resources.omp_threads() is None and resources.resolve_threads("auto") == 2

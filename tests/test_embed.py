@@ -158,9 +158,9 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
     biomask's. The vectors' sha256 is in uns[key]: a rerun refuses, the report says so."""
     from biomask import outputs
 
-    def edit(h5ad: Path) -> None:
+    def edit(h5ad: Path, key: str = "X_biomask") -> None:
         with h5py.File(h5ad, "r+") as handle:
-            handle["obsm/X_biomask"][0, 0] += 1.0
+            handle[f"obsm/{key}"][0, 0] += 1.0
 
     cells = ["embed", "--checkpoint", cells_checkpoint, "--input", pbmc_h5ad, *COUNTS]
     dna = ["embed", "--checkpoint", dna_checkpoint, "--input", splice_store]
@@ -235,6 +235,10 @@ def test_an_output_whose_vectors_were_edited_is_not_reused(
     text = (tmp_path / "report" / "report.md").read_text()
     assert "`obsm['X_cells']`" in text and "embedded by the checkpoint" in text
     assert "not those biomask embed wrote" not in text
+    edit(keyed / "embeddings.h5ad", "X_cells")  # its vectors checked against uns['X_cells']'s sha256
+    code, _, err = cli("report", "-c", report, "--overwrite", "embedding.key=X_cells")
+    assert code == 0 and "obsm['X_cells'] is not what biomask embed wrote" in err, err
+    assert "sha256 in `uns['X_cells']` differs" in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")

@@ -142,6 +142,8 @@ def test_what_a_report_reader_must_know_is_in_its_notes(tmp_path, cli, repo):
         settings["leiden"]["best_resolution_grid"][:2] == [0.1, 0.2]
         and settings["leiden"]["flavor"] == "igraph"
     )
+    # the study report reads the tie rule from here: scIB's, the lowest resolution of equal NMIs
+    assert "the lowest resolution of the highest NMI" in settings["leiden"]["best_resolution_by"]
     assert all(r["C"] in C_GRID for r in results["per_seed"]["own (linear probe)"])
     for run in (
         json.loads((tmp_path / "e1" / "run.json").read_text()),

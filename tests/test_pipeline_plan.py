@@ -1035,12 +1035,19 @@ def test_a_submission_that_does_not_finish_cancels_the_jobs_it_got_accepted(
     for tool in ("sbatch", "scancel"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 1.0)
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 3.0)  # room for a slow machine's stand-ins
     code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
-    assert code == 2 and "sbatch gave no answer in 1 s for stage" in err and "squeue --me" in err, err
-    assert "the jobs submitted before it were cancelled" in err
+    assert code == 2 and "sbatch gave no answer in 3 s for stage" in err and "squeue --me" in err, err
+    assert "the jobs this submission had got accepted were cancelled (41)" in err
     assert (tmp_path / "cancelled").read_text() == "41\n"
     assert not (tmp_path / "run" / "jobs.json").exists()
+    # a scancel that fails is said as such, with the command to run (not "were cancelled")
+    (tmp_path / "first").unlink()
+    (bin_dir / "scancel").write_text("#!/bin/bash\nexit 1\n")
+    code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+    assert code == 2 and "scancel could not cancel" in err and "scancel 41" in err, err
+    assert "were cancelled" not in err
+    (bin_dir / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/cancelled\n')
     # interrupted (Ctrl-C, SIGTERM) between two jobs: the same
     (tmp_path / "first").unlink()
     (tmp_path / "cancelled").unlink()
@@ -1049,9 +1056,22 @@ def test_a_submission_that_does_not_finish_cancels_the_jobs_it_got_accepted(
         f"touch {tmp_path}/first; echo 51\n"
     )
     code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
-    assert code == 130 and "cancelled the jobs it had submitted (51)" in err, err
+    assert code == 130 and "the jobs this submission had got accepted were cancelled (51)" in err, err
     assert (tmp_path / "cancelled").read_text() == "51\n"
     assert not (tmp_path / "run" / "jobs.json").exists()
+    # every job accepted, then the record could not be written (a full disk): cancelled too
+    (tmp_path / "cancelled").unlink()
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/bash\nn=$(cat {tmp_path}/last 2>/dev/null || echo 60); echo $((n + 1)) | tee {tmp_path}/last\n"
+    )
+
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(slurm, "atomic_write_text", full)
+    code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+    assert code == 2 and "No space left on device" in err and "were cancelled (61, 62)" in err, err
+    assert (tmp_path / "cancelled").read_text() == "61 62\n"
 
 
 def test_status_asks_a_controller_that_does_not_answer_once_not_once_per_job(tmp_path, monkeypatch, caplog):
@@ -1068,7 +1088,7 @@ def test_status_asks_a_controller_that_does_not_answer_once_not_once_per_job(tmp
         (bin_dir / tool).write_text(f"#!/bin/bash\necho {tool} >> {tmp_path}/asked\nexec sleep 30\n")
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setattr(slurm, "SLURM_QUERY_TIMEOUT", 1.0)
+    monkeypatch.setattr(slurm, "SLURM_QUERY_TIMEOUT", 2.0)  # room for a slow machine's stand-ins
     run = tmp_path / "run"
     run.mkdir()
     tasks = lambda name: [{"index": 0, "name": name, "output": str(run / name)}]  # noqa: E731
@@ -1079,4 +1099,4 @@ def test_status_asks_a_controller_that_does_not_answer_once_not_once_per_job(tmp
     assert [r.state for r in rows] == ["UNKNOWN"] * 4 and {r.source for r in rows} == {"output"}
     # one scontrol, one sacct, one sacct -c: not 12
     assert (tmp_path / "asked").read_text().split() == ["scontrol", "sacct", "sacct"]
-    assert "gave no answer in 1 s; the other jobs are read from sacct or their outputs" in caplog.text
+    assert "gave no answer in 2 s; the other jobs are read from sacct or their outputs" in caplog.text

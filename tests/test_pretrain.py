@@ -1893,13 +1893,14 @@ def test_a_launched_process_waiting_long_for_its_peers_says_so(monkeypatch, capl
     from biomask.training.distributed import DistEnv
 
     monkeypatch.setattr(trainer, "WAIT_SAID_AFTER_S", 0.3)
-    waits = {"slow": 1.0, "quick": 0.0}
-    for kind, seconds in waits.items():
+    # a slow wait of 2 processes is said; a quick one, and one process (no peers), are not
+    waits = {"slow": (1.0, 2), "quick": (0.0, 2), "alone": (1.0, 1)}
+    for kind, (seconds, world) in waits.items():
         monkeypatch.setattr(trainer, "init_process_group", lambda *_, s=seconds: time.sleep(s))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="biomask"):
-            trainer._start_process_group(DistEnv(1, 2, 1, "10.0.0.1", 29500, "slurm"), 0.5)
+            trainer._start_process_group(DistEnv(world - 1, world, 0, "10.0.0.1", 29500, "slurm"), 0.5)
             time.sleep(0.5)  # past the point a wait is said
-        said = "process 1 of 2): still waiting after 0.3 s for the other processes at 10.0.0.1:29500"
+        said = "still waiting after 0.3 s for the other processes at 10.0.0.1:29500"
         assert (said in caplog.text) == (kind == "slow"), (kind, caplog.text)
         assert ("ends this after 0.5 minutes (deepspeed.timeout_minutes)" in caplog.text) == (kind == "slow")

@@ -659,6 +659,8 @@ def test_the_cache_and_registry_variables_are_named_where_they_are_the_cause(tmp
     monkeypatch.setenv("BIOMASK_DATA_DIR", "relative-cache")
     code, out, err = cli("datasets", "list")
     assert code == 0 and f"cache: {tmp_path / 'relative-cache'}" in err and out.startswith("name\t")
+    code, out, err = cli("-q", "datasets", "list")  # --quiet: warnings and errors only
+    assert code == 0 and "cache:" not in err and out.startswith("name\t")
 
 
 def test_the_apt_fallback_is_said_and_limited_and_a_waiting_fetch_names_who_it_waits_for(
@@ -699,3 +701,5 @@ def test_the_apt_fallback_is_said_and_limited_and_a_waiting_fetch_names_who_it_w
         pass
     holder.wait(timeout=10)
     assert f"waiting for process {holder.pid} on " in caplog.text and "Ctrl-C stops waiting" in caplog.text
+    # released, the lock names nobody: a later waiter must not name a process that has ended
+    assert (tmp_path / "cache" / "x" / ".fetch.lock").read_bytes() == b""

@@ -1352,6 +1352,8 @@ def test_the_clustering_table_says_what_is_clustered_and_how_the_best_resolution
         "best_resolution_by": "NMI against the labels (scIB)",
     }
     assert "resolutions 0.2, 0.4, …, 1" in clustering_note(older) and "nearest 1" in clustering_note(older)
+    # metrics.json of before early 2026-12-07 recorded no settings: scored on the half grid
+    assert "resolutions 0.2, 0.4, …, 2" in clustering_note({}) and "nearest 1" in clustering_note({})
 
 
 def test_every_evaluation_defines_the_metrics_its_verdicts_rest_on():

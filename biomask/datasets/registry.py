@@ -272,7 +272,11 @@ def _fetch_lock(folder: Path, name: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # released: a later waiter must not name this process
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

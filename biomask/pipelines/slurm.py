@@ -186,57 +186,61 @@ def submit(
     # sbatch copies a script when it submits it, so the jobs are submitted from the temporary names;
     # the scripts (and pipeline.yaml, jobs.json) of an earlier submission are replaced only once every
     # job of this one was accepted
-    with _staged(plan, jobs) as staged, _cancelled_unless_recorded(submitted):
-        for name in selected:
-            stage = plan.stages[name]
-            tmp, final = staged[name]
-            upstream = [submitted[n]["job_id"] for n in stage.needs if n in submitted]
-            argv = [sbatch, "--parsable"]
-            if upstream:
-                argv.append("--dependency=afterok:" + ":".join(upstream))
-            try:
-                result = subprocess.run(
-                    [*argv, str(tmp)],
-                    capture_output=True,
-                    text=True,
-                    cwd=plan.workdir,
-                    env=environment_for_jobs(),
-                    timeout=SBATCH_TIMEOUT,
-                )
-            except subprocess.TimeoutExpired:
-                raise InputError(
-                    f"sbatch gave no answer in {SBATCH_TIMEOUT:.0f} s for stage {name} of {plan.source} "
-                    "(the SLURM controller is down or overloaded); "
-                    + ("the jobs submitted before it were cancelled; " if submitted else "")
-                    + f"it may have accepted this one: look for a job named {jobs[name].job_name} "
-                    "(`squeue --me`) and scancel it, then submit again"
-                ) from None
-            if result.returncode != 0:
-                kept = "the earlier submission's scripts are kept as they were; " if final.exists() else ""
-                raise InputError(
-                    f"sbatch refused stage {name} of {plan.source}: "
-                    f"{result.stderr.strip() or result.stdout.strip()}\n"
-                    + ("the jobs submitted before it were cancelled; " if submitted else "")
-                    + f"nothing in {plan.run_dir} was written or replaced; {kept}correct the stage's "
-                    "slurm settings (partition, account, qos, time, mem, extra) and submit again"
-                )
-            submitted[name] = {
-                "job_id": result.stdout.strip().split(";")[0],
-                "script": str(final),
-                "array": len(stage.tasks) > 1,
-                "tasks": [{"index": t.index, "name": t.name, "output": str(t.output)} for t in stage.tasks],
-                "after": upstream,
-                "sbatch": [*argv, str(final)],  # as submitted by hand, from the script kept
-            }
-    # --only / --from: the stages left out keep their earlier jobs in the record (and in status)
-    earlier = _earlier_stages(plan.run_dir, plan, set(submitted))
-    record = {
-        "pipeline": plan.pipeline.name,
-        "source": str(plan.source),
-        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "stages": {**earlier, **submitted},
-    }
-    atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
+    # the guard spans the record too: jobs accepted but written nowhere ran unseen (a full disk)
+    with _cancelled_unless_recorded(submitted):
+        with _staged(plan, jobs) as staged:
+            for name in selected:
+                stage = plan.stages[name]
+                tmp, final = staged[name]
+                upstream = [submitted[n]["job_id"] for n in stage.needs if n in submitted]
+                argv = [sbatch, "--parsable"]
+                if upstream:
+                    argv.append("--dependency=afterok:" + ":".join(upstream))
+                try:
+                    result = subprocess.run(
+                        [*argv, str(tmp)],
+                        capture_output=True,
+                        text=True,
+                        cwd=plan.workdir,
+                        env=environment_for_jobs(),
+                        timeout=SBATCH_TIMEOUT,
+                    )
+                except subprocess.TimeoutExpired:
+                    raise InputError(
+                        f"sbatch gave no answer in {SBATCH_TIMEOUT:.0f} s for stage {name} of {plan.source} "
+                        "(the SLURM controller is down or overloaded); "
+                        f"it may have accepted this one: look for a job named {jobs[name].job_name} "
+                        "(`squeue --me`) and scancel it, then submit again"
+                    ) from None
+                if result.returncode != 0:
+                    kept = (
+                        "the earlier submission's scripts are kept as they were; " if final.exists() else ""
+                    )
+                    raise InputError(
+                        f"sbatch refused stage {name} of {plan.source}: "
+                        f"{result.stderr.strip() or result.stdout.strip()}\n"
+                        f"nothing in {plan.run_dir} was written or replaced; {kept}correct the stage's "
+                        "slurm settings (partition, account, qos, time, mem, extra) and submit again"
+                    )
+                submitted[name] = {
+                    "job_id": result.stdout.strip().split(";")[0],
+                    "script": str(final),
+                    "array": len(stage.tasks) > 1,
+                    "tasks": [
+                        {"index": t.index, "name": t.name, "output": str(t.output)} for t in stage.tasks
+                    ],
+                    "after": upstream,
+                    "sbatch": [*argv, str(final)],  # as submitted by hand, from the script kept
+                }
+        # --only / --from: the stages left out keep their earlier jobs in the record (and in status)
+        earlier = _earlier_stages(plan.run_dir, plan, set(submitted))
+        record = {
+            "pipeline": plan.pipeline.name,
+            "source": str(plan.source),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": {**earlier, **submitted},
+        }
+        atomic_write_text(plan.run_dir / "jobs.json", json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -370,18 +374,18 @@ def _cancelled_unless_recorded(submitted: dict[str, dict[str, Any]]) -> Iterator
     status`, and the next submission queued the same stages again beside them."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         ids = [job["job_id"] for job in submitted.values()]
-        if ids and not _cancel(ids):
-            log.warning(
-                "the submission did not finish and scancel could not cancel the jobs it had submitted: "
-                "cancel them by hand: scancel %s",
-                " ".join(ids),
-            )
-        elif ids:
-            log.warning(
-                "the submission did not finish: cancelled the jobs it had submitted (%s)", ", ".join(ids)
-            )
+        if not ids:
+            raise
+        said = (
+            f"the jobs this submission had got accepted were cancelled ({', '.join(ids)})"
+            if _cancel(ids)
+            else f"scancel could not cancel the jobs this submission had got accepted: scancel {' '.join(ids)}"
+        )
+        if isinstance(exc, InputError):  # its message is the one the user reads: the outcome goes in it
+            raise InputError(f"{exc}\n{said}") from exc
+        log.warning("the submission did not finish: %s", said)
         raise
 
 

@@ -294,26 +294,32 @@ def umap(h5ad: str, color: str, title: str | None, path: Path, key: str = "X_bio
             f"embedding.path {h5ad} is not a readable .h5ad ({first_line(exc)}): give the file `biomask embed` "
             "wrote, whole"
         ) from None
-    if key not in adata.obsm:
-        # embed's `key` chose another: name the keys biomask embed wrote (their uns record carries
-        # the vectors' sha256), so the fix is a setting, not another embedding run
-        ours = [k for k in adata.obsm if isinstance(adata.uns.get(k), dict) and DIGEST_KEY in adata.uns[k]]
-        raise InputError(
-            f"{h5ad} has no obsm[{key!r}]"
-            + (
-                f"; biomask embed wrote {', '.join(repr(k) for k in ours)} there: set embedding.key={ours[0]}"
-                if ours
-                else "; run `biomask embed` on it first (or set embedding.key to the obsm key it has)"
+    try:  # closed after: a report run in-process (a notebook) kept the file open, which then
+        # refused to be written ("file is already open for read-only") until the kernel restarted
+        if key not in adata.obsm:
+            # embed's `key` chose another: name the keys biomask embed wrote (their uns record carries
+            # the vectors' sha256), so the fix is a setting, not another embedding run
+            ours = [
+                k for k in adata.obsm if isinstance(adata.uns.get(k), dict) and DIGEST_KEY in adata.uns[k]
+            ]
+            raise InputError(
+                f"{h5ad} has no obsm[{key!r}]"
+                + (
+                    f"; biomask embed wrote {', '.join(repr(k) for k in ours)} there: set embedding.key={ours[0]}"
+                    if ours
+                    else "; run `biomask embed` on it first (or set embedding.key to the obsm key it has)"
+                )
             )
-        )
 
-    if color not in adata.obs:
-        raise InputError(
-            f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"
-        )
-    if title is None:  # which model drew it: the run folder of the checkpoint embed recorded
-        checkpoint = str((adata.uns.get(key) or {}).get("checkpoint") or "")
-        title = f"{key} of {Path(checkpoint).parent.name}" if checkpoint else key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    umap_png(np.asarray(adata.obsm[key]), adata.obs[color].reset_index(drop=True), path, title=title)
+        if color not in adata.obs:
+            raise InputError(
+                f"{h5ad}: no obs column {color!r} to colour the UMAP by (columns: {', '.join(adata.obs)})"
+            )
+        if title is None:  # which model drew it: the run folder of the checkpoint embed recorded
+            checkpoint = str((adata.uns.get(key) or {}).get("checkpoint") or "")
+            title = f"{key} of {Path(checkpoint).parent.name}" if checkpoint else key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        umap_png(np.asarray(adata.obsm[key]), adata.obs[color].reset_index(drop=True), path, title=title)
+    finally:
+        adata.file.close()
     return path

@@ -1057,13 +1057,14 @@ METRICS_NOTE = (
 def clustering_note(leiden: dict[str, Any]) -> str:
     """How the Leiden columns were scored, from the evaluation's own record (`protocol_settings`):
     an evaluation reused from older code used another grid."""
-    grid = leiden.get("best_resolution_grid") or list(clustering.RESOLUTIONS)
+    # evaluations from before metrics.json recorded its settings (early 2026-12-07) used the half grid
+    grid = leiden.get("best_resolution_grid") or [0.2, 0.4, 2.0]
     spacing = (
         f"{grid[0]:g}, {grid[1]:g}, …, {grid[-1]:g}" if len(grid) > 2 else ", ".join(f"{r:g}" for r in grid)
     )
     ties = (
         "the lowest of equals"
-        if "lowest" in leiden.get("best_resolution_by", clustering.BEST_BY)
+        if "lowest" in leiden.get("best_resolution_by", "")
         else "of equals the one nearest 1 (biomask until late on 2026-12-07)"
     )
     return (
@@ -1160,7 +1161,11 @@ def _embedded_by(h5ad: str, report_dir: Path, key: str) -> str:
     import anndata
 
     try:
-        record = dict(anndata.read_h5ad(h5ad, backed="r").uns.get(key, {}))
+        adata = anndata.read_h5ad(h5ad, backed="r")
+        try:
+            record = dict(adata.uns.get(key, {}))
+        finally:
+            adata.file.close()  # a report run in a notebook kept the file open for reading otherwise
     except (OSError, ValueError, KeyError):
         return ""
     if not record.get("checkpoint"):
