@@ -234,3 +234,9 @@ time.sleep(60)
         for _ in range(50):
             os.kill(pid, 0)
             time.sleep(0.1)
+    # recorded as far as it went, so `pipeline status` shows this run, not the one before
+    recorded = json.loads((tmp_path / "run" / "local-run.json").read_text())
+    assert [(r["status"], r["detail"]) for r in recorded["results"]] == [
+        ("failed", "killed: Ctrl-C twice"),
+        ("not run", "stopped now (Ctrl-C twice)"),
+    ]

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,37 +249,56 @@ def _run_selected(
         if not result.ok:
             failed.setdefault(name, result.status)
 
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        running: dict[Future[TaskResult], str] = {}
-        while pending or running:
-            for name, task in list(pending):
-                needs = plan.stages[name].needs
-                blocked = [n for n in needs if n in failed]
-                if blocked or stages.stopped:
-                    pending.remove((name, task))
-                    finish(
-                        name,
-                        TaskResult(
+    running: dict[Future[TaskResult], str] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            while pending or running:
+                for name, task in list(pending):
+                    needs = plan.stages[name].needs
+                    blocked = [n for n in needs if n in failed]
+                    if blocked or stages.stopped:
+                        pending.remove((name, task))
+                        finish(
                             name,
-                            task.name,
-                            "not run",
-                            None,
-                            0.0,
-                            str(task.output),
-                            "",
-                            f"{blocked[0]} {failed[blocked[0]]}" if blocked else stages.why,
-                        ),
-                    )
-                elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
-                    pending.remove((name, task))
-                    stage = plan.stages[name]
-                    running[
-                        pool.submit(_run_task, plan, stage, task, echo=echo, threads=threads, stages=stages)
-                    ] = name
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finish(running.pop(future), future.result())
+                            TaskResult(
+                                name,
+                                task.name,
+                                "not run",
+                                None,
+                                0.0,
+                                str(task.output),
+                                "",
+                                f"{blocked[0]} {failed[blocked[0]]}" if blocked else stages.why,
+                            ),
+                        )
+                    elif len(running) < n_jobs and not any(remaining.get(n, 0) for n in needs):
+                        pending.remove((name, task))
+                        stage = plan.stages[name]
+                        running[
+                            pool.submit(
+                                _run_task, plan, stage, task, echo=echo, threads=threads, stages=stages
+                            )
+                        ] = name
+                if running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        finish(running.pop(future), future.result())
+    except KeyboardInterrupt:
+        # Ctrl-C twice (the stages still running were killed): recorded as far as it went, or
+        # `pipeline status` showed the run before this one
+        for future, name in running.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                ended = future.result()
+                # its SIGKILL was the runner's, not the out-of-memory killer's its exit code suggests
+                finish(name, ended if ended.ok else replace(ended, detail="killed: Ctrl-C twice"))
+        for name, task in order:
+            if (name, task.name) not in results:
+                results[(name, task.name)] = TaskResult(
+                    name, task.name, "not run", None, 0.0, str(task.output), "", "stopped now (Ctrl-C twice)"
+                )
+        with contextlib.suppress(OSError):  # the interruption is what the user must see
+            _record(plan, [results[(name, task.name)] for name, task in order])
+        raise
     ordered = [results[(name, task.name)] for name, task in order]
     _record(plan, ordered)
     return ordered
