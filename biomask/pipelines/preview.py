@@ -43,6 +43,7 @@ from biomask.pipelines.runs import check_input_files, check_run_dir, check_upstr
 from biomask.pipelines.tables import show, styled
 from biomask.provenance import read_run_info, written_by_biomask
 from biomask.relocation import RUN_DIR_ENV, Relocation, as_recorded, of_output, written_from
+from biomask.resources import restoring_env
 
 
 @dataclass
@@ -227,16 +228,9 @@ def _as_in_the_run(run_dir: Path, env: dict[str, str]) -> Iterator[None]:
     """The environment the pipeline gives its stages: its `env`, and the run folder named (a run folder
     moved since compares the paths inside it as the same, biomask.relocation, as the stage will)."""
     wanted = {**{str(k): str(v) for k, v in env.items()}, RUN_DIR_ENV: str(run_dir)}
-    saved = {key: os.environ.get(key) for key in wanted}
-    os.environ.update(wanted)
-    try:
+    with restoring_env(*wanted):
+        os.environ.update(wanted)
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager
