@@ -527,7 +527,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
                 errno.ENOTDIR, "a part of the path is a file, not a folder", str(path.parent)
             )
         raise EnvironmentIOError(f"cannot create {path}: " + describe_os_error(exc)) from None
-    old_mode = _protected_mode(path)
+    old_mode = protected_mode(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
@@ -541,7 +541,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _protected_mode(path: Path) -> int | None:
+def protected_mode(path: Path) -> int | None:
     """The permission bits of the file `path` names (None: none there), refusing one its permissions
     protect: a rename into a writable folder replaces a write-protected file (even another user's) as
     easily as any, so `chmod a-w` would not have kept biomask from replacing the user's data."""

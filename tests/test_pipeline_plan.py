@@ -1057,6 +1057,7 @@ def test_a_submission_that_does_not_finish_cancels_the_jobs_it_got_accepted(
     )
     code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
     assert code == 130 and "the jobs this submission had got accepted were cancelled (51)" in err, err
+    assert "sbatch was submitting" in err and "may have had it accepted" in err  # the one in flight
     assert (tmp_path / "cancelled").read_text() == "51\n"
     assert not (tmp_path / "run" / "jobs.json").exists()
     # every job accepted, then the record could not be written (a full disk): cancelled too
@@ -1072,6 +1073,18 @@ def test_a_submission_that_does_not_finish_cancels_the_jobs_it_got_accepted(
     code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
     assert code == 2 and "No space left on device" in err and "were cancelled (61, 62)" in err, err
     assert (tmp_path / "cancelled").read_text() == "61 62\n"
+    monkeypatch.undo()
+    # a record the permissions protect is refused before any job is submitted (and cancelled again)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert cli("-q", "pipeline", "submit", dna_pipeline)[0] == 0  # jobs 63, 64
+    (tmp_path / "run" / "jobs.json").chmod(0o444)
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\necho "slurm_load_jobs error: Invalid job id" >&2; exit 1\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    code, _, err = cli("-q", "pipeline", "submit", dna_pipeline)
+    assert code == 2 and "jobs.json is write-protected" in err, err
+    assert (tmp_path / "last").read_text() == "64\n"  # sbatch never asked
 
 
 def test_status_asks_a_controller_that_does_not_answer_once_not_once_per_job(tmp_path, monkeypatch, caplog):

@@ -192,6 +192,13 @@ def test_one_sigint_delivered_twice_is_one_interruption_and_a_later_one_stops_no
     assert stages.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         stages.stop(signal.SIGINT, None)  # seconds later: the user's second Ctrl-C
+    # after a SIGTERM (kill, a scheduler) a Ctrl-C stops now too: it said "Ctrl-C again to stop
+    # now" each time and went on waiting
+    clock = iter([200.0, 200.01])
+    stages = local._Stages()
+    stages.stop(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        stages.stop(signal.SIGINT, None)
 
 
 @pytest.mark.timeout(120)

@@ -121,8 +121,10 @@ class _Stages:
             self._running.pop(proc, None)
 
     def stop(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            if time.monotonic() - self._first_at < SAME_INTERRUPTION_S:
+        # a Ctrl-C after any stop stops now (after a SIGTERM each Ctrl-C said "Ctrl-C again to stop
+        # now", and did not)
+        if signum == signal.SIGINT and self.signal is not None:
+            if self.signal == signal.SIGINT and time.monotonic() - self._first_at < SAME_INTERRUPTION_S:
                 return  # one SIGINT sent to the runner and to its process group (`timeout -s INT`)
             # Ctrl-C twice: stop now. The stages got it twice too; one still running is deaf to it
             # (stuck in C code): killed, or the runner waited for it anyway (reading its output),

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from biomask.cells.kernels import environment_for_jobs
-from biomask.errors import InputError
-from biomask.outputs import atomic_file, atomic_write_text
+from biomask.errors import BiomaskError, InputError
+from biomask.outputs import atomic_file, atomic_write_text, protected_mode
 from biomask.pipelines.plan import Plan, PlannedStage
 from biomask.pipelines.runs import check_run_dir, check_upstream_outputs, resolved_text
 from biomask.pipelines.sbatch import JobScript, render
@@ -179,6 +179,9 @@ def submit(
     check_time_limits(plan, selected)
     check_upstream_outputs(plan, selected)
     check_run_dir(plan)
+    for record_file in (plan.run_dir / "jobs.json", plan.run_dir / "pipeline.yaml"):
+        # refused now, not once every job was accepted and had to be cancelled again
+        protected_mode(record_file)
     if before is not None:
         before(selected)
     jobs = {n: job_script(plan, plan.stages[n], overwrite=overwrite) for n in selected}
@@ -187,7 +190,8 @@ def submit(
     # the scripts (and pipeline.yaml, jobs.json) of an earlier submission are replaced only once every
     # job of this one was accepted
     # the guard spans the record too: jobs accepted but written nowhere ran unseen (a full disk)
-    with _cancelled_unless_recorded(submitted):
+    sending: dict[str, str] = {}  # the job sbatch is submitting now: it may be accepted if stopped
+    with _cancelled_unless_recorded(submitted, sending):
         with _staged(plan, jobs) as staged:
             for name in selected:
                 stage = plan.stages[name]
@@ -196,6 +200,7 @@ def submit(
                 argv = [sbatch, "--parsable"]
                 if upstream:
                     argv.append("--dependency=afterok:" + ":".join(upstream))
+                sending["job"] = jobs[name].job_name
                 try:
                     result = subprocess.run(
                         [*argv, str(tmp)],
@@ -232,6 +237,7 @@ def submit(
                     "after": upstream,
                     "sbatch": [*argv, str(final)],  # as submitted by hand, from the script kept
                 }
+                sending.clear()
         # --only / --from: the stages left out keep their earlier jobs in the record (and in status)
         earlier = _earlier_stages(plan.run_dir, plan, set(submitted))
         record = {
@@ -368,24 +374,35 @@ SBATCH_TIMEOUT = 120.0
 
 
 @contextlib.contextmanager
-def _cancelled_unless_recorded(submitted: dict[str, dict[str, Any]]) -> Iterator[None]:
+def _cancelled_unless_recorded(
+    submitted: dict[str, dict[str, Any]], sending: dict[str, str]
+) -> Iterator[None]:
     """The jobs a submission got accepted are cancelled when it does not finish (sbatch refused or
-    did not answer, Ctrl-C, SIGTERM): no jobs.json records them, so they ran unseen by `pipeline
-    status`, and the next submission queued the same stages again beside them."""
+    did not answer, Ctrl-C, SIGTERM, a record that could not be written): no jobs.json records them,
+    so they ran unseen by `pipeline status`, and the next submission queued the same stages again
+    beside them. A job sbatch was sending when it stopped may have been accepted: it is named."""
     try:
         yield
     except BaseException as exc:
         ids = [job["job_id"] for job in submitted.values()]
-        if not ids:
+        said = []
+        if ids:
+            said.append(
+                f"the jobs this submission had got accepted were cancelled ({', '.join(ids)})"
+                if _cancel(ids)
+                else f"scancel could not cancel the jobs this submission had got accepted: scancel {' '.join(ids)}"
+            )
+        if sending and not isinstance(exc, InputError):  # an InputError of sbatch's says it already
+            said.append(
+                f"sbatch was submitting {sending['job']} when it stopped and may have had it accepted: look "
+                "for it (`squeue --me`) and scancel it"
+            )
+        if not said:
             raise
-        said = (
-            f"the jobs this submission had got accepted were cancelled ({', '.join(ids)})"
-            if _cancel(ids)
-            else f"scancel could not cancel the jobs this submission had got accepted: scancel {' '.join(ids)}"
-        )
-        if isinstance(exc, InputError):  # its message is the one the user reads: the outcome goes in it
-            raise InputError(f"{exc}\n{said}") from exc
-        log.warning("the submission did not finish: %s", said)
+        if isinstance(exc, BiomaskError):  # its message is the one the user reads: the outcome goes in it
+            exc.args = (f"{exc}\n{'; '.join(said)}", *exc.args[1:])
+            raise
+        log.warning("the submission did not finish: %s", "; ".join(said))
         raise
 
 
