@@ -457,6 +457,14 @@ def test_a_sparsely_coding_genome_gives_every_coding_class(tmp_path, gene, every
     assert counts["coding"] > 100
 
 
+def _trans_spliced_cds():
+    """SYNTHETIC: a CDS of two parts on opposite strands (8,000-8,900 forward, 10,000-10,900 reverse)."""
+    from Bio.SeqFeature import CompoundLocation, FeatureLocation, SeqFeature
+
+    parts = [FeatureLocation(8_000, 8_900, strand=1), FeatureLocation(10_000, 10_900, strand=-1)]
+    return SeqFeature(CompoundLocation(parts), type="CDS")
+
+
 def _starts_and_coding_rows(path, length: int, features: list) -> tuple[list[str], list[dict]]:
     """A SYNTHETIC genome of these features: its `start` windows' sources (centred, 100 bases) and its
     coding-task rows over 10 seeds."""
@@ -473,7 +481,7 @@ def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp
     writes it) was a gene; a 5'-partial CDS (<start) gave a `start` window with no start codon
     annotated there; a CDS with parts on both strands (trans-spliced) was dropped whole, its bases
     labelled noncoding."""
-    from Bio.SeqFeature import BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
+    from Bio.SeqFeature import BeforePosition, FeatureLocation, SeqFeature
 
     features = [
         SeqFeature(FeatureLocation(2_000, 2_900, strand=1), type="CDS"),  # a plain gene
@@ -481,12 +489,7 @@ def test_pseudogenes_partial_and_trans_spliced_cds_are_labelled_as_annotated(tmp
             FeatureLocation(4_000, 4_900, strand=1), type="CDS", qualifiers={"pseudogene": ["unprocessed"]}
         ),
         SeqFeature(FeatureLocation(BeforePosition(6_000), 6_900, strand=1), type="CDS"),
-        SeqFeature(
-            CompoundLocation(
-                [FeatureLocation(8_000, 8_900, strand=1), FeatureLocation(10_000, 10_900, strand=-1)]
-            ),
-            type="CDS",
-        ),
+        _trans_spliced_cds(),
     ]
     starts, rows = _starts_and_coding_rows(tmp_path / "odd.gbk", 13_000, features)
     assert starts == ["syn:1951-2050(+)"]
@@ -539,17 +542,12 @@ def test_sparse_genomes_rows_are_what_they_say(tmp_path, gene, every, cap):
 def test_reverse_strand_partial_cds_and_both_parts_of_a_trans_spliced_one(tmp_path):
     """SYNTHETIC: a 5'-partial CDS on the reverse strand (`>` on its end) gives no start window, a
     3'-partial one keeps its start; a trans-spliced CDS's parts are coding on their own strands."""
-    from Bio.SeqFeature import AfterPosition, BeforePosition, CompoundLocation, FeatureLocation, SeqFeature
+    from Bio.SeqFeature import AfterPosition, BeforePosition, FeatureLocation, SeqFeature
 
     features = [
         SeqFeature(FeatureLocation(2_000, AfterPosition(2_900), strand=-1), type="CDS"),  # 5'-partial on -
         SeqFeature(FeatureLocation(BeforePosition(4_000), 4_900, strand=-1), type="CDS"),  # 3'-partial on -
-        SeqFeature(
-            CompoundLocation(
-                [FeatureLocation(8_000, 8_900, strand=1), FeatureLocation(10_000, 10_900, strand=-1)]
-            ),
-            type="CDS",
-        ),
+        _trans_spliced_cds(),
     ]
     starts, rows = _starts_and_coding_rows(tmp_path / "odd.gbk", 13_000, features)
     assert starts == ["syn:4851-4950(-)"]
