@@ -582,7 +582,16 @@ def _dry_run_folder(tmp: Path, name: str) -> typing.Iterator[Path]:
         return
     try:
         with contextlib.suppress(OSError):  # where flock is refused, as before
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held while the other prints (a pager not read on holds it on)
+                log.warning(
+                    "waiting for another `biomask pipeline submit --dry-run` of %s to finish printing "
+                    "its scripts (it holds %s)",
+                    name,
+                    tmp / f"{folder.name}.lock",
+                )
+                fcntl.flock(lock, fcntl.LOCK_EX)
         if folder.is_dir() and not folder.is_symlink() and (folder / _DRY_RUN_MARK).is_file():
             shutil.rmtree(folder)
         try:

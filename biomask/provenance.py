@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -64,14 +65,31 @@ def strict_json(obj: Any) -> str:
 # biomask killed meanwhile (a test, a scheduler) left the lock for them to remove by hand. The variable,
 # not the option `--no-optional-locks`, which git before 2.15 (RHEL 7's 1.8) refuses: no commit was
 # recorded there.
+#
+# In a session of its own, killed whole at the time limit: a hung git's children (an fsmonitor
+# daemon, a credential helper, a hook) held its pipes, so the limit waited on them for ever, and
+# killing git alone left them running after biomask.
 def _git(repo: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args],
-        capture_output=True,
+    argv = ["git", "-C", str(repo), *args]
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
         text=True,
-        timeout=timeout,
+        encoding="utf-8",
+        errors="replace",
         env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-    )
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()  # not its pipes: a child that left the session may hold them
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 @functools.lru_cache(maxsize=1)

@@ -673,6 +673,36 @@ def test_recording_the_code_version_never_takes_gits_index_lock(tmp_path, monkey
     assert all(line.startswith("locks=0 ") for line in lines), lines
 
 
+def test_a_hung_git_is_stopped_with_its_children_at_the_time_limit(tmp_path, monkeypatch):
+    """A git that never answers (a hook, an fsmonitor or a credential helper waiting) is given up at
+    the limit with what it started: its child held git's pipes, so the limit waited on it, and
+    killing git alone left the child running after biomask had gone on."""
+    import stat
+    import subprocess
+    import time
+
+    from biomask.provenance import _git
+
+    pidfile = tmp_path / "child.pid"
+    shim = tmp_path / "bin" / "git"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n", encoding="utf-8")
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{shim.parent}:{os.environ['PATH']}")
+    began = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        _git(tmp_path, "status", timeout=1)
+    assert time.monotonic() - began < 30
+    child = int(pidfile.read_text(encoding="utf-8"))
+    for _ in range(50):  # reaped by init once killed
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("git's child was left running")
+
+
 def test_every_tracker_is_closed_when_one_fails_to(tmp_path):
     """An experiment tracker failing to close (a dead network at W&B's finish) left the trackers after
     it open and the first error lost; each is closed, then the first error is raised."""

@@ -870,7 +870,7 @@ def test_an_override_of_one_stage_leaves_the_stages_that_share_its_anchor(tmp_pa
     assert "split.seed=1" in plan.stages["b"].tasks[0].overrides
 
 
-def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(tmp_path):
+def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(tmp_path, caplog):
     """`pipeline submit --dry-run` made a new /tmp folder each time (hundreds piled up)."""
     from biomask.cli import _dry_run_folder
 
@@ -885,6 +885,7 @@ def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(t
         assert other != theirs and (theirs / "notes.txt").read_text() == "not biomask's"
     # two at once: the second waits until the first has printed its scripts (it emptied the folder
     # under the first mid-render, a traceback or another run's scripts shown as its own)
+    import logging
     import threading
     import time
 
@@ -894,14 +895,17 @@ def test_a_dry_run_replaces_its_own_scripts_and_never_a_folder_it_did_not_make(t
         with _dry_run_folder(tmp_path, "dna prep") as folder:
             order.append(("second", sorted(p.name for p in folder.iterdir())))
 
-    with _dry_run_folder(tmp_path, "dna prep") as folder:
-        (folder / "prep.sbatch").write_text("the first's")
-        waiting = threading.Thread(target=second)
-        waiting.start()
-        time.sleep(0.3)
-        order.append(("first", (folder / "prep.sbatch").read_text()))
-    waiting.join()
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        with _dry_run_folder(tmp_path, "dna prep") as folder:
+            (folder / "prep.sbatch").write_text("the first's")
+            waiting = threading.Thread(target=second)
+            waiting.start()
+            time.sleep(0.3)
+            order.append(("first", (folder / "prep.sbatch").read_text()))
+        waiting.join()
     assert order == [("first", "the first's"), ("second", [".biomask-dry-run"])]
+    # and says why it waits (the first may sit in a pager nobody reads on)
+    assert "waiting for another `biomask pipeline submit --dry-run` of dna prep" in caplog.text
     # a link planted at the lock's name (another user, a shared /tmp) is never followed: the dry run
     # gets a folder of its own and the link's target is not created
     lock = tmp_path / f"biomask-dry-run-{os.getuid()}-planted.lock"
