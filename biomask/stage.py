@@ -106,6 +106,9 @@ class StageOutput:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     # Config keys that do not change results (paths, parallelism) and so do not enter the fingerprint.
     non_semantic: Sequence[str] = ("output", "num_workers")
+    # the stage's start, for run.json's wall_seconds: stages do their work before `writing` (an
+    # evaluation fits every model first), so a clock started there recorded 0.0 s for minutes of work
+    began: Began = field(default_factory=Began.now, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -238,7 +241,7 @@ class StageOutput:
     ) -> Iterator[Path]:
         """A temporary directory that becomes the output, with config.yaml and run.json, on success."""
         assert isinstance(self.path, Path)
-        started = Began.now()
+        started = self.began
         with atomic_output_dir(self.path) as tmp:
             yield tmp
             write_config(self.config, tmp)

@@ -155,8 +155,90 @@ def test_genes_of_another_species_are_named_as_such_not_as_a_column_to_set(fitte
     # identifiers that differ otherwise keep the hint they had
     other = adata.copy()
     other.var_names = [f"ENSG{i:011d}" for i in range(other.n_vars)]
-    with pytest.raises(InputError, match="the identifiers differ -- set gene_column="):
+    with pytest.raises(InputError, match="the identifiers differ, and no var column matches"):
         biomask.embed(other, checkpoint)
+
+
+def test_genes_are_read_from_the_var_column_that_names_them_in_embed_prep_and_fit_cells(
+    fitted, tmp_path, cli
+):
+    """CELLxGENE files keep Ensembl IDs in the index and symbols in `feature_name`. One whose index
+    still held a few symbols was embedded from those few (exit 0, a warning that never named the
+    column matching every gene); prep cells against the frozen vocabulary and fit_cells(init_from=)
+    refused the file biomask.embed took, with a hint (strip_version) that could not help."""
+    import json
+
+    import biomask
+
+    adata, out, checkpoint = fitted
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    cellxgene = adata.copy()
+    cellxgene.var = pd.DataFrame(
+        {"feature_name": pd.Categorical(adata.var_names)}, index=list(adata.var_names[:3]) + ids[3:]
+    )
+    reference = biomask.embed(adata, checkpoint, copy=True)
+    got = biomask.embed(cellxgene, checkpoint, copy=True)
+    assert got.uns["X_biomask"]["gene_id_column"] == "feature_name"
+    np.testing.assert_array_equal(got.obsm["X_biomask"], reference.obsm["X_biomask"])
+    path = tmp_path / "cellxgene.h5ad"
+    cellxgene.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [{"path": str(path)}],
+                "output": str(tmp_path / "store"),
+                "qc": {"min_genes": 0},
+                "tokenizer": {"scheme": "panel", "path": str(out / "store")},
+            }
+        )
+    )
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert (
+        code == 0
+        and "the var index matches 3 of the" in err
+        and "matched on var column 'feature_name'" in err
+    ), err
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text(encoding="utf-8"))
+    (found,) = manifest["coverage"].values()
+    assert found["gene_column"] == "feature_name" and found["fraction_of_vocab_present"] == 1.0
+    continued = cellxgene.copy()
+    biomask.fit_cells(continued, tmp_path / "continued", init_from=checkpoint, overrides=STEPS)
+    assert continued.uns["X_biomask"]["gene_id_column"] == "feature_name"
+    assert continued.uns["X_biomask"]["gene_coverage"]["fraction_of_vocab_present"] == 1.0
+
+
+def test_strip_version_matches_a_checkpoint_of_versioned_ensembl_ids_across_releases(fitted, tmp_path):
+    """A model trained on a GENCODE file (ENSG….12) and cells of another release (ENSG….13): the
+    message said strip_version=True, which stripped the data's suffixes only and failed again; no
+    setting matched them. Now versions are dropped on both sides, and the hint is checked: it names
+    strip_version only where that matches, and the column where another holds the identifiers."""
+    import biomask
+
+    adata = synthetic_cells()
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    release12, release13 = adata.copy(), adata.copy()
+    release12.var_names = [f"{g}.12" for g in ids]
+    release13.var_names = [f"{g}.13" for g in ids]
+    checkpoint = biomask.fit_cells(release12, tmp_path / "fit", overrides=STEPS)
+    with pytest.raises(
+        InputError,
+        match=r"the identifiers differ -- set strip_version=True: \d+ of the \d+ vocabulary genes match then",
+    ):
+        biomask.embed(release13, checkpoint)
+    got = biomask.embed(release13, checkpoint, strip_version=True, copy=True)
+    reference = biomask.embed(release12, checkpoint, copy=True)
+    np.testing.assert_array_equal(got.obsm["X_biomask"], reference.obsm["X_biomask"])
+    # symbols in the index, versioned IDs in a column: both settings named
+    symbols = adata.copy()
+    symbols.var["gene_ids"] = list(release13.var_names)
+    with pytest.raises(InputError, match=r"set gene_column= to 'gene_ids' and strip_version=True"):
+        biomask.embed(symbols, checkpoint)
+    # against a vocabulary of symbols neither helps, and neither is named
+    _, _, symbols_checkpoint = fitted
+    with pytest.raises(InputError) as err:
+        biomask.embed(release13, symbols_checkpoint)
+    assert "no var column matches" in str(err.value) and "strip_version" not in str(err.value)
 
 
 def test_qc_that_drops_most_cells_warns_naming_the_thresholds(tmp_path, cli):

@@ -599,6 +599,27 @@ def test_an_output_named_by_a_link_is_written_into_the_folder_it_points_at(tmp_p
     assert sorted(p.name for p in work.iterdir()) == ["eval", "fresh", "prep", "pretrain"]
 
 
+def test_a_stages_duration_counts_the_work_done_before_it_writes(tmp_path):
+    """`biomask evaluate` fits every model, then writes its folder: run.json's wall_seconds timed the
+    writing alone (0.0 s for a nine-minute evaluation), so no figure of how long a stage took could
+    be checked against its run folder. The clock starts when the stage resolves its output."""
+    import json
+    import time
+
+    from biomask.config import Config
+    from biomask.stage import StageOutput
+
+    class Tiny(Config):
+        n: int = 1
+
+    stage = StageOutput("evaluate", Tiny(), tmp_path / "out")
+    time.sleep(1.2)  # the fitting
+    with stage.writing() as tmp:
+        (tmp / "metrics.json").write_text("{}", encoding="utf-8")
+    run = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+    assert 1.2 <= run["wall_seconds"] < 60, run
+
+
 def test_a_clock_stepped_back_during_a_stage_gives_no_negative_duration(tmp_path):
     """A stage's duration was its wall-clock start subtracted from its end: an NTP step or a VM
     restored mid-run gave run.json `wall_seconds: -7195.5`. Measured on a monotonic clock now; the

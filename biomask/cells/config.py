@@ -81,9 +81,13 @@ class CountsConfig(Config):
 
 
 class GenesConfig(Config):
-    # var column holding the gene identifiers (e.g. gene_ids for Ensembl IDs); null: the var index.
+    # var column holding the gene identifiers (e.g. gene_ids for Ensembl IDs); null: the var index
+    # (with a frozen tokenizer.path it covers less than tokenizer.min_coverage of: the var column that
+    # covers the most, said in the log)
     column: str | None = None
-    strip_version: bool = False  # ENSG00000141510.17 -> ENSG00000141510 (match across annotations)
+    # ENSG00000141510.17 -> ENSG00000141510 (match across annotations; a frozen vocabulary's versioned
+    # IDs match on the unversioned part too)
+    strip_version: bool = False
     # Several columns with the same gene: sum their counts (one token), keep the first, or refuse.
     duplicates: Literal["sum", "first", "error"] = "sum"
 

@@ -33,12 +33,13 @@ from biomask.cells.genes import (
     case_only_hint,
     cells_named_as_genes,
     check_orientation,
-    coverage,
-    gene_names,
+    identifier_hint,
     made_unique_note,
+    match_genes,
     other_case_hint,
     percent,
     remap_columns,
+    where_genes,
 )
 from biomask.cells.qc import row_sums
 from biomask.cells.readers import MatrixSource
@@ -136,33 +137,6 @@ class CellEncoder:
         self.duplicates = duplicates
         self.min_coverage = min_coverage
 
-    def _other_column(
-        self, source: MatrixSource, column: str | None, names: np.ndarray, found: dict[str, Any]
-    ) -> tuple[str | None, np.ndarray, dict[str, Any]]:
-        """genes.column auto, where the column it reads matches no vocabulary gene: the var column
-        that matches most (10x files keep symbols in the index and Ensembl IDs in gene_ids, and a
-        model may have been trained on either), said in the log; else what was read."""
-        best = (column, names, found)
-        for other in source.var.columns:
-            if other == column or not (
-                source.var[other].dtype == object or isinstance(source.var[other].dtype, pd.CategoricalDtype)
-            ):
-                continue
-            candidate = gene_names(source, other, self.strip_version)
-            matched = coverage(self.prep.vocab, candidate)
-            if matched["dataset_genes_in_vocab"] > best[2]["dataset_genes_in_vocab"]:
-                best = (other, candidate, matched)
-        if best[0] != column:
-            log.warning(
-                "%s: the %s matches none of the checkpoint's genes; matched on var column %r instead "
-                "(%d genes; set genes.column to choose)",
-                source.where,
-                f"var column {column!r}" if column else "var index",
-                best[0],
-                best[2]["dataset_genes_in_vocab"],
-            )
-        return best
-
     def open(self, source: MatrixSource, block_size: int = 8192) -> OpenedMatrix:
         """Check the matrix against the vocabulary and the counts policy, before any long pass."""
         column = self.gene_column
@@ -170,27 +144,35 @@ class CellEncoder:
             wanted = self.prep.vocab.gene_id_column
             column = wanted if wanted is not None and wanted in source.var.columns else None
         check_orientation(source)
-        names = gene_names(source, column, self.strip_version)
-        found = coverage(self.prep.vocab, names)
-        if found["dataset_genes_in_vocab"] == 0 and self.gene_column is True:
-            column, names, found = self._other_column(source, column, names, found)
+        vocab = self.prep.vocab
+        match = match_genes(
+            source,
+            vocab,
+            column,
+            self.strip_version,
+            search=self.gene_column is True,
+            min_coverage=self.min_coverage,
+        )
+        column, names, found = match.column, match.names, match.found
         space = GeneSpace()
         targets, _ = space.add(source, names, self.duplicates)
-        vocab = self.prep.vocab
+        hint = (
+            identifier_hint(source, vocab, match, self.strip_version)
+            if found["fraction_of_vocab_present"] < self.min_coverage
+            else None
+        )
         if found["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(names[names != ""])[:3])
             what = (
                 cells_named_as_genes(source, vocab.genes)
                 or other_case_hint(names, vocab.genes)
                 or (
-                    f"the identifiers differ -- set genes.column (read now: {column or 'the var index'}; var "
-                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'})"
-                    # version suffixes matter only between Ensembl IDs (ENSG00000141510.16 ~ ENSG00000141510)
-                    + (
-                        " or genes.strip_version"
-                        if _ensembl(vocab.genes) and _ensembl(names, versioned=True)
-                        else ""
-                    )
+                    f"the identifiers differ -- {hint}"
+                    if hint
+                    else f"the identifiers differ, and no var column matches (read: {where_genes(column)}; var "
+                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'}): rename the genes to the "
+                    "vocabulary's identifiers (or name a var column that holds them with genes.column), or "
+                    "train a model on these cells"
                 )
             )
             raise InputError(
@@ -220,7 +202,11 @@ class CellEncoder:
                 100 * self.min_coverage,
                 "unmeasured" if self.scheme.complete_profile else "not expressed",
                 dataset_side,
-                f". {species[0].upper()}{species[1:]}" if species else "",
+                f". {species[0].upper()}{species[1:]}"
+                if species
+                else f". To match more, {hint}"
+                if hint
+                else "",
             )
         else:
             log.info(
@@ -277,9 +263,3 @@ class CellEncoder:
         for start, raw in opened.source.blocks(block_size):
             records, stats = self.encode(opened, start, raw)
             yield start, records, stats
-
-
-def _ensembl(names, *, versioned: bool = False) -> bool:
-    """Whether gene identifiers look like Ensembl IDs (ENSG…, ENSMUSG…), with a version suffix if asked."""
-    sample = [str(n) for n in list(names[:200]) if str(n)]
-    return bool(sample) and all(n.startswith("ENS") and (not versioned or "." in n) for n in sample[:50])

@@ -178,6 +178,123 @@ def gene_names(source: MatrixSource, column: str | None, strip_version: bool = F
     return names
 
 
+# --------------------------------------------------------------------------- matching to a vocabulary
+
+
+@dataclass
+class GeneMatch:
+    """A dataset's gene identifiers as read to match a vocabulary, and how much they match."""
+
+    column: str | None  # the var column read (None: the var index)
+    names: np.ndarray
+    found: dict[str, Any]  # `coverage`
+
+
+def _identifier_columns(source: MatrixSource) -> list[str]:
+    return [
+        str(c)
+        for c in source.var.columns
+        if source.var[c].dtype == object
+        or isinstance(source.var[c].dtype, (pd.CategoricalDtype, pd.StringDtype))
+    ]
+
+
+def _vocabulary_versions(names: np.ndarray, vocabulary: list[str]) -> np.ndarray:
+    """strip_version against a vocabulary of versioned Ensembl IDs (a checkpoint trained on a GENCODE
+    file): each name takes the vocabulary's version of its gene, so one annotation release matches
+    another. Stripping the data's suffixes alone never could (ENSG….13 and ENSG….12 both became
+    ENSG…, in no vocabulary)."""
+    versions: dict[str, list[str]] = {}
+    for gene in vocabulary:
+        if m := _ENSEMBL_VERSION.match(gene):
+            versions.setdefault(m.group(1), []).append(gene)
+    if not versions:
+        return names
+    single = {base: genes[0] for base, genes in versions.items() if len(genes) == 1}
+    return np.array([single.get(n, n) for n in names], dtype=object)
+
+
+def read_matched(
+    source: MatrixSource, vocab: GeneVocabulary, column: str | None, strip_version: bool
+) -> GeneMatch:
+    """The identifiers of var `column` (None: the index) as they meet `vocab`."""
+    names = gene_names(source, column, strip_version)
+    if strip_version:
+        names = _vocabulary_versions(names, vocab.genes)
+    return GeneMatch(column, names, coverage(vocab, names))
+
+
+def where_genes(column: str | None) -> str:
+    return f"var column {column!r}" if column is not None else "the var index"
+
+
+def match_genes(
+    source: MatrixSource,
+    vocab: GeneVocabulary,
+    column: str | None,
+    strip_version: bool,
+    *,
+    search: bool,
+    min_coverage: float,
+) -> GeneMatch:
+    """The identifiers of `column`; with `search`, where they cover less than `min_coverage` of the
+    vocabulary, those of the var column (or index) that covers the most, said in the log. 10x files
+    keep symbols in the index and Ensembl IDs in gene_ids, CELLxGENE's the reverse, and a model may
+    have been trained on either: a file matching 5 of 765 genes by its index was embedded from those
+    5, with a warning that never named the column matching all 765."""
+    match = read_matched(source, vocab, column, strip_version)
+    if not search or match.found["fraction_of_vocab_present"] >= min_coverage:
+        return match
+    best = match
+    for other in [None, *_identifier_columns(source)]:
+        if other == column:
+            continue
+        candidate = read_matched(source, vocab, other, strip_version)
+        if candidate.found["vocab_genes_present"] > best.found["vocab_genes_present"]:
+            best = candidate
+    if best is not match:
+        log.warning(
+            "%s: %s matches %d of the %d vocabulary genes; matched on %s instead (%d genes; set "
+            "genes.column to choose)",
+            source.where,
+            where_genes(column),
+            match.found["vocab_genes_present"],
+            match.found["vocab_genes"],
+            where_genes(best.column),
+            best.found["vocab_genes_present"],
+        )
+    return best
+
+
+def identifier_hint(
+    source: MatrixSource, vocab: GeneVocabulary, match: GeneMatch, strip_version: bool
+) -> str | None:
+    """The identifier setting that matches the vocabulary best, where one matches more genes than
+    `match` does: the var column (or index), with or without Ensembl version suffixes. Checked, not
+    guessed: the hint named genes.strip_version where it could not help (a vocabulary of symbols)."""
+    best = (match.found["vocab_genes_present"], match.column, strip_version)
+    for other in [None, *_identifier_columns(source)]:
+        for strip in dict.fromkeys((strip_version, True)):
+            if (other, strip) == (match.column, strip_version):
+                continue
+            present = read_matched(source, vocab, other, strip).found["vocab_genes_present"]
+            if present > best[0]:
+                best = (present, other, strip)
+    present, column, strip = best
+    if present == match.found["vocab_genes_present"]:
+        return None
+    settings = []
+    if column != match.column:
+        settings.append(
+            f"genes.column to {column!r}" if column is not None else "genes.column to null (the var index)"
+        )
+    if strip != strip_version:
+        settings.append("genes.strip_version")
+    return (
+        f"set {' and '.join(settings)}: {present:,} of the {len(vocab.genes):,} vocabulary genes match then"
+    )
+
+
 @dataclass
 class ColumnMap:
     """Where each input column goes in a target space (-1: nowhere), and how the mapping behaves."""

@@ -34,6 +34,7 @@ from biomask.cells.config import CellsPrepConfig, InputSpec, TokenizerConfig
 from biomask.cells.counts import CountConverter, ValueSummary, check_policy, detect
 from biomask.cells.genes import (
     ColumnMap,
+    GeneMatch,
     GeneSpace,
     GeneVocabulary,
     case_only_hint,
@@ -41,10 +42,13 @@ from biomask.cells.genes import (
     check_orientation,
     coverage,
     gene_names,
+    identifier_hint,
     made_unique_note,
+    match_genes,
     other_case_hint,
     percent,
     remap_columns,
+    where_genes,
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.protein_gates import protein_labels
@@ -99,6 +103,7 @@ class CellInput:
     batches: np.ndarray | None = None  # batch_column's value per cell, as text
     token_map: ColumnMap | None = None
     coverage: dict[str, Any] = field(default_factory=dict)
+    gene_column: str | None = None  # the var column its identifiers were read from (None: the index)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -122,8 +127,12 @@ class CellInput:
 # --------------------------------------------------------------------------------------------- open
 
 
-def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
-    """Open every input and register its genes in `space` (closing what was opened if one fails)."""
+def open_inputs(
+    cfg: CellsPrepConfig, space: GeneSpace, frozen: GeneVocabulary | None = None
+) -> list[CellInput]:
+    """Open every input and register its genes in `space` (closing what was opened if one fails).
+    Against a `frozen` vocabulary with genes.column null, an input whose var index covers less than
+    tokenizer.min_coverage of it is read by the var column that covers the most (as embed does)."""
     inputs: list[CellInput] = []
     offset = 0
     try:
@@ -131,12 +140,27 @@ def open_inputs(cfg: CellsPrepConfig, space: GeneSpace) -> list[CellInput]:
             source = open_matrix(path, fmt, spec.matrix, name=name)
             try:
                 check_orientation(source)
-                names = gene_names(source, cfg.genes.column, cfg.genes.strip_version)
+                if frozen is None:
+                    column, names = (
+                        cfg.genes.column,
+                        gene_names(source, cfg.genes.column, cfg.genes.strip_version),
+                    )
+                else:
+                    match = match_genes(
+                        source,
+                        frozen,
+                        cfg.genes.column,
+                        cfg.genes.strip_version,
+                        search=cfg.genes.column is None,
+                        min_coverage=cfg.tokenizer.min_coverage,
+                    )
+                    column, names = match.column, match.names
                 targets, stats = space.add(source, names, cfg.genes.duplicates)
             except BaseException:
                 source.close()
                 raise
             inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
+            inputs[-1].gene_column = column
             offset += source.n_obs
     except BaseException:
         close_inputs(inputs)
@@ -395,6 +419,18 @@ def check_coverage(
         inp.coverage = coverage(vocab, inp.names)
         if not frozen:
             continue
+        if inp.gene_column != cfg.genes.column:  # chosen by the search: recorded with the counts
+            inp.coverage["gene_column"] = inp.gene_column if inp.gene_column is not None else "var index"
+        hint = (
+            identifier_hint(
+                inp.source,
+                vocab,
+                GeneMatch(inp.gene_column, inp.names, inp.coverage),
+                cfg.genes.strip_version,
+            )
+            if inp.coverage["fraction_of_vocab_present"] < cfg.tokenizer.min_coverage
+            else None
+        )
         share = inp.coverage["fraction_of_dataset_genes"]
         if inp.coverage["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(inp.names[inp.names != ""])[:3])
@@ -403,8 +439,12 @@ def check_coverage(
                 cells_named_as_genes(inp.source, vocab.genes)
                 or other_case_hint(inp.names, vocab.genes)
                 or (
-                    f"the identifiers differ -- check genes.column (symbols or Ensembl IDs; the vocabulary uses "
-                    f"{vocab.gene_id_column or 'the var index'}) and genes.strip_version"
+                    f"the identifiers differ -- {hint}"
+                    if hint
+                    else f"the identifiers differ, and no var column matches (read: {where_genes(inp.gene_column)}; "
+                    f"var columns: {', '.join(map(str, inp.source.var.columns)) or 'none'}): rename the genes to "
+                    "the vocabulary's identifiers (or name a var column that holds them with genes.column), or "
+                    "build a vocabulary from these cells (no tokenizer.path)"
                 )
             )
             raise InputError(
@@ -438,7 +478,11 @@ def check_coverage(
                 "unmeasured" if scheme_class(cfg.tokenizer.scheme).complete_profile else "not expressed",
                 ", ".join(missing[:10]),
                 dataset_side,
-                f". {species[0].upper()}{species[1:]}" if species else "",
+                f". {species[0].upper()}{species[1:]}"
+                if species
+                else f". To match more, {hint}"
+                if hint
+                else "",
             )
         else:
             log.info(
@@ -701,13 +745,13 @@ def _values_description(scheme: Scheme, cfg: CellsPrepConfig) -> str:
 def prep_cells(cfg: CellsPrepConfig, *, overwrite: bool = False) -> Path:
     """Run the single-cell prep stage; return the token store's directory (reused when already current)."""
     space = GeneSpace()
-    inputs = open_inputs(cfg, space)
+    frozen = load_frozen(cfg.tokenizer)
+    inputs = open_inputs(cfg, space, frozen)
     try:
         stage = stage_output(cfg, [with_origin(inp.describe()) for inp in inputs])
         if stage.is_current(overwrite=overwrite):
             TokenStore(cfg.output)  # reused only whole: a damaged store says so (and to use --overwrite)
             return Path(cfg.output)
-        frozen = load_frozen(cfg.tokenizer)
         if frozen is not None:
             check_coverage(cfg, inputs, frozen, frozen=True)  # zero overlap fails before reading values
         prepare_inputs(cfg, inputs)

@@ -21,7 +21,8 @@ class GenesSpec(Config):
     """How the input's genes are matched to the checkpoint's vocabulary."""
 
     # A var column with the identifiers; null: the var index; auto: the vocabulary's own identifier
-    # column when the file has it (e.g. gene_ids for Ensembl IDs), else the var index.
+    # column when the file has it (e.g. gene_ids for Ensembl IDs), else the var index; where that
+    # covers less than min_coverage of the vocabulary, the var column that covers the most.
     column: str | None = "auto"
     strip_version: bool = False  # ENSG00000141510.17 -> ENSG00000141510
     duplicates: Literal["sum", "first", "error"] = "sum"

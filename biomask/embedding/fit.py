@@ -391,6 +391,17 @@ def fit_cells(
         opened.close()
         if n_obs < MIN_CELLS:
             raise InputError(f"fit_cells: {source} has {n_obs} cells; at least {MIN_CELLS} are needed")
+    if in_memory and init is not None and gene_column is None:
+        # the copy prep reads holds the gene column only, so the search prep and embed make among
+        # the var columns is made here, on the user's AnnData
+        found = _matching_column(adata, prep_cfg, matrix)
+        if found is not None:
+            gene_column = found
+            prep_cfg = _prep_config(
+                source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=panel,
+                init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
+                memory=memory,
+            )  # fmt: skip
     if in_memory:
         _check_anndata(adata, prep_cfg, matrix, gene_column)
         if source.exists() and not _is_our_copy(source, store):
@@ -615,6 +626,28 @@ def _check_init_from(init: Path) -> None:
         )
     # weights, tokenizer and panel checked against their digests now, not after the prep they would waste
     load_pretrained(init)
+
+
+def _matching_column(adata: Any, prep_cfg: Any, matrix: str) -> str | None:
+    """With init_from and no gene_column: the var column whose identifiers the checkpoint's
+    vocabulary matches, where the var index covers less than min_coverage of it (None: the index),
+    chosen and said as `biomask.embed` does. An AnnData of Ensembl IDs with symbols in a column was
+    refused here and embedded by `biomask.embed`."""
+    from biomask.cells.genes import GeneVocabulary, check_orientation, match_genes
+    from biomask.cells.readers import from_anndata
+    from biomask.embedding.api import renamed_in_logs
+
+    source = from_anndata(adata, matrix, name="AnnData")
+    check_orientation(source)
+    with renamed_in_logs(fit_cells_names):
+        return match_genes(
+            source,
+            GeneVocabulary.load(prep_cfg.tokenizer.path),
+            None,
+            prep_cfg.genes.strip_version,
+            search=True,
+            min_coverage=prep_cfg.tokenizer.min_coverage,
+        ).column
 
 
 def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
