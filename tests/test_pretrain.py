@@ -1227,6 +1227,16 @@ def test_rank_environment_from_each_launcher():
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (5, 8, 1, "slurm")
     assert d.master_port == 15000 + 123456 % 20000
     assert expand_nodelist("gpu[07-08,10],login1") == ["gpu07", "gpu08", "gpu10", "login1"]
+    # several bracket groups in one name: every combination, in scontrol's order
+    assert expand_nodelist("rack[1-2]-n[01-02]") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]
+    assert expand_nodelist("n[01-02]x[1-2],cn-12-3") == ["n01x1", "n01x2", "n02x1", "n02x2", "cn-12-3"]
+    assert expand_nodelist("compute-1-[01-02],n[008-010]") == [
+        "compute-1-01",
+        "compute-1-02",
+        "n008",
+        "n009",
+        "n010",
+    ]
     assert d.master_addr == "gpu07"  # (scontrol, where installed, agrees)
     # rank variables inherited from the submitting shell do not override srun's
     stale = resolve_env({**env, "RANK": "0", "WORLD_SIZE": "1"})
@@ -1700,6 +1710,66 @@ def test_a_process_lost_mid_run_is_named_with_the_checkpoint_to_resume_from(geno
     assert proc.returncode != 0
     assert "pretrain (process 0 of 2): lost the other processes" in err, err[-3000:]
     assert "the last complete checkpoint is step" in err and "run the same command to resume" in err
+
+
+def test_a_peer_that_hangs_ends_the_run_after_deepspeed_timeout_minutes(genome_store, tmp_path):
+    """A process frozen mid-run (a node stopped, not dead: its sockets stay open) held the others
+    silently for torch's 30 minutes whatever deepspeed.timeout_minutes said: ZeRO's collectives run
+    on groups DeepSpeed makes, which took torch's default, not the world group's timeout."""
+    import contextlib
+    import signal as sig
+    import time
+
+    from biomask.training.distributed import free_port
+
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    cmd += ["-m", "biomask", "pretrain", "-c", str(CONFIG)]
+    cmd += overrides(genome_store, out, **{"train.steps": 100_000, "train.checkpoint_every": 2,
+                                           "deepspeed.stage": 2, "deepspeed.timeout_minutes": 0.25})  # fmt: skip
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "checkpoints").glob("step*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for child in Path("/proc").iterdir():
+            if child.name.isdigit():
+                try:
+                    environ = (child / "environ").read_bytes().split(b"\0")
+                    cmdline = (child / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"TORCHELASTIC_RUN_ID" in b"".join(environ) and str(out).encode() in cmdline:
+                    rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+                    if rank is not None:
+                        ranks[int(rank)] = int(child.name)
+        os.kill(ranks[1], sig.SIGSTOP)
+        frozen = time.monotonic()
+        while time.monotonic() - frozen < 150:  # 15 s configured; torch's default is 1,800
+            if (
+                not Path(f"/proc/{ranks[0]}").exists()
+                or Path(f"/proc/{ranks[0]}/stat").read_text().split()[2] == "Z"
+            ):
+                break
+            time.sleep(0.5)
+        waited = time.monotonic() - frozen
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig.SIGKILL)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert waited < 150, "process 0 still waited for the frozen process after 150 s"
+    assert "pretrain (process 0 of 2): lost the other processes" in err, err[-3000:]
+    assert (
+        "stopped answering for deepspeed.timeout_minutes (0.25)" in err
+        and "run the same command to resume" in err
+    )
 
 
 def test_deepspeed_stage_auto_and_the_stage_it_resolves_to_are_one_config(genome_store, tmp_path, cli):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from biomask.errors import SCHEDULER_SIGNALS, BiomaskError, InputError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the pipeline runner reads RANK_VARS from here
+    import datetime
+
     import torch
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -62,19 +65,33 @@ def free_port() -> int:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list ("gpu[01-03,07],login1") as host names, without scontrol."""
+    """SLURM's compressed host list ("gpu[01-03,07],login1", "rack[1-2]-n[01-02]") as host names, in
+    scontrol's order, without scontrol. A name of several bracket groups is every combination (it
+    was read as separate hosts, so "rack[1-2]-n[01-02]" started at a host named "rack1")."""
+    items, depth, current = [], 0, ""
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
     hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if not ranges:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-            else:
-                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    for item in filter(None, items):
+        choices: list[list[str]] = []
+        for part in re.split(r"(\[[^\]]*\])", item):
+            if part.startswith("[") and part.endswith("]"):
+                options: list[str] = []
+                for span in part[1:-1].split(","):
+                    lo, _, hi = span.partition("-")
+                    options.extend(
+                        [lo] if not hi else [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+                    )
+                choices.append(options)
+            elif part:
+                choices.append([part])
+        hosts.extend("".join(combination) for combination in itertools.product(*choices))
     return hosts
 
 
@@ -267,6 +284,22 @@ def _forget_destroyed_groups(deepspeed: Any, world_size: int = 1) -> None:
         groups._WORLD_GROUP = None
 
 
+def _groups_wait(timeout: datetime.timedelta) -> None:
+    """Every process group made from now on waits `timeout` for its peers, not only the world group.
+    ZeRO runs its collectives on groups DeepSpeed makes with torch's `new_group`, which takes torch's
+    own default (30 minutes) rather than the world group's: a peer that hung without dying (a node
+    stopped, a process frozen) held the others for 30 minutes, silently, whatever
+    deepspeed.timeout_minutes said. torch reads the default when a group is made. Only in a launched
+    process of several, which ends with its run."""
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, timeout)
+
+
 def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); once per process.
     `timeout_minutes`: how long a collective (and the start-up rendezvous) waits for the other
@@ -298,11 +331,14 @@ def init_process_group(dist_env: DistEnv, timeout_minutes: float = 30.0) -> None
         torch.distributed.init_process_group(
             "nccl" if cuda else "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
         )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if dist_env.world_size > 1:
+        _groups_wait(timeout)
     deepspeed.init_distributed(
         dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=False,
         verbose=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=timeout,
         rank=dist_env.rank,
         world_size=dist_env.world_size,
     )
