@@ -364,7 +364,8 @@ def label_strings(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         if np.all(np.isfinite(present)) and np.all(present == np.round(present)):
             values = np.array([None if m else str(int(v)) for v, m in zip(values, missing)], dtype=object)
     strings = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
-    missing |= np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
+    # not in place: pandas' copy-on-write (the default from pandas 3) hands out read-only arrays
+    missing = missing | np.array([v.strip().lower() in MISSING_LABELS for v in strings], dtype=bool)
     return strings, missing
 
 

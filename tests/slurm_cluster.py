@@ -1,5 +1,7 @@
-"""A real single-node SLURM cluster for tests: Debian's slurm-wlm and munge, started under a short /tmp
-directory, stopped by the PIDs it recorded. Facts it relies on: ../shared/reference/local-slurm.md.
+"""A real SLURM cluster for tests: Debian's slurm-wlm and munge, started under a short /tmp directory,
+stopped by the PIDs it recorded. Facts it relies on: ../shared/reference/local-slurm.md. Two nodes on
+this one host (two slurmd, each its own port and NodeHostname): the partitions every test uses hold
+the first, named as the host; `multi` holds both, for jobs across nodes.
 
     cluster = SlurmCluster.start()       # installs slurm-wlm + munge with apt-get when missing (root)
     os.environ.update(cluster.env)       # SLURM_CONF for sbatch / scontrol / squeue
@@ -78,8 +80,13 @@ def _memory_mb() -> int:
     return 4096
 
 
-def slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int) -> str:
-    """slurm.conf for one node on this host; every path under `root` (see local-slurm.md)."""
+SECOND_NODE = "{host}-b"  # the second node's name; its NodeHostname is localhost (one per slurmd)
+
+
+def slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int, second_port: int) -> str:
+    """slurm.conf for two nodes on this host; every path under `root` (see local-slurm.md). The first
+    node is named as the host, so a job across both finds its first host (MASTER_ADDR) by name."""
+    second = SECOND_NODE.format(host=host)
     return f"""\
 ClusterName=biomask-test
 SlurmctldHost={host}(127.0.0.1)
@@ -92,11 +99,11 @@ CredType=cred/munge
 # cred_expire=10 and the short scheduler intervals: a requeued job restarts in ~15 s instead of ~2 min.
 AuthInfo=socket={root}/run/munge.socket.2,cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 AccountingStorageType=accounting_storage/none
@@ -116,8 +123,11 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0
-NodeName={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={_memory_mb()} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 Port={slurmd_port} CPUs={NODE_CPUS} RealMemory={_memory_mb()} State=UNKNOWN
+NodeName={second} NodeHostname=localhost NodeAddr=127.0.0.1 Port={second_port} CPUs={NODE_CPUS} RealMemory={_memory_mb()} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+# jobs across nodes (nodes: 2): the second node serves no other partition
+PartitionName=multi Nodes={host},{second} MaxTime=INFINITE State=UP
 # a partition with a time limit: a stage asking for more is refused before sbatch
 PartitionName=short Nodes={host} MaxTime=00:10:00 State=UP
 """
@@ -169,7 +179,7 @@ class SlurmCluster:
         key = root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self.conf.write_text(slurm_conf(root, self.host, _free_port(), _free_port()))
+        self.conf.write_text(slurm_conf(root, self.host, _free_port(), _free_port(), _free_port()))
 
         munged = shutil.which("munged") or "/usr/sbin/munged"
         self._daemon(
@@ -188,7 +198,13 @@ class SlurmCluster:
         slurmctld = shutil.which("slurmctld") or "/usr/sbin/slurmctld"
         slurmd = shutil.which("slurmd") or "/usr/sbin/slurmd"
         self._daemon("slurmctld", [slurmctld, "-f", str(self.conf)], root / "run" / "slurmctld.pid")
-        self._daemon("slurmd", [slurmd, "-f", str(self.conf), "-N", self.host], root / "run" / "slurmd.pid")
+        for node in (self.host, SECOND_NODE.format(host=self.host)):
+            (root / "spool" / node).mkdir(mode=0o700)
+            self._daemon(
+                f"slurmd-{node}",
+                [slurmd, "-f", str(self.conf), "-N", node],
+                root / "run" / f"slurmd-{node}.pid",
+            )
         self._wait_idle(timeout)
 
     def _daemon(self, name: str, cmd: list[str], pid_file: Path, timeout: float = 20) -> None:
@@ -213,13 +229,14 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
-            result = self.command("sinfo", "--noheader", "--format=%T", timeout=10)
+            result = self.command("sinfo", "--noheader", "--Node", "--format=%N %T", timeout=10)
             state = result.stdout.strip()
-            if result.returncode == 0 and state == "idle":
+            nodes = dict(line.split() for line in state.splitlines() if len(line.split()) == 2)
+            if result.returncode == 0 and len(nodes) == 2 and set(nodes.values()) == {"idle"}:
                 return
             time.sleep(0.5)
         raise ClusterUnavailable(
-            f"the node did not become idle in {timeout:.0f} s (state {state!r}); slurmctld log:\n"
+            f"the nodes did not become idle in {timeout:.0f} s (state {state!r}); slurmctld log:\n"
             + self.log("slurmctld.log")[-2000:]
         )
 
@@ -230,7 +247,7 @@ class SlurmCluster:
             self.command("scancel", "--full", "--user=root", timeout=30)
             self._wait_no_jobs(30)
             self.command("scontrol", "shutdown", timeout=30)
-            for name in ("slurmctld", "slurmd"):
+            for name in [n for n in self.pids if n.startswith("slurm")]:
                 self._wait_gone(name, 15, kill=True)
         if "munged" in self.pids:
             self._wait_gone("munged", 5, kill=True)

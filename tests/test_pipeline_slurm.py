@@ -1,7 +1,8 @@
-"""`biomask pipeline submit` / `status` against a real single-node SLURM cluster (tests/slurm_cluster.py):
-afterok chains, a sweep as a job array, a failing stage cancelling its dependents, the training
-scripts' USR1 -> checkpoint (exit 75) -> requeue mechanics, and a small real pipeline — prep → pretrain
-as 2 srun tasks running DeepSpeed over gloo → evaluate of the pretrained checkpoint — completing in order.
+"""`biomask pipeline submit` / `status` against a real SLURM cluster (tests/slurm_cluster.py; two nodes on
+this machine): afterok chains, a sweep as a job array, a failing stage cancelling its dependents, the
+training scripts' USR1 -> checkpoint (exit 75) -> requeue mechanics, a small real pipeline — prep →
+pretrain as 2 srun tasks running DeepSpeed over gloo → evaluate of the pretrained checkpoint —
+completing in order, and a training stage across the two nodes.
 
 A real `biomask pretrain` under srun signalled with USR1, requeued and resuming to the same final
 weights as an uninterrupted run is tested in tests/test_pretrain_slurm.py.
@@ -379,3 +380,64 @@ def test_prep_pretrain_on_two_srun_tasks_then_evaluate_completes_in_order(
     results = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["one-hot + LR", "tiny (linear probe)"]
     assert results["summary"]["tiny (linear probe)"]["mcc"]["n"] == 2
+
+
+ACROSS_NODES_PIPELINE = """\
+name: across-nodes-test
+run_dir: {run_dir}
+env: {{OMP_NUM_THREADS: "1", DS_ACCELERATOR: cpu, PYTHONPATH: {repo}}}
+slurm: {{time: "00:10:00", mem: 2G, partition: multi}}
+stages:
+  prep_genome:
+    command: prep dna
+    config: {repo}/configs/dna/ce2-chrX.yaml
+    overrides:
+      windows: {{length: 512, stride: 512, max_bases: 300000}}
+      split.block_size: 10000
+  pretrain:
+    command: pretrain
+    config: {repo}/configs/pretrain/dna-tiny.yaml
+    overrides:
+      data: {{store: "${{stages.prep_genome.output}}", max_length: 130}}
+      model: {{max_len: 130, d_model: 32, d_ff: 64}}
+      train: {{steps: 20, micro_batch_size: 8, eval_batches: 2, eval_ratios: [0.15], checkpoint_every: 10, progress: false}}
+    slurm: {{nodes: 2, tasks_per_node: 1}}
+"""
+
+
+def test_a_training_stage_runs_across_two_nodes(slurm_cluster, tmp_path, monkeypatch):
+    """`slurm.nodes: 2` as the README documents it, on two slurmd of the test cluster: one srun task
+    per node, the rendezvous at the first node by name (MASTER_ADDR from the step's host list), one
+    DeepSpeed job of two processes writing one checkpoint."""
+    import os
+    import re
+    import subprocess
+
+    from biomask.training.distributed import RANK_VARS
+
+    for name in RANK_VARS:  # jobs inherit the submitter's environment: no stale rank variables
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "across.yaml"
+    path.write_text(ACROSS_NODES_PIPELINE.format(run_dir=tmp_path / "run", repo=REPO))
+    assert main(["-q", "pipeline", "submit", str(path)]) == 0
+    run_dir = tmp_path / "run"
+    states = finished(run_dir, slurm_cluster, timeout=240)
+    (train,) = states["pretrain"]
+    log = (run_dir / "logs" / f"pretrain-{train.job_id}.out").read_text()
+    assert (train.state, train.exit_code) == ("COMPLETED", "0:0"), log[-3000:]
+    job = slurm_cluster.command("scontrol", "show", "job", str(train.job_id)).stdout
+    listed = re.search(r"^\s*NodeList=(\S+)", job, re.MULTILINE)
+    assert listed is not None, job
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", listed.group(1)],
+        capture_output=True, text=True, env={**os.environ, **slurm_cluster.env}, check=True,
+    ).stdout.split()  # fmt: skip
+    assert len(hosts) == 2 and "NumNodes=2" in job, job
+    run = json.loads((run_dir / "pretrain" / "run.json").read_text())
+    assert (run["world_size"], run["launcher"]) == (2, "slurm")
+    assert "2 process(es) (slurm)" in log
+    checkpoints = sorted(
+        p.name for p in (run_dir / "pretrain" / "checkpoints").iterdir() if p.name.startswith("step")
+    )
+    assert checkpoints == ["step00000010", "step00000020"], checkpoints
+    assert (run_dir / "pretrain" / "model" / "model.safetensors").is_file()

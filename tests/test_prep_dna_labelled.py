@@ -308,3 +308,15 @@ def test_the_same_data_prepared_elsewhere_has_the_same_content_digest(tmp_path, 
                        "tokenizer.kind=char", "--overwrite")  # fmt: skip
     assert code == 0, err
     assert input_entry("store", tmp_path / "there" / "store")["content_sha256"] != digests[0][1]
+
+
+def test_labels_are_read_under_pandas_copy_on_write():
+    """pandas 3 makes copy-on-write the default, and its arrays read-only: the labels' missing-value
+    mask was updated in place, and every prep with labels failed ("output array is read-only")."""
+    import pandas as pd
+
+    from biomask.store import label_strings
+
+    with pd.option_context("mode.copy_on_write", True):
+        strings, missing = label_strings(pd.Series(["B", None, "NA", "T", 3.0], dtype=object))
+    assert list(strings) == ["B", "", "NA", "T", "3.0"] and list(missing) == [False, True, True, False, False]
