@@ -190,9 +190,11 @@ class GeneMatch:
     found: dict[str, Any]  # `coverage`
 
 
-def _identifier_columns(source: MatrixSource) -> list[str]:
+def _identifier_columns(source: MatrixSource) -> list[Any]:
+    """The var columns that may hold identifiers (text), by their own labels (an AnnData built in
+    memory may label one 0)."""
     return [
-        str(c)
+        c
         for c in source.var.columns
         if source.var[c].dtype == object
         or isinstance(source.var[c].dtype, (pd.CategoricalDtype, pd.StringDtype))

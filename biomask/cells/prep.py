@@ -159,8 +159,9 @@ def open_inputs(
             except BaseException:
                 source.close()
                 raise
-            inputs.append(CellInput(spec, name, fmt, digest, source, names, targets, stats, offset))
-            inputs[-1].gene_column = column
+            inputs.append(
+                CellInput(spec, name, fmt, digest, source, names, targets, stats, offset, gene_column=column)
+            )
             offset += source.n_obs
     except BaseException:
         close_inputs(inputs)
