@@ -587,7 +587,8 @@ def _dry_run_folder(tmp: Path, name: str) -> typing.Iterator[Path]:
             except BlockingIOError:  # held while the other prints (a pager not read on holds it on)
                 log.warning(
                     "waiting for another `biomask pipeline submit --dry-run` of %s to finish printing "
-                    "its scripts (it holds %s)",
+                    "its scripts (it holds %s; a pager it prints into holds it until you leave the pager; "
+                    "Ctrl-C stops this one)",
                     name,
                     tmp / f"{folder.name}.lock",
                 )

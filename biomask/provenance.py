@@ -84,7 +84,7 @@ def _git(repo: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # the limit, or Ctrl-C (its own session does not hear the terminal's)
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()  # not its pipes: a child that left the session may hold them

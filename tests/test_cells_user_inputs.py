@@ -206,6 +206,33 @@ def test_genes_are_read_from_the_var_column_that_names_them_in_embed_prep_and_fi
     biomask.fit_cells(continued, tmp_path / "continued", init_from=checkpoint, overrides=STEPS)
     assert continued.uns["X_biomask"]["gene_id_column"] == "feature_name"
     assert continued.uns["X_biomask"]["gene_coverage"]["fraction_of_vocab_present"] == 1.0
+    # from the command line, and a backed AnnData, the embedding reads the column prep trained on (it
+    # read the var index: 3 of the genes, exit 0)
+    code, _, err = cli(
+        "fit-cells",
+        "--input",
+        path,
+        "--output",
+        tmp_path / "cli",
+        "--init-from",
+        checkpoint,
+        "train.steps=20",
+    )
+    assert code == 0, err
+    embedded = ad.read_h5ad(tmp_path / "cli" / "embed" / "embeddings.h5ad")
+    assert embedded.uns["X_biomask"]["gene_id_column"] == "feature_name"
+    assert embedded.uns["X_biomask"]["gene_coverage"]["fraction_of_vocab_present"] == 1.0
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        biomask.fit_cells(backed, tmp_path / "backed", init_from=checkpoint, overrides=STEPS)
+        assert backed.uns["X_biomask"]["gene_id_column"] == "feature_name"
+    finally:
+        backed.file.close()
+    # two var columns of one label are left out of the search, not a traceback
+    doubled = cellxgene.copy()
+    doubled.var = pd.concat([doubled.var, doubled.var], axis=1)
+    assert list(doubled.var.columns) == ["feature_name", "feature_name"]
+    assert biomask.embed(doubled, checkpoint, copy=True).uns["X_biomask"]["gene_id_column"] == "var index"
 
 
 def test_strip_version_matches_a_checkpoint_of_versioned_ensembl_ids_across_releases(fitted, tmp_path):

@@ -714,14 +714,32 @@ def test_a_hung_git_is_stopped_with_its_children_at_the_time_limit(tmp_path, mon
     with pytest.raises(subprocess.TimeoutExpired):
         _git(tmp_path, "status", timeout=1)
     assert time.monotonic() - began < 30
-    child = int(pidfile.read_text(encoding="utf-8"))
-    for _ in range(50):  # reaped by init once killed
-        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, 9)
-        pytest.fail("git's child was left running")
+
+    def gone(pid: int) -> bool:
+        for _ in range(50):  # reaped by init once killed
+            if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+                return True
+            time.sleep(0.1)
+        os.kill(pid, 9)
+        return False
+
+    assert gone(int(pidfile.read_text(encoding="utf-8"))), "git's child was left running"
+    # Ctrl-C while git runs: in a session of its own it does not hear the terminal, so it is stopped too
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    pidfile.unlink()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.alarm(1)
+        with pytest.raises(KeyboardInterrupt):
+            _git(tmp_path, "status", timeout=20)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert gone(int(pidfile.read_text(encoding="utf-8"))), "git's child was left running after Ctrl-C"
 
 
 def test_every_tracker_is_closed_when_one_fails_to(tmp_path):

@@ -1180,6 +1180,20 @@ def test_the_embeddings_section_names_the_checkpoint_that_made_them(tmp_path):
         in text
     )
     assert "(r2mae, 1000 steps)" in text and "`18369d88c472`" in text and "pooling mean" in text
+    # how many of the model's genes the cells measured, from which identifiers; few are called few
+    adata.uns["X_biomask"]["gene_coverage"] = {"vocab_genes_present": 765, "vocab_genes": 765}
+    adata.uns["X_biomask"]["gene_id_column"] = "feature_name"
+    adata.write_h5ad(recorded)
+    text = _embedded_by(str(recorded), tmp_path, "X_biomask")
+    assert (
+        text.endswith("; 765 of the model's 765 genes measured, matched on feature_name")
+        and "too few" not in text
+    )
+    adata.uns["X_biomask"]["gene_coverage"] = {"vocab_genes_present": 17, "vocab_genes": 765}
+    adata.uns["X_biomask"]["gene_id_column"] = "var index"
+    adata.write_h5ad(recorded)
+    text = _embedded_by(str(recorded), tmp_path, "X_biomask")
+    assert "; 17 of the model's 765 genes measured — **too few" in text and "matched on" not in text
 
 
 def test_the_report_names_the_runs_beside_it_by_relative_paths(tmp_path, monkeypatch):

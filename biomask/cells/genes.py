@@ -190,14 +190,16 @@ class GeneMatch:
     found: dict[str, Any]  # `coverage`
 
 
-def _identifier_columns(source: MatrixSource) -> list[Any]:
-    """The var columns that may hold identifiers (text), by their own labels (an AnnData built in
-    memory may label one 0)."""
+def _identifier_columns(source: MatrixSource) -> list[str]:
+    """The var columns that may hold identifiers: text, named by a text label that names one column
+    only (genes.column takes a name; a label two columns share reads as both)."""
+    var = source.var
+    unique = var.columns[~var.columns.duplicated(keep=False)]
     return [
         c
-        for c in source.var.columns
-        if source.var[c].dtype == object
-        or isinstance(source.var[c].dtype, (pd.CategoricalDtype, pd.StringDtype))
+        for c in unique
+        if isinstance(c, str)
+        and (var[c].dtype == object or isinstance(var[c].dtype, (pd.CategoricalDtype, pd.StringDtype)))
     ]
 
 

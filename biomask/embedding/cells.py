@@ -133,7 +133,9 @@ class CellsEmbedding:
             "counts_found": self.opened.summary.describe(),
             # what to pass again for more cells of this kind (the checkpoint does not keep it)
             "counts_policy": json.dumps(self.counts.model_dump(mode="json"), sort_keys=True),
-            "gene_id_column": self.opened.gene_column or "var index",
+            "gene_id_column": "var index"
+            if self.opened.gene_column is None
+            else str(self.opened.gene_column),
             "gene_coverage": coverage,
             "cells": int(self.source.n_obs),
             "cells_without_vocabulary_genes": empty,

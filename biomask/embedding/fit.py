@@ -515,7 +515,8 @@ def fit_cells(
         if in_memory or backed:
             honour_omp_threads()  # pretraining gave back the count it found, prep's numba's
             embed(
-                adata, checkpoint, matrix=matrix, counts=counts, gene_column=gene_column,
+                adata, checkpoint, matrix=matrix, counts=counts,
+                gene_column=gene_column if gene_column is not None else column_prep_chose(store),
                 strip_version=strip_version, duplicates=duplicates, key=key,
             )  # fmt: skip
         log.info("fit_cells: checkpoint %s", checkpoint)
@@ -626,6 +627,24 @@ def _check_init_from(init: Path) -> None:
         )
     # weights, tokenizer and panel checked against their digests now, not after the prep they would waste
     load_pretrained(init)
+
+
+def column_prep_chose(store: Path) -> str | None:
+    """The var column prep read the cells' genes from where it chose one itself (a frozen vocabulary
+    the var index covers too little of: `coverage.gene_column` in its manifest), for the embedding
+    to read the same: trained on the column, the cells were embedded from the index (3 of 765 genes,
+    exit 0)."""
+    try:
+        manifest = json.loads((store / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    chosen = {
+        found.get("gene_column")
+        for found in (manifest.get("coverage") or {}).values()
+        if isinstance(found, dict)
+    }
+    chosen.discard(None)
+    return chosen.pop() if len(chosen) == 1 and "var index" not in chosen else None
 
 
 def _matching_column(adata: Any, prep_cfg: Any, matrix: str) -> str | None:
@@ -855,6 +874,11 @@ def fit_cells_file(
     check_input_key(source, embed_cfg.key)  # the embedding's key in the output copy, before training
     refuse_foreign(out, ["store", "pretrain", "embed"])
     fit_cells(source, out, overwrite=overwrite, **settings)
+    chosen = column_prep_chose(out / "store") if column is None else None
+    if chosen is not None:  # read by prep from the column it found: embedded from the same
+        embed_cfg = embed_cfg.model_copy(
+            update={"genes": embed_cfg.genes.model_copy(update={"column": chosen})}
+        )
     # the embedding is derived from the checkpoint and the file alone, and fit-cells' own: another
     # --umap-color or key embeds again, without --overwrite and without training again
     with renamed_in_logs(fit_cells_names):

@@ -1186,7 +1186,27 @@ def _embedded_by(h5ad: str, report_dir: Path, key: str) -> str:
     return (
         f"; {cells} embedded by the checkpoint `{shown(record['checkpoint'], report_dir, recorded=True)}`{scheme}{weights}"
         + (f" ({how})" if how else "")
+        + _genes_measured(record)
     )
+
+
+def _genes_measured(record: dict) -> str:
+    """How many of the model's genes the embedded cells measured, and from which identifiers: the
+    figure of a model that saw few of its genes (another gene naming, another species) is no
+    picture of what it learned, and the report said nothing of it."""
+    found = record.get("gene_coverage")
+    try:
+        present, known = int(found["vocab_genes_present"]), int(found["vocab_genes"])
+    except (TypeError, KeyError, ValueError):
+        return ""
+    column = record.get("gene_id_column")
+    source = f", matched on {column}" if column and column != "var index" else ""
+    low = (
+        " — **too few for the figure to show what the model learned**"
+        if known and present < known / 2
+        else ""
+    )
+    return f"; {present:,} of the model's {known:,} genes measured{source}{low}"
 
 
 def strongest_baseline(ev: Evaluation, metric: str) -> str | None:
