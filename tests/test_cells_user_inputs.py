@@ -43,6 +43,24 @@ def as_mouse(adata: ad.AnnData) -> ad.AnnData:
     return out
 
 
+def frozen_prep(adata: ad.AnnData, tmp_path, vocabulary, **settings):
+    """A prep cells config for `adata` (written as tmp_path/cells.h5ad) against a frozen vocabulary."""
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    config = tmp_path / "prep.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [{"path": str(path)}],
+                "output": str(tmp_path / "store"),
+                "tokenizer": {"scheme": "panel", "path": str(vocabulary)},
+                **settings,
+            }
+        )
+    )
+    return config
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     import biomask
@@ -102,18 +120,7 @@ def test_genes_of_another_species_are_named_as_such_not_as_a_column_to_set(fitte
     assert "different species" in message and "biomask.fit_cells" in message
     assert "strip_version" not in message
     # the frozen vocabulary of prep cells says the same
-    path = tmp_path / "mouse.h5ad"
-    mouse.write_h5ad(path)
-    config = tmp_path / "prep.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "inputs": [{"path": str(path)}],
-                "output": str(tmp_path / "store"),
-                "tokenizer": {"scheme": "panel", "path": str(out / "store")},
-            }
-        )
-    )
+    config = frozen_prep(mouse, tmp_path, out / "store")
     code, _, err = cli("prep", "cells", "-c", config)
     assert code == 2 and "different species" in err and "genes.column" not in err, err
     # a few symbols spelt alike in both species (F5, C1orf…) end the zero overlap, not the hint: the
@@ -180,19 +187,8 @@ def test_genes_are_read_from_the_var_column_that_names_them_in_embed_prep_and_fi
     got = biomask.embed(cellxgene, checkpoint, copy=True)
     assert got.uns["X_biomask"]["gene_id_column"] == "feature_name"
     np.testing.assert_array_equal(got.obsm["X_biomask"], reference.obsm["X_biomask"])
-    path = tmp_path / "cellxgene.h5ad"
-    cellxgene.write_h5ad(path)
-    config = tmp_path / "prep.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "inputs": [{"path": str(path)}],
-                "output": str(tmp_path / "store"),
-                "qc": {"min_genes": 0},
-                "tokenizer": {"scheme": "panel", "path": str(out / "store")},
-            }
-        )
-    )
+    config = frozen_prep(cellxgene, tmp_path, out / "store", qc={"min_genes": 0})
+    path = tmp_path / "cells.h5ad"
     code, _, err = cli("prep", "cells", "-c", config)
     assert (
         code == 0

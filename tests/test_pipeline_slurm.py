@@ -382,27 +382,15 @@ def test_prep_pretrain_on_two_srun_tasks_then_evaluate_completes_in_order(
     assert results["summary"]["tiny (linear probe)"]["mcc"]["n"] == 2
 
 
-ACROSS_NODES_PIPELINE = """\
-name: across-nodes-test
-run_dir: {run_dir}
-env: {{OMP_NUM_THREADS: "1", DS_ACCELERATOR: cpu, PYTHONPATH: {repo}}}
-slurm: {{time: "00:10:00", mem: 2G, partition: multi}}
-stages:
-  prep_genome:
-    command: prep dna
-    config: {repo}/configs/dna/ce2-chrX.yaml
-    overrides:
-      windows: {{length: 512, stride: 512, max_bases: 300000}}
-      split.block_size: 10000
-  pretrain:
-    command: pretrain
-    config: {repo}/configs/pretrain/dna-tiny.yaml
-    overrides:
-      data: {{store: "${{stages.prep_genome.output}}", max_length: 130}}
-      model: {{max_len: 130, d_model: 32, d_ff: 64}}
-      train: {{steps: 20, micro_batch_size: 8, eval_batches: 2, eval_ratios: [0.15], checkpoint_every: 10, progress: false}}
-    slurm: {{nodes: 2, tasks_per_node: 1}}
-"""
+def across_nodes_pipeline(run_dir: Path) -> str:
+    """The training pipeline above, its pretrain stage on two nodes (partition multi), evaluation left out."""
+    spec = yaml.safe_load(TRAIN_EVAL_PIPELINE.format(run_dir=run_dir, repo=REPO))
+    spec["name"] = "across-nodes-test"
+    spec["slurm"]["partition"] = "multi"
+    spec["stages"] = {name: spec["stages"][name] for name in ("prep_genome", "pretrain")}
+    spec["stages"]["pretrain"]["slurm"] = {"nodes": 2, "tasks_per_node": 1}
+    spec["stages"]["pretrain"]["overrides"]["train"]["checkpoint_every"] = 10
+    return yaml.safe_dump(spec)
 
 
 def test_a_training_stage_runs_across_two_nodes(slurm_cluster, tmp_path, monkeypatch):
@@ -418,7 +406,7 @@ def test_a_training_stage_runs_across_two_nodes(slurm_cluster, tmp_path, monkeyp
     for name in RANK_VARS:  # jobs inherit the submitter's environment: no stale rank variables
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "across.yaml"
-    path.write_text(ACROSS_NODES_PIPELINE.format(run_dir=tmp_path / "run", repo=REPO))
+    path.write_text(across_nodes_pipeline(tmp_path / "run"))
     assert main(["-q", "pipeline", "submit", str(path)]) == 0
     run_dir = tmp_path / "run"
     states = finished(run_dir, slurm_cluster, timeout=240)

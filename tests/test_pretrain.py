@@ -1666,16 +1666,13 @@ def test_quiet_pretraining_prints_no_progress_lines(genome_store, tmp_path, cli)
     assert code == 0 and "pretrain step 2/4" in err, err
 
 
-def test_a_process_lost_mid_run_is_named_with_the_checkpoint_to_resume_from(genome_store, tmp_path):
-    """A rank killed under torchrun left the other one a 50-line gloo traceback naming no rank, step or
-    way on ("Connection reset by peer ... GLHF!"). It now says which process it is, what happened, the
-    last complete checkpoint, and that the same command resumes (resuming is tested above)."""
-    import signal as sig
+def two_ranks_checkpointed(genome_store, out: Path, *, timeout_minutes: float):
+    """torchrun training on two processes (ZeRO-2) until stopped, once it has written a checkpoint:
+    (the launcher, rank -> pid)."""
     import time
 
     from biomask.training.distributed import free_port
 
-    out = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).parent / "torchrun"),
         "--nproc_per_node=2",
@@ -1683,26 +1680,44 @@ def test_a_process_lost_mid_run_is_named_with_the_checkpoint_to_resume_from(geno
     ]
     cmd += ["-m", "biomask", "pretrain", "-c", str(CONFIG)]
     cmd += overrides(genome_store, out, **{"train.steps": 100_000, "train.checkpoint_every": 2,
-                                           "deepspeed.stage": 2, "deepspeed.timeout_minutes": 0.5})  # fmt: skip
+                                           "deepspeed.stage": 2, "deepspeed.timeout_minutes": timeout_minutes})  # fmt: skip
     proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         while not list((out / "checkpoints").glob("step*")) and time.monotonic() < deadline:
             time.sleep(0.2)
-        ranks = {}
-        for child in Path("/proc").iterdir():
-            if child.name.isdigit():
-                try:
-                    environ = (child / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if (
-                    b"TORCHELASTIC_RUN_ID" in b"".join(environ)
-                    and str(out).encode() in (child / "cmdline").read_bytes()
-                ):
-                    rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
-                    if rank is not None:
-                        ranks[int(rank)] = int(child.name)
+        return proc, torchrun_ranks(out)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def torchrun_ranks(out: Path) -> dict[int, int]:
+    """The processes torchrun started for the run writing `out`: rank -> pid (from /proc)."""
+    ranks = {}
+    for child in Path("/proc").iterdir():
+        if child.name.isdigit():
+            try:
+                environ = (child / "environ").read_bytes().split(b"\0")
+                cmdline = (child / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"TORCHELASTIC_RUN_ID" in b"".join(environ) and str(out).encode() in cmdline:
+                rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    ranks[int(rank)] = int(child.name)
+    return ranks
+
+
+def test_a_process_lost_mid_run_is_named_with_the_checkpoint_to_resume_from(genome_store, tmp_path):
+    """A rank killed under torchrun left the other one a 50-line gloo traceback naming no rank, step or
+    way on ("Connection reset by peer ... GLHF!"). It now says which process it is, what happened, the
+    last complete checkpoint, and that the same command resumes (resuming is tested above)."""
+    import signal as sig
+
+    out = tmp_path / "run"
+    proc, ranks = two_ranks_checkpointed(genome_store, out, timeout_minutes=0.5)
+    try:
         os.kill(ranks[1], sig.SIGKILL)
         _, err = proc.communicate(timeout=180)
     finally:
@@ -1720,34 +1735,9 @@ def test_a_peer_that_hangs_ends_the_run_after_deepspeed_timeout_minutes(genome_s
     import signal as sig
     import time
 
-    from biomask.training.distributed import free_port
-
     out = tmp_path / "run"
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    cmd += ["-m", "biomask", "pretrain", "-c", str(CONFIG)]
-    cmd += overrides(genome_store, out, **{"train.steps": 100_000, "train.checkpoint_every": 2,
-                                           "deepspeed.stage": 2, "deepspeed.timeout_minutes": 0.25})  # fmt: skip
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    ranks: dict[int, int] = {}
+    proc, ranks = two_ranks_checkpointed(genome_store, out, timeout_minutes=0.25)
     try:
-        deadline = time.monotonic() + 180
-        while not list((out / "checkpoints").glob("step*")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for child in Path("/proc").iterdir():
-            if child.name.isdigit():
-                try:
-                    environ = (child / "environ").read_bytes().split(b"\0")
-                    cmdline = (child / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"TORCHELASTIC_RUN_ID" in b"".join(environ) and str(out).encode() in cmdline:
-                    rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
-                    if rank is not None:
-                        ranks[int(rank)] = int(child.name)
         os.kill(ranks[1], sig.SIGSTOP)
         frozen = time.monotonic()
         while time.monotonic() - frozen < 150:  # 15 s configured; torch's default is 1,800
