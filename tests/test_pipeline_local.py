@@ -255,6 +255,31 @@ stages:
     code, out, err = cli("pipeline", "submit", pipeline, "--dry-run")
     assert code == 0 and "2 reuse" in out, err
     (tmp_path / "away.csv").rename(table)
+    # a training output of another number of processes is another global batch, which the stage
+    # will not reuse or resume: the preview said "reuse", and the run then trained it again saying
+    # its config had changed (a cluster's model replaced by one trained here)
+    code, out, err = cli(
+        "pipeline", "submit", pipeline, "--dry-run", "stages.pretrain.slurm.tasks_per_node=2"
+    )
+    flat = " ".join((out + err).replace("│", " ").split())
+    assert (
+        code == 2 and "a run finished with 1 process; this launch has 2" in flat and "pass --overwrite" in err
+    ), flat
+    info_path = run_dir / "pretrain" / "run.json"  # as `pipeline submit` with two tasks would have left it
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path.write_text(json.dumps({**info, "world_size": 2}), encoding="utf-8")
+    code, out, _ = cli("pipeline", "run", pipeline, "--dry-run")
+    flat = " ".join(out.replace("│", " ").split())
+    assert code == 0 and _would(out)["pretrain"] == "run again", out
+    assert "a run finished with 2 processes; this launch has 1 (`pipeline run` trains on one)" in flat, flat
+    code, out, err = cli("pipeline", "run", pipeline)
+    flat = " ".join((out + err).split())
+    assert (
+        code == 0
+        and "other settings than its output's" in flat
+        and "holds a run finished with 2 processes" in flat
+    ), flat
+    assert "config or inputs changed" not in flat
 
 
 def test_the_preview_reads_datasets_as_the_pipelines_stages_do_and_fetches_nothing(

@@ -343,9 +343,13 @@ def _run_task(
     try:
         code, error = _spawn(plan, stage_argv(stage, task), log, **spawn)
         if code is not None and code != 0 and error.get("error") == "StaleOutputError":
-            # Changed config or inputs since the output was written: it is this pipeline's, replace it.
+            # Other settings since the output was written (config, inputs, or a training run's number
+            # of processes): it is this pipeline's, replace it, saying which the stage found
+            found = str(error.get("message") or "").split(";")[0].split("\n")[0].strip()
             message = (
-                f"{task.name}: config or inputs changed since {task.output} was written; running it again"
+                f"{task.name}: other settings than its output's ({found}); running it again"
+                if found
+                else f"{task.name}: config or inputs changed since {task.output} was written; running it again"
             )
             _say(message, echo, stages)
             with _StageLog(log) as sink:  # the refusal above in the log is this, not a failure

@@ -9,8 +9,9 @@ cannot read, or a dataset not fetched or not intact, is left to the stage) — a
 
     run          no output yet
     resume       an interrupted pretraining run of this config (from its last checkpoint)
-    run again    the config changed (the keys are listed), its inputs changed, or a stage it needs
-                 runs first
+    run again    the config changed (the keys are listed), its inputs changed, a stage it needs
+                 runs first, or a training output of another number of processes (`pipeline run`
+                 trains on one; a job on its stage's SLURM tasks)
     reuse        same config and inputs; an
                  output of a run folder that has moved since compares its paths inside that folder
                  as the same paths inside this one (biomask.relocation)
@@ -57,14 +58,20 @@ class TaskPreview:
     stale: bool = False
 
 
-def preview(plan: Plan, selected: Sequence[str]) -> list[TaskPreview]:
-    """One entry per task of the selected stages, in the order `pipeline run` would start them."""
+def preview(plan: Plan, selected: Sequence[str], *, submitted: bool = False) -> list[TaskPreview]:
+    """One entry per task of the selected stages, in the order `pipeline run` would start them
+    (`submitted`: as `pipeline submit`'s jobs would find them, a training stage on its SLURM tasks)."""
     computing: set[str] = set()  # selected stages with a task that will write a new output
     previews = []
     for name in selected:
         stage = plan.stages[name]
         for task in stage.tasks:
             action, why, stale = _state(stage, task, plan.run_dir)
+            if action in ("reuse", "resume") and stage.command.training:
+                launched = stage.slurm.nodes * stage.slurm.tasks if submitted else 1
+                shape = _other_launch(task.output, action, launched)
+                if shape:
+                    action, why, stale = "run again", shape, True
             upstream = [n for n in stage.needs if n in computing]
             if action == "reuse" and upstream:
                 action, why = "run again", f"{upstream[0]} runs first: its new output is an input here"
@@ -142,6 +149,32 @@ def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bo
     if changed is None or changed:
         return "run again", _changes_text(changed), bool(changed)
     return "reuse", "same config" + _moved_text(moved), False
+
+
+def _other_launch(out: Path, action: str, launched: int) -> str:
+    """Why a training output of this config is not this launch's: another number of processes, so
+    another global batch (the stage refuses to reuse or resume it, and `pipeline run` trains it
+    again); '' where it is. The preview said "reuse" or "resume", and the run then replaced a
+    cluster's model with one trained on this machine."""
+    import json
+
+    from biomask.training.rundir import IN_PROGRESS  # here: that module brings torch with it
+
+    try:
+        if action == "resume":
+            recorded = json.loads((out / IN_PROGRESS).read_text(encoding="utf-8")).get("world_size")
+        else:
+            recorded = (read_run_info(out) or {}).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(recorded, int) or recorded == launched:
+        return ""
+    what = "an interrupted run started" if action == "resume" else "a run finished"
+    return (
+        f"{what} with {recorded} process{'es' * (recorded != 1)}; this launch has {launched}"
+        + (" (`pipeline run` trains on one)" if launched == 1 else "")
+        + ", so its global batch differs: trained again from the start"
+    )
 
 
 INPUTS_CHANGED = (
@@ -317,7 +350,7 @@ def print_preview(
 def print_submit_preview(plan: Plan, selected: Sequence[str], *, overwrite: bool) -> None:
     """Say what each selected task's job will do; refuse (exit 2, nothing submitted) when a job would
     refuse its output: one of other settings without --overwrite, or one this stage never replaces."""
-    previews = preview(plan, selected)
+    previews = preview(plan, selected, submitted=True)
     table = Table(title=f"submit: pipeline {plan.pipeline.name} ({plan.run_dir})")
     for column in ("stage", "its job will", "why"):
         table.add_column(column, overflow="fold")
