@@ -231,6 +231,45 @@ def test_genes_are_read_from_the_var_column_that_names_them_in_embed_prep_and_fi
     assert biomask.embed(doubled, checkpoint, copy=True).uns["X_biomask"]["gene_id_column"] == "var index"
 
 
+def test_the_search_reads_text_columns_and_every_message_names_the_users_columns(
+    fitted, tmp_path, cli, caplog
+):
+    """pandas' "string" dtype (pandas 3's default for text) is searched like object columns; a column
+    the user names that covers too little gets the hint of the one that covers more (embed and prep);
+    fit_cells(init_from=) names the AnnData's own var columns (it listed those of its copy: none),
+    and a column labelled by a number is left out, not a config error of a key never set."""
+    import biomask
+
+    adata, out, checkpoint = fitted
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    text = adata.copy()
+    text.var = pd.DataFrame({"symbol": pd.array(list(adata.var_names), dtype="string")}, index=ids)
+    assert biomask.embed(text, checkpoint, copy=True).uns["X_biomask"]["gene_id_column"] == "symbol"
+    # a named column covering 3 genes: embedded as asked, the warning names the one covering all
+    named = adata.copy()
+    named.var = pd.DataFrame(
+        {
+            "description": list(adata.var_names[:3]) + ["x"] * (adata.n_vars - 3),
+            "feature_name": list(adata.var_names),
+        },
+        index=ids,
+    )
+    with caplog.at_level(logging.WARNING, logger="biomask"):
+        biomask.embed(named, checkpoint, gene_column="description", copy=True)
+    assert "To match more, set gene_column= to 'feature_name'" in caplog.text, caplog.text
+    config = frozen_prep(named, tmp_path, out / "store", qc={"min_genes": 0}, genes={"column": "description"})
+    code, _, err = cli("prep", "cells", "-c", config)
+    assert code == 0 and "To match more, set genes.column to 'feature_name'" in " ".join(err.split()), err
+    # no column matches: fit_cells names the AnnData's columns; a numbered one is not searched
+    unmatched = adata.copy()
+    unmatched.var = pd.DataFrame({"description": ["x"] * adata.n_vars, 0: list(adata.var_names)}, index=ids)
+    with pytest.raises(
+        InputError, match=r"no var column matches \(read: the var index; var columns: description, 0\)"
+    ):
+        biomask.fit_cells(unmatched, tmp_path / "none", init_from=checkpoint, overrides=STEPS)
+    assert not (tmp_path / "none").exists()
+
+
 def test_strip_version_matches_a_checkpoint_of_versioned_ensembl_ids_across_releases(fitted, tmp_path):
     """A model trained on a GENCODE file (ENSG….12) and cells of another release (ENSG….13): the
     message said strip_version=True, which stripped the data's suffixes only and failed again; no

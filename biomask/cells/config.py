@@ -81,9 +81,9 @@ class CountsConfig(Config):
 
 
 class GenesConfig(Config):
-    # var column holding the gene identifiers (e.g. gene_ids for Ensembl IDs); null: the var index
-    # (with a frozen tokenizer.path it covers less than tokenizer.min_coverage of: the var column that
-    # covers the most, said in the log)
+    # var column holding the gene identifiers (e.g. gene_ids for Ensembl IDs); null: the var index,
+    # or, against a frozen tokenizer.path, the var column that covers its genes best where the index
+    # covers less than tokenizer.min_coverage of them (said in the log)
     column: str | None = None
     # ENSG00000141510.17 -> ENSG00000141510 (match across annotations; a frozen vocabulary's versioned
     # IDs match on the unversioned part too)

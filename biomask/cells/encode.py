@@ -31,15 +31,13 @@ from biomask.cells.genes import (
     GeneSpace,
     GeneVocabulary,
     case_only_hint,
-    cells_named_as_genes,
     check_orientation,
     identifier_hint,
     made_unique_note,
     match_genes,
-    other_case_hint,
+    no_overlap_reason,
     percent,
     remap_columns,
-    where_genes,
 )
 from biomask.cells.qc import row_sums
 from biomask.cells.readers import MatrixSource
@@ -163,18 +161,7 @@ class CellEncoder:
         )
         if found["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(names[names != ""])[:3])
-            what = (
-                cells_named_as_genes(source, vocab.genes)
-                or other_case_hint(names, vocab.genes)
-                or (
-                    f"the identifiers differ -- {hint}"
-                    if hint
-                    else f"the identifiers differ, and no var column matches (read: {where_genes(column)}; var "
-                    f"columns: {', '.join(map(str, source.var.columns)) or 'none'}): rename the genes to the "
-                    "vocabulary's identifiers (or name a var column that holds them with genes.column), or "
-                    "train a model on these cells"
-                )
-            )
+            what = no_overlap_reason(source, vocab, match, hint, instead="train a model on these cells")
             raise InputError(
                 f"{source.where}: none of its {found['dataset_genes']:,} genes (e.g. {ours}) is in the checkpoint's "
                 f"gene vocabulary (e.g. {', '.join(vocab.genes[:3])}; identifiers from "

@@ -299,6 +299,25 @@ def identifier_hint(
     )
 
 
+def no_overlap_reason(
+    source: MatrixSource, vocab: GeneVocabulary, match: GeneMatch, hint: str | None, *, instead: str
+) -> str:
+    """Why no gene of `source` is in `vocab`, and what to do: a transposed matrix, another species,
+    the setting that matches (`hint`), or, where none does, every var column read and `instead`."""
+    columns = ", ".join(map(str, source.var.columns)) or "none"
+    return (
+        cells_named_as_genes(source, vocab.genes)
+        or other_case_hint(match.names, vocab.genes)
+        or (
+            f"the identifiers differ -- {hint}"
+            if hint
+            else f"the identifiers differ, and no var column matches (read: {where_genes(match.column)}; var "
+            f"columns: {columns}): rename the genes to the vocabulary's identifiers (or name a var column "
+            f"that holds them with genes.column), or {instead}"
+        )
+    )
+
+
 @dataclass
 class ColumnMap:
     """Where each input column goes in a target space (-1: nowhere), and how the mapping behaves."""

@@ -38,17 +38,15 @@ from biomask.cells.genes import (
     GeneSpace,
     GeneVocabulary,
     case_only_hint,
-    cells_named_as_genes,
     check_orientation,
     coverage,
     gene_names,
     identifier_hint,
     made_unique_note,
     match_genes,
-    other_case_hint,
+    no_overlap_reason,
     percent,
     remap_columns,
-    where_genes,
 )
 from biomask.cells.medians import GeneCounts, MedianAccumulator
 from biomask.cells.protein_gates import protein_labels
@@ -422,13 +420,9 @@ def check_coverage(
             continue
         if inp.gene_column != cfg.genes.column:  # chosen by the search: recorded with the counts
             inp.coverage["gene_column"] = inp.gene_column if inp.gene_column is not None else "var index"
+        match = GeneMatch(inp.gene_column, inp.names, inp.coverage)
         hint = (
-            identifier_hint(
-                inp.source,
-                vocab,
-                GeneMatch(inp.gene_column, inp.names, inp.coverage),
-                cfg.genes.strip_version,
-            )
+            identifier_hint(inp.source, vocab, match, cfg.genes.strip_version)
             if inp.coverage["fraction_of_vocab_present"] < cfg.tokenizer.min_coverage
             else None
         )
@@ -436,17 +430,12 @@ def check_coverage(
         if inp.coverage["dataset_genes_in_vocab"] == 0:
             ours = ", ".join(str(n) for n in pd.unique(inp.names[inp.names != ""])[:3])
             theirs = ", ".join(vocab.genes[:3])
-            what = (
-                cells_named_as_genes(inp.source, vocab.genes)
-                or other_case_hint(inp.names, vocab.genes)
-                or (
-                    f"the identifiers differ -- {hint}"
-                    if hint
-                    else f"the identifiers differ, and no var column matches (read: {where_genes(inp.gene_column)}; "
-                    f"var columns: {', '.join(map(str, inp.source.var.columns)) or 'none'}): rename the genes to "
-                    "the vocabulary's identifiers (or name a var column that holds them with genes.column), or "
-                    "build a vocabulary from these cells (no tokenizer.path)"
-                )
+            what = no_overlap_reason(
+                inp.source,
+                vocab,
+                match,
+                hint,
+                instead="build a vocabulary from these cells (no tokenizer.path)",
             )
             raise InputError(
                 f"{inp.source.where}: none of its {inp.coverage['dataset_genes']:,} genes (e.g. {ours}) is in the "

@@ -652,21 +652,44 @@ def _matching_column(adata: Any, prep_cfg: Any, matrix: str) -> str | None:
     vocabulary matches, where the var index covers less than min_coverage of it (None: the index),
     chosen and said as `biomask.embed` does. An AnnData of Ensembl IDs with symbols in a column was
     refused here and embedded by `biomask.embed`."""
-    from biomask.cells.genes import GeneVocabulary, check_orientation, match_genes
+    import pandas as pd
+
+    from biomask.cells.genes import (
+        GeneVocabulary,
+        check_orientation,
+        identifier_hint,
+        match_genes,
+        no_overlap_reason,
+    )
     from biomask.cells.readers import from_anndata
     from biomask.embedding.api import renamed_in_logs
 
     source = from_anndata(adata, matrix, name="AnnData")
     check_orientation(source)
+    vocab = GeneVocabulary.load(prep_cfg.tokenizer.path)
+    strip = prep_cfg.genes.strip_version
     with renamed_in_logs(fit_cells_names):
-        return match_genes(
-            source,
-            GeneVocabulary.load(prep_cfg.tokenizer.path),
-            None,
-            prep_cfg.genes.strip_version,
-            search=True,
-            min_coverage=prep_cfg.tokenizer.min_coverage,
-        ).column
+        match = match_genes(
+            source, vocab, None, strip, search=True, min_coverage=prep_cfg.tokenizer.min_coverage
+        )
+    if match.found["vocab_genes_present"] == 0:
+        # said here, where the user's var columns are: prep reads a copy that holds the gene column
+        # only, so its message listed none
+        ours = ", ".join(str(n) for n in pd.unique(match.names[match.names != ""])[:3])
+        raise InputError(
+            fit_cells_names(
+                f"AnnData: none of its {match.found['dataset_genes']:,} genes (e.g. {ours}) is in the "
+                f"checkpoint's gene vocabulary (e.g. {', '.join(vocab.genes[:3])}); "
+                + no_overlap_reason(
+                    source,
+                    vocab,
+                    match,
+                    identifier_hint(source, vocab, match, strip),
+                    instead="train a model on these cells (fit_cells without init_from)",
+                )
+            )
+        )
+    return match.column
 
 
 def _check_anndata(adata: Any, prep_cfg: Any, matrix: str, gene_column: str | None) -> None:
