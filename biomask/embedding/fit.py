@@ -365,11 +365,11 @@ def fit_cells(
         settings.setdefault("model.batch_covariate", True)
     # every setting checked before anything is written: a typo costs nothing
     panel = PANEL_GENES if n_top_genes is None else n_top_genes
-    prep_cfg = _prep_config(
-        source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=panel,
-        init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
-        memory=memory,
+    prep_config = functools.partial(
+        _prep_config, source, store, matrix=matrix, counts=counts, n_top_genes=panel, init_from=init,
+        strip_version=strip_version, batch_key=batch_key, duplicates=duplicates, memory=memory,
     )  # fmt: skip
+    prep_cfg = prep_config(gene_column=gene_column)
     try:
         first = _pretrain_config(store, out / "pretrain", init_from=init, overrides=settings)
     except BiomaskError as exc:  # a near miss of the prep keys reads as an unknown pretrain key
@@ -397,11 +397,7 @@ def fit_cells(
         found = _matching_column(adata, prep_cfg, matrix)
         if found is not None:
             gene_column = found
-            prep_cfg = _prep_config(
-                source, store, matrix=matrix, counts=counts, gene_column=gene_column, n_top_genes=panel,
-                init_from=init, strip_version=strip_version, batch_key=batch_key, duplicates=duplicates,
-                memory=memory,
-            )  # fmt: skip
+            prep_cfg = prep_config(gene_column=gene_column)
     if in_memory:
         _check_anndata(adata, prep_cfg, matrix, gene_column)
         if source.exists() and not _is_our_copy(source, store):

@@ -69,7 +69,7 @@ def preview(plan: Plan, selected: Sequence[str], *, submitted: bool = False) -> 
             action, why, stale = _state(stage, task, plan.run_dir)
             if action in ("reuse", "resume") and stage.command.training:
                 launched = stage.slurm.nodes * stage.slurm.tasks if submitted else 1
-                shape = _other_launch(task.output, action, launched)
+                shape = _other_launch(task.output, action, launched, locally=not submitted)
                 if shape:
                     action, why, stale = "run again", shape, True
             upstream = [n for n in stage.needs if n in computing]
@@ -151,7 +151,7 @@ def _state(stage: PlannedStage, task: Task, run_dir: Path) -> tuple[str, str, bo
     return "reuse", "same config" + _moved_text(moved), False
 
 
-def _other_launch(out: Path, action: str, launched: int) -> str:
+def _other_launch(out: Path, action: str, launched: int, *, locally: bool) -> str:
     """Why a training output of this config is not this launch's: another number of processes, so
     another global batch (the stage refuses to reuse or resume it, and `pipeline run` trains it
     again); '' where it is. The preview said "reuse" or "resume", and the run then replaced a
@@ -172,7 +172,7 @@ def _other_launch(out: Path, action: str, launched: int) -> str:
     what = "an interrupted run started" if action == "resume" else "a run finished"
     return (
         f"{what} with {recorded} process{'es' * (recorded != 1)}; this launch has {launched}"
-        + (" (`pipeline run` trains on one)" if launched == 1 else "")
+        + (" (`pipeline run` trains on one)" if locally else "")
         + ", so its global batch differs: trained again from the start"
     )
 
