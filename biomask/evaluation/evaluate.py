@@ -599,7 +599,7 @@ def _long_records_lines(results: dict[str, Any]) -> list[str]:
                     f"- {m['group']}: {inputs[count]:,} of {total} records are longer "
                     f"than {what} of {inputs.get(width, '?')} tokens: {how}"
                     + (f", up to {windows} per record" if windows else "")
-                    + f" (long_records={policy})."
+                    + f" (long_records={inputs.get('long_records', policy)})."
                 )
     if lines:
         whole = list(

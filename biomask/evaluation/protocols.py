@@ -455,7 +455,9 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         specials = n_specials(model.config.modality)
         policy = record_policy(model, cfg.long_records)
         lengths = [max_length]
-        if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length:
+        # a profile model fine-tunes on the whole profile: finetune.max_length is for token models
+        whole = getattr(model.config, "kind", "transformer") in PROFILE_KINDS
+        if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length and not whole:
             lengths.append(spec.max_length)
         out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
         if model.config.modality == "dna":  # which tokens it reads: a report compares tokenizers too
