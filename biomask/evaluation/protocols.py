@@ -79,6 +79,12 @@ log = logging.getLogger(__name__)
 POOLINGS_AUTO = ("mean", "max", "mean_layers", "concat", "cls")
 
 
+def reads_whole_profile(model: Any) -> bool:
+    """A profile model (mlp, panel transformer) fine-tunes on the whole profile: finetune.max_length,
+    a CPU shortcut, is for token models."""
+    return getattr(model.config, "kind", "transformer") in PROFILE_KINDS
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | str) -> Iterator[None]:
     """Tiny models on a busy machine run fastest on few threads (idle OpenMP threads spin)."""
@@ -456,7 +462,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         policy = record_policy(model, cfg.long_records)
         lengths = [max_length]
         # a profile model fine-tunes on the whole profile: finetune.max_length is for token models
-        whole = getattr(model.config, "kind", "transformer") in PROFILE_KINDS
+        whole = reads_whole_profile(model)
         if "finetune" in cfg.protocols and spec.max_length and spec.max_length < max_length and not whole:
             lengths.append(spec.max_length)
         out: dict[str, Any] = {"max_tokens": max_length - specials, "long_records": policy}
@@ -516,7 +522,7 @@ def model_methods(cfg: EvaluateConfig, data: LabelledRecords, notes: list[str] |
         choice = PoolingChoice(candidates, probes)
         info = {"inputs": inputs(name, model_for_seed(0), max_length, records), "poolings": candidates}
         # a profile model reads the whole profile: finetune.max_length (a CPU shortcut) is for token models
-        whole = getattr(model_for_seed(0).config, "kind", "transformer") in PROFILE_KINDS
+        whole = reads_whole_profile(model_for_seed(0))
         ft_length = max_length if whole else min(max_length, spec.max_length or max_length)
         for protocol in cfg.protocols:
             if protocol == "knn":
